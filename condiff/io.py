@@ -1,0 +1,181 @@
+"""Checkpoints and run directories.
+
+A checkpoint is a directory: ``config.json`` plus one ``NAME.safetensors`` file per tensor group
+(``model``, ``ema``, ``optim``, ...). Nothing is ever unpickled, so loading a file cannot run code.
+Directories are written atomically: everything goes into a hidden temporary sibling which is
+fsynced and then renamed into place, so a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CONFIG = "config.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or corrupted."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, tuple | set):
+        return list(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def save_checkpoint(path: str | Path, groups: dict[str, dict[str, torch.Tensor]], config: dict) -> Path:
+    """Write a checkpoint directory atomically and return its path.
+
+    ``groups`` maps a file stem to a flat ``{name: tensor}`` dict; ``config`` is JSON-serialisable.
+    An existing directory at ``path`` is replaced only once the new one is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        for stem, tensors in groups.items():
+            flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+            save_file(flat, str(tmp / f"{stem}.safetensors"))
+        with open(tmp / CONFIG, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True, default=_json_default)
+            f.write("\n")
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_config(path: str | Path) -> dict:
+    """Read ``config.json`` of a checkpoint directory, with a clear error when it is absent or broken."""
+    path = Path(path)
+    cfg = path / CONFIG
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    if not cfg.is_file():
+        raise CheckpointError(f"{path} is not a condiff checkpoint: no {CONFIG}")
+    try:
+        return json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupted {cfg}: {e}") from None
+
+
+def load_group(path: str | Path, stem: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load one ``stem.safetensors`` file of a checkpoint; a truncated file gives a CheckpointError."""
+    f = Path(path) / f"{stem}.safetensors"
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {f.name}")
+    try:
+        return load_file(str(f), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"corrupted or truncated checkpoint file {f}: {e}") from None
+
+
+def has_group(path: str | Path, stem: str) -> bool:
+    return (Path(path) / f"{stem}.safetensors").is_file()
+
+
+# --- optimizer state <-> flat tensors + JSON ---------------------------------------------------
+
+
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into safetensors-ready tensors and JSON-ready metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, pstate in state["state"].items():
+        for k, v in pstate.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{pid}.{k}"] = v
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for pid, d in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(d)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# --- module save / load ------------------------------------------------------------------------
+
+
+def save_module(path: str | Path, module: torch.nn.Module, config: dict) -> Path:
+    """Save a module's state as ``model.safetensors`` with ``config`` (enough to rebuild it)."""
+    return save_checkpoint(path, {"model": module.state_dict()}, config)
+
+
+def load_state_into(module: torch.nn.Module, path: str | Path, stem: str = "model") -> None:
+    state = load_group(path, stem, device=next(module.parameters(), torch.empty(0)).device)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}/{stem}.safetensors does not match the model: {first}") from None
+
+
+def cache_dir() -> Path:
+    """Where project-made artefacts (the digits classifier, generated data sets) are cached.
+
+    ``$CONDIFF_CACHE`` if set, else ``~/.cache/condiff``.
+    """
+    root = os.environ.get("CONDIFF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "condiff")
+    p = Path(root)
+    p.mkdir(parents=True, exist_ok=True)
+    return p

@@ -1,0 +1,59 @@
+"""Saving and loading trained diffusion models as denoisers.
+
+A model directory holds ``config.json`` (``{"net": ..., "schedule": ..., "data": ...}``) and
+``model.safetensors``. :func:`load_denoiser` also accepts a run directory (its ``model/``), a
+training checkpoint (EMA weights by default) or a local diffusers model directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import io
+from .denoiser import Denoiser, DiffusersDenoiser, NetDenoiser
+from .nets import build_net
+from .schedule import Schedule
+
+
+def save_model(path: str | Path, net: nn.Module, schedule: Schedule, **meta) -> Path:
+    """Write ``net`` (with its ``config``) and ``schedule`` as a model directory."""
+    config = {"format": "condiff-model", "net": net.config, "schedule": schedule.config(), **meta}
+    return io.save_module(path, net, config)
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The directory that holds the weights: ``path`` itself, ``path/model`` for a run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise io.CheckpointError(f"no model at {path}: the path does not exist")
+    if (path / "model" / io.CONFIG).is_file():
+        return path / "model"
+    return path
+
+
+def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> Denoiser:
+    """Load a condiff model / run / checkpoint, or a diffusers model directory, as a Denoiser."""
+    d = resolve_model_dir(path)
+    if is_diffusers_dir(d):
+        return DiffusersDenoiser.from_pretrained(d).to(device)
+    net, cfg = load_net(d, device, ema)
+    return NetDenoiser(net.eval(), Schedule.from_config(cfg["schedule"]))
+
+
+def is_diffusers_dir(path: Path) -> bool:
+    return (path / "scheduler_config.json").is_file() or (path / "scheduler" / "scheduler_config.json").is_file()
+
+
+def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> tuple[nn.Module, dict]:
+    """Rebuild the network stored at ``path`` and load its weights; returns ``(net, config)``."""
+    d = resolve_model_dir(path)
+    cfg = io.load_config(d)
+    if "net" not in cfg or "schedule" not in cfg:
+        raise io.CheckpointError(f"{d}/config.json has no 'net' or 'schedule' entry: not a condiff model")
+    net = build_net(cfg["net"]).to(device)
+    stem = "ema" if ema and io.has_group(d, "ema") else "model"
+    io.load_state_into(net, d, stem)
+    return net, cfg

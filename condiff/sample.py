@@ -1,0 +1,221 @@
+"""DDPM / DDIM samplers.
+
+The loop owns time-stepping. At each step it builds a :class:`Step` record (METHODS.md notation)
+and hands it to a guidance rule, which returns ``x_{t_prev}``; with no guidance the rule is the
+unconditional draw ``mean + sigma * noise``. Guidance methods therefore plug in without touching
+the loop, and may call :meth:`Step.remake` to re-evaluate the step at another ``x_t``.
+
+DDIM step from ``t`` to ``s < t`` with stochasticity ``eta`` (Song et al. 2021, eq. 12):
+
+    sigma = eta * sqrt((1 - abar_s)/(1 - abar_t)) * sqrt(1 - abar_t/abar_s)
+    mean  = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat
+    x_s   = mean + sigma z
+
+``eta = 1`` with every step is DDPM ancestral sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .denoiser import Denoiser
+
+
+def randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None, like: Tensor | None = None,
+          device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal noise drawn from ``generator`` (on the generator's device), moved to the target."""
+    if like is not None:
+        device, dtype = like.device, like.dtype
+    gdev = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=gdev, dtype=dtype).to(device)
+
+
+@dataclass
+class Step:
+    """One step ``x_t -> x_{t_prev}``; scalars are Python floats shared by the whole batch."""
+
+    i: int                  # index of this step in the timestep sequence
+    t: Tensor               # (B,) long
+    t_prev: Tensor          # (B,) long; -1 at the last step (abar = 1)
+    x_t: Tensor
+    eps_hat: Tensor
+    x0_hat: Tensor
+    mean: Tensor
+    noise: Tensor           # z ~ N(0, I) for this step (zeros when sigma = 0)
+    abar_t: float
+    abar_prev: float
+    sigma: float
+    eta: float
+    denoiser: Denoiser
+    generator: torch.Generator | None = None
+    clip_x0: float | None = None
+
+    def sample(self) -> Tensor:
+        """The unconditional draw ``x_{t_prev} = mean + sigma z``."""
+        return self.mean + self.sigma * self.noise if self.sigma > 0 else self.mean
+
+    def remake(self, x_t: Tensor, noise: Tensor | None = None) -> Step:
+        """The same step evaluated at another ``x_t`` (one more network call), with fresh noise."""
+        return make_step(self.denoiser, x_t, self.i, self.t, self.t_prev, self.eta,
+                         self.generator, self.clip_x0, noise=noise)
+
+    def with_eps(self, eps_hat: Tensor) -> Step:
+        """The step rebuilt from a modified ``eps_hat`` (no network call): UGD's forward guidance."""
+        x0_hat = _x0(self.x_t, eps_hat, self.abar_t)
+        return replace(self, eps_hat=eps_hat, x0_hat=x0_hat, mean=self._mean(x0_hat, eps_hat))
+
+    def with_x0(self, x0_hat: Tensor) -> Step:
+        """The step rebuilt from a modified ``x0_hat``, with ``eps_hat`` made consistent."""
+        eps_hat = (self.x_t - math.sqrt(self.abar_t) * x0_hat) / math.sqrt(1 - self.abar_t)
+        return replace(self, eps_hat=eps_hat, x0_hat=x0_hat, mean=self._mean(x0_hat, eps_hat))
+
+    def renoise(self, x_prev: Tensor) -> Tensor:
+        """Forward-diffuse ``x_{t_prev}`` back to ``x_t`` (time travel / self-recurrence):
+        ``x_t = sqrt(abar_t/abar_prev) x_prev + sqrt(1 - abar_t/abar_prev) z``."""
+        r = self.abar_t / self.abar_prev
+        return math.sqrt(r) * x_prev + math.sqrt(1 - r) * randn(x_prev.shape, self.generator, like=x_prev)
+
+    @property
+    def n(self) -> int:
+        """Number of elements per sample (the dimension of the sphere DSG works on)."""
+        return self.x_t[0].numel()
+
+    def _mean(self, x0_hat: Tensor, eps_hat: Tensor) -> Tensor:
+        return _ddim_mean(x0_hat, eps_hat, self.abar_prev, self.sigma)
+
+
+def _ddim_mean(x0_hat: Tensor, eps_hat: Tensor, abar_prev: float, sigma: float) -> Tensor:
+    # mean = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat        (DDIM eq. 12)
+    c = max(1.0 - abar_prev - sigma**2, 0.0)
+    return math.sqrt(abar_prev) * x0_hat + math.sqrt(c) * eps_hat
+
+
+def _x0(x_t: Tensor, eps_hat: Tensor, abar_t: float) -> Tensor:
+    # Tweedie: x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
+    return (x_t - math.sqrt(1 - abar_t) * eps_hat) / math.sqrt(abar_t)
+
+
+def ddim_sigma(abar_t: float, abar_prev: float, eta: float) -> float:
+    """DDIM's ``sigma_t(eta)``; ``eta = 1`` gives the DDPM posterior standard deviation."""
+    if eta == 0:
+        return 0.0
+    return eta * math.sqrt((1 - abar_prev) / (1 - abar_t)) * math.sqrt(max(1 - abar_t / abar_prev, 0.0))
+
+
+def make_step(denoiser: Denoiser, x_t: Tensor, i: int, t: Tensor, t_prev: Tensor, eta: float,
+              generator: torch.Generator | None, clip_x0: float | None = None,
+              noise: Tensor | None = None) -> Step:
+    """Evaluate the denoiser once at ``(x_t, t)`` and build the step record."""
+    abar = denoiser.schedule.abar
+    abar_t = float(abar[int(t[0])])
+    abar_prev = float(abar[int(t_prev[0])]) if int(t_prev[0]) >= 0 else 1.0
+    eps_hat = denoiser.eps(x_t, t)
+    x0_hat = _x0(x_t, eps_hat, abar_t)
+    if clip_x0 is not None:
+        x0_hat = x0_hat.clamp(-clip_x0, clip_x0)
+        eps_hat = (x_t - math.sqrt(abar_t) * x0_hat) / math.sqrt(1 - abar_t)
+    sigma = ddim_sigma(abar_t, abar_prev, eta)
+    if noise is None:
+        noise = randn(x_t.shape, generator, like=x_t) if sigma > 0 else torch.zeros_like(x_t)
+    mean = _ddim_mean(x0_hat, eps_hat, abar_prev, sigma)
+    return Step(i, t, t_prev, x_t, eps_hat, x0_hat, mean, noise, abar_t, abar_prev, sigma, eta,
+                denoiser, generator, clip_x0)
+
+
+class Guidance(Protocol):
+    """A rule that turns a step record into ``x_{t_prev}``. ``needs_grad``: the loop then tracks
+    gradients from ``x_t`` through the denoiser so the rule can differentiate ``x0_hat`` in ``x_t``."""
+
+    needs_grad: bool
+
+    def __call__(self, step: Step) -> Tensor: ...
+
+
+def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
+         generator: torch.Generator | None = None, guidance: Guidance | None = None,
+         callback: Callable[[Step], None] | None = None, grad: bool = False,
+         clip_x0: float | None = None, progress: bool = False) -> Tensor:
+    """Run the reverse process from ``x = x_{timesteps[0]}`` through ``timesteps`` (decreasing) to ``x_0``.
+
+    Args:
+        denoiser: the model (any :class:`~condiff.denoiser.Denoiser`).
+        x: ``(B, ...)`` starting noise at ``timesteps[0]``.
+        timesteps: ``(S,)`` decreasing long tensor, e.g. ``schedule.timesteps(S)``.
+        eta: DDIM stochasticity; 1 gives DDPM ancestral steps.
+        guidance: optional rule ``step -> x_{t_prev}``; ``None`` draws unconditionally.
+        callback: called with each :class:`Step` (trajectories, plots, logging).
+        grad: keep the autograd graph through the whole chain (for differentiating samples).
+        clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]`` (with a consistent ``eps_hat``).
+    """
+    ts = torch.as_tensor(timesteps, dtype=torch.long).cpu()
+    if ts.dim() != 1 or ts.numel() == 0:
+        raise ValueError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(ts.shape)}")
+    if ts.numel() > 1 and not bool((ts[1:] < ts[:-1]).all()):
+        raise ValueError("timesteps must be strictly decreasing")
+    if int(ts[0]) >= denoiser.schedule.T or int(ts[-1]) < 0:
+        raise ValueError(f"timesteps must lie in [0, {denoiser.schedule.T})")
+    need_grad = grad or bool(getattr(guidance, "needs_grad", False))
+    B = x.shape[0]
+    prev = torch.cat([ts[1:], ts.new_full((1,), -1)])
+    bar = _progress(len(ts), progress)
+    for i in range(len(ts)):
+        t = torch.full((B,), int(ts[i]), dtype=torch.long, device=x.device)
+        t_prev = torch.full((B,), int(prev[i]), dtype=torch.long, device=x.device)
+        with torch.set_grad_enabled(need_grad):
+            x_t = x if grad else x.detach().requires_grad_(need_grad)
+            step = make_step(denoiser, x_t, i, t, t_prev, eta, generator, clip_x0)
+            x = guidance(step) if guidance is not None else step.sample()
+        if not grad:
+            x = x.detach()
+        if callback is not None:
+            callback(step)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return x
+
+
+def ddpm(denoiser: Denoiser, x: Tensor, generator: torch.Generator | None = None, **kw) -> Tensor:
+    """DDPM ancestral sampling over all ``T`` steps (DDIM with ``eta = 1`` and unit stride)."""
+    ts = torch.arange(denoiser.schedule.T - 1, -1, -1)
+    return ddim(denoiser, x, ts, eta=1.0, generator=generator, **kw)
+
+
+def sample(denoiser: Denoiser, shape: tuple[int, ...], steps: int = 100, eta: float = 0.0,
+           generator: torch.Generator | None = None, device: str | torch.device = "cpu",
+           spacing: str = "linspace", **kw) -> Tensor:
+    """Draw ``shape[0]`` samples: fresh noise ``x_T``, then :func:`ddim` over ``steps`` timesteps."""
+    x = randn(shape, generator, device=device)
+    return ddim(denoiser, x, denoiser.schedule.timesteps(steps, spacing), eta=eta, generator=generator, **kw)
+
+
+def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int = 256,
+             progress: bool = False, **kw) -> Tensor:
+    """Draw ``n`` samples of per-sample ``shape`` in batches of ``batch_size``; same ``generator``
+    stream as one big batch split in order, so results do not depend on memory settings only if
+    ``batch_size`` is kept."""
+    out = []
+    bar = _progress(n, progress, unit="sample")
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        out.append(sample(denoiser, (b, *shape), **kw).cpu())
+        if bar is not None:
+            bar.update(b)
+    if bar is not None:
+        bar.close()
+    return torch.cat(out) if out else torch.empty(0, *shape)
+
+
+def _progress(total: int, enabled: bool, unit: str = "step"):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, leave=False, dynamic_ncols=True)

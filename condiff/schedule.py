@@ -1,0 +1,128 @@
+"""Discrete variance-preserving (DDPM) noise schedule.
+
+``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` for integer ``t`` in ``[0, T)``, as in DDPM and
+diffusers. Tables are kept in float64 and cast on use, so long schedules keep their precision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+SPACINGS = ("linspace", "leading", "trailing")
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """A DDPM schedule given by its betas (a ``(T,)`` float64 tensor).
+
+    Build one with :meth:`linear`, :meth:`cosine` or :meth:`from_diffusers_config`.
+    """
+
+    betas: Tensor
+    kind: str = "custom"
+    abar: Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        b = torch.as_tensor(self.betas, dtype=torch.float64).flatten()
+        if b.numel() < 2:
+            raise ValueError(f"a schedule needs at least 2 steps, got {b.numel()}")
+        if not bool(((b > 0) & (b < 1)).all()):
+            raise ValueError("betas must lie strictly between 0 and 1")
+        object.__setattr__(self, "betas", b)
+        object.__setattr__(self, "abar", torch.cumprod(1.0 - b, 0))
+
+    # --- constructors -------------------------------------------------------------------------
+    @classmethod
+    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+        """DDPM's linear betas (Ho et al. 2020)."""
+        return cls(torch.linspace(beta_start, beta_end, int(T), dtype=torch.float64), kind="linear")
+
+    @classmethod
+    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
+        """Nichol & Dhariwal's cosine schedule: abar(t) = cos^2((t/T + s)/(1 + s) * pi/2), normalised."""
+        f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+        b = [min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(int(T))]
+        return cls(torch.tensor(b, dtype=torch.float64), kind="cosine")
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> Schedule:
+        """Rebuild from :meth:`config` output (``{"kind": ..., "T": ..., ...}``)."""
+        cfg = dict(cfg)
+        kind = cfg.pop("kind", "linear")
+        builders = {"linear": cls.linear, "cosine": cls.cosine}
+        if kind not in builders:
+            raise ValueError(f"unknown schedule kind {kind!r}; expected one of {sorted(builders)}")
+        return builders[kind](**cfg)
+
+    @classmethod
+    def from_diffusers_config(cls, cfg: dict) -> Schedule:
+        """Build from a diffusers scheduler config (``scheduler_config.json`` contents)."""
+        T = int(cfg.get("num_train_timesteps", 1000))
+        kind = cfg.get("beta_schedule", "linear")
+        start, end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
+        if cfg.get("trained_betas") is not None:
+            return cls(torch.tensor(cfg["trained_betas"], dtype=torch.float64))
+        if kind == "linear":
+            return cls.linear(T, start, end)
+        if kind == "scaled_linear":
+            b = torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
+            return cls(b, kind="scaled_linear")
+        if kind == "squaredcos_cap_v2":
+            return cls.cosine(T)
+        raise ValueError(f"unsupported diffusers beta_schedule {kind!r}")
+
+    def config(self) -> dict:
+        """A JSON-ready description; for a custom schedule the betas themselves."""
+        if self.kind == "linear":
+            return {"kind": "linear", "T": self.T, "beta_start": float(self.betas[0]),
+                    "beta_end": float(self.betas[-1])}
+        if self.kind == "cosine":
+            return {"kind": "cosine", "T": self.T}
+        return {"kind": "custom", "betas": self.betas.tolist()}
+
+    # --- queries ------------------------------------------------------------------------------
+    @property
+    def T(self) -> int:
+        return self.betas.numel()
+
+    def abar_at(self, t: Tensor, like: Tensor) -> Tensor:
+        """``abar_t`` for a ``(B,)`` long tensor, shaped to broadcast against ``like`` (B, ...).
+
+        ``t = -1`` means "before the first step": ``abar = 1`` (clean data).
+        """
+        table = torch.cat([self.abar.new_ones(1), self.abar]).to(like.device)
+        a = table[t.to(like.device).long() + 1].to(like.dtype)
+        return a.view(-1, *([1] * (like.dim() - 1)))
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """Forward process: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``."""
+        a = self.abar_at(t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+    def snr(self, t: Tensor) -> Tensor:
+        a = self.abar[t.long().cpu()]
+        return a / (1 - a)
+
+    def timesteps(self, steps: int, spacing: str = "linspace") -> Tensor:
+        """``steps`` distinct sampling timesteps in decreasing order, as a ``(steps,)`` long tensor.
+
+        ``linspace`` spreads them evenly over ``[0, T-1]`` (first step at ``T-1``, last at ``0``);
+        ``leading`` and ``trailing`` reproduce diffusers' ``timestep_spacing`` options.
+        """
+        T = self.T
+        if not 1 <= int(steps) <= T:
+            raise ValueError(f"steps must be between 1 and T={T}, got {steps}")
+        steps = int(steps)
+        if spacing == "linspace":
+            ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long()
+        elif spacing == "leading":
+            ts = (torch.arange(steps - 1, -1, -1) * (T // steps)).long()
+        elif spacing == "trailing":
+            ts = (torch.arange(T, 0, -T / steps, dtype=torch.float64).round() - 1).long()
+        else:
+            raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
+        return ts

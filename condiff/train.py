@@ -1,0 +1,336 @@
+"""The training loop: AdamW with warm-up, gradient clipping, EMA, atomic checkpoints, exact resume,
+JSONL log, progress bar, and DistributedDataParallel under ``torchrun``.
+
+What is optimised is an :class:`Objective`; the plain denoising loss is :class:`DenoisingObjective`.
+Dual training and NAMM plug in their own objectives and reuse everything else.
+
+Randomness: every step re-seeds one generator from ``(seed, step, rank)``, so a run resumed from a
+checkpoint draws exactly the batches, timesteps and noise an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import io
+from .schedule import Schedule
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 4000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup: int = 100
+    lr_decay: str = "cosine"      # "cosine" (to 10%) or "constant" after warm-up
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ckpt_every: int = 1000
+    keep: int = 2                  # checkpoints kept on disk
+    log_every: int = 50
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"unknown training option(s) {bad}; known: {sorted(known)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        cfg = cls(**d)
+        for name in ("steps", "batch_size", "ckpt_every", "log_every", "keep"):
+            if int(getattr(cfg, name)) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.lr_decay not in ("cosine", "constant"):
+            raise ValueError(f"train.lr_decay must be 'cosine' or 'constant', got {cfg.lr_decay!r}")
+        return cfg
+
+
+class Objective(Protocol):
+    """What a training step minimises. ``loss`` draws its own minibatch from ``generator``."""
+
+    def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]: ...
+
+    def after_step(self, model: nn.Module, step: int) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+
+def denoising_loss(net: Callable, schedule: Schedule, x0: Tensor, y: Tensor | None,
+                   generator: torch.Generator | None, t: Tensor | None = None) -> Tensor:
+    """Per-sample epsilon-MSE ``||eps - eps_theta(x_t, t)||^2 / n``, shape ``(B,)``.
+
+    ``t`` defaults to uniform draws in ``[0, T)``; pass fixed timesteps for low-variance estimates.
+    """
+    B = x0.shape[0]
+    if t is None:
+        t = torch.randint(0, schedule.T, (B,), generator=generator, device=generator.device).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
+    x_t = schedule.add_noise(x0, eps, t)
+    pred = net(x_t, t) if y is None else net(x_t, t, y)
+    return (pred - eps).pow(2).flatten(1).mean(1)
+
+
+class DenoisingObjective:
+    """The DDPM objective on an in-memory dataset ``x`` (N, ...) with optional labels ``y``.
+
+    ``label_drop``: probability of replacing a label by the null class (-1) so that one network
+    learns both the conditional and the unconditional model (classifier-free guidance).
+    """
+
+    def __init__(self, x: Tensor, schedule: Schedule, batch_size: int, y: Tensor | None = None,
+                 label_drop: float = 0.0) -> None:
+        if x.shape[0] == 0:
+            raise ValueError("training data are empty")
+        self.x, self.y, self.schedule = x, y, schedule
+        self.batch_size, self.label_drop = batch_size, label_drop
+
+    def to(self, device: torch.device | str) -> DenoisingObjective:
+        self.x = self.x.to(device)
+        self.y = None if self.y is None else self.y.to(device)
+        return self
+
+    def batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        idx = torch.randint(0, self.x.shape[0], (self.batch_size,), generator=generator,
+                            device=generator.device).to(self.x.device)
+        y = None if self.y is None else self.y[idx]
+        if y is not None and self.label_drop > 0:
+            drop = torch.rand(y.shape, generator=generator, device=generator.device).to(y.device)
+            y = torch.where(drop < self.label_drop, torch.full_like(y, -1), y)
+        return self.x[idx], y
+
+    def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        x0, y = self.batch(generator)
+        loss = denoising_loss(model, self.schedule, x0, y, generator).mean()
+        return loss, {}
+
+    def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        pass
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A well-mixed 63-bit seed for one training step of one process."""
+    h = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB) % (1 << 64)
+    h ^= h >> 31
+    return h % (1 << 63)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> DistInfo:
+    """Join the process group when launched by ``torchrun`` (gloo on CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+class Trainer:
+    """Optimise ``model`` for ``objective`` with checkpoints in ``run_dir/checkpoints``.
+
+    ``meta`` is stored in every checkpoint's ``config.json`` (net config, schedule, data) so a
+    checkpoint alone is enough to rebuild the model.
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective, cfg: TrainConfig,
+                 run_dir: str | Path | None = None, meta: dict | None = None) -> None:
+        self.cfg, self.objective, self.meta = cfg, objective, meta or {}
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.dist = init_distributed(cfg.device)
+        self.device = torch.device(
+            f"cuda:{self.dist.local_rank}" if cfg.device == "cuda" and self.dist.world > 1 else cfg.device)
+        self.model = model.to(self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                     weight_decay=cfg.weight_decay)
+        self.step = 0
+        if hasattr(objective, "to"):
+            objective.to(self.device)
+        self.train_model: nn.Module = self.model
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.gen = torch.Generator(device=self.device)
+
+    # --- schedule ------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        if step < c.warmup:
+            return c.lr * (step + 1) / c.warmup
+        if c.lr_decay == "constant":
+            return c.lr
+        p = (step - c.warmup) / max(1, c.steps - c.warmup)
+        return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    @property
+    def ckpt_root(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / "checkpoints"
+
+    def save(self) -> Path | None:
+        if self.ckpt_root is None or not self.dist.main:
+            return None
+        opt_tensors, opt_meta = io.flatten_optimizer(self.opt.state_dict())
+        groups = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optim": opt_tensors,
+                  "rng": {"torch_cpu": torch.get_rng_state()}}
+        extra = self.objective.state_dict()
+        if extra:
+            groups["objective"] = extra
+        config = {"step": self.step, "train": asdict(self.cfg), "optim": opt_meta, **self.meta}
+        path = io.save_checkpoint(self.ckpt_root / f"step_{self.step:08d}", groups, config)
+        for old in list_checkpoints(self.ckpt_root)[: -self.cfg.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def load(self, path: str | Path) -> None:
+        path = Path(path)
+        cfg = io.load_config(path)
+        io.load_state_into(self.model, path, "model")
+        io.load_state_into(self.ema, path, "ema")
+        self.opt.load_state_dict(io.unflatten_optimizer(io.load_group(path, "optim", self.device), cfg["optim"]))
+        if io.has_group(path, "objective"):
+            self.objective.load_state_dict(io.load_group(path, "objective", self.device))
+        torch.set_rng_state(io.load_group(path, "rng")["torch_cpu"])
+        self.step = int(cfg["step"])
+
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint in ``run_dir``; False if there is none."""
+        if self.ckpt_root is None:
+            return False
+        for leftover in self.ckpt_root.glob(".step_*"):  # a write killed half-way
+            if self.dist.main:
+                shutil.rmtree(leftover, ignore_errors=True)
+        ckpts = list_checkpoints(self.ckpt_root)
+        if not ckpts:
+            return False
+        self.load(ckpts[-1])
+        if self.dist.main and self.run_dir is not None:  # drop log records the killed run wrote past it
+            keep = [r for r in read_log(self.run_dir / "log.jsonl") if r.get("step", 0) <= self.step]
+            (self.run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+        return True
+
+    # --- the loop ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _ema_update(self) -> None:
+        d = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+            pe.lerp_(pm, 1 - d)
+        for be, bm in zip(self.ema.buffers(), self.model.buffers()):
+            be.copy_(bm)
+
+    def fit(self) -> nn.Module:
+        """Train until ``cfg.steps``; returns the EMA model."""
+        cfg = self.cfg
+        log = None
+        if self.run_dir is not None and self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            log = open(self.run_dir / "log.jsonl", "a")
+        bar = None
+        if cfg.progress and self.dist.main and self.step < cfg.steps:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, unit="it", dynamic_ncols=True, desc="train")
+        self.model.train()
+        t0, seen, run_loss = time.perf_counter(), 0, 0.0
+        try:
+            while self.step < cfg.steps:
+                self.gen.manual_seed(step_seed(cfg.seed, self.step, self.dist.rank))
+                lr = self.lr_at(self.step)
+                for g in self.opt.param_groups:
+                    g["lr"] = lr
+                loss, logs = self.objective.loss(self.train_model, self.step, self.gen)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}; "
+                                             "try a lower learning rate")
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.opt.step()
+                logs.update(self.objective.after_step(self.model, self.step))
+                self.step += 1
+                self._ema_update()
+                run_loss += loss.item()
+                seen += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    dt = time.perf_counter() - t0
+                    rec = {"step": self.step, "loss": run_loss / seen, "lr": lr, "grad_norm": float(gnorm),
+                           "samples_per_s": seen * cfg.batch_size * self.dist.world / max(dt, 1e-9), **logs}
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.0f}")
+                    if log is not None:
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                    t0, seen, run_loss = time.perf_counter(), 0, 0.0
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            if log is not None:
+                log.close()
+        return self.ema
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoint directories under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / io.CONFIG).is_file())
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a ``log.jsonl`` file (a torn last line from a killed run is skipped)."""
+    out = []
+    p = Path(path)
+    if not p.is_file():
+        return out
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -1,0 +1,145 @@
+"""Samplers against the analytic oracle: Gaussian data with its exact denoiser."""
+
+import math
+
+import pytest
+import torch
+
+from condiff.denoiser import GaussianDenoiser
+from condiff.sample import ddim, ddim_sigma, ddpm, make_step, sample
+from condiff.schedule import Schedule
+
+M, S = 0.5, 0.3
+
+
+def oracle(T=200):
+    return GaussianDenoiser(Schedule.linear(T, 1e-4, 0.1), mean=M, std=S)
+
+
+def propagate(schedule, ts, eta):
+    """Closed form: for Gaussian data every DDIM step is affine in x_t, so the law of the sample
+    stays Gaussian; push (mean, var) of x_T ~ N(0, 1) through the steps by hand."""
+    mu, var = 0.0, 1.0
+    ts = list(ts) + [-1]
+    for t, s in zip(ts[:-1], ts[1:]):
+        a = float(schedule.abar[t])
+        b = float(schedule.abar[s]) if s >= 0 else 1.0
+        v = a * S**2 + 1 - a
+        sig = eta * math.sqrt((1 - b) / (1 - a) * (1 - a / b))
+        k = math.sqrt(1 - b - sig**2)
+        # eps = ce * x + de ; x0 = (x - sqrt(1-a) eps)/sqrt(a) ; out = sqrt(b) x0 + k eps
+        ce, de = math.sqrt(1 - a) / v, -math.sqrt(1 - a) * math.sqrt(a) * M / v
+        c0, d0 = (1 - math.sqrt(1 - a) * ce) / math.sqrt(a), -math.sqrt(1 - a) * de / math.sqrt(a)
+        c, d = math.sqrt(b) * c0 + k * ce, math.sqrt(b) * d0 + k * de
+        mu, var = c * mu + d, c * c * var + sig**2
+    return mu, math.sqrt(var)
+
+
+def test_ddpm_matches_closed_form():
+    d = oracle()
+    g = torch.Generator().manual_seed(0)
+    x = ddpm(d, torch.randn(4000, 16, generator=g), generator=g)
+    mu, sd = propagate(d.schedule, range(199, -1, -1), 1.0)
+    # 64,000 values: standard error of the mean ~ 1.2e-3, of the std ~ 8e-4; 0.006 is > 4 SE.
+    assert x.mean().item() == pytest.approx(mu, abs=0.006)
+    assert x.std().item() == pytest.approx(sd, abs=0.006)
+    # and the chain targets the data law (coarse 200-step schedule: a few % discretisation bias)
+    assert sd == pytest.approx(S, rel=0.06) and mu == pytest.approx(M, abs=0.01)
+    assert d.nfe == 200
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_matches_closed_form(eta):
+    d = oracle()
+    g = torch.Generator().manual_seed(1)
+    x = sample(d, (4000, 16), steps=50, eta=eta, generator=g)
+    mu, sd = propagate(d.schedule, d.schedule.timesteps(50).tolist(), eta)
+    assert x.mean().item() == pytest.approx(mu, abs=0.006)
+    assert x.std().item() == pytest.approx(sd, abs=0.006)
+
+
+def test_ddim_matches_diffusers_scheduler():
+    diffusers = pytest.importorskip("diffusers")
+    d = oracle(1000)
+    sch = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.1,
+                                  timestep_spacing="leading", set_alpha_to_one=True, clip_sample=False)
+    sch.set_timesteps(25)
+    x0 = torch.randn(8, 4, generator=torch.Generator().manual_seed(5))
+    x = x0.clone()
+    for t in sch.timesteps:
+        x = sch.step(d.predict_eps(x, t.expand(8)), t, x, eta=0.0).prev_sample
+    ours = ddim(d, x0, d.schedule.timesteps(25, "leading"), eta=0.0)
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
+
+
+def test_single_step_matches_closed_form():
+    d = oracle()
+    g = torch.Generator().manual_seed(2)
+    x_t = torch.randn(3, 8, generator=g)
+    t, tp = torch.full((3,), 150), torch.full((3,), 100)
+    st = make_step(d, x_t, 0, t, tp, eta=1.0, generator=g)
+    a_t, a_s = float(d.schedule.abar[150]), float(d.schedule.abar[100])
+    # closed form posterior mean of x0 given x_t for Gaussian data
+    var = a_t * S**2 + 1 - a_t
+    x0 = M + math.sqrt(a_t) * S**2 * (x_t - math.sqrt(a_t) * M) / var
+    torch.testing.assert_close(st.x0_hat, x0, rtol=1e-5, atol=1e-5)
+    sig = math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
+    assert st.sigma == pytest.approx(sig)
+    eps = (x_t - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+    torch.testing.assert_close(st.mean, math.sqrt(a_s) * x0 + math.sqrt(1 - a_s - sig**2) * eps, rtol=1e-5,
+                               atol=1e-5)
+    assert ddim_sigma(a_t, a_s, 0.0) == 0.0
+
+
+def test_same_seed_same_samples_and_guidance_hook_identity():
+    d = oracle()
+    a = sample(d, (5, 4), steps=20, eta=1.0, generator=torch.Generator().manual_seed(3))
+    b = sample(d, (5, 4), steps=20, eta=1.0, generator=torch.Generator().manual_seed(3))
+    c = sample(d, (5, 4), steps=20, eta=1.0, generator=torch.Generator().manual_seed(3),
+               guidance=lambda st: st.sample())
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
+    e = sample(d, (5, 4), steps=20, eta=1.0, generator=torch.Generator().manual_seed(4))
+    assert not torch.allclose(a, e)
+
+
+def test_callback_sees_every_step_and_remake_counts_nfe():
+    d = oracle()
+    seen = []
+    sample(d, (2, 3), steps=10, generator=torch.Generator().manual_seed(0), callback=seen.append)
+    assert [s.i for s in seen] == list(range(10))
+    assert int(seen[-1].t_prev[0]) == -1 and seen[-1].abar_prev == 1.0
+    before = d.nfe
+    again = seen[3].remake(seen[3].x_t)
+    assert d.nfe == before + 1
+    torch.testing.assert_close(again.x0_hat, seen[3].x0_hat)
+
+
+def test_grad_mode_backpropagates_to_noise():
+    d = oracle()
+    x = torch.randn(2, 4, requires_grad=True)
+    out = ddim(d, x, d.schedule.timesteps(5), grad=True)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_needs_grad_guidance_sees_graph():
+    d = oracle()
+
+    class G:
+        needs_grad = True
+
+        def __call__(self, st):
+            (g,) = torch.autograd.grad(st.x0_hat.sum(), st.x_t)
+            assert g.shape == st.x_t.shape
+            return st.sample()
+
+    ddim(d, torch.randn(2, 4), d.schedule.timesteps(3), guidance=G())
+
+
+def test_bad_timesteps():
+    d = oracle()
+    with pytest.raises(ValueError, match="decreasing"):
+        ddim(d, torch.randn(2, 2), torch.tensor([1, 5]))
+    with pytest.raises(ValueError, match=r"lie in \[0, 200\)"):
+        ddim(d, torch.randn(2, 2), torch.tensor([300, 5]))

@@ -1,0 +1,79 @@
+import math
+
+import pytest
+import torch
+
+from condiff.schedule import Schedule
+
+
+def test_linear_abar_closed_form():
+    s = Schedule.linear(10, 0.1, 0.5)
+    betas = [0.1 + 0.4 * i / 9 for i in range(10)]
+    expect = 1.0
+    for i, b in enumerate(betas):
+        expect *= 1 - b
+        assert float(s.abar[i]) == pytest.approx(expect, rel=1e-12)
+
+
+def test_cosine_matches_definition():
+    T, s0 = 1000, 0.008
+    s = Schedule.cosine(T)
+    f = lambda u: math.cos((u + s0) / (1 + s0) * math.pi / 2) ** 2
+    for t in (0, 10, 500, 900):
+        assert float(s.abar[t]) == pytest.approx(f((t + 1) / T) / f(0), rel=1e-9)
+
+
+def test_add_noise_and_abar_at():
+    s = Schedule.linear(100)
+    x0, eps = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    t = torch.tensor([0, 10, 50, 99])
+    xt = s.add_noise(x0, eps, t)
+    for i in range(4):
+        a = float(s.abar[t[i]])
+        torch.testing.assert_close(xt[i], math.sqrt(a) * x0[i] + math.sqrt(1 - a) * eps[i])
+    # t = -1 means clean data
+    assert float(s.abar_at(torch.tensor([-1]), x0[:1]).flatten()[0]) == 1.0
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("steps", [1, 7, 50, 1000])
+def test_timesteps(spacing, steps):
+    ts = Schedule.linear(1000).timesteps(steps, spacing)
+    assert ts.shape == (steps,) and ts.dtype == torch.long
+    assert bool((ts[1:] < ts[:-1]).all())
+    assert 0 <= int(ts.min()) and int(ts.max()) <= 999
+    if spacing == "linspace":
+        assert int(ts[0]) == 999 and int(ts[-1]) == 0 or steps == 1
+
+
+def test_timesteps_match_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    s = Schedule.linear(1000)
+    for spacing in ("leading", "trailing"):
+        sch = diffusers.DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
+        sch.set_timesteps(50)
+        assert torch.equal(s.timesteps(50, spacing), sch.timesteps.long())
+
+
+def test_from_diffusers_config_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    for kind in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+        sch = diffusers.DDPMScheduler(num_train_timesteps=200, beta_schedule=kind)
+        s = Schedule.from_diffusers_config(dict(sch.config))
+        torch.testing.assert_close(s.abar.float(), sch.alphas_cumprod.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="steps must be between"):
+        Schedule.linear(10).timesteps(11)
+    with pytest.raises(ValueError, match="betas"):
+        Schedule(torch.tensor([0.1, 1.5]))
+    with pytest.raises(ValueError, match="unknown spacing"):
+        Schedule.linear(10).timesteps(5, "weird")
+    with pytest.raises(ValueError, match="unknown schedule kind"):
+        Schedule.from_config({"kind": "sigmoid"})
+
+
+def test_config_round_trip():
+    for s in (Schedule.linear(123, 2e-4, 0.03), Schedule.cosine(77)):
+        torch.testing.assert_close(Schedule.from_config(s.config()).abar, s.abar)
