@@ -270,7 +270,10 @@ class Trainer:
         if cfg.progress and self.dist.main and self.step < cfg.steps:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=self.step, unit="it", dynamic_ncols=True, desc="train")
+            import sys
+
+            bar = tqdm(total=cfg.steps, initial=self.step, unit="it", dynamic_ncols=True, desc="train",
+                       mininterval=0.2 if sys.stderr.isatty() else 10.0)
         self.model.train()
         t0, seen, run_loss = time.perf_counter(), 0, 0.0
         try:

@@ -1,0 +1,1 @@
+"""The ``condiff`` command line; the library never imports this package."""

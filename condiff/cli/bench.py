@@ -1,0 +1,107 @@
+"""``condiff bench NAME``: run a benchmark module from ``benchmarks/`` and record its table.
+
+Each module ``benchmarks/<name>.py`` (dashes become underscores) defines ``run(profile, device) -> dict``
+returning ``{"title", "columns", "rows", "notes", ...}``; this command writes
+``benchmarks/results/<name>.json`` and ``.md`` and replaces the table's section in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import io
+from .common import pick_device
+
+
+def bench_dir() -> Path:
+    here = Path(__file__).resolve().parents[2] / "benchmarks"
+    return here if here.is_dir() else Path.cwd() / "benchmarks"
+
+
+def available() -> list[str]:
+    return sorted(p.stem.replace("_", "-") for p in bench_dir().glob("*.py") if not p.stem.startswith("_"))
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help="run a benchmark and record its table", description=__doc__)
+    p.add_argument("name", help="benchmark name (see --list)", nargs="?")
+    p.add_argument("--list", action="store_true", help="list the benchmarks")
+    p.add_argument("--profile", default="quick", help="quick (CPU, minutes) or full (GPU)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-record", action="store_true", help="do not update BENCHMARKS.md")
+    p.set_defaults(func=run)
+
+
+def machine() -> str:
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores ({cpu}), {dev}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def to_markdown(res: dict) -> str:
+    cols = res["columns"]
+    lines = [f"## {res['title']}", "", f"`condiff bench {res['name']} --profile {res['profile']}` on "
+             f"{res['machine']}, {res['date']}, {res['seconds']:.0f} s.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in res["rows"]:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |")
+    for note in res.get("notes", []):
+        lines.append(f"\n{note}")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def record(res: dict) -> Path:
+    """Replace (or append) this benchmark's section in BENCHMARKS.md."""
+    path = bench_dir().parent / "BENCHMARKS.md"
+    text = path.read_text() if path.is_file() else "# Benchmarks\n\nTables written by `condiff bench NAME`.\n"
+    start, end = f"<!-- bench:{res['name']} -->", f"<!-- /bench:{res['name']} -->"
+    block = f"{start}\n{to_markdown(res)}{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list or not args.name:
+        print("benchmarks: " + ", ".join(available()))
+        return 0
+    if args.name not in available():
+        raise ValueError(f"unknown benchmark {args.name!r}; available: {', '.join(available())}")
+    file = bench_dir() / f"{args.name.replace('-', '_')}.py"
+    spec = importlib.util.spec_from_file_location(f"condiff_bench_{file.stem}", file)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    device = pick_device(args.device)
+    t0 = time.perf_counter()
+    res = mod.run(profile=args.profile, device=device)
+    res.update({"name": args.name, "profile": args.profile, "device": device, "machine": machine(),
+                "seconds": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d")})
+    out = bench_dir() / "results"
+    io.write_json_atomic(out / f"{args.name}-{args.profile}.json", res)
+    md = to_markdown(res)
+    (out / f"{args.name}-{args.profile}.md").write_text(md)
+    print(md)
+    if not args.no_record:
+        print(f"recorded in {record(res)}")
+    return 0

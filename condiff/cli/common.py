@@ -1,0 +1,161 @@
+"""Shared CLI plumbing: config -> objects, run directories, sample writing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import io
+from ..data import ArrayData, load_dataset
+from ..data.files import save_png_grid
+from ..denoiser import Denoiser, DiffusersDenoiser
+from ..models import load_denoiser, resolve_model_dir, save_model
+from ..plots import plot_loss_curve, plot_scatter
+from ..nets import build_net
+from ..sample import generate
+from ..schedule import Schedule
+from ..train import DenoisingObjective, Trainer, TrainConfig
+from . import config as config_mod
+
+
+def add_config_args(p: argparse.ArgumentParser, data_default: str | None = None) -> None:
+    p.add_argument("--data", default=data_default,
+                   help="data set name (digits, toy2d, patches) or a .npy/.npz file or PNG folder")
+    p.add_argument("--config", metavar="TOML", help="TOML file with [data] [model] [schedule] [train] "
+                   "[sample] [eval] tables")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set train.steps=500 (repeatable)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def pick_device(name: str | None) -> str:
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but no CUDA device is available")
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def data_kwargs(cfg: dict) -> dict:
+    return {k: v for k, v in cfg["data"].items() if k not in ("name", "split", "labels")}
+
+
+def load_split(cfg: dict, split: str) -> ArrayData:
+    return load_dataset(cfg["data"]["name"], split=split, **data_kwargs(cfg))
+
+
+def net_config(cfg: dict, data: ArrayData) -> dict:
+    """The model table, completed from the data (channels / dimension, number of classes)."""
+    m = dict(cfg["model"])
+    if m.get("name") == "unet":
+        if len(data.shape) != 3:
+            raise ValueError(f"model 'unet' needs image data (C, H, W), got per-sample shape {data.shape}")
+        m.setdefault("in_channels", data.shape[0])
+        m["in_channels"] = data.shape[0]
+    if m.get("name") == "mlp":
+        if len(data.shape) != 1:
+            raise ValueError(f"model 'mlp' needs vector data (D,), got per-sample shape {data.shape}")
+        m["dim"] = data.shape[0]
+    if cfg["data"].get("labels") and data.y is not None:
+        m["num_classes"] = int(data.y.max()) + 1
+    return m
+
+
+def train_model(cfg: dict, run_dir: Path, resume: bool = True) -> Path:
+    """Train the configured model into ``run_dir`` (resuming if checkpoints exist); returns the model dir."""
+    data = load_split(cfg, "train")
+    schedule = Schedule.from_config(cfg["schedule"])
+    torch.manual_seed(int(cfg["train"].get("seed", 0)))  # the initial weights follow the run's seed
+    net = build_net(net_config(cfg, data))
+    tcfg = TrainConfig.from_dict({**cfg["train"], "device": cfg["_device"]})
+    labels = data.y if cfg["data"].get("labels") else None
+    objective = DenoisingObjective(data.x, schedule, tcfg.batch_size, y=labels,
+                                   label_drop=float(cfg["train"].get("label_drop", 0.0)) if labels is not None
+                                   else 0.0)
+    meta = {"net": net.config, "schedule": schedule.config(), "data": cfg["data"],
+            "shape": list(data.shape)}
+    trainer = Trainer(net, objective, tcfg, run_dir, meta)
+    if resume and trainer.resume():
+        print(f"resumed from step {trainer.step} of {tcfg.steps}")
+    t0 = time.perf_counter()
+    ema = trainer.fit()
+    if not trainer.dist.main:
+        return run_dir / "model"
+    out = save_model(run_dir / "model", ema, schedule, data=cfg["data"], shape=list(data.shape),
+                     steps=trainer.step, train_seconds=round(time.perf_counter() - t0, 2))
+    plot_loss_curve(run_dir / "log.jsonl", run_dir / "loss.png")
+    return out
+
+
+def model_is_complete(run_dir: Path, cfg: dict) -> bool:
+    """True when ``run_dir/model`` exists and was trained with the same data, model, schedule and budget."""
+    d = run_dir / "model"
+    if not (d / io.CONFIG).is_file() or not (run_dir / "config.json").is_file():
+        return False
+    try:
+        old = json.loads((run_dir / "config.json").read_text())
+    except json.JSONDecodeError:
+        return False
+    return all(old.get(k) == cfg.get(k) for k in ("data", "model", "schedule", "train"))
+
+
+def save_resolved_config(run_dir: Path, cfg: dict) -> None:
+    io.write_json_atomic(run_dir / "config.json", {k: v for k, v in cfg.items() if not k.startswith("_")})
+
+
+def run_config(run_dir: Path) -> dict:
+    """The resolved config a run directory was trained with."""
+    p = Path(run_dir) / "config.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a condiff run directory (no config.json)")
+    return json.loads(p.read_text())
+
+
+def draw_samples(den: Denoiser, shape: tuple[int, ...], scfg: dict, device: str, n: int | None = None,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample with the [sample] settings: n, steps, eta, seed, batch_size, clip_x0."""
+    n = int(n if n is not None else scfg["n"])
+    g = torch.Generator(device=device).manual_seed(int(scfg.get("seed", 0)))
+    clip = scfg.get("clip_x0")
+    return generate(den, n, tuple(shape), batch_size=int(scfg.get("batch_size", 500)), progress=True,
+                    steps=int(scfg["steps"]), eta=float(scfg["eta"]), generator=g, device=device,
+                    clip_x0=None if clip in (None, 0, False) else float(clip))
+
+
+def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple[int, ...]]:
+    """A denoiser, the settings it was made with, and the per-sample shape, from a run directory,
+    a model directory or a diffusers model directory."""
+    path = Path(path)
+    den = load_denoiser(path, device=device)
+    if isinstance(den, DiffusersDenoiser):
+        c = den.unet.config
+        size = c.sample_size if isinstance(c.sample_size, (list, tuple)) else (c.sample_size, c.sample_size)
+        return den, {}, (int(c.in_channels), *map(int, size))
+    model_cfg = io.load_config(resolve_model_dir(path))
+    run_cfg = run_config(path) if (path / "config.json").is_file() and (path / "model").is_dir() else {}
+    run_cfg = {"data": model_cfg.get("data"), **run_cfg} if model_cfg.get("data") else run_cfg
+    return den, run_cfg, tuple(model_cfg["shape"])
+
+
+def write_samples(x: torch.Tensor, out: Path, grid: int = 100) -> list[Path]:
+    """``samples.npz`` with all samples, plus a picture: an image grid, or a scatter for 2-D points."""
+    out.mkdir(parents=True, exist_ok=True)
+    arr = x.detach().cpu().numpy()
+    fd, tmp = tempfile.mkstemp(prefix=".samples.", suffix=".npz", dir=out)
+    os.close(fd)
+    np.savez_compressed(tmp, x=arr)
+    os.replace(tmp, out / "samples.npz")
+    files = [out / "samples.npz"]
+    if arr.ndim == 4 and arr.shape[1] in (1, 3):
+        save_png_grid(x[:grid].cpu(), out / "samples.png")
+        files.append(out / "samples.png")
+    elif arr.ndim == 2 and arr.shape[1] == 2:
+        files.append(plot_scatter({"samples": arr}, out / "samples.png"))
+    return files

@@ -1,0 +1,127 @@
+"""Run configuration: presets, TOML files and ``--set section.key=value`` overrides.
+
+A configuration is a nested dict with the sections ``data``, ``model``, ``schedule``, ``train``,
+``sample`` and ``eval``. Resolution order: preset of the data set < TOML file < overrides.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SECTIONS = ("data", "model", "schedule", "train", "sample", "eval")
+
+_COMMON = {
+    "schedule": {"kind": "linear", "T": 1000},
+    "sample": {"n": 1000, "steps": 100, "eta": 1.0, "batch_size": 500, "seed": 0},
+    "eval": {"n": 1000},
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "digits": {
+        "data": {"name": "digits"},
+        "model": {"name": "unet", "in_channels": 1, "base": 64, "mults": [1, 2, 2], "num_res": 1},
+        "train": {"steps": 4000, "batch_size": 128, "lr": 2e-3, "warmup": 200, "ema_decay": 0.999,
+                  "ckpt_every": 500},
+        "sample": {"clip_x0": 1.0},
+    },
+    "toy2d": {
+        "data": {"name": "toy2d", "kind": "moons"},
+        "model": {"name": "mlp", "dim": 2, "hidden": 256, "depth": 3},
+        "train": {"steps": 4000, "batch_size": 256, "lr": 2e-3, "warmup": 100, "ckpt_every": 1000},
+        "eval": {"n": 2000},
+        "sample": {"n": 2000},
+    },
+    "patches": {
+        "data": {"name": "patches", "size": 32},
+        "model": {"name": "unet", "in_channels": 3, "base": 64, "mults": [1, 2, 2, 2], "num_res": 1},
+        "train": {"steps": 20000, "batch_size": 64, "lr": 2e-4, "warmup": 500, "ckpt_every": 1000},
+        "sample": {"n": 256, "clip_x0": 1.0},
+        "eval": {"n": 256},
+    },
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep merge: nested dicts merge, everything else is replaced."""
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def preset(name: str) -> dict:
+    """Defaults for a data set name; a path (user data) gets the digits-like image defaults minus
+    the data entry, which the caller fills in."""
+    base = PRESETS.get(name)
+    if base is None:
+        base = {k: v for k, v in PRESETS["digits"].items() if k != "data"}
+        base["data"] = {"name": name}
+    return merge(_COMMON, base)
+
+
+def read_toml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        cfg = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p} is not valid TOML: {e}") from None
+    check_sections(cfg, str(p))
+    return cfg
+
+
+def check_sections(cfg: dict, where: str) -> None:
+    bad = [k for k in cfg if k not in SECTIONS]
+    if bad:
+        raise ConfigError(f"{where}: unknown section(s) {bad}; expected some of {list(SECTIONS)}")
+    for k, v in cfg.items():
+        if not isinstance(v, dict):
+            raise ConfigError(f"{where}: [{k}] must be a table, got {type(v).__name__}")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.steps=500"`` -> (["train", "steps"], 500); the value is read as TOML, else a string."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) != 2 or path[0] not in SECTIONS or not path[1]:
+        raise ConfigError(f"override key {key!r} must be section.key with section one of {list(SECTIONS)}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def resolve(data: str | None = None, file: str | Path | None = None,
+            overrides: list[str] | None = None) -> dict:
+    """Build the run configuration: preset of the data set < TOML ``file`` < ``overrides``.
+
+    The data set is ``data.name`` from the overrides, else ``data``, else the file's, else digits.
+    """
+    from_file = read_toml(file) if file else {}
+    parsed = [parse_override(o) for o in overrides or []]
+    named = [str(v) for p, v in parsed if p == ["data", "name"]]
+    name = (named or [None])[-1] or data or from_file.get("data", {}).get("name") or "digits"
+    cfg = merge(preset(name), from_file)
+    cfg["data"]["name"] = name
+    for (section, key), value in parsed:
+        cfg[section][key] = value
+    return cfg

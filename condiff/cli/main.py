@@ -1,0 +1,50 @@
+"""The ``condiff`` command. Each subcommand lives in its own module with ``add_parser`` and ``run``.
+
+Errors a user can cause (bad flags, bad data, bad checkpoints) end in one line on stderr and exit
+status 2; set ``CONDIFF_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# subcommand name -> module under condiff.cli
+COMMANDS = {
+    "train": "train",
+    "sample": "sample",
+    "eval": "evaluate",
+    "demo": "demo",
+    "bench": "bench",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="condiff", description="Diffusion models that satisfy constraints.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, mod in COMMANDS.items():
+        importlib.import_module(f"condiff.cli.{mod}").add_parser(sub, name)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("condiff: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for the user; the traceback on request
+        if os.environ.get("CONDIFF_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"condiff {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Figures people would rather look at than read: loss curves, sample scatters, histograms, bars.
+
+Every function writes a PNG atomically and returns its path. matplotlib runs headless (Agg).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def plot_loss_curve(log_path: str | Path, out: str | Path, keys: Sequence[str] = ("loss",)) -> Path | None:
+    """Training curves from a ``log.jsonl``; None when the log is empty."""
+    from .train import read_log
+
+    recs = read_log(log_path)
+    if not recs:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in recs if k in r]
+        if pts:
+            s, v = zip(*pts)
+            ax.plot(s, v, label=k)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("training loss")
+    return _save(fig, out)
+
+
+def plot_scatter(sets: dict[str, np.ndarray], out: str | Path, title: str = "") -> Path:
+    """Side-by-side 2-D scatters, one panel per named point set (N, 2)."""
+    fig, axes = plt.subplots(1, len(sets), figsize=(3.2 * len(sets), 3.2), squeeze=False)
+    for ax, (name, pts) in zip(axes[0], sets.items()):
+        pts = np.asarray(pts)
+        ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.5)
+        ax.set_title(name)
+        ax.set_aspect("equal")
+        ax.set_xlim(-1.3, 1.3)
+        ax.set_ylim(-1.3, 1.3)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out)
+
+
+def plot_bars(groups: dict[str, Sequence[float]], out: str | Path, labels: Sequence[str] | None = None,
+              title: str = "", ylabel: str = "", ref: float | None = None) -> Path:
+    """Grouped bars: one colour per named series (e.g. class frequencies of data / baseline / ours)."""
+    names = list(groups)
+    k = len(next(iter(groups.values())))
+    x = np.arange(k)
+    w = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * k * len(names) / 2 + 3), 3.5))
+    for i, n in enumerate(names):
+        ax.bar(x + (i - (len(names) - 1) / 2) * w, groups[n], w, label=n)
+    if ref is not None:
+        ax.axhline(ref, color="k", ls="--", lw=1)
+    ax.set_xticks(x, labels if labels is not None else [str(i) for i in range(k)])
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.set_title(title)
+    return _save(fig, out)
+
+
+def plot_histograms(sets: dict[str, np.ndarray], out: str | Path, xlabel: str = "", title: str = "",
+                    log: bool = True) -> Path:
+    """Overlaid histograms (e.g. constraint distances of vanilla vs mirror samples)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    allv = np.concatenate([np.asarray(v).ravel() for v in sets.values()])
+    lo, hi = float(allv.min()), float(allv.max())
+    if log and lo > 0:
+        bins = np.logspace(np.log10(lo), np.log10(hi + 1e-12), 40)
+        ax.set_xscale("log")
+    else:
+        bins = np.linspace(lo, hi + 1e-12, 40)
+    for name, v in sets.items():
+        ax.hist(np.asarray(v).ravel(), bins=bins, alpha=0.5, label=name)
+    ax.set_xlabel(xlabel)
+    ax.legend()
+    ax.set_title(title)
+    return _save(fig, out)
+
+
+def plot_lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], out: str | Path,
+               xlabel: str = "", ylabel: str = "", title: str = "", logy: bool = False) -> Path:
+    """Named (x, y) curves on one axis (lambda trajectories, PSNR vs steps, ...)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=name, marker="o" if len(xs) < 12 else None)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    return _save(fig, out)

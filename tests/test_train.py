@@ -1,0 +1,151 @@
+"""Training loop: learning, exact resume after SIGKILL, atomic checkpoints, DDP."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from condiff import io
+from condiff.nets import TimeMLP
+from condiff.schedule import Schedule
+from condiff.train import DenoisingObjective, Trainer, TrainConfig, list_checkpoints
+
+TINY = ["--data", "toy2d", "--set", "model.hidden=32", "--set", "model.depth=1", "--set", "data.n=512",
+        "--set", "train.batch_size=32", "--set", "train.log_every=10", "--set", "train.progress=false",
+        "--set", "schedule.T=100"]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "condiff.cli.main", *args]
+
+
+def test_training_reduces_loss(tmp_path):
+    x = torch.randn(512, 2) * 0.1 + torch.tensor([0.5, -0.5])
+    s = Schedule.linear(100)
+    net = TimeMLP(2, hidden=32, depth=1)
+    tr = Trainer(net, DenoisingObjective(x, s, 64), TrainConfig(steps=200, lr=3e-3, warmup=10, progress=False,
+                                                                log_every=20, ckpt_every=100), tmp_path)
+    tr.fit()
+    from condiff.train import read_log
+
+    log = read_log(tmp_path / "log.jsonl")
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"]
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000100", "step_00000200"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
+    steps = ["--set", "train.steps=300", "--set", "train.ckpt_every=20"]
+    ref = tmp_path / "ref"
+    subprocess.run(_cli("train", *TINY, *steps, "--out", str(ref)), check=True, env=_env(),
+                   capture_output=True)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cli("train", *TINY, *steps, "--out", str(run)), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list_checkpoints(run / "checkpoints") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = list_checkpoints(run / "checkpoints")
+    assert done and not (run / "model").exists(), "the run must have been killed mid-way"
+    killed_at = int(done[-1].name.split("_")[1])
+    assert killed_at < 300
+    r = subprocess.run(_cli("train", *TINY, *steps, "--out", str(run), "--resume"), env=_env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from step {killed_at}" in r.stdout
+    for group in ("model", "ema"):
+        a = load_file(str(list_checkpoints(ref / "checkpoints")[-1] / f"{group}.safetensors"))
+        b = load_file(str(list_checkpoints(run / "checkpoints")[-1] / f"{group}.safetensors"))
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{group}.{k} differs after resume"
+    steps_logged = [rec["step"] for rec in __import__("condiff.train", fromlist=["read_log"]).read_log(
+        run / "log.jsonl")]
+    assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == 300
+
+
+def test_existing_run_needs_resume_or_fresh(tmp_path):
+    args = _cli("train", *TINY, "--set", "train.steps=5", "--out", str(tmp_path))
+    subprocess.run(args, check=True, env=_env(), capture_output=True)
+    r = subprocess.run(args, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "already holds checkpoints" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_corrupted_checkpoint_is_a_clear_error_and_previous_survives(tmp_path, monkeypatch):
+    net = TimeMLP(2, hidden=8, depth=1)
+    good = io.save_checkpoint(tmp_path / "ck", {"model": net.state_dict()}, {"step": 1})
+    # a failing write must leave the previous checkpoint intact and no temporary directory behind
+    import condiff.io as iomod
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(iomod, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint(tmp_path / "ck", {"model": net.state_dict()}, {"step": 2})
+    monkeypatch.undo()
+    assert io.load_config(good)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    io.load_state_into(TimeMLP(2, hidden=8, depth=1), good)
+    # truncation
+    f = good / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(io.CheckpointError, match="corrupted or truncated"):
+        io.load_state_into(TimeMLP(2, hidden=8, depth=1), good)
+    (good / "config.json").write_text("{not json")
+    with pytest.raises(io.CheckpointError, match="corrupted"):
+        io.load_config(good)
+
+
+def test_checkpoint_never_unpickles(tmp_path):
+    import pickle
+
+    d = tmp_path / "evil"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(io.CheckpointError):
+        io.load_group(d, "model")
+
+
+def test_optimizer_state_round_trip():
+    net = TimeMLP(2, hidden=8, depth=1)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(torch.randn(4, 2), torch.zeros(4, dtype=torch.long)).sum().backward()
+    opt.step()
+    t, meta = io.flatten_optimizer(opt.state_dict())
+    back = io.unflatten_optimizer(t, meta)
+    opt2 = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    opt2.load_state_dict(back)
+    for k, v in opt.state_dict()["state"].items():
+        for kk, vv in v.items():
+            assert torch.equal(torch.as_tensor(vv), torch.as_tensor(opt2.state_dict()["state"][k][kk]))
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "condiff.cli.main", "train", *TINY,
+           "--set", "train.steps=40", "--set", "train.ckpt_every=20", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = io.load_config(tmp_path / "model")
+    assert cfg["steps"] == 40
+    from condiff.train import read_log
+
+    log = read_log(tmp_path / "log.jsonl")
+    assert [rec["step"] for rec in log] == [10, 20, 30, 40]  # only rank 0 writes
+    assert log[-1]["samples_per_s"] > 0
