@@ -1,0 +1,44 @@
+"""Timing helpers shared by the benchmarks: alternating runs, medians, device sync."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def alternate(fns: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 1) -> dict[str, list[float]]:
+    """Run each function ``repeats`` times, interleaved (a, b, a, b, ...), so drifts in machine load
+    hit all of them alike. Returns the list of wall times per name."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            out[k].append(timed(fn, device))
+    return out
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """Median of the pairwise ratios a_i / b_i of interleaved runs."""
+    return statistics.median(x / y for x, y in zip(a, b))

@@ -1,0 +1,202 @@
+"""Data sets as tensors: images ``(N, C, H, W)`` and vectors ``(N, D)``, scaled to about [-1, 1].
+
+Every loader returns an :class:`ArrayData`, whose constructor runs :func:`validate`, so an
+``ArrayData`` in hand is never empty, never holds NaN or inf and always has rank 2 or 4.
+
+``load_dataset(name_or_path, split)`` takes a registered name (:data:`DATASETS`: ``digits``,
+``toy2d``, ``patches``) or a path to a ``.npy`` / ``.npz`` file or a folder of PNGs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SPLITS = ("train", "test", "all")
+
+
+class DataError(ValueError):
+    """Data that cannot be used: empty, non-finite, wrongly shaped, unreadable or unknown."""
+
+
+def validate(x: Tensor | np.ndarray, source: str = "data") -> Tensor:
+    """Check a batch and return it as a float32 tensor of rank 2 ``(N, D)`` or 4 ``(N, C, H, W)``.
+
+    A rank-3 ``(N, H, W)`` batch gets a channel axis. Raises :class:`DataError` with a one-line
+    message naming ``source`` and the problem.
+    """
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biuf":
+            raise DataError(f"{source}: expected a numeric array, got dtype {x.dtype}")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, Tensor):
+        raise DataError(f"{source}: expected a tensor or numpy array, got {type(x).__name__}")
+    if x.is_complex():
+        raise DataError(f"{source}: expected real values, got dtype {x.dtype}")
+    if x.dim() not in (2, 3, 4):
+        raise DataError(
+            f"{source}: expected (N, D) vectors or (N, C, H, W) images (or (N, H, W)), "
+            f"got rank {x.dim()} with shape {tuple(x.shape)}"
+        )
+    if x.numel() == 0:
+        raise DataError(f"{source}: empty data, shape {tuple(x.shape)}")
+    x = x.to(torch.float32)
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        first = int(bad.flatten(1).any(1).nonzero()[0])
+        what = " and ".join(f"{k} {w}" for k, w in ((n_nan, "NaN"), (n_inf, "inf")) if k)
+        raise DataError(f"{source}: contains non-finite values ({what}; first in sample {first})")
+    return x.unsqueeze(1) if x.dim() == 3 else x
+
+
+def _labels(y: Any, n: int, source: str) -> Tensor | None:
+    if y is None:
+        return None
+    y = torch.as_tensor(np.asarray(y) if not isinstance(y, Tensor) else y)
+    if y.is_floating_point():
+        if not bool((torch.isfinite(y) & (y == y.round())).all()):
+            raise DataError(f"{source}: labels must be integers, got non-integer {y.dtype} values")
+    elif y.dtype == torch.bool or y.is_complex():
+        raise DataError(f"{source}: labels must be integers, got dtype {y.dtype}")
+    if y.shape != (n,):
+        raise DataError(f"{source}: expected {n} labels of shape ({n},), got shape {tuple(y.shape)}")
+    return y.to(torch.long)
+
+
+@dataclass(eq=False)
+class ArrayData:
+    """A validated batch with optional integer labels.
+
+    ``meta`` holds provenance (split, source images, generator parameters). Keys named in
+    ``meta["per_sample"]`` hold one entry per sample and are kept aligned by :meth:`subset`.
+    """
+
+    x: Tensor
+    y: Tensor | None = None
+    name: str = "data"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.x = validate(self.x, self.name)
+        self.y = _labels(self.y, len(self.x), self.name)
+        for key in self.meta.get("per_sample", ()):
+            if len(self.meta[key]) != len(self.x):
+                raise DataError(
+                    f"{self.name}: meta[{key!r}] has {len(self.meta[key])} entries, not {len(self)}"
+                )
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one sample: ``(C, H, W)`` or ``(D,)``."""
+        return tuple(self.x.shape[1:])
+
+    def subset(self, mask_or_indices: Tensor | np.ndarray | Sequence[int] | Sequence[bool]) -> ArrayData:
+        """The samples picked by a boolean mask of length N or by integer indices (order kept)."""
+        idx = mask_or_indices
+        idx = idx.cpu() if isinstance(idx, Tensor) else torch.as_tensor(np.asarray(idx))
+        if idx.dtype == torch.bool:
+            if idx.shape != (len(self),):
+                raise DataError(f"{self.name}: mask of shape {tuple(idx.shape)} for {len(self)} samples")
+            idx = idx.nonzero().flatten()
+        elif idx.is_floating_point() or idx.dim() != 1:
+            raise DataError(f"{self.name}: subset takes a bool mask or 1-D integer indices, got {idx.dtype}")
+        idx = idx.long()
+        if len(idx) and not bool(((idx >= -len(self)) & (idx < len(self))).all()):
+            raise DataError(f"{self.name}: index out of range for {len(self)} samples")
+        meta = dict(self.meta)
+        for key in meta.get("per_sample", ()):
+            v = meta[key]
+            if isinstance(v, Tensor | np.ndarray):
+                meta[key] = v[idx.to(v.device) if isinstance(v, Tensor) else idx.numpy()]
+            else:
+                meta[key] = [v[i] for i in idx.tolist()]
+        y = None if self.y is None else self.y[idx]
+        return ArrayData(self.x[idx], y, self.name, meta)
+
+    def __repr__(self) -> str:
+        labels = "none" if self.y is None else f"{int(self.y.unique().numel())} classes"
+        return f"ArrayData(name={self.name!r}, n={len(self)}, shape={self.shape}, labels={labels})"
+
+
+def check_split(split: str, allowed: Sequence[str] = SPLITS, source: str = "data") -> str:
+    if split not in allowed:
+        raise DataError(f"{source}: unknown split {split!r}; expected one of {list(allowed)}")
+    return split
+
+
+def derive_seed(seed: int, *tags: object) -> int:
+    """A 63-bit seed from ``seed`` and tags (e.g. the split), the same on every machine and version."""
+    digest = hashlib.sha256(":".join(map(str, (int(seed), *tags))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def generator(seed: int, *tags: object) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with :func:`derive_seed`."""
+    return torch.Generator().manual_seed(derive_seed(seed, *tags))
+
+
+# --- registry ----------------------------------------------------------------------------------
+
+DATASETS: dict[str, Callable[..., ArrayData]] = {}
+
+
+def register_dataset(name: str, loader: Callable[..., ArrayData]) -> None:
+    """Make ``load_dataset(name, split, **kwargs)`` call ``loader(split=split, **kwargs)``."""
+    DATASETS[name] = loader
+
+
+def load_dataset(name_or_path: str | Path, split: str = "train", **kwargs: Any) -> ArrayData:
+    """Load a registered data set by name, or a ``.npy`` / ``.npz`` file or PNG folder by path.
+
+    For paths, see :func:`condiff.data.files.load_path` for what ``split`` means.
+    """
+    key = str(name_or_path)
+    if key in DATASETS:
+        return DATASETS[key](split=split, **kwargs)
+    if Path(key).expanduser().exists():
+        return load_path(Path(key).expanduser(), split=split, **kwargs)
+    raise DataError(
+        f"unknown data set {key!r}: not a registered name ({', '.join(sorted(DATASETS))}) "
+        f"and no file or folder exists at that path"
+    )
+
+
+# Loaders import the names above from this module, so they are imported last.
+from condiff.data.digits import load_digits  # noqa: E402
+from condiff.data.files import load_array, load_path, load_png_folder, save_png, save_png_grid  # noqa: E402
+from condiff.data.patches import load_patches  # noqa: E402
+from condiff.data.toy2d import load_toy2d  # noqa: E402
+
+register_dataset("digits", load_digits)
+register_dataset("toy2d", load_toy2d)
+register_dataset("patches", load_patches)
+
+__all__ = [
+    "DATASETS",
+    "ArrayData",
+    "DataError",
+    "derive_seed",
+    "generator",
+    "load_array",
+    "load_dataset",
+    "load_digits",
+    "load_patches",
+    "load_path",
+    "load_png_folder",
+    "load_toy2d",
+    "register_dataset",
+    "save_png",
+    "save_png_grid",
+    "validate",
+]

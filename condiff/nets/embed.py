@@ -1,0 +1,87 @@
+"""Timestep and class-label embeddings shared by the networks.
+
+``t`` is the integer DDPM step (a ``(B,)`` long tensor) or any real-valued time (a float tensor);
+both go through the same sinusoidal features, as in DDPM and diffusers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of ``t``: ``(B,) -> (B, dim)``, ``[cos(t w_k), sin(t w_k)]``.
+
+    Frequencies ``w_k = max_period^(-k / (dim/2))`` span wavelengths from 2*pi to ``2*pi*max_period``;
+    an odd ``dim`` gets a trailing zero column.
+    """
+    if t.dim() != 1:
+        raise ValueError(f"timesteps must have shape (B,), got {tuple(t.shape)}")
+    half = dim // 2
+    k = torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(max_period) * k / half)
+    args = t.to(torch.float32)[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    if dim % 2:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+def batch_timesteps(t: Tensor | int | float, batch: int, device: torch.device) -> Tensor:
+    """``t`` as a ``(batch,)`` tensor on ``device``: a scalar is broadcast, a ``(B,)`` tensor is checked."""
+    t = torch.as_tensor(t, device=device)
+    if t.dim() == 0:
+        return t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"timesteps must have shape ({batch},) to match the batch, got {tuple(t.shape)}")
+    return t
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of width ``freq_dim`` followed by ``Linear -> SiLU -> Linear`` to ``dim``."""
+
+    def __init__(self, freq_dim: int, dim: int) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        """``(B,) -> (B, dim)``."""
+        feats = timestep_embedding(t, self.freq_dim)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedding(nn.Module):
+    """Class labels ``y`` in ``[0, num_classes)`` to vectors, with one extra learned *null* label.
+
+    The null label (index ``num_classes``) stands for "unconditional": it is used where ``y`` is
+    ``None``, ``-1`` or ``num_classes`` itself, so one network serves classifier-free guidance.
+    """
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1 for a label embedding, got {num_classes}")
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: Tensor | None, batch: int) -> Tensor:
+        """``(B,)`` long labels (or ``None``) ``-> (B, dim)``."""
+        null = self.num_classes
+        if y is None:
+            idx = torch.full((batch,), null, dtype=torch.long, device=self.table.weight.device)
+            return self.table(idx)
+        if y.shape != (batch,):
+            raise ValueError(f"labels must have shape ({batch},) to match the batch, got {tuple(y.shape)}")
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got dtype {y.dtype}")
+        y = y.to(device=self.table.weight.device, dtype=torch.long)
+        if y.numel() and (int(y.min()) < -1 or int(y.max()) > null):
+            raise ValueError(
+                f"labels must lie in [0, {null}) or be -1 or {null} (no label), "
+                f"got values in [{int(y.min())}, {int(y.max())}]"
+            )
+        return self.table(torch.where(y < 0, torch.full_like(y, null), y))

@@ -1,0 +1,298 @@
+"""condiff.data: built-in data sets, user files, validation errors and PNG output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from condiff.data import (
+    DATASETS,
+    ArrayData,
+    DataError,
+    load_array,
+    load_dataset,
+    load_digits,
+    load_patches,
+    load_png_folder,
+    load_toy2d,
+    save_png,
+    save_png_grid,
+    validate,
+)
+from condiff.data.patches import TEST_IMAGES, TRAIN_IMAGES, source_image
+from condiff.data.toy2d import KINDS
+
+# --- digits ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return {s: load_digits(s) for s in ("train", "test", "all")}
+
+
+def test_digits_shapes_range_and_labels(digits):
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    assert [len(digits[s]) for s in ("train", "test", "all")] == [1438, 359, 1797]
+    for d in digits.values():
+        assert d.x.dtype == torch.float32 and d.shape == (1, 8, 8)
+        assert d.y.dtype == torch.long and set(d.y.tolist()) == set(range(10))
+    v = digits["all"].x * 8 + 8  # back to 0..16
+    assert torch.equal(v, v.round()) and v.min() == 0 and v.max() == 16
+    sk = sk_load_digits()
+    assert np.array_equal(digits["all"].x.squeeze(1).numpy(), (sk.images / 8 - 1).astype(np.float32))
+    assert np.array_equal(digits["all"].y.numpy(), sk.target)
+
+
+def test_digits_split_is_disjoint_stratified_and_fixed(digits):
+    train, test = set(digits["train"].meta["indices"]), set(digits["test"].meta["indices"])
+    assert not train & test and train | test == set(range(1797))
+    all_counts = torch.bincount(digits["all"].y)
+    assert torch.equal(torch.bincount(digits["test"].y), (0.2 * all_counts).round().long())
+    again = load_digits("test")
+    assert torch.equal(again.x, digits["test"].x) and torch.equal(again.y, digits["test"].y)
+    # Pinned: the split must not drift across machines or library versions.
+    assert digits["test"].meta["indices"][:8] == [5, 6, 7, 15, 16, 18, 25, 53]
+    assert sum(digits["test"].meta["indices"]) == 321697
+    assert load_digits("test", seed=1).meta["indices"] != digits["test"].meta["indices"]
+
+
+def test_subset_keeps_labels_and_meta_aligned(digits):
+    d = digits["train"]
+    sevens = d.subset(d.y == 7)
+    assert len(sevens) == int((d.y == 7).sum()) and bool((sevens.y == 7).all())
+    picked = d.subset([4, 0, 2])
+    assert torch.equal(picked.x, d.x[[4, 0, 2]])
+    assert picked.meta["indices"] == [d.meta["indices"][i] for i in (4, 0, 2)]
+    with pytest.raises(DataError, match="mask"):
+        d.subset(torch.ones(3, dtype=torch.bool))
+    with pytest.raises(DataError, match="empty"):
+        d.subset(d.y == 11)
+
+
+# --- toy2d -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_toy2d_kinds(kind):
+    train = load_toy2d("train", kind=kind, n=500)
+    test = load_toy2d("test", kind=kind, n=500)
+    assert train.x.shape == (500, 2) and train.x.dtype == torch.float32
+    assert train.x.abs().max() < 1.3 and train.x.abs().max() > 0.8
+    assert set(train.y.tolist()) <= set(range(train.meta["components"]))
+    assert torch.equal(train.x, load_toy2d("train", kind=kind, n=500).x)
+    assert not torch.allclose(train.x, test.x)
+
+
+def test_toy2d_gmm_weights_and_modes():
+    w = torch.tensor([4.0, 1, 1, 2, 0, 1, 3, 4])
+    n = 20_000
+    d = load_toy2d("train", kind="gmm", n=n, weights=w)
+    p = w.double() / w.sum()
+    assert torch.allclose(torch.tensor(d.meta["weights"], dtype=torch.float64), p)
+    # Component counts are Binomial(n, p_k): a 5-sigma band fails with probability < 1e-6 per component
+    # if the sampler is right (and the draw is seeded, so the test is deterministic besides).
+    freq = torch.bincount(d.y, minlength=8).double() / n
+    assert bool(((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt()).all())
+    assert freq[4] == 0
+    # meta describes the mixture: each point is nearest its own mean (means 0.61 apart, std 0.05)
+    # and the spread around the mean matches meta["std"] (relative error ~ 1/sqrt(2 n_k) < 3%).
+    means = torch.tensor(d.meta["means"], dtype=torch.float32)
+    nearest = torch.cdist(d.x, means).argmin(1)
+    assert float((nearest == d.y).float().mean()) > 0.999
+    resid = d.x - means[d.y]
+    assert abs(float(resid.std()) / d.meta["std"] - 1) < 0.05
+
+
+def test_toy2d_bad_arguments():
+    with pytest.raises(DataError, match="expected 8 weights"):
+        load_toy2d(kind="gmm", weights=[1, 2])
+    with pytest.raises(DataError, match="non-negative"):
+        load_toy2d(kind="gmm", weights=[-1] + [1] * 7)
+    with pytest.raises(DataError, match="unknown kind"):
+        load_toy2d(kind="spiral")
+    with pytest.raises(DataError, match="split"):
+        load_toy2d("validation")
+
+
+# --- patches ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def patches():
+    return {s: load_patches(s) for s in ("train", "test")}
+
+
+def test_patches_split_by_source(patches):
+    train, test = patches["train"], patches["test"]
+    assert (len(train), len(test)) == (5236, 1323)
+    assert set(train.meta["sources"]) == set(TRAIN_IMAGES)
+    assert set(test.meta["sources"]) == set(TEST_IMAGES)
+    assert not set(train.meta["sources"]) & set(test.meta["sources"])
+    for d in (train, test):
+        assert d.shape == (3, 32, 32) and d.y is None
+        assert d.x.min() >= -1 and d.x.max() <= 1 and d.x.min() < -0.9 and d.x.max() > 0.9
+
+
+def test_patches_are_crops_of_their_source(patches):
+    d = patches["train"]
+    for i in (0, len(d) - 1):
+        r, c = d.meta["positions"][i]
+        img = source_image(d.meta["sources"][i])[r : r + 32, c : c + 32]
+        assert np.array_equal(d.x[i].permute(1, 2, 0).numpy(), img / np.float32(127.5) - 1)
+
+
+def test_patches_random_crops_are_seeded():
+    a = load_patches("test", size=16, n=64, seed=3)
+    assert a.x.shape == (64, 3, 16, 16) and set(a.meta["sources"]) <= set(TEST_IMAGES)
+    assert torch.equal(a.x, load_patches("test", size=16, n=64, seed=3).x)
+    assert not torch.equal(a.x, load_patches("test", size=16, n=64, seed=4).x)
+
+
+# --- registry ----------------------------------------------------------------------------------------
+
+
+def test_load_dataset_by_name_and_unknown_name(tmp_path):
+    assert {"digits", "toy2d", "patches"} <= set(DATASETS)
+    assert load_dataset("toy2d", "test", kind="rings", n=10).x.shape == (10, 2)
+    with pytest.raises(DataError, match=r"not a registered name \(digits, patches, toy2d\).*no file"):
+        load_dataset(str(tmp_path / "missing.npy"))
+
+
+# --- user files ----------------------------------------------------------------------------------------
+
+
+def test_npy_round_trip(tmp_path):
+    x = np.random.default_rng(0).uniform(-1, 1, (6, 3, 4, 5)).astype(np.float32)
+    np.save(tmp_path / "a.npy", x)
+    d = load_dataset(str(tmp_path / "a.npy"))
+    assert np.array_equal(d.x.numpy(), x) and d.y is None
+    np.save(tmp_path / "hw.npy", x[:, 0])  # (N, H, W) gains a channel axis
+    assert load_array(tmp_path / "hw.npy").x.shape == (6, 1, 4, 5)
+    u8 = np.array([[0, 255], [51, 204]], dtype=np.uint8)
+    np.save(tmp_path / "u8.npy", u8)
+    assert torch.allclose(load_array(tmp_path / "u8.npy").x, torch.tensor([[-1.0, 1], [-0.6, 0.6]]))
+
+
+def test_npz_round_trip_keys_labels_and_splits(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 2)).astype(np.float32), rng.integers(0, 3, 8)
+    np.savez(tmp_path / "xy.npz", x=x, y=y, other=np.ones((2, 3)))
+    d = load_array(tmp_path / "xy.npz")
+    assert np.array_equal(d.x.numpy(), x) and np.array_equal(d.y.numpy(), y) and d.y.dtype == torch.long
+    other = load_array(tmp_path / "xy.npz", key="other")
+    assert other.x.shape == (2, 3) and other.y is None
+    np.savez(tmp_path / "one.npz", samples=x)
+    assert np.array_equal(load_array(tmp_path / "one.npz").x.numpy(), x)
+    np.savez(tmp_path / "split.npz", x_train=x, y_train=y, x_test=x[:3], y_test=y[:3])
+    test = load_dataset(str(tmp_path / "split.npz"), "test")
+    assert np.array_equal(test.x.numpy(), x[:3]) and np.array_equal(test.y.numpy(), y[:3])
+    assert len(load_dataset(str(tmp_path / "split.npz"), "all")) == 11
+    with pytest.raises(DataError, match="no test split"):
+        load_dataset(str(tmp_path / "one.npz"), "test")
+    with pytest.raises(DataError, match=r"no array 'nope'.*\['samples'\]"):
+        load_array(tmp_path / "one.npz", key="nope")
+
+
+def _write_pngs(folder, arrays):
+    folder.mkdir()
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(folder / f"img{i:02d}.png")
+
+
+def test_png_folder_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = [rng.integers(0, 256, (5, 7), dtype=np.uint8) for _ in range(3)]
+    _write_pngs(tmp_path / "grey", grey)
+    d = load_dataset(str(tmp_path / "grey"))
+    assert d.x.shape == (3, 1, 5, 7) and d.meta["files"] == ["img00.png", "img01.png", "img02.png"]
+    assert np.array_equal(((d.x[:, 0] + 1) * 127.5).round().numpy(), np.stack(grey))
+    rgb = [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8) for _ in range(2)]
+    _write_pngs(tmp_path / "rgb", rgb)
+    d = load_png_folder(tmp_path / "rgb")
+    assert np.array_equal(((d.x + 1) * 127.5).round().permute(0, 2, 3, 1).numpy(), np.stack(rgb))
+    assert load_png_folder(tmp_path / "grey", channels=3).x.shape == (3, 3, 5, 7)
+
+
+def test_save_png_round_trip(tmp_path):
+    x = torch.rand(3, 4, 6) * 2 - 1
+    path = save_png(x, tmp_path / "one.png")
+    back = np.asarray(Image.open(path)).astype(np.float32)
+    assert np.abs(back.transpose(2, 0, 1) / 127.5 - 1 - x.numpy()).max() <= 1 / 127.5 + 1e-6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png"]  # no temporary file left
+
+
+def test_save_png_grid_size_and_tiles(tmp_path):
+    x = torch.linspace(-1, 1, 10 * 64).reshape(10, 1, 8, 8)
+    img = np.asarray(Image.open(save_png_grid(x, tmp_path / "grid.png")))
+    # 10 images -> 4 per row, 3 rows; 8 px tiles upscaled x4 to 32 px; 1 px padding including borders.
+    assert img.shape == (3 * 32 + 4, 4 * 32 + 5)
+    tile = ((x[5, 0] + 1) * 127.5).round().numpy().repeat(4, 0).repeat(4, 1)
+    assert np.array_equal(img[1 + 33 : 1 + 33 + 32, 1 + 33 : 1 + 33 + 32], tile)  # row 1, column 1
+    rgb = np.asarray(
+        Image.open(save_png_grid(torch.zeros(3, 3, 5, 7), tmp_path / "rgb.png", nrow=3, pad=2, scale=2))
+    )
+    assert rgb.shape == (5 * 2 + 2 * 2, 3 * 7 * 2 + 4 * 2, 3)
+    with pytest.raises(DataError, match="C 1 or 3"):
+        save_png_grid(torch.zeros(2, 2, 4, 4), tmp_path / "bad.png")
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "array, problem",
+    [
+        (np.array([[0.0, np.nan], [1, 2]], dtype=np.float32), "NaN"),
+        (np.array([[0.0, np.inf], [1, 2]], dtype=np.float32), "inf"),
+        (np.zeros((0, 2), dtype=np.float32), "empty"),
+        (np.zeros((2, 1, 2, 2, 2), dtype=np.float32), "rank 5"),
+        (np.zeros(4, dtype=np.float32), "rank 1"),
+    ],
+)
+def test_bad_arrays_raise_data_error(tmp_path, array, problem):
+    np.save(tmp_path / "bad.npy", array)
+    with pytest.raises(DataError, match=problem) as err:
+        load_dataset(str(tmp_path / "bad.npy"))
+    assert "bad" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(DataError, match=problem):
+        validate(torch.from_numpy(array))
+
+
+def test_pickled_object_array_is_refused(tmp_path):
+    np.savez(tmp_path / "obj.npz", x=np.array([{"run": "code"}, None], dtype=object))
+    with pytest.raises(DataError, match="pickled"):
+        load_array(tmp_path / "obj.npz")
+
+
+def test_unreadable_files_are_named(tmp_path):
+    (tmp_path / "broken.npy").write_bytes(b"not an array")
+    with pytest.raises(DataError, match="broken.npy"):
+        load_array(tmp_path / "broken.npy")
+    (tmp_path / "broken.npz").write_bytes(b"PK not a zip")
+    with pytest.raises(DataError, match="broken.npz: not an .npz"):
+        load_dataset(str(tmp_path / "broken.npz"))
+    folder = tmp_path / "pngs"
+    _write_pngs(folder, [np.zeros((4, 4), np.uint8)])
+    (folder / "img01.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(DataError, match="img01.png.*unreadable"):
+        load_png_folder(folder)
+
+
+def test_png_sizes_must_match(tmp_path):
+    _write_pngs(
+        tmp_path / "mixed",
+        [np.zeros((4, 4), np.uint8), np.zeros((4, 4), np.uint8), np.zeros((5, 4), np.uint8)],
+    )
+    with pytest.raises(DataError, match=r"img02.png: image is 4x5.*share one size"):
+        load_png_folder(tmp_path / "mixed")
+
+
+def test_array_data_checks_labels():
+    with pytest.raises(DataError, match="expected 3 labels"):
+        ArrayData(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(DataError, match="integers"):
+        ArrayData(torch.zeros(2, 2), torch.tensor([0.5, 1.0]))
+    assert ArrayData(torch.ones(2, 2), np.array([0.0, 1.0])).y.dtype == torch.long

@@ -1,0 +1,245 @@
+import json
+
+import pytest
+import torch
+
+from condiff.nets import NETS, TimeMLP, UNet, build_net, register_net, timestep_embedding
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two shared cores: oversubscribed intra-op threads make these tiny nets 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _perturb(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Add noise to every parameter: the zero-initialised output layers would hide any difference."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return net.eval()
+
+
+def _t(batch: int) -> torch.Tensor:
+    return torch.arange(batch) * 97 % 1000
+
+
+# --- embeddings --------------------------------------------------------------------------------
+
+
+def test_timestep_embedding_long_and_float_agree():
+    t = torch.tensor([0, 5, 999])
+    e = timestep_embedding(t, 7)
+    assert e.shape == (3, 7)
+    assert torch.allclose(e, timestep_embedding(t.float(), 7))
+    assert torch.equal(e[:, -1], torch.zeros(3))  # odd width: zero pad column
+    assert torch.allclose(e[0, :3], torch.ones(3))  # cos(0)
+    assert not torch.allclose(e[1], e[2])
+
+
+def test_timestep_embedding_rejects_bad_shape():
+    with pytest.raises(ValueError, match=r"shape \(B,\)"):
+        timestep_embedding(torch.zeros(2, 3), 8)
+
+
+# --- UNet --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cin, cout, h, w, mults",
+    [
+        (1, None, 8, 8, (1, 2, 2)),
+        (3, None, 16, 16, (1, 2)),
+        (2, 5, 32, 16, (1, 2, 2)),
+        (1, 2, 8, 24, (1, 1, 2, 2)),
+        (1, None, 64, 64, (1, 1, 2, 2)),
+    ],
+)
+def test_unet_output_shape(cin, cout, h, w, mults):
+    net = UNet(cin, cout, base=8, mults=mults)
+    out = net(torch.randn(2, cin, h, w), _t(2))
+    assert out.shape == (2, cout or cin, h, w)
+    assert torch.equal(out, torch.zeros_like(out))  # output conv starts at zero
+
+
+def test_unet_attention_num_res_and_dropout():
+    net = _perturb(UNet(2, base=8, mults=(1, 2, 2), num_res=2, attn_res=(2, 4), dropout=0.1))
+    x = torch.randn(3, 2, 8, 16)
+    out = net(x, _t(3))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert torch.equal(out, net(x, _t(3)))  # eval mode: dropout off, deterministic
+
+
+def test_unet_gradient_reaches_input():
+    net = _perturb(UNet(1, base=8))
+    x = torch.randn(2, 1, 8, 8, requires_grad=True)
+    net(x, _t(2)).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_unet_time_changes_output():
+    net = _perturb(UNet(1, base=8))
+    x = torch.randn(2, 1, 8, 8)
+    assert not torch.allclose(net(x, torch.tensor([10, 10])), net(x, torch.tensor([500, 500])))
+    assert torch.equal(net(x, torch.tensor(10)), net(x, torch.tensor([10, 10])))  # scalar t broadcasts
+
+
+def test_unet_class_conditioning():
+    net = _perturb(UNet(1, base=8, num_classes=3))
+    x = torch.randn(4, 1, 8, 8)
+    t = _t(4)
+    out0, out1 = net(x, t, torch.zeros(4, dtype=torch.long)), net(x, t, torch.ones(4, dtype=torch.long))
+    assert not torch.allclose(out0, out1)
+    uncond = net(x, t)
+    assert torch.equal(uncond, net(x, t, torch.full((4,), -1)))  # -1 is the null label
+    assert torch.equal(uncond, net(x, t, torch.full((4,), 3)))  # so is num_classes
+    assert not torch.allclose(uncond, out0)
+    mixed = net(x, t, torch.tensor([0, -1, 1, -1]))
+    assert torch.equal(mixed[0], out0[0]) and torch.equal(mixed[1], uncond[1])
+
+
+def test_unet_label_errors():
+    x, t = torch.randn(2, 1, 8, 8), _t(2)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        UNet(1, base=8)(x, t, torch.zeros(2, dtype=torch.long))
+    net = UNet(1, base=8, num_classes=3)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        net(x, t, torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="integer"):
+        net(x, t, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        net(x, t, torch.tensor([0, 1, 2]))
+
+
+def test_circular_unet_commutes_with_shifts_by_the_downsampling_factor():
+    x, t = torch.randn(2, 2, 16, 8), _t(2)
+    shift = (8, 4)  # multiples of 2**(len(mults) - 1) = 4
+    roll = lambda z: torch.roll(z, shift, dims=(2, 3))
+    net = _perturb(UNet(2, base=8, mults=(1, 2, 2), circular=True))
+    assert torch.allclose(net(roll(x), t), roll(net(x, t)), atol=1e-5)
+    # zero padding breaks the symmetry, so the check above can fail
+    flat = _perturb(UNet(2, base=8, mults=(1, 2, 2), circular=False))
+    assert (flat(roll(x), t) - roll(flat(x, t))).abs().max() > 1e-3
+
+
+def test_unet_size_not_divisible():
+    net = UNet(1, base=8, mults=(1, 2, 2))
+    with pytest.raises(ValueError, match="divisible by 4.*width 10"):
+        net(torch.randn(1, 1, 8, 10), _t(1))
+    with pytest.raises(ValueError, match="divisible by 4.*height 6"):
+        net(torch.randn(1, 1, 6, 8), _t(1))
+
+
+def test_unet_input_errors():
+    net = UNet(3, base=8)
+    with pytest.raises(ValueError, match="3 input channels, got 1"):
+        net(torch.randn(2, 1, 8, 8), _t(2))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        net(torch.randn(3, 8, 8), _t(3))
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        net(torch.randn(2, 3, 8, 8), _t(3))
+
+
+def test_unet_constructor_errors():
+    with pytest.raises(ValueError, match="groups=8"):
+        UNet(1, base=12)
+    with pytest.raises(ValueError, match="base 4"):
+        UNet(1, base=4, mults=(2, 4))
+    with pytest.raises(ValueError, match="attn_res.*one of \\[1, 2, 4\\]"):
+        UNet(1, base=8, attn_res=(8,))
+    with pytest.raises(ValueError, match="base"):
+        UNet(1, base=0)
+
+
+# --- TimeMLP -----------------------------------------------------------------------------------
+
+
+def test_mlp_shapes_and_zero_init():
+    net = TimeMLP(3, hidden=32, depth=2)
+    out = net(torch.randn(5, 3), _t(5))
+    assert out.shape == (5, 3) and torch.equal(out, torch.zeros(5, 3))
+    with pytest.raises(ValueError, match=r"\(B, 3\)"):
+        net(torch.randn(5, 2), _t(5))
+
+
+def test_mlp_conditioning():
+    net = _perturb(TimeMLP(2, hidden=32, depth=2, num_classes=4))
+    x, t = torch.randn(6, 2), _t(6)
+    out0, out2 = net(x, t, torch.zeros(6, dtype=torch.long)), net(x, t, torch.full((6,), 2))
+    assert not torch.allclose(out0, out2)
+    assert torch.equal(net(x, t), net(x, t, torch.full((6,), -1)))
+    assert not torch.allclose(net(x, t), out0)
+    assert not torch.allclose(net(x, torch.zeros(6, dtype=torch.long)), net(x, torch.full((6,), 900)))
+    with pytest.raises(ValueError, match="num_classes=0"):
+        TimeMLP(2, hidden=8)(x, t, torch.zeros(6, dtype=torch.long))
+
+
+def test_mlp_learns_a_regression_target():
+    torch.manual_seed(0)
+    net = TimeMLP(2, hidden=32, depth=2, time_dim=32)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    x, t = torch.randn(256, 2), torch.randint(0, 1000, (256,))
+    target = torch.stack([torch.sin(2 * x[:, 0]) * (t / 1000), x[:, 0] * x[:, 1]], dim=1)
+    losses = []
+    for _ in range(150):
+        loss = (net(x, t) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.05 * losses[0]
+
+
+# --- registry ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"name": "unet", "in_channels": 2, "base": 8, "mults": (1, 2), "num_classes": 3, "circular": True},
+        {"name": "unet", "in_channels": 1, "base": 8, "attn_res": [2], "time_dim": 16},
+        {"name": "mlp", "dim": 2, "hidden": 16, "depth": 2, "num_classes": 2},
+    ],
+)
+def test_build_net_round_trip(config):
+    net = _perturb(build_net(config))
+    stored = json.loads(json.dumps(net.config))
+    assert stored["name"] == config["name"]
+    twin = build_net(stored)
+    assert twin.config == net.config
+    twin.load_state_dict(net.state_dict())
+    twin.eval()
+    x = torch.randn(3, 2) if config["name"] == "mlp" else torch.randn(3, config["in_channels"], 8, 8)
+    y = torch.tensor([0, 1, -1]) if config.get("num_classes") else None
+    assert torch.equal(net(x, _t(3), y), twin(x, _t(3), y))
+
+
+def test_build_net_errors():
+    with pytest.raises(ValueError, match="unknown net 'resnet9'.*mlp, unet"):
+        build_net({"name": "resnet9"})
+    with pytest.raises(ValueError, match="'name' key"):
+        build_net({"base": 8})
+    with pytest.raises(ValueError, match="net 'unet'.*widht"):
+        build_net({"name": "unet", "widht": 3})
+    with pytest.raises(ValueError, match="net 'mlp'"):
+        build_net({"name": "mlp"})  # dim is required
+
+
+def test_register_net():
+    @register_net("_toy")
+    class Toy(torch.nn.Module):
+        def __init__(self, k: int = 1):
+            super().__init__()
+            self.config = {"name": "_toy", "k": k}
+
+    try:
+        assert isinstance(build_net({"name": "_toy", "k": 2}), Toy)
+        assert register_net("_toy")(Toy) is Toy  # re-registering the same class is harmless
+        with pytest.raises(ValueError, match="already registered"):
+            register_net("_toy")(type("Other", (torch.nn.Module,), {}))
+    finally:
+        NETS.pop("_toy")
