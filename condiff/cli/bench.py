@@ -88,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     if args.name not in available():
         raise ValueError(f"unknown benchmark {args.name!r}; available: {', '.join(available())}")
     file = bench_dir() / f"{args.name.replace('-', '_')}.py"
+    if str(bench_dir()) not in sys.path:
+        sys.path.insert(0, str(bench_dir()))  # benchmarks share helpers such as _timing
     spec = importlib.util.spec_from_file_location(f"condiff_bench_{file.stem}", file)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
