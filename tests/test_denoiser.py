@@ -1,0 +1,99 @@
+"""Denoiser contract: Tweedie, score, NetDenoiser, and the diffusers adapter."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from condiff.denoiser import DiffusersDenoiser, GaussianDenoiser, NetDenoiser
+from condiff.models import load_denoiser, load_net, save_model
+from condiff.nets import TimeMLP, UNet
+from condiff.schedule import Schedule
+
+
+def test_tweedie_and_score_closed_form():
+    s = Schedule.linear(100)
+    d = GaussianDenoiser(s, mean=0.3, std=0.5)
+    x = torch.randn(4, 6)
+    t = torch.tensor([0, 20, 50, 99])
+    a = s.abar_at(t, x)
+    var = a * 0.25 + 1 - a
+    # E[x0 | x_t] = m + sqrt(a) s^2 (x_t - sqrt(a) m) / var ; score = -(x_t - sqrt(a) m) / var
+    torch.testing.assert_close(d.x0(x, t), 0.3 + a.sqrt() * 0.25 * (x - a.sqrt() * 0.3) / var, rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(d.score(x, t), -(x - a.sqrt() * 0.3) / var, rtol=1e-5, atol=1e-5)
+    assert d.nfe == 2
+
+
+def test_net_denoiser_labels_and_scalar_t():
+    torch.manual_seed(0)
+    net = UNet(1, base=8, mults=(1, 2), num_classes=3)
+    for p in net.parameters():  # the output layer starts at zero; make the net non-trivial
+        torch.nn.init.normal_(p, std=0.1)
+    d = NetDenoiser(net, Schedule.linear(50))
+    x = torch.randn(2, 1, 8, 8)
+    e_scalar = d.eps(x, 10)
+    e_vec = d.eps(x, torch.tensor([10, 10]))
+    torch.testing.assert_close(e_scalar, e_vec)
+    dc = d.conditioned(torch.tensor([0, 2]))
+    assert dc.net is net
+    assert not torch.allclose(dc.eps(x, 10), e_scalar)  # labels change the prediction
+    with pytest.raises(ValueError, match="labels have batch 2 but x_t has batch 3"):
+        dc.eps(torch.randn(3, 1, 8, 8), 5)
+
+
+def test_model_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = TimeMLP(2, hidden=16, depth=1)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    s = Schedule.cosine(40)
+    save_model(tmp_path / "m", net, s, shape=[2])
+    d = load_denoiser(tmp_path / "m")
+    x, t = torch.randn(5, 2), torch.randint(0, 40, (5,))
+    torch.testing.assert_close(d.eps(x, t), net(x, t))
+    torch.testing.assert_close(d.schedule.abar, s.abar)
+    net2, cfg = load_net(tmp_path / "m")
+    assert cfg["shape"] == [2] and net2.config == net.config
+
+
+def _tiny_unet():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_diffusers_adapter_saved_and_loaded(tmp_path, prediction_type):
+    diffusers = pytest.importorskip("diffusers")
+    unet = _tiny_unet().eval()
+    sched = diffusers.DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
+    unet.save_pretrained(tmp_path / "unet")
+    sched.save_pretrained(tmp_path / "scheduler")
+    den = load_denoiser(tmp_path)
+    assert isinstance(den, DiffusersDenoiser)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([5, 50, 99])
+    with torch.no_grad():
+        out = unet(x, t).sample
+        got = den.eps(x, t)
+    a = den.schedule.abar_at(t, x)
+    expect = {"epsilon": out, "v_prediction": a.sqrt() * out + (1 - a).sqrt() * x,
+              "sample": (x - a.sqrt() * out) / (1 - a).sqrt()}[prediction_type]
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(den.schedule.abar.float(), sched.alphas_cumprod.float())
+    # the eps <-> x0 conversion is consistent: x0 from eps re-noises to x_t
+    x0 = den.x0_from_eps(x, t, got)
+    torch.testing.assert_close(a.sqrt() * x0 + (1 - a).sqrt() * got, x, rtol=1e-4, atol=1e-4)
+    assert not math.isnan(float(got.sum()))
+
+
+def test_diffusers_dir_without_scheduler_is_clear(tmp_path):
+    unet = _tiny_unet()
+    unet.save_pretrained(tmp_path / "unet")
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "x.json").write_text(json.dumps({}))
+    with pytest.raises(Exception, match="not a condiff checkpoint|scheduler_config|no model"):
+        load_denoiser(tmp_path)
