@@ -51,9 +51,15 @@ def load_split(cfg: dict, split: str) -> ArrayData:
     return load_dataset(cfg["data"]["name"], split=split, **data_kwargs(cfg))
 
 
+# models for user data, picked by the data's rank when the config names none
+AUTO_MODELS = {"unet": {"name": "unet", "base": 32, "mults": [1, 2, 2], "num_res": 1},
+               "mlp": {"name": "mlp", "hidden": 256, "depth": 3}}
+
+
 def net_config(cfg: dict, data: ArrayData) -> dict:
     """The model table, completed from the data (channels / dimension, number of classes)."""
-    m = dict(cfg["model"])
+    auto = AUTO_MODELS["unet"] if len(data.shape) == 3 else AUTO_MODELS["mlp"]
+    m = dict(cfg["model"]) if cfg["model"].get("name") else {**auto, **cfg["model"]}
     if m.get("name") == "unet":
         if len(data.shape) != 3:
             raise ValueError(f"model 'unet' needs image data (C, H, W), got per-sample shape {data.shape}")

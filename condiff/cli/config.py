@@ -65,12 +65,11 @@ def merge(base: dict, update: dict) -> dict:
 
 
 def preset(name: str) -> dict:
-    """Defaults for a data set name; a path (user data) gets the digits-like image defaults minus
-    the data entry, which the caller fills in."""
+    """Defaults for a data set name; for a path (user data) the model table starts empty and is
+    completed from the data's shape when the data are loaded."""
     base = PRESETS.get(name)
-    if base is None:
-        base = {k: v for k, v in PRESETS["digits"].items() if k != "data"}
-        base["data"] = {"name": name}
+    if base is None:  # user data: the model is chosen from the data's shape (see common.net_config)
+        base = {"data": {"name": name}, "model": {}, "train": PRESETS["digits"]["train"]}
     return merge(_COMMON, base)
 
 

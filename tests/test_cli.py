@@ -1,0 +1,85 @@
+"""The condiff command end to end on tiny settings, and its error messages."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from condiff.cli.config import ConfigError, parse_override, resolve
+from condiff.cli.main import main
+
+TINY = ["--data", "toy2d", "--set", "model.hidden=32", "--set", "model.depth=1", "--set", "data.n=512",
+        "--set", "train.steps=30", "--set", "train.batch_size=32", "--set", "train.progress=false",
+        "--set", "schedule.T=50", "--set", "sample.n=64", "--set", "sample.steps=10"]
+
+
+def test_train_sample_eval_round_trip(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["steps"] == 30 and cfg["schedule"]["T"] == 50 and cfg["data"]["kind"] == "moons"
+    assert (run / "model" / "model.safetensors").is_file() and (run / "loss.png").is_file()
+    assert main(["sample", "--ckpt", str(run), "--n", "7", "--steps", "5", "--seed", "3"]) == 0
+    x = np.load(run / "samples" / "samples.npz")["x"]
+    assert x.shape == (7, 2) and np.isfinite(x).all()
+    assert main(["sample", "--ckpt", str(run), "--n", "7", "--steps", "5", "--seed", "3", "--out",
+                 str(tmp_path / "again")]) == 0
+    assert np.array_equal(x, np.load(tmp_path / "again" / "samples.npz")["x"])  # same seed, same samples
+    assert main(["eval", "--ckpt", str(run)]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["mmd_n"] == 64 and m["mmd"] > 0 and m["mmd_ref"] > 0 and "mmd_ratio<=2" in m["targets"]
+    assert (run / "samples.png").is_file()
+
+
+def test_config_resolution_order(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[data]\nname = "toy2d"\nkind = "rings"\n[train]\nsteps = 7\nlr = 0.5\n')
+    cfg = resolve(None, f, ["train.lr=0.25", "sample.eta=0"])
+    assert cfg["data"] == {"name": "toy2d", "kind": "rings"}
+    assert cfg["train"]["steps"] == 7 and cfg["train"]["lr"] == 0.25 and cfg["sample"]["eta"] == 0
+    assert cfg["model"]["name"] == "mlp"  # preset of the data set named in the file
+    assert parse_override("data.kind=moons") == (["data", "kind"], "moons")
+    assert parse_override("model.mults=[1, 2]") == (["model", "mults"], [1, 2])
+    with pytest.raises(ConfigError, match="section.key"):
+        parse_override("steps=3")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[trian]\nsteps = 3\n")
+    with pytest.raises(ConfigError, match="unknown section"):
+        resolve(None, bad, [])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--data", "/no/such/file.npy", "--out", "{tmp}/x"], "unknown data set"),
+    (["train", "--data", "toy2d", "--set", "train.steps=0", "--out", "{tmp}/x"], "train.steps must be >= 1"),
+    (["train", "--data", "toy2d", "--set", "train.stpes=3", "--out", "{tmp}/x"], "unknown training option"),
+    (["train", "--data", "toy2d", "--set", "model.name=resnet9", "--out", "{tmp}/x"], "unknown net"),
+    (["train", "--data", "toy2d", "--config", "{tmp}/missing.toml"], "config file not found"),
+    (["sample", "--ckpt", "{tmp}/nothing"], "does not exist"),
+    (["sample", "--ckpt", "{tmp}", "--n", "2"], "not a condiff checkpoint"),
+    (["bench", "no-such-bench"], "unknown benchmark"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    r = subprocess.run([sys.executable, "-m", "condiff.cli.main", *args], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert lines[0].startswith("condiff ")
+
+
+def test_user_npy_data(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "pts.npy", rng.normal(size=(256, 3)).astype(np.float32) * 0.3)
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tmp_path / "pts.npy"), "--set", "model.hidden=16",
+            "--set", "model.depth=1", "--set", "train.steps=5", "--set", "train.progress=false",
+            "--set", "schedule.T=20", "--out", str(run)]
+    assert main(args) == 0
+    assert main(["eval", "--ckpt", str(run), "--n", "32", "--steps", "4"]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["reference"] == "training data (no test split)"
+    bad = tmp_path / "nan.npy"
+    np.save(bad, np.array([[0.0, np.nan]], dtype=np.float32))
+    assert main(["train", "--data", str(bad), "--set", "model.name=mlp", "--out", str(tmp_path / "r2")]) == 2
