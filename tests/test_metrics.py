@@ -1,0 +1,309 @@
+"""Metrics against closed forms and invariants; the digits classifier and its cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import sqrtm
+from scipy.stats import norm
+from skimage.metrics import structural_similarity
+
+from condiff import metrics as M
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --- MMD -----------------------------------------------------------------------------------------
+
+
+def brute_mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: list[float]) -> float:
+    def k(a, b):
+        d = torch.cdist(a.double(), b.double()) ** 2
+        return sum(torch.exp(-d / (2 * s**2)) for s in bandwidths)
+
+    n, m = len(x), len(y)
+    kxx, kyy = k(x, x), k(y, y)
+    return float(
+        (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+        + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+        - 2 * k(x, y).mean()
+    )
+
+
+def test_mmd_matches_u_statistic_and_chunking(monkeypatch):
+    g = gen()
+    x, y = torch.randn(70, 2, 3, generator=g), torch.randn(50, 2, 3, generator=g) + 0.5
+    ref = brute_mmd(x.flatten(1), y.flatten(1), [0.7, 2.0])
+    assert M.mmd(x, y, bandwidths=[0.7, 2.0]) == pytest.approx(ref, abs=1e-12)
+    monkeypatch.setattr(M, "CHUNK", 16)
+    assert M.mmd(x, y, bandwidths=[0.7, 2.0]) == pytest.approx(ref, abs=1e-12)
+
+
+def test_mmd_biased_v_statistic():
+    g = gen(8)
+    x, y = torch.randn(30, 3, generator=g), torch.randn(20, 3, generator=g)
+    bw = M.default_bandwidths(y)
+    assert bw[0] < bw[1] < bw[2] and bw[1] == pytest.approx(M.median_heuristic(y))
+
+    def k(a, b):
+        d = torch.cdist(a.double(), b.double()) ** 2
+        return sum(torch.exp(-d / (2 * s**2)) for s in bw)
+
+    ref = float(k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean())
+    assert M.mmd(x, y, biased=True) == pytest.approx(ref, abs=1e-12)
+    assert M.mmd(x, y, biased=True) > M.mmd(x, y)
+    assert M.mmd(y, y, biased=True) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_mmd_near_zero_for_same_distribution_and_grows_with_shift():
+    g = gen(1)
+    x, y = torch.randn(400, 4, generator=g), torch.randn(400, 4, generator=g)
+    assert abs(M.mmd(x, y)) < 0.01
+    values = [M.mmd(x + s, y) for s in (0.25, 0.5, 1.0, 2.0)]
+    assert values[0] > 0.02
+    assert all(a < b for a, b in zip(values, values[1:])), values
+
+
+def test_mmd_rejects_bad_input():
+    with pytest.raises(ValueError, match="same size"):
+        M.mmd(torch.zeros(5, 3), torch.zeros(5, 4))
+    with pytest.raises(ValueError, match="positive"):
+        M.mmd(torch.randn(5, 3), torch.randn(5, 3), bandwidths=[1.0, 0.0])
+
+
+# --- sliced Wasserstein --------------------------------------------------------------------------
+
+
+def gaussian_quantiles(n: int, mean: float, std: float) -> torch.Tensor:
+    """n points at the mid-quantiles of N(mean, std^2): an almost exact empirical Gaussian."""
+    return torch.as_tensor(mean + std * norm.ppf((np.arange(n) + 0.5) / n)).view(n, 1)
+
+
+def test_sliced_wasserstein_1d_gaussians_closed_form():
+    x, y = gaussian_quantiles(4000, 0.0, 1.0), gaussian_quantiles(3000, 1.5, 2.0)
+    closed = math.sqrt(1.5**2 + (1.0 - 2.0) ** 2)  # W2 between 1-D Gaussians
+    assert M.sliced_wasserstein(x, y, n_proj=8, generator=gen()) == pytest.approx(closed, rel=5e-3)
+
+
+def test_sliced_wasserstein_unequal_sizes_is_exact():
+    # Repeating each point of x m times and of y n times leaves both empirical measures unchanged.
+    g = gen(2)
+    x, y = torch.randn(6, 3, generator=g), torch.randn(4, 3, generator=g) * 2
+    unequal = M.sliced_wasserstein(x, y, n_proj=16, generator=gen(5))
+    equal = M.sliced_wasserstein(x.repeat(4, 1), y.repeat(6, 1), n_proj=16, generator=gen(5))
+    assert unequal == pytest.approx(equal, abs=1e-12)
+    assert M.sliced_wasserstein(x, x, generator=gen()) == 0.0
+
+
+# --- memorisation --------------------------------------------------------------------------------
+
+
+def test_nn_distances_match_cdist(monkeypatch):
+    g = gen(3)
+    a, b = torch.randn(40, 1, 4, 4, generator=g), torch.randn(30, 1, 4, 4, generator=g)
+    monkeypatch.setattr(M, "CHUNK", 7)
+    ref = torch.cdist(a.flatten(1).double(), b.flatten(1).double()).min(1).values
+    torch.testing.assert_close(M.nn_distances(a, b), ref)
+
+
+def test_memorisation_rate_copies_and_far_points():
+    g = gen(4)
+    train, heldout = torch.randn(300, 8, generator=g), torch.randn(200, 8, generator=g)
+    thr = M.calibrate_memorisation_threshold(heldout, train, quantile=0.05)
+    assert thr > 0
+    assert M.memorisation_rate(heldout, train, thr) == pytest.approx(0.05, abs=0.01)
+    copies = train[:50] + 1e-4 * torch.randn(50, 8, generator=g)
+    assert M.memorisation_rate(copies, train, thr) == 1.0
+    assert M.memorisation_rate(train[:50] + 100.0, train, thr) == 0.0
+
+
+# --- PSNR / SSIM ---------------------------------------------------------------------------------
+
+
+def test_psnr_closed_form():
+    x = torch.rand(3, 2, 5, 5) * 2 - 1
+    c = torch.tensor([0.1, 0.2, 0.5]).view(3, 1, 1, 1)
+    expected = 10 * torch.log10(4.0 / c.view(3) ** 2)  # MSE = c^2, data range 2
+    torch.testing.assert_close(M.psnr(x + c, x), expected.double())
+    assert torch.isinf(M.psnr(x, x)).all()
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 8, 8), (2, 3, 16, 20), (2, 1, 5, 9)])
+def test_ssim_matches_skimage(shape):
+    g = gen(5)
+    x = torch.rand(shape, generator=g) * 2 - 1
+    y = (x + 0.3 * torch.randn(shape, generator=g)).clamp(-1, 1)
+    side = min(shape[-2:])
+    win = min(11, side if side % 2 else side - 1)  # what condiff picks by default
+    ref = [
+        structural_similarity(
+            x[i].numpy().astype(np.float64),
+            y[i].numpy().astype(np.float64),
+            data_range=2.0,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            win_size=win,
+            channel_axis=0,
+        )
+        for i in range(shape[0])
+    ]
+    torch.testing.assert_close(M.ssim(x, y), torch.tensor(ref, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_ssim_identity_and_errors():
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    torch.testing.assert_close(M.ssim(x, x), torch.ones(4, dtype=torch.float64))
+    noise = torch.rand(4, 1, 8, 8, generator=gen(7)) * 2 - 1
+    assert (M.ssim(x, noise).abs() < 0.5).all()
+    with pytest.raises(ValueError, match="win_size"):
+        M.ssim(x, x, win_size=9)
+    with pytest.raises(ValueError, match="shapes differ"):
+        M.ssim(x, x[:2])
+
+
+# --- Fréchet distance ----------------------------------------------------------------------------
+
+
+def whitened(n: int, d: int, seed: int) -> torch.Tensor:
+    """n points whose sample mean is exactly 0 and unbiased sample covariance exactly I."""
+    z = torch.randn(n, d, generator=gen(seed), dtype=torch.float64)
+    z = z - z.mean(0)
+    chol = torch.linalg.cholesky(z.T @ z / (n - 1))
+    return torch.linalg.solve_triangular(chol, z.T, upper=False).T
+
+
+def test_frechet_identity_covariances_equals_squared_mean_difference():
+    mu1, mu2 = torch.tensor([1.0, 0.0, -2.0]), torch.tensor([0.0, 3.0, 0.5])
+    a, b = whitened(200, 3, 0) + mu1, whitened(150, 3, 1) + mu2
+    assert M.frechet_distance(a, b) == pytest.approx(float(((mu1 - mu2) ** 2).sum()), abs=1e-9)
+    assert M.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_gaussian_frechet_closed_forms():
+    mu = torch.zeros(3)
+    c1, c2 = torch.diag(torch.tensor([1.0, 4.0, 9.0])), torch.diag(torch.tensor([4.0, 1.0, 9.0]))
+    # Commuting covariances: tr(c1 + c2 - 2 sqrt(c1 c2)) = sum (sqrt(s1) - sqrt(s2))^2
+    assert M.gaussian_frechet(mu, c1, mu, c2) == pytest.approx(1.0 + 1.0 + 0.0)
+    g = gen(6)
+    a = torch.randn(300, 5, generator=g)
+    b = torch.randn(200, 5, generator=g) @ torch.randn(5, 5, generator=g) + 1.0
+    (m1, s1), (m2, s2) = M.mean_cov(a), M.mean_cov(b)
+    ref = (
+        float(((m1 - m2) ** 2).sum())
+        + np.trace(s1.numpy() + s2.numpy())
+        - 2 * np.trace(sqrtm(s1.numpy() @ s2.numpy()).real)
+    )
+    assert M.frechet_distance(a, b) == pytest.approx(ref, rel=1e-8)
+
+
+# --- class statistics and constraint statistics --------------------------------------------------
+
+
+def test_class_histogram_and_tv_distance():
+    h = M.class_histogram(torch.tensor([0, 0, 1, 3]), 4)
+    torch.testing.assert_close(h, torch.tensor([0.5, 0.25, 0.0, 0.25], dtype=torch.float64))
+    assert M.tv_distance(h, torch.full((4,), 0.25)) == pytest.approx(0.25)
+    assert M.tv_distance(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])) == 1.0
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        M.class_histogram(torch.tensor([0, 4]), 4)
+
+
+def test_constraint_stats():
+    v = torch.arange(11, dtype=torch.float32) * 0.1  # 0.0, 0.1, ..., 1.0
+    s = M.constraint_stats(v, tol=0.25)
+    assert s["n"] == 11
+    assert s["mean"] == pytest.approx(0.5) and s["median"] == pytest.approx(0.5)
+    assert s["max"] == pytest.approx(1.0) and s["q90"] == pytest.approx(0.9)
+    assert s["std"] == pytest.approx(float(v.double().std()))
+    assert s["frac_below_tol"] == pytest.approx(3 / 11)
+    assert M.constraint_stats(torch.tensor([0.0, float("nan")]))["frac_below_tol"] == 0.5
+
+
+# --- digits classifier ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cached_classifier(tmp_path_factory):
+    """Train a small-budget classifier once into a temporary cache and load it from there."""
+    from condiff import classifier as C
+
+    cache = tmp_path_factory.mktemp("condiff_cache")
+    threads = torch.get_num_threads()
+    # Tiny convolutions gain nothing from a second thread and slow down badly on a busy machine.
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng(devices=[]):
+            mp.setenv("CONDIFF_CACHE", str(cache))
+            net = C.load_digits_classifier(steps=300)
+    finally:
+        torch.set_num_threads(threads)
+    return net, cache / "digits_classifier"
+
+
+def test_classifier_heldout_accuracy(cached_classifier):
+    from condiff import classifier as C
+    from condiff.classifier import digits_accuracy
+
+    net, path = cached_classifier
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["seed"] == 0 and cfg["steps"] == 300 and cfg["net"]["name"] == "digits_cnn"
+    assert cfg["recipe"] == C.RECIPE
+    assert cfg["heldout_accuracy"] == pytest.approx(digits_accuracy(net))
+    assert cfg["heldout_accuracy"] >= 0.95
+    assert not list(path.glob("*.pt")) and not list(path.glob("*.pkl"))
+
+
+def test_load_digits_classifier_reuses_cache(cached_classifier, monkeypatch):
+    from condiff import classifier as C
+
+    net, path = cached_classifier
+    monkeypatch.setenv("CONDIFF_CACHE", str(path.parent))
+
+    def fail(*a, **k):
+        raise AssertionError("retrained although a cached classifier exists")
+
+    monkeypatch.setattr(C, "train_digits_classifier", fail)
+    again = C.load_digits_classifier()
+    x = C._digits("test")[0][:32]
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), net(x), rtol=0, atol=0)
+    with pytest.raises(C.io.CheckpointError, match="no digits classifier"):
+        C.load_digits_classifier(path / "missing", train_if_missing=False)
+    assert C.default_classifier_path(3) == path.parent / "digits_classifier_seed3"
+
+
+def test_stale_classifier_cache_is_not_used(cached_classifier, tmp_path):
+    from condiff import classifier as C
+
+    net, _ = cached_classifier
+    stale = tmp_path / "stale"
+    C.io.save_module(stale, net, {"format": C.FORMAT, "recipe": C.RECIPE - 1, "net": net.config})
+    with pytest.raises(C.io.CheckpointError, match="recipe"):
+        C.load_digits_classifier(stale, train_if_missing=False)
+
+
+def test_digits_judge(cached_classifier):
+    from condiff.classifier import DigitsJudge, _digits
+
+    judge = DigitsJudge(cached_classifier[0])
+    x_test, _ = _digits("test")
+    r = judge.evaluate(x_test)
+    assert r["n"] == len(x_test) and len(r["class_hist"]) == 10
+    assert r["mean_top_prob"] > 0.9
+    assert r["tv_to_uniform"] < 0.05  # the test split is stratified
+    assert r["frechet_to_test"] == pytest.approx(0.0, abs=1e-6)
+    assert r["frechet_train_vs_test"] == judge.frechet_train_vs_test > 0
+    blank = judge.evaluate(-torch.ones(16, 1, 8, 8))  # one image, repeated: a single class
+    assert blank["tv_to_uniform"] == pytest.approx(0.9)
+    assert blank["frechet_to_test"] > r["frechet_train_vs_test"]
+    assert judge.probs(x_test[:4]).sum(1).allclose(torch.ones(4))
+    assert judge.features(x_test[:4]).shape == (4, cached_classifier[0].config["feature_dim"])
+    with pytest.raises(ValueError, match=r"\(B, 1, 8, 8\)"):
+        judge.features(torch.zeros(2, 64))
