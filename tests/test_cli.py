@@ -83,3 +83,19 @@ def test_user_npy_data(tmp_path):
     bad = tmp_path / "nan.npy"
     np.save(bad, np.array([[0.0, np.nan]], dtype=np.float32))
     assert main(["train", "--data", str(bad), "--set", "model.name=mlp", "--out", str(tmp_path / "r2")]) == 2
+
+
+def test_demo_trains_once_then_reuses(tmp_path, capsys):
+    args = ["demo", "--data", "toy2d", "--out", str(tmp_path / "demo"), *TINY[2:]]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "training on toy2d" in first and "MMD ratio" in first
+    for f in ("samples.png", "loss.png", "metrics.json", "model/model.safetensors", "config.json"):
+        assert (tmp_path / "demo" / f).is_file(), f
+    mtime = (tmp_path / "demo" / "model" / "model.safetensors").stat().st_mtime_ns
+    assert main(args) == 0
+    assert "reusing the trained model" in capsys.readouterr().out
+    assert (tmp_path / "demo" / "model" / "model.safetensors").stat().st_mtime_ns == mtime
+    # a changed training setting means a new model, not a stale one
+    assert main([*args, "--set", "train.steps=31"]) == 0
+    assert "training on toy2d" in capsys.readouterr().out

@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if model_is_complete(run_dir, cfg) and not args.retrain:
         print(f"reusing the trained model in {run_dir / 'model'} (pass --retrain to train again)")
+        save_resolved_config(run_dir, cfg)  # sampling / eval settings may have changed
     else:
         if args.retrain:
             import shutil
