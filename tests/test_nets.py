@@ -219,7 +219,7 @@ def test_build_net_round_trip(config):
 
 
 def test_build_net_errors():
-    with pytest.raises(ValueError, match="unknown net 'resnet9'.*mlp, unet"):
+    with pytest.raises(ValueError, match="unknown net 'resnet9'; known nets: .*mlp.*unet"):
         build_net({"name": "resnet9"})
     with pytest.raises(ValueError, match="'name' key"):
         build_net({"base": 8})

@@ -18,6 +18,10 @@ COMMANDS = {
     "eval": "evaluate",
     "demo": "demo",
     "bench": "bench",
+    "namm": "namm",
+    "dual": "dual",
+    "solve": "solve",
+    "pnp": "pnp",
 }
 
 

@@ -61,3 +61,7 @@ __all__ = [
     "register_net",
     "timestep_embedding",
 ]
+
+from .icnn import ICNN  # noqa: E402,F401  (registers "icnn")
+from .resnet import ResNetGenerator  # noqa: E402,F401  (registers "resnet")
+from .classifier import DigitsCNN  # noqa: E402,F401  (registers "digits_cnn")

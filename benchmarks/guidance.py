@@ -1,0 +1,300 @@
+"""Training-free guidance on inverse problems: DPS, FreeDoM, UGD, each with and without DSG.
+
+Tasks (sigma_y = 0.05 in [-1, 1] units): digits random inpainting (70% of pixels missing) and box
+inpainting; patches 2x bicubic super-resolution and Gaussian deblurring. Images come from the TEST
+split (a seeded choice per task); every method starts from the same noise (common random numbers)
+and uses DDIM with eta = 1 and x0_hat clipped to [-1, 1]. Hyperparameters are the library's
+defaults per task and step budget (condiff/guidance/defaults.py), chosen by
+benchmarks/guidance_sweep.py on the TRAIN split.
+
+Profiles
+- quick (CPU): 64 test images per task; all six methods at 20, 50 and 100 steps, and DPS and
+  DPS+DSG also at 1000 steps (the reference of the "50 vs 1000 steps" target). Models are small and
+  trained here on first use (digits: UNet base 32, mults (1, 2), 4000 steps; patches: 16 px patches
+  of the photos downscaled 2x, UNet base 16, mults (1, 2, 2), 4000 steps), and the deblur kernel is
+  7 px, sigma 1.0 at 16 px.
+- full (GPU): 128 test images; all methods at 20, 50, 100 and 1000 steps; the digits preset UNet
+  (as `condiff demo` trains it) and the 32 px patches preset; deblur kernel 13 px, sigma 2.0.
+
+Columns: PSNR and SSIM against the truth, RMS measurement residual ||y - A x|| / sqrt(m) (the truth
+itself scores about sigma_y = 0.05), sample fidelity (digits: Fréchet distance of the project
+classifier's features to the test split; patches: MMD^2 to all test patches), wall time of the
+sampling loop, network forward passes (NFE) and backward passes. A "(ground truth)" row per task
+gives the fidelity and residual of the true images. Timing targets are measured separately with
+interleaved repeats (see the notes).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from condiff import metrics
+from condiff.cli.common import model_is_complete, save_resolved_config, train_model
+from condiff.cli.solve import build_operator
+from condiff.data import derive_seed, load_dataset
+from condiff.guidance import METHODS, default_hyperparameters, guided_sample, make_guidance
+from condiff.models import load_denoiser
+
+SIGMA_Y = 0.05
+ETA = 1.0
+SEED = 0
+
+_TRAIN = {"batch_size": 128, "lr": 2e-3, "warmup": 200, "ema_decay": 0.999, "ckpt_every": 1000}
+_SCHEDULE = {"kind": "linear", "T": 1000}
+_SAMPLE = {"n": 1000, "steps": 100, "eta": 1.0, "batch_size": 500, "seed": 0, "clip_x0": 1.0}
+MODELS = {
+    "quick": {
+        "digits": {"data": {"name": "digits"}, "schedule": _SCHEDULE, "eval": {"n": 1000}, "sample": _SAMPLE,
+                   "model": {"name": "unet", "in_channels": 1, "base": 32, "mults": [1, 2], "num_res": 1},
+                   "train": {**_TRAIN, "steps": 4000}},
+        "patches": {"data": {"name": "patches", "size": 16, "downscale": 2}, "schedule": _SCHEDULE,
+                    "eval": {"n": 256}, "sample": {**_SAMPLE, "n": 256},
+                    "model": {"name": "unet", "in_channels": 3, "base": 16, "mults": [1, 2, 2], "num_res": 1},
+                    "train": {**_TRAIN, "batch_size": 64, "lr": 1e-3, "steps": 4000}},
+    },
+    "full": {
+        "digits": {"data": {"name": "digits"}, "schedule": _SCHEDULE, "eval": {"n": 1000}, "sample": _SAMPLE,
+                   "model": {"name": "unet", "in_channels": 1, "base": 64, "mults": [1, 2, 2], "num_res": 1},
+                   "train": {**_TRAIN, "steps": 4000, "ckpt_every": 500}},
+        "patches": {"data": {"name": "patches", "size": 32}, "schedule": _SCHEDULE, "eval": {"n": 256},
+                    "sample": {**_SAMPLE, "n": 256},
+                    "model": {"name": "unet", "in_channels": 3, "base": 64, "mults": [1, 2, 2, 2],
+                              "num_res": 1},
+                    "train": {**_TRAIN, "batch_size": 64, "lr": 2e-4, "warmup": 500, "steps": 20000}},
+    },
+}
+
+# task -> data set and operator; per-profile operator parameters below
+TASKS = {
+    "digits/inpaint-random": {"data": "digits", "operator": "inpaint-random", "params": {"p_drop": 0.7}},
+    "digits/inpaint-box": {"data": "digits", "operator": "inpaint-box", "params": {"box": 4, "margin": 1}},
+    "patches/sr": {"data": "patches", "operator": "sr", "params": {"factor": 2, "kernel": "bicubic"}},
+    "patches/blur": {"data": "patches", "operator": "blur", "params": {"size": 7, "sigma": 1.0}},
+}
+TASK_PARAMS = {"full": {"patches/blur": {"size": 13, "sigma": 2.0}}}
+
+PROFILES = {
+    "quick": {"n": 64, "steps": [20, 50, 100], "long": {1000: ["dps", "dsg+dps"]},
+              "timing": {"steps": 20, "batch": 64, "repeats": 3}},
+    "full": {"n": 128, "steps": [20, 50, 100, 1000], "long": {},
+             "timing": {"steps": 50, "batch": 64, "repeats": 5}},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[guidance] {msg}", file=sys.stderr, flush=True)
+
+
+def runs_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "runs" / "bench-guidance"
+
+
+def task_spec(task: str, profile: str) -> dict:
+    spec = copy.deepcopy(TASKS[task])
+    spec["params"].update(TASK_PARAMS.get(profile, {}).get(task, {}))
+    return spec
+
+
+def ensure_model(dataset: str, profile: str, device: str):
+    """The benchmark's denoiser for ``dataset``, trained into runs/bench-guidance/<profile>/ once."""
+    cfg = copy.deepcopy(MODELS[profile][dataset])
+    run_dir = runs_dir() / profile / dataset
+    if not model_is_complete(run_dir, cfg):
+        log(f"training the {profile} {dataset} model into {run_dir} ({cfg['train']['steps']} steps)")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_config(run_dir, cfg)
+        train_model({**cfg, "_device": device}, run_dir, resume=True)
+    return load_denoiser(run_dir, device=device).eval().requires_grad_(False), cfg
+
+
+def images(dataset_cfg: dict, split: str, n: int, tag: str) -> torch.Tensor:
+    """A seeded choice of ``n`` images of ``split`` (the tag makes each task's choice its own)."""
+    kw = {k: v for k, v in dataset_cfg.items() if k != "name"}
+    data = load_dataset(dataset_cfg["name"], split=split, **kw)
+    if n > len(data):
+        raise ValueError(f"{dataset_cfg['name']} {split}: {n} images asked for, {len(data)} available")
+    g = torch.Generator().manual_seed(derive_seed(SEED, tag, split, "images"))
+    return data.x[torch.randperm(len(data), generator=g)[:n]]
+
+
+def problem(task: str, profile: str, x: torch.Tensor, device: str, seed_tag: str = ""):
+    """The operator and noisy measurement of ``x`` for ``task`` (fixed seeds)."""
+    spec = task_spec(task, profile)
+    gop = torch.Generator().manual_seed(derive_seed(SEED, task, seed_tag, "op"))
+    op = build_operator(spec["operator"], tuple(x.shape), gop, SIGMA_Y, spec["params"]).to(device)
+    gy = torch.Generator().manual_seed(derive_seed(SEED, task, seed_tag, "noise"))
+    return op, op.measure(x.to(device), gy)
+
+
+def solve(den, method: str, hp: dict, op, y: torch.Tensor, shape: tuple[int, ...], steps: int, device: str,
+          seed: int):
+    g = make_guidance(method, op.loss(y), **copy.deepcopy(hp))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return guided_sample(den, g, shape, steps, eta=ETA, generator=gen, device=device, clip_x0=1.0)
+
+
+class Fidelity:
+    """Sample fidelity: digits -> classifier Fréchet distance to the test split; patches -> MMD^2 to
+    the test patches (both computed on the reconstructions as a set)."""
+
+    def __init__(self, dataset_cfg: dict) -> None:
+        self.name = dataset_cfg["name"]
+        if self.name == "digits":
+            from condiff.classifier import DigitsJudge
+
+            self.judge = DigitsJudge()
+            self.label = "classifier FD to test"
+        else:
+            kw = {k: v for k, v in dataset_cfg.items() if k != "name"}
+            self.ref = load_dataset(self.name, split="test", **kw).x
+            self.label = "MMD^2 to test"
+
+    def __call__(self, x: torch.Tensor) -> float:
+        x = x.detach().float().cpu()
+        if self.name == "digits":
+            return float(self.judge.evaluate(x)["frechet_to_test"])
+        return float(metrics.mmd(x, self.ref))
+
+
+def row(task, method, steps, x, rec, op, y, fid, res=None) -> dict:
+    r = {"task": task, "method": method, "steps": steps,
+         "residual": float(op.residual(rec, y).mean()), "fidelity": fid(rec)}
+    if res is not None:
+        r.update({"PSNR": float(metrics.psnr(rec.cpu(), x.cpu()).mean()),
+                  "SSIM": float(metrics.ssim(rec.cpu(), x.cpu()).mean()),
+                  "wall (s)": round(res.seconds, 2), "NFE": res.nfe, "backward": res.grad_evals})
+    return r
+
+
+def quality_rows(profile: str, device: str) -> tuple[list[dict], dict]:
+    p = PROFILES[profile]
+    rows, fid_labels = [], {}
+    models: dict = {}
+    for task, spec in TASKS.items():
+        ds = spec["data"]
+        if ds not in models:
+            models[ds] = ensure_model(ds, profile, device)
+        den, cfg = models[ds]
+        fid = Fidelity(cfg["data"])
+        fid_labels[ds] = fid.label
+        x = images(cfg["data"], "test", p["n"], task).to(device)
+        op, y = problem(task, profile, x, device)
+        rows.append(row(task, "(ground truth)", "", x, x, op, y, fid))
+        budgets = [(s, list(METHODS)) for s in p["steps"]] + [(s, m) for s, m in p["long"].items()]
+        for steps, methods in budgets:
+            for method in methods:
+                hp = default_hyperparameters(method, task, steps)
+                res = solve(den, method, hp, op, y, tuple(x.shape), steps, device,
+                            derive_seed(SEED, task, "sample"))
+                rows.append(row(task, method, steps, x, res.x, op, y, fid, res))
+                r = rows[-1]
+                log(f"{task} {method:12s} {steps:5d} steps: PSNR {r['PSNR']:.2f} SSIM {r['SSIM']:.3f} "
+                    f"res {r['residual']:.4f} fid {r['fidelity']:.4g} ({r['wall (s)']:.1f} s)")
+    return rows, models
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's quality targets, checked on the measured rows."""
+    psnr = {(r["task"], r["method"], r["steps"]): r["PSNR"] for r in rows if "PSNR" in r}
+    notes = []
+    for task in TASKS:
+        a, b = psnr.get((task, "dsg+dps", 50)), psnr.get((task, "dps", 1000))
+        if a is not None and b is not None:
+            notes.append(f"{task}: DPS+DSG@50 {a:.2f} dB vs DPS@1000 {b:.2f} dB -> "
+                         f"{'met' if a >= b else 'MISSED'}")
+        gaps = [(s, psnr[(task, "dsg+dps", s)] - psnr[(task, "dps", s)])
+                for s in sorted({k[2] for k in psnr if k[0] == task and k[1] == "dps"})
+                if (task, "dsg+dps", s) in psnr]
+        if gaps:
+            beats = all(g > 0 for _, g in gaps)
+            widening = all(g1 >= g2 for (_, g1), (_, g2) in zip(gaps, gaps[1:]))
+            shown = ", ".join(f"{s}: {g:+.2f}" for s, g in gaps)
+            notes.append(f"{task}: PSNR gap DPS+DSG - DPS by steps ({shown}) -> beats DPS at every budget: "
+                         f"{'met' if beats else 'MISSED'}; gap widens as steps shrink: "
+                         f"{'met' if widening else 'MISSED'}")
+    return notes
+
+
+def timing(models: dict, profile: str, device: str) -> list[str]:
+    """DSG's wall-time overhead over each base method, and a guided step's cost relative to one
+    forward + backward pass of the network (interleaved repeats; medians of per-pair ratios)."""
+    from _timing import alternate, median, median_ratio
+
+    p = PROFILES[profile]["timing"]
+    S, B = p["steps"], p["batch"]
+    lines = []
+    for task in ("digits/inpaint-random", "patches/sr"):
+        ds = TASKS[task]["data"]
+        den, cfg = models[ds]
+        x = images(cfg["data"], "test", B, task).to(device)
+        op, y = problem(task, profile, x, device)
+        shape = tuple(x.shape)
+        hp = {m: default_hyperparameters(m, task, S) for m in METHODS}
+        for m in METHODS:  # equal work per step: DSG guides every step here
+            hp[m].update({"interval": 1} if m.startswith("dsg+") else {})
+        fns = _timed_runs(den, hp, op, y, shape, S, device)
+        times = alternate(fns, p["repeats"], device)
+        for base in ("dps", "freedom", "ugd"):
+            r = median_ratio(times[f"dsg+{base}"], times[base])
+            lines.append(f"{task}: wall time DSG+{base.upper()} / {base.upper()} = {r:.3f} "
+                         f"({S} steps, batch {B}) -> target <= 1.03 {'met' if r <= 1.03 else 'MISSED'}")
+        for m in ("dps", "dsg+dps"):
+            r = median_ratio(times[m], times["fwd+bwd"])
+            lines.append(f"{task}: {m.upper()} step / (forward + backward) = {r:.3f} "
+                         f"({median(times[m]):.2f} s vs {median(times['fwd+bwd']):.2f} s for {S} steps) "
+                         f"-> target <= 1.1 {'met' if r <= 1.1 else 'MISSED'}")
+        log("\n".join(lines[-5:]))
+    return lines
+
+
+def _timed_runs(den, hp: dict, op, y, shape: tuple[int, ...], S: int, device: str) -> dict:
+    """The functions the cost targets time: S forward + backward passes of the network on the batch
+    (the floor of gradient guidance), and S steps of each method."""
+    ts = den.schedule.timesteps(S).tolist()
+    xt = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    v = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(device)
+
+    def fwd_bwd():
+        for t in ts:
+            xr = xt.detach().requires_grad_(True)
+            eps = den.eps(xr, torch.full((shape[0],), t, device=device, dtype=torch.long))
+            torch.autograd.grad((eps * v).sum(), xr)
+
+    fns = {"fwd+bwd": fwd_bwd}
+    for m in METHODS:
+        fns[m] = (lambda m=m: solve(den, m, hp[m], op, y, shape, S, device, 0))
+    return fns
+
+
+def run(profile: str = "quick", device: str = "cpu") -> dict:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
+    if device == "cpu":
+        torch.set_num_threads(1)  # the machine is shared; timings are per core
+    t0 = time.perf_counter()
+    rows, models = quality_rows(profile, device)
+    t_quality = time.perf_counter() - t0
+    notes = ["Targets (quality):"] + [f"- {n}" for n in targets(rows)]
+    notes += ["Targets (cost):"] + [f"- {n}" for n in timing(models, profile, device)]
+    p = PROFILES[profile]
+    notes += [
+        f"Profile {profile}: {p['n']} test images per task; steps {p['steps']}"
+        + (f", plus {', '.join(f'{s} steps for {m}' for s, m in p['long'].items())}" if p["long"] else "")
+        + f"; sigma_y = {SIGMA_Y}; DDIM eta = {ETA}; quality runs took {t_quality:.0f} s.",
+        "Fidelity: digits = Fréchet distance of the project's digits-classifier features to the test "
+        "split (64 samples: biased upward; compare with the ground-truth row); patches = MMD^2 to the "
+        "test patches. Residual = ||y - A x|| / sqrt(#measurements), the truth scores ~sigma_y.",
+        "wall (s) is one run of the sampling loop on a shared machine; the cost targets use interleaved "
+        "repeats instead. NFE = network forward passes, backward = backward passes through the network.",
+        "Models: " + "; ".join(f"{d}: {c['model']} trained {c['train']['steps']} steps on {c['data']}"
+                               for d, c in MODELS[profile].items()),
+    ]
+    return {"title": "Training-free guidance on inverse problems (DPS, FreeDoM, UGD, each +DSG)",
+            "columns": ["task", "method", "steps", "PSNR", "SSIM", "residual", "fidelity", "wall (s)", "NFE",
+                        "backward"],
+            "rows": rows, "notes": notes}

@@ -1,0 +1,706 @@
+"""``condiff namm``: neural approximate mirror maps (NAMM) for constrained diffusion models.
+
+    condiff namm fit --data burgers --out runs/namm-burgers   # mirror map, MDM, vanilla DM
+    condiff namm finetune --run runs/namm-burgers              # fine-tune f on MDM samples
+    condiff namm sample --run runs/namm-burgers --n 256        # samples, violation maps, l(x) histograms
+    condiff namm assimilate --run runs/namm-burgers            # mirror DPS vs DPS vs constraint-guided DPS
+
+Data sets: brightness, burgers, kolmogorov, periodic, count (each carries its constraint), or a
+``.npy`` / ``.npz`` / PNG path with ``--constraint NAME`` (box, ball, simplex, ...).
+Settings: ``--profile quick|default|full`` (16x16 tiny CPU nets / 32x32 / 64x64 paper nets for a GPU),
+then a TOML file (``--config``), then ``--set section.key=value`` (nested keys allowed:
+``--set mirror.psi.filters=32``). Sections: data, mirror, loss, mirror_train, model, schedule,
+train, sample, finetune, assimilate.
+
+Every stage is a sub-directory of the run (``namm/``, ``mdm/``, ``vanilla/``, ``finetune/``,
+``samples/``) holding the settings it was made with (``stage.json``); a finished stage with the same
+settings is reused, an unfinished one resumes from its newest checkpoint, and one made with other
+settings is an error unless ``--fresh`` is passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import io
+from ..constraints import Constraint, build_constraint
+from ..data import ArrayData, load_dataset
+from ..denoiser import Denoiser
+from ..evaluate import mmd_with_reference
+from ..mirror import (
+    MirrorMap,
+    NAMMLoss,
+    assimilate,
+    batched_distance,
+    build_mirror,
+    finetune_inverse,
+    first_rows,
+    fit_mirror_map,
+    frames,
+    load_mirror,
+    mirror_generate,
+    sparse_points,
+    train_diffusion,
+)
+from ..mirror.fit import MIRROR_TRAIN
+from ..mirror.plots import plot_violation_grid, violation_maps
+from ..models import load_denoiser
+from ..plots import plot_histograms
+from ..sample import generate
+from ..schedule import Schedule
+from ..train import TrainConfig
+from .common import pick_device
+from .config import ConfigError, merge
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SECTIONS = (
+    "data",
+    "mirror",
+    "loss",
+    "mirror_train",
+    "model",
+    "schedule",
+    "train",
+    "sample",
+    "finetune",
+    "assimilate",
+)
+
+# --- settings ----------------------------------------------------------------------------------
+
+_BASE: dict[str, Any] = {
+    "data": {"seed": 0},
+    "mirror": {
+        "a": 0.9,
+        "psi": {"name": "icnn", "layers": 3},
+        "inverse": {"name": "resnet", "downsamples": 2},
+    },
+    "loss": {"l_cyc": 1.0, "l_con": 1.0, "l_reg": 1e-3, "sigma_max": 0.1},
+    "mirror_train": {**MIRROR_TRAIN, "betas": list(MIRROR_TRAIN["betas"])},
+    "model": {"name": "unet", "num_res": 1},
+    "schedule": {"kind": "linear", "T": 1000},
+    "train": {"warmup": 100, "ema_decay": 0.999, "ckpt_every": 1000},
+    "sample": {"eta": 1.0, "seed": 0, "batch_size": 256},
+    "finetune": {"seed": 1},
+    "assimilate": {"eta": 1.0, "seed": 0, "constraint_weight": 200.0, "zeta": 0.05},
+}
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # 16x16, tiny nets: the CPU benchmark profile (minutes per data set on 2 cores)
+    "quick": {
+        "data": {"size": 16, "n_train": 2000, "n_test": 256},
+        "mirror": {"psi": {"filters": 16}, "inverse": {"base": 16, "blocks": 2}},
+        "mirror_train": {"steps": 800, "lr": 1e-3, "ckpt_every": 200},
+        "model": {"base": 16, "mults": [1, 2, 2]},
+        "train": {"steps": 2000, "batch_size": 32, "lr": 2e-3, "ema_decay": 0.995, "ckpt_every": 500},
+        "sample": {"n": 256, "steps": 50},
+        "finetune": {"n": 256, "steps": 300},
+        "assimilate": {"n": 16, "steps": 100, "zeta": 0.25},
+    },
+    # 32x32, small nets: the CLI default (tens of minutes per data set on a CPU)
+    "default": {
+        "data": {"size": 32, "n_train": 2000, "n_test": 500},
+        "mirror": {"psi": {"filters": 32}, "inverse": {"base": 32, "blocks": 4}},
+        "mirror_train": {"steps": 3000, "lr": 3e-4},
+        "model": {"base": 32, "mults": [1, 2, 2]},
+        "train": {"steps": 10000, "batch_size": 64, "lr": 1e-3},
+        "sample": {"n": 256, "steps": 100},
+        "finetune": {"n": 1024, "steps": 1000},
+        "assimilate": {"n": 16, "steps": 250, "zeta": 0.2},
+    },
+    # 64x64 with the paper's networks: for a GPU
+    "full": {
+        "data": {"size": 64, "n_train": 5000, "n_test": 500},
+        "mirror": {"psi": {"filters": 32}, "inverse": {"base": 64, "blocks": 6}},
+        "mirror_train": {"steps": 20000, "lr": 2e-4, "ckpt_every": 2000},
+        "model": {"base": 64, "mults": [1, 2, 2, 2]},
+        "train": {"steps": 50000, "batch_size": 64, "lr": 2e-4, "warmup": 1000, "ckpt_every": 5000},
+        "sample": {"n": 256, "steps": 1000},
+        "finetune": {"n": 12800, "steps": 5000},
+        "assimilate": {"n": 32, "steps": 1000, "zeta": 0.05},
+    },
+}
+
+# Per data set (METHODS.md): loss weights, ICNN depth, periodic padding, the assimilation task.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "brightness": {"loss": {"l_con": 0.01}, "assimilate": {"obs": "points", "fraction": 0.1, "noise": 0.05}},
+    "burgers": {"loss": {"l_con": 1.0}, "assimilate": {"obs": "rows", "fraction": 0.25, "noise": 0.2}},
+    "kolmogorov": {
+        "loss": {"l_con": 1.0, "sigma_max": 0.5},
+        "mirror": {"psi": {"layers": 2}},
+        "model": {"circular": True},
+        "assimilate": {"obs": "points", "fraction": 0.1, "noise": 0.05},
+    },
+    "periodic": {
+        "loss": {"l_con": 1.0},
+        "model": {"circular": True},
+        "assimilate": {"obs": "points", "fraction": 0.1, "noise": 0.05},
+    },
+    "count": {
+        "loss": {"l_con": 0.01},
+        "mirror": {"psi": {"layers": 2}},
+        "assimilate": {"obs": "points", "fraction": 0.1, "noise": 0.05},
+    },
+}
+# 8 sources do not fit a 16x16 image at the generator's 4-pixel separation
+PROFILE_FAMILIES = {"quick": {"count": {"data": {"k": 4}}}}
+GENERIC_ASSIMILATION = {"obs": "points", "fraction": 0.1, "noise": 0.05}
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"mirror.psi.filters=32"`` -> (["mirror", "psi", "filters"], 32); values are read as TOML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2 or path[0] not in SECTIONS or not all(path):
+        raise ConfigError(f"override key {key!r} must be section.key with section one of {list(SECTIONS)}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def resolve(
+    data: str,
+    profile: str = "default",
+    file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    constraint: str | None = None,
+) -> dict:
+    """Settings for a NAMM run: base < profile < data family < TOML ``file`` < ``overrides``."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; expected one of {list(PROFILES)}")
+    family = Path(data).stem if data not in FAMILIES else data
+    cfg = merge(_BASE, PROFILES[profile])
+    cfg = merge(cfg, FAMILIES.get(family, {"assimilate": GENERIC_ASSIMILATION}))
+    cfg = merge(cfg, PROFILE_FAMILIES.get(profile, {}).get(family, {}))
+    if file:
+        p = Path(file)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            from_file = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p} is not valid TOML: {e}") from None
+        if bad := [k for k in from_file if k not in SECTIONS]:
+            raise ConfigError(f"{p}: unknown section(s) {bad}; expected some of {list(SECTIONS)}")
+        cfg = merge(cfg, from_file)
+    for path, value in (parse_override(o) for o in overrides or []):
+        node = cfg
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {'.'.join(path)}: {k} is not a table")
+        node[path[-1]] = value
+    cfg["data"]["name"] = data
+    if constraint:
+        cfg["data"]["constraint"] = constraint
+    cfg["profile"] = profile
+    return json.loads(json.dumps(cfg))  # plain JSON types, so stage settings compare equal after a reload
+
+
+# --- a run directory, stage by stage -----------------------------------------------------------
+
+
+class StageMismatch(RuntimeError):
+    pass
+
+
+class NAMMRun:
+    """The stages of one NAMM experiment in ``root``, each reused when finished with the same settings.
+
+    ``fresh``: replace stages made with other settings (the benchmark's behaviour) instead of failing.
+    """
+
+    def __init__(
+        self, root: str | Path, cfg: dict, device: str = "cpu", fresh: bool = False, progress: bool = True
+    ) -> None:
+        self.root, self.cfg, self.device, self.fresh, self.progress = Path(root), cfg, device, fresh, progress
+        self._data: dict[str, ArrayData] = {}
+        self._constraint: Constraint | None = None
+        self.timings: dict[str, float] = {}
+
+    # -- settings and stage bookkeeping
+    def spec(self, stage: str) -> dict:
+        c = self.cfg
+        data = {"data": c["data"]}
+        specs = {
+            "namm": {**data, "mirror": c["mirror"], "loss": c["loss"], "mirror_train": c["mirror_train"]},
+            "vanilla": {**data, "model": c["model"], "schedule": c["schedule"], "train": c["train"]},
+        }
+        specs["mdm"] = {**specs["namm"], **specs["vanilla"]}
+        specs["finetune"] = {
+            **specs["mdm"],
+            "finetune": c["finetune"],
+            "sampler": {k: c["sample"][k] for k in ("steps", "eta")},
+        }
+        return specs[stage]
+
+    def _stage(self, name: str, spec: dict) -> tuple[Path, bool]:
+        """The stage directory and whether it is finished; clears or refuses one made otherwise."""
+        d = self.root / name
+        f = d / "stage.json"
+        if f.is_file():
+            old = json.loads(f.read_text())
+            if old.get("spec") == spec:
+                return d, bool(old.get("done"))
+            if not self.fresh:
+                raise StageMismatch(
+                    f"{d} was made with other settings; pass --fresh to redo it, or use another --out / --run"
+                )
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+        io.write_json_atomic(f, {"spec": spec, "done": False})
+        return d, False
+
+    def _finish(self, name: str, spec: dict, seconds: float, **extra) -> None:
+        io.write_json_atomic(
+            self.root / name / "stage.json",
+            {"spec": spec, "done": True, "seconds": round(seconds, 2), **extra},
+        )
+        self.timings[name] = round(seconds, 2)
+
+    def _tcfg(self, section: dict, seed: int = 0) -> TrainConfig:
+        return TrainConfig.from_dict(
+            {"seed": seed, **section, "device": self.device, "progress": self.progress}
+        )
+
+    # -- data and constraint
+    def data(self, split: str = "train") -> ArrayData:
+        if split not in self._data:
+            kw = {k: v for k, v in self.cfg["data"].items() if k not in ("name", "constraint")}
+            name = self.cfg["data"]["name"]
+            if Path(name).exists():  # user files: keep only the loader's own options
+                kw = {}
+            self._data[split] = load_dataset(name, split=split, **kw)
+        return self._data[split]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data("train").shape)
+
+    def constraint(self) -> Constraint:
+        if self._constraint is None:
+            spec = self.cfg["data"].get("constraint") or self.data("train").meta.get("constraint")
+            if spec is None:
+                raise ValueError(
+                    f"data set {self.cfg['data']['name']!r} names no constraint: pass --constraint"
+                )
+            self._constraint = build_constraint({"name": spec} if isinstance(spec, str) else spec).to(
+                self.device
+            )
+        return self._constraint
+
+    # -- stages
+    def mirror(self) -> MirrorMap:
+        """Stage ``namm``: the mirror map (``Psi`` and ``f``) fitted to the training data."""
+        spec = self.spec("namm")
+        d, done = self._stage("namm", spec)
+        if done:
+            return load_mirror(d / "mirror", self.device)[0]
+        m = self.cfg["mirror"]
+        mirror = build_mirror(self.shape, m["psi"], m["inverse"], m["a"], seed=int(self.cfg["data"]["seed"]))
+        t0 = time.perf_counter()
+        out = fit_mirror_map(
+            self.data().x,
+            self.constraint(),
+            mirror,
+            self._tcfg(self.cfg["mirror_train"]),
+            NAMMLoss.from_dict(self.cfg["loss"]),
+            d,
+            {"constraint": self.constraint().config},
+            resume=True,
+        )
+        self._finish("namm", spec, time.perf_counter() - t0)
+        return out
+
+    def _diffusion(self, name: str, x_fn) -> Denoiser:
+        spec = self.spec(name)
+        d, done = self._stage(name, spec)
+        if done:
+            return load_denoiser(d / "model", self.device)
+        x = x_fn()
+        net = {**self.cfg["model"], "in_channels": x.shape[1]}
+        t0 = time.perf_counter()
+        den = train_diffusion(
+            x,
+            net,
+            Schedule.from_config(self.cfg["schedule"]),
+            self._tcfg(self.cfg["train"]),
+            d,
+            {"stage": name},
+            resume=True,
+        )
+        self._finish(name, spec, time.perf_counter() - t0)
+        return den
+
+    def mdm(self) -> Denoiser:
+        """Stage ``mdm``: the mirror diffusion model, trained on ``g(x)``."""
+        return self._diffusion("mdm", lambda: self.mirror().to_mirror(self.data().x))
+
+    def vanilla(self) -> Denoiser:
+        """Stage ``vanilla``: the baseline diffusion model on the data, same net and budget."""
+        return self._diffusion("vanilla", lambda: self.data().x)
+
+    def finetuned(self) -> MirrorMap:
+        """Stage ``finetune``: ``f`` fine-tuned on a pool of MDM samples (its own seed)."""
+        spec = self.spec("finetune")
+        d, done = self._stage("finetune", spec)
+        if done:
+            return load_mirror(d / "mirror", self.device)[0]
+        ft = self.cfg["finetune"]
+        mirror, den = self.mirror(), self.mdm()
+        t0 = time.perf_counter()
+        _, pool = self._generate(den, int(ft["n"]), int(ft["seed"]), mirror)
+        train = {**self.cfg["mirror_train"], **{k: v for k, v in ft.items() if k not in ("n",)}}
+        train.pop("seed", None)
+        out = finetune_inverse(
+            mirror,
+            self.data().x,
+            pool,
+            self.constraint(),
+            self._tcfg(train),
+            NAMMLoss.from_dict(self.cfg["loss"]),
+            d,
+            {"constraint": self.constraint().config},
+            resume=True,
+        )
+        self._finish("finetune", spec, time.perf_counter() - t0, pool=int(ft["n"]))
+        return out
+
+    # -- sampling
+    def _generate(
+        self, den: Denoiser, n: int, seed: int, mirror: MirrorMap | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        s = self.cfg["sample"]
+        kw = dict(
+            batch_size=int(s["batch_size"]),
+            steps=int(s["steps"]),
+            eta=float(s["eta"]),
+            generator=torch.Generator(device=self.device).manual_seed(seed),
+            device=self.device,
+            progress=self.progress,
+        )
+        if mirror is None:
+            return generate(den, n, self.shape, **kw), None
+        return mirror_generate(den, mirror, n, self.shape, **kw)
+
+    def samples(self, which: str, n: int | None = None) -> Tensor:
+        """``n`` samples (cached in ``samples/``): ``vanilla``, ``mdm`` (f of mirror samples) or
+        ``mdm_ft`` (the fine-tuned f of the same mirror samples, a paired comparison)."""
+        n = int(n or self.cfg["sample"]["n"])
+        seed = int(self.cfg["sample"]["seed"])
+        upstream = {"vanilla": "vanilla", "mdm": "mdm", "mdm_ft": "finetune"}
+        if which not in upstream:
+            raise ValueError(f"unknown sample set {which!r}; expected one of {list(upstream)}")
+        spec = {"up": self.spec(upstream[which]), "sample": self.cfg["sample"], "n": n}
+        d, done = self._stage(f"samples/{which}", spec)
+        if done:
+            return torch.from_numpy(np.load(d / "samples.npz")["x"])
+        t0 = time.perf_counter()
+        if which == "vanilla":
+            x, _ = self._generate(self.vanilla(), n, seed)
+        elif which == "mdm":
+            x, y = self._generate(self.mdm(), n, seed, self.mirror())
+            np.savez_compressed(d / "mirror.npz", y=y.numpy())
+        else:
+            self.samples("mdm", n)
+            y = torch.from_numpy(np.load(self.root / "samples" / "mdm" / "mirror.npz")["y"])
+            x = self.finetuned().to_data(y)
+        np.savez_compressed(d / "samples.npz", x=x.numpy())
+        self._finish(f"samples/{which}", spec, time.perf_counter() - t0)
+        return x
+
+    # -- evaluation
+    def evaluate(self, which: list[str], n: int | None = None) -> dict[str, dict]:
+        """Constraint distance and MMD to held-out data for each sample set, plus the data's own."""
+        con = self.constraint()
+        test = self.data("test").x
+        train = self.data("train").x
+        ref = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))]
+        out: dict[str, dict] = {}
+        sets = {"data (held-out)": test, **{w: self.samples(w, n) for w in which}}
+        for name, x in sets.items():
+            dist = batched_distance(con, x, device=self.device)
+            rec = {
+                "n": len(x),
+                "l_mean": float(dist.mean()),
+                "l_median": float(dist.median()),
+                "l_max": float(dist.max()),
+            }
+            if name != "data (held-out)":
+                mm = mmd_with_reference(x, test, ref)
+                rec.update({"mmd": mm["mmd"], "mmd_ref": mm["mmd_ref"], "mmd_ratio": mm["mmd_ratio"]})
+            out[name] = {**rec, "_l": dist, "_x": x}
+        return out
+
+
+# --- observation operators by name (the CLI's strings become objects here) ---------------------
+
+OBSERVATIONS = {
+    "rows": lambda shape, a, sigma: first_rows(shape, max(1, round(float(a["fraction"]) * shape[1])), sigma),
+    "points": lambda shape, a, sigma: sparse_points(
+        shape, float(a["fraction"]), sigma, int(a.get("seed", 0))
+    ),
+    "frames": lambda shape, a, sigma: frames(shape, a.get("frames", [0, shape[0] // 2 - 1]), sigma),
+}
+
+
+def run_assimilation(
+    run: NAMMRun, methods: tuple[str, ...] = ("mirror DPS", "DPS", "constraint-guided DPS")
+) -> dict:
+    """Posterior samples for ``n`` held-out truths with each method; residuals and ``l(x)``."""
+    a = run.cfg["assimilate"]
+    if a.get("obs") not in OBSERVATIONS:
+        raise ValueError(f"assimilate.obs must be one of {list(OBSERVATIONS)}, got {a.get('obs')!r}")
+    test = run.data("test").x
+    rng = float(test.max() - test.min())
+    sigma_y = float(a["noise"]) * rng  # noise relative to the data range
+    op = OBSERVATIONS[a["obs"]](run.shape, a, sigma_y)
+    n = min(int(a["n"]), len(test))
+    truth = test[:n]
+    y = op.measure(truth, generator=torch.Generator().manual_seed(int(a["seed"]) + 1))
+    con = run.constraint()
+    # clamp x0_hat a little beyond the data range for every method alike (see assimilate's clip_x0)
+    clip = a.get("clip_x0") or 1.5 * float(run.data().x.abs().max())
+    results: dict[str, Any] = {"operator": op.describe(), "sigma_y": sigma_y, "n": n, "clip_x0": clip,
+                               "methods": {}}
+    for name in methods:
+        kw: dict[str, Any] = {}
+        if name == "mirror DPS":
+            den, kw["mirror"] = run.mdm(), (run.finetuned() if a.get("finetuned", True) else run.mirror())
+        else:
+            den = run.vanilla()
+            if name == "constraint-guided DPS":
+                kw.update(constraint=con, constraint_weight=float(a["constraint_weight"]))
+        t0 = time.perf_counter()
+        x = assimilate(
+            den,
+            op,
+            y,
+            run.shape,
+            float(a["zeta"]),
+            steps=int(a["steps"]),
+            eta=float(a["eta"]),
+            generator=torch.Generator(device=run.device).manual_seed(int(a["seed"])),
+            device=run.device,
+            clip_x0=clip,
+            **kw,
+        ).cpu()
+        res = (op.residual(x, y) / sigma_y).float()
+        dist = batched_distance(con, x, device=run.device)
+        results["methods"][name] = {
+            "residual_mean": float(res.mean()),
+            "residual_median": float(res.median()),
+            "l_mean": float(dist.mean()),
+            "l_median": float(dist.median()),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "_x": x,
+            "_l": dist,
+        }
+    truth_res = (op.residual(truth, y) / sigma_y).float()
+    results["truth"] = {
+        "residual_mean": float(truth_res.mean()),
+        "l_mean": float(batched_distance(con, truth, device=run.device).mean()),
+    }
+    results["_truth"], results["_mask"] = truth, op.mask.expand(1, *run.shape)[0]
+    return results
+
+
+def public(d: Any) -> Any:
+    """A results dict without its private tensors (keys starting with ``_``)."""
+    if isinstance(d, dict):
+        return {k: public(v) for k, v in d.items() if not str(k).startswith("_")}
+    return d
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--fresh", action="store_true", help="redo stages whose settings changed")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _settings_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set mirror_train.steps=500 (repeatable)",
+    )
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(
+        name,
+        help="neural approximate mirror maps: fit, sample, finetune, assimilate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s = p.add_subparsers(dest="namm_command", metavar="SUBCOMMAND")
+    s.required = True
+
+    f = s.add_parser("fit", help="fit the mirror map, then train the mirror and vanilla diffusion models")
+    f.add_argument(
+        "--data", required=True, help="brightness, burgers, kolmogorov, periodic, count, or a file"
+    )
+    f.add_argument(
+        "--constraint", default=None, help="constraint name for user data (box, ball, simplex, ...)"
+    )
+    f.add_argument("--profile", default="default", choices=sorted(PROFILES))
+    f.add_argument("--config", metavar="TOML")
+    f.add_argument("--out", default=None, help="run directory (default: runs/namm-<data>)")
+    f.add_argument("--no-baseline", action="store_true", help="skip the vanilla diffusion model")
+    _settings_args(f)
+    _common(f)
+    f.set_defaults(func=run_fit)
+
+    for cmd, fn, helptext in (
+        ("sample", run_sample, "sample the models; violation maps and l(x) histograms"),
+        ("finetune", run_finetune, "fine-tune the inverse map on mirror-model samples"),
+        ("assimilate", run_assim, "data assimilation: mirror DPS vs DPS vs guided DPS"),
+    ):
+        q = s.add_parser(cmd, help=helptext)
+        q.add_argument("--run", required=True, help="a run directory made by `condiff namm fit`")
+        _settings_args(q)
+        _common(q)
+        q.set_defaults(func=fn)
+        if cmd == "sample":
+            q.add_argument(
+                "--n", type=int, default=None, help="samples per model (default: the run's sample.n)"
+            )
+            q.add_argument("--no-finetuned", action="store_true", help="skip the fine-tuned inverse map")
+        if cmd == "assimilate":
+            q.add_argument("--obs", default=None, choices=sorted(OBSERVATIONS), help="observation type")
+            q.add_argument("--no-baselines", action="store_true", help="mirror DPS only")
+
+
+def _open_run(args: argparse.Namespace) -> NAMMRun:
+    root = Path(args.run)
+    f = root / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(
+            f"{root} is not a NAMM run directory (no config.json): run `condiff namm fit` first"
+        )
+    cfg = json.loads(f.read_text())
+    for path, value in (parse_override(o) for o in args.overrides):
+        node = cfg
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = value
+    cfg = json.loads(json.dumps(cfg))
+    io.write_json_atomic(f, cfg)
+    return NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet)
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    cfg = resolve(args.data, args.profile, args.config, args.overrides, args.constraint)
+    root = Path(args.out or Path("runs") / f"namm-{Path(args.data).stem}")
+    root.mkdir(parents=True, exist_ok=True)
+    io.write_json_atomic(root / "config.json", cfg)
+    run = NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet)
+    print(
+        f"data {args.data}: {len(run.data())} training samples of shape {run.shape}; "
+        f"constraint {run.constraint().config}"
+    )
+    run.mirror()
+    print(f"mirror map: {root / 'namm' / 'mirror'}")
+    run.mdm()
+    print(f"mirror diffusion model: {root / 'mdm' / 'model'}")
+    if not args.no_baseline:
+        run.vanilla()
+        print(f"vanilla diffusion model: {root / 'vanilla' / 'model'}")
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    run = _open_run(args)
+    run.finetuned()
+    print(f"fine-tuned mirror map: {run.root / 'finetune' / 'mirror'}")
+    return 0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    run = _open_run(args)
+    which = ["mdm"]
+    if (run.root / "vanilla" / "stage.json").is_file():
+        which.insert(0, "vanilla")
+    if not args.no_finetuned:
+        which.append("mdm_ft")
+    res = run.evaluate(which, args.n)
+    write_sample_report(run, res, run.root / "samples")
+    return 0
+
+
+def write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    con = run.constraint()
+    cols = {k: (v["_x"], violation_maps(con, v["_x"]), v["_l"]) for k, v in res.items()}
+    plot_violation_grid(
+        cols, out / "violations.png", title=f"{run.cfg['data']['name']}: samples and constraint violations"
+    )
+    plot_histograms(
+        {k: v["_l"].numpy() for k, v in res.items() if k != "data (held-out)"},
+        out / "distance_hist.png",
+        xlabel="constraint distance l(x)",
+        title=f"{run.cfg['data']['name']}: l(x) per sample",
+    )
+    io.write_json_atomic(out / "metrics.json", public(res))
+    print(f"{'set':<18}{'n':>6}{'mean l':>12}{'median l':>12}{'MMD':>12}{'MMD ratio':>11}")
+    for k, v in res.items():
+        print(
+            f"{k:<18}{v['n']:>6}{v['l_mean']:>12.4g}{v['l_median']:>12.4g}"
+            f"{v.get('mmd', float('nan')):>12.4g}{v.get('mmd_ratio', float('nan')):>11.3g}"
+        )
+    print(f"wrote {out / 'violations.png'}, {out / 'distance_hist.png'}, {out / 'metrics.json'}")
+
+
+def run_assim(args: argparse.Namespace) -> int:
+    run = _open_run(args)
+    if args.obs:
+        run.cfg["assimilate"]["obs"] = args.obs
+    methods = ("mirror DPS",) if args.no_baselines else ("mirror DPS", "DPS", "constraint-guided DPS")
+    res = run_assimilation(run, methods)
+    out = run.root / "assimilate"
+    con = run.constraint()
+    cols = {
+        "truth": (
+            res["_truth"],
+            violation_maps(con, res["_truth"]),
+            batched_distance(con, res["_truth"], device=run.device),
+        )
+    }
+    cols.update({k: (v["_x"], violation_maps(con, v["_x"]), v["_l"]) for k, v in res["methods"].items()})
+    plot_violation_grid(
+        cols, out / "assimilation.png", rows=4, title=f"{run.cfg['data']['name']}: {res['operator']}"
+    )
+    io.write_json_atomic(out / "metrics.json", public(res))
+    print(
+        f"observation {res['operator']}, sigma_y {res['sigma_y']:.3g}, {res['n']} truths "
+        f"(truth: residual {res['truth']['residual_mean']:.3g}, l {res['truth']['l_mean']:.3g})"
+    )
+    for k, v in res["methods"].items():
+        res_l = f"residual {v['residual_mean']:8.3g}   l(x) mean {v['l_mean']:10.4g}"
+        print(f"  {k:<24} {res_l}   {v['seconds']:.0f} s")
+    print(f"wrote {out / 'assimilation.png'}, {out / 'metrics.json'}")
+    return 0

@@ -1,0 +1,338 @@
+"""``condiff pnp``: plug-and-play inference with a fixed diffusion prior (Graikos et al. 2022).
+
+  condiff pnp digits   conditional digits: a classifier constraint (--label) or mirror symmetry (--symmetry)
+  condiff pnp segment  infer the mask channel of a (picture, mask) prior for synthetic scenes
+  condiff pnp tsp      solve random TSP instances with a prior over pictures of optimal tours
+
+Each writes pictures and ``metrics.json`` to ``--out``. The segment and tsp priors are ordinary condiff
+models (``condiff train --data scenes|tours ...``); ``--train`` trains the default prior into
+``--ckpt`` first when it holds none (see :data:`PRIORS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import io
+from ..data.files import save_png_grid
+from ..pnp import schedules as sch
+from .common import load_model_for, model_is_complete, pick_device, save_resolved_config, train_model
+from .config import merge
+
+# strings become schedule objects here, and only here
+TIME_SCHEDULES = {
+    "paper-mnist": lambda: sch.PAPER_MNIST,
+    "paper-tsp": lambda: sch.PAPER_TSP,
+    "linear": lambda: sch.LinearAnneal(1.0, 0.0),
+    "linear-half": lambda: sch.LinearAnneal(0.5, 0.0),
+    "linear-0.6": lambda: sch.LinearAnneal(0.6, 0.0),
+}
+WEIGHT_SCHEDULES = {"constant": sch.ConstantWeight, "linear": lambda w: sch.LinearWeight(w, 0.0)}
+
+# Default priors: the run configuration trained by --train and by the benchmark, per profile.
+# "quick" fits a shared 2-core CPU; "full" is the GPU profile (the paper's TSP-50 at 64 px).
+PRIORS: dict[str, dict[str, dict]] = {
+    "tsp": {
+        "quick": {
+            "data": {"name": "tours", "cities": [10, 20], "size": 32, "n": 8000},
+            "model": {"name": "unet", "in_channels": 1, "base": 16, "mults": [1, 2, 2], "num_res": 1,
+                      "attn_res": [4]},
+            "train": {"steps": 4000, "batch_size": 32, "lr": 2e-3, "warmup": 200, "ema_decay": 0.999,
+                      "ckpt_every": 250, "log_every": 50, "progress": False},
+        },
+        "full": {
+            "data": {"name": "tours", "cities": [50], "size": 64, "n": 50000},
+            "model": {"name": "unet", "in_channels": 1, "base": 64, "mults": [1, 2, 2, 2], "num_res": 2,
+                      "attn_res": [8]},
+            "train": {"steps": 60000, "batch_size": 64, "lr": 2e-4, "warmup": 1000, "ema_decay": 0.9995,
+                      "ckpt_every": 2000, "log_every": 100, "progress": True},
+        },
+    },
+    "digits": {  # used only when no demo model (runs/demo) is there
+        "quick": {
+            "data": {"name": "digits"},
+            "model": {"name": "unet", "in_channels": 1, "base": 32, "mults": [1, 2], "num_res": 1},
+            "train": {"steps": 4000, "batch_size": 128, "lr": 2e-3, "warmup": 200, "ema_decay": 0.999,
+                      "ckpt_every": 500, "log_every": 50, "progress": False},
+        },
+        "full": {
+            "data": {"name": "digits"},
+            "model": {"name": "unet", "in_channels": 1, "base": 64, "mults": [1, 2, 2], "num_res": 1},
+            "train": {"steps": 4000, "batch_size": 128, "lr": 2e-3, "warmup": 200, "ema_decay": 0.999,
+                      "ckpt_every": 500, "log_every": 50, "progress": True},
+        },
+    },
+    "segment": {
+        "quick": {
+            "data": {"name": "scenes", "size": 24, "n": 8000},
+            "model": {"name": "unet", "in_channels": 4, "base": 16, "mults": [1, 2, 2], "num_res": 1,
+                      "attn_res": [4]},
+            "train": {"steps": 3000, "batch_size": 32, "lr": 2e-3, "warmup": 200, "ema_decay": 0.999,
+                      "ckpt_every": 250, "log_every": 50, "progress": False},
+        },
+        "full": {
+            "data": {"name": "scenes", "size": 64, "n": 50000},
+            "model": {"name": "unet", "in_channels": 4, "base": 64, "mults": [1, 2, 2, 2], "num_res": 2,
+                      "attn_res": [8]},
+            "train": {"steps": 40000, "batch_size": 64, "lr": 2e-4, "warmup": 1000, "ema_decay": 0.9995,
+                      "ckpt_every": 2000, "log_every": 100, "progress": True},
+        },
+    },
+}
+
+
+def prior_config(kind: str, profile: str) -> dict:
+    """The full run configuration of a default prior (DDPM's linear schedule, T = 1000)."""
+    if kind not in PRIORS or profile not in PRIORS[kind]:
+        raise ValueError(f"no default prior for {kind!r} / {profile!r}; known: "
+                         f"{ {k: sorted(v) for k, v in PRIORS.items()} }")
+    return merge({"schedule": {"kind": "linear", "T": 1000}}, PRIORS[kind][profile])
+
+
+def ensure_prior(kind: str, profile: str, run_dir: str | Path, device: str) -> Path:
+    """Train the default prior into ``run_dir`` unless it already holds one trained with these settings
+    (an interrupted run resumes from its newest checkpoint). Returns ``run_dir``."""
+    run_dir = Path(run_dir)
+    cfg = prior_config(kind, profile)
+    cfg["_device"] = device  # not part of the settings compared below: a CPU-trained prior serves a GPU run
+    if model_is_complete(run_dir, cfg):
+        return run_dir
+    if (run_dir / "config.json").is_file():
+        old = json.loads((run_dir / "config.json").read_text())
+        if any(old.get(k) != cfg.get(k) for k in ("data", "model", "schedule", "train")):
+            raise FileExistsError(f"{run_dir} holds a run with other settings; pick another directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(run_dir, cfg)
+    print(f"training the {profile} {kind} prior into {run_dir} ({cfg['train']['steps']} steps, {device})")
+    train_model(cfg, run_dir, resume=True)
+    return run_dir
+
+
+# --- argument parsing ------------------------------------------------------------------------------------
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help="plug-and-play inference with a fixed diffusion prior", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = p.add_subparsers(dest="pnp_command", metavar="TASK")
+    s.required = True
+
+    d = s.add_parser("digits", help="conditional digits from an unconditional digits model")
+    _common(d, "runs/demo/model", "runs/pnp/digits", steps=1000, lr=0.02, schedule="paper-mnist")
+    g = d.add_mutually_exclusive_group(required=True)
+    g.add_argument("--label", type=int, help="generate this digit (classifier constraint)")
+    g.add_argument("--symmetry", action="store_true", help="left-right mirror symmetry constraint")
+    d.add_argument("--n", type=int, default=64, help="number of samples (independent chains)")
+    d.add_argument("--weight", type=float, default=None, help="constraint weight (default 0.05 label, 20 symmetry)")
+    d.add_argument("--weight-schedule", choices=sorted(WEIGHT_SCHEDULES), default="constant")
+    d.set_defaults(func=run_digits)
+
+    m = s.add_parser("segment", help="infer masks of synthetic scenes with a (picture, mask) prior")
+    _common(m, "runs/pnp/segment-quick", "runs/pnp/segment", steps=200, lr=0.05, schedule="linear-0.6")
+    m.add_argument("--n", type=int, default=16, help="number of test scenes")
+    m.add_argument("--chains", type=int, default=4, help="chains per scene, averaged")
+    m.add_argument("--train", action="store_true", help="train the default prior into --ckpt if it holds none")
+    m.add_argument("--profile", default="quick", help="default prior for --train: quick or full")
+    m.set_defaults(func=run_segment)
+
+    t = s.add_parser("tsp", help="solve random TSP instances with a prior over pictures of tours")
+    _common(t, "runs/pnp/tsp-quick", "runs/pnp/tsp", steps=256, lr=1.0, schedule="paper-tsp")
+    t.add_argument("--cities", type=int, default=20, help="cities per instance")
+    t.add_argument("--n", type=int, default=16, help="number of instances")
+    t.add_argument("--chains", type=int, default=1, help="chains per instance; the shortest decoded tour wins")
+    t.add_argument("--train", action="store_true", help="train the default prior into --ckpt if it holds none")
+    t.add_argument("--profile", default="quick", help="default prior for --train: quick or full")
+    t.set_defaults(func=run_tsp)
+
+
+def _common(p: argparse.ArgumentParser, ckpt: str, out: str, steps: int, lr: float, schedule: str) -> None:
+    p.add_argument("--ckpt", default=ckpt, help=f"prior: run, model or diffusers directory (default {ckpt})")
+    p.add_argument("--out", default=out, help=f"output directory (default {out})")
+    p.add_argument("--steps", type=int, default=steps, help=f"optimisation steps (default {steps})")
+    p.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (default {lr})")
+    p.add_argument("--schedule", choices=sorted(TIME_SCHEDULES), default=schedule,
+                   help=f"timestep anneal (default {schedule})")
+    p.add_argument("--stop-grad", action="store_true", help="skip the network Jacobian (cheaper variant)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+
+
+def _prior(args: argparse.Namespace, kind: str | None = None) -> tuple:
+    device = pick_device(args.device)
+    torch.set_grad_enabled(True)
+    if kind is not None and getattr(args, "train", False):
+        ensure_prior(kind, args.profile, args.ckpt, device)
+    if not Path(args.ckpt).exists():
+        hint = f" (pass --train to train the default {kind} prior there)" if kind else ""
+        raise FileNotFoundError(f"no prior at {args.ckpt}{hint}")
+    den, run_cfg, shape = load_model_for(args.ckpt, device)
+    den.eval().requires_grad_(False)
+    return den, run_cfg, shape, device
+
+
+def _finish(out: Path, metrics: dict, files: list[Path]) -> int:
+    io.write_json_atomic(out / "metrics.json", metrics)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list | dict)}, indent=2))
+    for f in [*files, out / "metrics.json"]:
+        print(f"wrote {f}")
+    return 0
+
+
+# --- digits -------------------------------------------------------------------------------------------------
+
+
+def run_digits(args: argparse.Namespace) -> int:
+    from ..classifier import DigitsJudge
+    from ..pnp.conditional import (
+        ClassConstraint,
+        MirrorSymmetry,
+        independent_digits_classifier,
+        mean_pairwise_distance,
+    )
+    from ..pnp.engine import infer
+
+    if args.n < 2:
+        raise ValueError(f"--n must be >= 2, got {args.n}")
+    if args.label is not None and not 0 <= args.label <= 9:
+        raise ValueError(f"--label must be a digit 0-9, got {args.label}")
+    den, _, shape, device = _prior(args)
+    if tuple(shape) != (1, 8, 8):
+        raise ValueError(f"{args.ckpt} is a prior over {tuple(shape)} pictures, not (1, 8, 8) digits")
+    judge = DigitsJudge(device=device)
+    if args.symmetry:
+        constraint, w = MirrorSymmetry(-1), 20.0 if args.weight is None else args.weight
+    else:
+        # steer with a second classifier (seed 1) so that the judge (seed 0) scores honestly
+        steer = independent_digits_classifier(1, device)
+        constraint, w = ClassConstraint(steer.log_prob, args.label), 0.05 if args.weight is None else args.weight
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    res = infer(den, torch.randn(args.n, *shape, generator=g, device=device), constraint=constraint,
+                schedule=TIME_SCHEDULES[args.schedule](), weight=WEIGHT_SCHEDULES[args.weight_schedule](w),
+                steps=args.steps, lr=args.lr, through_net=not args.stop_grad, project=lambda z: z.clamp(-1, 1),
+                generator=g, progress=True)
+    x = res.x.clamp(-1, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ev = judge.evaluate(x)
+    metrics = {"task": "symmetry" if args.symmetry else f"label {args.label}", "n": args.n, "steps": args.steps,
+               "through_net": not args.stop_grad, "seconds": round(res.seconds, 2),
+               "mean_asymmetry": float(MirrorSymmetry(-1)(x).mean()),
+               "diversity": mean_pairwise_distance(x), "class_hist": ev["class_hist"],
+               "frechet_to_test": ev["frechet_to_test"], "frechet_train_vs_test": ev["frechet_train_vs_test"]}
+    if args.label is not None:
+        metrics["success_rate"] = float((judge.probs(x).argmax(1) == args.label).float().mean())
+    np.savez_compressed(out / "samples.npz", x=x.cpu().numpy())
+    return _finish(out, metrics, [save_png_grid(x.cpu(), out / "samples.png"), out / "samples.npz"])
+
+
+# --- segmentation -------------------------------------------------------------------------------------------
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    from ..data import load_dataset
+    from ..data.scenes import split_scene
+    from ..pnp.segmentation import iou, kmeans_segment, otsu_segment, segment
+
+    den, run_cfg, shape, device = _prior(args, "segment")
+    if shape[0] != 4:
+        raise ValueError(f"{args.ckpt} is a prior over {shape[0]} channels; segment needs (picture, mask) = 4")
+    data = load_dataset("scenes", "test", n=args.n, size=int(shape[-1]), seed=int(run_cfg.get("data", {})
+                                                                                    .get("seed", 0)))
+    img, truth = split_scene(data.x.to(device))
+    truth = truth > 0
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    res = segment(den, img, chains=args.chains, steps=args.steps, lr=args.lr,
+                  schedule=TIME_SCHEDULES[args.schedule](), through_net=not args.stop_grad, generator=g,
+                  progress=True)
+    km, ot = kmeans_segment(img.cpu()), otsu_segment(img.cpu())
+    out = Path(args.out)
+    m = lambda b: b.float().expand(-1, 3, -1, -1) * 2 - 1
+    rows = torch.cat([img.cpu(), m(truth.cpu()), m(res.mask.cpu()), m(km)])
+    pic = save_png_grid(rows, out / "segment.png", nrow=args.n)
+    metrics = {"n": args.n, "chains": args.chains, "steps": args.steps, "through_net": not args.stop_grad,
+               "seconds": round(res.seconds, 2), "iou_pnp": float(iou(res.mask.cpu(), truth.cpu()).mean()),
+               "iou_kmeans": float(iou(km, truth.cpu()).mean()), "iou_otsu": float(iou(ot, truth.cpu()).mean()),
+               "picture_rows": ["scene", "true mask", "pnp mask", "2-means mask"]}
+    return _finish(out, metrics, [pic])
+
+
+# --- TSP ----------------------------------------------------------------------------------------------------
+
+
+def tour_style(run_cfg: dict, shape: tuple[int, ...]):
+    """The drawing style a tours prior was trained with (from its recorded data settings)."""
+    from ..pnp.tsp import TourStyle
+
+    d = run_cfg.get("data", {})
+    base = TourStyle.for_size(int(shape[-1]))
+    return TourStyle(int(shape[-1]), float(d.get("line_width") or base.line_width),
+                     float(d.get("city_radius") or base.city_radius))
+
+
+def plot_tours(coords: np.ndarray, tours: np.ndarray, optimal: np.ndarray, path: Path, titles: list[str]) -> Path:
+    """Decoded tours (solid) over the optimal ones (dashed), one panel per instance."""
+    import matplotlib.pyplot as plt
+
+    from ..plots import _save
+
+    k = len(coords)
+    cols = min(k, 4)
+    rows = -(-k // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.flat[k:]:
+        ax.axis("off")
+    for ax, c, t, o, title in zip(axes.flat, coords, tours, optimal, titles):
+        oo = np.append(o, o[0])
+        ax.plot(c[oo, 0], c[oo, 1], "--", color="0.7", lw=1.5)
+        tt = np.append(t, t[0])
+        ax.plot(c[tt, 0], c[tt, 1], "-", color="C0", lw=1.2)
+        ax.scatter(c[:, 0], c[:, 1], s=12, color="k", zorder=3)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(1.02, -0.02)  # rows grow downwards, as in the pictures
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _save(fig, path)
+
+
+def run_tsp(args: argparse.Namespace) -> int:
+    from ..pnp import tsp
+
+    if args.n < 1 or args.cities < 3:
+        raise ValueError(f"need --n >= 1 and --cities >= 3, got {args.n} and {args.cities}")
+    den, run_cfg, shape, device = _prior(args, "tsp")
+    if shape[0] != 1:
+        raise ValueError(f"{args.ckpt} is a prior over {shape[0]}-channel pictures; tours are 1-channel")
+    style = tour_style(run_cfg, tuple(shape))
+    g = torch.Generator().manual_seed(args.seed)
+    coords = tsp.random_instances(args.n, args.cities, g)
+    solver = tsp.default_solver(args.cities)
+    t0 = time.perf_counter()
+    opt = tsp.solve_all(coords, solver)
+    opt_len = np.array([tsp.tour_length(c, t) for c, t in zip(coords, opt)])
+    t_ref = time.perf_counter() - t0
+    res = tsp.solve_with_prior(den, coords, style, chains=args.chains, steps=args.steps, lr=args.lr,
+                               schedule=TIME_SCHEDULES[args.schedule](), through_net=not args.stop_grad,
+                               generator=torch.Generator(device=device).manual_seed(args.seed), progress=True)
+    greedy = np.array([tsp.tour_length(c, tsp.decode(c, None)) for c in coords])
+    gaps = tsp.optimality_gap(res.lengths, opt_len)
+    out = Path(args.out)
+    titles = [f"gap {round(100 * gp, 2) + 0.0:.2f}%" for gp in gaps]  # + 0.0: no "-0.00%" from LKH rounding
+    files = [plot_tours(coords.numpy(), res.tours, opt, out / "tours.png", titles),
+             save_png_grid(torch.cat([res.pictures, tsp.render_tours(coords, res.tours, style)]),
+                           out / "pictures.png", nrow=args.n)]
+    metrics = {"cities": args.cities, "n": args.n, "chains": args.chains, "steps": args.steps,
+               "through_net": not args.stop_grad, "reference_solver": solver.name,
+               "gap_mean": float(gaps.mean()), "gap_total": float(res.lengths.sum() / opt_len.sum() - 1),
+               "gap_greedy_2opt": float(tsp.optimality_gap(greedy, opt_len).mean()),
+               "seconds_per_instance": (res.infer_seconds + res.decode_seconds) / args.n,
+               "reference_seconds_per_instance": t_ref / args.n, "gaps": gaps.tolist(),
+               "picture_rows": ["inferred adjacency (rendered)", "decoded tour (rendered)"]}
+    return _finish(out, metrics, files)

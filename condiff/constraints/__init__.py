@@ -1,0 +1,133 @@
+"""Differentiable distances ``l(x) >= 0`` to constraint sets, zero on the set; one family per file.
+
+Every constraint is a callable ``x (B, ...) -> (B,)``, differentiable in ``x``, with a JSON ``config``
+(``{"name": ..., **kwargs}``) so ``build_constraint(c.config)`` rebuilds it. Families register with
+:func:`register_constraint`; any user callable of the same shape can be used wherever a constraint
+is expected (:func:`check_distance` validates it on a batch).
+
+=================  ==================================================  ==========================
+name               set                                                 file
+=================  ==================================================  ==========================
+box                ``lo <= x <= hi`` elementwise                       convex.py
+ball               ``||x - c|| <= r`` per sample                       convex.py
+simplex            ``x >= 0, sum(x) = s`` per sample                   convex.py
+brightness         fixed total flux ``sum((x - lo)/(hi - lo)) = F``    brightness.py
+burgers            space-time image solves 1D viscous Burgers          burgers.py
+divergence_free    2D velocity fields with zero spectral divergence    divergence.py
+periodic           image is a 2x2 tiling of one tile                   periodic.py
+count              exactly ``k`` sources, judged by a counting CNN     count.py
+=================  ==================================================  ==========================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+Distance = Callable[[Tensor], Tensor]
+
+CONSTRAINTS: dict[str, type] = {}
+
+
+def register_constraint(name: str) -> Callable[[type], type]:
+    """Class decorator: make ``build_constraint({"name": name, ...})`` construct this class."""
+
+    def deco(cls: type) -> type:
+        if CONSTRAINTS.get(name, cls) is not cls:
+            raise ValueError(f"constraint {name!r} is already registered to {CONSTRAINTS[name].__qualname__}")
+        CONSTRAINTS[name] = cls
+        cls.family = name
+        return cls
+
+    return deco
+
+
+class Constraint(nn.Module):
+    """Base class: ``forward(x (B, ...)) -> (B,)`` distances; subclasses set ``self.config``.
+
+    ``violation_map(x)`` returns a per-pixel picture of where ``x`` breaks the constraint,
+    ``(B, H, W)``, or ``None`` for constraints with no local meaning (a total flux).
+    """
+
+    family = "constraint"
+    config: dict
+
+    def violation_map(self, x: Tensor) -> Tensor | None:
+        return None
+
+    def _check_image(self, x: Tensor, channels: int | None = None) -> None:
+        if x.dim() != 4 or (channels is not None and x.shape[1] != channels):
+            want = f"(B, {channels}, H, W)" if channels is not None else "(B, C, H, W)"
+            raise ValueError(f"{self.family} constraint expects images {want}, got shape {tuple(x.shape)}")
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.config.items() if k != "name")
+
+
+def build_constraint(config: dict) -> Constraint:
+    """Build a registered constraint from ``{"name": NAME, **kwargs}``."""
+    if not isinstance(config, dict) or "name" not in config:
+        raise ValueError(f"a constraint config must be a dict with a 'name' key, got {config!r}")
+    kwargs = dict(config)
+    name = kwargs.pop("name")
+    if name not in CONSTRAINTS:
+        raise ValueError(f"unknown constraint {name!r}; known: {', '.join(sorted(CONSTRAINTS))}")
+    try:
+        return CONSTRAINTS[name](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad arguments for constraint {name!r}: {err}") from None
+
+
+def check_distance(fn: Distance, x: Tensor) -> Tensor:
+    """Evaluate a user distance on ``x`` (B, ...) and check it returns finite ``(B,)`` values >= 0."""
+    if not callable(fn):
+        raise TypeError(f"a constraint distance must be callable x -> (B,), got {type(fn).__name__}")
+    out = fn(x)
+    if not isinstance(out, Tensor) or out.shape != (x.shape[0],):
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"a constraint distance must return shape ({x.shape[0]},) for a batch of "
+            f"{x.shape[0]}, got {shape}"
+        )
+    if not bool(torch.isfinite(out).all()) or bool((out < -1e-6).any()):
+        raise ValueError("a constraint distance must return finite values >= 0")
+    return out
+
+
+def safe_norm(v: Tensor) -> Tensor:
+    """Euclidean norm per sample of ``v`` (B, ...) -> (B,), with a zero (not NaN) gradient at 0."""
+    sq = v.flatten(1).pow(2).sum(1)
+    pos = sq > 0
+    return torch.where(pos, sq.clamp_min(1e-30).sqrt(), torch.zeros_like(sq))
+
+
+# Families import the names above from this module, so they are imported last.
+from condiff.constraints.brightness import TotalBrightness  # noqa: E402
+from condiff.constraints.burgers import BurgersResidual, burgers_step  # noqa: E402
+from condiff.constraints.convex import Ball, Box, Simplex  # noqa: E402
+from condiff.constraints.count import CountConstraint, CountingCNN  # noqa: E402
+from condiff.constraints.divergence import DivergenceFree, spectral_divergence  # noqa: E402
+from condiff.constraints.periodic import PeriodicTiling  # noqa: E402
+
+__all__ = [
+    "CONSTRAINTS",
+    "Ball",
+    "Box",
+    "BurgersResidual",
+    "Constraint",
+    "CountConstraint",
+    "CountingCNN",
+    "Distance",
+    "DivergenceFree",
+    "PeriodicTiling",
+    "Simplex",
+    "TotalBrightness",
+    "build_constraint",
+    "burgers_step",
+    "check_distance",
+    "register_constraint",
+    "safe_norm",
+    "spectral_divergence",
+]

@@ -1,0 +1,87 @@
+"""1D viscous Burgers' equation on a periodic domain, as a constraint on space-time images.
+
+``u_t = -u u_x + nu u_xx`` on ``[0, length)`` with ``N`` grid points, second-order central
+differences (periodic), classical RK4 in time with step ``dt``; one saved state every ``substeps``
+steps. An image ``x (B, 1, T, N)`` holds ``T`` saved states as rows (time runs down), in image
+units ``x = (u - shift) / scale``.
+
+The distance is the mean one-step residual of the very stepper that made the data
+(METHODS.md): ``l(x) = mean_{k,i} |x_{k+1,i} - S(x_k)_i|`` with ``S`` the stepper in image units.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from condiff.constraints import Constraint, register_constraint
+
+
+def _rhs(u: Tensor, nu: float, dx: float) -> Tensor:
+    # -u u_x + nu u_xx with periodic central differences along the last axis
+    up, um = torch.roll(u, -1, -1), torch.roll(u, 1, -1)
+    return -u * (up - um) / (2 * dx) + nu * (up - 2 * u + um) / (dx * dx)
+
+
+def burgers_step(u: Tensor, nu: float, dx: float, dt: float, substeps: int) -> Tensor:
+    """Advance ``u (..., N)`` by ``substeps`` RK4 steps of size ``dt``; differentiable."""
+    for _ in range(substeps):
+        k1 = _rhs(u, nu, dx)
+        k2 = _rhs(u + 0.5 * dt * k1, nu, dx)
+        k3 = _rhs(u + 0.5 * dt * k2, nu, dx)
+        k4 = _rhs(u + dt * k3, nu, dx)
+        u = u + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return u
+
+
+@register_constraint("burgers")
+class BurgersResidual(Constraint):
+    """``x (B, 1, T, N) -> (B,)``: mean ``|x_{k+1} - S(x_k)|`` over the ``T - 1`` transitions."""
+
+    def __init__(
+        self,
+        nu: float = 0.05,
+        length: float = 10.0,
+        dt: float = 0.025,
+        substeps: int = 5,
+        shift: float = 1.0,
+        scale: float = 0.5,
+    ) -> None:
+        super().__init__()
+        for name, v in (("nu", nu), ("length", length), ("dt", dt), ("scale", scale)):
+            if not float(v) > 0:
+                raise ValueError(f"burgers: {name} must be > 0, got {v}")
+        if int(substeps) < 1:
+            raise ValueError(f"burgers: substeps must be >= 1, got {substeps}")
+        self.nu, self.length, self.dt, self.substeps = float(nu), float(length), float(dt), int(substeps)
+        self.shift, self.scale = float(shift), float(scale)
+        self.config = {
+            "name": "burgers",
+            "nu": self.nu,
+            "length": self.length,
+            "dt": self.dt,
+            "substeps": self.substeps,
+            "shift": self.shift,
+            "scale": self.scale,
+        }
+
+    def step(self, x: Tensor) -> Tensor:
+        """One saved-state step in image units: ``(..., N) -> (..., N)``."""
+        dx = self.length / x.shape[-1]
+        u = self.shift + self.scale * x
+        return (burgers_step(u, self.nu, dx, self.dt, self.substeps) - self.shift) / self.scale
+
+    def residual(self, x: Tensor) -> Tensor:
+        """(B, 1, T, N) -> (B, 1, T-1, N) signed residual ``x_{k+1} - S(x_k)``."""
+        self._check_image(x, 1)
+        if x.shape[2] < 2:
+            raise ValueError(f"burgers constraint needs at least 2 time rows, got shape {tuple(x.shape)}")
+        return x[:, :, 1:] - self.step(x[:, :, :-1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.residual(x).abs().flatten(1).mean(1)
+
+    def violation_map(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            r = self.residual(x).abs()[:, 0]
+            return torch.cat([torch.zeros_like(r[:, :1]), r], 1)  # row 0 has no predecessor

@@ -1,0 +1,553 @@
+"""The three dual-training experiments of issue #5, as plain functions of a config dataclass.
+
+- :func:`run_toy`: theory check on a 2-D Gaussian mixture with under-represented modes.
+- :func:`run_fair`: fair generation on digits with minority classes (baseline vs constrained).
+- :func:`run_finetune`: fine-tuning on a few images, plain vs constrained to the pretrained model.
+
+Each writes plots, sample grids and ``metrics.json`` into its output directory and returns the
+metrics. Trained models are cached in the output directory and reused when their settings match, so
+re-running after a change of the evaluation only pays for the evaluation. The CLI
+(``condiff dual toy|fair|finetune``) and ``benchmarks/dual.py`` call these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import io, metrics
+from ..data import ArrayData, load_digits, load_toy2d
+from ..data.files import save_png_grid
+from ..denoiser import NetDenoiser
+from ..models import load_net, save_model
+from ..nets import build_net
+from ..plots import plot_bars, plot_lines, plot_scatter
+from ..schedule import Schedule
+from ..train import DenoisingObjective, Objective, TrainConfig, Trainer, read_log
+from .data import class_frequencies, keep_fraction, model_samples, select
+from .objective import Constraint, DualConfig, DualObjective, reference_losses
+from .theory import GaussianMixtureDenoiser, log_mass_bounds, mixture_weights, mode_weights
+
+
+class _Config:
+    """``from_dict`` with a clear error for unknown keys (shared by the experiment configs)."""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Any:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"unknown {cls.__name__} option(s) {bad}; known: {sorted(known)}")
+        return cls(**d)  # type: ignore[call-arg]
+
+    def replace(self, **kw: Any) -> Any:
+        return type(self).from_dict({**asdict(self), **kw})  # type: ignore[call-overload]
+
+
+# --- training with a cache ---------------------------------------------------------------------
+
+
+def _key(d: dict) -> str:
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: TrainConfig, schedule: Schedule,
+                 key: dict, **meta: Any) -> tuple[nn.Module, dict]:
+    """Train ``net`` into ``run_dir`` (resuming from its checkpoints) unless ``run_dir/model`` already
+    holds a model trained with the same ``key``; returns the EMA model and the saved model config.
+
+    A run directory whose checkpoints belong to another key is cleared first.
+    """
+    model_dir = run_dir / "model"
+    if (model_dir / io.CONFIG).is_file() and io.load_config(model_dir).get("key") == _key(key):
+        ema, cfg = load_net(model_dir, tcfg.device)
+        return ema.eval(), cfg
+    key_file = run_dir / "key.json"
+    if run_dir.exists() and (not key_file.is_file() or key_file.read_text() != _key(key)):
+        for sub in ("checkpoints", "model"):
+            shutil.rmtree(run_dir / sub, ignore_errors=True)
+        (run_dir / "log.jsonl").unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(_key(key))
+    trainer = Trainer(net, objective, tcfg, run_dir, {"net": net.config, "schedule": schedule.config()})
+    trainer.resume()
+    t0 = time.perf_counter()
+    ema = trainer.fit()
+    extra = {"lambda": objective.lambdas} if isinstance(objective, DualObjective) else {}
+    save_model(model_dir, ema, schedule, key=_key(key), steps=trainer.step,
+               train_seconds=round(time.perf_counter() - t0, 1), **extra, **meta)
+    return ema.eval(), io.load_config(model_dir)
+
+
+def lambda_history(log_path: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """``{name: (steps, lambdas)}`` from a dual run's ``log.jsonl``."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for rec in read_log(log_path):
+        for k, v in rec.items():
+            if k.startswith("lambda/"):
+                s, lam = out.setdefault(k.split("/", 1)[1], ([], []))
+                s.append(int(rec["step"]))
+                lam.append(float(v))
+    return out
+
+
+def plot_dual(log_path: Path, out: Path) -> list[Path]:
+    hist = lambda_history(log_path)
+    files = [plot_lines(hist, out / "lambda.png", xlabel="step", ylabel="lambda",
+                        title="dual variables")]
+    slacks: dict[str, tuple[list[int], list[float]]] = {}
+    for rec in read_log(log_path):
+        for k, v in rec.items():
+            if k.startswith("slack/"):
+                s, val = slacks.setdefault(k.split("/", 1)[1], ([], []))
+                s.append(int(rec["step"]))
+                val.append(float(v))
+    if slacks:
+        files.append(plot_lines(slacks, out / "slack.png", xlabel="step", ylabel="L_i - b_i",
+                                title="constraint slacks (dual estimates)"))
+    return files
+
+
+def _losses(net: nn.Module, schedule: Schedule, xs: list[Tensor], dcfg: DualConfig, seed: int,
+            n: int = 4096) -> Tensor:
+    """Constraint losses with the dual estimator (grid, ``t_range``) on ``n`` draws each."""
+    return reference_losses(net, schedule, xs, timesteps=dcfg.timesteps, t_range=dcfg.t_range, n=n, seed=seed)
+
+
+def _sampler(net: nn.Module, schedule: Schedule) -> NetDenoiser:
+    return NetDenoiser(net.eval(), schedule)
+
+
+# --- 1. theory check on a Gaussian mixture -----------------------------------------------------
+
+
+@dataclass
+class ToyConfig(_Config):
+    """Gaussian mixture with ``components`` modes on a circle; modes ``minority`` have weight
+    ``minority_weight`` each in ``q_0``; one constraint per minority mode on samples of that mode.
+
+    Bound ``b_i = relative * L_i(reference)``, the reference being the exact denoiser of the
+    balanced mixture: "fit mode i nearly as well as a model that gives it weight 1/K".
+    """
+
+    components: int = 8
+    minority: tuple[int, ...] = (0, 1, 2)
+    minority_weight: float = 0.02
+    n: int = 8192
+    T: int = 100
+    hidden: int = 128
+    depth: int = 3
+    steps: int = 3000
+    batch_size: int = 256
+    constraint_batch: int = 64
+    lr: float = 2e-3
+    ema_decay: float = 0.995
+    relative: float = 1.02
+    dual: dict = field(default_factory=lambda: {"every": 20, "lr": 0.5, "batch_size": 1024, "timesteps": 16,
+                                                "start": 300})
+    average: float = 0.25          # lambda is averaged over this final fraction of the dual updates
+    n_samples: int = 8000
+    tolerance: float = 0.03        # max |model - mixture| mode weight allowed
+    slack_tolerance: float = 0.01  # constraint counts as met when L_i <= b_i + this
+    seed: int = 0
+
+
+def run_toy(cfg: ToyConfig, out: str | Path, device: str = "cpu") -> dict:
+    """Train with dual training on the mixture, then compare the model's mode weights with the
+    closed-form mixture for the learned (averaged) lambda, and check the constraints."""
+    out = Path(out)
+    K, minority = cfg.components, list(cfg.minority)
+    if not minority or any(not 0 <= i < K for i in minority):
+        raise ValueError(f"toy: minority modes must be in [0, {K}), got {minority}")
+    rest = (1.0 - cfg.minority_weight * len(minority)) / (K - len(minority))
+    w0 = torch.full((K,), rest, dtype=torch.float64)
+    w0[minority] = cfg.minority_weight
+    if not bool((w0 > 0).all()):
+        raise ValueError(f"toy: minority_weight {cfg.minority_weight} leaves no mass for the other modes")
+    schedule = Schedule.linear(cfg.T)
+    data = load_toy2d("train", kind="gmm", n=cfg.n, weights=w0, components=K, seed=cfg.seed)
+    means, std = torch.tensor(data.meta["means"]), float(data.meta["std"])
+    onehot = torch.eye(K, dtype=torch.float64)[minority]
+    qs = [load_toy2d("train", kind="gmm", n=cfg.n // 4, weights=onehot[j], components=K,
+                     seed=cfg.seed + 1 + j).x for j in range(len(minority))]
+    fair = GaussianMixtureDenoiser(schedule, means, std, torch.full((K,), 1.0 / K))
+    dcfg = DualConfig.from_dict({**cfg.dual, "seed": cfg.seed})
+    ref = _losses(fair, schedule, qs, dcfg, cfg.seed, n=8192)
+    bounds = (cfg.relative * ref).tolist()
+    constraints = [Constraint(f"mode{i}", q, b, cfg.constraint_batch)
+                   for i, q, b in zip(minority, qs, bounds)]
+    objective = DualObjective(data.x, constraints, schedule, cfg.batch_size, dcfg)
+    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=100,
+                       ema_decay=cfg.ema_decay, ckpt_every=max(1, cfg.steps // 2), log_every=dcfg.every,
+                       seed=cfg.seed, device=device, progress=False)
+    torch.manual_seed(cfg.seed)
+    net = build_net({"name": "mlp", "dim": 2, "hidden": cfg.hidden, "depth": cfg.depth})
+    t0 = time.perf_counter()
+    ema, model_cfg = train_cached(out / "constrained", net, objective, tcfg, schedule,
+                                  {"toy": asdict(cfg), "bounds": bounds})
+    seconds = time.perf_counter() - t0
+
+    hist = lambda_history(out / "constrained" / "log.jsonl")
+    lam_steps = hist[constraints[0].name][0]
+    tail = [j for j, s in enumerate(lam_steps) if s > (1 - cfg.average) * cfg.steps]
+    lam_avg = torch.tensor([sum(hist[c.name][1][j] for j in tail) / len(tail) for c in constraints],
+                           dtype=torch.float64)
+    lam_final = torch.tensor([hist[c.name][1][-1] for c in constraints], dtype=torch.float64)
+    predicted = mixture_weights(w0, lam_avg, onehot)
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    from ..sample import generate
+
+    x = generate(_sampler(ema, schedule), cfg.n_samples, (2,), batch_size=cfg.n_samples, steps=cfg.T, eta=1.0,
+                 generator=g, device=device)
+    got = mode_weights(x, means)
+    final = _losses(ema, schedule, qs, dcfg, cfg.seed + 1, n=8192)
+    slack = final - torch.tensor(bounds, dtype=torch.float64)
+    err = (got - predicted).abs()
+    # binomial standard error of the sampled weights: the part of the error sampling alone explains
+    se = (predicted * (1 - predicted) / cfg.n_samples).sqrt()
+    m = {
+        "data_weights": w0.tolist(),
+        "lambda_avg": lam_avg.tolist(), "lambda_final": lam_final.tolist(),
+        "mixture_weights": predicted.tolist(), "model_weights": got.tolist(),
+        "max_abs_error": float(err.max()), "tv_model_vs_mixture": 0.5 * float(err.sum()),
+        "tv_model_vs_data": 0.5 * float((got - w0).abs().sum()),
+        "sampling_se_max": float(se.max()),
+        "bounds": bounds, "final_losses": final.tolist(), "final_slack": slack.tolist(),
+        "tolerance": cfg.tolerance, "slack_tolerance": cfg.slack_tolerance,
+        "train_seconds": round(float(model_cfg.get("train_seconds", seconds)), 1),
+        "targets": {f"mixture_max_abs_error<={cfg.tolerance}": float(err.max()) <= cfg.tolerance,
+                    f"constraints_hold(slack<={cfg.slack_tolerance})":
+                        bool((slack <= cfg.slack_tolerance).all())},
+    }
+    names = [str(i) for i in range(K)]
+    plot_bars({"data q_0": w0.tolist(), "mixture(lambda)": predicted.tolist(), "model": got.tolist()},
+              out / "mode_weights.png", labels=names, title="mode weights", ylabel="weight", ref=1.0 / K)
+    plot_scatter({"data q_0": data.x[:4000].numpy(), "constrained model": x[:4000].numpy()},
+                 out / "samples.png")
+    plot_dual(out / "constrained" / "log.jsonl", out)
+    io.write_json_atomic(out / "metrics.json", m)
+    return m
+
+
+# --- shared digits pieces ----------------------------------------------------------------------
+
+DIGITS_MODEL = {"name": "unet", "in_channels": 1, "base": 32, "mults": [1, 2, 2], "num_res": 1}
+DIGITS_TRAIN = {"steps": 1500, "batch_size": 128, "lr": 2e-3, "warmup": 100, "ema_decay": 0.995,
+                "ckpt_every": 500, "log_every": 50}
+
+
+def _train_cfg(d: dict, seed: int, device: str, **kw: Any) -> TrainConfig:
+    return TrainConfig.from_dict({**d, **kw, "seed": seed, "device": device, "progress": False})
+
+
+def _digits_net(model: dict, seed: int) -> nn.Module:
+    torch.manual_seed(seed)  # baseline and constrained start from the same weights
+    return build_net(dict(model))
+
+
+def _samples(net: nn.Module, schedule: Schedule, n: int, steps: int, seed: int, device: str) -> Tensor:
+    return model_samples(_sampler(net, schedule), n, (1, 8, 8), steps=steps, eta=1.0, seed=seed,
+                         device=device, clip_x0=1.0)
+
+
+# --- 2. fair generation on digits --------------------------------------------------------------
+
+
+@dataclass
+class FairConfig(_Config):
+    """Digits with classes ``minority`` kept at ``keep`` of their examples. Baseline: the plain
+    denoising objective on that set. Constrained: one constraint per minority class, its data the
+    kept examples of that class. Bounds: with ``target_freq``, :func:`log_mass_bounds` from the
+    baseline's per-class losses (ask each minority class for that weight); else ``relative`` times
+    the baseline's loss on the class; or ``bound`` for all. Losses of the constraints (and of the
+    bound rule) are measured on ``dual.t_range``.
+
+    Both runs get the same steps, the same initial weights and the same examples per step: the
+    constrained run draws ``constraint_batch`` examples per constraint and ``train.batch_size``
+    minus those from ``q_0``.
+    """
+
+    minority: tuple[int, ...] = (4, 5, 7)
+    keep: float = 0.1
+    model: dict = field(default_factory=lambda: dict(DIGITS_MODEL))
+    T: int = 1000
+    train: dict = field(default_factory=lambda: dict(DIGITS_TRAIN))
+    dual: dict = field(default_factory=lambda: {"every": 25, "lr": 1.0, "batch_size": 512, "timesteps": 16,
+                                                "start": 200, "t_range": [0.3, 1.0]})
+    constraint_batch: int = 16
+    target_freq: float | None = 0.1
+    relative: float = 0.9
+    bound: float | None = None
+    n_samples: int = 2000
+    sample_steps: int = 50
+    seed: int = 0
+
+
+def fair_data(cfg: FairConfig) -> tuple[ArrayData, list[ArrayData]]:
+    """The imbalanced training set and the kept examples of each minority class."""
+    train = load_digits("train")
+    imbalanced = keep_fraction(train, {c: cfg.keep for c in cfg.minority}, seed=cfg.seed)
+    return imbalanced, [select(imbalanced, classes=[c], seed=cfg.seed) for c in cfg.minority]
+
+
+def run_fair(cfg: FairConfig, out: str | Path, device: str = "cpu") -> dict:
+    """Baseline vs constrained on imbalanced digits, judged by the digits classifier."""
+    from ..classifier import DigitsJudge
+
+    out = Path(out)
+    if not cfg.minority or any(not 0 <= c <= 9 for c in cfg.minority):
+        raise ValueError(f"fair: minority classes must be digits 0..9, got {list(cfg.minority)}")
+    schedule = Schedule.linear(cfg.T)
+    imbalanced, minority = fair_data(cfg)
+    n_con = cfg.constraint_batch * len(cfg.minority)
+    batch = int(cfg.train.get("batch_size", 128))
+    if n_con >= batch:
+        raise ValueError(f"fair: constraint batches ({len(cfg.minority)} x {cfg.constraint_batch}) must "
+                         f"leave room in train.batch_size={batch} for the objective data")
+    data_key = {"minority": list(cfg.minority), "keep": cfg.keep, "seed": cfg.seed, "model": cfg.model,
+                "T": cfg.T, "train": cfg.train}
+
+    base = DenoisingObjective(imbalanced.x, schedule, batch)
+    base_net, base_cfg = train_cached(out / "baseline", _digits_net(cfg.model, cfg.seed), base,
+                                      _train_cfg(cfg.train, cfg.seed, device), schedule,
+                                      {"baseline": data_key})
+
+    dcfg = DualConfig.from_dict({**cfg.dual, "seed": cfg.seed})
+    xs = [m.x for m in minority]
+    ref, slope = None, None
+    if cfg.bound is not None:
+        bounds = [float(cfg.bound)] * len(xs)
+    elif cfg.target_freq is not None:  # per-class losses of the baseline on all ten classes
+        per_class = [select(imbalanced, classes=[k], seed=cfg.seed).x for k in range(10)]
+        all_ref = _losses(base_net, schedule, per_class, dcfg, cfg.seed)
+        b, slope = log_mass_bounds(all_ref, class_frequencies(imbalanced.y, 10), list(cfg.minority),
+                                   cfg.target_freq)
+        ref, bounds = all_ref[list(cfg.minority)], b.tolist()
+    else:
+        ref = _losses(base_net, schedule, xs, dcfg, cfg.seed)
+        bounds = (cfg.relative * ref).tolist()
+    constraints = [Constraint(f"class{c}", x, b, cfg.constraint_batch)
+                   for c, x, b in zip(cfg.minority, xs, bounds)]
+    objective = DualObjective(imbalanced.x, constraints, schedule, batch - n_con, dcfg)
+    con_net, con_cfg = train_cached(out / "constrained", _digits_net(cfg.model, cfg.seed), objective,
+                                    _train_cfg(cfg.train, cfg.seed, device), schedule,
+                                    {"constrained": data_key, "dual": asdict(dcfg), "bounds": bounds,
+                                     "constraint_batch": cfg.constraint_batch})
+
+    judge = DigitsJudge(device=device)
+    res: dict[str, Any] = {}
+    hist: dict[str, list[float]] = {"data": class_frequencies(imbalanced.y, 10).tolist()}
+    for name, net, mcfg in (("baseline", base_net, base_cfg), ("constrained", con_net, con_cfg)):
+        t0 = time.perf_counter()
+        x = _samples(net, schedule, cfg.n_samples, cfg.sample_steps, cfg.seed, device)
+        ev = judge.evaluate(x)
+        hist[name] = ev["class_hist"]
+        res[name] = {"class_hist": ev["class_hist"], "tv_to_uniform": ev["tv_to_uniform"],
+                     "frechet_to_test": ev["frechet_to_test"], "mean_top_prob": ev["mean_top_prob"],
+                     "minority_freq": {str(c): ev["class_hist"][c] for c in cfg.minority},
+                     "train_seconds": mcfg.get("train_seconds"),
+                     "sample_seconds": round(time.perf_counter() - t0, 1)}
+        save_png_grid(x[:100], out / f"samples_{name}.png")
+    c, b = res["constrained"], res["baseline"]
+    c["lambda"] = con_cfg.get("lambda")
+    final = _losses(con_net, schedule, xs, dcfg, cfg.seed + 1)
+    c["bounds"] = bounds
+    c["final_slack"] = (final - torch.tensor(bounds, dtype=torch.float64)).tolist()
+    if ref is not None:
+        c["baseline_losses"] = ref.tolist()
+    if slope is not None:
+        c["log_mass_slope"] = slope
+    fd_ratio = c["frechet_to_test"] / max(b["frechet_to_test"], 1e-12)
+    m = {"config": asdict(cfg), "n_train": len(imbalanced), "data_class_hist": hist["data"],
+         "frechet_train_vs_test": judge.frechet_train_vs_test, "baseline": b, "constrained": c,
+         "frechet_ratio": fd_ratio,
+         "targets": {"minority_freq>=0.08": all(v >= 0.08 for v in c["minority_freq"].values()),
+                     "tv_to_uniform<=0.05": c["tv_to_uniform"] <= 0.05,
+                     "frechet<=1.2x_baseline": fd_ratio <= 1.2}}
+    plot_bars(hist, out / "class_freq.png", labels=[str(i) for i in range(10)], ylabel="frequency",
+              title=f"class frequencies (minority {list(cfg.minority)} kept at {cfg.keep:g})", ref=0.1)
+    plot_dual(out / "constrained" / "log.jsonl", out)
+    io.write_json_atomic(out / "metrics.json", m)
+    return m
+
+
+# --- 3. fine-tuning without overfitting --------------------------------------------------------
+
+
+@dataclass
+class FinetuneConfig(_Config):
+    """Pretrain on the digits train split minus ``n_target`` images; fine-tune on those images.
+
+    ``target_classes`` (default: all) restricts the fine-tuning images and the held-out target data
+    to some classes. Plain fine-tuning minimises the loss on the target images; constrained
+    fine-tuning adds ``L_pre(theta) <= b`` with ``q_1`` = ``n_constraint`` samples of the pretrained
+    model and ``b = relative * L_pre(pretrained)`` (``relative = 1`` pins the model to the pretrained
+    one). Both take the same steps with the same examples per step (plain: ``finetune.batch_size``
+    target images; constrained: ``constraint_batch`` of them are samples of the pretrained model).
+
+    Memorisation threshold: the ``quantile`` of held-out target images' distances to their nearest
+    fine-tuning image, so a fresh image falls under it with probability ``quantile``.
+    """
+
+    n_target: int = 30
+    target_classes: tuple[int, ...] | None = None
+    model: dict = field(default_factory=lambda: dict(DIGITS_MODEL))
+    T: int = 1000
+    pretrain: dict = field(default_factory=lambda: dict(DIGITS_TRAIN))
+    finetune: dict = field(default_factory=lambda: {"steps": 500, "batch_size": 64, "lr": 1e-3, "warmup": 20,
+                                                    "ema_decay": 0.99, "ckpt_every": 500, "log_every": 25,
+                                                    "lr_decay": "constant"})
+    dual: dict = field(default_factory=lambda: {"every": 10, "lr": 2.0, "batch_size": 256, "timesteps": 16,
+                                                "start": 0})
+    n_constraint: int = 1000
+    constraint_batch: int = 32
+    relative: float = 1.05
+    n_samples: int = 1000
+    sample_steps: int = 50
+    quantile: float = 0.05
+    comparable: float = 1.2        # fidelity counts as comparable when FD <= this x plain's FD
+    seed: int = 0
+
+
+def finetune_data(cfg: FinetuneConfig) -> tuple[ArrayData, ArrayData, ArrayData]:
+    """(source, target, held-out target): the target images are never in the source."""
+    train = load_digits("train")
+    classes = None if cfg.target_classes is None else list(cfg.target_classes)
+    target = select(train, classes=classes, n=cfg.n_target, seed=cfg.seed)
+    chosen = set(target.meta["indices"])
+    source = train.subset([i not in chosen for i in train.meta["indices"]])
+    test = load_digits("test")
+    heldout = test if classes is None else select(test, classes=classes, seed=cfg.seed)
+    return source, target, heldout
+
+
+def mean_pairwise_distance(x: Tensor) -> float:
+    """Mean L2 distance over distinct pairs of ``x`` (N, ...), N >= 2: a diversity measure."""
+    f = x.reshape(x.shape[0], -1).double()
+    if f.shape[0] < 2:
+        raise ValueError("mean_pairwise_distance needs at least 2 samples")
+    d = torch.cdist(f, f)
+    n = f.shape[0]
+    return float(d.sum() / (n * (n - 1)))
+
+
+def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu") -> dict:
+    """Pretrain, then fine-tune plainly and under the constraint; compare memorisation, diversity
+    and fidelity to the target."""
+    from ..classifier import DigitsJudge
+
+    out = Path(out)
+    schedule = Schedule.linear(cfg.T)
+    source, target, heldout = finetune_data(cfg)
+    batch = int(cfg.finetune.get("batch_size", 64))
+    if cfg.constraint_batch >= batch:
+        raise ValueError(f"finetune: constraint_batch={cfg.constraint_batch} must be < "
+                         f"finetune.batch_size={batch}")
+    pre_key = {"n_target": cfg.n_target, "target_classes": cfg.target_classes, "model": cfg.model, "T": cfg.T,
+               "pretrain": cfg.pretrain, "seed": cfg.seed}
+    pre_objective = DenoisingObjective(source.x, schedule, int(cfg.pretrain.get("batch_size", 128)))
+    pre_net, pre_cfg = train_cached(out / "pretrained", _digits_net(cfg.model, cfg.seed), pre_objective,
+                                    _train_cfg(cfg.pretrain, cfg.seed, device), schedule,
+                                    {"pretrain": pre_key})
+    q1_file = out / "pretrained" / f"samples_{cfg.n_constraint}_{cfg.sample_steps}.safetensors"
+    if q1_file.is_file():
+        q1 = io.load_group(q1_file.parent, q1_file.stem)["x"]
+    else:
+        q1 = _samples(pre_net, schedule, cfg.n_constraint, cfg.sample_steps, cfg.seed + 1, device)
+        io.save_checkpoint(out / "pretrained" / ".tmp_q1", {q1_file.stem: {"x": q1}}, {})
+        (out / "pretrained" / ".tmp_q1" / f"{q1_file.stem}.safetensors").replace(q1_file)
+        shutil.rmtree(out / "pretrained" / ".tmp_q1", ignore_errors=True)
+
+    def start() -> nn.Module:
+        net, _ = load_net(out / "pretrained" / "model", device)
+        return net.train()
+
+    ft_key = {"pretrain": pre_key, "finetune": cfg.finetune}
+    plain_net, plain_cfg = train_cached(out / "plain", start(), DenoisingObjective(target.x, schedule, batch),
+                                        _train_cfg(cfg.finetune, cfg.seed, device), schedule,
+                                        {"plain": ft_key})
+    dcfg = DualConfig.from_dict({**cfg.dual, "seed": cfg.seed})
+    ref = _losses(pre_net, schedule, [q1], dcfg, cfg.seed)
+    bound = float(cfg.relative * ref[0])
+    objective = DualObjective(target.x, [Constraint("pretrained", q1, bound, cfg.constraint_batch)], schedule,
+                              batch - cfg.constraint_batch, dcfg)
+    con_net, con_cfg = train_cached(out / "constrained", start(), objective,
+                                    _train_cfg(cfg.finetune, cfg.seed, device), schedule,
+                                    {"constrained": ft_key, "dual": asdict(dcfg), "bound": bound,
+                                     "n_constraint": cfg.n_constraint,
+                                     "constraint_batch": cfg.constraint_batch,
+                                     "sample_steps": cfg.sample_steps})
+
+    judge = DigitsJudge(device=device)
+    ref_stats = metrics.mean_cov(judge.features(heldout.x.to(device)).detach())
+    threshold = metrics.calibrate_memorisation_threshold(heldout.x, target.x, cfg.quantile)
+    div_ref = mean_pairwise_distance(heldout.x)
+    res: dict[str, Any] = {}
+    for name, net, mcfg in (("pretrained", pre_net, pre_cfg), ("plain", plain_net, plain_cfg),
+                            ("constrained", con_net, con_cfg)):
+        x = _samples(net, schedule, cfg.n_samples, cfg.sample_steps, cfg.seed, device)
+        with torch.no_grad():
+            feats = judge.features(x.to(device))
+            probs = judge.net.head(feats).softmax(-1)
+        r = {"memorisation": metrics.memorisation_rate(x, target.x, threshold),
+             "diversity": mean_pairwise_distance(x) / div_ref,
+             "frechet_to_target": metrics.gaussian_frechet(*metrics.mean_cov(feats), *ref_stats),
+             "mean_top_prob": float(probs.max(1).values.mean()),
+             "train_seconds": mcfg.get("train_seconds")}
+        if cfg.target_classes is not None:
+            r["target_class_rate"] = float(torch.isin(probs.argmax(1).cpu(),
+                                                      torch.tensor(list(cfg.target_classes))).double().mean())
+        res[name] = r
+        save_png_grid(x[:100], out / f"samples_{name}.png")
+    save_png_grid(target.x, out / "target_images.png")
+    res["constrained"]["lambda"] = con_cfg.get("lambda")
+    res["constrained"]["bound"] = bound
+    res["constrained"]["pretrained_loss"] = float(ref[0])
+    final = _losses(con_net, schedule, [q1], dcfg, cfg.seed + 1)
+    res["constrained"]["final_slack"] = float(final[0]) - bound
+    res["plain"]["loss_on_pretrained_samples"] = float(
+        _losses(plain_net, schedule, [q1], dcfg, cfg.seed + 1)[0])
+    p, c = res["plain"], res["constrained"]
+    reduction = 1 - c["memorisation"] / p["memorisation"] if p["memorisation"] > 0 else math.nan
+    fd_ratio = c["frechet_to_target"] / max(p["frechet_to_target"], 1e-12)
+    m = {"config": asdict(cfg), "threshold": threshold, "n_heldout": len(heldout), **res,
+         "memorisation_reduction": reduction, "frechet_ratio_constrained_vs_plain": fd_ratio,
+         "targets": {"memorisation_reduction>=0.5": bool(reduction >= 0.5),
+                     f"comparable_fidelity(FD<={cfg.comparable}x_plain)": bool(fd_ratio <= cfg.comparable)}}
+    names = ["pretrained", "plain", "constrained"]
+    plot_bars({"memorisation": [res[n]["memorisation"] for n in names],
+               "diversity (vs held-out)": [res[n]["diversity"] for n in names]},
+              out / "finetune.png", labels=names, title=f"fine-tuning on {cfg.n_target} images")
+    plot_dual(out / "constrained" / "log.jsonl", out)
+    io.write_json_atomic(out / "metrics.json", m)
+    return m
+
+
+# --- profiles ------------------------------------------------------------------------------------
+
+# "quick" runs on 2 CPU cores in minutes; "full" is meant for a GPU.
+PROFILES: dict[str, dict[type, dict]] = {
+    "quick": {ToyConfig: {}, FairConfig: {}, FinetuneConfig: {}},
+    "full": {
+        ToyConfig: {"steps": 8000, "hidden": 256, "n_samples": 20000, "tolerance": 0.02},
+        FairConfig: {"model": {**DIGITS_MODEL, "base": 64}, "train": {**DIGITS_TRAIN, "steps": 6000},
+                     "n_samples": 5000, "sample_steps": 100},
+        FinetuneConfig: {"model": {**DIGITS_MODEL, "base": 64}, "pretrain": {**DIGITS_TRAIN, "steps": 6000},
+                         "n_samples": 2000, "sample_steps": 100, "n_constraint": 2000},
+    },
+}
+
+
+def profile_config(cls: type, profile: str) -> Any:
+    """The config of experiment ``cls`` for a named profile."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
+    return cls.from_dict(PROFILES[profile][cls])

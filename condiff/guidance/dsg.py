@@ -1,0 +1,105 @@
+"""DSG, guidance with a spherical Gaussian constraint (Yang et al., ICML 2024; METHODS.md section 4).
+
+In ``n`` dimensions the unconditional draw ``x_{t_prev} ~ N(mean, sigma^2 I)`` concentrates on the
+sphere of radius ``r = sqrt(n) sigma`` around ``mean``. DSG keeps the guided step on that sphere:
+
+    d_star   = -r g / ||g||                      steepest descent direction on the sphere
+    d_sample = sigma z                           the unconditional sampling direction
+    d_m      = d_sample + w (d_star - d_sample)  guidance rate w in [0, 1]
+    x_prev   = mean + r d_m / ||d_m||            (norms per sample)
+
+DSG is an update rule (:class:`SphericalStep`) that replaces the Euclidean gradient step of a base
+method; :class:`DSG` wraps any :class:`~condiff.guidance.base.GradientGuidance`, so DPS + DSG,
+FreeDoM + DSG and UGD + DSG run the base code (its gradient, time travel, backward guidance,
+self-recurrence) with only the step changed. The base's step size is not used: the sphere fixes the
+step length. Guidance runs every ``interval`` steps (``step.i % interval == 0``); other steps are
+unconditional.
+
+DSG needs ``sigma > 0``: with a deterministic sampler (DDIM ``eta = 0``) the sphere has radius 0 and
+the step would ignore the guidance, so DSG refuses it. At the sampler's final step
+(``t_prev = -1``) every DDIM step has ``sigma = 0``; there the sphere is the point ``mean`` and DSG
+returns it without computing a gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..sample import Step
+from .base import GradientGuidance, Scalar, check_scalar, per_sample
+
+_TINY = 1e-12  # guards the norms of an exactly zero gradient or mixed direction
+
+
+def _norm(x: Tensor) -> Tensor:
+    """Per-sample Euclidean norm, shaped ``(B, 1, ..., 1)``."""
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+class SphericalStep:
+    """DSG's closed-form step with guidance rate ``rate`` (``w``); see the module docstring."""
+
+    def __init__(self, rate: Scalar = 0.2) -> None:
+        self.rate = check_scalar("DSG rate", rate, 0.0, 1.0)
+
+    def __call__(self, step: Step, grad: Tensor, scale: Scalar = 1.0) -> Tensor:
+        if step.sigma == 0:
+            return step.mean
+        r = math.sqrt(step.n) * step.sigma                          # radius sqrt(n) sigma_t
+        d_star = -r * grad / _norm(grad).clamp_min(_TINY)
+        d_sample = step.sigma * step.noise
+        d_m = d_sample + per_sample(self.rate, grad) * (d_star - d_sample)
+        return step.mean + r * d_m / _norm(d_m).clamp_min(_TINY)
+
+
+class DSG:
+    """``DSG(base, rate, interval)``: the base method with its gradient step made spherical.
+
+    Args:
+        base: DPS, FreeDoM, UGD or any :class:`GradientGuidance`.
+        rate: guidance rate ``w`` in [0, 1] (float or ``(B,)`` tensor); 1 is the pure closed form.
+        interval: guide every ``interval`` steps (``k``); the others are unconditional.
+    """
+
+    needs_grad = True
+    needs_noise = True  # refused by guided_sample with eta = 0 before any work is done
+
+    def __init__(self, base: GradientGuidance, rate: Scalar = 0.2, interval: int = 1) -> None:
+        if not isinstance(base, GradientGuidance):
+            raise ValueError(f"DSG wraps a gradient-guidance method (DPS, FreeDoM, UGD), "
+                             f"got {type(base).__name__}")
+        if not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"DSG interval must be an integer >= 1, got {interval!r}")
+        self.base, self.interval = base, interval
+        self.step_rule = SphericalStep(rate)
+
+    @property
+    def rate(self) -> Scalar:
+        return self.step_rule.rate
+
+    @property
+    def loss(self):
+        return self.base.loss
+
+    @property
+    def grad_evals(self) -> int:
+        return self.base.grad_evals
+
+    def __call__(self, step: Step) -> Tensor:
+        if step.sigma == 0:
+            if int(step.t_prev[0]) >= 0:
+                raise ValueError(f"DSG needs a stochastic sampler: sigma_t = 0 at t = {int(step.t[0])} "
+                                 f"(eta = {step.eta:g}); use eta > 0 (the DSG paper uses eta = 1)")
+            return step.mean  # final step: the sphere has radius 0
+        if step.i % self.interval:
+            return step.sample()
+        return self.base.guide(step, self.step_rule)
+
+    def hyperparameters(self) -> dict:
+        return {"rate": self.rate, "interval": self.interval, **self.base.hyperparameters()}
+
+    def describe(self) -> str:
+        return f"DSG(rate={self.rate}, interval={self.interval}) + {self.base.describe()}"

@@ -1,0 +1,54 @@
+"""Guided sampling: the DDIM loop with a guidance rule, plus the cost counters a benchmark needs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Denoiser
+from ..sample import Guidance, ddim, randn
+
+
+@dataclass
+class GuidedResult:
+    """A batch of guided samples and what it cost."""
+
+    x: Tensor            # (B, ...) samples x_0
+    steps: int           # sampler steps
+    nfe: int             # network forward evaluations (time travel / recurrence included)
+    grad_evals: int      # backward passes through the network
+    seconds: float       # wall time of the sampling loop
+
+
+def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...], steps: int,
+                  eta: float = 1.0, generator: torch.Generator | None = None,
+                  device: str | torch.device = "cpu", clip_x0: float | None = 1.0,
+                  spacing: str = "linspace", x_T: Tensor | None = None,
+                  progress: bool = False) -> GuidedResult:
+    """Draw ``shape[0]`` guided samples with ``steps`` DDIM steps of stochasticity ``eta``.
+
+    Args:
+        denoiser: any Denoiser (condiff net, diffusers UNet, analytic oracle).
+        guidance: DPS, FreeDoM, UGD, DSG(...) or any object with ``needs_grad`` and ``__call__(step)``.
+        shape: ``(B, C, H, W)`` (or ``(B, D)``); the batch must match the loss's batch.
+        eta: 1 gives DDPM-like ancestral steps (the DPS / DSG papers' setting); DSG refuses 0.
+        clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]`` (the DPS code clips to [-1, 1]); None: off.
+        x_T: starting noise (default: drawn from ``generator``).
+    """
+    if getattr(guidance, "needs_noise", False) and eta == 0:
+        raise ValueError("DSG needs a stochastic sampler (eta > 0): with eta = 0 its sphere has radius 0; "
+                         "use eta = 1 as in the DSG paper")
+    x = randn(shape, generator, device=device) if x_T is None else x_T.to(device)
+    ts = denoiser.schedule.timesteps(steps, spacing)
+    nfe0, g0 = denoiser.nfe, getattr(guidance, "grad_evals", 0)
+    t0 = time.perf_counter()
+    out = ddim(denoiser, x, ts, eta=eta, generator=generator, guidance=guidance, clip_x0=clip_x0,
+               progress=progress)
+    if out.device.type == "cuda":
+        torch.cuda.synchronize(out.device)
+    seconds = time.perf_counter() - t0
+    grads = getattr(guidance, "grad_evals", 0) - g0
+    return GuidedResult(out, int(steps), denoiser.nfe - nfe0, grads, seconds)

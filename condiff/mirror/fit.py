@@ -1,0 +1,171 @@
+"""NAMM workflows on the core trainer: fit the mirror map, train a diffusion model on arrays,
+fine-tune the inverse map. Each writes a run directory (checkpoints, ``log.jsonl``) and resumes
+from its newest checkpoint when asked.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from condiff.constraints import Distance, check_distance
+from condiff.denoiser import NetDenoiser
+from condiff.mirror.map import MirrorMap, save_mirror
+from condiff.mirror.objective import FinetuneObjective, NAMMLoss, NAMMObjective
+from condiff.models import save_model
+from condiff.nets import build_net
+from condiff.schedule import Schedule
+from condiff.train import DenoisingObjective, TrainConfig, Trainer
+
+# Adam with beta1 = 0.5 at a constant 2e-4, batch 16, EMA 0.999 (METHODS.md)
+MIRROR_TRAIN = {
+    "steps": 4000,
+    "batch_size": 16,
+    "lr": 2e-4,
+    "betas": (0.5, 0.999),
+    "warmup": 0,
+    "lr_decay": "constant",
+    "grad_clip": 10.0,  # loose: a guard against rare double-backprop spikes, not part of the recipe
+    "ema_decay": 0.999,
+    "ckpt_every": 500,
+}
+
+
+def _probe(constraint: Distance, x: Tensor) -> None:
+    """Check a constraint on two samples, on the device its weights live on (a counting CNN on a GPU)."""
+    dev = torch.device("cpu")
+    if isinstance(constraint, nn.Module):
+        t = next(iter([*constraint.parameters(), *constraint.buffers()]), None)
+        dev = t.device if t is not None else dev
+    check_distance(constraint, x[:2].to(dev))
+
+
+def _trainer(
+    model: nn.Module, objective, tcfg: TrainConfig, run_dir: str | Path | None, meta: dict, resume: bool
+) -> Trainer:
+    tr = Trainer(model, objective, tcfg, run_dir, meta)
+    if resume and tr.resume():
+        print(f"resumed from step {tr.step} of {tcfg.steps}")
+    return tr
+
+
+def build_mirror(
+    shape: tuple[int, ...], psi: dict, inverse: dict, a: float = 0.9, seed: int = 0
+) -> MirrorMap:
+    """A fresh mirror map for per-sample ``shape = (C, H, W)``; ``psi`` / ``inverse`` are net configs
+    whose channel entries are filled in from ``shape``."""
+    torch.manual_seed(seed)
+    c = shape[0]
+    return MirrorMap(
+        build_net({**psi, "in_channels": c}), build_net({**inverse, "in_channels": c, "out_channels": c}), a
+    )
+
+
+def fit_mirror_map(
+    x: Tensor,
+    constraint: Distance,
+    mirror: MirrorMap,
+    tcfg: TrainConfig,
+    weights: NAMMLoss | None = None,
+    run_dir: str | Path | None = None,
+    meta: dict | None = None,
+    resume: bool = False,
+) -> MirrorMap:
+    """Train ``mirror`` (``Psi`` and ``f`` jointly) on data ``x`` (N, C, H, W); returns the EMA map.
+
+    With ``run_dir`` the map is also saved to ``run_dir/mirror``.
+    """
+    _probe(constraint, x)
+    weights = weights or NAMMLoss()
+    meta = {"mirror": mirror.config, "loss": vars(weights), **(meta or {})}
+    tr = _trainer(mirror, NAMMObjective(x, constraint, tcfg.batch_size, weights), tcfg, run_dir, meta, resume)
+    t0 = time.perf_counter()
+    ema = tr.fit().eval()
+    if run_dir is not None and tr.dist.main:
+        save_mirror(
+            Path(run_dir) / "mirror",
+            ema,
+            loss=vars(weights),
+            steps=tr.step,
+            train_seconds=round(time.perf_counter() - t0, 2),
+            **(meta_extra(meta)),
+        )
+    return ema
+
+
+def meta_extra(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k not in ("mirror", "loss", "finetune")}
+
+
+def train_diffusion(
+    x: Tensor,
+    net_cfg: dict,
+    schedule: Schedule,
+    tcfg: TrainConfig,
+    run_dir: str | Path | None = None,
+    meta: dict | None = None,
+    resume: bool = False,
+    seed: int = 0,
+) -> NetDenoiser:
+    """The core denoising objective on in-memory data ``x`` (the vanilla DM on data, the MDM on ``g(x)``).
+
+    With ``run_dir`` the EMA model is saved to ``run_dir/model`` (loadable with
+    :func:`condiff.models.load_denoiser`).
+    """
+    torch.manual_seed(seed)
+    net = build_net(net_cfg)
+    meta = {"net": net.config, "schedule": schedule.config(), "shape": list(x.shape[1:]), **(meta or {})}
+    tr = _trainer(net, DenoisingObjective(x, schedule, tcfg.batch_size), tcfg, run_dir, meta, resume)
+    t0 = time.perf_counter()
+    ema = tr.fit().eval()
+    if run_dir is not None and tr.dist.main:
+        save_model(
+            Path(run_dir) / "model",
+            ema,
+            schedule,
+            shape=list(x.shape[1:]),
+            steps=tr.step,
+            train_seconds=round(time.perf_counter() - t0, 2),
+            **{k: v for k, v in (meta or {}).items() if k not in ("net", "schedule", "shape")},
+        )
+    return NetDenoiser(ema, schedule)
+
+
+def finetune_inverse(
+    mirror: MirrorMap,
+    x: Tensor,
+    y_mdm: Tensor,
+    constraint: Distance,
+    tcfg: TrainConfig,
+    weights: NAMMLoss | None = None,
+    run_dir: str | Path | None = None,
+    meta: dict | None = None,
+    resume: bool = False,
+) -> MirrorMap:
+    """Fine-tune ``f`` on mirror-model samples ``y_mdm`` (forward map frozen); returns a new
+    :class:`MirrorMap` sharing ``Psi`` with the fine-tuned EMA inverse (saved to ``run_dir/mirror``)."""
+    _probe(constraint, x)
+    weights = weights or NAMMLoss()
+    frozen = copy.deepcopy(mirror).eval()
+    f = copy.deepcopy(mirror.inverse).train().requires_grad_(True)
+    obj = FinetuneObjective(frozen, x, y_mdm, constraint, tcfg.batch_size, weights)
+    meta = {"mirror": mirror.config, "loss": vars(weights), "finetune": True, **(meta or {})}
+    tr = _trainer(f, obj, tcfg, run_dir, meta, resume)
+    t0 = time.perf_counter()
+    f_ema = tr.fit().eval()
+    out = MirrorMap(frozen.psi, f_ema, mirror.a).eval()
+    if run_dir is not None and tr.dist.main:
+        save_mirror(
+            Path(run_dir) / "mirror",
+            out,
+            loss=vars(weights),
+            steps=tr.step,
+            finetune=True,
+            train_seconds=round(time.perf_counter() - t0, 2),
+            **meta_extra(meta),
+        )
+    return out

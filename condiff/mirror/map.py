@@ -1,0 +1,113 @@
+"""The neural approximate mirror map: ``g(x) = (1 - a) grad Psi(x) + a x`` and its learned inverse ``f``.
+
+``Psi`` is an input-convex network (:class:`condiff.nets.ICNN`), so ``g`` is the gradient of the
+``a``-strongly convex potential ``(1 - a) Psi(x) + a ||x||^2 / 2``: monotone and invertible
+(``<g(x) - g(y), x - y> >= a ||x - y||^2``). ``f`` is any image-to-image network (a
+:class:`condiff.nets.ResNetGenerator` by default) trained to invert ``g`` and to land on the
+constraint set (:mod:`condiff.mirror.objective`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from condiff import io
+from condiff.nets import build_net
+
+FORMAT = "condiff-namm-mirror"
+
+
+@dataclass
+class MirrorTerms:
+    """Everything one NAMM training step needs, from one forward pass (so DDP sees one call)."""
+
+    gx: Tensor  # g(x)
+    fgx: Tensor  # f(g(x))
+    y: Tensor  # g(x) + sigma z
+    fy: Tensor  # f(y)
+    gfy: Tensor  # g(f(y))
+    grad_psi: Tensor  # grad Psi(x)
+
+
+class MirrorMap(nn.Module):
+    """Forward map ``g`` (through ``psi``) and inverse ``f`` (``inverse``), with ``a`` in ``(0, 1)``."""
+
+    def __init__(self, psi: nn.Module, inverse: nn.Module, a: float = 0.9) -> None:
+        super().__init__()
+        if not 0.0 < float(a) < 1.0:
+            raise ValueError(
+                f"mirror map: a must lie in (0, 1) (strong convexity, and Psi must matter), got {a}"
+            )
+        self.psi, self.inverse, self.a = psi, inverse, float(a)
+
+    @property
+    def config(self) -> dict:
+        return {"psi": self.psi.config, "inverse": self.inverse.config, "a": self.a}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> MirrorMap:
+        return cls(build_net(cfg["psi"]), build_net(cfg["inverse"]), cfg.get("a", 0.9))
+
+    def grad_psi(self, x: Tensor, create_graph: bool | None = None) -> Tensor:
+        """``grad Psi(x)``, same shape as ``x``.
+
+        ``create_graph`` (default: whether autograd is on) keeps the graph so a loss on the result
+        can be differentiated in ``x`` and in ``Psi``'s weights (double backprop).
+        """
+        create = torch.is_grad_enabled() if create_graph is None else create_graph
+        with torch.enable_grad():
+            xr = x if x.requires_grad else x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.psi(xr).sum(), xr, create_graph=create)
+        return grad if create else grad.detach()
+
+    def forward_map(self, x: Tensor, create_graph: bool | None = None) -> Tensor:
+        """``g(x) = (1 - a) grad Psi(x) + a x``: data space -> mirror space."""
+        return (1 - self.a) * self.grad_psi(x, create_graph) + self.a * x
+
+    def inverse_map(self, y: Tensor) -> Tensor:
+        """``f(y)``: mirror space -> data space (approximately onto the constraint set)."""
+        return self.inverse(y)
+
+    def forward(self, x: Tensor, noise: Tensor) -> MirrorTerms:
+        """The NAMM training terms for data ``x`` and mirror-space perturbation ``noise = sigma z``."""
+        grad_psi = self.grad_psi(x, create_graph=True)
+        gx = (1 - self.a) * grad_psi + self.a * x
+        y = gx + noise
+        fgx, fy = self.inverse(torch.cat([gx, y])).chunk(2)  # one call: cheaper, and DDP-friendly
+        gfy = self.forward_map(fy, create_graph=True)
+        return MirrorTerms(gx, fgx, y, fy, gfy, grad_psi)
+
+    @torch.no_grad()
+    def to_mirror(self, x: Tensor, batch_size: int = 256) -> Tensor:
+        """``g`` on a whole data set, in batches, without a graph."""
+        dev = next(self.parameters()).device
+        return torch.cat(
+            [self.forward_map(x[i : i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)]
+        )
+
+    @torch.no_grad()
+    def to_data(self, y: Tensor, batch_size: int = 256) -> Tensor:
+        """``f`` on a whole set of mirror-space points, in batches."""
+        dev = next(self.parameters()).device
+        return torch.cat(
+            [self.inverse_map(y[i : i + batch_size].to(dev)).cpu() for i in range(0, len(y), batch_size)]
+        )
+
+
+def save_mirror(path: str | Path, mirror: MirrorMap, **meta) -> Path:
+    """Write a mirror map as a directory: ``config.json`` + ``model.safetensors``."""
+    return io.save_module(path, mirror, {"format": FORMAT, "mirror": mirror.config, **meta})
+
+
+def load_mirror(path: str | Path, device: str | torch.device = "cpu") -> tuple[MirrorMap, dict]:
+    """Rebuild a saved mirror map; returns ``(mirror, config)``. No code is unpickled."""
+    cfg = io.load_config(path)
+    if cfg.get("format") != FORMAT:
+        raise io.CheckpointError(f"{path} is not a NAMM mirror map (format {cfg.get('format')!r})")
+    mirror = MirrorMap.from_config(cfg["mirror"]).to(device)
+    io.load_state_into(mirror, path)
+    return mirror.eval(), cfg

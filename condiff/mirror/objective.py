@@ -1,0 +1,175 @@
+"""NAMM training objectives for the core :class:`condiff.train.Trainer`.
+
+Mirror-map loss per batch (METHODS.md section 1), ``sigma ~ U(0, sigma_max)`` per sample and
+``y = g(x) + sigma z``:
+
+    L = l_cyc [0.5 mean|f(g(x)) - x| + 0.5 mean|g(f(y)) - y|] + l_con mean l(f(y)) + l_reg mean|grad Psi(x)|
+
+The noise in mirror space teaches ``f`` to send a whole neighbourhood of the mirror data back onto
+the constraint set, so imperfect generated mirror samples are still restored.
+
+Fine-tuning trains ``f`` alone with the same loss, ``y = x_MDM + sigma z`` drawn around samples of the
+mirror diffusion model, ``g`` frozen (its regulariser is then a constant and is left out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import Tensor, nn
+
+from condiff.constraints import Distance
+from condiff.mirror.map import MirrorMap
+
+
+@dataclass
+class NAMMLoss:
+    """Loss weights and mirror-space noise level (official values: brightness / count ``l_con = 0.01``,
+    Burgers / periodic / divergence-free ``1.0``; ``sigma_max = 0.5`` for the flow data)."""
+
+    l_cyc: float = 1.0
+    l_con: float = 1.0
+    l_reg: float = 1e-3
+    sigma_max: float = 0.1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NAMMLoss:
+        known = {f.name for f in fields(cls)}
+        if bad := sorted(set(d) - known):
+            raise ValueError(f"unknown NAMM loss option(s) {bad}; known: {sorted(known)}")
+        out = cls(**{k: float(v) for k, v in d.items()})
+        if min(out.l_cyc, out.l_con, out.l_reg, out.sigma_max) < 0:
+            raise ValueError(f"NAMM loss weights and sigma_max must be >= 0, got {asdict(out)}")
+        return out
+
+
+def _sigma_noise(shape: torch.Size, sigma_max: float, generator: torch.Generator, like: Tensor) -> Tensor:
+    """``sigma z`` with ``sigma ~ U(0, sigma_max)`` per sample and ``z ~ N(0, I)``: shape ``shape``."""
+    dev = generator.device
+    sigma = sigma_max * torch.rand(shape[0], generator=generator, device=dev)
+    z = torch.randn(tuple(shape), generator=generator, device=dev)
+    return (sigma.view(-1, *([1] * (len(shape) - 1))) * z).to(like)
+
+
+def namm_terms(terms, x: Tensor, constraint: Distance) -> dict[str, Tensor]:
+    """The three loss terms (scalars) from a :class:`MirrorTerms`."""
+    return {
+        "cyc": 0.5 * (terms.fgx - x).abs().mean() + 0.5 * (terms.gfy - terms.y).abs().mean(),
+        "con": constraint(terms.fy).mean(),
+        "reg": terms.grad_psi.abs().mean(),
+    }
+
+
+def _total(parts: dict[str, Tensor], w: NAMMLoss) -> Tensor:
+    return w.l_cyc * parts["cyc"] + w.l_con * parts["con"] + w.l_reg * parts.get("reg", 0.0)
+
+
+def _batch(x: Tensor, batch_size: int, generator: torch.Generator) -> Tensor:
+    idx = torch.randint(0, x.shape[0], (batch_size,), generator=generator, device=generator.device)
+    return x[idx.to(x.device)]
+
+
+class NAMMObjective:
+    """Joint training of ``Psi`` and ``f`` (the model is a :class:`MirrorMap`) on data ``x`` (N, C, H, W)."""
+
+    def __init__(
+        self, x: Tensor, constraint: Distance, batch_size: int = 16, weights: NAMMLoss | None = None
+    ) -> None:
+        if x.dim() != 4 or x.shape[0] == 0:
+            raise ValueError(f"NAMM needs non-empty image data (N, C, H, W), got shape {tuple(x.shape)}")
+        self.x, self.constraint, self.batch_size = x, constraint, int(batch_size)
+        self.w = weights or NAMMLoss()
+
+    def to(self, device: torch.device | str) -> NAMMObjective:
+        self.x = self.x.to(device)
+        if isinstance(self.constraint, nn.Module):
+            self.constraint.to(device)
+        return self
+
+    def loss(
+        self, model: nn.Module, step: int, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]:
+        x = _batch(self.x, self.batch_size, generator)
+        terms = model(x, _sigma_noise(x.shape, self.w.sigma_max, generator, x))
+        parts = namm_terms(terms, x, self.constraint)
+        return _total(parts, self.w), {k: float(v.detach()) for k, v in parts.items()}
+
+    def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
+        model.psi.clamp_weights()  # keep Psi convex: W_k >= 0 and the output conv >= 0
+        return {}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        pass
+
+
+class FinetuneObjective:
+    """Train ``f`` alone (the model is the inverse network) on samples ``y_mdm`` of the mirror diffusion
+    model, with ``g`` frozen. ``x`` are the training data, for the cycle term ``f(g(x)) - x``."""
+
+    def __init__(
+        self,
+        mirror: MirrorMap,
+        x: Tensor,
+        y_mdm: Tensor,
+        constraint: Distance,
+        batch_size: int = 16,
+        weights: NAMMLoss | None = None,
+    ) -> None:
+        if y_mdm.shape[1:] != x.shape[1:]:
+            raise ValueError(
+                f"mirror samples have shape {tuple(y_mdm.shape[1:])} but the data {tuple(x.shape[1:])}"
+            )
+        self.psi_map = mirror  # only its psi (frozen) is used; f is the trained model
+        self.psi_map.requires_grad_(False)
+        self.x, self.gx = x, mirror.to_mirror(x)
+        self.y_mdm, self.constraint, self.batch_size = y_mdm, constraint, int(batch_size)
+        self.w = weights or NAMMLoss()
+
+    def to(self, device: torch.device | str) -> FinetuneObjective:
+        self.x, self.gx, self.y_mdm = self.x.to(device), self.gx.to(device), self.y_mdm.to(device)
+        self.psi_map.to(device)
+        if isinstance(self.constraint, nn.Module):
+            self.constraint.to(device)
+        return self
+
+    def loss(
+        self, model: nn.Module, step: int, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]:
+        idx = torch.randint(
+            0, self.x.shape[0], (self.batch_size,), generator=generator, device=generator.device
+        )
+        x, gx = self.x[idx.to(self.x.device)], self.gx[idx.to(self.x.device)]
+        y0 = _batch(self.y_mdm, self.batch_size, generator)
+        y = y0 + _sigma_noise(y0.shape, self.w.sigma_max, generator, y0)
+        fgx, fy = model(torch.cat([gx, y])).chunk(2)
+        gfy = self.psi_map.forward_map(fy, create_graph=True)
+        parts = {
+            "cyc": 0.5 * (fgx - x).abs().mean() + 0.5 * (gfy - y).abs().mean(),
+            "con": self.constraint(fy).mean(),
+        }
+        return _total(parts, self.w), {k: float(v.detach()) for k, v in parts.items()}
+
+    def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        pass
+
+
+@torch.no_grad()
+def evaluate_terms(
+    mirror: MirrorMap, x: Tensor, constraint: Distance, sigma_max: float, seed: int = 0
+) -> dict[str, float]:
+    """The NAMM loss terms on a fixed batch ``x`` with fixed noise (for tests and progress checks)."""
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    with torch.enable_grad():  # g(x) needs autograd for grad Psi, but no graph is kept
+        terms = mirror(x, _sigma_noise(x.shape, sigma_max, g, x))
+        parts = namm_terms(terms, x, constraint)
+    return {k: float(v) for k, v in parts.items()}

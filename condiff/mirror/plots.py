@@ -1,0 +1,75 @@
+"""Figures for NAMM runs: samples beside their constraint-violation maps, and ``l(x)`` histograms
+(the histograms use :func:`condiff.plots.plot_histograms`)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+
+def _show(x: Tensor) -> Tensor:
+    """What to draw for one sample ``(C, H, W)``: its first channel (the ``u`` velocity for flows)."""
+    return x[0].detach().float().cpu()
+
+
+def plot_violation_grid(
+    columns: dict[str, tuple[Tensor, Tensor | None, Tensor]], out: str | Path, rows: int = 6, title: str = ""
+) -> Path:
+    """One column pair per method: samples ``x (N, C, H, W)`` and their violation maps ``(N, H, W)``
+    (or ``None``), each sample titled with its distance ``l (N,)``. Writes a PNG atomically."""
+    names = list(columns)
+    rows = min(rows, min(len(v[0]) for v in columns.values()))
+    fig, axes = plt.subplots(
+        rows, 2 * len(names), figsize=(2.0 * 2 * len(names), 2.0 * rows + 0.4), squeeze=False
+    )
+    for j, name in enumerate(names):
+        x, vmap, dist = columns[name]
+        vmax = float(vmap[:rows].max()) if vmap is not None else 1.0
+        for i in range(rows):
+            ax, axv = axes[i, 2 * j], axes[i, 2 * j + 1]
+            ax.imshow(_show(x[i]), cmap="gray")
+            ax.set_title(
+                f"{name}\nl={float(dist[i]):.3g}" if i == 0 else f"l={float(dist[i]):.3g}", fontsize=7
+            )
+            if vmap is not None:
+                axv.imshow(vmap[i].detach().cpu(), cmap="magma", vmin=0, vmax=max(vmax, 1e-12))
+                if i == 0:
+                    axv.set_title(f"violation\n(max {vmax:.2g})", fontsize=7)
+            for a in (ax, axv):
+                a.set_xticks([])
+                a.set_yticks([])
+                if vmap is None and a is axv:
+                    a.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+@torch.no_grad()
+def violation_maps(constraint, x: Tensor, batch_size: int = 256) -> Tensor | None:
+    """``constraint.violation_map`` over a large set, or ``None`` when it has none."""
+    fn = getattr(constraint, "violation_map", None)
+    params = getattr(constraint, "parameters", None)
+    dev = next(iter(params()), torch.empty(0)).device if params is not None else torch.device("cpu")
+    if fn is None or fn(x[:1].to(dev)) is None:
+        return None
+    return torch.cat([fn(x[i : i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])

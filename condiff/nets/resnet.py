@@ -1,0 +1,135 @@
+"""ResNet image-to-image generator (Johnson et al. 2016; CycleGAN's generator): NAMM's inverse map.
+
+``7x7 conv -> downsamples x (stride-2 3x3 conv) -> blocks x residual block -> upsamples x
+(nearest upsample + 3x3 conv) -> 7x7 conv``, instance norm and ReLU between, channels doubling at
+each downsample from ``base``. With ``residual=True`` the output is ``x + net(x)`` and the last conv
+starts at zero, so the untrained generator is the identity.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from . import register_net
+
+PADDING = ("circular", "reflect", "zeros")
+
+
+def _int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"ResNetGenerator: {name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _conv(cin: int, cout: int, k: int, padding: str, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, padding_mode=padding)
+
+
+def _norm_act(ch: int) -> list[nn.Module]:
+    return [nn.InstanceNorm2d(ch, affine=True), nn.ReLU()]
+
+
+class _Block(nn.Module):
+    def __init__(self, ch: int, padding: str) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            _conv(ch, ch, 3, padding),
+            *_norm_act(ch),
+            _conv(ch, ch, 3, padding),
+            nn.InstanceNorm2d(ch, affine=True),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class _Up(nn.Module):
+    def __init__(self, cin: int, cout: int, padding: str) -> None:
+        super().__init__()
+        # upsample + conv instead of a transposed conv: no checkerboard, and it keeps circular padding
+        self.conv = nn.Sequential(_conv(cin, cout, 3, padding), *_norm_act(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+@register_net("resnet")
+class ResNetGenerator(nn.Module):
+    """``forward(x (B, C, H, W)) -> (B, out_channels, H, W)``; ``H``, ``W`` divisible by ``2**downsamples``.
+
+    Args:
+        in_channels, out_channels: image channels (``out_channels`` defaults to ``in_channels``).
+        base: channels after the first conv (64 in the paper).
+        blocks: residual blocks at the lowest resolution (6 in the paper).
+        downsamples: stride-2 stages (2 in the paper).
+        residual: add the input to the output (needs ``out_channels == in_channels``).
+        padding: ``circular`` (periodic data), ``reflect`` or ``zeros``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int | None = None,
+        base: int = 64,
+        blocks: int = 6,
+        downsamples: int = 2,
+        residual: bool = True,
+        padding: str = "circular",
+    ) -> None:
+        super().__init__()
+        in_channels = _int("in_channels", in_channels, 1)
+        out_channels = in_channels if out_channels is None else _int("out_channels", out_channels, 1)
+        base, blocks, downsamples = (
+            _int("base", base, 1),
+            _int("blocks", blocks, 0),
+            _int("downsamples", downsamples, 0),
+        )
+        if padding not in PADDING:
+            raise ValueError(f"ResNetGenerator: padding must be one of {PADDING}, got {padding!r}")
+        if residual and out_channels != in_channels:
+            raise ValueError(
+                f"ResNetGenerator: residual=True needs out_channels == in_channels, "
+                f"got {in_channels} -> {out_channels}"
+            )
+        self.config = {
+            "name": "resnet",
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "base": base,
+            "blocks": blocks,
+            "downsamples": downsamples,
+            "residual": bool(residual),
+            "padding": padding,
+        }
+        self.in_channels, self.residual, self.divisor = in_channels, bool(residual), 2**downsamples
+        layers: list[nn.Module] = [_conv(in_channels, base, 7, padding), *_norm_act(base)]
+        ch = base
+        for _ in range(downsamples):
+            layers += [_conv(ch, 2 * ch, 3, padding, stride=2), *_norm_act(2 * ch)]
+            ch *= 2
+        layers += [_Block(ch, padding) for _ in range(blocks)]
+        for _ in range(downsamples):
+            layers.append(_Up(ch, ch // 2, padding))
+            ch //= 2
+        last = _conv(ch, out_channels, 7, padding)
+        if residual:
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        layers.append(last)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"ResNetGenerator expects (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}"
+            )
+        if x.shape[2] % self.divisor or x.shape[3] % self.divisor:
+            raise ValueError(
+                f"ResNetGenerator with {self.divisor.bit_length() - 1} downsamples needs H and W "
+                f"divisible by {self.divisor}, got {x.shape[2]}x{x.shape[3]}"
+            )
+        y = self.net(x)
+        return x + y if self.residual else y

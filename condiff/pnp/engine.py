@@ -1,0 +1,168 @@
+"""Plug-and-play inference: a fixed diffusion model as a prior, a differentiable constraint, and
+gradient descent on ``x`` or on a latent that renders to ``x`` (Graikos et al. 2022, METHODS.md section 3).
+
+Objective at optimisation step ``i`` (one noise draw per step and chain, ``n`` elements per sample):
+
+    F_i(z) = || eps - eps_theta(sqrt(abar_t) x + sqrt(1 - abar_t) eps, t) ||^2 / n  +  w_i * c(x),
+    x = render(z),  t = t_i,  eps ~ N(0, I)
+
+with ``t_i`` and ``w_i`` from schedule objects (:mod:`condiff.pnp.schedules`) and ``c`` any callable
+``x -> (B,)`` to *minimise* (e.g. ``-log p(y | x)`` of a classifier, a symmetry distance). Every row of
+the batch is an independent chain: the loss is summed over rows and Adam acts elementwise, so one
+chain never changes another's trajectory.
+
+``through_net=True`` back-propagates the denoising loss through the network, as the paper does.
+``through_net=False`` is the cheaper stop-gradient variant (as in score distillation): the network's
+Jacobian is dropped, and the gradient in ``x`` is ``2 sqrt(abar_t) (eps_hat - eps) / n``; it costs one
+forward pass per step and no backward pass through the network.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Denoiser
+from ..sample import randn
+from .schedules import PAPER_MNIST, ConstantWeight, TimeSchedule, WeightSchedule
+
+Constraint = Callable[[Tensor], Tensor]
+UNIT_WEIGHT = ConstantWeight(1.0)
+
+
+def denoising_term(denoiser: Denoiser, x: Tensor, t: Tensor, eps: Tensor, through_net: bool = True) -> Tensor:
+    """Per-chain denoising loss ``||eps - eps_theta(x_t, t)||^2 / n`` at ``x`` ``(B, ...)``: ``(B,)``.
+
+    With ``through_net=False`` the value is the same but its gradient in ``x`` skips the network:
+    a surrogate ``2 <stopgrad(eps_hat - eps), x_t> / n`` carries ``2 sqrt(abar_t) (eps_hat - eps) / n``.
+    """
+    a = denoiser.schedule.abar_at(t, x)
+    x_t = a.sqrt() * x + (1 - a).sqrt() * eps
+    n = x[0].numel()
+    if through_net:
+        return (eps - denoiser.eps(x_t, t)).pow(2).flatten(1).sum(1) / n
+    with torch.no_grad():
+        r = denoiser.eps(x_t.detach(), t) - eps
+    value = r.pow(2).flatten(1).sum(1) / n
+    surrogate = 2 * (r * x_t).flatten(1).sum(1) / n
+    return value + surrogate - surrogate.detach()
+
+
+@dataclass
+class PnPResult:
+    """Output of :func:`infer`: the final picture ``x`` ``(B, ...)``, the optimised ``latent``, and per-step
+    traces (means over chains) of the denoising loss, the constraint, ``t`` and ``w``."""
+
+    x: Tensor
+    latent: Tensor
+    denoise: list[float] = field(default_factory=list)
+    constraint: list[float] = field(default_factory=list)
+    t: list[int] = field(default_factory=list)
+    w: list[float] = field(default_factory=list)
+    nfe: int = 0
+    seconds: float = 0.0
+
+
+def infer(
+    denoiser: Denoiser,
+    latent: Tensor,
+    *,
+    render: Callable[[Tensor], Tensor] | None = None,
+    constraint: Constraint | None = None,
+    schedule: TimeSchedule = PAPER_MNIST,
+    weight: WeightSchedule = UNIT_WEIGHT,
+    steps: int = 1000,
+    lr: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.999),
+    through_net: bool = True,
+    project: Callable[[Tensor], Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable[[int, Tensor, Tensor], None] | None = None,
+    progress: bool = False,
+) -> PnPResult:
+    """Minimise ``F_i`` over ``latent`` ``(B, ...)`` with Adam for ``steps`` steps; ``B`` independent chains.
+
+    Args:
+        denoiser: the fixed prior (any :class:`~condiff.denoiser.Denoiser`; its weights are not touched).
+        latent: the starting point ``z_0`` (copied); ``x = render(z)`` must have the prior's shape.
+        render: differentiable map latent -> picture (default: identity, i.e. optimise ``x`` itself).
+        constraint: callable ``x -> (B,)`` to minimise, weighted by ``weight(i, steps)``; None: prior only.
+        schedule: ``t_i`` as a :class:`~condiff.pnp.schedules.TimeSchedule` object.
+        lr, betas: Adam settings (the paper: 0.01 for MNIST; 1.0 with betas (0, 0.9) for TSP).
+        through_net: back-propagate through the network (paper) or use the stop-gradient variant.
+        project: applied to the latent after every step without gradients (e.g. a clamp to a box).
+        generator: source of the noise ``eps`` (one draw per step), for reproducible runs.
+        callback: ``callback(i, latent, x)`` after each step (``x`` detached).
+    """
+    with torch.enable_grad():  # also when called under torch.no_grad(): the latent needs its gradient
+        return _run(denoiser, latent, render, constraint, schedule, weight, int(steps), lr, betas,
+                    through_net, project, generator, callback, progress)
+
+
+def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, betas, through_net, project,
+         generator, callback, progress) -> PnPResult:
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    render = render if render is not None else (lambda z: z)
+    z = latent.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr, betas=betas)
+    T, B = denoiser.schedule.T, z.shape[0]
+    out = PnPResult(x=z, latent=z)
+    nfe0, t0 = denoiser.nfe, time.perf_counter()
+    bar = _progress(steps, progress)
+    for i in range(steps):
+        t_i, w_i = int(schedule(i, steps, T)), float(weight(i, steps))
+        if not 0 <= t_i < T:
+            raise ValueError(f"the time schedule gave t={t_i} at step {i}, outside [0, {T})")
+        x = render(z)
+        if x.shape[0] != B:
+            raise ValueError(f"render changed the batch size from {B} to {x.shape[0]}")
+        t = torch.full((B,), t_i, dtype=torch.long, device=x.device)
+        eps = randn(x.shape, generator, like=x)
+        d = denoising_term(denoiser, x, t, eps, through_net)
+        loss = d.sum()
+        if constraint is not None and w_i != 0.0:
+            c = constraint(x)
+            if c.shape != (B,):
+                raise ValueError(f"the constraint must return shape ({B},), got {tuple(c.shape)}")
+            loss = loss + w_i * c.sum()
+            out.constraint.append(float(c.detach().mean()))
+        elif constraint is not None:
+            with torch.no_grad():
+                out.constraint.append(float(constraint(x.detach()).mean()))
+        (g,) = torch.autograd.grad(loss, [z])
+        if not bool(torch.isfinite(g).all()):
+            raise FloatingPointError(f"non-finite gradient at step {i} (t={t_i}); lower the learning rate")
+        z.grad = g
+        opt.step()
+        if project is not None:
+            with torch.no_grad():
+                z.copy_(project(z))
+        out.denoise.append(float(d.detach().mean()))
+        out.t.append(t_i)
+        out.w.append(w_i)
+        if callback is not None:
+            callback(i, z.detach(), x.detach())
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    with torch.no_grad():
+        out.x, out.latent = render(z).detach(), z.detach()
+    out.nfe, out.seconds = denoiser.nfe - nfe0, time.perf_counter() - t0
+    return out
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="step", leave=False, dynamic_ncols=True, desc="pnp")
+

@@ -1,0 +1,229 @@
+"""Constraint distances: zero on the set, positive off it, closed forms, finite gradients, registry."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from condiff.constraints import (
+    CONSTRAINTS,
+    Ball,
+    Box,
+    BurgersResidual,
+    CountConstraint,
+    DivergenceFree,
+    PeriodicTiling,
+    Simplex,
+    TotalBrightness,
+    build_constraint,
+    check_distance,
+)
+
+
+def _grad(con, x):
+    x = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(con(x).sum(), x)
+    return g
+
+
+# --- convex sets ---------------------------------------------------------------------------------
+
+
+def test_box_zero_inside_positive_outside_with_closed_form():
+    con = Box(-1, 1)
+    inside = torch.rand(16, 1, 4, 4) * 2 - 1
+    assert torch.equal(con(inside), torch.zeros(16))
+    out = inside.clone()
+    out[:, 0, 0, 0] = 1.5
+    out[:, 0, 1, 1] = -3.0
+    assert torch.allclose(con(out), torch.full((16,), math.hypot(0.5, 2.0)), atol=1e-6)
+
+
+def test_ball_closed_form():
+    con = Ball(radius=2.0, center=0.5)
+    x = torch.randn(32, 3, 4)
+    r = (x - 0.5).flatten(1).norm(dim=1)
+    assert torch.allclose(con(x), (r - 2.0).clamp_min(0), atol=1e-5)
+    inside = 0.5 + (x - 0.5) / r.view(-1, 1, 1) * 1.9
+    assert torch.equal(con(inside), torch.zeros(32))
+
+
+def test_simplex_projection_closed_forms():
+    con = Simplex(total=1.0)
+    n = 10
+    p = torch.softmax(torch.randn(8, n), 1)  # on the simplex
+    assert float(con(p).max()) < 1e-6
+    e = torch.zeros(1, n)
+    e[0, 0] = 2.0  # projects onto the vertex e_0: distance 1
+    assert con(e).item() == pytest.approx(1.0, abs=1e-6)
+    c = 0.3  # a uniform shift of the barycentre projects back to it: distance c sqrt(n)
+    assert con(torch.full((1, n), 1 / n + c)).item() == pytest.approx(c * math.sqrt(n), abs=1e-5)
+    assert con(-torch.ones(1, n)).item() > 0
+
+
+@pytest.mark.parametrize("con", [Box(-1, 1), Ball(1.0), Simplex(1.0)], ids=["box", "ball", "simplex"])
+def test_convex_distance_gradients_finite_and_unit_outside(con):
+    torch.manual_seed(0)
+    inside = {
+        "box": torch.rand(8, 6) * 2 - 1,
+        "ball": torch.randn(8, 6) * 0.05,
+        "simplex": torch.softmax(torch.randn(8, 6), 1),
+    }[con.family]
+    g_in = _grad(con, inside)
+    assert torch.isfinite(g_in).all() and float(con(inside).max()) < 1e-6
+    if con.family != "simplex":  # the simplex has no interior: round-off leaves a unit gradient on it
+        assert float(g_in.abs().max()) == 0.0
+    outside = inside + 3.0 * torch.randn(8, 6).sign()
+    d = con(outside)
+    assert bool((d > 0).all())
+    g_out = _grad(con, outside)
+    # the gradient of a Euclidean distance to a convex set has unit norm off the set
+    assert torch.allclose(g_out.norm(dim=1), torch.ones(8), atol=1e-4)
+    # and on the boundary itself the gradient is still finite
+    assert torch.isfinite(_grad(con, torch.ones(2, 6) if con.family == "box" else inside[:2])).all()
+
+
+def test_convex_sets_reject_bad_parameters():
+    with pytest.raises(ValueError, match="lo < hi"):
+        Box(1, -1)
+    with pytest.raises(ValueError, match="radius > 0"):
+        Ball(0.0)
+    with pytest.raises(ValueError, match="total > 0"):
+        Simplex(-1.0)
+
+
+# --- data constraints ------------------------------------------------------------------------------
+
+
+def test_brightness_closed_form():
+    con = TotalBrightness(flux=10.0)
+    img = torch.full((3, 1, 8, 8), -1.0)
+    img[:, 0, :2, :5] = 1.0  # 10 pixels at intensity 1
+    assert torch.equal(con(img), torch.zeros(3))
+    shifted = img + 0.1  # every pixel +0.05 in intensity: 64 * 0.05 = 3.2
+    assert torch.allclose(con(shifted), torch.full((3,), 3.2), atol=1e-5)
+
+
+def test_burgers_constant_state_is_a_fixed_point_and_perturbations_are_caught():
+    con = BurgersResidual(nu=0.05, length=5.0)
+    x = torch.full((2, 1, 8, 16), 0.3)
+    assert float(con(x).max()) < 1e-6
+    x[:, :, 4, 3] += 0.5
+    assert bool((con(x) > 1e-3).all())
+    assert con.violation_map(x).shape == (2, 8, 16)
+
+
+def test_burgers_stepper_matches_linear_diffusion_decay():
+    """u = eps sin(2 pi k x / L) with zero mean flow: the nonlinear term is O(eps^2), so each RK4 step
+    multiplies the mode by the discrete heat factor exp(-nu k_eff^2 dt) (to RK4 accuracy)."""
+    from condiff.constraints import burgers_step
+
+    n, L, nu, dt, sub = 32, 10.0, 0.05, 0.025, 5
+    dx = L / n
+    x = torch.arange(n, dtype=torch.float64) * dx
+    eps, k = 1e-6, 3
+    u = eps * torch.sin(2 * math.pi * k * x / L)
+    out = burgers_step(u, nu, dx, dt, sub)
+    k_eff2 = 4 / dx**2 * math.sin(math.pi * k / n) ** 2
+    assert torch.allclose(out, u * math.exp(-nu * k_eff2 * dt * sub), rtol=1e-6, atol=1e-15)
+
+
+def test_divergence_closed_forms():
+    n = 32
+    c = torch.arange(n, dtype=torch.float64) * 2 * math.pi / n
+    Y, X = torch.meshgrid(c, c, indexing="ij")
+    psi = torch.sin(2 * X) * torch.cos(3 * Y)
+    # u = d psi / dy, v = -d psi / dx: divergence-free
+    solenoidal = torch.stack(
+        [-3 * torch.sin(2 * X) * torch.sin(3 * Y), -2 * torch.cos(2 * X) * torch.cos(3 * Y)]
+    )
+    con = DivergenceFree()
+    assert con(solenoidal[None]).item() < 1e-12
+    assert psi.shape == (n, n)
+    # u = cos(x), v = 0: div = -sin(x), mean |sin| over the grid
+    grad_field = torch.stack([torch.cos(X), torch.zeros_like(X)])[None]
+    assert con(grad_field).item() == pytest.approx(float(torch.sin(c).abs().mean()), abs=1e-10)
+    with pytest.raises(ValueError, match="even number of channels"):
+        con(torch.zeros(1, 3, 8, 8))
+
+
+def test_periodic_closed_form():
+    con = PeriodicTiling()
+    tile = torch.randn(4, 1, 4, 4)
+    x = tile.repeat(1, 1, 2, 2)
+    assert float(con(x).max()) < 1e-6
+    x[:, :, :4, :4] += 1.0  # one quadrant off by 1: deviations 3/4, 1/4, 1/4, 1/4
+    assert torch.allclose(con(x), torch.full((4,), 1.5), atol=1e-5)
+    assert torch.allclose(con.violation_map(x)[:, :4, :4], torch.full((4, 4, 4), 0.75), atol=1e-5)
+    with pytest.raises(ValueError, match="divisible by 2"):
+        con(torch.zeros(1, 1, 5, 4))
+
+
+class _SumCounter(nn.Module):
+    """A stand-in counter: total intensity (so count is linear and the closed form is known)."""
+
+    def forward(self, x):
+        return ((x + 1) / 2).flatten(1).sum(1)
+
+
+def test_count_distance_with_a_given_counter():
+    con = CountConstraint(k=3, counter=_SumCounter())
+    x = torch.full((2, 1, 4, 4), -1.0)
+    x[0, 0, 0, :3] = 1.0  # count 3
+    x[1, 0, 0, :1] = 1.0  # count 1
+    assert torch.allclose(con(x), torch.tensor([0.0, 2.0]))
+    assert con.violation_map(x) is None  # the stand-in has no density map
+    assert not any(p.requires_grad for p in con.counter.parameters())
+
+
+# --- every family: shape, sign, gradients; registry ------------------------------------------------
+
+
+FAMILY_INPUTS = {
+    "box": (Box(), (3, 1, 8, 8)),
+    "ball": (Ball(), (3, 1, 8, 8)),
+    "simplex": (Simplex(), (3, 1, 8, 8)),
+    "brightness": (TotalBrightness(5.0), (3, 1, 8, 8)),
+    "burgers": (BurgersResidual(), (3, 1, 8, 8)),
+    "divergence_free": (DivergenceFree(), (3, 2, 8, 8)),
+    "periodic": (PeriodicTiling(), (3, 1, 8, 8)),
+    "count": (CountConstraint(k=2, counter=_SumCounter()), (3, 1, 8, 8)),
+}
+
+
+def test_every_registered_family_is_covered():
+    assert set(CONSTRAINTS) <= set(FAMILY_INPUTS)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_INPUTS))
+def test_family_shape_sign_and_gradients(name):
+    con, shape = FAMILY_INPUTS[name]
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 2
+    d = check_distance(con, x)
+    assert d.shape == (3,) and bool((d > 0).all())
+    assert torch.isfinite(_grad(con, x)).all()
+
+
+def test_build_constraint_round_trip_and_errors():
+    for con in (Box(-2, 3), BurgersResidual(nu=0.1), PeriodicTiling(reps=4), TotalBrightness(7.0)):
+        again = build_constraint(con.config)
+        x = torch.randn(2, 1, 8, 8)
+        assert torch.equal(again(x), con(x))
+    with pytest.raises(ValueError, match="unknown constraint 'nope'"):
+        build_constraint({"name": "nope"})
+    with pytest.raises(ValueError, match="bad arguments for constraint 'box'"):
+        build_constraint({"name": "box", "width": 3})
+    with pytest.raises(ValueError, match="'name' key"):
+        build_constraint({"lo": 0})
+
+
+def test_user_callables_are_checked():
+    x = torch.randn(4, 1, 8, 8)
+    assert check_distance(lambda v: v.flatten(1).abs().sum(1), x).shape == (4,)
+    with pytest.raises(ValueError, match=r"return shape \(4,\)"):
+        check_distance(lambda v: v.sum(), x)
+    with pytest.raises(ValueError, match="finite values >= 0"):
+        check_distance(lambda v: -v.flatten(1).abs().sum(1), x)
+    with pytest.raises(TypeError, match="callable"):
+        check_distance(3, x)

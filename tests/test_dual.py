@@ -1,0 +1,427 @@
+"""Dual training: closed forms (mixture optimum, exact mixture denoiser), the dual step, checkpointed
+dual state with exact resume, DDP agreement of lambda, the CLI, and the theory check (slow)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from condiff.cli.main import main
+from condiff.data import ArrayData, DataError, load_digits
+from condiff.denoiser import GaussianDenoiser
+from condiff.dual import (
+    Constraint,
+    DualConfig,
+    DualObjective,
+    GaussianMixtureDenoiser,
+    estimate_losses,
+    fixed_timesteps,
+    keep_fraction,
+    log_mass_bounds,
+    mixture_weights,
+    mode_weights,
+    reference_losses,
+    select,
+)
+from condiff.nets import TimeMLP
+from condiff.schedule import Schedule
+from condiff.train import DenoisingObjective, TrainConfig, Trainer, denoising_loss, list_checkpoints, read_log
+
+MEANS = torch.tensor([[-0.6, 0.0], [0.6, 0.0]])
+STD = 0.1
+
+
+def _two_modes(n: int, w: tuple[float, float], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    comp = torch.multinomial(torch.tensor(w), n, True, generator=g)
+    return MEANS[comp] + STD * torch.randn(n, 2, generator=g)
+
+
+# --- closed forms ------------------------------------------------------------------------------
+
+
+def test_fixed_timesteps_are_stratum_midpoints():
+    assert fixed_timesteps(100, 4).tolist() == [12, 37, 62, 87]
+    assert fixed_timesteps(10, 10).tolist() == list(range(10))
+    with pytest.raises(ValueError, match=r"1 <= k <= 10 points in \[0, 10\)"):
+        fixed_timesteps(10, 11)
+
+
+def test_fixed_timesteps_on_a_sub_range():
+    assert fixed_timesteps(100, 2, (0.5, 1.0)).tolist() == [62, 87]
+    with pytest.raises(ValueError, match="dual.t_range"):
+        DualConfig(t_range=(0.6, 0.2))
+
+
+def test_dual_estimate_uses_t_range_and_the_primal_all_timesteps():
+    s = Schedule.linear(100)
+    seen = []
+
+    def net(x_t, t):
+        seen.append(t.clone())
+        return torch.zeros_like(x_t)
+
+    x = torch.randn(50, 2)
+    obj = DualObjective(x, [Constraint("c", x, 1.0, 300)], s, 300,
+                        DualConfig(t_range=(0.3, 0.6), lambda_init=1.0, timesteps=4))
+    obj.loss(net, 0, torch.Generator().manual_seed(0))
+    t0, tc = seen[0][:300], seen[0][300:]
+    assert min(t0.min(), tc.min()) < 30 and max(t0.max(), tc.max()) >= 60
+    obj.dual_update(net, 0)
+    assert seen[1].tolist() == obj.grid0.repeat(32)[:128].tolist()  # L_0: grid over all of [0, T)
+    assert set(seen[2].tolist()) == {33, 41, 48, 56} == set(obj.grid.tolist())
+
+
+def test_log_mass_bounds_recover_the_slope():
+    f = torch.tensor([0.3, 0.3, 0.3, 0.05, 0.05], dtype=torch.float64)
+    A = torch.tensor([1.0, 1.1, 0.9, 0.9, 1.1], dtype=torch.float64)  # class offsets, mean 1 in each group
+    L = A - 0.02 * f.log()
+    b, slope = log_mass_bounds(L, f, [3, 4], 0.2)
+    assert slope == pytest.approx(0.02)
+    assert torch.allclose(b, A[[3, 4]] - 0.02 * torch.log(torch.tensor(0.2, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="one weight"):
+        log_mass_bounds(L, torch.full((5,), 0.2), [3], 0.5)
+
+
+def test_mixture_weights_closed_form():
+    w = mixture_weights(torch.tensor([0.9, 0.1]), torch.tensor([1.0]), torch.tensor([[0.0, 1.0]]))
+    assert torch.allclose(w, torch.tensor([0.45, 0.55], dtype=torch.float64))
+    w = mixture_weights(torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.0, 2.0]),
+                        torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]]))
+    assert torch.allclose(w, torch.tensor([0.5, 1.3, 1.2], dtype=torch.float64) / 3)
+    with pytest.raises(ValueError, match="lambda must be >= 0"):
+        mixture_weights(torch.tensor([0.5, 0.5]), torch.tensor([-1.0]), torch.tensor([[1.0, 0.0]]))
+    with pytest.raises(ValueError, match="expected w0"):
+        mixture_weights(torch.tensor([0.5, 0.5]), torch.tensor([1.0]), torch.tensor([[1.0, 0.0, 0.0]]))
+
+
+def test_mode_weights_counts_nearest_mean():
+    x = torch.tensor([[-0.5, 0.1], [0.7, 0.0], [0.4, -0.2], [0.9, 0.3]])
+    assert mode_weights(x, MEANS).tolist() == [0.25, 0.75]
+
+
+def test_mixture_denoiser_reduces_to_the_gaussian_oracle():
+    s = Schedule.linear(100)
+    x = torch.randn(64, 2)
+    t = torch.randint(0, 100, (64,))
+    one = GaussianMixtureDenoiser(s, MEANS[:1], STD, torch.ones(1))
+    ref = GaussianDenoiser(s, MEANS[0], STD)
+    assert torch.allclose(one.eps(x, t), ref.eps(x, t), rtol=1e-4, atol=1e-4)
+    # far from the other mode, a two-mode mixture is the Gaussian of the near mode
+    two = GaussianMixtureDenoiser(s, MEANS, STD, torch.tensor([0.5, 0.5]))
+    near = MEANS[0] + 0.05 * torch.randn(16, 2)
+    t0 = torch.zeros(16, dtype=torch.long)
+    assert torch.allclose(two.eps(near, t0), ref.eps(near, t0), atol=1e-4)
+
+
+def test_lagrangian_is_minimised_by_the_mixture():
+    """For fixed lambda the best model is the denoiser of (q_0 + lambda q_1) / (1 + lambda)."""
+    s = Schedule.linear(100)
+    x0, x1 = _two_modes(10000, (0.9, 0.1), 0), _two_modes(10000, (0.0, 1.0), 1)
+    obj = DualObjective(x0, [Constraint("m1", x1, 0.0, 10000)], s, 10000, DualConfig(lambda_init=1.0))
+    best = mixture_weights(torch.tensor([0.9, 0.1]), obj.lam, torch.tensor([[0.0, 1.0]]))[1].item()
+    assert best == pytest.approx(0.55)
+
+    def lagrangian(p1: float) -> float:  # same draws for every candidate (common random numbers)
+        den = GaussianMixtureDenoiser(s, MEANS, STD, torch.tensor([1 - p1, p1]))
+        return obj.loss(den, 0, torch.Generator().manual_seed(1))[0].item()
+
+    at_best = lagrangian(best)
+    for p1 in (0.2, 0.45, 0.65, 0.9):
+        assert lagrangian(p1) > at_best, p1
+
+
+# --- the dual step -----------------------------------------------------------------------------
+
+
+def test_fixed_grid_estimate_has_lower_variance_than_random_timesteps():
+    """The dual estimate noises example j at grid[j mod k], so it carries no timestep-sampling noise.
+    The "net" knows the data (about 0.5) and errs by t / T: its loss is about (t / T)^2 per entry."""
+    s = Schedule.linear(100)
+    x = 0.5 + 0.01 * torch.randn(1000, 2, generator=torch.Generator().manual_seed(0))
+
+    def net(x_t, t):
+        a = s.abar_at(t, x_t)
+        return (x_t - a.sqrt() * 0.5) / (1 - a).sqrt() + t[:, None] / 100
+    grid = fixed_timesteps(100, 16)
+    g = torch.Generator().manual_seed(3)
+    est = estimate_losses(net, s, [x], 32, grid, g)
+    g = torch.Generator().manual_seed(3)
+    x0 = x[torch.randint(0, 1000, (32,), generator=g)]
+    manual = denoising_loss(net, s, x0, None, g, t=grid.repeat(2)).double().mean()
+    assert torch.equal(est[0], manual)
+    fixed, rand = [], []
+    for k in range(60):
+        fixed.append(estimate_losses(net, s, [x], 64, grid, torch.Generator().manual_seed(k)).item())
+        g = torch.Generator().manual_seed(10_000 + k)
+        x0 = x[torch.randint(0, 1000, (64,), generator=g)]
+        rand.append(denoising_loss(net, s, x0, None, g).mean().item())
+    fixed, rand = torch.tensor(fixed), torch.tensor(rand)
+    assert fixed.var() < 0.05 * rand.var()
+    assert abs(fixed.mean() - rand.mean()) < 3 * (rand.var() / 60).sqrt() + 0.01  # the same quantity
+
+
+def test_dual_step_is_projected_ascent():
+    """A net predicting eps = 0 has loss E|eps|^2 / n = 1 on any data: lambda moves by lr (1 - b)."""
+    s = Schedule.linear(100)
+    net = TimeMLP(2, hidden=8, depth=1)  # zero-initialised output layer
+    x = torch.randn(100, 2)
+    cons = [Constraint("a", x, 0.5), Constraint("b", x, 2.0)]
+    obj = DualObjective(x, cons, s, 8, DualConfig(every=3, lr=0.5, batch_size=4096, lambda_init=0.3))
+    for step in range(2):
+        assert obj.after_step(net, step)["lambda/a"] == pytest.approx(0.3)  # not a dual step yet
+    logs = obj.after_step(net, 2)
+    assert torch.allclose(obj.estimate, torch.ones(2, dtype=torch.float64), atol=0.05)
+    expect = (0.3 + 0.5 * (obj.estimate - torch.tensor([0.5, 2.0], dtype=torch.float64))).clamp_min(0)
+    assert torch.equal(obj.lam, expect)
+    assert obj.lam[1] == 0.0 and obj.lam[0] > 0.5
+    assert logs["slack/b"] == pytest.approx(float(obj.estimate[1]) - 2.0)
+    assert logs["lambda/b"] == 0.0 and "L0_est" in logs
+
+
+def test_inactive_constraints_leave_the_plain_objective():
+    s = Schedule.linear(50)
+    net = TimeMLP(2, hidden=16, depth=1)
+    torch.nn.init.normal_(net.out.weight, std=0.1)
+    x, xc = torch.randn(300, 2), torch.randn(40, 2) + 3
+    dual = DualObjective(x, [Constraint("c", xc, 1.0)], s, 32)
+    plain = DenoisingObjective(x, s, 32)
+    a = dual.loss(net, 0, torch.Generator().manual_seed(5))[0]
+    b = plain.loss(net, 0, torch.Generator().manual_seed(5))[0]
+    assert torch.equal(a, b)  # lambda = 0: same draws, same loss
+    dual.lam = torch.tensor([3.0], dtype=torch.float64)
+    c = dual.loss(net, 0, torch.Generator().manual_seed(5))[0]
+    assert not torch.equal(a, c)
+
+
+def test_bad_input_is_a_clear_error():
+    s = Schedule.linear(50)
+    x = torch.randn(10, 2)
+    with pytest.raises(ValueError, match="samples of shape"):
+        DualObjective(x, [Constraint("c", torch.randn(5, 3), 1.0)], s, 4)
+    with pytest.raises(ValueError, match="unique"):
+        DualObjective(x, [Constraint("c", x, 1.0), Constraint("c", x, 2.0)], s, 4)
+    with pytest.raises(ValueError, match="finite"):
+        Constraint("c", x, float("nan"))
+    with pytest.raises(ValueError, match="without '/'"):
+        Constraint("a/b", x, 1.0)
+    with pytest.raises(ValueError, match="dual.every"):
+        DualConfig(every=0)
+    with pytest.raises(ValueError, match="unknown dual option"):
+        DualConfig.from_dict({"evry": 3})
+    obj = DualObjective(x, [Constraint("c", x, 1.0)], s, 4)
+    with pytest.raises(ValueError, match="1 constraints"):
+        obj.load_state_dict({"lambda": torch.zeros(2), "estimate": torch.zeros(2),
+                             "objective_estimate": torch.zeros(1)})
+
+
+def test_keep_fraction_and_select():
+    d = load_digits("train")
+    imb = keep_fraction(d, {4: 0.1, 7: 0.5})
+    for c, f in ((4, 0.1), (7, 0.5), (3, 1.0)):
+        assert int((imb.y == c).sum()) == max(1, round(f * int((d.y == c).sum())))
+    assert keep_fraction(d, {4: 0.1}).meta["indices"] == keep_fraction(d, {4: 0.1}).meta["indices"]
+    a, b = select(d, n=30, seed=3), select(d, offset=30, seed=3)
+    assert len(a) == 30 and len(a) + len(b) == len(d)
+    assert not set(a.meta["indices"]) & set(b.meta["indices"])
+    assert set(select(d, classes=[2, 5]).y.tolist()) == {2, 5}
+    with pytest.raises(DataError, match="needs class labels"):
+        select(ArrayData(torch.randn(5, 2)), classes=[1])
+    with pytest.raises(DataError, match=r"in \(0, 1\]"):
+        keep_fraction(d, {4: 0.0})
+
+
+# --- training: checkpointed dual state, resume, DDP --------------------------------------------
+
+
+def _toy_objective(seed: int = 0) -> DualObjective:
+    s = Schedule.linear(50)
+    x0, x1 = _two_modes(2000, (0.95, 0.05), seed), _two_modes(500, (0.0, 1.0), seed + 1)
+    return DualObjective(x0, [Constraint("m1", x1, 0.2, 32)], s, 64,
+                         DualConfig(every=5, lr=1.0, batch_size=256, timesteps=8, seed=seed))
+
+
+def _fit(run_dir: Path, steps: int, resume: bool = False) -> tuple[Trainer, DualObjective]:
+    torch.manual_seed(0)
+    obj = _toy_objective()
+    tr = Trainer(TimeMLP(2, hidden=32, depth=1), obj,
+                 TrainConfig(steps=steps, batch_size=64, lr=3e-3, warmup=5, lr_decay="constant",  # a prefix
+                             ckpt_every=10, log_every=5, progress=False), run_dir)  # of a longer run
+    if resume:
+        assert tr.resume()
+    tr.fit()
+    return tr, obj
+
+
+def test_resume_restores_lambda_and_matches_uninterrupted(tmp_path):
+    ref, ref_obj = _fit(tmp_path / "ref", 40)
+    assert ref_obj.lam.item() > 0, "the constraint must be active for this test to mean anything"
+    _fit(tmp_path / "cut", 20)
+    tr, obj = _fit(tmp_path / "cut", 40, resume=True)
+    assert torch.equal(obj.lam, ref_obj.lam)
+    for a, b in zip(ref.model.state_dict().values(), tr.model.state_dict().values()):
+        assert torch.equal(a, b)
+    log = read_log(tmp_path / "cut" / "log.jsonl")
+    assert [r["step"] for r in log] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert all("lambda/m1" in r and "slack/m1" in r and "L0" in r for r in log)
+    untimed = lambda recs: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in recs]
+    assert untimed(log) == untimed(read_log(tmp_path / "ref" / "log.jsonl"))
+    state = list_checkpoints(tmp_path / "cut" / "checkpoints")[-1]
+    from condiff import io
+
+    assert torch.equal(io.load_group(state, "objective")["lambda"], obj.lam)
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from condiff.dual import Constraint, DualConfig, DualObjective, estimate_losses
+    from condiff.nets import TimeMLP
+    from condiff.schedule import Schedule
+    from condiff.train import Trainer, TrainConfig, step_seed
+    from condiff.dual.objective import _DUAL_SEED_TAG
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(500, 2, generator=g) * 0.1 - 0.5
+    x1 = torch.randn(200, 2, generator=g) * 0.1 + 0.5
+    s = Schedule.linear(50)
+    obj = DualObjective(x0, [Constraint("m1", x1, 0.1, 16)], s, 32,
+                        DualConfig(every=5, batch_size=64, timesteps=8))
+    torch.manual_seed(0)
+    tr = Trainer(TimeMLP(2, hidden=16, depth=1), obj, TrainConfig(steps=20, batch_size=32, warmup=2,
+                 ckpt_every=100, log_every=10, progress=False, device="cpu"), sys.argv[1])
+    tr.fit()
+    rank = dist.get_rank()
+    gl = torch.Generator().manual_seed(step_seed(obj.cfg.seed ^ _DUAL_SEED_TAG, 19, rank))
+    local = estimate_losses(tr.model, s, [x0, x1], 64, obj.grid, gl)  # this rank's draws at the last update
+    out = {"lambda": obj.lam.tolist(), "estimate": obj.estimate.tolist(), "local": local.tolist()}
+    json.dump(out, open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w"))
+""")
+
+
+def test_ddp_ranks_hold_the_same_lambda(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed")
+    script = tmp_path / "ddp_dual.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1))
+    assert r0["lambda"] == r1["lambda"] and r0["lambda"][0] > 0
+    assert r0["estimate"] == r1["estimate"]
+    assert r0["local"] != r1["local"]  # the ranks drew different batches ...
+    mean = [(a + b) / 2 for a, b in zip(r0["local"], r1["local"])]
+    assert r0["estimate"] == pytest.approx(mean[1:], rel=1e-6)  # ... and hold their average
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+RUN_FILE = """
+[data]
+name = "toy2d"
+kind = "gmm"
+components = 2
+weights = [0.95, 0.05]
+n = 1000
+
+[model]
+name = "mlp"
+hidden = 32
+depth = 1
+
+[schedule]
+T = 50
+
+[train]
+steps = 30
+batch_size = 64
+ckpt_every = 10
+log_every = 10
+progress = false
+warmup = 5
+
+[dual]
+every = 5
+batch_size = 128
+timesteps = 8
+
+[[constraint]]
+name = "mode1"
+data = "objective"
+classes = [1]
+bound = 0.2
+batch_size = 16
+"""
+
+
+def test_cli_dual_train_writes_model_plots_metrics_and_resumes(tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(RUN_FILE)
+    out = tmp_path / "run"
+    assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 30 and m["constraints"][0]["name"] == "mode1" and m["lambda"]["mode1"] > 0
+    from condiff.data import load_toy2d
+
+    y = load_toy2d("train", kind="gmm", components=2, weights=[0.95, 0.05], n=1000).y
+    assert m["constraints"][0]["n"] == int((y == 1).sum())  # data = "objective", classes = [1]
+    for f in ("lambda.png", "slack.png", "loss.png", "model/config.json", "config.json"):
+        assert (out / f).is_file(), f
+    assert all("lambda/mode1" in r for r in read_log(out / "log.jsonl"))
+    assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu", "--resume",
+                 "--set", "train.steps=40", "--set", "dual.lr=0.5"]) == 0
+    assert "resumed from step 30" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 40
+    # the result is an ordinary condiff run: condiff sample reads it
+    assert main(["sample", "--ckpt", str(out), "--n", "8", "--steps", "5", "--device", "cpu"]) == 0
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("bound = 0.2", ""), "exactly one of bound"),
+    (("bound = 0.2", "relative = 1.1"), "needs reference"),
+    (("bound = 0.2", "bound = 0.2\ncolour = 3"), "unknown key(s) ['colour']"),
+    (("every = 5", "every = 0"), "dual.every must be >= 1"),
+    (("[dual]", "[duel]"), "unknown section(s) ['duel']"),
+])
+def test_cli_dual_train_bad_config_is_one_line(tmp_path, capsys, edit, message):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(RUN_FILE.replace(*edit))
+    assert main(["dual", "train", "--config", str(cfg), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_cli_experiment_rejects_unknown_setting(capsys):
+    assert main(["dual", "fair", "--set", "minorty=[4]"]) == 2
+    assert "unknown setting 'minorty'" in capsys.readouterr().err
+
+
+# --- theory check (slow) -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_toy_theory_check(tmp_path):
+    from condiff.dual.experiments import ToyConfig, run_toy
+
+    torch.set_num_threads(1)
+    m = run_toy(ToyConfig(), tmp_path)
+    assert all(m["targets"].values()), m
+    assert min(m["lambda_avg"]) > 0
+    assert m["tv_model_vs_data"] > 0.1  # the constraints moved the model away from q_0
+
+
+def test_reference_losses_match_the_estimator():
+    s = Schedule.linear(100)
+    x = _two_modes(3000, (0.5, 0.5), 2)
+    den = GaussianMixtureDenoiser(s, MEANS, STD, torch.tensor([0.5, 0.5]))
+    a = reference_losses(den, s, [x], timesteps=16, n=8192, seed=0)
+    b = estimate_losses(den, s, [x], 8192, fixed_timesteps(100, 16), torch.Generator().manual_seed(1))
+    assert a.shape == (1,) and abs(float(a[0] - b[0])) < 0.03

@@ -1,0 +1,327 @@
+"""Guidance methods: DSG's sphere, each base method's update against its equation, the analytic
+oracle (Gaussian prior + linear Gaussian measurement), and runs on diffusers and condiff UNets."""
+
+import math
+
+import pytest
+import torch
+
+from condiff.denoiser import GaussianDenoiser, NetDenoiser
+from condiff.guidance import (
+    DPS,
+    DSG,
+    METHODS,
+    UGD,
+    FreeDoM,
+    SphericalStep,
+    default_hyperparameters,
+    guided_sample,
+    make_guidance,
+)
+from condiff.guidance.ugd import forward_kappa
+from condiff.operators import Inpainting
+from condiff.sample import make_step
+from condiff.schedule import Schedule
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _oracle(T=1000):
+    return GaussianDenoiser(Schedule.linear(T), mean=0.0, std=1.0)
+
+
+def _step(den, x, t=600, t_prev=580, eta=1.0, seed=0, noise=None):
+    """A step record at x (tracking gradients), as the sampler loop builds it."""
+    B = x.shape[0]
+    x_t = x.clone().requires_grad_(True)
+    tt = torch.full((B,), t, dtype=torch.long)
+    tp = torch.full((B,), t_prev, dtype=torch.long)
+    return make_step(den, x_t, 0, tt, tp, eta, _gen(seed), noise=noise)
+
+
+def _half_mask_loss(B, value=1.0, sigma_y=0.1):
+    """Observe the top half of 4x4 images at `value`: a linear Gaussian measurement."""
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :] = 1
+    op = Inpainting(mask, sigma_y=sigma_y)
+    return op, op.loss(mask * torch.full((B, 1, 4, 4), value))
+
+
+def _norm(x):
+    return x.flatten(1).norm(dim=1)
+
+
+# --- DSG's spherical step ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.2, 0.7, 1.0])
+def test_dsg_step_lands_on_the_sphere(rate):
+    den = _oracle()
+    step = _step(den, torch.randn(5, 3, 4, 4, generator=_gen()))
+    g = torch.randn(5, 3, 4, 4, generator=_gen(1))
+    x = SphericalStep(rate)(step, g, 1.0)
+    r = math.sqrt(48) * step.sigma
+    assert step.sigma > 0.05
+    torch.testing.assert_close(_norm(x - step.mean), torch.full((5,), r), rtol=1e-5, atol=0)
+
+
+def test_dsg_rate_one_is_the_closed_form():
+    den = _oracle()
+    step = _step(den, torch.randn(4, 1, 4, 4, generator=_gen()))
+    g = torch.randn(4, 1, 4, 4, generator=_gen(1))
+    r = math.sqrt(16) * step.sigma
+    expect = step.mean - r * g / _norm(g).view(-1, 1, 1, 1)
+    torch.testing.assert_close(SphericalStep(1.0)(step, g, 123.0), expect)
+
+
+def test_dsg_rate_zero_is_the_unconditional_step():
+    """w = 0 ignores the gradient and takes the unconditional direction, rescaled onto the sphere;
+    when the noise already has norm sqrt(n) that is exactly the unconditional draw mean + sigma z."""
+    den = _oracle()
+    x = torch.randn(4, 1, 4, 4, generator=_gen())
+    z = torch.randn(4, 1, 4, 4, generator=_gen(2))
+    z = z / _norm(z).view(-1, 1, 1, 1) * 4.0  # ||z|| = sqrt(16)
+    step = _step(den, x, noise=z)
+    for seed in (1, 3):
+        g = torch.randn(4, 1, 4, 4, generator=_gen(seed))
+        torch.testing.assert_close(SphericalStep(0.0)(step, g, 1.0), step.sample())
+    # generic noise: same direction as z, norm sqrt(n) sigma
+    step = _step(den, x)
+    out = SphericalStep(0.0)(step, torch.randn_like(x), 1.0)
+    u = step.noise / _norm(step.noise).view(-1, 1, 1, 1)
+    torch.testing.assert_close(out, step.mean + 4.0 * step.sigma * u)
+
+
+def test_dsg_plus_dps_takes_the_loss_gradient():
+    """DSG(DPS) with w = 1 steps to mean - r g/||g|| with g = grad_{x_t} ||y - A x0_hat(x_t)||."""
+    den = _oracle()
+    x = torch.randn(3, 1, 4, 4, generator=_gen())
+    op, loss = _half_mask_loss(3)
+    out = DSG(DPS(loss), rate=1.0)(_step(den, x))
+    ref = _step(den, x)
+    (g,) = torch.autograd.grad(loss(ref.x0_hat).sum(), ref.x_t)
+    expect = ref.mean - 4.0 * ref.sigma * g / _norm(g).view(-1, 1, 1, 1)
+    torch.testing.assert_close(out, expect)
+
+
+def test_dsg_refuses_a_deterministic_sampler():
+    den = _oracle(200)
+    op, loss = _half_mask_loss(2)
+    with pytest.raises(ValueError, match="eta > 0"):
+        guided_sample(den, DSG(DPS(loss)), (2, 1, 4, 4), 5, eta=0.0, generator=_gen())
+    with pytest.raises(ValueError, match="stochastic sampler"):
+        DSG(DPS(loss))(_step(den, torch.randn(2, 1, 4, 4), t=100, t_prev=80, eta=0.0))
+
+
+def test_dsg_interval_guides_every_kth_step_only():
+    den = _oracle(200)
+    op, loss = _half_mask_loss(2)
+    # 7 steps, i = 0..6; the last (t_prev = -1, sigma = 0) never needs a gradient
+    for interval, expect in ((1, 6), (3, 2), (10, 1)):
+        g = DSG(DPS(loss), rate=0.3, interval=interval)
+        res = guided_sample(den, g, (2, 1, 4, 4), 7, generator=_gen())
+        assert res.grad_evals == expect and res.nfe == 7
+
+
+def test_dsg_composes_without_changing_the_base_cost():
+    """FreeDoM's time travel and UGD's self-recurrence run inside DSG exactly as without it; only the
+    final step differs: its sphere is a point (sigma = 0), so DSG returns the mean there without a
+    gradient (and without UGD's repeat of that step)."""
+    den = _oracle(200)
+    op, loss = _half_mask_loss(2)
+    cases = ((lambda: FreeDoM(loss, repeats=3, travel=(0.3, 0.7)), 1), (lambda: UGD(loss, recurrence=2), 2))
+    for base, final_evals in cases:
+        plain = guided_sample(den, base(), (2, 1, 4, 4), 10, generator=_gen())
+        dsg = guided_sample(den, DSG(base()), (2, 1, 4, 4), 10, generator=_gen())
+        assert plain.nfe > 10 and plain.grad_evals == plain.nfe
+        assert dsg.nfe == plain.nfe - (final_evals - 1)
+        assert dsg.grad_evals == plain.grad_evals - final_evals
+
+
+# --- the base methods' updates -------------------------------------------------------------------
+
+
+def test_dps_step_is_the_unconditional_draw_minus_zeta_grad():
+    den = _oracle()
+    x = torch.randn(3, 1, 4, 4, generator=_gen())
+    op, loss = _half_mask_loss(3)
+    out = DPS(loss, zeta=0.7)(_step(den, x))
+    ref = _step(den, x)
+    (g,) = torch.autograd.grad(loss(ref.x0_hat).sum(), ref.x_t)
+    torch.testing.assert_close(out, ref.sample() - 0.7 * g)
+
+
+def test_freedom_step_size_and_time_travel_count():
+    den = _oracle()
+    x = torch.randn(3, 1, 4, 4, generator=_gen())
+    op, loss = _half_mask_loss(3)
+    out = FreeDoM(loss, zeta=0.7, repeats=1)(_step(den, x))
+    ref = _step(den, x)
+    (g,) = torch.autograd.grad(loss(ref.x0_hat).sum(), ref.x_t)
+    torch.testing.assert_close(out, ref.sample() - 0.7 * math.sqrt(ref.abar_t) * g)
+    # time travel: r evaluations at each step whose t lies in [lo T, hi T]
+    f = FreeDoM(loss, repeats=3, travel=(0.4, 0.6))
+    res = guided_sample(den, f, (3, 1, 4, 4), 20, generator=_gen())
+    ts = den.schedule.timesteps(20)
+    inside = int(((ts >= 400) & (ts <= 600)).sum())
+    assert inside > 0 and res.nfe == 20 + 2 * inside and res.grad_evals == res.nfe
+
+
+def test_ugd_forward_guidance_is_the_eps_shift():
+    """eps' = eps + s sqrt(1 - abar_t) g, rebuilt through Step.with_eps, equals UGD's gradient step."""
+    den = _oracle()
+    x = torch.randn(3, 1, 4, 4, generator=_gen())
+    op, loss = _half_mask_loss(3)
+    for eta in (0.0, 1.0):
+        out = UGD(loss, forward=2.5, backward_steps=0, recurrence=1)(_step(den, x, eta=eta))
+        ref = _step(den, x, eta=eta)
+        (g,) = torch.autograd.grad(loss(ref.x0_hat).sum(), ref.x_t)
+        expect = ref.with_eps(ref.eps_hat + 2.5 * math.sqrt(1 - ref.abar_t) * g).sample()
+        torch.testing.assert_close(out, expect)
+        assert forward_kappa(ref) > 0
+
+
+def test_ugd_backward_guidance_fits_the_measurement_and_recurrence_costs():
+    den = _oracle()
+    op, loss = _half_mask_loss(3)
+    x0 = torch.randn(3, 1, 4, 4, generator=_gen())
+    u = UGD(loss, backward_steps=5, backward_lr=0.2)
+    fitted = u.backward(x0)
+    assert bool((loss(fitted) < loss(x0)).all())
+    # only measured pixels move (the loss gradient lives on the mask)
+    torch.testing.assert_close(fitted[..., 2:, :], x0[..., 2:, :])
+    res = guided_sample(den, UGD(loss, recurrence=3, backward_steps=2), (3, 1, 4, 4), 8, generator=_gen())
+    assert res.nfe == 24 and res.grad_evals == 24
+
+
+def test_per_sample_hyperparameters_match_separate_runs():
+    """A (B,) tensor of zetas gives each sample the run it would get alone (the sweep relies on it)."""
+    den = _oracle(200)
+    op, loss = _half_mask_loss(4)
+    runs = {z: guided_sample(den, DPS(loss, zeta=z), (4, 1, 4, 4), 6, generator=_gen()).x for z in (0.3, 2.0)}
+    mixed = guided_sample(den, DPS(loss, zeta=torch.tensor([0.3, 2.0, 0.3, 2.0])), (4, 1, 4, 4), 6,
+                          generator=_gen()).x
+    torch.testing.assert_close(mixed[0::2], runs[0.3][0::2])
+    torch.testing.assert_close(mixed[1::2], runs[2.0][1::2])
+    rates = torch.tensor([0.1, 0.9, 0.1, 0.9])
+    mixed = guided_sample(den, DSG(DPS(loss), rate=rates), (4, 1, 4, 4), 6, generator=_gen()).x
+    alone = guided_sample(den, DSG(DPS(loss), rate=0.9), (4, 1, 4, 4), 6, generator=_gen()).x
+    torch.testing.assert_close(mixed[1::2], alone[1::2])
+
+
+# --- analytic oracle: Gaussian prior, linear Gaussian measurement --------------------------------
+
+
+@pytest.mark.parametrize("method, hp", [
+    ("dps", {"zeta": 0.5}), ("dsg+dps", {"rate": 0.3}), ("freedom", {"zeta": 0.5}),
+    ("dsg+freedom", {"rate": 0.3}), ("ugd", {"forward": 20.0, "backward_steps": 2, "backward_lr": 0.2}),
+    ("dsg+ugd", {"rate": 0.3}),
+])
+def test_oracle_moves_mean_to_the_posterior_mean(method, hp):
+    """x0 ~ N(0, I) in 16 dims, the top 8 pixels observed at y = 1 with sigma_y = 0.1.
+
+    Exact posterior: observed pixels N(1/(1 + 0.01), ~0.1^2), unobserved pixels N(0, 1) (the prior
+    factorises). Guided sampling is approximate, so we ask for what it promises: the observed mean
+    moves from the prior mean 0 to within 0.1 of the posterior mean 0.990 (90% of the way; the
+    samplers land within 0.02 at these settings), and the unobserved mean stays at 0 within 0.05
+    (8000 values of std <= 1: 4.5 standard errors).
+    """
+    den = _oracle()
+    B = 1000
+    op, loss = _half_mask_loss(B)
+    res = guided_sample(den, make_guidance(method, loss, **hp), (B, 1, 4, 4), 50, generator=_gen(),
+                        clip_x0=None)
+    post = 1.0 / (1.0 + 0.1**2)
+    obs, hidden = res.x[..., :2, :], res.x[..., 2:, :]
+    assert abs(float(obs.mean()) - post) < 0.1
+    assert abs(float(hidden.mean())) < 0.05
+    # and the guided draws are concentrated around the measurement (prior std is 1)
+    assert float(obs.std()) < 0.6
+
+
+def test_classifier_loss_drives_guidance():
+    """Any differentiable x -> (B,) works as the loss: -log p(class 1 | x) of a fixed logistic model
+    pulls samples toward the class-1 half-space (unguided, half the samples are there)."""
+    den = _oracle(200)
+    w = torch.randn(1, 16, generator=_gen(5))
+
+    def neg_log_p1(x):
+        logit = x.flatten(1) @ w.T
+        return torch.nn.functional.softplus(-logit).squeeze(1)  # -log sigmoid(logit)
+
+    B = 400
+    free = guided_sample(den, DPS(neg_log_p1, zeta=0.0), (B, 1, 4, 4), 20, generator=_gen()).x
+    guided = guided_sample(den, DSG(DPS(neg_log_p1), rate=0.3), (B, 1, 4, 4), 20, generator=_gen()).x
+    frac = lambda x: float(((x.flatten(1) @ w.T) > 0).double().mean())
+    # binomial SE at p = 0.5, n = 400 is 0.025: 0.5 +- 0.1 is 4 SE; guidance must reach 0.9
+    assert abs(frac(free) - 0.5) < 0.1 and frac(guided) > 0.9
+
+
+# --- real networks: a condiff UNet and a diffusers UNet2DModel -----------------------------------
+
+
+def _condiff_unet():
+    from condiff.nets import build_net
+
+    torch.manual_seed(0)
+    net = build_net({"name": "unet", "in_channels": 1, "base": 8, "mults": [1, 2], "groups": 4})
+    return NetDenoiser(net.eval(), Schedule.linear(100))
+
+
+def _diffusers_unet():
+    diffusers = pytest.importorskip("diffusers")
+    from condiff.denoiser import DiffusersDenoiser
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+    return DiffusersDenoiser(unet.eval(), {"num_train_timesteps": 100})
+
+
+@pytest.mark.parametrize("backend", ["condiff", "diffusers"])
+def test_every_method_runs_on_real_unets(backend):
+    den = _condiff_unet() if backend == "condiff" else _diffusers_unet()
+    shape = (2, 1, 8, 8)
+    op = Inpainting.random(shape, 0.5, _gen())
+    y = op.measure(torch.zeros(shape).uniform_(-1, 1, generator=_gen(1)), _gen(2))
+    free = guided_sample(den, DPS(op.loss(y), zeta=0.0), shape, 4, generator=_gen(3)).x
+    for method in METHODS:
+        hp = default_hyperparameters(method)
+        hp.update({"repeats": 2, "travel": (0.0, 1.0)} if "freedom" in method else {})
+        res = guided_sample(den, make_guidance(method, op.loss(y), **hp), shape, 4, generator=_gen(3))
+        assert res.x.shape == shape and bool(torch.isfinite(res.x).all()), method
+        assert res.grad_evals > 0 and res.nfe >= 4, method
+        assert not torch.allclose(res.x, free), method  # the guidance acted
+        assert not res.x.requires_grad
+
+
+# --- construction errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda loss: make_guidance("dps2", loss), "unknown guidance method 'dps2'"),
+    (lambda loss: make_guidance("dps", loss, rate=0.2), "apply to DSG only"),
+    (lambda loss: make_guidance("dsg+dps", loss, bogus=1), "bad hyperparameters for 'dsg\\+dps'"),
+    (lambda loss: DSG(DPS(loss), rate=1.5), r"DSG rate must lie in \[0, 1\]"),
+    (lambda loss: DSG(DPS(loss), interval=0), "interval must be an integer >= 1"),
+    (lambda loss: DSG(lambda s: s.mean), "wraps a gradient-guidance method"),
+    (lambda loss: DPS(loss, zeta=-1.0), r"DPS zeta must lie in \[0, inf\]"),
+    (lambda loss: FreeDoM(loss, repeats=0), "repeats must be an integer >= 1"),
+    (lambda loss: FreeDoM(loss, travel=(0.8, 0.2)), "0 <= lo <= hi <= 1"),
+    (lambda loss: UGD(loss, recurrence=0), "recurrence must be an integer >= 1"),
+    (lambda loss: DPS("not a loss"), "loss must be a callable"),
+    (lambda loss: default_hyperparameters("dsg+xyz"), "unknown guidance method"),
+])
+def test_bad_settings_are_clear_errors(build, match):
+    op, loss = _half_mask_loss(2)
+    with pytest.raises(ValueError, match=match):
+        build(loss)
+
+
+def test_loss_of_wrong_shape_is_a_clear_error():
+    den = _oracle(200)
+    with pytest.raises(ValueError, match=r"one value per sample, shape \(2,\), got shape \(\)"):
+        guided_sample(den, DPS(lambda x: x.sum()), (2, 1, 4, 4), 3, generator=_gen())

@@ -1,0 +1,368 @@
+"""NAMM: ICNN convexity and monotone mirror map, inverse net, training reduces the losses, fine-tuning,
+mirror DPS, checkpoints and the CLI's settings and errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from condiff.constraints import Box, TotalBrightness
+from condiff.denoiser import GaussianDenoiser
+from condiff.guidance import DPS
+from condiff.mirror import (
+    MirrorMap,
+    NAMMLoss,
+    assimilate,
+    build_mirror,
+    evaluate_terms,
+    finetune_inverse,
+    first_rows,
+    fit_mirror_map,
+    load_mirror,
+    mirror_dps,
+    normalised_measurement_loss,
+    save_mirror,
+)
+from condiff.nets import ICNN, ResNetGenerator, build_net
+from condiff.sample import sample
+from condiff.schedule import Schedule
+from condiff.train import TrainConfig, read_log
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: thread synchronisation costs more than it saves (and is ruinous on a loaded box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _icnn(scale=0.5, seed=0, **kw):
+    torch.manual_seed(seed)
+    psi = ICNN(1, filters=8, layers=3, init_scale=scale, **kw)
+    return psi
+
+
+def _tiny_mirror(a=0.9, seed=0):
+    return build_mirror(
+        (1, 8, 8),
+        {"name": "icnn", "filters": 8, "layers": 2},
+        {"name": "resnet", "base": 8, "blocks": 1, "downsamples": 1},
+        a,
+        seed=seed,
+    )
+
+
+# --- ICNN and the mirror map -----------------------------------------------------------------------
+
+
+def test_mirror_map_is_strongly_monotone():
+    m = MirrorMap(_icnn(scale=0.5), ResNetGenerator(1, base=8, blocks=1, downsamples=1), a=0.9)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randn(64, 1, 8, 8, generator=g)
+    y[:32] = x[:32] + 0.05 * y[:32]  # near pairs as well as far ones
+    gx, gy = m.forward_map(x), m.forward_map(y)
+    inner = ((gx - gy) * (x - y)).flatten(1).sum(1)
+    assert bool((inner >= 0.9 * (x - y).flatten(1).pow(2).sum(1) * (1 - 1e-5)).all())
+    # and Psi really matters: g is not just a x
+    assert float((gx - 0.9 * x).abs().max().detach()) > 1e-3
+    with torch.no_grad():  # like any module: a graph (for double backprop) only when autograd is on
+        assert gx.requires_grad and not m.forward_map(x).requires_grad
+
+
+def test_icnn_is_convex_only_with_nonnegative_weights():
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(256, 1, 8, 8, generator=g), torch.randn(256, 1, 8, 8, generator=g)
+
+    def midpoint_gap(psi):  # >= 0 everywhere for a convex function
+        with torch.no_grad():
+            return (psi(x) + psi(y)) / 2 - psi((x + y) / 2)
+
+    psi = _icnn(scale=1.0)
+    with torch.no_grad():  # no fresh quadratic terms after layer 0, so the W_k path decides convexity
+        for conv in psi.quad[1:]:
+            conv.weight.zero_()
+    assert float(midpoint_gap(psi).min()) >= -1e-5
+    with torch.no_grad():  # flip the last hidden weights negative: -W z is concave, convexity is lost
+        psi.hidden[-1].weight.mul_(-10.0)
+    assert float(midpoint_gap(psi).min()) < -1e-4
+    psi.clamp_weights()
+    assert all(float(c.weight.detach().min()) >= 0 for c in psi.positive())
+    assert float(midpoint_gap(psi).min()) >= -1e-5
+
+
+def test_icnn_is_invariant_to_circular_shifts():
+    psi = _icnn()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(psi(torch.roll(x, (3, 5), (2, 3))), psi(x), atol=1e-5)
+
+
+def test_grad_psi_matches_finite_differences():
+    m = MirrorMap(_icnn(scale=0.3).double(), ResNetGenerator(1, base=8, blocks=1, downsamples=1).double())
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    g = m.grad_psi(x).detach()
+    e = torch.zeros_like(x)
+    e[0, 0, 3, 4] = 1e-6
+    with torch.no_grad():
+        fd = (m.psi(x + e) - m.psi(x - e))[0] / 2e-6
+    assert float(g[0, 0, 3, 4]) == pytest.approx(float(fd), rel=1e-5, abs=1e-9)
+    assert torch.allclose(m.forward_map(x), 0.1 * g + 0.9 * x)
+
+
+def test_nets_and_mirror_reject_bad_input():
+    with pytest.raises(ValueError, match="must lie in \\(0, 1\\)"):
+        MirrorMap(_icnn(), ResNetGenerator(1, base=8, blocks=1), a=1.0)
+    with pytest.raises(ValueError, match="ICNN expects \\(B, 1, H, W\\)"):
+        _icnn()(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ResNetGenerator(1, base=8, blocks=1)(torch.zeros(1, 1, 10, 10))
+    with pytest.raises(ValueError, match="padding must be one of"):
+        ResNetGenerator(1, padding="mirror")
+    with pytest.raises(ValueError, match="slope must lie in"):
+        ICNN(1, slope=-0.5)
+
+
+def test_resnet_starts_as_identity_and_rebuilds_from_config():
+    f = ResNetGenerator(2, base=8, blocks=2, downsamples=2)
+    x = torch.randn(3, 2, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(f(x), x)
+    assert isinstance(build_net(f.config), ResNetGenerator) and isinstance(build_net(_icnn().config), ICNN)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    m = _tiny_mirror()
+    with torch.no_grad():
+        for p in m.inverse.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_mirror(tmp_path / "m", m, note="x")
+    m2, cfg = load_mirror(tmp_path / "m")
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(m.forward_map(x), m2.forward_map(x)) and torch.equal(m.to_data(x), m2.to_data(x))
+    assert cfg["note"] == "x"
+    from condiff import io
+
+    with pytest.raises(io.CheckpointError, match="not a NAMM mirror map"):
+        io.save_module(tmp_path / "other", torch.nn.Linear(2, 2), {"format": "something"})
+        load_mirror(tmp_path / "other")
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def _brightness_data(n=96):
+    from condiff.data import load_dataset
+
+    d = load_dataset("brightness", "train", size=8, n_train=n, n_test=2)
+    return d.x, TotalBrightness(d.meta["constraint"]["flux"])
+
+
+def test_namm_training_reduces_cycle_and_constraint_losses(tmp_path):
+    x, con = _brightness_data()
+    m = _tiny_mirror()
+    before = evaluate_terms(m, x[:32], con, sigma_max=0.1)
+    cfg = TrainConfig(
+        steps=120,
+        batch_size=8,
+        lr=2e-3,
+        betas=(0.5, 0.999),
+        warmup=0,
+        lr_decay="constant",
+        ema_decay=0.9,
+        ckpt_every=60,
+        log_every=20,
+        progress=False,
+    )
+    out = fit_mirror_map(x, con, m, cfg, NAMMLoss(l_con=1.0), run_dir=tmp_path)
+    after = evaluate_terms(out, x[:32], con, sigma_max=0.1)
+    assert after["con"] < 0.5 * before["con"], (before, after)
+    assert after["cyc"] < before["cyc"], (before, after)
+    assert all(float(c.weight.min()) >= 0 for c in out.psi.positive())  # the clamp ran every step
+    log = read_log(tmp_path / "log.jsonl")
+    assert {"cyc", "con", "reg"} <= set(log[-1]) and log[-1]["step"] == 120
+    assert (tmp_path / "mirror" / "config.json").is_file()
+
+
+def test_finetuning_trains_f_only_and_reduces_the_constraint_loss_on_mirror_samples():
+    x, con = _brightness_data(64)
+    m = _tiny_mirror()
+    y = m.to_mirror(x) + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    psi_before = {k: v.clone() for k, v in m.psi.state_dict().items()}
+    l_before = float(con(m.to_data(y)).mean())
+    cfg = TrainConfig(
+        steps=60,
+        batch_size=8,
+        lr=2e-3,
+        betas=(0.5, 0.999),
+        warmup=0,
+        lr_decay="constant",
+        ema_decay=0.9,
+        ckpt_every=1000,
+        progress=False,
+    )
+    out = finetune_inverse(m, x, y, con, cfg, NAMMLoss(l_con=1.0))
+    l_after = float(con(out.to_data(y)).mean())
+    assert l_after < 0.5 * l_before
+    for k, v in out.psi.state_dict().items():
+        assert torch.equal(v, psi_before[k]), f"psi.{k} changed during fine-tuning"
+    assert torch.equal(m.to_data(y[:4]), m.to_data(y[:4]))  # the input map is left untouched
+
+
+def test_namm_rejects_bad_constraints_and_settings():
+    x, _ = _brightness_data(8)
+    m = _tiny_mirror()
+    cfg = TrainConfig(steps=1, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="must return shape"):
+        fit_mirror_map(x, lambda v: v.sum(), m, cfg)
+    with pytest.raises(ValueError, match="unknown NAMM loss option"):
+        NAMMLoss.from_dict({"l_constraint": 1.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        NAMMLoss.from_dict({"l_con": -1.0})
+
+
+# --- mirror DPS ----------------------------------------------------------------------------------
+
+
+def test_mirror_dps_with_identity_inverse_is_dps():
+    """f starts as the identity, so DPS in mirror space with A(f(.)) is exactly DPS with A."""
+    s = Schedule.linear(100)
+    den = GaussianDenoiser(s, 0.0, 0.5)
+    m = _tiny_mirror()
+    op = first_rows((1, 8, 8), 3, sigma_y=0.1)
+    truth = 0.5 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = op.measure(truth, generator=torch.Generator().manual_seed(1))
+    loss = normalised_measurement_loss(op, y)
+    kw = dict(steps=20, eta=1.0)
+    a = sample(den, (4, 1, 8, 8), generator=torch.Generator().manual_seed(2), guidance=DPS(loss, 0.05), **kw)
+    b = sample(
+        den,
+        (4, 1, 8, 8),
+        generator=torch.Generator().manual_seed(2),
+        guidance=mirror_dps(m, loss, 0.05),
+        **kw,
+    )
+    assert torch.allclose(a, b, atol=1e-5)
+    free = sample(den, (4, 1, 8, 8), generator=torch.Generator().manual_seed(2), **kw)
+    # guidance pulls the observed rows towards the data
+    assert float(op.residual(a, y).mean()) < 0.5 * float(op.residual(free, y).mean())
+
+
+def test_assimilate_runs_all_three_methods():
+    s = Schedule.linear(100)
+    den = GaussianDenoiser(s, 0.0, 0.5)
+    m = _tiny_mirror()
+    op = first_rows((1, 8, 8), 2, sigma_y=0.1)
+    y = op.measure(torch.zeros(3, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    con = Box(-0.2, 0.2)
+    for kw in ({}, {"mirror": m}, {"constraint": con, "constraint_weight": 200.0}):
+        x = assimilate(
+            den, op, y, (1, 8, 8), zeta=0.05, steps=10, generator=torch.Generator().manual_seed(0), **kw
+        )
+        assert x.shape == (3, 1, 8, 8) and bool(torch.isfinite(x).all()) and not x.requires_grad
+    with pytest.raises(ValueError, match="needs a constraint"):
+        assimilate(den, op, y, (1, 8, 8), zeta=0.05, steps=2, constraint_weight=1.0)
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def test_cli_settings_resolution_and_stage_guard(tmp_path):
+    from condiff.cli.config import ConfigError
+    from condiff.cli.namm import NAMMRun, StageMismatch, resolve
+
+    cfg = resolve("brightness", "quick", overrides=["mirror.psi.filters=4", "loss.l_con=0.5"])
+    assert cfg["mirror"]["psi"] == {"name": "icnn", "layers": 3, "filters": 4}
+    assert cfg["loss"]["l_con"] == 0.5 and cfg["data"]["size"] == 16
+    assert resolve("kolmogorov", "full")["loss"]["sigma_max"] == 0.5
+    assert resolve("count", "quick")["data"]["k"] == 4
+    with pytest.raises(ConfigError, match="section one of"):
+        resolve("burgers", "quick", overrides=["optim.lr=1"])
+    with pytest.raises(ConfigError, match="unknown profile"):
+        resolve("burgers", "huge")
+    run = NAMMRun(tmp_path, cfg)
+    d, done = run._stage("namm", run.spec("namm"))
+    assert not done and (d / "stage.json").is_file()
+    run._finish("namm", run.spec("namm"), 1.0)
+    assert run._stage("namm", run.spec("namm"))[1]
+    other = NAMMRun(tmp_path, resolve("brightness", "quick", overrides=["loss.l_con=0.7"]))
+    with pytest.raises(StageMismatch, match="--fresh"):
+        other._stage("namm", other.spec("namm"))
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from condiff.cli.main import main
+
+    assert main(["namm", "sample", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "condiff namm fit" in err
+    (tmp_path / "config.json").write_text(json.dumps({"data": {}}))
+    assert main(["namm", "assimilate", "--run", str(tmp_path), "--set", "nosuch.key=1"]) == 2
+    assert "section one of" in capsys.readouterr().err
+    assert main(["namm", "fit", "--data", "no-such-data", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "unknown data set 'no-such-data'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_pipeline_end_to_end(tmp_path):
+    env_args = [
+        "--profile",
+        "quick",
+        "--set",
+        "data.size=8",
+        "--set",
+        "data.n_train=64",
+        "--set",
+        "data.n_test=32",
+        "--set",
+        "mirror.inverse.downsamples=1",
+        "--set",
+        "mirror_train.steps=30",
+        "--set",
+        "train.steps=30",
+        "--set",
+        "model.mults=[1, 2]",
+        "--quiet",
+    ]
+    run = tmp_path / "run"
+    cli = [sys.executable, "-m", "condiff.cli.main", "namm"]
+    subprocess.run([*cli, "fit", "--data", "periodic", "--out", str(run), *env_args], check=True)
+    subprocess.run(
+        [
+            *cli,
+            "finetune",
+            "--run",
+            str(run),
+            "--set",
+            "finetune.steps=10",
+            "--set",
+            "finetune.n=16",
+            "--set",
+            "sample.steps=5",
+            "--quiet",
+        ],
+        check=True,
+    )
+    subprocess.run([*cli, "sample", "--run", str(run), "--n", "16", "--quiet"], check=True)
+    subprocess.run(
+        [
+            *cli,
+            "assimilate",
+            "--run",
+            str(run),
+            "--set",
+            "assimilate.n=2",
+            "--set",
+            "assimilate.steps=5",
+            "--quiet",
+        ],
+        check=True,
+    )
+    metrics = json.loads((run / "samples" / "metrics.json").read_text())
+    assert set(metrics) == {"data (held-out)", "vanilla", "mdm", "mdm_ft"}
+    assert (run / "samples" / "violations.png").is_file() and (
+        run / "assimilate" / "assimilation.png"
+    ).is_file()

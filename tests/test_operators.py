@@ -1,0 +1,163 @@
+"""Measurement operators: one conformance test for all of them, plus each operator's own facts."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from condiff.operators import GaussianBlur, Inpainting, LinearOperator, SuperResolution
+
+SHAPE = (3, 2, 16, 16)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# name -> builder(shape, generator, sigma_y); every operator condiff ships is listed here
+OPERATORS = {
+    "inpaint-random": lambda s, g, n=0.0: Inpainting.random(s, 0.7, g, sigma_y=n),
+    "inpaint-box": lambda s, g, n=0.0: Inpainting.box(s, 6, g, sigma_y=n, margin=1),
+    "sr-box-2": lambda s, g, n=0.0: SuperResolution(2, "box", sigma_y=n),
+    "sr-bicubic-2": lambda s, g, n=0.0: SuperResolution(2, "bicubic", sigma_y=n),
+    "sr-bicubic-4": lambda s, g, n=0.0: SuperResolution(4, "bicubic", sigma_y=n),
+    "blur": lambda s, g, n=0.0: GaussianBlur(7, 1.5, sigma_y=n),
+}
+OUT_HW = {"sr-box-2": 8, "sr-bicubic-2": 8, "sr-bicubic-4": 4}
+
+
+@pytest.mark.parametrize("name", list(OPERATORS))
+def test_conformance(name):
+    op = OPERATORS[name](SHAPE, _gen()).double()
+    g = _gen(1)
+    x = torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    y = op.A(x)
+    # shapes: batch and channels kept, spatial size as documented
+    h = OUT_HW.get(name, 16)
+    assert y.shape == (SHAPE[0], SHAPE[1], h, h) and y.dtype == torch.float64
+    assert torch.equal(op(x), y)
+    assert isinstance(op, LinearOperator)
+    # adjointness <A x, v> = <x, A^T v> (float64: agreement to ~1e-15; 1e-5 is the contract)
+    v = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    lhs, rhs = (y * v).sum(), (x * op.A_adjoint(v)).sum()
+    assert abs(float(lhs - rhs)) <= 1e-5 * abs(float(lhs))
+    assert op.A_adjoint(v).shape == x.shape
+    # linearity
+    x2 = torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(op.A(2.0 * x - 3.0 * x2), 2.0 * y - 3.0 * op.A(x2))
+    # determinism: the same seed gives the same operator and the same noisy measurement
+    op2 = OPERATORS[name](SHAPE, _gen(), 0.05).double()
+    y1 = op2.measure(x, _gen(7))
+    y2 = OPERATORS[name](SHAPE, _gen(), 0.05).double().measure(x, _gen(7))
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y1, op2.measure(x, _gen(8)))
+    # the loss is the per-sample residual norm
+    loss = op2.loss(y1)(x)
+    assert loss.shape == (SHAPE[0],)
+    torch.testing.assert_close(loss, (y1 - op2.A(x)).flatten(1).norm(dim=1))
+
+
+@pytest.mark.parametrize("name", ["sr-box-2", "sr-bicubic-2", "sr-bicubic-4", "blur"])
+def test_filters_keep_constants(name):
+    """Normalised kernels: a constant image stays the same constant (borders included)."""
+    op = OPERATORS[name](SHAPE, _gen())
+    y = op.A(torch.full(SHAPE, 0.3))
+    torch.testing.assert_close(y, torch.full_like(y, 0.3))
+
+
+def test_bicubic_matches_torch_antialias_away_from_borders():
+    """Antialiased bicubic resizing as torch.nn.functional.interpolate does it (Keys a=-0.5); only
+    the border treatment differs (reflect here)."""
+    x = torch.randn(2, 3, 16, 16, generator=_gen(), dtype=torch.float64)
+    ref = F.interpolate(x, scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False)
+    torch.testing.assert_close(SuperResolution(2, "bicubic").A(x)[..., 2:-2, 2:-2], ref[..., 2:-2, 2:-2])
+
+
+def test_box_sr_is_average_pooling():
+    x = torch.randn(SHAPE, generator=_gen())
+    torch.testing.assert_close(SuperResolution(2, "box").A(x), F.avg_pool2d(x, 2))
+
+
+def test_random_mask_drop_rate_and_noise_only_on_observed():
+    g = _gen()
+    op = Inpainting.random((64, 1, 16, 16), 0.7, g, sigma_y=0.05)
+    frac = 1 - float(op.mask.mean())
+    # 16384 Bernoulli(0.7) draws: standard error 0.0036, so 0.015 is > 4 SE
+    assert frac == pytest.approx(0.7, abs=0.015)
+    assert op.mask.shape == (64, 1, 16, 16)
+    x = torch.zeros(64, 1, 16, 16)
+    y = op.measure(x, g)
+    assert bool((y[op.mask.expand_as(y) == 0] == 0).all())  # nothing measured where pixels are missing
+    n_obs = op.num_measurements(y)
+    noise_std = float(y.pow(2).sum() / n_obs.sum()) ** 0.5
+    assert noise_std == pytest.approx(0.05, rel=0.05)  # ~4900 draws: SE of the std ~1%
+    # RMS residual of the truth is about sigma_y
+    assert float(op.residual(x, y).mean()) == pytest.approx(0.05, rel=0.1)
+
+
+def test_box_mask_has_exactly_one_box():
+    op = Inpainting.box((5, 3, 8, 8), (3, 4), _gen(), margin=1)
+    for m in op.mask:
+        zeros = (m[0] == 0).nonzero()
+        assert len(zeros) == 12
+        rows, cols = zeros[:, 0], zeros[:, 1]
+        assert int(rows.max() - rows.min()) == 2 and int(cols.max() - cols.min()) == 3
+        assert int(rows.min()) >= 1 and int(cols.min()) >= 1 and int(rows.max()) <= 6 and int(cols.max()) <= 6
+    centred = Inpainting.box((1, 1, 8, 8), 4, center=True).mask[0, 0]
+    assert bool((centred[2:6, 2:6] == 0).all()) and float(centred.sum()) == 48
+
+
+def test_select_slices_per_sample_masks():
+    op = Inpainting.random((6, 1, 8, 8), 0.5, _gen())
+    x = torch.randn(6, 1, 8, 8)
+    torch.testing.assert_close(op.select(slice(2, 4)).A(x[2:4]), op.A(x)[2:4])
+    y = op.measure(x, _gen(3))
+    torch.testing.assert_close(op.loss(y).select(slice(1, 3))(x[1:3]), op.loss(y)(x)[1:3])
+
+
+def test_loss_gradient_matches_closed_form():
+    """grad_x ||y - A x|| = -A^T (y - A x) / ||y - A x||."""
+    op = GaussianBlur(5, 1.0).double()
+    x = torch.randn(2, 1, 8, 8, generator=_gen(), dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 1, 8, 8, generator=_gen(2), dtype=torch.float64)
+    (g,) = torch.autograd.grad(op.loss(y)(x).sum(), x)
+    r = y - op.A(x.detach())
+    expect = -op.A_adjoint(r) / r.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(g, expect)
+
+
+def test_to_image_shapes():
+    x = torch.randn(SHAPE)
+    sr = SuperResolution(2)
+    assert sr.to_image(sr.A(x)).shape == x.shape
+    blur = GaussianBlur(3, 1.0)
+    assert blur.to_image(blur.A(x)).shape == x.shape
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: GaussianBlur(4, 1.0), "odd"),
+    (lambda: GaussianBlur(5, 0.0), "sigma must be > 0"),
+    (lambda: SuperResolution(2, "lanczos"), "unknown kernel 'lanczos'"),
+    (lambda: SuperResolution(0), "factor must be an integer >= 1"),
+    (lambda: Inpainting.random((2, 1, 8, 8), 1.0), r"p_drop must lie in \[0, 1\)"),
+    (lambda: Inpainting.box((2, 1, 8, 8), 9), "does not fit 8x8"),
+    (lambda: Inpainting(torch.full((1, 1, 4, 4), 0.5)), "only 0 and 1"),
+    (lambda: GaussianBlur(3, 1.0, sigma_y=-0.1), "sigma_y must be a finite number >= 0"),
+    (lambda: SuperResolution(2).A(torch.randn(1, 1, 15, 16)), "not divisible by the factor 2"),
+    (lambda: GaussianBlur(9, 2.0).A(torch.randn(1, 1, 4, 4)), "needs images larger than 4 pixels"),
+    (lambda: Inpainting.random((2, 1, 8, 8), 0.5).A(torch.randn(3, 1, 8, 8)), "does not fit images"),
+    (lambda: SuperResolution(2).A(torch.randn(16, 16)), r"expected images of shape \(B, C, H, W\)"),
+])
+def test_bad_input_is_a_clear_error(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_describe_is_json_ready():
+    import json
+
+    for name, b in OPERATORS.items():
+        d = b(SHAPE, _gen(), 0.05).describe()
+        assert d["sigma_y"] == 0.05 and json.loads(json.dumps(d)) == d, name
+    assert math.isclose(Inpainting.random(SHAPE, 0.7, _gen()).describe()["observed"], 0.3, abs_tol=0.06)

@@ -1,0 +1,155 @@
+"""Generated data sets: each satisfies its constraint to its stated tolerance; seeding, caching, errors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from condiff.constraints import BurgersResidual, DivergenceFree, build_constraint
+from condiff.data import DATASETS, DataError, load_dataset
+from condiff.data.physics import kolmogorov_trajectories, periodic_gp_1d
+from condiff.data.sources import render_sources
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny FFTs and tensors: thread synchronisation costs more than it saves (ruinously on a loaded box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = {
+    "burgers": {"size": 16, "n_train": 8, "n_test": 4},
+    "kolmogorov": {
+        "size": 8,
+        "n_train": 6,
+        "n_test": 3,
+        "sim_size": 16,
+        "spinup": 0.4,
+        "interval": 0.2,
+        "per_trajectory": 3,
+        "dt": 0.02,
+    },
+    "brightness": {"size": 16, "n_train": 12, "n_test": 4},
+    "periodic": {"size": 16, "n_train": 8, "n_test": 4},
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_generator_satisfies_its_constraint(name):
+    d = load_dataset(name, "all", **TINY[name])
+    con = build_constraint(d.meta["constraint"])
+    dist = con(d.x)
+    assert len(d) == TINY[name]["n_train"] + TINY[name]["n_test"]
+    assert float(dist.max()) <= d.meta["tolerance"], f"{name}: max l = {float(dist.max())}"
+    assert float(d.x.abs().max()) < 3.0  # scaled to about [-1, 1]
+    # the constraint is not trivially zero: a perturbation of the data violates it
+    noisy = d.x + 0.05 * torch.randn(d.x.shape, generator=torch.Generator().manual_seed(0))
+    assert float(con(noisy).min()) > 10 * max(d.meta["tolerance"], 1e-6)
+
+
+def test_count_data_have_exactly_k_separated_sources():
+    d = load_dataset("count", "train", size=16, n_train=10, n_test=2, k=4)
+    centres = torch.as_tensor(d.meta["centres"])
+    assert centres.shape == (10, 4, 2)
+    gaps = torch.cdist(centres, centres) + 1e9 * torch.eye(4)
+    assert float(gaps.min()) >= 4.0
+    # each source is a local maximum of its image: the brightest pixel near each centre
+    for img, pts in zip(d.x[:, 0], centres):
+        for r, c in pts.tolist():
+            i, j = int(r), int(c)
+            patch = img[max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2]
+            assert float(patch.max()) > -0.5
+    assert d.subset([0, 3]).meta["centres"].shape == (2, 4, 2)
+
+
+@pytest.mark.slow
+def test_counting_cnn_counts_the_count_data():
+    from condiff.constraints import CountConstraint
+
+    con = CountConstraint(k=4, size=16)
+    d = load_dataset("count", "test", size=16, n_train=10, n_test=200, k=4)
+    dist = con(d.x)
+    assert float(dist.mean()) < 0.25 and float(dist.max()) < d.meta["tolerance"] + 0.5
+
+
+def test_seeding_splits_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path))
+    kw = TINY["burgers"]
+    a = load_dataset("burgers", "train", **kw)
+    files = list((tmp_path / "data").glob("burgers-*.npz"))
+    assert len(files) == 1
+    b = load_dataset("burgers", "train", **kw)  # from the cache
+    assert torch.equal(a.x, b.x)
+    files[0].unlink()
+    c = load_dataset("burgers", "train", **kw)  # regenerated: the same data
+    assert torch.equal(a.x, c.x)
+    test = load_dataset("burgers", "test", **kw)
+    assert not torch.equal(a.x[:4], test.x)
+    other = load_dataset("burgers", "train", **{**kw, "seed": 1})
+    assert not torch.equal(a.x, other.x)
+
+
+def test_burgers_initial_conditions_are_min_max_normalised_periodic_gp():
+    g = torch.Generator().manual_seed(0)
+    u = periodic_gp_1d(2000, 32, 0.2, 1.5, g)
+    assert abs(float(u.mean())) < 0.05 * float(u.std())
+    # stationarity on the circle: the covariance depends only on the lag, also across the seam
+    cov1 = float((u[:, 0] * u[:, 1]).mean())
+    cov_seam = float((u[:, -1] * u[:, 0]).mean())
+    assert cov_seam == pytest.approx(cov1, rel=0.15)
+    d = load_dataset("burgers", "train", **TINY["burgers"])
+    first = d.x[:, 0, 0]
+    assert torch.allclose(first.amax(1), torch.ones(len(d)), atol=1e-6)
+    assert torch.allclose(first.amin(1), -torch.ones(len(d)), atol=1e-6)
+    assert d.meta["constraint"]["length"] == pytest.approx(10.0 * 16 / 64)
+
+
+def test_kolmogorov_solver_velocities_are_solenoidal_and_forced():
+    v = kolmogorov_trajectories(
+        2, 4, 32, 16, seed=0, re=1000.0, drag=0.1, kf=4, dt=0.02, spinup=1.0, interval=0.2
+    ).float()
+    assert v.shape == (2, 4, 2, 16, 16) and bool(torch.isfinite(v).all())
+    con = DivergenceFree()
+    assert float(con(v.flatten(0, 1)).max()) < 1e-5 * float(v.abs().max())
+    # the Kolmogorov forcing sin(4 y) drives u: the mean of u over x correlates with sin(4 y)
+    y = torch.arange(16) * 2 * math.pi / 16
+    profile = v[:, -1, 0].mean((0, 2))
+    assert float(torch.dot(profile, torch.sin(4 * y))) > 0
+
+
+def test_brightness_and_periodic_structure():
+    d = load_dataset("brightness", "train", size=16, n_train=30, n_test=2)
+    flux = d.meta["constraint"]["flux"]
+    assert flux == pytest.approx(120 * (16 / 64) ** 2)
+    assert torch.allclose(((d.x + 1) / 2).flatten(1).sum(1), torch.full((30,), flux), atol=1e-3)
+    p = load_dataset("periodic", "train", size=16, n_train=8, n_test=2)
+    assert set(p.x.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(p.x, torch.roll(p.x, (8, 8), (2, 3)))  # 2x2 tiling = periodic with half the size
+
+
+def test_render_sources_counts():
+    x, centres = render_sources(torch.tensor([0, 2, 5]), 16, torch.Generator().manual_seed(0))
+    assert x.shape == (3, 1, 16, 16) and [len(c) for c in centres] == [0, 2, 5]
+
+
+@pytest.mark.parametrize("name", ["burgers", "kolmogorov", "brightness", "periodic", "count"])
+def test_bad_settings_give_one_line_errors(name):
+    assert name in DATASETS
+    with pytest.raises(DataError, match="size must be an even integer"):
+        load_dataset(name, "train", size=15)
+    with pytest.raises(DataError, match="n_train must be >= 1"):
+        load_dataset(name, "train", size=16, n_train=0)
+    with pytest.raises(DataError, match="unknown split"):
+        load_dataset(name, "valid", size=16)
+
+
+def test_burgers_residual_of_data_is_float_round_off():
+    d = load_dataset("burgers", "train", **TINY["burgers"])
+    con = BurgersResidual(**{k: v for k, v in d.meta["constraint"].items() if k != "name"})
+    r = con.residual(d.x.double())
+    assert float(r.abs().max()) < 1e-6
+    assert np.isfinite(d.x.numpy()).all()

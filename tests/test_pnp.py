@@ -1,0 +1,252 @@
+"""Plug-and-play inference against the Gaussian oracle, its schedules, constraints and segmentation."""
+
+import math
+
+import pytest
+import torch
+
+from condiff.data import load_dataset
+from condiff.data.scenes import make_scenes, split_scene
+from condiff.denoiser import GaussianDenoiser
+from condiff.pnp import schedules as sch
+from condiff.pnp.conditional import ClassConstraint, MirrorSymmetry, mean_pairwise_distance
+from condiff.pnp.engine import denoising_term, infer
+from condiff.pnp.segmentation import iou, kmeans_segment, otsu_segment, segment
+from condiff.schedule import Schedule
+
+M, S = 0.3, 0.1  # the oracle prior N(M, S^2 I)
+
+
+def oracle(T=1000):
+    return GaussianDenoiser(Schedule.linear(T), mean=M, std=S)
+
+
+def stationary_point(abar, target, w, through_net):
+    """Minimiser of E F for the prior N(M, S^2 I) and the constraint ||x - target||^2 / n.
+
+    With v = a S^2 + 1 - a the expected denoising gradient is 2 k (x - M) / n, where
+    k = a (1 - a) / v^2 through the network and k = a sqrt(1 - a) / v with the stop-gradient,
+    so x* = (k M + w target) / (k + w)."""
+    a, v = abar, abar * S**2 + 1 - abar
+    k = a * (1 - a) / v**2 if through_net else a * math.sqrt(1 - a) / v
+    return (k * M + w * target) / (k + w)
+
+
+# --- schedules ---------------------------------------------------------------------------------------
+
+
+def test_paper_anneal_formula_and_range():
+    T, S_ = 1000, 1000
+    ts = sch.timesteps(sch.PAPER_MNIST, S_, T)
+    assert ts[0] == T - 1  # (S + S/4) / S * T is clipped to T - 1
+    i = 300
+    expect = int(((S_ - i) + math.floor((S_ - i) / 4) * math.cos(i / 50)) / S_ * T)
+    assert ts[i] == expect
+    assert int(ts.min()) >= 1 and ts[-1] == 1
+    # the wobble revisits higher t, but the trend falls: quarter means decrease
+    q = ts.float().view(4, -1).mean(1)
+    assert bool((q[1:] < q[:-1]).all())
+    assert sch.timesteps(sch.PAPER_TSP, 256, T)[100] == int((156 + 52 * math.cos(2.0)) / 256 * T)
+
+
+def test_linear_schedules_and_weights():
+    ts = sch.timesteps(sch.LinearAnneal(0.5, 0.0), 11, 1000)
+    assert ts[0] == 500 and ts[-1] == 1 and bool((ts[1:] <= ts[:-1]).all())
+    w = sch.PAPER_MNIST_WEIGHT
+    assert w(0, 100) == pytest.approx(0.01) and w(50, 100) == pytest.approx(0.005)
+    with pytest.raises(ValueError, match="outside"):
+        sch.ConstantTime(1000)(0, 10, 1000)
+    with pytest.raises(ValueError, match="divisor"):
+        sch.PaperAnneal(divisor=0)
+
+
+# --- the objective --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("through_net", [True, False])
+def test_denoising_term_value_and_gradient_closed_form(through_net):
+    den, t = oracle(), 300
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, generator=g).requires_grad_(True)
+    eps = torch.randn(3, 5, generator=g)
+    tt = torch.full((3,), t)
+    d = denoising_term(den, x, tt, eps, through_net)
+    a = float(den.schedule.abar[t])
+    v = a * S**2 + 1 - a
+    x_t = math.sqrt(a) * x.detach() + math.sqrt(1 - a) * eps
+    eps_hat = math.sqrt(1 - a) * (x_t - math.sqrt(a) * M) / v
+    assert torch.allclose(d.detach(), (eps - eps_hat).pow(2).mean(1), atol=1e-6)
+    (grad,) = torch.autograd.grad(d.sum(), x)
+    # through the net: d/dx ||eps - eps_hat||^2 / n = 2 (eps_hat - eps) J sqrt(a) / n with J = sqrt(1-a)/v
+    jac = math.sqrt(1 - a) / v if through_net else 1.0
+    assert torch.allclose(grad, 2 * math.sqrt(a) * jac * (eps_hat - eps) / 5, atol=1e-6)
+
+
+@pytest.mark.parametrize("through_net", [True, False])
+def test_infer_converges_to_the_gaussian_stationary_point(through_net):
+    den, t, w, target = oracle(), 300, 0.2, -0.5
+    res = infer(den, torch.zeros(64, 4), constraint=lambda x: (x - target).pow(2).mean(1),
+                schedule=sch.ConstantTime(t), weight=sch.ConstantWeight(w), steps=120, lr=0.02,
+                through_net=through_net, generator=torch.Generator().manual_seed(0))
+    expect = stationary_point(float(den.schedule.abar[t]), target, w, through_net)
+    other = stationary_point(float(den.schedule.abar[t]), target, w, not through_net)
+    assert abs(expect - other) > 0.02  # the two variants are told apart
+    assert float(res.x.mean()) == pytest.approx(expect, abs=0.003)  # observed errors < 0.001
+    assert len(res.denoise) == 120 and res.nfe == 120 and res.t == [t] * 120
+
+
+def test_chains_are_independent():
+    den = oracle(200)
+    z = torch.randn(2, 6, generator=torch.Generator().manual_seed(1))
+    z2 = z.clone()
+    z2[1] = 5.0
+    kw = dict(schedule=sch.LinearAnneal(0.8, 0.0), steps=20, lr=0.05, constraint=lambda x: x.pow(2).sum(1))
+    a = infer(den, z, generator=torch.Generator().manual_seed(3), **kw)
+    b = infer(den, z2, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a.x[0], b.x[0]) and not torch.equal(a.x[1], b.x[1])
+
+
+def test_infer_with_a_render_and_projection():
+    den = oracle(200)
+    # optimise a scalar per chain that renders to a constant picture; the prior pulls it towards M
+    res = infer(den, torch.zeros(64, 1), render=lambda z: z[:, :, None, None].expand(-1, 1, 4, 4),
+                schedule=sch.ConstantTime(50), steps=200, lr=0.02, project=lambda z: z.clamp(max=0.2),
+                generator=torch.Generator().manual_seed(0))
+    assert res.x.shape == (64, 1, 4, 4) and res.latent.shape == (64, 1)
+    assert float(res.latent.max()) <= 0.2 + 1e-6 and float(res.latent.mean()) > 0.15
+
+
+def test_infer_works_under_no_grad():
+    with torch.no_grad():
+        res = infer(oracle(100), torch.zeros(2, 3), schedule=sch.ConstantTime(50), steps=3, lr=0.1)
+    assert float(res.latent.abs().sum()) > 0  # the prior moved it
+
+
+def test_infer_rejects_bad_input():
+    den = oracle(100)
+    with pytest.raises(ValueError, match="steps"):
+        infer(den, torch.zeros(2, 3), steps=0)
+    with pytest.raises(ValueError, match=r"constraint must return shape \(2,\)"):
+        infer(den, torch.zeros(2, 3), constraint=lambda x: x, steps=1)
+    with pytest.raises(ValueError, match="lr"):
+        infer(den, torch.zeros(2, 3), lr=0.0)
+
+
+# --- constraints ---------------------------------------------------------------------------------------
+
+
+def test_mirror_symmetry_is_zero_exactly_on_symmetric_pictures():
+    x = torch.randn(3, 1, 4, 4)
+    sym = x + x.flip(-1)
+    assert torch.allclose(MirrorSymmetry(-1)(sym), torch.zeros(3))
+    assert bool((MirrorSymmetry(-1)(x) > 0).all())
+    assert float(MirrorSymmetry(-2)(sym).min()) > 0
+    with pytest.raises(ValueError, match="axis"):
+        MirrorSymmetry(0)
+
+
+def test_class_constraint_is_negative_log_probability():
+    logits = torch.tensor([[0.0, math.log(3.0)], [math.log(3.0), 0.0]])
+    log_prob = lambda x, y: (x * 0 + logits).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+    c = ClassConstraint(log_prob, 1)(torch.zeros(2, 2))
+    assert torch.allclose(c, torch.tensor([-math.log(0.75), -math.log(0.25)]))
+    with pytest.raises(ValueError, match="labels"):
+        ClassConstraint(log_prob, torch.tensor([0, 1, 1]))(torch.zeros(2, 2))
+
+
+def test_mean_pairwise_distance():
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    assert mean_pairwise_distance(x) == pytest.approx(5.0)
+    with pytest.raises(ValueError):
+        mean_pairwise_distance(x[:1])
+
+
+# --- segmentation ---------------------------------------------------------------------------------------
+
+
+def test_iou_closed_form():
+    a = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    b = a.clone()
+    a[0, 0, :2], b[0, 0, 1:3] = True, True  # 8 and 8 pixels, 4 shared -> 4 / 12
+    assert torch.allclose(iou(a, b), torch.tensor([1 / 3, 1.0], dtype=torch.float64))
+
+
+def test_baselines_segment_a_clean_two_tone_scene():
+    img = torch.full((1, 3, 12, 12), -0.5)
+    truth = torch.zeros(1, 1, 12, 12, dtype=torch.bool)
+    truth[..., 3:8, 4:9] = True
+    img = torch.where(truth, torch.tensor(0.6), img)
+    assert float(iou(otsu_segment(img), truth)) == 1.0
+    assert float(iou(kmeans_segment(img), truth)) == 1.0
+    # a dark shape on a bright background: still the inner region is foreground
+    assert float(iou(kmeans_segment(-img), truth)) == 1.0
+
+
+def test_scenes_are_deterministic_and_consistent():
+    d = load_dataset("scenes", "test", n=8, size=16)
+    assert d.x.shape == (8, 4, 16, 16) and torch.equal(d.x, load_dataset("scenes", "test", n=8, size=16).x)
+    img, mask = split_scene(d.x)
+    assert set(mask.unique().tolist()) <= {-1.0, 1.0}
+    assert float(img.abs().max()) <= 1.0
+    assert 0.02 < float((mask > 0).float().mean()) < 0.6
+    assert not torch.equal(load_dataset("scenes", "train", n=8, size=16).x, d.x)
+    with pytest.raises(ValueError, match="n >= 1"):
+        make_scenes(0)
+
+
+def test_segment_infers_the_mask_channel_only():
+    # prior: picture channels ~ N(0.3, .1^2) and a mask channel that the prior pushes towards 0.3 > 0
+    den = oracle(200)
+    pics = torch.randn(2, 3, 8, 8)
+    res = segment(den, pics, chains=3, steps=60, lr=0.05, generator=torch.Generator().manual_seed(0))
+    assert res.soft.shape == (2, 1, 8, 8) and res.mask.dtype == torch.bool
+    assert float(res.soft.abs().max()) <= 1.0 and bool(res.mask.all())
+    assert res.nfe == 60
+
+
+# --- command line --------------------------------------------------------------------------------------
+
+
+def tiny_prior(path, channels, size, data):
+    from condiff.models import save_model
+    from condiff.nets import UNet
+
+    torch.manual_seed(0)
+    net = UNet(in_channels=channels, base=8, mults=(1, 2))
+    return save_model(path, net, Schedule.linear(100), data=data, shape=[channels, size, size])
+
+
+def test_cli_tsp_and_segment_write_pictures_and_metrics(tmp_path):
+    import json
+
+    from condiff.cli.main import main
+
+    tiny_prior(tmp_path / "tours", 1, 16, {"name": "tours", "size": 16})
+    assert main(["pnp", "tsp", "--ckpt", str(tmp_path / "tours"), "--n", "2", "--cities", "6", "--steps", "3",
+                 "--chains", "2", "--out", str(tmp_path / "tsp")]) == 0
+    m = json.loads((tmp_path / "tsp" / "metrics.json").read_text())
+    assert m["n"] == 2 and len(m["gaps"]) == 2 and min(m["gaps"]) > -1e-6
+    assert (tmp_path / "tsp" / "tours.png").is_file() and (tmp_path / "tsp" / "pictures.png").is_file()
+
+    tiny_prior(tmp_path / "scenes", 4, 16, {"name": "scenes", "size": 16})
+    assert main(["pnp", "segment", "--ckpt", str(tmp_path / "scenes"), "--n", "3", "--chains", "2",
+                 "--steps", "3", "--out", str(tmp_path / "seg")]) == 0
+    m = json.loads((tmp_path / "seg" / "metrics.json").read_text())
+    assert 0.0 <= m["iou_pnp"] <= 1.0 and 0.0 <= m["iou_kmeans"] <= 1.0
+    assert (tmp_path / "seg" / "segment.png").is_file()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["pnp", "digits", "--label", "12"], "--label must be a digit"),
+    (["pnp", "tsp", "--ckpt", "{tmp}/none"], "pass --train"),
+    (["pnp", "tsp", "--ckpt", "{tmp}/scenes", "--n", "1"], "tours are 1-channel"),
+    (["pnp", "segment", "--ckpt", "{tmp}/tours"], "segment needs"),
+])
+def test_cli_errors_are_one_line(tmp_path, capsys, args, needle):
+    from condiff.cli.main import main
+
+    tiny_prior(tmp_path / "tours", 1, 16, {"name": "tours", "size": 16})
+    tiny_prior(tmp_path / "scenes", 4, 16, {"name": "scenes", "size": 16})
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]

@@ -1,0 +1,101 @@
+"""``condiff solve`` end to end on tiny random models (a condiff UNet and a diffusers UNet2DModel)."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from condiff.cli.main import main
+from condiff.models import save_model
+from condiff.nets import build_net
+from condiff.schedule import Schedule
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A random digits-shaped condiff model directory (1x8x8, T = 100)."""
+    d = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    net = build_net({"name": "unet", "in_channels": 1, "base": 8, "mults": [1, 2], "groups": 4})
+    save_model(d, net, Schedule.linear(100), data={"name": "digits"}, shape=[1, 8, 8])
+    return d
+
+
+def _solve(ckpt, out, *extra):
+    return main(["solve", "--ckpt", str(ckpt), "--out", str(out), "--device", "cpu", "--n", "3",
+                 "--steps", "3", *extra])
+
+
+def test_solve_writes_images_and_metrics(tiny_run, tmp_path):
+    assert _solve(tiny_run, tmp_path / "a", "--operator", "inpaint-random", "--method", "dsg+dps",
+                  "--rate", "0.3") == 0
+    out = tmp_path / "a"
+    for f in ("ground_truth.png", "measurement.png", "reconstruction.png", "reconstruction.npz",
+              "metrics.json"):
+        assert (out / f).is_file(), f
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n"] == 3 and m["steps"] == 3 and m["nfe"] == 3
+    assert m["grad_evals"] == 2  # DSG's final step (sigma = 0) needs no gradient
+    assert m["hyperparameters"]["rate"] == 0.3 and m["task"] == "digits/inpaint-random"
+    assert m["operator"]["name"] == "inpaint-random" and m["operator"]["sigma_y"] == 0.05
+    assert np.isfinite(m["psnr"]) and -1 <= m["ssim"] <= 1 and m["residual"] > 0
+    z = np.load(out / "reconstruction.npz")
+    assert z["x"].shape == z["ground_truth"].shape == (3, 1, 8, 8)
+    # the same seed reproduces the run exactly
+    assert _solve(tiny_run, tmp_path / "b", "--operator", "inpaint-random", "--method", "dsg+dps",
+                  "--rate", "0.3") == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "b" / "reconstruction.npz")["x"], z["x"])
+
+
+@pytest.mark.parametrize("operator, method", [("inpaint-box", "freedom"), ("sr", "dsg+ugd"),
+                                              ("blur", "dps")])
+def test_solve_operators_and_methods(tiny_run, tmp_path, operator, method):
+    assert _solve(tiny_run, tmp_path, "--operator", operator, "--method", method, "--blur-size", "3") == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["method"] == method and m["nfe"] >= 3 and m["grad_evals"] >= 2
+
+
+def test_solve_with_a_diffusers_model_and_input_files(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+    unet.save_pretrained(tmp_path / "dm" / "unet")
+    diffusers.DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "dm" / "scheduler")
+    imgs = np.random.default_rng(0).uniform(-1, 1, (4, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "imgs.npy", imgs)
+    code = main(["solve", "--ckpt", str(tmp_path / "dm"), "--input", str(tmp_path / "imgs.npy"), "--n", "4",
+                 "--operator", "sr", "--method", "ugd", "--steps", "2", "--out", str(tmp_path / "o"),
+                 "--device", "cpu"])
+    assert code == 0
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["n"] == 4 and m["nfe"] >= 2 and m["images"].endswith("imgs.npy")
+    gt = np.load(tmp_path / "o" / "reconstruction.npz")["ground_truth"]
+    assert sorted(map(tuple, gt.reshape(4, -1).round(5))) == sorted(map(tuple, imgs.reshape(4, -1).round(5)))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--operator", "inpaint-random", "--method", "dsg+dps", "--eta", "0"], "eta > 0"),
+    (["--operator", "inpaint-random", "--method", "dps", "--rate", "0.2"], "apply to DSG only"),
+    (["--operator", "inpaint-random", "--method", "dsg+xyz"], r"unknown guidance method 'dsg\+xyz'"),
+    (["--operator", "inpaint-random", "--method", "dps", "--forward", "1"], "bad hyperparameters for 'dps'"),
+    (["--operator", "inpaint-random", "--method", "dsg+dps", "--rate", "2"], r"rate must lie in \[0, 1\]"),
+    (["--operator", "sr", "--factor", "3"], "not divisible by the factor 3"),
+    (["--operator", "inpaint-random", "--n", "100000"], "--n must be between 1 and 359"),
+])
+def test_bad_input_is_one_line_error(tiny_run, tmp_path, capsys, extra, message):
+    assert _solve(tiny_run, tmp_path, *extra) == 2  # a repeated flag (--n) takes its last value
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("condiff solve: error:") and "\n" not in err
+    assert re.search(message, err), err
+
+
+def test_input_of_the_wrong_shape_is_refused(tiny_run, tmp_path, capsys):
+    np.save(tmp_path / "big.npy", np.zeros((2, 3, 16, 16), dtype=np.float32))
+    code = main(["solve", "--ckpt", str(tiny_run), "--input", str(tmp_path / "big.npy"), "--n", "2",
+                 "--operator", "blur", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "images have shape (3, 16, 16) but the model expects (1, 8, 8)" in capsys.readouterr().err
