@@ -22,7 +22,8 @@ def timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - t0
 
 
-def alternate(fns: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 1) -> dict[str, list[float]]:
+def alternate(fns: dict[str, Callable[[], object]], repeats: int, device: str,
+              warmup: int = 1) -> dict[str, list[float]]:
     """Run each function ``repeats`` times, interleaved (a, b, a, b, ...), so drifts in machine load
     hit all of them alike. Returns the list of wall times per name."""
     for _ in range(warmup):

@@ -7,14 +7,13 @@ costs on top of the network itself (target <= 1.05).
 from __future__ import annotations
 
 import torch
+from _timing import alternate, median, median_ratio
 
 from condiff.cli.config import preset
 from condiff.denoiser import NetDenoiser
 from condiff.nets import build_net
 from condiff.sample import ddim
 from condiff.schedule import Schedule
-
-from _timing import alternate, median, median_ratio
 
 PROFILES = {"quick": {"batch": 256, "steps": 100, "repeats": 5},
             "full": {"batch": 256, "steps": 100, "repeats": 20}}
@@ -38,7 +37,7 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
 
     rows = []
     for eta in (0.0, 1.0):
-        def sampling():
+        def sampling(eta=eta):
             g.manual_seed(0)
             ddim(den, x, ts, eta=eta, generator=g)
 

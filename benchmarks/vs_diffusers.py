@@ -8,11 +8,10 @@ the largest difference between the two outputs.
 from __future__ import annotations
 
 import torch
+from _timing import alternate, median, median_ratio
 
 from condiff.denoiser import DiffusersDenoiser
 from condiff.sample import ddim
-
-from _timing import alternate, median, median_ratio
 
 PROFILES = {"quick": {"batch": 64, "size": 32, "channels": (32, 64), "steps": 50, "repeats": 7},
             "full": {"batch": 64, "size": 64, "channels": (64, 128, 256), "steps": 100, "repeats": 10}}

@@ -268,9 +268,9 @@ class Trainer:
             log = open(self.run_dir / "log.jsonl", "a")
         bar = None
         if cfg.progress and self.dist.main and self.step < cfg.steps:
-            from tqdm.auto import tqdm
-
             import sys
+
+            from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, unit="it", dynamic_ncols=True, desc="train",
                        mininterval=0.2 if sys.stderr.isatty() else 10.0)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from condiff import io
 from condiff.nets import TimeMLP
 from condiff.schedule import Schedule
-from condiff.train import DenoisingObjective, Trainer, TrainConfig, list_checkpoints
+from condiff.train import DenoisingObjective, TrainConfig, Trainer, list_checkpoints
 
 TINY = ["--data", "toy2d", "--set", "model.hidden=32", "--set", "model.depth=1", "--set", "data.n=512",
         "--set", "train.batch_size=32", "--set", "train.log_every=10", "--set", "train.progress=false",

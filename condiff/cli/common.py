@@ -17,12 +17,11 @@ from ..data import ArrayData, load_dataset
 from ..data.files import save_png_grid
 from ..denoiser import Denoiser, DiffusersDenoiser
 from ..models import load_denoiser, resolve_model_dir, save_model
-from ..plots import plot_loss_curve, plot_scatter
 from ..nets import build_net
+from ..plots import plot_loss_curve, plot_scatter
 from ..sample import generate
 from ..schedule import Schedule
-from ..train import DenoisingObjective, Trainer, TrainConfig
-from . import config as config_mod
+from ..train import DenoisingObjective, TrainConfig, Trainer
 
 
 def add_config_args(p: argparse.ArgumentParser, data_default: str | None = None) -> None:

@@ -202,6 +202,6 @@ __all__ = [
 ]
 import condiff.data.physics  # noqa: E402,F401  (registers burgers, kolmogorov)
 import condiff.data.procedural  # noqa: E402,F401  (registers brightness, periodic)
+import condiff.data.scenes  # noqa: E402,F401  (registers "scenes")
 import condiff.data.sources  # noqa: E402,F401  (registers count)
 import condiff.data.tours  # noqa: E402,F401  (registers "tours")
-import condiff.data.scenes  # noqa: E402,F401  (registers "scenes")

@@ -62,6 +62,6 @@ __all__ = [
     "timestep_embedding",
 ]
 
+from .classifier import DigitsCNN  # noqa: E402,F401  (registers "digits_cnn")
 from .icnn import ICNN  # noqa: E402,F401  (registers "icnn")
 from .resnet import ResNetGenerator  # noqa: E402,F401  (registers "resnet")
-from .classifier import DigitsCNN  # noqa: E402,F401  (registers "digits_cnn")
