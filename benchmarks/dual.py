@@ -99,9 +99,13 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
         "error would be if the constraints did nothing) and the learned lambda; the fair rows give the "
         "baseline (plain denoising loss on the imbalanced set, same steps, same initial weights, same "
         "examples per step); the fine-tuning rows give plain fine-tuning (same steps and examples per step).",
-        f"Fair digits: {fair['n_train']} training images; bounds b_i = {fair['config']['relative']} x the "
-        f"baseline's loss on each minority class's kept images; learned lambda "
-        f"{ {k: round(v, 3) for k, v in (fair['constrained']['lambda'] or {}).items()} }; "
+        f"Fair digits: {fair['n_train']} training images; constraint losses measured at t >= "
+        f"{fair['config']['dual']['t_range'][0]} T; bounds "
+        f"{[round(v, 4) for v in fair['constrained']['bounds']]} (baseline's losses "
+        f"{[round(v, 4) for v in fair['constrained'].get('baseline_losses', [])]}); learned lambda "
+        f"{ {k: round(v, 3) for k, v in (fair['constrained']['lambda'] or {}).items()} }; training "
+        f"{fair['baseline']['train_seconds']} s (baseline) and {fair['constrained']['train_seconds']} s "
+        "(constrained); "
         f"{fair['config']['n_samples']} samples per model, {fair['config']['sample_steps']} DDIM steps "
         "(eta 1); "
         f"train/test Fréchet distance of real digits: {fair['frechet_train_vs_test']:.3g}.",
@@ -110,7 +114,8 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
         f"held-out images' distance to the nearest fine-tuning image); the pretrained model scores "
         f"memorisation {pre['memorisation']:.3f}, Fréchet {pre['frechet_to_target']:.3g}, diversity "
         f"{pre['diversity']:.3f}; bound b = {ft['config']['relative']} x the pretrained model's loss on its "
-        f"own samples; lambda {c['lambda']}.",
+        f"own samples; lambda {c['lambda']}; training {pre['train_seconds']} s (pretraining), "
+        f"{p['train_seconds']} s (plain), {c['train_seconds']} s (constrained).",
         "Wall time per experiment (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
         + " (models cached from an earlier run are not retrained).",
     ]

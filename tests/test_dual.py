@@ -26,6 +26,7 @@ from condiff.dual import (
     mixture_weights,
     mode_weights,
     reference_losses,
+    refine_log_mass_bounds,
     select,
 )
 from condiff.nets import TimeMLP
@@ -86,6 +87,17 @@ def test_log_mass_bounds_recover_the_slope():
     assert torch.allclose(b, A[[3, 4]] - 0.02 * torch.log(torch.tensor(0.2, dtype=torch.float64)))
     with pytest.raises(ValueError, match="one weight"):
         log_mass_bounds(L, torch.full((5,), 0.2), [3], 0.5)
+
+
+def test_refined_bounds_follow_each_class_log_line():
+    s = torch.tensor([0.01, 0.03], dtype=torch.float64)       # per-class slopes
+    A = torch.tensor([0.5, 0.7], dtype=torch.float64)
+    line = lambda f: A - s * f.log()
+    fb, fp = torch.tensor([0.01, 0.02], dtype=torch.float64), torch.tensor([0.3, 0.05], dtype=torch.float64)
+    b, slope = refine_log_mass_bounds(line(fb), fb, line(fp), fp, 0.1)
+    assert torch.allclose(slope, s) and torch.allclose(b, line(torch.full((2,), 0.1, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="differ between the two models"):
+        refine_log_mass_bounds(line(fb), fb, line(fb), fb, 0.1)
 
 
 def test_mixture_weights_closed_form():

@@ -134,6 +134,23 @@ def test_resnet_starts_as_identity_and_rebuilds_from_config():
     assert isinstance(build_net(f.config), ResNetGenerator) and isinstance(build_net(_icnn().config), ICNN)
 
 
+def test_instance_norm_hides_absolute_levels_and_norm_none_does_not():
+    """With instance norm the correction f(y) - y is blind to a constant offset of y (so it cannot fix
+    a total flux); without it, it is not."""
+    y = torch.randn(2, 1, 16, 16)
+    out = {}
+    for norm in ("instance", "none"):
+        torch.manual_seed(0)
+        f = ResNetGenerator(1, base=8, blocks=1, downsamples=1, norm=norm)
+        with torch.no_grad():
+            f.net[-1].weight.normal_(0, 0.1)  # leave the identity start
+            out[norm] = (f(y + 0.7) - (y + 0.7)) - (f(y) - y)
+    assert float(out["instance"].abs().max()) < 1e-4
+    assert float(out["none"].abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="norm must be one of"):
+        ResNetGenerator(1, norm="batch")
+
+
 def test_save_and_load_round_trip(tmp_path):
     m = _tiny_mirror()
     with torch.no_grad():

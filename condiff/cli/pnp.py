@@ -73,7 +73,7 @@ PRIORS: dict[str, dict[str, dict]] = {
             "data": {"name": "scenes", "size": 24, "n": 8000},
             "model": {"name": "unet", "in_channels": 4, "base": 16, "mults": [1, 2, 2], "num_res": 1,
                       "attn_res": [4]},
-            "train": {"steps": 3000, "batch_size": 32, "lr": 2e-3, "warmup": 200, "ema_decay": 0.999,
+            "train": {"steps": 4000, "batch_size": 32, "lr": 2e-3, "warmup": 200, "ema_decay": 0.999,
                       "ckpt_every": 250, "log_every": 50, "progress": False},
         },
         "full": {

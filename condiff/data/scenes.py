@@ -73,9 +73,10 @@ def make_scenes(n: int, size: int = 32, g: torch.Generator | None = None,
     for k in range(max_shapes):
         m = _shape_masks(n, size, g) & (count > k)[:, None, None]
         colour = _u(g, n, 3, 1, 1, low=-0.6, high=0.6)
-        freq, ang = _u(g, n, low=0.35, high=0.8), _u(g, n, high=math.pi)
+        # stripes of period 3-6 px: a texture a small CNN detects at once, but colour clustering cannot
+        freq, ang = _u(g, n, low=2 * math.pi / 6, high=2 * math.pi / 3), _u(g, n, high=math.pi)
         phase = (ang.cos()[:, None, None] * xx + ang.sin()[:, None, None] * yy) * freq[:, None, None]
-        stripes = torch.sign(torch.sin(phase))[:, None] * _u(g, n, 1, 1, 1, low=0.2, high=0.35)
+        stripes = torch.sign(torch.sin(phase))[:, None] * _u(g, n, 1, 1, 1, low=0.2, high=0.4)
         fill = colour + stripes + 0.05 * torch.randn(n, 3, size, size, generator=g)
         img = torch.where(m[:, None], fill, img)
         mask |= m

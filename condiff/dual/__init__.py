@@ -15,7 +15,13 @@ from .objective import (
     fixed_timesteps,
     reference_losses,
 )
-from .theory import GaussianMixtureDenoiser, log_mass_bounds, mixture_weights, mode_weights
+from .theory import (
+    GaussianMixtureDenoiser,
+    log_mass_bounds,
+    mixture_weights,
+    mode_weights,
+    refine_log_mass_bounds,
+)
 
 __all__ = [
     "Constraint",
@@ -31,5 +37,6 @@ __all__ = [
     "mode_weights",
     "model_samples",
     "reference_losses",
+    "refine_log_mass_bounds",
     "select",
 ]

@@ -265,10 +265,12 @@ def _samples(net: nn.Module, schedule: Schedule, n: int, steps: int, seed: int, 
 class FairConfig(_Config):
     """Digits with classes ``minority`` kept at ``keep`` of their examples. Baseline: the plain
     denoising objective on that set. Constrained: one constraint per minority class, its data the
-    kept examples of that class. Bounds: with ``target_freq``, :func:`log_mass_bounds` from the
-    baseline's per-class losses (ask each minority class for that weight); else ``relative`` times
-    the baseline's loss on the class; or ``bound`` for all. Losses of the constraints (and of the
-    bound rule) are measured on ``dual.t_range``.
+    kept examples of that class. Bounds: ``bound`` for all if given; else with ``target_freq``,
+    :func:`log_mass_bounds` from the baseline's per-class losses (ask each minority class for that
+    weight); else ``relative`` (one number, or one per minority class) times the baseline's loss on
+    the class. Constraint losses are measured on ``dual.t_range``. The default relative factors
+    (0.682, 0.766, 0.705) come from :func:`refine_log_mass_bounds` applied to a pilot run with
+    ``target_freq = 0.1`` (docs/dual.md) at the quick profile's settings.
 
     Both runs get the same steps, the same initial weights and the same examples per step: the
     constrained run draws ``constraint_batch`` examples per constraint and ``train.batch_size``
@@ -283,8 +285,8 @@ class FairConfig(_Config):
     dual: dict = field(default_factory=lambda: {"every": 25, "lr": 1.0, "batch_size": 512, "timesteps": 16,
                                                 "start": 200, "t_range": [0.3, 1.0]})
     constraint_batch: int = 16
-    target_freq: float | None = 0.1
-    relative: float = 0.9
+    target_freq: float | None = None
+    relative: float | list[float] = field(default_factory=lambda: [0.682, 0.766, 0.705])
     bound: float | None = None
     n_samples: int = 2000
     sample_steps: int = 50
@@ -333,7 +335,11 @@ def run_fair(cfg: FairConfig, out: str | Path, device: str = "cpu") -> dict:
         ref, bounds = all_ref[list(cfg.minority)], b.tolist()
     else:
         ref = _losses(base_net, schedule, xs, dcfg, cfg.seed)
-        bounds = (cfg.relative * ref).tolist()
+        rel = torch.as_tensor(cfg.relative, dtype=torch.float64)
+        if rel.dim() > 0 and rel.shape != ref.shape:
+            raise ValueError(f"fair: relative needs one factor or {len(xs)} (one per minority class), "
+                             f"got {rel.tolist()}")
+        bounds = (rel * ref).tolist()
     constraints = [Constraint(f"class{c}", x, b, cfg.constraint_batch)
                    for c, x, b in zip(cfg.minority, xs, bounds)]
     objective = DualObjective(imbalanced.x, constraints, schedule, batch - n_con, dcfg)

@@ -99,3 +99,24 @@ def log_mass_bounds(losses: Tensor, freqs: Tensor, constrained: list[int],
     slope = float(((x - x.mean()) * (L - L.mean())).sum() / ((x - x.mean()) ** 2).sum())
     idx = torch.as_tensor(constrained, dtype=torch.long)
     return L[idx] - slope * torch.log(target / f[idx]), slope
+
+
+def refine_log_mass_bounds(base_losses: Tensor, base_freqs: Tensor, pilot_losses: Tensor, pilot_freqs: Tensor,
+                           target: float) -> tuple[Tensor, Tensor]:
+    """Per-class bounds for weight ``target`` from two models of known class weights.
+
+    The constrained classes' losses and weights under a reference (e.g. the baseline) and under a
+    pilot constrained run, all ``(m,)``, give one slope per class,
+    ``s = (L_base - L_pilot) / log(f_pilot / f_base)``, and ``b = L_base - s * log(target / f_base)``:
+    the secant of the log-mass line of :func:`log_mass_bounds`, which shares one slope across classes.
+    Returns the bounds and the slopes, ``(m,)`` each.
+    """
+    Lb, fb, Lp, fp = (torch.as_tensor(v, dtype=torch.float64) for v in (base_losses, base_freqs, pilot_losses,
+                                                                         pilot_freqs))
+    if not (Lb.shape == fb.shape == Lp.shape == fp.shape) or Lb.dim() != 1:
+        raise ValueError("refine_log_mass_bounds: all inputs must have one shape (m,)")
+    if bool((fb <= 0).any() | (fp <= 0).any() | ((fp / fb).log().abs() < 1e-9).any()) or not 0 < target < 1:
+        raise ValueError("refine_log_mass_bounds: weights must be positive and differ between the two models, "
+                         f"and 0 < target < 1; got {fb.tolist()}, {fp.tolist()}, {target}")
+    slope = (Lb - Lp) / (fp / fb).log()
+    return Lb - slope * torch.log(target / fb), slope

@@ -1,9 +1,14 @@
 """ResNet image-to-image generator (Johnson et al. 2016; CycleGAN's generator): NAMM's inverse map.
 
 ``7x7 conv -> downsamples x (stride-2 3x3 conv) -> blocks x residual block -> upsamples x
-(nearest upsample + 3x3 conv) -> 7x7 conv``, instance norm and ReLU between, channels doubling at
-each downsample from ``base``. With ``residual=True`` the output is ``x + net(x)`` and the last conv
+(nearest upsample + 3x3 conv) -> 7x7 conv``, a norm and ReLU between, channels doubling at each
+downsample from ``base``. With ``residual=True`` the output is ``x + net(x)`` and the last conv
 starts at zero, so the untrained generator is the identity.
+
+``norm="instance"`` is the paper's (and CycleGAN's) choice. Instance norm removes each feature map's
+mean and scale, so the correction ``net(x)`` cannot see the input's absolute level or amplitude;
+constraints that depend on them (a total flux, the advection speed in Burgers' equation) need
+``norm="none"``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from torch.nn import functional as F
 from . import register_net
 
 PADDING = ("circular", "reflect", "zeros")
+NORMS = ("instance", "none")
 
 
 def _int(name: str, value: object, low: int) -> int:
@@ -28,18 +34,22 @@ def _conv(cin: int, cout: int, k: int, padding: str, stride: int = 1) -> nn.Conv
     return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, padding_mode=padding)
 
 
-def _norm_act(ch: int) -> list[nn.Module]:
-    return [nn.InstanceNorm2d(ch, affine=True), nn.ReLU()]
+def _norm(ch: int, norm: str) -> nn.Module:
+    return nn.InstanceNorm2d(ch, affine=True) if norm == "instance" else nn.Identity()
+
+
+def _norm_act(ch: int, norm: str) -> list[nn.Module]:
+    return [_norm(ch, norm), nn.ReLU()]
 
 
 class _Block(nn.Module):
-    def __init__(self, ch: int, padding: str) -> None:
+    def __init__(self, ch: int, padding: str, norm: str) -> None:
         super().__init__()
         self.body = nn.Sequential(
             _conv(ch, ch, 3, padding),
-            *_norm_act(ch),
+            *_norm_act(ch, norm),
             _conv(ch, ch, 3, padding),
-            nn.InstanceNorm2d(ch, affine=True),
+            _norm(ch, norm),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -47,10 +57,10 @@ class _Block(nn.Module):
 
 
 class _Up(nn.Module):
-    def __init__(self, cin: int, cout: int, padding: str) -> None:
+    def __init__(self, cin: int, cout: int, padding: str, norm: str) -> None:
         super().__init__()
         # upsample + conv instead of a transposed conv: no checkerboard, and it keeps circular padding
-        self.conv = nn.Sequential(_conv(cin, cout, 3, padding), *_norm_act(cout))
+        self.conv = nn.Sequential(_conv(cin, cout, 3, padding), *_norm_act(cout, norm))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -67,6 +77,7 @@ class ResNetGenerator(nn.Module):
         downsamples: stride-2 stages (2 in the paper).
         residual: add the input to the output (needs ``out_channels == in_channels``).
         padding: ``circular`` (periodic data), ``reflect`` or ``zeros``.
+        norm: ``instance`` (the paper's) or ``none`` (keeps absolute levels visible; see the module doc).
     """
 
     def __init__(
@@ -78,6 +89,7 @@ class ResNetGenerator(nn.Module):
         downsamples: int = 2,
         residual: bool = True,
         padding: str = "circular",
+        norm: str = "instance",
     ) -> None:
         super().__init__()
         in_channels = _int("in_channels", in_channels, 1)
@@ -89,6 +101,8 @@ class ResNetGenerator(nn.Module):
         )
         if padding not in PADDING:
             raise ValueError(f"ResNetGenerator: padding must be one of {PADDING}, got {padding!r}")
+        if norm not in NORMS:
+            raise ValueError(f"ResNetGenerator: norm must be one of {NORMS}, got {norm!r}")
         if residual and out_channels != in_channels:
             raise ValueError(
                 f"ResNetGenerator: residual=True needs out_channels == in_channels, "
@@ -103,16 +117,17 @@ class ResNetGenerator(nn.Module):
             "downsamples": downsamples,
             "residual": bool(residual),
             "padding": padding,
+            "norm": norm,
         }
         self.in_channels, self.residual, self.divisor = in_channels, bool(residual), 2**downsamples
-        layers: list[nn.Module] = [_conv(in_channels, base, 7, padding), *_norm_act(base)]
+        layers: list[nn.Module] = [_conv(in_channels, base, 7, padding), *_norm_act(base, norm)]
         ch = base
         for _ in range(downsamples):
-            layers += [_conv(ch, 2 * ch, 3, padding, stride=2), *_norm_act(2 * ch)]
+            layers += [_conv(ch, 2 * ch, 3, padding, stride=2), *_norm_act(2 * ch, norm)]
             ch *= 2
-        layers += [_Block(ch, padding) for _ in range(blocks)]
+        layers += [_Block(ch, padding, norm) for _ in range(blocks)]
         for _ in range(downsamples):
-            layers.append(_Up(ch, ch // 2, padding))
+            layers.append(_Up(ch, ch // 2, padding, norm))
             ch //= 2
         last = _conv(ch, out_channels, 7, padding)
         if residual:
