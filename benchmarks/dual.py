@@ -90,7 +90,7 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
                  "target": f"<= 1.2x ({1.2 * p['frechet_to_target']:.3g})",
                  "status": _status(ft["frechet_ratio_constrained_vs_plain"] <= 1.2)})
     rows.append({"experiment": "fine-tuning (30 images)",
-                 "metric": "diversity (pairwise distance / held-out's)",
+                 "metric": "intra-cluster diversity (/ held-out's)",
                  "reference": p["diversity"], "constrained": c["diversity"], "target": "", "status": ""})
 
     pre = ft["pretrained"]

@@ -79,7 +79,8 @@ def sweep_budget(den, task, x, op, y, steps, methods, device, rows) -> dict:
         edge = [k for k, v in best.items() if len(grid[k]) > 1 and v in (grid[k][0], grid[k][-1])]
         chosen[method] = {**fixed, **best}
         rows.append({"task": task, "steps": steps, "method": method,
-                     "chosen": ", ".join(f"{k}={v:g}" for k, v in best.items()),
+                     "chosen": ", ".join(f"{k}={v:g}" for k, v in {**fixed, **best}.items()
+                                         if k in grid or k == "interval"),
                      "train PSNR": psnr, "worst in grid": min(s for _, s in scores),
                      "grid": ", ".join(f"{k}: {len(v)}" for k, v in grid.items()),
                      "at grid edge": ", ".join(edge) or "-", "seconds": round(time.perf_counter() - t0, 1)})

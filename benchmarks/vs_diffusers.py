@@ -13,7 +13,7 @@ from _timing import alternate, median, median_ratio
 from condiff.denoiser import DiffusersDenoiser
 from condiff.sample import ddim
 
-PROFILES = {"quick": {"batch": 64, "size": 32, "channels": (32, 64), "steps": 50, "repeats": 7},
+PROFILES = {"quick": {"batch": 16, "size": 32, "channels": (32, 64), "steps": 20, "repeats": 5},
             "full": {"batch": 64, "size": 64, "channels": (64, 128, 256), "steps": 100, "repeats": 10}}
 
 

@@ -21,8 +21,130 @@ GENERIC: dict[str, dict] = {
     "dsg+ugd": {"rate": 0.2, "interval": 1, "backward_steps": 3, "backward_lr": 0.1, "recurrence": 2},
 }
 
-# task -> steps -> method -> hyperparameters; written from the sweep's output (see module docstring)
-TUNED: dict[str, dict[int, dict[str, dict]]] = {}
+# task -> steps -> method -> hyperparameters, chosen by `condiff bench guidance-sweep --profile quick`
+# (benchmarks/guidance_sweep.py; train split, 8 images per task; results/guidance-sweep-quick.json)
+TUNED: dict[str, dict[int, dict[str, dict]]] = {
+    "digits/inpaint-random": {
+        20: {
+            "dps": {"zeta": 1.0},
+            "dsg+dps": {"rate": 1.0, "interval": 1},
+            "freedom": {"zeta": 1.0},
+            "dsg+freedom": {"rate": 1.0, "interval": 1},
+            "ugd": {"forward": 30.0, "backward_lr": 0.0},
+            "dsg+ugd": {"backward_lr": 0.0, "rate": 0.5, "interval": 1},
+        },
+        50: {
+            "dps": {"zeta": 1.0},
+            "dsg+dps": {"rate": 0.5, "interval": 1},
+            "freedom": {"zeta": 2.0},
+            "dsg+freedom": {"rate": 0.5, "interval": 1},
+            "ugd": {"forward": 100.0, "backward_lr": 0.3},
+            "dsg+ugd": {"backward_lr": 0.3, "rate": 0.7, "interval": 1},
+        },
+        100: {
+            "dps": {"zeta": 1.0},
+            "dsg+dps": {"rate": 0.3, "interval": 1},
+            "freedom": {"zeta": 0.5},
+            "dsg+freedom": {"rate": 0.7, "interval": 1},
+            "ugd": {"forward": 100.0, "backward_lr": 0.0},
+            "dsg+ugd": {"backward_lr": 0.0, "rate": 0.5, "interval": 1},
+        },
+        1000: {
+            "dps": {"zeta": 0.2},
+            "dsg+dps": {"rate": 0.05, "interval": 1},
+        },
+    },
+    "digits/inpaint-box": {
+        20: {
+            "dps": {"zeta": 2.0},
+            "dsg+dps": {"rate": 0.7, "interval": 1},
+            "freedom": {"zeta": 2.0},
+            "dsg+freedom": {"rate": 1.0, "interval": 1},
+            "ugd": {"forward": 30.0, "backward_lr": 0.0},
+            "dsg+ugd": {"backward_lr": 0.0, "rate": 0.7, "interval": 1},
+        },
+        50: {
+            "dps": {"zeta": 1.0},
+            "dsg+dps": {"rate": 1.0, "interval": 1},
+            "freedom": {"zeta": 2.0},
+            "dsg+freedom": {"rate": 0.5, "interval": 1},
+            "ugd": {"forward": 30.0, "backward_lr": 0.3},
+            "dsg+ugd": {"backward_lr": 0.3, "rate": 0.7, "interval": 1},
+        },
+        100: {
+            "dps": {"zeta": 0.5},
+            "dsg+dps": {"rate": 0.7, "interval": 1},
+            "freedom": {"zeta": 0.5},
+            "dsg+freedom": {"rate": 0.7, "interval": 1},
+            "ugd": {"forward": 100.0, "backward_lr": 0.0},
+            "dsg+ugd": {"backward_lr": 0.0, "rate": 1.0, "interval": 1},
+        },
+        1000: {
+            "dps": {"zeta": 0.2},
+            "dsg+dps": {"rate": 0.4, "interval": 5},
+        },
+    },
+    "patches/sr": {
+        20: {
+            "dps": {"zeta": 2.0},
+            "dsg+dps": {"rate": 0.2, "interval": 1},
+            "freedom": {"zeta": 5.0},
+            "dsg+freedom": {"rate": 0.2, "interval": 1},
+            "ugd": {"forward": 100.0, "backward_lr": 0.0},
+            "dsg+ugd": {"backward_lr": 0.0, "rate": 0.3, "interval": 1},
+        },
+        50: {
+            "dps": {"zeta": 2.0},
+            "dsg+dps": {"rate": 0.3, "interval": 1},
+            "freedom": {"zeta": 2.0},
+            "dsg+freedom": {"rate": 0.5, "interval": 1},
+            "ugd": {"forward": 100.0, "backward_lr": 0.1},
+            "dsg+ugd": {"backward_lr": 0.1, "rate": 0.3, "interval": 1},
+        },
+        100: {
+            "dps": {"zeta": 1.0},
+            "dsg+dps": {"rate": 1.0, "interval": 1},
+            "freedom": {"zeta": 1.0},
+            "dsg+freedom": {"rate": 0.5, "interval": 1},
+            "ugd": {"forward": 100.0, "backward_lr": 0.1},
+            "dsg+ugd": {"backward_lr": 0.1, "rate": 1.0, "interval": 1},
+        },
+        1000: {
+            "dps": {"zeta": 0.2},
+            "dsg+dps": {"rate": 0.2, "interval": 5},
+        },
+    },
+    "patches/blur": {
+        20: {
+            "dps": {"zeta": 2.0},
+            "dsg+dps": {"rate": 0.2, "interval": 1},
+            "freedom": {"zeta": 2.0},
+            "dsg+freedom": {"rate": 0.2, "interval": 1},
+            "ugd": {"forward": 30.0, "backward_lr": 0.1},
+            "dsg+ugd": {"backward_lr": 0.1, "rate": 0.3, "interval": 1},
+        },
+        50: {
+            "dps": {"zeta": 1.0},
+            "dsg+dps": {"rate": 0.5, "interval": 1},
+            "freedom": {"zeta": 2.0},
+            "dsg+freedom": {"rate": 0.3, "interval": 1},
+            "ugd": {"forward": 30.0, "backward_lr": 0.1},
+            "dsg+ugd": {"backward_lr": 0.1, "rate": 0.2, "interval": 1},
+        },
+        100: {
+            "dps": {"zeta": 1.0},
+            "dsg+dps": {"rate": 0.3, "interval": 1},
+            "freedom": {"zeta": 1.0},
+            "dsg+freedom": {"rate": 0.7, "interval": 1},
+            "ugd": {"forward": 100.0, "backward_lr": 0.1},
+            "dsg+ugd": {"backward_lr": 0.1, "rate": 0.2, "interval": 1},
+        },
+        1000: {
+            "dps": {"zeta": 0.5},
+            "dsg+dps": {"rate": 0.4, "interval": 5},
+        },
+    },
+}
 
 
 def default_hyperparameters(method: str, task: str | None = None, steps: int | None = None) -> dict:
