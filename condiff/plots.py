@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG atomically (temp file + rename) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
@@ -50,7 +51,7 @@ def plot_loss_curve(log_path: str | Path, out: str | Path, keys: Sequence[str] =
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("training loss")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_scatter(sets: dict[str, np.ndarray], out: str | Path, title: str = "") -> Path:
@@ -65,7 +66,7 @@ def plot_scatter(sets: dict[str, np.ndarray], out: str | Path, title: str = "") 
         ax.set_ylim(-1.3, 1.3)
     if title:
         fig.suptitle(title)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_bars(groups: dict[str, Sequence[float]], out: str | Path, labels: Sequence[str] | None = None,
@@ -84,7 +85,7 @@ def plot_bars(groups: dict[str, Sequence[float]], out: str | Path, labels: Seque
     ax.set_ylabel(ylabel)
     ax.legend()
     ax.set_title(title)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_histograms(sets: dict[str, np.ndarray], out: str | Path, xlabel: str = "", title: str = "",
@@ -103,7 +104,7 @@ def plot_histograms(sets: dict[str, np.ndarray], out: str | Path, xlabel: str = 
     ax.set_xlabel(xlabel)
     ax.legend()
     ax.set_title(title)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], out: str | Path,
@@ -119,4 +120,4 @@ def plot_lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], out: 
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title)
-    return _save(fig, out)
+    return save_figure(fig, out)
