@@ -279,7 +279,7 @@ def plot_tours(coords: np.ndarray, tours: np.ndarray, optimal: np.ndarray, path:
     """Decoded tours (solid) over the optimal ones (dashed), one panel per instance."""
     import matplotlib.pyplot as plt
 
-    from ..plots import _save
+    from ..plots import save_figure
 
     k = len(coords)
     cols = min(k, 4)
@@ -299,7 +299,7 @@ def plot_tours(coords: np.ndarray, tours: np.ndarray, optimal: np.ndarray, path:
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def run_tsp(args: argparse.Namespace) -> int:
