@@ -167,7 +167,9 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
     for i in range(len(ts)):
         t = torch.full((B,), int(ts[i]), dtype=torch.long, device=x.device)
         t_prev = torch.full((B,), int(prev[i]), dtype=torch.long, device=x.device)
-        with torch.set_grad_enabled(need_grad):
+        # inference_mode (cheaper than no_grad) when nothing needs gradients; the result is cloned
+        # out of inference mode below so that callers can use it in autograd later.
+        with torch.set_grad_enabled(need_grad) if need_grad else torch.inference_mode():
             x_t = x if grad else x.detach().requires_grad_(need_grad)
             step = make_step(denoiser, x_t, i, t, t_prev, eta, generator, clip_x0)
             x = guidance(step) if guidance is not None else step.sample()
@@ -179,7 +181,7 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
             bar.update(1)
     if bar is not None:
         bar.close()
-    return x
+    return x if need_grad else x.clone()
 
 
 def ddpm(denoiser: Denoiser, x: Tensor, generator: torch.Generator | None = None, **kw) -> Tensor:

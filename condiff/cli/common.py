@@ -99,6 +99,14 @@ def train_model(cfg: dict, run_dir: Path, resume: bool = True) -> Path:
     return out
 
 
+_BOOKKEEPING = ("progress", "keep", "ckpt_every", "log_every", "device")
+
+
+def _weights_options(train: dict | None) -> dict:
+    """The training options that change the trained weights (not progress bars, checkpoint cadence, ...)."""
+    return {k: v for k, v in (train or {}).items() if k not in _BOOKKEEPING}
+
+
 def model_is_complete(run_dir: Path, cfg: dict) -> bool:
     """True when ``run_dir/model`` exists and was trained with the same data, model, schedule and budget."""
     d = run_dir / "model"
@@ -108,7 +116,8 @@ def model_is_complete(run_dir: Path, cfg: dict) -> bool:
         old = json.loads((run_dir / "config.json").read_text())
     except json.JSONDecodeError:
         return False
-    return all(old.get(k) == cfg.get(k) for k in ("data", "model", "schedule", "train"))
+    return (all(old.get(k) == cfg.get(k) for k in ("data", "model", "schedule"))
+            and _weights_options(old.get("train")) == _weights_options(cfg.get("train")))
 
 
 def save_resolved_config(run_dir: Path, cfg: dict) -> None:
