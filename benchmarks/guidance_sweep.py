@@ -14,6 +14,12 @@ Order and grids:
    uses 5 to 20 there).
 Quick profile: K = 8 images; budgets 20, 50, 100 for all methods and 1000 for DPS and DPS+DSG (what
 the quick benchmark runs). Full profile: K = 16, all methods at all four budgets.
+Quick-refine profile (quick models): DPS and DPS+DSG only, at 20, 50 and 100 steps, re-chosen on
+K = 32 training images (a superset of the quick profile's 8) over the part of the grids the quick
+sweep ever picked from (zeta 0.2..5, rate 0.1..1): with 8 images the choice was noisy (rate 1 for
+DPS+DSG at 100 steps on patches/sr: 29.8 dB on the 8 training images, 27.8 dB on the 64 test images).
+Run it with ``--no-record``: its table is kept below the quick one in BENCHMARKS.md by hand (the
+command replaces the section with one table per run).
 The result JSON holds ``tuned``, the table pasted into condiff/guidance/defaults.py.
 """
 
@@ -39,6 +45,8 @@ RATES_1000 = [0.05, 0.1, 0.2, 0.4]
 PROFILES = {
     "quick": {"k": 8, "budgets": {20: "all", 50: "all", 100: "all", 1000: ["dps", "dsg+dps"]}},
     "full": {"k": 16, "budgets": {20: "all", 50: "all", 100: "all", 1000: "all"}},
+    "quick-refine": {"k": 32, "models": "quick", "budgets": {s: ["dps", "dsg+dps"] for s in (20, 50, 100)},
+                     "grids": {"zeta": [0.2, 0.5, 1.0, 2.0, 5.0], "rate": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]}},
 }
 
 
@@ -67,8 +75,11 @@ def _product(lists: list[list]) -> list[tuple]:
     return out
 
 
-def sweep_budget(den, task, x, op, y, steps, methods, device, rows) -> dict:
-    """Choose every method's hyperparameters at one step budget; returns {method: hyperparameters}."""
+def sweep_budget(den, task, x, op, y, steps, methods, device, rows, grids: dict | None = None) -> dict:
+    """Choose every method's hyperparameters at one step budget; returns {method: hyperparameters}.
+    ``grids`` may replace the zeta and rate grids (``{"zeta": [...], "rate": [...]}``)."""
+    grids = grids or {}
+    zetas = grids.get("zeta", ZETAS)
     chosen: dict[str, dict] = {}
     seed = derive_seed(SEED, task, "sweep", steps)
 
@@ -89,13 +100,13 @@ def sweep_budget(den, task, x, op, y, steps, methods, device, rows) -> dict:
 
     want = lambda m: methods == "all" or m in methods
     if want("dps"):
-        pick("dps", {}, {"zeta": ZETAS})
+        pick("dps", {}, {"zeta": zetas})
     if want("freedom"):
-        pick("freedom", {}, {"zeta": ZETAS})
+        pick("freedom", {}, {"zeta": zetas})
     ugd_best = {"backward_lr": GENERIC["ugd"]["backward_lr"]}
     if want("ugd"):
         ugd_best = pick("ugd", {}, {"forward": FORWARDS, "backward_lr": BACKWARD_LRS})
-    rates = RATES_1000 if steps >= 1000 else RATES
+    rates = grids.get("rate", RATES_1000 if steps >= 1000 else RATES)
     if want("dsg+dps"):
         best = None
         for k in (INTERVALS_1000 if steps >= 1000 else [1]):
@@ -123,20 +134,21 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
     for task, spec in TASKS.items():
         ds = spec["data"]
         if ds not in models:
-            models[ds] = ensure_model(ds, profile, device)
+            models[ds] = ensure_model(ds, p.get("models", profile), device)
         den, cfg = models[ds]
         x = images(cfg["data"], "train", p["k"], task + "/sweep").to(device)
         op, y = problem(task, profile, x, device, seed_tag="sweep")
         for steps, methods in p["budgets"].items():
-            chosen = sweep_budget(den, task, x, op, y, steps, methods, device, rows)
+            chosen = sweep_budget(den, task, x, op, y, steps, methods, device, rows, p.get("grids"))
             tuned.setdefault(task, {})[steps] = chosen
     return {"title": "Guidance hyperparameter sweep (train split)",
             "columns": ["task", "steps", "method", "chosen", "train PSNR", "worst in grid", "grid",
                         "at grid edge", "seconds"],
             "rows": rows, "tuned": tuned,
             "notes": [f"{p['k']} training images per task (seeded choice), sigma_y = 0.05, eta = {ETA}; "
-                      f"grids: zeta {ZETAS}, UGD forward {FORWARDS} x backward_lr {BACKWARD_LRS}, "
-                      f"DSG rate {RATES} (1000 steps: {RATES_1000} x interval {INTERVALS_1000}).",
+                      f"grids: zeta {p.get('grids', {}).get('zeta', ZETAS)}, UGD forward {FORWARDS} x "
+                      f"backward_lr {BACKWARD_LRS}, DSG rate {p.get('grids', {}).get('rate', RATES)} "
+                      f"(1000 steps: {RATES_1000} x interval {INTERVALS_1000}).",
                       "Chosen = highest mean train PSNR; 'at grid edge' flags a choice on the border of "
                       "its grid. Models as in the guidance benchmark: "
-                      + "; ".join(f"{d}: {c['model']}" for d, c in MODELS[profile].items())]}
+                      + "; ".join(f"{d}: {c['model']}" for d, c in MODELS[p.get("models", profile)].items())]}

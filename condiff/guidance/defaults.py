@@ -4,6 +4,8 @@
 DPS's zeta = 1). ``TUNED`` was chosen by the sweep in ``benchmarks/guidance_sweep.py`` on images of
 the TRAIN split only (never the test images the benchmark reports); its table is in BENCHMARKS.md
 (section "Guidance hyperparameter sweep") and benchmarks/results/guidance-sweep-<profile>.json.
+DPS and DPS+DSG at 20, 50 and 100 steps come from the ``quick-refine`` profile of the same sweep
+(32 training images instead of 8; benchmarks/results/guidance-sweep-quick-refine.json).
 For a step budget the sweep did not cover, the nearest swept budget (in log steps) is used.
 """
 
@@ -22,28 +24,29 @@ GENERIC: dict[str, dict] = {
 }
 
 # task -> steps -> method -> hyperparameters, chosen by `condiff bench guidance-sweep --profile quick`
-# (benchmarks/guidance_sweep.py; train split, 8 images per task; results/guidance-sweep-quick.json)
+# (benchmarks/guidance_sweep.py; train split, 8 images per task; results/guidance-sweep-quick.json);
+# "dps" and "dsg+dps" at 20, 50, 100 steps by `--profile quick-refine` (32 train images)
 TUNED: dict[str, dict[int, dict[str, dict]]] = {
     "digits/inpaint-random": {
         20: {
-            "dps": {"zeta": 1.0},
-            "dsg+dps": {"rate": 1.0, "interval": 1},
+            "dps": {"zeta": 2.0},
+            "dsg+dps": {"interval": 1, "rate": 1.0},
             "freedom": {"zeta": 1.0},
             "dsg+freedom": {"rate": 1.0, "interval": 1},
             "ugd": {"forward": 30.0, "backward_lr": 0.0},
             "dsg+ugd": {"backward_lr": 0.0, "rate": 0.5, "interval": 1},
         },
         50: {
-            "dps": {"zeta": 1.0},
-            "dsg+dps": {"rate": 0.5, "interval": 1},
+            "dps": {"zeta": 2.0},
+            "dsg+dps": {"interval": 1, "rate": 0.7},
             "freedom": {"zeta": 2.0},
             "dsg+freedom": {"rate": 0.5, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.3},
             "dsg+ugd": {"backward_lr": 0.3, "rate": 0.7, "interval": 1},
         },
         100: {
-            "dps": {"zeta": 1.0},
-            "dsg+dps": {"rate": 0.3, "interval": 1},
+            "dps": {"zeta": 0.5},
+            "dsg+dps": {"interval": 1, "rate": 1.0},
             "freedom": {"zeta": 0.5},
             "dsg+freedom": {"rate": 0.7, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.0},
@@ -57,7 +60,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
     "digits/inpaint-box": {
         20: {
             "dps": {"zeta": 2.0},
-            "dsg+dps": {"rate": 0.7, "interval": 1},
+            "dsg+dps": {"interval": 1, "rate": 1.0},
             "freedom": {"zeta": 2.0},
             "dsg+freedom": {"rate": 1.0, "interval": 1},
             "ugd": {"forward": 30.0, "backward_lr": 0.0},
@@ -65,15 +68,15 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         50: {
             "dps": {"zeta": 1.0},
-            "dsg+dps": {"rate": 1.0, "interval": 1},
+            "dsg+dps": {"interval": 1, "rate": 0.7},
             "freedom": {"zeta": 2.0},
             "dsg+freedom": {"rate": 0.5, "interval": 1},
             "ugd": {"forward": 30.0, "backward_lr": 0.3},
             "dsg+ugd": {"backward_lr": 0.3, "rate": 0.7, "interval": 1},
         },
         100: {
-            "dps": {"zeta": 0.5},
-            "dsg+dps": {"rate": 0.7, "interval": 1},
+            "dps": {"zeta": 1.0},
+            "dsg+dps": {"interval": 1, "rate": 1.0},
             "freedom": {"zeta": 0.5},
             "dsg+freedom": {"rate": 0.7, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.0},
@@ -87,7 +90,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
     "patches/sr": {
         20: {
             "dps": {"zeta": 2.0},
-            "dsg+dps": {"rate": 0.2, "interval": 1},
+            "dsg+dps": {"interval": 1, "rate": 0.2},
             "freedom": {"zeta": 5.0},
             "dsg+freedom": {"rate": 0.2, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.0},
@@ -95,7 +98,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         50: {
             "dps": {"zeta": 2.0},
-            "dsg+dps": {"rate": 0.3, "interval": 1},
+            "dsg+dps": {"interval": 1, "rate": 0.3},
             "freedom": {"zeta": 2.0},
             "dsg+freedom": {"rate": 0.5, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.1},
@@ -103,7 +106,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         100: {
             "dps": {"zeta": 1.0},
-            "dsg+dps": {"rate": 1.0, "interval": 1},
+            "dsg+dps": {"interval": 1, "rate": 0.3},
             "freedom": {"zeta": 1.0},
             "dsg+freedom": {"rate": 0.5, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.1},
@@ -117,7 +120,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
     "patches/blur": {
         20: {
             "dps": {"zeta": 2.0},
-            "dsg+dps": {"rate": 0.2, "interval": 1},
+            "dsg+dps": {"interval": 1, "rate": 0.2},
             "freedom": {"zeta": 2.0},
             "dsg+freedom": {"rate": 0.2, "interval": 1},
             "ugd": {"forward": 30.0, "backward_lr": 0.1},
@@ -125,7 +128,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         50: {
             "dps": {"zeta": 1.0},
-            "dsg+dps": {"rate": 0.5, "interval": 1},
+            "dsg+dps": {"interval": 1, "rate": 0.2},
             "freedom": {"zeta": 2.0},
             "dsg+freedom": {"rate": 0.3, "interval": 1},
             "ugd": {"forward": 30.0, "backward_lr": 0.1},
@@ -133,7 +136,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         100: {
             "dps": {"zeta": 1.0},
-            "dsg+dps": {"rate": 0.3, "interval": 1},
+            "dsg+dps": {"interval": 1, "rate": 0.3},
             "freedom": {"zeta": 1.0},
             "dsg+freedom": {"rate": 0.7, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.1},
