@@ -43,7 +43,7 @@ PRIORS: dict[str, dict[str, dict]] = {
             "data": {"name": "tours", "cities": [10, 20], "size": 32, "n": 8000},
             "model": {"name": "unet", "in_channels": 1, "base": 16, "mults": [1, 2, 2], "num_res": 1,
                       "attn_res": [4]},
-            "train": {"steps": 4000, "batch_size": 32, "lr": 2e-3, "warmup": 200, "ema_decay": 0.999,
+            "train": {"steps": 3000, "batch_size": 32, "lr": 2e-3, "warmup": 200, "ema_decay": 0.999,
                       "ckpt_every": 250, "log_every": 50, "progress": False},
         },
         "full": {
@@ -54,11 +54,11 @@ PRIORS: dict[str, dict[str, dict]] = {
                       "ckpt_every": 2000, "log_every": 100, "progress": True},
         },
     },
-    "digits": {  # used only when no demo model (runs/demo) is there
+    "digits": {  # the benchmark's digits prior (the CLI defaults to the demo model, runs/demo)
         "quick": {
             "data": {"name": "digits"},
             "model": {"name": "unet", "in_channels": 1, "base": 32, "mults": [1, 2], "num_res": 1},
-            "train": {"steps": 4000, "batch_size": 128, "lr": 2e-3, "warmup": 200, "ema_decay": 0.999,
+            "train": {"steps": 1500, "batch_size": 128, "lr": 2e-3, "warmup": 200, "ema_decay": 0.998,
                       "ckpt_every": 500, "log_every": 50, "progress": False},
         },
         "full": {
@@ -73,7 +73,7 @@ PRIORS: dict[str, dict[str, dict]] = {
             "data": {"name": "scenes", "size": 24, "n": 8000},
             "model": {"name": "unet", "in_channels": 4, "base": 16, "mults": [1, 2, 2], "num_res": 1,
                       "attn_res": [4]},
-            "train": {"steps": 4000, "batch_size": 32, "lr": 2e-3, "warmup": 200, "ema_decay": 0.999,
+            "train": {"steps": 2000, "batch_size": 32, "lr": 2e-3, "warmup": 200, "ema_decay": 0.998,
                       "ckpt_every": 250, "log_every": 50, "progress": False},
         },
         "full": {
@@ -169,7 +169,8 @@ def _prior(args: argparse.Namespace, kind: str | None = None) -> tuple:
     if kind is not None and getattr(args, "train", False):
         ensure_prior(kind, args.profile, args.ckpt, device)
     if not Path(args.ckpt).exists():
-        hint = f" (pass --train to train the default {kind} prior there)" if kind else ""
+        hint = (f" (pass --train to train the default {kind} prior there)" if kind
+                else " (train one with `condiff demo`, or pass --ckpt runs/pnp/digits-quick after `condiff bench pnp`)")
         raise FileNotFoundError(f"no prior at {args.ckpt}{hint}")
     den, run_cfg, shape = load_model_for(args.ckpt, device)
     den.eval().requires_grad_(False)
