@@ -12,6 +12,14 @@ DM with MMD <= 1.5x the vanilla DM's; mirror DPS cuts l(x) >= 5x vs DPS at a com
 residual (here: within 1.5x of DPS's, or below 1.5 noise units).
 
 ``NAMM_BENCH_DATA=burgers,count`` restricts a run to some data sets (for running it in pieces).
+
+The quick profile (condiff.cli.namm.PROFILES["quick"]) is cut to fit a loaded CPU core: 16x16 data
+instead of 32x32, tiny nets (ICNN 16 filters; inverse ResNet 16 filters, 2 blocks, no downsampling;
+UNet 16 base channels), 1200 mirror-map steps (2000 for Burgers), 1500 DM steps, 256 samples with a
+50-step sampler, fine-tuning 500 steps on 256 MDM samples, assimilation of 16 truths with 100 DPS
+steps. Per-family quick overrides (documented in docs/namm.md): Burgers l_con = 10 and sigma_max =
+0.03; constraint weight 20 (not 200) for constraint-guided DPS. Even so one data set takes 20-40
+minutes on a shared core, so a quick run covers only some of the five data sets (the table names them).
 """
 
 from __future__ import annotations
@@ -142,7 +150,8 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
             rows += a_rows
         secs = stage_seconds(root / name)
         notes.append(
-            f"{name}: data {cfg['data']}, loss {cfg['loss']}; stage seconds "
+            f"{name}: data {cfg['data']}, loss {cfg['loss']}, {cfg['mirror_train']['steps']} mirror steps; "
+            "stage seconds "
             + ", ".join(f"{k} {v:.0f}" for k, v in secs.items())
             + f" (total {sum(secs.values()) / 60:.1f} min)"
         )
@@ -150,7 +159,7 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
     c = resolve(names[0], PROFILES[profile])
     notes = [
         f"Profile {profile}: {c['data']['size']}x{c['data']['size']} data; ICNN {c['mirror']['psi']}, "
-        f"inverse {c['mirror']['inverse']}, {c['mirror_train']['steps']} mirror steps; UNet {c['model']}, "
+        f"inverse {c['mirror']['inverse']}, mirror steps per data set (below); UNet {c['model']}, "
         f"{c['train']['steps']} DM steps (vanilla and MDM alike); fine-tuning {c['finetune']['steps']} "
         f"steps on {c['finetune']['n']} MDM samples; {c['sample']['steps']}-step DDIM "
         f"(eta {c['sample']['eta']}) sampling; DPS {c['assimilate']['steps']} steps, "

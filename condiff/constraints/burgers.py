@@ -11,6 +11,8 @@ The distance is the mean one-step residual of the very stepper that made the dat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -23,14 +25,19 @@ def _rhs(u: Tensor, nu: float, dx: float) -> Tensor:
     return -u * (up - um) / (2 * dx) + nu * (up - 2 * u + um) / (dx * dx)
 
 
+def rk4(rhs: Callable[[Tensor], Tensor], u: Tensor, dt: float) -> Tensor:
+    """One classical Runge-Kutta step of ``u_t = rhs(u)`` (also the Kolmogorov-flow solver's step)."""
+    k1 = rhs(u)
+    k2 = rhs(u + 0.5 * dt * k1)
+    k3 = rhs(u + 0.5 * dt * k2)
+    k4 = rhs(u + dt * k3)
+    return u + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
 def burgers_step(u: Tensor, nu: float, dx: float, dt: float, substeps: int) -> Tensor:
     """Advance ``u (..., N)`` by ``substeps`` RK4 steps of size ``dt``; differentiable."""
     for _ in range(substeps):
-        k1 = _rhs(u, nu, dx)
-        k2 = _rhs(u + 0.5 * dt * k1, nu, dx)
-        k3 = _rhs(u + 0.5 * dt * k2, nu, dx)
-        k4 = _rhs(u + dt * k3, nu, dx)
-        u = u + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        u = rk4(lambda v: _rhs(v, nu, dx), u, dt)
     return u
 
 

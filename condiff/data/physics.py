@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from condiff.constraints import BurgersResidual, DivergenceFree
+from condiff.constraints.burgers import rk4
 from condiff.data import ArrayData, DataError, check_split, derive_seed, register_dataset
 from condiff.data.cache import cached_arrays
 
@@ -202,21 +203,17 @@ def kolmogorov_trajectories(
     w_hat = torch.fft.rfft2(w0) * torch.exp(-((sp.k2.sqrt() - kf) ** 2) / 8) * sp.dealias
     w_hat = w_hat * (5.0 * sim_size**2 / w_hat.abs().pow(2).sum((1, 2), keepdim=True).sqrt().clamp_min(1e-12))
 
-    def rk4(w: Tensor) -> Tensor:
-        k1 = sp.rhs(w, re, drag, force_hat)
-        k2 = sp.rhs(w + 0.5 * dt * k1, re, drag, force_hat)
-        k3 = sp.rhs(w + 0.5 * dt * k2, re, drag, force_hat)
-        k4 = sp.rhs(w + dt * k3, re, drag, force_hat)
-        return w + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    def step(w: Tensor) -> Tensor:
+        return rk4(lambda v: sp.rhs(v, re, drag, force_hat), w, dt)
 
     for _ in range(round(spinup / dt)):
-        w_hat = rk4(w_hat)
+        w_hat = step(w_hat)
     per = max(1, round(interval / dt))
     out = []
     for _ in range(snapshots):
         out.append(_coarse_velocity(sp, w_hat, size))
         for _ in range(per):
-            w_hat = rk4(w_hat)
+            w_hat = step(w_hat)
     if not bool(torch.isfinite(out[-1]).all()):
         raise DataError("kolmogorov: the solver blew up; lower dt or raise sim_size")
     return torch.stack(out, 1)

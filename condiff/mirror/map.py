@@ -77,7 +77,7 @@ class MirrorMap(nn.Module):
         grad_psi = self.grad_psi(x, create_graph=True)
         gx = (1 - self.a) * grad_psi + self.a * x
         y = gx + noise
-        fgx, fy = self.inverse(torch.cat([gx, y])).chunk(2)  # one call: cheaper, and DDP-friendly
+        fgx, fy = self.inverse_map(torch.cat([gx, y])).chunk(2)  # one call: cheaper, and DDP-friendly
         gfy = self.forward_map(fy, create_graph=True)
         return MirrorTerms(gx, fgx, y, fy, gfy, grad_psi)
 
