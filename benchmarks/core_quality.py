@@ -11,24 +11,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from condiff.cli.common import draw_samples, model_is_complete, save_resolved_config, train_model
+from condiff.cli.common import draw_samples, train_or_reuse
 from condiff.cli.config import resolve
 from condiff.evaluate import evaluate_samples
 from condiff.models import load_denoiser
 
 PROFILES = {"quick": {"toy": ["moons", "rings", "checkerboard", "gmm"], "n": 2000},
             "full": {"toy": ["moons", "rings", "checkerboard", "gmm"], "n": 5000}}
-
-
-def _trained(cfg: dict, run_dir: Path) -> tuple[float, bool]:
-    """Train unless a matching model is already there; returns (seconds, reused)."""
-    if model_is_complete(run_dir, cfg):
-        return 0.0, True
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved_config(run_dir, cfg)
-    t0 = time.perf_counter()
-    train_model(cfg, run_dir, resume=True)
-    return time.perf_counter() - t0, False
 
 
 def run(profile: str = "quick", device: str = "cpu") -> dict:
@@ -38,7 +27,7 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
         cfg = resolve("toy2d", None, [f"data.kind={kind}", "train.progress=false"])
         cfg["_device"] = device
         run_dir = Path("runs") / "bench-core" / f"toy2d-{kind}"
-        secs, reused = _trained(cfg, run_dir)
+        secs, reused = train_or_reuse(cfg, run_dir)
         den = load_denoiser(run_dir, device=device)
         t0 = time.perf_counter()
         x = draw_samples(den, (2,), cfg["sample"], device, n=p["n"])
@@ -50,7 +39,7 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
     cfg = resolve("digits", None, ["train.progress=false"])
     cfg["_device"] = device
     run_dir = Path("runs") / "demo"
-    secs, reused = _trained(cfg, run_dir)
+    secs, reused = train_or_reuse(cfg, run_dir)
     den = load_denoiser(run_dir, device=device)
     t0 = time.perf_counter()
     x = draw_samples(den, (1, 8, 8), cfg["sample"], device)

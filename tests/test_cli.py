@@ -99,3 +99,10 @@ def test_demo_trains_once_then_reuses(tmp_path, capsys):
     # a changed training setting means a new model, not a stale one
     assert main([*args, "--set", "train.steps=31"]) == 0
     assert "training on toy2d" in capsys.readouterr().out
+    # a changed architecture discards the old checkpoints instead of failing to resume from them
+    assert main([*args, "--set", "train.steps=31", "--set", "model.hidden=48"]) == 0
+    assert "training on toy2d" in capsys.readouterr().out
+    assert json.loads((tmp_path / "demo" / "model" / "config.json").read_text())["net"]["hidden"] == 48
+    # bookkeeping options (progress bars, checkpoint cadence) do not call for a new model
+    assert main([*args, "--set", "train.steps=31", "--set", "model.hidden=48", "--set", "train.ckpt_every=7"]) == 0
+    assert "reusing the trained model" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -107,17 +108,43 @@ def _weights_options(train: dict | None) -> dict:
     return {k: v for k, v in (train or {}).items() if k not in _BOOKKEEPING}
 
 
-def model_is_complete(run_dir: Path, cfg: dict) -> bool:
-    """True when ``run_dir/model`` exists and was trained with the same data, model, schedule and budget."""
-    d = run_dir / "model"
-    if not (d / io.CONFIG).is_file() or not (run_dir / "config.json").is_file():
-        return False
+def same_settings(run_dir: Path, cfg: dict) -> bool:
+    """True when ``run_dir/config.json`` records the same data, model, schedule and training budget."""
     try:
-        old = json.loads((run_dir / "config.json").read_text())
-    except json.JSONDecodeError:
+        old = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
         return False
     return (all(old.get(k) == cfg.get(k) for k in ("data", "model", "schedule"))
             and _weights_options(old.get("train")) == _weights_options(cfg.get("train")))
+
+
+def model_is_complete(run_dir: Path, cfg: dict) -> bool:
+    """True when ``run_dir/model`` exists and was trained with the same data, model, schedule and budget."""
+    model_dir = Path(run_dir) / "model"
+    if not (model_dir / io.CONFIG).is_file() or not same_settings(run_dir, cfg):
+        return False
+    try:  # the run's config.json is written before training: the model must record the same budget
+        return io.load_config(model_dir).get("steps") == cfg["train"].get("steps", TrainConfig.steps)
+    except io.CheckpointError:
+        return False
+
+
+def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False) -> tuple[float, bool]:
+    """Reuse the finished model in ``run_dir`` if it has these settings, else train it (resuming an
+    interrupted run of the same settings; checkpoints of other settings are discarded first).
+    Returns ``(training seconds, reused)``."""
+    run_dir = Path(run_dir)
+    if not retrain and model_is_complete(run_dir, cfg):
+        return 0.0, True
+    if retrain or ((run_dir / "config.json").is_file() and not same_settings(run_dir, cfg)):
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run_dir / "model", ignore_errors=True)
+        (run_dir / "log.jsonl").unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(run_dir, cfg)
+    t0 = time.perf_counter()
+    train_model(cfg, run_dir, resume=True)
+    return time.perf_counter() - t0, False
 
 
 def save_resolved_config(run_dir: Path, cfg: dict) -> None:

@@ -37,10 +37,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "toy2d": {
         "data": {"name": "toy2d", "kind": "moons"},
-        "model": {"name": "mlp", "dim": 2, "hidden": 256, "depth": 3},
-        "train": {"steps": 4000, "batch_size": 256, "lr": 2e-3, "warmup": 100, "ckpt_every": 1000},
+        # depth 4, 8000 steps and 250 sampling steps: the checkerboard's sharp edges missed the MMD
+        # target with depth 3, 4000 steps and 100 sampling steps (BENCHMARKS.md, core-quality)
+        "model": {"name": "mlp", "dim": 2, "hidden": 256, "depth": 4},
+        "train": {"steps": 8000, "batch_size": 256, "lr": 2e-3, "warmup": 100, "ckpt_every": 1000},
         "eval": {"n": 2000},
-        "sample": {"n": 2000},
+        "sample": {"n": 2000, "steps": 250},
     },
     "patches": {
         "data": {"name": "patches", "size": 32},

@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .common import model_is_complete, pick_device, save_resolved_config, train_model
+from .common import model_is_complete, pick_device, save_resolved_config, train_or_reuse
 from .config import resolve
 from .evaluate import evaluate_run
 
@@ -38,20 +38,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"reusing the trained model in {run_dir / 'model'} (pass --retrain to train again)")
         save_resolved_config(run_dir, cfg)  # sampling / eval settings may have changed
     else:
-        if args.retrain:
-            import shutil
-
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            (run_dir / "log.jsonl").unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if (run_dir / "config.json").is_file() and not model_is_complete(run_dir, cfg):
-            import shutil  # settings changed: the old checkpoints belong to another model
-
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            (run_dir / "log.jsonl").unlink(missing_ok=True)
-        save_resolved_config(run_dir, cfg)
         print(f"training on {cfg['data']['name']} for {cfg['train']['steps']} steps ({device})")
-        train_model(cfg, run_dir, resume=True)
+        train_or_reuse(cfg, run_dir, retrain=args.retrain)
     t_train = time.perf_counter() - t0
     sample_args = argparse.Namespace(n=None, steps=None, eta=None, seed=None, batch_size=None)
     m = evaluate_run(run_dir, sample_args, run_dir, device)
