@@ -37,12 +37,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "toy2d": {
         "data": {"name": "toy2d", "kind": "moons"},
-        # depth 4, 8000 steps and 250 sampling steps: the checkerboard's sharp edges missed the MMD
-        # target with depth 3, 4000 steps and 100 sampling steps (BENCHMARKS.md, core-quality)
+        # depth 4, 16000 steps and 1000 sampling steps: the checkerboard's sharp edges and the thin
+        # rings missed the MMD target with depth 3, 4000 steps and 100 sampling steps, and rings
+        # still did with 8000 steps and 250 sampling steps (BENCHMARKS.md, core-quality)
         "model": {"name": "mlp", "dim": 2, "hidden": 256, "depth": 4},
-        "train": {"steps": 8000, "batch_size": 256, "lr": 2e-3, "warmup": 100, "ckpt_every": 1000},
+        "train": {"steps": 16000, "batch_size": 256, "lr": 2e-3, "warmup": 100, "ckpt_every": 2000},
         "eval": {"n": 2000},
-        "sample": {"n": 2000, "steps": 250},
+        "sample": {"n": 2000, "steps": 1000},
     },
     "patches": {
         "data": {"name": "patches", "size": 32},
