@@ -11,3 +11,16 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Project caches (classifier, generated data) go to a per-session temp dir, never ~/.cache."""
     root = os.environ.get("CONDIFF_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "cache")
     monkeypatch.setenv("CONDIFF_CACHE", root)
+
+
+@pytest.fixture
+def tiny_diffusers_denoiser():
+    """A randomly initialised 8x8 one-channel diffusers UNet2DModel (T = 100) as a condiff denoiser."""
+    diffusers = pytest.importorskip("diffusers")
+    from condiff.denoiser import DiffusersDenoiser
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+    return DiffusersDenoiser(unet.eval(), {"num_train_timesteps": 100})

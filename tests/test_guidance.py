@@ -280,20 +280,9 @@ def _condiff_unet():
     return NetDenoiser(net.eval(), Schedule.linear(100))
 
 
-def _diffusers_unet():
-    diffusers = pytest.importorskip("diffusers")
-    from condiff.denoiser import DiffusersDenoiser
-
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
-                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
-    return DiffusersDenoiser(unet.eval(), {"num_train_timesteps": 100})
-
-
 @pytest.mark.parametrize("backend", ["condiff", "diffusers"])
-def test_every_method_runs_on_real_unets(backend):
-    den = _condiff_unet() if backend == "condiff" else _diffusers_unet()
+def test_every_method_runs_on_real_unets(backend, request):
+    den = _condiff_unet() if backend == "condiff" else request.getfixturevalue("tiny_diffusers_denoiser")
     shape = (2, 1, 8, 8)
     op = Inpainting.random(shape, 0.5, _gen())
     y = op.measure(torch.zeros(shape).uniform_(-1, 1, generator=_gen(1)), _gen(2))

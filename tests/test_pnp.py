@@ -132,15 +132,9 @@ def test_infer_rejects_bad_input():
         infer(den, torch.zeros(2, 3), lr=0.0)
 
 
-def test_infer_with_a_diffusers_denoiser_both_gradient_variants():
-    diffusers = pytest.importorskip("diffusers")
-    from condiff.denoiser import DiffusersDenoiser
-
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
-                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
-    den = DiffusersDenoiser(unet.eval().requires_grad_(False), {"num_train_timesteps": 100})
+def test_infer_with_a_diffusers_denoiser_both_gradient_variants(tiny_diffusers_denoiser):
+    den = tiny_diffusers_denoiser
+    den.unet.requires_grad_(False)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     eps = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.full((2,), 40)
@@ -151,7 +145,7 @@ def test_infer_with_a_diffusers_denoiser_both_gradient_variants():
     res = infer(den, x.detach(), constraint=MirrorSymmetry(-1), schedule=sch.LinearAnneal(0.5, 0.0), steps=3,
                 lr=0.05, generator=torch.Generator().manual_seed(2))
     assert res.x.shape == (2, 1, 8, 8) and res.nfe == 3 and not torch.equal(res.x, x.detach())
-    assert all(p.grad is None for p in unet.parameters())  # the prior stays fixed
+    assert all(p.grad is None for p in den.unet.parameters())  # the prior stays fixed
 
 
 # --- constraints ---------------------------------------------------------------------------------------
