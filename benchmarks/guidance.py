@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from condiff import metrics
-from condiff.cli.common import model_is_complete, save_resolved_config, train_model
+from condiff.cli.common import model_is_complete, train_or_reuse
 from condiff.cli.solve import build_operator
 from condiff.data import derive_seed, load_dataset
 from condiff.guidance import METHODS, default_hyperparameters, guided_sample, make_guidance
@@ -116,9 +116,7 @@ def ensure_model(dataset: str, profile: str, device: str):
     run_dir = runs_dir() / profile / dataset
     if not model_is_complete(run_dir, cfg):
         log(f"training the {profile} {dataset} model into {run_dir} ({cfg['train']['steps']} steps)")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved_config(run_dir, cfg)
-        train_model({**cfg, "_device": device}, run_dir, resume=True)
+    train_or_reuse({**cfg, "_device": device}, run_dir)
     return load_denoiser(run_dir, device=device).eval().requires_grad_(False), cfg
 
 

@@ -22,7 +22,7 @@ import torch
 from .. import io
 from ..data.files import save_png_grid
 from ..pnp import schedules as sch
-from .common import load_model_for, model_is_complete, pick_device, save_resolved_config, train_model
+from .common import load_model_for, model_is_complete, pick_device, same_settings, train_or_reuse
 from .config import merge
 
 # strings become schedule objects here, and only here
@@ -103,14 +103,11 @@ def ensure_prior(kind: str, profile: str, run_dir: str | Path, device: str) -> P
     cfg["_device"] = device  # not part of the settings compared below: a CPU-trained prior serves a GPU run
     if model_is_complete(run_dir, cfg):
         return run_dir
-    if (run_dir / "config.json").is_file():
-        old = json.loads((run_dir / "config.json").read_text())
-        if any(old.get(k) != cfg.get(k) for k in ("data", "model", "schedule", "train")):
-            raise FileExistsError(f"{run_dir} holds a run with other settings; pick another directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved_config(run_dir, cfg)
+    if (run_dir / "config.json").is_file() and not same_settings(run_dir, cfg):
+        # unlike the benchmarks' own run directories, this one may be the user's: never discard it
+        raise FileExistsError(f"{run_dir} holds a run with other settings; pick another directory")
     print(f"training the {profile} {kind} prior into {run_dir} ({cfg['train']['steps']} steps, {device})")
-    train_model(cfg, run_dir, resume=True)
+    train_or_reuse(cfg, run_dir)
     return run_dir
 
 
