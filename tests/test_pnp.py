@@ -266,3 +266,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, needle):
     assert main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_ensure_prior_never_discards_a_run_with_other_settings(tmp_path):
+    import json
+
+    from condiff.cli.pnp import ensure_prior, prior_config
+
+    cfg = prior_config("tsp", "quick")
+    cfg["train"] = {**cfg["train"], "steps": cfg["train"]["steps"] + 1}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(FileExistsError, match="other settings"):
+        ensure_prior("tsp", "quick", tmp_path, "cpu")
+    assert (tmp_path / "checkpoints").is_dir() and json.loads((tmp_path / "config.json").read_text()) == cfg
