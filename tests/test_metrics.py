@@ -307,3 +307,24 @@ def test_digits_judge(cached_classifier):
     assert judge.features(x_test[:4]).shape == (4, cached_classifier[0].config["feature_dim"])
     with pytest.raises(ValueError, match=r"\(B, 1, 8, 8\)"):
         judge.features(torch.zeros(2, 64))
+
+
+# --- toy2d evaluator ------------------------------------------------------------------------------
+
+
+def test_toy2d_eval_splits_samples_into_sets_and_scores_fresh_data_near_one(monkeypatch):
+    import condiff.evaluate as E
+    from condiff.data import load_dataset
+
+    cfg = {"name": "toy2d", "kind": "gmm"}
+    # fresh draws of the data distribution (the train split: independent of the held-out test draws)
+    fresh = load_dataset("toy2d", "train", kind="gmm", n=900).x
+    m = E.evaluate_samples(fresh, cfg)
+    assert (m["mmd_n"], m["mmd_sample_sets"]) == (900, 1)
+    monkeypatch.setattr(E, "TOY2D_SET_SIZE", 300)
+    m = E.evaluate_samples(fresh[:-1], cfg)  # 899 points: two whole sets of 300, the rest unused
+    assert (m["mmd_n"], m["mmd_sample_sets"]) == (300, 2)
+    assert 0.5 < m["mmd_ratio"] < 2.0
+    # a model that drops half the modes is far off
+    angle = torch.atan2(fresh[:, 1], fresh[:, 0])
+    assert E.evaluate_samples(fresh[(angle > -0.3) & (angle < 2.8)], cfg)["mmd_ratio"] > 10
