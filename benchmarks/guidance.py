@@ -59,19 +59,19 @@ _SCHEDULE = {"kind": "linear", "T": 1000}
 _SAMPLE = {"n": 1000, "steps": 100, "eta": 1.0, "batch_size": 500, "seed": 0, "clip_x0": 1.0}
 MODELS = {
     "quick": {
-        "digits": {"data": {"name": "digits"}, "schedule": _SCHEDULE, "eval": {"n": 1000}, "sample": _SAMPLE,
+        "digits": {"data": {"name": "digits"}, "schedule": _SCHEDULE, "sample": _SAMPLE,
                    "model": {"name": "unet", "in_channels": 1, "base": 32, "mults": [1, 2], "num_res": 1},
                    "train": {**_TRAIN, "steps": 4000}},
         "patches": {"data": {"name": "patches", "size": 16, "downscale": 2}, "schedule": _SCHEDULE,
-                    "eval": {"n": 256}, "sample": {**_SAMPLE, "n": 256},
+                    "sample": {**_SAMPLE, "n": 256},
                     "model": {"name": "unet", "in_channels": 3, "base": 16, "mults": [1, 2, 2], "num_res": 1},
                     "train": {**_TRAIN, "batch_size": 64, "lr": 1e-3, "steps": 4000}},
     },
     "full": {
-        "digits": {"data": {"name": "digits"}, "schedule": _SCHEDULE, "eval": {"n": 1000}, "sample": _SAMPLE,
+        "digits": {"data": {"name": "digits"}, "schedule": _SCHEDULE, "sample": _SAMPLE,
                    "model": {"name": "unet", "in_channels": 1, "base": 64, "mults": [1, 2, 2], "num_res": 1},
                    "train": {**_TRAIN, "steps": 4000, "ckpt_every": 500}},
-        "patches": {"data": {"name": "patches", "size": 32}, "schedule": _SCHEDULE, "eval": {"n": 256},
+        "patches": {"data": {"name": "patches", "size": 32}, "schedule": _SCHEDULE,
                     "sample": {**_SAMPLE, "n": 256},
                     "model": {"name": "unet", "in_channels": 3, "base": 64, "mults": [1, 2, 2, 2],
                               "num_res": 1},

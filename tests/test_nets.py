@@ -194,6 +194,19 @@ def test_mlp_learns_a_regression_target():
     assert losses[-1] < 0.05 * losses[0]
 
 
+def test_mlp_fourier_features_are_octaves_of_pi():
+    net = _perturb(TimeMLP(2, hidden=16, depth=1, fourier=3))
+    assert net.inp.in_features == 2 * (1 + 2 * 3)
+    x, t = torch.rand(4, 2) * 2 - 1, _t(4)
+    with torch.no_grad():
+        net.inp.weight[:, :2] = 0  # drop the raw coordinates: what is left has period 2 in every coordinate
+        assert torch.allclose(net(x, t), net(x + torch.tensor([2.0, -2.0]), t), atol=1e-5)
+        assert not torch.allclose(net(x, t), net(x + torch.tensor([1.0, 0.0]), t), atol=1e-3)
+    assert "fourier" not in TimeMLP(2).config  # configs of models saved before the option stay identical
+    with pytest.raises(ValueError, match="fourier"):
+        TimeMLP(2, fourier=-1)
+
+
 # --- registry ----------------------------------------------------------------------------------
 
 
@@ -203,6 +216,7 @@ def test_mlp_learns_a_regression_target():
         {"name": "unet", "in_channels": 2, "base": 8, "mults": (1, 2), "num_classes": 3, "circular": True},
         {"name": "unet", "in_channels": 1, "base": 8, "attn_res": [2], "time_dim": 16},
         {"name": "mlp", "dim": 2, "hidden": 16, "depth": 2, "num_classes": 2},
+        {"name": "mlp", "dim": 2, "hidden": 16, "depth": 1, "fourier": 3},
     ],
 )
 def test_build_net_round_trip(config):

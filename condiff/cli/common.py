@@ -29,7 +29,7 @@ def add_config_args(p: argparse.ArgumentParser, data_default: str | None = None)
     p.add_argument("--data", default=data_default,
                    help="data set name (digits, toy2d, patches) or a .npy/.npz file or PNG folder")
     p.add_argument("--config", metavar="TOML", help="TOML file with [data] [model] [schedule] [train] "
-                   "[sample] [eval] tables")
+                   "[sample] tables")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set train.steps=500 (repeatable)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

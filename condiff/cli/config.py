@@ -1,7 +1,8 @@
 """Run configuration: presets, TOML files and ``--set section.key=value`` overrides.
 
-A configuration is a nested dict with the sections ``data``, ``model``, ``schedule``, ``train``,
-``sample`` and ``eval``. Resolution order: preset of the data set < TOML file < overrides.
+A configuration is a nested dict with the sections ``data``, ``model``, ``schedule``, ``train`` and
+``sample`` (``condiff eval`` scores the samples drawn with the ``sample`` settings).
+Resolution order: preset of the data set < TOML file < overrides.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-SECTIONS = ("data", "model", "schedule", "train", "sample", "eval")
+SECTIONS = ("data", "model", "schedule", "train", "sample")
 
 _COMMON = {
     "schedule": {"kind": "linear", "T": 1000},
     "sample": {"n": 1000, "steps": 100, "eta": 1.0, "batch_size": 500, "seed": 0},
-    "eval": {"n": 1000},
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -42,7 +42,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         # still did with 8000 steps and 250 sampling steps (BENCHMARKS.md, core-quality)
         "model": {"name": "mlp", "dim": 2, "hidden": 256, "depth": 4},
         "train": {"steps": 16000, "batch_size": 256, "lr": 2e-3, "warmup": 100, "ckpt_every": 2000},
-        "eval": {"n": 2000},
         # 10000 samples = 5 sets of 2000, each scored against its own held-out set (evaluate.toy2d_eval):
         # the MMD ratio of a single set of 2000 is too noisy to judge (a perfect model scored 0.66-2.57)
         "sample": {"n": 10000, "steps": 1000},
@@ -52,7 +51,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"name": "unet", "in_channels": 3, "base": 64, "mults": [1, 2, 2, 2], "num_res": 1},
         "train": {"steps": 20000, "batch_size": 64, "lr": 2e-4, "warmup": 500, "ckpt_every": 1000},
         "sample": {"n": 256, "clip_x0": 1.0},
-        "eval": {"n": 256},
     },
 }
 

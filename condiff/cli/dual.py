@@ -6,7 +6,7 @@
   condiff dual finetune  fine-tuning on 30 images without overfitting  (writes metrics.json + plots)
 
 A ``dual train`` config file has the tables of ``condiff train`` ([data] [model] [schedule] [train]
-[sample] [eval]) plus [dual] (dual-step settings, and ``init``: a model to start from), [objective]
+[sample]) plus [dual] (dual-step settings, and ``init``: a model to start from), [objective]
 (the data q_0) and one [[constraint]] table per constraint; see docs/dual.md.
 """
 
