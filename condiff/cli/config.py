@@ -39,8 +39,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"name": "toy2d", "kind": "moons"},
         # depth 4, 16000 steps and 1000 sampling steps: the checkerboard's sharp edges and the thin
         # rings missed the MMD target with depth 3, 4000 steps and 100 sampling steps, and rings
-        # still did with 8000 steps and 250 sampling steps (BENCHMARKS.md, core-quality)
-        "model": {"name": "mlp", "dim": 2, "hidden": 256, "depth": 4},
+        # still did with 8000 steps and 250 sampling steps (BENCHMARKS.md, core-quality).
+        # fourier 4: on raw coordinates the MLP blurred the 0.02-wide rings (radial spread 0.06-0.08)
+        # and mis-weighted them (ring masses 0.22-0.28 of 10000 samples, for 0.25 each, with lr 2e-3
+        # and 5e-4 alike); with the features: spread 0.03-0.05, masses 0.244-0.254
+        "model": {"name": "mlp", "dim": 2, "hidden": 256, "depth": 4, "fourier": 4},
         "train": {"steps": 16000, "batch_size": 256, "lr": 2e-3, "warmup": 100, "ckpt_every": 2000},
         # 10000 samples = 5 sets of 2000, each scored against its own held-out set (evaluate.toy2d_eval):
         # the MMD ratio of a single set of 2000 is too noisy to judge (a perfect model scored 0.66-2.57)
