@@ -30,8 +30,9 @@ Priors are trained on first use into runs/pnp/ (condiff.cli.pnp.PRIORS) and reus
 Profiles. "quick" is cut to fit one shared CPU core (about half an hour besides prior training): TSP-20
 only (128 test instances, 2 chains per instance for the prior and its untrained ablation; the prior is
 trained on 10- and 20-city tours at 32 px for 3000 steps; the stop-gradient variant is compared on
-digits only), the digits prior trained for 1500 steps and 500 inference steps, the scenes prior for 2000
-steps at 24 px.
+digits only), the digits prior trained for 1500 steps and 500 inference steps (50 samples per class: at
+20 per class the Fréchet distance of two unconditional draws differed by a third), the scenes prior for
+2000 steps at 24 px.
 "full" (GPU) keeps the issue's sizes: TSP-50 at 64 px, 256 instances, longer training.
 Each finished piece (tsp-<N>, digits, segment) is stored with its settings under
 runs/pnp/bench-<profile>/ and reused when the settings match; $PNP_BENCH_PARTS=tsp,digits,segment
@@ -78,7 +79,7 @@ PROFILES = {
         "prior": "quick",
         "tsp": {"sizes": [20], "instances": 128, "steps": 256, "chains": 2, "batch": 128,
                 "stop_grad_sizes": [], "untrained_sizes": [20]},
-        "digits": {"per_class": 20, "steps": 500, "lr": 0.05, "w_class": 0.2, "w_sym": 0.2, "n_sym": 100,
+        "digits": {"per_class": 50, "steps": 500, "lr": 0.05, "w_class": 0.1, "w_sym": 0.2, "n_sym": 100,
                    "stop_grad": True},
         "segment": {"n": 128, "chains": 2, "steps": 150, "lr": 0.05},
     },
@@ -86,7 +87,7 @@ PROFILES = {
         "prior": "full",
         "tsp": {"sizes": [50], "instances": 256, "steps": 256, "chains": 1, "batch": 128,
                 "stop_grad_sizes": [50], "untrained_sizes": [50]},
-        "digits": {"per_class": 100, "steps": 1000, "lr": 0.05, "w_class": 0.2, "w_sym": 0.2, "n_sym": 500,
+        "digits": {"per_class": 100, "steps": 1000, "lr": 0.05, "w_class": 0.1, "w_sym": 0.2, "n_sym": 500,
                    "stop_grad": True},
         "segment": {"n": 512, "chains": 4, "steps": 200, "lr": 0.05},
     },
