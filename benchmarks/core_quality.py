@@ -2,9 +2,9 @@
 
 toy2d (moons, rings, checkerboard, gmm): biased MMD^2 of samples vs held-out data, against the same
 MMD^2 between two held-out sets of the same size (target ratio <= 2), at set size 2000: the samples
-are cut into sets of 2000 (5 in the quick profile), each scored against its own held-out set, and the
-reference is averaged over 20 held-out pairs (condiff.evaluate.toy2d_eval). digits: the demo model
-(runs/demo, trained by `condiff demo` if absent): classifier confidence, class balance, Fréchet
+are cut into sets of 2000 (5 in the quick profile); over 20 held-out pairs (A_i, B_i), sample set i mod 5
+and B_i are both scored against A_i, and the ratio is of the two means (condiff.evaluate.toy2d_eval).
+digits: the demo model (runs/demo, trained by `condiff demo` if absent): classifier confidence, class balance, Fréchet
 distance against the train-vs-test reference.
 """
 

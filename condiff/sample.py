@@ -169,7 +169,7 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
         t_prev = torch.full((B,), int(prev[i]), dtype=torch.long, device=x.device)
         # inference_mode (cheaper than no_grad) when nothing needs gradients; the result is cloned
         # out of inference mode below so that callers can use it in autograd later.
-        with torch.set_grad_enabled(need_grad) if need_grad else torch.inference_mode():
+        with torch.enable_grad() if need_grad else torch.inference_mode():
             x_t = x if grad else x.detach().requires_grad_(need_grad)
             step = make_step(denoiser, x_t, i, t, t_prev, eta, generator, clip_x0)
             x = guidance(step) if guidance is not None else step.sample()

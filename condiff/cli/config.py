@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # and 5e-4 alike); with the features: spread 0.03-0.05, masses 0.244-0.254
         "model": {"name": "mlp", "dim": 2, "hidden": 256, "depth": 4, "fourier": 4},
         "train": {"steps": 16000, "batch_size": 256, "lr": 2e-3, "warmup": 100, "ckpt_every": 2000},
-        # 10000 samples = 5 sets of 2000, each scored against its own held-out set (evaluate.toy2d_eval):
+        # 10000 samples = 5 sets of 2000, scored against 20 held-out pairs (evaluate.toy2d_eval):
         # the MMD ratio of a single set of 2000 is too noisy to judge (a perfect model scored 0.66-2.57)
         "sample": {"n": 10000, "steps": 1000},
     },
