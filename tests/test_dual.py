@@ -444,3 +444,32 @@ def test_reference_losses_match_the_estimator():
     a = reference_losses(den, s, [x], timesteps=16, n=8192, seed=0)
     b = estimate_losses(den, s, [x], 8192, fixed_timesteps(100, 16), torch.Generator().manual_seed(1))
     assert a.shape == (1,) and abs(float(a[0] - b[0])) < 0.03
+
+
+def test_class_restricted_constraint_samples_keep_only_those_classes(monkeypatch):
+    """q_1 restricted to some classes: drawn in rounds until n_constraint kept, all of the wanted
+    classes; a model that never makes them is a clear error."""
+    import condiff.classifier
+    from condiff.dual import experiments as ex
+
+    class FakeJudge:  # "class" = the sample's value mod 9: never a 9
+        def __init__(self, device="cpu"):
+            pass
+
+        def probs(self, x):
+            return torch.nn.functional.one_hot(x.flatten(1)[:, 0].long() % 9, 10).double()
+
+    def fake_samples(net, schedule, n, steps, seed, device):
+        return (torch.arange(n) + seed).double().view(n, 1, 1, 1).expand(n, 1, 8, 8).clone()
+
+    monkeypatch.setattr(condiff.classifier, "DigitsJudge", FakeJudge)
+    monkeypatch.setattr(ex, "_samples", fake_samples)
+    cfg = ex.FinetuneConfig(n_constraint=25, constraint_classes=(3, 7))
+    q1 = ex._constraint_samples(None, None, cfg, "cpu")
+    assert q1.shape == (25, 1, 8, 8)
+    assert set((q1[:, 0, 0, 0].long() % 9).tolist()) == {3, 7}
+    with pytest.raises(ValueError, match=r"made only 0 samples of classes \[9\] in 2 x 5 draws"):
+        ex._constraint_samples(None, None, ex.FinetuneConfig(n_constraint=5, constraint_classes=(9,),
+                                                             constraint_rounds=2), "cpu")
+    with pytest.raises(ValueError, match=r"constraint_classes must be digits 0-9, got \[3, 10\]"):
+        ex._constraint_samples(None, None, ex.FinetuneConfig(constraint_classes=(3, 10)), "cpu")

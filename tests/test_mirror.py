@@ -134,6 +134,31 @@ def test_resnet_starts_as_identity_and_rebuilds_from_config():
     assert isinstance(build_net(f.config), ResNetGenerator) and isinstance(build_net(_icnn().config), ICNN)
 
 
+def test_context_branch_lets_a_far_pixel_change_the_correction():
+    """Without the global branch the correction at a corner ignores a change at the centre, 16 px away
+    even with circular padding (receptive field 3 + 2 + 3 px for one block, no downsampling); with
+    it, it does not."""
+    x = torch.randn(1, 1, 32, 32)
+    bumped = x.clone()
+    bumped[..., 16, 16] += 1.0
+    delta = {}
+    for context in (False, True):
+        torch.manual_seed(0)
+        f = ResNetGenerator(1, base=8, blocks=1, downsamples=0, norm="none", context=context)
+        with torch.no_grad():
+            f.net[-1].weight.normal_(0, 0.1)  # leave the identity start
+            f(torch.randn(8, 1, 32, 32))  # training mode: sets the context's running statistics
+            f.eval()
+            delta[context] = float((f(bumped) - f(x))[..., 0, 0].abs().max())
+        assert ("context" in f.config) == context
+        g = build_net(f.config).eval()
+        g.load_state_dict(f.state_dict())  # running statistics included
+        assert torch.equal(g(x), f(x))
+    assert delta[False] == 0.0 and delta[True] > 1e-6
+    same = x.expand(4, 1, 32, 32)  # identical means (a clean batch on a fixed-total set) stay finite
+    assert torch.isfinite(f.train()(same)).all() and torch.isfinite(f.eval()(same)).all()
+
+
 def test_instance_norm_hides_absolute_levels_and_norm_none_does_not():
     """With instance norm the correction f(y) - y is blind to a constant offset of y (so it cannot fix
     a total flux); without it, it is not."""

@@ -9,12 +9,18 @@ starts at zero, so the untrained generator is the identity.
 mean and scale, so the correction ``net(x)`` cannot see the input's absolute level or amplitude;
 constraints that depend on them (a total flux, the advection speed in Burgers' equation) need
 ``norm="none"``.
+
+``context=True`` adds a global branch before the last conv: each feature map's spatial mean, through
+a linear layer, is added back at every pixel. Without it a correction depends only on a window of
+the input (about 21 px across for the small nets), so an error in a sum over the whole image (a
+total flux) cannot be seen, let alone spread as one offset over all pixels.
 """
 
 from __future__ import annotations
 
 import numbers
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -56,6 +62,37 @@ class _Block(nn.Module):
         return x + self.body(x)
 
 
+class _Context(nn.Module):
+    """``h + W [mean_{H,W}(h), z]``, broadcast over the pixels: a global view for a local net.
+
+    ``z`` is the input's per-channel mean, standardised by running statistics (updated in training,
+    used as they stand in both modes, so a batch of identical means is harmless). A correction linear
+    in a global sum (a projection onto a fixed total) is then a few weights away; the raw mean would
+    carry the same signal as a 0.3% ripple on a large constant, which Adam does not pick up in
+    thousands of steps.
+    """
+
+    def __init__(self, ch: int, in_channels: int, momentum: float = 0.01) -> None:
+        super().__init__()
+        self.mix = nn.Linear(ch + in_channels, ch)
+        self.momentum = momentum
+        self.register_buffer("x_mean", torch.zeros(in_channels))
+        self.register_buffer("x_var", torch.ones(in_channels))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, h: Tensor, x: Tensor) -> Tensor:
+        m = x.mean((2, 3))
+        if self.training:
+            with torch.no_grad():
+                # the first batch sets the statistics; later ones move them by `momentum`
+                k = 1.0 if int(self.seen) == 0 else self.momentum
+                self.x_mean.lerp_(m.mean(0), k)
+                self.x_var.lerp_((m - self.x_mean).pow(2).mean(0), k)
+                self.seen += 1
+        z = (m - self.x_mean) / (self.x_var + 1e-12).sqrt()
+        return h + self.mix(torch.cat([h.mean((2, 3)), z], 1))[:, :, None, None]
+
+
 class _Up(nn.Module):
     def __init__(self, cin: int, cout: int, padding: str, norm: str) -> None:
         super().__init__()
@@ -78,6 +115,7 @@ class ResNetGenerator(nn.Module):
         residual: add the input to the output (needs ``out_channels == in_channels``).
         padding: ``circular`` (periodic data), ``reflect`` or ``zeros``.
         norm: ``instance`` (the paper's) or ``none`` (keeps absolute levels visible; see the module doc).
+        context: add the global branch (module doc) before the last conv.
     """
 
     def __init__(
@@ -90,6 +128,7 @@ class ResNetGenerator(nn.Module):
         residual: bool = True,
         padding: str = "circular",
         norm: str = "instance",
+        context: bool = False,
     ) -> None:
         super().__init__()
         in_channels = _int("in_channels", in_channels, 1)
@@ -119,6 +158,8 @@ class ResNetGenerator(nn.Module):
             "padding": padding,
             "norm": norm,
         }
+        if context:  # stored only when used, so older checkpoints' configs read the same
+            self.config["context"] = True
         self.in_channels, self.residual, self.divisor = in_channels, bool(residual), 2**downsamples
         layers: list[nn.Module] = [_conv(in_channels, base, 7, padding), *_norm_act(base, norm)]
         ch = base
@@ -129,6 +170,8 @@ class ResNetGenerator(nn.Module):
         for _ in range(downsamples):
             layers.append(_Up(ch, ch // 2, padding, norm))
             ch //= 2
+        if context:
+            layers.append(_Context(ch, in_channels))
         last = _conv(ch, out_channels, 7, padding)
         if residual:
             nn.init.zeros_(last.weight)
@@ -146,5 +189,7 @@ class ResNetGenerator(nn.Module):
                 f"ResNetGenerator with {self.divisor.bit_length() - 1} downsamples needs H and W "
                 f"divisible by {self.divisor}, got {x.shape[2]}x{x.shape[3]}"
             )
-        y = self.net(x)
+        y = x
+        for layer in self.net:
+            y = layer(y, x) if isinstance(layer, _Context) else layer(y)
         return x + y if self.residual else y
