@@ -90,9 +90,11 @@ def _finetune_note(ft: dict, label: str) -> str:
         data = ("The fine-tuning images are drawn from the pretraining distribution (all ten classes), so "
                 "staying close to the pretrained model costs no fidelity to the target here.")
     else:
-        data = (f"The target is class {cfg['target_classes']} only; the constraint data are "
-                f"{cfg['n_constraint']} samples of the pretrained model that the digits classifier puts in "
-                f"classes {cfg['constraint_classes']}; the pretrained model itself scores Fréchet "
+        classes = ", ".join(map(str, cfg["target_classes"]))
+        kept = ", ".join(map(str, cfg["constraint_classes"] or []))
+        data = (f"The target is digit {classes} only; the constraint data are "
+                f"{cfg['n_constraint']} samples of the pretrained model that the digits classifier labels "
+                f"{kept or '(any class)'}; the pretrained model itself scores Fréchet "
                 f"{pre['frechet_to_target']:.4g} against the target class because it makes all ten digits.")
     return (f"{label}: memorisation threshold {ft['threshold']:.3g} (the {cfg['quantile']} quantile of "
             "held-out images' distance to the nearest fine-tuning image); the pretrained model scores "
