@@ -150,7 +150,8 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
             rows += a_rows
         secs = stage_seconds(root / name)
         notes.append(
-            f"{name}: data {cfg['data']}, loss {cfg['loss']}, {cfg['mirror_train']['steps']} mirror steps; "
+            f"{name}: data {cfg['data']}, loss {cfg['loss']}, ICNN {cfg['mirror']['psi']}, inverse "
+            f"{cfg['mirror']['inverse']}, {cfg['mirror_train']['steps']} mirror steps; "
             "stage seconds "
             + ", ".join(f"{k} {v:.0f}" for k, v in secs.items())
             + f" (total {sum(secs.values()) / 60:.1f} min)"
@@ -158,8 +159,8 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
     met = sum(bool(s.get("met")) for s in summary.values())
     c = resolve(names[0], PROFILES[profile])
     notes = [
-        f"Profile {profile}: {c['data']['size']}x{c['data']['size']} data; ICNN {c['mirror']['psi']}, "
-        f"inverse {c['mirror']['inverse']}, mirror steps per data set (below); UNet {c['model']}, "
+        f"Profile {profile}: {c['data']['size']}x{c['data']['size']} data; mirror nets and steps per data "
+        f"set (below); UNet {c['model']}, "
         f"{c['train']['steps']} DM steps (vanilla and MDM alike); fine-tuning {c['finetune']['steps']} "
         f"steps on {c['finetune']['n']} MDM samples; {c['sample']['steps']}-step DDIM "
         f"(eta {c['sample']['eta']}) sampling; DPS {c['assimilate']['steps']} steps, "
