@@ -13,13 +13,15 @@ residual (here: within 1.5x of DPS's, or below 1.5 noise units).
 
 ``NAMM_BENCH_DATA=burgers,count`` restricts a run to some data sets (for running it in pieces).
 
-The quick profile (condiff.cli.namm.PROFILES["quick"]) is cut to fit a loaded CPU core: 16x16 data
+The quick profile (condiff.cli.namm.PROFILES["quick"]) is cut to fit a CPU core: 16x16 data
 instead of 32x32, tiny nets (ICNN 16 filters; inverse ResNet 16 filters, 2 blocks, no downsampling;
-UNet 16 base channels), 1200 mirror-map steps (2000 for Burgers), 1500 DM steps, 256 samples with a
-50-step sampler, fine-tuning 500 steps on 256 MDM samples, assimilation of 16 truths with 100 DPS
-steps. Per-family quick overrides (documented in docs/namm.md): Burgers l_con = 10 and sigma_max =
-0.03; constraint weight 20 (not 200) for constraint-guided DPS. Even so one data set takes 20-40
-minutes on a shared core, so a quick run covers only some of the five data sets (the table names them).
+UNet 16 base channels), 1200 mirror-map steps, 1500 DM steps, 256 samples with a 50-step sampler,
+fine-tuning 500 steps on 256 MDM samples, assimilation of 16 truths with 100 DPS steps. Per-family
+quick overrides (condiff.cli.namm.PROFILE_FAMILIES, reasons in docs/namm.md): Burgers l_con = 10,
+sigma_max = 0.03 and 2000 mirror steps; brightness 3000 mirror steps with a cosine decay; count
+l_con = 1 and fine-tuning 6000 steps on 2048 samples; constraint weight 20 (not 200) for
+constraint-guided DPS. A data set takes 5-20 minutes of a core when run alone, up to an hour on a
+loaded one.
 """
 
 from __future__ import annotations
