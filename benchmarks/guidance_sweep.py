@@ -18,14 +18,19 @@ Quick-refine profile (quick models): DPS and DPS+DSG only, at 20, 50 and 100 ste
 K = 32 training images (a superset of the quick profile's 8) over the part of the grids the quick
 sweep ever picked from (zeta 0.2..5, rate 0.1..1): with 8 images the choice was noisy (rate 1 for
 DPS+DSG at 100 steps on patches/sr: 29.8 dB on the 8 training images, 27.8 dB on the 64 test images).
-Run it with ``--no-record``: its table is kept below the quick one in BENCHMARKS.md by hand (the
-command replaces the section with one table per run).
+Quick-final profiles: DPS+DSG with the final Euclidean step (``final``, an extension: see
+condiff/guidance/dsg.py), rate x final on K = 32 images at 20, 50 and 100 steps; at 1000 steps rate x
+final x interval on K = 8 (a 1000-step batch of 128 is what one CPU core runs in minutes).
+``SWEEP_TASKS=patches/sr,patches/blur`` restricts a run to some tasks.
+Run the refinements with ``--no-record``: their tables are kept below the quick one in BENCHMARKS.md
+by hand (the command replaces the section with one table per run).
 The result JSON holds ``tuned``, the table pasted into condiff/guidance/defaults.py.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import torch
@@ -47,6 +52,12 @@ PROFILES = {
     "full": {"k": 16, "budgets": {20: "all", 50: "all", 100: "all", 1000: "all"}},
     "quick-refine": {"k": 32, "models": "quick", "budgets": {s: ["dps", "dsg+dps"] for s in (20, 50, 100)},
                      "grids": {"zeta": [0.2, 0.5, 1.0, 2.0, 5.0], "rate": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]}},
+    # DPS+DSG with the final Euclidean step (condiff.guidance.dsg, `final`), rate and final chosen
+    # jointly; DPS keeps its quick-refine choice
+    "quick-final": {"k": 32, "models": "quick", "budgets": {s: ["dsg+dps"] for s in (20, 50, 100)},
+                    "grids": {"rate": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0], "final": [0.0, 0.25, 0.5, 1.0, 2.0]}},
+    "quick-final-1000": {"k": 8, "models": "quick", "budgets": {1000: ["dsg+dps"]},
+                         "grids": {"rate": [0.02, 0.05, 0.1, 0.2], "final": [0.0, 1.0], "interval": [1, 5]}},
 }
 
 
@@ -109,8 +120,9 @@ def sweep_budget(den, task, x, op, y, steps, methods, device, rows, grids: dict 
     rates = grids.get("rate", RATES_1000 if steps >= 1000 else RATES)
     if want("dsg+dps"):
         best = None
-        for k in (INTERVALS_1000 if steps >= 1000 else [1]):
-            b = pick("dsg+dps", {"interval": k}, {"rate": rates})
+        extra = {"final": grids["final"]} if "final" in grids else {}
+        for k in grids.get("interval", INTERVALS_1000 if steps >= 1000 else [1]):
+            b = pick("dsg+dps", {"interval": k}, {"rate": rates, **extra})
             score = rows[-1]["train PSNR"]
             if best is None or score > best[0]:
                 best = (score, {"interval": k, **b})
@@ -131,7 +143,10 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
     rows: list[dict] = []
     tuned: dict[str, dict[int, dict]] = {}
     models: dict = {}
+    only = [t for t in os.environ.get("SWEEP_TASKS", "").split(",") if t]
     for task, spec in TASKS.items():
+        if only and task not in only:
+            continue
         ds = spec["data"]
         if ds not in models:
             models[ds] = ensure_model(ds, p.get("models", profile), device)

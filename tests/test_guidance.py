@@ -135,6 +135,32 @@ def test_dsg_interval_guides_every_kth_step_only():
         assert res.grad_evals == expect and res.nfe == 7
 
 
+def test_dsg_final_step_is_a_euclidean_step_of_size_final():
+    """At the last step (t_prev = -1, sigma = 0) DSG returns the mean; with `final` it returns
+    mean - final * g, g the base's gradient there, at one more gradient evaluation; earlier steps
+    are unchanged. final = 0 is exactly the paper's DSG."""
+    den = _oracle(200)
+    x = torch.randn(3, 1, 4, 4, generator=_gen())
+    op, loss = _half_mask_loss(3)
+    last = _step(den, x, t=10, t_prev=-1)
+    assert last.sigma == 0
+    (g,) = torch.autograd.grad(loss(last.x0_hat).sum(), last.x_t)
+    torch.testing.assert_close(DSG(DPS(loss), final=0.0)(_step(den, x, t=10, t_prev=-1)), last.mean)
+    torch.testing.assert_close(DSG(DPS(loss), final=0.8)(_step(den, x, t=10, t_prev=-1)), last.mean - 0.8 * g)
+    per = torch.tensor([0.0, 0.8, 2.0])  # per-sample values, as the sweep batches them
+    torch.testing.assert_close(DSG(DPS(loss), final=per)(_step(den, x, t=10, t_prev=-1)),
+                               last.mean - per.view(-1, 1, 1, 1) * g)
+    mid = DSG(DPS(loss), rate=0.4, final=0.8)(_step(den, x, t=100, t_prev=80))
+    torch.testing.assert_close(mid, DSG(DPS(loss), rate=0.4)(_step(den, x, t=100, t_prev=80)))
+    plain = guided_sample(den, DSG(DPS(loss), rate=0.3), (3, 1, 4, 4), 7, generator=_gen())
+    ext = guided_sample(den, DSG(DPS(loss), rate=0.3, final=0.5), (3, 1, 4, 4), 7, generator=_gen())
+    assert (plain.grad_evals, ext.grad_evals) == (6, 7)
+    assert DSG(DPS(loss), final=0.5).hyperparameters()["final"] == 0.5
+    assert "final" not in DSG(DPS(loss)).hyperparameters()
+    with pytest.raises(ValueError, match="DSG final must lie in"):
+        DSG(DPS(loss), final=-1.0)
+
+
 def test_dsg_composes_without_changing_the_base_cost():
     """FreeDoM's time travel and UGD's self-recurrence run inside DSG exactly as without it; only the
     final step differs: its sphere is a point (sigma = 0), so DSG returns the mean there without a

@@ -142,8 +142,8 @@ PROFILES: dict[str, dict[str, Any]] = {
 # Per data set (METHODS.md): loss weights, ICNN depth, periodic padding, the assimilation task.
 # The inverse net drops instance norm where the constraint depends on absolute levels (a total flux,
 # Burgers' advection speed, source amplitudes, a velocity's divergence): instance norm hides them
-# from the correction f(y) - y (condiff.nets.resnet). The brightness distance is a sum over pixels, so its weight is scaled by the
-# pixel count to keep the paper's balance (0.01 at 64x64).
+# from the correction f(y) - y (condiff.nets.resnet). The brightness distance is a sum over pixels,
+# so its weight is scaled by the pixel count to keep the paper's balance (0.01 at 64x64).
 _NO_NORM = {"inverse": {"norm": "none"}}
 FAMILIES: dict[str, dict[str, Any]] = {
     "brightness": {
@@ -186,8 +186,12 @@ PROFILE_FAMILIES = {
         "brightness": {"loss": {"l_con": 0.01 * (64 / 16) ** 2},
                        "mirror_train": {"steps": 3000, "lr_decay": "cosine"}},
         # the tiny 16x16 inverse net needs a stronger pull to the set, and its precision near the set
-        # (where the MDM's errors are) improves with a smaller sigma_max (docs/namm.md, "Diagnosis")
-        "burgers": {"loss": {"l_con": 10.0, "sigma_max": 0.03}, "mirror_train": {"steps": 2000}},
+        # (where the MDM's errors are) improves with a smaller sigma_max (docs/namm.md, "Diagnosis");
+        # that precision is what limits Burgers, so its inverse net is larger here (32 filters,
+        # 4 blocks) and trained longer with a decaying rate
+        "burgers": {"loss": {"l_con": 10.0, "sigma_max": 0.03},
+                    "mirror": {"inverse": {"base": 32, "blocks": 4}},
+                    "mirror_train": {"steps": 4000, "lr_decay": "cosine"}},
     },
     "default": {"brightness": {"loss": {"l_con": 0.01 * (64 / 32) ** 2}}},
 }

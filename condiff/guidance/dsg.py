@@ -19,6 +19,11 @@ DSG needs ``sigma > 0``: with a deterministic sampler (DDIM ``eta = 0``) the sph
 the step would ignore the guidance, so DSG refuses it. At the sampler's final step
 (``t_prev = -1``) every DDIM step has ``sigma = 0``; there the sphere is the point ``mean`` and DSG
 returns it without computing a gradient.
+
+``final`` (an extension, 0 = the paper's DSG) adds one Euclidean gradient step of that size at the
+final step, ``x_0 = mean - final * g``, with the base method's gradient: the step a DPS sampler
+takes there and DSG, having no sphere, cannot. It is what data consistency gets at the very end,
+and matters most when the sampler has few steps (docs/guidance.md, "The final step").
 """
 
 from __future__ import annotations
@@ -55,6 +60,20 @@ class SphericalStep:
         return step.mean + r * d_m / _norm(d_m).clamp_min(_TINY)
 
 
+class FinalStep:
+    """The last step's update when ``sigma = 0``: ``mean - final * g`` (the base's own scale unused)."""
+
+    def __init__(self, final: Scalar) -> None:
+        self.final = final
+
+    def __call__(self, step: Step, grad: Tensor, scale: Scalar = 1.0) -> Tensor:
+        return step.mean - per_sample(self.final, grad) * grad
+
+
+def _is_zero(v: Scalar) -> bool:
+    return not bool((v != 0).any()) if isinstance(v, Tensor) else v == 0
+
+
 class DSG:
     """``DSG(base, rate, interval)``: the base method with its gradient step made spherical.
 
@@ -62,12 +81,15 @@ class DSG:
         base: DPS, FreeDoM, UGD or any :class:`GradientGuidance`.
         rate: guidance rate ``w`` in [0, 1] (float or ``(B,)`` tensor); 1 is the pure closed form.
         interval: guide every ``interval`` steps (``k``); the others are unconditional.
+        final: size of a Euclidean gradient step at the sampler's last step (module docstring);
+            0 (the default) is the paper's DSG. A float or a ``(B,)`` tensor.
     """
 
     needs_grad = True
     needs_noise = True  # refused by guided_sample with eta = 0 before any work is done
 
-    def __init__(self, base: GradientGuidance, rate: Scalar = 0.2, interval: int = 1) -> None:
+    def __init__(self, base: GradientGuidance, rate: Scalar = 0.2, interval: int = 1,
+                 final: Scalar = 0.0) -> None:
         if not isinstance(base, GradientGuidance):
             raise ValueError(f"DSG wraps a gradient-guidance method (DPS, FreeDoM, UGD), "
                              f"got {type(base).__name__}")
@@ -75,6 +97,7 @@ class DSG:
             raise ValueError(f"DSG interval must be an integer >= 1, got {interval!r}")
         self.base, self.interval = base, interval
         self.step_rule = SphericalStep(rate)
+        self.final = check_scalar("DSG final", final)
 
     @property
     def rate(self) -> Scalar:
@@ -93,13 +116,17 @@ class DSG:
             if int(step.t_prev[0]) >= 0:
                 raise ValueError(f"DSG needs a stochastic sampler: sigma_t = 0 at t = {int(step.t[0])} "
                                  f"(eta = {step.eta:g}); use eta > 0 (the DSG paper uses eta = 1)")
-            return step.mean  # final step: the sphere has radius 0
+            if _is_zero(self.final):
+                return step.mean  # final step: the sphere has radius 0
+            return self.base.guide(step, FinalStep(self.final))
         if step.i % self.interval:
             return step.sample()
         return self.base.guide(step, self.step_rule)
 
     def hyperparameters(self) -> dict:
-        return {"rate": self.rate, "interval": self.interval, **self.base.hyperparameters()}
+        hp = {"rate": self.rate, "interval": self.interval, **self.base.hyperparameters()}
+        return {**hp, "final": self.final} if not _is_zero(self.final) else hp
 
     def describe(self) -> str:
-        return f"DSG(rate={self.rate}, interval={self.interval}) + {self.base.describe()}"
+        final = "" if _is_zero(self.final) else f", final={self.final}"
+        return f"DSG(rate={self.rate}, interval={self.interval}{final}) + {self.base.describe()}"
