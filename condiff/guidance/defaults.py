@@ -6,6 +6,9 @@ the TRAIN split only (never the test images the benchmark reports); its table is
 (section "Guidance hyperparameter sweep") and benchmarks/results/guidance-sweep-<profile>.json.
 DPS and DPS+DSG at 20, 50 and 100 steps come from the ``quick-refine`` profile of the same sweep
 (32 training images instead of 8; benchmarks/results/guidance-sweep-quick-refine.json).
+DPS+DSG at every budget was then re-chosen with DSG's ``final`` step in the grid (rate x final; at
+1000 steps also x interval 1, 5): ``--profile quick-final`` (32 train images) and
+``quick-final-1000`` (8 train images); benchmarks/results/guidance-sweep-quick-final*.json.
 For a step budget the sweep did not cover, the nearest swept budget (in log steps) is used.
 """
 
@@ -25,12 +28,13 @@ GENERIC: dict[str, dict] = {
 
 # task -> steps -> method -> hyperparameters, chosen by `condiff bench guidance-sweep --profile quick`
 # (benchmarks/guidance_sweep.py; train split, 8 images per task; results/guidance-sweep-quick.json);
-# "dps" and "dsg+dps" at 20, 50, 100 steps by `--profile quick-refine` (32 train images)
+# "dps" at 20, 50, 100 steps by `--profile quick-refine` (32 train images); "dsg+dps" by
+# `--profile quick-final` (20-100 steps, 32 images) and `quick-final-1000` (8 images)
 TUNED: dict[str, dict[int, dict[str, dict]]] = {
     "digits/inpaint-random": {
         20: {
             "dps": {"zeta": 2.0},
-            "dsg+dps": {"interval": 1, "rate": 1.0},
+            "dsg+dps": {"interval": 1, "rate": 0.7, "final": 0.25},
             "freedom": {"zeta": 1.0},
             "dsg+freedom": {"rate": 1.0, "interval": 1},
             "ugd": {"forward": 30.0, "backward_lr": 0.0},
@@ -38,7 +42,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         50: {
             "dps": {"zeta": 2.0},
-            "dsg+dps": {"interval": 1, "rate": 0.7},
+            "dsg+dps": {"interval": 1, "rate": 1.0, "final": 0.0},
             "freedom": {"zeta": 2.0},
             "dsg+freedom": {"rate": 0.5, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.3},
@@ -46,7 +50,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         100: {
             "dps": {"zeta": 0.5},
-            "dsg+dps": {"interval": 1, "rate": 1.0},
+            "dsg+dps": {"interval": 1, "rate": 1.0, "final": 0.5},
             "freedom": {"zeta": 0.5},
             "dsg+freedom": {"rate": 0.7, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.0},
@@ -54,13 +58,13 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.2},
-            "dsg+dps": {"rate": 0.05, "interval": 1},
+            "dsg+dps": {"interval": 1, "rate": 0.05, "final": 1.0},
         },
     },
     "digits/inpaint-box": {
         20: {
             "dps": {"zeta": 2.0},
-            "dsg+dps": {"interval": 1, "rate": 1.0},
+            "dsg+dps": {"interval": 1, "rate": 0.7, "final": 0.25},
             "freedom": {"zeta": 2.0},
             "dsg+freedom": {"rate": 1.0, "interval": 1},
             "ugd": {"forward": 30.0, "backward_lr": 0.0},
@@ -68,7 +72,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         50: {
             "dps": {"zeta": 1.0},
-            "dsg+dps": {"interval": 1, "rate": 0.7},
+            "dsg+dps": {"interval": 1, "rate": 1.0, "final": 0.25},
             "freedom": {"zeta": 2.0},
             "dsg+freedom": {"rate": 0.5, "interval": 1},
             "ugd": {"forward": 30.0, "backward_lr": 0.3},
@@ -76,7 +80,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         100: {
             "dps": {"zeta": 1.0},
-            "dsg+dps": {"interval": 1, "rate": 1.0},
+            "dsg+dps": {"interval": 1, "rate": 0.7, "final": 0.25},
             "freedom": {"zeta": 0.5},
             "dsg+freedom": {"rate": 0.7, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.0},
@@ -84,13 +88,13 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.2},
-            "dsg+dps": {"rate": 0.4, "interval": 5},
+            "dsg+dps": {"interval": 5, "rate": 0.2, "final": 0.0},
         },
     },
     "patches/sr": {
         20: {
             "dps": {"zeta": 2.0},
-            "dsg+dps": {"interval": 1, "rate": 0.2},
+            "dsg+dps": {"interval": 1, "rate": 0.3, "final": 2.0},
             "freedom": {"zeta": 5.0},
             "dsg+freedom": {"rate": 0.2, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.0},
@@ -98,7 +102,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         50: {
             "dps": {"zeta": 2.0},
-            "dsg+dps": {"interval": 1, "rate": 0.3},
+            "dsg+dps": {"interval": 1, "rate": 0.3, "final": 1.0},
             "freedom": {"zeta": 2.0},
             "dsg+freedom": {"rate": 0.5, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.1},
@@ -106,7 +110,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         100: {
             "dps": {"zeta": 1.0},
-            "dsg+dps": {"interval": 1, "rate": 0.3},
+            "dsg+dps": {"interval": 1, "rate": 0.3, "final": 0.5},
             "freedom": {"zeta": 1.0},
             "dsg+freedom": {"rate": 0.5, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.1},
@@ -114,13 +118,13 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.2},
-            "dsg+dps": {"rate": 0.2, "interval": 5},
+            "dsg+dps": {"interval": 5, "rate": 0.2, "final": 0.0},
         },
     },
     "patches/blur": {
         20: {
             "dps": {"zeta": 2.0},
-            "dsg+dps": {"interval": 1, "rate": 0.2},
+            "dsg+dps": {"interval": 1, "rate": 0.3, "final": 2.0},
             "freedom": {"zeta": 2.0},
             "dsg+freedom": {"rate": 0.2, "interval": 1},
             "ugd": {"forward": 30.0, "backward_lr": 0.1},
@@ -128,7 +132,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         50: {
             "dps": {"zeta": 1.0},
-            "dsg+dps": {"interval": 1, "rate": 0.2},
+            "dsg+dps": {"interval": 1, "rate": 0.3, "final": 1.0},
             "freedom": {"zeta": 2.0},
             "dsg+freedom": {"rate": 0.3, "interval": 1},
             "ugd": {"forward": 30.0, "backward_lr": 0.1},
@@ -136,7 +140,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         100: {
             "dps": {"zeta": 1.0},
-            "dsg+dps": {"interval": 1, "rate": 0.3},
+            "dsg+dps": {"interval": 1, "rate": 0.3, "final": 0.25},
             "freedom": {"zeta": 1.0},
             "dsg+freedom": {"rate": 0.7, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.1},
@@ -144,7 +148,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.5},
-            "dsg+dps": {"rate": 0.4, "interval": 5},
+            "dsg+dps": {"interval": 5, "rate": 0.2, "final": 1.0},
         },
     },
 }
