@@ -90,7 +90,7 @@ TASK_PARAMS = {"full": {"patches/blur": {"size": 13, "sigma": 2.0}}}
 
 PROFILES = {
     "quick": {"n": 64, "steps": [20, 50, 100], "long": {1000: ["dps", "dsg+dps"]},
-              "timing": {"steps": 20, "batch": 64, "repeats": 5}},
+              "timing": {"steps": 20, "batch": 64, "repeats": 15}},
     "full": {"n": 128, "steps": [20, 50, 100, 1000], "long": {},
              "timing": {"steps": 50, "batch": 64, "repeats": 5}},
 }

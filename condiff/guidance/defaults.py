@@ -8,7 +8,7 @@ DPS and DPS+DSG at 20, 50 and 100 steps come from the ``quick-refine`` profile o
 (32 training images instead of 8; benchmarks/results/guidance-sweep-quick-refine.json).
 DPS+DSG at every budget was then re-chosen with DSG's ``final`` step in the grid (rate x final; at
 1000 steps also x interval 1, 5): ``--profile quick-final`` (32 train images) and
-``quick-final-1000`` (8 train images); benchmarks/results/guidance-sweep-quick-final*.json.
+``quick-final-1000`` and ``quick-final-1000-hi`` (32 train images); benchmarks/results/guidance-sweep-quick-final*.json.
 For a step budget the sweep did not cover, the nearest swept budget (in log steps) is used.
 """
 
@@ -29,7 +29,7 @@ GENERIC: dict[str, dict] = {
 # task -> steps -> method -> hyperparameters, chosen by `condiff bench guidance-sweep --profile quick`
 # (benchmarks/guidance_sweep.py; train split, 8 images per task; results/guidance-sweep-quick.json);
 # "dps" at 20, 50, 100 steps by `--profile quick-refine` (32 train images); "dsg+dps" by
-# `--profile quick-final` (20-100 steps, 32 images) and `quick-final-1000` (8 images)
+# `--profile quick-final` (20-100 steps, 32 images) and `quick-final-1000` + `quick-final-1000-hi` (32 images)
 TUNED: dict[str, dict[int, dict[str, dict]]] = {
     "digits/inpaint-random": {
         20: {
@@ -58,7 +58,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.2},
-            "dsg+dps": {"interval": 1, "rate": 0.05, "final": 1.0},
+            "dsg+dps": {"interval": 5, "rate": 0.2, "final": 0.0},
         },
     },
     "digits/inpaint-box": {
@@ -88,7 +88,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.2},
-            "dsg+dps": {"interval": 5, "rate": 0.2, "final": 0.0},
+            "dsg+dps": {"interval": 5, "rate": 0.6, "final": 0.0},
         },
     },
     "patches/sr": {
@@ -148,7 +148,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.5},
-            "dsg+dps": {"interval": 5, "rate": 0.2, "final": 1.0},
+            "dsg+dps": {"interval": 5, "rate": 0.3, "final": 0.0},
         },
     },
 }
