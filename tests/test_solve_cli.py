@@ -47,7 +47,8 @@ def test_solve_writes_images_and_metrics(tiny_run, tmp_path):
         assert (out / f).is_file(), f
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == 3 and m["steps"] == 3 and m["nfe"] == 3
-    assert m["grad_evals"] == 2  # DSG's final step (sigma = 0) needs no gradient
+    # the swept default for this task adds DSG's final Euclidean step: a gradient at every step
+    assert m["grad_evals"] == 3 and m["hyperparameters"]["final"] > 0
     assert m["hyperparameters"]["rate"] == 0.3 and m["task"] == "digits/inpaint-random"
     assert m["operator"]["name"] == "inpaint-random" and m["operator"]["sigma_y"] == 0.05
     assert np.isfinite(m["psnr"]) and -1 <= m["ssim"] <= 1 and m["residual"] > 0
@@ -57,6 +58,10 @@ def test_solve_writes_images_and_metrics(tiny_run, tmp_path):
     assert _solve(tiny_run, tmp_path / "b", "--operator", "inpaint-random", "--method", "dsg+dps",
                   "--rate", "0.3") == 0
     np.testing.assert_array_equal(np.load(tmp_path / "b" / "reconstruction.npz")["x"], z["x"])
+    # --final 0 is the paper's DSG: the last step (sigma = 0) returns x0_hat without a gradient
+    assert _solve(tiny_run, tmp_path / "c", "--operator", "inpaint-random", "--method", "dsg+dps",
+                  "--rate", "0.3", "--final", "0") == 0
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["grad_evals"] == 2
 
 
 @pytest.mark.parametrize("operator, method", [("inpaint-box", "freedom"), ("sr", "dsg+ugd"),
