@@ -416,6 +416,12 @@ def test_cli_experiment_rejects_unknown_setting(capsys):
     assert "unknown setting 'minorty'" in capsys.readouterr().err
 
 
+def test_cli_finetune_rejects_a_class_that_is_no_digit_before_training(tmp_path, capsys):
+    assert main(["dual", "finetune", "--set", "constraint_classes=[12]", "--out", str(tmp_path / "ft")]) == 2
+    assert "constraint_classes must be digits 0-9, got [12]" in capsys.readouterr().err
+    assert not (tmp_path / "ft" / "pretrained").exists()
+
+
 # --- theory check --------------------------------------------------------------------------------
 
 

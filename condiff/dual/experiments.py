@@ -466,6 +466,13 @@ def intra_cluster_diversity(x: Tensor, anchors: Tensor) -> float:
     return sum(per) / len(per)
 
 
+def _check_classes(cfg: FinetuneConfig) -> None:
+    for name in ("target_classes", "constraint_classes"):
+        v = getattr(cfg, name)
+        if v is not None and not all(isinstance(c, int) and 0 <= c <= 9 for c in v):
+            raise ValueError(f"finetune: {name} must be digits 0-9, got {list(v)}")
+
+
 def _constraint_samples(net: nn.Module, schedule: Schedule, cfg: FinetuneConfig, device: str) -> Tensor:
     """``q_1``: ``n_constraint`` samples of the pretrained model, restricted to ``constraint_classes``
     (by the digits classifier's label) when those are given."""
@@ -473,8 +480,7 @@ def _constraint_samples(net: nn.Module, schedule: Schedule, cfg: FinetuneConfig,
         return _samples(net, schedule, cfg.n_constraint, cfg.sample_steps, cfg.seed + 1, device)
     from ..classifier import DigitsJudge
 
-    if not all(isinstance(c, int) and 0 <= c <= 9 for c in cfg.constraint_classes):
-        raise ValueError(f"finetune: constraint_classes must be digits 0-9, got {list(cfg.constraint_classes)}")
+    _check_classes(cfg)
     judge, wanted = DigitsJudge(device=device), torch.tensor(list(cfg.constraint_classes))
     kept: list[Tensor] = []
     n_kept = 0
@@ -497,6 +503,7 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu") -> d
     from ..classifier import DigitsJudge
 
     out = Path(out)
+    _check_classes(cfg)  # before any training
     schedule = Schedule.linear(cfg.T)
     source, target, heldout = finetune_data(cfg)
     batch = int(cfg.finetune.get("batch_size", 64))
