@@ -22,7 +22,9 @@ Quick-final profiles: DPS+DSG with the final Euclidean step (``final``, an exten
 condiff/guidance/dsg.py), rate x final on K = 32 images at 20, 50 and 100 steps; at 1000 steps rate x
 final x interval on K = 32 (about 6 minutes per task and interval on one CPU core; K = 8 proved too
 noisy at 1000 steps).
-``SWEEP_TASKS=patches/sr,patches/blur`` restricts a run to some tasks.
+``SWEEP_TASKS=patches/sr,patches/blur`` restricts a run to some tasks; the result JSON of such a run
+holds only those tasks (parallel runs of one profile overwrite each other's: merge their rows, as
+benchmarks/results/guidance-sweep-quick-final-1000.json records).
 Run the refinements with ``--no-record``: their tables are kept below the quick one in BENCHMARKS.md
 by hand (the command replaces the section with one table per run).
 The result JSON holds ``tuned``, the table pasted into condiff/guidance/defaults.py.

@@ -478,4 +478,4 @@ def test_class_restricted_constraint_samples_keep_only_those_classes(monkeypatch
         ex._constraint_samples(None, None, ex.FinetuneConfig(n_constraint=5, constraint_classes=(9,),
                                                              constraint_rounds=2), "cpu")
     with pytest.raises(ValueError, match=r"constraint_classes must be digits 0-9, got \[3, 10\]"):
-        ex._constraint_samples(None, None, ex.FinetuneConfig(constraint_classes=(3, 10)), "cpu")
+        ex.run_finetune(ex.FinetuneConfig(constraint_classes=(3, 10)), "/nonexistent/never-written")

@@ -475,12 +475,11 @@ def _check_classes(cfg: FinetuneConfig) -> None:
 
 def _constraint_samples(net: nn.Module, schedule: Schedule, cfg: FinetuneConfig, device: str) -> Tensor:
     """``q_1``: ``n_constraint`` samples of the pretrained model, restricted to ``constraint_classes``
-    (by the digits classifier's label) when those are given."""
+    (by the digits classifier's label) when those are given (checked by :func:`run_finetune`)."""
     if cfg.constraint_classes is None:
         return _samples(net, schedule, cfg.n_constraint, cfg.sample_steps, cfg.seed + 1, device)
     from ..classifier import DigitsJudge
 
-    _check_classes(cfg)
     judge, wanted = DigitsJudge(device=device), torch.tensor(list(cfg.constraint_classes))
     kept: list[Tensor] = []
     n_kept = 0

@@ -10,10 +10,11 @@ mean and scale, so the correction ``net(x)`` cannot see the input's absolute lev
 constraints that depend on them (a total flux, the advection speed in Burgers' equation) need
 ``norm="none"``.
 
-``context=True`` adds a global branch before the last conv: each feature map's spatial mean, through
-a linear layer, is added back at every pixel. Without it a correction depends only on a window of
-the input (about 21 px across for the small nets), so an error in a sum over the whole image (a
-total flux) cannot be seen, let alone spread as one offset over all pixels.
+``context=True`` adds a global branch before the last conv: each feature map's spatial mean and the
+input's own per-channel means (standardised by running statistics), through a linear layer, are
+added back at every pixel. Without it a correction depends only on a window of the input (about
+21 px across for the small nets), so an error in a sum over the whole image (a total flux) cannot
+be seen, let alone spread as one offset over all pixels.
 """
 
 from __future__ import annotations
