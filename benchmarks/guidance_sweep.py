@@ -65,6 +65,11 @@ PROFILES = {
     # on every task); the defaults take the best of the two runs' rows
     "quick-final-1000-hi": {"k": 32, "models": "quick", "budgets": {1000: ["dsg+dps"]},
                             "grids": {"rate": [0.3, 0.4, 0.6], "final": [0.0, 1.0], "interval": [5]}},
+    # 1000 steps, both methods re-chosen on the same 32 images over a finer grid around the earlier
+    # choices (DPS's zeta = 0.2 came from 8 images; DSG's interval between 1 and 5 was never tried)
+    "quick-1000-refine": {"k": 32, "models": "quick", "budgets": {1000: ["dps", "dsg+dps"]},
+                          "grids": {"zeta": [0.1, 0.15, 0.2, 0.3, 0.5], "rate": [0.15, 0.2, 0.3],
+                                    "final": [0.0], "interval": [2, 3, 5, 10]}},
 }
 
 
