@@ -9,6 +9,9 @@ DPS and DPS+DSG at 20, 50 and 100 steps come from the ``quick-refine`` profile o
 DPS+DSG at every budget was then re-chosen with DSG's ``final`` step in the grid (rate x final; at
 1000 steps also x interval 1, 5): ``--profile quick-final`` (32 train images) and
 ``quick-final-1000`` and ``quick-final-1000-hi`` (32 train images); benchmarks/results/guidance-sweep-quick-final*.json.
+At 1000 steps both DPS and DPS+DSG were finally re-chosen on 128 train images (``quick-1000-confirm``,
+over the region that ``quick-1000-refine`` on 32 images pointed to): on 32 images the same setting
+scored up to 0.9 dB apart in two batches. benchmarks/results/guidance-sweep-quick-1000-*.json.
 For a step budget the sweep did not cover, the nearest swept budget (in log steps) is used.
 """
 
@@ -29,7 +32,7 @@ GENERIC: dict[str, dict] = {
 # task -> steps -> method -> hyperparameters, chosen by `condiff bench guidance-sweep --profile quick`
 # (benchmarks/guidance_sweep.py; train split, 8 images per task; results/guidance-sweep-quick.json);
 # "dps" at 20, 50, 100 steps by `--profile quick-refine` (32 train images); "dsg+dps" by
-# `--profile quick-final` (20-100 steps, 32 images) and `quick-final-1000` + `quick-final-1000-hi` (32 images)
+# `--profile quick-final` (20-100 steps, 32 images); both at 1000 steps by `quick-1000-confirm` (128 images)
 TUNED: dict[str, dict[int, dict[str, dict]]] = {
     "digits/inpaint-random": {
         20: {
@@ -57,8 +60,8 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
             "dsg+ugd": {"backward_lr": 0.0, "rate": 0.5, "interval": 1},
         },
         1000: {
-            "dps": {"zeta": 0.2},
-            "dsg+dps": {"interval": 5, "rate": 0.2, "final": 0.0},
+            "dps": {"zeta": 0.3},
+            "dsg+dps": {"interval": 5, "rate": 0.3, "final": 0.0},
         },
     },
     "digits/inpaint-box": {
@@ -88,7 +91,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.2},
-            "dsg+dps": {"interval": 5, "rate": 0.6, "final": 0.0},
+            "dsg+dps": {"interval": 3, "rate": 0.3, "final": 0.0},
         },
     },
     "patches/sr": {
@@ -147,7 +150,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
             "dsg+ugd": {"backward_lr": 0.1, "rate": 0.2, "interval": 1},
         },
         1000: {
-            "dps": {"zeta": 0.5},
+            "dps": {"zeta": 0.2},
             "dsg+dps": {"interval": 5, "rate": 0.3, "final": 0.0},
         },
     },
