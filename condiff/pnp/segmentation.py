@@ -21,7 +21,9 @@ from ..denoiser import Denoiser
 from .engine import infer
 from .schedules import LinearAnneal, TimeSchedule
 
-SEGMENT_ANNEAL = LinearAnneal(0.6, 0.0)
+# from T (not 0.6 T) down to 0: with 600 steps instead of 150 this took the quick benchmark's IoU
+# from 0.53 to 0.61 (chosen on training scenes; docs/pnp.md)
+SEGMENT_ANNEAL = LinearAnneal(1.0, 0.0)
 
 
 def iou(pred: Tensor, target: Tensor) -> Tensor:
@@ -90,7 +92,7 @@ class SegmentationResult:
     nfe: int
 
 
-def segment(denoiser: Denoiser, images: Tensor, *, chains: int = 4, steps: int = 200, lr: float = 0.05,
+def segment(denoiser: Denoiser, images: Tensor, *, chains: int = 4, steps: int = 600, lr: float = 0.05,
             schedule: TimeSchedule = SEGMENT_ANNEAL, through_net: bool = True,
             generator: torch.Generator | None = None, progress: bool = False) -> SegmentationResult:
     """Infer the mask channel of a joint (picture, mask) prior for pictures ``(B, C, H, W)``.
