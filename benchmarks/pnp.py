@@ -32,7 +32,7 @@ only (128 test instances, 2 chains per instance for the prior and its untrained 
 trained on 10- and 20-city tours at 32 px for 3000 steps; the stop-gradient variant is compared on
 digits only), the digits prior trained for 1500 steps and 500 inference steps (50 samples per class: at
 20 per class the Fréchet distance of two unconditional draws differed by a third), the scenes prior
-(base 32) for 8000 steps at 24 px and 600 inference steps annealed from T.
+(base 32) for 8000 steps at 24 px and 1200 inference steps annealed from T.
 "full" (GPU) keeps the issue's sizes: TSP-50 at 64 px, 256 instances, longer training.
 Each finished piece (tsp-<N>, digits, segment) is stored with its settings under
 runs/pnp/bench-<profile>/ and reused when the settings match; $PNP_BENCH_PARTS=tsp,digits,segment
@@ -81,7 +81,7 @@ PROFILES = {
                 "stop_grad_sizes": [], "untrained_sizes": [20]},
         "digits": {"per_class": 50, "steps": 500, "lr": 0.05, "w_class": 0.1, "w_sym": 0.2, "n_sym": 100,
                    "stop_grad": True},
-        "segment": {"n": 128, "chains": 2, "steps": 600, "start": 1.0, "lr": 0.05},
+        "segment": {"n": 128, "chains": 2, "steps": 1200, "start": 1.0, "lr": 0.05},
     },
     "full": {
         "prior": "full",
@@ -89,7 +89,7 @@ PROFILES = {
                 "stop_grad_sizes": [50], "untrained_sizes": [50]},
         "digits": {"per_class": 100, "steps": 1000, "lr": 0.05, "w_class": 0.1, "w_sym": 0.2, "n_sym": 500,
                    "stop_grad": True},
-        "segment": {"n": 512, "chains": 4, "steps": 600, "start": 1.0, "lr": 0.05},
+        "segment": {"n": 512, "chains": 4, "steps": 1200, "start": 1.0, "lr": 0.05},
     },
 }
 
@@ -333,8 +333,8 @@ READING_NOTES = [
     "classifier weight trades success rate against it.",
     "Segmentation: the quick scenes prior (UNet base 32, 8000 CPU steps at 24 px) denoises better than the "
     "earlier base-16, 2000-step one (loss 0.050 vs 0.061) but its masks scored the same IoU with the old "
-    "search (0.530 vs 0.531); the longer anneal from T (600 steps instead of 150 from 0.6 T) is what moved "
-    "the IoU. The full (GPU) profile trains a larger prior for 40000 steps.",
+    "search (0.530 vs 0.531); the longer anneal from T (1200 steps instead of 150 from 0.6 T) is what "
+    "moved the IoU. The full (GPU) profile trains a larger prior for 40000 steps.",
 ]
 
 PARTS = {"tsp": tsp_rows, "digits": digits_rows, "segment": segment_rows}

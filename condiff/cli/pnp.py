@@ -134,7 +134,7 @@ def add_parser(sub, name: str) -> None:
     d.set_defaults(func=run_digits)
 
     m = s.add_parser("segment", help="infer masks of synthetic scenes with a (picture, mask) prior")
-    _common(m, "runs/pnp/segment-quick", "runs/pnp/segment", steps=600, lr=0.05, schedule="linear")
+    _common(m, "runs/pnp/segment-quick", "runs/pnp/segment", steps=1200, lr=0.05, schedule="linear")
     m.add_argument("--n", type=int, default=16, help="number of test scenes")
     m.add_argument("--chains", type=int, default=4, help="chains per scene, averaged")
     m.add_argument("--train", action="store_true", help="train the default prior into --ckpt if it holds none")
