@@ -211,19 +211,21 @@ def _shape4(shape: tuple[int, ...], who: str) -> tuple[int, int, int, int]:
 # --- separable filters: blur and downsampling ----------------------------------------------------
 
 
+def _reflect_index(n: int, lo: int, hi: int, device: torch.device | None = None) -> Tensor:
+    """Source pixel of each entry of a length-``n`` axis reflect-padded by ``(lo, hi)``."""
+    idx = torch.arange(-lo, n + hi, device=device).abs()
+    return torch.where(idx >= n, 2 * (n - 1) - idx, idx)
+
+
 def _reflect_pad(x: Tensor, lo: int, hi: int, dim: int) -> Tensor:
     """Reflect-pad ``x`` along ``dim`` (edge not repeated: d c b | a b c d | c b a)."""
-    n = x.shape[dim]
-    idx = torch.arange(-lo, n + hi, device=x.device).abs()
-    idx = torch.where(idx >= n, 2 * (n - 1) - idx, idx)
-    return x.index_select(dim, idx)
+    return x.index_select(dim, _reflect_index(x.shape[dim], lo, hi, x.device))
 
 
 def _reflect_pad_adjoint(y: Tensor, lo: int, hi: int, dim: int) -> Tensor:
     """Adjoint of :func:`_reflect_pad`: each padded entry adds back into the pixel it copied."""
     n = y.shape[dim] - lo - hi
-    idx = torch.arange(-lo, n + hi, device=y.device).abs()
-    idx = torch.where(idx >= n, 2 * (n - 1) - idx, idx)
+    idx = _reflect_index(n, lo, hi, y.device)
     shape = list(y.shape)
     shape[dim] = n
     return y.new_zeros(shape).index_add_(dim, idx, y)
@@ -278,8 +280,7 @@ class SeparableFilter(LinearOperator):
         if key not in self._matrices:
             lo, hi = self.pad
             L, s, out = len(self.kernel), self.stride, self.out_size(n)
-            idx = torch.arange(-lo, n + hi).abs()
-            src = torch.where(idx >= n, 2 * (n - 1) - idx, idx)  # reflect padding, as _reflect_pad
+            src = _reflect_index(n, lo, hi)
             rows = torch.arange(out).repeat_interleave(L)
             taps = (torch.arange(out).view(-1, 1) * s + torch.arange(L)).flatten()
             M = torch.zeros(out, n, dtype=torch.float64)
@@ -287,13 +288,13 @@ class SeparableFilter(LinearOperator):
             self._matrices[key] = M.to(device=like.device, dtype=like.dtype)
         return self._matrices[key]
 
-    def _use_matrices(self, x: Tensor) -> bool:
-        return max(x.shape[-2:]) <= self.MATRIX_MAX
+    def _use_matrices(self, H: int, W: int) -> bool:
+        return max(H, W) <= self.MATRIX_MAX
 
     def A(self, x: Tensor) -> Tensor:
         self._check(x)
         B, C, H, W = x.shape
-        if self._use_matrices(x):
+        if self._use_matrices(H, W):
             return self.axis_matrix(H, x) @ x @ self.axis_matrix(W, x).T
         lo, hi = self.pad
         z = _reflect_pad(_reflect_pad(x, lo, hi, 2), lo, hi, 3).reshape(B * C, 1, H + lo + hi, W + lo + hi)
@@ -312,7 +313,7 @@ class SeparableFilter(LinearOperator):
         _check_images(y, type(self).__name__)
         B, C, h, w = y.shape
         H, W = self.in_size(h), self.in_size(w)
-        if max(H, W) <= self.MATRIX_MAX:
+        if self._use_matrices(H, W):
             return self.axis_matrix(H, y).T @ y @ self.axis_matrix(W, y)
         L, s = len(self.kernel), self.stride
         lo, hi = self.pad

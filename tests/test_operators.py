@@ -84,7 +84,7 @@ def test_matrix_and_convolution_paths_agree(name):
     conv = OPERATORS[name](SHAPE, _gen()).double()
     conv.MATRIX_MAX = 0
     x = torch.randn(shape, generator=_gen(2), dtype=torch.float64)
-    assert op._use_matrices(x) and not conv._use_matrices(x)
+    assert op._use_matrices(16, 24) and not conv._use_matrices(16, 24)
     y = op.A(x)
     torch.testing.assert_close(y, conv.A(x), rtol=0, atol=1e-12)
     v = torch.randn(y.shape, generator=_gen(3), dtype=torch.float64)
