@@ -22,9 +22,10 @@ Quick-final profiles: DPS+DSG with the final Euclidean step (``final``, an exten
 condiff/guidance/dsg.py), rate x final on K = 32 images at 20, 50 and 100 steps; at 1000 steps rate x
 final x interval on K = 32 (about 6 minutes per task and interval on one CPU core; K = 8 proved too
 noisy at 1000 steps).
-``SWEEP_TASKS=patches/sr,patches/blur`` restricts a run to some tasks; the result JSON of such a run
-holds only those tasks (parallel runs of one profile overwrite each other's: merge their rows, as
-benchmarks/results/guidance-sweep-quick-final-1000.json records).
+``SWEEP_TASKS=patches/sr,patches/blur`` restricts a run to some tasks; the result JSON keeps the rows
+and choices of the other tasks from the profile's earlier result, so runs of one profile in parallel,
+one task each, add up (until 2026-11-30 they overwrote each other and were merged by hand, as the
+quick-final-1000 and quick-1000-* result files record).
 Run the refinements with ``--no-record``: their tables are kept below the quick one in BENCHMARKS.md
 by hand (the command replaces the section with one table per run).
 The result JSON holds ``tuned``, the table pasted into condiff/guidance/defaults.py.
@@ -33,8 +34,10 @@ The result JSON holds ``tuned``, the table pasted into condiff/guidance/defaults
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
+from pathlib import Path
 
 import torch
 from guidance import ETA, MODELS, SEED, TASKS, ensure_model, images, log, problem
@@ -152,6 +155,20 @@ def sweep_budget(den, task, x, op, y, steps, methods, device, rows, grids: dict 
     return chosen
 
 
+def _keep_other_tasks(profile: str, only: list[str], rows: list[dict], tuned: dict) -> None:
+    """A ``SWEEP_TASKS`` run rewrites the profile's result JSON: carry over the rows and choices of the
+    tasks it did not run, so runs of one profile in parallel (one task each) add up instead of
+    overwriting each other. (Two runs finishing in the same second can still race.)"""
+    path = Path(__file__).resolve().parent / "results" / f"guidance-sweep-{profile}.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    rows[:0] = [r for r in old.get("rows", []) if r["task"] not in only]
+    for task, by_steps in old.get("tuned", {}).items():
+        if task not in only:
+            tuned[task] = {int(k): v for k, v in by_steps.items()}
+
+
 def run(profile: str = "quick", device: str = "cpu") -> dict:
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
@@ -174,6 +191,8 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
         for steps, methods in p["budgets"].items():
             chosen = sweep_budget(den, task, x, op, y, steps, methods, device, rows, p.get("grids"))
             tuned.setdefault(task, {})[steps] = chosen
+    if only:
+        _keep_other_tasks(profile, only, rows, tuned)
     return {"title": "Guidance hyperparameter sweep (train split)",
             "columns": ["task", "steps", "method", "chosen", "train PSNR", "worst in grid", "grid",
                         "at grid edge", "seconds"],
