@@ -8,9 +8,10 @@ import torch
 from condiff.data import load_dataset
 from condiff.data.scenes import make_scenes, split_scene
 from condiff.denoiser import GaussianDenoiser
+from condiff.guidance import DPS
 from condiff.pnp import schedules as sch
 from condiff.pnp.conditional import ClassConstraint, MirrorSymmetry, mean_pairwise_distance
-from condiff.pnp.engine import denoising_term, infer
+from condiff.pnp.engine import denoising_term, finish, infer
 from condiff.pnp.segmentation import iou, kmeans_segment, otsu_segment, segment
 from condiff.schedule import Schedule
 
@@ -93,6 +94,33 @@ def test_infer_converges_to_the_gaussian_stationary_point(through_net):
     assert abs(expect - other) > 0.02  # the two variants are told apart
     assert float(res.x.mean()) == pytest.approx(expect, abs=0.003)  # observed errors < 0.001
     assert len(res.denoise) == 120 and res.nfe == 120 and res.t == [t] * 120
+
+
+@pytest.mark.parametrize("start", [60, 200])
+def test_finish_samples_the_gaussian_posterior_given_the_renoised_point(start):
+    """Re-noised to ``a = abar_start`` and sampled back exactly, a point ``x_in`` under the prior N(M, S^2)
+    ends at mean ``M + a S^2 (x_in - M) / v`` and variance ``S^2 (1 - a)(v + a S^2) / v^2``, v = a S^2 + 1 - a."""
+    den, x_in = oracle(), -0.5
+    out = finish(den, torch.full((4096, 8), x_in), start, steps=start + 1, clip_x0=None,
+                 generator=torch.Generator().manual_seed(0))
+    a = float(den.schedule.abar[start])
+    v = a * S**2 + 1 - a
+    assert abs(a * S**2 * (x_in - M) / v) > 0.01  # the point is remembered: the mean is not the prior's
+    assert float(out.mean()) == pytest.approx(M + a * S**2 * (x_in - M) / v, abs=0.003)
+    assert float(out.std()) == pytest.approx(math.sqrt(S**2 * (1 - a) * (v + a * S**2)) / v, rel=0.06)
+
+
+def test_finish_applies_guidance_and_rejects_bad_input():
+    den, x = oracle(), torch.zeros(256, 4)
+    kw = dict(steps=21, generator=torch.Generator().manual_seed(0))
+    free = finish(den, x, 200, **kw)
+    kw["generator"] = torch.Generator().manual_seed(0)
+    pulled = finish(den, x, 200, guidance=DPS(lambda x0: (x0 - 1.0).pow(2).sum(1), zeta=0.5), **kw)
+    assert float(pulled.mean()) > float(free.mean()) + 0.05
+    for bad, needle in [(dict(start=1000), "start"), (dict(start=-1), "start"), (dict(start=10, steps=12), "steps"),
+                        (dict(start=10, steps=0), "steps")]:
+        with pytest.raises(ValueError, match=needle):
+            finish(den, x, **bad)
 
 
 def test_chains_are_independent():
@@ -257,12 +285,15 @@ def test_cli_tsp_and_segment_write_pictures_and_metrics(tmp_path):
     (["pnp", "tsp", "--ckpt", "{tmp}/none"], "pass --train"),
     (["pnp", "tsp", "--ckpt", "{tmp}/scenes", "--n", "1"], "tours are 1-channel"),
     (["pnp", "segment", "--ckpt", "{tmp}/tours"], "segment needs"),
+    (["pnp", "digits", "--ckpt", "{tmp}/digits", "--label", "3", "--finish", "100"], "--finish must be a timestep"),
+    (["pnp", "digits", "--ckpt", "{tmp}/digits", "--label", "3", "--finish-zeta", "-1"], "--finish-zeta must be"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, args, needle):
     from condiff.cli.main import main
 
     tiny_prior(tmp_path / "tours", 1, 16, {"name": "tours", "size": 16})
     tiny_prior(tmp_path / "scenes", 4, 16, {"name": "scenes", "size": 16})
+    tiny_prior(tmp_path / "digits", 1, 8, {"name": "digits"})
     assert main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]

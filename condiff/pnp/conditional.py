@@ -10,6 +10,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+# The finish of a classifier-constrained digits search (condiff.pnp.engine.finish): re-noise to t = 0.4 T
+# (400 of 1000) and sample back with DPS (zeta 0.25) on the same constraint. Chosen on a selection draw
+# (other seeds) of 500: success 0.99 and Fréchet ratio 0.88, against 0.92 and 3.7 for the PnP result
+# itself (docs/pnp.md).
+DIGITS_FINISH_AT, DIGITS_FINISH_ZETA = 0.4, 0.25
+
 
 class ClassConstraint:
     """``-log p(label | x)`` from a differentiable classifier's ``log_prob(x, labels) -> (B,)``, e.g.
