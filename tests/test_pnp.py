@@ -248,6 +248,23 @@ def test_segment_infers_the_mask_channel_only():
     assert res.nfe == 60
 
 
+def test_segment_votes_count_the_chains():
+    den, pics = oracle(200), torch.randn(3, 3, 8, 8)
+    masks = {}
+    for votes in (1, 2, 4):
+        res = segment(den, pics, chains=4, steps=2, votes=votes, generator=torch.Generator().manual_seed(0))
+        assert res.latents.shape == (3, 4, 1, 8, 8)
+        assert torch.equal(res.mask, (res.latents > 0).sum(1) >= votes)
+        assert torch.allclose(res.soft, res.latents.mean(1))
+        masks[votes] = res.mask
+    # after two steps from N(0, I) the chains still disagree: union > 2 of 4 > intersection, nested
+    assert int(masks[1].sum()) > int(masks[2].sum()) > int(masks[4].sum())
+    assert bool((masks[4] <= masks[2]).all()) and bool((masks[2] <= masks[1]).all())
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="votes must be between 1 and chains"):
+            segment(den, pics, chains=4, steps=1, votes=bad)
+
+
 # --- command line --------------------------------------------------------------------------------------
 
 
@@ -285,6 +302,7 @@ def test_cli_tsp_and_segment_write_pictures_and_metrics(tmp_path):
     (["pnp", "tsp", "--ckpt", "{tmp}/none"], "pass --train"),
     (["pnp", "tsp", "--ckpt", "{tmp}/scenes", "--n", "1"], "tours are 1-channel"),
     (["pnp", "segment", "--ckpt", "{tmp}/tours"], "segment needs"),
+    (["pnp", "segment", "--ckpt", "{tmp}/scenes", "--chains", "2", "--votes", "3"], "--votes must be between"),
     (["pnp", "digits", "--ckpt", "{tmp}/digits", "--label", "3", "--finish", "100"], "--finish must be a timestep"),
     (["pnp", "digits", "--ckpt", "{tmp}/digits", "--label", "3", "--finish-zeta", "-1"], "--finish-zeta must be"),
 ])

@@ -140,7 +140,9 @@ def add_parser(sub, name: str) -> None:
     m = s.add_parser("segment", help="infer masks of synthetic scenes with a (picture, mask) prior")
     _common(m, "runs/pnp/segment-quick", "runs/pnp/segment", steps=1200, lr=0.05, schedule="linear")
     m.add_argument("--n", type=int, default=16, help="number of test scenes")
-    m.add_argument("--chains", type=int, default=4, help="chains per scene, averaged")
+    m.add_argument("--chains", type=int, default=4, help="chains per scene")
+    m.add_argument("--votes", type=int, default=None,
+                   help="foreground where at least this many chains say so (default 1: the union)")
     m.add_argument("--train", action="store_true", help="train the default prior into --ckpt if it holds none")
     m.add_argument("--profile", default="quick", help="default prior for --train: quick or full")
     m.set_defaults(func=run_segment)
@@ -262,8 +264,11 @@ def run_digits(args: argparse.Namespace) -> int:
 def run_segment(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..data.scenes import split_scene
-    from ..pnp.segmentation import iou, kmeans_segment, otsu_segment, segment
+    from ..pnp.segmentation import SEGMENT_VOTES, iou, kmeans_segment, otsu_segment, segment
 
+    votes = SEGMENT_VOTES if args.votes is None else args.votes
+    if args.chains < 1 or not 1 <= votes <= args.chains:
+        raise ValueError(f"--votes must be between 1 and --chains ({args.chains}), got {votes}")
     den, run_cfg, shape, device = _prior(args, "segment")
     if shape[0] != 4:
         raise ValueError(f"{args.ckpt} is a prior over {shape[0]} channels; segment needs (picture, mask) = 4")
@@ -272,7 +277,7 @@ def run_segment(args: argparse.Namespace) -> int:
     img, truth = split_scene(data.x.to(device))
     truth = truth > 0
     g = torch.Generator(device=device).manual_seed(args.seed)
-    res = segment(den, img, chains=args.chains, steps=args.steps, lr=args.lr,
+    res = segment(den, img, chains=args.chains, steps=args.steps, lr=args.lr, votes=votes,
                   schedule=TIME_SCHEDULES[args.schedule](), through_net=not args.stop_grad, generator=g,
                   progress=True)
     km, ot = kmeans_segment(img.cpu()), otsu_segment(img.cpu())
@@ -280,7 +285,8 @@ def run_segment(args: argparse.Namespace) -> int:
     m = lambda b: b.float().expand(-1, 3, -1, -1) * 2 - 1
     rows = torch.cat([img.cpu(), m(truth.cpu()), m(res.mask.cpu()), m(km)])
     pic = save_png_grid(rows, out / "segment.png", nrow=args.n)
-    metrics = {"n": args.n, "chains": args.chains, "steps": args.steps, "through_net": not args.stop_grad,
+    metrics = {"n": args.n, "chains": args.chains, "votes": votes, "steps": args.steps,
+               "through_net": not args.stop_grad,
                "seconds": round(res.seconds, 2), "iou_pnp": float(iou(res.mask.cpu(), truth.cpu()).mean()),
                "iou_kmeans": float(iou(km, truth.cpu()).mean()), "iou_otsu": float(iou(ot, truth.cpu()).mean()),
                "picture_rows": ["scene", "true mask", "pnp mask", "2-means mask"]}
