@@ -76,7 +76,7 @@ from condiff.pnp.conditional import (
     mean_pairwise_distance,
 )
 from condiff.pnp.engine import finish, infer
-from condiff.pnp.segmentation import iou, kmeans_segment, otsu_segment, segment
+from condiff.pnp.segmentation import iou, kmeans_segment, otsu_segment, segment, vote
 from condiff.sample import generate
 
 SEED = 0
@@ -88,7 +88,7 @@ PROFILES = {
                 "stop_grad_sizes": [], "untrained_sizes": [20]},
         "digits": {"per_class": 50, "steps": 500, "lr": 0.05, "w_class": 0.1, "w_sym": 0.2, "n_sym": 100,
                    "stop_grad": True, "dps_zeta": 0.5,
-                   "finish": {"start": round(DIGITS_FINISH_AT * 1000), "zeta": DIGITS_FINISH_ZETA}},
+                   "finish": {"at": DIGITS_FINISH_AT, "zeta": DIGITS_FINISH_ZETA}},
         "segment": {"n": 128, "chains": 4, "steps": 1200, "start": 1.0, "lr": 0.05, "votes": 1},
     },
     "full": {
@@ -97,7 +97,7 @@ PROFILES = {
                 "stop_grad_sizes": [50], "untrained_sizes": [50]},
         "digits": {"per_class": 100, "steps": 1000, "lr": 0.05, "w_class": 0.1, "w_sym": 0.2, "n_sym": 500,
                    "stop_grad": True, "dps_zeta": 0.5,
-                   "finish": {"start": round(DIGITS_FINISH_AT * 1000), "zeta": DIGITS_FINISH_ZETA}},
+                   "finish": {"at": DIGITS_FINISH_AT, "zeta": DIGITS_FINISH_ZETA}},
         "segment": {"n": 512, "chains": 4, "steps": 1200, "start": 1.0, "lr": 0.05, "votes": 1},
     },
 }
@@ -213,7 +213,7 @@ def digits_rows(p: dict, profile: str, device: str) -> tuple[list[dict], list[st
                  within_class_diversity(test_x, test_y))]
 
     cons = ClassConstraint(steer.log_prob, labels)
-    fin = p["finish"]
+    fin_t, fin_zeta = round(p["finish"]["at"] * den.schedule.T), p["finish"]["zeta"]
 
     def scored(name: str, x: torch.Tensor, seconds: float, targets: bool) -> None:
         with torch.no_grad():
@@ -239,9 +239,9 @@ def digits_rows(p: dict, profile: str, device: str) -> tuple[list[dict], list[st
         scored(name, res.x, res.seconds, through)  # the targets concern the paper's variant and its finish
         if through:
             t0 = time.perf_counter()
-            x = finish(den, res.x, fin["start"], steps=fin["start"] // 10 + 1, guidance=DPS(cons, fin["zeta"]),
+            x = finish(den, res.x, fin_t, guidance=DPS(cons, fin_zeta),
                        generator=torch.Generator(device=device).manual_seed(derive_seed(SEED, "finish")))
-            scored(f"PnP + finish (t={fin['start']}, DPS zeta {fin['zeta']})", x,
+            scored(f"PnP + finish (t={fin_t}, DPS zeta {fin_zeta})", x,
                    res.seconds + time.perf_counter() - t0, True)
     # the reference: DPS alone from noise, the finish's guidance without the PnP start
     r = guided_sample(den, DPS(cons, p["dps_zeta"]), (n, 1, 8, 8), 100, eta=1.0, device=device,
@@ -295,12 +295,12 @@ def segment_rows(p: dict, profile: str, device: str) -> tuple[list[dict], list[s
             row("segmentation", "Otsu threshold", p["n"], "mean IoU", iou_ot, t_ot)]
     # the same chains under other vote rules (no extra inference): what the union adds
     lat = res.latents.cpu()
-    one = float(np.mean([float(iou(lat[:, c] > 0, truth.cpu()).mean()) for c in range(p["chains"])]))
+    one = float(np.mean([float(iou(vote(lat[:, c:c + 1], 1), truth.cpu()).mean()) for c in range(p["chains"])]))
     rows.append(row("segmentation", "PnP, one chain (mean over chains)", p["n"], "mean IoU", one))
     for k in range(1, p["chains"] + 1):
         if k != p["votes"]:
             rows.append(row("segmentation", f"PnP, >= {k} of {p['chains']} chains", p["n"], "mean IoU",
-                            float(iou((lat > 0).sum(1) >= k, truth.cpu()).mean())))
+                            float(iou(vote(lat, k), truth.cpu()).mean())))
     notes = [f"segmentation prior: {run_dir} ({size} px scenes); {p['chains']} chains per scene, "
              f"{p['steps']} steps, LinearAnneal({p['start']} -> 0), Adam lr {p['lr']}; a pixel is foreground "
              f"where at least {p['votes']} chain(s) say so (chosen on 48 training scenes, docs/pnp.md)."]

@@ -12,7 +12,7 @@ from condiff.guidance import DPS
 from condiff.pnp import schedules as sch
 from condiff.pnp.conditional import ClassConstraint, MirrorSymmetry, mean_pairwise_distance
 from condiff.pnp.engine import denoising_term, finish, infer
-from condiff.pnp.segmentation import iou, kmeans_segment, otsu_segment, segment
+from condiff.pnp.segmentation import iou, kmeans_segment, otsu_segment, segment, vote
 from condiff.schedule import Schedule
 
 M, S = 0.3, 0.1  # the oracle prior N(M, S^2 I)
@@ -255,7 +255,6 @@ def test_segment_votes_count_the_chains():
         res = segment(den, pics, chains=4, steps=2, votes=votes, generator=torch.Generator().manual_seed(0))
         assert res.latents.shape == (3, 4, 1, 8, 8)
         assert torch.equal(res.mask, (res.latents > 0).sum(1) >= votes)
-        assert torch.allclose(res.soft, res.latents.mean(1))
         masks[votes] = res.mask
     # after two steps from N(0, I) the chains still disagree: union > 2 of 4 > intersection, nested
     assert int(masks[1].sum()) > int(masks[2].sum()) > int(masks[4].sum())
@@ -263,6 +262,8 @@ def test_segment_votes_count_the_chains():
     for bad in (0, 5):
         with pytest.raises(ValueError, match="votes must be between 1 and chains"):
             segment(den, pics, chains=4, steps=1, votes=bad)
+    with pytest.raises(ValueError, match="votes must be between 1 and chains"):
+        vote(res.latents, 5)
 
 
 # --- command line --------------------------------------------------------------------------------------

@@ -240,7 +240,7 @@ def run_digits(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.finish > 0:
         guide = DPS(constraint, args.finish_zeta) if args.finish_zeta > 0 else None
-        x = finish(den, x, args.finish, steps=args.finish // 10 + 1, guidance=guide, generator=g, progress=True)
+        x = finish(den, x, args.finish, guidance=guide, generator=g, progress=True)
     finish_seconds = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

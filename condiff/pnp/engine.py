@@ -159,14 +159,15 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
     return out
 
 
-def finish(denoiser: Denoiser, x: Tensor, start: int, *, steps: int = 40, guidance: Guidance | None = None,
+def finish(denoiser: Denoiser, x: Tensor, start: int, *, steps: int | None = None, guidance: Guidance | None = None,
            eta: float = 1.0, clip_x0: float | None = 1.0, generator: torch.Generator | None = None,
            progress: bool = False) -> Tensor:
     """Re-noise a PnP result ``x`` ``(B, ...)`` to timestep ``start`` and sample back to ``t = 0``.
 
     PnP returns a point estimate near a mode of the prior; its pictures are smoother and more saturated
     than samples, which a Fréchet distance notices. Finishing re-noises ``x`` with ``q(x_start | x)``
-    and runs ``steps`` ancestral (``eta = 1``) DDIM steps evenly spaced from ``start`` down to 0. With
+    and runs ``steps`` ancestral (``eta = 1``) DDIM steps evenly spaced from ``start`` down to 0 (default:
+    the density of a 100-step sampler, ``round(100 start / T) + 1``: 41 steps from 400 of 1000). With
     ``guidance`` (e.g. :class:`condiff.guidance.DPS` on the same constraint as a loss) the constraint
     keeps acting while the sampler restores sample-like detail; without it, a large ``start`` forgets
     the constraint (docs/pnp.md has the measured trade-off on digits).
@@ -174,6 +175,8 @@ def finish(denoiser: Denoiser, x: Tensor, start: int, *, steps: int = 40, guidan
     T = denoiser.schedule.T
     if not 0 <= int(start) < T:
         raise ValueError(f"start must be a timestep in [0, {T}), got {start}")
+    if steps is None:
+        steps = round(100 * int(start) / T) + 1
     if not 1 <= int(steps) <= int(start) + 1:
         raise ValueError(f"steps must be between 1 and start + 1 = {int(start) + 1}, got {steps}")
     if x.dim() < 2:

@@ -88,16 +88,27 @@ def kmeans_segment(images: Tensor, iters: int = 20) -> Tensor:
     return _foreground((lab == 1).view(B, H, W))
 
 
+def vote(latents: Tensor, votes: int) -> Tensor:
+    """Masks ``(B, 1, H, W)`` (bool) from the chains' latents ``(B, chains, 1, H, W)``: foreground where
+    at least ``votes`` chains are positive (1: the union; ``chains``: the intersection)."""
+    if not 1 <= votes <= latents.shape[1]:
+        raise ValueError(f"votes must be between 1 and chains = {latents.shape[1]}, got {votes}")
+    return (latents > 0).sum(1) >= votes
+
+
 @dataclass
 class SegmentationResult:
-    """Soft masks ``(B, 1, H, W)`` in [-1, 1] (chain means), the voted masks (bool), each chain's latent
-    ``(B, chains, 1, H, W)``, and the cost."""
+    """Each chain's mask latent ``(B, chains, 1, H, W)`` in [-1, 1], the voted masks ``(B, 1, H, W)``
+    (bool), and the cost; ``soft`` is the chain mean."""
 
-    soft: Tensor
+    latents: Tensor
     mask: Tensor
     seconds: float
     nfe: int
-    latents: Tensor | None = None
+
+    @property
+    def soft(self) -> Tensor:
+        return self.latents.mean(1)
 
 
 def segment(denoiser: Denoiser, images: Tensor, *, chains: int = 4, steps: int = 1200, lr: float = 0.05,
@@ -107,8 +118,7 @@ def segment(denoiser: Denoiser, images: Tensor, *, chains: int = 4, steps: int =
 
     ``chains`` independent chains per picture start from ``N(0, I)`` masks; the mask latent is kept in
     [-1, 1] by a clamp after each step. A pixel is foreground where at least ``votes`` chains have a
-    positive mask there (1: the union; ``chains``: the intersection). Returns the chain-mean soft mask,
-    the voted mask and the chains' latents.
+    positive mask there (:func:`vote`). Returns the chains' latents and the voted masks.
     """
     if images.dim() != 4:
         raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
@@ -124,5 +134,4 @@ def segment(denoiser: Denoiser, images: Tensor, *, chains: int = 4, steps: int =
                 through_net=through_net, project=lambda z: z.clamp(-1, 1), generator=generator,
                 progress=progress)
     lat = res.latent.view(B, chains, 1, H, W)
-    mask = (lat > 0).sum(1) >= votes
-    return SegmentationResult(lat.mean(1), mask, res.seconds, res.nfe, lat)
+    return SegmentationResult(lat, vote(lat, votes), res.seconds, res.nfe)
