@@ -12,6 +12,7 @@ from condiff.constraints import (
     Box,
     BurgersResidual,
     CountConstraint,
+    CountingCNN,
     DivergenceFree,
     PeriodicTiling,
     Simplex,
@@ -19,6 +20,7 @@ from condiff.constraints import (
     build_constraint,
     check_distance,
 )
+from condiff.constraints.count import _pgd
 
 
 def _grad(con, x):
@@ -175,6 +177,20 @@ def test_count_distance_with_a_given_counter():
     assert torch.allclose(con(x), torch.tensor([0.0, 2.0]))
     assert con.violation_map(x) is None  # the stand-in has no density map
     assert not any(p.requires_grad for p in con.counter.parameters())
+    assert con.learned_parts() is None  # a user's counter: nothing of the project's recipe to record
+
+
+def test_counter_adversarial_batch_stays_in_budget_and_raises_the_error():
+    torch.manual_seed(0)
+    net = CountingCNN(8)
+    x = torch.rand(6, 1, 12, 12) * 2 - 1
+    counts = torch.full((6,), 2.0)
+    eps = 0.1
+    xa = _pgd(net, x, counts, eps, 3, torch.Generator().manual_seed(0))
+    assert (xa - x).abs().max() <= eps + 1e-6
+    with torch.no_grad():
+        assert (net(xa) - counts).abs().sum() > (net(x) - counts).abs().sum()
+    assert all(p.requires_grad for p in net.parameters())  # the net is left trainable
 
 
 # --- every family: shape, sign, gradients; registry ------------------------------------------------

@@ -179,7 +179,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
 PROFILE_FAMILIES = {
     "quick": {
         # l_con 1 (not the paper's 0.01, where the constraint term is 4x below the cycle term and f
-        # stays the identity) and a long fine-tuning: f only sees wrong counts in MDM samples
+        # stays the identity) and a long fine-tuning: f only sees wrong counts in MDM samples. A larger
+        # weight (10, 100) buys CNN distance with a diffuse glow, not with sources (docs/namm.md)
         "count": {"data": {"k": 4}, "loss": {"l_con": 1.0}, "finetune": {"n": 2048, "steps": 6000}},
         # the global branch learns a precise total only with a longer, decaying schedule: at 1200
         # constant-lr steps f's pixel errors (cycle MSE 1.8e-4) doubled the MDM's MMD (docs/namm.md)
@@ -279,8 +280,15 @@ class NAMMRun:
     def spec(self, stage: str) -> dict:
         c = self.cfg
         data = {"data": c["data"]}
+        learned = self.constraint().learned_parts()
         specs = {
-            "namm": {**data, "mirror": c["mirror"], "loss": c["loss"], "mirror_train": c["mirror_train"]},
+            "namm": {
+                **data,
+                "mirror": c["mirror"],
+                "loss": c["loss"],
+                "mirror_train": c["mirror_train"],
+                **({"constraint": learned} if learned else {}),
+            },
             "vanilla": {**data, "model": c["model"], "schedule": c["schedule"], "train": c["train"]},
         }
         specs["mdm"] = {**specs["namm"], **specs["vanilla"]}

@@ -57,6 +57,11 @@ class Constraint(nn.Module):
     def violation_map(self, x: Tensor) -> Tensor | None:
         return None
 
+    def learned_parts(self) -> dict | None:
+        """How the constraint's learned parts (a counting CNN) were made, or ``None`` if it has none;
+        work fitted against the constraint records it, so a new recipe is not mixed with old fits."""
+        return None
+
     def _check_image(self, x: Tensor, channels: int | None = None) -> None:
         if x.dim() != 4 or (channels is not None and x.shape[1] != channels):
             want = f"(B, {channels}, H, W)" if channels is not None else "(B, C, H, W)"

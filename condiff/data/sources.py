@@ -23,6 +23,8 @@ DATA_VERSION = 1
 MIN_SEP = 4.0
 NOISE = 0.05
 MARGIN = 2.0
+FAINT_MAX = 0.35  # faint blobs peak below this; sources peak at 0.6 to 1
+PEAK_THRESHOLD = 0.38  # the peak finder's cut: an off-centre source of peak 0.6 tops a pixel at 0.41
 
 
 def _place(k: int, size: int, g: torch.Generator, min_sep: float) -> Tensor:
@@ -41,22 +43,57 @@ def _place(k: int, size: int, g: torch.Generator, min_sep: float) -> Tensor:
     raise DataError(f"count: cannot place {k} sources {min_sep} px apart in a {size}x{size} image")
 
 
-def render_sources(
-    counts: Tensor, size: int, g: torch.Generator, min_sep: float = MIN_SEP, noise: float = NOISE
-) -> tuple[Tensor, list[Tensor]]:
-    """Images ``(N, 1, size, size)`` float32 with ``counts[i]`` sources; returns them and the centres."""
+def _blobs(pts: Tensor, amp: Tensor, g: torch.Generator, size: int) -> Tensor:
+    """``(size, size)`` sum of round Gaussians of peak ``amp`` and width ``U(0.8, 1.3)`` at ``pts``."""
     c = torch.arange(size, dtype=torch.float64) + 0.5
+    wid = 0.8 + 0.5 * torch.rand(len(pts), generator=g, dtype=torch.float64)
+    d2 = (c[None, :, None] - pts[:, 0, None, None]) ** 2 + (c[None, None, :] - pts[:, 1, None, None]) ** 2
+    return (amp[:, None, None] * torch.exp(-0.5 * d2 / wid[:, None, None] ** 2)).sum(0)
+
+
+def render_sources(
+    counts: Tensor,
+    size: int,
+    g: torch.Generator,
+    min_sep: float = MIN_SEP,
+    noise: float | tuple[float, float] = NOISE,
+    faint: float = 0.0,
+) -> tuple[Tensor, list[Tensor]]:
+    """Images ``(N, 1, size, size)`` float32 with ``counts[i]`` sources; returns them and the centres.
+
+    ``noise``: the background std, or a range ``(lo, hi)`` to draw it from per image. ``faint``: the
+    mean number (Poisson) of faint blobs per image, peak ``U(0.05, FAINT_MAX)`` at uniform positions,
+    which are not sources and not in the centres (the counter learns to ignore them).
+    """
     imgs, centres = [], []
     for k in counts.tolist():
         pts = _place(int(k), size, g, min_sep)
         amp = 0.6 + 0.4 * torch.rand(len(pts), generator=g, dtype=torch.float64)
-        wid = 0.8 + 0.5 * torch.rand(len(pts), generator=g, dtype=torch.float64)
-        d2 = (c[None, :, None] - pts[:, 0, None, None]) ** 2 + (c[None, None, :] - pts[:, 1, None, None]) ** 2
-        img = (amp[:, None, None] * torch.exp(-0.5 * d2 / wid[:, None, None] ** 2)).sum(0)
-        img = img + noise * torch.randn(size, size, generator=g, dtype=torch.float64)
+        img = _blobs(pts, amp, g, size)
+        if faint > 0:
+            m = int(torch.poisson(torch.tensor(float(faint)), generator=g))
+            if m:
+                where = size * torch.rand(m, 2, generator=g, dtype=torch.float64)
+                amp = 0.05 + (FAINT_MAX - 0.05) * torch.rand(m, generator=g, dtype=torch.float64)
+                img = img + _blobs(where, amp, g, size)
+        sd = noise if not isinstance(noise, (tuple, list)) else noise[0] + (noise[1] - noise[0]) * float(
+            torch.rand((), generator=g, dtype=torch.float64)
+        )
+        img = img + sd * torch.randn(size, size, generator=g, dtype=torch.float64)
         imgs.append(2 * img - 1)
         centres.append(pts)
     return torch.stack(imgs)[:, None].float(), centres
+
+
+def count_sources(x: Tensor, threshold: float = PEAK_THRESHOLD) -> Tensor:
+    """``(B, 1, H, W) -> (B,)`` sources found by a peak finder: pixels whose intensity ``(x + 1) / 2``
+    is above ``threshold`` and the largest in their 3x3 neighbourhood. It does not rely on the counting
+    CNN, so it checks whether samples that satisfy the CNN really hold ``k`` sources."""
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"count_sources expects images (B, 1, H, W), got shape {tuple(x.shape)}")
+    i = (x.detach() + 1) / 2
+    peak = (i == torch.nn.functional.max_pool2d(i, 3, 1, 1)) & (i > threshold)
+    return peak.flatten(1).sum(1)
 
 
 def density_target(centres: list[Tensor], size: int, width: float = 1.0) -> Tensor:
