@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 
 from .. import io
-from ..constraints import Constraint, build_constraint
+from ..constraints import Constraint, CountConstraint, build_constraint
 from ..data import ArrayData, load_dataset
+from ..data.sources import count_sources
 from ..denoiser import Denoiser
 from ..evaluate import mmd_with_reference
 from ..mirror import (
@@ -499,6 +500,8 @@ class NAMMRun:
                 "l_median": float(dist.median()),
                 "l_max": float(dist.max()),
             }
+            if isinstance(con, CountConstraint):  # a check that does not rely on the counting CNN
+                rec["exact_k"] = float((count_sources(x) == con.k).float().mean())
             if name != "data (held-out)":
                 mm = mmd_with_reference(x, test, ref)
                 rec.update({"mmd": mm["mmd"], "mmd_ref": mm["mmd_ref"], "mmd_ratio": mm["mmd_ratio"]})
@@ -726,6 +729,7 @@ def write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
         print(
             f"{k:<18}{v['n']:>6}{v['l_mean']:>12.4g}{v['l_median']:>12.4g}"
             f"{v.get('mmd', float('nan')):>12.4g}{v.get('mmd_ratio', float('nan')):>11.3g}"
+            + (f"   exactly k sources (peak finder) {v['exact_k']:.3f}" if "exact_k" in v else "")
         )
     print(f"wrote {out / 'violations.png'}, {out / 'distance_hist.png'}, {out / 'metrics.json'}")
 
