@@ -350,3 +350,16 @@ def test_loss_of_wrong_shape_is_a_clear_error():
     den = _oracle(200)
     with pytest.raises(ValueError, match=r"one value per sample, shape \(2,\), got shape \(\)"):
         guided_sample(den, DPS(lambda x: x.sum()), (2, 1, 4, 4), 3, generator=_gen())
+
+
+def test_non_finite_loss_is_a_clear_error_not_nan_samples():
+    den = _oracle(200)
+
+    def blows_up(x):  # finite for small x0_hat, overflows for large ones (like a stepped PDE)
+        return torch.exp(200 * x.abs()).flatten(1).sum(1)
+
+    with pytest.raises(FloatingPointError, match=r"not finite for 2 of 2 samples at t = .*clip_x0"):
+        guided_sample(den, DPS(blows_up), (2, 1, 4, 4), 3, generator=_gen())
+    # the same loss on a bounded x0_hat is finite: the sampler's clip_x0 is the remedy the error names
+    x = guided_sample(den, DPS(blows_up, zeta=1e-30), (2, 1, 4, 4), 3, generator=_gen(), clip_x0=0.1)
+    assert torch.isfinite(x.x).all()

@@ -101,6 +101,14 @@ class GradientGuidance:
                              f"({step.x_t.shape[0]},), got shape {tuple(value.shape)}")
         (g,) = torch.autograd.grad(value.sum(), step.x_t)
         self.grad_evals += 1
+        if not (torch.isfinite(value).all() and torch.isfinite(g).all()):
+            bad = int((~torch.isfinite(value) | ~torch.isfinite(g).flatten(1).all(1)).sum())
+            x0 = step.x0_hat.detach()
+            raise FloatingPointError(
+                f"the guidance loss or its gradient is not finite for {bad} of {len(value)} samples at "
+                f"t = {int(step.t[0])} (x0_hat in [{float(x0.min()):.3g}, {float(x0.max()):.3g}]): "
+                "bound x0_hat with clip_x0, or make the loss finite there"
+            )
         return value.detach(), g
 
     def hyperparameters(self) -> dict:  # pragma: no cover - overridden
