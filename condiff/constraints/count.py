@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -72,7 +73,7 @@ def train_counter(
     lr: float = 3e-3,
     pool: int = 4096,
     faint: float = 0.0,
-    noise: tuple[float, float] | None = None,
+    noise: Sequence[float] | None = None,
     adv_eps: float = 0.0,
     adv_steps: int = 3,
 ) -> CountingCNN:

@@ -10,6 +10,8 @@ counting CNN is trained (:mod:`condiff.constraints.count`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -56,7 +58,7 @@ def render_sources(
     size: int,
     g: torch.Generator,
     min_sep: float = MIN_SEP,
-    noise: float | tuple[float, float] = NOISE,
+    noise: float | Sequence[float] = NOISE,
     faint: float = 0.0,
 ) -> tuple[Tensor, list[Tensor]]:
     """Images ``(N, 1, size, size)`` float32 with ``counts[i]`` sources; returns them and the centres.
@@ -76,7 +78,7 @@ def render_sources(
                 where = size * torch.rand(m, 2, generator=g, dtype=torch.float64)
                 amp = 0.05 + (FAINT_MAX - 0.05) * torch.rand(m, generator=g, dtype=torch.float64)
                 img = img + _blobs(where, amp, g, size)
-        sd = noise if not isinstance(noise, (tuple, list)) else noise[0] + (noise[1] - noise[0]) * float(
+        sd = noise if not isinstance(noise, Sequence) else noise[0] + (noise[1] - noise[0]) * float(
             torch.rand((), generator=g, dtype=torch.float64)
         )
         img = img + sd * torch.randn(size, size, generator=g, dtype=torch.float64)
