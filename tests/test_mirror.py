@@ -349,6 +349,16 @@ def test_cli_settings_resolution_and_stage_guard(tmp_path):
     other = NAMMRun(tmp_path, resolve("brightness", "quick", overrides=["loss.l_con=0.7"]))
     with pytest.raises(StageMismatch, match="--fresh"):
         other._stage("namm", other.spec("namm"))
+    # a constraint with learned parts (the count CNN) puts their recipe in the spec: a new recipe
+    # refits the map and everything downstream instead of reusing fits made against the old one
+    assert "constraint" not in run.spec("namm")  # brightness has none
+    learned = NAMMRun(tmp_path, cfg)
+    learned._constraint = TotalBrightness(5.0)
+    learned._constraint.learned_parts = lambda: {"counter": {"v": 3}}
+    assert learned.spec("namm")["constraint"] == {"counter": {"v": 3}}
+    assert learned.spec("finetune")["constraint"] == {"counter": {"v": 3}}
+    with pytest.raises(StageMismatch, match="--fresh"):
+        learned._stage("namm", learned.spec("namm"))
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
