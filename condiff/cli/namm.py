@@ -21,6 +21,7 @@ settings is an error unless ``--fresh`` is passed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import sys
@@ -695,6 +696,8 @@ def _open_run(args: argparse.Namespace) -> NAMMRun:
             f"{root} is not a NAMM run directory (no config.json): run `condiff namm fit` first"
         )
     cfg = json.loads(f.read_text())
+    for section, default in _BASE.items():  # runs made before a section existed (e.g. guide)
+        cfg.setdefault(section, copy.deepcopy(default))
     for path, value in (parse_override(o) for o in args.overrides):
         node = cfg
         for k in path[:-1]:
