@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,6 +77,7 @@ def train_counter(
     noise: Sequence[float] | None = None,
     adv_eps: float = 0.0,
     adv_steps: int = 3,
+    progress: bool | None = None,
 ) -> CountingCNN:
     """Train a :class:`CountingCNN` on a pool of generated images with 0 to ``2k`` sources.
 
@@ -83,6 +85,7 @@ def train_counter(
     (:func:`~condiff.data.sources.render_sources`). ``adv_eps > 0``: adversarial training, each batch
     replaced by a PGD perturbation (``adv_steps`` steps, max-norm ``adv_eps`` in the ``[-1, 1]``
     image scale) that maximises the count error, so that a small change cannot move the count.
+    ``progress``: a progress bar (default: when standard error is a terminal).
     """
     from condiff.data.sources import NOISE, density_target, render_sources  # data imports constraints
 
@@ -95,7 +98,14 @@ def train_counter(
         net = CountingCNN(width)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    bar = None
+    if progress or (progress is None and sys.stderr.isatty()):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, unit="it", leave=False, dynamic_ncols=True, desc="counting CNN (first use)")
     for _ in range(steps):
+        if bar is not None:
+            bar.update(1)
         idx = torch.randint(0, pool, (batch_size,), generator=g)
         xb = x[idx] if adv_eps <= 0 else _pgd(net, x[idx], counts[idx].float(), adv_eps, adv_steps, g)
         d = net.density(xb)
@@ -108,6 +118,8 @@ def train_counter(
         loss.backward()
         opt.step()
         sched.step()
+    if bar is not None:
+        bar.close()
     return net.eval()
 
 
