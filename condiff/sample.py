@@ -163,7 +163,7 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
     need_grad = grad or bool(getattr(guidance, "needs_grad", False))
     B = x.shape[0]
     prev = torch.cat([ts[1:], ts.new_full((1,), -1)])
-    bar = _progress(len(ts), progress)
+    bar = progress_bar(len(ts), progress)
     for i in range(len(ts)):
         t = torch.full((B,), int(ts[i]), dtype=torch.long, device=x.device)
         t_prev = torch.full((B,), int(prev[i]), dtype=torch.long, device=x.device)
@@ -204,7 +204,7 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
     stream as one big batch split in order, so results do not depend on memory settings only if
     ``batch_size`` is kept."""
     out = []
-    bar = _progress(n, progress, unit="sample")
+    bar = progress_bar(n, progress, unit="sample")
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         out.append(sample(denoiser, (b, *shape), **kw).cpu())
@@ -215,9 +215,10 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
     return torch.cat(out) if out else torch.empty(0, *shape)
 
 
-def _progress(total: int, enabled: bool, unit: str = "step"):
+def progress_bar(total: int, enabled: bool, unit: str = "step", desc: str | None = None):
+    """A transient tqdm bar of ``total`` units, or ``None`` when not ``enabled`` (callers skip updates)."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit=unit, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, unit=unit, leave=False, dynamic_ncols=True, desc=desc)

@@ -39,7 +39,7 @@ from ..data import ArrayData, load_dataset
 from ..data.sources import count_sources
 from ..denoiser import Denoiser
 from ..evaluate import mmd_with_reference
-from ..guidance import guided_sample, make_guidance
+from ..guidance import make_guidance
 from ..mirror import (
     MirrorMap,
     NAMMLoss,
@@ -442,7 +442,7 @@ class NAMMRun:
 
     # -- sampling
     def _generate(
-        self, den: Denoiser, n: int, seed: int, mirror: MirrorMap | None = None
+        self, den: Denoiser, n: int, seed: int, mirror: MirrorMap | None = None, **extra
     ) -> tuple[Tensor, Tensor | None]:
         s = self.cfg["sample"]
         kw = dict(
@@ -453,6 +453,7 @@ class NAMMRun:
             device=self.device,
             progress=self.progress,
         )
+        kw.update(extra)  # e.g. guidance and clip_x0
         if mirror is None:
             return generate(den, n, self.shape, **kw), None
         return mirror_generate(den, mirror, n, self.shape, **kw)
@@ -463,18 +464,9 @@ class NAMMRun:
         is clipped as in the assimilation (``1.5 max |x|`` of the data), as a distance such as the
         Burgers residual overflows on the first steps' unbounded predictions."""
         hp = dict(self.cfg["guide"])
-        method = hp.pop("method")
-        s = self.cfg["sample"]
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        guide = make_guidance(hp.pop("method"), self.constraint(), **hp)
         clip = 1.5 * float(self.data().x.abs().max())
-        out = []
-        for start in range(0, n, int(s["batch_size"])):
-            b = min(int(s["batch_size"]), n - start)
-            guide = make_guidance(method, self.constraint(), **hp)
-            res = guided_sample(den, guide, (b, *self.shape), int(s["steps"]), eta=float(s["eta"]),
-                                generator=gen, device=self.device, clip_x0=clip, progress=self.progress)
-            out.append(res.x.cpu())
-        return torch.cat(out)
+        return self._generate(den, n, seed, guidance=guide, clip_x0=clip)[0]
 
     def samples(self, which: str, n: int | None = None) -> Tensor:
         """``n`` samples (cached in ``samples/``): ``vanilla``, ``mdm`` (f of mirror samples),

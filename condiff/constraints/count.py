@@ -88,6 +88,7 @@ def train_counter(
     ``progress``: a progress bar (default: when standard error is a terminal).
     """
     from condiff.data.sources import NOISE, density_target, render_sources  # data imports constraints
+    from condiff.sample import progress_bar
 
     g = torch.Generator().manual_seed(seed)
     counts = torch.randint(0, 2 * k + 1, (pool,), generator=g)
@@ -98,14 +99,9 @@ def train_counter(
         net = CountingCNN(width)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    bar = None
-    if progress or (progress is None and sys.stderr.isatty()):
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, unit="it", leave=False, dynamic_ncols=True, desc="counting CNN (first use)")
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = progress_bar(steps, show, unit="it", desc="counting CNN (first use)")
     for _ in range(steps):
-        if bar is not None:
-            bar.update(1)
         idx = torch.randint(0, pool, (batch_size,), generator=g)
         xb = x[idx] if adv_eps <= 0 else _pgd(net, x[idx], counts[idx].float(), adv_eps, adv_steps, g)
         d = net.density(xb)
@@ -118,6 +114,8 @@ def train_counter(
         loss.backward()
         opt.step()
         sched.step()
+        if bar is not None:
+            bar.update(1)
     if bar is not None:
         bar.close()
     return net.eval()
@@ -158,7 +156,7 @@ def load_counter(
         io.load_state_into(net, path)
         return net.eval()
     t0 = time.perf_counter()
-    recipe = {k: v for k, v in COUNTER_RECIPE.items() if k != "v"}
+    recipe = {key: value for key, value in COUNTER_RECIPE.items() if key != "v"}  # "v": the key's version
     net = train_counter(k, size, steps, seed, width, **recipe)
     io.save_module(
         path,

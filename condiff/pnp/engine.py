@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser
-from ..sample import Guidance, ddim, randn
+from ..sample import Guidance, ddim, progress_bar, randn
 from .schedules import PAPER_MNIST, ConstantWeight, TimeSchedule, WeightSchedule
 
 Constraint = Callable[[Tensor], Tensor]
@@ -115,7 +115,7 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
     T, B = denoiser.schedule.T, z.shape[0]
     out = PnPResult(x=z, latent=z)
     nfe0, t0 = denoiser.nfe, time.perf_counter()
-    bar = _progress(steps, progress)
+    bar = progress_bar(steps, progress, desc="pnp")
     for i in range(steps):
         t_i, w_i = int(schedule(i, steps, T)), float(weight(i, steps))
         if not 0 <= t_i < T:
@@ -186,12 +186,4 @@ def finish(denoiser: Denoiser, x: Tensor, start: int, *, steps: int | None = Non
     x_t = denoiser.schedule.add_noise(x.detach(), randn(x.shape, generator, like=x), t)
     return ddim(denoiser, x_t, ts, eta=eta, generator=generator, guidance=guidance, clip_x0=clip_x0,
                 progress=progress)
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="step", leave=False, dynamic_ncols=True, desc="pnp")
 

@@ -88,11 +88,15 @@ def kmeans_segment(images: Tensor, iters: int = 20) -> Tensor:
     return _foreground((lab == 1).view(B, H, W))
 
 
+def _check_votes(votes: int, chains: int) -> None:
+    if not 1 <= votes <= chains:
+        raise ValueError(f"votes must be between 1 and chains = {chains}, got {votes}")
+
+
 def vote(latents: Tensor, votes: int) -> Tensor:
     """Masks ``(B, 1, H, W)`` (bool) from the chains' latents ``(B, chains, 1, H, W)``: foreground where
     at least ``votes`` chains are positive (1: the union; ``chains``: the intersection)."""
-    if not 1 <= votes <= latents.shape[1]:
-        raise ValueError(f"votes must be between 1 and chains = {latents.shape[1]}, got {votes}")
+    _check_votes(votes, latents.shape[1])
     return (latents > 0).sum(1) >= votes
 
 
@@ -124,8 +128,7 @@ def segment(denoiser: Denoiser, images: Tensor, *, chains: int = 4, steps: int =
         raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
     if chains < 1:
         raise ValueError(f"chains must be >= 1, got {chains}")
-    if not 1 <= votes <= chains:
-        raise ValueError(f"votes must be between 1 and chains = {chains}, got {votes}")
+    _check_votes(votes, chains)  # before the search, not after it
     B, C, H, W = images.shape
     pics = images.repeat_interleave(chains, 0)
     z0 = torch.randn(B * chains, 1, H, W, generator=generator,
