@@ -29,6 +29,23 @@ from . import io
 from .schedule import Schedule
 
 
+def _kind(v: Any) -> str | None:
+    if isinstance(v, bool):
+        return "true or false"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, (list, tuple)):
+        return "a list"
+    return None
+
+
+def check_setting(name: str, default: Any, value: Any) -> None:
+    """Refuse a setting whose value is of another kind than its default (``lr = "abc"``, ``progress = 1``)."""
+    want = _kind(default)
+    if want is not None and _kind(value) != want:
+        raise ValueError(f"setting {name} expects {want} (default {default!r}), got {value!r}")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 4000
@@ -53,6 +70,9 @@ class TrainConfig:
         bad = sorted(set(d) - known)
         if bad:
             raise ValueError(f"unknown training option(s) {bad}; known: {sorted(known)}")
+        for f in fields(cls):
+            if f.name in d:
+                check_setting(f"train.{f.name}", f.default, d[f.name])
         d = dict(d)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])

@@ -55,6 +55,8 @@ def test_config_resolution_order(tmp_path):
     (["train", "--data", "toy2d", "--set", "train.steps=0", "--out", "{tmp}/x"], "train.steps must be >= 1"),
     (["train", "--data", "toy2d", "--set", "train.stpes=3", "--out", "{tmp}/x"], "unknown training option"),
     (["train", "--data", "toy2d", "--set", "model.name=resnet9", "--out", "{tmp}/x"], "unknown net"),
+    (["train", "--data", "toy2d", "--set", "train.lr=abc", "--out", "{tmp}/x"], "train.lr expects a number"),
+    (["train", "--data", "toy2d", "--set", "train.progress=1", "--out", "{tmp}/x"], "expects true or false"),
     (["train", "--data", "toy2d", "--config", "{tmp}/missing.toml"], "config file not found"),
     (["sample", "--ckpt", "{tmp}/nothing"], "does not exist"),
     (["sample", "--ckpt", "{tmp}", "--n", "2"], "not a condiff checkpoint"),

@@ -416,6 +416,17 @@ def test_cli_experiment_rejects_unknown_setting(capsys):
     assert "unknown setting 'minorty'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("dual.lr_dual=1", "unknown dual option(s) ['lr_dual']"),
+    ("train.stpes=3", "unknown training option(s) ['stpes']"),
+    ("dual.lr=abc", "setting dual.lr expects a number"),
+])
+def test_cli_experiment_checks_nested_settings_before_training(tmp_path, capsys, setting, message):
+    assert main(["dual", "fair", "--set", setting, "--out", str(tmp_path / "fair")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "fair").exists()
+
+
 def test_cli_finetune_rejects_a_class_that_is_no_digit_before_training(tmp_path, capsys):
     assert main(["dual", "finetune", "--set", "constraint_classes=[12]", "--out", str(tmp_path / "ft")]) == 2
     assert "constraint_classes must be digits 0-9, got [12]" in capsys.readouterr().err

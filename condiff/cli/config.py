@@ -17,6 +17,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from ..train import check_setting
+
 SECTIONS = ("data", "model", "schedule", "train", "sample")
 
 _COMMON = {
@@ -103,19 +105,41 @@ def check_sections(cfg: dict, where: str) -> None:
             raise ConfigError(f"{where}: [{k}] must be a table, got {type(v).__name__}")
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"train.steps=500"`` -> (["train", "steps"], 500); the value is read as TOML, else a string."""
+def toml_value(raw: str) -> Any:
+    """A ``--set`` value read as TOML (``500``, ``1e-3``, ``true``, ``[1, 2]``), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def parse_override(item: str, sections: tuple[str, ...] = SECTIONS,
+                   nested: bool = False) -> tuple[list[str], Any]:
+    """``"train.steps=500"`` -> (["train", "steps"], 500); the value is read as TOML, else a string.
+
+    ``nested`` allows deeper keys (``mirror.psi.filters=32``)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, raw = item.split("=", 1)
     path = key.strip().split(".")
-    if len(path) != 2 or path[0] not in SECTIONS or not path[1]:
-        raise ConfigError(f"override key {key!r} must be section.key with section one of {list(SECTIONS)}")
+    depth_ok = len(path) >= 2 if nested else len(path) == 2
+    if not depth_ok or path[0] not in sections or not all(path):
+        raise ConfigError(f"override key {key!r} must be section.key with section one of {list(sections)}")
+    return path, toml_value(raw)
+
+
+def set_path(cfg: dict, path: list[str], value: Any) -> None:
+    """``cfg[path[0]]...[path[-1]] = value``, creating tables, type-checked against the old value."""
+    node = cfg
+    for k in path[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {k} is not a table")
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return path, value
+        check_setting(".".join(path), node.get(path[-1]), value)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    node[path[-1]] = value
 
 
 def resolve(data: str | None = None, file: str | Path | None = None,
@@ -130,6 +154,6 @@ def resolve(data: str | None = None, file: str | Path | None = None,
     name = (named or [None])[-1] or data or from_file.get("data", {}).get("name") or "digits"
     cfg = merge(preset(name), from_file)
     cfg["data"]["name"] = name
-    for (section, key), value in parsed:
-        cfg[section][key] = value
+    for path, value in parsed:
+        set_path(cfg, path, value)
     return cfg

@@ -88,13 +88,6 @@ def add_parser(sub, name: str) -> None:
 # --- experiments ---------------------------------------------------------------------------------
 
 
-def _value(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     """``key=value`` or ``table.key=value`` (into a dict field such as ``train``), value read as TOML."""
     d = json.loads(json.dumps(asdict(cfg)))
@@ -105,10 +98,10 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         path = key.strip().split(".")
         if path[0] not in d or len(path) > 2 or (len(path) == 2 and not isinstance(d[path[0]], dict)):
             raise ValueError(f"unknown setting {key!r}; settings: {sorted(d)}")
-        if len(path) == 2:
-            d[path[0]][path[1]] = _value(raw)
-        else:
-            d[path[0]] = _value(raw)
+        try:
+            config_mod.set_path(d, path, config_mod.toml_value(raw))
+        except config_mod.ConfigError as e:
+            raise ValueError(str(e)) from None
     return type(cfg).from_dict(d)
 
 
@@ -155,7 +148,7 @@ def resolve(file: str | Path, overrides: list[str]) -> dict:
         section = item.split(".", 1)[0]
         if section in ("dual", "objective") and "=" in item:
             key, raw = item.split("=", 1)
-            dual[section][key.split(".", 1)[1].strip()] = _value(raw)
+            dual[section][key.split(".", 1)[1].strip()] = config_mod.toml_value(raw)
         else:
             plain.append(config_mod.parse_override(item))
     named = [str(v) for p, v in plain if p == ["data", "name"]]

@@ -63,7 +63,7 @@ from ..sample import generate
 from ..schedule import Schedule
 from ..train import TrainConfig
 from .common import pick_device
-from .config import ConfigError, merge
+from .config import ConfigError, merge, parse_override, set_path
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -208,21 +208,6 @@ PROFILE_FAMILIES = {
 GENERIC_ASSIMILATION = {"obs": "points", "fraction": 0.1, "noise": 0.05}
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"mirror.psi.filters=32"`` -> (["mirror", "psi", "filters"], 32); values are read as TOML."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
-    key, raw = item.split("=", 1)
-    path = key.strip().split(".")
-    if len(path) < 2 or path[0] not in SECTIONS or not all(path):
-        raise ConfigError(f"override key {key!r} must be section.key with section one of {list(SECTIONS)}")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return path, value
-
-
 def resolve(
     data: str,
     profile: str = "default",
@@ -248,13 +233,8 @@ def resolve(
         if bad := [k for k in from_file if k not in SECTIONS]:
             raise ConfigError(f"{p}: unknown section(s) {bad}; expected some of {list(SECTIONS)}")
         cfg = merge(cfg, from_file)
-    for path, value in (parse_override(o) for o in overrides or []):
-        node = cfg
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {'.'.join(path)}: {k} is not a table")
-        node[path[-1]] = value
+    for path, value in (parse_override(o, SECTIONS, nested=True) for o in overrides or []):
+        set_path(cfg, path, value)
     cfg["data"]["name"] = data
     if constraint:
         cfg["data"]["constraint"] = constraint
@@ -690,11 +670,8 @@ def _open_run(args: argparse.Namespace) -> NAMMRun:
     cfg = json.loads(f.read_text())
     for section, default in _BASE.items():  # runs made before a section existed (e.g. guide)
         cfg.setdefault(section, copy.deepcopy(default))
-    for path, value in (parse_override(o) for o in args.overrides):
-        node = cfg
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = value
+    for path, value in (parse_override(o, SECTIONS, nested=True) for o in args.overrides):
+        set_path(cfg, path, value)
     cfg = json.loads(json.dumps(cfg))
     io.write_json_atomic(f, cfg)
     return NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet)

@@ -46,7 +46,13 @@ class _Config:
         bad = sorted(set(d) - known)
         if bad:
             raise ValueError(f"unknown {cls.__name__} option(s) {bad}; known: {sorted(known)}")
-        return cls(**d)  # type: ignore[call-arg]
+        cfg = cls(**d)  # type: ignore[call-arg]
+        # the nested tables are checked now, not minutes into a run when they are first used
+        if isinstance(getattr(cfg, "dual", None), dict):
+            DualConfig.from_dict({**cfg.dual, "seed": cfg.seed})
+        if isinstance(getattr(cfg, "train", None), dict):
+            _train_cfg(cfg.train, cfg.seed, "cpu")
+        return cfg
 
     def replace(self, **kw: Any) -> Any:
         return type(self).from_dict({**asdict(self), **kw})  # type: ignore[call-overload]
