@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from condiff import io
 from condiff.cli.namm import NAMMRun, public, resolve, run_assimilation
 
 DATASETS = ("brightness", "burgers", "kolmogorov", "periodic", "count")
@@ -162,6 +163,8 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
     rows, summary, notes = [], {}, []
     for name in names:
         cfg = resolve(name, PROFILES[profile])
+        (root / name).mkdir(parents=True, exist_ok=True)
+        io.write_json_atomic(root / name / "config.json", cfg)  # `condiff namm sample --run` can reopen it
         r = NAMMRun(root / name, cfg, device, fresh=True, progress=False)
         gen_rows, summary[name] = generation_rows(r, name)
         rows += gen_rows

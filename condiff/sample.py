@@ -204,14 +204,18 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
     stream as one big batch split in order, so results do not depend on memory settings only if
     ``batch_size`` is kept."""
     out = []
+    if "steps" in kw:  # a bad step count fails before the progress bar is drawn
+        denoiser.schedule.timesteps(kw["steps"], kw.get("spacing", "linspace"))
     bar = progress_bar(n, progress, unit="sample")
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        out.append(sample(denoiser, (b, *shape), **kw).cpu())
+    try:
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            out.append(sample(denoiser, (b, *shape), **kw).cpu())
+            if bar is not None:
+                bar.update(b)
+    finally:
         if bar is not None:
-            bar.update(b)
-    if bar is not None:
-        bar.close()
+            bar.close()
     return torch.cat(out) if out else torch.empty(0, *shape)
 
 

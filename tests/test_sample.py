@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from condiff.denoiser import GaussianDenoiser
-from condiff.sample import ddim, ddim_sigma, ddpm, make_step, sample
+from condiff.sample import ddim, ddim_sigma, ddpm, generate, make_step, sample
 from condiff.schedule import Schedule
 
 M, S = 0.5, 0.3
@@ -143,3 +143,11 @@ def test_bad_timesteps():
         ddim(d, torch.randn(2, 2), torch.tensor([1, 5]))
     with pytest.raises(ValueError, match=r"lie in \[0, 200\)"):
         ddim(d, torch.randn(2, 2), torch.tensor([300, 5]))
+
+
+def test_generate_refuses_a_bad_step_count_before_drawing_its_progress_bar(capsys):
+    with pytest.raises(ValueError, match="steps must be between 1 and T=200, got 500"):
+        generate(oracle(), 4, (2,), progress=True, steps=500)
+    assert capsys.readouterr().err == ""
+    x = generate(oracle(), 5, (2,), batch_size=2, steps=10, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (5, 2) and torch.isfinite(x).all()
