@@ -367,14 +367,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["namm", "sample", "--run", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "condiff namm fit" in err
-    (tmp_path / "config.json").write_text(json.dumps({"data": {}}))
+    core_run = json.dumps({"data": {"name": "digits"}, "model": {}, "train": {}})  # a `condiff train` run
+    (tmp_path / "config.json").write_text(core_run)
+    assert main(["namm", "sample", "--run", str(tmp_path), "--n", "2"]) == 2
+    assert "no mirror settings" in capsys.readouterr().err
+    assert (tmp_path / "config.json").read_text() == core_run  # left as it was
+    (tmp_path / "config.json").write_text(json.dumps({"data": {}, "mirror": {}, "loss": {}, "mirror_train": {}}))
     assert main(["namm", "assimilate", "--run", str(tmp_path), "--set", "nosuch.key=1"]) == 2
     assert "section one of" in capsys.readouterr().err
     assert main(["namm", "fit", "--data", "no-such-data", "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert "unknown data set 'no-such-data'" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_cli_pipeline_end_to_end(tmp_path):
     env_args = [
         "--profile",
@@ -431,6 +435,11 @@ def test_cli_pipeline_end_to_end(tmp_path):
     )
     metrics = json.loads((run / "samples" / "metrics.json").read_text())
     assert set(metrics) == {"data (held-out)", "vanilla", "mdm", "mdm_ft", "guided"}
+    kept = json.loads((run / "config.json").read_text())  # the successful calls' --set values are kept
+    assert kept["finetune"]["steps"] == 10 and kept["assimilate"]["n"] == 2 and kept["sample"]["steps"] == 5
+    failed = subprocess.run([*cli, "sample", "--run", str(run), "--set", "sample.steps=0", "--quiet"],
+                            capture_output=True, text=True)
+    assert failed.returncode == 2 and json.loads((run / "config.json").read_text()) == kept
     assert (run / "samples" / "violations.png").is_file() and (
         run / "assimilate" / "assimilation.png"
     ).is_file()

@@ -668,13 +668,21 @@ def _open_run(args: argparse.Namespace) -> NAMMRun:
             f"{root} is not a NAMM run directory (no config.json): run `condiff namm fit` first"
         )
     cfg = json.loads(f.read_text())
+    if not isinstance(cfg, dict) or not all(k in cfg for k in ("mirror", "loss", "mirror_train")):
+        raise FileNotFoundError(
+            f"{root} is not a NAMM run directory (its config.json has no mirror settings): "
+            "run `condiff namm fit` first"
+        )
     for section, default in _BASE.items():  # runs made before a section existed (e.g. guide)
         cfg.setdefault(section, copy.deepcopy(default))
     for path, value in (parse_override(o, SECTIONS, nested=True) for o in args.overrides):
         set_path(cfg, path, value)
-    cfg = json.loads(json.dumps(cfg))
-    io.write_json_atomic(f, cfg)
-    return NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet)
+    return NAMMRun(root, json.loads(json.dumps(cfg)), pick_device(args.device), args.fresh, not args.quiet)
+
+
+def _keep_settings(run: NAMMRun, cfg: dict | None = None) -> None:
+    """Record the settings (``--set`` included) in config.json once a command has succeeded with them."""
+    io.write_json_atomic(run.root / "config.json", run.cfg if cfg is None else cfg)
 
 
 def run_fit(args: argparse.Namespace) -> int:
@@ -700,6 +708,7 @@ def run_fit(args: argparse.Namespace) -> int:
 def run_finetune(args: argparse.Namespace) -> int:
     run = _open_run(args)
     run.finetuned()
+    _keep_settings(run)
     print(f"fine-tuned mirror map: {run.root / 'finetune' / 'mirror'}")
     return 0
 
@@ -717,6 +726,7 @@ def run_sample(args: argparse.Namespace) -> int:
         which.append("guided")
     res = run.evaluate(which, args.n)
     write_sample_report(run, res, run.root / "samples")
+    _keep_settings(run)
     return 0
 
 
@@ -746,6 +756,7 @@ def write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
 
 def run_assim(args: argparse.Namespace) -> int:
     run = _open_run(args)
+    settings = copy.deepcopy(run.cfg)  # --obs is for this call only
     if args.obs:
         run.cfg["assimilate"]["obs"] = args.obs
     methods = ("mirror DPS",) if args.no_baselines else ("mirror DPS", "DPS", "constraint-guided DPS")
@@ -771,5 +782,6 @@ def run_assim(args: argparse.Namespace) -> int:
     for k, v in res["methods"].items():
         res_l = f"residual {v['residual_mean']:8.3g}   l(x) mean {v['l_mean']:10.4g}"
         print(f"  {k:<24} {res_l}   {v['seconds']:.0f} s")
+    _keep_settings(run, settings)
     print(f"wrote {out / 'assimilation.png'}, {out / 'metrics.json'}")
     return 0
