@@ -30,14 +30,7 @@ from condiff.sample import sample
 from condiff.schedule import Schedule
 from condiff.train import TrainConfig, read_log
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread synchronisation costs more than it saves (and is ruinous on a loaded box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _icnn(scale=0.5, seed=0, **kw):

@@ -5,14 +5,7 @@ import torch
 
 from condiff.nets import NETS, TimeMLP, UNet, build_net, register_net, timestep_embedding
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two shared cores: oversubscribed intra-op threads make these tiny nets 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturb(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

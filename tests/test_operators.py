@@ -11,14 +11,7 @@ from condiff.operators import GaussianBlur, Inpainting, LinearOperator, SuperRes
 SHAPE = (3, 2, 16, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation, which on a busy shared machine costs
-    far more than the work itself (measured 0.4 s vs 58 s CPU for the UNet runs), so use one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed=0):

@@ -11,14 +11,7 @@ from condiff.data import DATASETS, DataError, load_dataset
 from condiff.data.physics import kolmogorov_trajectories, periodic_gp_1d
 from condiff.data.sources import count_sources, render_sources
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny FFTs and tensors: thread synchronisation costs more than it saves (ruinously on a loaded box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = {

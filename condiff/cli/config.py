@@ -84,22 +84,28 @@ def preset(name: str) -> dict:
     return merge(_COMMON, base)
 
 
-def read_toml(path: str | Path) -> dict:
+def load_toml(path: str | Path) -> dict:
+    """A TOML file as a dict; a missing or malformed file is a one-line :class:`ConfigError`."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        cfg = tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p} is not valid TOML: {e}") from None
-    check_sections(cfg, str(p))
+
+
+def read_toml(path: str | Path, sections: tuple[str, ...] = SECTIONS) -> dict:
+    """A config file whose top level holds only ``sections``, each a table."""
+    cfg = load_toml(path)
+    check_sections(cfg, str(path), sections)
     return cfg
 
 
-def check_sections(cfg: dict, where: str) -> None:
-    bad = [k for k in cfg if k not in SECTIONS]
+def check_sections(cfg: dict, where: str, sections: tuple[str, ...] = SECTIONS) -> None:
+    bad = [k for k in cfg if k not in sections]
     if bad:
-        raise ConfigError(f"{where}: unknown section(s) {bad}; expected some of {list(SECTIONS)}")
+        raise ConfigError(f"{where}: unknown section(s) {bad}; expected some of {list(sections)}")
     for k, v in cfg.items():
         if not isinstance(v, dict):
             raise ConfigError(f"{where}: [{k}] must be a table, got {type(v).__name__}")

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -43,11 +42,6 @@ from ..schedule import Schedule
 from ..train import TrainConfig, Trainer, list_checkpoints
 from . import config as config_mod
 from .common import load_model_for, net_config, pick_device, save_resolved_config
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 DUAL_TABLES = ("dual", "objective", "constraint")
 SOURCE_KEYS = {"data", "split", "classes", "keep", "n", "offset", "seed",  # a data set ...
@@ -122,12 +116,7 @@ def run_experiment(args: argparse.Namespace) -> int:
 def read_run_file(path: str | Path) -> tuple[dict, dict]:
     """Split a run file into the standard tables and the dual tables."""
     p = Path(path)
-    if not p.is_file():
-        raise config_mod.ConfigError(f"config file not found: {p}")
-    try:
-        raw = tomllib.loads(p.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise config_mod.ConfigError(f"{p} is not valid TOML: {e}") from None
+    raw = config_mod.load_toml(p)
     dual = {k: raw.pop(k) for k in DUAL_TABLES if k in raw}
     config_mod.check_sections(raw, str(p))
     cons = dual.get("constraint", [])

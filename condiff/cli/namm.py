@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -63,12 +62,7 @@ from ..sample import generate
 from ..schedule import Schedule
 from ..train import TrainConfig
 from .common import pick_device
-from .config import ConfigError, merge, parse_override, set_path
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .config import ConfigError, merge, parse_override, read_toml, set_path
 
 SECTIONS = (
     "data",
@@ -223,16 +217,7 @@ def resolve(
     cfg = merge(cfg, FAMILIES.get(family, {"assimilate": GENERIC_ASSIMILATION}))
     cfg = merge(cfg, PROFILE_FAMILIES.get(profile, {}).get(family, {}))
     if file:
-        p = Path(file)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            from_file = tomllib.loads(p.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p} is not valid TOML: {e}") from None
-        if bad := [k for k in from_file if k not in SECTIONS]:
-            raise ConfigError(f"{p}: unknown section(s) {bad}; expected some of {list(SECTIONS)}")
-        cfg = merge(cfg, from_file)
+        cfg = merge(cfg, read_toml(file, SECTIONS))
     for path, value in (parse_override(o, SECTIONS, nested=True) for o in overrides or []):
         set_path(cfg, path, value)
     cfg["data"]["name"] = data
