@@ -108,3 +108,12 @@ def test_demo_trains_once_then_reuses(tmp_path, capsys):
     # bookkeeping options (progress bars, checkpoint cadence) do not call for a new model
     assert main([*args, "--set", "train.steps=31", "--set", "model.hidden=48", "--set", "train.ckpt_every=7"]) == 0
     assert "reusing the trained model" in capsys.readouterr().out
+
+
+def test_bench_list_names_every_benchmark_with_its_summary(capsys):
+    from condiff.cli.bench import available
+
+    assert main(["bench", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [ln.split()[0] for ln in lines] == available() and len(available()) >= 8
+    assert all(len(ln.split(maxsplit=1)[1]) > 20 for ln in lines)  # each has its docstring's first sentence

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,15 @@ def bench_dir() -> Path:
 
 def available() -> list[str]:
     return sorted(p.stem.replace("_", "-") for p in bench_dir().glob("*.py") if not p.stem.startswith("_"))
+
+
+def summary(name: str) -> str:
+    """The first sentence of a benchmark's docstring, read without importing it."""
+    import ast
+
+    file = bench_dir() / f"{name.replace('-', '_')}.py"
+    doc = " ".join((ast.get_docstring(ast.parse(file.read_text())) or "").split("\n\n")[0].split())
+    return re.split(r"(?<!\bal)\. ", doc)[0].rstrip(".")  # "et al. 2022" ends no sentence
 
 
 def add_parser(sub, name: str) -> None:
@@ -83,7 +93,9 @@ def record(res: dict) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     if args.list or not args.name:
-        print("benchmarks: " + ", ".join(available()))
+        print("benchmarks (condiff bench NAME [--profile quick|full]):")
+        for name in available():
+            print(f"  {name:<18} {summary(name)}")
         return 0
     if args.name not in available():
         raise ValueError(f"unknown benchmark {args.name!r}; available: {', '.join(available())}")

@@ -69,7 +69,7 @@ def add_parser(sub, name: str) -> None:
     g.add_argument("--fresh", action="store_true", help="discard checkpoints in --out and start over")
     t.set_defaults(func=run_train)
     for exp, (cls, fn, out) in EXPERIMENTS.items():
-        e = cmds.add_parser(exp, help=(fn.__doc__ or "").strip().splitlines()[0], description=cls.__doc__)
+        e = cmds.add_parser(exp, help=" ".join((fn.__doc__ or "").split()).split(". ")[0], description=cls.__doc__)
         e.add_argument("--out", default=out,
                        help=f"output directory (default {out}); trained models are reused")
         e.add_argument("--profile", default="quick", help="quick (CPU, minutes) or full (GPU)")

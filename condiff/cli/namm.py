@@ -10,7 +10,7 @@ Data sets: brightness, burgers, kolmogorov, periodic, count (each carries its co
 Settings: ``--profile quick|default|full`` (16x16 tiny CPU nets / 32x32 / 64x64 paper nets for a GPU),
 then a TOML file (``--config``), then ``--set section.key=value`` (nested keys allowed:
 ``--set mirror.psi.filters=32``). Sections: data, mirror, loss, mirror_train, model, schedule,
-train, sample, finetune, assimilate.
+train, sample, finetune, guide, assimilate.
 
 Every stage is a sub-directory of the run (``namm/``, ``mdm/``, ``vanilla/``, ``finetune/``,
 ``samples/``) holding the settings it was made with (``stage.json``); a finished stage with the same

@@ -6,7 +6,7 @@
 
 Each writes pictures and ``metrics.json`` to ``--out``. The segment and tsp priors are ordinary condiff
 models (``condiff train --data scenes|tours ...``); ``--train`` trains the default prior into
-``--ckpt`` first when it holds none (see :data:`PRIORS`).
+``--ckpt`` first when it holds none (docs/pnp.md).
 """
 
 from __future__ import annotations
