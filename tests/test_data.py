@@ -214,6 +214,9 @@ def test_png_folder_round_trip(tmp_path):
     d = load_png_folder(tmp_path / "rgb")
     assert np.array_equal(((d.x + 1) * 127.5).round().permute(0, 2, 3, 1).numpy(), np.stack(rgb))
     assert load_png_folder(tmp_path / "grey", channels=3).x.shape == (3, 3, 5, 7)
+    one = load_dataset(str(tmp_path / "grey" / "img01.png"))  # a single image file: a batch of one
+    assert one.x.shape == (1, 1, 5, 7) and one.meta["files"] == ["img01.png"]
+    assert torch.equal(one.x[0], load_dataset(str(tmp_path / "grey")).x[1])
 
 
 def test_save_png_round_trip(tmp_path):

@@ -27,7 +27,7 @@ from ..train import DenoisingObjective, TrainConfig, Trainer
 
 def add_config_args(p: argparse.ArgumentParser, data_default: str | None = None) -> None:
     p.add_argument("--data", default=data_default,
-                   help="data set name (digits, toy2d, patches) or a .npy/.npz file or PNG folder")
+                   help="data set name (digits, toy2d, patches) or a .npy/.npz file, a .png or a PNG folder")
     p.add_argument("--config", metavar="TOML", help="TOML file with [data] [model] [schedule] [train] "
                    "[sample] tables")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -84,7 +84,8 @@ def add_parser(sub, name: str) -> None:
     m.add_argument("--recurrence", type=int, help="UGD self-recurrence k")
     m.add_argument("--clip-x0", type=float, default=1.0, help="clamp x0_hat to [-c, c]; 0 turns it off")
     d = p.add_argument_group("input")
-    d.add_argument("--input", default=None, help=".npy / .npz file or PNG folder of images in [-1, 1] scale")
+    d.add_argument("--input", default=None,
+                   help="images: a .png, a folder of PNGs, or a .npy / .npz array (floats taken as in [-1, 1])")
     d.add_argument("--data", default=None, help="data set (default: the one the model was trained on)")
     d.add_argument("--split", default="test", help="split of --data to draw images from")
     d.add_argument("--n", type=int, default=16, help="number of images")

@@ -4,7 +4,7 @@ Every loader returns an :class:`ArrayData`, whose constructor runs :func:`valida
 ``ArrayData`` in hand is never empty, never holds NaN or inf and always has rank 2 or 4.
 
 ``load_dataset(name_or_path, split)`` takes a registered name (:data:`DATASETS`: ``digits``,
-``toy2d``, ``patches``) or a path to a ``.npy`` / ``.npz`` file or a folder of PNGs.
+``toy2d``, ``patches``) or a path to a ``.npy`` / ``.npz`` file, a ``.png`` or a folder of PNGs.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def register_dataset(name: str, loader: Callable[..., ArrayData]) -> None:
 
 
 def load_dataset(name_or_path: str | Path, split: str = "train", **kwargs: Any) -> ArrayData:
-    """Load a registered data set by name, or a ``.npy`` / ``.npz`` file or PNG folder by path.
+    """Load a registered data set by name, or a ``.npy`` / ``.npz`` file, ``.png`` or PNG folder by path.
 
     For paths, see :func:`condiff.data.files.load_path` for what ``split`` means.
     """

@@ -1,4 +1,4 @@
-"""User data from disk (``.npy``, ``.npz``, folders of PNGs) and PNG output for image batches.
+"""User data from disk (``.npy``, ``.npz``, PNG files and folders of PNGs) and PNG output for image batches.
 
 Arrays are loaded with ``allow_pickle=False``: a file holding Python objects is refused, since
 unpickling can run code. Integer images are scaled to [-1, 1] (``uint8`` by 255, ``uint16`` by
@@ -114,7 +114,8 @@ def _to_channels(a: np.ndarray, channels: int) -> np.ndarray:
 
 
 def load_png_folder(path: str | Path, channels: int | None = None) -> ArrayData:
-    """All ``*.png`` in a folder (not its subfolders), sorted by name, as ``(N, C, H, W)`` in [-1, 1].
+    """All ``*.png`` in a folder (not its subfolders), sorted by name, as ``(N, C, H, W)`` in [-1, 1];
+    or one ``.png`` file as a batch of one.
 
     ``channels`` is 1 or 3; by default 1 when every image is greyscale, else 3. All images must
     have one size. ``meta["files"]`` names each image's file.
@@ -122,9 +123,12 @@ def load_png_folder(path: str | Path, channels: int | None = None) -> ArrayData:
     path = Path(path)
     if channels not in (None, 1, 3):
         raise DataError(f"channels must be 1, 3 or None, got {channels}")
-    if not path.is_dir():
+    if path.is_file() and path.suffix.lower() == ".png":
+        files = [path]
+    elif not path.is_dir():
         raise DataError(f"no such folder: {path}")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+    else:
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and p.is_file())
     if not files:
         raise DataError(f"{path}: no .png files in the folder")
     images = [_read_png(f) for f in files]
@@ -175,12 +179,12 @@ def load_path(path: str | Path, split: str = "train", **kwargs: Any) -> ArrayDat
     """
     path = Path(path)
     check_split(split, source=str(path))
-    if path.is_dir():
+    if path.is_dir() or path.suffix.lower() == ".png":
         load = lambda part: load_png_folder(path / part if part else path, **kwargs)
     elif path.suffix.lower() in (".npy", ".npz"):
         load = lambda part: load_array(path, **({**kwargs, "key": part} if part else kwargs))
     else:
-        raise DataError(f"{path}: unsupported file type; expected .npy, .npz or a folder of PNGs")
+        raise DataError(f"{path}: unsupported file type; expected .npy, .npz, a .png or a folder of PNGs")
     parts = _splits(path, kwargs)
     if split == "all" and parts:
         return _concat([load(part) for part in parts.values()], path.stem)
