@@ -28,7 +28,8 @@ def plot_violation_grid(
     names = list(columns)
     rows = min(rows, min(len(v[0]) for v in columns.values()))
     fig, axes = plt.subplots(
-        rows, 2 * len(names), figsize=(2.0 * 2 * len(names), 2.0 * rows + 0.4), squeeze=False
+        rows, 2 * len(names), figsize=(2.0 * 2 * len(names), 2.0 * rows + 0.4), squeeze=False,
+        layout="constrained",
     )
     for j, name in enumerate(names):
         x, vmap, dist = columns[name]
