@@ -83,7 +83,7 @@ def plot_bars(groups: dict[str, Sequence[float]], out: str | Path, labels: Seque
         ax.axhline(ref, color="k", ls="--", lw=1)
     ax.set_xticks(x, labels if labels is not None else [str(i) for i in range(k)])
     ax.set_ylabel(ylabel)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # outside: bars reach any height
     ax.set_title(title)
     return save_figure(fig, out)
 
