@@ -15,6 +15,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -296,6 +298,7 @@ class Trainer:
                        mininterval=0.2 if sys.stderr.isatty() else 10.0)
         self.model.train()
         t0, seen, run_loss = time.perf_counter(), 0, 0.0
+        stop, prev_handler = self._defer_interrupt()
         try:
             while self.step < cfg.steps:
                 self.gen.manual_seed(step_seed(cfg.seed, self.step, self.dist.rank))
@@ -329,12 +332,37 @@ class Trainer:
                     t0, seen, run_loss = time.perf_counter(), 0, 0.0
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                     self.save()
+                elif stop:
+                    self.save()
+                if stop:
+                    raise KeyboardInterrupt
         finally:
+            if prev_handler is not None:
+                signal.signal(signal.SIGINT, prev_handler)
             if bar is not None:
                 bar.close()
             if log is not None:
                 log.close()
         return self.ema
+
+    def _defer_interrupt(self) -> tuple[list, Any]:
+        """Ctrl-C while training finishes the current step, saves a checkpoint there (so ``--resume``
+        continues exactly) and then raises KeyboardInterrupt; a second Ctrl-C stops at once.
+        Only for a single process on the main thread (DDP ranks keep the default behaviour).
+        Returns the flag list (non-empty once interrupted) and the handler to restore."""
+        stop: list = []
+        if self.dist.world != 1 or threading.current_thread() is not threading.main_thread():
+            return stop, None
+        prev = signal.getsignal(signal.SIGINT)
+        if prev is None or prev is signal.SIG_IGN:
+            return stop, None
+
+        def on_sigint(signum, frame):
+            stop.append(signum)
+            signal.signal(signal.SIGINT, prev)
+
+        signal.signal(signal.SIGINT, on_sigint)
+        return stop, prev
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

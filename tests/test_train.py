@@ -74,6 +74,37 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == 300
 
 
+def test_ctrl_c_checkpoints_the_finished_step_and_resume_is_exact(tmp_path):
+    x = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
+    s = Schedule.linear(100)
+    cfg = TrainConfig(steps=30, lr=3e-3, warmup=5, progress=False, log_every=5, ckpt_every=100, batch_size=32)
+
+    def net():
+        torch.manual_seed(0)
+        return TimeMLP(2, hidden=16, depth=1)
+
+    class CtrlCAtStep12(DenoisingObjective):
+        def loss(self, model, step, gen):
+            if step == 12:
+                os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step
+            return super().loss(model, step, gen)
+
+    ref = Trainer(net(), DenoisingObjective(x, s, 32), cfg, tmp_path / "ref")
+    ref.fit()
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(net(), CtrlCAtStep12(x, s, 32), cfg, tmp_path / "run").fit()
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    # the step in flight was finished and saved, although no checkpoint was due before step 30
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000013"]
+    again = Trainer(net(), DenoisingObjective(x, s, 32), cfg, tmp_path / "run")
+    assert again.resume() and again.step == 13
+    again.fit()
+    for a, b in ((ref.model, again.model), (ref.ema, again.ema)):
+        for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(va, vb), k
+
+
 def test_existing_run_needs_resume_or_fresh(tmp_path):
     args = _cli("train", *TINY, "--set", "train.steps=5", "--out", str(tmp_path))
     subprocess.run(args, check=True, env=_env(), capture_output=True)

@@ -42,6 +42,7 @@ from ..schedule import Schedule
 from ..train import TrainConfig, Trainer, list_checkpoints
 from . import config as config_mod
 from .common import load_model_for, net_config, pick_device, save_resolved_config
+from .train import INTERRUPTED
 
 DUAL_TABLES = ("dual", "objective", "constraint")
 SOURCE_KEYS = {"data", "split", "classes", "keep", "n", "offset", "seed",  # a data set ...
@@ -67,7 +68,7 @@ def add_parser(sub, name: str) -> None:
     g = t.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--fresh", action="store_true", help="discard checkpoints in --out and start over")
-    t.set_defaults(func=run_train)
+    t.set_defaults(func=run_train, interrupted=INTERRUPTED)
     for exp, (cls, fn, out) in EXPERIMENTS.items():
         e = cmds.add_parser(exp, help=" ".join((fn.__doc__ or "").split()).split(". ")[0], description=cls.__doc__)
         e.add_argument("--out", default=out,

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("condiff: interrupted", file=sys.stderr)
+        hint = getattr(args, "interrupted", None)
+        print("condiff: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
     except Exception as e:  # one line for the user; the traceback on request
         if os.environ.get("CONDIFF_DEBUG"):

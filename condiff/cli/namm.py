@@ -199,6 +199,7 @@ PROFILE_FAMILIES = {
     },
     "default": {"brightness": {"loss": {"l_con": 0.01 * (64 / 32) ** 2}}},
 }
+STAGES_KEPT = "finished stages are kept and an unfinished one resumes from its newest checkpoint: rerun the command"
 GENERIC_ASSIMILATION = {"obs": "points", "fraction": 0.1, "noise": 0.05}
 
 
@@ -618,7 +619,7 @@ def add_parser(sub, name: str) -> None:
     f.add_argument("--no-baseline", action="store_true", help="skip the vanilla diffusion model")
     _settings_args(f)
     _common(f)
-    f.set_defaults(func=run_fit)
+    f.set_defaults(func=run_fit, interrupted=STAGES_KEPT)
 
     for cmd, fn, helptext in (
         ("sample", run_sample, "sample the models; violation maps and l(x) histograms"),
@@ -629,7 +630,7 @@ def add_parser(sub, name: str) -> None:
         q.add_argument("--run", required=True, help="a run directory made by `condiff namm fit`")
         _settings_args(q)
         _common(q)
-        q.set_defaults(func=fn)
+        q.set_defaults(func=fn, interrupted=STAGES_KEPT)
         if cmd == "sample":
             q.add_argument(
                 "--n", type=int, default=None, help="samples per model (default: the run's sample.n)"

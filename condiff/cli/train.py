@@ -9,6 +9,8 @@ from ..train import list_checkpoints
 from .common import add_config_args, pick_device, save_resolved_config, train_model
 from .config import resolve
 
+INTERRUPTED = "training stopped at a checkpoint; add --resume to the same command to continue"
+
 
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="train a diffusion model", description=__doc__)
@@ -17,7 +19,7 @@ def add_parser(sub, name: str) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--fresh", action="store_true", help="discard checkpoints in --out and start over")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, interrupted=INTERRUPTED)
 
 
 def run(args: argparse.Namespace) -> int:
