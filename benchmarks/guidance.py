@@ -17,6 +17,10 @@ Profiles
   aimed at, but the issue's 64 images per task and the 1000-step DPS reference are kept.
 - full (GPU): 128 test images; all methods at 20, 50, 100 and 1000 steps; a digits UNet
   of base 64, mults (1, 2, 2), and the 32 px patches preset; deblur kernel 13 px, sigma 2.0.
+- quick-paired (CPU, ~25 min with quick's models in place): DPS and DPS+DSG only, at 20, 50, 100
+  and 1000 steps, on 256 test images per task, so the paired PSNR gaps of the "beats DPS at every
+  budget, widening" target carry half quick's standard error. No cost measurements. Recorded in
+  its own section of BENCHMARKS.md.
 
 Columns: PSNR and SSIM against the truth, RMS measurement residual ||y - A x|| / sqrt(m) (the truth
 itself scores about sigma_y = 0.05), sample fidelity (digits: Fréchet distance of the project
@@ -93,7 +97,16 @@ PROFILES = {
               "timing": {"steps": 20, "batch": 64, "repeats": 15}},
     "full": {"n": 128, "steps": [20, 50, 100, 1000], "long": {},
              "timing": {"steps": 50, "batch": 64, "repeats": 5}},
+    # DPS vs DPS+DSG only, on 4x the images of quick (same models, tasks and defaults): the paired
+    # PSNR gaps of the "beats DPS at every budget, widening" target with half the standard error
+    "quick-paired": {"base": "quick", "n": 256, "steps": [20, 50, 100], "long": {1000: ["dps", "dsg+dps"]},
+                     "methods": ["dps", "dsg+dps"], "timing": None},
 }
+
+
+def base_profile(profile: str) -> str:
+    """The profile whose models and task parameters ``profile`` uses."""
+    return PROFILES[profile].get("base", profile)
 
 
 def log(msg: str) -> None:
@@ -106,12 +119,13 @@ def runs_dir() -> Path:
 
 def task_spec(task: str, profile: str) -> dict:
     spec = copy.deepcopy(TASKS[task])
-    spec["params"].update(TASK_PARAMS.get(profile, {}).get(task, {}))
+    spec["params"].update(TASK_PARAMS.get(base_profile(profile), {}).get(task, {}))
     return spec
 
 
 def ensure_model(dataset: str, profile: str, device: str):
     """The benchmark's denoiser for ``dataset``, trained into runs/bench-guidance/<profile>/ once."""
+    profile = base_profile(profile)
     cfg = copy.deepcopy(MODELS[profile][dataset])
     run_dir = runs_dir() / profile / dataset
     if not model_is_complete(run_dir, cfg):
@@ -123,7 +137,7 @@ def ensure_model(dataset: str, profile: str, device: str):
 def weights_digest(dataset: str, profile: str) -> str:
     """SHA-256 of the model's weight files (part of the reuse key)."""
     h = hashlib.sha256()
-    for f in sorted((runs_dir() / profile / dataset / "model").glob("*.safetensors")):
+    for f in sorted((runs_dir() / base_profile(profile) / dataset / "model").glob("*.safetensors")):
         h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -230,7 +244,7 @@ def quality_rows(profile: str, device: str, cache: RowCache) -> tuple[list[dict]
         x = images(cfg["data"], "test", p["n"], task).to(device)
         op, y = problem(task, profile, x, device)
         rows.append(row(task, "(ground truth)", "", x, x, op, y, fid))
-        budgets = [(s, list(METHODS)) for s in p["steps"]] + [(s, m) for s, m in p["long"].items()]
+        budgets = [(s, list(p.get("methods", METHODS))) for s in p["steps"]] + list(p["long"].items())
         for steps, methods in budgets:
             for method in methods:
                 hp = default_hyperparameters(method, task, steps)
@@ -368,8 +382,9 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
     notes = ["Targets (quality):"] + [f"- {n}" for n in targets(rows)]
     notes += ["SE: standard error of the mean per-image PSNR difference DPS+DSG - DPS over the same test "
               "images (paired); a gap within about two SE of zero is a tie at this number of images."]
-    notes += ["Targets (cost):"] + [f"- {n}" for n in timing(models, profile, device)]
     p = PROFILES[profile]
+    if p["timing"] is not None:
+        notes += ["Targets (cost):"] + [f"- {n}" for n in timing(models, profile, device)]
     notes += [
         f"Profile {profile}: {p['n']} test images per task; steps {p['steps']}"
         + (f", plus {', '.join(f'{s} steps for {m}' for s, m in p['long'].items())}" if p["long"] else "")
@@ -386,7 +401,7 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
         "backward pass fewer than X per run (fewer still for FreeDoM/UGD repeats of that step); the DSG "
         "wall-time ratios include that saving (1 of 20 backward passes in the timing runs).",
         "Models: " + "; ".join(f"{d}: {c['model']} trained {c['train']['steps']} steps on {c['data']}"
-                               for d, c in MODELS[profile].items()),
+                               for d, c in MODELS[base_profile(profile)].items()),
     ]
     return {"title": "Training-free guidance on inverse problems (DPS, FreeDoM, UGD, each +DSG)",
             "columns": ["task", "method", "steps", "PSNR", "SSIM", "residual", "fidelity", "wall (s)", "NFE",

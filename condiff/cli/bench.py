@@ -79,7 +79,8 @@ def record(res: dict) -> Path:
     """Replace (or append) this benchmark's section in BENCHMARKS.md."""
     path = bench_dir().parent / "BENCHMARKS.md"
     text = path.read_text() if path.is_file() else "# Benchmarks\n\nTables written by `condiff bench NAME`.\n"
-    start, end = f"<!-- bench:{res['name']} -->", f"<!-- /bench:{res['name']} -->"
+    key = res["name"] if res.get("profile", "quick") in ("quick", "full") else f"{res['name']}/{res['profile']}"
+    start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
     block = f"{start}\n{to_markdown(res)}{end}"
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
