@@ -117,3 +117,12 @@ def test_bench_list_names_every_benchmark_with_its_summary(capsys):
     lines = capsys.readouterr().out.splitlines()[1:]
     assert [ln.split()[0] for ln in lines] == available() and len(available()) >= 8
     assert all(len(ln.split(maxsplit=1)[1]) > 20 for ln in lines)  # each has its docstring's first sentence
+
+
+def test_version(capsys):
+    import condiff
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"condiff {condiff.__version__}"
+    assert condiff.__version__.count(".") >= 2

@@ -26,7 +26,10 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     p = argparse.ArgumentParser(prog="condiff", description="Diffusion models that satisfy constraints.")
+    p.add_argument("--version", action="version", version=f"condiff {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, mod in COMMANDS.items():
