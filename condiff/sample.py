@@ -220,9 +220,13 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
 
 
 def progress_bar(total: int, enabled: bool, unit: str = "step", desc: str | None = None):
-    """A transient tqdm bar of ``total`` units, or ``None`` when not ``enabled`` (callers skip updates)."""
+    """A transient tqdm bar of ``total`` units, or ``None`` when not ``enabled`` (callers skip updates).
+    Written to a file or pipe rather than a terminal it refreshes every 10 s, as the trainer's does."""
     if not enabled:
         return None
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit=unit, leave=False, dynamic_ncols=True, desc=desc)
+    return tqdm(total=total, unit=unit, leave=False, dynamic_ncols=True, desc=desc,
+                mininterval=0.1 if sys.stderr.isatty() else 10.0)
