@@ -433,6 +433,8 @@ def test_cli_pipeline_end_to_end(tmp_path):
     failed = subprocess.run([*cli, "sample", "--run", str(run), "--set", "sample.steps=0", "--quiet"],
                             capture_output=True, text=True)
     assert failed.returncode == 2 and json.loads((run / "config.json").read_text()) == kept
+    subprocess.run([*cli, "sample", "--run", str(run), "--n", "8", "--quiet"], check=True)  # another n: redone
+    assert json.loads((run / "samples" / "metrics.json").read_text())["mdm"]["n"] == 8
     assert (run / "samples" / "violations.png").is_file() and (
         run / "assimilate" / "assimilation.png"
     ).is_file()

@@ -272,15 +272,16 @@ class NAMMRun:
         }
         return specs[stage]
 
-    def _stage(self, name: str, spec: dict) -> tuple[Path, bool]:
-        """The stage directory and whether it is finished; clears or refuses one made otherwise."""
+    def _stage(self, name: str, spec: dict, replace: bool = False) -> tuple[Path, bool]:
+        """The stage directory and whether it is finished; clears one made otherwise when ``fresh`` or
+        ``replace`` (outputs such as samples, cheap to redo), else refuses it."""
         d = self.root / name
         f = d / "stage.json"
         if f.is_file():
             old = json.loads(f.read_text())
             if old.get("spec") == spec:
                 return d, bool(old.get("done"))
-            if not self.fresh:
+            if not (self.fresh or replace):
                 raise StageMismatch(
                     f"{d} was made with other settings; pass --fresh to redo it, or use another --out / --run"
                 )
@@ -446,7 +447,7 @@ class NAMMRun:
         spec = {"up": self.spec(upstream[which]), "sample": self.cfg["sample"], "n": n}
         if which == "guided":
             spec["guide"] = self.cfg["guide"]
-        d, done = self._stage(f"samples/{which}", spec)
+        d, done = self._stage(f"samples/{which}", spec, replace=True)  # e.g. another --n: just redo
         if done:
             return torch.from_numpy(np.load(d / "samples.npz")["x"])
         # the models first, so the stage's time is the sampling alone (each model stage times itself)
@@ -734,7 +735,7 @@ def write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
     for k, v in res.items():
         print(
             f"{k:<18}{v['n']:>6}{v['l_mean']:>12.4g}{v['l_median']:>12.4g}"
-            f"{v.get('mmd', float('nan')):>12.4g}{v.get('mmd_ratio', float('nan')):>11.3g}"
+            + (f"{v['mmd']:>12.4g}{v['mmd_ratio']:>11.3g}" if "mmd" in v else f"{'-':>12}{'-':>11}")
             + (f"   exactly k sources (peak finder) {v['exact_k']:.3f}" if "exact_k" in v else "")
         )
     print(f"wrote {out / 'violations.png'}, {out / 'distance_hist.png'}, {out / 'metrics.json'}")
