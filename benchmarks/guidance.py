@@ -403,7 +403,10 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
         "Models: " + "; ".join(f"{d}: {c['model']} trained {c['train']['steps']} steps on {c['data']}"
                                for d, c in MODELS[base_profile(profile)].items()),
     ]
-    return {"title": "Training-free guidance on inverse problems (DPS, FreeDoM, UGD, each +DSG)",
+    title = "Training-free guidance on inverse problems (DPS, FreeDoM, UGD, each +DSG)"
+    if "methods" in p:
+        title = f"Training-free guidance: {' vs '.join(p['methods'])} on {p['n']} images per task ({profile})"
+    return {"title": title,
             "columns": ["task", "method", "steps", "PSNR", "SSIM", "residual", "fidelity", "wall (s)", "NFE",
                         "backward"],
             "rows": rows, "notes": notes}
