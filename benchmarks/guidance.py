@@ -106,7 +106,7 @@ PROFILES = {
 
 def base_profile(profile: str) -> str:
     """The profile whose models and task parameters ``profile`` uses."""
-    return PROFILES[profile].get("base", profile)
+    return PROFILES.get(profile, {}).get("base", profile)
 
 
 def log(msg: str) -> None:

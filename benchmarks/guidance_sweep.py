@@ -62,6 +62,9 @@ PROFILES = {
     # jointly; DPS keeps its quick-refine choice
     "quick-final": {"k": 32, "models": "quick", "budgets": {s: ["dsg+dps"] for s in (20, 50, 100)},
                     "grids": {"rate": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0], "final": [0.0, 0.25, 0.5, 1.0, 2.0]}},
+    # quick-final chose final = 2, its grid's top, for SR and deblur at 20 steps: the grid beyond it
+    "quick-final-20-hi": {"k": 32, "models": "quick", "budgets": {20: ["dsg+dps"]},
+                          "grids": {"rate": [0.2, 0.3, 0.5], "final": [1.0, 2.0, 3.0, 5.0, 8.0]}},
     "quick-final-1000": {"k": 32, "models": "quick", "budgets": {1000: ["dsg+dps"]},
                          "grids": {"rate": [0.02, 0.05, 0.1, 0.2], "final": [0.0, 1.0], "interval": [1, 5]}},
     # the part of the 1000-step grid the run above left out (it chose interval 5 at its top rate 0.2
