@@ -160,6 +160,12 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
         raise ValueError("timesteps must be strictly decreasing")
     if int(ts[0]) >= denoiser.schedule.T or int(ts[-1]) < 0:
         raise ValueError(f"timesteps must lie in [0, {denoiser.schedule.T})")
+    try:
+        eta_ok = math.isfinite(float(eta)) and float(eta) >= 0
+    except (TypeError, ValueError):
+        eta_ok = False
+    if not eta_ok:
+        raise ValueError(f"eta must be a finite number >= 0 (0 deterministic DDIM, 1 DDPM-like), got {eta}")
     need_grad = grad or bool(getattr(guidance, "needs_grad", False))
     B = x.shape[0]
     prev = torch.cat([ts[1:], ts.new_full((1,), -1)])
@@ -204,6 +210,8 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
     stream as one big batch split in order, so results do not depend on memory settings only if
     ``batch_size`` is kept."""
     out = []
+    if int(batch_size) < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if "steps" in kw:  # a bad step count fails before the progress bar is drawn
         denoiser.schedule.timesteps(kw["steps"], kw.get("spacing", "linspace"))
     bar = progress_bar(n, progress, unit="sample")

@@ -151,3 +151,14 @@ def test_generate_refuses_a_bad_step_count_before_drawing_its_progress_bar(capsy
     assert capsys.readouterr().err == ""
     x = generate(oracle(), 5, (2,), batch_size=2, steps=10, generator=torch.Generator().manual_seed(0))
     assert x.shape == (5, 2) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("eta", [-1.0, float("nan"), float("inf")])
+def test_ddim_refuses_a_meaningless_eta(eta):
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+        ddim(oracle(), torch.randn(2, 2), torch.tensor([5, 1]), eta=eta)
+
+
+def test_generate_refuses_batch_size_zero():
+    with pytest.raises(ValueError, match="batch size must be >= 1, got 0"):
+        generate(oracle(), 4, (2,), batch_size=0, steps=5)
