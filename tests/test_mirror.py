@@ -360,6 +360,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["namm", "sample", "--run", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "condiff namm fit" in err
+    assert main(["namm", "sample", "--run", str(tmp_path), "--n", "-5"]) == 2
+    assert "--n must be >= 1, got -5" in capsys.readouterr().err
     core_run = json.dumps({"data": {"name": "digits"}, "model": {}, "train": {}})  # a `condiff train` run
     (tmp_path / "config.json").write_text(core_run)
     assert main(["namm", "sample", "--run", str(tmp_path), "--n", "2"]) == 2

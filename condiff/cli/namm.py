@@ -516,6 +516,9 @@ def run_assimilation(
     a = run.cfg["assimilate"]
     if a.get("obs") not in OBSERVATIONS:
         raise ValueError(f"assimilate.obs must be one of {list(OBSERVATIONS)}, got {a.get('obs')!r}")
+    for key in ("n", "steps"):
+        if int(a[key]) < 1:
+            raise ValueError(f"assimilate.{key} must be >= 1, got {a[key]}")
     test = run.data("test").x
     rng = float(test.max() - test.min())
     sigma_y = float(a["noise"]) * rng  # noise relative to the data range
@@ -701,6 +704,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
     run = _open_run(args)
     which = ["mdm"]
     if (run.root / "vanilla" / "stage.json").is_file():
