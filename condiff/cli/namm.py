@@ -736,10 +736,12 @@ def write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
         title=f"{run.cfg['data']['name']}: l(x) per sample",
     )
     io.write_json_atomic(out / "metrics.json", public(res))
-    print(f"{'set':<18}{'n':>6}{'mean l':>12}{'median l':>12}{'MMD':>12}{'MMD ratio':>11}")
+    base = res.get("vanilla", {}).get("l_mean")
+    print(f"{'set':<18}{'n':>6}{'mean l':>12}{'median l':>12}{'reduction':>11}{'MMD':>12}{'MMD ratio':>11}")
     for k, v in res.items():
+        cut = f"{base / v['l_mean']:>10.3g}x" if base and v["l_mean"] > 0 and k != "data (held-out)" else f"{'-':>11}"
         print(
-            f"{k:<18}{v['n']:>6}{v['l_mean']:>12.4g}{v['l_median']:>12.4g}"
+            f"{k:<18}{v['n']:>6}{v['l_mean']:>12.4g}{v['l_median']:>12.4g}{cut}"
             + (f"{v['mmd']:>12.4g}{v['mmd_ratio']:>11.3g}" if "mmd" in v else f"{'-':>12}{'-':>11}")
             + (f"   exactly k sources (peak finder) {v['exact_k']:.3f}" if "exact_k" in v else "")
         )
