@@ -31,6 +31,9 @@ def plot_violation_grid(
         rows, 2 * len(names), figsize=(2.0 * 2 * len(names), 2.0 * rows + 0.4), squeeze=False,
         layout="constrained",
     )
+    # one colour scale for every violation column, so their brightness compares across methods
+    maps = [v[1][:rows] for v in columns.values() if v[1] is not None]
+    shared = max((float(m.max()) for m in maps), default=1.0)
     for j, name in enumerate(names):
         x, vmap, dist = columns[name]
         vmax = float(vmap[:rows].max()) if vmap is not None else 1.0
@@ -41,7 +44,7 @@ def plot_violation_grid(
                 f"{name}\nl={float(dist[i]):.3g}" if i == 0 else f"l={float(dist[i]):.3g}", fontsize=7
             )
             if vmap is not None:
-                axv.imshow(vmap[i].detach().cpu(), cmap="magma", vmin=0, vmax=max(vmax, 1e-12))
+                axv.imshow(vmap[i].detach().cpu(), cmap="magma", vmin=0, vmax=max(shared, 1e-12))
                 if i == 0:
                     axv.set_title(f"violation\n(max {vmax:.2g})", fontsize=7)
             for a in (ax, axv):
@@ -49,8 +52,9 @@ def plot_violation_grid(
                 a.set_yticks([])
                 if vmap is None and a is axv:
                     a.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
+    if title or maps:
+        scale = f"violation maps share one colour scale, 0 (black) to {shared:.2g}" if maps else ""
+        fig.suptitle("\n".join(t for t in (title, scale) if t), fontsize=9)
     return save_figure(fig, out)
 
 
