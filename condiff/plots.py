@@ -121,3 +121,29 @@ def plot_lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], out: 
     ax.legend()
     ax.set_title(title)
     return save_figure(fig, out)
+
+
+def plot_image_columns(columns: dict[str, np.ndarray], out: str | Path, row_labels: Sequence[str] | None = None,
+                       rows: int = 8, title: str = "") -> Path:
+    """Images side by side: one column per named batch ``(B, C, H, W)`` in [-1, 1] (C 1 or 3; the
+    batches may differ in size, e.g. a low-resolution measurement), one row per image, up to ``rows``."""
+    names = list(columns)
+    arrays = [np.asarray(columns[n], dtype=np.float32) for n in names]
+    rows = min(rows, min(len(a) for a in arrays))
+    fig, axes = plt.subplots(rows, len(names), figsize=(1.6 * len(names), 1.6 * rows + 0.3),
+                             squeeze=False, layout="constrained")
+    for j, (name, a) in enumerate(zip(names, arrays)):
+        for i in range(rows):
+            ax = axes[i, j]
+            img = (np.clip(a[i], -1, 1) + 1) / 2
+            ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=8)
+            if j == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[i], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return save_figure(fig, out)

@@ -34,9 +34,10 @@ def test_solve_writes_images_and_metrics(tiny_run, tmp_path):
     assert _solve(tiny_run, tmp_path / "a", "--operator", "inpaint-random", "--method", "dsg+dps",
                   "--rate", "0.3") == 0
     out = tmp_path / "a"
-    for f in ("ground_truth.png", "measurement.png", "reconstruction.png", "reconstruction.npz",
+    for f in ("ground_truth.png", "measurement.png", "reconstruction.png", "comparison.png", "reconstruction.npz",
               "metrics.json"):
         assert (out / f).is_file(), f
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary files left
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == 3 and m["steps"] == 3 and m["nfe"] == 3
     # the swept default for this task adds DSG's final Euclidean step: a gradient at every step

@@ -2,7 +2,8 @@
 
 Takes images (the model's data set's test split, or files), measures them with an operator plus
 Gaussian noise, reconstructs them with DPS, FreeDoM or UGD (optionally with DSG), and writes
-ground_truth.png, measurement.png, reconstruction.png, reconstruction.npz and metrics.json
+ground_truth.png, measurement.png, reconstruction.png, comparison.png (side by side, first 8 images,
+with the error), reconstruction.npz and metrics.json
 (PSNR, SSIM, RMS measurement residual, wall time, steps, network forward and backward passes).
 
 Hyperparameters left unset take the defaults swept on the training split for the task
@@ -29,6 +30,7 @@ from ..data import derive_seed, load_dataset
 from ..data.files import save_png_grid
 from ..guidance import METHODS, default_hyperparameters, guided_sample, make_guidance
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
+from ..plots import plot_image_columns
 from .common import data_kwargs, load_model_for, pick_device
 
 # operator name -> builder(shape (B, C, H, W), generator, sigma_y, params) -> Operator
@@ -177,6 +179,15 @@ def write_outputs(out: Path, x: torch.Tensor, op: Operator, y: torch.Tensor, rec
     save_png_grid(x.cpu(), out / "ground_truth.png")
     save_png_grid(op.to_image(y).clamp(-1, 1).cpu(), out / "measurement.png")
     save_png_grid(rec.clamp(-1, 1).cpu(), out / "reconstruction.png")
+    psnr = m.get("psnr_per_image") or []
+    err = (rec - x).abs().mean(1, keepdim=True).cpu()  # channel mean, black = 0, white = the largest shown
+    top = float(err[:8].max()) or 1.0
+    plot_image_columns(
+        {"truth": x.cpu().numpy(), "measurement": op.to_image(y).cpu().numpy(), "reconstruction": rec.cpu().numpy(),
+         f"|error| (white {top:.2g})": (err / top * 2 - 1).numpy()},
+        out / "comparison.png", row_labels=[f"{v:.1f} dB" for v in psnr] if psnr else None,
+        title=f"{m.get('method', '')}, {m.get('steps', '')} steps: PSNR {m.get('psnr', float('nan')):.2f} dB",
+    )
     np.savez_compressed(out / "reconstruction.npz", x=rec.cpu().numpy(), y=y.cpu().numpy(),
                         ground_truth=x.cpu().numpy())
     io.write_json_atomic(out / "metrics.json", m)
