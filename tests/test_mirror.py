@@ -440,3 +440,17 @@ def test_cli_pipeline_end_to_end(tmp_path):
     assert (run / "samples" / "violations.png").is_file() and (
         run / "assimilate" / "assimilation.png"
     ).is_file()
+
+
+def test_violation_grid_gives_a_map_column_only_to_methods_with_maps(tmp_path):
+    from PIL import Image
+
+    from condiff.mirror.plots import plot_violation_grid
+
+    x, v, d = torch.rand(3, 1, 8, 8) * 2 - 1, torch.rand(3, 8, 8), torch.rand(3)
+    widths = {}
+    for name, cols in {"mixed": {"a": (x, v, d), "b": (x, None, d)}, "two": {"a": (x, v, d), "b": (x, v, d)},
+                       "none": {"a": (x, None, d), "b": (x, None, d)}}.items():
+        widths[name] = Image.open(plot_violation_grid(cols, tmp_path / f"{name}.png", rows=2)).size[0]
+    assert widths["none"] < widths["mixed"] < widths["two"]  # 2, 3 and 4 image columns
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed.png", "none.png", "two.png"]

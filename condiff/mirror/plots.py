@@ -23,35 +23,36 @@ def _show(x: Tensor) -> Tensor:
 def plot_violation_grid(
     columns: dict[str, tuple[Tensor, Tensor | None, Tensor]], out: str | Path, rows: int = 6, title: str = ""
 ) -> Path:
-    """One column pair per method: samples ``x (N, C, H, W)`` and their violation maps ``(N, H, W)``
-    (or ``None``), each sample titled with its distance ``l (N,)``. Writes a PNG atomically."""
+    """Per method a column of samples ``x (N, C, H, W)``, each titled with its distance ``l (N,)``, and
+    beside it a column of their violation maps ``(N, H, W)`` when the method has them (not ``None``).
+    All violation maps share one colour scale. Writes a PNG atomically."""
     names = list(columns)
     rows = min(rows, min(len(v[0]) for v in columns.values()))
-    fig, axes = plt.subplots(
-        rows, 2 * len(names), figsize=(2.0 * 2 * len(names), 2.0 * rows + 0.4), squeeze=False,
-        layout="constrained",
-    )
     # one colour scale for every violation column, so their brightness compares across methods
     maps = [v[1][:rows] for v in columns.values() if v[1] is not None]
     shared = max((float(m.max()) for m in maps), default=1.0)
-    for j, name in enumerate(names):
+    width = len(names) + len(maps)
+    fig, axes = plt.subplots(
+        rows, width, figsize=(2.0 * width, 2.0 * rows + 0.4), squeeze=False, layout="constrained"
+    )
+    col = 0
+    for name in names:
         x, vmap, dist = columns[name]
-        vmax = float(vmap[:rows].max()) if vmap is not None else 1.0
         for i in range(rows):
-            ax, axv = axes[i, 2 * j], axes[i, 2 * j + 1]
+            ax = axes[i, col]
             ax.imshow(_show(x[i]), cmap="gray")
             ax.set_title(
                 f"{name}\nl={float(dist[i]):.3g}" if i == 0 else f"l={float(dist[i]):.3g}", fontsize=7
             )
             if vmap is not None:
+                axv = axes[i, col + 1]
                 axv.imshow(vmap[i].detach().cpu(), cmap="magma", vmin=0, vmax=max(shared, 1e-12))
                 if i == 0:
-                    axv.set_title(f"violation\n(max {vmax:.2g})", fontsize=7)
-            for a in (ax, axv):
+                    axv.set_title(f"violation\n(max {float(vmap[:rows].max()):.2g})", fontsize=7)
+            for a in axes[i, col : col + (2 if vmap is not None else 1)]:
                 a.set_xticks([])
                 a.set_yticks([])
-                if vmap is None and a is axv:
-                    a.axis("off")
+        col += 2 if vmap is not None else 1
     if title or maps:
         scale = f"violation maps share one colour scale, 0 (black) to {shared:.2g}" if maps else ""
         fig.suptitle("\n".join(t for t in (title, scale) if t), fontsize=9)
