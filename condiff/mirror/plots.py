@@ -9,15 +9,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from ..plots import save_figure  # noqa: E402
 
 
-def _show(x: Tensor) -> Tensor:
+def _show(x: Tensor) -> np.ndarray:
     """What to draw for one sample ``(C, H, W)``: its first channel (the ``u`` velocity for flows)."""
-    return x[0].detach().float().cpu()
+    return x[0].detach().float().cpu().numpy()
 
 
 def plot_violation_grid(
@@ -46,7 +47,7 @@ def plot_violation_grid(
             )
             if vmap is not None:
                 axv = axes[i, col + 1]
-                axv.imshow(vmap[i].detach().cpu(), cmap="magma", vmin=0, vmax=max(shared, 1e-12))
+                axv.imshow(vmap[i].detach().float().cpu().numpy(), cmap="magma", vmin=0, vmax=max(shared, 1e-12))
                 if i == 0:
                     axv.set_title(f"violation\n(max {float(vmap[:rows].max()):.2g})", fontsize=7)
             for a in axes[i, col : col + (2 if vmap is not None else 1)]:
