@@ -21,6 +21,8 @@ Profiles
   and 1000 steps, on 256 test images per task, so the paired PSNR gaps of the "beats DPS at every
   budget, widening" target carry half quick's standard error. No cost measurements. Recorded in
   its own section of BENCHMARKS.md.
+- quick-paired-patches (CPU, ~10 min): the same on the two patch tasks at 20, 50 and 100 steps, on
+  1024 test images each (a quarter of quick's standard error).
 
 Columns: PSNR and SSIM against the truth, RMS measurement residual ||y - A x|| / sqrt(m) (the truth
 itself scores about sigma_y = 0.05), sample fidelity (digits: Fréchet distance of the project
@@ -101,6 +103,11 @@ PROFILES = {
     # PSNR gaps of the "beats DPS at every budget, widening" target with half the standard error
     "quick-paired": {"base": "quick", "n": 256, "steps": [20, 50, 100], "long": {1000: ["dps", "dsg+dps"]},
                      "methods": ["dps", "dsg+dps"], "timing": None},
+    # the patch tasks at few steps on 1024 images (SE about a quarter of quick's): is deblur's
+    # 20-step gap really below its 50-step one?
+    "quick-paired-patches": {"base": "quick", "n": 1024, "steps": [20, 50, 100], "long": {},
+                             "methods": ["dps", "dsg+dps"], "timing": None,
+                             "tasks": ["patches/sr", "patches/blur"]},
 }
 
 
@@ -234,6 +241,8 @@ def quality_rows(profile: str, device: str, cache: RowCache) -> tuple[list[dict]
     models: dict = {}
     digests: dict = {}
     for task, spec in TASKS.items():
+        if task not in p.get("tasks", TASKS):
+            continue
         ds = spec["data"]
         if ds not in models:
             models[ds] = ensure_model(ds, profile, device)
