@@ -26,7 +26,7 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--retrain", action="store_true", help="train again even if a matching model exists")
     p.add_argument("--device", default=None)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, interrupted="run the same command again: training resumes where it stopped")
 
 
 def run(args: argparse.Namespace) -> int:
