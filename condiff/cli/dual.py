@@ -289,6 +289,6 @@ def run_train(args: argparse.Namespace) -> int:
         ex.plot_dual(run_dir / "log.jsonl", run_dir)
     io.write_json_atomic(run_dir / "metrics.json", m)
     print(json.dumps(m, indent=1))
-    print(f"model:   {run_dir / 'model'}\nmetrics: {run_dir / 'metrics.json'}\n"
-          f"plots:   {run_dir}/{{loss,lambda,slack}}.png")
+    plots = "{loss,lambda,slack}.png" if constraints else "loss.png"  # no constraints: no dual plots
+    print(f"model:   {run_dir / 'model'}\nmetrics: {run_dir / 'metrics.json'}\nplots:   {run_dir}/{plots}")
     return 0
