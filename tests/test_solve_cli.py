@@ -107,3 +107,16 @@ def test_input_of_the_wrong_shape_is_refused(tiny_run, tmp_path, capsys):
                  "--operator", "blur", "--out", str(tmp_path / "o")])
     assert code == 2
     assert "images have shape (3, 16, 16) but the model expects (1, 8, 8)" in capsys.readouterr().err
+
+
+def test_readme_python_snippets_run_as_written(tiny_run):
+    """The README's library examples, on a random model standing in for the demo's ``runs/demo``."""
+    import pathlib
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 2
+    scope: dict = {}
+    exec(compile("\n".join(blocks).replace('"runs/demo"', repr(str(tiny_run))), "README.md", "exec"), scope)
+    assert scope["x"].shape == scope["res"].x.shape == scope["sym"].x.shape == (16, 1, 8, 8)
+    assert torch.isfinite(scope["res"].x).all() and torch.isfinite(scope["sym"].x).all()
