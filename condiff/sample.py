@@ -160,11 +160,7 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
         raise ValueError("timesteps must be strictly decreasing")
     if int(ts[0]) >= denoiser.schedule.T or int(ts[-1]) < 0:
         raise ValueError(f"timesteps must lie in [0, {denoiser.schedule.T})")
-    try:
-        eta_ok = math.isfinite(float(eta)) and float(eta) >= 0
-    except (TypeError, ValueError):
-        eta_ok = False
-    if not eta_ok:
+    if not (math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta must be a finite number >= 0 (0 deterministic DDIM, 1 DDPM-like), got {eta}")
     need_grad = grad or bool(getattr(guidance, "needs_grad", False))
     B = x.shape[0]
@@ -227,14 +223,15 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
     return torch.cat(out) if out else torch.empty(0, *shape)
 
 
-def progress_bar(total: int, enabled: bool, unit: str = "step", desc: str | None = None):
-    """A transient tqdm bar of ``total`` units, or ``None`` when not ``enabled`` (callers skip updates).
-    Written to a file or pipe rather than a terminal it refreshes every 10 s, as the trainer's does."""
+def progress_bar(total: int, enabled: bool, unit: str = "step", desc: str | None = None, initial: int = 0,
+                 leave: bool = False):
+    """A tqdm bar of ``total`` units (transient unless ``leave``), or ``None`` when not ``enabled``
+    (callers skip updates). Written to a file or pipe rather than a terminal it refreshes every 10 s."""
     if not enabled:
         return None
     import sys
 
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit=unit, leave=False, dynamic_ncols=True, desc=desc,
+    return tqdm(total=total, initial=initial, unit=unit, leave=leave, dynamic_ncols=True, desc=desc,
                 mininterval=0.1 if sys.stderr.isatty() else 10.0)

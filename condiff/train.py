@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import io
+from .sample import progress_bar
 from .schedule import Schedule
 
 
@@ -288,14 +289,8 @@ class Trainer:
         if self.run_dir is not None and self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             log = open(self.run_dir / "log.jsonl", "a")
-        bar = None
-        if cfg.progress and self.dist.main and self.step < cfg.steps:
-            import sys
-
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.steps, initial=self.step, unit="it", dynamic_ncols=True, desc="train",
-                       mininterval=0.2 if sys.stderr.isatty() else 10.0)
+        bar = progress_bar(cfg.steps, cfg.progress and self.dist.main and self.step < cfg.steps, unit="it",
+                           desc="train", initial=self.step, leave=True)
         self.model.train()
         t0, seen, run_loss = time.perf_counter(), 0, 0.0
         stop, prev_handler = self._defer_interrupt()
@@ -330,9 +325,7 @@ class Trainer:
                         log.write(json.dumps(rec) + "\n")
                         log.flush()
                     t0, seen, run_loss = time.perf_counter(), 0, 0.0
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                    self.save()
-                elif stop:
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop:
                     self.save()
                 if stop:
                     raise KeyboardInterrupt

@@ -510,10 +510,12 @@ OBSERVATIONS = {
 
 
 def run_assimilation(
-    run: NAMMRun, methods: tuple[str, ...] = ("mirror DPS", "DPS", "constraint-guided DPS")
+    run: NAMMRun, methods: tuple[str, ...] = ("mirror DPS", "DPS", "constraint-guided DPS"),
+    obs: str | None = None,
 ) -> dict:
-    """Posterior samples for ``n`` held-out truths with each method; residuals and ``l(x)``."""
-    a = run.cfg["assimilate"]
+    """Posterior samples for ``n`` held-out truths with each method; residuals and ``l(x)``.
+    ``obs`` replaces the run's observation type for this call."""
+    a = {**run.cfg["assimilate"], **({"obs": obs} if obs else {})}
     if a.get("obs") not in OBSERVATIONS:
         raise ValueError(f"assimilate.obs must be one of {list(OBSERVATIONS)}, got {a.get('obs')!r}")
     for key in ("n", "steps"):
@@ -670,9 +672,9 @@ def _open_run(args: argparse.Namespace) -> NAMMRun:
     return NAMMRun(root, json.loads(json.dumps(cfg)), pick_device(args.device), args.fresh, not args.quiet)
 
 
-def _keep_settings(run: NAMMRun, cfg: dict | None = None) -> None:
+def _keep_settings(run: NAMMRun) -> None:
     """Record the settings (``--set`` included) in config.json once a command has succeeded with them."""
-    io.write_json_atomic(run.root / "config.json", run.cfg if cfg is None else cfg)
+    io.write_json_atomic(run.root / "config.json", run.cfg)
 
 
 def run_fit(args: argparse.Namespace) -> int:
@@ -750,11 +752,8 @@ def write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
 
 def run_assim(args: argparse.Namespace) -> int:
     run = _open_run(args)
-    settings = copy.deepcopy(run.cfg)  # --obs is for this call only
-    if args.obs:
-        run.cfg["assimilate"]["obs"] = args.obs
     methods = ("mirror DPS",) if args.no_baselines else ("mirror DPS", "DPS", "constraint-guided DPS")
-    res = run_assimilation(run, methods)
+    res = run_assimilation(run, methods, obs=args.obs)  # --obs is for this call only
     out = run.root / "assimilate"
     con = run.constraint()
     cols = {
@@ -776,6 +775,6 @@ def run_assim(args: argparse.Namespace) -> int:
     for k, v in res["methods"].items():
         res_l = f"residual {v['residual_mean']:8.3g}   l(x) mean {v['l_mean']:10.4g}"
         print(f"  {k:<24} {res_l}   {v['seconds']:.0f} s")
-    _keep_settings(run, settings)
+    _keep_settings(run)
     print(f"wrote {out / 'assimilation.png'}, {out / 'metrics.json'}")
     return 0

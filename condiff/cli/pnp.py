@@ -294,7 +294,7 @@ def run_segment(args: argparse.Namespace) -> int:
     )
     metrics = {"n": args.n, "chains": args.chains, "votes": votes, "steps": args.steps,
                "through_net": not args.stop_grad,
-               "seconds": round(res.seconds, 2), "iou_pnp": float(iou(res.mask.cpu(), truth.cpu()).mean()),
+               "seconds": round(res.seconds, 2), "iou_pnp": float(per_image.mean()),
                "iou_kmeans": float(iou(km, truth.cpu()).mean()), "iou_otsu": float(iou(ot, truth.cpu()).mean()),
                "picture_columns": ["scene", "true mask", "pnp mask", "2-means mask", "otsu mask"]}
     return _finish(out, metrics, [pic])

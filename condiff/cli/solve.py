@@ -155,10 +155,11 @@ def run(args: argparse.Namespace) -> int:
         nfe, grads, seconds = nfe + res.nfe, grads + res.grad_evals, seconds + res.seconds
     rec = torch.cat(parts)
     out = Path(args.out or Path(args.ckpt) / "solve" / f"{args.operator}-{args.method}-{args.steps}")
+    psnr = metrics.psnr(rec, x)
     m = {
-        "psnr": float(metrics.psnr(rec, x).mean()), "ssim": float(metrics.ssim(rec.cpu(), x.cpu()).mean()),
+        "psnr": float(psnr.mean()), "ssim": float(metrics.ssim(rec.cpu(), x.cpu()).mean()),
         "residual": float(op.residual(rec, y).mean()), "residual_truth": float(op.residual(x, y).mean()),
-        "psnr_per_image": metrics.psnr(rec, x).tolist(),
+        "psnr_per_image": psnr.tolist(),
         "seconds": round(seconds, 3), "seconds_total": round(time.perf_counter() - t0, 3),
         "steps": args.steps, "nfe": nfe, "grad_evals": grads, "n": len(x),
         "method": args.method, "hyperparameters": hp, "task": task, "eta": args.eta, "clip_x0": clip,
@@ -176,17 +177,17 @@ def run(args: argparse.Namespace) -> int:
 def write_outputs(out: Path, x: torch.Tensor, op: Operator, y: torch.Tensor, rec: torch.Tensor,
                   m: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    save_png_grid(x.cpu(), out / "ground_truth.png")
-    save_png_grid(op.to_image(y).clamp(-1, 1).cpu(), out / "measurement.png")
-    save_png_grid(rec.clamp(-1, 1).cpu(), out / "reconstruction.png")
-    psnr = m.get("psnr_per_image") or []
-    err = (rec - x).abs().mean(1, keepdim=True).cpu()  # channel mean, black = 0, white = the largest shown
+    x, seen, rec = x.cpu(), op.to_image(y).clamp(-1, 1).cpu(), rec.clamp(-1, 1).cpu()
+    save_png_grid(x, out / "ground_truth.png")
+    save_png_grid(seen, out / "measurement.png")
+    save_png_grid(rec, out / "reconstruction.png")
+    err = (rec - x).abs().mean(1, keepdim=True)  # channel mean, black = 0, white = the largest shown
     top = float(err[:8].max()) or 1.0
     plot_image_columns(
-        {"truth": x.cpu().numpy(), "measurement": op.to_image(y).cpu().numpy(), "reconstruction": rec.cpu().numpy(),
+        {"truth": x.numpy(), "measurement": seen.numpy(), "reconstruction": rec.numpy(),
          f"|error| (white {top:.2g})": (err / top * 2 - 1).numpy()},
-        out / "comparison.png", row_labels=[f"{v:.1f} dB" for v in psnr] if psnr else None,
-        title=f"{m.get('method', '')}, {m.get('steps', '')} steps: PSNR {m.get('psnr', float('nan')):.2f} dB",
+        out / "comparison.png", row_labels=[f"{v:.1f} dB" for v in m["psnr_per_image"]],
+        title=f"{m['method']}, {m['steps']} steps: PSNR {m['psnr']:.2f} dB",
     )
     np.savez_compressed(out / "reconstruction.npz", x=rec.cpu().numpy(), y=y.cpu().numpy(),
                         ground_truth=x.cpu().numpy())
