@@ -170,6 +170,7 @@ class RowCache:
     def put(self, key: str, row: dict) -> None:
         if self.enabled:
             self.rows[key] = row
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # derived profiles have no model dir
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.rows))
             tmp.replace(self.path)

@@ -82,6 +82,20 @@ PROFILES = {
     "quick-1000-confirm": {"k": 128, "models": "quick", "budgets": {1000: ["dps", "dsg+dps"]},
                            "grids": {"zeta": [0.1, 0.2, 0.3], "rate": [0.15, 0.2, 0.3],
                                      "final": [0.0], "interval": [3, 5]}},
+    # DSG falls short of DPS at 1000 steps on box inpainting and SR (quick-paired: its residual sits
+    # near sigma_y, DPS's well below): the final Euclidean step at finer sizes than quick-final-1000's
+    # [0, 1], on the 128 images of quick-1000-confirm, around its chosen rates at interval 5
+    "quick-1000-final": {"k": 128, "models": "quick", "budgets": {1000: ["dsg+dps"]},
+                         "grids": {"rate": [0.2, 0.3], "final": [0.0, 0.25, 0.5, 1.0], "interval": [5]}},
+    # 20, 50 and 100 steps on 128 images as well (quick-refine and quick-final had 32): DPS's zeta and
+    # DPS+DSG's rate x final over the region those runs chose from (deblur's 20-step gap trailed its
+    # 50-step gap by 0.11 dB on 1024 test patches, within 1.2 SE)
+    "quick-confirm": {"k": 128, "models": "quick", "budgets": {s: ["dps", "dsg+dps"] for s in (20, 50, 100)},
+                      "grids": {"zeta": [0.5, 1.0, 2.0, 5.0], "rate": [0.2, 0.3, 0.5, 0.7, 1.0],
+                                "final": [0.0, 0.25, 0.5, 1.0, 2.0, 3.0]}},
+    # quick-1000-final chose final = 0 on SR: the grid's gap below 0.25
+    "quick-1000-final-lo": {"k": 128, "models": "quick", "budgets": {1000: ["dsg+dps"]},
+                            "grids": {"rate": [0.2, 0.3], "final": [0.0, 0.05, 0.1, 0.15], "interval": [5]}},
 }
 
 
@@ -129,7 +143,9 @@ def sweep_budget(den, task, x, op, y, steps, methods, device, rows, grids: dict 
                                          if k in grid or k == "interval"),
                      "train PSNR": psnr, "worst in grid": min(s for _, s in scores),
                      "grid": ", ".join(f"{k}: {len(v)}" for k, v in grid.items()),
-                     "at grid edge": ", ".join(edge) or "-", "seconds": round(time.perf_counter() - t0, 1)})
+                     "at grid edge": ", ".join(edge) or "-", "seconds": round(time.perf_counter() - t0, 1),
+                     # every grid point's score, for the JSON (the table shows the best and the worst)
+                     "scores": [{**p, "train PSNR": round(v, 3)} for p, v in scores]})
         log(f"sweep {task} {steps} {method}: {rows[-1]['chosen']} -> {psnr:.2f} dB")
         return best
 

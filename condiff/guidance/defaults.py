@@ -12,6 +12,10 @@ DPS+DSG at every budget was then re-chosen with DSG's ``final`` step in the grid
 At 1000 steps both DPS and DPS+DSG were finally re-chosen on 128 train images (``quick-1000-confirm``,
 over the region that ``quick-1000-refine`` on 32 images pointed to): on 32 images the same setting
 scored up to 0.9 dB apart in two batches. benchmarks/results/guidance-sweep-quick-1000-*.json.
+DPS+DSG's ``final`` at 1000 steps was last re-chosen on the same 128 images at interval 5
+(``quick-1000-final``, final 0 / 0.25 / 0.5 / 1; ``quick-1000-final-lo``, 0 to 0.15 on SR): the
+earlier grid's [0, 1] had skipped the sizes that help inpainting (final 0.5 beat 0 by 0.8 dB on
+random inpainting, where the sphere's radius at the last steps is too small to fit the measurement).
 For a step budget the sweep did not cover, the nearest swept budget (in log steps) is used.
 """
 
@@ -32,7 +36,8 @@ GENERIC: dict[str, dict] = {
 # task -> steps -> method -> hyperparameters, chosen by `condiff bench guidance-sweep --profile quick`
 # (benchmarks/guidance_sweep.py; train split, 8 images per task; results/guidance-sweep-quick.json);
 # "dps" at 20, 50, 100 steps by `--profile quick-refine` (32 train images); "dsg+dps" by
-# `--profile quick-final` (20-100 steps, 32 images); both at 1000 steps by `quick-1000-confirm` (128 images)
+# `--profile quick-final` (20-100 steps, 32 images); both at 1000 steps by `quick-1000-confirm` (128 images),
+# DPS+DSG's final at 1000 steps by `quick-1000-final` (128 images)
 TUNED: dict[str, dict[int, dict[str, dict]]] = {
     "digits/inpaint-random": {
         20: {
@@ -61,7 +66,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.3},
-            "dsg+dps": {"interval": 5, "rate": 0.3, "final": 0.0},
+            "dsg+dps": {"interval": 5, "rate": 0.3, "final": 0.5},
         },
     },
     "digits/inpaint-box": {
@@ -91,7 +96,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.2},
-            "dsg+dps": {"interval": 3, "rate": 0.3, "final": 0.0},
+            "dsg+dps": {"interval": 5, "rate": 0.3, "final": 0.25},
         },
     },
     "patches/sr": {
