@@ -12,10 +12,11 @@ DPS+DSG at every budget was then re-chosen with DSG's ``final`` step in the grid
 At 1000 steps both DPS and DPS+DSG were finally re-chosen on 128 train images (``quick-1000-confirm``,
 over the region that ``quick-1000-refine`` on 32 images pointed to): on 32 images the same setting
 scored up to 0.9 dB apart in two batches. benchmarks/results/guidance-sweep-quick-1000-*.json.
-DPS+DSG's ``final`` at 1000 steps was last re-chosen on the same 128 images at interval 5
-(``quick-1000-final``, final 0 / 0.25 / 0.5 / 1; ``quick-1000-final-lo``, 0 to 0.15 on SR): the
-earlier grid's [0, 1] had skipped the sizes that help inpainting (final 0.5 beat 0 by 0.8 dB on
-random inpainting, where the sphere's radius at the last steps is too small to fit the measurement).
+Finally (2026-12-01) the sweep began to sample every grid point from the same seed (common random
+numbers; in one batch each point had drawn its own noise, which on 128 images moved a point's mean
+PSNR by up to 0.8 dB), and DPS and DPS+DSG were re-chosen that way at every budget on the same 128
+training images: ``quick-crn`` (20, 50, 100 steps) and ``quick-1000-crn`` (1000 steps, interval 5).
+Their choices are the ``dps`` and ``dsg+dps`` entries below; the other methods keep the quick sweep's.
 For a step budget the sweep did not cover, the nearest swept budget (in log steps) is used.
 """
 
@@ -35,14 +36,13 @@ GENERIC: dict[str, dict] = {
 
 # task -> steps -> method -> hyperparameters, chosen by `condiff bench guidance-sweep --profile quick`
 # (benchmarks/guidance_sweep.py; train split, 8 images per task; results/guidance-sweep-quick.json);
-# "dps" at 20, 50, 100 steps by `--profile quick-refine` (32 train images); "dsg+dps" by
-# `--profile quick-final` (20-100 steps, 32 images); both at 1000 steps by `quick-1000-confirm` (128 images),
-# DPS+DSG's final at 1000 steps by `quick-1000-final` (128 images)
+# "dps" and "dsg+dps" by `--profile quick-crn` (20-100 steps) and `quick-1000-crn` (1000 steps), on
+# 128 train images with common random numbers (results/guidance-sweep-quick-*crn.json)
 TUNED: dict[str, dict[int, dict[str, dict]]] = {
     "digits/inpaint-random": {
         20: {
             "dps": {"zeta": 2.0},
-            "dsg+dps": {"interval": 1, "rate": 0.7, "final": 0.25},
+            "dsg+dps": {"interval": 1, "rate": 1.0, "final": 0.5},
             "freedom": {"zeta": 1.0},
             "dsg+freedom": {"rate": 1.0, "interval": 1},
             "ugd": {"forward": 30.0, "backward_lr": 0.0},
@@ -50,29 +50,29 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         50: {
             "dps": {"zeta": 2.0},
-            "dsg+dps": {"interval": 1, "rate": 1.0, "final": 0.0},
+            "dsg+dps": {"interval": 1, "rate": 1.0, "final": 0.25},
             "freedom": {"zeta": 2.0},
             "dsg+freedom": {"rate": 0.5, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.3},
             "dsg+ugd": {"backward_lr": 0.3, "rate": 0.7, "interval": 1},
         },
         100: {
-            "dps": {"zeta": 0.5},
-            "dsg+dps": {"interval": 1, "rate": 1.0, "final": 0.5},
+            "dps": {"zeta": 1.0},
+            "dsg+dps": {"interval": 1, "rate": 0.7, "final": 0.25},
             "freedom": {"zeta": 0.5},
             "dsg+freedom": {"rate": 0.7, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.0},
             "dsg+ugd": {"backward_lr": 0.0, "rate": 0.5, "interval": 1},
         },
         1000: {
-            "dps": {"zeta": 0.3},
-            "dsg+dps": {"interval": 5, "rate": 0.3, "final": 0.5},
+            "dps": {"zeta": 0.2},
+            "dsg+dps": {"interval": 5, "rate": 0.2, "final": 0.25},
         },
     },
     "digits/inpaint-box": {
         20: {
             "dps": {"zeta": 2.0},
-            "dsg+dps": {"interval": 1, "rate": 0.7, "final": 0.25},
+            "dsg+dps": {"interval": 1, "rate": 1.0, "final": 0.5},
             "freedom": {"zeta": 2.0},
             "dsg+freedom": {"rate": 1.0, "interval": 1},
             "ugd": {"forward": 30.0, "backward_lr": 0.0},
@@ -80,7 +80,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         50: {
             "dps": {"zeta": 1.0},
-            "dsg+dps": {"interval": 1, "rate": 1.0, "final": 0.25},
+            "dsg+dps": {"interval": 1, "rate": 0.7, "final": 0.25},
             "freedom": {"zeta": 2.0},
             "dsg+freedom": {"rate": 0.5, "interval": 1},
             "ugd": {"forward": 30.0, "backward_lr": 0.3},
@@ -88,7 +88,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         100: {
             "dps": {"zeta": 1.0},
-            "dsg+dps": {"interval": 1, "rate": 0.7, "final": 0.25},
+            "dsg+dps": {"interval": 1, "rate": 1.0, "final": 0.25},
             "freedom": {"zeta": 0.5},
             "dsg+freedom": {"rate": 0.7, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.0},
@@ -102,7 +102,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
     "patches/sr": {
         20: {
             "dps": {"zeta": 2.0},
-            "dsg+dps": {"interval": 1, "rate": 0.3, "final": 2.0},
+            "dsg+dps": {"interval": 1, "rate": 0.2, "final": 1.0},
             "freedom": {"zeta": 5.0},
             "dsg+freedom": {"rate": 0.2, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.0},
@@ -110,7 +110,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         50: {
             "dps": {"zeta": 2.0},
-            "dsg+dps": {"interval": 1, "rate": 0.3, "final": 1.0},
+            "dsg+dps": {"interval": 1, "rate": 0.3, "final": 0.25},
             "freedom": {"zeta": 2.0},
             "dsg+freedom": {"rate": 0.5, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.1},
@@ -118,7 +118,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         100: {
             "dps": {"zeta": 1.0},
-            "dsg+dps": {"interval": 1, "rate": 0.3, "final": 0.5},
+            "dsg+dps": {"interval": 1, "rate": 0.3, "final": 0.0},
             "freedom": {"zeta": 1.0},
             "dsg+freedom": {"rate": 0.5, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.1},
@@ -126,7 +126,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.2},
-            "dsg+dps": {"interval": 5, "rate": 0.2, "final": 0.0},
+            "dsg+dps": {"interval": 5, "rate": 0.2, "final": 0.25},
         },
     },
     "patches/blur": {
@@ -156,7 +156,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.2},
-            "dsg+dps": {"interval": 5, "rate": 0.3, "final": 0.0},
+            "dsg+dps": {"interval": 5, "rate": 0.3, "final": 0.25},
         },
     },
 }
