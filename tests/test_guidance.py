@@ -225,7 +225,7 @@ def test_ugd_backward_guidance_fits_the_measurement_and_recurrence_costs():
 
 
 def test_per_sample_hyperparameters_match_separate_runs():
-    """A (B,) tensor of zetas gives each sample the run it would get alone (the sweep relies on it)."""
+    """A (B,) tensor of zetas gives each sample the run it would get alone (a grid can run in one batch)."""
     den = _oracle(200)
     op, loss = _half_mask_loss(4)
     runs = {z: guided_sample(den, DPS(loss, zeta=z), (4, 1, 4, 4), 6, generator=_gen()).x for z in (0.3, 2.0)}
