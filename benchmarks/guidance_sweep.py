@@ -26,6 +26,8 @@ Quick-final profiles: DPS+DSG with the final Euclidean step (``final``, an exten
 condiff/guidance/dsg.py), rate x final on K = 32 images at 20, 50 and 100 steps; at 1000 steps rate x
 final x interval on K = 32 (about 6 minutes per task and interval on one CPU core; K = 8 proved too
 noisy at 1000 steps).
+Common-random-numbers profiles (the defaults now): ``quick-crn`` (DPS zeta, DPS+DSG rate x final at
+20, 50, 100 steps) and ``quick-1000-crn`` (zeta; rate x final at interval 5), both on K = 128 images.
 ``SWEEP_TASKS=patches/sr,patches/blur`` restricts a run to some tasks; the result JSON keeps the rows
 and choices of the other tasks from the profile's earlier result, so runs of one profile in parallel,
 one task each, add up (until 2026-11-30 they overwrote each other and were merged by hand, as the

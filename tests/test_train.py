@@ -74,7 +74,16 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == 300
 
 
-def test_ctrl_c_checkpoints_the_finished_step_and_resume_is_exact(tmp_path):
+@pytest.fixture
+def sigint_default():
+    """Python's own Ctrl-C handler for the test: a shell that starts pytest in the background sets
+    SIGINT to 'ignore', and the Trainer rightly leaves an ignored SIGINT alone."""
+    prev = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, prev)
+
+
+def test_ctrl_c_checkpoints_the_finished_step_and_resume_is_exact(tmp_path, sigint_default):
     x = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
     s = Schedule.linear(100)
     cfg = TrainConfig(steps=30, lr=3e-3, warmup=5, progress=False, log_every=5, ckpt_every=100, batch_size=32)
@@ -103,6 +112,27 @@ def test_ctrl_c_checkpoints_the_finished_step_and_resume_is_exact(tmp_path):
     for a, b in ((ref.model, again.model), (ref.ema, again.ema)):
         for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(va, vb), k
+
+
+def test_an_ignored_ctrl_c_stays_ignored(tmp_path):
+    """A process started in the background ignores SIGINT: training neither installs its handler
+    nor stops."""
+    prev = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+        cfg = TrainConfig(steps=4, progress=False, log_every=2, ckpt_every=100, batch_size=16)
+
+        class CtrlCAtStep1(DenoisingObjective):
+            def loss(self, model, step, gen):
+                if step == 1:
+                    os.kill(os.getpid(), signal.SIGINT)
+                return super().loss(model, step, gen)
+
+        tr = Trainer(TimeMLP(2, hidden=8, depth=1), CtrlCAtStep1(x, Schedule.linear(50), 16), cfg, tmp_path)
+        tr.fit()
+        assert tr.step == 4 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, prev)
 
 
 def test_existing_run_needs_resume_or_fresh(tmp_path):
