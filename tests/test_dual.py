@@ -396,6 +396,21 @@ def test_cli_dual_train_writes_model_plots_metrics_and_resumes(tmp_path, capsys)
     assert main(["sample", "--ckpt", str(out), "--n", "8", "--steps", "5", "--device", "cpu"]) == 0
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("dual.every=often", "setting dual.every expects a number"),  # type-checked against the run file
+    ("model.hidden=wide", "setting model.hidden expects a number"),  # and against the preset
+    ("dule.every=5", "override key 'dule.every' must be section.key"),
+])
+def test_cli_dual_train_checks_set_values(tmp_path, capsys, setting, message):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(RUN_FILE)
+    out = tmp_path / "o"
+    assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu", "--set", setting]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (out / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("edit, message", [
     (("bound = 0.2", ""), "exactly one of bound"),
     (("bound = 0.2", "relative = 1.1"), "needs reference"),

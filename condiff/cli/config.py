@@ -154,8 +154,11 @@ def resolve(data: str | None = None, file: str | Path | None = None,
 
     The data set is ``data.name`` from the overrides, else ``data``, else the file's, else digits.
     """
-    from_file = read_toml(file) if file else {}
-    parsed = [parse_override(o) for o in overrides or []]
+    return assemble(read_toml(file) if file else {}, [parse_override(o) for o in overrides or []], data)
+
+
+def assemble(from_file: dict, parsed: list[tuple[list[str], Any]], data: str | None = None) -> dict:
+    """The data set's preset < ``from_file`` (checked tables) < ``parsed`` overrides (type-checked)."""
     named = [str(v) for p, v in parsed if p == ["data", "name"]]
     name = (named or [None])[-1] or data or from_file.get("data", {}).get("name") or "digits"
     cfg = merge(preset(name), from_file)

@@ -130,20 +130,11 @@ def read_run_file(path: str | Path) -> tuple[dict, dict]:
 def resolve(file: str | Path, overrides: list[str]) -> dict:
     """Preset of the data set < run file < overrides; ``dual.*`` and ``objective.*`` overrides too."""
     std, dual = read_run_file(file)
-    plain = []
-    for item in overrides:
-        section = item.split(".", 1)[0]
-        if section in ("dual", "objective") and "=" in item:
-            key, raw = item.split("=", 1)
-            dual[section][key.split(".", 1)[1].strip()] = config_mod.toml_value(raw)
-        else:
-            plain.append(config_mod.parse_override(item))
-    named = [str(v) for p, v in plain if p == ["data", "name"]]
-    name = (named or [None])[-1] or std.get("data", {}).get("name") or "digits"
-    cfg = config_mod.merge(config_mod.preset(name), std)
-    cfg["data"]["name"] = name
-    for (section, key), value in plain:
-        cfg[section][key] = value
+    parsed = [config_mod.parse_override(o, config_mod.SECTIONS + ("dual", "objective")) for o in overrides]
+    for path, value in parsed:
+        if path[0] in ("dual", "objective"):
+            config_mod.set_path(dual, path, value)
+    cfg = config_mod.assemble(std, [(p, v) for p, v in parsed if p[0] in config_mod.SECTIONS])
     cfg.update(dual)
     return cfg
 
