@@ -155,6 +155,8 @@ class RowCache:
     def __init__(self, profile: str) -> None:
         self.enabled = os.environ.get("CONDIFF_BENCH_REUSE", "") == "1"
         self.path = runs_dir() / profile / "rows.json"
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # derived profiles have no model dir
         self.rows = json.loads(self.path.read_text()) if self.enabled and self.path.is_file() else {}
         self.reused = 0
 
@@ -170,7 +172,6 @@ class RowCache:
     def put(self, key: str, row: dict) -> None:
         if self.enabled:
             self.rows[key] = row
-            self.path.parent.mkdir(parents=True, exist_ok=True)  # derived profiles have no model dir
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.rows))
             tmp.replace(self.path)

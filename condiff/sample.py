@@ -17,6 +17,7 @@ DDIM step from ``t`` to ``s < t`` with stochasticity ``eta`` (Song et al. 2021, 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -229,8 +230,6 @@ def progress_bar(total: int, enabled: bool, unit: str = "step", desc: str | None
     (callers skip updates). Written to a file or pipe rather than a terminal it refreshes every 10 s."""
     if not enabled:
         return None
-    import sys
-
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, unit=unit, leave=leave, dynamic_ncols=True, desc=desc,

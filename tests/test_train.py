@@ -75,15 +75,28 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
 
 
 @pytest.fixture
-def sigint_default():
-    """Python's own Ctrl-C handler for the test: a shell that starts pytest in the background sets
-    SIGINT to 'ignore', and the Trainer rightly leaves an ignored SIGINT alone."""
-    prev = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
+def sigint():
+    """Set the process's SIGINT handler for one test (restored after): a shell that starts pytest in
+    the background sets it to 'ignore', and the Trainer rightly leaves an ignored SIGINT alone."""
+    prev = signal.getsignal(signal.SIGINT)
+    yield lambda handler: signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGINT, prev)
 
 
-def test_ctrl_c_checkpoints_the_finished_step_and_resume_is_exact(tmp_path, sigint_default):
+def _ctrl_c_at(step: int) -> type[DenoisingObjective]:
+    """An objective that sends this process SIGINT while computing the loss of ``step`` (mid-step)."""
+
+    class CtrlC(DenoisingObjective):
+        def loss(self, model, s, gen):
+            if s == step:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().loss(model, s, gen)
+
+    return CtrlC
+
+
+def test_ctrl_c_checkpoints_the_finished_step_and_resume_is_exact(tmp_path, sigint):
+    sigint(signal.default_int_handler)
     x = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
     s = Schedule.linear(100)
     cfg = TrainConfig(steps=30, lr=3e-3, warmup=5, progress=False, log_every=5, ckpt_every=100, batch_size=32)
@@ -92,17 +105,11 @@ def test_ctrl_c_checkpoints_the_finished_step_and_resume_is_exact(tmp_path, sigi
         torch.manual_seed(0)
         return TimeMLP(2, hidden=16, depth=1)
 
-    class CtrlCAtStep12(DenoisingObjective):
-        def loss(self, model, step, gen):
-            if step == 12:
-                os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step
-            return super().loss(model, step, gen)
-
     ref = Trainer(net(), DenoisingObjective(x, s, 32), cfg, tmp_path / "ref")
     ref.fit()
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(net(), CtrlCAtStep12(x, s, 32), cfg, tmp_path / "run").fit()
+        Trainer(net(), _ctrl_c_at(12)(x, s, 32), cfg, tmp_path / "run").fit()
     assert signal.getsignal(signal.SIGINT) is handler  # restored
     # the step in flight was finished and saved, although no checkpoint was due before step 30
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000013"]
@@ -114,25 +121,15 @@ def test_ctrl_c_checkpoints_the_finished_step_and_resume_is_exact(tmp_path, sigi
             assert torch.equal(va, vb), k
 
 
-def test_an_ignored_ctrl_c_stays_ignored(tmp_path):
+def test_an_ignored_ctrl_c_stays_ignored(tmp_path, sigint):
     """A process started in the background ignores SIGINT: training neither installs its handler
     nor stops."""
-    prev = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
-        cfg = TrainConfig(steps=4, progress=False, log_every=2, ckpt_every=100, batch_size=16)
-
-        class CtrlCAtStep1(DenoisingObjective):
-            def loss(self, model, step, gen):
-                if step == 1:
-                    os.kill(os.getpid(), signal.SIGINT)
-                return super().loss(model, step, gen)
-
-        tr = Trainer(TimeMLP(2, hidden=8, depth=1), CtrlCAtStep1(x, Schedule.linear(50), 16), cfg, tmp_path)
-        tr.fit()
-        assert tr.step == 4 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, prev)
+    sigint(signal.SIG_IGN)
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(steps=4, progress=False, log_every=2, ckpt_every=100, batch_size=16)
+    tr = Trainer(TimeMLP(2, hidden=8, depth=1), _ctrl_c_at(1)(x, Schedule.linear(50), 16), cfg, tmp_path)
+    tr.fit()
+    assert tr.step == 4 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_existing_run_needs_resume_or_fresh(tmp_path):

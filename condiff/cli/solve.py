@@ -189,6 +189,5 @@ def write_outputs(out: Path, x: torch.Tensor, op: Operator, y: torch.Tensor, rec
         out / "comparison.png", row_labels=[f"{v:.1f} dB" for v in m["psnr_per_image"]],
         title=f"{m['method']}, {m['steps']} steps: PSNR {m['psnr']:.2f} dB",
     )
-    np.savez_compressed(out / "reconstruction.npz", x=rec.cpu().numpy(), y=y.cpu().numpy(),
-                        ground_truth=x.cpu().numpy())
+    np.savez_compressed(out / "reconstruction.npz", x=rec.numpy(), y=y.cpu().numpy(), ground_truth=x.numpy())
     io.write_json_atomic(out / "metrics.json", m)
