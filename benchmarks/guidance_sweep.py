@@ -26,8 +26,12 @@ Quick-final profiles: DPS+DSG with the final Euclidean step (``final``, an exten
 condiff/guidance/dsg.py), rate x final on K = 32 images at 20, 50 and 100 steps; at 1000 steps rate x
 final x interval on K = 32 (about 6 minutes per task and interval on one CPU core; K = 8 proved too
 noisy at 1000 steps).
-Common-random-numbers profiles (the defaults now): ``quick-crn`` (DPS zeta, DPS+DSG rate x final at
-20, 50, 100 steps) and ``quick-1000-crn`` (zeta; rate x final at interval 5), both on K = 128 images.
+Common-random-numbers profiles: ``quick-crn`` (DPS zeta, DPS+DSG rate x final at 20, 50, 100 steps)
+and ``quick-1000-crn`` (zeta; rate x final at interval 5), both on K = 128 images, and the refinements
+after them (``quick-crn-20-lo``, ``quick-1000-crn-int``, ``-wide``, ``-hi``, ``-dps``). They share the
+images, measurements and sampling seeds, so their scores compare across runs: ``--profile crn-best``
+samples nothing and takes, per task, budget and method, the best point over all of them (refusing a
+point two runs scored differently). Its ``tuned`` holds the DPS and DPS+DSG defaults.
 ``SWEEP_TASKS=patches/sr,patches/blur`` restricts a run to some tasks; the result JSON keeps the rows
 and choices of the other tasks from the profile's earlier result, so runs of one profile in parallel,
 one task each, add up (until 2026-11-30 they overwrote each other and were merged by hand, as the
@@ -110,6 +114,28 @@ PROFILES = {
     # paper uses 5 to 20 at 1000 steps, but sphere steps at every step may fit the measurement closer)
     "quick-1000-crn-int": {"k": 128, "models": "quick", "budgets": {1000: ["dsg+dps"]},
                            "grids": {"rate": [0.1, 0.2, 0.3], "final": [0.25], "interval": [1, 2, 3]}},
+    # DPS led DPS+DSG at 1000 steps on train in every earlier CRN run, with interval 5 at the edge of
+    # quick-1000-crn's rates and intervals 1-3 no better: the intervals above 5 (the DSG paper uses 5
+    # to 20 at 1000 steps) and a wider rate range, on the same 128 images and seeds
+    "quick-1000-crn-wide": {"k": 128, "models": "quick", "budgets": {1000: ["dsg+dps"]},
+                            "grids": {"rate": [0.1, 0.2, 0.3, 0.4], "final": [0.25], "interval": [5, 10, 20]}},
+    # ... which chose interval 10 at its top rate 0.4 (ahead of DPS on random inpainting): the rates
+    # above it at intervals 10 and 20
+    "quick-1000-crn-hi": {"k": 128, "models": "quick", "budgets": {1000: ["dsg+dps"]},
+                          "grids": {"rate": [0.5, 0.6, 0.8, 1.0], "final": [0.25], "interval": [10, 20]}},
+    # ... and, as DPS+DSG's 1000-step grid grew, DPS's zeta between its grid's points (it had 0.1,
+    # 0.2, 0.3 only), so both methods are tuned as finely near their best
+    "quick-1000-crn-dps": {"k": 128, "models": "quick", "budgets": {1000: ["dps"]},
+                           "grids": {"zeta": [0.15, 0.25]}},
+    # quick-crn chose rate 0.2 (its grid's lowest) for SR at 20 steps and 0.2-0.3 for deblur: the
+    # rates below, with final around its choices, and DPS's zeta between 1 and 5 (same images, seeds)
+    "quick-crn-20-lo": {"k": 128, "models": "quick", "budgets": {20: ["dps", "dsg+dps"]},
+                        "grids": {"zeta": [1.5, 2.0, 3.0], "rate": [0.05, 0.1, 0.15, 0.2],
+                                  "final": [0.5, 1.0, 1.5, 2.0]}},
+    # not a sweep: the best point per task, budget and method over the CRN runs above, which share
+    # the 128 images, measurements and sampling seeds, so their scores compare directly
+    "crn-best": {"combine": ["quick-crn", "quick-crn-20-lo", "quick-1000-crn", "quick-1000-crn-int",
+                             "quick-1000-crn-wide", "quick-1000-crn-hi", "quick-1000-crn-dps"]},
     # quick-1000-final chose final = 0 on SR: the grid's gap below 0.25
     "quick-1000-final-lo": {"k": 128, "models": "quick", "budgets": {1000: ["dsg+dps"]},
                             "grids": {"rate": [0.2, 0.3], "final": [0.0, 0.05, 0.1, 0.15], "interval": [5]}},
@@ -190,11 +216,15 @@ def sweep_budget(den, task, x, op, y, steps, methods, device, rows, grids: dict 
     return chosen
 
 
+def _result(profile: str) -> Path:
+    return Path(__file__).resolve().parent / "results" / f"guidance-sweep-{profile}.json"
+
+
 def _keep_other_tasks(profile: str, only: list[str], rows: list[dict], tuned: dict) -> None:
     """A ``SWEEP_TASKS`` run rewrites the profile's result JSON: carry over the rows and choices of the
     tasks it did not run, so runs of one profile in parallel (one task each) add up instead of
     overwriting each other. (Two runs finishing in the same second can still race.)"""
-    path = Path(__file__).resolve().parent / "results" / f"guidance-sweep-{profile}.json"
+    path = _result(profile)
     if not path.is_file():
         return
     old = json.loads(path.read_text())
@@ -204,12 +234,62 @@ def _keep_other_tasks(profile: str, only: list[str], rows: list[dict], tuned: di
             tuned[task] = {int(k): v for k, v in by_steps.items()}
 
 
+def _fixed(row: dict) -> dict:
+    """The settings a row held fixed (e.g. DSG's interval): those in ``chosen`` but not in its grid."""
+    grid = set(row["scores"][0]) - {"train PSNR"}
+    pairs = (kv.split("=") for kv in row["chosen"].split(", "))
+    return {k: (int(v) if k == "interval" else float(v)) for k, v in pairs if k not in grid}
+
+
+def combine(names: list[str]) -> dict:
+    """Per task, budget and method, the best grid point over the result JSONs of ``names``: sweeps
+    on the same images and seeds (common random numbers), so a score from one run compares with a
+    score from another. Refuses runs whose image count or models differ, and a point that two runs
+    scored differently (more than 0.01 dB apart)."""
+    keys = {(PROFILES[n]["k"], PROFILES[n].get("models")) for n in names}
+    if len(keys) != 1:
+        raise ValueError(f"sweeps {names} differ in images or models ({sorted(keys)}): not comparable")
+    best: dict[tuple, tuple[float, dict, str]] = {}
+    seen: dict[tuple, tuple[float, str]] = {}  # (task, steps, method, point) -> (score, profile)
+    for name in names:
+        path = _result(name)
+        if not path.is_file():
+            raise ValueError(f"no result for sweep profile {name!r} ({path}); run it first")
+        for row in json.loads(path.read_text())["rows"]:
+            key, fixed = (row["task"], int(row["steps"]), row["method"]), _fixed(row)
+            for score in row["scores"]:
+                point = {**fixed, **{k: v for k, v in score.items() if k != "train PSNR"}}
+                ident = (*key, tuple(sorted(point.items())))
+                if ident in seen and abs(seen[ident][0] - score["train PSNR"]) > 0.01:
+                    raise ValueError(f"{key} {point}: {seen[ident][0]} dB in {seen[ident][1]} but "
+                                     f"{score['train PSNR']} dB in {name}: the sweeps are not comparable")
+                seen[ident] = (score["train PSNR"], name)
+                if key not in best or score["train PSNR"] > best[key][0]:
+                    best[key] = (score["train PSNR"], point, name)
+    rows, tuned = [], {}
+    for (task, steps, method), (psnr, point, name) in sorted(best.items()):
+        rows.append({"task": task, "steps": steps, "method": method,
+                     "chosen": ", ".join(f"{k}={v:g}" for k, v in point.items()),
+                     "train PSNR": psnr, "from": name,
+                     "points tried": sum(i[:3] == (task, steps, method) for i in seen)})
+        tuned.setdefault(task, {}).setdefault(steps, {})[method] = point
+    return {"title": "Guidance hyperparameter sweep (train split): best of the CRN sweeps",
+            "columns": ["task", "steps", "method", "chosen", "train PSNR", "points tried", "from"],
+            "rows": rows, "tuned": tuned,
+            "notes": [f"The best-scoring point of each task, budget and method over the sweeps {names} "
+                      f"({PROFILES[names[0]]['k']} training images, common random numbers: the same "
+                      "images, measurements and sampling noise in every run, so their scores compare "
+                      "directly). No sampling is done here."]}
+
+
 def run(profile: str = "quick", device: str = "cpu") -> dict:
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
     if device == "cpu":
         torch.set_num_threads(1)
     p = PROFILES[profile]
+    if "combine" in p:
+        return combine(p["combine"])
     rows: list[dict] = []
     tuned: dict[str, dict[int, dict]] = {}
     models: dict = {}

@@ -33,3 +33,42 @@ def test_equal_grid_points_score_equally_and_others_differ(monkeypatch):
         scores = [s for _, s in sweep.evaluate(den, method, {}, grid, x, op, y, 8, "cpu", seed=3)]
         assert scores[0] == scores[1]
         assert scores[2] != scores[0]
+
+
+def _row(task, steps, method, chosen, scores):
+    return {"task": task, "steps": steps, "method": method, "chosen": chosen, "scores": scores}
+
+
+def test_combine_takes_the_best_point_over_runs_and_refuses_disagreeing_ones(monkeypatch, tmp_path):
+    """The best of several CRN sweeps: the highest score per task, budget and method, with the
+    settings a row held fixed (DSG's interval) parsed back from its ``chosen``; one point scored
+    differently by two runs means they did not share images and seeds, and is refused."""
+    import json
+
+    sweep = _sweep(monkeypatch)
+    runs = {
+        "a": [_row("t", 1000, "dps", "zeta=0.2", [{"zeta": 0.1, "train PSNR": 17.0},
+                                                   {"zeta": 0.2, "train PSNR": 17.5}]),
+              _row("t", 1000, "dsg+dps", "interval=5, rate=0.2", [{"rate": 0.2, "train PSNR": 17.4}])],
+        "b": [_row("t", 1000, "dsg+dps", "interval=10, rate=0.4", [{"rate": 0.2, "train PSNR": 16.0},
+                                                                   {"rate": 0.4, "train PSNR": 17.6}]),
+              _row("t", 1000, "dps", "zeta=0.2", [{"zeta": 0.2, "train PSNR": 17.5}])],
+    }
+    for name, rows in runs.items():
+        (tmp_path / name).write_text(json.dumps({"rows": rows}))
+    monkeypatch.setattr(sweep, "_result", lambda name: tmp_path / name)
+    monkeypatch.setitem(sweep.PROFILES, "a", {"k": 128, "models": "quick"})
+    monkeypatch.setitem(sweep.PROFILES, "b", {"k": 128, "models": "quick"})
+    res = sweep.combine(["a", "b"])
+    assert res["tuned"] == {"t": {1000: {"dps": {"zeta": 0.2}, "dsg+dps": {"interval": 10, "rate": 0.4}}}}
+    by_method = {r["method"]: r for r in res["rows"]}
+    assert by_method["dps"]["points tried"] == 2  # zeta 0.2 in both runs counts once
+    assert by_method["dsg+dps"]["points tried"] == 3 and by_method["dsg+dps"]["from"] == "b"
+
+    runs["b"][1]["scores"][0]["train PSNR"] = 17.3  # the same point, another score
+    (tmp_path / "b").write_text(json.dumps({"rows": runs["b"]}))
+    with pytest.raises(ValueError, match="not comparable"):
+        sweep.combine(["a", "b"])
+    monkeypatch.setitem(sweep.PROFILES, "b", {"k": 32, "models": "quick"})
+    with pytest.raises(ValueError, match="differ in images"):
+        sweep.combine(["a", "b"])

@@ -24,7 +24,7 @@ Loss = Callable[[Tensor], Tensor]
 
 Scalar = float | Tensor
 """A hyperparameter: a float, or a tensor broadcastable to ``(B, 1, ..., 1)`` giving each sample its
-own value (the sweep in benchmarks/guidance_sweep.py evaluates many values in one batch this way)."""
+own value (one batch can then try several values, one per sample)."""
 
 
 class Update(Protocol):
