@@ -28,7 +28,7 @@ final x interval on K = 32 (about 6 minutes per task and interval on one CPU cor
 noisy at 1000 steps).
 Common-random-numbers profiles: ``quick-crn`` (DPS zeta, DPS+DSG rate x final at 20, 50, 100 steps)
 and ``quick-1000-crn`` (zeta; rate x final at interval 5), both on K = 128 images, and the refinements
-after them (``quick-crn-20-lo``, ``quick-1000-crn-int``, ``-wide``, ``-hi``, ``-dps``). They share the
+after them (``quick-crn-20-lo``, ``quick-1000-crn-int``, ``-wide``, ``-hi``, ``-hi5``, ``-edge``, ``-dps``). They share the
 images, measurements and sampling seeds, so their scores compare across runs: ``--profile crn-best``
 samples nothing and takes, per task, budget and method, the best point over all of them (refusing a
 point two runs scored differently). Its ``tuned`` holds the DPS and DPS+DSG defaults.
@@ -123,6 +123,14 @@ PROFILES = {
     # above it at intervals 10 and 20
     "quick-1000-crn-hi": {"k": 128, "models": "quick", "budgets": {1000: ["dsg+dps"]},
                           "grids": {"rate": [0.5, 0.6, 0.8, 1.0], "final": [0.25], "interval": [10, 20]}},
+    # ... and (quick-1000-crn-wide chose interval 5 at its top rate 0.4 on box and deblur) the rates
+    # above it at interval 5
+    "quick-1000-crn-hi5": {"k": 128, "models": "quick", "budgets": {1000: ["dsg+dps"]},
+                           "grids": {"rate": [0.5, 0.6], "final": [0.25], "interval": [5]}},
+    # ... and the edges left after those (deblur: interval 5 at hi5's top rate 0.6; SR: interval 20 at
+    # rate 1), on the patch tasks: rates 0.8 and 1 at intervals 5 and 30
+    "quick-1000-crn-edge": {"k": 128, "models": "quick", "budgets": {1000: ["dsg+dps"]},
+                            "grids": {"rate": [0.8, 1.0], "final": [0.25], "interval": [5, 30]}},
     # ... and, as DPS+DSG's 1000-step grid grew, DPS's zeta between its grid's points (it had 0.1,
     # 0.2, 0.3 only), so both methods are tuned as finely near their best
     "quick-1000-crn-dps": {"k": 128, "models": "quick", "budgets": {1000: ["dps"]},
@@ -135,7 +143,8 @@ PROFILES = {
     # not a sweep: the best point per task, budget and method over the CRN runs above, which share
     # the 128 images, measurements and sampling seeds, so their scores compare directly
     "crn-best": {"combine": ["quick-crn", "quick-crn-20-lo", "quick-1000-crn", "quick-1000-crn-int",
-                             "quick-1000-crn-wide", "quick-1000-crn-hi", "quick-1000-crn-dps"]},
+                             "quick-1000-crn-wide", "quick-1000-crn-hi", "quick-1000-crn-hi5",
+                             "quick-1000-crn-edge", "quick-1000-crn-dps"]},
     # quick-1000-final chose final = 0 on SR: the grid's gap below 0.25
     "quick-1000-final-lo": {"k": 128, "models": "quick", "budgets": {1000: ["dsg+dps"]},
                             "grids": {"rate": [0.2, 0.3], "final": [0.0, 0.05, 0.1, 0.15], "interval": [5]}},

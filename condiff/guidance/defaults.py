@@ -16,7 +16,11 @@ Finally (2026-12-01) the sweep began to sample every grid point from the same se
 numbers; in one batch each point had drawn its own noise, which on 128 images moved a point's mean
 PSNR by up to 0.8 dB), and DPS and DPS+DSG were re-chosen that way at every budget on the same 128
 training images: ``quick-crn`` (20, 50, 100 steps) and ``quick-1000-crn`` (1000 steps, interval 5).
-Their choices are the ``dps`` and ``dsg+dps`` entries below; the other methods keep the quick sweep's.
+More CRN runs on the same images and seeds followed (rates below 0.2 at 20 steps; at 1000 steps
+DPS's zeta between its points and DPS+DSG at intervals 10, 20, 30 and rates up to 1), and the
+``dps`` and ``dsg+dps`` entries below are now the best point of each over all of these runs:
+``--profile crn-best`` (benchmarks/results/guidance-sweep-crn-best.json). The other methods keep
+the quick sweep's.
 For a step budget the sweep did not cover, the nearest swept budget (in log steps) is used.
 """
 
@@ -36,8 +40,8 @@ GENERIC: dict[str, dict] = {
 
 # task -> steps -> method -> hyperparameters, chosen by `condiff bench guidance-sweep --profile quick`
 # (benchmarks/guidance_sweep.py; train split, 8 images per task; results/guidance-sweep-quick.json);
-# "dps" and "dsg+dps" by `--profile quick-crn` (20-100 steps) and `quick-1000-crn` (1000 steps), on
-# 128 train images with common random numbers (results/guidance-sweep-quick-*crn.json)
+# "dps" and "dsg+dps" by `--profile crn-best`: the best point over the sweeps on 128 train images with
+# common random numbers (results/guidance-sweep-crn-best.json and the runs it names)
 TUNED: dict[str, dict[int, dict[str, dict]]] = {
     "digits/inpaint-random": {
         20: {
@@ -66,7 +70,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.2},
-            "dsg+dps": {"interval": 5, "rate": 0.2, "final": 0.25},
+            "dsg+dps": {"interval": 10, "rate": 0.4, "final": 0.25},
         },
     },
     "digits/inpaint-box": {
@@ -96,13 +100,13 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.2},
-            "dsg+dps": {"interval": 5, "rate": 0.3, "final": 0.25},
+            "dsg+dps": {"interval": 10, "rate": 0.8, "final": 0.25},
         },
     },
     "patches/sr": {
         20: {
             "dps": {"zeta": 2.0},
-            "dsg+dps": {"interval": 1, "rate": 0.2, "final": 1.0},
+            "dsg+dps": {"interval": 1, "rate": 0.2, "final": 1.5},
             "freedom": {"zeta": 5.0},
             "dsg+freedom": {"rate": 0.2, "interval": 1},
             "ugd": {"forward": 100.0, "backward_lr": 0.0},
@@ -125,14 +129,14 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
             "dsg+ugd": {"backward_lr": 0.1, "rate": 1.0, "interval": 1},
         },
         1000: {
-            "dps": {"zeta": 0.2},
-            "dsg+dps": {"interval": 5, "rate": 0.2, "final": 0.25},
+            "dps": {"zeta": 0.15},
+            "dsg+dps": {"interval": 20, "rate": 1.0, "final": 0.25},
         },
     },
     "patches/blur": {
         20: {
-            "dps": {"zeta": 2.0},
-            "dsg+dps": {"interval": 1, "rate": 0.3, "final": 2.0},
+            "dps": {"zeta": 1.5},
+            "dsg+dps": {"interval": 1, "rate": 0.2, "final": 1.5},
             "freedom": {"zeta": 2.0},
             "dsg+freedom": {"rate": 0.2, "interval": 1},
             "ugd": {"forward": 30.0, "backward_lr": 0.1},
@@ -155,8 +159,8 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
             "dsg+ugd": {"backward_lr": 0.1, "rate": 0.2, "interval": 1},
         },
         1000: {
-            "dps": {"zeta": 0.2},
-            "dsg+dps": {"interval": 5, "rate": 0.3, "final": 0.25},
+            "dps": {"zeta": 0.25},
+            "dsg+dps": {"interval": 5, "rate": 1.0, "final": 0.25},
         },
     },
 }
