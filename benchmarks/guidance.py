@@ -408,9 +408,10 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
         "test patches. Residual = ||y - A x|| / sqrt(#measurements), the truth scores ~sigma_y.",
         "wall (s) is one run of the sampling loop on a shared machine; the cost targets use interleaved "
         "repeats instead. NFE = network forward passes, backward = backward passes through the network. "
-        "DSG's last step (t_prev = -1, sigma = 0) is its mean and needs no gradient, so DSG+X makes one "
-        "backward pass fewer than X per run (fewer still for FreeDoM/UGD repeats of that step); the DSG "
-        "wall-time ratios include that saving (1 of 20 backward passes in the timing runs).",
+        "DSG computes a gradient only at the steps it guides: every interval-th step, and the last step "
+        "(t_prev = -1, sigma = 0) only with final > 0 (with final = 0 that step is the mean). So DSG+X "
+        "makes fewer backward passes than X where its interval is above 1 (the 1000-step defaults) or "
+        "its final is 0; the DSG wall-time ratios include any such saving.",
         "Models: " + "; ".join(f"{d}: {c['model']} trained {c['train']['steps']} steps on {c['data']}"
                                for d, c in MODELS[base_profile(profile)].items()),
     ]

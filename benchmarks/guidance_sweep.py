@@ -28,10 +28,11 @@ final x interval on K = 32 (about 6 minutes per task and interval on one CPU cor
 noisy at 1000 steps).
 Common-random-numbers profiles: ``quick-crn`` (DPS zeta, DPS+DSG rate x final at 20, 50, 100 steps)
 and ``quick-1000-crn`` (zeta; rate x final at interval 5), both on K = 128 images, and the refinements
-after them (``quick-crn-20-lo``, ``quick-1000-crn-int``, ``-wide``, ``-hi``, ``-hi5``, ``-edge``, ``-dps``). They share the
-images, measurements and sampling seeds, so their scores compare across runs: ``--profile crn-best``
-samples nothing and takes, per task, budget and method, the best point over all of them (refusing a
-point two runs scored differently). Its ``tuned`` holds the DPS and DPS+DSG defaults.
+after them (``quick-crn-20-lo``; ``quick-1000-crn-`` ``int``, ``wide``, ``hi``, ``hi5``, ``edge``,
+``dps``). They share the images, measurements and sampling seeds, so their scores compare across
+runs: ``--profile crn-best`` samples nothing and takes, per task, budget and method, the best point
+over all of them (refusing a point two runs scored differently). Its ``tuned`` holds the DPS and
+DPS+DSG defaults.
 ``SWEEP_TASKS=patches/sr,patches/blur`` restricts a run to some tasks; the result JSON keeps the rows
 and choices of the other tasks from the profile's earlier result, so runs of one profile in parallel,
 one task each, add up (until 2026-11-30 they overwrote each other and were merged by hand, as the
