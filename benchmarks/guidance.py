@@ -32,14 +32,17 @@ gives the fidelity and residual of the true images. Timing targets are measured 
 interleaved repeats (see the notes).
 
 Reuse: with ``CONDIFF_BENCH_REUSE=1`` a quality row is taken from an earlier run when everything that
-determines it is unchanged (task, method, steps, hyperparameters, images, seeds, the model's weights;
-cache: runs/bench-guidance/<profile>/rows.json). The notes say how many rows were reused. Only for
-iterating on hyperparameters: a change to the library code is NOT detected, so leave it unset then.
+determines it is unchanged (task, method, steps, hyperparameters, images, seeds, the model's weights,
+and the condiff package's source but for its table of defaults; cache:
+runs/bench-guidance/<profile>/rows.json).
+The notes say how many rows were reused. (Until 2026-12-01 the key left the code out, and a run mixed
+in rows from an older library version that differed by up to 0.4 dB.)
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -149,6 +152,22 @@ def weights_digest(dataset: str, profile: str) -> str:
     return h.hexdigest()[:16]
 
 
+@functools.cache
+def _code_fingerprint() -> str:
+    """A hash of the library's source, so a cached row is reused only under the code that made it."""
+    return source_hash(Path(metrics.__file__).resolve().parent)
+
+
+def source_hash(root: Path) -> str:
+    """A hash of the ``.py`` files under ``root`` (names and bytes), leaving out the table of defaults
+    ``guidance/defaults.py``: a row's hyperparameters are in its key already."""
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        if f.relative_to(root).as_posix() != "guidance/defaults.py":
+            h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 class RowCache:
     """Quality rows keyed by everything that determines them (opt-in, see the module docstring)."""
 
@@ -160,9 +179,8 @@ class RowCache:
         self.rows = json.loads(self.path.read_text()) if self.enabled and self.path.is_file() else {}
         self.reused = 0
 
-    @staticmethod
-    def key(*parts) -> str:
-        return json.dumps(parts, sort_keys=True, default=str)
+    def key(self, *parts) -> str:
+        return json.dumps([_code_fingerprint(), *parts], sort_keys=True, default=str)
 
     def get(self, key: str) -> dict | None:
         row = self.rows.get(key) if self.enabled else None
