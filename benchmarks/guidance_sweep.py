@@ -29,10 +29,10 @@ noisy at 1000 steps).
 Common-random-numbers profiles: ``quick-crn`` (DPS zeta, DPS+DSG rate x final at 20, 50, 100 steps)
 and ``quick-1000-crn`` (zeta; rate x final at interval 5), both on K = 128 images, and the refinements
 after them (``quick-crn-20-lo``; ``quick-1000-crn-`` ``int``, ``wide``, ``hi``, ``hi5``, ``edge``,
-``dps``). They share the images, measurements and sampling seeds, so their scores compare across
-runs: ``--profile crn-best`` samples nothing and takes, per task, budget and method, the best point
-over all of them (refusing a point two runs scored differently). Its ``tuned`` holds the DPS and
-DPS+DSG defaults.
+``final10``, ``final1``, ``dps``). They share the images, measurements and sampling seeds, so their
+scores compare across runs: ``--profile crn-best`` samples nothing and takes, per task, budget and
+method, the best point over all of them (refusing a point two runs scored differently). Its
+``tuned`` holds the DPS and DPS+DSG defaults.
 ``SWEEP_TASKS=patches/sr,patches/blur`` restricts a run to some tasks; the result JSON keeps the rows
 and choices of the other tasks from the profile's earlier result, so runs of one profile in parallel,
 one task each, add up (until 2026-11-30 they overwrote each other and were merged by hand, as the
@@ -132,6 +132,12 @@ PROFILES = {
     # rate 1), on the patch tasks: rates 0.8 and 1 at intervals 5 and 30
     "quick-1000-crn-edge": {"k": 128, "models": "quick", "budgets": {1000: ["dsg+dps"]},
                             "grids": {"rate": [0.8, 1.0], "final": [0.25], "interval": [5, 30]}},
+    # ... and DSG's final step around the new 1000-step choices (all of the above held it at 0.25):
+    # on the digits tasks at interval 10, on the patch tasks at intervals 5 and 20 with rate 1
+    "quick-1000-crn-final10": {"k": 128, "models": "quick", "budgets": {1000: ["dsg+dps"]},
+                               "grids": {"rate": [0.4, 0.8, 1.0], "final": [0.0, 0.5], "interval": [10]}},
+    "quick-1000-crn-final1": {"k": 128, "models": "quick", "budgets": {1000: ["dsg+dps"]},
+                              "grids": {"rate": [1.0], "final": [0.0, 0.5], "interval": [5, 20]}},
     # ... and, as DPS+DSG's 1000-step grid grew, DPS's zeta between its grid's points (it had 0.1,
     # 0.2, 0.3 only), so both methods are tuned as finely near their best
     "quick-1000-crn-dps": {"k": 128, "models": "quick", "budgets": {1000: ["dps"]},
@@ -145,7 +151,8 @@ PROFILES = {
     # the 128 images, measurements and sampling seeds, so their scores compare directly
     "crn-best": {"combine": ["quick-crn", "quick-crn-20-lo", "quick-1000-crn", "quick-1000-crn-int",
                              "quick-1000-crn-wide", "quick-1000-crn-hi", "quick-1000-crn-hi5",
-                             "quick-1000-crn-edge", "quick-1000-crn-dps"]},
+                             "quick-1000-crn-edge", "quick-1000-crn-final10", "quick-1000-crn-final1",
+                             "quick-1000-crn-dps"]},
     # quick-1000-final chose final = 0 on SR: the grid's gap below 0.25
     "quick-1000-final-lo": {"k": 128, "models": "quick", "budgets": {1000: ["dsg+dps"]},
                             "grids": {"rate": [0.2, 0.3], "final": [0.0, 0.05, 0.1, 0.15], "interval": [5]}},

@@ -130,7 +130,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.15},
-            "dsg+dps": {"interval": 20, "rate": 1.0, "final": 0.25},
+            "dsg+dps": {"interval": 20, "rate": 1.0, "final": 0.5},
         },
     },
     "patches/blur": {
@@ -160,7 +160,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.25},
-            "dsg+dps": {"interval": 5, "rate": 1.0, "final": 0.25},
+            "dsg+dps": {"interval": 5, "rate": 1.0, "final": 0.0},
         },
     },
 }
