@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+import condiff
 from condiff import metrics
 from condiff.cli.common import model_is_complete, train_or_reuse
 from condiff.cli.solve import build_operator
@@ -155,7 +156,7 @@ def weights_digest(dataset: str, profile: str) -> str:
 @functools.cache
 def _code_fingerprint() -> str:
     """A hash of the library's source, so a cached row is reused only under the code that made it."""
-    return source_hash(Path(metrics.__file__).resolve().parent)
+    return source_hash(Path(condiff.__file__).resolve().parent)
 
 
 def source_hash(root: Path) -> str:

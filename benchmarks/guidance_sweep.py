@@ -39,7 +39,9 @@ one task each, add up (until 2026-11-30 they overwrote each other and were merge
 quick-final-1000 and quick-1000-* result files record).
 Run the refinements with ``--no-record``: their tables are kept below the quick one in BENCHMARKS.md
 by hand (the command replaces the section with one table per run).
-The result JSON holds ``tuned``, the table pasted into condiff/guidance/defaults.py.
+The result JSON holds ``tuned``, the table pasted into condiff/guidance/defaults.py (for DPS and
+DPS+DSG, crn-best's; tests/test_bench_sweep.py checks the two agree), and per row every grid point's
+score (``scores``) and the settings held fixed around the grid (``fixed``), which crn-best reads.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import copy
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -203,8 +206,9 @@ def sweep_budget(den, task, x, op, y, steps, methods, device, rows, grids: dict 
                      "train PSNR": psnr, "worst in grid": min(s for _, s in scores),
                      "grid": ", ".join(f"{k}: {len(v)}" for k, v in grid.items()),
                      "at grid edge": ", ".join(edge) or "-", "seconds": round(time.perf_counter() - t0, 1),
-                     # every grid point's score, for the JSON (the table shows the best and the worst)
-                     "scores": [{**p, "train PSNR": round(v, 3)} for p, v in scores]})
+                     # every grid point's score, and the settings held fixed around the grid, for the
+                     # JSON (the table shows the best and the worst)
+                     "fixed": fixed, "scores": [{**p, "train PSNR": round(v, 3)} for p, v in scores]})
         log(f"sweep {task} {steps} {method}: {rows[-1]['chosen']} -> {psnr:.2f} dB")
         return best
 
@@ -251,13 +255,6 @@ def _keep_other_tasks(profile: str, only: list[str], rows: list[dict], tuned: di
             tuned[task] = {int(k): v for k, v in by_steps.items()}
 
 
-def _fixed(row: dict) -> dict:
-    """The settings a row held fixed (e.g. DSG's interval): those in ``chosen`` but not in its grid."""
-    grid = set(row["scores"][0]) - {"train PSNR"}
-    pairs = (kv.split("=") for kv in row["chosen"].split(", "))
-    return {k: (int(v) if k == "interval" else float(v)) for k, v in pairs if k not in grid}
-
-
 def combine(names: list[str]) -> dict:
     """Per task, budget and method, the best grid point over the result JSONs of ``names``: sweeps
     on the same images and seeds (common random numbers), so a score from one run compares with a
@@ -268,18 +265,20 @@ def combine(names: list[str]) -> dict:
         raise ValueError(f"sweeps {names} differ in images or models ({sorted(keys)}): not comparable")
     best: dict[tuple, tuple[float, dict, str]] = {}
     seen: dict[tuple, tuple[float, str]] = {}  # (task, steps, method, point) -> (score, profile)
+    tried: Counter = Counter()  # (task, steps, method) -> distinct points
     for name in names:
         path = _result(name)
         if not path.is_file():
             raise ValueError(f"no result for sweep profile {name!r} ({path}); run it first")
         for row in json.loads(path.read_text())["rows"]:
-            key, fixed = (row["task"], int(row["steps"]), row["method"]), _fixed(row)
+            key = (row["task"], int(row["steps"]), row["method"])
             for score in row["scores"]:
-                point = {**fixed, **{k: v for k, v in score.items() if k != "train PSNR"}}
+                point = {**row["fixed"], **{k: v for k, v in score.items() if k != "train PSNR"}}
                 ident = (*key, tuple(sorted(point.items())))
                 if ident in seen and abs(seen[ident][0] - score["train PSNR"]) > 0.01:
                     raise ValueError(f"{key} {point}: {seen[ident][0]} dB in {seen[ident][1]} but "
                                      f"{score['train PSNR']} dB in {name}: the sweeps are not comparable")
+                tried[key] += ident not in seen
                 seen[ident] = (score["train PSNR"], name)
                 if key not in best or score["train PSNR"] > best[key][0]:
                     best[key] = (score["train PSNR"], point, name)
@@ -287,8 +286,7 @@ def combine(names: list[str]) -> dict:
     for (task, steps, method), (psnr, point, name) in sorted(best.items()):
         rows.append({"task": task, "steps": steps, "method": method,
                      "chosen": ", ".join(f"{k}={v:g}" for k, v in point.items()),
-                     "train PSNR": psnr, "from": name,
-                     "points tried": sum(i[:3] == (task, steps, method) for i in seen)})
+                     "train PSNR": psnr, "points tried": tried[(task, steps, method)], "from": name})
         tuned.setdefault(task, {}).setdefault(steps, {})[method] = point
     return {"title": "Guidance hyperparameter sweep (train split): best of the CRN sweeps",
             "columns": ["task", "steps", "method", "chosen", "train PSNR", "points tried", "from"],

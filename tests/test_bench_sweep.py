@@ -35,24 +35,24 @@ def test_equal_grid_points_score_equally_and_others_differ(monkeypatch):
         assert scores[2] != scores[0]
 
 
-def _row(task, steps, method, chosen, scores):
-    return {"task": task, "steps": steps, "method": method, "chosen": chosen, "scores": scores}
+def _row(task, steps, method, fixed, scores):
+    return {"task": task, "steps": steps, "method": method, "fixed": fixed, "scores": scores}
 
 
 def test_combine_takes_the_best_point_over_runs_and_refuses_disagreeing_ones(monkeypatch, tmp_path):
     """The best of several CRN sweeps: the highest score per task, budget and method, with the
-    settings a row held fixed (DSG's interval) parsed back from its ``chosen``; one point scored
-    differently by two runs means they did not share images and seeds, and is refused."""
+    settings a row held fixed (DSG's interval, UGD+DSG's backward_lr) joined to its grid point; one
+    point scored differently by two runs means they did not share images and seeds, and is refused."""
     import json
 
     sweep = _sweep(monkeypatch)
     runs = {
-        "a": [_row("t", 1000, "dps", "zeta=0.2", [{"zeta": 0.1, "train PSNR": 17.0},
-                                                   {"zeta": 0.2, "train PSNR": 17.5}]),
-              _row("t", 1000, "dsg+dps", "interval=5, rate=0.2", [{"rate": 0.2, "train PSNR": 17.4}])],
-        "b": [_row("t", 1000, "dsg+dps", "interval=10, rate=0.4", [{"rate": 0.2, "train PSNR": 16.0},
-                                                                   {"rate": 0.4, "train PSNR": 17.6}]),
-              _row("t", 1000, "dps", "zeta=0.2", [{"zeta": 0.2, "train PSNR": 17.5}])],
+        "a": [_row("t", 1000, "dps", {}, [{"zeta": 0.1, "train PSNR": 17.0}, {"zeta": 0.2, "train PSNR": 17.5}]),
+              _row("t", 1000, "dsg+dps", {"interval": 5}, [{"rate": 0.2, "train PSNR": 17.4}]),
+              _row("t", 20, "dsg+ugd", {"interval": 1, "backward_lr": 0.3}, [{"rate": 0.5, "train PSNR": 19.0}])],
+        "b": [_row("t", 1000, "dsg+dps", {"interval": 10}, [{"rate": 0.2, "train PSNR": 16.0},
+                                                            {"rate": 0.4, "train PSNR": 17.6}]),
+              _row("t", 1000, "dps", {}, [{"zeta": 0.2, "train PSNR": 17.5}])],
     }
     for name, rows in runs.items():
         (tmp_path / name).write_text(json.dumps({"rows": rows}))
@@ -60,7 +60,8 @@ def test_combine_takes_the_best_point_over_runs_and_refuses_disagreeing_ones(mon
     monkeypatch.setitem(sweep.PROFILES, "a", {"k": 128, "models": "quick"})
     monkeypatch.setitem(sweep.PROFILES, "b", {"k": 128, "models": "quick"})
     res = sweep.combine(["a", "b"])
-    assert res["tuned"] == {"t": {1000: {"dps": {"zeta": 0.2}, "dsg+dps": {"interval": 10, "rate": 0.4}}}}
+    assert res["tuned"] == {"t": {1000: {"dps": {"zeta": 0.2}, "dsg+dps": {"interval": 10, "rate": 0.4}},
+                                  20: {"dsg+ugd": {"interval": 1, "backward_lr": 0.3, "rate": 0.5}}}}
     by_method = {r["method"]: r for r in res["rows"]}
     assert by_method["dps"]["points tried"] == 2  # zeta 0.2 in both runs counts once
     assert by_method["dsg+dps"]["points tried"] == 3 and by_method["dsg+dps"]["from"] == "b"
@@ -72,3 +73,19 @@ def test_combine_takes_the_best_point_over_runs_and_refuses_disagreeing_ones(mon
     monkeypatch.setitem(sweep.PROFILES, "b", {"k": 32, "models": "quick"})
     with pytest.raises(ValueError, match="differ in images"):
         sweep.combine(["a", "b"])
+
+
+def test_the_dps_and_dsg_defaults_are_the_crn_best_choices(monkeypatch):
+    """condiff/guidance/defaults.py holds what ``--profile crn-best`` chose (its recorded result): a
+    default edited by hand, or a sweep result not carried into the table, fails here."""
+    import json
+
+    from condiff.guidance.defaults import TUNED
+
+    sweep = _sweep(monkeypatch)
+    chosen = json.loads(sweep._result("crn-best").read_text())["tuned"]
+    assert chosen, "crn-best chose nothing"
+    for task, by_steps in chosen.items():
+        for steps, methods in by_steps.items():
+            for method, hp in methods.items():
+                assert TUNED[task][int(steps)][method] == hp, (task, steps, method)
