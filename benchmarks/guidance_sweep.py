@@ -29,7 +29,8 @@ noisy at 1000 steps).
 Common-random-numbers profiles: ``quick-crn`` (DPS zeta, DPS+DSG rate x final at 20, 50, 100 steps)
 and ``quick-1000-crn`` (zeta; rate x final at interval 5), both on K = 128 images, and the refinements
 after them (``quick-crn-20-lo``; ``quick-1000-crn-`` ``int``, ``wide``, ``hi``, ``hi5``, ``edge``,
-``final10``, ``final1``, ``dps``). They share the images, measurements and sampling seeds, so their
+``final10``, ``final1``, ``dps``; and ``between``, ``between-lo``: DPS+DSG with DPS's own step off
+the interval, ``between = "base"``, an extension). They share the images, measurements and sampling seeds, so their
 scores compare across runs: ``--profile crn-best`` samples nothing and takes, per task, budget and
 method, the best point over all of them (refusing a point two runs scored differently). Its
 ``tuned`` holds the DPS and DPS+DSG defaults.
@@ -150,12 +151,22 @@ PROFILES = {
     "quick-crn-20-lo": {"k": 128, "models": "quick", "budgets": {20: ["dps", "dsg+dps"]},
                         "grids": {"zeta": [1.5, 2.0, 3.0], "rate": [0.05, 0.1, 0.15, 0.2],
                                   "final": [0.5, 1.0, 1.5, 2.0]}},
+    # DPS+DSG with DPS's own step between the DSG steps (between = "base", an extension): at 1000
+    # steps the DSG steps every 10 or 20 and DPS's zeta the rest of the time (same images, seeds)
+    "quick-1000-crn-between": {"k": 128, "models": "quick", "budgets": {1000: ["dsg+dps"]},
+                               "grids": {"rate": [0.2, 0.4, 1.0], "final": [0.25], "interval": [10, 20],
+                                         "dsg+dps": {"zeta": [0.1, 0.2], "between": ["base"]}}},
+    # ... which chose zeta 0.1, its grid's lowest, on random inpainting: zeta 0.05 below it
+    "quick-1000-crn-between-lo": {"k": 128, "models": "quick", "budgets": {1000: ["dsg+dps"]},
+                                  "grids": {"rate": [0.2, 0.4, 0.6], "final": [0.25], "interval": [10, 20],
+                                            "dsg+dps": {"zeta": [0.05], "between": ["base"]}}},
     # not a sweep: the best point per task, budget and method over the CRN runs above, which share
     # the 128 images, measurements and sampling seeds, so their scores compare directly
     "crn-best": {"combine": ["quick-crn", "quick-crn-20-lo", "quick-1000-crn", "quick-1000-crn-int",
                              "quick-1000-crn-wide", "quick-1000-crn-hi", "quick-1000-crn-hi5",
                              "quick-1000-crn-edge", "quick-1000-crn-final10", "quick-1000-crn-final1",
-                             "quick-1000-crn-dps"]},
+                             "quick-1000-crn-dps", "quick-1000-crn-between",
+                             "quick-1000-crn-between-lo"]},
     # quick-1000-final chose final = 0 on SR: the grid's gap below 0.25
     "quick-1000-final-lo": {"k": 128, "models": "quick", "budgets": {1000: ["dsg+dps"]},
                             "grids": {"rate": [0.2, 0.3], "final": [0.0, 0.05, 0.1, 0.15], "interval": [5]}},
@@ -177,6 +188,11 @@ def evaluate(den, method: str, fixed: dict, grid: dict[str, list], x, op, y, ste
                             generator=gen, device=device, clip_x0=1.0)
         out.append((point, float(metrics.psnr(res.x.cpu(), x.cpu()).mean())))
     return out
+
+
+def _fmt(v) -> str:
+    """A grid value as the tables show it: numbers compactly (``0.25``, ``10``), names as they are."""
+    return f"{v:g}" if isinstance(v, int | float) else str(v)
 
 
 def _product(lists: list[list]) -> list[tuple]:
@@ -201,7 +217,7 @@ def sweep_budget(den, task, x, op, y, steps, methods, device, rows, grids: dict 
         edge = [k for k, v in best.items() if len(grid[k]) > 1 and v in (grid[k][0], grid[k][-1])]
         chosen[method] = {**fixed, **best}
         rows.append({"task": task, "steps": steps, "method": method,
-                     "chosen": ", ".join(f"{k}={v:g}" for k, v in {**fixed, **best}.items()
+                     "chosen": ", ".join(f"{k}={_fmt(v)}" for k, v in {**fixed, **best}.items()
                                          if k in grid or k == "interval"),
                      "train PSNR": psnr, "worst in grid": min(s for _, s in scores),
                      "grid": ", ".join(f"{k}: {len(v)}" for k, v in grid.items()),
@@ -224,6 +240,7 @@ def sweep_budget(den, task, x, op, y, steps, methods, device, rows, grids: dict 
     if want("dsg+dps"):
         best = None
         extra = {"final": grids["final"]} if "final" in grids else {}
+        extra.update(grids.get("dsg+dps", {}))  # more DPS+DSG settings to sweep (zeta, between)
         for k in grids.get("interval", INTERVALS_1000 if steps >= 1000 else [1]):
             b = pick("dsg+dps", {"interval": k}, {"rate": rates, **extra})
             score = rows[-1]["train PSNR"]
@@ -285,7 +302,7 @@ def combine(names: list[str]) -> dict:
     rows, tuned = [], {}
     for (task, steps, method), (psnr, point, name) in sorted(best.items()):
         rows.append({"task": task, "steps": steps, "method": method,
-                     "chosen": ", ".join(f"{k}={v:g}" for k, v in point.items()),
+                     "chosen": ", ".join(f"{k}={_fmt(v)}" for k, v in point.items()),
                      "train PSNR": psnr, "points tried": tried[(task, steps, method)], "from": name})
         tuned.setdefault(task, {}).setdefault(steps, {})[method] = point
     return {"title": "Guidance hyperparameter sweep (train split): best of the CRN sweeps",

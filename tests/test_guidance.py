@@ -1,6 +1,7 @@
 """Guidance methods: DSG's sphere, each base method's update against its equation, the analytic
 oracle (Gaussian prior + linear Gaussian measurement), and runs on diffusers and condiff UNets."""
 
+import dataclasses
 import math
 
 import pytest
@@ -125,6 +126,30 @@ def test_dsg_interval_guides_every_kth_step_only():
         g = DSG(DPS(loss), rate=0.3, interval=interval)
         res = guided_sample(den, g, (2, 1, 4, 4), 7, generator=_gen())
         assert res.grad_evals == expect and res.nfe == 7
+
+
+def test_dsg_between_base_runs_the_base_step_off_the_interval():
+    """between = "base": off the interval the step is the base method's own (DPS: the unconditional
+    draw minus zeta g, same noise), on it the spherical step; every step then costs a gradient.
+    between = "sample" (the default) draws the off-interval steps unconditionally."""
+    den = _oracle(200)
+    x = torch.randn(3, 1, 4, 4, generator=_gen())
+    op, loss = _half_mask_loss(3)
+
+    def at(i):  # the same step record with step index i (the loop's counter)
+        s = _step(den, x, t=100, t_prev=80)
+        return dataclasses.replace(s, i=i)
+
+    hyb = DSG(DPS(loss, zeta=0.7), rate=0.4, interval=3, between="base")
+    torch.testing.assert_close(hyb(at(1)), DPS(loss, zeta=0.7)(at(1)))
+    torch.testing.assert_close(DSG(DPS(loss, zeta=0.7), rate=0.4, interval=3)(at(1)), at(1).sample())
+    torch.testing.assert_close(hyb(at(3)), DSG(DPS(loss), rate=0.4, interval=3)(at(3)))
+    plain = guided_sample(den, DSG(DPS(loss), rate=0.3, interval=3), (3, 1, 4, 4), 7, generator=_gen())
+    both = guided_sample(den, DSG(DPS(loss), rate=0.3, interval=3, between="base"), (3, 1, 4, 4), 7,
+                         generator=_gen())
+    assert (plain.grad_evals, both.grad_evals) == (2, 6)
+    assert hyb.hyperparameters()["between"] == "base" and "between" not in DSG(DPS(loss)).hyperparameters()
+    assert "between=base" in hyb.describe()
 
 
 def test_dsg_final_step_is_a_euclidean_step_of_size_final():
@@ -324,6 +349,7 @@ def test_every_method_runs_on_real_unets(backend, request):
     (lambda loss: make_guidance("dsg+dps", loss, bogus=1), "bad hyperparameters for 'dsg\\+dps'"),
     (lambda loss: DSG(DPS(loss), rate=1.5), r"DSG rate must lie in \[0, 1\]"),
     (lambda loss: DSG(DPS(loss), interval=0), "interval must be an integer >= 1"),
+    (lambda loss: DSG(DPS(loss), between="dps"), "DSG between must be one of"),
     (lambda loss: DSG(lambda s: s.mean), "wraps a gradient-guidance method"),
     (lambda loss: DPS(loss, zeta=-1.0), r"DPS zeta must lie in \[0, inf\]"),
     (lambda loss: FreeDoM(loss, repeats=0), "repeats must be an integer >= 1"),

@@ -44,8 +44,8 @@ OPERATORS: dict[str, Callable[[tuple[int, ...], torch.Generator, float, dict], O
 OPERATOR_DEFAULTS = {"p_drop": 0.7, "box": None, "factor": 2, "kernel": "bicubic", "size": 7, "sigma": 1.0}
 
 # hyperparameter flags -> constructor keywords (None = not given: the swept default is used)
-HYPER_FLAGS = {"zeta": float, "rate": float, "interval": int, "final": float, "repeats": int, "forward": float,
-               "backward_steps": int, "backward_lr": float, "recurrence": int}
+HYPER_FLAGS = {"zeta": float, "rate": float, "interval": int, "final": float, "between": str, "repeats": int,
+               "forward": float, "backward_steps": int, "backward_lr": float, "recurrence": int}
 
 
 def build_operator(name: str, shape: tuple[int, ...], generator: torch.Generator, sigma_y: float,
@@ -79,6 +79,8 @@ def add_parser(sub, name: str) -> None:
     m.add_argument("--rate", type=float, help="DSG guidance rate w in [0, 1]")
     m.add_argument("--interval", type=int, help="DSG: guide every k steps")
     m.add_argument("--final", type=float, help="DSG: Euclidean gradient step size at the last step (0: none)")
+    m.add_argument("--between", choices=["sample", "base"],
+                   help="DSG: steps off the interval draw unconditionally (sample) or take the base method's step")
     m.add_argument("--repeats", type=int, help="FreeDoM time-travel repeats")
     m.add_argument("--forward", type=float, help="UGD forward-guidance strength")
     m.add_argument("--backward-steps", type=int, help="UGD backward-guidance steps m")

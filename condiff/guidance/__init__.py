@@ -24,7 +24,7 @@ from .ugd import UGD
 
 # base methods by name; "dsg+<name>" wraps one in DSG
 BASES: dict[str, type[GradientGuidance]] = {"dps": DPS, "freedom": FreeDoM, "ugd": UGD}
-DSG_KEYS = ("rate", "interval", "final")
+DSG_KEYS = ("rate", "interval", "final", "between")
 METHODS = tuple(BASES) + tuple(f"dsg+{b}" for b in BASES)
 
 

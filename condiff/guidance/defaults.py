@@ -17,7 +17,8 @@ numbers; in one batch each point had drawn its own noise, which on 128 images mo
 PSNR by up to 0.8 dB), and DPS and DPS+DSG were re-chosen that way at every budget on the same 128
 training images: ``quick-crn`` (20, 50, 100 steps) and ``quick-1000-crn`` (1000 steps, interval 5).
 More CRN runs on the same images and seeds followed (rates below 0.2 at 20 steps; at 1000 steps
-DPS's zeta between its points and DPS+DSG at intervals 10, 20, 30 and rates up to 1), and the
+DPS's zeta between its points, DPS+DSG at intervals 10, 20, 30 and rates up to 1, and DPS+DSG
+with DPS's own step between its guided steps, ``between = "base"``, which the digits tasks chose), and the
 ``dps`` and ``dsg+dps`` entries below are now the best point of each over all of these runs:
 ``--profile crn-best`` (benchmarks/results/guidance-sweep-crn-best.json). The other methods keep
 the quick sweep's.
@@ -70,7 +71,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.2},
-            "dsg+dps": {"interval": 10, "rate": 0.4, "final": 0.25},
+            "dsg+dps": {"interval": 20, "rate": 0.4, "final": 0.25, "zeta": 0.1, "between": "base"},
         },
     },
     "digits/inpaint-box": {
@@ -100,7 +101,7 @@ TUNED: dict[str, dict[int, dict[str, dict]]] = {
         },
         1000: {
             "dps": {"zeta": 0.2},
-            "dsg+dps": {"interval": 10, "rate": 0.8, "final": 0.25},
+            "dsg+dps": {"interval": 20, "rate": 1.0, "final": 0.25, "zeta": 0.1, "between": "base"},
         },
     },
     "patches/sr": {

@@ -24,6 +24,12 @@ returns it without computing a gradient.
 final step, ``x_0 = mean - final * g``, with the base method's gradient: the step a DPS sampler
 takes there and DSG, having no sphere, cannot. It is what data consistency gets at the very end,
 and matters most when the sampler has few steps (docs/guidance.md, "The final step").
+
+``between`` (an extension) says what the steps off the interval do: ``"sample"`` (the default, the
+paper's and the official code's) draws them unconditionally; ``"base"`` runs the base method there
+with its own Euclidean step (DPS's ``zeta``, FreeDoM's schedule, ...), so DSG becomes an occasional
+spherical step inside an otherwise ordinary DPS / FreeDoM / UGD run. That costs a gradient at every
+step, as the base method does (docs/guidance.md, "Between the DSG steps").
 """
 
 from __future__ import annotations
@@ -34,9 +40,10 @@ import torch
 from torch import Tensor
 
 from ..sample import Step
-from .base import GradientGuidance, Scalar, check_scalar, per_sample
+from .base import EUCLIDEAN, GradientGuidance, Scalar, check_scalar, per_sample
 
 _TINY = 1e-12  # guards the norms of an exactly zero gradient or mixed direction
+BETWEEN = ("sample", "base")  # what DSG's off-interval steps do (module docstring)
 
 
 def _norm(x: Tensor) -> Tensor:
@@ -83,18 +90,23 @@ class DSG:
         interval: guide every ``interval`` steps (``k``); the others are unconditional.
         final: size of a Euclidean gradient step at the sampler's last step (module docstring);
             0 (the default) is the paper's DSG. A float or a ``(B,)`` tensor.
+        between: the steps off the interval: ``"sample"`` (unconditional, the paper's) or ``"base"``
+            (the base method's own step; module docstring).
     """
 
     needs_grad = True
     needs_noise = True  # refused by guided_sample with eta = 0 before any work is done
 
     def __init__(self, base: GradientGuidance, rate: Scalar = 0.2, interval: int = 1,
-                 final: Scalar = 0.0) -> None:
+                 final: Scalar = 0.0, between: str = "sample") -> None:
         if not isinstance(base, GradientGuidance):
             raise ValueError(f"DSG wraps a gradient-guidance method (DPS, FreeDoM, UGD), "
                              f"got {type(base).__name__}")
         if not isinstance(interval, int) or interval < 1:
             raise ValueError(f"DSG interval must be an integer >= 1, got {interval!r}")
+        if between not in BETWEEN:
+            raise ValueError(f"DSG between must be one of {list(BETWEEN)}, got {between!r}")
+        self.between = between
         self.base, self.interval = base, interval
         self.step_rule = SphericalStep(rate)
         self.final = check_scalar("DSG final", final)
@@ -120,13 +132,15 @@ class DSG:
                 return step.mean  # final step: the sphere has radius 0
             return self.base.guide(step, FinalStep(self.final))
         if step.i % self.interval:
-            return step.sample()
+            return step.sample() if self.between == "sample" else self.base.guide(step, EUCLIDEAN)
         return self.base.guide(step, self.step_rule)
 
     def hyperparameters(self) -> dict:
         hp = {"rate": self.rate, "interval": self.interval, **self.base.hyperparameters()}
-        return {**hp, "final": self.final} if not _is_zero(self.final) else hp
+        hp = {**hp, "final": self.final} if not _is_zero(self.final) else hp
+        return {**hp, "between": self.between} if self.between != "sample" else hp
 
     def describe(self) -> str:
         final = "" if _is_zero(self.final) else f", final={self.final}"
-        return f"DSG(rate={self.rate}, interval={self.interval}{final}) + {self.base.describe()}"
+        between = "" if self.between == "sample" else f", between={self.between}"
+        return f"DSG(rate={self.rate}, interval={self.interval}{final}{between}) + {self.base.describe()}"
