@@ -55,6 +55,14 @@ def test_solve_writes_images_and_metrics(tiny_run, tmp_path):
     assert _solve(tiny_run, tmp_path / "c", "--operator", "inpaint-random", "--method", "dsg+dps",
                   "--rate", "0.3", "--final", "0") == 0
     assert json.loads((tmp_path / "c" / "metrics.json").read_text())["grad_evals"] == 2
+    # --between base: DPS's own step off DSG's interval, a gradient there too (interval 3 over
+    # 3 steps: DSG guides step 0 only; the last step adds none with --final 0)
+    for between, evals in (("sample", 1), ("base", 2)):
+        assert _solve(tiny_run, tmp_path / between, "--operator", "inpaint-random", "--method", "dsg+dps",
+                      "--interval", "3", "--final", "0", "--between", between) == 0
+        m = json.loads((tmp_path / between / "metrics.json").read_text())
+        assert m["grad_evals"] == evals, between
+    assert m["hyperparameters"]["between"] == "base"
 
 
 @pytest.mark.parametrize("operator, method", [("inpaint-box", "freedom"), ("sr", "dsg+ugd"),
