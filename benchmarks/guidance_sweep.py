@@ -204,13 +204,16 @@ def _product(lists: list[list]) -> list[tuple]:
 
 def sweep_budget(den, task, x, op, y, steps, methods, device, rows, grids: dict | None = None) -> dict:
     """Choose every method's hyperparameters at one step budget; returns {method: hyperparameters}.
-    ``grids`` may replace the zeta and rate grids (``{"zeta": [...], "rate": [...]}``)."""
+    ``grids`` may replace the zeta and rate grids (``{"zeta": [...], "rate": [...]}``), and under a
+    method's name add or replace that method's own grids (``{"dsg+dps": {"zeta": [...], "between":
+    ["base"]}}``: DPS's step size inside DPS+DSG, not the ``zeta`` grid of DPS itself)."""
     grids = grids or {}
     zetas = grids.get("zeta", ZETAS)
     chosen: dict[str, dict] = {}
     seed = derive_seed(SEED, task, "sweep", steps)
 
     def pick(method, fixed, grid):
+        grid = {**grid, **grids.get(method, {})}
         t0 = time.perf_counter()
         scores = evaluate(den, method, fixed, grid, x, op, y, steps, device, seed)
         best, psnr = max(scores, key=lambda s: s[1])
@@ -240,7 +243,6 @@ def sweep_budget(den, task, x, op, y, steps, methods, device, rows, grids: dict 
     if want("dsg+dps"):
         best = None
         extra = {"final": grids["final"]} if "final" in grids else {}
-        extra.update(grids.get("dsg+dps", {}))  # more DPS+DSG settings to sweep (zeta, between)
         for k in grids.get("interval", INTERVALS_1000 if steps >= 1000 else [1]):
             b = pick("dsg+dps", {"interval": k}, {"rate": rates, **extra})
             score = rows[-1]["train PSNR"]

@@ -35,6 +35,29 @@ def test_equal_grid_points_score_equally_and_others_differ(monkeypatch):
         assert scores[2] != scores[0]
 
 
+def test_a_method_named_grid_reaches_only_that_method(monkeypatch):
+    """``grids["dsg+dps"]`` adds DPS+DSG's own grid values (DPS's zeta inside it, ``between``) to its
+    grid at every interval; the top-level zeta grid stays DPS's, and the rows record both."""
+    sweep = _sweep(monkeypatch)
+    seen = []
+
+    def fake(den, method, fixed, grid, *rest, **kw):
+        seen.append((method, fixed, grid))
+        points = [dict(zip(grid, v)) for v in sweep._product(list(grid.values()))]
+        return [(p, float(i)) for i, p in enumerate(points)]
+
+    monkeypatch.setattr(sweep, "evaluate", fake)
+    rows = []
+    grids = {"zeta": [0.5, 1.0], "rate": [0.2, 0.4], "interval": [10, 20],
+             "dsg+dps": {"zeta": [0.1], "between": ["base"]}}
+    chosen = sweep.sweep_budget(None, "t", None, None, None, 1000, ["dps", "dsg+dps"], "cpu", rows, grids)
+    assert seen[0] == ("dps", {}, {"zeta": [0.5, 1.0]})
+    assert [(f, g) for m, f, g in seen[1:]] == [
+        ({"interval": k}, {"rate": [0.2, 0.4], "zeta": [0.1], "between": ["base"]}) for k in (10, 20)]
+    assert chosen["dsg+dps"] == {"interval": 10, "rate": 0.4, "zeta": 0.1, "between": "base"}
+    assert rows[1]["chosen"] == "interval=10, rate=0.4, zeta=0.1, between=base"
+
+
 def _row(task, steps, method, fixed, scores):
     return {"task": task, "steps": steps, "method": method, "fixed": fixed, "scores": scores}
 

@@ -28,7 +28,7 @@ import torch
 from .. import io, metrics
 from ..data import derive_seed, load_dataset
 from ..data.files import save_png_grid
-from ..guidance import METHODS, default_hyperparameters, guided_sample, make_guidance
+from ..guidance import BETWEEN, METHODS, default_hyperparameters, guided_sample, make_guidance
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
 from .common import data_kwargs, load_model_for, pick_device
@@ -43,9 +43,9 @@ OPERATORS: dict[str, Callable[[tuple[int, ...], torch.Generator, float, dict], O
 }
 OPERATOR_DEFAULTS = {"p_drop": 0.7, "box": None, "factor": 2, "kernel": "bicubic", "size": 7, "sigma": 1.0}
 
-# hyperparameter flags -> constructor keywords (None = not given: the swept default is used)
-HYPER_FLAGS = {"zeta": float, "rate": float, "interval": int, "final": float, "between": str, "repeats": int,
-               "forward": float, "backward_steps": int, "backward_lr": float, "recurrence": int}
+# hyperparameter flags, passed on as constructor keywords (None = not given: the swept default is used)
+HYPER_FLAGS = ("zeta", "rate", "interval", "final", "between", "repeats", "forward", "backward_steps",
+               "backward_lr", "recurrence")
 
 
 def build_operator(name: str, shape: tuple[int, ...], generator: torch.Generator, sigma_y: float,
@@ -79,7 +79,7 @@ def add_parser(sub, name: str) -> None:
     m.add_argument("--rate", type=float, help="DSG guidance rate w in [0, 1]")
     m.add_argument("--interval", type=int, help="DSG: guide every k steps")
     m.add_argument("--final", type=float, help="DSG: Euclidean gradient step size at the last step (0: none)")
-    m.add_argument("--between", choices=["sample", "base"],
+    m.add_argument("--between", choices=BETWEEN,
                    help="DSG: steps off the interval draw unconditionally (sample) or take the base method's step")
     m.add_argument("--repeats", type=int, help="FreeDoM time-travel repeats")
     m.add_argument("--forward", type=float, help="UGD forward-guidance strength")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from .base import EUCLIDEAN, GradientGuidance, GradientStep, Loss, Update
 from .defaults import GENERIC, TUNED, default_hyperparameters
 from .dps import DPS
-from .dsg import DSG, SphericalStep
+from .dsg import BETWEEN, DSG, SphericalStep
 from .freedom import FreeDoM
 from .sampling import GuidedResult, guided_sample
 from .ugd import UGD
@@ -52,6 +52,6 @@ def make_guidance(name: str, loss: Loss, **hyperparameters) -> GradientGuidance 
     return DSG(base, **dsg_kw) if dsg else base
 
 
-__all__ = ["BASES", "DPS", "DSG", "DSG_KEYS", "EUCLIDEAN", "FreeDoM", "GENERIC", "GradientGuidance",
+__all__ = ["BASES", "BETWEEN", "DPS", "DSG", "DSG_KEYS", "EUCLIDEAN", "FreeDoM", "GENERIC", "GradientGuidance",
            "GradientStep", "GuidedResult", "METHODS", "SphericalStep", "TUNED", "UGD", "Update",
            "default_hyperparameters", "guided_sample", "make_guidance", "split_method"]
