@@ -454,3 +454,22 @@ def test_violation_grid_gives_a_map_column_only_to_methods_with_maps(tmp_path):
         widths[name] = Image.open(plot_violation_grid(cols, tmp_path / f"{name}.png", rows=2)).size[0]
     assert widths["none"] < widths["mixed"] < widths["two"]  # 2, 3 and 4 image columns
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed.png", "none.png", "two.png"]
+
+
+def test_skips_carry_full_resolution_features_past_the_bottleneck():
+    """With the stride-2 convs zeroed, the correction of a plain downsampling generator no longer
+    depends on the input; with ``skips`` it still does (the way down reaches the way up directly)."""
+    x, other = torch.randn(2, 1, 16, 16).chunk(2)
+    for skips in (False, True):
+        torch.manual_seed(0)
+        f = ResNetGenerator(1, base=8, blocks=1, downsamples=2, norm="none", skips=skips).eval()
+        with torch.no_grad():
+            f.net[-1].weight.normal_(0, 0.1)  # leave the identity start
+            for m in f.modules():
+                if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2):
+                    m.weight.zero_()
+            change = float(((f(x) - x) - (f(other) - other)).abs().max())
+        assert (change > 1e-4) == skips
+        assert ("skips" in f.config) == skips
+    with pytest.raises(ValueError, match="skips=True needs downsamples"):
+        ResNetGenerator(1, downsamples=0, skips=True)

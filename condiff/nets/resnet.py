@@ -15,6 +15,10 @@ input's own per-channel means (standardised by running statistics), through a li
 added back at every pixel. Without it a correction depends only on a window of the input (about
 21 px across for the small nets), so an error in a sum over the whole image (a total flux) cannot
 be seen, let alone spread as one offset over all pixels.
+
+``skips=True`` (with ``downsamples > 0``) adds each resolution's features from the way down to the
+output of the matching upsample (a U-Net's additive skips): the coarse levels see the whole image
+while full-resolution detail does not have to pass the bottleneck.
 """
 
 from __future__ import annotations
@@ -117,6 +121,7 @@ class ResNetGenerator(nn.Module):
         padding: ``circular`` (periodic data), ``reflect`` or ``zeros``.
         norm: ``instance`` (the paper's) or ``none`` (keeps absolute levels visible; see the module doc).
         context: add the global branch (module doc) before the last conv.
+        skips: add the features of each resolution on the way down to the way up (module doc).
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class ResNetGenerator(nn.Module):
         padding: str = "circular",
         norm: str = "instance",
         context: bool = False,
+        skips: bool = False,
     ) -> None:
         super().__init__()
         in_channels = _int("in_channels", in_channels, 1)
@@ -161,6 +167,11 @@ class ResNetGenerator(nn.Module):
         }
         if context:  # stored only when used, so older checkpoints' configs read the same
             self.config["context"] = True
+        if skips:
+            if downsamples == 0:
+                raise ValueError("ResNetGenerator: skips=True needs downsamples >= 1")
+            self.config["skips"] = True
+        self.skips = bool(skips)
         self.in_channels, self.residual, self.divisor = in_channels, bool(residual), 2**downsamples
         layers: list[nn.Module] = [_conv(in_channels, base, 7, padding), *_norm_act(base, norm)]
         ch = base
@@ -190,7 +201,12 @@ class ResNetGenerator(nn.Module):
                 f"ResNetGenerator with {self.divisor.bit_length() - 1} downsamples needs H and W "
                 f"divisible by {self.divisor}, got {x.shape[2]}x{x.shape[3]}"
             )
-        y = x
+        y, saved = x, []
         for layer in self.net:
+            if self.skips and isinstance(layer, _Up):
+                y = layer(y) + saved.pop()
+                continue
+            if self.skips and isinstance(layer, nn.Conv2d) and layer.stride == (2, 2):
+                saved.append(y)
             y = layer(y, x) if isinstance(layer, _Context) else layer(y)
         return x + y if self.residual else y
