@@ -49,13 +49,14 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
     for start in (k - 1, k + 1):
         x, _ = render_sources(torch.full((n,), start), p["size"], g)
         x = x.to(device)
+        before = float(con(x).mean())
         for lam in (0.0, 1.0):
             z = _attack(con, x, lam, p["steps"], p["lr"])
             c = count_sources(z.cpu())
             rows.append({
                 "start": f"{start} sources",
                 "lam": lam,
-                "l before": float(con(x).mean()),
+                "l before": before,
                 "l after": float(con(z).mean()),
                 "exactly k (peak finder)": float((c == k).float().mean()),
                 "peaks after (min-max)": f"{int(c.min())}-{int(c.max())}",

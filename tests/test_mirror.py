@@ -471,5 +471,8 @@ def test_skips_carry_full_resolution_features_past_the_bottleneck():
             change = float(((f(x) - x) - (f(other) - other)).abs().max())
         assert (change > 1e-4) == skips
         assert ("skips" in f.config) == skips
+        g = build_net(f.config).eval()  # a checkpoint's config rebuilds the same net
+        g.load_state_dict(f.state_dict())
+        assert torch.equal(g(x), f(x))
     with pytest.raises(ValueError, match="skips=True needs downsamples"):
         ResNetGenerator(1, downsamples=0, skips=True)

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..sample import Step
-from .base import EUCLIDEAN, GradientGuidance, Scalar, check_scalar, per_sample
+from .base import GradientGuidance, Scalar, check_scalar, per_sample
 
 _TINY = 1e-12  # guards the norms of an exactly zero gradient or mixed direction
 BETWEEN = ("sample", "base")  # what DSG's off-interval steps do (module docstring)
@@ -132,15 +132,18 @@ class DSG:
                 return step.mean  # final step: the sphere has radius 0
             return self.base.guide(step, FinalStep(self.final))
         if step.i % self.interval:
-            return step.sample() if self.between == "sample" else self.base.guide(step, EUCLIDEAN)
+            return step.sample() if self.between == "sample" else self.base(step)
         return self.base.guide(step, self.step_rule)
 
+    def _extensions(self) -> dict:
+        """``final`` and ``between``, each only where it departs from the paper's DSG."""
+        out = {} if _is_zero(self.final) else {"final": self.final}
+        return out if self.between == "sample" else {**out, "between": self.between}
+
     def hyperparameters(self) -> dict:
-        hp = {"rate": self.rate, "interval": self.interval, **self.base.hyperparameters()}
-        hp = {**hp, "final": self.final} if not _is_zero(self.final) else hp
-        return {**hp, "between": self.between} if self.between != "sample" else hp
+        return {"rate": self.rate, "interval": self.interval, **self.base.hyperparameters(),
+                **self._extensions()}
 
     def describe(self) -> str:
-        final = "" if _is_zero(self.final) else f", final={self.final}"
-        between = "" if self.between == "sample" else f", between={self.between}"
-        return f"DSG(rate={self.rate}, interval={self.interval}{final}{between}) + {self.base.describe()}"
+        ext = "".join(f", {k}={v}" for k, v in self._extensions().items())
+        return f"DSG(rate={self.rate}, interval={self.interval}{ext}) + {self.base.describe()}"
