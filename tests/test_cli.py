@@ -119,6 +119,29 @@ def test_bench_list_names_every_benchmark_with_its_summary(capsys):
     assert all(len(ln.split(maxsplit=1)[1]) > 20 for ln in lines)  # each has its docstring's first sentence
 
 
+def test_bench_no_record_leaves_recorded_results_alone(tmp_path, monkeypatch, capsys):
+    import condiff.cli.bench as bench
+
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "tiny.py").write_text(
+        '"""A tiny benchmark. Second sentence."""\n'
+        "def run(profile, device):\n"
+        "    return {'title': 'Tiny', 'columns': ['a'], 'rows': [{'a': 1.5}], 'notes': ['n']}\n"
+    )
+    monkeypatch.setattr(bench, "bench_dir", lambda: tmp_path / "benchmarks")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "tiny"]) == 0
+    recorded = (tmp_path / "benchmarks" / "results" / "tiny-quick.json").read_text()
+    table = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "<!-- bench:tiny -->" in table and "| 1.5 |" in table
+    # a trial run writes its results under runs/ and touches neither the record nor the table
+    assert main(["bench", "tiny", "--no-record"]) == 0
+    assert "BENCHMARKS.md unchanged" in capsys.readouterr().out
+    assert json.loads((tmp_path / "runs" / "bench-results" / "tiny-quick.json").read_text())["rows"] == [{"a": 1.5}]
+    assert (tmp_path / "benchmarks" / "results" / "tiny-quick.json").read_text() == recorded
+    assert (tmp_path / "BENCHMARKS.md").read_text() == table
+
+
 def test_version(capsys):
     import condiff
 

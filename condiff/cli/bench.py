@@ -2,7 +2,9 @@
 
 Each module ``benchmarks/<name>.py`` (dashes become underscores) defines ``run(profile, device) -> dict``
 returning ``{"title", "columns", "rows", "notes", ...}``; this command writes
-``benchmarks/results/<name>.json`` and ``.md`` and replaces the table's section in BENCHMARKS.md.
+``benchmarks/results/<name>-<profile>.json`` and ``.md`` and replaces the table's section in
+BENCHMARKS.md. With ``--no-record`` (a trial run) the two files go to ``runs/bench-results/`` instead,
+so that the recorded results stay as they were.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--list", action="store_true", help="list the benchmarks")
     p.add_argument("--profile", default="quick", help="quick (CPU, minutes) or full (GPU)")
     p.add_argument("--device", default=None)
-    p.add_argument("--no-record", action="store_true", help="do not update BENCHMARKS.md")
+    p.add_argument("--no-record", action="store_true",
+                   help="a trial run: leave BENCHMARKS.md and benchmarks/results as they are "
+                        "(results go to runs/bench-results/)")
     p.set_defaults(func=run)
 
 
@@ -86,9 +90,7 @@ def record(res: dict) -> Path:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    io.write_text_atomic(path, text)
     return path
 
 
@@ -112,11 +114,13 @@ def run(args: argparse.Namespace) -> int:
     res = mod.run(profile=args.profile, device=device)
     res.update({"name": args.name, "profile": args.profile, "device": device, "machine": machine(),
                 "seconds": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d")})
-    out = bench_dir() / "results"
+    out = Path("runs") / "bench-results" if args.no_record else bench_dir() / "results"
     io.write_json_atomic(out / f"{args.name}-{args.profile}.json", res)
     md = to_markdown(res)
-    (out / f"{args.name}-{args.profile}.md").write_text(md)
+    io.write_text_atomic(out / f"{args.name}-{args.profile}.md", md)
     print(md)
-    if not args.no_record:
+    if args.no_record:
+        print(f"results in {out} (BENCHMARKS.md unchanged)")
+    else:
         print(f"recorded in {record(res)}")
     return 0
