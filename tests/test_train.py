@@ -1,5 +1,6 @@
 """Training loop: learning, exact resume after SIGKILL, atomic checkpoints, DDP."""
 
+import json
 import os
 import signal
 import subprocess
@@ -165,6 +166,21 @@ def test_corrupted_checkpoint_is_a_clear_error_and_previous_survives(tmp_path, m
     (good / "config.json").write_text("{not json")
     with pytest.raises(io.CheckpointError, match="corrupted"):
         io.load_config(good)
+
+
+def test_atomic_file_write_failing_midway_keeps_the_old_file(tmp_path):
+    path = tmp_path / "table.md"
+    io.write_text_atomic(path, "old\n")
+
+    def half(f):
+        f.write("half a ")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        io.write_file_atomic(path, half)
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]
+    io.write_json_atomic(path, {"b": 1, "a": [1.5]})
+    assert json.loads(path.read_text()) == {"a": [1.5], "b": 1}
 
 
 def test_checkpoint_never_unpickles(tmp_path):

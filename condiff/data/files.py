@@ -9,8 +9,6 @@ atomically (temporary file in the same folder, then ``os.replace``).
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from condiff import io
 from condiff.data import ArrayData, DataError, check_split, validate
 
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -202,18 +201,8 @@ def load_path(path: str | Path, split: str = "train", **kwargs: Any) -> ArrayDat
 
 
 def _write_png_atomic(img: np.ndarray, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+    return io.write_file_atomic(path, lambda f: pil.save(f, format="PNG"), binary=True)
 
 
 def save_png_grid(
