@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 import condiff
-from condiff import metrics
+from condiff import io, metrics
 from condiff.cli.common import model_is_complete, train_or_reuse
 from condiff.cli.solve import build_operator
 from condiff.data import derive_seed, load_dataset
@@ -191,9 +191,7 @@ class RowCache:
     def put(self, key: str, row: dict) -> None:
         if self.enabled:
             self.rows[key] = row
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.rows))
-            tmp.replace(self.path)
+            io.write_text_atomic(self.path, json.dumps(self.rows))
 
 
 def images(dataset_cfg: dict, split: str, n: int, tag: str) -> torch.Tensor:

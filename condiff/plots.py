@@ -5,8 +5,6 @@ Every function writes a PNG atomically and returns its path. matplotlib runs hea
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,21 +14,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from condiff import io  # noqa: E402
+
 
 def save_figure(fig, path: str | Path) -> Path:
     """Write a matplotlib figure as a PNG atomically (temp file + rename) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        return io.write_file_atomic(
+            path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"), binary=True
+        )
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def plot_loss_curve(log_path: str | Path, out: str | Path, keys: Sequence[str] = ("loss",)) -> Path | None:

@@ -270,7 +270,7 @@ class Trainer:
         self.load(ckpts[-1])
         if self.dist.main and self.run_dir is not None:  # drop log records the killed run wrote past it
             keep = [r for r in read_log(self.run_dir / "log.jsonl") if r.get("step", 0) <= self.step]
-            (self.run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+            io.write_text_atomic(self.run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
         return True
 
     # --- the loop ------------------------------------------------------------------------------

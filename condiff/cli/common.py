@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -189,10 +187,7 @@ def write_samples(x: torch.Tensor, out: Path, grid: int = 100) -> list[Path]:
     """``samples.npz`` with all samples, plus a picture: an image grid, or a scatter for 2-D points."""
     out.mkdir(parents=True, exist_ok=True)
     arr = x.detach().cpu().numpy()
-    fd, tmp = tempfile.mkstemp(prefix=".samples.", suffix=".npz", dir=out)
-    os.close(fd)
-    np.savez_compressed(tmp, x=arr)
-    os.replace(tmp, out / "samples.npz")
+    io.write_file_atomic(out / "samples.npz", lambda f: np.savez_compressed(f, x=arr), binary=True)
     files = [out / "samples.npz"]
     if arr.ndim == 4 and arr.shape[1] in (1, 3):
         save_png_grid(x[:grid].cpu(), out / "samples.png")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,13 +34,5 @@ def cached_arrays(
         except (OSError, ValueError):
             path.unlink(missing_ok=True)  # unreadable: regenerate
     arrays = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    io.write_file_atomic(path, lambda f: np.savez(f, **arrays), binary=True)
     return arrays

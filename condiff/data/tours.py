@@ -12,8 +12,6 @@ Instances are uniform cities in the unit square; their reference tours come from
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,11 +49,7 @@ def solved_instances(split: str, n: int, n_cities: int, seed: int = 0,
                           for k in range(n)]).numpy()
     tours = solve_all(coords, solver)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tours.", suffix=".npz", dir=path.parent)
-        os.close(fd)
-        np.savez(tmp, coords=coords, tours=tours)
-        os.replace(tmp, path)
+        io.write_file_atomic(path, lambda f: np.savez(f, coords=coords, tours=tours), binary=True)
     return coords, tours, solver.name
 
 

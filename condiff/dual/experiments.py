@@ -82,7 +82,7 @@ def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: Trai
             shutil.rmtree(run_dir / sub, ignore_errors=True)
         (run_dir / "log.jsonl").unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(_key(key))
+    io.write_text_atomic(key_file, _key(key))
     trainer = Trainer(net, objective, tcfg, run_dir, {"net": net.config, "schedule": schedule.config()})
     trainer.resume()
     t0 = time.perf_counter()
