@@ -12,8 +12,10 @@ from condiff.constraints import Box, BurgersResidual, TotalBrightness
 from condiff.denoiser import GaussianDenoiser
 from condiff.guidance import DPS
 from condiff.mirror import (
+    FinetuneObjective,
     MirrorMap,
     NAMMLoss,
+    NAMMObjective,
     assimilate,
     build_mirror,
     evaluate_terms,
@@ -247,6 +249,65 @@ def test_finetuning_trains_f_only_and_reduces_the_constraint_loss_on_mirror_samp
     assert torch.equal(m.to_data(y[:4]), m.to_data(y[:4]))  # the input map is left untouched
 
 
+def _ft_cfg(steps, **kw):
+    return TrainConfig(steps=steps, batch_size=8, lr=2e-3, betas=(0.5, 0.999), warmup=0, lr_decay="constant",
+                       ema_decay=0.9, ckpt_every=5, progress=False, **kw)
+
+
+def test_realism_critic_learns_to_tell_data_from_outputs_unlike_them():
+    x, con = _brightness_data(64)
+    m = _tiny_mirror()
+    obj = FinetuneObjective(m, x, m.to_mirror(x), con, batch_size=16, weights=NAMMLoss(l_adv=1.0))
+    obj.critic_opt.param_groups[0]["lr"] = 2e-3
+
+    class Offset(torch.nn.Module):  # an "inverse map" whose outputs sit 0.5 above the data
+        def forward(self, y):
+            return m.inverse(y) + 0.5
+
+    g = torch.Generator().manual_seed(0)
+    f = Offset()
+    for step in range(60):
+        loss, logs = obj.loss(f, step, g)
+        assert set(logs) == {"cyc", "con", "adv"} and torch.isfinite(loss)
+        assert "critic" in obj.after_step(f, step)
+    with torch.no_grad():
+        real, fake = obj.critic(x).mean(), obj.critic(f(m.to_mirror(x))).mean()
+    assert real > fake + 1.0, (float(real), float(fake))
+
+
+def test_finetuning_with_the_realism_term_resumes_exactly(tmp_path):
+    x, con = _brightness_data(64)
+    m = _tiny_mirror()
+    y = m.to_mirror(x) + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    w = NAMMLoss(l_con=1.0, l_adv=0.5)
+    whole = finetune_inverse(m, x, y, con, _ft_cfg(10), w, tmp_path / "a")
+    finetune_inverse(m, x, y, con, _ft_cfg(5), w, tmp_path / "b")
+    resumed = finetune_inverse(m, x, y, con, _ft_cfg(10), w, tmp_path / "b", resume=True)
+    for (k, a), b in zip(whole.inverse.state_dict().items(), resumed.inverse.state_dict().values()):
+        assert torch.equal(a, b), f"inverse.{k} differs after resuming"
+    logs = read_log(tmp_path / "b" / "log.jsonl")
+    assert all("adv" in r and "critic" in r for r in logs)
+    # the checkpoint holds the critic and its optimizer; a run without the term refuses it
+    obj = FinetuneObjective(m, x, y, con, 8, NAMMLoss(l_con=1.0))
+    from condiff import io
+    from condiff.train import list_checkpoints
+
+    state = io.load_group(list_checkpoints(tmp_path / "b" / "checkpoints")[-1], "objective")
+    assert any(k.startswith("critic_opt.") for k in state)
+    with pytest.raises(ValueError, match="with the realism term's critic"):
+        obj.load_state_dict(state)
+    with pytest.raises(ValueError, match="without the realism term's critic"):
+        FinetuneObjective(m, x, y, con, 8, w).load_state_dict({})
+
+
+def test_the_realism_term_is_for_fine_tuning_only():
+    x, con = _brightness_data(8)
+    with pytest.raises(ValueError, match="fine-tuning only"):
+        NAMMObjective(x, con, 4, NAMMLoss(l_adv=1.0))
+    with pytest.raises(ValueError, match=">= 0"):
+        NAMMLoss.from_dict({"l_adv": -1.0})
+
+
 def test_namm_rejects_bad_constraints_and_settings():
     x, _ = _brightness_data(8)
     m = _tiny_mirror()
@@ -352,6 +413,14 @@ def test_cli_settings_resolution_and_stage_guard(tmp_path):
     assert learned.spec("finetune")["constraint"] == {"counter": {"v": 3}}
     with pytest.raises(StageMismatch, match="--fresh"):
         learned._stage("namm", learned.spec("namm"))
+    # finetune.loss overrides the loss section for the fine-tuning alone (the realism term lives there)
+    ft = NAMMRun(tmp_path, resolve("brightness", "quick",
+                                   overrides=["finetune.loss.l_adv=0.5", "finetune.loss.l_con=3.0"]))
+    assert ft.finetune_loss() == NAMMLoss(l_con=3.0, l_reg=1e-3, sigma_max=0.1, l_adv=0.5)
+    plain = NAMMRun(tmp_path, resolve("brightness", "quick"))
+    assert ft.spec("namm") == plain.spec("namm") and ft.spec("finetune") != plain.spec("finetune")
+    with pytest.raises(ValueError, match="unknown NAMM loss option"):
+        NAMMRun(tmp_path, resolve("brightness", "quick", overrides=["finetune.loss.adv=1.0"])).finetune_loss()
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -381,6 +381,14 @@ class NAMMRun:
         """Stage ``vanilla``: the baseline diffusion model on the data, same net and budget."""
         return self._diffusion("vanilla", lambda: self.data().x)
 
+    def finetune_loss(self) -> NAMMLoss:
+        """The fine-tuning's loss: section ``loss`` with ``finetune.loss`` over it (e.g. the realism
+        term ``l_adv``, which only fine-tuning has)."""
+        extra = self.cfg["finetune"].get("loss", {})
+        if not isinstance(extra, dict):
+            raise ValueError(f"finetune.loss must be a table of loss weights, got {extra!r}")
+        return NAMMLoss.from_dict({**self.cfg["loss"], **extra})
+
     def finetuned(self) -> MirrorMap:
         """Stage ``finetune``: ``f`` fine-tuned on a pool of MDM samples (its own seed)."""
         spec = self.spec("finetune")
@@ -391,7 +399,7 @@ class NAMMRun:
         mirror, den = self.mirror(), self.mdm()
         t0 = time.perf_counter()
         _, pool = self._generate(den, int(ft["n"]), int(ft["seed"]), mirror)
-        train = {**self.cfg["mirror_train"], **{k: v for k, v in ft.items() if k not in ("n",)}}
+        train = {**self.cfg["mirror_train"], **{k: v for k, v in ft.items() if k not in ("n", "loss")}}
         train.pop("seed", None)
         out = finetune_inverse(
             mirror,
@@ -399,7 +407,7 @@ class NAMMRun:
             pool,
             self.constraint(),
             self._tcfg(train),
-            NAMMLoss.from_dict(self.cfg["loss"]),
+            self.finetune_loss(),
             d,
             {"constraint": self.constraint().config},
             resume=True,

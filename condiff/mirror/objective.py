@@ -9,7 +9,11 @@ The noise in mirror space teaches ``f`` to send a whole neighbourhood of the mir
 the constraint set, so imperfect generated mirror samples are still restored.
 
 Fine-tuning trains ``f`` alone with the same loss, ``y = x_MDM + sigma z`` drawn around samples of the
-mirror diffusion model, ``g`` frozen (its regulariser is then a constant and is left out).
+mirror diffusion model, ``g`` frozen (its regulariser is then a constant and is left out). An optional
+realism term ``l_adv mean softplus(-D(f(y)))`` (not in the paper) adds a small critic ``D`` trained
+alongside to tell data from ``f(y)`` (non-saturating GAN loss, R1 penalty on the data), so that ``f``
+cannot lower ``l`` with outputs unlike the data, such as the faint glow that a strong constraint
+weight buys on the count data (docs/namm.md).
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from condiff import io
 from condiff.constraints import Distance
 from condiff.mirror.map import MirrorMap
 
@@ -26,12 +33,14 @@ from condiff.mirror.map import MirrorMap
 @dataclass
 class NAMMLoss:
     """Loss weights and mirror-space noise level (official values: brightness / count ``l_con = 0.01``,
-    Burgers / periodic / divergence-free ``1.0``; ``sigma_max = 0.5`` for the flow data)."""
+    Burgers / periodic / divergence-free ``1.0``; ``sigma_max = 0.5`` for the flow data).
+    ``l_adv``: weight of the realism term, fine-tuning only (0: off, as in the paper)."""
 
     l_cyc: float = 1.0
     l_con: float = 1.0
     l_reg: float = 1e-3
     sigma_max: float = 0.1
+    l_adv: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict) -> NAMMLoss:
@@ -39,7 +48,7 @@ class NAMMLoss:
         if bad := sorted(set(d) - known):
             raise ValueError(f"unknown NAMM loss option(s) {bad}; known: {sorted(known)}")
         out = cls(**{k: float(v) for k, v in d.items()})
-        if min(out.l_cyc, out.l_con, out.l_reg, out.sigma_max) < 0:
+        if min(out.l_cyc, out.l_con, out.l_reg, out.sigma_max, out.l_adv) < 0:
             raise ValueError(f"NAMM loss weights and sigma_max must be >= 0, got {asdict(out)}")
         return out
 
@@ -62,7 +71,8 @@ def namm_terms(terms, x: Tensor, constraint: Distance) -> dict[str, Tensor]:
 
 
 def _total(parts: dict[str, Tensor], w: NAMMLoss) -> Tensor:
-    return w.l_cyc * parts["cyc"] + w.l_con * parts["con"] + w.l_reg * parts.get("reg", 0.0)
+    return (w.l_cyc * parts["cyc"] + w.l_con * parts["con"] + w.l_reg * parts.get("reg", 0.0)
+            + w.l_adv * parts.get("adv", 0.0))
 
 
 def _batch(x: Tensor, batch_size: int, generator: torch.Generator) -> Tensor:
@@ -80,6 +90,8 @@ class NAMMObjective:
             raise ValueError(f"NAMM needs non-empty image data (N, C, H, W), got shape {tuple(x.shape)}")
         self.x, self.constraint, self.batch_size = x, constraint, int(batch_size)
         self.w = weights or NAMMLoss()
+        if self.w.l_adv > 0:
+            raise ValueError("the realism term (l_adv) is for fine-tuning only; set it there (finetune.loss.l_adv)")
 
     def to(self, device: torch.device | str) -> NAMMObjective:
         self.x = self.x.to(device)
@@ -106,6 +118,28 @@ class NAMMObjective:
         pass
 
 
+class Critic(nn.Module):
+    """``(B, C, H, W) -> (B,)`` realism logits: a 3x3 convolution, two stride-2 4x4 convolutions
+    (leaky ReLU 0.2), a spatial mean and a linear layer, so any image size of at least 4x4 works."""
+
+    def __init__(self, channels: int, width: int = 32) -> None:
+        super().__init__()
+        w = int(width)
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, w, 3, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(w, 2 * w, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * w, 2 * w, 4, 2, 1), nn.LeakyReLU(0.2),
+        )
+        self.head = nn.Linear(2 * w, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x).mean((2, 3)))[:, 0]
+
+
+# The critic's recipe: Adam 2e-4 with beta1 = 0.5 (as the mirror map), R1 penalty gamma = 0.1 on the data
+CRITIC = {"lr": 2e-4, "betas": (0.5, 0.999), "r1": 0.1, "width": 32, "seed": 0}
+
+
 class FinetuneObjective:
     """Train ``f`` alone (the model is the inverse network) on samples ``y_mdm`` of the mirror diffusion
     model, with ``g`` frozen. ``x`` are the training data, for the cycle term ``f(g(x)) - x``."""
@@ -128,12 +162,22 @@ class FinetuneObjective:
         self.x, self.gx = x, mirror.to_mirror(x)
         self.y_mdm, self.constraint, self.batch_size = y_mdm, constraint, int(batch_size)
         self.w = weights or NAMMLoss()
+        self.critic: Critic | None = None
+        if self.w.l_adv > 0:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(CRITIC["seed"])
+                self.critic = Critic(x.shape[1], CRITIC["width"])
+            self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=CRITIC["lr"], betas=CRITIC["betas"])
+        self._fake: Tensor | None = None
+        self._real: Tensor | None = None
 
     def to(self, device: torch.device | str) -> FinetuneObjective:
         self.x, self.gx, self.y_mdm = self.x.to(device), self.gx.to(device), self.y_mdm.to(device)
         self.psi_map.to(device)
         if isinstance(self.constraint, nn.Module):
             self.constraint.to(device)
+        if self.critic is not None:
+            self.critic.to(device)
         return self
 
     def loss(
@@ -151,16 +195,58 @@ class FinetuneObjective:
             "cyc": 0.5 * (fgx - x).abs().mean() + 0.5 * (gfy - y).abs().mean(),
             "con": self.constraint(fy).mean(),
         }
+        if self.critic is not None:
+            self.critic.requires_grad_(False)  # f's step must not leave gradients in the critic
+            parts["adv"] = F.softplus(-self.critic(fy)).mean()
+            self.critic.requires_grad_(True)
+            # the critic's step (after f's, in after_step) sees these outputs against other data
+            self._fake = fy.detach()
+            self._real = _batch(self.x, self.batch_size, generator)
         return _total(parts, self.w), {k: float(v.detach()) for k, v in parts.items()}
 
     def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
-        return {}
+        """One step of the critic (if any): non-saturating GAN loss and R1 on the data."""
+        if self.critic is None or self._fake is None or self._real is None:
+            return {}
+        real = self._real.detach().requires_grad_(True)
+        d_real = self.critic(real)
+        (grad,) = torch.autograd.grad(d_real.sum(), real, create_graph=True)
+        r1 = grad.pow(2).flatten(1).sum(1).mean()
+        loss = (F.softplus(-d_real).mean() + F.softplus(self.critic(self._fake)).mean()
+                + 0.5 * CRITIC["r1"] * r1)
+        self.critic_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for p in self.critic.parameters():  # one critic for all ranks, as for f
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= dist.get_world_size()
+        self.critic_opt.step()
+        self._fake = self._real = None
+        return {"critic": float(loss.detach())}
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {}
+        if self.critic is None:
+            return {}
+        opt, meta = io.flatten_optimizer(self.critic_opt.state_dict())
+        if meta["scalars"]:
+            raise RuntimeError(f"the critic's optimizer holds non-tensor state {meta['scalars']}")
+        return {**{f"critic.{k}": v for k, v in self.critic.state_dict().items()},
+                **{f"critic_opt.{k}": v for k, v in opt.items()}}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        pass
+        has = any(k.startswith("critic.") for k in state)
+        if (self.critic is None) == has:
+            raise ValueError(
+                "this checkpoint was written " + ("with" if has else "without")
+                + f" the realism term's critic, but this run has l_adv = {self.w.l_adv}"
+            )
+        if self.critic is None:
+            return
+        self.critic.load_state_dict({k[len("critic."):]: v for k, v in state.items() if k.startswith("critic.")})
+        opt = {k[len("critic_opt."):]: v for k, v in state.items() if k.startswith("critic_opt.")}
+        groups = self.critic_opt.state_dict()["param_groups"]
+        self.critic_opt.load_state_dict(io.unflatten_optimizer(opt, {"param_groups": groups, "scalars": {}}))
 
 
 @torch.no_grad()
