@@ -140,6 +140,16 @@ def test_bench_no_record_leaves_recorded_results_alone(tmp_path, monkeypatch, ca
     assert json.loads((tmp_path / "runs" / "bench-results" / "tiny-quick.json").read_text())["rows"] == [{"a": 1.5}]
     assert (tmp_path / "benchmarks" / "results" / "tiny-quick.json").read_text() == recorded
     assert (tmp_path / "BENCHMARKS.md").read_text() == table
+    # so does a run that covered only part of its table (it marks itself partial)
+    (tmp_path / "benchmarks" / "tiny.py").write_text(
+        "def run(profile, device):\n"
+        "    return {'title': 'Tiny', 'columns': ['a'], 'rows': [{'a': 2.5}], 'notes': [], 'partial': 'a only'}\n"
+    )
+    assert main(["bench", "tiny"]) == 0
+    assert "partial run (a only), not recorded" in capsys.readouterr().out
+    assert json.loads((tmp_path / "runs" / "bench-results" / "tiny-quick.json").read_text())["rows"] == [{"a": 2.5}]
+    assert (tmp_path / "benchmarks" / "results" / "tiny-quick.json").read_text() == recorded
+    assert (tmp_path / "BENCHMARKS.md").read_text() == table
 
 
 def test_version(capsys):

@@ -4,7 +4,8 @@ Each module ``benchmarks/<name>.py`` (dashes become underscores) defines ``run(p
 returning ``{"title", "columns", "rows", "notes", ...}``; this command writes
 ``benchmarks/results/<name>-<profile>.json`` and ``.md`` and replaces the table's section in
 BENCHMARKS.md. With ``--no-record`` (a trial run) the two files go to ``runs/bench-results/`` instead,
-so that the recorded results stay as they were.
+so that the recorded results stay as they were; so do a benchmark's results that mark themselves
+``partial`` (a part of its table, such as ``NAMM_BENCH_DATA=count condiff bench namm``).
 """
 
 from __future__ import annotations
@@ -114,13 +115,17 @@ def run(args: argparse.Namespace) -> int:
     res = mod.run(profile=args.profile, device=device)
     res.update({"name": args.name, "profile": args.profile, "device": device, "machine": machine(),
                 "seconds": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d")})
-    out = Path("runs") / "bench-results" if args.no_record else bench_dir() / "results"
+    # a benchmark that ran only part of its table (e.g. NAMM_BENCH_DATA) says so in "partial": such
+    # a result would replace the whole recorded table with a part of it, so it is never recorded
+    trial = args.no_record or bool(res.get("partial"))
+    out = Path("runs") / "bench-results" if trial else bench_dir() / "results"
     io.write_json_atomic(out / f"{args.name}-{args.profile}.json", res)
     md = to_markdown(res)
     io.write_text_atomic(out / f"{args.name}-{args.profile}.md", md)
     print(md)
-    if args.no_record:
-        print(f"results in {out} (BENCHMARKS.md unchanged)")
+    if trial:
+        why = f"partial run ({res['partial']}), not recorded; " if res.get("partial") else ""
+        print(f"{why}results in {out} (BENCHMARKS.md unchanged)")
     else:
         print(f"recorded in {record(res)}")
     return 0
