@@ -30,8 +30,7 @@ quick overrides (condiff.cli.namm.PROFILE_FAMILIES, reasons in docs/namm.md): Bu
 sigma_max = 0.03, an inverse net of 32 filters and 4 blocks, 4000 mirror steps with a cosine decay,
 fine-tuning 3000 steps on 2048 samples;
 brightness 3000 mirror steps with a cosine decay; count
-l_con = 1 for the fit, then fine-tuning 12000 steps of 32 on 2048 samples with l_con = 10 and the
-realism term (l_adv = 1; condiff.mirror.objective); constraint weight 20 (not 200) for
+l_con = 1 and fine-tuning 6000 steps on 2048 samples; constraint weight 20 (not 200) for
 constraint-guided DPS. A data set takes 5-20 minutes of a core when run alone, up to an hour on a
 loaded one.
 """
