@@ -158,6 +158,15 @@ class DenoisingObjective:
         pass
 
 
+def all_reduce_mean(v: Tensor) -> Tensor:
+    """``v`` averaged over the DDP ranks (a new tensor; ``v`` itself outside a process group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        v = v.clone()
+        dist.all_reduce(v, op=dist.ReduceOp.SUM)
+        v /= dist.get_world_size()
+    return v
+
+
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """A well-mixed 63-bit seed for one training step of one process."""
     h = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB) % (1 << 64)

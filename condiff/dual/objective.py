@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..schedule import Schedule
-from ..train import denoising_loss, step_seed
+from ..train import all_reduce_mean, denoising_loss, step_seed
 
 # Mixed into the run seed so the dual estimator's draws never coincide with the primal step's.
 _DUAL_SEED_TAG = 0x6475616C  # "dual"
@@ -157,15 +157,6 @@ def estimate_losses(net: Callable[[Tensor, Tensor], Tensor], schedule: Schedule,
             net.train(was_training)
 
 
-def _all_reduce_mean(v: Tensor) -> Tensor:
-    """Average ``v`` over the DDP ranks (identity outside a process group)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        v = v.clone()
-        dist.all_reduce(v, op=dist.ReduceOp.SUM)
-        v /= dist.get_world_size()
-    return v
-
-
 class DualObjective:
     """Objective for :class:`condiff.train.Trainer`: the Lagrangian of the constrained problem.
 
@@ -263,7 +254,7 @@ class DualObjective:
         xs = [c.x for c in self.constraints]
         est = torch.cat([estimate_losses(model, self.schedule, [self.x], bs, self.grid0, g),
                          estimate_losses(model, self.schedule, xs, bs, self.grid, g)])
-        est = _all_reduce_mean(est.to(device)).cpu()
+        est = all_reduce_mean(est.to(device)).cpu()
         self.objective_estimate, self.estimate = est[0], est[1:]
         self.lam = (self.lam + self.cfg.lr * (self.estimate - self.bounds)).clamp_min(0.0)
         return self.lam

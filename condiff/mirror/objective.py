@@ -21,13 +21,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from condiff import io
 from condiff.constraints import Distance
 from condiff.mirror.map import MirrorMap
+from condiff.train import all_reduce_mean
 
 
 @dataclass
@@ -206,7 +206,7 @@ class FinetuneObjective:
 
     def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
         """One step of the critic (if any): non-saturating GAN loss and R1 on the data."""
-        if self.critic is None or self._fake is None or self._real is None:
+        if self.critic is None or self._fake is None:
             return {}
         real = self._real.detach().requires_grad_(True)
         d_real = self.critic(real)
@@ -216,11 +216,9 @@ class FinetuneObjective:
                 + 0.5 * CRITIC["r1"] * r1)
         self.critic_opt.zero_grad(set_to_none=True)
         loss.backward()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for p in self.critic.parameters():  # one critic for all ranks, as for f
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= dist.get_world_size()
+        for p in self.critic.parameters():  # one critic for all ranks, as for f
+            if p.grad is not None:
+                p.grad = all_reduce_mean(p.grad)
         self.critic_opt.step()
         self._fake = self._real = None
         return {"critic": float(loss.detach())}
