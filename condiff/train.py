@@ -97,7 +97,7 @@ class Objective(Protocol):
 
     def state_dict(self) -> dict[str, Tensor]: ...
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...  # {}: the checkpoint holds none
 
 
 def denoising_loss(net: Callable, schedule: Schedule, x0: Tensor, y: Tensor | None,
@@ -261,8 +261,10 @@ class Trainer:
         io.load_state_into(self.model, path, "model")
         io.load_state_into(self.ema, path, "ema")
         self.opt.load_state_dict(io.unflatten_optimizer(io.load_group(path, "optim", self.device), cfg["optim"]))
-        if io.has_group(path, "objective"):
-            self.objective.load_state_dict(io.load_group(path, "objective", self.device))
+        # always called, with {} when the checkpoint holds no objective state, so that an objective
+        # with state of its own can refuse a checkpoint written without it
+        has = io.has_group(path, "objective")
+        self.objective.load_state_dict(io.load_group(path, "objective", self.device) if has else {})
         torch.set_rng_state(io.load_group(path, "rng")["torch_cpu"])
         self.step = int(cfg["step"])
 

@@ -230,6 +230,8 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="1 constraints"):
         obj.load_state_dict({"lambda": torch.zeros(2), "estimate": torch.zeros(2),
                              "objective_estimate": torch.zeros(1)})
+    with pytest.raises(ValueError, match="no dual variables"):  # a checkpoint of another objective
+        obj.load_state_dict({})
 
 
 def test_keep_fraction_and_select():

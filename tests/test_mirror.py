@@ -287,17 +287,18 @@ def test_finetuning_with_the_realism_term_resumes_exactly(tmp_path):
         assert torch.equal(a, b), f"inverse.{k} differs after resuming"
     logs = read_log(tmp_path / "b" / "log.jsonl")
     assert all("adv" in r and "critic" in r for r in logs)
-    # the checkpoint holds the critic and its optimizer; a run without the term refuses it
-    obj = FinetuneObjective(m, x, y, con, 8, NAMMLoss(l_con=1.0))
+    # the checkpoint holds the critic and its optimizer; resuming with or without the term where the
+    # checkpoint was written otherwise is refused, through the trainer's own resume
     from condiff import io
     from condiff.train import list_checkpoints
 
     state = io.load_group(list_checkpoints(tmp_path / "b" / "checkpoints")[-1], "objective")
     assert any(k.startswith("critic_opt.") for k in state)
     with pytest.raises(ValueError, match="with the realism term's critic"):
-        obj.load_state_dict(state)
+        finetune_inverse(m, x, y, con, _ft_cfg(15), NAMMLoss(l_con=1.0), tmp_path / "b", resume=True)
+    finetune_inverse(m, x, y, con, _ft_cfg(5), NAMMLoss(l_con=1.0), tmp_path / "c")
     with pytest.raises(ValueError, match="without the realism term's critic"):
-        FinetuneObjective(m, x, y, con, 8, w).load_state_dict({})
+        finetune_inverse(m, x, y, con, _ft_cfg(10), w, tmp_path / "c", resume=True)
 
 
 def test_the_realism_term_is_for_fine_tuning_only():

@@ -235,6 +235,8 @@ class DualObjective:
                 "bounds": self.bounds.clone()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if "lambda" not in state:
+            raise ValueError("this checkpoint holds no dual variables: it was not written by dual training")
         lam = state["lambda"].detach().cpu().double()
         if lam.shape != self.lam.shape:
             raise ValueError(f"checkpoint holds {lam.numel()} dual variables but this run has "
