@@ -354,12 +354,11 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
         notes.append(f"Pieces reused from earlier runs: {', '.join(reused)}; the time in the header is that of "
                      "the assembling run only, each piece's own time is in its note.")
     notes += READING_NOTES
-    missing = [part for part in PARTS if part not in parts]
     return {"title": "Plug-and-play priors: TSP, conditional digits, segmentation",
             "columns": ["task", "method", "n", "metric", "value", "s / item", "target", "met"],
             "rows": rows, "notes": notes,
             # a part of the table is never recorded over the whole one (condiff.cli.bench)
-            **({"partial": f"PNP_BENCH_PARTS={','.join(parts)}"} if missing else {})}
+            **({"partial": f"PNP_BENCH_PARTS={','.join(parts)}"} if set(parts) != set(PARTS) else {})}
 
 
 READING_NOTES = [

@@ -224,34 +224,23 @@ def test_namm_training_reduces_cycle_and_constraint_losses(tmp_path):
     assert (tmp_path / "mirror" / "config.json").is_file()
 
 
+def _ft_cfg(steps):  # fine-tuning settings for the tests; checkpoints every 5 steps
+    return TrainConfig(steps=steps, batch_size=8, lr=2e-3, betas=(0.5, 0.999), warmup=0, lr_decay="constant",
+                       ema_decay=0.9, ckpt_every=5, progress=False)
+
+
 def test_finetuning_trains_f_only_and_reduces_the_constraint_loss_on_mirror_samples():
     x, con = _brightness_data(64)
     m = _tiny_mirror()
     y = m.to_mirror(x) + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     psi_before = {k: v.clone() for k, v in m.psi.state_dict().items()}
     l_before = float(con(m.to_data(y)).mean())
-    cfg = TrainConfig(
-        steps=60,
-        batch_size=8,
-        lr=2e-3,
-        betas=(0.5, 0.999),
-        warmup=0,
-        lr_decay="constant",
-        ema_decay=0.9,
-        ckpt_every=1000,
-        progress=False,
-    )
-    out = finetune_inverse(m, x, y, con, cfg, NAMMLoss(l_con=1.0))
+    out = finetune_inverse(m, x, y, con, _ft_cfg(60), NAMMLoss(l_con=1.0))
     l_after = float(con(out.to_data(y)).mean())
     assert l_after < 0.5 * l_before
     for k, v in out.psi.state_dict().items():
         assert torch.equal(v, psi_before[k]), f"psi.{k} changed during fine-tuning"
     assert torch.equal(m.to_data(y[:4]), m.to_data(y[:4]))  # the input map is left untouched
-
-
-def _ft_cfg(steps, **kw):
-    return TrainConfig(steps=steps, batch_size=8, lr=2e-3, betas=(0.5, 0.999), warmup=0, lr_decay="constant",
-                       ema_decay=0.9, ckpt_every=5, progress=False, **kw)
 
 
 def test_realism_critic_learns_to_tell_data_from_outputs_unlike_them():

@@ -401,8 +401,8 @@ class NAMMRun:
         mirror, den = self.mirror(), self.mdm()
         t0 = time.perf_counter()
         _, pool = self._generate(den, int(ft["n"]), int(ft["seed"]), mirror)
-        train = {**self.cfg["mirror_train"], **{k: v for k, v in ft.items() if k not in ("n", "loss")}}
-        train.pop("seed", None)
+        # finetune's own keys: n and seed (the pool), loss (finetune_loss); the rest are training settings
+        train = {**self.cfg["mirror_train"], **{k: v for k, v in ft.items() if k not in ("n", "seed", "loss")}}
         out = finetune_inverse(
             mirror,
             self.data().x,
