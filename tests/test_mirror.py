@@ -2,8 +2,10 @@
 mirror DPS, checkpoints and the CLI's settings and errors."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -535,3 +537,38 @@ def test_skips_carry_full_resolution_features_past_the_bottleneck():
         assert torch.equal(g(x), f(x))
     with pytest.raises(ValueError, match="skips=True needs downsamples"):
         ResNetGenerator(1, downsamples=0, skips=True)
+
+
+CRITIC_DDP_SCRIPT = """
+import copy, json, os, sys, torch
+torch.set_num_threads(1)
+import torch.distributed as dist
+from condiff.constraints import Box
+from condiff.mirror import FinetuneObjective, NAMMLoss, build_mirror
+from condiff.train import Trainer, TrainConfig
+x = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+m = build_mirror((1, 8, 8), {"name": "icnn", "filters": 8, "layers": 2},
+                 {"name": "resnet", "base": 8, "blocks": 1, "downsamples": 1}, 0.9, seed=0)
+f = copy.deepcopy(m.inverse)  # the objective freezes the map it is given
+obj = FinetuneObjective(m, x, m.to_mirror(x) + 0.5, Box(-1.0, 1.0), 8, NAMMLoss(l_adv=1.0))
+tr = Trainer(f, obj, TrainConfig(steps=6, batch_size=8, ckpt_every=100, progress=False, device="cpu"),
+             sys.argv[1])
+tr.fit()
+critic = torch.cat([p.detach().flatten() for p in obj.critic.parameters()])
+json.dump(critic.tolist(), open(os.path.join(sys.argv[1], f"critic{dist.get_rank()}.json"), "w"))
+"""
+
+
+def test_ddp_ranks_train_one_critic(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed")
+    script = tmp_path / "ddp_critic.py"
+    script.write_text(CRITIC_DDP_SCRIPT)
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    c0, c1 = (torch.tensor(json.loads((tmp_path / f"critic{k}.json").read_text())) for k in (0, 1))
+    # the ranks drew different batches, yet hold the same critic: its gradients were averaged
+    assert torch.equal(c0, c1)
