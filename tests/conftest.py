@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,3 +38,22 @@ def tiny_diffusers_denoiser():
                                  block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
                                  up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
     return DiffusersDenoiser(unet.eval(), {"num_train_timesteps": 100})
+
+
+@pytest.fixture
+def run_on_two_ranks(tmp_path):
+    """``run(script_text)``: run a script under ``torchrun`` with two CPU ranks (gloo), its only
+    argument ``tmp_path`` (where it writes its results); fails with the ranks' error output."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed")
+
+    def run(text: str) -> None:
+        script = tmp_path / "ddp_script.py"
+        script.write_text(text)
+        r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    return run

@@ -2,9 +2,6 @@
 dual state with exact resume, DDP agreement of lambda, the CLI, and the theory check on a mixture."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -318,16 +315,8 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_ddp_ranks_hold_the_same_lambda(tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.exists():
-        pytest.skip("torchrun not installed")
-    script = tmp_path / "ddp_dual.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_ddp_ranks_hold_the_same_lambda(tmp_path, run_on_two_ranks):
+    run_on_two_ranks(DDP_SCRIPT)
     r0, r1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1))
     assert r0["lambda"] == r1["lambda"] and r0["lambda"][0] > 0
     assert r0["estimate"] == r1["estimate"]

@@ -2,10 +2,8 @@
 mirror DPS, checkpoints and the CLI's settings and errors."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -559,16 +557,8 @@ json.dump(critic.tolist(), open(os.path.join(sys.argv[1], f"critic{dist.get_rank
 """
 
 
-def test_ddp_ranks_train_one_critic(tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.exists():
-        pytest.skip("torchrun not installed")
-    script = tmp_path / "ddp_critic.py"
-    script.write_text(CRITIC_DDP_SCRIPT)
-    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_ddp_ranks_train_one_critic(tmp_path, run_on_two_ranks):
+    run_on_two_ranks(CRITIC_DDP_SCRIPT)
     c0, c1 = (torch.tensor(json.loads((tmp_path / f"critic{k}.json").read_text())) for k in (0, 1))
     # the ranks drew different batches, yet hold the same critic: its gradients were averaged
     assert torch.equal(c0, c1)
