@@ -20,7 +20,7 @@ from condiff.constraints import (
     build_constraint,
     check_distance,
 )
-from condiff.constraints.count import _pgd
+from condiff.constraints.count import _pgd, train_counter
 
 
 def _grad(con, x):
@@ -191,6 +191,22 @@ def test_counter_adversarial_batch_stays_in_budget_and_raises_the_error():
     with torch.no_grad():
         assert (net(xa) - counts).abs().sum() > (net(x) - counts).abs().sum()
     assert all(p.requires_grad for p in net.parameters())  # the net is left trainable
+
+
+def test_counter_training_does_not_depend_on_the_callers_thread_count():
+    """The same settings give the same counter on any core count (the float sums' order follows the
+    thread count, and the PGD batches' signed steps amplify it), and the caller's setting is restored."""
+    before = torch.get_num_threads()
+    nets = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            nets.append(train_counter(2, 12, steps=30, width=8, pool=64, faint=1.0, adv_eps=0.2, progress=False))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    a, b = (n.state_dict() for n in nets)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # --- every family: shape, sign, gradients; registry ------------------------------------------------

@@ -13,7 +13,8 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -64,6 +65,20 @@ def counter_key(k: int, size: int, steps: int, seed: int, width: int) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the block on one CPU thread, then restore the caller's count: a float sum's order depends
+    on the thread count, and the PGD batches' signed steps turn a 1e-7 difference into a different
+    counter, so without this the cached counter (and every count figure) depends on the machine's cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@_one_thread()
 def train_counter(
     k: int = 8,
     size: int = 32,
@@ -85,7 +100,8 @@ def train_counter(
     (:func:`~condiff.data.sources.render_sources`). ``adv_eps > 0``: adversarial training, each batch
     replaced by a PGD perturbation (``adv_steps`` steps, max-norm ``adv_eps`` in the ``[-1, 1]``
     image scale) that maximises the count error, so that a small change cannot move the count.
-    ``progress``: a progress bar (default: when standard error is a terminal).
+    ``progress``: a progress bar (default: when standard error is a terminal). Trains on one CPU
+    thread whatever the caller's setting, so the same settings give the same counter on any core count.
     """
     from condiff.data.sources import NOISE, density_target, render_sources  # data imports constraints
     from condiff.sample import progress_bar
