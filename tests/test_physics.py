@@ -144,6 +144,22 @@ def test_peak_finder_counts_sources_and_ignores_faint_blobs():
         count_sources(torch.zeros(2, 16, 16))
 
 
+def test_count_split_separates_whole_source_errors_from_fractional_readings():
+    from condiff.cli.namm import count_split
+
+    # noise-free renders, so the peak finder is exact; a distance we choose per image
+    x, _ = render_sources(torch.tensor([4, 3, 4, 5, 4]), 16, torch.Generator().manual_seed(2), noise=0.0)
+    dist = torch.tensor([0.1, 1.0, 0.3, 2.0, 0.2])
+    s = count_split(x, dist, 4)
+    assert s["exact_k"] == pytest.approx(0.6)
+    assert s["l_exact_k"] == pytest.approx(0.2) and s["l_other_k"] == pytest.approx(1.5)
+    # the overall mean is the share-weighted mix of the two groups
+    assert float(dist.mean()) == pytest.approx(0.6 * s["l_exact_k"] + 0.4 * s["l_other_k"])
+    # an empty group has no mean (None, which JSON writes as null), not NaN
+    assert count_split(x[[0, 2]], dist[[0, 2]], 4)["l_other_k"] is None
+    assert count_split(x[[1]], dist[[1]], 4) == {"exact_k": 0.0, "l_exact_k": None, "l_other_k": 1.0}
+
+
 @pytest.mark.parametrize("name", ["burgers", "kolmogorov", "brightness", "periodic", "count"])
 def test_bad_settings_give_one_line_errors(name):
     assert name in DATASETS
