@@ -431,6 +431,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "section one of" in capsys.readouterr().err
     assert main(["namm", "fit", "--data", "no-such-data", "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert "unknown data set 'no-such-data'" in capsys.readouterr().err
+    # a bad setting of a later stage is refused before any stage trains; the run is left as it was
+    out = tmp_path / "earlier-run"
+    out.mkdir()
+    (out / "config.json").write_text(core_run)
+    fit = ["namm", "fit", "--data", "brightness", "--profile", "quick", "--out", str(out), "--quiet"]
+    assert main([*fit, "--set", "finetune.lr_decay=sometimes"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lr_decay" in err and "(in section finetune)" in err
+    assert main([*fit, "--set", "finetune.n=0"]) == 2
+    assert "finetune.n (the pool of MDM samples) must be an integer >= 1" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == core_run
 
 
 def test_cli_pipeline_end_to_end(tmp_path):

@@ -253,6 +253,25 @@ class NAMMRun:
         self._data: dict[str, ArrayData] = {}
         self._constraint: Constraint | None = None
         self.timings: dict[str, float] = {}
+        self.check()
+
+    def check(self) -> None:
+        """Refuse bad training and loss settings of every stage now, not after the stages before
+        them have trained (a ``ValueError`` naming the setting)."""
+        for section, train in (
+            ("mirror_train", self.cfg["mirror_train"]),
+            ("train", self.cfg["train"]),
+            ("finetune", self._finetune_train()),
+        ):
+            try:
+                self._tcfg(train)
+            except ValueError as e:  # its messages say "train.<key>": name the section it came from
+                raise ValueError(f"{e} (in section {section})" if section != "train" else str(e)) from None
+        NAMMLoss.from_dict(self.cfg["loss"])
+        self.finetune_loss()
+        n = self.cfg["finetune"].get("n", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"finetune.n (the pool of MDM samples) must be an integer >= 1, got {n!r}")
 
     # -- settings and stage bookkeeping
     def spec(self, stage: str) -> dict:
@@ -394,6 +413,12 @@ class NAMMRun:
             raise ValueError(f"finetune.loss must be a table of loss weights, got {extra!r}")
         return NAMMLoss.from_dict({**self.cfg["loss"], **extra})
 
+    def _finetune_train(self) -> dict:
+        """The fine-tuning's training settings: ``mirror_train`` with ``finetune``'s own over it
+        (finetune's other keys: ``n`` and ``seed`` for the pool, ``loss`` for :meth:`finetune_loss`)."""
+        ft = self.cfg["finetune"]
+        return {**self.cfg["mirror_train"], **{k: v for k, v in ft.items() if k not in ("n", "seed", "loss")}}
+
     def finetuned(self) -> MirrorMap:
         """Stage ``finetune``: ``f`` fine-tuned on a pool of MDM samples (its own seed)."""
         spec = self.spec("finetune")
@@ -404,14 +429,12 @@ class NAMMRun:
         mirror, den = self.mirror(), self.mdm()
         t0 = time.perf_counter()
         _, pool = self._generate(den, int(ft["n"]), int(ft["seed"]), mirror)
-        # finetune's own keys: n and seed (the pool), loss (finetune_loss); the rest are training settings
-        train = {**self.cfg["mirror_train"], **{k: v for k, v in ft.items() if k not in ("n", "seed", "loss")}}
         out = finetune_inverse(
             mirror,
             self.data().x,
             pool,
             self.constraint(),
-            self._tcfg(train),
+            self._tcfg(self._finetune_train()),
             self.finetune_loss(),
             d,
             {"constraint": self.constraint().config},
@@ -708,9 +731,9 @@ def _keep_settings(run: NAMMRun) -> None:
 def run_fit(args: argparse.Namespace) -> int:
     cfg = resolve(args.data, args.profile, args.config, args.overrides, args.constraint)
     root = Path(args.out or Path("runs") / f"namm-{Path(args.data).stem}")
+    run = NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet)  # checks the settings
     root.mkdir(parents=True, exist_ok=True)
     io.write_json_atomic(root / "config.json", cfg)
-    run = NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet)
     print(
         f"data {args.data}: {len(run.data())} training samples of shape {run.shape}; "
         f"constraint {run.constraint().config}"
