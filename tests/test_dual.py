@@ -422,15 +422,21 @@ def test_cli_experiment_rejects_unknown_setting(capsys):
     assert "unknown setting 'minorty'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("dual.lr_dual=1", "unknown dual option(s) ['lr_dual']"),
-    ("train.stpes=3", "unknown training option(s) ['stpes']"),
-    ("dual.lr=abc", "setting dual.lr expects a number"),
+@pytest.mark.parametrize("experiment, setting, message", [
+    ("fair", "dual.lr_dual=1", "unknown dual option(s) ['lr_dual']"),
+    ("fair", "train.stpes=3", "unknown training option(s) ['stpes']"),
+    ("fair", "dual.lr=abc", "setting dual.lr expects a number"),
+    ("fair", "n_samples=-3", "n_samples must be an integer >= 1, got -3"),
+    ("fair", "sample_steps=5000", "sample_steps (5000) must be <= T (1000)"),
+    ("toy", "constraint_batch=0", "constraint_batch must be an integer >= 1, got 0"),
+    ("finetune", "finetune.steps=0", "train.steps must be >= 1, got 0 (in table finetune)"),
+    ("finetune", "pretrain.lr_decay='linear'", "got 'linear' (in table pretrain)"),
 ])
-def test_cli_experiment_checks_nested_settings_before_training(tmp_path, capsys, setting, message):
-    assert main(["dual", "fair", "--set", setting, "--out", str(tmp_path / "fair")]) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "fair").exists()
+def test_cli_experiment_checks_settings_before_training(tmp_path, capsys, experiment, setting, message):
+    assert main(["dual", experiment, "--set", setting, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_finetune_rejects_a_class_that_is_no_digit_before_training(tmp_path, capsys):

@@ -47,11 +47,22 @@ class _Config:
         if bad:
             raise ValueError(f"unknown {cls.__name__} option(s) {bad}; known: {sorted(known)}")
         cfg = cls(**d)  # type: ignore[call-arg]
-        # the nested tables are checked now, not minutes into a run when they are first used
+        # sizes and counts (every int setting but the seed), checked now rather than after training
+        for f in fields(cls):  # type: ignore[arg-type]
+            v = getattr(cfg, f.name)
+            if f.type == "int" and f.name != "seed" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{f.name} must be an integer >= 1, got {v!r}")
+        if getattr(cfg, "sample_steps", 0) > cfg.T:
+            raise ValueError(f"sample_steps ({cfg.sample_steps}) must be <= T ({cfg.T})")
+        # the nested tables too, not minutes into a run when they are first used
         if isinstance(getattr(cfg, "dual", None), dict):
             DualConfig.from_dict({**cfg.dual, "seed": cfg.seed})
-        if isinstance(getattr(cfg, "train", None), dict):
-            _train_cfg(cfg.train, cfg.seed, "cpu")
+        for table in ("train", "pretrain", "finetune"):
+            if isinstance(getattr(cfg, table, None), dict):
+                try:
+                    _train_cfg(getattr(cfg, table), cfg.seed, "cpu")
+                except ValueError as e:  # its messages say "train.<key>": name the table it came from
+                    raise ValueError(f"{e} (in table {table})" if table != "train" else str(e)) from None
         return cfg
 
     def replace(self, **kw: Any) -> Any:
