@@ -156,7 +156,10 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
         raise ValueError(f"unknown profile {profile!r}; expected one of {list(PROFILES)}")
     if device == "cpu":
         torch.set_num_threads(1)  # shared 2-core machines: one thread per job
-    only = [s for s in os.environ.get("NAMM_BENCH_DATA", "").split(",") if s]
+    raw = os.environ.get("NAMM_BENCH_DATA", "")
+    only = [s.strip() for s in raw.split(",") if s.strip()]
+    if raw.strip() and not only:  # e.g. "," : a restriction meant, none given; never run (and record) all
+        raise ValueError(f"NAMM_BENCH_DATA={raw!r} names no data set; known: {list(DATASETS)}")
     if bad := [s for s in only if s not in DATASETS]:
         raise ValueError(f"NAMM_BENCH_DATA names unknown data sets {bad}; known: {list(DATASETS)}")
     names = only or list(DATASETS)

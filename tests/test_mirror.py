@@ -573,3 +573,18 @@ def test_ddp_ranks_train_one_critic(tmp_path, run_on_two_ranks):
     c0, c1 = (torch.tensor(json.loads((tmp_path / f"critic{k}.json").read_text())) for k in (0, 1))
     # the ranks drew different batches, yet hold the same critic: its gradients were averaged
     assert torch.equal(c0, c1)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("bogus", "names unknown data sets ['bogus']"),
+    (",", "names no data set"),  # not "all five", which would record over the whole table
+])
+def test_bench_namm_refuses_a_bad_data_restriction_before_running(tmp_path, monkeypatch, capsys, value, message):
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NAMM_BENCH_DATA", value)
+    assert main(["bench", "namm", "--profile", "quick", "--no-record"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
