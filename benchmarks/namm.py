@@ -28,7 +28,7 @@ UNet 16 base channels), 1200 mirror-map steps, 1500 DM steps, 256 samples with a
 fine-tuning 500 steps on 256 MDM samples, assimilation of 16 truths with 100 DPS steps. Per-family
 quick overrides (condiff.cli.namm.PROFILE_FAMILIES, reasons in docs/namm.md): Burgers l_con = 10,
 sigma_max = 0.03, an inverse net of 32 filters and 4 blocks, 4000 mirror steps with a cosine decay,
-fine-tuning 6000 steps on 2048 samples (periodic: 3000);
+fine-tuning 12000 steps on 2048 samples (periodic: 3000);
 brightness 3000 mirror steps with a cosine decay; count
 l_con = 1 and fine-tuning 6000 steps on 2048 samples; constraint weight 20 (not 200) for
 constraint-guided DPS. A data set takes 5-40 minutes of a core when run alone, up to an hour on a

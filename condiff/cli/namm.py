@@ -193,11 +193,12 @@ PROFILE_FAMILIES = {
         # (where the MDM's errors are) improves with a smaller sigma_max (docs/namm.md, "Diagnosis");
         # that precision is what limits Burgers, so its inverse net is larger here (32 filters,
         # 4 blocks) and trained longer with a decaying rate; fine-tuning on 2048 MDM samples for 3000
-        # steps (not 256 for 500) took the reduction from 3.6x to 5.4x, 6000 steps to 7.9x (docs/namm.md)
+        # steps (not 256 for 500) took the reduction from 3.6x to 5.4x, 6000 steps to 7.9x on that run's
+        # map; a rebuild's map gave 5.5x and 7.2x with two pool seeds at 6000 steps, 8.4x at 12000 (docs/namm.md)
         "burgers": {"loss": {"l_con": 10.0, "sigma_max": 0.03},
                     "mirror": {"inverse": {"base": 32, "blocks": 4}},
                     "mirror_train": {"steps": 4000, "lr_decay": "cosine"},
-                    "finetune": {"n": 2048, "steps": 6000}},
+                    "finetune": {"n": 2048, "steps": 12000}},
         # fine-tuning 3000 steps on 2048 MDM samples (not 500 on 256) took periodic from 5.4x to 16.4x
         # at the same MMD (docs/namm.md)
         "periodic": {"finetune": {"n": 2048, "steps": 3000}},
