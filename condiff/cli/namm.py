@@ -194,7 +194,8 @@ PROFILE_FAMILIES = {
         # that precision is what limits Burgers, so its inverse net is larger here (32 filters,
         # 4 blocks) and trained longer with a decaying rate; fine-tuning on 2048 MDM samples for 3000
         # steps (not 256 for 500) took the reduction from 3.6x to 5.4x, 6000 steps to 7.9x on that run's
-        # map; a rebuild's map gave 5.5x and 7.2x with two pool seeds at 6000 steps, 8.4x and 10.9x at 12000 (docs/namm.md)
+        # map; a rebuild's map gave 5.5x and 7.2x with two pool seeds at 6000 steps, 8.4x and 10.9x
+        # at 12000 (docs/namm.md)
         "burgers": {"loss": {"l_con": 10.0, "sigma_max": 0.03},
                     "mirror": {"inverse": {"base": 32, "blocks": 4}},
                     "mirror_train": {"steps": 4000, "lr_decay": "cosine"},
