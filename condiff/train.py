@@ -68,23 +68,25 @@ class TrainConfig:
     progress: bool = True
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
+    def from_dict(cls, d: dict, section: str = "train") -> TrainConfig:
+        """``section``: the settings table ``d`` came from, named in the errors (``finetune.steps``)."""
         known = {f.name for f in fields(cls)}
         bad = sorted(set(d) - known)
         if bad:
-            raise ValueError(f"unknown training option(s) {bad}; known: {sorted(known)}")
+            where = "" if section == "train" else f" in {section}"
+            raise ValueError(f"unknown training option(s) {bad}{where}; known: {sorted(known)}")
         for f in fields(cls):
             if f.name in d:
-                check_setting(f"train.{f.name}", f.default, d[f.name])
+                check_setting(f"{section}.{f.name}", f.default, d[f.name])
         d = dict(d)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
         cfg = cls(**d)
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "keep"):
             if int(getattr(cfg, name)) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(cfg, name)}")
+                raise ValueError(f"{section}.{name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.lr_decay not in ("cosine", "constant"):
-            raise ValueError(f"train.lr_decay must be 'cosine' or 'constant', got {cfg.lr_decay!r}")
+            raise ValueError(f"{section}.lr_decay must be 'cosine' or 'constant', got {cfg.lr_decay!r}")
         return cfg
 
 

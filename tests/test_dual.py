@@ -429,8 +429,8 @@ def test_cli_experiment_rejects_unknown_setting(capsys):
     ("fair", "n_samples=-3", "n_samples must be an integer >= 1, got -3"),
     ("fair", "sample_steps=5000", "sample_steps (5000) must be <= T (1000)"),
     ("toy", "constraint_batch=0", "constraint_batch must be an integer >= 1, got 0"),
-    ("finetune", "finetune.steps=0", "train.steps must be >= 1, got 0 (in table finetune)"),
-    ("finetune", "pretrain.lr_decay='linear'", "got 'linear' (in table pretrain)"),
+    ("finetune", "finetune.steps=0", "finetune.steps must be >= 1, got 0"),
+    ("finetune", "pretrain.lr_decay='linear'", "pretrain.lr_decay must be 'cosine' or 'constant', got 'linear'"),
 ])
 def test_cli_experiment_checks_settings_before_training(tmp_path, capsys, experiment, setting, message):
     assert main(["dual", experiment, "--set", setting, "--out", str(tmp_path / "out")]) == 2

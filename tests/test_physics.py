@@ -9,7 +9,7 @@ import torch
 from condiff.constraints import BurgersResidual, DivergenceFree, build_constraint
 from condiff.data import DATASETS, DataError, load_dataset
 from condiff.data.physics import kolmogorov_trajectories, periodic_gp_1d
-from condiff.data.sources import count_sources, render_sources
+from condiff.data.sources import count_sources, count_split, render_sources
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,8 +145,6 @@ def test_peak_finder_counts_sources_and_ignores_faint_blobs():
 
 
 def test_count_split_separates_whole_source_errors_from_fractional_readings():
-    from condiff.cli.namm import count_split
-
     # noise-free renders, so the peak finder is exact; a distance we choose per image
     x, _ = render_sources(torch.tensor([4, 3, 4, 5, 4]), 16, torch.Generator().manual_seed(2), noise=0.0)
     dist = torch.tensor([0.1, 1.0, 0.3, 2.0, 0.2])

@@ -35,7 +35,7 @@ from torch import Tensor
 from .. import io
 from ..constraints import Constraint, CountConstraint, build_constraint
 from ..data import ArrayData, load_dataset
-from ..data.sources import count_sources
+from ..data.sources import count_split
 from ..denoiser import Denoiser
 from ..evaluate import mmd_with_reference
 from ..guidance import make_guidance
@@ -260,15 +260,9 @@ class NAMMRun:
     def check(self) -> None:
         """Refuse bad training and loss settings of every stage now, not after the stages before
         them have trained (a ``ValueError`` naming the setting)."""
-        for section, train in (
-            ("mirror_train", self.cfg["mirror_train"]),
-            ("train", self.cfg["train"]),
-            ("finetune", self._finetune_train()),
-        ):
-            try:
-                self._tcfg(train)
-            except ValueError as e:  # its messages say "train.<key>": name the section it came from
-                raise ValueError(f"{e} (in section {section})" if section != "train" else str(e)) from None
+        self._tcfg(self.cfg["mirror_train"], section="mirror_train")
+        self._tcfg(self.cfg["train"])
+        self._tcfg(self._finetune_train(), section="finetune")
         NAMMLoss.from_dict(self.cfg["loss"])
         self.finetune_loss()
         n = self.cfg["finetune"].get("n", 1)
@@ -323,9 +317,9 @@ class NAMMRun:
         )
         self.timings[name] = round(seconds, 2)
 
-    def _tcfg(self, section: dict, seed: int = 0) -> TrainConfig:
+    def _tcfg(self, settings: dict, seed: int = 0, section: str = "train") -> TrainConfig:
         return TrainConfig.from_dict(
-            {"seed": seed, **section, "device": self.device, "progress": self.progress}
+            {"seed": seed, **settings, "device": self.device, "progress": self.progress}, section
         )
 
     # -- data and constraint
@@ -370,7 +364,7 @@ class NAMMRun:
             self.data().x,
             self.constraint(),
             mirror,
-            self._tcfg(self.cfg["mirror_train"]),
+            self._tcfg(self.cfg["mirror_train"], section="mirror_train"),
             NAMMLoss.from_dict(self.cfg["loss"]),
             d,
             {"constraint": self.constraint().config},
@@ -436,7 +430,7 @@ class NAMMRun:
             self.data().x,
             pool,
             self.constraint(),
-            self._tcfg(self._finetune_train()),
+            self._tcfg(self._finetune_train(), section="finetune"),
             self.finetune_loss(),
             d,
             {"constraint": self.constraint().config},
@@ -534,21 +528,6 @@ class NAMMRun:
                 rec.update({"mmd": mm["mmd"], "mmd_ref": mm["mmd_ref"], "mmd_ratio": mm["mmd_ratio"]})
             out[name] = {**rec, "_l": dist, "_x": x}
         return out
-
-
-def count_split(x: Tensor, dist: Tensor, k: int) -> dict[str, float]:
-    """The count constraint's distance split by the peak finder (:func:`count_sources`), which does
-    not use the counting CNN: ``exact_k`` is the share of samples with exactly ``k`` sources,
-    ``l_exact_k`` the mean distance over those (the CNN's fractional reading, which a map near the
-    identity can lower) and ``l_other_k`` over the rest (whole missing or extra sources); None for
-    an empty group."""
-    ok = count_sources(x) == k
-    dist = dist.flatten().double()
-
-    def mean(m: Tensor) -> float | None:
-        return float(dist[m].mean()) if bool(m.any()) else None
-
-    return {"exact_k": float(ok.double().mean()), "l_exact_k": mean(ok), "l_other_k": mean(~ok)}
 
 
 # --- observation operators by name (the CLI's strings become objects here) ---------------------

@@ -98,6 +98,21 @@ def count_sources(x: Tensor, threshold: float = PEAK_THRESHOLD) -> Tensor:
     return peak.flatten(1).sum(1)
 
 
+def count_split(x: Tensor, dist: Tensor, k: int) -> dict[str, float | None]:
+    """The count constraint's distance split by the peak finder (:func:`count_sources`), which does
+    not use the counting CNN: ``exact_k`` is the share of samples with exactly ``k`` sources,
+    ``l_exact_k`` the mean distance over those (the CNN's fractional reading, which a map near the
+    identity can lower) and ``l_other_k`` over the rest (whole missing or extra sources); None for
+    an empty group."""
+    ok = count_sources(x) == k
+    dist = dist.flatten().double()
+
+    def mean(m: Tensor) -> float | None:
+        return float(dist[m].mean()) if bool(m.any()) else None
+
+    return {"exact_k": float(ok.double().mean()), "l_exact_k": mean(ok), "l_other_k": mean(~ok)}
+
+
 def density_target(centres: list[Tensor], size: int, width: float = 1.0) -> Tensor:
     """``(N, 1, size, size)`` maps with a unit-mass Gaussian at each centre (the counter's target)."""
     c = torch.arange(size, dtype=torch.float64) + 0.5

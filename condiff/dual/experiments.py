@@ -59,10 +59,7 @@ class _Config:
             DualConfig.from_dict({**cfg.dual, "seed": cfg.seed})
         for table in ("train", "pretrain", "finetune"):
             if isinstance(getattr(cfg, table, None), dict):
-                try:
-                    _train_cfg(getattr(cfg, table), cfg.seed, "cpu")
-                except ValueError as e:  # its messages say "train.<key>": name the table it came from
-                    raise ValueError(f"{e} (in table {table})" if table != "train" else str(e)) from None
+                _train_cfg(getattr(cfg, table), cfg.seed, "cpu", section=table)
         return cfg
 
     def replace(self, **kw: Any) -> Any:
@@ -261,8 +258,8 @@ DIGITS_TRAIN = {"steps": 1500, "batch_size": 128, "lr": 2e-3, "warmup": 100, "em
                 "ckpt_every": 500, "log_every": 50}
 
 
-def _train_cfg(d: dict, seed: int, device: str, **kw: Any) -> TrainConfig:
-    return TrainConfig.from_dict({**d, **kw, "seed": seed, "device": device, "progress": False})
+def _train_cfg(d: dict, seed: int, device: str, section: str = "train", **kw: Any) -> TrainConfig:
+    return TrainConfig.from_dict({**d, **kw, "seed": seed, "device": device, "progress": False}, section)
 
 
 def _digits_net(model: dict, seed: int) -> nn.Module:
@@ -530,7 +527,7 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu") -> d
                "pretrain": cfg.pretrain, "seed": cfg.seed}
     pre_objective = DenoisingObjective(source.x, schedule, int(cfg.pretrain.get("batch_size", 128)))
     pre_net, pre_cfg = train_cached(out / "pretrained", _digits_net(cfg.model, cfg.seed), pre_objective,
-                                    _train_cfg(cfg.pretrain, cfg.seed, device), schedule,
+                                    _train_cfg(cfg.pretrain, cfg.seed, device, "pretrain"), schedule,
                                     {"pretrain": pre_key})
     classes = "" if cfg.constraint_classes is None else "_c" + "-".join(map(str, cfg.constraint_classes))
     q1_file = out / "pretrained" / f"samples_{cfg.n_constraint}_{cfg.sample_steps}{classes}.safetensors"
@@ -548,7 +545,7 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu") -> d
 
     ft_key = {"pretrain": pre_key, "finetune": cfg.finetune}
     plain_net, plain_cfg = train_cached(out / "plain", start(), DenoisingObjective(target.x, schedule, batch),
-                                        _train_cfg(cfg.finetune, cfg.seed, device), schedule,
+                                        _train_cfg(cfg.finetune, cfg.seed, device, "finetune"), schedule,
                                         {"plain": ft_key})
     dcfg = DualConfig.from_dict({**cfg.dual, "seed": cfg.seed})
     ref = _losses(pre_net, schedule, [q1], dcfg, cfg.seed)
@@ -556,7 +553,7 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu") -> d
     objective = DualObjective(target.x, [Constraint("pretrained", q1, bound, cfg.constraint_batch)], schedule,
                               batch - cfg.constraint_batch, dcfg)
     con_net, con_cfg = train_cached(out / "constrained", start(), objective,
-                                    _train_cfg(cfg.finetune, cfg.seed, device), schedule,
+                                    _train_cfg(cfg.finetune, cfg.seed, device, "finetune"), schedule,
                                     {"constrained": ft_key, "dual": asdict(dcfg), "bound": bound,
                                      "n_constraint": cfg.n_constraint,
                                      **({} if cfg.constraint_classes is None
