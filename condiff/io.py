@@ -177,13 +177,35 @@ def save_module(path: str | Path, module: torch.nn.Module, config: dict) -> Path
     return save_checkpoint(path, {"model": module.state_dict()}, config)
 
 
+def _mismatch(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str:
+    """A one-line account of how a state dict differs from a module's (missing, unexpected, shapes)."""
+    parts = []
+    for label, keys in (("missing", [k for k in want if k not in got]),
+                        ("unexpected", [k for k in got if k not in want])):
+        if keys:
+            parts.append(f"{len(keys)} {label} tensor(s), e.g. {keys[0]}")
+    shapes = [k for k in want if k in got and tuple(want[k].shape) != tuple(got[k].shape)]
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} of other shape, e.g. {k} {tuple(got[k].shape)} "
+                     f"where the model has {tuple(want[k].shape)}")
+    return "; ".join(parts) or "the tensors do not fit"
+
+
 def load_state_into(module: torch.nn.Module, path: str | Path, stem: str = "model") -> None:
+    """Load ``stem.safetensors`` into ``module``; a file for another architecture, or one holding
+    non-finite weights (a corrupted file whose header survived), is a one-line CheckpointError."""
     state = load_group(path, stem, device=next(module.parameters(), torch.empty(0)).device)
+    f = f"{path}/{stem}.safetensors"
     try:
         module.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path}/{stem}.safetensors does not match the model: {first}") from None
+    except RuntimeError:
+        raise CheckpointError(f"{f} does not match the model (other settings?): "
+                              f"{_mismatch(module.state_dict(), state)}") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{f} holds non-finite weights in {len(bad)} tensor(s) (e.g. {bad[0]}): "
+                              "the file is corrupted")
 
 
 def cache_dir() -> Path:

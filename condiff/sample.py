@@ -161,8 +161,8 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
         raise ValueError("timesteps must be strictly decreasing")
     if int(ts[0]) >= denoiser.schedule.T or int(ts[-1]) < 0:
         raise ValueError(f"timesteps must lie in [0, {denoiser.schedule.T})")
-    if not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite number >= 0 (0 deterministic DDIM, 1 DDPM-like), got {eta}")
+    if not (math.isfinite(eta) and 0 <= eta <= 1):  # above 1 the DDIM variance exceeds 1 - abar_prev
+        raise ValueError(f"eta must be in [0, 1] (0 deterministic DDIM, 1 DDPM-like), got {eta}")
     need_grad = grad or bool(getattr(guidance, "needs_grad", False))
     B = x.shape[0]
     prev = torch.cat([ts[1:], ts.new_full((1,), -1)])

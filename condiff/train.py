@@ -42,11 +42,20 @@ def _kind(v: Any) -> str | None:
     return None
 
 
-def check_setting(name: str, default: Any, value: Any) -> None:
-    """Refuse a setting whose value is of another kind than its default (``lr = "abc"``, ``progress = 1``)."""
+def check_setting(name: str, default: Any, value: Any) -> Any:
+    """Refuse a setting whose value is of another kind than its default (``lr = "abc"``, ``progress = 1``),
+    a non-finite number, or a fraction where the default is an integer (``steps = 2.5``).
+    Returns the value, an integral float (``2.5e1``) as an int where the default is one."""
     want = _kind(default)
     if want is not None and _kind(value) != want:
         raise ValueError(f"setting {name} expects {want} (default {default!r}), got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"setting {name} must be a finite number, got {value!r}")
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"setting {name} expects an integer (default {default!r}), got {value!r}")
+        return int(value)
+    return value
 
 
 @dataclass
@@ -75,16 +84,23 @@ class TrainConfig:
         if bad:
             where = "" if section == "train" else f" in {section}"
             raise ValueError(f"unknown training option(s) {bad}{where}; known: {sorted(known)}")
-        for f in fields(cls):
-            if f.name in d:
-                check_setting(f"{section}.{f.name}", f.default, d[f.name])
-        d = dict(d)
+        d = {k: check_setting(f"{section}.{f.name}", f.default, d[k])
+             for f in fields(cls) if (k := f.name) in d}
         if "betas" in d:
-            d["betas"] = tuple(d["betas"])
+            b = d["betas"]
+            if len(b) != 2 or not all(isinstance(v, (int, float)) and 0 <= v < 1 for v in b):
+                raise ValueError(f"{section}.betas must be two numbers in [0, 1), got {b!r}")
+            d["betas"] = tuple(float(v) for v in b)
         cfg = cls(**d)
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "keep"):
-            if int(getattr(cfg, name)) < 1:
+            if getattr(cfg, name) < 1:
                 raise ValueError(f"{section}.{name} must be >= 1, got {getattr(cfg, name)}")
+        for name, ok, want in (("lr", cfg.lr > 0, "> 0"), ("warmup", cfg.warmup >= 0, ">= 0"),
+                               ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+                               ("grad_clip", cfg.grad_clip > 0, "> 0"),
+                               ("ema_decay", 0 <= cfg.ema_decay < 1, "in [0, 1)")):
+            if not ok:
+                raise ValueError(f"{section}.{name} must be {want}, got {getattr(cfg, name)}")
         if cfg.lr_decay not in ("cosine", "constant"):
             raise ValueError(f"{section}.lr_decay must be 'cosine' or 'constant', got {cfg.lr_decay!r}")
         return cfg

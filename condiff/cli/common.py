@@ -72,30 +72,51 @@ def net_config(cfg: dict, data: ArrayData) -> dict:
     return m
 
 
-def train_model(cfg: dict, run_dir: Path, resume: bool = True) -> Path:
-    """Train the configured model into ``run_dir`` (resuming if checkpoints exist); returns the model dir."""
-    data = load_split(cfg, "train")
-    schedule = Schedule.from_config(cfg["schedule"])
-    torch.manual_seed(int(cfg["train"].get("seed", 0)))  # the initial weights follow the run's seed
-    net = build_net(net_config(cfg, data))
-    tcfg = TrainConfig.from_dict({**cfg["train"], "device": cfg["_device"]})
-    labels = data.y if cfg["data"].get("labels") else None
-    objective = DenoisingObjective(data.x, schedule, tcfg.batch_size, y=labels,
-                                   label_drop=float(cfg["train"].get("label_drop", 0.0)) if labels is not None
-                                   else 0.0)
-    meta = {"net": net.config, "schedule": schedule.config(), "data": cfg["data"],
-            "shape": list(data.shape)}
-    trainer = Trainer(net, objective, tcfg, run_dir, meta)
-    if resume and trainer.resume():
-        print(f"resumed from step {trainer.step} of {tcfg.steps}")
-    t0 = time.perf_counter()
-    ema = trainer.fit()
-    if not trainer.dist.main:
-        return run_dir / "model"
-    out = save_model(run_dir / "model", ema, schedule, data=cfg["data"], shape=list(data.shape),
-                     steps=trainer.step, train_seconds=round(time.perf_counter() - t0, 2))
-    plot_loss_curve(run_dir / "log.jsonl", run_dir / "loss.png")
-    return out
+class TrainingJob:
+    """Everything a training run needs, built and checked from the config before anything is written:
+    bad data, model or training settings fail here, with the run directory untouched."""
+
+    def __init__(self, cfg: dict, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.data = load_split(cfg, "train")
+        self.schedule = Schedule.from_config(cfg["schedule"])
+        self.tcfg = TrainConfig.from_dict({**cfg["train"], "device": cfg["_device"]})
+        torch.manual_seed(int(cfg["train"].get("seed", 0)))  # the initial weights follow the run's seed
+        net = build_net(net_config(cfg, self.data))
+        labels = self.data.y if cfg["data"].get("labels") else None
+        drop = float(cfg["train"].get("label_drop", 0.0)) if labels is not None else 0.0
+        objective = DenoisingObjective(self.data.x, self.schedule, self.tcfg.batch_size, y=labels,
+                                       label_drop=drop)
+        meta = {"net": net.config, "schedule": self.schedule.config(), "data": cfg["data"],
+                "shape": list(self.data.shape)}
+        self.trainer = Trainer(net, objective, self.tcfg, self.run_dir, meta)
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint in the run directory (False if there is none)."""
+        if not self.trainer.resume():
+            return False
+        print(f"resumed from step {self.trainer.step} of {self.tcfg.steps}")
+        return True
+
+    def fit(self) -> Path:
+        """Train to the end, save the EMA model and the loss curve; returns the model directory."""
+        t0 = time.perf_counter()
+        ema = self.trainer.fit()
+        if not self.trainer.dist.main:
+            return self.run_dir / "model"
+        out = save_model(self.run_dir / "model", ema, self.schedule, data=self.cfg["data"],
+                         shape=list(self.data.shape), steps=self.trainer.step,
+                         train_seconds=round(time.perf_counter() - t0, 2))
+        plot_loss_curve(self.run_dir / "log.jsonl", self.run_dir / "loss.png")
+        return out
+
+
+def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """An output directory argument: refused at once if it names an existing file (before any work)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise NotADirectoryError(f"{flag} {p} is a file, not a directory")
+    return p
 
 
 _BOOKKEEPING = ("progress", "keep", "ckpt_every", "log_every", "device")
@@ -134,14 +155,16 @@ def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False) -> tuple[flo
     run_dir = Path(run_dir)
     if not retrain and model_is_complete(run_dir, cfg):
         return 0.0, True
+    job = TrainingJob(cfg, run_dir)  # checked before anything in run_dir changes
     if retrain or ((run_dir / "config.json").is_file() and not same_settings(run_dir, cfg)):
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(run_dir / "model", ignore_errors=True)
         (run_dir / "log.jsonl").unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    job.resume()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(run_dir, cfg)
-    t0 = time.perf_counter()
-    train_model(cfg, run_dir, resume=True)
+    job.fit()
     return time.perf_counter() - t0, False
 
 
@@ -185,8 +208,12 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
 
 def write_samples(x: torch.Tensor, out: Path, grid: int = 100) -> list[Path]:
     """``samples.npz`` with all samples, plus a picture: an image grid, or a scatter for 2-D points."""
-    out.mkdir(parents=True, exist_ok=True)
     arr = x.detach().cpu().numpy()
+    bad = int((~np.isfinite(arr)).sum())
+    if bad:  # refused before anything is written: a NaN samples.npz would pass for a result
+        raise FloatingPointError(f"sampling produced {bad} non-finite values of {arr.size}; nothing was "
+                                 f"written to {out} (a diverging sampler: try eta <= 1 or clip_x0)")
+    out.mkdir(parents=True, exist_ok=True)
     io.write_file_atomic(out / "samples.npz", lambda f: np.savez_compressed(f, x=arr), binary=True)
     files = [out / "samples.npz"]
     if arr.ndim == 4 and arr.shape[1] in (1, 3):

@@ -111,6 +111,40 @@ def check_sections(cfg: dict, where: str, sections: tuple[str, ...] = SECTIONS) 
             raise ConfigError(f"{where}: [{k}] must be a table, got {type(v).__name__}")
 
 
+SAMPLE_KEYS = ("n", "steps", "eta", "batch_size", "seed", "clip_x0")
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """A random seed: an integer in [0, 2**63) (a larger one overflows torch's generator)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ConfigError(f"{name} must be an integer in [0, 2**63), got {seed!r}")
+    return seed
+
+
+def check_sample(scfg: dict, where: str = "sample", flags: bool = False) -> dict:
+    """The ``[sample]`` settings: known keys, counts >= 1, ``eta`` in [0, 1], a usable seed and clip.
+    ``flags``: name the command-line flags (``--batch-size``) instead of ``where.key``."""
+    def name(k: str) -> str:
+        return "--" + k.replace("_", "-") if flags else f"{where}.{k}"
+
+    bad = sorted(set(scfg) - set(SAMPLE_KEYS))
+    if bad:
+        raise ConfigError(f"unknown {where} setting(s) {bad}; known: {list(SAMPLE_KEYS)}")
+    for k in ("n", "steps", "batch_size"):
+        v = scfg.get(k, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name(k)} must be an integer >= 1, got {v!r}")
+    eta = scfg.get("eta", 1.0)
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise ConfigError(f"{name('eta')} must be in [0, 1] (0 deterministic DDIM, 1 DDPM-like), got {eta!r}")
+    check_seed(scfg.get("seed", 0), name("seed"))
+    clip = scfg.get("clip_x0")
+    if clip not in (None, False) and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                                      or not 0 <= clip < float("inf")):
+        raise ConfigError(f"{where}.clip_x0 must be a number > 0 (0 or absent: no clipping), got {clip!r}")
+    return scfg
+
+
 def toml_value(raw: str) -> Any:
     """A ``--set`` value read as TOML (``500``, ``1e-3``, ``true``, ``[1, 2]``), else the raw string."""
     try:
@@ -142,10 +176,9 @@ def set_path(cfg: dict, path: list[str], value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {'.'.join(path)}: {k} is not a table")
     try:
-        check_setting(".".join(path), node.get(path[-1]), value)
+        node[path[-1]] = check_setting(".".join(path), node.get(path[-1]), value)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    node[path[-1]] = value
 
 
 def resolve(data: str | None = None, file: str | Path | None = None,
@@ -165,4 +198,6 @@ def assemble(from_file: dict, parsed: list[tuple[list[str], Any]], data: str | N
     cfg["data"]["name"] = name
     for path, value in parsed:
         set_path(cfg, path, value)
+    if isinstance(cfg.get("sample"), dict):
+        check_sample(cfg["sample"])
     return cfg

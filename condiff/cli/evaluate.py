@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import io
 from ..evaluate import evaluate_samples
-from .common import draw_samples, load_model_for, pick_device, write_samples
+from .common import check_out_dir, draw_samples, load_model_for, pick_device, write_samples
 from .sample import add_sample_args, sample_settings
 
 
@@ -25,6 +25,8 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
     if "data" not in run_cfg:
         raise ValueError(f"{ckpt} does not record its data set; condiff eval needs a condiff run")
     scfg = sample_settings(scfg_args, run_cfg)
+    if scfg["n"] < 2:
+        raise ValueError(f"condiff eval compares distributions: --n must be >= 2, got {scfg['n']}")
     t0 = time.perf_counter()
     x = draw_samples(den, shape, scfg, device)
     dt = time.perf_counter() - t0
@@ -39,7 +41,7 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
 
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    out = Path(args.out or args.ckpt)
+    out = check_out_dir(args.out or args.ckpt)
     m = evaluate_run(args.ckpt, args, out, device)
     print(json.dumps({k: v for k, v in m.items() if not isinstance(v, list)}, indent=2))
     print(f"wrote {out / 'metrics.json'}")

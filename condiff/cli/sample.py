@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
-from .common import draw_samples, load_model_for, pick_device, write_samples
+from .common import check_out_dir, draw_samples, load_model_for, pick_device, write_samples
+from .config import check_sample
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
@@ -27,9 +28,7 @@ def sample_settings(args: argparse.Namespace, run_cfg: dict) -> dict:
                      ("batch_size", args.batch_size)):
         if val is not None:
             scfg[key] = val
-    if int(scfg["n"]) < 1:
-        raise ValueError(f"--n must be >= 1, got {scfg['n']}")
-    return scfg
+    return check_sample(scfg, flags=True)
 
 
 def add_parser(sub, name: str) -> None:
@@ -41,10 +40,10 @@ def add_parser(sub, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
+    out = check_out_dir(args.out or Path(args.ckpt) / "samples")
     den, run_cfg, shape = load_model_for(args.ckpt, device)
     scfg = sample_settings(args, run_cfg)
     x = draw_samples(den, shape, scfg, device)
-    out = Path(args.out or Path(args.ckpt) / "samples")
     files = write_samples(x, out)
     io.write_json_atomic(out / "sample_config.json", {**scfg, "ckpt": str(args.ckpt), "nfe": den.nfe})
     print(f"{len(x)} samples, shape {tuple(x.shape[1:])}, range [{float(x.min()):.2f}, {float(x.max()):.2f}], "
