@@ -1,10 +1,12 @@
 """NAMM: ICNN convexity and monotone mirror map, inverse net, training reduces the losses, fine-tuning,
 mirror DPS, checkpoints and the CLI's settings and errors."""
 
+import io
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ from condiff.mirror import (
     finetune_inverse,
     first_rows,
     fit_mirror_map,
+    frames,
     load_mirror,
     mirror_dps,
     normalised_measurement_loss,
@@ -507,6 +510,21 @@ def test_cli_pipeline_end_to_end(tmp_path):
     assert failed.returncode == 2 and json.loads((run / "config.json").read_text()) == kept
     subprocess.run([*cli, "sample", "--run", str(run), "--n", "8", "--quiet"], check=True)  # another n: redone
     assert json.loads((run / "samples" / "metrics.json").read_text())["mdm"]["n"] == 8
+    # failing calls leave the run as it was: a bad --data for fit, and a sampler change that the
+    # fine-tuning pool depends on (refused before any sample set is redrawn)
+    cached = {p: p.read_bytes() for p in sorted((run / "samples").rglob("*.npz"))}
+    failed = subprocess.run([*cli, "fit", "--data", "no-such-data", "--out", str(run), "--quiet"],
+                            capture_output=True, text=True)
+    assert failed.returncode == 2 and json.loads((run / "config.json").read_text()) == kept
+    failed = subprocess.run([*cli, "sample", "--run", str(run), "--n", "8", "--set", "sample.steps=7", "--quiet"],
+                            capture_output=True, text=True)
+    assert failed.returncode == 2 and "fine-tuning pool is drawn with sample.steps" in failed.stderr
+    assert {p: p.read_bytes() for p in sorted((run / "samples").rglob("*.npz"))} == cached
+    # a damaged cached sample set is drawn again rather than failing on a zip error
+    (run / "samples" / "vanilla" / "samples.npz").write_bytes(b"not a zip")
+    subprocess.run([*cli, "sample", "--run", str(run), "--n", "8", "--quiet"], check=True)
+    redrawn = np.load(run / "samples" / "vanilla" / "samples.npz")["x"]
+    assert np.array_equal(redrawn, np.load(io.BytesIO(cached[run / "samples" / "vanilla" / "samples.npz"]))["x"])
     assert (run / "samples" / "violations.png").is_file() and (
         run / "assimilate" / "assimilation.png"
     ).is_file()
@@ -588,3 +606,20 @@ def test_bench_namm_refuses_a_bad_data_restriction_before_running(tmp_path, monk
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_assimilation_settings_and_operators_refuse_meaningless_values():
+    from condiff.cli.namm import check_assimilate
+
+    check_assimilate({"obs": "rows", "fraction": 0.25, "noise": 0.2, "n": 4, "clip_x0": 3.0})
+    for bad, msg in [({"clip_x0": -1}, "clip_x0 must be a number > 0"),
+                     ({"constraint_weight": -5}, "constraint_weight must be a number >= 0"),
+                     ({"noise": 0}, "noise must be a number > 0"), ({"n": 2.5}, "n must be an integer"),
+                     ({"bogus": 1}, "unknown assimilate setting"), ({"obs": "pixels"}, "obs must be one of")]:
+        with pytest.raises(ValueError, match=msg):
+            check_assimilate(bad)
+    assert frames((4, 8, 8), [0], 0.1).mask.mean() == 0.5  # one of two snapshots
+    with pytest.raises(ValueError, match="leaving nothing to infer"):
+        frames((2, 8, 8), [0, 0], 0.1)  # the only snapshot
+    with pytest.raises(ValueError, match="downsamples = 5 needs H and W divisible by 32"):
+        build_mirror((1, 16, 16), {"name": "icnn"}, {"name": "resnet", "downsamples": 5})

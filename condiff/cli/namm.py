@@ -25,6 +25,7 @@ import copy
 import json
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +58,13 @@ from ..mirror import (
 from ..mirror.fit import MIRROR_TRAIN
 from ..mirror.plots import plot_violation_grid, violation_maps
 from ..models import load_denoiser
+from ..nets import build_net
 from ..plots import plot_histograms
 from ..sample import generate
 from ..schedule import Schedule
 from ..train import TrainConfig
-from .common import pick_device
-from .config import ConfigError, merge, parse_override, read_toml, set_path
+from .common import check_out_dir, pick_device
+from .config import ConfigError, check_sample, check_seed, merge, parse_override, read_toml, set_path
 
 SECTIONS = (
     "data",
@@ -268,6 +270,34 @@ class NAMMRun:
         n = self.cfg["finetune"].get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"finetune.n (the pool of MDM samples) must be an integer >= 1, got {n!r}")
+        a = self.cfg["mirror"]["a"]
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a <= 1:
+            raise ValueError(f"mirror.a (g's strong-convexity weight) must be in (0, 1], got {a!r}")
+        check_sample(self.cfg["sample"])
+        check_assimilate(self.cfg["assimilate"])
+        Schedule.from_config(self.cfg["schedule"])
+
+    def preflight(self, stages: list[str]) -> None:
+        """Before a command trains or changes anything: the data load, the constraint builds, and each
+        of ``stages`` is either finished with these settings or can run: not made with other
+        settings (unless ``fresh``), and its nets accept the data (one forward pass on one sample)."""
+        x = self.data().x[:1].to(self.device)
+        self.constraint()
+        for name in stages:
+            old = self._old_spec(name)
+            spec = self.spec(name)
+            if old is not None and old.get("spec") == spec and old.get("done"):
+                continue
+            if old is not None and old.get("spec") != spec and not self.fresh:
+                raise StageMismatch(self._mismatch_message(name))
+            with torch.no_grad():
+                if name == "namm":
+                    m = self.cfg["mirror"]
+                    mirror = build_mirror(self.shape, m["psi"], m["inverse"], m["a"]).to(self.device)
+                    mirror.inverse_map(x)
+                elif name in ("mdm", "vanilla"):
+                    net = build_net({**self.cfg["model"], "in_channels": self.shape[0]}).to(self.device)
+                    net(x, torch.zeros(1, dtype=torch.long, device=self.device))
 
     # -- settings and stage bookkeeping
     def spec(self, stage: str) -> dict:
@@ -292,19 +322,39 @@ class NAMMRun:
         }
         return specs[stage]
 
+    def _old_spec(self, name: str) -> dict | None:
+        """The stage's ``stage.json`` (None when the stage was never started); a corrupted one is
+        reported, or, with ``fresh``, read as a stage made with other settings."""
+        f = self.root / name / "stage.json"
+        if not f.is_file():
+            return None
+        try:
+            old = json.loads(f.read_text())
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if self.fresh:
+                return {"spec": None}
+            raise StageMismatch(f"{f} is corrupted ({e}); pass --fresh to redo the stage") from None
+        return old
+
+    def _mismatch_message(self, name: str) -> str:
+        hint = {"finetune": " (the fine-tuning pool is drawn with sample.steps and sample.eta; "
+                            "sample with --no-finetuned to leave it out)"}.get(name, "")
+        return (f"{self.root / name} was made with other settings{hint}; pass --fresh to redo it, "
+                "or use another --out / --run")
+
     def _stage(self, name: str, spec: dict, replace: bool = False) -> tuple[Path, bool]:
         """The stage directory and whether it is finished; clears one made otherwise when ``fresh`` or
         ``replace`` (outputs such as samples, cheap to redo), else refuses it."""
         d = self.root / name
         f = d / "stage.json"
-        if f.is_file():
-            old = json.loads(f.read_text())
+        old = self._old_spec(name)
+        if old is not None:
             if old.get("spec") == spec:
                 return d, bool(old.get("done"))
             if not (self.fresh or replace):
-                raise StageMismatch(
-                    f"{d} was made with other settings; pass --fresh to redo it, or use another --out / --run"
-                )
+                raise StageMismatch(self._mismatch_message(name))
             shutil.rmtree(d)
         d.mkdir(parents=True, exist_ok=True)
         io.write_json_atomic(f, {"spec": spec, "done": False})
@@ -479,10 +529,14 @@ class NAMMRun:
         spec = {"up": self.spec(upstream[which]), "sample": self.cfg["sample"], "n": n}
         if which == "guided":
             spec["guide"] = self.cfg["guide"]
-        d, done = self._stage(f"samples/{which}", spec, replace=True)  # e.g. another --n: just redo
-        if done:
-            return torch.from_numpy(np.load(d / "samples.npz")["x"])
-        # the models first, so the stage's time is the sampling alone (each model stage times itself)
+        old = self._old_spec(f"samples/{which}")
+        if old is not None and old.get("spec") == spec and old.get("done"):
+            try:
+                return torch.from_numpy(_load_npz(self.root / "samples" / which / "samples.npz", "x"))
+            except ValueError:  # a damaged cache file: draw the set again
+                pass
+        # the models first (a failure leaves the old sample set in place), so the stage's time is the
+        # sampling alone (each model stage times itself)
         if which in ("vanilla", "guided"):
             den, mirror = self.vanilla(), None
         elif which == "mdm":
@@ -490,9 +544,10 @@ class NAMMRun:
         else:
             self.samples("mdm", n)
             mirror = self.finetuned()
+        d, _ = self._stage(f"samples/{which}", spec, replace=True)  # e.g. another --n: just redo
         t0 = time.perf_counter()
         if which == "mdm_ft":
-            y = torch.from_numpy(np.load(self.root / "samples" / "mdm" / "mirror.npz")["y"])
+            y = torch.from_numpy(_load_npz(self.root / "samples" / "mdm" / "mirror.npz", "y"))
             x = mirror.to_data(y)
         elif which == "guided":
             x = self._generate_guided(den, n, seed)
@@ -530,6 +585,49 @@ class NAMMRun:
         return out
 
 
+def _load_npz(path: Path, key: str) -> np.ndarray:
+    """One array of a cached ``.npz`` (pickles refused); a damaged file is a ValueError naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z[key]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is damaged or not a sample file ({type(e).__name__}): "
+                         "pass --fresh to draw it again") from None
+
+
+ASSIMILATE_KEYS = ("obs", "fraction", "noise", "n", "steps", "zeta", "eta", "seed", "constraint_weight",
+                   "clip_x0", "finetuned", "frames")
+
+
+def check_assimilate(a: dict) -> None:
+    """The ``assimilate`` settings: known keys and meaningful values (a ValueError naming the key)."""
+    bad = sorted(set(a) - set(ASSIMILATE_KEYS))
+    if bad:
+        raise ValueError(f"unknown assimilate setting(s) {bad}; known: {list(ASSIMILATE_KEYS)}")
+
+    def num(key: str, ok, want: str) -> None:
+        v = a.get(key)
+        if v is None:
+            return
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            raise ValueError(f"assimilate.{key} must be {want}, got {v!r}")
+
+    num("n", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+    num("steps", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+    num("fraction", lambda v: 0 < v <= 1, "in (0, 1]")
+    num("noise", lambda v: 0 < v < float("inf"), "a number > 0 (relative to the data range)")
+    num("zeta", lambda v: 0 <= v < float("inf"), "a number >= 0")
+    num("eta", lambda v: 0 <= v <= 1, "in [0, 1]")
+    num("constraint_weight", lambda v: 0 <= v < float("inf"), "a number >= 0")
+    num("clip_x0", lambda v: 0 < v < float("inf"), "a number > 0 (absent: 1.5 times the data's largest magnitude)")
+    if "seed" in a:
+        check_seed(a["seed"], "assimilate.seed")
+    if a.get("obs") is not None and a["obs"] not in OBSERVATIONS:
+        raise ValueError(f"assimilate.obs must be one of {list(OBSERVATIONS)}, got {a['obs']!r}")
+    if "finetuned" in a and not isinstance(a["finetuned"], bool):
+        raise ValueError(f"assimilate.finetuned must be true or false, got {a['finetuned']!r}")
+
+
 # --- observation operators by name (the CLI's strings become objects here) ---------------------
 
 OBSERVATIONS = {
@@ -548,11 +646,9 @@ def run_assimilation(
     """Posterior samples for ``n`` held-out truths with each method; residuals and ``l(x)``.
     ``obs`` replaces the run's observation type for this call."""
     a = {**run.cfg["assimilate"], **({"obs": obs} if obs else {})}
-    if a.get("obs") not in OBSERVATIONS:
-        raise ValueError(f"assimilate.obs must be one of {list(OBSERVATIONS)}, got {a.get('obs')!r}")
-    for key in ("n", "steps"):
-        if int(a[key]) < 1:
-            raise ValueError(f"assimilate.{key} must be >= 1, got {a[key]}")
+    check_assimilate(a)
+    if a.get("obs") is None:
+        raise ValueError(f"assimilate.obs must be one of {list(OBSERVATIONS)}, got None")
     test = run.data("test").x
     rng = float(test.max() - test.min())
     sigma_y = float(a["noise"]) * rng  # noise relative to the data range
@@ -585,6 +681,7 @@ def run_assimilation(
             generator=torch.Generator(device=run.device).manual_seed(int(a["seed"])),
             device=run.device,
             clip_x0=clip,
+            progress=run.progress,
             **kw,
         ).cpu()
         res = (op.residual(x, y) / sigma_y).float()
@@ -691,7 +788,10 @@ def _open_run(args: argparse.Namespace) -> NAMMRun:
         raise FileNotFoundError(
             f"{root} is not a NAMM run directory (no config.json): run `condiff namm fit` first"
         )
-    cfg = json.loads(f.read_text())
+    try:
+        cfg = json.loads(f.read_text())
+    except ValueError as e:
+        raise ValueError(f"{f} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or not all(k in cfg for k in ("mirror", "loss", "mirror_train")):
         raise FileNotFoundError(
             f"{root} is not a NAMM run directory (its config.json has no mirror settings): "
@@ -711,8 +811,9 @@ def _keep_settings(run: NAMMRun) -> None:
 
 def run_fit(args: argparse.Namespace) -> int:
     cfg = resolve(args.data, args.profile, args.config, args.overrides, args.constraint)
-    root = Path(args.out or Path("runs") / f"namm-{Path(args.data).stem}")
+    root = check_out_dir(args.out or Path("runs") / f"namm-{Path(args.data).stem}")
     run = NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet)  # checks the settings
+    run.preflight(["namm", "mdm"] + ([] if args.no_baseline else ["vanilla"]))  # before config.json changes
     root.mkdir(parents=True, exist_ok=True)
     io.write_json_atomic(root / "config.json", cfg)
     print(
@@ -731,6 +832,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
 def run_finetune(args: argparse.Namespace) -> int:
     run = _open_run(args)
+    run.preflight(["namm", "mdm", "finetune"])
     run.finetuned()
     _keep_settings(run)
     print(f"fine-tuned mirror map: {run.root / 'finetune' / 'mirror'}")
@@ -750,6 +852,8 @@ def run_sample(args: argparse.Namespace) -> int:
         if "vanilla" not in which:
             raise FileNotFoundError(f"{run.root}: --guided needs the vanilla DM (fit without --no-baseline)")
         which.append("guided")
+    upstream = {"vanilla": ["vanilla"], "mdm": ["namm", "mdm"], "mdm_ft": ["finetune"], "guided": []}
+    run.preflight([s for w in which for s in upstream[w]])  # before any sample set is redrawn
     res = run.evaluate(which, args.n)
     write_sample_report(run, res, run.root / "samples")
     _keep_settings(run)
@@ -794,6 +898,11 @@ def write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
 def run_assim(args: argparse.Namespace) -> int:
     run = _open_run(args)
     methods = ("mirror DPS",) if args.no_baselines else ("mirror DPS", "DPS", "constraint-guided DPS")
+    if not args.no_baselines and not (run.root / "vanilla" / "stage.json").is_file():
+        raise FileNotFoundError(f"{run.root}: the baselines need the vanilla DM, which this run does not have "
+                                "(fitted with --no-baseline?): pass --no-baselines, or fit without --no-baseline")
+    stages = ["namm", "mdm"] + (["finetune"] if run.cfg["assimilate"].get("finetuned", True) else [])
+    run.preflight(stages + ([] if args.no_baselines else ["vanilla"]))
     res = run_assimilation(run, methods, obs=args.obs)  # --obs is for this call only
     out = run.root / "assimilate"
     con = run.constraint()

@@ -57,6 +57,9 @@ def frames(shape: Sequence[int], observed: Sequence[int], sigma_y: float) -> Inp
         if not 0 <= int(f) < C // 2:
             raise ValueError(f"frames: snapshot {f} does not exist in samples with {C // 2} snapshots")
         mask[:, 2 * int(f) : 2 * int(f) + 2] = 1
+    if bool(mask.all()):
+        raise ValueError(f"frames: observing snapshots {list(observed)} observes the whole sample "
+                         f"({C // 2} snapshot(s)), leaving nothing to infer; observe points instead")
     return Inpainting(mask, sigma_y, kind=f"frames({list(observed)})")
 
 
@@ -74,6 +77,7 @@ def assimilate(
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
     clip_x0: float | None = None,
+    progress: bool = False,
 ) -> Tensor:
     """One posterior sample per measurement in ``y`` (B, C, H, W), by DPS with the loss
     ``||(y - A(x0_hat)) / sigma_y||_2``.
@@ -99,6 +103,7 @@ def assimilate(
         device=device,
         guidance=guide,
         clip_x0=clip_x0,
+        progress=progress,
     )
     if mirror is not None:
         with torch.no_grad():
