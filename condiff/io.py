@@ -118,6 +118,8 @@ def load_config(path: str | Path) -> dict:
     """Read ``config.json`` of a checkpoint directory, with a clear error when it is absent or broken."""
     path = Path(path)
     cfg = path / CONFIG
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file; a checkpoint is a directory (with {CONFIG})")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     if not cfg.is_file():

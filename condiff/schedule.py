@@ -6,6 +6,7 @@ diffusers. Tables are kept in float64 and cast on use, so long schedules keep th
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -56,6 +57,12 @@ class Schedule:
         builders = {"linear": cls.linear, "cosine": cls.cosine}
         if kind not in builders:
             raise ValueError(f"unknown schedule kind {kind!r}; expected one of {sorted(builders)}")
+        known = [k for k in inspect.signature(builders[kind]).parameters if k != "cls"]
+        if bad := sorted(set(cfg) - set(known)):
+            raise ValueError(f"unknown schedule setting(s) {bad} for kind {kind!r}; known: {known}")
+        T = cfg.get("T", 1)
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"schedule.T (the number of diffusion steps) must be an integer >= 1, got {T!r}")
         return builders[kind](**cfg)
 
     @classmethod

@@ -317,7 +317,8 @@ class Trainer:
         log = None
         if self.run_dir is not None and self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            log = open(self.run_dir / "log.jsonl", "a")
+            # from step 0 the log starts afresh (a run killed before its first checkpoint left lines)
+            log = open(self.run_dir / "log.jsonl", "a" if self.step > 0 else "w")
         bar = progress_bar(cfg.steps, cfg.progress and self.dist.main and self.step < cfg.steps, unit="it",
                            desc="train", initial=self.step, leave=True)
         self.model.train()

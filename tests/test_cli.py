@@ -9,6 +9,7 @@ import pytest
 
 from condiff.cli.config import ConfigError, parse_override, resolve
 from condiff.cli.main import main
+from condiff.train import read_log
 
 TINY = ["--data", "toy2d", "--set", "model.hidden=32", "--set", "model.depth=1", "--set", "data.n=512",
         "--set", "train.steps=30", "--set", "train.batch_size=32", "--set", "train.progress=false",
@@ -69,6 +70,64 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], r.stderr
     assert lines[0].startswith("condiff ")
+
+
+def _snapshot(run):
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_a_failing_train_leaves_the_run_as_it_was(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    before = _snapshot(run)
+    # everything is checked before --fresh discards the run, and before --resume rewrites config.json
+    assert main(["train", "--data", str(tmp_path / "typo.npy"), "--out", str(run), "--fresh"]) == 2
+    assert main(["train", *TINY, "--set", "train.grad_clip=-1", "--out", str(run), "--fresh"]) == 2
+    assert main(["train", *TINY, "--set", "model.hidden=16", "--set", "train.steps=40", "--out", str(run),
+                 "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "unknown data set" in err[0] and "train.grad_clip must be > 0" in err[1]
+    assert "does not match the model" in err[2] and "of other shape" in err[2]
+    assert _snapshot(run) == before
+    assert main(["train", *TINY, "--set", "train.steps=40", "--out", str(run), "--resume"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 40
+    assert [r["step"] for r in read_log(run / "log.jsonl")] == [30, 40]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--set", "train.steps=2.5"], "train.steps expects an integer"),
+    (["--set", "train.ema_decay=nan"], "train.ema_decay must be a finite number"),
+    (["--set", "train.ema_decay=1.5"], "train.ema_decay must be in [0, 1)"),
+    (["--set", "train.betas=[0.9]"], "train.betas must be two numbers"),
+    (["--set", "sample.n=0"], "sample.n must be an integer >= 1"),
+    (["--set", "sample.foo=1"], "unknown sample setting"),
+    (["--set", "schedule.foo=1"], "unknown schedule setting"),
+    (["--set", "schedule.T=-1"], "schedule.T (the number of diffusion steps) must be"),
+    (["--set", "data.foo=1"], "data set 'toy2d' has no setting"),
+    (["--out", "{tmp}/a-file"], "is a file, not a directory"),
+])
+def test_bad_settings_are_refused_before_the_run_directory_is_made(tmp_path, capsys, extra, needle):
+    (tmp_path / "a-file").write_text("")
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    out = ["--out", str(tmp_path / "run")] if "--out" not in extra else []
+    assert main(["train", *TINY, *extra, *out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_sample_refuses_meaningless_settings_before_sampling(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    capsys.readouterr()
+    for extra, needle in [(["--eta", "5"], "--eta must be in [0, 1]"), (["--seed", str(2**64)], "--seed must be"),
+                          (["--n", "0"], "--n must be an integer >= 1"),
+                          (["--out", str(run / "config.json")], "is a file")]:
+        assert main(["sample", "--ckpt", str(run), *extra]) == 2
+        assert needle in capsys.readouterr().err
+    assert not (run / "samples").exists()
+    assert main(["eval", "--ckpt", str(run), "--n", "1"]) == 2
+    assert "--n must be >= 2" in capsys.readouterr().err
 
 
 def test_user_npy_data(tmp_path):

@@ -92,6 +92,11 @@ def test_two_opt_reaches_a_local_optimum_and_never_lengthens():
         assert is_two_opt_optimal(c, t)
 
 
+def test_two_opt_on_three_cities_returns_the_only_cycle():
+    c = np.array([[0.0, 0], [1, 0], [0, 1]])
+    assert tsp.two_opt(c, [2, 0, 1]).tolist() == [2, 0, 1]
+
+
 def test_nearest_neighbour_on_a_line():
     x = np.array([[0.0, 0], [0.3, 0], [0.1, 0], [0.9, 0], [0.5, 0]])
     assert tsp.nearest_neighbour(x, 0).tolist() == [0, 2, 1, 4, 3]

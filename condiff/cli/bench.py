@@ -110,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
+    profiles = getattr(mod, "PROFILES", None)
+    if isinstance(profiles, dict) and args.profile not in profiles:
+        raise ValueError(f"benchmark {args.name} has no profile {args.profile!r}; its profiles: {', '.join(profiles)}")
     device = pick_device(args.device)
     t0 = time.perf_counter()
     res = mod.run(profile=args.profile, device=device)

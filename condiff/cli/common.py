@@ -177,7 +177,13 @@ def run_config(run_dir: Path) -> dict:
     p = Path(run_dir) / "config.json"
     if not p.is_file():
         raise FileNotFoundError(f"{run_dir} is not a condiff run directory (no config.json)")
-    return json.loads(p.read_text())
+    try:
+        cfg = json.loads(p.read_text())
+    except ValueError as e:
+        raise ValueError(f"{p} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{p} does not hold a settings table")
+    return cfg
 
 
 def draw_samples(den: Denoiser, shape: tuple[int, ...], scfg: dict, device: str, n: int | None = None,
@@ -203,6 +209,8 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
     model_cfg = io.load_config(resolve_model_dir(path))
     run_cfg = run_config(path) if (path / "config.json").is_file() and (path / "model").is_dir() else {}
     run_cfg = {"data": model_cfg.get("data"), **run_cfg} if model_cfg.get("data") else run_cfg
+    if not isinstance(model_cfg.get("shape"), list):
+        raise io.CheckpointError(f"{resolve_model_dir(path)}/{io.CONFIG} records no sample shape: not a condiff model")
     return den, run_cfg, tuple(model_cfg["shape"])
 
 

@@ -87,6 +87,8 @@ def preset(name: str) -> dict:
 def load_toml(path: str | Path) -> dict:
     """A TOML file as a dict; a missing or malformed file is a one-line :class:`ConfigError`."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory, not a TOML file")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -23,8 +24,8 @@ from .. import io
 from ..data.files import save_png_grid
 from ..plots import plot_image_columns
 from ..pnp import schedules as sch
-from .common import load_model_for, model_is_complete, pick_device, same_settings, train_or_reuse
-from .config import merge
+from .common import check_out_dir, load_model_for, model_is_complete, pick_device, same_settings, train_or_reuse
+from .config import check_seed, merge
 
 # strings become schedule objects here, and only here
 TIME_SCHEDULES = {
@@ -45,7 +46,7 @@ PRIORS: dict[str, dict[str, dict]] = {
             "model": {"name": "unet", "in_channels": 1, "base": 16, "mults": [1, 2, 2], "num_res": 1,
                       "attn_res": [4]},
             "train": {"steps": 3000, "batch_size": 32, "lr": 2e-3, "warmup": 200, "ema_decay": 0.999,
-                      "ckpt_every": 250, "log_every": 50, "progress": False},
+                      "ckpt_every": 250, "log_every": 50},
         },
         "full": {
             "data": {"name": "tours", "cities": [50], "size": 64, "n": 50000},
@@ -60,7 +61,7 @@ PRIORS: dict[str, dict[str, dict]] = {
             "data": {"name": "digits"},
             "model": {"name": "unet", "in_channels": 1, "base": 32, "mults": [1, 2], "num_res": 1},
             "train": {"steps": 1500, "batch_size": 128, "lr": 2e-3, "warmup": 200, "ema_decay": 0.998,
-                      "ckpt_every": 500, "log_every": 50, "progress": False},
+                      "ckpt_every": 500, "log_every": 50},
         },
         "full": {
             "data": {"name": "digits"},
@@ -77,7 +78,7 @@ PRIORS: dict[str, dict[str, dict]] = {
             "model": {"name": "unet", "in_channels": 4, "base": 32, "mults": [1, 2, 2], "num_res": 1,
                       "attn_res": [4]},
             "train": {"steps": 8000, "batch_size": 32, "lr": 1e-3, "warmup": 200, "ema_decay": 0.999,
-                      "ckpt_every": 250, "log_every": 50, "progress": False},
+                      "ckpt_every": 250, "log_every": 50},
         },
         "full": {
             "data": {"name": "scenes", "size": 64, "n": 50000},
@@ -170,7 +171,22 @@ def _common(p: argparse.ArgumentParser, ckpt: str, out: str, steps: int, lr: flo
     p.add_argument("--device", default=None)
 
 
+def _check_common(args: argparse.Namespace) -> None:
+    """The options every task shares, checked before a prior is trained or loaded."""
+    check_out_dir(args.out)
+    check_seed(args.seed, "--seed")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+
+
+# the data set a default prior of each task is trained on (a prior that records another is refused)
+PRIOR_DATA = {"segment": "scenes", "tsp": "tours"}
+
+
 def _prior(args: argparse.Namespace, kind: str | None = None) -> tuple:
+    _check_common(args)
     device = pick_device(args.device)
     torch.set_grad_enabled(True)
     if kind is not None and getattr(args, "train", False):
@@ -180,6 +196,10 @@ def _prior(args: argparse.Namespace, kind: str | None = None) -> tuple:
                 else " (train one with `condiff demo`, or pass --ckpt runs/pnp/digits-quick after `condiff bench pnp`)")
         raise FileNotFoundError(f"no prior at {args.ckpt}{hint}")
     den, run_cfg, shape = load_model_for(args.ckpt, device)
+    trained_on = (run_cfg.get("data") or {}).get("name")
+    if kind in PRIOR_DATA and trained_on not in (None, PRIOR_DATA[kind]):
+        raise ValueError(f"{args.ckpt} is a prior over {trained_on!r} data; pnp {kind} needs one trained on "
+                         f"{PRIOR_DATA[kind]!r} (pass --train with a new --ckpt to train the default one)")
     den.eval().requires_grad_(False)
     return den, run_cfg, shape, device
 
@@ -223,8 +243,10 @@ def run_digits(args: argparse.Namespace) -> int:
         raise ValueError(f"--finish must be a timestep in [0, {den.schedule.T}) (0: off), got {args.finish}")
     if args.finish_zeta is None:
         args.finish_zeta = DIGITS_FINISH_ZETA
-    if args.finish_zeta < 0:
-        raise ValueError(f"--finish-zeta must be >= 0, got {args.finish_zeta}")
+    if not (math.isfinite(args.finish_zeta) and args.finish_zeta >= 0):
+        raise ValueError(f"--finish-zeta must be a finite number >= 0, got {args.finish_zeta}")
+    if not (math.isfinite(args.weight) and args.weight > 0):
+        raise ValueError(f"--weight must be a finite number > 0, got {args.weight}")
     judge = DigitsJudge(device=device)
     if args.symmetry:
         constraint = MirrorSymmetry(-1)
@@ -268,7 +290,9 @@ def run_segment(args: argparse.Namespace) -> int:
     from ..pnp.segmentation import SEGMENT_VOTES, iou, kmeans_segment, otsu_segment, segment
 
     votes = SEGMENT_VOTES if args.votes is None else args.votes
-    if args.chains < 1 or not 1 <= votes <= args.chains:
+    if args.chains < 1:
+        raise ValueError(f"--chains must be >= 1, got {args.chains}")
+    if not 1 <= votes <= args.chains:
         raise ValueError(f"--votes must be between 1 and --chains ({args.chains}), got {votes}")
     den, run_cfg, shape, device = _prior(args, "segment")
     if shape[0] != 4:

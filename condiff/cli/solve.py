@@ -18,6 +18,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,8 @@ from ..data.files import save_png_grid
 from ..guidance import BETWEEN, METHODS, default_hyperparameters, guided_sample, make_guidance
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
-from .common import data_kwargs, load_model_for, pick_device
+from .common import check_out_dir, data_kwargs, load_model_for, pick_device
+from .config import check_seed
 
 # operator name -> builder(shape (B, C, H, W), generator, sigma_y, params) -> Operator
 OPERATORS: dict[str, Callable[[tuple[int, ...], torch.Generator, float, dict], Operator]] = {
@@ -92,10 +94,10 @@ def add_parser(sub, name: str) -> None:
                    help="images: a .png, a folder of PNGs, or a .npy / .npz array (floats taken as in [-1, 1])")
     d.add_argument("--data", default=None, help="data set (default: the one the model was trained on)")
     d.add_argument("--split", default="test", help="split of --data to draw images from")
-    d.add_argument("--n", type=int, default=16, help="number of images")
+    d.add_argument("--n", type=int, default=None, help="number of images (default: 16, or all of --input)")
     d.add_argument("--seed", type=int, default=0, help="seed for image choice, operator, noise and sampling")
     d.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", default=None, help="output directory (default: <ckpt>/solve/<operator>-<method>)")
+    p.add_argument("--out", default=None, help="output directory (default: <ckpt>/solve/<operator>-<method>-<steps>)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=run)
 
@@ -112,11 +114,12 @@ def load_images(args: argparse.Namespace, run_cfg: dict, shape: tuple[int, ...])
         data = load_dataset(name, split=args.split, **kw)
     if tuple(data.shape) != tuple(shape):
         raise ValueError(f"images have shape {tuple(data.shape)} but the model expects {tuple(shape)}")
-    if not 1 <= args.n <= len(data):
-        raise ValueError(f"--n must be between 1 and {len(data)} (images available), got {args.n}")
+    n = args.n if args.n is not None else (len(data) if args.input else min(16, len(data)))
+    if not 1 <= n <= len(data):
+        raise ValueError(f"--n must be between 1 and {len(data)} (images available), got {n}")
     g = torch.Generator().manual_seed(derive_seed(args.seed, "images"))
     order = torch.randperm(len(data), generator=g)
-    return data.x[order[: args.n]], str(name)
+    return data.x[order[:n]], str(name)
 
 
 def hyperparameters(args: argparse.Namespace, task: str) -> dict:
@@ -130,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not (math.isfinite(args.clip_x0) and args.clip_x0 >= 0):
+        raise ValueError(f"--clip-x0 must be a finite number >= 0 (0: no clipping), got {args.clip_x0}")
+    if args.box is not None and args.box < 1:
+        raise ValueError(f"--box must be >= 1 (the box side in pixels), got {args.box}")
+    check_seed(args.seed, "--seed")
+    out = check_out_dir(args.out or Path(args.ckpt) / "solve" / f"{args.operator}-{args.method}-{args.steps}")
     device = pick_device(args.device)
     den, run_cfg, shape = load_model_for(args.ckpt, device)
     if args.steps > den.schedule.T:
@@ -145,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     x = x.to(device)
     y = op.measure(x, torch.Generator(device=device).manual_seed(derive_seed(args.seed, "noise")))
     gen = torch.Generator(device=device).manual_seed(derive_seed(args.seed, "sample"))
-    clip = args.clip_x0 if args.clip_x0 and args.clip_x0 > 0 else None
+    clip = args.clip_x0 if args.clip_x0 > 0 else None
     parts, nfe, grads, seconds = [], 0, 0, 0.0
     t0 = time.perf_counter()
     for start in range(0, len(x), args.batch_size):
@@ -156,7 +165,6 @@ def run(args: argparse.Namespace) -> int:
         parts.append(res.x.detach())
         nfe, grads, seconds = nfe + res.nfe, grads + res.grad_evals, seconds + res.seconds
     rec = torch.cat(parts)
-    out = Path(args.out or Path(args.ckpt) / "solve" / f"{args.operator}-{args.method}-{args.steps}")
     psnr = metrics.psnr(rec, x)
     m = {
         "psnr": float(psnr.mean()), "ssim": float(metrics.ssim(rec.cpu(), x.cpu()).mean()),

@@ -10,6 +10,7 @@ Every loader returns an :class:`ArrayData`, whose constructor runs :func:`valida
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,7 +164,13 @@ def load_dataset(name_or_path: str | Path, split: str = "train", **kwargs: Any) 
     """
     key = str(name_or_path)
     if key in DATASETS:
-        return DATASETS[key](split=split, **kwargs)
+        loader = DATASETS[key]
+        params = inspect.signature(loader).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            if bad := sorted(set(kwargs) - set(params)):
+                known = sorted(k for k in params if k != "split")
+                raise DataError(f"data set {key!r} has no setting(s) {bad}; its settings: {known}")
+        return loader(split=split, **kwargs)
     if Path(key).expanduser().exists():
         return load_path(Path(key).expanduser(), split=split, **kwargs)
     raise DataError(

@@ -240,6 +240,8 @@ def two_opt(coords_or_D: np.ndarray | Tensor, tour: np.ndarray | list[int],
     i_idx, j_idx = np.triu_indices(n, 2)
     keep = ~((i_idx == 0) & (j_idx == n - 1))  # these two edges share a city: not a move
     i_idx, j_idx = i_idx[keep], j_idx[keep]
+    if len(i_idx) == 0:  # three cities or fewer: every tour is the same cycle
+        return t
     for _ in range(max_iter):
         a, b = t, np.roll(t, -1)
         d_e = D[a, b]
