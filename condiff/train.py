@@ -92,6 +92,8 @@ class TrainConfig:
                 raise ValueError(f"{section}.betas must be two numbers in [0, 1), got {b!r}")
             d["betas"] = tuple(float(v) for v in b)
         cfg = cls(**d)
+        if not 0 <= cfg.seed < 2**63:
+            raise ValueError(f"{section}.seed must be an integer in [0, 2**63), got {cfg.seed}")
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "keep"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{section}.{name} must be >= 1, got {getattr(cfg, name)}")
