@@ -1,4 +1,4 @@
-"""The ``condiff`` command. Each subcommand lives in its own module with ``add_parser`` and ``run``.
+"""The ``condiff`` command. Each subcommand lives in its own module whose ``add_parser`` sets ``func``.
 
 Errors a user can cause (bad flags, bad data, bad checkpoints) end in one line on stderr and exit
 status 2; set ``CONDIFF_DEBUG=1`` to see the traceback instead.
