@@ -253,6 +253,7 @@ def test_save_png_grid_size_and_tiles(tmp_path):
         (np.zeros((0, 2), dtype=np.float32), "empty"),
         (np.zeros((2, 1, 2, 2, 2), dtype=np.float32), "rank 5"),
         (np.zeros(4, dtype=np.float32), "rank 1"),
+        (np.zeros((2, 8, 8, 3), dtype=np.float32), "looks channels-last"),
     ],
 )
 def test_bad_arrays_raise_data_error(tmp_path, array, problem):
@@ -262,6 +263,14 @@ def test_bad_arrays_raise_data_error(tmp_path, array, problem):
     assert "bad" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(DataError, match=problem):
         validate(torch.from_numpy(array))
+
+
+def test_data_far_outside_the_unit_range_are_loaded_with_a_warning(tmp_path):
+    np.save(tmp_path / "big.npy", np.full((2, 3), 1000.0, dtype=np.float32))
+    with pytest.warns(UserWarning, match="values reach 1e\\+03"):
+        x = load_array(tmp_path / "big.npy").x
+    assert x.shape == (2, 3)
+    assert validate(np.zeros((2, 3, 8, 8), dtype=np.float32)).shape == (2, 3, 8, 8)  # channels first: as is
 
 
 def test_pickled_object_array_is_refused(tmp_path):

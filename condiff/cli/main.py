@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 # subcommand name -> module under condiff.cli
 COMMANDS = {
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not os.environ.get("CONDIFF_DEBUG"):  # a warning is one line too
+        warnings.showwarning = lambda message, category, *rest, **kw: print(
+            f"condiff {args.command}: warning: {message}", file=sys.stderr)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

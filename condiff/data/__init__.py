@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,9 @@ def validate(x: Tensor | np.ndarray, source: str = "data") -> Tensor:
         )
     if x.numel() == 0:
         raise DataError(f"{source}: empty data, shape {tuple(x.shape)}")
+    if x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] > 4 and x.shape[2] > 4:
+        raise DataError(f"{source}: shape {tuple(x.shape)} looks channels-last (N, H, W, C); condiff expects "
+                        f"(N, C, H, W): transpose it, e.g. x.transpose(0, 3, 1, 2)")
     x = x.to(torch.float32)
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
@@ -56,6 +60,15 @@ def validate(x: Tensor | np.ndarray, source: str = "data") -> Tensor:
         what = " and ".join(f"{k} {w}" for k, w in ((n_nan, "NaN"), (n_inf, "inf")) if k)
         raise DataError(f"{source}: contains non-finite values ({what}; first in sample {first})")
     return x.unsqueeze(1) if x.dim() == 3 else x
+
+
+def warn_range(x: Tensor, source: str) -> Tensor:
+    """Warn when user data reach far outside [-1, 1], the scale condiff's models and defaults assume."""
+    top = float(x.abs().max())
+    if top > 10:
+        warnings.warn(f"{source}: values reach {top:.3g}; condiff's models and defaults expect data scaled "
+                      "to about [-1, 1] (integer images are scaled automatically)", stacklevel=2)
+    return x
 
 
 def _labels(y: Any, n: int, source: str) -> Tensor | None:

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from condiff import io
-from condiff.data import ArrayData, DataError, check_split, validate
+from condiff.data import ArrayData, DataError, check_split, validate, warn_range
 
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}
 _INT_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
@@ -67,7 +67,7 @@ def load_array(path: str | Path, key: str | None = None) -> ArrayData:
             if f.read(6) != b"\x93NUMPY":  # else numpy would take it for a pickle
                 raise DataError(f"{path}: not a .npy file (no NumPy header)")
         x = _read(lambda: np.load(path, allow_pickle=False), path, "the array")
-        return ArrayData(validate(_scaled(x), str(path)), None, path.stem, {"path": str(path)})
+        return ArrayData(warn_range(validate(_scaled(x), str(path)), str(path)), None, path.stem, {"path": str(path)})
     if path.suffix.lower() != ".npz":
         raise DataError(f"{path}: expected a .npy or .npz file, got {path.suffix or 'no suffix'}")
     with _open_npz(path) as npz:
@@ -80,7 +80,7 @@ def load_array(path: str | Path, key: str | None = None) -> ArrayData:
         x = _read(lambda: npz[key], path, f"array {key!r}")
         y_key = "y" + key[1:] if key.startswith("x") else None
         y = _read(lambda: npz[y_key], path, f"array {y_key!r}") if y_key in keys else None
-    x = validate(_scaled(x), f"{path}[{key!r}]")
+    x = warn_range(validate(_scaled(x), f"{path}[{key!r}]"), f"{path}[{key!r}]")
     return ArrayData(x, y, path.stem, {"path": str(path), "key": key})
 
 
