@@ -223,6 +223,12 @@ def test_bad_input_is_a_clear_error():
         DualConfig(every=0)
     with pytest.raises(ValueError, match="unknown dual option"):
         DualConfig.from_dict({"evry": 3})
+    with pytest.raises(ValueError, match=r"dual.every must be an integer >= 1, got 2.5"):
+        DualConfig(every=2.5)
+    with pytest.raises(ValueError, match=r"dual.t_range must be two numbers"):
+        DualConfig(t_range=("a", 1))
+    with pytest.raises(ValueError, match="bound must be a finite number >= 0"):
+        Constraint("c", x, -1.0)
     obj = DualObjective(x, [Constraint("c", x, 1.0)], s, 4)
     with pytest.raises(ValueError, match="1 constraints"):
         obj.load_state_dict({"lambda": torch.zeros(2), "estimate": torch.zeros(2),
@@ -325,6 +331,19 @@ def test_ddp_ranks_hold_the_same_lambda(tmp_path, run_on_two_ranks):
     assert r0["estimate"] == pytest.approx(mean[1:], rel=1e-6)  # ... and hold their average
 
 
+def test_train_cached_builds_the_trainer_before_clearing_stale_checkpoints(tmp_path):
+    from condiff.dual.experiments import train_cached
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (run / "key.json").write_text('"another key"')
+    s = Schedule.linear(10)
+    with pytest.raises(RuntimeError, match="nosuch"):  # a trainer that cannot be built: nothing cleared
+        train_cached(run, TimeMLP(2, hidden=8, depth=1), DenoisingObjective(torch.randn(8, 2), s, 4),
+                     TrainConfig(steps=1, device="nosuch", progress=False), s, {"k": 1})
+    assert (run / "checkpoints" / "step_00000010").is_dir() and (run / "key.json").read_text() == '"another key"'
+
+
 # --- CLI ---------------------------------------------------------------------------------------
 
 RUN_FILE = """
@@ -387,6 +406,34 @@ def test_cli_dual_train_writes_model_plots_metrics_and_resumes(tmp_path, capsys)
     assert main(["sample", "--ckpt", str(out), "--n", "8", "--steps", "5", "--device", "cpu"]) == 0
 
 
+def test_cli_dual_train_refuses_before_touching_an_existing_run(tmp_path, capsys):
+    """Bad settings, an unloadable checkpoint, a bad device: one line, and every file of the run intact
+    (--fresh deletes nothing, --resume rewrites no config.json, no constraint samples are written)."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(RUN_FILE.replace("steps = 30", "steps = 10"))
+    out = tmp_path / "run"
+    assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu"]) == 0
+    files = lambda: {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = files()
+    assert (out / "checkpoints").is_dir() and (out / "model").is_dir() and (out / "log.jsonl").is_file()
+    for extra, message in [
+        (["--fresh", "--set", "dual.lr=-1"], "dual.lr must be a number >= 0, got -1"),
+        (["--fresh", "--set", "objective.n=abc"], "objective.n must be an integer >= 1, got 'abc'"),
+        (["--fresh", "--set", "dual.timesteps=60"], "dual.timesteps must be <= 50"),  # T = 50
+        (["--fresh", "--set", "dual.t_range=[0.3, 0.4]"], "dual.timesteps must be <= 5"),
+        (["--resume", "--set", "model.hidden=16"], "does not match the model"),
+        (["--fresh", "--device", "nosuch"], "--device nosuch is not a device (cpu, cuda, cuda:N)"),
+    ]:
+        capsys.readouterr()
+        assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (extra, err)
+        assert files() == before, extra
+    (tmp_path / "file").write_text("x")
+    assert main(["dual", "train", "--config", str(cfg), "--out", str(tmp_path / "file")]) == 2
+    assert "--out " + str(tmp_path / "file") + " is a file" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("setting, message", [
     ("dual.every=often", "setting dual.every expects a number"),  # type-checked against the run file
     ("model.hidden=wide", "setting model.hidden expects a number"),  # and against the preset
@@ -406,8 +453,23 @@ def test_cli_dual_train_checks_set_values(tmp_path, capsys, setting, message):
     (("bound = 0.2", ""), "exactly one of bound"),
     (("bound = 0.2", "relative = 1.1"), "needs reference"),
     (("bound = 0.2", "bound = 0.2\ncolour = 3"), "unknown key(s) ['colour']"),
-    (("every = 5", "every = 0"), "dual.every must be >= 1"),
-    (("[dual]", "[duel]"), "unknown section(s) ['duel']"),
+    (("every = 5", "every = 0"), "dual.every must be an integer >= 1, got 0"),
+    (("[dual]", "[duel]"), "unknown section(s) ['duel']; expected some of ['data', 'model', 'schedule', "
+                           "'train', 'sample', 'dual', 'objective', 'constraint']"),
+    (("timesteps = 8", "t_range = [0.3]"), "dual.t_range must be two numbers [a, b] with 0 <= a < b <= 1"),
+    (("classes = [1]", "classes = [1.5]"), "constraint 'mode1' classes must be a non-empty list of distinct "
+                                           "class labels (integers >= 0), got [1.5]"),
+    (("classes = [1]", 'classes = ["a"]'), "classes must be a non-empty list"),
+    (("classes = [1]", "classes = 1"), "classes must be a non-empty list"),
+    (("classes = [1]", "keep = {a = 0.1}"), "constraint 'mode1' keep must be a table {class = fraction in (0, 1]}"),
+    (("classes = [1]", "seed = 1.5"), "constraint 'mode1' seed must be an integer in [0, 2**63), got 1.5"),
+    (("classes = [1]", "model = 'm'"), "constraint 'mode1' data does not apply to samples of a model"),
+    (("bound = 0.2", 'bound = "x"'), "constraint 'mode1' bound must be a number > 0"),
+    (("bound = 0.2", "bound = -1.0"), "bound <= 0 can never hold), got -1.0"),
+    (("bound = 0.2", "relative = 0.0\nreference = 'm'"), "constraint 'mode1' relative must be a number > 0"),
+    (("name = \"mode1\"", "name = \"mode 1\""), "constraint name must be non-empty without '/' or spaces"),
+    (("[[constraint]]", "[[constraint]]\nname = 'mode1'\nbound = 1.0\n\n[[constraint]]"),
+     "constraint 'mode1': constraint names must be unique"),
 ])
 def test_cli_dual_train_bad_config_is_one_line(tmp_path, capsys, edit, message):
     cfg = tmp_path / "bad.toml"
@@ -428,20 +490,78 @@ def test_cli_experiment_rejects_unknown_setting(capsys):
     ("fair", "dual.lr=abc", "setting dual.lr expects a number"),
     ("fair", "n_samples=-3", "n_samples must be an integer >= 1, got -3"),
     ("fair", "sample_steps=5000", "sample_steps (5000) must be <= T (1000)"),
+    ("fair", "target_freq=2", "target_freq must be a number in (0, 1), got 2"),
+    ("fair", "bound=-1", "bound must be a number > 0 (a denoising loss is positive"),
+    ("fair", "relative=[0.7]", "relative must be one number or 3 (one per minority class [4, 5, 7]), got [0.7]"),
+    ("fair", "minority=[4,4]", "minority must be a non-empty list of distinct digits 0-9, got [4, 4]"),
+    ("fair", "minority=['a']", "minority must be a non-empty list of distinct digits 0-9, got ['a']"),
+    ("fair", "dual=5", "dual must be a table of settings, got 5"),
+    ("fair", "dual.t_range=[0.3]", "dual.t_range must be two numbers [a, b]"),
+    ("fair", "dual.timesteps=800", "dual.timesteps must be <= 700, the timesteps in dual.t_range [0.3, 1.0] of a "
+                                   "schedule of T = 1000, got 800"),
     ("toy", "constraint_batch=0", "constraint_batch must be an integer >= 1, got 0"),
+    ("toy", "minority=[0.5]", "minority must be a non-empty list of distinct modes 0-7 (components = 8), got [0.5]"),
+    ("toy", "minority=[0,1,2,3,4,5,6,7]", "minority must leave at least one of the 8 modes out"),
+    ("toy", "average=2", "average must be a number in (0, 1], got 2"),
+    ("toy", "average=0", "average must be a number in (0, 1], got 0"),
+    ("toy", "relative=0", "relative must be a number > 0"),
+    ("toy", "slack_tolerance=nan", "slack_tolerance must be a finite number, got nan"),
+    ("toy", "seed=1.5", "seed must be an integer in [0, 2**63), got 1.5"),
+    ("toy", "lr=-1", "lr must be a number > 0, got -1"),
     ("finetune", "finetune.steps=0", "finetune.steps must be >= 1, got 0"),
     ("finetune", "pretrain.lr_decay='linear'", "pretrain.lr_decay must be 'cosine' or 'constant', got 'linear'"),
+    ("finetune", "relative=-1", "relative must be a number > 0"),
+    ("finetune", "constraint_classes=[]", "constraint_classes must be a non-empty list of distinct digits 0-9, got []"),
+    ("finetune", "target_classes=3", "target_classes must be a non-empty list of distinct digits 0-9, got 3"),
+    ("finetune", "quantile=2", "quantile must be a number in (0, 1), got 2"),
 ])
 def test_cli_experiment_checks_settings_before_training(tmp_path, capsys, experiment, setting, message):
-    assert main(["dual", experiment, "--set", setting, "--out", str(tmp_path / "out")]) == 2
+    """Refused in the config check: the cached models of an earlier run are neither retrained nor deleted."""
+    out = tmp_path / "out"
+    for f in ("constrained/key.json", "constrained/log.jsonl", "constrained/checkpoints/step_00000010/config.json"):
+        (out / f).parent.mkdir(parents=True, exist_ok=True)
+        (out / f).write_text("{}")
+    before = sorted(out.rglob("*"))
+    assert main(["dual", experiment, "--set", setting, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
-    assert not (tmp_path / "out").exists()
+    assert sorted(out.rglob("*")) == before and (out / "constrained" / "key.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "nosuch"], "--device nosuch is not a device (cpu, cuda, cuda:N)"),
+    (["--out", "FILE"], " is a file, not a directory"),
+])
+def test_cli_experiment_checks_device_and_out_first(tmp_path, capsys, args, message):
+    (tmp_path / "FILE").write_text("x")
+    args = [str(tmp_path / a) if a == "FILE" else a for a in args]
+    assert main(["dual", "toy", "--out", str(tmp_path / "toy"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "toy").exists()
+
+
+def test_experiment_settings_of_several_kinds(capsys):
+    """fair's relative: one number or one per minority class (a single number is not refused as
+    'expects a list'); settings help names each experiment's own tables."""
+    from condiff.cli.dual import apply_overrides
+    from condiff.dual.experiments import FairConfig
+
+    assert apply_overrides(FairConfig(), ["relative=0.7"]).relative == 0.7
+    assert apply_overrides(FairConfig(), ["minority=[4]", "relative=[0.7]"]).relative == [0.7]
+    assert apply_overrides(FairConfig(), ["minority=[4]", "target_freq=0.1"]).minority == (4,)  # relative unused
+    helps = {}
+    for exp in ("toy", "fair", "finetune"):
+        with pytest.raises(SystemExit):
+            main(["dual", exp, "--help"])
+        helps[exp] = " ".join(capsys.readouterr().out.split())
+    assert "--set steps=800" in helps["toy"] and "train." not in helps["toy"]
+    assert "--set train.steps=800" in helps["fair"]
+    assert "--set finetune.steps=200" in helps["finetune"] and "--set train." not in helps["finetune"]
 
 
 def test_cli_finetune_rejects_a_class_that_is_no_digit_before_training(tmp_path, capsys):
     assert main(["dual", "finetune", "--set", "constraint_classes=[12]", "--out", str(tmp_path / "ft")]) == 2
-    assert "constraint_classes must be digits 0-9, got [12]" in capsys.readouterr().err
+    assert "constraint_classes must be a non-empty list of distinct digits 0-9, got [12]" in capsys.readouterr().err
     assert not (tmp_path / "ft" / "pretrained").exists()
 
 
@@ -500,5 +620,6 @@ def test_class_restricted_constraint_samples_keep_only_those_classes(monkeypatch
     with pytest.raises(ValueError, match=r"made only 0 samples of classes \[9\] in 2 x 5 draws"):
         ex._constraint_samples(None, None, ex.FinetuneConfig(n_constraint=5, constraint_classes=(9,),
                                                              constraint_rounds=2), "cpu")
-    with pytest.raises(ValueError, match=r"constraint_classes must be digits 0-9, got \[3, 10\]"):
+    with pytest.raises(ValueError, match=r"constraint_classes must be a non-empty list of distinct digits 0-9, "
+                                         r"got \(3, 10\)"):
         ex.run_finetune(ex.FinetuneConfig(constraint_classes=(3, 10)), "/nonexistent/never-written")

@@ -35,6 +35,10 @@ def add_config_args(p: argparse.ArgumentParser, data_default: str | None = None)
 
 def pick_device(name: str | None) -> str:
     if name:
+        try:
+            torch.device(name)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"--device {name} is not a device (cpu, cuda, cuda:N)") from None
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but no CUDA device is available")
         return name

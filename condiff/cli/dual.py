@@ -5,6 +5,10 @@
   condiff dual fair      fair generation on imbalanced digits          (writes metrics.json + plots)
   condiff dual finetune  fine-tuning on 30 images without overfitting  (writes metrics.json + plots)
 
+The experiments take --set KEY=VALUE for their settings: toy's are flat (--set steps=800), fair has a
+[train] table (--set train.steps=800), finetune has [pretrain] and [finetune] (--set finetune.steps=200);
+all three have a [dual] table (--set dual.lr=0.5).
+
 A ``dual train`` config file has the tables of ``condiff train`` ([data] [model] [schedule] [train]
 [sample]) plus [dual] (dual-step settings, and ``init``: a model to start from), [objective]
 (the data q_0) and one [[constraint]] table per constraint; see docs/dual.md.
@@ -29,6 +33,7 @@ from ..dual import (
     Constraint,
     DualConfig,
     DualObjective,
+    checks,
     keep_fraction,
     model_samples,
     reference_losses,
@@ -41,16 +46,22 @@ from ..plots import plot_loss_curve
 from ..schedule import Schedule
 from ..train import TrainConfig, Trainer, list_checkpoints
 from . import config as config_mod
-from .common import load_model_for, net_config, pick_device, save_resolved_config
+from .common import check_out_dir, load_model_for, net_config, pick_device, save_resolved_config
 from .train import INTERRUPTED
 
 DUAL_TABLES = ("dual", "objective", "constraint")
 SOURCE_KEYS = {"data", "split", "classes", "keep", "n", "offset", "seed",  # a data set ...
                "model", "steps", "eta", "batch_size"}                        # ... or model samples
 CONSTRAINT_KEYS = SOURCE_KEYS | {"name", "bound", "relative", "reference"}
+OBJECTIVE_KEYS = SOURCE_KEYS - {"model", "steps", "eta", "batch_size"}
+DATA_ONLY = {"data", "split", "classes", "keep", "offset"}  # keys of a data set, never of a model's samples
+MODEL_ONLY = {"steps", "eta"}                                # keys of a model's samples, never of a data set
 EXPERIMENTS = {"toy": (ex.ToyConfig, ex.run_toy, "runs/dual-toy"),
                "fair": (ex.FairConfig, ex.run_fair, "runs/dual-fair"),
                "finetune": (ex.FinetuneConfig, ex.run_finetune, "runs/dual-finetune")}
+SET_EXAMPLES = {"toy": "--set steps=800 or --set relative=1.05",
+                "fair": "--set train.steps=800 or --set target_freq=0.1",
+                "finetune": "--set finetune.steps=200 or --set pretrain.steps=800"}
 
 
 def add_parser(sub, name: str) -> None:
@@ -75,7 +86,7 @@ def add_parser(sub, name: str) -> None:
                        help=f"output directory (default {out}); trained models are reused")
         e.add_argument("--profile", default="quick", help="quick (CPU, minutes) or full (GPU)")
         e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one setting, e.g. --set n_samples=500 or --set train.steps=800")
+                       help=f"override one setting, e.g. {SET_EXAMPLES[exp]} (repeatable)")
         e.add_argument("--device", default=None)
         e.set_defaults(func=run_experiment, experiment=exp)
 
@@ -84,7 +95,8 @@ def add_parser(sub, name: str) -> None:
 
 
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
-    """``key=value`` or ``table.key=value`` (into a dict field such as ``train``), value read as TOML."""
+    """``key=value`` or ``table.key=value`` (into a dict field such as ``train``), value read as TOML;
+    the config checks the values (``type(cfg).from_dict``)."""
     d = json.loads(json.dumps(asdict(cfg)))
     for item in overrides:
         if "=" not in item:
@@ -93,18 +105,22 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         path = key.strip().split(".")
         if path[0] not in d or len(path) > 2 or (len(path) == 2 and not isinstance(d[path[0]], dict)):
             raise ValueError(f"unknown setting {key!r}; settings: {sorted(d)}")
-        config_mod.set_path(d, path, config_mod.toml_value(raw))  # a ConfigError is a ValueError
+        if len(path) == 1:  # a setting of several kinds (relative: one number or a list) is for the config to judge
+            d[path[0]] = config_mod.toml_value(raw)
+        else:
+            config_mod.set_path(d, path, config_mod.toml_value(raw))  # a ConfigError is a ValueError
     return type(cfg).from_dict(d)
 
 
 def run_experiment(args: argparse.Namespace) -> int:
     cls, fn, _ = EXPERIMENTS[args.experiment]
-    cfg = apply_overrides(ex.profile_config(cls, args.profile), args.overrides)
+    out = check_out_dir(args.out)
     device = pick_device(args.device)
+    cfg = apply_overrides(ex.profile_config(cls, args.profile), args.overrides)  # all settings checked
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    m = fn(cfg, Path(args.out), device)
+    m = fn(cfg, out, device)
     print(json.dumps({k: v for k, v in m.items() if k != "config"}, indent=1, default=str))
-    print(f"wrote {Path(args.out) / 'metrics.json'}")
+    print(f"wrote {out / 'metrics.json'}")
     return 0
 
 
@@ -116,7 +132,7 @@ def read_run_file(path: str | Path) -> tuple[dict, dict]:
     p = Path(path)
     raw = config_mod.load_toml(p)
     dual = {k: raw.pop(k) for k in DUAL_TABLES if k in raw}
-    config_mod.check_sections(raw, str(p))
+    config_mod.check_sections(raw, str(p), config_mod.SECTIONS + DUAL_TABLES)  # names every known section
     cons = dual.get("constraint", [])
     if not isinstance(cons, list) or not all(isinstance(c, dict) for c in cons):
         raise config_mod.ConfigError(f"{p}: constraints must be [[constraint]] tables")
@@ -145,138 +161,242 @@ def _check_keys(spec: dict, known: set[str], where: str) -> None:
         raise config_mod.ConfigError(f"{where}: unknown key(s) {bad}; known: {sorted(known)}")
 
 
+def check_source(spec: dict, prefix: str) -> dict:
+    """The values of one data source table (a data set, or samples of a ``model``), named ``prefix + key``;
+    returns the table normalised (``n = 3e1`` -> 30)."""
+    out = dict(spec)
+    if "model" in spec and (mixed := sorted(set(spec) & DATA_ONLY)):
+        raise config_mod.ConfigError(f"{prefix}{mixed[0]} does not apply to samples of a model "
+                                     f"(model = {spec['model']!r})")
+    if "model" not in spec and (mixed := sorted(set(spec) & MODEL_ONLY)):
+        raise config_mod.ConfigError(f"{prefix}{mixed[0]} applies only to samples of a model (model = 'DIR')")
+    for k, v in spec.items():
+        name = prefix + k
+        if k in ("data", "split", "model", "reference"):
+            checks.text(name, v)
+        elif k == "classes":
+            out[k] = list(checks.labels(name, v, 2**63, "class labels (integers >= 0)"))
+        elif k == "keep":
+            if not (isinstance(v, dict) and v and all(str(c).isdigit() for c in v)
+                    and all(checks.is_number(f) and 0 < f <= 1 for f in v.values())):
+                raise config_mod.ConfigError(f"{name} must be a table {{class = fraction in (0, 1]}} such as "
+                                             f"{{4 = 0.1}}, got {v!r}")
+        elif k in ("n", "steps", "batch_size", "offset"):
+            out[k] = checks.integer(name, v, 0 if k == "offset" else 1)
+        elif k == "seed":
+            out[k] = checks.seed(name, v)
+        elif k == "eta":
+            out[k] = checks.number(name, v, "[0, 1]")
+        elif k == "bound":
+            out[k] = checks.bound(name, v)
+        elif k == "relative":
+            out[k] = checks.relative(name, v)
+    return out
+
+
+def check_run(cfg: dict, device: str) -> tuple[TrainConfig, DualConfig, str | None]:
+    """Every setting of a ``dual train`` config before anything is built: [train], [dual] (and its
+    ``init``), [objective] and each [[constraint]]; the source tables are normalised in place.
+    Returns the training and dual settings and the model to start from."""
+    dual = dict(cfg["dual"])
+    init = dual.pop("init", None)
+    if init is not None:
+        checks.text("dual.init", init)
+    tcfg = TrainConfig.from_dict({**cfg["train"], "device": device})
+    dcfg = DualConfig.from_dict({"seed": tcfg.seed, **dual})
+    _check_keys(cfg["objective"], OBJECTIVE_KEYS, "[objective]")
+    if cfg["objective"].get("data") == "objective":
+        raise config_mod.ConfigError("objective.data = 'objective' is only for constraints")
+    cfg["objective"] = check_source(cfg["objective"], "objective.")
+    names: list[str] = []
+    for j, spec in enumerate(cfg["constraint"]):
+        _check_keys(spec, CONSTRAINT_KEYS, f"constraint {j + 1}")
+        if "name" not in spec:
+            raise config_mod.ConfigError(f"constraint {j + 1}: needs a name")
+        where = f"constraint {checks.constraint_name(spec['name'])!r}"
+        if spec["name"] in names:
+            raise config_mod.ConfigError(f"{where}: constraint names must be unique")
+        names.append(spec["name"])
+        if ("bound" in spec) == ("relative" in spec):
+            raise config_mod.ConfigError(f"{where}: give exactly one of bound (absolute) or relative "
+                                         "(times a reference model's loss)")
+        if "relative" in spec and spec.get("reference", init) is None:
+            raise config_mod.ConfigError(f"{where}: a relative bound needs reference = 'MODEL' "
+                                         "(or [dual] init)")
+        cfg["constraint"][j] = check_source(spec, f"{where} ")
+    return tcfg, dcfg, init
+
+
+class SampleCache:
+    """Samples of models drawn for the constraints, kept in ``root`` (one safetensors group per
+    constraint, with the table that drew them) and reused while that table is unchanged; ``fresh``
+    ignores what is there. New samples reach the disk with :meth:`save`, once the run may change."""
+
+    def __init__(self, root: Path, fresh: bool = False) -> None:
+        self.root = root
+        self.old = io.load_config(root) if not fresh and (root / io.CONFIG).is_file() else {}
+        self.new: dict[str, tuple[dict, torch.Tensor]] = {}
+
+    def get(self, where: str, spec: dict) -> torch.Tensor | None:
+        if self.old.get(where) == spec and io.has_group(self.root, where):
+            return io.load_group(self.root, where)["x"]
+        return None
+
+    def put(self, where: str, spec: dict, x: torch.Tensor) -> None:
+        self.new[where] = (spec, x)
+
+    def save(self) -> None:
+        if not self.new or int(os.environ.get("RANK", "0")) != 0:
+            return
+        keep = [g for g in self.old if g not in self.new and io.has_group(self.root, g)]
+        groups = {**{g: io.load_group(self.root, g) for g in keep}, **{w: {"x": x} for w, (_, x) in self.new.items()}}
+        io.save_checkpoint(self.root, groups, {**{g: self.old[g] for g in keep},
+                                               **{w: spec for w, (spec, _) in self.new.items()}})
+
+
 def build_source(spec: dict, cfg: dict, where: str, objective: ArrayData | None, device: str,
-                 cache: Path | None) -> ArrayData:
-    """One data set of the problem from its table: a data set (``data``, ``split``) or the objective's
-    data (``data = "objective"``), then ``keep``, then ``classes`` / ``n`` / ``offset``; or ``n``
-    samples of a trained ``model`` (cached as safetensors in ``cache``)."""
-    seed = int(spec.get("seed", 0))
+                 cache: SampleCache | None) -> ArrayData:
+    """One data set of the problem from its table (checked by :func:`check_source`): a data set
+    (``data``, ``split``) or the objective's data (``data = "objective"``), then ``keep``, then
+    ``classes`` / ``n`` / ``offset``; or ``n`` samples of a trained ``model`` (kept in ``cache``)."""
+    seed = spec.get("seed", 0)
     if "model" in spec:
-        if cache is not None and io.has_group(cache, where) and io.load_config(cache).get(where) == spec:
-            return ArrayData(io.load_group(cache, where)["x"], name=where)
+        x = cache.get(where, spec) if cache is not None else None
+        if x is not None:
+            return ArrayData(x, name=where)
         den, _, shape = load_model_for(spec["model"], device)
-        x = model_samples(den, int(spec.get("n", 1000)), shape, steps=int(spec.get("steps", 100)),
-                          eta=float(spec.get("eta", 1.0)), seed=seed,
-                          batch_size=int(spec.get("batch_size", 500)), device=device,
-                          clip_x0=cfg.get("sample", {}).get("clip_x0"))
-        if cache is not None and int(os.environ.get("RANK", "0")) == 0:
-            old = io.load_config(cache) if (cache / io.CONFIG).is_file() else {}
-            groups = {g: io.load_group(cache, g) for g in old if io.has_group(cache, g) and g != where}
-            io.save_checkpoint(cache, {**groups, where: {"x": x}}, {**old, where: spec})
+        if objective is not None and tuple(shape) != tuple(objective.shape):  # before drawing the samples
+            raise config_mod.ConfigError(f"constraint {where!r}: the model at {spec['model']} makes samples "
+                                         f"of shape {tuple(shape)}, the objective data have {objective.shape}")
+        x = model_samples(den, spec.get("n", 1000), shape, steps=spec.get("steps", 100),
+                          eta=spec.get("eta", 1.0), seed=seed, batch_size=spec.get("batch_size", 500),
+                          device=device, clip_x0=cfg.get("sample", {}).get("clip_x0"))
+        if cache is not None:
+            cache.put(where, spec, x)
         return ArrayData(x, name=where)
     name = spec.get("data", cfg["data"]["name"])
     if name == "objective":
-        if objective is None:
-            raise config_mod.ConfigError(f"{where}: data = 'objective' is only for constraints")
         data = objective
     else:
         kw = {k: v for k, v in cfg["data"].items() if k not in ("name", "split", "labels")} \
             if name == cfg["data"]["name"] else {}
         data = load_dataset(name, split=spec.get("split", "train"), **kw)
     if "keep" in spec:
-        if not isinstance(spec["keep"], dict):
-            raise config_mod.ConfigError(f"{where}: keep must be a table {{class = fraction}}")
         data = keep_fraction(data, {int(k): float(v) for k, v in spec["keep"].items()}, seed=seed)
     if any(k in spec for k in ("classes", "n", "offset")):
-        n = spec.get("n")
-        data = select(data, classes=spec.get("classes"), n=None if n is None else int(n),
-                      offset=int(spec.get("offset", 0)), seed=seed)
+        data = select(data, classes=spec.get("classes"), n=spec.get("n"), offset=spec.get("offset", 0), seed=seed)
     return data
 
 
 def build_constraints(cfg: dict, objective: ArrayData, schedule: Schedule, dcfg: DualConfig, init: str | None,
-                      device: str, cache: Path) -> tuple[list[Constraint], list[dict]]:
-    """Constraints with their bounds resolved; also a JSON record of how each bound was set."""
+                      device: str, cache: SampleCache) -> tuple[list[Constraint], list[dict]]:
+    """Constraints with their bounds resolved (tables checked by :func:`check_run`); also a JSON record
+    of how each bound was set."""
     out, record = [], []
-    for j, spec in enumerate(cfg["constraint"]):
-        where = f"constraint {j + 1}"
-        _check_keys(spec, CONSTRAINT_KEYS, where)
-        if "name" not in spec:
-            raise config_mod.ConfigError(f"{where}: needs a name")
+    for spec in cfg["constraint"]:
         where = f"constraint {spec['name']!r}"
-        if ("bound" in spec) == ("relative" in spec):
-            raise config_mod.ConfigError(f"{where}: give exactly one of bound (absolute) or relative "
-                                         "(times a reference model's loss)")
         data = build_source({k: v for k, v in spec.items() if k in SOURCE_KEYS}, cfg, spec["name"], objective,
                             device, cache)
         if data.shape != objective.shape:
             raise config_mod.ConfigError(f"{where}: samples of shape {data.shape}, "
                                          f"objective data {objective.shape}")
         if "bound" in spec:
-            bound, rec = float(spec["bound"]), {"bound": float(spec["bound"])}
+            bound, rec = spec["bound"], {"bound": spec["bound"]}
         else:
             ref_path = spec.get("reference", init)
-            if ref_path is None:
-                raise config_mod.ConfigError(f"{where}: a relative bound needs reference = 'MODEL' "
-                                             "(or [dual] init)")
             den = load_model_for(ref_path, device)[0]
             ref = float(reference_losses(den, schedule, [data.x], timesteps=dcfg.timesteps,
                                          t_range=dcfg.t_range, n=4096, seed=dcfg.seed)[0])
-            bound = float(spec["relative"]) * ref
-            rec = {"bound": bound, "relative": float(spec["relative"]), "reference": str(ref_path),
+            bound = spec["relative"] * ref
+            rec = {"bound": bound, "relative": spec["relative"], "reference": str(ref_path),
                    "reference_loss": ref}
         out.append(Constraint(spec["name"], data.x, bound, spec.get("batch_size")))
         record.append({"name": spec["name"], "n": len(data), **rec})
     return out, record
 
 
+class DualJob:
+    """Everything a ``dual train`` run needs, built and checked before the run directory changes: the
+    settings (:func:`check_run`), the objective data, the model (``[dual] init`` or a new one), the
+    constraints with their bounds and the trainer. Samples drawn for constraints wait in
+    :attr:`cache` until the caller may write (``run_dir/constraint_data``)."""
+
+    def __init__(self, cfg: dict, run_dir: Path, device: str, fresh: bool = False) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.tcfg, self.dcfg, init = check_run(cfg, device)
+        self.data = build_source(cfg["objective"], cfg, "objective", None, device, None)
+        if init is not None:  # fine-tuning: architecture and schedule come from the model we start from
+            net, init_cfg = load_net(init, device)
+            cfg["model"], cfg["schedule"] = dict(net.config), dict(init_cfg["schedule"])
+        else:
+            torch.manual_seed(self.tcfg.seed)
+            net = build_net(net_config({**cfg, "data": {**cfg["data"], "labels": False}}, self.data))
+        self.schedule = Schedule.from_config(cfg["schedule"])
+        self.dcfg.check_grid(self.schedule.T)
+        self.cache = SampleCache(self.run_dir / "constraint_data", fresh)
+        self.constraints, cfg["bounds"] = build_constraints(cfg, self.data, self.schedule, self.dcfg, init,
+                                                            device, self.cache)
+        self.objective = DualObjective(self.data.x, self.constraints, self.schedule, self.tcfg.batch_size,
+                                       self.dcfg)
+        meta = {"net": net.config, "schedule": self.schedule.config(), "data": cfg["data"],
+                "shape": list(self.data.shape)}
+        self.trainer = Trainer(net, self.objective, self.tcfg, self.run_dir, meta)
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint in the run directory, ``lambda`` included (False if there is none)."""
+        if not self.trainer.resume():
+            return False
+        print(f"resumed from step {self.trainer.step} of {self.tcfg.steps} (lambda {self.objective.lambdas})")
+        return True
+
+    def fit(self) -> dict | None:
+        """Train to the end; save the EMA model, plots and ``metrics.json`` (returned; None off the main rank)."""
+        run_dir, schedule, dcfg, objective = self.run_dir, self.schedule, self.dcfg, self.objective
+        record = self.cfg["bounds"]
+        t0 = time.perf_counter()
+        ema = self.trainer.fit()
+        if not self.trainer.dist.main:
+            return None
+        final = torch.cat([  # dual estimator, 4096 draws: L_0 on all of [0, T), the L_i on t_range
+            reference_losses(ema, schedule, [objective.x], timesteps=dcfg.timesteps, n=4096, seed=dcfg.seed + 1),
+            reference_losses(ema, schedule, [c.x for c in self.constraints], timesteps=dcfg.timesteps, n=4096,
+                             seed=dcfg.seed + 1, t_range=dcfg.t_range)])
+        lam = objective.lambdas
+        m = {"steps": self.trainer.step, "train_seconds": round(time.perf_counter() - t0, 2), "lambda": lam,
+             "objective_loss": float(final[0]), "n_objective": len(self.data),
+             "constraints": [{**r, "final_loss": v, "slack": v - r["bound"], "lambda": lam[r["name"]]}
+                             for r, v in zip(record, final[1:].tolist())]}
+        save_model(run_dir / "model", ema, schedule, data=self.cfg["data"], shape=list(self.data.shape),
+                   steps=self.trainer.step, train_seconds=m["train_seconds"], **{"lambda": lam, "bounds": record})
+        plot_loss_curve(run_dir / "log.jsonl", run_dir / "loss.png", keys=("loss", "L0"))
+        if self.constraints:
+            ex.plot_dual(run_dir / "log.jsonl", run_dir)
+        io.write_json_atomic(run_dir / "metrics.json", m)
+        return m
+
+
 def run_train(args: argparse.Namespace) -> int:
     cfg = resolve(args.config, args.overrides)
     device = pick_device(args.device)
-    run_dir = Path(args.out or Path("runs") / f"dual-{Path(args.config).stem}")
+    run_dir = check_out_dir(args.out or Path("runs") / f"dual-{Path(args.config).stem}")
     existing = list_checkpoints(run_dir / "checkpoints")
     if existing and not (args.resume or args.fresh):
         raise FileExistsError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}): "
                               "pass --resume to continue or --fresh to start over")
+    job = DualJob(cfg, run_dir, device, fresh=args.fresh)  # everything checked before the run directory changes
     if args.fresh:
         for d in ("checkpoints", "model", "constraint_data"):
             shutil.rmtree(run_dir / d, ignore_errors=True)
         (run_dir / "log.jsonl").unlink(missing_ok=True)
+    if args.resume and not job.resume():
+        print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
     run_dir.mkdir(parents=True, exist_ok=True)
-
-    dual = dict(cfg["dual"])
-    init = dual.pop("init", None)
-    _check_keys(cfg["objective"], SOURCE_KEYS - {"model", "steps", "eta", "batch_size"}, "[objective]")
-    objective_data = build_source(cfg["objective"], cfg, "objective", None, device, None)
-    if init is not None:  # fine-tuning: architecture and schedule come from the model we start from
-        net, init_cfg = load_net(init, device)
-        cfg["model"], cfg["schedule"] = dict(net.config), dict(init_cfg["schedule"])
-    else:
-        torch.manual_seed(int(cfg["train"].get("seed", 0)))
-        net = build_net(net_config({**cfg, "data": {**cfg["data"], "labels": False}}, objective_data))
-    schedule = Schedule.from_config(cfg["schedule"])
-    tcfg = TrainConfig.from_dict({**cfg["train"], "device": device})
-    dcfg = DualConfig.from_dict({"seed": tcfg.seed, **dual})
-    constraints, record = build_constraints(cfg, objective_data, schedule, dcfg, init, device,
-                                            run_dir / "constraint_data")
-    objective = DualObjective(objective_data.x, constraints, schedule, tcfg.batch_size, dcfg)
-    cfg["bounds"] = record
-    save_resolved_config(run_dir, cfg)
-    shape = list(objective_data.shape)
-    meta = {"net": net.config, "schedule": schedule.config(), "data": cfg["data"], "shape": shape}
-    trainer = Trainer(net, objective, tcfg, run_dir, meta)
-    if args.resume and trainer.resume():
-        print(f"resumed from step {trainer.step} of {tcfg.steps} (lambda {objective.lambdas})")
-    t0 = time.perf_counter()
-    ema = trainer.fit()
-    if not trainer.dist.main:
+    job.cache.save()
+    save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
+    m = job.fit()
+    if m is None:
         return 0
-    final = torch.cat([  # dual estimator, 4096 draws: L_0 on all of [0, T), the L_i on t_range
-        reference_losses(ema, schedule, [objective.x], timesteps=dcfg.timesteps, n=4096, seed=dcfg.seed + 1),
-        reference_losses(ema, schedule, [c.x for c in constraints], timesteps=dcfg.timesteps, n=4096,
-                         seed=dcfg.seed + 1, t_range=dcfg.t_range)])
-    lam = objective.lambdas
-    m = {"steps": trainer.step, "train_seconds": round(time.perf_counter() - t0, 2), "lambda": lam,
-         "objective_loss": float(final[0]), "n_objective": len(objective_data),
-         "constraints": [{**r, "final_loss": v, "slack": v - r["bound"], "lambda": lam[r["name"]]}
-                         for r, v in zip(record, final[1:].tolist())]}
-    save_model(run_dir / "model", ema, schedule, data=cfg["data"], shape=shape, steps=trainer.step,
-               train_seconds=m["train_seconds"], **{"lambda": lam, "bounds": record})
-    plot_loss_curve(run_dir / "log.jsonl", run_dir / "loss.png", keys=("loss", "L0"))
-    if constraints:
-        ex.plot_dual(run_dir / "log.jsonl", run_dir)
-    io.write_json_atomic(run_dir / "metrics.json", m)
     print(json.dumps(m, indent=1))
-    plots = "{loss,lambda,slack}.png" if constraints else "loss.png"  # no constraints: no dual plots
+    plots = "{loss,lambda,slack}.png" if job.constraints else "loss.png"  # no constraints: no dual plots
     print(f"model:   {run_dir / 'model'}\nmetrics: {run_dir / 'metrics.json'}\nplots:   {run_dir}/{plots}")
     return 0

@@ -32,13 +32,40 @@ from ..nets import build_net
 from ..plots import plot_bars, plot_lines, plot_scatter
 from ..schedule import Schedule
 from ..train import DenoisingObjective, Objective, TrainConfig, Trainer, read_log
+from . import checks
 from .data import class_frequencies, keep_fraction, model_samples, select
 from .objective import Constraint, DualConfig, DualObjective, reference_losses
 from .theory import GaussianMixtureDenoiser, log_mass_bounds, mixture_weights, mode_weights
 
 
 class _Config:
-    """``from_dict`` with a clear error for unknown keys (shared by the experiment configs)."""
+    """Settings checked whenever a config is made (constructor, :meth:`from_dict`, :meth:`replace`): the
+    kind of each field from its annotation, then each experiment's :meth:`check` (ranges, consistency,
+    the nested tables), so that bad settings fail before anything is trained or written."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if f.name == "seed":
+                v = checks.seed(f.name, v)
+            elif f.type == "int":  # sizes and counts
+                v = checks.integer(f.name, v)
+            elif f.type == "float" or (f.type == "float | None" and v is not None):
+                checks.number(f.name, v)  # kept as given (2 stays 2 in the messages of check)
+            elif f.type == "dict":
+                v = checks.table(f.name, v)
+            setattr(self, f.name, v)
+        if getattr(self, "sample_steps", 0) > self.T:  # type: ignore[attr-defined]
+            raise ValueError(f"sample_steps ({self.sample_steps}) must be <= T ({self.T})")  # type: ignore
+        if hasattr(self, "dual"):  # the nested tables too, not minutes into a run when they are first used
+            DualConfig.from_dict({**self.dual, "seed": self.seed}).check_grid(self.T)  # type: ignore
+        for table in ("train", "pretrain", "finetune"):
+            if hasattr(self, table):
+                _train_cfg(getattr(self, table), self.seed, "cpu", section=table)  # type: ignore
+        self.check()
+
+    def check(self) -> None:
+        """The experiment's own ranges and consistency (the fields have their kinds already)."""
 
     @classmethod
     def from_dict(cls, d: dict) -> Any:
@@ -46,21 +73,7 @@ class _Config:
         bad = sorted(set(d) - known)
         if bad:
             raise ValueError(f"unknown {cls.__name__} option(s) {bad}; known: {sorted(known)}")
-        cfg = cls(**d)  # type: ignore[call-arg]
-        # sizes and counts (every int setting but the seed), checked now rather than after training
-        for f in fields(cls):  # type: ignore[arg-type]
-            v = getattr(cfg, f.name)
-            if f.type == "int" and f.name != "seed" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"{f.name} must be an integer >= 1, got {v!r}")
-        if getattr(cfg, "sample_steps", 0) > cfg.T:
-            raise ValueError(f"sample_steps ({cfg.sample_steps}) must be <= T ({cfg.T})")
-        # the nested tables too, not minutes into a run when they are first used
-        if isinstance(getattr(cfg, "dual", None), dict):
-            DualConfig.from_dict({**cfg.dual, "seed": cfg.seed})
-        for table in ("train", "pretrain", "finetune"):
-            if isinstance(getattr(cfg, table, None), dict):
-                _train_cfg(getattr(cfg, table), cfg.seed, "cpu", section=table)
-        return cfg
+        return cls(**d)  # type: ignore[call-arg]
 
     def replace(self, **kw: Any) -> Any:
         return type(self).from_dict({**asdict(self), **kw})  # type: ignore[call-overload]
@@ -84,14 +97,14 @@ def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: Trai
     if (model_dir / io.CONFIG).is_file() and io.load_config(model_dir).get("key") == _key(key):
         ema, cfg = load_net(model_dir, tcfg.device)
         return ema.eval(), cfg
-    key_file = run_dir / "key.json"
+    trainer = Trainer(net, objective, tcfg, run_dir, {"net": net.config, "schedule": schedule.config()})
+    key_file = run_dir / "key.json"  # the trainer is built (model, objective, device) before anything changes
     if run_dir.exists() and (not key_file.is_file() or key_file.read_text() != _key(key)):
         for sub in ("checkpoints", "model"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
         (run_dir / "log.jsonl").unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     io.write_text_atomic(key_file, _key(key))
-    trainer = Trainer(net, objective, tcfg, run_dir, {"net": net.config, "schedule": schedule.config()})
     trainer.resume()
     t0 = time.perf_counter()
     ema = trainer.fit()
@@ -173,19 +186,38 @@ class ToyConfig(_Config):
     slack_tolerance: float = 0.01  # constraint counts as met when L_i <= b_i + this
     seed: int = 0
 
+    def check(self) -> None:
+        K = checks.integer("components", self.components, 2)
+        self.minority = checks.labels("minority", self.minority, K, f"modes 0-{K - 1} (components = {K})")
+        if len(self.minority) >= K:
+            raise ValueError(f"minority must leave at least one of the {K} modes out, got {list(self.minority)}")
+        if not (0 < self.minority_weight and self.minority_weight * len(self.minority) < 1):
+            raise ValueError(f"minority_weight must be > 0 and leave mass for the other modes "
+                             f"(minority_weight x {len(self.minority)} < 1), got {self.minority_weight}")
+        checks.integer("n", self.n, 4)  # a quarter of n is drawn for each constraint
+        checks.relative("relative", self.relative)
+        checks.number("average", self.average, "(0, 1]")
+        checks.number("tolerance", self.tolerance, ">= 0")
+        checks.number("slack_tolerance", self.slack_tolerance, ">= 0")
+        checks.number("lr", self.lr, "> 0")
+        checks.number("ema_decay", self.ema_decay, "[0, 1)")
+
+    def train_config(self, device: str) -> TrainConfig:
+        """The training settings of the flat fields (checked by :meth:`check`)."""
+        return TrainConfig.from_dict({"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
+                                      "warmup": 100, "ema_decay": self.ema_decay,
+                                      "ckpt_every": max(1, self.steps // 2), "log_every": self.dual.get("every", 50),
+                                      "seed": self.seed, "device": device, "progress": False})
+
 
 def run_toy(cfg: ToyConfig, out: str | Path, device: str = "cpu") -> dict:
     """Train with dual training on the mixture, then compare the model's mode weights with the
     closed-form mixture for the learned (averaged) lambda, and check the constraints."""
     out = Path(out)
-    K, minority = cfg.components, list(cfg.minority)
-    if not minority or any(not 0 <= i < K for i in minority):
-        raise ValueError(f"toy: minority modes must be in [0, {K}), got {minority}")
+    K, minority = cfg.components, list(cfg.minority)  # checked by ToyConfig
     rest = (1.0 - cfg.minority_weight * len(minority)) / (K - len(minority))
     w0 = torch.full((K,), rest, dtype=torch.float64)
     w0[minority] = cfg.minority_weight
-    if not bool((w0 > 0).all()):
-        raise ValueError(f"toy: minority_weight {cfg.minority_weight} leaves no mass for the other modes")
     schedule = Schedule.linear(cfg.T)
     data = load_toy2d("train", kind="gmm", n=cfg.n, weights=w0, components=K, seed=cfg.seed)
     means, std = torch.tensor(data.meta["means"]), float(data.meta["std"])
@@ -199,9 +231,7 @@ def run_toy(cfg: ToyConfig, out: str | Path, device: str = "cpu") -> dict:
     constraints = [Constraint(f"mode{i}", q, b, cfg.constraint_batch)
                    for i, q, b in zip(minority, qs, bounds)]
     objective = DualObjective(data.x, constraints, schedule, cfg.batch_size, dcfg)
-    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=100,
-                       ema_decay=cfg.ema_decay, ckpt_every=max(1, cfg.steps // 2), log_every=dcfg.every,
-                       seed=cfg.seed, device=device, progress=False)
+    tcfg = cfg.train_config(device)
     torch.manual_seed(cfg.seed)
     net = build_net({"name": "mlp", "dim": 2, "hidden": cfg.hidden, "depth": cfg.depth})
     t0 = time.perf_counter()
@@ -307,6 +337,29 @@ class FairConfig(_Config):
     sample_steps: int = 50
     seed: int = 0
 
+    def check(self) -> None:
+        m = self.minority = checks.labels("minority", self.minority, 10)
+        checks.number("keep", self.keep, "(0, 1]")
+        if self.target_freq is not None:
+            checks.number("target_freq", self.target_freq, "(0, 1)")
+        if self.bound is not None:
+            checks.bound("bound", self.bound)
+        rel = self.relative  # one number, or one per minority class
+        if checks.is_number(rel) and rel > 0:
+            self.relative = float(rel)
+        elif isinstance(rel, (list, tuple)) and rel and all(checks.is_number(r) and r > 0 for r in rel):
+            if len(rel) != len(m) and self.bound is None and self.target_freq is None:
+                raise ValueError(f"relative must be one number or {len(m)} (one per minority class {list(m)}), "
+                                 f"got {list(rel)}")
+            self.relative = [float(r) for r in rel]
+        else:
+            raise ValueError(f"relative must be a number > 0 or a list of them (one per minority class), "
+                             f"got {rel!r}")
+        batch = int(self.train.get("batch_size", 128))
+        if self.constraint_batch * len(m) >= batch:
+            raise ValueError(f"constraint batches ({len(m)} x constraint_batch = {self.constraint_batch}) must "
+                             f"leave room in train.batch_size = {batch} for the objective data")
+
 
 def fair_data(cfg: FairConfig) -> tuple[ArrayData, list[ArrayData]]:
     """The imbalanced training set and the kept examples of each minority class."""
@@ -320,15 +373,10 @@ def run_fair(cfg: FairConfig, out: str | Path, device: str = "cpu") -> dict:
     from ..classifier import DigitsJudge
 
     out = Path(out)
-    if not cfg.minority or any(not 0 <= c <= 9 for c in cfg.minority):
-        raise ValueError(f"fair: minority classes must be digits 0..9, got {list(cfg.minority)}")
     schedule = Schedule.linear(cfg.T)
     imbalanced, minority = fair_data(cfg)
-    n_con = cfg.constraint_batch * len(cfg.minority)
+    n_con = cfg.constraint_batch * len(cfg.minority)  # < batch: checked by FairConfig
     batch = int(cfg.train.get("batch_size", 128))
-    if n_con >= batch:
-        raise ValueError(f"fair: constraint batches ({len(cfg.minority)} x {cfg.constraint_batch}) must "
-                         f"leave room in train.batch_size={batch} for the objective data")
     data_key = {"minority": list(cfg.minority), "keep": cfg.keep, "seed": cfg.seed, "model": cfg.model,
                 "T": cfg.T, "train": cfg.train}
 
@@ -350,11 +398,7 @@ def run_fair(cfg: FairConfig, out: str | Path, device: str = "cpu") -> dict:
         ref, bounds = all_ref[list(cfg.minority)], b.tolist()
     else:
         ref = _losses(base_net, schedule, xs, dcfg, cfg.seed)
-        rel = torch.as_tensor(cfg.relative, dtype=torch.float64)
-        if rel.dim() > 0 and rel.shape != ref.shape:
-            raise ValueError(f"fair: relative needs one factor or {len(xs)} (one per minority class), "
-                             f"got {rel.tolist()}")
-        bounds = (rel * ref).tolist()
+        bounds = (torch.as_tensor(cfg.relative, dtype=torch.float64) * ref).tolist()  # one or m factors
     constraints = [Constraint(f"class{c}", x, b, cfg.constraint_batch)
                    for c, x, b in zip(cfg.minority, xs, bounds)]
     objective = DualObjective(imbalanced.x, constraints, schedule, batch - n_con, dcfg)
@@ -444,6 +488,23 @@ class FinetuneConfig(_Config):
     comparable: float = 1.2        # fidelity counts as comparable when FD <= this x plain's FD
     seed: int = 0
 
+    def check(self) -> None:
+        for name in ("target_classes", "constraint_classes"):
+            if getattr(self, name) is not None:
+                setattr(self, name, checks.labels(name, getattr(self, name), 10))
+        checks.relative("relative", self.relative)
+        checks.integer("n_samples", self.n_samples, 2)  # diversity compares pairs of samples
+        checks.number("quantile", self.quantile, "(0, 1)")
+        checks.number("comparable", self.comparable, "> 0")
+        if self.constraint_batch >= self.finetune_batch:
+            raise ValueError(f"constraint_batch = {self.constraint_batch} must be < finetune.batch_size = "
+                             f"{self.finetune_batch}")
+
+    @property
+    def finetune_batch(self) -> int:
+        """Examples per fine-tuning step."""
+        return int(self.finetune.get("batch_size", 64))
+
 
 def finetune_data(cfg: FinetuneConfig) -> tuple[ArrayData, ArrayData, ArrayData]:
     """(source, target, held-out target): the target images are never in the source."""
@@ -480,16 +541,9 @@ def intra_cluster_diversity(x: Tensor, anchors: Tensor) -> float:
     return sum(per) / len(per)
 
 
-def _check_classes(cfg: FinetuneConfig) -> None:
-    for name in ("target_classes", "constraint_classes"):
-        v = getattr(cfg, name)
-        if v is not None and not all(isinstance(c, int) and 0 <= c <= 9 for c in v):
-            raise ValueError(f"finetune: {name} must be digits 0-9, got {list(v)}")
-
-
 def _constraint_samples(net: nn.Module, schedule: Schedule, cfg: FinetuneConfig, device: str) -> Tensor:
     """``q_1``: ``n_constraint`` samples of the pretrained model, restricted to ``constraint_classes``
-    (by the digits classifier's label) when those are given (checked by :func:`run_finetune`)."""
+    (by the digits classifier's label) when those are given."""
     if cfg.constraint_classes is None:
         return _samples(net, schedule, cfg.n_constraint, cfg.sample_steps, cfg.seed + 1, device)
     from ..classifier import DigitsJudge
@@ -516,13 +570,9 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu") -> d
     from ..classifier import DigitsJudge
 
     out = Path(out)
-    _check_classes(cfg)  # before any training
     schedule = Schedule.linear(cfg.T)
     source, target, heldout = finetune_data(cfg)
-    batch = int(cfg.finetune.get("batch_size", 64))
-    if cfg.constraint_batch >= batch:
-        raise ValueError(f"finetune: constraint_batch={cfg.constraint_batch} must be < "
-                         f"finetune.batch_size={batch}")
+    batch = cfg.finetune_batch
     pre_key = {"n_target": cfg.n_target, "target_classes": cfg.target_classes, "model": cfg.model, "T": cfg.T,
                "pretrain": cfg.pretrain, "seed": cfg.seed}
     pre_objective = DenoisingObjective(source.x, schedule, int(cfg.pretrain.get("batch_size", 128)))

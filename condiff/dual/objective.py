@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..schedule import Schedule
 from ..train import all_reduce_mean, denoising_loss, step_seed
+from . import checks
 
 # Mixed into the run seed so the dual estimator's draws never coincide with the primal step's.
 _DUAL_SEED_TAG = 0x6475616C  # "dual"
@@ -43,14 +44,13 @@ class Constraint:
     batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.name or any(c in self.name for c in "/ \t\n"):
-            raise ValueError(f"constraint name must be non-empty without '/' or spaces, got {self.name!r}")
+        checks.constraint_name(self.name)
         if not isinstance(self.x, Tensor) or self.x.dim() < 2 or self.x.shape[0] == 0:
             shape = tuple(self.x.shape) if isinstance(self.x, Tensor) else type(self.x).__name__
             raise ValueError(f"constraint {self.name!r}: data must be a non-empty (N, ...) tensor, "
                              f"got {shape}")
-        if not math.isfinite(float(self.bound)):
-            raise ValueError(f"constraint {self.name!r}: bound must be a finite number, got {self.bound}")
+        if not (checks.is_number(self.bound) and self.bound >= 0):  # a denoising loss is never negative
+            raise ValueError(f"constraint {self.name!r}: bound must be a finite number >= 0, got {self.bound}")
         if self.batch_size is not None and int(self.batch_size) < 1:
             raise ValueError(f"constraint {self.name!r}: batch_size must be >= 1, got {self.batch_size}")
 
@@ -91,19 +91,29 @@ class DualConfig:
 
     def __post_init__(self) -> None:
         for name in ("every", "batch_size", "timesteps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"dual.{name} must be >= 1, got {getattr(self, name)}")
-        a, b = (float(v) for v in self.t_range)
-        if not 0.0 <= a < b <= 1.0:
-            raise ValueError(f"dual.t_range must satisfy 0 <= a < b <= 1, got {list(self.t_range)}")
-        self.t_range = (a, b)
-        for name in ("lr", "lambda_init", "start"):
-            v = float(getattr(self, name))
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"dual.{name} must be a finite number >= 0, got {getattr(self, name)}")
+            setattr(self, name, checks.integer(f"dual.{name}", getattr(self, name)))
+        self.start = checks.integer("dual.start", self.start, 0)
+        for name in ("lr", "lambda_init"):
+            checks.number(f"dual.{name}", getattr(self, name), ">= 0")
+        tr = self.t_range
+        if not (isinstance(tr, (list, tuple)) and len(tr) == 2 and all(checks.is_number(v) for v in tr)
+                and 0 <= tr[0] < tr[1] <= 1):
+            raise ValueError(f"dual.t_range must be two numbers [a, b] with 0 <= a < b <= 1, got {tr!r}")
+        self.t_range = (float(tr[0]), float(tr[1]))
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"dual.normalize must be true or false, got {self.normalize!r}")
+        self.seed = checks.seed("dual.seed", self.seed)
+
+    def check_grid(self, T: int) -> None:
+        """Refuse a timestep grid that does not fit ``t_range`` of ``[0, T)`` (before any training)."""
+        lo, hi = t_bounds(T, self.t_range)
+        if not self.timesteps <= hi - lo:
+            raise ValueError(f"dual.timesteps must be <= {hi - lo}, the timesteps in dual.t_range "
+                             f"{list(self.t_range)} of a schedule of T = {T}, got {self.timesteps}")
 
     @classmethod
     def from_dict(cls, d: dict) -> DualConfig:
+        checks.table("dual", d)
         known = set(cls.__dataclass_fields__)
         bad = sorted(set(d) - known)
         if bad:
@@ -115,7 +125,7 @@ def t_bounds(T: int, t_range: tuple[float, float] = (0.0, 1.0)) -> tuple[int, in
     """The integer timesteps ``[lo, hi)`` of the fraction ``t_range`` of ``[0, T)``."""
     lo, hi = round(t_range[0] * T), round(t_range[1] * T)
     if not 0 <= lo < hi <= T:
-        raise ValueError(f"t_range {list(t_range)} holds no timestep of [0, {T})")
+        raise ValueError(f"dual.t_range {list(t_range)} holds no timestep of [0, {T})")
     return lo, hi
 
 

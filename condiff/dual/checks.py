@@ -1,0 +1,92 @@
+"""Checks of dual-training settings: each refuses a bad value with one line naming the setting and what
+it expects, and returns the value normalised (an integral float as an int, a list of labels as a tuple).
+
+Shared by the experiment configs, :class:`~condiff.dual.DualConfig` and ``condiff dual train``, so that
+every setting is checked before anything is trained or written.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+SEED_LIMIT = 2**63  # a larger seed overflows torch's generator
+
+
+def is_number(v: Any) -> bool:
+    """A finite real number (an int, a float, a NumPy scalar; not a bool)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(name: str, v: Any, lo: int = 1, hi: int | None = None) -> int:
+    """An integer in ``[lo, hi)`` (an integral float such as ``2.5e1`` becomes an int)."""
+    ok = is_number(v) and float(v).is_integer() and lo <= v and (hi is None or v < hi)
+    if not ok:
+        want = f">= {lo}" if hi is None else f"in [{lo}, {'2**63' if hi == SEED_LIMIT else hi})"
+        raise ValueError(f"{name} must be an integer {want}, got {v!r}")
+    return int(v)
+
+
+def seed(name: str, v: Any) -> int:
+    """A random seed: an integer in [0, 2**63)."""
+    return integer(name, v, 0, SEED_LIMIT)
+
+
+def number(name: str, v: Any, within: str = "") -> float:
+    """A finite number, optionally ``within`` an interval written as ``"(0, 1]"``, ``"> 0"`` or ``">= 0"``."""
+    ok = is_number(v)
+    if ok and within.startswith(">"):
+        lo = float(within.lstrip(">= "))
+        ok = v >= lo if within.startswith(">=") else v > lo
+    elif ok and within:
+        lo, hi = (float(s) for s in within[1:-1].split(","))
+        ok = (lo <= v if within[0] == "[" else lo < v) and (v <= hi if within[-1] == "]" else v < hi)
+    if not ok:
+        want = f"a number {within}" if within.startswith(">") else f"a number in {within}" if within \
+            else "a finite number"
+        raise ValueError(f"{name} must be {want}, got {v!r}")
+    return float(v)
+
+
+def labels(name: str, v: Any, n: int, what: str = "digits 0-9") -> tuple[int, ...]:
+    """A non-empty list of distinct class labels (or mode indices) in ``[0, n)``, as a tuple."""
+    ok = (isinstance(v, (list, tuple)) and len(v) > 0
+          and all(is_number(c) and float(c).is_integer() and 0 <= c < n for c in v) and len(set(v)) == len(v))
+    if not ok:
+        raise ValueError(f"{name} must be a non-empty list of distinct {what}, got {v!r}")
+    return tuple(int(c) for c in v)
+
+
+def text(name: str, v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"{name} must be a non-empty string, got {v!r}")
+    return v
+
+
+def constraint_name(v: Any) -> str:
+    """A constraint's name: it names log keys and files, so non-empty without '/' or spaces."""
+    if not isinstance(v, str) or not v or any(c in v for c in "/ \t\n"):
+        raise ValueError(f"constraint name must be non-empty without '/' or spaces, got {v!r}")
+    return v
+
+
+def table(name: str, v: Any) -> dict:
+    if not isinstance(v, dict):
+        raise ValueError(f"{name} must be a table of settings, got {v!r}")
+    return v
+
+
+def bound(name: str, v: Any) -> float:
+    """An absolute bound on a denoising loss: a loss is positive, so a bound <= 0 can never hold."""
+    if not (is_number(v) and v > 0):
+        raise ValueError(f"{name} must be a number > 0 (a denoising loss is positive, so a bound <= 0 "
+                         f"can never hold), got {v!r}")
+    return float(v)
+
+
+def relative(name: str, v: Any) -> float:
+    """A factor times a reference model's loss: > 0 (the bound it gives must be > 0)."""
+    if not (is_number(v) and v > 0):
+        raise ValueError(f"{name} must be a number > 0 (a factor times a reference model's loss), got {v!r}")
+    return float(v)
