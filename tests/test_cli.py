@@ -104,6 +104,7 @@ def test_a_failing_train_leaves_the_run_as_it_was(tmp_path, capsys):
     (["--set", "schedule.foo=1"], "unknown schedule setting"),
     (["--set", "schedule.T=-1"], "schedule.T (the number of diffusion steps) must be"),
     (["--set", "data.foo=1"], "data set 'toy2d' has no setting"),
+    (["--set", "data.split=test"], "data.split is not a setting"),
     (["--out", "{tmp}/a-file"], "is a file, not a directory"),
 ])
 def test_bad_settings_are_refused_before_the_run_directory_is_made(tmp_path, capsys, extra, needle):

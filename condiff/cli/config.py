@@ -202,4 +202,7 @@ def assemble(from_file: dict, parsed: list[tuple[list[str], Any]], data: str | N
         set_path(cfg, path, value)
     if isinstance(cfg.get("sample"), dict):
         check_sample(cfg["sample"])
+    if "split" in cfg.get("data", {}):
+        raise ConfigError("data.split is not a setting: each command picks its split (training: train; "
+                          "eval and solve: test)")
     return cfg
