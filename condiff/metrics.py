@@ -17,11 +17,25 @@ import torch.nn.functional as F
 CHUNK = 1024  # rows per block of a pairwise-distance matrix
 MEDIAN_SUBSAMPLE = 1000  # points used by the median heuristic
 DEFAULT_BANDWIDTH_SCALES = (0.5, 1.0, 2.0)
+PSD_RTOL = 1e-4  # covariances may be asymmetric or have negative eigenvalues by this much of max |entry|
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    """NaN or inf in the input would come out as a NaN metric (or a linalg failure): refuse it."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{name}: samples contain {bad} non-finite values")
+
+
+def _check_positive(v: float, name: str) -> None:
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
 
 
 def _flat(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"{name}: expected a non-empty (N, ...) tensor, got shape {tuple(x.shape)}")
+    _check_finite(x, name)
     return x.reshape(x.shape[0], -1).to(torch.float64)
 
 
@@ -106,8 +120,8 @@ def mmd(
     if bandwidths is None:
         bandwidths = default_bandwidths(y)
     s = torch.as_tensor(list(bandwidths), dtype=torch.float64)
-    if s.numel() == 0 or bool((s <= 0).any()):
-        raise ValueError(f"mmd: bandwidths must be positive, got {s.tolist()}")
+    if s.numel() == 0 or not bool((torch.isfinite(s) & (s > 0)).all()):
+        raise ValueError(f"mmd: bandwidths must be finite and positive, got {s.tolist()}")
     gammas = 1.0 / (2.0 * s**2)
     k = len(gammas)
     center = y.mean(0)  # distances are shift-invariant; centring avoids cancellation in _sq_dists
@@ -191,7 +205,9 @@ def nn_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def memorisation_rate(samples: torch.Tensor, train: torch.Tensor, threshold: float) -> float:
     """Fraction of ``samples`` (N, ...) whose nearest ``train`` example (L2, flattened) is closer
-    than ``threshold``. Calibrate the threshold with :func:`calibrate_memorisation_threshold`."""
+    than ``threshold`` (finite, >= 0). Calibrate it with :func:`calibrate_memorisation_threshold`."""
+    if not (math.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"memorisation_rate: threshold must be a finite number >= 0, got {threshold!r}")
     return float((nn_distances(samples, train) < threshold).double().mean())
 
 
@@ -208,11 +224,15 @@ def calibrate_memorisation_threshold(
 # --- image quality -------------------------------------------------------------------------------
 
 
-def _check_images(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
+def _check_pair(x: torch.Tensor, y: torch.Tensor, name: str, data_range: float) -> None:
+    """Two non-empty, finite image batches of one shape, and a positive ``data_range``."""
     if x.shape != y.shape:
         raise ValueError(f"{name}: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}")
-    if x.ndim != 4:
-        raise ValueError(f"{name}: expected (B, C, H, W) images, got shape {tuple(x.shape)}")
+    if x.ndim == 0 or x.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty batch (B, ...), got shape {tuple(x.shape)}")
+    _check_finite(x, f"{name} x")
+    _check_finite(y, f"{name} y")
+    _check_positive(data_range, f"{name}: data_range")
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
@@ -221,8 +241,7 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Ten
     Args: x, y: (B, ...) images; the MSE averages all non-batch dims (channels included).
     Returns: (B,) float64 tensor in dB; ``inf`` where x == y. ``data_range`` 2 suits [-1, 1] data.
     """
-    if x.shape != y.shape:
-        raise ValueError(f"psnr: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}")
+    _check_pair(x, y, "psnr", data_range)
     mse = ((x.double() - y.double()) ** 2).reshape(x.shape[0], -1).mean(1)
     return 10.0 * torch.log10(data_range**2 / mse)
 
@@ -269,7 +288,10 @@ def ssim(
     gaussian_weights=True, sigma=sigma, use_sample_covariance=False, win_size=win_size,
     channel_axis=0)`` per image (K1 = 0.01, K2 = 0.03, reflect padding).
     """
-    _check_images(x, y, "ssim")
+    _check_pair(x, y, "ssim", data_range)
+    if x.ndim != 4:
+        raise ValueError(f"ssim: expected (B, C, H, W) images, got shape {tuple(x.shape)}")
+    _check_positive(sigma, "ssim: sigma")
     h, w = x.shape[-2:]
     radius = int(3.5 * sigma + 0.5)
     if win_size is None:
@@ -301,16 +323,29 @@ def gaussian_frechet(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, c
     eigenvalues clamped at 0, so no complex parts arise (unlike ``scipy.linalg.sqrtm(cov1 @ cov2)``).
     """
     mu1, mu2, cov1, cov2 = (t.double() for t in (mu1, mu2, cov1, cov2))
-    d = mu1.shape[0]
-    if mu2.shape != (d,) or cov1.shape != (d, d) or cov2.shape != (d, d):
+    d = mu1.shape[0] if mu1.ndim == 1 else 0
+    if d == 0 or mu2.shape != (d,) or cov1.shape != (d, d) or cov2.shape != (d, d):
         raise ValueError(
             f"gaussian_frechet: expected mu (D,), cov (D, D); got {tuple(mu1.shape)}, "
             f"{tuple(cov1.shape)}, {tuple(mu2.shape)}, {tuple(cov2.shape)}"
         )
+    for t, name in ((mu1, "mu1"), (cov1, "cov1"), (mu2, "mu2"), (cov2, "cov2")):
+        _check_finite(t, f"gaussian_frechet {name}")
+    _check_psd(cov1, "cov1")
+    _check_psd(cov2, "cov2")
     s1 = _psd_sqrt(cov1)
     tr_sqrt = _psd_eigvals(s1 @ cov2 @ s1).sqrt().sum()
     fd = ((mu1 - mu2) ** 2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2.0 * tr_sqrt
     return max(float(fd), 0.0)
+
+
+def _check_psd(c: torch.Tensor, name: str) -> None:
+    """``c`` must be symmetric positive semi-definite up to ``PSD_RTOL`` (relative to max |entry|)."""
+    tol = PSD_RTOL * float(c.abs().max())
+    asym, low = float((c - c.T).abs().max()), float(torch.linalg.eigvalsh(0.5 * (c + c.T)).min())
+    if asym > tol or low < -tol:
+        raise ValueError(f"gaussian_frechet: {name} must be a symmetric positive semi-definite covariance, "
+                         f"got asymmetry {asym:.3g} and smallest eigenvalue {low:.3g}")
 
 
 def _psd_eigvals(a: torch.Tensor) -> torch.Tensor:
@@ -322,9 +357,9 @@ def _psd_sqrt(a: torch.Tensor) -> torch.Tensor:
     return (vecs * vals.clamp_min(0.0).sqrt()) @ vecs.T
 
 
-def mean_cov(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mean_cov(feats: torch.Tensor, name: str = "mean_cov") -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) features -> mean (D,) and unbiased covariance (D, D), float64 (N >= 2)."""
-    f = _flat(feats, "mean_cov")
+    f = _flat(feats, name)
     if f.shape[0] < 2:
         raise ValueError("mean_cov needs at least 2 feature vectors")
     mu = f.mean(0)
@@ -335,7 +370,8 @@ def mean_cov(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted (mean, unbiased covariance) to feature sets
     (Na, D) and (Nb, D), as in FID. Biased upward for small N: compare values at equal set sizes."""
-    return gaussian_frechet(*mean_cov(feats_a), *mean_cov(feats_b))
+    return gaussian_frechet(*mean_cov(feats_a, "frechet_distance feats_a"),
+                            *mean_cov(feats_b, "frechet_distance feats_b"))
 
 
 # --- class statistics ----------------------------------------------------------------------------
@@ -343,14 +379,18 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 
 def class_histogram(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(N,) integer labels in [0, num_classes) -> (num_classes,) float64 class frequencies (sum 1)."""
-    labels = labels.reshape(-1).long()
+    labels = labels.reshape(-1)
     if labels.numel() == 0:
         raise ValueError("class_histogram: no labels")
+    if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+        bad = labels[labels != labels.round()]
+        raise ValueError(f"class_histogram: labels must be integers, got {bad.numel()} values like {bad[0].item():g}")
     if bool((labels < 0).any() or (labels >= num_classes).any()):
         raise ValueError(
             f"class_histogram: labels must lie in [0, {num_classes}), got "
-            f"[{int(labels.min())}, {int(labels.max())}]"
+            f"[{labels.min().item():g}, {labels.max().item():g}]"
         )
+    labels = labels.long()
     return torch.bincount(labels, minlength=num_classes).double() / labels.numel()
 
 

@@ -30,6 +30,17 @@ def _check_images(x: Tensor, who: str) -> None:
         raise ValueError(f"{who}: expected images of shape (B, C, H, W), got shape {tuple(x.shape)}")
 
 
+def _check_measurement(y: Tensor, ax: Tensor, who: str) -> None:
+    """``y`` must have exactly the shape of ``A(x)`` (no broadcasting over batch or channels)."""
+    if y.shape != ax.shape:
+        raise ValueError(f"{who}: y must have the shape of A(x), {tuple(ax.shape)}, got {tuple(y.shape)}")
+
+
+def _is_int(v: object, lo: int) -> bool:
+    """``v`` is a Python integer (not a bool, not a float) ``>= lo``."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
 class Operator(nn.Module):
     """Base class: subclasses implement :meth:`A`. ``op(x)`` is ``op.A(x)``.
 
@@ -75,7 +86,9 @@ class Operator(nn.Module):
     def residual(self, x: Tensor, y: Tensor) -> Tensor:
         """``(B,)`` RMS measurement residual ``||y - A(x)|| / sqrt(m)``; about ``sigma_y`` for a
         reconstruction that explains the measurement exactly as well as the truth does."""
-        r = (y - self.A(x)).reshape(y.shape[0], -1).double()
+        ax = self.A(x)
+        _check_measurement(y, ax, "residual")
+        r = (y - ax).reshape(y.shape[0], -1).double()
         return r.norm(dim=1) / self.num_measurements(y).sqrt()
 
     def to_image(self, y: Tensor) -> Tensor:
@@ -111,7 +124,9 @@ class MeasurementLoss:
     y: Tensor
 
     def __call__(self, x: Tensor) -> Tensor:
-        return (self.y - self.op(x)).reshape(x.shape[0], -1).norm(dim=1)
+        ax = self.op(x)
+        _check_measurement(self.y, ax, "loss")
+        return (self.y - ax).reshape(x.shape[0], -1).norm(dim=1)
 
     def select(self, idx: slice | Tensor) -> MeasurementLoss:
         return MeasurementLoss(self.op.select(idx), self.y[idx])
@@ -158,8 +173,13 @@ class Inpainting(LinearOperator):
         """A ``size`` box of missing pixels per image, at a random position at least ``margin`` pixels
         from the border (or centred with ``center=True``)."""
         B, _, H, W = _shape4(shape, "Inpainting.box")
-        h, w = (size, size) if isinstance(size, int) else size
-        if not (0 < h <= H - 2 * margin and 0 < w <= W - 2 * margin):
+        hw = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        if len(hw) != 2 or not all(_is_int(s, 1) for s in hw):
+            raise ValueError(f"Inpainting.box: size must be an integer >= 1 or a pair of them, got {size!r}")
+        h, w = hw
+        if not _is_int(margin, 0):
+            raise ValueError(f"Inpainting.box: margin must be an integer >= 0, got {margin!r}")
+        if not (h <= H - 2 * margin and w <= W - 2 * margin):
             raise ValueError(f"Inpainting.box: box {h}x{w} with margin {margin} does not fit {H}x{W} images")
         mask = torch.ones(B, 1, H, W)
         if center:
@@ -333,8 +353,8 @@ class GaussianBlur(SeparableFilter):
     """Gaussian blur with an odd ``size`` and standard deviation ``sigma`` (pixels), reflect borders."""
 
     def __init__(self, size: int = 7, sigma: float = 1.0, sigma_y: float = 0.0) -> None:
-        if size < 1 or size % 2 == 0:
-            raise ValueError(f"GaussianBlur: size must be a positive odd integer, got {size}")
+        if not _is_int(size, 1) or size % 2 == 0:
+            raise ValueError(f"GaussianBlur: size must be a positive odd integer, got {size!r}")
         if not sigma > 0:
             raise ValueError(f"GaussianBlur: sigma must be > 0, got {sigma}")
         t = torch.arange(size, dtype=torch.float64) - size // 2
@@ -384,7 +404,7 @@ class SuperResolution(SeparableFilter):
     Images ``(B, C, H, W)`` -> ``(B, C, H / factor, W / factor)``; H and W must be multiples of factor."""
 
     def __init__(self, factor: int = 2, kernel: str = "bicubic", sigma_y: float = 0.0) -> None:
-        if not isinstance(factor, int) or factor < 1:
+        if not _is_int(factor, 1):
             raise ValueError(f"SuperResolution: factor must be an integer >= 1, got {factor!r}")
         if kernel not in SR_KERNELS:
             raise ValueError(f"SuperResolution: unknown kernel {kernel!r}; "

@@ -154,7 +154,10 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
         grad: keep the autograd graph through the whole chain (for differentiating samples).
         clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]`` (with a consistent ``eps_hat``).
     """
-    ts = torch.as_tensor(timesteps, dtype=torch.long).cpu()
+    ts = torch.as_tensor(timesteps)
+    if ts.is_floating_point() and not bool((ts == ts.round()).all()):
+        raise ValueError(f"timesteps must be integers, got {ts.tolist()[:4]}...")
+    ts = ts.to(torch.long).cpu()
     if ts.dim() != 1 or ts.numel() == 0:
         raise ValueError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(ts.shape)}")
     if ts.numel() > 1 and not bool((ts[1:] < ts[:-1]).all()):
@@ -163,6 +166,12 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
         raise ValueError(f"timesteps must lie in [0, {denoiser.schedule.T})")
     if not (math.isfinite(eta) and 0 <= eta <= 1):  # above 1 the DDIM variance exceeds 1 - abar_prev
         raise ValueError(f"eta must be in [0, 1] (0 deterministic DDIM, 1 DDPM-like), got {eta}")
+    if clip_x0 is not None and not (math.isfinite(clip_x0) and clip_x0 > 0):
+        raise ValueError(f"clip_x0 must be a finite number > 0 (None: no clipping), got {clip_x0}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"x holds {int((~torch.isfinite(x)).sum())} non-finite values")
     need_grad = grad or bool(getattr(guidance, "needs_grad", False))
     B = x.shape[0]
     prev = torch.cat([ts[1:], ts.new_full((1,), -1)])
@@ -209,6 +218,11 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
     out = []
     if int(batch_size) < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if isinstance(n, bool) or not float(n).is_integer() or n < 1:
+        raise ValueError(f"n (the number of samples) must be an integer >= 1, got {n!r}")
+    n = int(n)
+    if not isinstance(shape, (tuple, list)):
+        raise ValueError(f"shape must be the per-sample shape as a tuple, e.g. (1, 8, 8), got {shape!r}")
     if "steps" in kw:  # a bad step count fails before the progress bar is drawn
         denoiser.schedule.timesteps(kw["steps"], kw.get("spacing", "linspace"))
     bar = progress_bar(n, progress, unit="sample")

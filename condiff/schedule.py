@@ -46,14 +46,20 @@ class Schedule:
     def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
         """Nichol & Dhariwal's cosine schedule: abar(t) = cos^2((t/T + s)/(1 + s) * pi/2), normalised."""
         f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+        if not (s >= 0 and 0 < max_beta < 1):
+            raise ValueError(f"cosine schedule: s must be >= 0 and max_beta in (0, 1), got s={s}, max_beta={max_beta}")
         b = [min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(int(T))]
-        return cls(torch.tensor(b, dtype=torch.float64), kind="cosine")
+        sch = cls(torch.tensor(b, dtype=torch.float64), kind="cosine")
+        object.__setattr__(sch, "params", {"s": float(s), "max_beta": float(max_beta)})
+        return sch
 
     @classmethod
     def from_config(cls, cfg: dict) -> Schedule:
         """Rebuild from :meth:`config` output (``{"kind": ..., "T": ..., ...}``)."""
         cfg = dict(cfg)
         kind = cfg.pop("kind", "linear")
+        if kind == "custom" and set(cfg) == {"betas"}:  # a schedule given by its betas (e.g. from diffusers)
+            return cls(torch.as_tensor(cfg["betas"], dtype=torch.float64))
         builders = {"linear": cls.linear, "cosine": cls.cosine}
         if kind not in builders:
             raise ValueError(f"unknown schedule kind {kind!r}; expected one of {sorted(builders)}")
@@ -88,7 +94,7 @@ class Schedule:
             return {"kind": "linear", "T": self.T, "beta_start": float(self.betas[0]),
                     "beta_end": float(self.betas[-1])}
         if self.kind == "cosine":
-            return {"kind": "cosine", "T": self.T}
+            return {"kind": "cosine", "T": self.T, **getattr(self, "params", {})}
         return {"kind": "custom", "betas": self.betas.tolist()}
 
     # --- queries ------------------------------------------------------------------------------
@@ -121,6 +127,8 @@ class Schedule:
         ``leading`` and ``trailing`` reproduce diffusers' ``timestep_spacing`` options.
         """
         T = self.T
+        if isinstance(steps, bool) or not float(steps).is_integer():
+            raise ValueError(f"steps must be an integer, got {steps!r}")
         if not 1 <= int(steps) <= T:
             raise ValueError(f"steps must be between 1 and T={T}, got {steps}")
         steps = int(steps)
@@ -129,7 +137,8 @@ class Schedule:
         elif spacing == "leading":
             ts = (torch.arange(steps - 1, -1, -1) * (T // steps)).long()
         elif spacing == "trailing":
-            ts = (torch.arange(T, 0, -T / steps, dtype=torch.float64).round() - 1).long()
+            # T - i T / steps for i < steps (an arange with a float stride can overshoot by one entry)
+            ts = ((T - torch.arange(steps, dtype=torch.float64) * (T / steps)).round() - 1).long()
         else:
             raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
         return ts

@@ -259,3 +259,22 @@ def test_user_callables_are_checked():
         check_distance(lambda v: -v.flatten(1).abs().sum(1), x)
     with pytest.raises(TypeError, match="callable"):
         check_distance(3, x)
+
+
+@pytest.mark.parametrize("con", [Box(), Ball(), Simplex()])
+def test_a_broken_sample_never_reads_as_on_the_set(con):
+    x = torch.rand(3, 1, 4, 4) * 0.01
+    x[1, 0, 0, 0] = float("nan")
+    x[2] = float("inf")
+    d = con(x)
+    assert bool(torch.isnan(d[1])) and not bool(torch.isfinite(d[2]))
+    z = torch.zeros(2, 1, 4, 4, requires_grad=True)
+    con(z).sum().backward()
+    assert bool(torch.isfinite(z.grad).all())
+
+
+def test_constraint_settings_refuse_what_they_would_truncate():
+    with pytest.raises(ValueError, match="k must be an integer"):
+        CountConstraint(k=2.5, counter=nn.Identity())
+    with pytest.raises(ValueError, match="finite center"):
+        Ball(center=float("nan"))

@@ -623,3 +623,12 @@ def test_class_restricted_constraint_samples_keep_only_those_classes(monkeypatch
     with pytest.raises(ValueError, match=r"constraint_classes must be a non-empty list of distinct digits 0-9, "
                                          r"got \(3, 10\)"):
         ex.run_finetune(ex.FinetuneConfig(constraint_classes=(3, 10)), "/nonexistent/never-written")
+
+
+def test_dual_data_must_be_finite():
+    from condiff.dual import Constraint, DualObjective
+
+    with pytest.raises(ValueError, match="non-finite"):
+        Constraint("a", torch.full((5, 2), float("nan")), 0.1)
+    with pytest.raises(ValueError, match="non-finite"):
+        DualObjective(torch.full((4, 2), float("nan")), [], Schedule.linear(10), 2)

@@ -226,6 +226,52 @@ def test_constraint_stats():
     assert M.constraint_stats(torch.tensor([0.0, float("nan")]))["frac_below_tol"] == 0.5
 
 
+# --- refusals ------------------------------------------------------------------------------------
+
+
+def _with_nan(shape=(6, 1, 8, 8)):
+    x = torch.rand(shape, generator=gen(9))
+    x.view(-1)[:2] = float("nan")
+    return x
+
+
+IMG, EYE = torch.rand(2, 1, 8, 8, generator=gen(10)), torch.eye(3)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: M.mmd(_with_nan(), torch.rand(6, 1, 8, 8)), "mmd x: samples contain 2 non-finite values"),
+    (lambda: M.sliced_wasserstein(torch.rand(6, 64), _with_nan()), "sliced_wasserstein y: samples contain 2"),
+    (lambda: M.frechet_distance(_with_nan((6, 3)), torch.rand(6, 3)), "frechet_distance feats_a: samples contain"),
+    (lambda: M.psnr(_with_nan(), torch.rand(6, 1, 8, 8)), "psnr x: samples contain 2 non-finite values"),
+    (lambda: M.ssim(IMG, torch.full_like(IMG, math.inf)), "ssim y: samples contain 128 non-finite values"),
+    (lambda: M.memorisation_rate(IMG, IMG, math.nan), "threshold must be a finite number >= 0"),
+    (lambda: M.memorisation_rate(IMG, IMG, -1.0), "threshold must be a finite number >= 0"),
+    *[(lambda b=b: M.mmd(IMG, IMG, bandwidths=[b]), "bandwidths must be finite and positive")
+      for b in (math.nan, math.inf, -1.0)],
+    (lambda: M.psnr(IMG, IMG, data_range=0), "psnr: data_range must be a finite number > 0"),
+    (lambda: M.psnr(IMG, IMG, data_range=-2), "psnr: data_range must be a finite number > 0"),
+    (lambda: M.ssim(IMG, IMG, data_range=0), "ssim: data_range must be a finite number > 0"),
+    (lambda: M.ssim(IMG, IMG, sigma=0), "ssim: sigma must be a finite number > 0"),
+    (lambda: M.psnr(IMG[:0], IMG[:0]), "psnr: expected a non-empty batch"),
+    (lambda: M.ssim(IMG[:0], IMG[:0]), "ssim: expected a non-empty batch"),
+    (lambda: M.gaussian_frechet(torch.zeros(3), -EYE, torch.zeros(3), EYE), "cov1 must be a symmetric positive"),
+    (lambda: M.gaussian_frechet(torch.zeros(3), EYE, torch.zeros(3), EYE + 0.5 * EYE.roll(1, 1)),  # asymmetric
+     "cov2 must be a symmetric positive"),
+    (lambda: M.gaussian_frechet(torch.tensor(0.0), EYE, torch.tensor(0.0), EYE), r"expected mu \(D,\)"),
+    (lambda: M.class_histogram(torch.tensor([0.9, 1.7]), 3), "labels must be integers"),
+])
+def test_metrics_refuse_meaningless_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_metrics_accept_integral_float_labels_and_rank_deficient_covariances():
+    torch.testing.assert_close(M.class_histogram(torch.tensor([0.0, 2.0]), 3),
+                               torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64))
+    few = torch.randn(4, 16, generator=gen(11))  # 4 points in 16-D: a singular covariance
+    assert M.frechet_distance(few, few) == pytest.approx(0.0, abs=1e-9)
+
+
 # --- digits classifier ---------------------------------------------------------------------------
 
 

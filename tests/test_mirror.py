@@ -623,3 +623,8 @@ def test_assimilation_settings_and_operators_refuse_meaningless_values():
         frames((2, 8, 8), [0, 0], 0.1)  # the only snapshot
     with pytest.raises(ValueError, match="downsamples = 5 needs H and W divisible by 32"):
         build_mirror((1, 16, 16), {"name": "icnn"}, {"name": "resnet", "downsamples": 5})
+    with pytest.raises(ValueError, match="one sample's \\(C, H, W\\)"):
+        build_mirror((2, 1, 8, 8), {"name": "icnn"}, {"name": "resnet"})
+    for bad, msg in [((4, 8, 8), []), ((3, 8, 8), [0]), ((4, 8, 8), [0.5])]:
+        with pytest.raises(ValueError, match="frames:"):
+            frames(bad, msg, 0.1)

@@ -166,6 +166,11 @@ def test_to_image_shapes():
     (lambda: GaussianBlur(9, 2.0).A(torch.randn(1, 1, 4, 4)), "needs images larger than 4 pixels"),
     (lambda: Inpainting.random((2, 1, 8, 8), 0.5).A(torch.randn(3, 1, 8, 8)), "does not fit images"),
     (lambda: SuperResolution(2).A(torch.randn(16, 16)), r"expected images of shape \(B, C, H, W\)"),
+    (lambda: GaussianBlur(7.5), "size must be a positive odd integer, got 7.5"),
+    (lambda: Inpainting.box((2, 1, 8, 8), 2.5), "size must be an integer >= 1"),
+    (lambda: Inpainting.box((2, 1, 8, 8), (3, 0)), "size must be an integer >= 1"),
+    (lambda: Inpainting.box((2, 1, 8, 8), 3, margin=-1), "margin must be an integer >= 0, got -1"),
+    (lambda: Inpainting.box((2, 1, 8, 8), 3, margin=3), "with margin 3 does not fit 8x8"),
 ])
 def test_bad_input_is_a_clear_error(build, match):
     with pytest.raises(ValueError, match=match):
@@ -179,3 +184,17 @@ def test_describe_is_json_ready():
         d = b(SHAPE, _gen(), 0.05).describe()
         assert d["sigma_y"] == 0.05 and json.loads(json.dumps(d)) == d, name
     assert math.isclose(Inpainting.random(SHAPE, 0.7, _gen()).describe()["observed"], 0.3, abs_tol=0.06)
+
+
+@pytest.mark.parametrize("x_shape, y_shape", [
+    ((1, 1, 8, 8), (2, 1, 4, 4)),  # batch: would be one norm over both measurements
+    ((4, 3, 8, 8), (4, 1, 4, 4)),  # channels: would broadcast
+    ((4, 1, 8, 8), (4, 4)),  # no batch dimension
+])
+def test_loss_and_residual_refuse_a_measurement_of_the_wrong_shape(x_shape, y_shape):
+    op, x, y = SuperResolution(2, sigma_y=0.05), torch.randn(x_shape), torch.randn(y_shape)
+    want = rf"y must have the shape of A\(x\), \({x_shape[0]}, {x_shape[1]}, 4, 4\), got"
+    with pytest.raises(ValueError, match="loss: " + want):
+        op.loss(y)(x)
+    with pytest.raises(ValueError, match="residual: " + want):
+        op.residual(x, y)

@@ -121,6 +121,8 @@ def test_finish_applies_guidance_and_rejects_bad_input():
                         (dict(start=10, steps=0), "steps")]:
         with pytest.raises(ValueError, match=needle):
             finish(den, x, **bad)
+    short = oracle(50)
+    assert finish(short, x[:4], 20).shape == (4, 4)  # the default step count fits a short schedule (21, not 41)
 
 
 def test_chains_are_independent():

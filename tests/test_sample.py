@@ -162,3 +162,16 @@ def test_ddim_refuses_a_meaningless_eta(eta):
 def test_generate_refuses_batch_size_zero():
     with pytest.raises(ValueError, match="batch size must be >= 1, got 0"):
         generate(oracle(), 4, (2,), batch_size=0, steps=5)
+
+
+@pytest.mark.parametrize("kw, msg", [({"clip_x0": -1.0}, "clip_x0 must be"),
+                                     ({"clip_x0": float("nan")}, "clip_x0 must be"),
+                                     ({"x": torch.full((2, 2), float("nan"))}, "non-finite"),
+                                     ({"x": torch.zeros(0, 2)}, "non-empty batch"),
+                                     ({"timesteps": torch.tensor([5.5, 1.0])}, "timesteps must be integers")])
+def test_ddim_refuses_inputs_that_would_give_garbage(kw, msg):
+    args = {"x": torch.randn(2, 2), "timesteps": torch.tensor([5, 1]), **kw}
+    with pytest.raises(ValueError, match=msg):
+        ddim(oracle(), args.pop("x"), args.pop("timesteps"), **args)
+    with pytest.raises(ValueError, match="n \\(the number of samples\\) must be"):
+        generate(oracle(), 0, (2,), steps=5)

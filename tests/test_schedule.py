@@ -77,3 +77,19 @@ def test_bad_input():
 def test_config_round_trip():
     for s in (Schedule.linear(123, 2e-4, 0.03), Schedule.cosine(77)):
         torch.testing.assert_close(Schedule.from_config(s.config()).abar, s.abar)
+
+
+def test_config_round_trips_every_kind_of_schedule():
+    for sch in (Schedule.linear(30), Schedule.cosine(20, s=0.1, max_beta=0.5),
+                Schedule(torch.linspace(0.01, 0.1, 50))):
+        assert torch.equal(Schedule.from_config(sch.config()).betas, sch.betas)
+
+
+@pytest.mark.parametrize("T", [10, 37, 50, 1000])
+def test_trailing_spacing_gives_exactly_the_steps_asked_for(T):
+    for steps in range(1, T + 1):
+        ts = Schedule.linear(T).timesteps(steps, "trailing")
+        assert len(ts) == steps and int(ts[0]) == T - 1 and int(ts[-1]) >= 0
+        assert bool((ts[1:] < ts[:-1]).all())
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        Schedule.linear(T).timesteps(2.5)

@@ -104,8 +104,8 @@ def check_distance(fn: Distance, x: Tensor) -> Tensor:
 def safe_norm(v: Tensor) -> Tensor:
     """Euclidean norm per sample of ``v`` (B, ...) -> (B,), with a zero (not NaN) gradient at 0."""
     sq = v.flatten(1).pow(2).sum(1)
-    pos = sq > 0
-    return torch.where(pos, sq.clamp_min(1e-30).sqrt(), torch.zeros_like(sq))
+    # exactly 0 -> 0 (with a zero gradient); NaN and inf pass through, so a broken sample never reads as on the set
+    return torch.where(sq == 0, torch.zeros_like(sq), sq.clamp_min(1e-30).sqrt())
 
 
 # Families import the names above from this module, so they are imported last.

@@ -8,6 +8,8 @@ gradient finite at the kinks of the projection. Inside the set the distance and 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -54,8 +56,8 @@ class Ball(_Projected):
 
     def __init__(self, radius: float = 1.0, center: float = 0.0) -> None:
         super().__init__()
-        if not float(radius) > 0:
-            raise ValueError(f"ball needs radius > 0, got {radius}")
+        if not (math.isfinite(float(radius)) and float(radius) > 0 and math.isfinite(float(center))):
+            raise ValueError(f"ball needs a finite radius > 0 and a finite center, got {radius}, {center}")
         self.radius, self.center = float(radius), float(center)
         self.config = {"name": "ball", "radius": self.radius, "center": self.center}
 
@@ -77,8 +79,8 @@ class Simplex(_Projected):
 
     def __init__(self, total: float = 1.0) -> None:
         super().__init__()
-        if not float(total) > 0:
-            raise ValueError(f"simplex needs total > 0, got {total}")
+        if not (math.isfinite(float(total)) and float(total) > 0):
+            raise ValueError(f"simplex needs a finite total > 0, got {total}")
         self.total = float(total)
         self.config = {"name": "simplex", "total": self.total}
 

@@ -209,8 +209,9 @@ class CountConstraint(Constraint):
         counter: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if int(k) < 0:
-            raise ValueError(f"count: k must be >= 0, got {k}")
+        for name, v, lo in (("k", k, 0), ("size", size, 1), ("counter_steps", counter_steps, 1), ("width", width, 1)):
+            if isinstance(v, bool) or not float(v).is_integer() or v < lo:
+                raise ValueError(f"count: {name} must be an integer >= {lo}, got {v!r}")
         self.k = int(k)
         self.config = {
             "name": "count",
@@ -231,6 +232,10 @@ class CountConstraint(Constraint):
 
     def count(self, x: Tensor) -> Tensor:
         self._check_image(x, 1)
+        size = self.config["size"]
+        if self._own_counter and tuple(x.shape[-2:]) != (size, size):  # the counter is trained for one size
+            raise ValueError(f"count constraint was built for {size}x{size} images (its counter's training size), "
+                             f"got {x.shape[-2]}x{x.shape[-1]}")
         return self.counter(x)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ mirror model (mirror DPS) or with an added constraint penalty (constraint-guided
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -30,7 +31,7 @@ from condiff.sample import sample
 def first_rows(shape: Sequence[int], rows: int, sigma_y: float) -> Inpainting:
     """Observe rows ``0 .. rows-1`` of ``(C, T, N)`` images."""
     C, T, N = shape
-    if not 1 <= int(rows) <= T:
+    if isinstance(rows, bool) or not float(rows).is_integer() or not 1 <= int(rows) <= T:
         raise ValueError(f"first_rows: rows must lie in [1, {T}], got {rows}")
     mask = torch.zeros(1, 1, T, N)
     mask[:, :, : int(rows)] = 1
@@ -52,8 +53,14 @@ def sparse_points(shape: Sequence[int], fraction: float, sigma_y: float, seed: i
 def frames(shape: Sequence[int], observed: Sequence[int], sigma_y: float) -> Inpainting:
     """Observe whole velocity snapshots ``observed`` of ``(2F, H, W)`` flow samples."""
     C, H, W = shape
+    if C % 2:
+        raise ValueError(f"frames: flow samples have 2 velocity channels per snapshot, got {C} channels")
+    if not len(observed):
+        raise ValueError("frames: observe at least one snapshot")
     mask = torch.zeros(1, C, H, W)
     for f in observed:
+        if isinstance(f, bool) or not float(f).is_integer():
+            raise ValueError(f"frames: snapshots are integer indices, got {f!r}")
         if not 0 <= int(f) < C // 2:
             raise ValueError(f"frames: snapshot {f} does not exist in samples with {C // 2} snapshots")
         mask[:, 2 * int(f) : 2 * int(f) + 2] = 1
@@ -87,6 +94,8 @@ def assimilate(
     ``clip_x0``: clamp Tweedie's estimate (the sampler's option); early, very noisy estimates can
     be far outside the data range, where a nonlinear constraint (a PDE stepper) overflows.
     """
+    if not (math.isfinite(constraint_weight) and constraint_weight >= 0):
+        raise ValueError(f"constraint_weight must be a finite number >= 0, got {constraint_weight}")
     operator = operator.to(device)
     loss = normalised_measurement_loss(operator, y.to(device))
     if constraint_weight > 0:

@@ -58,6 +58,8 @@ def build_mirror(
 ) -> MirrorMap:
     """A fresh mirror map for per-sample ``shape = (C, H, W)``; ``psi`` / ``inverse`` are net configs
     whose channel entries are filled in from ``shape``."""
+    if len(shape) != 3:
+        raise ValueError(f"build_mirror: shape is one sample's (C, H, W), got {tuple(shape)}")
     down = int(inverse.get("downsamples", 2)) if inverse.get("name", "resnet") == "resnet" else 0
     if down < 0 or any(int(n) % 2**down for n in shape[1:]):  # before a deep net is built
         raise ValueError(f"mirror.inverse.downsamples = {down} needs H and W divisible by {2**max(down, 0)}, "

@@ -176,7 +176,7 @@ def finish(denoiser: Denoiser, x: Tensor, start: int, *, steps: int | None = Non
     if not 0 <= int(start) < T:
         raise ValueError(f"start must be a timestep in [0, {T}), got {start}")
     if steps is None:
-        steps = round(100 * int(start) / T) + 1
+        steps = min(round(100 * int(start) / T) + 1, int(start) + 1)
     if not 1 <= int(steps) <= int(start) + 1:
         raise ValueError(f"steps must be between 1 and start + 1 = {int(start) + 1}, got {steps}")
     if x.dim() < 2:
