@@ -62,6 +62,7 @@ def test_config_resolution_order(tmp_path):
     (["sample", "--ckpt", "{tmp}/nothing"], "does not exist"),
     (["sample", "--ckpt", "{tmp}", "--n", "2"], "not a condiff checkpoint"),
     (["bench", "no-such-bench"], "unknown benchmark"),
+    (["bench", "--list", "namm"], "--list takes no benchmark name"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]

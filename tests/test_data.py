@@ -253,6 +253,7 @@ def test_save_png_grid_size_and_tiles(tmp_path):
         (np.zeros((0, 2), dtype=np.float32), "empty"),
         (np.zeros((2, 1, 2, 2, 2), dtype=np.float32), "rank 5"),
         (np.zeros(4, dtype=np.float32), "rank 1"),
+        (np.array(3.0, dtype=np.float32), "a single number"),
         (np.zeros((2, 8, 8, 3), dtype=np.float32), "looks channels-last"),
     ],
 )

@@ -96,6 +96,8 @@ def record(res: dict) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.list and args.name:
+        raise ValueError(f"--list takes no benchmark name (got {args.name!r}): run `condiff bench {args.name}`")
     if args.list or not args.name:
         print("benchmarks (condiff bench NAME [--profile quick|full]):")
         for name in available():

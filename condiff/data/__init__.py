@@ -34,6 +34,8 @@ def validate(x: Tensor | np.ndarray, source: str = "data") -> Tensor:
     A rank-3 ``(N, H, W)`` batch gets a channel axis. Raises :class:`DataError` with a one-line
     message naming ``source`` and the problem.
     """
+    if isinstance(x, (np.ndarray, Tensor)) and x.ndim == 0:
+        raise DataError(f"{source}: expected a batch of samples, got a single number")
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "biuf":
             raise DataError(f"{source}: expected a numeric array, got dtype {x.dtype}")
