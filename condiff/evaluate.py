@@ -28,6 +28,8 @@ def register_evaluator(name: str) -> Callable[[Evaluator], Evaluator]:
 
 def evaluate_samples(samples: Tensor, data_cfg: dict) -> dict:
     """Scores for ``samples`` of the data set described by ``data_cfg`` (``{"name": ..., **kwargs}``)."""
+    if not isinstance(data_cfg, dict) or "name" not in data_cfg:
+        raise ValueError(f"data_cfg must name the data set ({{'name': ..., **settings}}), got {data_cfg!r}")
     fn = EVALUATORS.get(data_cfg["name"], generic_eval)
     return fn(samples.detach().float().cpu(), data_cfg)
 

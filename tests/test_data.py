@@ -309,3 +309,8 @@ def test_array_data_checks_labels():
     with pytest.raises(DataError, match="integers"):
         ArrayData(torch.zeros(2, 2), torch.tensor([0.5, 1.0]))
     assert ArrayData(torch.ones(2, 2), np.array([0.0, 1.0])).y.dtype == torch.long
+
+
+def test_an_empty_data_set_name_is_refused():
+    with pytest.raises(DataError, match="name is empty"):
+        load_dataset("")

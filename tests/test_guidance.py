@@ -381,3 +381,10 @@ def test_non_finite_loss_is_a_clear_error_not_nan_samples():
     # the same loss on a bounded x0_hat is finite: the sampler's clip_x0 is the remedy the error names
     x = guided_sample(den, DPS(blows_up, zeta=1e-30), (2, 1, 4, 4), 3, generator=_gen(), clip_x0=0.1)
     assert torch.isfinite(x.x).all()
+
+
+def test_make_guidance_wants_a_method_name():
+    from condiff.guidance import make_guidance
+
+    with pytest.raises(ValueError, match="guidance method must be a name"):
+        make_guidance(None, lambda x: x.sum())

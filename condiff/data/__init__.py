@@ -178,6 +178,8 @@ def load_dataset(name_or_path: str | Path, split: str = "train", **kwargs: Any) 
     For paths, see :func:`condiff.data.files.load_path` for what ``split`` means.
     """
     key = str(name_or_path)
+    if not key.strip():
+        raise DataError("data set name is empty: pass a registered name or a file or folder path")
     if key in DATASETS:
         loader = DATASETS[key]
         params = inspect.signature(loader).parameters

@@ -30,6 +30,8 @@ METHODS = tuple(BASES) + tuple(f"dsg+{b}" for b in BASES)
 
 def split_method(name: str) -> tuple[type[GradientGuidance], bool]:
     """``"dsg+ugd"`` -> ``(UGD, True)``; ``"dps"`` -> ``(DPS, False)``; unknown names raise ValueError."""
+    if not isinstance(name, str):
+        raise ValueError(f"guidance method must be a name, one of {list(METHODS)}; got {name!r}")
     key = name.strip().lower()
     dsg = key.startswith("dsg+")
     base = key[4:] if dsg else key
