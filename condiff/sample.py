@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from . import checks
 from .denoiser import Denoiser
 
 
@@ -218,9 +219,7 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
     out = []
     if int(batch_size) < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    if isinstance(n, bool) or not float(n).is_integer() or n < 1:
-        raise ValueError(f"n (the number of samples) must be an integer >= 1, got {n!r}")
-    n = int(n)
+    n = checks.integer("n (the number of samples)", n)
     if not isinstance(shape, (tuple, list)):
         raise ValueError(f"shape must be the per-sample shape as a tuple, e.g. (1, 8, 8), got {shape!r}")
     if "steps" in kw:  # a bad step count fails before the progress bar is drawn

@@ -17,6 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .. import checks
 from ..train import check_setting
 
 SECTIONS = ("data", "model", "schedule", "train", "sample")
@@ -116,13 +117,6 @@ def check_sections(cfg: dict, where: str, sections: tuple[str, ...] = SECTIONS) 
 SAMPLE_KEYS = ("n", "steps", "eta", "batch_size", "seed", "clip_x0")
 
 
-def check_seed(seed: Any, name: str = "seed") -> int:
-    """A random seed: an integer in [0, 2**63) (a larger one overflows torch's generator)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ConfigError(f"{name} must be an integer in [0, 2**63), got {seed!r}")
-    return seed
-
-
 def check_sample(scfg: dict, where: str = "sample", flags: bool = False) -> dict:
     """The ``[sample]`` settings: known keys, counts >= 1, ``eta`` in [0, 1], a usable seed and clip.
     ``flags``: name the command-line flags (``--batch-size``) instead of ``where.key``."""
@@ -133,17 +127,13 @@ def check_sample(scfg: dict, where: str = "sample", flags: bool = False) -> dict
     if bad:
         raise ConfigError(f"unknown {where} setting(s) {bad}; known: {list(SAMPLE_KEYS)}")
     for k in ("n", "steps", "batch_size"):
-        v = scfg.get(k, 1)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{name(k)} must be an integer >= 1, got {v!r}")
-    eta = scfg.get("eta", 1.0)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
-        raise ConfigError(f"{name('eta')} must be in [0, 1] (0 deterministic DDIM, 1 DDPM-like), got {eta!r}")
-    check_seed(scfg.get("seed", 0), name("seed"))
-    clip = scfg.get("clip_x0")
-    if clip not in (None, False) and (isinstance(clip, bool) or not isinstance(clip, (int, float))
-                                      or not 0 <= clip < float("inf")):
-        raise ConfigError(f"{where}.clip_x0 must be a number > 0 (0 or absent: no clipping), got {clip!r}")
+        if k in scfg:
+            checks.integer(name(k), scfg[k])
+    if "eta" in scfg:
+        checks.number(name("eta"), scfg["eta"], "[0, 1]")
+    checks.seed(name("seed"), scfg.get("seed", 0))
+    if scfg.get("clip_x0") not in (None, False, 0):  # 0 or absent: no clipping
+        checks.number(f"{where}.clip_x0", scfg["clip_x0"], "> 0")
     return scfg
 
 

@@ -27,13 +27,12 @@ from typing import Any
 
 import torch
 
-from .. import io
+from .. import checks, io
 from ..data import ArrayData, load_dataset
 from ..dual import (
     Constraint,
     DualConfig,
     DualObjective,
-    checks,
     keep_fraction,
     model_samples,
     reference_losses,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import io
+from .. import checks, io
 from ..constraints import Constraint, CountConstraint, build_constraint
 from ..data import ArrayData, load_dataset
 from ..data.sources import count_split
@@ -64,7 +64,7 @@ from ..sample import generate
 from ..schedule import Schedule
 from ..train import TrainConfig
 from .common import check_out_dir, pick_device
-from .config import ConfigError, check_sample, check_seed, merge, parse_override, read_toml, set_path
+from .config import ConfigError, check_sample, merge, parse_override, read_toml, set_path
 
 SECTIONS = (
     "data",
@@ -605,23 +605,15 @@ def check_assimilate(a: dict) -> None:
     if bad:
         raise ValueError(f"unknown assimilate setting(s) {bad}; known: {list(ASSIMILATE_KEYS)}")
 
-    def num(key: str, ok, want: str) -> None:
-        v = a.get(key)
-        if v is None:
-            return
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
-            raise ValueError(f"assimilate.{key} must be {want}, got {v!r}")
-
-    num("n", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
-    num("steps", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
-    num("fraction", lambda v: 0 < v <= 1, "in (0, 1]")
-    num("noise", lambda v: 0 < v < float("inf"), "a number > 0 (relative to the data range)")
-    num("zeta", lambda v: 0 <= v < float("inf"), "a number >= 0")
-    num("eta", lambda v: 0 <= v <= 1, "in [0, 1]")
-    num("constraint_weight", lambda v: 0 <= v < float("inf"), "a number >= 0")
-    num("clip_x0", lambda v: 0 < v < float("inf"), "a number > 0 (absent: 1.5 times the data's largest magnitude)")
+    for key in ("n", "steps"):
+        if key in a:
+            checks.integer(f"assimilate.{key}", a[key])
+    for key, within in (("fraction", "(0, 1]"), ("noise", "> 0"), ("zeta", ">= 0"), ("eta", "[0, 1]"),
+                        ("constraint_weight", ">= 0"), ("clip_x0", "> 0")):  # clip_x0 absent: 1.5 max |x|
+        if a.get(key) is not None:
+            checks.number(f"assimilate.{key}", a[key], within)
     if "seed" in a:
-        check_seed(a["seed"], "assimilate.seed")
+        checks.seed("assimilate.seed", a["seed"])
     if a.get("obs") is not None and a["obs"] not in OBSERVATIONS:
         raise ValueError(f"assimilate.obs must be one of {list(OBSERVATIONS)}, got {a['obs']!r}")
     if "finetuned" in a and not isinstance(a["finetuned"], bool):

@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import io
+from .. import checks, io
 from ..data.files import save_png_grid
 from ..plots import plot_image_columns
 from ..pnp import schedules as sch
 from .common import check_out_dir, load_model_for, model_is_complete, pick_device, same_settings, train_or_reuse
-from .config import check_seed, merge
+from .config import merge
 
 # strings become schedule objects here, and only here
 TIME_SCHEDULES = {
@@ -174,11 +173,9 @@ def _common(p: argparse.ArgumentParser, ckpt: str, out: str, steps: int, lr: flo
 def _check_common(args: argparse.Namespace) -> None:
     """The options every task shares, checked before a prior is trained or loaded."""
     check_out_dir(args.out)
-    check_seed(args.seed, "--seed")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    checks.seed("--seed", args.seed)
+    checks.integer("--steps", args.steps)
+    checks.number("--lr", args.lr, "> 0")
 
 
 # the data set a default prior of each task is trained on (a prior that records another is refused)
@@ -243,10 +240,8 @@ def run_digits(args: argparse.Namespace) -> int:
         raise ValueError(f"--finish must be a timestep in [0, {den.schedule.T}) (0: off), got {args.finish}")
     if args.finish_zeta is None:
         args.finish_zeta = DIGITS_FINISH_ZETA
-    if not (math.isfinite(args.finish_zeta) and args.finish_zeta >= 0):
-        raise ValueError(f"--finish-zeta must be a finite number >= 0, got {args.finish_zeta}")
-    if not (math.isfinite(args.weight) and args.weight > 0):
-        raise ValueError(f"--weight must be a finite number > 0, got {args.weight}")
+    checks.number("--finish-zeta", args.finish_zeta, ">= 0")
+    checks.number("--weight", args.weight, "> 0")
     judge = DigitsJudge(device=device)
     if args.symmetry:
         constraint = MirrorSymmetry(-1)

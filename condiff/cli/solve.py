@@ -18,7 +18,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,14 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import io, metrics
+from .. import checks, io, metrics
 from ..data import derive_seed, load_dataset
 from ..data.files import save_png_grid
 from ..guidance import BETWEEN, METHODS, default_hyperparameters, guided_sample, make_guidance
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
 from .common import check_out_dir, data_kwargs, load_model_for, pick_device
-from .config import check_seed
 
 # operator name -> builder(shape (B, C, H, W), generator, sigma_y, params) -> Operator
 OPERATORS: dict[str, Callable[[tuple[int, ...], torch.Generator, float, dict], Operator]] = {
@@ -133,11 +131,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not (math.isfinite(args.clip_x0) and args.clip_x0 >= 0):
-        raise ValueError(f"--clip-x0 must be a finite number >= 0 (0: no clipping), got {args.clip_x0}")
-    if args.box is not None and args.box < 1:
-        raise ValueError(f"--box must be >= 1 (the box side in pixels), got {args.box}")
-    check_seed(args.seed, "--seed")
+    checks.number("--clip-x0", args.clip_x0, ">= 0")  # 0: no clipping
+    if args.box is not None:
+        checks.integer("--box", args.box)
+    checks.seed("--seed", args.seed)
     out = check_out_dir(args.out or Path(args.ckpt) / "solve" / f"{args.operator}-{args.method}-{args.steps}")
     device = pick_device(args.device)
     den, run_cfg, shape = load_model_for(args.ckpt, device)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from condiff import io
+from condiff import checks, io
 from condiff.constraints import Constraint, register_constraint
 
 COUNTER_FORMAT = "condiff-counter"
@@ -210,8 +210,7 @@ class CountConstraint(Constraint):
     ) -> None:
         super().__init__()
         for name, v, lo in (("k", k, 0), ("size", size, 1), ("counter_steps", counter_steps, 1), ("width", width, 1)):
-            if isinstance(v, bool) or not float(v).is_integer() or v < lo:
-                raise ValueError(f"count: {name} must be an integer >= {lo}, got {v!r}")
+            checks.integer(f"count: {name}", v, lo)
         self.k = int(k)
         self.config = {
             "name": "count",

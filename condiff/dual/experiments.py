@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import io, metrics
+from .. import checks, io, metrics
 from ..data import ArrayData, load_digits, load_toy2d
 from ..data.files import save_png_grid
 from ..denoiser import NetDenoiser
@@ -32,7 +32,6 @@ from ..nets import build_net
 from ..plots import plot_bars, plot_lines, plot_scatter
 from ..schedule import Schedule
 from ..train import DenoisingObjective, Objective, TrainConfig, Trainer, read_log
-from . import checks
 from .data import class_frequencies, keep_fraction, model_samples, select
 from .objective import Constraint, DualConfig, DualObjective, reference_losses
 from .theory import GaussianMixtureDenoiser, log_mass_bounds, mixture_weights, mode_weights

@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .. import checks
 from ..schedule import Schedule
 from ..train import all_reduce_mean, denoising_loss, step_seed
-from . import checks
 
 # Mixed into the run seed so the dual estimator's draws never coincide with the primal step's.
 _DUAL_SEED_TAG = 0x6475616C  # "dual"
@@ -53,9 +53,8 @@ class Constraint:
             raise ValueError(f"constraint {self.name!r}: data hold non-finite values")
         if not (checks.is_number(self.bound) and self.bound >= 0):  # a denoising loss is never negative
             raise ValueError(f"constraint {self.name!r}: bound must be a finite number >= 0, got {self.bound}")
-        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not float(self.batch_size).is_integer()
-                                            or self.batch_size < 1):
-            raise ValueError(f"constraint {self.name!r}: batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size is not None:
+            self.batch_size = checks.integer(f"constraint {self.name!r}: batch_size", self.batch_size)
 
 
 @dataclass

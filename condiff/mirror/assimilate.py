@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from condiff import checks
 from condiff.constraints import Distance
 from condiff.denoiser import Denoiser
 from condiff.guidance import DPS
@@ -31,8 +32,7 @@ from condiff.sample import sample
 def first_rows(shape: Sequence[int], rows: int, sigma_y: float) -> Inpainting:
     """Observe rows ``0 .. rows-1`` of ``(C, T, N)`` images."""
     C, T, N = shape
-    if isinstance(rows, bool) or not float(rows).is_integer() or not 1 <= int(rows) <= T:
-        raise ValueError(f"first_rows: rows must lie in [1, {T}], got {rows}")
+    rows = checks.integer("first_rows: rows", rows, 1, T + 1)
     mask = torch.zeros(1, 1, T, N)
     mask[:, :, : int(rows)] = 1
     return Inpainting(mask, sigma_y, kind=f"first_rows({rows})")
@@ -59,8 +59,7 @@ def frames(shape: Sequence[int], observed: Sequence[int], sigma_y: float) -> Inp
         raise ValueError("frames: observe at least one snapshot")
     mask = torch.zeros(1, C, H, W)
     for f in observed:
-        if isinstance(f, bool) or not float(f).is_integer():
-            raise ValueError(f"frames: snapshots are integer indices, got {f!r}")
+        checks.integer("frames: snapshot", f, 0)
         if not 0 <= int(f) < C // 2:
             raise ValueError(f"frames: snapshot {f} does not exist in samples with {C // 2} snapshots")
         mask[:, 2 * int(f) : 2 * int(f) + 2] = 1

@@ -1,8 +1,8 @@
-"""Checks of dual-training settings: each refuses a bad value with one line naming the setting and what
-it expects, and returns the value normalised (an integral float as an int, a list of labels as a tuple).
+"""Checks of settings and arguments: each refuses a bad value with one line naming it and what it
+expects, and returns the value normalised (an integral float as an int, a list of labels as a tuple).
 
-Shared by the experiment configs, :class:`~condiff.dual.DualConfig` and ``condiff dual train``, so that
-every setting is checked before anything is trained or written.
+Shared by the library (samplers, constraints, assimilation, dual training) and the command line, so
+that every setting is checked the same way before anything is trained or written.
 """
 
 from __future__ import annotations
