@@ -122,7 +122,8 @@ def test_sample_refuses_meaningless_settings_before_sampling(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--out", str(run)]) == 0
     capsys.readouterr()
-    for extra, needle in [(["--eta", "5"], "--eta must be a number in [0, 1]"), (["--seed", str(2**64)], "--seed must be"),
+    for extra, needle in [(["--eta", "5"], "--eta must be a number in [0, 1]"),
+                          (["--seed", str(2**64)], "--seed must be"),
                           (["--n", "0"], "--n must be an integer >= 1"),
                           (["--out", str(run / "config.json")], "is a file")]:
         assert main(["sample", "--ckpt", str(run), *extra]) == 2

@@ -20,7 +20,7 @@ from ..nets import build_net
 from ..plots import plot_loss_curve, plot_scatter
 from ..sample import generate
 from ..schedule import Schedule
-from ..train import DenoisingObjective, TrainConfig, Trainer
+from ..train import DenoisingObjective, TrainConfig, Trainer, list_checkpoints
 
 
 def add_config_args(p: argparse.ArgumentParser, data_default: str | None = None) -> None:
@@ -113,6 +113,26 @@ class TrainingJob:
                          train_seconds=round(time.perf_counter() - t0, 2))
         plot_loss_curve(self.run_dir / "log.jsonl", self.run_dir / "loss.png")
         return out
+
+
+def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str, ...] = ()):
+    """The run-directory protocol of ``train`` and ``dual train``: refuse a run with checkpoints unless
+    ``resume`` or ``fresh``; ``build()`` the job (which checks everything) before anything changes; then
+    discard the old run for ``fresh`` (checkpoints, model, log and ``clear``) or load its checkpoint for
+    ``resume``. Returns the job, the run directory made; ``config.json`` is the caller's to write next."""
+    existing = list_checkpoints(run_dir / "checkpoints")
+    if existing and not (resume or fresh):
+        raise FileExistsError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}): "
+                              "pass --resume to continue or --fresh to start over")
+    job = build()
+    if fresh:
+        for d in ("checkpoints", "model", *clear):
+            shutil.rmtree(run_dir / d, ignore_errors=True)
+        (run_dir / "log.jsonl").unlink(missing_ok=True)
+    if resume and not job.resume():
+        print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return job
 
 
 def check_out_dir(path: str | Path, flag: str = "--out") -> Path:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -43,9 +42,9 @@ from ..models import load_net, save_model
 from ..nets import build_net
 from ..plots import plot_loss_curve
 from ..schedule import Schedule
-from ..train import TrainConfig, Trainer, list_checkpoints
+from ..train import TrainConfig, Trainer
 from . import config as config_mod
-from .common import check_out_dir, load_model_for, net_config, pick_device, save_resolved_config
+from .common import check_out_dir, load_model_for, net_config, pick_device, save_resolved_config, start_run
 from .train import INTERRUPTED
 
 DUAL_TABLES = ("dual", "objective", "constraint")
@@ -378,18 +377,8 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = resolve(args.config, args.overrides)
     device = pick_device(args.device)
     run_dir = check_out_dir(args.out or Path("runs") / f"dual-{Path(args.config).stem}")
-    existing = list_checkpoints(run_dir / "checkpoints")
-    if existing and not (args.resume or args.fresh):
-        raise FileExistsError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}): "
-                              "pass --resume to continue or --fresh to start over")
-    job = DualJob(cfg, run_dir, device, fresh=args.fresh)  # everything checked before the run directory changes
-    if args.fresh:
-        for d in ("checkpoints", "model", "constraint_data"):
-            shutil.rmtree(run_dir / d, ignore_errors=True)
-        (run_dir / "log.jsonl").unlink(missing_ok=True)
-    if args.resume and not job.resume():
-        print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    job = start_run(run_dir, args.resume, args.fresh, lambda: DualJob(cfg, run_dir, device, fresh=args.fresh),
+                    clear=("constraint_data",))
     job.cache.save()
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
     m = job.fit()
