@@ -19,10 +19,15 @@ def is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def is_integer(v: Any, lo: int | None = None, hi: int | None = None) -> bool:
+    """``v`` is a whole number (``3`` or ``3.0``; not a bool) in ``[lo, hi)``."""
+    return (is_number(v) and float(v).is_integer() and (lo is None or lo <= v)
+            and (hi is None or v < hi))
+
+
 def integer(name: str, v: Any, lo: int = 1, hi: int | None = None) -> int:
     """An integer in ``[lo, hi)`` (an integral float such as ``2.5e1`` becomes an int)."""
-    ok = is_number(v) and float(v).is_integer() and lo <= v and (hi is None or v < hi)
-    if not ok:
+    if not is_integer(v, lo, hi):
         want = f">= {lo}" if hi is None else f"in [{lo}, {'2**63' if hi == SEED_LIMIT else hi})"
         raise ValueError(f"{name} must be an integer {want}, got {v!r}")
     return int(v)

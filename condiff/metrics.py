@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import checks
+
 CHUNK = 1024  # rows per block of a pairwise-distance matrix
 MEDIAN_SUBSAMPLE = 1000  # points used by the median heuristic
 DEFAULT_BANDWIDTH_SCALES = (0.5, 1.0, 2.0)
@@ -25,11 +27,6 @@ def _check_finite(x: torch.Tensor, name: str) -> None:
     bad = int((~torch.isfinite(x)).sum())
     if bad:
         raise ValueError(f"{name}: samples contain {bad} non-finite values")
-
-
-def _check_positive(v: float, name: str) -> None:
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
 
 
 def _flat(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -206,8 +203,7 @@ def nn_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def memorisation_rate(samples: torch.Tensor, train: torch.Tensor, threshold: float) -> float:
     """Fraction of ``samples`` (N, ...) whose nearest ``train`` example (L2, flattened) is closer
     than ``threshold`` (finite, >= 0). Calibrate it with :func:`calibrate_memorisation_threshold`."""
-    if not (math.isfinite(threshold) and threshold >= 0):
-        raise ValueError(f"memorisation_rate: threshold must be a finite number >= 0, got {threshold!r}")
+    checks.number("memorisation_rate: threshold", threshold, ">= 0")
     return float((nn_distances(samples, train) < threshold).double().mean())
 
 
@@ -232,7 +228,7 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, name: str, data_range: float) 
         raise ValueError(f"{name}: expected a non-empty batch (B, ...), got shape {tuple(x.shape)}")
     _check_finite(x, f"{name} x")
     _check_finite(y, f"{name} y")
-    _check_positive(data_range, f"{name}: data_range")
+    checks.number(f"{name}: data_range", data_range, "> 0")
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
@@ -291,7 +287,7 @@ def ssim(
     _check_pair(x, y, "ssim", data_range)
     if x.ndim != 4:
         raise ValueError(f"ssim: expected (B, C, H, W) images, got shape {tuple(x.shape)}")
-    _check_positive(sigma, "ssim: sigma")
+    checks.number("ssim: sigma", sigma, "> 0")
     h, w = x.shape[-2:]
     radius = int(3.5 * sigma + 0.5)
     if win_size is None:

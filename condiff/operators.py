@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import checks
+
 
 def _check_images(x: Tensor, who: str) -> None:
     if x.dim() != 4:
@@ -34,11 +36,6 @@ def _check_measurement(y: Tensor, ax: Tensor, who: str) -> None:
     """``y`` must have exactly the shape of ``A(x)`` (no broadcasting over batch or channels)."""
     if y.shape != ax.shape:
         raise ValueError(f"{who}: y must have the shape of A(x), {tuple(ax.shape)}, got {tuple(y.shape)}")
-
-
-def _is_int(v: object, lo: int) -> bool:
-    """``v`` is a Python integer (not a bool, not a float) ``>= lo``."""
-    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
 
 
 class Operator(nn.Module):
@@ -174,11 +171,12 @@ class Inpainting(LinearOperator):
         from the border (or centred with ``center=True``)."""
         B, _, H, W = _shape4(shape, "Inpainting.box")
         hw = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-        if len(hw) != 2 or not all(_is_int(s, 1) for s in hw):
+        if len(hw) != 2 or not all(checks.is_integer(s, 1) for s in hw):
             raise ValueError(f"Inpainting.box: size must be an integer >= 1 or a pair of them, got {size!r}")
-        h, w = hw
-        if not _is_int(margin, 0):
+        h, w = (int(s) for s in hw)
+        if not checks.is_integer(margin, 0):
             raise ValueError(f"Inpainting.box: margin must be an integer >= 0, got {margin!r}")
+        margin = int(margin)
         if not (h <= H - 2 * margin and w <= W - 2 * margin):
             raise ValueError(f"Inpainting.box: box {h}x{w} with margin {margin} does not fit {H}x{W} images")
         mask = torch.ones(B, 1, H, W)
@@ -353,8 +351,9 @@ class GaussianBlur(SeparableFilter):
     """Gaussian blur with an odd ``size`` and standard deviation ``sigma`` (pixels), reflect borders."""
 
     def __init__(self, size: int = 7, sigma: float = 1.0, sigma_y: float = 0.0) -> None:
-        if not _is_int(size, 1) or size % 2 == 0:
+        if not checks.is_integer(size, 1) or size % 2 == 0:
             raise ValueError(f"GaussianBlur: size must be a positive odd integer, got {size!r}")
+        size = int(size)
         if not sigma > 0:
             raise ValueError(f"GaussianBlur: sigma must be > 0, got {sigma}")
         t = torch.arange(size, dtype=torch.float64) - size // 2
@@ -404,8 +403,9 @@ class SuperResolution(SeparableFilter):
     Images ``(B, C, H, W)`` -> ``(B, C, H / factor, W / factor)``; H and W must be multiples of factor."""
 
     def __init__(self, factor: int = 2, kernel: str = "bicubic", sigma_y: float = 0.0) -> None:
-        if not _is_int(factor, 1):
+        if not checks.is_integer(factor, 1):
             raise ValueError(f"SuperResolution: factor must be an integer >= 1, got {factor!r}")
+        factor = int(factor)
         if kernel not in SR_KERNELS:
             raise ValueError(f"SuperResolution: unknown kernel {kernel!r}; "
                              f"expected one of {sorted(SR_KERNELS)}")
