@@ -167,8 +167,8 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
         raise ValueError(f"timesteps must lie in [0, {denoiser.schedule.T})")
     if not (math.isfinite(eta) and 0 <= eta <= 1):  # above 1 the DDIM variance exceeds 1 - abar_prev
         raise ValueError(f"eta must be in [0, 1] (0 deterministic DDIM, 1 DDPM-like), got {eta}")
-    if clip_x0 is not None and not (math.isfinite(clip_x0) and clip_x0 > 0):
-        raise ValueError(f"clip_x0 must be a finite number > 0 (None: no clipping), got {clip_x0}")
+    if clip_x0 is not None:
+        checks.number("clip_x0", clip_x0, "> 0")  # None: no clipping
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):

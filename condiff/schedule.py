@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import checks
+
 SPACINGS = ("linspace", "leading", "trailing")
 
 
@@ -127,7 +129,7 @@ class Schedule:
         ``leading`` and ``trailing`` reproduce diffusers' ``timestep_spacing`` options.
         """
         T = self.T
-        if isinstance(steps, bool) or not float(steps).is_integer():
+        if not checks.is_integer(steps):
             raise ValueError(f"steps must be an integer, got {steps!r}")
         if not 1 <= int(steps) <= T:
             raise ValueError(f"steps must be between 1 and T={T}, got {steps}")
