@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import checks
 from .schedule import Schedule
 
 
@@ -67,6 +68,10 @@ class NetDenoiser(Denoiser):
         self.y = y
 
     def predict_eps(self, x_t: Tensor, t: Tensor) -> Tensor:
+        w = next(self.net.parameters(), None)
+        if w is not None and x_t.dtype != w.dtype:
+            raise ValueError(f"x_t is {x_t.dtype} but the network's weights are {w.dtype}; convert the input "
+                             f"with x.to({w.dtype})")
         if self.y is None:
             return self.net(x_t, t)
         y = self.y.to(x_t.device)
@@ -88,7 +93,9 @@ class GaussianDenoiser(Denoiser):
     def __init__(self, schedule: Schedule, mean: Tensor | float = 0.0, std: float = 1.0) -> None:
         super().__init__(schedule)
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-        self.std = float(std)
+        if not bool(torch.isfinite(self.mean).all()):
+            raise ValueError("GaussianDenoiser: mean must be finite")
+        self.std = checks.number("GaussianDenoiser: std", std, ">= 0")
 
     def predict_eps(self, x_t: Tensor, t: Tensor) -> Tensor:
         a = self.schedule.abar_at(t, x_t)

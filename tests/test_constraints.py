@@ -276,5 +276,10 @@ def test_a_broken_sample_never_reads_as_on_the_set(con):
 def test_constraint_settings_refuse_what_they_would_truncate():
     with pytest.raises(ValueError, match="k must be an integer"):
         CountConstraint(k=2.5, counter=nn.Identity())
+    with pytest.raises(ValueError, match="reps .* must be an integer >= 2"):
+        PeriodicTiling(reps=2.5)
+    with pytest.raises(ValueError, match="substeps must be an integer >= 1"):
+        BurgersResidual(substeps=2.5)
+    assert PeriodicTiling(reps=3.0).reps == 3 and isinstance(PeriodicTiling(reps=3.0).reps, int)
     with pytest.raises(ValueError, match="finite center"):
         Ball(center=float("nan"))

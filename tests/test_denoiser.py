@@ -41,6 +41,10 @@ def test_net_denoiser_labels_and_scalar_t():
     assert not torch.allclose(dc.eps(x, 10), e_scalar)  # labels change the prediction
     with pytest.raises(ValueError, match="labels have batch 2 but x_t has batch 3"):
         dc.eps(torch.randn(3, 1, 8, 8), 5)
+    with pytest.raises(ValueError, match="x_t is torch.float64 but the network's weights are torch.float32"):
+        d.eps(x.double(), 10)
+    with pytest.raises(ValueError, match="std must be a number >= 0"):
+        GaussianDenoiser(Schedule.linear(50), std=float("nan"))
 
 
 def test_model_round_trip(tmp_path):

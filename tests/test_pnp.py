@@ -59,6 +59,11 @@ def test_linear_schedules_and_weights():
         sch.ConstantTime(1000)(0, 10, 1000)
     with pytest.raises(ValueError, match="divisor"):
         sch.PaperAnneal(divisor=0)
+    with pytest.raises(ValueError, match=r"t_min=1000 must be in \[0, T\)"):  # would pin t at T-1
+        sch.PaperAnneal(t_min=1000)(0, 10, 1000)
+    for bad in (lambda: sch.ConstantWeight(-5), lambda: sch.LinearWeight(float("nan"), 0.0)):
+        with pytest.raises(ValueError, match="must be a number >= 0"):
+            bad()
 
 
 # --- the objective --------------------------------------------------------------------------------------
@@ -160,6 +165,8 @@ def test_infer_rejects_bad_input():
         infer(den, torch.zeros(2, 3), constraint=lambda x: x, steps=1)
     with pytest.raises(ValueError, match="lr"):
         infer(den, torch.zeros(2, 3), lr=0.0)
+    with pytest.raises(ValueError, match="starting latent holds NaN"):
+        infer(den, torch.full((2, 3), float("nan")), steps=1)
 
 
 def test_infer_with_a_diffusers_denoiser_both_gradient_variants(tiny_diffusers_denoiser):

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from condiff import checks
 from condiff.constraints import Constraint, register_constraint
 
 
@@ -55,13 +56,11 @@ class BurgersResidual(Constraint):
         scale: float = 0.5,
     ) -> None:
         super().__init__()
-        for name, v in (("nu", nu), ("length", length), ("dt", dt), ("scale", scale)):
-            if not float(v) > 0:
-                raise ValueError(f"burgers: {name} must be > 0, got {v}")
-        if int(substeps) < 1:
-            raise ValueError(f"burgers: substeps must be >= 1, got {substeps}")
-        self.nu, self.length, self.dt, self.substeps = float(nu), float(length), float(dt), int(substeps)
-        self.shift, self.scale = float(shift), float(scale)
+        self.nu, self.length, self.dt, self.scale = (
+            checks.number(f"burgers: {name}", v, "> 0")
+            for name, v in (("nu", nu), ("length", length), ("dt", dt), ("scale", scale)))
+        self.substeps = checks.integer("burgers: substeps", substeps)
+        self.shift = checks.number("burgers: shift", shift)
         self.config = {
             "name": "burgers",
             "nu": self.nu,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from condiff import checks
 from condiff.constraints import Constraint, register_constraint
 
 
@@ -18,9 +19,7 @@ class PeriodicTiling(Constraint):
 
     def __init__(self, reps: int = 2) -> None:
         super().__init__()
-        if int(reps) < 2:
-            raise ValueError(f"periodic needs reps >= 2 tiles per axis, got {reps}")
-        self.reps = int(reps)
+        self.reps = checks.integer("periodic: reps (tiles per axis)", reps, 2)
         self.config = {"name": "periodic", "reps": self.reps}
 
     def tiles(self, x: Tensor) -> Tensor:

@@ -109,6 +109,8 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
         raise ValueError(f"steps must be >= 1, got {steps}")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if not bool(torch.isfinite(latent).all()):
+        raise ValueError("the starting latent holds NaN or inf values")
     render = render if render is not None else (lambda z: z)
     z = latent.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr, betas=betas)

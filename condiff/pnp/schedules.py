@@ -15,6 +15,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .. import checks
+
 
 class TimeSchedule(Protocol):
     """``(i, S, T) -> t_i``: the DDPM step (an int in ``[0, T)``) at optimisation step ``i`` of ``S``."""
@@ -29,6 +31,8 @@ class WeightSchedule(Protocol):
 
 
 def _clip(t: float, low: int, T: int) -> int:
+    if not 0 <= low < T:
+        raise ValueError(f"t_min={low} must be in [0, T) for a schedule of T={T} steps")
     return int(min(max(int(t), low), T - 1))
 
 
@@ -87,6 +91,9 @@ class ConstantWeight:
 
     w: float = 1.0
 
+    def __post_init__(self) -> None:
+        checks.number("ConstantWeight: w", self.w, ">= 0")
+
     def __call__(self, i: int, steps: int) -> float:
         return float(self.w)
 
@@ -98,6 +105,10 @@ class LinearWeight:
 
     start: float = 1.0
     end: float = 0.0
+
+    def __post_init__(self) -> None:
+        checks.number("LinearWeight: start", self.start, ">= 0")
+        checks.number("LinearWeight: end", self.end, ">= 0")
 
     def __call__(self, i: int, steps: int) -> float:
         return float(self.start + (self.end - self.start) * i / steps)
