@@ -246,6 +246,16 @@ def test_finetuning_trains_f_only_and_reduces_the_constraint_loss_on_mirror_samp
     assert torch.equal(m.to_data(y[:4]), m.to_data(y[:4]))  # the input map is left untouched
 
 
+def test_finetuning_refuses_a_non_finite_pool_and_warns_on_one_far_outside_mirror_space():
+    x, con = _brightness_data(16)
+    m = _tiny_mirror()
+    y = m.to_mirror(x).detach()
+    with pytest.raises(ValueError, match="mirror samples to fine-tune on hold NaN"):
+        FinetuneObjective(m, x, torch.where(y > y.mean(), float("nan"), y), con)
+    with pytest.warns(UserWarning, match="is the mirror diffusion model trained"):
+        FinetuneObjective(m, x, 600 * y, con)
+
+
 def test_realism_critic_learns_to_tell_data_from_outputs_unlike_them():
     x, con = _brightness_data(64)
     m = _tiny_mirror()

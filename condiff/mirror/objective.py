@@ -18,6 +18,7 @@ weight buys on the count data (docs/namm.md).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -157,9 +158,15 @@ class FinetuneObjective:
             raise ValueError(
                 f"mirror samples have shape {tuple(y_mdm.shape[1:])} but the data {tuple(x.shape[1:])}"
             )
+        if not bool(torch.isfinite(y_mdm).all()):
+            raise ValueError("the mirror samples to fine-tune on hold NaN or inf values")
         self.psi_map = mirror  # only its psi (frozen) is used; f is the trained model
         self.psi_map.requires_grad_(False)
         self.x, self.gx = x, mirror.to_mirror(x)
+        reach, y_reach = float(self.gx.abs().max()), float(y_mdm.abs().max())
+        if y_reach > 10 * max(reach, 1.0):
+            warnings.warn(f"the mirror samples reach |y| = {y_reach:.3g} while the mirror data stay within "
+                          f"{reach:.3g}: is the mirror diffusion model trained?", stacklevel=2)
         self.y_mdm, self.constraint, self.batch_size = y_mdm, constraint, int(batch_size)
         self.w = weights or NAMMLoss()
         self.critic: Critic | None = None
