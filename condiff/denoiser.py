@@ -103,22 +103,70 @@ class GaussianDenoiser(Denoiser):
         return (1 - a).sqrt() * (x_t - a.sqrt() * self.mean.to(x_t)) / var
 
 
+# diffusers scheduler settings that would change the model's noise schedule or its sampler in a way
+# condiff does not reproduce: refused rather than ignored
+UNSUPPORTED_SCHEDULER = {
+    "rescale_betas_zero_snr": "zero terminal SNR (abar_T = 0) breaks condiff's epsilon route to x0",
+    "thresholding": "dynamic thresholding is not implemented (condiff clips x0_hat at clip_sample_range)",
+}
+
+
 class DiffusersDenoiser(Denoiser):
     """Adapter: a diffusers ``UNet2DModel`` (+ its scheduler config) as a condiff denoiser.
 
     Handles the scheduler's ``prediction_type`` (``epsilon``, ``v_prediction`` or ``sample``) by
-    converting the output to epsilon.
+    converting the output to epsilon, and learned-variance UNets (``out_channels = 2 in_channels``,
+    ``variance_type`` ``learned`` / ``learned_range``) by keeping the first half of the output.
+    ``clip_x0`` is the scheduler's ``clip_sample_range`` when ``clip_sample`` is set, else None: the
+    command line uses it as the default ``clip_x0``. condiff chooses its own timesteps (``spacing``)
+    and ends every chain at clean data (``abar = 1``), whatever ``timestep_spacing``,
+    ``steps_offset`` or ``set_alpha_to_one`` say.
     """
 
     def __init__(self, unet: nn.Module, scheduler_config: dict) -> None:
-        super().__init__(Schedule.from_diffusers_config(scheduler_config))
+        super().__init__(self.read_scheduler(scheduler_config))
         self.unet = unet
         self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        self.channels = self._check_unet(unet, scheduler_config)
+        clip = scheduler_config.get("clip_sample")
+        self.clip_x0 = (checks.number("clip_sample_range", scheduler_config.get("clip_sample_range", 1.0), "> 0")
+                        if clip else None)
+
+    @staticmethod
+    def read_scheduler(cfg: dict) -> Schedule:
+        """The noise schedule of a diffusers scheduler config, after refusing settings condiff would ignore."""
+        if not isinstance(cfg, dict):
+            raise ValueError(f"the scheduler config must be a table of settings, got {type(cfg).__name__}")
+        for key, why in UNSUPPORTED_SCHEDULER.items():
+            if cfg.get(key):
+                raise ValueError(f"the scheduler setting {key} = true is not supported: {why}")
+        if cfg.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {cfg['prediction_type']!r}")
+        return Schedule.from_diffusers_config(cfg)
+
+    @staticmethod
+    def _check_unet(unet: nn.Module, scheduler_config: dict) -> int | None:
+        """The number of output channels that are the prediction (None: all); refuses UNets that
+        need inputs condiff does not give (class labels) or whose output is not one prediction."""
+        c = getattr(unet, "config", None)
+        if c is None:
+            return None
+        if c.get("num_class_embeds") is not None or c.get("class_embed_type") is not None:
+            raise ValueError("class-conditional diffusers UNets (num_class_embeds / class_embed_type) are not "
+                             "supported: condiff passes no class labels to them")
+        cin, cout = c.get("in_channels"), c.get("out_channels")
+        if cin is None or cout is None or cin == cout:
+            return None
+        learned = str(scheduler_config.get("variance_type", "")).startswith("learned")
+        if learned and cout == 2 * cin:
+            return int(cin)
+        raise ValueError(f"the UNet has in_channels={cin} but out_channels={cout}: condiff needs one prediction "
+                         f"per input channel (or 2x that with a learned-variance scheduler)")
 
     def predict_eps(self, x_t: Tensor, t: Tensor) -> Tensor:
         out = self.unet(x_t, t).sample
+        if self.channels is not None:  # learned variance: the second half is the variance
+            out = out[:, : self.channels]
         if self.prediction_type == "epsilon":
             return out
         a = self.schedule.abar_at(t, x_t)
@@ -137,15 +185,34 @@ class DiffusersDenoiser(Denoiser):
             from diffusers import UNet2DModel
         except ImportError:  # pragma: no cover - depends on the environment
             raise ImportError("diffusers is not installed: pip install 'condiff[diffusers]'") from None
-        import json
 
         path = Path(path)
         unet_dir = path / "unet" if (path / "unet").is_dir() else path
         for cand in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
             if cand.is_file():
-                sched_cfg = json.loads(cand.read_text())
+                sched_cfg = _read_json(cand)
                 break
         else:
             raise FileNotFoundError(f"{path}: no scheduler_config.json (looked in scheduler/ and the top level)")
+        if (unet_dir / "config.json").is_file():
+            kind = _read_json(unet_dir / "config.json").get("_class_name", "UNet2DModel")
+            if kind != "UNet2DModel":
+                raise ValueError(f"{unet_dir} holds a {kind}; only diffusers UNet2DModel models are supported")
+        try:  # the scheduler settings, checked before the weights load
+            cls.read_scheduler(sched_cfg)
+        except ValueError as e:
+            raise ValueError(f"{cand}: {e}") from None
         unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True)
         return cls(unet.eval(), sched_cfg)
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        cfg = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} does not hold a table of settings")
+    return cfg

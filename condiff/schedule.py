@@ -76,9 +76,10 @@ class Schedule:
     @classmethod
     def from_diffusers_config(cls, cfg: dict) -> Schedule:
         """Build from a diffusers scheduler config (``scheduler_config.json`` contents)."""
-        T = int(cfg.get("num_train_timesteps", 1000))
+        T = checks.integer("num_train_timesteps", cfg.get("num_train_timesteps", 1000))
         kind = cfg.get("beta_schedule", "linear")
-        start, end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
+        start = checks.number("beta_start", cfg.get("beta_start", 1e-4), "> 0")
+        end = checks.number("beta_end", cfg.get("beta_end", 0.02), "> 0")
         if cfg.get("trained_betas") is not None:
             return cls(torch.tensor(cfg["trained_betas"], dtype=torch.float64))
         if kind == "linear":

@@ -101,3 +101,59 @@ def test_diffusers_dir_without_scheduler_is_clear(tmp_path):
     (tmp_path / "scheduler" / "x.json").write_text(json.dumps({}))
     with pytest.raises(Exception, match="not a condiff checkpoint|scheduler_config|no model"):
         load_denoiser(tmp_path)
+
+
+def _save_dm(path, unet, **sched):
+    diffusers = pytest.importorskip("diffusers")
+    unet.save_pretrained(path / "unet")
+    diffusers.DDPMScheduler(num_train_timesteps=100, **sched).save_pretrained(path / "scheduler")
+    return path
+
+
+@pytest.mark.parametrize("sched, message", [
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr = true is not supported"),
+    ({"thresholding": True}, "thresholding = true is not supported"),
+])
+def test_diffusers_scheduler_settings_condiff_would_ignore_are_refused(tmp_path, sched, message):
+    _save_dm(tmp_path, _tiny_unet(), **sched)
+    with pytest.raises(ValueError, match=r"scheduler_config.json: the scheduler setting " + message):
+        load_denoiser(tmp_path)
+
+
+def test_diffusers_unets_condiff_cannot_drive_are_refused_at_load(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    kw = dict(sample_size=8, layers_per_block=1, block_out_channels=(8, 16), norm_num_groups=4,
+              down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    _save_dm(tmp_path / "cls", diffusers.UNet2DModel(in_channels=1, out_channels=1, num_class_embeds=10, **kw))
+    with pytest.raises(ValueError, match="class-conditional diffusers UNets"):
+        load_denoiser(tmp_path / "cls")
+    _save_dm(tmp_path / "in2", diffusers.UNet2DModel(in_channels=2, out_channels=1, **kw))
+    with pytest.raises(ValueError, match="in_channels=2 but out_channels=1"):
+        load_denoiser(tmp_path / "in2")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "scheduler_config.json").write_text("{bad")
+    with pytest.raises(ValueError, match=r"scheduler_config.json is not valid JSON"):
+        load_denoiser(tmp_path / "bad")
+
+
+def test_a_learned_variance_unet_predicts_with_the_first_half_of_its_output(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=2, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4).eval()
+    den = load_denoiser(_save_dm(tmp_path, unet, variance_type="learned_range"))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 70])
+    with torch.no_grad():
+        torch.testing.assert_close(den.eps(x, t), unet(x, t).sample[:, :1])
+
+
+def test_diffusers_clip_sample_becomes_the_default_clip_x0(tmp_path):
+    from condiff.cli.common import load_model_for
+
+    _save_dm(tmp_path / "c", _tiny_unet(), clip_sample=True, clip_sample_range=2.0)
+    _save_dm(tmp_path / "n", _tiny_unet(), clip_sample=False)
+    den, run_cfg, shape = load_model_for(tmp_path / "c", "cpu")
+    assert den.clip_x0 == 2.0 and run_cfg["sample"]["clip_x0"] == 2.0 and shape == (1, 8, 8)
+    den, run_cfg, _ = load_model_for(tmp_path / "n", "cpu")
+    assert den.clip_x0 is None and run_cfg == {}

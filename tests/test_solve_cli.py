@@ -128,3 +128,24 @@ def test_readme_python_snippets_run_as_written(tiny_run):
     exec(compile("\n".join(blocks).replace('"runs/demo"', repr(str(tiny_run))), "README.md", "exec"), scope)
     assert scope["x"].shape == scope["res"].x.shape == scope["sym"].x.shape == (16, 1, 8, 8)
     assert torch.isfinite(scope["res"].x).all() and torch.isfinite(scope["sym"].x).all()
+
+
+def test_eval_scores_a_diffusers_model_against_the_data_named_by_data(tmp_path, capsys):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+    unet.save_pretrained(tmp_path / "dm" / "unet")
+    diffusers.DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "dm" / "scheduler")
+    args = ["eval", "--ckpt", str(tmp_path / "dm"), "--n", "4", "--steps", "2", "--out", str(tmp_path / "e"),
+            "--device", "cpu"]
+    assert main(args) == 2 and "pass --data NAME" in capsys.readouterr().err
+    assert main([*args, "--data", "toy2d"]) == 2
+    assert "shape (1, 8, 8) but toy2d holds (2,)" in capsys.readouterr().err
+    assert main([*args, "--data", "digits"]) == 0
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["sample_steps"] == 2 and (tmp_path / "e" / "samples.npz").is_file()
+    (tmp_path / "f").write_text("a file")
+    assert main(["sample", "--ckpt", str(tmp_path / "dm"), "--out", str(tmp_path / "f" / "sub")]) == 2
+    assert "f is a file, not a directory" in capsys.readouterr().err

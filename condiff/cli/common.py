@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import io
+from .. import checks, io
 from ..data import ArrayData, load_dataset
 from ..data.files import save_png_grid
 from ..denoiser import Denoiser, DiffusersDenoiser
@@ -138,10 +138,16 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
 def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
     """An output directory argument: refused at once if it names an existing file (before any work)."""
     p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise NotADirectoryError(f"{flag} {p} is a file, not a directory")
+    for q in (p, *p.parents):  # the nearest existing ancestor must be a directory too
+        if q.exists():
+            if not q.is_dir():
+                raise NotADirectoryError(f"{flag} {p}: {q} is a file, not a directory")
+            break
     return p
 
+
+# sampling settings for a model that records none (a diffusers directory, a bare model directory)
+DEFAULT_SAMPLE = {"n": 64, "steps": 100, "eta": 1.0, "seed": 0, "batch_size": 256}
 
 _BOOKKEEPING = ("progress", "keep", "ckpt_every", "log_every", "device")
 
@@ -229,7 +235,11 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
     if isinstance(den, DiffusersDenoiser):
         c = den.unet.config
         size = c.sample_size if isinstance(c.sample_size, (list, tuple)) else (c.sample_size, c.sample_size)
-        return den, {}, (int(c.in_channels), *map(int, size))
+        if not all(checks.is_integer(v, 1) for v in size):
+            raise ValueError(f"{path}: the UNet config gives no usable sample_size ({c.sample_size!r}), so the "
+                             "sample shape is unknown")
+        run_cfg = {"sample": {**DEFAULT_SAMPLE, "clip_x0": den.clip_x0}} if den.clip_x0 else {}
+        return den, run_cfg, (int(c.in_channels), *map(int, size))
     model_cfg = io.load_config(resolve_model_dir(path))
     run_cfg = run_config(path) if (path / "config.json").is_file() and (path / "model").is_dir() else {}
     run_cfg = {"data": model_cfg.get("data"), **run_cfg} if model_cfg.get("data") else run_cfg

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import io
 from ..evaluate import evaluate_samples
-from .common import check_out_dir, draw_samples, load_model_for, pick_device, write_samples
+from .common import check_out_dir, draw_samples, load_model_for, load_split, pick_device, write_samples
 from .sample import add_sample_args, sample_settings
 
 
@@ -17,13 +17,23 @@ def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="sample and evaluate a trained model", description=__doc__)
     add_sample_args(p)
     p.add_argument("--out", default=None, help="output directory (default: the run directory)")
+    p.add_argument("--data", default=None,
+                   help="data set to score against (default: the one the model was trained on; needed for a "
+                        "diffusers model)")
     p.set_defaults(func=run)
 
 
 def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, device: str) -> dict:
     den, run_cfg, shape = load_model_for(ckpt, device)
-    if "data" not in run_cfg:
-        raise ValueError(f"{ckpt} does not record its data set; condiff eval needs a condiff run")
+    name = getattr(scfg_args, "data", None)
+    if name and (run_cfg.get("data") or {}).get("name") != name:
+        run_cfg = {**run_cfg, "data": {"name": name}}
+    if not run_cfg.get("data"):
+        raise ValueError(f"{ckpt} does not record its data set: pass --data NAME")
+    held = load_split(run_cfg, "train")  # every data set has one (user data may lack a test split)
+    if tuple(held.shape) != tuple(shape):
+        raise ValueError(f"the model makes samples of shape {tuple(shape)} but {run_cfg['data']['name']} "
+                         f"holds {tuple(held.shape)}")
     scfg = sample_settings(scfg_args, run_cfg)
     if scfg["n"] < 2:
         raise ValueError(f"condiff eval compares distributions: --n must be >= 2, got {scfg['n']}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
-from .common import check_out_dir, draw_samples, load_model_for, pick_device, write_samples
+from .common import DEFAULT_SAMPLE, check_out_dir, draw_samples, load_model_for, pick_device, write_samples
 from .config import check_sample
 
 
@@ -23,7 +23,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
 
 
 def sample_settings(args: argparse.Namespace, run_cfg: dict) -> dict:
-    scfg = dict(run_cfg.get("sample", {"n": 64, "steps": 100, "eta": 1.0, "seed": 0, "batch_size": 256}))
+    scfg = dict(run_cfg.get("sample", DEFAULT_SAMPLE))
     for key, val in (("n", args.n), ("steps", args.steps), ("eta", args.eta), ("seed", args.seed),
                      ("batch_size", args.batch_size)):
         if val is not None:
