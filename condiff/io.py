@@ -8,6 +8,7 @@ fsynced and then renamed into place, so a crash mid-write leaves the previous ch
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -40,6 +41,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _umask() -> int:
+    """The process umask (read once: setting it is the only way to read it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: str | Path, directory: bool = False) -> None:
+    """Give a temporary file or folder (``mkstemp`` 0600, ``mkdtemp`` 0700) the permissions an
+    ordinary ``open`` / ``mkdir`` would, so results are as readable as the umask allows."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def write_file_atomic(path: str | Path, fill: Callable[[IO], None], binary: bool = False) -> Path:
     """Write ``path`` through ``fill(file)`` into a temporary sibling that is fsynced and renamed into
     place, so readers never see half a file and a failure leaves the old file as it was."""
@@ -51,6 +66,7 @@ def write_file_atomic(path: str | Path, fill: Callable[[IO], None], binary: bool
             fill(f)
             f.flush()
             os.fsync(f.fileno())
+        _as_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -90,6 +106,7 @@ def save_checkpoint(path: str | Path, groups: dict[str, dict[str, torch.Tensor]]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        _as_created(tmp, directory=True)
         for stem, tensors in groups.items():
             flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
             save_file(flat, str(tmp / f"{stem}.safetensors"))
@@ -97,6 +114,7 @@ def save_checkpoint(path: str | Path, groups: dict[str, dict[str, torch.Tensor]]
             json.dump(config, f, indent=2, sort_keys=True, default=_json_default)
             f.write("\n")
         for p in tmp.iterdir():
+            _as_created(p)  # safetensors writes its files 0600
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(tmp)

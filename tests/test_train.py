@@ -183,6 +183,19 @@ def test_atomic_file_write_failing_midway_keeps_the_old_file(tmp_path):
     assert json.loads(path.read_text()) == {"a": [1.5], "b": 1}
 
 
+def test_atomic_writes_get_the_permissions_the_umask_gives_ordinary_files(tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    io.write_text_atomic(tmp_path / "a.txt", "x")
+    io.save_checkpoint(tmp_path / "ck", {"model": {"w": torch.zeros(2)}}, {"k": 1})
+    (tmp_path / "plain.txt").write_text("x")
+    (tmp_path / "plain").mkdir()
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "a.txt") == mode(tmp_path / "plain.txt")  # not mkstemp's private 0600
+    assert mode(tmp_path / "ck") == mode(tmp_path / "plain")  # not mkdtemp's 0700
+    assert mode(tmp_path / "ck" / "model.safetensors") == mode(tmp_path / "plain.txt")
+
+
 def test_checkpoint_never_unpickles(tmp_path):
     import pickle
 
