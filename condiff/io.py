@@ -132,6 +132,35 @@ def save_checkpoint(path: str | Path, groups: dict[str, dict[str, torch.Tensor]]
     return path
 
 
+class RunInUseError(RuntimeError):
+    """Another process holds the run directory."""
+
+
+_LOCKS: dict[Path, int] = {}
+
+
+def lock_run(run_dir: str | Path) -> None:
+    """Hold ``run_dir/.lock`` for the rest of this process, so that two commands never write one run
+    at once; refused in one line when another process holds it. Does nothing while ``run_dir`` does
+    not exist (call it again once it is made) or when this process holds it already."""
+    import fcntl
+
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _LOCKS or not run_dir.is_dir() or os.environ.get("RANK", "0") != "0":
+        return  # the ranks of one torchrun job share their run: rank 0 holds it
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunInUseError(f"{run_dir} is in use by another condiff process (pid {holder}); wait for it to "
+                            "finish or use another directory") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCKS[run_dir] = fd  # released when the process exits
+
+
 def load_config(path: str | Path) -> dict:
     """Read ``config.json`` of a checkpoint directory, with a clear error when it is absent or broken."""
     path = Path(path)

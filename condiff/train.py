@@ -360,7 +360,7 @@ class Trainer:
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop:
                     self.save()
                 if stop:
-                    raise KeyboardInterrupt
+                    raise TrainingInterrupted
         finally:
             if prev_handler is not None:
                 signal.signal(signal.SIGINT, prev_handler)
@@ -388,6 +388,10 @@ class Trainer:
 
         signal.signal(signal.SIGINT, on_sigint)
         return stop, prev
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, raised once the step in progress is finished and checkpointed."""
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from condiff import io
 from condiff.nets import TimeMLP
 from condiff.schedule import Schedule
-from condiff.train import DenoisingObjective, TrainConfig, Trainer, list_checkpoints
+from condiff.train import DenoisingObjective, TrainConfig, Trainer, TrainingInterrupted, list_checkpoints
 
 TINY = ["--data", "toy2d", "--set", "model.hidden=32", "--set", "model.depth=1", "--set", "data.n=512",
         "--set", "train.batch_size=32", "--set", "train.log_every=10", "--set", "train.progress=false",
@@ -109,7 +109,7 @@ def test_ctrl_c_checkpoints_the_finished_step_and_resume_is_exact(tmp_path, sigi
     ref = Trainer(net(), DenoisingObjective(x, s, 32), cfg, tmp_path / "ref")
     ref.fit()
     handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(TrainingInterrupted):
         Trainer(net(), _ctrl_c_at(12)(x, s, 32), cfg, tmp_path / "run").fit()
     assert signal.getsignal(signal.SIGINT) is handler  # restored
     # the step in flight was finished and saved, although no checkpoint was due before step 30
@@ -140,6 +140,48 @@ def test_existing_run_needs_resume_or_fresh(tmp_path):
     assert r.returncode == 2
     assert "already holds checkpoints" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_trained_model_without_checkpoints_is_not_overwritten_without_fresh(tmp_path):
+    from condiff.cli.main import main
+
+    base = ["train", *TINY, "--set", "train.steps=5", "--out", str(tmp_path), "--device", "cpu"]
+    assert main(base) == 0
+    for ck in (tmp_path / "checkpoints").iterdir():  # checkpoints deleted to save space; the model kept
+        io.shutil.rmtree(ck)
+    before = (tmp_path / "model" / "model.safetensors").read_bytes()
+    assert main([*base, "--set", "train.steps=3"]) == 2
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == before
+    assert main([*base, "--set", "train.steps=3", "--fresh"]) == 0
+    assert io.load_config(tmp_path / "model")["steps"] == 3
+
+
+def test_a_run_directory_held_by_another_process_is_refused(tmp_path, capsys):
+    import fcntl
+
+    from condiff.cli.main import main
+
+    held = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT)
+    os.write(held, b"4242\n")
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert main(["train", *TINY, "--set", "train.steps=3", "--out", str(tmp_path), "--device", "cpu"]) == 2
+        assert "in use by another condiff process (pid 4242)" in capsys.readouterr().err
+        assert not (tmp_path / "model").exists()
+    finally:
+        os.close(held)
+
+
+def test_ctrl_c_before_training_does_not_claim_a_checkpoint(tmp_path, capsys, monkeypatch):
+    from condiff.cli import train as train_cli
+    from condiff.cli.main import main
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli, "start_run", interrupted)
+    assert main(["train", *TINY, "--out", str(tmp_path / "r")]) == 130
+    assert "no checkpoint was written on the way out" in capsys.readouterr().err
 
 
 def test_corrupted_checkpoint_is_a_clear_error_and_previous_survives(tmp_path, monkeypatch):

@@ -120,10 +120,14 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
     ``resume`` or ``fresh``; ``build()`` the job (which checks everything) before anything changes; then
     discard the old run for ``fresh`` (checkpoints, model, log and ``clear``) or load its checkpoint for
     ``resume``. Returns the job, the run directory made; ``config.json`` is the caller's to write next."""
+    io.lock_run(run_dir)
     existing = list_checkpoints(run_dir / "checkpoints")
     if existing and not (resume or fresh):
         raise FileExistsError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}): "
                               "pass --resume to continue or --fresh to start over")
+    if not existing and not fresh and (run_dir / "model").exists():  # e.g. checkpoints deleted to save space
+        raise FileExistsError(f"{run_dir} already holds a trained model and no checkpoints to resume from: "
+                              "pass --fresh to train it again, or use another --out")
     job = build()
     if fresh:
         for d in ("checkpoints", "model", *clear):
@@ -132,6 +136,7 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
     if resume and not job.resume():
         print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
     run_dir.mkdir(parents=True, exist_ok=True)
+    io.lock_run(run_dir)
     return job
 
 
@@ -141,7 +146,7 @@ def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
     for q in (p, *p.parents):  # the nearest existing ancestor must be a directory too
         if q.exists():
             if not q.is_dir():
-                raise NotADirectoryError(f"{flag} {p}: {q} is a file, not a directory")
+                raise NotADirectoryError(f"{flag} {p}{'' if q == p else f': {q}'} is a file, not a directory")
             break
     return p
 

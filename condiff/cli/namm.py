@@ -780,6 +780,7 @@ def _open_run(args: argparse.Namespace) -> NAMMRun:
         raise FileNotFoundError(
             f"{root} is not a NAMM run directory (no config.json): run `condiff namm fit` first"
         )
+    io.lock_run(root)
     try:
         cfg = json.loads(f.read_text())
     except ValueError as e:
@@ -807,6 +808,7 @@ def run_fit(args: argparse.Namespace) -> int:
     run = NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet)  # checks the settings
     run.preflight(["namm", "mdm"] + ([] if args.no_baseline else ["vanilla"]))  # before config.json changes
     root.mkdir(parents=True, exist_ok=True)
+    io.lock_run(root)
     io.write_json_atomic(root / "config.json", cfg)
     print(
         f"data {args.data}: {len(run.data())} training samples of shape {run.shape}; "
