@@ -172,9 +172,12 @@ def load_config(path: str | Path) -> dict:
     if not cfg.is_file():
         raise CheckpointError(f"{path} is not a condiff checkpoint: no {CONFIG}")
     try:
-        return json.loads(cfg.read_text())
+        out = json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupted {cfg}: {e}") from None
+    if not isinstance(out, dict):
+        raise CheckpointError(f"corrupted {cfg}: it holds a {type(out).__name__}, not a table of settings")
+    return out
 
 
 def load_group(path: str | Path, stem: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -52,6 +52,9 @@ def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
     d = resolve_model_dir(path)
     cfg = io.load_config(d)
     if "net" not in cfg or "schedule" not in cfg:
+        if (d / "checkpoints").is_dir() or (d / "log.jsonl").is_file():  # a run directory without model/
+            raise io.CheckpointError(f"{d} is a run directory with no model/ (training unfinished, or model/ "
+                                     "deleted): finish it with `condiff train ... --resume`")
         raise io.CheckpointError(f"{d}/config.json has no 'net' or 'schedule' entry: not a condiff model")
     net = build_net(cfg["net"]).to(device)
     stem = "ema" if ema and io.has_group(d, "ema") else "model"

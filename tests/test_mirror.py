@@ -535,6 +535,20 @@ def test_cli_pipeline_end_to_end(tmp_path):
     subprocess.run([*cli, "sample", "--run", str(run), "--n", "8", "--quiet"], check=True)
     redrawn = np.load(run / "samples" / "vanilla" / "samples.npz")["x"]
     assert np.array_equal(redrawn, np.load(io.BytesIO(cached[run / "samples" / "vanilla" / "samples.npz"]))["x"])
+    # so is a damaged mirror-space set, which only the fine-tuned map reads
+    (run / "samples" / "mdm" / "mirror.npz").write_bytes(b"not a zip")
+    subprocess.run([*cli, "sample", "--run", str(run), "--n", "8", "--quiet"], check=True)
+    assert np.load(run / "samples" / "mdm" / "mirror.npz")["y"].shape[0] == 8
+    # a finished stage whose files are damaged is named (no cached figures reported for it), and
+    # --fresh redoes it
+    ft = run / "finetune" / "mirror" / "model.safetensors"
+    ft.write_bytes(ft.read_bytes()[:-30])
+    failed = subprocess.run([*cli, "sample", "--run", str(run), "--n", "8", "--quiet"], capture_output=True,
+                            text=True)
+    assert failed.returncode == 2 and "finetune does not load" in failed.stderr, failed.stderr
+    assert "pass --fresh to redo it" in failed.stderr and failed.stderr.count("\n") == 1
+    subprocess.run([*cli, "sample", "--run", str(run), "--n", "8", "--quiet", "--fresh"], check=True)
+    assert json.loads((run / "finetune" / "stage.json").read_text())["done"]
     assert (run / "samples" / "violations.png").is_file() and (
         run / "assimilate" / "assimilation.png"
     ).is_file()

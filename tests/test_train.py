@@ -172,6 +172,20 @@ def test_a_run_directory_held_by_another_process_is_refused(tmp_path, capsys):
         os.close(held)
 
 
+def test_a_config_that_is_not_a_table_and_a_run_without_its_model_are_named(tmp_path):
+    from condiff.models import load_denoiser
+
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "config.json").write_text("[]")
+    with pytest.raises(io.CheckpointError, match="holds a list, not a table of settings"):
+        io.load_config(tmp_path / "ck")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"data": {"name": "toy2d"}}))
+    with pytest.raises(io.CheckpointError, match="run directory with no model/"):
+        load_denoiser(run)
+
+
 def test_ctrl_c_before_training_does_not_claim_a_checkpoint(tmp_path, capsys, monkeypatch):
     from condiff.cli import train as train_cli
     from condiff.cli.main import main

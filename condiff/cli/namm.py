@@ -367,6 +367,22 @@ class NAMMRun:
         )
         self.timings[name] = round(seconds, 2)
 
+    def _reuse(self, name: str, spec: dict, load):
+        """The stage directory and ``load(dir)`` of a finished stage, or None when it must run. A
+        finished stage whose files no longer load is redone under ``fresh``, else named with that hint."""
+        d, done = self._stage(name, spec)
+        if not done:
+            return d, None
+        try:
+            return d, load(d)
+        except (io.CheckpointError, OSError, ValueError) as e:
+            if not self.fresh:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise io.CheckpointError(f"the finished stage {d} does not load ({first}); pass --fresh to "
+                                         "redo it") from None
+            shutil.rmtree(d)
+            return self._stage(name, spec)[0], None
+
     def _tcfg(self, settings: dict, seed: int = 0, section: str = "train") -> TrainConfig:
         return TrainConfig.from_dict(
             {"seed": seed, **settings, "device": self.device, "progress": self.progress}, section
@@ -402,9 +418,9 @@ class NAMMRun:
     def mirror(self) -> MirrorMap:
         """Stage ``namm``: the mirror map (``Psi`` and ``f``) fitted to the training data."""
         spec = self.spec("namm")
-        d, done = self._stage("namm", spec)
-        if done:
-            return load_mirror(d / "mirror", self.device)[0]
+        d, done = self._reuse("namm", spec, lambda d: load_mirror(d / "mirror", self.device)[0])
+        if done is not None:
+            return done
         m = self.cfg["mirror"]
         mirror = build_mirror(
             self.shape, m["psi"], m["inverse"], m["a"], seed=int(self.cfg["data"]["seed"])
@@ -425,9 +441,9 @@ class NAMMRun:
 
     def _diffusion(self, name: str, x_fn) -> Denoiser:
         spec = self.spec(name)
-        d, done = self._stage(name, spec)
-        if done:
-            return load_denoiser(d / "model", self.device)
+        d, done = self._reuse(name, spec, lambda d: load_denoiser(d / "model", self.device))
+        if done is not None:
+            return done
         x = x_fn()
         net = {**self.cfg["model"], "in_channels": x.shape[1]}
         t0 = time.perf_counter()
@@ -468,9 +484,9 @@ class NAMMRun:
     def finetuned(self) -> MirrorMap:
         """Stage ``finetune``: ``f`` fine-tuned on a pool of MDM samples (its own seed)."""
         spec = self.spec("finetune")
-        d, done = self._stage("finetune", spec)
-        if done:
-            return load_mirror(d / "mirror", self.device)[0]
+        d, done = self._reuse("finetune", spec, lambda d: load_mirror(d / "mirror", self.device)[0])
+        if done is not None:
+            return done
         ft = self.cfg["finetune"]
         mirror, den = self.mirror(), self.mdm()
         t0 = time.perf_counter()
@@ -529,21 +545,26 @@ class NAMMRun:
         spec = {"up": self.spec(upstream[which]), "sample": self.cfg["sample"], "n": n}
         if which == "guided":
             spec["guide"] = self.cfg["guide"]
-        old = self._old_spec(f"samples/{which}")
-        if old is not None and old.get("spec") == spec and old.get("done"):
-            try:
-                return torch.from_numpy(_load_npz(self.root / "samples" / which / "samples.npz", "x"))
-            except ValueError:  # a damaged cache file: draw the set again
-                pass
-        # the models first (a failure leaves the old sample set in place), so the stage's time is the
-        # sampling alone (each model stage times itself)
+        # the models first, also for a cached set (whose numbers must belong to models that still
+        # load); a failure leaves the old sample set in place, and the stage's time is the sampling
+        # alone (each model stage times itself)
         if which in ("vanilla", "guided"):
             den, mirror = self.vanilla(), None
         elif which == "mdm":
             den, mirror = self.mdm(), self.mirror()
         else:
-            self.samples("mdm", n)
             mirror = self.finetuned()
+        old = self._old_spec(f"samples/{which}")
+        if old is not None and old.get("spec") == spec and old.get("done"):
+            d = self.root / "samples" / which
+            try:
+                if which == "mdm":  # the mirror samples too: mdm_ft maps them
+                    _load_npz(d / "mirror.npz", "y")
+                return torch.from_numpy(_load_npz(d / "samples.npz", "x"))
+            except ValueError:  # a damaged cache file: draw the set again
+                pass
+        if which == "mdm_ft":
+            self.samples("mdm", n)
         d, _ = self._stage(f"samples/{which}", spec, replace=True)  # e.g. another --n: just redo
         t0 = time.perf_counter()
         if which == "mdm_ft":
@@ -708,7 +729,8 @@ def public(d: Any) -> Any:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--fresh", action="store_true", help="redo stages whose settings changed")
+    p.add_argument("--fresh", action="store_true",
+                   help="redo stages whose settings changed or whose files no longer load")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
