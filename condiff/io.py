@@ -158,7 +158,13 @@ def lock_run(run_dir: str | Path) -> None:
                             "finish or use another directory") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
-    _LOCKS[run_dir] = fd  # released when the process exits
+    _LOCKS[run_dir] = fd  # held until release_runs() or the process exits
+
+
+def release_runs() -> None:
+    """Release every run-directory lock this process holds (the command line does at the end of a command)."""
+    while _LOCKS:
+        os.close(_LOCKS.popitem()[1])
 
 
 def load_config(path: str | Path) -> dict:

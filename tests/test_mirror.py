@@ -457,7 +457,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == core_run
 
 
-def test_cli_pipeline_end_to_end(tmp_path):
+def test_cli_pipeline_end_to_end(tmp_path, capsys):
     env_args = [
         "--profile",
         "quick",
@@ -536,18 +536,20 @@ def test_cli_pipeline_end_to_end(tmp_path):
     redrawn = np.load(run / "samples" / "vanilla" / "samples.npz")["x"]
     assert np.array_equal(redrawn, np.load(io.BytesIO(cached[run / "samples" / "vanilla" / "samples.npz"]))["x"])
     # so is a damaged mirror-space set, which only the fine-tuned map reads
+    from condiff.cli.main import main  # in-process from here: no interpreter start-up per call
+
     (run / "samples" / "mdm" / "mirror.npz").write_bytes(b"not a zip")
-    subprocess.run([*cli, "sample", "--run", str(run), "--n", "8", "--quiet"], check=True)
+    assert main(["namm", "sample", "--run", str(run), "--n", "8", "--quiet"]) == 0
     assert np.load(run / "samples" / "mdm" / "mirror.npz")["y"].shape[0] == 8
     # a finished stage whose files are damaged is named (no cached figures reported for it), and
     # --fresh redoes it
     ft = run / "finetune" / "mirror" / "model.safetensors"
     ft.write_bytes(ft.read_bytes()[:-30])
-    failed = subprocess.run([*cli, "sample", "--run", str(run), "--n", "8", "--quiet"], capture_output=True,
-                            text=True)
-    assert failed.returncode == 2 and "finetune does not load" in failed.stderr, failed.stderr
-    assert "pass --fresh to redo it" in failed.stderr and failed.stderr.count("\n") == 1
-    subprocess.run([*cli, "sample", "--run", str(run), "--n", "8", "--quiet", "--fresh"], check=True)
+    capsys.readouterr()
+    assert main(["namm", "sample", "--run", str(run), "--n", "8", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "finetune does not load" in err and "pass --fresh to redo it" in err and err.count("\n") == 1, err
+    assert main(["namm", "sample", "--run", str(run), "--n", "8", "--quiet", "--fresh"]) == 0
     assert json.loads((run / "finetune" / "stage.json").read_text())["done"]
     assert (run / "samples" / "violations.png").is_file() and (
         run / "assimilate" / "assimilation.png"

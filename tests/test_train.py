@@ -170,6 +170,10 @@ def test_a_run_directory_held_by_another_process_is_refused(tmp_path, capsys):
         assert not (tmp_path / "model").exists()
     finally:
         os.close(held)
+    assert main(["train", *TINY, "--set", "train.steps=3", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    probe = os.open(tmp_path / ".lock", os.O_RDWR)  # released at the end of the command
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(probe)
 
 
 def test_a_config_that_is_not_a_table_and_a_run_without_its_model_are_named(tmp_path):

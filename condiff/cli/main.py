@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"condiff {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        from .. import io
+
+        io.release_runs()
 
 
 if __name__ == "__main__":  # pragma: no cover
