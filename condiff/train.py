@@ -362,31 +362,35 @@ class Trainer:
                 if stop:
                     raise TrainingInterrupted
         finally:
-            if prev_handler is not None:
-                signal.signal(signal.SIGINT, prev_handler)
+            for signum, handler in prev_handler.items():
+                signal.signal(signum, handler)
             if bar is not None:
                 bar.close()
             if log is not None:
                 log.close()
         return self.ema
 
-    def _defer_interrupt(self) -> tuple[list, Any]:
-        """Ctrl-C while training finishes the current step, saves a checkpoint there (so ``--resume``
-        continues exactly) and then raises KeyboardInterrupt; a second Ctrl-C stops at once.
-        Only for a single process on the main thread (DDP ranks keep the default behaviour).
-        Returns the flag list (non-empty once interrupted) and the handler to restore."""
+    def _defer_interrupt(self) -> tuple[list, dict]:
+        """Ctrl-C (SIGINT) or SIGTERM while training finishes the current step, saves a checkpoint there
+        (so ``--resume`` continues exactly) and then raises :class:`TrainingInterrupted`; a second
+        signal acts at once. Only for a single process on the main thread (DDP ranks keep the default
+        behaviour), and not for a signal the process ignores (a background job's SIGINT).
+        Returns the flag list (non-empty once interrupted) and the handlers to restore."""
         stop: list = []
         if self.dist.world != 1 or threading.current_thread() is not threading.main_thread():
-            return stop, None
-        prev = signal.getsignal(signal.SIGINT)
-        if prev is None or prev is signal.SIG_IGN:
-            return stop, None
+            return stop, {}
+        prev = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if handler is None or handler is signal.SIG_IGN:
+                continue
+            prev[signum] = handler
 
-        def on_sigint(signum, frame):
-            stop.append(signum)
-            signal.signal(signal.SIGINT, prev)
+            def on_signal(got, frame, handler=handler):
+                stop.append(got)
+                signal.signal(got, handler)
 
-        signal.signal(signal.SIGINT, on_sigint)
+            signal.signal(signum, on_signal)
         return stop, prev
 
 

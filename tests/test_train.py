@@ -84,13 +84,13 @@ def sigint():
     signal.signal(signal.SIGINT, prev)
 
 
-def _ctrl_c_at(step: int) -> type[DenoisingObjective]:
-    """An objective that sends this process SIGINT while computing the loss of ``step`` (mid-step)."""
+def _ctrl_c_at(step: int, signum: int = signal.SIGINT) -> type[DenoisingObjective]:
+    """An objective that sends this process ``signum`` while computing the loss of ``step`` (mid-step)."""
 
     class CtrlC(DenoisingObjective):
         def loss(self, model, s, gen):
             if s == step:
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signum)
             return super().loss(model, s, gen)
 
     return CtrlC
@@ -120,6 +120,18 @@ def test_ctrl_c_checkpoints_the_finished_step_and_resume_is_exact(tmp_path, sigi
     for a, b in ((ref.model, again.model), (ref.ema, again.ema)):
         for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(va, vb), k
+
+
+def test_sigterm_also_checkpoints_the_finished_step(tmp_path):
+    """A scheduler or `timeout` stops a job with SIGTERM: training saves the step in flight, as for Ctrl-C."""
+    x = torch.randn(128, 2, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(steps=20, progress=False, log_every=5, ckpt_every=100, batch_size=16)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted):
+        Trainer(TimeMLP(2, hidden=8, depth=1), _ctrl_c_at(6, signal.SIGTERM)(x, Schedule.linear(50), 16), cfg,
+                tmp_path).fit()
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000007"]
 
 
 def test_an_ignored_ctrl_c_stays_ignored(tmp_path, sigint):
