@@ -41,6 +41,19 @@ def tiny_diffusers_denoiser():
 
 
 @pytest.fixture
+def tiny_diffusers_dir(tmp_path):
+    """A local diffusers model directory (``unet/`` + ``scheduler/``, T = 100) of a random 8x8 UNet."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+    unet.save_pretrained(tmp_path / "dm" / "unet")
+    diffusers.DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "dm" / "scheduler")
+    return tmp_path / "dm"
+
+
+@pytest.fixture
 def run_on_two_ranks(tmp_path):
     """``run(script_text)``: run a script under ``torchrun`` with two CPU ranks (gloo), its only
     argument ``tmp_path`` (where it writes its results); fails with the ranks' error output."""

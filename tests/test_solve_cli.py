@@ -73,14 +73,7 @@ def test_solve_operators_and_methods(tiny_run, tmp_path, operator, method):
     assert m["method"] == method and m["nfe"] >= 3 and m["grad_evals"] >= 2
 
 
-def test_solve_with_a_diffusers_model_and_input_files(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
-                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
-    unet.save_pretrained(tmp_path / "dm" / "unet")
-    diffusers.DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "dm" / "scheduler")
+def test_solve_with_a_diffusers_model_and_input_files(tmp_path, tiny_diffusers_dir):
     imgs = np.random.default_rng(0).uniform(-1, 1, (4, 1, 8, 8)).astype(np.float32)
     np.save(tmp_path / "imgs.npy", imgs)
     code = main(["solve", "--ckpt", str(tmp_path / "dm"), "--input", str(tmp_path / "imgs.npy"), "--n", "4",
@@ -130,14 +123,7 @@ def test_readme_python_snippets_run_as_written(tiny_run):
     assert torch.isfinite(scope["res"].x).all() and torch.isfinite(scope["sym"].x).all()
 
 
-def test_eval_scores_a_diffusers_model_against_the_data_named_by_data(tmp_path, capsys):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
-                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
-    unet.save_pretrained(tmp_path / "dm" / "unet")
-    diffusers.DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "dm" / "scheduler")
+def test_eval_scores_a_diffusers_model_against_the_data_named_by_data(tmp_path, tiny_diffusers_dir, capsys):
     args = ["eval", "--ckpt", str(tmp_path / "dm"), "--n", "4", "--steps", "2", "--out", str(tmp_path / "e"),
             "--device", "cpu"]
     assert main(args) == 2 and "pass --data NAME" in capsys.readouterr().err
