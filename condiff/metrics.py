@@ -51,7 +51,8 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def median_heuristic(x: torch.Tensor, generator: torch.Generator | None = None) -> float:
-    """Median pairwise Euclidean distance of ``x`` (N, ...), on at most 1000 random points.
+    """Median pairwise Euclidean distance of ``x`` (N, ...), on at most 1000 random points (the lower
+    of the two middle values for an even number of pairs, as ``torch.median`` takes it).
 
     Without a generator the first 1000 points are used, so the result is deterministic.
     """

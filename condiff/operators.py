@@ -384,8 +384,8 @@ def _bicubic_kernel(factor: int) -> tuple[Tensor, tuple[int, int]]:
     center = (factor - 1) / 2
     offsets = torch.arange(-2 * factor, 3 * factor, dtype=torch.float64)
     k = _cubic((offsets - center) / factor)
-    keep = k.abs() > 1e-12
-    offsets, k = offsets[keep], k[keep]
+    nz = torch.nonzero(k.abs() > 1e-12).flatten()  # trim the zero ends only: for an odd factor the
+    offsets, k = offsets[nz[0]: nz[-1] + 1], k[nz[0]: nz[-1] + 1]  # kernel also has zeros inside
     lo, hi = int(-offsets[0]), int(offsets[-1]) - (factor - 1)
     return k / k.sum(), (lo, hi)
 

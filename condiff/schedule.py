@@ -127,7 +127,9 @@ class Schedule:
         """``steps`` distinct sampling timesteps in decreasing order, as a ``(steps,)`` long tensor.
 
         ``linspace`` spreads them evenly over ``[0, T-1]`` (first step at ``T-1``, last at ``0``);
-        ``leading`` and ``trailing`` reproduce diffusers' ``timestep_spacing`` options.
+        ``leading`` and ``trailing`` reproduce diffusers' ``timestep_spacing`` options, except that
+        ``trailing`` rounds an exact half the other way for some step counts (48 of 1000: 937 where
+        diffusers has 936) and never returns diffusers' extra final step at ``-1`` (for e.g. 61 steps).
         """
         T = self.T
         if not checks.is_integer(steps):

@@ -84,12 +84,13 @@ def test_matrix_and_convolution_paths_agree(name):
     torch.testing.assert_close(op.A_adjoint(v), conv.A_adjoint(v), rtol=0, atol=1e-12)
 
 
-def test_bicubic_matches_torch_antialias_away_from_borders():
+@pytest.mark.parametrize("factor", [2, 3, 4, 5])
+def test_bicubic_matches_torch_antialias_away_from_borders(factor):
     """Antialiased bicubic resizing as torch.nn.functional.interpolate does it (Keys a=-0.5); only
-    the border treatment differs (reflect here)."""
-    x = torch.randn(2, 3, 16, 16, generator=_gen(), dtype=torch.float64)
-    ref = F.interpolate(x, scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False)
-    torch.testing.assert_close(SuperResolution(2, "bicubic").A(x)[..., 2:-2, 2:-2], ref[..., 2:-2, 2:-2])
+    the border treatment differs (reflect here). Odd factors put zeros inside the kernel."""
+    x = torch.randn(2, 3, 8 * factor, 8 * factor, generator=_gen(), dtype=torch.float64)
+    ref = F.interpolate(x, scale_factor=1 / factor, mode="bicubic", antialias=True, align_corners=False)
+    torch.testing.assert_close(SuperResolution(factor, "bicubic").A(x)[..., 2:-2, 2:-2], ref[..., 2:-2, 2:-2])
 
 
 def test_box_sr_is_average_pooling():
