@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import checks
+from . import checks, io
 from .schedule import Schedule
 
 
@@ -190,12 +190,12 @@ class DiffusersDenoiser(Denoiser):
         unet_dir = path / "unet" if (path / "unet").is_dir() else path
         for cand in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
             if cand.is_file():
-                sched_cfg = _read_json(cand)
+                sched_cfg = io.read_json_table(cand)
                 break
         else:
             raise FileNotFoundError(f"{path}: no scheduler_config.json (looked in scheduler/ and the top level)")
         if (unet_dir / "config.json").is_file():
-            kind = _read_json(unet_dir / "config.json").get("_class_name", "UNet2DModel")
+            kind = io.read_json_table(unet_dir / "config.json").get("_class_name", "UNet2DModel")
             if kind != "UNet2DModel":
                 raise ValueError(f"{unet_dir} holds a {kind}; only diffusers UNet2DModel models are supported")
         try:  # the scheduler settings, checked before the weights load
@@ -205,14 +205,3 @@ class DiffusersDenoiser(Denoiser):
         unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True)
         return cls(unet.eval(), sched_cfg)
 
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    try:
-        cfg = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} does not hold a table of settings")
-    return cfg

@@ -167,6 +167,18 @@ def release_runs() -> None:
         os.close(_LOCKS.popitem()[1])
 
 
+def read_json_table(path: str | Path) -> dict:
+    """A JSON file holding one table of settings; a ValueError naming the file when it is broken."""
+    path = Path(path)
+    try:
+        out = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path} does not hold a table of settings")
+    return out
+
+
 def load_config(path: str | Path) -> dict:
     """Read ``config.json`` of a checkpoint directory, with a clear error when it is absent or broken."""
     path = Path(path)

@@ -212,13 +212,7 @@ def run_config(run_dir: Path) -> dict:
     p = Path(run_dir) / "config.json"
     if not p.is_file():
         raise FileNotFoundError(f"{run_dir} is not a condiff run directory (no config.json)")
-    try:
-        cfg = json.loads(p.read_text())
-    except ValueError as e:
-        raise ValueError(f"{p} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{p} does not hold a settings table")
-    return cfg
+    return io.read_json_table(p)
 
 
 def draw_samples(den: Denoiser, shape: tuple[int, ...], scfg: dict, device: str, n: int | None = None,

@@ -803,11 +803,8 @@ def _open_run(args: argparse.Namespace) -> NAMMRun:
             f"{root} is not a NAMM run directory (no config.json): run `condiff namm fit` first"
         )
     io.lock_run(root)
-    try:
-        cfg = json.loads(f.read_text())
-    except ValueError as e:
-        raise ValueError(f"{f} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or not all(k in cfg for k in ("mirror", "loss", "mirror_train")):
+    cfg = io.read_json_table(f)
+    if not all(k in cfg for k in ("mirror", "loss", "mirror_train")):
         raise FileNotFoundError(
             f"{root} is not a NAMM run directory (its config.json has no mirror settings): "
             "run `condiff namm fit` first"
