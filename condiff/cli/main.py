@@ -46,13 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             f"condiff {args.command}: warning: {message}", file=sys.stderr)
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt as e:
-        from ..train import TrainingInterrupted
-        from .train import INTERRUPTED
-
+    except KeyboardInterrupt:
         hint = getattr(args, "interrupted", None)
-        if hint == INTERRUPTED and not isinstance(e, TrainingInterrupted):  # before training, or a 2nd Ctrl-C
-            hint = "no checkpoint was written on the way out; --resume continues from the newest one, if any"
         print("condiff: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
     except Exception as e:  # one line for the user; the traceback on request

@@ -8,7 +8,9 @@ from pathlib import Path
 from .common import TrainingJob, add_config_args, check_out_dir, pick_device, save_resolved_config, start_run
 from .config import resolve
 
-INTERRUPTED = "training stopped at a checkpoint; add --resume to the same command to continue"
+# true however early the interrupt came: a Ctrl-C during training checkpoints the step in flight
+INTERRUPTED = ("add --resume to the same command to continue from the newest checkpoint (one is saved at "
+               "the step in flight when training was under way)")
 
 
 def add_parser(sub, name: str) -> None:
