@@ -354,8 +354,7 @@ class GaussianBlur(SeparableFilter):
         if not checks.is_integer(size, 1) or size % 2 == 0:
             raise ValueError(f"GaussianBlur: size must be a positive odd integer, got {size!r}")
         size = int(size)
-        if not sigma > 0:
-            raise ValueError(f"GaussianBlur: sigma must be > 0, got {sigma}")
+        checks.number("GaussianBlur: sigma", sigma, "> 0")
         t = torch.arange(size, dtype=torch.float64) - size // 2
         k = torch.exp(-0.5 * (t / sigma) ** 2)
         super().__init__(k / k.sum(), 1, (size // 2, size // 2), sigma_y)

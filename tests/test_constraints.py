@@ -89,9 +89,9 @@ def test_convex_distance_gradients_finite_and_unit_outside(con):
 def test_convex_sets_reject_bad_parameters():
     with pytest.raises(ValueError, match="lo < hi"):
         Box(1, -1)
-    with pytest.raises(ValueError, match="radius > 0"):
+    with pytest.raises(ValueError, match="radius must be a number > 0"):
         Ball(0.0)
-    with pytest.raises(ValueError, match="total > 0"):
+    with pytest.raises(ValueError, match="total must be a number > 0"):
         Simplex(-1.0)
 
 
@@ -281,5 +281,5 @@ def test_constraint_settings_refuse_what_they_would_truncate():
     with pytest.raises(ValueError, match="substeps must be an integer >= 1"):
         BurgersResidual(substeps=2.5)
     assert PeriodicTiling(reps=3.0).reps == 3 and isinstance(PeriodicTiling(reps=3.0).reps, int)
-    with pytest.raises(ValueError, match="finite center"):
+    with pytest.raises(ValueError, match="center must be a finite number"):
         Ball(center=float("nan"))

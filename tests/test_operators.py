@@ -156,7 +156,7 @@ def test_to_image_shapes():
 
 @pytest.mark.parametrize("build, match", [
     (lambda: GaussianBlur(4, 1.0), "odd"),
-    (lambda: GaussianBlur(5, 0.0), "sigma must be > 0"),
+    (lambda: GaussianBlur(5, 0.0), "sigma must be a number > 0"),
     (lambda: SuperResolution(2, "lanczos"), "unknown kernel 'lanczos'"),
     (lambda: SuperResolution(0), "factor must be an integer >= 1"),
     (lambda: Inpainting.random((2, 1, 8, 8), 1.0), r"p_drop must lie in \[0, 1\)"),

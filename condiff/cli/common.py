@@ -237,8 +237,7 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
         if not all(checks.is_integer(v, 1) for v in size):
             raise ValueError(f"{path}: the UNet config gives no usable sample_size ({c.sample_size!r}), so the "
                              "sample shape is unknown")
-        run_cfg = {"sample": {**DEFAULT_SAMPLE, "clip_x0": den.clip_x0}} if den.clip_x0 else {}
-        return den, run_cfg, (int(c.in_channels), *map(int, size))
+        return den, {"sample": {**DEFAULT_SAMPLE, "clip_x0": den.clip_x0}}, (int(c.in_channels), *map(int, size))
     model_cfg = io.load_config(resolve_model_dir(path))
     run_cfg = run_config(path) if (path / "config.json").is_file() and (path / "model").is_dir() else {}
     run_cfg = {"data": model_cfg.get("data"), **run_cfg} if model_cfg.get("data") else run_cfg

@@ -8,11 +8,10 @@ gradient finite at the kinks of the projection. Inside the set the distance and 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from condiff import checks
 from condiff.constraints import Constraint, register_constraint, safe_norm
 
 
@@ -56,9 +55,8 @@ class Ball(_Projected):
 
     def __init__(self, radius: float = 1.0, center: float = 0.0) -> None:
         super().__init__()
-        if not (math.isfinite(float(radius)) and float(radius) > 0 and math.isfinite(float(center))):
-            raise ValueError(f"ball needs a finite radius > 0 and a finite center, got {radius}, {center}")
-        self.radius, self.center = float(radius), float(center)
+        self.radius = checks.number("ball: radius", radius, "> 0")
+        self.center = checks.number("ball: center", center)
         self.config = {"name": "ball", "radius": self.radius, "center": self.center}
 
     def project(self, x: Tensor) -> Tensor:
@@ -79,9 +77,7 @@ class Simplex(_Projected):
 
     def __init__(self, total: float = 1.0) -> None:
         super().__init__()
-        if not (math.isfinite(float(total)) and float(total) > 0):
-            raise ValueError(f"simplex needs a finite total > 0, got {total}")
-        self.total = float(total)
+        self.total = checks.number("simplex: total", total, "> 0")
         self.config = {"name": "simplex", "total": self.total}
 
     def project(self, x: Tensor) -> Tensor:

@@ -13,7 +13,6 @@ mirror model (mirror DPS) or with an added constraint penalty (constraint-guided
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -93,8 +92,7 @@ def assimilate(
     ``clip_x0``: clamp Tweedie's estimate (the sampler's option); early, very noisy estimates can
     be far outside the data range, where a nonlinear constraint (a PDE stepper) overflows.
     """
-    if not (math.isfinite(constraint_weight) and constraint_weight >= 0):
-        raise ValueError(f"constraint_weight must be a finite number >= 0, got {constraint_weight}")
+    checks.number("constraint_weight", constraint_weight, ">= 0")
     operator = operator.to(device)
     loss = normalised_measurement_loss(operator, y.to(device))
     if constraint_weight > 0:
