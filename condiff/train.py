@@ -334,6 +334,9 @@ class Trainer:
                     g["lr"] = lr
                 loss, logs = self.objective.loss(self.train_model, self.step, self.gen)
                 if not torch.isfinite(loss):
+                    if self.step == 0:  # no update yet, so the learning rate is not the cause
+                        raise FloatingPointError(f"training loss is {loss.item()} at step 0, before any update: "
+                                                 "the training data or the objective give non-finite values")
                     raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}; "
                                              "try a lower learning rate")
                 self.opt.zero_grad(set_to_none=True)

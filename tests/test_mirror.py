@@ -385,7 +385,7 @@ def test_constraint_guided_dps_with_a_pde_constraint_stays_finite_when_x0_hat_is
 # --- CLI -----------------------------------------------------------------------------------------
 
 
-def test_cli_settings_resolution_and_stage_guard(tmp_path):
+def test_cli_settings_resolution_and_stage_guard(tmp_path, monkeypatch):
     from condiff.cli.config import ConfigError
     from condiff.cli.namm import NAMMRun, StageMismatch, resolve
 
@@ -399,6 +399,11 @@ def test_cli_settings_resolution_and_stage_guard(tmp_path):
     with pytest.raises(ConfigError, match="unknown profile"):
         resolve("burgers", "huge")
     run = NAMMRun(tmp_path, cfg)
+    # a folder named like the data set (e.g. the run directory itself) does not turn the built-in
+    # data set into a user path whose loader drops the profile's size
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "brightness").mkdir()
+    assert run.data("test").x.shape[-1] == 16
     d, done = run._stage("namm", run.spec("namm"))
     assert not done and (d / "stage.json").is_file()
     run._finish("namm", run.spec("namm"), 1.0)

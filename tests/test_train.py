@@ -44,6 +44,20 @@ def test_training_reduces_loss(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000100", "step_00000200"]
 
 
+def test_a_non_finite_loss_names_the_data_at_step_0_and_the_learning_rate_later():
+    s = Schedule.linear(100)
+    cfg = TrainConfig(steps=5, lr=1e-3, warmup=0, progress=False)
+    bad = torch.randn(64, 2)
+    bad[3, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="at step 0, before any update: the training data"):
+        Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(bad, s, 64), cfg).fit()
+    # a learning rate that blows the weights up: the loss turns non-finite after some updates
+    net = TimeMLP(2, hidden=8, depth=1)
+    wild = TrainConfig(steps=200, lr=1e30, warmup=0, progress=False, grad_clip=1e30)
+    with pytest.raises(FloatingPointError, match=r"became .* at step [1-9]\d*; try a lower learning rate"):
+        Trainer(net, DenoisingObjective(torch.randn(64, 2) * 1e3, s, 64), wild).fit()
+
+
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     steps = ["--set", "train.steps=300", "--set", "train.ckpt_every=20"]
     ref = tmp_path / "ref"

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .. import checks, io
 from ..constraints import Constraint, CountConstraint, build_constraint
-from ..data import ArrayData, load_dataset
+from ..data import DATASETS, ArrayData, load_dataset
 from ..data.sources import count_split
 from ..denoiser import Denoiser
 from ..evaluate import mmd_with_reference
@@ -393,7 +393,9 @@ class NAMMRun:
         if split not in self._data:
             kw = {k: v for k, v in self.cfg["data"].items() if k not in ("name", "constraint")}
             name = self.cfg["data"]["name"]
-            if Path(name).exists():  # user files: keep only the loader's own options
+            # user files keep only the loader's own options; a registered name wins over a file or
+            # folder of that name (a run directory `periodic` must not hide the periodic data set)
+            if name not in DATASETS and Path(name).exists():
                 kw = {}
             self._data[split] = load_dataset(name, split=split, **kw)
         return self._data[split]
