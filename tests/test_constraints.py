@@ -1,5 +1,6 @@
 """Constraint distances: zero on the set, positive off it, closed forms, finite gradients, registry."""
 
+import json
 import math
 
 import pytest
@@ -207,6 +208,19 @@ def test_counter_training_does_not_depend_on_the_callers_thread_count():
         torch.set_num_threads(before)
     a, b = (n.state_dict() for n in nets)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_counter_cache_key_is_unchanged_on_the_cpu_and_apart_for_a_gpu(tmp_path):
+    from condiff.constraints.count import counter_key, load_counter
+
+    assert counter_key(4, 16, 3000, 0, 16) == counter_key(4, 16, 3000, 0, 16, "cpu")
+    assert counter_key(4, 16, 3000, 0, 16, "cuda") != counter_key(4, 16, 3000, 0, 16)
+    # an explicit CPU device trains (and caches) the same counter as the default on a CPU machine
+    net = load_counter(2, 12, steps=3, width=4, path=tmp_path / "c", device="cpu")
+    assert next(net.parameters()).device.type == "cpu"
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["device"] == "cpu"
+    again = load_counter(2, 12, steps=3, width=4, path=tmp_path / "c")
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
 
 
 # --- every family: shape, sign, gradients; registry ------------------------------------------------
