@@ -114,6 +114,15 @@ def test_kolmogorov_solver_velocities_are_solenoidal_and_forced():
     assert float(torch.dot(profile, torch.sin(4 * y))) > 0
 
 
+def test_kolmogorov_time_step_follows_the_grid():
+    """dt defaults to 0.02 on the 64^2 grid (unchanged cache keys for 32x32 data) and halves with
+    the spacing: 0.02 blew up on the 128^2 grid behind 64x64 data."""
+    short = {"n_train": 1, "n_test": 1, "per_trajectory": 1, "spinup": 0.04, "interval": 0.04}
+    assert load_dataset("kolmogorov", "train", size=32, **short).meta["generator"]["dt"] == 0.02
+    assert load_dataset("kolmogorov", "train", size=64, **short).meta["generator"]["dt"] == 0.01
+    assert load_dataset("kolmogorov", "train", size=16, dt=0.05, **short).meta["generator"]["dt"] == 0.05
+
+
 def test_brightness_and_periodic_structure():
     d = load_dataset("brightness", "train", size=16, n_train=30, n_test=2)
     flux = d.meta["constraint"]["flux"]
