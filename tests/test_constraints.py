@@ -297,3 +297,39 @@ def test_constraint_settings_refuse_what_they_would_truncate():
     assert PeriodicTiling(reps=3.0).reps == 3 and isinstance(PeriodicTiling(reps=3.0).reps, int)
     with pytest.raises(ValueError, match="center must be a finite number"):
         Ball(center=float("nan"))
+
+
+def test_a_users_python_file_is_a_constraint_and_an_edit_is_noticed(tmp_path):
+    from condiff.constraints import build_constraint, parse_python_spec
+
+    f = tmp_path / "mycon.py"
+    f.write_text("import torch\n\n\ndef total(x):\n    return (x.flatten(1).sum(1) - 3.0).abs()\n\n\n"
+                 "class Edge(torch.nn.Module):\n    def forward(self, x):\n"
+                 "        return x[..., 0].abs().flatten(1).sum(1)\n\n"
+                 "    def violation_map(self, x):\n        return x[:, 0] * 0\n")
+    spec = parse_python_spec(f"{f}:total")
+    assert spec == {"name": "python", "path": str(f.resolve()), "attr": "total"}
+    assert parse_python_spec("box") is None and parse_python_spec("C:/data/box") is None
+    con = build_constraint(spec)
+    x = torch.zeros(2, 1, 4, 4, requires_grad=True)
+    with torch.no_grad():
+        x[0, 0, 0, :3] = 1
+    d = con(x)
+    assert torch.allclose(d, torch.tensor([0.0, 3.0]))
+    d.sum().backward()
+    assert bool(torch.isfinite(x.grad).all())
+    assert con.violation_map(x) is None
+    edge = build_constraint(parse_python_spec(f"{f}:Edge"))  # a class is built without arguments
+    assert edge(torch.ones(3, 1, 4, 4)).tolist() == [4.0, 4.0, 4.0] and edge.violation_map(x).shape == (2, 4, 4)
+    assert build_constraint(con.config).learned_parts() == con.learned_parts()
+    f.write_text(f.read_text() + "# edited\n")
+    assert build_constraint(con.config).learned_parts() != con.learned_parts()
+    with pytest.raises(ValueError, match=r"has no 'totl'; its callables: \['Edge', 'total'\]"):
+        build_constraint(parse_python_spec(f"{f}:totl"))
+    with pytest.raises(ValueError, match="does not exist"):
+        build_constraint(parse_python_spec(f"{tmp_path / 'none.py'}:total"))
+    (tmp_path / "broken.py").write_text("def total(x:\n")
+    with pytest.raises(ValueError, match="broken.py failed to run: SyntaxError"):
+        build_constraint(parse_python_spec(f"{tmp_path / 'broken.py'}:total"))
+    with pytest.raises(ValueError, match="name of a callable"):
+        parse_python_spec(f"{f}:")

@@ -659,3 +659,27 @@ def test_assimilation_settings_and_operators_refuse_meaningless_values():
     for bad, msg in [((4, 8, 8), []), ((3, 8, 8), [0]), ((4, 8, 8), [0.5])]:
         with pytest.raises(ValueError, match="frames:"):
             frames(bad, msg, 0.1)
+
+
+def test_cli_takes_a_constraint_from_the_users_python_file(tmp_path, capsys, monkeypatch):
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "con.py").write_text("def zero_sum(x):\n    return x.flatten(1).sum(1).abs()\n")
+    x = np.random.default_rng(0).uniform(-1, 1, (96, 1, 8, 8)).astype("float32")
+    x -= x.mean((1, 2, 3), keepdims=True)  # the data satisfy it
+    np.savez(tmp_path / "data.npz", x=x[:64], x_test=x[64:])
+    tiny = ["--profile", "quick", "--set", "mirror_train.steps=10", "--set", "train.steps=10",
+            "--set", "model.mults=[1, 2]", "--set", "mirror.inverse.downsamples=1", "--quiet"]
+    assert main(["namm", "fit", "--data", "data.npz", "--constraint", "con.py:zero_sum", "--out", "run",
+                 "--no-baseline", *tiny]) == 0
+    assert "constraint {'name': 'python'" in capsys.readouterr().out
+    assert main(["namm", "sample", "--run", "run", "--n", "4", "--no-finetuned", "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "run" / "samples" / "metrics.json").read_text())
+    assert metrics["data (held-out)"]["l_max"] < 1e-4 and metrics["mdm"]["n"] == 4
+    # an edited file is other settings: the fitted stages are not reused without --fresh
+    (tmp_path / "con.py").write_text("def zero_sum(x):\n    return 2 * x.flatten(1).sum(1).abs()\n")
+    assert main(["namm", "sample", "--run", "run", "--n", "4", "--no-finetuned", "--quiet"]) == 2
+    assert "--fresh" in capsys.readouterr().err
+    assert main(["namm", "fit", "--data", "data.npz", "--constraint", "con.py:zerosum", "--out", "r2", *tiny]) == 2
+    assert "has no 'zerosum'; its callables: ['zero_sum']" in capsys.readouterr().err

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import checks, io
-from ..constraints import Constraint, CountConstraint, build_constraint
+from ..constraints import Constraint, CountConstraint, build_constraint, parse_python_spec
 from ..data import DATASETS, ArrayData, load_dataset
 from ..data.sources import count_split
 from ..denoiser import Denoiser
@@ -232,7 +232,7 @@ def resolve(
         set_path(cfg, path, value)
     cfg["data"]["name"] = data
     if constraint:
-        cfg["data"]["constraint"] = constraint
+        cfg["data"]["constraint"] = parse_python_spec(constraint) or constraint
     cfg["profile"] = profile
     return json.loads(json.dumps(cfg))  # plain JSON types, so stage settings compare equal after a reload
 
@@ -762,7 +762,9 @@ def add_parser(sub, name: str) -> None:
         "--data", required=True, help="brightness, burgers, kolmogorov, periodic, count, or a file"
     )
     f.add_argument(
-        "--constraint", default=None, help="constraint name for user data (box, ball, simplex, ...)"
+        "--constraint", default=None,
+        help="the constraint, for user data: a registered name (box, ball, simplex, ...) or FILE.py:NAME, "
+             "a callable x -> (B,) distances in your own Python file",
     )
     f.add_argument("--profile", default="default", choices=sorted(PROFILES))
     f.add_argument("--config", metavar="TOML")

@@ -16,6 +16,7 @@ burgers            space-time image solves 1D viscous Burgers          burgers.p
 divergence_free    2D velocity fields with zero spectral divergence    divergence.py
 periodic           image is a 2x2 tiling of one tile                   periodic.py
 count              exactly ``k`` sources, judged by a counting CNN     count.py
+python             a user's callable in a Python file (``FILE:NAME``)  python.py
 =================  ==================================================  ==========================
 """
 
@@ -115,6 +116,7 @@ from condiff.constraints.convex import Ball, Box, Simplex  # noqa: E402
 from condiff.constraints.count import CountConstraint, CountingCNN  # noqa: E402
 from condiff.constraints.divergence import DivergenceFree, spectral_divergence  # noqa: E402
 from condiff.constraints.periodic import PeriodicTiling  # noqa: E402
+from condiff.constraints.python import PythonConstraint, parse_python_spec  # noqa: E402
 
 __all__ = [
     "CONSTRAINTS",
@@ -127,11 +129,13 @@ __all__ = [
     "Distance",
     "DivergenceFree",
     "PeriodicTiling",
+    "PythonConstraint",
     "Simplex",
     "TotalBrightness",
     "build_constraint",
     "burgers_step",
     "check_distance",
+    "parse_python_spec",
     "register_constraint",
     "safe_norm",
     "spectral_divergence",

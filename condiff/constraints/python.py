@@ -1,0 +1,79 @@
+"""A user's own distance, loaded from a Python file: ``{"name": "python", "path": FILE, "attr": NAME}``.
+
+The command line names it as ``--constraint FILE.py:NAME``; ``NAME`` is a callable ``x (B, ...) ->
+(B,)`` (a function, a module instance, or a class built without arguments), differentiable and zero
+on the set, with an optional ``violation_map(x) -> (B, H, W)``. The file is run when the constraint
+is built (it is the user's own code), and its SHA-256 is part of :meth:`learned_parts`, so work fitted
+against one version of the file is not reused with an edited one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+from torch import Tensor
+
+from condiff.constraints import Constraint, register_constraint
+
+
+def parse_python_spec(text: str) -> dict | None:
+    """``"FILE.py:NAME"`` -> the constraint's config (absolute path); ``None`` for anything else."""
+    path, sep, attr = text.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        return None
+    if not attr.isidentifier():
+        raise ValueError(f"--constraint {text}: after the ':' comes the name of a callable in {path}")
+    return {"name": "python", "path": str(Path(path).expanduser().resolve()), "attr": attr}
+
+
+@register_constraint("python")
+class PythonConstraint(Constraint):
+    """The callable ``attr`` of the Python file ``path``, as a constraint."""
+
+    def __init__(self, path: str, attr: str) -> None:
+        super().__init__()
+        file = Path(path)
+        if not file.is_file():
+            raise ValueError(f"constraint file {file} does not exist")
+        self.config = {"name": "python", "path": str(file), "attr": str(attr)}
+        self._sha = hashlib.sha256(file.read_bytes()).hexdigest()
+        module_name = f"condiff_user_constraint_{self._sha[:16]}"
+        spec = importlib.util.spec_from_file_location(module_name, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # some code (dataclasses) looks its own module up there
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:
+            del sys.modules[module_name]
+            raise ValueError(f"constraint file {file} failed to run: {type(err).__name__}: {err}") from None
+        if not hasattr(module, attr):
+            names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                           and getattr(v, "__module__", None) == module_name)
+            raise ValueError(f"constraint file {file} has no {attr!r}; its callables: {names or 'none'}")
+        fn = getattr(module, attr)
+        if inspect.isclass(fn):
+            fn = fn()
+        if not callable(fn):
+            raise ValueError(f"{file}:{attr} is a {type(fn).__name__}, not a callable x -> (B,)")
+        self.fn = fn  # an nn.Module is registered as a submodule, so .to(device) moves it
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+    def violation_map(self, x: Tensor) -> Tensor | None:
+        vm = getattr(self.fn, "violation_map", None)
+        return vm(x) if callable(vm) else None
+
+    def learned_parts(self) -> dict | None:
+        own = self.fn.learned_parts() if isinstance(self.fn, Constraint) else None
+        return {"file_sha256": self._sha, **({"parts": own} if own else {})}
+
+    def extra_repr(self) -> str:
+        return f"{self.config['path']}:{self.config['attr']}"
+
+
+__all__ = ["PythonConstraint", "parse_python_spec"]
