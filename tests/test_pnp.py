@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -307,6 +308,26 @@ def test_cli_tsp_and_segment_write_pictures_and_metrics(tmp_path):
     assert (tmp_path / "seg" / "segment.png").is_file()
 
 
+def test_cli_any_constraint_from_a_users_file_lowers_its_distance(tmp_path):
+    import json
+
+    from condiff.cli.main import main
+
+    tiny_prior(tmp_path / "prior", 1, 8, {"name": "digits"})
+    (tmp_path / "con.py").write_text("def grey(x):\n    return (x.flatten(1).mean(1) - 0.5).abs()\n")
+    out = tmp_path / "out"
+    assert main(["pnp", "constraint", "--ckpt", str(tmp_path / "prior"), "--constraint", f"{tmp_path / 'con.py'}:grey",
+                 "--n", "4", "--steps", "40", "--weight", "20", "--clamp", "1", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["constraint"]["name"] == "python" and m["n"] == 4
+    assert m["pnp_l_mean"] < 0.2 * m["prior_samples_l_mean"] and m["reduction"] > 5
+    with np.load(out / "samples.npz") as z:
+        x = torch.from_numpy(z["x"])
+    assert x.shape == (4, 1, 8, 8) and float(x.abs().max()) <= 1.0
+    assert float((x.flatten(1).mean(1) - 0.5).abs().mean()) == pytest.approx(m["pnp_l_mean"], rel=1e-5)
+    assert (out / "samples.png").is_file()
+
+
 @pytest.mark.parametrize("args, needle", [
     (["pnp", "digits", "--label", "12"], "--label must be a digit"),
     (["pnp", "tsp", "--ckpt", "{tmp}/none"], "pass --train"),
@@ -322,6 +343,9 @@ def test_cli_tsp_and_segment_write_pictures_and_metrics(tmp_path):
     (["pnp", "segment", "--ckpt", "{tmp}/scenes", "--chains", "2", "--votes", "3"], "--votes must be between"),
     (["pnp", "digits", "--ckpt", "{tmp}/digits", "--label", "3", "--finish", "100"], "--finish must be a timestep"),
     (["pnp", "digits", "--ckpt", "{tmp}/digits", "--label", "3", "--finish-zeta", "-1"], "--finish-zeta must be"),
+    (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "nosuch"], "unknown constraint 'nosuch'"),
+    (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "{tmp}/no.py:f"], "no.py does not exist"),
+    (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "periodic", "--n", "1"], "--n must be"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, args, needle):
     from condiff.cli.main import main
