@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,6 +236,9 @@ FAMILY_INPUTS = {
     "divergence_free": (DivergenceFree(), (3, 2, 8, 8)),
     "periodic": (PeriodicTiling(), (3, 1, 8, 8)),
     "count": (CountConstraint(k=2, counter=_SumCounter()), (3, 1, 8, 8)),
+    "python": (build_constraint({"name": "python", "attr": "zero_mean",
+                                 "path": str(Path(__file__).parents[1] / "examples" / "constraints" / "own.py")}),
+               (3, 1, 8, 8)),
 }
 
 

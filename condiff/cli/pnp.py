@@ -1,10 +1,10 @@
 """``condiff pnp``: plug-and-play inference with a fixed diffusion prior (Graikos et al. 2022).
 
-  condiff pnp digits   conditional digits: a classifier constraint (--label) or mirror symmetry (--symmetry)
-  condiff pnp segment  infer the mask channel of a (picture, mask) prior for synthetic scenes
-  condiff pnp tsp      solve random TSP instances with a prior over pictures of optimal tours
-  condiff pnp constraint  any prior under any constraint: a registered name or FILE.py:NAME, your own
-                       callable x -> (B,) distances (compared with the prior's own samples)
+  condiff pnp digits      conditional digits: a classifier constraint (--label) or mirror symmetry (--symmetry)
+  condiff pnp segment     infer the mask channel of a (picture, mask) prior for synthetic scenes
+  condiff pnp tsp         solve random TSP instances with a prior over pictures of optimal tours
+  condiff pnp constraint  any prior under any constraint: a registered name, or FILE.py:NAME for your own
+                          callable x -> (B,) distances (beside the prior's own samples)
 
 Each writes pictures and ``metrics.json`` to ``--out``. The segment and tsp priors are ordinary condiff
 models (``condiff train --data scenes|tours ...``); ``--train`` trains the default prior into
