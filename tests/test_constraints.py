@@ -23,6 +23,7 @@ from condiff.constraints import (
     check_distance,
 )
 from condiff.constraints.count import _pgd, train_counter
+from condiff.mirror.sample import batched_distance
 
 
 def _grad(con, x):
@@ -273,10 +274,25 @@ def test_user_callables_are_checked():
     assert check_distance(lambda v: v.flatten(1).abs().sum(1), x).shape == (4,)
     with pytest.raises(ValueError, match=r"return shape \(4,\)"):
         check_distance(lambda v: v.sum(), x)
-    with pytest.raises(ValueError, match="finite values >= 0"):
+    with pytest.raises(ValueError, match=r"values >= 0, got \[-"):
         check_distance(lambda v: -v.flatten(1).abs().sum(1), x)
+    with pytest.raises(ValueError, match="finite values, got .*nan"):
+        check_distance(lambda v: v.flatten(1).sum(1) * float("nan"), x)
+    with pytest.raises(ValueError, match="floating-point values, got torch.int64"):
+        check_distance(lambda v: (v > 0).flatten(1).sum(1), x)
+    with pytest.raises(ValueError, match="no gradient reaches x"):
+        check_distance(lambda v: v.detach().flatten(1).abs().sum(1), x)
     with pytest.raises(TypeError, match="callable"):
         check_distance(3, x)
+    with torch.no_grad():  # the gradient check holds under no_grad too
+        with pytest.raises(ValueError, match="no gradient reaches x"):
+            check_distance(lambda v: v.detach().flatten(1).abs().sum(1), x)
+    with pytest.raises(ValueError, match="returned -1 < 0 on some samples"):
+        batched_distance(lambda v: v.flatten(1)[:, 0] * 0 - 1, x)
+    with pytest.raises(ValueError, match="unknown constraint 'nope'; known: .*, or FILE.py:NAME"):
+        build_constraint({"name": "nope"})
+    with pytest.raises(ValueError, match="data.constraint=\\{name = \"brightness\""):
+        build_constraint({"name": "brightness"})
 
 
 @pytest.mark.parametrize("con", [Box(), Ball(), Simplex()])
@@ -337,3 +353,6 @@ def test_a_users_python_file_is_a_constraint_and_an_edit_is_noticed(tmp_path):
         build_constraint(parse_python_spec(f"{tmp_path / 'broken.py'}:total"))
     with pytest.raises(ValueError, match="name of a callable"):
         parse_python_spec(f"{f}:")
+    (tmp_path / "boom.py").write_text("def total(x):\n    raise RuntimeError('boom')\n")
+    with pytest.raises(ValueError, match=r"constraint .*boom.py:total raised RuntimeError: boom"):
+        build_constraint(parse_python_spec(f"{tmp_path / 'boom.py'}:total"))(torch.zeros(2, 1, 4, 4))

@@ -683,3 +683,11 @@ def test_cli_takes_a_constraint_from_the_users_python_file(tmp_path, capsys, mon
     assert "--fresh" in capsys.readouterr().err
     assert main(["namm", "fit", "--data", "data.npz", "--constraint", "con.py:zerosum", "--out", "r2", *tiny]) == 2
     assert "has no 'zerosum'; its callables: ['zero_sum']" in capsys.readouterr().err
+
+
+def test_a_negative_constraint_term_stops_training():
+    from condiff.mirror.objective import _logs
+
+    assert _logs({"cyc": torch.tensor(0.5), "con": torch.tensor(0.0)}, 3) == {"cyc": 0.5, "con": 0.0}
+    with pytest.raises(ValueError, match="averaged -2 < 0 at step 7"):
+        _logs({"cyc": torch.tensor(0.5), "con": torch.tensor(-2.0)}, 7)

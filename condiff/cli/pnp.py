@@ -462,7 +462,9 @@ def run_constraint(args: argparse.Namespace) -> int:
         key = k.replace(" ", "_")
         metrics[f"{key}_l_mean"], metrics[f"{key}_l_median"] = float(d.mean()), float(d.median())
         metrics[f"{key}_diversity"] = mean_pairwise_distance(sets[k])
-    metrics["reduction"] = metrics["prior_samples_l_mean"] / max(metrics["pnp_l_mean"], 1e-30)
+    # prior / PnP mean distance; None when PnP meets the constraint exactly (no finite ratio)
+    metrics["reduction"] = (metrics["prior_samples_l_mean"] / metrics["pnp_l_mean"]
+                            if metrics["pnp_l_mean"] > 0 else None)
     np.savez_compressed(out / "samples.npz", x=sets["pnp"].numpy(), prior=sets["prior samples"].numpy())
     cols = {k: (v, violation_maps(constraint, v), dist[k]) for k, v in sets.items()}
     grid = plot_violation_grid(cols, out / "samples.png", title=f"constraint {args.constraint}: prior vs PnP")

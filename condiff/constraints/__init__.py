@@ -79,27 +79,50 @@ def build_constraint(config: dict) -> Constraint:
     kwargs = dict(config)
     name = kwargs.pop("name")
     if name not in CONSTRAINTS:
-        raise ValueError(f"unknown constraint {name!r}; known: {', '.join(sorted(CONSTRAINTS))}")
+        known = ", ".join(sorted(n for n in CONSTRAINTS if n != "python"))
+        raise ValueError(f"unknown constraint {name!r}; known: {known}, or FILE.py:NAME for your own")
     try:
         return CONSTRAINTS[name](**kwargs)
     except TypeError as err:
-        raise ValueError(f"bad arguments for constraint {name!r}: {err}") from None
+        example = "FILE.py:NAME" if name == "python" else f"{{name = \"{name}\", ...}}"
+        raise ValueError(f"bad arguments for constraint {name!r}: {err} (on the command line: "
+                         f"--set 'data.constraint={example}')") from None
 
 
 def check_distance(fn: Distance, x: Tensor) -> Tensor:
-    """Evaluate a user distance on ``x`` (B, ...) and check it returns finite ``(B,)`` values >= 0."""
+    """Evaluate a user distance on ``x`` (B, ...) and check it returns finite floating-point ``(B,)``
+    values >= 0 through which a gradient reaches ``x``; returns them (detached)."""
     if not callable(fn):
         raise TypeError(f"a constraint distance must be callable x -> (B,), got {type(fn).__name__}")
-    out = fn(x)
+    xg = x.detach().clone().requires_grad_(x.is_floating_point())
+    with torch.enable_grad():
+        out = fn(xg)
     if not isinstance(out, Tensor) or out.shape != (x.shape[0],):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(
             f"a constraint distance must return shape ({x.shape[0]},) for a batch of "
             f"{x.shape[0]}, got {shape}"
         )
-    if not bool(torch.isfinite(out).all()) or bool((out < -1e-6).any()):
-        raise ValueError("a constraint distance must return finite values >= 0")
-    return out
+    if not out.is_floating_point():
+        raise ValueError(f"a constraint distance must return floating-point values, got {out.dtype} "
+                         "(a count or a comparison has no gradient)")
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"a constraint distance must return finite values, got {out.detach().tolist()}")
+    if bool((out < -1e-6).any()):
+        raise ValueError(f"a constraint distance must return values >= 0, got {out.detach().tolist()}")
+    if xg.requires_grad and not out.requires_grad:
+        raise ValueError("a constraint distance must be differentiable in x: no gradient reaches x "
+                         "(is it computed under no_grad, detached, or through numpy?)")
+    return out.detach()
+
+
+def check_sign(values: Tensor, what: str = "the constraint distance") -> Tensor:
+    """``values`` unchanged, or a ValueError when some are negative (a distance is >= 0 everywhere;
+    a sign error makes every reduction and training loss meaningless)."""
+    low = float(values.min()) if values.numel() else 0.0
+    if low < -1e-6:
+        raise ValueError(f"{what} returned {low:.4g} < 0 on some samples: a distance must be >= 0 everywhere")
+    return values
 
 
 def safe_norm(v: Tensor) -> Tensor:
@@ -135,6 +158,7 @@ __all__ = [
     "build_constraint",
     "burgers_step",
     "check_distance",
+    "check_sign",
     "parse_python_spec",
     "register_constraint",
     "safe_norm",

@@ -62,7 +62,10 @@ class PythonConstraint(Constraint):
         self.fn = fn  # an nn.Module is registered as a submodule, so .to(device) moves it
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fn(x)
+        try:
+            return self.fn(x)
+        except Exception as err:  # the user's code: say whose error it is
+            raise ValueError(f"constraint {self.extra_repr()} raised {type(err).__name__}: {err}") from err
 
     def violation_map(self, x: Tensor) -> Tensor | None:
         vm = getattr(self.fn, "violation_map", None)

@@ -71,6 +71,16 @@ def namm_terms(terms, x: Tensor, constraint: Distance) -> dict[str, Tensor]:
     }
 
 
+def _logs(parts: dict[str, Tensor], step: int) -> dict[str, float]:
+    """The terms as floats; a negative constraint term stops training (a distance is >= 0, and a sign
+    error would otherwise let the loss fall without bound)."""
+    logs = {k: float(v.detach()) for k, v in parts.items()}
+    if logs["con"] < -1e-6:
+        raise ValueError(f"the constraint distance averaged {logs['con']:.4g} < 0 at step {step}: "
+                         "a distance must be >= 0 everywhere")
+    return logs
+
+
 def _total(parts: dict[str, Tensor], w: NAMMLoss) -> Tensor:
     return (w.l_cyc * parts["cyc"] + w.l_con * parts["con"] + w.l_reg * parts.get("reg", 0.0)
             + w.l_adv * parts.get("adv", 0.0))
@@ -106,7 +116,7 @@ class NAMMObjective:
         x = _batch(self.x, self.batch_size, generator)
         terms = model(x, _sigma_noise(x.shape, self.w.sigma_max, generator, x))
         parts = namm_terms(terms, x, self.constraint)
-        return _total(parts, self.w), {k: float(v.detach()) for k, v in parts.items()}
+        return _total(parts, self.w), _logs(parts, step)
 
     def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
         model.psi.clamp_weights()  # keep Psi convex: W_k >= 0 and the output conv >= 0
@@ -209,7 +219,7 @@ class FinetuneObjective:
             # the critic's step (after f's, in after_step) sees these outputs against other data
             self._fake = fy.detach()
             self._real = _batch(self.x, self.batch_size, generator)
-        return _total(parts, self.w), {k: float(v.detach()) for k, v in parts.items()}
+        return _total(parts, self.w), _logs(parts, step)
 
     def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
         """One step of the critic (if any): non-saturating GAN loss and R1 on the data."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from condiff.constraints import check_sign
 from condiff.denoiser import Denoiser
 from condiff.mirror.map import MirrorMap
 from condiff.sample import generate
@@ -28,6 +29,6 @@ def batched_distance(
     constraint, x: Tensor, batch_size: int = 256, device: str | torch.device = "cpu"
 ) -> Tensor:
     """``l(x)`` for a large set ``x`` (N, ...) in batches: ``(N,)`` on the CPU."""
-    return torch.cat(
+    return check_sign(torch.cat(
         [constraint(x[i : i + batch_size].to(device)).detach().cpu() for i in range(0, len(x), batch_size)]
-    )
+    ))
