@@ -691,3 +691,18 @@ def test_a_negative_constraint_term_stops_training():
     assert _logs({"cyc": torch.tensor(0.5), "con": torch.tensor(0.0)}, 3) == {"cyc": 0.5, "con": 0.0}
     with pytest.raises(ValueError, match="averaged -2 < 0 at step 7"):
         _logs({"cyc": torch.tensor(0.5), "con": torch.tensor(-2.0)}, 7)
+
+
+def test_a_users_file_named_like_a_family_gets_generic_settings_and_an_absolute_path(tmp_path, monkeypatch):
+    from condiff.cli.config import resolve as resolve_train
+    from condiff.cli.namm import resolve
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    np.save(tmp_path / "sub" / "count.npy", np.zeros((4, 1, 8, 8), np.float32))
+    cfg = resolve("sub/count.npy", "quick", constraint="box")
+    assert cfg["mirror"]["psi"]["layers"] == 3 and "k" not in cfg["data"]  # not the count family's 2 and k = 4
+    assert "size" not in cfg["data"] and "n_train" not in cfg["data"]
+    assert cfg["data"]["name"] == str(tmp_path / "sub" / "count.npy")
+    assert resolve_train("sub/count.npy")["data"]["name"] == str(tmp_path / "sub" / "count.npy")
+    assert resolve("count", "quick")["data"]["k"] == 4 and resolve_train("digits")["data"]["name"] == "digits"

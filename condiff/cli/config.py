@@ -76,6 +76,16 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+def data_ref(name: str) -> str:
+    """How a run records its data set: a registered name as it is, a user's file or folder as an
+    absolute path (so later commands find it from any working directory)."""
+    from ..data import DATASETS
+
+    if name in DATASETS or not Path(name).expanduser().exists():
+        return name
+    return str(Path(name).expanduser().resolve())
+
+
 def preset(name: str) -> dict:
     """Defaults for a data set name; for a path (user data) the model table starts empty and is
     completed from the data's shape when the data are loaded."""
@@ -190,6 +200,7 @@ def assemble(from_file: dict, parsed: list[tuple[list[str], Any]], data: str | N
     cfg["data"]["name"] = name
     for path, value in parsed:
         set_path(cfg, path, value)
+    cfg["data"]["name"] = data_ref(cfg["data"]["name"])
     if isinstance(cfg.get("sample"), dict):
         check_sample(cfg["sample"])
     if "split" in cfg.get("data", {}):

@@ -64,7 +64,7 @@ from ..sample import generate
 from ..schedule import Schedule
 from ..train import TrainConfig
 from .common import check_out_dir, pick_device
-from .config import ConfigError, check_sample, merge, parse_override, read_toml, set_path
+from .config import ConfigError, check_sample, data_ref, merge, parse_override, read_toml, set_path
 
 SECTIONS = (
     "data",
@@ -222,15 +222,17 @@ def resolve(
     """Settings for a NAMM run: base < profile < data family < TOML ``file`` < ``overrides``."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; expected one of {list(PROFILES)}")
-    family = Path(data).stem if data not in FAMILIES else data
+    # the family settings follow registered names only: a user's file called count.npz is not count data
     cfg = merge(_BASE, PROFILES[profile])
-    cfg = merge(cfg, FAMILIES.get(family, {"assimilate": GENERIC_ASSIMILATION}))
-    cfg = merge(cfg, PROFILE_FAMILIES.get(profile, {}).get(family, {}))
+    cfg = merge(cfg, FAMILIES.get(data, {"assimilate": GENERIC_ASSIMILATION}))
+    cfg = merge(cfg, PROFILE_FAMILIES.get(profile, {}).get(data, {}))
+    if data not in DATASETS:  # a user's file: the generators' size and counts mean nothing to it
+        cfg["data"] = {k: v for k, v in cfg["data"].items() if k not in ("size", "n_train", "n_test")}
     if file:
         cfg = merge(cfg, read_toml(file, SECTIONS))
     for path, value in (parse_override(o, SECTIONS, nested=True) for o in overrides or []):
         set_path(cfg, path, value)
-    cfg["data"]["name"] = data
+    cfg["data"]["name"] = data_ref(data)
     if constraint:
         cfg["data"]["constraint"] = parse_python_spec(constraint) or constraint
     cfg["profile"] = profile
