@@ -353,6 +353,13 @@ def test_a_users_python_file_is_a_constraint_and_an_edit_is_noticed(tmp_path):
         build_constraint(parse_python_spec(f"{tmp_path / 'broken.py'}:total"))
     with pytest.raises(ValueError, match="name of a callable"):
         parse_python_spec(f"{f}:")
+    from condiff.mirror.plots import violation_maps
+
+    (tmp_path / "vm.py").write_text("class Bad:\n    def __call__(self, x):\n"
+                                    "        return x.flatten(1).sum(1).abs()\n\n"
+                                    "    def violation_map(self, x):\n        return x\n")
+    with pytest.raises(ValueError, match=r"violation_map must return \(B, H, W\) = \(1, 4, 4\).* got \(1, 1, 4, 4\)"):
+        violation_maps(build_constraint(parse_python_spec(f"{tmp_path / 'vm.py'}:Bad")), torch.zeros(2, 1, 4, 4))
     (tmp_path / "boom.py").write_text("def total(x):\n    raise RuntimeError('boom')\n")
     with pytest.raises(ValueError, match=r"constraint .*boom.py:total raised RuntimeError: boom"):
         build_constraint(parse_python_spec(f"{tmp_path / 'boom.py'}:total"))(torch.zeros(2, 1, 4, 4))

@@ -436,12 +436,15 @@ def run_constraint(args: argparse.Namespace) -> int:
     spec = parse_python_spec(args.constraint) or {"name": args.constraint}
     constraint = build_constraint(spec)  # a bad name or file is reported before the prior loads
     den, run_cfg, shape, device = _prior(args)
+    if len(shape) != 3:
+        raise ValueError(f"{args.ckpt} is a prior over {tuple(shape)} vectors; pnp constraint needs pictures (C, H, W)")
     if not 0 <= args.finish < den.schedule.T:
         raise ValueError(f"--finish must be a timestep in [0, {den.schedule.T}) (0: off), got {args.finish}")
     constraint = constraint.to(device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     prior_x = sample(den, (args.n, *shape), steps=100, eta=1.0, generator=g, device=device)
     check_distance(constraint, prior_x[:2])  # the callable's shape and sign, named before the long run
+    violation_maps(constraint, prior_x[:1])  # and its violation map's shape
     bound = args.clamp if args.clamp is not None else (run_cfg.get("sample") or {}).get("clip_x0")
     project = (lambda z: z.clamp(-bound, bound)) if bound else None
     res = infer(den, torch.randn(args.n, *shape, generator=g, device=device), constraint=constraint,

@@ -66,6 +66,12 @@ def violation_maps(constraint, x: Tensor, batch_size: int = 256) -> Tensor | Non
     fn = getattr(constraint, "violation_map", None)
     params = getattr(constraint, "parameters", None)
     dev = next(iter(params()), torch.empty(0)).device if params is not None else torch.device("cpu")
-    if fn is None or fn(x[:1].to(dev)) is None:
+    if fn is None:
         return None
+    first = fn(x[:1].to(dev))
+    if first is None:
+        return None
+    if x.dim() != 4 or tuple(first.shape) != (1, *x.shape[-2:]):
+        raise ValueError(f"violation_map must return (B, H, W) = (1, {x.shape[-2]}, {x.shape[-1]}) for a batch of "
+                         f"one {tuple(x.shape[1:])} picture, got {tuple(first.shape)}")
     return torch.cat([fn(x[i : i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
