@@ -314,3 +314,14 @@ def test_array_data_checks_labels():
 def test_an_empty_data_set_name_is_refused():
     with pytest.raises(DataError, match="name is empty"):
         load_dataset("")
+
+
+def test_splits_of_different_shapes_are_named(tmp_path):
+    from condiff.data import DataError, load_dataset
+
+    np.savez(tmp_path / "mix.npz", x_train=np.zeros((4, 1, 8, 8), np.float32),
+             x_test=np.zeros((2, 1, 16, 16), np.float32))
+    assert load_dataset(str(tmp_path / "mix.npz"), split="train").x.shape == (4, 1, 8, 8)
+    for split in ("test", "all"):
+        with pytest.raises(DataError, match=r"splits hold items of different shapes .*'train': \(1, 8, 8\)"):
+            load_dataset(str(tmp_path / "mix.npz"), split=split)
