@@ -69,7 +69,7 @@ def warn_range(x: Tensor, source: str) -> Tensor:
     top = float(x.abs().max())
     if top > 10:
         warnings.warn(f"{source}: values reach {top:.3g}; condiff's models and defaults expect data scaled "
-                      "to about [-1, 1] (integer images are scaled automatically)", stacklevel=2)
+                      "to about [-1, 1] (only uint8 and uint16 images are scaled automatically)", stacklevel=2)
     return x
 
 
