@@ -136,3 +136,12 @@ def test_eval_scores_a_diffusers_model_against_the_data_named_by_data(tmp_path, 
     (tmp_path / "f").write_text("a file")
     assert main(["sample", "--ckpt", str(tmp_path / "dm"), "--out", str(tmp_path / "f" / "sub")]) == 2
     assert "f is a file, not a directory" in capsys.readouterr().err
+
+
+def test_split_with_input_is_refused(tiny_run, tmp_path, capsys):
+    np.save(tmp_path / "imgs.npy", np.zeros((2, 1, 8, 8), dtype=np.float32))
+    code = main(["solve", "--ckpt", str(tiny_run), "--input", str(tmp_path / "imgs.npy"), "--split", "train",
+                 "--operator", "blur", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "--input FILE uses every image in the file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -91,7 +91,7 @@ def add_parser(sub, name: str) -> None:
     d.add_argument("--input", default=None,
                    help="images: a .png, a folder of PNGs, or a .npy / .npz array (floats taken as in [-1, 1])")
     d.add_argument("--data", default=None, help="data set (default: the one the model was trained on)")
-    d.add_argument("--split", default="test", help="split of --data to draw images from")
+    d.add_argument("--split", default=None, help="split of --data to draw images from (default test)")
     d.add_argument("--n", type=int, default=None, help="number of images (default: 16, or all of --input)")
     d.add_argument("--seed", type=int, default=0, help="seed for image choice, operator, noise and sampling")
     d.add_argument("--batch-size", type=int, default=64)
@@ -103,12 +103,15 @@ def add_parser(sub, name: str) -> None:
 def load_images(args: argparse.Namespace, run_cfg: dict, shape: tuple[int, ...]) -> tuple[torch.Tensor, str]:
     """``n`` images ``(n, *shape)`` and the data name: from --input, else a seeded choice from the split."""
     if args.input:
+        if args.split is not None:
+            raise ValueError("--split picks images of --data; --input FILE uses every image in the file")
         data, name = load_dataset(args.input, split="all"), Path(args.input).stem
     else:
         name = args.data or (run_cfg.get("data") or {}).get("name")
         if not name:
             raise ValueError("the model does not record its data set: pass --data NAME or --input FILE")
         kw = data_kwargs({"data": run_cfg["data"]}) if run_cfg.get("data", {}).get("name") == name else {}
+        args.split = args.split or "test"
         data = load_dataset(name, split=args.split, **kw)
     if tuple(data.shape) != tuple(shape):
         raise ValueError(f"images have shape {tuple(data.shape)} but the model expects {tuple(shape)}")

@@ -76,7 +76,8 @@ def load_array(path: str | Path, key: str | None = None) -> ArrayData:
             key = keys[0] if len(keys) == 1 else next((k for k in ("x", "arr_0") if k in keys), None)
         if key not in keys:
             wanted = "array named 'x' or 'arr_0'" if key is None else f"array {key!r}"
-            raise DataError(f"{path}: no {wanted}; the file holds {keys} (pass key=...)")
+            raise DataError(f"{path}: no {wanted}; the file holds {keys} (pass key=... to the loader; on the "
+                            "command line --set data.key=NAME)")
         x = _read(lambda: npz[key], path, f"array {key!r}")
         y_key = "y" + key[1:] if key.startswith("x") else None
         y = _read(lambda: npz[y_key], path, f"array {y_key!r}") if y_key in keys else None
