@@ -102,12 +102,17 @@ def test_bad_input_is_one_line_error(tiny_run, tmp_path, capsys, extra, message)
     assert re.search(message, err), err
 
 
-def test_input_of_the_wrong_shape_is_refused(tiny_run, tmp_path, capsys):
-    np.save(tmp_path / "big.npy", np.zeros((2, 3, 16, 16), dtype=np.float32))
-    code = main(["solve", "--ckpt", str(tiny_run), "--input", str(tmp_path / "big.npy"), "--n", "2",
+@pytest.mark.parametrize("shape, extra, message", [
+    ((2, 3, 16, 16), ["--n", "2"], "images have shape (3, 16, 16) but the model expects (1, 8, 8)"),
+    ((2, 1, 8, 8), ["--split", "train"], "--input FILE uses every image in the file"),
+])
+def test_bad_input_is_refused(tiny_run, tmp_path, capsys, shape, extra, message):
+    np.save(tmp_path / "imgs.npy", np.zeros(shape, dtype=np.float32))
+    code = main(["solve", "--ckpt", str(tiny_run), "--input", str(tmp_path / "imgs.npy"), *extra,
                  "--operator", "blur", "--out", str(tmp_path / "o")])
     assert code == 2
-    assert "images have shape (3, 16, 16) but the model expects (1, 8, 8)" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_readme_python_snippets_run_as_written(tiny_run):
@@ -136,12 +141,3 @@ def test_eval_scores_a_diffusers_model_against_the_data_named_by_data(tmp_path, 
     (tmp_path / "f").write_text("a file")
     assert main(["sample", "--ckpt", str(tmp_path / "dm"), "--out", str(tmp_path / "f" / "sub")]) == 2
     assert "f is a file, not a directory" in capsys.readouterr().err
-
-
-def test_split_with_input_is_refused(tiny_run, tmp_path, capsys):
-    np.save(tmp_path / "imgs.npy", np.zeros((2, 1, 8, 8), dtype=np.float32))
-    code = main(["solve", "--ckpt", str(tiny_run), "--input", str(tmp_path / "imgs.npy"), "--split", "train",
-                 "--operator", "blur", "--out", str(tmp_path / "o")])
-    assert code == 2
-    assert "--input FILE uses every image in the file" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
