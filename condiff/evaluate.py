@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import metrics
-from .data import DataError, load_dataset
+from .data import DataError, load_dataset, same_item_shape
 
 Evaluator = Callable[[Tensor, dict], dict]
 EVALUATORS: dict[str, Evaluator] = {}
@@ -119,5 +119,7 @@ def generic_eval(samples: Tensor, data_cfg: dict) -> dict:
         half = len(train) // 2
         train, test = train[:half], train[half:]
         reference = "training data (no test split)"
+    else:
+        same_item_shape({"train": train, "test": test}, data_cfg["name"])
     test = test[torch.randperm(len(test), generator=g)]
     return {**mmd_with_reference(samples, test, train), "reference": reference}

@@ -321,7 +321,18 @@ def test_splits_of_different_shapes_are_named(tmp_path):
 
     np.savez(tmp_path / "mix.npz", x_train=np.zeros((4, 1, 8, 8), np.float32),
              x_test=np.zeros((2, 1, 16, 16), np.float32))
-    assert load_dataset(str(tmp_path / "mix.npz"), split="train").x.shape == (4, 1, 8, 8)
-    for split in ("test", "all"):
-        with pytest.raises(DataError, match=r"splits hold items of different shapes .*'train': \(1, 8, 8\)"):
-            load_dataset(str(tmp_path / "mix.npz"), split=split)
+    from condiff.cli.namm import NAMMRun, resolve
+    from condiff.evaluate import generic_eval
+
+    path = str(tmp_path / "mix.npz")
+    assert load_dataset(path, split="train").x.shape == (4, 1, 8, 8)
+    assert load_dataset(path, split="test").x.shape == (2, 1, 16, 16)  # one split alone loads as it is
+    # where the splits meet: joined, scored against each other (not silently replaced by train halves),
+    # or evaluated for models built on the training split
+    named = r"splits hold items of different shapes .*'train': \(1, 8, 8\)"
+    with pytest.raises(DataError, match=named):
+        load_dataset(path, split="all")
+    with pytest.raises(DataError, match=named):
+        generic_eval(torch.zeros(4, 1, 8, 8), {"name": path})
+    with pytest.raises(DataError, match=named):
+        NAMMRun(tmp_path / "run", resolve(path, "quick", constraint="box")).data("test")

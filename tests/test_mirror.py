@@ -689,7 +689,7 @@ def test_a_negative_constraint_term_stops_training():
     from condiff.mirror.objective import _logs
 
     assert _logs({"cyc": torch.tensor(0.5), "con": torch.tensor(0.0)}, 3) == {"cyc": 0.5, "con": 0.0}
-    with pytest.raises(ValueError, match="averaged -2 < 0 at step 7"):
+    with pytest.raises(ValueError, match="mean constraint distance at step 7 reaches -2 < 0"):
         _logs({"cyc": torch.tensor(0.5), "con": torch.tensor(-2.0)}, 7)
 
 

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .. import checks, io
 from ..constraints import Constraint, CountConstraint, build_constraint, parse_python_spec
-from ..data import DATASETS, ArrayData, load_dataset
+from ..data import DATASETS, ArrayData, load_dataset, same_item_shape
 from ..data.sources import count_split
 from ..denoiser import Denoiser
 from ..evaluate import mmd_with_reference
@@ -400,6 +400,8 @@ class NAMMRun:
             if name not in DATASETS and Path(name).exists():
                 kw = {}
             self._data[split] = load_dataset(name, split=split, **kw)
+            if split != "train":  # the models are built for the training split's shape
+                same_item_shape({"train": self.data("train"), split: self._data[split]}, name)
         return self._data[split]
 
     @property

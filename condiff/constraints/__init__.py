@@ -108,8 +108,7 @@ def check_distance(fn: Distance, x: Tensor) -> Tensor:
                          "(a count or a comparison has no gradient)")
     if not bool(torch.isfinite(out).all()):
         raise ValueError(f"a constraint distance must return finite values, got {out.detach().tolist()}")
-    if bool((out < -1e-6).any()):
-        raise ValueError(f"a constraint distance must return values >= 0, got {out.detach().tolist()}")
+    check_sign(out.detach(), f"a constraint distance ({out.detach().tolist()})")
     if xg.requires_grad and not out.requires_grad:
         raise ValueError("a constraint distance must be differentiable in x: no gradient reaches x "
                          "(is it computed under no_grad, detached, or through numpy?)")
@@ -121,7 +120,7 @@ def check_sign(values: Tensor, what: str = "the constraint distance") -> Tensor:
     a sign error makes every reduction and training loss meaningless)."""
     low = float(values.min()) if values.numel() else 0.0
     if low < -1e-6:
-        raise ValueError(f"{what} returned {low:.4g} < 0 on some samples: a distance must be >= 0 everywhere")
+        raise ValueError(f"{what} reaches {low:.4g} < 0: a distance must be >= 0 everywhere")
     return values
 
 

@@ -198,7 +198,14 @@ def load_dataset(name_or_path: str | Path, split: str = "train", **kwargs: Any) 
 
 # Loaders import the names above from this module, so they are imported last.
 from condiff.data.digits import load_digits  # noqa: E402
-from condiff.data.files import load_array, load_path, load_png_folder, save_png, save_png_grid  # noqa: E402
+from condiff.data.files import (  # noqa: E402
+    load_array,
+    load_path,
+    load_png_folder,
+    same_item_shape,
+    save_png,
+    save_png_grid,
+)
 from condiff.data.patches import load_patches  # noqa: E402
 from condiff.data.toy2d import load_toy2d  # noqa: E402
 
@@ -217,6 +224,7 @@ __all__ = [
     "load_digits",
     "load_patches",
     "load_path",
+    "same_item_shape",
     "load_png_folder",
     "load_toy2d",
     "register_dataset",

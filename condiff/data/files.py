@@ -150,13 +150,14 @@ def load_png_folder(path: str | Path, channels: int | None = None) -> ArrayData:
 def _concat(parts: list[ArrayData], name: str, splits: list[str] | None = None) -> ArrayData:
     if len(parts) == 1:
         return parts[0]
-    _same_shape(parts, name, splits or [str(i) for i in range(len(parts))])
+    same_item_shape(dict(zip(splits or [str(i) for i in range(len(parts))], parts)), name)
     y = torch.cat([p.y for p in parts]) if all(p.y is not None for p in parts) else None
     return ArrayData(torch.cat([p.x for p in parts]), y, name, {"parts": [p.meta for p in parts]})
 
 
-def _same_shape(parts: list[ArrayData], name: str, splits: list[str]) -> None:
-    shapes = {split: tuple(p.x.shape[1:]) for split, p in zip(splits, parts)}
+def same_item_shape(splits: dict[str, ArrayData | Tensor], name: str) -> None:
+    """A DataError naming each split's item shape when they differ (a model needs one shape)."""
+    shapes = {k: tuple((v.x if isinstance(v, ArrayData) else v).shape[1:]) for k, v in splits.items()}
     if len(set(shapes.values())) > 1:
         raise DataError(f"{name}: the splits hold items of different shapes {shapes}; a model needs one shape")
 
@@ -195,10 +196,6 @@ def load_path(path: str | Path, split: str = "train", **kwargs: Any) -> ArrayDat
     parts = _splits(path, kwargs)
     if split == "all" and parts:
         return _concat([load(part) for part in parts.values()], path.stem, list(parts))
-    if split == "test" and "train" in parts:  # evaluation against a model trained on the train split
-        test, train = load(parts["test"]), load(parts["train"])
-        _same_shape([train, test], str(path), ["train", "test"])
-        return test
     if split in parts:
         return load(parts[split])
     if split == "test":

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from condiff import io
-from condiff.constraints import Distance
+from condiff.constraints import Distance, check_sign
 from condiff.mirror.map import MirrorMap
 from condiff.train import all_reduce_mean
 
@@ -74,11 +74,8 @@ def namm_terms(terms, x: Tensor, constraint: Distance) -> dict[str, Tensor]:
 def _logs(parts: dict[str, Tensor], step: int) -> dict[str, float]:
     """The terms as floats; a negative constraint term stops training (a distance is >= 0, and a sign
     error would otherwise let the loss fall without bound)."""
-    logs = {k: float(v.detach()) for k, v in parts.items()}
-    if logs["con"] < -1e-6:
-        raise ValueError(f"the constraint distance averaged {logs['con']:.4g} < 0 at step {step}: "
-                         "a distance must be >= 0 everywhere")
-    return logs
+    check_sign(parts["con"].detach(), f"the mean constraint distance at step {step}")
+    return {k: float(v.detach()) for k, v in parts.items()}
 
 
 def _total(parts: dict[str, Tensor], w: NAMMLoss) -> Tensor:
