@@ -22,6 +22,10 @@ def test_train_sample_eval_round_trip(tmp_path, capsys):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["train"]["steps"] == 30 and cfg["schedule"]["T"] == 50 and cfg["data"]["kind"] == "moons"
     assert (run / "model" / "model.safetensors").is_file() and (run / "loss.png").is_file()
+    from condiff.data import load_dataset  # the model records its training data's [min, max]
+    train_x = load_dataset("toy2d", split="train", kind="moons", n=512).x
+    recorded = json.loads((run / "model" / "config.json").read_text())["value_range"]
+    assert recorded == [float(train_x.min()), float(train_x.max())]
     assert main(["sample", "--ckpt", str(run), "--n", "7", "--steps", "5", "--seed", "3"]) == 0
     x = np.load(run / "samples" / "samples.npz")["x"]
     assert x.shape == (7, 2) and np.isfinite(x).all()

@@ -86,6 +86,34 @@ def test_solve_with_a_diffusers_model_and_input_files(tmp_path, tiny_diffusers_d
     assert sorted(map(tuple, gt.reshape(4, -1).round(5))) == sorted(map(tuple, imgs.reshape(4, -1).round(5)))
 
 
+def test_solve_clips_and_scores_on_the_models_recorded_range(tmp_path):
+    """Data on [-4, 4]: x0_hat is clipped to 4 (not 1), PSNR and SSIM use the range 8, and the npz holds
+    the reconstruction unclipped; PSNR is the closed form 10 log10(8^2 / MSE) of what the npz holds."""
+    torch.manual_seed(0)
+    net = build_net({"name": "unet", "in_channels": 1, "base": 8, "mults": [1, 2], "groups": 4})
+    save_model(tmp_path / "m", net, Schedule.linear(100), shape=[1, 8, 8], value_range=[-4.0, 3.5])
+    imgs = np.random.default_rng(0).uniform(-4, 3.5, (3, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "imgs.npy", imgs)
+    args = ["solve", "--ckpt", str(tmp_path / "m"), "--input", str(tmp_path / "imgs.npy"), "--operator", "blur",
+            "--method", "dps", "--steps", "3", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 0
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["clip_x0"] == 4.0 and m["scale"] == [-4.0, 3.5]
+    z = np.load(tmp_path / "o" / "reconstruction.npz")
+    mse = ((z["x"].astype(np.float64) - z["ground_truth"]) ** 2).reshape(3, -1).mean(1)
+    np.testing.assert_allclose(m["psnr_per_image"], 10 * np.log10(7.5**2 / mse), rtol=1e-6)
+    assert main([*args, "--out", str(tmp_path / "p"), "--clip-x0", "0"]) == 0
+    assert json.loads((tmp_path / "p" / "metrics.json").read_text())["clip_x0"] is None
+
+
+def test_solve_warns_when_images_exceed_an_unrecorded_range(tiny_run, tmp_path, capsys):
+    np.save(tmp_path / "imgs.npy", np.full((2, 1, 8, 8), 3.0, dtype=np.float32))
+    assert main(["solve", "--ckpt", str(tiny_run), "--input", str(tmp_path / "imgs.npy"), "--operator", "blur",
+                 "--method", "dps", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "o")]) == 0
+    assert "warning: the images reach 3 but the model records no value range" in capsys.readouterr().err
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["scale"] == [-1.0, 1.0]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--operator", "inpaint-random", "--method", "dsg+dps", "--eta", "0"], "eta > 0"),
     (["--operator", "inpaint-random", "--method", "dps", "--rate", "0.2"], "apply to DSG only"),

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .. import checks, io
-from ..data import ArrayData, load_dataset
+from ..data import ArrayData, load_dataset, nominal_range, to_display, value_range
 from ..data.files import save_png_grid
 from ..denoiser import Denoiser, DiffusersDenoiser
 from ..models import load_denoiser, resolve_model_dir, save_model
@@ -92,7 +92,7 @@ class TrainingJob:
         objective = DenoisingObjective(self.data.x, self.schedule, self.tcfg.batch_size, y=labels,
                                        label_drop=drop)
         meta = {"net": net.config, "schedule": self.schedule.config(), "data": cfg["data"],
-                "shape": list(self.data.shape)}
+                "shape": list(self.data.shape), "value_range": value_range(self.data.x)}
         self.trainer = Trainer(net, objective, self.tcfg, self.run_dir, meta)
 
     def resume(self) -> bool:
@@ -109,7 +109,8 @@ class TrainingJob:
         if not self.trainer.dist.main:
             return self.run_dir / "model"
         out = save_model(self.run_dir / "model", ema, self.schedule, data=self.cfg["data"],
-                         shape=list(self.data.shape), steps=self.trainer.step,
+                         shape=list(self.data.shape), value_range=value_range(self.data.x),
+                         steps=self.trainer.step,
                          train_seconds=round(time.perf_counter() - t0, 2))
         plot_loss_curve(self.run_dir / "log.jsonl", self.run_dir / "loss.png")
         return out
@@ -241,13 +242,16 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
     model_cfg = io.load_config(resolve_model_dir(path))
     run_cfg = run_config(path) if (path / "config.json").is_file() and (path / "model").is_dir() else {}
     run_cfg = {"data": model_cfg.get("data"), **run_cfg} if model_cfg.get("data") else run_cfg
+    if model_cfg.get("value_range") is not None:  # [min, max] of the training data (runs since 2026-12-04)
+        run_cfg = {**run_cfg, "value_range": model_cfg["value_range"]}
     if not isinstance(model_cfg.get("shape"), list):
         raise io.CheckpointError(f"{resolve_model_dir(path)}/{io.CONFIG} records no sample shape: not a condiff model")
     return den, run_cfg, tuple(model_cfg["shape"])
 
 
-def write_samples(x: torch.Tensor, out: Path, grid: int = 100) -> list[Path]:
-    """``samples.npz`` with all samples, plus a picture: an image grid, or a scatter for 2-D points."""
+def write_samples(x: torch.Tensor, out: Path, grid: int = 100, value_range: list[float] | None = None) -> list[Path]:
+    """``samples.npz`` with all samples, plus a picture: an image grid (shown on the
+    :func:`~condiff.data.nominal_range` of the model's recorded ``value_range``), or a scatter for 2-D points."""
     arr = x.detach().cpu().numpy()
     bad = int((~np.isfinite(arr)).sum())
     if bad:  # refused before anything is written: a NaN samples.npz would pass for a result
@@ -257,7 +261,7 @@ def write_samples(x: torch.Tensor, out: Path, grid: int = 100) -> list[Path]:
     io.write_file_atomic(out / "samples.npz", lambda f: np.savez_compressed(f, x=arr), binary=True)
     files = [out / "samples.npz"]
     if arr.ndim == 4 and arr.shape[1] in (1, 3):
-        save_png_grid(x[:grid].cpu(), out / "samples.png")
+        save_png_grid(to_display(x[:grid].cpu(), nominal_range(value_range)).clamp(-1, 1), out / "samples.png")
         files.append(out / "samples.png")
     elif arr.ndim == 2 and arr.shape[1] == 2:
         files.append(plot_scatter({"samples": arr}, out / "samples.png"))

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .. import checks, io
-from ..data import ArrayData, load_dataset
+from ..data import ArrayData, load_dataset, value_range
 from ..dual import (
     Constraint,
     DualConfig,
@@ -365,7 +365,8 @@ class DualJob:
              "constraints": [{**r, "final_loss": v, "slack": v - r["bound"], "lambda": lam[r["name"]]}
                              for r, v in zip(record, final[1:].tolist())]}
         save_model(run_dir / "model", ema, schedule, data=self.cfg["data"], shape=list(self.data.shape),
-                   steps=self.trainer.step, train_seconds=m["train_seconds"], **{"lambda": lam, "bounds": record})
+                   value_range=value_range(self.data.x), steps=self.trainer.step, train_seconds=m["train_seconds"],
+                   **{"lambda": lam, "bounds": record})
         plot_loss_curve(run_dir / "log.jsonl", run_dir / "loss.png", keys=("loss", "L0"))
         if self.constraints:
             ex.plot_dual(run_dir / "log.jsonl", run_dir)

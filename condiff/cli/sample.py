@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     den, run_cfg, shape = load_model_for(args.ckpt, device)
     scfg = sample_settings(args, run_cfg)
     x = draw_samples(den, shape, scfg, device)
-    files = write_samples(x, out)
+    files = write_samples(x, out, value_range=run_cfg.get("value_range"))
     io.write_json_atomic(out / "sample_config.json", {**scfg, "ckpt": str(args.ckpt), "nfe": den.nfe})
     print(f"{len(x)} samples, shape {tuple(x.shape[1:])}, range [{float(x.min()):.2f}, {float(x.max()):.2f}], "
           f"mean {float(np.mean(x.numpy())):.3f}")

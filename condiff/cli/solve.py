@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from .. import checks, io, metrics
-from ..data import derive_seed, load_dataset
+from ..data import derive_seed, load_dataset, nominal_range, to_display
 from ..data.files import save_png_grid
 from ..guidance import BETWEEN, METHODS, default_hyperparameters, guided_sample, make_guidance
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
@@ -63,7 +64,8 @@ def add_parser(sub, name: str) -> None:
                    help="condiff run or model directory, or a local diffusers model directory")
     g = p.add_argument_group("measurement")
     g.add_argument("--operator", required=True, choices=sorted(OPERATORS))
-    g.add_argument("--noise", type=float, default=0.05, help="measurement noise sigma_y (data in [-1, 1])")
+    g.add_argument("--noise", type=float, default=0.05,
+                   help="measurement noise sigma_y, in the data's units (0.05 is 2.5%% of [-1, 1])")
     g.add_argument("--p-drop", type=float, default=0.7, help="inpaint-random: probability a pixel is missing")
     g.add_argument("--box", type=int, default=None, help="inpaint-box: box side (default: half the image)")
     g.add_argument("--factor", type=int, default=2, help="sr: downsampling factor")
@@ -86,10 +88,13 @@ def add_parser(sub, name: str) -> None:
     m.add_argument("--backward-steps", type=int, help="UGD backward-guidance steps m")
     m.add_argument("--backward-lr", type=float, help="UGD backward-guidance step size")
     m.add_argument("--recurrence", type=int, help="UGD self-recurrence k")
-    m.add_argument("--clip-x0", type=float, default=1.0, help="clamp x0_hat to [-c, c]; 0 turns it off")
+    m.add_argument("--clip-x0", type=float, default=None,
+                   help="clamp x0_hat to [-c, c]; 0 turns it off (default: 1 for data in [-1, 1], else the "
+                        "largest magnitude of the model's training data)")
     d = p.add_argument_group("input")
     d.add_argument("--input", default=None,
-                   help="images: a .png, a folder of PNGs, or a .npy / .npz array (floats taken as in [-1, 1])")
+                   help="images: a .png, a folder of PNGs, or a .npy / .npz array (floats taken as they are, "
+                        "on the model's scale)")
     d.add_argument("--data", default=None, help="data set (default: the one the model was trained on)")
     d.add_argument("--split", default=None, help="split of --data to draw images from (default test)")
     d.add_argument("--n", type=int, default=None, help="number of images (default: 16, or all of --input)")
@@ -123,6 +128,18 @@ def load_images(args: argparse.Namespace, run_cfg: dict, shape: tuple[int, ...])
     return data.x[order[:n]], str(name)
 
 
+def data_scale(run_cfg: dict, x: torch.Tensor) -> tuple[float, float]:
+    """The scale that clip, PSNR, SSIM and pictures use: [-1, 1], or the model's training range where its
+    data reach beyond (:func:`condiff.data.nominal_range`). A model that records no range (a diffusers
+    model, or a run trained before the range was recorded) is taken to be on [-1, 1], with a warning
+    when the true images reach beyond."""
+    recorded = run_cfg.get("value_range")
+    if recorded is None and float(x.abs().max()) > 1.0 + 1e-3:
+        warnings.warn(f"the images reach {float(x.abs().max()):.3g} but the model records no value range: "
+                      "clip, PSNR and pictures assume [-1, 1] (pass --clip-x0 0 to turn the clip off)", stacklevel=2)
+    return nominal_range(recorded)
+
+
 def hyperparameters(args: argparse.Namespace, task: str) -> dict:
     hp = default_hyperparameters(args.method, task, args.steps)
     hp.update({k: getattr(args, k) for k in HYPER_FLAGS if getattr(args, k) is not None})
@@ -134,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    checks.number("--clip-x0", args.clip_x0, ">= 0")  # 0: no clipping
+    if args.clip_x0 is not None:
+        checks.number("--clip-x0", args.clip_x0, ">= 0")  # 0: no clipping
     if args.box is not None:
         checks.integer("--box", args.box)
     checks.seed("--seed", args.seed)
@@ -144,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps > den.schedule.T:
         raise ValueError(f"--steps must be <= T = {den.schedule.T}, got {args.steps}")
     x, data_name = load_images(args, run_cfg, shape)
+    scale = data_scale(run_cfg, x)
     task = args.task or f"{data_name}/{args.operator}"
     hp = hyperparameters(args, task)
     make_guidance(args.method, lambda z: z.flatten(1).sum(1), **dict(hp))  # validate before any work
@@ -154,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     x = x.to(device)
     y = op.measure(x, torch.Generator(device=device).manual_seed(derive_seed(args.seed, "noise")))
     gen = torch.Generator(device=device).manual_seed(derive_seed(args.seed, "sample"))
-    clip = args.clip_x0 if args.clip_x0 > 0 else None
+    clip = max(abs(v) for v in scale) if args.clip_x0 is None else (args.clip_x0 if args.clip_x0 > 0 else None)
     parts, nfe, grads, seconds = [], 0, 0, 0.0
     t0 = time.perf_counter()
     for start in range(0, len(x), args.batch_size):
@@ -165,18 +184,20 @@ def run(args: argparse.Namespace) -> int:
         parts.append(res.x.detach())
         nfe, grads, seconds = nfe + res.nfe, grads + res.grad_evals, seconds + res.seconds
     rec = torch.cat(parts)
-    psnr = metrics.psnr(rec, x)
+    span = scale[1] - scale[0]
+    psnr = metrics.psnr(rec, x, data_range=span)
     m = {
-        "psnr": float(psnr.mean()), "ssim": float(metrics.ssim(rec.cpu(), x.cpu()).mean()),
+        "psnr": float(psnr.mean()), "ssim": float(metrics.ssim(rec.cpu(), x.cpu(), data_range=span).mean()),
         "residual": float(op.residual(rec, y).mean()), "residual_truth": float(op.residual(x, y).mean()),
         "psnr_per_image": psnr.tolist(),
         "seconds": round(seconds, 3), "seconds_total": round(time.perf_counter() - t0, 3),
         "steps": args.steps, "nfe": nfe, "grad_evals": grads, "n": len(x),
         "method": args.method, "hyperparameters": hp, "task": task, "eta": args.eta, "clip_x0": clip,
+        "scale": list(scale),
         "operator": {"name": args.operator, **op.describe()}, "seed": args.seed, "ckpt": str(args.ckpt),
         "images": args.input or f"{data_name}:{args.split}", "device": device,
     }
-    write_outputs(out, x, op, y, rec, m)
+    write_outputs(out, x, op, y, rec, m, scale)
     print(f"{args.method} on {task}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, "
           f"residual {m['residual']:.4f} (truth {m['residual_truth']:.4f}), {m['seconds']:.1f} s, "
           f"{nfe} NFE + {grads} backward")
@@ -185,19 +206,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_outputs(out: Path, x: torch.Tensor, op: Operator, y: torch.Tensor, rec: torch.Tensor,
-                  m: dict) -> None:
+                  m: dict, scale: tuple[float, float] = (-1.0, 1.0)) -> None:
+    """The pictures (on ``scale``, mapped to the writers' [-1, 1]), reconstruction.npz and metrics.json."""
     out.mkdir(parents=True, exist_ok=True)
-    x, seen, rec = x.cpu(), op.to_image(y).clamp(-1, 1).cpu(), rec.clamp(-1, 1).cpu()
+    x, seen, rec = x.cpu(), op.to_image(y).cpu(), rec.cpu()
+    np.savez_compressed(out / "reconstruction.npz", x=rec.numpy(), y=y.cpu().numpy(), ground_truth=x.numpy())
+    err = (rec - x).abs().mean(1, keepdim=True)  # channel mean in data units, black = 0, white = the largest shown
+    top = float(err[:8].max()) or 1.0
+    x, seen, rec = (to_display(v, scale).clamp(-1, 1) for v in (x, seen, rec))
     save_png_grid(x, out / "ground_truth.png")
     save_png_grid(seen, out / "measurement.png")
     save_png_grid(rec, out / "reconstruction.png")
-    err = (rec - x).abs().mean(1, keepdim=True)  # channel mean, black = 0, white = the largest shown
-    top = float(err[:8].max()) or 1.0
     plot_image_columns(
         {"truth": x.numpy(), "measurement": seen.numpy(), "reconstruction": rec.numpy(),
          f"|error| (white {top:.2g})": (err / top * 2 - 1).numpy()},
         out / "comparison.png", row_labels=[f"{v:.1f} dB" for v in m["psnr_per_image"]],
         title=f"{m['method']}, {m['steps']} steps: PSNR {m['psnr']:.2f} dB",
     )
-    np.savez_compressed(out / "reconstruction.npz", x=rec.numpy(), y=y.cpu().numpy(), ground_truth=x.numpy())
     io.write_json_atomic(out / "metrics.json", m)

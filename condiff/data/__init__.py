@@ -73,6 +73,28 @@ def warn_range(x: Tensor, source: str) -> Tensor:
     return x
 
 
+def value_range(x: Tensor) -> list[float]:
+    """``[min, max]`` of a data set: what a model records of the values it was trained on."""
+    return [float(x.min()), float(x.max())]
+
+
+def nominal_range(recorded: Sequence[float] | None) -> tuple[float, float]:
+    """The scale data are clipped, scored and shown on: condiff's ``[-1, 1]`` where the ``recorded``
+    ``[min, max]`` lies within it (or nothing is recorded), else the recorded range itself."""
+    if recorded is None:
+        return -1.0, 1.0
+    lo, hi = (float(v) for v in recorded)
+    if lo >= -1.0 - 1e-3 and hi <= 1.0 + 1e-3:
+        return -1.0, 1.0
+    return lo, hi
+
+
+def to_display(x: Tensor, scale: tuple[float, float]) -> Tensor:
+    """``x`` mapped from its nominal ``scale`` onto ``[-1, 1]``, the range the picture writers show."""
+    lo, hi = scale
+    return x if (lo, hi) == (-1.0, 1.0) else (x - lo) / max(hi - lo, 1e-12) * 2 - 1
+
+
 def _labels(y: Any, n: int, source: str) -> Tensor | None:
     if y is None:
         return None

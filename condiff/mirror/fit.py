@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from condiff.constraints import Distance, check_distance
+from condiff.data import value_range
 from condiff.denoiser import NetDenoiser
 from condiff.mirror.map import MirrorMap, save_mirror
 from condiff.mirror.objective import FinetuneObjective, NAMMLoss, NAMMObjective
@@ -134,6 +135,7 @@ def train_diffusion(
             ema,
             schedule,
             shape=list(x.shape[1:]),
+            value_range=value_range(x),
             steps=tr.step,
             train_seconds=round(time.perf_counter() - t0, 2),
             **{k: v for k, v in (meta or {}).items() if k not in ("net", "schedule", "shape")},
