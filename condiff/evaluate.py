@@ -121,5 +121,8 @@ def generic_eval(samples: Tensor, data_cfg: dict) -> dict:
         reference = "training data (no test split)"
     else:
         same_item_shape({"train": train, "test": test}, data_cfg["name"])
+    if min(len(train), len(test)) < 2:  # the MMD bandwidth (median heuristic) needs two points of each
+        raise DataError(f"{data_cfg['name']}: too little data to score samples against: {len(test)} held-out "
+                        f"({reference}) and {len(train)} reference samples, at least 2 of each are needed")
     test = test[torch.randperm(len(test), generator=g)]
     return {**mmd_with_reference(samples, test, train), "reference": reference}

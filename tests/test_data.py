@@ -192,6 +192,15 @@ def test_npz_round_trip_keys_labels_and_splits(tmp_path):
     assert len(load_dataset(str(tmp_path / "split.npz"), "all")) == 11
     with pytest.raises(DataError, match="no test split"):
         load_dataset(str(tmp_path / "one.npz"), "test")
+    # x beside x_test is the training split: 'all' joins both (it used to leave x out)
+    np.savez(tmp_path / "x_and_test.npz", x=x, x_test=x[:3] + 5)
+    both = load_dataset(str(tmp_path / "x_and_test.npz"), "all").x.numpy()
+    assert np.array_equal(both, np.concatenate([x, x[:3] + 5]))
+    assert np.array_equal(load_dataset(str(tmp_path / "x_and_test.npz"), "train").x.numpy(), x)
+    # a test split alone is not taken for training data
+    np.savez(tmp_path / "test_only.npz", x_test=x)
+    with pytest.raises(DataError, match="holds a test split but no training data"):
+        load_dataset(str(tmp_path / "test_only.npz"), "train")
     with pytest.raises(DataError, match=r"no array 'nope'.*\['samples'\]"):
         load_array(tmp_path / "one.npz", key="nope")
 
@@ -209,6 +218,10 @@ def test_png_folder_round_trip(tmp_path):
     d = load_dataset(str(tmp_path / "grey"))
     assert d.x.shape == (3, 1, 5, 7) and d.meta["files"] == ["img00.png", "img01.png", "img02.png"]
     assert np.array_equal(((d.x[:, 0] + 1) * 127.5).round().numpy(), np.stack(grey))
+    _write_pngs(tmp_path / "grey" / "test", grey[:1])  # PNGs beside test/ are the training split
+    assert len(load_dataset(str(tmp_path / "grey"), "train")) == 3
+    assert len(load_dataset(str(tmp_path / "grey"), "test")) == 1
+    assert len(load_dataset(str(tmp_path / "grey"), "all")) == 4
     rgb = [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8) for _ in range(2)]
     _write_pngs(tmp_path / "rgb", rgb)
     d = load_png_folder(tmp_path / "rgb")
@@ -274,6 +287,22 @@ def test_data_far_outside_the_unit_range_are_loaded_with_a_warning(tmp_path):
     assert validate(np.zeros((2, 3, 8, 8), dtype=np.float32)).shape == (2, 3, 8, 8)  # channels first: as is
 
 
+def test_float_images_in_the_unit_interval_warn_but_scaled_integers_do_not(tmp_path):
+    img = np.random.default_rng(0).uniform(0, 1, (2, 1, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "unit.npz", x=img)
+    with pytest.warns(UserWarning, match=r"images lie within \[0, 1\].*x \* 2 - 1"):
+        assert np.array_equal(load_array(tmp_path / "unit.npz").x.numpy(), img)  # kept as stored
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.save(tmp_path / "bright.npy", np.full((2, 1, 4, 4), 200, dtype=np.uint8))  # scaled to 0.57
+        load_array(tmp_path / "bright.npy")
+        np.save(tmp_path / "vectors.npy", img.reshape(2, 16))  # vectors in [0, 1] may well mean [0, 1]
+        load_array(tmp_path / "vectors.npy")
+        np.save(tmp_path / "signed.npy", img * 2 - 1)
+        load_array(tmp_path / "signed.npy")
+
+
 def test_pickled_object_array_is_refused(tmp_path):
     np.savez(tmp_path / "obj.npz", x=np.array([{"run": "code"}, None], dtype=object))
     with pytest.raises(DataError, match="pickled"):
@@ -336,3 +365,16 @@ def test_splits_of_different_shapes_are_named(tmp_path):
         generic_eval(torch.zeros(4, 1, 8, 8), {"name": path})
     with pytest.raises(DataError, match=named):
         NAMMRun(tmp_path / "run", resolve(path, "quick", constraint="box")).data("test")
+
+
+@pytest.mark.parametrize("arrays, counts", [
+    ({"x_train": np.zeros((4, 1, 8, 8), np.float32), "x_test": np.zeros((1, 1, 8, 8), np.float32)},
+     r"1 held-out \(test split\) and 4 reference"),
+    ({"x": np.zeros((3, 1, 8, 8), np.float32)}, r"2 held-out \(training data \(no test split\)\) and 1 reference"),
+])
+def test_eval_names_too_little_held_out_data(tmp_path, arrays, counts):
+    from condiff.evaluate import generic_eval
+
+    np.savez(tmp_path / "few.npz", **arrays)
+    with pytest.raises(DataError, match=f"too little data to score samples against: {counts}"):
+        generic_eval(torch.zeros(4, 1, 8, 8), {"name": str(tmp_path / "few.npz")})

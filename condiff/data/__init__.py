@@ -64,12 +64,16 @@ def validate(x: Tensor | np.ndarray, source: str = "data") -> Tensor:
     return x.unsqueeze(1) if x.dim() == 3 else x
 
 
-def warn_range(x: Tensor, source: str) -> Tensor:
-    """Warn when user data reach far outside [-1, 1], the scale condiff's models and defaults assume."""
+def warn_range(x: Tensor, source: str, unscaled: bool = True) -> Tensor:
+    """Warn when user data reach far outside [-1, 1], the scale condiff's models and defaults assume,
+    or when ``unscaled`` images (floats as the user stored them) lie within [0, 1], a common pixel scale."""
     top = float(x.abs().max())
     if top > 10:
         warnings.warn(f"{source}: values reach {top:.3g}; condiff's models and defaults expect data scaled "
                       "to about [-1, 1] (only uint8 and uint16 images are scaled automatically)", stacklevel=2)
+    elif unscaled and x.dim() == 4 and float(x.min()) >= 0 and 0.5 < top <= 1:
+        warnings.warn(f"{source}: images lie within [0, 1]; condiff's models and defaults expect images scaled "
+                      "to [-1, 1] (x * 2 - 1); only uint8 and uint16 images are scaled automatically", stacklevel=2)
     return x
 
 

@@ -67,7 +67,8 @@ def load_array(path: str | Path, key: str | None = None) -> ArrayData:
             if f.read(6) != b"\x93NUMPY":  # else numpy would take it for a pickle
                 raise DataError(f"{path}: not a .npy file (no NumPy header)")
         x = _read(lambda: np.load(path, allow_pickle=False), path, "the array")
-        return ArrayData(warn_range(validate(_scaled(x), str(path)), str(path)), None, path.stem, {"path": str(path)})
+        x = warn_range(validate(_scaled(x), str(path)), str(path), unscaled=x.dtype not in _INT_SCALE)
+        return ArrayData(x, None, path.stem, {"path": str(path)})
     if path.suffix.lower() != ".npz":
         raise DataError(f"{path}: expected a .npy or .npz file, got {path.suffix or 'no suffix'}")
     with _open_npz(path) as npz:
@@ -81,7 +82,7 @@ def load_array(path: str | Path, key: str | None = None) -> ArrayData:
         x = _read(lambda: npz[key], path, f"array {key!r}")
         y_key = "y" + key[1:] if key.startswith("x") else None
         y = _read(lambda: npz[y_key], path, f"array {y_key!r}") if y_key in keys else None
-    x = warn_range(validate(_scaled(x), f"{path}[{key!r}]"), f"{path}[{key!r}]")
+    x = warn_range(validate(_scaled(x), f"{path}[{key!r}]"), f"{path}[{key!r}]", unscaled=x.dtype not in _INT_SCALE)
     return ArrayData(x, y, path.stem, {"path": str(path), "key": key})
 
 
@@ -168,12 +169,23 @@ def _npz_keys(path: Path) -> list[str]:
 
 
 def _splits(path: Path, kwargs: dict) -> dict[str, str]:
-    """Where a path keeps its named splits: subfolders of a folder, ``x_<split>`` arrays of an npz."""
+    """Where a path keeps its named splits: subfolders of a folder, ``x_<split>`` arrays of an npz.
+
+    Beside a test split, the training data may also be the folder's own PNGs or an npz's ``x`` array
+    (``""`` and ``"x"`` here), so that ``"all"`` joins them with the test split rather than leaving them out.
+    """
     if path.is_dir():
-        return {s: s for s in ("train", "test") if (path / s).is_dir()}
+        parts = {s: s for s in ("train", "test") if (path / s).is_dir()}
+        if "test" in parts and "train" not in parts and any(
+                p.suffix.lower() == ".png" and p.is_file() for p in path.iterdir()):
+            parts = {"train": "", **parts}
+        return parts
     if path.suffix.lower() == ".npz" and kwargs.get("key") is None:
         keys = _npz_keys(path)
-        return {s: f"x_{s}" for s in ("train", "test") if f"x_{s}" in keys}
+        parts = {s: f"x_{s}" for s in ("train", "test") if f"x_{s}" in keys}
+        if "test" in parts and "train" not in parts and "x" in keys:
+            parts = {"train": "x", **parts}
+        return parts
     return {}
 
 
@@ -181,7 +193,8 @@ def load_path(path: str | Path, split: str = "train", **kwargs: Any) -> ArrayDat
     """Load a user file or folder for ``split``; ``kwargs`` go to the loader (``key``, ``channels``).
 
     An ``.npz`` with ``x_train`` / ``x_test`` arrays (labels ``y_train`` / ``y_test``), or a folder
-    with ``train/`` / ``test/`` subfolders of PNGs, gives those splits, and ``"all"`` joins them.
+    with ``train/`` / ``test/`` subfolders of PNGs, gives those splits, and ``"all"`` joins them; beside
+    a test split, an npz's ``x`` array or a folder's own PNGs are the training split.
     Data without named splits are returned whole for ``"train"`` and ``"all"``; asking them for
     ``"test"`` is an error rather than a silent copy of the training data.
     """
@@ -198,6 +211,9 @@ def load_path(path: str | Path, split: str = "train", **kwargs: Any) -> ArrayDat
         return _concat([load(part) for part in parts.values()], path.stem, list(parts))
     if split in parts:
         return load(parts[split])
+    if split == "train" and parts:  # else the loader would take the only array, the test split, for training data
+        raise DataError(f"{path} holds a test split but no training data: add an array x_train (or x) to an .npz "
+                        "file, or a train/ subfolder (or PNGs beside test/) to a PNG folder")
     if split == "test":
         raise DataError(
             f"{path} has no test split: add arrays x_test (and y_test) to an .npz file, "
