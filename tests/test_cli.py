@@ -1,6 +1,7 @@
 """The condiff command end to end on tiny settings, and its error messages."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -151,6 +152,50 @@ def test_user_npy_data(tmp_path):
     bad = tmp_path / "nan.npy"
     np.save(bad, np.array([[0.0, np.nan]], dtype=np.float32))
     assert main(["train", "--data", str(bad), "--set", "model.name=mlp", "--out", str(tmp_path / "r2")]) == 2
+
+
+def test_class_conditional_train_and_sample(tmp_path, capsys):
+    """Two labelled clusters at -0.6 and +0.6: --label draws from the one asked for, classifier-free
+    guidance too; flags a model cannot honour are refused in one line."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 512)
+    x = (np.where(y[:, None] == 1, 0.6, -0.6) + 0.05 * rng.normal(size=(512, 2))).astype(np.float32)
+    np.savez(tmp_path / "two.npz", x=x, y=y)
+    run = tmp_path / "run"
+    common = ["--set", "model.hidden=64", "--set", "model.depth=2", "--set", "train.steps=600",
+              "--set", "train.progress=false", "--set", "train.lr=2e-3", "--set", "schedule.T=50"]
+    assert main(["train", "--data", str(tmp_path / "two.npz"), "--set", "data.labels=true",
+                 "--set", "train.label_drop=0.2", *common, "--out", str(run)]) == 0
+    assert json.loads((run / "model" / "config.json").read_text())["label_drop"] == 0.2
+    for label, scale in ((0, "0"), (1, "0"), (1, "2")):
+        out = tmp_path / f"s{label}{scale}"
+        assert main(["sample", "--ckpt", str(run), "--n", "200", "--steps", "20", "--label", str(label),
+                     "--guidance-scale", scale, "--out", str(out)]) == 0
+        mean = np.load(out / "samples.npz")["x"].mean(0)
+        assert np.all(np.abs(mean - (0.6 if label else -0.6)) < 0.15), (label, scale, mean)
+        assert json.loads((out / "sample_config.json").read_text())["label"] == label
+    capsys.readouterr()
+    for extra, message in ((["--label", "2"], r"--label must lie in \[0, 2\)"),
+                           (["--guidance-scale", "1"], "--guidance-scale needs --label")):
+        assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2", *extra]) == 2
+        assert re.search(message, capsys.readouterr().err)
+    plain = tmp_path / "plain"  # labels, but no label drop: no guidance, and unlabelled sampling warns
+    assert main(["train", "--data", str(tmp_path / "two.npz"), "--set", "data.labels=true", *common[:2],
+                 "--set", "train.steps=2", "--set", "schedule.T=50", "--out", str(plain)]) == 0
+    assert main(["sample", "--ckpt", str(plain), "--n", "4", "--steps", "2", "--label", "0",
+                 "--guidance-scale", "1"]) == 2
+    assert "trained with label drop" in capsys.readouterr().err
+    assert main(["sample", "--ckpt", str(plain), "--n", "4", "--steps", "2"]) == 0
+    assert "without label drop" in capsys.readouterr().err
+    np.save(tmp_path / "nolabels.npy", x)
+    assert main(["train", "--data", str(tmp_path / "nolabels.npy"), "--set", "data.labels=true",
+                 "--out", str(tmp_path / "r3")]) == 2
+    assert "holds no labels" in capsys.readouterr().err
+    unlabelled = tmp_path / "unlabelled"
+    assert main(["train", "--data", str(tmp_path / "nolabels.npy"), *common[:2], "--set", "train.steps=2",
+                 "--set", "schedule.T=50", "--out", str(unlabelled)]) == 0
+    assert main(["sample", "--ckpt", str(unlabelled), "--n", "4", "--steps", "2", "--label", "0"]) == 2
+    assert "takes no labels" in capsys.readouterr().err
 
 
 def test_demo_trains_once_then_reuses(tmp_path, capsys):

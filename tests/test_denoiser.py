@@ -41,6 +41,17 @@ def test_net_denoiser_labels_and_scalar_t():
     assert not torch.allclose(dc.eps(x, 10), e_scalar)  # labels change the prediction
     with pytest.raises(ValueError, match="labels have batch 2 but x_t has batch 3"):
         dc.eps(torch.randn(3, 1, 8, 8), 5)
+    # one int label stands for the whole batch; classifier-free guidance is the closed form
+    # (1 + w) eps(x | y) - w eps(x | null) from one batched call
+    torch.testing.assert_close(d.conditioned(2).eps(x, 10), d.conditioned(torch.tensor([2, 2])).eps(x, 10))
+    guided = d.conditioned(2, guidance_scale=1.5)
+    t = torch.tensor([10, 10])
+    want = 2.5 * net(x, t, torch.tensor([2, 2])) - 1.5 * net(x, t, torch.tensor([-1, -1]))
+    torch.testing.assert_close(guided.eps(x, 10), want, rtol=1e-5, atol=1e-5)
+    assert guided.nfe == 1
+    torch.testing.assert_close(d.conditioned(2, guidance_scale=0.0).eps(x, 10), d.conditioned(2).eps(x, 10))
+    with pytest.raises(ValueError, match="needs class labels"):
+        d.conditioned(None, guidance_scale=1.0)
     with pytest.raises(ValueError, match="x_t is torch.float64 but the network's weights are torch.float32"):
         d.eps(x.double(), 10)
     with pytest.raises(ValueError, match="std must be a number >= 0"):

@@ -84,11 +84,18 @@ class TrainingJob:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.data = load_split(cfg, "train")
         self.schedule = Schedule.from_config(cfg["schedule"])
-        self.tcfg = TrainConfig.from_dict({**cfg["train"], "device": cfg["_device"]})
+        train = {k: v for k, v in cfg["train"].items() if k != "label_drop"}  # the objective's, below
+        self.tcfg = TrainConfig.from_dict({**train, "device": cfg["_device"]})
         torch.manual_seed(int(cfg["train"].get("seed", 0)))  # the initial weights follow the run's seed
         net = build_net(net_config(cfg, self.data))
+        if cfg["data"].get("labels") and self.data.y is None:
+            raise ValueError(f"data.labels = true but {cfg['data']['name']} holds no labels (an .npz needs an "
+                             "array y, or y_train beside x_train)")
         labels = self.data.y if cfg["data"].get("labels") else None
-        drop = float(cfg["train"].get("label_drop", 0.0)) if labels is not None else 0.0
+        drop = checks.number("train.label_drop", cfg["train"].get("label_drop", 0.0), "[0, 1)")
+        if drop and labels is None:
+            raise ValueError("train.label_drop drops class labels: it needs data.labels = true")
+        self.label_drop = drop if labels is not None else None
         objective = DenoisingObjective(self.data.x, self.schedule, self.tcfg.batch_size, y=labels,
                                        label_drop=drop)
         meta = {"net": net.config, "schedule": self.schedule.config(), "data": cfg["data"],
@@ -110,6 +117,7 @@ class TrainingJob:
             return self.run_dir / "model"
         out = save_model(self.run_dir / "model", ema, self.schedule, data=self.cfg["data"],
                          shape=list(self.data.shape), value_range=value_range(self.data.x),
+                         **({} if self.label_drop is None else {"label_drop": self.label_drop}),
                          steps=self.trainer.step,
                          train_seconds=round(time.perf_counter() - t0, 2))
         plot_loss_curve(self.run_dir / "log.jsonl", self.run_dir / "loss.png")
@@ -216,8 +224,7 @@ def run_config(run_dir: Path) -> dict:
     return io.read_json_table(p)
 
 
-def draw_samples(den: Denoiser, shape: tuple[int, ...], scfg: dict, device: str, n: int | None = None,
-                 labels: torch.Tensor | None = None) -> torch.Tensor:
+def draw_samples(den: Denoiser, shape: tuple[int, ...], scfg: dict, device: str, n: int | None = None) -> torch.Tensor:
     """Sample with the [sample] settings: n, steps, eta, seed, batch_size, clip_x0."""
     n = int(n if n is not None else scfg["n"])
     g = torch.Generator(device=device).manual_seed(int(scfg.get("seed", 0)))
@@ -242,8 +249,9 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
     model_cfg = io.load_config(resolve_model_dir(path))
     run_cfg = run_config(path) if (path / "config.json").is_file() and (path / "model").is_dir() else {}
     run_cfg = {"data": model_cfg.get("data"), **run_cfg} if model_cfg.get("data") else run_cfg
-    if model_cfg.get("value_range") is not None:  # [min, max] of the training data (runs since 2026-12-04)
-        run_cfg = {**run_cfg, "value_range": model_cfg["value_range"]}
+    for key in ("value_range", "label_drop"):  # [min, max] of the training data (models since 2026-12-04);
+        if model_cfg.get(key) is not None:      # the label drop of a class-conditional model
+            run_cfg = {**run_cfg, key: model_cfg[key]}
     if not isinstance(model_cfg.get("shape"), list):
         raise io.CheckpointError(f"{resolve_model_dir(path)}/{io.CONFIG} records no sample shape: not a condiff model")
     return den, run_cfg, tuple(model_cfg["shape"])

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .. import io
+from .. import checks, io
+from ..denoiser import Denoiser, NetDenoiser
 from .common import DEFAULT_SAMPLE, check_out_dir, draw_samples, load_model_for, pick_device, write_samples
 from .config import check_sample
 
@@ -34,18 +36,50 @@ def sample_settings(args: argparse.Namespace, run_cfg: dict) -> dict:
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="draw samples from a trained model", description=__doc__)
     add_sample_args(p)
+    p.add_argument("--label", type=int, default=None,
+                   help="class to draw, for a model trained on labelled data (--set data.labels=true)")
+    p.add_argument("--guidance-scale", type=float, default=0.0,
+                   help="classifier-free guidance strength w with --label: (1 + w) eps(x|label) - w eps(x); "
+                        "needs a model trained with train.label_drop > 0 (default 0: plain conditional)")
     p.add_argument("--out", default=None, help="output directory (default: <ckpt>/samples)")
     p.set_defaults(func=run)
+
+
+def condition(den: Denoiser, run_cfg: dict, label: int | None, scale: float) -> Denoiser:
+    """The model conditioned on ``label`` (with classifier-free guidance ``scale``), checked against
+    what it was trained with; without ``label``, the model as it is."""
+    checks.number("--guidance-scale", scale, ">= 0")
+    classes = int((getattr(getattr(den, "net", None), "config", None) or {}).get("num_classes", 0) or 0)
+    drop = run_cfg.get("label_drop")
+    if label is None:
+        if scale > 0:
+            raise ValueError("--guidance-scale needs --label: it guides towards a class")
+        if classes and drop == 0:
+            warnings.warn(f"the model was trained on {classes} labelled classes without label drop, so its "
+                          "unconditional predictions were never trained: pass --label K", stacklevel=2)
+        return den
+    if not classes or not isinstance(den, NetDenoiser):
+        raise ValueError("--label needs a class-conditional condiff model (trained with --set data.labels=true); "
+                         "this one takes no labels")
+    if not 0 <= label < classes:
+        raise ValueError(f"--label must lie in [0, {classes}) (the model's classes), got {label}")
+    if scale > 0 and drop == 0:
+        raise ValueError("--guidance-scale needs a model trained with label drop (train.label_drop > 0); this one "
+                         "never learned unconditional predictions")
+    return den.conditioned(label, scale)
 
 
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     out = check_out_dir(args.out or Path(args.ckpt) / "samples")
     den, run_cfg, shape = load_model_for(args.ckpt, device)
+    den = condition(den, run_cfg, args.label, args.guidance_scale)
     scfg = sample_settings(args, run_cfg)
     x = draw_samples(den, shape, scfg, device)
     files = write_samples(x, out, value_range=run_cfg.get("value_range"))
-    io.write_json_atomic(out / "sample_config.json", {**scfg, "ckpt": str(args.ckpt), "nfe": den.nfe})
+    record = {**scfg, "ckpt": str(args.ckpt), "nfe": den.nfe, "label": args.label,
+              "guidance_scale": args.guidance_scale}
+    io.write_json_atomic(out / "sample_config.json", record)
     print(f"{len(x)} samples, shape {tuple(x.shape[1:])}, range [{float(x.min()):.2f}, {float(x.max()):.2f}], "
           f"mean {float(np.mean(x.numpy())):.3f}")
     for f in files:
