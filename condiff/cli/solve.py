@@ -6,6 +6,10 @@ ground_truth.png, measurement.png, reconstruction.png, comparison.png (side by s
 with the error), reconstruction.npz and metrics.json
 (PSNR, SSIM, RMS measurement residual, wall time, steps, network forward and backward passes).
 
+With ``--measurement FILE`` it reconstructs from measurements made elsewhere (an operator fixed in
+advance: ``inpaint-mask`` with ``--mask FILE``, ``sr`` or ``blur``); there is no truth then, so it reports
+the measurement residual and writes no ground truth.
+
 Hyperparameters left unset take the defaults swept on the training split for the task
 (``<data>/<operator>``) and step budget (condiff/guidance/defaults.py), else generic ones.
 
@@ -13,6 +17,7 @@ Examples:
   condiff solve --ckpt runs/demo --operator inpaint-random --method dsg+dps --steps 50
   condiff solve --ckpt runs/patches --operator sr --factor 2 --method dps --steps 1000 --zeta 1.0
   condiff solve --ckpt path/to/diffusers_dir --input images/ --operator blur --method dsg+ugd
+  condiff solve --ckpt runs/demo --operator inpaint-mask --mask mask.png --measurement observed.npy
 """
 
 from __future__ import annotations
@@ -41,12 +46,62 @@ OPERATORS: dict[str, Callable[[tuple[int, ...], torch.Generator, float, dict], O
                                                      margin=p.get("margin", s[-1] // 8)),
     "sr": lambda s, g, n, p: SuperResolution(p["factor"], p["kernel"], sigma_y=n),
     "blur": lambda s, g, n, p: GaussianBlur(p["size"], p["sigma"], sigma_y=n),
+    "inpaint-mask": lambda s, g, n, p: Inpainting(_need_mask(p), sigma_y=n, kind="mask"),
 }
-OPERATOR_DEFAULTS = {"p_drop": 0.7, "box": None, "factor": 2, "kernel": "bicubic", "size": 7, "sigma": 1.0}
+# operators that hold no randomness, so they can describe a measurement made outside condiff
+DETERMINISTIC = ("inpaint-mask", "sr", "blur")
+OPERATOR_DEFAULTS = {"p_drop": 0.7, "box": None, "factor": 2, "kernel": "bicubic", "size": 7, "sigma": 1.0,
+                     "mask": None}
 
 # hyperparameter flags, passed on as constructor keywords (None = not given: the swept default is used)
 HYPER_FLAGS = ("zeta", "rate", "interval", "final", "between", "repeats", "forward", "backward_steps",
                "backward_lr", "recurrence")
+
+
+def _need_mask(params: dict) -> torch.Tensor:
+    if params.get("mask") is None:
+        raise ValueError("operator inpaint-mask needs a mask: --mask FILE (1 or white = observed)")
+    return params["mask"]
+
+
+def load_mask(path: str | Path, shape: tuple[int, ...], n: int) -> torch.Tensor:
+    """A 0/1 observation mask ``(1 or n, 1 or C, H, W)`` for images of per-sample ``shape``, from a .npy /
+    .npz array of 0s and 1s (or booleans), or a PNG (white, >= 128, = observed). An (H, W) or (C, H, W)
+    mask is shared by every image; one per image is (n, 1 or C, H, W)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--mask {path}: no such file")
+    if path.suffix.lower() == ".png":
+        from PIL import Image
+
+        with Image.open(path) as im:
+            m = (np.asarray(im.convert("L")) >= 128).astype(np.float32)
+    elif path.suffix.lower() in (".npy", ".npz"):
+        try:
+            arr = np.load(path, allow_pickle=False)
+            if path.suffix.lower() == ".npz":
+                keys = list(arr.files)
+                if len(keys) != 1 and "mask" not in keys:
+                    raise ValueError(f"--mask {path}: expected one array or one named 'mask', found {keys}")
+                arr = arr["mask" if "mask" in keys else keys[0]]
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"--mask {path}: cannot read it ({str(e).splitlines()[0]})") from None
+        m = np.asarray(arr)
+        if m.dtype.kind not in "biuf" or not np.isin(m, (0, 1)).all():
+            raise ValueError(f"--mask {path}: a mask holds only 0 (missing) and 1 (observed)")
+        m = m.astype(np.float32)
+    else:
+        raise ValueError(f"--mask {path}: expected a .npy, .npz or .png file")
+    c, h, w = shape
+    m = torch.from_numpy(m)
+    m = m[None] if m.dim() == 2 else m
+    m = m[None] if m.dim() == 3 else m
+    if m.dim() != 4 or m.shape[0] not in (1, n) or m.shape[1] not in (1, c) or tuple(m.shape[2:]) != (h, w):
+        raise ValueError(f"--mask {path}: shape {tuple(m.shape)} does not fit {n} images of shape {tuple(shape)} "
+                         f"(expected (H, W) = ({h}, {w}), (1 or C, H, W) or (1 or {n}, 1 or C, H, W))")
+    if not bool(m.any()):
+        raise ValueError(f"--mask {path}: observes no pixel (all 0)")
+    return m
 
 
 def build_operator(name: str, shape: tuple[int, ...], generator: torch.Generator, sigma_y: float,
@@ -72,6 +127,11 @@ def add_parser(sub, name: str) -> None:
     g.add_argument("--kernel", default="bicubic", help="sr: bicubic or box (average pooling)")
     g.add_argument("--blur-size", type=int, default=7, help="blur: kernel size (odd)")
     g.add_argument("--blur-sigma", type=float, default=1.0, help="blur: Gaussian sigma in pixels")
+    g.add_argument("--mask", default=None,
+                   help="inpaint-mask: the observation mask, .npy / .npz of 0 and 1 or a PNG (1 or white = observed)")
+    g.add_argument("--measurement", default=None,
+                   help="reconstruct from measurements made elsewhere (.npy / .npz / PNG, shaped like A(x)) "
+                        "instead of simulating them from true images; operators inpaint-mask, sr and blur")
     m = p.add_argument_group("method")
     m.add_argument("--method", default="dsg+dps", help=f"one of {', '.join(METHODS)}")
     m.add_argument("--steps", type=int, default=50, help="DDIM steps")
@@ -128,14 +188,14 @@ def load_images(args: argparse.Namespace, run_cfg: dict, shape: tuple[int, ...])
     return data.x[order[:n]], str(name)
 
 
-def data_scale(run_cfg: dict, x: torch.Tensor) -> tuple[float, float]:
+def data_scale(run_cfg: dict, values: torch.Tensor, what: str = "images") -> tuple[float, float]:
     """The scale that clip, PSNR, SSIM and pictures use: [-1, 1], or the model's training range where its
     data reach beyond (:func:`condiff.data.nominal_range`). A model that records no range (a diffusers
     model, or a run trained before the range was recorded) is taken to be on [-1, 1], with a warning
-    when the true images reach beyond."""
+    when the ``values`` (true images, or measurements) reach beyond."""
     recorded = run_cfg.get("value_range")
-    if recorded is None and float(x.abs().max()) > 1.0 + 1e-3:
-        warnings.warn(f"the images reach {float(x.abs().max()):.3g} but the model records no value range: "
+    if recorded is None and float(values.abs().max()) > 1.0 + 1e-3:
+        warnings.warn(f"the {what} reach {float(values.abs().max()):.3g} but the model records no value range: "
                       "clip, PSNR and pictures assume [-1, 1] (pass --clip-x0 0 to turn the clip off)", stacklevel=2)
     return nominal_range(recorded)
 
@@ -146,7 +206,8 @@ def hyperparameters(args: argparse.Namespace, task: str) -> dict:
     return hp
 
 
-def run(args: argparse.Namespace) -> int:
+def check_flags(args: argparse.Namespace) -> None:
+    """The flags alone, before any file is read."""
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.batch_size < 1:
@@ -156,71 +217,125 @@ def run(args: argparse.Namespace) -> int:
     if args.box is not None:
         checks.integer("--box", args.box)
     checks.seed("--seed", args.seed)
+    if args.mask is not None and args.operator != "inpaint-mask":
+        raise ValueError(f"--mask goes with --operator inpaint-mask, not {args.operator}")
+    if args.measurement is not None:
+        if args.input or args.data or args.split:
+            raise ValueError("--measurement reconstructs from measurements made elsewhere; --input, --data and "
+                             "--split pick true images to simulate measurements from")
+        if args.operator not in DETERMINISTIC:
+            raise ValueError(f"--measurement needs an operator fixed in advance ({', '.join(DETERMINISTIC)}); "
+                             f"{args.operator} draws its own mask: use inpaint-mask with --mask FILE")
+
+
+def load_measurements(args: argparse.Namespace, op: Operator, shape: tuple[int, ...], n: int,
+                      y: torch.Tensor) -> torch.Tensor:
+    """The first ``n`` of the given measurements, checked against the operator's output shape."""
+    expected = tuple(op.A(torch.zeros(1, *shape, device=op_device(op))).shape[1:])
+    if tuple(y.shape[1:]) != expected:
+        raise ValueError(f"--measurement {args.measurement} holds items of shape {tuple(y.shape[1:])} but "
+                         f"{args.operator} maps the model's {tuple(shape)} images to {expected}")
+    y = y[:n].to(op_device(op))
+    return op.A(y) if isinstance(op, Inpainting) else y  # unobserved pixels carry nothing: zero them as A does
+
+
+def op_device(op: Operator) -> torch.device:
+    return next((b.device for b in op.buffers()), torch.device("cpu"))
+
+
+def run(args: argparse.Namespace) -> int:
+    check_flags(args)
     out = check_out_dir(args.out or Path(args.ckpt) / "solve" / f"{args.operator}-{args.method}-{args.steps}")
     device = pick_device(args.device)
     den, run_cfg, shape = load_model_for(args.ckpt, device)
     if args.steps > den.schedule.T:
         raise ValueError(f"--steps must be <= T = {den.schedule.T}, got {args.steps}")
-    x, data_name = load_images(args, run_cfg, shape)
-    scale = data_scale(run_cfg, x)
-    task = args.task or f"{data_name}/{args.operator}"
+    if args.measurement is None:
+        x, data_name = load_images(args, run_cfg, shape)
+        given, n = None, len(x)
+    else:
+        x, data_name = None, str((run_cfg.get("data") or {}).get("name") or "measurement")
+        given = load_dataset(args.measurement, split="all").x
+        n = args.n if args.n is not None else len(given)
+        if not 1 <= n <= len(given):
+            raise ValueError(f"--n must be between 1 and {len(given)} (measurements given), got {n}")
+    scale = data_scale(run_cfg, x if x is not None else given[:n], "images" if x is not None else "measurements")
+    task = args.task or f"{Path(data_name).stem}/{args.operator}"
     hp = hyperparameters(args, task)
     make_guidance(args.method, lambda z: z.flatten(1).sum(1), **dict(hp))  # validate before any work
     params = {"p_drop": args.p_drop, "box": args.box, "factor": args.factor, "kernel": args.kernel,
-              "size": args.blur_size, "sigma": args.blur_sigma}
+              "size": args.blur_size, "sigma": args.blur_sigma,
+              "mask": load_mask(args.mask, shape, n) if args.mask else None}
     gop = torch.Generator().manual_seed(derive_seed(args.seed, "op"))
-    op = build_operator(args.operator, tuple(x.shape), gop, args.noise, params).to(device)
-    x = x.to(device)
-    y = op.measure(x, torch.Generator(device=device).manual_seed(derive_seed(args.seed, "noise")))
+    op = build_operator(args.operator, (n, *shape), gop, args.noise, params).to(device)
+    if x is not None:
+        x = x.to(device)
+        y = op.measure(x, torch.Generator(device=device).manual_seed(derive_seed(args.seed, "noise")))
+    else:
+        y = load_measurements(args, op, shape, n, given)
     gen = torch.Generator(device=device).manual_seed(derive_seed(args.seed, "sample"))
     clip = max(abs(v) for v in scale) if args.clip_x0 is None else (args.clip_x0 if args.clip_x0 > 0 else None)
     parts, nfe, grads, seconds = [], 0, 0, 0.0
     t0 = time.perf_counter()
-    for start in range(0, len(x), args.batch_size):
-        sl = slice(start, start + args.batch_size)
+    for start in range(0, n, args.batch_size):
+        sl = slice(start, min(start + args.batch_size, n))
         guidance = make_guidance(args.method, op.select(sl).loss(y[sl]), **dict(hp))
-        res = guided_sample(den, guidance, tuple(x[sl].shape), args.steps, eta=args.eta, generator=gen,
+        res = guided_sample(den, guidance, (sl.stop - sl.start, *shape), args.steps, eta=args.eta, generator=gen,
                             device=device, clip_x0=clip, progress=True)
         parts.append(res.x.detach())
         nfe, grads, seconds = nfe + res.nfe, grads + res.grad_evals, seconds + res.seconds
     rec = torch.cat(parts)
-    span = scale[1] - scale[0]
-    psnr = metrics.psnr(rec, x, data_range=span)
-    m = {
-        "psnr": float(psnr.mean()), "ssim": float(metrics.ssim(rec.cpu(), x.cpu(), data_range=span).mean()),
-        "residual": float(op.residual(rec, y).mean()), "residual_truth": float(op.residual(x, y).mean()),
-        "psnr_per_image": psnr.tolist(),
+    residual = op.residual(rec, y)
+    m: dict = {"residual": float(residual.mean()), "residual_per_image": residual.tolist()}
+    if x is not None:
+        span = scale[1] - scale[0]
+        psnr = metrics.psnr(rec, x, data_range=span)
+        m = {"psnr": float(psnr.mean()), "ssim": float(metrics.ssim(rec.cpu(), x.cpu(), data_range=span).mean()),
+             **m, "residual_truth": float(op.residual(x, y).mean()), "psnr_per_image": psnr.tolist()}
+    m.update({
         "seconds": round(seconds, 3), "seconds_total": round(time.perf_counter() - t0, 3),
-        "steps": args.steps, "nfe": nfe, "grad_evals": grads, "n": len(x),
+        "steps": args.steps, "nfe": nfe, "grad_evals": grads, "n": n,
         "method": args.method, "hyperparameters": hp, "task": task, "eta": args.eta, "clip_x0": clip,
         "scale": list(scale),
-        "operator": {"name": args.operator, **op.describe()}, "seed": args.seed, "ckpt": str(args.ckpt),
-        "images": args.input or f"{data_name}:{args.split}", "device": device,
-    }
+        "operator": {"name": args.operator, **op.describe(), **({"mask": args.mask} if args.mask else {})},
+        "seed": args.seed, "ckpt": str(args.ckpt), "device": device,
+        "images": args.input or (f"{data_name}:{args.split}" if x is not None else None),
+        "measurement": args.measurement,
+    })
     write_outputs(out, x, op, y, rec, m, scale)
-    print(f"{args.method} on {task}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, "
-          f"residual {m['residual']:.4f} (truth {m['residual_truth']:.4f}), {m['seconds']:.1f} s, "
+    quality = (f"PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, " if x is not None else "")
+    truth = f" (truth {m['residual_truth']:.4f})" if x is not None else f" (sigma_y {args.noise})"
+    print(f"{args.method} on {task}: {quality}residual {m['residual']:.4f}{truth}, {m['seconds']:.1f} s, "
           f"{nfe} NFE + {grads} backward")
     print(f"wrote {out}")
     return 0
 
 
-def write_outputs(out: Path, x: torch.Tensor, op: Operator, y: torch.Tensor, rec: torch.Tensor,
+def write_outputs(out: Path, x: torch.Tensor | None, op: Operator, y: torch.Tensor, rec: torch.Tensor,
                   m: dict, scale: tuple[float, float] = (-1.0, 1.0)) -> None:
-    """The pictures (on ``scale``, mapped to the writers' [-1, 1]), reconstruction.npz and metrics.json."""
+    """The pictures (on ``scale``, mapped to the writers' [-1, 1]), reconstruction.npz and metrics.json;
+    without true images ``x`` (given measurements) only the measurement and the reconstruction."""
     out.mkdir(parents=True, exist_ok=True)
-    x, seen, rec = x.cpu(), op.to_image(y).cpu(), rec.cpu()
-    np.savez_compressed(out / "reconstruction.npz", x=rec.numpy(), y=y.cpu().numpy(), ground_truth=x.numpy())
-    err = (rec - x).abs().mean(1, keepdim=True)  # channel mean in data units, black = 0, white = the largest shown
-    top = float(err[:8].max()) or 1.0
-    x, seen, rec = (to_display(v, scale).clamp(-1, 1) for v in (x, seen, rec))
-    save_png_grid(x, out / "ground_truth.png")
-    save_png_grid(seen, out / "measurement.png")
-    save_png_grid(rec, out / "reconstruction.png")
-    plot_image_columns(
-        {"truth": x.numpy(), "measurement": seen.numpy(), "reconstruction": rec.numpy(),
-         f"|error| (white {top:.2g})": (err / top * 2 - 1).numpy()},
-        out / "comparison.png", row_labels=[f"{v:.1f} dB" for v in m["psnr_per_image"]],
-        title=f"{m['method']}, {m['steps']} steps: PSNR {m['psnr']:.2f} dB",
-    )
+    seen, rec = op.to_image(y).cpu(), rec.cpu()
+    arrays = {"x": rec.numpy(), "y": y.cpu().numpy()}
+    columns = {}
+    if x is not None:
+        x = x.cpu()
+        arrays["ground_truth"] = x.numpy()
+        err = (rec - x).abs().mean(1, keepdim=True)  # channel mean in data units, black = 0, white = the largest shown
+        top = float(err[:8].max()) or 1.0
+        save_png_grid(to_display(x, scale).clamp(-1, 1), out / "ground_truth.png")
+        columns["truth"] = to_display(x, scale).clamp(-1, 1).numpy()
+    np.savez_compressed(out / "reconstruction.npz", **arrays)
+    seen_d, rec_d = (to_display(v, scale).clamp(-1, 1) for v in (seen, rec))
+    save_png_grid(seen_d, out / "measurement.png")
+    save_png_grid(rec_d, out / "reconstruction.png")
+    columns.update({"measurement": seen_d.numpy(), "reconstruction": rec_d.numpy()})
+    if x is not None:
+        columns[f"|error| (white {top:.2g})"] = (err / top * 2 - 1).numpy()
+        labels, headline = [f"{v:.1f} dB" for v in m["psnr_per_image"]], f"PSNR {m['psnr']:.2f} dB"
+    else:
+        labels, headline = [f"res {v:.3g}" for v in m["residual_per_image"]], f"residual {m['residual']:.4f}"
+    plot_image_columns(columns, out / "comparison.png", row_labels=labels,
+                       title=f"{m['method']}, {m['steps']} steps: {headline}")
     io.write_json_atomic(out / "metrics.json", m)
