@@ -74,7 +74,7 @@ from condiff.pnp.conditional import (
     ClassConstraint,
     MirrorSymmetry,
     independent_digits_classifier,
-    mean_pairwise_distance,
+    within_class_diversity,
 )
 from condiff.pnp.engine import finish, infer
 from condiff.pnp.segmentation import iou, kmeans_segment, otsu_segment, segment, vote
@@ -180,10 +180,6 @@ def digits_prior(profile: str, device: str) -> tuple[NetDenoiser, str]:
     piece must stay reproducible whichever demo model happens to be on disk."""
     run_dir = ensure_prior("digits", profile, Path("runs") / "pnp" / f"digits-{profile}", device)
     return load_denoiser(run_dir, device=device).eval().requires_grad_(False), str(run_dir)
-
-
-def within_class_diversity(x: torch.Tensor, labels: torch.Tensor) -> float:
-    return float(np.mean([mean_pairwise_distance(x[labels == c]) for c in labels.unique() if (labels == c).sum() > 1]))
 
 
 def digits_rows(p: dict, profile: str, device: str) -> tuple[list[dict], list[str]]:

@@ -11,7 +11,7 @@ from condiff.data.scenes import make_scenes, split_scene
 from condiff.denoiser import GaussianDenoiser
 from condiff.guidance import DPS
 from condiff.pnp import schedules as sch
-from condiff.pnp.conditional import ClassConstraint, MirrorSymmetry, mean_pairwise_distance
+from condiff.pnp.conditional import ClassConstraint, MirrorSymmetry, mean_pairwise_distance, within_class_diversity
 from condiff.pnp.engine import denoising_term, finish, infer
 from condiff.pnp.segmentation import iou, kmeans_segment, otsu_segment, segment, vote
 from condiff.schedule import Schedule
@@ -213,6 +213,11 @@ def test_mean_pairwise_distance():
     assert mean_pairwise_distance(x) == pytest.approx(5.0)
     with pytest.raises(ValueError):
         mean_pairwise_distance(x[:1])
+    # per class, then averaged: class 0 at distance 5, class 1 at distance 1, a lone class 2 left out
+    pts = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0], [1.0, 0.0], [9.0, 9.0]])
+    assert within_class_diversity(pts, torch.tensor([0, 0, 1, 1, 2])) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        within_class_diversity(pts, torch.arange(5))
 
 
 # --- segmentation ---------------------------------------------------------------------------------------

@@ -55,6 +55,15 @@ def mean_pairwise_distance(x: Tensor) -> float:
     return float(d.sum() / (n * (n - 1)))
 
 
+def within_class_diversity(x: Tensor, labels: Tensor) -> float:
+    """:func:`mean_pairwise_distance` within each class of ``labels`` ``(N,)`` (classes with at least 2
+    samples), averaged over the classes."""
+    per = [mean_pairwise_distance(x[labels == c]) for c in labels.unique() if int((labels == c).sum()) > 1]
+    if not per:
+        raise ValueError("within_class_diversity needs a class with at least 2 samples")
+    return float(sum(per) / len(per))
+
+
 def independent_digits_classifier(seed: int = 1, device: str | torch.device = "cpu"):
     """A digits classifier trained like the project's judge but from another seed (cached under
     ``io.cache_dir()``), to *steer* generation while the judge (seed 0) *scores* it: a constraint
