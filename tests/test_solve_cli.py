@@ -126,6 +126,15 @@ def test_given_measurements_reproduce_the_simulated_run(tiny_run, tmp_path):
     assert "psnr" not in m and "ground_truth" not in np.load(tmp_path / "given" / "reconstruction.npz")
     assert m["residual"] == pytest.approx(sim["residual"]) and m["measurement"].endswith("y.npy")
     assert (tmp_path / "given" / "comparison.png").is_file() and not (tmp_path / "given" / "ground_truth.png").exists()
+    # one mask per image, and a single (H, W) measurement
+    np.save(tmp_path / "masks.npy", np.broadcast_to(mask, (3, 1, 8, 8)).copy())
+    assert _solve(tiny_run, tmp_path / "per", "--operator", "inpaint-mask", "--mask", str(tmp_path / "masks.npy"),
+                  "--method", "dps", "--measurement", str(tmp_path / "y.npy")) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "per" / "reconstruction.npz")["x"], z["x"])
+    np.save(tmp_path / "y1.npy", y[0, 0])
+    assert main(["solve", "--ckpt", str(tiny_run), "--out", str(tmp_path / "one"), "--device", "cpu", "--steps", "3",
+                 *common, "--measurement", str(tmp_path / "y1.npy")]) == 0
+    assert json.loads((tmp_path / "one" / "metrics.json").read_text())["n"] == 1
     # a PNG mask: white is observed
     from PIL import Image
     Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "mask.png")
@@ -138,11 +147,14 @@ def test_given_measurements_reproduce_the_simulated_run(tiny_run, tmp_path):
     (None, ["--operator", "inpaint-random", "--measurement", "{y}"], "needs an operator fixed in advance"),
     (None, ["--operator", "blur", "--mask", "{m}"], "--mask goes with --operator inpaint-mask"),
     (None, ["--operator", "inpaint-mask"], "needs a mask: --mask FILE"),
+    (None, ["--operator", "blur", "--measurement", "nope.npy"], "--measurement nope.npy: no such file or folder"),
+    (np.ones((4, 1, 8, 8)), ["--operator", "inpaint-mask", "--mask", "{m}"], "one mask per image: pass --n 4"),
+    (np.full((8, 8), 255, np.uint8), ["--operator", "inpaint-mask", "--mask", "{m}"], r"found values \[255\]"),
     (None, ["--operator", "sr", "--measurement", "{y}"], r"holds items of shape \(1, 8, 8\) but sr maps"),
     (None, ["--operator", "blur", "--measurement", "{y}", "--split", "test"], "--input, --data and --split"),
     (np.full((8, 8), 0.5), ["--operator", "inpaint-mask", "--mask", "{m}"], "holds only 0 .missing. and 1"),
     (np.zeros((8, 8)), ["--operator", "inpaint-mask", "--mask", "{m}"], "observes no pixel"),
-    (np.ones((5, 8)), ["--operator", "inpaint-mask", "--mask", "{m}"], r"shape \(1, 1, 5, 8\) does not fit"),
+    (np.ones((5, 8)), ["--operator", "inpaint-mask", "--mask", "{m}"], r"shape \(5, 8\) does not fit"),
 ])
 def test_bad_masks_and_measurements_are_refused(tiny_run, tmp_path, capsys, make, extra, message):
     np.save(tmp_path / "m.npy", np.ones((8, 8)) if make is None else make)
@@ -158,8 +170,27 @@ def test_solve_warns_when_images_exceed_an_unrecorded_range(tiny_run, tmp_path, 
     np.save(tmp_path / "imgs.npy", np.full((2, 1, 8, 8), 3.0, dtype=np.float32))
     assert main(["solve", "--ckpt", str(tiny_run), "--input", str(tmp_path / "imgs.npy"), "--operator", "blur",
                  "--method", "dps", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "o")]) == 0
-    assert "warning: the images reach 3 but the model records no value range" in capsys.readouterr().err
+    assert "warning: the images reach [3, 3] but the model records no value range" in capsys.readouterr().err
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["scale"] == [-1.0, 1.0]
+
+
+def test_solve_warns_when_inputs_do_not_match_the_recorded_range(tmp_path, capsys):
+    torch.manual_seed(0)
+    net = build_net({"name": "unet", "in_channels": 1, "base": 8, "mults": [1, 2], "groups": 4})
+    save_model(tmp_path / "one", net, Schedule.linear(100), shape=[1, 8, 8], value_range=[-1.0, 1.0])
+    save_model(tmp_path / "five", net, Schedule.linear(100), shape=[1, 8, 8], value_range=[-5.0, 5.0])
+    np.save(tmp_path / "big.npy", np.full((2, 1, 8, 8), 4.0, dtype=np.float32))
+    from PIL import Image
+    (tmp_path / "pngs").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "pngs" / "a.png")
+    for ckpt, given, message in (("one", "big.npy", r"reach \[4, 4\] but the model was trained on \[-1, 1\]"),
+                                 ("five", "pngs", "PNG images are read on \\[-1, 1\\], but the model's data lie on")):
+        assert main(["solve", "--ckpt", str(tmp_path / ckpt), "--input", str(tmp_path / given), "--operator", "blur",
+                     "--method", "dps", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / f"o-{ckpt}")]) == 0
+        assert re.search(message, capsys.readouterr().err), ckpt
+    assert main(["solve", "--ckpt", str(tmp_path / "five"), "--input", str(tmp_path / "big.npy"), "--operator",
+                 "blur", "--method", "dps", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "q")]) == 0
+    assert "warning" not in capsys.readouterr().err  # within the recorded range: nothing to say
 
 
 @pytest.mark.parametrize("extra, message", [

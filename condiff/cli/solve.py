@@ -88,17 +88,22 @@ def load_mask(path: str | Path, shape: tuple[int, ...], n: int) -> torch.Tensor:
             raise ValueError(f"--mask {path}: cannot read it ({str(e).splitlines()[0]})") from None
         m = np.asarray(arr)
         if m.dtype.kind not in "biuf" or not np.isin(m, (0, 1)).all():
-            raise ValueError(f"--mask {path}: a mask holds only 0 (missing) and 1 (observed)")
+            found = f"dtype {m.dtype}" if m.dtype.kind not in "biuf" else \
+                f"values {np.unique(m)[:4].tolist()}{' ...' if len(np.unique(m)) > 4 else ''}"
+            raise ValueError(f"--mask {path}: a mask holds only 0 (missing) and 1 (observed), found {found}")
         m = m.astype(np.float32)
     else:
         raise ValueError(f"--mask {path}: expected a .npy, .npz or .png file")
     c, h, w = shape
     m = torch.from_numpy(m)
+    stored = tuple(m.shape)
     m = m[None] if m.dim() == 2 else m
     m = m[None] if m.dim() == 3 else m
     if m.dim() != 4 or m.shape[0] not in (1, n) or m.shape[1] not in (1, c) or tuple(m.shape[2:]) != (h, w):
-        raise ValueError(f"--mask {path}: shape {tuple(m.shape)} does not fit {n} images of shape {tuple(shape)} "
-                         f"(expected (H, W) = ({h}, {w}), (1 or C, H, W) or (1 or {n}, 1 or C, H, W))")
+        per_image = m.dim() == 4 and m.shape[0] not in (1, n) and m.shape[1:] in ((1, h, w), (c, h, w))
+        hint = f"; one mask per image: pass --n {m.shape[0]}" if per_image else ""
+        raise ValueError(f"--mask {path}: shape {stored} does not fit {n} images of shape {tuple(shape)} "
+                         f"(expected (H, W) = ({h}, {w}), (1 or C, H, W) or (1 or {n}, 1 or C, H, W)){hint}")
     if not bool(m.any()):
         raise ValueError(f"--mask {path}: observes no pixel (all 0)")
     return m
@@ -188,16 +193,25 @@ def load_images(args: argparse.Namespace, run_cfg: dict, shape: tuple[int, ...])
     return data.x[order[:n]], str(name)
 
 
-def data_scale(run_cfg: dict, values: torch.Tensor, what: str = "images") -> tuple[float, float]:
+def data_scale(run_cfg: dict, values: torch.Tensor, what: str = "images",
+               file: str | None = None) -> tuple[float, float]:
     """The scale that clip, PSNR, SSIM and pictures use: [-1, 1], or the model's training range where its
     data reach beyond (:func:`condiff.data.nominal_range`). A model that records no range (a diffusers
-    model, or a run trained before the range was recorded) is taken to be on [-1, 1], with a warning
-    when the ``values`` (true images, or measurements) reach beyond."""
+    model, or a run trained before the range was recorded) is taken to be on [-1, 1]. Warns when the
+    ``values`` (true images, or measurements) lie far outside the scale, and when a PNG ``file`` (read
+    on [-1, 1]) feeds a model whose data lie on another range."""
     recorded = run_cfg.get("value_range")
-    if recorded is None and float(values.abs().max()) > 1.0 + 1e-3:
-        warnings.warn(f"the {what} reach {float(values.abs().max()):.3g} but the model records no value range: "
-                      "clip, PSNR and pictures assume [-1, 1] (pass --clip-x0 0 to turn the clip off)", stacklevel=2)
-    return nominal_range(recorded)
+    lo, hi = scale = nominal_range(recorded)
+    vlo, vhi, margin = float(values.min()), float(values.max()), 0.25 * (hi - lo)
+    if file is not None and Path(file).suffix.lower() not in (".npy", ".npz") and scale != (-1.0, 1.0):
+        warnings.warn(f"{file}: PNG images are read on [-1, 1], but the model's data lie on [{lo:.3g}, {hi:.3g}]: "
+                      "pass an .npy / .npz on the model's scale", stacklevel=2)
+    elif vlo < lo - margin or vhi > hi + margin:
+        where = ("the model records no value range" if recorded is None
+                 else f"the model was trained on [{lo:.3g}, {hi:.3g}]")
+        warnings.warn(f"the {what} reach [{vlo:.3g}, {vhi:.3g}] but {where}: clip, PSNR and pictures use "
+                      f"[{lo:.3g}, {hi:.3g}] (--clip-x0 0 turns the clip off)", stacklevel=2)
+    return scale
 
 
 def hyperparameters(args: argparse.Namespace, task: str) -> dict:
@@ -223,6 +237,8 @@ def check_flags(args: argparse.Namespace) -> None:
         if args.input or args.data or args.split:
             raise ValueError("--measurement reconstructs from measurements made elsewhere; --input, --data and "
                              "--split pick true images to simulate measurements from")
+        if not Path(args.measurement).exists():
+            raise ValueError(f"--measurement {args.measurement}: no such file or folder")
         if args.operator not in DETERMINISTIC:
             raise ValueError(f"--measurement needs an operator fixed in advance ({', '.join(DETERMINISTIC)}); "
                              f"{args.operator} draws its own mask: use inpaint-mask with --mask FILE")
@@ -231,7 +247,8 @@ def check_flags(args: argparse.Namespace) -> None:
 def load_measurements(args: argparse.Namespace, op: Operator, shape: tuple[int, ...], n: int,
                       y: torch.Tensor) -> torch.Tensor:
     """The first ``n`` of the given measurements, checked against the operator's output shape."""
-    expected = tuple(op.A(torch.zeros(1, *shape, device=op_device(op))).shape[1:])
+    probe = op.select(slice(0, 1))  # a per-image mask, sliced to the probe's one image
+    expected = tuple(probe.A(torch.zeros(1, *shape, device=op_device(op))).shape[1:])
     if tuple(y.shape[1:]) != expected:
         raise ValueError(f"--measurement {args.measurement} holds items of shape {tuple(y.shape[1:])} but "
                          f"{args.operator} maps the model's {tuple(shape)} images to {expected}")
@@ -256,10 +273,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         x, data_name = None, str((run_cfg.get("data") or {}).get("name") or "measurement")
         given = load_dataset(args.measurement, split="all").x
+        if given.dim() == 2:  # an (H, W) array is one greyscale measurement, not H vectors
+            given = given[None, None]
         n = args.n if args.n is not None else len(given)
         if not 1 <= n <= len(given):
             raise ValueError(f"--n must be between 1 and {len(given)} (measurements given), got {n}")
-    scale = data_scale(run_cfg, x if x is not None else given[:n], "images" if x is not None else "measurements")
+    scale = (data_scale(run_cfg, x, "images", args.input) if x is not None
+             else data_scale(run_cfg, given[:n], "measurements", args.measurement))
     task = args.task or f"{Path(data_name).stem}/{args.operator}"
     hp = hyperparameters(args, task)
     make_guidance(args.method, lambda z: z.flatten(1).sum(1), **dict(hp))  # validate before any work
