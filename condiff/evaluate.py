@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import metrics
-from .data import DataError, load_dataset, same_item_shape
+from .data import DataError, NoSplitError, load_dataset, same_item_shape
 
 Evaluator = Callable[[Tensor, dict], dict]
 EVALUATORS: dict[str, Evaluator] = {}
@@ -103,19 +103,17 @@ def toy2d_eval(samples: Tensor, data_cfg: dict) -> dict:
     return out
 
 
-def generic_eval(samples: Tensor, data_cfg: dict) -> dict:
-    """Any other data: MMD to the test split, against MMD between a train subset and the test split.
-
-    User data without a test split are compared with two disjoint halves of the training data
-    (which the model has seen, so the figure is optimistic; the output says so).
-    """
+def generic_reference(data_cfg: dict) -> tuple[Tensor, Tensor, str]:
+    """The held-out set, the reference set and what they are, for :func:`generic_eval`: the test and
+    training splits, or two disjoint halves of the training data when the data have no test split;
+    refused (a :class:`DataError`) when either holds fewer than 2 samples."""
     g = torch.Generator().manual_seed(0)
     train = load_dataset(data_cfg["name"], "train", **_kwargs(data_cfg)).x
     train = train[torch.randperm(len(train), generator=g)]
     try:
         test = load_dataset(data_cfg["name"], "test", **_kwargs(data_cfg)).x
         reference = "test split"
-    except DataError:
+    except NoSplitError:  # a broken test split is an error, not a reason to score against training data
         half = len(train) // 2
         train, test = train[:half], train[half:]
         reference = "training data (no test split)"
@@ -124,5 +122,20 @@ def generic_eval(samples: Tensor, data_cfg: dict) -> dict:
     if min(len(train), len(test)) < 2:  # the MMD bandwidth (median heuristic) needs two points of each
         raise DataError(f"{data_cfg['name']}: too little data to score samples against: {len(test)} held-out "
                         f"({reference}) and {len(train)} reference samples, at least 2 of each are needed")
-    test = test[torch.randperm(len(test), generator=g)]
+    return test[torch.randperm(len(test), generator=g)], train, reference
+
+
+def check_reference(data_cfg: dict) -> None:
+    """Fail before any sampling where :func:`evaluate_samples` would fail for want of held-out data."""
+    if data_cfg.get("name") not in EVALUATORS:
+        generic_reference(data_cfg)
+
+
+def generic_eval(samples: Tensor, data_cfg: dict) -> dict:
+    """Any other data: MMD to the test split, against MMD between a train subset and the test split.
+
+    User data without a test split are compared with two disjoint halves of the training data
+    (which the model has seen, so the figure is optimistic; the output says so).
+    """
+    test, train, reference = generic_reference(data_cfg)
     return {**mmd_with_reference(samples, test, train), "reference": reference}

@@ -198,6 +198,20 @@ def test_class_conditional_train_and_sample(tmp_path, capsys):
     assert "takes no labels" in capsys.readouterr().err
 
 
+def test_eval_refuses_too_little_held_out_data_before_sampling(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "few.npz", x_train=rng.normal(size=(64, 3)).astype(np.float32) * 0.3,
+             x_test=np.zeros((1, 3), np.float32))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "few.npz"), "--set", "model.hidden=16", "--set", "model.depth=1",
+                 "--set", "train.steps=2", "--set", "train.progress=false", "--set", "schedule.T=20",
+                 "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(run), "--n", "8", "--steps", "2"]) == 2
+    assert "too little data to score samples against: 1 held-out" in capsys.readouterr().err
+    assert not (run / "samples.npz").exists() and not (run / "metrics.json").exists()
+
+
 def test_demo_trains_once_then_reuses(tmp_path, capsys):
     args = ["demo", "--data", "toy2d", "--out", str(tmp_path / "demo"), *TINY[2:]]
     assert main(args) == 0

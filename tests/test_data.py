@@ -378,3 +378,13 @@ def test_eval_names_too_little_held_out_data(tmp_path, arrays, counts):
     np.savez(tmp_path / "few.npz", **arrays)
     with pytest.raises(DataError, match=f"too little data to score samples against: {counts}"):
         generic_eval(torch.zeros(4, 1, 8, 8), {"name": str(tmp_path / "few.npz")})
+
+
+def test_a_broken_test_split_is_an_error_not_a_fallback_to_training_data(tmp_path):
+    from condiff.evaluate import generic_eval
+
+    bad = np.zeros((3, 1, 8, 8), np.float32)
+    bad[1, 0, 2, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", x_train=np.zeros((6, 1, 8, 8), np.float32), x_test=bad)
+    with pytest.raises(DataError, match="non-finite"):
+        generic_eval(torch.zeros(4, 1, 8, 8), {"name": str(tmp_path / "nan.npz")})

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from .. import io
-from ..evaluate import evaluate_samples
+from ..evaluate import check_reference, evaluate_samples
 from .common import check_out_dir, draw_samples, load_model_for, load_split, pick_device, write_samples
-from .sample import add_sample_args, sample_settings
+from .sample import add_sample_args, condition, sample_settings
 
 
 def add_parser(sub, name: str) -> None:
@@ -37,6 +37,8 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
     scfg = sample_settings(scfg_args, run_cfg)
     if scfg["n"] < 2:
         raise ValueError(f"condiff eval compares distributions: --n must be >= 2, got {scfg['n']}")
+    check_reference(run_cfg["data"])  # before sampling: nothing is written when the data cannot score it
+    den = condition(den, run_cfg, None, 0.0)  # warns where unconditional predictions were never trained
     t0 = time.perf_counter()
     x = draw_samples(den, shape, scfg, device)
     dt = time.perf_counter() - t0

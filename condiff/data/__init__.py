@@ -28,6 +28,10 @@ class DataError(ValueError):
     """Data that cannot be used: empty, non-finite, wrongly shaped, unreadable or unknown."""
 
 
+class NoSplitError(DataError):
+    """User data asked for a split they do not have (e.g. a test split); not a defect of the data."""
+
+
 def validate(x: Tensor | np.ndarray, source: str = "data") -> Tensor:
     """Check a batch and return it as a float32 tensor of rank 2 ``(N, D)`` or 4 ``(N, C, H, W)``.
 

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from condiff import io
-from condiff.data import ArrayData, DataError, check_split, validate, warn_range
+from condiff.data import ArrayData, DataError, NoSplitError, check_split, validate, warn_range
 
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}
 _INT_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
@@ -215,7 +215,7 @@ def load_path(path: str | Path, split: str = "train", **kwargs: Any) -> ArrayDat
         raise DataError(f"{path} holds a test split but no training data: add an array x_train (or x) to an .npz "
                         "file, or a train/ subfolder (or PNGs beside test/) to a PNG folder")
     if split == "test":
-        raise DataError(
+        raise NoSplitError(
             f"{path} has no test split: add arrays x_test (and y_test) to an .npz file, "
             f"or train/ and test/ subfolders to a PNG folder"
         )
