@@ -191,6 +191,16 @@ def test_class_conditional_train_and_sample(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nolabels.npy"), "--set", "data.labels=true",
                  "--out", str(tmp_path / "r3")]) == 2
     assert "holds no labels" in capsys.readouterr().err
+    for file, labels, setting, message in (
+            ("neg.npz", y - 1, "true", "labels must be class indices 0 .. K-1, got values down to -1"),
+            ("far.npz", y * 10**6, "true", "labels reach 1000000 but only 2 distinct values occur"),
+            ("str.npz", np.where(y == 1, "cat", "dog"), "true", "labels must be integers, got dtype <U3"),
+            ("two.npz", y, "no", "data.labels must be true or false, got 'no'")):
+        np.savez(tmp_path / file, x=x, y=labels)
+        assert main(["train", "--data", str(tmp_path / file), "--set", f"data.labels={setting}",
+                     "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err, file
+        assert not (tmp_path / "bad" / "config.json").exists()
     unlabelled = tmp_path / "unlabelled"
     assert main(["train", "--data", str(tmp_path / "nolabels.npy"), *common[:2], "--set", "train.steps=2",
                  "--set", "schedule.T=50", "--out", str(unlabelled)]) == 0

@@ -58,6 +58,28 @@ AUTO_MODELS = {"unet": {"name": "unet", "base": 32, "mults": [1, 2, 2], "num_res
                "mlp": {"name": "mlp", "hidden": 256, "depth": 3}}
 
 
+def check_labels(cfg: dict, data: ArrayData) -> torch.Tensor | None:
+    """The labels a class-conditional run trains on (None unless ``data.labels = true``), checked: class
+    indices ``0 .. K-1`` (the model gets ``K = max + 1`` classes, so no negative or far-flung values)."""
+    flag = cfg["data"].get("labels", False)
+    if not isinstance(flag, bool):
+        raise ValueError(f"data.labels must be true or false, got {flag!r}")
+    if not flag:
+        return None
+    name = cfg["data"]["name"]
+    if data.y is None:
+        raise ValueError(f"data.labels = true but {name} holds no labels (an .npz needs an array y, or y_train "
+                         "beside x_train)")
+    y = data.y
+    lo, hi, distinct = int(y.min()), int(y.max()), int(y.unique().numel())
+    if lo < 0:
+        raise ValueError(f"{name}: labels must be class indices 0 .. K-1, got values down to {lo}")
+    if hi + 1 > 4 * distinct + 16:
+        raise ValueError(f"{name}: labels reach {hi} but only {distinct} distinct values occur, and the model would "
+                         f"get {hi + 1} classes: renumber them 0 .. {distinct - 1} (np.unique(y, return_inverse=True))")
+    return y
+
+
 def net_config(cfg: dict, data: ArrayData) -> dict:
     """The model table, completed from the data (channels / dimension, number of classes)."""
     auto = AUTO_MODELS["unet"] if len(data.shape) == 3 else AUTO_MODELS["mlp"]
@@ -87,11 +109,8 @@ class TrainingJob:
         train = {k: v for k, v in cfg["train"].items() if k != "label_drop"}  # the objective's, below
         self.tcfg = TrainConfig.from_dict({**train, "device": cfg["_device"]})
         torch.manual_seed(int(cfg["train"].get("seed", 0)))  # the initial weights follow the run's seed
+        labels = check_labels(cfg, self.data)
         net = build_net(net_config(cfg, self.data))
-        if cfg["data"].get("labels") and self.data.y is None:
-            raise ValueError(f"data.labels = true but {cfg['data']['name']} holds no labels (an .npz needs an "
-                             "array y, or y_train beside x_train)")
-        labels = self.data.y if cfg["data"].get("labels") else None
         drop = checks.number("train.label_drop", cfg["train"].get("label_drop", 0.0), "[0, 1)")
         if drop and labels is None:
             raise ValueError("train.label_drop drops class labels: it needs data.labels = true")

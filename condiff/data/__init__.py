@@ -106,7 +106,11 @@ def to_display(x: Tensor, scale: tuple[float, float]) -> Tensor:
 def _labels(y: Any, n: int, source: str) -> Tensor | None:
     if y is None:
         return None
-    y = torch.as_tensor(np.asarray(y) if not isinstance(y, Tensor) else y)
+    if not isinstance(y, Tensor):
+        y = np.asarray(y)
+        if y.dtype.kind not in "biuf":  # strings, objects: say so rather than fail inside torch
+            raise DataError(f"{source}: labels must be integers, got dtype {y.dtype}")
+    y = torch.as_tensor(y)
     if y.is_floating_point():
         if not bool((torch.isfinite(y) & (y == y.round())).all()):
             raise DataError(f"{source}: labels must be integers, got non-integer {y.dtype} values")
