@@ -174,6 +174,7 @@ def test_class_conditional_train_and_sample(tmp_path, capsys):
         mean = np.load(out / "samples.npz")["x"].mean(0)
         assert np.all(np.abs(mean - (0.6 if label else -0.6)) < 0.15), (label, scale, mean)
         assert json.loads((out / "sample_config.json").read_text())["label"] == label
+        assert np.all(np.load(out / "samples.npz")["y"] == label)
     capsys.readouterr()
     for extra, message in ((["--label", "2"], r"--label must lie in \[0, 2\)"),
                            (["--guidance-scale", "1"], "--guidance-scale needs --label")):

@@ -276,7 +276,8 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
     return den, run_cfg, tuple(model_cfg["shape"])
 
 
-def write_samples(x: torch.Tensor, out: Path, grid: int = 100, value_range: list[float] | None = None) -> list[Path]:
+def write_samples(x: torch.Tensor, out: Path, grid: int = 100, value_range: list[float] | None = None,
+                  label: int | None = None) -> list[Path]:
     """``samples.npz`` with all samples, plus a picture: an image grid (shown on the
     :func:`~condiff.data.nominal_range` of the model's recorded ``value_range``), or a scatter for 2-D points."""
     arr = x.detach().cpu().numpy()
@@ -285,7 +286,8 @@ def write_samples(x: torch.Tensor, out: Path, grid: int = 100, value_range: list
         raise FloatingPointError(f"sampling produced {bad} non-finite values of {arr.size}; nothing was "
                                  f"written to {out} (a diverging sampler: try eta <= 1 or clip_x0)")
     out.mkdir(parents=True, exist_ok=True)
-    io.write_file_atomic(out / "samples.npz", lambda f: np.savez_compressed(f, x=arr), binary=True)
+    extra = {} if label is None else {"y": np.full(len(arr), label, dtype=np.int64)}  # the class asked for
+    io.write_file_atomic(out / "samples.npz", lambda f: np.savez_compressed(f, x=arr, **extra), binary=True)
     files = [out / "samples.npz"]
     if arr.ndim == 4 and arr.shape[1] in (1, 3):
         save_png_grid(to_display(x[:grid].cpu(), nominal_range(value_range)).clamp(-1, 1), out / "samples.png")
