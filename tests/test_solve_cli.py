@@ -68,7 +68,8 @@ def test_solve_writes_images_and_metrics(tiny_run, tmp_path):
 @pytest.mark.parametrize("operator, method", [("inpaint-box", "freedom"), ("sr", "dsg+ugd"),
                                               ("blur", "dps")])
 def test_solve_operators_and_methods(tiny_run, tmp_path, operator, method):
-    assert _solve(tiny_run, tmp_path, "--operator", operator, "--method", method, "--blur-size", "3") == 0
+    extra = ["--blur-size", "3"] if operator == "blur" else []
+    assert _solve(tiny_run, tmp_path, "--operator", operator, "--method", method, *extra) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["method"] == method and m["nfe"] >= 3 and m["grad_evals"] >= 2
 
@@ -145,7 +146,9 @@ def test_given_measurements_reproduce_the_simulated_run(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("make, extra, message", [
     (None, ["--operator", "inpaint-random", "--measurement", "{y}"], "needs an operator fixed in advance"),
-    (None, ["--operator", "blur", "--mask", "{m}"], "--mask goes with --operator inpaint-mask"),
+    (None, ["--operator", "blur", "--mask", "{m}"], "--mask goes with --operator inpaint-mask, not blur"),
+    (None, ["--operator", "inpaint-mask", "--mask", "{m}", "--p-drop", "0.5"], "--p-drop goes with --operator inp"),
+    (None, ["--operator", "blur", "--factor", "4"], "--factor goes with --operator sr, not blur"),
     (None, ["--operator", "inpaint-mask"], "needs a mask: --mask FILE"),
     (None, ["--operator", "blur", "--measurement", "nope.npy"], "--measurement nope.npy: no such file or folder"),
     (np.ones((4, 1, 8, 8)), ["--operator", "inpaint-mask", "--mask", "{m}"], "one mask per image: pass --n 4"),

@@ -48,6 +48,9 @@ OPERATORS: dict[str, Callable[[tuple[int, ...], torch.Generator, float, dict], O
     "blur": lambda s, g, n, p: GaussianBlur(p["size"], p["sigma"], sigma_y=n),
     "inpaint-mask": lambda s, g, n, p: Inpainting(_need_mask(p), sigma_y=n, kind="mask"),
 }
+# each operator's own flags (given with another operator, they are refused rather than ignored)
+OPERATOR_FLAGS = {"--p-drop": "inpaint-random", "--box": "inpaint-box", "--mask": "inpaint-mask", "--factor": "sr",
+                  "--kernel": "sr", "--blur-size": "blur", "--blur-sigma": "blur"}
 # operators that hold no randomness, so they can describe a measurement made outside condiff
 DETERMINISTIC = ("inpaint-mask", "sr", "blur")
 OPERATOR_DEFAULTS = {"p_drop": 0.7, "box": None, "factor": 2, "kernel": "bicubic", "size": 7, "sigma": 1.0,
@@ -126,12 +129,12 @@ def add_parser(sub, name: str) -> None:
     g.add_argument("--operator", required=True, choices=sorted(OPERATORS))
     g.add_argument("--noise", type=float, default=0.05,
                    help="measurement noise sigma_y, in the data's units (0.05 is 2.5%% of [-1, 1])")
-    g.add_argument("--p-drop", type=float, default=0.7, help="inpaint-random: probability a pixel is missing")
+    g.add_argument("--p-drop", type=float, default=None, help="inpaint-random: probability a pixel is missing (0.7)")
     g.add_argument("--box", type=int, default=None, help="inpaint-box: box side (default: half the image)")
-    g.add_argument("--factor", type=int, default=2, help="sr: downsampling factor")
-    g.add_argument("--kernel", default="bicubic", help="sr: bicubic or box (average pooling)")
-    g.add_argument("--blur-size", type=int, default=7, help="blur: kernel size (odd)")
-    g.add_argument("--blur-sigma", type=float, default=1.0, help="blur: Gaussian sigma in pixels")
+    g.add_argument("--factor", type=int, default=None, help="sr: downsampling factor (2)")
+    g.add_argument("--kernel", default=None, help="sr: bicubic (default) or box (average pooling)")
+    g.add_argument("--blur-size", type=int, default=None, help="blur: kernel size, odd (7)")
+    g.add_argument("--blur-sigma", type=float, default=None, help="blur: Gaussian sigma in pixels (1.0)")
     g.add_argument("--mask", default=None,
                    help="inpaint-mask: the observation mask, .npy / .npz of 0 and 1 or a PNG (1 or white = observed)")
     g.add_argument("--measurement", default=None,
@@ -231,8 +234,9 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.box is not None:
         checks.integer("--box", args.box)
     checks.seed("--seed", args.seed)
-    if args.mask is not None and args.operator != "inpaint-mask":
-        raise ValueError(f"--mask goes with --operator inpaint-mask, not {args.operator}")
+    for flag, owner in OPERATOR_FLAGS.items():  # a flag of another operator would be silently ignored
+        if getattr(args, flag.lstrip("-").replace("-", "_")) is not None and args.operator != owner:
+            raise ValueError(f"{flag} goes with --operator {owner}, not {args.operator}")
     if args.measurement is not None:
         if args.input or args.data or args.split:
             raise ValueError("--measurement reconstructs from measurements made elsewhere; --input, --data and "
@@ -283,9 +287,10 @@ def run(args: argparse.Namespace) -> int:
     task = args.task or f"{Path(data_name).stem}/{args.operator}"
     hp = hyperparameters(args, task)
     make_guidance(args.method, lambda z: z.flatten(1).sum(1), **dict(hp))  # validate before any work
-    params = {"p_drop": args.p_drop, "box": args.box, "factor": args.factor, "kernel": args.kernel,
-              "size": args.blur_size, "sigma": args.blur_sigma,
-              "mask": load_mask(args.mask, shape, n) if args.mask else None}
+    params = {k: v for k, v in (("p_drop", args.p_drop), ("box", args.box), ("factor", args.factor),
+                                ("kernel", args.kernel), ("size", args.blur_size), ("sigma", args.blur_sigma))
+              if v is not None}  # the rest: OPERATOR_DEFAULTS
+    params["mask"] = load_mask(args.mask, shape, n) if args.mask else None
     gop = torch.Generator().manual_seed(derive_seed(args.seed, "op"))
     op = build_operator(args.operator, (n, *shape), gop, args.noise, params).to(device)
     if x is not None:
