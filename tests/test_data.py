@@ -197,6 +197,10 @@ def test_npz_round_trip_keys_labels_and_splits(tmp_path):
     both = load_dataset(str(tmp_path / "x_and_test.npz"), "all").x.numpy()
     assert np.array_equal(both, np.concatenate([x, x[:3] + 5]))
     assert np.array_equal(load_dataset(str(tmp_path / "x_and_test.npz"), "train").x.numpy(), x)
+    np.savez(tmp_path / "both.npz", x=x, x_train=x, x_test=x[:3])
+    with pytest.raises(DataError, match="holds both x and x_train"):
+        load_dataset(str(tmp_path / "both.npz"), "train")
+    assert len(load_dataset(str(tmp_path / "both.npz"), "train", key="x")) == 8  # an explicit key decides
     # a test split alone is not taken for training data
     np.savez(tmp_path / "test_only.npz", x_test=x)
     with pytest.raises(DataError, match="holds a test split but no training data"):

@@ -182,6 +182,9 @@ def _splits(path: Path, kwargs: dict) -> dict[str, str]:
         return parts
     if path.suffix.lower() == ".npz" and kwargs.get("key") is None:
         keys = _npz_keys(path)
+        if "x" in keys and "x_train" in keys:  # either could be the training data: do not guess
+            raise DataError(f"{path} holds both x and x_train: keep one as the training data, or pick one with "
+                            "key=... (on the command line --set data.key=NAME)")
         parts = {s: f"x_{s}" for s in ("train", "test") if f"x_{s}" in keys}
         if "test" in parts and "train" not in parts and "x" in keys:
             parts = {"train": "x", **parts}
