@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -56,7 +56,7 @@ class Step:
     eta: float
     denoiser: Denoiser
     generator: torch.Generator | None = None
-    clip_x0: float | None = None
+    clip_x0: float | Sequence[float] | None = None
 
     def sample(self) -> Tensor:
         """The unconditional draw ``x_{t_prev} = mean + sigma z``."""
@@ -110,8 +110,22 @@ def ddim_sigma(abar_t: float, abar_prev: float, eta: float) -> float:
     return eta * math.sqrt((1 - abar_prev) / (1 - abar_t)) * math.sqrt(max(1 - abar_t / abar_prev, 0.0))
 
 
+def clip_bounds(clip_x0: float | Sequence[float] | None) -> tuple[float, float] | None:
+    """The interval ``x0_hat`` is clamped to: ``[-c, c]`` for a number ``c > 0``, ``[lo, hi]`` for a pair
+    (data on e.g. [0, 5]); ``None``: no clipping."""
+    if clip_x0 is None:
+        return None
+    if isinstance(clip_x0, (list, tuple)):
+        ok = len(clip_x0) == 2 and all(checks.is_number(v) for v in clip_x0) and clip_x0[0] < clip_x0[1]
+        if not ok:
+            raise ValueError(f"clip_x0 must be a number > 0 or a pair (lo, hi) with lo < hi, got {clip_x0!r}")
+        return float(clip_x0[0]), float(clip_x0[1])
+    c = checks.number("clip_x0", clip_x0, "> 0")
+    return -c, c
+
+
 def make_step(denoiser: Denoiser, x_t: Tensor, i: int, t: Tensor, t_prev: Tensor, eta: float,
-              generator: torch.Generator | None, clip_x0: float | None = None,
+              generator: torch.Generator | None, clip_x0: float | Sequence[float] | None = None,
               noise: Tensor | None = None) -> Step:
     """Evaluate the denoiser once at ``(x_t, t)`` and build the step record."""
     abar = denoiser.schedule.abar
@@ -120,7 +134,7 @@ def make_step(denoiser: Denoiser, x_t: Tensor, i: int, t: Tensor, t_prev: Tensor
     eps_hat = denoiser.eps(x_t, t)
     x0_hat = _x0(x_t, eps_hat, abar_t)
     if clip_x0 is not None:
-        x0_hat = x0_hat.clamp(-clip_x0, clip_x0)
+        x0_hat = x0_hat.clamp(*clip_bounds(clip_x0))
         eps_hat = (x_t - math.sqrt(abar_t) * x0_hat) / math.sqrt(1 - abar_t)
     sigma = ddim_sigma(abar_t, abar_prev, eta)
     if noise is None:
@@ -142,7 +156,7 @@ class Guidance(Protocol):
 def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
          generator: torch.Generator | None = None, guidance: Guidance | None = None,
          callback: Callable[[Step], None] | None = None, grad: bool = False,
-         clip_x0: float | None = None, progress: bool = False) -> Tensor:
+         clip_x0: float | Sequence[float] | None = None, progress: bool = False) -> Tensor:
     """Run the reverse process from ``x = x_{timesteps[0]}`` through ``timesteps`` (decreasing) to ``x_0``.
 
     Args:
@@ -153,7 +167,8 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
         guidance: optional rule ``step -> x_{t_prev}``; ``None`` draws unconditionally.
         callback: called with each :class:`Step` (trajectories, plots, logging).
         grad: keep the autograd graph through the whole chain (for differentiating samples).
-        clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]`` (with a consistent ``eps_hat``).
+        clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]``, or to ``[lo, hi]`` for a pair (with a
+            consistent ``eps_hat``).
     """
     ts = torch.as_tensor(timesteps)
     if ts.is_floating_point() and not bool((ts == ts.round()).all()):
@@ -167,8 +182,7 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
         raise ValueError(f"timesteps must lie in [0, {denoiser.schedule.T})")
     if not (math.isfinite(eta) and 0 <= eta <= 1):  # above 1 the DDIM variance exceeds 1 - abar_prev
         raise ValueError(f"eta must be in [0, 1] (0 deterministic DDIM, 1 DDPM-like), got {eta}")
-    if clip_x0 is not None:
-        checks.number("clip_x0", clip_x0, "> 0")  # None: no clipping
+    clip_bounds(clip_x0)  # checked once before the loop; None: no clipping
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):

@@ -295,3 +295,13 @@ def test_version(capsys):
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"condiff {condiff.__version__}"
     assert condiff.__version__.count(".") >= 2
+
+
+def test_sample_clip_takes_a_number_or_a_pair():
+    from condiff.cli.config import check_sample
+
+    assert check_sample({"clip_x0": [0, 5]})["clip_x0"] == [0, 5]
+    assert check_sample({"clip_x0": 2.0})["clip_x0"] == 2.0
+    for bad in ([5, 0], [0, 1, 2], -1.0):
+        with pytest.raises(ConfigError, match="sample.clip_x0 must be"):
+            check_sample({"clip_x0": bad})

@@ -166,6 +166,8 @@ def test_generate_refuses_batch_size_zero():
 
 @pytest.mark.parametrize("kw, msg", [({"clip_x0": -1.0}, "clip_x0 must be"),
                                      ({"clip_x0": float("nan")}, "clip_x0 must be"),
+                                     ({"clip_x0": (0.5, 0.2)}, r"a pair \(lo, hi\) with lo < hi"),
+                                     ({"clip_x0": (0.0, 1.0, 2.0)}, r"a pair \(lo, hi\)"),
                                      ({"x": torch.full((2, 2), float("nan"))}, "non-finite"),
                                      ({"x": torch.zeros(0, 2)}, "non-empty batch"),
                                      ({"timesteps": torch.tensor([5.5, 1.0])}, "timesteps must be integers")])
@@ -175,3 +177,14 @@ def test_ddim_refuses_inputs_that_would_give_garbage(kw, msg):
         ddim(oracle(), args.pop("x"), args.pop("timesteps"), **args)
     with pytest.raises(ValueError, match="n \\(the number of samples\\) must be"):
         generate(oracle(), 0, (2,), steps=5)
+
+
+def test_a_clip_pair_bounds_x0_hat_and_a_number_is_the_symmetric_pair():
+    """Deterministic DDIM ends on the last x0_hat, so clipped to [0.2, 0.5] the samples lie there, though
+    the oracle's data (mean 0, std 1) mostly do not; clip c is the pair (-c, c) exactly."""
+    den, ts = GaussianDenoiser(Schedule.linear(100), std=1.0), torch.tensor([90, 50, 10])
+    x = torch.randn(256, 3, generator=torch.Generator().manual_seed(0))
+    out = ddim(den, x, ts, clip_x0=(0.2, 0.5))
+    assert float(out.min()) >= 0.2 - 1e-6 and float(out.max()) <= 0.5 + 1e-6
+    assert float((out - 0.2).abs().min()) < 1e-6 and float((out - 0.5).abs().min()) < 1e-6  # both bounds bite
+    torch.testing.assert_close(ddim(den, x, ts, clip_x0=0.3), ddim(den, x, ts, clip_x0=(-0.3, 0.3)))

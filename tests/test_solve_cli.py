@@ -88,7 +88,7 @@ def test_solve_with_a_diffusers_model_and_input_files(tmp_path, tiny_diffusers_d
 
 
 def test_solve_clips_and_scores_on_the_models_recorded_range(tmp_path):
-    """Data on [-4, 4]: x0_hat is clipped to 4 (not 1), PSNR and SSIM use the range 8, and the npz holds
+    """Data on [-4, 3.5]: x0_hat is clipped to [-4, 3.5] (not [-1, 1]), PSNR and SSIM use the range 8, and the npz holds
     the reconstruction unclipped; PSNR is the closed form 10 log10(8^2 / MSE) of what the npz holds."""
     torch.manual_seed(0)
     net = build_net({"name": "unet", "in_channels": 1, "base": 8, "mults": [1, 2], "groups": 4})
@@ -99,7 +99,7 @@ def test_solve_clips_and_scores_on_the_models_recorded_range(tmp_path):
             "--method", "dps", "--steps", "3", "--device", "cpu"]
     assert main([*args, "--out", str(tmp_path / "o")]) == 0
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
-    assert m["clip_x0"] == 4.0 and m["scale"] == [-4.0, 3.5]
+    assert m["clip_x0"] == [-4.0, 3.5] and m["scale"] == [-4.0, 3.5]
     z = np.load(tmp_path / "o" / "reconstruction.npz")
     mse = ((z["x"].astype(np.float64) - z["ground_truth"]) ** 2).reshape(3, -1).mean(1)
     np.testing.assert_allclose(m["psnr_per_image"], 10 * np.log10(7.5**2 / mse), rtol=1e-6)

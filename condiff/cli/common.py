@@ -250,7 +250,7 @@ def draw_samples(den: Denoiser, shape: tuple[int, ...], scfg: dict, device: str,
     clip = scfg.get("clip_x0")
     return generate(den, n, tuple(shape), batch_size=int(scfg.get("batch_size", 500)), progress=True,
                     steps=int(scfg["steps"]), eta=float(scfg["eta"]), generator=g, device=device,
-                    clip_x0=None if clip in (None, 0, False) else float(clip))
+                    clip_x0=None if clip in (None, 0, False) else clip)
 
 
 def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple[int, ...]]:

@@ -18,6 +18,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .. import checks
+from ..sample import clip_bounds
 from ..train import check_setting
 
 SECTIONS = ("data", "model", "schedule", "train", "sample")
@@ -142,8 +143,11 @@ def check_sample(scfg: dict, where: str = "sample", flags: bool = False) -> dict
     if "eta" in scfg:
         checks.number(name("eta"), scfg["eta"], "[0, 1]")
     checks.seed(name("seed"), scfg.get("seed", 0))
-    if scfg.get("clip_x0") not in (None, False, 0):  # 0 or absent: no clipping
-        checks.number(f"{where}.clip_x0", scfg["clip_x0"], "> 0")
+    if scfg.get("clip_x0") not in (None, False, 0):  # 0 or absent: no clipping; a number c or [lo, hi]
+        try:
+            clip_bounds(scfg["clip_x0"])
+        except ValueError as e:
+            raise ConfigError(f"{where}.{e}") from None
     return scfg
 
 

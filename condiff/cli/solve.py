@@ -157,8 +157,8 @@ def add_parser(sub, name: str) -> None:
     m.add_argument("--backward-lr", type=float, help="UGD backward-guidance step size")
     m.add_argument("--recurrence", type=int, help="UGD self-recurrence k")
     m.add_argument("--clip-x0", type=float, default=None,
-                   help="clamp x0_hat to [-c, c]; 0 turns it off (default: 1 for data in [-1, 1], else the "
-                        "largest magnitude of the model's training data)")
+                   help="clamp x0_hat to [-c, c]; 0 turns it off (default: [-1, 1] for data in [-1, 1], else "
+                        "the [min, max] the model's training data span)")
     d = p.add_argument_group("input")
     d.add_argument("--input", default=None,
                    help="images: a .png, a folder of PNGs, or a .npy / .npz array (floats taken as they are, "
@@ -299,7 +299,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         y = load_measurements(args, op, shape, n, given)
     gen = torch.Generator(device=device).manual_seed(derive_seed(args.seed, "sample"))
-    clip = max(abs(v) for v in scale) if args.clip_x0 is None else (args.clip_x0 if args.clip_x0 > 0 else None)
+    if args.clip_x0 is None:  # the data's own range: [-1, 1], or [min, max] where they reach beyond
+        clip = 1.0 if scale == (-1.0, 1.0) else list(scale)
+    else:
+        clip = args.clip_x0 if args.clip_x0 > 0 else None
     parts, nfe, grads, seconds = [], 0, 0, 0.0
     t0 = time.perf_counter()
     for start in range(0, n, args.batch_size):

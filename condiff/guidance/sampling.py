@@ -25,7 +25,7 @@ class GuidedResult:
 
 def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...], steps: int,
                   eta: float = 1.0, generator: torch.Generator | None = None,
-                  device: str | torch.device = "cpu", clip_x0: float | None = 1.0,
+                  device: str | torch.device = "cpu", clip_x0: float | tuple[float, float] | None = 1.0,
                   spacing: str = "linspace", x_T: Tensor | None = None,
                   progress: bool = False) -> GuidedResult:
     """Draw ``shape[0]`` guided samples with ``steps`` DDIM steps of stochasticity ``eta``.
@@ -35,7 +35,8 @@ def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...]
         guidance: DPS, FreeDoM, UGD, DSG(...) or any object with ``needs_grad`` and ``__call__(step)``.
         shape: ``(B, C, H, W)`` (or ``(B, D)``); the batch must match the loss's batch.
         eta: 1 gives DDPM-like ancestral steps (the DPS / DSG papers' setting); DSG refuses 0.
-        clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]`` (the DPS code clips to [-1, 1]); None: off.
+        clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]`` (the DPS code clips to [-1, 1]), or to
+            ``[lo, hi]`` for a pair; None: off.
         x_T: starting noise (default: drawn from ``generator``).
     """
     if getattr(guidance, "needs_noise", False) and eta == 0:
