@@ -392,3 +392,23 @@ def test_a_broken_test_split_is_an_error_not_a_fallback_to_training_data(tmp_pat
     np.savez(tmp_path / "nan.npz", x_train=np.zeros((6, 1, 8, 8), np.float32), x_test=bad)
     with pytest.raises(DataError, match="non-finite"):
         generic_eval(torch.zeros(4, 1, 8, 8), {"name": str(tmp_path / "nan.npz")})
+
+
+def test_the_own_data_example_writes_what_condiff_reads(tmp_path):
+    """examples/own_data/make_shapes.py (docs/own-data.md): splits with labels, a PNG mask and
+    measurements seen through it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "own_data" / "make_shapes.py"
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--n-train", "30", "--n-test", "9"],
+                   check=True, capture_output=True)
+    train = load_dataset(str(tmp_path / "shapes.npz"), "train")
+    test = load_dataset(str(tmp_path / "shapes.npz"), "test")
+    assert train.x.shape == (30, 1, 16, 16) and test.x.shape == (9, 1, 16, 16)
+    assert set(train.y.tolist()) <= {0, 1, 2} and float(train.x.min()) == -1.0 and float(train.x.max()) <= 1.0
+    mask = np.asarray(Image.open(tmp_path / "mask.png")) >= 128
+    observed = np.load(tmp_path / "observed.npy")
+    assert observed.shape == (8, 1, 16, 16) and np.all(observed[:, 0, ~mask] == 0)
+    assert np.abs(observed[:, 0, mask] - test.x.numpy()[:8, 0, mask]).max() < 0.3  # noise 0.05
