@@ -706,3 +706,15 @@ def test_a_users_file_named_like_a_family_gets_generic_settings_and_an_absolute_
     assert cfg["data"]["name"] == str(tmp_path / "sub" / "count.npy")
     assert resolve_train("sub/count.npy")["data"]["name"] == str(tmp_path / "sub" / "count.npy")
     assert resolve("count", "quick")["data"]["k"] == 4 and resolve_train("digits")["data"]["name"] == "digits"
+
+
+def test_data_violation_tells_data_on_the_set_from_data_off_it():
+    from condiff.mirror import data_violation
+
+    g = torch.Generator().manual_seed(0)
+    inside = torch.rand(600, 1, 4, 4, generator=g) * 1.6 - 0.8  # within the box [-1, 1]: l = 0
+    v = data_violation(Box(-1, 1), inside)
+    assert v["n"] == 512 and v["median"] == 0 and v["satisfied"]
+    off = inside * 3  # about half the pixels outside: the data violate the box as much as noise does
+    v = data_violation(Box(-1, 1), off)
+    assert v["median"] > 0.25 * v["noise_median"] and not v["satisfied"]

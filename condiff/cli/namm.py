@@ -25,6 +25,7 @@ import copy
 import json
 import shutil
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from ..mirror import (
     assimilate,
     batched_distance,
     build_mirror,
+    data_violation,
     finetune_inverse,
     first_rows,
     fit_mirror_map,
@@ -841,6 +843,13 @@ def run_fit(args: argparse.Namespace) -> int:
         f"data {args.data}: {len(run.data())} training samples of shape {run.shape}; "
         f"constraint {run.constraint().config}"
     )
+    v = data_violation(run.constraint(), run.data().x, device=run.device)
+    print(f"constraint on {v['n']} training samples: mean l {v['mean']:.3g}, median {v['median']:.3g} "
+          f"(Gaussian noise with the data's mean and std: median {v['noise_median']:.3g})")
+    if not v["satisfied"]:
+        warnings.warn(f"the training data do not meet the constraint: their median l ({v['median']:.3g}) is not "
+                      f"well below that of structureless noise ({v['noise_median']:.3g}); a mirror map learns a set "
+                      "its data lie on, so check the constraint against the data", stacklevel=2)
     run.mirror()
     print(f"mirror map: {root / 'namm' / 'mirror'}")
     run.mdm()

@@ -18,7 +18,7 @@ from condiff.mirror.dps import mirror_dps, normalised_measurement_loss, with_con
 from condiff.mirror.fit import build_mirror, finetune_inverse, fit_mirror_map, train_diffusion
 from condiff.mirror.map import MirrorMap, MirrorTerms, load_mirror, save_mirror
 from condiff.mirror.objective import FinetuneObjective, NAMMLoss, NAMMObjective, evaluate_terms
-from condiff.mirror.sample import batched_distance, mirror_generate
+from condiff.mirror.sample import batched_distance, data_violation, mirror_generate
 
 __all__ = [
     "FinetuneObjective",
@@ -28,6 +28,7 @@ __all__ = [
     "NAMMObjective",
     "assimilate",
     "batched_distance",
+    "data_violation",
     "build_mirror",
     "evaluate_terms",
     "finetune_inverse",

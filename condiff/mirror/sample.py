@@ -32,3 +32,20 @@ def batched_distance(
     return check_sign(torch.cat(
         [constraint(x[i : i + batch_size].to(device)).detach().cpu() for i in range(0, len(x), batch_size)]
     ))
+
+
+def data_violation(constraint, x: Tensor, n: int = 512, seed: int = 0, device: str | torch.device = "cpu") -> dict:
+    """How well training data ``x`` meet a constraint, for a mirror map that assumes they do.
+
+    On up to ``n`` samples (a seeded choice): the mean and median ``l(x)``, against the median ``l`` of as
+    many structureless images, Gaussian noise with the data's mean and standard deviation (the scale of
+    "nothing like the set"). ``satisfied`` is False when the data's median is not well below (a quarter
+    of) the noise's: such data leave the mirror map a constraint they do not meet themselves.
+    """
+    g = torch.Generator().manual_seed(seed)
+    pick = x[torch.randperm(len(x), generator=g)[:n]]
+    clean = batched_distance(constraint, pick, device=device).double()
+    noise = float(x.mean()) + float(x.std()) * torch.randn(pick.shape, generator=g)
+    median, noise_median = float(clean.median()), float(batched_distance(constraint, noise, device=device).median())
+    return {"n": len(pick), "mean": float(clean.mean()), "median": median, "noise_median": noise_median,
+            "satisfied": median <= 0.25 * noise_median}
