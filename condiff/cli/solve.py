@@ -249,19 +249,15 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def load_measurements(args: argparse.Namespace, op: Operator, shape: tuple[int, ...], n: int,
-                      y: torch.Tensor) -> torch.Tensor:
-    """The first ``n`` of the given measurements, checked against the operator's output shape."""
+                      y: torch.Tensor, device: str) -> torch.Tensor:
+    """The first ``n`` of the given measurements, on ``device``, checked against the operator's output shape."""
     probe = op.select(slice(0, 1))  # a per-image mask, sliced to the probe's one image
-    expected = tuple(probe.A(torch.zeros(1, *shape, device=op_device(op))).shape[1:])
+    expected = tuple(probe.A(torch.zeros(1, *shape, device=device)).shape[1:])
     if tuple(y.shape[1:]) != expected:
         raise ValueError(f"--measurement {args.measurement} holds items of shape {tuple(y.shape[1:])} but "
                          f"{args.operator} maps the model's {tuple(shape)} images to {expected}")
-    y = y[:n].to(op_device(op))
+    y = y[:n].to(device)
     return op.A(y) if isinstance(op, Inpainting) else y  # unobserved pixels carry nothing: zero them as A does
-
-
-def op_device(op: Operator) -> torch.device:
-    return next((b.device for b in op.buffers()), torch.device("cpu"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -297,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
         x = x.to(device)
         y = op.measure(x, torch.Generator(device=device).manual_seed(derive_seed(args.seed, "noise")))
     else:
-        y = load_measurements(args, op, shape, n, given)
+        y = load_measurements(args, op, shape, n, given, device)
     gen = torch.Generator(device=device).manual_seed(derive_seed(args.seed, "sample"))
     if args.clip_x0 is None:  # the data's own range: [-1, 1], or [min, max] where they reach beyond
         clip = 1.0 if scale == (-1.0, 1.0) else list(scale)

@@ -1,8 +1,9 @@
-"""A constraint for the shapes of make_shapes.py (docs/own-data.md): a distance ``x (B, 1, H, W) -> (B,)``,
+"""Constraints for the shapes of make_shapes.py (docs/own-data.md): distances ``x (B, 1, H, W) -> (B,)``,
 differentiable and zero on the set.
 
     condiff pnp constraint --ckpt runs/shapes --constraint examples/own_data/constraints.py:on_the_left
-    condiff namm fit --data shapes/shapes.npz --constraint examples/own_data/constraints.py:dark_frame --out runs/shapes-namm
+    condiff namm fit --data shapes/shapes.npz --constraint examples/own_data/constraints.py:dark_frame \
+        --out runs/shapes-namm
 
 ``on_the_left`` asks for something most training pictures are not (plug-and-play's job); ``dark_frame``
 holds for all of them (what a mirror map needs: ``namm fit`` warns when the data do not meet the constraint).
