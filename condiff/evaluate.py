@@ -30,12 +30,12 @@ def evaluate_samples(samples: Tensor, data_cfg: dict) -> dict:
     """Scores for ``samples`` of the data set described by ``data_cfg`` (``{"name": ..., **kwargs}``)."""
     if not isinstance(data_cfg, dict) or "name" not in data_cfg:
         raise ValueError(f"data_cfg must name the data set ({{'name': ..., **settings}}), got {data_cfg!r}")
-    fn = EVALUATORS.get(data_cfg["name"], generic_eval)
+    fn = generic_eval if "label" in data_cfg else EVALUATORS.get(data_cfg["name"], generic_eval)
     return fn(samples.detach().float().cpu(), data_cfg)
 
 
 def _kwargs(data_cfg: dict) -> dict:
-    return {k: v for k, v in data_cfg.items() if k not in ("name", "split", "labels")}
+    return {k: v for k, v in data_cfg.items() if k not in ("name", "split", "labels", "label")}
 
 
 def mmd_with_reference(samples: Tensor, held_a: Tensor, held_b: Tensor) -> dict:
@@ -108,15 +108,25 @@ def generic_reference(data_cfg: dict) -> tuple[Tensor, Tensor, str]:
     training splits, or two disjoint halves of the training data when the data have no test split;
     refused (a :class:`DataError`) when either holds fewer than 2 samples."""
     g = torch.Generator().manual_seed(0)
-    train = load_dataset(data_cfg["name"], "train", **_kwargs(data_cfg)).x
+    label = data_cfg.get("label")
+
+    def split(name: str) -> Tensor:  # with a label: only that class's samples
+        d = load_dataset(data_cfg["name"], name, **_kwargs(data_cfg))
+        if label is None:
+            return d.x
+        if d.y is None:
+            raise DataError(f"{data_cfg['name']}: scoring class {label} needs labels, but the {name} split has none")
+        return d.x[d.y == label]
+
+    train = split("train")
     train = train[torch.randperm(len(train), generator=g)]
     try:
-        test = load_dataset(data_cfg["name"], "test", **_kwargs(data_cfg)).x
-        reference = "test split"
+        test = split("test")
+        reference = "test split" if label is None else f"test split, class {label}"
     except NoSplitError:  # a broken test split is an error, not a reason to score against training data
         half = len(train) // 2
         train, test = train[:half], train[half:]
-        reference = "training data (no test split)"
+        reference = "training data (no test split)" + ("" if label is None else f", class {label}")
     else:
         same_item_shape({"train": train, "test": test}, data_cfg["name"])
     if min(len(train), len(test)) < 2:  # the MMD bandwidth (median heuristic) needs two points of each

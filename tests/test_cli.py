@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from condiff.cli.config import ConfigError, parse_override, resolve
 from condiff.cli.main import main
@@ -175,6 +176,15 @@ def test_class_conditional_train_and_sample(tmp_path, capsys):
         assert np.all(np.abs(mean - (0.6 if label else -0.6)) < 0.15), (label, scale, mean)
         assert json.loads((out / "sample_config.json").read_text())["label"] == label
         assert np.all(np.load(out / "samples.npz")["y"] == label)
+    # eval --label scores the class against that class's held-out samples (here halves of its training data)
+    assert main(["eval", "--ckpt", str(run), "--label", "1", "--n", "100", "--steps", "20",
+                 "--out", str(tmp_path / "ev")]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["label"] == 1 and m["reference"] == "training data (no test split), class 1"
+    from condiff.evaluate import evaluate_samples
+    drawn = torch.from_numpy(np.load(tmp_path / "ev" / "samples.npz")["x"])
+    wrong = evaluate_samples(drawn, {"name": str(tmp_path / "two.npz"), "label": 0})  # scored as the other class
+    assert m["mmd_n"] == 100 and wrong["mmd_ratio"] > 20 * m["mmd_ratio"], (m["mmd_ratio"], wrong["mmd_ratio"])
     capsys.readouterr()
     for extra, message in ((["--label", "2"], r"--label must lie in \[0, 2\)"),
                            (["--guidance-scale", "1"], "--guidance-scale needs --label")):

@@ -1,4 +1,7 @@
-"""``condiff eval``: sample from a trained model and score the samples against held-out data."""
+"""``condiff eval``: sample from a trained model and score the samples against held-out data.
+
+With ``--label K`` (a class-conditional model) the samples of class K are scored against the held-out
+samples of that class (MMD, against the class's training samples as the reference)."""
 
 from __future__ import annotations
 
@@ -10,12 +13,13 @@ from pathlib import Path
 from .. import io
 from ..evaluate import check_reference, evaluate_samples
 from .common import check_out_dir, draw_samples, load_model_for, load_split, pick_device, write_samples
-from .sample import add_sample_args, condition, sample_settings
+from .sample import add_label_args, add_sample_args, condition, sample_settings
 
 
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="sample and evaluate a trained model", description=__doc__)
     add_sample_args(p)
+    add_label_args(p)
     p.add_argument("--out", default=None, help="output directory (default: the run directory)")
     p.add_argument("--data", default=None,
                    help="data set to score against (default: the one the model was trained on; needed for a "
@@ -37,16 +41,18 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
     scfg = sample_settings(scfg_args, run_cfg)
     if scfg["n"] < 2:
         raise ValueError(f"condiff eval compares distributions: --n must be >= 2, got {scfg['n']}")
-    check_reference(run_cfg["data"])  # before sampling: nothing is written when the data cannot score it
-    den = condition(den, run_cfg, None, 0.0)  # warns where unconditional predictions were never trained
+    label, scale = getattr(scfg_args, "label", None), getattr(scfg_args, "guidance_scale", 0.0)
+    den = condition(den, run_cfg, label, scale)  # unlabelled: warns where unconditional predictions were never trained
+    data_cfg = run_cfg["data"] if label is None else {**run_cfg["data"], "label": label}
+    check_reference(data_cfg)  # before sampling: nothing is written when the data cannot score it
     t0 = time.perf_counter()
     x = draw_samples(den, shape, scfg, device)
     dt = time.perf_counter() - t0
     write_samples(x, out, value_range=run_cfg.get("value_range"))
-    m = evaluate_samples(x, run_cfg["data"])
+    m = evaluate_samples(x, data_cfg)
     m.update({"sample_seconds": round(dt, 3), "sample_steps": int(scfg["steps"]), "eta": float(scfg["eta"]),
               "nfe_per_sample": den.nfe // max(1, -(-int(scfg["n"]) // int(scfg.get("batch_size", 500)))),
-              "seed": int(scfg["seed"])})
+              "seed": int(scfg["seed"]), **({} if label is None else {"label": label, "guidance_scale": scale})})
     io.write_json_atomic(out / "metrics.json", m)
     return m
 

@@ -36,13 +36,17 @@ def sample_settings(args: argparse.Namespace, run_cfg: dict) -> dict:
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="draw samples from a trained model", description=__doc__)
     add_sample_args(p)
+    add_label_args(p)
+    p.add_argument("--out", default=None, help="output directory (default: <ckpt>/samples)")
+    p.set_defaults(func=run)
+
+
+def add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", type=int, default=None,
                    help="class to draw, for a model trained on labelled data (--set data.labels=true)")
     p.add_argument("--guidance-scale", type=float, default=0.0,
                    help="classifier-free guidance strength w with --label: (1 + w) eps(x|label) - w eps(x); "
                         "needs a model trained with train.label_drop > 0 (default 0: plain conditional)")
-    p.add_argument("--out", default=None, help="output directory (default: <ckpt>/samples)")
-    p.set_defaults(func=run)
 
 
 def condition(den: Denoiser, run_cfg: dict, label: int | None, scale: float) -> Denoiser:
