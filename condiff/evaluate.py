@@ -27,7 +27,8 @@ def register_evaluator(name: str) -> Callable[[Evaluator], Evaluator]:
 
 
 def evaluate_samples(samples: Tensor, data_cfg: dict) -> dict:
-    """Scores for ``samples`` of the data set described by ``data_cfg`` (``{"name": ..., **kwargs}``)."""
+    """Scores for ``samples`` of the data set described by ``data_cfg`` (``{"name": ..., **kwargs}``); with a
+    ``"label"`` in it, the samples are one class's, scored against that class (:func:`generic_eval`)."""
     if not isinstance(data_cfg, dict) or "name" not in data_cfg:
         raise ValueError(f"data_cfg must name the data set ({{'name': ..., **settings}}), got {data_cfg!r}")
     fn = generic_eval if "label" in data_cfg else EVALUATORS.get(data_cfg["name"], generic_eval)
@@ -137,7 +138,7 @@ def generic_reference(data_cfg: dict) -> tuple[Tensor, Tensor, str]:
 
 def check_reference(data_cfg: dict) -> None:
     """Fail before any sampling where :func:`evaluate_samples` would fail for want of held-out data."""
-    if data_cfg.get("name") not in EVALUATORS:
+    if "label" in data_cfg or data_cfg.get("name") not in EVALUATORS:  # the cases generic_eval scores
         generic_reference(data_cfg)
 
 

@@ -412,3 +412,11 @@ def test_the_own_data_example_writes_what_condiff_reads(tmp_path):
     observed = np.load(tmp_path / "observed.npy")
     assert observed.shape == (8, 1, 16, 16) and np.all(observed[:, 0, ~mask] == 0)
     assert np.abs(observed[:, 0, mask] - test.x.numpy()[:8, 0, mask]).max() < 0.3  # noise 0.05
+
+
+def test_check_reference_covers_class_scoring_of_registered_data():
+    from condiff.evaluate import check_reference
+
+    check_reference({"name": "digits", "label": 3})  # the held-out threes exist
+    with pytest.raises(DataError, match=r"0 held-out \(test split, class 7\)"):
+        check_reference({"name": "toy2d", "kind": "moons", "label": 7})  # toy2d's evaluator would not have told
