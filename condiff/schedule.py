@@ -110,6 +110,10 @@ class Schedule:
 
         ``t = -1`` means "before the first step": ``abar = 1`` (clean data).
         """
+        if t.device.type == "cpu" and t.numel() and (int(t.min()) < -1 or int(t.max()) >= self.T):
+            # checked where it is free (on a GPU it would cost a sync per call): t = -2 would wrap to abar_T
+            raise ValueError(f"timesteps must lie in [-1, {self.T}) (-1: clean data), got values in "
+                             f"[{int(t.min())}, {int(t.max())}]")
         table = torch.cat([self.abar.new_ones(1), self.abar]).to(like.device)
         a = table[t.to(like.device).long() + 1].to(like.dtype)
         return a.view(-1, *([1] * (like.dim() - 1)))

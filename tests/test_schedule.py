@@ -33,6 +33,10 @@ def test_add_noise_and_abar_at():
         torch.testing.assert_close(xt[i], math.sqrt(a) * x0[i] + math.sqrt(1 - a) * eps[i])
     # t = -1 means clean data
     assert float(s.abar_at(torch.tensor([-1]), x0[:1]).flatten()[0]) == 1.0
+    # outside [-1, T): refused, where t = -2 used to wrap round to abar_T and t = T to fail in indexing
+    for bad in (-2, 100):
+        with pytest.raises(ValueError, match=r"timesteps must lie in \[-1, 100\)"):
+            s.abar_at(torch.tensor([5, bad]), x0[:2])
 
 
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
