@@ -53,7 +53,7 @@ def condition(den: Denoiser, run_cfg: dict, label: int | None, scale: float) -> 
     """The model conditioned on ``label`` (with classifier-free guidance ``scale``), checked against
     what it was trained with; without ``label``, the model as it is."""
     checks.number("--guidance-scale", scale, ">= 0")
-    classes = int((getattr(getattr(den, "net", None), "config", None) or {}).get("num_classes", 0) or 0)
+    classes = int(den.net.config.get("num_classes") or 0) if isinstance(den, NetDenoiser) else 0
     drop = run_cfg.get("label_drop")
     if label is None:
         if scale > 0:
@@ -62,7 +62,7 @@ def condition(den: Denoiser, run_cfg: dict, label: int | None, scale: float) -> 
             warnings.warn(f"the model was trained on {classes} labelled classes without label drop, so its "
                           "unconditional predictions were never trained: pass --label K", stacklevel=2)
         return den
-    if not classes or not isinstance(den, NetDenoiser):
+    if not classes:
         raise ValueError("--label needs a class-conditional condiff model (trained with --set data.labels=true); "
                          "this one takes no labels")
     if not 0 <= label < classes:

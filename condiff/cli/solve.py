@@ -33,7 +33,7 @@ import torch
 
 from .. import checks, io, metrics
 from ..data import derive_seed, load_dataset, nominal_range, to_display
-from ..data.files import save_png_grid
+from ..data.files import load_png_folder, save_png_grid
 from ..guidance import BETWEEN, METHODS, default_hyperparameters, guided_sample, make_guidance
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
@@ -74,11 +74,8 @@ def load_mask(path: str | Path, shape: tuple[int, ...], n: int) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--mask {path}: no such file")
-    if path.suffix.lower() == ".png":
-        from PIL import Image
-
-        with Image.open(path) as im:
-            m = (np.asarray(im.convert("L")) >= 128).astype(np.float32)
+    if path.suffix.lower() == ".png":  # the project's PNG reader, grey in [-1, 1]: white half observed
+        m = (load_png_folder(path, channels=1).x[0, 0] >= 0).numpy().astype(np.float32)
     elif path.suffix.lower() in (".npy", ".npz"):
         try:
             arr = np.load(path, allow_pickle=False)
@@ -296,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
         y = load_measurements(args, op, shape, n, given, device)
     gen = torch.Generator(device=device).manual_seed(derive_seed(args.seed, "sample"))
     if args.clip_x0 is None:  # the data's own range: [-1, 1], or [min, max] where they reach beyond
-        clip = 1.0 if scale == (-1.0, 1.0) else list(scale)
+        clip = list(scale)
     else:
         clip = args.clip_x0 if args.clip_x0 > 0 else None
     parts, nfe, grads, seconds = [], 0, 0, 0.0
