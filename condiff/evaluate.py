@@ -26,13 +26,21 @@ def register_evaluator(name: str) -> Callable[[Evaluator], Evaluator]:
     return deco
 
 
-def evaluate_samples(samples: Tensor, data_cfg: dict) -> dict:
+def evaluate_samples(samples: Tensor, data_cfg: dict, reference: tuple | None = None) -> dict:
     """Scores for ``samples`` of the data set described by ``data_cfg`` (``{"name": ..., **kwargs}``); with a
-    ``"label"`` in it, the samples are one class's, scored against that class (:func:`generic_eval`)."""
+    ``"label"`` in it, the samples are one class's, scored against that class (:func:`generic_eval`).
+    ``reference``: what :func:`load_reference` returned for ``data_cfg``, so it is not loaded again."""
     if not isinstance(data_cfg, dict) or "name" not in data_cfg:
         raise ValueError(f"data_cfg must name the data set ({{'name': ..., **settings}}), got {data_cfg!r}")
-    fn = generic_eval if "label" in data_cfg else EVALUATORS.get(data_cfg["name"], generic_eval)
-    return fn(samples.detach().float().cpu(), data_cfg)
+    samples = samples.detach().float().cpu()
+    if _generic(data_cfg):
+        return generic_eval(samples, data_cfg, reference)
+    return EVALUATORS[data_cfg["name"]](samples, data_cfg)
+
+
+def _generic(data_cfg: dict) -> bool:
+    """Whether :func:`generic_eval` scores these data (no evaluator of their own, or one class of them)."""
+    return "label" in data_cfg or data_cfg.get("name") not in EVALUATORS
 
 
 def _kwargs(data_cfg: dict) -> dict:
@@ -136,17 +144,18 @@ def generic_reference(data_cfg: dict) -> tuple[Tensor, Tensor, str]:
     return test[torch.randperm(len(test), generator=g)], train, reference
 
 
-def check_reference(data_cfg: dict) -> None:
-    """Fail before any sampling where :func:`evaluate_samples` would fail for want of held-out data."""
-    if "label" in data_cfg or data_cfg.get("name") not in EVALUATORS:  # the cases generic_eval scores
-        generic_reference(data_cfg)
+def load_reference(data_cfg: dict) -> tuple[Tensor, Tensor, str] | None:
+    """The held-out data :func:`evaluate_samples` will score against, loaded and checked (None where a
+    data set's own evaluator scores it): called before sampling, it fails before anything is written."""
+    return generic_reference(data_cfg) if _generic(data_cfg) else None
 
 
-def generic_eval(samples: Tensor, data_cfg: dict) -> dict:
+def generic_eval(samples: Tensor, data_cfg: dict, reference: tuple | None = None) -> dict:
     """Any other data: MMD to the test split, against MMD between a train subset and the test split.
 
     User data without a test split are compared with two disjoint halves of the training data
-    (which the model has seen, so the figure is optimistic; the output says so).
+    (which the model has seen, so the figure is optimistic; the output says so). ``reference``: the
+    :func:`generic_reference` of ``data_cfg`` if already loaded.
     """
-    test, train, reference = generic_reference(data_cfg)
+    test, train, reference = reference or generic_reference(data_cfg)
     return {**mmd_with_reference(samples, test, train), "reference": reference}

@@ -414,9 +414,11 @@ def test_the_own_data_example_writes_what_condiff_reads(tmp_path):
     assert np.abs(observed[:, 0, mask] - test.x.numpy()[:8, 0, mask]).max() < 0.3  # noise 0.05
 
 
-def test_check_reference_covers_class_scoring_of_registered_data():
-    from condiff.evaluate import check_reference
+def test_load_reference_covers_class_scoring_of_registered_data():
+    from condiff.evaluate import load_reference
 
-    check_reference({"name": "digits", "label": 3})  # the held-out threes exist
+    test, train, what = load_reference({"name": "digits", "label": 3})  # the held-out threes
+    assert what == "test split, class 3" and 2 <= len(test) < len(train)
+    assert load_reference({"name": "digits"}) is None  # digits' own evaluator scores whole samples
     with pytest.raises(DataError, match=r"0 held-out \(test split, class 7\)"):
-        check_reference({"name": "toy2d", "kind": "moons", "label": 7})  # toy2d's evaluator would not have told
+        load_reference({"name": "toy2d", "kind": "moons", "label": 7})  # toy2d's evaluator would not have told

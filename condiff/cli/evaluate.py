@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .. import io
-from ..evaluate import check_reference, evaluate_samples
+from ..evaluate import evaluate_samples, load_reference
 from .common import check_out_dir, draw_samples, load_model_for, load_split, pick_device, write_samples
 from .sample import add_label_args, add_sample_args, condition, sample_settings
 
@@ -44,12 +44,12 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
     label, scale = getattr(scfg_args, "label", None), getattr(scfg_args, "guidance_scale", 0.0)
     den = condition(den, run_cfg, label, scale)  # unlabelled: warns where unconditional predictions were never trained
     data_cfg = run_cfg["data"] if label is None else {**run_cfg["data"], "label": label}
-    check_reference(data_cfg)  # before sampling: nothing is written when the data cannot score it
+    reference = load_reference(data_cfg)  # before sampling: nothing is written when the data cannot score it
     t0 = time.perf_counter()
     x = draw_samples(den, shape, scfg, device)
     dt = time.perf_counter() - t0
     write_samples(x, out, value_range=run_cfg.get("value_range"))
-    m = evaluate_samples(x, data_cfg)
+    m = evaluate_samples(x, data_cfg, reference)
     m.update({"sample_seconds": round(dt, 3), "sample_steps": int(scfg["steps"]), "eta": float(scfg["eta"]),
               "nfe_per_sample": den.nfe // max(1, -(-int(scfg["n"]) // int(scfg.get("batch_size", 500)))),
               "seed": int(scfg["seed"]), **({} if label is None else {"label": label, "guidance_scale": scale})})
