@@ -710,11 +710,12 @@ def test_a_users_file_named_like_a_family_gets_generic_settings_and_an_absolute_
 
 def test_data_violation_tells_data_on_the_set_from_data_off_it():
     from condiff.mirror import data_violation
+    from condiff.pnp.conditional import MirrorSymmetry
 
     g = torch.Generator().manual_seed(0)
-    inside = torch.rand(600, 1, 4, 4, generator=g) * 1.6 - 0.8  # within the box [-1, 1]: l = 0
-    v = data_violation(Box(-1, 1), inside)
-    assert v["n"] == 512 and v["median"] == 0 and v["satisfied"]
-    off = inside * 3  # about half the pixels outside: the data violate the box as much as noise does
-    v = data_violation(Box(-1, 1), off)
+    raw = torch.rand(600, 1, 4, 4, generator=g) * 2 - 1
+    symmetric = (raw + raw.flip(-1)) / 2  # on the set (l = 0); noise of their mean and std is not
+    v = data_violation(MirrorSymmetry(-1), symmetric)
+    assert v["n"] == 512 and v["median"] == 0 and v["noise_median"] > 0.1 and v["satisfied"]
+    v = data_violation(MirrorSymmetry(-1), raw)  # as asymmetric as noise
     assert v["median"] > 0.25 * v["noise_median"] and not v["satisfied"]
