@@ -53,8 +53,7 @@ OPERATOR_FLAGS = {"--p-drop": "inpaint-random", "--box": "inpaint-box", "--mask"
                   "--kernel": "sr", "--blur-size": "blur", "--blur-sigma": "blur"}
 # operators that hold no randomness, so they can describe a measurement made outside condiff
 DETERMINISTIC = ("inpaint-mask", "sr", "blur")
-OPERATOR_DEFAULTS = {"p_drop": 0.7, "box": None, "factor": 2, "kernel": "bicubic", "size": 7, "sigma": 1.0,
-                     "mask": None}
+OPERATOR_DEFAULTS = {"p_drop": 0.7, "box": None, "factor": 2, "kernel": "bicubic", "size": 7, "sigma": 1.0}
 
 # hyperparameter flags, passed on as constructor keywords (None = not given: the swept default is used)
 HYPER_FLAGS = ("zeta", "rate", "interval", "final", "between", "repeats", "forward", "backward_steps",
@@ -283,7 +282,8 @@ def run(args: argparse.Namespace) -> int:
     params = {k: v for k, v in (("p_drop", args.p_drop), ("box", args.box), ("factor", args.factor),
                                 ("kernel", args.kernel), ("size", args.blur_size), ("sigma", args.blur_sigma))
               if v is not None}  # the rest: OPERATOR_DEFAULTS
-    params["mask"] = load_mask(args.mask, shape, n) if args.mask else None
+    if args.mask:
+        params["mask"] = load_mask(args.mask, shape, n)
     gop = torch.Generator().manual_seed(derive_seed(args.seed, "op"))
     op = build_operator(args.operator, (n, *shape), gop, args.noise, params).to(device)
     if x is not None:
