@@ -280,6 +280,11 @@ def test_bench_no_record_leaves_recorded_results_alone(tmp_path, monkeypatch, ca
     recorded = (tmp_path / "benchmarks" / "results" / "tiny-quick.json").read_text()
     table = (tmp_path / "BENCHMARKS.md").read_text()
     assert "<!-- bench:tiny -->" in table and "| 1.5 |" in table
+    # another profile (the GPU's "full") gets its own section beside the quick one
+    assert main(["bench", "tiny", "--profile", "full"]) == 0
+    both = (tmp_path / "BENCHMARKS.md").read_text()
+    assert both.startswith(table.rstrip()) and "<!-- bench:tiny/full -->" in both and "--profile full`" in both
+    (tmp_path / "BENCHMARKS.md").write_text(table)
     # a trial run writes its results under runs/ and touches neither the record nor the table
     assert main(["bench", "tiny", "--no-record"]) == 0
     assert "BENCHMARKS.md unchanged" in capsys.readouterr().out

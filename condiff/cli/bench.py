@@ -84,7 +84,8 @@ def record(res: dict) -> Path:
     """Replace (or append) this benchmark's section in BENCHMARKS.md."""
     path = bench_dir().parent / "BENCHMARKS.md"
     text = path.read_text() if path.is_file() else "# Benchmarks\n\nTables written by `condiff bench NAME`.\n"
-    key = res["name"] if res.get("profile", "quick") in ("quick", "full") else f"{res['name']}/{res['profile']}"
+    # one section per profile: a GPU "full" table sits beside the CPU "quick" one instead of replacing it
+    key = res["name"] if res.get("profile", "quick") == "quick" else f"{res['name']}/{res['profile']}"
     start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
     block = f"{start}\n{to_markdown(res)}{end}"
     if start in text and end in text:
