@@ -12,7 +12,21 @@ The command line is ``condiff`` (``condiff --help``); docs/core-api.md maps the 
 
 from importlib.metadata import PackageNotFoundError, version
 
+
+def _source_version() -> str:
+    """The version in pyproject.toml beside the package: a source tree on PYTHONPATH, never installed."""
+    import re
+    from pathlib import Path
+
+    try:
+        text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    except OSError:
+        return "0+unknown"
+    m = re.search(r'^version\s*=\s*"([^"]+)"', text, re.MULTILINE)
+    return m.group(1) if m else "0+unknown"
+
+
 try:
     __version__ = version("condiff")
-except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
-    __version__ = "0+unknown"
+except PackageNotFoundError:
+    __version__ = _source_version()

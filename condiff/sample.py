@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import checks
 from .denoiser import Denoiser
+from .schedule import Schedule
 
 
 def randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None, like: Tensor | None = None,
@@ -65,7 +66,7 @@ class Step:
     def remake(self, x_t: Tensor, noise: Tensor | None = None) -> Step:
         """The same step evaluated at another ``x_t`` (one more network call), with fresh noise."""
         return make_step(self.denoiser, x_t, self.i, self.t, self.t_prev, self.eta,
-                         self.generator, self.clip_x0, noise=noise)
+                         self.generator, self.clip_x0, noise=noise, abars=(self.abar_t, self.abar_prev))
 
     def with_eps(self, eps_hat: Tensor) -> Step:
         """The step rebuilt from a modified ``eps_hat`` (no network call): UGD's forward guidance."""
@@ -124,13 +125,22 @@ def clip_bounds(clip_x0: float | Sequence[float] | None) -> tuple[float, float] 
     return -c, c
 
 
+def step_abars(schedule: Schedule, t: int, t_prev: int) -> tuple[float, float]:
+    """``(abar_t, abar_prev)`` for host timesteps; ``t_prev = -1`` (the last step) has ``abar = 1``."""
+    return float(schedule.abar[t]), float(schedule.abar[t_prev]) if t_prev >= 0 else 1.0
+
+
 def make_step(denoiser: Denoiser, x_t: Tensor, i: int, t: Tensor, t_prev: Tensor, eta: float,
               generator: torch.Generator | None, clip_x0: float | Sequence[float] | None = None,
-              noise: Tensor | None = None) -> Step:
-    """Evaluate the denoiser once at ``(x_t, t)`` and build the step record."""
-    abar = denoiser.schedule.abar
-    abar_t = float(abar[int(t[0])])
-    abar_prev = float(abar[int(t_prev[0])]) if int(t_prev[0]) >= 0 else 1.0
+              noise: Tensor | None = None, abars: tuple[float, float] | None = None) -> Step:
+    """Evaluate the denoiser once at ``(x_t, t)`` and build the step record.
+
+    ``abars``: ``(abar_t, abar_prev)`` when the caller has them on the host; otherwise they are read
+    from ``t`` and ``t_prev``, which on a GPU waits for the device (a sync per step).
+    """
+    if abars is None:
+        abars = step_abars(denoiser.schedule, int(t[0]), int(t_prev[0]))
+    abar_t, abar_prev = abars
     eps_hat = denoiser.eps(x_t, t)
     x0_hat = _x0(x_t, eps_hat, abar_t)
     if clip_x0 is not None:
@@ -189,16 +199,17 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
         raise ValueError(f"x holds {int((~torch.isfinite(x)).sum())} non-finite values")
     need_grad = grad or bool(getattr(guidance, "needs_grad", False))
     B = x.shape[0]
-    prev = torch.cat([ts[1:], ts.new_full((1,), -1)])
-    bar = progress_bar(len(ts), progress)
-    for i in range(len(ts)):
-        t = torch.full((B,), int(ts[i]), dtype=torch.long, device=x.device)
-        t_prev = torch.full((B,), int(prev[i]), dtype=torch.long, device=x.device)
+    steps = ts.tolist()  # host integers: nothing in the loop waits for the device
+    bar = progress_bar(len(steps), progress)
+    for i, (ti, tp) in enumerate(zip(steps, steps[1:] + [-1])):
+        t = torch.full((B,), ti, dtype=torch.long, device=x.device)
+        t_prev = torch.full((B,), tp, dtype=torch.long, device=x.device)
         # inference_mode (cheaper than no_grad) when nothing needs gradients; the result is cloned
         # out of inference mode below so that callers can use it in autograd later.
         with torch.enable_grad() if need_grad else torch.inference_mode():
             x_t = x if grad else x.detach().requires_grad_(need_grad)
-            step = make_step(denoiser, x_t, i, t, t_prev, eta, generator, clip_x0)
+            step = make_step(denoiser, x_t, i, t, t_prev, eta, generator, clip_x0,
+                             abars=step_abars(denoiser.schedule, ti, tp))
             x = guidance(step) if guidance is not None else step.sample()
         if not grad:
             x = x.detach()

@@ -28,6 +28,9 @@ class Schedule:
     betas: Tensor
     kind: str = "custom"
     abar: Tensor = field(init=False, repr=False)
+    # abar_at's lookup table per device: built once, so that a step on a GPU copies nothing from the
+    # host (a host-to-device copy waits for the device)
+    _tables: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         b = torch.as_tensor(self.betas, dtype=torch.float64).flatten()
@@ -114,7 +117,9 @@ class Schedule:
             # checked where it is free (on a GPU it would cost a sync per call): t = -2 would wrap to abar_T
             raise ValueError(f"timesteps must lie in [-1, {self.T}) (-1: clean data), got values in "
                              f"[{int(t.min())}, {int(t.max())}]")
-        table = torch.cat([self.abar.new_ones(1), self.abar]).to(like.device)
+        table = self._tables.get(like.device)
+        if table is None:
+            table = self._tables[like.device] = torch.cat([self.abar.new_ones(1), self.abar]).to(like.device)
         a = table[t.to(like.device).long() + 1].to(like.dtype)
         return a.view(-1, *([1] * (like.dim() - 1)))
 

@@ -210,9 +210,14 @@ def init_distributed(device: str) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda") and local >= torch.cuda.device_count():
+        raise ValueError(f"process {local} of this machine needs its own GPU, but {torch.cuda.device_count()} "
+                         "are visible: start at most that many processes per machine (torchrun "
+                         "--nproc_per_node), or train on the CPU (--device cpu)")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), local)
     if device.startswith("cuda"):
         torch.cuda.set_device(info.local_rank)
     return info
@@ -244,6 +249,11 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.gen = torch.Generator(device=self.device)
+        # Losses stay on the device and are read (and checked for non-finite values) once per log
+        # interval and before each checkpoint: on a GPU a read each step waits for the device every
+        # step (10% of a small model's step time on an H200). On the CPU a read costs nothing, so
+        # there each loss is checked before its update.
+        self.check_each_step = self.device.type == "cpu"
 
     # --- schedule ------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -308,10 +318,11 @@ class Trainer:
     @torch.no_grad()
     def _ema_update(self) -> None:
         d = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
-        for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
-            pe.lerp_(pm, 1 - d)
-        for be, bm in zip(self.ema.buffers(), self.model.buffers()):
-            be.copy_(bm)
+        # one fused call per group rather than a kernel per tensor (a UNet has hundreds)
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - d)
+        buffers = list(self.ema.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(self.model.buffers()))
 
     def fit(self) -> nn.Module:
         """Train until ``cfg.steps``; returns the EMA model."""
@@ -324,7 +335,7 @@ class Trainer:
         bar = progress_bar(cfg.steps, cfg.progress and self.dist.main and self.step < cfg.steps, unit="it",
                            desc="train", initial=self.step, leave=True)
         self.model.train()
-        t0, seen, run_loss = time.perf_counter(), 0, 0.0
+        t0, pending, first, run_loss, seen = time.perf_counter(), [], self.step, 0.0, 0
         stop, prev_handler = self._defer_interrupt()
         try:
             while self.step < cfg.steps:
@@ -333,12 +344,10 @@ class Trainer:
                 for g in self.opt.param_groups:
                     g["lr"] = lr
                 loss, logs = self.objective.loss(self.train_model, self.step, self.gen)
-                if not torch.isfinite(loss):
-                    if self.step == 0:  # no update yet, so the learning rate is not the cause
-                        raise FloatingPointError(f"training loss is {loss.item()} at step 0, before any update: "
-                                                 "the training data or the objective give non-finite values")
-                    raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}; "
-                                             "try a lower learning rate")
+                pending.append(loss.detach())
+                if self.check_each_step:
+                    run_loss += _finite_sum(pending, first)
+                    pending, first = [], self.step + 1
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -346,10 +355,13 @@ class Trainer:
                 logs.update(self.objective.after_step(self.model, self.step))
                 self.step += 1
                 self._ema_update()
-                run_loss += loss.item()
                 seen += 1
                 if bar is not None:
                     bar.update(1)
+                save = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop
+                if pending and (save or self.step % cfg.log_every == 0):
+                    run_loss += _finite_sum(pending, first)
+                    pending, first = [], self.step
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     dt = time.perf_counter() - t0
                     rec = {"step": self.step, "loss": run_loss / seen, "lr": lr, "grad_norm": float(gnorm),
@@ -360,7 +372,7 @@ class Trainer:
                         log.write(json.dumps(rec) + "\n")
                         log.flush()
                     t0, seen, run_loss = time.perf_counter(), 0, 0.0
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop:
+                if save:
                     self.save()
                 if stop:
                     raise TrainingInterrupted
@@ -399,6 +411,21 @@ class Trainer:
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training, raised once the step in progress is finished and checkpointed."""
+
+
+def _finite_sum(losses: list[Tensor], first: int) -> float:
+    """The sum of the losses of steps ``first, first + 1, ...`` (one read from the device); a non-finite
+    one stops training with the step it came from."""
+    vals = torch.stack(losses).double().cpu()
+    bad = (~torch.isfinite(vals)).nonzero()
+    if len(bad):
+        k = int(bad[0])
+        step, value = first + k, float(vals[k])
+        if step == 0:  # no update yet, so the learning rate is not the cause
+            raise FloatingPointError(f"training loss is {value} at step 0, before any update: "
+                                     "the training data or the objective give non-finite values")
+        raise FloatingPointError(f"training loss became {value} at step {step}; try a lower learning rate")
+    return float(vals.sum())
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

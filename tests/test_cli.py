@@ -303,6 +303,16 @@ def test_bench_no_record_leaves_recorded_results_alone(tmp_path, monkeypatch, ca
     assert (tmp_path / "BENCHMARKS.md").read_text() == table
 
 
+def test_a_source_tree_reads_its_version_from_pyproject():
+    from pathlib import Path
+
+    import condiff
+
+    text = (Path(condiff.__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert condiff._source_version() == re.search(r'^version = "(.+)"', text, re.MULTILINE).group(1)
+    assert condiff._source_version().count(".") >= 2
+
+
 def test_version(capsys):
     import condiff
 

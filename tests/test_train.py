@@ -58,6 +58,47 @@ def test_a_non_finite_loss_names_the_data_at_step_0_and_the_learning_rate_later(
         Trainer(net, DenoisingObjective(torch.randn(64, 2) * 1e3, s, 64), wild).fit()
 
 
+def test_losses_read_once_per_interval_give_the_same_log_and_name_the_first_bad_step(tmp_path):
+    """The GPU path (losses read from the device once per log interval) logs what the per-step CPU
+    path logs, names the exact step of the first non-finite loss, and saves no checkpoint after it."""
+    from condiff.train import read_log
+
+    s = Schedule.linear(100)
+    x = torch.randn(64, 2)
+    logs = []
+    for each in (True, False):
+        cfg = TrainConfig(steps=12, log_every=5, ckpt_every=100, warmup=0, progress=False)
+        torch.manual_seed(0)
+        tr = Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, s, 16), cfg, run_dir=tmp_path / str(each))
+        tr.check_each_step = each
+        tr.fit()
+        logs.append({r["step"]: r["loss"] for r in read_log(tmp_path / str(each) / "log.jsonl")})
+    assert list(logs[0]) == list(logs[1]) == [5, 10, 12]
+    assert list(logs[0].values()) == pytest.approx(list(logs[1].values()), rel=1e-12)
+
+    class NanAt:  # the denoising objective, with a non-finite loss from step 7 on
+        def __init__(self):
+            self.base = DenoisingObjective(x, s, 16)
+
+        def loss(self, model, step, gen):
+            loss, logs = self.base.loss(model, step, gen)
+            return (loss * float("nan") if step >= 7 else loss), logs
+
+        def __getattr__(self, name):
+            return getattr(self.base, name)
+
+    for first_bad in (7, 0):
+        obj = NanAt() if first_bad else DenoisingObjective(torch.full((64, 2), float("nan")), s, 16)
+        cfg = TrainConfig(steps=20, log_every=10, ckpt_every=5, warmup=0, progress=False)
+        tr = Trainer(TimeMLP(2, hidden=8, depth=1), obj, cfg, run_dir=tmp_path / f"bad{first_bad}")
+        tr.check_each_step = False
+        want = "at step 0, before any update" if first_bad == 0 else "became nan at step 7;"
+        with pytest.raises(FloatingPointError, match=want):
+            tr.fit()
+        saved = [p.name for p in list_checkpoints(tmp_path / f"bad{first_bad}" / "checkpoints")]
+        assert saved == ([] if first_bad == 0 else ["step_00000005"])  # nothing saved after step 7
+
+
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     steps = ["--set", "train.steps=300", "--set", "train.ckpt_every=20"]
     ref = tmp_path / "ref"
@@ -308,12 +349,22 @@ def test_optimizer_state_round_trip():
             assert torch.equal(torch.as_tensor(vv), torch.as_tensor(opt2.state_dict()["state"][k][kk]))
 
 
+def test_more_processes_than_gpus_is_refused_before_joining_the_group(monkeypatch):
+    from condiff.train import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="process 1 of this machine needs its own GPU, but 1 are visible"):
+        init_distributed("cuda")
+
+
 def test_ddp_two_cpu_processes(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun not installed")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "condiff.cli.main", "train", *TINY,
-           "--set", "train.steps=40", "--set", "train.ckpt_every=20", "--out", str(tmp_path)]
+           "--device", "cpu", "--set", "train.steps=40", "--set", "train.ckpt_every=20", "--out", str(tmp_path)]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = io.load_config(tmp_path / "model")
