@@ -73,10 +73,18 @@ class NetDenoiser(Denoiser):
         self.guidance_scale = checks.number("guidance_scale", guidance_scale, ">= 0")
         if self.guidance_scale > 0 and y is None:
             raise ValueError("classifier-free guidance (guidance_scale > 0) needs class labels y")
+        classes = int(getattr(net, "config", {}).get("num_classes") or 0)
+        if y is not None and classes and (not isinstance(y, Tensor) or y.numel()):  # once, not at every call
+            lo, hi = (int(y.min()), int(y.max())) if isinstance(y, Tensor) else (int(y), int(y))
+            if lo < -1 or hi > classes:
+                raise ValueError(f"labels must lie in [0, {classes}) or be -1 (no label), got values in [{lo}, {hi}]")
+        self._y_on: Tensor | None = None  # y on the device of the last call
 
     def _labels(self, x_t: Tensor) -> Tensor:
         if isinstance(self.y, Tensor):
-            y = self.y.to(x_t.device)
+            if self._y_on is None or self._y_on.device != x_t.device:  # a copy at every step would wait
+                self._y_on = self.y.to(x_t.device)                       # for the device each time
+            y = self._y_on
             if y.shape[0] != x_t.shape[0]:
                 raise ValueError(f"labels have batch {y.shape[0]} but x_t has batch {x_t.shape[0]}")
             return y

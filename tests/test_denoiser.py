@@ -52,6 +52,14 @@ def test_net_denoiser_labels_and_scalar_t():
     torch.testing.assert_close(d.conditioned(2, guidance_scale=0.0).eps(x, 10), d.conditioned(2).eps(x, 10))
     with pytest.raises(ValueError, match="needs class labels"):
         d.conditioned(None, guidance_scale=1.0)
+    # labels outside the model's classes: refused once, when they are fixed, and by the embedding for
+    # labels given per call on the CPU (-1 and 3 = num_classes both mean "no label")
+    for bad in (4, -2, torch.tensor([0, 7])):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+            d.conditioned(bad)
+    with pytest.raises(ValueError, match=r"or be -1 or 3 \(no label\), got values in \[0, 7\]"):
+        net(x, torch.tensor([1, 1]), torch.tensor([0, 7]))
+    torch.testing.assert_close(d.conditioned(-1).eps(x, 10), d.conditioned(3).eps(x, 10))
     with pytest.raises(ValueError, match="x_t is torch.float64 but the network's weights are torch.float32"):
         d.eps(x.double(), 10)
     with pytest.raises(ValueError, match="std must be a number >= 0"):

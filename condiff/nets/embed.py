@@ -78,10 +78,12 @@ class LabelEmbedding(nn.Module):
             raise ValueError(f"labels must have shape ({batch},) to match the batch, got {tuple(y.shape)}")
         if y.dtype.is_floating_point or y.dtype == torch.bool:
             raise ValueError(f"labels must be an integer tensor, got dtype {y.dtype}")
-        y = y.to(device=self.table.weight.device, dtype=torch.long)
-        if y.numel() and (int(y.min()) < -1 or int(y.max()) > null):
+        # checked where it is free: labels on a GPU would cost a wait for the device at every call (the
+        # library's loaders check the labels of a data set, and NetDenoiser its fixed labels, once)
+        if y.device.type == "cpu" and y.numel() and (int(y.min()) < -1 or int(y.max()) > null):
             raise ValueError(
                 f"labels must lie in [0, {null}) or be -1 or {null} (no label), "
                 f"got values in [{int(y.min())}, {int(y.max())}]"
             )
+        y = y.to(device=self.table.weight.device, dtype=torch.long)
         return self.table(torch.where(y < 0, torch.full_like(y, null), y))

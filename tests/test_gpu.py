@@ -1,0 +1,69 @@
+"""GPU-only checks, skipped where PyTorch sees no CUDA device (CI and the development machines).
+
+They guard what only a GPU shows: a loop that reads a value back from the device waits for it, so
+the sampler and the trainer must not do so once per step. ``torch.cuda.set_sync_debug_mode`` warns
+at each such read; the count must not grow with the number of steps.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from condiff.denoiser import NetDenoiser
+from condiff.nets import TimeMLP
+from condiff.sample import ddim
+from condiff.schedule import Schedule
+from condiff.train import DenoisingObjective, TrainConfig, Trainer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _syncs(fn) -> int:
+    """How many synchronising CUDA operations ``fn`` performs."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in seen)
+
+
+def test_the_sampler_reads_nothing_back_per_step():
+    torch.manual_seed(0)
+    s = Schedule.linear(1000)
+    den = NetDenoiser(TimeMLP(2, hidden=32, depth=2).cuda().eval(), s)
+    x = torch.randn(64, 2, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    counts = [_syncs(lambda n=n: ddim(den, x, s.timesteps(n), eta=1.0, generator=g)) for n in (5, 40)]
+    assert counts[0] == counts[1], f"syncs for 5 and 40 steps: {counts}"
+
+
+def test_the_sampler_reads_nothing_back_per_step_with_labels_and_cfg():
+    torch.manual_seed(0)
+    s = Schedule.linear(1000)
+    den = NetDenoiser(TimeMLP(2, hidden=32, depth=2, num_classes=3).cuda().eval(), s)
+    x = torch.randn(64, 2, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for cond in (den.conditioned(torch.arange(64) % 3), den.conditioned(1, guidance_scale=2.0)):
+        counts = [_syncs(lambda n=n, d=cond: ddim(d, x, s.timesteps(n), eta=1.0, generator=g)) for n in (5, 40)]
+        assert counts[0] == counts[1], f"syncs for 5 and 40 steps: {counts}"
+
+
+def test_the_trainer_reads_its_losses_once_per_log_interval():
+    s = Schedule.linear(100)
+    x = torch.randn(256, 2)
+
+    def fit(steps):
+        torch.manual_seed(0)
+        cfg = TrainConfig(steps=steps, batch_size=32, log_every=1000, ckpt_every=1000, warmup=0,
+                          progress=False, device="cuda")
+        tr = Trainer(TimeMLP(2, hidden=32, depth=1), DenoisingObjective(x, s, 32), cfg)
+        assert not tr.check_each_step
+        return _syncs(tr.fit)
+
+    counts = [fit(5), fit(40)]
+    assert counts[0] == counts[1], f"syncs for 5 and 40 steps: {counts}"
