@@ -40,6 +40,39 @@ def test_train_sample_eval_round_trip(tmp_path, capsys):
     assert (run / "samples.png").is_file()
 
 
+def test_a_run_of_another_command_is_never_overwritten(tmp_path, capsys):
+    """--out naming another command's run is refused before any work, with the directory left as it was;
+    runs made before marks are recognised by their config.json / metrics.json."""
+    from condiff.cli.common import run_kind
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    assert run_kind(run) == "condiff train" and (run / ".condiff-run").read_text() == "condiff train\n"
+    legacy = {"namm": {"data": {}, "mirror": {}}, "dual": {"data": {}, "dual": {}, "train": {}}}
+    for name, cfg in legacy.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "samples").mkdir()
+    assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2", "--out", str(tmp_path / "samples")]) == 0
+    cases = [  # (command, --out, the command that wrote it)
+        (["dual", "train", "--config", "examples/dual/fair_baseline.toml"], "namm", "condiff namm fit"),
+        (["dual", "fair"], "dual", "condiff dual train"),
+        (["pnp", "digits", "--ckpt", str(run), "--label", "3"], "dual", "condiff dual train"),
+        (["namm", "fit", "--data", "brightness", "--quiet"], str(run), "condiff train"),
+        (["solve", "--ckpt", str(run), "--operator", "inpaint-random"], "samples", "condiff sample"),
+        (["train", *TINY], "samples", "condiff sample"),
+    ]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for cmd, out, other in cases:
+        assert main([*cmd, "--out", str(tmp_path / out)]) == 2, cmd
+        err = capsys.readouterr().err
+        this = " ".join(cmd[:2]) if cmd[0] in ("dual", "pnp", "namm") else cmd[0]
+        assert f"holds the output of `{other}`, which `condiff {this}` would overwrite" in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # the same command may write its own run again
+    assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2", "--out", str(tmp_path / "samples")]) == 0
+
+
 def test_config_resolution_order(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('[data]\nname = "toy2d"\nkind = "rings"\n[train]\nsteps = 7\nlr = 0.5\n')

@@ -452,13 +452,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     # a bad setting of a later stage is refused before any stage trains; the run is left as it was
     out = tmp_path / "earlier-run"
     out.mkdir()
-    (out / "config.json").write_text(core_run)
+    namm_run = json.dumps({"data": {"name": "brightness"}, "mirror": {}})  # an earlier `namm fit` run
+    (out / "config.json").write_text(namm_run)
     fit = ["namm", "fit", "--data", "brightness", "--profile", "quick", "--out", str(out), "--quiet"]
     assert main([*fit, "--set", "finetune.lr_decay=sometimes"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "finetune.lr_decay must be 'cosine' or 'constant'" in err
     assert main([*fit, "--set", "finetune.n=0"]) == 2
     assert "finetune.n (the pool of MDM samples) must be an integer >= 1" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == namm_run
+    # the run of another command is refused as --out before anything is checked or written
+    (out / "config.json").write_text(core_run)
+    assert main(fit) == 2
+    assert "holds the output of `condiff train`, which `condiff namm fit` would overwrite" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == core_run
 
 

@@ -37,7 +37,9 @@ def test_solve_writes_images_and_metrics(tiny_run, tmp_path):
     for f in ("ground_truth.png", "measurement.png", "reconstruction.png", "comparison.png", "reconstruction.npz",
               "metrics.json"):
         assert (out / f).is_file(), f
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary files left
+    # no temporary files left; the mark says which command wrote the directory
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".condiff-run"]
+    assert (out / ".condiff-run").read_text() == "condiff solve\n"
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == 3 and m["steps"] == 3 and m["nfe"] == 3
     # the swept default for this task adds DSG's final Euclidean step: a gradient at every step

@@ -168,15 +168,67 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
     return job
 
 
-def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
-    """An output directory argument: refused at once if it names an existing file (before any work)."""
+RUN_MARK = ".condiff-run"  # in a run directory: the command that wrote it
+_claimed: dict[Path, str] = {}
+
+
+def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None) -> Path:
+    """An output directory argument, checked before any work: refused if it names an existing file, or,
+    for a command that writes a run of its own ``kind`` (``"condiff dual train"``), if it holds another
+    command's run, which this one would overwrite. Once the command succeeds, :func:`mark_runs` records
+    ``kind`` in the directory."""
     p = Path(path)
     for q in (p, *p.parents):  # the nearest existing ancestor must be a directory too
         if q.exists():
             if not q.is_dir():
                 raise NotADirectoryError(f"{flag} {p}{'' if q == p else f': {q}'} is a file, not a directory")
             break
+    if kind is not None:
+        other = run_kind(p)
+        if other is not None and other != kind:
+            raise FileExistsError(f"{flag} {p} holds the output of `{other}`, which `{kind}` would overwrite: "
+                                  "give another directory")
+        _claimed[p] = kind
     return p
+
+
+def _json_dict(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def run_kind(path: str | Path) -> str | None:
+    """The command that wrote run directory ``path``: its mark, or for a run made before marks, a guess
+    from its config.json or metrics.json; None for a directory that shows no run."""
+    p = Path(path)
+    try:
+        return (p / RUN_MARK).read_text().strip() or None
+    except OSError:
+        pass
+    cfg = _json_dict(p / "config.json")
+    if "mirror" in cfg:
+        return "condiff namm fit"
+    if "dual" in cfg:
+        return "condiff dual train"
+    if {"data", "model", "train"} <= set(cfg):
+        return "condiff train"
+    m = _json_dict(p / "metrics.json")
+    for key, kind in (("lambda_final", "condiff dual toy"), ("memorisation_reduction", "condiff dual finetune"),
+                      ("data_class_hist", "condiff dual fair")):
+        if key in m:
+            return kind
+    return None
+
+
+def mark_runs() -> None:
+    """Record in each directory a successful command claimed (:func:`check_out_dir`) which command it was."""
+    for p, kind in _claimed.items():
+        if p.is_dir() and not (p / RUN_MARK).is_file():
+            io.write_text_atomic(p / RUN_MARK, kind + "\n")
+    _claimed.clear()
 
 
 # sampling settings for a model that records none (a diffusers directory, a bare model directory)

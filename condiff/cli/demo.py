@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .common import model_is_complete, pick_device, save_resolved_config, train_or_reuse
+from .common import check_out_dir, model_is_complete, pick_device, save_resolved_config, train_or_reuse
 from .config import resolve
 from .evaluate import evaluate_run
 
@@ -32,7 +32,7 @@ def add_parser(sub, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = resolve(args.data, args.config, args.overrides)
     cfg["_device"] = device = pick_device(args.device)
-    run_dir = Path(args.out)
+    run_dir = check_out_dir(args.out, kind="condiff train")  # a training run, evaluated
     t0 = time.perf_counter()
     if model_is_complete(run_dir, cfg) and not args.retrain:
         print(f"reusing the trained model in {run_dir / 'model'} (pass --retrain to train again)")

@@ -112,7 +112,7 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
 
 def run_experiment(args: argparse.Namespace) -> int:
     cls, fn, _ = EXPERIMENTS[args.experiment]
-    out = check_out_dir(args.out)
+    out = check_out_dir(args.out, kind=f"condiff dual {args.experiment}")
     device = pick_device(args.device)
     cfg = apply_overrides(ex.profile_config(cls, args.profile), args.overrides)  # all settings checked
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -377,7 +377,7 @@ class DualJob:
 def run_train(args: argparse.Namespace) -> int:
     cfg = resolve(args.config, args.overrides)
     device = pick_device(args.device)
-    run_dir = check_out_dir(args.out or Path("runs") / f"dual-{Path(args.config).stem}")
+    run_dir = check_out_dir(args.out or Path("runs") / f"dual-{Path(args.config).stem}", kind="condiff dual train")
     job = start_run(run_dir, args.resume, args.fresh, lambda: DualJob(cfg, run_dir, device, fresh=args.fresh),
                     clear=("constraint_data",))
     job.cache.save()

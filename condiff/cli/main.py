@@ -38,22 +38,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _close_progress_bars() -> None:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not os.environ.get("CONDIFF_DEBUG"):  # a warning is one line too
         warnings.showwarning = lambda message, category, *rest, **kw: print(
             f"condiff {args.command}: warning: {message}", file=sys.stderr)
+    from . import common
+
+    common._claimed.clear()
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        if rc == 0:
+            common.mark_runs()
+        return rc
     except KeyboardInterrupt:
         hint = getattr(args, "interrupted", None)
+        _close_progress_bars()
         print("condiff: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
     except Exception as e:  # one line for the user; the traceback on request
         if os.environ.get("CONDIFF_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _close_progress_bars()  # the message gets a line of its own, not the end of a bar's
         print(f"condiff {args.command}: error: {msg}", file=sys.stderr)
         return 2
     finally:

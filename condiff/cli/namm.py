@@ -833,7 +833,7 @@ def _keep_settings(run: NAMMRun) -> None:
 
 def run_fit(args: argparse.Namespace) -> int:
     cfg = resolve(args.data, args.profile, args.config, args.overrides, args.constraint)
-    root = check_out_dir(args.out or Path("runs") / f"namm-{Path(args.data).stem}")
+    root = check_out_dir(args.out or Path("runs") / f"namm-{Path(args.data).stem}", kind="condiff namm fit")
     run = NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet)  # checks the settings
     run.preflight(["namm", "mdm"] + ([] if args.no_baseline else ["vanilla"]))  # before config.json changes
     root.mkdir(parents=True, exist_ok=True)

@@ -192,7 +192,7 @@ def _common(p: argparse.ArgumentParser, ckpt: str, out: str, steps: int, lr: flo
 
 def _check_common(args: argparse.Namespace) -> None:
     """The options every task shares, checked before a prior is trained or loaded."""
-    check_out_dir(args.out)
+    check_out_dir(args.out, kind=f"condiff pnp {args.pnp_command}")
     checks.seed("--seed", args.seed)
     checks.integer("--steps", args.steps)
     checks.number("--lr", args.lr, "> 0")

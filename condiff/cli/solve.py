@@ -258,7 +258,8 @@ def load_measurements(args: argparse.Namespace, op: Operator, shape: tuple[int, 
 
 def run(args: argparse.Namespace) -> int:
     check_flags(args)
-    out = check_out_dir(args.out or Path(args.ckpt) / "solve" / f"{args.operator}-{args.method}-{args.steps}")
+    out = check_out_dir(args.out or Path(args.ckpt) / "solve" / f"{args.operator}-{args.method}-{args.steps}",
+                        kind="condiff solve")
     device = pick_device(args.device)
     den, run_cfg, shape = load_model_for(args.ckpt, device)
     if args.steps > den.schedule.T:

@@ -26,7 +26,7 @@ def add_parser(sub, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = resolve(args.data, args.config, args.overrides)
     cfg["_device"] = pick_device(args.device)
-    run_dir = check_out_dir(args.out or Path("runs") / Path(str(cfg["data"]["name"])).stem)
+    run_dir = check_out_dir(args.out or Path("runs") / Path(str(cfg["data"]["name"])).stem, kind="condiff train")
     job = start_run(run_dir, args.resume, args.fresh, lambda: TrainingJob(cfg, run_dir))
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
     model_dir = job.fit()
