@@ -69,7 +69,7 @@ def _finetune_rows(ft: dict, label: str) -> list[dict]:
     rows = [{"experiment": label, "metric": "memorisation rate",
              "reference": p["memorisation"], "constrained": c["memorisation"],
              "target": f"<= 0.5x ({0.5 * p['memorisation']:.3g})",
-             "status": _status(ft["memorisation_reduction"] >= 0.5)},
+             "status": _status(ft["memorisation_reduction"] is not None and ft["memorisation_reduction"] >= 0.5)},
             {"experiment": label, "metric": "Fréchet distance to held-out target",
              "reference": p["frechet_to_target"], "constrained": c["frechet_to_target"],
              "target": f"<= 1.2x ({1.2 * p['frechet_to_target']:.3g})",

@@ -468,7 +468,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == core_run
 
 
-def test_cli_pipeline_end_to_end(tmp_path, capsys):
+def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     env_args = [
         "--profile",
         "quick",
@@ -565,6 +565,19 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys):
     assert (run / "samples" / "violations.png").is_file() and (
         run / "assimilate" / "assimilation.png"
     ).is_file()
+    # a method that diverges (here one made to) is named, and the earlier assimilation is left as it was
+    import condiff.cli.namm as namm_cli
+
+    real = namm_cli.assimilate
+    monkeypatch.setattr(namm_cli, "assimilate", lambda *a, **k: real(*a, **k) * float("nan"))
+    before = {p: p.read_bytes() for p in (run / "assimilate").iterdir()}
+    capsys.readouterr()
+    assert main(["namm", "assimilate", "--run", str(run), "--set", "assimilate.n=2", "--set", "assimilate.steps=5",
+                 "--set", "assimilate.zeta=3", "--no-baselines", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "mirror DPS diverged" in err and "not finite for 2 of 2" in err and "lower assimilate.zeta (now 3)" in err
+    assert err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in (run / "assimilate").iterdir()} == before
 
 
 def test_violation_grid_gives_a_map_column_only_to_methods_with_maps(tmp_path):

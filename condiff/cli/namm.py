@@ -707,6 +707,15 @@ def run_assimilation(
         ).cpu()
         res = (op.residual(x, y) / sigma_y).float()
         dist = batched_distance(con, x, device=run.device)
+        bad = int((~torch.isfinite(x.flatten(1)).all(1) | ~torch.isfinite(res) | ~torch.isfinite(dist)).sum())
+        if bad:  # a diverged method would leave NaN in metrics.json and the figure
+            big = float(x.nan_to_num(posinf=float("inf"), neginf=float("inf")).abs().max())
+            raise FloatingPointError(
+                f"{name} diverged: its samples or their constraint distance are not finite for {bad} of {n} "
+                f"truths (largest |x| {big:.3g}, the data's {float(test.abs().max()):.3g}): lower "
+                f"assimilate.zeta (now {float(a['zeta']):g})"
+                + (f" or assimilate.constraint_weight (now {float(a['constraint_weight']):g})"
+                   if name == "constraint-guided DPS" else ""))
         results["methods"][name] = {
             "residual_mean": float(res.mean()),
             "residual_median": float(res.median()),

@@ -13,9 +13,9 @@ re-running after a change of the evaluation only pays for the evaluation. The CL
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -642,11 +642,16 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu") -> d
     res["plain"]["loss_on_pretrained_samples"] = float(
         _losses(plain_net, schedule, [q1], dcfg, cfg.seed + 1)[0])
     p, c = res["plain"], res["constrained"]
-    reduction = 1 - c["memorisation"] / p["memorisation"] if p["memorisation"] > 0 else math.nan
+    # None (null in metrics.json) when plain fine-tuning memorised nothing: there is nothing to reduce
+    # (too few fine-tuning steps to memorise, e.g.), and the target cannot be judged
+    reduction = 1 - c["memorisation"] / p["memorisation"] if p["memorisation"] > 0 else None
+    if reduction is None:
+        warnings.warn("plain fine-tuning memorised none of the target images, so the memorisation reduction "
+                      "is undefined (null in metrics.json): fine-tune longer (finetune.steps)", stacklevel=2)
     fd_ratio = c["frechet_to_target"] / max(p["frechet_to_target"], 1e-12)
     m = {"config": asdict(cfg), "threshold": threshold, "n_heldout": len(heldout), **res,
          "memorisation_reduction": reduction, "frechet_ratio_constrained_vs_plain": fd_ratio,
-         "targets": {"memorisation_reduction>=0.5": bool(reduction >= 0.5),
+         "targets": {"memorisation_reduction>=0.5": reduction is not None and bool(reduction >= 0.5),
                      f"comparable_fidelity(FD<={cfg.comparable}x_plain)": bool(fd_ratio <= cfg.comparable)}}
     names = ["pretrained", "plain", "constrained"]
     plot_bars({"memorisation": [res[n]["memorisation"] for n in names],
