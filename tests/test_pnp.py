@@ -168,6 +168,20 @@ def test_infer_rejects_bad_input():
         infer(den, torch.zeros(2, 3), lr=0.0)
     with pytest.raises(ValueError, match="starting latent holds NaN"):
         infer(den, torch.full((2, 3), float("nan")), steps=1)
+    # a non-finite gradient names its source: a constraint that turns NaN late, one whose gradient
+    # alone is not finite (sqrt at 0), a learning rate that blows the samples up
+    calls = []
+
+    def late_nan(x):
+        calls.append(1)
+        return x.pow(2).sum(1) * (float("nan") if len(calls) > 3 else 1.0)
+
+    with pytest.raises(FloatingPointError, match=r"step 3 .*the constraint returned non-finite values"):
+        infer(den, torch.zeros(2, 3), constraint=late_nan, steps=10)
+    with pytest.raises(FloatingPointError, match="step 0 .*check the constraint's gradient"):
+        infer(den, torch.zeros(2, 3), constraint=lambda x: x.pow(2).sum(1).sqrt(), steps=2)
+    with pytest.raises(FloatingPointError, match="samples are not finite; lower the learning rate"):
+        infer(den, torch.zeros(2, 3), constraint=lambda x: x.pow(2).sum(1), render=lambda z: z * 1e300, steps=2)
 
 
 def test_infer_with_a_diffusers_denoiser_both_gradient_variants(tiny_diffusers_denoiser):
@@ -351,6 +365,8 @@ def test_cli_any_constraint_from_a_users_file_lowers_its_distance(tmp_path):
     (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "nosuch"], "unknown constraint 'nosuch'"),
     (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "{tmp}/no.py:f"], "no.py does not exist"),
     (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "periodic", "--n", "1"], "--n must be"),
+    (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "{tmp}/nan.py:f", "--n", "2"],
+     "the constraint gives [nan, nan] on the prior's own samples"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, args, needle):
     from condiff.cli.main import main
@@ -358,6 +374,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, needle):
     tiny_prior(tmp_path / "tours", 1, 16, {"name": "tours", "size": 16})
     tiny_prior(tmp_path / "scenes", 4, 16, {"name": "scenes", "size": 16})
     tiny_prior(tmp_path / "digits", 1, 8, {"name": "digits"})
+    (tmp_path / "nan.py").write_text("def f(x):\n    return x.flatten(1).sum(1) * float('nan')\n")
     assert main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]

@@ -19,6 +19,7 @@ forward pass per step and no backward pass through the network.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,18 @@ def infer(
                     through_net, project, generator, callback, progress)
 
 
+def _culprit(x: Tensor, d: Tensor, out: PnPResult) -> str:
+    """What made a step's gradient non-finite, as far as the step's values tell."""
+    if not bool(torch.isfinite(x).all()):
+        return "the rendered samples are not finite; lower the learning rate"
+    if not bool(torch.isfinite(d).all()):
+        return "the denoising term is not finite; lower the learning rate"
+    if out.constraint and not math.isfinite(out.constraint[-1]):
+        return f"the constraint returned non-finite values (mean {out.constraint[-1]}) on finite samples"
+    return "the gradient is not finite though the step's values are: check the constraint's gradient, or lower " \
+           "the learning rate"
+
+
 def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, betas, through_net, project,
          generator, callback, progress) -> PnPResult:
     if steps < 1:
@@ -140,7 +153,7 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
                 out.constraint.append(float(constraint(x.detach()).mean()))
         (g,) = torch.autograd.grad(loss, [z])
         if not bool(torch.isfinite(g).all()):
-            raise FloatingPointError(f"non-finite gradient at step {i} (t={t_i}); lower the learning rate")
+            raise FloatingPointError(f"non-finite gradient at step {i} (t={t_i}): {_culprit(x, d, out)}")
         z.grad = g
         opt.step()
         if project is not None:
