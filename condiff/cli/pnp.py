@@ -434,7 +434,9 @@ def run_constraint(args: argparse.Namespace) -> int:
     if args.clamp is not None:
         checks.number("--clamp", args.clamp, "> 0")
     spec = parse_python_spec(args.constraint) or {"name": args.constraint}
-    constraint = build_constraint(spec)  # a bad name or file is reported before the prior loads
+    # a bad name or file is reported before the prior loads
+    constraint = build_constraint(spec, how="pnp constraint builds a constraint without arguments: for one that "
+                                            "needs them, name a function of your own FILE.py:NAME that calls it")
     den, run_cfg, shape, device = _prior(args)
     if len(shape) != 3:
         raise ValueError(f"{args.ckpt} is a prior over {tuple(shape)} vectors; pnp constraint needs pictures (C, H, W)")

@@ -72,8 +72,10 @@ class Constraint(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.config.items() if k != "name")
 
 
-def build_constraint(config: dict) -> Constraint:
-    """Build a registered constraint from ``{"name": NAME, **kwargs}``."""
+def build_constraint(config: dict, how: str | None = None) -> Constraint:
+    """Build a registered constraint from ``{"name": NAME, **kwargs}``. ``how``: how a user of the
+    calling command gives a constraint its arguments, for the error when they are wrong (default: the
+    ``namm`` commands' ``--set data.constraint=...``)."""
     if not isinstance(config, dict) or "name" not in config:
         raise ValueError(f"a constraint config must be a dict with a 'name' key, got {config!r}")
     kwargs = dict(config)
@@ -85,8 +87,8 @@ def build_constraint(config: dict) -> Constraint:
         return CONSTRAINTS[name](**kwargs)
     except TypeError as err:
         example = "FILE.py:NAME" if name == "python" else f"{{name = \"{name}\", ...}}"
-        raise ValueError(f"bad arguments for constraint {name!r}: {err} (on the command line: "
-                         f"--set 'data.constraint={example}')") from None
+        how = how or f"on the command line: --set 'data.constraint={example}'"
+        raise ValueError(f"bad arguments for constraint {name!r}: {err} ({how})") from None
 
 
 def check_distance(fn: Distance, x: Tensor) -> Tensor:

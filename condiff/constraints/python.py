@@ -56,7 +56,11 @@ class PythonConstraint(Constraint):
             raise ValueError(f"constraint file {file} has no {attr!r}; its callables: {names or 'none'}")
         fn = getattr(module, attr)
         if inspect.isclass(fn):
-            fn = fn()
+            try:
+                fn = fn()
+            except TypeError as err:  # the constructor wants arguments a file spec cannot give
+                raise ValueError(f"{file}:{attr} is a class whose constructor needs arguments ({err}); give "
+                                 "it defaults, or name a function or an instance made in the file") from None
         if not callable(fn):
             raise ValueError(f"{file}:{attr} is a {type(fn).__name__}, not a callable x -> (B,)")
         self.fn = fn  # an nn.Module is registered as a submodule, so .to(device) moves it
