@@ -54,7 +54,9 @@ def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
     if "net" not in cfg or "schedule" not in cfg:
         if (d / "checkpoints").is_dir() or (d / "log.jsonl").is_file():  # a run directory without model/
             raise io.CheckpointError(f"{d} is a run directory with no model/ (training unfinished, or model/ "
-                                     "deleted): finish it with `condiff train ... --resume`")
+                                     "deleted): finish it by running the command that trained it again with its "
+                                     "settings (`condiff train ... --resume`; `condiff pnp TASK ... --train` for a "
+                                     "PnP prior)")
         raise io.CheckpointError(f"{d}/config.json has no 'net' or 'schedule' entry: not a condiff model")
     net = build_net(cfg["net"]).to(device)
     stem = "ema" if ema and io.has_group(d, "ema") else "model"
