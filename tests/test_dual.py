@@ -479,6 +479,18 @@ def test_cli_dual_train_bad_config_is_one_line(tmp_path, capsys, edit, message):
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_cli_dual_train_names_a_reference_model_of_another_shape(tmp_path, capsys):
+    from condiff.models import save_model
+
+    save_model(tmp_path / "ref3", TimeMLP(3, hidden=8, depth=1), Schedule.linear(50), shape=[3])
+    cfg = tmp_path / "rel.toml"
+    cfg.write_text(RUN_FILE.replace("bound = 0.2", f"relative = 1.1\nreference = '{tmp_path / 'ref3'}'"))
+    assert main(["dual", "train", "--config", str(cfg), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"constraint 'mode1': the reference model at {tmp_path / 'ref3'} takes samples of shape (3,)" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_cli_experiment_rejects_unknown_setting(capsys):
     assert main(["dual", "fair", "--set", "minorty=[4]"]) == 2
     assert "unknown setting 'minorty'" in capsys.readouterr().err

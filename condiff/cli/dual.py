@@ -302,7 +302,10 @@ def build_constraints(cfg: dict, objective: ArrayData, schedule: Schedule, dcfg:
             bound, rec = spec["bound"], {"bound": spec["bound"]}
         else:
             ref_path = spec.get("reference", init)
-            den = load_model_for(ref_path, device)[0]
+            den, _, shape = load_model_for(ref_path, device)
+            if tuple(shape) != tuple(objective.shape):
+                raise config_mod.ConfigError(f"{where}: the reference model at {ref_path} takes samples of shape "
+                                             f"{tuple(shape)}, the objective data have {objective.shape}")
             ref = float(reference_losses(den, schedule, [data.x], timesteps=dcfg.timesteps,
                                          t_range=dcfg.t_range, n=4096, seed=dcfg.seed)[0])
             bound = spec["relative"] * ref
