@@ -208,6 +208,26 @@ def test_inactive_constraints_leave_the_plain_objective():
     assert not torch.equal(a, c)
 
 
+def test_a_run_too_short_for_any_dual_update_is_warned_about():
+    import warnings
+
+    s, x = Schedule.linear(50), torch.randn(10, 2)
+    one = (Constraint("c", x, 1.0),)
+
+    def warned(steps, constraints=one, **dual):
+        obj = DualObjective(x, list(constraints), s, 4, DualConfig(**dual))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            obj.warn_if_idle(steps)
+        return [str(w.message) for w in seen]
+
+    assert "no dual update happens in 10 steps (the first would be at step 100" in warned(10, start=100, every=5)[0]
+    assert "the first would be at step 50" in warned(49, every=50)[0]
+    assert warned(50, every=50) == [] and warned(100, start=96, every=5) == []
+    assert warned(99, start=96, every=5) and not warned(5, every=5, start=0)
+    assert warned(10, constraints=(), start=100) == []  # no constraints: no dual variables to update
+
+
 def test_bad_input_is_a_clear_error():
     s = Schedule.linear(50)
     x = torch.randn(10, 2)

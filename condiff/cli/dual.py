@@ -342,6 +342,8 @@ class DualJob:
         meta = {"net": net.config, "schedule": self.schedule.config(), "data": cfg["data"],
                 "shape": list(self.data.shape)}
         self.trainer = Trainer(net, self.objective, self.tcfg, self.run_dir, meta)
+        self.objective.warn_if_idle(self.tcfg.steps)
+        self.plots: list[Path] = []  # the pictures fit() drew
 
     def resume(self) -> bool:
         """Load the newest checkpoint in the run directory, ``lambda`` included (False if there is none)."""
@@ -371,8 +373,7 @@ class DualJob:
                    value_range=value_range(self.data.x), steps=self.trainer.step, train_seconds=m["train_seconds"],
                    **{"lambda": lam, "bounds": record})
         plot_loss_curve(run_dir / "log.jsonl", run_dir / "loss.png", keys=("loss", "L0"))
-        if self.constraints:
-            ex.plot_dual(run_dir / "log.jsonl", run_dir)
+        self.plots = [run_dir / "loss.png"] + (ex.plot_dual(run_dir / "log.jsonl", run_dir) if self.constraints else [])
         io.write_json_atomic(run_dir / "metrics.json", m)
         return m
 
@@ -389,6 +390,6 @@ def run_train(args: argparse.Namespace) -> int:
     if m is None:
         return 0
     print(json.dumps(m, indent=1))
-    plots = "{loss,lambda,slack}.png" if job.constraints else "loss.png"  # no constraints: no dual plots
-    print(f"model:   {run_dir / 'model'}\nmetrics: {run_dir / 'metrics.json'}\nplots:   {run_dir}/{plots}")
+    plots = ", ".join(p.name for p in job.plots)  # no slack.png before the first dual update
+    print(f"model:   {run_dir / 'model'}\nmetrics: {run_dir / 'metrics.json'}\nplots:   {run_dir}/ {plots}")
     return 0

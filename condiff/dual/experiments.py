@@ -105,6 +105,8 @@ def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: Trai
     run_dir.mkdir(parents=True, exist_ok=True)
     io.write_text_atomic(key_file, _key(key))
     trainer.resume()
+    if isinstance(objective, DualObjective):
+        objective.warn_if_idle(tcfg.steps)
     t0 = time.perf_counter()
     ema = trainer.fit()
     extra = {"lambda": objective.lambdas} if isinstance(objective, DualObjective) else {}

@@ -16,6 +16,7 @@ process holds the same ``lambda``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -235,6 +236,15 @@ class DualObjective:
         for i, m in zip(active, means[1:]):
             self._last[f"L/{self.names[i]}"] = float(m.detach())
         return total, dict(self._last)
+
+    def warn_if_idle(self, steps: int) -> None:
+        """Warn when ``steps`` primal steps would make no dual update: lambda would keep its initial
+        value and the run would be plain training with the constraints ignored."""
+        first = -(-max(self.cfg.start, 1) // self.cfg.every) * self.cfg.every  # the first update's step
+        if self.names and first > steps:
+            warnings.warn(f"no dual update happens in {steps} steps (the first would be at step {first}: "
+                          f"dual.start {self.cfg.start}, dual.every {self.cfg.every}), so lambda keeps its "
+                          "initial value and the constraints have no effect", stacklevel=2)
 
     def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
         """Dual ascent after every ``cfg.every``-th primal step (``step`` counts from 0)."""
