@@ -458,6 +458,7 @@ def test_cli_dual_train_refuses_before_touching_an_existing_run(tmp_path, capsys
     ("dual.every=often", "setting dual.every expects a number"),  # type-checked against the run file
     ("model.hidden=wide", "setting model.hidden expects a number"),  # and against the preset
     ("dule.every=5", "override key 'dule.every' must be section.key"),
+    ("dual.nosuch=1", "unknown dual option(s) ['nosuch']; known: ['batch_size', 'every', 'init', 'lambda_init'"),
 ])
 def test_cli_dual_train_checks_set_values(tmp_path, capsys, setting, message):
     cfg = tmp_path / "run.toml"
@@ -525,6 +526,8 @@ def test_cli_experiment_rejects_unknown_setting(capsys):
     ("fair", "target_freq=2", "target_freq must be a number in (0, 1), got 2"),
     ("fair", "bound=-1", "bound must be a number > 0 (a denoising loss is positive"),
     ("fair", "relative=[0.7]", "relative must be one number or 3 (one per minority class [4, 5, 7]), got [0.7]"),
+    ("fair", "minority=[3]", "got [0.698, 0.796, 0.7] (the default, one per default minority class [4, 5, 7]: set "
+                             "relative with minority"),
     ("fair", "minority=[4,4]", "minority must be a non-empty list of distinct digits 0-9, got [4, 4]"),
     ("fair", "minority=['a']", "minority must be a non-empty list of distinct digits 0-9, got ['a']"),
     ("fair", "dual=5", "dual must be a table of settings, got 5"),

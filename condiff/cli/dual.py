@@ -197,11 +197,11 @@ def check_run(cfg: dict, device: str) -> tuple[TrainConfig, DualConfig, str | No
     ``init``), [objective] and each [[constraint]]; the source tables are normalised in place.
     Returns the training and dual settings and the model to start from."""
     dual = dict(cfg["dual"])
-    init = dual.pop("init", None)
+    init = dual.get("init")
     if init is not None:
         checks.text("dual.init", init)
     tcfg = TrainConfig.from_dict({**cfg["train"], "device": device})
-    dcfg = DualConfig.from_dict({"seed": tcfg.seed, **dual})
+    dcfg = DualConfig.from_dict({"seed": tcfg.seed, **dual}, also=("init",))
     _check_keys(cfg["objective"], OBJECTIVE_KEYS, "[objective]")
     if cfg["objective"].get("data") == "objective":
         raise config_mod.ConfigError("objective.data = 'objective' is only for constraints")

@@ -350,8 +350,11 @@ class FairConfig(_Config):
             self.relative = float(rel)
         elif isinstance(rel, (list, tuple)) and rel and all(checks.is_number(r) and r > 0 for r in rel):
             if len(rel) != len(m) and self.bound is None and self.target_freq is None:
+                default = type(self).__dataclass_fields__["relative"].default_factory()
+                why = (f" (the default, one per default minority class {list(type(self).minority)}: set relative "
+                       "with minority, e.g. --set relative=0.7 for all)") if list(rel) == default else ""
                 raise ValueError(f"relative must be one number or {len(m)} (one per minority class {list(m)}), "
-                                 f"got {list(rel)}")
+                                 f"got {list(rel)}{why}")
             self.relative = [float(r) for r in rel]
         else:
             raise ValueError(f"relative must be a number > 0 or a list of them (one per minority class), "

@@ -115,13 +115,15 @@ class DualConfig:
                              f"{list(self.t_range)} of a schedule of T = {T}, got {self.timesteps}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> DualConfig:
+    def from_dict(cls, d: dict, also: tuple[str, ...] = ()) -> DualConfig:
+        """``also``: options of the same table that the caller reads itself (``dual train``'s ``init``),
+        named among the known ones when an option is unknown."""
         checks.table("dual", d)
         known = set(cls.__dataclass_fields__)
-        bad = sorted(set(d) - known)
+        bad = sorted(set(d) - known - set(also))
         if bad:
-            raise ValueError(f"unknown dual option(s) {bad}; known: {sorted(known)}")
-        return cls(**d)
+            raise ValueError(f"unknown dual option(s) {bad}; known: {sorted(known | set(also))}")
+        return cls(**{k: v for k, v in d.items() if k not in also})
 
 
 def t_bounds(T: int, t_range: tuple[float, float] = (0.0, 1.0)) -> tuple[int, int]:
