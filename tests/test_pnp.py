@@ -275,6 +275,14 @@ def test_segment_infers_the_mask_channel_only():
     assert res.soft.shape == (2, 1, 8, 8) and res.mask.dtype == torch.bool
     assert float(res.soft.abs().max()) <= 1.0 and bool(res.mask.all())
     assert res.nfe == 60
+    # in batches of pictures: the same result where one batch holds them all; the same shapes and the
+    # chains of each picture kept together otherwise, one search per batch
+    same = segment(den, pics, chains=3, steps=60, lr=0.05, generator=torch.Generator().manual_seed(0), batch_size=2)
+    assert torch.equal(same.latents, res.latents)
+    one = segment(den, pics, chains=3, steps=60, lr=0.05, generator=torch.Generator().manual_seed(0), batch_size=1)
+    assert one.latents.shape == res.latents.shape and one.nfe == 120 and bool(one.mask.all())
+    first = segment(den, pics[:1], chains=3, steps=60, lr=0.05, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(one.latents[:1], first.latents)
 
 
 def test_segment_votes_count_the_chains():

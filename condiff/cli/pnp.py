@@ -144,6 +144,8 @@ def add_parser(sub, name: str) -> None:
     _common(m, "runs/pnp/segment-quick", "runs/pnp/segment", steps=1200, lr=0.05, schedule="linear")
     m.add_argument("--n", type=int, default=16, help="number of test scenes")
     m.add_argument("--chains", type=int, default=4, help="chains per scene")
+    m.add_argument("--batch-size", type=int, default=256,
+                   help="scenes searched at once, with all their chains (default 256; lower it to save memory)")
     m.add_argument("--votes", type=int, default=None,
                    help="foreground where at least this many chains say so (default 1: the union)")
     m.add_argument("--train", action="store_true", help="train the default prior into --ckpt if it holds none")
@@ -313,6 +315,7 @@ def run_segment(args: argparse.Namespace) -> int:
         raise ValueError(f"--chains must be >= 1, got {args.chains}")
     if not 1 <= votes <= args.chains:
         raise ValueError(f"--votes must be between 1 and --chains ({args.chains}), got {votes}")
+    checks.integer("--batch-size", args.batch_size, 1)
     den, run_cfg, shape, device = _prior(args, "segment")
     if shape[0] != 4:
         raise ValueError(f"{args.ckpt} is a prior over {shape[0]} channels; segment needs (picture, mask) = 4")
@@ -323,7 +326,7 @@ def run_segment(args: argparse.Namespace) -> int:
     g = torch.Generator(device=device).manual_seed(args.seed)
     res = segment(den, img, chains=args.chains, steps=args.steps, lr=args.lr, votes=votes,
                   schedule=TIME_SCHEDULES[args.schedule](), through_net=not args.stop_grad, generator=g,
-                  progress=True)
+                  progress=True, batch_size=args.batch_size)
     km, ot = kmeans_segment(img.cpu()), otsu_segment(img.cpu())
     out = Path(args.out)
     m = lambda b: (b.float() * 2 - 1).cpu().numpy()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import checks
 from ..denoiser import Denoiser
 from .engine import infer
 from .schedules import LinearAnneal, TimeSchedule
@@ -117,18 +118,28 @@ class SegmentationResult:
 
 def segment(denoiser: Denoiser, images: Tensor, *, chains: int = 4, steps: int = 1200, lr: float = 0.05,
             schedule: TimeSchedule = SEGMENT_ANNEAL, votes: int = SEGMENT_VOTES, through_net: bool = True,
-            generator: torch.Generator | None = None, progress: bool = False) -> SegmentationResult:
+            generator: torch.Generator | None = None, progress: bool = False,
+            batch_size: int = 256) -> SegmentationResult:
     """Infer the mask channel of a joint (picture, mask) prior for pictures ``(B, C, H, W)``.
 
     ``chains`` independent chains per picture start from ``N(0, I)`` masks; the mask latent is kept in
     [-1, 1] by a clamp after each step. A pixel is foreground where at least ``votes`` chains have a
-    positive mask there (:func:`vote`). Returns the chains' latents and the voted masks.
+    positive mask there (:func:`vote`). Returns the chains' latents and the voted masks. Pictures go
+    through the search ``batch_size`` at a time (all their chains together), one batch after the other
+    from the same ``generator``, so memory does not grow with ``B``.
     """
     if images.dim() != 4:
         raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
     if chains < 1:
         raise ValueError(f"chains must be >= 1, got {chains}")
     _check_votes(votes, chains)  # before the search, not after it
+    batch_size = checks.integer("batch_size", batch_size, 1)
+    if images.shape[0] > batch_size:
+        parts = [segment(denoiser, images[i:i + batch_size], chains=chains, steps=steps, lr=lr, schedule=schedule,
+                         votes=votes, through_net=through_net, generator=generator, progress=progress,
+                         batch_size=batch_size) for i in range(0, images.shape[0], batch_size)]
+        return SegmentationResult(torch.cat([p.latents for p in parts]), torch.cat([p.mask for p in parts]),
+                                  sum(p.seconds for p in parts), sum(p.nfe for p in parts))
     B, C, H, W = images.shape
     pics = images.repeat_interleave(chains, 0)
     z0 = torch.randn(B * chains, 1, H, W, generator=generator,
