@@ -381,6 +381,9 @@ def test_non_finite_loss_is_a_clear_error_not_nan_samples():
     # the same loss on a bounded x0_hat is finite: the sampler's clip_x0 is the remedy the error names
     x = guided_sample(den, DPS(blows_up, zeta=1e-30), (2, 1, 4, 4), 3, generator=_gen(), clip_x0=0.1)
     assert torch.isfinite(x.x).all()
+    # already clipped, where the loss still overflows: the error names the other remedies
+    with pytest.raises(FloatingPointError, match="x0_hat is already clipped: lower the guidance step size"):
+        guided_sample(den, DPS(blows_up), (2, 1, 4, 4), 3, generator=_gen(), clip_x0=10.0)
 
 
 def test_make_guidance_wants_a_method_name():
