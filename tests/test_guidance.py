@@ -381,9 +381,12 @@ def test_non_finite_loss_is_a_clear_error_not_nan_samples():
     # the same loss on a bounded x0_hat is finite: the sampler's clip_x0 is the remedy the error names
     x = guided_sample(den, DPS(blows_up, zeta=1e-30), (2, 1, 4, 4), 3, generator=_gen(), clip_x0=0.1)
     assert torch.isfinite(x.x).all()
-    # already clipped, where the loss still overflows: the error names the other remedies
-    with pytest.raises(FloatingPointError, match="x0_hat is already clipped: lower the guidance step size"):
-        guided_sample(den, DPS(blows_up), (2, 1, 4, 4), 3, generator=_gen(), clip_x0=10.0)
+    # the default clip (1) is named with the other remedies; without a clip, the clip is the remedy
+    with pytest.raises(FloatingPointError, match=r"x0_hat is clipped to \[-1, 1\]: clip tighter \(clip_x0\), "
+                                                 r"lower the guidance step size \(zeta\)"):
+        guided_sample(den, DPS(blows_up), (2, 1, 4, 4), 3, generator=_gen())
+    with pytest.raises(FloatingPointError, match=r"\): bound x0_hat with clip_x0, or make the loss finite there"):
+        guided_sample(den, DPS(blows_up), (2, 1, 4, 4), 3, generator=_gen(), clip_x0=None)
 
 
 def test_make_guidance_wants_a_method_name():

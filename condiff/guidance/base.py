@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from ..sample import Step
+from ..sample import Step, clip_bounds
 
 Loss = Callable[[Tensor], Tensor]
 """A guidance objective: ``(B, ...) -> (B,)``, differentiable, smaller is better."""
@@ -106,8 +106,12 @@ class GradientGuidance:
         if not bool(torch.isfinite(g).all()):
             bad = int((~torch.isfinite(value) | ~torch.isfinite(g).flatten(1).all(1)).sum())
             x0 = step.x0_hat.detach()
-            fix = ("bound x0_hat with clip_x0, or make the loss finite there" if step.clip_x0 is None else
-                   "x0_hat is already clipped: lower the guidance step size (zeta), or make the loss finite there")
+            if step.clip_x0 is None:
+                fix = "bound x0_hat with clip_x0, or make the loss finite there"
+            else:  # the samples moved by earlier guided steps, or a loss that overflows inside the clip
+                lo, hi = clip_bounds(step.clip_x0)
+                fix = (f"x0_hat is clipped to [{lo:g}, {hi:g}]: clip tighter (clip_x0), lower the guidance step "
+                       "size (zeta), or make the loss finite there")
             raise FloatingPointError(
                 f"the guidance loss or its gradient is not finite for {bad} of {len(value)} samples at "
                 f"t = {int(step.t[0])} (x0_hat in [{float(x0.min()):.3g}, {float(x0.max()):.3g}]): {fix}"
