@@ -227,7 +227,10 @@ def mark_runs() -> None:
     """Record in each directory a successful command claimed (:func:`check_out_dir`) which command it was."""
     for p, kind in _claimed.items():
         if p.is_dir() and not (p / RUN_MARK).is_file():
-            io.write_text_atomic(p / RUN_MARK, kind + "\n")
+            try:
+                io.write_text_atomic(p / RUN_MARK, kind + "\n")
+            except OSError:  # a read-only place: the command's work is done, the mark only guards it
+                pass
     _claimed.clear()
 
 
