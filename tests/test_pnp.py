@@ -379,8 +379,8 @@ def test_cli_any_constraint_from_a_users_file_lowers_its_distance(tmp_path):
      "pnp constraint builds a constraint without arguments"),
     (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "{tmp}/nan.py:NeedsArgs"],
      "nan.py:NeedsArgs is a class whose constructor needs arguments"),
-    (["pnp", "segment", "--ckpt", "{tmp}/half"], "has not finished training (interrupted?): run this command again "
-                                                 "with --train"),
+    (["pnp", "segment", "--ckpt", "{tmp}/half"], "no model/ (training unfinished, or model/ deleted): finish it by "
+                                                 "running the command that trained it again"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, args, needle):
     from condiff.cli.main import main
@@ -389,6 +389,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, needle):
     tiny_prior(tmp_path / "scenes", 4, 16, {"name": "scenes", "size": 16})
     tiny_prior(tmp_path / "digits", 1, 8, {"name": "digits"})
     (tmp_path / "half" / "checkpoints").mkdir(parents=True)  # a prior whose --train was interrupted
+    (tmp_path / "half" / "config.json").write_text('{"data": {"name": "scenes"}, "model": {}, "train": {}}')
     (tmp_path / "nan.py").write_text("def f(x):\n    return x.flatten(1).sum(1) * float('nan')\n\n\n"
                                      "class NeedsArgs:\n    def __init__(self, a):\n        self.a = a\n")
     assert main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 2

@@ -214,10 +214,6 @@ def _prior(args: argparse.Namespace, kind: str | None = None) -> tuple:
         hint = (f" (pass --train to train the default {kind} prior there)" if kind
                 else " (train one with `condiff demo`, or pass --ckpt runs/pnp/digits-quick after `condiff bench pnp`)")
         raise FileNotFoundError(f"no prior at {args.ckpt}{hint}")
-    run = Path(args.ckpt)
-    if kind is not None and not (run / "model").exists() and (run / "checkpoints").is_dir():
-        raise FileNotFoundError(f"the prior at {run} has not finished training (interrupted?): run this command "
-                                "again with --train to resume it")
     den, run_cfg, shape = load_model_for(args.ckpt, device)
     trained_on = (run_cfg.get("data") or {}).get("name")
     if kind in PRIOR_DATA and trained_on not in (None, PRIOR_DATA[kind]):
