@@ -374,7 +374,7 @@ def test_cli_any_constraint_from_a_users_file_lowers_its_distance(tmp_path):
     (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "{tmp}/no.py:f"], "no.py does not exist"),
     (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "periodic", "--n", "1"], "--n must be"),
     (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "{tmp}/nan.py:f", "--n", "2"],
-     "the constraint gives [nan, nan] on the prior's own samples"),
+     "must return finite values, got [nan, nan] on the prior's own samples"),
     (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "brightness"],
      "pnp constraint builds a constraint without arguments"),
     (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "{tmp}/nan.py:NeedsArgs"],

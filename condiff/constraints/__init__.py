@@ -91,9 +91,10 @@ def build_constraint(config: dict, how: str | None = None) -> Constraint:
         raise ValueError(f"bad arguments for constraint {name!r}: {err} ({how})") from None
 
 
-def check_distance(fn: Distance, x: Tensor) -> Tensor:
+def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
     """Evaluate a user distance on ``x`` (B, ...) and check it returns finite floating-point ``(B,)``
-    values >= 0 through which a gradient reaches ``x``; returns them (detached)."""
+    values >= 0 through which a gradient reaches ``x``; returns them (detached). ``on`` says what ``x``
+    is, for the message when the values are not finite (``" on the prior's own samples ..."``)."""
     if not callable(fn):
         raise TypeError(f"a constraint distance must be callable x -> (B,), got {type(fn).__name__}")
     xg = x.detach().clone().requires_grad_(x.is_floating_point())
@@ -109,7 +110,7 @@ def check_distance(fn: Distance, x: Tensor) -> Tensor:
         raise ValueError(f"a constraint distance must return floating-point values, got {out.dtype} "
                          "(a count or a comparison has no gradient)")
     if not bool(torch.isfinite(out).all()):
-        raise ValueError(f"a constraint distance must return finite values, got {out.detach().tolist()}")
+        raise ValueError(f"a constraint distance must return finite values, got {out.detach().tolist()}{on}")
     check_sign(out.detach(), f"a constraint distance ({out.detach().tolist()})")
     if xg.requires_grad and not out.requires_grad:
         raise ValueError("a constraint distance must be differentiable in x: no gradient reaches x "
