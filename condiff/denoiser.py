@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checks, io
+from .nets.embed import check_label_range
 from .schedule import Schedule
 
 
@@ -75,9 +76,7 @@ class NetDenoiser(Denoiser):
             raise ValueError("classifier-free guidance (guidance_scale > 0) needs class labels y")
         classes = int(getattr(net, "config", {}).get("num_classes") or 0)
         if y is not None and classes and (not isinstance(y, Tensor) or y.numel()):  # once, not at every call
-            lo, hi = (int(y.min()), int(y.max())) if isinstance(y, Tensor) else (int(y), int(y))
-            if lo < -1 or hi > classes:
-                raise ValueError(f"labels must lie in [0, {classes}) or be -1 (no label), got values in [{lo}, {hi}]")
+            check_label_range(y, classes)
         self._y_on: Tensor | None = None  # y on the device of the last call
 
     def _labels(self, x_t: Tensor) -> Tensor:

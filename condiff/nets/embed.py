@@ -54,6 +54,14 @@ class TimeEmbedding(nn.Module):
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
 
+def check_label_range(y: Tensor | int, num_classes: int) -> None:
+    """Refuse labels outside ``[0, num_classes)`` other than the "no label" values -1 and ``num_classes``."""
+    lo, hi = (int(y.min()), int(y.max())) if isinstance(y, Tensor) else (int(y), int(y))
+    if lo < -1 or hi > num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}) or be -1 or {num_classes} (no label), "
+                         f"got values in [{lo}, {hi}]")
+
+
 class LabelEmbedding(nn.Module):
     """Class labels ``y`` in ``[0, num_classes)`` to vectors, with one extra learned *null* label.
 
@@ -80,10 +88,7 @@ class LabelEmbedding(nn.Module):
             raise ValueError(f"labels must be an integer tensor, got dtype {y.dtype}")
         # checked where it is free: labels on a GPU would cost a wait for the device at every call (the
         # library's loaders check the labels of a data set, and NetDenoiser its fixed labels, once)
-        if y.device.type == "cpu" and y.numel() and (int(y.min()) < -1 or int(y.max()) > null):
-            raise ValueError(
-                f"labels must lie in [0, {null}) or be -1 or {null} (no label), "
-                f"got values in [{int(y.min())}, {int(y.max())}]"
-            )
+        if y.device.type == "cpu" and y.numel():
+            check_label_range(y, self.num_classes)
         y = y.to(device=self.table.weight.device, dtype=torch.long)
         return self.table(torch.where(y < 0, torch.full_like(y, null), y))
