@@ -223,6 +223,11 @@ def run_kind(path: str | Path) -> str | None:
     return None
 
 
+def forget_claims() -> None:
+    """Start a command with no directory claimed (an earlier in-process command may have failed)."""
+    _claimed.clear()
+
+
 def mark_runs() -> None:
     """Record in each directory a successful command claimed (:func:`check_out_dir`) which command it was."""
     for p, kind in _claimed.items():
@@ -231,7 +236,7 @@ def mark_runs() -> None:
                 io.write_text_atomic(p / RUN_MARK, kind + "\n")
             except OSError:  # a read-only place: the command's work is done, the mark only guards it
                 pass
-    _claimed.clear()
+    forget_claims()
 
 
 # sampling settings for a model that records none (a diffusers directory, a bare model directory)

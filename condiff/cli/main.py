@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             f"condiff {args.command}: warning: {message}", file=sys.stderr)
     from . import common
 
-    common._claimed.clear()
+    common.forget_claims()
     try:
         rc = int(args.func(args) or 0)
         if rc == 0:

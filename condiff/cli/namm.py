@@ -709,7 +709,7 @@ def run_assimilation(
         dist = batched_distance(con, x, device=run.device)
         bad = int((~torch.isfinite(x.flatten(1)).all(1) | ~torch.isfinite(res) | ~torch.isfinite(dist)).sum())
         if bad:  # a diverged method would leave NaN in metrics.json and the figure
-            big = float(x.nan_to_num(posinf=float("inf"), neginf=float("inf")).abs().max())
+            big = float(x.abs().nan_to_num(nan=0.0, posinf=float("inf")).max())
             raise FloatingPointError(
                 f"{name} diverged: its samples or their constraint distance are not finite for {bad} of {n} "
                 f"truths (largest |x| {big:.3g}, the data's {float(test.abs().max()):.3g}): lower "
