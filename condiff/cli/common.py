@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -193,11 +192,11 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
 
 
 def _json_dict(path: Path) -> dict:
+    """The table a JSON file holds; {} where it is missing or broken."""
     try:
-        d = json.loads(path.read_text())
+        return io.read_json_table(path)
     except (OSError, ValueError):
         return {}
-    return d if isinstance(d, dict) else {}
 
 
 def run_kind(path: str | Path) -> str | None:
@@ -252,10 +251,7 @@ def _weights_options(train: dict | None) -> dict:
 
 def same_settings(run_dir: Path, cfg: dict) -> bool:
     """True when ``run_dir/config.json`` records the same data, model, schedule and training budget."""
-    try:
-        old = json.loads((Path(run_dir) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
+    old = _json_dict(Path(run_dir) / "config.json")  # {} (missing, broken) matches no settings
     return (all(old.get(k) == cfg.get(k) for k in ("data", "model", "schedule"))
             and _weights_options(old.get("train")) == _weights_options(cfg.get("train")))
 
