@@ -35,7 +35,7 @@ if [ -n "${EXTRA:-}" ]; then
     OUT=$OUT timeout "$T_EXTRA" $PY "$EXTRA" 2>&1 | tail -30
 fi
 
-for b in sampler-overhead vs-diffusers; do
+for b in sampler-overhead vs-diffusers train-speed; do
     stage "bench $b"
     timeout "$T_BENCH" $PY -m condiff.cli.main bench "$b" --profile full 2>&1 | tail -12
 done
