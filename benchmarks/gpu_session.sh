@@ -14,7 +14,7 @@ OUT=${OUT:?set OUT to a folder for the results}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-T_TEST=${T_TEST:-180} T_BENCH=${T_BENCH:-60} T_DEMO=${T_DEMO:-120} T_EXTRA=${T_EXTRA:-100}
+T_TEST=${T_TEST:-180} T_BENCH=${T_BENCH:-90} T_DEMO=${T_DEMO:-120} T_EXTRA=${T_EXTRA:-100}
 stage() { echo "=== $1 ($(date +%T))"; }
 
 stage env
