@@ -33,6 +33,12 @@ def _syncs(fn) -> int:
     return sum("synchroniz" in str(w.message) for w in seen)
 
 
+def _assert_not_growing(counts):
+    # a per-step read-back would make the 40-step count at least 35 more than the 5-step one; the
+    # first calls may still do one-off work (a lookup table's copy), hence <= rather than ==
+    assert counts[1] <= counts[0], f"syncs for 5 and 40 steps: {counts}"
+
+
 def test_the_sampler_reads_nothing_back_per_step():
     torch.manual_seed(0)
     s = Schedule.linear(1000)
@@ -41,7 +47,7 @@ def test_the_sampler_reads_nothing_back_per_step():
     g = torch.Generator(device="cuda").manual_seed(0)
     ddim(den, x, s.timesteps(5), eta=1.0, generator=g)  # warm-up
     counts = [_syncs(lambda n=n: ddim(den, x, s.timesteps(n), eta=1.0, generator=g)) for n in (5, 40)]
-    assert counts[0] == counts[1], f"syncs for 5 and 40 steps: {counts}"
+    _assert_not_growing(counts)
 
 
 def test_the_sampler_reads_nothing_back_per_step_with_labels_and_cfg():
@@ -53,7 +59,7 @@ def test_the_sampler_reads_nothing_back_per_step_with_labels_and_cfg():
     for cond in (den.conditioned(torch.arange(64) % 3), den.conditioned(1, guidance_scale=2.0)):
         ddim(cond, x, s.timesteps(5), eta=1.0, generator=g)  # warm-up: the labels' one copy to the GPU
         counts = [_syncs(lambda n=n, d=cond: ddim(d, x, s.timesteps(n), eta=1.0, generator=g)) for n in (5, 40)]
-        assert counts[0] == counts[1], f"syncs for 5 and 40 steps: {counts}"
+        _assert_not_growing(counts)
 
 
 def test_the_trainer_reads_its_losses_once_per_log_interval():
@@ -70,4 +76,4 @@ def test_the_trainer_reads_its_losses_once_per_log_interval():
 
     fit(2)  # warm-up: the schedule's device table
     counts = [fit(5), fit(40)]
-    assert counts[0] == counts[1], f"syncs for 5 and 40 steps: {counts}"
+    _assert_not_growing(counts)
