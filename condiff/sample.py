@@ -27,7 +27,6 @@ from torch import Tensor
 
 from . import checks
 from .denoiser import Denoiser
-from .schedule import Schedule
 
 
 def randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None, like: Tensor | None = None,
@@ -61,7 +60,7 @@ class Step:
 
     def sample(self) -> Tensor:
         """The unconditional draw ``x_{t_prev} = mean + sigma z``."""
-        return self.mean + self.sigma * self.noise if self.sigma > 0 else self.mean
+        return torch.add(self.mean, self.noise, alpha=self.sigma) if self.sigma > 0 else self.mean
 
     def remake(self, x_t: Tensor, noise: Tensor | None = None) -> Step:
         """The same step evaluated at another ``x_t`` (one more network call), with fresh noise."""
@@ -95,13 +94,14 @@ class Step:
 
 def _ddim_mean(x0_hat: Tensor, eps_hat: Tensor, abar_prev: float, sigma: float) -> Tensor:
     # mean = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat        (DDIM eq. 12)
+    # one kernel fewer than the written form: a small network on a GPU is bound by kernel launches
     c = max(1.0 - abar_prev - sigma**2, 0.0)
-    return math.sqrt(abar_prev) * x0_hat + math.sqrt(c) * eps_hat
+    return torch.add(x0_hat * math.sqrt(abar_prev), eps_hat, alpha=math.sqrt(c))
 
 
 def _x0(x_t: Tensor, eps_hat: Tensor, abar_t: float) -> Tensor:
     # Tweedie: x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
-    return (x_t - math.sqrt(1 - abar_t) * eps_hat) / math.sqrt(abar_t)
+    return torch.add(x_t, eps_hat, alpha=-math.sqrt(1 - abar_t)).div_(math.sqrt(abar_t))
 
 
 def ddim_sigma(abar_t: float, abar_prev: float, eta: float) -> float:
@@ -125,9 +125,10 @@ def clip_bounds(clip_x0: float | Sequence[float] | None) -> tuple[float, float] 
     return -c, c
 
 
-def step_abars(schedule: Schedule, t: int, t_prev: int) -> tuple[float, float]:
-    """``(abar_t, abar_prev)`` for host timesteps; ``t_prev = -1`` (the last step) has ``abar = 1``."""
-    return float(schedule.abar[t]), float(schedule.abar[t_prev]) if t_prev >= 0 else 1.0
+def step_abars(abar: Tensor | Sequence[float], t: int, t_prev: int) -> tuple[float, float]:
+    """``(abar_t, abar_prev)`` for host timesteps from a schedule's ``abar`` (a tensor or, cheaper to
+    index, a list); ``t_prev = -1`` (the last step) has ``abar = 1``."""
+    return float(abar[t]), float(abar[t_prev]) if t_prev >= 0 else 1.0
 
 
 def make_step(denoiser: Denoiser, x_t: Tensor, i: int, t: Tensor, t_prev: Tensor, eta: float,
@@ -139,7 +140,7 @@ def make_step(denoiser: Denoiser, x_t: Tensor, i: int, t: Tensor, t_prev: Tensor
     from ``t`` and ``t_prev``, which on a GPU waits for the device (a sync per step).
     """
     if abars is None:
-        abars = step_abars(denoiser.schedule, int(t[0]), int(t_prev[0]))
+        abars = step_abars(denoiser.schedule.abar, int(t[0]), int(t_prev[0]))
     abar_t, abar_prev = abars
     eps_hat = denoiser.eps(x_t, t)
     x0_hat = _x0(x_t, eps_hat, abar_t)
@@ -200,16 +201,19 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
     need_grad = grad or bool(getattr(guidance, "needs_grad", False))
     B = x.shape[0]
     steps = ts.tolist()  # host integers: nothing in the loop waits for the device
+    # every step's t and t_prev as broadcast views of one device copy: no kernel per step for them
+    on_device = torch.cat([ts, ts.new_tensor([-1])]).to(x.device)
+    zeros = torch.zeros_like(x) if eta == 0 else None  # the noise of every deterministic step
+    abar = denoiser.schedule.abar.tolist()
     bar = progress_bar(len(steps), progress)
     for i, (ti, tp) in enumerate(zip(steps, steps[1:] + [-1])):
-        t = torch.full((B,), ti, dtype=torch.long, device=x.device)
-        t_prev = torch.full((B,), tp, dtype=torch.long, device=x.device)
+        t, t_prev = on_device[i].expand(B), on_device[i + 1].expand(B)
         # inference_mode (cheaper than no_grad) when nothing needs gradients; the result is cloned
         # out of inference mode below so that callers can use it in autograd later.
         with torch.enable_grad() if need_grad else torch.inference_mode():
             x_t = x if grad else x.detach().requires_grad_(need_grad)
-            step = make_step(denoiser, x_t, i, t, t_prev, eta, generator, clip_x0,
-                             abars=step_abars(denoiser.schedule, ti, tp))
+            step = make_step(denoiser, x_t, i, t, t_prev, eta, generator, clip_x0, noise=zeros,
+                             abars=step_abars(abar, ti, tp))
             x = guidance(step) if guidance is not None else step.sample()
         if not grad:
             x = x.detach()
