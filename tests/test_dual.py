@@ -667,3 +667,12 @@ def test_dual_data_must_be_finite():
         Constraint("a", torch.full((5, 2), float("nan")), 0.1)
     with pytest.raises(ValueError, match="non-finite"):
         DualObjective(torch.full((4, 2), float("nan")), [], Schedule.linear(10), 2)
+
+
+def test_memorisation_reduction_is_null_with_a_warning_when_plain_finetuning_memorised_nothing():
+    from condiff.dual import experiments as ex
+
+    assert ex.memorisation_reduction(0.8, 0.2) == pytest.approx(0.75)
+    assert ex.memorisation_reduction(0.5, 0.5) == 0.0
+    with pytest.warns(UserWarning, match="memorised none of the target images"):
+        assert ex.memorisation_reduction(0.0, 0.1) is None

@@ -647,12 +647,7 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu") -> d
     res["plain"]["loss_on_pretrained_samples"] = float(
         _losses(plain_net, schedule, [q1], dcfg, cfg.seed + 1)[0])
     p, c = res["plain"], res["constrained"]
-    # None (null in metrics.json) when plain fine-tuning memorised nothing: there is nothing to reduce
-    # (too few fine-tuning steps to memorise, e.g.), and the target cannot be judged
-    reduction = 1 - c["memorisation"] / p["memorisation"] if p["memorisation"] > 0 else None
-    if reduction is None:
-        warnings.warn("plain fine-tuning memorised none of the target images, so the memorisation reduction "
-                      "is undefined (null in metrics.json): fine-tune longer (finetune.steps)", stacklevel=2)
+    reduction = memorisation_reduction(p["memorisation"], c["memorisation"])
     fd_ratio = c["frechet_to_target"] / max(p["frechet_to_target"], 1e-12)
     m = {"config": asdict(cfg), "threshold": threshold, "n_heldout": len(heldout), **res,
          "memorisation_reduction": reduction, "frechet_ratio_constrained_vs_plain": fd_ratio,
@@ -665,6 +660,18 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu") -> d
     plot_dual(out / "constrained" / "log.jsonl", out)
     io.write_json_atomic(out / "metrics.json", m)
     return m
+
+
+def memorisation_reduction(plain: float, constrained: float) -> float | None:
+    """``1 - constrained / plain`` memorisation rates: the share of plain fine-tuning's memorisation that
+    the constraint removes. ``None`` (null in metrics.json, with a warning) when plain fine-tuning
+    memorised nothing (too few fine-tuning steps, e.g.): there is nothing to reduce and the target
+    cannot be judged."""
+    if plain > 0:
+        return 1 - constrained / plain
+    warnings.warn("plain fine-tuning memorised none of the target images, so the memorisation reduction "
+                  "is undefined (null in metrics.json): fine-tune longer (finetune.steps)", stacklevel=3)
+    return None
 
 
 # A target unlike the pretrained model's whole distribution: 30 images of one digit, the constraint
