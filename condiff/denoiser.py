@@ -7,6 +7,7 @@ interface, so a condiff network, a diffusers ``UNet2DModel`` or an analytic orac
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 
 import torch
@@ -69,6 +70,8 @@ class NetDenoiser(Denoiser):
     def __init__(self, net: nn.Module, schedule: Schedule, y: Tensor | int | None = None,
                  guidance_scale: float = 0.0) -> None:
         super().__init__(schedule)
+        if y is not None and not isinstance(y, Tensor) and (isinstance(y, bool) or not isinstance(y, numbers.Integral)):
+            raise ValueError(f"a class label must be an integer (or a (B,) long tensor), got {y!r}")
         self.net = net
         self.y = y
         self.guidance_scale = checks.number("guidance_scale", guidance_scale, ">= 0")

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import io
+from . import checks, io
 from .sample import progress_bar
 from .schedule import Schedule
 
@@ -91,7 +91,14 @@ class TrainConfig:
             if len(b) != 2 or not all(isinstance(v, (int, float)) and 0 <= v < 1 for v in b):
                 raise ValueError(f"{section}.betas must be two numbers in [0, 1), got {b!r}")
             d["betas"] = tuple(float(v) for v in b)
-        cfg = cls(**d)
+        try:
+            return cls(**d)
+        except ValueError as e:  # named after the table the settings came from
+            raise ValueError(str(e).replace("TrainConfig.", f"{section}.", 1)) from None
+
+    def __post_init__(self) -> None:
+        """The settings' ranges, checked however the config was made (``from_dict`` also checks types)."""
+        cfg, section = self, "TrainConfig"
         if not 0 <= cfg.seed < 2**63:
             raise ValueError(f"{section}.seed must be an integer in [0, 2**63), got {cfg.seed}")
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "keep"):
@@ -105,7 +112,6 @@ class TrainConfig:
                 raise ValueError(f"{section}.{name} must be {want}, got {getattr(cfg, name)}")
         if cfg.lr_decay not in ("cosine", "constant"):
             raise ValueError(f"{section}.lr_decay must be 'cosine' or 'constant', got {cfg.lr_decay!r}")
-        return cfg
 
 
 class Objective(Protocol):
@@ -147,7 +153,8 @@ class DenoisingObjective:
         if x.shape[0] == 0:
             raise ValueError("training data are empty")
         self.x, self.y, self.schedule = x, y, schedule
-        self.batch_size, self.label_drop = batch_size, label_drop
+        self.batch_size = checks.integer("batch_size", batch_size, 1)
+        self.label_drop = checks.number("label_drop", label_drop, "[0, 1)")
 
     def to(self, device: torch.device | str) -> DenoisingObjective:
         self.x = self.x.to(device)

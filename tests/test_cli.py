@@ -145,6 +145,7 @@ def test_a_failing_train_leaves_the_run_as_it_was(tmp_path, capsys):
     (["--set", "schedule.T=-1"], "schedule.T (the number of diffusion steps) must be"),
     (["--set", "data.foo=1"], "data set 'toy2d' has no setting"),
     (["--set", "data.split=test"], "data.split is not a setting"),
+    (["--set", "train.device=cuda"], "train.device is not a config setting: pass --device"),
     (["--out", "{tmp}/a-file"], "is a file, not a directory"),
 ])
 def test_bad_settings_are_refused_before_the_run_directory_is_made(tmp_path, capsys, extra, needle):
@@ -353,6 +354,18 @@ def test_version(capsys):
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"condiff {condiff.__version__}"
     assert condiff.__version__.count(".") >= 2
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["sample", "--ckpt", "r", "--n", "4.5"], "condiff sample: error: argument --n: invalid int value: '4.5'"),
+    (["namm", "fit"], "condiff namm fit: error: the following arguments are required: --data"),
+    (["train", "--bogus"], "condiff: error: unrecognized arguments: --bogus"),
+])
+def test_a_bad_flag_is_one_line(capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(needle) and "--help" in err[0]
 
 
 def test_sample_clip_takes_a_number_or_a_pair():

@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,6 +58,10 @@ def test_net_denoiser_labels_and_scalar_t():
     for bad in (4, -2, torch.tensor([0, 7])):
         with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
             d.conditioned(bad)
+    for bad in (1.9, True, "1"):  # 1.9 drew class 1, silently
+        with pytest.raises(ValueError, match="a class label must be an integer"):
+            d.conditioned(bad)
+    torch.testing.assert_close(d.conditioned(np.int64(2)).eps(x, 10), d.conditioned(2).eps(x, 10))
     with pytest.raises(ValueError, match=r"or be -1 or 3 \(no label\), got values in \[0, 7\]"):
         net(x, torch.tensor([1, 1]), torch.tensor([0, 7]))
     torch.testing.assert_close(d.conditioned(-1).eps(x, 10), d.conditioned(3).eps(x, 10))

@@ -374,3 +374,16 @@ def test_ddp_two_cpu_processes(tmp_path):
     log = read_log(tmp_path / "log.jsonl")
     assert [rec["step"] for rec in log] == [10, 20, 30, 40]  # only rank 0 writes
     assert log[-1]["samples_per_s"] > 0
+
+
+def test_a_train_config_made_directly_is_checked_too():
+    # from_dict checked its ranges, the constructor did not: steps=-1 trained nothing, silently
+    with pytest.raises(ValueError, match=r"TrainConfig.steps must be >= 1, got -1"):
+        TrainConfig(steps=-1)
+    with pytest.raises(ValueError, match=r"TrainConfig.ema_decay must be in \[0, 1\)"):
+        TrainConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match=r"finetune.batch_size must be >= 1, got 0"):
+        TrainConfig.from_dict({"batch_size": 0}, "finetune")
+    # a zero batch was blamed on the data ("training loss is nan") at the first step
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        DenoisingObjective(torch.randn(5, 2), Schedule.linear(10), 0)

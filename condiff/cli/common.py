@@ -97,6 +97,19 @@ def net_config(cfg: dict, data: ArrayData) -> dict:
     return m
 
 
+# training settings the command line sets, and how a user sets them instead
+_CLI_OWNED = {"device": "pass --device", "progress": "the command shows progress bars itself"}
+
+
+def train_config(settings: dict, section: str = "train", **cli) -> TrainConfig:
+    """A :class:`TrainConfig` from a config table plus the values the command line owns (``device``,
+    ``progress``); a table that sets one of those is refused rather than silently overridden."""
+    for key in cli:
+        if key in settings:
+            raise ValueError(f"{section}.{key} is not a config setting: {_CLI_OWNED[key]}")
+    return TrainConfig.from_dict({**settings, **cli}, section)
+
+
 class TrainingJob:
     """Everything a training run needs, built and checked from the config before anything is written:
     bad data, model or training settings fail here, with the run directory untouched."""
@@ -106,7 +119,7 @@ class TrainingJob:
         self.data = load_split(cfg, "train")
         self.schedule = Schedule.from_config(cfg["schedule"])
         train = {k: v for k, v in cfg["train"].items() if k != "label_drop"}  # the objective's, below
-        self.tcfg = TrainConfig.from_dict({**train, "device": cfg["_device"]})
+        self.tcfg = train_config(train, device=cfg["_device"])
         torch.manual_seed(int(cfg["train"].get("seed", 0)))  # the initial weights follow the run's seed
         labels = check_labels(cfg, self.data)
         net = build_net(net_config(cfg, self.data))

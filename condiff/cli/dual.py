@@ -44,7 +44,15 @@ from ..plots import plot_loss_curve
 from ..schedule import Schedule
 from ..train import TrainConfig, Trainer
 from . import config as config_mod
-from .common import check_out_dir, load_model_for, net_config, pick_device, save_resolved_config, start_run
+from .common import (
+    check_out_dir,
+    load_model_for,
+    net_config,
+    pick_device,
+    save_resolved_config,
+    start_run,
+    train_config,
+)
 from .train import INTERRUPTED
 
 DUAL_TABLES = ("dual", "objective", "constraint")
@@ -200,7 +208,7 @@ def check_run(cfg: dict, device: str) -> tuple[TrainConfig, DualConfig, str | No
     init = dual.get("init")
     if init is not None:
         checks.text("dual.init", init)
-    tcfg = TrainConfig.from_dict({**cfg["train"], "device": device})
+    tcfg = train_config(cfg["train"], device=device)
     dcfg = DualConfig.from_dict({"seed": tcfg.seed, **dual}, also=("init",))
     _check_keys(cfg["objective"], OBJECTIVE_KEYS, "[objective]")
     if cfg["objective"].get("data") == "objective":

@@ -26,10 +26,18 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (its default prints the whole usage block first); the
+    subcommands' parsers are made of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    p = argparse.ArgumentParser(prog="condiff", description="Diffusion models that satisfy constraints.")
+    p = Parser(prog="condiff", description="Diffusion models that satisfy constraints.")
     p.add_argument("--version", action="version", version=f"condiff {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -48,7 +56,11 @@ def _close_progress_bars() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports torch: a Ctrl-C lands here as often as anywhere
+    except KeyboardInterrupt:
+        print("condiff: interrupted before the command started; nothing was written", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     if not os.environ.get("CONDIFF_DEBUG"):  # a warning is one line too
         warnings.showwarning = lambda message, category, *rest, **kw: print(

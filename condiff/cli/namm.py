@@ -65,7 +65,7 @@ from ..plots import plot_histograms
 from ..sample import generate
 from ..schedule import Schedule
 from ..train import TrainConfig
-from .common import check_out_dir, pick_device
+from .common import check_out_dir, pick_device, train_config
 from .config import ConfigError, check_sample, data_ref, merge, parse_override, read_toml, set_path
 
 SECTIONS = (
@@ -388,9 +388,7 @@ class NAMMRun:
             return self._stage(name, spec)[0], None
 
     def _tcfg(self, settings: dict, seed: int = 0, section: str = "train") -> TrainConfig:
-        return TrainConfig.from_dict(
-            {"seed": seed, **settings, "device": self.device, "progress": self.progress}, section
-        )
+        return train_config({"seed": seed, **settings}, section, device=self.device, progress=self.progress)
 
     # -- data and constraint
     def data(self, split: str = "train") -> ArrayData:

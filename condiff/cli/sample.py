@@ -20,8 +20,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's, 100)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     p.add_argument("--seed", type=int, default=None, help="random seed")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples drawn at once (default: the run's [sample] batch_size)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
 def sample_settings(args: argparse.Namespace, run_cfg: dict) -> dict:

@@ -137,9 +137,9 @@ def add_parser(sub, name: str) -> None:
                    help="reconstruct from measurements made elsewhere (.npy / .npz / PNG, shaped like A(x)) "
                         "instead of simulating them from true images; operators inpaint-mask, sr and blur")
     m = p.add_argument_group("method")
-    m.add_argument("--method", default="dsg+dps", help=f"one of {', '.join(METHODS)}")
-    m.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    m.add_argument("--eta", type=float, default=1.0, help="DDIM eta (DSG needs > 0)")
+    m.add_argument("--method", default="dsg+dps", help=f"one of {', '.join(METHODS)} (default dsg+dps)")
+    m.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    m.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1; DSG needs > 0)")
     m.add_argument("--task", default=None, help="key of the swept defaults (default: <data>/<operator>)")
     m.add_argument("--zeta", type=float, help="DPS / FreeDoM step size")
     m.add_argument("--rate", type=float, help="DSG guidance rate w in [0, 1]")
@@ -163,9 +163,9 @@ def add_parser(sub, name: str) -> None:
     d.add_argument("--split", default=None, help="split of --data to draw images from (default test)")
     d.add_argument("--n", type=int, default=None, help="number of images (default: 16, or all of --input)")
     d.add_argument("--seed", type=int, default=0, help="seed for image choice, operator, noise and sampling")
-    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--batch-size", type=int, default=64, help="images solved at once (default 64)")
     p.add_argument("--out", default=None, help="output directory (default: <ckpt>/solve/<operator>-<method>-<steps>)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=run)
 
 
