@@ -61,6 +61,7 @@ def test_a_run_of_another_command_is_never_overwritten(tmp_path, capsys):
         (["namm", "fit", "--data", "brightness", "--quiet"], str(run), "condiff train"),
         (["solve", "--ckpt", str(run), "--operator", "inpaint-random"], "samples", "condiff sample"),
         (["train", *TINY], "samples", "condiff sample"),
+        (["eval", "--ckpt", str(run), "--n", "4", "--steps", "2"], "samples", "condiff sample"),
     ]
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     for cmd, out, other in cases:
@@ -71,6 +72,13 @@ def test_a_run_of_another_command_is_never_overwritten(tmp_path, capsys):
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     # the same command may write its own run again
     assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2", "--out", str(tmp_path / "samples")]) == 0
+    # eval scores a run beside its model, or writes a directory of its own that others then refuse
+    assert main(["eval", "--ckpt", str(run), "--n", "4", "--steps", "2", "--out", str(tmp_path / "ev")]) == 0
+    assert run_kind(tmp_path / "ev") == "condiff eval"
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["ckpt"] == str(run)
+    capsys.readouterr()
+    assert main(["solve", "--ckpt", str(run), "--operator", "inpaint-random", "--out", str(tmp_path / "ev")]) == 2
+    assert "holds the output of `condiff eval`" in capsys.readouterr().err
 
 
 def test_config_resolution_order(tmp_path):

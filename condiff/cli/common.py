@@ -98,7 +98,7 @@ def net_config(cfg: dict, data: ArrayData) -> dict:
 
 
 # training settings the command line sets, and how a user sets them instead
-_CLI_OWNED = {"device": "pass --device", "progress": "the command shows progress bars itself"}
+_CLI_OWNED = {"device": "pass --device", "progress": "the command sets it (--quiet turns progress bars off)"}
 
 
 def train_config(settings: dict, section: str = "train", **cli) -> TrainConfig:

@@ -52,14 +52,18 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
     m = evaluate_samples(x, data_cfg, reference)
     m.update({"sample_seconds": round(dt, 3), "sample_steps": int(scfg["steps"]), "eta": float(scfg["eta"]),
               "nfe_per_sample": den.nfe // max(1, -(-int(scfg["n"]) // int(scfg.get("batch_size", 500)))),
-              "seed": int(scfg["seed"]), **({} if label is None else {"label": label, "guidance_scale": scale})})
+              "seed": int(scfg["seed"]), "ckpt": str(ckpt),
+              **({} if label is None else {"label": label, "guidance_scale": scale})})
     io.write_json_atomic(out / "metrics.json", m)
     return m
 
 
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    out = check_out_dir(args.out or args.ckpt)
+    if args.out is None or Path(args.out).resolve() == Path(args.ckpt).resolve():
+        out = check_out_dir(args.ckpt)  # the run scores itself, beside its model
+    else:  # a directory of its own, which must not hold another command's output
+        out = check_out_dir(args.out, kind="condiff eval")
     m = evaluate_run(args.ckpt, args, out, device)
     print(json.dumps({k: v for k, v in m.items() if not isinstance(v, list)}, indent=2))
     print(f"wrote {out / 'metrics.json'}")
