@@ -79,6 +79,13 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_file_atomic(path, lambda f: f.write(text))
 
 
+def write_npz_atomic(path: str | Path, **arrays: Any) -> None:
+    """Write a compressed ``.npz`` of ``arrays`` to ``path`` atomically (:func:`write_file_atomic`)."""
+    import numpy as np
+
+    write_file_atomic(path, lambda f: np.savez_compressed(f, **arrays), binary=True)
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON to ``path`` atomically (:func:`write_text_atomic`)."""
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")

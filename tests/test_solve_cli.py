@@ -138,6 +138,18 @@ def test_given_measurements_reproduce_the_simulated_run(tiny_run, tmp_path):
     assert main(["solve", "--ckpt", str(tiny_run), "--out", str(tmp_path / "one"), "--device", "cpu", "--steps", "3",
                  *common, "--measurement", str(tmp_path / "y1.npy")]) == 0
     assert json.loads((tmp_path / "one" / "metrics.json").read_text())["n"] == 1
+    # a solve run's own reconstruction.npz gives back its measurements (its y, not class labels), and
+    # solving from measurements in the simulated run's directory takes away that run's truth picture
+    assert (tmp_path / "sim" / "ground_truth.png").is_file()
+    sim_x, rec = z["x"].copy(), str(tmp_path / "sim" / "reconstruction.npz")
+    assert _solve(tiny_run, tmp_path / "sim", *common, "--measurement", rec) == 0
+    np.testing.assert_array_equal(np.load(rec)["x"], sim_x)
+    assert not (tmp_path / "sim" / "ground_truth.png").exists()
+    # one (H, W) image as --input, as for --measurement
+    np.save(tmp_path / "img.npy", np.zeros((8, 8), np.float32))
+    assert main(["solve", "--ckpt", str(tiny_run), "--out", str(tmp_path / "img"), "--device", "cpu", "--steps", "3",
+                 *common, "--input", str(tmp_path / "img.npy")]) == 0
+    assert json.loads((tmp_path / "img" / "metrics.json").read_text())["n"] == 1
     # a PNG mask: white is observed
     from PIL import Image
     Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "mask.png")

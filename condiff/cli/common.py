@@ -356,7 +356,7 @@ def write_samples(x: torch.Tensor, out: Path, grid: int = 100, value_range: list
                                  f"written to {out} (a diverging sampler: try eta <= 1 or clip_x0)")
     out.mkdir(parents=True, exist_ok=True)
     extra = {} if label is None else {"y": np.full(len(arr), label, dtype=np.int64)}  # the class asked for
-    io.write_file_atomic(out / "samples.npz", lambda f: np.savez_compressed(f, x=arr, **extra), binary=True)
+    io.write_npz_atomic(out / "samples.npz", x=arr, **extra)
     files = [out / "samples.npz"]
     if arr.ndim == 4 and arr.shape[1] in (1, 3):
         save_png_grid(to_display(x[:grid].cpu(), nominal_range(value_range)).clamp(-1, 1), out / "samples.png")

@@ -581,8 +581,8 @@ class NAMMRun:
         else:
             x, y = self._generate(den, n, seed, mirror)
             if y is not None:
-                np.savez_compressed(d / "mirror.npz", y=y.numpy())
-        np.savez_compressed(d / "samples.npz", x=x.numpy())
+                io.write_npz_atomic(d / "mirror.npz", y=y.numpy())
+        io.write_npz_atomic(d / "samples.npz", x=x.numpy())
         self._finish(f"samples/{which}", spec, time.perf_counter() - t0)
         return x
 

@@ -294,7 +294,7 @@ def run_digits(args: argparse.Namespace) -> int:
                "mean_top_prob": ev["mean_top_prob"]}  # a Fréchet distance to all ten classes would mislead here
     if args.label is not None:
         metrics["success_rate"] = float((judge.probs(x).argmax(1) == args.label).float().mean())
-    np.savez_compressed(out / "samples.npz", x=x.cpu().numpy())
+    io.write_npz_atomic(out / "samples.npz", x=x.cpu().numpy())
     return _finish(out, metrics, [save_png_grid(x.cpu(), out / "samples.png"), out / "samples.npz"])
 
 
@@ -477,7 +477,7 @@ def run_constraint(args: argparse.Namespace) -> int:
     # prior / PnP mean distance; None when PnP meets the constraint exactly (no finite ratio)
     metrics["reduction"] = (metrics["prior_samples_l_mean"] / metrics["pnp_l_mean"]
                             if metrics["pnp_l_mean"] > 0 else None)
-    np.savez_compressed(out / "samples.npz", x=sets["pnp"].numpy(), prior=sets["prior samples"].numpy())
+    io.write_npz_atomic(out / "samples.npz", x=sets["pnp"].numpy(), prior=sets["prior samples"].numpy())
     cols = {k: (v, violation_maps(constraint, v), dist[k]) for k, v in sets.items()}
     grid = plot_violation_grid(cols, out / "samples.png", title=f"constraint {args.constraint}: prior vs PnP")
     return _finish(out, metrics, [grid, out / "samples.npz"])

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .. import checks, io, metrics
-from ..data import derive_seed, load_dataset, nominal_range, to_display
+from ..data import ArrayData, derive_seed, load_dataset, nominal_range, to_display
 from ..data.files import load_png_folder, save_png_grid
 from ..guidance import BETWEEN, METHODS, default_hyperparameters, guided_sample, make_guidance
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
@@ -175,6 +175,8 @@ def load_images(args: argparse.Namespace, run_cfg: dict, shape: tuple[int, ...])
         if args.split is not None:
             raise ValueError("--split picks images of --data; --input FILE uses every image in the file")
         data, name = load_dataset(args.input, split="all"), Path(args.input).stem
+        if data.x.dim() == 2 and tuple(shape) == (1, *data.x.shape):  # one (H, W) image, not H vectors
+            data = ArrayData(data.x[None, None], name=data.name)
     else:
         name = args.data or (run_cfg.get("data") or {}).get("name")
         if not name:
@@ -244,6 +246,21 @@ def check_flags(args: argparse.Namespace) -> None:
                              f"{args.operator} draws its own mask: use inpaint-mask with --mask FILE")
 
 
+def read_measurements(path: str | Path) -> torch.Tensor:
+    """The measurements in a file or folder: a solve run's ``reconstruction.npz`` gives its ``y`` (the
+    measurements it solved from); anything else is read as data (an array, PNGs)."""
+    path = Path(path)
+    if path.suffix.lower() == ".npz" and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "y" in z.files and z["y"].ndim >= 2:  # per-item arrays, not a data set's class labels
+                    y = torch.from_numpy(np.asarray(z["y"], dtype=np.float32))
+                    return ArrayData(y, name=f"{path} (y)").x  # checked as data are: finite, non-empty
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"--measurement {path}: cannot read it ({str(e).splitlines()[0]})") from None
+    return load_dataset(path, split="all").x
+
+
 def load_measurements(args: argparse.Namespace, op: Operator, shape: tuple[int, ...], n: int,
                       y: torch.Tensor, device: str) -> torch.Tensor:
     """The first ``n`` of the given measurements, on ``device``, checked against the operator's output shape."""
@@ -269,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
         given, n = None, len(x)
     else:
         x, data_name = None, str((run_cfg.get("data") or {}).get("name") or "measurement")
-        given = load_dataset(args.measurement, split="all").x
+        given = read_measurements(args.measurement)
         if given.dim() == 2:  # an (H, W) array is one greyscale measurement, not H vectors
             given = given[None, None]
         n = args.n if args.n is not None else len(given)
@@ -348,7 +365,9 @@ def write_outputs(out: Path, x: torch.Tensor | None, op: Operator, y: torch.Tens
         top = float(err[:8].max()) or 1.0
         save_png_grid(to_display(x, scale).clamp(-1, 1), out / "ground_truth.png")
         columns["truth"] = to_display(x, scale).clamp(-1, 1).numpy()
-    np.savez_compressed(out / "reconstruction.npz", **arrays)
+    io.write_npz_atomic(out / "reconstruction.npz", **arrays)
+    if x is None:  # an earlier simulated run in this directory must not leave its truth beside these results
+        (out / "ground_truth.png").unlink(missing_ok=True)
     seen_d, rec_d = (to_display(v, scale).clamp(-1, 1) for v in (seen, rec))
     save_png_grid(seen_d, out / "measurement.png")
     save_png_grid(rec_d, out / "reconstruction.png")
