@@ -253,6 +253,9 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
                                      weight_decay=cfg.weight_decay)
         self.step = 0
+        # the loss sum and step count since the last log line, kept in checkpoints so that a resumed
+        # run writes the same log as an uninterrupted one
+        self._log_acc: tuple[float, int] = (0.0, 0)
         if hasattr(objective, "to"):
             objective.to(self.device)
         self.train_model: nn.Module = self.model
@@ -290,7 +293,8 @@ class Trainer:
         extra = self.objective.state_dict()
         if extra:
             groups["objective"] = extra
-        config = {"step": self.step, "train": asdict(self.cfg), "optim": opt_meta, **self.meta}
+        config = {"step": self.step, "train": asdict(self.cfg), "optim": opt_meta,
+                  "log_acc": list(self._log_acc), **self.meta}
         path = io.save_checkpoint(self.ckpt_root / f"step_{self.step:08d}", groups, config)
         for old in list_checkpoints(self.ckpt_root)[: -self.cfg.keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -308,6 +312,8 @@ class Trainer:
         self.objective.load_state_dict(io.load_group(path, "objective", self.device) if has else {})
         torch.set_rng_state(io.load_group(path, "rng")["torch_cpu"])
         self.step = int(cfg["step"])
+        acc = cfg.get("log_acc") or (0.0, 0)  # absent in checkpoints written before it was kept
+        self._log_acc = (float(acc[0]), int(acc[1]))
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint in ``run_dir``; False if there is none."""
@@ -346,7 +352,8 @@ class Trainer:
         bar = progress_bar(cfg.steps, cfg.progress and self.dist.main and self.step < cfg.steps, unit="it",
                            desc="train", initial=self.step, leave=True)
         self.model.train()
-        t0, pending, first, run_loss, seen = time.perf_counter(), [], self.step, 0.0, 0
+        t0, pending, first, timed = time.perf_counter(), [], self.step, 0
+        run_loss, seen = self._log_acc
         stop, prev_handler = self._defer_interrupt()
         try:
             while self.step < cfg.steps:
@@ -366,7 +373,7 @@ class Trainer:
                 logs.update(self.objective.after_step(self.model, self.step))
                 self.step += 1
                 self._ema_update()
-                seen += 1
+                seen, timed = seen + 1, timed + 1
                 if bar is not None:
                     bar.update(1)
                 save = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop
@@ -376,14 +383,15 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     dt = time.perf_counter() - t0
                     rec = {"step": self.step, "loss": run_loss / seen, "lr": lr, "grad_norm": float(gnorm),
-                           "samples_per_s": seen * cfg.batch_size * self.dist.world / max(dt, 1e-9), **logs}
+                           "samples_per_s": timed * cfg.batch_size * self.dist.world / max(dt, 1e-9), **logs}
                     if bar is not None:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.0f}")
                     if log is not None:
                         log.write(json.dumps(rec) + "\n")
                         log.flush()
-                    t0, seen, run_loss = time.perf_counter(), 0, 0.0
+                    t0, seen, timed, run_loss = time.perf_counter(), 0, 0, 0.0
                 if save:
+                    self._log_acc = (run_loss, seen)
                     self.save()
                 if stop:
                     raise TrainingInterrupted

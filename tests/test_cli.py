@@ -133,9 +133,13 @@ def test_a_failing_train_leaves_the_run_as_it_was(tmp_path, capsys):
     assert main(["train", *TINY, "--set", "train.grad_clip=-1", "--out", str(run), "--fresh"]) == 2
     assert main(["train", *TINY, "--set", "model.hidden=16", "--set", "train.steps=40", "--out", str(run),
                  "--resume"]) == 2
+    # other data of the same shape would load the checkpoint and train on, silently, on another data set
+    assert main(["train", *TINY, "--set", "data.kind=rings", "--set", "train.steps=40", "--out", str(run),
+                 "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "unknown data set" in err[0] and "train.grad_clip must be > 0" in err[1]
     assert "does not match the model" in err[2] and "of other shape" in err[2]
+    assert "was trained on other data (kind: " in err[3] and "-> 'rings'" in err[3]
     assert _snapshot(run) == before
     assert main(["train", *TINY, "--set", "train.steps=40", "--out", str(run), "--resume"]) == 0
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 40

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from condiff import io
 from condiff.nets import TimeMLP
 from condiff.schedule import Schedule
-from condiff.train import DenoisingObjective, TrainConfig, Trainer, TrainingInterrupted, list_checkpoints
+from condiff.train import DenoisingObjective, TrainConfig, Trainer, TrainingInterrupted, list_checkpoints, read_log
 
 TINY = ["--data", "toy2d", "--set", "model.hidden=32", "--set", "model.depth=1", "--set", "data.n=512",
         "--set", "train.batch_size=32", "--set", "train.log_every=10", "--set", "train.progress=false",
@@ -175,6 +175,10 @@ def test_ctrl_c_checkpoints_the_finished_step_and_resume_is_exact(tmp_path, sigi
     for a, b in ((ref.model, again.model), (ref.ema, again.ema)):
         for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(va, vb), k
+    # and the log too: the line at step 15 averages steps 11-15 although the run stopped after step 13
+    keys = ("step", "loss", "lr", "grad_norm")
+    logs = [[{k: r[k] for k in keys} for r in read_log(d / "log.jsonl")] for d in (tmp_path / "ref", tmp_path / "run")]
+    assert logs[0] == logs[1] and [r["step"] for r in logs[0]] == [5, 10, 15, 20, 25, 30]
 
 
 def test_sigterm_also_checkpoints_the_finished_step(tmp_path):

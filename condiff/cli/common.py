@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -155,16 +156,20 @@ class TrainingJob:
         return out
 
 
-def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str, ...] = ()):
+def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str, ...] = (),
+              data: dict | None = None):
     """The run-directory protocol of ``train`` and ``dual train``: refuse a run with checkpoints unless
     ``resume`` or ``fresh``; ``build()`` the job (which checks everything) before anything changes; then
     discard the old run for ``fresh`` (checkpoints, model, log and ``clear``) or load its checkpoint for
-    ``resume``. Returns the job, the run directory made; ``config.json`` is the caller's to write next."""
+    ``resume``. ``data``: the run's data settings, which a resumed run must share with the checkpoint's.
+    Returns the job, the run directory made; ``config.json`` is the caller's to write next."""
     io.lock_run(run_dir)
     existing = list_checkpoints(run_dir / "checkpoints")
     if existing and not (resume or fresh):
         raise FileExistsError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}): "
                               "pass --resume to continue or --fresh to start over")
+    if existing and resume and data is not None:
+        _check_same_data(run_dir, data)
     if not existing and not fresh and (run_dir / "model").exists():  # e.g. checkpoints deleted to save space
         raise FileExistsError(f"{run_dir} already holds a trained model and no checkpoints to resume from: "
                               "pass --fresh to train it again, or use another --out")
@@ -178,6 +183,18 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
     run_dir.mkdir(parents=True, exist_ok=True)
     io.lock_run(run_dir)
     return job
+
+
+def _check_same_data(run_dir: Path, data: dict) -> None:
+    """Refuse to resume a run on other data than it was trained on (same shape, so the checkpoint would
+    load and training would go on, silently, on another data set)."""
+    before = _json_dict(run_dir / "config.json").get("data")
+    now = json.loads(json.dumps(data, default=str))
+    if isinstance(before, dict) and before != now:
+        diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+                         if before.get(k) != now.get(k))
+        raise ValueError(f"--resume: {run_dir} was trained on other data ({diff}); resume with the run's data "
+                         "settings, or pass --fresh to start over")
 
 
 RUN_MARK = ".condiff-run"  # in a run directory: the command that wrote it

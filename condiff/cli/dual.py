@@ -391,7 +391,7 @@ def run_train(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     run_dir = check_out_dir(args.out or Path("runs") / f"dual-{Path(args.config).stem}", kind="condiff dual train")
     job = start_run(run_dir, args.resume, args.fresh, lambda: DualJob(cfg, run_dir, device, fresh=args.fresh),
-                    clear=("constraint_data",))
+                    clear=("constraint_data",), data=cfg.get("data"))
     job.cache.save()
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
     m = job.fit()

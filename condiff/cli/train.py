@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve(args.data, args.config, args.overrides)
     cfg["_device"] = pick_device(args.device)
     run_dir = check_out_dir(args.out or Path("runs") / Path(str(cfg["data"]["name"])).stem, kind="condiff train")
-    job = start_run(run_dir, args.resume, args.fresh, lambda: TrainingJob(cfg, run_dir))
+    job = start_run(run_dir, args.resume, args.fresh, lambda: TrainingJob(cfg, run_dir), data=cfg["data"])
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
     model_dir = job.fit()
     print(f"model: {model_dir}\nlog:   {run_dir / 'log.jsonl'}\nloss:  {run_dir / 'loss.png'}")
