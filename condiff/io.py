@@ -168,6 +168,26 @@ def lock_run(run_dir: str | Path) -> None:
     _LOCKS[run_dir] = fd  # held until release_runs() or the process exits
 
 
+def run_holder(run_dir: str | Path) -> str | None:
+    """The pid of another process that holds ``run_dir/.lock`` (a command writing that run now), else None."""
+    import fcntl
+
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _LOCKS or not (run_dir / ".lock").is_file():
+        return None
+    try:
+        fd = os.open(run_dir / ".lock", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return os.read(fd, 32).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)  # closing also drops the probe's own lock
+    return None
+
+
 def release_runs() -> None:
     """Release every run-directory lock this process holds (the command line does at the end of a command)."""
     while _LOCKS:

@@ -53,6 +53,9 @@ def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
     cfg = io.load_config(d)
     if "net" not in cfg or "schedule" not in cfg:
         if (d / "checkpoints").is_dir() or (d / "log.jsonl").is_file():  # a run directory without model/
+            if (pid := io.run_holder(d)) is not None:
+                raise io.CheckpointError(f"{d} has no model yet: another condiff process (pid {pid}) is still "
+                                         "training it; wait for it to finish")
             raise io.CheckpointError(f"{d} is a run directory with no model/ (training unfinished, or model/ "
                                      "deleted): finish it by running the command that trained it again with its "
                                      "settings (`condiff train ... --resume`; `condiff pnp TASK ... --train` for a "

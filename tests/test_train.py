@@ -239,6 +239,11 @@ def test_a_run_directory_held_by_another_process_is_refused(tmp_path, capsys):
         assert main(["train", *TINY, "--set", "train.steps=3", "--out", str(tmp_path), "--device", "cpu"]) == 2
         assert "in use by another condiff process (pid 4242)" in capsys.readouterr().err
         assert not (tmp_path / "model").exists()
+        # sampling a run still in training says so, rather than advise a --resume the lock would refuse
+        (tmp_path / "log.jsonl").write_text("")
+        (tmp_path / "config.json").write_text('{"data": {"name": "toy2d"}}')  # written as training starts
+        assert main(["sample", "--ckpt", str(tmp_path), "--n", "2"]) == 2
+        assert "another condiff process (pid 4242) is still training it" in capsys.readouterr().err
     finally:
         os.close(held)
     assert main(["train", *TINY, "--set", "train.steps=3", "--out", str(tmp_path), "--device", "cpu"]) == 0
