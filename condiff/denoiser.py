@@ -230,6 +230,8 @@ class DiffusersDenoiser(Denoiser):
             cls.read_scheduler(sched_cfg)
         except ValueError as e:
             raise ValueError(f"{cand}: {e}") from None
-        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True)
+        # low_cpu_mem_usage=False: the default needs `accelerate` and prints a notice on every load without it
+        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True,
+                                           low_cpu_mem_usage=False)
         return cls(unet.eval(), sched_cfg)
 

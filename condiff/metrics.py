@@ -85,7 +85,8 @@ def default_bandwidths(y: torch.Tensor) -> list[float]:
     """RBF length scales ``m * DEFAULT_BANDWIDTH_SCALES`` with ``m`` the median distance within ``y``."""
     med = median_heuristic(y)
     if med == 0.0:
-        raise ValueError("mmd: the reference samples are all identical; pass bandwidths explicitly")
+        raise ValueError("mmd: the reference samples are all identical, so they set no kernel bandwidth "
+                         "(a constant data set?); the library's mmd() takes bandwidths= explicitly")
     return [med * s for s in DEFAULT_BANDWIDTH_SCALES]
 
 

@@ -30,5 +30,6 @@ def run(args: argparse.Namespace) -> int:
     job = start_run(run_dir, args.resume, args.fresh, lambda: TrainingJob(cfg, run_dir), data=cfg["data"])
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
     model_dir = job.fit()
-    print(f"model: {model_dir}\nlog:   {run_dir / 'log.jsonl'}\nloss:  {run_dir / 'loss.png'}")
+    if job.trainer.dist.main:  # once, not from every torchrun process
+        print(f"model: {model_dir}\nlog:   {run_dir / 'log.jsonl'}\nloss:  {run_dir / 'loss.png'}")
     return 0
