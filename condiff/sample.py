@@ -1,6 +1,6 @@
 """DDPM / DDIM samplers.
 
-The loop owns time-stepping. At each step it builds a :class:`Step` record (METHODS.md notation)
+The loop owns time-stepping. At each step it builds a :class:`Step` record (the papers' notation)
 and hands it to a guidance rule, which returns ``x_{t_prev}``; with no guidance the rule is the
 unconditional draw ``mean + sigma * noise``. Guidance methods therefore plug in without touching
 the loop, and may call :meth:`Step.remake` to re-evaluate the step at another ``x_t``.

@@ -144,7 +144,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 
-# Per data set (METHODS.md): loss weights, ICNN depth, periodic padding, the assimilation task.
+# Per data set (as in the NAMM paper): loss weights, ICNN depth, periodic padding, the assimilation task.
 # The inverse net drops instance norm where the constraint depends on absolute levels (a total flux,
 # Burgers' advection speed, source amplitudes, a velocity's divergence): instance norm hides them
 # from the correction f(y) - y (condiff.nets.resnet). The brightness distance is a sum over pixels,

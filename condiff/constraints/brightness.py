@@ -2,7 +2,7 @@
 
 Images are stored in ``[lo, hi]`` (``[-1, 1]``) and mean intensities ``I = (x - lo) / (hi - lo)`` in
 ``[0, 1]``; the set is ``{x : sum(I(x)) = flux}`` and the distance ``l(x) = |sum(I(x)) - flux|``
-(METHODS.md: ``|sum(x) - 120|`` on 64x64 black-hole images).
+(the NAMM paper: ``|sum(x) - 120|`` on 64x64 black-hole images).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ steps. An image ``x (B, 1, T, N)`` holds ``T`` saved states as rows (time runs d
 units ``x = (u - shift) / scale``.
 
 The distance is the mean one-step residual of the very stepper that made the data
-(METHODS.md): ``l(x) = mean_{k,i} |x_{k+1,i} - S(x_k)_i|`` with ``S`` the stepper in image units.
+(as in the NAMM paper): ``l(x) = mean_{k,i} |x_{k+1,i} - S(x_k)_i|`` with ``S`` the stepper in image units.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 sum is the count; it is trained on generated images with 0 to ``2k`` sources (:mod:`condiff.data.sources`),
 faint non-source blobs and varied noise, against Gaussian density targets and the true counts, with
 adversarial (PGD) training (``COUNTER_RECIPE``), and cached under
-``condiff.io.cache_dir() / "counters"``. The distance is ``l(x) = |count(x) - k|`` (METHODS.md).
+``condiff.io.cache_dir() / "counters"``. The distance is ``l(x) = |count(x) - k|`` (as in the NAMM paper).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ A sample ``x (B, 2F, H, W)`` holds ``F`` velocity snapshots, channels ``(u, v)``
 ``div = F^{-1}[i k_x u_hat + i k_y v_hat]``, the same derivative the pseudo-spectral solver that made
 the data uses, so the data are divergence-free to float precision. Nyquist wavenumbers get a zero
 derivative (their sign is ambiguous on an even grid). The grid spacing is ``2 pi / N``; the
-distance is ``l(x) = mean |div x|`` (METHODS.md), which is scale-invariant up to the factor used to
+distance is ``l(x) = mean |div x|`` (as in the NAMM paper), which is scale-invariant up to the factor used to
 normalise the velocities.
 """
 

@@ -1,7 +1,7 @@
 """Periodic tiling: the image is a ``2 x 2`` tiling of one tile.
 
 With quadrants ``q_1..q_4`` of an ``(H, W)`` image (``H``, ``W`` even) and their mean ``tile``,
-``l(x) = sum_q mean |q - tile|`` (METHODS.md); it is zero exactly when the four quadrants agree.
+``l(x) = sum_q mean |q - tile|`` (as in the NAMM paper); it is zero exactly when the four quadrants agree.
 """
 
 from __future__ import annotations

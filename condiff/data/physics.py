@@ -1,6 +1,6 @@
 """Physics data sets for constrained diffusion: Burgers' space-time images and Kolmogorov flow.
 
-``burgers``: 1D viscous Burgers' equation on a periodic domain (METHODS.md section 1). Initial
+``burgers``: 1D viscous Burgers' equation on a periodic domain (Feng et al., ICLR 2025). Initial
 conditions are draws of a periodic Gaussian process with a Matérn spectrum (length ``ic_length`` in
 units of the domain, smoothness ``ic_smoothness``), min-max normalised to ``[shift - scale, shift +
 scale]`` (``[0.5, 1.5]``: mean about 1), then advanced with :func:`condiff.constraints.burgers_step`,

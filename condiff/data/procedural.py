@@ -1,7 +1,7 @@
 """Procedural image sets with an exact constraint: total brightness and periodic tilings.
 
 ``brightness``: ring, crescent and elliptical-blob images (one kind per sample, uniformly), shaped
-like the black-hole images of METHODS.md, rescaled so every image carries the same total flux
+like the NAMM paper's black-hole images, rescaled so every image carries the same total flux
 ``sum((x + 1) / 2) = flux`` (default ``120 * (size / 64)^2``, the paper's 120 at 64x64). The sum is
 exact to float32 round-off (tolerance ``1e-3``). ``(N, 1, size, size)`` in ``[-1, 1]``.
 

@@ -1,4 +1,4 @@
-"""Pictures of optimal TSP tours, for training a plug-and-play TSP prior (METHODS.md section 3).
+"""Pictures of optimal TSP tours, for training a plug-and-play TSP prior (Graikos et al., NeurIPS 2022).
 
 Instances are uniform cities in the unit square; their reference tours come from
 :func:`condiff.pnp.tsp.default_solver` (LKH through ``elkai`` when installed, else exact Held-Karp for

@@ -1,4 +1,4 @@
-"""Dual training: diffusion models trained under distributional constraints (METHODS.md section 2).
+"""Dual training: diffusion models trained under distributional constraints (Khalafi, Ding, Ribeiro, NeurIPS 2024).
 
 ``min KL(q_0 || p)  s.t.  KL(q_i || p) <= b_i``, each KL replaced by its denoising-loss surrogate and
 solved by alternating primal steps on the Lagrangian with projected dual ascent on ``lambda``.

@@ -1,4 +1,4 @@
-"""The primal-dual objective for :class:`condiff.train.Trainer` (METHODS.md section 2).
+"""The primal-dual objective for :class:`condiff.train.Trainer` (Khalafi, Ding, Ribeiro, NeurIPS 2024).
 
 Problem: ``min_theta L_0(theta)  s.t.  L_i(theta) <= b_i, i = 1..m``, where ``L_0`` is the denoising
 loss on the objective data ``q_0`` and ``L_i`` the denoising loss on constraint data ``q_i`` (each the

@@ -1,4 +1,4 @@
-"""Closed forms for the theory check on Gaussian mixtures (METHODS.md section 2).
+"""Closed forms for the theory check on Gaussian mixtures (Khalafi, Ding, Ribeiro, NeurIPS 2024).
 
 For fixed ``lambda`` the minimiser of ``L_0 + sum_i lambda_i L_i`` over all models is the denoiser of
 the mixture ``(q_0 + sum_i lambda_i q_i) / (1 + sum_i lambda_i)``. When every data set is a mixture of

@@ -1,4 +1,4 @@
-"""DPS, diffusion posterior sampling (Chung et al., ICLR 2023; METHODS.md section 4).
+"""DPS, diffusion posterior sampling (Chung et al., ICLR 2023).
 
 ``x_{t_prev} = x'_{t_prev} - zeta * grad_{x_t} L(x0_hat(x_t))`` with ``x'_{t_prev}`` the unconditional
 step and, for inverse problems, ``L = ||y - A(x0_hat)||_2`` (the norm, not its square, with a fixed

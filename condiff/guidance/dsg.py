@@ -1,4 +1,4 @@
-"""DSG, guidance with a spherical Gaussian constraint (Yang et al., ICML 2024; METHODS.md section 4).
+"""DSG, guidance with a spherical Gaussian constraint (Yang et al., ICML 2024).
 
 In ``n`` dimensions the unconditional draw ``x_{t_prev} ~ N(mean, sigma^2 I)`` concentrates on the
 sphere of radius ``r = sqrt(n) sigma`` around ``mean``. DSG keeps the guided step on that sphere:

@@ -1,4 +1,4 @@
-"""FreeDoM (Yu et al., ICCV 2023; METHODS.md section 4): DPS's gradient step with a time-dependent
+"""FreeDoM (Yu et al., ICCV 2023): DPS's gradient step with a time-dependent
 step size, plus time travel.
 
 Step size: ``rho_t = zeta * sqrt(abar_t)`` (the rule of the official face-guidance code: the

@@ -1,4 +1,4 @@
-"""Universal guidance, UGD (Bansal et al., 2023; METHODS.md section 4).
+"""Universal guidance, UGD (Bansal et al., 2023).
 
 Per step, up to ``recurrence`` times (self-recurrence re-noises ``x_{t_prev}`` back to ``x_t``):
 

@@ -1,6 +1,6 @@
 """Mirror DPS and constraint-guided DPS, composed from :class:`condiff.guidance.DPS`.
 
-Mirror DPS (NAMM, METHODS.md section 1) runs DPS in mirror space with the forward model ``A(f(.))``:
+Mirror DPS (NAMM, Feng et al., ICLR 2025) runs DPS in mirror space with the forward model ``A(f(.))``:
 the data-space loss is composed with the inverse map, ``loss_m(y0_hat) = loss(f(y0_hat))``, and the
 ordinary DPS step ``x_{t-1} = x'_{t-1} - zeta grad_{x_t} loss_m(x0_hat)`` is taken in mirror space.
 Constraint-guided DPS (the paper's baseline) adds ``weight * l(x0_hat)`` to the data-space loss.

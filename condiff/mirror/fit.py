@@ -22,7 +22,7 @@ from condiff.nets import build_net
 from condiff.schedule import Schedule
 from condiff.train import DenoisingObjective, TrainConfig, Trainer
 
-# Adam with beta1 = 0.5 at a constant 2e-4, batch 16, EMA 0.999 (METHODS.md)
+# Adam with beta1 = 0.5 at a constant 2e-4, batch 16, EMA 0.999 (as in the NAMM paper)
 MIRROR_TRAIN = {
     "steps": 4000,
     "batch_size": 16,

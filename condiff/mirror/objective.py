@@ -1,6 +1,6 @@
 """NAMM training objectives for the core :class:`condiff.train.Trainer`.
 
-Mirror-map loss per batch (METHODS.md section 1), ``sigma ~ U(0, sigma_max)`` per sample and
+Mirror-map loss per batch (Feng et al., ICLR 2025), ``sigma ~ U(0, sigma_max)`` per sample and
 ``y = g(x) + sigma z``:
 
     L = l_cyc [0.5 mean|f(g(x)) - x| + 0.5 mean|g(f(y)) - y|] + l_con mean l(f(y)) + l_reg mean|grad Psi(x)|

@@ -1,6 +1,6 @@
 """Input-convex neural network ``Psi(x)`` for images: the potential of NAMM's mirror map.
 
-Architecture (METHODS.md section 1), all convolutions 3x3 with circular padding:
+Architecture (Feng et al., ICLR 2025), all convolutions 3x3 with circular padding:
 
     z_0     = LReLU((A_0 x)^2 + B_0 x + b_0)
     z_{k+1} = LReLU(W_k z_k + (A_{k+1} x)^2 + B_{k+1} x + b_{k+1}),   k = 0 .. L-2

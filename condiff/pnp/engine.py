@@ -1,5 +1,5 @@
 """Plug-and-play inference: a fixed diffusion model as a prior, a differentiable constraint, and
-gradient descent on ``x`` or on a latent that renders to ``x`` (Graikos et al. 2022, METHODS.md section 3).
+gradient descent on ``x`` or on a latent that renders to ``x`` (Graikos et al. 2022).
 
 Objective at optimisation step ``i`` (one noise draw per step and chain, ``n`` elements per sample):
 

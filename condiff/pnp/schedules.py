@@ -3,7 +3,7 @@ optimisation step ``i`` of ``S``.
 
 Both are small frozen objects called as ``schedule(i, S)`` (time schedules also take ``T``), so an
 inference run is configured with objects, never with strings. The paper's presets (Graikos et al.
-2022, METHODS.md section 3) are :data:`PAPER_MNIST` and :data:`PAPER_TSP`.
+2022) are :data:`PAPER_MNIST` and :data:`PAPER_TSP`.
 """
 
 from __future__ import annotations

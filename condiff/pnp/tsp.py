@@ -1,4 +1,4 @@
-"""The travelling salesman problem as plug-and-play inference (METHODS.md section 3).
+"""The travelling salesman problem as plug-and-play inference (Graikos et al., NeurIPS 2022).
 
 Pieces, in pipeline order:
 
