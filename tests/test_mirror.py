@@ -702,6 +702,22 @@ def test_cli_takes_a_constraint_from_the_users_python_file(tmp_path, capsys, mon
     assert "--fresh" in capsys.readouterr().err
     assert main(["namm", "fit", "--data", "data.npz", "--constraint", "con.py:zerosum", "--out", "r2", *tiny]) == 2
     assert "has no 'zerosum'; its callables: ['zero_sum']" in capsys.readouterr().err
+    # a broken distance, a broken violation map or a setting the fitting refuses fails before anything is
+    # written: --fresh no longer discards the finished stages first
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"}
+    (tmp_path / "con.py").write_text("def zero_sum(x):\n    return x.flatten(1).sum(1, keepdim=True).abs()\n"
+                                     "def scalar(x):\n    return 0.0\n"
+                                     "class Mapped:\n    def __call__(self, x):\n        return x.flatten(1).sum(1).abs()\n"
+                                     "    def violation_map(self, x):\n        return x.flatten(1)\n")
+    for spec, extra, needle in (("con.py:zero_sum", [], "must return shape (2,) for a batch of 2, got (2, 1)"),
+                                ("con.py:scalar", [], "must return shape (2,) for a batch of 2, got float"),
+                                ("con.py:Mapped", [], "violation_map must return (B, H, W) = (1, 8, 8)"),
+                                ("con.py:Mapped", ["--set", "loss.l_adv=1"], "is for fine-tuning only")):
+        assert main(["namm", "fit", "--data", "data.npz", "--constraint", spec, "--out", "run", "--no-baseline",
+                     "--fresh", *tiny, *extra]) == 2, spec
+        assert needle in capsys.readouterr().err, spec
+        after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"}
+        assert after == before, spec
 
 
 def test_a_negative_constraint_term_stops_training():

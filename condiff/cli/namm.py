@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .. import checks, io
-from ..constraints import Constraint, CountConstraint, build_constraint, parse_python_spec
+from ..constraints import Constraint, CountConstraint, build_constraint, check_distance, parse_python_spec
 from ..data import DATASETS, ArrayData, load_dataset, same_item_shape
 from ..data.sources import count_split
 from ..denoiser import Denoiser
@@ -269,7 +269,8 @@ class NAMMRun:
         self._tcfg(self.cfg["mirror_train"], section="mirror_train")
         self._tcfg(self.cfg["train"])
         self._tcfg(self._finetune_train(), section="finetune")
-        NAMMLoss.from_dict(self.cfg["loss"])
+        if NAMMLoss.from_dict(self.cfg["loss"]).l_adv > 0:  # the fitting refuses it too, but only once it starts
+            raise ValueError("the realism term (l_adv) is for fine-tuning only; set it there (finetune.loss.l_adv)")
         self.finetune_loss()
         n = self.cfg["finetune"].get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -286,7 +287,10 @@ class NAMMRun:
         of ``stages`` is either finished with these settings or can run: not made with other
         settings (unless ``fresh``), and its nets accept the data (one forward pass on one sample)."""
         x = self.data().x[:1].to(self.device)
-        self.constraint()
+        # the constraint's distance and violation map on training samples: a broken one fails here, not
+        # after a stage has been discarded (--fresh) or trained and sampled
+        check_distance(self.constraint(), self.data().x[:2].to(self.device), on=" on two training samples")
+        violation_maps(self.constraint(), x)
         for name in stages:
             old = self._old_spec(name)
             spec = self.spec(name)
