@@ -63,6 +63,10 @@ def test_a_run_of_another_command_is_never_overwritten(tmp_path, capsys):
         (["train", *TINY], "samples", "condiff sample"),
         (["eval", "--ckpt", str(run), "--n", "4", "--steps", "2"], "samples", "condiff sample"),
     ]
+    # a training run inside another run: the two would overwrite each other's files
+    for cmd in (["train", *TINY], ["namm", "fit", "--data", "brightness", "--quiet"]):
+        assert main([*cmd, "--out", str(run / "checkpoints")]) == 2
+        assert f"lies inside {run}, the run of `condiff train`" in capsys.readouterr().err
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     for cmd, out, other in cases:
         assert main([*cmd, "--out", str(tmp_path / out)]) == 2, cmd

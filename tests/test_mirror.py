@@ -434,21 +434,23 @@ def test_cli_settings_resolution_and_stage_guard(tmp_path, monkeypatch):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from condiff.cli.main import main
 
-    assert main(["namm", "sample", "--run", str(tmp_path)]) == 2
+    fake = tmp_path / "fake"  # a directory posing as runs of several commands, beside the real ones
+    fake.mkdir()
+    assert main(["namm", "sample", "--run", str(fake)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "condiff namm fit" in err
-    assert main(["namm", "sample", "--run", str(tmp_path), "--n", "-5"]) == 2
+    assert main(["namm", "sample", "--run", str(fake), "--n", "-5"]) == 2
     assert "--n must be >= 1, got -5" in capsys.readouterr().err
-    core_run = json.dumps({"data": {"name": "digits"}, "model": {}, "train": {}})  # a `condiff train` run
-    (tmp_path / "config.json").write_text(core_run)
-    assert main(["namm", "sample", "--run", str(tmp_path), "--n", "2"]) == 2
-    assert "no mirror settings" in capsys.readouterr().err
-    assert (tmp_path / "config.json").read_text() == core_run  # left as it was
-    (tmp_path / "config.json").write_text(json.dumps({"data": {}, "mirror": {}, "loss": {}, "mirror_train": {}}))
-    assert main(["namm", "assimilate", "--run", str(tmp_path), "--set", "nosuch.key=1"]) == 2
-    assert "section one of" in capsys.readouterr().err
     assert main(["namm", "fit", "--data", "no-such-data", "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert "unknown data set 'no-such-data'" in capsys.readouterr().err
+    core_run = json.dumps({"data": {"name": "digits"}, "model": {}, "train": {}})  # a `condiff train` run
+    (fake / "config.json").write_text(core_run)
+    assert main(["namm", "sample", "--run", str(fake), "--n", "2"]) == 2
+    assert "no mirror settings" in capsys.readouterr().err
+    assert (fake / "config.json").read_text() == core_run  # left as it was
+    (fake / "config.json").write_text(json.dumps({"data": {}, "mirror": {}, "loss": {}, "mirror_train": {}}))
+    assert main(["namm", "assimilate", "--run", str(fake), "--set", "nosuch.key=1"]) == 2
+    assert "section one of" in capsys.readouterr().err
     # a bad setting of a later stage is refused before any stage trains; the run is left as it was
     out = tmp_path / "earlier-run"
     out.mkdir()
@@ -707,7 +709,8 @@ def test_cli_takes_a_constraint_from_the_users_python_file(tmp_path, capsys, mon
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"}
     (tmp_path / "con.py").write_text("def zero_sum(x):\n    return x.flatten(1).sum(1, keepdim=True).abs()\n"
                                      "def scalar(x):\n    return 0.0\n"
-                                     "class Mapped:\n    def __call__(self, x):\n        return x.flatten(1).sum(1).abs()\n"
+                                     "class Mapped:\n    def __call__(self, x):\n"
+                                     "        return x.flatten(1).sum(1).abs()\n"
                                      "    def violation_map(self, x):\n        return x.flatten(1)\n")
     for spec, extra, needle in (("con.py:zero_sum", [], "must return shape (2,) for a batch of 2, got (2, 1)"),
                                 ("con.py:scalar", [], "must return shape (2,) for a batch of 2, got float"),

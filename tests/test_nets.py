@@ -250,3 +250,14 @@ def test_register_net():
             register_net("_toy")(type("Other", (torch.nn.Module,), {}))
     finally:
         NETS.pop("_toy")
+
+
+def test_build_net_checks_argument_types_against_the_constructor_defaults():
+    base = {"name": "resnet", "in_channels": 1, "out_channels": 1}
+    with pytest.raises(ValueError, match="net 'resnet': context must be true or false, got 'maybe'"):
+        build_net({**base, "context": "maybe"})  # was taken as true
+    with pytest.raises(ValueError, match="net 'unet': mults must be a list, got 3"):
+        build_net({"name": "unet", "in_channels": 1, "mults": 3})
+    with pytest.raises(ValueError, match="net 'unet': base must be an integer, got 8.5"):
+        build_net({"name": "unet", "in_channels": 1, "base": 8.5})
+    assert build_net({**base, "context": True, "blocks": 1}).config["context"] is True

@@ -217,8 +217,18 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
         if other is not None and other != kind:
             raise FileExistsError(f"{flag} {p} holds the output of `{other}`, which `{kind}` would overwrite: "
                                   "give another directory")
+        if kind.startswith(_TRAINING_KINDS):  # a run's subfolders are its own: stages, samples, caches
+            for q in p.parents:
+                if (owner := run_kind(q)) is not None:
+                    raise FileExistsError(f"{flag} {p} lies inside {q}, the run of `{owner}`, whose files the two "
+                                          "runs would overwrite: give a directory outside it")
         _claimed[p] = kind
     return p
+
+
+# commands whose --out is a training run: never placed inside another run (sample, eval, solve and pnp
+# write results of a model, beside it if the user likes)
+_TRAINING_KINDS = ("condiff train", "condiff namm fit", "condiff dual")
 
 
 def _json_dict(path: Path) -> dict:
