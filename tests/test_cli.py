@@ -392,3 +392,24 @@ def test_sample_clip_takes_a_number_or_a_pair():
     for bad in ([5, 0], [0, 1, 2], -1.0):
         with pytest.raises(ConfigError, match="sample.clip_x0 must be"):
             check_sample({"clip_x0": bad})
+
+
+def test_a_config_file_gets_the_type_checks_of_set(tmp_path):
+    from condiff.cli.namm import resolve as resolve_namm
+
+    f = tmp_path / "c.toml"
+    for text, needle in (('[sample]\nsteps = "10"\n', "setting sample.steps expects a number"),
+                         ("[sample]\nsteps = 2.5\n", "setting sample.steps expects an integer"),
+                         ("[model]\ndepth = true\n", "setting model.depth expects a number")):
+        f.write_text('[data]\nname = "toy2d"\n' + text)
+        with pytest.raises(ConfigError, match=re.escape(f"{f}: {needle}")):
+            resolve(None, f, [])
+    for text, needle in (('[loss]\nl_con = "1"\n', "setting loss.l_con expects a number"),
+                         ("[data]\nseed = 1.5\n", "setting data.seed expects an integer"),
+                         ("[mirror]\npsi = 3\n", "mirror.psi must be a table")):
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(f"{f}: ") + ".*" + re.escape(needle)):
+            resolve_namm("periodic", "quick", f)
+    f.write_text("[loss]\nl_con = 3\n[data]\nsize = 16\n")  # an integer where a number is wanted is fine
+    cfg = resolve_namm("periodic", "quick", f)
+    assert cfg["loss"]["l_con"] == 3 and cfg["data"]["size"] == 16

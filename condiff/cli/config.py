@@ -77,6 +77,24 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+def merge_checked(base: dict, update: dict, where: str, path: tuple[str, ...] = ()) -> dict:
+    """:func:`merge` for a user's file: each value must be of the kind of the one it replaces (the checks
+    of ``--set``), and a table stays a table; errors name ``where`` (the file) and the key."""
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        key, old = ".".join((*path, k)), out.get(k)
+        if isinstance(old, dict):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{where}: {key} must be a table, got {v!r}")
+            out[k] = merge_checked(old, v, where, (*path, k))
+            continue
+        try:
+            out[k] = check_setting(key, old, copy.deepcopy(v))
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return out
+
+
 def data_ref(name: str) -> str:
     """How a run records its data set: a registered name as it is, a user's file or folder as an
     absolute path (so later commands find it from any working directory)."""
@@ -193,14 +211,16 @@ def resolve(data: str | None = None, file: str | Path | None = None,
 
     The data set is ``data.name`` from the overrides, else ``data``, else the file's, else digits.
     """
-    return assemble(read_toml(file) if file else {}, [parse_override(o) for o in overrides or []], data)
+    return assemble(read_toml(file) if file else {}, [parse_override(o) for o in overrides or []], data,
+                    str(file) if file else "")
 
 
-def assemble(from_file: dict, parsed: list[tuple[list[str], Any]], data: str | None = None) -> dict:
+def assemble(from_file: dict, parsed: list[tuple[list[str], Any]], data: str | None = None,
+             where: str = "the config file") -> dict:
     """The data set's preset < ``from_file`` (checked tables) < ``parsed`` overrides (type-checked)."""
     named = [str(v) for p, v in parsed if p == ["data", "name"]]
     name = (named or [None])[-1] or data or from_file.get("data", {}).get("name") or "digits"
-    cfg = merge(preset(name), from_file)
+    cfg = merge_checked(preset(name), from_file, where or "the config file")
     cfg["data"]["name"] = name
     for path, value in parsed:
         set_path(cfg, path, value)

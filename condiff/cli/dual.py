@@ -156,7 +156,7 @@ def resolve(file: str | Path, overrides: list[str]) -> dict:
     for path, value in parsed:
         if path[0] in ("dual", "objective"):
             config_mod.set_path(dual, path, value)
-    cfg = config_mod.assemble(std, [(p, v) for p, v in parsed if p[0] in config_mod.SECTIONS])
+    cfg = config_mod.assemble(std, [(p, v) for p, v in parsed if p[0] in config_mod.SECTIONS], where=str(file))
     cfg.update(dual)
     return cfg
 

@@ -66,7 +66,7 @@ from ..sample import generate
 from ..schedule import Schedule
 from ..train import TrainConfig
 from .common import check_out_dir, pick_device, train_config
-from .config import ConfigError, check_sample, data_ref, merge, parse_override, read_toml, set_path
+from .config import ConfigError, check_sample, data_ref, merge, merge_checked, parse_override, read_toml, set_path
 
 SECTIONS = (
     "data",
@@ -231,7 +231,7 @@ def resolve(
     if data not in DATASETS:  # a user's file: the generators' size and counts mean nothing to it
         cfg["data"] = {k: v for k, v in cfg["data"].items() if k not in ("size", "n_train", "n_test")}
     if file:
-        cfg = merge(cfg, read_toml(file, SECTIONS))
+        cfg = merge_checked(cfg, read_toml(file, SECTIONS), str(file))
     for path, value in (parse_override(o, SECTIONS, nested=True) for o in overrides or []):
         set_path(cfg, path, value)
     cfg["data"]["name"] = data_ref(data)
