@@ -462,6 +462,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "finetune.lr_decay must be 'cosine' or 'constant'" in err
     assert main([*fit, "--set", "finetune.n=0"]) == 2
     assert "finetune.n (the pool of MDM samples) must be an integer >= 1" in capsys.readouterr().err
+    # settings only `namm sample` uses, refused by the fit that records them rather than by every sample
+    for extra, needle in ((["--set", "sample.steps=2000"], "sample.steps must be <= schedule.T = 1000, got 2000"),
+                          (["--set", "guide.method=foo"], "[guide] settings: unknown guidance method 'foo'")):
+        assert main([*fit, *extra]) == 2
+        assert needle in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == namm_run
     # the run of another command is refused as --out before anything is checked or written
     (out / "config.json").write_text(core_run)

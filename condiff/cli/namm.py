@@ -280,7 +280,19 @@ class NAMMRun:
             raise ValueError(f"mirror.a (g's strong-convexity weight) must be in (0, 1], got {a!r}")
         check_sample(self.cfg["sample"])
         check_assimilate(self.cfg["assimilate"])
-        Schedule.from_config(self.cfg["schedule"])
+        T = Schedule.from_config(self.cfg["schedule"]).T
+        for key in ("sample", "assimilate"):  # each samples with the run's T-step schedule, later
+            steps = self.cfg[key].get("steps")
+            if isinstance(steps, int) and steps > T:
+                raise ValueError(f"{key}.steps must be <= schedule.T = {T}, got {steps}")
+        guide = self.cfg["guide"]
+        if not isinstance(guide, dict) or "method" not in guide:
+            raise ValueError(f"guide must be a table with a method, got {guide!r}")
+        try:  # built once on a stand-in loss: the settings are the guidance's to check
+            make_guidance(guide["method"], lambda x: x.flatten(1).sum(1),
+                          **{k: v for k, v in guide.items() if k != "method"})
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"[guide] settings: {e}") from None
 
     def preflight(self, stages: list[str]) -> None:
         """Before a command trains or changes anything: the data load, the constraint builds, and each

@@ -62,7 +62,7 @@ class PythonConstraint(Constraint):
                 raise ValueError(f"{file}:{attr} is a class whose constructor needs arguments ({err}); give "
                                  "it defaults, or name a function or an instance made in the file") from None
         if not callable(fn):
-            raise ValueError(f"{file}:{attr} is a {type(fn).__name__}, not a callable x -> (B,)")
+            raise ValueError(f"{file}:{attr} is of type {type(fn).__name__}, not a callable x -> (B,)")
         self.fn = fn  # an nn.Module is registered as a submodule, so .to(device) moves it
 
     def forward(self, x: Tensor) -> Tensor:

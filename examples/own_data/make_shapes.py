@@ -49,7 +49,11 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    if a.n_train < 1 or a.n_test < 1:
+        p.error(f"--n-train and --n-test must be >= 1, got {a.n_train} and {a.n_test}")
     out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(a.seed)
     x_train, y_train = make(a.n_train, rng)
