@@ -422,3 +422,11 @@ def test_load_reference_covers_class_scoring_of_registered_data():
     assert load_reference({"name": "digits"}) is None  # digits' own evaluator scores whole samples
     with pytest.raises(DataError, match=r"0 held-out \(test split, class 7\)"):
         load_reference({"name": "toy2d", "kind": "moons", "label": 7})  # toy2d's evaluator would not have told
+
+
+def test_periodic_length_must_be_positive():
+    from condiff.data import load_dataset
+
+    for bad in (0, -1.0, True):  # 0 made every tile -1, silently
+        with pytest.raises(ValueError, match="length \\(the GP's length scale\\) must be a number > 0"):
+            load_dataset("periodic", split="train", length=bad, n_train=2, size=8)

@@ -248,6 +248,18 @@ class StageMismatch(RuntimeError):
     pass
 
 
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two stage settings (down to the first non-table)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 class NAMMRun:
     """The stages of one NAMM experiment in ``root``, each reused when finished with the same settings.
 
@@ -359,8 +371,12 @@ class NAMMRun:
         return old
 
     def _mismatch_message(self, name: str) -> str:
-        hint = {"finetune": " (the fine-tuning pool is drawn with sample.steps and sample.eta; "
-                            "sample with --no-finetuned to leave it out)"}.get(name, "")
+        old = (self._old_spec(name) or {}).get("spec")
+        changed = _changed_keys(old, self.spec(name)) if isinstance(old, dict) else []
+        hint = f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} differ)" if changed else ""
+        if name == "finetune" and any(k.startswith("sampler") for k in changed):
+            hint += (" (the fine-tuning pool is drawn with sample.steps and sample.eta; sample with "
+                     "--no-finetuned to leave it out)")
         return (f"{self.root / name} was made with other settings{hint}; pass --fresh to redo it, "
                 "or use another --out / --run")
 

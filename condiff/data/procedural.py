@@ -114,6 +114,9 @@ def load_periodic(
 ) -> ArrayData:
     """Thresholded periodic-GP tiles, tiled 2x2; see the module docstring."""
     size = _even_size(size, "periodic")
+    if isinstance(length, bool) or not isinstance(length, (int, float)) or not 0 < length < float("inf"):
+        # 0 gave tiles of -1 everywhere (nothing to learn), silently
+        raise ValueError(f"periodic: length (the GP's length scale) must be a number > 0, got {length!r}")
     params = {"size": size, "length": length, "v": DATA_VERSION}
     xs = []
     for part, n in _sizes(split, n_train, n_test, "periodic"):
