@@ -88,7 +88,7 @@ def plot_histograms(sets: dict[str, np.ndarray], out: str | Path, xlabel: str = 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     allv = np.concatenate([np.asarray(v).ravel() for v in sets.values()])
     lo, hi = float(allv.min()), float(allv.max())
-    if log and lo > 0:
+    if log and lo > 0 and hi > 10 * lo:  # over less than a decade a log axis labels its minor ticks, overlapping
         bins = np.logspace(np.log10(lo), np.log10(hi + 1e-12), 40)
         ax.set_xscale("log")
     else:
