@@ -533,6 +533,9 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert set(metrics) == {"data (held-out)", "vanilla", "mdm", "mdm_ft", "guided"}
     kept = json.loads((run / "config.json").read_text())  # the successful calls' --set values are kept
     assert kept["finetune"]["steps"] == 10 and kept["assimilate"]["n"] == 2 and kept["sample"]["steps"] == 5
+    # re-running the fit keeps them (it reset them, and the fine-tuned stage then read as other settings)
+    subprocess.run([*cli, "fit", "--data", "periodic", "--out", str(run), *env_args], check=True)
+    assert json.loads((run / "config.json").read_text()) == kept
     failed = subprocess.run([*cli, "sample", "--run", str(run), "--set", "sample.steps=0", "--quiet"],
                             capture_output=True, text=True)
     assert failed.returncode == 2 and json.loads((run / "config.json").read_text()) == kept

@@ -870,9 +870,29 @@ def _keep_settings(run: NAMMRun) -> None:
     io.write_json_atomic(run.root / "config.json", run.cfg)
 
 
+# sections only the commands after fit use; fit keeps what they recorded (see run_fit)
+LATER_SECTIONS = ("sample", "finetune", "assimilate", "guide")
+
+
+def keep_later_settings(cfg: dict, root: Path, named: set[str]) -> dict:
+    """``cfg`` with the later commands' sections taken from the run's config.json, where the run has
+    the same data and profile and this call names none of them (``named``: the sections its --set and
+    --config give): re-running fit must not undo `namm finetune --set ...` (the fine-tuned stage would
+    then read as made with other settings)."""
+    try:
+        before = io.read_json_table(root / "config.json")
+    except (OSError, ValueError):
+        return cfg
+    if before.get("profile") != cfg.get("profile") or before.get("data") != cfg.get("data"):
+        return cfg
+    return {**cfg, **{k: before[k] for k in LATER_SECTIONS if k not in named and isinstance(before.get(k), dict)}}
+
+
 def run_fit(args: argparse.Namespace) -> int:
     cfg = resolve(args.data, args.profile, args.config, args.overrides, args.constraint)
     root = check_out_dir(args.out or Path("runs") / f"namm-{Path(args.data).stem}", kind="condiff namm fit")
+    named = {o.split("=", 1)[0].split(".", 1)[0].strip() for o in args.overrides or []}
+    cfg = keep_later_settings(cfg, root, named | (set(read_toml(args.config, SECTIONS)) if args.config else set()))
     run = NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet)  # checks the settings
     run.preflight(["namm", "mdm"] + ([] if args.no_baseline else ["vanilla"]))  # before config.json changes
     root.mkdir(parents=True, exist_ok=True)
