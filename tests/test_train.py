@@ -275,6 +275,12 @@ def test_ctrl_c_before_training_does_not_claim_a_checkpoint(tmp_path, capsys, mo
 
     monkeypatch.setattr(train_cli, "start_run", interrupted)
     assert main(["train", *TINY, "--out", str(tmp_path / "r")]) == 130
+    err = capsys.readouterr().err  # nothing saved: no --resume advice
+    assert "no checkpoint was saved yet: run the same command again" in err and "--resume" not in err
+    # with a checkpoint in the run, --resume is the advice
+    (tmp_path / "r" / "checkpoints" / "step_00000005").mkdir(parents=True)
+    (tmp_path / "r" / "checkpoints" / "step_00000005" / io.CONFIG).write_text("{}")
+    assert main(["train", *TINY, "--out", str(tmp_path / "r")]) == 130
     err = capsys.readouterr().err
     assert "stopped at a checkpoint" not in err and "add --resume" in err and "when training was under way" in err
 

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     except KeyboardInterrupt:
         hint = getattr(args, "interrupted", None)
+        if callable(hint):  # a hint that depends on what the command got to write
+            hint = hint(args)
         _close_progress_bars()
         print("condiff: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130

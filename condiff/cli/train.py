@@ -5,12 +5,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..train import list_checkpoints
 from .common import TrainingJob, add_config_args, check_out_dir, pick_device, save_resolved_config, start_run
 from .config import resolve
 
-# true however early the interrupt came: a Ctrl-C during training checkpoints the step in flight
+# a Ctrl-C during training checkpoints the step in flight
 INTERRUPTED = ("add --resume to the same command to continue from the newest checkpoint (one is saved at "
                "the step in flight when training was under way)")
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """The Ctrl-C hint: --resume where the run has a checkpoint, else a plain rerun (nothing was saved)."""
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is not None and list_checkpoints(Path(run_dir) / "checkpoints"):
+        return INTERRUPTED
+    return "no checkpoint was saved yet: run the same command again to start over"
 
 
 def add_parser(sub, name: str) -> None:
@@ -20,13 +29,14 @@ def add_parser(sub, name: str) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--fresh", action="store_true", help="discard checkpoints in --out and start over")
-    p.set_defaults(func=run, interrupted=INTERRUPTED)
+    p.set_defaults(func=run, interrupted=interrupted)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve(args.data, args.config, args.overrides)
     cfg["_device"] = pick_device(args.device)
     run_dir = check_out_dir(args.out or Path("runs") / Path(str(cfg["data"]["name"])).stem, kind="condiff train")
+    args.run_dir = run_dir  # for the Ctrl-C hint
     job = start_run(run_dir, args.resume, args.fresh, lambda: TrainingJob(cfg, run_dir), data=cfg["data"])
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
     model_dir = job.fit()
