@@ -28,34 +28,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import checks, io
+from .checks import check_setting
 from .sample import progress_bar
 from .schedule import Schedule
-
-
-def _kind(v: Any) -> str | None:
-    if isinstance(v, bool):
-        return "true or false"
-    if isinstance(v, (int, float)):
-        return "a number"
-    if isinstance(v, (list, tuple)):
-        return "a list"
-    return None
-
-
-def check_setting(name: str, default: Any, value: Any) -> Any:
-    """Refuse a setting whose value is of another kind than its default (``lr = "abc"``, ``progress = 1``),
-    a non-finite number, or a fraction where the default is an integer (``steps = 2.5``).
-    Returns the value, an integral float (``2.5e1``) as an int where the default is one."""
-    want = _kind(default)
-    if want is not None and _kind(value) != want:
-        raise ValueError(f"setting {name} expects {want} (default {default!r}), got {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"setting {name} must be a finite number, got {value!r}")
-    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"setting {name} expects an integer (default {default!r}), got {value!r}")
-        return int(value)
-    return value
 
 
 @dataclass

@@ -18,8 +18,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .. import checks
+from ..checks import check_setting
 from ..sample import clip_bounds
-from ..train import check_setting
 
 SECTIONS = ("data", "model", "schedule", "train", "sample")
 

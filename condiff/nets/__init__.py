@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..checks import check_setting
 from .embed import LabelEmbedding, TimeEmbedding, timestep_embedding
 from .mlp import TimeMLP
 from .unet import UNet
@@ -46,24 +47,10 @@ def build_net(config: dict) -> nn.Module:
     except TypeError as err:
         accepted = ", ".join(sig.parameters)
         raise ValueError(f"bad arguments for net {name!r}: {err}; it accepts: {accepted}") from None
-    for key, value in kwargs.items():  # "maybe" for a switch was taken as true, 3 for a list failed deep inside
-        want = _kind(sig.parameters[key].default)
-        if want is not None and not want[1](value):
-            raise ValueError(f"net {name!r}: {key} must be {want[0]}, got {value!r}")
+    # each argument of the kind of its default, as config settings are ("maybe" for a switch was taken
+    # as true, 3 for a list failed deep inside)
+    kwargs = {k: check_setting(f"{name}.{k}", sig.parameters[k].default, v) for k, v in kwargs.items()}
     return cls(**kwargs)
-
-
-def _kind(default):
-    """What a constructor argument with this default must be: (words, test), or None for no check."""
-    if isinstance(default, bool):
-        return "true or false", lambda v: isinstance(v, bool)
-    if isinstance(default, int):
-        return "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
-    if isinstance(default, float):
-        return "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    if isinstance(default, (tuple, list)):
-        return "a list", lambda v: isinstance(v, (tuple, list))
-    return None
 
 
 register_net("mlp")(TimeMLP)
