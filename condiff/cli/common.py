@@ -188,7 +188,7 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
 def _check_same_data(run_dir: Path, data: dict) -> None:
     """Refuse to resume a run on other data than it was trained on (same shape, so the checkpoint would
     load and training would go on, silently, on another data set)."""
-    before = _json_dict(run_dir / "config.json").get("data")
+    before = json_table(run_dir / "config.json").get("data")
     now = json.loads(json.dumps(data, default=str))
     if isinstance(before, dict) and before != now:
         diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
@@ -231,7 +231,7 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
 _TRAINING_KINDS = ("condiff train", "condiff namm fit", "condiff dual")
 
 
-def _json_dict(path: Path) -> dict:
+def json_table(path: Path) -> dict:
     """The table a JSON file holds; {} where it is missing or broken."""
     try:
         return io.read_json_table(path)
@@ -247,14 +247,14 @@ def run_kind(path: str | Path) -> str | None:
         return (p / RUN_MARK).read_text().strip() or None
     except OSError:
         pass
-    cfg = _json_dict(p / "config.json")
+    cfg = json_table(p / "config.json")
     if "mirror" in cfg:
         return "condiff namm fit"
     if "dual" in cfg:
         return "condiff dual train"
     if {"data", "model", "train"} <= set(cfg):
         return "condiff train"
-    m = _json_dict(p / "metrics.json")
+    m = json_table(p / "metrics.json")
     for key, kind in (("lambda_final", "condiff dual toy"), ("memorisation_reduction", "condiff dual finetune"),
                       ("data_class_hist", "condiff dual fair")):
         if key in m:
@@ -291,7 +291,7 @@ def _weights_options(train: dict | None) -> dict:
 
 def same_settings(run_dir: Path, cfg: dict) -> bool:
     """True when ``run_dir/config.json`` records the same data, model, schedule and training budget."""
-    old = _json_dict(Path(run_dir) / "config.json")  # {} (missing, broken) matches no settings
+    old = json_table(Path(run_dir) / "config.json")  # {} (missing, broken) matches no settings
     return (all(old.get(k) == cfg.get(k) for k in ("data", "model", "schedule"))
             and _weights_options(old.get("train")) == _weights_options(cfg.get("train")))
 

@@ -65,8 +65,18 @@ from ..plots import plot_histograms
 from ..sample import generate
 from ..schedule import Schedule
 from ..train import TrainConfig
-from .common import check_out_dir, pick_device, train_config
-from .config import ConfigError, check_sample, data_ref, merge, merge_checked, parse_override, read_toml, set_path
+from .common import check_out_dir, json_table, pick_device, train_config
+from .config import (
+    ConfigError,
+    changed_keys,
+    check_sample,
+    data_ref,
+    merge,
+    merge_checked,
+    parse_override,
+    read_toml,
+    set_path,
+)
 
 SECTIONS = (
     "data",
@@ -248,18 +258,6 @@ class StageMismatch(RuntimeError):
     pass
 
 
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two stage settings (down to the first non-table)."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}")
-    return out
-
-
 class NAMMRun:
     """The stages of one NAMM experiment in ``root``, each reused when finished with the same settings.
 
@@ -372,7 +370,7 @@ class NAMMRun:
 
     def _mismatch_message(self, name: str) -> str:
         old = (self._old_spec(name) or {}).get("spec")
-        changed = _changed_keys(old, self.spec(name)) if isinstance(old, dict) else []
+        changed = changed_keys(old, self.spec(name)) if isinstance(old, dict) else []
         hint = f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} differ)" if changed else ""
         if name == "finetune" and any(k.startswith("sampler") for k in changed):
             hint += (" (the fine-tuning pool is drawn with sample.steps and sample.eta; sample with "
@@ -879,10 +877,7 @@ def keep_later_settings(cfg: dict, root: Path, named: set[str]) -> dict:
     the same data and profile and this call names none of them (``named``: the sections its --set and
     --config give): re-running fit must not undo `namm finetune --set ...` (the fine-tuned stage would
     then read as made with other settings)."""
-    try:
-        before = io.read_json_table(root / "config.json")
-    except (OSError, ValueError):
-        return cfg
+    before = json_table(root / "config.json")
     if before.get("profile") != cfg.get("profile") or before.get("data") != cfg.get("data"):
         return cfg
     return {**cfg, **{k: before[k] for k in LATER_SECTIONS if k not in named and isinstance(before.get(k), dict)}}
@@ -891,7 +886,7 @@ def keep_later_settings(cfg: dict, root: Path, named: set[str]) -> dict:
 def run_fit(args: argparse.Namespace) -> int:
     cfg = resolve(args.data, args.profile, args.config, args.overrides, args.constraint)
     root = check_out_dir(args.out or Path("runs") / f"namm-{Path(args.data).stem}", kind="condiff namm fit")
-    named = {o.split("=", 1)[0].split(".", 1)[0].strip() for o in args.overrides or []}
+    named = {parse_override(o, SECTIONS, nested=True)[0][0] for o in args.overrides or []}
     cfg = keep_later_settings(cfg, root, named | (set(read_toml(args.config, SECTIONS)) if args.config else set()))
     run = NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet)  # checks the settings
     run.preflight(["namm", "mdm"] + ([] if args.no_baseline else ["vanilla"]))  # before config.json changes
