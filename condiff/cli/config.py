@@ -224,7 +224,7 @@ def resolve(data: str | None = None, file: str | Path | None = None,
     The data set is ``data.name`` from the overrides, else ``data``, else the file's, else digits.
     """
     return assemble(read_toml(file) if file else {}, [parse_override(o) for o in overrides or []], data,
-                    str(file) if file else "")
+                    str(file))
 
 
 def assemble(from_file: dict, parsed: list[tuple[list[str], Any]], data: str | None = None,
@@ -232,7 +232,7 @@ def assemble(from_file: dict, parsed: list[tuple[list[str], Any]], data: str | N
     """The data set's preset < ``from_file`` (checked tables) < ``parsed`` overrides (type-checked)."""
     named = [str(v) for p, v in parsed if p == ["data", "name"]]
     name = (named or [None])[-1] or data or from_file.get("data", {}).get("name") or "digits"
-    cfg = merge_checked(preset(name), from_file, where or "the config file")
+    cfg = merge_checked(preset(name), from_file, where)
     cfg["data"]["name"] = name
     for path, value in parsed:
         set_path(cfg, path, value)
