@@ -90,11 +90,19 @@ class TrainConfig:
 
 
 class Objective(Protocol):
-    """What a training step minimises. ``loss`` draws its own minibatch from ``generator``."""
+    """What a training step minimises. ``loss`` draws its own minibatch from ``generator``.
 
-    def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]: ...
+    The logs ``loss`` and ``after_step`` return may hold floats or 0-dim tensors; the trainer reads
+    tensors back only for the records it writes (a read each step would wait for a GPU each step).
+    An objective may also define ``check()``: the trainer calls it wherever it reads its own losses
+    back (each step on the CPU, at log lines and before checkpoints elsewhere), for checks on values
+    the objective kept on the device; it raises to stop training."""
 
-    def after_step(self, model: nn.Module, step: int) -> dict[str, float]: ...
+    def loss(
+        self, model: nn.Module, step: int, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float | Tensor]]: ...
+
+    def after_step(self, model: nn.Module, step: int) -> dict[str, float | Tensor]: ...
 
     def state_dict(self) -> dict[str, Tensor]: ...
 
@@ -328,6 +336,7 @@ class Trainer:
                            desc="train", initial=self.step, leave=True)
         self.model.train()
         t0, pending, first, timed = time.perf_counter(), [], self.step, 0
+        checks = getattr(self.objective, "check", None) or (lambda: None)
         run_loss, seen = self._log_acc
         stop, prev_handler = self._defer_interrupt()
         try:
@@ -341,6 +350,7 @@ class Trainer:
                 if self.check_each_step:
                     run_loss += _finite_sum(pending, first)
                     pending, first = [], self.step + 1
+                    checks()
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -355,10 +365,12 @@ class Trainer:
                 if pending and (save or self.step % cfg.log_every == 0):
                     run_loss += _finite_sum(pending, first)
                     pending, first = [], self.step
+                    checks()
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     dt = time.perf_counter() - t0
                     rec = {"step": self.step, "loss": run_loss / seen, "lr": lr, "grad_norm": float(gnorm),
-                           "samples_per_s": timed * cfg.batch_size * self.dist.world / max(dt, 1e-9), **logs}
+                           "samples_per_s": timed * cfg.batch_size * self.dist.world / max(dt, 1e-9),
+                           **{k: float(v) for k, v in logs.items()}}
                     if bar is not None:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.0f}")
                     if log is not None:

@@ -77,3 +77,50 @@ def test_the_trainer_reads_its_losses_once_per_log_interval():
     fit(2)  # warm-up: the schedule's device table
     counts = [fit(5), fit(40)]
     _assert_not_growing(counts)
+
+
+
+def _fit_syncs(make, steps: int) -> int:
+    """Syncs of ``steps`` training steps of ``make() -> (model, objective)`` on the GPU."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=steps, batch_size=8, log_every=1000, ckpt_every=1000, warmup=0, progress=False,
+                      device="cuda")
+    return _syncs(Trainer(*make(), cfg).fit)
+
+
+def _assert_fit_not_growing(make, name: str = "") -> None:
+    _fit_syncs(make, 2)  # warm-up
+    counts = [_fit_syncs(make, n) for n in (5, 40)]
+    assert counts[1] <= counts[0], f"{name}: syncs for 5 and 40 steps: {counts}"
+
+
+def test_mirror_map_training_and_fine_tuning_read_nothing_back_per_step():
+    """The NAMM objectives keep their log terms (and the constraint term's sign check) on the device
+    until the trainer reads its losses."""
+    from condiff.constraints import TotalBrightness
+    from condiff.mirror import FinetuneObjective, NAMMLoss, NAMMObjective, build_mirror
+
+    x = torch.rand(64, 1, 8, 8)
+    con = TotalBrightness(float(x[0].sum()))
+
+    def mirror():
+        return build_mirror((1, 8, 8), {"name": "icnn", "filters": 8, "layers": 2},
+                            {"name": "resnet", "base": 8, "blocks": 1, "downsamples": 1}, 0.9, seed=0)
+
+    def finetune(l_adv):
+        m = mirror()
+        y = m.to_mirror(x).detach()
+        return m.inverse, FinetuneObjective(m, x, y, con, 8, NAMMLoss(l_adv=l_adv))
+
+    _assert_fit_not_growing(lambda: (mirror(), NAMMObjective(x, con, 8)), "fit")
+    for l_adv in (0.0, 1.0):
+        _assert_fit_not_growing(lambda a=l_adv: finetune(a), f"finetune, l_adv = {l_adv}")
+
+
+def test_dual_training_reads_back_only_at_dual_updates():
+    from condiff.dual import Constraint, DualConfig, DualObjective
+
+    s = Schedule.linear(100)
+    x = torch.randn(256, 2)
+    _assert_fit_not_growing(lambda: (TimeMLP(2, hidden=32, depth=1),
+                                     DualObjective(x, [Constraint("c", x[:32], 1.0)], s, 8, DualConfig(every=1000))))

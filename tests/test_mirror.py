@@ -33,7 +33,7 @@ from condiff.mirror import (
 from condiff.nets import ICNN, ResNetGenerator, build_net
 from condiff.sample import sample
 from condiff.schedule import Schedule
-from condiff.train import TrainConfig, read_log
+from condiff.train import TrainConfig, Trainer, list_checkpoints, read_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -292,8 +292,6 @@ def test_finetuning_with_the_realism_term_resumes_exactly(tmp_path):
     # the checkpoint holds the critic and its optimizer; resuming with or without the term where the
     # checkpoint was written otherwise is refused, through the trainer's own resume
     from condiff import io
-    from condiff.train import list_checkpoints
-
     state = io.load_group(list_checkpoints(tmp_path / "b" / "checkpoints")[-1], "objective")
     assert any(k.startswith("critic_opt.") for k in state)
     with pytest.raises(ValueError, match="with the realism term's critic"):
@@ -732,12 +730,40 @@ def test_cli_takes_a_constraint_from_the_users_python_file(tmp_path, capsys, mon
         assert after == before, spec
 
 
-def test_a_negative_constraint_term_stops_training():
-    from condiff.mirror.objective import _logs
+def test_a_negative_constraint_term_stops_training_at_its_step_on_either_read_path(tmp_path):
+    """The constraint term is read back where the trainer reads its losses (each step on the CPU, at
+    log lines and checkpoints on a GPU); either way the first negative one stops training, naming its
+    step, and no checkpoint is written after it. The logged terms are the same on both paths."""
+    x = torch.rand(32, 1, 8, 8)
 
-    assert _logs({"cyc": torch.tensor(0.5), "con": torch.tensor(0.0)}, 3) == {"cyc": 0.5, "con": 0.0}
-    with pytest.raises(ValueError, match="mean constraint distance at step 7 reaches -2 < 0"):
-        _logs({"cyc": torch.tensor(0.5), "con": torch.tensor(-2.0)}, 7)
+    def wrong_sign_from_step_5(v):  # a distance with a sign error once training reaches step 5
+        return -v.flatten(1).abs().mean(1) if state["step"] >= 5 else v.flatten(1).abs().mean(1)
+
+    class Counted(NAMMObjective):
+        def loss(self, model, step, generator):
+            state["step"] = step
+            return super().loss(model, step, generator)
+
+    logged = []
+    for each in (True, False):
+        state = {"step": 0}
+        cfg = TrainConfig(steps=4, batch_size=4, log_every=2, ckpt_every=100, progress=False)
+        tr = Trainer(_tiny_mirror(), Counted(x, wrong_sign_from_step_5, 4), cfg, run_dir=tmp_path / f"ok{each}")
+        tr.check_each_step = each
+        tr.fit()
+        log = read_log(tmp_path / f"ok{each}" / "log.jsonl")
+        logged.append([{k: r[k] for k in ("step", "cyc", "con", "reg")} for r in log])
+        assert all(isinstance(r["con"], float) for r in logged[-1])
+        state = {"step": 0}
+        cfg = TrainConfig(steps=12, batch_size=4, log_every=10, ckpt_every=3, progress=False)
+        tr = Trainer(_tiny_mirror(), Counted(x, wrong_sign_from_step_5, 4), cfg, run_dir=tmp_path / f"bad{each}")
+        tr.check_each_step = each
+        with pytest.raises(ValueError, match=r"mean constraint distance at step 5 reaches -[0-9.]+ < 0"):
+            tr.fit()
+        saved = [q.name for q in list_checkpoints(tmp_path / f"bad{each}" / "checkpoints")]
+        assert saved == ["step_00000003"], each  # the checkpoint at step 6 would hold the bad step's update
+    assert [r["step"] for r in logged[0]] == [2, 4]
+    assert logged[0] == logged[1]
 
 
 def test_a_users_file_named_like_a_family_gets_generic_settings_and_an_absolute_path(tmp_path, monkeypatch):

@@ -208,7 +208,7 @@ class DualObjective:
         self.objective_estimate = torch.tensor(math.nan, dtype=torch.float64)
         self.grid0 = fixed_timesteps(schedule.T, self.cfg.timesteps)                    # for L_0
         self.grid = fixed_timesteps(schedule.T, self.cfg.timesteps, self.cfg.t_range)  # for the L_i
-        self._last: dict[str, float] = {}
+        self._last: dict[str, Tensor] = {}  # the last minibatch losses, on the device (read for log lines)
 
     # --- Objective protocol ----------------------------------------------------------------------
     def to(self, device: torch.device | str) -> DualObjective:
@@ -218,7 +218,7 @@ class DualObjective:
         return self
 
     def loss(self, model: nn.Module, step: int,
-             generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+             generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         """Lagrangian on one minibatch per data set: ``L_0 + sum_i lambda_i L_i`` (divided by
         ``1 + sum lambda`` when ``cfg.normalize``). Constraints with ``lambda_i = 0`` add nothing to
         the gradient, so their minibatch is skipped. All minibatches go through one network call
@@ -234,9 +234,9 @@ class DualObjective:
         total = means[0] + sum(lam[i] * m for i, m in zip(active, means[1:]))
         if self.cfg.normalize:
             total = total / (1.0 + sum(lam))
-        self._last = {"L0": float(means[0].detach())}
+        self._last = {"L0": means[0].detach()}
         for i, m in zip(active, means[1:]):
-            self._last[f"L/{self.names[i]}"] = float(m.detach())
+            self._last[f"L/{self.names[i]}"] = m.detach()
         return total, dict(self._last)
 
     def warn_if_idle(self, steps: int) -> None:
@@ -248,7 +248,7 @@ class DualObjective:
                           f"dual.start {self.cfg.start}, dual.every {self.cfg.every}), so lambda keeps its "
                           "initial value and the constraints have no effect", stacklevel=2)
 
-    def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
+    def after_step(self, model: nn.Module, step: int) -> dict[str, float | Tensor]:
         """Dual ascent after every ``cfg.every``-th primal step (``step`` counts from 0)."""
         done = step + 1
         if done >= self.cfg.start and done % self.cfg.every == 0:
@@ -287,9 +287,9 @@ class DualObjective:
         self.lam = (self.lam + self.cfg.lr * (self.estimate - self.bounds)).clamp_min(0.0)
         return self.lam
 
-    def logs(self) -> dict[str, float]:
+    def logs(self) -> dict[str, float | Tensor]:
         """``lambda/NAME``, ``slack/NAME`` (last estimate of ``L_i - b_i``), ``L0_est`` and the last
-        minibatch losses; written to the trainer's JSONL log."""
+        minibatch losses (0-dim tensors, read only for a log line); written to the trainer's JSONL log."""
         out = dict(self._last)
         estimated = bool(torch.isfinite(self.objective_estimate))  # NaN until the first dual step
         if estimated:

@@ -71,11 +71,26 @@ def namm_terms(terms, x: Tensor, constraint: Distance) -> dict[str, Tensor]:
     }
 
 
-def _logs(parts: dict[str, Tensor], step: int) -> dict[str, float]:
-    """The terms as floats; a negative constraint term stops training (a distance is >= 0, and a sign
-    error would otherwise let the loss fall without bound)."""
-    check_sign(parts["con"].detach(), f"the mean constraint distance at step {step}")
-    return {k: float(v.detach()) for k, v in parts.items()}
+class _SignCheck:
+    """The mean constraint terms of the steps since the trainer last read its losses, kept on the
+    device; ``check`` (called by the trainer then) stops training at the first negative one (a
+    distance is >= 0, and a sign error would otherwise let the loss fall without bound)."""
+
+    def logs(self, parts: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """The terms, detached (read back only for the log lines); the constraint term is queued."""
+        out = {k: v.detach() for k, v in parts.items()}
+        self._pending.append((step, out["con"]))
+        if len(self._pending) >= 1000:  # called outside a trainer, which would have read them by now
+            self.check()
+        return out
+
+    def check(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        values = torch.stack([v for _, v in pending]).cpu()
+        for (step, _), v in zip(pending, values):
+            check_sign(v, f"the mean constraint distance at step {step}")
 
 
 def _total(parts: dict[str, Tensor], w: NAMMLoss) -> Tensor:
@@ -88,7 +103,7 @@ def _batch(x: Tensor, batch_size: int, generator: torch.Generator) -> Tensor:
     return x[idx.to(x.device)]
 
 
-class NAMMObjective:
+class NAMMObjective(_SignCheck):
     """Joint training of ``Psi`` and ``f`` (the model is a :class:`MirrorMap`) on data ``x`` (N, C, H, W)."""
 
     def __init__(
@@ -98,6 +113,7 @@ class NAMMObjective:
             raise ValueError(f"NAMM needs non-empty image data (N, C, H, W), got shape {tuple(x.shape)}")
         self.x, self.constraint, self.batch_size = x, constraint, int(batch_size)
         self.w = weights or NAMMLoss()
+        self._pending: list[tuple[int, Tensor]] = []
         if self.w.l_adv > 0:
             raise ValueError("the realism term (l_adv) is for fine-tuning only; set it there (finetune.loss.l_adv)")
 
@@ -109,11 +125,11 @@ class NAMMObjective:
 
     def loss(
         self, model: nn.Module, step: int, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         x = _batch(self.x, self.batch_size, generator)
         terms = model(x, _sigma_noise(x.shape, self.w.sigma_max, generator, x))
         parts = namm_terms(terms, x, self.constraint)
-        return _total(parts, self.w), _logs(parts, step)
+        return _total(parts, self.w), self.logs(parts, step)
 
     def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
         model.psi.clamp_weights()  # keep Psi convex: W_k >= 0 and the output conv >= 0
@@ -148,7 +164,7 @@ class Critic(nn.Module):
 CRITIC = {"lr": 2e-4, "betas": (0.5, 0.999), "r1": 0.1, "width": 32, "seed": 0}
 
 
-class FinetuneObjective:
+class FinetuneObjective(_SignCheck):
     """Train ``f`` alone (the model is the inverse network) on samples ``y_mdm`` of the mirror diffusion
     model, with ``g`` frozen. ``x`` are the training data, for the cycle term ``f(g(x)) - x``."""
 
@@ -176,6 +192,7 @@ class FinetuneObjective:
                           f"{reach:.3g}: is the mirror diffusion model trained?", stacklevel=2)
         self.y_mdm, self.constraint, self.batch_size = y_mdm, constraint, int(batch_size)
         self.w = weights or NAMMLoss()
+        self._pending: list[tuple[int, Tensor]] = []
         self.critic: Critic | None = None
         if self.w.l_adv > 0:
             with torch.random.fork_rng(devices=[]):
@@ -196,7 +213,7 @@ class FinetuneObjective:
 
     def loss(
         self, model: nn.Module, step: int, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         idx = torch.randint(
             0, self.x.shape[0], (self.batch_size,), generator=generator, device=generator.device
         )
@@ -216,9 +233,9 @@ class FinetuneObjective:
             # the critic's step (after f's, in after_step) sees these outputs against other data
             self._fake = fy.detach()
             self._real = _batch(self.x, self.batch_size, generator)
-        return _total(parts, self.w), _logs(parts, step)
+        return _total(parts, self.w), self.logs(parts, step)
 
-    def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
+    def after_step(self, model: nn.Module, step: int) -> dict[str, Tensor]:
         """One step of the critic (if any): non-saturating GAN loss and R1 on the data."""
         if self.critic is None or self._fake is None:
             return {}
@@ -235,7 +252,7 @@ class FinetuneObjective:
                 p.grad = all_reduce_mean(p.grad)
         self.critic_opt.step()
         self._fake = self._real = None
-        return {"critic": float(loss.detach())}
+        return {"critic": loss.detach()}
 
     def state_dict(self) -> dict[str, Tensor]:
         if self.critic is None:
