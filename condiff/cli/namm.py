@@ -197,7 +197,7 @@ PROFILE_FAMILIES = {
         # stays the identity) and a long fine-tuning: f only sees wrong counts in MDM samples. A larger
         # weight (10, 100) alone buys CNN distance with a diffuse glow, not with sources; with the
         # realism term against the glow (finetune.loss = {l_con = 10, l_adv = 1}) the CNN distance
-        # halves but no more samples hold 4 sources by the peak finder (docs/namm.md)
+        # halves but no more samples hold 4 sources by the peak finder (docs/namm-count.md)
         "count": {"data": {"k": 4}, "loss": {"l_con": 1.0}, "finetune": {"n": 2048, "steps": 6000}},
         # the global branch learns a precise total only with a longer, decaying schedule: at 1200
         # constant-lr steps f's pixel errors (cycle MSE 1.8e-4) doubled the MDM's MMD (docs/namm.md)

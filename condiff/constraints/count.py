@@ -55,7 +55,7 @@ class CountingCNN(nn.Module):
 # How the project's counter is trained (train_counter's keywords). A counter trained on clean images
 # alone was easy to fool: a mirror map fine-tuned against it took the counter's mean error on its
 # samples from 0.44 to 0.17 by painting faint smudges, while the number of sources in them did not
-# change (docs/namm.md). Faint non-source blobs, a range of noise levels and adversarial (PGD)
+# change (docs/namm-count.md). Faint non-source blobs, a range of noise levels and adversarial (PGD)
 # training make it count sources rather than brightness.
 COUNTER_RECIPE = {"faint": 1.5, "noise": [0.03, 0.1], "adv_eps": 0.2, "adv_steps": 3, "v": 2}
 

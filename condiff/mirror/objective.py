@@ -13,7 +13,7 @@ mirror diffusion model, ``g`` frozen (its regulariser is then a constant and is 
 realism term ``l_adv mean softplus(-D(f(y)))`` (not in the paper) adds a small critic ``D`` trained
 alongside to tell data from ``f(y)`` (non-saturating GAN loss, R1 penalty on the data), so that ``f``
 cannot lower ``l`` with outputs unlike the data, such as the faint glow that a strong constraint
-weight buys on the count data (docs/namm.md).
+weight buys on the count data (docs/namm-count.md).
 """
 
 from __future__ import annotations
