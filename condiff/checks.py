@@ -121,3 +121,15 @@ def check_setting(name: str, default: Any, value: Any) -> Any:
             raise ValueError(f"setting {name} expects an integer (default {default!r}), got {value!r}")
         return int(value)
     return value
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two settings tables (down to the first non-table)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out

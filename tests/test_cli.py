@@ -315,6 +315,18 @@ def test_bench_list_names_every_benchmark_with_its_summary(capsys):
     assert all(len(ln.split(maxsplit=1)[1]) > 20 for ln in lines)  # each has its docstring's first sentence
 
 
+def test_bench_help_after_a_name_shows_what_that_benchmark_runs(capsys):
+    from condiff.cli.bench import docstring
+
+    for argv, extra in ((["bench", "dual", "--help"], True), (["bench", "--help"], False)):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 0
+        out = capsys.readouterr().out
+        assert "--no-record" in out  # the command's own help either way
+        assert ("benchmarks/dual.py:" in out and docstring("dual").splitlines()[-1] in out) == extra
+
+
 def test_bench_no_record_leaves_recorded_results_alone(tmp_path, monkeypatch, capsys):
     import condiff.cli.bench as bench
 

@@ -358,10 +358,61 @@ def test_train_cached_builds_the_trainer_before_clearing_stale_checkpoints(tmp_p
     (run / "checkpoints" / "step_00000010").mkdir(parents=True)
     (run / "key.json").write_text('"another key"')
     s = Schedule.linear(10)
+    x = torch.randn(8, 2)
     with pytest.raises(RuntimeError, match="nosuch"):  # a trainer that cannot be built: nothing cleared
-        train_cached(run, TimeMLP(2, hidden=8, depth=1), DenoisingObjective(torch.randn(8, 2), s, 4),
-                     TrainConfig(steps=1, device="nosuch", progress=False), s, {"k": 1})
+        train_cached(run, TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, s, 4),
+                     TrainConfig(steps=1, device="nosuch", progress=False), s, {"k": 1}, {"name": "toy2d"}, x,
+                     fresh=True)
     assert (run / "checkpoints" / "step_00000010").is_dir() and (run / "key.json").read_text() == '"another key"'
+
+
+def test_train_cached_reuses_refuses_or_retrains_and_saves_a_model_other_commands_take(tmp_path):
+    """Same settings: the model is reused. Other settings: refused, naming them, with nothing touched,
+    unless ``fresh``. The model records its data set, sample shape and value range, so ``condiff sample``
+    and ``eval`` load it like any trained model."""
+    from condiff.cli.common import load_model_for
+    from condiff.dual.experiments import train_cached
+
+    s = Schedule.linear(10)
+    x = torch.randn(64, 2)
+    run = tmp_path / "run"
+
+    def fit(key, fresh=False, steps=3):
+        cfg = TrainConfig(steps=steps, batch_size=8, warmup=0, progress=False)
+        return train_cached(run, TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, s, 8), cfg, s, key,
+                            {"name": "toy2d", "kind": "moons"}, x, fresh)
+
+    _, cfg = fit({"a": 1, "b": {"c": 2}})
+    assert cfg["shape"] == [2] and cfg["data"] == {"name": "toy2d", "kind": "moons"}
+    assert cfg["value_range"] == pytest.approx([float(x.min()), float(x.max())])
+    den, run_cfg, shape = load_model_for(run, "cpu")
+    assert shape == (2,) and run_cfg["data"]["name"] == "toy2d"
+    before = {q: q.read_bytes() for q in run.rglob("*") if q.is_file()}
+    _, again = fit({"a": 1, "b": {"c": 2}}, steps=99)  # the steps are part of the key in the experiments
+    assert again["steps"] == 3  # reused, not retrained
+    with pytest.raises(FileExistsError, match=r"trained with other settings \(b.c differ\); pass --fresh"):
+        fit({"a": 1, "b": {"c": 3}})
+    assert {q: q.read_bytes() for q in run.rglob("*") if q.is_file()} == before
+    _, new = fit({"a": 1, "b": {"c": 3}}, fresh=True, steps=4)
+    assert new["steps"] == 4 and [c.name for c in list_checkpoints(run / "checkpoints")][-1] == "step_00000004"
+
+
+def test_dual_train_refuses_an_init_model_of_another_shape_before_writing(tmp_path, capsys):
+    from condiff.cli.main import main
+
+    from condiff.models import save_model
+
+    out = tmp_path / "out"
+    for recorded, needle in (([3], "takes samples of shape (3,), the objective data have (2,)"),
+                             (None, "does not take the objective data's samples of shape (2,)")):
+        init = tmp_path / f"init{recorded}"
+        save_model(init / "model", TimeMLP(3, hidden=8, depth=1), Schedule.linear(50),
+                   **({} if recorded is None else {"shape": recorded}))
+        (tmp_path / "run.toml").write_text(RUN_FILE.replace("[dual]\n", f'[dual]\ninit = "{init}"\n'))
+        assert main(["dual", "train", "--config", str(tmp_path / "run.toml"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "[dual] init: the model at" in err[0] and needle in err[0], err
+        assert not out.exists()
 
 
 # --- CLI ---------------------------------------------------------------------------------------
@@ -522,6 +573,8 @@ def test_cli_experiment_rejects_unknown_setting(capsys):
     ("fair", "train.stpes=3", "unknown training option(s) ['stpes']"),
     ("fair", "dual.lr=abc", "setting dual.lr expects a number"),
     ("fair", "n_samples=-3", "n_samples must be an integer >= 1, got -3"),
+    ("fair", "n_samples=1", "n_samples must be an integer >= 2, got 1"),
+    ("finetune", "n_target=100000", "n_target = 100000: digits: asked for examples"),
     ("fair", "sample_steps=5000", "sample_steps (5000) must be <= T (1000)"),
     ("fair", "target_freq=2", "target_freq must be a number in (0, 1), got 2"),
     ("fair", "bound=-1", "bound must be a number > 0 (a denoising loss is positive"),

@@ -326,6 +326,9 @@ def test_cli_tsp_and_segment_write_pictures_and_metrics(tmp_path):
     m = json.loads((tmp_path / "tsp" / "metrics.json").read_text())
     assert m["n"] == 2 and len(m["gaps"]) == 2 and min(m["gaps"]) > -1e-6
     assert (tmp_path / "tsp" / "tours.png").is_file() and (tmp_path / "tsp" / "pictures.png").is_file()
+    with np.load(tmp_path / "tsp" / "tours.npz") as z:  # the tours as arrays, agreeing with the metrics
+        assert z["coords"].shape == (2, 6, 2) and sorted(z["tours"][0]) == list(range(6))
+        assert np.allclose(z["lengths"] / z["optimal_lengths"] - 1, m["gaps"])
 
     tiny_prior(tmp_path / "scenes", 4, 16, {"name": "scenes", "size": 16})
     assert main(["pnp", "segment", "--ckpt", str(tmp_path / "scenes"), "--n", "3", "--chains", "2",
@@ -333,6 +336,11 @@ def test_cli_tsp_and_segment_write_pictures_and_metrics(tmp_path):
     m = json.loads((tmp_path / "seg" / "metrics.json").read_text())
     assert 0.0 <= m["iou_pnp"] <= 1.0 and 0.0 <= m["iou_kmeans"] <= 1.0
     assert (tmp_path / "seg" / "segment.png").is_file()
+    with np.load(tmp_path / "seg" / "masks.npz") as z:  # the masks as arrays, agreeing with the metrics
+        assert z["mask"].shape == z["truth"].shape == (3, 1, 16, 16) and z["mask"].dtype == bool
+        inter, union = (z["mask"] & z["truth"]).sum((1, 2, 3)), (z["mask"] | z["truth"]).sum((1, 2, 3))
+        assert np.allclose(z["iou"], np.where(union > 0, inter / np.maximum(union, 1), 1.0))
+        assert z["iou"].mean() == pytest.approx(m["iou_pnp"])
 
 
 def test_cli_any_constraint_from_a_users_file_lowers_its_distance(tmp_path):
@@ -362,6 +370,9 @@ def test_cli_any_constraint_from_a_users_file_lowers_its_distance(tmp_path):
     (["pnp", "tsp", "--ckpt", "{tmp}/digits", "--n", "1"], "a prior over 'digits' data"),
     (["pnp", "segment", "--ckpt", "{tmp}/tours"], "pnp segment needs one trained on 'scenes'"),
     (["pnp", "segment", "--ckpt", "{tmp}/scenes", "--chains", "0"], "--chains must be >= 1"),
+    (["pnp", "segment", "--ckpt", "{tmp}/scenes", "--n", "0"], "--n must be an integer >= 1"),
+    (["pnp", "segment", "--ckpt", "{tmp}/scenes", "--profile", "bogus"], "--profile must be one of"),
+    (["pnp", "tsp", "--ckpt", "{tmp}/tours", "--chains", "0"], "--chains must be an integer >= 1"),
     (["pnp", "digits", "--ckpt", "{tmp}/digits", "--label", "3", "--weight", "-1"], "--weight must be"),
     (["pnp", "digits", "--ckpt", "{tmp}/digits", "--label", "3", "--lr", "inf"], "--lr must be"),
     (["pnp", "digits", "--ckpt", "{tmp}/digits", "--label", "3", "--finish-zeta", "nan"], "--finish-zeta must"),

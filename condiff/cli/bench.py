@@ -35,15 +35,36 @@ def available() -> list[str]:
 
 def summary(name: str) -> str:
     """The first sentence of a benchmark's docstring, read without importing it."""
-    import ast
-
-    file = bench_dir() / f"{name.replace('-', '_')}.py"
-    doc = " ".join((ast.get_docstring(ast.parse(file.read_text())) or "").split("\n\n")[0].split())
+    doc = " ".join(docstring(name).split("\n\n")[0].split())
     return re.split(r"(?<!\bal)\. ", doc)[0].rstrip(".")  # "et al. 2022" ends no sentence
 
 
+def docstring(name: str) -> str:
+    """A benchmark's whole docstring, read without importing it."""
+    import ast
+
+    return ast.get_docstring(ast.parse((bench_dir() / f"{name.replace('-', '_')}.py").read_text())) or ""
+
+
+class _Help(argparse.Action):
+    """``-h``: the command's help, then, after a benchmark's name (``condiff bench dual --help``), what
+    that benchmark runs (its docstring)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        name = getattr(namespace, "name", None)
+        if name in available():
+            print(f"\n{'-' * 70}\nbenchmarks/{name.replace('-', '_')}.py:\n\n{docstring(name)}")
+        parser.exit()
+
+
 def add_parser(sub, name: str) -> None:
-    p = sub.add_parser(name, help="run a benchmark and record its table", description=__doc__)
+    p = sub.add_parser(name, help="run a benchmark and record its table", description=__doc__, add_help=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-h", "--help", action=_Help, help="show this help (and, after NAME, what that benchmark runs)")
     p.add_argument("name", help="benchmark name (see --list)", nargs="?")
     p.add_argument("--list", action="store_true", help="list the benchmarks")
     p.add_argument("--profile", default="quick", help="quick (CPU, minutes) or full (GPU)")

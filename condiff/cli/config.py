@@ -95,18 +95,6 @@ def merge_checked(base: dict, update: dict, where: str, path: tuple[str, ...] = 
     return out
 
 
-def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two settings tables (down to the first non-table)."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += changed_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}")
-    return out
-
-
 def data_ref(name: str) -> str:
     """How a run records its data set: a registered name as it is, a user's file or folder as an
     absolute path (so later commands find it from any working directory)."""

@@ -94,6 +94,8 @@ def add_parser(sub, name: str) -> None:
         e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help=f"override one setting, e.g. {SET_EXAMPLES[exp]} (repeatable)")
         e.add_argument("--device", default=None)
+        e.add_argument("--fresh", action="store_true",
+                       help="retrain models in --out that were trained with other settings (else refused)")
         e.set_defaults(func=run_experiment, experiment=exp)
 
 
@@ -124,9 +126,10 @@ def run_experiment(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     cfg = apply_overrides(ex.profile_config(cls, args.profile), args.overrides)  # all settings checked
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    m = fn(cfg, out, device)
+    m = fn(cfg, out, device, fresh=args.fresh, progress=True)
     print(json.dumps({k: v for k, v in m.items() if k != "config"}, indent=1, default=str))
     print(f"wrote {out / 'metrics.json'}")
+    print(f"plots: {out}/ " + ", ".join(p.name for p in sorted(out.glob("*.png"))))
     return 0
 
 
@@ -324,6 +327,25 @@ def build_constraints(cfg: dict, objective: ArrayData, schedule: Schedule, dcfg:
     return out, record
 
 
+def check_init_shape(net: torch.nn.Module, init_cfg: dict, init: str | Path, shape: tuple[int, ...],
+                     device: str) -> None:
+    """Refuse a ``[dual] init`` model that does not take samples of the objective data's ``shape``: by
+    the shape it records, else by one forward call (before anything is trained or written)."""
+    recorded = init_cfg.get("shape")
+    if isinstance(recorded, list):
+        if tuple(recorded) != shape:
+            raise config_mod.ConfigError(f"[dual] init: the model at {init} takes samples of shape "
+                                         f"{tuple(recorded)}, the objective data have {shape}")
+        return
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # dropout must not move the seeded stream
+            net(torch.zeros(1, *shape, device=device), torch.zeros(1, dtype=torch.long, device=device))
+    except (RuntimeError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise config_mod.ConfigError(f"[dual] init: the model at {init} does not take the objective data's "
+                                     f"samples of shape {shape} ({first})") from None
+
+
 class DualJob:
     """Everything a ``dual train`` run needs, built and checked before the run directory changes: the
     settings (:func:`check_run`), the objective data, the model (``[dual] init`` or a new one), the
@@ -336,6 +358,7 @@ class DualJob:
         self.data = build_source(cfg["objective"], cfg, "objective", None, device, None)
         if init is not None:  # fine-tuning: architecture and schedule come from the model we start from
             net, init_cfg = load_net(init, device)
+            check_init_shape(net, init_cfg, init, tuple(self.data.shape), device)
             cfg["model"], cfg["schedule"] = dict(net.config), dict(init_cfg["schedule"])
         else:
             torch.manual_seed(self.tcfg.seed)

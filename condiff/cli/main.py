@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         _close_progress_bars()
         print("condiff: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the output went away (`condiff bench --list | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except Exception as e:  # one line for the user; the traceback on request
         if os.environ.get("CONDIFF_DEBUG"):
             raise

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .. import checks, io
+from ..checks import changed_keys
 from ..constraints import Constraint, CountConstraint, build_constraint, check_distance, parse_python_spec
 from ..data import DATASETS, ArrayData, load_dataset, same_item_shape
 from ..data.sources import count_split
@@ -68,7 +69,6 @@ from ..train import TrainConfig
 from .common import check_out_dir, json_table, pick_device, train_config
 from .config import (
     ConfigError,
-    changed_keys,
     check_sample,
     data_ref,
     merge,

@@ -206,6 +206,8 @@ PRIOR_DATA = {"segment": "scenes", "tsp": "tours"}
 
 def _prior(args: argparse.Namespace, kind: str | None = None) -> tuple:
     _check_common(args)
+    if kind is not None and args.profile not in PRIORS[kind]:  # checked with or without --train
+        raise ValueError(f"--profile must be one of {sorted(PRIORS[kind])}, got {args.profile!r}")
     device = pick_device(args.device)
     torch.set_grad_enabled(True)
     if kind is not None and getattr(args, "train", False):
@@ -307,6 +309,7 @@ def run_segment(args: argparse.Namespace) -> int:
     from ..pnp.segmentation import SEGMENT_VOTES, iou, kmeans_segment, otsu_segment, segment
 
     votes = SEGMENT_VOTES if args.votes is None else args.votes
+    checks.integer("--n", args.n, 1)
     if args.chains < 1:
         raise ValueError(f"--chains must be >= 1, got {args.chains}")
     if not 1 <= votes <= args.chains:
@@ -339,7 +342,9 @@ def run_segment(args: argparse.Namespace) -> int:
                "seconds": round(res.seconds, 2), "iou_pnp": float(per_image.mean()),
                "iou_kmeans": float(iou(km, truth.cpu()).mean()), "iou_otsu": float(iou(ot, truth.cpu()).mean()),
                "picture_columns": ["scene", "true mask", "pnp mask", "2-means mask", "otsu mask"]}
-    return _finish(out, metrics, [pic])
+    io.write_npz_atomic(out / "masks.npz", scene=img.cpu().numpy(), mask=res.mask.cpu().numpy(),
+                        truth=truth.cpu().numpy(), kmeans=km.numpy(), otsu=ot.numpy(), iou=per_image.numpy())
+    return _finish(out, metrics, [pic, out / "masks.npz"])
 
 
 # --- TSP ----------------------------------------------------------------------------------------------------
@@ -387,6 +392,7 @@ def run_tsp(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.cities < 3:
         raise ValueError(f"need --n >= 1 and --cities >= 3, got {args.n} and {args.cities}")
+    checks.integer("--chains", args.chains, 1)
     den, run_cfg, shape, device = _prior(args, "tsp")
     if shape[0] != 1:
         raise ValueError(f"{args.ckpt} is a prior over {shape[0]}-channel pictures; tours are 1-channel")
@@ -408,6 +414,9 @@ def run_tsp(args: argparse.Namespace) -> int:
     files = [plot_tours(coords.numpy(), res.tours, opt, out / "tours.png", titles),
              save_png_grid(torch.cat([res.pictures, tsp.render_tours(coords, res.tours, style)]),
                            out / "pictures.png", nrow=args.n)]
+    io.write_npz_atomic(out / "tours.npz", coords=coords.numpy(), tours=np.asarray(res.tours),
+                        optimal=np.asarray(opt), lengths=np.asarray(res.lengths), optimal_lengths=opt_len)
+    files.append(out / "tours.npz")
     metrics = {"cities": args.cities, "n": args.n, "chains": args.chains, "steps": args.steps,
                "through_net": not args.stop_grad, "reference_solver": solver.name,
                "gap_mean": float(gaps.mean()), "gap_total": float(res.lengths.sum() / opt_len.sum() - 1),

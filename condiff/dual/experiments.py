@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -24,14 +25,15 @@ import torch
 from torch import Tensor, nn
 
 from .. import checks, io, metrics
-from ..data import ArrayData, load_digits, load_toy2d
+from ..checks import changed_keys
+from ..data import ArrayData, load_digits, load_toy2d, value_range
 from ..data.files import save_png_grid
 from ..denoiser import NetDenoiser
 from ..models import load_net, save_model
 from ..nets import build_net
 from ..plots import plot_bars, plot_lines, plot_scatter
 from ..schedule import Schedule
-from ..train import DenoisingObjective, Objective, TrainConfig, Trainer, read_log
+from ..train import DenoisingObjective, Objective, TrainConfig, Trainer, list_checkpoints, read_log
 from .data import class_frequencies, keep_fraction, model_samples, select
 from .objective import Constraint, DualConfig, DualObjective, reference_losses
 from .theory import GaussianMixtureDenoiser, log_mass_bounds, mixture_weights, mode_weights
@@ -85,32 +87,55 @@ def _key(d: dict) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
+def say(progress: bool, message: str) -> None:
+    """A note on stderr about the stage a long experiment is in (with ``progress``)."""
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
 def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: TrainConfig, schedule: Schedule,
-                 key: dict, **meta: Any) -> tuple[nn.Module, dict]:
+                 key: dict, data: dict, x: Tensor, fresh: bool = False, **meta: Any) -> tuple[nn.Module, dict]:
     """Train ``net`` into ``run_dir`` (resuming from its checkpoints) unless ``run_dir/model`` already
     holds a model trained with the same ``key``; returns the EMA model and the saved model config.
 
-    A run directory whose checkpoints belong to another key is cleared first.
+    ``data`` (the data set's settings) and ``x`` (the training data: their shape and value range) are
+    recorded with the model, so that ``condiff sample`` / ``eval`` / ``pnp`` take it like any other.
+    A run directory trained with another key is refused (naming the settings that differ) unless
+    ``fresh``, which clears it first. With ``tcfg.progress`` the stage is announced on stderr.
     """
-    model_dir = run_dir / "model"
+    model_dir, key_file = run_dir / "model", run_dir / "key.json"
     if (model_dir / io.CONFIG).is_file() and io.load_config(model_dir).get("key") == _key(key):
+        say(tcfg.progress, f"reusing {model_dir} (trained with these settings)")
         ema, cfg = load_net(model_dir, tcfg.device)
         return ema.eval(), cfg
     trainer = Trainer(net, objective, tcfg, run_dir, {"net": net.config, "schedule": schedule.config()})
-    key_file = run_dir / "key.json"  # the trainer is built (model, objective, device) before anything changes
-    if run_dir.exists() and (not key_file.is_file() or key_file.read_text() != _key(key)):
+    # the trainer is built (model, objective, device) before anything changes
+    stale = key_file.is_file() and key_file.read_text() != _key(key)
+    if not key_file.is_file():
+        stale = (run_dir / "model").exists() or bool(list_checkpoints(run_dir / "checkpoints"))
+    if stale and not fresh:
+        try:
+            changed = changed_keys(json.loads(key_file.read_text()), json.loads(_key(key)))
+        except (OSError, ValueError):
+            changed = []
+        hint = f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} differ)" if changed else ""
+        raise FileExistsError(f"{run_dir} holds a model trained with other settings{hint}; pass --fresh to "
+                              "retrain it, or use another --out")
+    if stale:
         for sub in ("checkpoints", "model"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
         (run_dir / "log.jsonl").unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     io.write_text_atomic(key_file, _key(key))
-    trainer.resume()
+    since = f", from step {trainer.step}" if trainer.resume() else ""
+    say(tcfg.progress, f"training {run_dir.name} ({tcfg.steps} steps{since}) in {run_dir}")
     if isinstance(objective, DualObjective):
         objective.warn_if_idle(tcfg.steps)
     t0 = time.perf_counter()
     ema = trainer.fit()
     extra = {"lambda": objective.lambdas} if isinstance(objective, DualObjective) else {}
-    save_model(model_dir, ema, schedule, key=_key(key), steps=trainer.step,
+    save_model(model_dir, ema, schedule, key=_key(key), data=data, shape=list(x.shape[1:]),
+               value_range=value_range(x), steps=trainer.step,
                train_seconds=round(time.perf_counter() - t0, 1), **extra, **meta)
     return ema.eval(), io.load_config(model_dir)
 
@@ -141,6 +166,8 @@ def plot_dual(log_path: Path, out: Path) -> list[Path]:
     if slacks:
         files.append(plot_lines(slacks, out / "slack.png", xlabel="step", ylabel="L_i - b_i",
                                 title="constraint slacks (dual estimates)"))
+    else:  # no dual update ran: no slack to show, and an earlier run's plot would pass for this one's
+        (out / "slack.png").unlink(missing_ok=True)
     return files
 
 
@@ -203,17 +230,19 @@ class ToyConfig(_Config):
         checks.number("lr", self.lr, "> 0")
         checks.number("ema_decay", self.ema_decay, "[0, 1)")
 
-    def train_config(self, device: str) -> TrainConfig:
+    def train_config(self, device: str, progress: bool = False) -> TrainConfig:
         """The training settings of the flat fields (checked by :meth:`check`)."""
         return TrainConfig.from_dict({"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
                                       "warmup": 100, "ema_decay": self.ema_decay,
                                       "ckpt_every": max(1, self.steps // 2), "log_every": self.dual.get("every", 50),
-                                      "seed": self.seed, "device": device, "progress": False})
+                                      "seed": self.seed, "device": device, "progress": progress})
 
 
-def run_toy(cfg: ToyConfig, out: str | Path, device: str = "cpu") -> dict:
+def run_toy(cfg: ToyConfig, out: str | Path, device: str = "cpu", fresh: bool = False,
+            progress: bool = False) -> dict:
     """Train with dual training on the mixture, then compare the model's mode weights with the
-    closed-form mixture for the learned (averaged) lambda, and check the constraints."""
+    closed-form mixture for the learned (averaged) lambda, and check the constraints. ``fresh``:
+    retrain a model trained with other settings (else refused); ``progress``: bars and stage notes."""
     out = Path(out)
     K, minority = cfg.components, list(cfg.minority)  # checked by ToyConfig
     rest = (1.0 - cfg.minority_weight * len(minority)) / (K - len(minority))
@@ -232,12 +261,13 @@ def run_toy(cfg: ToyConfig, out: str | Path, device: str = "cpu") -> dict:
     constraints = [Constraint(f"mode{i}", q, b, cfg.constraint_batch)
                    for i, q, b in zip(minority, qs, bounds)]
     objective = DualObjective(data.x, constraints, schedule, cfg.batch_size, dcfg)
-    tcfg = cfg.train_config(device)
+    tcfg = cfg.train_config(device, progress)
     torch.manual_seed(cfg.seed)
     net = build_net({"name": "mlp", "dim": 2, "hidden": cfg.hidden, "depth": cfg.depth})
     t0 = time.perf_counter()
+    toy_data = {"name": "toy2d", "kind": "gmm", "n": cfg.n, "weights": w0.tolist(), "components": K, "seed": cfg.seed}
     ema, model_cfg = train_cached(out / "constrained", net, objective, tcfg, schedule,
-                                  {"toy": asdict(cfg), "bounds": bounds})
+                                  {"toy": asdict(cfg), "bounds": bounds}, toy_data, data.x, fresh)
     seconds = time.perf_counter() - t0
 
     hist = lambda_history(out / "constrained" / "log.jsonl")
@@ -250,6 +280,7 @@ def run_toy(cfg: ToyConfig, out: str | Path, device: str = "cpu") -> dict:
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     from ..sample import generate
 
+    say(progress, f"sampling {cfg.n_samples} points ({cfg.T} steps) and measuring the constraints")
     x = generate(_sampler(ema, schedule), cfg.n_samples, (2,), batch_size=cfg.n_samples, steps=cfg.T, eta=1.0,
                  generator=g, device=device)
     got = mode_weights(x, means)
@@ -284,13 +315,14 @@ def run_toy(cfg: ToyConfig, out: str | Path, device: str = "cpu") -> dict:
 
 # --- shared digits pieces ----------------------------------------------------------------------
 
+DIGITS_DATA = {"name": "digits"}  # what the digits experiments' models record as their data set
 DIGITS_MODEL = {"name": "unet", "in_channels": 1, "base": 32, "mults": [1, 2, 2], "num_res": 1}
 DIGITS_TRAIN = {"steps": 1500, "batch_size": 128, "lr": 2e-3, "warmup": 100, "ema_decay": 0.995,
                 "ckpt_every": 500, "log_every": 50}
 
 
-def _train_cfg(d: dict, seed: int, device: str, section: str = "train", **kw: Any) -> TrainConfig:
-    return TrainConfig.from_dict({**d, **kw, "seed": seed, "device": device, "progress": False}, section)
+def _train_cfg(d: dict, seed: int, device: str, section: str = "train", progress: bool = False) -> TrainConfig:
+    return TrainConfig.from_dict({**d, "seed": seed, "device": device, "progress": progress}, section)
 
 
 def _digits_net(model: dict, seed: int) -> nn.Module:
@@ -359,6 +391,7 @@ class FairConfig(_Config):
         else:
             raise ValueError(f"relative must be a number > 0 or a list of them (one per minority class), "
                              f"got {rel!r}")
+        checks.integer("n_samples", self.n_samples, 2)  # class frequencies and Fréchet distances of a sample set
         batch = int(self.train.get("batch_size", 128))
         if self.constraint_batch * len(m) >= batch:
             raise ValueError(f"constraint batches ({len(m)} x constraint_batch = {self.constraint_batch}) must "
@@ -372,8 +405,10 @@ def fair_data(cfg: FairConfig) -> tuple[ArrayData, list[ArrayData]]:
     return imbalanced, [select(imbalanced, classes=[c], seed=cfg.seed) for c in cfg.minority]
 
 
-def run_fair(cfg: FairConfig, out: str | Path, device: str = "cpu") -> dict:
-    """Baseline vs constrained on imbalanced digits, judged by the digits classifier."""
+def run_fair(cfg: FairConfig, out: str | Path, device: str = "cpu", fresh: bool = False,
+             progress: bool = False) -> dict:
+    """Baseline vs constrained on imbalanced digits, judged by the digits classifier (``fresh`` and
+    ``progress`` as for :func:`run_toy`)."""
     from ..classifier import DigitsJudge
 
     out = Path(out)
@@ -385,9 +420,9 @@ def run_fair(cfg: FairConfig, out: str | Path, device: str = "cpu") -> dict:
                 "T": cfg.T, "train": cfg.train}
 
     base = DenoisingObjective(imbalanced.x, schedule, batch)
-    base_net, base_cfg = train_cached(out / "baseline", _digits_net(cfg.model, cfg.seed), base,
-                                      _train_cfg(cfg.train, cfg.seed, device), schedule,
-                                      {"baseline": data_key})
+    tcfg = _train_cfg(cfg.train, cfg.seed, device, progress=progress)
+    base_net, base_cfg = train_cached(out / "baseline", _digits_net(cfg.model, cfg.seed), base, tcfg, schedule,
+                                      {"baseline": data_key}, DIGITS_DATA, imbalanced.x, fresh)
 
     dcfg = DualConfig.from_dict({**cfg.dual, "seed": cfg.seed})
     xs = [m.x for m in minority]
@@ -406,15 +441,16 @@ def run_fair(cfg: FairConfig, out: str | Path, device: str = "cpu") -> dict:
     constraints = [Constraint(f"class{c}", x, b, cfg.constraint_batch)
                    for c, x, b in zip(cfg.minority, xs, bounds)]
     objective = DualObjective(imbalanced.x, constraints, schedule, batch - n_con, dcfg)
-    con_net, con_cfg = train_cached(out / "constrained", _digits_net(cfg.model, cfg.seed), objective,
-                                    _train_cfg(cfg.train, cfg.seed, device), schedule,
-                                    {"constrained": data_key, "dual": asdict(dcfg), "bounds": bounds,
-                                     "constraint_batch": cfg.constraint_batch})
+    con_net, con_cfg = train_cached(out / "constrained", _digits_net(cfg.model, cfg.seed), objective, tcfg,
+                                    schedule, {"constrained": data_key, "dual": asdict(dcfg), "bounds": bounds,
+                                               "constraint_batch": cfg.constraint_batch},
+                                    DIGITS_DATA, imbalanced.x, fresh)
 
     judge = DigitsJudge(device=device)
     res: dict[str, Any] = {}
     hist: dict[str, list[float]] = {"data": class_frequencies(imbalanced.y, 10).tolist()}
     for name, net, mcfg in (("baseline", base_net, base_cfg), ("constrained", con_net, con_cfg)):
+        say(progress, f"sampling {cfg.n_samples} digits from the {name} model ({cfg.sample_steps} steps)")
         t0 = time.perf_counter()
         x = _samples(net, schedule, cfg.n_samples, cfg.sample_steps, cfg.seed, device)
         ev = judge.evaluate(x)
@@ -514,7 +550,10 @@ def finetune_data(cfg: FinetuneConfig) -> tuple[ArrayData, ArrayData, ArrayData]
     """(source, target, held-out target): the target images are never in the source."""
     train = load_digits("train")
     classes = None if cfg.target_classes is None else list(cfg.target_classes)
-    target = select(train, classes=classes, n=cfg.n_target, seed=cfg.seed)
+    try:
+        target = select(train, classes=classes, n=cfg.n_target, seed=cfg.seed)
+    except ValueError as e:  # more target images than the split (or the classes) hold
+        raise ValueError(f"n_target = {cfg.n_target}: {e}") from None
     chosen = set(target.meta["indices"])
     source = train.subset([i not in chosen for i in train.meta["indices"]])
     test = load_digits("test")
@@ -568,9 +607,10 @@ def _constraint_samples(net: nn.Module, schedule: Schedule, cfg: FinetuneConfig,
                      f"lower n_constraint or raise constraint_rounds")
 
 
-def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu") -> dict:
+def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu", fresh: bool = False,
+                 progress: bool = False) -> dict:
     """Pretrain, then fine-tune plainly and under the constraint; compare memorisation, diversity
-    and fidelity to the target."""
+    and fidelity to the target (``fresh`` and ``progress`` as for :func:`run_toy`)."""
     from ..classifier import DigitsJudge
 
     out = Path(out)
@@ -581,13 +621,14 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu") -> d
                "pretrain": cfg.pretrain, "seed": cfg.seed}
     pre_objective = DenoisingObjective(source.x, schedule, int(cfg.pretrain.get("batch_size", 128)))
     pre_net, pre_cfg = train_cached(out / "pretrained", _digits_net(cfg.model, cfg.seed), pre_objective,
-                                    _train_cfg(cfg.pretrain, cfg.seed, device, "pretrain"), schedule,
-                                    {"pretrain": pre_key})
+                                    _train_cfg(cfg.pretrain, cfg.seed, device, "pretrain", progress), schedule,
+                                    {"pretrain": pre_key}, DIGITS_DATA, source.x, fresh)
     classes = "" if cfg.constraint_classes is None else "_c" + "-".join(map(str, cfg.constraint_classes))
     q1_file = out / "pretrained" / f"samples_{cfg.n_constraint}_{cfg.sample_steps}{classes}.safetensors"
     if q1_file.is_file():
         q1 = io.load_group(q1_file.parent, q1_file.stem)["x"]
     else:
+        say(progress, f"drawing the constraint data: {cfg.n_constraint} samples of the pretrained model")
         q1 = _constraint_samples(pre_net, schedule, cfg, device)
         io.save_checkpoint(out / "pretrained" / ".tmp_q1", {q1_file.stem: {"x": q1}}, {})
         (out / "pretrained" / ".tmp_q1" / f"{q1_file.stem}.safetensors").replace(q1_file)
@@ -598,22 +639,22 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu") -> d
         return net.train()
 
     ft_key = {"pretrain": pre_key, "finetune": cfg.finetune}
+    ft_cfg = _train_cfg(cfg.finetune, cfg.seed, device, "finetune", progress)
     plain_net, plain_cfg = train_cached(out / "plain", start(), DenoisingObjective(target.x, schedule, batch),
-                                        _train_cfg(cfg.finetune, cfg.seed, device, "finetune"), schedule,
-                                        {"plain": ft_key})
+                                        ft_cfg, schedule, {"plain": ft_key}, DIGITS_DATA, target.x, fresh)
     dcfg = DualConfig.from_dict({**cfg.dual, "seed": cfg.seed})
     ref = _losses(pre_net, schedule, [q1], dcfg, cfg.seed)
     bound = float(cfg.relative * ref[0])
     objective = DualObjective(target.x, [Constraint("pretrained", q1, bound, cfg.constraint_batch)], schedule,
                               batch - cfg.constraint_batch, dcfg)
-    con_net, con_cfg = train_cached(out / "constrained", start(), objective,
-                                    _train_cfg(cfg.finetune, cfg.seed, device, "finetune"), schedule,
+    con_net, con_cfg = train_cached(out / "constrained", start(), objective, ft_cfg, schedule,
                                     {"constrained": ft_key, "dual": asdict(dcfg), "bound": bound,
                                      "n_constraint": cfg.n_constraint,
                                      **({} if cfg.constraint_classes is None
                                         else {"constraint_classes": list(cfg.constraint_classes)}),
                                      "constraint_batch": cfg.constraint_batch,
-                                     "sample_steps": cfg.sample_steps})
+                                     "sample_steps": cfg.sample_steps},
+                                    DIGITS_DATA, target.x, fresh)
 
     judge = DigitsJudge(device=device)
     ref_stats = metrics.mean_cov(judge.features(heldout.x.to(device)).detach())
@@ -623,6 +664,7 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu") -> d
     res: dict[str, Any] = {}
     for name, net, mcfg in (("pretrained", pre_net, pre_cfg), ("plain", plain_net, plain_cfg),
                             ("constrained", con_net, con_cfg)):
+        say(progress, f"sampling {cfg.n_samples} digits from the {name} model ({cfg.sample_steps} steps)")
         x = _samples(net, schedule, cfg.n_samples, cfg.sample_steps, cfg.seed, device)
         with torch.no_grad():
             feats = judge.features(x.to(device))
