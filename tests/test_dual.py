@@ -398,8 +398,6 @@ def test_train_cached_reuses_refuses_or_retrains_and_saves_a_model_other_command
 
 
 def test_dual_train_refuses_an_init_model_of_another_shape_before_writing(tmp_path, capsys):
-    from condiff.cli.main import main
-
     from condiff.models import save_model
 
     out = tmp_path / "out"
