@@ -124,3 +124,20 @@ def test_dual_training_reads_back_only_at_dual_updates():
     x = torch.randn(256, 2)
     _assert_fit_not_growing(lambda: (TimeMLP(2, hidden=32, depth=1),
                                      DualObjective(x, [Constraint("c", x[:32], 1.0)], s, 8, DualConfig(every=1000))))
+
+
+def test_pnp_inference_reads_back_in_blocks_not_per_step():
+    from condiff.pnp.engine import infer
+
+    torch.manual_seed(0)
+    s = Schedule.linear(100)
+    den = NetDenoiser(TimeMLP(2, hidden=32, depth=2).cuda().eval().requires_grad_(False), s)
+    z = torch.randn(16, 2, device="cuda")
+
+    def run(steps):
+        return infer(den, z, constraint=lambda x: x.pow(2).sum(1), steps=steps, lr=0.05,
+                     generator=torch.Generator(device="cuda").manual_seed(0))
+
+    run(2)  # warm-up
+    counts = [_syncs(lambda n=n: run(n)) for n in (5, 40)]
+    _assert_not_growing(counts)

@@ -158,7 +158,11 @@ def test_infer_works_under_no_grad():
     assert float(res.latent.abs().sum()) > 0  # the prior moved it
 
 
-def test_infer_rejects_bad_input():
+@pytest.mark.parametrize("read_every", [1, 4])  # 4: the GPU path (values read from the device in blocks)
+def test_infer_rejects_bad_input(monkeypatch, read_every):
+    from condiff.pnp import engine
+
+    monkeypatch.setitem(engine.READ_EVERY, "cpu", read_every)
     den = oracle(100)
     with pytest.raises(ValueError, match="steps"):
         infer(den, torch.zeros(2, 3), steps=0)
@@ -182,6 +186,22 @@ def test_infer_rejects_bad_input():
         infer(den, torch.zeros(2, 3), constraint=lambda x: x.pow(2).sum(1).sqrt(), steps=2)
     with pytest.raises(FloatingPointError, match="samples are not finite; lower the learning rate"):
         infer(den, torch.zeros(2, 3), constraint=lambda x: x.pow(2).sum(1), render=lambda z: z * 1e300, steps=2)
+
+
+def test_infer_traces_are_the_same_whether_read_each_step_or_in_blocks(monkeypatch):
+    from condiff.pnp import engine
+
+    runs = []
+    for every in (1, 4):
+        monkeypatch.setitem(engine.READ_EVERY, "cpu", every)
+        res = infer(oracle(100), torch.zeros(3, 2), constraint=lambda x: (x - 1).pow(2).sum(1),
+                    weight=lambda i, n: 0.0 if i % 3 == 0 else 0.5, steps=10, lr=0.05,
+                    generator=torch.Generator().manual_seed(0))
+        runs.append(res)
+    a, b = runs
+    assert len(a.denoise) == len(a.constraint) == 10 and all(isinstance(v, float) for v in a.constraint)
+    assert (a.denoise, a.constraint, a.t, a.w) == (b.denoise, b.constraint, b.t, b.w)
+    assert torch.equal(a.x, b.x)
 
 
 def test_infer_with_a_diffusers_denoiser_both_gradient_variants(tiny_diffusers_denoiser):

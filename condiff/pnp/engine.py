@@ -19,7 +19,6 @@ forward pass per step and no backward pass through the network.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,14 +103,49 @@ def infer(
                     through_net, project, generator, callback, progress)
 
 
-def _culprit(x: Tensor, d: Tensor, out: PnPResult) -> str:
-    """What made a step's gradient non-finite, as far as the step's values tell."""
-    if not bool(torch.isfinite(x).all()):
+# Steps between reads of the per-step values (finiteness flags, traces) from the device: on the CPU a
+# read costs nothing, so each step is checked before its update; on a GPU a read each step would make
+# the host wait for the device every step.
+READ_EVERY = {"cpu": 1}
+READ_EVERY_DEFAULT = 50
+
+
+class _Trace:
+    """The per-step means and finiteness flags, kept on the device and read in blocks; :meth:`read`
+    stops at the first step whose gradient was not finite, naming what made it so."""
+
+    def __init__(self, out: PnPResult, every: int) -> None:
+        self.out, self.every = out, every
+        self.pending: list[tuple[int, int, Tensor, Tensor, Tensor | None]] = []
+
+    def add(self, i: int, t_i: int, flags: Tensor, d_mean: Tensor, c_mean: Tensor | None) -> None:
+        self.pending.append((i, t_i, flags, d_mean, c_mean))
+        if len(self.pending) >= self.every:
+            self.read()
+
+    def read(self) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        flags = torch.stack([f for _, _, f, _, _ in pending]).cpu()  # (k, 4): gradient, x, d, constraint
+        means = torch.stack([torch.stack([d, d if c is None else c]) for _, _, _, d, c in pending]).cpu().tolist()
+        for (i, t_i, _, _, c), ok, (d_mean, c_mean) in zip(pending, flags.tolist(), means):
+            if not ok[0]:
+                raise FloatingPointError(f"non-finite gradient at step {i} (t={t_i}): {_culprit(ok, c_mean)}")
+            self.out.denoise.append(d_mean)
+            if c is not None:
+                self.out.constraint.append(c_mean)
+
+
+def _culprit(ok: list[bool], c_mean: float) -> str:
+    """What made a step's gradient non-finite, as far as the step's values tell (``ok``: whether the
+    rendered samples, the denoising term and the constraint's mean were finite)."""
+    if not ok[1]:
         return "the rendered samples are not finite; lower the learning rate"
-    if not bool(torch.isfinite(d).all()):
+    if not ok[2]:
         return "the denoising term is not finite; lower the learning rate"
-    if out.constraint and not math.isfinite(out.constraint[-1]):
-        return f"the constraint returned non-finite values (mean {out.constraint[-1]}) on finite samples"
+    if not ok[3]:
+        return f"the constraint returned non-finite values (mean {c_mean}) on finite samples"
     return "the gradient is not finite though the step's values are: check the constraint's gradient, or lower " \
            "the learning rate"
 
@@ -129,6 +163,7 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
     opt = torch.optim.Adam([z], lr=lr, betas=betas)
     T, B = denoiser.schedule.T, z.shape[0]
     out = PnPResult(x=z, latent=z)
+    trace = _Trace(out, READ_EVERY.get(z.device.type, READ_EVERY_DEFAULT))
     nfe0, t0 = denoiser.nfe, time.perf_counter()
     bar = progress_bar(steps, progress, desc="pnp")
     for i in range(steps):
@@ -142,24 +177,25 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
         eps = randn(x.shape, generator, like=x)
         d = denoising_term(denoiser, x, t, eps, through_net)
         loss = d.sum()
+        c_mean = None
         if constraint is not None and w_i != 0.0:
             c = constraint(x)
             if c.shape != (B,):
                 raise ValueError(f"the constraint must return shape ({B},), got {tuple(c.shape)}")
             loss = loss + w_i * c.sum()
-            out.constraint.append(float(c.detach().mean()))
+            c_mean = c.detach().mean()
         elif constraint is not None:
             with torch.no_grad():
-                out.constraint.append(float(constraint(x.detach()).mean()))
+                c_mean = constraint(x.detach()).mean()
         (g,) = torch.autograd.grad(loss, [z])
-        if not bool(torch.isfinite(g).all()):
-            raise FloatingPointError(f"non-finite gradient at step {i} (t={t_i}): {_culprit(x, d, out)}")
+        finite = [torch.isfinite(v).all() for v in (g, x.detach(), d.detach())]
+        finite.append(torch.isfinite(c_mean) if c_mean is not None else finite[0].new_ones(()))
+        trace.add(i, t_i, torch.stack(finite), d.detach().mean(), c_mean)  # a bad step stops the loop here
         z.grad = g
         opt.step()
         if project is not None:
             with torch.no_grad():
                 z.copy_(project(z))
-        out.denoise.append(float(d.detach().mean()))
         out.t.append(t_i)
         out.w.append(w_i)
         if callback is not None:
@@ -168,6 +204,7 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
             bar.update(1)
     if bar is not None:
         bar.close()
+    trace.read()  # the last block: a non-finite step among them is reported, not returned
     with torch.no_grad():
         out.x, out.latent = render(z).detach(), z.detach()
     out.nfe, out.seconds = denoiser.nfe - nfe0, time.perf_counter() - t0
