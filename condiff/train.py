@@ -348,9 +348,9 @@ class Trainer:
                 loss, logs = self.objective.loss(self.train_model, self.step, self.gen)
                 pending.append(loss.detach())
                 if self.check_each_step:
+                    checks()  # first: a sign error in a term is the cause of a non-finite loss it leads to
                     run_loss += _finite_sum(pending, first)
                     pending, first = [], self.step + 1
-                    checks()
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -363,9 +363,9 @@ class Trainer:
                     bar.update(1)
                 save = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop
                 if pending and (save or self.step % cfg.log_every == 0):
+                    checks()
                     run_loss += _finite_sum(pending, first)
                     pending, first = [], self.step
-                    checks()
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     dt = time.perf_counter() - t0
                     rec = {"step": self.step, "loss": run_loss / seen, "lr": lr, "grad_norm": float(gnorm),

@@ -318,13 +318,21 @@ def test_bench_list_names_every_benchmark_with_its_summary(capsys):
 def test_bench_help_after_a_name_shows_what_that_benchmark_runs(capsys):
     from condiff.cli.bench import docstring
 
-    for argv, extra in ((["bench", "dual", "--help"], True), (["bench", "--help"], False)):
-        with pytest.raises(SystemExit) as stop:
-            main(argv)
-        assert stop.value.code == 0
+    for argv, extra in ((["bench", "dual", "--help"], True), (["bench", "-h", "dual"], True),
+                        (["bench", "--profile", "full", "dual", "-h"], True), (["bench", "--help"], False)):
+        assert main(argv) == 0
         out = capsys.readouterr().out
         assert "--no-record" in out  # the command's own help either way
         assert ("benchmarks/dual.py:" in out and docstring("dual").splitlines()[-1] in out) == extra
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`condiff bench --list | head -1`: the reader goes away; no error message, exit 141 (as a shell's)."""
+    proc = subprocess.Popen([sys.executable, "-m", "condiff.cli.main", "bench", "--list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the command (which imports torch first) writes anything
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == ""
 
 
 def test_bench_no_record_leaves_recorded_results_alone(tmp_path, monkeypatch, capsys):

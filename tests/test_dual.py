@@ -393,8 +393,22 @@ def test_train_cached_reuses_refuses_or_retrains_and_saves_a_model_other_command
     with pytest.raises(FileExistsError, match=r"trained with other settings \(b.c differ\); pass --fresh"):
         fit({"a": 1, "b": {"c": 3}})
     assert {q: q.read_bytes() for q in run.rglob("*") if q.is_file()} == before
+    (run / "samples_drawn_from_the_model.safetensors").write_bytes(b"x")  # e.g. finetune's cached q_1
     _, new = fit({"a": 1, "b": {"c": 3}}, fresh=True, steps=4)
     assert new["steps"] == 4 and [c.name for c in list_checkpoints(run / "checkpoints")][-1] == "step_00000004"
+    assert not (run / "samples_drawn_from_the_model.safetensors").exists()  # drawn from the old model: gone
+
+    # a run that failed before its first checkpoint trained nothing: a retry with other settings proceeds
+    run = tmp_path / "failed"
+    run.mkdir()
+    (run / "key.json").write_text('{"a": 0}')
+    (run / "log.jsonl").write_text("")
+    _, cfg = fit({"a": 2})
+    assert cfg["steps"] == 3 and json.loads((run / "key.json").read_text()) == {"a": 2}
+    # no key.json, but a model that records another key: refused, naming the difference
+    (run / "key.json").unlink()
+    with pytest.raises(FileExistsError, match=r"\(a differ\)"):
+        fit({"a": 5})
 
 
 def test_dual_train_refuses_an_init_model_of_another_shape_before_writing(tmp_path, capsys):
@@ -670,6 +684,29 @@ def test_toy_theory_check(tmp_path):
     assert m["model_weights"][0] > 0.15 > 0.05 == m["data_weights"][0]  # far from q_0's weight of the mode
     for f in ("metrics.json", "mode_weights.png", "lambda.png", "slack.png"):
         assert (tmp_path / f).is_file(), f
+
+
+def test_cli_experiment_refuses_a_changed_model_unless_fresh_and_its_models_serve_other_commands(tmp_path, capsys):
+    import numpy
+    out = tmp_path / "toy"
+    tiny = ["--set", "n=400", "--set", "n_samples=200", "--set", "hidden=16", "--set", "T=20",
+            "--set", "dual.timesteps=4", "--set", "dual.start=10", "--set", "dual.every=5"]
+    assert main(["dual", "toy", "--out", str(out), *tiny, "--set", "steps=20"]) == 0
+    printed = capsys.readouterr()
+    assert f"training constrained (20 steps) in {out / 'constrained'}" in printed.err
+    assert f"plots: {out}/ lambda.png, mode_weights.png, samples.png, slack.png" in printed.out
+    before = {q: q.read_bytes() for q in (out / "constrained").rglob("*") if q.is_file()}
+    assert main(["dual", "toy", "--out", str(out), *tiny, "--set", "steps=30"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained with other settings (toy.steps differ); pass --fresh" in err[0], err
+    assert {q: q.read_bytes() for q in (out / "constrained").rglob("*") if q.is_file()} == before
+    assert main(["dual", "toy", "--out", str(out), *tiny, "--set", "steps=30", "--fresh"]) == 0
+    assert json.loads((out / "constrained" / "model" / "config.json").read_text())["steps"] == 30
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(out / "constrained"), "--n", "4", "--steps", "5",
+                 "--out", str(tmp_path / "s")]) == 0  # a model like any other: shape and data recorded
+    with numpy.load(tmp_path / "s" / "samples.npz") as z:
+        assert z["x"].shape == (4, 2)
 
 
 def test_reference_losses_match_the_estimator():

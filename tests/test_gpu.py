@@ -117,7 +117,8 @@ def test_mirror_map_training_and_fine_tuning_read_nothing_back_per_step():
         _assert_fit_not_growing(lambda a=l_adv: finetune(a), f"finetune, l_adv = {l_adv}")
 
 
-def test_dual_training_reads_back_only_at_dual_updates():
+def test_dual_training_reads_nothing_back_per_step_between_dual_updates():
+    """(every = 1000: no dual update in these runs; an update reads its estimates back by design.)"""
     from condiff.dual import Constraint, DualConfig, DualObjective
 
     s = Schedule.linear(100)

@@ -736,8 +736,11 @@ def test_a_negative_constraint_term_stops_training_at_its_step_on_either_read_pa
     step, and no checkpoint is written after it. The logged terms are the same on both paths."""
     x = torch.rand(32, 1, 8, 8)
 
-    def wrong_sign_from_step_5(v):  # a distance with a sign error once training reaches step 5
-        return -v.flatten(1).abs().mean(1) if state["step"] >= 5 else v.flatten(1).abs().mean(1)
+    def wrong_sign_from_step_5(v, scale=-1.0):  # a distance with a sign error once training reaches step 5
+        return scale * v.flatten(1).abs().mean(1) if state["step"] >= 5 else v.flatten(1).abs().mean(1)
+
+    def minus_inf_from_step_5(v):  # the sign error makes the loss non-finite too: the sign is named
+        return wrong_sign_from_step_5(v, float("-inf"))
 
     class Counted(NAMMObjective):
         def loss(self, model, step, generator):
@@ -754,14 +757,16 @@ def test_a_negative_constraint_term_stops_training_at_its_step_on_either_read_pa
         log = read_log(tmp_path / f"ok{each}" / "log.jsonl")
         logged.append([{k: r[k] for k in ("step", "cyc", "con", "reg")} for r in log])
         assert all(isinstance(r["con"], float) for r in logged[-1])
-        state = {"step": 0}
-        cfg = TrainConfig(steps=12, batch_size=4, log_every=10, ckpt_every=3, progress=False)
-        tr = Trainer(_tiny_mirror(), Counted(x, wrong_sign_from_step_5, 4), cfg, run_dir=tmp_path / f"bad{each}")
-        tr.check_each_step = each
-        with pytest.raises(ValueError, match=r"mean constraint distance at step 5 reaches -[0-9.]+ < 0"):
-            tr.fit()
-        saved = [q.name for q in list_checkpoints(tmp_path / f"bad{each}" / "checkpoints")]
-        assert saved == ["step_00000003"], each  # the checkpoint at step 6 would hold the bad step's update
+        for bad in (wrong_sign_from_step_5, minus_inf_from_step_5):
+            state = {"step": 0}
+            cfg = TrainConfig(steps=12, batch_size=4, log_every=10, ckpt_every=3, progress=False)
+            run = tmp_path / f"{bad.__name__}{each}"
+            tr = Trainer(_tiny_mirror(), Counted(x, bad, 4), cfg, run_dir=run)
+            tr.check_each_step = each
+            with pytest.raises(ValueError, match=r"mean constraint distance at step 5 reaches -([0-9.]+|inf) < 0"):
+                tr.fit()
+            saved = [q.name for q in list_checkpoints(run / "checkpoints")]
+            assert saved == ["step_00000003"], each  # the checkpoint at step 6 would hold the bad step's update
     assert [r["step"] for r in logged[0]] == [2, 4]
     assert logged[0] == logged[1]
 

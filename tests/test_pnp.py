@@ -187,6 +187,14 @@ def test_infer_rejects_bad_input(monkeypatch, read_every):
     with pytest.raises(FloatingPointError, match="samples are not finite; lower the learning rate"):
         infer(den, torch.zeros(2, 3), constraint=lambda x: x.pow(2).sum(1), render=lambda z: z * 1e300, steps=2)
 
+    def strict(x):  # a user's constraint that refuses the NaN samples a bad step leaves
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("my constraint got non-finite samples")
+        return x.pow(2).sum(1).sqrt()
+
+    with pytest.raises(FloatingPointError, match="step 0 .*check the constraint's gradient"):
+        infer(den, torch.zeros(2, 3), constraint=strict, steps=6)  # the cause is named, not the consequence
+
 
 def test_infer_traces_are_the_same_whether_read_each_step_or_in_blocks(monkeypatch):
     from condiff.pnp import engine

@@ -46,25 +46,11 @@ def docstring(name: str) -> str:
     return ast.get_docstring(ast.parse((bench_dir() / f"{name.replace('-', '_')}.py").read_text())) or ""
 
 
-class _Help(argparse.Action):
-    """``-h``: the command's help, then, after a benchmark's name (``condiff bench dual --help``), what
-    that benchmark runs (its docstring)."""
-
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
-        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        parser.print_help()
-        name = getattr(namespace, "name", None)
-        if name in available():
-            print(f"\n{'-' * 70}\nbenchmarks/{name.replace('-', '_')}.py:\n\n{docstring(name)}")
-        parser.exit()
-
-
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="run a benchmark and record its table", description=__doc__, add_help=False,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-h", "--help", action=_Help, help="show this help (and, after NAME, what that benchmark runs)")
+    # a flag rather than argparse's help action, which would print before NAME is read in `--help NAME`
+    p.add_argument("-h", "--help", action="store_true", help="show this help (with NAME: what that benchmark runs)")
     p.add_argument("name", help="benchmark name (see --list)", nargs="?")
     p.add_argument("--list", action="store_true", help="list the benchmarks")
     p.add_argument("--profile", default="quick", help="quick (CPU, minutes) or full (GPU)")
@@ -72,7 +58,7 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--no-record", action="store_true",
                    help="a trial run: leave BENCHMARKS.md and benchmarks/results as they are "
                         "(results go to runs/bench-results/)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, parser=p)
 
 
 def machine() -> str:
@@ -118,6 +104,13 @@ def record(res: dict) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.name and args.name not in available():
+        raise ValueError(f"unknown benchmark {args.name!r}; available: {', '.join(available())}")
+    if args.help:
+        args.parser.print_help()
+        if args.name:
+            print(f"\n{'-' * 70}\nbenchmarks/{args.name.replace('-', '_')}.py:\n\n{docstring(args.name)}")
+        return 0
     if args.list and args.name:
         raise ValueError(f"--list takes no benchmark name (got {args.name!r}): run `condiff bench {args.name}`")
     if args.list or not args.name:
@@ -125,8 +118,6 @@ def run(args: argparse.Namespace) -> int:
         for name in available():
             print(f"  {name:<18} {summary(name)}")
         return 0
-    if args.name not in available():
-        raise ValueError(f"unknown benchmark {args.name!r}; available: {', '.join(available())}")
     file = bench_dir() / f"{args.name.replace('-', '_')}.py"
     if str(bench_dir()) not in sys.path:
         sys.path.insert(0, str(bench_dir()))  # benchmarks share helpers such as _timing

@@ -329,22 +329,25 @@ def build_constraints(cfg: dict, objective: ArrayData, schedule: Schedule, dcfg:
 
 def check_init_shape(net: torch.nn.Module, init_cfg: dict, init: str | Path, shape: tuple[int, ...],
                      device: str) -> None:
-    """Refuse a ``[dual] init`` model that does not take samples of the objective data's ``shape``: by
-    the shape it records, else by one forward call (before anything is trained or written)."""
+    """Refuse a ``[dual] init`` model that does not take samples of the objective data's ``shape``
+    (before anything is trained or written): one whose recorded samples have another number of channels
+    or dimensions, or, else, one that fails a forward call on such a sample. (A convolutional model at
+    another resolution passes: fine-tuning it there is the user's choice.)"""
     recorded = init_cfg.get("shape")
-    if isinstance(recorded, list):
-        if tuple(recorded) != shape:
-            raise config_mod.ConfigError(f"[dual] init: the model at {init} takes samples of shape "
-                                         f"{tuple(recorded)}, the objective data have {shape}")
-        return
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # dropout must not move the seeded stream
-            net(torch.zeros(1, *shape, device=device), torch.zeros(1, dtype=torch.long, device=device))
+    if isinstance(recorded, list) and (len(recorded) != len(shape) or recorded[0] != shape[0]):
+        raise config_mod.ConfigError(f"[dual] init: the model at {init} takes samples of shape "
+                                     f"{tuple(recorded)}, the objective data have {shape}")
+    was_training = net.training
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    try:  # eval mode and a forked random stream: the probe must not change what training does
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            net.eval()(torch.zeros(1, *shape, device=device), torch.zeros(1, dtype=torch.long, device=device))
     except (RuntimeError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise config_mod.ConfigError(f"[dual] init: the model at {init} does not take the objective data's "
                                      f"samples of shape {shape} ({first})") from None
-
+    finally:
+        net.train(was_training)
 
 class DualJob:
     """Everything a ``dual train`` run needs, built and checked before the run directory changes: the

@@ -80,12 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         _close_progress_bars()
         print("condiff: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader of the output went away (`condiff bench --list | head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
-        return 141
     except Exception as e:  # one line for the user; the traceback on request
         if os.environ.get("CONDIFF_DEBUG"):
             raise
+        if isinstance(e, BrokenPipeError):  # the reader went away (`condiff bench --list | head`): stop quietly,
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and without a second error at exit
+            return 141
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         _close_progress_bars()  # the message gets a line of its own, not the end of a bar's
         print(f"condiff {args.command}: error: {msg}", file=sys.stderr)

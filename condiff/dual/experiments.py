@@ -93,6 +93,18 @@ def say(progress: bool, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _recorded_key(run_dir: Path) -> str | None:
+    """The settings key a stage directory was trained with: its ``key.json``, else its model's."""
+    for f, read in ((run_dir / "key.json", lambda f: f.read_text()),
+                    (run_dir / "model" / io.CONFIG, lambda f: io.load_config(f.parent).get("key"))):
+        if f.is_file():
+            try:
+                return read(f)
+            except (OSError, ValueError):
+                return None
+    return None
+
+
 def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: TrainConfig, schedule: Schedule,
                  key: dict, data: dict, x: Tensor, fresh: bool = False, **meta: Any) -> tuple[nn.Module, dict]:
     """Train ``net`` into ``run_dir`` (resuming from its checkpoints) unless ``run_dir/model`` already
@@ -110,21 +122,18 @@ def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: Trai
         return ema.eval(), cfg
     trainer = Trainer(net, objective, tcfg, run_dir, {"net": net.config, "schedule": schedule.config()})
     # the trainer is built (model, objective, device) before anything changes
-    stale = key_file.is_file() and key_file.read_text() != _key(key)
-    if not key_file.is_file():
-        stale = (run_dir / "model").exists() or bool(list_checkpoints(run_dir / "checkpoints"))
-    if stale and not fresh:
+    old_key = _recorded_key(run_dir)
+    trained = model_dir.exists() or bool(list_checkpoints(run_dir / "checkpoints"))
+    if trained and old_key != _key(key) and not fresh:  # a run that failed before training anything is retried
         try:
-            changed = changed_keys(json.loads(key_file.read_text()), json.loads(_key(key)))
-        except (OSError, ValueError):
+            changed = changed_keys(json.loads(old_key or "null") or {}, json.loads(_key(key)))
+        except (ValueError, AttributeError):
             changed = []
         hint = f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} differ)" if changed else ""
         raise FileExistsError(f"{run_dir} holds a model trained with other settings{hint}; pass --fresh to "
                               "retrain it, or use another --out")
-    if stale:
-        for sub in ("checkpoints", "model"):
-            shutil.rmtree(run_dir / sub, ignore_errors=True)
-        (run_dir / "log.jsonl").unlink(missing_ok=True)
+    if old_key != _key(key) and run_dir.exists():  # all of it: files drawn from the old model are stale too
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     io.write_text_atomic(key_file, _key(key))
     since = f", from step {trainer.step}" if trainer.resume() else ""

@@ -166,44 +166,49 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
     trace = _Trace(out, READ_EVERY.get(z.device.type, READ_EVERY_DEFAULT))
     nfe0, t0 = denoiser.nfe, time.perf_counter()
     bar = progress_bar(steps, progress, desc="pnp")
-    for i in range(steps):
-        t_i, w_i = int(schedule(i, steps, T)), float(weight(i, steps))
-        if not 0 <= t_i < T:
-            raise ValueError(f"the time schedule gave t={t_i} at step {i}, outside [0, {T})")
-        x = render(z)
-        if x.shape[0] != B:
-            raise ValueError(f"render changed the batch size from {B} to {x.shape[0]}")
-        t = torch.full((B,), t_i, dtype=torch.long, device=x.device)
-        eps = randn(x.shape, generator, like=x)
-        d = denoising_term(denoiser, x, t, eps, through_net)
-        loss = d.sum()
-        c_mean = None
-        if constraint is not None and w_i != 0.0:
-            c = constraint(x)
-            if c.shape != (B,):
-                raise ValueError(f"the constraint must return shape ({B},), got {tuple(c.shape)}")
-            loss = loss + w_i * c.sum()
-            c_mean = c.detach().mean()
-        elif constraint is not None:
-            with torch.no_grad():
-                c_mean = constraint(x.detach()).mean()
-        (g,) = torch.autograd.grad(loss, [z])
-        finite = [torch.isfinite(v).all() for v in (g, x.detach(), d.detach())]
-        finite.append(torch.isfinite(c_mean) if c_mean is not None else finite[0].new_ones(()))
-        trace.add(i, t_i, torch.stack(finite), d.detach().mean(), c_mean)  # a bad step stops the loop here
-        z.grad = g
-        opt.step()
-        if project is not None:
-            with torch.no_grad():
-                z.copy_(project(z))
-        out.t.append(t_i)
-        out.w.append(w_i)
-        if callback is not None:
-            callback(i, z.detach(), x.detach())
+    try:
+        for i in range(steps):
+            t_i, w_i = int(schedule(i, steps, T)), float(weight(i, steps))
+            if not 0 <= t_i < T:
+                raise ValueError(f"the time schedule gave t={t_i} at step {i}, outside [0, {T})")
+            x = render(z)
+            if x.shape[0] != B:
+                raise ValueError(f"render changed the batch size from {B} to {x.shape[0]}")
+            t = torch.full((B,), t_i, dtype=torch.long, device=x.device)
+            eps = randn(x.shape, generator, like=x)
+            d = denoising_term(denoiser, x, t, eps, through_net)
+            loss = d.sum()
+            c_mean = None
+            if constraint is not None and w_i != 0.0:
+                c = constraint(x)
+                if c.shape != (B,):
+                    raise ValueError(f"the constraint must return shape ({B},), got {tuple(c.shape)}")
+                loss = loss + w_i * c.sum()
+                c_mean = c.detach().mean().to(d.device)  # a user's constraint may answer on the CPU
+            elif constraint is not None:
+                with torch.no_grad():
+                    c_mean = constraint(x.detach()).mean().to(d.device)
+            (g,) = torch.autograd.grad(loss, [z])
+            finite = [torch.isfinite(v).all() for v in (g, x.detach(), d.detach())]
+            finite.append(torch.isfinite(c_mean) if c_mean is not None else finite[0].new_ones(()))
+            trace.add(i, t_i, torch.stack(finite), d.detach().mean(), c_mean)  # a bad step stops the loop here
+            z.grad = g
+            opt.step()
+            if project is not None:
+                with torch.no_grad():
+                    z.copy_(project(z))
+            out.t.append(t_i)
+            out.w.append(w_i)
+            if callback is not None:
+                callback(i, z.detach(), x.detach())
+            if bar is not None:
+                bar.update(1)
+    except Exception:  # an unread non-finite step before the failure is its likely cause: reported first
+        trace.read()
+        raise
+    finally:
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
     trace.read()  # the last block: a non-finite step among them is reported, not returned
     with torch.no_grad():
         out.x, out.latent = render(z).detach(), z.detach()
