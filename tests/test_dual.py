@@ -370,6 +370,7 @@ def test_train_cached_reuses_refuses_or_retrains_and_saves_a_model_other_command
     """Same settings: the model is reused. Other settings: refused, naming them, with nothing touched,
     unless ``fresh``. The model records its data set, sample shape and value range, so ``condiff sample``
     and ``eval`` load it like any trained model."""
+    from condiff import io
     from condiff.cli.common import load_model_for
     from condiff.dual.experiments import train_cached
 
@@ -390,6 +391,11 @@ def test_train_cached_reuses_refuses_or_retrains_and_saves_a_model_other_command
     before = {q: q.read_bytes() for q in run.rglob("*") if q.is_file()}
     _, again = fit({"a": 1, "b": {"c": 2}}, steps=99)  # the steps are part of the key in the experiments
     assert again["steps"] == 3  # reused, not retrained
+    assert {q: q.read_bytes() for q in run.rglob("*") if q.is_file()} == before
+    old = {k: v for k, v in cfg.items() if k not in ("data", "shape", "value_range")}
+    io.write_json_atomic(run / "model" / "config.json", old)  # a model saved before they were recorded
+    _, again = fit({"a": 1, "b": {"c": 2}})
+    assert again["shape"] == [2] and again["data"]["name"] == "toy2d" and again["steps"] == 3  # completed
     with pytest.raises(FileExistsError, match=r"trained with other settings \(b.c differ\); pass --fresh"):
         fit({"a": 1, "b": {"c": 3}})
     assert {q: q.read_bytes() for q in run.rglob("*") if q.is_file()} == before
