@@ -394,6 +394,8 @@ def test_train_cached_reuses_refuses_or_retrains_and_saves_a_model_other_command
     assert {q: q.read_bytes() for q in run.rglob("*") if q.is_file()} == before
     old = {k: v for k, v in cfg.items() if k not in ("data", "shape", "value_range")}
     io.write_json_atomic(run / "model" / "config.json", old)  # a model saved before they were recorded
+    with pytest.raises(io.CheckpointError, match="older `condiff dual` experiment.*run that experiment again"):
+        load_model_for(run, "cpu")
     _, again = fit({"a": 1, "b": {"c": 2}})
     assert again["shape"] == [2] and again["data"]["name"] == "toy2d" and again["steps"] == 3  # completed
     with pytest.raises(FileExistsError, match=r"trained with other settings \(b.c differ\); pass --fresh"):

@@ -368,6 +368,10 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
         if model_cfg.get(key) is not None:      # the label drop of a class-conditional model
             run_cfg = {**run_cfg, key: model_cfg[key]}
     if not isinstance(model_cfg.get("shape"), list):
+        if "key" in model_cfg:  # a `condiff dual toy|fair|finetune` model saved before models recorded it
+            raise io.CheckpointError(f"{resolve_model_dir(path)} was saved by an older `condiff dual` experiment, "
+                                     "without its sample shape: run that experiment again (same --out, same "
+                                     "settings; the model is reused) to complete it")
         raise io.CheckpointError(f"{resolve_model_dir(path)}/{io.CONFIG} records no sample shape: not a condiff model")
     return den, run_cfg, tuple(model_cfg["shape"])
 
