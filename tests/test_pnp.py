@@ -389,6 +389,15 @@ def test_cli_any_constraint_from_a_users_file_lowers_its_distance(tmp_path):
     assert x.shape == (4, 1, 8, 8) and float(x.abs().max()) <= 1.0
     assert float((x.flatten(1).mean(1) - 0.5).abs().mean()) == pytest.approx(m["pnp_l_mean"], rel=1e-5)
     assert (out / "samples.png").is_file()
+    # in batches: one batch of >= n is the same run; smaller ones add up to n samples under the constraint
+    for bs, same in ((4, True), (3, False)):
+        assert main(["pnp", "constraint", "--ckpt", str(tmp_path / "prior"), "--constraint",
+                     f"{tmp_path / 'con.py'}:grey", "--n", "4", "--steps", "40", "--weight", "20", "--clamp", "1",
+                     "--batch-size", str(bs), "--out", str(tmp_path / f"b{bs}")]) == 0
+        with np.load(tmp_path / f"b{bs}" / "samples.npz") as z:
+            xb = torch.from_numpy(z["x"])
+        assert xb.shape == x.shape and torch.equal(xb, x) == same, bs
+        assert json.loads((tmp_path / f"b{bs}" / "metrics.json").read_text())["reduction"] > 5
 
 
 @pytest.mark.parametrize("args, needle", [

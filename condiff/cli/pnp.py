@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,7 @@ def add_parser(sub, name: str) -> None:
                    help="re-noise the PnP result to timestep T and sample back to 0 with DPS on the same "
                         "constraint (default 0.4 T with --label: 400 of 1000; off with --symmetry; 0 turns it off)")
     d.add_argument("--finish-zeta", type=float, default=None, help="DPS step size of the finish (default 0.25)")
+    _batch_option(d)
     d.set_defaults(func=run_digits)
 
     m = s.add_parser("segment", help="infer masks of synthetic scenes with a (picture, mask) prior")
@@ -177,6 +179,7 @@ def add_parser(sub, name: str) -> None:
                    help="re-noise the result to timestep T and sample back to 0 with DPS on the constraint "
                         "(default 0: off)")
     c.add_argument("--finish-zeta", type=float, default=0.25, help="DPS step size of the finish (default 0.25)")
+    _batch_option(c)
     c.set_defaults(func=run_constraint)
 
 
@@ -192,12 +195,29 @@ def _common(p: argparse.ArgumentParser, ckpt: str, out: str, steps: int, lr: flo
     p.add_argument("--device", default=None)
 
 
+def _batch_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="samples optimised together (default 256); larger --n runs in batches one after the "
+                        "other, so memory does not grow with --n (the draws, and so the samples, depend on it)")
+
+
+def _in_batches(n: int, batch_size: int,
+                run: Callable[[int], tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, float]:
+    """``run(k) -> (samples (k, ...), seconds)`` for batches of ``batch_size`` (the last smaller) that add up
+    to ``n``, one after the other (the caller's generator runs on from batch to batch); the samples
+    concatenated and the seconds summed."""
+    parts = [run(min(batch_size, n - i)) for i in range(0, n, batch_size)]
+    return torch.cat([x for x, _ in parts]), sum(t for _, t in parts)
+
+
 def _check_common(args: argparse.Namespace) -> None:
     """The options every task shares, checked before a prior is trained or loaded."""
     check_out_dir(args.out, kind=f"condiff pnp {args.pnp_command}")
     checks.seed("--seed", args.seed)
     checks.integer("--steps", args.steps)
     checks.number("--lr", args.lr, "> 0")
+    if hasattr(args, "batch_size"):
+        checks.integer("--batch-size", args.batch_size, 1)
 
 
 # the data set a default prior of each task is trained on (a prior that records another is refused)
@@ -274,23 +294,30 @@ def run_digits(args: argparse.Namespace) -> int:
         steer = independent_digits_classifier(1, device)
         constraint = ClassConstraint(steer.log_prob, args.label)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    res = infer(den, torch.randn(args.n, *shape, generator=g, device=device), constraint=constraint,
-                schedule=TIME_SCHEDULES[args.schedule](), weight=WEIGHT_SCHEDULES[args.weight_schedule](args.weight),
-                steps=args.steps, lr=args.lr, through_net=not args.stop_grad, project=lambda z: z.clamp(-1, 1),
-                generator=g, progress=True)
-    x = res.x.clamp(-1, 1)
-    t0 = time.perf_counter()
-    if args.finish > 0:
-        guide = DPS(constraint, args.finish_zeta) if args.finish_zeta > 0 else None
-        x = finish(den, x, args.finish, guidance=guide, generator=g, progress=True)
-    finish_seconds = time.perf_counter() - t0
+    finish_seconds = 0.0
+
+    def run(k: int) -> tuple[torch.Tensor, float]:
+        nonlocal finish_seconds
+        res = infer(den, torch.randn(k, *shape, generator=g, device=device), constraint=constraint,
+                    schedule=TIME_SCHEDULES[args.schedule](),
+                    weight=WEIGHT_SCHEDULES[args.weight_schedule](args.weight), steps=args.steps, lr=args.lr,
+                    through_net=not args.stop_grad, project=lambda z: z.clamp(-1, 1), generator=g, progress=True)
+        x = res.x.clamp(-1, 1)
+        t0 = time.perf_counter()
+        if args.finish > 0:
+            guide = DPS(constraint, args.finish_zeta) if args.finish_zeta > 0 else None
+            x = finish(den, x, args.finish, guidance=guide, generator=g, progress=True)
+        finish_seconds += time.perf_counter() - t0
+        return x, res.seconds
+
+    x, seconds = _in_batches(args.n, args.batch_size, run)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ev = judge.evaluate(x)
     metrics = {"task": "symmetry" if args.symmetry else f"label {args.label}", "n": args.n, "steps": args.steps,
                "finish": args.finish, "finish_zeta": args.finish_zeta if args.finish else None,
                "finish_seconds": round(finish_seconds, 2),
-               "through_net": not args.stop_grad, "seconds": round(res.seconds, 2),
+               "through_net": not args.stop_grad, "seconds": round(seconds, 2),
                "mean_asymmetry": float(MirrorSymmetry(-1)(x).mean()),
                "diversity": mean_pairwise_distance(x), "class_hist": ev["class_hist"],
                "mean_top_prob": ev["mean_top_prob"]}  # a Fréchet distance to all ten classes would mislead here
@@ -456,7 +483,8 @@ def run_constraint(args: argparse.Namespace) -> int:
         raise ValueError(f"--finish must be a timestep in [0, {den.schedule.T}) (0: off), got {args.finish}")
     constraint = constraint.to(device)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    prior_x = sample(den, (args.n, *shape), steps=100, eta=1.0, generator=g, device=device)
+    prior_x, _ = _in_batches(args.n, args.batch_size, lambda k: (
+        sample(den, (k, *shape), steps=100, eta=1.0, generator=g, device=device), 0.0))
     if not bool(torch.isfinite(prior_x).all()):
         raise FloatingPointError(f"the prior's own samples are not finite: is the model at {args.ckpt} trained?")
     # the callable's shape and sign, named before the long run
@@ -465,20 +493,25 @@ def run_constraint(args: argparse.Namespace) -> int:
     violation_maps(constraint, prior_x[:1])  # and its violation map's shape
     bound = args.clamp if args.clamp is not None else (run_cfg.get("sample") or {}).get("clip_x0")
     project = (lambda z: z.clamp(-bound, bound)) if bound else None
-    res = infer(den, torch.randn(args.n, *shape, generator=g, device=device), constraint=constraint,
-                schedule=TIME_SCHEDULES[args.schedule](), weight=WEIGHT_SCHEDULES[args.weight_schedule](args.weight),
-                steps=args.steps, lr=args.lr, through_net=not args.stop_grad, project=project, generator=g,
-                progress=True)
-    x = res.x if project is None else project(res.x)
-    if args.finish > 0:
-        guide = DPS(constraint, args.finish_zeta) if args.finish_zeta > 0 else None
-        x = finish(den, x, args.finish, guidance=guide, generator=g, progress=True)
+
+    def run(k: int) -> tuple[torch.Tensor, float]:
+        res = infer(den, torch.randn(k, *shape, generator=g, device=device), constraint=constraint,
+                    schedule=TIME_SCHEDULES[args.schedule](),
+                    weight=WEIGHT_SCHEDULES[args.weight_schedule](args.weight), steps=args.steps, lr=args.lr,
+                    through_net=not args.stop_grad, project=project, generator=g, progress=True)
+        x = res.x if project is None else project(res.x)
+        if args.finish > 0:
+            guide = DPS(constraint, args.finish_zeta) if args.finish_zeta > 0 else None
+            x = finish(den, x, args.finish, guidance=guide, generator=g, progress=True)
+        return x, res.seconds
+
+    x, seconds = _in_batches(args.n, args.batch_size, run)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sets = {"prior samples": prior_x.detach().cpu(), "pnp": x.detach().cpu()}
     dist = {k: batched_distance(constraint, v, device=device) for k, v in sets.items()}
     metrics = {"constraint": spec, "n": args.n, "steps": args.steps, "weight": args.weight, "finish": args.finish,
-               "through_net": not args.stop_grad, "seconds": round(res.seconds, 2)}
+               "through_net": not args.stop_grad, "seconds": round(seconds, 2)}
     for k, d in dist.items():
         key = k.replace(" ", "_")
         metrics[f"{key}_l_mean"], metrics[f"{key}_l_median"] = float(d.mean()), float(d.median())
