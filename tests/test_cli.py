@@ -326,6 +326,18 @@ def test_bench_help_after_a_name_shows_what_that_benchmark_runs(capsys):
         assert ("benchmarks/dual.py:" in out and docstring("dual").splitlines()[-1] in out) == extra
 
 
+def test_options_are_not_abbreviated_and_unknown_ones_name_the_subcommand(capsys):
+    # `--n` would have been read as `--no-baselines` and run without the baselines
+    assert main(["namm", "assimilate", "--run", "nowhere", "--n"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["condiff namm assimilate: error: unrecognized arguments: --n (see condiff namm assimilate --help)"]
+    assert main(["sample", "--ckpt", "nowhere", "--bogus", "1"]) == 2
+    assert "condiff sample: error: unrecognized arguments: --bogus 1" in capsys.readouterr().err
+    assert main(["train", "--bogus"]) == 2
+    assert capsys.readouterr().err.strip() == ("condiff train: error: unrecognized arguments: --bogus "
+                                               "(see condiff train --help)")
+
+
 def test_output_into_a_closed_pipe_ends_quietly():
     """`condiff bench --list | head -1`: the reader goes away; no error message, exit 141 (as a shell's)."""
     proc = subprocess.Popen([sys.executable, "-m", "condiff.cli.main", "bench", "--list"], stdout=subprocess.PIPE,
@@ -395,7 +407,6 @@ def test_version(capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["sample", "--ckpt", "r", "--n", "4.5"], "condiff sample: error: argument --n: invalid int value: '4.5'"),
     (["namm", "fit"], "condiff namm fit: error: the following arguments are required: --data"),
-    (["train", "--bogus"], "condiff: error: unrecognized arguments: --bogus"),
 ])
 def test_a_bad_flag_is_one_line(capsys, argv, needle):
     with pytest.raises(SystemExit) as e:

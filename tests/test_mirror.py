@@ -29,6 +29,7 @@ from condiff.mirror import (
     mirror_dps,
     normalised_measurement_loss,
     save_mirror,
+    sparse_points,
 )
 from condiff.nets import ICNN, ResNetGenerator, build_net
 from condiff.sample import sample
@@ -529,6 +530,9 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     )
     metrics = json.loads((run / "samples" / "metrics.json").read_text())
     assert set(metrics) == {"data (held-out)", "vanilla", "mdm", "mdm_ft", "guided"}
+    assim = json.loads((run / "assimilate" / "metrics.json").read_text())  # what was run, and how well
+    assert assim["settings"]["n"] == 2 and assim["settings"]["steps"] == 5 and assim["settings"]["obs"] == "points"
+    assert all(0 < m["rmse_unobserved"] < 10 for m in assim["methods"].values())
     kept = json.loads((run / "config.json").read_text())  # the successful calls' --set values are kept
     assert kept["finetune"]["steps"] == 10 and kept["assimilate"]["n"] == 2 and kept["sample"]["steps"] == 5
     # re-running the fit keeps them (it reset them, and the fine-tuned stage then read as other settings)
@@ -571,6 +575,9 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert "finetune does not load" in err and "pass --fresh to redo it" in err and err.count("\n") == 1, err
     assert main(["namm", "sample", "--run", str(run), "--n", "8", "--quiet", "--fresh"]) == 0
     assert json.loads((run / "finetune" / "stage.json").read_text())["done"]
+    err = capsys.readouterr().err  # a stage made on the way is announced, even with --quiet, with how to skip it
+    assert (f"making {run / 'finetune'}: the inverse map fine-tuned on mirror-model samples, 10 steps; "
+            "`condiff namm finetune` makes it alone; --no-finetuned leaves it out") in err, err
     assert (run / "samples" / "violations.png").is_file() and (
         run / "assimilate" / "assimilation.png"
     ).is_file()
@@ -679,7 +686,21 @@ def test_assimilation_settings_and_operators_refuse_meaningless_values():
             check_assimilate(bad)
     assert frames((4, 8, 8), [0], 0.1).mask.mean() == 0.5  # one of two snapshots
     with pytest.raises(ValueError, match="leaving nothing to infer"):
-        frames((2, 8, 8), [0, 0], 0.1)  # the only snapshot
+        frames((2, 8, 8), [0], 0.1)  # the only snapshot
+    with pytest.raises(ValueError, match=r"snapshots \[1, 1\] repeat one"):
+        frames((6, 8, 8), [1, 1], 0.1)
+    with pytest.raises(ValueError, match="a non-empty list of snapshot indices, got 3"):
+        frames((6, 8, 8), 3, 0.1)
+    with pytest.raises(ValueError, match="all 8 rows leaves nothing to infer"):  # rows and points likewise
+        first_rows((1, 8, 8), 8, 0.1)
+    with pytest.raises(ValueError, match="observes all 64 points, leaving nothing to infer"):
+        sparse_points((1, 8, 8), 1.0, 0.1)
+    assert first_rows((1, 8, 8), 7, 0.1).mask.mean() == 7 / 8 and sparse_points((1, 8, 8), 0.99, 0.1).mask.mean() < 1
+    from condiff.cli.namm import _default_frames
+
+    assert _default_frames((16, 8, 8)) == [0, 3] and _default_frames((6, 8, 8)) == [0, 1]
+    with pytest.raises(ValueError, match="at least 3 snapshots"):  # two: the default would observe both
+        _default_frames((4, 8, 8))
     with pytest.raises(ValueError, match="downsamples = 5 needs H and W divisible by 32"):
         build_mirror((1, 16, 16), {"name": "icnn"}, {"name": "resnet", "downsamples": 5})
     with pytest.raises(ValueError, match="one sample's \\(C, H, W\\)"):

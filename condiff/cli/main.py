@@ -27,8 +27,13 @@ COMMANDS = {
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (its default prints the whole usage block first); the
+    """argparse with one-line errors (its default prints the whole usage block first) and no
+    abbreviated options (`namm assimilate --n` would silently mean `--no-baselines`); the
     subcommands' parsers are made of the same class."""
+
+    def __init__(self, *args, **kw) -> None:
+        kw.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kw)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -61,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("condiff: interrupted before the command started; nothing was written", file=sys.stderr)
         return 130
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named with the (sub)command they were given to, whose --help lists its options
+        prog = " ".join(["condiff", args.command, *(v for k, v in sorted(vars(args).items())
+                                                     if k.endswith("_command") and isinstance(v, str))])
+        print(f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see {prog} --help)", file=sys.stderr)
+        return 2
     if not os.environ.get("CONDIFF_DEBUG"):  # a warning is one line too
         warnings.showwarning = lambda message, category, *rest, **kw: print(
             f"condiff {args.command}: warning: {message}", file=sys.stderr)

@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import shutil
+import sys
 import time
 import warnings
 import zipfile
@@ -271,6 +272,7 @@ class NAMMRun:
         self._data: dict[str, ArrayData] = {}
         self._constraint: Constraint | None = None
         self.timings: dict[str, float] = {}
+        self.skip_hints: dict[str, str] = {}  # stage -> how the command at hand can do without it
         self.check()
 
     def check(self) -> None:
@@ -373,8 +375,8 @@ class NAMMRun:
         changed = changed_keys(old, self.spec(name)) if isinstance(old, dict) else []
         hint = f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} differ)" if changed else ""
         if name == "finetune" and any(k.startswith("sampler") for k in changed):
-            hint += (" (the fine-tuning pool is drawn with sample.steps and sample.eta; sample with "
-                     "--no-finetuned to leave it out)")
+            skip = self.skip_hints.get("finetune", "sample with --no-finetuned to leave it out")
+            hint += f" (the fine-tuning pool is drawn with sample.steps and sample.eta; {skip.split('; ')[-1]})"
         return (f"{self.root / name} was made with other settings{hint}; pass --fresh to redo it, "
                 "or use another --out / --run")
 
@@ -406,6 +408,7 @@ class NAMMRun:
         finished stage whose files no longer load is redone under ``fresh``, else named with that hint."""
         d, done = self._stage(name, spec)
         if not done:
+            self._announce(name, d)
             return d, None
         try:
             return d, load(d)
@@ -415,7 +418,20 @@ class NAMMRun:
                 raise io.CheckpointError(f"the finished stage {d} does not load ({first}); pass --fresh to "
                                          "redo it") from None
             shutil.rmtree(d)
-            return self._stage(name, spec)[0], None
+            d = self._stage(name, spec)[0]
+            self._announce(name, d)
+            return d, None
+
+    def _announce(self, name: str, d: Path) -> None:
+        """One line on stderr before a stage trains (any command makes the stages it needs and lacks),
+        with its length and, where the command can do without it, how."""
+        what, steps = {"namm": ("the mirror map", self.cfg["mirror_train"]),
+                       "mdm": ("the mirror diffusion model", self.cfg["train"]),
+                       "vanilla": ("the vanilla diffusion model", self.cfg["train"]),
+                       "finetune": ("the inverse map fine-tuned on mirror-model samples",
+                                    self._finetune_train())}[name]
+        hint = f"; {self.skip_hints[name]}" if name in self.skip_hints else ""
+        print(f"making {d}: {what}, {steps.get('steps', '?')} steps{hint}", file=sys.stderr, flush=True)
 
     def _tcfg(self, settings: dict, seed: int = 0, section: str = "train") -> TrainConfig:
         return train_config({"seed": seed, **settings}, section, device=self.device, progress=self.progress)
@@ -652,6 +668,23 @@ def _load_npz(path: Path, key: str) -> np.ndarray:
                          "pass --fresh to draw it again") from None
 
 
+ASSIMILATE_HELP = """Data assimilation on held-out truths: mirror DPS against DPS and constraint-guided DPS.
+
+Settings (--set assimilate.KEY=VALUE; kept in the run's config.json once the call succeeds):
+  obs                rows (the first time rows), points (random grid points) or frames (whole snapshots)
+  fraction           share of rows or points observed, in (0, 1)
+  frames             the observed snapshots for obs = frames, e.g. [0, 3]
+  noise              measurement noise, relative to the data range
+  n                  truths (at most the held-out split's size)
+  steps, eta, seed   the samplers' settings
+  zeta               DPS step size; constraint_weight: the guided baseline's weight
+  clip_x0            x0_hat bound (default 1.5 x the data's largest |x|)
+  finetuned          mirror DPS with the fine-tuned inverse map (true) or the fitted one (false)
+A stage the run lacks (the fine-tuning, say) is made first, with a line saying so.
+Writes RUN/assimilate/assimilation.png and metrics.json (residuals, l(x), RMSE on the unobserved
+entries, the settings used)."""
+
+
 ASSIMILATE_KEYS = ("obs", "fraction", "noise", "n", "steps", "zeta", "eta", "seed", "constraint_weight",
                    "clip_x0", "finetuned", "frames")
 
@@ -684,8 +717,19 @@ OBSERVATIONS = {
     "points": lambda shape, a, sigma: sparse_points(
         shape, float(a["fraction"]), sigma, int(a.get("seed", 0))
     ),
-    "frames": lambda shape, a, sigma: frames(shape, a.get("frames", [0, shape[0] // 2 - 1]), sigma),
+    "frames": lambda shape, a, sigma: frames(shape, a.get("frames", _default_frames(shape)), sigma),
 }
+
+
+def _default_frames(shape: tuple[int, ...]) -> list[int]:
+    """The first snapshot and one near the middle, where at least one more is left to infer."""
+    f = shape[0] // 2
+    if shape[0] % 2:
+        return [0]  # not flow samples: frames() says so
+    if f < 3:
+        raise ValueError(f"obs = frames needs flow samples of at least 3 snapshots (these have {f}; data.frames), "
+                         "or assimilate.frames naming the observed ones; observe points instead (--obs points)")
+    return [0, max(1, f // 2 - 1)]
 
 
 def run_assimilation(
@@ -701,15 +745,26 @@ def run_assimilation(
     test = run.data("test").x
     rng = float(test.max() - test.min())
     sigma_y = float(a["noise"]) * rng  # noise relative to the data range
-    op = OBSERVATIONS[a["obs"]](run.shape, a, sigma_y)
+    try:  # before any sampling: the settings are the user's, so the message names them
+        op = OBSERVATIONS[a["obs"]](run.shape, a, sigma_y)
+    except ValueError as e:
+        given = f"frames = {a['frames']}" if a["obs"] == "frames" and "frames" in a else (
+            f"fraction = {a.get('fraction')}" if a["obs"] != "frames" else "")
+        raise ValueError(f"assimilate (obs = {a['obs']}{', ' + given if given else ''}): {e}") from None
+    if "frames" in a and a["obs"] != "frames":
+        warnings.warn(f"assimilate.frames is for obs = frames; ignored with obs = {a['obs']}", stacklevel=2)
     n = min(int(a["n"]), len(test))
+    if n < int(a["n"]):
+        warnings.warn(f"assimilate.n = {a['n']}, but the held-out split has {len(test)} truths: using "
+                      f"{n} (data.n_test sets the split, for a new fit)", stacklevel=2)
     truth = test[:n]
     y = op.measure(truth, generator=torch.Generator().manual_seed(int(a["seed"]) + 1))
     con = run.constraint()
     # clamp x0_hat a little beyond the data range for every method alike (see assimilate's clip_x0)
     clip = a.get("clip_x0") or 1.5 * float(run.data().x.abs().max())
     results: dict[str, Any] = {"operator": op.describe(), "sigma_y": sigma_y, "n": n, "clip_x0": clip,
-                               "methods": {}}
+                               "settings": {k: a[k] for k in ASSIMILATE_KEYS if k in a}, "methods": {}}
+    hidden = ~op.mask.expand_as(truth).bool()  # the entries the measurement leaves to infer
     for name in methods:
         kw: dict[str, Any] = {}
         if name == "mirror DPS":
@@ -747,6 +802,7 @@ def run_assimilation(
         results["methods"][name] = {
             "residual_mean": float(res.mean()),
             "residual_median": float(res.median()),
+            "rmse_unobserved": float((x - truth)[hidden].pow(2).mean().sqrt()),
             "l_mean": float(dist.mean()),
             "l_median": float(dist.median()),
             "seconds": round(time.perf_counter() - t0, 1),
@@ -822,7 +878,8 @@ def add_parser(sub, name: str) -> None:
         ("finetune", run_finetune, "fine-tune the inverse map on mirror-model samples"),
         ("assimilate", run_assim, "data assimilation: mirror DPS vs DPS vs guided DPS"),
     ):
-        q = s.add_parser(cmd, help=helptext)
+        q = s.add_parser(cmd, help=helptext, description=ASSIMILATE_HELP if cmd == "assimilate" else None,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
         q.add_argument("--run", required=True, help="a run directory made by `condiff namm fit`")
         _settings_args(q)
         _common(q)
@@ -937,6 +994,7 @@ def run_sample(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{run.root}: --guided needs the vanilla DM (fit without --no-baseline)")
         which.append("guided")
     upstream = {"vanilla": ["vanilla"], "mdm": ["namm", "mdm"], "mdm_ft": ["finetune"], "guided": []}
+    run.skip_hints["finetune"] = "`condiff namm finetune` makes it alone; --no-finetuned leaves it out"
     run.preflight([s for w in which for s in upstream[w]])  # before any sample set is redrawn
     res = run.evaluate(which, args.n)
     write_sample_report(run, res, run.root / "samples")
@@ -986,9 +1044,14 @@ def run_assim(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{run.root}: the baselines need the vanilla DM, which this run does not have "
                                 "(fitted with --no-baseline?): pass --no-baselines, or fit without --no-baseline")
     stages = ["namm", "mdm"] + (["finetune"] if run.cfg["assimilate"].get("finetuned", True) else [])
+    run.skip_hints["finetune"] = ("`condiff namm finetune` makes it alone; --set assimilate.finetuned=false "
+                                  "uses the fitted map instead")
     run.preflight(stages + ([] if args.no_baselines else ["vanilla"]))
+    out = check_out_dir(run.root / "assimilate", flag="the output")
+    for f in (out / "assimilation.png", out / "metrics.json"):  # refused now, not after all the sampling
+        if f.is_dir():
+            raise IsADirectoryError(f"{f} is a directory: move it away, it is where this command writes")
     res = run_assimilation(run, methods, obs=args.obs)  # --obs is for this call only
-    out = run.root / "assimilate"
     con = run.constraint()
     cols = {
         "truth": (
@@ -998,16 +1061,20 @@ def run_assim(args: argparse.Namespace) -> int:
         )
     }
     cols.update({k: (v["_x"], violation_maps(con, v["_x"]), v["_l"]) for k, v in res["methods"].items()})
+    op = res["operator"]
+    seen = f"{op.get('mask', op.get('operator'))}, {op['observed']:.0%} observed" if "observed" in op else str(op)
     plot_violation_grid(
-        cols, out / "assimilation.png", rows=4, title=f"{run.cfg['data']['name']}: {res['operator']}"
+        cols, out / "assimilation.png", rows=4,
+        title=f"{run.cfg['data']['name']}: {seen}, noise sigma_y {res['sigma_y']:.3g}"
     )
     io.write_json_atomic(out / "metrics.json", public(res))
     print(
-        f"observation {res['operator']}, sigma_y {res['sigma_y']:.3g}, {res['n']} truths "
+        f"observation {seen}, noise sigma_y {res['sigma_y']:.3g}, {res['n']} truths "
         f"(truth: residual {res['truth']['residual_mean']:.3g}, l {res['truth']['l_mean']:.3g})"
     )
     for k, v in res["methods"].items():
-        res_l = f"residual {v['residual_mean']:8.3g}   l(x) mean {v['l_mean']:10.4g}"
+        res_l = (f"residual {v['residual_mean']:8.3g}   l(x) mean {v['l_mean']:10.4g}   "
+                 f"RMSE unobserved {v['rmse_unobserved']:8.3g}")
         print(f"  {k:<24} {res_l}   {v['seconds']:.0f} s")
     _keep_settings(run)
     print(f"wrote {out / 'assimilation.png'}, {out / 'metrics.json'}")

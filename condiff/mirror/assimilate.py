@@ -32,6 +32,8 @@ def first_rows(shape: Sequence[int], rows: int, sigma_y: float) -> Inpainting:
     """Observe rows ``0 .. rows-1`` of ``(C, T, N)`` images."""
     C, T, N = shape
     rows = checks.integer("first_rows: rows", rows, 1, T + 1)
+    if rows == T:
+        raise ValueError(f"first_rows: observing all {T} rows leaves nothing to infer; observe fewer")
     mask = torch.zeros(1, 1, T, N)
     mask[:, :, : int(rows)] = 1
     return Inpainting(mask, sigma_y, kind=f"first_rows({rows})")
@@ -43,6 +45,9 @@ def sparse_points(shape: Sequence[int], fraction: float, sigma_y: float, seed: i
         raise ValueError(f"sparse_points: fraction must lie in (0, 1], got {fraction}")
     C, H, W = shape
     k = max(1, round(fraction * H * W))
+    if k == H * W:
+        raise ValueError(f"sparse_points: fraction {fraction} observes all {H * W} points, leaving nothing to "
+                         "infer; observe fewer")
     idx = torch.randperm(H * W, generator=torch.Generator().manual_seed(seed))[:k]
     mask = torch.zeros(H * W)
     mask[idx] = 1
@@ -54,8 +59,11 @@ def frames(shape: Sequence[int], observed: Sequence[int], sigma_y: float) -> Inp
     C, H, W = shape
     if C % 2:
         raise ValueError(f"frames: flow samples have 2 velocity channels per snapshot, got {C} channels")
-    if not len(observed):
-        raise ValueError("frames: observe at least one snapshot")
+    if not isinstance(observed, (list, tuple)) or not len(observed):
+        raise ValueError(f"frames: a non-empty list of snapshot indices, got {observed!r}")
+    observed = [checks.integer("frames: snapshot", f, 0) for f in observed]
+    if len(set(observed)) != len(observed):
+        raise ValueError(f"frames: snapshots {observed} repeat one")
     mask = torch.zeros(1, C, H, W)
     for f in observed:
         checks.integer("frames: snapshot", f, 0)
