@@ -814,7 +814,7 @@ def run_assimilation(
         "residual_mean": float(truth_res.mean()),
         "l_mean": float(batched_distance(con, truth, device=run.device).mean()),
     }
-    results["_truth"], results["_mask"] = truth, op.mask.expand(1, *run.shape)[0]
+    results["_truth"], results["_y"] = truth, y
     return results
 
 
@@ -1054,6 +1054,7 @@ def run_assim(args: argparse.Namespace) -> int:
     res = run_assimilation(run, methods, obs=args.obs)  # --obs is for this call only
     con = run.constraint()
     cols = {
+        "observed (y)": (res["_y"], None, None),  # what the methods were given: zero where unobserved
         "truth": (
             res["_truth"],
             violation_maps(con, res["_truth"]),

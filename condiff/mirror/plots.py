@@ -22,11 +22,12 @@ def _show(x: Tensor) -> np.ndarray:
 
 
 def plot_violation_grid(
-    columns: dict[str, tuple[Tensor, Tensor | None, Tensor]], out: str | Path, rows: int = 6, title: str = ""
+    columns: dict[str, tuple[Tensor, Tensor | None, Tensor | None]], out: str | Path, rows: int = 6,
+    title: str = ""
 ) -> Path:
-    """Per method a column of samples ``x (N, C, H, W)``, each titled with its distance ``l (N,)``, and
-    beside it a column of their violation maps ``(N, H, W)`` when the method has them (not ``None``).
-    All violation maps share one colour scale. Writes a PNG atomically."""
+    """Per method a column of samples ``x (N, C, H, W)``, each titled with its distance ``l (N,)`` (none
+    for ``None``: a measurement, say), and beside it a column of their violation maps ``(N, H, W)`` when
+    the method has them (not ``None``). All violation maps share one colour scale. Writes a PNG atomically."""
     names = list(columns)
     rows = min(rows, min(len(v[0]) for v in columns.values()))
     # one colour scale for every violation column, so their brightness compares across methods
@@ -42,9 +43,8 @@ def plot_violation_grid(
         for i in range(rows):
             ax = axes[i, col]
             ax.imshow(_show(x[i]), cmap="gray")
-            ax.set_title(
-                f"{name}\nl={float(dist[i]):.3g}" if i == 0 else f"l={float(dist[i]):.3g}", fontsize=7
-            )
+            label = "" if dist is None else f"l={float(dist[i]):.3g}"
+            ax.set_title(f"{name}\n{label}" if i == 0 else label, fontsize=7)
             if vmap is not None:
                 axv = axes[i, col + 1]
                 axv.imshow(vmap[i].detach().float().cpu().numpy(), cmap="magma", vmin=0, vmax=max(shared, 1e-12))
