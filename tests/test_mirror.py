@@ -533,6 +533,11 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assim = json.loads((run / "assimilate" / "metrics.json").read_text())  # what was run, and how well
     assert assim["settings"]["n"] == 2 and assim["settings"]["steps"] == 5 and assim["settings"]["obs"] == "points"
     assert all(0 < m["rmse_unobserved"] < 10 for m in assim["methods"].values())
+    with np.load(run / "assimilate" / "samples.npz") as z:  # the arrays behind the figure and the figures
+        assert set(z.files) == {"truth", "y", "mirror_DPS", "DPS", "constraint_guided_DPS"}
+        hidden = z["y"] == 0  # points: unobserved entries are zero in y
+        rmse = float(np.sqrt(((z["mirror_DPS"] - z["truth"])[hidden] ** 2).mean()))
+        assert rmse == pytest.approx(assim["methods"]["mirror DPS"]["rmse_unobserved"], rel=1e-4)
     kept = json.loads((run / "config.json").read_text())  # the successful calls' --set values are kept
     assert kept["finetune"]["steps"] == 10 and kept["assimilate"]["n"] == 2 and kept["sample"]["steps"] == 5
     # re-running the fit keeps them (it reset them, and the fine-tuned stage then read as other settings)

@@ -681,8 +681,8 @@ Settings (--set assimilate.KEY=VALUE; kept in the run's config.json once the cal
   clip_x0            x0_hat bound (default 1.5 x the data's largest |x|)
   finetuned          mirror DPS with the fine-tuned inverse map (true) or the fitted one (false)
 A stage the run lacks (the fine-tuning, say) is made first, with a line saying so.
-Writes RUN/assimilate/assimilation.png and metrics.json (residuals, l(x), RMSE on the unobserved
-entries, the settings used)."""
+Writes RUN/assimilate/assimilation.png, samples.npz (truth, y and each method's samples) and
+metrics.json (residuals, l(x), RMSE on the unobserved entries, the settings used)."""
 
 
 ASSIMILATE_KEYS = ("obs", "fraction", "noise", "n", "steps", "zeta", "eta", "seed", "constraint_weight",
@@ -1048,7 +1048,7 @@ def run_assim(args: argparse.Namespace) -> int:
                                   "uses the fitted map instead")
     run.preflight(stages + ([] if args.no_baselines else ["vanilla"]))
     out = check_out_dir(run.root / "assimilate", flag="the output")
-    for f in (out / "assimilation.png", out / "metrics.json"):  # refused now, not after all the sampling
+    for f in (out / "assimilation.png", out / "samples.npz", out / "metrics.json"):  # refused now, not after sampling
         if f.is_dir():
             raise IsADirectoryError(f"{f} is a directory: move it away, it is where this command writes")
     res = run_assimilation(run, methods, obs=args.obs)  # --obs is for this call only
@@ -1068,6 +1068,8 @@ def run_assim(args: argparse.Namespace) -> int:
         cols, out / "assimilation.png", rows=4,
         title=f"{run.cfg['data']['name']}: {seen}, noise sigma_y {res['sigma_y']:.3g}"
     )
+    io.write_npz_atomic(out / "samples.npz", truth=res["_truth"].numpy(), y=res["_y"].cpu().numpy(),
+                        **{k.replace(" ", "_").replace("-", "_"): v["_x"].numpy() for k, v in res["methods"].items()})
     io.write_json_atomic(out / "metrics.json", public(res))
     print(
         f"observation {seen}, noise sigma_y {res['sigma_y']:.3g}, {res['n']} truths "
@@ -1078,5 +1080,5 @@ def run_assim(args: argparse.Namespace) -> int:
                  f"RMSE unobserved {v['rmse_unobserved']:8.3g}")
         print(f"  {k:<24} {res_l}   {v['seconds']:.0f} s")
     _keep_settings(run)
-    print(f"wrote {out / 'assimilation.png'}, {out / 'metrics.json'}")
+    print(f"wrote {out / 'assimilation.png'}, {out / 'samples.npz'}, {out / 'metrics.json'}")
     return 0
