@@ -278,6 +278,8 @@ def build_source(spec: dict, cfg: dict, where: str, objective: ArrayData | None,
         if objective is not None and tuple(shape) != tuple(objective.shape):  # before drawing the samples
             raise config_mod.ConfigError(f"constraint {where!r}: the model at {spec['model']} makes samples "
                                          f"of shape {tuple(shape)}, the objective data have {objective.shape}")
+        ex.say(cfg.get("train", {}).get("progress", True),
+               f"drawing {spec.get('n', 1000)} samples of {spec['model']} for {where!r} ({spec.get('steps', 100)} steps)")
         x = model_samples(den, spec.get("n", 1000), shape, steps=spec.get("steps", 100),
                           eta=spec.get("eta", 1.0), seed=seed, batch_size=spec.get("batch_size", 500),
                           device=device, clip_x0=cfg.get("sample", {}).get("clip_x0"))
@@ -318,6 +320,8 @@ def build_constraints(cfg: dict, objective: ArrayData, schedule: Schedule, dcfg:
             if tuple(shape) != tuple(objective.shape):
                 raise config_mod.ConfigError(f"{where}: the reference model at {ref_path} takes samples of shape "
                                              f"{tuple(shape)}, the objective data have {objective.shape}")
+            ex.say(cfg.get("train", {}).get("progress", True),
+                   f"{where}: the reference loss of {ref_path} (4096 draws)")
             ref = float(reference_losses(den, schedule, [data.x], timesteps=dcfg.timesteps,
                                          t_range=dcfg.t_range, n=4096, seed=dcfg.seed)[0])
             bound = spec["relative"] * ref
@@ -395,6 +399,7 @@ class DualJob:
         ema = self.trainer.fit()
         if not self.trainer.dist.main:
             return None
+        ex.say(self.tcfg.progress, "the final losses (dual estimator, 4096 draws per data set)")
         final = torch.cat([  # dual estimator, 4096 draws: L_0 on all of [0, T), the L_i on t_range
             reference_losses(ema, schedule, [objective.x], timesteps=dcfg.timesteps, n=4096, seed=dcfg.seed + 1),
             reference_losses(ema, schedule, [c.x for c in self.constraints], timesteps=dcfg.timesteps, n=4096,
