@@ -278,8 +278,8 @@ def build_source(spec: dict, cfg: dict, where: str, objective: ArrayData | None,
         if objective is not None and tuple(shape) != tuple(objective.shape):  # before drawing the samples
             raise config_mod.ConfigError(f"constraint {where!r}: the model at {spec['model']} makes samples "
                                          f"of shape {tuple(shape)}, the objective data have {objective.shape}")
-        ex.say(cfg.get("train", {}).get("progress", True),
-               f"drawing {spec.get('n', 1000)} samples of {spec['model']} for {where!r} ({spec.get('steps', 100)} steps)")
+        ex.say(cfg.get("train", {}).get("progress", True), f"drawing {spec.get('n', 1000)} samples of "
+               f"{spec['model']} for {where!r} ({spec.get('steps', 100)} steps)")
         x = model_samples(den, spec.get("n", 1000), shape, steps=spec.get("steps", 100),
                           eta=spec.get("eta", 1.0), seed=seed, batch_size=spec.get("batch_size", 500),
                           device=device, clip_x0=cfg.get("sample", {}).get("clip_x0"))
