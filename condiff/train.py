@@ -370,7 +370,7 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     rec = {"step": self.step, "loss": run_loss / seen, "lr": lr, "grad_norm": float(gnorm),
                            "samples_per_s": timed * cfg.batch_size * self.dist.world / max(dt, 1e-9),
-                           **{k: float(v) for k, v in logs.items()}}
+                           **{k: float(v) if isinstance(v, Tensor) else v for k, v in logs.items()}}
                     if bar is not None:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.0f}")
                     if log is not None:
