@@ -201,13 +201,29 @@ def _batch_option(p: argparse.ArgumentParser) -> None:
                         "other, so memory does not grow with --n (the draws, and so the samples, depend on it)")
 
 
-def _in_batches(n: int, batch_size: int,
-                run: Callable[[int], tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, float]:
-    """``run(k) -> (samples (k, ...), seconds)`` for batches of ``batch_size`` (the last smaller) that add up
-    to ``n``, one after the other (the caller's generator runs on from batch to batch); the samples
-    concatenated and the seconds summed."""
-    parts = [run(min(batch_size, n - i)) for i in range(0, n, batch_size)]
-    return torch.cat([x for x, _ in parts]), sum(t for _, t in parts)
+def _run_pnp(args: argparse.Namespace, den, shape: tuple[int, ...], constraint, project: Callable | None,
+             generator: torch.Generator, device: str) -> tuple[torch.Tensor, float, float]:
+    """PnP inference (then the DPS finish, with ``--finish``) for ``--n`` samples, ``--batch-size`` at a
+    time, one batch after the other from ``generator``: the samples, the inference and the finish
+    seconds."""
+    from ..guidance import DPS
+    from ..pnp.engine import finish, infer
+
+    xs, seconds, finish_seconds = [], 0.0, 0.0
+    for start in range(0, args.n, args.batch_size):
+        k = min(args.batch_size, args.n - start)
+        res = infer(den, torch.randn(k, *shape, generator=generator, device=device), constraint=constraint,
+                    schedule=TIME_SCHEDULES[args.schedule](),
+                    weight=WEIGHT_SCHEDULES[args.weight_schedule](args.weight), steps=args.steps, lr=args.lr,
+                    through_net=not args.stop_grad, project=project, generator=generator, progress=True)
+        x = res.x if project is None else project(res.x)
+        t0 = time.perf_counter()
+        if args.finish > 0:
+            guide = DPS(constraint, args.finish_zeta) if args.finish_zeta > 0 else None
+            x = finish(den, x, args.finish, guidance=guide, generator=generator, progress=True)
+        xs.append(x)
+        seconds, finish_seconds = seconds + res.seconds, finish_seconds + time.perf_counter() - t0
+    return torch.cat(xs), seconds, finish_seconds
 
 
 def _check_common(args: argparse.Namespace) -> None:
@@ -258,7 +274,6 @@ def _finish(out: Path, metrics: dict, files: list[Path]) -> int:
 
 def run_digits(args: argparse.Namespace) -> int:
     from ..classifier import DigitsJudge
-    from ..guidance import DPS
     from ..pnp.conditional import (
         DIGITS_FINISH_AT,
         DIGITS_FINISH_ZETA,
@@ -267,7 +282,6 @@ def run_digits(args: argparse.Namespace) -> int:
         independent_digits_classifier,
         mean_pairwise_distance,
     )
-    from ..pnp.engine import finish, infer
 
     if args.n < 2:
         raise ValueError(f"--n must be >= 2, got {args.n}")
@@ -294,23 +308,7 @@ def run_digits(args: argparse.Namespace) -> int:
         steer = independent_digits_classifier(1, device)
         constraint = ClassConstraint(steer.log_prob, args.label)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    finish_seconds = 0.0
-
-    def run(k: int) -> tuple[torch.Tensor, float]:
-        nonlocal finish_seconds
-        res = infer(den, torch.randn(k, *shape, generator=g, device=device), constraint=constraint,
-                    schedule=TIME_SCHEDULES[args.schedule](),
-                    weight=WEIGHT_SCHEDULES[args.weight_schedule](args.weight), steps=args.steps, lr=args.lr,
-                    through_net=not args.stop_grad, project=lambda z: z.clamp(-1, 1), generator=g, progress=True)
-        x = res.x.clamp(-1, 1)
-        t0 = time.perf_counter()
-        if args.finish > 0:
-            guide = DPS(constraint, args.finish_zeta) if args.finish_zeta > 0 else None
-            x = finish(den, x, args.finish, guidance=guide, generator=g, progress=True)
-        finish_seconds += time.perf_counter() - t0
-        return x, res.seconds
-
-    x, seconds = _in_batches(args.n, args.batch_size, run)
+    x, seconds, finish_seconds = _run_pnp(args, den, shape, constraint, lambda z: z.clamp(-1, 1), g, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ev = judge.evaluate(x)
@@ -460,12 +458,10 @@ def run_tsp(args: argparse.Namespace) -> int:
 def run_constraint(args: argparse.Namespace) -> int:
     """PnP under a named or user-supplied constraint, beside the prior's own samples (same count)."""
     from ..constraints import build_constraint, check_distance, parse_python_spec
-    from ..guidance import DPS
     from ..mirror.plots import plot_violation_grid, violation_maps
     from ..mirror.sample import batched_distance
     from ..pnp.conditional import mean_pairwise_distance
-    from ..pnp.engine import finish, infer
-    from ..sample import sample
+    from ..sample import generate
 
     checks.integer("--n", args.n, 2)
     checks.number("--weight", args.weight, "> 0")
@@ -483,8 +479,8 @@ def run_constraint(args: argparse.Namespace) -> int:
         raise ValueError(f"--finish must be a timestep in [0, {den.schedule.T}) (0: off), got {args.finish}")
     constraint = constraint.to(device)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    prior_x, _ = _in_batches(args.n, args.batch_size, lambda k: (
-        sample(den, (k, *shape), steps=100, eta=1.0, generator=g, device=device), 0.0))
+    prior_x = generate(den, args.n, tuple(shape), batch_size=args.batch_size, steps=100, eta=1.0, generator=g,
+                       device=device).to(device)
     if not bool(torch.isfinite(prior_x).all()):
         raise FloatingPointError(f"the prior's own samples are not finite: is the model at {args.ckpt} trained?")
     # the callable's shape and sign, named before the long run
@@ -493,19 +489,7 @@ def run_constraint(args: argparse.Namespace) -> int:
     violation_maps(constraint, prior_x[:1])  # and its violation map's shape
     bound = args.clamp if args.clamp is not None else (run_cfg.get("sample") or {}).get("clip_x0")
     project = (lambda z: z.clamp(-bound, bound)) if bound else None
-
-    def run(k: int) -> tuple[torch.Tensor, float]:
-        res = infer(den, torch.randn(k, *shape, generator=g, device=device), constraint=constraint,
-                    schedule=TIME_SCHEDULES[args.schedule](),
-                    weight=WEIGHT_SCHEDULES[args.weight_schedule](args.weight), steps=args.steps, lr=args.lr,
-                    through_net=not args.stop_grad, project=project, generator=g, progress=True)
-        x = res.x if project is None else project(res.x)
-        if args.finish > 0:
-            guide = DPS(constraint, args.finish_zeta) if args.finish_zeta > 0 else None
-            x = finish(den, x, args.finish, guidance=guide, generator=g, progress=True)
-        return x, res.seconds
-
-    x, seconds = _in_batches(args.n, args.batch_size, run)
+    x, seconds, _ = _run_pnp(args, den, shape, constraint, project, g, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sets = {"prior samples": prior_x.detach().cpu(), "pnp": x.detach().cpu()}
