@@ -60,6 +60,7 @@ from ..mirror import (
     train_diffusion,
 )
 from ..mirror.fit import MIRROR_TRAIN
+from ..mirror.objective import check_fitting_loss
 from ..mirror.plots import plot_violation_grid, violation_maps
 from ..models import load_denoiser
 from ..nets import build_net
@@ -272,7 +273,8 @@ class NAMMRun:
         self._data: dict[str, ArrayData] = {}
         self._constraint: Constraint | None = None
         self.timings: dict[str, float] = {}
-        self.skip_hints: dict[str, str] = {}  # stage -> how the command at hand can do without it
+        # stage -> how the command at hand can do without it ("--no-finetuned leaves it out")
+        self.skip_hints: dict[str, str] = {}
         self.check()
 
     def check(self) -> None:
@@ -281,8 +283,7 @@ class NAMMRun:
         self._tcfg(self.cfg["mirror_train"], section="mirror_train")
         self._tcfg(self.cfg["train"])
         self._tcfg(self._finetune_train(), section="finetune")
-        if NAMMLoss.from_dict(self.cfg["loss"]).l_adv > 0:  # the fitting refuses it too, but only once it starts
-            raise ValueError("the realism term (l_adv) is for fine-tuning only; set it there (finetune.loss.l_adv)")
+        check_fitting_loss(NAMMLoss.from_dict(self.cfg["loss"]))  # the fitting checks it too, once it starts
         self.finetune_loss()
         n = self.cfg["finetune"].get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -375,8 +376,8 @@ class NAMMRun:
         changed = changed_keys(old, self.spec(name)) if isinstance(old, dict) else []
         hint = f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} differ)" if changed else ""
         if name == "finetune" and any(k.startswith("sampler") for k in changed):
-            skip = self.skip_hints.get("finetune", "sample with --no-finetuned to leave it out")
-            hint += f" (the fine-tuning pool is drawn with sample.steps and sample.eta; {skip.split('; ')[-1]})"
+            skip = self.skip_hints.get("finetune", "--no-finetuned leaves it out")
+            hint += f" (the fine-tuning pool is drawn with sample.steps and sample.eta; {skip})"
         return (f"{self.root / name} was made with other settings{hint}; pass --fresh to redo it, "
                 "or use another --out / --run")
 
@@ -430,7 +431,8 @@ class NAMMRun:
                        "vanilla": ("the vanilla diffusion model", self.cfg["train"]),
                        "finetune": ("the inverse map fine-tuned on mirror-model samples",
                                     self._finetune_train())}[name]
-        hint = f"; {self.skip_hints[name]}" if name in self.skip_hints else ""
+        hint = "; `condiff namm finetune` makes it alone" if name == "finetune" else ""
+        hint += f"; {self.skip_hints[name]}" if name in self.skip_hints else ""
         print(f"making {d}: {what}, {steps.get('steps', '?')} steps{hint}", file=sys.stderr, flush=True)
 
     def _tcfg(self, settings: dict, seed: int = 0, section: str = "train") -> TrainConfig:
@@ -994,7 +996,7 @@ def run_sample(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{run.root}: --guided needs the vanilla DM (fit without --no-baseline)")
         which.append("guided")
     upstream = {"vanilla": ["vanilla"], "mdm": ["namm", "mdm"], "mdm_ft": ["finetune"], "guided": []}
-    run.skip_hints["finetune"] = "`condiff namm finetune` makes it alone; --no-finetuned leaves it out"
+    run.skip_hints["finetune"] = "--no-finetuned leaves it out"
     run.preflight([s for w in which for s in upstream[w]])  # before any sample set is redrawn
     res = run.evaluate(which, args.n)
     write_sample_report(run, res, run.root / "samples")
@@ -1044,8 +1046,7 @@ def run_assim(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{run.root}: the baselines need the vanilla DM, which this run does not have "
                                 "(fitted with --no-baseline?): pass --no-baselines, or fit without --no-baseline")
     stages = ["namm", "mdm"] + (["finetune"] if run.cfg["assimilate"].get("finetuned", True) else [])
-    run.skip_hints["finetune"] = ("`condiff namm finetune` makes it alone; --set assimilate.finetuned=false "
-                                  "uses the fitted map instead")
+    run.skip_hints["finetune"] = "--set assimilate.finetuned=false uses the fitted map instead"
     run.preflight(stages + ([] if args.no_baselines else ["vanilla"]))
     out = check_out_dir(run.root / "assimilate", flag="the output")
     for f in (out / "assimilation.png", out / "samples.npz", out / "metrics.json"):  # refused now, not after sampling

@@ -103,6 +103,13 @@ def _batch(x: Tensor, batch_size: int, generator: torch.Generator) -> Tensor:
     return x[idx.to(x.device)]
 
 
+def check_fitting_loss(w: NAMMLoss) -> None:
+    """Refuse loss weights the fitting of the mirror map cannot use: the realism term is fine-tuning's
+    (``f`` sees only the data's own neighbourhood while the map is fitted)."""
+    if w.l_adv > 0:
+        raise ValueError("the realism term (l_adv) is for fine-tuning only; set it there (finetune.loss.l_adv)")
+
+
 class NAMMObjective(_SignCheck):
     """Joint training of ``Psi`` and ``f`` (the model is a :class:`MirrorMap`) on data ``x`` (N, C, H, W)."""
 
@@ -114,8 +121,7 @@ class NAMMObjective(_SignCheck):
         self.x, self.constraint, self.batch_size = x, constraint, int(batch_size)
         self.w = weights or NAMMLoss()
         self._pending: list[tuple[int, Tensor]] = []
-        if self.w.l_adv > 0:
-            raise ValueError("the realism term (l_adv) is for fine-tuning only; set it there (finetune.loss.l_adv)")
+        check_fitting_loss(self.w)
 
     def to(self, device: torch.device | str) -> NAMMObjective:
         self.x = self.x.to(device)
