@@ -159,13 +159,18 @@ def lock_run(run_dir: str | Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        holder = _lock_pid(fd)
         os.close(fd)
         raise RunInUseError(f"{run_dir} is in use by another condiff process (pid {holder}); wait for it to "
                             "finish or use another directory") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _LOCKS[run_dir] = fd  # held until release_runs() or the process exits
+
+
+def _lock_pid(fd: int) -> str:
+    """The pid the holder of a ``.lock`` wrote into it ("?" if none)."""
+    return os.read(fd, 32).decode(errors="replace").strip() or "?"
 
 
 def run_holder(run_dir: str | Path) -> str | None:
@@ -182,7 +187,7 @@ def run_holder(run_dir: str | Path) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
-        return os.read(fd, 32).decode(errors="replace").strip() or "?"
+        return _lock_pid(fd)
     finally:
         os.close(fd)  # closing also drops the probe's own lock
     return None

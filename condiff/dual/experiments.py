@@ -116,9 +116,9 @@ def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: Trai
     ``fresh``, which clears it first. With ``tcfg.progress`` the stage is announced on stderr.
     """
     model_dir, key_file = run_dir / "model", run_dir / "key.json"
-    if (model_dir / io.CONFIG).is_file() and io.load_config(model_dir).get("key") == _key(key):
+    recorded = io.load_config(model_dir) if (model_dir / io.CONFIG).is_file() else {}
+    if recorded.get("key") == _key(key):
         say(tcfg.progress, f"reusing {model_dir} (trained with these settings)")
-        recorded = io.load_config(model_dir)
         if "shape" not in recorded:  # saved before models recorded their data: completed in place
             io.write_json_atomic(model_dir / io.CONFIG, {**recorded, "data": data, "shape": list(x.shape[1:]),
                                                          "value_range": value_range(x)})
