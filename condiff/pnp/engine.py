@@ -19,6 +19,7 @@ forward pass per step and no backward pass through the network.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,15 +112,20 @@ READ_EVERY_DEFAULT = 50
 
 
 class _Trace:
-    """The per-step means and finiteness flags, kept on the device and read in blocks; :meth:`read`
-    stops at the first step whose gradient was not finite, naming what made it so."""
+    """Each step's values, kept on the device and read in blocks: whether the gradient, the rendered
+    samples and the denoising term were finite, the denoising term's mean and, in a run with a
+    constraint, the constraint's. :meth:`read` stops at the first step whose gradient was not finite,
+    naming what made it so."""
 
-    def __init__(self, out: PnPResult, every: int) -> None:
-        self.out, self.every = out, every
-        self.pending: list[tuple[int, int, Tensor, Tensor, Tensor | None]] = []
+    def __init__(self, out: PnPResult, every: int, constrained: bool) -> None:
+        self.out, self.every, self.constrained = out, every, constrained
+        self.pending: list[tuple[int, int, Tensor]] = []
 
-    def add(self, i: int, t_i: int, flags: Tensor, d_mean: Tensor, c_mean: Tensor | None) -> None:
-        self.pending.append((i, t_i, flags, d_mean, c_mean))
+    def add(self, i: int, t_i: int, g: Tensor, x: Tensor, d: Tensor, c_mean: Tensor | None) -> None:
+        f64 = torch.float64  # the means at their own precision, whatever the model's (bf16, say) or the constraint's
+        values = [torch.isfinite(v).all().to(f64) for v in (g, x, d)] + [d.mean().to(f64)]
+        values = torch.stack(values + [c_mean.to(f64) if c_mean is not None else d.new_zeros((), dtype=f64)])
+        self.pending.append((i, t_i, values))
         if len(self.pending) >= self.every:
             self.read()
 
@@ -127,24 +133,23 @@ class _Trace:
         if not self.pending:
             return
         pending, self.pending = self.pending, []
-        flags = torch.stack([f for _, _, f, _, _ in pending]).cpu()  # (k, 4): gradient, x, d, constraint
-        means = torch.stack([torch.stack([d, d if c is None else c]) for _, _, _, d, c in pending]).cpu().tolist()
-        for (i, t_i, _, _, c), ok, (d_mean, c_mean) in zip(pending, flags.tolist(), means):
-            if not ok[0]:
-                raise FloatingPointError(f"non-finite gradient at step {i} (t={t_i}): {_culprit(ok, c_mean)}")
+        rows = torch.stack([v for _, _, v in pending]).cpu().tolist()
+        for (i, t_i, _), (g_ok, x_ok, d_ok, d_mean, c_mean) in zip(pending, rows):
+            if not g_ok:
+                raise FloatingPointError(f"non-finite gradient at step {i} (t={t_i}): "
+                                         f"{_culprit(x_ok, d_ok, c_mean)}")
             self.out.denoise.append(d_mean)
-            if c is not None:
+            if self.constrained:
                 self.out.constraint.append(c_mean)
 
 
-def _culprit(ok: list[bool], c_mean: float) -> str:
-    """What made a step's gradient non-finite, as far as the step's values tell (``ok``: whether the
-    rendered samples, the denoising term and the constraint's mean were finite)."""
-    if not ok[1]:
+def _culprit(x_ok: bool, d_ok: bool, c_mean: float) -> str:
+    """What made a step's gradient non-finite, as far as the step's values tell."""
+    if not x_ok:
         return "the rendered samples are not finite; lower the learning rate"
-    if not ok[2]:
+    if not d_ok:
         return "the denoising term is not finite; lower the learning rate"
-    if not ok[3]:
+    if not math.isfinite(c_mean):
         return f"the constraint returned non-finite values (mean {c_mean}) on finite samples"
     return "the gradient is not finite though the step's values are: check the constraint's gradient, or lower " \
            "the learning rate"
@@ -163,7 +168,7 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
     opt = torch.optim.Adam([z], lr=lr, betas=betas)
     T, B = denoiser.schedule.T, z.shape[0]
     out = PnPResult(x=z, latent=z)
-    trace = _Trace(out, READ_EVERY.get(z.device.type, READ_EVERY_DEFAULT))
+    trace = _Trace(out, READ_EVERY.get(z.device.type, READ_EVERY_DEFAULT), constraint is not None)
     nfe0, t0 = denoiser.nfe, time.perf_counter()
     bar = progress_bar(steps, progress, desc="pnp")
     try:
@@ -189,9 +194,7 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
                 with torch.no_grad():
                     c_mean = constraint(x.detach()).mean().to(d.device)
             (g,) = torch.autograd.grad(loss, [z])
-            finite = [torch.isfinite(v).all() for v in (g, x.detach(), d.detach())]
-            finite.append(torch.isfinite(c_mean) if c_mean is not None else finite[0].new_ones(()))
-            trace.add(i, t_i, torch.stack(finite), d.detach().mean(), c_mean)  # a bad step stops the loop here
+            trace.add(i, t_i, g, x.detach(), d.detach(), c_mean)  # a bad step stops the loop here
             z.grad = g
             opt.step()
             if project is not None:
