@@ -54,6 +54,8 @@ class Step:
     abar_prev: float
     sigma: float
     eta: float
+    t_host: int             # t and t_prev as host integers: reading t[0] would wait for a GPU
+    t_prev_host: int
     denoiser: Denoiser
     generator: torch.Generator | None = None
     clip_x0: float | Sequence[float] | None = None
@@ -65,7 +67,8 @@ class Step:
     def remake(self, x_t: Tensor, noise: Tensor | None = None) -> Step:
         """The same step evaluated at another ``x_t`` (one more network call), with fresh noise."""
         return make_step(self.denoiser, x_t, self.i, self.t, self.t_prev, self.eta,
-                         self.generator, self.clip_x0, noise=noise, abars=(self.abar_t, self.abar_prev))
+                         self.generator, self.clip_x0, noise=noise, abars=(self.abar_t, self.abar_prev),
+                         times=(self.t_host, self.t_prev_host))
 
     def with_eps(self, eps_hat: Tensor) -> Step:
         """The step rebuilt from a modified ``eps_hat`` (no network call): UGD's forward guidance."""
@@ -133,14 +136,18 @@ def step_abars(abar: Tensor | Sequence[float], t: int, t_prev: int) -> tuple[flo
 
 def make_step(denoiser: Denoiser, x_t: Tensor, i: int, t: Tensor, t_prev: Tensor, eta: float,
               generator: torch.Generator | None, clip_x0: float | Sequence[float] | None = None,
-              noise: Tensor | None = None, abars: tuple[float, float] | None = None) -> Step:
+              noise: Tensor | None = None, abars: tuple[float, float] | None = None,
+              times: tuple[int, int] | None = None) -> Step:
     """Evaluate the denoiser once at ``(x_t, t)`` and build the step record.
 
-    ``abars``: ``(abar_t, abar_prev)`` when the caller has them on the host; otherwise they are read
-    from ``t`` and ``t_prev``, which on a GPU waits for the device (a sync per step).
+    ``times``: ``(t, t_prev)`` as host integers and ``abars``: ``(abar_t, abar_prev)``, when the
+    caller has them; otherwise they are read from ``t`` and ``t_prev`` (and the schedule), which on a
+    GPU waits for the device (a sync per step).
     """
+    if times is None:
+        times = int(t[0]), int(t_prev[0])
     if abars is None:
-        abars = step_abars(denoiser.schedule.abar, int(t[0]), int(t_prev[0]))
+        abars = step_abars(denoiser.schedule.abar, *times)
     abar_t, abar_prev = abars
     eps_hat = denoiser.eps(x_t, t)
     x0_hat = _x0(x_t, eps_hat, abar_t)
@@ -151,13 +158,27 @@ def make_step(denoiser: Denoiser, x_t: Tensor, i: int, t: Tensor, t_prev: Tensor
     if noise is None:
         noise = randn(x_t.shape, generator, like=x_t) if sigma > 0 else torch.zeros_like(x_t)
     mean = _ddim_mean(x0_hat, eps_hat, abar_prev, sigma)
-    return Step(i, t, t_prev, x_t, eps_hat, x0_hat, mean, noise, abar_t, abar_prev, sigma, eta,
+    return Step(i, t, t_prev, x_t, eps_hat, x0_hat, mean, noise, abar_t, abar_prev, sigma, eta, *times,
                 denoiser, generator, clip_x0)
+
+
+# Steps between reads of per-step values (finiteness flags, traces) from the device: on the CPU a read
+# costs nothing, so each step is checked as it comes; on a GPU a read each step would make the host
+# wait for the device every step.
+READ_EVERY = {"cpu": 1}
+READ_EVERY_DEFAULT = 50
+
+
+def read_every(device: torch.device) -> int:
+    """How many steps' checks to keep on ``device`` before reading them (:data:`READ_EVERY`)."""
+    return READ_EVERY.get(device.type, READ_EVERY_DEFAULT)
 
 
 class Guidance(Protocol):
     """A rule that turns a step record into ``x_{t_prev}``. ``needs_grad``: the loop then tracks
-    gradients from ``x_t`` through the denoiser so the rule can differentiate ``x0_hat`` in ``x_t``."""
+    gradients from ``x_t`` through the denoiser so the rule can differentiate ``x0_hat`` in ``x_t``.
+    An optional ``check()`` is called at the end of a run and before another error is passed on: a rule
+    that keeps its per-step checks on the device raises there for the first bad step it kept."""
 
     needs_grad: bool
 
@@ -205,24 +226,34 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
     on_device = torch.cat([ts, ts.new_tensor([-1])]).to(x.device)
     zeros = torch.zeros_like(x) if eta == 0 else None  # the noise of every deterministic step
     abar = denoiser.schedule.abar.tolist()
+    # a guidance rule may keep per-step checks on the device (read in blocks on a GPU): read at the end
+    check = getattr(guidance, "check", None) if guidance is not None else None
     bar = progress_bar(len(steps), progress)
-    for i, (ti, tp) in enumerate(zip(steps, steps[1:] + [-1])):
-        t, t_prev = on_device[i].expand(B), on_device[i + 1].expand(B)
-        # inference_mode (cheaper than no_grad) when nothing needs gradients; the result is cloned
-        # out of inference mode below so that callers can use it in autograd later.
-        with torch.enable_grad() if need_grad else torch.inference_mode():
-            x_t = x if grad else x.detach().requires_grad_(need_grad)
-            step = make_step(denoiser, x_t, i, t, t_prev, eta, generator, clip_x0, noise=zeros,
-                             abars=step_abars(abar, ti, tp))
-            x = guidance(step) if guidance is not None else step.sample()
-        if not grad:
-            x = x.detach()
-        if callback is not None:
-            callback(step)
+    try:
+        for i, (ti, tp) in enumerate(zip(steps, steps[1:] + [-1])):
+            t, t_prev = on_device[i].expand(B), on_device[i + 1].expand(B)
+            # inference_mode (cheaper than no_grad) when nothing needs gradients; the result is cloned
+            # out of inference mode below so that callers can use it in autograd later.
+            with torch.enable_grad() if need_grad else torch.inference_mode():
+                x_t = x if grad else x.detach().requires_grad_(need_grad)
+                step = make_step(denoiser, x_t, i, t, t_prev, eta, generator, clip_x0, noise=zeros,
+                                 abars=step_abars(abar, ti, tp), times=(ti, tp))
+                x = guidance(step) if guidance is not None else step.sample()
+            if not grad:
+                x = x.detach()
+            if callback is not None:
+                callback(step)
+            if bar is not None:
+                bar.update(1)
+    except Exception:  # an unread non-finite guidance step before the failure is its likely cause: reported first
+        if check is not None:
+            check()
+        raise
+    finally:
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
+    if check is not None:
+        check()
     return x if need_grad else x.clone()
 
 

@@ -142,3 +142,23 @@ def test_pnp_inference_reads_back_in_blocks_not_per_step():
     run(2)  # warm-up
     counts = [_syncs(lambda n=n: run(n)) for n in (5, 40)]
     _assert_not_growing(counts)
+
+
+def test_guided_sampling_reads_back_in_blocks_not_per_step():
+    from condiff.guidance import DPS, DSG, FreeDoM, guided_sample
+
+    torch.manual_seed(0)
+    s = Schedule.linear(1000)
+    den = NetDenoiser(TimeMLP(2, hidden=32, depth=2).cuda().eval().requires_grad_(False), s)
+
+    def loss(x):
+        return (x - 1).pow(2).sum(1)
+
+    for make in (lambda: DPS(loss), lambda: DSG(DPS(loss)), lambda: FreeDoM(loss, travel=(0.0, 1.0))):
+        def run(steps, make=make):
+            return guided_sample(den, make(), (16, 2), steps, device="cuda", clip_x0=None,
+                                 generator=torch.Generator(device="cuda").manual_seed(0))
+
+        run(2)  # warm-up
+        counts = [_syncs(lambda n=n: run(n)) for n in (5, 40)]
+        _assert_not_growing(counts)

@@ -389,6 +389,61 @@ def test_non_finite_loss_is_a_clear_error_not_nan_samples():
         guided_sample(den, DPS(blows_up), (2, 1, 4, 4), 3, generator=_gen(), clip_x0=None)
 
 
+class _LateNaN:
+    """A loss that turns NaN for the first sample from its ``bad_from``-th call on (the second sample's
+    loss stays finite), and, with ``strict``, raises on NaN input as a user's loss might."""
+
+    def __init__(self, bad_from: int, strict: bool = False) -> None:
+        self.calls, self.bad_from, self.strict = 0, bad_from, strict
+
+    def __call__(self, x):
+        if self.strict and not bool(torch.isfinite(x).all()):
+            raise ValueError("this loss saw NaN")
+        self.calls += 1
+        v = x.pow(2).flatten(1).sum(1)
+        if self.calls >= self.bad_from:
+            v = v * torch.tensor([float("nan")] + [1.0] * (len(v) - 1))  # (a where() would NaN every gradient)
+        return v
+
+
+GUIDED = {"DPS": lambda loss: DPS(loss, zeta=0.1), "DSG+DPS": lambda loss: DSG(DPS(loss, zeta=0.1), rate=0.2),
+          "FreeDoM": lambda loss: FreeDoM(loss, zeta=0.1, travel=(0.0, 1.0))}
+
+
+@pytest.mark.parametrize("method", list(GUIDED))
+def test_guidance_checks_read_in_blocks_report_what_each_step_reads_report(monkeypatch, method):
+    from condiff import sample
+
+    den, ts = _oracle(200), Schedule.linear(200).timesteps(12)
+    outcomes = {}
+    for every in (1, 5, 50):  # 5, 50: the GPU's way (flags kept on the device, read in blocks or at the end)
+        monkeypatch.setitem(sample.READ_EVERY, "cpu", every)
+        guide = GUIDED[method](_LateNaN(bad_from=4))
+        with pytest.raises(FloatingPointError) as err:
+            guided_sample(den, guide, (2, 1, 4, 4), 12, generator=_gen())
+        assert guide.check() is None  # nothing left unread for a later run
+        good = GUIDED[method](lambda x: x.pow(2).flatten(1).sum(1))
+        outcomes[every] = (str(err.value), guided_sample(den, good, (2, 1, 4, 4), 12, generator=_gen()).x)
+    (msg1, x1), (msg5, x5), (msg50, x50) = outcomes[1], outcomes[5], outcomes[50]
+    assert msg1 == msg5 == msg50  # the same step, sample count and x0_hat range
+    bad_t = int(ts[3 if method != "FreeDoM" else 1])  # FreeDoM's time travel takes 2 gradients a step
+    assert f"not finite for 1 of 2 samples at t = {bad_t} (x0_hat in [" in msg1
+    for x in (x5, x50):  # finite runs are the same either way
+        torch.testing.assert_close(x1, x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("every", [1, 5, 50])
+def test_a_later_error_on_the_nan_samples_does_not_hide_the_bad_guidance_step(monkeypatch, every):
+    from condiff import sample
+
+    monkeypatch.setitem(sample.READ_EVERY, "cpu", every)
+    den, ts = _oracle(200), Schedule.linear(200).timesteps(12)
+    with pytest.raises(FloatingPointError, match=f"at t = {int(ts[3])} ") as err:
+        guided_sample(den, DPS(_LateNaN(bad_from=4, strict=True), zeta=0.1), (2, 1, 4, 4), 12, generator=_gen())
+    if every > 1:  # the sampler went on with NaN samples until the loss refused them; the cause comes first
+        assert isinstance(err.value.__context__, ValueError) and "saw NaN" in str(err.value.__context__)
+
+
 def test_make_guidance_wants_a_method_name():
     from condiff.guidance import make_guidance
 

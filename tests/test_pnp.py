@@ -14,6 +14,7 @@ from condiff.pnp import schedules as sch
 from condiff.pnp.conditional import ClassConstraint, MirrorSymmetry, mean_pairwise_distance, within_class_diversity
 from condiff.pnp.engine import denoising_term, finish, infer
 from condiff.pnp.segmentation import iou, kmeans_segment, otsu_segment, segment, vote
+from condiff.sample import READ_EVERY
 from condiff.schedule import Schedule
 
 M, S = 0.3, 0.1  # the oracle prior N(M, S^2 I)
@@ -160,9 +161,7 @@ def test_infer_works_under_no_grad():
 
 @pytest.mark.parametrize("read_every", [1, 4])  # 4: the GPU path (values read from the device in blocks)
 def test_infer_rejects_bad_input(monkeypatch, read_every):
-    from condiff.pnp import engine
-
-    monkeypatch.setitem(engine.READ_EVERY, "cpu", read_every)
+    monkeypatch.setitem(READ_EVERY, "cpu", read_every)
     den = oracle(100)
     with pytest.raises(ValueError, match="steps"):
         infer(den, torch.zeros(2, 3), steps=0)
@@ -197,11 +196,9 @@ def test_infer_rejects_bad_input(monkeypatch, read_every):
 
 
 def test_infer_traces_are_the_same_whether_read_each_step_or_in_blocks(monkeypatch):
-    from condiff.pnp import engine
-
     runs = []
     for every in (1, 4):
-        monkeypatch.setitem(engine.READ_EVERY, "cpu", every)
+        monkeypatch.setitem(READ_EVERY, "cpu", every)
         res = infer(oracle(100), torch.zeros(3, 2), constraint=lambda x: (x - 1).pow(2).sum(1),
                     weight=lambda i, n: 0.0 if i % 3 == 0 else 0.5, steps=10, lr=0.05,
                     generator=torch.Generator().manual_seed(0))

@@ -109,9 +109,12 @@ def test_callback_sees_every_step_and_remake_counts_nfe():
     sample(d, (2, 3), steps=10, generator=torch.Generator().manual_seed(0), callback=seen.append)
     assert [s.i for s in seen] == list(range(10))
     assert int(seen[-1].t_prev[0]) == -1 and seen[-1].abar_prev == 1.0
+    # the host copies of t and t_prev (what guidance reads instead of waiting for a GPU) agree
+    assert all((s.t_host, s.t_prev_host) == (int(s.t[0]), int(s.t_prev[0])) for s in seen)
     before = d.nfe
     again = seen[3].remake(seen[3].x_t)
     assert d.nfe == before + 1
+    assert (again.t_host, again.t_prev_host) == (seen[3].t_host, seen[3].t_prev_host)
     torch.testing.assert_close(again.x0_hat, seen[3].x0_hat)
 
 

@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from ..sample import Step, clip_bounds
+from ..sample import Step, clip_bounds, read_every
 
 Loss = Callable[[Tensor], Tensor]
 """A guidance objective: ``(B, ...) -> (B,)``, differentiable, smaller is better."""
@@ -62,6 +62,27 @@ def per_sample(value: Scalar, like: Tensor) -> Scalar:
     return value
 
 
+def _figures(value: Tensor, g: Tensor, x0_hat: Tensor) -> Tensor:
+    """``(3,)`` float64 on ``g``'s device: how many samples have a non-finite loss or gradient, and
+    ``x0_hat``'s min and max (what the error message reports)."""
+    bad = (~torch.isfinite(value).to(g.device) | ~torch.isfinite(g).flatten(1).all(1)).sum()
+    x0 = x0_hat.detach()
+    return torch.stack([bad.to(torch.float64), x0.min().to(torch.float64), x0.max().to(torch.float64)])
+
+
+def _not_finite(t: int, clip_x0, n: int, bad: float, lo: float, hi: float) -> FloatingPointError:
+    if clip_x0 is None:
+        fix = "bound x0_hat with clip_x0, or make the loss finite there"
+    else:  # the samples moved by earlier guided steps, or a loss that overflows inside the clip
+        c_lo, c_hi = clip_bounds(clip_x0)
+        fix = (f"x0_hat is clipped to [{c_lo:g}, {c_hi:g}]: clip tighter (clip_x0), lower the guidance step "
+               "size (zeta), or make the loss finite there")
+    return FloatingPointError(
+        f"the guidance loss or its gradient is not finite for {int(bad)} of {n} samples at "
+        f"t = {t} (x0_hat in [{lo:.3g}, {hi:.3g}]): {fix}"
+    )
+
+
 def fresh(x: Tensor) -> Tensor:
     """``x`` cut from the previous step's graph, tracking gradients anew (time travel, recurrence)."""
     return x.detach().requires_grad_(True)
@@ -81,6 +102,7 @@ class GradientGuidance:
             raise ValueError(f"loss must be a callable x -> (B,) tensor, got {type(loss).__name__}")
         self.loss = loss
         self.grad_evals = 0
+        self._unread: list[tuple[int, object, int, Tensor]] = []  # (t, clip_x0, B, flags) of steps on a GPU
 
     def __call__(self, step: Step) -> Tensor:
         return self.guide(step, EUCLIDEAN)
@@ -101,22 +123,34 @@ class GradientGuidance:
                              f"({step.x_t.shape[0]},), got shape {tuple(value.shape)}")
         (g,) = torch.autograd.grad(value.sum(), step.x_t)
         self.grad_evals += 1
-        # one reduction per step, over the gradient that moves the samples (an overflowing loss makes
-        # it inf or NaN too); the per-sample count is computed only for the message
-        if not bool(torch.isfinite(g).all()):
-            bad = int((~torch.isfinite(value) | ~torch.isfinite(g).flatten(1).all(1)).sum())
-            x0 = step.x0_hat.detach()
-            if step.clip_x0 is None:
-                fix = "bound x0_hat with clip_x0, or make the loss finite there"
-            else:  # the samples moved by earlier guided steps, or a loss that overflows inside the clip
-                lo, hi = clip_bounds(step.clip_x0)
-                fix = (f"x0_hat is clipped to [{lo:g}, {hi:g}]: clip tighter (clip_x0), lower the guidance step "
-                       "size (zeta), or make the loss finite there")
-            raise FloatingPointError(
-                f"the guidance loss or its gradient is not finite for {bad} of {len(value)} samples at "
-                f"t = {int(step.t[0])} (x0_hat in [{float(x0.min()):.3g}, {float(x0.max()):.3g}]): {fix}"
-            )
+        self._note(step, value.detach(), g)
         return value.detach(), g
+
+    def _note(self, step: Step, value: Tensor, g: Tensor) -> None:
+        """Check that the gradient that moves the samples is finite (an overflowing loss makes it inf or
+        NaN too): at once where a read costs nothing (the CPU), else kept on the device with the
+        message's figures and read every :func:`~condiff.sample.read_every` steps and by :meth:`check`."""
+        ok = torch.isfinite(g).all()  # one reduction per step (on the CPU, the figures only for a bad step)
+        every = read_every(g.device)
+        if every == 1:
+            if not bool(ok):
+                raise _not_finite(step.t_host, step.clip_x0, len(value), *_figures(value, g, step.x0_hat).tolist())
+            return
+        flags = torch.cat([ok.to(torch.float64)[None], _figures(value, g, step.x0_hat)])
+        self._unread.append((step.t_host, step.clip_x0, len(value), flags))
+        if len(self._unread) >= every:
+            self.check()
+
+    def check(self) -> None:
+        """Raise for the first kept step whose gradient was not finite (the sampler calls this at the
+        end of a run, and before it passes on another error: a bad step is the likely cause)."""
+        unread, self._unread = self._unread, []
+        if not unread:
+            return
+        rows = torch.stack([f for *_, f in unread]).cpu().tolist()
+        for (t, clip_x0, n, _), (ok, *figures) in zip(unread, rows):
+            if not ok:
+                raise _not_finite(t, clip_x0, n, *figures)
 
     def hyperparameters(self) -> dict:  # pragma: no cover - overridden
         return {}

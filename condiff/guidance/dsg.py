@@ -123,10 +123,14 @@ class DSG:
     def grad_evals(self) -> int:
         return self.base.grad_evals
 
+    def check(self) -> None:
+        """The base method's kept per-step checks (:meth:`GradientGuidance.check`)."""
+        self.base.check()
+
     def __call__(self, step: Step) -> Tensor:
         if step.sigma == 0:
-            if int(step.t_prev[0]) >= 0:
-                raise ValueError(f"DSG needs a stochastic sampler: sigma_t = 0 at t = {int(step.t[0])} "
+            if step.t_prev_host >= 0:
+                raise ValueError(f"DSG needs a stochastic sampler: sigma_t = 0 at t = {step.t_host} "
                                  f"(eta = {step.eta:g}); use eta > 0 (the DSG paper uses eta = 1)")
             if _is_zero(self.final):
                 return step.mean  # final step: the sphere has radius 0

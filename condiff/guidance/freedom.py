@@ -44,7 +44,7 @@ class FreeDoM(GradientGuidance):
 
     def n_repeats(self, step: Step) -> int:
         """How many times the step at ``step.t`` is taken (time travel inside the range)."""
-        T, t = step.denoiser.schedule.T, int(step.t[0])
+        T, t = step.denoiser.schedule.T, step.t_host
         lo, hi = self.travel
         return self.repeats if lo * T <= t <= hi * T else 1
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser
-from ..sample import Guidance, ddim, progress_bar, randn
+from ..sample import Guidance, ddim, progress_bar, randn, read_every
 from .schedules import PAPER_MNIST, ConstantWeight, TimeSchedule, WeightSchedule
 
 Constraint = Callable[[Tensor], Tensor]
@@ -104,13 +104,6 @@ def infer(
                     through_net, project, generator, callback, progress)
 
 
-# Steps between reads of the per-step values (finiteness flags, traces) from the device: on the CPU a
-# read costs nothing, so each step is checked before its update; on a GPU a read each step would make
-# the host wait for the device every step.
-READ_EVERY = {"cpu": 1}
-READ_EVERY_DEFAULT = 50
-
-
 class _Trace:
     """Each step's values, kept on the device and read in blocks: whether the gradient, the rendered
     samples and the denoising term were finite, the denoising term's mean and, in a run with a
@@ -168,7 +161,7 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
     opt = torch.optim.Adam([z], lr=lr, betas=betas)
     T, B = denoiser.schedule.T, z.shape[0]
     out = PnPResult(x=z, latent=z)
-    trace = _Trace(out, READ_EVERY.get(z.device.type, READ_EVERY_DEFAULT), constraint is not None)
+    trace = _Trace(out, read_every(z.device), constraint is not None)
     nfe0, t0 = denoiser.nfe, time.perf_counter()
     bar = progress_bar(steps, progress, desc="pnp")
     try:
