@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -54,11 +55,11 @@ class Step:
     abar_prev: float
     sigma: float
     eta: float
-    t_host: int             # t and t_prev as host integers: reading t[0] would wait for a GPU
-    t_prev_host: int
     denoiser: Denoiser
     generator: torch.Generator | None = None
     clip_x0: float | Sequence[float] | None = None
+    t_host: int = field(kw_only=True)       # t and t_prev as host integers: reading t[0] would wait for a GPU
+    t_prev_host: int = field(kw_only=True)
 
     def sample(self) -> Tensor:
         """The unconditional draw ``x_{t_prev} = mean + sigma z``."""
@@ -158,8 +159,8 @@ def make_step(denoiser: Denoiser, x_t: Tensor, i: int, t: Tensor, t_prev: Tensor
     if noise is None:
         noise = randn(x_t.shape, generator, like=x_t) if sigma > 0 else torch.zeros_like(x_t)
     mean = _ddim_mean(x0_hat, eps_hat, abar_prev, sigma)
-    return Step(i, t, t_prev, x_t, eps_hat, x0_hat, mean, noise, abar_t, abar_prev, sigma, eta, *times,
-                denoiser, generator, clip_x0)
+    return Step(i, t, t_prev, x_t, eps_hat, x0_hat, mean, noise, abar_t, abar_prev, sigma, eta,
+                denoiser, generator, clip_x0, t_host=times[0], t_prev_host=times[1])
 
 
 # Steps between reads of per-step values (finiteness flags, traces) from the device: on the CPU a read
@@ -174,11 +175,53 @@ def read_every(device: torch.device) -> int:
     return READ_EVERY.get(device.type, READ_EVERY_DEFAULT)
 
 
+class DeviceChecks:
+    """Checks kept on the device during one sampler run, where reading each step's would make the host
+    wait for a GPU every step. ``keep(flags, error)``: a row whose first entry is 1 when all is well,
+    and the function that makes the exception from the rest; :meth:`read` raises the first kept one."""
+
+    def __init__(self) -> None:
+        self.unread: list[tuple[Tensor, Callable[..., Exception]]] = []
+
+    def keep(self, flags: Tensor, error: Callable[..., Exception]) -> None:
+        self.unread.append((flags.detach().flatten().to(torch.float64), error))
+
+    def read(self) -> None:
+        unread, self.unread = self.unread, []
+        if not unread:
+            return
+        flat = torch.cat([f for f, _ in unread]).cpu().tolist()  # one read for the whole block
+        start = 0
+        for f, error in unread:
+            ok, *figures = flat[start:start + f.numel()]
+            start += f.numel()
+            if not ok:
+                raise error(*figures)
+
+    def read_before(self, err: Exception) -> None:
+        """Raise a kept error in place of ``err`` (from it); anything else going wrong while reading
+        (a failed device, say) leaves ``err`` to be raised."""
+        try:
+            self.read()
+        except FloatingPointError as bad:
+            raise bad from err
+        except Exception:
+            pass
+
+
+_KEPT: ContextVar[DeviceChecks | None] = ContextVar("condiff_kept_checks", default=None)
+
+
+def kept_checks() -> DeviceChecks | None:
+    """The running sampler's :class:`DeviceChecks` where it reads per-step checks in blocks (on a
+    GPU); None where a check should be made at once (on the CPU, or outside a sampler run)."""
+    return _KEPT.get()
+
+
 class Guidance(Protocol):
     """A rule that turns a step record into ``x_{t_prev}``. ``needs_grad``: the loop then tracks
     gradients from ``x_t`` through the denoiser so the rule can differentiate ``x0_hat`` in ``x_t``.
-    An optional ``check()`` is called at the end of a run and before another error is passed on: a rule
-    that keeps its per-step checks on the device raises there for the first bad step it kept."""
+    A rule's per-step checks go to :func:`kept_checks` when it returns one (see ``GradientGuidance``)."""
 
     needs_grad: bool
 
@@ -226,8 +269,11 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
     on_device = torch.cat([ts, ts.new_tensor([-1])]).to(x.device)
     zeros = torch.zeros_like(x) if eta == 0 else None  # the noise of every deterministic step
     abar = denoiser.schedule.abar.tolist()
-    # a guidance rule may keep per-step checks on the device (read in blocks on a GPU): read at the end
-    check = getattr(guidance, "check", None) if guidance is not None else None
+    # guidance keeps its per-step checks on a GPU (read every `every` steps, at the end, and before
+    # another error is passed on); on the CPU it checks each step itself
+    every = read_every(x.device)
+    kept = DeviceChecks() if guidance is not None and every > 1 else None
+    token = _KEPT.set(kept) if kept is not None else None
     bar = progress_bar(len(steps), progress)
     try:
         for i, (ti, tp) in enumerate(zip(steps, steps[1:] + [-1])):
@@ -245,15 +291,19 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
                 callback(step)
             if bar is not None:
                 bar.update(1)
-    except Exception:  # an unread non-finite guidance step before the failure is its likely cause: reported first
-        if check is not None:
-            check()
+            if kept is not None and (i + 1) % every == 0:
+                kept.read()
+        if kept is not None:
+            kept.read()
+    except Exception as err:  # an unread bad guidance step before the failure is its likely cause: reported first
+        if kept is not None:
+            kept.read_before(err)
         raise
     finally:
+        if token is not None:  # an interrupted run's unread checks go with it
+            _KEPT.reset(token)
         if bar is not None:
             bar.close()
-    if check is not None:
-        check()
     return x if need_grad else x.clone()
 
 

@@ -154,9 +154,11 @@ def test_guided_sampling_reads_back_in_blocks_not_per_step():
     def loss(x):
         return (x - 1).pow(2).sum(1)
 
-    for make in (lambda: DPS(loss), lambda: DSG(DPS(loss)), lambda: FreeDoM(loss, travel=(0.0, 1.0))):
+    # FreeDoM takes two gradients a step here: the checks are read by steps (every 50), not gradients
+    for make in (lambda: DPS(loss, zeta=0.1), lambda: DSG(DPS(loss, zeta=0.1)),
+                 lambda: FreeDoM(loss, zeta=0.1, travel=(0.0, 1.0))):
         def run(steps, make=make):
-            return guided_sample(den, make(), (16, 2), steps, device="cuda", clip_x0=None,
+            return guided_sample(den, make(), (16, 2), steps, device="cuda", clip_x0=1.0,
                                  generator=torch.Generator(device="cuda").manual_seed(0))
 
         run(2)  # warm-up

@@ -406,30 +406,39 @@ class _LateNaN:
         return v
 
 
-GUIDED = {"DPS": lambda loss: DPS(loss, zeta=0.1), "DSG+DPS": lambda loss: DSG(DPS(loss, zeta=0.1), rate=0.2),
-          "FreeDoM": lambda loss: FreeDoM(loss, zeta=0.1, travel=(0.0, 1.0))}
+# each method with the number of loss gradients it takes per step
+GUIDED = {"DPS": (lambda loss: DPS(loss, zeta=0.1), 1),
+          "DSG+DPS": (lambda loss: DSG(DPS(loss, zeta=0.1), rate=0.2), 1),
+          "FreeDoM": (lambda loss: FreeDoM(loss, zeta=0.1, travel=(0.0, 1.0)), 2),
+          "UGD": (lambda loss: UGD(loss, forward=0.1, backward_steps=0, recurrence=2), 2)}
+
+
+def _square(x):
+    return x.pow(2).flatten(1).sum(1)
 
 
 @pytest.mark.parametrize("method", list(GUIDED))
-def test_guidance_checks_read_in_blocks_report_what_each_step_reads_report(monkeypatch, method):
+def test_guidance_checks_kept_on_the_device_report_what_checks_at_once_report(monkeypatch, method):
     from condiff import sample
 
+    make, per_step = GUIDED[method]
     den, ts = _oracle(200), Schedule.linear(200).timesteps(12)
     outcomes = {}
-    for every in (1, 5, 50):  # 5, 50: the GPU's way (flags kept on the device, read in blocks or at the end)
+    for every in (1, 5, 50):  # 5, 50: the GPU's way (checks kept on the device, read in blocks or at the end)
         monkeypatch.setitem(sample.READ_EVERY, "cpu", every)
-        guide = GUIDED[method](_LateNaN(bad_from=4))
-        with pytest.raises(FloatingPointError) as err:
-            guided_sample(den, guide, (2, 1, 4, 4), 12, generator=_gen())
-        assert guide.check() is None  # nothing left unread for a later run
-        good = GUIDED[method](lambda x: x.pow(2).flatten(1).sum(1))
-        outcomes[every] = (str(err.value), guided_sample(den, good, (2, 1, 4, 4), 12, generator=_gen()).x)
-    (msg1, x1), (msg5, x5), (msg50, x50) = outcomes[1], outcomes[5], outcomes[50]
-    assert msg1 == msg5 == msg50  # the same step, sample count and x0_hat range
-    bad_t = int(ts[3 if method != "FreeDoM" else 1])  # FreeDoM's time travel takes 2 gradients a step
-    assert f"not finite for 1 of 2 samples at t = {bad_t} (x0_hat in [" in msg1
-    for x in (x5, x50):  # finite runs are the same either way
-        torch.testing.assert_close(x1, x, rtol=0, atol=0)
+        guide = make(_LateNaN(bad_from=4))
+        for clip in (1.0, None):
+            with pytest.raises(FloatingPointError) as err:
+                guided_sample(den, guide, (2, 1, 4, 4), 12, generator=_gen(), clip_x0=clip)
+            guide.loss.calls = 0
+            outcomes[every, clip] = str(err.value)
+        outcomes[every] = guided_sample(den, make(_square), (2, 1, 4, 4), 12, generator=_gen()).x
+    for clip in (1.0, None):  # the same step, sample count and x0_hat range, and the same remedy
+        assert outcomes[1, clip] == outcomes[5, clip] == outcomes[50, clip]
+    bad_t = int(ts[(4 - 1) // per_step])
+    assert f"not finite for 1 of 2 samples at t = {bad_t} (x0_hat in [" in outcomes[1, 1.0]
+    for every in (5, 50):  # finite runs are the same either way
+        torch.testing.assert_close(outcomes[1], outcomes[every], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("every", [1, 5, 50])
@@ -441,7 +450,58 @@ def test_a_later_error_on_the_nan_samples_does_not_hide_the_bad_guidance_step(mo
     with pytest.raises(FloatingPointError, match=f"at t = {int(ts[3])} ") as err:
         guided_sample(den, DPS(_LateNaN(bad_from=4, strict=True), zeta=0.1), (2, 1, 4, 4), 12, generator=_gen())
     if every > 1:  # the sampler went on with NaN samples until the loss refused them; the cause comes first
-        assert isinstance(err.value.__context__, ValueError) and "saw NaN" in str(err.value.__context__)
+        assert isinstance(err.value.__cause__, ValueError) and "saw NaN" in str(err.value.__cause__)
+
+
+def test_kept_checks_are_read_inside_wrappers_and_not_outside_a_run(monkeypatch):
+    from condiff import sample
+
+    monkeypatch.setitem(sample.READ_EVERY, "cpu", 50)
+    den = _oracle(200)
+
+    class Wrapper:  # a user's rule around a built-in one, with no hook for the sampler to call
+        needs_grad = True
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, step):
+            return self.inner(step)
+
+    with pytest.raises(FloatingPointError, match="not finite for 1 of 2 samples"):
+        guided_sample(den, Wrapper(DPS(_LateNaN(bad_from=4), zeta=0.1)), (2, 1, 4, 4), 12, generator=_gen())
+    # outside a sampler run nothing would read a kept check later: a bad gradient raises at once
+    with pytest.raises(FloatingPointError, match="not finite for 1 of 2 samples at t = 600"):
+        DPS(_LateNaN(bad_from=1)).gradient(_step(_oracle(), torch.randn(2, 1, 4, 4)))
+
+
+def test_an_interrupted_runs_checks_do_not_reach_the_next_run(monkeypatch):
+    from condiff import sample
+
+    monkeypatch.setitem(sample.READ_EVERY, "cpu", 50)
+    den, loss = _oracle(200), _LateNaN(bad_from=1)
+    guide = DPS(loss, zeta=0.1)
+
+    def stop(step):
+        if step.i == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C is passed on as it is, the bad steps unread
+        sample.ddim(den, torch.randn(2, 1, 4, 4), Schedule.linear(200).timesteps(12), eta=1.0,
+                    generator=_gen(), guidance=guide, callback=stop)
+    loss.bad_from = 10**9  # the same rule, now finite: its next run is not blamed for the old steps
+    assert torch.isfinite(guided_sample(den, guide, (2, 1, 4, 4), 12, generator=_gen()).x).all()
+    assert sample.kept_checks() is None
+
+
+def test_a_subclass_that_skips_the_base_init_still_samples():
+    class Mine(DPS):
+        def __init__(self, loss):  # sets what the base's init would, without calling it
+            self.loss, self.grad_evals, self.zeta = loss, 0, 0.1
+
+    x = guided_sample(_oracle(200), Mine(_square), (2, 1, 4, 4), 5, generator=_gen()).x
+    torch.testing.assert_close(x, guided_sample(_oracle(200), DPS(_square, zeta=0.1), (2, 1, 4, 4), 5,
+                                                generator=_gen()).x, rtol=0, atol=0)
 
 
 def test_make_guidance_wants_a_method_name():

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from ..sample import Step, clip_bounds, read_every
+from ..sample import Step, clip_bounds, kept_checks
 
 Loss = Callable[[Tensor], Tensor]
 """A guidance objective: ``(B, ...) -> (B,)``, differentiable, smaller is better."""
@@ -56,7 +57,8 @@ def check_scalar(name: str, value: Scalar, low: float = 0.0, high: float = math.
 
 
 def per_sample(value: Scalar, like: Tensor) -> Scalar:
-    """A per-sample tensor hyperparameter reshaped to broadcast against ``like`` ``(B, ...)``."""
+    """A per-sample tensor hyperparameter reshaped to broadcast against ``like`` ``(B, ...)`` (moved to
+    ``like``'s device at each call: on a GPU, pass one that is already there)."""
     if isinstance(value, Tensor):
         return value.to(like).reshape(-1, *([1] * (like.dim() - 1)))
     return value
@@ -66,8 +68,8 @@ def _figures(value: Tensor, g: Tensor, x0_hat: Tensor) -> Tensor:
     """``(3,)`` float64 on ``g``'s device: how many samples have a non-finite loss or gradient, and
     ``x0_hat``'s min and max (what the error message reports)."""
     bad = (~torch.isfinite(value).to(g.device) | ~torch.isfinite(g).flatten(1).all(1)).sum()
-    x0 = x0_hat.detach()
-    return torch.stack([bad.to(torch.float64), x0.min().to(torch.float64), x0.max().to(torch.float64)])
+    lo, hi = torch.aminmax(x0_hat.detach())
+    return torch.stack([bad, lo, hi]).to(torch.float64)
 
 
 def _not_finite(t: int, clip_x0, n: int, bad: float, lo: float, hi: float) -> FloatingPointError:
@@ -102,7 +104,6 @@ class GradientGuidance:
             raise ValueError(f"loss must be a callable x -> (B,) tensor, got {type(loss).__name__}")
         self.loss = loss
         self.grad_evals = 0
-        self._unread: list[tuple[int, object, int, Tensor]] = []  # (t, clip_x0, B, flags) of steps on a GPU
 
     def __call__(self, step: Step) -> Tensor:
         return self.guide(step, EUCLIDEAN)
@@ -128,29 +129,15 @@ class GradientGuidance:
 
     def _note(self, step: Step, value: Tensor, g: Tensor) -> None:
         """Check that the gradient that moves the samples is finite (an overflowing loss makes it inf or
-        NaN too): at once where a read costs nothing (the CPU), else kept on the device with the
-        message's figures and read every :func:`~condiff.sample.read_every` steps and by :meth:`check`."""
-        ok = torch.isfinite(g).all()  # one reduction per step (on the CPU, the figures only for a bad step)
-        every = read_every(g.device)
-        if every == 1:
-            if not bool(ok):
-                raise _not_finite(step.t_host, step.clip_x0, len(value), *_figures(value, g, step.x0_hat).tolist())
-            return
-        flags = torch.cat([ok.to(torch.float64)[None], _figures(value, g, step.x0_hat)])
-        self._unread.append((step.t_host, step.clip_x0, len(value), flags))
-        if len(self._unread) >= every:
-            self.check()
-
-    def check(self) -> None:
-        """Raise for the first kept step whose gradient was not finite (the sampler calls this at the
-        end of a run, and before it passes on another error: a bad step is the likely cause)."""
-        unread, self._unread = self._unread, []
-        if not unread:
-            return
-        rows = torch.stack([f for *_, f in unread]).cpu().tolist()
-        for (t, clip_x0, n, _), (ok, *figures) in zip(unread, rows):
-            if not ok:
-                raise _not_finite(t, clip_x0, n, *figures)
+        NaN too): at once, or, in a sampler run that reads its checks in blocks (on a GPU), kept on
+        the device with the error message's figures (:func:`condiff.sample.kept_checks`)."""
+        ok = torch.isfinite(g).all()  # one reduction per step (checked at once: the figures only for a bad step)
+        error = partial(_not_finite, step.t_host, step.clip_x0, len(value))
+        kept = kept_checks()
+        if kept is not None:
+            kept.keep(torch.cat([ok[None].to(torch.float64), _figures(value, g, step.x0_hat)]), error)
+        elif not bool(ok):
+            raise error(*_figures(value, g, step.x0_hat).tolist())
 
     def hyperparameters(self) -> dict:  # pragma: no cover - overridden
         return {}

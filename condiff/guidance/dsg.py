@@ -123,10 +123,6 @@ class DSG:
     def grad_evals(self) -> int:
         return self.base.grad_evals
 
-    def check(self) -> None:
-        """The base method's kept per-step checks (:meth:`GradientGuidance.check`)."""
-        self.base.check()
-
     def __call__(self, step: Step) -> Tensor:
         if step.sigma == 0:
             if step.t_prev_host >= 0:
