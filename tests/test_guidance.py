@@ -383,7 +383,7 @@ def test_non_finite_loss_is_a_clear_error_not_nan_samples():
     assert torch.isfinite(x.x).all()
     # the default clip (1) is named with the other remedies; without a clip, the clip is the remedy
     with pytest.raises(FloatingPointError, match=r"x0_hat is clipped to \[-1, 1\]: clip tighter \(clip_x0\), "
-                                                 r"lower the guidance step size \(zeta\)"):
+                                                 r"lower the guidance step size \(zeta, or DSG's rate\)"):
         guided_sample(den, DPS(blows_up), (2, 1, 4, 4), 3, generator=_gen())
     with pytest.raises(FloatingPointError, match=r"\): bound x0_hat with clip_x0, or make the loss finite there"):
         guided_sample(den, DPS(blows_up), (2, 1, 4, 4), 3, generator=_gen(), clip_x0=None)
@@ -451,6 +451,20 @@ def test_a_later_error_on_the_nan_samples_does_not_hide_the_bad_guidance_step(mo
         guided_sample(den, DPS(_LateNaN(bad_from=4, strict=True), zeta=0.1), (2, 1, 4, 4), 12, generator=_gen())
     if every > 1:  # the sampler went on with NaN samples until the loss refused them; the cause comes first
         assert isinstance(err.value.__cause__, ValueError) and "saw NaN" in str(err.value.__cause__)
+
+
+@pytest.mark.parametrize("every", [1, 50])
+def test_ugd_backward_guidance_gradients_are_checked_at_their_own_step(monkeypatch, every):
+    from condiff import sample
+
+    monkeypatch.setitem(sample.READ_EVERY, "cpu", every)
+    den, ts = _oracle(200), Schedule.linear(200).timesteps(6)
+    # per step: the outer gradient (loss call 1), then one backward step (call 2), which goes bad
+    guide = UGD(_LateNaN(bad_from=2), forward=0.1, backward_steps=1, recurrence=1)
+    with pytest.raises(FloatingPointError, match=rf"gradient in backward guidance is not finite for 1 of 2 samples "
+                                                 rf"at t = {int(ts[0])} .*step size \(forward or backward_lr, "
+                                                 rf"or DSG's rate\)"):
+        guided_sample(den, guide, (2, 1, 4, 4), 6, generator=_gen())
 
 
 def test_kept_checks_are_read_inside_wrappers_and_not_outside_a_run(monkeypatch):

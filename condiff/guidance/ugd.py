@@ -45,6 +45,8 @@ class UGD(GradientGuidance):
     The defaults equal ``GENERIC["ugd"]`` in defaults.py.
     """
 
+    step_size = "forward or backward_lr"
+
     def __init__(self, loss: Loss, forward: Scalar = 1.0, backward_steps: int = 3,
                  backward_lr: Scalar = 0.1, recurrence: int = 2) -> None:
         super().__init__(loss)
@@ -55,14 +57,18 @@ class UGD(GradientGuidance):
                 raise ValueError(f"UGD {name} must be an integer >= {low}, got {v!r}")
         self.backward_steps, self.recurrence = backward_steps, recurrence
 
-    def backward(self, x0: Tensor) -> Tensor:
-        """``x0 + Delta`` after ``m`` gradient steps on ``L(x0 + Delta)`` from ``Delta = 0``."""
+    def backward(self, x0: Tensor, step: Step | None = None) -> Tensor:
+        """``x0 + Delta`` after ``m`` gradient steps on ``L(x0 + Delta)`` from ``Delta = 0``. With the
+        sampler's ``step``, each inner gradient is checked as the outer one is, naming that step."""
         lr = per_sample(self.backward_lr, x0)
         delta = torch.zeros_like(x0)
         for _ in range(self.backward_steps):
             with torch.enable_grad():
                 d = delta.requires_grad_(True)
-                (gd,) = torch.autograd.grad(self.loss(x0 + d).sum(), d)
+                value = self.loss(x0 + d)
+                (gd,) = torch.autograd.grad(value.sum(), d)
+            if step is not None:
+                self._note(step, value.detach(), gd, x0 + delta, " in backward guidance")
             delta = (delta - lr * gd).detach()
         return x0 + delta
 
@@ -70,7 +76,7 @@ class UGD(GradientGuidance):
         for j in range(self.recurrence):
             _, g = self.gradient(step)
             if self.backward_steps:
-                step = step.with_x0(self.backward(step.x0_hat.detach()))
+                step = step.with_x0(self.backward(step.x0_hat.detach(), step))
             scale = per_sample(self.forward, g) * forward_kappa(step) * math.sqrt(1.0 - step.abar_t)
             x_prev = update(step, g, scale)
             if j + 1 < self.recurrence:  # self-recurrence: x_{t_prev} -> x_t, then the step again
