@@ -270,11 +270,11 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
     zeros = torch.zeros_like(x) if eta == 0 else None  # the noise of every deterministic step
     abar = denoiser.schedule.abar.tolist()
     # guidance keeps its per-step checks on a GPU (read every `every` steps, at the end, and before
-    # another error is passed on); on the CPU it checks each step itself
+    # another error is passed on); on the CPU it checks each step itself, also inside a GPU run
     every = read_every(x.device)
     kept = DeviceChecks() if guidance is not None and every > 1 else None
-    token = _KEPT.set(kept) if kept is not None else None
     bar = progress_bar(len(steps), progress)
+    token = _KEPT.set(kept) if guidance is not None else None
     try:
         for i, (ti, tp) in enumerate(zip(steps, steps[1:] + [-1])):
             t, t_prev = on_device[i].expand(B), on_device[i + 1].expand(B)

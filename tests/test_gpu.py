@@ -145,7 +145,7 @@ def test_pnp_inference_reads_back_in_blocks_not_per_step():
 
 
 def test_guided_sampling_reads_back_in_blocks_not_per_step():
-    from condiff.guidance import DPS, DSG, FreeDoM, guided_sample
+    from condiff.guidance import DPS, DSG, UGD, FreeDoM, guided_sample
 
     torch.manual_seed(0)
     s = Schedule.linear(1000)
@@ -154,9 +154,10 @@ def test_guided_sampling_reads_back_in_blocks_not_per_step():
     def loss(x):
         return (x - 1).pow(2).sum(1)
 
-    # FreeDoM takes two gradients a step here: the checks are read by steps (every 50), not gradients
+    # FreeDoM and UGD take several gradients a step here: the checks are read by steps (every 50), not gradients
     for make in (lambda: DPS(loss, zeta=0.1), lambda: DSG(DPS(loss, zeta=0.1)),
-                 lambda: FreeDoM(loss, zeta=0.1, travel=(0.0, 1.0))):
+                 lambda: FreeDoM(loss, zeta=0.1, travel=(0.0, 1.0)),
+                 lambda: UGD(loss, forward=0.1, backward_steps=2, backward_lr=0.05, recurrence=2)):
         def run(steps, make=make):
             return guided_sample(den, make(), (16, 2), steps, device="cuda", clip_x0=1.0,
                                  generator=torch.Generator(device="cuda").manual_seed(0))

@@ -383,7 +383,7 @@ def test_non_finite_loss_is_a_clear_error_not_nan_samples():
     assert torch.isfinite(x.x).all()
     # the default clip (1) is named with the other remedies; without a clip, the clip is the remedy
     with pytest.raises(FloatingPointError, match=r"x0_hat is clipped to \[-1, 1\]: clip tighter \(clip_x0\), "
-                                                 r"lower the guidance step size \(zeta, or DSG's rate\)"):
+                                                 r"lower the guidance step size \(zeta; under DSG, rate or final\)"):
         guided_sample(den, DPS(blows_up), (2, 1, 4, 4), 3, generator=_gen())
     with pytest.raises(FloatingPointError, match=r"\): bound x0_hat with clip_x0, or make the loss finite there"):
         guided_sample(den, DPS(blows_up), (2, 1, 4, 4), 3, generator=_gen(), clip_x0=None)
@@ -406,11 +406,15 @@ class _LateNaN:
         return v
 
 
-# each method with the number of loss gradients it takes per step
+# each method with the number of loss calls it makes per step (None: not the same at every step)
 GUIDED = {"DPS": (lambda loss: DPS(loss, zeta=0.1), 1),
           "DSG+DPS": (lambda loss: DSG(DPS(loss, zeta=0.1), rate=0.2), 1),
           "FreeDoM": (lambda loss: FreeDoM(loss, zeta=0.1, travel=(0.0, 1.0)), 2),
-          "UGD": (lambda loss: UGD(loss, forward=0.1, backward_steps=0, recurrence=2), 2)}
+          "UGD": (lambda loss: UGD(loss, forward=0.1, backward_steps=0, recurrence=2), 2),
+          "UGD backward": (lambda loss: UGD(loss, forward=0.1, backward_steps=2, recurrence=2), 6),
+          "DSG every 3rd, base between": (lambda loss: DSG(DPS(loss, zeta=0.1), rate=0.2, interval=3,
+                                                           between="base"), 1),
+          "DSG every 3rd": (lambda loss: DSG(DPS(loss, zeta=0.1), rate=0.2, interval=3), None)}
 
 
 def _square(x):
@@ -435,7 +439,7 @@ def test_guidance_checks_kept_on_the_device_report_what_checks_at_once_report(mo
         outcomes[every] = guided_sample(den, make(_square), (2, 1, 4, 4), 12, generator=_gen()).x
     for clip in (1.0, None):  # the same step, sample count and x0_hat range, and the same remedy
         assert outcomes[1, clip] == outcomes[5, clip] == outcomes[50, clip]
-    bad_t = int(ts[(4 - 1) // per_step])
+    bad_t = int(ts[(4 - 1) // per_step]) if per_step else int(ts[9])  # DSG every 3rd: steps 0, 3, 6, 9
     assert f"not finite for 1 of 2 samples at t = {bad_t} (x0_hat in [" in outcomes[1, 1.0]
     for every in (5, 50):  # finite runs are the same either way
         torch.testing.assert_close(outcomes[1], outcomes[every], rtol=0, atol=0)
@@ -462,9 +466,71 @@ def test_ugd_backward_guidance_gradients_are_checked_at_their_own_step(monkeypat
     # per step: the outer gradient (loss call 1), then one backward step (call 2), which goes bad
     guide = UGD(_LateNaN(bad_from=2), forward=0.1, backward_steps=1, recurrence=1)
     with pytest.raises(FloatingPointError, match=rf"gradient in backward guidance is not finite for 1 of 2 samples "
-                                                 rf"at t = {int(ts[0])} .*step size \(forward or backward_lr, "
-                                                 rf"or DSG's rate\)"):
+                                                 rf"at t = {int(ts[0])} .*step size \(forward or backward_lr; "
+                                                 rf"under DSG, rate or final\)"):
         guided_sample(den, guide, (2, 1, 4, 4), 6, generator=_gen())
+
+
+def test_dsg_final_step_checks_agree_on_both_read_paths(monkeypatch):
+    from condiff import sample
+
+    den, ts = _oracle(200), Schedule.linear(200).timesteps(6)
+    messages = []
+    for every in (1, 50):
+        monkeypatch.setitem(sample.READ_EVERY, "cpu", every)
+        with pytest.raises(FloatingPointError) as err:  # the 6th call is the last step's, DSG's final one
+            guided_sample(den, DSG(DPS(_LateNaN(bad_from=6), zeta=0.1), final=0.5), (2, 1, 4, 4), 6, generator=_gen())
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] and f"at t = {int(ts[-1])} " in messages[0]
+
+
+def test_kept_checks_are_read_in_steps_not_gradients(monkeypatch):
+    from condiff import sample
+
+    reads = []
+    real = sample.DeviceChecks.read
+    monkeypatch.setattr(sample.DeviceChecks, "read", lambda self: reads.append(len(self.unread)) or real(self))
+    monkeypatch.setitem(sample.READ_EVERY, "cpu", 5)
+    # FreeDoM here takes 2 gradients a step: 12 steps are read after steps 5 and 10 and at the end
+    guided_sample(_oracle(200), FreeDoM(_square, zeta=0.1, travel=(0.0, 1.0)), (2, 1, 4, 4), 12, generator=_gen())
+    assert reads == [10, 10, 4]
+
+
+def test_a_cpu_run_inside_a_run_that_keeps_its_checks_checks_its_own_steps(monkeypatch):
+    from condiff import sample
+
+    monkeypatch.setitem(sample.READ_EVERY, "cpu", 50)  # the outer run stands in for a GPU run
+    den, inner = _oracle(200), []
+
+    def evaluate(step):  # a callback that samples on its own (a CPU evaluation, say) with a bad loss
+        if step.i == 2:
+            with monkeypatch.context() as m:
+                m.setitem(sample.READ_EVERY, "cpu", 1)
+                with pytest.raises(FloatingPointError, match="at t = 199 "):
+                    guided_sample(den, DPS(_LateNaN(bad_from=1)), (2, 1, 4, 4), 3, generator=_gen())
+            inner.append(True)
+
+    sample.ddim(den, torch.randn(2, 1, 4, 4), Schedule.linear(200).timesteps(6), eta=1.0, generator=_gen(),
+                guidance=DPS(_square, zeta=0.1), callback=evaluate)  # and the outer run is not blamed
+    assert inner == [True]
+
+
+def test_a_failure_before_the_loop_leaves_no_checks_behind(monkeypatch):
+    from condiff import sample
+
+    monkeypatch.setitem(sample.READ_EVERY, "cpu", 50)
+
+    def broken_bar(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(sample, "progress_bar", broken_bar)
+        with pytest.raises(KeyboardInterrupt):
+            guided_sample(_oracle(200), DPS(_square), (2, 1, 4, 4), 3, generator=_gen())
+    assert sample.kept_checks() is None
+    monkeypatch.setitem(sample.READ_EVERY, "cpu", 1)  # a later CPU run checks at once again
+    with pytest.raises(FloatingPointError):
+        guided_sample(_oracle(200), DPS(_LateNaN(bad_from=1)), (2, 1, 4, 4), 3, generator=_gen())
 
 
 def test_kept_checks_are_read_inside_wrappers_and_not_outside_a_run(monkeypatch):

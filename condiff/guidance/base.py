@@ -79,7 +79,7 @@ def _not_finite(what: str, step_size: str, t: int, clip_x0, n: int, bad: float, 
     else:  # the samples moved by earlier guided steps, or a loss that overflows inside the clip
         c_lo, c_hi = clip_bounds(clip_x0)
         fix = (f"x0_hat is clipped to [{c_lo:g}, {c_hi:g}]: clip tighter (clip_x0), lower the guidance step "
-               f"size ({step_size}, or DSG's rate), or make the loss finite there")
+               f"size ({step_size}; under DSG, rate or final), or make the loss finite there")
     return FloatingPointError(
         f"the guidance loss or its gradient{what} is not finite for {int(bad)} of {n} samples at "
         f"t = {t} (x0_hat in [{lo:.3g}, {hi:.3g}]): {fix}"
@@ -129,19 +129,22 @@ class GradientGuidance:
         self._note(step, value.detach(), g)
         return value.detach(), g
 
-    def _note(self, step: Step, value: Tensor, g: Tensor, x0: Tensor | None = None, what: str = "") -> None:
+    def _note(self, step: Step, value: Tensor, g: Tensor, at: Callable[[], Tensor] | None = None,
+              what: str = "") -> None:
         """Check that a gradient that moves the samples is finite (an overflowing loss makes it inf or
         NaN too): at once, or, in a sampler run that reads its checks in blocks (on a GPU), kept on
-        the device with the error message's figures (:func:`condiff.sample.kept_checks`). ``x0``: where
-        the loss was taken (default ``step.x0_hat``); ``what`` names the gradient in the message."""
-        x0 = step.x0_hat if x0 is None else x0
+        the device with the error message's figures (:func:`condiff.sample.kept_checks`). ``at()``:
+        where the loss was taken (default ``step.x0_hat``), made only when the figures are; ``what``
+        names the gradient in the message."""
         ok = torch.isfinite(g).all()  # one reduction per step (checked at once: the figures only for a bad step)
         error = partial(_not_finite, what, self.step_size, step.t_host, step.clip_x0, len(value))
         kept = kept_checks()
-        if kept is not None:
-            kept.keep(torch.cat([ok[None].to(torch.float64), _figures(value, g, x0)]), error)
-        elif not bool(ok):
-            raise error(*_figures(value, g, x0).tolist())
+        if kept is None and bool(ok):
+            return
+        figures = _figures(value, g, step.x0_hat if at is None else at())
+        if kept is None:
+            raise error(*figures.tolist())
+        kept.keep(torch.cat([ok[None].to(torch.float64), figures]), error)
 
     def hyperparameters(self) -> dict:  # pragma: no cover - overridden
         return {}

@@ -18,6 +18,7 @@ so that the forward part stays a pure gradient step around a fixed mean.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -68,7 +69,7 @@ class UGD(GradientGuidance):
                 value = self.loss(x0 + d)
                 (gd,) = torch.autograd.grad(value.sum(), d)
             if step is not None:
-                self._note(step, value.detach(), gd, x0 + delta, " in backward guidance")
+                self._note(step, value.detach(), gd, partial(torch.add, x0, delta), " in backward guidance")
             delta = (delta - lr * gd).detach()
         return x0 + delta
 
