@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import checks
 from .denoiser import Denoiser
+from .readback import DeviceRows, read_every
 
 
 def randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None, like: Tensor | None = None,
@@ -163,58 +164,13 @@ def make_step(denoiser: Denoiser, x_t: Tensor, i: int, t: Tensor, t_prev: Tensor
                 denoiser, generator, clip_x0, t_host=times[0], t_prev_host=times[1])
 
 
-# Steps between reads of per-step values (finiteness flags, traces) from the device: on the CPU a read
-# costs nothing, so each step is checked as it comes; on a GPU a read each step would make the host
-# wait for the device every step.
-READ_EVERY = {"cpu": 1}
-READ_EVERY_DEFAULT = 50
+_KEPT: ContextVar[DeviceRows | None] = ContextVar("condiff_kept_checks", default=None)
 
 
-def read_every(device: torch.device) -> int:
-    """How many steps' checks to keep on ``device`` before reading them (:data:`READ_EVERY`)."""
-    return READ_EVERY.get(device.type, READ_EVERY_DEFAULT)
-
-
-class DeviceChecks:
-    """Checks kept on the device during one sampler run, where reading each step's would make the host
-    wait for a GPU every step. ``keep(flags, error)``: a row whose first entry is 1 when all is well,
-    and the function that makes the exception from the rest; :meth:`read` raises the first kept one."""
-
-    def __init__(self) -> None:
-        self.unread: list[tuple[Tensor, Callable[..., Exception]]] = []
-
-    def keep(self, flags: Tensor, error: Callable[..., Exception]) -> None:
-        self.unread.append((flags.detach().flatten().to(torch.float64), error))
-
-    def read(self) -> None:
-        unread, self.unread = self.unread, []
-        if not unread:
-            return
-        flat = torch.cat([f for f, _ in unread]).cpu().tolist()  # one read for the whole block
-        start = 0
-        for f, error in unread:
-            ok, *figures = flat[start:start + f.numel()]
-            start += f.numel()
-            if not ok:
-                raise error(*figures)
-
-    def read_before(self, err: Exception) -> None:
-        """Raise a kept error in place of ``err`` (from it); anything else going wrong while reading
-        (a failed device, say) leaves ``err`` to be raised."""
-        try:
-            self.read()
-        except FloatingPointError as bad:
-            raise bad from err
-        except Exception:
-            pass
-
-
-_KEPT: ContextVar[DeviceChecks | None] = ContextVar("condiff_kept_checks", default=None)
-
-
-def kept_checks() -> DeviceChecks | None:
-    """The running sampler's :class:`DeviceChecks` where it reads per-step checks in blocks (on a
-    GPU); None where a check should be made at once (on the CPU, or outside a sampler run)."""
+def kept_checks() -> DeviceRows | None:
+    """The running sampler's :class:`~condiff.readback.DeviceRows` where it reads per-step checks in
+    blocks (on a GPU); None where a check should be made at once (on the CPU, or outside a sampler
+    run). The sampler reads it every :func:`~condiff.readback.read_every` steps, not per row kept."""
     return _KEPT.get()
 
 
@@ -272,7 +228,7 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
     # guidance keeps its per-step checks on a GPU (read every `every` steps, at the end, and before
     # another error is passed on); on the CPU it checks each step itself, also inside a GPU run
     every = read_every(x.device)
-    kept = DeviceChecks() if guidance is not None and every > 1 else None
+    kept = DeviceRows() if guidance is not None and every > 1 else None
     bar = progress_bar(len(steps), progress)
     token = _KEPT.set(kept) if guidance is not None else None
     try:

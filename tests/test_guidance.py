@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from condiff import readback, sample
 from condiff.denoiser import GaussianDenoiser, NetDenoiser
 from condiff.guidance import (
     DPS,
@@ -423,13 +424,11 @@ def _square(x):
 
 @pytest.mark.parametrize("method", list(GUIDED))
 def test_guidance_checks_kept_on_the_device_report_what_checks_at_once_report(monkeypatch, method):
-    from condiff import sample
-
     make, per_step = GUIDED[method]
     den, ts = _oracle(200), Schedule.linear(200).timesteps(12)
     outcomes = {}
     for every in (1, 5, 50):  # 5, 50: the GPU's way (checks kept on the device, read in blocks or at the end)
-        monkeypatch.setitem(sample.READ_EVERY, "cpu", every)
+        monkeypatch.setitem(readback.READ_EVERY, "cpu", every)
         guide = make(_LateNaN(bad_from=4))
         for clip in (1.0, None):
             with pytest.raises(FloatingPointError) as err:
@@ -447,9 +446,7 @@ def test_guidance_checks_kept_on_the_device_report_what_checks_at_once_report(mo
 
 @pytest.mark.parametrize("every", [1, 5, 50])
 def test_a_later_error_on_the_nan_samples_does_not_hide_the_bad_guidance_step(monkeypatch, every):
-    from condiff import sample
-
-    monkeypatch.setitem(sample.READ_EVERY, "cpu", every)
+    monkeypatch.setitem(readback.READ_EVERY, "cpu", every)
     den, ts = _oracle(200), Schedule.linear(200).timesteps(12)
     with pytest.raises(FloatingPointError, match=f"at t = {int(ts[3])} ") as err:
         guided_sample(den, DPS(_LateNaN(bad_from=4, strict=True), zeta=0.1), (2, 1, 4, 4), 12, generator=_gen())
@@ -459,9 +456,7 @@ def test_a_later_error_on_the_nan_samples_does_not_hide_the_bad_guidance_step(mo
 
 @pytest.mark.parametrize("every", [1, 50])
 def test_ugd_backward_guidance_gradients_are_checked_at_their_own_step(monkeypatch, every):
-    from condiff import sample
-
-    monkeypatch.setitem(sample.READ_EVERY, "cpu", every)
+    monkeypatch.setitem(readback.READ_EVERY, "cpu", every)
     den, ts = _oracle(200), Schedule.linear(200).timesteps(6)
     # per step: the outer gradient (loss call 1), then one backward step (call 2), which goes bad
     guide = UGD(_LateNaN(bad_from=2), forward=0.1, backward_steps=1, recurrence=1)
@@ -472,12 +467,10 @@ def test_ugd_backward_guidance_gradients_are_checked_at_their_own_step(monkeypat
 
 
 def test_dsg_final_step_checks_agree_on_both_read_paths(monkeypatch):
-    from condiff import sample
-
     den, ts = _oracle(200), Schedule.linear(200).timesteps(6)
     messages = []
     for every in (1, 50):
-        monkeypatch.setitem(sample.READ_EVERY, "cpu", every)
+        monkeypatch.setitem(readback.READ_EVERY, "cpu", every)
         with pytest.raises(FloatingPointError) as err:  # the 6th call is the last step's, DSG's final one
             guided_sample(den, DSG(DPS(_LateNaN(bad_from=6), zeta=0.1), final=0.5), (2, 1, 4, 4), 6, generator=_gen())
         messages.append(str(err.value))
@@ -485,27 +478,23 @@ def test_dsg_final_step_checks_agree_on_both_read_paths(monkeypatch):
 
 
 def test_kept_checks_are_read_in_steps_not_gradients(monkeypatch):
-    from condiff import sample
-
     reads = []
-    real = sample.DeviceChecks.read
-    monkeypatch.setattr(sample.DeviceChecks, "read", lambda self: reads.append(len(self.unread)) or real(self))
-    monkeypatch.setitem(sample.READ_EVERY, "cpu", 5)
+    real = readback.DeviceRows.read
+    monkeypatch.setattr(readback.DeviceRows, "read", lambda self: reads.append(len(self.unread)) or real(self))
+    monkeypatch.setitem(readback.READ_EVERY, "cpu", 5)
     # FreeDoM here takes 2 gradients a step: 12 steps are read after steps 5 and 10 and at the end
     guided_sample(_oracle(200), FreeDoM(_square, zeta=0.1, travel=(0.0, 1.0)), (2, 1, 4, 4), 12, generator=_gen())
     assert reads == [10, 10, 4]
 
 
 def test_a_cpu_run_inside_a_run_that_keeps_its_checks_checks_its_own_steps(monkeypatch):
-    from condiff import sample
-
-    monkeypatch.setitem(sample.READ_EVERY, "cpu", 50)  # the outer run stands in for a GPU run
+    monkeypatch.setitem(readback.READ_EVERY, "cpu", 50)  # the outer run stands in for a GPU run
     den, inner = _oracle(200), []
 
     def evaluate(step):  # a callback that samples on its own (a CPU evaluation, say) with a bad loss
         if step.i == 2:
             with monkeypatch.context() as m:
-                m.setitem(sample.READ_EVERY, "cpu", 1)
+                m.setitem(readback.READ_EVERY, "cpu", 1)
                 with pytest.raises(FloatingPointError, match="at t = 199 "):
                     guided_sample(den, DPS(_LateNaN(bad_from=1)), (2, 1, 4, 4), 3, generator=_gen())
             inner.append(True)
@@ -516,9 +505,7 @@ def test_a_cpu_run_inside_a_run_that_keeps_its_checks_checks_its_own_steps(monke
 
 
 def test_a_failure_before_the_loop_leaves_no_checks_behind(monkeypatch):
-    from condiff import sample
-
-    monkeypatch.setitem(sample.READ_EVERY, "cpu", 50)
+    monkeypatch.setitem(readback.READ_EVERY, "cpu", 50)
 
     def broken_bar(*a, **k):
         raise KeyboardInterrupt
@@ -528,15 +515,13 @@ def test_a_failure_before_the_loop_leaves_no_checks_behind(monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             guided_sample(_oracle(200), DPS(_square), (2, 1, 4, 4), 3, generator=_gen())
     assert sample.kept_checks() is None
-    monkeypatch.setitem(sample.READ_EVERY, "cpu", 1)  # a later CPU run checks at once again
+    monkeypatch.setitem(readback.READ_EVERY, "cpu", 1)  # a later CPU run checks at once again
     with pytest.raises(FloatingPointError):
         guided_sample(_oracle(200), DPS(_LateNaN(bad_from=1)), (2, 1, 4, 4), 3, generator=_gen())
 
 
 def test_kept_checks_are_read_inside_wrappers_and_not_outside_a_run(monkeypatch):
-    from condiff import sample
-
-    monkeypatch.setitem(sample.READ_EVERY, "cpu", 50)
+    monkeypatch.setitem(readback.READ_EVERY, "cpu", 50)
     den = _oracle(200)
 
     class Wrapper:  # a user's rule around a built-in one, with no hook for the sampler to call
@@ -556,9 +541,7 @@ def test_kept_checks_are_read_inside_wrappers_and_not_outside_a_run(monkeypatch)
 
 
 def test_an_interrupted_runs_checks_do_not_reach_the_next_run(monkeypatch):
-    from condiff import sample
-
-    monkeypatch.setitem(sample.READ_EVERY, "cpu", 50)
+    monkeypatch.setitem(readback.READ_EVERY, "cpu", 50)
     den, loss = _oracle(200), _LateNaN(bad_from=1)
     guide = DPS(loss, zeta=0.1)
 

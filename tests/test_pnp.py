@@ -14,7 +14,7 @@ from condiff.pnp import schedules as sch
 from condiff.pnp.conditional import ClassConstraint, MirrorSymmetry, mean_pairwise_distance, within_class_diversity
 from condiff.pnp.engine import denoising_term, finish, infer
 from condiff.pnp.segmentation import iou, kmeans_segment, otsu_segment, segment, vote
-from condiff.sample import READ_EVERY
+from condiff.readback import READ_EVERY
 from condiff.schedule import Schedule
 
 M, S = 0.3, 0.1  # the oracle prior N(M, S^2 I)

@@ -86,6 +86,12 @@ def _not_finite(what: str, step_size: str, t: int, clip_x0, n: int, bad: float, 
     )
 
 
+def _raise_if_not_ok(error: Callable[..., Exception], row: list[float]) -> None:
+    """A kept check's reader: ``row = [ok, *figures]``."""
+    if not row[0]:
+        raise error(*row[1:])
+
+
 def fresh(x: Tensor) -> Tensor:
     """``x`` cut from the previous step's graph, tracking gradients anew (time travel, recurrence)."""
     return x.detach().requires_grad_(True)
@@ -137,14 +143,14 @@ class GradientGuidance:
         where the loss was taken (default ``step.x0_hat``), made only when the figures are; ``what``
         names the gradient in the message."""
         ok = torch.isfinite(g).all()  # one reduction per step (checked at once: the figures only for a bad step)
-        error = partial(_not_finite, what, self.step_size, step.t_host, step.clip_x0, len(value))
         kept = kept_checks()
         if kept is None and bool(ok):
             return
+        error = partial(_not_finite, what, self.step_size, step.t_host, step.clip_x0, len(value))
         figures = _figures(value, g, step.x0_hat if at is None else at())
         if kept is None:
             raise error(*figures.tolist())
-        kept.keep(torch.cat([ok[None].to(torch.float64), figures]), error)
+        kept.keep(torch.cat([ok[None].to(figures), figures]), partial(_raise_if_not_ok, error))
 
     def hyperparameters(self) -> dict:  # pragma: no cover - overridden
         return {}

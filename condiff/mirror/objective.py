@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from condiff import io
 from condiff.constraints import Distance, check_sign
 from condiff.mirror.map import MirrorMap
+from condiff.readback import DeviceRows
 from condiff.train import all_reduce_mean
 
 
@@ -76,21 +78,21 @@ class _SignCheck:
     device; ``check`` (called by the trainer then) stops training at the first negative one (a
     distance is >= 0, and a sign error would otherwise let the loss fall without bound)."""
 
+    # read after 1000 steps anyway: called outside a trainer, which would have read them by now
+    _signs_every = 1000
+
     def logs(self, parts: dict[str, Tensor], step: int) -> dict[str, Tensor]:
-        """The terms, detached (read back only for the log lines); the constraint term is queued."""
+        """The terms, detached (read back only for the log lines); the constraint term is kept."""
         out = {k: v.detach() for k, v in parts.items()}
-        self._pending.append((step, out["con"]))
-        if len(self._pending) >= 1000:  # called outside a trainer, which would have read them by now
-            self.check()
+        self._signs.keep(out["con"], partial(_check_mean_sign, step))
         return out
 
     def check(self) -> None:
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        values = torch.stack([v for _, v in pending]).cpu()
-        for (step, _), v in zip(pending, values):
-            check_sign(v, f"the mean constraint distance at step {step}")
+        self._signs.read()
+
+
+def _check_mean_sign(step: int, row: list[float]) -> None:
+    check_sign(torch.tensor(row), f"the mean constraint distance at step {step}")
 
 
 def _total(parts: dict[str, Tensor], w: NAMMLoss) -> Tensor:
@@ -120,7 +122,7 @@ class NAMMObjective(_SignCheck):
             raise ValueError(f"NAMM needs non-empty image data (N, C, H, W), got shape {tuple(x.shape)}")
         self.x, self.constraint, self.batch_size = x, constraint, int(batch_size)
         self.w = weights or NAMMLoss()
-        self._pending: list[tuple[int, Tensor]] = []
+        self._signs = DeviceRows(self._signs_every)
         check_fitting_loss(self.w)
 
     def to(self, device: torch.device | str) -> NAMMObjective:
@@ -198,7 +200,7 @@ class FinetuneObjective(_SignCheck):
                           f"{reach:.3g}: is the mirror diffusion model trained?", stacklevel=2)
         self.y_mdm, self.constraint, self.batch_size = y_mdm, constraint, int(batch_size)
         self.w = weights or NAMMLoss()
-        self._pending: list[tuple[int, Tensor]] = []
+        self._signs = DeviceRows(self._signs_every)
         self.critic: Critic | None = None
         if self.w.l_adv > 0:
             with torch.random.fork_rng(devices=[]):

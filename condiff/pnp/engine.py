@@ -23,12 +23,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser
-from ..sample import Guidance, ddim, progress_bar, randn, read_every
+from ..readback import DeviceRows, read_every
+from ..sample import Guidance, ddim, progress_bar, randn
 from .schedules import PAPER_MNIST, ConstantWeight, TimeSchedule, WeightSchedule
 
 Constraint = Callable[[Tensor], Tensor]
@@ -105,35 +107,28 @@ def infer(
 
 
 class _Trace:
-    """Each step's values, kept on the device and read in blocks: whether the gradient, the rendered
-    samples and the denoising term were finite, the denoising term's mean and, in a run with a
-    constraint, the constraint's. :meth:`read` stops at the first step whose gradient was not finite,
-    naming what made it so."""
+    """Each step's values, kept on the device (:class:`~condiff.readback.DeviceRows`): whether the
+    gradient, the rendered samples and the denoising term were finite, the denoising term's mean and,
+    in a run with a constraint, the constraint's. Reading stops at the first step whose gradient was
+    not finite, naming what made it so."""
 
     def __init__(self, out: PnPResult, every: int, constrained: bool) -> None:
-        self.out, self.every, self.constrained = out, every, constrained
-        self.pending: list[tuple[int, int, Tensor]] = []
+        self.out, self.constrained = out, constrained
+        self.rows = DeviceRows(every)
 
     def add(self, i: int, t_i: int, g: Tensor, x: Tensor, d: Tensor, c_mean: Tensor | None) -> None:
         f64 = torch.float64  # the means at their own precision, whatever the model's (bf16, say) or the constraint's
         values = [torch.isfinite(v).all().to(f64) for v in (g, x, d)] + [d.mean().to(f64)]
         values = torch.stack(values + [c_mean.to(f64) if c_mean is not None else d.new_zeros((), dtype=f64)])
-        self.pending.append((i, t_i, values))
-        if len(self.pending) >= self.every:
-            self.read()
+        self.rows.keep(values, partial(self._record, i, t_i))
 
-    def read(self) -> None:
-        if not self.pending:
-            return
-        pending, self.pending = self.pending, []
-        rows = torch.stack([v for _, _, v in pending]).cpu().tolist()
-        for (i, t_i, _), (g_ok, x_ok, d_ok, d_mean, c_mean) in zip(pending, rows):
-            if not g_ok:
-                raise FloatingPointError(f"non-finite gradient at step {i} (t={t_i}): "
-                                         f"{_culprit(x_ok, d_ok, c_mean)}")
-            self.out.denoise.append(d_mean)
-            if self.constrained:
-                self.out.constraint.append(c_mean)
+    def _record(self, i: int, t_i: int, row: list[float]) -> None:
+        g_ok, x_ok, d_ok, d_mean, c_mean = row
+        if not g_ok:
+            raise FloatingPointError(f"non-finite gradient at step {i} (t={t_i}): {_culprit(x_ok, d_ok, c_mean)}")
+        self.out.denoise.append(d_mean)
+        if self.constrained:
+            self.out.constraint.append(c_mean)
 
 
 def _culprit(x_ok: bool, d_ok: bool, c_mean: float) -> str:
@@ -199,13 +194,13 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
                 callback(i, z.detach(), x.detach())
             if bar is not None:
                 bar.update(1)
-    except Exception:  # an unread non-finite step before the failure is its likely cause: reported first
-        trace.read()
+        trace.rows.read()  # the last block: a non-finite step among them is reported, not returned
+    except Exception as err:  # an unread non-finite step before the failure is its likely cause: reported first
+        trace.rows.read_before(err)
         raise
     finally:
         if bar is not None:
             bar.close()
-    trace.read()  # the last block: a non-finite step among them is reported, not returned
     with torch.no_grad():
         out.x, out.latent = render(z).detach(), z.detach()
     out.nfe, out.seconds = denoiser.nfe - nfe0, time.perf_counter() - t0
