@@ -54,6 +54,39 @@ def number(name: str, v: Any, within: str = "") -> float:
     return float(v)
 
 
+def floating(name: str, x: Any) -> Any:
+    """A floating-point tensor: integer data would be truncated silently by noise, filters and schedules."""
+    import torch  # here, so that the settings checks stay importable without torch's start-up cost
+
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype} (convert it with .float())")
+    return x
+
+
+def finite_rows(name: str, x: Any) -> Any:
+    """A floating-point ``(N, ...)`` tensor with no NaN or inf (reads the device once)."""
+    import torch
+
+    floating(name, x)
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        first = int(bad.reshape(x.shape[0], -1).any(1).nonzero()[0]) if x.dim() else 0
+        raise ValueError(f"{name} hold {int(bad.sum())} non-finite values (the first in sample {first})")
+    return x
+
+
+def weights_dtype(name: str, x: Any, module: Any) -> Any:
+    """``x`` in the dtype of ``module``'s weights (a float64 input to a float32 network fails deep inside torch)."""
+    floating(name, x)
+    w = next(module.parameters(), None)
+    if w is not None and x.dtype != w.dtype:
+        raise ValueError(f"{name} is {x.dtype} but the network's weights are {w.dtype}; convert the input "
+                         f"with x.to({w.dtype})")
+    return x
+
+
 def labels(name: str, v: Any, n: int, what: str = "digits 0-9") -> tuple[int, ...]:
     """A non-empty list of distinct class labels (or mode indices) in ``[0, n)``, as a tuple."""
     ok = (isinstance(v, (list, tuple)) and len(v) > 0

@@ -32,28 +32,35 @@ class Denoiser(nn.Module):
     def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
         """Predicted noise ``eps_hat(x_t, t)``, same shape as ``x_t``."""
         self.__dict__["nfe"] += 1  # not through nn.Module.__setattr__, which costs more than a GPU kernel launch
-        return self.predict_eps(x_t, _as_t(t, x_t))
+        return self.predict_eps(x_t, _as_t(t, x_t, self.schedule.T))
 
     def x0(self, x_t: Tensor, t: Tensor) -> Tensor:
         """Tweedie: ``x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)``."""
         return self.x0_from_eps(x_t, t, self.eps(x_t, t))
 
     def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        a = self.schedule.abar_at(_as_t(t, x_t), x_t)
+        a = self.schedule.abar_at(_as_t(t, x_t, self.schedule.T), x_t)
         return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
 
     def score(self, x_t: Tensor, t: Tensor) -> Tensor:
         """``grad log p_t(x_t) = -eps_hat / sqrt(1 - abar_t)``."""
-        a = self.schedule.abar_at(_as_t(t, x_t), x_t)
+        a = self.schedule.abar_at(_as_t(t, x_t, self.schedule.T), x_t)
         return -self.eps(x_t, t) / (1 - a).sqrt()
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         return self.eps(x_t, t)
 
 
-def _as_t(t: Tensor | int, x: Tensor) -> Tensor:
+def _as_t(t: Tensor | int, x: Tensor, T: int) -> Tensor:
+    """``t`` as a ``(B,)`` long tensor on ``x``'s device, checked to be whole steps in ``[0, T)`` (a tensor
+    only where the check is free: on the CPU; on a GPU it would wait for the device at every call)."""
     if not isinstance(t, Tensor):
-        t = torch.tensor(int(t))
+        t = torch.tensor(checks.integer("timestep t", t, 0, T))
+    elif t.device.type == "cpu" and t.numel():
+        whole = not t.is_floating_point() or bool((t == t.round()).all())
+        if not whole or int(t.min()) < 0 or int(t.max()) >= T:
+            raise ValueError(f"timesteps t must be whole steps in [0, {T}), got values in "
+                             f"[{float(t.min()):g}, {float(t.max()):g}]")
     t = t.to(device=x.device, dtype=torch.long)
     return t.expand(x.shape[0]) if t.dim() == 0 else t
 
@@ -93,10 +100,7 @@ class NetDenoiser(Denoiser):
         return torch.full((x_t.shape[0],), int(self.y), dtype=torch.long, device=x_t.device)
 
     def predict_eps(self, x_t: Tensor, t: Tensor) -> Tensor:
-        w = next(self.net.parameters(), None)
-        if w is not None and x_t.dtype != w.dtype:
-            raise ValueError(f"x_t is {x_t.dtype} but the network's weights are {w.dtype}; convert the input "
-                             f"with x.to({w.dtype})")
+        checks.weights_dtype("x_t", x_t, self.net)
         if self.y is None:
             return self.net(x_t, t)
         y = self._labels(x_t)

@@ -16,7 +16,6 @@ Operators hold no randomness of their own: random masks are drawn once, from an 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from . import checks
 def _check_images(x: Tensor, who: str) -> None:
     if x.dim() != 4:
         raise ValueError(f"{who}: expected images of shape (B, C, H, W), got shape {tuple(x.shape)}")
+    checks.floating(f"{who}: images", x)
 
 
 def _check_measurement(y: Tensor, ax: Tensor, who: str) -> None:
@@ -49,9 +49,7 @@ class Operator(nn.Module):
 
     def __init__(self, sigma_y: float = 0.0) -> None:
         super().__init__()
-        if not (isinstance(sigma_y, (int, float)) and math.isfinite(sigma_y) and sigma_y >= 0):
-            raise ValueError(f"sigma_y must be a finite number >= 0, got {sigma_y!r}")
-        self.sigma_y = float(sigma_y)
+        self.sigma_y = checks.number("sigma_y", sigma_y, ">= 0")
 
     def A(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -271,19 +269,22 @@ class SeparableFilter(LinearOperator):
         if kernel.dim() != 1 or kernel.numel() == 0:
             raise ValueError(f"SeparableFilter: kernel must be a non-empty 1-D tensor, got shape "
                              f"{tuple(kernel.shape)}")
-        if stride < 1:
-            raise ValueError(f"SeparableFilter: stride must be >= 1, got {stride}")
+        checks.floating("SeparableFilter: kernel", kernel)
+        if not (isinstance(pad, (list, tuple)) and len(pad) == 2):
+            raise ValueError(f"SeparableFilter: pad must be two integers (lo, hi) >= 0, got {pad!r}")
         self.register_buffer("kernel", kernel.double())
-        self.stride, self.pad = int(stride), (int(pad[0]), int(pad[1]))
+        self.stride = checks.integer("SeparableFilter: stride", stride, 1)
+        self.pad = tuple(checks.integer("SeparableFilter: pad", v, 0) for v in pad)
         self._matrices: dict[tuple, Tensor] = {}
 
     def _check(self, x: Tensor) -> None:
         _check_images(x, type(self).__name__)
         lo, hi = self.pad
         H, W = x.shape[-2:]
-        if max(lo, hi) >= min(H, W):
-            raise ValueError(f"{type(self).__name__}: padding {self.pad} needs images larger than "
-                             f"{max(lo, hi)} pixels, got {H}x{W}")
+        if max(lo, hi) >= min(H, W) or min(H, W) + lo + hi < len(self.kernel):
+            raise ValueError(f"{type(self).__name__}: a kernel of {len(self.kernel)} taps with padding {self.pad} "
+                             f"needs images larger than {max(lo, hi, len(self.kernel) - lo - hi - 1)} pixels, "
+                             f"got {H}x{W}")
         if (H + lo + hi - len(self.kernel)) % self.stride or (W + lo + hi - len(self.kernel)) % self.stride:
             raise ValueError(f"{type(self).__name__}: image size {H}x{W} is not divisible by the factor "
                              f"{self.stride}")

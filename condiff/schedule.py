@@ -125,11 +125,15 @@ class Schedule:
 
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """Forward process: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``."""
+        checks.floating("x0", x0)
+        if eps.shape != x0.shape:
+            raise ValueError(f"add_noise: eps must have x0's shape {tuple(x0.shape)}, got {tuple(eps.shape)}")
         a = self.abar_at(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
     def snr(self, t: Tensor) -> Tensor:
-        a = self.abar[t.long().cpu()]
+        """Signal-to-noise ratio ``abar_t / (1 - abar_t)`` (infinite at ``t = -1``, clean data)."""
+        a = self.abar_at(torch.as_tensor(t).reshape(-1).cpu(), self.abar).flatten()
         return a / (1 - a)
 
     def timesteps(self, steps: int, spacing: str = "linspace") -> Tensor:

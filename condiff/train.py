@@ -61,32 +61,35 @@ class TrainConfig:
             raise ValueError(f"unknown training option(s) {bad}{where}; known: {sorted(known)}")
         d = {k: check_setting(f"{section}.{f.name}", f.default, d[k])
              for f in fields(cls) if (k := f.name) in d}
-        if "betas" in d:
-            b = d["betas"]
-            if len(b) != 2 or not all(isinstance(v, (int, float)) and 0 <= v < 1 for v in b):
-                raise ValueError(f"{section}.betas must be two numbers in [0, 1), got {b!r}")
-            d["betas"] = tuple(float(v) for v in b)
         try:
             return cls(**d)
         except ValueError as e:  # named after the table the settings came from
             raise ValueError(str(e).replace("TrainConfig.", f"{section}.", 1)) from None
 
     def __post_init__(self) -> None:
-        """The settings' ranges, checked however the config was made (``from_dict`` also checks types)."""
+        """The settings' kinds and ranges, checked however the config was made."""
         cfg, section = self, "TrainConfig"
-        if not 0 <= cfg.seed < 2**63:
-            raise ValueError(f"{section}.seed must be an integer in [0, 2**63), got {cfg.seed}")
+        cfg.seed = checks.seed(f"{section}.seed", cfg.seed)
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "keep"):
-            if getattr(cfg, name) < 1:
-                raise ValueError(f"{section}.{name} must be >= 1, got {getattr(cfg, name)}")
-        for name, ok, want in (("lr", cfg.lr > 0, "> 0"), ("warmup", cfg.warmup >= 0, ">= 0"),
-                               ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
-                               ("grad_clip", cfg.grad_clip > 0, "> 0"),
-                               ("ema_decay", 0 <= cfg.ema_decay < 1, "in [0, 1)")):
-            if not ok:
-                raise ValueError(f"{section}.{name} must be {want}, got {getattr(cfg, name)}")
+            setattr(cfg, name, checks.integer(f"{section}.{name}", getattr(cfg, name), 1))
+        cfg.warmup = checks.integer(f"{section}.warmup", cfg.warmup, 0)
+        for name, within in (("lr", "> 0"), ("weight_decay", ">= 0"), ("grad_clip", "> 0"),
+                             ("ema_decay", "[0, 1)")):
+            setattr(cfg, name, checks.number(f"{section}.{name}", getattr(cfg, name), within))
+        b = cfg.betas
+        if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(checks.is_number(v) and 0 <= v < 1 for v in b)):
+            raise ValueError(f"{section}.betas must be two numbers in [0, 1), got {b!r}")
+        cfg.betas = (float(b[0]), float(b[1]))
         if cfg.lr_decay not in ("cosine", "constant"):
             raise ValueError(f"{section}.lr_decay must be 'cosine' or 'constant', got {cfg.lr_decay!r}")
+        try:
+            ok = isinstance(cfg.device, str) and torch.device(cfg.device).type in ("cpu", "cuda", "mps")
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{section}.device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {cfg.device!r}")
+        if not isinstance(cfg.progress, bool):
+            raise ValueError(f"{section}.progress must be true or false, got {cfg.progress!r}")
 
 
 class Objective(Protocol):
@@ -116,9 +119,10 @@ def denoising_loss(net: Callable, schedule: Schedule, x0: Tensor, y: Tensor | No
     ``t`` defaults to uniform draws in ``[0, T)``; pass fixed timesteps for low-variance estimates.
     """
     B = x0.shape[0]
+    gdev = x0.device if generator is None else generator.device
     if t is None:
-        t = torch.randint(0, schedule.T, (B,), generator=generator, device=generator.device).to(x0.device)
-    eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
+        t = torch.randint(0, schedule.T, (B,), generator=generator, device=gdev).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator, device=gdev).to(x0)
     x_t = schedule.add_noise(x0, eps, t)
     pred = net(x_t, t) if y is None else net(x_t, t, y)
     return (pred - eps).pow(2).flatten(1).mean(1)
@@ -133,8 +137,12 @@ class DenoisingObjective:
 
     def __init__(self, x: Tensor, schedule: Schedule, batch_size: int, y: Tensor | None = None,
                  label_drop: float = 0.0) -> None:
-        if x.shape[0] == 0:
-            raise ValueError("training data are empty")
+        checks.finite_rows("training data", x)
+        if x.dim() < 2 or x.shape[0] == 0:
+            raise ValueError(f"training data must be a non-empty (N, ...) tensor, got shape {tuple(x.shape)}")
+        if y is not None and (not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.is_floating_point()):
+            raise ValueError(f"labels y must be a ({x.shape[0]},) integer tensor, one per training sample, got "
+                             + (f"shape {tuple(y.shape)}, dtype {y.dtype}" if isinstance(y, Tensor) else repr(y)))
         self.x, self.y, self.schedule = x, y, schedule
         self.batch_size = checks.integer("batch_size", batch_size, 1)
         self.label_drop = checks.number("label_drop", label_drop, "[0, 1)")

@@ -104,7 +104,7 @@ def test_config_resolution_order(tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["train", "--data", "/no/such/file.npy", "--out", "{tmp}/x"], "unknown data set"),
-    (["train", "--data", "toy2d", "--set", "train.steps=0", "--out", "{tmp}/x"], "train.steps must be >= 1"),
+    (["train", "--data", "toy2d", "--set", "train.steps=0", "--out", "{tmp}/x"], "train.steps must be an integer >= 1"),
     (["train", "--data", "toy2d", "--set", "train.stpes=3", "--out", "{tmp}/x"], "unknown training option"),
     (["train", "--data", "toy2d", "--set", "model.name=resnet9", "--out", "{tmp}/x"], "unknown net"),
     (["train", "--data", "toy2d", "--set", "train.lr=abc", "--out", "{tmp}/x"], "train.lr expects a number"),
@@ -141,7 +141,7 @@ def test_a_failing_train_leaves_the_run_as_it_was(tmp_path, capsys):
     assert main(["train", *TINY, "--set", "data.kind=rings", "--set", "train.steps=40", "--out", str(run),
                  "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "unknown data set" in err[0] and "train.grad_clip must be > 0" in err[1]
+    assert "unknown data set" in err[0] and "train.grad_clip must be a number > 0" in err[1]
     assert "does not match the model" in err[2] and "of other shape" in err[2]
     assert "was trained on other data (kind: " in err[3] and "-> 'rings'" in err[3]
     assert _snapshot(run) == before
@@ -153,7 +153,7 @@ def test_a_failing_train_leaves_the_run_as_it_was(tmp_path, capsys):
 @pytest.mark.parametrize("extra, needle", [
     (["--set", "train.steps=2.5"], "train.steps expects an integer"),
     (["--set", "train.ema_decay=nan"], "train.ema_decay must be a finite number"),
-    (["--set", "train.ema_decay=1.5"], "train.ema_decay must be in [0, 1)"),
+    (["--set", "train.ema_decay=1.5"], "train.ema_decay must be a number in [0, 1)"),
     (["--set", "train.betas=[0.9]"], "train.betas must be two numbers"),
     (["--set", "sample.n=0"], "sample.n must be an integer >= 1"),
     (["--set", "sample.foo=1"], "unknown sample setting"),

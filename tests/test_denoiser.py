@@ -181,3 +181,18 @@ def test_diffusers_clip_sample_becomes_the_default_clip_x0(tmp_path):
     assert den.clip_x0 == 2.0 and run_cfg["sample"]["clip_x0"] == 2.0 and shape == (1, 8, 8)
     den, run_cfg, _ = load_model_for(tmp_path / "n", "cpu")
     assert den.clip_x0 is None and run_cfg["sample"]["clip_x0"] is None
+
+
+def test_timesteps_outside_the_schedule_or_between_steps_are_refused():
+    """eps(x, 1000) on a 50-step schedule, or t = 3.7 (read as 3), ran without a word."""
+    s = Schedule.linear(50)
+    d = NetDenoiser(TimeMLP(2, hidden=8, depth=1), s)
+    x = torch.randn(3, 2)
+    for t, match in [(1000, r"timestep t must be an integer in \[0, 50\), got 1000"),
+                     (-5, r"in \[0, 50\), got -5"),
+                     (torch.tensor([3.7, 1.0, 2.0]), r"whole steps in \[0, 50\), got values in \[1, 3.7\]"),
+                     (torch.tensor([0, 50, 2]), r"whole steps in \[0, 50\), got values in \[0, 50\]")]:
+        with pytest.raises(ValueError, match=match):
+            d.eps(x, t)
+    assert d.eps(x, torch.tensor([3.0, 1.0, 2.0])).shape == x.shape  # whole steps as floats are fine
+    assert torch.equal(d.x0(x, 7), d.x0(x, torch.full((3,), 7)))

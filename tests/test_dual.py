@@ -351,9 +351,14 @@ def test_ddp_ranks_hold_the_same_lambda(tmp_path, run_on_two_ranks):
     assert r0["estimate"] == pytest.approx(mean[1:], rel=1e-6)  # ... and hold their average
 
 
-def test_train_cached_builds_the_trainer_before_clearing_stale_checkpoints(tmp_path):
+def test_train_cached_builds_the_trainer_before_clearing_stale_checkpoints(tmp_path, monkeypatch):
+    from condiff.dual import experiments
     from condiff.dual.experiments import train_cached
 
+    def cannot_build(*args, **kw):  # a device that cannot be reached, say
+        raise RuntimeError("nosuch device")
+
+    monkeypatch.setattr(experiments, "Trainer", cannot_build)
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000010").mkdir(parents=True)
     (run / "key.json").write_text('"another key"')
@@ -361,8 +366,7 @@ def test_train_cached_builds_the_trainer_before_clearing_stale_checkpoints(tmp_p
     x = torch.randn(8, 2)
     with pytest.raises(RuntimeError, match="nosuch"):  # a trainer that cannot be built: nothing cleared
         train_cached(run, TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, s, 4),
-                     TrainConfig(steps=1, device="nosuch", progress=False), s, {"k": 1}, {"name": "toy2d"}, x,
-                     fresh=True)
+                     TrainConfig(steps=1, progress=False), s, {"k": 1}, {"name": "toy2d"}, x, fresh=True)
     assert (run / "checkpoints" / "step_00000010").is_dir() and (run / "key.json").read_text() == '"another key"'
 
 
@@ -616,7 +620,7 @@ def test_cli_experiment_rejects_unknown_setting(capsys):
     ("toy", "slack_tolerance=nan", "slack_tolerance must be a finite number, got nan"),
     ("toy", "seed=1.5", "seed must be an integer in [0, 2**63), got 1.5"),
     ("toy", "lr=-1", "lr must be a number > 0, got -1"),
-    ("finetune", "finetune.steps=0", "finetune.steps must be >= 1, got 0"),
+    ("finetune", "finetune.steps=0", "finetune.steps must be an integer >= 1, got 0"),
     ("finetune", "pretrain.lr_decay='linear'", "pretrain.lr_decay must be 'cosine' or 'constant', got 'linear'"),
     ("finetune", "relative=-1", "relative must be a number > 0"),
     ("finetune", "constraint_classes=[]", "constraint_classes must be a non-empty list of distinct digits 0-9, got []"),
@@ -764,6 +768,13 @@ def test_dual_data_must_be_finite():
         Constraint("a", torch.full((5, 2), float("nan")), 0.1)
     with pytest.raises(ValueError, match="non-finite"):
         DualObjective(torch.full((4, 2), float("nan")), [], Schedule.linear(10), 2)
+    # and floating-point: integer data trained on the noise alone
+    with pytest.raises(TypeError, match="constraint 'a': data must be a floating-point tensor"):
+        Constraint("a", torch.ones(5, 2, dtype=torch.long), 0.1)
+    with pytest.raises(TypeError, match="objective data must be a floating-point tensor"):
+        DualObjective(torch.ones(4, 2, dtype=torch.uint8), [], Schedule.linear(10), 2)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 2.5"):
+        DualObjective(torch.randn(4, 2), [], Schedule.linear(10), 2.5)
 
 
 def test_memorisation_reduction_is_null_with_a_warning_when_plain_finetuning_memorised_nothing():

@@ -823,3 +823,18 @@ def test_data_violation_tells_data_on_the_set_from_data_off_it():
     assert v["n"] == 512 and v["median"] == 0 and v["noise_median"] > 0.1 and v["satisfied"]
     v = data_violation(MirrorSymmetry(-1), raw)  # as asymmetric as noise
     assert v["median"] > 0.25 * v["noise_median"] and not v["satisfied"]
+
+
+def test_map_inputs_of_another_dtype_or_no_samples():
+    """float64 data failed deep inside a convolution, and an empty set inside torch.cat."""
+    m = MirrorMap(_icnn(scale=0.5), ResNetGenerator(1, base=8, blocks=1, downsamples=1), a=0.9)
+    for fn in (m.to_mirror, m.to_data):
+        assert fn(torch.zeros(0, 1, 8, 8)).shape == (0, 1, 8, 8)
+        with pytest.raises(ValueError, match="is torch.float64 but the network's weights are torch.float32"):
+            fn(torch.zeros(2, 1, 8, 8, dtype=torch.float64))
+        with pytest.raises(TypeError, match="must be a floating-point tensor, got dtype torch.int64"):
+            fn(torch.zeros(2, 1, 8, 8, dtype=torch.long))
+    x = torch.randn(6, 1, 8, 8)
+    x[4, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"NAMM data hold 1 non-finite values \(the first in sample 4\)"):
+        NAMMObjective(x, Box(-1, 1))

@@ -2,11 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from condiff.operators import GaussianBlur, Inpainting, LinearOperator, SuperResolution
+from condiff.operators import GaussianBlur, Inpainting, LinearOperator, SeparableFilter, SuperResolution
 
 SHAPE = (3, 2, 16, 16)
 
@@ -162,7 +163,7 @@ def test_to_image_shapes():
     (lambda: Inpainting.random((2, 1, 8, 8), 1.0), r"p_drop must lie in \[0, 1\)"),
     (lambda: Inpainting.box((2, 1, 8, 8), 9), "does not fit 8x8"),
     (lambda: Inpainting(torch.full((1, 1, 4, 4), 0.5)), "only 0 and 1"),
-    (lambda: GaussianBlur(3, 1.0, sigma_y=-0.1), "sigma_y must be a finite number >= 0"),
+    (lambda: GaussianBlur(3, 1.0, sigma_y=-0.1), "sigma_y must be a number >= 0"),
     (lambda: SuperResolution(2).A(torch.randn(1, 1, 15, 16)), "not divisible by the factor 2"),
     (lambda: GaussianBlur(9, 2.0).A(torch.randn(1, 1, 4, 4)), "needs images larger than 4 pixels"),
     (lambda: Inpainting.random((2, 1, 8, 8), 0.5).A(torch.randn(3, 1, 8, 8)), "does not fit images"),
@@ -172,10 +173,25 @@ def test_to_image_shapes():
     (lambda: Inpainting.box((2, 1, 8, 8), (3, 0)), "size must be an integer >= 1"),
     (lambda: Inpainting.box((2, 1, 8, 8), 3, margin=-1), "margin must be an integer >= 0, got -1"),
     (lambda: Inpainting.box((2, 1, 8, 8), 3, margin=3), "with margin 3 does not fit 8x8"),
+    (lambda: SeparableFilter(torch.ones(11) / 11).A(torch.randn(1, 1, 8, 8)), "a kernel of 11 taps"),
+    (lambda: SeparableFilter(torch.ones(3) / 3, stride=1.5), "stride must be an integer >= 1, got 1.5"),
+    (lambda: SeparableFilter(torch.ones(3) / 3, pad=(-1, 1)), "pad must be an integer >= 0, got -1"),
 ])
 def test_bad_input_is_a_clear_error(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+@pytest.mark.parametrize("name", sorted(OPERATORS))
+def test_integer_images_are_refused_not_truncated(name):
+    """A filter's weights cast to an integer image's dtype would be 0: refused, not all-zero output."""
+    op = OPERATORS[name](SHAPE, _gen(), 0.0)
+    with pytest.raises(TypeError, match="must be a floating-point tensor, got dtype torch.uint8"):
+        op.A(torch.full(SHAPE, 200, dtype=torch.uint8))
+
+
+def test_numpy_scalar_noise_level_is_a_number():
+    assert GaussianBlur(3, 1.0, sigma_y=np.float32(0.25)).sigma_y == 0.25
 
 
 def test_describe_is_json_ready():

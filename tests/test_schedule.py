@@ -97,3 +97,22 @@ def test_trailing_spacing_gives_exactly_the_steps_asked_for(T):
         assert bool((ts[1:] < ts[:-1]).all())
     with pytest.raises(ValueError, match="steps must be an integer"):
         Schedule.linear(T).timesteps(2.5)
+
+
+def test_add_noise_refuses_integer_data_and_mismatched_noise():
+    """Integer x0 made abar an integer (0): x_t was the truncated noise alone, silently."""
+    s = Schedule.linear(50)
+    t = torch.tensor([0, 10, 25, 49])
+    with pytest.raises(TypeError, match="x0 must be a floating-point tensor, got dtype torch.uint8"):
+        s.add_noise(torch.full((4, 2), 200, dtype=torch.uint8), torch.randn(4, 2), t)
+    with pytest.raises(ValueError, match=r"eps must have x0's shape \(4, 2\), got \(1, 2\)"):
+        s.add_noise(torch.randn(4, 2), torch.randn(1, 2), t)
+
+
+def test_snr_is_infinite_for_clean_data_and_matches_abar():
+    s = Schedule.linear(50)
+    snr = s.snr(torch.tensor([-1, 0, 49]))
+    assert math.isinf(snr[0]) and snr[1] == pytest.approx(s.abar[0] / (1 - s.abar[0]))
+    assert snr[2] == pytest.approx(s.abar[49] / (1 - s.abar[49]))
+    with pytest.raises(ValueError, match="timesteps must lie in"):
+        s.snr(torch.tensor([-2]))

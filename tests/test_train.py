@@ -1,6 +1,7 @@
 """Training loop: learning, exact resume after SIGKILL, atomic checkpoints, DDP."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,7 +16,15 @@ from safetensors.torch import load_file
 from condiff import io
 from condiff.nets import TimeMLP
 from condiff.schedule import Schedule
-from condiff.train import DenoisingObjective, TrainConfig, Trainer, TrainingInterrupted, list_checkpoints, read_log
+from condiff.train import (
+    DenoisingObjective,
+    TrainConfig,
+    Trainer,
+    TrainingInterrupted,
+    denoising_loss,
+    list_checkpoints,
+    read_log,
+)
 
 TINY = ["--data", "toy2d", "--set", "model.hidden=32", "--set", "model.depth=1", "--set", "data.n=512",
         "--set", "train.batch_size=32", "--set", "train.log_every=10", "--set", "train.progress=false",
@@ -49,8 +58,13 @@ def test_a_non_finite_loss_names_the_data_at_step_0_and_the_learning_rate_later(
     cfg = TrainConfig(steps=5, lr=1e-3, warmup=0, progress=False)
     bad = torch.randn(64, 2)
     bad[3, 0] = float("nan")
+    # refused up front: a NaN row drawn only at step 40 was blamed on the learning rate
+    with pytest.raises(ValueError, match=r"training data hold 1 non-finite values \(the first in sample 3\)"):
+        DenoisingObjective(bad, s, 8)
+    objective = DenoisingObjective(torch.randn(64, 2), s, 64)
+    objective.x[3, 0] = float("nan")  # data that turn bad after the check (an objective of one's own, say)
     with pytest.raises(FloatingPointError, match="at step 0, before any update: the training data"):
-        Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(bad, s, 64), cfg).fit()
+        Trainer(TimeMLP(2, hidden=8, depth=1), objective, cfg).fit()
     # a learning rate that blows the weights up: the loss turns non-finite after some updates
     net = TimeMLP(2, hidden=8, depth=1)
     wild = TrainConfig(steps=200, lr=1e30, warmup=0, progress=False, grad_clip=1e30)
@@ -88,7 +102,9 @@ def test_losses_read_once_per_interval_give_the_same_log_and_name_the_first_bad_
             return getattr(self.base, name)
 
     for first_bad in (7, 0):
-        obj = NanAt() if first_bad else DenoisingObjective(torch.full((64, 2), float("nan")), s, 16)
+        obj = NanAt() if first_bad else DenoisingObjective(torch.zeros(64, 2), s, 16)
+        if not first_bad:
+            obj.x.fill_(float("nan"))  # after the objective's own check of its data
         cfg = TrainConfig(steps=20, log_every=10, ckpt_every=5, warmup=0, progress=False)
         tr = Trainer(TimeMLP(2, hidden=8, depth=1), obj, cfg, run_dir=tmp_path / f"bad{first_bad}")
         tr.check_each_step = False
@@ -393,12 +409,42 @@ def test_ddp_two_cpu_processes(tmp_path):
 
 def test_a_train_config_made_directly_is_checked_too():
     # from_dict checked its ranges, the constructor did not: steps=-1 trained nothing, silently
-    with pytest.raises(ValueError, match=r"TrainConfig.steps must be >= 1, got -1"):
+    with pytest.raises(ValueError, match=r"TrainConfig.steps must be an integer >= 1, got -1"):
         TrainConfig(steps=-1)
-    with pytest.raises(ValueError, match=r"TrainConfig.ema_decay must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"TrainConfig.ema_decay must be a number in \[0, 1\)"):
         TrainConfig(ema_decay=1.0)
-    with pytest.raises(ValueError, match=r"finetune.batch_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"finetune.batch_size must be an integer >= 1, got 0"):
         TrainConfig.from_dict({"batch_size": 0}, "finetune")
+    # kinds too: steps=2.5 trained 3 steps and never wrote its final checkpoint; seed=1.5 failed deep
+    # inside the trainer; lr=inf trained to NaN; a bad device name failed inside torch
+    for kw, match in [({"steps": 2.5}, "steps must be an integer >= 1, got 2.5"),
+                      ({"seed": 1.5}, r"seed must be an integer in \[0, 2\*\*63\), got 1.5"),
+                      ({"lr": "a"}, "lr must be a number > 0, got 'a'"),
+                      ({"lr": math.inf}, "lr must be a number > 0, got inf"),
+                      ({"betas": (1.5, 0.0)}, r"betas must be two numbers in \[0, 1\)"),
+                      ({"device": "bogus"}, "device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got 'bogus'"),
+                      ({"progress": 1}, "progress must be true or false, got 1")]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**kw)
+    assert TrainConfig(steps=20.0, betas=[0.5, 0.9]).steps == 20  # normalised: an int and a tuple
+    assert TrainConfig(betas=[0.5, 0.9]).betas == (0.5, 0.9)
     # a zero batch was blamed on the data ("training loss is nan") at the first step
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         DenoisingObjective(torch.randn(5, 2), Schedule.linear(10), 0)
+
+
+def test_objective_data_must_be_floating_point_with_one_label_each():
+    """Integer data trained on noise alone (abar and the noise cast to integers); a label vector of
+    the wrong length failed with an IndexError at the first step."""
+    s = Schedule.linear(10)
+    with pytest.raises(TypeError, match="training data must be a floating-point tensor, got dtype torch.int64"):
+        DenoisingObjective(torch.ones(8, 2, dtype=torch.long), s, 4)
+    with pytest.raises(ValueError, match=r"labels y must be a \(8,\) integer tensor, one per training sample, "
+                                         r"got shape \(7,\)"):
+        DenoisingObjective(torch.randn(8, 2), s, 4, y=torch.zeros(7, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels y must be"):
+        DenoisingObjective(torch.randn(8, 2), s, 4, y=torch.zeros(8))
+    # the loss runs without a generator (the hint allows None): the global one draws
+    torch.manual_seed(0)
+    a = denoising_loss(lambda x, t: torch.zeros_like(x), s, torch.randn(4, 2), None, None)
+    assert a.shape == (4,) and bool(torch.isfinite(a).all())

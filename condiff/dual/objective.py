@@ -50,8 +50,7 @@ class Constraint:
             shape = tuple(self.x.shape) if isinstance(self.x, Tensor) else type(self.x).__name__
             raise ValueError(f"constraint {self.name!r}: data must be a non-empty (N, ...) tensor, "
                              f"got {shape}")
-        if not bool(torch.isfinite(self.x).all()):
-            raise ValueError(f"constraint {self.name!r}: data hold non-finite values")
+        checks.finite_rows(f"constraint {self.name!r}: data", self.x)
         if not (checks.is_number(self.bound) and self.bound >= 0):  # a denoising loss is never negative
             raise ValueError(f"constraint {self.name!r}: bound must be a finite number >= 0, got {self.bound}")
         if self.batch_size is not None:
@@ -188,10 +187,8 @@ class DualObjective:
         self.cfg = cfg or DualConfig()
         if x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(f"objective data must be a non-empty (N, ...) tensor, got {tuple(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("objective data hold non-finite values")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        checks.finite_rows("objective data", x)
+        batch_size = checks.integer("batch_size", batch_size, 1)
         names = [c.name for c in constraints]
         if len(set(names)) != len(names):
             raise ValueError(f"constraint names must be unique, got {names}")

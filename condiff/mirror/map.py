@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from condiff import io
+from condiff import checks, io
 from condiff.nets import build_net
 
 FORMAT = "condiff-namm-mirror"
@@ -66,10 +66,12 @@ class MirrorMap(nn.Module):
 
     def forward_map(self, x: Tensor, create_graph: bool | None = None) -> Tensor:
         """``g(x) = (1 - a) grad Psi(x) + a x``: data space -> mirror space."""
+        checks.weights_dtype("x", x, self)
         return (1 - self.a) * self.grad_psi(x, create_graph) + self.a * x
 
     def inverse_map(self, y: Tensor) -> Tensor:
         """``f(y)``: mirror space -> data space (approximately onto the constraint set)."""
+        checks.weights_dtype("y", y, self)
         return self.inverse(y)
 
     def forward(self, x: Tensor, noise: Tensor) -> MirrorTerms:
@@ -84,6 +86,9 @@ class MirrorMap(nn.Module):
     @torch.no_grad()
     def to_mirror(self, x: Tensor, batch_size: int = 256) -> Tensor:
         """``g`` on a whole data set, in batches, without a graph."""
+        checks.weights_dtype("x", x, self)
+        if len(x) == 0:
+            return x.new_empty(x.shape)  # g and f keep the shape
         dev = next(self.parameters()).device
         return torch.cat(
             [self.forward_map(x[i : i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)]
@@ -92,6 +97,9 @@ class MirrorMap(nn.Module):
     @torch.no_grad()
     def to_data(self, y: Tensor, batch_size: int = 256) -> Tensor:
         """``f`` on a whole set of mirror-space points, in batches."""
+        checks.weights_dtype("y", y, self)
+        if len(y) == 0:
+            return y.new_empty(y.shape)
         dev = next(self.parameters()).device
         return torch.cat(
             [self.inverse_map(y[i : i + batch_size].to(dev)).cpu() for i in range(0, len(y), batch_size)]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from condiff import io
+from condiff import checks, io
 from condiff.constraints import Distance, check_sign
 from condiff.mirror.map import MirrorMap
 from condiff.readback import DeviceRows
@@ -120,7 +120,9 @@ class NAMMObjective(_SignCheck):
     ) -> None:
         if x.dim() != 4 or x.shape[0] == 0:
             raise ValueError(f"NAMM needs non-empty image data (N, C, H, W), got shape {tuple(x.shape)}")
-        self.x, self.constraint, self.batch_size = x, constraint, int(batch_size)
+        checks.finite_rows("NAMM data", x)
+        self.x, self.constraint = x, constraint
+        self.batch_size = checks.integer("batch_size", batch_size, 1)
         self.w = weights or NAMMLoss()
         self._signs = DeviceRows(self._signs_every)
         check_fitting_loss(self.w)
