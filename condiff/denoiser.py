@@ -132,7 +132,11 @@ class GaussianDenoiser(Denoiser):
     def predict_eps(self, x_t: Tensor, t: Tensor) -> Tensor:
         a = self.schedule.abar_at(t, x_t)
         var = a * self.std**2 + 1 - a
-        return (1 - a).sqrt() * (x_t - a.sqrt() * self.mean.to(x_t)) / var
+        out = (1 - a).sqrt() * (x_t - a.sqrt() * self.mean.to(x_t)) / var
+        if out.shape != x_t.shape:
+            raise ValueError(f"GaussianDenoiser: a mean of shape {tuple(self.mean.shape)} does not fit x_t of shape "
+                             f"{tuple(x_t.shape)}")
+        return out
 
 
 # diffusers scheduler settings that would change the model's noise schedule or its sampler in a way

@@ -80,11 +80,12 @@ class Operator(nn.Module):
 
     def residual(self, x: Tensor, y: Tensor) -> Tensor:
         """``(B,)`` RMS measurement residual ``||y - A(x)|| / sqrt(m)``; about ``sigma_y`` for a
-        reconstruction that explains the measurement exactly as well as the truth does."""
+        reconstruction that explains the measurement exactly as well as the truth does (0 for a sample
+        of which nothing is measured)."""
         ax = self.A(x)
         _check_measurement(y, ax, "residual")
         r = (y - ax).reshape(y.shape[0], -1).double()
-        return r.norm(dim=1) / self.num_measurements(y).sqrt()
+        return r.norm(dim=1) / self.num_measurements(y).clamp_min(1).sqrt()  # nothing measured: 0, not 0/0
 
     def to_image(self, y: Tensor) -> Tensor:
         """A picture of a measurement in image space, for display (not a reconstruction)."""

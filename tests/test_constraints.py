@@ -96,6 +96,16 @@ def test_convex_sets_reject_bad_parameters():
         Ball(0.0)
     with pytest.raises(ValueError, match="total must be a number > 0"):
         Simplex(-1.0)
+    with pytest.raises(ValueError, match="box: lo must be a finite number, got 'a'"):
+        Box("a", 1)
+
+
+def test_half_precision_distances_do_not_overflow():
+    """Squares summed in half precision overflowed to inf at a violation of 266 (64x64x3 pixels at 3.4)."""
+    x = torch.full((1, 3, 64, 64), 3.4)
+    exact = Box()(x)
+    assert float(exact) == pytest.approx(2.4 * 64 * math.sqrt(3), rel=1e-5)
+    assert float(Box()(x.half())) == pytest.approx(float(exact), rel=1e-3)
 
 
 # --- data constraints ------------------------------------------------------------------------------

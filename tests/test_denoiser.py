@@ -196,3 +196,9 @@ def test_timesteps_outside_the_schedule_or_between_steps_are_refused():
             d.eps(x, t)
     assert d.eps(x, torch.tensor([3.0, 1.0, 2.0])).shape == x.shape  # whole steps as floats are fine
     assert torch.equal(d.x0(x, 7), d.x0(x, torch.full((3,), 7)))
+
+
+def test_gaussian_oracle_mean_must_fit_the_batch():
+    d = GaussianDenoiser(Schedule.linear(10), torch.zeros(2, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"a mean of shape \(2, 1, 1, 1\) does not fit x_t of shape \(1, 1, 4, 4\)"):
+        d.eps(torch.randn(1, 1, 4, 4), 2)

@@ -103,8 +103,12 @@ def test_mixture_weights_closed_form():
     w = mixture_weights(torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.0, 2.0]),
                         torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]]))
     assert torch.allclose(w, torch.tensor([0.5, 1.3, 1.2], dtype=torch.float64) / 3)
-    with pytest.raises(ValueError, match="lambda must be >= 0"):
+    with pytest.raises(ValueError, match="lambda must be finite and >= 0"):
         mixture_weights(torch.tensor([0.5, 0.5]), torch.tensor([-1.0]), torch.tensor([[1.0, 0.0]]))
+    # weights that are not a distribution gave [-1, 2] or [nan, nan] without a word
+    for w0, wq in (([-0.5, 1.0], [[1.0, 0.0]]), ([0.0, 0.0], [[1.0, 0.0]]), ([0.5, 0.5], [[0.0, 0.0]])):
+        with pytest.raises(ValueError, match="must be finite weights >= 0 with a positive sum"):
+            mixture_weights(torch.tensor(w0), torch.tensor([1.0]), torch.tensor(wq))
     with pytest.raises(ValueError, match="expected w0"):
         mixture_weights(torch.tensor([0.5, 0.5]), torch.tensor([1.0]), torch.tensor([[1.0, 0.0, 0.0]]))
 
@@ -784,3 +788,22 @@ def test_memorisation_reduction_is_null_with_a_warning_when_plain_finetuning_mem
     assert ex.memorisation_reduction(0.5, 0.5) == 0.0
     with pytest.warns(UserWarning, match="memorised none of the target images"):
         assert ex.memorisation_reduction(0.0, 0.1) is None
+
+
+def test_theory_helpers_refuse_what_they_cannot_answer():
+    from condiff.dual import class_frequencies, log_mass_bounds
+
+    s = Schedule.linear(20)
+    with pytest.raises(ValueError, match=r"expected x_t of shape \(B, 2\), got \(4, 1, 2, 2\)"):
+        GaussianMixtureDenoiser(s, torch.zeros(1, 2), 0.4, torch.ones(1)).eps(torch.randn(4, 1, 2, 2), 3)
+    with pytest.raises(ValueError, match="weights must be finite and >= 0 with a positive sum"):
+        GaussianMixtureDenoiser(s, torch.zeros(2, 2), 0.4, torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match="std must be a number >= 0, got nan"):
+        GaussianMixtureDenoiser(s, torch.zeros(2, 2), float("nan"), torch.ones(2))
+    freqs = class_frequencies(torch.tensor([1, 0, 1, 1]), 2)
+    assert torch.equal(freqs, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"labels must be a \(N,\) integer tensor in \[0, 2\).*values in \[0, 5\]"):
+        class_frequencies(torch.tensor([5, 0]), 2)  # gave a vector of length 6
+    losses, freqs = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.3, 0.2])
+    with pytest.raises(ValueError, match="constrained must be a non-empty list of distinct class indices 0-2"):
+        log_mass_bounds(losses, freqs, [-1], 0.3)  # wrapped to the last class

@@ -572,3 +572,20 @@ def test_make_guidance_wants_a_method_name():
 
     with pytest.raises(ValueError, match="guidance method must be a name"):
         make_guidance(None, lambda x: x.sum())
+
+
+def test_a_detached_loss_or_a_hyperparameter_of_another_batch_is_a_clear_error():
+    den = _oracle(200)
+    _, loss = _half_mask_loss(2)
+    with pytest.raises(ValueError, match="the guidance loss must be differentiable in x0_hat: no gradient "
+                                         "reaches x0_hat"):
+        guided_sample(den, DPS(lambda x: loss(x).detach(), zeta=0.5), (2, 1, 4, 4), 4, generator=_gen())
+    for rule in (DPS(loss, zeta=torch.tensor([1.0, 2.0, 3.0])), DSG(DPS(loss), rate=torch.tensor([0.1, 0.2, 0.3]))):
+        with pytest.raises(ValueError, match=r"must hold 1 value or one per sample \(2\), got 3"):
+            guided_sample(den, rule, (2, 1, 4, 4), 4, generator=_gen())
+
+
+def test_starting_noise_of_another_shape_is_refused():
+    _, loss = _half_mask_loss(2)
+    with pytest.raises(ValueError, match=r"x_T has shape \(2, 1, 4, 4\) but shape asks for \(5, 1, 4, 4\)"):
+        guided_sample(_oracle(200), DPS(loss), (5, 1, 4, 4), 4, x_T=torch.randn(2, 1, 4, 4))

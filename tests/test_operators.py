@@ -215,3 +215,10 @@ def test_loss_and_residual_refuse_a_measurement_of_the_wrong_shape(x_shape, y_sh
         op.loss(y)(x)
     with pytest.raises(ValueError, match="residual: " + want):
         op.residual(x, y)
+
+
+def test_a_sample_with_nothing_measured_has_zero_residual_not_nan():
+    op = Inpainting(torch.cat([torch.zeros(1, 1, 8, 8), torch.ones(1, 1, 8, 8)]))
+    x = torch.randn(2, 1, 8, 8)
+    r = op.residual(x, op.A(x) + 0.5 * op.mask)
+    assert r[0] == 0 and r[1] == pytest.approx(0.5)

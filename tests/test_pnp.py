@@ -454,3 +454,13 @@ def test_ensure_prior_never_discards_a_run_with_other_settings(tmp_path):
     with pytest.raises(FileExistsError, match="other settings"):
         ensure_prior("tsp", "quick", tmp_path, "cpu")
     assert (tmp_path / "checkpoints").is_dir() and json.loads((tmp_path / "config.json").read_text()) == cfg
+
+
+def test_a_constraint_without_a_gradient_is_refused_not_ignored():
+    """A constraint through numpy gave the same samples as no constraint, while the trace reported it."""
+    def via_numpy(x):
+        return torch.from_numpy(np.square(x.detach().numpy()).reshape(x.shape[0], -1).sum(1))
+
+    with pytest.raises(ValueError, match="the constraint must be differentiable in x: no gradient reaches x"):
+        infer(oracle(100), torch.zeros(2, 3), constraint=via_numpy, schedule=sch.ConstantTime(50), steps=3,
+              lr=0.1, generator=torch.Generator().manual_seed(0))

@@ -91,6 +91,9 @@ def build_constraint(config: dict, how: str | None = None) -> Constraint:
         raise ValueError(f"bad arguments for constraint {name!r}: {err} ({how})") from None
 
 
+NO_GRADIENT = "no gradient reaches x (is it computed under no_grad, detached, or through numpy?)"
+
+
 def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
     """Evaluate a user distance on ``x`` (B, ...) and check it returns finite floating-point ``(B,)``
     values >= 0 through which a gradient reaches ``x``; returns them (detached). ``on`` says what ``x``
@@ -113,8 +116,7 @@ def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
         raise ValueError(f"a constraint distance must return finite values, got {out.detach().tolist()}{on}")
     check_sign(out.detach(), f"a constraint distance ({out.detach().tolist()})")
     if xg.requires_grad and not out.requires_grad:
-        raise ValueError("a constraint distance must be differentiable in x: no gradient reaches x "
-                         "(is it computed under no_grad, detached, or through numpy?)")
+        raise ValueError(f"a constraint distance must be differentiable in x: {NO_GRADIENT}")
     return out.detach()
 
 
@@ -129,7 +131,10 @@ def check_sign(values: Tensor, what: str = "the constraint distance") -> Tensor:
 
 def safe_norm(v: Tensor) -> Tensor:
     """Euclidean norm per sample of ``v`` (B, ...) -> (B,), with a zero (not NaN) gradient at 0."""
-    sq = v.flatten(1).pow(2).sum(1)
+    w = v.flatten(1)
+    if w.dtype in (torch.float16, torch.bfloat16):  # summed squares overflow half precision from |v| ~ 16
+        w = w.float()
+    sq = w.pow(2).sum(1)
     # exactly 0 -> 0 (with a zero gradient); NaN and inf pass through, so a broken sample never reads as on the set
     return torch.where(sq == 0, torch.zeros_like(sq), sq.clamp_min(1e-30).sqrt())
 

@@ -40,9 +40,9 @@ class Box(_Projected):
 
     def __init__(self, lo: float = -1.0, hi: float = 1.0) -> None:
         super().__init__()
-        if not float(lo) < float(hi):
+        self.lo, self.hi = checks.number("box: lo", lo), checks.number("box: hi", hi)
+        if not self.lo < self.hi:
             raise ValueError(f"box needs lo < hi, got lo={lo}, hi={hi}")
-        self.lo, self.hi = float(lo), float(hi)
         self.config = {"name": "box", "lo": self.lo, "hi": self.hi}
 
     def project(self, x: Tensor) -> Tensor:

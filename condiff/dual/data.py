@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .. import checks
 from ..data import ArrayData, DataError, derive_seed
 from ..denoiser import Denoiser
 from ..sample import generate
@@ -67,8 +68,14 @@ def keep_fraction(data: ArrayData, keep: Mapping[int, float], seed: int = 0) -> 
 
 
 def class_frequencies(y: Tensor, num_classes: int) -> Tensor:
-    """(N,) labels -> (num_classes,) float64 frequencies."""
-    return torch.bincount(y.long(), minlength=num_classes).double() / max(1, y.numel())
+    """(N,) labels in ``[0, num_classes)`` -> (num_classes,) float64 frequencies."""
+    k = checks.integer("class_frequencies: num_classes", num_classes, 1)
+    y = torch.as_tensor(y)
+    if y.dim() != 1 or y.is_floating_point() or (y.numel() and not (0 <= int(y.min()) and int(y.max()) < k)):
+        raise ValueError(f"class_frequencies: labels must be a (N,) integer tensor in [0, {k}), got shape "
+                         f"{tuple(y.shape)}, dtype {y.dtype}" + (f", values in [{int(y.min())}, {int(y.max())}]"
+                                                                 if y.numel() and not y.is_floating_point() else ""))
+    return torch.bincount(y.long(), minlength=k).double() / max(1, y.numel())
 
 
 @torch.no_grad()
@@ -77,8 +84,8 @@ def model_samples(denoiser: Denoiser, n: int, shape: Sequence[int], steps: int =
                   clip_x0: float | None = None) -> Tensor:
     """``n`` samples ``(n, *shape)`` of a trained model (on the CPU), e.g. the pretrained model's
     distribution as the constraint data of fine-tuning."""
-    if n < 1:
-        raise DataError(f"model_samples: n must be >= 1, got {n}")
+    if not checks.is_integer(n, 1):
+        raise DataError(f"model_samples: n must be an integer >= 1, got {n!r}")
     g = torch.Generator(device=device).manual_seed(int(seed))
     return generate(denoiser, int(n), tuple(shape), batch_size=batch_size, steps=steps, eta=eta,
                     generator=g, device=device, clip_x0=clip_x0)

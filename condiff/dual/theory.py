@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import checks
 from ..denoiser import Denoiser
 from ..schedule import Schedule
 
@@ -29,8 +30,12 @@ def mixture_weights(w0: Tensor, lam: Tensor, wq: Tensor) -> Tensor:
     if w0.dim() != 1 or lam.dim() != 1 or wq.shape != (lam.numel(), w0.numel()):
         raise ValueError(f"mixture_weights: expected w0 (K,), lam (m,), wq (m, K); got {tuple(w0.shape)}, "
                          f"{tuple(lam.shape)}, {tuple(wq.shape)}")
-    if bool((lam < 0).any()):
-        raise ValueError(f"mixture_weights: lambda must be >= 0, got {lam.tolist()}")
+    if not bool(torch.isfinite(lam).all() & (lam >= 0).all()):
+        raise ValueError(f"mixture_weights: lambda must be finite and >= 0, got {lam.tolist()}")
+    for name, w in (("w0", w0[None]), ("each row of wq", wq)):
+        if not bool(torch.isfinite(w).all() & (w >= 0).all() & (w.sum(-1) > 0).all()):
+            raise ValueError(f"mixture_weights: {name} must be finite weights >= 0 with a positive sum, "
+                             f"got {w.tolist()}")
     w0 = w0 / w0.sum()
     wq = wq / wq.sum(1, keepdim=True)
     return (w0 + lam @ wq) / (1 + lam.sum())
@@ -62,10 +67,19 @@ class GaussianMixtureDenoiser(Denoiser):
         if self.means.dim() != 2 or self.weights.shape != (self.means.shape[0],):
             raise ValueError(f"GaussianMixtureDenoiser: expected means (K, D) and weights (K,), got "
                              f"{tuple(self.means.shape)} and {tuple(self.weights.shape)}")
-        self.weights = self.weights / self.weights.sum()
-        self.std = float(std)
+        w = self.weights
+        if not bool(torch.isfinite(w).all() & (w >= 0).all()) or float(w.sum()) <= 0:
+            raise ValueError(f"GaussianMixtureDenoiser: weights must be finite and >= 0 with a positive sum, "
+                             f"got {w.tolist()}")
+        if not bool(torch.isfinite(self.means).all()):
+            raise ValueError("GaussianMixtureDenoiser: means must be finite")
+        self.weights = w / w.sum()
+        self.std = checks.number("GaussianMixtureDenoiser: std", std, ">= 0")
 
     def predict_eps(self, x_t: Tensor, t: Tensor) -> Tensor:
+        if x_t.dim() != 2 or x_t.shape[1] != self.means.shape[1]:
+            raise ValueError(f"GaussianMixtureDenoiser: expected x_t of shape (B, {self.means.shape[1]}), got "
+                             f"{tuple(x_t.shape)}")
         x = x_t.double()
         a = self.schedule.abar_at(t, x).sqrt()                       # (B, 1)
         sigma = (1 - a**2).sqrt()
@@ -97,7 +111,8 @@ def log_mass_bounds(losses: Tensor, freqs: Tensor, constrained: list[int],
     if float(x.max() - x.min()) < 1e-9:
         raise ValueError("log_mass_bounds: the reference classes all have one weight; the slope is undefined")
     slope = float(((x - x.mean()) * (L - L.mean())).sum() / ((x - x.mean()) ** 2).sum())
-    idx = torch.as_tensor(constrained, dtype=torch.long)
+    idx = torch.as_tensor(checks.labels("log_mass_bounds: constrained", list(constrained), L.numel(),
+                                        f"class indices 0-{L.numel() - 1}"), dtype=torch.long)
     return L[idx] - slope * torch.log(target / f[idx]), slope
 
 

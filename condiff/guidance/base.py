@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from ..constraints import NO_GRADIENT
 from ..sample import Step, clip_bounds, kept_checks
 
 Loss = Callable[[Tensor], Tensor]
@@ -60,6 +61,9 @@ def per_sample(value: Scalar, like: Tensor) -> Scalar:
     """A per-sample tensor hyperparameter reshaped to broadcast against ``like`` ``(B, ...)`` (moved to
     ``like``'s device at each call: on a GPU, pass one that is already there)."""
     if isinstance(value, Tensor):
+        if value.numel() not in (1, like.shape[0]):
+            raise ValueError(f"a per-sample hyperparameter must hold 1 value or one per sample ({like.shape[0]}), "
+                             f"got {value.numel()}")
         return value.to(like).reshape(-1, *([1] * (like.dim() - 1)))
     return value
 
@@ -130,6 +134,9 @@ class GradientGuidance:
         if value.shape != (step.x_t.shape[0],):
             raise ValueError(f"the guidance loss must return one value per sample, shape "
                              f"({step.x_t.shape[0]},), got shape {tuple(value.shape)}")
+        if not value.requires_grad:
+            raise ValueError(f"the guidance loss must be differentiable in x0_hat: "
+                             f"{NO_GRADIENT.replace('reaches x', 'reaches x0_hat')}")
         (g,) = torch.autograd.grad(value.sum(), step.x_t)
         self.grad_evals += 1
         self._note(step, value.detach(), g)

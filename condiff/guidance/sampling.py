@@ -42,6 +42,8 @@ def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...]
     if getattr(guidance, "needs_noise", False) and eta == 0:
         raise ValueError("DSG needs a stochastic sampler (eta > 0): with eta = 0 its sphere has radius 0; "
                          "use eta = 1 as in the DSG paper")
+    if x_T is not None and tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape asks for {tuple(shape)}")
     x = randn(shape, generator, device=device) if x_T is None else x_T.to(device)
     ts = denoiser.schedule.timesteps(steps, spacing)
     nfe0, g0 = denoiser.nfe, getattr(guidance, "grad_evals", 0)
