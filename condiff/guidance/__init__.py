@@ -41,8 +41,8 @@ def split_method(name: str) -> tuple[type[GradientGuidance], bool]:
 
 
 def make_guidance(name: str, loss: Loss, **hyperparameters) -> GradientGuidance | DSG:
-    """A guidance object from its name and keyword hyperparameters (``rate`` and ``interval`` go to
-    DSG, the rest to the base method's constructor)."""
+    """A guidance object from its name and keyword hyperparameters (``rate``, ``interval``, ``final``
+    and ``between``, the keys of ``DSG_KEYS``, go to DSG, the rest to the base method's constructor)."""
     cls, dsg = split_method(name)
     dsg_kw = {k: hyperparameters.pop(k) for k in DSG_KEYS if k in hyperparameters}
     if dsg_kw and not dsg:
