@@ -211,11 +211,14 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
         raise ValueError("timesteps must be strictly decreasing")
     if int(ts[0]) >= denoiser.schedule.T or int(ts[-1]) < 0:
         raise ValueError(f"timesteps must lie in [0, {denoiser.schedule.T})")
-    if not (math.isfinite(eta) and 0 <= eta <= 1):  # above 1 the DDIM variance exceeds 1 - abar_prev
-        raise ValueError(f"eta must be in [0, 1] (0 deterministic DDIM, 1 DDPM-like), got {eta}")
+    if not (checks.is_number(eta) and 0 <= eta <= 1):  # above 1 the DDIM variance exceeds 1 - abar_prev
+        raise ValueError(f"eta must be in [0, 1] (0 deterministic DDIM, 1 DDPM-like), got {eta!r}")
     clip_bounds(clip_x0)  # checked once before the loop; None: no clipping
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")
+    checks.floating("x", x)
+    if x.device.type == "meta":
+        raise ValueError("x is on the meta device, which holds no values: sample on 'cpu' or 'cuda'")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"x holds {int((~torch.isfinite(x)).sum())} non-finite values")
     need_grad = grad or bool(getattr(guidance, "needs_grad", False))
@@ -283,8 +286,9 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
     stream as one big batch split in order, so results do not depend on memory settings only if
     ``batch_size`` is kept."""
     out = []
-    if int(batch_size) < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if not checks.is_integer(batch_size, 1):
+        raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    batch_size = int(batch_size)
     n = checks.integer("n (the number of samples)", n)
     if not isinstance(shape, (tuple, list)):
         raise ValueError(f"shape must be the per-sample shape as a tuple, e.g. (1, 8, 8), got {shape!r}")

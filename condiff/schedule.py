@@ -45,15 +45,17 @@ class Schedule:
     @classmethod
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
         """DDPM's linear betas (Ho et al. 2020)."""
-        return cls(torch.linspace(beta_start, beta_end, int(T), dtype=torch.float64), kind="linear")
+        T = checks.integer("schedule T", T, 2)
+        return cls(torch.linspace(beta_start, beta_end, T, dtype=torch.float64), kind="linear")
 
     @classmethod
     def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
         """Nichol & Dhariwal's cosine schedule: abar(t) = cos^2((t/T + s)/(1 + s) * pi/2), normalised."""
+        T = checks.integer("schedule T", T, 2)
         f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
         if not (s >= 0 and 0 < max_beta < 1):
             raise ValueError(f"cosine schedule: s must be >= 0 and max_beta in (0, 1), got s={s}, max_beta={max_beta}")
-        b = [min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(int(T))]
+        b = [min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)]
         sch = cls(torch.tensor(b, dtype=torch.float64), kind="cosine")
         object.__setattr__(sch, "params", {"s": float(s), "max_beta": float(max_beta)})
         return sch

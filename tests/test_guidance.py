@@ -589,3 +589,13 @@ def test_starting_noise_of_another_shape_is_refused():
     _, loss = _half_mask_loss(2)
     with pytest.raises(ValueError, match=r"x_T has shape \(2, 1, 4, 4\) but shape asks for \(5, 1, 4, 4\)"):
         guided_sample(_oracle(200), DPS(loss), (5, 1, 4, 4), 4, x_T=torch.randn(2, 1, 4, 4))
+
+
+def test_hyperparameters_of_the_wrong_kind_are_refused():
+    _, loss = _half_mask_loss(2)
+    for build, match in [(lambda: DSG(DPS(loss), interval=True), "DSG interval must be an integer >= 1, got True"),
+                         (lambda: FreeDoM(loss, repeats=True), "FreeDoM repeats must be an integer >= 1, got True"),
+                         (lambda: FreeDoM(loss, travel=(0.1, 0.2, 0.3)), "FreeDoM travel must be \\(lo, hi\\)"),
+                         (lambda: make_guidance("dps", loss, zeta="a"), "DPS zeta must be a number in .*got 'a'")]:
+        with pytest.raises(ValueError, match=match):
+            build()

@@ -838,3 +838,14 @@ def test_map_inputs_of_another_dtype_or_no_samples():
     x[4, 0, 1, 1] = float("nan")
     with pytest.raises(ValueError, match=r"NAMM data hold 1 non-finite values \(the first in sample 4\)"):
         NAMMObjective(x, Box(-1, 1))
+
+
+def test_weights_made_directly_are_checked_too():
+    """NAMMLoss(l_con=-1) built directly trained the map towards violating its constraint."""
+    from condiff.mirror import with_constraint
+
+    with pytest.raises(ValueError, match="NAMM loss l_con must be a number >= 0, got -1.0"):
+        NAMMLoss(l_con=-1.0)
+    with pytest.raises(ValueError, match="constraint weight must be a number >= 0, got -1"):
+        with_constraint(lambda x: x.sum(1), Box(-1, 1), weight=-1)
+    assert NAMMLoss.from_dict({"l_con": 3}).l_con == 3.0

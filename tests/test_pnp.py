@@ -464,3 +464,18 @@ def test_a_constraint_without_a_gradient_is_refused_not_ignored():
     with pytest.raises(ValueError, match="the constraint must be differentiable in x: no gradient reaches x"):
         infer(oracle(100), torch.zeros(2, 3), constraint=via_numpy, schedule=sch.ConstantTime(50), steps=3,
               lr=0.1, generator=torch.Generator().manual_seed(0))
+
+
+def test_schedules_and_budgets_of_the_wrong_kind_are_refused():
+    """NaN anneals failed inside math.floor; fractional step counts were truncated silently."""
+    for build, match in [(lambda: sch.LinearAnneal(float("nan")), "LinearAnneal: start must be a number in"),
+                         (lambda: sch.PaperAnneal(divisor=float("nan")), "PaperAnneal: divisor must be a number > 0"),
+                         (lambda: infer(oracle(100), torch.zeros(2, 3), steps=2.5), "steps must be an integer >= 1"),
+                         (lambda: infer(oracle(100), torch.zeros(2, 3, dtype=torch.long), steps=2),
+                          "the starting latent must be a floating-point tensor"),
+                         (lambda: finish(oracle(100), torch.zeros(2, 3), 20, steps=2.5),
+                          "steps must be an integer between 1 and start \\+ 1 = 21, got 2.5"),
+                         (lambda: finish(oracle(100), torch.zeros(2, 3), 2.7),
+                          "start \\(a timestep\\) must be an integer")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            build()

@@ -163,8 +163,20 @@ def test_ddim_refuses_a_meaningless_eta(eta):
 
 
 def test_generate_refuses_batch_size_zero():
-    with pytest.raises(ValueError, match="batch size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="batch size must be an integer >= 1, got 0"):
         generate(oracle(), 4, (2,), batch_size=0, steps=5)
+    with pytest.raises(ValueError, match="batch size must be an integer >= 1, got 2.5"):
+        generate(oracle(), 4, (2,), batch_size=2.5, steps=5)
+
+
+def test_sampler_input_of_the_wrong_kind_is_a_clear_error():
+    ts = torch.tensor([4, 2, 0])
+    for kw, err, match in [({"x": torch.ones(2, 2, dtype=torch.long)}, TypeError, "x must be a floating-point"),
+                           ({"x": torch.ones(2, 2, device="meta")}, ValueError, "meta device, which holds no values"),
+                           ({"eta": "0.5"}, ValueError, r"eta must be in \[0, 1\].*got '0.5'")]:
+        args = {"x": torch.randn(2, 2), "eta": 0.0, **kw}
+        with pytest.raises(err, match=match):
+            ddim(oracle(), args["x"], ts, eta=args["eta"])
 
 
 @pytest.mark.parametrize("kw, msg", [({"clip_x0": -1.0}, "clip_x0 must be"),

@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .. import checks
 from ..constraints import NO_GRADIENT
 from ..sample import Step, clip_bounds, kept_checks
 
@@ -50,6 +51,8 @@ EUCLIDEAN = GradientStep()
 
 def check_scalar(name: str, value: Scalar, low: float = 0.0, high: float = math.inf) -> Scalar:
     """``value`` if it is a finite float or tensor in ``[low, high]``, else a one-line ValueError."""
+    if not isinstance(value, Tensor) and not checks.is_number(value):
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
     v = value.detach() if isinstance(value, Tensor) else torch.tensor(float(value))
     if not bool(torch.isfinite(v).all()) or bool((v < low).any()) or bool((v > high).any()):
         shown = value if not isinstance(value, Tensor) else v.flatten().tolist()

@@ -39,6 +39,7 @@ import math
 import torch
 from torch import Tensor
 
+from .. import checks
 from ..sample import Step
 from .base import GradientGuidance, Scalar, check_scalar, per_sample
 
@@ -102,8 +103,7 @@ class DSG:
         if not isinstance(base, GradientGuidance):
             raise ValueError(f"DSG wraps a gradient-guidance method (DPS, FreeDoM, UGD), "
                              f"got {type(base).__name__}")
-        if not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"DSG interval must be an integer >= 1, got {interval!r}")
+        interval = checks.integer("DSG interval", interval, 1)
         if between not in BETWEEN:
             raise ValueError(f"DSG between must be one of {list(BETWEEN)}, got {between!r}")
         self.between = between

@@ -16,6 +16,7 @@ import math
 
 from torch import Tensor
 
+from .. import checks
 from ..sample import Step
 from .base import GradientGuidance, Loss, Scalar, Update, check_scalar, fresh, per_sample
 
@@ -35,9 +36,9 @@ class FreeDoM(GradientGuidance):
                  travel: tuple[float, float] = (0.5, 0.8)) -> None:
         super().__init__(loss)
         self.zeta = check_scalar("FreeDoM zeta", zeta)
-        if not isinstance(repeats, int) or repeats < 1:
-            raise ValueError(f"FreeDoM repeats must be an integer >= 1, got {repeats!r}")
-        lo, hi = (float(v) for v in travel)
+        repeats = checks.integer("FreeDoM repeats", repeats, 1)
+        ok = isinstance(travel, (list, tuple)) and len(travel) == 2 and all(checks.is_number(v) for v in travel)
+        lo, hi = (float(v) for v in travel) if ok else (1.0, 0.0)
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"FreeDoM travel must be (lo, hi) with 0 <= lo <= hi <= 1, got {travel}")
         self.repeats, self.travel = repeats, (lo, hi)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from condiff import checks
 from condiff.constraints import Distance
 from condiff.guidance import DPS
 from condiff.mirror.map import MirrorMap
@@ -32,6 +33,7 @@ def normalised_measurement_loss(operator: Operator, y: Tensor) -> Loss:
 
 def with_constraint(loss: Loss, constraint: Distance, weight: float = 200.0) -> Loss:
     """Constraint-guided loss ``loss(x) + weight * l(x)`` (the NAMM paper's baseline uses 200)."""
+    weight = checks.number("constraint weight", weight, ">= 0")
     return lambda x: loss(x) + weight * constraint(x)
 
 

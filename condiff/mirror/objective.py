@@ -19,7 +19,7 @@ weight buys on the count data (docs/namm-count.md).
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from functools import partial
 
 import torch
@@ -50,10 +50,12 @@ class NAMMLoss:
         known = {f.name for f in fields(cls)}
         if bad := sorted(set(d) - known):
             raise ValueError(f"unknown NAMM loss option(s) {bad}; known: {sorted(known)}")
-        out = cls(**{k: float(v) for k, v in d.items()})
-        if min(out.l_cyc, out.l_con, out.l_reg, out.sigma_max, out.l_adv) < 0:
-            raise ValueError(f"NAMM loss weights and sigma_max must be >= 0, got {asdict(out)}")
-        return out
+        return cls(**d)
+
+    def __post_init__(self) -> None:
+        """Checked however the weights were made (a negative ``l_con`` trains towards violating the set)."""
+        for f in fields(self):
+            setattr(self, f.name, checks.number(f"NAMM loss {f.name}", getattr(self, f.name), ">= 0"))
 
 
 def _sigma_noise(shape: torch.Size, sigma_max: float, generator: torch.Generator, like: Tensor) -> Tensor:

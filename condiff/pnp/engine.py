@@ -28,6 +28,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from .. import checks
 from ..constraints import NO_GRADIENT
 from ..denoiser import Denoiser
 from ..readback import DeviceRows, read_every
@@ -103,7 +104,7 @@ def infer(
         callback: ``callback(i, latent, x)`` after each step (``x`` detached).
     """
     with torch.enable_grad():  # also when called under torch.no_grad(): the latent needs its gradient
-        return _run(denoiser, latent, render, constraint, schedule, weight, int(steps), lr, betas,
+        return _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, betas,
                     through_net, project, generator, callback, progress)
 
 
@@ -146,10 +147,9 @@ def _culprit(x_ok: bool, d_ok: bool, c_mean: float) -> str:
 
 def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, betas, through_net, project,
          generator, callback, progress) -> PnPResult:
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    steps = checks.integer("steps", steps, 1)
+    lr = checks.number("lr", lr, "> 0")
+    checks.floating("the starting latent", latent)
     if not bool(torch.isfinite(latent).all()):
         raise ValueError("the starting latent holds NaN or inf values")
     render = render if render is not None else (lambda z: z)
@@ -224,14 +224,15 @@ def finish(denoiser: Denoiser, x: Tensor, start: int, *, steps: int | None = Non
     the constraint (docs/pnp.md has the measured trade-off on digits).
     """
     T = denoiser.schedule.T
-    if not 0 <= int(start) < T:
-        raise ValueError(f"start must be a timestep in [0, {T}), got {start}")
+    start = checks.integer("start (a timestep)", start, 0, T)
     if steps is None:
-        steps = min(round(100 * int(start) / T) + 1, int(start) + 1)
-    if not 1 <= int(steps) <= int(start) + 1:
-        raise ValueError(f"steps must be between 1 and start + 1 = {int(start) + 1}, got {steps}")
+        steps = min(round(100 * start / T) + 1, start + 1)
+    if not checks.is_integer(steps, 1, start + 2):
+        raise ValueError(f"steps must be an integer between 1 and start + 1 = {start + 1}, got {steps!r}")
+    steps = int(steps)
     if x.dim() < 2:
         raise ValueError(f"x must be a batch (B, ...), got shape {tuple(x.shape)}")
+    checks.floating("x", x)
     ts = torch.linspace(int(start), 0, int(steps), dtype=torch.float64).round().long()
     t = torch.full((x.shape[0],), int(start), dtype=torch.long, device=x.device)
     x_t = denoiser.schedule.add_noise(x.detach(), randn(x.shape, generator, like=x), t)

@@ -51,8 +51,9 @@ class PaperAnneal:
     t_min: int = 1
 
     def __post_init__(self) -> None:
-        if self.divisor <= 0 or self.period <= 0:
-            raise ValueError(f"PaperAnneal: divisor, period must be > 0; got {self.divisor}, {self.period}")
+        checks.number("PaperAnneal: divisor", self.divisor, "> 0")
+        checks.number("PaperAnneal: period", self.period, "> 0")
+        checks.integer("PaperAnneal: t_min", self.t_min, 0)
 
     def __call__(self, i: int, steps: int, T: int) -> int:
         r = steps - i
@@ -67,6 +68,11 @@ class LinearAnneal:
     start: float = 1.0
     end: float = 0.0
     t_min: int = 1
+
+    def __post_init__(self) -> None:
+        checks.number("LinearAnneal: start", self.start, "[0, 1]")
+        checks.number("LinearAnneal: end", self.end, "[0, 1]")
+        checks.integer("LinearAnneal: t_min", self.t_min, 0)
 
     def __call__(self, i: int, steps: int, T: int) -> int:
         p = i / max(steps - 1, 1)
