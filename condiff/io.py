@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -87,8 +88,20 @@ def write_npz_atomic(path: str | Path, **arrays: Any) -> None:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to ``path`` atomically (:func:`write_text_atomic`)."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    """Write JSON to ``path`` atomically (:func:`write_text_atomic`). A NaN or infinite number, which JSON
+    cannot hold (Python would write a bare ``NaN`` that other readers refuse), is written as ``null``."""
+    plain = json.loads(json.dumps(obj, default=_json_default))  # tensors, paths, NumPy scalars -> JSON types
+    write_text_atomic(path, json.dumps(_finite(plain), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

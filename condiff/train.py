@@ -317,6 +317,9 @@ class Trainer:
         if not ckpts:
             return False
         self.load(ckpts[-1])
+        if self.step > self.cfg.steps:  # it would stop at once and save a model of more steps than asked
+            raise ValueError(f"the newest checkpoint, {ckpts[-1].name}, is at step {self.step}, beyond the "
+                             f"{self.cfg.steps} steps asked for: ask for at least {self.step}, or start over")
         if self.dist.main and self.run_dir is not None:  # drop log records the killed run wrote past it
             keep = [r for r in read_log(self.run_dir / "log.jsonl") if r.get("step", 0) <= self.step]
             io.write_text_atomic(self.run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in keep))

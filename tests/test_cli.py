@@ -187,6 +187,33 @@ def test_sample_refuses_meaningless_settings_before_sampling(tmp_path, capsys):
     assert not (run / "samples").exists()
     assert main(["eval", "--ckpt", str(run), "--n", "1"]) == 2
     assert "--n must be >= 2" in capsys.readouterr().err
+    # an output that cannot be replaced is found before anything is written (a directory in a file's place)
+    assert main(["sample", "--ckpt", str(run), "--n", "3", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
+    (tmp_path / "s" / "sample_config.json").unlink()
+    (tmp_path / "s" / "sample_config.json").mkdir()
+    before = _snapshot(tmp_path / "s")
+    assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2", "--out", str(tmp_path / "s")]) == 2
+    assert "sample_config.json is a directory: move it away; nothing was written" in capsys.readouterr().err
+    assert _snapshot(tmp_path / "s") == before
+
+
+def test_a_resumed_run_keeps_its_schedule_and_budget_and_demo_checks_before_training(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert main(["train", *TINY, "--set", "schedule.kind=cosine", "--out", str(run), "--resume"]) == 2
+    assert "was trained with another noise schedule (kind: 'linear' -> 'cosine')" in capsys.readouterr().err
+    assert main(["train", *TINY, "--set", "train.steps=10", "--out", str(run), "--resume"]) == 2
+    assert "is at step 30, beyond the 10 steps asked for" in capsys.readouterr().err
+    assert _snapshot(run) == before
+    # a sampler budget beyond the schedule was saved, and failed every later `condiff sample`
+    assert main(["train", *TINY, "--set", "sample.steps=51", "--out", str(tmp_path / "r2")]) == 2
+    assert "sample.steps must be <= schedule.T = 50" in capsys.readouterr().err
+    assert main(["demo", *TINY, "--set", "sample.n=1", "--out", str(tmp_path / "d")]) == 2
+    assert "sample.n must be >= 2" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    assert main(["train", *TINY, "--set", "data.name=", "--out", str(tmp_path / "r3")]) == 2
+    assert "data.name must name a data set or a file, got ''" in capsys.readouterr().err
 
 
 def test_user_npy_data(tmp_path):
@@ -294,11 +321,17 @@ def test_demo_trains_once_then_reuses(tmp_path, capsys):
     assert main(args) == 0
     assert "reusing the trained model" in capsys.readouterr().out
     assert (tmp_path / "demo" / "model" / "model.safetensors").stat().st_mtime_ns == mtime
-    # a changed training setting means a new model, not a stale one
-    assert main([*args, "--set", "train.steps=31"]) == 0
+    # a changed training setting means a new model, not a stale one; but the old one is not discarded
+    # unless asked (a `condiff train` run given as --out was deleted without a word)
+    before = _snapshot(tmp_path / "demo")
+    assert main([*args, "--set", "train.steps=31"]) == 2
+    assert "holds a model trained with other settings (changed: train.steps); pass --retrain" in \
+        capsys.readouterr().err
+    assert _snapshot(tmp_path / "demo") == before
+    assert main([*args, "--set", "train.steps=31", "--retrain"]) == 0
     assert "training on toy2d" in capsys.readouterr().out
     # a changed architecture discards the old checkpoints instead of failing to resume from them
-    assert main([*args, "--set", "train.steps=31", "--set", "model.hidden=48"]) == 0
+    assert main([*args, "--set", "train.steps=31", "--set", "model.hidden=48", "--retrain"]) == 0
     assert "training on toy2d" in capsys.readouterr().out
     assert json.loads((tmp_path / "demo" / "model" / "config.json").read_text())["net"]["hidden"] == 48
     # bookkeeping options (progress bars, checkpoint cadence) do not call for a new model
@@ -444,3 +477,25 @@ def test_a_config_file_gets_the_type_checks_of_set(tmp_path):
     f.write_text("[loss]\nl_con = 3\n[data]\nsize = 16\n")  # an integer where a number is wanted is fine
     cfg = resolve_namm("periodic", "quick", f)
     assert cfg["loss"]["l_con"] == 3 and cfg["data"]["size"] == 16
+
+
+def test_a_mirror_model_is_not_sampled_as_data_and_metrics_are_valid_json(tmp_path, capsys):
+    """A NAMM run's mirror DM (trained on g(x)) loaded as a plain model returned mirror-space samples."""
+    run = tmp_path / "namm" / "mdm"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    cfg = json.loads((run / "model" / "config.json").read_text())
+    (run / "model" / "config.json").write_text(json.dumps({**cfg, "stage": "mdm"}))
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(run), "--n", "3", "--steps", "2", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "is a NAMM mirror diffusion model" in err and f"condiff namm sample --run {tmp_path / 'namm'}" in err
+    from condiff import io
+    io.write_json_atomic(tmp_path / "m.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": torch.tensor(2.5)})
+    text = (tmp_path / "m.json").read_text()  # bare NaN / Infinity are not JSON
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": 2.5} and "NaN" not in text
+
+
+@pytest.mark.parametrize("device", ["meta", "xpu", "nosuch"])
+def test_devices_that_cannot_run_a_model_are_refused_by_name(tmp_path, capsys, device):
+    assert main(["train", *TINY, "--device", device, "--out", str(tmp_path / "r")]) == 2
+    assert f"--device {device} is not a device (cpu, cuda, cuda:N)" in capsys.readouterr().err

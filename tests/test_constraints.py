@@ -361,6 +361,9 @@ def test_a_users_python_file_is_a_constraint_and_an_edit_is_noticed(tmp_path):
     (tmp_path / "broken.py").write_text("def total(x:\n")
     with pytest.raises(ValueError, match="broken.py failed to run: SyntaxError"):
         build_constraint(parse_python_spec(f"{tmp_path / 'broken.py'}:total"))
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")  # ended the command without a word
+    with pytest.raises(ValueError, match="exits.py failed to run: SystemExit"):
+        build_constraint(parse_python_spec(f"{tmp_path / 'exits.py'}:total"))
     with pytest.raises(ValueError, match="name of a callable"):
         parse_python_spec(f"{f}:")
     from condiff.mirror.plots import violation_maps

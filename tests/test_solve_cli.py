@@ -218,6 +218,8 @@ def test_solve_warns_when_inputs_do_not_match_the_recorded_range(tmp_path, capsy
     (["--operator", "inpaint-random", "--method", "dsg+dps", "--rate", "2"], r"rate must lie in \[0, 1\]"),
     (["--operator", "sr", "--factor", "3"], "not divisible by the factor 3"),
     (["--operator", "inpaint-random", "--n", "100000"], "--n must be between 1 and 359"),
+    (["--operator", "inpaint-random", "--task", "digits/inpaint-randon"],  # a typo fell back to GENERIC
+     r"--task 'digits/inpaint-randon' has no swept defaults; known: \["),
 ])
 def test_bad_input_is_one_line_error(tiny_run, tmp_path, capsys, extra, message):
     assert _solve(tiny_run, tmp_path, *extra) == 2  # a repeated flag (--n) takes its last value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -36,9 +37,13 @@ def add_config_args(p: argparse.ArgumentParser, data_default: str | None = None)
 def pick_device(name: str | None) -> str:
     if name:
         try:
-            torch.device(name)
+            ok = torch.device(name).type in ("cpu", "cuda", "mps")
         except (RuntimeError, ValueError):
-            raise ValueError(f"--device {name} is not a device (cpu, cuda, cuda:N)") from None
+            ok = False
+        if not ok:
+            raise ValueError(f"--device {name} is not a device (cpu, cuda, cuda:N)")
+        if name.startswith("mps") and not torch.backends.mps.is_available():
+            raise ValueError("--device mps was asked for but no MPS device is available")
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but no CUDA device is available")
         return name
@@ -157,19 +162,21 @@ class TrainingJob:
 
 
 def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str, ...] = (),
-              data: dict | None = None):
+              data: dict | None = None, schedule: dict | None = None):
     """The run-directory protocol of ``train`` and ``dual train``: refuse a run with checkpoints unless
     ``resume`` or ``fresh``; ``build()`` the job (which checks everything) before anything changes; then
     discard the old run for ``fresh`` (checkpoints, model, log and ``clear``) or load its checkpoint for
-    ``resume``. ``data``: the run's data settings, which a resumed run must share with the checkpoint's.
+    ``resume``. ``data``, ``schedule``: the run's settings, which a resumed run must share with the
+    checkpoint's (same shapes, so the checkpoint would load and training go on, silently, on other data
+    or under another noise schedule).
     Returns the job, the run directory made; ``config.json`` is the caller's to write next."""
     io.lock_run(run_dir)
     existing = list_checkpoints(run_dir / "checkpoints")
     if existing and not (resume or fresh):
         raise FileExistsError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}): "
                               "pass --resume to continue or --fresh to start over")
-    if existing and resume and data is not None:
-        _check_same_data(run_dir, data)
+    if existing and resume:
+        _check_same(run_dir, {"data": data, "schedule": schedule})
     if not existing and not fresh and (run_dir / "model").exists():  # e.g. checkpoints deleted to save space
         raise FileExistsError(f"{run_dir} already holds a trained model and no checkpoints to resume from: "
                               "pass --fresh to train it again, or use another --out")
@@ -185,15 +192,18 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
     return job
 
 
-def _check_same_data(run_dir: Path, data: dict) -> None:
-    """Refuse to resume a run on other data than it was trained on (same shape, so the checkpoint would
-    load and training would go on, silently, on another data set)."""
-    before = json_table(run_dir / "config.json").get("data")
-    now = json.loads(json.dumps(data, default=str))
-    if isinstance(before, dict) and before != now:
+def _check_same(run_dir: Path, sections: dict[str, dict | None]) -> None:
+    """Refuse to resume a run with other ``data`` or ``schedule`` settings than it was trained with."""
+    old = json_table(run_dir / "config.json")
+    for section, settings in sections.items():
+        before = old.get(section)
+        now = json.loads(json.dumps(settings, default=str))
+        if settings is None or not isinstance(before, dict) or before == now:
+            continue
         diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
                          if before.get(k) != now.get(k))
-        raise ValueError(f"--resume: {run_dir} was trained on other data ({diff}); resume with the run's data "
+        what = "on other data" if section == "data" else "with another noise schedule"
+        raise ValueError(f"--resume: {run_dir} was trained {what} ({diff}); resume with the run's {section} "
                          "settings, or pass --fresh to start over")
 
 
@@ -211,6 +221,8 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
         if q.exists():
             if not q.is_dir():
                 raise NotADirectoryError(f"{flag} {p}{'' if q == p else f': {q}'} is a file, not a directory")
+            if not os.access(q, os.W_OK):  # found now, not after the work whose results it would hold
+                raise PermissionError(f"{flag} {p}{'' if q == p else f': {q}'} is not writable")
             break
     if kind is not None:
         other = run_kind(p)
@@ -296,6 +308,21 @@ def same_settings(run_dir: Path, cfg: dict) -> bool:
             and _weights_options(old.get("train")) == _weights_options(cfg.get("train")))
 
 
+def refuse_other_settings(run_dir: Path, cfg: dict, remedy: str = "pass --retrain to replace it") -> None:
+    """Refuse to discard a trained model or checkpoints that ``run_dir`` holds for other settings."""
+    run_dir = Path(run_dir)
+    held = (run_dir / "model").is_dir() or any((run_dir / "checkpoints").glob("step_*"))
+    if not held or same_settings(run_dir, cfg):
+        return
+    old = json_table(run_dir / "config.json")
+    keep = ("data", "model", "schedule")
+    changed = checks.changed_keys({k: old.get(k) for k in keep} | {"train": _weights_options(old.get("train"))},
+                                  {k: cfg.get(k) for k in keep} | {"train": _weights_options(cfg.get("train"))})
+    what = f" (changed: {', '.join(changed)})" if changed and old else ""
+    raise FileExistsError(f"{run_dir} holds a model trained with other settings{what}; {remedy}, or give "
+                          "another --out")
+
+
 def model_is_complete(run_dir: Path, cfg: dict) -> bool:
     """True when ``run_dir/model`` exists and was trained with the same data, model, schedule and budget."""
     model_dir = Path(run_dir) / "model"
@@ -362,6 +389,9 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
                              "sample shape is unknown")
         return den, {"sample": {**DEFAULT_SAMPLE, "clip_x0": den.clip_x0}}, (int(c.in_channels), *map(int, size))
     model_cfg = io.load_config(resolve_model_dir(path))
+    if model_cfg.get("stage") == "mdm":  # trained on g(x): its samples are not data until f maps them back
+        raise ValueError(f"{path} is a NAMM mirror diffusion model, whose samples lie in mirror space, not data "
+                         f"space: use `condiff namm sample --run {resolve_model_dir(path).parent.parent}`")
     run_cfg = run_config(path) if (path / "config.json").is_file() and (path / "model").is_dir() else {}
     run_cfg = {"data": model_cfg.get("data"), **run_cfg} if model_cfg.get("data") else run_cfg
     for key in ("value_range", "label_drop"):  # [min, max] of the training data (models since 2026-12-04);
@@ -376,15 +406,28 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
     return den, run_cfg, tuple(model_cfg["shape"])
 
 
-def write_samples(x: torch.Tensor, out: Path, grid: int = 100, value_range: list[float] | None = None,
-                  label: int | None = None) -> list[Path]:
-    """``samples.npz`` with all samples, plus a picture: an image grid (shown on the
-    :func:`~condiff.data.nominal_range` of the model's recorded ``value_range``), or a scatter for 2-D points."""
-    arr = x.detach().cpu().numpy()
-    bad = int((~np.isfinite(arr)).sum())
-    if bad:  # refused before anything is written: a NaN samples.npz would pass for a result
-        raise FloatingPointError(f"sampling produced {bad} non-finite values of {arr.size}; nothing was "
+def check_samples(x: torch.Tensor, out: Path, also: tuple[str, ...] = ()) -> None:
+    """Refuse, before anything is written to ``out``, samples with non-finite values (a NaN samples.npz
+    would pass for a result) and output files that cannot be replaced: ``samples.npz``, ``samples.png``
+    and the caller's ``also`` (a directory in a file's place, a read-only ``out``)."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise FloatingPointError(f"sampling produced {bad} non-finite values of {x.numel()}; nothing was "
                                  f"written to {out} (a diverging sampler: try eta <= 1 or clip_x0)")
+    for name in ("samples.npz", "samples.png", *also):
+        if (out / name).is_dir():
+            raise IsADirectoryError(f"{out / name} is a directory: move it away; nothing was written")
+    if out.is_dir() and not os.access(out, os.W_OK):
+        raise PermissionError(f"{out} is not writable; nothing was written")
+
+
+def write_samples(x: torch.Tensor, out: Path, grid: int = 100, value_range: list[float] | None = None,
+                  label: int | None = None, also: tuple[str, ...] = ()) -> list[Path]:
+    """``samples.npz`` with all samples, plus a picture: an image grid (shown on the
+    :func:`~condiff.data.nominal_range` of the model's recorded ``value_range``), or a scatter for 2-D points.
+    Checked first (:func:`check_samples`, with the files ``also`` that the caller writes next)."""
+    check_samples(x, out, also)
+    arr = x.detach().cpu().numpy()
     out.mkdir(parents=True, exist_ok=True)
     extra = {} if label is None else {"y": np.full(len(arr), label, dtype=np.int64)}  # the class asked for
     io.write_npz_atomic(out / "samples.npz", x=arr, **extra)

@@ -224,9 +224,19 @@ def assemble(from_file: dict, parsed: list[tuple[list[str], Any]], data: str | N
     cfg["data"]["name"] = name
     for path, value in parsed:
         set_path(cfg, path, value)
+    if not (isinstance(cfg["data"]["name"], str) and cfg["data"]["name"].strip()):
+        raise ConfigError(f"data.name must name a data set or a file, got {cfg['data']['name']!r}")
     cfg["data"]["name"] = data_ref(cfg["data"]["name"])
     if isinstance(cfg.get("sample"), dict):
         check_sample(cfg["sample"])
+        T = cfg.get("schedule", {}).get("T") if isinstance(cfg.get("schedule"), dict) else None
+        steps = cfg["sample"].get("steps")
+        chosen = any(p == ["sample", "steps"] for p, _ in parsed) or "steps" in (from_file.get("sample") or {})
+        if checks.is_integer(T, 2) and checks.is_integer(steps) and steps > T:
+            if chosen:  # else found by every later `condiff sample` of the model
+                raise ConfigError(f"sample.steps must be <= schedule.T = {T} (one model call per step of the "
+                                  f"schedule at most), got {steps}")
+            cfg["sample"]["steps"] = T  # the preset's budget, on a shorter schedule: every step of it
     if "split" in cfg.get("data", {}):
         raise ConfigError("data.split is not a setting: each command picks its split (training: train; "
                           "eval and solve: test)")

@@ -12,7 +12,14 @@ import argparse
 import time
 from pathlib import Path
 
-from .common import check_out_dir, model_is_complete, pick_device, save_resolved_config, train_or_reuse
+from .common import (
+    check_out_dir,
+    model_is_complete,
+    pick_device,
+    refuse_other_settings,
+    save_resolved_config,
+    train_or_reuse,
+)
 from .config import resolve
 from .evaluate import evaluate_run
 
@@ -33,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve(args.data, args.config, args.overrides)
     cfg["_device"] = device = pick_device(args.device)
     run_dir = check_out_dir(args.out, kind="condiff train")  # a training run, evaluated
+    if cfg["sample"]["n"] < 2:  # checked now, not after the training
+        raise ValueError(f"condiff demo evaluates a distribution: sample.n must be >= 2, got {cfg['sample']['n']}")
+    if not args.retrain:
+        refuse_other_settings(run_dir, cfg)
     t0 = time.perf_counter()
     if model_is_complete(run_dir, cfg) and not args.retrain:
         print(f"reusing the trained model in {run_dir / 'model'} (pass --retrain to train again)")

@@ -12,7 +12,15 @@ from pathlib import Path
 
 from .. import io
 from ..evaluate import evaluate_samples, load_reference
-from .common import check_out_dir, draw_samples, load_model_for, load_split, pick_device, write_samples
+from .common import (
+    check_out_dir,
+    check_samples,
+    draw_samples,
+    load_model_for,
+    load_split,
+    pick_device,
+    write_samples,
+)
 from .sample import add_label_args, add_sample_args, condition, sample_settings
 
 
@@ -48,8 +56,9 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
     t0 = time.perf_counter()
     x = draw_samples(den, shape, scfg, device)
     dt = time.perf_counter() - t0
-    write_samples(x, out, value_range=run_cfg.get("value_range"))
-    m = evaluate_samples(x, data_cfg, reference)
+    check_samples(x, out, also=("metrics.json",))
+    m = evaluate_samples(x, data_cfg, reference)  # scored before anything is written: old and new never mix
+    write_samples(x, out, value_range=run_cfg.get("value_range"), also=("metrics.json",))
     m.update({"sample_seconds": round(dt, 3), "sample_steps": int(scfg["steps"]), "eta": float(scfg["eta"]),
               "nfe_per_sample": den.nfe // max(1, -(-int(scfg["n"]) // int(scfg.get("batch_size", 500)))),
               "seed": int(scfg["seed"]), "ckpt": str(ckpt),

@@ -837,14 +837,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _settings_args(p: argparse.ArgumentParser) -> None:
+def _settings_args(p: argparse.ArgumentParser, example: str = "mirror_train.steps=500") -> None:
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one setting, e.g. --set mirror_train.steps=500 (repeatable)",
+        help=f"override one setting, e.g. --set {example} (repeatable)",
     )
 
 
@@ -883,7 +883,8 @@ def add_parser(sub, name: str) -> None:
         q = s.add_parser(cmd, help=helptext, description=ASSIMILATE_HELP if cmd == "assimilate" else None,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
         q.add_argument("--run", required=True, help="a run directory made by `condiff namm fit`")
-        _settings_args(q)
+        _settings_args(q, {"sample": "sample.steps=50", "finetune": "finetune.steps=2000",
+                           "assimilate": "assimilate.zeta=0.5"}[cmd])
         _common(q)
         q.set_defaults(func=fn, interrupted=STAGES_KEPT)
         if cmd == "sample":

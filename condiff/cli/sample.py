@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     den = condition(den, run_cfg, args.label, args.guidance_scale)
     scfg = sample_settings(args, run_cfg)
     x = draw_samples(den, shape, scfg, device)
-    files = write_samples(x, out, value_range=run_cfg.get("value_range"), label=args.label)
+    files = write_samples(x, out, value_range=run_cfg.get("value_range"), label=args.label,
+                          also=("sample_config.json",))
     record = {**scfg, "ckpt": str(args.ckpt), "nfe": den.nfe, "label": args.label,
               "guidance_scale": args.guidance_scale}
     io.write_json_atomic(out / "sample_config.json", record)

@@ -34,7 +34,7 @@ import torch
 from .. import checks, io, metrics
 from ..data import ArrayData, derive_seed, load_dataset, nominal_range, to_display
 from ..data.files import load_png_folder, save_png_grid
-from ..guidance import BETWEEN, METHODS, default_hyperparameters, guided_sample, make_guidance
+from ..guidance import BETWEEN, METHODS, TUNED, default_hyperparameters, guided_sample, make_guidance
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
 from .common import check_out_dir, data_kwargs, load_model_for, pick_device
@@ -225,6 +225,9 @@ def check_flags(args: argparse.Namespace) -> None:
     """The flags alone, before any file is read."""
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.task is not None and args.task not in TUNED:  # a typo would fall back to GENERIC, silently
+        raise ValueError(f"--task {args.task!r} has no swept defaults; known: {sorted(TUNED)} (leave it out "
+                         "for the defaults of this data set and operator, or GENERIC's where none were swept)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.clip_x0 is not None:

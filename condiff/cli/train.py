@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     cfg["_device"] = pick_device(args.device)
     run_dir = check_out_dir(args.out or Path("runs") / Path(str(cfg["data"]["name"])).stem, kind="condiff train")
     args.run_dir = run_dir  # for the Ctrl-C hint
-    job = start_run(run_dir, args.resume, args.fresh, lambda: TrainingJob(cfg, run_dir), data=cfg["data"])
+    job = start_run(run_dir, args.resume, args.fresh, lambda: TrainingJob(cfg, run_dir), data=cfg["data"],
+                    schedule=cfg.get("schedule"))
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
     model_dir = job.fit()
     if job.trainer.dist.main:  # once, not from every torchrun process

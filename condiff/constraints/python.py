@@ -47,7 +47,7 @@ class PythonConstraint(Constraint):
         sys.modules[module_name] = module  # some code (dataclasses) looks its own module up there
         try:
             spec.loader.exec_module(module)
-        except Exception as err:
+        except (Exception, SystemExit) as err:  # sys.exit() in the file would end the command without a word
             del sys.modules[module_name]
             raise ValueError(f"constraint file {file} failed to run: {type(err).__name__}: {err}") from None
         if not hasattr(module, attr):
