@@ -410,6 +410,13 @@ def test_cli_settings_resolution_and_stage_guard(tmp_path, monkeypatch):
     other = NAMMRun(tmp_path, resolve("brightness", "quick", overrides=["loss.l_con=0.7"]))
     with pytest.raises(StageMismatch, match="--fresh"):
         other._stage("namm", other.spec("namm"))
+    # a stage that failed before its first checkpoint holds nothing to lose: another setting replaces it
+    d, _ = run._stage("mdm", run.spec("mdm"))
+    changed = NAMMRun(tmp_path, resolve("brightness", "quick", overrides=["train.lr=1e-4"]))
+    assert changed._stage("mdm", changed.spec("mdm")) == (d, False)
+    (d / "checkpoints" / "step_00000010").mkdir(parents=True)  # with one, it is refused as before
+    with pytest.raises(StageMismatch, match="--fresh"):
+        run._stage("mdm", run.spec("mdm"))
     # a constraint with learned parts (the count CNN) puts their recipe in the spec: a new recipe
     # refits the map and everything downstream instead of reusing fits made against the old one
     assert "constraint" not in run.spec("namm")  # brightness has none

@@ -382,15 +382,18 @@ class NAMMRun:
                 "or use another --out / --run")
 
     def _stage(self, name: str, spec: dict, replace: bool = False) -> tuple[Path, bool]:
-        """The stage directory and whether it is finished; clears one made otherwise when ``fresh`` or
-        ``replace`` (outputs such as samples, cheap to redo), else refuses it."""
+        """The stage directory and whether it is finished; clears one made otherwise when ``fresh``,
+        ``replace`` (outputs such as samples, cheap to redo) or it holds no checkpoint, else refuses it."""
         d = self.root / name
         f = d / "stage.json"
         old = self._old_spec(name)
         if old is not None:
             if old.get("spec") == spec:
                 return d, bool(old.get("done"))
-            if not (self.fresh or replace):
+            # a stage that failed before its first checkpoint holds nothing to lose: a retry with other
+            # settings replaces it, where it used to be refused as "made with other settings"
+            nothing_kept = not old.get("done") and not any(d.rglob("step_*"))
+            if not (self.fresh or replace or nothing_kept):
                 raise StageMismatch(self._mismatch_message(name))
             shutil.rmtree(d)
         d.mkdir(parents=True, exist_ok=True)
@@ -1012,6 +1015,11 @@ def _num(v: float | None) -> str:
 def write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     con = run.constraint()
+    for k, v in res.items():  # said, not hidden: the table and metrics.json show nan (null) for them
+        if bad := int((~torch.isfinite(v["_l"])).sum()):
+            warnings.warn(f"{k}: the constraint distance is not finite for {bad} of {v['n']} samples (values in "
+                          f"[{float(v['_x'].min()):.3g}, {float(v['_x'].max()):.3g}]: an undertrained model?); "
+                          "the figures that use it read nan", stacklevel=2)
     cols = {k: (v["_x"], violation_maps(con, v["_x"]), v["_l"]) for k, v in res.items()}
     plot_violation_grid(
         cols, out / "violations.png", title=f"{run.cfg['data']['name']}: samples and constraint violations"

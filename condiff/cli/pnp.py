@@ -247,6 +247,7 @@ def _prior(args: argparse.Namespace, kind: str | None = None) -> tuple:
     device = pick_device(args.device)
     torch.set_grad_enabled(True)
     if kind is not None and getattr(args, "train", False):
+        check_out_dir(args.ckpt, "--ckpt")  # a file there, or no write access: said before the training
         ensure_prior(kind, args.profile, args.ckpt, device)
     if not Path(args.ckpt).exists():
         hint = (f" (pass --train to train the default {kind} prior there)" if kind
