@@ -47,7 +47,7 @@ def conditional_model(profile: str, device: str):
                 {"data": {"labels": True}, "train": {"label_drop": LABEL_DROP}})
     cfg["_device"] = device
     run_dir = Path("runs") / "conditional" / f"digits-{profile}"
-    seconds, reused = train_or_reuse(cfg, run_dir)
+    seconds, reused = train_or_reuse(cfg, run_dir, own=True)
     log(f"conditional digits model: {run_dir} ({'reused' if reused else f'trained in {seconds:.0f} s'})")
     return load_denoiser(run_dir, device=device).eval().requires_grad_(False), run_dir
 

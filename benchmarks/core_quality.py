@@ -30,7 +30,7 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
         cfg = resolve("toy2d", None, [f"data.kind={kind}", "train.progress=false"])
         cfg["_device"] = device
         run_dir = Path("runs") / "bench-core" / f"toy2d-{kind}"
-        secs, reused = train_or_reuse(cfg, run_dir)
+        secs, reused = train_or_reuse(cfg, run_dir, own=True)
         den = load_denoiser(run_dir, device=device)
         t0 = time.perf_counter()
         x = draw_samples(den, (2,), cfg["sample"], device, n=p["n"])
@@ -46,8 +46,8 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
                      "metric": metric, "value": fresh["mmd_ratio"], "target": "", "met": ""})
     cfg = resolve("digits", None, ["train.progress=false"])
     cfg["_device"] = device
-    run_dir = Path("runs") / "demo"
-    secs, reused = train_or_reuse(cfg, run_dir)
+    run_dir = Path("runs") / "demo"  # the demo's model: the user's, never discarded here
+    secs, reused = train_or_reuse(cfg, run_dir, remedy="retrain it with `condiff demo --retrain`, or move it away")
     den = load_denoiser(run_dir, device=device)
     t0 = time.perf_counter()
     x = draw_samples(den, (1, 8, 8), cfg["sample"], device)

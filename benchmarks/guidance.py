@@ -141,7 +141,7 @@ def ensure_model(dataset: str, profile: str, device: str):
     run_dir = runs_dir() / profile / dataset
     if not model_is_complete(run_dir, cfg):
         log(f"training the {profile} {dataset} model into {run_dir} ({cfg['train']['steps']} steps)")
-    train_or_reuse({**cfg, "_device": device}, run_dir)
+    train_or_reuse({**cfg, "_device": device}, run_dir, own=True)
     return load_denoiser(run_dir, device=device).eval().requires_grad_(False), cfg
 
 

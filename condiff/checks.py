@@ -14,13 +14,25 @@ from typing import Any
 SEED_LIMIT = 2**63  # a larger seed overflows torch's generator
 
 
+def scalar(v: Any) -> Any:
+    """A one-element tensor or array (``torch.tensor(2)``, ``np.array(0.5)``) as a Python number; anything
+    else unchanged."""
+    if getattr(v, "ndim", None) is not None and hasattr(v, "item") and getattr(v, "size", None) is not None:
+        n = v.numel() if callable(getattr(v, "numel", None)) else v.size
+        if n == 1 and not (hasattr(v, "dtype") and str(v.dtype).endswith("bool")):
+            return v.item()
+    return v
+
+
 def is_number(v: Any) -> bool:
-    """A finite real number (an int, a float, a NumPy scalar; not a bool)."""
+    """A finite real number (an int, a float, a NumPy scalar, a one-element tensor or array; not a bool)."""
+    v = scalar(v)
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def is_integer(v: Any, lo: int | None = None, hi: int | None = None) -> bool:
     """``v`` is a whole number (``3`` or ``3.0``; not a bool) in ``[lo, hi)``."""
+    v = scalar(v)
     return (is_number(v) and float(v).is_integer() and (lo is None or lo <= v)
             and (hi is None or v < hi))
 
@@ -30,7 +42,7 @@ def integer(name: str, v: Any, lo: int = 1, hi: int | None = None) -> int:
     if not is_integer(v, lo, hi):
         want = f">= {lo}" if hi is None else f"in [{lo}, {'2**63' if hi == SEED_LIMIT else hi})"
         raise ValueError(f"{name} must be an integer {want}, got {v!r}")
-    return int(v)
+    return int(scalar(v))
 
 
 def seed(name: str, v: Any) -> int:
@@ -40,6 +52,7 @@ def seed(name: str, v: Any) -> int:
 
 def number(name: str, v: Any, within: str = "") -> float:
     """A finite number, optionally ``within`` an interval written as ``"(0, 1]"``, ``"> 0"`` or ``">= 0"``."""
+    v = scalar(v)
     ok = is_number(v)
     if ok and within.startswith(">"):
         lo = float(within.lstrip(">= "))
@@ -88,7 +101,10 @@ def weights_dtype(name: str, x: Any, module: Any) -> Any:
 
 
 def labels(name: str, v: Any, n: int, what: str = "digits 0-9") -> tuple[int, ...]:
-    """A non-empty list of distinct class labels (or mode indices) in ``[0, n)``, as a tuple."""
+    """A non-empty list of distinct class labels (or mode indices) in ``[0, n)``, as a tuple (a 1-D
+    tensor or array is read as its list)."""
+    if hasattr(v, "tolist") and getattr(v, "ndim", None) == 1:
+        v = v.tolist()
     ok = (isinstance(v, (list, tuple)) and len(v) > 0
           and all(is_number(c) and float(c).is_integer() and 0 <= c < n for c in v) and len(set(v)) == len(v))
     if not ok:

@@ -39,7 +39,7 @@ class Denoiser(nn.Module):
         return self.x0_from_eps(x_t, t, self.eps(x_t, t))
 
     def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        a = self.schedule.abar_at(_as_t(t, x_t, self.schedule.T), x_t)
+        a = self.schedule.abar_at(_as_t(t, x_t, self.schedule.T, lo=-1), x_t)  # t = -1: clean data, x0 = x_t
         return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
 
     def score(self, x_t: Tensor, t: Tensor) -> Tensor:
@@ -51,15 +51,15 @@ class Denoiser(nn.Module):
         return self.eps(x_t, t)
 
 
-def _as_t(t: Tensor | int, x: Tensor, T: int) -> Tensor:
-    """``t`` as a ``(B,)`` long tensor on ``x``'s device, checked to be whole steps in ``[0, T)`` (a tensor
+def _as_t(t: Tensor | int, x: Tensor, T: int, lo: int = 0) -> Tensor:
+    """``t`` as a ``(B,)`` long tensor on ``x``'s device, checked to be whole steps in ``[lo, T)`` (a tensor
     only where the check is free: on the CPU; on a GPU it would wait for the device at every call)."""
     if not isinstance(t, Tensor):
-        t = torch.tensor(checks.integer("timestep t", t, 0, T))
+        t = torch.tensor(checks.integer("timestep t", t, lo, T))
     elif t.device.type == "cpu" and t.numel():
         whole = not t.is_floating_point() or bool((t == t.round()).all())
-        if not whole or int(t.min()) < 0 or int(t.max()) >= T:
-            raise ValueError(f"timesteps t must be whole steps in [0, {T}), got values in "
+        if not whole or int(t.min()) < lo or int(t.max()) >= T:
+            raise ValueError(f"timesteps t must be whole steps in [{lo}, {T}), got values in "
                              f"[{float(t.min()):g}, {float(t.max()):g}]")
     t = t.to(device=x.device, dtype=torch.long)
     return t.expand(x.shape[0]) if t.dim() == 0 else t

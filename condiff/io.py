@@ -88,19 +88,21 @@ def write_npz_atomic(path: str | Path, **arrays: Any) -> None:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to ``path`` atomically (:func:`write_text_atomic`). A NaN or infinite number, which JSON
-    cannot hold (Python would write a bare ``NaN`` that other readers refuse), is written as ``null``."""
+    """Write JSON to ``path`` atomically (:func:`write_text_atomic`). A NaN (an undefined figure) is written
+    as ``null``, not as the bare ``NaN`` that JSON readers other than Python's refuse; an infinite number
+    stays ``Infinity``, which Python reads back (a setting such as a box's ``hi = inf`` must survive)."""
     plain = json.loads(json.dumps(obj, default=_json_default))  # tensors, paths, NumPy scalars -> JSON types
-    write_text_atomic(path, json.dumps(_finite(plain), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    write_text_atomic(path, json.dumps(no_nan(plain), indent=2, sort_keys=True) + "\n")
 
 
-def _finite(obj: Any) -> Any:
+def no_nan(obj: Any) -> Any:
+    """``obj`` (JSON types) with every NaN replaced by None."""
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+        return None if math.isnan(obj) else obj
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: no_nan(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_finite(v) for v in obj]
+        return [no_nan(v) for v in obj]
     return obj
 
 

@@ -267,11 +267,12 @@ class SeparableFilter(LinearOperator):
     def __init__(self, kernel: Tensor, stride: int = 1, pad: tuple[int, int] = (0, 0),
                  sigma_y: float = 0.0) -> None:
         super().__init__(sigma_y)
-        if kernel.dim() != 1 or kernel.numel() == 0:
-            raise ValueError(f"SeparableFilter: kernel must be a non-empty 1-D tensor, got shape "
-                             f"{tuple(kernel.shape)}")
-        checks.floating("SeparableFilter: kernel", kernel)
-        if not (isinstance(pad, (list, tuple)) and len(pad) == 2):
+        if not isinstance(kernel, Tensor) or kernel.dim() != 1 or kernel.numel() == 0:
+            what = f"shape {tuple(kernel.shape)}" if isinstance(kernel, Tensor) else type(kernel).__name__
+            raise ValueError(f"SeparableFilter: kernel must be a non-empty 1-D tensor, got {what}")
+        if not bool(torch.isfinite(kernel.double()).all()):
+            raise ValueError("SeparableFilter: kernel must be finite")
+        if not (hasattr(pad, "__len__") and len(pad) == 2):  # a tuple, a list, an array
             raise ValueError(f"SeparableFilter: pad must be two integers (lo, hi) >= 0, got {pad!r}")
         self.register_buffer("kernel", kernel.double())
         self.stride = checks.integer("SeparableFilter: stride", stride, 1)

@@ -135,7 +135,8 @@ class Schedule:
 
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio ``abar_t / (1 - abar_t)`` (infinite at ``t = -1``, clean data)."""
-        a = self.abar_at(torch.as_tensor(t).reshape(-1).cpu(), self.abar).flatten()
+        t = torch.as_tensor(t)
+        a = self.abar_at(t.reshape(-1).cpu(), self.abar).reshape(t.shape)
         return a / (1 - a)
 
     def timesteps(self, steps: int, spacing: str = "linspace") -> Tensor:

@@ -83,13 +83,15 @@ class TrainConfig:
         if cfg.lr_decay not in ("cosine", "constant"):
             raise ValueError(f"{section}.lr_decay must be 'cosine' or 'constant', got {cfg.lr_decay!r}")
         try:
-            ok = isinstance(cfg.device, str) and torch.device(cfg.device).type in ("cpu", "cuda", "mps")
+            ok = isinstance(cfg.device, (str, torch.device)) and torch.device(cfg.device).type in ("cpu", "cuda", "mps")
         except RuntimeError:
             ok = False
         if not ok:
             raise ValueError(f"{section}.device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {cfg.device!r}")
-        if not isinstance(cfg.progress, bool):
+        cfg.device = str(cfg.device)  # a torch.device too; the trainer reads it as a name
+        if type(cfg.progress).__name__ not in ("bool", "bool_"):  # Python's or NumPy's
             raise ValueError(f"{section}.progress must be true or false, got {cfg.progress!r}")
+        cfg.progress = bool(cfg.progress)
 
 
 class Objective(Protocol):
@@ -319,7 +321,8 @@ class Trainer:
         self.load(ckpts[-1])
         if self.step > self.cfg.steps:  # it would stop at once and save a model of more steps than asked
             raise ValueError(f"the newest checkpoint, {ckpts[-1].name}, is at step {self.step}, beyond the "
-                             f"{self.cfg.steps} steps asked for: ask for at least {self.step}, or start over")
+                             f"{self.cfg.steps} steps asked for: ask for at least {self.step} (train.steps), or "
+                             "start over (--fresh)")
         if self.dist.main and self.run_dir is not None:  # drop log records the killed run wrote past it
             keep = [r for r in read_log(self.run_dir / "log.jsonl") if r.get("step", 0) <= self.step]
             io.write_text_atomic(self.run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
@@ -385,7 +388,7 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.0f}")
                     if log is not None:
-                        log.write(json.dumps(rec) + "\n")
+                        log.write(json.dumps(io.no_nan(rec)) + "\n")  # a NaN grad norm: null
                         log.flush()
                     t0, seen, timed, run_loss = time.perf_counter(), 0, 0, 0.0
                 if save:

@@ -207,6 +207,9 @@ def test_a_resumed_run_keeps_its_schedule_and_budget_and_demo_checks_before_trai
     assert main(["train", *TINY, "--set", "train.steps=10", "--out", str(run), "--resume"]) == 2
     assert "is at step 30, beyond the 10 steps asked for" in capsys.readouterr().err
     assert _snapshot(run) == before
+    # the same schedule with its defaults written out is the same schedule
+    assert main(["train", *TINY, "--set", "schedule.beta_start=0.0001", "--set", "schedule.beta_end=0.02",
+                 "--set", "train.steps=31", "--out", str(run), "--resume"]) == 0
     # a sampler budget beyond the schedule was saved, and failed every later `condiff sample`
     assert main(["train", *TINY, "--set", "sample.steps=51", "--out", str(tmp_path / "r2")]) == 2
     assert "sample.steps must be <= schedule.T = 50" in capsys.readouterr().err
@@ -330,7 +333,7 @@ def test_demo_trains_once_then_reuses(tmp_path, capsys):
     assert _snapshot(tmp_path / "demo") == before
     assert main([*args, "--set", "train.steps=31", "--retrain"]) == 0
     assert "training on toy2d" in capsys.readouterr().out
-    # a changed architecture discards the old checkpoints instead of failing to resume from them
+    # --retrain replaces a model of another architecture (its checkpoints would not load)
     assert main([*args, "--set", "train.steps=31", "--set", "model.hidden=48", "--retrain"]) == 0
     assert "training on toy2d" in capsys.readouterr().out
     assert json.loads((tmp_path / "demo" / "model" / "config.json").read_text())["net"]["hidden"] == 48
@@ -489,13 +492,36 @@ def test_a_mirror_model_is_not_sampled_as_data_and_metrics_are_valid_json(tmp_pa
     assert main(["sample", "--ckpt", str(run), "--n", "3", "--steps", "2", "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert "is a NAMM mirror diffusion model" in err and f"condiff namm sample --run {tmp_path / 'namm'}" in err
+    (run / "stage.json").write_text("{}")  # a real stage directory; a checkpoint of it names the same run
+    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "stage": "mdm"}))
+    assert main(["sample", "--ckpt", str(ckpt), "--n", "3", "--steps", "2", "--out", str(tmp_path / "s")]) == 2
+    assert f"condiff namm sample --run {tmp_path / 'namm'}`" in capsys.readouterr().err
     from condiff import io
     io.write_json_atomic(tmp_path / "m.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": torch.tensor(2.5)})
-    text = (tmp_path / "m.json").read_text()  # bare NaN / Infinity are not JSON
-    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": 2.5} and "NaN" not in text
+    text = (tmp_path / "m.json").read_text()  # a bare NaN is not JSON; inf stays (a box's hi = inf, say)
+    assert json.loads(text) == {"a": None, "b": [1.0, float("inf")], "c": 2.5} and "NaN" not in text
 
 
 @pytest.mark.parametrize("device", ["meta", "xpu", "nosuch"])
 def test_devices_that_cannot_run_a_model_are_refused_by_name(tmp_path, capsys, device):
     assert main(["train", *TINY, "--device", device, "--out", str(tmp_path / "r")]) == 2
-    assert f"--device {device} is not a device (cpu, cuda, cuda:N)" in capsys.readouterr().err
+    assert f"--device {device} is not supported here (cpu, cuda, cuda:N, mps)" in capsys.readouterr().err
+
+
+def test_train_or_reuse_discards_other_settings_only_in_a_directory_of_its_own(tmp_path, capsys):
+    """A benchmark reusing the user's runs/demo deleted a model of other settings without a word."""
+    from condiff.cli.common import train_or_reuse
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    before = _snapshot(run)
+    cfg = resolve("toy2d", None, [*TINY[3::2], "train.steps=31"]) | {"_device": "cpu"}
+    with pytest.raises(FileExistsError, match=r"holds a model trained with other settings \(changed: train.steps\); "
+                                              "move it away"):
+        train_or_reuse(cfg, run)
+    assert _snapshot(run) == before
+    assert train_or_reuse(cfg, run, own=True)[1] is False  # a benchmark's own directory: retrained
+    assert json.loads((run / "model" / "config.json").read_text())["steps"] == 31
+    assert train_or_reuse(cfg, run) == (0.0, True)

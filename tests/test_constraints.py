@@ -96,8 +96,10 @@ def test_convex_sets_reject_bad_parameters():
         Ball(0.0)
     with pytest.raises(ValueError, match="total must be a number > 0"):
         Simplex(-1.0)
-    with pytest.raises(ValueError, match="box: lo must be a finite number, got 'a'"):
+    with pytest.raises(ValueError, match=r"box: lo and hi must be numbers \(inf allowed\), got lo='a'"):
         Box("a", 1)
+    half_open = Box(0, math.inf)  # x >= 0: an infinite bound is a setting, not an error
+    assert torch.equal(half_open(torch.tensor([[-3.0, 4.0], [1.0, 1e30]])), torch.tensor([3.0, 0.0]))
 
 
 def test_half_precision_distances_do_not_overflow():

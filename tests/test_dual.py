@@ -497,6 +497,10 @@ def test_cli_dual_train_writes_model_plots_metrics_and_resumes(tmp_path, capsys)
     for f in ("lambda.png", "slack.png", "loss.png", "model/config.json", "config.json"):
         assert (out / f).is_file(), f
     assert all("lambda/mode1" in r for r in read_log(out / "log.jsonl"))
+    capsys.readouterr()
+    assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu", "--resume",
+                 "--set", "train.steps=40", "--set", "schedule.kind=cosine"]) == 2  # went on silently
+    assert "was trained with another noise schedule" in capsys.readouterr().err
     assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu", "--resume",
                  "--set", "train.steps=40", "--set", "dual.lr=0.5"]) == 0
     assert "resumed from step 30" in capsys.readouterr().out
@@ -521,7 +525,7 @@ def test_cli_dual_train_refuses_before_touching_an_existing_run(tmp_path, capsys
         (["--fresh", "--set", "dual.timesteps=60"], "dual.timesteps must be <= 50"),  # T = 50
         (["--fresh", "--set", "dual.t_range=[0.3, 0.4]"], "dual.timesteps must be <= 5"),
         (["--resume", "--set", "model.hidden=16"], "does not match the model"),
-        (["--fresh", "--device", "nosuch"], "--device nosuch is not a device (cpu, cuda, cuda:N)"),
+        (["--fresh", "--device", "nosuch"], "--device nosuch is not supported here (cpu, cuda, cuda:N, mps)"),
     ]:
         capsys.readouterr()
         assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu", *extra]) == 2
@@ -646,7 +650,7 @@ def test_cli_experiment_checks_settings_before_training(tmp_path, capsys, experi
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--device", "nosuch"], "--device nosuch is not a device (cpu, cuda, cuda:N)"),
+    (["--device", "nosuch"], "--device nosuch is not supported here (cpu, cuda, cuda:N, mps)"),
     (["--out", "FILE"], " is a file, not a directory"),
 ])
 def test_cli_experiment_checks_device_and_out_first(tmp_path, capsys, args, message):

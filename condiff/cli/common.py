@@ -41,7 +41,7 @@ def pick_device(name: str | None) -> str:
         except (RuntimeError, ValueError):
             ok = False
         if not ok:
-            raise ValueError(f"--device {name} is not a device (cpu, cuda, cuda:N)")
+            raise ValueError(f"--device {name} is not supported here (cpu, cuda, cuda:N, mps)")
         if name.startswith("mps") and not torch.backends.mps.is_available():
             raise ValueError("--device mps was asked for but no MPS device is available")
         if name.startswith("cuda") and not torch.cuda.is_available():
@@ -200,6 +200,12 @@ def _check_same(run_dir: Path, sections: dict[str, dict | None]) -> None:
         now = json.loads(json.dumps(settings, default=str))
         if settings is None or not isinstance(before, dict) or before == now:
             continue
+        if section == "schedule" and isinstance(now, dict):
+            try:  # compared as built: the defaults written out in full are the same schedule
+                if Schedule.from_config(before).config() == Schedule.from_config(now).config():
+                    continue
+            except (ValueError, TypeError, KeyError):
+                pass
         diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
                          if before.get(k) != now.get(k))
         what = "on other data" if section == "data" else "with another noise schedule"
@@ -334,15 +340,19 @@ def model_is_complete(run_dir: Path, cfg: dict) -> bool:
         return False
 
 
-def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False) -> tuple[float, bool]:
+def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = False,
+                   remedy: str = "move it away, or pass another run directory") -> tuple[float, bool]:
     """Reuse the finished model in ``run_dir`` if it has these settings, else train it (resuming an
-    interrupted run of the same settings; checkpoints of other settings are discarded first).
+    interrupted run of the same settings). A model or checkpoints of other settings are refused (naming
+    ``remedy``) unless ``retrain`` or ``own`` (a benchmark's own directory), which discard them.
     Returns ``(training seconds, reused)``."""
     run_dir = Path(run_dir)
     if not retrain and model_is_complete(run_dir, cfg):
         return 0.0, True
     job = TrainingJob(cfg, run_dir)  # checked before anything in run_dir changes
-    if retrain or ((run_dir / "config.json").is_file() and not same_settings(run_dir, cfg)):
+    if not (retrain or own):
+        refuse_other_settings(run_dir, cfg, remedy)
+    if retrain or ((run_dir / "config.json").is_file() and not same_settings(run_dir, cfg)):  # nothing held
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(run_dir / "model", ignore_errors=True)
         (run_dir / "log.jsonl").unlink(missing_ok=True)
@@ -390,8 +400,10 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
         return den, {"sample": {**DEFAULT_SAMPLE, "clip_x0": den.clip_x0}}, (int(c.in_channels), *map(int, size))
     model_cfg = io.load_config(resolve_model_dir(path))
     if model_cfg.get("stage") == "mdm":  # trained on g(x): its samples are not data until f maps them back
+        stage = next((q for q in (path, *path.parents) if (q / "stage.json").is_file()), None)
+        run = stage.parent if stage is not None else resolve_model_dir(path).parent.parent
         raise ValueError(f"{path} is a NAMM mirror diffusion model, whose samples lie in mirror space, not data "
-                         f"space: use `condiff namm sample --run {resolve_model_dir(path).parent.parent}`")
+                         f"space: use `condiff namm sample --run {run}`")
     run_cfg = run_config(path) if (path / "config.json").is_file() and (path / "model").is_dir() else {}
     run_cfg = {"data": model_cfg.get("data"), **run_cfg} if model_cfg.get("data") else run_cfg
     for key in ("value_range", "label_drop"):  # [min, max] of the training data (models since 2026-12-04);
@@ -408,12 +420,17 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
 
 def check_samples(x: torch.Tensor, out: Path, also: tuple[str, ...] = ()) -> None:
     """Refuse, before anything is written to ``out``, samples with non-finite values (a NaN samples.npz
-    would pass for a result) and output files that cannot be replaced: ``samples.npz``, ``samples.png``
-    and the caller's ``also`` (a directory in a file's place, a read-only ``out``)."""
+    would pass for a result) and output files that cannot be replaced (:func:`check_targets`)."""
     bad = int((~torch.isfinite(x)).sum())
     if bad:
         raise FloatingPointError(f"sampling produced {bad} non-finite values of {x.numel()}; nothing was "
                                  f"written to {out} (a diverging sampler: try eta <= 1 or clip_x0)")
+    check_targets(out, also)
+
+
+def check_targets(out: Path, also: tuple[str, ...] = ()) -> None:
+    """Refuse output files that cannot be replaced: ``samples.npz``, ``samples.png`` and the caller's
+    ``also`` (a directory in a file's place, a read-only ``out``); cheap, so called before sampling too."""
     for name in ("samples.npz", "samples.png", *also):
         if (out / name).is_dir():
             raise IsADirectoryError(f"{out / name} is a directory: move it away; nothing was written")

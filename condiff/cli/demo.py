@@ -31,7 +31,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--data", default="digits", help="data set (digits, toy2d, patches)")
     p.add_argument("--config", metavar="TOML", help="TOML file overriding the defaults")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--retrain", action="store_true", help="train again even if a matching model exists")
+    p.add_argument("--retrain", action="store_true",
+                   help="train again, replacing the model in --out (needed too when it was trained with other "
+                        "settings)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=run, interrupted="run the same command again: training resumes where it stopped")
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         save_resolved_config(run_dir, cfg)  # sampling / eval settings may have changed
     else:
         print(f"training on {cfg['data']['name']} for {cfg['train']['steps']} steps ({device})")
-        train_or_reuse(cfg, run_dir, retrain=args.retrain)
+        train_or_reuse(cfg, run_dir, retrain=args.retrain, remedy="pass --retrain to replace it")
     t_train = time.perf_counter() - t0
     sample_args = argparse.Namespace(n=None, steps=None, eta=None, seed=None, batch_size=None)
     m = evaluate_run(run_dir, sample_args, run_dir, device)

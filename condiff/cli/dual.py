@@ -423,7 +423,9 @@ def run_train(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     run_dir = check_out_dir(args.out or Path("runs") / f"dual-{Path(args.config).stem}", kind="condiff dual train")
     job = start_run(run_dir, args.resume, args.fresh, lambda: DualJob(cfg, run_dir, device, fresh=args.fresh),
-                    clear=("constraint_data",), data=cfg.get("data"))
+                    clear=("constraint_data",), data=cfg.get("data"),
+                    # fine-tuning takes the schedule of the model it starts from: nothing of the file's to compare
+                    schedule=None if (cfg.get("dual") or {}).get("init") else cfg.get("schedule"))
     job.cache.save()
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
     m = job.fit()

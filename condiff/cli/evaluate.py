@@ -15,6 +15,7 @@ from ..evaluate import evaluate_samples, load_reference
 from .common import (
     check_out_dir,
     check_samples,
+    check_targets,
     draw_samples,
     load_model_for,
     load_split,
@@ -53,6 +54,7 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
     den = condition(den, run_cfg, label, scale)  # unlabelled: warns where unconditional predictions were never trained
     data_cfg = run_cfg["data"] if label is None else {**run_cfg["data"], "label": label}
     reference = load_reference(data_cfg)  # before sampling: nothing is written when the data cannot score it
+    check_targets(out, ("metrics.json",))
     t0 = time.perf_counter()
     x = draw_samples(den, shape, scfg, device)
     dt = time.perf_counter() - t0
@@ -70,7 +72,7 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     if args.out is None or Path(args.out).resolve() == Path(args.ckpt).resolve():
-        out = check_out_dir(args.ckpt)  # the run scores itself, beside its model
+        out = check_out_dir(args.ckpt, "--ckpt")  # the run scores itself, beside its model
     else:  # a directory of its own, which must not hold another command's output
         out = check_out_dir(args.out, kind="condiff eval")
     m = evaluate_run(args.ckpt, args, out, device)

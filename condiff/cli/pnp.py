@@ -112,6 +112,7 @@ def ensure_prior(kind: str, profile: str, run_dir: str | Path, device: str) -> P
     if (run_dir / "config.json").is_file() and not same_settings(run_dir, cfg):
         # unlike the benchmarks' own run directories, this one may be the user's: never discard it
         raise FileExistsError(f"{run_dir} holds a run with other settings; pick another directory")
+    check_out_dir(run_dir, "--ckpt")  # a file there, or no write access: said before the training, not after
     print(f"training the {profile} {kind} prior into {run_dir} ({cfg['train']['steps']} steps, {device})")
     train_or_reuse(cfg, run_dir)
     return run_dir
@@ -247,7 +248,6 @@ def _prior(args: argparse.Namespace, kind: str | None = None) -> tuple:
     device = pick_device(args.device)
     torch.set_grad_enabled(True)
     if kind is not None and getattr(args, "train", False):
-        check_out_dir(args.ckpt, "--ckpt")  # a file there, or no write access: said before the training
         ensure_prior(kind, args.profile, args.ckpt, device)
     if not Path(args.ckpt).exists():
         hint = (f" (pass --train to train the default {kind} prior there)" if kind

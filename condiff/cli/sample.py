@@ -10,7 +10,15 @@ import numpy as np
 
 from .. import checks, io
 from ..denoiser import Denoiser, NetDenoiser
-from .common import DEFAULT_SAMPLE, check_out_dir, draw_samples, load_model_for, pick_device, write_samples
+from .common import (
+    DEFAULT_SAMPLE,
+    check_out_dir,
+    check_targets,
+    draw_samples,
+    load_model_for,
+    pick_device,
+    write_samples,
+)
 from .config import check_sample
 
 
@@ -80,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     den, run_cfg, shape = load_model_for(args.ckpt, device)
     den = condition(den, run_cfg, args.label, args.guidance_scale)
     scfg = sample_settings(args, run_cfg)
+    check_targets(out, ("sample_config.json",))
     x = draw_samples(den, shape, scfg, device)
     files = write_samples(x, out, value_range=run_cfg.get("value_range"), label=args.label,
                           also=("sample_config.json",))

@@ -37,8 +37,8 @@ class FreeDoM(GradientGuidance):
         super().__init__(loss)
         self.zeta = check_scalar("FreeDoM zeta", zeta)
         repeats = checks.integer("FreeDoM repeats", repeats, 1)
-        ok = isinstance(travel, (list, tuple)) and len(travel) == 2 and all(checks.is_number(v) for v in travel)
-        lo, hi = (float(v) for v in travel) if ok else (1.0, 0.0)
+        ok = hasattr(travel, "__len__") and len(travel) == 2 and all(checks.is_number(v) for v in travel)
+        lo, hi = (float(checks.scalar(v)) for v in travel) if ok else (1.0, 0.0)
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"FreeDoM travel must be (lo, hi) with 0 <= lo <= hi <= 1, got {travel}")
         self.repeats, self.travel = repeats, (lo, hi)

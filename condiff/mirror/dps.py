@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from condiff import checks
 from condiff.constraints import Distance
 from condiff.guidance import DPS
+from condiff.guidance.base import check_scalar
 from condiff.mirror.map import MirrorMap
 from condiff.operators import Operator
 
@@ -33,7 +33,7 @@ def normalised_measurement_loss(operator: Operator, y: Tensor) -> Loss:
 
 def with_constraint(loss: Loss, constraint: Distance, weight: float = 200.0) -> Loss:
     """Constraint-guided loss ``loss(x) + weight * l(x)`` (the NAMM paper's baseline uses 200)."""
-    weight = checks.number("constraint weight", weight, ">= 0")
+    weight = check_scalar("constraint weight", weight)  # a number, or a (B,) tensor of per-sample weights
     return lambda x: loss(x) + weight * constraint(x)
 
 

@@ -85,6 +85,9 @@ class ConstantTime:
 
     t: int
 
+    def __post_init__(self) -> None:
+        checks.integer("ConstantTime: t", self.t, 0)  # 20.7 was read as 20
+
     def __call__(self, i: int, steps: int, T: int) -> int:
         if not 0 <= self.t < T:
             raise ValueError(f"ConstantTime: t={self.t} is outside [0, {T})")

@@ -1,0 +1,62 @@
+"""The shared argument checks: what counts as a number, and that library entry points take the
+one-element tensors and arrays a user naturally passes (a timestep taken from a schedule, a NumPy float)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from condiff import checks
+from condiff.constraints import Box
+from condiff.denoiser import GaussianDenoiser
+from condiff.dual import log_mass_bounds
+from condiff.guidance import DPS, FreeDoM
+from condiff.operators import SeparableFilter
+from condiff.pnp import schedules as sch
+from condiff.pnp.engine import finish
+from condiff.sample import ddim
+from condiff.schedule import Schedule
+from condiff.train import TrainConfig
+
+
+@pytest.mark.parametrize("v, number, integer", [
+    (3, True, True), (2.5, True, False), (np.float32(0.25), True, False), (np.int64(4), True, True),
+    (torch.tensor(2), True, True), (np.array(0.5), True, False), (torch.tensor([1.0]), True, True),
+    (torch.tensor([1.0, 2.0]), False, False), (True, False, False), (np.True_, False, False),
+    (torch.tensor(True), False, False), (math.nan, False, False), (math.inf, False, False), ("1", False, False),
+])
+def test_what_counts_as_a_number(v, number, integer):
+    assert checks.is_number(v) is number and checks.is_integer(v) is integer
+
+
+def test_entry_points_take_one_element_tensors_and_arrays():
+    s = Schedule.linear(50)
+    den = GaussianDenoiser(s)
+    x = torch.randn(2, 3)
+    g = torch.Generator().manual_seed(0)
+    a = finish(den, x, s.timesteps(5)[1], steps=torch.tensor(3), generator=g)  # a timestep from a schedule
+    b = finish(den, x, 37, steps=3, generator=torch.Generator().manual_seed(0))
+    assert int(s.timesteps(5)[1]) == 37 and torch.equal(a, b)
+    assert torch.equal(ddim(den, x, s.timesteps(4), eta=torch.tensor(0.0)), ddim(den, x, s.timesteps(4), eta=0.0))
+    assert Box(torch.tensor(0.0), np.float64(1.0)).hi == 1.0
+    bounds, _ = log_mass_bounds(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.3, 0.2]), torch.tensor([1, 2]),
+                                0.25)
+    assert bounds.shape == (2,)
+    assert FreeDoM(lambda v: v.sum(1), travel=np.array([0.5, 0.8])).travel == (0.5, 0.8)
+    assert DPS(lambda v: v.sum(1), zeta=np.array(0.5)).zeta == 0.5
+    assert SeparableFilter(torch.tensor([1, 2, 1]), pad=np.array([1, 1])).pad == (1, 1)  # integer taps, as before
+    cfg = TrainConfig(device=torch.device("cpu"), progress=np.False_, steps=np.int64(5))
+    assert (cfg.device, cfg.progress, cfg.steps) == ("cpu", False, 5)
+    with pytest.raises(ValueError, match="ConstantTime: t must be an integer >= 0, got 20.7"):
+        sch.ConstantTime(20.7)
+
+
+def test_schedule_and_denoiser_keep_the_clean_data_convention():
+    s = Schedule.linear(50)
+    assert s.snr(torch.tensor(3)).shape == () and s.snr(torch.tensor([[1, 2], [3, -1]])).shape == (2, 2)
+    den = GaussianDenoiser(s)
+    x = torch.randn(4, 3)
+    assert torch.equal(den.x0_from_eps(x, -1, torch.randn(4, 3)), x)  # t = -1: clean data, x0 = x_t
+    with pytest.raises(ValueError, match=r"must be an integer in \[0, 50\), got -1"):
+        den.eps(x, -1)
