@@ -14,10 +14,10 @@ match) and tabulates the targets:
   once with targets from the pretraining distribution (all ten classes), once with a new class as
   target (30 images of digit 3, the constraint data the pretrained model's own 3s; ``NEW_CLASS``).
 
-Profiles: quick (CPU; UNet base 32, 1500 training steps per digits model; 2205 s on a shared, loaded
-2-core machine on 2026-11-30, longer than the ~25 min aimed at for quick profiles: the sizes were kept
-because the fair bounds are tuned to them) and full (GPU; base 64, 6000 steps, more samples). See
-docs/dual.md for the settings and how the bounds are chosen.
+Profiles: quick (CPU; UNet base 32, 1500 training steps per digits model; about 2500 s of training alone
+on a 2-core machine on 2026-11-30, the new-class experiment included, longer than the ~25 min aimed at
+for quick profiles: the sizes were kept because the fair bounds are tuned to them) and full (GPU; base
+64, 6000 steps, more samples). See docs/dual.md for the settings and how the bounds are chosen.
 """
 
 from __future__ import annotations

@@ -38,8 +38,10 @@ method, the best point over all of them (refusing a point two runs scored differ
 and choices of the other tasks from the profile's earlier result, so runs of one profile in parallel,
 one task each, add up (until 2026-11-30 they overwrote each other and were merged by hand, as the
 quick-final-1000 and quick-1000-* result files record).
-Run the refinements with ``--no-record``: their tables are kept below the quick one in BENCHMARKS.md
-by hand (the command replaces the section with one table per run).
+Record the refinements (no ``--no-record``): ``crn-best`` and the ``SWEEP_TASKS`` merge read only the
+result files in benchmarks/results/, which a trial run does not write. A recorded profile other than
+quick appends a section of its own to BENCHMARKS.md; the refinement tables below the quick one there
+were pasted by hand, outside the quick section, which a recorded quick run replaces.
 The result JSON holds ``tuned``, the table pasted into condiff/guidance/defaults.py (for DPS and
 DPS+DSG, crn-best's; tests/test_bench_sweep.py checks the two agree), and per row every grid point's
 score (``scores``) and the settings held fixed around the grid (``fixed``), which crn-best reads.

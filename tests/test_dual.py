@@ -507,6 +507,10 @@ def test_cli_dual_train_writes_model_plots_metrics_and_resumes(tmp_path, capsys)
     assert json.loads((out / "metrics.json").read_text())["steps"] == 40
     # the result is an ordinary condiff run: condiff sample reads it
     assert main(["sample", "--ckpt", str(out), "--n", "8", "--steps", "5", "--device", "cpu"]) == 0
+    # and eval scores it beside, not over, the run's own metrics.json (which it used to replace)
+    assert main(["eval", "--ckpt", str(out), "--n", "64", "--steps", "5", "--device", "cpu"]) == 0
+    assert "lambda" in json.loads((out / "metrics.json").read_text())
+    assert "mmd_ratio" in json.loads((out / "eval" / "metrics.json").read_text())
 
 
 def test_cli_dual_train_refuses_before_touching_an_existing_run(tmp_path, capsys):

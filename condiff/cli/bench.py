@@ -46,6 +46,24 @@ def docstring(name: str) -> str:
     return ast.get_docstring(ast.parse((bench_dir() / f"{name.replace('-', '_')}.py").read_text())) or ""
 
 
+def profile_names(name: str) -> list[str]:
+    """The profiles a benchmark offers (its ``PROFILES``, which some build in code: read by importing it)."""
+    profiles = getattr(load(name), "PROFILES", None)
+    return list(profiles) if isinstance(profiles, dict) else []
+
+
+def load(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (benchmarks share helpers such as _timing)."""
+    file = bench_dir() / f"{name.replace('-', '_')}.py"
+    if str(bench_dir()) not in sys.path:
+        sys.path.insert(0, str(bench_dir()))
+    spec = importlib.util.spec_from_file_location(f"condiff_bench_{file.stem}", file)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="run a benchmark and record its table", description=__doc__, add_help=False,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,11 +71,13 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("-h", "--help", action="store_true", help="show this help (with NAME: what that benchmark runs)")
     p.add_argument("name", help="benchmark name (see --list)", nargs="?")
     p.add_argument("--list", action="store_true", help="list the benchmarks")
-    p.add_argument("--profile", default="quick", help="quick (CPU, minutes) or full (GPU)")
+    p.add_argument("--profile", default="quick",
+                   help="quick (CPU: a few minutes to about two hours, by benchmark) or full (GPU); some "
+                        "benchmarks have more (`condiff bench NAME --help` lists them)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-record", action="store_true",
                    help="a trial run: leave BENCHMARKS.md and benchmarks/results as they are "
-                        "(results go to runs/bench-results/)")
+                        "(results go to runs/bench-results/ under the current directory)")
     p.set_defaults(func=run, parser=p)
 
 
@@ -110,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         args.parser.print_help()
         if args.name:
             print(f"\n{'-' * 70}\nbenchmarks/{args.name.replace('-', '_')}.py:\n\n{docstring(args.name)}")
+            if profiles := profile_names(args.name):
+                print(f"\nprofiles: {', '.join(profiles)}")
         return 0
     if args.list and args.name:
         raise ValueError(f"--list takes no benchmark name (got {args.name!r}): run `condiff bench {args.name}`")
@@ -118,13 +140,7 @@ def run(args: argparse.Namespace) -> int:
         for name in available():
             print(f"  {name:<18} {summary(name)}")
         return 0
-    file = bench_dir() / f"{args.name.replace('-', '_')}.py"
-    if str(bench_dir()) not in sys.path:
-        sys.path.insert(0, str(bench_dir()))  # benchmarks share helpers such as _timing
-    spec = importlib.util.spec_from_file_location(f"condiff_bench_{file.stem}", file)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = load(args.name)
     profiles = getattr(mod, "PROFILES", None)
     if isinstance(profiles, dict) and args.profile not in profiles:
         raise ValueError(f"benchmark {args.name} has no profile {args.profile!r}; its profiles: {', '.join(profiles)}")

@@ -20,6 +20,7 @@ from .common import (
     load_model_for,
     load_split,
     pick_device,
+    run_kind,
     write_samples,
 )
 from .sample import add_label_args, add_sample_args, condition, sample_settings
@@ -71,8 +72,11 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
 
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    if args.out is None or Path(args.out).resolve() == Path(args.ckpt).resolve():
+    own = run_kind(args.ckpt) in (None, "condiff train")  # another command's run has a metrics.json of its own
+    if own and (args.out is None or Path(args.out).resolve() == Path(args.ckpt).resolve()):
         out = check_out_dir(args.ckpt, "--ckpt")  # the run scores itself, beside its model
+    elif args.out is None:
+        out = check_out_dir(Path(args.ckpt) / "eval", kind="condiff eval")
     else:  # a directory of its own, which must not hold another command's output
         out = check_out_dir(args.out, kind="condiff eval")
     m = evaluate_run(args.ckpt, args, out, device)

@@ -434,7 +434,8 @@ class NAMMRun:
                        "vanilla": ("the vanilla diffusion model", self.cfg["train"]),
                        "finetune": ("the inverse map fine-tuned on mirror-model samples",
                                     self._finetune_train())}[name]
-        hint = "; `condiff namm finetune` makes it alone" if name == "finetune" else ""
+        # (from the commands that can do without it; `namm finetune` itself has no skip hint)
+        hint = "; `condiff namm finetune` makes it alone" if name == "finetune" and name in self.skip_hints else ""
         hint += f"; {self.skip_hints[name]}" if name in self.skip_hints else ""
         print(f"making {d}: {what}, {steps.get('steps', '?')} steps{hint}", file=sys.stderr, flush=True)
 

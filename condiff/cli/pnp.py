@@ -132,7 +132,7 @@ def add_parser(sub, name: str) -> None:
     g = d.add_mutually_exclusive_group(required=True)
     g.add_argument("--label", type=int, help="generate this digit (classifier constraint)")
     g.add_argument("--symmetry", action="store_true", help="left-right mirror symmetry constraint")
-    d.add_argument("--n", type=int, default=64, help="number of samples (independent chains)")
+    d.add_argument("--n", type=int, default=64, help="number of samples (independent chains; default 64)")
     d.add_argument("--weight", type=float, default=None,
                    help="constraint weight (default 0.1 with --label, 0.2 with --symmetry)")
     d.add_argument("--weight-schedule", choices=sorted(WEIGHT_SCHEDULES), default="constant")
@@ -145,7 +145,7 @@ def add_parser(sub, name: str) -> None:
 
     m = s.add_parser("segment", help="infer masks of synthetic scenes with a (picture, mask) prior")
     _common(m, "runs/pnp/segment-quick", "runs/pnp/segment", steps=1200, lr=0.05, schedule="linear")
-    m.add_argument("--n", type=int, default=16, help="number of test scenes")
+    m.add_argument("--n", type=int, default=16, help="number of test scenes (default 16)")
     m.add_argument("--chains", type=int, default=4, help="chains per scene")
     m.add_argument("--batch-size", type=int, default=256,
                    help="scenes searched at once, with all their chains (default 256; lower it to save memory)")
@@ -158,7 +158,7 @@ def add_parser(sub, name: str) -> None:
     t = s.add_parser("tsp", help="solve random TSP instances with a prior over pictures of tours")
     _common(t, "runs/pnp/tsp-quick", "runs/pnp/tsp", steps=256, lr=1.0, schedule="paper-tsp")
     t.add_argument("--cities", type=int, default=20, help="cities per instance")
-    t.add_argument("--n", type=int, default=16, help="number of instances")
+    t.add_argument("--n", type=int, default=16, help="number of instances (default 16)")
     t.add_argument("--chains", type=int, default=1, help="chains per instance; the shortest decoded tour wins")
     t.add_argument("--train", action="store_true", help="train the default prior into --ckpt if it holds none")
     t.add_argument("--profile", default="quick", help="default prior for --train: quick or full")
@@ -169,7 +169,7 @@ def add_parser(sub, name: str) -> None:
     c.add_argument("--constraint", required=True,
                    help="a registered constraint name (periodic, box, ...) or FILE.py:NAME, a callable x -> (B,) "
                         "distances, zero on the set, in your own Python file")
-    c.add_argument("--n", type=int, default=16, help="number of samples (independent chains)")
+    c.add_argument("--n", type=int, default=16, help="number of samples (independent chains; at least 2; default 16)")
     c.add_argument("--weight", type=float, default=0.2,
                    help="constraint weight against the prior's denoising term (default 0.2; scale it to your "
                         "distance: the term is a sum over pixels)")
