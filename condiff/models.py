@@ -56,7 +56,8 @@ def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
             if (pid := io.run_holder(d)) is not None:
                 raise io.CheckpointError(f"{d} has no model yet: another condiff process (pid {pid}) is still "
                                          "training it; wait for it to finish")
-            raise io.CheckpointError(f"{d} is a run directory with no model/ (training unfinished, or model/ "
+            what = "a model/ without its config.json" if (d / "model").is_dir() else "no model/"
+            raise io.CheckpointError(f"{d} is a run directory with {what} (training unfinished, or model/ "
                                      "deleted): finish it by running the command that trained it again with its "
                                      "settings (`condiff train ... --resume`; `condiff pnp TASK ... --train` for a "
                                      "PnP prior)")

@@ -525,3 +525,19 @@ def test_train_or_reuse_discards_other_settings_only_in_a_directory_of_its_own(t
     assert train_or_reuse(cfg, run, own=True)[1] is False  # a benchmark's own directory: retrained
     assert json.loads((run / "model" / "config.json").read_text())["steps"] == 31
     assert train_or_reuse(cfg, run) == (0.0, True)
+
+
+def test_a_hand_edited_run_is_reported_by_what_is_wrong_in_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    capsys.readouterr()
+    for sample, needle in (({**cfg["sample"], "n": -4}, "sample.n must be an integer >= 1, got -4"),  # was "--n"
+                           ("x", "has a [sample] entry that is not a table: 'x'")):
+        (run / "config.json").write_text(json.dumps({**cfg, "sample": sample}))
+        assert main(["sample", "--ckpt", str(run), "--steps", "2", "--out", str(tmp_path / "s")]) == 2
+        assert needle in capsys.readouterr().err
+    (run / "config.json").write_text(json.dumps(cfg))
+    (run / "model" / "config.json").unlink()
+    assert main(["sample", "--ckpt", str(run), "--out", str(tmp_path / "s")]) == 2
+    assert "is a run directory with a model/ without its config.json" in capsys.readouterr().err

@@ -34,12 +34,14 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
 
 
 def sample_settings(args: argparse.Namespace, run_cfg: dict) -> dict:
-    scfg = dict(run_cfg.get("sample", DEFAULT_SAMPLE))
-    for key, val in (("n", args.n), ("steps", args.steps), ("eta", args.eta), ("seed", args.seed),
-                     ("batch_size", args.batch_size)):
-        if val is not None:
-            scfg[key] = val
-    return check_sample(scfg, flags=True)
+    scfg = run_cfg.get("sample", DEFAULT_SAMPLE)
+    if not isinstance(scfg, dict):  # a hand-edited config.json
+        raise ValueError(f"the run's config.json has a [sample] entry that is not a table: {scfg!r}")
+    flags = {k: v for k, v in (("n", args.n), ("steps", args.steps), ("eta", args.eta), ("seed", args.seed),
+                                ("batch_size", args.batch_size)) if v is not None}
+    # the run's own values named as settings (sample.n), the flags as flags (--n): each error names its source
+    check_sample({k: v for k, v in scfg.items() if k not in flags})
+    return check_sample({**scfg, **flags}, flags=True)
 
 
 def add_parser(sub, name: str) -> None:
