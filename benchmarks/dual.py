@@ -29,6 +29,7 @@ import torch
 
 from condiff.dual.experiments import (
     NEW_CLASS,
+    PROFILES,  # noqa: F401 - the profiles `condiff bench dual --help` lists and --profile is checked against
     FairConfig,
     FinetuneConfig,
     ToyConfig,

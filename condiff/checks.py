@@ -15,12 +15,13 @@ SEED_LIMIT = 2**63  # a larger seed overflows torch's generator
 
 
 def scalar(v: Any) -> Any:
-    """A one-element tensor or array (``torch.tensor(2)``, ``np.array(0.5)``) as a Python number; anything
-    else unchanged."""
-    if getattr(v, "ndim", None) is not None and hasattr(v, "item") and getattr(v, "size", None) is not None:
-        n = v.numel() if callable(getattr(v, "numel", None)) else v.size
-        if n == 1 and not (hasattr(v, "dtype") and str(v.dtype).endswith("bool")):
+    """A 0-dimensional tensor or array (``torch.tensor(2)``, ``np.array(0.5)``, a NumPy scalar) as a Python
+    number; anything else unchanged (a bool stays a bool, which no number check accepts)."""
+    if getattr(v, "ndim", None) == 0 and hasattr(v, "item") and not str(getattr(v, "dtype", "")).endswith("bool"):
+        try:
             return v.item()
+        except (RuntimeError, ValueError):  # a meta tensor holds no value
+            return v
     return v
 
 
@@ -103,12 +104,15 @@ def weights_dtype(name: str, x: Any, module: Any) -> Any:
 def labels(name: str, v: Any, n: int, what: str = "digits 0-9") -> tuple[int, ...]:
     """A non-empty list of distinct class labels (or mode indices) in ``[0, n)``, as a tuple (a 1-D
     tensor or array is read as its list)."""
+    given = v
     if hasattr(v, "tolist") and getattr(v, "ndim", None) == 1:
         v = v.tolist()
-    ok = (isinstance(v, (list, tuple)) and len(v) > 0
+    if isinstance(v, (list, tuple)):
+        v = [scalar(c) for c in v]  # 0-d tensors hash by identity: a duplicate would pass as distinct
+    ok = (isinstance(v, list) and len(v) > 0
           and all(is_number(c) and float(c).is_integer() and 0 <= c < n for c in v) and len(set(v)) == len(v))
     if not ok:
-        raise ValueError(f"{name} must be a non-empty list of distinct {what}, got {v!r}")
+        raise ValueError(f"{name} must be a non-empty list of distinct {what}, got {given!r}")
     return tuple(int(c) for c in v)
 
 

@@ -90,7 +90,8 @@ def write_npz_atomic(path: str | Path, **arrays: Any) -> None:
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON to ``path`` atomically (:func:`write_text_atomic`). A NaN (an undefined figure) is written
     as ``null``, not as the bare ``NaN`` that JSON readers other than Python's refuse; an infinite number
-    stays ``Infinity``, which Python reads back (a setting such as a box's ``hi = inf`` must survive)."""
+    stays ``Infinity``, which Python reads back (a setting such as a box's ``hi = inf`` must survive; a
+    ratio over zero reads ``Infinity`` too) but strict readers such as ``jq`` do not."""
     plain = json.loads(json.dumps(obj, default=_json_default))  # tensors, paths, NumPy scalars -> JSON types
     write_text_atomic(path, json.dumps(no_nan(plain), indent=2, sort_keys=True) + "\n")
 

@@ -213,6 +213,7 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
         raise ValueError(f"timesteps must lie in [0, {denoiser.schedule.T})")
     if not (checks.is_number(eta) and 0 <= eta <= 1):  # above 1 the DDIM variance exceeds 1 - abar_prev
         raise ValueError(f"eta must be in [0, 1] (0 deterministic DDIM, 1 DDPM-like), got {eta!r}")
+    eta = float(checks.scalar(eta))
     clip_bounds(clip_x0)  # checked once before the loop; None: no clipping
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")

@@ -22,12 +22,19 @@ from condiff.train import TrainConfig
 
 @pytest.mark.parametrize("v, number, integer", [
     (3, True, True), (2.5, True, False), (np.float32(0.25), True, False), (np.int64(4), True, True),
-    (torch.tensor(2), True, True), (np.array(0.5), True, False), (torch.tensor([1.0]), True, True),
+    (torch.tensor(2), True, True), (np.array(0.5), True, False), (torch.tensor([1.0]), False, False),
     (torch.tensor([1.0, 2.0]), False, False), (True, False, False), (np.True_, False, False),
     (torch.tensor(True), False, False), (math.nan, False, False), (math.inf, False, False), ("1", False, False),
 ])
 def test_what_counts_as_a_number(v, number, integer):
     assert checks.is_number(v) is number and checks.is_integer(v) is integer
+
+
+def test_labels_given_as_tensors_are_checked_as_numbers():
+    assert checks.labels("m", torch.tensor([1, 2]), 10) == (1, 2)
+    for dup in ([torch.tensor(1), torch.tensor(1)], [np.array(1), np.array(1)]):  # tensors hash by identity
+        with pytest.raises(ValueError, match="distinct"):
+            checks.labels("m", dup, 10)
 
 
 def test_entry_points_take_one_element_tensors_and_arrays():
@@ -50,6 +57,11 @@ def test_entry_points_take_one_element_tensors_and_arrays():
     assert (cfg.device, cfg.progress, cfg.steps) == ("cpu", False, 5)
     with pytest.raises(ValueError, match="ConstantTime: t must be an integer >= 0, got 20.7"):
         sch.ConstantTime(20.7)
+    assert sch.ConstantTime(torch.tensor(20)).t == 20 and isinstance(sch.LinearAnneal(np.float64(1)).start, float)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):  # a (1,) tensor is not a number
+        ddim(den, x, s.timesteps(4), eta=torch.tensor([0.5]))
+    from fractions import Fraction
+    assert Box(Fraction(1, 2), 1).lo == 0.5
 
 
 def test_schedule_and_denoiser_keep_the_clean_data_convention():

@@ -511,6 +511,8 @@ def test_cli_dual_train_writes_model_plots_metrics_and_resumes(tmp_path, capsys)
     assert main(["eval", "--ckpt", str(out), "--n", "64", "--steps", "5", "--device", "cpu"]) == 0
     assert "lambda" in json.loads((out / "metrics.json").read_text())
     assert "mmd_ratio" in json.loads((out / "eval" / "metrics.json").read_text())
+    assert main(["eval", "--ckpt", str(out / "model"), "--n", "64", "--steps", "5", "--device", "cpu"]) == 0
+    assert "lambda" in json.loads((out / "metrics.json").read_text()) and not (out / "model" / "metrics.json").exists()
 
 
 def test_cli_dual_train_refuses_before_touching_an_existing_run(tmp_path, capsys):

@@ -48,7 +48,10 @@ def docstring(name: str) -> str:
 
 def profile_names(name: str) -> list[str]:
     """The profiles a benchmark offers (its ``PROFILES``, which some build in code: read by importing it)."""
-    profiles = getattr(load(name), "PROFILES", None)
+    try:
+        profiles = getattr(load(name), "PROFILES", None)
+    except Exception:  # a benchmark that does not import: its help is still shown
+        return []
     return list(profiles) if isinstance(profiles, dict) else []
 
 

@@ -192,6 +192,17 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
     return job
 
 
+def same_schedule(a: object, b: object) -> bool:
+    """Two schedule settings tables that build the same schedule (the defaults written out in full, or
+    left out, are the same schedule)."""
+    if a == b:
+        return True
+    try:
+        return Schedule.from_config(a).config() == Schedule.from_config(b).config()
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return False
+
+
 def _check_same(run_dir: Path, sections: dict[str, dict | None]) -> None:
     """Refuse to resume a run with other ``data`` or ``schedule`` settings than it was trained with."""
     old = json_table(run_dir / "config.json")
@@ -200,12 +211,8 @@ def _check_same(run_dir: Path, sections: dict[str, dict | None]) -> None:
         now = json.loads(json.dumps(settings, default=str))
         if settings is None or not isinstance(before, dict) or before == now:
             continue
-        if section == "schedule" and isinstance(now, dict):
-            try:  # compared as built: the defaults written out in full are the same schedule
-                if Schedule.from_config(before).config() == Schedule.from_config(now).config():
-                    continue
-            except (ValueError, TypeError, KeyError):
-                pass
+        if section == "schedule" and same_schedule(before, now):
+            continue
         diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
                          if before.get(k) != now.get(k))
         what = "on other data" if section == "data" else "with another noise schedule"
@@ -310,11 +317,13 @@ def _weights_options(train: dict | None) -> dict:
 def same_settings(run_dir: Path, cfg: dict) -> bool:
     """True when ``run_dir/config.json`` records the same data, model, schedule and training budget."""
     old = json_table(Path(run_dir) / "config.json")  # {} (missing, broken) matches no settings
-    return (all(old.get(k) == cfg.get(k) for k in ("data", "model", "schedule"))
+    return (all(old.get(k) == cfg.get(k) for k in ("data", "model")) and same_schedule(old.get("schedule"),
+                                                                                       cfg.get("schedule"))
             and _weights_options(old.get("train")) == _weights_options(cfg.get("train")))
 
 
-def refuse_other_settings(run_dir: Path, cfg: dict, remedy: str = "pass --retrain to replace it") -> None:
+def refuse_other_settings(run_dir: Path, cfg: dict,
+                          remedy: str = "pass --retrain to replace it, or give another --out") -> None:
     """Refuse to discard a trained model or checkpoints that ``run_dir`` holds for other settings."""
     run_dir = Path(run_dir)
     held = (run_dir / "model").is_dir() or any((run_dir / "checkpoints").glob("step_*"))
@@ -325,8 +334,7 @@ def refuse_other_settings(run_dir: Path, cfg: dict, remedy: str = "pass --retrai
     changed = checks.changed_keys({k: old.get(k) for k in keep} | {"train": _weights_options(old.get("train"))},
                                   {k: cfg.get(k) for k in keep} | {"train": _weights_options(cfg.get("train"))})
     what = f" (changed: {', '.join(changed)})" if changed and old else ""
-    raise FileExistsError(f"{run_dir} holds a model trained with other settings{what}; {remedy}, or give "
-                          "another --out")
+    raise FileExistsError(f"{run_dir} holds a model trained with other settings{what}; {remedy}")
 
 
 def model_is_complete(run_dir: Path, cfg: dict) -> bool:
@@ -341,7 +349,7 @@ def model_is_complete(run_dir: Path, cfg: dict) -> bool:
 
 
 def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = False,
-                   remedy: str = "move it away, or pass another run directory") -> tuple[float, bool]:
+                   remedy: str = "move it away, or use another run directory") -> tuple[float, bool]:
     """Reuse the finished model in ``run_dir`` if it has these settings, else train it (resuming an
     interrupted run of the same settings). A model or checkpoints of other settings are refused (naming
     ``remedy``) unless ``retrain`` or ``own`` (a benchmark's own directory), which discard them.

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         save_resolved_config(run_dir, cfg)  # sampling / eval settings may have changed
     else:
         print(f"training on {cfg['data']['name']} for {cfg['train']['steps']} steps ({device})")
-        train_or_reuse(cfg, run_dir, retrain=args.retrain, remedy="pass --retrain to replace it")
+        train_or_reuse(cfg, run_dir, retrain=args.retrain, remedy="pass --retrain to replace it, or give another --out")
     t_train = time.perf_counter() - t0
     sample_args = argparse.Namespace(n=None, steps=None, eta=None, seed=None, batch_size=None)
     m = evaluate_run(run_dir, sample_args, run_dir, device)

@@ -30,7 +30,8 @@ def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="sample and evaluate a trained model", description=__doc__)
     add_sample_args(p)
     add_label_args(p)
-    p.add_argument("--out", default=None, help="output directory (default: the run directory)")
+    p.add_argument("--out", default=None, help="output directory (default: the run directory; for a run of "
+                   "another command, such as `dual train`, RUN/eval, beside the run's own metrics.json)")
     p.add_argument("--data", default=None,
                    help="data set to score against (default: the one the model was trained on; needed for a "
                         "diffusers model)")
@@ -72,11 +73,13 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
 
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    own = run_kind(args.ckpt) in (None, "condiff train")  # another command's run has a metrics.json of its own
-    if own and (args.out is None or Path(args.out).resolve() == Path(args.ckpt).resolve()):
-        out = check_out_dir(args.ckpt, "--ckpt")  # the run scores itself, beside its model
+    ckpt = Path(args.ckpt)
+    run = ckpt.parent if ckpt.name == "model" and run_kind(ckpt) is None else ckpt  # --ckpt RUN/model: RUN's
+    own = run_kind(run) in (None, "condiff train")  # another command's run has a metrics.json of its own
+    if own and (args.out is None or Path(args.out).resolve() == ckpt.resolve()):
+        out = check_out_dir(ckpt, "--ckpt")  # the run scores itself, beside its model
     elif args.out is None:
-        out = check_out_dir(Path(args.ckpt) / "eval", kind="condiff eval")
+        out = check_out_dir(run / "eval", f"--out (default {run / 'eval'})", kind="condiff eval")
     else:  # a directory of its own, which must not hold another command's output
         out = check_out_dir(args.out, kind="condiff eval")
     m = evaluate_run(args.ckpt, args, out, device)

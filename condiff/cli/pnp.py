@@ -112,7 +112,7 @@ def ensure_prior(kind: str, profile: str, run_dir: str | Path, device: str) -> P
     if (run_dir / "config.json").is_file() and not same_settings(run_dir, cfg):
         # unlike the benchmarks' own run directories, this one may be the user's: never discard it
         raise FileExistsError(f"{run_dir} holds a run with other settings; pick another directory")
-    check_out_dir(run_dir, "--ckpt")  # a file there, or no write access: said before the training, not after
+    check_out_dir(run_dir, "the prior's directory")  # a file there, no write access: said before training
     print(f"training the {profile} {kind} prior into {run_dir} ({cfg['train']['steps']} steps, {device})")
     train_or_reuse(cfg, run_dir)
     return run_dir

@@ -9,6 +9,7 @@ gradient finite at the kinks of the projection. Inside the set the distance and 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -43,7 +44,7 @@ class Box(_Projected):
     def __init__(self, lo: float = -1.0, hi: float = 1.0) -> None:
         super().__init__()
         bounds = [checks.scalar(v) for v in (lo, hi)]  # +-inf allowed: a half-open box (x >= 0, say)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in bounds):
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v) for v in bounds):
             raise ValueError(f"box: lo and hi must be numbers (inf allowed), got lo={lo!r}, hi={hi!r}")
         self.lo, self.hi = float(bounds[0]), float(bounds[1])
         if not self.lo < self.hi:

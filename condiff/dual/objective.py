@@ -96,7 +96,7 @@ class DualConfig:
             setattr(self, name, checks.integer(f"dual.{name}", getattr(self, name)))
         self.start = checks.integer("dual.start", self.start, 0)
         for name in ("lr", "lambda_init"):
-            checks.number(f"dual.{name}", getattr(self, name), ">= 0")
+            setattr(self, name, checks.number(f"dual.{name}", getattr(self, name), ">= 0"))
         tr = self.t_range
         if not (isinstance(tr, (list, tuple)) and len(tr) == 2 and all(checks.is_number(v) for v in tr)
                 and 0 <= tr[0] < tr[1] <= 1):

@@ -51,9 +51,9 @@ class PaperAnneal:
     t_min: int = 1
 
     def __post_init__(self) -> None:
-        checks.number("PaperAnneal: divisor", self.divisor, "> 0")
-        checks.number("PaperAnneal: period", self.period, "> 0")
-        checks.integer("PaperAnneal: t_min", self.t_min, 0)
+        object.__setattr__(self, "divisor", checks.number("PaperAnneal: divisor", self.divisor, "> 0"))
+        object.__setattr__(self, "period", checks.number("PaperAnneal: period", self.period, "> 0"))
+        object.__setattr__(self, "t_min", checks.integer("PaperAnneal: t_min", self.t_min, 0))
 
     def __call__(self, i: int, steps: int, T: int) -> int:
         r = steps - i
@@ -70,9 +70,9 @@ class LinearAnneal:
     t_min: int = 1
 
     def __post_init__(self) -> None:
-        checks.number("LinearAnneal: start", self.start, "[0, 1]")
-        checks.number("LinearAnneal: end", self.end, "[0, 1]")
-        checks.integer("LinearAnneal: t_min", self.t_min, 0)
+        object.__setattr__(self, "start", checks.number("LinearAnneal: start", self.start, "[0, 1]"))
+        object.__setattr__(self, "end", checks.number("LinearAnneal: end", self.end, "[0, 1]"))
+        object.__setattr__(self, "t_min", checks.integer("LinearAnneal: t_min", self.t_min, 0))
 
     def __call__(self, i: int, steps: int, T: int) -> int:
         p = i / max(steps - 1, 1)
@@ -86,7 +86,7 @@ class ConstantTime:
     t: int
 
     def __post_init__(self) -> None:
-        checks.integer("ConstantTime: t", self.t, 0)  # 20.7 was read as 20
+        object.__setattr__(self, "t", checks.integer("ConstantTime: t", self.t, 0))  # 20.7 was read as 20
 
     def __call__(self, i: int, steps: int, T: int) -> int:
         if not 0 <= self.t < T:
@@ -101,7 +101,7 @@ class ConstantWeight:
     w: float = 1.0
 
     def __post_init__(self) -> None:
-        checks.number("ConstantWeight: w", self.w, ">= 0")
+        object.__setattr__(self, "w", checks.number("ConstantWeight: w", self.w, ">= 0"))
 
     def __call__(self, i: int, steps: int) -> float:
         return float(self.w)
@@ -116,8 +116,8 @@ class LinearWeight:
     end: float = 0.0
 
     def __post_init__(self) -> None:
-        checks.number("LinearWeight: start", self.start, ">= 0")
-        checks.number("LinearWeight: end", self.end, ">= 0")
+        object.__setattr__(self, "start", checks.number("LinearWeight: start", self.start, ">= 0"))
+        object.__setattr__(self, "end", checks.number("LinearWeight: end", self.end, ">= 0"))
 
     def __call__(self, i: int, steps: int) -> float:
         return float(self.start + (self.end - self.start) * i / steps)
