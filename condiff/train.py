@@ -234,6 +234,9 @@ class Trainer:
                  run_dir: str | Path | None = None, meta: dict | None = None) -> None:
         self.cfg, self.objective, self.meta = cfg, objective, meta or {}
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        data = getattr(objective, "x", None)  # float64 data for a float32 network failed inside a layer
+        if isinstance(data, Tensor) and data.is_floating_point():
+            checks.weights_dtype("the training data", data, model)
         self.dist = init_distributed(cfg.device)
         self.device = torch.device(
             f"cuda:{self.dist.local_rank}" if cfg.device == "cuda" and self.dist.world > 1 else cfg.device)

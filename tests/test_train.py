@@ -448,3 +448,11 @@ def test_objective_data_must_be_floating_point_with_one_label_each():
     torch.manual_seed(0)
     a = denoising_loss(lambda x, t: torch.zeros_like(x), s, torch.randn(4, 2), None, None)
     assert a.shape == (4,) and bool(torch.isfinite(a).all())
+
+
+def test_data_of_another_dtype_than_the_network_is_refused_before_training():
+    """float64 data for a float32 network failed inside its first layer with a matmul dtype error."""
+    objective = DenoisingObjective(torch.randn(8, 2, dtype=torch.float64), Schedule.linear(10), 4)
+    with pytest.raises(ValueError, match="the training data is torch.float64 but the network's weights are "
+                                         "torch.float32"):
+        Trainer(TimeMLP(2, hidden=8, depth=1), objective, TrainConfig(steps=2, progress=False))
