@@ -160,18 +160,19 @@ def _kind(v: Any) -> str | None:
     return None
 
 
-def check_setting(name: str, default: Any, value: Any) -> Any:
+def check_setting(name: str, default: Any, value: Any, what: str = "default") -> Any:
     """Refuse a setting whose value is of another kind than its default (``lr = "abc"``, ``progress = 1``),
     a non-finite number, or a fraction where the default is an integer (``steps = 2.5``).
-    Returns the value, an integral float (``2.5e1``) as an int where the default is one."""
+    Returns the value, an integral float (``2.5e1``) as an int where the default is one. ``what`` names
+    ``default`` in the message: ``"now"`` where it is the value being replaced (an earlier ``--set``)."""
     want = _kind(default)
     if want is not None and _kind(value) != want:
-        raise ValueError(f"setting {name} expects {want} (default {default!r}), got {value!r}")
+        raise ValueError(f"setting {name} expects {want} ({what} {default!r}), got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"setting {name} must be a finite number, got {value!r}")
     if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
         if not value.is_integer():
-            raise ValueError(f"setting {name} expects an integer (default {default!r}), got {value!r}")
+            raise ValueError(f"setting {name} expects an integer ({what} {default!r}), got {value!r}")
         return int(value)
     return value
 

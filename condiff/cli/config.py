@@ -89,7 +89,7 @@ def merge_checked(base: dict, update: dict, where: str, path: tuple[str, ...] = 
             out[k] = merge_checked(old, v, where, (*path, k))
             continue
         try:
-            out[k] = check_setting(key, old, copy.deepcopy(v))
+            out[k] = check_setting(key, old, copy.deepcopy(v), "now")
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
     return out
@@ -200,7 +200,7 @@ def set_path(cfg: dict, path: list[str], value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {'.'.join(path)}: {k} is not a table")
     try:
-        node[path[-1]] = check_setting(".".join(path), node.get(path[-1]), value)
+        node[path[-1]] = check_setting(".".join(path), node.get(path[-1]), value, "now")
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
