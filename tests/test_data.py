@@ -336,6 +336,15 @@ def test_png_sizes_must_match(tmp_path):
         load_png_folder(tmp_path / "mixed")
 
 
+def test_a_run_directory_is_not_a_folder_of_images(tmp_path):
+    """--data RUN trained on the run's loss.png, a 3 x 388 x 580 plot, without a word."""
+    run = tmp_path / "run"
+    _write_pngs(run, [np.zeros((4, 4), np.uint8)])
+    (run / ".condiff-run").write_text("condiff train")
+    with pytest.raises(DataError, match="is a condiff run directory, not a folder of images"):
+        load_png_folder(run)
+
+
 def test_array_data_checks_labels():
     with pytest.raises(DataError, match="expected 3 labels"):
         ArrayData(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long))

@@ -128,6 +128,10 @@ def load_png_folder(path: str | Path, channels: int | None = None) -> ArrayData:
         files = [path]
     elif not path.is_dir():
         raise DataError(f"no such folder: {path}")
+    elif (path / ".condiff-run").is_file() or ((path / "config.json").is_file() and (path / "log.jsonl").is_file()):
+        # its PNGs are plots (loss.png, samples.png), not data
+        raise DataError(f"{path} is a condiff run directory, not a folder of images: pass the data's own folder "
+                        "or file (a run's samples are in samples.npz)")
     else:
         files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and p.is_file())
     if not files:
