@@ -445,6 +445,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["namm", "sample", "--run", str(fake)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "condiff namm fit" in err
+    (fake / "config.json").write_text(json.dumps({"mirror": "x", "loss": {}, "mirror_train": {}}))  # hand-edited
+    assert main(["namm", "sample", "--run", str(fake)]) == 2
+    assert "config.json: mirror must be a table of settings, got 'x'" in capsys.readouterr().err
+    (fake / "config.json").unlink()
     assert main(["namm", "sample", "--run", str(fake), "--n", "-5"]) == 2
     assert "--n must be >= 1, got -5" in capsys.readouterr().err
     assert main(["namm", "fit", "--data", "no-such-data", "--out", str(tmp_path / "r"), "--quiet"]) == 2

@@ -922,6 +922,8 @@ def _open_run(args: argparse.Namespace) -> NAMMRun:
         )
     for section, default in _BASE.items():  # runs made before a section existed (e.g. guide)
         cfg.setdefault(section, copy.deepcopy(default))
+        if isinstance(default, dict) and not isinstance(cfg[section], dict):  # a hand-edited config.json
+            raise ValueError(f"{f}: {section} must be a table of settings, got {cfg[section]!r}")
     for path, value in (parse_override(o, SECTIONS, nested=True) for o in args.overrides):
         set_path(cfg, path, value)
     return NAMMRun(root, json.loads(json.dumps(cfg)), pick_device(args.device), args.fresh, not args.quiet)
