@@ -541,3 +541,11 @@ def test_a_hand_edited_run_is_reported_by_what_is_wrong_in_it(tmp_path, capsys):
     (run / "model" / "config.json").unlink()
     assert main(["sample", "--ckpt", str(run), "--out", str(tmp_path / "s")]) == 2
     assert "is a run directory with a model/ without its config.json" in capsys.readouterr().err
+
+
+def test_a_bare_model_of_a_short_schedule_samples_with_at_most_its_steps(tmp_path, capsys):
+    """--ckpt RUN/model (no run settings) took the default 100 sampler steps, beyond a 50-step schedule."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    assert main(["sample", "--ckpt", str(run / "model"), "--n", "4", "--out", str(tmp_path / "s")]) == 0
+    assert json.loads((tmp_path / "s" / "sample_config.json").read_text())["steps"] == 50

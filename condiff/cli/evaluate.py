@@ -49,7 +49,7 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
     if tuple(held.shape) != tuple(shape):
         raise ValueError(f"the model makes samples of shape {tuple(shape)} but {run_cfg['data']['name']} "
                          f"holds {tuple(held.shape)}")
-    scfg = sample_settings(scfg_args, run_cfg)
+    scfg = sample_settings(scfg_args, run_cfg, den.schedule.T)
     if scfg["n"] < 2:
         raise ValueError(f"condiff eval compares distributions: --n must be >= 2, got {scfg['n']}")
     label, scale = getattr(scfg_args, "label", None), getattr(scfg_args, "guidance_scale", 0.0)

@@ -33,10 +33,14 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
-def sample_settings(args: argparse.Namespace, run_cfg: dict) -> dict:
+def sample_settings(args: argparse.Namespace, run_cfg: dict, T: int | None = None) -> dict:
+    """The run's [sample] settings (the defaults for a bare model directory) with the flags over them;
+    ``T``: the model's schedule length, to which the defaults' step count is cut."""
     scfg = run_cfg.get("sample", DEFAULT_SAMPLE)
     if not isinstance(scfg, dict):  # a hand-edited config.json
         raise ValueError(f"the run's config.json has a [sample] entry that is not a table: {scfg!r}")
+    if "sample" not in run_cfg and T is not None:  # a model of a short schedule, read without its run
+        scfg = {**scfg, "steps": min(scfg["steps"], T)}
     flags = {k: v for k, v in (("n", args.n), ("steps", args.steps), ("eta", args.eta), ("seed", args.seed),
                                 ("batch_size", args.batch_size)) if v is not None}
     # the run's own values named as settings (sample.n), the flags as flags (--n): each error names its source
@@ -89,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_out_dir(args.out or Path(args.ckpt) / "samples", kind="condiff sample")
     den, run_cfg, shape = load_model_for(args.ckpt, device)
     den = condition(den, run_cfg, args.label, args.guidance_scale)
-    scfg = sample_settings(args, run_cfg)
+    scfg = sample_settings(args, run_cfg, den.schedule.T)
     check_targets(out, ("sample_config.json",))
     x = draw_samples(den, shape, scfg, device)
     files = write_samples(x, out, value_range=run_cfg.get("value_range"), label=args.label,
