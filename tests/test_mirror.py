@@ -447,7 +447,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "condiff namm fit" in err
     (fake / "config.json").write_text(json.dumps({"mirror": "x", "loss": {}, "mirror_train": {}}))  # hand-edited
     assert main(["namm", "sample", "--run", str(fake)]) == 2
-    assert "config.json: mirror must be a table of settings, got 'x'" in capsys.readouterr().err
+    err = capsys.readouterr().err  # named with the subcommand, as argparse's own errors are
+    assert err.startswith("condiff namm sample: error: ") and "mirror must be a table of settings, got 'x'" in err
     (fake / "config.json").unlink()
     assert main(["namm", "sample", "--run", str(fake), "--n", "-5"]) == 2
     assert "--n must be >= 1, got -5" in capsys.readouterr().err

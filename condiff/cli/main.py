@@ -67,14 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         print("condiff: interrupted before the command started; nothing was written", file=sys.stderr)
         return 130
     args, extra = parser.parse_known_args(argv)
-    if extra:  # named with the (sub)command they were given to, whose --help lists its options
-        prog = " ".join(["condiff", args.command, *(v for k, v in sorted(vars(args).items())
-                                                     if k.endswith("_command") and isinstance(v, str))])
+    # messages name the (sub)command they come from (`condiff namm sample`), whose --help lists its options
+    prog = " ".join(["condiff", args.command, *(v for k, v in sorted(vars(args).items())
+                                                 if k.endswith("_command") and isinstance(v, str))])
+    if extra:
         print(f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see {prog} --help)", file=sys.stderr)
         return 2
     if not os.environ.get("CONDIFF_DEBUG"):  # a warning is one line too
         warnings.showwarning = lambda message, category, *rest, **kw: print(
-            f"condiff {args.command}: warning: {message}", file=sys.stderr)
+            f"{prog}: warning: {message}", file=sys.stderr)
     from . import common
 
     common.forget_claims()
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             return 141
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         _close_progress_bars()  # the message gets a line of its own, not the end of a bar's
-        print(f"condiff {args.command}: error: {msg}", file=sys.stderr)
+        print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
     finally:
         from .. import io
