@@ -238,6 +238,10 @@ class DiffusersDenoiser(Denoiser):
             cls.read_scheduler(sched_cfg)
         except ValueError as e:
             raise ValueError(f"{cand}: {e}") from None
+        if not any(unet_dir.glob("*.safetensors")):  # diffusers would log its own line before failing
+            found = sorted(p.name for p in unet_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            raise io.CheckpointError(f"{unet_dir}: no .safetensors weights" + (f" (found {', '.join(found)}: "
+                                     "pickled weights are never loaded; convert them to safetensors)" if found else ""))
         # low_cpu_mem_usage=False: the default needs `accelerate` and prints a notice on every load without it
         unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True,
                                            low_cpu_mem_usage=False)

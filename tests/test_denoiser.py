@@ -202,3 +202,13 @@ def test_gaussian_oracle_mean_must_fit_the_batch():
     d = GaussianDenoiser(Schedule.linear(10), torch.zeros(2, 1, 1, 1))
     with pytest.raises(ValueError, match=r"a mean of shape \(2, 1, 1, 1\) does not fit x_t of shape \(1, 1, 4, 4\)"):
         d.eps(torch.randn(1, 1, 4, 4), 2)
+
+
+def test_diffusers_weights_other_than_safetensors_are_refused_in_one_line(tiny_diffusers_dir):
+    """Only a pickled diffusion_pytorch_model.bin: diffusers logged a line of its own before our error."""
+    unet = tiny_diffusers_dir / "unet"
+    for f in unet.glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    with pytest.raises(Exception, match=r"no \.safetensors weights \(found diffusion_pytorch_model\.bin: pickled "
+                                        r"weights are never loaded"):
+        DiffusersDenoiser.from_pretrained(tiny_diffusers_dir)
