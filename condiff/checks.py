@@ -11,6 +11,8 @@ import math
 import numbers
 from typing import Any
 
+import torch
+
 SEED_LIMIT = 2**63  # a larger seed overflows torch's generator
 
 
@@ -70,8 +72,6 @@ def number(name: str, v: Any, within: str = "") -> float:
 
 def floating(name: str, x: Any) -> Any:
     """A floating-point tensor: integer data would be truncated silently by noise, filters and schedules."""
-    import torch  # here, so that the settings checks stay importable without torch's start-up cost
-
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -81,8 +81,6 @@ def floating(name: str, x: Any) -> Any:
 
 def finite_rows(name: str, x: Any) -> Any:
     """A floating-point ``(N, ...)`` tensor with no NaN or inf (reads the device once)."""
-    import torch
-
     floating(name, x)
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
@@ -99,6 +97,15 @@ def weights_dtype(name: str, x: Any, module: Any) -> Any:
         raise ValueError(f"{name} is {x.dtype} but the network's weights are {w.dtype}; convert the input "
                          f"with x.to({w.dtype})")
     return x
+
+
+def pair(v: Any) -> tuple[float, float] | None:
+    """Two finite numbers (a list, tuple or 1-D array of two) as floats; None for anything else, so that
+    each caller words its own message with its own range."""
+    if not (isinstance(v, (list, tuple)) or getattr(v, "ndim", None) == 1) or len(v) != 2:
+        return None
+    a, b = (scalar(u) for u in v)
+    return (float(a), float(b)) if is_number(a) and is_number(b) else None
 
 
 def labels(name: str, v: Any, n: int, what: str = "digits 0-9") -> tuple[int, ...]:

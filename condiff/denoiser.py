@@ -32,35 +32,32 @@ class Denoiser(nn.Module):
     def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
         """Predicted noise ``eps_hat(x_t, t)``, same shape as ``x_t``."""
         self.__dict__["nfe"] += 1  # not through nn.Module.__setattr__, which costs more than a GPU kernel launch
-        return self.predict_eps(x_t, _as_t(t, x_t, self.schedule.T))
+        return self.predict_eps(x_t, _as_t(t, x_t, self.schedule))
 
     def x0(self, x_t: Tensor, t: Tensor) -> Tensor:
         """Tweedie: ``x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)``."""
         return self.x0_from_eps(x_t, t, self.eps(x_t, t))
 
     def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        a = self.schedule.abar_at(_as_t(t, x_t, self.schedule.T, lo=-1), x_t)  # t = -1: clean data, x0 = x_t
+        a = self.schedule.abar_at(_as_t(t, x_t, self.schedule, lo=-1), x_t)  # t = -1: clean data, x0 = x_t
         return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
 
     def score(self, x_t: Tensor, t: Tensor) -> Tensor:
         """``grad log p_t(x_t) = -eps_hat / sqrt(1 - abar_t)``."""
-        a = self.schedule.abar_at(_as_t(t, x_t, self.schedule.T), x_t)
+        a = self.schedule.abar_at(_as_t(t, x_t, self.schedule), x_t)
         return -self.eps(x_t, t) / (1 - a).sqrt()
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         return self.eps(x_t, t)
 
 
-def _as_t(t: Tensor | int, x: Tensor, T: int, lo: int = 0) -> Tensor:
-    """``t`` as a ``(B,)`` long tensor on ``x``'s device, checked to be whole steps in ``[lo, T)`` (a tensor
-    only where the check is free: on the CPU; on a GPU it would wait for the device at every call)."""
+def _as_t(t: Tensor | int, x: Tensor, schedule: Schedule, lo: int = 0) -> Tensor:
+    """``t`` as a ``(B,)`` long tensor on ``x``'s device, checked to be whole steps in ``[lo, T)``
+    (:meth:`Schedule.check_timesteps`, before a float ``t`` is cut to a whole one)."""
     if not isinstance(t, Tensor):
-        t = torch.tensor(checks.integer("timestep t", t, lo, T))
-    elif t.device.type == "cpu" and t.numel():
-        whole = not t.is_floating_point() or bool((t == t.round()).all())
-        if not whole or int(t.min()) < lo or int(t.max()) >= T:
-            raise ValueError(f"timesteps t must be whole steps in [{lo}, {T}), got values in "
-                             f"[{float(t.min()):g}, {float(t.max()):g}]")
+        t = torch.tensor(checks.integer("timestep t", t, lo, schedule.T))
+    else:
+        schedule.check_timesteps(t, lo)
     t = t.to(device=x.device, dtype=torch.long)
     return t.expand(x.shape[0]) if t.dim() == 0 else t
 

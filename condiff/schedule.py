@@ -110,15 +110,24 @@ class Schedule:
     def T(self) -> int:
         return self.betas.numel()
 
+    def check_timesteps(self, t: Tensor, lo: int = -1) -> None:
+        """Refuse timesteps outside ``[lo, T)`` (``t = -2`` would wrap to ``abar_T``) or between steps (3.7
+        would be read as 3). Checked where it is free, on the CPU: on a GPU it would wait for the device at
+        every call."""
+        if t.device.type != "cpu" or not t.numel():
+            return
+        whole = not t.is_floating_point() or bool((t == t.round()).all())
+        if not whole or float(t.min()) < lo or float(t.max()) >= self.T:
+            clean = " (-1: clean data)" if lo == -1 else ""
+            raise ValueError(f"timesteps must lie in [{lo}, {self.T}){clean} as whole steps, got values in "
+                             f"[{float(t.min()):g}, {float(t.max()):g}]")
+
     def abar_at(self, t: Tensor, like: Tensor) -> Tensor:
         """``abar_t`` for a ``(B,)`` long tensor, shaped to broadcast against ``like`` (B, ...).
 
         ``t = -1`` means "before the first step": ``abar = 1`` (clean data).
         """
-        if t.device.type == "cpu" and t.numel() and (int(t.min()) < -1 or int(t.max()) >= self.T):
-            # checked where it is free (on a GPU it would cost a sync per call): t = -2 would wrap to abar_T
-            raise ValueError(f"timesteps must lie in [-1, {self.T}) (-1: clean data), got values in "
-                             f"[{int(t.min())}, {int(t.max())}]")
+        self.check_timesteps(t)
         table = self._tables.get(like.device)
         if table is None:
             table = self._tables[like.device] = torch.cat([self.abar.new_ones(1), self.abar]).to(like.device)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -76,10 +77,10 @@ class TrainConfig:
         for name, within in (("lr", "> 0"), ("weight_decay", ">= 0"), ("grad_clip", "> 0"),
                              ("ema_decay", "[0, 1)")):
             setattr(cfg, name, checks.number(f"{section}.{name}", getattr(cfg, name), within))
-        b = cfg.betas
-        if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(checks.is_number(v) and 0 <= v < 1 for v in b)):
-            raise ValueError(f"{section}.betas must be two numbers in [0, 1), got {b!r}")
-        cfg.betas = (float(b[0]), float(b[1]))
+        b = checks.pair(cfg.betas)
+        if b is None or not all(0 <= v < 1 for v in b):
+            raise ValueError(f"{section}.betas must be two numbers in [0, 1), got {cfg.betas!r}")
+        cfg.betas = b
         if cfg.lr_decay not in ("cosine", "constant"):
             raise ValueError(f"{section}.lr_decay must be 'cosine' or 'constant', got {cfg.lr_decay!r}")
         try:
@@ -89,7 +90,7 @@ class TrainConfig:
         if not ok:
             raise ValueError(f"{section}.device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {cfg.device!r}")
         cfg.device = str(cfg.device)  # a torch.device too; the trainer reads it as a name
-        if type(cfg.progress).__name__ not in ("bool", "bool_"):  # Python's or NumPy's
+        if not isinstance(cfg.progress, (bool, np.bool_)):
             raise ValueError(f"{section}.progress must be true or false, got {cfg.progress!r}")
         cfg.progress = bool(cfg.progress)
 
@@ -139,9 +140,10 @@ class DenoisingObjective:
 
     def __init__(self, x: Tensor, schedule: Schedule, batch_size: int, y: Tensor | None = None,
                  label_drop: float = 0.0) -> None:
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] == 0:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"training data must be a non-empty (N, ...) tensor, got {shape}")
         checks.finite_rows("training data", x)
-        if x.dim() < 2 or x.shape[0] == 0:
-            raise ValueError(f"training data must be a non-empty (N, ...) tensor, got shape {tuple(x.shape)}")
         if y is not None and (not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.is_floating_point()):
             raise ValueError(f"labels y must be a ({x.shape[0]},) integer tensor, one per training sample, got "
                              + (f"shape {tuple(y.shape)}, dtype {y.dtype}" if isinstance(y, Tensor) else repr(y)))

@@ -190,8 +190,8 @@ def test_timesteps_outside_the_schedule_or_between_steps_are_refused():
     x = torch.randn(3, 2)
     for t, match in [(1000, r"timestep t must be an integer in \[0, 50\), got 1000"),
                      (-5, r"in \[0, 50\), got -5"),
-                     (torch.tensor([3.7, 1.0, 2.0]), r"whole steps in \[0, 50\), got values in \[1, 3.7\]"),
-                     (torch.tensor([0, 50, 2]), r"whole steps in \[0, 50\), got values in \[0, 50\]")]:
+                     (torch.tensor([3.7, 1.0, 2.0]), r"in \[0, 50\) as whole steps, got values in \[1, 3.7\]"),
+                     (torch.tensor([0, 50, 2]), r"in \[0, 50\) as whole steps, got values in \[0, 50\]")]:
         with pytest.raises(ValueError, match=match):
             d.eps(x, t)
     assert d.eps(x, torch.tensor([3.0, 1.0, 2.0])).shape == x.shape  # whole steps as floats are fine

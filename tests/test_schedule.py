@@ -123,3 +123,11 @@ def test_a_fractional_step_count_is_refused():
         with pytest.raises(ValueError, match="schedule T must be an integer >= 2, got 2.7"):
             build(2.7)
     assert Schedule.cosine(10.0).T == 10
+
+
+def test_abar_at_refuses_timesteps_between_steps():
+    """t = 3.7 was read as step 3 by the table lookup."""
+    s = Schedule.linear(50)
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[-1, 50\) \(-1: clean data\) as whole steps"):
+        s.abar_at(torch.tensor([3.7]), torch.zeros(1, 2))
+    assert s.abar_at(torch.tensor([3.0]), torch.zeros(1, 2)).item() == pytest.approx(float(s.abar[3]))

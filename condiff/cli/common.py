@@ -322,9 +322,9 @@ def same_settings(run_dir: Path, cfg: dict) -> bool:
             and _weights_options(old.get("train")) == _weights_options(cfg.get("train")))
 
 
-def refuse_other_settings(run_dir: Path, cfg: dict,
-                          remedy: str = "pass --retrain to replace it, or give another --out") -> None:
-    """Refuse to discard a trained model or checkpoints that ``run_dir`` holds for other settings."""
+def refuse_other_settings(run_dir: Path, cfg: dict, remedy: str) -> None:
+    """Refuse to discard a trained model or checkpoints that ``run_dir`` holds for other settings; the
+    message ends with ``remedy``."""
     run_dir = Path(run_dir)
     held = (run_dir / "model").is_dir() or any((run_dir / "checkpoints").glob("step_*"))
     if not held or same_settings(run_dir, cfg):
@@ -349,10 +349,12 @@ def model_is_complete(run_dir: Path, cfg: dict) -> bool:
 
 
 def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = False,
-                   remedy: str = "move it away, or use another run directory") -> tuple[float, bool]:
+                   remedy: str = "move it away, or use another run directory",
+                   announce: str | None = None) -> tuple[float, bool]:
     """Reuse the finished model in ``run_dir`` if it has these settings, else train it (resuming an
     interrupted run of the same settings). A model or checkpoints of other settings are refused (naming
     ``remedy``) unless ``retrain`` or ``own`` (a benchmark's own directory), which discard them.
+    ``announce``: a line printed once everything is checked, just before training.
     Returns ``(training seconds, reused)``."""
     run_dir = Path(run_dir)
     if not retrain and model_is_complete(run_dir, cfg):
@@ -360,6 +362,8 @@ def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = 
     job = TrainingJob(cfg, run_dir)  # checked before anything in run_dir changes
     if not (retrain or own):
         refuse_other_settings(run_dir, cfg, remedy)
+    if announce:
+        print(announce)
     if retrain or ((run_dir / "config.json").is_file() and not same_settings(run_dir, cfg)):  # nothing held
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(run_dir / "model", ignore_errors=True)
@@ -426,32 +430,30 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
     return den, run_cfg, tuple(model_cfg["shape"])
 
 
-def check_samples(x: torch.Tensor, out: Path, also: tuple[str, ...] = ()) -> None:
-    """Refuse, before anything is written to ``out``, samples with non-finite values (a NaN samples.npz
-    would pass for a result) and output files that cannot be replaced (:func:`check_targets`)."""
+def check_samples(x: torch.Tensor, out: Path) -> None:
+    """Refuse samples with non-finite values before anything is written to ``out`` (a NaN samples.npz
+    would pass for a result)."""
     bad = int((~torch.isfinite(x)).sum())
     if bad:
         raise FloatingPointError(f"sampling produced {bad} non-finite values of {x.numel()}; nothing was "
                                  f"written to {out} (a diverging sampler: try eta <= 1 or clip_x0)")
-    check_targets(out, also)
 
 
 def check_targets(out: Path, also: tuple[str, ...] = ()) -> None:
-    """Refuse output files that cannot be replaced: ``samples.npz``, ``samples.png`` and the caller's
-    ``also`` (a directory in a file's place, a read-only ``out``); cheap, so called before sampling too."""
+    """Refuse, before sampling, output files that cannot be replaced: ``samples.npz``, ``samples.png`` and
+    the caller's ``also`` (a directory in a file's place; :func:`check_out_dir` has checked write access)."""
     for name in ("samples.npz", "samples.png", *also):
         if (out / name).is_dir():
             raise IsADirectoryError(f"{out / name} is a directory: move it away; nothing was written")
-    if out.is_dir() and not os.access(out, os.W_OK):
-        raise PermissionError(f"{out} is not writable; nothing was written")
 
 
 def write_samples(x: torch.Tensor, out: Path, grid: int = 100, value_range: list[float] | None = None,
-                  label: int | None = None, also: tuple[str, ...] = ()) -> list[Path]:
+                  label: int | None = None) -> list[Path]:
     """``samples.npz`` with all samples, plus a picture: an image grid (shown on the
     :func:`~condiff.data.nominal_range` of the model's recorded ``value_range``), or a scatter for 2-D points.
-    Checked first (:func:`check_samples`, with the files ``also`` that the caller writes next)."""
-    check_samples(x, out, also)
+    The samples are checked first (:func:`check_samples`); the caller checks the files (:func:`check_targets`)
+    before it samples."""
+    check_samples(x, out)
     arr = x.detach().cpu().numpy()
     out.mkdir(parents=True, exist_ok=True)
     extra = {} if label is None else {"y": np.full(len(arr), label, dtype=np.int64)}  # the class asked for

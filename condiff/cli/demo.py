@@ -12,14 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .common import (
-    check_out_dir,
-    model_is_complete,
-    pick_device,
-    refuse_other_settings,
-    save_resolved_config,
-    train_or_reuse,
-)
+from .common import check_out_dir, pick_device, save_resolved_config, train_or_reuse
 from .config import resolve
 from .evaluate import evaluate_run
 
@@ -44,15 +37,13 @@ def run(args: argparse.Namespace) -> int:
     run_dir = check_out_dir(args.out, kind="condiff train")  # a training run, evaluated
     if cfg["sample"]["n"] < 2:  # checked now, not after the training
         raise ValueError(f"condiff demo evaluates a distribution: sample.n must be >= 2, got {cfg['sample']['n']}")
-    if not args.retrain:
-        refuse_other_settings(run_dir, cfg)
     t0 = time.perf_counter()
-    if model_is_complete(run_dir, cfg) and not args.retrain:
+    what = f"training on {cfg['data']['name']} for {cfg['train']['steps']} steps ({device})"
+    _, reused = train_or_reuse(cfg, run_dir, retrain=args.retrain, announce=what,
+                               remedy="pass --retrain to replace it, or give another --out")
+    if reused:
         print(f"reusing the trained model in {run_dir / 'model'} (pass --retrain to train again)")
         save_resolved_config(run_dir, cfg)  # sampling / eval settings may have changed
-    else:
-        print(f"training on {cfg['data']['name']} for {cfg['train']['steps']} steps ({device})")
-        train_or_reuse(cfg, run_dir, retrain=args.retrain, remedy="pass --retrain to replace it, or give another --out")
     t_train = time.perf_counter() - t0
     sample_args = argparse.Namespace(n=None, steps=None, eta=None, seed=None, batch_size=None)
     m = evaluate_run(run_dir, sample_args, run_dir, device)

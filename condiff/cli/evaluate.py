@@ -60,9 +60,9 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
     t0 = time.perf_counter()
     x = draw_samples(den, shape, scfg, device)
     dt = time.perf_counter() - t0
-    check_samples(x, out, also=("metrics.json",))
+    check_samples(x, out)
     m = evaluate_samples(x, data_cfg, reference)  # scored before anything is written: old and new never mix
-    write_samples(x, out, value_range=run_cfg.get("value_range"), also=("metrics.json",))
+    write_samples(x, out, value_range=run_cfg.get("value_range"))
     m.update({"sample_seconds": round(dt, 3), "sample_steps": int(scfg["steps"]), "eta": float(scfg["eta"]),
               "nfe_per_sample": den.nfe // max(1, -(-int(scfg["n"]) // int(scfg.get("batch_size", 500)))),
               "seed": int(scfg["seed"]), "ckpt": str(ckpt),

@@ -113,8 +113,8 @@ def ensure_prior(kind: str, profile: str, run_dir: str | Path, device: str) -> P
         # unlike the benchmarks' own run directories, this one may be the user's: never discard it
         raise FileExistsError(f"{run_dir} holds a run with other settings; pick another directory")
     check_out_dir(run_dir, "the prior's directory")  # a file there, no write access: said before training
-    print(f"training the {profile} {kind} prior into {run_dir} ({cfg['train']['steps']} steps, {device})")
-    train_or_reuse(cfg, run_dir)
+    train_or_reuse(cfg, run_dir, announce=f"training the {profile} {kind} prior into {run_dir} "
+                                          f"({cfg['train']['steps']} steps, {device})")
     return run_dir
 
 

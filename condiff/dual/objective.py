@@ -97,11 +97,10 @@ class DualConfig:
         self.start = checks.integer("dual.start", self.start, 0)
         for name in ("lr", "lambda_init"):
             setattr(self, name, checks.number(f"dual.{name}", getattr(self, name), ">= 0"))
-        tr = self.t_range
-        if not (isinstance(tr, (list, tuple)) and len(tr) == 2 and all(checks.is_number(v) for v in tr)
-                and 0 <= tr[0] < tr[1] <= 1):
-            raise ValueError(f"dual.t_range must be two numbers [a, b] with 0 <= a < b <= 1, got {tr!r}")
-        self.t_range = (float(tr[0]), float(tr[1]))
+        tr = checks.pair(self.t_range)
+        if tr is None or not 0 <= tr[0] < tr[1] <= 1:
+            raise ValueError(f"dual.t_range must be two numbers [a, b] with 0 <= a < b <= 1, got {self.t_range!r}")
+        self.t_range = tr
         if not isinstance(self.normalize, bool):
             raise ValueError(f"dual.normalize must be true or false, got {self.normalize!r}")
         self.seed = checks.seed("dual.seed", self.seed)

@@ -37,11 +37,10 @@ class FreeDoM(GradientGuidance):
         super().__init__(loss)
         self.zeta = check_scalar("FreeDoM zeta", zeta)
         repeats = checks.integer("FreeDoM repeats", repeats, 1)
-        ok = hasattr(travel, "__len__") and len(travel) == 2 and all(checks.is_number(v) for v in travel)
-        lo, hi = (float(checks.scalar(v)) for v in travel) if ok else (1.0, 0.0)
-        if not 0.0 <= lo <= hi <= 1.0:
+        bounds = checks.pair(travel)
+        if bounds is None or not 0.0 <= bounds[0] <= bounds[1] <= 1.0:
             raise ValueError(f"FreeDoM travel must be (lo, hi) with 0 <= lo <= hi <= 1, got {travel}")
-        self.repeats, self.travel = repeats, (lo, hi)
+        self.repeats, self.travel = repeats, bounds
 
     def n_repeats(self, step: Step) -> int:
         """How many times the step at ``step.t`` is taken (time travel inside the range)."""

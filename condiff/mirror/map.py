@@ -85,8 +85,7 @@ class MirrorMap(nn.Module):
 
     @torch.no_grad()
     def to_mirror(self, x: Tensor, batch_size: int = 256) -> Tensor:
-        """``g`` on a whole data set, in batches, without a graph."""
-        checks.weights_dtype("x", x, self)
+        """``g`` on a whole data set, in batches, without a graph (each batch checked by :meth:`forward_map`)."""
         if len(x) == 0:
             return x.new_empty(x.shape)  # g and f keep the shape
         dev = next(self.parameters()).device
@@ -96,8 +95,7 @@ class MirrorMap(nn.Module):
 
     @torch.no_grad()
     def to_data(self, y: Tensor, batch_size: int = 256) -> Tensor:
-        """``f`` on a whole set of mirror-space points, in batches."""
-        checks.weights_dtype("y", y, self)
+        """``f`` on a whole set of mirror-space points, in batches (checked by :meth:`inverse_map`)."""
         if len(y) == 0:
             return y.new_empty(y.shape)
         dev = next(self.parameters()).device
