@@ -549,3 +549,16 @@ def test_a_bare_model_of_a_short_schedule_samples_with_at_most_its_steps(tmp_pat
     assert main(["train", *TINY, "--out", str(run)]) == 0
     assert main(["sample", "--ckpt", str(run / "model"), "--n", "4", "--out", str(tmp_path / "s")]) == 0
     assert json.loads((tmp_path / "s" / "sample_config.json").read_text())["steps"] == 50
+
+
+def test_eval_that_fails_to_score_leaves_the_earlier_samples_and_metrics_together(tmp_path, capsys):
+    """Samples were written before scoring: a scoring error left new samples beside old metrics."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    assert main(["eval", "--ckpt", str(run), "--n", "20", "--steps", "3"]) == 0
+    np.save(tmp_path / "const.npy", np.zeros((64, 2), np.float32))  # a reference MMD cannot score against
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(run), "--n", "30", "--steps", "3", "--data", str(tmp_path / "const.npy")]) == 2
+    assert "the reference samples are all identical" in capsys.readouterr().err  # found after sampling
+    assert _snapshot(run) == before
