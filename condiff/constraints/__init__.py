@@ -91,7 +91,10 @@ def build_constraint(config: dict, how: str | None = None) -> Constraint:
         raise ValueError(f"bad arguments for constraint {name!r}: {err} ({how})") from None
 
 
-NO_GRADIENT = "no gradient reaches x (is it computed under no_grad, detached, or through numpy?)"
+def not_differentiable(what: str, wrt: str = "x") -> str:
+    """The message for a value ``what`` through which no gradient reaches ``wrt``."""
+    return (f"{what} must be differentiable in {wrt}: no gradient reaches {wrt} (is it computed under no_grad, "
+            "detached, or through numpy?)")
 
 
 def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
@@ -116,7 +119,7 @@ def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
         raise ValueError(f"a constraint distance must return finite values, got {out.detach().tolist()}{on}")
     check_sign(out.detach(), f"a constraint distance ({out.detach().tolist()})")
     if xg.requires_grad and not out.requires_grad:
-        raise ValueError(f"a constraint distance must be differentiable in x: {NO_GRADIENT}")
+        raise ValueError(not_differentiable("a constraint distance"))
     return out.detach()
 
 

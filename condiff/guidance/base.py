@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import checks
-from ..constraints import NO_GRADIENT
+from ..constraints import not_differentiable
 from ..sample import Step, clip_bounds, kept_checks
 
 Loss = Callable[[Tensor], Tensor]
@@ -138,8 +138,7 @@ class GradientGuidance:
             raise ValueError(f"the guidance loss must return one value per sample, shape "
                              f"({step.x_t.shape[0]},), got shape {tuple(value.shape)}")
         if not value.requires_grad:
-            raise ValueError(f"the guidance loss must be differentiable in x0_hat: "
-                             f"{NO_GRADIENT.replace('reaches x', 'reaches x0_hat')}")
+            raise ValueError(not_differentiable("the guidance loss", "x0_hat"))
         (g,) = torch.autograd.grad(value.sum(), step.x_t)
         self.grad_evals += 1
         self._note(step, value.detach(), g)

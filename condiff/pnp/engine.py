@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import checks
-from ..constraints import NO_GRADIENT
+from ..constraints import not_differentiable
 from ..denoiser import Denoiser
 from ..readback import DeviceRows, read_every
 from ..sample import Guidance, ddim, progress_bar, randn
@@ -178,7 +178,7 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
                 if c.shape != (B,):
                     raise ValueError(f"the constraint must return shape ({B},), got {tuple(c.shape)}")
                 if not c.requires_grad:  # it would be left out of the gradient, silently
-                    raise ValueError(f"the constraint must be differentiable in x: {NO_GRADIENT}")
+                    raise ValueError(not_differentiable("the constraint"))
                 loss = loss + w_i * c.sum()
                 c_mean = c.detach().mean().to(d.device)  # a user's constraint may answer on the CPU
             elif constraint is not None:
