@@ -24,6 +24,7 @@ trajectories) and cached in ``io.cache_dir()/data``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -45,6 +46,18 @@ def _sizes(split: str, n_train: int, n_test: int, source: str) -> list[tuple[str
             raise DataError(f"{source}: {name} must be >= 1, got {n}")
     parts = {"train": [("train", n_train)], "test": [("test", n_test)]}
     return parts.get(split, [("train", n_train), ("test", n_test)])
+
+
+def _cached_splits(
+    source: str, params: dict, split: str, n_train: int, n_test: int, seed: int, make: Callable
+) -> dict[str, np.ndarray]:
+    """The arrays of ``split`` ("train", "test" or both, train first), each part made by
+    ``make(n, seed)`` with its own derived seed and cached under ``params``; concatenated per key."""
+    parts = []
+    for part, n in _sizes(split, n_train, n_test, source):
+        s = derive_seed(seed, source, part)
+        parts.append(cached_arrays(source, {**params, "n": n, "seed": s}, lambda n=n, s=s: make(n, s)))
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
 def _even_size(size: int, source: str, minimum: int = 8) -> int:
@@ -131,19 +144,12 @@ def load_burgers(
         "scale": scale,
         "v": DATA_VERSION,
     }
-    xs = []
-    for part, n in _sizes(split, n_train, n_test, "burgers"):
-        s = derive_seed(seed, "burgers", part)
-        arr = cached_arrays(
-            "burgers",
-            {**params, "n": n, "seed": s},
-            lambda n=n, s=s: {
-                "x": burgers_samples(n, seed=s, **{k: v for k, v in params.items() if k != "v"})
-            },
-        )
-        xs.append(arr["x"])
+    solver = {k: v for k, v in params.items() if k != "v"}
+    x = _cached_splits(
+        "burgers", params, split, n_train, n_test, seed, lambda n, s: {"x": burgers_samples(n, seed=s, **solver)}
+    )["x"]
     return ArrayData(
-        np.concatenate(xs),
+        x,
         name="burgers",
         meta={"split": split, "constraint": con.config, "tolerance": 1e-5, "generator": params},
     )
@@ -279,21 +285,17 @@ def load_kolmogorov(
         "velocity_scale": velocity_scale,
         "v": DATA_VERSION,
     }
-    xs = []
-    for part, n in _sizes(split, n_train, n_test, "kolmogorov"):
-        s = derive_seed(seed, "kolmogorov", part)
 
-        def make(n: int = n, s: int = s) -> dict[str, np.ndarray]:
-            n_traj = -(-n // per_trajectory)
-            v = kolmogorov_trajectories(
-                n_traj, per_trajectory * frames, sim_size, size, s, re, drag, kf, dt, spinup, interval
-            )
-            v = v.reshape(n_traj * per_trajectory, frames * 2, size, size)[:n] / velocity_scale
-            return {"x": v.float().numpy()}
+    def make(n: int, s: int) -> dict[str, np.ndarray]:
+        n_traj = -(-n // per_trajectory)
+        v = kolmogorov_trajectories(
+            n_traj, per_trajectory * frames, sim_size, size, s, re, drag, kf, dt, spinup, interval
+        )
+        v = v.reshape(n_traj * per_trajectory, frames * 2, size, size)[:n] / velocity_scale
+        return {"x": v.float().numpy()}
 
-        xs.append(cached_arrays("kolmogorov", {**params, "n": n, "seed": s}, make)["x"])
     return ArrayData(
-        np.concatenate(xs),
+        _cached_splits("kolmogorov", params, split, n_train, n_test, seed, make)["x"],
         name="kolmogorov",
         meta={"split": split, "constraint": DivergenceFree().config, "tolerance": 1e-5, "generator": params},
     )

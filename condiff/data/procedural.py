@@ -22,9 +22,8 @@ import torch
 from torch import Tensor
 
 from condiff.constraints import PeriodicTiling, TotalBrightness
-from condiff.data import ArrayData, derive_seed, register_dataset
-from condiff.data.cache import cached_arrays
-from condiff.data.physics import _even_size, _sizes
+from condiff.data import ArrayData, register_dataset
+from condiff.data.physics import _cached_splits, _even_size
 
 DATA_VERSION = 1
 
@@ -69,18 +68,11 @@ def load_brightness(
     flux = 120.0 * (size / 64) ** 2 if flux is None else float(flux)
     con = TotalBrightness(flux)
     params = {"size": size, "flux": flux, "v": DATA_VERSION}
-    xs = []
-    for part, n in _sizes(split, n_train, n_test, "brightness"):
-        s = derive_seed(seed, "brightness", part)
-        xs.append(
-            cached_arrays(
-                "brightness",
-                {**params, "n": n, "seed": s},
-                lambda n=n, s=s: {"x": brightness_images(n, size, flux, s)},
-            )["x"]
-        )
+    x = _cached_splits(
+        "brightness", params, split, n_train, n_test, seed, lambda n, s: {"x": brightness_images(n, size, flux, s)}
+    )["x"]
     return ArrayData(
-        np.concatenate(xs),
+        x,
         name="brightness",
         meta={"split": split, "constraint": con.config, "tolerance": 1e-3, "generator": params},
     )
@@ -118,18 +110,11 @@ def load_periodic(
         # 0 gave tiles of -1 everywhere (nothing to learn), silently
         raise ValueError(f"periodic: length (the GP's length scale) must be a number > 0, got {length!r}")
     params = {"size": size, "length": length, "v": DATA_VERSION}
-    xs = []
-    for part, n in _sizes(split, n_train, n_test, "periodic"):
-        s = derive_seed(seed, "periodic", part)
-        xs.append(
-            cached_arrays(
-                "periodic",
-                {**params, "n": n, "seed": s},
-                lambda n=n, s=s: {"x": periodic_images(n, size, length, s)},
-            )["x"]
-        )
+    x = _cached_splits(
+        "periodic", params, split, n_train, n_test, seed, lambda n, s: {"x": periodic_images(n, size, length, s)}
+    )["x"]
     return ArrayData(
-        np.concatenate(xs),
+        x,
         name="periodic",
         meta={"split": split, "constraint": PeriodicTiling().config, "tolerance": 0.0, "generator": params},
     )

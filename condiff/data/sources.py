@@ -17,9 +17,8 @@ import torch
 from torch import Tensor
 
 from condiff.constraints import CountConstraint
-from condiff.data import ArrayData, DataError, derive_seed, register_dataset
-from condiff.data.cache import cached_arrays
-from condiff.data.physics import _even_size, _sizes
+from condiff.data import ArrayData, DataError, register_dataset
+from condiff.data.physics import _cached_splits, _even_size
 
 DATA_VERSION = 1
 MIN_SEP = 4.0
@@ -135,28 +134,23 @@ def load_count(
     if int(k) < 1:
         raise DataError(f"count: k must be >= 1, got {k}")
     params = {"size": size, "k": int(k), "min_sep": MIN_SEP, "noise": NOISE, "v": DATA_VERSION}
-    xs, cs = [], []
-    for part, n in _sizes(split, n_train, n_test, "count"):
-        s = derive_seed(seed, "count", part)
 
-        def make(n: int = n, s: int = s) -> dict[str, np.ndarray]:
-            x, centres = render_sources(torch.full((n,), int(k)), size, torch.Generator().manual_seed(s))
-            return {"x": x.numpy(), "centres": torch.stack(centres).numpy()}
+    def make(n: int, s: int) -> dict[str, np.ndarray]:
+        x, centres = render_sources(torch.full((n,), int(k)), size, torch.Generator().manual_seed(s))
+        return {"x": x.numpy(), "centres": torch.stack(centres).numpy()}
 
-        arr = cached_arrays("count", {**params, "n": n, "seed": s}, make)
-        xs.append(arr["x"])
-        cs.append(arr["centres"])
+    arr = _cached_splits("count", params, split, n_train, n_test, seed, make)
     # the constraint's counter is built lazily by name: building it here would train it on first load
     con = {"name": CountConstraint.family, "k": int(k), "size": size}
     return ArrayData(
-        np.concatenate(xs),
+        arr["x"],
         name="count",
         meta={
             "split": split,
             "constraint": con,
             "tolerance": 0.5,
             "generator": params,
-            "centres": np.concatenate(cs),
+            "centres": arr["centres"],
             "per_sample": ["centres"],
         },
     )
