@@ -237,14 +237,20 @@ def test_finetuning_trains_f_only_and_reduces_the_constraint_loss_on_mirror_samp
     x, con = _brightness_data(64)
     m = _tiny_mirror()
     y = m.to_mirror(x) + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    psi_before = {k: v.clone() for k, v in m.psi.state_dict().items()}
-    l_before = float(con(m.to_data(y)).mean())
+    state_before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        data_before, mirror_before = m.to_data(y), m.to_mirror(x)
+    l_before = float(con(data_before).mean())
     out = finetune_inverse(m, x, y, con, _ft_cfg(60), NAMMLoss(l_con=1.0))
     l_after = float(con(out.to_data(y)).mean())
     assert l_after < 0.5 * l_before
     for k, v in out.psi.state_dict().items():
-        assert torch.equal(v, psi_before[k]), f"psi.{k} changed during fine-tuning"
-    assert torch.equal(m.to_data(y[:4]), m.to_data(y[:4]))  # the input map is left untouched
+        assert torch.equal(v, state_before[f"psi.{k}"]), f"psi.{k} changed during fine-tuning"
+    with torch.no_grad():
+        assert torch.equal(out.to_mirror(x), mirror_before)  # the forward map is frozen
+        assert torch.equal(m.to_data(y), data_before)  # the map passed in is left untouched
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, state_before[k]), f"the input map's {k} changed"
 
 
 def test_finetuning_refuses_a_non_finite_pool_and_warns_on_one_far_outside_mirror_space():

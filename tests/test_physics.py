@@ -9,7 +9,7 @@ import torch
 from condiff.constraints import BurgersResidual, DivergenceFree, build_constraint
 from condiff.data import DATASETS, DataError, load_dataset
 from condiff.data.physics import kolmogorov_trajectories, periodic_gp_1d
-from condiff.data.sources import count_sources, count_split, render_sources
+from condiff.data.sources import PEAK_THRESHOLD, count_sources, count_split, render_sources
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,12 +50,13 @@ def test_count_data_have_exactly_k_separated_sources():
     assert centres.shape == (10, 4, 2)
     gaps = torch.cdist(centres, centres) + 1e9 * torch.eye(4)
     assert float(gaps.min()) >= 4.0
-    # each source is a local maximum of its image: the brightest pixel near each centre
+    # each source is bright near its centre, above the peak finder's cut, which finds exactly 4
     for img, pts in zip(d.x[:, 0], centres):
         for r, c in pts.tolist():
             i, j = int(r), int(c)
             patch = img[max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2]
-            assert float(patch.max()) > -0.5
+            assert (float(patch.max()) + 1) / 2 > PEAK_THRESHOLD
+    assert count_sources(d.x).tolist() == [4] * 10
     assert d.subset([0, 3]).meta["centres"].shape == (2, 4, 2)
 
 
@@ -136,6 +137,13 @@ def test_brightness_and_periodic_structure():
 def test_render_sources_counts():
     x, centres = render_sources(torch.tensor([0, 2, 5]), 16, torch.Generator().manual_seed(0))
     assert x.shape == (3, 1, 16, 16) and [len(c) for c in centres] == [0, 2, 5]
+    for seed in range(5):  # without background noise the peak finder sees every source, and only them
+        x, centres = render_sources(torch.tensor([0, 2, 5, 9]), 16, torch.Generator().manual_seed(seed), noise=0.0)
+        assert count_sources(x).tolist() == [0, 2, 5, 9]
+        peaks = (x == torch.nn.functional.max_pool2d(x, 3, 1, 1)) & ((x + 1) / 2 > PEAK_THRESHOLD)
+        for img, pts in zip(peaks[:, 0], centres):  # each peak within a pixel of a centre
+            rc = img.nonzero().double()
+            assert len(pts) == 0 or float(torch.cdist(rc, pts.double() - 0.5).min(1).values.max()) <= 1.0
 
 
 def test_peak_finder_counts_sources_and_ignores_faint_blobs():

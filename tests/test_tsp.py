@@ -196,6 +196,19 @@ def test_solve_with_prior_returns_valid_tours_no_shorter_than_optimal():
     assert (gaps >= -1e-12).all()
 
 
+@pytest.mark.parametrize("order", [[0, 1, 2, 3, 4, 5, 6], [0, 3, 1, 5, 2, 6, 4]])
+def test_the_prior_picks_the_edges_of_the_tour_it_was_centred_on(order):
+    """A Gaussian prior centred on the picture of one tour (optimal or not, crossing or not): the
+    seven highest adjacency scores are exactly that tour's edges, so the scores come from the prior."""
+    c, style = instances(1, 7, seed=9), tsp.TourStyle(16)
+    den = GaussianDenoiser(Schedule.linear(100), mean=tsp.render_tours(c, np.array([order]), style)[0], std=0.1)
+    S = tsp.solve_with_prior(den, c, style, steps=30, generator=torch.Generator().manual_seed(0)).scores[0]
+    i, j = torch.triu_indices(7, 7, 1)
+    best = S[i, j].argsort(descending=True)[:7]
+    top = {(int(a), int(b)) for a, b in zip(i[best], j[best])}
+    assert top == {tuple(sorted((order[k], order[(k + 1) % 7]))) for k in range(7)}
+
+
 def test_no_warning_when_lkh_is_used():
     if not tsp.lkh_available():
         pytest.skip("elkai (LKH) is not installed")
