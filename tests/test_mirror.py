@@ -202,6 +202,32 @@ def _brightness_data(n=96):
     return d.x, TotalBrightness(d.meta["constraint"]["flux"])
 
 
+def test_loss_terms_match_their_formulas_and_weights():
+    """A fresh map's inverse is the identity, so its terms have closed forms in g alone:
+    cyc = 0.5 mean|g(x) - x| + 0.5 mean|g(y) - y|, con = mean l(y), reg = mean|grad Psi(x)|, with
+    y = g(x) + sigma z, sigma ~ U(0, sigma_max) per sample; the objective's loss weighs them."""
+    x, con = _brightness_data(16)
+    m = _tiny_mirror()
+    g = torch.Generator().manual_seed(3)
+    sigma = 0.2 * torch.rand(16, generator=g)
+    y = m.forward_map(x).detach() + sigma.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(m.inverse_map(y), y)  # the identity at initialisation
+    gx, gy = m.forward_map(x).detach(), m.forward_map(y).detach()
+    terms = evaluate_terms(m, x, con, sigma_max=0.2, seed=3)
+    expect = {
+        "cyc": 0.5 * float((gx - x).abs().mean()) + 0.5 * float((gy - y).abs().mean()),
+        "con": float(con(y).mean()),
+        "reg": float(m.grad_psi(x).detach().abs().mean()),
+    }
+    assert terms == pytest.approx(expect, rel=1e-5)
+    assert expect["cyc"] > 0 and expect["con"] > 0 and expect["reg"] > 0  # no term is trivially zero
+    w = NAMMLoss(l_cyc=2.0, l_con=3.0, l_reg=5.0)
+    loss, logs = NAMMObjective(x, con, batch_size=8, weights=w).loss(m, 0, torch.Generator().manual_seed(0))
+    parts = {k: float(v.detach()) for k, v in logs.items()}
+    assert float(loss.detach()) == pytest.approx(2 * parts["cyc"] + 3 * parts["con"] + 5 * parts["reg"])
+
+
 def test_namm_training_reduces_cycle_and_constraint_losses(tmp_path):
     x, con = _brightness_data()
     m = _tiny_mirror()
@@ -220,8 +246,9 @@ def test_namm_training_reduces_cycle_and_constraint_losses(tmp_path):
     )
     out = fit_mirror_map(x, con, m, cfg, NAMMLoss(l_con=1.0), run_dir=tmp_path)
     after = evaluate_terms(out, x[:32], con, sigma_max=0.1)
-    assert after["con"] < 0.5 * before["con"], (before, after)
-    assert after["cyc"] < before["cyc"], (before, after)
+    # measured: 12x and 8x lower (2-core x86_64)
+    assert after["con"] < 0.2 * before["con"], (before, after)
+    assert after["cyc"] < 0.4 * before["cyc"], (before, after)
     assert all(float(c.weight.min()) >= 0 for c in out.psi.positive())  # the clamp ran every step
     log = read_log(tmp_path / "log.jsonl")
     assert {"cyc", "con", "reg"} <= set(log[-1]) and log[-1]["step"] == 120
