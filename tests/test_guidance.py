@@ -258,7 +258,12 @@ def test_ugd_backward_guidance_fits_the_measurement_and_recurrence_costs():
     x0 = torch.randn(3, 1, 4, 4, generator=_gen())
     u = UGD(loss, backward_steps=5, backward_lr=0.2)
     fitted = u.backward(x0)
-    assert bool((loss(fitted) < loss(x0)).all())
+    # the loss ||y - A x|| has the unit gradient -A^T r / ||r||: each of the 5 steps of 0.2 moves x
+    # by 0.2 along the residual r = y - A x0 and shortens it by exactly 0.2 (while ||r|| > 1)
+    r = op.mask * (1.0 - x0)
+    assert bool((loss(x0) > 1.5).all())
+    torch.testing.assert_close(loss(fitted), loss(x0) - 1.0)
+    torch.testing.assert_close(fitted, x0 + r / _norm(r).view(-1, 1, 1, 1))
     # only measured pixels move (the loss gradient lives on the mask)
     torch.testing.assert_close(fitted[..., 2:, :], x0[..., 2:, :])
     res = guided_sample(den, UGD(loss, recurrence=3, backward_steps=2), (3, 1, 4, 4), 8, generator=_gen())
