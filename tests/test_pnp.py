@@ -123,7 +123,8 @@ def test_finish_applies_guidance_and_rejects_bad_input():
     free = finish(den, x, 200, **kw)
     kw["generator"] = torch.Generator().manual_seed(0)
     pulled = finish(den, x, 200, guidance=DPS(lambda x0: (x0 - 1.0).pow(2).sum(1), zeta=0.5), **kw)
-    assert float(pulled.mean()) > float(free.mean()) + 0.05
+    assert float(free.mean()) == pytest.approx(M, abs=0.05)  # unguided: the prior's mean
+    assert float(pulled.mean()) == pytest.approx(1.0, abs=0.05)  # guided: pulled to the loss's minimum
     for bad, needle in [(dict(start=1000), "start"), (dict(start=-1), "start"), (dict(start=10, steps=12), "steps"),
                         (dict(start=10, steps=0), "steps")]:
         with pytest.raises(ValueError, match=needle):
@@ -150,13 +151,16 @@ def test_infer_with_a_render_and_projection():
                 schedule=sch.ConstantTime(50), steps=200, lr=0.02, project=lambda z: z.clamp(max=0.2),
                 generator=torch.Generator().manual_seed(0))
     assert res.x.shape == (64, 1, 4, 4) and res.latent.shape == (64, 1)
-    assert float(res.latent.max()) <= 0.2 + 1e-6 and float(res.latent.mean()) > 0.15
+    # the prior's optimum (M = 0.3) lies beyond the projection's bound: every chain ends on the bound
+    torch.testing.assert_close(res.latent, torch.full((64, 1), 0.2), atol=1e-3, rtol=0)
 
 
 def test_infer_works_under_no_grad():
+    kw = dict(schedule=sch.ConstantTime(50), steps=3, lr=0.1)
     with torch.no_grad():
-        res = infer(oracle(100), torch.zeros(2, 3), schedule=sch.ConstantTime(50), steps=3, lr=0.1)
-    assert float(res.latent.abs().sum()) > 0  # the prior moved it
+        res = infer(oracle(100), torch.zeros(2, 3), generator=torch.Generator().manual_seed(0), **kw)
+    same = infer(oracle(100), torch.zeros(2, 3), generator=torch.Generator().manual_seed(0), **kw)
+    assert float(res.latent.abs().sum()) > 0 and torch.equal(res.latent, same.latent)  # moved, as with grad on
 
 
 @pytest.mark.parametrize("read_every", [1, 4])  # 4: the GPU path (values read from the device in blocks)
@@ -308,6 +312,32 @@ def test_segment_infers_the_mask_channel_only():
     assert one.latents.shape == res.latents.shape and one.nfe == 120 and bool(one.mask.all())
     first = segment(den, pics[:1], chains=3, steps=60, lr=0.05, generator=torch.Generator().manual_seed(0))
     assert torch.equal(one.latents[:1], first.latents)
+
+
+class _Correlated(GaussianDenoiser):
+    """Exact denoiser for 4-channel pixels x0 ~ N(0, C) (independent across pixels), the mask channel
+    (3) correlated ``rho`` with picture channel 0: the posterior mask mean is ``rho * picture_0``."""
+
+    def __init__(self, schedule, rho):
+        super().__init__(schedule)
+        self.C = torch.eye(4)
+        self.C[0, 3] = self.C[3, 0] = rho
+
+    def predict_eps(self, x_t, t):
+        a = self.schedule.abar_at(t, x_t).view(-1, 1, 1)
+        cov = a * self.C + (1 - a) * torch.eye(4)  # of x_t, per pixel
+        z = torch.linalg.solve(cov[:, None, None], x_t.permute(0, 2, 3, 1)[..., None])[..., 0]
+        return (1 - a).sqrt().view(-1, 1, 1, 1) * z.permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("rho", [0.9, -0.9])
+def test_segment_reads_the_mask_off_the_pictures(rho):
+    """With a prior that ties the mask to picture channel 0, the inferred mask follows that channel's
+    sign (times rho's) on most pixels: the search conditions on the pictures (measured: 92-93%)."""
+    pics = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    res = segment(_Correlated(Schedule.linear(200), rho), pics, chains=3, steps=60, lr=0.05,
+                  generator=torch.Generator().manual_seed(0))
+    assert float((res.mask == (rho * pics[:, :1] > 0)).float().mean()) > 0.85
 
 
 def test_segment_votes_count_the_chains():
