@@ -279,6 +279,12 @@ def test_build_constraint_round_trip_and_errors():
         build_constraint({"name": "box", "width": 3})
     with pytest.raises(ValueError, match="'name' key"):
         build_constraint({"lo": 0})
+    # a second class under a taken name is refused (the registry is left as it was); the same class again is not
+    from condiff.constraints import register_constraint
+
+    with pytest.raises(ValueError, match="constraint 'box' is already registered to Box"):
+        register_constraint("box")(type("MyBox", (Box,), {}))
+    assert CONSTRAINTS["box"] is Box and register_constraint("box")(Box) is Box
 
 
 def test_user_callables_are_checked():
