@@ -39,6 +39,9 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: boo
     d = resolve_model_dir(path)
     if is_diffusers_dir(d):
         return DiffusersDenoiser.from_pretrained(d).to(device)
+    if (d / "unet").is_dir() and not (d / "config.json").is_file():
+        raise io.CheckpointError(f"{d} holds a unet/ but no scheduler_config.json (in scheduler/ or beside it): a "
+                                 "diffusers model directory needs its scheduler's config to be loaded")
     net, cfg = load_net(d, device, ema)
     return NetDenoiser(net.eval(), Schedule.from_config(cfg["schedule"]))
 

@@ -64,7 +64,8 @@ def test_simplex_projection_closed_forms():
     assert con(e).item() == pytest.approx(1.0, abs=1e-6)
     c = 0.3  # a uniform shift of the barycentre projects back to it: distance c sqrt(n)
     assert con(torch.full((1, n), 1 / n + c)).item() == pytest.approx(c * math.sqrt(n), abs=1e-5)
-    assert con(-torch.ones(1, n)).item() > 0
+    # -1 everywhere projects onto the barycentre 1/n (a uniform shift): distance sqrt(n) (1 + 1/n)
+    assert con(-torch.ones(1, n)).item() == pytest.approx(math.sqrt(n) * (1 + 1 / n), abs=1e-5)
 
 
 @pytest.mark.parametrize("con", [Box(-1, 1), Ball(1.0), Simplex(1.0)], ids=["box", "ball", "simplex"])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from condiff.denoiser import DiffusersDenoiser, GaussianDenoiser, NetDenoiser
+from condiff.io import CheckpointError
 from condiff.models import load_denoiser, load_net, save_model
 from condiff.nets import TimeMLP, UNet
 from condiff.schedule import Schedule
@@ -123,7 +124,7 @@ def test_diffusers_dir_without_scheduler_is_clear(tmp_path):
     unet.save_pretrained(tmp_path / "unet")
     (tmp_path / "scheduler").mkdir()
     (tmp_path / "scheduler" / "x.json").write_text(json.dumps({}))
-    with pytest.raises(Exception, match="not a condiff checkpoint|scheduler_config|no model"):
+    with pytest.raises(CheckpointError, match="holds a unet/ but no scheduler_config.json"):
         load_denoiser(tmp_path)
 
 

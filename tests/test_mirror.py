@@ -130,7 +130,12 @@ def test_resnet_starts_as_identity_and_rebuilds_from_config():
     x = torch.randn(3, 2, 16, 16)
     with torch.no_grad():
         assert torch.equal(f(x), x)
-    assert isinstance(build_net(f.config), ResNetGenerator) and isinstance(build_net(_icnn().config), ICNN)
+    # the config rebuilds the same architecture: the same config, the weights load, the same outputs
+    for net, y in ((f, torch.randn(3, 2, 16, 16)), (_icnn(), torch.randn(3, 1, 8, 8))):
+        again = build_net(net.config)
+        assert type(again) is type(net) and again.config == net.config
+        again.load_state_dict(net.state_dict())
+        torch.testing.assert_close(again(y), net(y))
 
 
 def test_context_branch_lets_a_far_pixel_change_the_correction():

@@ -30,8 +30,9 @@ def test_timestep_embedding_long_and_float_agree():
     assert e.shape == (3, 7)
     assert torch.allclose(e, timestep_embedding(t.float(), 7))
     assert torch.equal(e[:, -1], torch.zeros(3))  # odd width: zero pad column
-    assert torch.allclose(e[0, :3], torch.ones(3))  # cos(0)
-    assert not torch.allclose(e[1], e[2])
+    w = 10000.0 ** (-torch.arange(3, dtype=torch.float64) / 3)  # w_k = max_period^(-k / half), half = 3
+    args = t.double()[:, None] * w
+    torch.testing.assert_close(e[:, :6].double(), torch.cat([args.cos(), args.sin()], 1), atol=2e-4, rtol=0)
 
 
 def test_timestep_embedding_rejects_bad_shape():
