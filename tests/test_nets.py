@@ -66,6 +66,15 @@ def test_unet_attention_num_res_and_dropout():
     out = net(x, _t(3))
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert torch.equal(out, net(x, _t(3)))  # eval mode: dropout off, deterministic
+    net.train()
+    assert not torch.equal(net(x, _t(3)), net(x, _t(3)))  # train mode: dropout acts
+    # the settings build what they say: more attention layers at the named resolutions, more residual blocks
+    def count(kind, **kw):
+        return sum(type(m).__name__ == kind for m in UNet(2, base=8, mults=(1, 2, 2), **kw).modules())
+
+    assert count("_Attention", attn_res=(2, 4)) > count("_Attention", attn_res=(4,)) > count("_Attention", attn_res=())
+    assert count("_ResBlock", num_res=2) > count("_ResBlock", num_res=1)
+    assert count("Dropout", dropout=0.1) == count("_ResBlock")  # one in every residual block
 
 
 def test_unet_gradient_reaches_input():

@@ -111,8 +111,8 @@ def test_kolmogorov_solver_velocities_are_solenoidal_and_forced():
     assert float(con(v.flatten(0, 1)).max()) < 1e-5 * float(v.abs().max())
     # the Kolmogorov forcing sin(4 y) drives u: the mean of u over x correlates with sin(4 y)
     y = torch.arange(16) * 2 * math.pi / 16
-    profile = v[:, -1, 0].mean((0, 2))
-    assert float(torch.dot(profile, torch.sin(4 * y))) > 0
+    profile, forcing = v[:, -1, 0].mean((0, 2)), torch.sin(4 * y)
+    assert float(torch.dot(profile, forcing) / (profile.norm() * forcing.norm())) > 0.4  # measured 0.62
 
 
 def test_kolmogorov_time_step_follows_the_grid():
@@ -182,8 +182,9 @@ def test_bad_settings_give_one_line_errors(name):
         load_dataset(name, "train", size=15)
     with pytest.raises(DataError, match="n_train must be >= 1"):
         load_dataset(name, "train", size=16, n_train=0)
-    with pytest.raises(DataError, match="unknown split"):
+    with pytest.raises(DataError, match="unknown split") as err:
         load_dataset(name, "valid", size=16)
+    assert "\n" not in str(err.value)
 
 
 def test_burgers_residual_of_data_is_float_round_off():
