@@ -155,6 +155,10 @@ def test_diffusers_unets_condiff_cannot_drive_are_refused_at_load(tmp_path):
     _save_dm(tmp_path / "in2", diffusers.UNet2DModel(in_channels=2, out_channels=1, **kw))
     with pytest.raises(ValueError, match="in_channels=2 but out_channels=1"):
         load_denoiser(tmp_path / "in2")
+    # twice the output channels is a learned variance only with a learned-variance scheduler
+    _save_dm(tmp_path / "out2", diffusers.UNet2DModel(in_channels=1, out_channels=2, **kw), variance_type="fixed_small")
+    with pytest.raises(ValueError, match="in_channels=1 but out_channels=2"):
+        load_denoiser(tmp_path / "out2")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "scheduler_config.json").write_text("{bad")
     with pytest.raises(ValueError, match=r"scheduler_config.json is not valid JSON"):

@@ -625,3 +625,38 @@ def test_hyperparameters_of_the_wrong_kind_are_refused():
                          (lambda: make_guidance("dps", loss, zeta="a"), "DPS zeta must be a number in .*got 'a'")]:
         with pytest.raises(ValueError, match=match):
             build()
+
+
+class _Recorder(GaussianDenoiser):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.calls = []
+
+    def predict_eps(self, x_t, t):
+        self.calls.append((int(t[0]), x_t.detach().clone()))
+        return super().predict_eps(x_t, t)
+
+
+def test_freedom_time_travel_renoises_to_the_same_step():
+    """A repeat re-diffuses x_{t_prev} to t: the second call at t sees sqrt(r) x_prev + sqrt(1 - r) z
+    (r = abar_t / abar_prev, z the generator's first draw: x_T is given and eta = 0 draws nothing)."""
+    den = _Recorder(Schedule.linear(100), mean=0.3, std=0.5)
+    x_T = torch.randn(2, 1, 4, 4, generator=_gen(1))
+    flat = FreeDoM(lambda x: 0.0 * x.flatten(1).sum(1), zeta=1.0, repeats=2, travel=(0.0, 1.0))
+    guided_sample(den, flat, (2, 1, 4, 4), 2, eta=0.0, generator=_gen(2), x_T=x_T, clip_x0=None)
+    (t0, a), (t1, b) = den.calls[:2]
+    assert t0 == t1 == 99 and torch.equal(a, x_T)
+    ts = den.schedule.timesteps(2)
+    st = make_step(GaussianDenoiser(Schedule.linear(100), mean=0.3, std=0.5), x_T, 0, ts[:1].expand(2),
+                   ts[1:].expand(2), 0.0, None)
+    r = float(den.schedule.abar[99] / den.schedule.abar[int(ts[1])])
+    z = torch.randn(2, 1, 4, 4, generator=_gen(2))
+    torch.testing.assert_close(b, math.sqrt(r) * st.mean + math.sqrt(1 - r) * z)
+
+
+def test_evaluation_counts_are_per_call_when_a_guidance_is_reused():
+    den, loss = _oracle(100), _half_mask_loss(2)[1]
+    dps = DPS(loss, zeta=0.5)
+    for _ in range(2):
+        res = guided_sample(den, dps, (2, 1, 4, 4), 5, generator=_gen())
+        assert (res.nfe, res.grad_evals) == (5, 5)

@@ -222,3 +222,38 @@ def test_a_sample_with_nothing_measured_has_zero_residual_not_nan():
     x = torch.randn(2, 1, 8, 8)
     r = op.residual(x, op.A(x) + 0.5 * op.mask)
     assert r[0] == 0 and r[1] == pytest.approx(0.5)
+
+
+def test_random_boxes_reach_every_position_and_a_box_may_fill_the_image():
+    op = Inpainting.box((400, 1, 8, 8), 2, generator=torch.Generator().manual_seed(0))
+    tops = (op.mask[:, 0] == 0).any(2).float().argmax(1)  # first masked row of each image
+    lefts = (op.mask[:, 0] == 0).any(1).float().argmax(1)
+    assert sorted(set(tops.tolist())) == sorted(set(lefts.tolist())) == list(range(7))  # 0 .. 8 - 2
+    assert float(Inpainting.box((1, 1, 8, 8), 8).mask.sum()) == 0
+
+
+def test_a_one_channel_mask_counts_every_channel_it_covers():
+    op = Inpainting.random((2, 3, 8, 8), 0.5, torch.Generator().manual_seed(0))
+    y = op.measure(torch.randn(2, 3, 8, 8), torch.Generator().manual_seed(1))
+    assert op.mask.shape[1] == 1
+    torch.testing.assert_close(op.num_measurements(y), 3 * op.mask.flatten(1).sum(1).double())
+
+
+def test_gaussian_blur_is_reflect_padded_correlation_with_the_sampled_gaussian():
+    b = GaussianBlur(5, 1.0)
+    k = b.kernel.double()
+    assert float(k[3] / k[2]) == pytest.approx(math.exp(-0.5)) and float(k.sum()) == pytest.approx(1.0)
+    x = torch.randn(2, 1, 9, 9, dtype=torch.float64)
+    expect = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), (k[:, None] * k[None, :])[None, None])
+    torch.testing.assert_close(b.A(x), expect)
+
+
+def test_the_convolution_path_adjoint_of_an_asymmetric_kernel(monkeypatch):
+    """<A x, y> = <x, A^T y> on the path without matrices (images above MATRIX_MAX), for a kernel that
+    is not symmetric: a flipped kernel in the adjoint would show only there."""
+    monkeypatch.setattr(SeparableFilter, "MATRIX_MAX", 0)
+    op = SeparableFilter(torch.tensor([0.1, 0.2, 0.7], dtype=torch.float64), stride=2, pad=(0, 1))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 10, 10, generator=g, dtype=torch.float64)
+    y = torch.randn(op.A(x).shape, generator=g, dtype=torch.float64)
+    assert float((op.A(x) * y).sum()) == pytest.approx(float((x * op.A_adjoint(y)).sum()), rel=1e-10)

@@ -211,3 +211,61 @@ def test_a_clip_pair_bounds_x0_hat_and_a_number_is_the_symmetric_pair():
     assert float(out.min()) >= 0.2 - 1e-6 and float(out.max()) <= 0.5 + 1e-6
     assert float((out - 0.2).abs().min()) < 1e-6 and float((out - 0.5).abs().min()) < 1e-6  # both bounds bite
     torch.testing.assert_close(ddim(den, x, ts, clip_x0=0.3), ddim(den, x, ts, clip_x0=(-0.3, 0.3)))
+
+
+def _step_at(d, x, t, t_prev, eta=1.0, seed=0, **kw):
+    B = x.shape[0]
+    return make_step(d, x, 0, torch.full((B,), t), torch.full((B,), t_prev), eta, torch.Generator().manual_seed(seed),
+                     **kw)
+
+
+def test_renoise_forward_diffuses_to_the_step_above():
+    """x_t = sqrt(r) x_prev + sqrt(1 - r) z with r = abar_t / abar_prev, z the generator's next draw."""
+    d = oracle()
+    x, x_prev = torch.randn(3, 4), torch.randn(3, 4)
+    st = _step_at(d, x, 120, 100)
+    after = st.generator.get_state()
+    z = torch.randn(3, 4, generator=torch.Generator().set_state(after))
+    r = float(d.schedule.abar[120] / d.schedule.abar[100])
+    torch.testing.assert_close(st.renoise(x_prev), math.sqrt(r) * x_prev + math.sqrt(1 - r) * z)
+
+
+def test_a_clipped_step_keeps_eps_and_x0_consistent():
+    """With x0_hat clamped, eps_hat is recomputed so that x_t = sqrt(abar) x0_hat + sqrt(1 - abar) eps_hat
+    still holds (the DDIM mean is built from both)."""
+    d = oracle()
+    x = 3 * torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    st = _step_at(d, x, 150, 140, clip_x0=0.5)
+    assert float(st.x0_hat.abs().max()) <= 0.5 and bool((st.x0_hat.abs() == 0.5).any())  # the clamp acted
+    a = float(d.schedule.abar[150])
+    torch.testing.assert_close(math.sqrt(a) * st.x0_hat + math.sqrt(1 - a) * st.eps_hat, x, atol=1e-5, rtol=0)
+
+
+def test_repeated_or_out_of_range_first_timesteps_are_refused():
+    d = oracle()
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        ddim(d, torch.randn(2, 2), torch.tensor([5, 5, 0]))
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 200\)"):
+        ddim(d, torch.randn(2, 2), torch.tensor([200, 0]))
+
+
+class _SeenTimes(GaussianDenoiser):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seen = []
+
+    def predict_eps(self, x_t, t):
+        self.seen.append(int(t[0]))
+        return super().predict_eps(x_t, t)
+
+
+def test_sample_and_guided_sample_follow_the_spacing_asked_for():
+    from condiff.guidance import DPS, guided_sample
+
+    for spacing, first in (("linspace", 999), ("leading", 900), ("trailing", 999)):
+        d = _SeenTimes(Schedule.linear(1000), mean=M, std=S)
+        sample(d, (2, 3), steps=10, spacing=spacing)
+        assert d.seen == d.schedule.timesteps(10, spacing).tolist() and d.seen[0] == first
+        d.seen.clear()
+        guided_sample(d, DPS(lambda x: x.pow(2).sum(1), zeta=0.1), (2, 3), 10, spacing=spacing)
+        assert d.seen == d.schedule.timesteps(10, spacing).tolist(), spacing

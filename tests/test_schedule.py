@@ -53,10 +53,13 @@ def test_timesteps(spacing, steps):
 def test_timesteps_match_diffusers():
     diffusers = pytest.importorskip("diffusers")
     s = Schedule.linear(1000)
-    for spacing in ("leading", "trailing"):
-        sch = diffusers.DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
-        sch.set_timesteps(50)
-        assert torch.equal(s.timesteps(50, spacing), sch.timesteps.long())
+    # 30 and 7 steps do not divide T: the rounding of each spacing shows (linspace 999, 965, 930 for 30)
+    for spacing in ("linspace", "leading", "trailing"):
+        for steps in (50, 30, 7):
+            sch = diffusers.DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
+            sch.set_timesteps(steps)
+            assert torch.equal(s.timesteps(steps, spacing), sch.timesteps.long()), (spacing, steps)
+    assert s.timesteps(30)[:3].tolist() == [999, 965, 930]
 
 
 def test_from_diffusers_config_matches_diffusers():
@@ -131,3 +134,8 @@ def test_abar_at_refuses_timesteps_between_steps():
     with pytest.raises(ValueError, match=r"timesteps must lie in \[-1, 50\) \(-1: clean data\) as whole steps"):
         s.abar_at(torch.tensor([3.7]), torch.zeros(1, 2))
     assert s.abar_at(torch.tensor([3.0]), torch.zeros(1, 2)).item() == pytest.approx(float(s.abar[3]))
+
+
+def test_cosine_max_beta_clamps_the_last_betas():
+    assert float(Schedule.cosine(20, max_beta=0.5).betas[-1]) == 0.5
+    assert float(Schedule.cosine(20).betas[-1]) == 0.999  # the last step's raw beta is 1

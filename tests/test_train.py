@@ -501,3 +501,80 @@ def test_data_of_another_dtype_than_the_network_is_refused_before_training():
     with pytest.raises(ValueError, match="the training data is torch.float64 but the network's weights are "
                                          "torch.float32"):
         Trainer(TimeMLP(2, hidden=8, depth=1), objective, TrainConfig(steps=2, progress=False))
+
+
+# --- the loop's arithmetic against closed forms ----------------------------------------------------
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    """Linear warm-up from lr/warmup to lr over the first `warmup` steps, then a cosine from lr to 0.1 lr."""
+    x, s = torch.randn(8, 2), Schedule.linear(10)
+    tr = Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, s, 4),
+                 TrainConfig(steps=20, lr=1.0, warmup=4, progress=False))
+    assert [tr.lr_at(k) for k in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert tr.lr_at(4) == pytest.approx(1.0) and tr.lr_at(12) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert tr.lr_at(20) == pytest.approx(0.1) and tr.lr_at(25) == pytest.approx(0.1)
+    flat = Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, s, 4),
+                   TrainConfig(steps=20, lr=1.0, warmup=4, lr_decay="constant", progress=False))
+    assert flat.lr_at(15) == 1.0
+
+
+class _BatchNormNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.lin = torch.nn.BatchNorm1d(2), torch.nn.Linear(2, 2)
+
+    def forward(self, x, t):
+        return self.lin(self.bn(x))
+
+
+def test_ema_after_one_step_and_its_buffers():
+    """After step 1 the EMA decay is min(ema_decay, 2/11): ema = d p0 + (1 - d) p1; buffers are copied."""
+    torch.manual_seed(0)
+    net = _BatchNormNet()
+    p0 = [p.detach().clone() for p in net.parameters()]
+    tr = Trainer(net, DenoisingObjective(torch.randn(64, 2) + 3, Schedule.linear(10), 16),
+                 TrainConfig(steps=1, lr=0.1, warmup=0, ema_decay=0.999, progress=False))
+    tr.fit()
+    d = 2 / 11
+    for e, a, b in zip(tr.ema.parameters(), p0, tr.model.parameters()):
+        assert not torch.equal(a, b)
+        torch.testing.assert_close(e, d * a + (1 - d) * b)
+    for e, b in zip(tr.ema.buffers(), tr.model.buffers()):
+        assert torch.equal(e, b)
+    assert float(tr.ema.bn.running_mean.abs().min()) > 0.1  # the buffers did move (data near 3)
+
+
+def test_training_draws_every_timestep_including_zero():
+    seen = []
+
+    def spy(x_t, t):
+        seen.append(t)
+        return torch.zeros_like(x_t)
+
+    denoising_loss(spy, Schedule.linear(10), torch.randn(5000, 2), None, torch.Generator().manual_seed(0))
+    assert torch.unique(seen[0]).tolist() == list(range(10))
+
+
+class _GradNorm(DenoisingObjective):
+    def after_step(self, model, step):
+        self.norm = float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
+        return {}
+
+
+def test_gradients_are_clipped_to_grad_clip():
+    obj = _GradNorm(torch.randn(64, 2) * 5, Schedule.linear(10), 16)
+    Trainer(TimeMLP(2, hidden=8, depth=1), obj, TrainConfig(steps=1, grad_clip=1e-3, progress=False)).fit()
+    assert 0.5e-3 < obj.norm <= 1e-3 * (1 + 1e-5)
+
+
+def test_checkpoints_kept_resume_of_a_finished_run_and_the_rng(tmp_path):
+    x, s = torch.randn(32, 2), Schedule.linear(10)
+    cfg = TrainConfig(steps=8, ckpt_every=2, keep=2, warmup=0, progress=False)
+    Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, s, 4), cfg, tmp_path).fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000006", "step_00000008"]
+    again = Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, s, 4), cfg, tmp_path)
+    torch.manual_seed(123)
+    assert again.resume() and again.step == 8  # a finished run resumes at its end, without an error
+    saved = load_file(str(tmp_path / "checkpoints" / "step_00000008" / "rng.safetensors"))["torch_cpu"]
+    assert torch.equal(torch.get_rng_state(), saved)  # the global RNG is restored (dropout resumes exactly)
