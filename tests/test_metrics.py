@@ -377,3 +377,13 @@ def test_toy2d_eval_splits_samples_into_sets_and_scores_fresh_data_near_one(monk
     # a model that drops half the modes is far off
     angle = torch.atan2(fresh[:, 1], fresh[:, 0])
     assert E.evaluate_samples(fresh[(angle > -0.3) & (angle < 2.8)], cfg)["mmd_ratio"] > 10
+
+
+def test_small_closed_forms_of_the_helpers():
+    # pairwise distances of 0, 1, 3 are 1, 2, 3 (self-distances excluded): median 2
+    assert M.median_heuristic(torch.tensor([[0.0], [1.0], [3.0]])) == 2.0
+    train = torch.randn(6, 3, generator=gen(0))
+    assert M.memorisation_rate(train[:5], train, 0.0) == 0.0  # "closer than": exact copies at threshold 0 are not
+    s = M.constraint_stats(torch.tensor([1e-3, 0.0, 0.5, 2.0]), tol=1e-3)
+    assert s["frac_below_tol"] == 0.25 and s["max"] == 2.0  # "< tol": the value at tol is a violation
+    assert s["mean"] == pytest.approx((1e-3 + 2.5) / 4) and s["median"] == pytest.approx(1e-3)  # torch: the lower
