@@ -819,3 +819,51 @@ def test_theory_helpers_refuse_what_they_cannot_answer():
     losses, freqs = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.3, 0.2])
     with pytest.raises(ValueError, match="constrained must be a non-empty list of distinct class indices 0-2"):
         log_mass_bounds(losses, freqs, [-1], 0.3)  # wrapped to the last class
+
+
+def test_lagrangian_weighs_each_active_constraint_by_its_own_lambda():
+    """lam = [0, 2]: the first constraint is skipped and the second weighs 2 (not the first's 0); lam = [1, 2]
+    normalised: (L0 + L1 + 2 L2) / (1 + 3)."""
+    s, net = Schedule.linear(50), TimeMLP(2, hidden=16, depth=1)
+    x = torch.randn(64, 2)
+    cons = [Constraint("c1", torch.randn(16, 2) + 2, 1.0), Constraint("c2", torch.randn(16, 2) - 2, 1.0)]
+    plain = DualObjective(x, cons, s, 8, DualConfig(normalize=False))
+    plain.lam = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    total, logs = plain.loss(net, 0, torch.Generator().manual_seed(0))
+    assert set(logs) == {"L0", "L/c2"}
+    assert float(total.detach()) == pytest.approx(float(logs["L0"]) + 2 * float(logs["L/c2"]), rel=1e-6)
+    mixed = DualObjective(x, cons, s, 8, DualConfig(normalize=True))
+    mixed.lam = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    total, logs = mixed.loss(net, 0, torch.Generator().manual_seed(0))
+    parts = [float(logs[k]) for k in ("L0", "L/c1", "L/c2")]
+    assert float(total.detach()) == pytest.approx((parts[0] + parts[1] + 2 * parts[2]) / 4, rel=1e-6)
+
+
+def test_the_first_dual_update_is_at_step_start():
+    """every = 5, start = 10: lambda is unchanged after 9 primal steps and has moved after the 10th."""
+    s, x = Schedule.linear(50), torch.randn(64, 2)
+    obj = DualObjective(x, [Constraint("c", torch.randn(16, 2) + 3, 0.0)], s, 8,
+                        DualConfig(every=5, start=10, batch_size=16, timesteps=4))
+    net = TimeMLP(2, hidden=8, depth=1)
+    before = obj.lam.clone()
+    for step in range(9):
+        obj.after_step(net, step)
+    assert torch.equal(obj.lam, before)
+    obj.after_step(net, 9)
+    assert not torch.equal(obj.lam, before)
+
+
+def test_reference_losses_leave_the_network_in_its_mode():
+    net = TimeMLP(2, hidden=8, depth=1).eval()
+    reference_losses(net, Schedule.linear(20), [torch.randn(32, 2)], timesteps=4, n=32)
+    assert not net.training
+    reference_losses(net.train(), Schedule.linear(20), [torch.randn(32, 2)], timesteps=4, n=32)
+    assert net.training
+
+
+def test_select_with_an_offset_takes_the_next_examples():
+    d = ArrayData(torch.arange(40, dtype=torch.float32).view(40, 1).repeat(1, 2), name="toy")
+    first, later = select(d, n=10), select(d, n=5, offset=10)
+    assert len(first) == 10 and len(later) == 5
+    assert not set(first.x[:, 0].tolist()) & set(later.x[:, 0].tolist())
+    assert set(select(d, n=15).x[:, 0].tolist()) == set(first.x[:, 0].tolist()) | set(later.x[:, 0].tolist())
