@@ -385,3 +385,56 @@ def test_a_users_python_file_is_a_constraint_and_an_edit_is_noticed(tmp_path):
     (tmp_path / "boom.py").write_text("def total(x):\n    raise RuntimeError('boom')\n")
     with pytest.raises(ValueError, match=r"constraint .*boom.py:total raised RuntimeError: boom"):
         build_constraint(parse_python_spec(f"{tmp_path / 'boom.py'}:total"))(torch.zeros(2, 1, 4, 4))
+
+
+def test_burgers_right_hand_side_is_the_central_difference_closed_form():
+    """u = c + e sin(k x) on a periodic grid: the discrete -u u_x + nu u_xx is exactly
+    -(c + e sin) e cos(k x) sin(k dx)/dx - nu e sin(k x) (2 - 2 cos(k dx))/dx^2 (the sign of the
+    advection and the 2 dx of the central difference both show)."""
+    from condiff.constraints.burgers import _rhs
+
+    n, L, nu, c, e, m = 32, 10.0, 0.05, 1.0, 0.3, 3
+    dx, k = L / n, 2 * math.pi * m / L
+    x = torch.arange(n, dtype=torch.float64) * dx
+    s, co = torch.sin(k * x), torch.cos(k * x)
+    expect = -(c + e * s) * e * co * math.sin(k * dx) / dx - nu * e * s * (2 - 2 * math.cos(k * dx)) / dx**2
+    torch.testing.assert_close(_rhs(c + e * s, nu, dx), expect)
+
+
+def test_burgers_constraint_steps_on_the_periodic_grid_spacing():
+    """BurgersResidual.step uses dx = L / N (N points on a periodic domain): a small mode about a zero
+    mean flow decays by the discrete heat factor of that spacing."""
+    n, L, nu, dt, sub = 16, 10.0, 0.05, 0.025, 5
+    con = BurgersResidual(nu=nu, length=L, dt=dt, substeps=sub, shift=0.0, scale=1.0)
+    u = 1e-6 * torch.sin(2 * math.pi * 2 * torch.arange(n, dtype=torch.float64) / n)
+    k_eff2 = 4 / (L / n) ** 2 * math.sin(math.pi * 2 / n) ** 2
+    torch.testing.assert_close(con.step(u), u * math.exp(-nu * k_eff2 * dt * sub), rtol=1e-6, atol=1e-15)
+
+
+def test_divergence_pairs_channels_per_snapshot_and_ignores_nyquist():
+    n = 16
+    c = torch.arange(n, dtype=torch.float64) * 2 * math.pi / n
+    Y, X = torch.meshgrid(c, c, indexing="ij")
+    # from psi = sin 2x cos 3y: u = d psi / dy, v = -d psi / dx
+    u, v = -3 * torch.sin(2 * X) * torch.sin(3 * Y), -2 * torch.cos(2 * X) * torch.cos(3 * Y)
+    div = DivergenceFree()
+    two = torch.stack([u, v, 0.5 * u, 0.5 * v])[None]  # (u1, v1, u2, v2)
+    assert float(div(two)) < 1e-12
+    assert float(div(torch.stack([u, 0.5 * u, v, 0.5 * v])[None])) > 0.1  # read as [u..., v...] it is not
+    # a Nyquist mode in y has no defined derivative: v = cos(8 y) cos(x) counts as divergence-free
+    assert float(div(torch.stack([torch.zeros_like(u), torch.cos(8 * Y) * torch.cos(X)])[None])) < 1e-12
+
+
+def test_periodic_violation_map_puts_each_tile_in_its_quadrant():
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 1, 5] = 1.0  # top-right quadrant (rows 0-3, columns 4-7)
+    vm = PeriodicTiling().violation_map(x)[0]
+    assert vm.shape == (8, 8) and tuple(divmod(int(vm.argmax()), 8)) == (1, 5)
+
+
+def test_ball_projection():
+    b = Ball(1.0)
+    e = torch.zeros(1, 4)
+    e[0, 1] = 1.0
+    torch.testing.assert_close(b.project(3 * e), e)
+    torch.testing.assert_close(b.project(0.5 * e), 0.5 * e)
