@@ -1,6 +1,7 @@
 """NAMM: ICNN convexity and monotone mirror map, inverse net, training reduces the losses, fine-tuning,
 mirror DPS, checkpoints and the CLI's settings and errors."""
 
+import copy
 import io
 import json
 import subprocess
@@ -933,3 +934,79 @@ def test_mirror_generate_samples_in_mirror_space_and_maps_back():
     assert not torch.allclose(x, y, atol=1e-3)
     x2, y2 = mirror_generate(den, m, 5, (1, 8, 8), batch_size=2, steps=4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(x2, m.to_data(y2))
+
+
+def test_psi_is_a_spatial_mean_so_tiling_leaves_it_unchanged():
+    psi, x = _icnn(), torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(psi(x.repeat(1, 1, 2, 2)), psi(x))  # circular padding: exact up to rounding
+
+
+class _Scale(torch.nn.Module):
+    """f(y) = y / a: the exact inverse of g(x) = a x."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a, self.w = a, torch.nn.Parameter(torch.ones(()))
+        self.config = {"name": "scale"}
+
+    def forward(self, y):
+        return self.w * y / self.a
+
+
+def _exact_pair(a=0.9):
+    psi = _icnn()
+    with torch.no_grad():
+        psi.out.weight.zero_()  # Psi constant: g(x) = a x
+    return MirrorMap(psi, _Scale(a), a)
+
+
+def test_finetuning_terms_on_an_exact_inverse_pair():
+    """With g(x) = a x and f(y) = y / a the cycle term is 0 whatever the mirror-space noise; the constraint
+    sees f(y0 + sigma z), spread about f(y0); the realism term is softplus(-D(f(y))); Psi gets no gradient."""
+    m = _exact_pair()
+    x = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y0 = torch.full((8, 1, 8, 8), 0.45)
+    seen = []
+
+    def con(z):
+        seen.append(z.detach())
+        return z.flatten(1).abs().mean(1)
+
+    obj = FinetuneObjective(m, x, y0, con, batch_size=8, weights=NAMMLoss(sigma_max=0.2, l_adv=1.0))
+
+    class Constant(torch.nn.Module):
+        def forward(self, z):
+            return torch.full((z.shape[0],), 0.7)
+
+    obj.critic = Constant()
+    f = copy.deepcopy(m.inverse).requires_grad_(True)  # as finetune_inverse trains a copy of f
+    loss, logs = obj.loss(f, 0, torch.Generator().manual_seed(1))
+    assert float(logs["cyc"]) < 1e-6
+    assert float(logs["adv"]) == pytest.approx(float(torch.nn.functional.softplus(torch.tensor(-0.7))))
+    spread = (seen[-1] - 0.5).flatten(1).std(1)  # f(y0) = 0.45 / 0.9 = 0.5
+    assert float(spread.max()) > 0.01 and float(spread.max()) < 0.2 / 0.9 * 1.5
+    loss.backward()
+    assert all(p.grad is None for p in m.psi.parameters()) and f.w.grad is not None
+
+
+def test_constraint_weight_frames_mask_and_data_violation():
+    from condiff.mirror import data_violation, with_constraint
+
+    con = Box(-0.2, 0.2)
+    x = 2 * torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(with_constraint(lambda z: torch.zeros(z.shape[0]), con, 200.0)(x), 200 * con(x))
+    mask = frames((6, 4, 4), [1], 0.1).mask
+    assert mask[0, 2:4].eq(1).all() and mask[0, :2].eq(0).all() and mask[0, 4:].eq(0).all()
+    # l = mean |x|; data with a fraction p of pixels at +-1: against noise of the same mean and std the
+    # median ratio is sqrt(p) / 0.798: 0.5 at p = 0.16 (not "well below", a quarter), 0.125 at p = 0.01
+    def sparse(p):
+        g = torch.Generator().manual_seed(0)
+        on = torch.rand(512, 1, 32, 32, generator=g) < p
+        return torch.where(on, torch.sign(torch.randn(on.shape, generator=g)), torch.zeros(on.shape))
+
+    def mean_abs(z):
+        return z.flatten(1).abs().mean(1)
+
+    assert data_violation(mean_abs, sparse(0.16))["satisfied"] is False
+    assert data_violation(mean_abs, sparse(0.01))["satisfied"] is True
