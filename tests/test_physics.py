@@ -193,3 +193,90 @@ def test_burgers_residual_of_data_is_float_round_off():
     r = con.residual(d.x.double())
     assert float(r.abs().max()) < 1e-6
     assert np.isfinite(d.x.numpy()).all()
+
+
+# --- pinned details (mutation review) ------------------------------------------------------------------
+
+
+def test_burgers_samples_have_one_row_per_time_step():
+    from condiff.data.physics import burgers_samples
+
+    kw = dict(nu=0.05, length=2.5, dt=0.025, substeps=5, ic_length=0.2, ic_smoothness=1.5, shift=1.0, scale=0.5)
+    x = torch.from_numpy(burgers_samples(3, 16, seed=0, **kw))
+    assert x.shape == (3, 1, 16, 16)
+    con = BurgersResidual(nu=0.05, length=2.5, dt=0.025, substeps=5, shift=1.0, scale=0.5)
+    # each row is the stepper applied to the row above it (float32 storage)
+    assert torch.allclose(con.step(x[:, 0, :-1].double()).float(), x[:, 0, 1:], atol=1e-6)
+
+
+def test_periodic_gp_1d_spectrum_is_the_matern_spectrum():
+    """``u = irfft(c sqrt(S))`` with standard complex normal ``c``: ``E |rfft(u)_k|^2 = 2 S(k)`` for
+    ``0 < k < N/2``, ``S(k) = (2 nu / length^2 + (2 pi k)^2)^-(nu + 1/2)``."""
+    nu, length = 1.5, 0.2
+    u = periodic_gp_1d(4000, 32, length, nu, torch.Generator().manual_seed(0))
+    power = torch.fft.rfft(u).abs().pow(2).mean(0)
+    k = torch.arange(17, dtype=torch.float64)
+    spec = (2 * nu / length**2 + (2 * math.pi * k) ** 2) ** (-(nu + 0.5))
+    assert float(spec[1] / spec[2]) == pytest.approx(4.139, abs=1e-3)
+    assert float(power[1] / power[2]) == pytest.approx(float(spec[1] / spec[2]), rel=0.1)  # measured 4.31
+    torch.testing.assert_close(power[1:8] / (2 * spec[1:8]), torch.ones(7, dtype=torch.float64), atol=0.08, rtol=0)
+    assert float(power[0]) < 1e-20 and float(power[16]) < 1e-20  # no mean, no Nyquist mode
+
+
+def test_vorticity_rhs_is_minus_the_advection_closed_form():
+    """``w = cos y + cos 2x``: ``psi = cos y + cos(2x) / 4`` (``-lap psi = w``), ``u = psi_y = -sin y``,
+    ``v = -psi_x = sin(2x) / 2``, so ``u w_x + v w_y = 2 sin y sin 2x - sin y sin(2x) / 2``; without
+    viscosity, drag or forcing ``w_t = -1.5 sin(2x) sin y``."""
+    from condiff.data.physics import _Spectral
+
+    n = 16
+    sp = _Spectral(n)
+    grid = torch.arange(n, dtype=torch.float32) * 2 * math.pi / n
+    y, x = grid[:, None], grid[None, :]  # rows are y, columns x
+    w = torch.cos(y) + torch.cos(2 * x)
+    w_hat = torch.fft.rfft2(w)[None]
+    rhs = sp.rhs(w_hat, 1e12, 0.0, torch.zeros_like(w_hat))
+    got = torch.fft.irfft2(rhs, s=(n, n))[0]
+    torch.testing.assert_close(got, -1.5 * torch.sin(2 * x) * torch.sin(y).expand(n, n), atol=1e-5, rtol=0)
+
+
+def test_brightness_kinds_include_blobs_about_a_third_of_the_time():
+    """A blob's brightest pixel sits at its flux centroid (measured within 0.026); a ring's or crescent's
+    lies on the ring, at least 0.07 from it. Kinds are drawn uniformly from three."""
+    from condiff.data.procedural import brightness_images
+
+    n, size = 600, 32
+    img = (torch.from_numpy(brightness_images(n, size, 30.0, 3))[:, 0].double() + 1) / 2
+    c = (torch.arange(size, dtype=torch.float64) + 0.5) / size - 0.5
+    w = img / img.sum((1, 2), keepdim=True)
+    cy, cx = (w.sum(2) * c).sum(1), (w.sum(1) * c).sum(1)
+    peak = img.flatten(1).argmax(1)
+    dist = ((c[peak // size] - cy) ** 2 + (c[peak % size] - cx) ** 2).sqrt()
+    assert float(((dist > 0.03) & (dist < 0.07)).double().mean()) == 0.0  # the two groups are well apart
+    assert 0.25 < float((dist < 0.03).double().mean()) < 0.42  # measured 0.317
+
+
+def test_periodic_gp_2d_covariance_is_the_product_periodic_kernel():
+    """The empirical circular covariance of the draws against ``k(dy) k(dx)``,
+    ``k(d) = exp(-2 sin^2(pi d / p) / length^2)`` (unit variance at lag 0)."""
+    from condiff.data.procedural import periodic_gp_2d
+
+    size, length = 16, 0.8
+    z = periodic_gp_2d(2000, size, length, torch.Generator().manual_seed(0))
+    cov = torch.fft.ifft2(torch.fft.fft2(z).abs().pow(2)).real.mean(0) / size**2  # lags (dy, dx)
+    d = torch.arange(size, dtype=torch.float64)
+    k = torch.exp(-2 * torch.sin(math.pi * d / size) ** 2 / length**2)
+    torch.testing.assert_close(cov, k[:, None] * k[None, :], atol=0.03, rtol=0)  # measured max error 0.0064
+    assert float(k[4] - torch.exp(-2 * torch.sin(math.pi * d[4] / size) ** 2 / length)) < -0.07  # length^2
+
+
+def test_periodic_images_threshold_the_tile_at_mid_range():
+    """The tile is min-max normalised and cut at 0.5; a symmetric GP gives half the pixels at +1 on average."""
+    from condiff.data.procedural import periodic_gp_2d, periodic_images
+
+    x = torch.from_numpy(periodic_images(200, 16, 0.8, 5))
+    tile = periodic_gp_2d(200, 8, 0.8, torch.Generator().manual_seed(5))  # the same first draw
+    lo, hi = tile.amin((1, 2), keepdim=True), tile.amax((1, 2), keepdim=True)
+    expect = torch.where((tile - lo) / (hi - lo) > 0.5, 1.0, -1.0).float()
+    assert torch.equal(x[:, 0, :8, :8], expect)
+    assert 0.45 < float((x > 0).double().mean()) < 0.55

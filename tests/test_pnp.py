@@ -509,3 +509,71 @@ def test_schedules_and_budgets_of_the_wrong_kind_are_refused():
                           "start \\(a timestep\\) must be an integer")]:
         with pytest.raises((ValueError, TypeError), match=match):
             build()
+
+
+# --- pinned details (mutation review) ------------------------------------------------------------------
+
+
+def test_paper_anneal_floors_the_wobble_amplitude():
+    """``floor((S - i) / divisor)``: at S = 256 the amplitude is 69, not 69.67, at i = 47 (r = 209)."""
+    ts = sch.timesteps(sch.PAPER_TSP, 256, 1000)
+    for i, expect in [(47, 975), (53, 920), (92, 584)]:
+        r = 256 - i
+        assert int((r + (r // 3) * math.cos(i / 50)) / 256 * 1000) == expect
+        assert int((r + r / 3 * math.cos(i / 50)) / 256 * 1000) != expect  # the floor matters here
+        assert int(ts[i]) == expect
+
+
+def test_finish_default_step_count_is_the_100_step_density_plus_one():
+    den, x = oracle(), torch.zeros(2, 3)
+    for start, nfe in [(400, 41), (7, 2)]:  # round(100 * start / T) + 1
+        before = den.nfe
+        finish(den, x, start, generator=torch.Generator().manual_seed(0))
+        assert den.nfe - before == nfe, start
+
+
+class _Recording(GaussianDenoiser):
+    """Predicts zero noise and records every ``(x_t, t)`` it is asked about."""
+
+    def __init__(self, schedule):
+        super().__init__(schedule)
+        self.seen = []
+
+    def predict_eps(self, x_t, t):
+        self.seen.append((x_t.detach().clone(), t.clone()))
+        return torch.zeros_like(x_t)
+
+
+@pytest.mark.parametrize("start", [1, 30])
+def test_finish_renoises_to_the_start_timestep(start):
+    """The sampler's first input is ``q(x_start | x)``: ``sqrt(abar_start) x + sqrt(1 - abar_start) eps``
+    with the generator's first draw."""
+    den = _Recording(Schedule.linear(100))
+    x = torch.tensor([[0.5, -0.25, 0.0], [1.0, 0.75, -1.0]])
+    finish(den, x, start, steps=2, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    a = float(den.schedule.abar[start])
+    assert abs(a - float(den.schedule.abar[start - 1])) > 1e-4  # the neighbouring level is told apart
+    first, t = den.seen[0]
+    assert t.tolist() == [start, start]
+    torch.testing.assert_close(first, math.sqrt(a) * x + math.sqrt(1 - a) * eps, atol=1e-5, rtol=0)  # float32
+
+
+def test_otsu_weighs_the_classes_so_one_stray_pixel_does_not_split_off():
+    """Shape 0.3 on background -0.2, one pixel at -1: unweighted, the gap between the class means is largest
+    with that pixel alone in a class (0.89 against 0.51); weighted by the class sizes, the shape wins."""
+    img = torch.full((1, 3, 12, 12), -0.2)
+    truth = torch.zeros(1, 1, 12, 12, dtype=torch.bool)
+    truth[..., 3:8, 4:9] = True
+    img = torch.where(truth, torch.tensor(0.3), img)
+    img[..., 9, 2] = -1.0  # a dark pepper pixel in the background
+    assert torch.equal(otsu_segment(img), truth)
+
+
+def test_segment_keeps_the_mask_latent_in_the_unit_box():
+    """A prior whose mask channel sits at 3: every chain's latent is held at the bound 1."""
+    den = GaussianDenoiser(Schedule.linear(200), mean=3.0, std=0.1)
+    pics = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    res = segment(den, pics, chains=2, steps=20, lr=0.5, generator=torch.Generator().manual_seed(1))
+    assert float(res.latents.abs().max()) <= 1.0
+    assert float((res.latents == 1.0).float().mean()) > 0.9

@@ -215,3 +215,100 @@ def test_no_warning_when_lkh_is_used():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert tsp.default_solver(30).name == "lkh"
+
+
+# --- pinned details (mutation review) ------------------------------------------------------------------
+
+
+def test_canonical_starts_at_zero_and_heads_to_the_smaller_neighbour():
+    assert tsp.canonical([0, 3, 2, 1]) == (0, 1, 2, 3)
+    assert tsp.canonical([2, 0, 3, 1]) == (0, 2, 1, 3)  # rolled to (0, 3, 1, 2), then reversed
+    assert tsp.canonical([1, 2, 0, 4, 3]) == (0, 2, 1, 3, 4)  # already heads to 2 < 4: kept
+
+
+def test_nearest_neighbour_measures_from_the_current_city():
+    # from 0.5: 0.6 is nearest; from 0.6 the city at 1.0 (0.4 away) beats 0.05 (0.55 away), though from
+    # the start city 0.05 (0.45 away) would beat 1.0 (0.5 away)
+    x = np.array([[0.5, 0], [0.6, 0], [1.0, 0], [0.05, 0]])
+    assert tsp.nearest_neighbour(x, 0).tolist() == [0, 1, 2, 3]
+
+
+def test_two_opt_takes_improvements_far_below_a_thousandth():
+    """A 1 x 0.001 rectangle toured along its diagonals: uncrossing saves only about 1e-6."""
+    r = np.array([[0, 0], [1, 1e-3], [1, 0], [0, 1e-3]])
+    crossed = [0, 1, 2, 3]
+    assert tsp.tour_length(r, crossed) - 2.002 == pytest.approx(2 * (math.sqrt(1 + 1e-6) - 1), rel=1e-6)
+    t = tsp.two_opt(r, crossed)
+    assert tsp.canonical(t) == (0, 2, 1, 3)
+    assert tsp.tour_length(r, t) == pytest.approx(2.002, abs=1e-12)
+
+
+def test_greedy_edges_ranks_by_score_per_length():
+    """Scores equal to the lengths make ``score / length`` constant, so the ties (shorter first) decide:
+    the classic greedy-edge tour. (Ranking by the score alone would take the longest edges first.)"""
+    for c in instances(4, 9, seed=10):
+        D = tsp.distance_matrix(c)
+        t = tsp.greedy_edges(c, scores=D)
+        assert tsp.canonical(t) == tsp.canonical(tsp.greedy_edges(c))
+        assert tsp.canonical(t) != tsp.canonical(tsp.greedy_edges(c, scores=D**2))  # longest first differs
+    # cities on a line at 0, 0.1, 0.5, 0.9; per length, (0, 1) 1.0 > (0, 2) 0.6 > (0, 3) 0.28, so city 0 is
+    # full before (0, 3) comes, and (2, 3) joins the fragments; by score alone (0, 2) 0.3 > (0, 3) 0.25 would
+    # fill city 0 first and leave (0, 1) out
+    c = np.array([[0.0, 0], [0.1, 0], [0.5, 0], [0.9, 0]])
+    s = np.zeros((4, 4))
+    s[0, 1], s[0, 2], s[3, 0] = 0.1, 0.3, 0.25  # symmetrised: the lower triangle counts too
+    edges = {tuple(e) for e in tsp.tour_edges(tsp.greedy_edges(c, s)).tolist()}
+    assert edges == {(0, 1), (0, 2), (2, 3), (1, 3)}
+
+
+def test_tour_style_maps_the_unit_square_inside_the_margin():
+    s = tsp.TourStyle(32, city_radius=1.0)  # margin = radius + 1 = 2 px
+    px = s.to_pixels(torch.tensor([[0.0, 0.0], [0.5, 0.5], [1.0, 0.25]]))
+    assert torch.equal(px, torch.tensor([[2.0, 2.0], [16.0, 16.0], [30.0, 9.0]]))
+    s = tsp.TourStyle(20, margin=3.0)
+    assert torch.equal(s.to_pixels(torch.tensor([0.0, 0.5, 1.0])), torch.tensor([3.0, 10.0, 17.0]))
+
+
+def test_segment_coverage_closed_form():
+    """Coverage ``clamp(width/2 + 1/2 - dist, 0, 1)`` with the distance to the segment, not to its line."""
+    a, b = torch.tensor([4.0, 4.0]), torch.tensor([8.0, 4.0])
+    p = torch.tensor([[6.0, 4.0], [6.0, 4.75], [6.0, 5.0], [8.75, 4.0], [9.0, 4.0], [12.0, 4.0], [0.0, 4.0],
+                      [8.3, 4.4]])
+    d = torch.tensor([0.0, 0.75, 1.0, 0.75, 1.0, 4.0, 4.0, 0.5])
+    for width in (1.0, 2.0):
+        expect = (width / 2 + 0.5 - d).clamp(0, 1)
+        assert torch.allclose(tsp._segment_coverage(p, a, b, width), expect, atol=1e-6), width
+    assert torch.allclose(tsp._segment_coverage(p[:3], a, b, 1.0), torch.tensor([1.0, 0.25, 0.0]))
+    # rendered: the pixels on the extension of an edge beyond its end cities are background
+    c = np.array([[[0.3, 0.5], [0.7, 0.5], [0.5, 0.9]]])
+    style = tsp.TourStyle(32, city_radius=1.0)
+    pic = tsp.render_tours(c, np.array([[0, 1, 2]]), style)[0, 0]
+    row = int(style.to_pixels(torch.tensor(0.5)))  # the pixel row of the edge 0 -> 1 (centres at 16.5)
+    assert float(pic[row, 3]) == -1.0 and float(pic[row, 28]) == -1.0
+    # on the edge, half a pixel from it: coverage 1/2 of the edge value 0.5, i.e. 0.25 -> -0.5 in [-1, 1]
+    assert float(pic[row, 16]) == -0.5
+
+
+def test_tours_to_adjacency_points_from_each_city_to_the_next():
+    A = tsp.tours_to_adjacency(np.array([[0, 1, 2, 3], [2, 0, 3, 1]]), 4)
+    first = torch.zeros(4, 4)
+    first[[0, 1, 2, 3], [1, 2, 3, 0]] = 1
+    second = torch.zeros(4, 4)
+    second[[2, 0, 3, 1], [0, 3, 1, 2]] = 1
+    assert torch.equal(A, torch.stack([first, second]))
+
+
+def test_optimality_gap_is_relative_to_the_optimum():
+    assert np.allclose(tsp.optimality_gap([1.1, 1.5, 2.0], [1.0, 1.0, 1.6]), [0.1, 0.5, 0.25], atol=1e-12)
+
+
+def test_solve_with_prior_keeps_the_shortest_chain(monkeypatch):
+    square = np.array([[0, 0], [1, 1], [1, 0], [0, 1.0]])
+    crossed, ring = np.array([0, 1, 2, 3]), np.array([0, 2, 1, 3])  # lengths 2 + 2 sqrt(2) and 4
+    per_chain = iter([crossed, ring, ring, crossed])  # instance 0: the second chain wins; instance 1: the first
+    monkeypatch.setattr(tsp, "decode", lambda coords, scores: next(per_chain))
+    den = GaussianDenoiser(Schedule.linear(100), mean=-0.8, std=0.3)
+    res = tsp.solve_with_prior(den, np.stack([square, square]), tsp.TourStyle(16), chains=2, steps=1,
+                               generator=torch.Generator().manual_seed(0))
+    assert res.tours.tolist() == [ring.tolist(), ring.tolist()]
+    assert res.lengths.tolist() == pytest.approx([4.0, 4.0])
