@@ -151,14 +151,12 @@ def test_divergence_closed_forms():
     n = 32
     c = torch.arange(n, dtype=torch.float64) * 2 * math.pi / n
     Y, X = torch.meshgrid(c, c, indexing="ij")
-    psi = torch.sin(2 * X) * torch.cos(3 * Y)
-    # u = d psi / dy, v = -d psi / dx: divergence-free
+    # from psi = sin 2x cos 3y: u = d psi / dy, v = -d psi / dx, divergence-free
     solenoidal = torch.stack(
         [-3 * torch.sin(2 * X) * torch.sin(3 * Y), -2 * torch.cos(2 * X) * torch.cos(3 * Y)]
     )
     con = DivergenceFree()
     assert con(solenoidal[None]).item() < 1e-12
-    assert psi.shape == (n, n)
     # u = cos(x), v = 0: div = -sin(x), mean |sin| over the grid
     grad_field = torch.stack([torch.cos(X), torch.zeros_like(X)])[None]
     assert con(grad_field).item() == pytest.approx(float(torch.sin(c).abs().mean()), abs=1e-10)
