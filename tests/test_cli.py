@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,20 @@ from condiff.train import read_log
 TINY = ["--data", "toy2d", "--set", "model.hidden=32", "--set", "model.depth=1", "--set", "data.n=512",
         "--set", "train.steps=30", "--set", "train.batch_size=32", "--set", "train.progress=false",
         "--set", "schedule.T=50", "--set", "sample.n=64", "--set", "sample.steps=10"]
+
+
+@pytest.fixture(scope="module")
+def _trained_once(tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    return run
+
+
+@pytest.fixture
+def trained(_trained_once):
+    """``trained(dest)``: a copy of one `condiff train` run of the TINY settings at ``dest`` (training
+    it once per module, rather than in every test that only needs a trained run)."""
+    return lambda dest: shutil.copytree(_trained_once, dest)
 
 
 def test_train_sample_eval_round_trip(tmp_path, capsys):
@@ -128,9 +143,9 @@ def _snapshot(run):
     return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
 
-def test_a_failing_train_leaves_the_run_as_it_was(tmp_path, capsys):
+def test_a_failing_train_leaves_the_run_as_it_was(trained, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", *TINY, "--out", str(run)]) == 0
+    trained(run)
     before = _snapshot(run)
     # everything is checked before --fresh discards the run, and before --resume rewrites config.json
     assert main(["train", "--data", str(tmp_path / "typo.npy"), "--out", str(run), "--fresh"]) == 2
@@ -174,9 +189,9 @@ def test_bad_settings_are_refused_before_the_run_directory_is_made(tmp_path, cap
     assert not (tmp_path / "run").exists()
 
 
-def test_sample_refuses_meaningless_settings_before_sampling(tmp_path, capsys):
+def test_sample_refuses_meaningless_settings_before_sampling(trained, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", *TINY, "--out", str(run)]) == 0
+    trained(run)
     capsys.readouterr()
     for extra, needle in [(["--eta", "5"], "--eta must be a number in [0, 1]"),
                           (["--seed", str(2**64)], "--seed must be"),
@@ -197,9 +212,9 @@ def test_sample_refuses_meaningless_settings_before_sampling(tmp_path, capsys):
     assert _snapshot(tmp_path / "s") == before
 
 
-def test_a_resumed_run_keeps_its_schedule_and_budget_and_demo_checks_before_training(tmp_path, capsys):
+def test_a_resumed_run_keeps_its_schedule_and_budget_and_demo_checks_before_training(trained, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", *TINY, "--out", str(run)]) == 0
+    trained(run)
     before = _snapshot(run)
     capsys.readouterr()
     assert main(["train", *TINY, "--set", "schedule.kind=cosine", "--out", str(run), "--resume"]) == 2
@@ -482,10 +497,10 @@ def test_a_config_file_gets_the_type_checks_of_set(tmp_path):
     assert cfg["loss"]["l_con"] == 3 and cfg["data"]["size"] == 16
 
 
-def test_a_mirror_model_is_not_sampled_as_data_and_metrics_are_valid_json(tmp_path, capsys):
+def test_a_mirror_model_is_not_sampled_as_data_and_metrics_are_valid_json(trained, tmp_path, capsys):
     """A NAMM run's mirror DM (trained on g(x)) loaded as a plain model returned mirror-space samples."""
     run = tmp_path / "namm" / "mdm"
-    assert main(["train", *TINY, "--out", str(run)]) == 0
+    trained(run)
     cfg = json.loads((run / "model" / "config.json").read_text())
     (run / "model" / "config.json").write_text(json.dumps({**cfg, "stage": "mdm"}))
     capsys.readouterr()
@@ -510,12 +525,12 @@ def test_devices_that_cannot_run_a_model_are_refused_by_name(tmp_path, capsys, d
     assert f"--device {device} is not supported here (cpu, cuda, cuda:N, mps)" in capsys.readouterr().err
 
 
-def test_train_or_reuse_discards_other_settings_only_in_a_directory_of_its_own(tmp_path, capsys):
+def test_train_or_reuse_discards_other_settings_only_in_a_directory_of_its_own(trained, tmp_path, capsys):
     """A benchmark reusing the user's runs/demo deleted a model of other settings without a word."""
     from condiff.cli.common import train_or_reuse
 
     run = tmp_path / "run"
-    assert main(["train", *TINY, "--out", str(run)]) == 0
+    trained(run)
     before = _snapshot(run)
     cfg = resolve("toy2d", None, [*TINY[3::2], "train.steps=31"]) | {"_device": "cpu"}
     with pytest.raises(FileExistsError, match=r"holds a model trained with other settings \(changed: train.steps\); "
@@ -527,9 +542,9 @@ def test_train_or_reuse_discards_other_settings_only_in_a_directory_of_its_own(t
     assert train_or_reuse(cfg, run) == (0.0, True)
 
 
-def test_a_hand_edited_run_is_reported_by_what_is_wrong_in_it(tmp_path, capsys):
+def test_a_hand_edited_run_is_reported_by_what_is_wrong_in_it(trained, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", *TINY, "--out", str(run)]) == 0
+    trained(run)
     cfg = json.loads((run / "config.json").read_text())
     capsys.readouterr()
     for sample, needle in (({**cfg["sample"], "n": -4}, "sample.n must be an integer >= 1, got -4"),  # was "--n"
@@ -543,10 +558,10 @@ def test_a_hand_edited_run_is_reported_by_what_is_wrong_in_it(tmp_path, capsys):
     assert "is a run directory with a model/ without its config.json" in capsys.readouterr().err
 
 
-def test_a_bare_model_of_a_short_schedule_samples_with_at_most_its_steps(tmp_path, capsys):
+def test_a_bare_model_of_a_short_schedule_samples_with_at_most_its_steps(trained, tmp_path, capsys):
     """--ckpt RUN/model (no run settings) took the default 100 sampler steps, beyond a 50-step schedule."""
     run = tmp_path / "run"
-    assert main(["train", *TINY, "--out", str(run)]) == 0
+    trained(run)
     assert main(["sample", "--ckpt", str(run / "model"), "--n", "4", "--out", str(tmp_path / "s")]) == 0
     assert json.loads((tmp_path / "s" / "sample_config.json").read_text())["steps"] == 50
 
