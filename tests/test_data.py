@@ -455,3 +455,36 @@ def test_derived_seeds_are_pinned():
     assert 0 <= derive_seed(2**40, "x") < 2**63
     assert torch.equal(torch.rand(3, generator=generator(0, "count", "train")),
                        torch.rand(3, generator=torch.Generator().manual_seed(4796150521379304166)))
+
+
+def test_the_data_cache_keys_by_name_and_regenerates_unreadable_files(tmp_path, monkeypatch):
+    """A truncated or garbage cache file (a full disk, a killed copy) is made again, not a crash; a failed
+    write leaves no file; the generator's name is part of the key."""
+    from condiff.data.cache import cache_path, cached_arrays
+
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path))
+    assert cache_path("a", {"n": 1}) != cache_path("b", {"n": 1})
+    made = []
+
+    def make():
+        made.append(1)
+        return {"x": np.arange(1000.0)}
+
+    path = cache_path("t", {"n": 1})
+    cached_arrays("t", {"n": 1}, make)
+    full = path.read_bytes()
+    for bad in (full[: len(full) // 2], b"not a zip file at all"):
+        path.write_bytes(bad)
+        np.testing.assert_array_equal(cached_arrays("t", {"n": 1}, make)["x"], np.arange(1000.0))
+        assert path.read_bytes() == full
+    assert len(made) == 3
+    np.testing.assert_array_equal(cached_arrays("t", {"n": 1}, make)["x"], np.arange(1000.0))
+    assert len(made) == 3  # read back, not made again
+
+    def failing_save(*args, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        cached_arrays("t", {"n": 2}, make)
+    assert not cache_path("t", {"n": 2}).exists() and list(path.parent.iterdir()) == [path]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,8 +32,8 @@ def cached_arrays(
         try:
             with np.load(path) as f:
                 return {k: f[k] for k in f.files}
-        except (OSError, ValueError):
-            path.unlink(missing_ok=True)  # unreadable: regenerate
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+            path.unlink(missing_ok=True)  # unreadable (truncated, corrupted): regenerate
     arrays = make()
     io.write_file_atomic(path, lambda f: np.savez(f, **arrays), binary=True)
     return arrays
