@@ -1,0 +1,79 @@
+"""condiff.io: atomic writes, JSON without NaN, checkpoints replaced in place, run locks."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from condiff import io
+
+
+def test_atomic_writes_go_through_a_sibling(tmp_path, monkeypatch):
+    """The temporary file sits beside the target (a rename across file systems fails) and is gone after."""
+    seen = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (seen.append((a, b)), real(a, b))[1])
+    io.write_text_atomic(tmp_path / "sub" / "f.txt", "hello")
+    assert len(seen) == 1 and os.path.dirname(seen[0][0]) == str(tmp_path / "sub")
+    assert os.listdir(tmp_path / "sub") == ["f.txt"] and (tmp_path / "sub" / "f.txt").read_text() == "hello"
+
+
+def test_json_holds_no_nan_anywhere_and_takes_sets(tmp_path):
+    io.write_json_atomic(tmp_path / "m.json", {"a": [1.0, math.nan, {"b": math.nan}], "s": {2}, "t": (3, 4)})
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text
+    assert json.loads(text) == {"a": [1.0, None, {"b": None}], "s": [2], "t": [3, 4]}
+
+
+def test_a_checkpoint_saved_again_replaces_the_old_one_and_leaves_nothing_beside_it(tmp_path):
+    path = tmp_path / "ckpt" / "step_1"
+    for value in (1.0, 2.0):
+        io.save_checkpoint(path, {"model": {"w": torch.full((2,), value)}}, {"step": value})
+    assert os.listdir(path.parent) == ["step_1"]
+    assert io.load_config(path)["step"] == 2.0 and torch.equal(io.load_group(path, "model")["w"], torch.full((2,), 2.0))
+
+
+def test_broken_configs_and_non_finite_weights_are_one_line_errors(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(io.CheckpointError, match="corrupted"):
+        io.load_config(tmp_path / "c")
+    (tmp_path / "t.json").write_text("[1]")
+    with pytest.raises(ValueError, match="does not hold a table"):
+        io.read_json_table(tmp_path / "t.json")
+    net = torch.nn.Linear(2, 2)
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    state["weight"][0, 0] = math.inf
+    (tmp_path / "m").mkdir()
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(io.CheckpointError, match="non-finite weights"):
+        io.load_state_into(net, tmp_path / "m")
+
+
+def test_run_locks(tmp_path):
+    """The lock file names this process (stale digits cleared), this process's own lock is not another
+    holder, release frees them all, and another process is then refused only while one is held."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / ".lock").write_text("1234567\n")
+    try:
+        io.lock_run(a)
+        io.lock_run(b)
+        assert (a / ".lock").read_text() == f"{os.getpid()}\n"
+        assert io.run_holder(a) is None  # our own
+        probe = ("import sys; from condiff import io\n"
+                 "try:\n    io.lock_run(sys.argv[1]); print('free')\nexcept io.RunInUseError as e:\n    print('held')")
+        held = subprocess.run([sys.executable, "-c", probe, str(b)], capture_output=True, text=True)
+        assert held.stdout.strip() == "held", held.stderr
+    finally:
+        io.release_runs()
+    assert io._LOCKS == {}
+    for d in (a, b):
+        free = subprocess.run([sys.executable, "-c", probe, str(d)], capture_output=True, text=True)
+        assert free.stdout.strip() == "free", free.stderr
