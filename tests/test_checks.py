@@ -72,3 +72,20 @@ def test_schedule_and_denoiser_keep_the_clean_data_convention():
     assert torch.equal(den.x0_from_eps(x, -1, torch.randn(4, 3)), x)  # t = -1: clean data, x0 = x_t
     with pytest.raises(ValueError, match=r"must be an integer in \[0, 50\), got -1"):
         den.eps(x, -1)
+
+
+def test_small_checkers_at_their_edges():
+    assert checks.changed_keys({"a": {"b": {"c": 1}}, "d": 1}, {"a": {"b": {"c": 2}}, "d": 1}) == ["a.b.c"]
+    assert checks.changed_keys({}, {"x": 1}) == ["x"] and checks.changed_keys({"x": 1}, {}) == ["x"]
+    assert checks.changed_keys({"a": {"b": 1}}, {"a": 3}) == ["a"]
+    assert checks.pair([1, 2]) == (1.0, 2.0)
+    for bad in ([1, math.nan], [math.inf, 1], [1], [1, 2, 3], "12", [1, "a"]):
+        assert checks.pair(bad) is None, bad
+    assert checks.bound("b", 0.5) == 0.5
+    for bad in (0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="must be a number > 0"):
+            checks.bound("b", bad)
+    assert checks.constraint_name("fair-3") == "fair-3"
+    for bad in ("", "a/b", "a b", "a\tb", "a\nb", 3):
+        with pytest.raises(ValueError, match="constraint name must be non-empty"):
+            checks.constraint_name(bad)
