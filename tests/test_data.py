@@ -488,3 +488,35 @@ def test_the_data_cache_keys_by_name_and_regenerates_unreadable_files(tmp_path, 
     with pytest.raises(OSError, match="disk full"):
         cached_arrays("t", {"n": 2}, make)
     assert not cache_path("t", {"n": 2}).exists() and list(path.parent.iterdir()) == [path]
+
+
+def test_user_files_decode_exactly(tmp_path):
+    """npz key preference, 16-bit and colour PNGs, one size per folder, channels, labels of "all"."""
+    from PIL import Image
+
+    from condiff.data.files import load_path
+
+    a, b = np.zeros((2, 1, 2, 2), np.float32), np.ones((2, 1, 2, 2), np.float32)
+    np.savez(tmp_path / "both.npz", arr_0=b, x=a)
+    assert torch.equal(load_array(tmp_path / "both.npz").x, torch.from_numpy(a))  # "x" before "arr_0"
+    (tmp_path / "p16").mkdir()
+    Image.fromarray(np.full((4, 4), 65535, np.uint16)).save(tmp_path / "p16" / "w.png")
+    assert float(load_png_folder(tmp_path / "p16").x.min()) == 1.0  # 16-bit white is exactly 1
+    (tmp_path / "rgb").mkdir()
+    red = np.zeros((4, 4, 3), np.uint8)
+    red[..., 0] = 255
+    Image.fromarray(red).save(tmp_path / "rgb" / "r.png")
+    grey = load_png_folder(tmp_path / "rgb", channels=1).x
+    assert grey.shape == (1, 1, 4, 4) and float(grey[0, 0, 0, 0]) == pytest.approx(0.299 * 2 - 1, abs=1e-6)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "rgb" / "s.png")
+    assert load_png_folder(tmp_path / "rgb").x.shape == (2, 3, 4, 4)  # one colour image: all in colour
+    (tmp_path / "sizes").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "sizes" / "a.png")
+    Image.fromarray(np.zeros((8, 9), np.uint8)).save(tmp_path / "sizes" / "b.png")
+    with pytest.raises(DataError, match="must share one size"):
+        load_png_folder(tmp_path / "sizes")
+    y_train, y_test = np.array([0, 1, 1]), np.array([2, 0])
+    np.savez(tmp_path / "split.npz", x_train=np.zeros((3, 2), np.float32), y_train=y_train,
+             x_test=np.ones((2, 2), np.float32), y_test=y_test)
+    d = load_path(tmp_path / "split.npz", "all")
+    assert d.y.tolist() == [0, 1, 1, 2, 0] and d.x.shape == (5, 2)
