@@ -520,3 +520,14 @@ def test_user_files_decode_exactly(tmp_path):
              x_test=np.ones((2, 2), np.float32), y_test=y_test)
     d = load_path(tmp_path / "split.npz", "all")
     assert d.y.tolist() == [0, 1, 1, 2, 0] and d.x.shape == (5, 2)
+
+
+def test_toy2d_and_reference_sizes_at_their_edges():
+    from condiff.evaluate import mmd_with_reference
+
+    for bad in (dict(noise=float("nan")), dict(kind="gmm", components=0), dict(noise=-0.1)):
+        with pytest.raises(DataError, match="toy2d"):
+            load_toy2d(**bad)
+    g = torch.Generator().manual_seed(0)
+    s, a, b = torch.randn(10, 2, generator=g), torch.randn(10, 2, generator=g), torch.randn(5, 2, generator=g)
+    assert mmd_with_reference(s, a, b)["mmd_n"] == 5  # every set cut to the shortest
