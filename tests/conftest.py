@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one intra-op thread: the suite's tensors are tiny, and on a loaded 2-core machine a second thread's
+# synchronisation cost a test 54 s instead of 2 s; unloaded, the whole suite takes the same time (2 min 30 s)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
