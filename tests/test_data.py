@@ -531,3 +531,16 @@ def test_toy2d_and_reference_sizes_at_their_edges():
     g = torch.Generator().manual_seed(0)
     s, a, b = torch.randn(10, 2, generator=g), torch.randn(10, 2, generator=g), torch.randn(5, 2, generator=g)
     assert mmd_with_reference(s, a, b)["mmd_n"] == 5  # every set cut to the shortest
+
+
+def test_ranges_display_and_subsets_at_their_edges():
+    from condiff.data import nominal_range, to_display
+
+    assert nominal_range(None) == (-1.0, 1.0) and nominal_range([-1.0005, 1.0]) == (-1.0, 1.0)  # round-off
+    assert nominal_range([-1.01, 1.0]) == (-1.01, 1.0) and nominal_range([0.0, 255.0]) == (0.0, 255.0)
+    torch.testing.assert_close(to_display(torch.tensor([0.0, 5.0, 10.0]), (0.0, 10.0)), torch.tensor([-1.0, 0.0, 1.0]))
+    d = ArrayData(torch.arange(6.0).view(3, 2), name="t")
+    assert d.subset([2, 0]).x[:, 0].tolist() == [4.0, 0.0] and d.subset([-1]).x[0, 0] == 4.0
+    for bad in ([3], [-4], torch.tensor([[0]]), [0.5]):
+        with pytest.raises(DataError, match="t: "):
+            d.subset(bad)

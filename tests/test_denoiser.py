@@ -217,3 +217,16 @@ def test_diffusers_weights_other_than_safetensors_are_refused_in_one_line(tiny_d
     with pytest.raises(Exception, match=r"no \.safetensors weights \(found diffusion_pytorch_model\.bin: pickled "
                                         r"weights are never loaded"):
         DiffusersDenoiser.from_pretrained(tiny_diffusers_dir)
+
+
+def test_a_checkpoint_loads_its_ema_weights_unless_asked_for_the_raw_ones(tmp_path):
+    from condiff import io
+
+    net = TimeMLP(2, hidden=8, depth=1)
+    raw = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    ema = {k: v + 1.0 for k, v in raw.items()}
+    io.save_checkpoint(tmp_path / "c", {"model": raw, "ema": ema},
+                       {"net": net.config, "schedule": Schedule.linear(10).config()})
+    for flag, want in ((True, ema), (False, raw)):
+        got = load_denoiser(tmp_path / "c", ema=flag).net.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), flag
