@@ -538,9 +538,41 @@ def test_ranges_display_and_subsets_at_their_edges():
 
     assert nominal_range(None) == (-1.0, 1.0) and nominal_range([-1.0005, 1.0]) == (-1.0, 1.0)  # round-off
     assert nominal_range([-1.01, 1.0]) == (-1.01, 1.0) and nominal_range([0.0, 255.0]) == (0.0, 255.0)
-    torch.testing.assert_close(to_display(torch.tensor([0.0, 5.0, 10.0]), (0.0, 10.0)), torch.tensor([-1.0, 0.0, 1.0]))
+    shown = to_display(torch.tensor([0.0, 5.0, 10.0]), (0.0, 10.0))
+    torch.testing.assert_close(shown, torch.tensor([-1.0, 0.0, 1.0]))
     d = ArrayData(torch.arange(6.0).view(3, 2), name="t")
     assert d.subset([2, 0]).x[:, 0].tolist() == [4.0, 0.0] and d.subset([-1]).x[0, 0] == 4.0
     for bad in ([3], [-4], torch.tensor([[0]]), [0.5]):
         with pytest.raises(DataError, match="t: "):
             d.subset(bad)
+
+
+def test_picture_writers_sizes_and_padding(tmp_path):
+    from PIL import Image
+
+    # default scale: the smallest factor making tiles at least 32 px, from the shorter side (4 -> 8)
+    save_png_grid(torch.zeros(1, 1, 4, 16), tmp_path / "g.png", pad=1, pad_value=2.0)
+    img = np.asarray(Image.open(tmp_path / "g.png"))
+    assert img.shape[:2] == (4 * 8 + 2, 16 * 8 + 2)
+    assert img[0, 0] == 255 and img[1, 1] == 128  # padding clamped to 1 -> 255; a 0 pixel -> 128 (rounded)
+    save_png(torch.linspace(-1, 1, 20).view(4, 5), tmp_path / "p.png")  # (H, W)
+    p = np.asarray(Image.open(tmp_path / "p.png"))
+    assert p.shape[:2] == (4, 5) and p.reshape(-1)[0] == 0 and p.reshape(-1)[-1] == 255
+
+
+def test_toy2d_shapes_at_zero_noise():
+    """Moons are sklearn's two half circles, centred and scaled by 1.5; the checkerboard fills the dark
+    squares (i + j even, starting at the corner [-1, -1]) uniformly."""
+    d = load_toy2d(kind="moons", n=2000, noise=0.0)
+    p = d.x.double() * 1.5 + torch.tensor([0.5, 0.25], dtype=torch.float64)  # back to make_moons' frame
+    outer = (p.norm(dim=1) - 1).abs() < 1e-5
+    inner = ((p - torch.tensor([1.0, 0.5], dtype=torch.float64)).norm(dim=1) - 1).abs() < 1e-5
+    assert bool((outer | inner).all())
+    assert bool((p[outer, 1] >= -1e-6).all()) and bool((p[inner, 1] <= 0.5 + 1e-6).all())
+    assert 0.4 < float(outer.double().mean()) < 0.6
+    c = load_toy2d(kind="checkerboard", n=4000, noise=0.0)
+    assert c.meta["cells"][0] == [-1.0, -1.0]
+    cell = torch.floor((c.x.double() + 1) / 0.5)
+    assert bool(((cell[:, 0] + cell[:, 1]) % 2 == 0).all())
+    inside = (c.x.double() + 1) - 0.5 * cell
+    assert float(inside.max()) > 0.49 and float(inside.min()) < 0.01  # each square covered edge to edge
