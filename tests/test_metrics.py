@@ -387,3 +387,25 @@ def test_small_closed_forms_of_the_helpers():
     s = M.constraint_stats(torch.tensor([1e-3, 0.0, 0.5, 2.0]), tol=1e-3)
     assert s["frac_below_tol"] == 0.25 and s["max"] == 2.0  # "< tol": the value at tol is a violation
     assert s["mean"] == pytest.approx((1e-3 + 2.5) / 4) and s["median"] == pytest.approx(1e-3)  # torch: the lower
+
+
+def test_toy2d_evaluation_averages_over_pairs_and_uses_every_sample_set(monkeypatch):
+    """Two sample sets of n: the first exact data, the second shifted by +5. Each reference pair i scores
+    set i mod 2, and the reported MMD is the mean over the pairs of mmd_with_reference (recomputed here).
+    Set size and pair count cut to 200 and 4 to keep the test fast."""
+    from condiff import evaluate
+    from condiff.data import load_dataset
+    from condiff.evaluate import mmd_with_reference, toy2d_eval
+
+    n, pairs = 200, 4
+    monkeypatch.setattr(evaluate, "TOY2D_SET_SIZE", n)
+    monkeypatch.setattr(evaluate, "TOY2D_REFERENCE_PAIRS", pairs)
+    good = load_dataset("toy2d", "train", kind="moons", n=n).x
+    samples = torch.cat([good, good + 5.0])
+    out = toy2d_eval(samples, {"name": "toy2d", "kind": "moons"})
+    held = load_dataset("toy2d", "test", kind="moons", n=2 * pairs * n).x.view(pairs, 2, n, 2)
+    parts = [mmd_with_reference(samples[(i % 2) * n:(i % 2 + 1) * n], held[i, 0], held[i, 1]) for i in range(pairs)]
+    assert out["mmd_sample_sets"] == 2 and out["mmd_n"] == n
+    assert out["mmd"] == pytest.approx(sum(p["mmd"] for p in parts) / pairs, rel=1e-9)
+    alone = toy2d_eval(good, {"name": "toy2d", "kind": "moons"})
+    assert out["mmd_ratio"] > 10 * alone["mmd_ratio"]  # the shifted set is scored, not skipped
