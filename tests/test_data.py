@@ -576,3 +576,24 @@ def test_toy2d_shapes_at_zero_noise():
     assert bool(((cell[:, 0] + cell[:, 1]) % 2 == 0).all())
     inside = (c.x.double() + 1) - 0.5 * cell
     assert float(inside.max()) > 0.49 and float(inside.min()) < 0.01  # each square covered edge to edge
+
+
+def test_patch_crops_are_where_they_say_weighted_by_positions_and_reach_every_edge():
+    images = [source_image(name, 8) for name in TRAIN_IMAGES]
+    d = load_patches("train", size=16, n=6000, downscale=8, seed=1)
+    x, meta = d.x, d.meta
+    for k in range(0, 6000, 37):  # a patch is its source's crop at its recorded top-left corner
+        img = images[TRAIN_IMAGES.index(meta["sources"][k])]
+        r, c = meta["positions"][k]
+        expect = torch.from_numpy(img[r:r + 16, c:c + 16].transpose(2, 0, 1).copy()).float() / 127.5 - 1
+        assert torch.equal(x[k], expect)
+    # sources drawn in proportion to their number of crop positions
+    counts = np.array([(i.shape[0] - 15) * (i.shape[1] - 15) for i in images], dtype=float)
+    share = np.array([meta["sources"].count(n) for n in TRAIN_IMAGES]) / 6000
+    np.testing.assert_allclose(share, counts / counts.sum(), atol=0.03)
+    first = TRAIN_IMAGES[0]
+    rows = [r for (r, _), s in zip(meta["positions"], meta["sources"]) if s == first]
+    assert max(rows) == images[0].shape[0] - 16 and min(rows) == 0  # the last row of positions is reached
+    grid = load_patches("train", size=16, downscale=8, flip=True)
+    half = len(grid) // 2
+    assert torch.equal(grid.x[half:], grid.x[:half].flip(-1))  # mirrored left-right
