@@ -201,16 +201,13 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
         clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]``, or to ``[lo, hi]`` for a pair (with a
             consistent ``eps_hat``).
     """
-    ts = torch.as_tensor(timesteps)
-    if ts.is_floating_point() and not bool((ts == ts.round()).all()):
-        raise ValueError(f"timesteps must be integers, got {ts.tolist()[:4]}...")
-    ts = ts.to(torch.long).cpu()
+    ts = torch.as_tensor(timesteps).cpu()
     if ts.dim() != 1 or ts.numel() == 0:
         raise ValueError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(ts.shape)}")
+    denoiser.schedule.check_timesteps(ts, lo=0)  # whole steps in [0, T), the check every denoiser call makes
+    ts = ts.to(torch.long)
     if ts.numel() > 1 and not bool((ts[1:] < ts[:-1]).all()):
         raise ValueError("timesteps must be strictly decreasing")
-    if int(ts[0]) >= denoiser.schedule.T or int(ts[-1]) < 0:
-        raise ValueError(f"timesteps must lie in [0, {denoiser.schedule.T})")
     if not (checks.is_number(eta) and 0 <= eta <= 1):  # above 1 the DDIM variance exceeds 1 - abar_prev
         raise ValueError(f"eta must be in [0, 1] (0 deterministic DDIM, 1 DDPM-like), got {eta!r}")
     eta = float(checks.scalar(eta))

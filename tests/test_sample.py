@@ -193,7 +193,7 @@ def test_sampler_input_of_the_wrong_kind_is_a_clear_error():
                                      ({"clip_x0": (0.0, 1.0, 2.0)}, r"a pair \(lo, hi\)"),
                                      ({"x": torch.full((2, 2), float("nan"))}, "non-finite"),
                                      ({"x": torch.zeros(0, 2)}, "non-empty batch"),
-                                     ({"timesteps": torch.tensor([5.5, 1.0])}, "timesteps must be integers")])
+                                     ({"timesteps": torch.tensor([5.5, 1.0])}, r"in \[0, 200\) as whole steps")])
 def test_ddim_refuses_inputs_that_would_give_garbage(kw, msg):
     args = {"x": torch.randn(2, 2), "timesteps": torch.tensor([5, 1]), **kw}
     with pytest.raises(ValueError, match=msg):
