@@ -27,6 +27,17 @@ def scalar(v: Any) -> Any:
     return v
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def is_device(v: Any) -> bool:
+    """A device name (``"cpu"``, ``"cuda:1"``, ``"mps"``) or ``torch.device`` of a kind condiff runs on."""
+    try:
+        return isinstance(v, (str, torch.device)) and torch.device(v).type in DEVICE_TYPES
+    except (RuntimeError, ValueError):
+        return False
+
+
 def is_number(v: Any) -> bool:
     """A finite real number (an int, a float, a NumPy scalar, a one-element tensor or array; not a bool)."""
     v = scalar(v)

@@ -83,11 +83,7 @@ class TrainConfig:
         cfg.betas = b
         if cfg.lr_decay not in ("cosine", "constant"):
             raise ValueError(f"{section}.lr_decay must be 'cosine' or 'constant', got {cfg.lr_decay!r}")
-        try:
-            ok = isinstance(cfg.device, (str, torch.device)) and torch.device(cfg.device).type in ("cpu", "cuda", "mps")
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if not checks.is_device(cfg.device):
             raise ValueError(f"{section}.device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {cfg.device!r}")
         cfg.device = str(cfg.device)  # a torch.device too; the trainer reads it as a name
         if not isinstance(cfg.progress, (bool, np.bool_)):

@@ -36,11 +36,7 @@ def add_config_args(p: argparse.ArgumentParser, data_default: str | None = None)
 
 def pick_device(name: str | None) -> str:
     if name:
-        try:
-            ok = torch.device(name).type in ("cpu", "cuda", "mps")
-        except (RuntimeError, ValueError):
-            ok = False
-        if not ok:
+        if not checks.is_device(name):
             raise ValueError(f"--device {name} is not supported here (cpu, cuda, cuda:N, mps)")
         if name.startswith("mps") and not torch.backends.mps.is_available():
             raise ValueError("--device mps was asked for but no MPS device is available")
