@@ -18,17 +18,6 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CONDIFF_CACHE", root)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """For modules of tiny tensors (``pytestmark = pytest.mark.usefixtures("one_thread")``): intra-op
-    threads only add synchronisation, which on a busy shared machine costs far more than the work
-    itself (measured 0.4 s vs 58 s CPU for the UNet runs), so use one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def tiny_diffusers_denoiser():
     """A randomly initialised 8x8 one-channel diffusers UNet2DModel (T = 100) as a condiff denoiser."""

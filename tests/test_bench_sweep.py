@@ -10,8 +10,6 @@ from condiff.denoiser import GaussianDenoiser
 from condiff.operators import Inpainting
 from condiff.schedule import Schedule
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _sweep(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))

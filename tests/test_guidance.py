@@ -25,8 +25,6 @@ from condiff.operators import Inpainting
 from condiff.sample import make_step
 from condiff.schedule import Schedule
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)

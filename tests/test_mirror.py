@@ -37,8 +37,6 @@ from condiff.sample import sample
 from condiff.schedule import Schedule
 from condiff.train import TrainConfig, Trainer, list_checkpoints, read_log
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _icnn(scale=0.5, seed=0, **kw):
     torch.manual_seed(seed)

@@ -5,8 +5,6 @@ import torch
 
 from condiff.nets import NETS, TimeMLP, UNet, build_net, register_net, timestep_embedding
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _perturb(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Add noise to every parameter: the zero-initialised output layers would hide any difference."""

@@ -12,9 +12,6 @@ from condiff.operators import GaussianBlur, Inpainting, LinearOperator, Separabl
 SHAPE = (3, 2, 16, 16)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

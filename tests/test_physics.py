@@ -11,9 +11,6 @@ from condiff.data import DATASETS, DataError, load_dataset
 from condiff.data.physics import kolmogorov_trajectories, periodic_gp_1d
 from condiff.data.sources import PEAK_THRESHOLD, count_sources, count_split, render_sources
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 TINY = {
     "burgers": {"size": 16, "n_train": 8, "n_test": 4},
     "kolmogorov": {

@@ -12,8 +12,6 @@ from condiff.models import save_model
 from condiff.nets import build_net
 from condiff.schedule import Schedule
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
