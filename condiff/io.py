@@ -128,6 +128,8 @@ def save_checkpoint(path: str | Path, groups: dict[str, dict[str, torch.Tensor]]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    moved = False  # the previous checkpoint sits at ``old`` until the new one is in place
     try:
         _as_created(tmp, directory=True)
         for stem, tensors in groups.items():
@@ -142,15 +144,16 @@ def save_checkpoint(path: str | Path, groups: dict[str, dict[str, torch.Tensor]]
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+            moved = True
+        os.replace(tmp, path)
+        moved = False
+        shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if moved:  # failed between the two renames: put the previous checkpoint back at its name
+            os.replace(old, path)
         raise
     return path
 

@@ -38,6 +38,28 @@ def test_a_checkpoint_saved_again_replaces_the_old_one_and_leaves_nothing_beside
     assert io.load_config(path)["step"] == 2.0 and torch.equal(io.load_group(path, "model")["w"], torch.full((2,), 2.0))
 
 
+@pytest.mark.parametrize("fail_on", [1, 2])
+def test_a_checkpoint_replace_that_fails_keeps_the_old_one_at_its_name(tmp_path, monkeypatch, fail_on):
+    """Replacing takes two renames (old aside, new in); whichever fails, the previous checkpoint is
+    still at its name, whole, and no temporary directory is left beside it."""
+    path = tmp_path / "step_1"
+    io.save_checkpoint(path, {"model": {"w": torch.ones(2)}}, {"step": 1})
+    real, calls = os.replace, []
+
+    def replace(a, b):
+        calls.append((a, b))
+        if len(calls) == fail_on:
+            raise OSError("disk gone")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk gone"):
+        io.save_checkpoint(path, {"model": {"w": torch.zeros(2)}}, {"step": 2})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["step_1"]
+    assert io.load_config(path)["step"] == 1 and torch.equal(io.load_group(path, "model")["w"], torch.ones(2))
+
+
 def test_broken_configs_and_non_finite_weights_are_one_line_errors(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "config.json").write_bytes(b"\xff\xfe\x00")
