@@ -283,6 +283,21 @@ def test_bad_arrays_raise_data_error(tmp_path, array, problem):
         validate(torch.from_numpy(array))
 
 
+@pytest.mark.parametrize(("shape", "refused"), [
+    ((2, 8, 8, 3), True), ((2, 8, 8, 4), True), ((2, 8, 8, 1), True), ((2, 5, 5, 3), True),
+    ((2, 3, 8, 8), False), ((2, 4, 8, 3), False), ((2, 8, 4, 3), False), ((2, 8, 8, 5), False),
+])
+def test_channels_last_is_refused_only_where_the_last_axis_looks_like_channels(shape, refused):
+    """Last axis 1, 3 or 4 with both leading image axes over 4 is taken for (N, H, W, C); a 4-channel
+    image or a small picture with a narrow last axis is left as (N, C, H, W)."""
+    x = torch.zeros(shape)
+    if refused:
+        with pytest.raises(DataError, match="looks channels-last"):
+            validate(x)
+    else:
+        assert validate(x).shape == shape
+
+
 def test_data_far_outside_the_unit_range_are_loaded_with_a_warning(tmp_path):
     np.save(tmp_path / "big.npy", np.full((2, 3), 1000.0, dtype=np.float32))
     with pytest.warns(UserWarning, match="values reach 1e\\+03"):

@@ -99,3 +99,16 @@ def test_run_locks(tmp_path):
     for d in (a, b):
         free = subprocess.run([sys.executable, "-c", probe, str(d)], capture_output=True, text=True)
         assert free.stdout.strip() == "free", free.stderr
+
+
+@pytest.mark.parametrize(("rank", "local_rank", "holds"), [("0", "0", True), ("2", "0", False), ("0", "1", True)])
+def test_only_global_rank_0_of_a_torchrun_job_holds_the_run(tmp_path, monkeypatch, rank, local_rank, holds):
+    """The ranks of one job share their run: the job's rank 0 locks it, and the first process of each
+    other machine (LOCAL_RANK 0, RANK > 0) must not, or a shared run would be refused to its own job."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    try:
+        io.lock_run(tmp_path)
+        assert (tmp_path / ".lock").exists() == holds and (tmp_path.resolve() in io._LOCKS) == holds
+    finally:
+        io.release_runs()

@@ -396,6 +396,19 @@ def test_optimizer_state_round_trip():
             assert torch.equal(torch.as_tensor(vv), torch.as_tensor(opt2.state_dict()["state"][k][kk]))
 
 
+def test_optimizer_state_with_numbers_round_trips_through_json():
+    """Non-tensor state (LBFGS keeps counters) goes to the JSON side and comes back under the integer
+    parameter ids, beside the tensors of the same parameter."""
+    state = {"state": {0: {"n_iter": 3, "d": torch.arange(3.0)}, 1: {"func_evals": 7}},
+             "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
+    t, meta = io.flatten_optimizer(state)
+    assert set(t) == {"0.d"}
+    back = io.unflatten_optimizer(t, json.loads(json.dumps(meta)))
+    assert back["param_groups"] == state["param_groups"] and set(back["state"]) == {0, 1}
+    assert back["state"][0]["n_iter"] == 3 and torch.equal(back["state"][0]["d"], torch.arange(3.0))
+    assert back["state"][1] == {"func_evals": 7}
+
+
 def test_more_processes_than_gpus_is_refused_before_joining_the_group(monkeypatch):
     from condiff.train import init_distributed
 
