@@ -132,6 +132,35 @@ def test_burgers_constant_state_is_a_fixed_point_and_perturbations_are_caught():
     assert con.violation_map(x).shape == (2, 8, 16)
 
 
+def test_burgers_distance_clips_what_enters_the_stepper_and_charges_the_excess():
+    """A constant state is a fixed point of the stepper; within the clip its distance is 0, beyond it
+    the rows step from the clipped state and the excess is charged twice: ``l = 2 (v - CLIP)``."""
+    from condiff.constraints.burgers import CLIP
+
+    con = BurgersResidual()
+    assert float(con(torch.full((1, 1, 6, 16), CLIP - 0.5)).max()) < 1e-6
+    x = torch.full((2, 1, 6, 16), 5.0, requires_grad=True)
+    d = con(x)
+    torch.testing.assert_close(d, torch.full((2,), 2 * (5.0 - CLIP)))
+    d.sum().backward()
+    assert bool((x.grad[:, :, :-1] > 0).all())  # descent brings the rows back towards the clip
+
+
+@pytest.mark.parametrize("length", [10.0, 2.5, 1.25])
+@pytest.mark.parametrize("n", [8, 16, 32, 64])
+def test_burgers_distance_and_gradients_stay_finite_far_beyond_the_data(n, length):
+    """The raw RK4 stepper overflows on rough rows of a few times the data's range (NaN for
+    ``u = +-3`` alternating, at the data's grid); the clipped distance is finite and positive at any scale."""
+    con = BurgersResidual(length=length * n / 16)  # grid spacing length / 16: coarse, the data's, fine
+    g = torch.Generator().manual_seed(n)
+    for scale in (3.0, 10.0, 1e3, 1e6):
+        x = (torch.randn(16, 1, 4, n, generator=g) * scale).requires_grad_(True)
+        d = con(x)
+        d.sum().backward()
+        assert bool(torch.isfinite(d).all() and (d > 0).all()) and bool(torch.isfinite(x.grad).all())
+    assert bool(torch.isfinite(con.violation_map(x)).all())
+
+
 def test_burgers_stepper_matches_linear_diffusion_decay():
     """u = eps sin(2 pi k x / L) with zero mean flow: the nonlinear term is O(eps^2), so each RK4 step
     multiplies the mode by the discrete heat factor exp(-nu k_eff^2 dt) (to RK4 accuracy)."""

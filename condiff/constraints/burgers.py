@@ -7,6 +7,13 @@ units ``x = (u - shift) / scale``.
 
 The distance is the mean one-step residual of the very stepper that made the data
 (as in the NAMM paper): ``l(x) = mean_{k,i} |x_{k+1,i} - S(x_k)_i|`` with ``S`` the stepper in image units.
+
+The explicit stepper blows up (to inf, then NaN) on rough states a little beyond the data's range: at the
+default physics a row of ``u = +-3`` with alternating signs overflows within one saved step. So the rows
+that enter the stepper are clipped to ``|x| <= CLIP`` (three times the data's ``[-1, 1]``), and what is
+clipped off is added to the distance: ``l(x) = mean_{k,i} (|x_{k+1,i} - S(c(x_k))_i| + |x_{k,i} - c(x_k)_i|)``
+with ``c`` the clip. On the data, and on anything within the clip, that is the residual above, unchanged;
+beyond it the distance stays positive, finite and with finite gradients (which pull the rows back).
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ from torch import Tensor
 
 from condiff import checks
 from condiff.constraints import Constraint, register_constraint
+
+#: Rows fed to the stepper are clipped to this many image units (see the module docstring).
+CLIP = 3.0
 
 
 def _rhs(u: Tensor, nu: float, dx: float) -> Tensor:
@@ -78,16 +88,21 @@ class BurgersResidual(Constraint):
         return (burgers_step(u, self.nu, dx, self.dt, self.substeps) - self.shift) / self.scale
 
     def residual(self, x: Tensor) -> Tensor:
-        """(B, 1, T, N) -> (B, 1, T-1, N) signed residual ``x_{k+1} - S(x_k)``."""
+        """(B, 1, T, N) -> (B, 1, T-1, N) signed residual ``x_{k+1} - S(c(x_k))``, ``c`` the clip to ``CLIP``."""
         self._check_image(x, 1)
         if x.shape[2] < 2:
             raise ValueError(f"burgers constraint needs at least 2 time rows, got shape {tuple(x.shape)}")
-        return x[:, :, 1:] - self.step(x[:, :, :-1])
+        return x[:, :, 1:] - self.step(x[:, :, :-1].clamp(-CLIP, CLIP))
+
+    def _terms(self, x: Tensor) -> Tensor:
+        """(B, 1, T-1, N): ``|residual|`` plus the part of each predecessor row clipped off."""
+        prev = x[:, :, :-1]
+        return self.residual(x).abs() + (prev - prev.clamp(-CLIP, CLIP)).abs()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.residual(x).abs().flatten(1).mean(1)
+        return self._terms(x).flatten(1).mean(1)
 
     def violation_map(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            r = self.residual(x).abs()[:, 0]
+            r = self._terms(x)[:, 0]
             return torch.cat([torch.zeros_like(r[:, :1]), r], 1)  # row 0 has no predecessor
