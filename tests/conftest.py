@@ -18,6 +18,20 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CONDIFF_CACHE", root)
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A random digits-shaped condiff model directory (1x8x8, T = 100), standing in for a trained one."""
+    from condiff.models import save_model
+    from condiff.nets import build_net
+    from condiff.schedule import Schedule
+
+    d = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    net = build_net({"name": "unet", "in_channels": 1, "base": 8, "mults": [1, 2], "groups": 4})
+    save_model(d, net, Schedule.linear(100), data={"name": "digits"}, shape=[1, 8, 8])
+    return d
+
+
 @pytest.fixture
 def tiny_diffusers_denoiser():
     """A randomly initialised 8x8 one-channel diffusers UNet2DModel (T = 100) as a condiff denoiser."""

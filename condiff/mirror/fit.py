@@ -155,7 +155,8 @@ def finetune_inverse(
     resume: bool = False,
 ) -> MirrorMap:
     """Fine-tune ``f`` on mirror-model samples ``y_mdm`` (forward map frozen); returns a new
-    :class:`MirrorMap` sharing ``Psi`` with the fine-tuned EMA inverse (saved to ``run_dir/mirror``)."""
+    :class:`MirrorMap`: a copy of ``Psi``, unchanged, with the fine-tuned EMA inverse (saved to
+    ``run_dir/mirror``). ``mirror`` itself is left as it was."""
     _probe(constraint, x)
     weights = weights or NAMMLoss()
     frozen = copy.deepcopy(mirror).eval()
