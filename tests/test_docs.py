@@ -4,6 +4,7 @@ until this table follows it), and its trained models are a random one."""
 
 import math
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,38 @@ def test_the_readme_examples_sample_and_solve(tiny_run):
 def test_every_page_with_python_examples_is_run_here():
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     assert {str(p.relative_to(ROOT)) for p in pages if "```python" in p.read_text()} == set(SHRINK)
+
+
+def _documented_commands() -> list[tuple[str, list[str]]]:
+    """Each ``condiff COMMAND ...`` line of the README and the docs (continued lines joined, comments
+    dropped, ``a && b`` split, ``[--opt x|y]`` taken as ``--opt x``), as (page, argv)."""
+    from condiff.cli.main import COMMANDS
+
+    start = re.compile(rf"^\s*condiff ({'|'.join(COMMANDS)})\b")
+    out = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted(ROOT.glob("examples/**/*.md"))]:
+        lines = iter(page.read_text().splitlines())
+        for line in lines:
+            if not start.match(line):
+                continue
+            while line.rstrip().endswith("\\"):
+                line = line.rstrip()[:-1] + " " + next(lines).strip()
+            line = re.sub(r"\s+#.*$", "", line)
+            line = re.sub(r"\[([^\]]*)\]", lambda m: re.sub(r"([^\s|]+)(\|[^\s|]+)+", r"\1", m.group(1)), line)
+            out += [(str(page.relative_to(ROOT)), shlex.split(cmd)[1:]) for cmd in line.split("&&")]
+    return out
+
+
+def test_every_documented_command_line_parses():
+    """Subcommands, options and their choices as the pages write them exist in the CLI (nothing runs)."""
+    from condiff.cli.main import build_parser
+
+    commands = _documented_commands()
+    assert len(commands) >= 30
+    parser = build_parser()
+    for page, argv in commands:
+        try:
+            _, extra = parser.parse_known_args(argv)
+        except SystemExit:
+            pytest.fail(f"{page}: condiff {' '.join(argv)} does not parse")
+        assert not extra, f"{page}: condiff {' '.join(argv)}: unknown {extra}"
