@@ -78,6 +78,23 @@ def test_dsg_rate_one_is_the_closed_form():
     torch.testing.assert_close(SphericalStep(1.0)(step, g, 123.0), expect)
 
 
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_dsg_where_the_loss_is_flat_steps_in_the_sampling_direction(rate):
+    """A zero gradient (a constraint met exactly) has no descent direction; every rate, 1 included,
+    then takes the unconditional direction onto the sphere, mean + r z / ||z||, not the mean itself.
+    Rows with a gradient are unaffected."""
+    den = _oracle()
+    step = _step(den, torch.randn(4, 1, 4, 4, generator=_gen()))
+    g = torch.randn(4, 1, 4, 4, generator=_gen(1))
+    g[:2] = 0
+    out = SphericalStep(rate)(step, g, 1.0)
+    r = 4.0 * step.sigma
+    u = step.noise / _norm(step.noise).view(-1, 1, 1, 1)
+    torch.testing.assert_close(out[:2], (step.mean + r * u)[:2])
+    d = step.sigma * step.noise + rate * (-r * g / _norm(g).view(-1, 1, 1, 1) - step.sigma * step.noise)
+    torch.testing.assert_close(out[2:], (step.mean + r * d / _norm(d).view(-1, 1, 1, 1))[2:])
+
+
 def test_dsg_intermediate_rates_mix_the_directions_then_rescale():
     """0 < w < 1: d_m = sigma z + w (-r g/||g|| - sigma z), x = mean + r d_m/||d_m|| (METHODS.md, section 4);
     a (B,) tensor of rates applies row by row."""

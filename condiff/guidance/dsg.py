@@ -4,6 +4,7 @@ In ``n`` dimensions the unconditional draw ``x_{t_prev} ~ N(mean, sigma^2 I)`` c
 sphere of radius ``r = sqrt(n) sigma`` around ``mean``. DSG keeps the guided step on that sphere:
 
     d_star   = -r g / ||g||                      steepest descent direction on the sphere
+                                                 (d_sample where g = 0: a flat loss has none)
     d_sample = sigma z                           the unconditional sampling direction
     d_m      = d_sample + w (d_star - d_sample)  guidance rate w in [0, 1]
     x_prev   = mean + r d_m / ||d_m||            (norms per sample)
@@ -62,8 +63,11 @@ class SphericalStep:
         if step.sigma == 0:
             return step.mean
         r = math.sqrt(step.n) * step.sigma                          # radius sqrt(n) sigma_t
-        d_star = -r * grad / _norm(grad).clamp_min(_TINY)
         d_sample = step.sigma * step.noise
+        g_norm = _norm(grad)
+        # where the loss is flat (g = 0) there is no descent direction: take the sampling one, so that
+        # w = 1 still steps onto the sphere rather than stopping at the mean
+        d_star = torch.where(g_norm > 0, -r * grad / g_norm.clamp_min(_TINY), d_sample)
         d_m = d_sample + per_sample(self.rate, grad) * (d_star - d_sample)
         return step.mean + r * d_m / _norm(d_m).clamp_min(_TINY)
 
