@@ -18,6 +18,10 @@ from . import checks
 SPACINGS = ("linspace", "leading", "trailing")
 
 
+#: The smallest last ``abar`` a schedule may have: ``1 / sqrt(abar)`` must leave float32 room (1e30).
+ABAR_MIN = 1e-60
+
+
 @dataclass(frozen=True, eq=False)
 class Schedule:
     """A DDPM schedule given by its betas (a ``(T,)`` float64 tensor).
@@ -38,8 +42,12 @@ class Schedule:
             raise ValueError(f"a schedule needs at least 2 steps, got {b.numel()}")
         if not bool(((b > 0) & (b < 1)).all()):
             raise ValueError("betas must lie strictly between 0 and 1")
+        abar = torch.cumprod(1.0 - b, 0)
+        if float(abar[-1]) < ABAR_MIN:
+            raise ValueError(f"the schedule's last abar is {float(abar[-1]):.3g}: predicting x0 divides by sqrt(abar), "
+                             f"which overflows float32 below abar = {ABAR_MIN:g}; use fewer steps or smaller betas")
         object.__setattr__(self, "betas", b)
-        object.__setattr__(self, "abar", torch.cumprod(1.0 - b, 0))
+        object.__setattr__(self, "abar", abar)
 
     # --- constructors -------------------------------------------------------------------------
     @classmethod

@@ -139,3 +139,13 @@ def test_abar_at_refuses_timesteps_between_steps():
 def test_cosine_max_beta_clamps_the_last_betas():
     assert float(Schedule.cosine(20, max_beta=0.5).betas[-1]) == 0.5
     assert float(Schedule.cosine(20).betas[-1]) == 0.999  # the last step's raw beta is 1
+
+
+def test_a_schedule_whose_last_abar_underflows_is_refused():
+    """linear(20000) ends at abar = 1.3e-88, where x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) overflows
+    float32 (all-NaN samples); it is refused at construction, while 10000 steps (1.2e-44) still build."""
+    with pytest.raises(ValueError, match=r"last abar is 1.32e-88: .*overflows float32 below abar = 1e-60"):
+        Schedule.linear(20000)
+    with pytest.raises(ValueError, match="last abar"):
+        Schedule(torch.full((13,), 1 - 1e-5, dtype=torch.float64))  # abar 1e-65
+    assert float(Schedule.linear(10000).abar[-1]) == pytest.approx(1.15e-44, rel=0.01)
