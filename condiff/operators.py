@@ -281,12 +281,15 @@ class SeparableFilter(LinearOperator):
 
     def _check(self, x: Tensor) -> None:
         _check_images(x, type(self).__name__)
+        self._check_size(*x.shape[-2:])
+
+    def _check_size(self, H: int, W: int, via: str = "") -> None:
+        """Images ``H x W`` (``via``: how they were inferred) must be larger than the padding and the kernel."""
         lo, hi = self.pad
-        H, W = x.shape[-2:]
         if max(lo, hi) >= min(H, W) or min(H, W) + lo + hi < len(self.kernel):
             raise ValueError(f"{type(self).__name__}: a kernel of {len(self.kernel)} taps with padding {self.pad} "
                              f"needs images larger than {max(lo, hi, len(self.kernel) - lo - hi - 1)} pixels, "
-                             f"got {H}x{W}")
+                             f"got {H}x{W}{via}")
         if (H + lo + hi - len(self.kernel)) % self.stride or (W + lo + hi - len(self.kernel)) % self.stride:
             raise ValueError(f"{type(self).__name__}: image size {H}x{W} is not divisible by the factor "
                              f"{self.stride}")
@@ -334,6 +337,7 @@ class SeparableFilter(LinearOperator):
         _check_images(y, type(self).__name__)
         B, C, h, w = y.shape
         H, W = self.in_size(h), self.in_size(w)
+        self._check_size(H, W, f" (the images a {h}x{w} measurement comes from)")
         if self._use_matrices(H, W):
             return self.axis_matrix(H, y).T @ y @ self.axis_matrix(W, y)
         L, s = len(self.kernel), self.stride

@@ -254,3 +254,15 @@ def test_the_convolution_path_adjoint_of_an_asymmetric_kernel(monkeypatch):
     x = torch.randn(2, 3, 10, 10, generator=g, dtype=torch.float64)
     y = torch.randn(op.A(x).shape, generator=g, dtype=torch.float64)
     assert float((op.A(x) * y).sum()) == pytest.approx(float((x * op.A_adjoint(y)).sum()), rel=1e-10)
+
+
+@pytest.mark.parametrize(("op", "y_size"),
+                         [(GaussianBlur(7), 1), (GaussianBlur(7), 2), (SuperResolution(2, "bicubic"), 1)])
+def test_the_adjoint_refuses_measurements_of_images_that_a_refuses(op, y_size):
+    """A_adjoint infers the image size from the measurement; where A would refuse such images (smaller
+    than the padding), the adjoint does too, in one line, rather than wrapping reflect indices around."""
+    H = op.in_size(y_size)
+    with pytest.raises(ValueError, match=f"got {H}x{H}"):
+        op.A(torch.zeros(1, 1, H, H))
+    with pytest.raises(ValueError, match=f"got {H}x{H} \\(the images a {y_size}x{y_size} measurement comes from\\)"):
+        op.A_adjoint(torch.zeros(1, 1, y_size, y_size))
