@@ -298,6 +298,24 @@ def test_channels_last_is_refused_only_where_the_last_axis_looks_like_channels(s
         assert validate(x).shape == shape
 
 
+def test_big_endian_and_extended_precision_arrays_load_as_their_native_twins(tmp_path):
+    """Byte order is storage, not data: a big-endian file (FITS conversions write them) loads, scaled
+    and labelled as its native twin; so do extended-precision floats (torch has none)."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 65536, (3, 1, 4, 4)).astype(np.uint16)
+    lab = np.array([0, 2, 1])
+    np.savez(tmp_path / "le.npz", x=img, y=lab)
+    np.savez(tmp_path / "be.npz", x=img.astype(">u2"), y=lab.astype(">i8"))
+    le, be = load_array(tmp_path / "le.npz"), load_array(tmp_path / "be.npz")
+    assert torch.equal(le.x, be.x) and torch.equal(le.y, be.y) and float(be.x.max()) <= 1.0
+    f = rng.uniform(-1, 1, (2, 3)).astype(np.float32)
+    np.save(tmp_path / "be.npy", f.astype(">f4"))
+    np.save(tmp_path / "ld.npy", f.astype(np.longdouble))
+    for name in ("be.npy", "ld.npy"):
+        assert torch.equal(load_array(tmp_path / name).x, torch.from_numpy(f))
+    assert torch.equal(validate(f.astype(">f8")), torch.from_numpy(f))
+
+
 def test_data_far_outside_the_unit_range_are_loaded_with_a_warning(tmp_path):
     np.save(tmp_path / "big.npy", np.full((2, 3), 1000.0, dtype=np.float32))
     with pytest.warns(UserWarning, match="values reach 1e\\+03"):

@@ -32,6 +32,14 @@ class NoSplitError(DataError):
     """User data asked for a split they do not have (e.g. a test split); not a defect of the data."""
 
 
+def native(a: np.ndarray) -> np.ndarray:
+    """``a`` in the machine's byte order (a big-endian file, e.g. converted from FITS, loads as is
+    elsewhere but torch refuses it), with extended precision floats as float64 (torch has none)."""
+    if a.dtype.kind == "f" and a.dtype.itemsize > 8:
+        return a.astype(np.float64)
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
+
 def validate(x: Tensor | np.ndarray, source: str = "data") -> Tensor:
     """Check a batch and return it as a float32 tensor of rank 2 ``(N, D)`` or 4 ``(N, C, H, W)``.
 
@@ -43,7 +51,7 @@ def validate(x: Tensor | np.ndarray, source: str = "data") -> Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "biuf":
             raise DataError(f"{source}: expected a numeric array, got dtype {x.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        x = torch.from_numpy(np.ascontiguousarray(native(x)))
     if not isinstance(x, Tensor):
         raise DataError(f"{source}: expected a tensor or numpy array, got {type(x).__name__}")
     if x.is_complex():
@@ -110,6 +118,7 @@ def _labels(y: Any, n: int, source: str) -> Tensor | None:
         y = np.asarray(y)
         if y.dtype.kind not in "biuf":  # strings, objects: say so rather than fail inside torch
             raise DataError(f"{source}: labels must be integers, got dtype {y.dtype}")
+        y = native(y)
     y = torch.as_tensor(y)
     if y.is_floating_point():
         if not bool((torch.isfinite(y) & (y == y.round())).all()):

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from condiff import io
-from condiff.data import ArrayData, DataError, NoSplitError, check_split, validate, warn_range
+from condiff.data import ArrayData, DataError, NoSplitError, check_split, native, validate, warn_range
 
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}
 _INT_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
@@ -30,7 +30,7 @@ _INT_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 
 def _read(load: Any, path: Path, what: str) -> np.ndarray:
     try:
-        return np.asarray(load())
+        return native(np.asarray(load()))  # in native byte order: uint16 images must meet _INT_SCALE
     except ValueError as e:
         if "allow_pickle" in str(e):
             raise DataError(f"{path}: {what} holds pickled Python objects, which are never loaded") from None
