@@ -90,6 +90,14 @@ def floating(name: str, x: Any) -> Any:
     return x
 
 
+def per_sample(name: str, v: Any, batch: int) -> Any:
+    """A tensor of shape ``(batch,)``: one value per sample, as a loss or a constraint returns."""
+    if not isinstance(v, torch.Tensor) or v.shape != (batch,):
+        got = f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
+        raise ValueError(f"{name} must return one value per sample, a tensor of shape ({batch},), got {got}")
+    return v
+
+
 def finite_rows(name: str, x: Any) -> Any:
     """A floating-point ``(N, ...)`` tensor with no NaN or inf (reads the device once)."""
     floating(name, x)

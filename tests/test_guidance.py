@@ -408,8 +408,9 @@ def test_bad_settings_are_clear_errors(build, match):
 
 def test_loss_of_wrong_shape_is_a_clear_error():
     den = _oracle(200)
-    with pytest.raises(ValueError, match=r"one value per sample, shape \(2,\), got shape \(\)"):
-        guided_sample(den, DPS(lambda x: x.sum()), (2, 1, 4, 4), 3, generator=_gen())
+    for loss, got in ((lambda x: x.sum(), r"shape \(\)"), (lambda x: 0.0, "a float")):
+        with pytest.raises(ValueError, match=r"one value per sample, a tensor of shape \(2,\), got " + got):
+            guided_sample(den, DPS(loss), (2, 1, 4, 4), 3, generator=_gen())
 
 
 def test_non_finite_loss_is_a_clear_error_not_nan_samples():

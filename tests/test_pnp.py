@@ -1,6 +1,7 @@
 """Plug-and-play inference against the Gaussian oracle, its schedules, constraints and segmentation."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -169,8 +170,11 @@ def test_infer_rejects_bad_input(monkeypatch, read_every):
     den = oracle(100)
     with pytest.raises(ValueError, match="steps"):
         infer(den, torch.zeros(2, 3), steps=0)
-    with pytest.raises(ValueError, match=r"constraint must return shape \(2,\)"):
-        infer(den, torch.zeros(2, 3), constraint=lambda x: x, steps=1)
+    for constraint, weight, got in ((lambda x: x, 1.0, "shape (2, 3)"), (lambda x: 0.5, 1.0, "a float"),
+                                    (lambda x: x, 0.0, "shape (2, 3)")):  # weight 0: read, not followed
+        with pytest.raises(ValueError, match=re.escape(f"constraint must return one value per sample, a tensor "
+                                                       f"of shape (2,), got {got}")):
+            infer(den, torch.zeros(2, 3), constraint=constraint, weight=sch.ConstantWeight(weight), steps=1)
     with pytest.raises(ValueError, match="lr"):
         infer(den, torch.zeros(2, 3), lr=0.0)
     with pytest.raises(ValueError, match="starting latent holds NaN"):

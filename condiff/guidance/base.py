@@ -133,10 +133,7 @@ class GradientGuidance:
         if not step.x_t.requires_grad:
             raise RuntimeError("guidance needs x_t to track gradients: run it through condiff.sample.ddim, "
                                "which honours needs_grad, or pass x_t.requires_grad_()")
-        value = self.loss(step.x0_hat)
-        if value.shape != (step.x_t.shape[0],):
-            raise ValueError(f"the guidance loss must return one value per sample, shape "
-                             f"({step.x_t.shape[0]},), got shape {tuple(value.shape)}")
+        value = checks.per_sample("the guidance loss", self.loss(step.x0_hat), step.x_t.shape[0])
         if not value.requires_grad:
             raise ValueError(not_differentiable("the guidance loss", "x0_hat"))
         (g,) = torch.autograd.grad(value.sum(), step.x_t)

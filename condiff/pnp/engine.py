@@ -174,16 +174,14 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
             loss = d.sum()
             c_mean = None
             if constraint is not None and w_i != 0.0:
-                c = constraint(x)
-                if c.shape != (B,):
-                    raise ValueError(f"the constraint must return shape ({B},), got {tuple(c.shape)}")
+                c = checks.per_sample("the constraint", constraint(x), B)
                 if not c.requires_grad:  # it would be left out of the gradient, silently
                     raise ValueError(not_differentiable("the constraint"))
                 loss = loss + w_i * c.sum()
                 c_mean = c.detach().mean().to(d.device)  # a user's constraint may answer on the CPU
             elif constraint is not None:
                 with torch.no_grad():
-                    c_mean = constraint(x.detach()).mean().to(d.device)
+                    c_mean = checks.per_sample("the constraint", constraint(x.detach()), B).mean().to(d.device)
             (g,) = torch.autograd.grad(loss, [z])
             trace.add(i, t_i, g, x.detach(), d.detach(), c_mean)  # a bad step stops the loop here
             z.grad = g
