@@ -177,6 +177,14 @@ def test_infer_rejects_bad_input(monkeypatch, read_every):
             infer(den, torch.zeros(2, 3), constraint=constraint, weight=sch.ConstantWeight(weight), steps=1)
     with pytest.raises(ValueError, match="lr"):
         infer(den, torch.zeros(2, 3), lr=0.0)
+    for betas in ((0.9,), 0.9, (0.9, 1.0), ("a", 0.9)):
+        with pytest.raises(ValueError, match=re.escape(f"betas must be two numbers in [0, 1) (Adam's), got {betas!r}")):
+            infer(den, torch.zeros(2, 3), betas=betas, steps=1)
+    for latent in (torch.zeros(3), torch.zeros(()), torch.zeros(0, 3)):
+        with pytest.raises(ValueError, match=r"starting latent must be a batch \(B, ...\) with B >= 1"):
+            infer(den, latent, steps=1)
+    with pytest.raises(ValueError, match=r"project must return the latent's shape \(2, 3\), got shape \(2, 2\)"):
+        infer(den, torch.zeros(2, 3), project=lambda z: z[:, :2], steps=1)
     with pytest.raises(ValueError, match="starting latent holds NaN"):
         infer(den, torch.full((2, 3), float("nan")), steps=1)
     # a non-finite gradient names its source: a constraint that turns NaN late, one whose gradient

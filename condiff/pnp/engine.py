@@ -150,11 +150,16 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
     steps = checks.integer("steps", steps, 1)
     lr = checks.number("lr", lr, "> 0")
     checks.floating("the starting latent", latent)
+    if latent.dim() < 2 or latent.shape[0] == 0:
+        raise ValueError(f"the starting latent must be a batch (B, ...) with B >= 1, got shape {tuple(latent.shape)}")
     if not bool(torch.isfinite(latent).all()):
         raise ValueError("the starting latent holds NaN or inf values")
+    b = checks.pair(betas)
+    if b is None or not all(0 <= v < 1 for v in b):
+        raise ValueError(f"betas must be two numbers in [0, 1) (Adam's), got {betas!r}")
     render = render if render is not None else (lambda z: z)
     z = latent.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=lr, betas=betas)
+    opt = torch.optim.Adam([z], lr=lr, betas=b)
     T, B = denoiser.schedule.T, z.shape[0]
     out = PnPResult(x=z, latent=z)
     trace = _Trace(out, read_every(z.device), constraint is not None)
@@ -188,7 +193,11 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
             opt.step()
             if project is not None:
                 with torch.no_grad():
-                    z.copy_(project(z))
+                    p = project(z)
+                    if not isinstance(p, Tensor) or p.shape != z.shape:
+                        got = f"shape {tuple(p.shape)}" if isinstance(p, Tensor) else f"a {type(p).__name__}"
+                        raise ValueError(f"project must return the latent's shape {tuple(z.shape)}, got {got}")
+                    z.copy_(p)
             out.t.append(t_i)
             out.w.append(w_i)
             if callback is not None:
