@@ -72,7 +72,7 @@ class Operator(nn.Module):
 
     def num_measurements(self, y: Tensor) -> Tensor:
         """``(B,)`` number of measured entries per sample (for RMS residuals)."""
-        return torch.full((y.shape[0],), float(y[0].numel()), device=y.device, dtype=torch.float64)
+        return torch.full((y.shape[0],), float(y[0].numel()) if len(y) else 0.0, device=y.device, dtype=torch.float64)
 
     def loss(self, y: Tensor) -> MeasurementLoss:
         """The guidance loss ``x -> ||y - A(x)||_2`` per sample, ``(B, ...) -> (B,)``."""
@@ -84,7 +84,7 @@ class Operator(nn.Module):
         of which nothing is measured)."""
         ax = self.A(x)
         _check_measurement(y, ax, "residual")
-        r = (y - ax).reshape(y.shape[0], -1).double()
+        r = (y - ax).flatten(1).double()
         return r.norm(dim=1) / self.num_measurements(y).clamp_min(1).sqrt()  # nothing measured: 0, not 0/0
 
     def to_image(self, y: Tensor) -> Tensor:
@@ -122,7 +122,7 @@ class MeasurementLoss:
     def __call__(self, x: Tensor) -> Tensor:
         ax = self.op(x)
         _check_measurement(self.y, ax, "loss")
-        return (self.y - ax).reshape(x.shape[0], -1).norm(dim=1)
+        return (self.y - ax).flatten(1).norm(dim=1)
 
     def select(self, idx: slice | Tensor) -> MeasurementLoss:
         return MeasurementLoss(self.op.select(idx), self.y[idx])

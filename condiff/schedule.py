@@ -143,10 +143,16 @@ class Schedule:
         return a.view(-1, *([1] * (like.dim() - 1)))
 
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        """Forward process: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``."""
+        """Forward process: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``; ``t`` is ``(B,)`` or one step for all."""
         checks.floating("x0", x0)
         if eps.shape != x0.shape:
             raise ValueError(f"add_noise: eps must have x0's shape {tuple(x0.shape)}, got {tuple(eps.shape)}")
+        t = torch.as_tensor(t, device=x0.device)
+        if t.dim() == 0:
+            t = t.expand(x0.shape[0])
+        if t.shape != (x0.shape[0],):
+            raise ValueError(f"add_noise: t must be one step or one per sample, shape ({x0.shape[0]},), "
+                             f"got shape {tuple(t.shape)}")
         a = self.abar_at(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
 

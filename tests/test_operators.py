@@ -266,3 +266,10 @@ def test_the_adjoint_refuses_measurements_of_images_that_a_refuses(op, y_size):
         op.A(torch.zeros(1, 1, H, H))
     with pytest.raises(ValueError, match=f"got {H}x{H} \\(the images a {y_size}x{y_size} measurement comes from\\)"):
         op.A_adjoint(torch.zeros(1, 1, y_size, y_size))
+
+
+def test_an_empty_batch_has_an_empty_residual_and_loss():
+    op = GaussianBlur(3, 1.0, sigma_y=0.1)
+    x = torch.zeros(0, 1, 8, 8)
+    y = op.A(x)
+    assert op.residual(x, y).shape == (0,) and op.loss(y)(x).shape == (0,)

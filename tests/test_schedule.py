@@ -110,6 +110,15 @@ def test_add_noise_refuses_integer_data_and_mismatched_noise():
         s.add_noise(torch.full((4, 2), 200, dtype=torch.uint8), torch.randn(4, 2), t)
     with pytest.raises(ValueError, match=r"eps must have x0's shape \(4, 2\), got \(1, 2\)"):
         s.add_noise(torch.randn(4, 2), torch.randn(1, 2), t)
+    with pytest.raises(ValueError, match=r"t must be one step or one per sample, shape \(4,\), got shape \(2,\)"):
+        s.add_noise(torch.randn(4, 2), torch.randn(4, 2), t[:2])
+
+
+def test_add_noise_takes_one_step_for_the_whole_batch():
+    s = Schedule.linear(50)
+    x0, eps = torch.randn(3, 2), torch.randn(3, 2)
+    expect = s.add_noise(x0, eps, torch.full((3,), 7))
+    assert torch.equal(s.add_noise(x0, eps, 7), expect) and torch.equal(s.add_noise(x0, eps, torch.tensor(7)), expect)
 
 
 def test_snr_is_infinite_for_clean_data_and_matches_abar():
