@@ -9,6 +9,7 @@ that 5000 x 5000 comparisons stay within a few hundred MB.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -118,6 +119,8 @@ def mmd(
         raise ValueError(f"mmd needs at least 2 samples in each set, got {n} and {m}")
     if bandwidths is None:
         bandwidths = default_bandwidths(y)
+    if isinstance(bandwidths, numbers.Real) or getattr(bandwidths, "ndim", 1) == 0:  # one length scale
+        bandwidths = [float(bandwidths)]
     s = torch.as_tensor(list(bandwidths), dtype=torch.float64)
     if s.numel() == 0 or not bool((torch.isfinite(s) & (s > 0)).all()):
         raise ValueError(f"mmd: bandwidths must be finite and positive, got {s.tolist()}")
@@ -177,8 +180,7 @@ def sliced_wasserstein(
     """
     x, y = _flat(x, "sliced_wasserstein x"), _flat(y, "sliced_wasserstein y")
     _pair_dims(x, y)
-    if n_proj < 1:
-        raise ValueError(f"n_proj must be >= 1, got {n_proj}")
+    n_proj = checks.integer("sliced_wasserstein: n_proj", n_proj, 1)
     theta = torch.randn(x.shape[1], n_proj, generator=generator, dtype=torch.float64).to(x.device)
     theta = theta / theta.norm(dim=0, keepdim=True)
     xs = (x @ theta).T.sort(dim=1).values
@@ -295,7 +297,8 @@ def ssim(
     if win_size is None:
         side = min(h, w)
         win_size = min(2 * radius + 1, side if side % 2 == 1 else side - 1)
-    if win_size < 1 or win_size % 2 == 0 or win_size > min(h, w):
+    win_size = checks.integer("ssim: win_size", win_size, 1)
+    if win_size % 2 == 0 or win_size > min(h, w):
         raise ValueError(f"ssim: win_size must be odd and <= min(H, W) = {min(h, w)}, got {win_size}")
     x, y = x.double(), y.double()
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
@@ -377,6 +380,7 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 
 def class_histogram(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(N,) integer labels in [0, num_classes) -> (num_classes,) float64 class frequencies (sum 1)."""
+    num_classes = checks.integer("class_histogram: num_classes", num_classes, 1)
     labels = labels.reshape(-1)
     if labels.numel() == 0:
         raise ValueError("class_histogram: no labels")

@@ -409,3 +409,17 @@ def test_toy2d_evaluation_averages_over_pairs_and_uses_every_sample_set(monkeypa
     assert out["mmd"] == pytest.approx(sum(p["mmd"] for p in parts) / pairs, rel=1e-9)
     alone = toy2d_eval(good, {"name": "toy2d", "kind": "moons"})
     assert out["mmd_ratio"] > 10 * alone["mmd_ratio"]  # the shifted set is scored, not skipped
+
+
+def test_numeric_arguments_are_checked_in_one_line_and_one_bandwidth_is_a_list_of_one():
+    x, y = torch.randn(6, 3, generator=gen(1)), torch.randn(5, 3, generator=gen(2))
+    assert M.mmd(x, y, bandwidths=1.5) == M.mmd(x, y, bandwidths=[1.5]) == M.mmd(x, y, bandwidths=torch.tensor(1.5))
+    with pytest.raises(ValueError, match="bandwidths must be finite and positive"):
+        M.mmd(x, y, bandwidths=float("nan"))
+    with pytest.raises(ValueError, match="n_proj must be an integer >= 1, got 2.5"):
+        M.sliced_wasserstein(x, y, n_proj=2.5)
+    with pytest.raises(ValueError, match="win_size must be an integer >= 1, got 3.5"):
+        M.ssim(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8), win_size=3.5)
+    assert float(M.ssim(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8), win_size=3.0)) == 1.0
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 2.5"):
+        M.class_histogram(torch.tensor([0, 1]), 2.5)
