@@ -356,6 +356,9 @@ def test_a_broken_sample_never_reads_as_on_the_set(con):
 def test_constraint_settings_refuse_what_they_would_truncate():
     with pytest.raises(ValueError, match="k must be an integer"):
         CountConstraint(k=2.5, counter=nn.Identity())
+    for seed in (1.5, "a", -1):
+        with pytest.raises(ValueError, match="count: seed must be an integer"):
+            CountConstraint(k=2, seed=seed, counter=nn.Identity())
     with pytest.raises(ValueError, match="reps .* must be an integer >= 2"):
         PeriodicTiling(reps=2.5)
     with pytest.raises(ValueError, match="substeps must be an integer >= 1"):

@@ -116,6 +116,8 @@ def test_mixture_weights_closed_form():
 def test_mode_weights_counts_nearest_mean():
     x = torch.tensor([[-0.5, 0.1], [0.7, 0.0], [0.4, -0.2], [0.9, 0.3]])
     assert mode_weights(x, MEANS).tolist() == [0.25, 0.75]
+    with pytest.raises(ValueError, match=r"means \(K, D\), got \(4, 2\), \(0, 2\)"):
+        mode_weights(x, MEANS[:0])
 
 
 def test_mixture_denoiser_reduces_to_the_gaussian_oracle():
@@ -745,6 +747,10 @@ def test_reference_losses_match_the_estimator():
     a = reference_losses(den, s, [x], timesteps=16, n=8192, seed=0)
     b = estimate_losses(den, s, [x], 8192, fixed_timesteps(100, 16), torch.Generator().manual_seed(1))
     assert a.shape == (1,) and abs(float(a[0] - b[0])) < 0.03
+    with pytest.raises(ValueError, match="reference_losses: n must be an integer >= 1, got 10.5"):
+        reference_losses(den, s, [x], n=10.5)
+    with pytest.raises(ValueError, match=r"reference_losses: data set\(s\) \[1\] hold no examples"):
+        reference_losses(den, s, [x, x[:0]], n=16)
 
 
 def test_class_restricted_constraint_samples_keep_only_those_classes(monkeypatch):

@@ -240,6 +240,7 @@ class CountConstraint(Constraint):
         super().__init__()
         for name, v, lo in (("k", k, 0), ("size", size, 1), ("counter_steps", counter_steps, 1), ("width", width, 1)):
             checks.integer(f"count: {name}", v, lo)
+        seed = checks.seed("count: seed", seed)
         self.k = int(k)
         self.config = {
             "name": "count",

@@ -310,8 +310,9 @@ def reference_losses(net: Callable[[Tensor, Tensor], Tensor], schedule: Schedule
     Relative thresholds are ``b_i = relative_i * reference_losses(ref, ...)[i]``; measuring the
     reference with the dual estimator itself means the grid's quadrature error cancels.
     """
-    if n < 1 or chunk < 1:
-        raise ValueError(f"reference_losses: n and chunk must be >= 1, got {n} and {chunk}")
+    n, chunk = checks.integer("reference_losses: n", n, 1), checks.integer("reference_losses: chunk", chunk, 1)
+    if empty := [i for i, x in enumerate(datasets) if len(x) == 0]:
+        raise ValueError(f"reference_losses: data set(s) {empty} hold no examples")
     grid = fixed_timesteps(schedule.T, timesteps, t_range)
     params = net.parameters() if isinstance(net, nn.Module) else iter(())
     device = next((p.device for p in params), torch.device("cpu"))

@@ -44,7 +44,7 @@ def mixture_weights(w0: Tensor, lam: Tensor, wq: Tensor) -> Tensor:
 def mode_weights(x: Tensor, means: Tensor) -> Tensor:
     """Fraction of points ``x`` (N, D) nearest to each mean of ``means`` (K, D): a (K,) float64 tensor."""
     x, means = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(means, dtype=torch.float64)
-    if x.dim() != 2 or means.dim() != 2 or x.shape[1] != means.shape[1] or x.shape[0] == 0:
+    if x.dim() != 2 or means.dim() != 2 or x.shape[1] != means.shape[1] or 0 in (x.shape[0], means.shape[0]):
         raise ValueError(f"mode_weights: expected x (N, D) and means (K, D), got {tuple(x.shape)}, "
                          f"{tuple(means.shape)}")
     nearest = torch.cdist(x, means).argmin(1)
