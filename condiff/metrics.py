@@ -67,6 +67,7 @@ def median_heuristic(x: torch.Tensor, generator: torch.Generator | None = None) 
     n = x.shape[0]
     if n < 2:
         raise ValueError("median_heuristic needs at least 2 points")
+    x = x - x.mean(0)  # distances are shift-invariant; centring avoids cancellation in _sq_dists
     iu = torch.triu_indices(n, n, offset=1, device=x.device)
     d = _sq_dists(x, x)[iu[0], iu[1]].sqrt()
     return float(d.median())

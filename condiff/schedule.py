@@ -81,9 +81,8 @@ class Schedule:
         known = [k for k in inspect.signature(builders[kind]).parameters if k != "cls"]
         if bad := sorted(set(cfg) - set(known)):
             raise ValueError(f"unknown schedule setting(s) {bad} for kind {kind!r}; known: {known}")
-        T = cfg.get("T", 1)
-        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-            raise ValueError(f"schedule.T (the number of diffusion steps) must be an integer >= 1, got {T!r}")
+        if "T" in cfg:
+            cfg["T"] = checks.integer("schedule.T (the number of diffusion steps)", cfg["T"], 2)
         return builders[kind](**cfg)
 
     @classmethod

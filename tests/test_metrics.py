@@ -423,3 +423,9 @@ def test_numeric_arguments_are_checked_in_one_line_and_one_bandwidth_is_a_list_o
     assert float(M.ssim(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8), win_size=3.0)) == 1.0
     with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 2.5"):
         M.class_histogram(torch.tensor([0, 1]), 2.5)
+
+
+def test_median_heuristic_is_shift_invariant_far_from_the_origin():
+    """Centred first: at an offset of 1e8 (float64) the squared distances no longer cancel to 0."""
+    x = torch.randn(50, 3, generator=gen(3), dtype=torch.float64)
+    assert M.median_heuristic(x + 1e8) == pytest.approx(M.median_heuristic(x), rel=1e-6)

@@ -158,3 +158,11 @@ def test_a_schedule_whose_last_abar_underflows_is_refused():
     with pytest.raises(ValueError, match="last abar"):
         Schedule(torch.full((13,), 1 - 1e-5, dtype=torch.float64))  # abar 1e-65
     assert float(Schedule.linear(10000).abar[-1]) == pytest.approx(1.15e-44, rel=0.01)
+
+
+def test_from_config_checks_t_as_its_builders_do():
+    """T >= 2 (one step has no reverse process), an integral float taken as an int, as linear() takes it."""
+    assert Schedule.from_config({"kind": "linear", "T": 2.0}).T == 2
+    for bad in (1, 2.5, True, "10"):
+        with pytest.raises(ValueError, match=r"schedule.T \(the number of diffusion steps\) must be an integer >= 2"):
+            Schedule.from_config({"kind": "cosine", "T": bad})
