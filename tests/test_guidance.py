@@ -4,6 +4,7 @@ oracle (Gaussian prior + linear Gaussian measurement), and runs on diffusers and
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -399,6 +400,9 @@ def test_every_method_runs_on_real_unets(backend, request):
     (lambda loss: UGD(loss, recurrence=0), "recurrence must be an integer >= 1"),
     (lambda loss: DPS("not a loss"), "loss must be a callable"),
     (lambda loss: default_hyperparameters("dsg+xyz"), "unknown guidance method"),
+    (lambda loss: UGD(loss, backward_steps=True), "UGD backward_steps must be an integer >= 0, got True"),
+    (lambda loss: UGD(loss, recurrence=2.5), "UGD recurrence must be an integer >= 1, got 2.5"),
+    (lambda loss: UGD(loss, recurrence=0), "UGD recurrence must be an integer >= 1, got 0"),
 ])
 def test_bad_settings_are_clear_errors(build, match):
     op, loss = _half_mask_loss(2)
@@ -676,3 +680,8 @@ def test_evaluation_counts_are_per_call_when_a_guidance_is_reused():
     for _ in range(2):
         res = guided_sample(den, dps, (2, 1, 4, 4), 5, generator=_gen())
         assert (res.nfe, res.grad_evals) == (5, 5)
+
+
+def test_ugd_takes_whole_numbers_in_any_integral_form():
+    ugd = UGD(lambda x: x.flatten(1).sum(1), backward_steps=np.int64(3), recurrence=2.0)
+    assert (ugd.backward_steps, ugd.recurrence) == (3, 2) and type(ugd.recurrence) is int

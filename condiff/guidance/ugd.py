@@ -23,6 +23,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from .. import checks
 from ..sample import Step
 from .base import GradientGuidance, Loss, Scalar, Update, check_scalar, fresh, per_sample
 
@@ -53,10 +54,8 @@ class UGD(GradientGuidance):
         super().__init__(loss)
         self.forward = check_scalar("UGD forward", forward)
         self.backward_lr = check_scalar("UGD backward_lr", backward_lr)
-        for name, v, low in (("backward_steps", backward_steps, 0), ("recurrence", recurrence, 1)):
-            if not isinstance(v, int) or v < low:
-                raise ValueError(f"UGD {name} must be an integer >= {low}, got {v!r}")
-        self.backward_steps, self.recurrence = backward_steps, recurrence
+        self.backward_steps = checks.integer("UGD backward_steps", backward_steps, 0)
+        self.recurrence = checks.integer("UGD recurrence", recurrence, 1)
 
     def backward(self, x0: Tensor, step: Step | None = None) -> Tensor:
         """``x0 + Delta`` after ``m`` gradient steps on ``L(x0 + Delta)`` from ``Delta = 0``. With the
