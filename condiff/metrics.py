@@ -295,6 +295,9 @@ def ssim(
     checks.number("ssim: sigma", sigma, "> 0")
     h, w = x.shape[-2:]
     radius = int(3.5 * sigma + 0.5)
+    if radius > 4 * max(h, w):  # the padded image would be (2 radius)^2 pixels: refuse before allocating it
+        raise ValueError(f"ssim: sigma {sigma:g} gives a filter of {2 * radius + 1} taps, far wider than the "
+                         f"{h}x{w} images")
     if win_size is None:
         side = min(h, w)
         win_size = min(2 * radius + 1, side if side % 2 == 1 else side - 1)

@@ -429,3 +429,10 @@ def test_median_heuristic_is_shift_invariant_far_from_the_origin():
     """Centred first: at an offset of 1e8 (float64) the squared distances no longer cancel to 0."""
     x = torch.randn(50, 3, generator=gen(3), dtype=torch.float64)
     assert M.median_heuristic(x + 1e8) == pytest.approx(M.median_heuristic(x), rel=1e-6)
+
+
+def test_ssim_refuses_a_filter_far_wider_than_the_image():
+    x = torch.zeros(1, 1, 8, 8)
+    assert torch.isfinite(M.ssim(x, x, sigma=9.0)).all()  # radius 32: wider than the image, still computed
+    with pytest.raises(ValueError, match="ssim: sigma 1e\\+06 gives a filter of 7000001 taps, far wider than the 8x8"):
+        M.ssim(x, x, sigma=1e6)
