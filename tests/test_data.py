@@ -272,6 +272,7 @@ def test_save_png_grid_size_and_tiles(tmp_path):
         (np.zeros(4, dtype=np.float32), "rank 1"),
         (np.array(3.0, dtype=np.float32), "a single number"),
         (np.zeros((2, 8, 8, 3), dtype=np.float32), "looks channels-last"),
+        (np.array([[0.0, 1e39], [1, 2]]), "values reach 1e\\+39, beyond float32's range"),
     ],
 )
 def test_bad_arrays_raise_data_error(tmp_path, array, problem):

@@ -66,8 +66,12 @@ def validate(x: Tensor | np.ndarray, source: str = "data") -> Tensor:
     if x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] > 4 and x.shape[2] > 4:
         raise DataError(f"{source}: shape {tuple(x.shape)} looks channels-last (N, H, W, C); condiff expects "
                         f"(N, C, H, W): transpose it, e.g. x.transpose(0, 3, 1, 2)")
+    wide = x
     x = x.to(torch.float32)
     bad = ~torch.isfinite(x)
+    if bool(bad.any()) and bool(torch.isfinite(wide).all()):  # finite in float64, not in float32
+        raise DataError(f"{source}: values reach {float(wide.abs().max()):.3g}, beyond float32's range "
+                        f"(3.4e38) that condiff computes in; rescale the data")
     if bool(bad.any()):
         n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
         first = int(bad.flatten(1).any(1).nonzero()[0])
