@@ -361,14 +361,16 @@ class Trainer:
                 for g in self.opt.param_groups:
                     g["lr"] = lr
                 loss, logs = self.objective.loss(self.train_model, self.step, self.gen)
-                pending.append(loss.detach())
-                if self.check_each_step:
-                    checks()  # first: a sign error in a term is the cause of a non-finite loss it leads to
-                    run_loss += _finite_sum(pending, first)
-                    pending, first = [], self.step + 1
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                # the step's loss and gradient norm, read with the others at the next check: a finite loss
+                # can have a non-finite gradient, whose update would leave NaN weights for the next save
+                pending.append(torch.stack([loss.detach().float(), gnorm.detach().float().to(loss.device)]))
+                if self.check_each_step:  # before the update
+                    checks()  # first: a sign error in a term is the cause of a non-finite loss it leads to
+                    run_loss += _finite_sum(pending, first)
+                    pending, first = [], self.step + 1
                 self.opt.step()
                 logs.update(self.objective.after_step(self.model, self.step))
                 self.step += 1
@@ -434,19 +436,25 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training, raised once the step in progress is finished and checkpointed."""
 
 
-def _finite_sum(losses: list[Tensor], first: int) -> float:
-    """The sum of the losses of steps ``first, first + 1, ...`` (one read from the device); a non-finite
-    one stops training with the step it came from."""
-    vals = torch.stack(losses).double().cpu()
-    bad = (~torch.isfinite(vals)).nonzero()
+def _finite_sum(rows: list[Tensor], first: int) -> float:
+    """The sum of the losses of steps ``first, first + 1, ...`` from their ``(loss, gradient norm)`` rows
+    (one read from the device); a non-finite loss, or a non-finite gradient under a finite loss, stops
+    training with the step it came from."""
+    vals = torch.stack(rows).double().cpu()
+    bad = (~torch.isfinite(vals)).any(1).nonzero()
     if len(bad):
         k = int(bad[0])
-        step, value = first + k, float(vals[k])
+        step, (value, gnorm) = first + k, vals[k].tolist()
         if step == 0:  # no update yet, so the learning rate is not the cause
-            raise FloatingPointError(f"training loss is {value} at step 0, before any update: "
-                                     "the training data or the objective give non-finite values")
-        raise FloatingPointError(f"training loss became {value} at step {step}; try a lower learning rate")
-    return float(vals.sum())
+            what = f"training loss is {value}" if not math.isfinite(value) else \
+                f"the gradient norm is {gnorm} (the loss is {value:.4g})"
+            raise FloatingPointError(f"{what} at step 0, before any update: the training data or the objective "
+                                     "give non-finite values")
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} at step {step}; try a lower learning rate")
+        raise FloatingPointError(f"the gradient norm became {gnorm} at step {step} (the loss is {value:.4g}); "
+                                 "try a lower learning rate")
+    return float(vals[:, 0].sum())
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

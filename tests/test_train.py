@@ -131,6 +131,36 @@ def test_losses_read_once_per_interval_give_the_same_log_and_name_the_first_bad_
         assert saved == ([] if first_bad == 0 else ["step_00000005"])  # nothing saved after step 7
 
 
+@pytest.mark.parametrize("each", [True, False])
+def test_a_finite_loss_with_a_non_finite_gradient_stops_before_its_update_is_saved(tmp_path, each):
+    """sqrt(|0 * w|) has a finite value and a NaN gradient: the loss checks alone let that update
+    through and the next checkpoint held NaN weights. The step is named, and the checkpoints kept
+    (every step, on both the per-step and the deferred read path) are all from before it."""
+    s = Schedule.linear(100)
+
+    class NanGradAt3:
+        def __init__(self):
+            self.base = DenoisingObjective(torch.randn(64, 2), s, 16)
+
+        def loss(self, model, step, gen):
+            loss, logs = self.base.loss(model, step, gen)
+            if step == 3:
+                loss = loss + (sum(p.sum() for p in model.parameters()) * 0).abs().sqrt()
+            return loss, logs
+
+        def __getattr__(self, name):
+            return getattr(self.base, name)
+
+    cfg = TrainConfig(steps=8, ckpt_every=1, keep=2, log_every=4, warmup=0, progress=False)
+    tr = Trainer(TimeMLP(2, hidden=8, depth=1), NanGradAt3(), cfg, run_dir=tmp_path)
+    tr.check_each_step = each
+    with pytest.raises(FloatingPointError, match=r"the gradient norm became nan at step 3 \(the loss is [0-9.]+\)"):
+        tr.fit()
+    saved = list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in saved] == ["step_00000002", "step_00000003"]
+    assert all(bool(torch.isfinite(v).all()) for p in saved for v in io.load_group(p, "model").values())
+
+
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     steps = ["--set", "train.steps=300", "--set", "train.ckpt_every=20"]
     ref = tmp_path / "ref"
