@@ -32,7 +32,7 @@ class Denoiser(nn.Module):
     def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
         """Predicted noise ``eps_hat(x_t, t)``, same shape as ``x_t``."""
         self.__dict__["nfe"] += 1  # not through nn.Module.__setattr__, which costs more than a GPU kernel launch
-        return self.predict_eps(x_t, _as_t(t, x_t, self.schedule))
+        return check_prediction(self.predict_eps(x_t, _as_t(t, x_t, self.schedule)), x_t)
 
     def x0(self, x_t: Tensor, t: Tensor) -> Tensor:
         """Tweedie: ``x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)``."""
@@ -49,6 +49,16 @@ class Denoiser(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         return self.eps(x_t, t)
+
+
+def check_prediction(pred: Tensor, x_t: Tensor) -> Tensor:
+    """``pred`` (a network's noise prediction), refused unless it has ``x_t``'s shape and dtype: a
+    mismatch would broadcast silently (one output channel for three) or fail a step later, blaming the input."""
+    if not isinstance(pred, Tensor) or pred.shape != x_t.shape or pred.dtype != x_t.dtype:
+        got = f"{tuple(pred.shape)} {pred.dtype}" if isinstance(pred, Tensor) else f"a {type(pred).__name__}"
+        raise ValueError(f"the network's prediction must match its input x_t, {tuple(x_t.shape)} {x_t.dtype}, "
+                         f"got {got} (is the model's out_channels the data's channel count?)")
+    return pred
 
 
 def _as_t(t: Tensor | int, x: Tensor, schedule: Schedule, lo: int = 0) -> Tensor:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from . import checks, io
 from .checks import check_setting
+from .denoiser import check_prediction
 from .sample import progress_bar
 from .schedule import Schedule
 
@@ -123,7 +124,7 @@ def denoising_loss(net: Callable, schedule: Schedule, x0: Tensor, y: Tensor | No
         t = torch.randint(0, schedule.T, (B,), generator=generator, device=gdev).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=gdev).to(x0)
     x_t = schedule.add_noise(x0, eps, t)
-    pred = net(x_t, t) if y is None else net(x_t, t, y)
+    pred = check_prediction(net(x_t, t) if y is None else net(x_t, t, y), x_t)
     return (pred - eps).pow(2).flatten(1).mean(1)
 
 

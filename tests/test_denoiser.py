@@ -230,3 +230,24 @@ def test_a_checkpoint_loads_its_ema_weights_unless_asked_for_the_raw_ones(tmp_pa
     for flag, want in ((True, ema), (False, raw)):
         got = load_denoiser(tmp_path / "c", ema=flag).net.state_dict()
         assert all(torch.equal(got[k], want[k]) for k in want), flag
+
+
+@pytest.mark.parametrize(("out", "got"), [
+    (lambda x: x[:, :1], r"\(2, 1, 4, 4\) torch.float32"),  # one output channel for three: broadcast before
+    (lambda x: x.mean((1, 2, 3), keepdim=True), r"\(2, 1, 1, 1\) torch.float32"),
+    (lambda x: x.double(), r"\(2, 3, 4, 4\) torch.float64"),  # failed a step later, blaming x_t
+])
+def test_a_prediction_unlike_its_input_is_refused_by_sampling_and_training(out, got):
+    from condiff.sample import sample
+    from condiff.train import denoising_loss
+
+    class Net(torch.nn.Module):
+        def forward(self, x, t):
+            return out(x)
+
+    s = Schedule.linear(20)
+    want = r"prediction must match its input x_t, \(2, 3, 4, 4\) torch.float32, got " + got
+    with pytest.raises(ValueError, match=want):
+        sample(NetDenoiser(Net(), s), (2, 3, 4, 4), steps=2)
+    with pytest.raises(ValueError, match=want):
+        denoising_loss(Net(), s, torch.zeros(2, 3, 4, 4), None, None)
