@@ -54,12 +54,15 @@ class Schedule:
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
         """DDPM's linear betas (Ho et al. 2020)."""
         T = checks.integer("schedule T", T, 2)
+        beta_start, beta_end = (checks.number(f"schedule {k}", v) for k, v in (("beta_start", beta_start),
+                                                                              ("beta_end", beta_end)))
         return cls(torch.linspace(beta_start, beta_end, T, dtype=torch.float64), kind="linear")
 
     @classmethod
     def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
         """Nichol & Dhariwal's cosine schedule: abar(t) = cos^2((t/T + s)/(1 + s) * pi/2), normalised."""
         T = checks.integer("schedule T", T, 2)
+        s, max_beta = checks.number("schedule s", s), checks.number("schedule max_beta", max_beta)
         f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
         if not (s >= 0 and 0 < max_beta < 1):
             raise ValueError(f"cosine schedule: s must be >= 0 and max_beta in (0, 1), got s={s}, max_beta={max_beta}")
@@ -71,12 +74,17 @@ class Schedule:
     @classmethod
     def from_config(cls, cfg: dict) -> Schedule:
         """Rebuild from :meth:`config` output (``{"kind": ..., "T": ..., ...}``)."""
+        if not isinstance(cfg, dict):
+            raise ValueError(f"a schedule's settings must be a table, got {cfg!r}")
         cfg = dict(cfg)
         kind = cfg.pop("kind", "linear")
         if kind == "custom" and set(cfg) == {"betas"}:  # a schedule given by its betas (e.g. from diffusers)
-            return cls(torch.as_tensor(cfg["betas"], dtype=torch.float64))
+            betas = cfg["betas"]
+            if not (isinstance(betas, list | tuple | Tensor) and all(checks.is_number(b) for b in betas)):
+                raise ValueError(f"schedule betas must be a list of numbers, got {betas!r:.80}")
+            return cls(torch.as_tensor(betas, dtype=torch.float64))
         builders = {"linear": cls.linear, "cosine": cls.cosine}
-        if kind not in builders:
+        if not isinstance(kind, str) or kind not in builders:
             raise ValueError(f"unknown schedule kind {kind!r}; expected one of {sorted(builders)}")
         known = [k for k in inspect.signature(builders[kind]).parameters if k != "cls"]
         if bad := sorted(set(cfg) - set(known)):

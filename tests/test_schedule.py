@@ -166,3 +166,16 @@ def test_from_config_checks_t_as_its_builders_do():
     for bad in (1, 2.5, True, "10"):
         with pytest.raises(ValueError, match=r"schedule.T \(the number of diffusion steps\) must be an integer >= 2"):
             Schedule.from_config({"kind": "cosine", "T": bad})
+
+
+@pytest.mark.parametrize(("cfg", "message"), [
+    (3, "a schedule's settings must be a table, got 3"),
+    ({"kind": ["x"]}, r"unknown schedule kind \['x'\]"),
+    ({"kind": "linear", "beta_end": "x"}, "schedule beta_end must be a finite number, got 'x'"),
+    ({"kind": "cosine", "s": "x"}, "schedule s must be a finite number, got 'x'"),
+    ({"kind": "custom", "betas": "abc"}, "schedule betas must be a list of numbers, got 'abc'"),
+    ({"kind": "custom", "betas": [0.1, None]}, r"schedule betas must be a list of numbers, got \[0.1, None\]"),
+])
+def test_a_damaged_schedule_config_is_one_line_naming_the_setting(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        Schedule.from_config(cfg)
