@@ -8,13 +8,14 @@ fsynced and then renamed into place, so a crash mid-write leaves the previous ch
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,6 +28,20 @@ CONFIG = "config.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated or corrupted."""
+
+
+@contextlib.contextmanager
+def reading_config(path: str | Path) -> Iterator[None]:
+    """Inside, a missing entry or a bad value met while rebuilding from ``path/config.json`` (a
+    KeyError, TypeError or ValueError) becomes one :class:`CheckpointError` naming the file."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except KeyError as e:
+        raise CheckpointError(f"{Path(path) / CONFIG} has no {e} entry: damaged, or not written by condiff") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(path) / CONFIG} holds a bad setting: {e}") from None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -300,15 +300,18 @@ class Trainer:
         cfg = io.load_config(path)
         io.load_state_into(self.model, path, "model")
         io.load_state_into(self.ema, path, "ema")
-        self.opt.load_state_dict(io.unflatten_optimizer(io.load_group(path, "optim", self.device), cfg["optim"]))
+        with io.reading_config(path):
+            optim = io.unflatten_optimizer(io.load_group(path, "optim", self.device), cfg["optim"])
+            self.opt.load_state_dict(optim)
+            step = checks.integer("step", cfg["step"], 0)
+            acc = cfg.get("log_acc") or (0.0, 0)  # absent in checkpoints written before it was kept
+            log_acc = (float(acc[0]), int(acc[1]))
         # always called, with {} when the checkpoint holds no objective state, so that an objective
         # with state of its own can refuse a checkpoint written without it
         has = io.has_group(path, "objective")
         self.objective.load_state_dict(io.load_group(path, "objective", self.device) if has else {})
         torch.set_rng_state(io.load_group(path, "rng")["torch_cpu"])
-        self.step = int(cfg["step"])
-        acc = cfg.get("log_acc") or (0.0, 0)  # absent in checkpoints written before it was kept
-        self._log_acc = (float(acc[0]), int(acc[1]))
+        self.step, self._log_acc = step, log_acc
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint in ``run_dir``; False if there is none."""

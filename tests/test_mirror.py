@@ -1015,3 +1015,20 @@ def test_constraint_weight_frames_mask_and_data_violation():
 
     assert data_violation(mean_abs, sparse(0.16))["satisfied"] is False
     assert data_violation(mean_abs, sparse(0.01))["satisfied"] is True
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda c: c.pop("mirror"), "has no 'mirror' entry"),
+    (lambda c: c["mirror"].pop("inverse"), "has no 'inverse' entry"),
+    (lambda c: c.update(mirror=3), "holds a bad setting"),
+    (lambda c: c["mirror"].update(a="x"), "holds a bad setting"),
+])
+def test_a_damaged_mirror_config_is_a_checkpoint_error_naming_the_file(tmp_path, damage, message):
+    from condiff.io import CheckpointError
+
+    save_mirror(tmp_path / "m", _tiny_mirror())
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    damage(cfg)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"m/config.json {message}"):
+        load_mirror(tmp_path / "m")

@@ -621,3 +621,21 @@ def test_checkpoints_kept_resume_of_a_finished_run_and_the_rng(tmp_path):
     assert again.resume() and again.step == 8  # a finished run resumes at its end, without an error
     saved = load_file(str(tmp_path / "checkpoints" / "step_00000008" / "rng.safetensors"))["torch_cpu"]
     assert torch.equal(torch.get_rng_state(), saved)  # the global RNG is restored (dropout resumes exactly)
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda c: c.pop("step"), "has no 'step' entry"),
+    (lambda c: c.pop("optim"), "has no 'optim' entry"),
+    (lambda c: c.update(step="abc"), "holds a bad setting: step must be an integer >= 0, got 'abc'"),
+])
+def test_resuming_from_a_damaged_checkpoint_config_names_the_file(tmp_path, damage, message):
+    s = Schedule.linear(50)
+    cfg = TrainConfig(steps=2, ckpt_every=2, warmup=0, progress=False)
+    Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(torch.randn(8, 2), s, 4), cfg, run_dir=tmp_path).fit()
+    (ckpt,) = list_checkpoints(tmp_path / "checkpoints")
+    c = json.loads((ckpt / "config.json").read_text())
+    damage(c)
+    (ckpt / "config.json").write_text(json.dumps(c))
+    tr = Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(torch.randn(8, 2), s, 4), cfg, run_dir=tmp_path)
+    with pytest.raises(io.CheckpointError, match=f"step_00000002/config.json {message}"):
+        tr.resume()

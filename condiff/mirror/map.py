@@ -114,6 +114,7 @@ def load_mirror(path: str | Path, device: str | torch.device = "cpu") -> tuple[M
     cfg = io.load_config(path)
     if cfg.get("format") != FORMAT:
         raise io.CheckpointError(f"{path} is not a NAMM mirror map (format {cfg.get('format')!r})")
-    mirror = MirrorMap.from_config(cfg["mirror"]).to(device)
+    with io.reading_config(path):
+        mirror = MirrorMap.from_config(cfg["mirror"]).to(device)
     io.load_state_into(mirror, path)
     return mirror.eval(), cfg
