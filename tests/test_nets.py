@@ -269,3 +269,23 @@ def test_build_net_checks_argument_types_against_the_constructor_defaults():
     with pytest.raises(ValueError, match=r"setting unet.base expects an integer .*, got 8.5"):
         build_net({"name": "unet", "in_channels": 1, "base": 8.5})
     assert build_net({**base, "context": True, "blocks": 1}).config["context"] is True
+
+
+@pytest.mark.parametrize(("cfg", "size", "message"), [
+    ({"downsamples": 0}, 2, r"first 7x7 convolution with circular padding needs images of at least 3x3, got 2x2"),
+    ({"downsamples": 0, "padding": "reflect"}, 3, r"at least 4x4, got 3x3"),
+    ({"downsamples": 3}, 8, r"3 downsamples take 8x8 images to 1x1, too small to instance-normalise"),
+    ({"downsamples": 2, "padding": "reflect", "norm": "none"}, 4, r"take 4x4 images to 1x1, too small to reflect-pad"),
+])
+def test_resnet_refuses_images_its_layers_cannot_take_before_torch_does(cfg, size, message):
+    """Each case made torch fail deep inside ("Padding value causes wrapping around more than once",
+    "Expected more than 1 spatial element when training"); the same nets take images one size up."""
+    from condiff.mirror import build_mirror
+
+    net = build_net({"name": "resnet", "in_channels": 1, "base": 4, "blocks": 1, **cfg}).train()
+    with pytest.raises(ValueError, match=message):
+        net(torch.zeros(2, 1, size, size))
+    with pytest.raises(ValueError, match=message):  # refused when the map is built, before any training
+        build_mirror((1, size, size), {"name": "icnn", "filters": 4, "layers": 2}, {"name": "resnet", **cfg})
+    bigger = size * 2
+    assert net(torch.zeros(2, 1, bigger, bigger)).shape == (2, 1, bigger, bigger)

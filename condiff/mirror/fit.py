@@ -67,9 +67,12 @@ def build_mirror(
                          f"got {shape[1]}x{shape[2]}")
     torch.manual_seed(seed)
     c = shape[0]
-    return MirrorMap(
+    mirror = MirrorMap(
         build_net({**psi, "in_channels": c}), build_net({**inverse, "in_channels": c, "out_channels": c}), a
     )
+    if hasattr(mirror.inverse, "check_size"):  # before any training: the images must pass its layers
+        mirror.inverse.check_size(int(shape[1]), int(shape[2]))
+    return mirror
 
 
 def fit_mirror_map(

@@ -191,16 +191,30 @@ class ResNetGenerator(nn.Module):
         layers.append(last)
         self.net = nn.Sequential(*layers)
 
+    def check_size(self, h: int, w: int) -> None:
+        """Refuse ``h x w`` images the layers cannot take: sides not divisible by ``2**downsamples``,
+        smaller than the first 7x7 convolution's padding can wrap or reflect, or a bottleneck too small
+        to reflect-pad or to instance-normalise (torch would fail deep inside with its own message)."""
+        down, pad = self.divisor.bit_length() - 1, self.config["padding"]
+        if h % self.divisor or w % self.divisor:
+            raise ValueError(f"ResNetGenerator with {down} downsamples needs H and W divisible by {self.divisor}, "
+                             f"got {h}x{w}")
+        need = {"reflect": 4, "circular": 3, "zeros": 1}[pad]
+        if min(h, w) < need:
+            raise ValueError(f"ResNetGenerator: its first 7x7 convolution with {pad} padding needs images of at "
+                             f"least {need}x{need}, got {h}x{w}")
+        bh, bw = h // self.divisor, w // self.divisor
+        if pad == "reflect" and min(bh, bw) < 2 or self.config["norm"] == "instance" and bh * bw < 2:
+            why = "reflect-pad" if pad == "reflect" and min(bh, bw) < 2 else "instance-normalise"
+            raise ValueError(f"ResNetGenerator: {down} downsamples take {h}x{w} images to {bh}x{bw}, too small to "
+                             f"{why}; use fewer downsamples")
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"ResNetGenerator expects (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}"
             )
-        if x.shape[2] % self.divisor or x.shape[3] % self.divisor:
-            raise ValueError(
-                f"ResNetGenerator with {self.divisor.bit_length() - 1} downsamples needs H and W "
-                f"divisible by {self.divisor}, got {x.shape[2]}x{x.shape[3]}"
-            )
+        self.check_size(x.shape[2], x.shape[3])
         y, saved = x, []
         for layer in self.net:
             if self.skips and isinstance(layer, _Up):
