@@ -455,6 +455,10 @@ def test_cli_settings_resolution_and_stage_guard(tmp_path, monkeypatch):
         resolve("burgers", "quick", overrides=["optim.lr=1"])
     with pytest.raises(ConfigError, match="unknown profile"):
         resolve("burgers", "huge")
+    for override, message in (("mirror.A=0.5", r"unknown mirror setting\(s\) \['A'\]"),
+                              ("mirror.a=1", r"mirror.a .* must be in \(0, 1\), got 1")):
+        with pytest.raises(ValueError, match=message):  # a typo was recorded and ignored; a = 1 failed later
+            NAMMRun(tmp_path / "typo", resolve("brightness", "quick", overrides=[override]))
     run = NAMMRun(tmp_path, cfg)
     # a folder named like the data set (e.g. the run directory itself) does not turn the built-in
     # data set into a user path whose loader drops the profile's size

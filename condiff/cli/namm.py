@@ -288,9 +288,11 @@ class NAMMRun:
         n = self.cfg["finetune"].get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"finetune.n (the pool of MDM samples) must be an integer >= 1, got {n!r}")
+        if unknown := sorted(set(self.cfg["mirror"]) - {"psi", "inverse", "a"}):
+            raise ValueError(f"unknown mirror setting(s) {unknown}; known: ['a', 'inverse', 'psi']")
         a = self.cfg["mirror"]["a"]
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a <= 1:
-            raise ValueError(f"mirror.a (g's strong-convexity weight) must be in (0, 1], got {a!r}")
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < 1:
+            raise ValueError(f"mirror.a (g's strong-convexity weight) must be in (0, 1), got {a!r}")
         check_sample(self.cfg["sample"])
         check_assimilate(self.cfg["assimilate"])
         T = Schedule.from_config(self.cfg["schedule"]).T
