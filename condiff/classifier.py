@@ -196,7 +196,11 @@ class DigitsJudge:
         return self.net(x.to(self.device)).softmax(-1)
 
     def log_prob(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(B, 1, 8, 8), (B,) -> (B,) log p(label | x), differentiable in x (for guidance)."""
+        """(B, 1, 8, 8), (B,) -> (B,) log p(label | x), differentiable in x (for guidance). The labels'
+        range is not read here (that would wait for a GPU at every guided step): check it once, before."""
+        if not isinstance(labels, torch.Tensor) or labels.shape != (x.shape[0],) or labels.is_floating_point():
+            got = f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"log_prob: labels must be an integer tensor of shape ({x.shape[0]},), got {got}")
         logp = self.net(x.to(self.device)).log_softmax(-1)
         return logp.gather(1, labels.to(self.device).long().view(-1, 1)).squeeze(1)
 

@@ -348,6 +348,12 @@ def test_digits_judge(cached_classifier):
     assert r["mean_top_prob"] > 0.9
     assert r["tv_to_uniform"] < 0.05  # the test split is stratified
     assert r["frechet_to_test"] == pytest.approx(0.0, abs=1e-6)
+    x4 = x_test[:4]
+    for labels, got in ((torch.tensor([0, 1]), r"\(2,\) torch.int64"), (torch.full((4,), 1.7), r"\(4,\) torch.float32"),
+                        ([0, 1, 2, 3], "list")):  # two labels for four images returned two values, 1.7 became 1
+        with pytest.raises(ValueError, match=r"labels must be an integer tensor of shape \(4,\), got " + got):
+            judge.log_prob(x4, labels)
+    assert judge.log_prob(x4, torch.tensor([0, 1, 2, 3])).shape == (4,)
     assert r["frechet_train_vs_test"] == judge.frechet_train_vs_test > 0
     blank = judge.evaluate(-torch.ones(16, 1, 8, 8))  # one image, repeated: a single class
     assert blank["tv_to_uniform"] == pytest.approx(0.9)

@@ -122,6 +122,9 @@ def test_nets_and_mirror_reject_bad_input():
         ResNetGenerator(1, padding="mirror")
     with pytest.raises(ValueError, match="slope must lie in"):
         ICNN(1, slope=-0.5)
+    for bad in (-1, float("nan"), "x"):
+        with pytest.raises(ValueError, match="init_scale .* must be a number >= 0"):
+            ICNN(1, init_scale=bad)
 
 
 def test_resnet_starts_as_identity_and_rebuilds_from_config():
@@ -292,6 +295,9 @@ def test_finetuning_refuses_a_non_finite_pool_and_warns_on_one_far_outside_mirro
         FinetuneObjective(m, x, torch.where(y > y.mean(), float("nan"), y), con)
     with pytest.warns(UserWarning, match="is the mirror diffusion model trained"):
         FinetuneObjective(m, x, 600 * y, con)
+    for xs, ys, got in ((x, y[:0], "16 and 0"), (x[:0], y, "0 and 16")):  # torch's max() of nothing before
+        with pytest.raises(ValueError, match=f"fine-tuning needs data and mirror samples, got {got}"):
+            FinetuneObjective(m, xs, ys, con)
 
 
 def test_realism_critic_learns_to_tell_data_from_outputs_unlike_them():

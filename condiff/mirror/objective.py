@@ -193,6 +193,8 @@ class FinetuneObjective(_SignCheck):
             raise ValueError(
                 f"mirror samples have shape {tuple(y_mdm.shape[1:])} but the data {tuple(x.shape[1:])}"
             )
+        if 0 in (len(x), len(y_mdm)):
+            raise ValueError(f"fine-tuning needs data and mirror samples, got {len(x)} and {len(y_mdm)}")
         if not bool(torch.isfinite(y_mdm).all()):
             raise ValueError("the mirror samples to fine-tune on hold NaN or inf values")
         self.psi_map = mirror  # only its psi (frozen) is used; f is the trained model

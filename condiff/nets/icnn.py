@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .. import checks
 from . import register_net
 
 
@@ -52,6 +53,9 @@ class ICNN(nn.Module):
             )
         if not 0.0 <= float(slope) <= 1.0:
             raise ValueError(f"ICNN: slope must lie in [0, 1] for a convex activation, got {slope}")
+        if not (checks.is_number(init_scale) and init_scale >= 0):
+            raise ValueError(f"ICNN: init_scale (the non-negative weights start in [0, init_scale]) must be a "
+                             f"number >= 0, got {init_scale!r}")
         self.config = {
             "name": "icnn",
             "in_channels": int(in_channels),
