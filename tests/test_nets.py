@@ -206,6 +206,9 @@ def test_mlp_fourier_features_are_octaves_of_pi():
     assert "fourier" not in TimeMLP(2).config  # configs of models saved before the option stay identical
     with pytest.raises(ValueError, match="fourier"):
         TimeMLP(2, fourier=-1)
+    assert TimeMLP(2, fourier=20).inp.in_features == 2 * 41
+    with pytest.raises(ValueError, match="fourier must be at most 20"):  # 128 gave inf features, NaN losses
+        TimeMLP(2, fourier=21)
 
 
 # --- registry ----------------------------------------------------------------------------------

@@ -27,6 +27,10 @@ class _Block(nn.Module):
         return h + self.fc2(F.silu(z))
 
 
+#: The most Fourier octaves :class:`TimeMLP` takes.
+FOURIER_MAX = 20
+
+
 class TimeMLP(nn.Module):
     """Epsilon network for vectors: ``forward(x (B, D), t (B,), y=None (B,)) -> (B, D)``.
 
@@ -51,6 +55,9 @@ class TimeMLP(nn.Module):
                 raise ValueError(f"TimeMLP: {key} must be an integer >= {low}, got {val!r}")
         dim, hidden, depth, time_dim, num_classes, fourier = map(
             int, (dim, hidden, depth, time_dim, num_classes, fourier))
+        if fourier > FOURIER_MAX:  # 2^k pi x in float32: from k ~ 23 the phase is rounding noise, from ~ 125 inf
+            raise ValueError(f"TimeMLP: fourier must be at most {FOURIER_MAX} (frequencies 2^k pi beyond that "
+                             f"resolve nothing in float32), got {fourier}")
         self.config = {"name": "mlp", "dim": dim, "hidden": hidden, "depth": depth,
                        "time_dim": time_dim, "num_classes": num_classes}
         if fourier:  # only when used, so configs of models saved before the option stay identical
