@@ -227,6 +227,27 @@ def run_holder(run_dir: str | Path) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def claimed_run(run_dir: str | Path) -> Iterator[Path]:
+    """Make ``run_dir`` if needed and hold its lock (:func:`lock_run`) from the start of the block, so
+    that no other condiff process writes it while the block checks, clears or resumes it. A block that
+    fails leaves no trace of the claim: a directory made here that holds nothing but its lock is
+    removed again (a refused command leaves nothing behind)."""
+    run_dir = Path(run_dir)
+    top = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)  # first made here
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_run(run_dir)
+        yield run_dir
+    except BaseException:
+        if top is not None and all(p.name == ".lock" for p in run_dir.iterdir()):
+            fd = _LOCKS.pop(run_dir.resolve(), None)
+            if fd is not None:
+                os.close(fd)
+            shutil.rmtree(top, ignore_errors=True)
+        raise
+
+
 def release_runs() -> None:
     """Release every run-directory lock this process holds (the command line does at the end of a command)."""
     while _LOCKS:

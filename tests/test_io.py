@@ -112,3 +112,61 @@ def test_only_global_rank_0_of_a_torchrun_job_holds_the_run(tmp_path, monkeypatc
         assert (tmp_path / ".lock").exists() == holds and (tmp_path.resolve() in io._LOCKS) == holds
     finally:
         io.release_runs()
+
+
+def test_a_claimed_run_is_locked_from_the_start_and_a_failed_claim_leaves_nothing(tmp_path):
+    new = tmp_path / "a" / "b" / "run"
+    try:
+        with pytest.raises(RuntimeError, match="refused"):
+            with io.claimed_run(new):
+                assert new.resolve() in io._LOCKS  # held before the block reads or clears anything
+                raise RuntimeError("refused")
+        assert not (tmp_path / "a").exists() and new.resolve() not in io._LOCKS  # the directories made go too
+        (tmp_path / "kept").mkdir()
+        with pytest.raises(RuntimeError):
+            with io.claimed_run(tmp_path / "kept"):
+                raise RuntimeError("refused")
+        assert (tmp_path / "kept").is_dir()  # it was there before
+        with io.claimed_run(new) as d:
+            (d / "out.txt").write_text("x")
+        assert (new / "out.txt").is_file() and new.resolve() in io._LOCKS  # held for the rest of the command
+    finally:
+        io.release_runs()
+
+
+def test_train_or_reuse_is_refused_on_a_run_another_process_writes_before_it_clears_anything(tmp_path):
+    """`condiff demo --retrain` on a run that `condiff train` was writing deleted its checkpoints."""
+    from condiff.cli.common import train_or_reuse
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom condiff import io\n"
+                               "io.lock_run(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(io.RunInUseError, match="in use by another condiff process"):
+            train_or_reuse({}, run, retrain=True)
+        assert (run / "checkpoints" / "step_00000010").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+        io.release_runs()
+
+
+def test_start_run_locks_a_new_run_before_building_it_and_a_refused_build_leaves_nothing(tmp_path):
+    """The lock used to be taken after build() and the --fresh deletions when --out did not exist yet."""
+    from condiff.cli.common import start_run
+
+    run, seen = tmp_path / "new", []
+
+    def build():
+        seen.append(run.resolve() in io._LOCKS)
+        raise ValueError("bad settings")
+
+    try:
+        with pytest.raises(ValueError, match="bad settings"):
+            start_run(run, resume=False, fresh=True, build=build)
+        assert seen == [True] and not run.exists()
+    finally:
+        io.release_runs()

@@ -165,8 +165,13 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
     ``resume``. ``data``, ``schedule``: the run's settings, which a resumed run must share with the
     checkpoint's (same shapes, so the checkpoint would load and training go on, silently, on other data
     or under another noise schedule).
-    Returns the job, the run directory made; ``config.json`` is the caller's to write next."""
-    io.lock_run(run_dir)
+    Returns the job, the run directory made and locked; ``config.json`` is the caller's to write next."""
+    with io.claimed_run(run_dir):  # locked before anything is read, let alone cleared
+        return _start_claimed_run(run_dir, resume, fresh, build, clear, data, schedule)
+
+
+def _start_claimed_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str, ...],
+                       data: dict | None, schedule: dict | None):
     existing = list_checkpoints(run_dir / "checkpoints")
     if existing and not (resume or fresh):
         raise FileExistsError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}): "
@@ -183,8 +188,6 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
         (run_dir / "log.jsonl").unlink(missing_ok=True)
     if resume and not job.resume():
         print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    io.lock_run(run_dir)
     return job
 
 
@@ -355,9 +358,10 @@ def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = 
     run_dir = Path(run_dir)
     if not retrain and model_is_complete(run_dir, cfg):
         return 0.0, True
-    job = TrainingJob(cfg, run_dir)  # checked before anything in run_dir changes
-    if not (retrain or own):
-        refuse_other_settings(run_dir, cfg, remedy)
+    with io.claimed_run(run_dir):  # another command writing this run is refused before anything changes
+        job = TrainingJob(cfg, run_dir)  # checked before anything in run_dir changes
+        if not (retrain or own):
+            refuse_other_settings(run_dir, cfg, remedy)
     if announce:
         print(announce)
     if retrain or ((run_dir / "config.json").is_file() and not same_settings(run_dir, cfg)):  # nothing held
@@ -366,7 +370,6 @@ def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = 
         (run_dir / "log.jsonl").unlink(missing_ok=True)
     t0 = time.perf_counter()
     job.resume()
-    run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(run_dir, cfg)
     job.fit()
     return time.perf_counter() - t0, False

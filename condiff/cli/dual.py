@@ -125,9 +125,9 @@ def run_experiment(args: argparse.Namespace) -> int:
     out = check_out_dir(args.out, kind=f"condiff dual {args.experiment}")
     device = pick_device(args.device)
     cfg = apply_overrides(ex.profile_config(cls, args.profile), args.overrides)  # all settings checked
-    io.lock_run(out)  # a second experiment into the same directory while this one runs is refused
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    m = fn(cfg, out, device, fresh=args.fresh, progress=True)
+    with io.claimed_run(out):  # a second experiment into the same directory while this one runs is refused
+        m = fn(cfg, out, device, fresh=args.fresh, progress=True)
     print(json.dumps({k: v for k, v in m.items() if k != "config"}, indent=1, default=str))
     print(f"wrote {out / 'metrics.json'}")
     print(f"plots: {out}/ " + ", ".join(p.name for p in sorted(out.glob("*.png"))))
