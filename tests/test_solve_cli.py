@@ -247,3 +247,25 @@ def test_eval_scores_a_diffusers_model_against_the_data_named_by_data(tmp_path, 
     (tmp_path / "f").write_text("a file")
     assert main(["sample", "--ckpt", str(tmp_path / "dm"), "--out", str(tmp_path / "f" / "sub")]) == 2
     assert "f is a file, not a directory" in capsys.readouterr().err
+
+
+def test_a_sample_run_that_fails_half_way_leaves_no_record_beside_new_data(tiny_run, tmp_path, monkeypatch, capsys):
+    """The record (sample_config.json) goes first and comes back last: a failure between samples.npz and
+    the picture left the new samples beside the old picture and the old run's record."""
+    import condiff.cli.common as common
+
+    out = tmp_path / "s"
+    args = ["sample", "--ckpt", str(tiny_run), "--out", str(out), "--n", "4", "--steps", "2", "--device", "cpu"]
+    assert main([*args, "--seed", "0"]) == 0
+    assert {p.name for p in out.iterdir()} >= {"samples.npz", "samples.png", "sample_config.json"}
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(common, "save_png_grid", disk_full)
+    assert main([*args, "--seed", "1"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not (out / "sample_config.json").exists() and not (out / "samples.png").exists()
+    monkeypatch.undo()
+    assert main([*args, "--seed", "1"]) == 0
+    assert json.loads((out / "sample_config.json").read_text())["seed"] == 1

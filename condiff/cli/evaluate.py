@@ -62,7 +62,7 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
     dt = time.perf_counter() - t0
     check_samples(x, out)
     m = evaluate_samples(x, data_cfg, reference)  # scored before anything is written: old and new never mix
-    write_samples(x, out, value_range=run_cfg.get("value_range"))
+    write_samples(x, out, value_range=run_cfg.get("value_range"), record="metrics.json")
     m.update({"sample_seconds": round(dt, 3), "sample_steps": int(scfg["steps"]), "eta": float(scfg["eta"]),
               "nfe_per_sample": den.nfe // max(1, -(-int(scfg["n"]) // int(scfg.get("batch_size", 500)))),
               "seed": int(scfg["seed"]), "ckpt": str(ckpt),
