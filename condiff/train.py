@@ -475,7 +475,7 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         return out
-    for line in p.read_text().splitlines():
+    for line in p.read_text(errors="replace").splitlines():  # a garbled line is skipped like a torn one
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:

@@ -269,3 +269,11 @@ def test_a_sample_run_that_fails_half_way_leaves_no_record_beside_new_data(tiny_
     monkeypatch.undo()
     assert main([*args, "--seed", "1"]) == 0
     assert json.loads((out / "sample_config.json").read_text())["seed"] == 1
+
+
+def test_out_is_refused_when_it_is_a_model_checkpoint_directory(tiny_run, capsys):
+    """eval --out RUN/model wrote its files into the checkpoint, which the next save replaces whole."""
+    before = sorted(p.name for p in tiny_run.iterdir())
+    assert main(["sample", "--ckpt", str(tiny_run), "--out", str(tiny_run), "--n", "2", "--steps", "2"]) == 2
+    assert "is a model checkpoint directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tiny_run.iterdir()) == before

@@ -639,3 +639,10 @@ def test_resuming_from_a_damaged_checkpoint_config_names_the_file(tmp_path, dama
     tr = Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(torch.randn(8, 2), s, 4), cfg, run_dir=tmp_path)
     with pytest.raises(io.CheckpointError, match=f"step_00000002/config.json {message}"):
         tr.resume()
+
+
+def test_read_log_skips_a_garbled_line_as_it_skips_a_torn_one(tmp_path):
+    from condiff.train import read_log
+
+    (tmp_path / "log.jsonl").write_bytes(b'{"step": 1}\n\xff\xfe garbage\n{"step": 2}\n{"step": 3')
+    assert [r["step"] for r in read_log(tmp_path / "log.jsonl")] == [1, 2]

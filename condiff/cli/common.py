@@ -236,6 +236,9 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
             if not os.access(q, os.W_OK):  # found now, not after the work whose results it would hold
                 raise PermissionError(f"{flag} {p}{'' if q == p else f': {q}'} is not writable")
             break
+    if (p / "model.safetensors").is_file():  # a checkpoint is replaced whole when it is saved again
+        raise FileExistsError(f"{flag} {p} is a model checkpoint directory; files written into it would be lost "
+                              "when the model is saved again: give another directory")
     if kind is not None:
         other = run_kind(p)
         if other is not None and other != kind:
