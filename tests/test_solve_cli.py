@@ -277,3 +277,15 @@ def test_out_is_refused_when_it_is_a_model_checkpoint_directory(tiny_run, capsys
     assert main(["sample", "--ckpt", str(tiny_run), "--out", str(tiny_run), "--n", "2", "--steps", "2"]) == 2
     assert "is a model checkpoint directory" in capsys.readouterr().err
     assert sorted(p.name for p in tiny_run.iterdir()) == before
+
+
+def test_eval_of_a_bare_model_directory_writes_beside_it_not_into_it(tiny_run, tmp_path):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_run, model)
+    np.save(tmp_path / "ref.npy", np.random.default_rng(0).uniform(-1, 1, (8, 1, 8, 8)).astype(np.float32))
+    args = ["eval", "--ckpt", str(model), "--n", "4", "--steps", "2", "--device", "cpu", "--data",
+            str(tmp_path / "ref.npy")]
+    assert main(args) == 0
+    assert (model / "eval" / "metrics.json").is_file() and not (model / "metrics.json").exists()

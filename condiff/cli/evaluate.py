@@ -76,9 +76,10 @@ def run(args: argparse.Namespace) -> int:
     ckpt = Path(args.ckpt)
     run = ckpt.parent if ckpt.name == "model" and run_kind(ckpt) is None else ckpt  # --ckpt RUN/model: RUN's
     own = run_kind(run) in (None, "condiff train")  # another command's run has a metrics.json of its own
-    if own and (args.out is None or Path(args.out).resolve() == ckpt.resolve()):
-        out = check_out_dir(ckpt, "--ckpt")  # the run scores itself, beside its model
-    elif args.out is None:
+    if own and (args.out is None or Path(args.out).resolve() == ckpt.resolve()) \
+            and not (run / "model.safetensors").is_file():
+        out = check_out_dir(run, "--ckpt")  # the run scores itself, beside its model
+    elif args.out is None:  # another command's run, or a bare model directory (replaced whole when saved again)
         out = check_out_dir(run / "eval", f"--out (default {run / 'eval'})", kind="condiff eval")
     else:  # a directory of its own, which must not hold another command's output
         out = check_out_dir(args.out, kind="condiff eval")
