@@ -577,3 +577,17 @@ def test_eval_that_fails_to_score_leaves_the_earlier_samples_and_metrics_togethe
     assert main(["eval", "--ckpt", str(run), "--n", "30", "--steps", "3", "--data", str(tmp_path / "const.npy")]) == 2
     assert "the reference samples are all identical" in capsys.readouterr().err  # found after sampling
     assert _snapshot(run) == before
+
+
+def test_fresh_removes_the_old_models_results_with_it(trained, tmp_path):
+    """Samples and metrics drawn from the old model stayed beside the new one after --fresh."""
+    run = tmp_path / "run"
+    trained(run)
+    assert main(["eval", "--ckpt", str(run), "--n", "8", "--steps", "2"]) == 0
+    assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2"]) == 0
+    assert (run / "metrics.json").is_file() and (run / "samples" / "samples.npz").is_file()
+    (run / "notes.txt").write_text("mine")  # not the run's: kept
+    assert main(["train", *TINY, "--out", str(run), "--fresh"]) == 0
+    left = {p.name for p in run.iterdir()}
+    assert not left & {"metrics.json", "samples.npz", "samples.png", "samples", "eval"}
+    assert {"model", "notes.txt", "config.json"} <= left

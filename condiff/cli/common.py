@@ -183,9 +183,9 @@ def _start_claimed_run(run_dir: Path, resume: bool, fresh: bool, build, clear: t
                               "pass --fresh to train it again, or use another --out")
     job = build()
     if fresh:
-        for d in ("checkpoints", "model", *clear):
-            shutil.rmtree(run_dir / d, ignore_errors=True)
-        (run_dir / "log.jsonl").unlink(missing_ok=True)
+        for name in ("checkpoints", "model", "log.jsonl", *clear):
+            p = run_dir / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     if resume and not job.resume():
         print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
     return job

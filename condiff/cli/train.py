@@ -28,8 +28,15 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--out", default=None, help="run directory (default: runs/<data>)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    g.add_argument("--fresh", action="store_true", help="discard checkpoints in --out and start over")
+    g.add_argument("--fresh", action="store_true",
+                   help="discard the run in --out (checkpoints, model, log, the old model's samples and metrics) "
+                        "and start over")
     p.set_defaults(func=run, interrupted=interrupted)
+
+
+#: What ``--fresh`` removes besides checkpoints, model and log: results of the old model (``condiff eval``
+#: and ``condiff sample`` write them beside it by default), which would otherwise sit beside the new one.
+FRESH_CLEARS = ("metrics.json", "samples.npz", "samples.png", "samples", "eval")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = check_out_dir(args.out or Path("runs") / Path(str(cfg["data"]["name"])).stem, kind="condiff train")
     args.run_dir = run_dir  # for the Ctrl-C hint
     job = start_run(run_dir, args.resume, args.fresh, lambda: TrainingJob(cfg, run_dir), data=cfg["data"],
-                    schedule=cfg.get("schedule"))
+                    schedule=cfg.get("schedule"), clear=FRESH_CLEARS)
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
     model_dir = job.fit()
     if job.trainer.dist.main:  # once, not from every torchrun process
