@@ -84,8 +84,10 @@ def write_file_atomic(path: str | Path, fill: Callable[[IO], None], binary: bool
             os.fsync(f.fileno())
         _as_created(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # disk full names no file
+            raise OSError(e.errno, f"writing {path}: {e.strerror}; the previous file is unchanged") from None
         raise
     return path
 

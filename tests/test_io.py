@@ -170,3 +170,14 @@ def test_start_run_locks_a_new_run_before_building_it_and_a_refused_build_leaves
         assert seen == [True] and not run.exists()
     finally:
         io.release_runs()
+
+
+def test_a_failed_write_names_its_file_and_leaves_the_old_one(tmp_path):
+    io.write_text_atomic(tmp_path / "m.json", "old")
+
+    def disk_full(f):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=r"writing .*m.json: No space left on device; the previous file is unchanged"):
+        io.write_file_atomic(tmp_path / "m.json", disk_full)
+    assert os.listdir(tmp_path) == ["m.json"] and (tmp_path / "m.json").read_text() == "old"
