@@ -591,3 +591,11 @@ def test_fresh_removes_the_old_models_results_with_it(trained, tmp_path):
     left = {p.name for p in run.iterdir()}
     assert not left & {"metrics.json", "samples.npz", "samples.png", "samples", "eval"}
     assert {"model", "notes.txt", "config.json"} <= left
+
+
+def test_a_model_size_that_contradicts_the_data_is_refused_not_replaced(tmp_path, capsys):
+    """--set model.dim=3 on 2-D data was replaced by 2 while the run's config.json kept 3."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--set", "model.name=mlp", "--set", "model.dim=3", "--out", str(run)]) == 2
+    assert "model.dim = 3 but the data have 2: leave it out" in capsys.readouterr().err
+    assert not run.exists()

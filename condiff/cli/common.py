@@ -85,15 +85,16 @@ def net_config(cfg: dict, data: ArrayData) -> dict:
     """The model table, completed from the data (channels / dimension, number of classes)."""
     auto = AUTO_MODELS["unet"] if len(data.shape) == 3 else AUTO_MODELS["mlp"]
     m = dict(cfg["model"]) if cfg["model"].get("name") else {**auto, **cfg["model"]}
-    if m.get("name") == "unet":
-        if len(data.shape) != 3:
-            raise ValueError(f"model 'unet' needs image data (C, H, W), got per-sample shape {data.shape}")
-        m.setdefault("in_channels", data.shape[0])
-        m["in_channels"] = data.shape[0]
-    if m.get("name") == "mlp":
-        if len(data.shape) != 1:
-            raise ValueError(f"model 'mlp' needs vector data (D,), got per-sample shape {data.shape}")
-        m["dim"] = data.shape[0]
+    for name, key, rank, what in (("unet", "in_channels", 3, "image data (C, H, W)"),
+                                  ("mlp", "dim", 1, "vector data (D,)")):
+        if m.get("name") != name:
+            continue
+        if len(data.shape) != rank:
+            raise ValueError(f"model '{name}' needs {what}, got per-sample shape {data.shape}")
+        if m.get(key, data.shape[0]) != data.shape[0]:  # config.json would record one value, the model hold another
+            raise ValueError(f"model.{key} = {m[key]!r} but the data have {data.shape[0]}: leave it out (it is taken "
+                             "from the data)")
+        m[key] = data.shape[0]
     if cfg["data"].get("labels") and data.y is not None:
         m["num_classes"] = int(data.y.max()) + 1
     return m
