@@ -268,9 +268,32 @@ def read_json_table(path: str | Path) -> dict:
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def recover_checkpoint(path: str | Path) -> Path:
+    """``path``, put back from ``.NAME.old-PID`` if a :func:`save_checkpoint` was killed between its two
+    renames (the previous checkpoint set aside, the new one not yet in place) and that process is gone."""
+    path = Path(path)
+    if not path.exists() and path.parent.is_dir():
+        for old in sorted(path.parent.glob(f".{path.name}.old-*")):
+            pid = old.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                os.replace(old, path)
+                break
+    return path
+
+
 def load_config(path: str | Path) -> dict:
     """Read ``config.json`` of a checkpoint directory, with a clear error when it is absent or broken."""
-    path = Path(path)
+    path = recover_checkpoint(path)
     cfg = path / CONFIG
     if path.is_file():
         raise CheckpointError(f"{path} is a file; a checkpoint is a directory (with {CONFIG})")

@@ -27,9 +27,9 @@ def save_model(path: str | Path, net: nn.Module, schedule: Schedule, **meta) -> 
 def resolve_model_dir(path: str | Path) -> Path:
     """The directory that holds the weights: ``path`` itself, ``path/model`` for a run directory."""
     path = Path(path)
-    if not path.exists():
+    if not io.recover_checkpoint(path).exists():
         raise io.CheckpointError(f"no model at {path}: the path does not exist")
-    if (path / "model" / io.CONFIG).is_file():
+    if (io.recover_checkpoint(path / "model") / io.CONFIG).is_file():
         return path / "model"
     return path
 

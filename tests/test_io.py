@@ -181,3 +181,25 @@ def test_a_failed_write_names_its_file_and_leaves_the_old_one(tmp_path):
     with pytest.raises(OSError, match=r"writing .*m.json: No space left on device; the previous file is unchanged"):
         io.write_file_atomic(tmp_path / "m.json", disk_full)
     assert os.listdir(tmp_path) == ["m.json"] and (tmp_path / "m.json").read_text() == "old"
+
+
+def test_a_checkpoint_set_aside_by_a_killed_writer_is_put_back_on_load(tmp_path, tiny_run):
+    """kill -9 between save_checkpoint's two renames leaves nothing at NAME and the previous checkpoint
+    at .NAME.old-PID; the next load puts it back once that process is gone (not while it runs)."""
+    import shutil
+
+    from condiff.models import load_denoiser
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    path = tmp_path / "step_1"
+    io.save_checkpoint(path, {"model": {"w": torch.ones(2)}}, {"step": 1})
+    os.replace(path, tmp_path / f".step_1.old-{os.getpid()}")  # a writer still running: left alone
+    with pytest.raises(io.CheckpointError, match="not found"):
+        io.load_config(path)
+    os.replace(tmp_path / f".step_1.old-{os.getpid()}", tmp_path / f".step_1.old-{pid}")
+    assert io.load_config(path)["step"] == 1 and os.listdir(tmp_path) == ["step_1"]
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run / "model")
+    os.replace(run / "model", run / f".model.old-{pid}")
+    assert load_denoiser(run).schedule.T == 100 and (run / "model").is_dir()
