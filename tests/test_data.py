@@ -631,3 +631,27 @@ def test_patch_crops_are_where_they_say_weighted_by_positions_and_reach_every_ed
     grid = load_patches("train", size=16, downscale=8, flip=True)
     half = len(grid) // 2
     assert torch.equal(grid.x[half:], grid.x[:half].flip(-1))  # mirrored left-right
+
+
+def test_the_kolmogorov_flows_and_the_digits_judge_are_made_on_one_thread(monkeypatch):
+    """Both are cached: with the caller's thread count the flows (a chaotic solver) became unrelated
+    after a dozen snapshots between 1 and 2 threads, and the judge's weights differed by 0.2, fixed
+    by whichever process made them first. The caller's count is restored."""
+    import condiff.classifier as clf
+    import condiff.data.physics as physics
+
+    seen = []
+    real_traj, real_digits = physics.kolmogorov_trajectories, clf._digits
+    monkeypatch.setattr(physics, "kolmogorov_trajectories",
+                        lambda *a, **k: (seen.append(("flow", torch.get_num_threads())), real_traj(*a, **k))[1])
+    monkeypatch.setattr(clf, "_digits",
+                        lambda *a: (seen.append(("judge", torch.get_num_threads())), real_digits(*a))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        load_dataset("kolmogorov", "train", size=16, n_train=2, n_test=1, per_trajectory=2, frames=1,
+                     sim_size=16, spinup=0.1)
+        clf.train_digits_classifier(steps=1)
+        assert set(seen) == {("flow", 1), ("judge", 1)} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

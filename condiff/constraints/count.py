@@ -13,8 +13,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 
 from condiff import checks, io
 from condiff.constraints import Constraint, register_constraint
+from condiff.determinism import one_thread
 
 COUNTER_FORMAT = "condiff-counter"
 
@@ -67,20 +67,7 @@ def counter_key(k: int, size: int, steps: int, seed: int, width: int, device: st
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run the block on one CPU thread, then restore the caller's count: a float sum's order depends
-    on the thread count, and the PGD batches' signed steps turn a 1e-7 difference into a different
-    counter, so without this the cached counter (and every count figure) depends on the machine's cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@_one_thread()
+@one_thread()  # the cached counter (and every count figure) must not depend on the cores
 def train_counter(
     k: int = 8,
     size: int = 32,

@@ -34,6 +34,7 @@ from condiff.constraints import BurgersResidual, DivergenceFree
 from condiff.constraints.burgers import rk4
 from condiff.data import ArrayData, DataError, check_split, derive_seed, register_dataset
 from condiff.data.cache import cached_arrays
+from condiff.determinism import one_thread
 
 DATA_VERSION = 1
 DTYPE = torch.float32  # float32 halves the solver time; divergence-freeness is exact per mode anyway
@@ -286,6 +287,7 @@ def load_kolmogorov(
         "v": DATA_VERSION,
     }
 
+    @one_thread()  # a chaotic solver: the thread count's rounding would decide the cached flows
     def make(n: int, s: int) -> dict[str, np.ndarray]:
         n_traj = -(-n // per_trajectory)
         v = kolmogorov_trajectories(
