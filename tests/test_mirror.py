@@ -1042,3 +1042,22 @@ def test_a_damaged_mirror_config_is_a_checkpoint_error_naming_the_file(tmp_path,
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=f"m/config.json {message}"):
         load_mirror(tmp_path / "m")
+
+
+def test_building_and_training_leave_the_callers_random_stream_alone():
+    """build_mirror and train_diffusion seed their own weights; they used to reseed the global RNG, so
+    the caller's next draw was the same whatever seed the caller had set."""
+    from condiff.mirror import train_diffusion
+
+    draws, x = [], torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        _tiny_mirror(seed=0)
+        train_diffusion(x, {"name": "mlp", "dim": 2, "hidden": 8, "depth": 1}, Schedule.linear(20),
+                        TrainConfig(steps=2, batch_size=4, progress=False), seed=0)
+        draws.append(torch.randn(3))
+        torch.manual_seed(caller_seed)
+        assert torch.equal(draws[-1], torch.randn(3))  # as if the calls had not happened
+    assert not torch.equal(draws[0], draws[1])
+    a, b = _tiny_mirror(seed=0).state_dict(), _tiny_mirror(seed=1).state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # the seed given still decides the weights

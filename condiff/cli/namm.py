@@ -482,15 +482,14 @@ class NAMMRun:
         if done is not None:
             return done
         m = self.cfg["mirror"]
-        mirror = build_mirror(
-            self.shape, m["psi"], m["inverse"], m["a"], seed=int(self.cfg["data"]["seed"])
-        )
+        tcfg = self._tcfg(self.cfg["mirror_train"], section="mirror_train")
+        mirror = build_mirror(self.shape, m["psi"], m["inverse"], m["a"], seed=tcfg.seed)  # 0 unless set
         t0 = time.perf_counter()
         out = fit_mirror_map(
             self.data().x,
             self.constraint(),
             mirror,
-            self._tcfg(self.cfg["mirror_train"], section="mirror_train"),
+            tcfg,
             NAMMLoss.from_dict(self.cfg["loss"]),
             d,
             {"constraint": self.constraint().config},
@@ -507,15 +506,9 @@ class NAMMRun:
         x = x_fn()
         net = {**self.cfg["model"], "in_channels": x.shape[1]}
         t0 = time.perf_counter()
-        den = train_diffusion(
-            x,
-            net,
-            Schedule.from_config(self.cfg["schedule"]),
-            self._tcfg(self.cfg["train"]),
-            d,
-            {"stage": name},
-            resume=True,
-        )
+        tcfg = self._tcfg(self.cfg["train"])
+        den = train_diffusion(x, net, Schedule.from_config(self.cfg["schedule"]), tcfg, d, {"stage": name},
+                              resume=True, seed=tcfg.seed)  # train.seed seeds the initial weights too
         self._finish(name, spec, time.perf_counter() - t0)
         return den
 

@@ -65,11 +65,12 @@ def build_mirror(
     if down < 0 or any(int(n) % 2**down for n in shape[1:]):  # before a deep net is built
         raise ValueError(f"mirror.inverse.downsamples = {down} needs H and W divisible by {2**max(down, 0)}, "
                          f"got {shape[1]}x{shape[2]}")
-    torch.manual_seed(seed)
     c = shape[0]
-    mirror = MirrorMap(
-        build_net({**psi, "in_channels": c}), build_net({**inverse, "in_channels": c, "out_channels": c}), a
-    )
+    with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's random stream left as it was
+        torch.manual_seed(seed)
+        mirror = MirrorMap(
+            build_net({**psi, "in_channels": c}), build_net({**inverse, "in_channels": c, "out_channels": c}), a
+        )
     if hasattr(mirror.inverse, "check_size"):  # before any training: the images must pass its layers
         mirror.inverse.check_size(int(shape[1]), int(shape[2]))
     return mirror
@@ -126,12 +127,13 @@ def train_diffusion(
     With ``run_dir`` the EMA model is saved to ``run_dir/model`` (loadable with
     :func:`condiff.models.load_denoiser`).
     """
-    torch.manual_seed(seed)
-    net = build_net(net_cfg)
-    meta = {"net": net.config, "schedule": schedule.config(), "shape": list(x.shape[1:]), **(meta or {})}
-    tr = _trainer(net, DenoisingObjective(x, schedule, tcfg.batch_size), tcfg, run_dir, meta, resume)
-    t0 = time.perf_counter()
-    ema = tr.fit().eval()
+    with torch.random.fork_rng(devices=[]):  # seeded weights (and dropout); the caller's stream left as it was
+        torch.manual_seed(seed)
+        net = build_net(net_cfg)
+        meta = {"net": net.config, "schedule": schedule.config(), "shape": list(x.shape[1:]), **(meta or {})}
+        tr = _trainer(net, DenoisingObjective(x, schedule, tcfg.batch_size), tcfg, run_dir, meta, resume)
+        t0 = time.perf_counter()
+        ema = tr.fit().eval()
     if run_dir is not None and tr.dist.main:
         save_model(
             Path(run_dir) / "model",
