@@ -280,9 +280,10 @@ def sample(denoiser: Denoiser, shape: tuple[int, ...], steps: int = 100, eta: fl
 
 def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int = 256,
              progress: bool = False, **kw) -> Tensor:
-    """Draw ``n`` samples of per-sample ``shape`` in batches of ``batch_size``; same ``generator``
-    stream as one big batch split in order, so results do not depend on memory settings only if
-    ``batch_size`` is kept."""
+    """Draw ``n`` samples of per-sample ``shape`` in batches of ``batch_size``, one batch after the other
+    from the one ``generator`` (each batch's start noise, then its steps' noise). The samples of a seed
+    therefore depend on ``batch_size`` (and the first ``k`` of ``n`` samples are not those of ``n = k``
+    unless ``k`` is a whole number of batches): keep it, and record it, to reproduce a result."""
     out = []
     if not checks.is_integer(batch_size, 1):
         raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")

@@ -29,7 +29,7 @@ def test_solve_writes_images_and_metrics(tiny_run, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".condiff-run"]
     assert (out / ".condiff-run").read_text() == "condiff solve\n"
     m = json.loads((out / "metrics.json").read_text())
-    assert m["n"] == 3 and m["steps"] == 3 and m["nfe"] == 3
+    assert m["n"] == 3 and m["steps"] == 3 and m["nfe"] == 3 and m["batch_size"] == 64 and m["seed"] == 0
     # the swept default for this task adds DSG's final Euclidean step: a gradient at every step
     assert m["grad_evals"] == 3 and m["hyperparameters"]["final"] > 0
     assert m["hyperparameters"]["rate"] == 0.3 and m["task"] == "digits/inpaint-random"

@@ -262,7 +262,12 @@ def _prior(args: argparse.Namespace, kind: str | None = None) -> tuple:
     return den, run_cfg, shape, device
 
 
-def _finish(out: Path, metrics: dict, files: list[Path]) -> int:
+def _finish(out: Path, metrics: dict, files: list[Path], args: argparse.Namespace) -> int:
+    """Write ``metrics.json`` with the command's settings (every option's value: seed, lr, schedules,
+    batch size, prior), so that the figures can be reproduced from the file alone."""
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())
+                if isinstance(v, bool | int | float | str | Path | type(None))}
+    metrics = {**metrics, "settings": settings}
     io.write_json_atomic(out / "metrics.json", metrics)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list | dict)}, indent=2))
     for f in [*files, out / "metrics.json"]:
@@ -323,7 +328,7 @@ def run_digits(args: argparse.Namespace) -> int:
     if args.label is not None:
         metrics["success_rate"] = float((judge.probs(x).argmax(1) == args.label).float().mean())
     io.write_npz_atomic(out / "samples.npz", x=x.cpu().numpy())
-    return _finish(out, metrics, [save_png_grid(x.cpu(), out / "samples.png"), out / "samples.npz"])
+    return _finish(out, metrics, [save_png_grid(x.cpu(), out / "samples.png"), out / "samples.npz"], args)
 
 
 # --- segmentation -------------------------------------------------------------------------------------------
@@ -370,7 +375,7 @@ def run_segment(args: argparse.Namespace) -> int:
                "picture_columns": ["scene", "true mask", "pnp mask", "2-means mask", "otsu mask"]}
     io.write_npz_atomic(out / "masks.npz", scene=img.cpu().numpy(), mask=res.mask.cpu().numpy(),
                         truth=truth.cpu().numpy(), kmeans=km.numpy(), otsu=ot.numpy(), iou=per_image.numpy())
-    return _finish(out, metrics, [pic, out / "masks.npz"])
+    return _finish(out, metrics, [pic, out / "masks.npz"], args)
 
 
 # --- TSP ----------------------------------------------------------------------------------------------------
@@ -450,7 +455,7 @@ def run_tsp(args: argparse.Namespace) -> int:
                "seconds_per_instance": (res.infer_seconds + res.decode_seconds) / args.n,
                "reference_seconds_per_instance": t_ref / args.n, "gaps": gaps.tolist(),
                "picture_rows": ["inferred adjacency (rendered)", "decoded tour (rendered)"]}
-    return _finish(out, metrics, files)
+    return _finish(out, metrics, files, args)
 
 
 # --- any constraint -----------------------------------------------------------------------------------------
@@ -507,4 +512,4 @@ def run_constraint(args: argparse.Namespace) -> int:
     io.write_npz_atomic(out / "samples.npz", x=sets["pnp"].numpy(), prior=sets["prior samples"].numpy())
     cols = {k: (v, violation_maps(constraint, v), dist[k]) for k, v in sets.items()}
     grid = plot_violation_grid(cols, out / "samples.png", title=f"constraint {args.constraint}: prior vs PnP")
-    return _finish(out, metrics, [grid, out / "samples.npz"])
+    return _finish(out, metrics, [grid, out / "samples.npz"], args)

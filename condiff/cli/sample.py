@@ -29,7 +29,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=None, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="samples drawn at once (default: the run's [sample] batch_size)")
+                   help="samples drawn at once (default: the run's [sample] batch_size); the noise is drawn "
+                        "batch by batch, so the samples of a seed depend on it (recorded in the output)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 

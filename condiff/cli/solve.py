@@ -163,7 +163,9 @@ def add_parser(sub, name: str) -> None:
     d.add_argument("--split", default=None, help="split of --data to draw images from (default test)")
     d.add_argument("--n", type=int, default=None, help="number of images (default: 16, or all of --input)")
     d.add_argument("--seed", type=int, default=0, help="seed for image choice, operator, noise and sampling")
-    d.add_argument("--batch-size", type=int, default=64, help="images solved at once (default 64)")
+    d.add_argument("--batch-size", type=int, default=64,
+                   help="images solved at once (default 64); the noise is drawn batch by batch, so the results of "
+                        "a seed depend on it (recorded in metrics.json)")
     p.add_argument("--out", default=None, help="output directory (default: <ckpt>/solve/<operator>-<method>-<steps>)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=run)
@@ -340,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
         "method": args.method, "hyperparameters": hp, "task": task, "eta": args.eta, "clip_x0": clip,
         "scale": list(scale),
         "operator": {"name": args.operator, **op.describe(), **({"mask": args.mask} if args.mask else {})},
-        "seed": args.seed, "ckpt": str(args.ckpt), "device": device,
+        "seed": args.seed, "batch_size": args.batch_size, "ckpt": str(args.ckpt), "device": device,
         "images": args.input or (f"{data_name}:{args.split}" if x is not None else None),
         "measurement": args.measurement,
     })
