@@ -30,6 +30,7 @@ def test_solve_writes_images_and_metrics(tiny_run, tmp_path):
     assert (out / ".condiff-run").read_text() == "condiff solve\n"
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == 3 and m["steps"] == 3 and m["nfe"] == 3 and m["batch_size"] == 64 and m["seed"] == 0
+    assert m["versions"]["torch"] == torch.__version__ and m["versions"]["condiff"]
     # the swept default for this task adds DSG's final Euclidean step: a gradient at every step
     assert m["grad_evals"] == 3 and m["hyperparameters"]["final"] > 0
     assert m["hyperparameters"]["rate"] == 0.3 and m["task"] == "digits/inpaint-random"
@@ -268,7 +269,8 @@ def test_a_sample_run_that_fails_half_way_leaves_no_record_beside_new_data(tiny_
     assert not (out / "sample_config.json").exists() and not (out / "samples.png").exists()
     monkeypatch.undo()
     assert main([*args, "--seed", "1"]) == 0
-    assert json.loads((out / "sample_config.json").read_text())["seed"] == 1
+    record = json.loads((out / "sample_config.json").read_text())
+    assert record["seed"] == 1 and record["versions"]["torch"] == torch.__version__
 
 
 def test_out_is_refused_when_it_is_a_model_checkpoint_directory(tiny_run, capsys):

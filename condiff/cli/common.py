@@ -450,6 +450,13 @@ def check_targets(out: Path, also: tuple[str, ...] = ()) -> None:
             raise IsADirectoryError(f"{out / name} is a directory: move it away; nothing was written")
 
 
+def versions() -> dict[str, str]:
+    """The versions a result was made with, for the record files (metrics.json, sample_config.json)."""
+    from .. import __version__
+
+    return {"condiff": __version__, "torch": torch.__version__}
+
+
 def begin_outputs(out: Path, record: str, *files: str) -> None:
     """Before a command replaces a set of files in ``out`` that its ``record`` (``metrics.json``, ...)
     describes: remove the record, then the old ``files``, so that an interruption half-way leaves the set

@@ -26,7 +26,15 @@ from .. import checks, io
 from ..data.files import save_png_grid
 from ..plots import plot_image_columns
 from ..pnp import schedules as sch
-from .common import check_out_dir, load_model_for, model_is_complete, pick_device, same_settings, train_or_reuse
+from .common import (
+    check_out_dir,
+    load_model_for,
+    model_is_complete,
+    pick_device,
+    same_settings,
+    train_or_reuse,
+    versions,
+)
 from .config import merge
 
 # strings become schedule objects here, and only here
@@ -267,7 +275,7 @@ def _finish(out: Path, metrics: dict, files: list[Path], args: argparse.Namespac
     batch size, prior), so that the figures can be reproduced from the file alone."""
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())
                 if isinstance(v, bool | int | float | str | Path | type(None))}
-    metrics = {**metrics, "settings": settings}
+    metrics = {**metrics, "settings": settings, "versions": versions()}
     io.write_json_atomic(out / "metrics.json", metrics)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list | dict)}, indent=2))
     for f in [*files, out / "metrics.json"]:
