@@ -5,12 +5,16 @@ Every function writes a PNG atomically and returns its path. matplotlib runs hea
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
+# a font cache without matplotlib's own fonts (built by another install) prints a "findfont: ... not
+# found" line per glyph family while it falls back to DejaVu Sans; the plots are the same either way
+logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
