@@ -71,6 +71,22 @@ def _as_created(path: str | Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+STALE_SECONDS = 3600  # a temporary sibling this old was left by a killed writer, not one at work
+
+
+def _sweep_stale(parent: Path, pattern: str) -> None:
+    """Remove temporaries matching ``pattern`` in ``parent`` that a killed writer left (older than
+    :data:`STALE_SECONDS`; a write in progress takes seconds at most)."""
+    import time
+
+    for p in parent.glob(pattern):
+        try:
+            if time.time() - p.lstat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def write_file_atomic(path: str | Path, fill: Callable[[IO], None], binary: bool = False) -> Path:
     """Write ``path`` through ``fill(file)`` into a temporary sibling that is fsynced and renamed into
     place, so readers never see half a file and a failure leaves the old file as it was."""
@@ -84,6 +100,7 @@ def write_file_atomic(path: str | Path, fill: Callable[[IO], None], binary: bool
             os.fsync(f.fileno())
         _as_created(tmp)
         os.replace(tmp, path)
+        _sweep_stale(path.parent, f".{path.name}.*.tmp")
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # disk full names no file
@@ -166,6 +183,7 @@ def save_checkpoint(path: str | Path, groups: dict[str, dict[str, torch.Tensor]]
         os.replace(tmp, path)
         moved = False
         shutil.rmtree(old, ignore_errors=True)
+        _sweep_stale(path.parent, f".{path.name}.tmp-*")
         _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

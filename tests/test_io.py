@@ -203,3 +203,17 @@ def test_a_checkpoint_set_aside_by_a_killed_writer_is_put_back_on_load(tmp_path,
     shutil.copytree(tiny_run, run / "model")
     os.replace(run / "model", run / f".model.old-{pid}")
     assert load_denoiser(run).schedule.T == 100 and (run / "model").is_dir()
+
+
+def test_a_write_sweeps_the_temporaries_a_killed_writer_left_and_no_fresh_ones(tmp_path):
+    stale_file, stale_dir = tmp_path / ".m.json.abc123.tmp", tmp_path / ".ckpt.tmp-xyz"
+    fresh = tmp_path / ".m.json.def456.tmp"  # another writer at work now
+    stale_file.write_text("half")
+    stale_dir.mkdir()
+    fresh.write_text("half")
+    old = os.path.getmtime(fresh) - 2 * io.STALE_SECONDS
+    for p in (stale_file, stale_dir):
+        os.utime(p, (old, old))
+    io.write_text_atomic(tmp_path / "m.json", "{}")
+    io.save_checkpoint(tmp_path / "ckpt", {"model": {"w": torch.ones(1)}}, {})
+    assert sorted(os.listdir(tmp_path)) == [".m.json.def456.tmp", "ckpt", "m.json"]
