@@ -26,6 +26,13 @@ from safetensors.torch import load_file, save_file
 CONFIG = "config.json"
 
 
+def versions() -> dict[str, str]:
+    """The condiff and torch versions a file was made with (recorded in models and result records)."""
+    from condiff import __version__
+
+    return {"condiff": __version__, "torch": torch.__version__}
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated or corrupted."""
 

@@ -251,3 +251,9 @@ def test_a_prediction_unlike_its_input_is_refused_by_sampling_and_training(out, 
         sample(NetDenoiser(Net(), s), (2, 3, 4, 4), steps=2)
     with pytest.raises(ValueError, match=want):
         denoising_loss(Net(), s, torch.zeros(2, 3, 4, 4), None, None)
+
+
+def test_a_saved_model_records_the_versions_it_was_made_with(tmp_path):
+    save_model(tmp_path / "m", TimeMLP(2, hidden=8, depth=1), Schedule.linear(10))
+    v = json.loads((tmp_path / "m" / "config.json").read_text())["versions"]
+    assert v["torch"] == torch.__version__ and v["condiff"]

@@ -450,11 +450,7 @@ def check_targets(out: Path, also: tuple[str, ...] = ()) -> None:
             raise IsADirectoryError(f"{out / name} is a directory: move it away; nothing was written")
 
 
-def versions() -> dict[str, str]:
-    """The versions a result was made with, for the record files (metrics.json, sample_config.json)."""
-    from .. import __version__
-
-    return {"condiff": __version__, "torch": torch.__version__}
+versions = io.versions  # recorded in metrics.json and sample_config.json
 
 
 def begin_outputs(out: Path, record: str, *files: str) -> None:
