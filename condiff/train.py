@@ -370,7 +370,7 @@ class Trainer:
                 gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                 # the step's loss and gradient norm, read with the others at the next check: a finite loss
                 # can have a non-finite gradient, whose update would leave NaN weights for the next save
-                pending.append(torch.stack([loss.detach().float(), gnorm.detach().float().to(loss.device)]))
+                pending.append((loss.detach(), gnorm.detach()))
                 if self.check_each_step:  # before the update
                     checks()  # first: a sign error in a term is the cause of a non-finite loss it leads to
                     run_loss += _finite_sum(pending, first)
@@ -440,11 +440,12 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training, raised once the step in progress is finished and checkpointed."""
 
 
-def _finite_sum(rows: list[Tensor], first: int) -> float:
-    """The sum of the losses of steps ``first, first + 1, ...`` from their ``(loss, gradient norm)`` rows
-    (one read from the device); a non-finite loss, or a non-finite gradient under a finite loss, stops
-    training with the step it came from."""
-    vals = torch.stack(rows).double().cpu()
+def _finite_sum(rows: list[tuple[Tensor, Tensor]], first: int) -> float:
+    """The sum of the losses of steps ``first, first + 1, ...`` from their ``(loss, gradient norm)`` pairs
+    (stacked here, not per step, and read from the device once); a non-finite loss, or a non-finite
+    gradient under a finite loss, stops training with the step it came from."""
+    losses, gnorms = zip(*rows)
+    vals = torch.stack([torch.stack(losses).double(), torch.stack(gnorms).double()], 1).cpu()
     bad = (~torch.isfinite(vals)).any(1).nonzero()
     if len(bad):
         k = int(bad[0])
