@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -84,8 +85,6 @@ STALE_SECONDS = 3600  # a temporary sibling this old was left by a killed writer
 def _sweep_stale(parent: Path, pattern: str) -> None:
     """Remove temporaries matching ``pattern`` in ``parent`` that a killed writer left (older than
     :data:`STALE_SECONDS`; a write in progress takes seconds at most)."""
-    import time
-
     for p in parent.glob(pattern):
         try:
             if time.time() - p.lstat().st_mtime > STALE_SECONDS:

@@ -168,28 +168,23 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
     or under another noise schedule).
     Returns the job, the run directory made and locked; ``config.json`` is the caller's to write next."""
     with io.claimed_run(run_dir):  # locked before anything is read, let alone cleared
-        return _start_claimed_run(run_dir, resume, fresh, build, clear, data, schedule)
-
-
-def _start_claimed_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str, ...],
-                       data: dict | None, schedule: dict | None):
-    existing = list_checkpoints(run_dir / "checkpoints")
-    if existing and not (resume or fresh):
-        raise FileExistsError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}): "
-                              "pass --resume to continue or --fresh to start over")
-    if existing and resume:
-        _check_same(run_dir, {"data": data, "schedule": schedule})
-    if not existing and not fresh and (run_dir / "model").exists():  # e.g. checkpoints deleted to save space
-        raise FileExistsError(f"{run_dir} already holds a trained model and no checkpoints to resume from: "
-                              "pass --fresh to train it again, or use another --out")
-    job = build()
-    if fresh:
-        for name in ("checkpoints", "model", "log.jsonl", *clear):
-            p = run_dir / name
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    if resume and not job.resume():
-        print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
-    return job
+        existing = list_checkpoints(run_dir / "checkpoints")
+        if existing and not (resume or fresh):
+            raise FileExistsError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}): "
+                                  "pass --resume to continue or --fresh to start over")
+        if existing and resume:
+            _check_same(run_dir, {"data": data, "schedule": schedule})
+        if not existing and not fresh and (run_dir / "model").exists():  # e.g. checkpoints deleted to save space
+            raise FileExistsError(f"{run_dir} already holds a trained model and no checkpoints to resume from: "
+                                  "pass --fresh to train it again, or use another --out")
+        job = build()
+        if fresh:
+            for name in ("checkpoints", "model", "log.jsonl", *clear):
+                p = run_dir / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if resume and not job.resume():
+            print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
+        return job
 
 
 def same_schedule(a: object, b: object) -> bool:
@@ -448,9 +443,6 @@ def check_targets(out: Path, also: tuple[str, ...] = ()) -> None:
     for name in ("samples.npz", "samples.png", *also):
         if (out / name).is_dir():
             raise IsADirectoryError(f"{out / name} is a directory: move it away; nothing was written")
-
-
-versions = io.versions  # recorded in metrics.json and sample_config.json
 
 
 def begin_outputs(out: Path, record: str, *files: str) -> None:

@@ -21,7 +21,6 @@ from .common import (
     load_split,
     pick_device,
     run_kind,
-    versions,
     write_samples,
 )
 from .sample import add_label_args, add_sample_args, condition, sample_settings
@@ -67,7 +66,7 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
     m.update({"sample_seconds": round(dt, 3), "sample_steps": int(scfg["steps"]), "eta": float(scfg["eta"]),
               "nfe_per_sample": den.nfe // max(1, -(-int(scfg["n"]) // int(scfg.get("batch_size", 500)))),
               "seed": int(scfg["seed"]), "batch_size": int(scfg.get("batch_size", 500)), "ckpt": str(ckpt),
-              "versions": versions(),
+              "versions": io.versions(),
               **({} if label is None else {"label": label, "guidance_scale": scale})})
     io.write_json_atomic(out / "metrics.json", m)
     return m

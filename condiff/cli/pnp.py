@@ -33,7 +33,6 @@ from .common import (
     pick_device,
     same_settings,
     train_or_reuse,
-    versions,
 )
 from .config import merge
 
@@ -275,7 +274,7 @@ def _finish(out: Path, metrics: dict, files: list[Path], args: argparse.Namespac
     batch size, prior), so that the figures can be reproduced from the file alone."""
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())
                 if isinstance(v, bool | int | float | str | Path | type(None))}
-    metrics = {**metrics, "settings": settings, "versions": versions()}
+    metrics = {**metrics, "settings": settings, "versions": io.versions()}
     io.write_json_atomic(out / "metrics.json", metrics)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list | dict)}, indent=2))
     for f in [*files, out / "metrics.json"]:

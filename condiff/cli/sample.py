@@ -17,7 +17,6 @@ from .common import (
     draw_samples,
     load_model_for,
     pick_device,
-    versions,
     write_samples,
 )
 from .config import check_sample
@@ -101,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     files = write_samples(x, out, value_range=run_cfg.get("value_range"), label=args.label,
                           record="sample_config.json")
     record = {**scfg, "ckpt": str(args.ckpt), "nfe": den.nfe, "label": args.label,
-              "guidance_scale": args.guidance_scale, "versions": versions()}
+              "guidance_scale": args.guidance_scale, "versions": io.versions()}
     io.write_json_atomic(out / "sample_config.json", record)
     print(f"{len(x)} samples, shape {tuple(x.shape[1:])}, range [{float(x.min()):.2f}, {float(x.max()):.2f}], "
           f"mean {float(np.mean(x.numpy())):.3f}")

@@ -37,7 +37,7 @@ from ..data.files import load_png_folder, save_png_grid
 from ..guidance import BETWEEN, METHODS, TUNED, default_hyperparameters, guided_sample, make_guidance
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
-from .common import begin_outputs, check_out_dir, data_kwargs, load_model_for, pick_device, versions
+from .common import begin_outputs, check_out_dir, data_kwargs, load_model_for, pick_device
 
 # operator name -> builder(shape (B, C, H, W), generator, sigma_y, params) -> Operator
 OPERATORS: dict[str, Callable[[tuple[int, ...], torch.Generator, float, dict], Operator]] = {
@@ -343,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
         "scale": list(scale),
         "operator": {"name": args.operator, **op.describe(), **({"mask": args.mask} if args.mask else {})},
         "seed": args.seed, "batch_size": args.batch_size, "ckpt": str(args.ckpt), "device": device,
-        "versions": versions(),
+        "versions": io.versions(),
         "images": args.input or (f"{data_name}:{args.split}" if x is not None else None),
         "measurement": args.measurement,
     })
