@@ -89,17 +89,24 @@ class BurgersResidual(Constraint):
         u = self.shift + self.scale * x
         return (burgers_step(u, self.nu, dx, self.dt, self.substeps) - self.shift) / self.scale
 
-    def residual(self, x: Tensor) -> Tensor:
-        """(B, 1, T, N) -> (B, 1, T-1, N) signed residual ``x_{k+1} - S(c(x_k))``, ``c`` the clip to ``CLIP``."""
+    def _parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 1, T-1, N) twice: the signed residual ``x_{k+1} - S(c(x_k))`` (``c`` the clip to ``CLIP``) and
+        the part of each predecessor row clipped off, ``x_k - c(x_k)``."""
         self._check_image(x, 1)
         if x.shape[2] < 2:
             raise ValueError(f"burgers constraint needs at least 2 time rows, got shape {tuple(x.shape)}")
-        return x[:, :, 1:] - self.step(x[:, :, :-1].clamp(-CLIP, CLIP))
+        prev = x[:, :, :-1]
+        clipped = prev.clamp(-CLIP, CLIP)
+        return x[:, :, 1:] - self.step(clipped), prev - clipped
+
+    def residual(self, x: Tensor) -> Tensor:
+        """(B, 1, T, N) -> (B, 1, T-1, N) signed residual ``x_{k+1} - S(c(x_k))``, ``c`` the clip to ``CLIP``."""
+        return self._parts(x)[0]
 
     def _terms(self, x: Tensor) -> Tensor:
         """(B, 1, T-1, N): ``|residual|`` plus the part of each predecessor row clipped off."""
-        prev = x[:, :, :-1]
-        return self.residual(x).abs() + (prev - prev.clamp(-CLIP, CLIP)).abs()
+        r, excess = self._parts(x)
+        return r.abs() + excess.abs()
 
     def forward(self, x: Tensor) -> Tensor:
         return self._terms(x).flatten(1).mean(1)
