@@ -18,6 +18,8 @@ from . import checks
 SPACINGS = ("linspace", "leading", "trailing")
 
 
+T_NAME = "schedule.T (the number of diffusion steps)"  # how the builders' check names T
+
 #: The smallest last ``abar`` a schedule may have: ``1 / sqrt(abar)`` must leave float32 room (1e30).
 ABAR_MIN = 1e-60
 
@@ -53,7 +55,7 @@ class Schedule:
     @classmethod
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
         """DDPM's linear betas (Ho et al. 2020)."""
-        T = checks.integer("schedule T", T, 2)
+        T = checks.integer(T_NAME, T, 2)
         beta_start, beta_end = (checks.number(f"schedule {k}", v) for k, v in (("beta_start", beta_start),
                                                                               ("beta_end", beta_end)))
         return cls(torch.linspace(beta_start, beta_end, T, dtype=torch.float64), kind="linear")
@@ -61,7 +63,7 @@ class Schedule:
     @classmethod
     def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
         """Nichol & Dhariwal's cosine schedule: abar(t) = cos^2((t/T + s)/(1 + s) * pi/2), normalised."""
-        T = checks.integer("schedule T", T, 2)
+        T = checks.integer(T_NAME, T, 2)
         s, max_beta = checks.number("schedule s", s), checks.number("schedule max_beta", max_beta)
         f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
         if not (s >= 0 and 0 < max_beta < 1):
@@ -89,9 +91,7 @@ class Schedule:
         known = [k for k in inspect.signature(builders[kind]).parameters if k != "cls"]
         if bad := sorted(set(cfg) - set(known)):
             raise ValueError(f"unknown schedule setting(s) {bad} for kind {kind!r}; known: {known}")
-        if "T" in cfg:
-            cfg["T"] = checks.integer("schedule.T (the number of diffusion steps)", cfg["T"], 2)
-        return builders[kind](**cfg)
+        return builders[kind](**cfg)  # each builder checks T
 
     @classmethod
     def from_diffusers_config(cls, cfg: dict) -> Schedule:

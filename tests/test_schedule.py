@@ -132,7 +132,7 @@ def test_snr_is_infinite_for_clean_data_and_matches_abar():
 
 def test_a_fractional_step_count_is_refused():
     for build in (Schedule.linear, Schedule.cosine):
-        with pytest.raises(ValueError, match="schedule T must be an integer >= 2, got 2.7"):
+        with pytest.raises(ValueError, match=r"diffusion steps\) must be an integer >= 2, got 2.7"):
             build(2.7)
     assert Schedule.cosine(10.0).T == 10
 
