@@ -90,11 +90,15 @@ def floating(name: str, x: Any) -> Any:
     return x
 
 
+def shape_of(v: Any) -> str:
+    """What a returned value is, for a message: ``"shape (2, 3)"`` for a tensor, else ``"a float"``."""
+    return f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
+
+
 def per_sample(name: str, v: Any, batch: int) -> Any:
     """A tensor of shape ``(batch,)``: one value per sample, as a loss or a constraint returns."""
     if not isinstance(v, torch.Tensor) or v.shape != (batch,):
-        got = f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
-        raise ValueError(f"{name} must return one value per sample, a tensor of shape ({batch},), got {got}")
+        raise ValueError(f"{name} must return one value per sample, a tensor of shape ({batch},), got {shape_of(v)}")
     return v
 
 

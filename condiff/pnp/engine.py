@@ -195,8 +195,8 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
                 with torch.no_grad():
                     p = project(z)
                     if not isinstance(p, Tensor) or p.shape != z.shape:
-                        got = f"shape {tuple(p.shape)}" if isinstance(p, Tensor) else f"a {type(p).__name__}"
-                        raise ValueError(f"project must return the latent's shape {tuple(z.shape)}, got {got}")
+                        raise ValueError(f"project must return the latent's shape {tuple(z.shape)}, "
+                                         f"got {checks.shape_of(p)}")
                     z.copy_(p)
             out.t.append(t_i)
             out.w.append(w_i)
