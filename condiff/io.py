@@ -115,6 +115,18 @@ def write_file_atomic(path: str | Path, fill: Callable[[IO], None], binary: bool
     return path
 
 
+def begin_outputs(out: str | Path, record: str, *files: str) -> Path:
+    """Before a command replaces a set of files in ``out`` that its ``record`` (``metrics.json``, ...)
+    describes: make ``out``, remove the record, then the old ``files``, so that an interruption half-way
+    leaves the set visibly incomplete (no record) rather than new data beside an old record or an old
+    picture. The caller writes the record last. Returns ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (record, *files):
+        (out / name).unlink(missing_ok=True)
+    return out
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (:func:`write_file_atomic`)."""
     write_file_atomic(path, lambda f: f.write(text))

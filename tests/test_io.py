@@ -217,3 +217,12 @@ def test_a_write_sweeps_the_temporaries_a_killed_writer_left_and_no_fresh_ones(t
     io.write_text_atomic(tmp_path / "m.json", "{}")
     io.save_checkpoint(tmp_path / "ckpt", {"model": {"w": torch.ones(1)}}, {})
     assert sorted(os.listdir(tmp_path)) == [".m.json.def456.tmp", "ckpt", "m.json"]
+
+
+def test_begin_outputs_removes_the_record_and_the_named_files_only(tmp_path):
+    out = tmp_path / "o"
+    assert io.begin_outputs(out, "metrics.json") == out and out.is_dir()
+    for name in ("metrics.json", "a.png", "keep.txt"):
+        (out / name).write_text("old")
+    io.begin_outputs(out, "metrics.json", "a.png")
+    assert os.listdir(out) == ["keep.txt"]

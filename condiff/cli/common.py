@@ -445,27 +445,17 @@ def check_targets(out: Path, also: tuple[str, ...] = ()) -> None:
             raise IsADirectoryError(f"{out / name} is a directory: move it away; nothing was written")
 
 
-def begin_outputs(out: Path, record: str, *files: str) -> None:
-    """Before a command replaces a set of files in ``out`` that its ``record`` (``metrics.json``, ...)
-    describes: remove the record, then the old ``files``, so that an interruption half-way leaves the set
-    visibly incomplete (no record) rather than new data beside an old record or an old picture. The
-    caller writes the record last."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (record, *files):
-        (out / name).unlink(missing_ok=True)
-
-
 def write_samples(x: torch.Tensor, out: Path, grid: int = 100, value_range: list[float] | None = None,
                   label: int | None = None, record: str | None = None) -> list[Path]:
     """``samples.npz`` with all samples, plus a picture: an image grid (shown on the
     :func:`~condiff.data.nominal_range` of the model's recorded ``value_range``), or a scatter for 2-D points.
     The samples are checked first (:func:`check_samples`); the caller checks the files (:func:`check_targets`)
     before it samples. ``record``: the file that describes them, removed first and written by the caller
-    last (:func:`begin_outputs`)."""
+    last (:func:`condiff.io.begin_outputs`)."""
     check_samples(x, out)
     arr = x.detach().cpu().numpy()
     if record:
-        begin_outputs(out, record, "samples.png")
+        io.begin_outputs(out, record, "samples.png")
     out.mkdir(parents=True, exist_ok=True)
     extra = {} if label is None else {"y": np.full(len(arr), label, dtype=np.int64)}  # the class asked for
     io.write_npz_atomic(out / "samples.npz", x=arr, **extra)

@@ -1011,7 +1011,7 @@ def _num(v: float | None) -> str:
 
 
 def write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    io.begin_outputs(out, "metrics.json")  # written last
     con = run.constraint()
     for k, v in res.items():  # said, not hidden: the table and metrics.json show nan (null) for them
         if bad := int((~torch.isfinite(v["_l"])).sum()):
@@ -1060,6 +1060,7 @@ def run_assim(args: argparse.Namespace) -> int:
         if f.is_dir():
             raise IsADirectoryError(f"{f} is a directory: move it away, it is where this command writes")
     res = run_assimilation(run, methods, obs=args.obs)  # --obs is for this call only
+    io.begin_outputs(out, "metrics.json")  # written last
     con = run.constraint()
     cols = {
         "observed (y)": (res["_y"], None, None),  # what the methods were given: zero where unobserved

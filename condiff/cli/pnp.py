@@ -322,8 +322,7 @@ def run_digits(args: argparse.Namespace) -> int:
         constraint = ClassConstraint(steer.log_prob, args.label)
     g = torch.Generator(device=device).manual_seed(args.seed)
     x, seconds, finish_seconds = _run_pnp(args, den, shape, constraint, lambda z: z.clamp(-1, 1), g, device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = io.begin_outputs(args.out, "metrics.json")  # written last, by _finish
     ev = judge.evaluate(x)
     metrics = {"task": "symmetry" if args.symmetry else f"label {args.label}", "n": args.n, "steps": args.steps,
                "finish": args.finish, "finish_zeta": args.finish_zeta if args.finish else None,
@@ -365,7 +364,7 @@ def run_segment(args: argparse.Namespace) -> int:
                   schedule=TIME_SCHEDULES[args.schedule](), through_net=not args.stop_grad, generator=g,
                   progress=True, batch_size=args.batch_size)
     km, ot = kmeans_segment(img.cpu()), otsu_segment(img.cpu())
-    out = Path(args.out)
+    out = io.begin_outputs(args.out, "metrics.json")  # written last, by _finish
     m = lambda b: (b.float() * 2 - 1).cpu().numpy()
     per_image = iou(res.mask.cpu(), truth.cpu())
     pic = plot_image_columns(
@@ -447,7 +446,7 @@ def run_tsp(args: argparse.Namespace) -> int:
                                generator=torch.Generator(device=device).manual_seed(args.seed), progress=True)
     greedy = np.array([tsp.tour_length(c, tsp.decode(c, None)) for c in coords])
     gaps = tsp.optimality_gap(res.lengths, opt_len)
-    out = Path(args.out)
+    out = io.begin_outputs(args.out, "metrics.json")  # written last, by _finish
     titles = [f"gap {round(100 * gp, 2) + 0.0:.2f}%" for gp in gaps]  # + 0.0: no "-0.00%" from LKH rounding
     files = [plot_tours(coords.numpy(), res.tours, opt, out / "tours.png", titles),
              save_png_grid(torch.cat([res.pictures, tsp.render_tours(coords, res.tours, style)]),
@@ -503,8 +502,7 @@ def run_constraint(args: argparse.Namespace) -> int:
     bound = args.clamp if args.clamp is not None else (run_cfg.get("sample") or {}).get("clip_x0")
     project = (lambda z: z.clamp(-bound, bound)) if bound else None
     x, seconds, _ = _run_pnp(args, den, shape, constraint, project, g, device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = io.begin_outputs(args.out, "metrics.json")  # written last, by _finish
     sets = {"prior samples": prior_x.detach().cpu(), "pnp": x.detach().cpu()}
     dist = {k: batched_distance(constraint, v, device=device) for k, v in sets.items()}
     metrics = {"constraint": spec, "n": args.n, "steps": args.steps, "weight": args.weight, "finish": args.finish,

@@ -37,7 +37,7 @@ from ..data.files import load_png_folder, save_png_grid
 from ..guidance import BETWEEN, METHODS, TUNED, default_hyperparameters, guided_sample, make_guidance
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
-from .common import begin_outputs, check_out_dir, data_kwargs, load_model_for, pick_device
+from .common import check_out_dir, data_kwargs, load_model_for, pick_device
 
 # operator name -> builder(shape (B, C, H, W), generator, sigma_y, params) -> Operator
 OPERATORS: dict[str, Callable[[tuple[int, ...], torch.Generator, float, dict], Operator]] = {
@@ -360,7 +360,7 @@ def write_outputs(out: Path, x: torch.Tensor | None, op: Operator, y: torch.Tens
                   m: dict, scale: tuple[float, float] = (-1.0, 1.0)) -> None:
     """The pictures (on ``scale``, mapped to the writers' [-1, 1]), reconstruction.npz and metrics.json;
     without true images ``x`` (given measurements) only the measurement and the reconstruction."""
-    begin_outputs(out, "metrics.json", "ground_truth.png", "measurement.png", "reconstruction.png",
+    io.begin_outputs(out, "metrics.json", "ground_truth.png", "measurement.png", "reconstruction.png",
                   "comparison.png")
     seen, rec = op.to_image(y).cpu(), rec.cpu()
     arrays = {"x": rec.numpy(), "y": y.cpu().numpy()}

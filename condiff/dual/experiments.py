@@ -256,7 +256,7 @@ def run_toy(cfg: ToyConfig, out: str | Path, device: str = "cpu", fresh: bool = 
     """Train with dual training on the mixture, then compare the model's mode weights with the
     closed-form mixture for the learned (averaged) lambda, and check the constraints. ``fresh``:
     retrain a model trained with other settings (else refused); ``progress``: bars and stage notes."""
-    out = Path(out)
+    out = io.begin_outputs(out, "metrics.json")  # written last: an interrupted run leaves none
     K, minority = cfg.components, list(cfg.minority)  # checked by ToyConfig
     rest = (1.0 - cfg.minority_weight * len(minority)) / (K - len(minority))
     w0 = torch.full((K,), rest, dtype=torch.float64)
@@ -424,7 +424,7 @@ def run_fair(cfg: FairConfig, out: str | Path, device: str = "cpu", fresh: bool 
     ``progress`` as for :func:`run_toy`)."""
     from ..classifier import DigitsJudge
 
-    out = Path(out)
+    out = io.begin_outputs(out, "metrics.json")  # written last: an interrupted run leaves none
     schedule = Schedule.linear(cfg.T)
     imbalanced, minority = fair_data(cfg)
     n_con = cfg.constraint_batch * len(cfg.minority)  # < batch: checked by FairConfig
@@ -626,7 +626,7 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu", fres
     and fidelity to the target (``fresh`` and ``progress`` as for :func:`run_toy`)."""
     from ..classifier import DigitsJudge
 
-    out = Path(out)
+    out = io.begin_outputs(out, "metrics.json")  # written last: an interrupted run leaves none
     schedule = Schedule.linear(cfg.T)
     source, target, heldout = finetune_data(cfg)
     batch = cfg.finetune_batch
