@@ -144,8 +144,13 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     as ``null``, not as the bare ``NaN`` that JSON readers other than Python's refuse; an infinite number
     stays ``Infinity``, which Python reads back (a setting such as a box's ``hi = inf`` must survive; a
     ratio over zero reads ``Infinity`` too) but strict readers such as ``jq`` do not."""
+    write_text_atomic(path, json_text(obj))
+
+
+def json_text(obj: Any) -> str:
+    """The text :func:`write_json_atomic` writes for ``obj``."""
     plain = json.loads(json.dumps(obj, default=_json_default))  # tensors, paths, NumPy scalars -> JSON types
-    write_text_atomic(path, json.dumps(no_nan(plain), indent=2, sort_keys=True) + "\n")
+    return json.dumps(no_nan(plain), indent=2, sort_keys=True) + "\n"
 
 
 def no_nan(obj: Any) -> Any:
@@ -174,10 +179,11 @@ def _json_default(obj: Any) -> Any:
 def save_checkpoint(path: str | Path, groups: dict[str, dict[str, torch.Tensor]], config: dict) -> Path:
     """Write a checkpoint directory atomically and return its path.
 
-    ``groups`` maps a file stem to a flat ``{name: tensor}`` dict; ``config`` is JSON-serialisable.
+    ``groups`` maps a file stem to a flat ``{name: tensor}`` dict; ``config`` is JSON-serialisable and
+    is written with the condiff and torch versions (:func:`versions`) under ``versions``.
     An existing directory at ``path`` is replaced only once the new one is complete.
     """
-    path = Path(path)
+    path, config = Path(path), {**config, "versions": versions()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     old = path.with_name(f".{path.name}.old-{os.getpid()}")

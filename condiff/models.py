@@ -20,8 +20,7 @@ from .schedule import Schedule
 
 def save_model(path: str | Path, net: nn.Module, schedule: Schedule, **meta) -> Path:
     """Write ``net`` (with its ``config``) and ``schedule`` as a model directory."""
-    config = {"format": "condiff-model", "net": net.config, "schedule": schedule.config(), "versions": io.versions(),
-              **meta}
+    config = {"format": "condiff-model", "net": net.config, "schedule": schedule.config(), **meta}
     return io.save_module(path, net, config)
 
 

@@ -165,6 +165,22 @@ def test_a_failing_train_leaves_the_run_as_it_was(trained, tmp_path, capsys):
     assert [r["step"] for r in read_log(run / "log.jsonl")] == [30, 40]
 
 
+def test_a_run_records_its_versions_everywhere_and_an_older_one_still_resumes(trained, tmp_path):
+    from condiff import io
+
+    run = tmp_path / "run"
+    trained(run)
+    ckpts = sorted((run / "checkpoints").glob("step_*"))
+    for f in [run, run / "model", *ckpts]:
+        assert json.loads((f / "config.json").read_text())["versions"] == io.versions(), f
+    # the versions are provenance, not settings: a run made by another release is reused and resumed
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "versions": {"condiff": "0.0.1", "torch": "2.0.0"}}))
+    assert main(["train", *TINY, "--set", "train.steps=40", "--out", str(run), "--resume"]) == 0
+    assert json.loads((run / "config.json").read_text())["versions"] == io.versions()
+    assert [r["step"] for r in read_log(run / "log.jsonl")] == [30, 40]
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--set", "train.steps=2.5"], "train.steps expects an integer"),
     (["--set", "train.ema_decay=nan"], "train.ema_decay must be a finite number"),
@@ -434,6 +450,58 @@ def test_bench_no_record_leaves_recorded_results_alone(tmp_path, monkeypatch, ca
     assert json.loads((tmp_path / "runs" / "bench-results" / "tiny-quick.json").read_text())["rows"] == [{"a": 2.5}]
     assert (tmp_path / "benchmarks" / "results" / "tiny-quick.json").read_text() == recorded
     assert (tmp_path / "BENCHMARKS.md").read_text() == table
+
+
+def test_bench_refuses_a_damaged_table_before_it_runs(tmp_path, monkeypatch, capsys):
+    import condiff.cli.bench as bench
+
+    (tmp_path / "benchmarks").mkdir()
+    ran = tmp_path / "ran"
+    (tmp_path / "benchmarks" / "tiny.py").write_text(
+        "def run(profile, device):\n"
+        f"    open({str(ran)!r}, 'w').close()\n"
+        "    return {'title': 'Tiny', 'columns': ['a'], 'rows': [{'a': 1.5}], 'notes': []}\n"
+    )
+    monkeypatch.setattr(bench, "bench_dir", lambda: tmp_path / "benchmarks")
+    monkeypatch.chdir(tmp_path)
+    # an end marker before its start (a hand edit) would splice the table into the wrong place
+    damaged = "# Benchmarks\n\n<!-- /bench:tiny -->\nkeep me\n<!-- bench:tiny -->\n"
+    (tmp_path / "BENCHMARKS.md").write_text(damaged)
+    assert main(["bench", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "markers of section 'tiny' are damaged" in err and len(err.strip().splitlines()) == 1
+    assert not ran.exists() and not (tmp_path / "benchmarks" / "results").exists()
+    assert (tmp_path / "BENCHMARKS.md").read_text() == damaged
+    # a trial run does not touch the table, so it runs
+    assert main(["bench", "tiny", "--no-record"]) == 0 and ran.exists()
+    # another section's markers are no concern of this one's
+    (tmp_path / "BENCHMARKS.md").write_text(damaged.replace("tiny", "other"))
+    assert main(["bench", "tiny"]) == 0
+    table = (tmp_path / "BENCHMARKS.md").read_text()
+    assert table.startswith(damaged.replace("tiny", "other")) and "<!-- bench:tiny -->" in table
+    # the md beside the json and the section of BENCHMARKS.md are the same text
+    md = (tmp_path / "benchmarks" / "results" / "tiny-quick.md").read_text()
+    assert f"<!-- bench:tiny -->\n{md}<!-- /bench:tiny -->" in table
+
+
+def test_the_recorded_tables_match_their_results_files():
+    """Each section of BENCHMARKS.md is the md file beside its results json, and both say the same run
+    (a hand edit of one of them, or a write that stopped between them, shows here)."""
+    import re
+    from pathlib import Path
+
+    from condiff.cli.bench import to_markdown
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "BENCHMARKS.md").read_text()
+    sections = re.findall(r"<!-- bench:(\S+) -->\n(.*?)<!-- /bench:\1 -->", text, re.S)
+    assert len(sections) >= 10
+    for key, body in sections:
+        name, _, profile = key.partition("/")
+        stem = root / "benchmarks" / "results" / f"{name}-{profile or 'quick'}"
+        assert (stem.with_suffix(".md")).read_text() == body, key
+        res = json.loads(stem.with_suffix(".json").read_text())
+        assert (res["name"], res["profile"]) == (name, profile or "quick") and to_markdown(res) == body, key
 
 
 def test_a_source_tree_reads_its_version_from_pyproject():

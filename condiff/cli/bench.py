@@ -110,20 +110,41 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def record(res: dict) -> Path:
-    """Replace (or append) this benchmark's section in BENCHMARKS.md."""
-    path = bench_dir().parent / "BENCHMARKS.md"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n\nTables written by `condiff bench NAME`.\n"
+def benchmarks_md() -> Path:
+    return bench_dir().parent / "BENCHMARKS.md"
+
+
+def section_key(name: str, profile: str) -> str:
     # one section per profile: a GPU "full" table sits beside the CPU "quick" one instead of replacing it
-    key = res["name"] if res.get("profile", "quick") == "quick" else f"{res['name']}/{res['profile']}"
+    return name if profile == "quick" else f"{name}/{profile}"
+
+
+def check_section(text: str, key: str) -> tuple[str, str]:
+    """The markers of section ``key`` of BENCHMARKS.md (``text``), refused when damaged."""
     start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
+    if text.count(start) > 1 or text.count(start) != text.count(end) or (
+            start in text and text.index(end) < text.index(start)):
+        raise ValueError(f"{benchmarks_md()}: the markers of section {key!r} are damaged (each must appear once, "
+                         f"{start} before {end}); mend them by hand")
+    return start, end
+
+
+def with_section(text: str, res: dict) -> str:
+    """``text`` (BENCHMARKS.md) with this benchmark's section replaced, or appended if it has none."""
+    start, end = check_section(text, section_key(res["name"], res.get("profile", "quick")))
     block = f"{start}\n{to_markdown(res)}{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    io.write_text_atomic(path, text)
-    return path
+    if start in text:
+        return text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
+def _table_text(path: Path) -> str:
+    if not path.is_file():
+        return "# Benchmarks\n\nTables written by `condiff bench NAME`.\n"
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(profiles, dict) and args.profile not in profiles:
         raise ValueError(f"benchmark {args.name} has no profile {args.profile!r}; its profiles: {', '.join(profiles)}")
     device = pick_device(args.device)
+    if not args.no_record:  # a damaged table is refused before the benchmark runs, not after
+        check_section(_table_text(benchmarks_md()), section_key(args.name, args.profile))
     t0 = time.perf_counter()
     res = mod.run(profile=args.profile, device=device)
     res.update({"name": args.name, "profile": args.profile, "device": device, "machine": machine(),
@@ -156,13 +179,17 @@ def run(args: argparse.Namespace) -> int:
     # a result would replace the whole recorded table with a part of it, so it is never recorded
     trial = args.no_record or bool(res.get("partial"))
     out = Path("runs") / "bench-results" if trial else bench_dir() / "results"
-    io.write_json_atomic(out / f"{args.name}-{args.profile}.json", res)
-    md = to_markdown(res)
+    md, text = to_markdown(res), io.json_text(res)
+    # all three are made before any is written, and the json (the record) is written last
+    table = None if trial else with_section(_table_text(benchmarks_md()), res)
     io.write_text_atomic(out / f"{args.name}-{args.profile}.md", md)
+    if table is not None:
+        io.write_text_atomic(benchmarks_md(), table)
+    io.write_text_atomic(out / f"{args.name}-{args.profile}.json", text)
     print(md)
     if trial:
         why = f"partial run ({res['partial']}), not recorded; " if res.get("partial") else ""
         print(f"{why}results in {out} (BENCHMARKS.md unchanged)")
     else:
-        print(f"recorded in {record(res)}")
+        print(f"recorded in {benchmarks_md()}")
     return 0

@@ -375,7 +375,9 @@ def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = 
 
 
 def save_resolved_config(run_dir: Path, cfg: dict) -> None:
-    io.write_json_atomic(run_dir / "config.json", {k: v for k, v in cfg.items() if not k.startswith("_")})
+    """The run's settings, with the versions that trained it (which no comparison of settings reads)."""
+    io.write_json_atomic(run_dir / "config.json",
+                         {**{k: v for k, v in cfg.items() if not k.startswith("_")}, "versions": io.versions()})
 
 
 def run_config(run_dir: Path) -> dict:
