@@ -1061,3 +1061,23 @@ def test_building_and_training_leave_the_callers_random_stream_alone():
     assert not torch.equal(draws[0], draws[1])
     a, b = _tiny_mirror(seed=0).state_dict(), _tiny_mirror(seed=1).state_dict()
     assert not all(torch.equal(a[k], b[k]) for k in a)  # the seed given still decides the weights
+
+
+def test_an_inline_table_override_merges_like_a_config_file():
+    """``--set mirror.psi={filters=32}`` replaced the whole table (dropping its name and depth) while
+    ``--set mirror.psi.filters=32`` merged, so the same intent gave other nets by spelling and order."""
+    from condiff.cli.config import ConfigError
+    from condiff.cli.namm import resolve
+
+    def mirror(*sets):
+        return resolve("count", "quick", None, list(sets), None)["mirror"]
+
+    nested = mirror("mirror.psi.filters=32", "mirror.psi.layers=4")
+    assert nested["psi"] == {"name": "icnn", "layers": 4, "filters": 32}
+    assert mirror("mirror.psi={filters=32, layers=4}") == nested
+    assert mirror("mirror.psi={filters=32}", "mirror.psi.layers=4") == nested
+    assert mirror("mirror.psi.layers=4", "mirror.psi={filters=32}") == nested
+    with pytest.raises(ConfigError, match=r"^override mirror.psi must be a table .*got 3$"):
+        mirror("mirror.psi=3")
+    with pytest.raises(ConfigError, match=r"setting mirror.psi.filters expects a number \(now 16\), got 'x'"):
+        mirror("mirror.psi={filters='x'}")

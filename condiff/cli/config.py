@@ -193,12 +193,19 @@ def parse_override(item: str, sections: tuple[str, ...] = SECTIONS,
 
 
 def set_path(cfg: dict, path: list[str], value: Any) -> None:
-    """``cfg[path[0]]...[path[-1]] = value``, creating tables, type-checked against the old value."""
+    """``cfg[path[0]]...[path[-1]] = value``, creating tables, type-checked against the old value. An
+    inline table merges into the table it names, as a config file's table does, so that
+    ``mirror.psi={filters=32}`` and ``mirror.psi.filters=32`` are the same override."""
     node = cfg
     for k in path[:-1]:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {'.'.join(path)}: {k} is not a table")
+    if isinstance(node.get(path[-1]), dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"override {'.'.join(path)} must be a table ({{key = value, ...}}), got {value!r}")
+        node[path[-1]] = merge_checked(node[path[-1]], value, "--set", tuple(path))
+        return
     try:
         node[path[-1]] = check_setting(".".join(path), node.get(path[-1]), value, "now")
     except ValueError as e:
