@@ -220,6 +220,7 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"x holds {int((~torch.isfinite(x)).sum())} non-finite values")
     need_grad = grad or bool(getattr(guidance, "needs_grad", False))
+    grad_at = getattr(guidance, "needs_grad_at", None)
     B = x.shape[0]
     steps = ts.tolist()  # host integers: nothing in the loop waits for the device
     # every step's t and t_prev as broadcast views of one device copy: no kernel per step for them
@@ -237,8 +238,11 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
             t, t_prev = on_device[i].expand(B), on_device[i + 1].expand(B)
             # inference_mode (cheaper than no_grad) when nothing needs gradients; the result is cloned
             # out of inference mode below so that callers can use it in autograd later.
-            with torch.enable_grad() if need_grad else torch.inference_mode():
-                x_t = x if grad else x.detach().requires_grad_(need_grad)
+            # a rule that takes no gradient at this step (DSG off its interval, or its last step with final = 0)
+            # runs it without a graph: no_grad, not inference_mode, whose result could not join the next graph
+            need = need_grad and (grad or grad_at is None or grad_at(i, tp))
+            with torch.enable_grad() if need else (torch.no_grad() if need_grad else torch.inference_mode()):
+                x_t = x if grad else x.detach().requires_grad_(need)
                 step = make_step(denoiser, x_t, i, t, t_prev, eta, generator, clip_x0, noise=zeros,
                                  abars=step_abars(abar, ti, tp), times=(ti, tp))
                 x = guidance(step) if guidance is not None else step.sample()

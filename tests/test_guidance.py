@@ -685,3 +685,60 @@ def test_evaluation_counts_are_per_call_when_a_guidance_is_reused():
 def test_ugd_takes_whole_numbers_in_any_integral_form():
     ugd = UGD(lambda x: x.flatten(1).sum(1), backward_steps=np.int64(3), recurrence=2.0)
     assert (ugd.backward_steps, ugd.recurrence) == (3, 2) and type(ugd.recurrence) is int
+
+
+class _GradSpy:
+    """A denoiser that records, per call, whether autograd was recording (a graph being built)."""
+
+    def __init__(self, den):
+        self.den, self.recording = den, []
+
+    def __getattr__(self, name):
+        return getattr(self.den, name)
+
+    def eps(self, x, t, y=None):
+        self.recording.append(torch.is_grad_enabled() and x.requires_grad)
+        return self.den.eps(x, t, y) if y is not None else self.den.eps(x, t)
+
+
+@pytest.mark.parametrize("interval, final, between", [(3, 0.0, "sample"), (3, 0.5, "sample"), (1, 0.0, "sample"),
+                                                      (3, 0.0, "base")])
+def test_dsg_builds_no_graph_at_steps_that_take_no_gradient(interval, final, between):
+    """Off its interval (between = "sample") and at a last step with final = 0, DSG draws without a
+    gradient, so the sampler runs the network there without recording a graph; the samples are bit for
+    bit those of a sampler that records one at every step."""
+    op, loss = _half_mask_loss(2)
+    runs = []
+    for per_step in (True, False):
+        den = _GradSpy(_oracle(200))
+        g = DSG(DPS(loss), rate=0.3, interval=interval, final=final, between=between)
+        if not per_step:
+            g.needs_grad_at = None  # the sampler then records a graph at every step, as it used to
+        runs.append((guided_sample(den, g, (2, 1, 4, 4), 7, generator=_gen()), den.recording))
+    (res, rec), (old, old_rec) = runs
+    assert torch.equal(res.x, old.x) and res.grad_evals == old.grad_evals
+    assert old_rec == [True] * 7
+    guided = [between == "base" or i % interval == 0 for i in range(6)] + [final != 0]
+    assert rec == guided and sum(rec) == res.grad_evals
+
+
+def test_ugd_with_a_zero_backward_step_skips_backward_guidance():
+    """backward_lr = 0 leaves x0_hat where it is: UGD no longer spends backward_steps loss gradients on
+    it; the samples equal those of a per-sample zero step, which still runs them."""
+    den = _oracle(200)
+    op, loss = _half_mask_loss(3)
+    skip = guided_sample(den, UGD(loss, backward_lr=0.0, backward_steps=3), (3, 1, 4, 4), 8, generator=_gen())
+    run = guided_sample(den, UGD(loss, backward_lr=torch.zeros(3), backward_steps=3), (3, 1, 4, 4), 8,
+                        generator=_gen())
+    torch.testing.assert_close(skip.x, run.x, rtol=0, atol=1e-6)
+    calls = []
+
+    def counted(x):
+        calls.append(1)
+        return loss(x)
+
+    for lr in (0.0, 0.1):
+        calls.clear()
+        guided_sample(den, UGD(counted, backward_lr=lr, backward_steps=3), (3, 1, 4, 4), 8, generator=_gen())
+        # 8 steps, 2 recurrences (the default) each: the gradient, plus 3 backward steps where they move x0
+        assert len(calls) == 16 * (1 if lr == 0 else 4)

@@ -127,6 +127,13 @@ class DSG:
     def grad_evals(self) -> int:
         return self.base.grad_evals
 
+    def needs_grad_at(self, i: int, t_prev: int) -> bool:
+        """Whether step ``i`` (to ``t_prev``) takes a gradient: off the interval with ``between = "sample"``
+        and at a final step with ``final = 0`` it does not, so the sampler builds no graph there."""
+        if t_prev < 0:
+            return not _is_zero(self.final)
+        return self.between == "base" or i % self.interval == 0
+
     def __call__(self, step: Step) -> Tensor:
         if step.sigma == 0:
             if step.t_prev_host >= 0:

@@ -56,6 +56,8 @@ class UGD(GradientGuidance):
         self.backward_lr = check_scalar("UGD backward_lr", backward_lr)
         self.backward_steps = checks.integer("UGD backward_steps", backward_steps, 0)
         self.recurrence = checks.integer("UGD recurrence", recurrence, 1)
+        # backward guidance with a zero step (a float 0, as the tuned defaults have) leaves x0_hat as it is
+        self._backward_off = not isinstance(self.backward_lr, Tensor) and self.backward_lr == 0
 
     def backward(self, x0: Tensor, step: Step | None = None) -> Tensor:
         """``x0 + Delta`` after ``m`` gradient steps on ``L(x0 + Delta)`` from ``Delta = 0``. With the
@@ -75,7 +77,7 @@ class UGD(GradientGuidance):
     def guide(self, step: Step, update: Update) -> Tensor:
         for j in range(self.recurrence):
             _, g = self.gradient(step)
-            if self.backward_steps:
+            if self.backward_steps and not self._backward_off:
                 step = step.with_x0(self.backward(step.x0_hat.detach(), step))
             scale = per_sample(self.forward, g) * forward_kappa(step) * math.sqrt(1.0 - step.abar_t)
             x_prev = update(step, g, scale)
