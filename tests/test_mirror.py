@@ -99,6 +99,34 @@ def test_icnn_is_invariant_to_circular_shifts():
         assert torch.allclose(psi(torch.roll(x, (3, 5), (2, 3))), psi(x), atol=1e-5)
 
 
+def test_icnn_is_the_papers_recursion_with_layers_counting_z0_to_zL():
+    """Psi = mean(C z_L + c), z_0 = LReLU((A_0 x)^2 + B_0 x + b_0), z_{k+1} = LReLU(W_k z_k + (A_{k+1} x)^2
+    + B_{k+1} x + b_{k+1}): layers = L + 1 activations, L non-negative W_k; the paper's L = 3 (2 for the
+    flow and count) is what the default and full NAMM profiles build."""
+    from torch.nn import functional as F
+
+    from condiff.cli.namm import resolve
+
+    psi = ICNN(1, filters=4, layers=4, init_scale=0.3)
+    assert len(psi.hidden) == 3 and len(psi.quad) == len(psi.lin) == 4
+    x = torch.randn(3, 1, 6, 6)
+
+    def act(k, z=None):
+        pre = psi.quad[k](x) ** 2 + psi.lin[k](x) + (0 if z is None else psi.hidden[k - 1](z))
+        return F.leaky_relu(pre, 0.2)
+
+    z = act(0)
+    for k in range(1, 4):
+        z = act(k, z)
+    torch.testing.assert_close(psi(x), psi.out(z).mean((1, 2, 3)))
+    for profile in ("default", "full"):
+        depth = {d: resolve(d, profile)["mirror"]["psi"]["layers"] for d in ("burgers", "kolmogorov", "count")}
+        assert depth == {"burgers": 4, "kolmogorov": 3, "count": 3}
+    # the quick profile keeps the depth its recorded table was measured with, one shallower
+    quick = {d: resolve(d, "quick")["mirror"]["psi"]["layers"] for d in ("burgers", "count")}
+    assert quick == {"burgers": 3, "count": 2}
+
+
 def test_grad_psi_matches_finite_differences():
     m = MirrorMap(_icnn(scale=0.3).double(), ResNetGenerator(1, base=8, blocks=1, downsamples=1).double())
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64)

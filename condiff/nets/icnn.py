@@ -3,8 +3,11 @@
 Architecture (Feng et al., ICLR 2025), all convolutions 3x3 with circular padding:
 
     z_0     = LReLU((A_0 x)^2 + B_0 x + b_0)
-    z_{k+1} = LReLU(W_k z_k + (A_{k+1} x)^2 + B_{k+1} x + b_{k+1}),   k = 0 .. L-2
-    Psi(x)  = spatial mean of  C z_{L-1} + c
+    z_{k+1} = LReLU(W_k z_k + (A_{k+1} x)^2 + B_{k+1} x + b_{k+1}),   k = 0 .. L-1
+    Psi(x)  = spatial mean of  C z_L + c
+
+``layers`` counts the activations ``z_0 .. z_L``, so ``layers = L + 1``: the paper's ``L = 3`` (``L = 2``
+for the flow and count data) is ``layers = 4`` (3).
 
 ``Psi`` is convex in ``x`` as long as every ``W_k`` and ``C`` are non-negative: ``(A x)^2`` is convex,
 ``B x + b`` affine, LReLU convex and non-decreasing, and non-negative sums of convex functions are
@@ -33,7 +36,9 @@ class ICNN(nn.Module):
     Args:
         in_channels: image channels.
         filters: channels of every hidden layer (32 in the paper).
-        layers: number of hidden layers ``L`` (3 in the paper; 2 for the flow and count data).
+        layers: number of activations ``z_0 .. z_L``, ``L + 1`` (4 in the paper, whose ``L`` is 3; 3 for the
+            flow and count data). Each takes the input through ``A_k`` and ``B_k``; all but the first
+            also take the previous one through ``W_k``.
         slope: negative slope of the leaky ReLU.
         init_scale: the non-negative weights start at ``U(0, init_scale)``.
     """
@@ -42,7 +47,7 @@ class ICNN(nn.Module):
         self,
         in_channels: int = 1,
         filters: int = 32,
-        layers: int = 3,
+        layers: int = 4,
         slope: float = 0.2,
         init_scale: float = 1e-3,
     ) -> None:
