@@ -388,8 +388,9 @@ def test_every_method_runs_on_real_unets(backend, request):
 
 @pytest.mark.parametrize("build, match", [
     (lambda loss: make_guidance("dps2", loss), "unknown guidance method 'dps2'"),
-    (lambda loss: make_guidance("dps", loss, rate=0.2), "apply to DSG only"),
-    (lambda loss: make_guidance("dsg+dps", loss, bogus=1), "bad hyperparameters for 'dsg\\+dps'"),
+    (lambda loss: make_guidance("dps", loss, rate=0.2), "applies to DSG only; use method .dsg\\+dps."),
+    (lambda loss: make_guidance("dsg+dps", loss, bogus=1),
+     "bad hyperparameters for 'dsg\\+dps': .*; it takes zeta, rate, interval, final, between"),
     (lambda loss: DSG(DPS(loss), rate=1.5), r"DSG rate must lie in \[0, 1\]"),
     (lambda loss: DSG(DPS(loss), interval=0), "interval must be an integer >= 1"),
     (lambda loss: DSG(DPS(loss), between="dps"), "DSG between must be one of"),

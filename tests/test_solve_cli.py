@@ -206,7 +206,8 @@ def test_solve_warns_when_inputs_do_not_match_the_recorded_range(tmp_path, capsy
 
 @pytest.mark.parametrize("extra, message", [
     (["--operator", "inpaint-random", "--method", "dsg+dps", "--eta", "0"], "eta > 0"),
-    (["--operator", "inpaint-random", "--method", "dps", "--rate", "0.2"], "apply to DSG only"),
+    (["--operator", "inpaint-random", "--method", "dps", "--rate", "0.2"],
+     "applies to DSG only; use method .dsg\\+dps."),
     (["--operator", "inpaint-random", "--method", "dsg+xyz"], r"unknown guidance method 'dsg\+xyz'"),
     (["--operator", "inpaint-random", "--method", "dps", "--forward", "1"], "bad hyperparameters for 'dps'"),
     (["--operator", "inpaint-random", "--method", "dsg+dps", "--rate", "2"], r"rate must lie in \[0, 1\]"),
@@ -291,3 +292,31 @@ def test_eval_of_a_bare_model_directory_writes_beside_it_not_into_it(tiny_run, t
             str(tmp_path / "ref.npy")]
     assert main(args) == 0
     assert (model / "eval" / "metrics.json").is_file() and not (model / "metrics.json").exists()
+
+
+def test_solve_and_pnp_treat_a_class_conditional_model_as_sample_does(tmp_path, capsys):
+    """solve ran a labelled model with its never-trained unconditional predictions, without a word and
+    without a way to name a class; it now takes --label (recorded) and warns as sample does, pnp too."""
+    torch.manual_seed(0)
+    net = build_net({"name": "unet", "in_channels": 1, "base": 8, "mults": [1, 2], "groups": 4, "num_classes": 10})
+    with torch.no_grad():  # the zero-started output layer would hide the label
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model = tmp_path / "labelled"
+    save_model(model, net, Schedule.linear(100), data={"name": "digits"}, shape=[1, 8, 8], label_drop=0.0)
+    capsys.readouterr()
+    assert _solve(model, tmp_path / "a", "--operator", "blur", "--method", "dps") == 0
+    assert "without label drop" in capsys.readouterr().err
+    assert _solve(model, tmp_path / "b", "--operator", "blur", "--method", "dps", "--label", "3") == 0
+    assert "without label drop" not in capsys.readouterr().err
+    m = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert m["label"] == 3 and m["guidance_scale"] == 0.0
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["label"] is None
+    # the class changes the reconstruction (the same seed otherwise)
+    a, b = (np.load(tmp_path / d / "reconstruction.npz")["x"] for d in ("a", "b"))
+    assert not np.array_equal(a, b)
+    assert _solve(model, tmp_path / "c", "--operator", "blur", "--method", "dps", "--label", "10") == 2
+    assert re.search(r"--label must lie in \[0, 10\)", capsys.readouterr().err)
+    assert main(["pnp", "digits", "--ckpt", str(model), "--label", "3", "--n", "2", "--steps", "2",
+                 "--out", str(tmp_path / "p"), "--device", "cpu"]) == 0
+    assert "without label drop" in capsys.readouterr().err

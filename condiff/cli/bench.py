@@ -77,7 +77,7 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--profile", default="quick",
                    help="quick (CPU: a few minutes to about two hours, by benchmark) or full (GPU); some "
                         "benchmarks have more (`condiff bench NAME --help` lists them)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--no-record", action="store_true",
                    help="a trial run: leave BENCHMARKS.md and benchmarks/results as they are "
                         "(results go to runs/bench-results/ under the current directory)")
@@ -89,7 +89,10 @@ def machine() -> str:
 
     cpu = platform.processor() or platform.machine()
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU cores ({cpu}), {dev}, torch {torch.__version__}, Python {platform.python_version()}"
+    threads = torch.get_num_threads()  # what the benchmark ran on (OMP_NUM_THREADS=1 on a 2-core machine: 1)
+    used = f", {threads} thread{'s' * (threads > 1)} used" if threads != os.cpu_count() else ""
+    return (f"{os.cpu_count()} CPU cores ({cpu}{used}), {dev}, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def to_markdown(res: dict) -> str:

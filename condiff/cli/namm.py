@@ -381,8 +381,10 @@ class NAMMRun:
     def _mismatch_message(self, name: str) -> str:
         old = (self._old_spec(name) or {}).get("spec")
         changed = changed_keys(old, self.spec(name)) if isinstance(old, dict) else []
+        # the stage records the pool's sampler as "sampler"; the user sets it as sample.steps / sample.eta
+        changed = [f"sample.{k[len('sampler.'):]}" if k.startswith("sampler.") else k for k in changed]
         hint = f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} differ)" if changed else ""
-        if name == "finetune" and any(k.startswith("sampler") for k in changed):
+        if name == "finetune" and any(k.startswith("sample.") for k in changed):
             skip = self.skip_hints.get("finetune", "--no-finetuned leaves it out")
             hint += f" (the fine-tuning pool is drawn with sample.steps and sample.eta; {skip})"
         return (f"{self.root / name} was made with other settings{hint}; pass --fresh to redo it, "
@@ -769,6 +771,7 @@ def run_assimilation(
     # clamp x0_hat a little beyond the data range for every method alike (see assimilate's clip_x0)
     clip = a.get("clip_x0") or 1.5 * float(run.data().x.abs().max())
     results: dict[str, Any] = {"operator": op.describe(), "sigma_y": sigma_y, "n": n, "clip_x0": clip,
+                               "residual_units": "sigma_y",  # residual_* are ||y - A x|| / sigma_y
                                "settings": {k: a[k] for k in ASSIMILATE_KEYS if k in a}, "methods": {}}
     hidden = ~op.mask.expand_as(truth).bool()  # the entries the measurement leaves to infer
     for name in methods:
@@ -1087,10 +1090,10 @@ def run_assim(args: argparse.Namespace) -> int:
     io.write_json_atomic(out / "metrics.json", public(res))
     print(
         f"observation {seen}, noise sigma_y {res['sigma_y']:.3g}, {res['n']} truths "
-        f"(truth: residual {res['truth']['residual_mean']:.3g}, l {res['truth']['l_mean']:.3g})"
+        f"(truth: residual / sigma_y {res['truth']['residual_mean']:.3g}, l {res['truth']['l_mean']:.3g})"
     )
     for k, v in res["methods"].items():
-        res_l = (f"residual {v['residual_mean']:8.3g}   l(x) mean {v['l_mean']:10.4g}   "
+        res_l = (f"residual / sigma_y {v['residual_mean']:8.3g}   l(x) mean {v['l_mean']:10.4g}   "
                  f"RMSE unobserved {v['rmse_unobserved']:8.3g}")
         print(f"  {k:<24} {res_l}   {v['seconds']:.0f} s")
     _keep_settings(run)

@@ -35,6 +35,7 @@ from .common import (
     train_or_reuse,
 )
 from .config import merge
+from .sample import condition
 
 # strings become schedule objects here, and only here
 TIME_SCHEDULES = {
@@ -265,6 +266,7 @@ def _prior(args: argparse.Namespace, kind: str | None = None) -> tuple:
     if kind in PRIOR_DATA and trained_on not in (None, PRIOR_DATA[kind]):
         raise ValueError(f"{args.ckpt} is a prior over {trained_on!r} data; pnp {kind} needs one trained on "
                          f"{PRIOR_DATA[kind]!r} (pass --train with a new --ckpt to train the default one)")
+    den = condition(den, run_cfg, None, 0.0)  # warns where its unconditional predictions were never trained
     den.eval().requires_grad_(False)
     return den, run_cfg, shape, device
 

@@ -38,6 +38,7 @@ from ..guidance import BETWEEN, METHODS, TUNED, default_hyperparameters, guided_
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
 from .common import check_out_dir, data_kwargs, load_model_for, pick_device
+from .sample import add_label_args, condition
 
 # operator name -> builder(shape (B, C, H, W), generator, sigma_y, params) -> Operator
 OPERATORS: dict[str, Callable[[tuple[int, ...], torch.Generator, float, dict], Operator]] = {
@@ -163,6 +164,7 @@ def add_parser(sub, name: str) -> None:
     d.add_argument("--split", default=None, help="split of --data to draw images from (default test)")
     d.add_argument("--n", type=int, default=None, help="number of images (default: 16, or all of --input)")
     d.add_argument("--seed", type=int, default=0, help="seed for image choice, operator, noise and sampling")
+    add_label_args(d)
     d.add_argument("--batch-size", type=int, default=64,
                    help="images solved at once (default 64); the noise is drawn batch by batch, so the results of "
                         "a seed depend on it (recorded in metrics.json)")
@@ -284,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
                         kind="condiff solve")
     device = pick_device(args.device)
     den, run_cfg, shape = load_model_for(args.ckpt, device)
+    den = condition(den, run_cfg, args.label, args.guidance_scale)  # a class-conditional model's class
     if args.steps > den.schedule.T:
         raise ValueError(f"--steps must be <= T = {den.schedule.T}, got {args.steps}")
     if args.measurement is None:
@@ -343,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
         "scale": list(scale),
         "operator": {"name": args.operator, **op.describe(), **({"mask": args.mask} if args.mask else {})},
         "seed": args.seed, "batch_size": args.batch_size, "ckpt": str(args.ckpt), "device": device,
-        "versions": io.versions(),
+        "label": args.label, "guidance_scale": args.guidance_scale, "versions": io.versions(),
         "images": args.input or (f"{data_name}:{args.split}" if x is not None else None),
         "measurement": args.measurement,
     })

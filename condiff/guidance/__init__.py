@@ -46,11 +46,15 @@ def make_guidance(name: str, loss: Loss, **hyperparameters) -> GradientGuidance 
     cls, dsg = split_method(name)
     dsg_kw = {k: hyperparameters.pop(k) for k in DSG_KEYS if k in hyperparameters}
     if dsg_kw and not dsg:
-        raise ValueError(f"{', '.join(dsg_kw)} apply to DSG only; use method 'dsg+{name}'")
+        raise ValueError(f"{', '.join(dsg_kw)} appl{'ies' if len(dsg_kw) == 1 else 'y'} to DSG only; "
+                         f"use method 'dsg+{name}'")
     try:
         base = cls(loss, **hyperparameters)
     except TypeError as e:
-        raise ValueError(f"bad hyperparameters for {name!r}: {e}") from None
+        import inspect
+
+        takes = [k for k in inspect.signature(cls).parameters if k != "loss"] + (list(DSG_KEYS) if dsg else [])
+        raise ValueError(f"bad hyperparameters for {name!r}: {e}; it takes {', '.join(takes)}") from None
     return DSG(base, **dsg_kw) if dsg else base
 
 
