@@ -6,6 +6,7 @@ a number reads as "how far from what real data of this size would get".
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -136,6 +137,8 @@ def generic_reference(data_cfg: dict) -> tuple[Tensor, Tensor, str]:
         half = len(train) // 2
         train, test = train[:half], train[half:]
         reference = "training data (no test split)" + ("" if label is None else f", class {label}")
+        warnings.warn(f"{data_cfg['name']} has no test split: the samples are scored against half of its "
+                      "training data (the other half is the reference), not against held-out data", stacklevel=3)
     else:
         same_item_shape({"train": train, "test": test}, data_cfg["name"])
     if min(len(train), len(test)) < 2:  # the MMD bandwidth (median heuristic) needs two points of each

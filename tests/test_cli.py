@@ -292,6 +292,8 @@ def test_class_conditional_train_and_sample(tmp_path, capsys):
                  "--out", str(tmp_path / "ev")]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["label"] == 1 and m["reference"] == "training data (no test split), class 1"
+    assert "two.npz has no test split: the samples are scored against half of its training data" in \
+        capsys.readouterr().err
     from condiff.evaluate import evaluate_samples
     drawn = torch.from_numpy(np.load(tmp_path / "ev" / "samples.npz")["x"])
     wrong = evaluate_samples(drawn, {"name": str(tmp_path / "two.npz"), "label": 0})  # scored as the other class
@@ -667,3 +669,14 @@ def test_a_model_size_that_contradicts_the_data_is_refused_not_replaced(tmp_path
     assert main(["train", *TINY, "--set", "model.name=mlp", "--set", "model.dim=3", "--out", str(run)]) == 2
     assert "model.dim = 3 but the data have 2: leave it out" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_no_help_text_shows_rest_markup(capsys):
+    """The help texts come from docstrings; their ``x`` and :func:`x` markup is stripped everywhere."""
+    cmds = [[], ["train"], ["sample"], ["eval"], ["solve"], ["demo"], ["namm"], ["namm", "fit"], ["namm", "sample"],
+            ["pnp"], ["pnp", "digits"], ["dual"], ["dual", "train"], ["dual", "toy"]]
+    for cmd in cmds:
+        with pytest.raises(SystemExit):
+            main([*cmd, "--help"])
+        text = capsys.readouterr().out
+        assert text.startswith("usage: condiff") and "``" not in text and ":func:" not in text, cmd

@@ -252,7 +252,7 @@ def test_counter_training_does_not_depend_on_the_callers_thread_count():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_counter_cache_key_is_unchanged_on_the_cpu_and_apart_for_a_gpu(tmp_path):
+def test_counter_cache_key_is_unchanged_on_the_cpu_and_apart_for_a_gpu(tmp_path, capsys):
     from condiff.constraints.count import counter_key, load_counter
 
     assert counter_key(4, 16, 3000, 0, 16) == counter_key(4, 16, 3000, 0, 16, "cpu")
@@ -261,7 +261,10 @@ def test_counter_cache_key_is_unchanged_on_the_cpu_and_apart_for_a_gpu(tmp_path)
     net = load_counter(2, 12, steps=3, width=4, path=tmp_path / "c", device="cpu")
     assert next(net.parameters()).device.type == "cpu"
     assert json.loads((tmp_path / "c" / "config.json").read_text())["device"] == "cpu"
+    # its first use says so on stderr (minutes of silence otherwise, where stderr is no terminal)
+    assert "training the counting CNN (k = 2, 12x12, 3 steps on cpu) on first use" in capsys.readouterr().err
     again = load_counter(2, 12, steps=3, width=4, path=tmp_path / "c")
+    assert "counting CNN" not in capsys.readouterr().err  # the cached one: no word
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -423,7 +425,8 @@ def test_eval_names_too_little_held_out_data(tmp_path, arrays, counts):
     from condiff.evaluate import generic_eval
 
     np.savez(tmp_path / "few.npz", **arrays)
-    with pytest.raises(DataError, match=f"too little data to score samples against: {counts}"):
+    with pytest.raises(DataError, match=f"too little data to score samples against: {counts}"), \
+            warnings.catch_warnings(record=True):  # the no-test-split warning of the second case
         generic_eval(torch.zeros(4, 1, 8, 8), {"name": str(tmp_path / "few.npz")})
 
 

@@ -873,3 +873,18 @@ def test_select_with_an_offset_takes_the_next_examples():
     assert len(first) == 10 and len(later) == 5
     assert not set(first.x[:, 0].tolist()) & set(later.x[:, 0].tolist())
     assert set(select(d, n=15).x[:, 0].tolist()) == set(first.x[:, 0].tolist()) | set(later.x[:, 0].tolist())
+
+
+@pytest.mark.parametrize("exp, key", [("toy", "relative=1.05"), ("fair", "target_freq=unset"),
+                                      ("finetune", "pretrain.{")])
+def test_experiment_help_is_plain_text_and_lists_its_settings(exp, key, capsys):
+    """`condiff dual --help` showed reST (``fresh``, :func:`run_toy`) and the experiments' --set keys
+    could only be found by making an error."""
+    from condiff.cli.main import main
+
+    for argv in (["dual", "--help"], ["dual", exp, "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = capsys.readouterr().out
+        assert "``" not in text and ":func:" not in text, argv
+    assert key in " ".join(text.split())

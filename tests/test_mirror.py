@@ -4,6 +4,7 @@ mirror DPS, checkpoints and the CLI's settings and errors."""
 import copy
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -845,6 +846,12 @@ def test_cli_takes_a_constraint_from_the_users_python_file(tmp_path, capsys, mon
     assert "--fresh" in capsys.readouterr().err
     assert main(["namm", "fit", "--data", "data.npz", "--constraint", "con.py:zerosum", "--out", "r2", *tiny]) == 2
     assert "has no 'zerosum'; its callables: ['zero_sum']" in capsys.readouterr().err
+    # data without a test split: fit says so before it trains, not only `namm sample` afterwards
+    np.savez(tmp_path / "only.npz", x=x[:64])
+    assert main(["namm", "fit", "--data", "only.npz", "--constraint", "con.py:zero_sum", "--out", "r3",
+                 "--no-baseline", *tiny]) == 0
+    assert re.search(r"warning: .*only.npz has no test split: .*; until then `namm sample` and `namm "
+                     r"assimilate` refuse this run \(fit goes on\)", capsys.readouterr().err)
     # a broken distance, a broken violation map or a setting the fitting refuses fails before anything is
     # written: --fresh no longer discards the finished stages first
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"}
@@ -1109,3 +1116,16 @@ def test_an_inline_table_override_merges_like_a_config_file():
         mirror("mirror.psi=3")
     with pytest.raises(ConfigError, match=r"setting mirror.psi.filters expects a number \(now 16\), got 'x'"):
         mirror("mirror.psi={filters='x'}")
+
+
+def test_a_registered_data_set_that_is_no_generator_gets_none_of_the_generators_sizes():
+    """`namm fit --data digits --constraint box` stopped with "data set 'digits' has no setting(s)
+    ['n_test', 'n_train', 'size']", settings the user never gave (the profile's, for the generators)."""
+    from condiff.cli.namm import resolve
+    from condiff.data import load_dataset
+
+    for profile in ("quick", "default", "full"):
+        data = resolve("digits", profile, constraint="box")["data"]
+        assert not {"size", "n_train", "n_test"} & set(data)
+        load_dataset("digits", "train", **{k: v for k, v in data.items() if k not in ("name", "constraint")})
+        assert {"size", "n_train", "n_test"} <= set(resolve("count", profile)["data"])

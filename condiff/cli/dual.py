@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -70,6 +71,25 @@ SET_EXAMPLES = {"toy": "--set steps=800 or --set relative=1.05",
                 "finetune": "--set finetune.steps=200 or --set pretrain.steps=800"}
 
 
+DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available)"
+
+
+def plain(doc: str | None) -> str:
+    """A docstring as help text: one paragraph, without its notes on Python arguments (the markup goes
+    for every help text, in ``main``)."""
+    return re.sub(r"\s*\(``fresh`` and ``progress`` as for :func:`\w+`\)", "", " ".join((doc or "").split()))
+
+
+def settings_help(cls: type) -> str:
+    """The experiment's --set keys with their quick-profile defaults."""
+    def shown(v: Any) -> str:
+        return "unset" if v is None else json.dumps(v)
+
+    d = json.loads(json.dumps(asdict(ex.profile_config(cls, "quick"))))
+    keys = ", ".join(f"{k}.{{{', '.join(v)}}}" if isinstance(v, dict) else f"{k}={shown(v)}" for k, v in d.items())
+    return f"settings for --set KEY=VALUE (the quick profile's values): {keys}"
+
+
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="dual training under distributional constraints", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,19 +101,20 @@ def add_parser(sub, name: str) -> None:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set train.steps=500 or --set dual.lr=0.5 (repeatable)")
     t.add_argument("--out", default=None, help="run directory (default: runs/dual-<config name>)")
-    t.add_argument("--device", default=None)
+    t.add_argument("--device", default=None, help=DEVICE_HELP)
     g = t.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--fresh", action="store_true", help="discard checkpoints in --out and start over")
     t.set_defaults(func=run_train, interrupted=INTERRUPTED)
     for exp, (cls, fn, out) in EXPERIMENTS.items():
-        e = cmds.add_parser(exp, help=" ".join((fn.__doc__ or "").split()).split(". ")[0], description=cls.__doc__)
+        e = cmds.add_parser(exp, help=plain(fn.__doc__).split(". ")[0], description=plain(cls.__doc__),
+                            epilog=settings_help(cls))
         e.add_argument("--out", default=out,
                        help=f"output directory (default {out}); trained models are reused")
         e.add_argument("--profile", default="quick", help="quick (CPU, minutes) or full (GPU)")
         e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help=f"override one setting, e.g. {SET_EXAMPLES[exp]} (repeatable)")
-        e.add_argument("--device", default=None)
+        e.add_argument("--device", default=None, help=DEVICE_HELP)
         e.add_argument("--fresh", action="store_true",
                        help="retrain models in --out that were trained with other settings (else refused)")
         e.set_defaults(func=run_experiment, experiment=exp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import warnings
 
@@ -48,7 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, mod in COMMANDS.items():
         importlib.import_module(f"condiff.cli.{mod}").add_parser(sub, name)
+    _plain_text(p)
     return p
+
+
+def _plain_text(parser: argparse.ArgumentParser) -> None:
+    """Strip the reST markup of the docstrings the help texts come from (``x``, :func:`x`), in every
+    (sub)parser, its options and its subcommands' one-line summaries."""
+    def plain(text: str | None) -> str | None:
+        return text if text is None else re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
+
+    parser.description, parser.epilog = plain(parser.description), plain(parser.epilog)
+    for action in parser._actions:
+        action.help = plain(action.help) if isinstance(action.help, str) else action.help
+        for choice in getattr(action, "_choices_actions", ()):
+            choice.help = plain(choice.help)
+        for child in (action.choices or {}).values() if isinstance(action.choices, dict) else ():
+            _plain_text(child)
 
 
 def _close_progress_bars() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import shutil
 import sys
@@ -38,7 +39,7 @@ from torch import Tensor
 from .. import checks, io
 from ..checks import changed_keys
 from ..constraints import Constraint, CountConstraint, build_constraint, check_distance, parse_python_spec
-from ..data import DATASETS, ArrayData, load_dataset, same_item_shape
+from ..data import DATASETS, ArrayData, NoSplitError, load_dataset, same_item_shape
 from ..data.sources import count_split
 from ..denoiser import Denoiser
 from ..evaluate import mmd_with_reference
@@ -231,6 +232,15 @@ STAGES_KEPT = "finished stages are kept and an unfinished one resumes from its n
 GENERIC_ASSIMILATION = {"obs": "points", "fraction": 0.1, "noise": 0.05}
 
 
+def _takes_setting(data: str, key: str) -> bool:
+    """Whether the registered data set ``data`` takes the setting ``key`` (False for a file)."""
+    loader = DATASETS.get(data)
+    if loader is None:
+        return False
+    params = inspect.signature(loader).parameters
+    return key in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def resolve(
     data: str,
     profile: str = "default",
@@ -245,8 +255,10 @@ def resolve(
     cfg = merge(_BASE, PROFILES[profile])
     cfg = merge(cfg, FAMILIES.get(data, {"assimilate": GENERIC_ASSIMILATION}))
     cfg = merge(cfg, PROFILE_FAMILIES.get(profile, {}).get(data, {}))
-    if data not in DATASETS:  # a user's file: the generators' size and counts mean nothing to it
-        cfg["data"] = {k: v for k, v in cfg["data"].items() if k not in ("size", "n_train", "n_test")}
+    # the generators' size and counts mean nothing to a user's file, nor to a registered set (digits)
+    # whose loader does not take them
+    cfg["data"] = {k: v for k, v in cfg["data"].items()
+                   if k not in ("size", "n_train", "n_test") or _takes_setting(data, k)}
     if file:
         cfg = merge_checked(cfg, read_toml(file, SECTIONS), str(file))
     for path, value in (parse_override(o, SECTIONS, nested=True) for o in overrides or []):
@@ -966,6 +978,12 @@ def run_fit(args: argparse.Namespace) -> int:
         f"data {args.data}: {len(run.data())} training samples of shape {run.shape}; "
         f"constraint {run.constraint().config}"
     )
+    if cfg["data"]["name"] not in DATASETS:  # a user's file: a missing test split stops sample and assimilate
+        try:
+            run.data("test")
+        except NoSplitError as e:
+            warnings.warn(f"{e}; until then `namm sample` and `namm assimilate` refuse this run (fit goes on)",
+                          stacklevel=1)
     v = data_violation(run.constraint(), run.data().x, device=run.device)
     print(f"constraint on {v['n']} training samples: mean l {v['mean']:.3g}, median {v['median']:.3g} "
           f"(Gaussian noise with the data's mean and std: median {v['noise_median']:.3g})")
