@@ -680,3 +680,23 @@ def test_no_help_text_shows_rest_markup(capsys):
             main([*cmd, "--help"])
         text = capsys.readouterr().out
         assert text.startswith("usage: condiff") and "``" not in text and ":func:" not in text, cmd
+
+
+def test_resume_without_data_or_config_takes_the_runs_recorded_settings(trained, tmp_path, capsys):
+    """`condiff train --out R --resume` resolved the digits preset and refused R's own run ("trained on other
+    data ... or pass --fresh"), though R/config.json holds its settings."""
+    run = tmp_path / "run"
+    trained(run)
+    assert main(["train", "--out", str(run), "--resume", "--set", "train.steps=40"]) == 0
+    assert f"--resume: the settings recorded in {run / 'config.json'}, with --set" in capsys.readouterr().out
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["steps"] == 40 and cfg["data"]["kind"] == "moons" and cfg["model"]["hidden"] == 32
+    assert [r["step"] for r in read_log(run / "log.jsonl")] == [30, 40]
+    # naming other data still refuses, and says where the run's settings are and how to take them
+    assert main(["train", "--data", "digits", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"(recorded in {run / 'config.json'}), or pass --fresh" in err
+    assert "(--resume without --data and --config takes them from there)" in err
+    # a --set of the wrong kind is checked against the recorded value
+    assert main(["train", "--out", str(run), "--resume", "--set", "train.lr=abc"]) == 2
+    assert "train.lr expects a number" in capsys.readouterr().err

@@ -212,7 +212,7 @@ def _check_same(run_dir: Path, sections: dict[str, dict | None]) -> None:
                          if before.get(k) != now.get(k))
         what = "on other data" if section == "data" else "with another noise schedule"
         raise ValueError(f"--resume: {run_dir} was trained {what} ({diff}); resume with the run's {section} "
-                         "settings, or pass --fresh to start over")
+                         f"settings (recorded in {run_dir / 'config.json'}), or pass --fresh to start over")
 
 
 RUN_MARK = ".condiff-run"  # in a run directory: the command that wrote it

@@ -6,8 +6,16 @@ import argparse
 from pathlib import Path
 
 from ..train import list_checkpoints
-from .common import TrainingJob, add_config_args, check_out_dir, pick_device, save_resolved_config, start_run
-from .config import resolve
+from .common import (
+    TrainingJob,
+    add_config_args,
+    check_out_dir,
+    json_table,
+    pick_device,
+    save_resolved_config,
+    start_run,
+)
+from .config import assemble, parse_override, resolve
 
 # a Ctrl-C during training checkpoints the step in flight
 INTERRUPTED = ("add --resume to the same command to continue from the newest checkpoint (one is saved at "
@@ -27,7 +35,9 @@ def add_parser(sub, name: str) -> None:
     add_config_args(p)
     p.add_argument("--out", default=None, help="run directory (default: runs/<data>)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out (without --data and --config: with the "
+                        "settings recorded there, plus any --set)")
     g.add_argument("--fresh", action="store_true",
                    help="discard the run in --out (checkpoints, model, log, the old model's samples and metrics) "
                         "and start over")
@@ -39,13 +49,30 @@ def add_parser(sub, name: str) -> None:
 FRESH_CLEARS = ("metrics.json", "samples.npz", "samples.png", "samples", "eval")
 
 
+def settings(args: argparse.Namespace) -> dict:
+    """The run's settings: preset < --config < --set; with --resume and neither --data nor --config, the
+    settings recorded in the run's config.json < --set (so `condiff train --out R --resume` continues R)."""
+    recorded = Path(args.out) / "config.json" if args.out else None
+    if args.resume and args.data is None and args.config is None and recorded is not None and recorded.is_file():
+        old = {k: v for k, v in json_table(recorded).items() if k != "versions" and not k.startswith("_")}
+        if isinstance(old.get("data"), dict) and old["data"].get("name"):
+            print(f"--resume: the settings recorded in {recorded}" + (", with --set" if args.overrides else ""))
+            return assemble(old, [parse_override(o) for o in args.overrides], None, str(recorded))
+    return resolve(args.data, args.config, args.overrides)
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = resolve(args.data, args.config, args.overrides)
+    cfg = settings(args)
     cfg["_device"] = pick_device(args.device)
     run_dir = check_out_dir(args.out or Path("runs") / Path(str(cfg["data"]["name"])).stem, kind="condiff train")
     args.run_dir = run_dir  # for the Ctrl-C hint
-    job = start_run(run_dir, args.resume, args.fresh, lambda: TrainingJob(cfg, run_dir), data=cfg["data"],
-                    schedule=cfg.get("schedule"), clear=FRESH_CLEARS)
+    try:
+        job = start_run(run_dir, args.resume, args.fresh, lambda: TrainingJob(cfg, run_dir), data=cfg["data"],
+                        schedule=cfg.get("schedule"), clear=FRESH_CLEARS)
+    except ValueError as e:
+        if not (args.resume and str(e).startswith("--resume:")):
+            raise
+        raise ValueError(f"{e} (--resume without --data and --config takes them from there)") from None
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
     model_dir = job.fit()
     if job.trainer.dist.main:  # once, not from every torchrun process
