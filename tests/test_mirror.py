@@ -695,6 +695,15 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert (run / "samples" / "violations.png").is_file() and (
         run / "assimilate" / "assimilation.png"
     ).is_file()
+    # the core commands: the vanilla model records its data set (8x8 here), so eval scores it on its own
+    # data; the run directory itself is named as what it is
+    assert main(["eval", "--ckpt", str(run / "vanilla"), "--n", "8", "--steps", "2",
+                 "--out", str(tmp_path / "ev")]) == 0
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["reference"] == "test split" and ev["mmd_n"] == 8  # periodic at its own 8x8 (else a shape error)
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(run), "--n", "2", "--steps", "2"]) == 2
+    assert f"is a NAMM run directory, not a model: use `condiff namm sample --run {run}`" in capsys.readouterr().err
     # a method that diverges (here one made to) is named, and the earlier assimilation is left as it was
     import condiff.cli.namm as namm_cli
 

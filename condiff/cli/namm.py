@@ -464,14 +464,20 @@ class NAMMRun:
         return train_config({"seed": seed, **settings}, section, device=self.device, progress=self.progress)
 
     # -- data and constraint
+    def data_settings(self) -> dict:
+        """``name`` and the loader's settings of the run's data set (the constraint left out)."""
+        name = self.cfg["data"]["name"]
+        kw = {k: v for k, v in self.cfg["data"].items() if k not in ("name", "constraint")}
+        # user files keep only the loader's own options; a registered name wins over a file or
+        # folder of that name (a run directory `periodic` must not hide the periodic data set)
+        if name not in DATASETS and Path(name).exists():
+            kw = {}
+        return {"name": name, **kw}
+
     def data(self, split: str = "train") -> ArrayData:
         if split not in self._data:
-            kw = {k: v for k, v in self.cfg["data"].items() if k not in ("name", "constraint")}
-            name = self.cfg["data"]["name"]
-            # user files keep only the loader's own options; a registered name wins over a file or
-            # folder of that name (a run directory `periodic` must not hide the periodic data set)
-            if name not in DATASETS and Path(name).exists():
-                kw = {}
+            kw = self.data_settings()
+            name = kw.pop("name")
             self._data[split] = load_dataset(name, split=split, **kw)
             if split != "train":  # the models are built for the training split's shape
                 same_item_shape({"train": self.data("train"), split: self._data[split]}, name)
@@ -526,7 +532,10 @@ class NAMMRun:
         net = {**self.cfg["model"], "in_channels": x.shape[1]}
         t0 = time.perf_counter()
         tcfg = self._tcfg(self.cfg["train"])
-        den = train_diffusion(x, net, Schedule.from_config(self.cfg["schedule"]), tcfg, d, {"stage": name},
+        # the vanilla model records its data set (as `condiff train` models do), so that `condiff eval` and
+        # `condiff sample` score it on its own; the mirror model's samples are not data
+        meta = {"stage": name, **({"data": self.data_settings()} if name == "vanilla" else {})}
+        den = train_diffusion(x, net, Schedule.from_config(self.cfg["schedule"]), tcfg, d, meta,
                               resume=True, seed=tcfg.seed)  # train.seed seeds the initial weights too
         self._finish(name, spec, time.perf_counter() - t0)
         return den
