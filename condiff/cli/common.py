@@ -26,7 +26,8 @@ from ..train import DenoisingObjective, TrainConfig, Trainer, list_checkpoints
 
 def add_config_args(p: argparse.ArgumentParser, data_default: str | None = None) -> None:
     p.add_argument("--data", default=data_default,
-                   help="data set name (digits, toy2d, patches) or a .npy/.npz file, a .png or a PNG folder")
+                   help="data set name (digits, toy2d, patches) or a .npy/.npz file, a .png or a PNG folder "
+                        "(default: the --config file's [data] name, else digits)")
     p.add_argument("--config", metavar="TOML", help="TOML file with [data] [model] [schedule] [train] "
                    "[sample] tables")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -18,16 +18,16 @@ from .evaluate import evaluate_run
 
 
 def add_parser(sub, name: str) -> None:
-    p = sub.add_parser(name, help="train, sample and evaluate the default digits model", description=__doc__,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="run directory")
-    p.add_argument("--data", default="digits", help="data set (digits, toy2d, patches)")
-    p.add_argument("--config", metavar="TOML", help="TOML file overriding the defaults")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p = sub.add_parser(name, help="train, sample and evaluate the default digits model", description=__doc__)
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--data", default="digits", help="data set: digits (the default), toy2d or patches")
+    p.add_argument("--config", metavar="TOML", help="TOML file overriding the data set's preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set train.steps=500 (repeatable)")
     p.add_argument("--retrain", action="store_true",
                    help="train again, replacing the model in --out (needed too when it was trained with other "
                         "settings)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.set_defaults(func=run, interrupted="run the same command again: training resumes where it stopped")
 
 

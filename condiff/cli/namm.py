@@ -859,7 +859,7 @@ def public(d: Any) -> Any:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--fresh", action="store_true",
                    help="redo stages whose settings changed or whose files no longer load")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -886,7 +886,10 @@ def add_parser(sub, name: str) -> None:
     s = p.add_subparsers(dest="namm_command", metavar="SUBCOMMAND")
     s.required = True
 
-    f = s.add_parser("fit", help="fit the mirror map, then train the mirror and vanilla diffusion models")
+    f = s.add_parser("fit", help="fit the mirror map, then train the mirror and vanilla diffusion models",
+                     description="Fit the mirror map (g, f) to the data's constraint distance, then train the mirror "
+                                 "diffusion model on g(x) and, as the baseline, a vanilla one on x; each stage is "
+                                 "kept in --out and reused or resumed when the command runs again.")
     f.add_argument(
         "--data", required=True, help="brightness, burgers, kolmogorov, periodic, count, or a file"
     )
@@ -895,8 +898,10 @@ def add_parser(sub, name: str) -> None:
         help="the constraint, for user data: a registered name (box, ball, simplex, ...) or FILE.py:NAME, "
              "a callable x -> (B,) distances in your own Python file",
     )
-    f.add_argument("--profile", default="default", choices=sorted(PROFILES))
-    f.add_argument("--config", metavar="TOML")
+    f.add_argument("--profile", default="default", choices=sorted(PROFILES),
+                   help="quick: 16x16, tiny nets, the CPU benchmark; default: 32x32; full: 64x64, the paper's "
+                        "networks, for a GPU (default: default)")
+    f.add_argument("--config", metavar="TOML", help="TOML file with tables of the sections --set takes")
     f.add_argument("--out", default=None, help="run directory (default: runs/namm-<data>)")
     f.add_argument("--no-baseline", action="store_true", help="skip the vanilla diffusion model")
     _settings_args(f)
@@ -908,7 +913,8 @@ def add_parser(sub, name: str) -> None:
         ("finetune", run_finetune, "fine-tune the inverse map on mirror-model samples"),
         ("assimilate", run_assim, "data assimilation: mirror DPS vs DPS vs guided DPS"),
     ):
-        q = s.add_parser(cmd, help=helptext, description=ASSIMILATE_HELP if cmd == "assimilate" else None,
+        q = s.add_parser(cmd, help=helptext,
+                         description=ASSIMILATE_HELP if cmd == "assimilate" else helptext[0].upper() + helptext[1:],
                          formatter_class=argparse.RawDescriptionHelpFormatter)
         q.add_argument("--run", required=True, help="a run directory made by `condiff namm fit`")
         _settings_args(q, {"sample": "sample.steps=50", "finetune": "finetune.steps=2000",

@@ -154,7 +154,7 @@ def add_parser(sub, name: str) -> None:
     m = s.add_parser("segment", help="infer masks of synthetic scenes with a (picture, mask) prior")
     _common(m, "runs/pnp/segment-quick", "runs/pnp/segment", steps=1200, lr=0.05, schedule="linear")
     m.add_argument("--n", type=int, default=16, help="number of test scenes (default 16)")
-    m.add_argument("--chains", type=int, default=4, help="chains per scene")
+    m.add_argument("--chains", type=int, default=4, help="chains per scene (default 4)")
     m.add_argument("--batch-size", type=int, default=256,
                    help="scenes searched at once, with all their chains (default 256; lower it to save memory)")
     m.add_argument("--votes", type=int, default=None,
@@ -165,9 +165,10 @@ def add_parser(sub, name: str) -> None:
 
     t = s.add_parser("tsp", help="solve random TSP instances with a prior over pictures of tours")
     _common(t, "runs/pnp/tsp-quick", "runs/pnp/tsp", steps=256, lr=1.0, schedule="paper-tsp")
-    t.add_argument("--cities", type=int, default=20, help="cities per instance")
+    t.add_argument("--cities", type=int, default=20, help="cities per instance (default 20)")
     t.add_argument("--n", type=int, default=16, help="number of instances (default 16)")
-    t.add_argument("--chains", type=int, default=1, help="chains per instance; the shortest decoded tour wins")
+    t.add_argument("--chains", type=int, default=1,
+                   help="chains per instance; the shortest decoded tour wins (default 1)")
     t.add_argument("--train", action="store_true", help="train the default prior into --ckpt if it holds none")
     t.add_argument("--profile", default="quick", help="default prior for --train: quick or full")
     t.set_defaults(func=run_tsp)
@@ -200,8 +201,8 @@ def _common(p: argparse.ArgumentParser, ckpt: str, out: str, steps: int, lr: flo
     p.add_argument("--schedule", choices=sorted(TIME_SCHEDULES), default=schedule,
                    help=f"timestep anneal (default {schedule})")
     p.add_argument("--stop-grad", action="store_true", help="skip the network Jacobian (cheaper variant)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the chains' noise and draws (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
 def _batch_option(p: argparse.ArgumentParser) -> None:
