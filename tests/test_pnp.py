@@ -591,3 +591,15 @@ def test_segment_keeps_the_mask_latent_in_the_unit_box():
     res = segment(den, pics, chains=2, steps=20, lr=0.5, generator=torch.Generator().manual_seed(1))
     assert float(res.latents.abs().max()) <= 1.0
     assert float((res.latents == 1.0).float().mean()) > 0.9
+
+
+def test_pnp_digits_writes_each_task_to_its_own_default_directory(tiny_run, tmp_path, monkeypatch):
+    """--label 3 and --symmetry both wrote runs/pnp/digits, the second replacing the first."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    for task in (["--label", "3"], ["--symmetry"]):
+        assert main(["pnp", "digits", "--ckpt", str(tiny_run), *task, "--n", "2", "--steps", "2",
+                     "--device", "cpu"]) == 0
+    for d in ("digits-3", "digits-symmetry"):
+        assert (tmp_path / "runs" / "pnp" / d / "metrics.json").is_file(), d

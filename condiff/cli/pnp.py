@@ -136,7 +136,8 @@ def add_parser(sub, name: str) -> None:
     s.required = True
 
     d = s.add_parser("digits", help="conditional digits from an unconditional digits model")
-    _common(d, "runs/demo", "runs/pnp/digits", steps=600, lr=0.05, schedule="paper-mnist")
+    _common(d, "runs/demo", None, steps=600, lr=0.05, schedule="paper-mnist",
+            out_default="runs/pnp/digits-<label>, or runs/pnp/digits-symmetry")
     g = d.add_mutually_exclusive_group(required=True)
     g.add_argument("--label", type=int, help="generate this digit (classifier constraint)")
     g.add_argument("--symmetry", action="store_true", help="left-right mirror symmetry constraint")
@@ -193,9 +194,11 @@ def add_parser(sub, name: str) -> None:
     c.set_defaults(func=run_constraint)
 
 
-def _common(p: argparse.ArgumentParser, ckpt: str, out: str, steps: int, lr: float, schedule: str) -> None:
+def _common(p: argparse.ArgumentParser, ckpt: str, out: str | None, steps: int, lr: float, schedule: str,
+            out_default: str | None = None) -> None:
+    """``out``: the default --out (None: the command sets it; ``out_default`` says how)."""
     p.add_argument("--ckpt", default=ckpt, help=f"prior: run, model or diffusers directory (default {ckpt})")
-    p.add_argument("--out", default=out, help=f"output directory (default {out})")
+    p.add_argument("--out", default=out, help=f"output directory (default {out or out_default})")
     p.add_argument("--steps", type=int, default=steps, help=f"optimisation steps (default {steps})")
     p.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (default {lr})")
     p.add_argument("--schedule", choices=sorted(TIME_SCHEDULES), default=schedule,
@@ -238,6 +241,8 @@ def _run_pnp(args: argparse.Namespace, den, shape: tuple[int, ...], constraint, 
 
 def _check_common(args: argparse.Namespace) -> None:
     """The options every task shares, checked before a prior is trained or loaded."""
+    if args.out is None:  # pnp digits: one directory per task, so that a second task does not replace the first
+        args.out = f"runs/pnp/digits-{'symmetry' if args.symmetry else args.label}"
     check_out_dir(args.out, kind=f"condiff pnp {args.pnp_command}")
     checks.seed("--seed", args.seed)
     checks.integer("--steps", args.steps)
