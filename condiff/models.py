@@ -64,9 +64,10 @@ def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
                                      "deleted): finish it by running the command that trained it again with its "
                                      "settings (`condiff train ... --resume`; `condiff pnp TASK ... --train` for a "
                                      "PnP prior)")
-        if "mirror" in cfg and (d / "vanilla").is_dir():  # a `condiff namm fit` run directory
-            raise io.CheckpointError(f"{d} is a NAMM run directory, not a model: use `condiff namm sample --run {d}`,"
-                                     f" or its vanilla diffusion model, {d / 'vanilla'}")
+        if "mirror" in cfg and (d / "namm").is_dir():  # a `condiff namm fit` run directory
+            vanilla = f", or its vanilla diffusion model, {d / 'vanilla'}" if (d / "vanilla").is_dir() else ""
+            raise io.CheckpointError(f"{d} is a NAMM run directory, not a model: use `condiff namm sample --run "
+                                     f"{d}`{vanilla}")
         raise io.CheckpointError(f"{d}/config.json has no 'net' or 'schedule' entry: not a condiff model")
     net = build_net(cfg["net"]).to(device)
     stem = "ema" if ema and io.has_group(d, "ema") else "model"

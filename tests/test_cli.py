@@ -700,3 +700,13 @@ def test_resume_without_data_or_config_takes_the_runs_recorded_settings(trained,
     # a --set of the wrong kind is checked against the recorded value
     assert main(["train", "--out", str(run), "--resume", "--set", "train.lr=abc"]) == 2
     assert "train.lr expects a number" in capsys.readouterr().err
+    # other data by --set alone: refused, without the hint to leave out what was not given
+    assert main(["train", "--out", str(run), "--resume", "--set", "data.kind=rings"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on other data" in err and "takes them from there" not in err
+    # a damaged config.json is named, not read as "no settings" (the digits preset, then a shape error)
+    (run / "config.json").write_text('{"data": ')
+    assert main(["train", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: cannot read the run's settings: {run / 'config.json'} is not valid JSON" in err
+    assert err.count("\n") == 1

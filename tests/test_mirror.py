@@ -108,6 +108,7 @@ def test_icnn_is_the_papers_recursion_with_layers_counting_z0_to_zL():
 
     from condiff.cli.namm import resolve
 
+    assert len(ICNN(1).hidden) == 3  # the default: the paper's L = 3
     psi = ICNN(1, filters=4, layers=4, init_scale=0.3)
     assert len(psi.hidden) == 3 and len(psi.quad) == len(psi.lin) == 4
     x = torch.randn(3, 1, 6, 6)
@@ -1121,8 +1122,15 @@ def test_an_inline_table_override_merges_like_a_config_file():
     assert mirror("mirror.psi={filters=32, layers=4}") == nested
     assert mirror("mirror.psi={filters=32}", "mirror.psi.layers=4") == nested
     assert mirror("mirror.psi.layers=4", "mirror.psi={filters=32}") == nested
-    with pytest.raises(ConfigError, match=r"^override mirror.psi must be a table .*got 3$"):
-        mirror("mirror.psi=3")
+    # another kind replaces the table (the old kind's keys would not fit it), and so does a plain value
+    assert mirror("mirror.inverse={name='unet', base=8}")["inverse"] == {"name": "unet", "base": 8}
+    from condiff.cli.config import set_path
+
+    for value, want in (({"name": "box", "lo": -1.0}, {"name": "box", "lo": -1.0}),
+                        ({"radius": 2.0}, {"name": "ball", "radius": 2.0}), ("box", "box")):
+        cfg = {"data": {"constraint": {"name": "ball", "radius": 1.0}}}
+        set_path(cfg, ["data", "constraint"], value)
+        assert cfg["data"]["constraint"] == want
     with pytest.raises(ConfigError, match=r"setting mirror.psi.filters expects a number \(now 16\), got 'x'"):
         mirror("mirror.psi={filters='x'}")
 
@@ -1138,3 +1146,28 @@ def test_a_registered_data_set_that_is_no_generator_gets_none_of_the_generators_
         assert not {"size", "n_train", "n_test"} & set(data)
         load_dataset("digits", "train", **{k: v for k, v in data.items() if k not in ("name", "constraint")})
         assert {"size", "n_train", "n_test"} <= set(resolve("count", profile)["data"])
+
+
+def test_a_run_fitted_at_the_old_icnn_depth_is_told_how_to_keep_it(tmp_path, capsys, monkeypatch):
+    """The default and full profiles' ICNN grew one layer (to the paper's depth): refitting an earlier run
+    is refused as other settings, and the message says which --set keeps the run's depth."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    x = np.random.default_rng(0).uniform(0, 1, (48, 1, 8, 8)).astype("float32")
+    np.savez(tmp_path / "data.npz", x=x[:32], x_test=x[32:])
+    tiny = ["--data", "data.npz", "--constraint", "box", "--out", "run", "--no-baseline", "--quiet",
+            "--set", "mirror_train.steps=2", "--set", "train.steps=2", "--set", "model.mults=[1, 2]",
+            "--set", "mirror.psi.filters=4", "--set", "mirror.inverse.base=4", "--set", "mirror.inverse.blocks=1"]
+    assert main(["namm", "fit", *tiny, "--set", "mirror.psi.layers=3"]) == 0  # as made before the change
+    capsys.readouterr()
+    assert main(["namm", "fit", *tiny]) == 2
+    err = capsys.readouterr().err
+    assert "(mirror.psi.layers differ)" in err and "--set mirror.psi.layers=3 keeps this run's" in err
+    assert main(["namm", "fit", *tiny, "--set", "mirror.psi.layers=3"]) == 0
+    # a run without the baseline is still named as a NAMM run by the core commands
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", "run", "--n", "2", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "run is a NAMM run directory, not a model: use `condiff namm sample --run run`" in err
+    assert "vanilla" not in err

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import io
-from .common import pick_device
+from .common import add_device_arg, pick_device
 
 
 def bench_dir() -> Path:
@@ -77,7 +77,7 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--profile", default="quick",
                    help="quick (CPU: a few minutes to about two hours, by benchmark) or full (GPU); some "
                         "benchmarks have more (`condiff bench NAME --help` lists them)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_device_arg(p)
     p.add_argument("--no-record", action="store_true",
                    help="a trial run: leave BENCHMARKS.md and benchmarks/results as they are "
                         "(results go to runs/bench-results/ under the current directory)")

@@ -195,16 +195,18 @@ def parse_override(item: str, sections: tuple[str, ...] = SECTIONS,
 def set_path(cfg: dict, path: list[str], value: Any) -> None:
     """``cfg[path[0]]...[path[-1]] = value``, creating tables, type-checked against the old value. An
     inline table merges into the table it names, as a config file's table does, so that
-    ``mirror.psi={filters=32}`` and ``mirror.psi.filters=32`` are the same override."""
+    ``mirror.psi={filters=32}`` and ``mirror.psi.filters=32`` are the same override; one with another
+    ``name`` (another kind of net or constraint) replaces it."""
     node = cfg
     for k in path[:-1]:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {'.'.join(path)}: {k} is not a table")
-    if isinstance(node.get(path[-1]), dict):
-        if not isinstance(value, dict):
-            raise ConfigError(f"override {'.'.join(path)} must be a table ({{key = value, ...}}), got {value!r}")
-        node[path[-1]] = merge_checked(node[path[-1]], value, "--set", tuple(path))
+    old = node.get(path[-1])
+    # a table that names another kind (a ball constraint for a box) replaces the old one, as does a
+    # value that is no table (a constraint given by its name)
+    if isinstance(old, dict) and isinstance(value, dict) and value.get("name", old.get("name")) == old.get("name"):
+        node[path[-1]] = merge_checked(old, value, "--set", tuple(path))
         return
     try:
         node[path[-1]] = check_setting(".".join(path), node.get(path[-1]), value, "now")

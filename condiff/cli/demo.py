@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .common import check_out_dir, pick_device, save_resolved_config, train_or_reuse
+from .common import add_device_arg, check_out_dir, pick_device, save_resolved_config, train_or_reuse
 from .config import resolve
 from .evaluate import evaluate_run
 
@@ -27,7 +27,7 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--retrain", action="store_true",
                    help="train again, replacing the model in --out (needed too when it was trained with other "
                         "settings)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_device_arg(p)
     p.set_defaults(func=run, interrupted="run the same command again: training resumes where it stopped")
 
 

@@ -46,6 +46,7 @@ from ..schedule import Schedule
 from ..train import TrainConfig, Trainer
 from . import config as config_mod
 from .common import (
+    add_device_arg,
     check_out_dir,
     load_model_for,
     net_config,
@@ -69,9 +70,6 @@ EXPERIMENTS = {"toy": (ex.ToyConfig, ex.run_toy, "runs/dual-toy"),
 SET_EXAMPLES = {"toy": "--set steps=800 or --set relative=1.05",
                 "fair": "--set train.steps=800 or --set target_freq=0.1",
                 "finetune": "--set finetune.steps=200 or --set pretrain.steps=800"}
-
-
-DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available)"
 
 
 def plain(doc: str | None) -> str:
@@ -101,7 +99,7 @@ def add_parser(sub, name: str) -> None:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set train.steps=500 or --set dual.lr=0.5 (repeatable)")
     t.add_argument("--out", default=None, help="run directory (default: runs/dual-<config name>)")
-    t.add_argument("--device", default=None, help=DEVICE_HELP)
+    add_device_arg(t)
     g = t.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--fresh", action="store_true", help="discard checkpoints in --out and start over")
@@ -114,7 +112,7 @@ def add_parser(sub, name: str) -> None:
         e.add_argument("--profile", default="quick", help="quick (CPU, minutes) or full (GPU)")
         e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help=f"override one setting, e.g. {SET_EXAMPLES[exp]} (repeatable)")
-        e.add_argument("--device", default=None, help=DEVICE_HELP)
+        add_device_arg(e)
         e.add_argument("--fresh", action="store_true",
                        help="retrain models in --out that were trained with other settings (else refused)")
         e.set_defaults(func=run_experiment, experiment=exp)

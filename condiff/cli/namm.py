@@ -69,7 +69,7 @@ from ..plots import plot_histograms
 from ..sample import generate
 from ..schedule import Schedule
 from ..train import TrainConfig
-from .common import check_out_dir, json_table, pick_device, train_config
+from .common import add_device_arg, check_out_dir, json_table, pick_device, train_config
 from .config import (
     ConfigError,
     check_sample,
@@ -399,6 +399,10 @@ class NAMMRun:
         if name == "finetune" and any(k.startswith("sample.") for k in changed):
             skip = self.skip_hints.get("finetune", "--no-finetuned leaves it out")
             hint += f" (the fine-tuning pool is drawn with sample.steps and sample.eta; {skip})"
+        was = (old.get("mirror") or {}).get("psi", {}).get("layers") if "mirror.psi.layers" in changed else None
+        if isinstance(was, int):  # the default and full profiles' ICNN grew to the paper's depth
+            hint += (f" (the default and full profiles build the paper's ICNN depth since 2026-12-05; "
+                     f"--set mirror.psi.layers={was} keeps this run's)")
         return (f"{self.root / name} was made with other settings{hint}; pass --fresh to redo it, "
                 "or use another --out / --run")
 
@@ -859,7 +863,7 @@ def public(d: Any) -> Any:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_device_arg(p)
     p.add_argument("--fresh", action="store_true",
                    help="redo stages whose settings changed or whose files no longer load")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

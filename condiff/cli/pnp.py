@@ -27,6 +27,7 @@ from ..data.files import save_png_grid
 from ..plots import plot_image_columns
 from ..pnp import schedules as sch
 from .common import (
+    add_device_arg,
     check_out_dir,
     load_model_for,
     model_is_complete,
@@ -205,7 +206,7 @@ def _common(p: argparse.ArgumentParser, ckpt: str, out: str | None, steps: int, 
                    help=f"timestep anneal (default {schedule})")
     p.add_argument("--stop-grad", action="store_true", help="skip the network Jacobian (cheaper variant)")
     p.add_argument("--seed", type=int, default=0, help="seed of the chains' noise and draws (default 0)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_device_arg(p)
 
 
 def _batch_option(p: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ from .. import checks, io
 from ..denoiser import Denoiser, NetDenoiser
 from .common import (
     DEFAULT_SAMPLE,
+    add_device_arg,
     check_out_dir,
     check_targets,
     draw_samples,
@@ -31,7 +32,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="samples drawn at once (default: the run's [sample] batch_size); the noise is drawn "
                         "batch by batch, so the samples of a seed depend on it (recorded in the output)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_device_arg(p)
 
 
 def sample_settings(args: argparse.Namespace, run_cfg: dict, T: int | None = None) -> dict:

@@ -37,7 +37,7 @@ from ..data.files import load_png_folder, save_png_grid
 from ..guidance import BETWEEN, METHODS, TUNED, default_hyperparameters, guided_sample, make_guidance
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
-from .common import check_out_dir, data_kwargs, load_model_for, pick_device
+from .common import add_device_arg, check_out_dir, data_kwargs, load_model_for, pick_device
 from .sample import add_label_args, condition
 
 # operator name -> builder(shape (B, C, H, W), generator, sigma_y, params) -> Operator
@@ -169,7 +169,7 @@ def add_parser(sub, name: str) -> None:
                    help="images solved at once (default 64); the noise is drawn batch by batch, so the results of "
                         "a seed depend on it (recorded in metrics.json)")
     p.add_argument("--out", default=None, help="output directory (default: <ckpt>/solve/<operator>-<method>-<steps>)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_device_arg(p)
     p.set_defaults(func=run)
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import io
 from ..train import list_checkpoints
 from .common import (
     TrainingJob,
     add_config_args,
     check_out_dir,
-    json_table,
     pick_device,
     save_resolved_config,
     start_run,
@@ -49,28 +49,37 @@ def add_parser(sub, name: str) -> None:
 FRESH_CLEARS = ("metrics.json", "samples.npz", "samples.png", "samples", "eval")
 
 
-def settings(args: argparse.Namespace) -> dict:
+def settings(args: argparse.Namespace) -> tuple[dict, Path | None]:
     """The run's settings: preset < --config < --set; with --resume and neither --data nor --config, the
-    settings recorded in the run's config.json < --set (so `condiff train --out R --resume` continues R)."""
+    settings recorded in the run's config.json < --set (so `condiff train --out R --resume` continues R),
+    returned with that file's path (else None)."""
     recorded = Path(args.out) / "config.json" if args.out else None
-    if args.resume and args.data is None and args.config is None and recorded is not None and recorded.is_file():
-        old = {k: v for k, v in json_table(recorded).items() if k != "versions" and not k.startswith("_")}
-        if isinstance(old.get("data"), dict) and old["data"].get("name"):
-            print(f"--resume: the settings recorded in {recorded}" + (", with --set" if args.overrides else ""))
-            return assemble(old, [parse_override(o) for o in args.overrides], None, str(recorded))
-    return resolve(args.data, args.config, args.overrides)
+    if not (args.resume and args.data is None and args.config is None and recorded is not None
+            and recorded.is_file()):
+        return resolve(args.data, args.config, args.overrides), None
+    try:
+        old = {k: v for k, v in io.read_json_table(recorded).items() if k != "versions" and not k.startswith("_")}
+    except ValueError as e:
+        raise ValueError(f"--resume: cannot read the run's settings: {e}; pass --data / --config as it was "
+                         "trained with") from None
+    if not (isinstance(old.get("data"), dict) and old["data"].get("name")):
+        raise ValueError(f"--resume: {recorded} records no data set: not a `condiff train` run (pass --data / "
+                         "--config as it was trained with)")
+    return assemble(old, [parse_override(o) for o in args.overrides], None, str(recorded)), recorded
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = settings(args)
+    cfg, recorded = settings(args)
     cfg["_device"] = pick_device(args.device)
     run_dir = check_out_dir(args.out or Path("runs") / Path(str(cfg["data"]["name"])).stem, kind="condiff train")
+    if recorded is not None:
+        print(f"--resume: the settings recorded in {recorded}" + (", with --set" if args.overrides else ""))
     args.run_dir = run_dir  # for the Ctrl-C hint
     try:
         job = start_run(run_dir, args.resume, args.fresh, lambda: TrainingJob(cfg, run_dir), data=cfg["data"],
                         schedule=cfg.get("schedule"), clear=FRESH_CLEARS)
     except ValueError as e:
-        if not (args.resume and str(e).startswith("--resume:")):
+        if not (str(e).startswith("--resume:") and (args.data is not None or args.config is not None)):
             raise
         raise ValueError(f"{e} (--resume without --data and --config takes them from there)") from None
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model

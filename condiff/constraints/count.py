@@ -165,10 +165,10 @@ def load_counter(
     width: int = 16,
     path: str | Path | None = None,
     device: str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> CountingCNN:
     """The cached counter for these settings (on the CPU), trained if missing: a line on stderr says so
-    first, and with ``progress`` a progress bar follows (refreshed every 10 s when not a terminal).
+    first, then a progress bar follows where ``progress`` (default: when stderr is a terminal).
 
     ``device``: where a missing counter trains; default ``"cuda"`` when a GPU is available, else
     ``"cpu"``. On one CPU core the 3000 steps take about 3 minutes at 16x16, half an hour at 32x32
