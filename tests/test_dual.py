@@ -603,6 +603,12 @@ def test_cli_dual_train_names_a_reference_model_of_another_shape(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert f"constraint 'mode1': the reference model at {tmp_path / 'ref3'} takes samples of shape (3,)" in err
     assert len(err.splitlines()) == 1
+    # a reference not trained yet: the message names the constraint and its key, not only the path
+    cfg.write_text(RUN_FILE.replace("bound = 0.2", f"relative = 1.1\nreference = '{tmp_path / 'none'}'"))
+    assert main(["dual", "train", "--config", str(cfg), "--out", str(tmp_path / "o2"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (f"constraint 'mode1': its reference model: no model at {tmp_path / 'none'}: the path does not exist "
+            "(train that model first)") in err and len(err.splitlines()) == 1
 
 
 def test_cli_experiment_rejects_unknown_setting(capsys):
@@ -888,3 +894,20 @@ def test_experiment_help_is_plain_text_and_lists_its_settings(exp, key, capsys):
         text = capsys.readouterr().out
         assert "``" not in text and ":func:" not in text, argv
     assert key in " ".join(text.split())
+
+
+def test_dual_train_logs_at_every_dual_update_unless_told_otherwise(tmp_path):
+    """lambda.png and slack.png are drawn from the log; at the preset's 50 steps a line they showed every
+    other update of the example's dual.every = 25 and hid lambda's rise from 0."""
+    from pathlib import Path
+
+    from condiff.cli.dual import resolve
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "dual" / "fair_digits.toml"
+    assert resolve(example, [])["train"]["log_every"] == 25
+    assert resolve(example, ["dual.every=10"])["train"]["log_every"] == 10
+    assert resolve(example, ["train.log_every=50"])["train"]["log_every"] == 50  # the user's choice stands
+    assert resolve(example, ["dual.every=100"])["train"].get("log_every", 50) == 50  # never sparser than 50
+    f = tmp_path / "own.toml"
+    f.write_text(example.read_text().replace("[train]", "[train]\nlog_every = 40", 1))
+    assert resolve(f, [])["train"]["log_every"] == 40

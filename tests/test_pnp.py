@@ -382,7 +382,7 @@ def tiny_prior(path, channels, size, data):
     return save_model(path, net, Schedule.linear(100), data=data, shape=[channels, size, size])
 
 
-def test_cli_tsp_and_segment_write_pictures_and_metrics(tmp_path):
+def test_cli_tsp_and_segment_write_pictures_and_metrics(tmp_path, capsys):
     import json
 
     from condiff.cli.main import main
@@ -397,6 +397,11 @@ def test_cli_tsp_and_segment_write_pictures_and_metrics(tmp_path):
         assert z["coords"].shape == (2, 6, 2) and sorted(z["tours"][0]) == list(range(6))
         assert np.allclose(z["lengths"] / z["optimal_lengths"] - 1, m["gaps"])
 
+    # --train beside a prior of one's own (not the default one) uses it as it is, where it was refused
+    capsys.readouterr()
+    assert main(["pnp", "tsp", "--ckpt", str(tmp_path / "tours"), "--n", "1", "--cities", "6", "--steps", "3",
+                 "--train", "--out", str(tmp_path / "tsp-own")]) == 0
+    assert "holds a prior of other settings than the default tsp prior; using it as it is" in capsys.readouterr().out
     tiny_prior(tmp_path / "scenes", 4, 16, {"name": "scenes", "size": 16})
     assert main(["pnp", "segment", "--ckpt", str(tmp_path / "scenes"), "--n", "3", "--chains", "2",
                  "--steps", "3", "--out", str(tmp_path / "seg")]) == 0

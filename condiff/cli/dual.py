@@ -84,7 +84,8 @@ def settings_help(cls: type) -> str:
         return "unset" if v is None else json.dumps(v)
 
     d = json.loads(json.dumps(asdict(ex.profile_config(cls, "quick"))))
-    keys = ", ".join(f"{k}.{{{', '.join(v)}}}" if isinstance(v, dict) else f"{k}={shown(v)}" for k, v in d.items())
+    keys = ", ".join(f"{k}.{{{', '.join(f'{kk}={shown(vv)}' for kk, vv in v.items())}}}" if isinstance(v, dict)
+                     else f"{k}={shown(v)}" for k, v in d.items())
     return f"settings for --set KEY=VALUE (the quick profile's values): {keys}"
 
 
@@ -181,6 +182,13 @@ def resolve(file: str | Path, overrides: list[str]) -> dict:
             config_mod.set_path(dual, path, value)
     cfg = config_mod.assemble(std, [(p, v) for p, v in parsed if p[0] in config_mod.SECTIONS], where=str(file))
     cfg.update(dual)
+    # a log line at every dual update unless the user chose the interval: lambda.png and slack.png are
+    # drawn from the log, and at the preset's 50 they showed every other update of dual.every = 25
+    chosen = "log_every" in (std.get("train") or {}) or any(p == ["train", "log_every"] for p, _ in parsed)
+    every = (cfg.get("dual") or {}).get("every", DualConfig.every)
+    log_every = cfg["train"].get("log_every", TrainConfig.log_every)
+    if not chosen and checks.is_integer(every, 1) and checks.is_integer(log_every, 1) and every < log_every:
+        cfg["train"]["log_every"] = every
     return cfg
 
 
@@ -293,7 +301,11 @@ def build_source(spec: dict, cfg: dict, where: str, objective: ArrayData | None,
         x = cache.get(where, spec) if cache is not None else None
         if x is not None:
             return ArrayData(x, name=where)
-        den, _, shape = load_model_for(spec["model"], device)
+        try:
+            den, _, shape = load_model_for(spec["model"], device)
+        except io.CheckpointError as e:
+            what = "[objective]" if objective is None else f"constraint {where!r}"
+            raise io.CheckpointError(f"{what}: its model: {e} (train that model first)") from None
         if objective is not None and tuple(shape) != tuple(objective.shape):  # before drawing the samples
             raise config_mod.ConfigError(f"constraint {where!r}: the model at {spec['model']} makes samples "
                                          f"of shape {tuple(shape)}, the objective data have {objective.shape}")
@@ -335,7 +347,11 @@ def build_constraints(cfg: dict, objective: ArrayData, schedule: Schedule, dcfg:
             bound, rec = spec["bound"], {"bound": spec["bound"]}
         else:
             ref_path = spec.get("reference", init)
-            den, _, shape = load_model_for(ref_path, device)
+            try:
+                den, _, shape = load_model_for(ref_path, device)
+            except io.CheckpointError as e:  # name the constraint and the key that points there
+                key = "reference" if "reference" in spec else "[dual] init"
+                raise io.CheckpointError(f"{where}: its {key} model: {e} (train that model first)") from None
             if tuple(shape) != tuple(objective.shape):
                 raise config_mod.ConfigError(f"{where}: the reference model at {ref_path} takes samples of shape "
                                              f"{tuple(shape)}, the objective data have {objective.shape}")

@@ -24,11 +24,13 @@ import torch
 
 from .. import checks, io
 from ..data.files import save_png_grid
+from ..models import resolve_model_dir
 from ..plots import plot_image_columns
 from ..pnp import schedules as sch
 from .common import (
     add_device_arg,
     check_out_dir,
+    json_table,
     load_model_for,
     model_is_complete,
     pick_device,
@@ -119,8 +121,14 @@ def ensure_prior(kind: str, profile: str, run_dir: str | Path, device: str) -> P
     if model_is_complete(run_dir, cfg):
         return run_dir
     if (run_dir / "config.json").is_file() and not same_settings(run_dir, cfg):
-        # unlike the benchmarks' own run directories, this one may be the user's: never discard it
-        raise FileExistsError(f"{run_dir} holds a run with other settings; pick another directory")
+        # unlike the benchmarks' own run directories, this one may be the user's: never discard it, and
+        # use a finished prior of the user's own as it is (its data are checked when it loads)
+        if "net" in json_table(resolve_model_dir(run_dir) / "config.json"):  # a run's model/ or a model dir
+            print(f"--train: {run_dir} holds a prior of other settings than the default {kind} prior; using it "
+                  "as it is (without --train, nothing is said)")
+            return run_dir
+        raise FileExistsError(f"{run_dir} holds an unfinished run with other settings than the default {kind} "
+                              "prior: finish it (`condiff train ... --resume`) or pick another directory")
     check_out_dir(run_dir, "the prior's directory")  # a file there, no write access: said before training
     train_or_reuse(cfg, run_dir, announce=f"training the {profile} {kind} prior into {run_dir} "
                                           f"({cfg['train']['steps']} steps, {device})")
