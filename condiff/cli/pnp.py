@@ -387,7 +387,7 @@ def run_segment(args: argparse.Namespace) -> int:
     pic = plot_image_columns(
         {"scene": img.cpu().numpy(), "true mask": m(truth), "PnP mask": m(res.mask), "2-means": m(km),
          "Otsu": m(ot)},
-        out / "segment.png", row_labels=[f"IoU {float(v):.2f}" for v in per_image],
+        out / "segment.png", row_labels=[f"PnP IoU {float(v):.2f}" for v in per_image],
         title=f"PnP segmentation: mean IoU {float(per_image.mean()):.3f} over {args.n} scenes"
               + (" (first 8 shown)" if args.n > 8 else ""),
     )
