@@ -509,6 +509,16 @@ def test_cli_dual_train_writes_model_plots_metrics_and_resumes(tmp_path, capsys)
                  "--set", "train.steps=40", "--set", "dual.lr=0.5"]) == 0
     assert "resumed from step 30" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["steps"] == 40
+    # --resume without --config takes the run's recorded settings (it was "--config is required")
+    assert main(["dual", "train", "--out", str(out), "--device", "cpu", "--resume", "--set", "train.steps=50"]) == 0
+    said = capsys.readouterr().out
+    assert f"--resume: the settings recorded in {out / 'config.json'}, with --set" in said
+    assert "resumed from step 40" in said
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["train"]["steps"] == 50 and recorded["dual"]["lr"] == 0.5
+    assert recorded["constraint"][0]["name"] == "mode1"
+    assert main(["dual", "train", "--out", str(tmp_path / "none"), "--device", "cpu"]) == 2
+    assert "--config is needed (without it, --resume with the --out of an earlier run" in capsys.readouterr().err
     # the result is an ordinary condiff run: condiff sample reads it
     assert main(["sample", "--ckpt", str(out), "--n", "8", "--steps", "5", "--device", "cpu"]) == 0
     # and eval scores it beside, not over, the run's own metrics.json (which it used to replace)

@@ -95,8 +95,9 @@ def add_parser(sub, name: str) -> None:
     cmds = p.add_subparsers(dest="dual_command", metavar="{train,toy,fair,finetune}")
     cmds.required = True
     t = cmds.add_parser("train", help="constrained training from a config file")
-    t.add_argument("--config", required=True, metavar="TOML",
-                   help="run file with [dual] [objective] [[constraint]]")
+    t.add_argument("--config", metavar="TOML",
+                   help="run file with [dual] [objective] [[constraint]] (with --resume and --out of an earlier run "
+                        "it may be left out: that run's recorded settings are taken)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set train.steps=500 or --set dual.lr=0.5 (repeatable)")
     t.add_argument("--out", default=None, help="run directory (default: runs/dual-<config name>)")
@@ -173,9 +174,14 @@ def read_run_file(path: str | Path) -> tuple[dict, dict]:
                  "constraint": [dict(c) for c in cons]}
 
 
-def resolve(file: str | Path, overrides: list[str]) -> dict:
-    """Preset of the data set < run file < overrides; ``dual.*`` and ``objective.*`` overrides too."""
-    std, dual = read_run_file(file)
+def resolve(file: str | Path, overrides: list[str], recorded: dict | None = None) -> dict:
+    """Preset of the data set < run file < overrides; ``dual.*`` and ``objective.*`` overrides too. With
+    ``recorded`` (a run's config.json, read from ``file``) in place of the run file."""
+    if recorded is None:
+        std, dual = read_run_file(file)
+    else:
+        std = {k: v for k, v in recorded.items() if k in config_mod.SECTIONS}
+        dual = {k: json.loads(json.dumps(recorded.get(k, [] if k == "constraint" else {}))) for k in DUAL_TABLES}
     parsed = [config_mod.parse_override(o, config_mod.SECTIONS + ("dual", "objective")) for o in overrides]
     for path, value in parsed:
         if path[0] in ("dual", "objective"):
@@ -454,9 +460,22 @@ class DualJob:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    cfg = resolve(args.config, args.overrides)
+    if args.config is not None:
+        cfg = resolve(args.config, args.overrides)
+    elif args.resume and args.out and (Path(args.out) / "config.json").is_file():  # the run's own settings
+        recorded = Path(args.out) / "config.json"
+        try:
+            cfg = resolve(recorded, args.overrides, io.read_json_table(recorded))
+        except ValueError as e:
+            raise ValueError(f"--resume: cannot read the run's settings: {e}; pass --config") from None
+    else:
+        raise ValueError("--config is needed (without it, --resume with the --out of an earlier run takes that "
+                         "run's recorded settings)")
     device = pick_device(args.device)
     run_dir = check_out_dir(args.out or Path("runs") / f"dual-{Path(args.config).stem}", kind="condiff dual train")
+    if args.config is None:
+        with_set = ", with --set" if args.overrides else ""
+        print(f"--resume: the settings recorded in {run_dir / 'config.json'}{with_set}")
     job = start_run(run_dir, args.resume, args.fresh, lambda: DualJob(cfg, run_dir, device, fresh=args.fresh),
                     clear=("constraint_data",), data=cfg.get("data"),
                     # fine-tuning takes the schedule of the model it starts from: nothing of the file's to compare
