@@ -921,3 +921,35 @@ def test_dual_train_logs_at_every_dual_update_unless_told_otherwise(tmp_path):
     f = tmp_path / "own.toml"
     f.write_text(example.read_text().replace("[train]", "[train]\nlog_every = 40", 1))
     assert resolve(f, [])["train"]["log_every"] == 40
+
+
+def test_finetune_refuses_a_stale_fine_tuned_model_before_drawing_the_constraint_data(tmp_path, monkeypatch):
+    """`dual finetune` drew its constraint data (minutes at the defaults) and only then refused a
+    constrained model of other settings; the settings known before the draw (all but the bound) are now
+    compared first."""
+    import condiff.dual.experiments as ex
+    from condiff.models import save_model
+
+    cfg = ex.profile_config(ex.FinetuneConfig, "quick")
+    pre_key = {"n_target": cfg.n_target, "target_classes": cfg.target_classes, "model": cfg.model, "T": cfg.T,
+               "pretrain": cfg.pretrain, "seed": cfg.seed}
+    out = tmp_path / "ft"
+    save_model(out / "pretrained" / "model", ex._digits_net(cfg.model, cfg.seed), Schedule.linear(cfg.T),
+               key=ex._key({"pretrain": pre_key}), data=ex.DIGITS_DATA, shape=[1, 8, 8])
+    stage = out / "constrained"
+    (stage / "model").mkdir(parents=True)
+    old = {"constrained": {"pretrain": pre_key, "finetune": cfg.finetune}, "bound": 0.3,
+           "n_constraint": cfg.n_constraint + 1}
+    (stage / "key.json").write_text(ex._key(old))
+
+    def no_draw(*a, **k):
+        raise AssertionError("the constraint data were drawn before the refusal")
+
+    monkeypatch.setattr(ex, "_constraint_samples", no_draw)
+    with pytest.raises(FileExistsError, match=r"constrained holds a model trained with other settings \(.*"
+                                              r"n_constraint.* differ\)"):
+        ex.run_finetune(cfg, out, progress=False)
+    # the bound alone is no reason before the draw (it is only known after it); afterwards it is
+    ex.refuse_other_key(stage, {**old, "bound": 0.9}, unknown=("bound",))
+    with pytest.raises(FileExistsError, match=r"\(bound differ\)"):
+        ex.refuse_other_key(stage, {**old, "bound": 0.9})

@@ -105,6 +105,27 @@ def _recorded_key(run_dir: Path) -> str | None:
     return None
 
 
+def refuse_other_key(run_dir: Path, key: dict, unknown: tuple[str, ...] = ()) -> None:
+    """Refuse a stage directory holding a model (or checkpoints) trained with another settings ``key``,
+    naming what differs; ``unknown``: top-level entries not known yet (left out of the comparison). A run
+    that failed before training anything is no reason to refuse."""
+    model_dir = run_dir / "model"
+    if not (model_dir.exists() or list_checkpoints(run_dir / "checkpoints")):
+        return
+    try:
+        old = json.loads(_recorded_key(run_dir) or "null") or {}
+        old = {k: v for k, v in old.items() if k not in unknown}
+    except (ValueError, AttributeError):
+        old = None
+    new = {k: v for k, v in json.loads(_key(key)).items() if k not in unknown}
+    if old == new:
+        return
+    changed = changed_keys(old, new) if isinstance(old, dict) else []
+    hint = f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} differ)" if changed else ""
+    raise FileExistsError(f"{run_dir} holds a model trained with other settings{hint}; pass --fresh to "
+                          "retrain it, or use another --out")
+
+
 def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: TrainConfig, schedule: Schedule,
                  key: dict, data: dict, x: Tensor, fresh: bool = False, **meta: Any) -> tuple[nn.Module, dict]:
     """Train ``net`` into ``run_dir`` (resuming from its checkpoints) unless ``run_dir/model`` already
@@ -127,15 +148,8 @@ def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: Trai
     trainer = Trainer(net, objective, tcfg, run_dir, {"net": net.config, "schedule": schedule.config()})
     # the trainer is built (model, objective, device) before anything changes
     old_key = _recorded_key(run_dir)
-    trained = model_dir.exists() or bool(list_checkpoints(run_dir / "checkpoints"))
-    if trained and old_key != _key(key) and not fresh:  # a run that failed before training anything is retried
-        try:
-            changed = changed_keys(json.loads(old_key or "null") or {}, json.loads(_key(key)))
-        except (ValueError, AttributeError):
-            changed = []
-        hint = f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} differ)" if changed else ""
-        raise FileExistsError(f"{run_dir} holds a model trained with other settings{hint}; pass --fresh to "
-                              "retrain it, or use another --out")
+    if not fresh:
+        refuse_other_key(run_dir, key)
     if old_key != _key(key) and run_dir.exists():  # all of it: files drawn from the old model are stale too
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -638,6 +652,17 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu", fres
                                     {"pretrain": pre_key}, DIGITS_DATA, source.x, fresh)
     classes = "" if cfg.constraint_classes is None else "_c" + "-".join(map(str, cfg.constraint_classes))
     q1_file = out / "pretrained" / f"samples_{cfg.n_constraint}_{cfg.sample_steps}{classes}.safetensors"
+    ft_key = {"pretrain": pre_key, "finetune": cfg.finetune}
+    dcfg = DualConfig.from_dict({**cfg.dual, "seed": cfg.seed})
+
+    def con_key(bound: float | None) -> dict:
+        return {"constrained": ft_key, "dual": asdict(dcfg), "bound": bound, "n_constraint": cfg.n_constraint,
+                **({} if cfg.constraint_classes is None else {"constraint_classes": list(cfg.constraint_classes)}),
+                "constraint_batch": cfg.constraint_batch, "sample_steps": cfg.sample_steps}
+
+    if not fresh:  # a fine-tuned model of other settings is refused before the constraint data are drawn
+        refuse_other_key(out / "plain", {"plain": ft_key})
+        refuse_other_key(out / "constrained", con_key(None), unknown=("bound",))  # the bound needs the data
     if q1_file.is_file():
         q1 = io.load_group(q1_file.parent, q1_file.stem)["x"]
     else:
@@ -651,22 +676,14 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu", fres
         net, _ = load_net(out / "pretrained" / "model", device)
         return net.train()
 
-    ft_key = {"pretrain": pre_key, "finetune": cfg.finetune}
     ft_cfg = _train_cfg(cfg.finetune, cfg.seed, device, "finetune", progress)
     plain_net, plain_cfg = train_cached(out / "plain", start(), DenoisingObjective(target.x, schedule, batch),
                                         ft_cfg, schedule, {"plain": ft_key}, DIGITS_DATA, target.x, fresh)
-    dcfg = DualConfig.from_dict({**cfg.dual, "seed": cfg.seed})
     ref = _losses(pre_net, schedule, [q1], dcfg, cfg.seed)
     bound = float(cfg.relative * ref[0])
     objective = DualObjective(target.x, [Constraint("pretrained", q1, bound, cfg.constraint_batch)], schedule,
                               batch - cfg.constraint_batch, dcfg)
-    con_net, con_cfg = train_cached(out / "constrained", start(), objective, ft_cfg, schedule,
-                                    {"constrained": ft_key, "dual": asdict(dcfg), "bound": bound,
-                                     "n_constraint": cfg.n_constraint,
-                                     **({} if cfg.constraint_classes is None
-                                        else {"constraint_classes": list(cfg.constraint_classes)}),
-                                     "constraint_batch": cfg.constraint_batch,
-                                     "sample_steps": cfg.sample_steps},
+    con_net, con_cfg = train_cached(out / "constrained", start(), objective, ft_cfg, schedule, con_key(bound),
                                     DIGITS_DATA, target.x, fresh)
 
     judge = DigitsJudge(device=device)
