@@ -680,6 +680,11 @@ def test_no_help_text_shows_rest_markup(capsys):
             main([*cmd, "--help"])
         text = capsys.readouterr().out
         assert text.startswith("usage: condiff") and "``" not in text and ":func:" not in text, cmd
+    # a benchmark's --help prints its module docstring (namm's and dual's hold ``x`` markup)
+    for name in ("namm", "dual", "guidance"):
+        assert main(["bench", name, "--help"]) == 0
+        text = capsys.readouterr().out
+        assert f"benchmarks/{name}.py:" in text and "``" not in text and ":func:" not in text, name
 
 
 def test_resume_without_data_or_config_takes_the_runs_recorded_settings(trained, tmp_path, capsys):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import io
-from .common import add_device_arg, pick_device
+from .common import add_device_arg, pick_device, plain_text
 
 
 def bench_dir() -> Path:
@@ -43,7 +43,7 @@ def docstring(name: str) -> str:
     """A benchmark's whole docstring, read without importing it."""
     import ast
 
-    return ast.get_docstring(ast.parse((bench_dir() / f"{name.replace('-', '_')}.py").read_text())) or ""
+    return plain_text(ast.get_docstring(ast.parse((bench_dir() / f"{name.replace('-', '_')}.py").read_text())) or "")
 
 
 def profile_names(name: str) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -33,6 +34,11 @@ def add_config_args(p: argparse.ArgumentParser, data_default: str | None = None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set train.steps=500 (repeatable)")
     add_device_arg(p)
+
+
+def plain_text(text: str | None) -> str | None:
+    """``text`` (a docstring shown as help) without its reST markup: ``x`` and :func:`x` become x."""
+    return text if text is None else re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import re
 import sys
 import warnings
 
@@ -56,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _plain_text(parser: argparse.ArgumentParser) -> None:
     """Strip the reST markup of the docstrings the help texts come from (``x``, :func:`x`), in every
     (sub)parser, its options and its subcommands' one-line summaries."""
-    def plain(text: str | None) -> str | None:
-        return text if text is None else re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
+    from .common import plain_text as plain
 
     parser.description, parser.epilog = plain(parser.description), plain(parser.epilog)
     for action in parser._actions:
