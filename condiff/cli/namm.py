@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import shutil
 import sys
@@ -39,7 +38,7 @@ from torch import Tensor
 from .. import checks, io
 from ..checks import changed_keys
 from ..constraints import Constraint, CountConstraint, build_constraint, check_distance, parse_python_spec
-from ..data import DATASETS, ArrayData, NoSplitError, load_dataset, same_item_shape
+from ..data import DATASETS, ArrayData, NoSplitError, dataset_settings, load_dataset, same_item_shape
 from ..data.sources import count_split
 from ..denoiser import Denoiser
 from ..evaluate import mmd_with_reference
@@ -232,15 +231,6 @@ STAGES_KEPT = "finished stages are kept and an unfinished one resumes from its n
 GENERIC_ASSIMILATION = {"obs": "points", "fraction": 0.1, "noise": 0.05}
 
 
-def _takes_setting(data: str, key: str) -> bool:
-    """Whether the registered data set ``data`` takes the setting ``key`` (False for a file)."""
-    loader = DATASETS.get(data)
-    if loader is None:
-        return False
-    params = inspect.signature(loader).parameters
-    return key in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
 def resolve(
     data: str,
     profile: str = "default",
@@ -257,8 +247,9 @@ def resolve(
     cfg = merge(cfg, PROFILE_FAMILIES.get(profile, {}).get(data, {}))
     # the generators' size and counts mean nothing to a user's file, nor to a registered set (digits)
     # whose loader does not take them
+    takes = dataset_settings(data) if data in DATASETS else []  # None: it takes any setting
     cfg["data"] = {k: v for k, v in cfg["data"].items()
-                   if k not in ("size", "n_train", "n_test") or _takes_setting(data, k)}
+                   if k not in ("size", "n_train", "n_test") or takes is None or k in takes}
     if file:
         cfg = merge_checked(cfg, read_toml(file, SECTIONS), str(file))
     for path, value in (parse_override(o, SECTIONS, nested=True) for o in overrides or []):

@@ -219,6 +219,15 @@ def register_dataset(name: str, loader: Callable[..., ArrayData]) -> None:
     DATASETS[name] = loader
 
 
+def dataset_settings(name: str) -> list[str] | None:
+    """The settings the registered data set ``name`` takes (its loader's keywords but ``split``), sorted;
+    None when it takes any (``**kwargs``)."""
+    params = inspect.signature(DATASETS[name]).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return sorted(k for k in params if k != "split")
+
+
 def load_dataset(name_or_path: str | Path, split: str = "train", **kwargs: Any) -> ArrayData:
     """Load a registered data set by name, or a ``.npy`` / ``.npz`` file, ``.png`` or PNG folder by path.
 
@@ -228,13 +237,10 @@ def load_dataset(name_or_path: str | Path, split: str = "train", **kwargs: Any) 
     if not key.strip():
         raise DataError("data set name is empty: pass a registered name or a file or folder path")
     if key in DATASETS:
-        loader = DATASETS[key]
-        params = inspect.signature(loader).parameters
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            if bad := sorted(set(kwargs) - set(params)):
-                known = sorted(k for k in params if k != "split")
-                raise DataError(f"data set {key!r} has no setting(s) {bad}; its settings: {known}")
-        return loader(split=split, **kwargs)
+        known = dataset_settings(key)
+        if known is not None and (bad := sorted(set(kwargs) - set(known))):
+            raise DataError(f"data set {key!r} has no setting(s) {bad}; its settings: {known}")
+        return DATASETS[key](split=split, **kwargs)
     if Path(key).expanduser().exists():
         return load_path(Path(key).expanduser(), split=split, **kwargs)
     raise DataError(
