@@ -170,13 +170,13 @@ class TrainingJob:
 
 
 def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str, ...] = (),
-              data: dict | None = None, schedule: dict | None = None):
+              data: dict | None = None, schedule: dict | None = None, resume_hint: str = ""):
     """The run-directory protocol of ``train`` and ``dual train``: refuse a run with checkpoints unless
     ``resume`` or ``fresh``; ``build()`` the job (which checks everything) before anything changes; then
     discard the old run for ``fresh`` (checkpoints, model, log and ``clear``) or load its checkpoint for
     ``resume``. ``data``, ``schedule``: the run's settings, which a resumed run must share with the
     checkpoint's (same shapes, so the checkpoint would load and training go on, silently, on other data
-    or under another noise schedule).
+    or under another noise schedule); ``resume_hint`` ends the refusal of other ones.
     Returns the job, the run directory made and locked; ``config.json`` is the caller's to write next."""
     with io.claimed_run(run_dir):  # locked before anything is read, let alone cleared
         existing = list_checkpoints(run_dir / "checkpoints")
@@ -184,7 +184,7 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
             raise FileExistsError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}): "
                                   "pass --resume to continue or --fresh to start over")
         if existing and resume:
-            _check_same(run_dir, {"data": data, "schedule": schedule})
+            _check_same(run_dir, {"data": data, "schedule": schedule}, resume_hint)
         if not existing and not fresh and (run_dir / "model").exists():  # e.g. checkpoints deleted to save space
             raise FileExistsError(f"{run_dir} already holds a trained model and no checkpoints to resume from: "
                                   "pass --fresh to train it again, or use another --out")
@@ -198,6 +198,25 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
         return job
 
 
+def recorded_settings(out: str | None, resume: bool, given: bool, remedy: str) -> dict | None:
+    """With ``--resume`` into an earlier run (``out``) and no settings ``given`` on the command line (no
+    --data / --config), the settings its ``config.json`` records (without the versions), announced; else
+    None. A damaged file is an error ending with ``remedy`` (which flags to pass instead)."""
+    recorded = Path(out) / "config.json" if out else None
+    if not (resume and not given and recorded is not None and recorded.is_file()):
+        return None
+    try:
+        old = io.read_json_table(recorded)
+    except ValueError as e:
+        raise ValueError(f"--resume: cannot read the run's settings: {e}; {remedy}") from None
+    return {k: v for k, v in old.items() if k != "versions"}
+
+
+def announce_recorded(run_dir: Path, overrides: list[str]) -> None:
+    """Say that a resumed run takes the settings it recorded (:func:`recorded_settings`)."""
+    print(f"--resume: the settings recorded in {Path(run_dir) / 'config.json'}" + (", with --set" if overrides else ""))
+
+
 def same_schedule(a: object, b: object) -> bool:
     """Two schedule settings tables that build the same schedule (the defaults written out in full, or
     left out, are the same schedule)."""
@@ -209,7 +228,7 @@ def same_schedule(a: object, b: object) -> bool:
         return False
 
 
-def _check_same(run_dir: Path, sections: dict[str, dict | None]) -> None:
+def _check_same(run_dir: Path, sections: dict[str, dict | None], hint: str = "") -> None:
     """Refuse to resume a run with other ``data`` or ``schedule`` settings than it was trained with."""
     old = json_table(run_dir / "config.json")
     for section, settings in sections.items():
@@ -223,7 +242,7 @@ def _check_same(run_dir: Path, sections: dict[str, dict | None]) -> None:
                          if before.get(k) != now.get(k))
         what = "on other data" if section == "data" else "with another noise schedule"
         raise ValueError(f"--resume: {run_dir} was trained {what} ({diff}); resume with the run's {section} "
-                         f"settings (recorded in {run_dir / 'config.json'}), or pass --fresh to start over")
+                         f"settings (recorded in {run_dir / 'config.json'}), or pass --fresh to start over{hint}")
 
 
 RUN_MARK = ".condiff-run"  # in a run directory: the command that wrote it

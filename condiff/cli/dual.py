@@ -47,10 +47,12 @@ from ..train import TrainConfig, Trainer
 from . import config as config_mod
 from .common import (
     add_device_arg,
+    announce_recorded,
     check_out_dir,
     load_model_for,
     net_config,
     pick_device,
+    recorded_settings,
     save_resolved_config,
     start_run,
     train_config,
@@ -297,6 +299,14 @@ class SampleCache:
                                                **{w: spec for w, (spec, _) in self.new.items()}})
 
 
+def _named_model(path: str, device: str, who: str) -> tuple:
+    """:func:`load_model_for`, its refusal prefixed with ``who`` (the table and key that name ``path``)."""
+    try:
+        return load_model_for(path, device)
+    except io.CheckpointError as e:
+        raise io.CheckpointError(f"{who}: {e} (train that model first)") from None
+
+
 def build_source(spec: dict, cfg: dict, where: str, objective: ArrayData | None, device: str,
                  cache: SampleCache | None) -> ArrayData:
     """One data set of the problem from its table (checked by :func:`check_source`): a data set
@@ -307,11 +317,8 @@ def build_source(spec: dict, cfg: dict, where: str, objective: ArrayData | None,
         x = cache.get(where, spec) if cache is not None else None
         if x is not None:
             return ArrayData(x, name=where)
-        try:
-            den, _, shape = load_model_for(spec["model"], device)
-        except io.CheckpointError as e:
-            what = "[objective]" if objective is None else f"constraint {where!r}"
-            raise io.CheckpointError(f"{what}: its model: {e} (train that model first)") from None
+        what = "[objective]" if objective is None else f"constraint {where!r}"
+        den, _, shape = _named_model(spec["model"], device, f"{what}: its model")
         if objective is not None and tuple(shape) != tuple(objective.shape):  # before drawing the samples
             raise config_mod.ConfigError(f"constraint {where!r}: the model at {spec['model']} makes samples "
                                          f"of shape {tuple(shape)}, the objective data have {objective.shape}")
@@ -353,11 +360,8 @@ def build_constraints(cfg: dict, objective: ArrayData, schedule: Schedule, dcfg:
             bound, rec = spec["bound"], {"bound": spec["bound"]}
         else:
             ref_path = spec.get("reference", init)
-            try:
-                den, _, shape = load_model_for(ref_path, device)
-            except io.CheckpointError as e:  # name the constraint and the key that points there
-                key = "reference" if "reference" in spec else "[dual] init"
-                raise io.CheckpointError(f"{where}: its {key} model: {e} (train that model first)") from None
+            key = "reference" if "reference" in spec else "[dual] init"
+            den, _, shape = _named_model(ref_path, device, f"{where}: its {key} model")
             if tuple(shape) != tuple(objective.shape):
                 raise config_mod.ConfigError(f"{where}: the reference model at {ref_path} takes samples of shape "
                                              f"{tuple(shape)}, the objective data have {objective.shape}")
@@ -460,22 +464,18 @@ class DualJob:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    if args.config is not None:
+    old = recorded_settings(args.out, args.resume, args.config is not None, "pass --config")
+    if old is not None:  # --resume without --config: the run's own settings
+        cfg = resolve(Path(args.out) / "config.json", args.overrides, old)
+    elif args.config is not None:
         cfg = resolve(args.config, args.overrides)
-    elif args.resume and args.out and (Path(args.out) / "config.json").is_file():  # the run's own settings
-        recorded = Path(args.out) / "config.json"
-        try:
-            cfg = resolve(recorded, args.overrides, io.read_json_table(recorded))
-        except ValueError as e:
-            raise ValueError(f"--resume: cannot read the run's settings: {e}; pass --config") from None
     else:
         raise ValueError("--config is needed (without it, --resume with the --out of an earlier run takes that "
                          "run's recorded settings)")
     device = pick_device(args.device)
     run_dir = check_out_dir(args.out or Path("runs") / f"dual-{Path(args.config).stem}", kind="condiff dual train")
-    if args.config is None:
-        with_set = ", with --set" if args.overrides else ""
-        print(f"--resume: the settings recorded in {run_dir / 'config.json'}{with_set}")
+    if old is not None:
+        announce_recorded(run_dir, args.overrides)
     job = start_run(run_dir, args.resume, args.fresh, lambda: DualJob(cfg, run_dir, device, fresh=args.fresh),
                     clear=("constraint_data",), data=cfg.get("data"),
                     # fine-tuning takes the schedule of the model it starts from: nothing of the file's to compare

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import io
 from ..train import list_checkpoints
 from .common import (
     TrainingJob,
     add_config_args,
+    announce_recorded,
     check_out_dir,
     pick_device,
+    recorded_settings,
     save_resolved_config,
     start_run,
 )
@@ -49,39 +50,32 @@ def add_parser(sub, name: str) -> None:
 FRESH_CLEARS = ("metrics.json", "samples.npz", "samples.png", "samples", "eval")
 
 
-def settings(args: argparse.Namespace) -> tuple[dict, Path | None]:
+def settings(args: argparse.Namespace) -> tuple[dict, bool]:
     """The run's settings: preset < --config < --set; with --resume and neither --data nor --config, the
-    settings recorded in the run's config.json < --set (so `condiff train --out R --resume` continues R),
-    returned with that file's path (else None)."""
-    recorded = Path(args.out) / "config.json" if args.out else None
-    if not (args.resume and args.data is None and args.config is None and recorded is not None
-            and recorded.is_file()):
-        return resolve(args.data, args.config, args.overrides), None
-    try:
-        old = {k: v for k, v in io.read_json_table(recorded).items() if k != "versions" and not k.startswith("_")}
-    except ValueError as e:
-        raise ValueError(f"--resume: cannot read the run's settings: {e}; pass --data / --config as it was "
-                         "trained with") from None
+    settings recorded in the run's config.json < --set (so `condiff train --out R --resume` continues R).
+    Returns them with whether they are the recorded ones."""
+    given = args.data is not None or args.config is not None
+    old = recorded_settings(args.out, args.resume, given, "pass --data / --config as it was trained with")
+    if old is None:
+        return resolve(args.data, args.config, args.overrides), False
     if not (isinstance(old.get("data"), dict) and old["data"].get("name")):
-        raise ValueError(f"--resume: {recorded} records no data set: not a `condiff train` run (pass --data / "
-                         "--config as it was trained with)")
-    return assemble(old, [parse_override(o) for o in args.overrides], None, str(recorded)), recorded
+        raise ValueError(f"--resume: {Path(args.out) / 'config.json'} records no data set: not a `condiff train` "
+                         "run (pass --data / --config as it was trained with)")
+    where = str(Path(args.out) / "config.json")
+    return assemble(old, [parse_override(o) for o in args.overrides], None, where), True
 
 
 def run(args: argparse.Namespace) -> int:
     cfg, recorded = settings(args)
     cfg["_device"] = pick_device(args.device)
     run_dir = check_out_dir(args.out or Path("runs") / Path(str(cfg["data"]["name"])).stem, kind="condiff train")
-    if recorded is not None:
-        print(f"--resume: the settings recorded in {recorded}" + (", with --set" if args.overrides else ""))
+    if recorded:
+        announce_recorded(run_dir, args.overrides)
     args.run_dir = run_dir  # for the Ctrl-C hint
-    try:
-        job = start_run(run_dir, args.resume, args.fresh, lambda: TrainingJob(cfg, run_dir), data=cfg["data"],
-                        schedule=cfg.get("schedule"), clear=FRESH_CLEARS)
-    except ValueError as e:
-        if not (str(e).startswith("--resume:") and (args.data is not None or args.config is not None)):
-            raise
-        raise ValueError(f"{e} (--resume without --data and --config takes them from there)") from None
+    given = args.data is not None or args.config is not None  # else the hint below would name nothing to drop
+    job = start_run(run_dir, args.resume, args.fresh, lambda: TrainingJob(cfg, run_dir), data=cfg["data"],
+                    schedule=cfg.get("schedule"), clear=FRESH_CLEARS,
+                    resume_hint=" (--resume without --data and --config takes them from there)" if given else "")
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
     model_dir = job.fit()
     if job.trainer.dist.main:  # once, not from every torchrun process
