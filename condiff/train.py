@@ -245,10 +245,11 @@ class Trainer:
         # 0.7 ms for the digits UNet (a twentieth of its step on an H200)
         self._ema_pairs = ((list(self.ema.parameters()), list(self.model.parameters())),
                            (list(self.ema.buffers()), list(self.model.buffers())))
-        # fused: one kernel for all parameters (on the CPU the default is a Python loop per tensor)
-        fused = self.device.type in ("cpu", "cuda")
+        # fused: one kernel for all parameters (on the CPU the default is a Python loop per tensor); other
+        # devices get torch's default
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                     weight_decay=cfg.weight_decay, fused=fused or None)
+                                     weight_decay=cfg.weight_decay,
+                                     fused=True if self.device.type in ("cpu", "cuda") else None)
         self.step = 0
         # the loss sum and step count since the last log line, kept in checkpoints so that a resumed
         # run writes the same log as an uninterrupted one

@@ -56,10 +56,10 @@ def plot_violation_grid(
         col += 2 if vmap is not None else 1
     total = max(len(v[0]) for v in columns.values())
     shown = f"first {rows} of {total} shown" if total > rows else ""
-    if title or maps or shown:
-        scale = f"violation maps share one colour scale, 0 (black) to {shared:.2g}" if maps else ""
-        fig.suptitle("\n".join(t for t in (title + (f" ({shown})" if shown and title else shown), scale) if t),
-                     fontsize=9)
+    head = f"{title} ({shown})" if title and shown else title or shown
+    scale = f"violation maps share one colour scale, 0 (black) to {shared:.2g}" if maps else ""
+    if head or scale:
+        fig.suptitle("\n".join(t for t in (head, scale) if t), fontsize=9)
     return save_figure(fig, out)
 
 
