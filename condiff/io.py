@@ -298,6 +298,47 @@ def release_runs() -> None:
         os.close(_LOCKS.popitem()[1])
 
 
+REPLACED = ".replaced"  # in a run directory: what --fresh / --retrain replace, kept until the new run finishes
+
+
+def set_aside(run_dir: str | Path, names: tuple[str, ...] | list[str]) -> list[str]:
+    """Move the entries ``names`` of ``run_dir`` that exist into ``run_dir/.replaced`` instead of deleting
+    them, so that a replacement which fails (an error, Ctrl-C, a full disk) loses nothing of the run it
+    was to replace; :func:`drop_replaced` removes them once the new run is finished. An entry already
+    kept there (a replacement that failed before) stays: the one in ``run_dir`` is then that failed
+    attempt's and is deleted. Returns the names moved. Rank 0 of a torchrun job does it alone."""
+    run_dir = Path(run_dir)
+    if os.environ.get("RANK", "0") != "0":
+        return []
+    moved = []
+    for name in names:
+        p, kept = run_dir / name, run_dir / REPLACED / name
+        if not (p.exists() or p.is_symlink()):
+            continue
+        if kept.exists() or kept.is_symlink():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            continue
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(p, kept)
+        moved.append(name)
+    return moved
+
+
+def drop_replaced(run_dir: str | Path, names: tuple[str, ...] | list[str] | None = None) -> None:
+    """Delete what :func:`set_aside` kept in ``run_dir/.replaced`` (only ``names`` when given), now that
+    the run replacing it has finished."""
+    keep = Path(run_dir) / REPLACED
+    if not keep.is_dir():
+        return
+    for p in [keep / n for n in names] if names is not None else list(keep.iterdir()):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists() or p.is_symlink():
+            p.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        keep.rmdir()  # only once empty
+
+
 def read_json_table(path: str | Path) -> dict:
     """A JSON file holding one table of settings; a ValueError naming the file when it is broken."""
     path = Path(path)

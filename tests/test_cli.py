@@ -715,3 +715,33 @@ def test_resume_without_data_or_config_takes_the_runs_recorded_settings(trained,
     err = capsys.readouterr().err
     assert f"--resume: cannot read the run's settings: {run / 'config.json'} is not valid JSON" in err
     assert err.count("\n") == 1
+
+
+def test_fresh_that_fails_keeps_the_run_it_was_to_replace(trained, tmp_path, capsys):
+    """--fresh deleted the old model before the new training had even started: a failure (here a loss that
+    blows up) lost both. The old run now waits in .replaced until a new one finishes."""
+    run = tmp_path / "run"
+    trained(run)
+    model = {p.name: p.read_bytes() for p in (run / "model").iterdir()}
+    config = (run / "config.json").read_text()
+    capsys.readouterr()
+    for _ in range(2):  # a second failed attempt does not push the kept run out
+        assert main(["train", *TINY, "--set", "train.lr=1e30", "--out", str(run), "--fresh"]) != 0
+        kept = run / ".replaced"
+        assert f"--fresh: the run being replaced is kept in {kept} until this one finishes" in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in (kept / "model").iterdir()} == model
+        assert (kept / "config.json").read_text() == config and (kept / "checkpoints").is_dir()
+        assert not (run / "model").exists()
+    assert main(["train", *TINY, "--out", str(run), "--fresh"]) == 0
+    assert not kept.exists() and (run / "model").is_dir()
+
+
+def test_demo_retrain_keeps_the_old_model_until_the_new_one_is_trained(tmp_path, capsys):
+    run = tmp_path / "demo"
+    assert main(["demo", *TINY, "--out", str(run)]) == 0
+    model = {p.name: p.read_bytes() for p in (run / "model").iterdir()}
+    assert main(["demo", *TINY, "--set", "train.lr=1e30", "--out", str(run), "--retrain"]) != 0
+    assert {p.name: p.read_bytes() for p in (run / ".replaced" / "model").iterdir()} == model
+    assert "--retrain: the run being replaced is kept in" in capsys.readouterr().err
+    assert main(["demo", *TINY, "--out", str(run), "--retrain"]) == 0
+    assert (run / "model").is_dir() and not (run / ".replaced").exists()

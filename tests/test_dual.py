@@ -3,6 +3,7 @@ dual state with exact resume, DDP agreement of lambda, the CLI, and the theory c
 
 import json
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,11 @@ def test_lagrangian_is_minimised_by_the_mixture():
     """For fixed lambda the best model is the denoiser of (q_0 + lambda q_1) / (1 + lambda)."""
     s = Schedule.linear(100)
     x0, x1 = _two_modes(10000, (0.9, 0.1), 0), _two_modes(10000, (0.0, 1.0), 1)
-    obj = DualObjective(x0, [Constraint("m1", x1, 0.0, 10000)], s, 10000, DualConfig(lambda_init=1.0))
+    with pytest.warns(UserWarning, match=r"\['m1'\]: a bound of 0 can never hold .* lr = 0 to keep lambda fixed"):
+        DualObjective(x0, [Constraint("m1", x1, 0.0, 10000)], s, 10000, DualConfig(lambda_init=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fixed lambda reads no bound: 0 is fine there
+        obj = DualObjective(x0, [Constraint("m1", x1, 0.0, 10000)], s, 10000, DualConfig(lambda_init=1.0, lr=0.0))
     best = mixture_weights(torch.tensor([0.9, 0.1]), obj.lam, torch.tensor([[0.0, 1.0]]))[1].item()
     assert best == pytest.approx(0.55)
 
@@ -390,8 +395,8 @@ def test_train_cached_reuses_refuses_or_retrains_and_saves_a_model_other_command
     x = torch.randn(64, 2)
     run = tmp_path / "run"
 
-    def fit(key, fresh=False, steps=3):
-        cfg = TrainConfig(steps=steps, batch_size=8, warmup=0, progress=False)
+    def fit(key, fresh=False, steps=3, lr=1e-3):
+        cfg = TrainConfig(steps=steps, batch_size=8, warmup=0, progress=False, lr=lr)
         return train_cached(run, TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, s, 8), cfg, s, key,
                             {"name": "toy2d", "kind": "moons"}, x, fresh)
 
@@ -414,7 +419,13 @@ def test_train_cached_reuses_refuses_or_retrains_and_saves_a_model_other_command
         fit({"a": 1, "b": {"c": 3}})
     assert {q: q.read_bytes() for q in run.rglob("*") if q.is_file()} == before
     (run / "samples_drawn_from_the_model.safetensors").write_bytes(b"x")  # e.g. finetune's cached q_1
+    with pytest.raises(FloatingPointError):  # a replacement that fails loses nothing of the old model
+        fit({"a": 1, "b": {"c": 3}}, fresh=True, lr=1e30)
+    kept = tmp_path / ".replaced" / "run"
+    assert {q.relative_to(kept): q.read_bytes() for q in (kept / "model").rglob("*")} == {
+        q.relative_to(run): v for q, v in before.items() if q.parent.name == "model"}
     _, new = fit({"a": 1, "b": {"c": 3}}, fresh=True, steps=4)
+    assert not kept.exists()
     assert new["steps"] == 4 and [c.name for c in list_checkpoints(run / "checkpoints")][-1] == "step_00000004"
     assert not (run / "samples_drawn_from_the_model.safetensors").exists()  # drawn from the old model: gone
 
@@ -953,3 +964,35 @@ def test_finetune_refuses_a_stale_fine_tuned_model_before_drawing_the_constraint
     ex.refuse_other_key(stage, {**old, "bound": 0.9}, unknown=("bound",))
     with pytest.raises(FileExistsError, match=r"\(bound differ\)"):
         ex.refuse_other_key(stage, {**old, "bound": 0.9})
+
+
+def test_finetune_refuses_a_model_of_another_bound_before_any_fine_tuning(tmp_path, monkeypatch):
+    """A constrained model that differs only in its bound (``relative``) was refused after the plain
+    fine-tuning had trained; the bound is now compared as soon as the constraint data are at hand."""
+    import condiff.dual.experiments as ex
+
+    cfg = ex.profile_config(ex.FinetuneConfig, "quick")
+    out, keys = tmp_path / "ft", {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(run_dir, net, objective, tcfg, schedule, key, *a, **k):
+        if run_dir.name == "pretrained":
+            return net.eval(), {}
+        if run_dir.name == "plain" and not keys:
+            return net.eval(), {}
+        keys[run_dir.name] = key
+        raise Stop(run_dir.name)
+
+    monkeypatch.setattr(ex, "train_cached", fake_train)
+    monkeypatch.setattr(ex, "_constraint_samples", lambda *a, **k: torch.rand(cfg.n_constraint, 1, 8, 8) * 2 - 1)
+    (out / "pretrained" / "model").mkdir(parents=True)
+    monkeypatch.setattr(ex, "load_net", lambda d, dev: (ex._digits_net(cfg.model, cfg.seed), {}))
+    with pytest.raises(Stop, match="constrained"):
+        ex.run_finetune(cfg, out, progress=False)
+    stage = out / "constrained"
+    (stage / "model").mkdir(parents=True)
+    (stage / "key.json").write_text(ex._key({**keys["constrained"], "bound": 2 * keys["constrained"]["bound"]}))
+    with pytest.raises(FileExistsError, match=r"constrained holds a model trained with other settings \(bound differ\)"):
+        ex.run_finetune(cfg, out, progress=False)  # fake_train would raise Stop("plain") had it trained

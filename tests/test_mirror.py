@@ -508,6 +508,17 @@ def test_cli_settings_resolution_and_stage_guard(tmp_path, monkeypatch):
     other = NAMMRun(tmp_path, resolve("brightness", "quick", overrides=["loss.l_con=0.7"]))
     with pytest.raises(StageMismatch, match="--fresh"):
         other._stage("namm", other.spec("namm"))
+    # --fresh sets the finished stage aside until the stage replacing it finishes (a failure loses nothing)
+    (d / "weights.bin").write_bytes(b"old")
+    forced = NAMMRun(tmp_path, resolve("brightness", "quick", overrides=["loss.l_con=0.7"]), fresh=True)
+    assert forced._stage("namm", forced.spec("namm")) == (d, False)
+    kept = tmp_path / ".replaced" / "namm"
+    assert (kept / "weights.bin").read_bytes() == b"old" and not (d / "weights.bin").exists()
+    forced._finish("namm", forced.spec("namm"), 1.0)
+    assert not kept.exists() and not kept.parent.exists()
+    back = NAMMRun(tmp_path, cfg, fresh=True)  # back to the first settings
+    back._stage("namm", back.spec("namm"))
+    back._finish("namm", back.spec("namm"), 1.0)
     # a stage that failed before its first checkpoint holds nothing to lose: another setting replaces it
     d, _ = run._stage("mdm", run.spec("mdm"))
     changed = NAMMRun(tmp_path, resolve("brightness", "quick", overrides=["train.lr=1e-4"]))

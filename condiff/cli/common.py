@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import re
-import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -190,12 +190,20 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
                                   "pass --fresh to train it again, or use another --out")
         job = build()
         if fresh:
-            for name in ("checkpoints", "model", "log.jsonl", *clear):
-                p = run_dir / name
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            replace_run(run_dir, ("checkpoints", "model", "log.jsonl", "config.json", *clear), "--fresh")
         if resume and not job.resume():
             print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
         return job
+
+
+def replace_run(run_dir: Path, names: tuple[str, ...], flag: str = "") -> None:
+    """Set a run's ``names`` aside for one that replaces it (:func:`condiff.io.set_aside`): they stay in
+    ``run_dir/.replaced`` until the new run finishes (the caller then calls :func:`condiff.io.drop_replaced`),
+    so a replacement that fails loses nothing; one line says so when ``flag`` asked for the replacement."""
+    io.set_aside(run_dir, names)
+    if flag and (run_dir / io.REPLACED).is_dir():
+        print(f"{flag}: the run being replaced is kept in {run_dir / io.REPLACED} until this one finishes",
+              file=sys.stderr)
 
 
 def recorded_settings(out: str | None, resume: bool, given: bool, remedy: str) -> dict | None:
@@ -394,13 +402,12 @@ def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = 
     if announce:
         print(announce)
     if retrain or ((run_dir / "config.json").is_file() and not same_settings(run_dir, cfg)):  # nothing held
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        shutil.rmtree(run_dir / "model", ignore_errors=True)
-        (run_dir / "log.jsonl").unlink(missing_ok=True)
+        replace_run(run_dir, ("checkpoints", "model", "log.jsonl", "config.json"), "--retrain" if retrain else "")
     t0 = time.perf_counter()
     job.resume()
     save_resolved_config(run_dir, cfg)
     job.fit()
+    io.drop_replaced(run_dir)
     return time.perf_counter() - t0, False
 
 

@@ -106,7 +106,8 @@ def add_parser(sub, name: str) -> None:
     add_device_arg(t)
     g = t.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    g.add_argument("--fresh", action="store_true", help="discard checkpoints in --out and start over")
+    g.add_argument("--fresh", action="store_true",
+                   help="start over, replacing the run in --out (kept in --out/.replaced until the new one finishes)")
     t.set_defaults(func=run_train, interrupted=INTERRUPTED)
     for exp, (cls, fn, out) in EXPERIMENTS.items():
         e = cmds.add_parser(exp, help=plain(fn.__doc__).split(". ")[0], description=plain(cls.__doc__),
@@ -485,6 +486,7 @@ def run_train(args: argparse.Namespace) -> int:
     m = job.fit()
     if m is None:
         return 0
+    io.drop_replaced(run_dir)  # what --fresh set aside: the new run is finished
     print(json.dumps(m, indent=1))
     plots = ", ".join(p.name for p in job.plots)  # no slack.png before the first dual update
     print(f"model:   {run_dir / 'model'}\nmetrics: {run_dir / 'metrics.json'}\nplots:   {run_dir}/ {plots}")

@@ -411,7 +411,11 @@ class NAMMRun:
             nothing_kept = not old.get("done") and not any(d.rglob("step_*"))
             if not (self.fresh or replace or nothing_kept):
                 raise StageMismatch(self._mismatch_message(name))
-            shutil.rmtree(d)
+            if replace or nothing_kept:
+                shutil.rmtree(d)
+            elif io.set_aside(self.root, [name]):  # --fresh: kept until the stage replacing it finishes
+                print(f"--fresh: the stage being replaced is kept in {self.root / io.REPLACED / name} until "
+                      "this one finishes", file=sys.stderr)
         d.mkdir(parents=True, exist_ok=True)
         io.write_json_atomic(f, {"spec": spec, "done": False})
         return d, False
@@ -421,6 +425,7 @@ class NAMMRun:
             self.root / name / "stage.json",
             {"spec": spec, "done": True, "seconds": round(seconds, 2), **extra},
         )
+        io.drop_replaced(self.root, [name])
         self.timings[name] = round(seconds, 2)
 
     def _reuse(self, name: str, spec: dict, load):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import io
 from ..train import list_checkpoints
 from .common import (
     TrainingJob,
@@ -40,12 +41,12 @@ def add_parser(sub, name: str) -> None:
                    help="continue from the newest checkpoint in --out (without --data and --config: with the "
                         "settings recorded there, plus any --set)")
     g.add_argument("--fresh", action="store_true",
-                   help="discard the run in --out (checkpoints, model, log, the old model's samples and metrics) "
-                        "and start over")
+                   help="replace the run in --out (checkpoints, model, log, the old model's samples and metrics; "
+                        "kept in --out/.replaced until the new run finishes) and start over")
     p.set_defaults(func=run, interrupted=interrupted)
 
 
-#: What ``--fresh`` removes besides checkpoints, model and log: results of the old model (``condiff eval``
+#: What ``--fresh`` replaces besides checkpoints, model and log: results of the old model (``condiff eval``
 #: and ``condiff sample`` write them beside it by default), which would otherwise sit beside the new one.
 FRESH_CLEARS = ("metrics.json", "samples.npz", "samples.png", "samples", "eval")
 
@@ -79,5 +80,6 @@ def run(args: argparse.Namespace) -> int:
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
     model_dir = job.fit()
     if job.trainer.dist.main:  # once, not from every torchrun process
+        io.drop_replaced(run_dir)  # what --fresh set aside: the new run is finished
         print(f"model: {model_dir}\nlog:   {run_dir / 'log.jsonl'}\nloss:  {run_dir / 'loss.png'}")
     return 0

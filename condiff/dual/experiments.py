@@ -134,7 +134,8 @@ def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: Trai
     ``data`` (the data set's settings) and ``x`` (the training data: their shape and value range) are
     recorded with the model, so that ``condiff sample`` / ``eval`` / ``pnp`` take it like any other.
     A run directory trained with another key is refused (naming the settings that differ) unless
-    ``fresh``, which clears it first. With ``tcfg.progress`` the stage is announced on stderr.
+    ``fresh``, which replaces it (kept in ``.replaced`` beside it until the new model is saved). With
+    ``tcfg.progress`` the stage is announced on stderr.
     """
     model_dir, key_file = run_dir / "model", run_dir / "key.json"
     recorded = io.load_config(model_dir) if (model_dir / io.CONFIG).is_file() else {}
@@ -151,7 +152,12 @@ def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: Trai
     if not fresh:
         refuse_other_key(run_dir, key)
     if old_key != _key(key) and run_dir.exists():  # all of it: files drawn from the old model are stale too
-        shutil.rmtree(run_dir)
+        if (model_dir / io.CONFIG).is_file() or any((run_dir / "checkpoints").glob("step_*")):
+            io.set_aside(run_dir.parent, [run_dir.name])  # --fresh: kept until the new model is saved
+            kept = run_dir.parent / io.REPLACED / run_dir.name
+            say(tcfg.progress, f"--fresh: the model being replaced is kept in {kept} until this one is trained")
+        else:
+            shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     io.write_text_atomic(key_file, _key(key))
     since = f", from step {trainer.step}" if trainer.resume() else ""
@@ -164,6 +170,7 @@ def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: Trai
     save_model(model_dir, ema, schedule, key=_key(key), data=data, shape=list(x.shape[1:]),
                value_range=value_range(x), steps=trainer.step,
                train_seconds=round(time.perf_counter() - t0, 1), **extra, **meta)
+    io.drop_replaced(run_dir.parent, [run_dir.name])
     return ema.eval(), io.load_config(model_dir)
 
 
@@ -676,11 +683,13 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu", fres
         net, _ = load_net(out / "pretrained" / "model", device)
         return net.train()
 
+    ref = _losses(pre_net, schedule, [q1], dcfg, cfg.seed)
+    bound = float(cfg.relative * ref[0])
+    if not fresh:  # with the data at hand (drawn for that model, so cached), the bound too, before any training
+        refuse_other_key(out / "constrained", con_key(bound))
     ft_cfg = _train_cfg(cfg.finetune, cfg.seed, device, "finetune", progress)
     plain_net, plain_cfg = train_cached(out / "plain", start(), DenoisingObjective(target.x, schedule, batch),
                                         ft_cfg, schedule, {"plain": ft_key}, DIGITS_DATA, target.x, fresh)
-    ref = _losses(pre_net, schedule, [q1], dcfg, cfg.seed)
-    bound = float(cfg.relative * ref[0])
     objective = DualObjective(target.x, [Constraint("pretrained", q1, bound, cfg.constraint_batch)], schedule,
                               batch - cfg.constraint_batch, dcfg)
     con_net, con_cfg = train_cached(out / "constrained", start(), objective, ft_cfg, schedule, con_key(bound),

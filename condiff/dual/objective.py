@@ -199,6 +199,11 @@ class DualObjective:
         self.constraints = list(constraints)
         self.names = names
         self.bounds = torch.tensor([float(c.bound) for c in constraints], dtype=torch.float64)
+        zero = [c.name for c in constraints if c.bound == 0]
+        if zero and self.cfg.lr > 0:  # allowed for a fixed lambda (dual.lr = 0), where no update reads it
+            warnings.warn(f"constraint(s) {zero}: a bound of 0 can never hold (a denoising loss is positive), so "
+                          f"lambda grows at every dual update (dual lr {self.cfg.lr}); give a bound > 0, or "
+                          "lr = 0 to keep lambda fixed", stacklevel=2)
         self.lam = torch.full((len(constraints),), float(self.cfg.lambda_init), dtype=torch.float64)
         self.estimate = torch.full((len(constraints),), math.nan, dtype=torch.float64)
         self.objective_estimate = torch.tensor(math.nan, dtype=torch.float64)
