@@ -226,3 +226,26 @@ def test_begin_outputs_removes_the_record_and_the_named_files_only(tmp_path):
         (out / name).write_text("old")
     io.begin_outputs(out, "metrics.json", "a.png")
     assert os.listdir(out) == ["keep.txt"]
+
+
+def test_set_aside_keeps_the_first_replaced_run_until_dropped(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "w").write_text("old")
+    (run / "log.jsonl").write_text("old log")
+    assert io.set_aside(run, ["model", "log.jsonl", "absent"]) == ["model", "log.jsonl"]
+    kept = run / io.REPLACED
+    assert (kept / "model" / "w").read_text() == "old" and not (run / "model").exists()
+    # a replacement that failed left its own files: a second replacement deletes those, keeps the first run's
+    (run / "model").mkdir()
+    (run / "model" / "w").write_text("failed attempt")
+    assert io.set_aside(run, ["model"]) == [] and not (run / "model").exists()
+    assert (kept / "model" / "w").read_text() == "old"
+    monkeypatch.setenv("RANK", "1")  # the other ranks of a torchrun job leave it to rank 0
+    (run / "log.jsonl").write_text("new log")
+    assert io.set_aside(run, ["log.jsonl"]) == [] and (run / "log.jsonl").read_text() == "new log"
+    io.drop_replaced(run, ["model"])
+    assert not (kept / "model").exists() and (kept / "log.jsonl").is_file()
+    io.drop_replaced(run)
+    assert not kept.exists() and (run / "log.jsonl").is_file()
+    io.drop_replaced(run)  # nothing kept: nothing to do
