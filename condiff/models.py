@@ -34,8 +34,11 @@ def resolve_model_dir(path: str | Path) -> Path:
     return path
 
 
-def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> Denoiser:
-    """Load a condiff model / run / checkpoint, or a diffusers model directory, as a Denoiser."""
+def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: bool = True,
+                  mirror_space: bool = False) -> Denoiser:
+    """Load a condiff model / run / checkpoint, or a diffusers model directory, as a Denoiser. A NAMM
+    mirror diffusion model (trained on ``g(x)``: its samples are not data until the inverse map takes them
+    back, :func:`condiff.mirror.mirror_generate`) is refused unless ``mirror_space``."""
     d = resolve_model_dir(path)
     if is_diffusers_dir(d):
         return DiffusersDenoiser.from_pretrained(d).to(device)
@@ -43,6 +46,10 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: boo
         raise io.CheckpointError(f"{d} holds a unet/ but no scheduler_config.json (in scheduler/ or beside it): a "
                                  "diffusers model directory needs its scheduler's config to be loaded")
     net, cfg = load_net(d, device, ema)
+    if cfg.get("stage") == "mdm" and not mirror_space:
+        raise io.CheckpointError(f"{path} is a NAMM mirror diffusion model, whose samples lie in mirror space, not "
+                                 "data space: sample it through its mirror map (condiff.mirror.mirror_generate, "
+                                 "`condiff namm sample`), or pass mirror_space=True")
     return NetDenoiser(net.eval(), Schedule.from_config(cfg["schedule"]))
 
 
@@ -53,17 +60,21 @@ def is_diffusers_dir(path: Path) -> bool:
 def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> tuple[nn.Module, dict]:
     """Rebuild the network stored at ``path`` and load its weights; returns ``(net, config)``."""
     d = resolve_model_dir(path)
-    cfg = io.load_config(d)
+    run_dir = (d / "checkpoints").is_dir() or (d / "log.jsonl").is_file()  # a run directory without model/
+    cfg = io.load_config(d) if (d / io.CONFIG).is_file() or not run_dir else {}  # a Trainer's run has none
     if "net" not in cfg or "schedule" not in cfg:
-        if (d / "checkpoints").is_dir() or (d / "log.jsonl").is_file():  # a run directory without model/
+        if run_dir:
             if (pid := io.run_holder(d)) is not None:
                 raise io.CheckpointError(f"{d} has no model yet: another condiff process (pid {pid}) is still "
                                          "training it; wait for it to finish")
             what = "a model/ without its config.json" if (d / "model").is_dir() else "no model/"
+            newest = max((p.name for p in (d / "checkpoints").glob("step_*")), default=None)
+            ckpt = (f"; or load its newest checkpoint, {d / 'checkpoints' / newest} (a Trainer of the Python API "
+                    "saves no model/: condiff.models.save_model writes one)") if newest else ""
             raise io.CheckpointError(f"{d} is a run directory with {what} (training unfinished, or model/ "
                                      "deleted): finish it by running the command that trained it again with its "
                                      "settings (`condiff train ... --resume`; `condiff pnp TASK ... --train` for a "
-                                     "PnP prior)")
+                                     f"PnP prior){ckpt}")
         if "mirror" in cfg and (d / "namm").is_dir():  # a `condiff namm fit` run directory
             vanilla = f", or its vanilla diffusion model, {d / 'vanilla'}" if (d / "vanilla").is_dir() else ""
             raise io.CheckpointError(f"{d} is a NAMM run directory, not a model: use `condiff namm sample --run "

@@ -109,6 +109,23 @@ def _x0(x_t: Tensor, eps_hat: Tensor, abar_t: float) -> Tensor:
     return torch.add(x_t, eps_hat, alpha=-math.sqrt(1 - abar_t)).div_(math.sqrt(abar_t))
 
 
+def check_denoiser(denoiser: object) -> None:
+    """Refuse a sampler's model that is no :class:`~condiff.denoiser.Denoiser` (nor has its ``schedule``
+    and ``eps``: a bare network has no noise schedule), naming the wrapper to use."""
+    duck = hasattr(denoiser, "schedule") and callable(getattr(denoiser, "eps", None))
+    if not (isinstance(denoiser, Denoiser) or duck):
+        hint = (": wrap a network as NetDenoiser(net, schedule) (condiff.denoiser), or load a trained model "
+                "with condiff.models.load_denoiser") if isinstance(denoiser, torch.nn.Module) else ""
+        raise TypeError(f"the model must be a condiff Denoiser, got a {type(denoiser).__name__}{hint}")
+
+
+def weights_dtype(denoiser: Denoiser) -> torch.dtype:
+    """The floating dtype of a denoiser's weights (float32 for one without weights): the dtype its start
+    noise is drawn in."""
+    params = denoiser.parameters() if isinstance(denoiser, torch.nn.Module) else ()
+    return next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+
+
 def ddim_sigma(abar_t: float, abar_prev: float, eta: float) -> float:
     """DDIM's ``sigma_t(eta)``; ``eta = 1`` gives the DDPM posterior standard deviation."""
     if eta == 0:
@@ -201,6 +218,7 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
         clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]``, or to ``[lo, hi]`` for a pair (with a
             consistent ``eps_hat``).
     """
+    check_denoiser(denoiser)
     ts = torch.as_tensor(timesteps).cpu()
     if ts.dim() != 1 or ts.numel() == 0:
         raise ValueError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(ts.shape)}")
@@ -277,8 +295,10 @@ def ddpm(denoiser: Denoiser, x: Tensor, generator: torch.Generator | None = None
 def sample(denoiser: Denoiser, shape: tuple[int, ...], steps: int = 100, eta: float = 0.0,
            generator: torch.Generator | None = None, device: str | torch.device = "cpu",
            spacing: str = "linspace", **kw) -> Tensor:
-    """Draw ``shape[0]`` samples: fresh noise ``x_T``, then :func:`ddim` over ``steps`` timesteps."""
-    x = randn(shape, generator, device=device)
+    """Draw ``shape[0]`` samples: fresh noise ``x_T`` (in the dtype of the denoiser's weights), then
+    :func:`ddim` over ``steps`` timesteps."""
+    check_denoiser(denoiser)
+    x = randn(shape, generator, device=device, dtype=weights_dtype(denoiser))
     return ddim(denoiser, x, denoiser.schedule.timesteps(steps, spacing), eta=eta, generator=generator, **kw)
 
 

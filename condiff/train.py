@@ -38,7 +38,7 @@ from .schedule import Schedule
 @dataclass
 class TrainConfig:
     steps: int = 4000
-    batch_size: int = 128
+    batch_size: int = 128          # for objectives built from this config (an objective given its own keeps it)
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -226,12 +226,20 @@ class Trainer:
     """Optimise ``model`` for ``objective`` with checkpoints in ``run_dir/checkpoints``.
 
     ``meta`` is stored in every checkpoint's ``config.json`` (net config, schedule, data) so a
-    checkpoint alone is enough to rebuild the model.
+    checkpoint alone is enough to rebuild the model (:func:`condiff.models.load_denoiser` loads
+    ``run_dir/checkpoints/step_*``). Left out, it is the model's ``config`` and the objective's
+    ``schedule``, where they have them.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, cfg: TrainConfig,
                  run_dir: str | Path | None = None, meta: dict | None = None) -> None:
-        self.cfg, self.objective, self.meta = cfg, objective, meta or {}
+        if meta is None:
+            meta = {}
+            if isinstance(getattr(model, "config", None), dict):
+                meta["net"] = model.config
+            if hasattr(getattr(objective, "schedule", None), "config"):
+                meta["schedule"] = objective.schedule.config()
+        self.cfg, self.objective, self.meta = cfg, objective, meta
         self.run_dir = Path(run_dir) if run_dir is not None else None
         data = getattr(objective, "x", None)  # float64 data for a float32 network failed inside a layer
         if isinstance(data, Tensor) and data.is_floating_point():
@@ -256,6 +264,8 @@ class Trainer:
         self._log_acc: tuple[float, int] = (0.0, 0)
         if hasattr(objective, "to"):
             objective.to(self.device)
+        if hasattr(objective, "warn_if_idle"):  # e.g. a dual objective whose first update comes after the end
+            objective.warn_if_idle(cfg.steps)
         self.train_model: nn.Module = self.model
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -358,6 +368,10 @@ class Trainer:
                            desc="train", initial=self.step, leave=True)
         self.model.train()
         t0, pending, first, timed = time.perf_counter(), [], self.step, 0
+        # the examples a step draws: the objective's own batch size where it has one (DenoisingObjective,
+        # DualObjective's objective part), which cfg.batch_size does not set
+        per_step = getattr(self.objective, "batch_size", None)
+        per_step = per_step if isinstance(per_step, int) else cfg.batch_size
         checks = getattr(self.objective, "check", None) or (lambda: None)
         run_loss, seen = self._log_acc
         stop, prev_handler = self._defer_interrupt()
@@ -393,7 +407,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     dt = time.perf_counter() - t0
                     rec = {"step": self.step, "loss": run_loss / seen, "lr": lr, "grad_norm": float(gnorm),
-                           "samples_per_s": timed * cfg.batch_size * self.dist.world / max(dt, 1e-9),
+                           "samples_per_s": timed * per_step * self.dist.world / max(dt, 1e-9),
                            **{k: float(v) if isinstance(v, Tensor) else v for k, v in logs.items()}}
                     if bar is not None:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.0f}")

@@ -875,7 +875,7 @@ def test_lagrangian_weighs_each_active_constraint_by_its_own_lambda():
 def test_the_first_dual_update_is_at_step_start():
     """every = 5, start = 10: lambda is unchanged after 9 primal steps and has moved after the 10th."""
     s, x = Schedule.linear(50), torch.randn(64, 2)
-    obj = DualObjective(x, [Constraint("c", torch.randn(16, 2) + 3, 0.0)], s, 8,
+    obj = DualObjective(x, [Constraint("c", torch.randn(16, 2) + 3, 1e-6)], s, 8,  # violated: lambda moves
                         DualConfig(every=5, start=10, batch_size=16, timesteps=4))
     net = TimeMLP(2, hidden=8, depth=1)
     before = obj.lam.clone()

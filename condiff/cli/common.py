@@ -439,7 +439,7 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
     """A denoiser, the settings it was made with, and the per-sample shape, from a run directory,
     a model directory or a diffusers model directory."""
     path = Path(path)
-    den = load_denoiser(path, device=device)
+    den = load_denoiser(path, device=device, mirror_space=True)  # refused below, with the run to use
     if isinstance(den, DiffusersDenoiser):
         c = den.unet.config
         size = c.sample_size if isinstance(c.sample_size, (list, tuple)) else (c.sample_size, c.sample_size)

@@ -426,8 +426,7 @@ class DualJob:
                                        self.dcfg)
         meta = {"net": net.config, "schedule": self.schedule.config(), "data": cfg["data"],
                 "shape": list(self.data.shape)}
-        self.trainer = Trainer(net, self.objective, self.tcfg, self.run_dir, meta)
-        self.objective.warn_if_idle(self.tcfg.steps)
+        self.trainer = Trainer(net, self.objective, self.tcfg, self.run_dir, meta)  # warns if no update comes
         self.plots: list[Path] = []  # the pictures fit() drew
 
     def resume(self) -> bool:

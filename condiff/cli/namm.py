@@ -525,7 +525,7 @@ class NAMMRun:
 
     def _diffusion(self, name: str, x_fn) -> Denoiser:
         spec = self.spec(name)
-        d, done = self._reuse(name, spec, lambda d: load_denoiser(d / "model", self.device))
+        d, done = self._reuse(name, spec, lambda d: load_denoiser(d / "model", self.device, mirror_space=True))
         if done is not None:
             return done
         x = x_fn()

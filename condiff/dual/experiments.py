@@ -162,8 +162,6 @@ def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: Trai
     io.write_text_atomic(key_file, _key(key))
     since = f", from step {trainer.step}" if trainer.resume() else ""
     say(tcfg.progress, f"training {run_dir.name} ({tcfg.steps} steps{since}) in {run_dir}")
-    if isinstance(objective, DualObjective):
-        objective.warn_if_idle(tcfg.steps)
     t0 = time.perf_counter()
     ema = trainer.fit()
     extra = {"lambda": objective.lambdas} if isinstance(objective, DualObjective) else {}

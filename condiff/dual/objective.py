@@ -195,6 +195,9 @@ class DualObjective:
             if c.x.shape[1:] != x.shape[1:]:
                 raise ValueError(f"constraint {c.name!r}: samples of shape {tuple(c.x.shape[1:])} but the "
                                  f"objective data have {tuple(x.shape[1:])}")
+            if c.x.dtype != x.dtype:  # a float64 constraint beside float32 data failed inside the network
+                raise ValueError(f"constraint {c.name!r}: samples of dtype {c.x.dtype} but the objective data are "
+                                 f"{x.dtype}: convert them with .to({x.dtype})")
         self.x, self.schedule, self.batch_size = x, schedule, int(batch_size)
         self.constraints = list(constraints)
         self.names = names

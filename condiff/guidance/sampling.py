@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser
-from ..sample import Guidance, ddim, randn
+from ..sample import Guidance, check_denoiser, ddim, randn, weights_dtype
 
 
 @dataclass
@@ -44,7 +44,8 @@ def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...]
                          "use eta = 1 as in the DSG paper")
     if x_T is not None and tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape asks for {tuple(shape)}")
-    x = randn(shape, generator, device=device) if x_T is None else x_T.to(device)
+    check_denoiser(denoiser)
+    x = randn(shape, generator, device=device, dtype=weights_dtype(denoiser)) if x_T is None else x_T.to(device)
     ts = denoiser.schedule.timesteps(steps, spacing)
     nfe0, g0 = denoiser.nfe, getattr(guidance, "grad_evals", 0)
     t0 = time.perf_counter()

@@ -13,6 +13,7 @@ mirror model (mirror DPS) or with an added constraint penalty (constraint-guided
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -100,6 +101,9 @@ def assimilate(
     be far outside the data range, where a nonlinear constraint (a PDE stepper) overflows.
     """
     checks.number("constraint_weight", constraint_weight, ">= 0")
+    if constraint is not None and constraint_weight == 0:
+        warnings.warn("assimilate: a constraint was given with constraint_weight = 0, so it is not used; give a "
+                      "weight > 0 for constraint-guided DPS (the paper's 200)", stacklevel=2)
     operator = operator.to(device)
     loss = normalised_measurement_loss(operator, y.to(device))
     if constraint_weight > 0:

@@ -32,8 +32,9 @@ from .. import checks
 from ..constraints import not_differentiable
 from ..denoiser import Denoiser
 from ..readback import DeviceRows, read_every
-from ..sample import Guidance, ddim, progress_bar, randn
-from .schedules import PAPER_MNIST, ConstantWeight, TimeSchedule, WeightSchedule
+from ..sample import Guidance, check_denoiser, ddim, progress_bar, randn
+from ..schedule import Schedule
+from .schedules import PAPER_MNIST, ConstantTime, ConstantWeight, TimeSchedule, WeightSchedule
 
 Constraint = Callable[[Tensor], Tensor]
 UNIT_WEIGHT = ConstantWeight(1.0)
@@ -96,7 +97,9 @@ def infer(
         latent: the starting point ``z_0`` (copied); ``x = render(z)`` must have the prior's shape.
         render: differentiable map latent -> picture (default: identity, i.e. optimise ``x`` itself).
         constraint: callable ``x -> (B,)`` to minimise, weighted by ``weight(i, steps)``; None: prior only.
-        schedule: ``t_i`` as a :class:`~condiff.pnp.schedules.TimeSchedule` object.
+        schedule: ``t_i`` as a :class:`~condiff.pnp.schedules.TimeSchedule` object (not the noise
+            schedule, which the denoiser carries), or a whole number for a fixed timestep.
+        weight: ``w_i`` as a :class:`~condiff.pnp.schedules.WeightSchedule`, or a number for a constant.
         lr, betas: Adam settings (the paper: 0.01 for MNIST; 1.0 with betas (0, 0.9) for TSP).
         through_net: back-propagate through the network (paper) or use the stop-gradient variant.
         project: applied to the latent after every step without gradients (e.g. a clamp to a box).
@@ -145,10 +148,34 @@ def _culprit(x_ok: bool, d_ok: bool, c_mean: float) -> str:
            "the learning rate"
 
 
+def _time_schedule(schedule: object) -> TimeSchedule:
+    """``schedule`` as a time schedule: a whole number is a fixed timestep (:class:`ConstantTime`)."""
+    if isinstance(schedule, Schedule):
+        raise TypeError("schedule is the PnP time schedule (i, steps, T) -> t_i (e.g. condiff.pnp.schedules."
+                        "PAPER_MNIST), not the noise Schedule, which comes with the denoiser")
+    if checks.is_integer(schedule, 0):
+        return ConstantTime(int(schedule))
+    if not callable(schedule):
+        raise TypeError(f"schedule must be a time schedule (i, steps, T) -> t_i or a timestep, got "
+                        f"{type(schedule).__name__}")
+    return schedule
+
+
+def _weight(weight: object) -> WeightSchedule:
+    """``weight`` as a weight schedule: a number is a constant weight (:class:`ConstantWeight`)."""
+    if checks.is_number(weight):
+        return ConstantWeight(float(weight))
+    if not callable(weight):
+        raise TypeError(f"weight must be a weight schedule (i, steps) -> w_i or a number, got {type(weight).__name__}")
+    return weight
+
+
 def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, betas, through_net, project,
          generator, callback, progress) -> PnPResult:
+    check_denoiser(denoiser)
     steps = checks.integer("steps", steps, 1)
     lr = checks.number("lr", lr, "> 0")
+    schedule, weight = _time_schedule(schedule), _weight(weight)
     checks.floating("the starting latent", latent)
     if latent.dim() < 2 or latent.shape[0] == 0:
         raise ValueError(f"the starting latent must be a batch (B, ...) with B >= 1, got shape {tuple(latent.shape)}")

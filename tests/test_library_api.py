@@ -1,0 +1,105 @@
+"""The Python API as a researcher meets it: what it accepts, what it refuses early and in one line, and what it
+writes for the next call to read (found by walking through the five methods as a library user)."""
+
+import warnings
+
+import pytest
+import torch
+
+from condiff import io
+from condiff.denoiser import GaussianDenoiser, NetDenoiser
+from condiff.dual import Constraint, DualConfig, DualObjective
+from condiff.guidance import DPS, guided_sample
+from condiff.models import load_denoiser, save_model
+from condiff.nets import TimeMLP
+from condiff.pnp import schedules as sch
+from condiff.pnp.engine import infer
+from condiff.sample import sample
+from condiff.schedule import Schedule
+from condiff.train import DenoisingObjective, TrainConfig, Trainer
+
+
+def test_samplers_draw_their_noise_in_the_dtype_of_the_models_weights():
+    """sample() drew float32 noise whatever the model, so a float64 model failed with "convert the input"."""
+    s = Schedule.linear(50)
+    den = NetDenoiser(TimeMLP(2, hidden=8, depth=1).double(), s)
+    assert sample(den, (4, 2), steps=3).dtype == torch.float64
+    res = guided_sample(den, DPS(lambda x: x.pow(2).sum(1), zeta=0.1), (4, 2), 3)
+    assert res.x.dtype == torch.float64
+    assert sample(GaussianDenoiser(s, mean=0.0, std=1.0), (4, 2), steps=3).dtype == torch.float32  # no weights
+
+
+def test_a_bare_network_is_refused_naming_the_wrapper():
+    net = TimeMLP(2, hidden=8, depth=1)
+    for call in (lambda: sample(net, (2, 2), steps=3),
+                 lambda: guided_sample(net, DPS(lambda x: x.sum(1)), (2, 2), 3),
+                 lambda: infer(net, torch.zeros(2, 2), steps=2)):
+        with pytest.raises(TypeError, match=r"got a TimeMLP: wrap a network as NetDenoiser\(net, schedule\)"):
+            call()
+
+
+def test_pnp_takes_numbers_for_its_schedules_and_refuses_the_noise_schedule_up_front():
+    s = Schedule.linear(100)
+    den = GaussianDenoiser(s, mean=0.0, std=1.0)
+    z = torch.zeros(3, 2)
+    g = torch.Generator().manual_seed(0)
+    a = infer(den, z, constraint=lambda x: x.sum(1), schedule=20, weight=0.5, steps=4, generator=g)
+    g = torch.Generator().manual_seed(0)
+    b = infer(den, z, constraint=lambda x: x.sum(1), schedule=sch.ConstantTime(20), weight=sch.ConstantWeight(0.5),
+              steps=4, generator=g)
+    assert torch.equal(a.x, b.x)
+    with pytest.raises(TypeError, match="not the noise Schedule, which comes with the denoiser"):
+        infer(den, z, schedule=s, steps=2)
+    with pytest.raises(TypeError, match="weight must be a weight schedule .* or a number, got str"):
+        infer(den, z, weight="high", steps=2)
+
+
+def test_a_trainers_checkpoint_loads_as_a_model_and_its_run_directory_says_where_it_is(tmp_path):
+    """Trainer(...) without meta wrote checkpoints no loader could rebuild a model from, and load_denoiser on its
+    run directory said only "no config.json"."""
+    s = Schedule.linear(50)
+    x = torch.randn(64, 2)
+    net = TimeMLP(2, hidden=8, depth=1)
+    tr = Trainer(net, DenoisingObjective(x, s, 16), TrainConfig(steps=3, warmup=0, progress=False, ckpt_every=3),
+                 tmp_path / "run")
+    ema = tr.fit()
+    newest = tmp_path / "run" / "checkpoints" / "step_00000003"
+    den = load_denoiser(newest)
+    assert den.schedule.config() == s.config()
+    xt, t = torch.randn(5, 2), torch.full((5,), 10)
+    torch.testing.assert_close(den.eps(xt, t), NetDenoiser(ema, s).eps(xt, t))
+    with pytest.raises(io.CheckpointError, match=r"or load its newest checkpoint, .*step_00000003 \(a Trainer"):
+        load_denoiser(tmp_path / "run")
+
+
+def test_a_dual_objective_that_would_make_no_update_warns_when_its_trainer_is_built(tmp_path):
+    s, x = Schedule.linear(50), torch.randn(16, 2)
+    obj = DualObjective(x, [Constraint("c", x, 1.0)], s, 4, DualConfig(every=100))
+    with pytest.warns(UserWarning, match="no dual update happens in 10 steps"):
+        Trainer(TimeMLP(2, hidden=8, depth=1), obj, TrainConfig(steps=10, progress=False))
+    with pytest.raises(ValueError, match=r"constraint 'd': samples of dtype torch.float64 but the objective data are "
+                                         r"torch.float32: convert them with .to\(torch.float32\)"):
+        DualObjective(x, [Constraint("d", x.double(), 1.0)], s, 4)
+
+
+def test_a_mirror_diffusion_model_is_refused_as_a_data_space_model(tmp_path):
+    s = Schedule.linear(50)
+    save_model(tmp_path / "mdm", TimeMLP(2, hidden=8, depth=1), s, stage="mdm")
+    with pytest.raises(io.CheckpointError, match="NAMM mirror diffusion model, whose samples lie in mirror space"):
+        load_denoiser(tmp_path / "mdm")
+    assert load_denoiser(tmp_path / "mdm", mirror_space=True).schedule.T == 50
+
+
+def test_assimilate_says_when_its_constraint_is_not_used():
+    from condiff.constraints import Box
+    from condiff.mirror.assimilate import assimilate
+    from condiff.operators import Inpainting
+
+    den = GaussianDenoiser(Schedule.linear(20), mean=0.0, std=0.5)
+    op = Inpainting(torch.ones(1, 1, 4, 4), sigma_y=0.1)
+    y = torch.zeros(2, 1, 4, 4)
+    with pytest.warns(UserWarning, match="constraint_weight = 0, so it is not used"):
+        assimilate(den, op, y, (1, 4, 4), 0.1, steps=3, constraint=Box())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assimilate(den, op, y, (1, 4, 4), 0.1, steps=3)
