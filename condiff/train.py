@@ -147,6 +147,8 @@ class DenoisingObjective:
         self.x, self.y, self.schedule = x, y, schedule
         self.batch_size = checks.integer("batch_size", batch_size, 1)
         self.label_drop = checks.number("label_drop", label_drop, "[0, 1)")
+        if self.label_drop > 0 and y is None:
+            raise ValueError("label_drop drops labels for classifier-free guidance, but no labels y were given")
 
     def to(self, device: torch.device | str) -> DenoisingObjective:
         self.x = self.x.to(device)

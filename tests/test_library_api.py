@@ -103,3 +103,18 @@ def test_assimilate_says_when_its_constraint_is_not_used():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assimilate(den, op, y, (1, 4, 4), 0.1, steps=3)
+
+
+def test_label_drop_without_labels_is_refused():
+    with pytest.raises(ValueError, match="label_drop drops labels .* but no labels y were given"):
+        DenoisingObjective(torch.randn(8, 2), Schedule.linear(10), 4, label_drop=0.1)
+    import condiff.pnp
+
+    assert condiff.pnp.infer is infer  # the PnP entry points from the package itself
+
+
+def test_guided_sampling_passes_each_step_to_a_callback():
+    den = GaussianDenoiser(Schedule.linear(50), mean=0.0, std=1.0)
+    seen = []
+    guided_sample(den, DPS(lambda x: x.pow(2).sum(1), zeta=0.1), (2, 2), 4, callback=lambda st: seen.append(st.t))
+    assert len(seen) == 4

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser
-from ..sample import Guidance, check_denoiser, ddim, randn, weights_dtype
+from ..sample import Guidance, Step, check_denoiser, ddim, randn, weights_dtype
 
 
 @dataclass
@@ -27,7 +28,7 @@ def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...]
                   eta: float = 1.0, generator: torch.Generator | None = None,
                   device: str | torch.device = "cpu", clip_x0: float | tuple[float, float] | None = 1.0,
                   spacing: str = "linspace", x_T: Tensor | None = None,
-                  progress: bool = False) -> GuidedResult:
+                  progress: bool = False, callback: Callable[[Step], None] | None = None) -> GuidedResult:
     """Draw ``shape[0]`` guided samples with ``steps`` DDIM steps of stochasticity ``eta``.
 
     Args:
@@ -35,8 +36,10 @@ def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...]
         guidance: DPS, FreeDoM, UGD, DSG(...) or any object with ``needs_grad`` and ``__call__(step)``.
         shape: ``(B, C, H, W)`` (or ``(B, D)``); the batch must match the loss's batch.
         eta: 1 gives DDPM-like ancestral steps (the DPS / DSG papers' setting); DSG refuses 0.
-        clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]`` (the DPS code clips to [-1, 1]), or to
-            ``[lo, hi]`` for a pair; None: off.
+        clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]`` (the DPS code clips to [-1, 1]: the house data
+            range, unlike :func:`~condiff.sample.ddim`'s default None), or to ``[lo, hi]`` for a pair (data
+            on another range: pass it, e.g. ``condiff.data.value_range(x)``); None: off.
+        callback: called with each step (:class:`~condiff.sample.Step`), as in :func:`~condiff.sample.ddim`.
         x_T: starting noise (default: drawn from ``generator``).
     """
     if getattr(guidance, "needs_noise", False) and eta == 0:
@@ -50,7 +53,7 @@ def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...]
     nfe0, g0 = denoiser.nfe, getattr(guidance, "grad_evals", 0)
     t0 = time.perf_counter()
     out = ddim(denoiser, x, ts, eta=eta, generator=generator, guidance=guidance, clip_x0=clip_x0,
-               progress=progress)
+               progress=progress, callback=callback)
     if out.device.type == "cuda":
         torch.cuda.synchronize(out.device)
     seconds = time.perf_counter() - t0
