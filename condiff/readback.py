@@ -25,9 +25,9 @@ Reader = Callable[[list[float]], None]
 """Interprets one kept row (its values as floats); raises to report a bad step."""
 
 
-def read_every(device: torch.device) -> int:
-    """How many steps' values to keep on ``device`` before reading them (:data:`READ_EVERY`)."""
-    return READ_EVERY.get(device.type, READ_EVERY_DEFAULT)
+def read_every(device: torch.device | str) -> int:
+    """How many steps' values to keep on ``device`` (a device or its name) before reading them (:data:`READ_EVERY`)."""
+    return READ_EVERY.get(torch.device(device).type, READ_EVERY_DEFAULT)
 
 
 class DeviceRows:

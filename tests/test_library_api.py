@@ -118,3 +118,10 @@ def test_guided_sampling_passes_each_step_to_a_callback():
     seen = []
     guided_sample(den, DPS(lambda x: x.pow(2).sum(1), zeta=0.1), (2, 2), 4, callback=lambda st: seen.append(st.t))
     assert len(seen) == 4
+
+
+def test_read_every_takes_a_device_or_its_name():
+    from condiff.readback import READ_EVERY_DEFAULT, read_every
+
+    assert read_every("cpu") == read_every(torch.device("cpu")) == 1
+    assert read_every("meta") == READ_EVERY_DEFAULT

@@ -678,7 +678,8 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     failed = subprocess.run([*cli, "sample", "--run", str(run), "--n", "8", "--set", "sample.steps=7", "--quiet"],
                             capture_output=True, text=True)
     assert failed.returncode == 2 and "fine-tuning pool is drawn with sample.steps" in failed.stderr
-    assert "(sample.steps differ)" in failed.stderr  # the message names what changed
+    assert "(sample.steps differ)" in failed.stderr  # the message names what changed, and how to go back
+    assert "; --set sample.steps=5 samples with the fine-tuned map again)" in failed.stderr
     assert {p: p.read_bytes() for p in sorted((run / "samples").rglob("*.npz"))} == cached
     # a damaged cached sample set is drawn again rather than failing on a zip error
     (run / "samples" / "vanilla" / "samples.npz").write_bytes(b"not a zip")

@@ -389,7 +389,11 @@ class NAMMRun:
         hint = f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} differ)" if changed else ""
         if name == "finetune" and any(k.startswith("sample.") for k in changed):
             skip = self.skip_hints.get("finetune", "--no-finetuned leaves it out")
-            hint += f" (the fine-tuning pool is drawn with sample.steps and sample.eta; {skip})"
+            was_sampler = old.get("sampler") if isinstance(old.get("sampler"), dict) else {}
+            back = " ".join(f"--set sample.{k}={v}" for k, v in sorted(was_sampler.items())
+                            if f"sample.{k}" in changed)  # e.g. left in config.json by an earlier --set
+            hint += (f" (the fine-tuning pool is drawn with sample.steps and sample.eta; {skip}"
+                     + (f"; {back} samples with the fine-tuned map again" if back else "") + ")")
         was = (old.get("mirror") or {}).get("psi", {}).get("layers") if "mirror.psi.layers" in changed else None
         if isinstance(was, int):  # the default and full profiles' ICNN grew to the paper's depth
             hint += (f" (the default and full profiles build the paper's ICNN depth since 2026-12-05; "
