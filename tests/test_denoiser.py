@@ -214,7 +214,7 @@ def test_diffusers_weights_other_than_safetensors_are_refused_in_one_line(tiny_d
     unet = tiny_diffusers_dir / "unet"
     for f in unet.glob("*.safetensors"):
         f.rename(f.with_suffix(".bin"))
-    with pytest.raises(Exception, match=r"no \.safetensors weights \(found diffusion_pytorch_model\.bin: pickled "
+    with pytest.raises(CheckpointError, match=r"no \.safetensors weights \(found diffusion_pytorch_model\.bin: pickled "
                                         r"weights are never loaded"):
         DiffusersDenoiser.from_pretrained(tiny_diffusers_dir)
 

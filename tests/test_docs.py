@@ -67,6 +67,7 @@ def test_the_dual_example_trains_with_one_multiplier_per_constraint(tiny_run):
     lam = s["objective"].lambdas
     assert set(lam) == {"class4", "class5", "class7"}
     assert all(math.isfinite(v) and v >= 0 for v in lam.values())
+    assert bool(torch.isfinite(s["objective"].estimate).all())  # a dual update ran (it sets the estimates)
 
 
 def test_the_readme_examples_sample_and_solve(tiny_run):

@@ -778,6 +778,17 @@ def test_reference_losses_match_the_estimator():
         reference_losses(den, s, [x], n=10.5)
     with pytest.raises(ValueError, match=r"reference_losses: data set\(s\) \[1\] hold no examples"):
         reference_losses(den, s, [x, x[:0]], n=16)
+    # a chunk that is no whole number of grid sweeps is trimmed to one: every call sees each grid
+    # timestep equally often, so the quadrature stays exact
+    seen = []
+
+    def spy(x_t, t):
+        seen.append(torch.bincount(t, minlength=100)[fixed_timesteps(100, 16)])
+        return torch.zeros_like(x_t)
+
+    reference_losses(spy, s, [x], timesteps=16, n=4000, chunk=1000)
+    assert len(seen) >= 4 and all(int(c.min()) == int(c.max()) > 0 for c in seen)
+    assert sum(int(c.sum()) for c in seen) <= 4000
 
 
 def test_class_restricted_constraint_samples_keep_only_those_classes(monkeypatch):
@@ -996,3 +1007,17 @@ def test_finetune_refuses_a_model_of_another_bound_before_any_fine_tuning(tmp_pa
     (stage / "key.json").write_text(ex._key({**keys["constrained"], "bound": 2 * keys["constrained"]["bound"]}))
     with pytest.raises(FileExistsError, match=r"constrained holds a model trained with other settings \(bound differ"):
         ex.run_finetune(cfg, out, progress=False)  # fake_train would raise Stop("plain") had it trained
+
+
+def test_a_constraints_own_batch_size_sets_its_minibatch():
+    seen = []
+
+    def net(x_t, t):
+        seen.append(x_t.shape[0])
+        return torch.zeros_like(x_t)
+
+    x = torch.randn(50, 2)
+    obj = DualObjective(x, [Constraint("c", x, 1.0, 7), Constraint("d", x, 1.0)], Schedule.linear(20), 16,
+                        DualConfig(lambda_init=1.0))  # at lambda 0 a constraint's term is not drawn
+    obj.loss(net, 0, torch.Generator().manual_seed(0))
+    assert seen == [16 + 7 + 16]  # one pass: the objective's 16, c's own 7, d's default (the objective's)

@@ -743,3 +743,41 @@ def test_ugd_with_a_zero_backward_step_skips_backward_guidance():
         guided_sample(den, UGD(counted, backward_lr=lr, backward_steps=3), (3, 1, 4, 4), 8, generator=_gen())
         # 8 steps, 2 recurrences (the default) each: the gradient, plus 3 backward steps where they move x0
         assert len(calls) == 16 * (1 if lr == 0 else 4)
+
+
+def _ugd_step(x: torch.Tensor, t: int = 600, t_prev: int = 580):
+    den = GaussianDenoiser(Schedule.linear(1000), mean=0.0, std=1.0)
+    b = x.shape[0]
+    return make_step(den, x.clone().requires_grad_(True), 0, torch.full((b,), t), torch.full((b,), t_prev), 1.0,
+                     torch.Generator().manual_seed(0))
+
+
+def test_ugd_backward_guidance_steps_from_the_moved_x0_with_its_consistent_eps():
+    """Backward guidance only (forward 0, one pass): the step is the DDIM step of the fitted ``x0'`` with
+    ``eps' = (x_t - sqrt(abar_t) x0') / sqrt(1 - abar_t)``. A step that computed ``x0'`` and dropped it, or
+    kept the old ``eps_hat``, passed every other test."""
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :] = 1
+    loss = Inpainting(mask, sigma_y=0.1).loss(mask * torch.ones(3, 1, 4, 4))
+    u = UGD(loss, forward=0.0, backward_steps=3, backward_lr=0.2, recurrence=1)
+    out = u(_ugd_step(x))
+    ref = _ugd_step(x)
+    x0 = u.backward(ref.x0_hat.detach())
+    assert not torch.allclose(x0, ref.x0_hat)  # the fit moves it
+    a, s, sig = ref.abar_t, ref.abar_prev, ref.sigma
+    eps = (ref.x_t - math.sqrt(a) * x0) / math.sqrt(1 - a)
+    expect = math.sqrt(s) * x0 + math.sqrt(1 - s - sig**2) * eps + sig * ref.noise
+    torch.testing.assert_close(out, expect.detach())
+
+
+@pytest.mark.parametrize(("steps", "row"), [(20, 20), (1000, 1000), (700, 1000), (60, 50), (3, 20)])
+def test_tuned_defaults_follow_the_step_budget(steps, row):
+    """The tuned row nearest the budget on a log scale (rows at 20, 50, 100, 1000 steps), not always the first."""
+    from condiff.guidance.defaults import GENERIC, TUNED, default_hyperparameters
+
+    task = "digits/inpaint-random"
+    assert sorted(TUNED[task]) == [20, 50, 100, 1000]
+    want = {**GENERIC["dsg+dps"], **TUNED[task][row]["dsg+dps"]}
+    assert default_hyperparameters("dsg+dps", task, steps) == want
+    assert want != {**GENERIC["dsg+dps"], **TUNED[task][100 if row != 100 else 20]["dsg+dps"]}  # rows differ

@@ -1183,3 +1183,11 @@ def test_a_run_fitted_at_the_old_icnn_depth_is_told_how_to_keep_it(tmp_path, cap
     err = capsys.readouterr().err
     assert "run is a NAMM run directory, not a model: use `condiff namm sample --run run`" in err
     assert "vanilla" not in err
+
+
+def test_batched_distance_scores_every_row():
+    """The NAMM metrics' distances come in batches: all of them, in order, as unbatched."""
+    from condiff.mirror.sample import batched_distance
+
+    x = torch.randn(600, 3)
+    torch.testing.assert_close(batched_distance(lambda v: v.pow(2).sum(1), x, batch_size=256), x.pow(2).sum(1))

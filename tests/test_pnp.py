@@ -517,16 +517,17 @@ def test_a_constraint_without_a_gradient_is_refused_not_ignored():
 
 def test_schedules_and_budgets_of_the_wrong_kind_are_refused():
     """NaN anneals failed inside math.floor; fractional step counts were truncated silently."""
-    for build, match in [(lambda: sch.LinearAnneal(float("nan")), "LinearAnneal: start must be a number in"),
-                         (lambda: sch.PaperAnneal(divisor=float("nan")), "PaperAnneal: divisor must be a number > 0"),
-                         (lambda: infer(oracle(100), torch.zeros(2, 3), steps=2.5), "steps must be an integer >= 1"),
-                         (lambda: infer(oracle(100), torch.zeros(2, 3, dtype=torch.long), steps=2),
-                          "the starting latent must be a floating-point tensor"),
-                         (lambda: finish(oracle(100), torch.zeros(2, 3), 20, steps=2.5),
-                          "steps must be an integer between 1 and start \\+ 1 = 21, got 2.5"),
-                         (lambda: finish(oracle(100), torch.zeros(2, 3), 2.7),
-                          "start \\(a timestep\\) must be an integer")]:
-        with pytest.raises((ValueError, TypeError), match=match):
+    for build, match, error in [
+            (lambda: sch.LinearAnneal(float("nan")), "LinearAnneal: start must be a number in", ValueError),
+            (lambda: sch.PaperAnneal(divisor=float("nan")), "PaperAnneal: divisor must be a number > 0", ValueError),
+            (lambda: infer(oracle(100), torch.zeros(2, 3), steps=2.5), "steps must be an integer >= 1", ValueError),
+            (lambda: infer(oracle(100), torch.zeros(2, 3, dtype=torch.long), steps=2),
+             "the starting latent must be a floating-point tensor", TypeError),
+            (lambda: finish(oracle(100), torch.zeros(2, 3), 20, steps=2.5),
+             "steps must be an integer between 1 and start \\+ 1 = 21, got 2.5", ValueError),
+            (lambda: finish(oracle(100), torch.zeros(2, 3), 2.7), "start \\(a timestep\\) must be an integer",
+             ValueError)]:
+        with pytest.raises(error, match=match):
             build()
 
 
@@ -608,3 +609,12 @@ def test_pnp_digits_writes_each_task_to_its_own_default_directory(tiny_run, tmp_
                      "--device", "cpu"]) == 0
     for d in ("digits-3", "digits-symmetry"):
         assert (tmp_path / "runs" / "pnp" / d / "metrics.json").is_file(), d
+
+
+def test_infer_passes_its_betas_to_adam():
+    """The TSP setting betas = (0, 0.9) (the paper's) was not checked to reach the optimiser."""
+    den = GaussianDenoiser(Schedule.linear(100), mean=0.3, std=0.1)
+    kw = dict(schedule=sch.ConstantTime(50), steps=5, lr=0.05)
+    a = infer(den, torch.zeros(2, 3), betas=(0.0, 0.9), generator=torch.Generator().manual_seed(0), **kw)
+    b = infer(den, torch.zeros(2, 3), generator=torch.Generator().manual_seed(0), **kw)
+    assert not torch.equal(a.latent, b.latent)

@@ -179,3 +179,10 @@ def test_from_config_checks_t_as_its_builders_do():
 def test_a_damaged_schedule_config_is_one_line_naming_the_setting(cfg, message):
     with pytest.raises(ValueError, match=message):
         Schedule.from_config(cfg)
+
+
+def test_diffusers_trained_betas_are_the_schedules_betas():
+    betas = torch.linspace(0.001, 0.05, 20, dtype=torch.float64) ** 1.5
+    s = Schedule.from_diffusers_config({"num_train_timesteps": 20, "trained_betas": betas.tolist()})
+    torch.testing.assert_close(s.betas, betas)
+    assert s.T == 20

@@ -646,3 +646,32 @@ def test_read_log_skips_a_garbled_line_as_it_skips_a_torn_one(tmp_path):
 
     (tmp_path / "log.jsonl").write_bytes(b'{"step": 1}\n\xff\xfe garbage\n{"step": 2}\n{"step": 3')
     assert [r["step"] for r in read_log(tmp_path / "log.jsonl")] == [1, 2]
+
+
+def test_label_drop_replaces_that_fraction_of_labels_by_the_null_class():
+    obj = DenoisingObjective(torch.randn(10, 2), Schedule.linear(10), 20000, y=torch.arange(10) % 3, label_drop=0.2)
+    _, y = obj.batch(torch.Generator().manual_seed(0))
+    assert abs(float((y == -1).double().mean()) - 0.2) < 0.012  # 4 standard errors
+    assert set(y[y != -1].tolist()) == {0, 1, 2}
+
+
+def test_ema_decay_reaches_its_cap():
+    """Past the warm-up of the decay (min(ema_decay, (1 + step) / (10 + step))), an EMA step is
+    ema = d * ema + (1 - d) * param with d = ema_decay."""
+    torch.manual_seed(0)
+    tr = Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(torch.randn(64, 2), Schedule.linear(10), 16),
+                 TrainConfig(steps=30, lr=0.05, warmup=0, ema_decay=0.5, progress=False))
+    tr.fit()
+    before = [p.detach().clone() for p in tr.ema.parameters()]
+    tr.cfg.steps = 31
+    tr.fit()  # one more step: d = min(0.5, 32 / 41) = 0.5
+    for e, b, p in zip(tr.ema.parameters(), before, tr.model.parameters()):
+        torch.testing.assert_close(e, 0.5 * b + 0.5 * p)
+
+
+def test_the_optimiser_takes_the_configs_betas_and_weight_decay():
+    net = TimeMLP(2, hidden=8, depth=1)
+    tr = Trainer(net, DenoisingObjective(torch.randn(8, 2), Schedule.linear(10), 4),
+                 TrainConfig(steps=1, betas=(0.5, 0.99), weight_decay=0.01, progress=False))
+    group = tr.opt.param_groups[0]
+    assert group["betas"] == (0.5, 0.99) and group["weight_decay"] == 0.01
