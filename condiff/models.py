@@ -19,7 +19,10 @@ from .schedule import Schedule
 
 
 def save_model(path: str | Path, net: nn.Module, schedule: Schedule, **meta) -> Path:
-    """Write ``net`` (with its ``config``) and ``schedule`` as a model directory."""
+    """Write ``net`` (with its ``config``) and ``schedule`` as a model directory. ``meta`` is recorded
+    beside them; the command line reads ``shape`` (the per-sample shape, needed by ``condiff sample``,
+    ``eval`` and ``solve``), ``data`` (the data set's settings) and ``value_range`` (the data's
+    ``[min, max]``, :func:`condiff.data.value_range`)."""
     config = {"format": "condiff-model", "net": net.config, "schedule": schedule.config(), **meta}
     return io.save_module(path, net, config)
 

@@ -745,3 +745,17 @@ def test_demo_retrain_keeps_the_old_model_until_the_new_one_is_trained(tmp_path,
     assert "--retrain: the run being replaced is kept in" in capsys.readouterr().err
     assert main(["demo", *TINY, "--out", str(run), "--retrain"]) == 0
     assert (run / "model").is_dir() and not (run / ".replaced").exists()
+
+
+def test_a_model_saved_from_python_without_its_shape_is_named_with_the_remedy(tmp_path, capsys):
+    from condiff.models import save_model
+    from condiff.nets import TimeMLP
+    from condiff.schedule import Schedule
+
+    cmd = ["sample", "--ckpt", str(tmp_path / "m"), "--n", "4", "--steps", "2", "--out", str(tmp_path / "s")]
+    save_model(tmp_path / "m", TimeMLP(2, hidden=8, depth=1), Schedule.linear(50))
+    assert main(cmd) == 2
+    assert "records no sample shape (a model saved from Python records it with condiff.models.save_model(..., " \
+           "shape=[C, H, W]))" in capsys.readouterr().err
+    save_model(tmp_path / "m", TimeMLP(2, hidden=8, depth=1), Schedule.linear(50), shape=[2])
+    assert main(cmd) == 0

@@ -463,7 +463,8 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
             raise io.CheckpointError(f"{resolve_model_dir(path)} was saved by an older `condiff dual` experiment, "
                                      "without its sample shape: run that experiment again (same --out, same "
                                      "settings; the model is reused) to complete it")
-        raise io.CheckpointError(f"{resolve_model_dir(path)}/{io.CONFIG} records no sample shape: not a condiff model")
+        raise io.CheckpointError(f"{resolve_model_dir(path)}/{io.CONFIG} records no sample shape (a model saved from "
+                                 "Python records it with condiff.models.save_model(..., shape=[C, H, W]))")
     return den, run_cfg, tuple(model_cfg["shape"])
 
 
