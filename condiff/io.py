@@ -303,25 +303,26 @@ REPLACED = ".replaced"  # in a run directory: what --fresh / --retrain replace, 
 
 def set_aside(run_dir: str | Path, names: tuple[str, ...] | list[str]) -> list[str]:
     """Move the entries ``names`` of ``run_dir`` that exist into ``run_dir/.replaced`` instead of deleting
-    them, so that a replacement which fails (an error, Ctrl-C, a full disk) loses nothing of the run it
-    was to replace; :func:`drop_replaced` removes them once the new run is finished. An entry already
-    kept there (a replacement that failed before) stays: the one in ``run_dir`` is then that failed
-    attempt's and is deleted. Returns the names moved. Rank 0 of a torchrun job does it alone."""
+    them, so that a replacement which fails (an error, Ctrl-C) loses nothing of the run it was to
+    replace; :func:`drop_replaced` removes them once the new run is finished. While it holds any of
+    ``names`` already (a replacement that failed before), what it holds is the run to keep: the entries
+    in ``run_dir`` are then that failed attempt's, and all of them are deleted, none moved, so the two
+    never mix. The run being replaced takes its room on the disk until then. Returns the names moved.
+    Rank 0 of a torchrun job does it alone."""
     run_dir = Path(run_dir)
     if os.environ.get("RANK", "0") != "0":
         return []
-    moved = []
-    for name in names:
-        p, kept = run_dir / name, run_dir / REPLACED / name
-        if not (p.exists() or p.is_symlink()):
-            continue
-        if kept.exists() or kept.is_symlink():
+    keep = run_dir / REPLACED
+    present = [n for n in names if (run_dir / n).exists() or (run_dir / n).is_symlink()]
+    if any((keep / n).exists() or (keep / n).is_symlink() for n in names):
+        for n in present:
+            p = run_dir / n
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-            continue
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(p, kept)
-        moved.append(name)
-    return moved
+        return []
+    for n in present:
+        (keep / n).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(run_dir / n, keep / n)
+    return present
 
 
 def drop_replaced(run_dir: str | Path, names: tuple[str, ...] | list[str] | None = None) -> None:

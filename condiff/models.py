@@ -39,9 +39,9 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: bool = True,
                   mirror_space: bool = False) -> Denoiser:
-    """Load a condiff model / run / checkpoint, or a diffusers model directory, as a Denoiser. A NAMM
-    mirror diffusion model (trained on ``g(x)``: its samples are not data until the inverse map takes them
-    back, :func:`condiff.mirror.mirror_generate`) is refused unless ``mirror_space``."""
+    """Load a condiff model / run / checkpoint, or a diffusers model directory, as a Denoiser. A mirror
+    diffusion model made by ``condiff namm`` (trained on ``g(x)``: its samples are not data until the inverse
+    map takes them back, :func:`condiff.mirror.mirror_generate`) is refused unless ``mirror_space``."""
     d = resolve_model_dir(path)
     if is_diffusers_dir(d):
         return DiffusersDenoiser.from_pretrained(d).to(device)
@@ -49,11 +49,20 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: boo
         raise io.CheckpointError(f"{d} holds a unet/ but no scheduler_config.json (in scheduler/ or beside it): a "
                                  "diffusers model directory needs its scheduler's config to be loaded")
     net, cfg = load_net(d, device, ema)
-    if cfg.get("stage") == "mdm" and not mirror_space:
+    if cfg.get("stage") == "mdm" and not mirror_space:  # trained on g(x): not data until f maps them back
+        stage = next((q for q in (Path(path), *Path(path).parents) if (q / "stage.json").is_file()), None)
+        run = stage.parent if stage is not None else d.parent.parent
         raise io.CheckpointError(f"{path} is a NAMM mirror diffusion model, whose samples lie in mirror space, not "
-                                 "data space: sample it through its mirror map (condiff.mirror.mirror_generate, "
-                                 "`condiff namm sample`), or pass mirror_space=True")
+                                 f"data space: use `condiff namm sample --run {run}` (in Python, condiff.mirror."
+                                 "mirror_generate, or load_denoiser(..., mirror_space=True))")
     return NetDenoiser(net.eval(), Schedule.from_config(cfg["schedule"]))
+
+
+def _config_or_empty(path: Path) -> dict:
+    try:
+        return io.load_config(path)
+    except io.CheckpointError:
+        return {}
 
 
 def is_diffusers_dir(path: Path) -> bool:
@@ -71,9 +80,13 @@ def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
                 raise io.CheckpointError(f"{d} has no model yet: another condiff process (pid {pid}) is still "
                                          "training it; wait for it to finish")
             what = "a model/ without its config.json" if (d / "model").is_dir() else "no model/"
-            newest = max((p.name for p in (d / "checkpoints").glob("step_*")), default=None)
-            ckpt = (f"; or load its newest checkpoint, {d / 'checkpoints' / newest} (a Trainer of the Python API "
-                    "saves no model/: condiff.models.save_model writes one)") if newest else ""
+            newest = max((p for p in (d / "checkpoints").glob("step_*")), default=None, key=lambda p: p.name)
+            loads = newest is not None and {"net", "schedule"} <= set(_config_or_empty(newest))
+            ckpt = (f"; or load its newest checkpoint, {newest} (a Trainer of the Python API saves no model/: "
+                    "condiff.models.save_model writes one)") if loads else ""
+            kept = d / io.REPLACED / "model"
+            if kept.is_dir():
+                ckpt += f"; the model a --fresh / --retrain that has not finished replaced is kept in {kept}"
             raise io.CheckpointError(f"{d} is a run directory with {what} (training unfinished, or model/ "
                                      "deleted): finish it by running the command that trained it again with its "
                                      "settings (`condiff train ... --resume`; `condiff pnp TASK ... --train` for a "

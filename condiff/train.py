@@ -38,7 +38,7 @@ from .schedule import Schedule
 @dataclass
 class TrainConfig:
     steps: int = 4000
-    batch_size: int = 128          # for objectives built from this config (an objective given its own keeps it)
+    batch_size: int = 128          # for objectives built from this config (CLI, NAMM); one given its own keeps it
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -224,6 +224,15 @@ def init_distributed(device: str) -> DistInfo:
     return info
 
 
+def _json_safe(obj: object) -> bool:
+    """Whether ``obj`` can go into a checkpoint's config.json as it is."""
+    try:
+        json.dumps(obj)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 class Trainer:
     """Optimise ``model`` for ``objective`` with checkpoints in ``run_dir/checkpoints``.
 
@@ -237,7 +246,7 @@ class Trainer:
                  run_dir: str | Path | None = None, meta: dict | None = None) -> None:
         if meta is None:
             meta = {}
-            if isinstance(getattr(model, "config", None), dict):
+            if isinstance(getattr(model, "config", None), dict) and _json_safe(model.config):
                 meta["net"] = model.config
             if hasattr(getattr(objective, "schedule", None), "config"):
                 meta["schedule"] = objective.schedule.config()
@@ -370,9 +379,9 @@ class Trainer:
                            desc="train", initial=self.step, leave=True)
         self.model.train()
         t0, pending, first, timed = time.perf_counter(), [], self.step, 0
-        # the examples a step draws: the objective's own batch size where it has one (DenoisingObjective,
-        # DualObjective's objective part), which cfg.batch_size does not set
-        per_step = getattr(self.objective, "batch_size", None)
+        # the examples a step draws: the objective's own count where it has one (DualObjective: its data
+        # and every constraint's), else its batch size (DenoisingObjective), which cfg.batch_size does not set
+        per_step = getattr(self.objective, "examples_per_step", getattr(self.objective, "batch_size", None))
         per_step = per_step if isinstance(per_step, int) else cfg.batch_size
         checks = getattr(self.objective, "check", None) or (lambda: None)
         run_loss, seen = self._log_acc

@@ -732,7 +732,9 @@ def test_fresh_that_fails_keeps_the_run_it_was_to_replace(trained, tmp_path, cap
         assert {p.name: p.read_bytes() for p in (kept / "model").iterdir()} == model
         assert (kept / "config.json").read_text() == config and (kept / "checkpoints").is_dir()
         assert not (run / "model").exists()
-    assert main(["train", *TINY, "--out", str(run), "--fresh"]) == 0
+    # going on with the replacement says that it will delete the kept run, and does once it finishes
+    assert main(["train", "--out", str(run), "--resume", "--set", "train.lr=1e-3"]) == 0
+    assert f"note: {kept} keeps the run an unfinished --fresh / --retrain replaced" in capsys.readouterr().err
     assert not kept.exists() and (run / "model").is_dir()
 
 

@@ -241,6 +241,12 @@ def test_set_aside_keeps_the_first_replaced_run_until_dropped(tmp_path, monkeypa
     (run / "model" / "w").write_text("failed attempt")
     assert io.set_aside(run, ["model"]) == [] and not (run / "model").exists()
     assert (kept / "model" / "w").read_text() == "old"
+    # one that lacks some of the kept entries (checkpoints deleted before the first replacement) does not mix in
+    (run / "checkpoints").mkdir()
+    (run / "log.jsonl").write_text("failed attempt's log")
+    assert io.set_aside(run, ["checkpoints", "model", "log.jsonl"]) == []
+    assert not (kept / "checkpoints").exists() and not (run / "checkpoints").exists()
+    assert (kept / "log.jsonl").read_text() == "old log"
     monkeypatch.setenv("RANK", "1")  # the other ranks of a torchrun job leave it to rank 0
     (run / "log.jsonl").write_text("new log")
     assert io.set_aside(run, ["log.jsonl"]) == [] and (run / "log.jsonl").read_text() == "new log"

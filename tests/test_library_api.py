@@ -13,7 +13,7 @@ from condiff.guidance import DPS, guided_sample
 from condiff.models import load_denoiser, save_model
 from condiff.nets import TimeMLP
 from condiff.pnp import schedules as sch
-from condiff.pnp.engine import infer
+from condiff.pnp.engine import finish, infer
 from condiff.sample import sample
 from condiff.schedule import Schedule
 from condiff.train import DenoisingObjective, TrainConfig, Trainer
@@ -33,7 +33,8 @@ def test_a_bare_network_is_refused_naming_the_wrapper():
     net = TimeMLP(2, hidden=8, depth=1)
     for call in (lambda: sample(net, (2, 2), steps=3),
                  lambda: guided_sample(net, DPS(lambda x: x.sum(1)), (2, 2), 3),
-                 lambda: infer(net, torch.zeros(2, 2), steps=2)):
+                 lambda: infer(net, torch.zeros(2, 2), steps=2),
+                 lambda: finish(net, torch.zeros(2, 2), 5)):
         with pytest.raises(TypeError, match=r"got a TimeMLP: wrap a network as NetDenoiser\(net, schedule\)"):
             call()
 
@@ -52,6 +53,10 @@ def test_pnp_takes_numbers_for_its_schedules_and_refuses_the_noise_schedule_up_f
         infer(den, z, schedule=s, steps=2)
     with pytest.raises(TypeError, match="weight must be a weight schedule .* or a number, got str"):
         infer(den, z, weight="high", steps=2)
+    with pytest.raises(ValueError, match=r"weight \(a constant weight\) must be a number >= 0, got -1"):
+        infer(den, z, weight=-1, steps=2)
+    with pytest.raises(ValueError, match=r"schedule \(a fixed timestep\) must be an integer >= 0, got -1"):
+        infer(den, z, schedule=-1, steps=2)
 
 
 def test_a_trainers_checkpoint_loads_as_a_model_and_its_run_directory_says_where_it_is(tmp_path):
@@ -70,6 +75,13 @@ def test_a_trainers_checkpoint_loads_as_a_model_and_its_run_directory_says_where
     torch.testing.assert_close(den.eps(xt, t), NetDenoiser(ema, s).eps(xt, t))
     with pytest.raises(io.CheckpointError, match=r"or load its newest checkpoint, .*step_00000003 \(a Trainer"):
         load_denoiser(tmp_path / "run")
+    # a network config that is no JSON is left out (its checkpoints then name no net, and are not offered)
+    odd = TimeMLP(2, hidden=8, depth=1)
+    odd.config = {"dtype": torch.float32}
+    Trainer(odd, DenoisingObjective(x, s, 16), TrainConfig(steps=1, warmup=0, progress=False), tmp_path / "odd").fit()
+    with pytest.raises(io.CheckpointError, match="no model/") as e:
+        load_denoiser(tmp_path / "odd")
+    assert "newest checkpoint" not in str(e.value)
 
 
 def test_a_dual_objective_that_would_make_no_update_warns_when_its_trainer_is_built(tmp_path):
@@ -80,6 +92,8 @@ def test_a_dual_objective_that_would_make_no_update_warns_when_its_trainer_is_bu
     with pytest.raises(ValueError, match=r"constraint 'd': samples of dtype torch.float64 but the objective data are "
                                          r"torch.float32: convert them with .to\(torch.float32\)"):
         DualObjective(x, [Constraint("d", x.double(), 1.0)], s, 4)
+    both = DualObjective(x, [Constraint("c", x, 1.0, 3), Constraint("d", x, 1.0)], s, 4, DualConfig(lambda_init=1.0))
+    assert both.examples_per_step == 4 + 3 + 4  # what the throughput log counts
 
 
 def test_a_mirror_diffusion_model_is_refused_as_a_data_space_model(tmp_path):

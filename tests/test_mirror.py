@@ -478,7 +478,7 @@ def test_constraint_guided_dps_with_a_pde_constraint_stays_finite_when_x0_hat_is
 # --- CLI -----------------------------------------------------------------------------------------
 
 
-def test_cli_settings_resolution_and_stage_guard(tmp_path, monkeypatch):
+def test_cli_settings_resolution_and_stage_guard(tmp_path, monkeypatch, capsys):
     from condiff.cli.config import ConfigError
     from condiff.cli.namm import NAMMRun, StageMismatch, resolve
 
@@ -514,6 +514,9 @@ def test_cli_settings_resolution_and_stage_guard(tmp_path, monkeypatch):
     assert forced._stage("namm", forced.spec("namm")) == (d, False)
     kept = tmp_path / ".replaced" / "namm"
     assert (kept / "weights.bin").read_bytes() == b"old" and not (d / "weights.bin").exists()
+    capsys.readouterr()
+    forced._stage("namm", forced.spec("namm"))  # going on with it (a resumed fit) says what it will delete
+    assert f"note: {kept} keeps the stage an unfinished --fresh replaced" in capsys.readouterr().err
     forced._finish("namm", forced.spec("namm"), 1.0)
     assert not kept.exists() and not kept.parent.exists()
     back = NAMMRun(tmp_path, cfg, fresh=True)  # back to the first settings

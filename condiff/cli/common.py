@@ -191,6 +191,8 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
         job = build()
         if fresh:
             replace_run(run_dir, ("checkpoints", "model", "log.jsonl", "config.json", *clear), "--fresh")
+        else:
+            note_replaced(run_dir)
         if resume and not job.resume():
             print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
         return job
@@ -201,9 +203,18 @@ def replace_run(run_dir: Path, names: tuple[str, ...], flag: str = "") -> None:
     ``run_dir/.replaced`` until the new run finishes (the caller then calls :func:`condiff.io.drop_replaced`),
     so a replacement that fails loses nothing; one line says so when ``flag`` asked for the replacement."""
     io.set_aside(run_dir, names)
-    if flag and (run_dir / io.REPLACED).is_dir():
+    if flag and (run_dir / io.REPLACED).is_dir() and os.environ.get("RANK", "0") == "0":
         print(f"{flag}: the run being replaced is kept in {run_dir / io.REPLACED} until this one finishes",
               file=sys.stderr)
+
+
+def note_replaced(run_dir: Path) -> None:
+    """One line when ``run_dir`` still keeps a run that an unfinished replacement set aside and this
+    command, which goes on with the replacement, will delete it when it finishes."""
+    keep = Path(run_dir) / io.REPLACED
+    if keep.is_dir() and os.environ.get("RANK", "0") == "0":
+        print(f"note: {keep} keeps the run an unfinished --fresh / --retrain replaced; it is deleted when this "
+              f"run finishes (to keep it instead, move its files back into {run_dir} first)", file=sys.stderr)
 
 
 def recorded_settings(out: str | None, resume: bool, given: bool, remedy: str) -> dict | None:
@@ -403,6 +414,8 @@ def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = 
         print(announce)
     if retrain or ((run_dir / "config.json").is_file() and not same_settings(run_dir, cfg)):  # nothing held
         replace_run(run_dir, ("checkpoints", "model", "log.jsonl", "config.json"), "--retrain" if retrain else "")
+    else:
+        note_replaced(run_dir)
     t0 = time.perf_counter()
     job.resume()
     save_resolved_config(run_dir, cfg)
@@ -439,7 +452,7 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
     """A denoiser, the settings it was made with, and the per-sample shape, from a run directory,
     a model directory or a diffusers model directory."""
     path = Path(path)
-    den = load_denoiser(path, device=device, mirror_space=True)  # refused below, with the run to use
+    den = load_denoiser(path, device=device)  # a NAMM mirror diffusion model is refused, naming its run
     if isinstance(den, DiffusersDenoiser):
         c = den.unet.config
         size = c.sample_size if isinstance(c.sample_size, (list, tuple)) else (c.sample_size, c.sample_size)
@@ -448,11 +461,6 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
                              "sample shape is unknown")
         return den, {"sample": {**DEFAULT_SAMPLE, "clip_x0": den.clip_x0}}, (int(c.in_channels), *map(int, size))
     model_cfg = io.load_config(resolve_model_dir(path))
-    if model_cfg.get("stage") == "mdm":  # trained on g(x): its samples are not data until f maps them back
-        stage = next((q for q in (path, *path.parents) if (q / "stage.json").is_file()), None)
-        run = stage.parent if stage is not None else resolve_model_dir(path).parent.parent
-        raise ValueError(f"{path} is a NAMM mirror diffusion model, whose samples lie in mirror space, not data "
-                         f"space: use `condiff namm sample --run {run}`")
     run_cfg = run_config(path) if (path / "config.json").is_file() and (path / "model").is_dir() else {}
     run_cfg = {"data": model_cfg.get("data"), **run_cfg} if model_cfg.get("data") else run_cfg
     for key in ("value_range", "label_drop"):  # [min, max] of the training data (models since 2026-12-04);

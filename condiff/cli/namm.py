@@ -409,6 +409,9 @@ class NAMMRun:
         old = self._old_spec(name)
         if old is not None:
             if old.get("spec") == spec:
+                if not old.get("done") and (self.root / io.REPLACED / name).is_dir():
+                    print(f"note: {self.root / io.REPLACED / name} keeps the stage an unfinished --fresh replaced; "
+                          "it is deleted when this one finishes", file=sys.stderr)
                 return d, bool(old.get("done"))
             # a stage that failed before its first checkpoint holds nothing to lose: a retry with other
             # settings replaces it, where it used to be refused as "made with other settings"

@@ -250,7 +250,7 @@ class DualObjective:
         if self.names and first > steps:
             warnings.warn(f"no dual update happens in {steps} steps (the first would be at step {first}: "
                           f"dual.start {self.cfg.start}, dual.every {self.cfg.every}), so lambda keeps its "
-                          "initial value and the constraints have no effect", stacklevel=2)
+                          "initial value and the constraints have no effect", stacklevel=3)  # the Trainer's caller
 
     def after_step(self, model: nn.Module, step: int) -> dict[str, float | Tensor]:
         """Dual ascent after every ``cfg.every``-th primal step (``step`` counts from 0)."""
@@ -303,6 +303,12 @@ class DualObjective:
             if estimated:
                 out[f"slack/{n}"] = float(self.estimate[i] - self.bounds[i])
         return out
+
+    @property
+    def examples_per_step(self) -> int:
+        """The examples a primal step draws while every multiplier is positive: the objective's batch plus
+        each constraint's (its own batch size, else the objective's)."""
+        return self.batch_size + sum(int(c.batch_size or self.batch_size) for c in self.constraints)
 
     @property
     def lambdas(self) -> dict[str, float]:

@@ -20,6 +20,7 @@ forward pass per step and no backward pass through the network.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -153,8 +154,8 @@ def _time_schedule(schedule: object) -> TimeSchedule:
     if isinstance(schedule, Schedule):
         raise TypeError("schedule is the PnP time schedule (i, steps, T) -> t_i (e.g. condiff.pnp.schedules."
                         "PAPER_MNIST), not the noise Schedule, which comes with the denoiser")
-    if checks.is_integer(schedule, 0):
-        return ConstantTime(int(schedule))
+    if isinstance(checks.scalar(schedule), numbers.Real):
+        return ConstantTime(checks.integer("schedule (a fixed timestep)", schedule, 0))
     if not callable(schedule):
         raise TypeError(f"schedule must be a time schedule (i, steps, T) -> t_i or a timestep, got "
                         f"{type(schedule).__name__}")
@@ -163,8 +164,8 @@ def _time_schedule(schedule: object) -> TimeSchedule:
 
 def _weight(weight: object) -> WeightSchedule:
     """``weight`` as a weight schedule: a number is a constant weight (:class:`ConstantWeight`)."""
-    if checks.is_number(weight):
-        return ConstantWeight(float(weight))
+    if isinstance(checks.scalar(weight), numbers.Real):
+        return ConstantWeight(checks.number("weight (a constant weight)", weight, ">= 0"))
     if not callable(weight):
         raise TypeError(f"weight must be a weight schedule (i, steps) -> w_i or a number, got {type(weight).__name__}")
     return weight
@@ -257,6 +258,7 @@ def finish(denoiser: Denoiser, x: Tensor, start: int, *, steps: int | None = Non
     keeps acting while the sampler restores sample-like detail; without it, a large ``start`` forgets
     the constraint (docs/pnp.md has the measured trade-off on digits).
     """
+    check_denoiser(denoiser)
     T = denoiser.schedule.T
     start = checks.integer("start (a timestep)", start, 0, T)
     if steps is None:
