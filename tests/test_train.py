@@ -345,6 +345,12 @@ def test_ctrl_c_before_training_does_not_claim_a_checkpoint(tmp_path, capsys, mo
     assert main(["train", *TINY, "--out", str(tmp_path / "r")]) == 130
     err = capsys.readouterr().err
     assert "stopped at a checkpoint" not in err and "add --resume" in err and "when training was under way" in err
+    # under --fresh, --resume replaces the flag, and the run set aside is named
+    (tmp_path / "r" / io.REPLACED / "model").mkdir(parents=True)
+    assert main(["train", *TINY, "--out", str(tmp_path / "r"), "--fresh"]) == 130
+    err = capsys.readouterr().err
+    assert "pass --resume (instead of --fresh) to the same command" in err
+    assert f"the run --fresh replaced is kept in {tmp_path / 'r' / io.REPLACED} (move its files back" in err
 
 
 def test_corrupted_checkpoint_is_a_clear_error_and_previous_survives(tmp_path, monkeypatch):

@@ -27,9 +27,14 @@ INTERRUPTED = ("add --resume to the same command to continue from the newest che
 def interrupted(args: argparse.Namespace) -> str:
     """The Ctrl-C hint: --resume where the run has a checkpoint, else a plain rerun (nothing was saved)."""
     run_dir = getattr(args, "run_dir", None)
+    kept = Path(run_dir) / io.REPLACED if run_dir is not None else None
+    restore = (f"; the run --fresh replaced is kept in {kept} (move its files back to restore it)"
+               if kept is not None and kept.is_dir() else "")
     if run_dir is not None and list_checkpoints(Path(run_dir) / "checkpoints"):
-        return INTERRUPTED
-    return "no checkpoint was saved yet: run the same command again to start over"
+        how = INTERRUPTED.replace("add --resume to", "pass --resume (instead of --fresh) to") if getattr(
+            args, "fresh", False) else INTERRUPTED
+        return how + restore
+    return "no checkpoint was saved yet: run the same command again to start over" + restore
 
 
 def add_parser(sub, name: str) -> None:
