@@ -173,10 +173,12 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
               data: dict | None = None, schedule: dict | None = None, resume_hint: str = ""):
     """The run-directory protocol of ``train`` and ``dual train``: refuse a run with checkpoints unless
     ``resume`` or ``fresh``; ``build()`` the job (which checks everything) before anything changes; then
-    discard the old run for ``fresh`` (checkpoints, model, log and ``clear``) or load its checkpoint for
-    ``resume``. ``data``, ``schedule``: the run's settings, which a resumed run must share with the
-    checkpoint's (same shapes, so the checkpoint would load and training go on, silently, on other data
-    or under another noise schedule); ``resume_hint`` ends the refusal of other ones.
+    set the old run aside for ``fresh`` (checkpoints, model, log, settings and ``clear``, kept in
+    ``.replaced`` until the caller's :func:`condiff.io.drop_replaced` once the new run is finished:
+    :func:`replace_run`) or load its checkpoint for ``resume``. ``data``, ``schedule``: the run's
+    settings, which a resumed run must share with the checkpoint's (same shapes, so the checkpoint would
+    load and training go on, silently, on other data or under another noise schedule); ``resume_hint``
+    ends the refusal of other ones.
     Returns the job, the run directory made and locked; ``config.json`` is the caller's to write next."""
     with io.claimed_run(run_dir):  # locked before anything is read, let alone cleared
         existing = list_checkpoints(run_dir / "checkpoints")
@@ -400,7 +402,8 @@ def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = 
                    announce: str | None = None) -> tuple[float, bool]:
     """Reuse the finished model in ``run_dir`` if it has these settings, else train it (resuming an
     interrupted run of the same settings). A model or checkpoints of other settings are refused (naming
-    ``remedy``) unless ``retrain`` or ``own`` (a benchmark's own directory), which discard them.
+    ``remedy``) unless ``retrain`` or ``own`` (a benchmark's own directory), which replace them (kept in
+    ``.replaced`` until the new model is trained).
     ``announce``: a line printed once everything is checked, just before training.
     Returns ``(training seconds, reused)``."""
     run_dir = Path(run_dir)
