@@ -224,6 +224,22 @@ def init_distributed(device: str) -> DistInfo:
     return info
 
 
+def _check_labels_fit(y: object, model: nn.Module) -> None:
+    """Training labels against the network's classes, once, before any step: a label the network
+    cannot take (its null label's index, from data labelled 1..K, or beyond) is refused naming the range;
+    labels for a network built without a label embedding are refused there too."""
+    if not isinstance(y, Tensor) or not isinstance(getattr(model, "config", None), dict):
+        return
+    k = int(model.config.get("num_classes") or 0)
+    if not k:
+        raise ValueError(f"the training data carry labels y but the network was built with num_classes = {k}: "
+                         "build it with num_classes (the number of classes), or leave the labels out")
+    if y.numel():
+        from .nets.embed import check_label_range
+
+        check_label_range(y, k)
+
+
 def _json_safe(obj: object) -> bool:
     """Whether ``obj`` can go into a checkpoint's config.json as it is."""
     try:
@@ -255,6 +271,7 @@ class Trainer:
         data = getattr(objective, "x", None)  # float64 data for a float32 network failed inside a layer
         if isinstance(data, Tensor) and data.is_floating_point():
             checks.weights_dtype("the training data", data, model)
+        _check_labels_fit(getattr(objective, "y", None), model)
         self.dist = init_distributed(cfg.device)
         self.device = torch.device(
             f"cuda:{self.dist.local_rank}" if cfg.device == "cuda" and self.dist.world > 1 else cfg.device)

@@ -55,17 +55,20 @@ def test_net_denoiser_labels_and_scalar_t():
     with pytest.raises(ValueError, match="needs class labels"):
         d.conditioned(None, guidance_scale=1.0)
     # labels outside the model's classes: refused once, when they are fixed, and by the embedding for
-    # labels given per call on the CPU (-1 and 3 = num_classes both mean "no label")
-    for bad in (4, -2, torch.tensor([0, 7])):
+    # labels given per call on the CPU (-1 means "no label"; 3 = num_classes, the null's index, is refused:
+    # data labelled 1..3 trained class 3 as unconditional)
+    for bad in (3, 4, -2, torch.tensor([0, 7])):
         with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
             d.conditioned(bad)
     for bad in (1.9, True, "1"):  # 1.9 drew class 1, silently
         with pytest.raises(ValueError, match="a class label must be an integer"):
             d.conditioned(bad)
     torch.testing.assert_close(d.conditioned(np.int64(2)).eps(x, 10), d.conditioned(2).eps(x, 10))
-    with pytest.raises(ValueError, match=r"or be -1 or 3 \(no label\), got values in \[0, 7\]"):
+    with pytest.raises(ValueError, match=r"or be -1 \(no label\), got values in \[0, 7\]"):
         net(x, torch.tensor([1, 1]), torch.tensor([0, 7]))
-    torch.testing.assert_close(d.conditioned(-1).eps(x, 10), d.conditioned(3).eps(x, 10))
+    with pytest.raises(ValueError, match=r"got values in \[1, 3\] \(labels 1..K\? subtract 1\)"):
+        net(x, torch.tensor([1, 1]), torch.tensor([1, 3]))
+    torch.testing.assert_close(d.conditioned(-1).eps(x, 10), d.eps(x, 10))  # -1: the null label, as no label
     with pytest.raises(ValueError, match="x_t is torch.float64 but the network's weights are torch.float32"):
         d.eps(x.double(), 10)
     with pytest.raises(ValueError, match="std must be a number >= 0"):

@@ -139,3 +139,16 @@ def test_read_every_takes_a_device_or_its_name():
 
     assert read_every("cpu") == read_every(torch.device("cpu")) == 1
     assert read_every("meta") == READ_EVERY_DEFAULT
+
+
+def test_training_labels_are_checked_against_the_networks_classes():
+    """Data labelled 1..K on a K-class network trained class K as the unconditional (null) label."""
+    x, s = torch.randn(12, 2), Schedule.linear(10)
+    cfg = TrainConfig(steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) or be -1 \(no label\), got values in "
+                                         r"\[1, 3\] \(labels 1..K\? subtract 1\)"):
+        Trainer(TimeMLP(2, hidden=8, depth=1, num_classes=3), DenoisingObjective(x, s, 4, y=torch.arange(12) % 3 + 1),
+                cfg)
+    with pytest.raises(ValueError, match="carry labels y but the network was built with num_classes = 0"):
+        Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, s, 4, y=torch.arange(12) % 3), cfg)
+    Trainer(TimeMLP(2, hidden=8, depth=1, num_classes=3), DenoisingObjective(x, s, 4, y=torch.arange(12) % 3), cfg)

@@ -55,18 +55,21 @@ class TimeEmbedding(nn.Module):
 
 
 def check_label_range(y: Tensor | int, num_classes: int) -> None:
-    """Refuse labels outside ``[0, num_classes)`` other than the "no label" values -1 and ``num_classes``."""
+    """Refuse labels outside ``[0, num_classes)`` other than the "no label" value -1. (``num_classes``
+    itself, the null label's index, is refused too: data labelled 1..K on a K-class model would
+    otherwise train class K as unconditional, silently.)"""
     lo, hi = (int(y.min()), int(y.max())) if isinstance(y, Tensor) else (int(y), int(y))
-    if lo < -1 or hi > num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}) or be -1 or {num_classes} (no label), "
-                         f"got values in [{lo}, {hi}]")
+    if lo < -1 or hi >= num_classes:
+        shifted = " (labels 1..K? subtract 1)" if lo >= 1 and hi == num_classes else ""
+        raise ValueError(f"labels must lie in [0, {num_classes}) or be -1 (no label), got values in "
+                         f"[{lo}, {hi}]{shifted}")
 
 
 class LabelEmbedding(nn.Module):
     """Class labels ``y`` in ``[0, num_classes)`` to vectors, with one extra learned *null* label.
 
     The null label (index ``num_classes``) stands for "unconditional": it is used where ``y`` is
-    ``None``, ``-1`` or ``num_classes`` itself, so one network serves classifier-free guidance.
+    ``None`` or ``-1``, so one network serves classifier-free guidance.
     """
 
     def __init__(self, num_classes: int, dim: int) -> None:
