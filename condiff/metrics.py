@@ -207,8 +207,9 @@ def nn_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def memorisation_rate(samples: torch.Tensor, train: torch.Tensor, threshold: float) -> float:
     """Fraction of ``samples`` (N, ...) whose nearest ``train`` example (L2, flattened) is closer
-    than ``threshold`` (finite, >= 0). Calibrate it with :func:`calibrate_memorisation_threshold`."""
-    checks.number("memorisation_rate: threshold", threshold, ">= 0")
+    than ``threshold`` (finite, > 0: at 0 not even exact copies count). Calibrate it with
+    :func:`calibrate_memorisation_threshold`."""
+    checks.number("memorisation_rate: threshold", threshold, "> 0")
     return float((nn_distances(samples, train) < threshold).double().mean())
 
 
@@ -217,9 +218,13 @@ def calibrate_memorisation_threshold(
 ) -> float:
     """Distance below which only ``quantile`` of held-out examples lie from their nearest training
     example: a fresh sample that is not a copy falls under it with probability about ``quantile``."""
-    if not 0.0 <= quantile <= 1.0:
-        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
-    return float(torch.quantile(nn_distances(heldout, train), quantile))
+    quantile = checks.number("quantile", quantile, "[0, 1]")
+    out = float(torch.quantile(nn_distances(heldout, train), quantile))
+    if out <= 0:
+        raise ValueError(f"the held-out examples hold copies of training examples (the {quantile} quantile of their "
+                         "distances to the training set is 0), so no threshold separates copies: calibrate on "
+                         "held-out data disjoint from the training set")
+    return out
 
 
 # --- image quality -------------------------------------------------------------------------------

@@ -152,3 +152,30 @@ def test_training_labels_are_checked_against_the_networks_classes():
     with pytest.raises(ValueError, match="carry labels y but the network was built with num_classes = 0"):
         Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, s, 4, y=torch.arange(12) % 3), cfg)
     Trainer(TimeMLP(2, hidden=8, depth=1, num_classes=3), DenoisingObjective(x, s, 4, y=torch.arange(12) % 3), cfg)
+
+
+def test_array_data_scales_image_bytes_as_the_file_loaders_do(tmp_path):
+    import numpy as np
+
+    from condiff.data import ArrayData, load_dataset
+
+    u8 = np.random.default_rng(0).integers(0, 256, (4, 1, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", u8)
+    direct = ArrayData(torch.from_numpy(u8)).x
+    assert float(direct.min()) >= -1 and float(direct.max()) <= 1
+    torch.testing.assert_close(direct, load_dataset(str(tmp_path / "x.npy")).x)
+    torch.testing.assert_close(ArrayData(u8).x, direct)
+
+
+def test_labels_beside_data_named_otherwise_are_found(tmp_path):
+    import numpy as np
+
+    from condiff.data import load_dataset
+
+    x = np.random.default_rng(0).normal(size=(6, 2)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", images=x, labels=np.arange(6) % 2, other=np.zeros(3))
+    assert load_dataset(str(tmp_path / "a.npz"), key="images").y.tolist() == [0, 1, 0, 1, 0, 1]
+    np.savez(tmp_path / "b.npz", X_train=x, Y_train=np.arange(6) % 3)
+    assert load_dataset(str(tmp_path / "b.npz"), key="X_train").y.tolist() == [0, 1, 2, 0, 1, 2]
+    np.savez(tmp_path / "c.npz", images=x, labels=np.arange(5))  # not one per sample: not the labels
+    assert load_dataset(str(tmp_path / "c.npz"), key="images").y is None

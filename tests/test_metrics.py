@@ -124,6 +124,12 @@ def test_memorisation_rate_copies_and_far_points():
     copies = train[:50] + 1e-4 * torch.randn(50, 8, generator=g)
     assert M.memorisation_rate(copies, train, thr) == 1.0
     assert M.memorisation_rate(train[:50] + 100.0, train, thr) == 0.0
+    # a threshold of 0 counts not even exact copies: refused, as is calibrating on the training set itself
+    with pytest.raises(ValueError, match="memorisation_rate: threshold must be a number > 0, got 0.0"):
+        M.memorisation_rate(train[:10], train, 0.0)
+    with pytest.raises(ValueError, match=r"the held-out examples hold copies of training examples \(the 0.05 "):
+        M.calibrate_memorisation_threshold(train, train)
+    assert M.calibrate_memorisation_threshold(heldout, train, torch.tensor(0.05)) == pytest.approx(thr)
 
 
 # --- PSNR / SSIM ---------------------------------------------------------------------------------

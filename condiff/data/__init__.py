@@ -43,8 +43,9 @@ def native(a: np.ndarray) -> np.ndarray:
 def validate(x: Tensor | np.ndarray, source: str = "data") -> Tensor:
     """Check a batch and return it as a float32 tensor of rank 2 ``(N, D)`` or 4 ``(N, C, H, W)``.
 
-    A rank-3 ``(N, H, W)`` batch gets a channel axis. Raises :class:`DataError` with a one-line
-    message naming ``source`` and the problem.
+    A rank-3 ``(N, H, W)`` batch gets a channel axis; uint8 and uint16 values (image bytes) are scaled to
+    [-1, 1], as the file loaders scale them. Raises :class:`DataError` with a one-line message naming
+    ``source`` and the problem.
     """
     if isinstance(x, (np.ndarray, Tensor)) and x.ndim == 0:
         raise DataError(f"{source}: expected a batch of samples, got a single number")
@@ -66,6 +67,9 @@ def validate(x: Tensor | np.ndarray, source: str = "data") -> Tensor:
     if x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] > 4 and x.shape[2] > 4:
         raise DataError(f"{source}: shape {tuple(x.shape)} looks channels-last (N, H, W, C); condiff expects "
                         f"(N, C, H, W): transpose it, e.g. x.transpose(0, 3, 1, 2)")
+    scale = {torch.uint8: 255.0, torch.uint16: 65535.0}.get(x.dtype)
+    if scale is not None:  # image bytes, as the file loaders read them: to [-1, 1]
+        x = x.to(torch.float32) * (2.0 / scale) - 1.0
     wide = x
     x = x.to(torch.float32)
     bad = ~torch.isfinite(x)

@@ -57,7 +57,9 @@ def load_array(path: str | Path, key: str | None = None) -> ArrayData:
     """Load ``x`` (and integer labels ``y``) from a ``.npy`` or ``.npz`` file.
 
     In an ``.npz`` the data are ``key``, else the only array, else ``"x"``, else ``"arr_0"``; the
-    labels are the array named like the data with ``x`` replaced by ``y`` (``y``, ``y_train``), if any.
+    labels are the array named like the data with ``x`` replaced by ``y`` (``y``, ``y_train``; ``X_train``
+    -> ``Y_train``), if any; for data named otherwise (``images``), an array ``labels``, ``label`` or ``y``
+    holding one entry per sample.
     """
     path = Path(path)
     if not path.is_file():
@@ -80,10 +82,21 @@ def load_array(path: str | Path, key: str | None = None) -> ArrayData:
             raise DataError(f"{path}: no {wanted}; the file holds {keys} (pass key=... to the loader; on the "
                             "command line --set data.key=NAME)")
         x = _read(lambda: npz[key], path, f"array {key!r}")
-        y_key = "y" + key[1:] if key.startswith("x") else None
+        y_key = _label_key(npz, keys, key, len(x))
         y = _read(lambda: npz[y_key], path, f"array {y_key!r}") if y_key in keys else None
     x = warn_range(validate(_scaled(x), f"{path}[{key!r}]"), f"{path}[{key!r}]", unscaled=x.dtype not in _INT_SCALE)
     return ArrayData(x, y, path.stem, {"path": str(path), "key": key})
+
+
+def _label_key(npz: Any, keys: list[str], key: str, n: int) -> str | None:
+    """The labels' array for the data array ``key`` of ``n`` samples (:func:`load_array`), or None."""
+    if key[:1] in ("x", "X"):
+        paired = ("y" if key[0] == "x" else "Y") + key[1:]
+        return paired if paired in keys else None
+    for k in ("labels", "label", "y"):
+        if k in keys and k != key and npz[k].shape == (n,):
+            return k
+    return None
 
 
 # --- PNG folders ---------------------------------------------------------------------------------
