@@ -84,6 +84,8 @@ class NetDenoiser(Denoiser):
     def __init__(self, net: nn.Module, schedule: Schedule, y: Tensor | int | None = None,
                  guidance_scale: float = 0.0) -> None:
         super().__init__(schedule)
+        if isinstance(y, Tensor) and y.dim() == 0 and not y.is_floating_point() and y.dtype != torch.bool:
+            y = int(y)  # one label for the whole batch, as an int is
         if y is not None and not isinstance(y, Tensor) and (isinstance(y, bool) or not isinstance(y, numbers.Integral)):
             raise ValueError(f"a class label must be an integer (or a (B,) long tensor), got {y!r}")
         self.net = net
@@ -91,7 +93,10 @@ class NetDenoiser(Denoiser):
         self.guidance_scale = checks.number("guidance_scale", guidance_scale, ">= 0")
         if self.guidance_scale > 0 and y is None:
             raise ValueError("classifier-free guidance (guidance_scale > 0) needs class labels y")
-        classes = int(getattr(net, "config", {}).get("num_classes") or 0)
+        config = getattr(net, "config", None)
+        classes = int(config.get("num_classes") or 0) if isinstance(config, dict) else 0
+        if y is not None and isinstance(config, dict) and "num_classes" in config and not classes:
+            raise ValueError("class labels for a network built without classes (num_classes = 0): it takes no labels")
         if y is not None and classes and (not isinstance(y, Tensor) or y.numel()):  # once, not at every call
             check_label_range(y, classes)
         self._y_on: Tensor | None = None  # y on the device of the last call
@@ -167,6 +172,8 @@ class DiffusersDenoiser(Denoiser):
     """
 
     def __init__(self, unet: nn.Module, scheduler_config: dict) -> None:
+        if not isinstance(scheduler_config, dict) and isinstance(getattr(scheduler_config, "config", None), dict):
+            scheduler_config = dict(scheduler_config.config)  # a diffusers scheduler object: its settings
         super().__init__(self.read_scheduler(scheduler_config))
         self.unet = unet
         self.prediction_type = scheduler_config.get("prediction_type", "epsilon")

@@ -23,7 +23,12 @@ def save_model(path: str | Path, net: nn.Module, schedule: Schedule, **meta) -> 
     beside them; the command line reads ``shape`` (the per-sample shape, needed by ``condiff sample``,
     ``eval`` and ``solve``), ``data`` (the data set's settings) and ``value_range`` (the data's
     ``[min, max]``, :func:`condiff.data.value_range`)."""
-    config = {"format": "condiff-model", "net": net.config, "schedule": schedule.config(), **meta}
+    if not isinstance(getattr(net, "config", None), dict):
+        raise TypeError(f"save_model needs a condiff network (one with a .config to rebuild it from, e.g. from "
+                        f"condiff.nets.build_net), got a {type(net).__name__}")
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+    extra = {} if dtype == torch.float32 else {"dtype": str(dtype).removeprefix("torch.")}  # restored on load
+    config = {"format": "condiff-model", "net": net.config, "schedule": schedule.config(), **extra, **meta}
     return io.save_module(path, net, config)
 
 
@@ -97,6 +102,11 @@ def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
                                      f"{d}`{vanilla}")
         raise io.CheckpointError(f"{d}/config.json has no 'net' or 'schedule' entry: not a condiff model")
     net = build_net(cfg["net"]).to(device)
+    if cfg.get("dtype") is not None:  # weights saved in another dtype than float32 (save_model records it)
+        dtype = getattr(torch, str(cfg["dtype"]), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise io.CheckpointError(f"{d}/config.json: dtype {cfg['dtype']!r} is no floating-point torch dtype")
+        net = net.to(dtype)
     stem = "ema" if ema and io.has_group(d, "ema") else "model"
     io.load_state_into(net, d, stem)
     return net, cfg

@@ -254,8 +254,8 @@ class Trainer:
 
     ``meta`` is stored in every checkpoint's ``config.json`` (net config, schedule, data) so a
     checkpoint alone is enough to rebuild the model (:func:`condiff.models.load_denoiser` loads
-    ``run_dir/checkpoints/step_*``). Left out, it is the model's ``config`` and the objective's
-    ``schedule``, where they have them.
+    ``run_dir/checkpoints/step_*``). Left out, it is the model's ``config``, the objective's
+    ``schedule`` and its data's per-sample ``shape`` and ``value_range``, where they have them.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, cfg: TrainConfig,
@@ -266,6 +266,10 @@ class Trainer:
                 meta["net"] = model.config
             if hasattr(getattr(objective, "schedule", None), "config"):
                 meta["schedule"] = objective.schedule.config()
+            data = getattr(objective, "x", None)
+            if isinstance(data, Tensor) and data.is_floating_point() and data.dim() >= 2:  # what `condiff sample`
+                meta["shape"] = list(data.shape[1:])                                   # needs of a model
+                meta["value_range"] = [float(data.min()), float(data.max())]
         self.cfg, self.objective, self.meta = cfg, objective, meta
         self.run_dir = Path(run_dir) if run_dir is not None else None
         data = getattr(objective, "x", None)  # float64 data for a float32 network failed inside a layer
@@ -508,10 +512,13 @@ def _finite_sum(rows: list[tuple[Tensor, Tensor]], first: int) -> float:
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoint directories under ``root``, oldest first."""
+    """Complete checkpoint directories under ``root`` (a ``checkpoints/`` directory, or the run directory
+    holding one), oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
+    if (root / "checkpoints").is_dir() and not any(root.glob("step_*")):  # a run directory
+        root = root / "checkpoints"
     return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / io.CONFIG).is_file())
 
 

@@ -260,3 +260,12 @@ def test_a_saved_model_records_the_versions_it_was_made_with(tmp_path):
     save_model(tmp_path / "m", TimeMLP(2, hidden=8, depth=1), Schedule.linear(10))
     v = json.loads((tmp_path / "m" / "config.json").read_text())["versions"]
     assert v["torch"] == torch.__version__ and v["condiff"]
+
+
+def test_a_diffusers_scheduler_object_is_taken_for_its_config(tiny_diffusers_dir):
+    import diffusers
+
+    den = DiffusersDenoiser.from_pretrained(tiny_diffusers_dir)
+    sched = diffusers.DDPMScheduler(num_train_timesteps=100)
+    again = DiffusersDenoiser(den.unet, sched)
+    assert again.schedule.config() == den.schedule.config()

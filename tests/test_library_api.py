@@ -16,7 +16,7 @@ from condiff.pnp import schedules as sch
 from condiff.pnp.engine import finish, infer
 from condiff.sample import sample
 from condiff.schedule import Schedule
-from condiff.train import DenoisingObjective, TrainConfig, Trainer
+from condiff.train import DenoisingObjective, TrainConfig, Trainer, list_checkpoints
 
 
 def test_samplers_draw_their_noise_in_the_dtype_of_the_models_weights():
@@ -75,6 +75,10 @@ def test_a_trainers_checkpoint_loads_as_a_model_and_its_run_directory_says_where
     torch.testing.assert_close(den.eps(xt, t), NetDenoiser(ema, s).eps(xt, t))
     with pytest.raises(io.CheckpointError, match=r"or load its newest checkpoint, .*step_00000003 \(a Trainer"):
         load_denoiser(tmp_path / "run")
+    assert list_checkpoints(tmp_path / "run") == list_checkpoints(tmp_path / "run" / "checkpoints") == [newest]
+    from condiff.cli.main import main  # the command line takes it too: the checkpoint records the sample shape
+
+    assert main(["sample", "--ckpt", str(newest), "--n", "3", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
     # a network config that is no JSON is left out (its checkpoints then name no net, and are not offered)
     odd = TimeMLP(2, hidden=8, depth=1)
     odd.config = {"dtype": torch.float32}
@@ -179,3 +183,26 @@ def test_labels_beside_data_named_otherwise_are_found(tmp_path):
     assert load_dataset(str(tmp_path / "b.npz"), key="X_train").y.tolist() == [0, 1, 2, 0, 1, 2]
     np.savez(tmp_path / "c.npz", images=x, labels=np.arange(5))  # not one per sample: not the labels
     assert load_dataset(str(tmp_path / "c.npz"), key="images").y is None
+
+
+def test_a_saved_model_comes_back_in_its_dtype(tmp_path):
+    net = TimeMLP(2, hidden=8, depth=1).double()
+    s = Schedule.linear(20)
+    save_model(tmp_path / "m", net, s, shape=[2])
+    den = load_denoiser(tmp_path / "m")
+    assert next(den.net.parameters()).dtype == torch.float64
+    x, t = torch.randn(3, 2, dtype=torch.float64), torch.full((3,), 5)
+    assert torch.equal(den.eps(x, t), NetDenoiser(net, s).eps(x, t))
+    save_model(tmp_path / "f", TimeMLP(2, hidden=8, depth=1), s)
+    assert "dtype" not in io.load_config(tmp_path / "f")  # float32 models are written as before
+    with pytest.raises(TypeError, match="save_model needs a condiff network .* got a Linear"):
+        save_model(tmp_path / "bad", torch.nn.Linear(2, 2), s)
+
+
+def test_one_label_may_be_a_zero_dimensional_tensor_and_a_classless_net_takes_none():
+    net = TimeMLP(2, hidden=8, depth=1, num_classes=3)
+    den = NetDenoiser(net, Schedule.linear(20))
+    x = torch.randn(4, 2)
+    torch.testing.assert_close(den.conditioned(torch.tensor(1)).eps(x, 5), den.conditioned(1).eps(x, 5))
+    with pytest.raises(ValueError, match=r"class labels for a network built without classes \(num_classes = 0\)"):
+        NetDenoiser(TimeMLP(2, hidden=8, depth=1), Schedule.linear(20)).conditioned(1)
