@@ -307,7 +307,9 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
     """Draw ``n`` samples of per-sample ``shape`` in batches of ``batch_size``, one batch after the other
     from the one ``generator`` (each batch's start noise, then its steps' noise). The samples of a seed
     therefore depend on ``batch_size`` (and the first ``k`` of ``n`` samples are not those of ``n = k``
-    unless ``k`` is a whole number of batches): keep it, and record it, to reproduce a result."""
+    unless ``k`` is a whole number of batches): keep it, and record it, to reproduce a result. A denoiser
+    conditioned on one label per sample (``den.conditioned(y)``, ``y`` of length ``n``) gets each batch's
+    labels."""
     out = []
     if not checks.is_integer(batch_size, 1):
         raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
@@ -319,9 +321,14 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
         denoiser.schedule.timesteps(kw["steps"], kw.get("spacing", "linspace"))
     bar = progress_bar(n, progress, unit="sample")
     try:
+        labels = getattr(denoiser, "y", None)  # one label per sample (den.conditioned(y) with y of length n)
+        per_sample = isinstance(labels, Tensor) and labels.shape == (n,) and n > batch_size
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
-            out.append(sample(denoiser, (b, *shape), **kw).cpu())
+            den = denoiser.conditioned(labels[start:start + b], denoiser.guidance_scale) if per_sample else denoiser
+            out.append(sample(den, (b, *shape), **kw).cpu())
+            if den is not denoiser:
+                denoiser.nfe += den.nfe
             if bar is not None:
                 bar.update(b)
     finally:

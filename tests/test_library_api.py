@@ -206,3 +206,21 @@ def test_one_label_may_be_a_zero_dimensional_tensor_and_a_classless_net_takes_no
     torch.testing.assert_close(den.conditioned(torch.tensor(1)).eps(x, 5), den.conditioned(1).eps(x, 5))
     with pytest.raises(ValueError, match=r"class labels for a network built without classes \(num_classes = 0\)"):
         NetDenoiser(TimeMLP(2, hidden=8, depth=1), Schedule.linear(20)).conditioned(1)
+
+
+def test_generate_gives_each_batch_its_own_labels():
+    """generate(den.conditioned(y), n) with one label per sample failed once n exceeded the batch size."""
+    from condiff.sample import generate
+
+    torch.manual_seed(0)
+    net = TimeMLP(2, hidden=8, depth=1, num_classes=3)
+    for p in net.parameters():  # the output layer starts at zero: make the labels matter
+        torch.nn.init.normal_(p, std=0.3)
+    den = NetDenoiser(net, Schedule.linear(20))
+    y = torch.arange(6) % 3
+    batched = generate(den.conditioned(y), 6, (2,), batch_size=4, steps=3, generator=torch.Generator().manual_seed(0))
+    first = sample(den.conditioned(y[:4]), (4, 2), steps=3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(batched[:4], first)
+    other = generate(den.conditioned(torch.zeros(6, dtype=torch.long)), 6, (2,), batch_size=4, steps=3,
+                     generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(batched, other)
