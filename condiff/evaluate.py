@@ -33,6 +33,9 @@ def evaluate_samples(samples: Tensor, data_cfg: dict, reference: tuple | None = 
     ``reference``: what :func:`load_reference` returned for ``data_cfg``, so it is not loaded again."""
     if not isinstance(data_cfg, dict) or "name" not in data_cfg:
         raise ValueError(f"data_cfg must name the data set ({{'name': ..., **settings}}), got {data_cfg!r}")
+    if not isinstance(samples, Tensor) or samples.dim() < 2 or samples.shape[0] < 2:
+        got = tuple(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
+        raise ValueError(f"evaluate_samples needs a batch of at least 2 samples (N, ...) to score, got {got}")
     samples = samples.detach().float().cpu()
     if _generic(data_cfg):
         return generic_eval(samples, data_cfg, reference)

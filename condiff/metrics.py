@@ -12,6 +12,7 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +32,10 @@ def _check_finite(x: torch.Tensor, name: str) -> None:
 
 
 def _flat(x: torch.Tensor, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):  # NumPy samples are taken as they are
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor or NumPy array of samples (N, ...), got {type(x).__name__}")
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"{name}: expected a non-empty (N, ...) tensor, got shape {tuple(x.shape)}")
     _check_finite(x, name)

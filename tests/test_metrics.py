@@ -253,8 +253,8 @@ IMG, EYE = torch.rand(2, 1, 8, 8, generator=gen(10)), torch.eye(3)
     (lambda: M.frechet_distance(_with_nan((6, 3)), torch.rand(6, 3)), "frechet_distance feats_a: samples contain"),
     (lambda: M.psnr(_with_nan(), torch.rand(6, 1, 8, 8)), "psnr x: samples contain 2 non-finite values"),
     (lambda: M.ssim(IMG, torch.full_like(IMG, math.inf)), "ssim y: samples contain 128 non-finite values"),
-    (lambda: M.memorisation_rate(IMG, IMG, math.nan), "threshold must be a number >= 0"),
-    (lambda: M.memorisation_rate(IMG, IMG, -1.0), "threshold must be a number >= 0"),
+    (lambda: M.memorisation_rate(IMG, IMG, math.nan), "threshold must be a number > 0"),
+    (lambda: M.memorisation_rate(IMG, IMG, -1.0), "threshold must be a number > 0"),
     *[(lambda b=b: M.mmd(IMG, IMG, bandwidths=[b]), "bandwidths must be finite and positive")
       for b in (math.nan, math.inf, -1.0)],
     (lambda: M.psnr(IMG, IMG, data_range=0), "psnr: data_range must be a number > 0"),
@@ -395,7 +395,8 @@ def test_small_closed_forms_of_the_helpers():
     # pairwise distances of 0, 1, 3 are 1, 2, 3 (self-distances excluded): median 2
     assert M.median_heuristic(torch.tensor([[0.0], [1.0], [3.0]])) == 2.0
     train = torch.randn(6, 3, generator=gen(0))
-    assert M.memorisation_rate(train[:5], train, 0.0) == 0.0  # "closer than": exact copies at threshold 0 are not
+    assert M.memorisation_rate(train[:5], train, 1e-6) == 1.0  # exact copies are closer than any threshold > 0
+    assert M.memorisation_rate(train[:5] + 1.0, train, 1e-6) == 0.0
     s = M.constraint_stats(torch.tensor([1e-3, 0.0, 0.5, 2.0]), tol=1e-3)
     assert s["frac_below_tol"] == 0.25 and s["max"] == 2.0  # "< tol": the value at tol is a violation
     assert s["mean"] == pytest.approx((1e-3 + 2.5) / 4) and s["median"] == pytest.approx(1e-3)  # torch: the lower
@@ -448,3 +449,18 @@ def test_ssim_refuses_a_filter_far_wider_than_the_image():
     assert torch.isfinite(M.ssim(x, x, sigma=9.0)).all()  # radius 32: wider than the image, still computed
     with pytest.raises(ValueError, match="ssim: sigma 1e\\+06 gives a filter of 7000001 taps, far wider than the 8x8"):
         M.ssim(x, x, sigma=1e6)
+
+
+def test_metrics_take_numpy_samples_and_name_other_inputs():
+    g = gen(5)
+    a, b = torch.randn(20, 3, generator=g, dtype=torch.float64), torch.randn(30, 3, generator=g, dtype=torch.float64)
+    assert M.mmd(a.numpy(), b.numpy()) == M.mmd(a, b)
+    with pytest.raises(TypeError, match=r"expected a tensor or NumPy array of samples \(N, ...\), got list"):
+        M.mmd([[1.0, 2.0]], b)
+
+
+def test_evaluate_samples_names_a_batch_too_small_to_score():
+    from condiff.evaluate import evaluate_samples
+
+    with pytest.raises(ValueError, match=r"needs a batch of at least 2 samples \(N, ...\) to score, got \(1, 2\)"):
+        evaluate_samples(torch.zeros(1, 2), {"name": "toy2d"})

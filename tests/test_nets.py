@@ -97,7 +97,8 @@ def test_unet_class_conditioning():
     assert not torch.allclose(out0, out1)
     uncond = net(x, t)
     assert torch.equal(uncond, net(x, t, torch.full((4,), -1)))  # -1 is the null label
-    assert torch.equal(uncond, net(x, t, torch.full((4,), 3)))  # so is num_classes
+    with pytest.raises(ValueError, match="labels 1..K"):  # num_classes, the null's index, is no label to pass
+        net(x, t, torch.full((4,), 3))
     assert not torch.allclose(uncond, out0)
     mixed = net(x, t, torch.tensor([0, -1, 1, -1]))
     assert torch.equal(mixed[0], out0[0]) and torch.equal(mixed[1], uncond[1])

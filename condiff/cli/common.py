@@ -81,7 +81,7 @@ def check_labels(cfg: dict, data: ArrayData) -> torch.Tensor | None:
     name = cfg["data"]["name"]
     if data.y is None:
         raise ValueError(f"data.labels = true but {name} holds no labels (an .npz needs an array y, or y_train "
-                         "beside x_train)")
+                         "beside x_train; beside data of another name, labels or y with one entry per sample)")
     y = data.y
     lo, hi, distinct = int(y.min()), int(y.max()), int(y.unique().numel())
     if lo < 0:
