@@ -413,7 +413,8 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
     t_quality = time.perf_counter() - t0
     notes = ["Targets (quality):"] + [f"- {n}" for n in targets(rows)]
     notes += ["SE: standard error of the mean per-image PSNR difference DPS+DSG - DPS over the same test "
-              "images (paired); a gap within about two SE of zero is a tie at this number of images."]
+              "images (paired); a gap within about two SE of zero is not resolved at this number of images, and "
+              "the notes name the budgets whose gap lies within one SE as ties."]
     p = PROFILES[profile]
     if p["timing"] is not None:
         notes += ["Targets (cost):"] + [f"- {n}" for n in timing(models, profile, device)]

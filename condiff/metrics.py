@@ -31,11 +31,17 @@ def _check_finite(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: samples contain {bad} non-finite values")
 
 
-def _flat(x: torch.Tensor, name: str) -> torch.Tensor:
-    if isinstance(x, np.ndarray):  # NumPy samples are taken as they are
-        x = torch.from_numpy(np.ascontiguousarray(x))
+def _tensor(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
+    """Samples as a tensor: a NumPy array is taken as it is (its values unscaled, in native byte order)."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x.astype(x.dtype.newbyteorder("="), copy=False)))
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor or NumPy array of samples (N, ...), got {type(x).__name__}")
+    return x
+
+
+def _flat(x: torch.Tensor, name: str) -> torch.Tensor:
+    x = _tensor(x, name)
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"{name}: expected a non-empty (N, ...) tensor, got shape {tuple(x.shape)}")
     _check_finite(x, name)
@@ -252,6 +258,7 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Ten
     Args: x, y: (B, ...) images; the MSE averages all non-batch dims (channels included).
     Returns: (B,) float64 tensor in dB; ``inf`` where x == y. ``data_range`` 2 suits [-1, 1] data.
     """
+    x, y = _tensor(x, "psnr x"), _tensor(y, "psnr y")
     _check_pair(x, y, "psnr", data_range)
     mse = ((x.double() - y.double()) ** 2).reshape(x.shape[0], -1).mean(1)
     return 10.0 * torch.log10(data_range**2 / mse)
@@ -299,6 +306,7 @@ def ssim(
     gaussian_weights=True, sigma=sigma, use_sample_covariance=False, win_size=win_size,
     channel_axis=0)`` per image (K1 = 0.01, K2 = 0.03, reflect padding).
     """
+    x, y = _tensor(x, "ssim x"), _tensor(y, "ssim y")
     _check_pair(x, y, "ssim", data_range)
     if x.ndim != 4:
         raise ValueError(f"ssim: expected (B, C, H, W) images, got shape {tuple(x.shape)}")

@@ -230,6 +230,8 @@ def _check_labels_fit(y: object, model: nn.Module) -> None:
     labels for a network built without a label embedding are refused there too."""
     if not isinstance(y, Tensor) or not isinstance(getattr(model, "config", None), dict):
         return
+    if "num_classes" not in model.config:  # a network of the user's own: its labels are its business
+        return
     k = int(model.config.get("num_classes") or 0)
     if not k:
         raise ValueError(f"the training data carry labels y but the network was built with num_classes = {k}: "
@@ -266,6 +268,9 @@ class Trainer:
                 meta["net"] = model.config
             if hasattr(getattr(objective, "schedule", None), "config"):
                 meta["schedule"] = objective.schedule.config()
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+            if dtype != torch.float32:  # load_denoiser restores it, as for save_model's models
+                meta["dtype"] = str(dtype).removeprefix("torch.")
             data = getattr(objective, "x", None)
             if isinstance(data, Tensor) and data.is_floating_point() and data.dim() >= 2:  # what `condiff sample`
                 meta["shape"] = list(data.shape[1:])                                   # needs of a model

@@ -169,6 +169,8 @@ def test_array_data_scales_image_bytes_as_the_file_loaders_do(tmp_path):
     assert float(direct.min()) >= -1 and float(direct.max()) <= 1
     torch.testing.assert_close(direct, load_dataset(str(tmp_path / "x.npy")).x)
     torch.testing.assert_close(ArrayData(u8).x, direct)
+    with pytest.warns(UserWarning, match=r"uint8 values of at most 1 \(a 0/1 mask\?\) are scaled as image bytes"):
+        ArrayData(torch.ones(3, 4, dtype=torch.uint8))
 
 
 def test_labels_beside_data_named_otherwise_are_found(tmp_path):
@@ -183,6 +185,15 @@ def test_labels_beside_data_named_otherwise_are_found(tmp_path):
     assert load_dataset(str(tmp_path / "b.npz"), key="X_train").y.tolist() == [0, 1, 2, 0, 1, 2]
     np.savez(tmp_path / "c.npz", images=x, labels=np.arange(5))  # not one per sample: not the labels
     assert load_dataset(str(tmp_path / "c.npz"), key="images").y is None
+    np.savez(tmp_path / "d.npz", X=x, y=np.arange(6) % 2)  # scikit-learn's names
+    assert load_dataset(str(tmp_path / "d.npz"), key="X").y.tolist() == [0, 1, 0, 1, 0, 1]
+    np.savez(tmp_path / "e.npz", x_train=x, labels=np.arange(6) % 2)
+    assert load_dataset(str(tmp_path / "e.npz"), key="x_train").y.tolist() == [0, 1, 0, 1, 0, 1]
+    # other arrays are data of their own, left alone (they loaded before labels were looked for there)
+    np.savez(tmp_path / "f.npz", X_train=x, Y_train=np.eye(3)[np.arange(6) % 3])  # one-hot rows
+    assert load_dataset(str(tmp_path / "f.npz"), key="X_train").y is None
+    np.savez(tmp_path / "g.npz", images=x, y=np.linspace(0, 1, 6))  # regression targets
+    assert load_dataset(str(tmp_path / "g.npz"), key="images").y is None
 
 
 def test_a_saved_model_comes_back_in_its_dtype(tmp_path):
@@ -193,6 +204,10 @@ def test_a_saved_model_comes_back_in_its_dtype(tmp_path):
     assert next(den.net.parameters()).dtype == torch.float64
     x, t = torch.randn(3, 2, dtype=torch.float64), torch.full((3,), 5)
     assert torch.equal(den.eps(x, t), NetDenoiser(net, s).eps(x, t))
+    tr = Trainer(TimeMLP(2, hidden=8, depth=1).double(), DenoisingObjective(x, s, 3),
+                 TrainConfig(steps=1, warmup=0, progress=False), tmp_path / "run")  # a Trainer's checkpoints too
+    tr.fit()
+    assert next(load_denoiser(list_checkpoints(tmp_path / "run")[-1]).net.parameters()).dtype == torch.float64
     save_model(tmp_path / "f", TimeMLP(2, hidden=8, depth=1), s)
     assert "dtype" not in io.load_config(tmp_path / "f")  # float32 models are written as before
     with pytest.raises(TypeError, match="save_model needs a condiff network .* got a Linear"):

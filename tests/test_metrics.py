@@ -455,6 +455,10 @@ def test_metrics_take_numpy_samples_and_name_other_inputs():
     g = gen(5)
     a, b = torch.randn(20, 3, generator=g, dtype=torch.float64), torch.randn(30, 3, generator=g, dtype=torch.float64)
     assert M.mmd(a.numpy(), b.numpy()) == M.mmd(a, b)
+    assert M.mmd(a.numpy().astype(">f8"), b.numpy()) == M.mmd(a, b)  # big-endian arrays too
+    im, other = torch.rand(2, 1, 8, 8, generator=g), torch.rand(2, 1, 8, 8, generator=g)
+    assert torch.equal(M.psnr(im.numpy(), other.numpy()), M.psnr(im, other))
+    assert torch.equal(M.ssim(im.numpy(), other.numpy()), M.ssim(im, other))
     with pytest.raises(TypeError, match=r"expected a tensor or NumPy array of samples \(N, ...\), got list"):
         M.mmd([[1.0, 2.0]], b)
 

@@ -69,6 +69,10 @@ def validate(x: Tensor | np.ndarray, source: str = "data") -> Tensor:
                         f"(N, C, H, W): transpose it, e.g. x.transpose(0, 3, 1, 2)")
     scale = {torch.uint8: 255.0, torch.uint16: 65535.0}.get(x.dtype)
     if scale is not None:  # image bytes, as the file loaders read them: to [-1, 1]
+        if int(x.max()) <= 1:
+            warnings.warn(f"{source}: {str(x.dtype).removeprefix('torch.')} values of at most 1 (a 0/1 mask?) are "
+                          "scaled as image bytes, to about -1; pass them as floats to keep them as they are",
+                          stacklevel=2)
         x = x.to(torch.float32) * (2.0 / scale) - 1.0
     wide = x
     x = x.to(torch.float32)

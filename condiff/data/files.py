@@ -89,13 +89,24 @@ def load_array(path: str | Path, key: str | None = None) -> ArrayData:
 
 
 def _label_key(npz: Any, keys: list[str], key: str, n: int) -> str | None:
-    """The labels' array for the data array ``key`` of ``n`` samples (:func:`load_array`), or None."""
-    if key[:1] in ("x", "X"):
-        paired = ("y" if key[0] == "x" else "Y") + key[1:]
-        return paired if paired in keys else None
-    for k in ("labels", "label", "y"):
-        if k in keys and k != key and npz[k].shape == (n,):
-            return k
+    """The labels' array for the data array ``key`` of ``n`` samples (:func:`load_array`), or None: the
+    array named like the data with ``x`` replaced by ``y`` (taken as it is: labels it cannot use are an
+    error, as they always were), else ``Y_...`` beside ``X_...``, ``labels``, ``label`` or ``y`` where it
+    holds one whole number per sample (else it is other data, such as one-hot rows or regression
+    targets, and left alone)."""
+    if key.startswith("x") and "y" + key[1:] in keys:
+        return "y" + key[1:]
+    candidates = (["Y" + key[1:]] if key.startswith("X") else []) + ["labels", "label", "y"]
+    for k in candidates:
+        if k in keys and k != key:
+            try:
+                a = npz[k]
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+                continue
+            whole = a.dtype.kind in "iu" or (a.dtype.kind == "f" and bool(np.isfinite(a).all())
+                                              and bool((a == np.round(a)).all()))
+            if a.shape == (n,) and whole:
+                return k
     return None
 
 

@@ -60,7 +60,8 @@ def check_label_range(y: Tensor | int, num_classes: int) -> None:
     otherwise train class K as unconditional, silently.)"""
     lo, hi = (int(y.min()), int(y.max())) if isinstance(y, Tensor) else (int(y), int(y))
     if lo < -1 or hi >= num_classes:
-        shifted = " (labels 1..K? subtract 1)" if lo >= 1 and hi == num_classes else ""
+        shifted = (f" ({num_classes} was once read as the null label: pass -1, or no labels, for that)" if lo == hi
+                   == num_classes else " (labels 1..K? subtract 1)" if lo >= 1 and hi == num_classes else "")
         raise ValueError(f"labels must lie in [0, {num_classes}) or be -1 (no label), got values in "
                          f"[{lo}, {hi}]{shifted}")
 
