@@ -82,8 +82,9 @@ class NetDenoiser(Denoiser):
     """
 
     def __init__(self, net: nn.Module, schedule: Schedule, y: Tensor | int | None = None,
-                 guidance_scale: float = 0.0) -> None:
+                 guidance_scale: float = 0.0, label_drop: float | None = None) -> None:
         super().__init__(schedule)
+        self.label_drop = label_drop  # as trained, where known (load_denoiser reads it from the model)
         if isinstance(y, Tensor) and y.dim() == 0 and not y.is_floating_point() and y.dtype != torch.bool:
             y = int(y)  # one label for the whole batch, as an int is
         if y is not None and not isinstance(y, Tensor) and (isinstance(y, bool) or not isinstance(y, numbers.Integral)):
@@ -93,6 +94,9 @@ class NetDenoiser(Denoiser):
         self.guidance_scale = checks.number("guidance_scale", guidance_scale, ">= 0")
         if self.guidance_scale > 0 and y is None:
             raise ValueError("classifier-free guidance (guidance_scale > 0) needs class labels y")
+        if self.guidance_scale > 0 and label_drop == 0:
+            raise ValueError("classifier-free guidance (guidance_scale > 0) needs a model trained with label_drop > 0; "
+                             "this one never learned unconditional predictions")
         config = getattr(net, "config", None)
         classes = int(config.get("num_classes") or 0) if isinstance(config, dict) else 0
         if y is not None and isinstance(config, dict) and "num_classes" in config and not classes:
@@ -125,7 +129,7 @@ class NetDenoiser(Denoiser):
     def conditioned(self, y: Tensor | int | None, guidance_scale: float = 0.0) -> NetDenoiser:
         """The same network with class labels ``y`` fixed (shares weights), optionally with
         classifier-free guidance of strength ``guidance_scale``."""
-        return NetDenoiser(self.net, self.schedule, y, guidance_scale)
+        return NetDenoiser(self.net, self.schedule, y, guidance_scale, self.label_drop)
 
 
 class GaussianDenoiser(Denoiser):

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import io
+from . import checks, io
 from .denoiser import Denoiser, DiffusersDenoiser, NetDenoiser
 from .nets import build_net
 from .schedule import Schedule
@@ -60,7 +60,9 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: boo
         raise io.CheckpointError(f"{path} is a NAMM mirror diffusion model, whose samples lie in mirror space, not "
                                  f"data space: use `condiff namm sample --run {run}` (in Python, condiff.mirror."
                                  "mirror_generate, or load_denoiser(..., mirror_space=True))")
-    return NetDenoiser(net.eval(), Schedule.from_config(cfg["schedule"]))
+    drop = cfg.get("label_drop")  # recorded by `condiff train` for class-conditional models
+    return NetDenoiser(net.eval(), Schedule.from_config(cfg["schedule"]),
+                       label_drop=float(drop) if checks.is_number(drop) else None)
 
 
 def _config_or_empty(path: Path) -> dict:

@@ -239,3 +239,14 @@ def test_generate_gives_each_batch_its_own_labels():
     other = generate(den.conditioned(torch.zeros(6, dtype=torch.long)), 6, (2,), batch_size=4, steps=3,
                      generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(batched, other)
+
+
+def test_a_loaded_model_trained_without_label_drop_refuses_classifier_free_guidance(tmp_path):
+    net = TimeMLP(2, hidden=8, depth=1, num_classes=3)
+    save_model(tmp_path / "plain", net, Schedule.linear(20), shape=[2], label_drop=0.0)
+    den = load_denoiser(tmp_path / "plain")
+    den.conditioned(1)  # plain conditioning is what it was trained for
+    with pytest.raises(ValueError, match="needs a model trained with label_drop > 0; this one never learned"):
+        den.conditioned(1, guidance_scale=2.0)
+    save_model(tmp_path / "cfg", net, Schedule.linear(20), shape=[2], label_drop=0.1)
+    assert load_denoiser(tmp_path / "cfg").conditioned(1, guidance_scale=2.0).label_drop == 0.1
