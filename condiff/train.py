@@ -281,6 +281,9 @@ class Trainer:
         if isinstance(data, Tensor) and data.is_floating_point():
             checks.weights_dtype("the training data", data, model)
         _check_labels_fit(getattr(objective, "y", None), model)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("the model has no trainable parameters (requires_grad is off for all of them), so "
+                             "training would change nothing; call model.requires_grad_(True)")
         self.dist = init_distributed(cfg.device)
         self.device = torch.device(
             f"cuda:{self.dist.local_rank}" if cfg.device == "cuda" and self.dist.world > 1 else cfg.device)

@@ -220,7 +220,19 @@ def test_count_distance_with_a_given_counter():
     assert torch.allclose(con(x), torch.tensor([0.0, 2.0]))
     assert con.violation_map(x) is None  # the stand-in has no density map
     assert not any(p.requires_grad for p in con.counter.parameters())
-    assert con.learned_parts() is None  # a user's counter: nothing of the project's recipe to record
+    # a user's counter: named by a fingerprint (class and weights), not the project's recipe, and its config
+    # does not rebuild the project's counter in its place
+    parts = con.learned_parts()
+    assert set(parts) == {"counter"} and parts["counter"]["custom"] == con.config["counter"].split()[1]
+    with pytest.raises(ValueError, match="count: counter must be a network .* rebuilt by passing it again"):
+        build_constraint(con.config)
+
+    class Column(nn.Module):
+        def forward(self, x):
+            return x.flatten(1).sum(1, keepdim=True)
+
+    with pytest.raises(ValueError, match=r"the counter must map a batch of 2 to \(2,\) counts, got \(2, 1\)"):
+        CountConstraint(k=3, counter=Column())(x)
 
 
 def test_counter_adversarial_batch_stays_in_budget_and_raises_the_error():

@@ -250,3 +250,95 @@ def test_a_loaded_model_trained_without_label_drop_refuses_classifier_free_guida
         den.conditioned(1, guidance_scale=2.0)
     save_model(tmp_path / "cfg", net, Schedule.linear(20), shape=[2], label_drop=0.1)
     assert load_denoiser(tmp_path / "cfg").conditioned(1, guidance_scale=2.0).label_drop == 0.1
+
+
+# --- the third walk-through: PnP, dual, NAMM's constraints, data and objectives --------------------
+
+
+def test_a_finetune_objective_leaves_the_inverse_it_trains_trainable():
+    """FinetuneObjective froze the whole map it was given, inverse included, so a Trainer of that inverse
+    changed nothing, silently; a Trainer of a model with nothing to train is refused."""
+    from condiff.constraints import Box
+    from condiff.mirror import FinetuneObjective, build_mirror
+
+    m = build_mirror((1, 4, 4), {"name": "icnn", "filters": 4, "layers": 2},
+                     {"name": "resnet", "base": 4, "blocks": 1, "downsamples": 0})
+    x = torch.rand(8, 1, 4, 4) * 2 - 1
+    obj = FinetuneObjective(m, x, m.to_mirror(x).detach() + 0.1, Box(), batch_size=4)
+    before = [p.detach().clone() for p in m.inverse.parameters()]
+    Trainer(m.inverse, obj, TrainConfig(steps=3, warmup=0, lr=1e-2, progress=False)).fit()
+    assert any(not torch.equal(b, p) for b, p in zip(before, m.inverse.parameters()))
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        FinetuneObjective(m, x, x, Box(), batch_size=0)
+    with pytest.raises(ValueError, match="the model has no trainable parameters"):
+        Trainer(TimeMLP(2, hidden=8, depth=1).requires_grad_(False), DenoisingObjective(torch.randn(8, 2),
+                Schedule.linear(10), 4), TrainConfig(steps=1, progress=False))
+
+
+def test_pnp_helpers_refuse_or_read_edge_inputs_right():
+    from condiff.pnp.conditional import MirrorSymmetry
+    from condiff.pnp.segmentation import iou
+    from condiff.pnp.tsp import MultiStart2Opt
+
+    mask = torch.tensor([[[[1.0, -1.0], [-1.0, -1.0]]]])  # the scenes data's mask channel: {-1, +1}
+    assert float(iou(mask > 0, mask)) == 1.0 and float(iou(mask, mask)) == 1.0
+    assert float(iou(torch.ones_like(mask, dtype=torch.bool), mask)) == 0.25  # -1 is background, not foreground
+    with pytest.raises(ValueError, match="MultiStart2Opt: starts must be an integer >= 1, got 0"):
+        MultiStart2Opt(starts=0)
+    with pytest.raises(ValueError, match=r"MirrorSymmetry: expected pictures \(B, C, H, W\), got shape \(3, 4\)"):
+        MirrorSymmetry(axis=-2)(torch.randn(3, 4))
+
+
+def test_dual_log_mass_bounds_refuse_weights_that_are_not_a_distribution():
+    from condiff.dual.theory import log_mass_bounds, refine_log_mass_bounds
+
+    losses, f = torch.tensor([1.0, 1.2, 1.5]), torch.tensor([0.5, 0.3, 0.2])
+    log_mass_bounds(losses, f, [2], 0.3)
+    with pytest.raises(ValueError, match="must sum to 1, got sum 5"):
+        log_mass_bounds(losses, 5 * f, [2], 0.3)
+    with pytest.raises(ValueError, match=r"weights must lie in \(0, 1\]"):
+        refine_log_mass_bounds(losses[:1], torch.tensor([2.0]), losses[1:2], torch.tensor([0.3]), 0.3)
+
+
+def test_constraint_configs_rebuild_what_was_built(tmp_path, monkeypatch):
+    from condiff.constraints import (
+        CONSTRAINTS,
+        Box,
+        PythonConstraint,
+        TotalBrightness,
+        build_constraint,
+        register_constraint,
+    )
+
+    @register_constraint("box_of_the_test")
+    class Wider(Box):
+        pass
+
+    try:
+        assert type(build_constraint(Wider(lo=-2, hi=2).config)) is Wider  # was rebuilt as a Box
+    finally:
+        CONSTRAINTS.pop("box_of_the_test")
+    (tmp_path / "con.py").write_text("def zero(x):\n    return x.flatten(1).sum(1).abs()\n")
+    monkeypatch.chdir(tmp_path)
+    con = PythonConstraint("con.py", "zero")
+    monkeypatch.chdir("/")
+    assert build_constraint(con.config).config == con.config  # the path is absolute: any working directory
+    for bad in (float("inf"), "3"):
+        with pytest.raises(ValueError, match="brightness: flux must be a number >= 0"):
+            TotalBrightness(bad)
+    with pytest.raises(ValueError, match="brightness: hi must be a finite number"):
+        TotalBrightness(3.0, hi=float("inf"))
+
+
+def test_namm_data_generators_refuse_odd_sizes_seeds_and_fluxes():
+    from condiff.data import DataError, load_dataset
+
+    for kw, msg in (({"size": 8.9}, "size must be an even integer >= 8, got 8.9"),
+                    ({"seed": 1.5}, "seed must be an integer >= 0, got 1.5"),
+                    ({"seed": True}, "seed must be an integer >= 0, got True"),
+                    ({"n_train": 2.5}, "n_train must be an integer >= 1, got 2.5"),
+                    ({"flux": 1000.0}, r"flux must lie in \(0, size\^2 = 64\)")):
+        with pytest.raises(DataError, match=msg):
+            load_dataset("brightness", "train", **{"size": 8, **kw})
+    with pytest.raises(DataError, match="kolmogorov: sim_size must be an even integer >= 8, got 4"):
+        load_dataset("kolmogorov", "train", size=8, sim_size=4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from condiff import checks
 from condiff.constraints import Constraint, register_constraint
 
 
@@ -18,12 +19,12 @@ class TotalBrightness(Constraint):
 
     def __init__(self, flux: float, lo: float = -1.0, hi: float = 1.0) -> None:
         super().__init__()
-        if not float(hi) > float(lo):
+        flux = checks.number("brightness: flux", flux, ">= 0")  # a string or inf was taken and gave nonsense
+        lo, hi = checks.number("brightness: lo", lo), checks.number("brightness: hi", hi)
+        if not hi > lo:
             raise ValueError(f"brightness needs hi > lo, got lo={lo}, hi={hi}")
-        if not float(flux) >= 0:
-            raise ValueError(f"brightness needs flux >= 0, got {flux}")
-        self.flux, self.lo, self.hi = float(flux), float(lo), float(hi)
-        self.config = {"name": "brightness", "flux": self.flux, "lo": self.lo, "hi": self.hi}
+        self.flux, self.lo, self.hi = flux, lo, hi
+        self.config = {"name": type(self).family, "flux": self.flux, "lo": self.lo, "hi": self.hi}
 
     def intensity(self, x: Tensor) -> Tensor:
         return (x - self.lo) / (self.hi - self.lo)

@@ -49,7 +49,7 @@ class Box(_Projected):
         self.lo, self.hi = float(bounds[0]), float(bounds[1])
         if not self.lo < self.hi:
             raise ValueError(f"box needs lo < hi, got lo={lo}, hi={hi}")
-        self.config = {"name": "box", "lo": self.lo, "hi": self.hi}
+        self.config = {"name": type(self).family, "lo": self.lo, "hi": self.hi}
 
     def project(self, x: Tensor) -> Tensor:
         return x.clamp(self.lo, self.hi)
@@ -63,7 +63,7 @@ class Ball(_Projected):
         super().__init__()
         self.radius = checks.number("ball: radius", radius, "> 0")
         self.center = checks.number("ball: center", center)
-        self.config = {"name": "ball", "radius": self.radius, "center": self.center}
+        self.config = {"name": type(self).family, "radius": self.radius, "center": self.center}
 
     def project(self, x: Tensor) -> Tensor:
         v = x - self.center
@@ -84,7 +84,7 @@ class Simplex(_Projected):
     def __init__(self, total: float = 1.0) -> None:
         super().__init__()
         self.total = checks.number("simplex: total", total, "> 0")
-        self.config = {"name": "simplex", "total": self.total}
+        self.config = {"name": type(self).family, "total": self.total}
 
     def project(self, x: Tensor) -> Tensor:
         # Held, Wolfe & Crowder (1974) / Duchi et al. (2008): sort, find the threshold theta such

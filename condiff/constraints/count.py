@@ -234,21 +234,32 @@ class CountConstraint(Constraint):
         seed = checks.seed("count: seed", seed)
         self.k = int(k)
         self.config = {
-            "name": "count",
+            "name": type(self).family,
             "k": self.k,
             "size": int(size),
             "counter_steps": int(counter_steps),
             "seed": int(seed),
             "width": int(width),
         }
+        if counter is not None and not isinstance(counter, nn.Module):
+            raise ValueError(f"count: counter must be a network (an nn.Module) that maps (B, 1, H, W) to (B,) counts, "
+                             f"got {counter!r}: a constraint with a counter of one's own is rebuilt by passing it "
+                             "again, not from its config")
         self._own_counter = counter is None
         self.counter = (
             counter if counter is not None else load_counter(self.k, size, counter_steps, seed, width)
         )
         self.counter.eval().requires_grad_(False)
+        if counter is not None:  # the config names it, not the project's counter it would otherwise rebuild
+            digest = hashlib.sha256(type(counter).__qualname__.encode())
+            for name, t in sorted(counter.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            self._custom = digest.hexdigest()[:16]
+            self.config = {**self.config, "counter": f"custom {self._custom}"}  # size etc. kept for the shape check
 
     def learned_parts(self) -> dict | None:
-        return {"counter": COUNTER_RECIPE} if self._own_counter else None
+        return {"counter": COUNTER_RECIPE} if self._own_counter else {"counter": {"custom": self._custom}}
 
     def count(self, x: Tensor) -> Tensor:
         self._check_image(x, 1)
@@ -256,7 +267,12 @@ class CountConstraint(Constraint):
         if self._own_counter and tuple(x.shape[-2:]) != (size, size):  # the counter is trained for one size
             raise ValueError(f"count constraint was built for {size}x{size} images (its counter's training size), "
                              f"got {x.shape[-2]}x{x.shape[-1]}")
-        return self.counter(x)
+        out = self.counter(x)
+        if not self._own_counter and (not isinstance(out, Tensor) or out.shape != (x.shape[0],)):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"count: the counter must map a batch of {x.shape[0]} to ({x.shape[0]},) counts, "
+                             f"got {got}")
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         return (self.count(x) - self.k).abs()

@@ -43,7 +43,7 @@ class DivergenceFree(Constraint):
 
     def __init__(self) -> None:
         super().__init__()
-        self.config = {"name": "divergence_free"}
+        self.config = {"name": type(self).family}
 
     def divergence(self, x: Tensor) -> Tensor:
         """(B, 2F, H, W) -> (B, F, H, W)."""

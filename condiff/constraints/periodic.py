@@ -20,7 +20,7 @@ class PeriodicTiling(Constraint):
     def __init__(self, reps: int = 2) -> None:
         super().__init__()
         self.reps = checks.integer("periodic: reps (tiles per axis)", reps, 2)
-        self.config = {"name": "periodic", "reps": self.reps}
+        self.config = {"name": type(self).family, "reps": self.reps}
 
     def tiles(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, reps*reps, C, H/reps, W/reps)."""

@@ -36,7 +36,7 @@ class PythonConstraint(Constraint):
 
     def __init__(self, path: str, attr: str) -> None:
         super().__init__()
-        file = Path(path)
+        file = Path(path).expanduser().resolve()  # the config rebuilds it from any working directory
         if not file.is_file():
             raise ValueError(f"constraint file {file} does not exist")
         self.config = {"name": "python", "path": str(file), "attr": str(attr)}

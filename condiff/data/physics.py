@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from condiff import checks
 from condiff.constraints import BurgersResidual, DivergenceFree
 from condiff.constraints.burgers import rk4
 from condiff.data import ArrayData, DataError, check_split, derive_seed, register_dataset
@@ -43,8 +44,9 @@ DTYPE = torch.float32  # float32 halves the solver time; divergence-freeness is 
 def _sizes(split: str, n_train: int, n_test: int, source: str) -> list[tuple[str, int]]:
     check_split(split, source=source)
     for name, n in (("n_train", n_train), ("n_test", n_test)):
-        if int(n) < 1:
-            raise DataError(f"{source}: {name} must be >= 1, got {n}")
+        if not checks.is_integer(n, 1):  # 2.5 failed inside torch.randn; a bool was taken for 1
+            raise DataError(f"{source}: {name} must be an integer >= 1, got {n!r}")
+    n_train, n_test = int(n_train), int(n_test)
     parts = {"train": [("train", n_train)], "test": [("test", n_test)]}
     return parts.get(split, [("train", n_train), ("test", n_test)])
 
@@ -54,6 +56,8 @@ def _cached_splits(
 ) -> dict[str, np.ndarray]:
     """The arrays of ``split`` ("train", "test" or both, train first), each part made by
     ``make(n, seed)`` with its own derived seed and cached under ``params``; concatenated per key."""
+    if not checks.is_integer(seed, 0, checks.SEED_LIMIT):  # 1.5 and True were read as 1
+        raise DataError(f"{source}: seed must be an integer >= 0, got {seed!r}")
     parts = []
     for part, n in _sizes(split, n_train, n_test, source):
         s = derive_seed(seed, source, part)
@@ -61,9 +65,9 @@ def _cached_splits(
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
-def _even_size(size: int, source: str, minimum: int = 8) -> int:
-    if int(size) < minimum or int(size) % 2:
-        raise DataError(f"{source}: size must be an even integer >= {minimum}, got {size}")
+def _even_size(size: int, source: str, minimum: int = 8, name: str = "size") -> int:
+    if not checks.is_integer(size, minimum) or int(size) % 2:  # 8.9 was read as 8
+        raise DataError(f"{source}: {name} must be an even integer >= {minimum}, got {size!r}")
     return int(size)
 
 
@@ -266,7 +270,7 @@ def load_kolmogorov(
     the grid spacing, and 0.02 blew up on the 128^2 grid of 64x64 data.
     """
     size = _even_size(size, "kolmogorov")
-    sim_size = _even_size(sim_size or max(2 * size, 64), "kolmogorov")  # Re 1000 needs >= 64^2
+    sim_size = _even_size(sim_size or max(2 * size, 64), "kolmogorov", name="sim_size")  # Re 1000 needs >= 64^2
     if sim_size < size:
         raise DataError(f"kolmogorov: sim_size ({sim_size}) must be >= size ({size})")
     dt = 0.02 * 64 / sim_size if dt is None else dt

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from condiff.constraints import PeriodicTiling, TotalBrightness
-from condiff.data import ArrayData, register_dataset
+from condiff.data import ArrayData, DataError, register_dataset
 from condiff.data.physics import _cached_splits, _even_size
 
 DATA_VERSION = 1
@@ -66,6 +66,9 @@ def load_brightness(
     """Ring / crescent / blob images of fixed total flux; see the module docstring."""
     size = _even_size(size, "brightness")
     flux = 120.0 * (size / 64) ** 2 if flux is None else float(flux)
+    if not 0 < flux < size * size:  # a total above size^2 cannot fit in pixels of intensity at most 1
+        raise DataError(f"brightness: flux must lie in (0, size^2 = {size * size}) for images in [-1, 1], "
+                        f"got {flux:g}")
     con = TotalBrightness(flux)
     params = {"size": size, "flux": flux, "v": DATA_VERSION}
     x = _cached_splits(

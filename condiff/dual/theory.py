@@ -107,6 +107,9 @@ def log_mass_bounds(losses: Tensor, freqs: Tensor, constrained: list[int],
     if L.shape != f.shape or L.dim() != 1 or bool((f <= 0).any()) or not 0 < target < 1:
         raise ValueError(f"log_mass_bounds: expected (K,) losses, positive (K,) freqs and 0 < target < 1; "
                          f"got {tuple(L.shape)}, {tuple(f.shape)}, target {target}")
+    if abs(float(f.sum()) - 1) > 1e-6:  # counts, or weights scaled, shift every bound by log of their sum
+        raise ValueError(f"log_mass_bounds: freqs are the reference's class weights and must sum to 1, got sum "
+                         f"{float(f.sum()):.6g} (divide counts by their total)")
     x = -f.log()
     if float(x.max() - x.min()) < 1e-9:
         raise ValueError("log_mass_bounds: the reference classes all have one weight; the slope is undefined")
@@ -130,8 +133,9 @@ def refine_log_mass_bounds(base_losses: Tensor, base_freqs: Tensor, pilot_losses
                                                                          pilot_freqs))
     if not (Lb.shape == fb.shape == Lp.shape == fp.shape) or Lb.dim() != 1:
         raise ValueError("refine_log_mass_bounds: all inputs must have one shape (m,)")
-    if bool((fb <= 0).any() | (fp <= 0).any() | ((fp / fb).log().abs() < 1e-9).any()) or not 0 < target < 1:
-        raise ValueError("refine_log_mass_bounds: weights must be positive and differ between the two models, "
+    if bool((fb <= 0).any() | (fp <= 0).any() | (fb > 1).any() | (fp > 1).any()
+            | ((fp / fb).log().abs() < 1e-9).any()) or not 0 < target < 1:
+        raise ValueError("refine_log_mass_bounds: weights must lie in (0, 1] and differ between the two models, "
                          f"and 0 < target < 1; got {fb.tolist()}, {fp.tolist()}, {target}")
     slope = (Lb - Lp) / (fp / fb).log()
     return Lb - slope * torch.log(target / fb), slope

@@ -18,6 +18,7 @@ weight buys on the count data (docs/namm-count.md).
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, fields
 from functools import partial
@@ -197,14 +198,16 @@ class FinetuneObjective(_SignCheck):
             raise ValueError(f"fine-tuning needs data and mirror samples, got {len(x)} and {len(y_mdm)}")
         if not bool(torch.isfinite(y_mdm).all()):
             raise ValueError("the mirror samples to fine-tune on hold NaN or inf values")
-        self.psi_map = mirror  # only its psi (frozen) is used; f is the trained model
-        self.psi_map.requires_grad_(False)
+        # only its psi is used, frozen, in a copy: freezing the caller's map froze the very inverse network the
+        # Trainer was given to train, which then stayed as it was, silently
+        self.psi_map = copy.deepcopy(mirror).requires_grad_(False)
         self.x, self.gx = x, mirror.to_mirror(x)
         reach, y_reach = float(self.gx.abs().max()), float(y_mdm.abs().max())
         if y_reach > 10 * max(reach, 1.0):
             warnings.warn(f"the mirror samples reach |y| = {y_reach:.3g} while the mirror data stay within "
                           f"{reach:.3g}: is the mirror diffusion model trained?", stacklevel=2)
-        self.y_mdm, self.constraint, self.batch_size = y_mdm, constraint, int(batch_size)
+        self.y_mdm, self.constraint = y_mdm, constraint
+        self.batch_size = checks.integer("batch_size", batch_size, 1)
         self.w = weights or NAMMLoss()
         self._signs = DeviceRows(self._signs_every)
         self.critic: Critic | None = None

@@ -42,6 +42,8 @@ class MirrorSymmetry:
         self.axis = axis
 
     def __call__(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:  # on (B, D) vectors axis -2 is the batch: samples were compared with each other
+            raise ValueError(f"MirrorSymmetry: expected pictures (B, C, H, W), got shape {tuple(x.shape)}")
         return (x - x.flip(self.axis)).pow(2).flatten(1).mean(1)
 
 

@@ -34,10 +34,11 @@ SEGMENT_VOTES = 1
 
 
 def iou(pred: Tensor, target: Tensor) -> Tensor:
-    """Intersection over union of boolean or {0, 1} masks ``(B, 1, H, W)``: ``(B,)``; 1 if both are empty."""
+    """Intersection over union of masks ``(B, 1, H, W)``: ``(B,)``; 1 if both are empty. A mask is
+    boolean, or numbers with foreground > 0 ({0, 1}, or {-1, 1} as the scenes data's mask channel)."""
     if pred.shape != target.shape:
         raise ValueError(f"masks differ in shape: {tuple(pred.shape)} vs {tuple(target.shape)}")
-    p, t = pred.bool().flatten(1), target.bool().flatten(1)
+    p, t = (m.flatten(1) if m.dtype == torch.bool else (m > 0).flatten(1) for m in (pred, target))
     inter, union = (p & t).sum(1).double(), (p | t).sum(1).double()
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 

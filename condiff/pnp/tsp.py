@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import checks
+
 # --- instances and tours --------------------------------------------------------------------------
 
 
@@ -168,7 +170,7 @@ class MultiStart2Opt:
     name = "multistart-2opt"
 
     def __init__(self, starts: int | None = None) -> None:
-        self.starts = starts
+        self.starts = None if starts is None else checks.integer("MultiStart2Opt: starts", starts, 1)
 
     def solve(self, coords: np.ndarray | Tensor) -> np.ndarray:
         c = _coords(coords)
