@@ -271,6 +271,8 @@ class Trainer:
             dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
             if dtype != torch.float32:  # load_denoiser restores it, as for save_model's models
                 meta["dtype"] = str(dtype).removeprefix("torch.")
+            if getattr(objective, "y", None) is not None and checks.is_number(getattr(objective, "label_drop", None)):
+                meta["label_drop"] = float(objective.label_drop)  # a labelled model: whether it guides (CFG)
             data = getattr(objective, "x", None)
             if isinstance(data, Tensor) and data.is_floating_point() and data.dim() >= 2:  # what `condiff sample`
                 meta["shape"] = list(data.shape[1:])                                   # needs of a model

@@ -220,10 +220,10 @@ def test_count_distance_with_a_given_counter():
     assert torch.allclose(con(x), torch.tensor([0.0, 2.0]))
     assert con.violation_map(x) is None  # the stand-in has no density map
     assert not any(p.requires_grad for p in con.counter.parameters())
-    # a user's counter: named by a fingerprint (class and weights), not the project's recipe, and its config
-    # does not rebuild the project's counter in its place
-    parts = con.learned_parts()
-    assert set(parts) == {"counter"} and parts["counter"]["custom"] == con.config["counter"].split()[1]
+    # a user's counter: no project recipe to record; its config names it by a fingerprint (class and weights)
+    # and does not rebuild the project's counter in its place
+    assert con.learned_parts() is None and con.config["counter"].startswith("custom ")
+    assert CountConstraint(k=3, counter=_SumCounter()).config == con.config  # the same counter, the same name
     with pytest.raises(ValueError, match="count: counter must be a network .* rebuilt by passing it again"):
         build_constraint(con.config)
 

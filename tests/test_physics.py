@@ -177,7 +177,7 @@ def test_bad_settings_give_one_line_errors(name):
     assert name in DATASETS
     with pytest.raises(DataError, match="size must be an even integer"):
         load_dataset(name, "train", size=15)
-    with pytest.raises(DataError, match="n_train must be >= 1"):
+    with pytest.raises(DataError, match="n_train must be an integer >= 1, got 0"):
         load_dataset(name, "train", size=16, n_train=0)
     with pytest.raises(DataError, match="unknown split") as err:
         load_dataset(name, "valid", size=16)

@@ -144,7 +144,8 @@ class TrainingJob:
         objective = DenoisingObjective(self.data.x, self.schedule, self.tcfg.batch_size, y=labels,
                                        label_drop=drop)
         meta = {"net": net.config, "schedule": self.schedule.config(), "data": cfg["data"],
-                "shape": list(self.data.shape), "value_range": value_range(self.data.x)}
+                "shape": list(self.data.shape), "value_range": value_range(self.data.x),
+                **({} if self.label_drop is None else {"label_drop": self.label_drop})}  # a checkpoint loads as a model
         self.trainer = Trainer(net, objective, self.tcfg, self.run_dir, meta)
 
     def resume(self) -> bool:

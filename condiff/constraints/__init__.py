@@ -33,7 +33,9 @@ CONSTRAINTS: dict[str, type] = {}
 
 
 def register_constraint(name: str) -> Callable[[type], type]:
-    """Class decorator: make ``build_constraint({"name": name, ...})`` construct this class."""
+    """Class decorator: make ``build_constraint({"name": name, ...})`` construct this class. A config
+    names the registered class it was built by; a registered subclass of a built-in constraint whose
+    ``__init__`` takes other arguments sets its own ``self.config`` (else it inherits its parent's keys)."""
 
     def deco(cls: type) -> type:
         if CONSTRAINTS.get(name, cls) is not cls:

@@ -59,9 +59,9 @@ class BurgersResidual(Constraint):
     """``x (B, 1, T, N) -> (B,)``: mean ``|x_{k+1} - S(x_k)|`` over the ``T - 1`` transitions.
 
     The stepper's grid spacing is ``length / N``: the defaults describe the paper's 64-point domain
-    ``[0, 10)``. For data of another width take the constraint the data were made with
-    (``build_constraint(load_dataset("burgers", size=N).meta["constraint"])``, whose ``length`` is
-    ``10 N / 64``): with ``length = 10`` on 16-point rows the residual of exact data is about 0.1, not 0.
+    ``[0, 10)``. For data of another width ``N`` pass ``length = 10 N / 64``, as the data set's own
+    constraint does (``load_dataset("burgers", size=N).meta["constraint"]``): with ``length = 10`` on
+    16-point rows the residual of exact data is about 0.1, not 0.
     """
 
     def __init__(

@@ -216,7 +216,9 @@ class CountConstraint(Constraint):
     """``x (B, 1, H, W) -> (B,)``: ``|count(x) - k|`` with a frozen counting CNN.
 
     ``counter``: a trained :class:`CountingCNN` (or any ``x -> (B,)`` counter module); by default the
-    project's cached counter for ``(k, size, counter_steps, seed)``.
+    project's cached counter for ``(k, size, counter_steps, seed)``. A counter of one's own is named in
+    the config by a fingerprint of its class and weights (``"counter": "custom ..."``), and such a
+    config is not rebuilt by :func:`~condiff.constraints.build_constraint`: pass the counter again.
     """
 
     def __init__(
@@ -253,13 +255,15 @@ class CountConstraint(Constraint):
         if counter is not None:  # the config names it, not the project's counter it would otherwise rebuild
             digest = hashlib.sha256(type(counter).__qualname__.encode())
             for name, t in sorted(counter.state_dict().items()):
-                digest.update(name.encode())
-                digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-            self._custom = digest.hexdigest()[:16]
-            self.config = {**self.config, "counter": f"custom {self._custom}"}  # size etc. kept for the shape check
+                if isinstance(t, Tensor) and t.layout == torch.strided:
+                    digest.update(name.encode())
+                    digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            self.config = {**self.config, "counter": f"custom {digest.hexdigest()[:16]}"}
 
     def learned_parts(self) -> dict | None:
-        return {"counter": COUNTER_RECIPE} if self._own_counter else {"counter": {"custom": self._custom}}
+        # a counter of one's own is not recorded as a learned part (stage settings would then change with
+        # weights a file may draw anew in every process); its config names it by its fingerprint
+        return {"counter": COUNTER_RECIPE} if self._own_counter else None
 
     def count(self, x: Tensor) -> Tensor:
         self._check_image(x, 1)

@@ -56,8 +56,8 @@ def _cached_splits(
 ) -> dict[str, np.ndarray]:
     """The arrays of ``split`` ("train", "test" or both, train first), each part made by
     ``make(n, seed)`` with its own derived seed and cached under ``params``; concatenated per key."""
-    if not checks.is_integer(seed, 0, checks.SEED_LIMIT):  # 1.5 and True were read as 1
-        raise DataError(f"{source}: seed must be an integer >= 0, got {seed!r}")
+    if not checks.is_integer(seed):  # 1.5 and True were read as 1 (any whole number is hashed: derive_seed)
+        raise DataError(f"{source}: seed must be an integer, got {seed!r}")
     parts = []
     for part, n in _sizes(split, n_train, n_test, source):
         s = derive_seed(seed, source, part)

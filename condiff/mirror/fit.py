@@ -164,14 +164,13 @@ def finetune_inverse(
     ``run_dir/mirror``). ``mirror`` itself is left as it was."""
     _probe(constraint, x)
     weights = weights or NAMMLoss()
-    frozen = copy.deepcopy(mirror).eval()
     f = copy.deepcopy(mirror.inverse).train().requires_grad_(True)
-    obj = FinetuneObjective(frozen, x, y_mdm, constraint, tcfg.batch_size, weights)
+    obj = FinetuneObjective(mirror, x, y_mdm, constraint, tcfg.batch_size, weights)  # freezes a copy of psi
     meta = {"mirror": mirror.config, "loss": vars(weights), "finetune": True, **(meta or {})}
     tr = _trainer(f, obj, tcfg, run_dir, meta, resume)
     t0 = time.perf_counter()
     f_ema = tr.fit().eval()
-    out = MirrorMap(frozen.psi, f_ema, mirror.a).eval()
+    out = MirrorMap(obj.psi_map.psi, f_ema, mirror.a).eval()  # the objective's frozen psi, on f's device
     if run_dir is not None and tr.dist.main:
         save_mirror(
             Path(run_dir) / "mirror",

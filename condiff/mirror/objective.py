@@ -200,7 +200,7 @@ class FinetuneObjective(_SignCheck):
             raise ValueError("the mirror samples to fine-tune on hold NaN or inf values")
         # only its psi is used, frozen, in a copy: freezing the caller's map froze the very inverse network the
         # Trainer was given to train, which then stayed as it was, silently
-        self.psi_map = copy.deepcopy(mirror).requires_grad_(False)
+        self.psi_map = copy.deepcopy(mirror).eval().requires_grad_(False)
         self.x, self.gx = x, mirror.to_mirror(x)
         reach, y_reach = float(self.gx.abs().max()), float(y_mdm.abs().max())
         if y_reach > 10 * max(reach, 1.0):
