@@ -355,3 +355,17 @@ def test_namm_data_generators_refuse_odd_sizes_seeds_and_fluxes():
             load_dataset("brightness", "train", **{"size": 8, **kw})
     with pytest.raises(DataError, match="kolmogorov: sim_size must be an even integer >= 8, got 4"):
         load_dataset("kolmogorov", "train", size=8, sim_size=4)
+
+
+def test_small_edges_of_the_task_helpers():
+    from condiff.data import ArrayData
+    from condiff.dual.data import select
+    from condiff.mirror.sample import batched_distance
+    from condiff.pnp.segmentation import otsu_segment
+
+    d = ArrayData(torch.randn(12, 2), torch.arange(12) % 3)
+    as_list = select(d, [2, 1], n=4, seed=3)
+    assert torch.equal(select(d, torch.tensor([2, 1]), n=4, seed=3).x, as_list.x)  # was an ambiguous-truth error
+    with pytest.raises(ValueError, match=r"otsu_segment: expected images \(B, C, H, W\) of at least 2 pixels"):
+        otsu_segment(torch.zeros(1, 1, 1, 1))
+    assert batched_distance(lambda v: v.sum(1), torch.empty(0, 3)).shape == (0,)

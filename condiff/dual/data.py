@@ -37,13 +37,15 @@ def select(data: ArrayData, classes: Sequence[int] | None = None, n: int | None 
     if offset < 0 or (n is not None and n < 1):
         raise DataError(f"{data.name}: need offset >= 0 and n >= 1, got offset={offset}, n={n}")
     idx = torch.arange(len(data))
+    tags: list[int] = []  # the classes, as plain ints in the order given, seed the shuffle
     if classes is not None:
         y = _need_labels(data, "selecting classes")
-        wanted = torch.as_tensor(list(classes), dtype=torch.long)
+        wanted = torch.as_tensor(list(classes), dtype=torch.long)  # a tensor or array of classes too
+        tags = wanted.tolist()
         idx = idx[torch.isin(y, wanted)]
         if len(idx) == 0:
-            raise DataError(f"{data.name}: no examples of classes {list(classes)}")
-    idx = idx[_perm(len(idx), seed, "select", *(classes or ()))]
+            raise DataError(f"{data.name}: no examples of classes {tags}")
+    idx = idx[_perm(len(idx), seed, "select", *tags)]
     stop = len(idx) if n is None else offset + n
     if stop > len(idx) or offset >= len(idx):
         raise DataError(f"{data.name}: asked for examples [{offset}, {stop}) of {len(idx)} available")

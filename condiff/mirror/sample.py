@@ -28,7 +28,9 @@ def mirror_generate(
 def batched_distance(
     constraint, x: Tensor, batch_size: int = 256, device: str | torch.device = "cpu"
 ) -> Tensor:
-    """``l(x)`` for a large set ``x`` (N, ...) in batches: ``(N,)`` on the CPU."""
+    """``l(x)`` for a large set ``x`` (N, ...) in batches: ``(N,)`` on the CPU (empty for an empty set)."""
+    if len(x) == 0:
+        return torch.empty(0)
     return check_sign(torch.cat(
         [constraint(x[i : i + batch_size].to(device)).detach().cpu() for i in range(0, len(x), batch_size)]
     ))

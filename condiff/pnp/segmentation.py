@@ -59,6 +59,9 @@ def _foreground(groups: Tensor) -> Tensor:
 
 def otsu_segment(images: Tensor) -> Tensor:
     """Otsu's threshold on the channel-mean brightness of ``(B, C, H, W)``: masks ``(B, 1, H, W)`` bool."""
+    if images.dim() != 4 or images.shape[-1] * images.shape[-2] < 2:
+        raise ValueError(f"otsu_segment: expected images (B, C, H, W) of at least 2 pixels, got shape "
+                         f"{tuple(images.shape)}")
     grey = images.mean(1)
     out = []
     for g in grey:
