@@ -8,6 +8,7 @@ interface, so a condiff network, a diffusers ``UNet2DModel`` or an analytic orac
 from __future__ import annotations
 
 import numbers
+import warnings
 from pathlib import Path
 
 import torch
@@ -104,6 +105,9 @@ class NetDenoiser(Denoiser):
         if y is not None and classes and (not isinstance(y, Tensor) or y.numel()):  # once, not at every call
             check_label_range(y, classes)
         self._y_on: Tensor | None = None  # y on the device of the last call
+        # a labelled model trained without label drop, used without labels: said once, at its first call
+        self._untrained_null = bool(classes) and y is None and label_drop == 0
+        self.unconditional_hint = "condition it with .conditioned(label)"  # the CLI names its --label
 
     def _labels(self, x_t: Tensor) -> Tensor:
         if isinstance(self.y, Tensor):
@@ -118,6 +122,11 @@ class NetDenoiser(Denoiser):
     def predict_eps(self, x_t: Tensor, t: Tensor) -> Tensor:
         checks.weights_dtype("x_t", x_t, self.net)
         if self.y is None:
+            if self._untrained_null:
+                self._untrained_null = False
+                warnings.warn(f"the model was trained on {self.net.config['num_classes']} labelled classes without "
+                              "label drop, so its unconditional predictions were never trained: "
+                              f"{self.unconditional_hint}", stacklevel=2)
             return self.net(x_t, t)
         y = self._labels(x_t)
         if self.guidance_scale == 0:

@@ -246,6 +246,10 @@ def test_a_loaded_model_trained_without_label_drop_refuses_classifier_free_guida
     save_model(tmp_path / "plain", net, Schedule.linear(20), shape=[2], label_drop=0.0)
     den = load_denoiser(tmp_path / "plain")
     den.conditioned(1)  # plain conditioning is what it was trained for
+    with pytest.warns(UserWarning, match="without label drop, so its unconditional predictions were never trained: "
+                                         r"condition it with .conditioned\(label\)") as seen:
+        sample(den, (2, 2), steps=3)  # without a label: said once, at the first call
+    assert len(seen) == 1
     with pytest.raises(ValueError, match="needs a model trained with label_drop > 0; this one never learned"):
         den.conditioned(1, guidance_scale=2.0)
     save_model(tmp_path / "cfg", net, Schedule.linear(20), shape=[2], label_drop=0.1)

@@ -88,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         print(f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see {prog} --help)", file=sys.stderr)
         return 2
+    # each command's warnings afresh (a warning given by one command in this process is not swallowed as a
+    # repeat in the next, as Python's once-per-line rule would), printed as one line, and the process's
+    # warning settings restored afterwards
+    with warnings.catch_warnings():
+        return _run_command(args, prog)
+
+
+def _run_command(args: argparse.Namespace, prog: str) -> int:
     if not os.environ.get("CONDIFF_DEBUG"):  # a warning is one line too
         warnings.showwarning = lambda message, category, *rest, **kw: print(
             f"{prog}: warning: {message}", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +74,8 @@ def condition(den: Denoiser, run_cfg: dict, label: int | None, scale: float) -> 
     if label is None:
         if scale > 0:
             raise ValueError("--guidance-scale needs --label: it guides towards a class")
-        if classes and drop == 0:
-            warnings.warn(f"the model was trained on {classes} labelled classes without label drop, so its "
-                          "unconditional predictions were never trained: pass --label K", stacklevel=2)
+        if isinstance(den, NetDenoiser):  # it warns at its first call where they were never trained
+            den.unconditional_hint = "pass --label K"
         return den
     if not classes:
         raise ValueError("--label needs a class-conditional condiff model (trained with --set data.labels=true); "
