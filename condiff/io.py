@@ -224,6 +224,12 @@ class RunInUseError(RuntimeError):
 _LOCKS: dict[Path, int] = {}
 
 
+def is_rank0() -> bool:
+    """Whether this process is rank 0 of a torchrun job (or runs alone): the one that writes and clears a
+    run directory that the ranks share."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def lock_run(run_dir: str | Path) -> None:
     """Hold ``run_dir/.lock`` for the rest of this process, so that two commands never write one run
     at once; refused in one line when another process holds it. Does nothing while ``run_dir`` does
@@ -231,7 +237,7 @@ def lock_run(run_dir: str | Path) -> None:
     import fcntl
 
     run_dir = Path(run_dir).resolve()
-    if run_dir in _LOCKS or not run_dir.is_dir() or os.environ.get("RANK", "0") != "0":
+    if run_dir in _LOCKS or not run_dir.is_dir() or not is_rank0():
         return  # the ranks of one torchrun job share their run: rank 0 holds it
     fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -310,7 +316,7 @@ def set_aside(run_dir: str | Path, names: tuple[str, ...] | list[str]) -> list[s
     never mix. The run being replaced takes its room on the disk until then. Returns the names moved.
     Rank 0 of a torchrun job does it alone."""
     run_dir = Path(run_dir)
-    if os.environ.get("RANK", "0") != "0":
+    if not is_rank0():
         return []
     keep = run_dir / REPLACED
     present = [n for n in names if (run_dir / n).exists() or (run_dir / n).is_symlink()]

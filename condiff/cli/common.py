@@ -206,7 +206,7 @@ def replace_run(run_dir: Path, names: tuple[str, ...], flag: str = "") -> None:
     ``run_dir/.replaced`` until the new run finishes (the caller then calls :func:`condiff.io.drop_replaced`),
     so a replacement that fails loses nothing; one line says so when ``flag`` asked for the replacement."""
     io.set_aside(run_dir, names)
-    if flag and (run_dir / io.REPLACED).is_dir() and os.environ.get("RANK", "0") == "0":
+    if flag and (run_dir / io.REPLACED).is_dir() and io.is_rank0():
         print(f"{flag}: the run being replaced is kept in {run_dir / io.REPLACED} until this one finishes",
               file=sys.stderr)
 
@@ -215,7 +215,7 @@ def note_replaced(run_dir: Path) -> None:
     """One line when ``run_dir`` still keeps a run that an unfinished replacement set aside and this
     command, which goes on with the replacement, will delete it when it finishes."""
     keep = Path(run_dir) / io.REPLACED
-    if keep.is_dir() and os.environ.get("RANK", "0") == "0":
+    if keep.is_dir() and io.is_rank0():
         print(f"note: {keep} keeps the run an unfinished --fresh / --retrain replaced; it is deleted when this "
               f"run finishes (to keep it instead, move its files back into {run_dir} first)", file=sys.stderr)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import time
 from dataclasses import asdict
@@ -292,7 +291,7 @@ class SampleCache:
         self.new[where] = (spec, x)
 
     def save(self) -> None:
-        if not self.new or int(os.environ.get("RANK", "0")) != 0:
+        if not self.new or not io.is_rank0():
             return
         keep = [g for g in self.old if g not in self.new and io.has_group(self.root, g)]
         groups = {**{g: io.load_group(self.root, g) for g in keep}, **{w: {"x": x} for w, (_, x) in self.new.items()}}
