@@ -112,6 +112,12 @@ def finite_rows(name: str, x: Any) -> Any:
     return x
 
 
+def param_dtype(module: Any) -> torch.dtype:
+    """The floating dtype of a module's weights (float32 for one without any, or for no module)."""
+    params = module.parameters() if isinstance(module, torch.nn.Module) else ()
+    return next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+
+
 def weights_dtype(name: str, x: Any, module: Any) -> Any:
     """``x`` in the dtype of ``module``'s weights (a float64 input to a float32 network fails deep inside torch)."""
     floating(name, x)

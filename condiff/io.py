@@ -24,6 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import checks
+
 CONFIG = "config.json"
 
 
@@ -442,6 +444,13 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 # --- module save / load ------------------------------------------------------------------------
+
+
+def dtype_entry(module: torch.nn.Module) -> dict:
+    """What a model's config records of its weights' dtype: nothing for float32, else ``{"dtype": name}``
+    (:func:`condiff.models.load_net` restores it)."""
+    dtype = checks.param_dtype(module)
+    return {} if dtype == torch.float32 else {"dtype": str(dtype).removeprefix("torch.")}
 
 
 def save_module(path: str | Path, module: torch.nn.Module, config: dict) -> Path:

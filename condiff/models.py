@@ -26,9 +26,8 @@ def save_model(path: str | Path, net: nn.Module, schedule: Schedule, **meta) -> 
     if not isinstance(getattr(net, "config", None), dict):
         raise TypeError(f"save_model needs a condiff network (one with a .config to rebuild it from, e.g. from "
                         f"condiff.nets.build_net), got a {type(net).__name__}")
-    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
-    extra = {} if dtype == torch.float32 else {"dtype": str(dtype).removeprefix("torch.")}  # restored on load
-    config = {"format": "condiff-model", "net": net.config, "schedule": schedule.config(), **extra, **meta}
+    config = {"format": "condiff-model", "net": net.config, "schedule": schedule.config(), **io.dtype_entry(net),
+              **meta}
     return io.save_module(path, net, config)
 
 

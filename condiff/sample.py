@@ -119,13 +119,6 @@ def check_denoiser(denoiser: object) -> None:
         raise TypeError(f"the model must be a condiff Denoiser, got a {type(denoiser).__name__}{hint}")
 
 
-def weights_dtype(denoiser: Denoiser) -> torch.dtype:
-    """The floating dtype of a denoiser's weights (float32 for one without weights): the dtype its start
-    noise is drawn in."""
-    params = denoiser.parameters() if isinstance(denoiser, torch.nn.Module) else ()
-    return next((p.dtype for p in params if p.is_floating_point()), torch.float32)
-
-
 def ddim_sigma(abar_t: float, abar_prev: float, eta: float) -> float:
     """DDIM's ``sigma_t(eta)``; ``eta = 1`` gives the DDPM posterior standard deviation."""
     if eta == 0:
@@ -298,7 +291,7 @@ def sample(denoiser: Denoiser, shape: tuple[int, ...], steps: int = 100, eta: fl
     """Draw ``shape[0]`` samples: fresh noise ``x_T`` (in the dtype of the denoiser's weights), then
     :func:`ddim` over ``steps`` timesteps."""
     check_denoiser(denoiser)
-    x = randn(shape, generator, device=device, dtype=weights_dtype(denoiser))
+    x = randn(shape, generator, device=device, dtype=checks.param_dtype(denoiser))
     return ddim(denoiser, x, denoiser.schedule.timesteps(steps, spacing), eta=eta, generator=generator, **kw)
 
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from . import checks, io
 from .checks import check_setting
+from .data import value_range
 from .denoiser import check_prediction
 from .sample import progress_bar
 from .schedule import Schedule
@@ -262,25 +263,21 @@ class Trainer:
 
     def __init__(self, model: nn.Module, objective: Objective, cfg: TrainConfig,
                  run_dir: str | Path | None = None, meta: dict | None = None) -> None:
+        data = getattr(objective, "x", None)
         if meta is None:
             meta = {}
             if isinstance(getattr(model, "config", None), dict) and _json_safe(model.config):
                 meta["net"] = model.config
             if hasattr(getattr(objective, "schedule", None), "config"):
                 meta["schedule"] = objective.schedule.config()
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-            if dtype != torch.float32:  # load_denoiser restores it, as for save_model's models
-                meta["dtype"] = str(dtype).removeprefix("torch.")
+            meta.update(io.dtype_entry(model))  # load_denoiser restores it, as for save_model's models
             if getattr(objective, "y", None) is not None and checks.is_number(getattr(objective, "label_drop", None)):
                 meta["label_drop"] = float(objective.label_drop)  # a labelled model: whether it guides (CFG)
-            data = getattr(objective, "x", None)
             if isinstance(data, Tensor) and data.is_floating_point() and data.dim() >= 2:  # what `condiff sample`
-                meta["shape"] = list(data.shape[1:])                                   # needs of a model
-                meta["value_range"] = [float(data.min()), float(data.max())]
+                meta["shape"], meta["value_range"] = list(data.shape[1:]), value_range(data)
         self.cfg, self.objective, self.meta = cfg, objective, meta
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        data = getattr(objective, "x", None)  # float64 data for a float32 network failed inside a layer
-        if isinstance(data, Tensor) and data.is_floating_point():
+        if isinstance(data, Tensor) and data.is_floating_point():  # float64 data failed inside a float32 layer
             checks.weights_dtype("the training data", data, model)
         _check_labels_fit(getattr(objective, "y", None), model)
         if not any(p.requires_grad for p in model.parameters()):

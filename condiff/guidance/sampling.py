@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import checks
 from ..denoiser import Denoiser
-from ..sample import Guidance, Step, check_denoiser, ddim, randn, weights_dtype
+from ..sample import Guidance, Step, check_denoiser, ddim, randn
 
 
 @dataclass
@@ -48,7 +49,7 @@ def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...]
     if x_T is not None and tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape asks for {tuple(shape)}")
     check_denoiser(denoiser)
-    x = randn(shape, generator, device=device, dtype=weights_dtype(denoiser)) if x_T is None else x_T.to(device)
+    x = randn(shape, generator, device=device, dtype=checks.param_dtype(denoiser)) if x_T is None else x_T.to(device)
     ts = denoiser.schedule.timesteps(steps, spacing)
     nfe0, g0 = denoiser.nfe, getattr(guidance, "grad_evals", 0)
     t0 = time.perf_counter()
