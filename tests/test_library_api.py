@@ -169,6 +169,8 @@ def test_array_data_scales_image_bytes_as_the_file_loaders_do(tmp_path):
     assert float(direct.min()) >= -1 and float(direct.max()) <= 1
     torch.testing.assert_close(direct, load_dataset(str(tmp_path / "x.npy")).x)
     torch.testing.assert_close(ArrayData(u8).x, direct)
+    u16 = ArrayData(np.array([[0, 65535]], dtype=np.uint16)).x  # torch has no max of uint16: it failed there
+    assert u16.tolist() == [[-1.0, 1.0]]
     with pytest.warns(UserWarning, match=r"uint8 values of at most 1 \(a 0/1 mask\?\) are scaled as image bytes"):
         ArrayData(torch.ones(3, 4, dtype=torch.uint8))
 

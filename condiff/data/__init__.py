@@ -40,6 +40,10 @@ def native(a: np.ndarray) -> np.ndarray:
     return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
 
+#: Integer dtypes read as image bytes, by name (NumPy's and torch's alike), and their full scale.
+IMAGE_BYTES = {"uint8": 255.0, "uint16": 65535.0}
+
+
 def validate(x: Tensor | np.ndarray, source: str = "data") -> Tensor:
     """Check a batch and return it as a float32 tensor of rank 2 ``(N, D)`` or 4 ``(N, C, H, W)``.
 
@@ -67,13 +71,13 @@ def validate(x: Tensor | np.ndarray, source: str = "data") -> Tensor:
     if x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] > 4 and x.shape[2] > 4:
         raise DataError(f"{source}: shape {tuple(x.shape)} looks channels-last (N, H, W, C); condiff expects "
                         f"(N, C, H, W): transpose it, e.g. x.transpose(0, 3, 1, 2)")
-    scale = {torch.uint8: 255.0, torch.uint16: 65535.0}.get(x.dtype)
-    if scale is not None:  # image bytes, as the file loaders read them: to [-1, 1]
-        if int(x.max()) <= 1:
-            warnings.warn(f"{source}: {str(x.dtype).removeprefix('torch.')} values of at most 1 (a 0/1 mask?) are "
-                          "scaled as image bytes, to about -1; pass them as floats to keep them as they are",
-                          stacklevel=2)
-        x = x.to(torch.float32) * (2.0 / scale) - 1.0
+    kind = str(x.dtype).removeprefix("torch.")
+    if kind in IMAGE_BYTES:  # image bytes (arrays, files and PNGs alike): to [-1, 1]
+        x = x.to(torch.float32)  # (torch has no max of a uint16 tensor)
+        if float(x.max()) <= 1:
+            warnings.warn(f"{source}: {kind} values of at most 1 (a 0/1 mask?) are scaled as image bytes, to about "
+                          "-1; pass them as floats to keep them as they are", stacklevel=2)
+        x = x * (2.0 / IMAGE_BYTES[kind]) - 1.0
     wide = x
     x = x.to(torch.float32)
     bad = ~torch.isfinite(x)

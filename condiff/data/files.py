@@ -19,10 +19,9 @@ from PIL import Image
 from torch import Tensor
 
 from condiff import io
-from condiff.data import ArrayData, DataError, NoSplitError, check_split, native, validate, warn_range
+from condiff.data import IMAGE_BYTES, ArrayData, DataError, NoSplitError, check_split, native, validate, warn_range
 
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}
-_INT_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 
 
 # --- .npy / .npz --------------------------------------------------------------------------------
@@ -30,18 +29,13 @@ _INT_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 
 def _read(load: Any, path: Path, what: str) -> np.ndarray:
     try:
-        return native(np.asarray(load()))  # in native byte order: uint16 images must meet _INT_SCALE
+        return native(np.asarray(load()))  # in native byte order, which torch needs
     except ValueError as e:
         if "allow_pickle" in str(e):
             raise DataError(f"{path}: {what} holds pickled Python objects, which are never loaded") from None
         raise DataError(f"{path}: cannot read {what}: {e}") from None
     except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: cannot read {what}: {e}") from None
-
-
-def _scaled(a: np.ndarray) -> np.ndarray:
-    scale = _INT_SCALE.get(a.dtype)
-    return a.astype(np.float32) * (2.0 / scale) - 1.0 if scale else a
 
 
 def _open_npz(path: Path) -> Any:
@@ -69,7 +63,7 @@ def load_array(path: str | Path, key: str | None = None) -> ArrayData:
             if f.read(6) != b"\x93NUMPY":  # else numpy would take it for a pickle
                 raise DataError(f"{path}: not a .npy file (no NumPy header)")
         x = _read(lambda: np.load(path, allow_pickle=False), path, "the array")
-        x = warn_range(validate(_scaled(x), str(path)), str(path), unscaled=x.dtype not in _INT_SCALE)
+        x = warn_range(validate(x, str(path)), str(path), unscaled=x.dtype.name not in IMAGE_BYTES)
         return ArrayData(x, None, path.stem, {"path": str(path)})
     if path.suffix.lower() != ".npz":
         raise DataError(f"{path}: expected a .npy or .npz file, got {path.suffix or 'no suffix'}")
@@ -84,7 +78,7 @@ def load_array(path: str | Path, key: str | None = None) -> ArrayData:
         x = _read(lambda: npz[key], path, f"array {key!r}")
         y_key = _label_key(npz, keys, key, len(x))
         y = _read(lambda: npz[y_key], path, f"array {y_key!r}") if y_key in keys else None
-    x = warn_range(validate(_scaled(x), f"{path}[{key!r}]"), f"{path}[{key!r}]", unscaled=x.dtype not in _INT_SCALE)
+    x = warn_range(validate(x, f"{path}[{key!r}]"), f"{path}[{key!r}]", unscaled=x.dtype.name not in IMAGE_BYTES)
     return ArrayData(x, y, path.stem, {"path": str(path), "key": key})
 
 
