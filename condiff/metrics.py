@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checks
+from .data import native
 
 CHUNK = 1024  # rows per block of a pairwise-distance matrix
 MEDIAN_SUBSAMPLE = 1000  # points used by the median heuristic
@@ -34,7 +35,7 @@ def _check_finite(x: torch.Tensor, name: str) -> None:
 def _tensor(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     """Samples as a tensor: a NumPy array is taken as it is (its values unscaled, in native byte order)."""
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x.astype(x.dtype.newbyteorder("="), copy=False)))
+        x = torch.from_numpy(np.ascontiguousarray(native(x)))
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor or NumPy array of samples (N, ...), got {type(x).__name__}")
     return x
