@@ -91,8 +91,9 @@ class Operator(nn.Module):
         """A picture of a measurement in image space, for display (not a reconstruction)."""
         return y
 
-    def select(self, idx: slice | Tensor) -> Operator:
-        """The operator for a sub-batch (operators with per-sample state, e.g. masks, slice it)."""
+    def select(self, idx: int | slice | Tensor) -> Operator:
+        """The operator for a sub-batch (operators with per-sample state, e.g. masks, slice it); an int
+        index selects a sub-batch of one sample, which keeps its batch dimension."""
         return self
 
     def describe(self) -> dict:
@@ -107,6 +108,13 @@ class LinearOperator(Operator):
 
     def A_adjoint(self, y: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def _batch_index(idx: int | slice | Tensor) -> slice | Tensor:
+    """A sub-batch index that keeps the batch dimension: an int ``i`` becomes the batch of sample ``i``."""
+    if isinstance(idx, int) and not isinstance(idx, bool):
+        return slice(idx, idx + 1 if idx != -1 else None)
+    return idx
 
 
 @dataclass
@@ -124,8 +132,8 @@ class MeasurementLoss:
         _check_measurement(self.y, ax, "loss")
         return (self.y - ax).flatten(1).norm(dim=1)
 
-    def select(self, idx: slice | Tensor) -> MeasurementLoss:
-        return MeasurementLoss(self.op.select(idx), self.y[idx])
+    def select(self, idx: int | slice | Tensor) -> MeasurementLoss:
+        return MeasurementLoss(self.op.select(idx), self.y[_batch_index(idx)])
 
 
 # --- inpainting ----------------------------------------------------------------------------------
@@ -210,10 +218,10 @@ class Inpainting(LinearOperator):
         m = self._mask_for(y).expand(y.shape[0], y.shape[1], *y.shape[2:])
         return m.reshape(y.shape[0], -1).sum(1).double()
 
-    def select(self, idx: slice | Tensor) -> Inpainting:
+    def select(self, idx: int | slice | Tensor) -> Inpainting:
         if self.mask.shape[0] == 1:
             return self
-        return Inpainting(self.mask[idx], self.sigma_y, self.kind)
+        return Inpainting(self.mask[_batch_index(idx)], self.sigma_y, self.kind)
 
     def describe(self) -> dict:
         return {**super().describe(), "mask": self.kind, "observed": float(self.mask.mean())}

@@ -18,6 +18,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -399,6 +400,10 @@ class Trainer:
         """Train until ``cfg.steps``; returns the EMA model."""
         cfg = self.cfg
         log = None
+        if cfg.warmup >= cfg.steps > max(1, self.step) and self.dist.main:  # said when training starts, not before
+            warnings.warn(f"the learning-rate warm-up ({cfg.warmup} steps) is as long as the run ({cfg.steps} "
+                          f"steps), so the learning rate never reaches {cfg.lr:g}: set a shorter warm-up "
+                          "(the training settings' warmup, e.g. --set train.warmup=0)", stacklevel=2)
         if self.run_dir is not None and self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # from step 0 the log starts afresh (a run killed before its first checkpoint left lines)

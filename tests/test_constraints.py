@@ -21,6 +21,7 @@ from condiff.constraints import (
     TotalBrightness,
     build_constraint,
     check_distance,
+    safe_norm,
 )
 from condiff.constraints.count import _pgd, train_counter
 from condiff.mirror.sample import batched_distance
@@ -111,6 +112,23 @@ def test_half_precision_distances_do_not_overflow():
     assert float(Box()(x.half())) == pytest.approx(float(exact), rel=1e-3)
 
 
+def test_distances_far_outside_do_not_overflow_float32():
+    """Summed squares overflowed float32 from |x - P(x)| ~ 1e19: a finite violation read as inf."""
+    x = torch.full((2, 300), 1e30)
+    expect = 1e30 * math.sqrt(300)
+    for con in (Box(), Ball(), Simplex()):
+        assert torch.allclose(con(x).double(), torch.full((2,), expect, dtype=torch.float64), rtol=1e-5)
+    # the norm's gradient is still v / ||v||, 0 at 0, and a broken sample stays broken
+    v = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(safe_norm(v).sum(), v)
+    torch.testing.assert_close(g, v.detach() / v.detach().norm(dim=1, keepdim=True))
+    z = torch.zeros(2, 4, requires_grad=True)
+    (g0,) = torch.autograd.grad(safe_norm(z).sum(), z)
+    assert torch.equal(g0, torch.zeros(2, 4))
+    out = safe_norm(torch.tensor([[math.inf, 1.0], [math.nan, 1.0], [3.0, 4.0]]))
+    assert math.isinf(out[0]) and math.isnan(out[1]) and float(out[2]) == 5.0
+
+
 # --- data constraints ------------------------------------------------------------------------------
 
 
@@ -191,6 +209,9 @@ def test_divergence_closed_forms():
     assert con(grad_field).item() == pytest.approx(float(torch.sin(c).abs().mean()), abs=1e-10)
     with pytest.raises(ValueError, match="even number of channels"):
         con(torch.zeros(1, 3, 8, 8))
+    # no half-precision FFT on the CPU: half fields are measured in float32
+    half = con(grad_field.half())
+    assert half.dtype == torch.float32 and float(half) == pytest.approx(float(con(grad_field)), rel=1e-2)
 
 
 def test_periodic_closed_form():
@@ -233,6 +254,11 @@ def test_count_distance_with_a_given_counter():
 
     with pytest.raises(ValueError, match=r"the counter must map a batch of 2 to \(2,\) counts, got \(2, 1\)"):
         CountConstraint(k=3, counter=Column())(x)
+    # a counter with float32 weights counts a float64 batch (and its density map) in its own dtype
+    cnn = CountConstraint(k=2, size=8, counter=CountingCNN(width=4))
+    img = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(cnn(img), cnn(img.float()))
+    torch.testing.assert_close(cnn.violation_map(img), cnn.violation_map(img.float()))
 
 
 def test_counter_adversarial_batch_stays_in_budget_and_raises_the_error():

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -566,6 +567,23 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     flat = Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, s, 4),
                    TrainConfig(steps=20, lr=1.0, warmup=4, lr_decay="constant", progress=False))
     assert flat.lr_at(15) == 1.0
+
+
+def test_a_run_shorter_than_its_warm_up_is_warned_of_when_it_trains():
+    x, s = torch.randn(8, 2), Schedule.linear(10)
+
+    def fit(steps, warmup):
+        tr = Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, s, 4),
+                     TrainConfig(steps=steps, warmup=warmup, progress=False))
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            tr.fit()
+        return [str(w.message) for w in got]
+
+    said = fit(5, 10)
+    assert len(said) == 1 and "warm-up (10 steps) is as long as the run (5 steps)" in said[0]
+    assert "never reaches 0.001" in said[0]
+    assert fit(11, 10) == [] and fit(5, 0) == []
 
 
 class _BatchNormNet(torch.nn.Module):

@@ -126,6 +126,15 @@ def test_bad_inputs_raise_one_line_errors():
         tsp.render_tours(np.full((1, 4, 2), 2.0), np.arange(4)[None], tsp.TourStyle())
     with pytest.raises(ValueError, match="positive"):
         tsp.optimality_gap(np.ones(2), np.zeros(2))
+    # a row that visits a city twice (or one out of range) is no tour: refused, not drawn
+    c = np.random.default_rng(0).random((2, 4, 2))
+    for bad in ([[0, 1, 2, 3], [0, 1, 1, 3]], [[0, 1, 2, 3], [0, 1, 2, 4]]):
+        with pytest.raises(ValueError, match=r"not a tour of 4 cities .*\[0, 1, (1, 3|2, 4)\]"):
+            tsp.render_tours(c, np.array(bad), tsp.TourStyle())
+        with pytest.raises(ValueError, match="not a tour of 4 cities"):
+            tsp.tours_to_adjacency(np.array(bad), 4)
+    with pytest.raises(ValueError, match=r"tours must have shape \(2, 4\), got \(4,\)"):
+        tsp.render_tours(c, np.arange(4), tsp.TourStyle())
 
 
 # --- rendering ---------------------------------------------------------------------------------------

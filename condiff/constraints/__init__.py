@@ -139,9 +139,14 @@ def safe_norm(v: Tensor) -> Tensor:
     w = v.flatten(1)
     if w.dtype in (torch.float16, torch.bfloat16):  # summed squares overflow half precision from |v| ~ 16
         w = w.float()
-    sq = w.pow(2).sum(1)
-    # exactly 0 -> 0 (with a zero gradient); NaN and inf pass through, so a broken sample never reads as on the set
-    return torch.where(sq == 0, torch.zeros_like(sq), sq.clamp_min(1e-30).sqrt())
+    # scaled by the largest entry so that the squares neither overflow (float32 from |v| ~ 1e19) nor underflow;
+    # a zero or non-finite sample keeps scale 1, so NaN and inf pass through and a broken sample never reads
+    # as on the set. The scale is a constant to autograd (the norm is homogeneous: the gradient is the same)
+    m = w.detach().abs().amax(1, keepdim=True)
+    scale = torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
+    sq = (w / scale).pow(2).sum(1)
+    # exactly 0 -> 0 (with a zero gradient)
+    return torch.where(sq == 0, torch.zeros_like(sq), sq.clamp_min(1e-30).sqrt() * scale[:, 0])
 
 
 # Families import the names above from this module, so they are imported last.

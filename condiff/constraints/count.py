@@ -265,13 +265,20 @@ class CountConstraint(Constraint):
         # weights a file may draw anew in every process); its config names it by its fingerprint
         return {"counter": COUNTER_RECIPE} if self._own_counter else None
 
+    def _in_counter_dtype(self, x: Tensor) -> Tensor:
+        """``x`` in the dtype of the counter's weights (the project's counter is float32), so that a float64
+        or half-precision batch is counted, not refused deep inside torch."""
+        if any(p.is_floating_point() for p in self.counter.parameters()):
+            return x.to(checks.param_dtype(self.counter))
+        return x
+
     def count(self, x: Tensor) -> Tensor:
         self._check_image(x, 1)
         size = self.config["size"]
         if self._own_counter and tuple(x.shape[-2:]) != (size, size):  # the counter is trained for one size
             raise ValueError(f"count constraint was built for {size}x{size} images (its counter's training size), "
                              f"got {x.shape[-2]}x{x.shape[-1]}")
-        out = self.counter(x)
+        out = self.counter(self._in_counter_dtype(x))
         if not self._own_counter and (not isinstance(out, Tensor) or out.shape != (x.shape[0],)):
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"count: the counter must map a batch of {x.shape[0]} to ({x.shape[0]},) counts, "
@@ -286,4 +293,4 @@ class CountConstraint(Constraint):
         if density is None:
             return None
         with torch.no_grad():
-            return density(x)[:, 0]
+            return density(self._in_counter_dtype(x))[:, 0]

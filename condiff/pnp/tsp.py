@@ -412,6 +412,17 @@ def _compose(edges: Tensor, cities: Tensor, style: TourStyle) -> Tensor:
     return (2 * v - 1).view(-1, 1, style.size, style.size)
 
 
+def _tours_tensor(tours: np.ndarray | Tensor, n: int, batch: int | None = None) -> Tensor:
+    """``(B, N)`` tours as a long tensor, after checking the shape and that each row is a tour."""
+    a = np.asarray(tours.detach().cpu() if isinstance(tours, Tensor) else tours)
+    if a.ndim != 2 or a.shape[1] != n or (batch is not None and a.shape[0] != batch):
+        want = f"({batch if batch is not None else 'B'}, {n})"
+        raise ValueError(f"tours must have shape {want}, got {a.shape}")
+    for row in a:
+        check_tour(row, n)
+    return torch.as_tensor(a.astype(np.int64))
+
+
 def render_tours(coords: Tensor | np.ndarray, tours: np.ndarray | Tensor, style: TourStyle) -> Tensor:
     """Pictures ``(B, 1, H, W)`` in [-1, 1] of tours ``(B, N)`` over cities ``(B, N, 2)``.
 
@@ -420,9 +431,7 @@ def render_tours(coords: Tensor | np.ndarray, tours: np.ndarray | Tensor, style:
     """
     c = _coords_tensor(coords)
     B, n = c.shape[:2]
-    t = torch.as_tensor(np.asarray(tours), dtype=torch.long)
-    if t.shape != (B, n):
-        raise ValueError(f"tours must have shape ({B}, {n}), got {tuple(t.shape)}")
+    t = _tours_tensor(tours, n, B)
     px = style.to_pixels(c)
     a = px.gather(1, t[..., None].expand(-1, -1, 2))
     b = px.gather(1, t.roll(-1, 1)[..., None].expand(-1, -1, 2))
@@ -434,7 +443,7 @@ def render_tours(coords: Tensor | np.ndarray, tours: np.ndarray | Tensor, style:
 
 def tours_to_adjacency(tours: np.ndarray | Tensor, n: int) -> Tensor:
     """``(B, N)`` tours -> ``(B, N, N)`` directed one-hot adjacency (``A[t_k, t_k+1] = 1``)."""
-    t = torch.as_tensor(np.asarray(tours), dtype=torch.long)
+    t = _tours_tensor(tours, n)
     A = torch.zeros(t.shape[0], n, n)
     A.scatter_(2, t.roll(-1, 1).gather(1, t.argsort(1))[..., None], 1.0)
     return A
