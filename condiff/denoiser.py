@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -83,9 +84,13 @@ class NetDenoiser(Denoiser):
     """
 
     def __init__(self, net: nn.Module, schedule: Schedule, y: Tensor | int | None = None,
-                 guidance_scale: float = 0.0, label_drop: float | None = None) -> None:
+                 guidance_scale: float = 0.0, label_drop: float | None = None,
+                 value_range: Sequence[float] | None = None) -> None:
         super().__init__(schedule)
         self.label_drop = label_drop  # as trained, where known (load_denoiser reads it from the model)
+        # the training data's [min, max], where known (load_denoiser reads it from the model): the guided
+        # samplers' default clip of x0_hat (condiff.sample.default_clip)
+        self.value_range = None if value_range is None else [float(v) for v in value_range]
         if isinstance(y, Tensor) and y.dim() == 0 and not y.is_floating_point() and y.dtype != torch.bool:
             y = int(y)  # one label for the whole batch, as an int is
         if y is not None and not isinstance(y, Tensor) and (isinstance(y, bool) or not isinstance(y, numbers.Integral)):
@@ -138,7 +143,7 @@ class NetDenoiser(Denoiser):
     def conditioned(self, y: Tensor | int | None, guidance_scale: float = 0.0) -> NetDenoiser:
         """The same network with class labels ``y`` fixed (shares weights), optionally with
         classifier-free guidance of strength ``guidance_scale``."""
-        return NetDenoiser(self.net, self.schedule, y, guidance_scale, self.label_drop)
+        return NetDenoiser(self.net, self.schedule, y, guidance_scale, self.label_drop, self.value_range)
 
 
 class GaussianDenoiser(Denoiser):

@@ -29,6 +29,15 @@ from . import checks
 CONFIG = "config.json"
 
 
+def json_safe(obj: object) -> bool:
+    """Whether ``obj`` can go into a config.json as it is."""
+    try:
+        json.dumps(obj)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def versions() -> dict[str, str]:
     """The condiff and torch versions a file was made with (recorded in models and result records)."""
     from condiff import __version__

@@ -60,8 +60,11 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: boo
                                  f"data space: use `condiff namm sample --run {run}` (in Python, condiff.mirror."
                                  "mirror_generate, or load_denoiser(..., mirror_space=True))")
     drop = cfg.get("label_drop")  # recorded by `condiff train` for class-conditional models
+    span = cfg.get("value_range")  # recorded since 2026-12-04
+    ok = isinstance(span, list) and len(span) == 2 and all(checks.is_number(v) for v in span)
     return NetDenoiser(net.eval(), Schedule.from_config(cfg["schedule"]),
-                       label_drop=float(drop) if checks.is_number(drop) else None)
+                       label_drop=float(drop) if checks.is_number(drop) else None,
+                       value_range=span if ok else None)
 
 
 def _config_or_empty(path: Path) -> dict:

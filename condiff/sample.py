@@ -126,6 +126,18 @@ def ddim_sigma(abar_t: float, abar_prev: float, eta: float) -> float:
     return eta * math.sqrt((1 - abar_prev) / (1 - abar_t)) * math.sqrt(max(1 - abar_t / abar_prev, 0.0))
 
 
+def default_clip(denoiser: object, clip_x0: float | Sequence[float] | str | None) -> float | tuple[float, float] | None:
+    """``clip_x0`` with ``"auto"`` resolved for ``denoiser``: ``[-1, 1]`` (the house data range), or the
+    ``[min, max]`` of its training data where those reach beyond (the ``value_range`` a loaded condiff
+    model records; :func:`condiff.data.nominal_range`), as the command line clips."""
+    if not (isinstance(clip_x0, str) and clip_x0 == "auto"):
+        return clip_x0
+    from .data import nominal_range  # the data package is heavy and imports the samplers' users
+
+    span = getattr(denoiser, "value_range", None)
+    return nominal_range(span) if span is not None else 1.0
+
+
 def clip_bounds(clip_x0: float | Sequence[float] | None) -> tuple[float, float] | None:
     """The interval ``x0_hat`` is clamped to: ``[-c, c]`` for a number ``c > 0``, ``[lo, hi]`` for a pair
     (data on e.g. [0, 5]); ``None``: no clipping."""

@@ -244,15 +244,6 @@ def _check_labels_fit(y: object, model: nn.Module) -> None:
         check_label_range(y, k)
 
 
-def _json_safe(obj: object) -> bool:
-    """Whether ``obj`` can go into a checkpoint's config.json as it is."""
-    try:
-        json.dumps(obj)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 class Trainer:
     """Optimise ``model`` for ``objective`` with checkpoints in ``run_dir/checkpoints``.
 
@@ -267,7 +258,7 @@ class Trainer:
         data = getattr(objective, "x", None)
         if meta is None:
             meta = {}
-            if isinstance(getattr(model, "config", None), dict) and _json_safe(model.config):
+            if isinstance(getattr(model, "config", None), dict) and io.json_safe(model.config):
                 meta["net"] = model.config
             if hasattr(getattr(objective, "schedule", None), "config"):
                 meta["schedule"] = objective.schedule.config()
@@ -366,6 +357,18 @@ class Trainer:
         torch.set_rng_state(io.load_group(path, "rng")["torch_cpu"])
         self.step, self._log_acc = step, log_acc
 
+    def _check_same_run(self, path: Path) -> None:
+        """Refuse a checkpoint written with other ``meta`` (another constraint, data range, network...):
+        the weights may load, and training would go on, silently, towards another objective. Entries the
+        checkpoint lacks (written before they were recorded) are not compared."""
+        cfg = io.load_config(path)
+        differ = [k for k, v in self.meta.items()
+                  if k in cfg and io.json_safe(v) and cfg[k] != json.loads(json.dumps(v))]
+        if differ:
+            raise ValueError(f"the newest checkpoint, {path}, was written with other settings ({', '.join(differ)} "
+                             "differ): resume with the settings it was made with, or start over (without resume, "
+                             "or --fresh)")
+
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint in ``run_dir``; False if there is none."""
         if self.ckpt_root is None:
@@ -376,7 +379,8 @@ class Trainer:
         ckpts = list_checkpoints(self.ckpt_root)
         if not ckpts:
             return False
-        self.load(ckpts[-1])
+        self.load(ckpts[-1])  # first: its refusals of weights of another shape are the more precise
+        self._check_same_run(ckpts[-1])
         if self.step > self.cfg.steps:  # it would stop at once and save a model of more steps than asked
             raise ValueError(f"the newest checkpoint, {ckpts[-1].name}, is at step {self.step}, beyond the "
                              f"{self.cfg.steps} steps asked for: ask for at least {self.step} (train.steps), or "

@@ -14,7 +14,7 @@ from condiff.models import load_denoiser, save_model
 from condiff.nets import TimeMLP
 from condiff.pnp import schedules as sch
 from condiff.pnp.engine import finish, infer
-from condiff.sample import sample
+from condiff.sample import default_clip, sample
 from condiff.schedule import Schedule
 from condiff.train import DenoisingObjective, TrainConfig, Trainer, list_checkpoints
 
@@ -375,3 +375,27 @@ def test_small_edges_of_the_task_helpers():
     with pytest.raises(ValueError, match=r"otsu_segment: expected images \(B, C, H, W\) of at least 2 pixels"):
         otsu_segment(torch.zeros(1, 1, 1, 1))
     assert batched_distance(lambda v: v.sum(1), torch.empty(0, 3)).shape == (0,)
+
+
+def test_guided_samplers_clip_to_the_loaded_models_data_range(tmp_path):
+    """guided_sample and finish clipped x0_hat to [-1, 1] whatever range the model was trained on: a model of
+    data on [0, 3] had every guided sample squashed into [0, 1], silently."""
+    s = Schedule.linear(50)
+    save_model(tmp_path / "wide", TimeMLP(2, hidden=8, depth=1), s, value_range=[0.0, 3.0])
+    save_model(tmp_path / "unit", TimeMLP(2, hidden=8, depth=1), s, value_range=[-0.9, 0.8])
+    wide, unit = load_denoiser(tmp_path / "wide"), load_denoiser(tmp_path / "unit")
+    assert wide.value_range == [0.0, 3.0] and wide.conditioned(None).value_range == [0.0, 3.0]
+    assert default_clip(wide, "auto") == (0.0, 3.0) and default_clip(unit, "auto") == (-1.0, 1.0)
+    assert default_clip(wide, None) is None and default_clip(wide, 2.0) == 2.0
+    # the clip in action: an exact denoiser of data near 2.5, with and without a recorded range
+    oracle = GaussianDenoiser(s, mean=2.5, std=0.05)
+    loss = DPS(lambda x: (x - 2.5).flatten(1).norm(dim=1), zeta=0.0)
+    g = torch.Generator().manual_seed(0)
+    squashed = guided_sample(oracle, loss, (4, 2), 20, generator=g).x
+    assert float(squashed.max()) < 1.5  # no recorded range: [-1, 1], the house range
+    oracle.value_range = [0.0, 3.0]
+    g.manual_seed(0)
+    kept = guided_sample(oracle, loss, (4, 2), 20, generator=g).x
+    assert torch.allclose(kept, torch.full_like(kept, 2.5), atol=0.3)
+    g.manual_seed(0)
+    assert torch.allclose(finish(oracle, kept, 30, generator=g), torch.full_like(kept, 2.5), atol=0.3)

@@ -33,6 +33,7 @@ from condiff.mirror import (
     save_mirror,
     sparse_points,
 )
+from condiff.mirror.fit import constraint_entry
 from condiff.nets import ICNN, ResNetGenerator, build_net
 from condiff.sample import sample
 from condiff.schedule import Schedule
@@ -290,6 +291,28 @@ def test_namm_training_reduces_cycle_and_constraint_losses(tmp_path):
     log = read_log(tmp_path / "log.jsonl")
     assert {"cyc", "con", "reg"} <= set(log[-1]) and log[-1]["step"] == 120
     assert (tmp_path / "mirror" / "config.json").is_file()
+
+
+def test_resuming_a_mirror_map_under_another_constraint_is_refused(tmp_path):
+    """fit_mirror_map(..., resume=True) went on from a checkpoint fitted for another constraint, silently."""
+    x, con = _brightness_data(32)
+    cfg = TrainConfig(steps=4, batch_size=4, warmup=0, ckpt_every=2, progress=False)
+    fit_mirror_map(x, con, _tiny_mirror(), cfg, run_dir=tmp_path)
+    assert json.loads((tmp_path / "mirror" / "config.json").read_text())["constraint"] == con.config
+    longer = TrainConfig(steps=6, batch_size=4, warmup=0, ckpt_every=2, progress=False)
+    other = TotalBrightness(con.config["flux"] + 1)
+    with pytest.raises(ValueError, match=r"step_00000004, was written with other settings \(constraint differ\)"):
+        fit_mirror_map(x, other, _tiny_mirror(), longer, run_dir=tmp_path, resume=True)
+
+    def my_distance(v):
+        return (v.flatten(1).mean(1) - 0.1).abs()
+
+    with pytest.raises(ValueError, match=r"\(constraint differ\)"):
+        fit_mirror_map(x, my_distance, _tiny_mirror(), longer, run_dir=tmp_path, resume=True)
+    fit_mirror_map(x, con, _tiny_mirror(), longer, run_dir=tmp_path, resume=True)  # the same one goes on
+    assert read_log(tmp_path / "log.jsonl")[-1]["step"] == 6
+    assert constraint_entry(my_distance) == {"callable": f"{__name__}.test_resuming_a_mirror_map_under_another_"
+                                                         "constraint_is_refused.<locals>.my_distance"}
 
 
 def _ft_cfg(steps):  # fine-tuning settings for the tests; checkpoints every 5 steps

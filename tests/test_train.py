@@ -569,6 +569,24 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert flat.lr_at(15) == 1.0
 
 
+def test_resume_on_other_data_or_another_network_is_refused(tmp_path):
+    """Trainer.resume() went on from any checkpoint whose weights loaded: other data, trained towards silently."""
+    x, s = torch.rand(16, 2), Schedule.linear(10)
+
+    def trainer(data, steps, meta=None):
+        cfg = TrainConfig(steps=steps, warmup=0, ckpt_every=2, progress=False)
+        return Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(data, s, 4), cfg, tmp_path, meta)
+
+    trainer(x, 2).fit()
+    with pytest.raises(ValueError, match=r"step_00000002, was written with other settings \(value_range differ\)"):
+        trainer(x * 3, 4).resume()
+    with pytest.raises(ValueError, match=r"\(schedule differ\)"):  # a meta of one's own is compared too
+        trainer(x, 4, {"schedule": Schedule.linear(20).config()}).resume()
+    assert trainer(x, 4, {"note": "not in the checkpoint: not compared"}).resume()
+    tr = trainer(x, 4)
+    assert tr.resume() and tr.step == 2
+
+
 def test_a_run_shorter_than_its_warm_up_is_warned_of_when_it_trains():
     x, s = torch.randn(8, 2), Schedule.linear(10)
 

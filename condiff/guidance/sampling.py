@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import checks
 from ..denoiser import Denoiser
-from ..sample import Guidance, Step, check_denoiser, ddim, randn
+from ..sample import Guidance, Step, check_denoiser, ddim, default_clip, randn
 
 
 @dataclass
@@ -27,7 +27,7 @@ class GuidedResult:
 
 def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...], steps: int,
                   eta: float = 1.0, generator: torch.Generator | None = None,
-                  device: str | torch.device = "cpu", clip_x0: float | tuple[float, float] | None = 1.0,
+                  device: str | torch.device = "cpu", clip_x0: float | tuple[float, float] | str | None = "auto",
                   spacing: str = "linspace", x_T: Tensor | None = None,
                   progress: bool = False, callback: Callable[[Step], None] | None = None) -> GuidedResult:
     """Draw ``shape[0]`` guided samples with ``steps`` DDIM steps of stochasticity ``eta``.
@@ -37,9 +37,10 @@ def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...]
         guidance: DPS, FreeDoM, UGD, DSG(...) or any object with ``needs_grad`` and ``__call__(step)``.
         shape: ``(B, C, H, W)`` (or ``(B, D)``); the batch must match the loss's batch.
         eta: 1 gives DDPM-like ancestral steps (the DPS / DSG papers' setting); DSG refuses 0.
-        clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]`` (the DPS code clips to [-1, 1]: the house data
-            range, unlike :func:`~condiff.sample.ddim`'s default None), or to ``[lo, hi]`` for a pair (data
-            on another range: pass it, e.g. ``condiff.data.value_range(x)``); None: off.
+        clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]``, or to ``[lo, hi]`` for a pair; None: off.
+            ``"auto"`` (the default, unlike :func:`~condiff.sample.ddim`'s None): ``[-1, 1]``, the house data
+            range to which the DPS code clips, or the training data's ``[min, max]`` where a loaded model
+            records data beyond it (:func:`~condiff.sample.default_clip`).
         callback: called with each step (:class:`~condiff.sample.Step`), as in :func:`~condiff.sample.ddim`.
         x_T: starting noise (default: drawn from ``generator``).
     """
@@ -53,7 +54,8 @@ def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...]
     ts = denoiser.schedule.timesteps(steps, spacing)
     nfe0, g0 = denoiser.nfe, getattr(guidance, "grad_evals", 0)
     t0 = time.perf_counter()
-    out = ddim(denoiser, x, ts, eta=eta, generator=generator, guidance=guidance, clip_x0=clip_x0,
+    out = ddim(denoiser, x, ts, eta=eta, generator=generator, guidance=guidance,
+               clip_x0=default_clip(denoiser, clip_x0),
                progress=progress, callback=callback)
     if out.device.type == "cuda":
         torch.cuda.synchronize(out.device)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from condiff import io
 from condiff.constraints import Distance, check_distance
 from condiff.data import value_range
 from condiff.denoiser import NetDenoiser
@@ -43,6 +44,16 @@ def _probe(constraint: Distance, x: Tensor) -> None:
         t = next(iter([*constraint.parameters(), *constraint.buffers()]), None)
         dev = t.device if t is not None else dev
     check_distance(constraint, x[:2].to(dev))
+
+
+def constraint_entry(constraint: Distance) -> dict:
+    """What names a constraint in a stage's records: its ``config`` where it has a JSON one, else the
+    callable's qualified name (a resume under another constraint is then refused)."""
+    config = getattr(constraint, "config", None)
+    if isinstance(config, dict) and io.json_safe(config):
+        return config
+    fn = constraint if hasattr(constraint, "__qualname__") else type(constraint)
+    return {"callable": f"{getattr(fn, '__module__', '?')}.{fn.__qualname__}"}
 
 
 def _trainer(
@@ -92,7 +103,7 @@ def fit_mirror_map(
     """
     _probe(constraint, x)
     weights = weights or NAMMLoss()
-    meta = {"mirror": mirror.config, "loss": vars(weights), **(meta or {})}
+    meta = {"mirror": mirror.config, "loss": vars(weights), "constraint": constraint_entry(constraint), **(meta or {})}
     tr = _trainer(mirror, NAMMObjective(x, constraint, tcfg.batch_size, weights), tcfg, run_dir, meta, resume)
     t0 = time.perf_counter()
     ema = tr.fit().eval()
@@ -145,7 +156,7 @@ def train_diffusion(
             train_seconds=round(time.perf_counter() - t0, 2),
             **{k: v for k, v in (meta or {}).items() if k not in ("net", "schedule", "shape")},
         )
-    return NetDenoiser(ema, schedule)
+    return NetDenoiser(ema, schedule, value_range=value_range(x))
 
 
 def finetune_inverse(
@@ -166,7 +177,8 @@ def finetune_inverse(
     weights = weights or NAMMLoss()
     f = copy.deepcopy(mirror.inverse).train().requires_grad_(True)
     obj = FinetuneObjective(mirror, x, y_mdm, constraint, tcfg.batch_size, weights)  # freezes a copy of psi
-    meta = {"mirror": mirror.config, "loss": vars(weights), "finetune": True, **(meta or {})}
+    meta = {"mirror": mirror.config, "loss": vars(weights), "finetune": True,
+            "constraint": constraint_entry(constraint), **(meta or {})}
     tr = _trainer(f, obj, tcfg, run_dir, meta, resume)
     t0 = time.perf_counter()
     f_ema = tr.fit().eval()

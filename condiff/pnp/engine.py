@@ -33,7 +33,7 @@ from .. import checks
 from ..constraints import not_differentiable
 from ..denoiser import Denoiser
 from ..readback import DeviceRows, read_every
-from ..sample import Guidance, check_denoiser, ddim, progress_bar, randn
+from ..sample import Guidance, check_denoiser, ddim, default_clip, progress_bar, randn
 from ..schedule import Schedule
 from .schedules import PAPER_MNIST, ConstantTime, ConstantWeight, TimeSchedule, WeightSchedule
 
@@ -246,8 +246,8 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
 
 
 def finish(denoiser: Denoiser, x: Tensor, start: int, *, steps: int | None = None, guidance: Guidance | None = None,
-           eta: float = 1.0, clip_x0: float | None = 1.0, generator: torch.Generator | None = None,
-           progress: bool = False) -> Tensor:
+           eta: float = 1.0, clip_x0: float | tuple[float, float] | str | None = "auto",
+           generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
     """Re-noise a PnP result ``x`` ``(B, ...)`` to timestep ``start`` and sample back to ``t = 0``.
 
     PnP returns a point estimate near a mode of the prior; its pictures are smoother and more saturated
@@ -256,7 +256,8 @@ def finish(denoiser: Denoiser, x: Tensor, start: int, *, steps: int | None = Non
     the density of a 100-step sampler, ``round(100 start / T) + 1``: 41 steps from 400 of 1000). With
     ``guidance`` (e.g. :class:`condiff.guidance.DPS` on the same constraint as a loss) the constraint
     keeps acting while the sampler restores sample-like detail; without it, a large ``start`` forgets
-    the constraint (docs/pnp.md has the measured trade-off on digits).
+    the constraint (docs/pnp.md has the measured trade-off on digits). ``clip_x0`` as in
+    :func:`condiff.guidance.guided_sample` (``"auto"``: ``[-1, 1]``, or the model's recorded data range beyond it).
     """
     check_denoiser(denoiser)
     T = denoiser.schedule.T
@@ -272,6 +273,6 @@ def finish(denoiser: Denoiser, x: Tensor, start: int, *, steps: int | None = Non
     ts = torch.linspace(int(start), 0, int(steps), dtype=torch.float64).round().long()
     t = torch.full((x.shape[0],), int(start), dtype=torch.long, device=x.device)
     x_t = denoiser.schedule.add_noise(x.detach(), randn(x.shape, generator, like=x), t)
-    return ddim(denoiser, x_t, ts, eta=eta, generator=generator, guidance=guidance, clip_x0=clip_x0,
-                progress=progress)
+    return ddim(denoiser, x_t, ts, eta=eta, generator=generator, guidance=guidance,
+                clip_x0=default_clip(denoiser, clip_x0), progress=progress)
 
