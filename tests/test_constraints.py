@@ -376,6 +376,41 @@ def test_user_callables_are_checked():
             check_distance(lambda v: v.detach().flatten(1).abs().sum(1), x)
     with pytest.raises(ValueError, match="reaches -1 < 0"):
         batched_distance(lambda v: v.flatten(1)[:, 0] * 0 - 1, x)
+
+
+def test_user_callables_that_break_later_are_named_at_the_check():
+    """Each passed the check and failed later with a message naming another cause (a learning rate, ...)."""
+    on_set = -torch.ones(4, 1, 8, 8)
+
+    def euclid(v):  # 0 on the set, and its square root has no gradient there
+        return (v + 1).clamp_min(0).pow(2).flatten(1).sum(1).sqrt()
+
+    with pytest.raises(ValueError,
+                       match="gradient of a constraint distance is not finite .* use condiff.constraints.safe_norm"):
+        check_distance(euclid, on_set)
+    assert check_distance(lambda v: safe_norm((v + 1).clamp_min(0)), on_set).tolist() == [0.0] * 4
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.drop = nn.BatchNorm2d(1), nn.Dropout(0.1)
+
+        def forward(self, v):
+            return self.drop(self.bn(v)).abs().flatten(1).mean(1)
+
+    net = Net()
+    with pytest.raises(ValueError, match=r"network in training mode \(BatchNorm2d, Dropout\) .* call .eval\(\)"):
+        check_distance(net, on_set)
+    assert net.bn.num_batches_tracked == 0  # refused before it ran
+    check_distance(net.eval(), on_set)
+
+    def self_differentiating(v):  # fine with gradients; scored under no_grad it cannot differentiate
+        (g,) = torch.autograd.grad(v.pow(2).sum(), v, create_graph=True)
+        return g.flatten(1).abs().mean(1)
+
+    check_distance(self_differentiating, on_set)
+    with pytest.raises(ValueError, match=r"does not require grad .*must run that code under torch.enable_grad\(\)"):
+        batched_distance(self_differentiating, on_set)
     with pytest.raises(ValueError, match="unknown constraint 'nope'; known: .*, or FILE.py:NAME"):
         build_constraint({"name": "nope"})
     with pytest.raises(ValueError, match="data.constraint=\\{name = \"brightness\""):

@@ -44,6 +44,7 @@ def test_the_guidance_example_restores_the_measured_shape(tiny_run):
     s = run_examples("docs/guidance.md", tiny_run)
     assert s["res"].x.shape == (16, 1, 8, 8) and bool(torch.isfinite(s["res"].x).all())
     assert s["res"].nfe == 3  # one denoiser call a step
+    assert s["res_sq"].x.shape == (16, 1, 8, 8) and s["y_sq"].shape == (16, 1, 4, 4)  # an operator of one's own
 
 
 def test_the_pnp_examples_run_their_chains_and_finish(tiny_run):

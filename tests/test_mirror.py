@@ -473,6 +473,8 @@ def test_assimilate_runs_all_three_methods():
     assert not torch.allclose(out["mirror"], out["dps"], atol=1e-3)
     with pytest.raises(ValueError, match="needs a constraint"):
         assimilate(den, op, y, (1, 8, 8), zeta=0.05, steps=2, constraint_weight=1.0)
+    with pytest.raises(TypeError, match="the operator must be a condiff.operators.Operator .* got function"):
+        assimilate(den, lambda x: x, y, (1, 8, 8), zeta=0.05, steps=2)  # failed with "has no attribute 'to'"
 
 
 def test_constraint_guided_dps_with_a_pde_constraint_stays_finite_when_x0_hat_is_clamped():
@@ -986,6 +988,9 @@ def test_data_violation_tells_data_on_the_set_from_data_off_it():
     assert v["n"] == 512 and v["median"] == 0 and v["noise_median"] > 0.1 and v["satisfied"]
     v = data_violation(MirrorSymmetry(-1), raw)  # as asymmetric as noise
     assert v["median"] > 0.25 * v["noise_median"] and not v["satisfied"]
+    # finite on the data but NaN off them (a square root of x + 1): a map trained on noisy images would fail
+    with pytest.raises(ValueError, match=r"not finite \(NaN or inf\) on \d+ of 512 images of Gaussian noise"):
+        data_violation(lambda v: (v + 1).sqrt().flatten(1).mean(1), raw)
 
 
 def test_map_inputs_of_another_dtype_or_no_samples():

@@ -255,13 +255,24 @@ def test_register_net():
             super().__init__()
             self.config = {"name": "_toy", "k": k}
 
+    @register_net("_plain")
+    class Plain(torch.nn.Module):  # keeps no config of its own: build_net records what built it
+        def __init__(self, k: int = 1):
+            super().__init__()
+            self.lin = torch.nn.Linear(k, k)
+
     try:
         assert isinstance(build_net({"name": "_toy", "k": 2}), Toy)
         assert register_net("_toy")(Toy) is Toy  # re-registering the same class is harmless
         with pytest.raises(ValueError, match="already registered"):
             register_net("_toy")(type("Other", (torch.nn.Module,), {}))
+        plain = build_net({"name": "_plain", "k": 3})
+        assert plain.config == {"name": "_plain", "k": 3} and build_net(plain.config).lin.in_features == 3
     finally:
         NETS.pop("_toy")
+        NETS.pop("_plain")
+    with pytest.raises(ValueError, match=r"unknown net '_toy'.*once the module that registers it"):
+        build_net({"name": "_toy"})
 
 
 def test_build_net_checks_argument_types_against_the_constructor_defaults():

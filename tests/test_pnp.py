@@ -427,6 +427,8 @@ def test_cli_any_constraint_from_a_users_file_lowers_its_distance(tmp_path):
                  "--n", "4", "--steps", "40", "--weight", "20", "--clamp", "1", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["constraint"]["name"] == "python" and m["n"] == 4
+    import hashlib  # which version of the file made these figures
+    assert m["constraint_parts"]["file_sha256"] == hashlib.sha256((tmp_path / "con.py").read_bytes()).hexdigest()
     s = m["settings"]  # every option, so that the figures can be reproduced from the file alone
     assert (s["seed"], s["lr"], s["steps"], s["batch_size"], s["ckpt"]) == (0, 0.05, 40, 256, str(tmp_path / "prior"))
     assert m["pnp_l_mean"] < 0.2 * m["prior_samples_l_mean"] and m["reduction"] > 5

@@ -516,13 +516,16 @@ def run_constraint(args: argparse.Namespace) -> int:
     check_distance(constraint, prior_x[:2], on=f" on the prior's own samples (values in [{float(prior_x.min()):.3g}, "
                    f"{float(prior_x.max()):.3g}]): is the model at {args.ckpt} trained on data this constraint is for?")
     violation_maps(constraint, prior_x[:1])  # and its violation map's shape
+    batched_distance(constraint, prior_x[:2], device=device)  # the scoring (without gradients), before the long run
     bound = args.clamp if args.clamp is not None else (run_cfg.get("sample") or {}).get("clip_x0")
     project = (lambda z: z.clamp(-bound, bound)) if bound else None
     x, seconds, _ = _run_pnp(args, den, shape, constraint, project, g, device)
     out = io.begin_outputs(args.out, "metrics.json")  # written last, by _finish
     sets = {"prior samples": prior_x.detach().cpu(), "pnp": x.detach().cpu()}
     dist = {k: batched_distance(constraint, v, device=device) for k, v in sets.items()}
-    metrics = {"constraint": spec, "n": args.n, "steps": args.steps, "weight": args.weight, "finish": args.finish,
+    parts = constraint.learned_parts() if callable(getattr(constraint, "learned_parts", None)) else None
+    metrics = {"constraint": spec, **({"constraint_parts": parts} if parts else {}), "n": args.n,
+               "steps": args.steps, "weight": args.weight, "finish": args.finish,
                "through_net": not args.stop_grad, "seconds": round(seconds, 2)}
     for k, d in dist.items():
         key = k.replace(" ", "_")

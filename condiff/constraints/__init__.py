@@ -105,6 +105,14 @@ def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
     is, for the message when the values are not finite (``" on the prior's own samples ..."``)."""
     if not callable(fn):
         raise TypeError(f"a constraint distance must be callable x -> (B,), got {type(fn).__name__}")
+    if isinstance(fn, nn.Module):  # batch statistics and dropout make l(x) depend on the batch and the draw
+        moody = sorted({type(m).__name__ for m in fn.modules() if m.training and (
+            isinstance(m, nn.modules.dropout._DropoutNd)
+            or (isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats))})
+        if moody:
+            raise ValueError(f"a constraint distance that is a network in training mode ({', '.join(moody)}) gives "
+                             "values that depend on the batch and on chance, and updates its running statistics "
+                             "each call: call .eval() on it first")
     xg = x.detach().clone().requires_grad_(x.is_floating_point())
     with torch.enable_grad():
         out = fn(xg)
@@ -122,6 +130,12 @@ def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
     check_sign(out.detach(), f"a constraint distance ({out.detach().tolist()})")
     if xg.requires_grad and not out.requires_grad:
         raise ValueError(not_differentiable("a constraint distance"))
+    if xg.requires_grad:
+        (grad,) = torch.autograd.grad(out.sum(), xg, allow_unused=True)
+        if grad is not None and not bool(torch.isfinite(grad).all()):
+            raise ValueError(f"the gradient of a constraint distance is not finite (NaN or inf){on}: a norm's square "
+                             "root has no gradient at 0, where a distance is 0 on its set; use "
+                             "condiff.constraints.safe_norm for the norm")
     return out.detach()
 
 

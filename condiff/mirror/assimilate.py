@@ -25,7 +25,7 @@ from condiff.denoiser import Denoiser
 from condiff.guidance import DPS
 from condiff.mirror.dps import mirror_dps, normalised_measurement_loss, with_constraint
 from condiff.mirror.map import MirrorMap
-from condiff.operators import Inpainting
+from condiff.operators import Inpainting, Operator
 from condiff.sample import sample
 
 
@@ -78,7 +78,7 @@ def frames(shape: Sequence[int], observed: Sequence[int], sigma_y: float) -> Inp
 
 def assimilate(
     denoiser: Denoiser,
-    operator: Inpainting,
+    operator: Operator,
     y: Tensor,
     shape: tuple[int, ...],
     zeta: float,
@@ -95,12 +95,18 @@ def assimilate(
     """One posterior sample per measurement in ``y`` (B, C, H, W), by DPS with the loss
     ``||(y - A(x0_hat)) / sigma_y||_2``.
 
+    ``operator``: any :class:`~condiff.operators.Operator` (the measurement ``A(x)`` with noise ``sigma_y``:
+    :class:`~condiff.operators.Inpainting` for the observations :func:`sparse_points` and
+    :func:`frames` make, or a subclass of one's own implementing ``A``).
     ``mirror``: ``denoiser`` is a mirror diffusion model; run mirror DPS and return ``f(y)``.
     ``constraint_weight > 0``: constraint-guided DPS (loss + weight * l(x0_hat)).
     ``clip_x0``: clamp Tweedie's estimate (the sampler's option); early, very noisy estimates can
     be far outside the data range, where a nonlinear constraint (a PDE stepper) overflows.
     """
     checks.number("constraint_weight", constraint_weight, ">= 0")
+    if not isinstance(operator, Operator):
+        raise TypeError(f"assimilate: the operator must be a condiff.operators.Operator (Inpainting, or a subclass of "
+                        f"Operator of your own with A(x) and sigma_y), got {type(operator).__name__}")
     if constraint is not None and constraint_weight == 0:
         warnings.warn("assimilate: a constraint was given with constraint_weight = 0, so it is not used; give a "
                       "weight > 0 for constraint-guided DPS (the paper's 200)", stacklevel=2)

@@ -31,9 +31,14 @@ def batched_distance(
     """``l(x)`` for a large set ``x`` (N, ...) in batches: ``(N,)`` on the CPU (empty for an empty set)."""
     if len(x) == 0:
         return torch.empty(0)
-    return check_sign(torch.cat(
-        [constraint(x[i : i + batch_size].to(device)).detach().cpu() for i in range(0, len(x), batch_size)]
-    ))
+    try:
+        parts = [constraint(x[i : i + batch_size].to(device)).detach().cpu() for i in range(0, len(x), batch_size)]
+    except (RuntimeError, ValueError) as e:
+        if "does not require grad" not in str(e):
+            raise
+        raise ValueError(f"{e} (condiff scores distances under torch.no_grad(); a distance that calls "
+                         "torch.autograd itself must run that code under torch.enable_grad())") from e
+    return check_sign(torch.cat(parts))
 
 
 def data_violation(constraint, x: Tensor, n: int = 512, seed: int = 0, device: str | torch.device = "cpu") -> dict:
@@ -48,6 +53,12 @@ def data_violation(constraint, x: Tensor, n: int = 512, seed: int = 0, device: s
     pick = x[torch.randperm(len(x), generator=g)[:n]]
     clean = batched_distance(constraint, pick, device=device).double()
     noise = float(x.mean()) + float(x.std()) * torch.randn(pick.shape, generator=g)
-    median, noise_median = float(clean.median()), float(batched_distance(constraint, noise, device=device).median())
+    on_noise = batched_distance(constraint, noise, device=device)
+    for what, v in (("training samples", clean), ("images of Gaussian noise with the data's mean and std", on_noise)):
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:  # a mirror map trains on noisy images f(g(x) + sigma z): the distance must be finite off the set
+            raise ValueError(f"the constraint distance is not finite (NaN or inf) on {bad} of {len(v)} {what}; a "
+                             "mirror map evaluates it on noisy images, so it must be finite everywhere")
+    median, noise_median = float(clean.median()), float(on_noise.median())
     return {"n": len(pick), "mean": float(clean.mean()), "median": median, "noise_median": noise_median,
             "satisfied": median <= 0.25 * noise_median}

@@ -39,7 +39,8 @@ def build_net(config: dict) -> nn.Module:
     kwargs = dict(config)
     name = kwargs.pop("name")
     if name not in NETS:
-        raise ValueError(f"unknown net {name!r}; known nets: {', '.join(sorted(NETS))}")
+        raise ValueError(f"unknown net {name!r}; known nets: {', '.join(sorted(NETS))} (a net of your own is known "
+                         "once the module that registers it, with register_net, is imported)")
     cls = NETS[name]
     sig = inspect.signature(cls)
     try:
@@ -50,7 +51,10 @@ def build_net(config: dict) -> nn.Module:
     # each argument of the kind of its default, as config settings are ("maybe" for a switch was taken
     # as true, 3 for a list failed deep inside)
     kwargs = {k: check_setting(f"{name}.{k}", sig.parameters[k].default, v) for k, v in kwargs.items()}
-    return cls(**kwargs)
+    net = cls(**kwargs)
+    if not isinstance(getattr(net, "config", None), dict):  # a class of one's own that keeps none: what built it
+        net.config = {"name": name, **kwargs}
+    return net
 
 
 register_net("mlp")(TimeMLP)
