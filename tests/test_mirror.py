@@ -921,6 +921,33 @@ def test_cli_takes_a_constraint_from_the_users_python_file(tmp_path, capsys, mon
         assert after == before, spec
 
 
+def test_a_stage_made_by_a_command_that_fails_later_is_recorded_in_the_runs_settings(tmp_path, capsys, monkeypatch):
+    """`namm sample --set finetune.steps=...` made the fine-tuned stage, then failed at scoring: config.json kept
+    the old finetune settings, so the next plain `namm sample` refused the stage as made with other settings."""
+    from condiff.cli import namm as namm_cli
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    x = np.random.default_rng(0).uniform(-1, 1, (48, 1, 8, 8)).astype("float32")
+    np.savez(tmp_path / "data.npz", x=x[:32], x_test=x[32:])
+    tiny = ["--profile", "quick", "--set", "mirror_train.steps=4", "--set", "train.steps=4", "--set", "train.warmup=0",
+            "--set", "model.mults=[1, 2]", "--set", "mirror.inverse.downsamples=1", "--quiet"]
+    assert main(["namm", "fit", "--data", "data.npz", "--constraint", "box", "--out", "run", "--no-baseline",
+                 *tiny]) == 0
+    later = ["--set", "finetune.n=4", "--set", "sample.steps=3"]
+
+    def scoring_fails(*a, **k):
+        raise ValueError("scoring failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(namm_cli, "write_sample_report", scoring_fails)
+        assert main(["namm", "sample", "--run", "run", "--n", "2", "--set", "finetune.steps=3", *later, "--quiet"]) == 2
+    assert "scoring failed" in capsys.readouterr().err
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["finetune"]["steps"] == 3 and cfg["sample"]["steps"] == 3  # the stage's settings, as made
+    assert main(["namm", "sample", "--run", "run", "--n", "2", "--quiet"]) == 0, capsys.readouterr().err
+
+
 def test_a_negative_constraint_term_stops_training_at_its_step_on_either_read_path(tmp_path):
     """The constraint term is read back where the trainer reads its losses (each step on the CPU, at
     log lines and checkpoints on a GPU); either way the first negative one stops training, naming its

@@ -433,6 +433,15 @@ class NAMMRun:
             {"spec": spec, "done": True, "seconds": round(seconds, 2), **extra},
         )
         io.drop_replaced(self.root, [name])
+        # the run's config.json takes the settings the stage was made with now, not when the command ends:
+        # a command that fails later (scoring, say) left a stage its config.json did not describe
+        on_disk = json_table(self.root / "config.json")
+        if on_disk:
+            made = {k: self.cfg[k] for k in spec if k in self.cfg}
+            if isinstance(spec.get("sampler"), dict):  # the fine-tuning pool's sample.steps and sample.eta
+                made["sample"] = {**(on_disk.get("sample") or {}), **spec["sampler"]}
+            if any(on_disk.get(k) != v for k, v in made.items()):
+                io.write_json_atomic(self.root / "config.json", {**on_disk, **made})
         self.timings[name] = round(seconds, 2)
 
     def _reuse(self, name: str, spec: dict, load):
