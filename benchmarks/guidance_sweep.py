@@ -329,7 +329,9 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
     rows: list[dict] = []
     tuned: dict[str, dict[int, dict]] = {}
     models: dict = {}
-    only = [t for t in os.environ.get("SWEEP_TASKS", "").split(",") if t]
+    only = [t.strip() for t in os.environ.get("SWEEP_TASKS", "").split(",") if t.strip()]
+    if unknown := sorted(set(only) - set(TASKS)):  # a typo ran no task and recorded an empty sweep over the last
+        raise ValueError(f"SWEEP_TASKS: unknown task(s) {unknown}; expected some of {list(TASKS)}")
     for task, spec in TASKS.items():
         if only and task not in only:
             continue

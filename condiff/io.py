@@ -138,6 +138,28 @@ def begin_outputs(out: str | Path, record: str, *files: str) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def record_kept_on_failure(out: str | Path, record: str = "metrics.json") -> Iterator[Path]:
+    """Around a command that calls :func:`begin_outputs` (which removes ``out/record`` first) and may then
+    fail on a check before it changes anything: a failure that left every other file under ``out`` as it
+    was puts the old record back (a refused or mistyped rerun deleted the results of the run before it)."""
+    out = Path(out)
+    f = out / record
+
+    def listing() -> dict:
+        return {str(p.relative_to(out)): (st.st_size, st.st_mtime_ns) for p in out.rglob("*")
+                if p != f and not p.name.startswith(".") and (st := p.stat()) and p.is_file()}
+
+    kept = f.read_bytes() if f.is_file() else None
+    before = listing() if kept is not None else None
+    try:
+        yield out
+    except BaseException:
+        if kept is not None and not f.exists() and listing() == before:
+            write_file_atomic(f, lambda h: h.write(kept), binary=True)
+        raise
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (:func:`write_file_atomic`)."""
     write_file_atomic(path, lambda f: f.write(text))

@@ -110,3 +110,12 @@ def test_the_dps_and_dsg_defaults_are_the_crn_best_choices(monkeypatch):
         for steps, methods in by_steps.items():
             for method, hp in methods.items():
                 assert TUNED[task][int(steps)][method] == hp, (task, steps, method)
+
+
+def test_a_mistyped_task_is_refused_before_anything_runs(monkeypatch):
+    """SWEEP_TASKS=nosuch ran no task and recorded the empty sweep over the last one in BENCHMARKS.md."""
+    sweep = _sweep(monkeypatch)
+    monkeypatch.setenv("SWEEP_TASKS", "digits/inpaint-random,nosuch")
+    monkeypatch.setattr(sweep, "ensure_model", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+    with pytest.raises(ValueError, match=r"SWEEP_TASKS: unknown task\(s\) \['nosuch'\]; expected some of"):
+        sweep.run("quick")

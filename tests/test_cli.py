@@ -55,6 +55,33 @@ def test_train_sample_eval_round_trip(tmp_path, capsys):
     assert (run / "samples.png").is_file()
 
 
+def test_results_of_a_model_or_checkpoint_default_to_the_run_never_inside_the_weights(trained, tmp_path, capsys):
+    """sample --ckpt RUN/model wrote RUN/model/samples, which the next save of the model deleted (and a
+    checkpoint's samples went with the checkpoint when it was pruned)."""
+    run = tmp_path / "run"
+    trained(run)
+    step = sorted((run / "checkpoints").iterdir())[-1]
+    assert main(["sample", "--ckpt", str(run / "model"), "--n", "2", "--steps", "2"]) == 0
+    assert main(["sample", "--ckpt", str(step), "--n", "2", "--steps", "2"]) == 0
+    assert (run / "samples" / "samples.npz").is_file() and not (run / "model" / "samples").exists()
+    assert (run / f"samples_{step.name}" / "samples.npz").is_file() and not (step / "samples").exists()
+    assert main(["eval", "--ckpt", str(step), "--n", "4", "--steps", "2"]) == 0
+    assert (run / f"eval_{step.name}" / "metrics.json").is_file()
+    assert main(["sample", "--ckpt", str(run), "--n", "2", "--steps", "2", "--out", str(run / "model" / "s")]) == 2
+    assert f"lies inside {run / 'model'}, a model checkpoint directory" in capsys.readouterr().err
+
+
+def test_a_sample_table_naming_some_settings_takes_the_defaults_for_the_rest(trained, tmp_path, capsys):
+    """A hand-edited [sample] table of {"n": 4} failed with the bare error 'steps'."""
+    run = tmp_path / "run"
+    trained(run)
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "sample": {"n": 3, "steps": 2}}))
+    assert main(["sample", "--ckpt", str(run), "--out", str(tmp_path / "s")]) == 0
+    record = json.loads((tmp_path / "s" / "sample_config.json").read_text())
+    assert (record["n"], record["steps"], record["eta"]) == (3, 2, 1.0)
+
+
 def test_a_run_of_another_command_is_never_overwritten(tmp_path, capsys):
     """--out naming another command's run is refused before any work, with the directory left as it was;
     runs made before marks are recognised by their config.json / metrics.json."""
@@ -732,10 +759,31 @@ def test_fresh_that_fails_keeps_the_run_it_was_to_replace(trained, tmp_path, cap
         assert {p.name: p.read_bytes() for p in (kept / "model").iterdir()} == model
         assert (kept / "config.json").read_text() == config and (kept / "checkpoints").is_dir()
         assert not (run / "model").exists()
+    # a plain run (no --fresh, no --resume) would have finished and deleted the kept run: refused
+    assert main(["train", *TINY, "--out", str(run)]) == 2
+    assert f"{kept} keeps the run an unfinished --fresh replaced: pass --fresh to replace it again, --resume " \
+           "to go on with the replacement, or move its files back" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (kept / "model").iterdir()} == model
     # going on with the replacement says that it will delete the kept run, and does once it finishes
     assert main(["train", "--out", str(run), "--resume", "--set", "train.lr=1e-3"]) == 0
     assert f"note: {kept} keeps the run an unfinished --fresh / --retrain replaced" in capsys.readouterr().err
     assert not kept.exists() and (run / "model").is_dir()
+
+
+def test_a_resumed_run_that_trains_on_removes_the_old_models_results(trained, tmp_path, capsys):
+    """--resume left metrics.json, samples and eval/ of the old model beside the new one, as if they were its own."""
+    run = tmp_path / "run"
+    trained(run)
+    assert main(["eval", "--ckpt", str(run), "--n", "4", "--steps", "2"]) == 0
+    assert main(["sample", "--ckpt", str(run), "--n", "2", "--steps", "2"]) == 0
+    assert (run / "metrics.json").is_file() and (run / "samples").is_dir()
+    assert main(["train", "--out", str(run), "--resume"]) == 0  # finished already: nothing trained, nothing goes
+    assert (run / "metrics.json").is_file() and (run / "samples").is_dir()
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--set", "train.steps=40"]) == 0
+    assert "note: removed the results of the step-30 model this run replaced (metrics.json, samples.npz, " \
+           "samples.png, samples)" in capsys.readouterr().err
+    assert not any((run / n).exists() for n in ("metrics.json", "samples.npz", "samples.png", "samples"))
 
 
 def test_demo_retrain_keeps_the_old_model_until_the_new_one_is_trained(tmp_path, capsys):

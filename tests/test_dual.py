@@ -754,10 +754,12 @@ def test_cli_experiment_refuses_a_changed_model_unless_fresh_and_its_models_serv
     assert f"training constrained (20 steps) in {out / 'constrained'}" in printed.err
     assert f"plots: {out}/ lambda.png, mode_weights.png, samples.png, slack.png" in printed.out
     before = {q: q.read_bytes() for q in (out / "constrained").rglob("*") if q.is_file()}
+    record = (out / "metrics.json").read_bytes()
     assert main(["dual", "toy", "--out", str(out), *tiny, "--set", "steps=30"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trained with other settings (toy.steps differ); pass --fresh" in err[0], err
     assert {q: q.read_bytes() for q in (out / "constrained").rglob("*") if q.is_file()} == before
+    assert (out / "metrics.json").read_bytes() == record  # the refused rerun deleted the last run's results
     assert main(["dual", "toy", "--out", str(out), *tiny, "--set", "steps=30", "--fresh"]) == 0
     assert json.loads((out / "constrained" / "model" / "config.json").read_text())["steps"] == 30
     capsys.readouterr()

@@ -228,6 +228,26 @@ def test_begin_outputs_removes_the_record_and_the_named_files_only(tmp_path):
     assert os.listdir(out) == ["keep.txt"]
 
 
+def test_a_command_that_fails_before_changing_anything_keeps_the_last_record(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.json").write_text("last run")
+    (out / "a.png").write_text("picture")
+    with pytest.raises(ValueError), io.record_kept_on_failure(out):
+        io.begin_outputs(out, "metrics.json")
+        raise ValueError("refused: a model of other settings")
+    assert (out / "metrics.json").read_text() == "last run"
+    with pytest.raises(ValueError), io.record_kept_on_failure(out):  # it had changed a file: no record
+        io.begin_outputs(out, "metrics.json")
+        (out / "a.png").write_text("half of a new picture")
+        raise ValueError("failed later")
+    assert not (out / "metrics.json").exists()
+    with io.record_kept_on_failure(out):  # success: the command's own record stands
+        io.begin_outputs(out, "metrics.json")
+        (out / "metrics.json").write_text("new run")
+    assert (out / "metrics.json").read_text() == "new run"
+
+
 def test_set_aside_keeps_the_first_replaced_run_until_dropped(tmp_path, monkeypatch):
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)

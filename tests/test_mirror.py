@@ -948,6 +948,29 @@ def test_a_stage_made_by_a_command_that_fails_later_is_recorded_in_the_runs_sett
     assert main(["namm", "sample", "--run", "run", "--n", "2", "--quiet"]) == 0, capsys.readouterr().err
 
 
+def test_rerunning_fit_after_a_failed_fresh_puts_the_kept_stage_back(tmp_path, capsys, monkeypatch):
+    """A `namm fit --fresh` that failed (a loss that blew up) left the finished map in .replaced and a failed stage
+    in its place; rerunning the command that made the map was refused as "made with other settings"."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    x = np.random.default_rng(0).uniform(-1, 1, (48, 1, 8, 8)).astype("float32")
+    np.savez(tmp_path / "data.npz", x=x[:32], x_test=x[32:])
+    fit = ["namm", "fit", "--data", "data.npz", "--constraint", "box", "--out", "run", "--no-baseline", "--profile",
+           "quick", "--set", "mirror_train.steps=4", "--set", "train.steps=4", "--set", "train.warmup=0", "--set",
+           "model.mults=[1, 2]", "--set", "mirror.inverse.downsamples=1", "--quiet"]
+    assert main(fit) == 0
+    mirror = {p.name: p.read_bytes() for p in (tmp_path / "run" / "namm" / "mirror").iterdir()}
+    assert main([*fit, "--set", "mirror_train.lr=1e12", "--fresh"]) == 2
+    assert (tmp_path / "run" / ".replaced" / "namm").is_dir()
+    capsys.readouterr()
+    assert main(fit) == 0  # the original command: its finished map comes back, untrained again
+    assert "restored run/namm: the finished stage of these settings" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "namm" / "mirror").iterdir()} == mirror
+    assert not (tmp_path / "run" / ".replaced").exists()
+    assert main(["namm", "sample", "--run", "run", "--n", "2", "--no-finetuned", "--quiet"]) == 0
+
+
 def test_a_negative_constraint_term_stops_training_at_its_step_on_either_read_path(tmp_path):
     """The constraint term is read back where the trainer reads its losses (each step on the CPU, at
     log lines and checkpoints on a GPU); either way the first negative one stops training, naming its

@@ -291,7 +291,8 @@ def test_eval_of_a_bare_model_directory_writes_beside_it_not_into_it(tiny_run, t
     args = ["eval", "--ckpt", str(model), "--n", "4", "--steps", "2", "--device", "cpu", "--data",
             str(tmp_path / "ref.npy")]
     assert main(args) == 0
-    assert (model / "eval" / "metrics.json").is_file() and not (model / "metrics.json").exists()
+    assert (tmp_path / "m_eval" / "metrics.json").is_file() and not (model / "metrics.json").exists()
+    assert not (model / "eval").exists()  # inside it, the next save of the model deleted it
 
 
 def test_solve_and_pnp_treat_a_class_conditional_model_as_sample_does(tmp_path, capsys):

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -191,6 +192,12 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
         if not existing and not fresh and (run_dir / "model").exists():  # e.g. checkpoints deleted to save space
             raise FileExistsError(f"{run_dir} already holds a trained model and no checkpoints to resume from: "
                                   "pass --fresh to train it again, or use another --out")
+        kept = run_dir / io.REPLACED
+        if not (resume or fresh) and any((kept / n).exists() for n in ("model", "checkpoints")):
+            # a --fresh that failed kept the run it replaced: a plain run here would finish and delete it
+            raise FileExistsError(f"{kept} keeps the run an unfinished --fresh replaced: pass --fresh to replace it "
+                                  f"again, --resume to go on with the replacement, or move its files back into "
+                                  f"{run_dir} to restore it")
         job = build()
         if fresh:
             replace_run(run_dir, ("checkpoints", "model", "log.jsonl", "config.json", *clear), "--fresh")
@@ -199,6 +206,28 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
         if resume and not job.resume():
             print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
         return job
+
+
+def drop_stale_results(run_dir: Path, names: tuple[str, ...], resumed_from: int, now: int) -> None:
+    """After a resumed run trained on (from step ``resumed_from`` > 0 to ``now``) and saved its new model,
+    delete the results other commands wrote of the model it replaced (``names``: metrics.json, samples/,
+    eval/, ...), which would otherwise sit beside the new model as if they were its own (what --fresh sets
+    aside), with one line saying so."""
+    if not (0 < resumed_from < now) or not io.is_rank0():
+        return
+    gone = []
+    for name in names:
+        p = Path(run_dir) / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists() or p.is_symlink():
+            p.unlink(missing_ok=True)
+        else:
+            continue
+        gone.append(name)
+    if gone:
+        print(f"note: removed the results of the step-{resumed_from} model this run replaced ({', '.join(gone)}); "
+              "evaluate the new model again", file=sys.stderr)
 
 
 def replace_run(run_dir: Path, names: tuple[str, ...], flag: str = "") -> None:
@@ -284,9 +313,11 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
             if not os.access(q, os.W_OK):  # found now, not after the work whose results it would hold
                 raise PermissionError(f"{flag} {p}{'' if q == p else f': {q}'} is not writable")
             break
-    if (p / "model.safetensors").is_file():  # a checkpoint is replaced whole when it is saved again
-        raise FileExistsError(f"{flag} {p} is a model checkpoint directory; files written into it would be lost "
-                              "when the model is saved again: give another directory")
+    for q in (p, *p.parents):  # a checkpoint is replaced whole when it is saved again (or pruned)
+        if (q / "model.safetensors").is_file():
+            where = "is" if q == p else f"lies inside {q},"
+            raise FileExistsError(f"{flag} {p} {where} a model checkpoint directory; files written into it would "
+                                  "be lost when the model is saved again: give another directory")
     if kind is not None:
         other = run_kind(p)
         if other is not None and other != kind:
@@ -299,6 +330,20 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
                                           "runs would overwrite: give a directory outside it")
         _claimed[p] = kind
     return p
+
+
+def results_dir(ckpt: str | Path, name: str) -> Path:
+    """Where a command puts its results of the model at ``ckpt`` by default: ``RUN/name`` for a run or its
+    ``RUN/model``, ``RUN/name_step_N`` for a checkpoint, ``DIR_name`` beside a bare model directory; never
+    inside a model or checkpoint directory, which is replaced whole when saved again (or pruned)."""
+    p = Path(ckpt)
+    if not (p / "model.safetensors").is_file():  # a run (its model in p/model), a diffusers model, a NAMM stage
+        return p / name
+    if p.parent.name == "checkpoints":
+        return p.parent.parent / f"{name}_{p.name}"
+    if p.name == "model":
+        return p.parent / name
+    return p.parent / f"{p.name}_{name}"
 
 
 # commands whose --out is a training run: never placed inside another run (sample, eval, solve and pnp

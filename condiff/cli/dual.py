@@ -48,6 +48,7 @@ from .common import (
     add_device_arg,
     announce_recorded,
     check_out_dir,
+    drop_stale_results,
     load_model_for,
     net_config,
     pick_device,
@@ -143,13 +144,19 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     return type(cfg).from_dict(d)
 
 
+# what `condiff eval` and `condiff sample` write into a dual run (its own metrics.json it rewrites itself)
+OTHERS_RESULTS = ("eval", "samples")
+
+
 def run_experiment(args: argparse.Namespace) -> int:
     cls, fn, _ = EXPERIMENTS[args.experiment]
     out = check_out_dir(args.out, kind=f"condiff dual {args.experiment}")
     device = pick_device(args.device)
     cfg = apply_overrides(ex.profile_config(cls, args.profile), args.overrides)  # all settings checked
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    with io.claimed_run(out):  # a second experiment into the same directory while this one runs is refused
+    # a second experiment into the same directory while this one runs is refused; one refused before it
+    # changes anything (a model of other settings, say) leaves the last run's metrics.json in place
+    with io.claimed_run(out), io.record_kept_on_failure(out):
         m = fn(cfg, out, device, fresh=args.fresh, progress=True)
     print(json.dumps({k: v for k, v in m.items() if k != "config"}, indent=1, default=str))
     print(f"wrote {out / 'metrics.json'}")
@@ -476,15 +483,17 @@ def run_train(args: argparse.Namespace) -> int:
     if old is not None:
         announce_recorded(run_dir, args.overrides)
     job = start_run(run_dir, args.resume, args.fresh, lambda: DualJob(cfg, run_dir, device, fresh=args.fresh),
-                    clear=("constraint_data",), data=cfg.get("data"),
+                    clear=("constraint_data", *OTHERS_RESULTS), data=cfg.get("data"),
                     # fine-tuning takes the schedule of the model it starts from: nothing of the file's to compare
                     schedule=None if (cfg.get("dual") or {}).get("init") else cfg.get("schedule"))
     job.cache.save()
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
+    start = job.trainer.step
     m = job.fit()
     if m is None:
         return 0
     io.drop_replaced(run_dir)  # what --fresh set aside: the new run is finished
+    drop_stale_results(run_dir, OTHERS_RESULTS, start, job.trainer.step)
     print(json.dumps(m, indent=1))
     plots = ", ".join(p.name for p in job.plots)  # no slack.png before the first dual update
     print(f"model:   {run_dir / 'model'}\nmetrics: {run_dir / 'metrics.json'}\nplots:   {run_dir}/ {plots}")

@@ -20,6 +20,7 @@ from .common import (
     load_model_for,
     load_split,
     pick_device,
+    results_dir,
     run_kind,
     write_samples,
 )
@@ -80,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if own and (args.out is None or Path(args.out).resolve() == ckpt.resolve()) \
             and not (run / "model.safetensors").is_file():
         out = check_out_dir(run, "--ckpt")  # the run scores itself, beside its model
-    elif args.out is None:  # another command's run, or a bare model directory (replaced whole when saved again)
-        out = check_out_dir(run / "eval", f"--out (default {run / 'eval'})", kind="condiff eval")
+    elif args.out is None:  # another command's run, a checkpoint or a bare model (replaced whole when saved again)
+        default = results_dir(ckpt, "eval")
+        out = check_out_dir(default, f"--out (default {default})", kind="condiff eval")
     else:  # a directory of its own, which must not hold another command's output
         out = check_out_dir(args.out, kind="condiff eval")
     m = evaluate_run(args.ckpt, args, out, device)

@@ -21,8 +21,10 @@ settings is an error unless ``--fresh`` is passed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import os
 import shutil
 import sys
 import time
@@ -331,7 +333,8 @@ class NAMMRun:
             spec = self.spec(name)
             if old is not None and old.get("spec") == spec and old.get("done"):
                 continue
-            if old is not None and old.get("spec") != spec and not self.fresh:
+            if (old is not None and old.get("spec") != spec and not self.fresh
+                    and not (self._holds_nothing(name, old) or self._kept_spec(name) == spec)):
                 raise StageMismatch(self._mismatch_message(name))
             with torch.no_grad():
                 if name == "namm":
@@ -401,11 +404,41 @@ class NAMMRun:
         return (f"{self.root / name} was made with other settings{hint}; pass --fresh to redo it, "
                 "or use another --out / --run")
 
+    def _holds_nothing(self, name: str, old: dict) -> bool:
+        """Whether a stage is unfinished and holds no checkpoint (it failed before its first): nothing to lose."""
+        return not old.get("done") and not any((self.root / name).rglob("step_*"))
+
+    def _kept_spec(self, name: str) -> dict | None:
+        """The settings of the finished stage ``name`` that an unfinished --fresh set aside in ``.replaced``."""
+        f = self.root / io.REPLACED / name / "stage.json"
+        kept = json_table(f) if f.is_file() else {}
+        return kept.get("spec") if kept.get("done") else None
+
+    def _restore_kept(self, name: str, spec: dict) -> bool:
+        """Put back a finished stage of these settings that a failed --fresh set aside, in place of the failed
+        attempt (which holds nothing, or was never started): rerunning the command that made it recovers it."""
+        old = self._old_spec(name)
+        if self._kept_spec(name) != spec or (old is not None and (old.get("spec") == spec
+                                                                 or not self._holds_nothing(name, old))):
+            return False
+        d = self.root / name
+        if d.exists():
+            shutil.rmtree(d)
+        os.replace(self.root / io.REPLACED / name, d)
+        with contextlib.suppress(OSError):
+            (self.root / io.REPLACED).rmdir()  # only once empty
+        print(f"restored {d}: the finished stage of these settings that an unfinished --fresh had set aside",
+              file=sys.stderr)
+        return True
+
     def _stage(self, name: str, spec: dict, replace: bool = False) -> tuple[Path, bool]:
         """The stage directory and whether it is finished; clears one made otherwise when ``fresh``,
-        ``replace`` (outputs such as samples, cheap to redo) or it holds no checkpoint, else refuses it."""
+        ``replace`` (outputs such as samples, cheap to redo) or it holds no checkpoint, else refuses it.
+        A finished stage of these settings that a failed ``--fresh`` set aside is put back first."""
         d = self.root / name
         f = d / "stage.json"
+        if not self.fresh:
+            self._restore_kept(name, spec)
         old = self._old_spec(name)
         if old is not None:
             if old.get("spec") == spec:
@@ -415,7 +448,7 @@ class NAMMRun:
                 return d, bool(old.get("done"))
             # a stage that failed before its first checkpoint holds nothing to lose: a retry with other
             # settings replaces it, where it used to be refused as "made with other settings"
-            nothing_kept = not old.get("done") and not any(d.rglob("step_*"))
+            nothing_kept = self._holds_nothing(name, old)
             if not (self.fresh or replace or nothing_kept):
                 raise StageMismatch(self._mismatch_message(name))
             if replace or nothing_kept:

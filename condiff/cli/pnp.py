@@ -486,7 +486,7 @@ def run_tsp(args: argparse.Namespace) -> int:
 
 def run_constraint(args: argparse.Namespace) -> int:
     """PnP under a named or user-supplied constraint, beside the prior's own samples (same count)."""
-    from ..constraints import build_constraint, check_distance, parse_python_spec
+    from ..constraints import CONSTRAINTS, build_constraint, check_distance, parse_python_spec
     from ..mirror.plots import plot_violation_grid, violation_maps
     from ..mirror.sample import batched_distance
     from ..pnp.conditional import mean_pairwise_distance
@@ -498,14 +498,20 @@ def run_constraint(args: argparse.Namespace) -> int:
     if args.clamp is not None:
         checks.number("--clamp", args.clamp, "> 0")
     spec = parse_python_spec(args.constraint) or {"name": args.constraint}
-    # a bad name or file is reported before the prior loads
-    constraint = build_constraint(spec, how="pnp constraint builds a constraint without arguments: for one that "
-                                            "needs them, name a function of your own FILE.py:NAME that calls it")
+
+    def build():
+        return build_constraint(spec, how="pnp constraint builds a constraint without arguments: for one that "
+                                          "needs them, name a function of your own FILE.py:NAME that calls it")
+
+    # a bad name or file is reported before the prior loads; a named family is built after it (the count
+    # constraint trains its counter first, minutes of work that a missing prior would waste)
+    constraint = build() if spec["name"] == "python" or spec["name"] not in CONSTRAINTS else None
     den, run_cfg, shape, device = _prior(args)
     if len(shape) != 3:
         raise ValueError(f"{args.ckpt} is a prior over {tuple(shape)} vectors; pnp constraint needs pictures (C, H, W)")
     if not 0 <= args.finish < den.schedule.T:
         raise ValueError(f"--finish must be a timestep in [0, {den.schedule.T}) (0: off), got {args.finish}")
+    constraint = constraint if constraint is not None else build()
     constraint = constraint.to(device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     prior_x = generate(den, args.n, tuple(shape), batch_size=args.batch_size, steps=100, eta=1.0, generator=g,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
@@ -17,6 +16,7 @@ from .common import (
     draw_samples,
     load_model_for,
     pick_device,
+    results_dir,
     write_samples,
 )
 from .config import check_sample
@@ -40,6 +40,7 @@ def sample_settings(args: argparse.Namespace, run_cfg: dict, T: int | None = Non
     scfg = run_cfg.get("sample", DEFAULT_SAMPLE)
     if not isinstance(scfg, dict):  # a hand-edited config.json
         raise ValueError(f"the run's config.json has a [sample] entry that is not a table: {scfg!r}")
+    scfg = {**DEFAULT_SAMPLE, **scfg}  # a table that names some settings (hand-edited, or an older run's)
     if "sample" not in run_cfg and T is not None:  # a model of a short schedule, read without its run
         scfg = {**scfg, "steps": min(scfg["steps"], T)}
     flags = {k: v for k, v in (("n", args.n), ("steps", args.steps), ("eta", args.eta), ("seed", args.seed),
@@ -53,7 +54,9 @@ def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="draw samples from a trained model", description=__doc__)
     add_sample_args(p)
     add_label_args(p)
-    p.add_argument("--out", default=None, help="output directory (default: <ckpt>/samples)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: RUN/samples for a run or its model, RUN/samples_step_N for a "
+                        "checkpoint, DIR_samples beside a bare model directory DIR)")
     p.set_defaults(func=run)
 
 
@@ -90,7 +93,7 @@ def condition(den: Denoiser, run_cfg: dict, label: int | None, scale: float) -> 
 
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    out = check_out_dir(args.out or Path(args.ckpt) / "samples", kind="condiff sample")
+    out = check_out_dir(args.out or results_dir(args.ckpt, "samples"), kind="condiff sample")
     den, run_cfg, shape = load_model_for(args.ckpt, device)
     den = condition(den, run_cfg, args.label, args.guidance_scale)
     scfg = sample_settings(args, run_cfg, den.schedule.T)
