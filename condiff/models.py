@@ -88,6 +88,9 @@ def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
             if (pid := io.run_holder(d)) is not None:
                 raise io.CheckpointError(f"{d} has no model yet: another condiff process (pid {pid}) is still "
                                          "training it; wait for it to finish")
+            if (d / "stage.json").is_file() and (d / "mirror").is_dir():  # namm/ or finetune/ of a NAMM run
+                raise io.CheckpointError(f"{d} is a stage of a NAMM run that holds a mirror map, not a diffusion "
+                                         f"model: use `condiff namm sample --run {d.parent}`")
             what = "a model/ without its config.json" if (d / "model").is_dir() else "no model/"
             newest = max((p for p in (d / "checkpoints").glob("step_*")), default=None, key=lambda p: p.name)
             loads = newest is not None and {"net", "schedule"} <= set(_config_or_empty(newest))

@@ -707,6 +707,8 @@ def test_experiment_settings_of_several_kinds(capsys):
     assert apply_overrides(FairConfig(), ["relative=0.7"]).relative == 0.7
     assert apply_overrides(FairConfig(), ["minority=[4]", "relative=[0.7]"]).relative == [0.7]
     assert apply_overrides(FairConfig(), ["minority=[4]", "target_freq=0.1"]).minority == (4,)  # relative unused
+    with pytest.raises(ValueError, match="bound and target_freq each set the constraints' bounds: give one"):
+        apply_overrides(FairConfig(), ["target_freq=0.1", "bound=0.3"])  # target_freq was ignored silently
     helps = {}
     for exp in ("toy", "fair", "finetune"):
         with pytest.raises(SystemExit):

@@ -946,6 +946,10 @@ def test_a_stage_made_by_a_command_that_fails_later_is_recorded_in_the_runs_sett
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["finetune"]["steps"] == 3 and cfg["sample"]["steps"] == 3  # the stage's settings, as made
     assert main(["namm", "sample", "--run", "run", "--n", "2", "--quiet"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", "run/finetune", "--n", "2"]) == 2  # it suggested `condiff train --resume`
+    assert "run/finetune is a stage of a NAMM run that holds a mirror map, not a diffusion model: use `condiff " \
+           "namm sample --run run`" in capsys.readouterr().err
 
 
 def test_rerunning_fit_after_a_failed_fresh_puts_the_kept_stage_back(tmp_path, capsys, monkeypatch):

@@ -165,16 +165,38 @@ def test_given_measurements_reproduce_the_simulated_run(tiny_run, tmp_path):
     (None, ["--operator", "blur", "--measurement", "{y}", "--split", "test"], "--input, --data and --split"),
     (np.full((8, 8), 0.5), ["--operator", "inpaint-mask", "--mask", "{m}"], "holds only 0 .missing. and 1"),
     (np.zeros((8, 8)), ["--operator", "inpaint-mask", "--mask", "{m}"], "observes no pixel"),
+    ("text", ["--operator", "inpaint-mask", "--mask", "{m}"], r"--mask .*m\.npy: not a \.npy file \(no NumPy header\)"),
     (np.ones((5, 8)), ["--operator", "inpaint-mask", "--mask", "{m}"], r"shape \(5, 8\) does not fit"),
 ])
 def test_bad_masks_and_measurements_are_refused(tiny_run, tmp_path, capsys, make, extra, message):
-    np.save(tmp_path / "m.npy", np.ones((8, 8)) if make is None else make)
+    if isinstance(make, str):  # a text file named .npy, which numpy would read as a pickle
+        (tmp_path / "m.npy").write_text("0 1 1 0\n")
+    else:
+        np.save(tmp_path / "m.npy", np.ones((8, 8)) if make is None else make)
     np.save(tmp_path / "y.npy", np.zeros((3, 1, 8, 8), np.float32))
     extra = [e.format(y=tmp_path / "y.npy", m=tmp_path / "m.npy") for e in extra]
     assert _solve(tiny_run, tmp_path / "o", "--method", "dps", *extra) == 2
     err = capsys.readouterr().err.strip()
     assert re.search(message, err) and "\n" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_model_that_is_no_image_model_or_records_a_bad_shape_is_named(tiny_run, tmp_path, capsys):
+    from condiff.nets import TimeMLP
+
+    save_model(tmp_path / "toy", TimeMLP(2, hidden=8, depth=1), Schedule.linear(50), shape=[2])
+    assert main(["solve", "--ckpt", str(tmp_path / "toy"), "--operator", "inpaint-random", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "is a model of (2,) vectors; condiff solve restores images (C, H, W)" in capsys.readouterr().err
+    import shutil
+
+    shutil.copytree(tiny_run, tmp_path / "odd")
+    cfg = json.loads((tmp_path / "odd" / "config.json").read_text())
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({**cfg, "shape": [1, "8", 8]}))
+    assert main(["sample", "--ckpt", str(tmp_path / "odd"), "--n", "2", "--out", str(tmp_path / "s")]) == 2
+    assert "records a bad sample shape [1, '8', 8]: positive integers expected" in capsys.readouterr().err
+    assert main(["sample", "--ckpt", str(tmp_path / "odd" / "config.json"), "--n", "2"]) == 2  # a file: --ckpt's
+    assert "config.json is a file; a checkpoint is a directory" in capsys.readouterr().err
 
 
 def test_solve_warns_when_images_exceed_an_unrecorded_range(tiny_run, tmp_path, capsys):
@@ -226,6 +248,7 @@ def test_bad_input_is_one_line_error(tiny_run, tmp_path, capsys, extra, message)
 @pytest.mark.parametrize("shape, extra, message", [
     ((2, 3, 16, 16), ["--n", "2"], "images have shape (3, 16, 16) but the model expects (1, 8, 8)"),
     ((2, 1, 8, 8), ["--split", "train"], "--input FILE uses every image in the file"),
+    ((2, 1, 8, 8), ["--data", "digits"], "--input gives the true images itself; --data picks them"),
 ])
 def test_bad_input_is_refused(tiny_run, tmp_path, capsys, shape, extra, message):
     np.save(tmp_path / "imgs.npy", np.zeros(shape, dtype=np.float32))

@@ -76,7 +76,7 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--list", action="store_true", help="list the benchmarks")
     p.add_argument("--profile", default="quick",
                    help="quick (CPU: a few minutes to about two hours, by benchmark) or full (GPU); some "
-                        "benchmarks have more (`condiff bench NAME --help` lists them)")
+                        "benchmarks have more (`condiff bench NAME --help` lists them); default quick")
     add_device_arg(p)
     p.add_argument("--no-record", action="store_true",
                    help="a trial run: leave BENCHMARKS.md and benchmarks/results as they are "

@@ -337,6 +337,8 @@ def results_dir(ckpt: str | Path, name: str) -> Path:
     ``RUN/model``, ``RUN/name_step_N`` for a checkpoint, ``DIR_name`` beside a bare model directory; never
     inside a model or checkpoint directory, which is replaced whole when saved again (or pruned)."""
     p = Path(ckpt)
+    if p.is_file():  # named as --ckpt's mistake, not as an --out the user never gave
+        raise io.CheckpointError(f"{p} is a file; a checkpoint is a directory (with {io.CONFIG})")
     if not (p / "model.safetensors").is_file():  # a run (its model in p/model), a diffusers model, a NAMM stage
         return p / name
     if p.parent.name == "checkpoints":
@@ -522,7 +524,11 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
                                      "settings; the model is reused) to complete it")
         raise io.CheckpointError(f"{resolve_model_dir(path)}/{io.CONFIG} records no sample shape (a model saved from "
                                  "Python records it with condiff.models.save_model(..., shape=[C, H, W]))")
-    return den, run_cfg, tuple(model_cfg["shape"])
+    shape = model_cfg["shape"]
+    if not shape or not all(checks.is_integer(s, 1) for s in shape):  # a hand-edited file: "8" for 8, say
+        raise io.CheckpointError(f"{resolve_model_dir(path)}/{io.CONFIG} records a bad sample shape {shape!r}: "
+                                 "positive integers expected")
+    return den, run_cfg, tuple(int(s) for s in shape)
 
 
 def check_samples(x: torch.Tensor, out: Path) -> None:

@@ -20,7 +20,9 @@ from .evaluate import evaluate_run
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="train, sample and evaluate the default digits model", description=__doc__)
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    p.add_argument("--data", default="digits", help="data set: digits (the default), toy2d or patches")
+    p.add_argument("--data", default="digits",
+                   help="data set: digits (the default), toy2d, patches, or any data set or .npy/.npz file "
+                        "`condiff train --data` takes")
     p.add_argument("--config", metavar="TOML", help="TOML file overriding the data set's preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set train.steps=500 (repeatable)")

@@ -96,7 +96,11 @@ def add_parser(sub, name: str) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     cmds = p.add_subparsers(dest="dual_command", metavar="{train,toy,fair,finetune}")
     cmds.required = True
-    t = cmds.add_parser("train", help="constrained training from a config file")
+    t = cmds.add_parser("train", help="constrained training from a config file",
+                        description="Train a diffusion model under distributional constraints ([[constraint]] tables "
+                                    "of a TOML run file: data sets whose denoising loss must stay under a bound) by "
+                                    "the primal-dual algorithm, or fine-tune a model without overfitting ([dual] "
+                                    "init); --resume continues a run, --fresh replaces it.")
     t.add_argument("--config", metavar="TOML",
                    help="run file with [dual] [objective] [[constraint]] (with --resume and --out of an earlier run "
                         "it may be left out: that run's recorded settings are taken)")
@@ -114,7 +118,7 @@ def add_parser(sub, name: str) -> None:
                             epilog=settings_help(cls))
         e.add_argument("--out", default=out,
                        help=f"output directory (default {out}); trained models are reused")
-        e.add_argument("--profile", default="quick", help="quick (CPU, minutes) or full (GPU)")
+        e.add_argument("--profile", default="quick", help="quick (CPU, minutes; the default) or full (GPU)")
         e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help=f"override one setting, e.g. {SET_EXAMPLES[exp]} (repeatable)")
         add_device_arg(e)

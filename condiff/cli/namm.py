@@ -981,7 +981,8 @@ def add_parser(sub, name: str) -> None:
                 help="also sample the vanilla DM with the constraint as a guidance loss (settings: guide.*)",
             )
         if cmd == "assimilate":
-            q.add_argument("--obs", default=None, choices=sorted(OBSERVATIONS), help="observation type")
+            q.add_argument("--obs", default=None, choices=sorted(OBSERVATIONS),
+                           help="observation type (default: the data set's assimilate.obs, e.g. points)")
             q.add_argument("--no-baselines", action="store_true", help="mirror DPS only")
 
 

@@ -48,6 +48,18 @@ TIME_SCHEDULES = {
     "linear-half": lambda: sch.LinearAnneal(0.5, 0.0),
     "linear-0.6": lambda: sch.LinearAnneal(0.6, 0.0),
 }
+# each task's --help paragraph
+DESCRIPTIONS = {
+    "digits": ("Conditional digits from an unconditional digits prior: the log-probability of a class under the "
+               "project's classifier (--label), or a mirror-symmetry distance (--symmetry), is the PnP constraint."),
+    "segment": ("Segmentation by PnP: a prior over (picture, mask) pairs infers the mask of a given picture, "
+                "scored by IoU against the true mask, beside an Otsu-threshold baseline."),
+    "tsp": ("The continuous TSP relaxation: an adjacency latent, rendered as a picture, is inferred under a prior "
+            "over pictures of good tours, decoded to a tour and refined by 2-opt; scored by the gap to the optimum."),
+    "constraint": ("Any prior under any differentiable constraint: a registered family by name, or a function of "
+                   "your own (FILE.py:NAME, x -> (B,) distances), beside the prior's own samples."),
+}
+
 WEIGHT_SCHEDULES = {"constant": sch.ConstantWeight, "linear": lambda w: sch.LinearWeight(w, 0.0)}
 
 # Default priors: the run configuration trained by --train and by the benchmark, per profile.
@@ -144,7 +156,8 @@ def add_parser(sub, name: str) -> None:
     s = p.add_subparsers(dest="pnp_command", metavar="TASK")
     s.required = True
 
-    d = s.add_parser("digits", help="conditional digits from an unconditional digits model")
+    d = s.add_parser("digits", help="conditional digits from an unconditional digits model",
+                     description=DESCRIPTIONS["digits"])
     _common(d, "runs/demo", None, steps=600, lr=0.05, schedule="paper-mnist",
             out_default="runs/pnp/digits-<label>, or runs/pnp/digits-symmetry")
     g = d.add_mutually_exclusive_group(required=True)
@@ -153,7 +166,8 @@ def add_parser(sub, name: str) -> None:
     d.add_argument("--n", type=int, default=64, help="number of samples (independent chains; default 64)")
     d.add_argument("--weight", type=float, default=None,
                    help="constraint weight (default 0.1 with --label, 0.2 with --symmetry)")
-    d.add_argument("--weight-schedule", choices=sorted(WEIGHT_SCHEDULES), default="constant")
+    d.add_argument("--weight-schedule", choices=sorted(WEIGHT_SCHEDULES), default="constant",
+                   help="the constraint weight over the steps: constant (default) or falling linearly to 0")
     d.add_argument("--finish", type=int, default=None, metavar="T",
                    help="re-noise the PnP result to timestep T and sample back to 0 with DPS on the same "
                         "constraint (default 0.4 T with --label: 400 of 1000; off with --symmetry; 0 turns it off)")
@@ -161,7 +175,8 @@ def add_parser(sub, name: str) -> None:
     _batch_option(d)
     d.set_defaults(func=run_digits)
 
-    m = s.add_parser("segment", help="infer masks of synthetic scenes with a (picture, mask) prior")
+    m = s.add_parser("segment", help="infer masks of synthetic scenes with a (picture, mask) prior",
+                     description=DESCRIPTIONS["segment"])
     _common(m, "runs/pnp/segment-quick", "runs/pnp/segment", steps=1200, lr=0.05, schedule="linear")
     m.add_argument("--n", type=int, default=16, help="number of test scenes (default 16)")
     m.add_argument("--chains", type=int, default=4, help="chains per scene (default 4)")
@@ -173,7 +188,8 @@ def add_parser(sub, name: str) -> None:
     m.add_argument("--profile", default="quick", help="default prior for --train: quick or full")
     m.set_defaults(func=run_segment)
 
-    t = s.add_parser("tsp", help="solve random TSP instances with a prior over pictures of tours")
+    t = s.add_parser("tsp", help="solve random TSP instances with a prior over pictures of tours",
+                     description=DESCRIPTIONS["tsp"])
     _common(t, "runs/pnp/tsp-quick", "runs/pnp/tsp", steps=256, lr=1.0, schedule="paper-tsp")
     t.add_argument("--cities", type=int, default=20, help="cities per instance (default 20)")
     t.add_argument("--n", type=int, default=16, help="number of instances (default 16)")
@@ -183,7 +199,8 @@ def add_parser(sub, name: str) -> None:
     t.add_argument("--profile", default="quick", help="default prior for --train: quick or full")
     t.set_defaults(func=run_tsp)
 
-    c = s.add_parser("constraint", help="any prior under any differentiable constraint (yours: FILE.py:NAME)")
+    c = s.add_parser("constraint", help="any prior under any differentiable constraint (yours: FILE.py:NAME)",
+                     description=DESCRIPTIONS["constraint"])
     _common(c, "runs/demo", "runs/pnp/constraint", steps=600, lr=0.05, schedule="paper-mnist")
     c.add_argument("--constraint", required=True,
                    help="a registered constraint name (periodic, box, ...) or FILE.py:NAME, a callable x -> (B,) "
@@ -192,7 +209,8 @@ def add_parser(sub, name: str) -> None:
     c.add_argument("--weight", type=float, default=0.2,
                    help="constraint weight against the prior's denoising term (default 0.2; scale it to your "
                         "distance: the term is a sum over pixels)")
-    c.add_argument("--weight-schedule", choices=sorted(WEIGHT_SCHEDULES), default="constant")
+    c.add_argument("--weight-schedule", choices=sorted(WEIGHT_SCHEDULES), default="constant",
+                   help="the constraint weight over the steps: constant (default) or falling linearly to 0")
     c.add_argument("--clamp", type=float, default=None, metavar="V",
                    help="keep the pictures within [-V, V] after every step (default: the prior's clip_x0, else none)")
     c.add_argument("--finish", type=int, default=0, metavar="T",
@@ -242,7 +260,10 @@ def _run_pnp(args: argparse.Namespace, den, shape: tuple[int, ...], constraint, 
         t0 = time.perf_counter()
         if args.finish > 0:
             guide = DPS(constraint, args.finish_zeta) if args.finish_zeta > 0 else None
-            x = finish(den, x, args.finish, guidance=guide, generator=generator, progress=True)
+            try:
+                x = finish(den, x, args.finish, guidance=guide, generator=generator, progress=True)
+            except FloatingPointError as e:  # the library's names; here zeta is a flag
+                raise FloatingPointError(f"{e} (the finish's zeta is --finish-zeta; --finish 0 turns it off)") from None
         xs.append(x)
         seconds, finish_seconds = seconds + res.seconds, finish_seconds + time.perf_counter() - t0
     return torch.cat(xs), seconds, finish_seconds

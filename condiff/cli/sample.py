@@ -26,7 +26,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="run directory, model directory or diffusers model directory")
     p.add_argument("--n", type=int, default=None, help="number of samples (default: the run's [sample] n)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's, 100)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM eta: 0 deterministic, 1 DDPM-like (default: the run's sample.eta, 1)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the run's sample.seed, 0)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="samples drawn at once (default: the run's [sample] batch_size); the noise is drawn "

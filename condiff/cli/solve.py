@@ -33,11 +33,11 @@ import torch
 
 from .. import checks, io, metrics
 from ..data import ArrayData, derive_seed, load_dataset, nominal_range, to_display
-from ..data.files import load_png_folder, save_png_grid
+from ..data.files import check_npy_header, load_png_folder, save_png_grid
 from ..guidance import BETWEEN, METHODS, TUNED, default_hyperparameters, guided_sample, make_guidance
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
-from .common import add_device_arg, check_out_dir, data_kwargs, load_model_for, pick_device
+from .common import add_device_arg, check_out_dir, data_kwargs, load_model_for, pick_device, results_dir
 from .sample import add_label_args, condition
 
 # operator name -> builder(shape (B, C, H, W), generator, sigma_y, params) -> Operator
@@ -77,6 +77,8 @@ def load_mask(path: str | Path, shape: tuple[int, ...], n: int) -> torch.Tensor:
     if path.suffix.lower() == ".png":  # the project's PNG reader, grey in [-1, 1]: white half observed
         m = (load_png_folder(path, channels=1).x[0, 0] >= 0).numpy().astype(np.float32)
     elif path.suffix.lower() in (".npy", ".npz"):
+        if path.suffix.lower() == ".npy":
+            check_npy_header(path, "--mask ")
         try:
             arr = np.load(path, allow_pickle=False)
             if path.suffix.lower() == ".npz":
@@ -123,9 +125,11 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--ckpt", required=True,
                    help="condiff run or model directory, or a local diffusers model directory")
     g = p.add_argument_group("measurement")
-    g.add_argument("--operator", required=True, choices=sorted(OPERATORS))
+    g.add_argument("--operator", required=True, choices=sorted(OPERATORS),
+                   help="the measurement: inpainting (random pixels, a box, or a mask of your own), "
+                        "super-resolution or Gaussian blur")
     g.add_argument("--noise", type=float, default=0.05,
-                   help="measurement noise sigma_y, in the data's units (0.05 is 2.5%% of [-1, 1])")
+                   help="measurement noise sigma_y, in the data's units (default 0.05: 2.5%% of [-1, 1])")
     g.add_argument("--p-drop", type=float, default=None, help="inpaint-random: probability a pixel is missing (0.7)")
     g.add_argument("--box", type=int, default=None, help="inpaint-box: box side (default: half the image)")
     g.add_argument("--factor", type=int, default=None, help="sr: downsampling factor (2)")
@@ -163,12 +167,14 @@ def add_parser(sub, name: str) -> None:
     d.add_argument("--data", default=None, help="data set (default: the one the model was trained on)")
     d.add_argument("--split", default=None, help="split of --data to draw images from (default test)")
     d.add_argument("--n", type=int, default=None, help="number of images (default: 16, or all of --input)")
-    d.add_argument("--seed", type=int, default=0, help="seed for image choice, operator, noise and sampling")
+    d.add_argument("--seed", type=int, default=0,
+                   help="seed for image choice, operator, noise and sampling (default 0)")
     add_label_args(d)
     d.add_argument("--batch-size", type=int, default=64,
                    help="images solved at once (default 64); the noise is drawn batch by batch, so the results of "
                         "a seed depend on it (recorded in metrics.json)")
-    p.add_argument("--out", default=None, help="output directory (default: <ckpt>/solve/<operator>-<method>-<steps>)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/solve/<operator>-<method>-<steps>, "
+                                                    "beside a model or checkpoint directory, as for sample)")
     add_device_arg(p)
     p.set_defaults(func=run)
 
@@ -242,6 +248,8 @@ def check_flags(args: argparse.Namespace) -> None:
     for flag, owner in OPERATOR_FLAGS.items():  # a flag of another operator would be silently ignored
         if getattr(args, flag.lstrip("-").replace("-", "_")) is not None and args.operator != owner:
             raise ValueError(f"{flag} goes with --operator {owner}, not {args.operator}")
+    if args.input is not None and args.data is not None:  # else --data was ignored, silently
+        raise ValueError("--input gives the true images itself; --data picks them from a data set instead")
     if args.measurement is not None:
         if args.input or args.data or args.split:
             raise ValueError("--measurement reconstructs from measurements made elsewhere; --input, --data and "
@@ -282,10 +290,12 @@ def load_measurements(args: argparse.Namespace, op: Operator, shape: tuple[int, 
 
 def run(args: argparse.Namespace) -> int:
     check_flags(args)
-    out = check_out_dir(args.out or Path(args.ckpt) / "solve" / f"{args.operator}-{args.method}-{args.steps}",
+    out = check_out_dir(args.out or results_dir(args.ckpt, "solve") / f"{args.operator}-{args.method}-{args.steps}",
                         kind="condiff solve")
     device = pick_device(args.device)
     den, run_cfg, shape = load_model_for(args.ckpt, device)
+    if len(shape) != 3:
+        raise ValueError(f"{args.ckpt} is a model of {tuple(shape)} vectors; condiff solve restores images (C, H, W)")
     den = condition(den, run_cfg, args.label, args.guidance_scale)  # a class-conditional model's class
     if args.steps > den.schedule.T:
         raise ValueError(f"--steps must be <= T = {den.schedule.T}, got {args.steps}")

@@ -47,6 +47,13 @@ def _open_npz(path: Path) -> Any:
         raise DataError(f"{path}: cannot read the npz archive: {e}") from None
 
 
+def check_npy_header(path: Path, what: str = "") -> None:
+    """Refuse a ``.npy`` without NumPy's header (a text file, say), which numpy would take for a pickle."""
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise DataError(f"{what}{path}: not a .npy file (no NumPy header)")
+
+
 def load_array(path: str | Path, key: str | None = None) -> ArrayData:
     """Load ``x`` (and integer labels ``y``) from a ``.npy`` or ``.npz`` file.
 
@@ -59,9 +66,7 @@ def load_array(path: str | Path, key: str | None = None) -> ArrayData:
     if not path.is_file():
         raise DataError(f"no such file: {path}")
     if path.suffix.lower() == ".npy":
-        with open(path, "rb") as f:
-            if f.read(6) != b"\x93NUMPY":  # else numpy would take it for a pickle
-                raise DataError(f"{path}: not a .npy file (no NumPy header)")
+        check_npy_header(path)
         x = _read(lambda: np.load(path, allow_pickle=False), path, "the array")
         x = warn_range(validate(x, str(path)), str(path), unscaled=x.dtype.name not in IMAGE_BYTES)
         return ArrayData(x, None, path.stem, {"path": str(path)})

@@ -409,6 +409,8 @@ class FairConfig(_Config):
             checks.number("target_freq", self.target_freq, "(0, 1)")
         if self.bound is not None:
             checks.bound("bound", self.bound)
+            if self.target_freq is not None:  # bound wins: target_freq was ignored without a word
+                raise ValueError("bound and target_freq each set the constraints' bounds: give one of them")
         rel = self.relative  # one number, or one per minority class
         if checks.is_number(rel) and rel > 0:
             self.relative = float(rel)
