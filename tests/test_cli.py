@@ -1,10 +1,12 @@
 """The condiff command end to end on tiny settings, and its error messages."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -501,6 +503,13 @@ def test_bench_refuses_a_damaged_table_before_it_runs(tmp_path, monkeypatch, cap
     assert "markers of section 'tiny' are damaged" in err and len(err.strip().splitlines()) == 1
     assert not ran.exists() and not (tmp_path / "benchmarks" / "results").exists()
     assert (tmp_path / "BENCHMARKS.md").read_text() == damaged
+    # an unwritable place for the results is found before the run too (it was found after it, hours later)
+    real_access = os.access
+    monkeypatch.setattr(bench.os, "access", lambda p, mode: Path(p).name != "runs" and real_access(p, mode))
+    (tmp_path / "runs").mkdir()
+    assert main(["bench", "tiny", "--no-record"]) == 2 and not ran.exists()
+    assert "runs/bench-results is not writable (runs): the results could not be written" in capsys.readouterr().err
+    monkeypatch.setattr(bench.os, "access", real_access)
     # a trial run does not touch the table, so it runs
     assert main(["bench", "tiny", "--no-record"]) == 0 and ran.exists()
     # another section's markers are no concern of this one's

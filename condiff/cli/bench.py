@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import platform
 import re
 import sys
@@ -174,6 +175,12 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     if not args.no_record:  # a damaged table is refused before the benchmark runs, not after
         check_section(_table_text(benchmarks_md()), section_key(args.name, args.profile))
+    # where the results go, checked before minutes or hours of work (a partial run writes the trial folder)
+    targets = [Path("runs") / "bench-results"] + ([] if args.no_record else [bench_dir() / "results", benchmarks_md()])
+    for target in targets:
+        where = next((q for q in (target, *target.parents) if q.exists()), Path("."))
+        if not os.access(where, os.W_OK):
+            raise PermissionError(f"{target} is not writable ({where}): the results could not be written after the run")
     t0 = time.perf_counter()
     res = mod.run(profile=args.profile, device=device)
     res.update({"name": args.name, "profile": args.profile, "device": device, "machine": machine(),

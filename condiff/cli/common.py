@@ -184,6 +184,9 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
     Returns the job, the run directory made and locked; ``config.json`` is the caller's to write next."""
     with io.claimed_run(run_dir):  # locked before anything is read, let alone cleared
         existing = list_checkpoints(run_dir / "checkpoints")
+        for sub in ("checkpoints", "model"):  # found now, not when the first checkpoint is saved
+            if (run_dir / sub).is_dir() and not os.access(run_dir / sub, os.W_OK):
+                raise PermissionError(f"{run_dir / sub} is not writable")
         if existing and not (resume or fresh):
             raise FileExistsError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}): "
                                   "pass --resume to continue or --fresh to start over")
