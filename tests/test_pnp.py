@@ -387,9 +387,11 @@ def test_cli_tsp_and_segment_write_pictures_and_metrics(tmp_path, capsys):
 
     from condiff.cli.main import main
 
-    tiny_prior(tmp_path / "tours", 1, 16, {"name": "tours", "size": 16})
+    tiny_prior(tmp_path / "tours", 1, 16, {"name": "tours", "size": 16, "cities": [5]})
     assert main(["pnp", "tsp", "--ckpt", str(tmp_path / "tours"), "--n", "2", "--cities", "6", "--steps", "3",
                  "--chains", "2", "--out", str(tmp_path / "tsp")]) == 0
+    err = capsys.readouterr().err  # a city count beyond the prior's is said, and the reference solve announced
+    assert "learned tours of [5] cities; 6 is beyond them" in err and "solving the 2 instances of 6 cities" in err
     m = json.loads((tmp_path / "tsp" / "metrics.json").read_text())
     assert m["n"] == 2 and len(m["gaps"]) == 2 and min(m["gaps"]) > -1e-6
     assert (tmp_path / "tsp" / "tours.png").is_file() and (tmp_path / "tsp" / "pictures.png").is_file()

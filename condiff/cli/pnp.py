@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -472,9 +474,16 @@ def run_tsp(args: argparse.Namespace) -> int:
     if shape[0] != 1:
         raise ValueError(f"{args.ckpt} is a prior over {shape[0]}-channel pictures; tours are 1-channel")
     style = tour_style(run_cfg, tuple(shape))
+    trained = (run_cfg.get("data") or {}).get("cities")
+    trained = [int(c) for c in trained if checks.is_integer(c, 1)] if isinstance(trained, list) else []
+    if trained and args.cities > max(trained):
+        warnings.warn(f"the prior at {args.ckpt} learned tours of {trained} cities; {args.cities} is beyond them "
+                      f"(and the reference solver's time grows fast with the count)", stacklevel=2)
     g = torch.Generator().manual_seed(args.seed)
     coords = tsp.random_instances(args.n, args.cities, g)
     solver = tsp.default_solver(args.cities)
+    print(f"solving the {args.n} instances of {args.cities} cities with the reference solver ({type(solver).__name__})",
+          file=sys.stderr)
     t0 = time.perf_counter()
     opt = tsp.solve_all(coords, solver)
     opt_len = np.array([tsp.tour_length(c, t) for c, t in zip(coords, opt)])
