@@ -147,8 +147,13 @@ def record_kept_on_failure(out: str | Path, record: str = "metrics.json") -> Ite
     f = out / record
 
     def listing() -> dict:
-        return {str(p.relative_to(out)): (st.st_size, st.st_mtime_ns) for p in out.rglob("*")
-                if p != f and not p.name.startswith(".") and (st := p.stat()) and p.is_file()}
+        files = {}
+        for p in out.rglob("*"):
+            if p != f and not p.name.startswith(".") and p.is_file():  # (a dangling link is no file)
+                with contextlib.suppress(OSError):
+                    st = p.stat()
+                    files[str(p.relative_to(out))] = (st.st_size, st.st_mtime_ns)
+        return files
 
     kept = f.read_bytes() if f.is_file() else None
     before = listing() if kept is not None else None
@@ -340,6 +345,18 @@ def release_runs() -> None:
 REPLACED = ".replaced"  # in a run directory: what --fresh / --retrain replace, kept until the new run finishes
 
 
+def remove(path: str | Path) -> bool:
+    """Delete a file, a folder with its contents, or a link (not what it points to); False if nothing is there."""
+    p = Path(path)
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists() or p.is_symlink():
+        p.unlink(missing_ok=True)
+    else:
+        return False
+    return True
+
+
 def set_aside(run_dir: str | Path, names: tuple[str, ...] | list[str]) -> list[str]:
     """Move the entries ``names`` of ``run_dir`` that exist into ``run_dir/.replaced`` instead of deleting
     them, so that a replacement which fails (an error, Ctrl-C) loses nothing of the run it was to
@@ -355,8 +372,7 @@ def set_aside(run_dir: str | Path, names: tuple[str, ...] | list[str]) -> list[s
     present = [n for n in names if (run_dir / n).exists() or (run_dir / n).is_symlink()]
     if any((keep / n).exists() or (keep / n).is_symlink() for n in names):
         for n in present:
-            p = run_dir / n
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            remove(run_dir / n)
         return []
     for n in present:
         (keep / n).parent.mkdir(parents=True, exist_ok=True)
@@ -371,10 +387,7 @@ def drop_replaced(run_dir: str | Path, names: tuple[str, ...] | list[str] | None
     if not keep.is_dir():
         return
     for p in [keep / n for n in names] if names is not None else list(keep.iterdir()):
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.exists() or p.is_symlink():
-            p.unlink(missing_ok=True)
+        remove(p)
     with contextlib.suppress(OSError):
         keep.rmdir()  # only once empty
 

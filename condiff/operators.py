@@ -16,6 +16,7 @@ Operators hold no randomness of their own: random masks are drawn once, from an 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -112,8 +113,11 @@ class LinearOperator(Operator):
 
 def _batch_index(idx: int | slice | Tensor) -> slice | Tensor:
     """A sub-batch index that keeps the batch dimension: an int ``i`` becomes the batch of sample ``i``."""
-    if isinstance(idx, int) and not isinstance(idx, bool):
-        return slice(idx, idx + 1 if idx != -1 else None)
+    if isinstance(idx, Tensor) and idx.dim() == 0 and not idx.is_floating_point() and idx.dtype != torch.bool:
+        idx = int(idx)
+    if isinstance(idx, numbers.Integral) and not isinstance(idx, bool):  # int, numpy integers
+        i = int(idx)
+        return slice(i, i + 1 if i != -1 else None)
     return idx
 
 

@@ -404,7 +404,7 @@ class Trainer:
         """Train until ``cfg.steps``; returns the EMA model."""
         cfg = self.cfg
         log = None
-        if cfg.warmup >= cfg.steps > max(1, self.step) and self.dist.main:  # said when training starts, not before
+        if cfg.warmup > cfg.steps > max(1, self.step) and self.dist.main:  # said when training starts, not before
             warnings.warn(f"the learning-rate warm-up ({cfg.warmup} steps) is as long as the run ({cfg.steps} "
                           f"steps), so the learning rate never reaches {cfg.lr:g}: set a shorter warm-up "
                           "(the training settings' warmup, e.g. --set train.warmup=0)", stacklevel=2)

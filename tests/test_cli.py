@@ -57,7 +57,8 @@ def test_train_sample_eval_round_trip(tmp_path, capsys):
     assert (run / "samples.png").is_file()
 
 
-def test_results_of_a_model_or_checkpoint_default_to_the_run_never_inside_the_weights(trained, tmp_path, capsys):
+def test_results_of_a_model_or_checkpoint_default_to_the_run_never_inside_the_weights(trained, tmp_path, capsys,
+                                                                                     monkeypatch):
     """sample --ckpt RUN/model wrote RUN/model/samples, which the next save of the model deleted (and a
     checkpoint's samples went with the checkpoint when it was pruned)."""
     run = tmp_path / "run"
@@ -71,6 +72,14 @@ def test_results_of_a_model_or_checkpoint_default_to_the_run_never_inside_the_we
     assert (run / f"eval_{step.name}" / "metrics.json").is_file()
     assert main(["sample", "--ckpt", str(run), "--n", "2", "--steps", "2", "--out", str(run / "model" / "s")]) == 2
     assert f"lies inside {run / 'model'}, a model checkpoint directory" in capsys.readouterr().err
+    monkeypatch.chdir(run / "model")  # a relative --ckpt: the same places
+    shutil.rmtree(run / "samples")
+    assert main(["sample", "--ckpt", ".", "--n", "2", "--steps", "2"]) == 0
+    assert (run / "samples" / "samples.npz").is_file()
+    monkeypatch.chdir(tmp_path)
+    # a run that starts over sets the checkpoints' results aside with them (new step_N, other weights)
+    assert main(["train", *TINY, "--out", str(run), "--fresh"]) == 0
+    assert not (run / f"samples_{step.name}").exists() and not (run / f"eval_{step.name}").exists()
 
 
 def test_a_sample_table_naming_some_settings_takes_the_defaults_for_the_rest(trained, tmp_path, capsys):
@@ -790,7 +799,7 @@ def test_a_resumed_run_that_trains_on_removes_the_old_models_results(trained, tm
     assert (run / "metrics.json").is_file() and (run / "samples").is_dir()
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume", "--set", "train.steps=40"]) == 0
-    assert "note: removed the results of the step-30 model this run replaced (metrics.json, samples.npz, " \
+    assert "note: removed the results of the model this run replaced (metrics.json, samples.npz, " \
            "samples.png, samples)" in capsys.readouterr().err
     assert not any((run / n).exists() for n in ("metrics.json", "samples.npz", "samples.png", "samples"))
 

@@ -125,6 +125,7 @@ def test_distances_far_outside_do_not_overflow_float32():
     z = torch.zeros(2, 4, requires_grad=True)
     (g0,) = torch.autograd.grad(safe_norm(z).sum(), z)
     assert torch.equal(g0, torch.zeros(2, 4))
+    assert torch.equal(safe_norm(torch.empty(2, 0)), torch.zeros(2))  # no features: distance 0
     out = safe_norm(torch.tensor([[math.inf, 1.0], [math.nan, 1.0], [3.0, 4.0]]))
     assert math.isinf(out[0]) and math.isnan(out[1]) and float(out[2]) == 5.0
 
@@ -403,6 +404,8 @@ def test_user_callables_that_break_later_are_named_at_the_check():
         check_distance(net, on_set)
     assert net.bn.num_batches_tracked == 0  # refused before it ran
     check_distance(net.eval(), on_set)
+    no_drop = nn.Sequential(nn.Dropout(0.0), nn.Flatten(), nn.Linear(64, 1), nn.Softplus(), nn.Flatten(0))
+    check_distance(no_drop, on_set)  # dropout with p = 0 changes nothing: not refused
 
     def self_differentiating(v):  # fine with gradients; scored under no_grad it cannot differentiate
         (g,) = torch.autograd.grad(v.pow(2).sum(), v, create_graph=True)

@@ -242,6 +242,12 @@ def test_a_command_that_fails_before_changing_anything_keeps_the_last_record(tmp
         (out / "a.png").write_text("half of a new picture")
         raise ValueError("failed later")
     assert not (out / "metrics.json").exists()
+    (out / "gone").symlink_to(out / "nowhere")  # a dangling link is no file, and no reason to fail
+    (out / "metrics.json").write_text("last run")
+    with pytest.raises(ValueError, match="refused"), io.record_kept_on_failure(out):
+        io.begin_outputs(out, "metrics.json")
+        raise ValueError("refused")
+    assert (out / "metrics.json").read_text() == "last run"
     with io.record_kept_on_failure(out):  # success: the command's own record stands
         io.begin_outputs(out, "metrics.json")
         (out / "metrics.json").write_text("new run")

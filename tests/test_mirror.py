@@ -909,11 +909,14 @@ def test_cli_takes_a_constraint_from_the_users_python_file(tmp_path, capsys, mon
                                      "def scalar(x):\n    return 0.0\n"
                                      "class Mapped:\n    def __call__(self, x):\n"
                                      "        return x.flatten(1).sum(1).abs()\n"
-                                     "    def violation_map(self, x):\n        return x.flatten(1)\n")
+                                     "    def violation_map(self, x):\n        return x.flatten(1)\n"
+                                     "def nan_off(x):\n"  # finite on the data, NaN on noise below -1.5
+                                     "    return x.flatten(1).sum(1).abs() + 0 * (x + 1.5).sqrt().flatten(1).mean(1)\n")
     for spec, extra, needle in (("con.py:zero_sum", [], "must return shape (2,) for a batch of 2, got (2, 1)"),
                                 ("con.py:scalar", [], "must return shape (2,) for a batch of 2, got float"),
                                 ("con.py:Mapped", [], "violation_map must return (B, H, W) = (1, 8, 8)"),
-                                ("con.py:Mapped", ["--set", "loss.l_adv=1"], "is for fine-tuning only")):
+                                ("con.py:Mapped", ["--set", "loss.l_adv=1"], "is for fine-tuning only"),
+                                ("con.py:nan_off", [], "images of Gaussian noise")):  # config.json kept too
         assert main(["namm", "fit", "--data", "data.npz", "--constraint", spec, "--out", "run", "--no-baseline",
                      "--fresh", *tiny, *extra]) == 2, spec
         assert needle in capsys.readouterr().err, spec

@@ -255,6 +255,12 @@ def test_register_net():
             super().__init__()
             self.config = {"name": "_toy", "k": k}
 
+    @register_net("_own")
+    class Own(torch.nn.Module):  # a config of its own kind is its own business
+        def __init__(self, k: int = 1):
+            super().__init__()
+            self.config = ("own", k)
+
     @register_net("_plain")
     class Plain(torch.nn.Module):  # keeps no config of its own: build_net records what built it
         def __init__(self, k: int = 1):
@@ -266,11 +272,13 @@ def test_register_net():
         assert register_net("_toy")(Toy) is Toy  # re-registering the same class is harmless
         with pytest.raises(ValueError, match="already registered"):
             register_net("_toy")(type("Other", (torch.nn.Module,), {}))
+        assert build_net({"name": "_own", "k": 2}).config == ("own", 2)
         plain = build_net({"name": "_plain", "k": 3})
         assert plain.config == {"name": "_plain", "k": 3} and build_net(plain.config).lin.in_features == 3
     finally:
         NETS.pop("_toy")
         NETS.pop("_plain")
+        NETS.pop("_own")
     with pytest.raises(ValueError, match=r"unknown net '_toy'.*once the module that registers it"):
         build_net({"name": "_toy"})
 

@@ -132,9 +132,10 @@ def test_select_slices_per_sample_masks():
     y = op.measure(x, _gen(3))
     torch.testing.assert_close(op.loss(y).select(slice(1, 3))(x[1:3]), op.loss(y)(x)[1:3])
     # an int selects the sub-batch of that one sample (the batch dimension stays)
-    for i in (4, -1):
-        torch.testing.assert_close(op.select(i).A(x[[i]]), op.A(x)[[i]])
-        torch.testing.assert_close(op.loss(y).select(i)(x[[i]]), op.loss(y)(x)[[i]])
+    for i in (4, -1, np.int64(2), torch.tensor(3)):
+        j = [int(i)]
+        torch.testing.assert_close(op.select(i).A(x[j]), op.A(x)[j])
+        torch.testing.assert_close(op.loss(y).select(i)(x[j]), op.loss(y)(x)[j])
 
 
 def test_loss_gradient_matches_closed_form():

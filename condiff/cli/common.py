@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -203,12 +202,22 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
                                   f"{run_dir} to restore it")
         job = build()
         if fresh:
-            replace_run(run_dir, ("checkpoints", "model", "log.jsonl", "config.json", *clear), "--fresh")
+            replace_run(run_dir, ("checkpoints", "model", "log.jsonl", "config.json",
+                                  *with_step_results(run_dir, clear)), "--fresh")
         else:
             note_replaced(run_dir)
         if resume and not job.resume():
             print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
         return job
+
+
+def with_step_results(run_dir: Path, names: tuple[str, ...]) -> tuple[str, ...]:
+    """``names`` and the results of the run's checkpoints kept beside them (``samples_step_N``, ``eval_step_N``,
+    ``solve_step_N``: :func:`results_dir`), which a run that starts over would leave beside checkpoints of the
+    same names but other weights."""
+    steps = sorted(p.name for p in Path(run_dir).glob("*_step_*")
+                   if p.name.split("_step_")[0] in ("samples", "eval", "solve"))
+    return (*names, *steps)
 
 
 def drop_stale_results(run_dir: Path, names: tuple[str, ...], resumed_from: int, now: int) -> None:
@@ -218,19 +227,10 @@ def drop_stale_results(run_dir: Path, names: tuple[str, ...], resumed_from: int,
     aside), with one line saying so."""
     if not (0 < resumed_from < now) or not io.is_rank0():
         return
-    gone = []
-    for name in names:
-        p = Path(run_dir) / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.exists() or p.is_symlink():
-            p.unlink(missing_ok=True)
-        else:
-            continue
-        gone.append(name)
+    gone = [name for name in names if io.remove(Path(run_dir) / name)]
     if gone:
-        print(f"note: removed the results of the step-{resumed_from} model this run replaced ({', '.join(gone)}); "
-              "evaluate the new model again", file=sys.stderr)
+        print(f"note: removed the results of the model this run replaced ({', '.join(gone)}); evaluate the new "
+              "model again", file=sys.stderr)
 
 
 def replace_run(run_dir: Path, names: tuple[str, ...], flag: str = "") -> None:
@@ -339,7 +339,7 @@ def results_dir(ckpt: str | Path, name: str) -> Path:
     """Where a command puts its results of the model at ``ckpt`` by default: ``RUN/name`` for a run or its
     ``RUN/model``, ``RUN/name_step_N`` for a checkpoint, ``DIR_name`` beside a bare model directory; never
     inside a model or checkpoint directory, which is replaced whole when saved again (or pruned)."""
-    p = Path(ckpt)
+    p = Path(os.path.abspath(ckpt))  # `--ckpt .` inside RUN/model; abspath, not resolve: a linked model/ keeps RUN
     if p.is_file():  # named as --ckpt's mistake, not as an --out the user never gave
         raise io.CheckpointError(f"{p} is a file; a checkpoint is a directory (with {io.CONFIG})")
     if not (p / "model.safetensors").is_file():  # a run (its model in p/model), a diffusers model, a NAMM stage

@@ -1036,9 +1036,6 @@ def run_fit(args: argparse.Namespace) -> int:
     cfg = keep_later_settings(cfg, root, named | (set(read_toml(args.config, SECTIONS)) if args.config else set()))
     run = NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet)  # checks the settings
     run.preflight(["namm", "mdm"] + ([] if args.no_baseline else ["vanilla"]))  # before config.json changes
-    root.mkdir(parents=True, exist_ok=True)
-    io.lock_run(root)
-    io.write_json_atomic(root / "config.json", cfg)
     print(
         f"data {args.data}: {len(run.data())} training samples of shape {run.shape}; "
         f"constraint {run.constraint().config}"
@@ -1056,6 +1053,10 @@ def run_fit(args: argparse.Namespace) -> int:
         warnings.warn(f"the training data do not meet the constraint: their median l ({v['median']:.3g}) is not "
                       f"well below that of structureless noise ({v['noise_median']:.3g}); a mirror map learns a set "
                       "its data lie on, so check the constraint against the data", stacklevel=2)
+    # the settings are recorded only once every check (the data's against the constraint too) has passed
+    root.mkdir(parents=True, exist_ok=True)
+    io.lock_run(root)
+    io.write_json_atomic(root / "config.json", cfg)
     run.mirror()
     print(f"mirror map: {root / 'namm' / 'mirror'}")
     run.mdm()

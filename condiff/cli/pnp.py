@@ -533,8 +533,9 @@ def run_constraint(args: argparse.Namespace) -> int:
         return build_constraint(spec, how="pnp constraint builds a constraint without arguments: for one that "
                                           "needs them, name a function of your own FILE.py:NAME that calls it")
 
-    # a bad name or file is reported before the prior loads; a named family is built after it (the count
-    # constraint trains its counter first, minutes of work that a missing prior would waste)
+    # an unknown name or a bad file is reported before the prior loads; a registered family is built after it
+    # (so its own errors come then: the count constraint trains its counter first, minutes of work that a
+    # missing prior would waste)
     constraint = build() if spec["name"] == "python" or spec["name"] not in CONSTRAINTS else None
     den, run_cfg, shape, device = _prior(args)
     if len(shape) != 3:

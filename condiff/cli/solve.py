@@ -173,8 +173,9 @@ def add_parser(sub, name: str) -> None:
     d.add_argument("--batch-size", type=int, default=64,
                    help="images solved at once (default 64); the noise is drawn batch by batch, so the results of "
                         "a seed depend on it (recorded in metrics.json)")
-    p.add_argument("--out", default=None, help="output directory (default: RUN/solve/<operator>-<method>-<steps>, "
-                                                    "beside a model or checkpoint directory, as for sample)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/solve/<operator>-<method>-<steps> for a "
+                                                    "run or its model; RUN/solve_step_N/... for a checkpoint, "
+                                                    "DIR_solve/... beside a bare model directory DIR)")
     add_device_arg(p)
     p.set_defaults(func=run)
 

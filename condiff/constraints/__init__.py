@@ -107,7 +107,7 @@ def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
         raise TypeError(f"a constraint distance must be callable x -> (B,), got {type(fn).__name__}")
     if isinstance(fn, nn.Module):  # batch statistics and dropout make l(x) depend on the batch and the draw
         moody = sorted({type(m).__name__ for m in fn.modules() if m.training and (
-            isinstance(m, nn.modules.dropout._DropoutNd)
+            (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
             or (isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats))})
         if moody:
             raise ValueError(f"a constraint distance that is a network in training mode ({', '.join(moody)}) gives "
@@ -134,8 +134,8 @@ def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
         (grad,) = torch.autograd.grad(out.sum(), xg, allow_unused=True)
         if grad is not None and not bool(torch.isfinite(grad).all()):
             raise ValueError(f"the gradient of a constraint distance is not finite (NaN or inf){on}: a norm's square "
-                             "root has no gradient at 0, where a distance is 0 on its set; use "
-                             "condiff.constraints.safe_norm for the norm")
+                             "root has no gradient at 0, where a distance is 0 on its set (and distances are taken on "
+                             "the set: data, projected samples); use condiff.constraints.safe_norm for the norm")
     return out.detach()
 
 
@@ -151,6 +151,8 @@ def check_sign(values: Tensor, what: str = "the constraint distance") -> Tensor:
 def safe_norm(v: Tensor) -> Tensor:
     """Euclidean norm per sample of ``v`` (B, ...) -> (B,), with a zero (not NaN) gradient at 0."""
     w = v.flatten(1)
+    if w.shape[1] == 0:  # no features: every sample is at distance 0
+        return w.sum(1)
     if w.dtype in (torch.float16, torch.bfloat16):  # summed squares overflow half precision from |v| ~ 16
         w = w.float()
     # scaled by the largest entry so that the squares neither overflow (float32 from |v| ~ 1e19) nor underflow;

@@ -52,7 +52,7 @@ def build_net(config: dict) -> nn.Module:
     # as true, 3 for a list failed deep inside)
     kwargs = {k: check_setting(f"{name}.{k}", sig.parameters[k].default, v) for k, v in kwargs.items()}
     net = cls(**kwargs)
-    if not isinstance(getattr(net, "config", None), dict):  # a class of one's own that keeps none: what built it
+    if not hasattr(net, "config"):  # a class of one's own that keeps none: what built it
         net.config = {"name": name, **kwargs}
     return net
 
