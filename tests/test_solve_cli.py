@@ -231,7 +231,10 @@ def test_solve_warns_when_inputs_do_not_match_the_recorded_range(tmp_path, capsy
     (["--operator", "inpaint-random", "--method", "dps", "--rate", "0.2"],
      "applies to DSG only; use method .dsg\\+dps."),
     (["--operator", "inpaint-random", "--method", "dsg+xyz"], r"unknown guidance method 'dsg\+xyz'"),
-    (["--operator", "inpaint-random", "--method", "dps", "--forward", "1"], "bad hyperparameters for 'dps'"),
+    (["--operator", "inpaint-random", "--method", "dps", "--forward", "1"], "--forward does not apply to --method dps"),
+    (["--operator", "inpaint-random", "--method", "dsg+ugd", "--zeta", "0.5"],  # was UGD.__init__()'s TypeError
+     "--zeta does not apply to --method dsg\\+ugd; it takes --forward, --backward-steps, --backward-lr, "
+     "--recurrence, --rate, --interval, --final, --between"),
     (["--operator", "inpaint-random", "--method", "dsg+dps", "--rate", "2"], r"rate must lie in \[0, 1\]"),
     (["--operator", "sr", "--factor", "3"], "not divisible by the factor 3"),
     (["--operator", "inpaint-random", "--n", "100000"], "--n must be between 1 and 359"),

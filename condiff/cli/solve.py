@@ -23,6 +23,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 import warnings
 from collections.abc import Callable
@@ -34,7 +35,16 @@ import torch
 from .. import checks, io, metrics
 from ..data import ArrayData, derive_seed, load_dataset, nominal_range, to_display
 from ..data.files import check_npy_header, load_png_folder, save_png_grid
-from ..guidance import BETWEEN, METHODS, TUNED, default_hyperparameters, guided_sample, make_guidance
+from ..guidance import (
+    BETWEEN,
+    DSG_KEYS,
+    METHODS,
+    TUNED,
+    default_hyperparameters,
+    guided_sample,
+    make_guidance,
+    split_method,
+)
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
 from .common import add_device_arg, check_out_dir, data_kwargs, load_model_for, pick_device, results_dir
@@ -246,6 +256,13 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.box is not None:
         checks.integer("--box", args.box)
     checks.seed("--seed", args.seed)
+    cls, dsg = split_method(args.method)  # a flag of another method is named as a flag, not a keyword
+    takes = [k for k in inspect.signature(cls).parameters if k != "loss"] + (list(DSG_KEYS) if dsg else [])
+    # (DSG's own flags without dsg+ get make_guidance's hint: "use method 'dsg+dps'")
+    if stray := [k for k in HYPER_FLAGS if getattr(args, k) is not None and k not in takes and k not in DSG_KEYS]:
+        flags = ", ".join("--" + k.replace("_", "-") for k in stray)
+        raise ValueError(f"{flags} do{'es' if len(stray) == 1 else ''} not apply to --method {args.method}; it takes "
+                         + ", ".join("--" + k.replace("_", "-") for k in takes if k in HYPER_FLAGS))
     for flag, owner in OPERATOR_FLAGS.items():  # a flag of another operator would be silently ignored
         if getattr(args, flag.lstrip("-").replace("-", "_")) is not None and args.operator != owner:
             raise ValueError(f"{flag} goes with --operator {owner}, not {args.operator}")
