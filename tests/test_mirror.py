@@ -955,6 +955,34 @@ def test_a_stage_made_by_a_command_that_fails_later_is_recorded_in_the_runs_sett
            "namm sample --run run`" in capsys.readouterr().err
 
 
+def test_a_moved_constraint_file_and_another_constraint_keep_the_stages_they_do_not_change(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """A moved constraint file (same content) made every stage, the vanilla DM's included, "made with other
+    settings"; so did another constraint for the vanilla DM, which never uses it."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "con.py").write_text("def zero_sum(x):\n    return x.flatten(1).sum(1).abs()\n")
+    x = np.random.default_rng(0).uniform(-1, 1, (48, 1, 8, 8)).astype("float32")
+    x -= x.mean((1, 2, 3), keepdims=True)
+    np.savez(tmp_path / "data.npz", x=x[:32], x_test=x[32:])
+    tiny = ["--profile", "quick", "--set", "mirror_train.steps=4", "--set", "train.steps=4", "--set", "train.warmup=0",
+            "--set", "model.mults=[1, 2]", "--set", "mirror.inverse.downsamples=1", "--quiet"]
+    assert main(["namm", "fit", "--data", "data.npz", "--constraint", "con.py:zero_sum", "--out", "run", *tiny]) == 0
+    stamps = {s: (tmp_path / "run" / s / "stage.json").read_text() for s in ("namm", "mdm", "vanilla")}
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "con.py").rename(tmp_path / "moved" / "con.py")
+    capsys.readouterr()
+    assert main(["namm", "fit", "--data", "data.npz", "--constraint", "moved/con.py:zero_sum", "--out", "run",
+                 *tiny]) == 0  # nothing to train again
+    assert {s: (tmp_path / "run" / s / "stage.json").read_text() for s in stamps} == stamps
+    assert main(["namm", "sample", "--run", "run", "--n", "2", "--no-finetuned", "--quiet"]) == 0
+    # another constraint: the mirror stages are made again, the vanilla DM is kept
+    assert main(["namm", "fit", "--data", "data.npz", "--constraint", "box", "--out", "run", "--fresh", *tiny]) == 0
+    assert (tmp_path / "run" / "vanilla" / "stage.json").read_text() == stamps["vanilla"]
+    assert (tmp_path / "run" / "namm" / "stage.json").read_text() != stamps["namm"]
+
+
 def test_rerunning_fit_after_a_failed_fresh_puts_the_kept_stage_back(tmp_path, capsys, monkeypatch):
     """A `namm fit --fresh` that failed (a loss that blew up) left the finished map in .replaced and a failed stage
     in its place; rerunning the command that made the map was refused as "made with other settings"."""

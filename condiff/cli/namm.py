@@ -270,6 +270,26 @@ class StageMismatch(RuntimeError):
     pass
 
 
+def comparable(spec: Any) -> Any:
+    """A stage's settings as they are compared: without the constraint for a stage that never uses it (the
+    vanilla DM), and without a constraint file's path where its content is pinned by its sha256 (a moved
+    file, pointed to with --set data.constraint.path=..., is the same constraint)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("data"), dict):
+        return spec
+    data = dict(spec["data"])
+    con = data.get("constraint")
+    if "mirror" not in spec:
+        data.pop("constraint", None)
+    elif isinstance(con, dict) and "file_sha256" in (spec.get("constraint") or {}):
+        data["constraint"] = {k: v for k, v in con.items() if k != "path"}
+    return {**spec, "data": data}
+
+
+def same_spec(old: Any, new: Any) -> bool:
+    """Whether a stage recorded with settings ``old`` serves settings ``new`` (:func:`comparable`)."""
+    return old is not None and comparable(old) == comparable(new)
+
+
 class NAMMRun:
     """The stages of one NAMM experiment in ``root``, each reused when finished with the same settings.
 
@@ -331,10 +351,10 @@ class NAMMRun:
         for name in stages:
             old = self._old_spec(name)
             spec = self.spec(name)
-            if old is not None and old.get("spec") == spec and old.get("done"):
+            if old is not None and same_spec(old.get("spec"), spec) and old.get("done"):
                 continue
-            if (old is not None and old.get("spec") != spec and not self.fresh
-                    and not (self._holds_nothing(name, old) or self._kept_spec(name) == spec)):
+            if (old is not None and not same_spec(old.get("spec"), spec) and not self.fresh
+                    and not (self._holds_nothing(name, old) or same_spec(self._kept_spec(name), spec))):
                 raise StageMismatch(self._mismatch_message(name))
             with torch.no_grad():
                 if name == "namm":
@@ -386,7 +406,7 @@ class NAMMRun:
 
     def _mismatch_message(self, name: str) -> str:
         old = (self._old_spec(name) or {}).get("spec")
-        changed = changed_keys(old, self.spec(name)) if isinstance(old, dict) else []
+        changed = changed_keys(comparable(old), comparable(self.spec(name))) if isinstance(old, dict) else []
         # the stage records the pool's sampler as "sampler"; the user sets it as sample.steps / sample.eta
         changed = [f"sample.{k[len('sampler.'):]}" if k.startswith("sampler.") else k for k in changed]
         hint = f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} differ)" if changed else ""
@@ -418,7 +438,7 @@ class NAMMRun:
         """Put back a finished stage of these settings that a failed --fresh set aside, in place of the failed
         attempt (which holds nothing, or was never started): rerunning the command that made it recovers it."""
         old = self._old_spec(name)
-        if self._kept_spec(name) != spec or (old is not None and (old.get("spec") == spec
+        if not same_spec(self._kept_spec(name), spec) or (old is not None and (same_spec(old.get("spec"), spec)
                                                                  or not self._holds_nothing(name, old))):
             return False
         d = self.root / name
@@ -441,7 +461,7 @@ class NAMMRun:
             self._restore_kept(name, spec)
         old = self._old_spec(name)
         if old is not None:
-            if old.get("spec") == spec:
+            if same_spec(old.get("spec"), spec):
                 if not old.get("done") and (self.root / io.REPLACED / name).is_dir():
                     print(f"note: {self.root / io.REPLACED / name} keeps the stage an unfinished --fresh replaced; "
                           "it is deleted when this one finishes", file=sys.stderr)
