@@ -811,6 +811,10 @@ def test_demo_retrain_keeps_the_old_model_until_the_new_one_is_trained(tmp_path,
     assert main(["demo", *TINY, "--set", "train.lr=1e30", "--out", str(run), "--retrain"]) != 0
     assert {p.name: p.read_bytes() for p in (run / ".replaced" / "model").iterdir()} == model
     assert "--retrain: the run being replaced is kept in" in capsys.readouterr().err
+    # the command that trained the kept model, run again, puts it back instead of training it again
+    assert main(["demo", *TINY, "--out", str(run)]) == 0
+    assert "restored the model of these settings that an unfinished --retrain had set aside" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (run / "model").iterdir()} == model and not (run / ".replaced").exists()
     assert main(["demo", *TINY, "--out", str(run), "--retrain"]) == 0
     assert (run / "model").is_dir() and not (run / ".replaced").exists()
 

@@ -448,6 +448,26 @@ def model_is_complete(run_dir: Path, cfg: dict) -> bool:
         return False
 
 
+_RUN_FILES = ("checkpoints", "model", "log.jsonl", "config.json")
+
+
+def _restore_kept_model(run_dir: Path, cfg: dict) -> bool:
+    """Put back the finished model of these settings that a failed --retrain set aside in ``.replaced``, in
+    place of the failed attempt when it holds no checkpoint (nothing to lose): the command that trained it,
+    run again, reuses it rather than training it again. Returns whether it did."""
+    kept = run_dir / io.REPLACED
+    if not model_is_complete(kept, cfg) or any((run_dir / "checkpoints").glob("step_*")):
+        return False
+    with io.claimed_run(run_dir):
+        for entry in list(kept.iterdir()):  # the whole run it replaced, its samples and metrics too
+            io.remove(run_dir / entry.name)
+            os.replace(entry, run_dir / entry.name)
+        kept.rmdir()
+    print(f"restored the model of these settings that an unfinished --retrain had set aside in {kept}",
+          file=sys.stderr)
+    return True
+
+
 def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = False,
                    remedy: str = "move it away, or use another run directory",
                    announce: str | None = None) -> tuple[float, bool]:
@@ -460,6 +480,8 @@ def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = 
     run_dir = Path(run_dir)
     if not retrain and model_is_complete(run_dir, cfg):
         return 0.0, True
+    if not retrain and _restore_kept_model(run_dir, cfg):
+        return 0.0, True
     with io.claimed_run(run_dir):  # another command writing this run is refused before anything changes
         job = TrainingJob(cfg, run_dir)  # checked before anything in run_dir changes
         if not (retrain or own):
@@ -467,7 +489,7 @@ def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = 
     if announce:
         print(announce)
     if retrain or ((run_dir / "config.json").is_file() and not same_settings(run_dir, cfg)):  # nothing held
-        replace_run(run_dir, ("checkpoints", "model", "log.jsonl", "config.json"), "--retrain" if retrain else "")
+        replace_run(run_dir, _RUN_FILES, "--retrain" if retrain else "")
     else:
         note_replaced(run_dir)
     t0 = time.perf_counter()
