@@ -2,7 +2,6 @@
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import pytest
@@ -373,18 +372,6 @@ def test_user_callables_are_checked():
         check_distance(lambda v: v.detach().flatten(1).abs().sum(1), x)
     with pytest.raises(TypeError, match="callable"):
         check_distance(3, x)
-    with warnings.catch_warnings(record=True) as got:  # torch's scalar warning came first, then the error
-        warnings.simplefilter("always")
-        with pytest.raises(ValueError, match=r"got float"):
-            check_distance(lambda v: float(v.sum()), x)
-    assert got == []
-
-    def chatty(v):
-        warnings.warn("the user's own warning", stacklevel=1)
-        return v.flatten(1).abs().sum(1)
-
-    with pytest.warns(UserWarning, match="the user's own warning"):  # a callable that passes keeps its warnings
-        check_distance(chatty, x)
     with torch.no_grad():  # the gradient check holds under no_grad too
         with pytest.raises(ValueError, match="no gradient reaches x"):
             check_distance(lambda v: v.detach().flatten(1).abs().sum(1), x)

@@ -22,9 +22,7 @@ python             a user's callable in a Python file (``FILE:NAME``)  python.py
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -116,19 +114,8 @@ def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
                              "values that depend on the batch and on chance, and updates its running statistics "
                              "each call: call .eval() on it first")
     xg = x.detach().clone().requires_grad_(x.is_floating_point())
-    # the callable's own warnings wait for the checks: one it raises on the way to an error that is reported
-    # here (torch's "converting a tensor that requires grad to a scalar" before "got float") is noise
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        with torch.enable_grad():
-            out = fn(xg)
-    _check_output(out, x, xg, on)
-    for w in said:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return out.detach()
-
-
-def _check_output(out: Any, x: Tensor, xg: Tensor, on: str) -> None:
+    with torch.enable_grad():
+        out = fn(xg)
     if not isinstance(out, Tensor) or out.shape != (x.shape[0],):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(
@@ -149,6 +136,7 @@ def _check_output(out: Any, x: Tensor, xg: Tensor, on: str) -> None:
             raise ValueError(f"the gradient of a constraint distance is not finite (NaN or inf){on}: a norm's square "
                              "root has no gradient at 0, where a distance is 0 on its set (and distances are taken on "
                              "the set: data, projected samples); use condiff.constraints.safe_norm for the norm")
+    return out.detach()
 
 
 def check_sign(values: Tensor, what: str = "the constraint distance") -> Tensor:
