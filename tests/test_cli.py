@@ -811,6 +811,12 @@ def test_demo_retrain_keeps_the_old_model_until_the_new_one_is_trained(tmp_path,
     assert main(["demo", *TINY, "--set", "train.lr=1e30", "--out", str(run), "--retrain"]) != 0
     assert {p.name: p.read_bytes() for p in (run / ".replaced" / "model").iterdir()} == model
     assert "--retrain: the run being replaced is kept in" in capsys.readouterr().err
+    # a model in the run (of the failed attempt's settings, say) is not overwritten by the kept one
+    shutil.copytree(run / ".replaced" / "model", run / "model")
+    assert main(["demo", *TINY, "--out", str(run)]) == 2
+    assert "holds a model trained with other settings" in capsys.readouterr().err
+    assert (run / ".replaced" / "model").is_dir()
+    shutil.rmtree(run / "model")
     # the command that trained the kept model, run again, puts it back instead of training it again
     assert main(["demo", *TINY, "--out", str(run)]) == 0
     assert "restored the model of these settings that an unfinished --retrain had set aside" in capsys.readouterr().err

@@ -456,10 +456,18 @@ def _restore_kept_model(run_dir: Path, cfg: dict) -> bool:
     place of the failed attempt when it holds no checkpoint (nothing to lose): the command that trained it,
     run again, reuses it rather than training it again. Returns whether it did."""
     kept = run_dir / io.REPLACED
-    if not model_is_complete(kept, cfg) or any((run_dir / "checkpoints").glob("step_*")):
+
+    def restorable() -> bool:  # the failed attempt holds nothing: no model (of any settings), no checkpoint
+        return (model_is_complete(kept, cfg) and not (run_dir / "model").exists()
+                and not any((run_dir / "checkpoints").glob("step_*")))
+
+    if not restorable():
         return False
     with io.claimed_run(run_dir):
-        for entry in list(kept.iterdir()):  # the whole run it replaced, its samples and metrics too
+        if not restorable():  # checked again under the lock: another process may have written meanwhile
+            return False
+        # config.json last: a restore cut short leaves no settings that would claim a whole run
+        for entry in sorted(kept.iterdir(), key=lambda e: e.name == "config.json"):
             io.remove(run_dir / entry.name)
             os.replace(entry, run_dir / entry.name)
         kept.rmdir()

@@ -272,17 +272,11 @@ class StageMismatch(RuntimeError):
 
 def comparable(spec: Any) -> Any:
     """A stage's settings as they are compared: without the constraint for a stage that never uses it (the
-    vanilla DM), and without a constraint file's path where its content is pinned by its sha256 (a moved
-    file, pointed to with --set data.constraint.path=..., is the same constraint)."""
-    if not isinstance(spec, dict) or not isinstance(spec.get("data"), dict):
+    vanilla DM, whose data load without it). A constraint file of one's own keeps its path: the file's
+    sha256 does not cover what it may read beside it."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("data"), dict) or "mirror" in spec:
         return spec
-    data = dict(spec["data"])
-    con = data.get("constraint")
-    if "mirror" not in spec:
-        data.pop("constraint", None)
-    elif isinstance(con, dict) and "file_sha256" in (spec.get("constraint") or {}):
-        data["constraint"] = {k: v for k, v in con.items() if k != "path"}
-    return {**spec, "data": data}
+    return {**spec, "data": {k: v for k, v in spec["data"].items() if k != "constraint"}}
 
 
 def same_spec(old: Any, new: Any) -> bool:
