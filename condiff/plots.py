@@ -8,17 +8,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-# a font cache without matplotlib's own fonts (built by another install) prints a "findfont: ... not
-# found" line per glyph family while it falls back to DejaVu Sans; the plots are the same either way
-logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from condiff import io
 
-from condiff import io  # noqa: E402
+
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot``, headless (Agg), imported on the first figure: a command that draws nothing
+    (``--help``, a refused input) does not pay its third of a second."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    # a font cache without matplotlib's own fonts (built by another install) prints a "findfont: ... not
+    # found" line per glyph family while it falls back to DejaVu Sans; the plots are the same either way
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig, path: str | Path) -> Path:
@@ -28,7 +36,7 @@ def save_figure(fig, path: str | Path) -> Path:
             path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"), binary=True
         )
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
 
 
 def plot_loss_curve(log_path: str | Path, out: str | Path, keys: Sequence[str] = ("loss",)) -> Path | None:
@@ -38,7 +46,7 @@ def plot_loss_curve(log_path: str | Path, out: str | Path, keys: Sequence[str] =
     recs = read_log(log_path)
     if not recs:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     for k in keys:
         pts = [(r["step"], r[k]) for r in recs if k in r]
         if pts:
@@ -54,7 +62,7 @@ def plot_loss_curve(log_path: str | Path, out: str | Path, keys: Sequence[str] =
 
 def plot_scatter(sets: dict[str, np.ndarray], out: str | Path, title: str = "") -> Path:
     """Side-by-side 2-D scatters, one panel per named point set (N, 2)."""
-    fig, axes = plt.subplots(1, len(sets), figsize=(3.2 * len(sets), 3.2), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(sets), figsize=(3.2 * len(sets), 3.2), squeeze=False)
     for ax, (name, pts) in zip(axes[0], sets.items()):
         pts = np.asarray(pts)
         ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.5)
@@ -74,7 +82,7 @@ def plot_bars(groups: dict[str, Sequence[float]], out: str | Path, labels: Seque
     k = len(next(iter(groups.values())))
     x = np.arange(k)
     w = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(5, 0.6 * k * len(names) / 2 + 3), 3.5))
+    fig, ax = pyplot().subplots(figsize=(max(5, 0.6 * k * len(names) / 2 + 3), 3.5))
     for i, n in enumerate(names):
         ax.bar(x + (i - (len(names) - 1) / 2) * w, groups[n], w, label=n)
     if ref is not None:
@@ -89,7 +97,7 @@ def plot_bars(groups: dict[str, Sequence[float]], out: str | Path, labels: Seque
 def plot_histograms(sets: dict[str, np.ndarray], out: str | Path, xlabel: str = "", title: str = "",
                     log: bool = True) -> Path:
     """Overlaid histograms (e.g. constraint distances of vanilla vs mirror samples)."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.5))
     allv = np.concatenate([np.asarray(v).ravel() for v in sets.values()])
     lo, hi = float(allv.min()), float(allv.max())
     if log and lo > 0 and hi > 10 * lo:  # over less than a decade a log axis labels its minor ticks, overlapping
@@ -108,7 +116,7 @@ def plot_histograms(sets: dict[str, np.ndarray], out: str | Path, xlabel: str = 
 def plot_lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], out: str | Path,
                xlabel: str = "", ylabel: str = "", title: str = "", logy: bool = False) -> Path:
     """Named (x, y) curves on one axis (lambda trajectories, PSNR vs steps, ...)."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.5))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, label=name, marker="o" if len(xs) < 12 else None)
     ax.set_xlabel(xlabel)
@@ -128,7 +136,7 @@ def plot_image_columns(columns: dict[str, np.ndarray], out: str | Path, row_labe
     names = list(columns)
     arrays = [np.asarray(columns[n], dtype=np.float32) for n in names]
     rows = min(rows, min(len(a) for a in arrays))
-    fig, axes = plt.subplots(rows, len(names), figsize=(1.6 * len(names), 1.6 * rows + 0.3),
+    fig, axes = pyplot().subplots(rows, len(names), figsize=(1.6 * len(names), 1.6 * rows + 0.3),
                              squeeze=False, layout="constrained")
     for j, (name, a) in enumerate(zip(names, arrays)):
         for i in range(rows):

@@ -27,7 +27,7 @@ import torch
 from .. import checks, io
 from ..data.files import save_png_grid
 from ..models import resolve_model_dir
-from ..plots import plot_image_columns
+from ..plots import plot_image_columns, pyplot
 from ..pnp import schedules as sch
 from .common import (
     add_device_arg,
@@ -439,7 +439,7 @@ def tour_style(run_cfg: dict, shape: tuple[int, ...]):
 
 def plot_tours(coords: np.ndarray, tours: np.ndarray, optimal: np.ndarray, path: Path, titles: list[str]) -> Path:
     """Decoded tours (solid) over the optimal ones (dashed), one panel per instance."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from ..plots import save_figure
 

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from ..plots import save_figure  # noqa: E402
+from ..plots import pyplot, save_figure
 
 
 def _show(x: Tensor) -> np.ndarray:
@@ -34,7 +30,7 @@ def plot_violation_grid(
     maps = [v[1][:rows] for v in columns.values() if v[1] is not None]
     shared = max((float(m.max()) for m in maps), default=1.0)
     width = len(names) + len(maps)
-    fig, axes = plt.subplots(
+    fig, axes = pyplot().subplots(
         rows, width, figsize=(2.0 * width, 2.0 * rows + 0.4), squeeze=False, layout="constrained"
     )
     col = 0
