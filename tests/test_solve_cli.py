@@ -181,6 +181,34 @@ def test_bad_masks_and_measurements_are_refused(tiny_run, tmp_path, capsys, make
     assert not (tmp_path / "o").exists()
 
 
+def test_an_operator_of_ones_own_from_a_python_file(tiny_run, tmp_path, capsys):
+    """--operator FILE.py:NAME: an Operator subclass or factory, called with sigma_y = --noise; a measurement
+    that is no picture is solved too (only its picture is left out)."""
+    import hashlib
+
+    (tmp_path / "ops.py").write_text(
+        "import torch\nfrom condiff.operators import Operator\n\n"
+        "class Squares(Operator):\n    def A(self, x):\n        return torch.nn.functional.avg_pool2d(x ** 2, 2)\n\n"
+        "class Sums(Operator):\n    def A(self, x):\n        return x.flatten(1).sum(1, keepdim=True)\n\n"
+        "def three(sigma_y):\n    return 3\n")
+    spec = f"{tmp_path / 'ops.py'}:Squares"
+    assert _solve(tiny_run, tmp_path / "o", "--operator", spec, "--noise", "0.1") == 0
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["operator"]["name"] == spec and m["operator"]["sigma_y"] == 0.1 and m["task"].endswith("/ops-Squares")
+    assert m["operator"]["file_sha256"] == hashlib.sha256((tmp_path / "ops.py").read_bytes()).hexdigest()
+    with np.load(tmp_path / "o" / "reconstruction.npz") as z:
+        assert z["y"].shape[1:] == (1, 4, 4)  # avg-pooled 8x8 images
+    assert (tmp_path / "o" / "measurement.png").is_file()
+    assert _solve(tiny_run, tmp_path / "v", "--operator", f"{tmp_path / 'ops.py'}:Sums") == 0
+    assert (tmp_path / "v" / "comparison.png").is_file() and not (tmp_path / "v" / "measurement.png").exists()
+    capsys.readouterr()
+    for name, message in (("three", "three(sigma_y=...) returned a int, not a condiff.operators.Operator"),
+                          ("Nope", "has no 'Nope'; its callables: ['Squares', 'Sums', 'three']")):
+        assert _solve(tiny_run, tmp_path / "x", "--operator", f"{tmp_path / 'ops.py'}:{name}") == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+
+
 def test_a_model_that_is_no_image_model_or_records_a_bad_shape_is_named(tiny_run, tmp_path, capsys):
     from condiff.nets import TimeMLP
 

@@ -23,6 +23,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import time
 import warnings
@@ -121,11 +122,46 @@ def load_mask(path: str | Path, shape: tuple[int, ...], n: int) -> torch.Tensor:
     return m
 
 
+def user_operator_spec(name: str) -> tuple[str, str] | None:
+    """``"FILE.py:NAME"`` -> ``(FILE, NAME)``; None for a built-in operator's name."""
+    path, sep, attr = name.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        return None
+    if not attr.isidentifier():
+        raise ValueError(f"--operator {name}: after the ':' comes the name of an Operator class or factory in {path}")
+    return path, attr
+
+
+def operator_label(name: str) -> str:
+    """A name for files and tasks: the built-in name, or ``FILE-NAME`` for an operator of one's own."""
+    spec = user_operator_spec(name)
+    return name if spec is None else f"{Path(spec[0]).stem}-{spec[1]}"
+
+
 def build_operator(name: str, shape: tuple[int, ...], generator: torch.Generator, sigma_y: float,
                    params: dict | None = None) -> Operator:
-    """An operator by name with ``params`` (missing ones from OPERATOR_DEFAULTS)."""
+    """An operator by name with ``params`` (missing ones from OPERATOR_DEFAULTS), or one of one's own,
+    ``FILE.py:NAME``: an :class:`~condiff.operators.Operator` subclass or a factory, called as
+    ``NAME(sigma_y=...)``."""
+    spec = user_operator_spec(name)
+    if spec is not None:
+        from ..constraints.python import load_from_file
+
+        make, _ = load_from_file(spec[0], spec[1], "operator")
+        if not callable(make):
+            raise ValueError(f"--operator {name} is of type {type(make).__name__}, not an Operator class or factory")
+        try:
+            op = make(sigma_y=sigma_y)
+        except Exception as err:  # the user's code: say whose error it is
+            raise ValueError(f"--operator {name}: {spec[1]}(sigma_y={sigma_y}) raised {type(err).__name__}: {err} "
+                             "(an Operator class or a factory taking sigma_y)") from None
+        if not isinstance(op, Operator):
+            raise ValueError(f"--operator {name}: {spec[1]}(sigma_y=...) returned a {type(op).__name__}, not a "
+                             "condiff.operators.Operator (subclass it and implement A)")
+        return op
     if name not in OPERATORS:
-        raise ValueError(f"unknown operator {name!r}; expected one of {sorted(OPERATORS)}")
+        raise ValueError(f"unknown operator {name!r}; expected one of {sorted(OPERATORS)}, or FILE.py:NAME for "
+                         "your own")
     return OPERATORS[name](tuple(shape), generator, sigma_y, {**OPERATOR_DEFAULTS, **(params or {})})
 
 
@@ -135,9 +171,10 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--ckpt", required=True,
                    help="condiff run or model directory, or a local diffusers model directory")
     g = p.add_argument_group("measurement")
-    g.add_argument("--operator", required=True, choices=sorted(OPERATORS),
+    g.add_argument("--operator", required=True, metavar="{" + ",".join(sorted(OPERATORS)) + "} or FILE.py:NAME",
                    help="the measurement: inpainting (random pixels, a box, or a mask of your own), "
-                        "super-resolution or Gaussian blur")
+                        "super-resolution, Gaussian blur, or an operator of your own: an Operator subclass "
+                        "or factory NAME in FILE.py, called as NAME(sigma_y=--noise)")
     g.add_argument("--noise", type=float, default=0.05,
                    help="measurement noise sigma_y, in the data's units (default 0.05: 2.5%% of [-1, 1])")
     g.add_argument("--p-drop", type=float, default=None, help="inpaint-random: probability a pixel is missing (0.7)")
@@ -274,7 +311,7 @@ def check_flags(args: argparse.Namespace) -> None:
                              "--split pick true images to simulate measurements from")
         if not Path(args.measurement).exists():
             raise ValueError(f"--measurement {args.measurement}: no such file or folder")
-        if args.operator not in DETERMINISTIC:
+        if args.operator not in DETERMINISTIC and user_operator_spec(args.operator) is None:
             raise ValueError(f"--measurement needs an operator fixed in advance ({', '.join(DETERMINISTIC)}); "
                              f"{args.operator} draws its own mask: use inpaint-mask with --mask FILE")
 
@@ -308,7 +345,8 @@ def load_measurements(args: argparse.Namespace, op: Operator, shape: tuple[int, 
 
 def run(args: argparse.Namespace) -> int:
     check_flags(args)
-    out = check_out_dir(args.out or results_dir(args.ckpt, "solve") / f"{args.operator}-{args.method}-{args.steps}",
+    label = operator_label(args.operator)
+    out = check_out_dir(args.out or results_dir(args.ckpt, "solve") / f"{label}-{args.method}-{args.steps}",
                         kind="condiff solve")
     device = pick_device(args.device)
     den, run_cfg, shape = load_model_for(args.ckpt, device)
@@ -330,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--n must be between 1 and {len(given)} (measurements given), got {n}")
     scale = (data_scale(run_cfg, x, "images", args.input) if x is not None
              else data_scale(run_cfg, given[:n], "measurements", args.measurement))
-    task = args.task or f"{Path(data_name).stem}/{args.operator}"
+    task = args.task or f"{Path(data_name).stem}/{label}"
     hp = hyperparameters(args, task)
     make_guidance(args.method, lambda z: z.flatten(1).sum(1), **dict(hp))  # validate before any work
     params = {k: v for k, v in (("p_drop", args.p_drop), ("box", args.box), ("factor", args.factor),
@@ -372,7 +410,9 @@ def run(args: argparse.Namespace) -> int:
         "steps": args.steps, "nfe": nfe, "grad_evals": grads, "n": n,
         "method": args.method, "hyperparameters": hp, "task": task, "eta": args.eta, "clip_x0": clip,
         "scale": list(scale),
-        "operator": {"name": args.operator, **op.describe(), **({"mask": args.mask} if args.mask else {})},
+        "operator": {"name": args.operator, **op.describe(), **({"mask": args.mask} if args.mask else {}),
+                     **({"file_sha256": _file_sha(user_operator_spec(args.operator)[0])}
+                        if user_operator_spec(args.operator) else {})},
         "seed": args.seed, "batch_size": args.batch_size, "ckpt": str(args.ckpt), "device": device,
         "label": args.label, "guidance_scale": args.guidance_scale, "versions": io.versions(),
         "images": args.input or (f"{data_name}:{args.split}" if x is not None else None),
@@ -385,6 +425,10 @@ def run(args: argparse.Namespace) -> int:
           f"{nfe} NFE + {grads} backward")
     print(f"wrote {out}")
     return 0
+
+
+def _file_sha(path: str) -> str:
+    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
 
 
 def write_outputs(out: Path, x: torch.Tensor | None, op: Operator, y: torch.Tensor, rec: torch.Tensor,
@@ -405,9 +449,11 @@ def write_outputs(out: Path, x: torch.Tensor | None, op: Operator, y: torch.Tens
         columns["truth"] = to_display(x, scale).clamp(-1, 1).numpy()
     io.write_npz_atomic(out / "reconstruction.npz", **arrays)
     seen_d, rec_d = (to_display(v, scale).clamp(-1, 1) for v in (seen, rec))
-    save_png_grid(seen_d, out / "measurement.png")
+    if seen_d.dim() == 4:  # an operator of one's own may measure something that is no picture (no to_image)
+        save_png_grid(seen_d, out / "measurement.png")
+        columns["measurement"] = seen_d.numpy()
     save_png_grid(rec_d, out / "reconstruction.png")
-    columns.update({"measurement": seen_d.numpy(), "reconstruction": rec_d.numpy()})
+    columns["reconstruction"] = rec_d.numpy()
     if x is not None:
         columns[f"|error| (white {top:.2g})"] = (err / top * 2 - 1).numpy()
         labels, headline = [f"{v:.1f} dB" for v in m["psnr_per_image"]], f"PSNR {m['psnr']:.2f} dB"

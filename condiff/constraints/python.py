@@ -30,6 +30,29 @@ def parse_python_spec(text: str) -> dict | None:
     return {"name": "python", "path": str(Path(path).expanduser().resolve()), "attr": attr}
 
 
+def load_from_file(path: str | Path, attr: str, what: str = "constraint") -> tuple[object, str]:
+    """Run the Python file ``path`` (the user's own code) and return its attribute ``attr`` with the file's
+    SHA-256; a missing file, a file that fails to run or a missing name is a ValueError naming ``what``."""
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise ValueError(f"{what} file {file} does not exist")
+    sha = hashlib.sha256(file.read_bytes()).hexdigest()
+    module_name = f"condiff_user_{what.replace(' ', '_')}_{sha[:16]}"
+    spec = importlib.util.spec_from_file_location(module_name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # some code (dataclasses) looks its own module up there
+    try:
+        spec.loader.exec_module(module)
+    except (Exception, SystemExit) as err:  # sys.exit() in the file would end the command without a word
+        del sys.modules[module_name]
+        raise ValueError(f"{what} file {file} failed to run: {type(err).__name__}: {err}") from None
+    if not hasattr(module, attr):
+        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                       and getattr(v, "__module__", None) == module_name)
+        raise ValueError(f"{what} file {file} has no {attr!r}; its callables: {names or 'none'}")
+    return getattr(module, attr), sha
+
+
 @register_constraint("python")
 class PythonConstraint(Constraint):
     """The callable ``attr`` of the Python file ``path``, as a constraint."""
@@ -37,24 +60,8 @@ class PythonConstraint(Constraint):
     def __init__(self, path: str, attr: str) -> None:
         super().__init__()
         file = Path(path).expanduser().resolve()  # the config rebuilds it from any working directory
-        if not file.is_file():
-            raise ValueError(f"constraint file {file} does not exist")
+        fn, self._sha = load_from_file(file, attr)
         self.config = {"name": "python", "path": str(file), "attr": str(attr)}
-        self._sha = hashlib.sha256(file.read_bytes()).hexdigest()
-        module_name = f"condiff_user_constraint_{self._sha[:16]}"
-        spec = importlib.util.spec_from_file_location(module_name, file)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # some code (dataclasses) looks its own module up there
-        try:
-            spec.loader.exec_module(module)
-        except (Exception, SystemExit) as err:  # sys.exit() in the file would end the command without a word
-            del sys.modules[module_name]
-            raise ValueError(f"constraint file {file} failed to run: {type(err).__name__}: {err}") from None
-        if not hasattr(module, attr):
-            names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-                           and getattr(v, "__module__", None) == module_name)
-            raise ValueError(f"constraint file {file} has no {attr!r}; its callables: {names or 'none'}")
-        fn = getattr(module, attr)
         if inspect.isclass(fn):
             try:
                 fn = fn()
@@ -83,4 +90,4 @@ class PythonConstraint(Constraint):
         return f"{self.config['path']}:{self.config['attr']}"
 
 
-__all__ = ["PythonConstraint", "parse_python_spec"]
+__all__ = ["PythonConstraint", "load_from_file", "parse_python_spec"]
