@@ -283,6 +283,12 @@ def check_flags(args: argparse.Namespace) -> None:
     """The flags alone, before any file is read."""
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    own = user_operator_spec(args.operator)  # a name is checked before any model or image loads
+    if own is None and args.operator not in OPERATORS:
+        raise ValueError(f"unknown operator {args.operator!r}; expected one of {sorted(OPERATORS)}, or FILE.py:NAME "
+                         "for your own")
+    if own is not None and not Path(own[0]).expanduser().is_file():
+        raise ValueError(f"--operator {args.operator}: operator file {own[0]} does not exist")
     if args.task is not None and args.task not in TUNED:  # a typo would fall back to GENERIC, silently
         raise ValueError(f"--task {args.task!r} has no swept defaults; known: {sorted(TUNED)} (leave it out "
                          "for the defaults of this data set and operator, or GENERIC's where none were swept)")
