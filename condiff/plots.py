@@ -6,6 +6,7 @@ Every function writes a PNG atomically and returns its path. matplotlib runs hea
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -20,7 +21,8 @@ def pyplot() -> ModuleType:
     (``--help``, a refused input) does not pay its third of a second."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:  # once: a backend the user chose since is left alone
+        matplotlib.use("Agg")
     # a font cache without matplotlib's own fonts (built by another install) prints a "findfont: ... not
     # found" line per glyph family while it falls back to DejaVu Sans; the plots are the same either way
     logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)

@@ -190,6 +190,12 @@ def test_an_operator_of_ones_own_from_a_python_file(tiny_run, tmp_path, capsys):
         "import torch\nfrom condiff.operators import Operator\n\n"
         "class Squares(Operator):\n    def A(self, x):\n        return torch.nn.functional.avg_pool2d(x ** 2, 2)\n\n"
         "class Sums(Operator):\n    def A(self, x):\n        return x.flatten(1).sum(1, keepdim=True)\n\n"
+        "class Twice(Operator):\n    def A(self, x):\n        return torch.cat([x, -x], 1)\n\n"
+        "class Drawn(Operator):  # draws from torch's global stream, sized by the shape it is given\n"
+        "    def __init__(self, sigma_y, shape):\n        super().__init__(sigma_y)\n"
+        "        self.register_buffer('w', torch.rand(shape))\n"
+        "    def A(self, x):\n        return self.w * x\n\n"
+        "class Broken(Operator):\n    def A(self, x):\n        raise RuntimeError('boom')\n\n"
         "def three(sigma_y):\n    return 3\n")
     spec = f"{tmp_path / 'ops.py'}:Squares"
     assert _solve(tiny_run, tmp_path / "o", "--operator", spec, "--noise", "0.1") == 0
@@ -201,9 +207,25 @@ def test_an_operator_of_ones_own_from_a_python_file(tiny_run, tmp_path, capsys):
     assert (tmp_path / "o" / "measurement.png").is_file()
     assert _solve(tiny_run, tmp_path / "v", "--operator", f"{tmp_path / 'ops.py'}:Sums") == 0
     assert (tmp_path / "v" / "comparison.png").is_file() and not (tmp_path / "v" / "measurement.png").exists()
+    # a vector measurement reads back through --measurement (it was taken for one (H, W) picture)
+    assert _solve(tiny_run, tmp_path / "v2", "--operator", f"{tmp_path / 'ops.py'}:Sums", "--measurement",
+                  str(tmp_path / "v" / "reconstruction.npz")) == 0
+    # a two-channel measurement of one-channel images: solved, no picture of it (it failed after the run)
+    assert _solve(tiny_run, tmp_path / "t", "--operator", f"{tmp_path / 'ops.py'}:Twice") == 0
+    assert (tmp_path / "t" / "metrics.json").is_file() and not (tmp_path / "t" / "measurement.png").exists()
+    # what the operator draws is fixed by --seed, and it is given the images' shape
+    for out in ("d1", "d2"):
+        assert _solve(tiny_run, tmp_path / out, "--operator", f"{tmp_path / 'ops.py'}:Drawn") == 0
+    with np.load(tmp_path / "d1" / "reconstruction.npz") as a, np.load(tmp_path / "d2" / "reconstruction.npz") as b:
+        assert np.array_equal(a["y"], b["y"]) and np.array_equal(a["x"], b["x"])
     capsys.readouterr()
+    # per-image state without select(): named before any sampling, not mid-run
+    assert _solve(tiny_run, tmp_path / "d3", "--operator", f"{tmp_path / 'ops.py'}:Drawn", "--batch-size", "2") == 2
+    assert "A raised RuntimeError" in capsys.readouterr().err and not (tmp_path / "d3").exists()
     for name, message in (("three", "three(sigma_y=...) returned a int, not a condiff.operators.Operator"),
-                          ("Nope", "has no 'Nope'; its callables: ['Squares', 'Sums', 'three']")):
+                          ("Broken", "--operator " + str(tmp_path / "ops.py") + ":Broken: A raised RuntimeError: boom"),
+                          ("Nope", "has no 'Nope'; its callables: ['Broken', 'Drawn', 'Squares', 'Sums', 'Twice', "
+                                   "'three']")):
         assert _solve(tiny_run, tmp_path / "x", "--operator", f"{tmp_path / 'ops.py'}:{name}") == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err

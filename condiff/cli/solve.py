@@ -7,8 +7,8 @@ with the error), reconstruction.npz and metrics.json
 (PSNR, SSIM, RMS measurement residual, wall time, steps, network forward and backward passes).
 
 With ``--measurement FILE`` it reconstructs from measurements made elsewhere (an operator fixed in
-advance: ``inpaint-mask`` with ``--mask FILE``, ``sr`` or ``blur``); there is no truth then, so it reports
-the measurement residual and writes no ground truth.
+advance: ``inpaint-mask`` with ``--mask FILE``, ``sr``, ``blur``, or one of one's own, ``FILE.py:NAME``);
+there is no truth then, so it reports the measurement residual and writes no ground truth.
 
 Hyperparameters left unset take the defaults swept on the training split for the task
 (``<data>/<operator>``) and step budget (condiff/guidance/defaults.py), else generic ones.
@@ -142,7 +142,8 @@ def build_operator(name: str, shape: tuple[int, ...], generator: torch.Generator
                    params: dict | None = None) -> Operator:
     """An operator by name with ``params`` (missing ones from OPERATOR_DEFAULTS), or one of one's own,
     ``FILE.py:NAME``: an :class:`~condiff.operators.Operator` subclass or a factory, called as
-    ``NAME(sigma_y=...)``."""
+    ``NAME(sigma_y=...)``, plus ``shape=(n, C, H, W)`` and ``generator=`` where it takes them, with torch's
+    global random stream seeded from ``generator`` (so ``--seed`` fixes what it draws)."""
     spec = user_operator_spec(name)
     if spec is not None:
         from ..constraints.python import load_from_file
@@ -151,7 +152,15 @@ def build_operator(name: str, shape: tuple[int, ...], generator: torch.Generator
         if not callable(make):
             raise ValueError(f"--operator {name} is of type {type(make).__name__}, not an Operator class or factory")
         try:
-            op = make(sigma_y=sigma_y)
+            takes = inspect.signature(make).parameters
+        except (TypeError, ValueError):
+            takes = {}
+        kw = {"sigma_y": sigma_y, **({"shape": tuple(shape)} if "shape" in takes else {}),
+              **({"generator": generator} if "generator" in takes else {})}
+        try:
+            with torch.random.fork_rng(devices=[]):  # an operator drawing from torch's global stream: --seed fixes it
+                torch.manual_seed(int(generator.initial_seed()))
+                op = make(**kw)
         except Exception as err:  # the user's code: say whose error it is
             raise ValueError(f"--operator {name}: {spec[1]}(sigma_y={sigma_y}) raised {type(err).__name__}: {err} "
                              "(an Operator class or a factory taking sigma_y)") from None
@@ -337,11 +346,32 @@ def read_measurements(path: str | Path) -> torch.Tensor:
     return load_dataset(path, split="all").x
 
 
+def probe_operator(name: str, op: Operator, x: torch.Tensor, batch_size: int, device: str) -> None:
+    """An operator of one's own, tried on one batch before any sampling: its errors, non-finite measurements
+    and measurements of another batch size are named as its own, not found mid-run or after it."""
+    k = min(batch_size, len(x))
+    try:
+        with torch.no_grad():
+            y = op.select(slice(0, k)).A(x[:k].to(device))
+    except Exception as err:
+        hint = (" (an operator holding per-image tensors needs select(idx) for sub-batches, and register_buffer "
+                "so that .to(device) moves them)")
+        raise ValueError(f"--operator {name}: A raised {type(err).__name__}: {err}{hint}") from None
+    if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != k:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"--operator {name}: A of a batch of {k} images must return a batch of {k} measurements, "
+                         f"got {got} (per-image state needs select(idx) for sub-batches)")
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError(f"--operator {name}: A returns non-finite values on the images")
+
+
 def load_measurements(args: argparse.Namespace, op: Operator, shape: tuple[int, ...], n: int,
                       y: torch.Tensor, device: str) -> torch.Tensor:
     """The first ``n`` of the given measurements, on ``device``, checked against the operator's output shape."""
     probe = op.select(slice(0, 1))  # a per-image mask, sliced to the probe's one image
     expected = tuple(probe.A(torch.zeros(1, *shape, device=device)).shape[1:])
+    if y.dim() == 2 and len(expected) == 3:  # an (H, W) array is one greyscale measurement, not H vectors
+        y = y[None, None]
     if tuple(y.shape[1:]) != expected:
         raise ValueError(f"--measurement {args.measurement} holds items of shape {tuple(y.shape[1:])} but "
                          f"{args.operator} maps the model's {tuple(shape)} images to {expected}")
@@ -367,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         x, data_name = None, str((run_cfg.get("data") or {}).get("name") or "measurement")
         given = read_measurements(args.measurement)
-        if given.dim() == 2:  # an (H, W) array is one greyscale measurement, not H vectors
+        if given.dim() == 2 and user_operator_spec(args.operator) is None:  # one (H, W) measurement of an image
             given = given[None, None]
         n = args.n if args.n is not None else len(given)
         if not 1 <= n <= len(given):
@@ -383,7 +413,12 @@ def run(args: argparse.Namespace) -> int:
     if args.mask:
         params["mask"] = load_mask(args.mask, shape, n)
     gop = torch.Generator().manual_seed(derive_seed(args.seed, "op"))
+    own = user_operator_spec(args.operator)  # the file as it is when the operator is built
+    own_file = {} if own is None else {"path": str(Path(own[0]).expanduser().resolve()), "attr": own[1],
+                                       "file_sha256": _file_sha(own[0])}
     op = build_operator(args.operator, (n, *shape), gop, args.noise, params).to(device)
+    if user_operator_spec(args.operator) is not None:
+        probe_operator(args.operator, op, x if x is not None else torch.zeros(n, *shape), args.batch_size, device)
     if x is not None:
         x = x.to(device)
         y = op.measure(x, torch.Generator(device=device).manual_seed(derive_seed(args.seed, "noise")))
@@ -417,8 +452,7 @@ def run(args: argparse.Namespace) -> int:
         "method": args.method, "hyperparameters": hp, "task": task, "eta": args.eta, "clip_x0": clip,
         "scale": list(scale),
         "operator": {"name": args.operator, **op.describe(), **({"mask": args.mask} if args.mask else {}),
-                     **({"file_sha256": _file_sha(user_operator_spec(args.operator)[0])}
-                        if user_operator_spec(args.operator) else {})},
+                     **own_file},
         "seed": args.seed, "batch_size": args.batch_size, "ckpt": str(args.ckpt), "device": device,
         "label": args.label, "guidance_scale": args.guidance_scale, "versions": io.versions(),
         "images": args.input or (f"{data_name}:{args.split}" if x is not None else None),
@@ -455,7 +489,7 @@ def write_outputs(out: Path, x: torch.Tensor | None, op: Operator, y: torch.Tens
         columns["truth"] = to_display(x, scale).clamp(-1, 1).numpy()
     io.write_npz_atomic(out / "reconstruction.npz", **arrays)
     seen_d, rec_d = (to_display(v, scale).clamp(-1, 1) for v in (seen, rec))
-    if seen_d.dim() == 4:  # an operator of one's own may measure something that is no picture (no to_image)
+    if seen_d.dim() == 4 and seen_d.shape[1] in (1, 3):  # an operator of one's own may measure no picture
         save_png_grid(seen_d, out / "measurement.png")
         columns["measurement"] = seen_d.numpy()
     save_png_grid(rec_d, out / "reconstruction.png")
