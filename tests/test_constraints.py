@@ -484,6 +484,16 @@ def test_a_users_python_file_is_a_constraint_and_an_edit_is_noticed(tmp_path):
         build_constraint(parse_python_spec(f"{tmp_path / 'exits.py'}:total"))
     with pytest.raises(ValueError, match="name of a callable"):
         parse_python_spec(f"{f}:")
+    # the file imports its neighbours, as when it runs as a script (ModuleNotFoundError before)
+    (tmp_path / "side").mkdir()
+    (tmp_path / "side" / "condiff_test_helper_k.py").write_text("K = 2.0\n")
+    (tmp_path / "side" / "uses.py").write_text("from condiff_test_helper_k import K\n\n\n"
+                                               "def scaled(x):\n    return K * x.flatten(1).abs().sum(1)\n")
+    import sys
+
+    before = list(sys.path)
+    uses = build_constraint(parse_python_spec(f"{tmp_path / 'side' / 'uses.py'}:scaled"))
+    assert uses(torch.ones(1, 1, 2, 2)).tolist() == [8.0] and sys.path == before  # the path is put back
     from condiff.mirror.plots import violation_maps
 
     (tmp_path / "vm.py").write_text("class Bad:\n    def __call__(self, x):\n"

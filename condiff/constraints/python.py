@@ -9,6 +9,7 @@ against one version of the file is not reused with an edited one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -41,11 +42,15 @@ def load_from_file(path: str | Path, attr: str, what: str = "constraint") -> tup
     spec = importlib.util.spec_from_file_location(module_name, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # some code (dataclasses) looks its own module up there
+    sys.path.insert(0, str(file.parent))  # as when the file runs as a script: it imports its neighbours
     try:
         spec.loader.exec_module(module)
     except (Exception, SystemExit) as err:  # sys.exit() in the file would end the command without a word
         del sys.modules[module_name]
         raise ValueError(f"{what} file {file} failed to run: {type(err).__name__}: {err}") from None
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(str(file.parent))
     if not hasattr(module, attr):
         names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
                        and getattr(v, "__module__", None) == module_name)
