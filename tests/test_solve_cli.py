@@ -229,6 +229,9 @@ def test_an_operator_of_ones_own_from_a_python_file(tiny_run, tmp_path, capsys):
         assert _solve(tiny_run, tmp_path / "x", "--operator", f"{tmp_path / 'ops.py'}:{name}") == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
+    # the file runs before any model loads: a missing NAME is named even where the model is missing too
+    assert _solve(tmp_path / "no-model", tmp_path / "x", "--operator", f"{tmp_path / 'ops.py'}:Nope") == 2
+    assert "has no 'Nope'" in capsys.readouterr().err
 
 
 def test_a_model_that_is_no_image_model_or_records_a_bad_shape_is_named(tiny_run, tmp_path, capsys):

@@ -139,16 +139,17 @@ def operator_label(name: str) -> str:
 
 
 def build_operator(name: str, shape: tuple[int, ...], generator: torch.Generator, sigma_y: float,
-                   params: dict | None = None) -> Operator:
+                   params: dict | None = None, factory: object = None) -> Operator:
     """An operator by name with ``params`` (missing ones from OPERATOR_DEFAULTS), or one of one's own,
     ``FILE.py:NAME``: an :class:`~condiff.operators.Operator` subclass or a factory, called as
     ``NAME(sigma_y=...)``, plus ``shape=(n, C, H, W)`` and ``generator=`` where it takes them, with torch's
-    global random stream seeded from ``generator`` (so ``--seed`` fixes what it draws)."""
+    global random stream seeded from ``generator`` (so ``--seed`` fixes what it draws). ``factory``: that
+    ``NAME`` as already loaded from its file (:func:`check_flags` loads it before any model)."""
     spec = user_operator_spec(name)
     if spec is not None:
         from ..constraints.python import load_from_file
 
-        make, _ = load_from_file(spec[0], spec[1], "operator")
+        make = factory if factory is not None else load_from_file(spec[0], spec[1], "operator")[0]
         if not callable(make):
             raise ValueError(f"--operator {name} is of type {type(make).__name__}, not an Operator class or factory")
         try:
@@ -298,6 +299,10 @@ def check_flags(args: argparse.Namespace) -> None:
                          "for your own")
     if own is not None and not Path(own[0]).expanduser().is_file():
         raise ValueError(f"--operator {args.operator}: operator file {own[0]} does not exist")
+    if own is not None:  # run once, now: a broken file or a missing NAME is named before any model loads
+        from ..constraints.python import load_from_file
+
+        args.operator_factory = load_from_file(own[0], own[1], "operator")[0]
     if args.task is not None and args.task not in TUNED:  # a typo would fall back to GENERIC, silently
         raise ValueError(f"--task {args.task!r} has no swept defaults; known: {sorted(TUNED)} (leave it out "
                          "for the defaults of this data set and operator, or GENERIC's where none were swept)")
@@ -416,7 +421,8 @@ def run(args: argparse.Namespace) -> int:
     own = user_operator_spec(args.operator)  # the file as it is when the operator is built
     own_file = {} if own is None else {"path": str(Path(own[0]).expanduser().resolve()), "attr": own[1],
                                        "file_sha256": _file_sha(own[0])}
-    op = build_operator(args.operator, (n, *shape), gop, args.noise, params).to(device)
+    op = build_operator(args.operator, (n, *shape), gop, args.noise, params,
+                        factory=getattr(args, "operator_factory", None)).to(device)
     if user_operator_spec(args.operator) is not None:
         probe_operator(args.operator, op, x if x is not None else torch.zeros(n, *shape), args.batch_size, device)
     if x is not None:
