@@ -392,6 +392,21 @@ def drop_replaced(run_dir: str | Path, names: tuple[str, ...] | list[str] | None
         keep.rmdir()  # only once empty
 
 
+def restore_replaced(run_dir: str | Path, names: tuple[str, ...] | list[str] | None = None) -> None:
+    """Move what :func:`set_aside` kept in ``run_dir/.replaced`` (only ``names`` when given) back in place of
+    the entries of the replacement that failed; ``config.json`` last, so that a restore cut short leaves no
+    settings claiming a whole run. Rank 0 of a torchrun job does it alone."""
+    keep = Path(run_dir) / REPLACED
+    if not keep.is_dir() or not is_rank0():
+        return
+    entries = [keep / n for n in names] if names is not None else list(keep.iterdir())
+    for p in sorted((p for p in entries if p.exists() or p.is_symlink()), key=lambda p: p.name == CONFIG):
+        remove(Path(run_dir) / p.name)
+        os.replace(p, Path(run_dir) / p.name)
+    with contextlib.suppress(OSError):
+        keep.rmdir()  # only once empty
+
+
 def read_json_table(path: str | Path) -> dict:
     """A JSON file holding one table of settings; a ValueError naming the file when it is broken."""
     path = Path(path)

@@ -281,3 +281,18 @@ def test_set_aside_keeps_the_first_replaced_run_until_dropped(tmp_path, monkeypa
     io.drop_replaced(run)
     assert not kept.exists() and (run / "log.jsonl").is_file()
     io.drop_replaced(run)  # nothing kept: nothing to do
+
+
+def test_restore_replaced_puts_the_kept_run_back_over_the_failed_attempt(tmp_path):
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "w").write_text("old")
+    (run / "config.json").write_text("old settings")
+    assert io.set_aside(run, ["model", "config.json"]) == ["model", "config.json"]
+    (run / "model").mkdir()
+    (run / "model" / "w").write_text("failed attempt")
+    io.restore_replaced(run, ["model"])  # one entry: the rest stays kept
+    assert (run / "model" / "w").read_text() == "old" and (run / io.REPLACED / "config.json").is_file()
+    io.restore_replaced(run)
+    assert (run / "config.json").read_text() == "old settings" and not (run / io.REPLACED).exists()
+    io.restore_replaced(run)  # nothing kept: nothing to do

@@ -466,11 +466,7 @@ def _restore_kept_model(run_dir: Path, cfg: dict) -> bool:
     with io.claimed_run(run_dir):
         if not restorable():  # checked again under the lock: another process may have written meanwhile
             return False
-        # config.json last: a restore cut short leaves no settings that would claim a whole run
-        for entry in sorted(kept.iterdir(), key=lambda e: e.name == "config.json"):
-            io.remove(run_dir / entry.name)
-            os.replace(entry, run_dir / entry.name)
-        kept.rmdir()
+        io.restore_replaced(run_dir)
     print(f"restored the model of these settings that an unfinished --retrain had set aside in {kept}",
           file=sys.stderr)
     return True

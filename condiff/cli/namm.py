@@ -21,10 +21,8 @@ settings is an error unless ``--fresh`` is passed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import os
 import shutil
 import sys
 import time
@@ -436,11 +434,7 @@ class NAMMRun:
                                                                  or not self._holds_nothing(name, old))):
             return False
         d = self.root / name
-        if d.exists():
-            shutil.rmtree(d)
-        os.replace(self.root / io.REPLACED / name, d)
-        with contextlib.suppress(OSError):
-            (self.root / io.REPLACED).rmdir()  # only once empty
+        io.restore_replaced(self.root, [name])
         print(f"restored {d}: the finished stage of these settings that an unfinished --fresh had set aside",
               file=sys.stderr)
         return True
