@@ -514,11 +514,11 @@ def test_bench_refuses_a_damaged_table_before_it_runs(tmp_path, monkeypatch, cap
     assert (tmp_path / "BENCHMARKS.md").read_text() == damaged
     # an unwritable place for the results is found before the run too (it was found after it, hours later)
     real_access = os.access
-    monkeypatch.setattr(bench.os, "access", lambda p, mode: Path(p).name != "runs" and real_access(p, mode))
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p).name != "runs" and real_access(p, mode))
     (tmp_path / "runs").mkdir()
     assert main(["bench", "tiny", "--no-record"]) == 2 and not ran.exists()
-    assert "runs/bench-results is not writable (runs): the results could not be written" in capsys.readouterr().err
-    monkeypatch.setattr(bench.os, "access", real_access)
+    assert "bench: results to runs/bench-results: runs is not writable" in capsys.readouterr().err
+    monkeypatch.setattr(os, "access", real_access)
     # a trial run does not touch the table, so it runs
     assert main(["bench", "tiny", "--no-record"]) == 0 and ran.exists()
     # another section's markers are no concern of this one's

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import io
-from .common import add_device_arg, pick_device, plain_text
+from .common import add_device_arg, check_writable, pick_device, plain_text
 
 
 def bench_dir() -> Path:
@@ -86,7 +86,6 @@ def add_parser(sub, name: str) -> None:
 
 
 def machine() -> str:
-    import os
 
     cpu = platform.processor() or platform.machine()
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -178,9 +177,7 @@ def run(args: argparse.Namespace) -> int:
     # where the results go, checked before minutes or hours of work (a partial run writes the trial folder)
     targets = [Path("runs") / "bench-results"] + ([] if args.no_record else [bench_dir() / "results", benchmarks_md()])
     for target in targets:
-        where = next((q for q in (target, *target.parents) if q.exists()), Path("."))
-        if not os.access(where, os.W_OK):
-            raise PermissionError(f"{target} is not writable ({where}): the results could not be written after the run")
+        check_writable(target, "bench: results to")
     t0 = time.perf_counter()
     res = mod.run(profile=args.profile, device=device)
     res.update({"name": args.name, "profile": args.profile, "device": device, "machine": machine(),

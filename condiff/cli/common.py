@@ -303,19 +303,25 @@ RUN_MARK = ".condiff-run"  # in a run directory: the command that wrote it
 _claimed: dict[Path, str] = {}
 
 
+def check_writable(path: str | Path, flag: str) -> Path:
+    """Refuse, before any work, a place the results could not be written to after it: ``path`` itself where
+    it exists, else its nearest existing ancestor (returned)."""
+    p = Path(path)
+    q = next((q for q in (p, *p.parents) if q.exists()), Path("."))
+    if not os.access(q, os.W_OK):
+        raise PermissionError(f"{flag} {p}{'' if q == p else f': {q}'} is not writable")
+    return q
+
+
 def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None) -> Path:
     """An output directory argument, checked before any work: refused if it names an existing file, or,
     for a command that writes a run of its own ``kind`` (``"condiff dual train"``), if it holds another
     command's run, which this one would overwrite. Once the command succeeds, :func:`mark_runs` records
     ``kind`` in the directory."""
     p = Path(path)
-    for q in (p, *p.parents):  # the nearest existing ancestor must be a directory too
-        if q.exists():
-            if not q.is_dir():
-                raise NotADirectoryError(f"{flag} {p}{'' if q == p else f': {q}'} is a file, not a directory")
-            if not os.access(q, os.W_OK):  # found now, not after the work whose results it would hold
-                raise PermissionError(f"{flag} {p}{'' if q == p else f': {q}'} is not writable")
-            break
+    q = check_writable(p, flag)
+    if not q.is_dir():  # the nearest existing ancestor must be a directory too
+        raise NotADirectoryError(f"{flag} {p}{'' if q == p else f': {q}'} is a file, not a directory")
     for q in (p, *p.parents):  # a checkpoint is replaced whole when it is saved again (or pruned)
         if (q / "model.safetensors").is_file():
             where = "is" if q == p else f"lies inside {q},"
