@@ -23,7 +23,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import time
 import warnings
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from .. import checks, io, metrics
+from ..constraints.python import load_from_file, split_file_spec
 from ..data import ArrayData, derive_seed, load_dataset, nominal_range, to_display
 from ..data.files import check_npy_header, load_png_folder, save_png_grid
 from ..guidance import (
@@ -124,12 +124,19 @@ def load_mask(path: str | Path, shape: tuple[int, ...], n: int) -> torch.Tensor:
 
 def user_operator_spec(name: str) -> tuple[str, str] | None:
     """``"FILE.py:NAME"`` -> ``(FILE, NAME)``; None for a built-in operator's name."""
-    path, sep, attr = name.rpartition(":")
-    if not sep or not path.endswith(".py"):
+    return split_file_spec(name, "--operator", "an Operator class or factory")
+
+
+def load_user_operator(name: str) -> dict | None:
+    """An operator of one's own, ``FILE.py:NAME``, loaded (its file run, once): ``factory`` (``NAME``), the
+    file's resolved ``path``, ``attr`` and ``file_sha256`` (what ran, for metrics.json); None for a built-in
+    operator's name."""
+    spec = user_operator_spec(name)
+    if spec is None:
         return None
-    if not attr.isidentifier():
-        raise ValueError(f"--operator {name}: after the ':' comes the name of an Operator class or factory in {path}")
-    return path, attr
+    factory, sha = load_from_file(spec[0], spec[1], "operator")
+    return {"factory": factory, "path": str(Path(spec[0]).expanduser().resolve()), "attr": spec[1],
+            "file_sha256": sha}
 
 
 def operator_label(name: str) -> str:
@@ -144,12 +151,10 @@ def build_operator(name: str, shape: tuple[int, ...], generator: torch.Generator
     ``FILE.py:NAME``: an :class:`~condiff.operators.Operator` subclass or a factory, called as
     ``NAME(sigma_y=...)``, plus ``shape=(n, C, H, W)`` and ``generator=`` where it takes them, with torch's
     global random stream seeded from ``generator`` (so ``--seed`` fixes what it draws). ``factory``: that
-    ``NAME`` as already loaded from its file (:func:`check_flags` loads it before any model)."""
+    ``NAME`` as already loaded (:func:`load_user_operator`); else its file is run here."""
     spec = user_operator_spec(name)
     if spec is not None:
-        from ..constraints.python import load_from_file
-
-        make = factory if factory is not None else load_from_file(spec[0], spec[1], "operator")[0]
+        make = factory if factory is not None else load_user_operator(name)["factory"]
         if not callable(make):
             raise ValueError(f"--operator {name} is of type {type(make).__name__}, not an Operator class or factory")
         try:
@@ -293,16 +298,9 @@ def check_flags(args: argparse.Namespace) -> None:
     """The flags alone, before any file is read."""
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    own = user_operator_spec(args.operator)  # a name is checked before any model or image loads
-    if own is None and args.operator not in OPERATORS:
+    if user_operator_spec(args.operator) is None and args.operator not in OPERATORS:
         raise ValueError(f"unknown operator {args.operator!r}; expected one of {sorted(OPERATORS)}, or FILE.py:NAME "
                          "for your own")
-    if own is not None and not Path(own[0]).expanduser().is_file():
-        raise ValueError(f"--operator {args.operator}: operator file {own[0]} does not exist")
-    if own is not None:  # run once, now: a broken file or a missing NAME is named before any model loads
-        from ..constraints.python import load_from_file
-
-        args.operator_factory = load_from_file(own[0], own[1], "operator")[0]
     if args.task is not None and args.task not in TUNED:  # a typo would fall back to GENERIC, silently
         raise ValueError(f"--task {args.task!r} has no swept defaults; known: {sorted(TUNED)} (leave it out "
                          "for the defaults of this data set and operator, or GENERIC's where none were swept)")
@@ -386,6 +384,7 @@ def load_measurements(args: argparse.Namespace, op: Operator, shape: tuple[int, 
 
 def run(args: argparse.Namespace) -> int:
     check_flags(args)
+    own = load_user_operator(args.operator)  # its file runs once, now: a broken one is named before any model loads
     label = operator_label(args.operator)
     out = check_out_dir(args.out or results_dir(args.ckpt, "solve") / f"{label}-{args.method}-{args.steps}",
                         kind="condiff solve")
@@ -402,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         x, data_name = None, str((run_cfg.get("data") or {}).get("name") or "measurement")
         given = read_measurements(args.measurement)
-        if given.dim() == 2 and user_operator_spec(args.operator) is None:  # one (H, W) measurement of an image
+        if given.dim() == 2 and own is None:  # one (H, W) measurement of an image
             given = given[None, None]
         n = args.n if args.n is not None else len(given)
         if not 1 <= n <= len(given):
@@ -418,12 +417,9 @@ def run(args: argparse.Namespace) -> int:
     if args.mask:
         params["mask"] = load_mask(args.mask, shape, n)
     gop = torch.Generator().manual_seed(derive_seed(args.seed, "op"))
-    own = user_operator_spec(args.operator)  # the file as it is when the operator is built
-    own_file = {} if own is None else {"path": str(Path(own[0]).expanduser().resolve()), "attr": own[1],
-                                       "file_sha256": _file_sha(own[0])}
     op = build_operator(args.operator, (n, *shape), gop, args.noise, params,
-                        factory=getattr(args, "operator_factory", None)).to(device)
-    if user_operator_spec(args.operator) is not None:
+                        factory=own and own["factory"]).to(device)
+    if own is not None:
         probe_operator(args.operator, op, x if x is not None else torch.zeros(n, *shape), args.batch_size, device)
     if x is not None:
         x = x.to(device)
@@ -458,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
         "method": args.method, "hyperparameters": hp, "task": task, "eta": args.eta, "clip_x0": clip,
         "scale": list(scale),
         "operator": {"name": args.operator, **op.describe(), **({"mask": args.mask} if args.mask else {}),
-                     **own_file},
+                     **({k: v for k, v in own.items() if k != "factory"} if own else {})},
         "seed": args.seed, "batch_size": args.batch_size, "ckpt": str(args.ckpt), "device": device,
         "label": args.label, "guidance_scale": args.guidance_scale, "versions": io.versions(),
         "images": args.input or (f"{data_name}:{args.split}" if x is not None else None),
@@ -471,10 +467,6 @@ def run(args: argparse.Namespace) -> int:
           f"{nfe} NFE + {grads} backward")
     print(f"wrote {out}")
     return 0
-
-
-def _file_sha(path: str) -> str:
-    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
 
 
 def write_outputs(out: Path, x: torch.Tensor | None, op: Operator, y: torch.Tensor, rec: torch.Tensor,

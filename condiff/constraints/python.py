@@ -21,14 +21,23 @@ from torch import Tensor
 from condiff.constraints import Constraint, register_constraint
 
 
-def parse_python_spec(text: str) -> dict | None:
-    """``"FILE.py:NAME"`` -> the constraint's config (absolute path); ``None`` for anything else."""
+def split_file_spec(text: str, flag: str = "--constraint", what: str = "a callable") -> tuple[str, str] | None:
+    """``"FILE.py:NAME"`` -> ``(FILE, NAME)``; ``None`` for anything else (a registered name). ``flag`` and
+    ``what`` (what ``NAME`` must be) word the error for a bad ``NAME``."""
     path, sep, attr = text.rpartition(":")
     if not sep or not path.endswith(".py"):
         return None
     if not attr.isidentifier():
-        raise ValueError(f"--constraint {text}: after the ':' comes the name of a callable in {path}")
-    return {"name": "python", "path": str(Path(path).expanduser().resolve()), "attr": attr}
+        raise ValueError(f"{flag} {text}: after the ':' comes the name of {what} in {path}")
+    return path, attr
+
+
+def parse_python_spec(text: str) -> dict | None:
+    """``"FILE.py:NAME"`` -> the constraint's config (absolute path); ``None`` for anything else."""
+    spec = split_file_spec(text)
+    if spec is None:
+        return None
+    return {"name": "python", "path": str(Path(spec[0]).expanduser().resolve()), "attr": spec[1]}
 
 
 def load_from_file(path: str | Path, attr: str, what: str = "constraint") -> tuple[object, str]:
@@ -95,4 +104,4 @@ class PythonConstraint(Constraint):
         return f"{self.config['path']}:{self.config['attr']}"
 
 
-__all__ = ["PythonConstraint", "load_from_file", "parse_python_spec"]
+__all__ = ["PythonConstraint", "load_from_file", "parse_python_spec", "split_file_spec"]
