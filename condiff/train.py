@@ -339,7 +339,9 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         return path
 
-    def load(self, path: str | Path) -> None:
+    def load(self, path: str | Path) -> dict:
+        """Load the checkpoint at ``path`` into the model, EMA, optimiser, objective and RNG; returns its
+        config.json."""
         path = Path(path)
         cfg = io.load_config(path)
         io.load_state_into(self.model, path, "model")
@@ -356,12 +358,13 @@ class Trainer:
         self.objective.load_state_dict(io.load_group(path, "objective", self.device) if has else {})
         torch.set_rng_state(io.load_group(path, "rng")["torch_cpu"])
         self.step, self._log_acc = step, log_acc
+        return cfg
 
-    def _check_same_run(self, path: Path) -> None:
-        """Refuse a checkpoint written with other ``meta`` (another constraint, data range, network...):
-        the weights may load, and training would go on, silently, towards another objective. Entries the
-        checkpoint lacks (written before they were recorded) are not compared."""
-        cfg = io.load_config(path)
+    def _check_same_run(self, cfg: dict, path: Path) -> None:
+        """Refuse a checkpoint (at ``path``, with config.json ``cfg``) written with other ``meta`` (another
+        constraint, data range, network...): the weights may load, and training would go on, silently,
+        towards another objective. Entries the checkpoint lacks (written before they were recorded) are not
+        compared."""
         differ = [k for k, v in self.meta.items()
                   if k in cfg and io.json_safe(v) and cfg[k] != json.loads(json.dumps(v))]
         if differ:
@@ -379,8 +382,8 @@ class Trainer:
         ckpts = list_checkpoints(self.ckpt_root)
         if not ckpts:
             return False
-        self.load(ckpts[-1])  # first: its refusals of weights of another shape are the more precise
-        self._check_same_run(ckpts[-1])
+        # loaded first: its refusals of weights of another shape are the more precise
+        self._check_same_run(self.load(ckpts[-1]), ckpts[-1])
         if self.step > self.cfg.steps:  # it would stop at once and save a model of more steps than asked
             raise ValueError(f"the newest checkpoint, {ckpts[-1].name}, is at step {self.step}, beyond the "
                              f"{self.cfg.steps} steps asked for: ask for at least {self.step} (train.steps), or "
@@ -405,7 +408,7 @@ class Trainer:
         cfg = self.cfg
         log = None
         if cfg.warmup > cfg.steps > max(1, self.step) and self.dist.main:  # said when training starts, not before
-            warnings.warn(f"the learning-rate warm-up ({cfg.warmup} steps) is as long as the run ({cfg.steps} "
+            warnings.warn(f"the learning-rate warm-up ({cfg.warmup} steps) is longer than the run ({cfg.steps} "
                           f"steps), so the learning rate never reaches {cfg.lr:g}: set a shorter warm-up "
                           "(the training settings' warmup, e.g. --set train.warmup=0)", stacklevel=2)
         if self.run_dir is not None and self.dist.main:

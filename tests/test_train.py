@@ -599,7 +599,7 @@ def test_a_run_shorter_than_its_warm_up_is_warned_of_when_it_trains():
         return [str(w.message) for w in got]
 
     said = fit(5, 10)
-    assert len(said) == 1 and "warm-up (10 steps) is as long as the run (5 steps)" in said[0]
+    assert len(said) == 1 and "warm-up (10 steps) is longer than the run (5 steps)" in said[0]
     assert "never reaches 0.001" in said[0]
     assert fit(10, 10) == [] and fit(5, 0) == []  # with warmup = steps the last step reaches lr
 
