@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checks, io
-from .nets.embed import check_label_range
+from .nets.embed import check_labels_fit
 from .schedule import Schedule
 
 
@@ -103,12 +103,9 @@ class NetDenoiser(Denoiser):
         if self.guidance_scale > 0 and label_drop == 0:
             raise ValueError("classifier-free guidance (guidance_scale > 0) needs a model trained with label_drop > 0; "
                              "this one never learned unconditional predictions")
+        check_labels_fit(y, net)  # once, not at every call
         config = getattr(net, "config", None)
         classes = int(config.get("num_classes") or 0) if isinstance(config, dict) else 0
-        if y is not None and isinstance(config, dict) and "num_classes" in config and not classes:
-            raise ValueError("class labels for a network built without classes (num_classes = 0): it takes no labels")
-        if y is not None and classes and (not isinstance(y, Tensor) or y.numel()):  # once, not at every call
-            check_label_range(y, classes)
         self._y_on: Tensor | None = None  # y on the device of the last call
         # a labelled model trained without label drop, used without labels: said once, at its first call
         self._untrained_null = bool(classes) and y is None and label_drop == 0

@@ -33,6 +33,7 @@ from . import checks, io
 from .checks import check_setting
 from .data import value_range
 from .denoiser import check_prediction
+from .nets.embed import check_labels_fit
 from .sample import progress_bar
 from .schedule import Schedule
 
@@ -226,24 +227,6 @@ def init_distributed(device: str) -> DistInfo:
     return info
 
 
-def _check_labels_fit(y: object, model: nn.Module) -> None:
-    """Training labels against the network's classes, once, before any step: a label the network
-    cannot take (its null label's index, from data labelled 1..K, or beyond) is refused naming the range;
-    labels for a network built without a label embedding are refused there too."""
-    if not isinstance(y, Tensor) or not isinstance(getattr(model, "config", None), dict):
-        return
-    if "num_classes" not in model.config:  # a network of the user's own: its labels are its business
-        return
-    k = int(model.config.get("num_classes") or 0)
-    if not k:
-        raise ValueError(f"the training data carry labels y but the network was built with num_classes = {k}: "
-                         "build it with num_classes (the number of classes), or leave the labels out")
-    if y.numel():
-        from .nets.embed import check_label_range
-
-        check_label_range(y, k)
-
-
 class Trainer:
     """Optimise ``model`` for ``objective`` with checkpoints in ``run_dir/checkpoints``.
 
@@ -271,7 +254,9 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if isinstance(data, Tensor) and data.is_floating_point():  # float64 data failed inside a float32 layer
             checks.weights_dtype("the training data", data, model)
-        _check_labels_fit(getattr(objective, "y", None), model)
+        # once, before any step: a label the network cannot take (its null label's index, from data labelled
+        # 1..K, or beyond) or labels for a network without classes
+        check_labels_fit(getattr(objective, "y", None), model, "the training data's labels y")
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameters (requires_grad is off for all of them), so "
                              "training would change nothing; call model.requires_grad_(True)")

@@ -66,6 +66,21 @@ def check_label_range(y: Tensor | int, num_classes: int) -> None:
                          f"[{lo}, {hi}]{shifted}")
 
 
+def check_labels_fit(y: Tensor | int | None, net: nn.Module, whose: str = "class labels") -> None:
+    """Labels ``y`` (an int or a tensor; None: none) against a condiff network's classes, once, before any
+    call: refused for a network built without classes (``num_classes = 0``), and outside ``[0, num_classes)``
+    (:func:`check_label_range`). A network of one's own (no ``num_classes`` in its config) is left to itself."""
+    config = getattr(net, "config", None)
+    if y is None or not isinstance(config, dict) or "num_classes" not in config:
+        return
+    k = int(config.get("num_classes") or 0)
+    if not k:
+        raise ValueError(f"{whose} for a network built without classes (num_classes = 0): build it with num_classes "
+                         "(the number of classes), or leave the labels out")
+    if not isinstance(y, Tensor) or y.numel():
+        check_label_range(y, k)
+
+
 class LabelEmbedding(nn.Module):
     """Class labels ``y`` in ``[0, num_classes)`` to vectors, with one extra learned *null* label.
 
