@@ -232,7 +232,7 @@ class DualObjective:
         parts = [draw(self.x, self.batch_size, generator)]
         for i in active:
             c = self.constraints[i]
-            parts.append(draw(c.x, int(c.batch_size or self.batch_size), generator))
+            parts.append(draw(c.x, self._batch_of(c), generator))
         per_sample = denoising_loss(model, self.schedule, torch.cat(parts), None, generator)
         means = [chunk.mean() for chunk in per_sample.split([p.shape[0] for p in parts])]
         total = means[0] + sum(lam[i] * m for i, m in zip(active, means[1:]))
@@ -308,7 +308,11 @@ class DualObjective:
     def examples_per_step(self) -> int:
         """The examples a primal step draws while every multiplier is positive: the objective's batch plus
         each constraint's (its own batch size, else the objective's)."""
-        return self.batch_size + sum(int(c.batch_size or self.batch_size) for c in self.constraints)
+        return self.batch_size + sum(self._batch_of(c) for c in self.constraints)
+
+    def _batch_of(self, c: Constraint) -> int:
+        """A constraint's minibatch: its own batch size, else the objective's."""
+        return int(c.batch_size or self.batch_size)
 
     @property
     def lambdas(self) -> dict[str, float]:
