@@ -113,8 +113,7 @@ class LinearOperator(Operator):
 
 def _batch_index(idx: int | slice | Tensor) -> slice | Tensor:
     """A sub-batch index that keeps the batch dimension: an int ``i`` becomes the batch of sample ``i``."""
-    if isinstance(idx, Tensor) and idx.dim() == 0 and not idx.is_floating_point() and idx.dtype != torch.bool:
-        idx = int(idx)
+    idx = checks.scalar(idx)  # a 0-d tensor or array as the number it holds
     if isinstance(idx, numbers.Integral) and not isinstance(idx, bool):  # int, numpy integers
         i = int(idx)
         return slice(i, i + 1 if i != -1 else None)
