@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 SEED_LIMIT = 2**63  # a larger seed overflows torch's generator
+INT_LIMIT = 2**63  # counts and sizes beyond int64 overflow torch tensors and checkpoints
+EXACT_FLOAT = 2**53  # beyond it a float no longer holds every integer (1e30 is no step count)
 
 
 def scalar(v: Any) -> Any:
@@ -45,10 +47,13 @@ def is_number(v: Any) -> bool:
 
 
 def is_integer(v: Any, lo: int | None = None, hi: int | None = None) -> bool:
-    """``v`` is a whole number (``3`` or ``3.0``; not a bool) in ``[lo, hi)``."""
+    """``v`` is a whole number (``3`` or ``3.0``; not a bool) in ``[lo, hi)``, within int64; a float only
+    where it is exact (``|v| < 2**53``)."""
     v = scalar(v)
-    return (is_number(v) and float(v).is_integer() and (lo is None or lo <= v)
-            and (hi is None or v < hi))
+    if not (is_number(v) and float(v).is_integer()):
+        return False
+    bound = INT_LIMIT if isinstance(v, numbers.Integral) else EXACT_FLOAT
+    return -bound <= v < bound and (lo is None or lo <= v) and (hi is None or v < hi)
 
 
 def integer(name: str, v: Any, lo: int = 1, hi: int | None = None) -> int:
@@ -207,7 +212,7 @@ def check_setting(name: str, default: Any, value: Any, what: str = "default") ->
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"setting {name} must be a finite number, got {value!r}")
     if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-        if not value.is_integer():
+        if not is_integer(value):
             raise ValueError(f"setting {name} expects an integer ({what} {default!r}), got {value!r}")
         return int(value)
     return value

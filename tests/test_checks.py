@@ -25,9 +25,17 @@ from condiff.train import TrainConfig
     (torch.tensor(2), True, True), (np.array(0.5), True, False), (torch.tensor([1.0]), False, False),
     (torch.tensor([1.0, 2.0]), False, False), (True, False, False), (np.True_, False, False),
     (torch.tensor(True), False, False), (math.nan, False, False), (math.inf, False, False), ("1", False, False),
+    (2.0**53 - 1, True, True), (2.0**53, True, False), (1e30, True, False),  # a float holds no exact count there
+    (2**63 - 1, True, True), (2**63, True, False), (-2**63, True, True),  # int64, as torch and checkpoints hold
 ])
 def test_what_counts_as_a_number(v, number, integer):
     assert checks.is_number(v) is number and checks.is_integer(v) is integer
+
+
+def test_a_setting_refuses_a_float_too_large_to_be_a_count():
+    assert checks.check_setting("train.steps", 100, 2.5e1) == 25
+    with pytest.raises(ValueError, match=r"train.steps expects an integer \(default 100\), got 1e\+30"):
+        checks.check_setting("train.steps", 100, 1e30)
 
 
 def test_labels_given_as_tensors_are_checked_as_numbers():

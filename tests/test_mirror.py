@@ -467,14 +467,30 @@ def test_assimilate_runs_all_three_methods():
     # weight 200 with this zeta the unit-norm constraint gradient overshoots instead (a 10-unit step)
     assert float(con(out["guided"]).mean()) < 0.33 * float(con(out["dps"]).mean())
     # mirror DPS samples in mirror space with the loss applied through f, and returns f of the sample
+    # (x0_hat clamped to [-1, 1] in mirror space: "auto" for a denoiser that records no data range)
     ym = sample(den, (3, 1, 8, 8), steps=10, eta=1.0, generator=torch.Generator().manual_seed(0),
-                guidance=mirror_dps(m, normalised_measurement_loss(op, y), 0.05))
+                guidance=mirror_dps(m, normalised_measurement_loss(op, y), 0.05), clip_x0=1.0)
     torch.testing.assert_close(out["mirror"], m.to_data(ym))
     assert not torch.allclose(out["mirror"], out["dps"], atol=1e-3)
     with pytest.raises(ValueError, match="needs a constraint"):
         assimilate(den, op, y, (1, 8, 8), zeta=0.05, steps=2, constraint_weight=1.0)
     with pytest.raises(TypeError, match="the operator must be a condiff.operators.Operator .* got function"):
         assimilate(den, lambda x: x, y, (1, 8, 8), zeta=0.05, steps=2)  # failed with "has no attribute 'to'"
+
+
+def test_assimilate_clamps_x0_hat_to_the_denoisers_data_range_by_default():
+    """As guided_sample does: the recorded [min, max] of the training data where it reaches beyond [-1, 1]."""
+    den = GaussianDenoiser(Schedule.linear(100), 0.0, 3.0)
+    op = first_rows((1, 8, 8), 2, sigma_y=0.1)
+    y = op.measure(torch.full((2, 1, 8, 8), 2.0), generator=torch.Generator().manual_seed(0))
+
+    def run(**kw):
+        return assimilate(den, op, y, (1, 8, 8), zeta=0.05, steps=10, generator=torch.Generator().manual_seed(0), **kw)
+
+    assert torch.equal(run(), run(clip_x0=1.0))  # nothing recorded: the house range
+    den.value_range = [-4.0, 5.0]
+    auto, free = run(), run(clip_x0=None)
+    assert torch.equal(auto, run(clip_x0=(-4.0, 5.0))) and not torch.allclose(auto, free)
 
 
 def test_constraint_guided_dps_with_a_pde_constraint_stays_finite_when_x0_hat_is_clamped():

@@ -26,7 +26,7 @@ from condiff.guidance import DPS
 from condiff.mirror.dps import mirror_dps, normalised_measurement_loss, with_constraint
 from condiff.mirror.map import MirrorMap
 from condiff.operators import Inpainting, Operator
-from condiff.sample import sample
+from condiff.sample import default_clip, sample
 
 
 def first_rows(shape: Sequence[int], rows: int, sigma_y: float) -> Inpainting:
@@ -89,7 +89,7 @@ def assimilate(
     constraint_weight: float = 0.0,
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
-    clip_x0: float | None = None,
+    clip_x0: float | tuple[float, float] | str | None = "auto",
     progress: bool = False,
 ) -> Tensor:
     """One posterior sample per measurement in ``y`` (B, C, H, W), by DPS with the loss
@@ -101,7 +101,10 @@ def assimilate(
     ``mirror``: ``denoiser`` is a mirror diffusion model; run mirror DPS and return ``f(y)``.
     ``constraint_weight > 0``: constraint-guided DPS (loss + weight * l(x0_hat)).
     ``clip_x0``: clamp Tweedie's estimate (the sampler's option); early, very noisy estimates can
-    be far outside the data range, where a nonlinear constraint (a PDE stepper) overflows.
+    be far outside the data range, where a nonlinear constraint (a PDE stepper) overflows. ``"auto"``
+    (the default): ``[-1, 1]``, or the range of ``denoiser``'s training data where it reaches beyond
+    (:func:`~condiff.sample.default_clip`, as :func:`~condiff.guidance.guided_sample` clips; for a
+    mirror DM, the mirror data's range, where the clamp acts); ``None``: no clamp.
     """
     checks.number("constraint_weight", constraint_weight, ">= 0")
     if not isinstance(operator, Operator):
@@ -125,7 +128,7 @@ def assimilate(
         generator=generator,
         device=device,
         guidance=guide,
-        clip_x0=clip_x0,
+        clip_x0=default_clip(denoiser, clip_x0),
         progress=progress,
     )
     if mirror is not None:
