@@ -202,9 +202,15 @@ def test_an_operator_of_ones_own_from_a_python_file(tiny_run, tmp_path, capsys):
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["operator"]["name"] == spec and m["operator"]["sigma_y"] == 0.1 and m["task"].endswith("/ops-Squares")
     assert m["operator"]["file_sha256"] == hashlib.sha256((tmp_path / "ops.py").read_bytes()).hexdigest()
+    assert (tmp_path / "o" / "measurement.png").is_file()
     with np.load(tmp_path / "o" / "reconstruction.npz") as z:
         assert z["y"].shape[1:] == (1, 4, 4)  # avg-pooled 8x8 images
-    assert (tmp_path / "o" / "measurement.png").is_file()
+        np.save(tmp_path / "one.npy", z["y"][0, 0])  # one (4, 4) measurement saved as a plain 2-D array
+    # ... is one picture for an operator that returns pictures, not 4 vectors (that failed mid-run)
+    assert _solve(tiny_run, tmp_path / "o1", "--operator", spec, "--measurement", str(tmp_path / "one.npy"),
+                  "--n", "1") == 0
+    with np.load(tmp_path / "o1" / "reconstruction.npz") as z1:
+        assert z1["y"].shape == (1, 1, 4, 4) and np.array_equal(z1["y"][0, 0], np.load(tmp_path / "one.npy"))
     assert _solve(tiny_run, tmp_path / "v", "--operator", f"{tmp_path / 'ops.py'}:Sums") == 0
     assert (tmp_path / "v" / "comparison.png").is_file() and not (tmp_path / "v" / "measurement.png").exists()
     # a vector measurement reads back through --measurement (it was taken for one (H, W) picture)

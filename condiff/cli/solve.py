@@ -368,13 +368,22 @@ def probe_operator(name: str, op: Operator, x: torch.Tensor, batch_size: int, de
         raise ValueError(f"--operator {name}: A returns non-finite values on the images")
 
 
+def own_item_shape(args: argparse.Namespace, own: dict, shape: tuple[int, ...], device: str) -> tuple[int, ...]:
+    """The shape of one measurement by an operator of one's own (built for one image and tried on it), which
+    says whether a 2-D ``--measurement`` is one picture (the operator returns images) or a batch of vectors."""
+    op = build_operator(args.operator, (1, *shape), torch.Generator().manual_seed(derive_seed(args.seed, "op")),
+                        args.noise, factory=own["factory"]).to(device)
+    x = torch.zeros(1, *shape, device=device)
+    probe_operator(args.operator, op, x, 1, device)
+    with torch.no_grad():
+        return tuple(op.A(x).shape[1:])
+
+
 def load_measurements(args: argparse.Namespace, op: Operator, shape: tuple[int, ...], n: int,
                       y: torch.Tensor, device: str) -> torch.Tensor:
     """The first ``n`` of the given measurements, on ``device``, checked against the operator's output shape."""
     probe = op.select(slice(0, 1))  # a per-image mask, sliced to the probe's one image
     expected = tuple(probe.A(torch.zeros(1, *shape, device=device)).shape[1:])
-    if y.dim() == 2 and len(expected) == 3:  # an (H, W) array is one greyscale measurement, not H vectors
-        y = y[None, None]
     if tuple(y.shape[1:]) != expected:
         raise ValueError(f"--measurement {args.measurement} holds items of shape {tuple(y.shape[1:])} but "
                          f"{args.operator} maps the model's {tuple(shape)} images to {expected}")
@@ -401,8 +410,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         x, data_name = None, str((run_cfg.get("data") or {}).get("name") or "measurement")
         given = read_measurements(args.measurement)
-        if given.dim() == 2 and own is None:  # one (H, W) measurement of an image
-            given = given[None, None]
+        if given.dim() == 2 and (own is None or len(own_item_shape(args, own, shape, device)) == 3):
+            given = given[None, None]  # one (H, W) measurement of an image, not H vectors
         n = args.n if args.n is not None else len(given)
         if not 1 <= n <= len(given):
             raise ValueError(f"--n must be between 1 and {len(given)} (measurements given), got {n}")
