@@ -13,8 +13,9 @@ Profiles
   trained here on first use (digits: UNet base 32, mults (1, 2), 4000 steps; patches: 16 px patches
   of the photos downscaled 2x, UNet base 16, mults (1, 2, 2), 4000 steps), and the deblur kernel is
   7 px, sigma 1.0 at 16 px. On the shared 2-core CPU (one thread) it takes ~34 min to train the
-  models on first use, ~30 min of guided sampling and ~6 min of cost measurements: over the ~25 min
-  aimed at, but the issue's 64 images per task and the 1000-step DPS reference are kept.
+  models on first use (11 min in a rerun of 2026-12-05), then ~8-9 min of guided sampling and ~4 min
+  of cost measurements: a first run goes over the ~25 min aimed at, but the issue's 64 images per
+  task and the 1000-step DPS reference are kept.
 - full (GPU): 128 test images; all methods at 20, 50, 100 and 1000 steps; a digits UNet
   of base 64, mults (1, 2, 2), and the 32 px patches preset; deblur kernel 13 px, sigma 2.0.
 - quick-paired (CPU, ~25 min with quick's models in place): DPS and DPS+DSG only, at 20, 50, 100
@@ -254,17 +255,21 @@ def row(task, method, steps, x, rec, op, y, fid, res=None) -> dict:
     return r
 
 
-def quality_rows(profile: str, device: str, cache: RowCache) -> tuple[list[dict], dict]:
+def quality_rows(profile: str, device: str, cache: RowCache) -> tuple[list[dict], dict, float]:
+    """The quality rows, the models, and the seconds spent loading or training the models."""
     p = PROFILES[profile]
     rows, fid_labels = [], {}
     models: dict = {}
     digests: dict = {}
+    model_seconds = 0.0
     for task, spec in TASKS.items():
         if task not in p.get("tasks", TASKS):
             continue
         ds = spec["data"]
         if ds not in models:
+            t0 = time.perf_counter()
             models[ds] = ensure_model(ds, profile, device)
+            model_seconds += time.perf_counter() - t0
             digests[ds] = weights_digest(ds, profile)
         den, cfg = models[ds]
         fid = Fidelity(cfg["data"])
@@ -287,7 +292,7 @@ def quality_rows(profile: str, device: str, cache: RowCache) -> tuple[list[dict]
                 rows.append(r)
                 log(f"{task} {method:12s} {steps:5d} steps: PSNR {r['PSNR']:.2f} SSIM {r['SSIM']:.3f} "
                     f"res {r['residual']:.4f} fid {r['fidelity']:.4g} ({r['wall (s)']:.1f} s)")
-    return rows, models
+    return rows, models, model_seconds
 
 
 def _paired_se(per_image: dict, task: str, steps: int) -> float | None:
@@ -409,8 +414,8 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
         torch.set_num_threads(1)  # the machine is shared; timings are per core
     t0 = time.perf_counter()
     cache = RowCache(profile)
-    rows, models = quality_rows(profile, device, cache)
-    t_quality = time.perf_counter() - t0
+    rows, models, t_models = quality_rows(profile, device, cache)
+    t_quality = time.perf_counter() - t0 - t_models
     notes = ["Targets (quality):"] + [f"- {n}" for n in targets(rows)]
     notes += ["SE: standard error of the mean per-image PSNR difference DPS+DSG - DPS over the same test "
               "images (paired); a gap within about two SE of zero is not resolved at this number of images, and "
@@ -421,7 +426,8 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
     notes += [
         f"Profile {profile}: {p['n']} test images per task; steps {p['steps']}"
         + (f", plus {', '.join(f'{s} steps for {m}' for s, m in p['long'].items())}" if p["long"] else "")
-        + f"; sigma_y = {SIGMA_Y}; DDIM eta = {ETA}; quality runs took {t_quality:.0f} s"
+        + f"; sigma_y = {SIGMA_Y}; DDIM eta = {ETA}; quality runs took {t_quality:.0f} s "
+        + f"(models loaded or trained in {t_models:.0f} s more)"
         + (f" ({cache.reused} of {sum('PSNR' in r for r in rows)} rows reused from an earlier run of the "
            "same configuration, CONDIFF_BENCH_REUSE=1: their wall (s) is from that run, and the time in "
            "the header covers this run only)." if cache.reused else "."),

@@ -32,7 +32,7 @@ touching the border less).
 Priors are trained on first use into runs/pnp/ (condiff.cli.pnp.PRIORS) and reused afterwards.
 
 Profiles. "quick" is cut to fit one CPU core (about 2 hours of inference besides prior training, from the
-recorded timings: segmentation 128 x 36 s, TSP 41 min, digits 7 min): TSP-20
+recorded timings: segmentation 128 x 36 s, TSP 41 min, digits 5.5 min): TSP-20
 only (128 test instances, 2 chains per instance for the prior and its untrained ablation; the prior is
 trained on 10- and 20-city tours at 32 px for 3000 steps; the stop-gradient variant is compared on
 digits only), the digits prior trained for 1500 steps and 500 inference steps (50 samples per class: at

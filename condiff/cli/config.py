@@ -35,8 +35,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"steps": 6000, "batch_size": 128, "lr": 2e-3, "warmup": 200, "ema_decay": 0.999,
                   "ckpt_every": 1000},
         # 5000 samples: with 1000, the classifier Fréchet distance of the training data itself
-        # (bootstrap) is ~2.2x the train-vs-test reference, so sampling noise alone would miss the
-        # 2x target; see BENCHMARKS.md, core-quality. 100 ancestral steps beat 50 on the 6000-step model.
+        # (bootstrap) is ~1.9x the train-vs-test reference, so sampling noise alone would nearly use up
+        # the 2x target; see BENCHMARKS.md, core-quality. 100 ancestral steps beat 50 on the 6000-step model.
         "sample": {"n": 5000, "steps": 100, "eta": 1.0},
     },
     "toy2d": {
