@@ -71,12 +71,18 @@ class Operator(nn.Module):
         """Noise restricted to the measured entries (all of them unless an operator masks)."""
         return n
 
+    def observed(self, y: Tensor) -> Tensor:
+        """``y`` with what the operator does not measure set to 0 (the identity unless an operator masks):
+        a full camera frame with a mask, or NaN at missing pixels, counts only where it is measured."""
+        return y
+
     def num_measurements(self, y: Tensor) -> Tensor:
         """``(B,)`` number of measured entries per sample (for RMS residuals)."""
         return torch.full((y.shape[0],), float(y[0].numel()) if len(y) else 0.0, device=y.device, dtype=torch.float64)
 
     def loss(self, y: Tensor) -> MeasurementLoss:
-        """The guidance loss ``x -> ||y - A(x)||_2`` per sample, ``(B, ...) -> (B,)``."""
+        """The guidance loss ``x -> ||y - A(x)||_2`` per sample, ``(B, ...) -> (B,)``, over what the
+        operator measures (:meth:`observed`); refuses non-finite measured values."""
         return MeasurementLoss(self, y)
 
     def residual(self, x: Tensor, y: Tensor) -> Tensor:
@@ -85,7 +91,7 @@ class Operator(nn.Module):
         of which nothing is measured)."""
         ax = self.A(x)
         _check_measurement(y, ax, "residual")
-        r = (y - ax).flatten(1).double()
+        r = (self.observed(y) - ax).flatten(1).double()
         return r.norm(dim=1) / self.num_measurements(y).clamp_min(1).sqrt()  # nothing measured: 0, not 0/0
 
     def to_image(self, y: Tensor) -> Tensor:
@@ -129,6 +135,13 @@ class MeasurementLoss:
 
     op: Operator
     y: Tensor
+
+    def __post_init__(self) -> None:
+        self.y = self.op.observed(self.y)
+        if self.y.is_floating_point() and not bool(torch.isfinite(self.y).all()):
+            bad = int((~torch.isfinite(self.y)).sum())
+            raise ValueError(f"loss: y holds {bad} non-finite measured value(s) (NaN or inf where the operator "
+                             "measures; a masked operator ignores what lies outside its mask)")
 
     def __call__(self, x: Tensor) -> Tensor:
         ax = self.op(x)
@@ -216,6 +229,9 @@ class Inpainting(LinearOperator):
 
     def _noise_support(self, n: Tensor) -> Tensor:
         return self._mask_for(n) * n
+
+    def observed(self, y: Tensor) -> Tensor:
+        return torch.where(self._mask_for(y) > 0, y, torch.zeros((), dtype=y.dtype, device=y.device))
 
     def num_measurements(self, y: Tensor) -> Tensor:
         m = self._mask_for(y).expand(y.shape[0], y.shape[1], *y.shape[2:])

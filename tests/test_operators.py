@@ -278,3 +278,27 @@ def test_an_empty_batch_has_an_empty_residual_and_loss():
     x = torch.zeros(0, 1, 8, 8)
     y = op.A(x)
     assert op.residual(x, y).shape == (0,) and op.loss(y)(x).shape == (0,)
+
+
+def test_a_masked_operator_counts_only_the_pixels_it_measures():
+    """A full camera frame with a mask, or NaN at the missing pixels, gives the loss and residual of the
+    masked measurement (the unobserved pixels of y used to enter the norm and shrink every DPS step)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 2, 8, 8, generator=g) * 2 - 1
+    op = Inpainting.random(x.shape, 0.5, g, sigma_y=0.05)
+    frame = x + 0.05 * torch.randn(x.shape, generator=g)
+    masked = op.A(frame)
+    holes = masked.masked_fill(op.mask.expand_as(masked) == 0, float("nan"))
+    z = torch.randn(x.shape, generator=g)
+    for y in (frame, holes):
+        torch.testing.assert_close(op.loss(y)(z), op.loss(masked)(z), rtol=0, atol=0)
+        torch.testing.assert_close(op.residual(x, y), op.residual(x, masked), rtol=0, atol=0)
+    observed = op.mask.expand_as(masked).nonzero()[0].tolist()
+    bad = masked.clone()
+    bad[tuple(observed)] = float("nan")
+    with pytest.raises(ValueError, match=r"loss: y holds 1 non-finite measured value"):
+        op.loss(bad)
+    y = torch.zeros(1, 1, 6, 6)
+    y[0, 0, 0, :2] = torch.tensor([math.inf, math.nan])
+    with pytest.raises(ValueError, match=r"y holds 2 non-finite"):  # an operator that measures every entry
+        GaussianBlur(3, 1.0).loss(y)
