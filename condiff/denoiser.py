@@ -41,13 +41,13 @@ class Denoiser(nn.Module):
         return self.x0_from_eps(x_t, t, self.eps(x_t, t))
 
     def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        a = self.schedule.abar_at(_as_t(t, x_t, self.schedule, lo=-1), x_t)  # t = -1: clean data, x0 = x_t
-        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        s, s1 = self.schedule.coefs(_as_t(t, x_t, self.schedule, lo=-1), x_t)  # t = -1: clean data, x0 = x_t
+        return (x_t - s1 * eps) / s
 
     def score(self, x_t: Tensor, t: Tensor) -> Tensor:
         """``grad log p_t(x_t) = -eps_hat / sqrt(1 - abar_t)``."""
-        a = self.schedule.abar_at(_as_t(t, x_t, self.schedule), x_t)
-        return -self.eps(x_t, t) / (1 - a).sqrt()
+        _, s1 = self.schedule.coefs(_as_t(t, x_t, self.schedule), x_t)
+        return -self.eps(x_t, t) / s1
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         return self.eps(x_t, t)
@@ -234,10 +234,10 @@ class DiffusersDenoiser(Denoiser):
             out = out[:, : self.channels]
         if self.prediction_type == "epsilon":
             return out
-        a = self.schedule.abar_at(t, x_t)
+        s, s1 = self.schedule.coefs(t, x_t)
         if self.prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1-a) x0
-            return a.sqrt() * out + (1 - a).sqrt() * x_t
-        return (x_t - a.sqrt() * out) / (1 - a).sqrt()
+            return s * out + s1 * x_t
+        return (x_t - s * out) / s1
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> DiffusersDenoiser:

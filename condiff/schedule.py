@@ -149,6 +149,15 @@ class Schedule:
         a = table[t.to(like.device).long() + 1].to(like.dtype)
         return a.view(-1, *([1] * (like.dim() - 1)))
 
+    def coefs(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``(sqrt(abar_t), sqrt(1 - abar_t))`` as :meth:`abar_at` shapes them, in ``like``'s dtype. They are
+        computed in float32 at least: in half precision ``1 - abar_t`` of the first steps rounds to 0
+        (float16: 2 steps of the linear schedule, bfloat16: 10), which would add no noise there and make
+        the score infinite."""
+        wide = like if like.dtype in (torch.float32, torch.float64) else like.float()
+        a = self.abar_at(t, wide)
+        return a.sqrt().to(like.dtype), (1 - a).sqrt().to(like.dtype)
+
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """Forward process: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``; ``t`` is ``(B,)`` or one step for all."""
         checks.floating("x0", x0)
@@ -160,8 +169,8 @@ class Schedule:
         if t.shape != (x0.shape[0],):
             raise ValueError(f"add_noise: t must be one step or one per sample, shape ({x0.shape[0]},), "
                              f"got shape {tuple(t.shape)}")
-        a = self.abar_at(t, x0)
-        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+        s, s1 = self.coefs(t, x0)
+        return s * x0 + s1 * eps
 
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio ``abar_t / (1 - abar_t)`` (infinite at ``t = -1``, clean data)."""

@@ -186,3 +186,18 @@ def test_diffusers_trained_betas_are_the_schedules_betas():
     s = Schedule.from_diffusers_config({"num_train_timesteps": 20, "trained_betas": betas.tolist()})
     torch.testing.assert_close(s.betas, betas)
     assert s.T == 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_noise_coefficients_are_those_of_float32_rounded_once(dtype):
+    """1 - abar_t of the first steps rounds to 0 in half precision: computed there, the forward process
+    added no noise at t = 0 and the score divided by 0."""
+    s = Schedule.linear(1000)
+    t = torch.arange(12)
+    like = torch.zeros(12, 1, dtype=dtype)
+    for got, want in zip(s.coefs(t, like), s.coefs(t, like.float())):
+        assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+    x0, eps = torch.zeros(12, 1, dtype=dtype), torch.ones(12, 1, dtype=dtype)
+    noised = s.add_noise(x0, eps, t)
+    assert noised.dtype == dtype and bool((noised > 0).all())
+    torch.testing.assert_close(noised.float(), (1 - s.abar[:12]).sqrt().float()[:, None], rtol=1e-2, atol=0)

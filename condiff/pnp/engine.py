@@ -47,8 +47,8 @@ def denoising_term(denoiser: Denoiser, x: Tensor, t: Tensor, eps: Tensor, throug
     With ``through_net=False`` the value is the same but its gradient in ``x`` skips the network:
     a surrogate ``2 <stopgrad(eps_hat - eps), x_t> / n`` carries ``2 sqrt(abar_t) (eps_hat - eps) / n``.
     """
-    a = denoiser.schedule.abar_at(t, x)
-    x_t = a.sqrt() * x + (1 - a).sqrt() * eps
+    s, s1 = denoiser.schedule.coefs(t, x)
+    x_t = s * x + s1 * eps
     n = x[0].numel()
     if through_net:
         return (eps - denoiser.eps(x_t, t)).pow(2).flatten(1).sum(1) / n
