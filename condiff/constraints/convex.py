@@ -95,4 +95,9 @@ class Simplex(_Projected):
         k = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype)
         rho = ((u - css / k) > 0).sum(1, keepdim=True).clamp_min(1)  # number of positive entries
         theta = css.gather(1, rho - 1) / rho.to(v.dtype)
-        return (v - theta).clamp_min(0).to(x.dtype).view_as(x)
+        p = (v - theta).clamp_min(0).to(x.dtype).view_as(x)
+        # a point on the simplex is its own projection: the computed one differs from it by rounding,
+        # which the norm would turn into a unit gradient (a kick to every guided step on the set)
+        tol = v.shape[1] * torch.finfo(x.dtype).eps * max(1.0, self.total)
+        on = (v.min(1).values >= 0) & ((v.sum(1) - self.total).abs() <= tol)
+        return torch.where(on.view(-1, *([1] * (x.dim() - 1))), x, p)
