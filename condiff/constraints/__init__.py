@@ -32,6 +32,16 @@ Distance = Callable[[Tensor], Tensor]
 CONSTRAINTS: dict[str, type] = {}
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x``, in float32 where it is half precision (float16, bfloat16): distances are sums over many
+    entries and steppers of many small terms, which half precision rounds away (an exact Burgers
+    trajectory read 6.7e-3 in bfloat16, above a vanilla model's violation) or overflows."""
+    return x.float() if x.dtype in HALF else x
+
+
 def register_constraint(name: str) -> Callable[[type], type]:
     """Class decorator: make ``build_constraint({"name": name, ...})`` construct this class. A config
     names the registered class it was built by; a registered subclass of a built-in constraint whose
@@ -56,6 +66,10 @@ class Constraint(nn.Module):
 
     family = "constraint"
     config: dict
+
+    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
+        # a half-precision batch is measured in float32, and its distances come back in float32
+        return super().__call__(at_least_float32(x), *args, **kwargs)
 
     def violation_map(self, x: Tensor) -> Tensor | None:
         return None
@@ -153,8 +167,7 @@ def safe_norm(v: Tensor) -> Tensor:
     w = v.flatten(1)
     if w.shape[1] == 0:  # no features: every sample is at distance 0
         return w.sum(1)
-    if w.dtype in (torch.float16, torch.bfloat16):  # summed squares overflow half precision from |v| ~ 16
-        w = w.float()
+    w = at_least_float32(w)  # summed squares overflow half precision from |v| ~ 16
     # scaled by the largest entry so that the squares neither overflow (float32 from |v| ~ 1e19) nor underflow;
     # a zero or non-finite sample keeps scale 1, so NaN and inf pass through and a broken sample never reads
     # as on the set. The scale is a constant to autograd (the norm is homogeneous: the gradient is the same)

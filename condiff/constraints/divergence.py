@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from condiff.constraints import Constraint, register_constraint
+from condiff.constraints import Constraint, at_least_float32, register_constraint
 
 
 def _wavenumbers(n: int, device: torch.device, rfft: bool) -> Tensor:
@@ -31,8 +31,7 @@ def _wavenumbers(n: int, device: torch.device, rfft: bool) -> Tensor:
 def spectral_divergence(u: Tensor, v: Tensor) -> Tensor:
     """``d u / d x + d v / d y`` of periodic fields ``(..., H, W)`` on ``[0, 2 pi)^2``; differentiable
     (half-precision fields are computed, and returned, in float32)."""
-    if u.dtype in (torch.float16, torch.bfloat16):  # no FFT in half precision on the CPU; float32 comes back
-        u, v = u.float(), v.float()
+    u, v = at_least_float32(u), at_least_float32(v)  # no FFT in half precision on the CPU; float32 comes back
     H, W = u.shape[-2:]
     kx = _wavenumbers(W, u.device, rfft=True)
     ky = _wavenumbers(H, u.device, rfft=False)[:, None]
