@@ -1327,3 +1327,25 @@ def test_batched_distance_scores_every_row():
 
     x = torch.randn(600, 3)
     torch.testing.assert_close(batched_distance(lambda v: v.pow(2).sum(1), x, batch_size=256), x.pow(2).sum(1))
+
+
+def test_to_mirror_and_to_data_take_inputs_that_require_grad():
+    """They failed with "the differentiated tensor ... not used in the graph" on such an input (a
+    network's output, a parameter), and so did fine-tuning on one; the result has no graph."""
+    m = _tiny_mirror()
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    leaf = x.clone().requires_grad_()
+    for fn in (m.to_mirror, m.to_data):
+        out = fn(leaf, batch_size=2)
+        assert not out.requires_grad and torch.equal(out, fn(x, batch_size=2))
+        assert torch.equal(fn(leaf * 1.0), out)  # a non-leaf
+    with pytest.raises(ValueError, match="to_mirror: batch_size must be an integer >= 1, got 0"):
+        m.to_mirror(x, batch_size=0)
+    with pytest.raises(ValueError, match="to_data: batch_size must be an integer >= 1, got 2.5"):
+        m.to_data(x, batch_size=2.5)
+    from condiff.mirror.objective import FinetuneObjective
+
+    with pytest.raises(ValueError, match="the mirror samples is torch.float64 but the network's weights are "
+                                         "torch.float32"):  # was a raw conv error mid-training
+        FinetuneObjective(m, x, x.double(), Box())
+    FinetuneObjective(m, x, leaf, Box())  # fine-tuning on mirror samples that require grad

@@ -60,7 +60,9 @@ class MirrorMap(nn.Module):
         """
         create = torch.is_grad_enabled() if create_graph is None else create_graph
         with torch.enable_grad():
-            xr = x if x.requires_grad else x.detach().requires_grad_(True)
+            # without a graph to keep, differentiate at a detached copy: an input that requires grad (or a
+            # view of one made under no_grad, as to_mirror's batches are) is not ours to differentiate
+            xr = x if (create and x.requires_grad) else x.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(self.psi(xr).sum(), xr, create_graph=create)
         return grad if create else grad.detach()
 
@@ -86,6 +88,7 @@ class MirrorMap(nn.Module):
     @torch.no_grad()
     def to_mirror(self, x: Tensor, batch_size: int = 256) -> Tensor:
         """``g`` on a whole data set, in batches, without a graph (each batch checked by :meth:`forward_map`)."""
+        batch_size = checks.integer("to_mirror: batch_size", batch_size)
         if len(x) == 0:
             return x.new_empty(x.shape)  # g and f keep the shape
         dev = next(self.parameters()).device
@@ -96,6 +99,7 @@ class MirrorMap(nn.Module):
     @torch.no_grad()
     def to_data(self, y: Tensor, batch_size: int = 256) -> Tensor:
         """``f`` on a whole set of mirror-space points, in batches (checked by :meth:`inverse_map`)."""
+        batch_size = checks.integer("to_data: batch_size", batch_size)
         if len(y) == 0:
             return y.new_empty(y.shape)
         dev = next(self.parameters()).device

@@ -196,6 +196,8 @@ class FinetuneObjective(_SignCheck):
             )
         if 0 in (len(x), len(y_mdm)):
             raise ValueError(f"fine-tuning needs data and mirror samples, got {len(x)} and {len(y_mdm)}")
+        checks.weights_dtype("the data", x, mirror)
+        checks.weights_dtype("the mirror samples", y_mdm, mirror)
         if not bool(torch.isfinite(y_mdm).all()):
             raise ValueError("the mirror samples to fine-tune on hold NaN or inf values")
         # only its psi is used, frozen, in a copy: freezing the caller's map froze the very inverse network the
