@@ -198,6 +198,7 @@ class FinetuneObjective(_SignCheck):
             raise ValueError(f"fine-tuning needs data and mirror samples, got {len(x)} and {len(y_mdm)}")
         checks.weights_dtype("the data", x, mirror)
         checks.weights_dtype("the mirror samples", y_mdm, mirror)
+        x, y_mdm = x.detach(), y_mdm.detach()  # fixed training data, whatever graph they came from
         if not bool(torch.isfinite(y_mdm).all()):
             raise ValueError("the mirror samples to fine-tune on hold NaN or inf values")
         # only its psi is used, frozen, in a copy: freezing the caller's map froze the very inverse network the
