@@ -228,7 +228,24 @@ class DiffusersDenoiser(Denoiser):
         raise ValueError(f"the UNet has in_channels={cin} but out_channels={cout}: condiff needs one prediction "
                          f"per input channel (or 2x that with a learned-variance scheduler)")
 
+    def _check_input(self, x_t: Tensor) -> None:
+        """What the UNet would otherwise refuse deep inside diffusers: the rank, dtype, channels, and sides
+        its downsampling stages cannot halve."""
+        if x_t.dim() != 4:
+            raise ValueError(f"x_t: a diffusers UNet takes images (B, C, H, W), got shape {tuple(x_t.shape)}")
+        checks.weights_dtype("x_t", x_t, self.unet)
+        c = getattr(self.unet, "config", None) or {}
+        cin = c.get("in_channels")
+        if cin is not None and x_t.shape[1] != cin:
+            raise ValueError(f"x_t has {x_t.shape[1]} channels but the UNet takes {cin}")
+        stages = len(c.get("down_block_types") or ()) or len(c.get("block_out_channels") or ())
+        f = 2 ** max(stages - 1, 0)
+        if x_t.shape[-1] % f or x_t.shape[-2] % f:
+            raise ValueError(f"x_t is {x_t.shape[-2]}x{x_t.shape[-1]} but the UNet halves its sides {stages - 1} "
+                             f"time(s): height and width must be multiples of {f}")
+
     def predict_eps(self, x_t: Tensor, t: Tensor) -> Tensor:
+        self._check_input(x_t)
         out = self.unet(x_t, t).sample
         if self.channels is not None:  # learned variance: the second half is the variance
             out = out[:, : self.channels]

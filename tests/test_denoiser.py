@@ -269,3 +269,16 @@ def test_a_diffusers_scheduler_object_is_taken_for_its_config(tiny_diffusers_dir
     sched = diffusers.DDPMScheduler(num_train_timesteps=100)
     again = DiffusersDenoiser(den.unet, sched)
     assert again.schedule.config() == den.schedule.config()
+
+
+@pytest.mark.parametrize("x, message", [
+    (torch.zeros(2, 1, 8, 8, dtype=torch.float64), "x_t is torch.float64 but the network's weights are torch.float32"),
+    (torch.zeros(2, 3, 8, 8), "x_t has 3 channels but the UNet takes 1"),
+    (torch.zeros(1, 8, 8), r"a diffusers UNet takes images \(B, C, H, W\), got shape \(1, 8, 8\)"),
+    (torch.zeros(2, 1, 15, 15), r"x_t is 15x15 but the UNet halves its sides 1 time\(s\): .* multiples of 2"),
+])
+def test_a_diffusers_denoiser_names_inputs_its_unet_cannot_take(tiny_diffusers_denoiser, x, message):
+    """As NetDenoiser does; these failed deep inside diffusers (tensor sizes in unet_2d_blocks.py)."""
+    with pytest.raises(ValueError, match=message):
+        tiny_diffusers_denoiser.eps(x, torch.full((len(x),), 5))
+    assert tiny_diffusers_denoiser.eps(torch.zeros(2, 1, 12, 8), torch.full((2,), 5)).shape == (2, 1, 12, 8)

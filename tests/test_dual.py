@@ -782,6 +782,15 @@ def test_reference_losses_match_the_estimator():
         reference_losses(den, s, [x], n=10.5)
     with pytest.raises(ValueError, match=r"reference_losses: data set\(s\) \[1\] hold no examples"):
         reference_losses(den, s, [x, x[:0]], n=16)
+    holes = x.clone()
+    holes[5, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"the examples of data set 1 hold 1 non-finite values \(the first in sample "
+                                         r"5\)"):  # was a silent [nan]
+        reference_losses(den, s, [x, holes], n=16)
+    from condiff.nets import TimeMLP
+
+    with pytest.raises(ValueError, match="data set 0 is torch.float64 but the network's weights are torch.float32"):
+        reference_losses(TimeMLP(2, hidden=8, depth=1), s, [x.double()], n=16)  # was a raw matmul dtype error
     # a chunk that is no whole number of grid sweeps is trimmed to one: every call sees each grid
     # timestep equally often, so the quadrature stays exact
     seen = []

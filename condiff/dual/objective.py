@@ -331,6 +331,10 @@ def reference_losses(net: Callable[[Tensor, Tensor], Tensor], schedule: Schedule
     n, chunk = checks.integer("reference_losses: n", n, 1), checks.integer("reference_losses: chunk", chunk, 1)
     if empty := [i for i, x in enumerate(datasets) if len(x) == 0]:
         raise ValueError(f"reference_losses: data set(s) {empty} hold no examples")
+    for i, x in enumerate(datasets):
+        checks.finite_rows(f"reference_losses: the examples of data set {i}", x)
+        if isinstance(net, nn.Module):
+            checks.weights_dtype(f"reference_losses: data set {i}", x, net)
     grid = fixed_timesteps(schedule.T, timesteps, t_range)
     params = net.parameters() if isinstance(net, nn.Module) else iter(())
     device = next((p.device for p in params), torch.device("cpu"))
