@@ -64,7 +64,8 @@ class Operator(nn.Module):
         if self.sigma_y == 0:
             return y
         gdev = generator.device if generator is not None else y.device
-        n = torch.randn(y.shape, generator=generator, device=gdev, dtype=y.dtype).to(y.device)
+        # drawn in float32 whatever y's dtype, as the samplers draw: a seed gives every precision the same noise
+        n = torch.randn(y.shape, generator=generator, device=gdev).to(device=y.device, dtype=y.dtype)
         return y + self.sigma_y * self._noise_support(n)
 
     def _noise_support(self, n: Tensor) -> Tensor:

@@ -33,11 +33,14 @@ from .readback import DeviceRows, read_every
 
 def randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None, like: Tensor | None = None,
           device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard normal noise drawn from ``generator`` (on the generator's device), moved to the target."""
+    """Standard normal noise drawn from ``generator`` (on the generator's device), moved to the target.
+    It is drawn in float32 whatever ``dtype`` is, then cast, so that a seed gives the same noise to a
+    float64 or half-precision model as to a float32 one (torch draws other numbers in float64)."""
     if like is not None:
         device, dtype = like.device, like.dtype
     gdev = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=gdev, dtype=dtype).to(device)
+    return torch.randn(tuple(shape), generator=generator, device=gdev, dtype=torch.float32).to(device=device,
+                                                                                             dtype=dtype)
 
 
 @dataclass
