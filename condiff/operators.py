@@ -241,6 +241,9 @@ class Inpainting(LinearOperator):
     def select(self, idx: int | slice | Tensor) -> Inpainting:
         if self.mask.shape[0] == 1:
             return self
+        i = checks.scalar(idx)
+        if isinstance(i, numbers.Integral) and not -self.mask.shape[0] <= i < self.mask.shape[0]:
+            raise IndexError(f"Inpainting.select: sample {i} of a batch of {self.mask.shape[0]} masks")
         return Inpainting(self.mask[_batch_index(idx)], self.sigma_y, self.kind)
 
     def describe(self) -> dict:

@@ -573,3 +573,16 @@ def test_points_on_the_simplex_have_zero_distance_and_zero_gradient(dtype):
     d = Simplex(1.0)(off.requires_grad_())
     (g,) = torch.autograd.grad(d.sum(), off)
     assert bool((d > 0).all()) and torch.allclose(g.flatten(1).norm(dim=1), torch.ones(500, dtype=dtype))
+
+
+def test_integer_pictures_are_measured_as_their_values_and_an_empty_flow_batch_has_no_distances():
+    """PeriodicTiling failed on integer pictures (mean() of an integer tensor) while Box took them, and
+    DivergenceFree's FFT refused an empty batch that every other constraint measures as (0,)."""
+    x = torch.randint(0, 3, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    for con in (PeriodicTiling(), Box(), Simplex(), Ball()):
+        got = con(x)
+        assert got.dtype == torch.float32 and torch.equal(got, con(x.float())), type(con).__name__
+    empty = DivergenceFree()(torch.zeros(0, 4, 8, 8))
+    assert empty.shape == (0,) and DivergenceFree().divergence(torch.zeros(0, 4, 8, 8)).shape == (0, 2, 8, 8)
+    with pytest.raises(ValueError, match="even number of channels"):
+        DivergenceFree()(torch.zeros(0, 3, 8, 8))

@@ -1349,3 +1349,12 @@ def test_to_mirror_and_to_data_take_inputs_that_require_grad():
                                          "torch.float32"):  # was a raw conv error mid-training
         FinetuneObjective(m, x, x.double(), Box())
     FinetuneObjective(m, x, leaf, Box())  # fine-tuning on mirror samples that require grad
+
+
+@pytest.mark.parametrize("make", [lambda s: first_rows(s, 2, 0.1), lambda s: sparse_points(s, 0.1, 0.1),
+                                  lambda s: frames(s, [0], 0.1)])
+def test_observations_name_a_shape_with_a_batch_dimension(make):
+    with pytest.raises(ValueError, match=r"shape must be one sample's \(C, H, W\), three integers >= 1 "
+                                         r"\(no batch\), got \(1, 2, 8, 8\)"):  # "too many values to unpack" before
+        make((1, 2, 8, 8))
+    assert make((4, 8, 8)).mask.shape[-2:] == (8, 8)

@@ -302,3 +302,10 @@ def test_a_masked_operator_counts_only_the_pixels_it_measures():
     y[0, 0, 0, :2] = torch.tensor([math.inf, math.nan])
     with pytest.raises(ValueError, match=r"y holds 2 non-finite"):  # an operator that measures every entry
         GaussianBlur(3, 1.0).loss(y)
+
+
+def test_selecting_a_sample_beyond_the_batch_of_masks_is_refused():
+    op = Inpainting.random((3, 1, 4, 4), 0.5, torch.Generator().manual_seed(0))
+    with pytest.raises(IndexError, match="Inpainting.select: sample 5 of a batch of 3 masks"):
+        op.select(5)  # it returned an operator of no masks, silently
+    assert torch.equal(op.select(-1).mask, op.mask[2:]) and op.select(slice(1, 3)).mask.shape[0] == 2

@@ -622,3 +622,25 @@ def test_infer_passes_its_betas_to_adam():
     a = infer(den, torch.zeros(2, 3), betas=(0.0, 0.9), generator=torch.Generator().manual_seed(0), **kw)
     b = infer(den, torch.zeros(2, 3), generator=torch.Generator().manual_seed(0), **kw)
     assert not torch.equal(a.latent, b.latent)
+
+
+def test_the_segmentation_baselines_and_class_constraint_name_or_take_what_they_are_given():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 8, 8, generator=g)
+    for seg in (otsu_segment, kmeans_segment):
+        ref = seg(x)
+        assert torch.equal(seg(x.clone().requires_grad_()), ref)  # otsu: "Can't call numpy()" before
+        assert seg(x[:0]).shape == (0, 1, 8, 8)  # otsu: "stack expects a non-empty TensorList" before
+        ints = (x * 255).round().to(torch.uint8)
+        assert torch.equal(seg(ints), seg(ints.float()))
+        with pytest.raises(ValueError, match=rf"{seg.__name__}: expected images \(B, C, H, W\) .* shape \(3, 8, 8\)"):
+            seg(x[:, 0])
+    den = GaussianDenoiser(Schedule.linear(50))
+    with pytest.raises(TypeError, match="segment: images must be a floating-point tensor, got dtype torch.uint8"):
+        segment(den, ints, steps=2)  # it blamed "the starting latent" before
+    lp = lambda v, y: -(v.flatten(1).sum(1) + y)  # noqa: E731
+    assert ClassConstraint(lp, torch.tensor(3)).labels == 3  # a 0-d label, as NetDenoiser takes one
+    torch.testing.assert_close(ClassConstraint(lp, np.int64(2))(x), ClassConstraint(lp, torch.tensor([2, 2, 2]))(x))
+    for bad in ([1, 2], True, 2.5, -1, torch.tensor([1.0, 2.0])):  # True was taken as class 1, a list failed later
+        with pytest.raises(ValueError, match="ClassConstraint: labels must be one class"):
+            ClassConstraint(lp, bad)

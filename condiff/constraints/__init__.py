@@ -36,10 +36,11 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 def at_least_float32(x: Tensor) -> Tensor:
-    """``x``, in float32 where it is half precision (float16, bfloat16): distances are sums over many
-    entries and steppers of many small terms, which half precision rounds away (an exact Burgers
-    trajectory read 6.7e-3 in bfloat16, above a vanilla model's violation) or overflows."""
-    return x.float() if x.dtype in HALF else x
+    """``x``, in float32 where it is half precision (float16, bfloat16) or integer: distances are sums
+    over many entries and steppers of many small terms, which half precision rounds away (an exact
+    Burgers trajectory read 6.7e-3 in bfloat16, above a vanilla model's violation) or overflows, and
+    integer pictures are measured as their values."""
+    return x.float() if x.dtype in HALF or not (x.is_floating_point() or x.is_complex()) else x
 
 
 def register_constraint(name: str) -> Callable[[type], type]:

@@ -54,6 +54,8 @@ class DivergenceFree(Constraint):
             raise ValueError(
                 f"divergence_free expects an even number of channels (u, v pairs), got {x.shape[1]}"
             )
+        if len(x) == 0:  # the FFT refuses an empty batch
+            return x.new_zeros(0, x.shape[1] // 2, *x.shape[2:])
         return spectral_divergence(x[:, 0::2], x[:, 1::2])
 
     def forward(self, x: Tensor) -> Tensor:

@@ -29,9 +29,17 @@ from condiff.operators import Inpainting, Operator
 from condiff.sample import default_clip, sample
 
 
+def _shape3(who: str, shape: Sequence[int]) -> tuple[int, int, int]:
+    """One sample's shape ``(C, H, W)`` (no batch dimension), as positive integers."""
+    if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 3 and all(checks.is_integer(s, 1)
+                                                                                     for s in shape)):
+        raise ValueError(f"{who}: shape must be one sample's (C, H, W), three integers >= 1 (no batch), got {shape!r}")
+    return tuple(int(s) for s in shape)
+
+
 def first_rows(shape: Sequence[int], rows: int, sigma_y: float) -> Inpainting:
     """Observe rows ``0 .. rows-1`` of ``(C, T, N)`` images."""
-    C, T, N = shape
+    C, T, N = _shape3("first_rows", shape)
     rows = checks.integer("first_rows: rows", rows, 1, T + 1)
     if rows == T:
         raise ValueError(f"first_rows: observing all {T} rows leaves nothing to infer; observe fewer")
@@ -44,7 +52,7 @@ def sparse_points(shape: Sequence[int], fraction: float, sigma_y: float, seed: i
     """Observe ``fraction`` of the grid points of ``(C, H, W)`` images (all channels), drawn with ``seed``."""
     if not 0 < float(fraction) <= 1:
         raise ValueError(f"sparse_points: fraction must lie in (0, 1], got {fraction}")
-    C, H, W = shape
+    C, H, W = _shape3("sparse_points", shape)
     k = max(1, round(fraction * H * W))
     if k == H * W:
         raise ValueError(f"sparse_points: fraction {fraction} observes all {H * W} points, leaving nothing to "
@@ -57,7 +65,7 @@ def sparse_points(shape: Sequence[int], fraction: float, sigma_y: float, seed: i
 
 def frames(shape: Sequence[int], observed: Sequence[int], sigma_y: float) -> Inpainting:
     """Observe whole velocity snapshots ``observed`` of ``(2F, H, W)`` flow samples."""
-    C, H, W = shape
+    C, H, W = _shape3("frames", shape)
     if C % 2:
         raise ValueError(f"frames: flow samples have 2 velocity channels per snapshot, got {C} channels")
     if not isinstance(observed, (list, tuple)) or not len(observed):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .. import checks
 from ..constraints import at_least_float32
 
 # The finish of a classifier-constrained digits search (condiff.pnp.engine.finish): re-noise to t = 0.4 T
@@ -24,11 +25,18 @@ class ClassConstraint:
     :meth:`condiff.classifier.DigitsJudge.log_prob`. ``labels``: an int (all chains) or a ``(B,)`` tensor."""
 
     def __init__(self, log_prob: Callable[[Tensor, Tensor], Tensor], labels: int | Tensor) -> None:
+        one = checks.scalar(labels)  # a 0-d tensor or array: one label, as NetDenoiser takes it
+        if checks.is_integer(one, 0):
+            labels = int(one)
+        elif not (isinstance(labels, Tensor) and labels.dim() == 1 and not labels.is_floating_point()
+                  and labels.dtype != torch.bool):
+            raise ValueError(f"ClassConstraint: labels must be one class (an integer >= 0) or a (B,) integer tensor, "
+                             f"got {labels!r}")
         self.log_prob, self.labels = log_prob, labels
 
     def __call__(self, x: Tensor) -> Tensor:
         y = self.labels
-        y = torch.full((x.shape[0],), int(y), dtype=torch.long, device=x.device) if isinstance(y, int) else y
+        y = torch.full((x.shape[0],), y, dtype=torch.long, device=x.device) if isinstance(y, int) else y
         if y.shape != (x.shape[0],):
             raise ValueError(f"ClassConstraint: {tuple(y.shape)} labels for a batch of {x.shape[0]}")
         return -self.log_prob(x, y.to(x.device))

@@ -57,15 +57,25 @@ def _foreground(groups: Tensor) -> Tensor:
     return torch.where(flip[:, None, None], ~groups, groups)[:, None]
 
 
+def _pictures(who: str, images: Tensor) -> Tensor:
+    """``images`` (B, C, H, W) of at least 2 pixels outside any graph, integer pictures in float32 (pictures
+    that require grad are taken as their values)."""
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[-1] * images.shape[-2] < 2:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"{who}: expected images (B, C, H, W) of at least 2 pixels, got shape {shape}")
+    images = images.detach()
+    return images if images.is_floating_point() else images.float()
+
+
 def otsu_segment(images: Tensor) -> Tensor:
     """Otsu's threshold on the channel-mean brightness of ``(B, C, H, W)``: masks ``(B, 1, H, W)`` bool."""
-    if images.dim() != 4 or images.shape[-1] * images.shape[-2] < 2:
-        raise ValueError(f"otsu_segment: expected images (B, C, H, W) of at least 2 pixels, got shape "
-                         f"{tuple(images.shape)}")
+    images = _pictures("otsu_segment", images)
+    if len(images) == 0:
+        return torch.zeros(0, 1, *images.shape[2:], dtype=torch.bool, device=images.device)
     grey = images.mean(1)
     out = []
     for g in grey:
-        v = np.sort(g.flatten().double().numpy())
+        v = np.sort(g.flatten().double().cpu().numpy())
         # between-class variance for every split point of the sorted values
         k = np.arange(1, len(v))
         c = np.cumsum(v)
@@ -79,6 +89,7 @@ def otsu_segment(images: Tensor) -> Tensor:
 def kmeans_segment(images: Tensor, iters: int = 20) -> Tensor:
     """2-means on pixel colours of ``(B, C, H, W)`` (centres started at the darkest and brightest pixel):
     masks ``(B, 1, H, W)`` bool."""
+    images = _pictures("kmeans_segment", images)
     B, C, H, W = images.shape
     px = images.flatten(2).transpose(1, 2).double()  # (B, P, C)
     grey = px.mean(2)
@@ -134,6 +145,7 @@ def segment(denoiser: Denoiser, images: Tensor, *, chains: int = 4, steps: int =
     """
     if images.dim() != 4:
         raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
+    checks.floating("segment: images", images)  # else the latent, cast to them, was blamed
     if chains < 1:
         raise ValueError(f"chains must be >= 1, got {chains}")
     _check_votes(votes, chains)  # before the search, not after it
