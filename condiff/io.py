@@ -343,6 +343,8 @@ def release_runs() -> None:
 
 
 REPLACED = ".replaced"  # in a run directory: what --fresh / --retrain replace, kept until the new run finishes
+MOVING = ".moving"  # in REPLACED while entries move in or out: the names, so that a move cut short is finished
+DROPPING = REPLACED + ".drop-"  # in a run directory: what drop_replaced is deleting (never a kept run)
 
 
 def remove(path: str | Path) -> bool:
@@ -357,37 +359,92 @@ def remove(path: str | Path) -> bool:
     return True
 
 
+def _present(p: Path) -> bool:
+    return p.exists() or p.is_symlink()
+
+
+def _kept_entries(keep: Path, names: tuple[str, ...] | list[str] | None) -> list[Path]:
+    """The entries of ``keep`` (only ``names`` when given), without the move marker."""
+    if names is not None:
+        return [keep / n for n in names]
+    return [p for p in keep.iterdir() if p.name != MOVING] if keep.is_dir() else []
+
+
+def _begin_moving(keep: Path, names: list[str]) -> None:
+    keep.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(keep / MOVING, list(names))
+
+
+def _finish_moving(run_dir: Path) -> None:
+    """Make ``.replaced`` whole again after a :func:`set_aside` or :func:`restore_replaced` that was cut short
+    (Ctrl-C, a kill) between its moves: the entries it names that lie in ``run_dir`` and not in ``.replaced``
+    belong to the kept run (not yet set aside, or already put back), and go into ``.replaced``. Otherwise the
+    next set-aside would read a part of the old run as all of it, and delete the rest as a failed attempt's;
+    and a removal left half done (:data:`DROPPING`) is finished."""
+    for trash in run_dir.glob(DROPPING + "*"):
+        remove(trash)
+    keep = run_dir / REPLACED
+    try:
+        names = json.loads((keep / MOVING).read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        names = []
+    for n in names if isinstance(names, list) else []:
+        if isinstance(n, str) and _present(run_dir / n) and not _present(keep / n):
+            (keep / n).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(run_dir / n, keep / n)
+    (keep / MOVING).unlink(missing_ok=True)
+
+
 def set_aside(run_dir: str | Path, names: tuple[str, ...] | list[str]) -> list[str]:
     """Move the entries ``names`` of ``run_dir`` that exist into ``run_dir/.replaced`` instead of deleting
     them, so that a replacement which fails (an error, Ctrl-C) loses nothing of the run it was to
     replace; :func:`drop_replaced` removes them once the new run is finished. While it holds any of
     ``names`` already (a replacement that failed before), what it holds is the run to keep: the entries
     in ``run_dir`` are then that failed attempt's, and all of them are deleted, none moved, so the two
-    never mix. The run being replaced takes its room on the disk until then. Returns the names moved.
-    Rank 0 of a torchrun job does it alone."""
+    never mix. The moves are recorded first (:data:`MOVING`), so that a set-aside cut short between them
+    is finished by the next call rather than read as a whole kept run. The run being replaced takes its
+    room on the disk until then. Returns the names moved. Rank 0 of a torchrun job does it alone."""
     run_dir = Path(run_dir)
     if not is_rank0():
         return []
+    _finish_moving(run_dir)
     keep = run_dir / REPLACED
-    present = [n for n in names if (run_dir / n).exists() or (run_dir / n).is_symlink()]
-    if any((keep / n).exists() or (keep / n).is_symlink() for n in names):
+    present = [n for n in names if _present(run_dir / n)]
+    if any(_present(keep / n) for n in names):
         for n in present:
             remove(run_dir / n)
         return []
+    if not present:
+        return []
+    _begin_moving(keep, present)
     for n in present:
         (keep / n).parent.mkdir(parents=True, exist_ok=True)
         os.replace(run_dir / n, keep / n)
+    (keep / MOVING).unlink()
     return present
 
 
 def drop_replaced(run_dir: str | Path, names: tuple[str, ...] | list[str] | None = None) -> None:
     """Delete what :func:`set_aside` kept in ``run_dir/.replaced`` (only ``names`` when given), now that
-    the run replacing it has finished."""
-    keep = Path(run_dir) / REPLACED
+    the run replacing it has finished. Each entry is first renamed out of ``.replaced`` in one step, so an
+    interruption leaves either the kept run whole or nothing of it there (never a part to be restored)."""
+    run_dir = Path(run_dir)
+    _finish_moving(run_dir)
+    keep = run_dir / REPLACED
     if not keep.is_dir():
         return
-    for p in [keep / n for n in names] if names is not None else list(keep.iterdir()):
-        remove(p)
+    if names is None:
+        trash = run_dir / f"{DROPPING}{os.getpid()}"
+        os.replace(keep, trash)
+        remove(trash)
+        return
+    for i, p in enumerate(_kept_entries(keep, names)):
+        if _present(p):
+            trash = run_dir / f"{DROPPING}{os.getpid()}-{i}"
+            os.replace(p, trash)
+            remove(trash)
     with contextlib.suppress(OSError):
         keep.rmdir()  # only once empty
 
@@ -395,14 +452,23 @@ def drop_replaced(run_dir: str | Path, names: tuple[str, ...] | list[str] | None
 def restore_replaced(run_dir: str | Path, names: tuple[str, ...] | list[str] | None = None) -> None:
     """Move what :func:`set_aside` kept in ``run_dir/.replaced`` (only ``names`` when given) back in place of
     the entries of the replacement that failed; ``config.json`` last, so that a restore cut short leaves no
-    settings claiming a whole run. Rank 0 of a torchrun job does it alone."""
-    keep = Path(run_dir) / REPLACED
-    if not keep.is_dir() or not is_rank0():
+    settings claiming a whole run (and the moves are recorded, as :func:`set_aside` records them, so that
+    the next call puts such a restore's entries back into ``.replaced``). Rank 0 of a torchrun job does it
+    alone."""
+    run_dir = Path(run_dir)
+    if not is_rank0():
         return
-    entries = [keep / n for n in names] if names is not None else list(keep.iterdir())
-    for p in sorted((p for p in entries if p.exists() or p.is_symlink()), key=lambda p: p.name == CONFIG):
-        remove(Path(run_dir) / p.name)
-        os.replace(p, Path(run_dir) / p.name)
+    _finish_moving(run_dir)
+    keep = run_dir / REPLACED
+    if not keep.is_dir():
+        return
+    entries = sorted((p for p in _kept_entries(keep, names) if _present(p)), key=lambda p: p.name == CONFIG)
+    if entries:
+        _begin_moving(keep, [p.name for p in entries])
+    for p in entries:
+        remove(run_dir / p.name)
+        os.replace(p, run_dir / p.name)
+    (keep / MOVING).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         keep.rmdir()  # only once empty
 

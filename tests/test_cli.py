@@ -788,7 +788,7 @@ def test_fresh_that_fails_keeps_the_run_it_was_to_replace(trained, tmp_path, cap
     assert not kept.exists() and (run / "model").is_dir()
 
 
-def test_a_resumed_run_that_trains_on_removes_the_old_models_results(trained, tmp_path, capsys):
+def test_a_resumed_run_that_trains_on_removes_the_old_models_results(trained, tmp_path, capsys, monkeypatch):
     """--resume left metrics.json, samples and eval/ of the old model beside the new one, as if they were its own."""
     run = tmp_path / "run"
     trained(run)
@@ -802,6 +802,18 @@ def test_a_resumed_run_that_trains_on_removes_the_old_models_results(trained, tm
     assert "note: removed the results of the model this run replaced (metrics.json, samples.npz, " \
            "samples.png, samples)" in capsys.readouterr().err
     assert not any((run / n).exists() for n in ("metrics.json", "samples.npz", "samples.png", "samples"))
+    # a Ctrl-C after the new model is saved (while its loss curve is drawn) left the old results beside it,
+    # and the rerun, "resumed from step 60 of 60", never removed them: they now go before the model is saved
+    assert main(["eval", "--ckpt", str(run), "--n", "4", "--steps", "2"]) == 0
+    import condiff.cli.common as common
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "plot_loss_curve", ctrl_c)
+    assert main(["train", "--out", str(run), "--resume", "--set", "train.steps=60"]) == 130
+    assert json.loads((run / "model" / "config.json").read_text())["steps"] == 60
+    assert not (run / "metrics.json").exists()
 
 
 def test_demo_retrain_keeps_the_old_model_until_the_new_one_is_trained(tmp_path, capsys):

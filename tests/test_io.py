@@ -296,3 +296,70 @@ def test_restore_replaced_puts_the_kept_run_back_over_the_failed_attempt(tmp_pat
     io.restore_replaced(run)
     assert (run / "config.json").read_text() == "old settings" and not (run / io.REPLACED).exists()
     io.restore_replaced(run)  # nothing kept: nothing to do
+
+
+def _old_run(run):
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "w").write_text("old")
+    (run / "checkpoints").mkdir()
+    (run / "config.json").write_text("old settings")
+
+
+def _cut_after(monkeypatch, name, calls):
+    """Make ``io.<name>`` raise KeyboardInterrupt (a Ctrl-C) on its ``calls``-th call."""
+    real, n = getattr(io, name) if name != "replace" else os.replace, [0]
+
+    def cut(*a, **k):
+        n[0] += 1
+        if n[0] == calls:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    if name == "replace":
+        monkeypatch.setattr(io.os, "replace", cut)
+    else:
+        monkeypatch.setattr(io, name, cut)
+
+
+def test_a_set_aside_cut_short_is_finished_not_read_as_the_whole_kept_run(tmp_path, monkeypatch):
+    """A Ctrl-C between set_aside's moves left part of the old run in .replaced and part beside it; the
+    next --fresh read the part as the kept run and deleted the rest (the old model) as a failed attempt's."""
+    run = tmp_path / "run"
+    _old_run(run)
+    with monkeypatch.context() as m:
+        _cut_after(m, "replace", 3)  # the marker written (atomically), checkpoints moved, model not yet
+        with pytest.raises(KeyboardInterrupt):
+            io.set_aside(run, ["checkpoints", "model", "config.json"])
+    assert (run / io.REPLACED / "checkpoints").is_dir() and (run / "model").is_dir()
+    assert io.set_aside(run, ["checkpoints", "model", "config.json"]) == []  # a second --fresh
+    kept = run / io.REPLACED
+    assert (kept / "model" / "w").read_text() == "old" and (kept / "config.json").read_text() == "old settings"
+    assert sorted(p.name for p in kept.iterdir()) == ["checkpoints", "config.json", "model"]
+    assert not any((run / n).exists() for n in ("checkpoints", "model", "config.json"))
+
+
+def test_a_restore_cut_short_goes_back_into_replaced_and_a_drop_cut_short_leaves_nothing_to_restore(tmp_path,
+                                                                                                   monkeypatch):
+    run = tmp_path / "run"
+    _old_run(run)
+    io.set_aside(run, ["checkpoints", "model", "config.json"])
+    (run / "model").mkdir()
+    (run / "model" / "w").write_text("failed attempt")
+    with monkeypatch.context() as m:
+        _cut_after(m, "replace", 3)  # the marker written, one entry put back, the next not yet
+        with pytest.raises(KeyboardInterrupt):
+            io.restore_replaced(run)
+    assert len(list((run / io.REPLACED).iterdir())) < 4  # the marker and what is still kept
+    io.set_aside(run, ["checkpoints", "model", "config.json"])  # --fresh again: the kept run is whole
+    kept = run / io.REPLACED
+    assert sorted(p.name for p in kept.iterdir()) == ["checkpoints", "config.json", "model"]
+    assert (kept / "model" / "w").read_text() == "old" and not (run / "model").exists()
+    (run / "model").mkdir()
+    (run / "model" / "w").write_text("the finished new model")
+    with monkeypatch.context() as m:
+        _cut_after(m, "remove", 1)  # drop_replaced: .replaced renamed away, its deletion cut short
+        with pytest.raises(KeyboardInterrupt):
+            io.drop_replaced(run)
+    assert not kept.exists() and list(run.glob(io.DROPPING + "*"))  # no half-deleted run to "restore"
+    io.set_aside(run, ["model"])  # the next --fresh sets the new model aside, it does not delete it
+    assert (kept / "model" / "w").read_text() == "the finished new model" and not list(run.glob(io.DROPPING + "*"))

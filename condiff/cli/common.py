@@ -155,12 +155,15 @@ class TrainingJob:
         print(f"resumed from step {self.trainer.step} of {self.tcfg.steps}")
         return True
 
-    def fit(self) -> Path:
-        """Train to the end, save the EMA model and the loss curve; returns the model directory."""
-        t0 = time.perf_counter()
+    def fit(self, stale: tuple[str, ...] = ()) -> Path:
+        """Train to the end, save the EMA model and the loss curve; returns the model directory. ``stale``:
+        the results of the model being replaced that a resumed run which trained on deletes first
+        (:func:`drop_stale_results`), so that no interruption leaves them beside the new model."""
+        t0, start = time.perf_counter(), self.trainer.step
         ema = self.trainer.fit()
         if not self.trainer.dist.main:
             return self.run_dir / "model"
+        drop_stale_results(self.run_dir, stale, start, self.trainer.step)
         out = save_model(self.run_dir / "model", ema, self.schedule, data=self.cfg["data"],
                          shape=list(self.data.shape), value_range=value_range(self.data.x),
                          **({} if self.label_drop is None else {"label_drop": self.label_drop}),
@@ -221,8 +224,8 @@ def with_step_results(run_dir: Path, names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def drop_stale_results(run_dir: Path, names: tuple[str, ...], resumed_from: int, now: int) -> None:
-    """After a resumed run trained on (from step ``resumed_from`` > 0 to ``now``) and saved its new model,
-    delete the results other commands wrote of the model it replaced (``names``: metrics.json, samples/,
+    """Once a resumed run has trained on (from step ``resumed_from`` > 0 to ``now``), before it saves its new
+    model, delete the results other commands wrote of the model it replaced (``names``: metrics.json, samples/,
     eval/, ...), which would otherwise sit beside the new model as if they were its own (what --fresh sets
     aside), with one line saying so."""
     if not (0 < resumed_from < now) or not io.is_rank0():

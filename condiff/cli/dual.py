@@ -446,14 +446,17 @@ class DualJob:
         print(f"resumed from step {self.trainer.step} of {self.tcfg.steps} (lambda {self.objective.lambdas})")
         return True
 
-    def fit(self) -> dict | None:
-        """Train to the end; save the EMA model, plots and ``metrics.json`` (returned; None off the main rank)."""
+    def fit(self, stale: tuple[str, ...] = ()) -> dict | None:
+        """Train to the end; save the EMA model, plots and ``metrics.json`` (returned; None off the main rank).
+        ``stale``: the old model's results that a resumed run which trained on deletes before its model is
+        saved (:func:`~condiff.cli.common.drop_stale_results`)."""
         run_dir, schedule, dcfg, objective = self.run_dir, self.schedule, self.dcfg, self.objective
         record = self.cfg["bounds"]
-        t0 = time.perf_counter()
+        t0, start = time.perf_counter(), self.trainer.step
         ema = self.trainer.fit()
         if not self.trainer.dist.main:
             return None
+        drop_stale_results(run_dir, stale, start, self.trainer.step)
         ex.say(self.tcfg.progress, "the final losses (dual estimator, 4096 draws per data set)")
         final = torch.cat([  # dual estimator, 4096 draws: L_0 on all of [0, T), the L_i on t_range
             reference_losses(ema, schedule, [objective.x], timesteps=dcfg.timesteps, n=4096, seed=dcfg.seed + 1),
@@ -464,6 +467,7 @@ class DualJob:
              "objective_loss": float(final[0]), "n_objective": len(self.data),
              "constraints": [{**r, "final_loss": v, "slack": v - r["bound"], "lambda": lam[r["name"]]}
                              for r, v in zip(record, final[1:].tolist())]}
+        io.remove(run_dir / "metrics.json")  # the old model's record goes before the new model comes
         save_model(run_dir / "model", ema, schedule, data=self.cfg["data"], shape=list(self.data.shape),
                    value_range=value_range(self.data.x), steps=self.trainer.step, train_seconds=m["train_seconds"],
                    **{"lambda": lam, "bounds": record})
@@ -492,12 +496,10 @@ def run_train(args: argparse.Namespace) -> int:
                     schedule=None if (cfg.get("dual") or {}).get("init") else cfg.get("schedule"))
     job.cache.save()
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
-    start = job.trainer.step
-    m = job.fit()
+    m = job.fit(stale=OTHERS_RESULTS)
     if m is None:
         return 0
     io.drop_replaced(run_dir)  # what --fresh set aside: the new run is finished
-    drop_stale_results(run_dir, OTHERS_RESULTS, start, job.trainer.step)
     print(json.dumps(m, indent=1))
     plots = ", ".join(p.name for p in job.plots)  # no slack.png before the first dual update
     print(f"model:   {run_dir / 'model'}\nmetrics: {run_dir / 'metrics.json'}\nplots:   {run_dir}/ {plots}")

@@ -12,7 +12,6 @@ from .common import (
     add_config_args,
     announce_recorded,
     check_out_dir,
-    drop_stale_results,
     pick_device,
     recorded_settings,
     save_resolved_config,
@@ -84,10 +83,8 @@ def run(args: argparse.Namespace) -> int:
                     schedule=cfg.get("schedule"), clear=FRESH_CLEARS,
                     resume_hint=" (--resume without --data and --config takes them from there)" if given else "")
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
-    start = job.trainer.step
-    model_dir = job.fit()
+    model_dir = job.fit(stale=FRESH_CLEARS)
     if job.trainer.dist.main:  # once, not from every torchrun process
         io.drop_replaced(run_dir)  # what --fresh set aside: the new run is finished
-        drop_stale_results(run_dir, FRESH_CLEARS, start, job.trainer.step)
         print(f"model: {model_dir}\nlog:   {run_dir / 'log.jsonl'}\nloss:  {run_dir / 'loss.png'}")
     return 0
