@@ -752,6 +752,26 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert (run / "samples" / "violations.png").is_file() and (
         run / "assimilate" / "assimilation.png"
     ).is_file()
+    # the record of the sample sets goes before any set is redrawn: a Ctrl-C after the sets changed left
+    # metrics.json and the pictures of the old sets; a failure before anything changed keeps it
+    import condiff.cli.namm as cli_namm
+
+    def fail(exc):
+        def raise_(*a, **k):
+            raise exc
+        return raise_
+
+    record = (run / "samples" / "metrics.json").read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(cli_namm.NAMMRun, "evaluate", fail(ValueError("a check")))
+        assert main(["namm", "sample", "--run", str(run), "--n", "8", "--quiet"]) == 2
+    assert (run / "samples" / "metrics.json").read_bytes() == record
+    with monkeypatch.context() as m:
+        m.setattr(cli_namm, "write_sample_report", fail(KeyboardInterrupt()))
+        assert main(["namm", "sample", "--run", str(run), "--n", "6", "--quiet"]) == 130
+    assert not (run / "samples" / "metrics.json").exists()
+    assert np.load(run / "samples" / "vanilla" / "samples.npz")["x"].shape[0] == 6
+    assert main(["namm", "sample", "--run", str(run), "--n", "8", "--quiet"]) == 0
     # the core commands: the vanilla model records its data set (8x8 here), so eval scores it on its own
     # data; the run directory itself is named as what it is
     assert main(["eval", "--ckpt", str(run / "vanilla"), "--n", "8", "--steps", "2",

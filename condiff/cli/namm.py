@@ -1100,8 +1100,12 @@ def run_sample(args: argparse.Namespace) -> int:
     upstream = {"vanilla": ["vanilla"], "mdm": ["namm", "mdm"], "mdm_ft": ["finetune"], "guided": []}
     run.skip_hints["finetune"] = "--no-finetuned leaves it out"
     run.preflight([s for w in which for s in upstream[w]])  # before any sample set is redrawn
-    res = run.evaluate(which, args.n)
-    write_sample_report(run, res, run.root / "samples")
+    # the record goes before any set is redrawn (an interruption then leaves no record of sets that changed);
+    # a failure that changed nothing puts it back
+    with io.record_kept_on_failure(run.root / "samples"):
+        io.begin_outputs(run.root / "samples", "metrics.json")
+        res = run.evaluate(which, args.n)
+        write_sample_report(run, res, run.root / "samples")
     _keep_settings(run)
     return 0
 
