@@ -816,6 +816,30 @@ def test_a_resumed_run_that_trains_on_removes_the_old_models_results(trained, tm
     assert not (run / "metrics.json").exists()
 
 
+def test_results_written_into_a_run_wait_for_no_training_of_it(trained, tmp_path, capsys):
+    """eval and sample write into the run while it is trained no more: a `train --fresh` started meanwhile
+    found the old model's metrics.json and samples written beside its new model after it had set them aside."""
+    run = tmp_path / "run"
+    trained(run)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from condiff import io; "
+                               "io.lock_run(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(run)],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    try:
+        assert holder.stdout.readline().strip() == "held"  # a `condiff train` of this run, say
+        for cmd in (["eval", "--ckpt", str(run)], ["sample", "--ckpt", str(run)],
+                    ["sample", "--ckpt", str(run / "model"), "--out", str(run / "mine")]):
+            assert main([*cmd, "--n", "4", "--steps", "2"]) == 2
+            err = capsys.readouterr().err
+            assert f"{run} is in use by another condiff process (pid {holder.pid})" in err and "\n" not in err.strip()
+        assert not any((run / n).exists() for n in ("metrics.json", "samples", "mine"))
+        # results written outside the run need no lock
+        assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["eval", "--ckpt", str(run), "--n", "4", "--steps", "2"]) == 0
+
+
 def test_demo_retrain_keeps_the_old_model_until_the_new_one_is_trained(tmp_path, capsys):
     run = tmp_path / "demo"
     assert main(["demo", *TINY, "--out", str(run)]) == 0

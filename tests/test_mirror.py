@@ -1043,6 +1043,18 @@ def test_rerunning_fit_after_a_failed_fresh_puts_the_kept_stage_back(tmp_path, c
     assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "namm" / "mirror").iterdir()} == mirror
     assert not (tmp_path / "run" / ".replaced").exists()
     assert main(["namm", "sample", "--run", "run", "--n", "2", "--no-finetuned", "--quiet"]) == 0
+    # a failed --fresh that left checkpoints (a Ctrl-C mid-stage): the rerun is refused before anything changes,
+    # naming the kept stage of these settings and how to take it back (it named only --fresh, which redoes it)
+    assert main([*fit, "--set", "mirror_train.lr=1e12", "--fresh"]) == 2
+    (tmp_path / "run" / "namm" / "checkpoints" / "step_00000002").mkdir(parents=True)
+    config = (tmp_path / "run" / "config.json").read_bytes()
+    capsys.readouterr()
+    assert main(fit) == 2
+    err = capsys.readouterr().err
+    assert ("run/namm holds an unfinished stage of other settings (mirror_train.lr differ), with checkpoints; "
+            "run/.replaced/namm keeps the finished stage of these settings that it was to replace: move that back "
+            "over run/namm to use it, or pass --fresh to redo the stage") in err, err
+    assert (tmp_path / "run" / "config.json").read_bytes() == config
 
 
 def test_a_negative_constraint_term_stops_training_at_its_step_on_either_read_path(tmp_path):

@@ -717,3 +717,29 @@ def test_the_optimiser_takes_the_configs_betas_and_weight_decay():
                  TrainConfig(steps=1, betas=(0.5, 0.99), weight_decay=0.01, progress=False))
     group = tr.opt.param_groups[0]
     assert group["betas"] == (0.5, 0.99) and group["weight_decay"] == 0.01
+
+
+def test_a_second_ctrl_c_while_condiff_shuts_down_is_ignored(tmp_path):
+    """After "condiff: interrupted" the process takes about a second to exit; a second Ctrl-C then ended it
+    with -2 instead of 130, or printed a traceback from an atexit callback."""
+    import time
+
+    err, run = tmp_path / "err", tmp_path / "r"
+    with open(err, "w") as f:  # SIGINT as a terminal gives it (a shell running pytest in the background ignores it)
+        proc = subprocess.Popen(_cli("train", *TINY, "--set", "train.steps=100000", "--out", str(run)), env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=f,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "log.jsonl").is_file() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        while "condiff: interrupted" not in err.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)  # while it shuts down
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = err.read_text()
+    assert rc == 130 and "Traceback" not in text and "Exception ignored" not in text, (rc, text)

@@ -341,7 +341,21 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
                     raise FileExistsError(f"{flag} {p} lies inside {q}, the run of `{owner}`, whose files the two "
                                           "runs would overwrite: give a directory outside it")
         _claimed[p] = kind
+    if kind is None or not kind.startswith(_TRAINING_KINDS):
+        lock_enclosing_run(p)
     return p
+
+
+def lock_enclosing_run(out: Path) -> None:
+    """Hold the lock of the training run that ``out`` lies in (or is), if any, while results are written
+    there: a ``train --fresh`` or ``--resume`` started meanwhile would otherwise find the old model's
+    results written beside its new model after it had set them aside or removed them. Another process
+    training that run now is refused in one line (:class:`condiff.io.RunInUseError`)."""
+    for q in (out, *out.parents):
+        if q.is_dir() and (kind := run_kind(q)) is not None:
+            if kind.startswith(_TRAINING_KINDS):
+                io.lock_run(q)
+            return
 
 
 def results_dir(ckpt: str | Path, name: str) -> Path:

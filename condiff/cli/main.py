@@ -7,8 +7,10 @@ status 2; set ``CONDIFF_DEBUG=1`` to see the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
 import warnings
 
@@ -92,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     # repeat in the next, as Python's once-per-line rule would), printed as one line, and the process's
     # warning settings restored afterwards
     with warnings.catch_warnings():
-        return _run_command(args, prog)
+        return _run_command(args, prog, own_process=argv is None)
 
 
-def _run_command(args: argparse.Namespace, prog: str) -> int:
+def _run_command(args: argparse.Namespace, prog: str, own_process: bool = False) -> int:
     if not os.environ.get("CONDIFF_DEBUG"):  # a warning is one line too
         warnings.showwarning = lambda message, category, *rest, **kw: print(
             f"{prog}: warning: {message}", file=sys.stderr)
@@ -108,6 +110,9 @@ def _run_command(args: argparse.Namespace, prog: str) -> int:
             common.mark_runs()
         return rc
     except KeyboardInterrupt:
+        if own_process:  # the condiff process itself (not a caller's main([...])): a second Ctrl-C while it
+            with contextlib.suppress(ValueError):  # shuts down (about a second) printed a traceback from atexit
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
         hint = getattr(args, "interrupted", None)
         if callable(hint):  # a hint that depends on what the command got to write
             hint = hint(args)

@@ -345,8 +345,10 @@ class NAMMRun:
             spec = self.spec(name)
             if old is not None and same_spec(old.get("spec"), spec) and old.get("done"):
                 continue
+            # as _stage decides: a stage of other settings is redone only with --fresh, or where it holds
+            # nothing to lose (a finished stage of these settings set aside by a --fresh is then put back)
             if (old is not None and not same_spec(old.get("spec"), spec) and not self.fresh
-                    and not (self._holds_nothing(name, old) or same_spec(self._kept_spec(name), spec))):
+                    and not self._holds_nothing(name, old)):
                 raise StageMismatch(self._mismatch_message(name))
             with torch.no_grad():
                 if name == "namm":
@@ -413,6 +415,11 @@ class NAMMRun:
         if isinstance(was, int):  # the default and full profiles' ICNN grew to the paper's depth
             hint += (f" (the default and full profiles build the paper's ICNN depth since 2026-12-05; "
                      f"--set mirror.psi.layers={was} keeps this run's)")
+        kept = self.root / io.REPLACED / name
+        if same_spec(self._kept_spec(name), self.spec(name)):  # an unfinished --fresh of other settings
+            return (f"{self.root / name} holds an unfinished stage of other settings{hint}, with checkpoints; "
+                    f"{kept} keeps the finished stage of these settings that it was to replace: move that back "
+                    f"over {self.root / name} to use it, or pass --fresh to redo the stage")
         return (f"{self.root / name} was made with other settings{hint}; pass --fresh to redo it, "
                 "or use another --out / --run")
 
