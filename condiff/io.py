@@ -288,6 +288,24 @@ def lock_run(run_dir: str | Path) -> None:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _LOCKS[run_dir] = fd  # held until release_runs() or the process exits
+    _sweep_run(run_dir)
+
+
+def _sweep_run(run_dir: Path) -> None:
+    """Remove what writers of ``run_dir`` that were killed left behind, now that no other process writes it
+    (its lock is held): half-written files and directories (``.NAME.*.tmp``, ``.NAME.tmp-*``: full model
+    copies, on a large profile) in the run and two levels below (stages, their models), and a checkpoint's
+    ``.NAME.old-PID`` of a dead writer where the checkpoint itself is in place (else it is put back)."""
+    for d in (run_dir, *(p for p in run_dir.glob("*") if p.is_dir() and not p.is_symlink()),
+              *(p for p in run_dir.glob("*/*") if p.is_dir() and not p.is_symlink())):
+        for p in (*d.glob(".*.tmp"), *d.glob(".*.tmp-*")):
+            remove(p)
+        for old in d.glob(".*.old-*"):
+            pid = old.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                recover_checkpoint(d / old.name[1:].rsplit(".old-", 1)[0])
+                if old.exists():  # the checkpoint was in place: this copy is stale
+                    remove(old)
 
 
 def _lock_pid(fd: int) -> str:

@@ -363,3 +363,28 @@ def test_a_restore_cut_short_goes_back_into_replaced_and_a_drop_cut_short_leaves
     assert not kept.exists() and list(run.glob(io.DROPPING + "*"))  # no half-deleted run to "restore"
     io.set_aside(run, ["model"])  # the next --fresh sets the new model aside, it does not delete it
     assert (kept / "model" / "w").read_text() == "the finished new model" and not list(run.glob(io.DROPPING + "*"))
+
+
+def test_taking_a_runs_lock_sweeps_what_killed_writers_left(tmp_path):
+    """Temporaries of a killed writer (full model copies on a large profile) survived every rerun: they were
+    swept only when the same name was written again, an hour later."""
+    run = tmp_path / "run"
+    (run / "mdm" / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (run / ".model.tmp-abc12345").mkdir()
+    (run / ".model.tmp-abc12345" / "model.safetensors").write_bytes(b"x" * 100)
+    (run / "mdm" / ".stage.json.q1w2e3.tmp").write_text("{")
+    (run / "config.json").write_text("{}")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ckpts = run / "mdm" / "checkpoints"
+    (ckpts / f".step_00000001.old-{dead.pid}").mkdir()  # the checkpoint is in place: a stale copy
+    (ckpts / f".step_00000002.old-{dead.pid}").mkdir()  # killed between the renames: put back
+    (ckpts / f".step_00000003.old-{os.getpid()}").mkdir()  # a live writer's: left alone
+    try:
+        io.lock_run(run)
+        assert sorted(p.name for p in run.iterdir()) == [".lock", "config.json", "mdm"]
+        assert sorted(p.name for p in (run / "mdm").iterdir()) == ["checkpoints"]
+        assert sorted(p.name for p in ckpts.iterdir()) == [f".step_00000003.old-{os.getpid()}", "step_00000001",
+                                                           "step_00000002"]
+    finally:
+        io.release_runs()
