@@ -368,7 +368,13 @@ class Trainer:
         if not ckpts:
             return False
         # loaded first: its refusals of weights of another shape are the more precise
-        self._check_same_run(self.load(ckpts[-1]), ckpts[-1])
+        try:
+            loaded = self.load(ckpts[-1])
+        except io.CheckpointError as e:  # damaged outside condiff (its writes are atomic): name the way on
+            if len(ckpts) < 2:
+                raise
+            raise io.CheckpointError(f"{e}; delete {ckpts[-1]} to resume from {ckpts[-2].name}") from None
+        self._check_same_run(loaded, ckpts[-1])
         if self.step > self.cfg.steps:  # it would stop at once and save a model of more steps than asked
             raise ValueError(f"the newest checkpoint, {ckpts[-1].name}, is at step {self.step}, beyond the "
                              f"{self.cfg.steps} steps asked for: ask for at least {self.step} (train.steps), or "

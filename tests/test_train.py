@@ -743,3 +743,18 @@ def test_a_second_ctrl_c_while_condiff_shuts_down_is_ignored(tmp_path):
             proc.kill()
     text = err.read_text()
     assert rc == 130 and "Traceback" not in text and "Exception ignored" not in text, (rc, text)
+
+
+def test_resuming_from_a_damaged_newest_checkpoint_names_the_one_before(tmp_path):
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+
+    def trainer():
+        cfg = TrainConfig(steps=4, progress=False, log_every=2, ckpt_every=2, batch_size=16, warmup=0)
+        return Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, Schedule.linear(50), 16), cfg, tmp_path)
+
+    trainer().fit()
+    newest = tmp_path / "checkpoints" / "step_00000004"
+    for f in newest.glob("*.safetensors"):
+        f.write_bytes(f.read_bytes()[:40])
+    with pytest.raises(io.CheckpointError, match=f"; delete {newest} to resume from step_00000002$"):
+        trainer().resume()
