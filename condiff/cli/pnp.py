@@ -152,6 +152,10 @@ def ensure_prior(kind: str, profile: str, run_dir: str | Path, device: str) -> P
 # --- argument parsing ------------------------------------------------------------------------------------
 
 
+#: The Ctrl-C hint of the pnp commands: a prior they were training keeps its checkpoints.
+PNP_INTERRUPTED = "run the same command again: a prior that was being trained resumes from its newest checkpoint"
+
+
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="plug-and-play inference with a fixed diffusion prior", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,7 +179,7 @@ def add_parser(sub, name: str) -> None:
                         "constraint (default 0.4 T with --label: 400 of 1000; off with --symmetry; 0 turns it off)")
     d.add_argument("--finish-zeta", type=float, default=None, help="DPS step size of the finish (default 0.25)")
     _batch_option(d)
-    d.set_defaults(func=run_digits)
+    d.set_defaults(func=run_digits, interrupted=PNP_INTERRUPTED)
 
     m = s.add_parser("segment", help="infer masks of synthetic scenes with a (picture, mask) prior",
                      description=DESCRIPTIONS["segment"])
@@ -188,7 +192,7 @@ def add_parser(sub, name: str) -> None:
                    help="foreground where at least this many chains say so (default 1: the union)")
     m.add_argument("--train", action="store_true", help="train the default prior into --ckpt if it holds none")
     m.add_argument("--profile", default="quick", help="default prior for --train: quick or full")
-    m.set_defaults(func=run_segment)
+    m.set_defaults(func=run_segment, interrupted=PNP_INTERRUPTED)
 
     t = s.add_parser("tsp", help="solve random TSP instances with a prior over pictures of tours",
                      description=DESCRIPTIONS["tsp"])
@@ -199,7 +203,7 @@ def add_parser(sub, name: str) -> None:
                    help="chains per instance; the shortest decoded tour wins (default 1)")
     t.add_argument("--train", action="store_true", help="train the default prior into --ckpt if it holds none")
     t.add_argument("--profile", default="quick", help="default prior for --train: quick or full")
-    t.set_defaults(func=run_tsp)
+    t.set_defaults(func=run_tsp, interrupted=PNP_INTERRUPTED)
 
     c = s.add_parser("constraint", help="any prior under any differentiable constraint (yours: FILE.py:NAME)",
                      description=DESCRIPTIONS["constraint"])
@@ -220,7 +224,7 @@ def add_parser(sub, name: str) -> None:
                         "(default 0: off)")
     c.add_argument("--finish-zeta", type=float, default=0.25, help="DPS step size of the finish (default 0.25)")
     _batch_option(c)
-    c.set_defaults(func=run_constraint)
+    c.set_defaults(func=run_constraint, interrupted=PNP_INTERRUPTED)
 
 
 def _common(p: argparse.ArgumentParser, ckpt: str, out: str | None, steps: int, lr: float, schedule: str,
