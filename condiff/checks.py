@@ -213,7 +213,8 @@ def check_setting(name: str, default: Any, value: Any, what: str = "default") ->
         raise ValueError(f"setting {name} must be a finite number, got {value!r}")
     if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
         if not is_integer(value):
-            raise ValueError(f"setting {name} expects an integer ({what} {default!r}), got {value!r}")
+            beyond = " (beyond 2**53 a float holds no exact integer)" if value.is_integer() else ""
+            raise ValueError(f"setting {name} expects an integer ({what} {default!r}), got {value!r}{beyond}")
         return int(value)
     return value
 

@@ -49,6 +49,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated or corrupted."""
 
 
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint's files are unreadable: truncated, corrupted or missing (not a mismatch of settings)."""
+
+
 @contextlib.contextmanager
 def reading_config(path: str | Path) -> Iterator[None]:
     """Inside, a missing entry or a bad value met while rebuilding from ``path/config.json`` (a
@@ -259,7 +263,7 @@ class RunInUseError(RuntimeError):
     """Another process holds the run directory."""
 
 
-_LOCKS: dict[Path, int] = {}
+_LOCKS: dict[Path, tuple[int, bool]] = {}  # run directory -> (the .lock's descriptor, held shared)
 
 
 def is_rank0() -> bool:
@@ -268,36 +272,62 @@ def is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def lock_run(run_dir: str | Path) -> None:
+def lock_run(run_dir: str | Path, shared: bool = False) -> None:
     """Hold ``run_dir/.lock`` for the rest of this process, so that two commands never write one run
-    at once; refused in one line when another process holds it. Does nothing while ``run_dir`` does
-    not exist (call it again once it is made) or when this process holds it already."""
+    at once; refused in one line when another process holds it. ``shared``: a command that writes results
+    of the run's model into it (sample, eval, solve), which may run beside others of its kind but not
+    beside one that trains, clears or resumes the run (which holds it alone, and then sweeps what killed
+    writers left: :func:`_sweep_run`). Does nothing while ``run_dir`` does not exist (call it again once
+    it is made) or when this process holds it already (a shared hold is made exclusive when asked)."""
     import fcntl
 
     run_dir = Path(run_dir).resolve()
-    if run_dir in _LOCKS or not run_dir.is_dir() or not is_rank0():
+    if not run_dir.is_dir() or not is_rank0():
         return  # the ranks of one torchrun job share their run: rank 0 holds it
-    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    held = _LOCKS.get(run_dir)
+    if held is not None and (shared or not held[1]):
+        return
+    if held is not None:
+        fd = held[0]
+    else:
+        try:
+            fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # a run shared with a group, its .lock made by another user: flock needs no write
+            fd = os.open(run_dir / ".lock", os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError:
-        holder = _lock_pid(fd)
-        os.close(fd)
-        raise RunInUseError(f"{run_dir} is in use by another condiff process (pid {holder}); wait for it to "
+        holder = _lock_pid(fd)  # the process holding it alone; result writers sharing it record none
+        if held is None:
+            os.close(fd)
+        who = (f"pid {holder}" if holder.isdigit() and int(holder) != os.getpid() and _alive(int(holder))
+               else "writing results there")
+        raise RunInUseError(f"{run_dir} is in use by another condiff process ({who}); wait for it to "
                             "finish or use another directory") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _LOCKS[run_dir] = fd  # held until release_runs() or the process exits
-    _sweep_run(run_dir)
+    if not shared:
+        with contextlib.suppress(OSError):  # (a read-only descriptor records no pid)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS[run_dir] = (fd, shared)  # held until release_runs() or the process exits
+    if not shared:
+        _sweep_run(run_dir)
+
+
+def _subdirs(d: Path) -> list[Path]:
+    """The folders in ``d``, not through links (a linked folder lies outside the run)."""
+    with contextlib.suppress(OSError), os.scandir(d) as it:
+        return [Path(e.path) for e in it if e.is_dir(follow_symlinks=False)]
+    return []
 
 
 def _sweep_run(run_dir: Path) -> None:
     """Remove what writers of ``run_dir`` that were killed left behind, now that no other process writes it
-    (its lock is held): half-written files and directories (``.NAME.*.tmp``, ``.NAME.tmp-*``: full model
-    copies, on a large profile) in the run and two levels below (stages, their models), and a checkpoint's
-    ``.NAME.old-PID`` of a dead writer where the checkpoint itself is in place (else it is put back)."""
-    for d in (run_dir, *(p for p in run_dir.glob("*") if p.is_dir() and not p.is_symlink()),
-              *(p for p in run_dir.glob("*/*") if p.is_dir() and not p.is_symlink())):
+    (its lock is held alone): half-written files and directories (``.NAME.*.tmp``, ``.NAME.tmp-*``: full
+    model copies, on a large profile) in the run and two levels below (stages, their models), and a
+    checkpoint's ``.NAME.old-PID`` of a dead writer where the checkpoint itself is in place (else it is put
+    back). Linked folders are not entered."""
+    first = _subdirs(run_dir)
+    for d in (run_dir, *first, *(q for p in first for q in _subdirs(p))):
         for p in (*d.glob(".*.tmp"), *d.glob(".*.tmp-*")):
             remove(p)
         for old in d.glob(".*.old-*"):
@@ -310,7 +340,10 @@ def _sweep_run(run_dir: Path) -> None:
 
 def _lock_pid(fd: int) -> str:
     """The pid the holder of a ``.lock`` wrote into it ("?" if none)."""
-    return os.read(fd, 32).decode(errors="replace").strip() or "?"
+    try:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    except OSError:
+        return "?"
 
 
 def run_holder(run_dir: str | Path) -> str | None:
@@ -347,9 +380,9 @@ def claimed_run(run_dir: str | Path) -> Iterator[Path]:
         yield run_dir
     except BaseException:
         if top is not None and all(p.name == ".lock" for p in run_dir.iterdir()):
-            fd = _LOCKS.pop(run_dir.resolve(), None)
-            if fd is not None:
-                os.close(fd)
+            held = _LOCKS.pop(run_dir.resolve(), None)
+            if held is not None:
+                os.close(held[0])
             shutil.rmtree(top, ignore_errors=True)
         raise
 
@@ -357,7 +390,7 @@ def claimed_run(run_dir: str | Path) -> Iterator[Path]:
 def release_runs() -> None:
     """Release every run-directory lock this process holds (the command line does at the end of a command)."""
     while _LOCKS:
-        os.close(_LOCKS.popitem()[1])
+        os.close(_LOCKS.popitem()[1][0])
 
 
 REPLACED = ".replaced"  # in a run directory: what --fresh / --retrain replace, kept until the new run finishes
@@ -393,26 +426,45 @@ def _begin_moving(keep: Path, names: list[str]) -> None:
     write_json_atomic(keep / MOVING, list(names))
 
 
+def _sweep_drops(run_dir: Path) -> None:
+    """Finish a removal of a kept run that was cut short (:data:`DROPPING`: never a kept run)."""
+    for trash in run_dir.glob(DROPPING + "*"):
+        remove(trash)
+
+
 def _finish_moving(run_dir: Path) -> None:
     """Make ``.replaced`` whole again after a :func:`set_aside` or :func:`restore_replaced` that was cut short
     (Ctrl-C, a kill) between its moves: the entries it names that lie in ``run_dir`` and not in ``.replaced``
     belong to the kept run (not yet set aside, or already put back), and go into ``.replaced``. Otherwise the
-    next set-aside would read a part of the old run as all of it, and delete the rest as a failed attempt's;
-    and a removal left half done (:data:`DROPPING`) is finished."""
-    for trash in run_dir.glob(DROPPING + "*"):
-        remove(trash)
+    next set-aside would read a part of the old run as all of it, and delete the rest as a failed attempt's.
+    Only a command about to set aside or restore does this: one that goes on with the run as it lies (a
+    resume) or has finished replacing it discards the record instead (:func:`discard_moving`)."""
+    _sweep_drops(run_dir)
     keep = run_dir / REPLACED
+    f = keep / MOVING
     try:
-        names = json.loads((keep / MOVING).read_text())
+        names = json.loads(f.read_text())
     except FileNotFoundError:
         return
     except (OSError, ValueError):
-        names = []
-    for n in names if isinstance(names, list) else []:
-        if isinstance(n, str) and _present(run_dir / n) and not _present(keep / n):
+        names = None
+    if not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)):
+        raise ValueError(f"{f} is damaged (it is written whole by condiff): it names what was being moved into or "
+                         f"out of {keep} when that was cut short; move the run's files back into {run_dir} "
+                         f"and delete {keep}, or delete {keep} to drop the run kept there")
+    for n in names:
+        if _present(run_dir / n) and not _present(keep / n):
             (keep / n).parent.mkdir(parents=True, exist_ok=True)
             os.replace(run_dir / n, keep / n)
-    (keep / MOVING).unlink(missing_ok=True)
+    f.unlink(missing_ok=True)
+
+
+def discard_moving(run_dir: str | Path) -> None:
+    """Forget a set-aside or restore that was cut short (:data:`MOVING`), for a command that goes on with the
+    run as it lies in ``run_dir`` (``--resume``): the entries left there are the run it continues, which a
+    later :func:`_finish_moving` would otherwise move into ``.replaced`` (and a finished run then delete)."""
+    if is_rank0():
+        (Path(run_dir) / REPLACED / MOVING).unlink(missing_ok=True)
 
 
 def set_aside(run_dir: str | Path, names: tuple[str, ...] | list[str]) -> list[str]:
@@ -449,10 +501,12 @@ def drop_replaced(run_dir: str | Path, names: tuple[str, ...] | list[str] | None
     the run replacing it has finished. Each entry is first renamed out of ``.replaced`` in one step, so an
     interruption leaves either the kept run whole or nothing of it there (never a part to be restored)."""
     run_dir = Path(run_dir)
-    _finish_moving(run_dir)
+    _sweep_drops(run_dir)
     keep = run_dir / REPLACED
     if not keep.is_dir():
         return
+    # what a set-aside cut short left in run_dir is the finished run's now, not the kept one's: not moved
+    (keep / MOVING).unlink(missing_ok=True)
     if names is None:
         trash = run_dir / f"{DROPPING}{os.getpid()}"
         os.replace(keep, trash)
@@ -535,13 +589,13 @@ def load_config(path: str | Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     if not cfg.is_file():
-        raise CheckpointError(f"{path} is not a condiff checkpoint: no {CONFIG}")
+        raise CheckpointDamaged(f"{path} is not a condiff checkpoint: no {CONFIG}")
     try:
         out = json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupted {cfg}: {e}") from None
+        raise CheckpointDamaged(f"corrupted {cfg}: {e}") from None
     if not isinstance(out, dict):
-        raise CheckpointError(f"corrupted {cfg}: it holds a {type(out).__name__}, not a table of settings")
+        raise CheckpointDamaged(f"corrupted {cfg}: it holds a {type(out).__name__}, not a table of settings")
     return out
 
 
@@ -549,11 +603,11 @@ def load_group(path: str | Path, stem: str, device: str | torch.device = "cpu") 
     """Load one ``stem.safetensors`` file of a checkpoint; a truncated file gives a CheckpointError."""
     f = Path(path) / f"{stem}.safetensors"
     if not f.is_file():
-        raise CheckpointError(f"checkpoint {path} has no {f.name}")
+        raise CheckpointDamaged(f"checkpoint {path} has no {f.name}")
     try:
         return load_file(str(f), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"corrupted or truncated checkpoint file {f}: {e}") from None
+        raise CheckpointDamaged(f"corrupted or truncated checkpoint file {f}: {e}") from None
 
 
 def has_group(path: str | Path, stem: str) -> bool:
@@ -628,8 +682,8 @@ def load_state_into(module: torch.nn.Module, path: str | Path, stem: str = "mode
                               f"{_mismatch(module.state_dict(), state)}") from None
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise CheckpointError(f"{f} holds non-finite weights in {len(bad)} tensor(s) (e.g. {bad[0]}): "
-                              "the file is corrupted")
+        raise CheckpointDamaged(f"{f} holds non-finite weights in {len(bad)} tensor(s) (e.g. {bad[0]}): "
+                                "the file is corrupted")
 
 
 def cache_dir() -> Path:

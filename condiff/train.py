@@ -370,7 +370,7 @@ class Trainer:
         # loaded first: its refusals of weights of another shape are the more precise
         try:
             loaded = self.load(ckpts[-1])
-        except io.CheckpointError as e:  # damaged outside condiff (its writes are atomic): name the way on
+        except io.CheckpointDamaged as e:  # damaged outside condiff (its writes are atomic): name the way on
             if len(ckpts) < 2:
                 raise
             raise io.CheckpointError(f"{e}; delete {ckpts[-1]} to resume from {ckpts[-2].name}") from None

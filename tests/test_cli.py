@@ -821,6 +821,8 @@ def test_results_written_into_a_run_wait_for_no_training_of_it(trained, tmp_path
     found the old model's metrics.json and samples written beside its new model after it had set them aside."""
     run = tmp_path / "run"
     trained(run)
+    assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2"]) == 0  # RUN/samples, marked as sample's
+    (run / "figs").mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from condiff import io; "
                                "io.lock_run(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(run)],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
@@ -831,7 +833,14 @@ def test_results_written_into_a_run_wait_for_no_training_of_it(trained, tmp_path
             assert main([*cmd, "--n", "4", "--steps", "2"]) == 2
             err = capsys.readouterr().err
             assert f"{run} is in use by another condiff process (pid {holder.pid})" in err and "\n" not in err.strip()
-        assert not any((run / n).exists() for n in ("metrics.json", "samples", "mine"))
+        assert not any((run / n).exists() for n in ("metrics.json", "mine"))
+        cwd = os.getcwd()
+        os.chdir(run / "figs")  # a relative --out from inside the run
+        try:
+            assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2", "--out", "s1"]) == 2
+        finally:
+            os.chdir(cwd)
+        assert f"{run} is in use" in capsys.readouterr().err and not (run / "figs" / "s1").exists()
         # results written outside the run need no lock
         assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
     finally:

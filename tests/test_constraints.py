@@ -575,6 +575,15 @@ def test_points_on_the_simplex_have_zero_distance_and_zero_gradient(dtype):
     assert bool((d > 0).all()) and torch.allclose(g.flatten(1).norm(dim=1), torch.ones(500, dtype=dtype))
 
 
+def test_a_half_precision_point_far_off_the_simplex_is_not_projected_onto_itself():
+    """The on-set tolerance grew with D * eps: 0.77 for 784 float16 entries, so a sum of 1.5 read as on the set."""
+    x = torch.full((2, 1, 28, 28), 1.5 / 784, dtype=torch.float16)
+    con = Simplex(1.0)
+    assert not torch.equal(con.project(x), x) and float(con.violation_map(x).sum()) > 0.4
+    on = torch.full((2, 1, 28, 28), 1 / 784, dtype=torch.float16)
+    assert torch.equal(con.project(on), on)
+
+
 def test_integer_pictures_are_measured_as_their_values_and_an_empty_flow_batch_has_no_distances():
     """PeriodicTiling failed on integer pictures (mean() of an integer tensor) while Box took them, and
     DivergenceFree's FFT refused an empty batch that every other constraint measures as (0,)."""

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -388,3 +389,84 @@ def test_taking_a_runs_lock_sweeps_what_killed_writers_left(tmp_path):
                                                            "step_00000002"]
     finally:
         io.release_runs()
+
+
+def test_a_set_aside_cut_short_is_not_finished_by_a_run_that_went_on_as_it_lay(tmp_path, monkeypatch):
+    """A --fresh cut short just after recording its moves, then --resume (as the Ctrl-C hint says): the
+    finished run's drop_replaced moved the resumed run's files into .replaced, per the record, and deleted
+    them. A command that goes on with the run discards the record; drop_replaced never moves anything."""
+    run = tmp_path / "run"
+    _old_run(run)
+    with monkeypatch.context() as m:
+        _cut_after(m, "replace", 2)  # the record written, nothing moved
+        with pytest.raises(KeyboardInterrupt):
+            io.set_aside(run, ["checkpoints", "model", "config.json"])
+    assert (run / io.REPLACED / io.MOVING).is_file()
+    io.drop_replaced(run)  # the run that went on finished (without discarding the record first)
+    assert (run / "model" / "w").read_text() == "old" and (run / "checkpoints").is_dir()
+    assert not (run / io.REPLACED).exists()
+    with monkeypatch.context() as m:
+        _cut_after(m, "replace", 2)
+        with pytest.raises(KeyboardInterrupt):
+            io.set_aside(run, ["checkpoints", "model", "config.json"])
+    io.discard_moving(run)  # --resume: the run goes on as it lies
+    io.set_aside(run, ["log.jsonl"])  # a later set-aside of something else moves nothing of it
+    assert (run / "model" / "w").read_text() == "old" and not (run / io.REPLACED / "model").exists()
+
+
+def test_a_damaged_move_record_is_refused_not_read_as_nothing_to_finish(tmp_path):
+    run = tmp_path / "run"
+    _old_run(run)
+    (run / io.REPLACED).mkdir()
+    os.replace(run / "checkpoints", run / io.REPLACED / "checkpoints")
+    (run / io.REPLACED / io.MOVING).write_text('["checkpoints", "mod')
+    with pytest.raises(ValueError, match=r"\.moving is damaged .* move the run's files back into"):
+        io.set_aside(run, ["checkpoints", "model", "config.json"])
+    assert (run / "model" / "w").read_text() == "old" and (run / "config.json").is_file()  # nothing deleted
+
+
+def test_result_writers_share_a_runs_lock_and_training_holds_it_alone(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    script = ("import sys, time; from condiff import io; io.lock_run(sys.argv[1], shared=sys.argv[2] == 'sh'); "
+              "print('held', flush=True); time.sleep(60)")
+    env = {**os.environ, "PYTHONPATH": str(Path(io.__file__).parents[1])}
+
+    def hold(mode):
+        p = subprocess.Popen([sys.executable, "-c", script, str(run), mode], stdout=subprocess.PIPE, text=True, env=env)
+        assert p.stdout.readline().strip() == "held"
+        return p
+
+    other = hold("sh")
+    try:
+        io.lock_run(run, shared=True)  # another result writer: fine
+        io.release_runs()
+        with pytest.raises(io.RunInUseError, match=r"in use by another condiff process \(writing results there\)"):
+            io.lock_run(run)  # training waits for the result writers
+    finally:
+        other.kill()
+        other.wait()
+    trainer = hold("ex")
+    try:
+        with pytest.raises(io.RunInUseError, match=f"pid {trainer.pid}"):
+            io.lock_run(run, shared=True)
+    finally:
+        trainer.kill()
+        trainer.wait()
+    io.lock_run(run, shared=True)
+    io.lock_run(run)  # a shared hold made exclusive
+    io.release_runs()
+
+
+def test_the_lock_time_sweep_does_not_follow_links_out_of_the_run(tmp_path):
+    outside = tmp_path / "shared" / "sub"
+    outside.mkdir(parents=True)
+    (outside / ".data.npz.abc123.tmp").write_text("someone else's")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "linked").symlink_to(tmp_path / "shared")
+    try:
+        io.lock_run(run)
+    finally:
+        io.release_runs()
+    assert (outside / ".data.npz.abc123.tmp").is_file()

@@ -1380,7 +1380,13 @@ def test_to_mirror_and_to_data_take_inputs_that_require_grad():
     with pytest.raises(ValueError, match="the mirror samples is torch.float64 but the network's weights are "
                                          "torch.float32"):  # was a raw conv error mid-training
         FinetuneObjective(m, x, x.double(), Box())
-    FinetuneObjective(m, x, leaf, Box())  # fine-tuning on mirror samples that require grad
+    w = torch.ones((), requires_grad=True)
+    obj = FinetuneObjective(m, x, x * w, Box(), batch_size=4)  # mirror samples that carry a graph
+    g = torch.Generator().manual_seed(0)
+    for step in range(2):  # the second backward went through the samples' freed graph
+        loss, _ = obj.loss(m.inverse, step, g)
+        loss.backward()
+    assert w.grad is None  # and nothing leaks into it
 
 
 @pytest.mark.parametrize("make", [lambda s: first_rows(s, 2, 0.1), lambda s: sparse_points(s, 0.1, 0.1),

@@ -202,12 +202,13 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
             # a --fresh that failed kept the run it replaced: a plain run here would finish and delete it
             raise FileExistsError(f"{kept} keeps the run an unfinished --fresh replaced: pass --fresh to replace it "
                                   f"again, --resume to go on with the replacement, or move its files back into "
-                                  f"{run_dir} to restore it")
+                                  f"{run_dir} (and delete {kept}) to restore it")
         job = build()
         if fresh:
             replace_run(run_dir, ("checkpoints", "model", "log.jsonl", "config.json",
                                   *with_step_results(run_dir, clear)), "--fresh")
         else:
+            io.discard_moving(run_dir)  # a set-aside cut short: the run goes on as it lies
             note_replaced(run_dir)
         if resume and not job.resume():
             print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
@@ -252,7 +253,8 @@ def note_replaced(run_dir: Path) -> None:
     keep = Path(run_dir) / io.REPLACED
     if keep.is_dir() and io.is_rank0():
         print(f"note: {keep} keeps the run an unfinished --fresh / --retrain replaced; it is deleted when this "
-              f"run finishes (to keep it instead, move its files back into {run_dir} first)", file=sys.stderr)
+              f"run finishes (to keep it instead, move its files back into {run_dir} and delete {keep} first)",
+              file=sys.stderr)
 
 
 def recorded_settings(out: str | None, resume: bool, given: bool, remedy: str) -> dict | None:
@@ -347,14 +349,14 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
 
 
 def lock_enclosing_run(out: Path) -> None:
-    """Hold the lock of the training run that ``out`` lies in (or is), if any, while results are written
+    """Share the lock of the training run that ``out`` lies in (or is), if any, while results are written
     there: a ``train --fresh`` or ``--resume`` started meanwhile would otherwise find the old model's
-    results written beside its new model after it had set them aside or removed them. Another process
-    training that run now is refused in one line (:class:`condiff.io.RunInUseError`)."""
-    for q in (out, *out.parents):
-        if q.is_dir() and (kind := run_kind(q)) is not None:
-            if kind.startswith(_TRAINING_KINDS):
-                io.lock_run(q)
+    results written beside its new model after it had set them aside or removed them. A process training
+    that run now is refused in one line (:class:`condiff.io.RunInUseError`); other result writers are not."""
+    out = Path(os.path.abspath(out))  # a relative --out from inside the run names its parents too
+    for q in (out, *out.parents):  # past folders of results (marked by sample, eval, ...) to the run
+        if q.is_dir() and (kind := run_kind(q)) is not None and kind.startswith(_TRAINING_KINDS):
+            io.lock_run(q, shared=True)
             return
 
 
@@ -518,6 +520,7 @@ def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = 
     if retrain or ((run_dir / "config.json").is_file() and not same_settings(run_dir, cfg)):  # nothing held
         replace_run(run_dir, _RUN_FILES, "--retrain" if retrain else "")
     else:
+        io.discard_moving(run_dir)  # a set-aside cut short: the run goes on as it lies
         note_replaced(run_dir)
     t0 = time.perf_counter()
     job.resume()

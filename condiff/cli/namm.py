@@ -453,6 +453,7 @@ class NAMMRun:
         d = self.root / name
         f = d / "stage.json"
         if not self.fresh:
+            io.discard_moving(self.root)  # a set-aside cut short: the stages go on as they lie
             self._restore_kept(name, spec)
         old = self._old_spec(name)
         if old is not None:

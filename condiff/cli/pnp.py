@@ -152,8 +152,9 @@ def ensure_prior(kind: str, profile: str, run_dir: str | Path, device: str) -> P
 # --- argument parsing ------------------------------------------------------------------------------------
 
 
-#: The Ctrl-C hint of the pnp commands: a prior they were training keeps its checkpoints.
-PNP_INTERRUPTED = "run the same command again: a prior that was being trained resumes from its newest checkpoint"
+#: The Ctrl-C hint of the pnp commands that train their prior with --train: it keeps its checkpoints.
+PNP_INTERRUPTED = ("run the same command again (a prior that --train was training resumes from its newest "
+                   "checkpoint)")
 
 
 def add_parser(sub, name: str) -> None:
@@ -224,7 +225,7 @@ def add_parser(sub, name: str) -> None:
                         "(default 0: off)")
     c.add_argument("--finish-zeta", type=float, default=0.25, help="DPS step size of the finish (default 0.25)")
     _batch_option(c)
-    c.set_defaults(func=run_constraint, interrupted=PNP_INTERRUPTED)
+    c.set_defaults(func=run_constraint)  # it trains no prior (it takes a trained one)
 
 
 def _common(p: argparse.ArgumentParser, ckpt: str, out: str | None, steps: int, lr: float, schedule: str,

@@ -28,7 +28,7 @@ def interrupted(args: argparse.Namespace) -> str:
     """The Ctrl-C hint: --resume where the run has a checkpoint, else a plain rerun (nothing was saved)."""
     run_dir = getattr(args, "run_dir", None)
     kept = Path(run_dir) / io.REPLACED if run_dir is not None else None
-    restore = (f"; the run --fresh replaced is kept in {kept} (move its files back to restore it)"
+    restore = (f"; the run --fresh replaced is kept in {kept} (move its files back and delete it to restore it)"
                if kept is not None and kept.is_dir() else "")
     if run_dir is not None and list_checkpoints(Path(run_dir) / "checkpoints"):
         how = INTERRUPTED.replace("add --resume to", "pass --resume (instead of --fresh) to") if getattr(

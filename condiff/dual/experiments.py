@@ -151,6 +151,7 @@ def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: Trai
     old_key = _recorded_key(run_dir)
     if not fresh:
         refuse_other_key(run_dir, key)
+        io.discard_moving(run_dir.parent)  # a set-aside cut short: the model goes on as it lies
     if old_key != _key(key) and run_dir.exists():  # all of it: files drawn from the old model are stale too
         if (model_dir / io.CONFIG).is_file() or any((run_dir / "checkpoints").glob("step_*")):
             io.set_aside(run_dir.parent, [run_dir.name])  # --fresh: kept until the new model is saved
