@@ -748,11 +748,15 @@ def test_a_second_ctrl_c_while_condiff_shuts_down_is_ignored(tmp_path):
 def test_resuming_from_a_damaged_newest_checkpoint_names_the_one_before(tmp_path):
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
 
-    def trainer():
+    def trainer(hidden=8):
         cfg = TrainConfig(steps=4, progress=False, log_every=2, ckpt_every=2, batch_size=16, warmup=0)
-        return Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, Schedule.linear(50), 16), cfg, tmp_path)
+        return Trainer(TimeMLP(2, hidden=hidden, depth=1), DenoisingObjective(x, Schedule.linear(50), 16), cfg,
+                       tmp_path)
 
     trainer().fit()
+    with pytest.raises(io.CheckpointError, match=r"does not match the model \(other settings\?\)") as err:
+        trainer(hidden=16).resume()
+    assert "delete" not in str(err.value)  # a good checkpoint of other settings: no advice to delete it
     newest = tmp_path / "checkpoints" / "step_00000004"
     for f in newest.glob("*.safetensors"):
         f.write_bytes(f.read_bytes()[:40])
