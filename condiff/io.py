@@ -300,8 +300,7 @@ def lock_run(run_dir: str | Path, shared: bool = False) -> None:
         holder = _lock_pid(fd)  # the process holding it alone; result writers sharing it record none
         if held is None:
             os.close(fd)
-        who = (f"pid {holder}" if holder.isdigit() and int(holder) != os.getpid() and _alive(int(holder))
-               else "writing results there")
+        who = f"pid {holder}" if shared or not _shareable(run_dir) else "writing results there"
         raise RunInUseError(f"{run_dir} is in use by another condiff process ({who}); wait for it to "
                             "finish or use another directory") from None
     if not shared:
@@ -336,6 +335,23 @@ def _sweep_run(run_dir: Path) -> None:
                 recover_checkpoint(d / old.name[1:].rsplit(".old-", 1)[0])
                 if old.exists():  # the checkpoint was in place: this copy is stale
                     remove(old)
+
+
+def _shareable(run_dir: Path) -> bool:
+    """Whether ``run_dir/.lock`` can be shared now: no process holds it alone (only result writers do)."""
+    import fcntl
+
+    try:
+        fd = os.open(run_dir / ".lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing also drops the probe's own lock
 
 
 def _lock_pid(fd: int) -> str:
