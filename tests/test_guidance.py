@@ -636,6 +636,8 @@ def test_starting_noise_of_another_shape_is_refused():
     _, loss = _half_mask_loss(2)
     with pytest.raises(ValueError, match=r"x_T has shape \(2, 1, 4, 4\) but shape asks for \(5, 1, 4, 4\)"):
         guided_sample(_oracle(200), DPS(loss), (5, 1, 4, 4), 4, x_T=torch.randn(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="x_T is on the meta device, which holds no values"):  # torch's error before
+        guided_sample(_oracle(200), DPS(loss), (2, 1, 4, 4), 4, x_T=torch.randn(2, 1, 4, 4, device="meta"))
 
 
 def test_hyperparameters_of_the_wrong_kind_are_refused():

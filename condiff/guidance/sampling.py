@@ -49,6 +49,8 @@ def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...]
                          "use eta = 1 as in the DSG paper")
     if x_T is not None and tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape asks for {tuple(shape)}")
+    if x_T is not None and x_T.device.type == "meta":  # .to() below would fail inside torch
+        raise ValueError("x_T is on the meta device, which holds no values: give it on 'cpu' or 'cuda'")
     check_denoiser(denoiser)
     x = randn(shape, generator, device=device, dtype=checks.param_dtype(denoiser)) if x_T is None else x_T.to(device)
     ts = denoiser.schedule.timesteps(steps, spacing)
