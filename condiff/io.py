@@ -297,10 +297,10 @@ def lock_run(run_dir: str | Path, shared: bool = False) -> None:
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError:
-        holder = _lock_pid(fd)  # the process holding it alone; result writers sharing it record none
         if held is None:
             os.close(fd)
-        who = f"pid {holder}" if shared or not _shareable(run_dir) else "writing results there"
+        holder = _exclusive_holder(run_dir)  # result writers sharing it record no pid
+        who = f"pid {holder}" if holder is not None else "writing results there"
         raise RunInUseError(f"{run_dir} is in use by another condiff process ({who}); wait for it to "
                             "finish or use another directory") from None
     if not shared:
@@ -337,23 +337,6 @@ def _sweep_run(run_dir: Path) -> None:
                     remove(old)
 
 
-def _shareable(run_dir: Path) -> bool:
-    """Whether ``run_dir/.lock`` can be shared now: no process holds it alone (only result writers do)."""
-    import fcntl
-
-    try:
-        fd = os.open(run_dir / ".lock", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # closing also drops the probe's own lock
-
-
 def _lock_pid(fd: int) -> str:
     """The pid the holder of a ``.lock`` wrote into it ("?" if none)."""
     try:
@@ -364,11 +347,18 @@ def _lock_pid(fd: int) -> str:
 
 def run_holder(run_dir: str | Path) -> str | None:
     """The pid of another process that holds ``run_dir/.lock`` (a command writing that run now), else None."""
-    import fcntl
 
     run_dir = Path(run_dir).resolve()
     if run_dir in _LOCKS or not (run_dir / ".lock").is_file():
         return None
+    return _exclusive_holder(run_dir)
+
+
+def _exclusive_holder(run_dir: Path) -> str | None:
+    """The pid recorded by a process that holds ``run_dir/.lock`` alone (probed with a shared lock), else None
+    (free, or shared by result writers only)."""
+    import fcntl
+
     try:
         fd = os.open(run_dir / ".lock", os.O_RDONLY)
     except OSError:
