@@ -347,7 +347,6 @@ def _lock_pid(fd: int) -> str:
 
 def run_holder(run_dir: str | Path) -> str | None:
     """The pid of another process that holds ``run_dir/.lock`` (a command writing that run now), else None."""
-
     run_dir = Path(run_dir).resolve()
     if run_dir in _LOCKS or not (run_dir / ".lock").is_file():
         return None
