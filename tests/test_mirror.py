@@ -772,6 +772,11 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert not (run / "samples" / "metrics.json").exists()
     assert np.load(run / "samples" / "vanilla" / "samples.npz")["x"].shape[0] == 6
     assert main(["namm", "sample", "--run", str(run), "--n", "8", "--quiet"]) == 0
+    # fit again with one later setting: the others that `namm finetune --set` recorded stay (the whole section
+    # went back to the profile's, sample.steps = 50, and the fine-tuned stage then read as of other settings)
+    recorded = json.loads((run / "config.json").read_text())["sample"]
+    assert main(["namm", "fit", "--data", "periodic", "--out", str(run), *env_args, "--set", "sample.n=7"]) == 0
+    assert json.loads((run / "config.json").read_text())["sample"] == {**recorded, "n": 7} and recorded["steps"] == 5
     # the core commands: the vanilla model records its data set (8x8 here), so eval scores it on its own
     # data; the run directory itself is named as what it is
     assert main(["eval", "--ckpt", str(run / "vanilla"), "--n", "8", "--steps", "2",

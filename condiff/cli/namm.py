@@ -1034,22 +1034,47 @@ def _keep_settings(run: NAMMRun) -> None:
 LATER_SECTIONS = ("sample", "finetune", "assimilate", "guide")
 
 
-def keep_later_settings(cfg: dict, root: Path, named: set[str]) -> dict:
+def _leaf_paths(table: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The dotted keys of a settings table, as paths to its values."""
+    return [p for k, v in table.items()
+            for p in (_leaf_paths(v, (*prefix, k)) if isinstance(v, dict) and v else [(*prefix, k)])]
+
+
+def keep_later_settings(cfg: dict, root: Path, named: set[tuple[str, ...]]) -> dict:
     """``cfg`` with the later commands' sections taken from the run's config.json, where the run has
-    the same data and profile and this call names none of them (``named``: the sections its --set and
-    --config give): re-running fit must not undo `namm finetune --set ...` (the fine-tuned stage would
-    then read as made with other settings)."""
+    the same data and profile, except the keys this call gives (``named``: the paths its --set and
+    --config give, e.g. ``("sample", "n")``): re-running fit must not undo `namm finetune --set ...` (the
+    fine-tuned stage would then read as made with other settings), key by key, so that `--set sample.n=7`
+    keeps a recorded `sample.steps`."""
     before = json_table(root / "config.json")
     if before.get("profile") != cfg.get("profile") or before.get("data") != cfg.get("data"):
         return cfg
-    return {**cfg, **{k: before[k] for k in LATER_SECTIONS if k not in named and isinstance(before.get(k), dict)}}
+    out = dict(cfg)
+    for k in LATER_SECTIONS:
+        if not isinstance(before.get(k), dict):
+            continue
+        section = copy.deepcopy(before[k])
+        for path in sorted((p for p in named if p[0] == k), key=len):  # a whole table first, then its keys
+            if len(path) == 1:
+                section = copy.deepcopy(cfg[k])
+                continue
+            src, dst = cfg[k], section
+            for step in path[1:-1]:
+                src = src[step]
+                if not isinstance(dst.get(step), dict):
+                    dst[step] = {}
+                dst = dst[step]
+            dst[path[-1]] = copy.deepcopy(src[path[-1]])
+        out[k] = section
+    return out
 
 
 def run_fit(args: argparse.Namespace) -> int:
     cfg = resolve(args.data, args.profile, args.config, args.overrides, args.constraint)
     root = check_out_dir(args.out or Path("runs") / f"namm-{Path(args.data).stem}", kind="condiff namm fit")
-    named = {parse_override(o, SECTIONS, nested=True)[0][0] for o in args.overrides or []}
-    cfg = keep_later_settings(cfg, root, named | (set(read_toml(args.config, SECTIONS)) if args.config else set()))
+    named = {tuple(parse_override(o, SECTIONS, nested=True)[0]) for o in args.overrides or []}
+    cfg = keep_later_settings(cfg, root, named | (set(_leaf_paths(read_toml(args.config, SECTIONS)))
+                                                  if args.config else set()))
     run = NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet)  # checks the settings
     run.preflight(["namm", "mdm"] + ([] if args.no_baseline else ["vanilla"]))  # before config.json changes
     print(
