@@ -149,6 +149,9 @@ def test_config_resolution_order(tmp_path):
     assert parse_override("model.mults=[1, 2]") == (["model", "mults"], [1, 2])
     with pytest.raises(ConfigError, match="section.key"):
         parse_override("steps=3")
+    for given in (resolve("digits", None, ["data.name=toy2d"]),  # --set beats --data
+                  resolve(None, None, ["data.name=digits", "data.name=toy2d"])):  # the last --set wins
+        assert given["model"]["name"] == "mlp" and given["data"]["kind"] == "moons"  # the toy2d preset, whole
     bad = tmp_path / "bad.toml"
     bad.write_text("[trian]\nsteps = 3\n")
     with pytest.raises(ConfigError, match="unknown section"):
@@ -395,6 +398,9 @@ def test_demo_trains_once_then_reuses(tmp_path, capsys):
     assert main(args) == 0
     assert "reusing the trained model" in capsys.readouterr().out
     assert (tmp_path / "demo" / "model" / "model.safetensors").stat().st_mtime_ns == mtime
+    assert main([*args, "--set", "sample.steps=4"]) == 0  # a sampling setting applies to the reused model
+    assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["sample_steps"] == 4
+    assert (tmp_path / "demo" / "model" / "model.safetensors").stat().st_mtime_ns == mtime
     # a changed training setting means a new model, not a stale one; but the old one is not discarded
     # unless asked (a `condiff train` run given as --out was deleted without a word)
     before = _snapshot(tmp_path / "demo")
@@ -460,6 +466,7 @@ def test_bench_no_record_leaves_recorded_results_alone(tmp_path, monkeypatch, ca
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks" / "tiny.py").write_text(
         '"""A tiny benchmark. Second sentence."""\n'
+        "PROFILES = {'quick': {}, 'full': {}}\n"
         "def run(profile, device):\n"
         "    return {'title': 'Tiny', 'columns': ['a'], 'rows': [{'a': 1.5}], 'notes': ['n']}\n"
     )
@@ -473,6 +480,16 @@ def test_bench_no_record_leaves_recorded_results_alone(tmp_path, monkeypatch, ca
     assert main(["bench", "tiny", "--profile", "full"]) == 0
     both = (tmp_path / "BENCHMARKS.md").read_text()
     assert both.startswith(table.rstrip()) and "<!-- bench:tiny/full -->" in both and "--profile full`" in both
+    # recorded again, a section is replaced whole: one start and one end marker (a doubled end marker left
+    # the file damaged for the next run)
+    assert main(["bench", "tiny"]) == 0
+    again = (tmp_path / "BENCHMARKS.md").read_text()
+    assert again.count("<!-- bench:tiny -->") == 1 and again.count("<!-- /bench:tiny -->") == 1
+    assert main(["bench", "tiny", "--profile", "qiuck"]) == 2  # an unknown profile records nothing
+    assert (tmp_path / "BENCHMARKS.md").read_text() == again
+    assert not (tmp_path / "benchmarks" / "results" / "tiny-qiuck.json").exists()
+    recorded = (tmp_path / "benchmarks" / "results" / "tiny-quick.json").read_text()
+    table = again[:again.index("<!-- bench:tiny/full -->")].rstrip() + "\n"
     (tmp_path / "BENCHMARKS.md").write_text(table)
     # a trial run writes its results under runs/ and touches neither the record nor the table
     assert main(["bench", "tiny", "--no-record"]) == 0
@@ -768,7 +785,7 @@ def test_fresh_that_fails_keeps_the_run_it_was_to_replace(trained, tmp_path, cap
     run = tmp_path / "run"
     trained(run)
     model = {p.name: p.read_bytes() for p in (run / "model").iterdir()}
-    config = (run / "config.json").read_text()
+    config, log = (run / "config.json").read_text(), (run / "log.jsonl").read_text()
     capsys.readouterr()
     for _ in range(2):  # a second failed attempt does not push the kept run out
         assert main(["train", *TINY, "--set", "train.lr=1e30", "--out", str(run), "--fresh"]) != 0
@@ -776,7 +793,7 @@ def test_fresh_that_fails_keeps_the_run_it_was_to_replace(trained, tmp_path, cap
         assert f"--fresh: the run being replaced is kept in {kept} until this one finishes" in capsys.readouterr().err
         assert {p.name: p.read_bytes() for p in (kept / "model").iterdir()} == model
         assert (kept / "config.json").read_text() == config and (kept / "checkpoints").is_dir()
-        assert not (run / "model").exists()
+        assert (kept / "log.jsonl").read_text() == log and not (run / "model").exists()
     # a plain run (no --fresh, no --resume) would have finished and deleted the kept run: refused
     assert main(["train", *TINY, "--out", str(run)]) == 2
     assert f"{kept} keeps the run an unfinished --fresh replaced: pass --fresh to replace it again, --resume " \
@@ -847,6 +864,37 @@ def test_results_written_into_a_run_wait_for_no_training_of_it(trained, tmp_path
         holder.kill()
         holder.wait()
     assert main(["eval", "--ckpt", str(run), "--n", "4", "--steps", "2"]) == 0
+
+
+def test_sample_follows_its_seed_and_the_runs_clip(trained, tmp_path):
+    """Found by the CLI mutation round: a fixed seed, or no clip, went unnoticed by every test."""
+    run = tmp_path / "run"
+    trained(run)
+
+    def draw(out, *extra):
+        assert main(["sample", "--ckpt", str(run), "--n", "8", "--steps", "3", "--out", str(tmp_path / out),
+                     *extra]) == 0
+        return np.load(tmp_path / out / "samples.npz")["x"]
+
+    a, b, c = draw("a", "--seed", "1"), draw("b", "--seed", "1"), draw("c", "--seed", "2")
+    assert np.array_equal(a, b) and not np.allclose(a, c)
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "sample": {**cfg["sample"], "clip_x0": 0.2}}))
+    assert np.abs(draw("d", "--eta", "0")).max() <= 0.2 + 1e-6  # the last step returns the clipped x0_hat
+
+
+def test_resume_with_a_config_file_takes_the_files_settings(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    trained(run)
+    recorded = json.loads((run / "config.json").read_text())
+    f = tmp_path / "more.toml"
+    f.write_text('[data]\nname = "toy2d"\n[train]\nsteps = 40\n')
+    overrides = [a for a in TINY[2:] if a != "--set" and not a.startswith("train.steps")]
+    args = ["train", "--config", str(f), "--out", str(run), "--resume"] + [x for o in overrides for x in ("--set", o)]
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "resumed from step 30 of 40" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 40 != recorded["train"]["steps"]
 
 
 def test_demo_retrain_keeps_the_old_model_until_the_new_one_is_trained(tmp_path, capsys):

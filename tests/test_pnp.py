@@ -613,6 +613,11 @@ def test_pnp_digits_writes_each_task_to_its_own_default_directory(tiny_run, tmp_
                      "--device", "cpu"]) == 0
     for d in ("digits-3", "digits-symmetry"):
         assert (tmp_path / "runs" / "pnp" / d / "metrics.json").is_file(), d
+    import json
+
+    m = json.loads((tmp_path / "runs" / "pnp" / "digits-3" / "metrics.json").read_text())
+    assert m["success_rate"] == pytest.approx(m["class_hist"][3])  # the asked label's share
+    assert "interrupted" not in m["settings"]  # the Ctrl-C hint is no setting
 
 
 def test_infer_passes_its_betas_to_adam():

@@ -408,3 +408,23 @@ def test_solve_and_pnp_treat_a_class_conditional_model_as_sample_does(tmp_path, 
     assert main(["pnp", "digits", "--ckpt", str(model), "--label", "3", "--n", "2", "--steps", "2",
                  "--out", str(tmp_path / "p"), "--device", "cpu"]) == 0
     assert "without label drop" in capsys.readouterr().err
+
+
+def test_solve_draws_its_true_images_by_seed_and_keeps_each_budget_apart(tiny_run, tmp_path):
+    """Found by the CLI mutation round: images taken in order, or a default --out without the step count
+    (a second budget overwrote the first), went unnoticed."""
+    def truth(seed):
+        out = tmp_path / f"s{seed}"
+        assert _solve(tiny_run, out, "--operator", "blur", "--method", "dps", "--seed", str(seed)) == 0
+        with np.load(out / "reconstruction.npz") as z:
+            return z["ground_truth"]
+
+    assert not np.array_equal(truth(1), truth(2))
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_run, model)
+    for steps in ("2", "3"):
+        assert main(["solve", "--ckpt", str(model), "--operator", "blur", "--method", "dps", "--n", "2",
+                     "--steps", steps, "--device", "cpu"]) == 0
+    assert {p.name for p in (tmp_path / "m_solve").iterdir()} == {"blur-dps-2", "blur-dps-3"}

@@ -318,7 +318,7 @@ def _finish(out: Path, metrics: dict, files: list[Path], args: argparse.Namespac
     """Write ``metrics.json`` with the command's settings (every option's value: seed, lr, schedules,
     batch size, prior), so that the figures can be reproduced from the file alone."""
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())
-                if isinstance(v, bool | int | float | str | Path | type(None))}
+                if isinstance(v, bool | int | float | str | Path | type(None)) and k != "interrupted"}  # (a hint)
     metrics = {**metrics, "settings": settings, "versions": io.versions()}
     io.write_json_atomic(out / "metrics.json", metrics)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list | dict)}, indent=2))
