@@ -1,6 +1,7 @@
 """The condiff command end to end on tiny settings, and its error messages."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -117,7 +118,8 @@ def test_a_run_of_another_command_is_never_overwritten(tmp_path, capsys):
         (["eval", "--ckpt", str(run), "--n", "4", "--steps", "2"], "samples", "condiff sample"),
     ]
     # a training run inside another run: the two would overwrite each other's files
-    for cmd in (["train", *TINY], ["namm", "fit", "--data", "brightness", "--quiet"]):
+    for cmd in (["train", *TINY], ["namm", "fit", "--data", "brightness", "--quiet"],
+                ["dual", "train", "--config", "examples/dual/fair_baseline.toml"]):  # "condiff dual train" too
         assert main([*cmd, "--out", str(run / "checkpoints")]) == 2
         assert f"lies inside {run}, the run of `condiff train`" in capsys.readouterr().err
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
@@ -930,3 +932,42 @@ def test_a_model_saved_from_python_without_its_shape_is_named_with_the_remedy(tm
            "shape=[C, H, W]))" in capsys.readouterr().err
     save_model(tmp_path / "m", TimeMLP(2, hidden=8, depth=1), Schedule.linear(50), shape=[2])
     assert main(cmd) == 0
+
+
+def test_samples_with_infinities_are_refused_and_an_error_shows_its_first_line(tmp_path, capsys):
+    from condiff.cli.common import check_samples
+
+    for bad in (torch.tensor([1.0, math.inf]), torch.tensor([math.nan, 0.0])):
+        with pytest.raises(FloatingPointError, match="sampling produced 1 non-finite values of 2"):
+            check_samples(bad, tmp_path)
+    check_samples(torch.tensor([1.0, -2.0]), tmp_path)
+    import argparse
+
+    import condiff.cli.main as cli_main
+
+    def two_lines(args):
+        raise ValueError("what went wrong\n  a detail")
+
+    parser = cli_main.build_parser()
+    real = parser.parse_known_args
+
+    def parse(argv=None):
+        ns, extra = real(["bench", "--list"])
+        return argparse.Namespace(**{**vars(ns), "func": two_lines}), extra
+
+    parser.parse_known_args = parse
+    orig = cli_main.build_parser
+    cli_main.build_parser = lambda: parser
+    try:
+        assert cli_main.main(["bench", "--list"]) == 2
+    finally:
+        cli_main.build_parser = orig
+    err = capsys.readouterr().err
+    assert "what went wrong" in err and "a detail" not in err
+
+
+def test_eval_counts_network_passes_per_sample_over_partial_batches(trained, tmp_path):
+    run = tmp_path / "run"
+    trained(run)
+    assert main(["eval", "--ckpt", str(run), "--n", "6", "--batch-size", "4", "--steps", "5"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["nfe_per_sample"] == 5  # 2 batches of 5 steps
