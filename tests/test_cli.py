@@ -674,6 +674,14 @@ def test_train_or_reuse_discards_other_settings_only_in_a_directory_of_its_own(t
     assert train_or_reuse(cfg, run, own=True)[1] is False  # a benchmark's own directory: retrained
     assert json.loads((run / "model" / "config.json").read_text())["steps"] == 31
     assert train_or_reuse(cfg, run) == (0.0, True)
+    # a setting that keeps the step count (the learning rate): trained again from step 0, not resumed from
+    # the finished checkpoint of the old settings, whose weights were kept as they were
+    weights = (run / "model" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    lr = resolve("toy2d", None, [*TINY[3::2], "train.steps=31", "train.lr=0.0005"]) | {"_device": "cpu"}
+    assert train_or_reuse(lr, run, own=True)[1] is False
+    assert "resumed from" not in capsys.readouterr().out
+    assert (run / "model" / "model.safetensors").read_bytes() != weights
 
 
 def test_a_hand_edited_run_is_reported_by_what_is_wrong_in_it(trained, tmp_path, capsys):
