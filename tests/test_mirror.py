@@ -703,6 +703,12 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
         hidden = z["y"] == 0  # points: unobserved entries are zero in y
         rmse = float(np.sqrt(((z["mirror_DPS"] - z["truth"])[hidden] ** 2).mean()))
         assert rmse == pytest.approx(assim["methods"]["mirror DPS"]["rmse_unobserved"], rel=1e-4)
+    from condiff.cli.main import main as run_cli  # mirror DPS uses the fine-tuned map by default
+
+    assert run_cli(["namm", "assimilate", "--run", str(run), "--set", "assimilate.n=2", "--set", "assimilate.steps=5",
+                    "--set", "assimilate.finetuned=true", "--quiet"]) == 0
+    explicit = json.loads((run / "assimilate" / "metrics.json").read_text())["methods"]["mirror DPS"]
+    assert explicit == pytest.approx(assim["methods"]["mirror DPS"], rel=1e-4)  # (threads round the last digits)
     kept = json.loads((run / "config.json").read_text())  # the successful calls' --set values are kept
     assert kept["finetune"]["steps"] == 10 and kept["assimilate"]["n"] == 2 and kept["sample"]["steps"] == 5
     # re-running the fit keeps them (it reset them, and the fine-tuned stage then read as other settings)
