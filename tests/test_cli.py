@@ -727,6 +727,7 @@ def test_fresh_removes_the_old_models_results_with_it(trained, tmp_path):
     trained(run)
     assert main(["eval", "--ckpt", str(run), "--n", "8", "--steps", "2"]) == 0
     assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2"]) == 0
+    assert main(["eval", "--ckpt", str(run), "--n", "8", "--steps", "2", "--out", str(run / "eval")]) == 0
     assert (run / "metrics.json").is_file() and (run / "samples" / "samples.npz").is_file()
     (run / "notes.txt").write_text("mine")  # not the run's: kept
     assert main(["train", *TINY, "--out", str(run), "--fresh"]) == 0

@@ -1054,6 +1054,7 @@ def test_rerunning_fit_after_a_failed_fresh_puts_the_kept_stage_back(tmp_path, c
     assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "namm" / "mirror").iterdir()} == mirror
     assert not (tmp_path / "run" / ".replaced").exists()
     assert main(["namm", "sample", "--run", "run", "--n", "2", "--no-finetuned", "--quiet"]) == 0
+    assert not (tmp_path / "run" / "vanilla").exists()  # a run fitted with --no-baseline samples no vanilla DM
     # a failed --fresh that left checkpoints (a Ctrl-C mid-stage): the rerun is refused before anything changes,
     # naming the kept stage of these settings and how to take it back (it named only --fresh, which redoes it)
     assert main([*fit, "--set", "mirror_train.lr=1e12", "--fresh"]) == 2

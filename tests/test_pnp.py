@@ -617,6 +617,9 @@ def test_pnp_digits_writes_each_task_to_its_own_default_directory(tiny_run, tmp_
 
     m = json.loads((tmp_path / "runs" / "pnp" / "digits-3" / "metrics.json").read_text())
     assert m["success_rate"] == pytest.approx(m["class_hist"][3])  # the asked label's share
+    sym = json.loads((tmp_path / "runs" / "pnp" / "digits-symmetry" / "metrics.json").read_text())
+    assert (m["settings"]["weight"], m["finish"]) == (0.1, 40)  # the defaults --help states
+    assert (sym["settings"]["weight"], sym["finish"]) == (0.2, 0)
     assert "interrupted" not in m["settings"]  # the Ctrl-C hint is no setting
 
 
