@@ -375,7 +375,7 @@ def test_class_conditional_train_and_sample(tmp_path, capsys):
     assert "takes no labels" in capsys.readouterr().err
 
 
-def test_eval_refuses_too_little_held_out_data_before_sampling(tmp_path, capsys):
+def test_eval_refuses_too_little_held_out_data_before_sampling(tmp_path, capsys, monkeypatch):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "few.npz", x_train=rng.normal(size=(64, 3)).astype(np.float32) * 0.3,
              x_test=np.zeros((1, 3), np.float32))
@@ -384,6 +384,12 @@ def test_eval_refuses_too_little_held_out_data_before_sampling(tmp_path, capsys)
                  "--set", "train.steps=2", "--set", "train.progress=false", "--set", "schedule.T=20",
                  "--out", str(run)]) == 0
     capsys.readouterr()
+    import condiff.cli.evaluate as evaluate
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before the check")
+
+    monkeypatch.setattr(evaluate, "draw_samples", no_sampling)
     assert main(["eval", "--ckpt", str(run), "--n", "8", "--steps", "2"]) == 2
     assert "too little data to score samples against: 1 held-out" in capsys.readouterr().err
     assert not (run / "samples.npz").exists() and not (run / "metrics.json").exists()
@@ -980,3 +986,16 @@ def test_eval_counts_network_passes_per_sample_over_partial_batches(trained, tmp
     trained(run)
     assert main(["eval", "--ckpt", str(run), "--n", "6", "--batch-size", "4", "--steps", "5"]) == 0
     assert json.loads((run / "metrics.json").read_text())["nfe_per_sample"] == 5  # 2 batches of 5 steps
+
+
+def test_bench_sections_and_summaries(tiny_run, tmp_path):
+    """Found by the CLI mutation round: a doubled section went unrefused, and the summary cut at "al." """
+    from condiff.cli.bench import summary, with_section
+
+    res = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "sampler-overhead-quick.json").read_text())
+    one = with_section("", res)
+    with pytest.raises(ValueError, match="damaged"):
+        with_section(one + one, res)
+    assert summary("pnp").endswith("segmentation as inference")
+    assert main(["sample", "--ckpt", str(tiny_run), "--steps", "2", "--out", str(tmp_path / "s")]) == 0
+    assert np.load(tmp_path / "s" / "samples.npz")["x"].shape[0] == 64  # a bare model's default count
