@@ -999,3 +999,16 @@ def test_bench_sections_and_summaries(tiny_run, tmp_path):
     assert summary("pnp").endswith("segmentation as inference")
     assert main(["sample", "--ckpt", str(tiny_run), "--steps", "2", "--out", str(tmp_path / "s")]) == 0
     assert np.load(tmp_path / "s" / "samples.npz")["x"].shape[0] == 64  # a bare model's default count
+
+
+def test_a_model_of_fewer_steps_than_its_runs_settings_is_not_complete(trained, tmp_path):
+    """A resume to 40 steps cut short leaves the 30-step model beside settings of 40: `demo` reused it."""
+    from condiff.cli.common import model_is_complete
+
+    run = tmp_path / "run"
+    trained(run)
+    cfg = json.loads((run / "config.json").read_text())
+    assert model_is_complete(run, cfg)
+    longer = {**cfg, "train": {**cfg["train"], "steps": 40}}
+    (run / "config.json").write_text(json.dumps(longer))
+    assert not model_is_complete(run, longer)

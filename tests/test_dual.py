@@ -566,6 +566,12 @@ def test_cli_dual_train_refuses_before_touching_an_existing_run(tmp_path, capsys
     (tmp_path / "file").write_text("x")
     assert main(["dual", "train", "--config", str(cfg), "--out", str(tmp_path / "file")]) == 2
     assert "--out " + str(tmp_path / "file") + " is a file" in capsys.readouterr().err
+    # a resume that trains on drops the old model's results (eval/, samples/) before the new model is saved
+    (out / "eval").mkdir()
+    (out / "eval" / "metrics.json").write_text("{}")
+    assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu", "--resume",
+                 "--set", "train.steps=12"]) == 0
+    assert not (out / "eval").exists() and json.loads((out / "metrics.json").read_text())["steps"] == 12
 
 
 @pytest.mark.parametrize("setting, message", [
