@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import shutil
 import sys
@@ -1049,23 +1050,10 @@ def keep_later_settings(cfg: dict, root: Path, named: set[tuple[str, ...]]) -> d
     before = json_table(root / "config.json")
     if before.get("profile") != cfg.get("profile") or before.get("data") != cfg.get("data"):
         return cfg
-    out = dict(cfg)
-    for k in LATER_SECTIONS:
-        if not isinstance(before.get(k), dict):
-            continue
-        section = copy.deepcopy(before[k])
-        for path in sorted((p for p in named if p[0] == k), key=len):  # a whole table first, then its keys
-            if len(path) == 1:
-                section = copy.deepcopy(cfg[k])
-                continue
-            src, dst = cfg[k], section
-            for step in path[1:-1]:
-                src = src[step]
-                if not isinstance(dst.get(step), dict):
-                    dst[step] = {}
-                dst = dst[step]
-            dst[path[-1]] = copy.deepcopy(src[path[-1]])
-        out[k] = section
+    kept = [k for k in LATER_SECTIONS if isinstance(before.get(k), dict)]
+    out = {**cfg, **{k: copy.deepcopy(before[k]) for k in kept}}
+    for path in sorted((p for p in named if p[0] in kept), key=len):  # a whole table first, then its keys
+        set_path(out, list(path), copy.deepcopy(functools.reduce(lambda d, k: d[k], path, cfg)))
     return out
 
 
