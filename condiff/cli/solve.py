@@ -122,6 +122,13 @@ def load_mask(path: str | Path, shape: tuple[int, ...], n: int) -> torch.Tensor:
     return m
 
 
+def check_operator_name(name: str) -> None:
+    """Refuse an operator that is neither built in nor ``FILE.py:NAME``."""
+    if name not in OPERATORS and user_operator_spec(name) is None:
+        raise ValueError(f"unknown operator {name!r}; expected one of {sorted(OPERATORS)}, or FILE.py:NAME for "
+                         "your own")
+
+
 def user_operator_spec(name: str) -> tuple[str, str] | None:
     """``"FILE.py:NAME"`` -> ``(FILE, NAME)``; None for a built-in operator's name."""
     return split_file_spec(name, "--operator", "an Operator class or factory")
@@ -174,9 +181,7 @@ def build_operator(name: str, shape: tuple[int, ...], generator: torch.Generator
             raise ValueError(f"--operator {name}: {spec[1]}(sigma_y=...) returned a {type(op).__name__}, not a "
                              "condiff.operators.Operator (subclass it and implement A)")
         return op
-    if name not in OPERATORS:
-        raise ValueError(f"unknown operator {name!r}; expected one of {sorted(OPERATORS)}, or FILE.py:NAME for "
-                         "your own")
+    check_operator_name(name)
     return OPERATORS[name](tuple(shape), generator, sigma_y, {**OPERATOR_DEFAULTS, **(params or {})})
 
 
@@ -298,9 +303,7 @@ def check_flags(args: argparse.Namespace) -> None:
     """The flags alone, before any file is read."""
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if user_operator_spec(args.operator) is None and args.operator not in OPERATORS:
-        raise ValueError(f"unknown operator {args.operator!r}; expected one of {sorted(OPERATORS)}, or FILE.py:NAME "
-                         "for your own")
+    check_operator_name(args.operator)
     if args.task is not None and args.task not in TUNED:  # a typo would fall back to GENERIC, silently
         raise ValueError(f"--task {args.task!r} has no swept defaults; known: {sorted(TUNED)} (leave it out "
                          "for the defaults of this data set and operator, or GENERIC's where none were swept)")
@@ -349,9 +352,10 @@ def read_measurements(path: str | Path) -> torch.Tensor:
     return load_dataset(path, split="all").x
 
 
-def probe_operator(name: str, op: Operator, x: torch.Tensor, batch_size: int, device: str) -> None:
+def probe_operator(name: str, op: Operator, x: torch.Tensor, batch_size: int, device: str) -> torch.Tensor:
     """An operator of one's own, tried on one batch before any sampling: its errors, non-finite measurements
-    and measurements of another batch size are named as its own, not found mid-run or after it."""
+    and measurements of another batch size are named as its own, not found mid-run or after it. Returns the
+    batch's measurements."""
     k = min(batch_size, len(x))
     try:
         with torch.no_grad():
@@ -366,6 +370,7 @@ def probe_operator(name: str, op: Operator, x: torch.Tensor, batch_size: int, de
                          f"got {got} (per-image state needs select(idx) for sub-batches)")
     if not bool(torch.isfinite(y).all()):
         raise ValueError(f"--operator {name}: A returns non-finite values on the images")
+    return y
 
 
 def own_item_shape(args: argparse.Namespace, own: dict, shape: tuple[int, ...], device: str) -> tuple[int, ...]:
@@ -373,10 +378,7 @@ def own_item_shape(args: argparse.Namespace, own: dict, shape: tuple[int, ...], 
     says whether a 2-D ``--measurement`` is one picture (the operator returns images) or a batch of vectors."""
     op = build_operator(args.operator, (1, *shape), torch.Generator().manual_seed(derive_seed(args.seed, "op")),
                         args.noise, factory=own["factory"]).to(device)
-    x = torch.zeros(1, *shape, device=device)
-    probe_operator(args.operator, op, x, 1, device)
-    with torch.no_grad():
-        return tuple(op.A(x).shape[1:])
+    return tuple(probe_operator(args.operator, op, torch.zeros(1, *shape, device=device), 1, device).shape[1:])
 
 
 def load_measurements(args: argparse.Namespace, op: Operator, shape: tuple[int, ...], n: int,
