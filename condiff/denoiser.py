@@ -193,6 +193,9 @@ class DiffusersDenoiser(Denoiser):
         self.unet = unet
         self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
         self.channels = self._check_unet(unet, scheduler_config)
+        c = getattr(unet, "config", None) or {}
+        self._in_channels = c.get("in_channels")  # what _check_input compares each x_t with
+        self._halvings = max(len(c.get("down_block_types") or ()) or len(c.get("block_out_channels") or ()), 1) - 1
         clip = scheduler_config.get("clip_sample")
         self.clip_x0 = (checks.number("clip_sample_range", scheduler_config.get("clip_sample_range", 1.0), "> 0")
                         if clip else None)
@@ -234,14 +237,11 @@ class DiffusersDenoiser(Denoiser):
         if x_t.dim() != 4:
             raise ValueError(f"x_t: a diffusers UNet takes images (B, C, H, W), got shape {tuple(x_t.shape)}")
         checks.weights_dtype("x_t", x_t, self.unet)
-        c = getattr(self.unet, "config", None) or {}
-        cin = c.get("in_channels")
-        if cin is not None and x_t.shape[1] != cin:
-            raise ValueError(f"x_t has {x_t.shape[1]} channels but the UNet takes {cin}")
-        stages = len(c.get("down_block_types") or ()) or len(c.get("block_out_channels") or ())
-        f = 2 ** max(stages - 1, 0)
+        if self._in_channels is not None and x_t.shape[1] != self._in_channels:
+            raise ValueError(f"x_t has {x_t.shape[1]} channels but the UNet takes {self._in_channels}")
+        f = 2 ** self._halvings
         if x_t.shape[-1] % f or x_t.shape[-2] % f:
-            raise ValueError(f"x_t is {x_t.shape[-2]}x{x_t.shape[-1]} but the UNet halves its sides {stages - 1} "
+            raise ValueError(f"x_t is {x_t.shape[-2]}x{x_t.shape[-1]} but the UNet halves its sides {self._halvings} "
                              f"time(s): height and width must be multiples of {f}")
 
     def predict_eps(self, x_t: Tensor, t: Tensor) -> Tensor:

@@ -408,7 +408,7 @@ def remove(path: str | Path) -> bool:
     p = Path(path)
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
-    elif p.exists() or p.is_symlink():
+    elif _present(p):
         p.unlink(missing_ok=True)
     else:
         return False

@@ -173,6 +173,9 @@ class TrainingJob:
         return out
 
 
+_RUN_FILES = ("checkpoints", "model", "log.jsonl", "config.json")  # what a training run writes
+
+
 def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str, ...] = (),
               data: dict | None = None, schedule: dict | None = None, resume_hint: str = ""):
     """The run-directory protocol of ``train`` and ``dual train``: refuse a run with checkpoints unless
@@ -205,10 +208,8 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
                                   f"{run_dir} (and delete {kept}) to restore it")
         job = build()
         if fresh:
-            replace_run(run_dir, ("checkpoints", "model", "log.jsonl", "config.json",
-                                  *with_step_results(run_dir, clear)), "--fresh")
+            replace_run(run_dir, (*_RUN_FILES, *with_step_results(run_dir, clear)), "--fresh")
         else:
-            io.discard_moving(run_dir)  # a set-aside cut short: the run goes on as it lies
             note_replaced(run_dir)
         if resume and not job.resume():
             print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
@@ -248,8 +249,10 @@ def replace_run(run_dir: Path, names: tuple[str, ...], flag: str = "") -> None:
 
 
 def note_replaced(run_dir: Path) -> None:
-    """One line when ``run_dir`` still keeps a run that an unfinished replacement set aside and this
-    command, which goes on with the replacement, will delete it when it finishes."""
+    """For a command that goes on with the run as it lies (no replacement of its own): forget a set-aside
+    cut short (:func:`condiff.io.discard_moving`), and say in one line when ``run_dir`` still keeps a run
+    that an unfinished replacement set aside, which this command will delete when it finishes."""
+    io.discard_moving(run_dir)
     keep = Path(run_dir) / io.REPLACED
     if keep.is_dir() and io.is_rank0():
         print(f"note: {keep} keeps the run an unfinished --fresh / --retrain replaced; it is deleted when this "
@@ -473,9 +476,6 @@ def model_is_complete(run_dir: Path, cfg: dict) -> bool:
         return False
 
 
-_RUN_FILES = ("checkpoints", "model", "log.jsonl", "config.json")
-
-
 def _restore_kept_model(run_dir: Path, cfg: dict) -> bool:
     """Put back the finished model of these settings that a failed --retrain set aside in ``.replaced``, in
     place of the failed attempt when it holds no checkpoint (nothing to lose): the command that trained it,
@@ -520,7 +520,6 @@ def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = 
     if retrain or ((run_dir / "config.json").is_file() and not same_settings(run_dir, cfg)):  # nothing held
         replace_run(run_dir, _RUN_FILES, "--retrain" if retrain else "")
     else:
-        io.discard_moving(run_dir)  # a set-aside cut short: the run goes on as it lies
         note_replaced(run_dir)
     t0 = time.perf_counter()
     job.resume()
