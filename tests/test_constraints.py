@@ -307,6 +307,105 @@ def test_counter_cache_key_is_unchanged_on_the_cpu_and_apart_for_a_gpu(tmp_path,
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
 
 
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+_SMALL_COUNTER = dict(k=2, size=12, steps=9, width=4, pool=32, faint=1.0, adv_eps=0.2, progress=False)
+
+
+def _cut_counter_training(monkeypatch, at: int) -> list:
+    """Make the counter's training stop as if by Ctrl-C at its ``at``-th step from now; returns the list
+    that grows by one at each step run (``at=0``: never stop)."""
+    from condiff.constraints import count
+
+    real, calls = count._counter_step, []
+
+    def step(*a, **kw):
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        real(*a, **kw)
+
+    monkeypatch.setattr(count, "_counter_step", step)
+    return calls
+
+
+def test_counter_training_cut_short_goes_on_to_the_counter_an_uninterrupted_run_makes(tmp_path, monkeypatch, capsys):
+    from condiff import io
+
+    whole = train_counter(**_SMALL_COUNTER)
+    with pytest.raises(KeyboardInterrupt):
+        _cut_counter_training(monkeypatch, 7)
+        train_counter(**_SMALL_COUNTER, checkpoint=tmp_path / "state", every=3)
+    assert io.load_config(tmp_path / "state")["step"] == 6  # saved at 3 and 6
+    calls = _cut_counter_training(monkeypatch, 0)
+    again = train_counter(**_SMALL_COUNTER, checkpoint=tmp_path / "state", every=3)
+    assert len(calls) == 3  # steps 7 to 9 only
+    assert "training goes on from step 6" in capsys.readouterr().err
+    assert _same_weights(whole, again)  # batches, PGD starts, Adam and the schedule all went on as they were
+
+
+def test_counter_training_starts_over_on_a_saved_state_of_other_settings_or_a_damaged_one(
+        tmp_path, monkeypatch, capsys):
+    state, other = tmp_path / "state", {**_SMALL_COUNTER, "steps": 12}
+    for damage in (None, b"damaged"):
+        with pytest.raises(KeyboardInterrupt):  # a state saved at step 3
+            _cut_counter_training(monkeypatch, 4)
+            train_counter(**_SMALL_COUNTER, checkpoint=state, every=3)
+        monkeypatch.undo()
+        if damage is None:  # asked for another number of steps
+            net, want = train_counter(**other, checkpoint=state, every=100), train_counter(**other)
+            assert "is not used (it was saved with other settings); its training starts over" in capsys.readouterr().err
+            assert not state.exists()  # set aside, and this run saved none (every=100)
+        else:
+            (state / "model.safetensors").write_bytes(damage)
+            net, want = train_counter(**_SMALL_COUNTER, checkpoint=state, every=3), train_counter(**_SMALL_COUNTER)
+            err = capsys.readouterr().err
+            assert "is not used (corrupted or truncated checkpoint file" in err and "starts over" in err
+        assert _same_weights(net, want)  # nothing of the state that was not used stayed in
+
+
+def test_load_counter_resumes_a_training_cut_short_and_keeps_no_state_once_it_is_cached(
+        tmp_path, monkeypatch, capsys):
+    from condiff.constraints import count
+
+    path = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        _cut_counter_training(monkeypatch, 8)
+        monkeypatch.setattr(count, "SAVE_EVERY", 3)
+        count.load_counter(2, 12, steps=10, width=4, path=path)
+    assert "its next use goes on from the state saved in" in capsys.readouterr().err
+    assert (tmp_path / ".c.training" / "config.json").is_file() and not path.exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(count, "SAVE_EVERY", 3)
+    net = count.load_counter(2, 12, steps=10, width=4, path=path)
+    assert "training goes on from step 6" in capsys.readouterr().err
+    assert not (tmp_path / ".c.training").exists() and (path / "config.json").is_file()
+    assert _same_weights(net, count.load_counter(2, 12, steps=10, width=4, path=tmp_path / "whole"))  # as if uncut
+
+
+def test_a_second_user_of_a_counter_in_training_waits_and_loads_it_without_training(tmp_path, capsys):
+    import fcntl
+    import threading
+
+    from condiff import io
+    from condiff.constraints.count import load_counter
+
+    path, got = tmp_path / "c", []
+    with open(tmp_path / ".c.lock", "a") as held:  # another process is training it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: got.append(load_counter(2, 12, steps=3, width=4, path=path)))
+        waiter.start()
+        waiter.join(2.0)
+        assert waiter.is_alive() and not got  # waiting, not training beside it
+        made = CountingCNN(4)
+        io.save_module(path, made, {"net": made.config})  # the other process keeps its counter
+    waiter.join(60)
+    assert "waiting for another process" in capsys.readouterr().err
+    assert len(got) == 1 and _same_weights(got[0], made)
+
+
 # --- every family: shape, sign, gradients; registry ------------------------------------------------
 
 

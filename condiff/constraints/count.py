@@ -9,11 +9,14 @@ adversarial (PGD) training (``COUNTER_RECIPE``), and cached under
 
 from __future__ import annotations
 
+import copy
+import fcntl
 import hashlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -60,6 +63,9 @@ class CountingCNN(nn.Module):
 COUNTER_RECIPE = {"faint": 1.5, "noise": [0.03, 0.1], "adv_eps": 0.2, "adv_steps": 3, "v": 2}
 
 
+SAVE_EVERY = 250  # steps between saves of a first use's training state (about 15 s of one core at 16x16)
+
+
 def counter_key(k: int, size: int, steps: int, seed: int, width: int, device: str = "cpu") -> str:
     spec = {"k": k, "size": size, "steps": steps, "seed": seed, "width": width, **COUNTER_RECIPE}
     if device != "cpu":  # a GPU-trained counter differs in its rounding: cached apart (CPU keys unchanged)
@@ -83,6 +89,8 @@ def train_counter(
     adv_steps: int = 3,
     progress: bool | None = None,
     device: str | torch.device = "cpu",
+    checkpoint: str | Path | None = None,
+    every: int = 250,
 ) -> CountingCNN:
     """Train a :class:`CountingCNN` on a pool of generated images with 0 to ``2k`` sources.
 
@@ -93,7 +101,11 @@ def train_counter(
     ``progress``: a progress bar (default: when standard error is a terminal). On the CPU it trains on
     one thread whatever the caller's setting, so the same settings give the same counter on any core
     count; ``device`` (e.g. ``"cuda"``) trains it there instead (the pool is drawn on the CPU either
-    way), with deterministic cuDNN kernels. Returns the counter on the CPU.
+    way), with deterministic cuDNN kernels. ``checkpoint``: a folder where the training state is saved
+    every ``every`` steps (and removed by the caller once the counter is kept); a training that finds one
+    there made with the same settings goes on from it, to the counter an uninterrupted run makes. A state
+    of other settings, or a damaged one, is set aside with a line on stderr and training starts over.
+    Returns the counter on the CPU.
     """
     from condiff.data.sources import NOISE, density_target, render_sources  # data imports constraints
     from condiff.sample import progress_bar
@@ -108,13 +120,23 @@ def train_counter(
         net = CountingCNN(width).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    spec = {"k": k, "size": size, "steps": steps, "seed": seed, "width": width, "batch_size": batch_size,
+            "lr": lr, "pool": pool, "faint": faint, "noise": list(noise) if noise else None, "adv_eps": adv_eps,
+            "adv_steps": adv_steps, "device": torch.device(device).type}
+    state = _CounterState(Path(checkpoint), spec, net, opt, sched, g) if checkpoint is not None else None
+    start = state.restore() if state is not None else 0
     show = sys.stderr.isatty() if progress is None else progress
-    bar = progress_bar(steps, show, unit="it", desc="counting CNN (first use)")
+    bar = progress_bar(steps, show, unit="it", desc="counting CNN (first use)", initial=start)
     cudnn = torch.backends.cudnn
     before = cudnn.deterministic, cudnn.benchmark
     cudnn.deterministic, cudnn.benchmark = True, False
     try:
-        _counter_steps(net, opt, sched, x, dens, counts, steps, batch_size, adv_eps, adv_steps, g, bar)
+        for step in range(start, steps):
+            _counter_step(net, opt, sched, x, dens, counts, batch_size, adv_eps, adv_steps, g)
+            if bar is not None:
+                bar.update(1)
+            if state is not None and (step + 1) % max(1, every) == 0 and step + 1 < steps:
+                state.save(step + 1)
     finally:
         cudnn.deterministic, cudnn.benchmark = before
         if bar is not None:
@@ -122,25 +144,70 @@ def train_counter(
     return net.cpu().eval()
 
 
-def _counter_steps(net: CountingCNN, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
-                   x: Tensor, dens: Tensor, counts: Tensor, steps: int, batch_size: int, adv_eps: float,
-                   adv_steps: int, g: torch.Generator, bar) -> None:
-    pool = len(x)
-    for _ in range(steps):
-        idx = torch.randint(0, pool, (batch_size,), generator=g).to(x.device)
-        xb = x[idx] if adv_eps <= 0 else _pgd(net, x[idx], counts[idx].float(), adv_eps, adv_steps, g)
-        d = net.density(xb)
-        # Local counts in 4x4 cells localise the sources without demanding the target's exact shape
-        # (3-4x lower count error than per-pixel density or count-only losses); the count term
-        # fixes the total.
-        cells = 10 * F.mse_loss(16 * F.avg_pool2d(d, 4), 16 * F.avg_pool2d(dens[idx], 4))
-        loss = cells + 0.1 * F.mse_loss(d.flatten(1).sum(1), counts[idx].float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if bar is not None:
-            bar.update(1)
+def _counter_step(net: CountingCNN, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                  x: Tensor, dens: Tensor, counts: Tensor, batch_size: int, adv_eps: float, adv_steps: int,
+                  g: torch.Generator) -> None:
+    idx = torch.randint(0, len(x), (batch_size,), generator=g).to(x.device)
+    xb = x[idx] if adv_eps <= 0 else _pgd(net, x[idx], counts[idx].float(), adv_eps, adv_steps, g)
+    d = net.density(xb)
+    # Local counts in 4x4 cells localise the sources without demanding the target's exact shape
+    # (3-4x lower count error than per-pixel density or count-only losses); the count term
+    # fixes the total.
+    cells = 10 * F.mse_loss(16 * F.avg_pool2d(d, 4), 16 * F.avg_pool2d(dens[idx], 4))
+    loss = cells + 0.1 * F.mse_loss(d.flatten(1).sum(1), counts[idx].float())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
+class _CounterState:
+    """The counter's training state in the folder ``path`` (safetensors + JSON, written atomically): the
+    network, Adam's state, the schedule and the generator that draws batches and PGD starts, so that a
+    training cut short goes on where its last save left it."""
+
+    FORMAT = "condiff-counter-training"
+
+    def __init__(self, path: Path, spec: dict, net: CountingCNN, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, g: torch.Generator) -> None:
+        self.path, self.spec, self.net, self.opt, self.sched, self.g = path, spec, net, opt, sched, g
+
+    def save(self, step: int) -> None:
+        tensors, meta = io.flatten_optimizer(self.opt.state_dict())
+        io.save_checkpoint(self.path, {"model": self.net.state_dict(), "optim": tensors,
+                                       "rng": {"batches": self.g.get_state()}},
+                           {"format": self.FORMAT, "spec": self.spec, "step": step, "optim": meta,
+                            "sched": self.sched.state_dict()})
+
+    def restore(self) -> int:
+        """Load the saved state if there is one of these settings; returns the step it was saved at (0:
+        none, and training starts from the beginning)."""
+        if not (self.path / io.CONFIG).is_file():
+            return 0
+        fresh = (copy.deepcopy(self.net.state_dict()), copy.deepcopy(self.opt.state_dict()),
+                 dict(self.sched.state_dict()), self.g.get_state())
+        try:
+            cfg = io.load_config(self.path)
+            if cfg.get("format") != self.FORMAT or cfg.get("spec") != json.loads(json.dumps(self.spec)):
+                raise ValueError("it was saved with other settings")
+            with io.reading_config(self.path):
+                step = checks.integer("step", cfg["step"], 1, self.spec["steps"] - 1)
+                io.load_state_into(self.net, self.path)
+                self.opt.load_state_dict(io.unflatten_optimizer(io.load_group(self.path, "optim"), cfg["optim"]))
+                self.sched.load_state_dict(cfg["sched"])
+                self.g.set_state(io.load_group(self.path, "rng")["batches"])
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, io.CheckpointError) as e:
+            self.net.load_state_dict(fresh[0])  # what a part-loaded state changed is put back
+            self.opt.load_state_dict(fresh[1])
+            self.sched.load_state_dict(fresh[2])
+            self.g.set_state(fresh[3])
+            print(f"the counting CNN's saved training state in {self.path} is not used ({e}); its training "
+                  "starts over", file=sys.stderr, flush=True)
+            io.remove(self.path)
+            return 0
+        print(f"the counting CNN's training goes on from step {step} (saved in {self.path})", file=sys.stderr,
+              flush=True)
+        return step
 
 
 def _pgd(net: CountingCNN, x: Tensor, counts: Tensor, eps: float, steps: int, g: torch.Generator) -> Tensor:
@@ -173,7 +240,9 @@ def load_counter(
     ``device``: where a missing counter trains; default ``"cuda"`` when a GPU is available, else
     ``"cpu"``. On one CPU core the 3000 steps take about 3 minutes at 16x16, half an hour at 32x32
     and about an hour at 64x64 (2-core development machine, 2026-12-04); counters trained on a GPU
-    are cached apart from CPU ones.
+    are cached apart from CPU ones. The training state is saved every ``SAVE_EVERY`` steps beside
+    ``path`` (``.<name>.training``), so a training cut short goes on from there at the next call; a
+    second process that needs the same counter meanwhile waits for the first.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,15 +253,52 @@ def load_counter(
         else io.cache_dir() / "counters" / counter_key(k, size, steps, seed, width, device)
     )
     if (path / io.CONFIG).is_file():
-        cfg = io.load_config(path)
+        return _cached_counter(path)
+    with _training_lock(path):
+        if (path / io.CONFIG).is_file():  # made by the process this one waited for
+            return _cached_counter(path)
+        return _train_and_keep(path, k, size, steps, seed, width, device, progress)
+
+
+def _cached_counter(path: Path) -> CountingCNN:
+    cfg = io.load_config(path)
+    with io.reading_config(path):
         net = CountingCNN(**cfg["net"])
-        io.load_state_into(net, path)
-        return net.eval()
+    io.load_state_into(net, path)
+    return net.eval()
+
+
+@contextmanager
+def _training_lock(path: Path) -> Iterator[None]:
+    """Held while the counter for ``path`` trains: a second process that needs it waits, then loads it,
+    rather than training it again beside the first (and racing it for the saved training state)."""
+    lock = path.with_name(f".{path.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process, which is training the counting CNN for {path}", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # the lock goes with the file's closing
+
+
+def _train_and_keep(path: Path, k: int, size: int, steps: int, seed: int, width: int, device: str,
+                    progress: bool | None) -> CountingCNN:
+    partial = path.with_name(f".{path.name}.training")
     print(f"training the counting CNN (k = {k}, {size}x{size}, {steps} steps on {device}) on first use; it is "
           f"cached in {path}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     recipe = {key: value for key, value in COUNTER_RECIPE.items() if key != "v"}  # "v": the key's version
-    net = train_counter(k, size, steps, seed, width, **recipe, device=device, progress=progress)
+    try:
+        net = train_counter(k, size, steps, seed, width, **recipe, device=device, progress=progress,
+                            checkpoint=partial, every=SAVE_EVERY)
+    except KeyboardInterrupt:
+        if (partial / io.CONFIG).is_file():
+            print(f"the counting CNN's training was stopped; its next use goes on from the state saved in "
+                  f"{partial}", file=sys.stderr, flush=True)
+        raise
     io.save_module(
         path,
         net,
@@ -208,6 +314,7 @@ def load_counter(
             "train_seconds": round(time.perf_counter() - t0, 1),
         },
     )
+    io.remove(partial)
     return net
 
 
