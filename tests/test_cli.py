@@ -58,6 +58,35 @@ def test_train_sample_eval_round_trip(tmp_path, capsys):
     assert (run / "samples.png").is_file()
 
 
+def test_a_net_of_ones_own_trains_and_samples_from_the_command_line(tmp_path, monkeypatch, capsys):
+    """``model.name = FILE.py:NAME``: the bundled example net, named relative to the working directory,
+    replaces the digits UNet's table (its base, mults... mean nothing to it), takes its channels from the data
+    and is rebuilt from the run's record by later commands run anywhere."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    small = ["--set", "train.steps=2", "--set", "train.warmup=0", "--set",
+             "train.batch_size=8", "--set", "train.progress=false", "--set", "schedule.T=20"]
+    run = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--set", "model.name=examples/own_net/net.py:SmallConvNet",
+                 "--set", "model.width=8", *small, "--out", str(run)]) == 0
+    net = json.loads((run / "model" / "config.json").read_text())["net"]
+    own = f"{root / 'examples' / 'own_net' / 'net.py'}:SmallConvNet"
+    assert {k: v for k, v in net.items() if k != "file_sha256"} == {"name": own, "width": 8, "in_channels": 1}
+    assert json.loads((run / "config.json").read_text())["model"] == {"name": own, "width": 8}
+    toml = tmp_path / "own.toml"  # a config file's [model] table of another net replaces the preset's too
+    toml.write_text('[model]\nname = "examples/own_net/net.py:SmallConvNet"\ndepth = 1\n')
+    assert main(["train", "--data", "digits", "--config", str(toml), *small, "--out", str(tmp_path / "r2")]) == 0
+    assert json.loads((tmp_path / "r2" / "config.json").read_text())["model"] == {"name": own, "depth": 1}
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "--ckpt", str(run), "--n", "3", "--steps", "2"]) == 0
+    assert np.load(run / "samples" / "samples.npz")["x"].shape == (3, 1, 8, 8)
+    capsys.readouterr()
+    assert main(["train", "--data", "digits", "--set", "model.name=nowhere.py:Net", *small, "--out",
+                 str(tmp_path / "r3")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"net file {tmp_path / 'nowhere.py'} does not exist")
+    assert not (tmp_path / "r3").exists()
+
+
 def test_results_of_a_model_or_checkpoint_default_to_the_run_never_inside_the_weights(trained, tmp_path, capsys,
                                                                                      monkeypatch):
     """sample --ckpt RUN/model wrote RUN/model/samples, which the next save of the model deleted (and a

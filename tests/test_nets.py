@@ -283,6 +283,64 @@ def test_register_net():
         build_net({"name": "_toy"})
 
 
+_OWN_NET = """
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self, in_channels: int = 1, width: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.out = nn.Conv2d(width, in_channels, 1)
+
+    def forward(self, x, t):
+        return self.out(torch.relu(self.conv(x)))
+
+def helper(x):
+    return x
+
+class Fails(nn.Module):
+    def __init__(self, width: int = 4):
+        raise RuntimeError("no such width")
+"""
+
+
+def test_a_net_of_ones_own_is_built_from_its_file_and_rebuilt_from_its_config_anywhere(tmp_path, monkeypatch):
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "net.py").write_text(_OWN_NET)
+    monkeypatch.chdir(tmp_path)
+    net = build_net({"name": "own/net.py:Net", "width": 3})
+    assert net.config["name"] == f"{tmp_path / 'own' / 'net.py'}:Net"  # absolute: found from anywhere
+    assert net.config["width"] == 3 and len(net.config["file_sha256"]) == 64
+    monkeypatch.chdir(tmp_path / "own")
+    twin = build_net(json.loads(json.dumps(net.config)))
+    twin.load_state_dict(net.state_dict())
+    x = torch.randn(2, 1, 5, 5)
+    assert torch.equal(net(x, _t(2)), twin(x, _t(2))) and twin.config == net.config
+
+
+def test_a_net_of_ones_own_that_cannot_be_built_says_why_in_one_line(tmp_path):
+    file = tmp_path / "net.py"
+    file.write_text(_OWN_NET)
+    with pytest.raises(ValueError, match=r"net .*net.py:helper is a function, not a torch.nn.Module class"):
+        build_net({"name": f"{file}:helper"})
+    with pytest.raises(ValueError, match=r"net .*net.py:Fails failed to build: RuntimeError: no such width"):
+        build_net({"name": f"{file}:Fails"})
+    with pytest.raises(ValueError, match=r"net file .*net.py has no 'Gone'; its callables: \['Fails', 'Net', 'helper"):
+        build_net({"name": f"{file}:Gone"})
+    with pytest.raises(ValueError, match=r"bad arguments for net '.*net.py:Net': .*'depth'.*; it accepts: in_channels"):
+        build_net({"name": f"{file}:Net", "depth": 2})
+    with pytest.raises(ValueError, match=r"setting .*net.py:Net.width expects a number \(default 4\), got .wide."):
+        build_net({"name": f"{file}:Net", "width": "wide"})
+    config = build_net({"name": f"{file}:Net"}).config
+    file.write_text(_OWN_NET + "\n# edited\n")
+    with pytest.warns(UserWarning, match=r"net file .*net.py has changed since this net's settings were recorded"):
+        build_net(config)
+    file.unlink()
+    with pytest.raises(ValueError, match=r"^net file .*net.py does not exist$"):
+        build_net(config)
+
+
 def test_build_net_checks_argument_types_against_the_constructor_defaults():
     base = {"name": "resnet", "in_channels": 1, "out_channels": 1}
     with pytest.raises(ValueError, match=r"setting resnet.context expects true or false .*, got .maybe."):

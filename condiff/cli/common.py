@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from ..data import ArrayData, load_dataset, nominal_range, to_display, value_ran
 from ..data.files import save_png_grid
 from ..denoiser import Denoiser, DiffusersDenoiser
 from ..models import load_denoiser, resolve_model_dir, save_model
-from ..nets import build_net
+from ..nets import NETS, build_net, net_class
 from ..plots import plot_loss_curve, plot_scatter
 from ..sample import generate
 from ..schedule import Schedule
@@ -106,6 +107,12 @@ def net_config(cfg: dict, data: ArrayData) -> dict:
             raise ValueError(f"model.{key} = {m[key]!r} but the data have {data.shape[0]}: leave it out (it is taken "
                              "from the data)")
         m[key] = data.shape[0]
+    name = m.get("name")
+    if isinstance(name, str) and name not in NETS:  # a net of one's own: what its constructor takes, from the data
+        params = inspect.signature(net_class(name)[0]).parameters
+        for key, rank in (("in_channels", 3), ("dim", 1)):
+            if key in params and key not in m and len(data.shape) == rank:
+                m[key] = data.shape[0]
     if cfg["data"].get("labels") and data.y is not None:
         m["num_classes"] = int(data.y.max()) + 1
     return m

@@ -20,6 +20,7 @@ else:  # pragma: no cover
 from .. import checks
 from ..checks import check_setting
 from ..sample import clip_bounds
+from ..userfile import split_file_spec
 
 SECTIONS = ("data", "model", "schedule", "train", "sample")
 
@@ -83,6 +84,9 @@ def merge_checked(base: dict, update: dict, where: str, path: tuple[str, ...] = 
     out = copy.deepcopy(base)
     for k, v in update.items():
         key, old = ".".join((*path, k)), out.get(k)
+        if _another_kind(old, v, (*path, k)):  # another net or constraint: the old one's settings mean nothing to it
+            out[k] = copy.deepcopy(v)
+            continue
         if isinstance(old, dict):
             if not isinstance(v, dict):
                 raise ConfigError(f"{where}: {key} must be a table, got {v!r}")
@@ -95,6 +99,13 @@ def merge_checked(base: dict, update: dict, where: str, path: tuple[str, ...] = 
     return out
 
 
+def _another_kind(old: Any, new: Any, path: tuple[str, ...]) -> bool:
+    """Whether the table ``new`` names another kind of thing (``name``: a net, a constraint) than the table
+    ``old`` at ``path``; the data table, whose name picks the defaults before anything is merged, aside."""
+    return (path != ("data",) and isinstance(old, dict) and isinstance(new, dict) and "name" in old
+            and "name" in new and new["name"] != old["name"])
+
+
 def data_ref(name: str) -> str:
     """How a run records its data set: a registered name as it is, a user's file or folder as an
     absolute path (so later commands find it from any working directory)."""
@@ -103,6 +114,16 @@ def data_ref(name: str) -> str:
     if name in DATASETS or not Path(name).expanduser().exists():
         return name
     return str(Path(name).expanduser().resolve())
+
+
+def net_ref(model: dict) -> dict:
+    """The model table as a run records it: a net of one's own, ``name = "FILE.py:NAME"``, under the file's
+    absolute path (so later commands find it from any working directory); any other table as it is."""
+    name = model.get("name")
+    spec = split_file_spec(name, "model.name", "an nn.Module class") if isinstance(name, str) else None
+    if spec is None:
+        return model
+    return {**model, "name": f"{Path(spec[0]).expanduser().resolve()}:{spec[1]}"}
 
 
 def preset(name: str) -> dict:
@@ -209,9 +230,12 @@ def set_path(cfg: dict, path: list[str], value: Any) -> None:
         node[path[-1]] = merge_checked(old, value, "--set", tuple(path))
         return
     try:
-        node[path[-1]] = check_setting(".".join(path), node.get(path[-1]), value, "now")
+        value = check_setting(".".join(path), node.get(path[-1]), value, "now")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if path[-1] == "name" and _another_kind(node, {"name": value}, tuple(path[:-1])):
+        node.clear()  # `--set model.name=mlp`: the old net's settings (a UNet's base, ...) mean nothing to it
+    node[path[-1]] = value
 
 
 def resolve(data: str | None = None, file: str | Path | None = None,
@@ -236,6 +260,8 @@ def assemble(from_file: dict, parsed: list[tuple[list[str], Any]], data: str | N
     if not (isinstance(cfg["data"]["name"], str) and cfg["data"]["name"].strip()):
         raise ConfigError(f"data.name must name a data set or a file, got {cfg['data']['name']!r}")
     cfg["data"]["name"] = data_ref(cfg["data"]["name"])
+    if isinstance(cfg.get("model"), dict):
+        cfg["model"] = net_ref(cfg["model"])
     if isinstance(cfg.get("sample"), dict):
         check_sample(cfg["sample"])
         T = cfg.get("schedule", {}).get("T") if isinstance(cfg.get("schedule"), dict) else None

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from .. import checks, io, metrics
-from ..constraints.python import load_from_file, split_file_spec
 from ..data import ArrayData, derive_seed, load_dataset, nominal_range, to_display
 from ..data.files import check_npy_header, load_png_folder, save_png_grid
 from ..guidance import (
@@ -48,6 +47,7 @@ from ..guidance import (
 )
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
+from ..userfile import load_from_file, split_file_spec
 from .common import add_device_arg, check_out_dir, data_kwargs, load_model_for, pick_device, results_dir
 from .sample import add_label_args, condition
 

@@ -9,27 +9,13 @@ against one version of the file is not reused with an edited one.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib.util
 import inspect
-import sys
 from pathlib import Path
 
 from torch import Tensor
 
 from condiff.constraints import Constraint, register_constraint
-
-
-def split_file_spec(text: str, flag: str = "--constraint", what: str = "a callable") -> tuple[str, str] | None:
-    """``"FILE.py:NAME"`` -> ``(FILE, NAME)``; ``None`` for anything else (a registered name). ``flag`` and
-    ``what`` (what ``NAME`` must be) word the error for a bad ``NAME``."""
-    path, sep, attr = text.rpartition(":")
-    if not sep or not path.endswith(".py"):
-        return None
-    if not attr.isidentifier():
-        raise ValueError(f"{flag} {text}: after the ':' comes the name of {what} in {path}")
-    return path, attr
+from condiff.userfile import load_from_file, split_file_spec
 
 
 def parse_python_spec(text: str) -> dict | None:
@@ -38,33 +24,6 @@ def parse_python_spec(text: str) -> dict | None:
     if spec is None:
         return None
     return {"name": "python", "path": str(Path(spec[0]).expanduser().resolve()), "attr": spec[1]}
-
-
-def load_from_file(path: str | Path, attr: str, what: str = "constraint") -> tuple[object, str]:
-    """Run the Python file ``path`` (the user's own code) and return its attribute ``attr`` with the file's
-    SHA-256; a missing file, a file that fails to run or a missing name is a ValueError naming ``what``."""
-    file = Path(path).expanduser().resolve()
-    if not file.is_file():
-        raise ValueError(f"{what} file {file} does not exist")
-    sha = hashlib.sha256(file.read_bytes()).hexdigest()
-    module_name = f"condiff_user_{what.replace(' ', '_')}_{sha[:16]}"
-    spec = importlib.util.spec_from_file_location(module_name, file)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # some code (dataclasses) looks its own module up there
-    sys.path.insert(0, str(file.parent))  # as when the file runs as a script: it imports its neighbours
-    try:
-        spec.loader.exec_module(module)
-    except (Exception, SystemExit) as err:  # sys.exit() in the file would end the command without a word
-        del sys.modules[module_name]
-        raise ValueError(f"{what} file {file} failed to run: {type(err).__name__}: {err}") from None
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(str(file.parent))
-    if not hasattr(module, attr):
-        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-                       and getattr(v, "__module__", None) == module_name)
-        raise ValueError(f"{what} file {file} has no {attr!r}; its callables: {names or 'none'}")
-    return getattr(module, attr), sha
 
 
 @register_constraint("python")

@@ -8,11 +8,14 @@ Every registered net stores its constructor arguments, plus ``"name"``, as a JSO
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from torch import nn
 
 from ..checks import check_setting
+from ..userfile import load_from_file, split_file_spec
 from .embed import LabelEmbedding, TimeEmbedding, timestep_embedding
 from .mlp import TimeMLP
 from .unet import UNet
@@ -32,16 +35,36 @@ def register_net(name: str) -> Callable[[type], type]:
     return deco
 
 
+def net_class(name: str) -> tuple[type, str, str | None]:
+    """What a net config's ``name`` builds: ``(class, name as recorded, file SHA-256)``. A registered name
+    gives its class (and no SHA); ``FILE.py:NAME`` runs the file (the user's own code) and gives its class
+    ``NAME``, recorded under the file's absolute path so that a model rebuilds from any working directory."""
+    if name in NETS:
+        return NETS[name], name, None
+    spec = split_file_spec(str(name), "model.name", "an nn.Module class") if isinstance(name, str) else None
+    if spec is None:
+        raise ValueError(f"unknown net {name!r}; known nets: {', '.join(sorted(NETS))}, or FILE.py:NAME for a "
+                         "class of your own (a class registered with register_net is known once the module that "
+                         "registers it is imported)")
+    cls, sha = load_from_file(spec[0], spec[1], "net")
+    path = Path(spec[0]).expanduser().resolve()
+    if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
+        raise ValueError(f"net {path}:{spec[1]} is a {type(cls).__name__}, not a torch.nn.Module class")
+    return cls, f"{path}:{spec[1]}", sha
+
+
 def build_net(config: dict) -> nn.Module:
-    """Build a registered net from ``{"name": NAME, **constructor_kwargs}``."""
+    """Build a net from ``{"name": NAME, **constructor_kwargs}``: a registered name, or ``FILE.py:NAME`` for a
+    class of one's own (:func:`net_class`), whose config records the file's SHA-256 (``file_sha256``): a
+    model rebuilt after the file was edited gets a warning, since its weights may not mean what they did."""
     if not isinstance(config, dict) or "name" not in config:
         raise ValueError(f"a net config must be a dict with a 'name' key, got {config!r}")
     kwargs = dict(config)
-    name = kwargs.pop("name")
-    if name not in NETS:
-        raise ValueError(f"unknown net {name!r}; known nets: {', '.join(sorted(NETS))} (a net of your own is known "
-                         "once the module that registers it, with register_net, is imported)")
-    cls = NETS[name]
+    cls, name, sha = net_class(kwargs.pop("name"))
+    recorded = kwargs.pop("file_sha256", None) if sha is not None else None
+    if recorded is not None and recorded != sha:
+        warnings.warn(f"net file {name.rpartition(':')[0]} has changed since this net's settings were recorded "
+                      "(its SHA-256 differs): the weights are loaded into the edited code", stacklevel=2)
     sig = inspect.signature(cls)
     try:
         sig.bind(**kwargs)
@@ -51,8 +74,15 @@ def build_net(config: dict) -> nn.Module:
     # each argument of the kind of its default, as config settings are ("maybe" for a switch was taken
     # as true, 3 for a list failed deep inside)
     kwargs = {k: check_setting(f"{name}.{k}", sig.parameters[k].default, v) for k, v in kwargs.items()}
-    net = cls(**kwargs)
-    if not hasattr(net, "config"):  # a class of one's own that keeps none: what built it
+    try:
+        net = cls(**kwargs)
+    except Exception as err:
+        if sha is None:
+            raise
+        raise ValueError(f"net {name} failed to build: {type(err).__name__}: {err}") from None
+    if sha is not None:  # the file's class: the config names the file (whatever the class keeps)
+        net.config = {"name": name, **kwargs, "file_sha256": sha}
+    elif not hasattr(net, "config"):  # a class of one's own that keeps none: what built it
         net.config = {"name": name, **kwargs}
     return net
 
@@ -67,6 +97,7 @@ __all__ = [
     "TimeMLP",
     "UNet",
     "build_net",
+    "net_class",
     "register_net",
     "timestep_embedding",
 ]
