@@ -84,6 +84,17 @@ def test_a_net_of_ones_own_trains_and_samples_from_the_command_line(tmp_path, mo
     assert main(["train", "--data", "digits", "--set", "model.name=nowhere.py:Net", *small, "--out",
                  str(tmp_path / "r3")]) == 2
     assert capsys.readouterr().err.strip().endswith(f"net file {tmp_path / 'nowhere.py'} does not exist")
+    # a net that cannot denoise the data is refused before its run begins (it failed in training, the run begun)
+    (tmp_path / "wrong.py").write_text("import torch\nclass Wrong(torch.nn.Module):\n"
+                                       "    def __init__(self, in_channels: int = 1):\n        super().__init__()\n"
+                                       "        self.c = torch.nn.Conv2d(in_channels, 3, 1)\n"
+                                       "    def forward(self, x, t):\n        return self.c(x)\n")
+    for data, net, says in (("digits", "wrong.py:Wrong", r"model .*wrong.py:Wrong maps x of shape \(2, 1, 8, 8\) to "
+                             r"\(2, 3, 8, 8\): a denoising net returns its prediction of the noise"),
+                            ("toy2d", f"{own}", r"model .*net.py:SmallConvNet fails on two training samples \(x "
+                             r"\(2, 2\), t \(2,\)\): RuntimeError: Expected 3D")):
+        assert main(["train", "--data", data, "--set", f"model.name={net}", *small, "--out", str(tmp_path / "r3")]) == 2
+        assert re.search(says, capsys.readouterr().err)
     assert not (tmp_path / "r3").exists()
 
 

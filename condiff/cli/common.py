@@ -131,6 +131,32 @@ def train_config(settings: dict, section: str = "train", **cli) -> TrainConfig:
     return TrainConfig.from_dict({**settings, **cli}, section)
 
 
+def check_denoising_net(net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    """Refuse a model that cannot denoise the data before anything is written (a net of one's own, ``FILE.py:
+    NAME``, fails only in training otherwise, its run begun): it runs once on two training samples, in eval
+    mode, without gradients and on a random stream of its own (so that training goes as it would without the
+    check), and must return a tensor of their shape, its prediction of their noise."""
+    config = getattr(net, "config", None)
+    name = config.get("name") if isinstance(config, dict) else type(net).__name__
+    xb = x[:2]
+    t = torch.zeros(len(xb), dtype=torch.long)
+    args = (xb, t) if labels is None else (xb, t, labels[:2].long())
+    was = net.training
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = net.eval()(*args)
+    except Exception as err:  # the model's own code (a net of one's own): say where it failed
+        given = f"x {tuple(xb.shape)}, t {tuple(t.shape)}" + ("" if labels is None else f", y {tuple(args[2].shape)}")
+        raise ValueError(f"model {name} fails on two training samples ({given}): {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    finally:
+        net.train(was)
+    if not isinstance(out, torch.Tensor) or out.shape != xb.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise ValueError(f"model {name} maps x of shape {tuple(xb.shape)} to {got}: a denoising net returns its "
+                         "prediction of the noise, of its input's shape")
+
+
 class TrainingJob:
     """Everything a training run needs, built and checked from the config before anything is written:
     bad data, model or training settings fail here, with the run directory untouched."""
@@ -144,6 +170,7 @@ class TrainingJob:
         torch.manual_seed(int(cfg["train"].get("seed", 0)))  # the initial weights follow the run's seed
         labels = check_labels(cfg, self.data)
         net = build_net(net_config(cfg, self.data))
+        check_denoising_net(net, self.data.x, labels)
         drop = checks.number("train.label_drop", cfg["train"].get("label_drop", 0.0), "[0, 1)")
         if drop and labels is None:
             raise ValueError("train.label_drop drops class labels: it needs data.labels = true")

@@ -47,6 +47,7 @@ from . import config as config_mod
 from .common import (
     add_device_arg,
     announce_recorded,
+    check_denoising_net,
     check_out_dir,
     drop_stale_results,
     load_model_for,
@@ -427,6 +428,7 @@ class DualJob:
         else:
             torch.manual_seed(self.tcfg.seed)
             net = build_net(net_config({**cfg, "data": {**cfg["data"], "labels": False}}, self.data))
+            check_denoising_net(net, self.data.x)
         self.schedule = Schedule.from_config(cfg["schedule"])
         self.dcfg.check_grid(self.schedule.T)
         self.cache = SampleCache(self.run_dir / "constraint_data", fresh)
