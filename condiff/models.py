@@ -108,7 +108,7 @@ def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
             raise io.CheckpointError(f"{d} is a NAMM run directory, not a model: use `condiff namm sample --run "
                                      f"{d}`{vanilla}")
         raise io.CheckpointError(f"{d}/config.json has no 'net' or 'schedule' entry: not a condiff model")
-    net = build_net(cfg["net"]).to(device)
+    net = build_net(cfg["net"], saved_by=f"the model at {d}").to(device)
     if cfg.get("dtype") is not None:  # weights saved in another dtype than float32 (save_model records it)
         dtype = getattr(torch, str(cfg["dtype"]), None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

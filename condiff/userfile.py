@@ -1,7 +1,13 @@
 """Code of one's own, named on the command line as ``FILE.py:NAME``: a constraint (``--constraint``), an
 operator (``solve --operator``) or a network (``model.name``). The file is run (it is the user's own
 code) and its SHA-256 returned with the object, so that what was made with one version of the file can
-tell an edited one."""
+tell an edited one.
+
+A saved model whose network is such a class names the file in its ``config.json``, and loading it must
+run the file. Loading must not run code that a saved file merely names (a model from elsewhere could
+name any file), so a file runs at load only if it is *trusted*: its path and SHA-256 are in
+``io.cache_dir()/trusted_code.json``, which records every file a user names themselves (and so runs) and
+those given to :func:`trust_file` (``condiff trust FILE``)."""
 
 from __future__ import annotations
 
@@ -10,6 +16,14 @@ import hashlib
 import importlib.util
 import sys
 from pathlib import Path
+
+from . import io
+
+TRUSTED = "trusted_code.json"  # in io.cache_dir(): {absolute path: [SHA-256, ...]}
+
+
+class UntrustedCode(io.CheckpointError):
+    """A saved file names code of one's own that is not trusted (:func:`trust_file`) and would run at load."""
 
 
 def split_file_spec(text: str, flag: str = "--constraint", what: str = "a callable") -> tuple[str, str] | None:
@@ -23,13 +37,25 @@ def split_file_spec(text: str, flag: str = "--constraint", what: str = "a callab
     return path, attr
 
 
-def load_from_file(path: str | Path, attr: str, what: str = "constraint") -> tuple[object, str]:
+def load_from_file(path: str | Path, attr: str, what: str = "constraint",
+                   saved_by: str | None = None) -> tuple[object, str]:
     """Run the Python file ``path`` (the user's own code) and return its attribute ``attr`` with the file's
-    SHA-256; a missing file, a file that fails to run or a missing name is a ValueError naming ``what``."""
+    SHA-256; a missing file, a file that fails to run or a missing name is a ValueError naming ``what``.
+
+    ``saved_by``: what names the file, where a saved file does (``"the model at DIR"``): the file runs only
+    if it is trusted (:func:`trust_file`), else :class:`UntrustedCode` says how to trust it. Without it the caller
+    names the file itself, which is then recorded as trusted."""
     file = Path(path).expanduser().resolve()
     if not file.is_file():
         raise ValueError(f"{what} file {file} does not exist")
     sha = hashlib.sha256(file.read_bytes()).hexdigest()
+    if saved_by is None:
+        _record_trusted(file, sha)
+    elif sha not in _trusted().get(str(file), []):
+        edited = " (edited since it was last run)" if str(file) in _trusted() else ""
+        raise UntrustedCode(f"{saved_by} names the {what} file {file}{edited}, whose code condiff has not run on this "
+                         f"machine: loading would run it. If you trust that file, run `condiff trust {file}` (in "
+                         "Python, condiff.userfile.trust_file), then load again")
     module_name = f"condiff_user_{what.replace(' ', '_')}_{sha[:16]}"
     spec = importlib.util.spec_from_file_location(module_name, file)
     module = importlib.util.module_from_spec(spec)
@@ -50,4 +76,36 @@ def load_from_file(path: str | Path, attr: str, what: str = "constraint") -> tup
     return getattr(module, attr), sha
 
 
-__all__ = ["load_from_file", "split_file_spec"]
+def trust_file(path: str | Path) -> str:
+    """Let saved models that name the Python file ``path`` run it when they are loaded, as it is now (an
+    edit makes it untrusted again); returns its SHA-256."""
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise ValueError(f"{file} does not exist")
+    if file.suffix != ".py":
+        raise ValueError(f"{file} is no Python file (.py)")
+    sha = hashlib.sha256(file.read_bytes()).hexdigest()
+    _record_trusted(file, sha)
+    return sha
+
+
+def _trusted() -> dict[str, list[str]]:
+    """The trusted files; an unreadable record trusts nothing (each file is trusted again as it is named)."""
+    try:
+        table = io.read_json_table(io.cache_dir() / TRUSTED)
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in table.items() if isinstance(v, list)}
+
+
+def _record_trusted(file: Path, sha: str) -> None:
+    if sha in _trusted().get(str(file), []):
+        return
+    record = io.cache_dir() / TRUSTED
+    with io.waiting_lock(record.with_name(f".{TRUSTED}.lock"), f"waiting for another process to update {record}"):
+        table = _trusted()  # read again under the lock: another process may have added to it
+        table[str(file)] = [*table.get(str(file), []), sha][-8:]  # the file's last few versions
+        io.write_json_atomic(record, table)
+
+
+__all__ = ["UntrustedCode", "load_from_file", "split_file_spec", "trust_file"]

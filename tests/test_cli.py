@@ -98,6 +98,39 @@ def test_a_net_of_ones_own_trains_and_samples_from_the_command_line(tmp_path, mo
     assert not (tmp_path / "r3").exists()
 
 
+def test_a_saved_model_runs_a_net_file_at_load_only_if_it_is_trusted(tmp_path, monkeypatch, capsys):
+    """Loading must not run code a saved file merely names: a model naming a net file this machine has not run
+    (a model from elsewhere) is refused until `condiff trust FILE`, and an edit makes the file untrusted again."""
+    from condiff.models import load_denoiser
+    from condiff.userfile import UntrustedCode
+
+    net_file = tmp_path / "net.py"
+    shutil.copy(Path(__file__).resolve().parents[1] / "examples" / "own_net" / "net.py", net_file)
+    run = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--set", f"model.name={net_file}:SmallConvNet", "--set", "model.width=8",
+                 "--set", "train.steps=2", "--set", "train.warmup=0", "--set", "train.progress=false",
+                 "--out", str(run)]) == 0
+    load_denoiser(run)  # the file this machine trained with
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "elsewhere"))  # as on a machine that never ran it
+    with pytest.raises(UntrustedCode, match=rf"the model at {run / 'model'} names the net file {net_file}, whose "
+                       r"code condiff has not run on this machine: loading would run it. If you trust that file, run "
+                       rf"`condiff trust {net_file}`"):
+        load_denoiser(run)
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(run), "--n", "2", "--steps", "2"]) == 2
+    assert "condiff trust" in capsys.readouterr().err and not (run / "samples").exists()
+    assert main(["trust", str(net_file), str(tmp_path / "missing.py")]) == 2  # nothing trusted: one was wrong
+    assert not (tmp_path / "elsewhere" / "trusted_code.json").exists()
+    assert main(["trust", str(net_file)]) == 0
+    assert main(["sample", "--ckpt", str(run), "--n", "2", "--steps", "2"]) == 0
+    net_file.write_text(net_file.read_text() + "\nprint('edited')\n")
+    with pytest.raises(UntrustedCode, match=r"names the net file .*net.py \(edited since it was last run\)"):
+        load_denoiser(run)
+    assert main(["trust", str(net_file)]) == 0
+    with pytest.warns(UserWarning, match="has changed since this net's settings were recorded"):
+        load_denoiser(run)  # trusted, and loaded into the edited code with a word
+
+
 def test_results_of_a_model_or_checkpoint_default_to_the_run_never_inside_the_weights(trained, tmp_path, capsys,
                                                                                      monkeypatch):
     """sample --ckpt RUN/model wrote RUN/model/samples, which the next save of the model deleted (and a

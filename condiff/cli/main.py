@@ -25,6 +25,7 @@ COMMANDS = {
     "dual": "dual",
     "solve": "solve",
     "pnp": "pnp",
+    "trust": "trust",
 }
 
 

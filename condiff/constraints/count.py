@@ -10,13 +10,11 @@ adversarial (PGD) training (``COUNTER_RECIPE``), and cached under
 from __future__ import annotations
 
 import copy
-import fcntl
 import hashlib
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -254,7 +252,10 @@ def load_counter(
     )
     if (path / io.CONFIG).is_file():
         return _cached_counter(path)
-    with _training_lock(path):
+    # a second process that needs it waits, then loads it, rather than training it again beside the first
+    # (and racing it for the saved training state)
+    with io.waiting_lock(path.with_name(f".{path.name}.lock"),
+                         f"waiting for another process, which is training the counting CNN for {path}"):
         if (path / io.CONFIG).is_file():  # made by the process this one waited for
             return _cached_counter(path)
         return _train_and_keep(path, k, size, steps, seed, width, device, progress)
@@ -266,22 +267,6 @@ def _cached_counter(path: Path) -> CountingCNN:
         net = CountingCNN(**cfg["net"])
     io.load_state_into(net, path)
     return net.eval()
-
-
-@contextmanager
-def _training_lock(path: Path) -> Iterator[None]:
-    """Held while the counter for ``path`` trains: a second process that needs it waits, then loads it,
-    rather than training it again beside the first (and racing it for the saved training state)."""
-    lock = path.with_name(f".{path.name}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another process, which is training the counting CNN for {path}", file=sys.stderr,
-                  flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield  # the lock goes with the file's closing
 
 
 def _train_and_keep(path: Path, k: int, size: int, steps: int, seed: int, width: int, device: str,

@@ -49,8 +49,10 @@ class MirrorMap(nn.Module):
         return {"psi": self.psi.config, "inverse": self.inverse.config, "a": self.a}
 
     @classmethod
-    def from_config(cls, cfg: dict) -> MirrorMap:
-        return cls(build_net(cfg["psi"]), build_net(cfg["inverse"]), cfg.get("a", 0.9))
+    def from_config(cls, cfg: dict, saved_by: str | None = None) -> MirrorMap:
+        """``saved_by``: what ``cfg`` was read from, where a net of one's own (``FILE.py:NAME``) runs only if
+        its file is trusted (:func:`condiff.nets.build_net`)."""
+        return cls(build_net(cfg["psi"], saved_by), build_net(cfg["inverse"], saved_by), cfg.get("a", 0.9))
 
     def grad_psi(self, x: Tensor, create_graph: bool | None = None) -> Tensor:
         """``grad Psi(x)``, same shape as ``x``.
@@ -119,6 +121,6 @@ def load_mirror(path: str | Path, device: str | torch.device = "cpu") -> tuple[M
     if cfg.get("format") != FORMAT:
         raise io.CheckpointError(f"{path} is not a NAMM mirror map (format {cfg.get('format')!r})")
     with io.reading_config(path):
-        mirror = MirrorMap.from_config(cfg["mirror"]).to(device)
+        mirror = MirrorMap.from_config(cfg["mirror"], f"the mirror map at {path}").to(device)
     io.load_state_into(mirror, path)
     return mirror.eval(), cfg

@@ -35,10 +35,12 @@ def register_net(name: str) -> Callable[[type], type]:
     return deco
 
 
-def net_class(name: str) -> tuple[type, str, str | None]:
+def net_class(name: str, saved_by: str | None = None) -> tuple[type, str, str | None]:
     """What a net config's ``name`` builds: ``(class, name as recorded, file SHA-256)``. A registered name
     gives its class (and no SHA); ``FILE.py:NAME`` runs the file (the user's own code) and gives its class
-    ``NAME``, recorded under the file's absolute path so that a model rebuilds from any working directory."""
+    ``NAME``, recorded under the file's absolute path so that a model rebuilds from any working directory.
+    ``saved_by``: what names it, where a saved model does: the file then runs only if it is trusted
+    (:func:`condiff.userfile.load_from_file`)."""
     if name in NETS:
         return NETS[name], name, None
     spec = split_file_spec(str(name), "model.name", "an nn.Module class") if isinstance(name, str) else None
@@ -46,21 +48,23 @@ def net_class(name: str) -> tuple[type, str, str | None]:
         raise ValueError(f"unknown net {name!r}; known nets: {', '.join(sorted(NETS))}, or FILE.py:NAME for a "
                          "class of your own (a class registered with register_net is known once the module that "
                          "registers it is imported)")
-    cls, sha = load_from_file(spec[0], spec[1], "net")
+    cls, sha = load_from_file(spec[0], spec[1], "net", saved_by)
     path = Path(spec[0]).expanduser().resolve()
     if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
         raise ValueError(f"net {path}:{spec[1]} is a {type(cls).__name__}, not a torch.nn.Module class")
     return cls, f"{path}:{spec[1]}", sha
 
 
-def build_net(config: dict) -> nn.Module:
+def build_net(config: dict, saved_by: str | None = None) -> nn.Module:
     """Build a net from ``{"name": NAME, **constructor_kwargs}``: a registered name, or ``FILE.py:NAME`` for a
     class of one's own (:func:`net_class`), whose config records the file's SHA-256 (``file_sha256``): a
-    model rebuilt after the file was edited gets a warning, since its weights may not mean what they did."""
+    model rebuilt after the file was edited gets a warning, since its weights may not mean what they did.
+    ``saved_by``: what the config was read from (``"the model at DIR"``), where a file's class runs only if
+    the file is trusted (:func:`condiff.userfile.trust_file`): loading must not run code a saved file names."""
     if not isinstance(config, dict) or "name" not in config:
         raise ValueError(f"a net config must be a dict with a 'name' key, got {config!r}")
     kwargs = dict(config)
-    cls, name, sha = net_class(kwargs.pop("name"))
+    cls, name, sha = net_class(kwargs.pop("name"), saved_by)
     recorded = kwargs.pop("file_sha256", None) if sha is not None else None
     if recorded is not None and recorded != sha:
         warnings.warn(f"net file {name.rpartition(':')[0]} has changed since this net's settings were recorded "

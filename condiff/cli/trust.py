@@ -1,0 +1,31 @@
+"""``condiff trust``: let saved models that name these Python files run them when they are loaded.
+
+A model trained with a network of one's own (``model.name = "FILE.py:NAME"``) names the file in its
+``config.json``, and loading the model runs the file. condiff runs such a file at load only if it has
+run it before on this machine (at training, or when a command was given it) or it was trusted here, as
+it is now: an edit makes it untrusted again. Trust a file you have read, for a model from elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..userfile import trust_file
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help="let saved models that name these Python files (a network of your own) run "
+                       "them at load", description=__doc__)
+    p.add_argument("files", nargs="+", metavar="FILE.py", help="the files to trust, as they are now")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    files = [Path(f).expanduser().resolve() for f in args.files]
+    for f in files:  # all checked before any is recorded
+        if not f.is_file() or f.suffix != ".py":
+            raise ValueError(f"{f} is no Python file (.py)" if f.is_file() else f"{f} does not exist")
+    for f in files:
+        print(f"trusted {f} (SHA-256 {trust_file(f)[:16]}...)")
+    return 0
