@@ -382,6 +382,15 @@ def test_user_npy_data(tmp_path):
     assert main(["train", "--data", str(bad), "--set", "model.name=mlp", "--out", str(tmp_path / "r2")]) == 2
 
 
+def test_train_on_a_data_file_defaults_to_a_run_named_after_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "pts.npy", np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32) * 0.3)
+    assert main(["train", "--data", "pts.npy", "--set", "model.hidden=16", "--set", "model.depth=1",
+                 "--set", "train.steps=2", "--set", "train.progress=false", "--set", "schedule.T=20"]) == 0
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["pts"]  # runs/<data>, not runs/pts.npy
+    assert (tmp_path / "runs" / "pts" / "model").is_dir()
+
+
 def test_class_conditional_train_and_sample(tmp_path, capsys):
     """Two labelled clusters at -0.6 and +0.6: --label draws from the one asked for, classifier-free
     guidance too; flags a model cannot honour are refused in one line."""
@@ -498,6 +507,21 @@ def test_demo_trains_once_then_reuses(tmp_path, capsys):
     # bookkeeping options (progress bars, checkpoint cadence) do not call for a new model
     assert main([*args, "--set", "train.steps=31", "--set", "model.hidden=48", "--set", "train.ckpt_every=7"]) == 0
     assert "reusing the trained model" in capsys.readouterr().out
+
+
+def test_demo_interrupted_during_training_resumes_where_it_stopped(tmp_path, capsys):
+    run = tmp_path / "demo"
+    args = ["demo", *TINY, "--set", "train.ckpt_every=10", "--out", str(run)]
+    assert main(args) == 0
+    # what a Ctrl-C after the step-20 checkpoint leaves: no model, checkpoints up to step 20
+    shutil.rmtree(run / "model")
+    newest = sorted((run / "checkpoints").glob("step_*"))[-1]
+    assert newest.name.endswith("30")
+    shutil.rmtree(newest)
+    capsys.readouterr()
+    assert main(args) == 0  # "run the same command again: training resumes where it stopped"
+    assert "resumed from step 20 of 30" in capsys.readouterr().out
+    assert json.loads((run / "model" / "config.json").read_text())["steps"] == 30
 
 
 def test_bench_list_names_every_benchmark_with_its_summary(capsys):

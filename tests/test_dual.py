@@ -638,6 +638,67 @@ def test_cli_dual_train_names_a_reference_model_of_another_shape(tmp_path, capsy
             "(train that model first)") in err and len(err.splitlines()) == 1
 
 
+def test_cli_dual_train_gives_a_constraints_other_data_set_none_of_the_objectives_data_settings(tmp_path):
+    import numpy as np
+
+    from condiff.data import load_dataset
+
+    pts = tmp_path / "pts.npy"  # 2-D points like the objective's, from a file that takes no toy2d settings
+    np.save(pts, np.random.default_rng(0).normal(size=(40, 2)).astype(np.float32) * 0.3)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(RUN_FILE.split("[[constraint]]")[0] + f'[[constraint]]\nname = "pts"\ndata = "{pts}"\nbound = 0.5\n')
+    out = tmp_path / "run"
+    assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu",
+                 "--set", "train.steps=5"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["constraints"][0]["n"] == len(load_dataset(pts)) == 40
+
+
+def test_cli_dual_train_fine_tunes_with_the_init_models_network_and_schedule_and_resumes(tmp_path, capsys):
+    """With [dual] init the run file's [model] and [schedule] are ignored: the init model's are used, recorded,
+    and a --resume with the same file goes on (the file's schedule is nothing to compare)."""
+    from condiff.models import save_model
+
+    init = tmp_path / "init"
+    save_model(init / "model", TimeMLP(2, hidden=8, depth=1), Schedule.linear(40), shape=[2])
+    cfg = tmp_path / "ft.toml"
+    cfg.write_text(RUN_FILE.replace("[dual]\n", f'[dual]\ninit = "{init}"\n'))  # the file's: hidden 32, T 50
+    out = tmp_path / "ft"
+    args = ["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu"]
+    assert main([*args, "--set", "train.steps=10"]) == 0
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["model"]["hidden"] == 8 and recorded["schedule"] == Schedule.linear(40).config()
+    assert json.loads((out / "model" / "config.json").read_text())["schedule"] == Schedule.linear(40).config()
+    capsys.readouterr()
+    assert main([*args, "--resume", "--set", "train.steps=20"]) == 0
+    assert "resumed from step 10" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 20
+
+
+def test_cli_dual_train_keeps_a_constraints_model_samples_until_its_table_changes(tmp_path, capsys):
+    from condiff.models import save_model
+
+    save_model(tmp_path / "gen", TimeMLP(2, hidden=8, depth=1), Schedule.linear(50), shape=[2])
+    cfg = tmp_path / "run.toml"
+
+    def write(n):
+        cfg.write_text(RUN_FILE.split("[[constraint]]")[0] + f'[[constraint]]\nname = "gen"\n'
+                       f'model = "{tmp_path / "gen"}"\nn = {n}\nsteps = 5\nbound = 0.5\n')
+
+    out = tmp_path / "run"
+    args = ["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu", "--set", "train.progress=true"]
+    write(16)
+    assert main([*args, "--set", "train.steps=10"]) == 0
+    assert "drawing 16 samples of" in capsys.readouterr().err
+    assert (out / "constraint_data").is_dir()
+    assert main([*args, "--resume", "--set", "train.steps=15"]) == 0
+    assert "drawing" not in capsys.readouterr().err  # the cached samples
+    write(24)  # another table: drawn again, not the 16 cached ones
+    assert main([*args, "--resume", "--set", "train.steps=20"]) == 0
+    assert "drawing 24 samples of" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["constraints"][0]["n"] == 24
+
+
 def test_cli_experiment_rejects_unknown_setting(capsys):
     assert main(["dual", "fair", "--set", "minorty=[4]"]) == 2
     assert "unknown setting 'minorty'" in capsys.readouterr().err

@@ -1070,6 +1070,80 @@ def test_rerunning_fit_after_a_failed_fresh_puts_the_kept_stage_back(tmp_path, c
     assert (tmp_path / "run" / "config.json").read_bytes() == config
 
 
+def _tiny_box_fit(tmp_path, n_test=16):
+    """The argv of a seconds-long `namm fit` (box constraint, no vanilla DM) of 32 random 8x8 pictures written to
+    ``tmp_path/data.npz``, with ``n_test`` held out, into ``run`` (relative: chdir to ``tmp_path`` first)."""
+    x = np.random.default_rng(0).uniform(-1, 1, (32 + n_test, 1, 8, 8)).astype("float32")
+    np.savez(tmp_path / "data.npz", x=x[:32], x_test=x[32:])
+    return ["namm", "fit", "--data", "data.npz", "--constraint", "box", "--out", "run", "--no-baseline", "--profile",
+            "quick", "--set", "mirror_train.steps=4", "--set", "train.steps=4", "--set", "train.warmup=0", "--set",
+            "model.mults=[1, 2]", "--set", "mirror.inverse.downsamples=1", "--quiet"]
+
+
+def test_a_stage_that_failed_before_its_first_checkpoint_is_replaced_with_nothing_kept(tmp_path, capsys, monkeypatch):
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    fit = _tiny_box_fit(tmp_path)
+    assert main([*fit, "--set", "mirror_train.lr=1e12"]) == 2  # the loss blows up at step 1
+    capsys.readouterr()
+    assert main([*fit, "--set", "mirror_train.lr=1e13"]) == 2  # other settings: the empty stage is replaced
+    err = capsys.readouterr().err
+    assert "training loss became nan at step 1" in err and "--fresh" not in err
+    assert not (tmp_path / "run" / ".replaced").exists()
+
+
+def test_refitting_other_data_takes_none_of_the_later_settings_recorded_for_the_old(tmp_path, monkeypatch):
+    from condiff.cli.main import main
+    from condiff.cli.namm import resolve
+
+    monkeypatch.chdir(tmp_path)
+    fit = _tiny_box_fit(tmp_path)
+    assert main([*fit, "--set", "sample.steps=3"]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["sample"]["steps"] == 3
+    with np.load(tmp_path / "data.npz") as z:
+        np.savez(tmp_path / "other.npz", **z)
+    other = [a if a != "data.npz" else "other.npz" for a in fit]
+    assert main([*other, "--fresh"]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["sample"] == \
+        resolve("other.npz", "quick", None, [], "box")["sample"]
+
+
+def test_assimilate_uses_at_most_the_held_out_truths_and_says_so(tmp_path, capsys, monkeypatch):
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(_tiny_box_fit(tmp_path, n_test=4)) == 0
+    capsys.readouterr()
+    assert main(["namm", "assimilate", "--run", "run", "--no-baselines", "--set", "assimilate.n=6", "--set",
+                 "assimilate.steps=3", "--set", "assimilate.finetuned=false", "--quiet"]) == 0
+    assert "assimilate.n = 6, but the held-out split has 4 truths: using 4" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "assimilate" / "metrics.json").read_text())["n"] == 4
+    with np.load(tmp_path / "run" / "assimilate" / "samples.npz") as z:
+        assert len(z["truth"]) == len(z["mirror_DPS"]) == 4
+
+
+def test_assimilate_refuses_a_directory_where_it_writes_before_sampling(tmp_path, capsys, monkeypatch):
+    import condiff.cli.namm as namm_cli
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(_tiny_box_fit(tmp_path, n_test=2)) == 0
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before the check")
+
+    monkeypatch.setattr(namm_cli, "assimilate", no_sampling)
+    for name in ("assimilation.png", "samples.npz", "metrics.json"):
+        (tmp_path / "run" / "assimilate" / name).mkdir(parents=True)
+        capsys.readouterr()
+        assert main(["namm", "assimilate", "--run", "run", "--no-baselines", "--set", "assimilate.finetuned=false",
+                     "--quiet"]) == 2, name
+        err = capsys.readouterr().err
+        assert f"{name} is a directory: move it away, it is where this command writes" in err, err
+        (tmp_path / "run" / "assimilate" / name).rmdir()
+
+
 def test_a_negative_constraint_term_stops_training_at_its_step_on_either_read_path(tmp_path):
     """The constraint term is read back where the trainer reads its losses (each step on the CPU, at
     log lines and checkpoints on a GPU); either way the first negative one stops training, naming its

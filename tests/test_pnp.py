@@ -450,6 +450,37 @@ def test_cli_any_constraint_from_a_users_file_lowers_its_distance(tmp_path):
         assert json.loads((tmp_path / f"b{bs}" / "metrics.json").read_text())["reduction"] > 5
 
 
+def test_cli_segment_takes_its_test_scenes_from_the_priors_data_seed(tmp_path):
+    from condiff.cli.main import main
+
+    tiny_prior(tmp_path / "scenes", 4, 16, {"name": "scenes", "size": 16, "seed": 5})
+    assert main(["pnp", "segment", "--ckpt", str(tmp_path / "scenes"), "--n", "2", "--chains", "1", "--steps", "2",
+                 "--out", str(tmp_path / "seg")]) == 0
+    scenes = {seed: split_scene(load_dataset("scenes", "test", n=2, size=16, seed=seed).x)[0].numpy()
+              for seed in (0, 5)}
+    with np.load(tmp_path / "seg" / "masks.npz") as z:
+        assert np.array_equal(z["scene"], scenes[5]) and not np.array_equal(z["scene"], scenes[0])
+
+
+def test_cli_constraint_clamps_to_the_priors_clip_x0_unless_told_otherwise(tmp_path):
+    import json
+
+    from condiff.cli.main import main
+
+    prior = tmp_path / "prior"  # a run whose [sample] clip_x0 is 0.3
+    tiny_prior(prior / "model", 1, 8, {"name": "digits"})
+    (prior / "config.json").write_text(json.dumps({"data": {"name": "digits"}, "sample": {"clip_x0": 0.3}}))
+    (tmp_path / "con.py").write_text("def grey(x):\n    return (x.flatten(1).mean(1) - 0.5).abs()\n")
+    reach = {}  # the largest |x| of the PnP samples, pulled towards a mean of 0.5
+    for name, extra in (("default", []), ("clamp 1", ["--clamp", "1"])):
+        out = tmp_path / name.replace(" ", "-")
+        assert main(["pnp", "constraint", "--ckpt", str(prior), "--constraint", f"{tmp_path / 'con.py'}:grey",
+                     "--n", "2", "--steps", "20", "--weight", "20", *extra, "--out", str(out)]) == 0
+        with np.load(out / "samples.npz") as z:
+            reach[name] = float(np.abs(z["x"]).max())
+    assert reach["default"] <= 0.3 + 1e-6 and 0.3 < reach["clamp 1"] <= 1.0
+
+
 @pytest.mark.parametrize("args, needle", [
     (["pnp", "digits", "--label", "12"], "--label must be a digit"),
     (["pnp", "tsp", "--ckpt", "{tmp}/none"], "pass --train"),

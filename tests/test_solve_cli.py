@@ -240,6 +240,20 @@ def test_an_operator_of_ones_own_from_a_python_file(tiny_run, tmp_path, capsys):
     assert "has no 'Nope'" in capsys.readouterr().err
 
 
+def test_an_operator_of_ones_own_that_returns_another_batch_size_is_refused_before_sampling(tiny_run, tmp_path,
+                                                                                              capsys):
+    (tmp_path / "ops.py").write_text(
+        "from condiff.operators import Operator\n\n"
+        "class Pooled(Operator):  # one measurement of the whole batch\n"
+        "    def A(self, x):\n        return x.mean(0, keepdim=True)\n")
+    spec = f"{tmp_path / 'ops.py'}:Pooled"
+    assert _solve(tiny_run, tmp_path / "o", "--operator", spec) == 2  # --n 3
+    err = capsys.readouterr().err.strip()
+    assert (f"--operator {spec}: A of a batch of 3 images must return a batch of 3 measurements, got (1, 1, 8, 8)"
+            in err and "\n" not in err), err
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_model_that_is_no_image_model_or_records_a_bad_shape_is_named(tiny_run, tmp_path, capsys):
     from condiff.nets import TimeMLP
 
