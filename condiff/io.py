@@ -269,7 +269,11 @@ def waiting_lock(lock: str | Path, waiting: str) -> Iterator[None]:
 
     lock = Path(lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
+    try:
+        f = open(lock, "a")
+    except PermissionError:  # made by another user of a shared cache: flock needs no write access
+        f = open(lock)
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -350,8 +350,17 @@ class Trainer:
         constraint, data range, network...): the weights may load, and training would go on, silently,
         towards another objective. Entries the checkpoint lacks (written before they were recorded) are not
         compared."""
+        def code_apart(entry: object) -> tuple[object, object]:  # a net of one's own: (settings, file SHA-256)
+            if isinstance(entry, dict) and "file_sha256" in entry:
+                return {k: v for k, v in entry.items() if k != "file_sha256"}, entry["file_sha256"]
+            return entry, None
+
         differ = [k for k, v in self.meta.items()
-                  if k in cfg and io.json_safe(v) and cfg[k] != json.loads(json.dumps(v))]
+                  if k in cfg and io.json_safe(v) and code_apart(cfg[k])[0] != code_apart(json.loads(json.dumps(v)))[0]]
+        (_, was), (net, now) = code_apart(cfg.get("net")), code_apart(self.meta.get("net"))
+        if was is not None and now is not None and was != now and "net" not in differ:
+            warnings.warn(f"net file {str(net.get('name')).rpartition(':')[0]} was edited since the newest checkpoint, "
+                          f"{path.name}: training goes on with the edited code", stacklevel=3)
         if differ:
             raise ValueError(f"the newest checkpoint, {path}, was written with other settings ({', '.join(differ)} "
                              "differ): resume with the settings it was made with, or start over (without resume, "

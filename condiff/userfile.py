@@ -5,9 +5,11 @@ tell an edited one.
 
 A saved model whose network is such a class names the file in its ``config.json``, and loading it must
 run the file. Loading must not run code that a saved file merely names (a model from elsewhere could
-name any file), so a file runs at load only if it is *trusted*: its path and SHA-256 are in
+name any file), so a file runs at load only if it is *trusted*: its path is in
 ``io.cache_dir()/trusted_code.json``, which records every file a user names themselves (and so runs) and
-those given to :func:`trust_file` (``condiff trust FILE``)."""
+those given to :func:`trust_file` (``condiff trust FILE``). A path, not a version: what a saved model from
+elsewhere controls is which file it names, not what a file this machine already runs holds, and an edit
+of one's own file is met by the SHA-256 checks of the things made with it."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from . import io
 
-TRUSTED = "trusted_code.json"  # in io.cache_dir(): {absolute path: [SHA-256, ...]}
+TRUSTED = "trusted_code.json"  # in io.cache_dir(): {absolute path: [SHA-256 of the versions run, ...]}
 
 
 class UntrustedCode(io.CheckpointError):
@@ -51,12 +53,23 @@ def load_from_file(path: str | Path, attr: str, what: str = "constraint",
     sha = hashlib.sha256(file.read_bytes()).hexdigest()
     if saved_by is None:
         _record_trusted(file, sha)
-    elif sha not in _trusted().get(str(file), []):
-        edited = " (edited since it was last run)" if str(file) in _trusted() else ""
-        raise UntrustedCode(f"{saved_by} names the {what} file {file}{edited}, whose code condiff has not run on this "
-                         f"machine: loading would run it. If you trust that file, run `condiff trust {file}` (in "
-                         "Python, condiff.userfile.trust_file), then load again")
-    module_name = f"condiff_user_{what.replace(' ', '_')}_{sha[:16]}"
+    elif str(file) not in _trusted():
+        raise UntrustedCode(f"{saved_by} names the {what} file {file}, whose code condiff has not run on this "
+                            f"machine: loading would run it. If you trust that file, run `condiff trust {file}` (in "
+                            "Python, condiff.userfile.trust_file), then load again")
+    key = (str(file), sha)
+    if key not in _LOADED:  # run once per process (a command may need a net's class twice): its code may be slow
+        _LOADED[key] = _run(file, f"condiff_user_{what.replace(' ', '_')}_{sha[:16]}", what)
+    module = _LOADED[key]
+    if not hasattr(module, attr):
+        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                       and getattr(v, "__module__", None) == module.__name__)
+        raise ValueError(f"{what} file {file} has no {attr!r}; its callables: {names or 'none'}")
+    return getattr(module, attr), sha
+
+
+def _run(file: Path, module_name: str, what: str) -> object:
+    """The module that running ``file`` makes, as ``module_name``."""
     spec = importlib.util.spec_from_file_location(module_name, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # some code (dataclasses) looks its own module up there
@@ -69,16 +82,14 @@ def load_from_file(path: str | Path, attr: str, what: str = "constraint",
     finally:
         with contextlib.suppress(ValueError):
             sys.path.remove(str(file.parent))
-    if not hasattr(module, attr):
-        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-                       and getattr(v, "__module__", None) == module_name)
-        raise ValueError(f"{what} file {file} has no {attr!r}; its callables: {names or 'none'}")
-    return getattr(module, attr), sha
+    return module
+
+
+_LOADED: dict[tuple[str, str], object] = {}  # (file, SHA-256) -> the module its code made
 
 
 def trust_file(path: str | Path) -> str:
-    """Let saved models that name the Python file ``path`` run it when they are loaded, as it is now (an
-    edit makes it untrusted again); returns its SHA-256."""
+    """Let saved models that name the Python file ``path`` run it when they are loaded; returns its SHA-256."""
     file = Path(path).expanduser().resolve()
     if not file.is_file():
         raise ValueError(f"{file} does not exist")

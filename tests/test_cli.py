@@ -98,9 +98,57 @@ def test_a_net_of_ones_own_trains_and_samples_from_the_command_line(tmp_path, mo
     assert not (tmp_path / "r3").exists()
 
 
+def test_a_net_named_by_a_set_keeps_every_other_setting_given_for_it_in_any_order(tmp_path, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    rel, own = "examples/own_net/net.py:SmallConvNet", f"{root / 'examples' / 'own_net' / 'net.py'}:SmallConvNet"
+    want = {"name": own, "width": 64}
+    assert resolve("digits", None, ["model.width=64", f"model.name={rel}"])["model"] == want
+    assert resolve("digits", None, [f"model.name={rel}", "model.width=64"])["model"] == want
+    toml = tmp_path / "m.toml"
+    toml.write_text("[model]\nwidth = 64\n")
+    assert resolve("digits", toml, [f"model.name={rel}"])["model"] == want  # the file's settings for it stay
+    toml.write_text(f'[model]\nname = "{own}"\nwidth = 64\n')
+    assert resolve("digits", toml, [f"model.name={rel}"])["model"] == want  # two spellings of one file: one net
+    toml.write_text('[model]\nname = "mlp"\nhidden = 8\n')
+    assert resolve("digits", toml, [f"model.name={rel}", "model.depth=2"])["model"] == {"name": own, "depth": 2}
+
+
+def test_the_check_of_a_new_net_leaves_training_as_it_was_and_probes_both_calls_of_a_labelled_net():
+    from condiff.cli.common import check_denoising_net
+    from condiff.nets import UNet
+
+    net = UNet(1, base=8, mults=(1,), num_classes=3, dropout=0.5).train()
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    state = torch.get_rng_state()
+    check_denoising_net(net, x, y)
+    assert torch.equal(torch.get_rng_state(), state) and net.training  # no draw taken, train mode kept
+
+    class NeedsLabels(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t, y):
+            return x * self.w
+
+    with pytest.raises(ValueError, match=r"model NeedsLabels fails on two training samples without labels, as "
+                       r"net\(x, t\) \(x \(2, 1, 8, 8\), t \(2,\)\): TypeError: .*missing 1 required positional"):
+        check_denoising_net(NeedsLabels(), x, y)
+    check_denoising_net(NeedsLabels(), x, y, device="cuda")  # may need the GPU to run: left to training there
+
+    class Half(NeedsLabels):
+        def forward(self, x, t, y=None):
+            return x[:, :, :4]
+
+    with pytest.raises(ValueError, match=r"maps x of shape \(2, 1, 8, 8\) to \(2, 1, 4, 8\)"):
+        check_denoising_net(Half(), x, y, device="cuda")  # a wrong shape is wrong anywhere
+    check_denoising_net(Half().double(), x, y)  # weights of another dtype: the trainer says what to do
+
+
 def test_a_saved_model_runs_a_net_file_at_load_only_if_it_is_trusted(tmp_path, monkeypatch, capsys):
     """Loading must not run code a saved file merely names: a model naming a net file this machine has not run
-    (a model from elsewhere) is refused until `condiff trust FILE`, and an edit makes the file untrusted again."""
+    (a model from elsewhere) is refused until `condiff trust FILE`; an edited trusted file loads with a word."""
     from condiff.models import load_denoiser
     from condiff.userfile import UntrustedCode
 
@@ -123,12 +171,13 @@ def test_a_saved_model_runs_a_net_file_at_load_only_if_it_is_trusted(tmp_path, m
     assert not (tmp_path / "elsewhere" / "trusted_code.json").exists()
     assert main(["trust", str(net_file)]) == 0
     assert main(["sample", "--ckpt", str(run), "--n", "2", "--steps", "2"]) == 0
-    net_file.write_text(net_file.read_text() + "\nprint('edited')\n")
-    with pytest.raises(UntrustedCode, match=r"names the net file .*net.py \(edited since it was last run\)"):
-        load_denoiser(run)
-    assert main(["trust", str(net_file)]) == 0
+    net_file.write_text(net_file.read_text() + "\n# edited\n")
     with pytest.warns(UserWarning, match="has changed since this net's settings were recorded"):
         load_denoiser(run)  # trusted, and loaded into the edited code with a word
+    # training on after an edit goes on with the edited code, with a word, rather than refusing the run
+    assert main(["train", "--out", str(run), "--resume", "--set", "train.steps=3"]) == 0
+    assert re.search(r"net file .*net.py was edited since the newest checkpoint, step_00000002: training goes on",
+                     capsys.readouterr().err)
 
 
 def test_results_of_a_model_or_checkpoint_default_to_the_run_never_inside_the_weights(trained, tmp_path, capsys,

@@ -382,6 +382,11 @@ def test_load_counter_resumes_a_training_cut_short_and_keeps_no_state_once_it_is
     net = count.load_counter(2, 12, steps=10, width=4, path=path)
     assert "training goes on from step 6" in capsys.readouterr().err
     assert not (tmp_path / ".c.training").exists() and (path / "config.json").is_file()
+    (tmp_path / ".c.training").mkdir()  # left by a process killed as it kept the counter: no use now
+    count.load_counter(2, 12, steps=10, width=4, path=path)
+    assert not (tmp_path / ".c.training").exists()
+    with pytest.raises(ValueError, match=r"every must be an integer >= 1, got 0"):
+        train_counter(**_SMALL_COUNTER, checkpoint=tmp_path / "s", every=0)
     assert _same_weights(net, count.load_counter(2, 12, steps=10, width=4, path=tmp_path / "whole"))  # as if uncut
 
 

@@ -4,6 +4,7 @@ mirror DPS, checkpoints and the CLI's settings and errors."""
 import copy
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -1080,6 +1081,25 @@ def _tiny_box_fit(tmp_path, n_test=16):
             "model.mults=[1, 2]", "--set", "mirror.inverse.downsamples=1", "--quiet"]
 
 
+def test_a_namm_run_from_elsewhere_runs_its_constraint_file_only_once_trusted(tmp_path, capsys, monkeypatch):
+    """A run's config.json names the user's constraint file, which later commands run again: not on a machine
+    where condiff never ran that file (a run from elsewhere) until `condiff trust`."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "con.py").write_text("def box(x):\n    return (x.abs() - 1).clamp(min=0).flatten(1).sum(1)\n")
+    fit = [a if a != "box" else "con.py:box" for a in _tiny_box_fit(tmp_path)]
+    assert main(fit) == 0  # named on the command line: trusted from then on, here
+    sample = ["namm", "sample", "--run", "run", "--set", "sample.n=2", "--set", "sample.steps=2", "--quiet",
+              "--no-finetuned"]
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "elsewhere"))
+    capsys.readouterr()
+    assert main(sample) == 2
+    err = capsys.readouterr().err
+    assert f"the NAMM run run names the constraint file {tmp_path / 'con.py'}, whose code condiff has not run" in err
+    assert main(["trust", "con.py"]) == 0 and main(sample) == 0
+
+
 def test_a_stage_that_failed_before_its_first_checkpoint_is_replaced_with_nothing_kept(tmp_path, capsys, monkeypatch):
     from condiff.cli.main import main
 
@@ -1407,7 +1427,8 @@ def test_an_inline_table_override_merges_like_a_config_file():
     base = {"data": {"name": "count", "k": 4}, "mirror": {"psi": {"name": "icnn", "filters": 16}}}
     new = {"data": {"name": "other"}, "mirror": {"psi": {"name": "own.py:Psi", "width": 3}}}
     assert merge_checked(base, new, "f.toml") == {"data": {"name": "other", "k": 4},
-                                                   "mirror": {"psi": {"name": "own.py:Psi", "width": 3}}}
+                                                   "mirror": {"psi": {"name": f"{os.path.abspath('own.py')}:Psi",
+                                                                      "width": 3}}}  # found from anywhere
     cfg = {"data": {"name": "digits", "seed": 0}}
     set_path(cfg, ["data", "name"], "toy2d")
     assert cfg == {"data": {"name": "toy2d", "seed": 0}}

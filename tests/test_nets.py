@@ -299,6 +299,18 @@ class Net(nn.Module):
 def helper(x):
     return x
 
+class OwnConfig(nn.Module):
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.config = {"width": width}
+
+class Loose(nn.Module):
+    def __init__(self, **settings):
+        super().__init__()
+        self.settings = settings
+
+RUNS = globals().get("RUNS", 0) + 1  # how often the file ran in this process
+
 class Fails(nn.Module):
     def __init__(self, width: int = 4):
         raise RuntimeError("no such width")
@@ -326,12 +338,20 @@ def test_a_net_of_ones_own_that_cannot_be_built_says_why_in_one_line(tmp_path):
         build_net({"name": f"{file}:helper"})
     with pytest.raises(ValueError, match=r"net .*net.py:Fails failed to build: RuntimeError: no such width"):
         build_net({"name": f"{file}:Fails"})
-    with pytest.raises(ValueError, match=r"net file .*net.py has no 'Gone'; its callables: \['Fails', 'Net', 'helper"):
+    with pytest.raises(ValueError, match=r"net file .*net.py has no 'Gone'; its callables: \['Fails', 'Loose', 'N"):
         build_net({"name": f"{file}:Gone"})
     with pytest.raises(ValueError, match=r"bad arguments for net '.*net.py:Net': .*'depth'.*; it accepts: in_channels"):
         build_net({"name": f"{file}:Net", "depth": 2})
     with pytest.raises(ValueError, match=r"setting .*net.py:Net.width expects a number \(default 4\), got .wide."):
         build_net({"name": f"{file}:Net", "width": "wide"})
+    with pytest.raises(ValueError, match=r"net .*net.py:OwnConfig has a .config of its own, where condiff keeps what "
+                       r"rebuilds the net \(the file, the class and its settings\): rename it"):
+        build_net({"name": f"{file}:OwnConfig"})
+    loose = build_net({"name": f"{file}:Loose", "width": 3, "mode": "a"})  # **settings: nothing to check against
+    assert loose.settings == {"width": 3, "mode": "a"} and build_net(loose.config).settings == loose.settings
+    from condiff.userfile import load_from_file
+
+    assert load_from_file(file, "RUNS")[0] == 1  # the file ran once in all the builds above
     config = build_net({"name": f"{file}:Net"}).config
     file.write_text(_OWN_NET + "\n# edited\n")
     with pytest.warns(UserWarning, match=r"net file .*net.py has changed since this net's settings were recorded"):

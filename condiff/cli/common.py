@@ -131,30 +131,41 @@ def train_config(settings: dict, section: str = "train", **cli) -> TrainConfig:
     return TrainConfig.from_dict({**settings, **cli}, section)
 
 
-def check_denoising_net(net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+def check_denoising_net(net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None,
+                        device: str = "cpu") -> None:
     """Refuse a model that cannot denoise the data before anything is written (a net of one's own, ``FILE.py:
-    NAME``, fails only in training otherwise, its run begun): it runs once on two training samples, in eval
-    mode, without gradients and on a random stream of its own (so that training goes as it would without the
-    check), and must return a tensor of their shape, its prediction of their noise."""
+    NAME``, fails only in training otherwise, its run begun): it runs on two training samples, in eval mode,
+    without gradients and on a random stream of its own (so that training goes as it would without the
+    check), and must return a tensor of their shape, its prediction of their noise; with ``labels``, both
+    with them and without (``net(x, t)``, as unconditional sampling calls it). It runs on the CPU: for
+    training on another ``device`` only a wrong shape is refused (a net may need that device to run at all).
+    Weights of another dtype than the data's are left to the trainer, which names the fix."""
     config = getattr(net, "config", None)
     name = config.get("name") if isinstance(config, dict) else type(net).__name__
+    if any(p.dtype != x.dtype for p in net.parameters() if p.is_floating_point()):
+        return
     xb = x[:2]
     t = torch.zeros(len(xb), dtype=torch.long)
-    args = (xb, t) if labels is None else (xb, t, labels[:2].long())
+    calls = [("", (xb, t))] if labels is None else [("", (xb, t, labels[:2].long())),
+                                                    (" without labels, as net(x, t)", (xb, t))]
     was = net.training
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            out = net.eval()(*args)
-    except Exception as err:  # the model's own code (a net of one's own): say where it failed
-        given = f"x {tuple(xb.shape)}, t {tuple(t.shape)}" + ("" if labels is None else f", y {tuple(args[2].shape)}")
-        raise ValueError(f"model {name} fails on two training samples ({given}): {type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
+        for how, args in calls:
+            try:
+                with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                    out = net.eval()(*args)
+            except Exception as err:  # the model's own code (a net of one's own): say where it failed
+                if torch.device(device).type != "cpu":
+                    return
+                given = ", ".join(f"{k} {tuple(v.shape)}" for k, v in zip("xty", args))
+                raise ValueError(f"model {name} fails on two training samples{how} ({given}): "
+                                 f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+            if not isinstance(out, torch.Tensor) or out.shape != xb.shape:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+                raise ValueError(f"model {name} maps x of shape {tuple(xb.shape)}{how} to {got}: a denoising net "
+                                 "returns its prediction of the noise, of its input's shape")
     finally:
         net.train(was)
-    if not isinstance(out, torch.Tensor) or out.shape != xb.shape:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
-        raise ValueError(f"model {name} maps x of shape {tuple(xb.shape)} to {got}: a denoising net returns its "
-                         "prediction of the noise, of its input's shape")
 
 
 class TrainingJob:
@@ -170,7 +181,7 @@ class TrainingJob:
         torch.manual_seed(int(cfg["train"].get("seed", 0)))  # the initial weights follow the run's seed
         labels = check_labels(cfg, self.data)
         net = build_net(net_config(cfg, self.data))
-        check_denoising_net(net, self.data.x, labels)
+        check_denoising_net(net, self.data.x, labels, cfg["_device"])
         drop = checks.number("train.label_drop", cfg["train"].get("label_drop", 0.0), "[0, 1)")
         if drop and labels is None:
             raise ValueError("train.label_drop drops class labels: it needs data.labels = true")

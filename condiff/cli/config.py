@@ -85,7 +85,7 @@ def merge_checked(base: dict, update: dict, where: str, path: tuple[str, ...] = 
     for k, v in update.items():
         key, old = ".".join((*path, k)), out.get(k)
         if _another_kind(old, v, (*path, k)):  # another net or constraint: the old one's settings mean nothing to it
-            out[k] = copy.deepcopy(v)
+            out[k] = {**copy.deepcopy(v), "name": canonical_name(v["name"])}
             continue
         if isinstance(old, dict):
             if not isinstance(v, dict):
@@ -94,6 +94,8 @@ def merge_checked(base: dict, update: dict, where: str, path: tuple[str, ...] = 
             continue
         try:
             out[k] = check_setting(key, old, copy.deepcopy(v), "now")
+            if k == "name" and path not in ((), ("data",)):
+                out[k] = canonical_name(out[k])
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
     return out
@@ -103,7 +105,31 @@ def _another_kind(old: Any, new: Any, path: tuple[str, ...]) -> bool:
     """Whether the table ``new`` names another kind of thing (``name``: a net, a constraint) than the table
     ``old`` at ``path``; the data table, whose name picks the defaults before anything is merged, aside."""
     return (path != ("data",) and isinstance(old, dict) and isinstance(new, dict) and "name" in old
-            and "name" in new and new["name"] != old["name"])
+            and "name" in new and canonical_name(new["name"]) != canonical_name(old["name"]))
+
+
+def canonical_name(name: Any) -> Any:
+    """A table's ``name`` as a run records it: a class of one's own, ``FILE.py:NAME``, under the file's absolute
+    path (so that later commands find it from any working directory, and two spellings of one file are one
+    kind); any other name as it is."""
+    spec = split_file_spec(name, "name", "a class") if isinstance(name, str) else None
+    return name if spec is None else f"{Path(spec[0]).expanduser().resolve()}:{spec[1]}"
+
+
+def apply_settings(cfg: dict, from_file: dict, parsed: list[tuple[list[str], Any]], where: str) -> dict:
+    """``cfg`` < the tables ``from_file`` < the ``parsed`` overrides. A ``--set X.name`` that names another kind
+    (another net) is applied first, so that the old kind's settings are dropped and the file's and the other
+    overrides' settings for the new one all stay, whatever the order of the flags."""
+    names = {tuple(p): v for p, v in parsed if len(p) >= 2 and p[-1] == "name" and p != ["data", "name"]}
+    for path, value in names.items():
+        set_path(cfg, list(path), value)
+    cfg = merge_checked(cfg, from_file, where)
+    for path, value in names.items():  # again: a file's table of another kind replaced the one asked for
+        set_path(cfg, list(path), value)
+    for path, value in parsed:
+        if tuple(path) not in names:
+            set_path(cfg, path, value)
+    return cfg
 
 
 def data_ref(name: str) -> str:
@@ -114,16 +140,6 @@ def data_ref(name: str) -> str:
     if name in DATASETS or not Path(name).expanduser().exists():
         return name
     return str(Path(name).expanduser().resolve())
-
-
-def net_ref(model: dict) -> dict:
-    """The model table as a run records it: a net of one's own, ``name = "FILE.py:NAME"``, under the file's
-    absolute path (so later commands find it from any working directory); any other table as it is."""
-    name = model.get("name")
-    spec = split_file_spec(name, "model.name", "an nn.Module class") if isinstance(name, str) else None
-    if spec is None:
-        return model
-    return {**model, "name": f"{Path(spec[0]).expanduser().resolve()}:{spec[1]}"}
 
 
 def preset(name: str) -> dict:
@@ -226,11 +242,15 @@ def set_path(cfg: dict, path: list[str], value: Any) -> None:
     old = node.get(path[-1])
     # a table that names another kind (a ball constraint for a box) replaces the old one, as does a
     # value that is no table (a constraint given by its name)
+    if isinstance(value, dict) and "name" in value:  # an inline table of a class of one's own: its file's full path
+        value = {**value, "name": canonical_name(value["name"])}
     if isinstance(old, dict) and isinstance(value, dict) and value.get("name", old.get("name")) == old.get("name"):
         node[path[-1]] = merge_checked(old, value, "--set", tuple(path))
         return
     try:
         value = check_setting(".".join(path), node.get(path[-1]), value, "now")
+        if path[-1] == "name" and path[:-1] != ["data"]:
+            value = canonical_name(value)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if path[-1] == "name" and _another_kind(node, {"name": value}, tuple(path[:-1])):
@@ -253,15 +273,11 @@ def assemble(from_file: dict, parsed: list[tuple[list[str], Any]], data: str | N
     """The data set's preset < ``from_file`` (checked tables) < ``parsed`` overrides (type-checked)."""
     named = [str(v) for p, v in parsed if p == ["data", "name"]]
     name = (named or [None])[-1] or data or from_file.get("data", {}).get("name") or "digits"
-    cfg = merge_checked(preset(name), from_file, where)
-    cfg["data"]["name"] = name
-    for path, value in parsed:
-        set_path(cfg, path, value)
+    cfg = apply_settings(preset(name), from_file, parsed, where)
+    cfg["data"]["name"] = named[-1] if named else name  # the last --set data.name as given (an empty one refused)
     if not (isinstance(cfg["data"]["name"], str) and cfg["data"]["name"].strip()):
         raise ConfigError(f"data.name must name a data set or a file, got {cfg['data']['name']!r}")
     cfg["data"]["name"] = data_ref(cfg["data"]["name"])
-    if isinstance(cfg.get("model"), dict):
-        cfg["model"] = net_ref(cfg["model"])
     if isinstance(cfg.get("sample"), dict):
         check_sample(cfg["sample"])
         T = cfg.get("schedule", {}).get("T") if isinstance(cfg.get("schedule"), dict) else None

@@ -428,7 +428,7 @@ class DualJob:
         else:
             torch.manual_seed(self.tcfg.seed)
             net = build_net(net_config({**cfg, "data": {**cfg["data"], "labels": False}}, self.data))
-            check_denoising_net(net, self.data.x)
+            check_denoising_net(net, self.data.x, device=device)
         self.schedule = Schedule.from_config(cfg["schedule"])
         self.dcfg.check_grid(self.schedule.T)
         self.cache = SampleCache(self.run_dir / "constraint_data", fresh)

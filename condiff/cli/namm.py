@@ -72,10 +72,10 @@ from ..train import TrainConfig
 from .common import add_device_arg, check_out_dir, json_table, pick_device, train_config
 from .config import (
     ConfigError,
+    apply_settings,
     check_sample,
     data_ref,
     merge,
-    merge_checked,
     parse_override,
     read_toml,
     set_path,
@@ -251,10 +251,8 @@ def resolve(
     takes = dataset_settings(data) if data in DATASETS else []  # None: it takes any setting
     cfg["data"] = {k: v for k, v in cfg["data"].items()
                    if k not in ("size", "n_train", "n_test") or takes is None or k in takes}
-    if file:
-        cfg = merge_checked(cfg, read_toml(file, SECTIONS), str(file))
-    for path, value in (parse_override(o, SECTIONS, nested=True) for o in overrides or []):
-        set_path(cfg, path, value)
+    cfg = apply_settings(cfg, read_toml(file, SECTIONS) if file else {},
+                         [parse_override(o, SECTIONS, nested=True) for o in overrides or []], str(file))
     cfg["data"]["name"] = data_ref(data)
     if constraint:
         cfg["data"]["constraint"] = parse_python_spec(constraint) or constraint
@@ -290,9 +288,13 @@ class NAMMRun:
     """
 
     def __init__(
-        self, root: str | Path, cfg: dict, device: str = "cpu", fresh: bool = False, progress: bool = True
+        self, root: str | Path, cfg: dict, device: str = "cpu", fresh: bool = False, progress: bool = True,
+        saved_by: str | None = None,
     ) -> None:
+        """``saved_by``: what ``cfg`` was read from (a run's config.json), where code of one's own that it names
+        (a constraint or a net, ``FILE.py:NAME``) runs only if trusted (:func:`condiff.userfile.load_from_file`)."""
         self.root, self.cfg, self.device, self.fresh, self.progress = Path(root), cfg, device, fresh, progress
+        self.saved_by = saved_by
         self._data: dict[str, ArrayData] = {}
         self._constraint: Constraint | None = None
         self.timings: dict[str, float] = {}
@@ -354,10 +356,12 @@ class NAMMRun:
             with torch.no_grad():
                 if name == "namm":
                     m = self.cfg["mirror"]
-                    mirror = build_mirror(self.shape, m["psi"], m["inverse"], m["a"]).to(self.device)
+                    mirror = build_mirror(self.shape, m["psi"], m["inverse"], m["a"], saved_by=self.saved_by).to(
+                        self.device)
                     mirror.inverse_map(x)
                 elif name in ("mdm", "vanilla"):
-                    net = build_net({**self.cfg["model"], "in_channels": self.shape[0]}).to(self.device)
+                    net = build_net({**self.cfg["model"], "in_channels": self.shape[0]}, self.saved_by).to(
+                        self.device)
                     net(x, torch.zeros(1, dtype=torch.long, device=self.device))
 
     # -- settings and stage bookkeeping
@@ -560,9 +564,8 @@ class NAMMRun:
                 raise ValueError(
                     f"data set {self.cfg['data']['name']!r} names no constraint: pass --constraint"
                 )
-            self._constraint = build_constraint({"name": spec} if isinstance(spec, str) else spec).to(
-                self.device
-            )
+            self._constraint = build_constraint({"name": spec} if isinstance(spec, str) else spec,
+                                                saved_by=self.saved_by).to(self.device)
         return self._constraint
 
     # -- stages
@@ -574,7 +577,8 @@ class NAMMRun:
             return done
         m = self.cfg["mirror"]
         tcfg = self._tcfg(self.cfg["mirror_train"], section="mirror_train")
-        mirror = build_mirror(self.shape, m["psi"], m["inverse"], m["a"], seed=tcfg.seed)  # 0 unless set
+        mirror = build_mirror(self.shape, m["psi"], m["inverse"], m["a"], seed=tcfg.seed,  # 0 unless set
+                              saved_by=self.saved_by)
         t0 = time.perf_counter()
         out = fit_mirror_map(
             self.data().x,
@@ -1023,7 +1027,8 @@ def _open_run(args: argparse.Namespace) -> NAMMRun:
             raise ValueError(f"{f}: {section} must be a table of settings, got {cfg[section]!r}")
     for path, value in (parse_override(o, SECTIONS, nested=True) for o in args.overrides):
         set_path(cfg, path, value)
-    return NAMMRun(root, json.loads(json.dumps(cfg)), pick_device(args.device), args.fresh, not args.quiet)
+    return NAMMRun(root, json.loads(json.dumps(cfg)), pick_device(args.device), args.fresh, not args.quiet,
+                   saved_by=f"the NAMM run {root}")
 
 
 def _keep_settings(run: NAMMRun) -> None:

@@ -2,8 +2,8 @@
 
 A model trained with a network of one's own (``model.name = "FILE.py:NAME"``) names the file in its
 ``config.json``, and loading the model runs the file. condiff runs such a file at load only if it has
-run it before on this machine (at training, or when a command was given it) or it was trusted here, as
-it is now: an edit makes it untrusted again. Trust a file you have read, for a model from elsewhere.
+run that file before on this machine (at training, or when a command was given it) or it was trusted
+here. Trust a file you have read, for a model (or a NAMM run) from elsewhere.
 """
 
 from __future__ import annotations

@@ -89,10 +89,12 @@ class Constraint(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.config.items() if k != "name")
 
 
-def build_constraint(config: dict, how: str | None = None) -> Constraint:
+def build_constraint(config: dict, how: str | None = None, saved_by: str | None = None) -> Constraint:
     """Build a registered constraint from ``{"name": NAME, **kwargs}``. ``how``: how a user of the
     calling command gives a constraint its arguments, for the error when they are wrong (default: the
-    ``namm`` commands' ``--set data.constraint=...``)."""
+    ``namm`` commands' ``--set data.constraint=...``). ``saved_by``: what ``config`` was read from, where a
+    constraint of one's own (``python``) runs its file only if the file is trusted (loading must not run code
+    a saved file names: :func:`condiff.userfile.load_from_file`)."""
     if not isinstance(config, dict) or "name" not in config:
         raise ValueError(f"a constraint config must be a dict with a 'name' key, got {config!r}")
     kwargs = dict(config)
@@ -100,6 +102,8 @@ def build_constraint(config: dict, how: str | None = None) -> Constraint:
     if name not in CONSTRAINTS:
         known = ", ".join(sorted(n for n in CONSTRAINTS if n != "python"))
         raise ValueError(f"unknown constraint {name!r}; known: {known}, or FILE.py:NAME for your own")
+    if saved_by is not None and name == "python":
+        kwargs["saved_by"] = saved_by
     try:
         return CONSTRAINTS[name](**kwargs)
     except TypeError as err:

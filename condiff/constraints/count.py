@@ -102,7 +102,7 @@ def train_counter(
     way), with deterministic cuDNN kernels. ``checkpoint``: a folder where the training state is saved
     every ``every`` steps (and removed by the caller once the counter is kept); a training that finds one
     there made with the same settings goes on from it, to the counter an uninterrupted run makes. A state
-    of other settings, or a damaged one, is set aside with a line on stderr and training starts over.
+    of other settings, or a damaged one, is deleted with a line on stderr and training starts over.
     Returns the counter on the CPU.
     """
     from condiff.data.sources import NOISE, density_target, render_sources  # data imports constraints
@@ -121,6 +121,7 @@ def train_counter(
     spec = {"k": k, "size": size, "steps": steps, "seed": seed, "width": width, "batch_size": batch_size,
             "lr": lr, "pool": pool, "faint": faint, "noise": list(noise) if noise else None, "adv_eps": adv_eps,
             "adv_steps": adv_steps, "device": torch.device(device).type}
+    every = checks.integer("every", every)
     state = _CounterState(Path(checkpoint), spec, net, opt, sched, g) if checkpoint is not None else None
     start = state.restore() if state is not None else 0
     show = sys.stderr.isatty() if progress is None else progress
@@ -133,7 +134,7 @@ def train_counter(
             _counter_step(net, opt, sched, x, dens, counts, batch_size, adv_eps, adv_steps, g)
             if bar is not None:
                 bar.update(1)
-            if state is not None and (step + 1) % max(1, every) == 0 and step + 1 < steps:
+            if state is not None and (step + 1) % every == 0 and step + 1 < steps:
                 state.save(step + 1)
     finally:
         cudnn.deterministic, cudnn.benchmark = before
@@ -251,6 +252,7 @@ def load_counter(
         else io.cache_dir() / "counters" / counter_key(k, size, steps, seed, width, device)
     )
     if (path / io.CONFIG).is_file():
+        io.remove(path.with_name(f".{path.name}.training"))  # left by a process killed as it kept the counter
         return _cached_counter(path)
     # a second process that needs it waits, then loads it, rather than training it again beside the first
     # (and racing it for the saved training state)

@@ -30,10 +30,12 @@ def parse_python_spec(text: str) -> dict | None:
 class PythonConstraint(Constraint):
     """The callable ``attr`` of the Python file ``path``, as a constraint."""
 
-    def __init__(self, path: str, attr: str) -> None:
+    def __init__(self, path: str, attr: str, saved_by: str | None = None) -> None:
+        """``saved_by``: what named the file, where a saved run does: it then runs only if it is trusted
+        (:func:`condiff.userfile.load_from_file`)."""
         super().__init__()
         file = Path(path).expanduser().resolve()  # the config rebuilds it from any working directory
-        fn, self._sha = load_from_file(file, attr)
+        fn, self._sha = load_from_file(file, attr, saved_by=saved_by)
         self.config = {"name": "python", "path": str(file), "attr": str(attr)}
         if inspect.isclass(fn):
             try:

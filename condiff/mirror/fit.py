@@ -66,10 +66,11 @@ def _trainer(
 
 
 def build_mirror(
-    shape: tuple[int, ...], psi: dict, inverse: dict, a: float = 0.9, seed: int = 0
+    shape: tuple[int, ...], psi: dict, inverse: dict, a: float = 0.9, seed: int = 0, saved_by: str | None = None
 ) -> MirrorMap:
     """A fresh mirror map for per-sample ``shape = (C, H, W)``; ``psi`` / ``inverse`` are net configs
-    whose channel entries are filled in from ``shape``."""
+    whose channel entries are filled in from ``shape``. ``saved_by``: what they were read from, where a net of
+    one's own runs its file only if trusted (:func:`condiff.nets.build_net`)."""
     if len(shape) != 3:
         raise ValueError(f"build_mirror: shape is one sample's (C, H, W), got {tuple(shape)}")
     down = int(inverse.get("downsamples", 2)) if inverse.get("name", "resnet") == "resnet" else 0
@@ -80,7 +81,8 @@ def build_mirror(
     with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's random stream left as it was
         torch.manual_seed(seed)
         mirror = MirrorMap(
-            build_net({**psi, "in_channels": c}), build_net({**inverse, "in_channels": c, "out_channels": c}), a
+            build_net({**psi, "in_channels": c}, saved_by),
+            build_net({**inverse, "in_channels": c, "out_channels": c}, saved_by), a,
         )
     if hasattr(mirror.inverse, "check_size"):  # before any training: the images must pass its layers
         mirror.inverse.check_size(int(shape[1]), int(shape[2]))

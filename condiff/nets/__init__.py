@@ -77,14 +77,18 @@ def build_net(config: dict, saved_by: str | None = None) -> nn.Module:
         raise ValueError(f"bad arguments for net {name!r}: {err}; it accepts: {accepted}") from None
     # each argument of the kind of its default, as config settings are ("maybe" for a switch was taken
     # as true, 3 for a list failed deep inside)
-    kwargs = {k: check_setting(f"{name}.{k}", sig.parameters[k].default, v) for k, v in kwargs.items()}
+    kwargs = {k: check_setting(f"{name}.{k}", sig.parameters[k].default, v) if k in sig.parameters else v
+              for k, v in kwargs.items()}  # a key only **kwargs takes has no default to be checked against
     try:
         net = cls(**kwargs)
     except Exception as err:
         if sha is None:
             raise
         raise ValueError(f"net {name} failed to build: {type(err).__name__}: {err}") from None
-    if sha is not None:  # the file's class: the config names the file (whatever the class keeps)
+    if sha is not None:  # the file's class: the config names the file
+        if hasattr(net, "config"):
+            raise ValueError(f"net {name} has a .config of its own, where condiff keeps what rebuilds the net (the "
+                             "file, the class and its settings): rename it")
         net.config = {"name": name, **kwargs, "file_sha256": sha}
     elif not hasattr(net, "config"):  # a class of one's own that keeps none: what built it
         net.config = {"name": name, **kwargs}

@@ -1,9 +1,11 @@
-"""A denoising network of one's own, for `condiff train --set 'model={name="examples/own_net/net.py:SmallConvNet"}'`.
+"""A denoising network of one's own: `condiff train --set model.name=examples/own_net/net.py:SmallConvNet`.
 
-condiff calls it as ``net(x, t)`` (``net(x, t, y)`` for a class-conditional model, with ``y = -1`` for "no
-label") and trains it to predict the noise in ``x`` at the integer timesteps ``t``; its constructor's
-arguments are the ``[model]`` settings (``in_channels`` is filled in from the data when the constructor takes
-it), and every one needs a default of the kind it takes, so that a setting's type can be checked.
+condiff calls it as ``net(x, t)`` and trains it to predict the noise in ``x`` at the integer timesteps ``t``
+(a class-conditional net, trained with ``data.labels = true``, is called as ``net(x, t, y)``, and as
+``net(x, t)`` where it samples without a label: its ``y`` defaults to ``None``, and ``-1`` means "no label"
+too; its constructor takes ``num_classes``). The constructor's arguments are the ``[model]`` settings
+(``in_channels`` is filled in from the data where the constructor takes it), and each needs a default of
+the kind it takes, so that a setting's type can be checked.
 """
 
 import math
