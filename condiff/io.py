@@ -260,9 +260,9 @@ def save_checkpoint(path: str | Path, groups: dict[str, dict[str, torch.Tensor]]
 
 
 @contextlib.contextmanager
-def waiting_lock(lock: str | Path, waiting: str) -> Iterator[None]:
+def waiting_lock(lock: str | Path, waiting: str | None = None) -> Iterator[None]:
     """Hold an exclusive lock on the file ``lock`` (made if missing) inside the block; where another process
-    holds it, say ``waiting`` on stderr and wait for it. For short shared work (a cache entry made once),
+    holds it, say ``waiting`` (if given) on stderr and wait for it. For short shared work (a cache entry made once),
     where a second process should wait rather than refuse as a run's lock does."""
     import fcntl
     import sys
@@ -277,7 +277,8 @@ def waiting_lock(lock: str | Path, waiting: str) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(waiting, file=sys.stderr, flush=True)
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
         yield  # the lock goes with the file's closing
 

@@ -5,11 +5,11 @@ tell an edited one.
 
 A saved model whose network is such a class names the file in its ``config.json``, and loading it must
 run the file. Loading must not run code that a saved file merely names (a model from elsewhere could
-name any file), so a file runs at load only if it is *trusted*: its path is in
-``io.cache_dir()/trusted_code.json``, which records every file a user names themselves (and so runs) and
-those given to :func:`trust_file` (``condiff trust FILE``). A path, not a version: what a saved model from
-elsewhere controls is which file it names, not what a file this machine already runs holds, and an edit
-of one's own file is met by the SHA-256 checks of the things made with it."""
+name any file), so a file runs at load only if it is *trusted*: the file, as it is now (its path and
+SHA-256), is in ``io.cache_dir()/trusted_code.json``, which records every file a user names themselves
+(and so runs) and those given to :func:`trust_file` (``condiff trust FILE``). As it is now, not just its
+path: a model shared with its net's file is unpacked to the same place again, over a version that was
+trusted."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 
 from . import io
@@ -40,27 +41,35 @@ def split_file_spec(text: str, flag: str = "--constraint", what: str = "a callab
 
 
 def load_from_file(path: str | Path, attr: str, what: str = "constraint",
-                   saved_by: str | None = None) -> tuple[object, str]:
+                   saved_by: str | None = None, once: bool = False) -> tuple[object, str]:
     """Run the Python file ``path`` (the user's own code) and return its attribute ``attr`` with the file's
     SHA-256; a missing file, a file that fails to run or a missing name is a ValueError naming ``what``.
 
     ``saved_by``: what names the file, where a saved file does (``"the model at DIR"``): the file runs only
     if it is trusted (:func:`trust_file`), else :class:`UntrustedCode` says how to trust it. Without it the caller
-    names the file itself, which is then recorded as trusted."""
+    names the file itself, which is then recorded as trusted. ``once``: run a file (this version) once per
+    process and share what it made (a net's class, which a command may need twice; not a constraint or an
+    operator, whose instances may hold state)."""
     file = Path(path).expanduser().resolve()
     if not file.is_file():
         raise ValueError(f"{what} file {file} does not exist")
     sha = hashlib.sha256(file.read_bytes()).hexdigest()
     if saved_by is None:
         _record_trusted(file, sha)
-    elif str(file) not in _trusted():
-        raise UntrustedCode(f"{saved_by} names the {what} file {file}, whose code condiff has not run on this "
-                            f"machine: loading would run it. If you trust that file, run `condiff trust {file}` (in "
-                            "Python, condiff.userfile.trust_file), then load again")
+    else:
+        versions = _trusted().get(str(file))
+        if sha not in (versions or []):
+            how = "condiff has not run it" if versions is None else "it was edited since condiff last ran it"
+            raise UntrustedCode(f"{saved_by} names the {what} file {file}, and {how} with the trust record "
+                                f"{io.cache_dir() / TRUSTED}: loading would run its code. If you trust the file as it "
+                                f"is, run `condiff trust {file}` (in Python, condiff.userfile.trust_file), then load "
+                                "again")
     key = (str(file), sha)
-    if key not in _LOADED:  # run once per process (a command may need a net's class twice): its code may be slow
-        _LOADED[key] = _run(file, f"condiff_user_{what.replace(' ', '_')}_{sha[:16]}", what)
-    module = _LOADED[key]
+    module = _LOADED.get(key) if once else None
+    if module is None:
+        module = _run(file, f"condiff_user_{what.replace(' ', '_')}_{sha[:16]}", what)
+        if once:
+            _LOADED[key] = module
     if not hasattr(module, attr):
         names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
                        and getattr(v, "__module__", None) == module.__name__)
@@ -85,38 +94,50 @@ def _run(file: Path, module_name: str, what: str) -> object:
     return module
 
 
-_LOADED: dict[tuple[str, str], object] = {}  # (file, SHA-256) -> the module its code made
+_LOADED: dict[tuple[str, str], object] = {}  # (file, SHA-256) -> the module its code made (once=True)
 
 
 def trust_file(path: str | Path) -> str:
     """Let saved models that name the Python file ``path`` run it when they are loaded; returns its SHA-256."""
     file = Path(path).expanduser().resolve()
-    if not file.is_file():
-        raise ValueError(f"{file} does not exist")
-    if file.suffix != ".py":
-        raise ValueError(f"{file} is no Python file (.py)")
+    if not file.is_file() or file.suffix != ".py":
+        raise ValueError(f"{file} is no Python file (.py)" if file.exists() else f"{file} does not exist")
     sha = hashlib.sha256(file.read_bytes()).hexdigest()
-    _record_trusted(file, sha)
+    _record_trusted(file, sha, strict=True)
     return sha
 
 
 def _trusted() -> dict[str, list[str]]:
-    """The trusted files; an unreadable record trusts nothing (each file is trusted again as it is named)."""
+    """The trusted files; an unreadable record trusts nothing, with a word (each file is trusted again as it
+    is named, and the record written anew)."""
+    record = io.cache_dir() / TRUSTED
+    if not record.exists():
+        return {}
     try:
-        table = io.read_json_table(io.cache_dir() / TRUSTED)
-    except (OSError, ValueError):
+        table = io.read_json_table(record)
+    except (OSError, ValueError) as e:
+        warnings.warn(f"the trust record {record} cannot be read ({e}): no file of one's own is trusted until it "
+                      "is named again or given to `condiff trust`", stacklevel=3)
         return {}
     return {k: v for k, v in table.items() if isinstance(v, list)}
 
 
-def _record_trusted(file: Path, sha: str) -> None:
+def _record_trusted(file: Path, sha: str, strict: bool = False) -> None:
+    """Add the file's version to the record. Where the record cannot be written (a read-only cache), a file
+    the user names still runs, with a word (``strict``: an error, for `condiff trust`, which does nothing else)."""
     if sha in _trusted().get(str(file), []):
         return
     record = io.cache_dir() / TRUSTED
-    with io.waiting_lock(record.with_name(f".{TRUSTED}.lock"), f"waiting for another process to update {record}"):
-        table = _trusted()  # read again under the lock: another process may have added to it
-        table[str(file)] = [*table.get(str(file), []), sha][-8:]  # the file's last few versions
-        io.write_json_atomic(record, table)
+    try:
+        with io.waiting_lock(record.with_name(f".{TRUSTED}.lock")):
+            table = _trusted()  # read again under the lock: another process may have added to it
+            table[str(file)] = [*table.get(str(file), []), sha][-8:]  # the file's last few versions
+            io.write_json_atomic(record, table)
+    except OSError as e:
+        if strict:
+            raise ValueError(f"cannot write the trust record {record}: {e}") from None
+        warnings.warn(f"{file} runs, but cannot be recorded as trusted in {record} ({e}): a saved model or run "
+                      "that names it will not load until it is", stacklevel=3)
 
 
 __all__ = ["UntrustedCode", "load_from_file", "split_file_spec", "trust_file"]

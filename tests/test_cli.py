@@ -147,8 +147,8 @@ def test_the_check_of_a_new_net_leaves_training_as_it_was_and_probes_both_calls_
 
 
 def test_a_saved_model_runs_a_net_file_at_load_only_if_it_is_trusted(tmp_path, monkeypatch, capsys):
-    """Loading must not run code a saved file merely names: a model naming a net file this machine has not run
-    (a model from elsewhere) is refused until `condiff trust FILE`; an edited trusted file loads with a word."""
+    """Loading must not run code a saved file merely names: a model naming a net file that condiff has not run as it
+    is (a model from elsewhere, or one whose file was replaced since) is refused until `condiff trust FILE`."""
     from condiff.models import load_denoiser
     from condiff.userfile import UntrustedCode
 
@@ -160,10 +160,16 @@ def test_a_saved_model_runs_a_net_file_at_load_only_if_it_is_trusted(tmp_path, m
                  "--out", str(run)]) == 0
     load_denoiser(run)  # the file this machine trained with
     monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "elsewhere"))  # as on a machine that never ran it
-    with pytest.raises(UntrustedCode, match=rf"the model at {run / 'model'} names the net file {net_file}, whose "
-                       r"code condiff has not run on this machine: loading would run it. If you trust that file, run "
-                       rf"`condiff trust {net_file}`"):
+    with pytest.raises(UntrustedCode, match=rf"the model at {run / 'model'} names the net file {net_file}, and condiff "
+                       rf"has not run it with the trust record {tmp_path / 'elsewhere' / 'trusted_code.json'}: loading "
+                       rf"would run its code. If you trust the file as it is, run `condiff trust {net_file}`"):
         load_denoiser(run)
+    # nor does resuming its training from the run's own settings run the file (it did, and then trusted it)
+    marker = tmp_path / "ran"
+    net_file.write_text(net_file.read_text() + f"\nopen({str(marker)!r}, 'a').write('ran')\n")
+    assert main(["train", "--out", str(run), "--resume", "--set", "train.steps=3"]) == 2
+    assert not marker.exists() and "the run's settings in" in capsys.readouterr().err
+    net_file.write_text(net_file.read_text().replace(f"\nopen({str(marker)!r}, 'a').write('ran')\n", ""))
     capsys.readouterr()
     assert main(["sample", "--ckpt", str(run), "--n", "2", "--steps", "2"]) == 2
     assert "condiff trust" in capsys.readouterr().err and not (run / "samples").exists()
@@ -171,7 +177,10 @@ def test_a_saved_model_runs_a_net_file_at_load_only_if_it_is_trusted(tmp_path, m
     assert not (tmp_path / "elsewhere" / "trusted_code.json").exists()
     assert main(["trust", str(net_file)]) == 0
     assert main(["sample", "--ckpt", str(run), "--n", "2", "--steps", "2"]) == 0
-    net_file.write_text(net_file.read_text() + "\n# edited\n")
+    net_file.write_text(net_file.read_text() + "\n# edited\n")  # replaced: no longer the file trusted
+    with pytest.raises(UntrustedCode, match=r"net.py, and it was edited since condiff last ran it"):
+        load_denoiser(run)
+    assert main(["trust", str(net_file)]) == 0
     with pytest.warns(UserWarning, match="has changed since this net's settings were recorded"):
         load_denoiser(run)  # trusted, and loaded into the edited code with a word
     # training on after an edit goes on with the edited code, with a word, rather than refusing the run
@@ -391,6 +400,31 @@ def test_sample_refuses_meaningless_settings_before_sampling(trained, tmp_path, 
     assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2", "--out", str(tmp_path / "s")]) == 2
     assert "sample_config.json is a directory: move it away; nothing was written" in capsys.readouterr().err
     assert _snapshot(tmp_path / "s") == before
+
+
+def test_a_cache_where_trust_cannot_be_recorded_still_runs_the_files_one_names(tmp_path, monkeypatch, capsys):
+    from condiff import io
+
+    def read_only(*a, **kw):  # a read-only cache (the tests run as root, which writes anywhere)
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(io, "waiting_lock", read_only)
+    own = f"{Path(__file__).resolve().parents[1] / 'examples' / 'own_net' / 'net.py'}:SmallConvNet"
+    assert main(["train", "--data", "toy2d", "--set", f"model.name={own}", "--set", "train.steps=1", "--out",
+                 str(tmp_path / "r")]) == 2  # ran (a conv net on 2-D points), then refused by the check
+    err = capsys.readouterr().err
+    assert re.search(r"warning: .*net.py runs, but cannot be recorded as trusted in .*trusted_code.json", err)
+    assert "fails on two training samples" in err
+    assert main(["trust", own.rpartition(":")[0]]) == 2
+    assert capsys.readouterr().err.strip().startswith("condiff trust: error: cannot write the trust record")
+    monkeypatch.undo()
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "c2"))
+    (tmp_path / "c2").mkdir()
+    (tmp_path / "c2" / "trusted_code.json").write_text('{"broken')
+    from condiff.userfile import _trusted
+
+    with pytest.warns(UserWarning, match=r"the trust record .*trusted_code.json cannot be read"):
+        assert _trusted() == {}
 
 
 def test_a_resumed_run_keeps_its_schedule_and_budget_and_demo_checks_before_training(trained, tmp_path, capsys):

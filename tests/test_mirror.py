@@ -939,8 +939,13 @@ def test_cli_takes_a_constraint_from_the_users_python_file(tmp_path, capsys, mon
     assert main(["namm", "sample", "--run", "run", "--n", "4", "--no-finetuned", "--quiet"]) == 0
     metrics = json.loads((tmp_path / "run" / "samples" / "metrics.json").read_text())
     assert metrics["data (held-out)"]["l_max"] < 1e-4 and metrics["mdm"]["n"] == 4
-    # an edited file is other settings: the fitted stages are not reused without --fresh
+    # an edited file runs only once trusted as it is now, and is other settings: the fitted stages are not reused
+    # without --fresh
     (tmp_path / "con.py").write_text("def zero_sum(x):\n    return 2 * x.flatten(1).sum(1).abs()\n")
+    capsys.readouterr()
+    assert main(["namm", "sample", "--run", "run", "--n", "4", "--no-finetuned", "--quiet"]) == 2
+    assert "it was edited since condiff last ran it" in capsys.readouterr().err
+    assert main(["trust", "con.py"]) == 0
     assert main(["namm", "sample", "--run", "run", "--n", "4", "--no-finetuned", "--quiet"]) == 2
     assert "--fresh" in capsys.readouterr().err
     assert main(["namm", "fit", "--data", "data.npz", "--constraint", "con.py:zerosum", "--out", "r2", *tiny]) == 2
@@ -1096,7 +1101,7 @@ def test_a_namm_run_from_elsewhere_runs_its_constraint_file_only_once_trusted(tm
     capsys.readouterr()
     assert main(sample) == 2
     err = capsys.readouterr().err
-    assert f"the NAMM run run names the constraint file {tmp_path / 'con.py'}, whose code condiff has not run" in err
+    assert f"the NAMM run run names the constraint file {tmp_path / 'con.py'}, and condiff has not run it" in err
     assert main(["trust", "con.py"]) == 0 and main(sample) == 0
 
 

@@ -351,7 +351,10 @@ def test_a_net_of_ones_own_that_cannot_be_built_says_why_in_one_line(tmp_path):
     assert loose.settings == {"width": 3, "mode": "a"} and build_net(loose.config).settings == loose.settings
     from condiff.userfile import load_from_file
 
-    assert load_from_file(file, "RUNS")[0] == 1  # the file ran once in all the builds above
+    assert load_from_file(file, "RUNS", once=True)[0] == 1  # a net's file ran once in all the builds above
+    # a constraint's or an operator's file runs at each load: what it makes may hold state
+    assert load_from_file(file, "Net", once=True)[0] is load_from_file(file, "Net", once=True)[0]
+    assert load_from_file(file, "Net")[0] is not load_from_file(file, "Net")[0]
     config = build_net({"name": f"{file}:Net"}).config
     file.write_text(_OWN_NET + "\n# edited\n")
     with pytest.warns(UserWarning, match=r"net file .*net.py has changed since this net's settings were recorded"):

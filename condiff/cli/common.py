@@ -93,8 +93,9 @@ def check_labels(cfg: dict, data: ArrayData) -> torch.Tensor | None:
     return y
 
 
-def net_config(cfg: dict, data: ArrayData) -> dict:
-    """The model table, completed from the data (channels / dimension, number of classes)."""
+def net_config(cfg: dict, data: ArrayData, saved_by: str | None = None) -> dict:
+    """The model table, completed from the data (channels / dimension, number of classes). ``saved_by``: what
+    ``cfg`` was read from, where a net of one's own runs its file only if trusted (:func:`condiff.nets.build_net`)."""
     auto = AUTO_MODELS["unet"] if len(data.shape) == 3 else AUTO_MODELS["mlp"]
     m = dict(cfg["model"]) if cfg["model"].get("name") else {**auto, **cfg["model"]}
     for name, key, rank, what in (("unet", "in_channels", 3, "image data (C, H, W)"),
@@ -109,7 +110,7 @@ def net_config(cfg: dict, data: ArrayData) -> dict:
         m[key] = data.shape[0]
     name = m.get("name")
     if isinstance(name, str) and name not in NETS:  # a net of one's own: what its constructor takes, from the data
-        params = inspect.signature(net_class(name)[0]).parameters
+        params = inspect.signature(net_class(name, saved_by)[0]).parameters
         for key, rank in (("in_channels", 3), ("dim", 1)):
             if key in params and key not in m and len(data.shape) == rank:
                 m[key] = data.shape[0]
@@ -172,7 +173,9 @@ class TrainingJob:
     """Everything a training run needs, built and checked from the config before anything is written:
     bad data, model or training settings fail here, with the run directory untouched."""
 
-    def __init__(self, cfg: dict, run_dir: Path) -> None:
+    def __init__(self, cfg: dict, run_dir: Path, saved_by: str | None = None) -> None:
+        """``saved_by``: what ``cfg`` was read from (a resumed run's config.json), where a net of one's own runs
+        its file only if trusted (:func:`condiff.userfile.load_from_file`)."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.data = load_split(cfg, "train")
         self.schedule = Schedule.from_config(cfg["schedule"])
@@ -180,7 +183,7 @@ class TrainingJob:
         self.tcfg = train_config(train, device=cfg["_device"])
         torch.manual_seed(int(cfg["train"].get("seed", 0)))  # the initial weights follow the run's seed
         labels = check_labels(cfg, self.data)
-        net = build_net(net_config(cfg, self.data))
+        net = build_net(net_config(cfg, self.data, saved_by), saved_by)
         check_denoising_net(net, self.data.x, labels, cfg["_device"])
         drop = checks.number("train.label_drop", cfg["train"].get("label_drop", 0.0), "[0, 1)")
         if drop and labels is None:

@@ -85,7 +85,7 @@ def merge_checked(base: dict, update: dict, where: str, path: tuple[str, ...] = 
     for k, v in update.items():
         key, old = ".".join((*path, k)), out.get(k)
         if _another_kind(old, v, (*path, k)):  # another net or constraint: the old one's settings mean nothing to it
-            out[k] = {**copy.deepcopy(v), "name": canonical_name(v["name"])}
+            out[k] = {**copy.deepcopy(v), "name": canonical_name(v["name"], f"{key}.name")}
             continue
         if isinstance(old, dict):
             if not isinstance(v, dict):
@@ -95,7 +95,7 @@ def merge_checked(base: dict, update: dict, where: str, path: tuple[str, ...] = 
         try:
             out[k] = check_setting(key, old, copy.deepcopy(v), "now")
             if k == "name" and path not in ((), ("data",)):
-                out[k] = canonical_name(out[k])
+                out[k] = canonical_name(out[k], key)
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
     return out
@@ -108,19 +108,29 @@ def _another_kind(old: Any, new: Any, path: tuple[str, ...]) -> bool:
             and "name" in new and canonical_name(new["name"]) != canonical_name(old["name"]))
 
 
-def canonical_name(name: Any) -> Any:
+def canonical_name(name: Any, key: str = "name") -> Any:
     """A table's ``name`` as a run records it: a class of one's own, ``FILE.py:NAME``, under the file's absolute
     path (so that later commands find it from any working directory, and two spellings of one file are one
-    kind); any other name as it is."""
-    spec = split_file_spec(name, "name", "a class") if isinstance(name, str) else None
+    kind); any other name as it is. ``key``: the setting's dotted name, for the error on a bad ``NAME``."""
+    spec = split_file_spec(name, key, "a class") if isinstance(name, str) else None
     return name if spec is None else f"{Path(spec[0]).expanduser().resolve()}:{spec[1]}"
+
+
+def _at(cfg: dict, path: list[str]) -> Any:
+    """The value at a dotted ``path`` of ``cfg``; None where there is none."""
+    for key in path:
+        if not isinstance(cfg, dict):
+            return None
+        cfg = cfg.get(key)
+    return cfg
 
 
 def apply_settings(cfg: dict, from_file: dict, parsed: list[tuple[list[str], Any]], where: str) -> dict:
     """``cfg`` < the tables ``from_file`` < the ``parsed`` overrides. A ``--set X.name`` that names another kind
     (another net) is applied first, so that the old kind's settings are dropped and the file's and the other
     overrides' settings for the new one all stay, whatever the order of the flags."""
-    names = {tuple(p): v for p, v in parsed if len(p) >= 2 and p[-1] == "name" and p != ["data", "name"]}
+    names = {tuple(p): v for p, v in parsed if (len(p) >= 2 and p[-1] == "name" and p != ["data", "name"])
+             or _another_kind(_at(cfg, p), v, tuple(p))}  # X.name=..., or an inline table X={name=...}
     for path, value in names.items():
         set_path(cfg, list(path), value)
     cfg = merge_checked(cfg, from_file, where)
@@ -243,14 +253,14 @@ def set_path(cfg: dict, path: list[str], value: Any) -> None:
     # a table that names another kind (a ball constraint for a box) replaces the old one, as does a
     # value that is no table (a constraint given by its name)
     if isinstance(value, dict) and "name" in value:  # an inline table of a class of one's own: its file's full path
-        value = {**value, "name": canonical_name(value["name"])}
+        value = {**value, "name": canonical_name(value["name"], ".".join([*path, "name"]))}
     if isinstance(old, dict) and isinstance(value, dict) and value.get("name", old.get("name")) == old.get("name"):
         node[path[-1]] = merge_checked(old, value, "--set", tuple(path))
         return
     try:
         value = check_setting(".".join(path), node.get(path[-1]), value, "now")
         if path[-1] == "name" and path[:-1] != ["data"]:
-            value = canonical_name(value)
+            value = canonical_name(value, ".".join(path))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if path[-1] == "name" and _another_kind(node, {"name": value}, tuple(path[:-1])):

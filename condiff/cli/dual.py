@@ -417,7 +417,8 @@ class DualJob:
     constraints with their bounds and the trainer. Samples drawn for constraints wait in
     :attr:`cache` until the caller may write (``run_dir/constraint_data``)."""
 
-    def __init__(self, cfg: dict, run_dir: Path, device: str, fresh: bool = False) -> None:
+    def __init__(self, cfg: dict, run_dir: Path, device: str, fresh: bool = False,
+                 saved_by: str | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.tcfg, self.dcfg, init = check_run(cfg, device)
         self.data = build_source(cfg["objective"], cfg, "objective", None, device, None)
@@ -427,7 +428,8 @@ class DualJob:
             cfg["model"], cfg["schedule"] = dict(net.config), dict(init_cfg["schedule"])
         else:
             torch.manual_seed(self.tcfg.seed)
-            net = build_net(net_config({**cfg, "data": {**cfg["data"], "labels": False}}, self.data))
+            unlabelled = {**cfg, "data": {**cfg["data"], "labels": False}}
+            net = build_net(net_config(unlabelled, self.data, saved_by), saved_by)
             check_denoising_net(net, self.data.x, device=device)
         self.schedule = Schedule.from_config(cfg["schedule"])
         self.dcfg.check_grid(self.schedule.T)
@@ -492,7 +494,8 @@ def run_train(args: argparse.Namespace) -> int:
     run_dir = check_out_dir(args.out or Path("runs") / f"dual-{Path(args.config).stem}", kind="condiff dual train")
     if old is not None:
         announce_recorded(run_dir, args.overrides)
-    job = start_run(run_dir, args.resume, args.fresh, lambda: DualJob(cfg, run_dir, device, fresh=args.fresh),
+    saved_by = f"the run's settings in {run_dir / 'config.json'}" if old is not None else None
+    job = start_run(run_dir, args.resume, args.fresh, lambda: DualJob(cfg, run_dir, device, args.fresh, saved_by),
                     clear=("constraint_data", *OTHERS_RESULTS), data=cfg.get("data"),
                     # fine-tuning takes the schedule of the model it starts from: nothing of the file's to compare
                     schedule=None if (cfg.get("dual") or {}).get("init") else cfg.get("schedule"))

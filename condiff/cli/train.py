@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         announce_recorded(run_dir, args.overrides)
     args.run_dir = run_dir  # for the Ctrl-C hint
     given = args.data is not None or args.config is not None  # else the hint below would name nothing to drop
-    job = start_run(run_dir, args.resume, args.fresh, lambda: TrainingJob(cfg, run_dir), data=cfg["data"],
+    saved_by = f"the run's settings in {run_dir / 'config.json'}" if recorded else None
+    job = start_run(run_dir, args.resume, args.fresh, lambda: TrainingJob(cfg, run_dir, saved_by), data=cfg["data"],
                     schedule=cfg.get("schedule"), clear=FRESH_CLEARS,
                     resume_hint=" (--resume without --data and --config takes them from there)" if given else "")
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model

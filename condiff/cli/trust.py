@@ -2,8 +2,10 @@
 
 A model trained with a network of one's own (``model.name = "FILE.py:NAME"``) names the file in its
 ``config.json``, and loading the model runs the file. condiff runs such a file at load only if it has
-run that file before on this machine (at training, or when a command was given it) or it was trusted
-here. Trust a file you have read, for a model (or a NAMM run) from elsewhere.
+run the file as it is now before (at training, or when a command was given it) or it was trusted, as
+it is now, with this command; the record is kept in the cache (``$CONDIFF_CACHE``, else
+``~/.cache/condiff``). Trust a file you have read, for a model (or a NAMM run) from elsewhere, or after
+editing it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     files = [Path(f).expanduser().resolve() for f in args.files]
     for f in files:  # all checked before any is recorded
         if not f.is_file() or f.suffix != ".py":
-            raise ValueError(f"{f} is no Python file (.py)" if f.is_file() else f"{f} does not exist")
+            raise ValueError(f"{f} is no Python file (.py)" if f.exists() else f"{f} does not exist")
     for f in files:
         print(f"trusted {f} (SHA-256 {trust_file(f)[:16]}...)")
     return 0

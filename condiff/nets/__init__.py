@@ -48,7 +48,7 @@ def net_class(name: str, saved_by: str | None = None) -> tuple[type, str, str | 
         raise ValueError(f"unknown net {name!r}; known nets: {', '.join(sorted(NETS))}, or FILE.py:NAME for a "
                          "class of your own (a class registered with register_net is known once the module that "
                          "registers it is imported)")
-    cls, sha = load_from_file(spec[0], spec[1], "net", saved_by)
+    cls, sha = load_from_file(spec[0], spec[1], "net", saved_by, once=True)
     path = Path(spec[0]).expanduser().resolve()
     if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
         raise ValueError(f"net {path}:{spec[1]} is a {type(cls).__name__}, not a torch.nn.Module class")
