@@ -409,6 +409,7 @@ def test_a_cache_where_trust_cannot_be_recorded_still_runs_the_files_one_names(t
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(io, "waiting_lock", read_only)
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "c1"))  # where the file is not recorded yet
     own = f"{Path(__file__).resolve().parents[1] / 'examples' / 'own_net' / 'net.py'}:SmallConvNet"
     assert main(["train", "--data", "toy2d", "--set", f"model.name={own}", "--set", "train.steps=1", "--out",
                  str(tmp_path / "r")]) == 2  # ran (a conv net on 2-D points), then refused by the check
