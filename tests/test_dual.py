@@ -540,6 +540,28 @@ def test_cli_dual_train_writes_model_plots_metrics_and_resumes(tmp_path, capsys)
     assert "lambda" in json.loads((out / "metrics.json").read_text()) and not (out / "model" / "metrics.json").exists()
 
 
+def test_cli_dual_train_resumed_from_its_recorded_settings_runs_a_net_file_only_once_trusted(tmp_path, capsys,
+                                                                                              monkeypatch):
+    marker = tmp_path / "ran"
+    (tmp_path / "vec.py").write_text(
+        "import torch\n"
+        f"open({str(marker)!r}, 'a').write('ran')\n"
+        "class Vec(torch.nn.Module):\n"
+        "    def __init__(self, dim: int = 2):\n"
+        "        super().__init__()\n        self.lin = torch.nn.Linear(dim, dim)\n"
+        "    def forward(self, x, t):\n        return self.lin(x)\n")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(RUN_FILE.replace('name = "mlp"\nhidden = 32\ndepth = 1', f'name = "{tmp_path / "vec.py"}:Vec"')
+                   .replace("steps = 30", "steps = 10"))
+    out = tmp_path / "run"
+    assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu"]) == 0
+    assert marker.read_text() == "ran"  # the net file ran once, though the command needed its class twice
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "elsewhere"))  # as on a machine that never ran it
+    capsys.readouterr()
+    assert main(["dual", "train", "--out", str(out), "--device", "cpu", "--resume", "--set", "train.steps=12"]) == 2
+    assert "the run's settings in" in capsys.readouterr().err and marker.read_text() == "ran"
+
+
 def test_cli_dual_train_refuses_before_touching_an_existing_run(tmp_path, capsys):
     """Bad settings, an unloadable checkpoint, a bad device: one line, and every file of the run intact
     (--fresh deletes nothing, --resume rewrites no config.json, no constraint samples are written)."""
