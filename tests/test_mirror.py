@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -1094,6 +1095,9 @@ def test_a_namm_run_from_elsewhere_runs_its_constraint_file_only_once_trusted(tm
     monkeypatch.chdir(tmp_path)
     (tmp_path / "con.py").write_text("def box(x):\n    return (x.abs() - 1).clamp(min=0).flatten(1).sum(1)\n")
     fit = [a if a != "box" else "con.py:box" for a in _tiny_box_fit(tmp_path)]
+    shutil.copy(os.path.join(os.path.dirname(__file__), "..", "examples", "own_net", "net.py"), tmp_path / "net.py")
+    at = fit.index("model.mults=[1, 2]")  # the mirror DMs' net of one's own, whose constructor has no mults
+    fit[at] = "model.name=net.py:SmallConvNet"
     assert main(fit) == 0  # named on the command line: trusted from then on, here
     sample = ["namm", "sample", "--run", "run", "--set", "sample.n=2", "--set", "sample.steps=2", "--quiet",
               "--no-finetuned"]
@@ -1102,7 +1106,11 @@ def test_a_namm_run_from_elsewhere_runs_its_constraint_file_only_once_trusted(tm
     assert main(sample) == 2
     err = capsys.readouterr().err
     assert f"the NAMM run run names the constraint file {tmp_path / 'con.py'}, and condiff has not run it" in err
-    assert main(["trust", "con.py"]) == 0 and main(sample) == 0
+    assert main(["trust", "con.py"]) == 0 and main(sample) == 2
+    err = capsys.readouterr().err
+    assert f"the model at run/mdm/model names the net file {tmp_path / 'net.py'}, and condiff has not run it" in err
+    assert "--fresh" not in err  # the stage is sound: it is not to be redone
+    assert main(["trust", "net.py"]) == 0 and main(sample) == 0
 
 
 def test_a_stage_that_failed_before_its_first_checkpoint_is_replaced_with_nothing_kept(tmp_path, capsys, monkeypatch):

@@ -43,6 +43,7 @@ from ..nets import build_net
 from ..plots import plot_loss_curve
 from ..schedule import Schedule
 from ..train import TrainConfig, Trainer
+from ..userfile import UntrustedCode
 from . import config as config_mod
 from .common import (
     add_device_arg,
@@ -315,6 +316,8 @@ def _named_model(path: str, device: str, who: str) -> tuple:
     """:func:`load_model_for`, its refusal prefixed with ``who`` (the table and key that name ``path``)."""
     try:
         return load_model_for(path, device)
+    except UntrustedCode as e:  # trained: its net's file is not trusted here
+        raise UntrustedCode(f"{who}: {e}") from None
     except io.CheckpointError as e:
         raise io.CheckpointError(f"{who}: {e} (train that model first)") from None
 

@@ -69,6 +69,7 @@ from ..plots import plot_histograms
 from ..sample import generate
 from ..schedule import Schedule
 from ..train import TrainConfig
+from ..userfile import UntrustedCode
 from .common import add_device_arg, check_out_dir, json_table, pick_device, train_config
 from .config import (
     ConfigError,
@@ -507,6 +508,8 @@ class NAMMRun:
             return d, None
         try:
             return d, load(d)
+        except UntrustedCode:  # the stage is sound: it names a file of one's own that is not trusted here
+            raise
         except (io.CheckpointError, OSError, ValueError) as e:
             if not self.fresh:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
