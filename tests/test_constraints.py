@@ -387,6 +387,10 @@ def test_load_counter_resumes_a_training_cut_short_and_keeps_no_state_once_it_is
     assert not (tmp_path / ".c.training").exists()
     with pytest.raises(ValueError, match=r"every must be an integer >= 1, got 0"):
         train_counter(**_SMALL_COUNTER, checkpoint=tmp_path / "s", every=0)
+    (tmp_path / "file").write_text("")  # a cache that cannot be written: said before any training
+    with pytest.raises(ValueError, match=r"the counting CNN for .*file/c is not cached, and cannot be trained into "
+                       r"that folder \(.*\): set CONDIFF_CACHE to a folder you can write"):
+        count.load_counter(2, 12, steps=10, width=4, path=tmp_path / "file" / "c")
     assert _same_weights(net, count.load_counter(2, 12, steps=10, width=4, path=tmp_path / "whole"))  # as if uncut
 
 

@@ -9,6 +9,7 @@ adversarial (PGD) training (``COUNTER_RECIPE``), and cached under
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -256,8 +257,14 @@ def load_counter(
         return _cached_counter(path)
     # a second process that needs it waits, then loads it, rather than training it again beside the first
     # (and racing it for the saved training state)
-    with io.waiting_lock(path.with_name(f".{path.name}.lock"),
-                         f"waiting for another process, which is training the counting CNN for {path}"):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(io.waiting_lock(path.with_name(f".{path.name}.lock"),
+                                               f"waiting for another process, which is training the counting CNN "
+                                               f"for {path}"))
+        except OSError as e:  # a read-only cache, say: said now, not after minutes of training
+            raise ValueError(f"the counting CNN for {path} is not cached, and cannot be trained into that folder "
+                             f"({e}): set CONDIFF_CACHE to a folder you can write") from None
         if (path / io.CONFIG).is_file():  # made by the process this one waited for
             return _cached_counter(path)
         return _train_and_keep(path, k, size, steps, seed, width, device, progress)
