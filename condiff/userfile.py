@@ -107,6 +107,27 @@ def trust_file(path: str | Path) -> str:
     return sha
 
 
+def trusted_files() -> dict[str, list[str]]:
+    """The trusted files: absolute path -> the SHA-256 of each trusted version (the last few)."""
+    return _trusted()
+
+
+def forget_file(path: str | Path) -> bool:
+    """Stop trusting every version of the file ``path`` (which need not exist any more); False if it was not
+    trusted."""
+    file = str(Path(path).expanduser().resolve())
+    record = io.cache_dir() / TRUSTED
+    try:
+        with io.waiting_lock(record.with_name(f".{TRUSTED}.lock")):
+            table = _trusted()
+            if table.pop(file, None) is None:
+                return False
+            io.write_json_atomic(record, table)
+    except OSError as e:
+        raise ValueError(f"cannot write the trust record {record}: {e}") from None
+    return True
+
+
 def _trusted() -> dict[str, list[str]]:
     """The trusted files; an unreadable record trusts nothing, with a word (each file is trusted again as it
     is named, and the record written anew)."""
@@ -140,4 +161,4 @@ def _record_trusted(file: Path, sha: str, strict: bool = False) -> None:
                       "that names it will not load until it is", stacklevel=3)
 
 
-__all__ = ["UntrustedCode", "load_from_file", "split_file_spec", "trust_file"]
+__all__ = ["UntrustedCode", "forget_file", "load_from_file", "split_file_spec", "trust_file", "trusted_files"]

@@ -177,6 +177,14 @@ def test_a_saved_model_runs_a_net_file_at_load_only_if_it_is_trusted(tmp_path, m
     assert not (tmp_path / "elsewhere" / "trusted_code.json").exists()
     assert main(["trust", str(net_file)]) == 0
     assert main(["sample", "--ckpt", str(run), "--n", "2", "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main(["trust", "--list"]) == 0 and capsys.readouterr().out == f"{net_file}  (1 version)\n"
+    assert main(["trust", "--forget", str(net_file)]) == 0 and main(["trust", "--list"]) == 0
+    assert capsys.readouterr().out == f"forgot {net_file}\nno file is trusted\n"
+    with pytest.raises(UntrustedCode):
+        load_denoiser(run)
+    assert main(["trust"]) == 2 and "name the files to trust" in capsys.readouterr().err
+    assert main(["trust", str(net_file)]) == 0
     net_file.write_text(net_file.read_text() + "\n# edited\n")  # replaced: no longer the file trusted
     with pytest.raises(UntrustedCode, match=r"net.py, and it was edited since condiff last ran it"):
         load_denoiser(run)

@@ -13,18 +13,36 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..userfile import trust_file
+from ..userfile import forget_file, trust_file, trusted_files
 
 
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="let saved models that name these Python files (a network of your own) run "
                        "them at load", description=__doc__)
-    p.add_argument("files", nargs="+", metavar="FILE.py", help="the files to trust, as they are now")
+    p.add_argument("files", nargs="*", metavar="FILE.py", help="the files to trust, as they are now")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--list", action="store_true", help="list the trusted files (and how many versions of each)")
+    what.add_argument("--forget", action="store_true", help="stop trusting the files given (every version)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.list:
+        if args.files:
+            raise ValueError("--list takes no files")
+        table = trusted_files()
+        for f, versions in sorted(table.items()):
+            print(f"{f}  ({len(versions)} version{'s' if len(versions) != 1 else ''})")
+        if not table:
+            print("no file is trusted")
+        return 0
+    if not args.files:
+        raise ValueError("name the files to trust (or --forget), or pass --list")
     files = [Path(f).expanduser().resolve() for f in args.files]
+    if args.forget:
+        for f in files:
+            print(f"forgot {f}" if forget_file(f) else f"{f} was not trusted")
+        return 0
     for f in files:  # all checked before any is recorded
         if not f.is_file() or f.suffix != ".py":
             raise ValueError(f"{f} is no Python file (.py)" if f.exists() else f"{f} does not exist")
