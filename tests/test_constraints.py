@@ -307,6 +307,23 @@ def test_counter_cache_key_is_unchanged_on_the_cpu_and_apart_for_a_gpu(tmp_path,
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
 
 
+def test_a_distance_of_the_wrong_kind_is_named_without_the_warnings_its_own_code_raised_on_the_way():
+    import warnings
+
+    x = torch.randn(2, 1, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "converting a tensor with requires_grad=True to a scalar"
+        with pytest.raises(ValueError, match=r"must return shape \(2,\) for a batch of 2, got float"):
+            check_distance(lambda x: float(x.sum()), x)
+
+    def chatty(x):
+        warnings.warn("the distance's own word", UserWarning, stacklevel=1)
+        return x.flatten(1).abs().sum(1)
+
+    with pytest.warns(UserWarning, match="the distance's own word"):  # a distance of the right kind: said
+        check_distance(chatty, x)
+
+
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
 

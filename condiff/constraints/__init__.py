@@ -22,6 +22,7 @@ python             a user's callable in a Python file (``FILE:NAME``)  python.py
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -133,14 +134,19 @@ def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
                              "values that depend on the batch and on chance, and updates its running statistics "
                              "each call: call .eval() on it first")
     xg = x.detach().clone().requires_grad_(x.is_floating_point())
-    with torch.enable_grad():
+    with torch.enable_grad(), warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
         out = fn(xg)
     if not isinstance(out, Tensor) or out.shape != (x.shape[0],):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        # what the distance's own code warned on the way (torch's "converting a tensor ... to a scalar" for a
+        # float(...)) is left out: this says what is wrong
         raise ValueError(
             f"a constraint distance must return shape ({x.shape[0]},) for a batch of "
             f"{x.shape[0]}, got {shape}"
         )
+    for w in said:  # a distance of the right shape: its code's warnings, as they came
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not out.is_floating_point():
         raise ValueError(f"a constraint distance must return floating-point values, got {out.dtype} "
                          "(a count or a comparison has no gradient)")
