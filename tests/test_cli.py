@@ -114,6 +114,56 @@ def test_a_net_named_by_a_set_keeps_every_other_setting_given_for_it_in_any_orde
     assert resolve("digits", toml, [f"model.name={rel}", "model.depth=2"])["model"] == {"name": own, "depth": 2}
 
 
+def test_a_config_table_naming_the_same_net_file_spelled_otherwise_merges_into_the_old_one(tmp_path, monkeypatch):
+    from condiff.cli.config import merge_checked
+
+    monkeypatch.chdir(tmp_path)
+    own = f"{tmp_path / 'own.py'}:Net"
+    merged = merge_checked({"model": {"name": own, "width": 8}}, {"model": {"name": "own.py:Net", "depth": 1}},
+                           "f.toml")
+    assert merged == {"model": {"name": own, "width": 8, "depth": 1}}  # one net: its settings kept, its name absolute
+
+
+def test_a_net_of_ones_own_takes_its_channels_or_dimension_from_the_data_unless_given(tmp_path):
+    from condiff.cli.common import net_config
+    from condiff.data import ArrayData
+
+    file = tmp_path / "nets.py"
+    file.write_text("import torch\n"
+                    "class Img(torch.nn.Module):\n    def __init__(self, in_channels: int = 1, width: int = 4):\n"
+                    "        super().__init__()\n"
+                    "class Vec(torch.nn.Module):\n    def __init__(self, dim: int = 2):\n        super().__init__()\n")
+    images, points = ArrayData(torch.zeros(4, 3, 8, 8)), ArrayData(torch.zeros(4, 5))
+
+    def cfg(name, **given):
+        return {"model": {"name": f"{file}:{name}", **given}, "data": {}}
+
+    assert net_config(cfg("Img"), images)["in_channels"] == 3
+    assert net_config(cfg("Vec"), points)["dim"] == 5
+    assert "dim" not in net_config(cfg("Vec"), images)  # a vector net's dimension is no picture's
+    assert net_config(cfg("Img", in_channels=4), images)["in_channels"] == 4  # given: as given
+
+
+def test_the_check_of_a_new_net_changes_none_of_its_statistics_draws_nothing_and_keeps_its_mode():
+    from condiff.cli.common import check_denoising_net
+
+    class Noisy(torch.nn.Module):  # running statistics in training mode, and a draw of its own in either mode
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(1)
+
+        def forward(self, x, t):
+            return self.bn(x) + 0 * torch.randn_like(x)
+
+    net, x = Noisy(), torch.randn(4, 1, 8, 8) + 3
+    before, state = {k: v.clone() for k, v in net.state_dict().items()}, torch.get_rng_state()
+    check_denoising_net(net, x)
+    assert torch.equal(torch.get_rng_state(), state) and net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # run in eval mode
+    check_denoising_net(net.eval(), x)
+    assert not net.training  # left as it was
+
+
 def test_the_check_of_a_new_net_leaves_training_as_it_was_and_probes_both_calls_of_a_labelled_net():
     from condiff.cli.common import check_denoising_net
     from condiff.nets import UNet
@@ -408,6 +458,31 @@ def test_sample_refuses_meaningless_settings_before_sampling(trained, tmp_path, 
     assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2", "--out", str(tmp_path / "s")]) == 2
     assert "sample_config.json is a directory: move it away; nothing was written" in capsys.readouterr().err
     assert _snapshot(tmp_path / "s") == before
+
+
+def test_the_trust_record_keeps_a_files_last_eight_versions_and_trusts_only_python_files(tmp_path, monkeypatch):
+    """Switching back to a version of a file one ran (another branch) finds it still trusted, until eight others have
+    run since; `trust_file` takes a Python file that is there, nothing else."""
+    from condiff.userfile import UntrustedCode, load_from_file, trust_file
+
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "cache"))
+    file, versions = tmp_path / "con.py", [f"def c(x):\n    return x  # version {i}\n" for i in range(9)]
+    for text in versions[:2]:
+        file.write_text(text)
+        load_from_file(file, "c")  # named by the user: trusted as it is
+    file.write_text(versions[0])
+    load_from_file(file, "c", saved_by="the model at m")
+    for text in versions[2:]:
+        file.write_text(text)
+        load_from_file(file, "c")
+    file.write_text(versions[0])
+    with pytest.raises(UntrustedCode, match="it was edited since condiff last ran it"):
+        load_from_file(file, "c", saved_by="the model at m")
+    (tmp_path / "notes.txt").write_text("c = 1\n")
+    with pytest.raises(ValueError, match=r"notes.txt is no Python file \(.py\)"):
+        trust_file(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match=r"gone.py does not exist"):
+        trust_file(tmp_path / "gone.py")
 
 
 def test_a_cache_where_trust_cannot_be_recorded_still_runs_the_files_one_names(tmp_path, monkeypatch, capsys):

@@ -432,6 +432,27 @@ def test_a_second_user_of_a_counter_in_training_waits_and_loads_it_without_train
     assert len(got) == 1 and _same_weights(got[0], made)
 
 
+def test_counter_training_saves_no_state_at_its_last_step(tmp_path):
+    """The finished counter is the caller's to keep: a state saved at the last step is one that no training
+    could go on from (and a later use of the state folder would refuse it and start over)."""
+    from condiff import io
+
+    train_counter(**_SMALL_COUNTER, checkpoint=tmp_path / "state", every=3)
+    assert io.load_config(tmp_path / "state")["step"] == 6  # saved at 3 and 6, not at 9
+
+
+def test_a_counter_state_damaged_past_its_network_puts_back_everything_it_loaded(tmp_path, monkeypatch, capsys):
+    state = tmp_path / "state"
+    with pytest.raises(KeyboardInterrupt):  # a state saved at step 3
+        _cut_counter_training(monkeypatch, 4)
+        train_counter(**_SMALL_COUNTER, checkpoint=state, every=3)
+    monkeypatch.undo()
+    (state / "rng.safetensors").write_bytes(b"damaged")  # read last: the network, Adam and the schedule loaded
+    net = train_counter(**_SMALL_COUNTER, checkpoint=state, every=100)
+    assert "is not used (corrupted or truncated checkpoint file" in capsys.readouterr().err
+    assert _same_weights(net, train_counter(**_SMALL_COUNTER))  # a start from scratch, as if no state was there
+
+
 # --- every family: shape, sign, gradients; registry ------------------------------------------------
 
 

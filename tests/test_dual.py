@@ -562,6 +562,39 @@ def test_cli_dual_train_resumed_from_its_recorded_settings_runs_a_net_file_only_
     assert "the run's settings in" in capsys.readouterr().err and marker.read_text() == "ran"
 
 
+def test_cli_dual_train_refuses_a_net_that_cannot_denoise_the_data_before_its_run_begins(tmp_path, capsys):
+    (tmp_path / "wide.py").write_text("import torch\nclass Wide(torch.nn.Module):\n"
+                                      "    def __init__(self, dim: int = 2):\n        super().__init__()\n"
+                                      "        self.lin = torch.nn.Linear(dim, 3)\n"
+                                      "    def forward(self, x, t):\n        return self.lin(x)\n")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(RUN_FILE.replace('name = "mlp"\nhidden = 32\ndepth = 1', f'name = "{tmp_path / "wide.py"}:Wide"'))
+    out = tmp_path / "run"
+    assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu"]) == 2
+    assert "maps x of shape (2, 2) to (2, 3): a denoising net returns" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_dual_train_says_how_to_trust_a_constraints_model_whose_net_file_is_not_trusted(tmp_path, capsys,
+                                                                                          monkeypatch):
+    from condiff.models import save_model
+    from condiff.nets import build_net
+
+    (tmp_path / "vec.py").write_text("import torch\nclass Vec(torch.nn.Module):\n"
+                                     "    def __init__(self, dim: int = 2):\n        super().__init__()\n"
+                                     "        self.lin = torch.nn.Linear(dim, dim)\n"
+                                     "    def forward(self, x, t):\n        return self.lin(x)\n")
+    save_model(tmp_path / "gen", build_net({"name": f"{tmp_path / 'vec.py'}:Vec"}), Schedule.linear(50), shape=[2])
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(RUN_FILE.split("[[constraint]]")[0] + f'[[constraint]]\nname = "gen"\n'
+                   f'model = "{tmp_path / "gen"}"\nn = 16\nsteps = 5\nbound = 0.5\n')
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "elsewhere"))  # as on a machine that never ran it
+    assert main(["dual", "train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "names the net file" in err and f"condiff trust {tmp_path / 'vec.py'}" in err
+    assert "(train that model first)" not in err  # it is trained: its file is not trusted here
+
+
 def test_cli_dual_train_refuses_before_touching_an_existing_run(tmp_path, capsys):
     """Bad settings, an unloadable checkpoint, a bad device: one line, and every file of the run intact
     (--fresh deletes nothing, --resume rewrites no config.json, no constraint samples are written)."""

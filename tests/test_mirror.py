@@ -1113,6 +1113,27 @@ def test_a_namm_run_from_elsewhere_runs_its_constraint_file_only_once_trusted(tm
     assert main(["trust", "net.py"]) == 0 and main(sample) == 0
 
 
+def test_a_namm_run_from_elsewhere_does_not_run_its_net_file_to_check_a_stage_it_would_redo(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """The check before a stage is redone (other settings, --fresh) builds the stage's net from the run's settings:
+    an untrusted net file is refused there, not run."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "ran"
+    net = open(os.path.join(os.path.dirname(__file__), "..", "examples", "own_net", "net.py")).read()
+    (tmp_path / "net.py").write_text(net + f"\nopen({str(marker)!r}, 'a').write('ran')\n")
+    fit = _tiny_box_fit(tmp_path)
+    fit[fit.index("model.mults=[1, 2]")] = "model.name=net.py:SmallConvNet"
+    assert main(fit) == 0
+    marker.unlink()
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "elsewhere"))
+    capsys.readouterr()
+    assert main(["namm", "sample", "--run", "run", "--fresh", "--set", "model.width=8", "--set", "sample.n=2",
+                 "--set", "sample.steps=2", "--quiet", "--no-finetuned"]) == 2
+    assert "names the net file" in capsys.readouterr().err and not marker.exists()
+
+
 def test_a_stage_that_failed_before_its_first_checkpoint_is_replaced_with_nothing_kept(tmp_path, capsys, monkeypatch):
     from condiff.cli.main import main
 
@@ -1447,6 +1468,27 @@ def test_an_inline_table_override_merges_like_a_config_file():
     assert cfg == {"data": {"name": "toy2d", "seed": 0}}
     with pytest.raises(ConfigError, match=r"setting mirror.psi.filters expects a number \(now 16\), got 'x'"):
         mirror("mirror.psi={filters='x'}")
+
+
+def test_an_inline_table_naming_a_net_of_ones_own_goes_first_and_is_recorded_by_its_files_full_path(
+        tmp_path, monkeypatch):
+    """``--set mirror.inverse={name="own.py:Inv"}`` names another kind, as ``mirror.inverse.name=`` does: it is
+    applied before the config file, whose settings for the new net stay, and names the file by its absolute path."""
+    from condiff.cli.namm import resolve
+
+    monkeypatch.chdir(tmp_path)
+    toml = tmp_path / "m.toml"
+    toml.write_text("[mirror.inverse]\nwidth = 3\n")
+    want = {"name": f"{tmp_path / 'own.py'}:Inv", "width": 3}
+    for sets in (["mirror.inverse={name='own.py:Inv'}"], ["mirror.inverse.name=own.py:Inv"]):
+        assert resolve("count", "quick", toml, sets, None)["mirror"]["inverse"] == want, sets
+    from condiff.cli.config import set_path
+
+    cfg = {"mirror": {"inverse": {"name": "resnet", "filters": 8}}}  # a run's recorded settings, then --set
+    set_path(cfg, ["mirror", "inverse"], {"name": "own.py:Inv", "width": 3})
+    assert cfg["mirror"]["inverse"] == want
+    set_path(cfg, ["mirror", "inverse"], {"name": "own.py:Inv", "depth": 2})  # the same net: merged
+    assert cfg["mirror"]["inverse"] == {**want, "depth": 2}
 
 
 def test_a_registered_data_set_that_is_no_generator_gets_none_of_the_generators_sizes():

@@ -364,6 +364,18 @@ def test_a_net_of_ones_own_that_cannot_be_built_says_why_in_one_line(tmp_path):
         build_net(config)
 
 
+def test_a_net_file_edited_within_one_process_runs_again_as_edited(tmp_path):
+    """A net's file runs once per process for each version of it: an edited file is not served from the
+    run of the version before."""
+    file = tmp_path / "net.py"
+    file.write_text(_OWN_NET)
+    assert build_net({"name": f"{file}:Net", "width": 3}).conv.out_channels == 3
+    file.write_text(_OWN_NET.replace("self.conv = nn.Conv2d(in_channels, width, 3", "self.conv = nn.Conv2d("
+                                     "in_channels, 2 * width, 3").replace("nn.Conv2d(width, in_channels", "nn.Conv2d("
+                                     "2 * width, in_channels"))
+    assert build_net({"name": f"{file}:Net", "width": 3}).conv.out_channels == 6
+
+
 def test_build_net_checks_argument_types_against_the_constructor_defaults():
     base = {"name": "resnet", "in_channels": 1, "out_channels": 1}
     with pytest.raises(ValueError, match=r"setting resnet.context expects true or false .*, got .maybe."):

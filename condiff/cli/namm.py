@@ -609,7 +609,8 @@ class NAMMRun:
         # `condiff sample` score it on its own; the mirror model's samples are not data
         meta = {"stage": name, **({"data": self.data_settings()} if name == "vanilla" else {})}
         den = train_diffusion(x, net, Schedule.from_config(self.cfg["schedule"]), tcfg, d, meta,
-                              resume=True, seed=tcfg.seed)  # train.seed seeds the initial weights too
+                              resume=True, seed=tcfg.seed,  # train.seed seeds the initial weights too
+                              saved_by=self.saved_by)
         self._finish(name, spec, time.perf_counter() - t0)
         return den
 

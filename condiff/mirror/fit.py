@@ -134,15 +134,18 @@ def train_diffusion(
     meta: dict | None = None,
     resume: bool = False,
     seed: int = 0,
+    saved_by: str | None = None,
 ) -> NetDenoiser:
     """The core denoising objective on in-memory data ``x`` (the vanilla DM on data, the MDM on ``g(x)``).
+    ``saved_by``: what ``net_cfg`` was read from, where a net of one's own runs its file only if trusted
+    (:func:`condiff.nets.build_net`).
 
     With ``run_dir`` the EMA model is saved to ``run_dir/model`` (loadable with
     :func:`condiff.models.load_denoiser`).
     """
     with torch.random.fork_rng(devices=[]):  # seeded weights (and dropout); the caller's stream left as it was
         torch.manual_seed(seed)
-        net = build_net(net_cfg)
+        net = build_net(net_cfg, saved_by)
         meta = {"net": net.config, "schedule": schedule.config(), "shape": list(x.shape[1:]), **(meta or {})}
         tr = _trainer(net, DenoisingObjective(x, schedule, tcfg.batch_size), tcfg, run_dir, meta, resume)
         t0 = time.perf_counter()
