@@ -1134,6 +1134,27 @@ def test_a_namm_run_from_elsewhere_does_not_run_its_net_file_to_check_a_stage_it
     assert "names the net file" in capsys.readouterr().err and not marker.exists()
 
 
+def test_a_namm_run_from_elsewhere_does_not_run_its_mirror_net_file_to_check_a_mirror_map_it_would_redo(
+        tmp_path, capsys, monkeypatch):
+    """The same for the mirror map's nets: a Psi of one's own (a subclass of the library's ICNN, in a file)."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "ran"
+    (tmp_path / "psi.py").write_text(f"from condiff.nets.icnn import ICNN\nopen({str(marker)!r}, 'a').write('ran')\n"
+                                     "\n\nclass Psi(ICNN):\n    pass\n")
+    fit = _tiny_box_fit(tmp_path)
+    assert main([*fit, "--set", "mirror.psi={name='psi.py:Psi', filters=4, layers=2}"]) == 0
+    recorded = json.loads((tmp_path / "run" / "namm" / "mirror" / "config.json").read_text())["mirror"]["psi"]
+    assert recorded["name"] == f"{tmp_path / 'psi.py'}:Psi" and recorded["filters"] == 4
+    marker.unlink()
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "elsewhere"))
+    capsys.readouterr()
+    assert main(["namm", "sample", "--run", "run", "--fresh", "--set", "mirror_train.steps=5", "--set", "sample.n=2",
+                 "--set", "sample.steps=2", "--quiet", "--no-finetuned"]) == 2
+    assert "names the net file" in capsys.readouterr().err and not marker.exists()
+
+
 def test_a_stage_that_failed_before_its_first_checkpoint_is_replaced_with_nothing_kept(tmp_path, capsys, monkeypatch):
     from condiff.cli.main import main
 

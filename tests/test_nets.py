@@ -331,6 +331,17 @@ def test_a_net_of_ones_own_is_built_from_its_file_and_rebuilt_from_its_config_an
     assert torch.equal(net(x, _t(2)), twin(x, _t(2))) and twin.config == net.config
 
 
+def test_a_subclass_of_a_condiff_net_in_ones_own_file_keeps_its_parents_record_under_the_files_name(tmp_path):
+    file = tmp_path / "wide.py"
+    file.write_text("from condiff.nets import UNet\n\nclass Wide(UNet):\n    pass\n")
+    net = build_net({"name": f"{file}:Wide", "in_channels": 1, "base": 8, "mults": [1]})
+    assert net.config["name"] == f"{file}:Wide" and net.config["base"] == 8 and "num_res" in net.config
+    twin = build_net(json.loads(json.dumps(net.config)))  # every setting the UNet records, rebuilt
+    twin.load_state_dict(net.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(net.eval()(x, _t(2)), twin.eval()(x, _t(2)))
+
+
 def test_a_net_of_ones_own_that_cannot_be_built_says_why_in_one_line(tmp_path):
     file = tmp_path / "net.py"
     file.write_text(_OWN_NET)

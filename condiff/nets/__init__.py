@@ -86,10 +86,16 @@ def build_net(config: dict, saved_by: str | None = None) -> nn.Module:
             raise
         raise ValueError(f"net {name} failed to build: {type(err).__name__}: {err}") from None
     if sha is not None:  # the file's class: the config names the file
-        if hasattr(net, "config"):
+        own = getattr(net, "config", None)
+        if own is None:
+            net.config = {"name": name, **kwargs, "file_sha256": sha}
+        elif isinstance(own, dict) and "name" in own and "config" in vars(net):
+            # a subclass of a condiff net: the record its parent keeps (every setting, some read back later),
+            # under the file's name
+            net.config = {**own, **kwargs, "name": name, "file_sha256": sha}
+        else:
             raise ValueError(f"net {name} has a .config of its own, where condiff keeps what rebuilds the net (the "
                              "file, the class and its settings): rename it")
-        net.config = {"name": name, **kwargs, "file_sha256": sha}
     elif not hasattr(net, "config"):  # a class of one's own that keeps none: what built it
         net.config = {"name": name, **kwargs}
     return net
