@@ -33,7 +33,8 @@ def add_config_args(p: argparse.ArgumentParser, data_default: str | None = None)
     p.add_argument("--config", metavar="TOML", help="TOML file with [data] [model] [schedule] [train] "
                    "[sample] tables")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one setting, e.g. --set train.steps=500 (repeatable)")
+                   help="override one setting, e.g. --set train.steps=500 (repeatable); --set "
+                        "model.name=FILE.py:NAME trains a network class of your own (docs/own-data.md)")
     add_device_arg(p)
 
 
