@@ -1113,44 +1113,36 @@ def test_a_namm_run_from_elsewhere_runs_its_constraint_file_only_once_trusted(tm
     assert main(["trust", "net.py"]) == 0 and main(sample) == 0
 
 
-def test_a_namm_run_from_elsewhere_does_not_run_its_net_file_to_check_a_stage_it_would_redo(tmp_path, capsys,
-                                                                                            monkeypatch):
-    """The check before a stage is redone (other settings, --fresh) builds the stage's net from the run's settings:
+_EXAMPLE_NET = os.path.join(os.path.dirname(__file__), "..", "examples", "own_net", "net.py")
+
+
+@pytest.mark.parametrize(("file", "code", "fit_set", "redo_set"), [
+    # a mirror DM's net of one's own, its stage redone with another width
+    ("net.py", open(_EXAMPLE_NET).read(), "model.name=net.py:SmallConvNet", "model.width=8"),
+    # a Psi of one's own (a subclass of the library's ICNN), the mirror map redone with more steps
+    ("psi.py", "from condiff.nets.icnn import ICNN\n\n\nclass Psi(ICNN):\n    pass\n",
+     "mirror.psi={name='psi.py:Psi', filters=4, layers=2}", "mirror_train.steps=5"),
+])
+def test_a_namm_run_from_elsewhere_does_not_run_a_net_file_to_check_a_stage_it_would_redo(
+        tmp_path, capsys, monkeypatch, file, code, fit_set, redo_set):
+    """The check before a stage is redone (other settings, --fresh) builds the stage's nets from the run's settings:
     an untrusted net file is refused there, not run."""
     from condiff.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "ran"
-    net = open(os.path.join(os.path.dirname(__file__), "..", "examples", "own_net", "net.py")).read()
-    (tmp_path / "net.py").write_text(net + f"\nopen({str(marker)!r}, 'a').write('ran')\n")
+    (tmp_path / file).write_text(code + f"\nopen({str(marker)!r}, 'a').write('ran')\n")
     fit = _tiny_box_fit(tmp_path)
-    fit[fit.index("model.mults=[1, 2]")] = "model.name=net.py:SmallConvNet"
+    if fit_set.startswith("model."):  # in place of the UNet's setting, which a net of one's own does not take
+        fit[fit.index("model.mults=[1, 2]")] = fit_set
+    else:
+        fit += ["--set", fit_set]
     assert main(fit) == 0
+    assert f'"{tmp_path / file}:' in (tmp_path / "run" / "config.json").read_text()  # recorded by its full path
     marker.unlink()
     monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "elsewhere"))
     capsys.readouterr()
-    assert main(["namm", "sample", "--run", "run", "--fresh", "--set", "model.width=8", "--set", "sample.n=2",
-                 "--set", "sample.steps=2", "--quiet", "--no-finetuned"]) == 2
-    assert "names the net file" in capsys.readouterr().err and not marker.exists()
-
-
-def test_a_namm_run_from_elsewhere_does_not_run_its_mirror_net_file_to_check_a_mirror_map_it_would_redo(
-        tmp_path, capsys, monkeypatch):
-    """The same for the mirror map's nets: a Psi of one's own (a subclass of the library's ICNN, in a file)."""
-    from condiff.cli.main import main
-
-    monkeypatch.chdir(tmp_path)
-    marker = tmp_path / "ran"
-    (tmp_path / "psi.py").write_text(f"from condiff.nets.icnn import ICNN\nopen({str(marker)!r}, 'a').write('ran')\n"
-                                     "\n\nclass Psi(ICNN):\n    pass\n")
-    fit = _tiny_box_fit(tmp_path)
-    assert main([*fit, "--set", "mirror.psi={name='psi.py:Psi', filters=4, layers=2}"]) == 0
-    recorded = json.loads((tmp_path / "run" / "namm" / "mirror" / "config.json").read_text())["mirror"]["psi"]
-    assert recorded["name"] == f"{tmp_path / 'psi.py'}:Psi" and recorded["filters"] == 4
-    marker.unlink()
-    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "elsewhere"))
-    capsys.readouterr()
-    assert main(["namm", "sample", "--run", "run", "--fresh", "--set", "mirror_train.steps=5", "--set", "sample.n=2",
+    assert main(["namm", "sample", "--run", "run", "--fresh", "--set", redo_set, "--set", "sample.n=2",
                  "--set", "sample.steps=2", "--quiet", "--no-finetuned"]) == 2
     assert "names the net file" in capsys.readouterr().err and not marker.exists()
 
