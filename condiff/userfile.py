@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from . import io
@@ -116,16 +117,10 @@ def forget_file(path: str | Path) -> bool:
     """Stop trusting every version of the file ``path`` (which need not exist any more); False if it was not
     trusted."""
     file = str(Path(path).expanduser().resolve())
-    record = io.cache_dir() / TRUSTED
     try:
-        with io.waiting_lock(record.with_name(f".{TRUSTED}.lock")):
-            table = _trusted()
-            if table.pop(file, None) is None:
-                return False
-            io.write_json_atomic(record, table)
+        return _update_record(lambda table: table.pop(file, None) is not None)
     except OSError as e:
-        raise ValueError(f"cannot write the trust record {record}: {e}") from None
-    return True
+        raise ValueError(f"cannot write the trust record {io.cache_dir() / TRUSTED}: {e}") from None
 
 
 def _trusted() -> dict[str, list[str]]:
@@ -143,17 +138,31 @@ def _trusted() -> dict[str, list[str]]:
     return {k: v for k, v in table.items() if isinstance(v, list)}
 
 
+def _update_record(change: Callable[[dict[str, list[str]]], bool]) -> bool:
+    """Read the record under its lock (another process may be changing it), ``change`` it in place and write it
+    back, if ``change`` says it changed; returns whether it did."""
+    record = io.cache_dir() / TRUSTED
+    with io.waiting_lock(record.with_name(f".{TRUSTED}.lock")):
+        table = _trusted()
+        if not change(table):
+            return False
+        io.write_json_atomic(record, table)
+    return True
+
+
 def _record_trusted(file: Path, sha: str, strict: bool = False) -> None:
     """Add the file's version to the record. Where the record cannot be written (a read-only cache), a file
     the user names still runs, with a word (``strict``: an error, for `condiff trust`, which does nothing else)."""
     if sha in _trusted().get(str(file), []):
         return
     record = io.cache_dir() / TRUSTED
+
+    def add(table: dict[str, list[str]]) -> bool:
+        table[str(file)] = [*table.get(str(file), []), sha][-8:]  # the file's last few versions
+        return True
+
     try:
-        with io.waiting_lock(record.with_name(f".{TRUSTED}.lock")):
-            table = _trusted()  # read again under the lock: another process may have added to it
-            table[str(file)] = [*table.get(str(file), []), sha][-8:]  # the file's last few versions
-            io.write_json_atomic(record, table)
+        _update_record(add)
     except OSError as e:
         if strict:
             raise ValueError(f"cannot write the trust record {record}: {e}") from None
