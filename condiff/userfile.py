@@ -41,6 +41,13 @@ def split_file_spec(text: str, flag: str = "--constraint", what: str = "a callab
     return path, attr
 
 
+def absolute_spec(text: str, flag: str, what: str) -> str | None:
+    """``"FILE.py:NAME"`` with ``FILE`` made absolute, as runs record it (found from any working directory, and
+    two spellings of one file the same); ``None`` for anything else (:func:`split_file_spec`)."""
+    spec = split_file_spec(text, flag, what)
+    return None if spec is None else f"{Path(spec[0]).expanduser().resolve()}:{spec[1]}"
+
+
 def load_from_file(path: str | Path, attr: str, what: str = "constraint",
                    saved_by: str | None = None, once: bool = False) -> tuple[object, str]:
     """Run the Python file ``path`` (the user's own code) and return its attribute ``attr`` with the file's
@@ -170,4 +177,5 @@ def _record_trusted(file: Path, sha: str, strict: bool = False) -> None:
                       "that names it will not load until it is", stacklevel=3)
 
 
-__all__ = ["UntrustedCode", "forget_file", "load_from_file", "split_file_spec", "trust_file", "trusted_files"]
+__all__ = ["UntrustedCode", "absolute_spec", "forget_file", "load_from_file", "split_file_spec", "trust_file",
+           "trusted_files"]

@@ -20,7 +20,7 @@ else:  # pragma: no cover
 from .. import checks
 from ..checks import check_setting
 from ..sample import clip_bounds
-from ..userfile import split_file_spec
+from ..userfile import absolute_spec
 
 SECTIONS = ("data", "model", "schedule", "train", "sample")
 
@@ -112,8 +112,8 @@ def canonical_name(name: Any, key: str = "name") -> Any:
     """A table's ``name`` as a run records it: a class of one's own, ``FILE.py:NAME``, under the file's absolute
     path (so that later commands find it from any working directory, and two spellings of one file are one
     kind); any other name as it is. ``key``: the setting's dotted name, for the error on a bad ``NAME``."""
-    spec = split_file_spec(name, key, "a class") if isinstance(name, str) else None
-    return name if spec is None else f"{Path(spec[0]).expanduser().resolve()}:{spec[1]}"
+    full = absolute_spec(name, key, "a class") if isinstance(name, str) else None
+    return name if full is None else full
 
 
 def _at(cfg: dict, path: list[str]) -> Any:

@@ -1029,8 +1029,7 @@ def _open_run(args: argparse.Namespace) -> NAMMRun:
         cfg.setdefault(section, copy.deepcopy(default))
         if isinstance(default, dict) and not isinstance(cfg[section], dict):  # a hand-edited config.json
             raise ValueError(f"{f}: {section} must be a table of settings, got {cfg[section]!r}")
-    for path, value in (parse_override(o, SECTIONS, nested=True) for o in args.overrides):
-        set_path(cfg, path, value)
+    cfg = apply_settings(cfg, {}, [parse_override(o, SECTIONS, nested=True) for o in args.overrides], str(f))
     return NAMMRun(root, json.loads(json.dumps(cfg)), pick_device(args.device), args.fresh, not args.quiet,
                    saved_by=f"the NAMM run {root}")
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 from torch import nn
 
 from ..checks import check_setting
-from ..userfile import load_from_file, split_file_spec
+from ..userfile import absolute_spec, load_from_file
 from .embed import LabelEmbedding, TimeEmbedding, timestep_embedding
 from .mlp import TimeMLP
 from .unet import UNet
@@ -43,16 +42,16 @@ def net_class(name: str, saved_by: str | None = None) -> tuple[type, str, str | 
     (:func:`condiff.userfile.load_from_file`)."""
     if name in NETS:
         return NETS[name], name, None
-    spec = split_file_spec(str(name), "model.name", "an nn.Module class") if isinstance(name, str) else None
-    if spec is None:
+    full = absolute_spec(name, "model.name", "an nn.Module class") if isinstance(name, str) else None
+    if full is None:
         raise ValueError(f"unknown net {name!r}; known nets: {', '.join(sorted(NETS))}, or FILE.py:NAME for a "
                          "class of your own (a class registered with register_net is known once the module that "
                          "registers it is imported)")
-    cls, sha = load_from_file(spec[0], spec[1], "net", saved_by, once=True)
-    path = Path(spec[0]).expanduser().resolve()
+    path, _, attr = full.rpartition(":")
+    cls, sha = load_from_file(path, attr, "net", saved_by, once=True)
     if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
-        raise ValueError(f"net {path}:{spec[1]} is a {type(cls).__name__}, not a torch.nn.Module class")
-    return cls, f"{path}:{spec[1]}", sha
+        raise ValueError(f"net {full} is a {type(cls).__name__}, not a torch.nn.Module class")
+    return cls, full, sha
 
 
 def build_net(config: dict, saved_by: str | None = None) -> nn.Module:
