@@ -283,7 +283,7 @@ def test_a_sample_table_naming_some_settings_takes_the_defaults_for_the_rest(tra
     assert (record["n"], record["steps"], record["eta"]) == (3, 2, 1.0)
 
 
-def test_a_run_of_another_command_is_never_overwritten(tmp_path, capsys):
+def test_a_run_of_another_command_is_never_overwritten(tmp_path, capsys, monkeypatch):
     """--out naming another command's run is refused before any work, with the directory left as it was;
     runs made before marks are recognised by their config.json / metrics.json."""
     from condiff.cli.common import run_kind
@@ -311,6 +311,14 @@ def test_a_run_of_another_command_is_never_overwritten(tmp_path, capsys):
                 ["dual", "train", "--config", "examples/dual/fair_baseline.toml"]):  # "condiff dual train" too
         assert main([*cmd, "--out", str(run / "checkpoints")]) == 2
         assert f"lies inside {run}, the run of `condiff train`" in capsys.readouterr().err
+    here = Path.cwd()
+    monkeypatch.chdir(run / "checkpoints")  # the same, named from inside the run
+    assert main(["train", *TINY, "--out", "sub"]) == 2
+    assert f"lies inside {run}, the run of `condiff train`" in capsys.readouterr().err
+    monkeypatch.chdir(run / "model")  # inside a model directory, which is replaced whole when saved again
+    assert main(["sample", "--ckpt", str(run), "--n", "2", "--out", "sub"]) == 2
+    assert f"lies inside {run / 'model'}, a model checkpoint directory" in capsys.readouterr().err
+    monkeypatch.chdir(here)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     for cmd, out, other in cases:
         assert main([*cmd, "--out", str(tmp_path / out)]) == 2, cmd

@@ -379,9 +379,10 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
     q = check_writable(p, flag)
     if not q.is_dir():  # the nearest existing ancestor must be a directory too
         raise NotADirectoryError(f"{flag} {p}{'' if q == p else f': {q}'} is a file, not a directory")
-    for q in (p, *p.parents):  # a checkpoint is replaced whole when it is saved again (or pruned)
+    up = Path(os.path.abspath(p))  # a relative --out from inside a run or a model names their folders too
+    for q in (up, *up.parents):  # a checkpoint is replaced whole when it is saved again (or pruned)
         if (q / "model.safetensors").is_file():
-            where = "is" if q == p else f"lies inside {q},"
+            where = "is" if q == up else f"lies inside {q},"
             raise FileExistsError(f"{flag} {p} {where} a model checkpoint directory; files written into it would "
                                   "be lost when the model is saved again: give another directory")
     if kind is not None:
@@ -390,7 +391,7 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
             raise FileExistsError(f"{flag} {p} holds the output of `{other}`, which `{kind}` would overwrite: "
                                   "give another directory")
         if kind.startswith(_TRAINING_KINDS):  # a run's subfolders are its own: stages, samples, caches
-            for q in p.parents:
+            for q in up.parents:
                 if (owner := run_kind(q)) is not None:
                     raise FileExistsError(f"{flag} {p} lies inside {q}, the run of `{owner}`, whose files the two "
                                           "runs would overwrite: give a directory outside it")
