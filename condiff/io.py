@@ -534,8 +534,7 @@ def drop_replaced(run_dir: str | Path, names: tuple[str, ...] | list[str] | None
     keep = run_dir / REPLACED
     if not keep.is_dir():
         return
-    # what a set-aside cut short left in run_dir is the finished run's now, not the kept one's: not moved
-    (keep / MOVING).unlink(missing_ok=True)
+    discard_moving(run_dir)  # what a set-aside cut short left in run_dir is the finished run's now: not moved
     if names is None:
         trash = run_dir / f"{DROPPING}{os.getpid()}"
         os.replace(keep, trash)

@@ -116,7 +116,7 @@ def canonical_name(name: Any, key: str = "name") -> Any:
     return name if full is None else full
 
 
-def _at(cfg: dict, path: list[str]) -> Any:
+def value_at(cfg: dict, path: list[str] | tuple[str, ...]) -> Any:
     """The value at a dotted ``path`` of ``cfg``; None where there is none."""
     for key in path:
         if not isinstance(cfg, dict):
@@ -130,7 +130,7 @@ def apply_settings(cfg: dict, from_file: dict, parsed: list[tuple[list[str], Any
     (another net) is applied first, so that the old kind's settings are dropped and the file's and the other
     overrides' settings for the new one all stay, whatever the order of the flags."""
     names = {tuple(p): v for p, v in parsed if (len(p) >= 2 and p[-1] == "name" and p != ["data", "name"])
-             or _another_kind(_at(cfg, p), v, tuple(p))}  # X.name=..., or an inline table X={name=...}
+             or _another_kind(value_at(cfg, p), v, tuple(p))}  # X.name=..., or an inline table X={name=...}
     for path, value in names.items():
         set_path(cfg, list(path), value)
     cfg = merge_checked(cfg, from_file, where)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import shutil
 import sys
@@ -80,6 +79,7 @@ from .config import (
     parse_override,
     read_toml,
     set_path,
+    value_at,
 )
 
 SECTIONS = (
@@ -1061,7 +1061,7 @@ def keep_later_settings(cfg: dict, root: Path, named: set[tuple[str, ...]]) -> d
     kept = [k for k in LATER_SECTIONS if isinstance(before.get(k), dict)]
     out = {**cfg, **{k: copy.deepcopy(before[k]) for k in kept}}
     for path in sorted((p for p in named if p[0] in kept), key=len):  # a whole table first, then its keys
-        set_path(out, list(path), copy.deepcopy(functools.reduce(lambda d, k: d[k], path, cfg)))
+        set_path(out, list(path), copy.deepcopy(value_at(cfg, path)))
     return out
 
 
