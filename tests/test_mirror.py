@@ -1585,3 +1585,28 @@ def test_observations_name_a_shape_with_a_batch_dimension(make):
                                          r"\(no batch\), got \(1, 2, 8, 8\)"):  # "too many values to unpack" before
         make((1, 2, 8, 8))
     assert make((4, 8, 8)).mask.shape[-2:] == (8, 8)
+
+
+@pytest.mark.parametrize(("constraint", "says"), [
+    ("box", "samples and their constraint violations"),
+    ("con.py:total", "samples and their distances l(x) (the constraint draws no violation map)"),
+])
+def test_namm_samples_figure_says_whether_it_holds_violation_maps(tmp_path, monkeypatch, constraint, says):
+    """A constraint with no violation map (a total) gets a figure of samples and their distances, titled so."""
+    import condiff.cli.namm as cli_namm
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "con.py").write_text("def total(x):\n    return x.flatten(1).sum(1).abs()\n")
+    titles = []
+    real = cli_namm.plot_violation_grid
+    monkeypatch.setattr(cli_namm, "plot_violation_grid",
+                        lambda cols, out, **kw: titles.append((kw["title"], [c[1] is None for c in cols.values()]))
+                        or real(cols, out, **kw))
+    fit = [a if a != "box" else constraint for a in _tiny_box_fit(tmp_path)]
+    assert main(fit) == 0
+    assert main(["namm", "sample", "--run", "run", "--set", "sample.n=2", "--set", "sample.steps=2", "--quiet",
+                 "--no-finetuned"]) == 0
+    (title, none), = titles
+    assert title == f"{tmp_path / 'data.npz'}: {says}" and all(none) == (constraint != "box")
+    assert (tmp_path / "run" / "samples" / "violations.png").is_file()

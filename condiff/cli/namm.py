@@ -1152,9 +1152,9 @@ def write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
                           f"[{float(v['_x'].min()):.3g}, {float(v['_x'].max()):.3g}]: an undertrained model?); "
                           "the figures that use it read nan", stacklevel=2)
     cols = {k: (v["_x"], violation_maps(con, v["_x"]), v["_l"]) for k, v in res.items()}
-    plot_violation_grid(
-        cols, out / "violations.png", title=f"{run.cfg['data']['name']}: samples and constraint violations"
-    )
+    shown = ("constraint violations" if any(c[1] is not None for c in cols.values())
+             else "distances l(x) (the constraint draws no violation map)")
+    plot_violation_grid(cols, out / "violations.png", title=f"{run.cfg['data']['name']}: samples and their {shown}")
     plot_histograms(
         {k: v["_l"].numpy() for k, v in res.items() if k != "data (held-out)"},
         out / "distance_hist.png",
