@@ -26,6 +26,7 @@ COMMANDS = {
     "solve": "solve",
     "pnp": "pnp",
     "trust": "trust",
+    "show": "show",
 }
 
 

@@ -1,0 +1,441 @@
+"""``condiff show``: what a run, a model or a checkpoint directory holds, and how far its training got.
+
+    condiff show runs/digits          # a run: its settings, models, progress, results, notes
+    condiff show runs                 # a folder of runs: one line per run below it
+    condiff show runs/digits/model    # a model or a checkpoint directory alone
+    condiff show runs/digits --json   # the same as one JSON object per path
+
+It only reads: it takes no lock, runs no file of one's own and loads no weights (parameters are counted
+from the safetensors headers), so it works on a run that another command is writing, and on one from
+elsewhere. A training that stopped before its last step is shown with the step it reached and how to go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import struct
+from pathlib import Path
+
+from .. import io
+from ..userfile import trusted_files
+from .common import json_table, run_kind
+
+# directories of a run that hold one training's internals or a kept run, never a training of their own
+_INTERNAL = {"checkpoints", "model", "mirror", io.REPLACED}
+_WEIGHTS = ("model", "mirror")  # a training's finished weights: model/ (a diffusion model), mirror/ (a NAMM map)
+_METRICS_SHOWN = 6
+# metrics.json keys that are settings of the command, not figures (shown last); and words of the figures shown first
+_SETTING_KEYS = {"batch_size", "eta", "seed", "steps", "n", "guidance_scale", "label", "grad_evals", "nfe", "mmd_n",
+                 "tolerance", "slack_tolerance", "finish", "l_max", "interval", "rate", "zeta", "final"}
+_SCORE_WORDS = ("ratio", "mean", "median", "psnr", "ssim", "frechet", "mmd", "reduction", "success", "iou", "gap",
+                "tv", "memoris", "error", "accuracy", "prob", "residual")
+# how to go on with an unfinished training, by the command that made the run
+_GO_ON = {"condiff train": "condiff train --out {run} --resume",
+          "condiff dual train": "condiff dual train --out {run} --resume",
+          "condiff demo": "condiff demo goes on from it",
+          "condiff namm fit": "the namm command that made it goes on from it when run again"}
+_STAGE_ORDER = ("namm", "mdm", "vanilla", "finetune")  # a NAMM run's trainings, in the order they are made
+_LIST_DEPTH = 3  # how deep `condiff show FOLDER` looks for runs
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help="say what a run, model or checkpoint directory holds and how far it got",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="a run, model or checkpoint directory, or a folder of runs")
+    p.add_argument("--json", action="store_true", help="print one JSON object per path instead of text")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    found = [describe(p) for p in args.paths]  # every path checked before anything is printed
+    for i, d in enumerate(found):
+        if args.json:
+            print(json.dumps(io.no_nan(d), sort_keys=True))
+        else:
+            print(("\n" if i else "") + "\n".join(render(d)))
+    return 0
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+
+
+def describe(path: str | Path) -> dict:
+    """What ``path`` is and holds, as a JSON-able table: a run (``kind`` is the command that wrote it), a model or
+    checkpoint directory (``kind`` "model" / "checkpoint"), or a folder of runs (``kind`` "folder", ``runs``)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    if not p.is_dir():
+        raise ValueError(f"{p} is a file; condiff show takes a run, model or checkpoint directory, or a folder of runs")
+    cfg = json_table(p / io.CONFIG)
+    if cfg.get("format") or {"step", "optim"} <= set(cfg):  # a model directory (any format) or a checkpoint
+        out = {"path": str(p), "kind": "checkpoint" if "optim" in cfg else "model", **_weights(p)}
+        if "optim" in cfg:
+            out["state"] = f"step {cfg.get('step')} of {(cfg.get('train') or {}).get('steps', '?')}"
+        out["own_code"] = _own_code(cfg)
+        return out
+    kind = run_kind(p)
+    if kind is None and not _holds_training(p):
+        runs = [describe_run(q, short=True) for q in _runs_below(p)]
+        if not runs:
+            raise ValueError(f"{p} is not a condiff run, model or checkpoint directory, and holds no run")
+        return {"path": str(p), "kind": "folder", "runs": runs}
+    return describe_run(p, kind)
+
+
+def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
+    kind = kind or run_kind(p) or "a run"
+    cfg = json_table(p / io.CONFIG)
+    out: dict = {"path": str(p), "kind": kind, "settings": _settings(cfg)}
+    units = _units(p)
+    trainings = [_unit(u) for u in units]
+    out["trainings"] = {_rel(u, p): {k: v for k, v in t.items() if k != "configs"} for u, t in zip(units, trainings)}
+    out["state"] = _run_state(trainings)
+    if short:
+        return out
+    out["results"] = _results(p)
+    notes = []
+    holder = io.run_holder(p)
+    if holder is not None:
+        notes.append(f"being written now by process {holder}")
+    if (p / io.REPLACED).is_dir():
+        kept = sorted(q.name for q in (p / io.REPLACED).iterdir() if q.name != io.MOVING)
+        notes.append(f"{p / io.REPLACED} keeps the run an unfinished --fresh / --retrain replaced ({', '.join(kept)}); "
+                     "it is deleted when the replacement finishes (README, 'Run directories')")
+    out["notes"] = notes
+    out["own_code"] = _own_code(cfg, *(c for t in trainings for c in t["configs"]))
+    return out
+
+
+def _settings(cfg: dict) -> dict:
+    """The few settings that say what a run is: its data, constraint, model and training budget."""
+    out = {}
+    data = cfg.get("data") or {}
+    if data.get("name"):
+        out["data"] = str(data["name"]) + (" (labelled)" if data.get("labels") else "")
+    con = data.get("constraint")
+    if con:
+        out["constraint"] = _name(con) if isinstance(con, dict) else str(con)
+    if cfg.get("profile"):
+        out["profile"] = str(cfg["profile"])
+    if isinstance(cfg.get("model"), dict) and cfg["model"].get("name"):
+        out["model"] = _name(cfg["model"])
+    sch = cfg.get("schedule") or {}
+    if sch.get("kind"):
+        out["schedule"] = f"{sch['kind']}, T {sch.get('T', 1000)}"
+    if isinstance(cfg.get("train"), dict) and "steps" in cfg["train"]:
+        out["training steps"] = cfg["train"]["steps"]
+    if isinstance(cfg.get("dual"), dict):
+        out["dual"] = ", ".join(f"{k} {v}" for k, v in sorted(cfg["dual"].items()) if not isinstance(v, (dict, list)))
+    return out
+
+
+def _name(table: dict) -> str:
+    """A named table's name; ``FILE.py:NAME`` for a constraint of one's own."""
+    if table.get("name") == "python" and "path" in table:
+        return f"{table['path']}:{table.get('attr', '?')}"
+    return str(table.get("name"))
+
+
+def _holds_training(d: Path) -> bool:
+    """Whether ``d`` holds a training itself: finished weights (``model/``, ``mirror/``) or checkpoints."""
+    return any((d / w / io.CONFIG).is_file() for w in _WEIGHTS) or any((d / "checkpoints").glob("step_*"))
+
+
+def _units(root: Path) -> list[Path]:
+    """The directories at or below ``root`` (two levels) that hold a training (:func:`_holds_training`).
+    Hidden directories and a training's internals are not entered."""
+    found, level = [], [root]
+    for _ in range(3):
+        nxt = []
+        for d in level:
+            if _holds_training(d):
+                found.append(d)
+            nxt += [q for q in _subdirs(d) if q.name not in _INTERNAL]
+        level = nxt
+    return sorted(found, key=lambda u: (u != root, _STAGE_ORDER.index(u.name) if u.name in _STAGE_ORDER else 9, u))
+
+
+def _subdirs(d: Path) -> list[Path]:
+    try:
+        return sorted(q for q in d.iterdir() if q.is_dir() and not q.is_symlink() and not q.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _runs_below(p: Path) -> list[Path]:
+    """The runs in folder ``p``, down to :data:`_LIST_DEPTH` levels; a run's own folders are not entered."""
+    found, level = [], [p]
+    for _ in range(_LIST_DEPTH):
+        nxt = []
+        for d in level:
+            for q in _subdirs(d):
+                if run_kind(q) is not None or _holds_training(q):
+                    found.append(q)
+                else:
+                    nxt.append(q)
+        level = nxt
+    return sorted(found)
+
+
+def _rel(u: Path, root: Path) -> str:
+    return "." if u == root else str(u.relative_to(root))
+
+
+def _unit(u: Path, weights: tuple[str, ...] | list[str] = _WEIGHTS) -> dict:
+    """One training: its finished weights, its newest checkpoint, its last log line and its state."""
+    out: dict = {}
+    configs = []  # what names files of one's own: the weights', the newest checkpoint's and the stage's settings
+    for w in weights:
+        if (u / w / io.CONFIG).is_file():
+            out[w] = _weights(u / w)
+            configs.append(json_table(u / w / io.CONFIG))
+    steps = sorted((c for c in (u / "checkpoints").glob("step_*") if (c / io.CONFIG).is_file()),
+                   key=lambda c: c.name)
+    if steps:
+        c = json_table(steps[-1] / io.CONFIG)
+        out["checkpoint"] = {"name": steps[-1].name, "step": c.get("step"),
+                             "of": (c.get("train") or {}).get("steps")}
+        configs.append(c)
+    last = _last_log(u / "log.jsonl")
+    if last:
+        out["last_log"] = last
+    stage = json_table(u / "stage.json")
+    configs.append(stage)
+    done = [out[w].get("steps") for w in weights if w in out]
+    ck = out.get("checkpoint", {})
+    if stage:
+        state = "finished" if stage.get("done") else "unfinished"
+    elif done and not (ck.get("step") or 0) > max(s or 0 for s in done):
+        state = "finished"
+    elif ck:
+        state = "unfinished"
+    else:
+        state = "empty"
+    if state == "unfinished" and ck:
+        state += f" at step {ck.get('step')} of {ck.get('of', '?')}"
+    out["state"] = state
+    out["configs"] = configs
+    return out
+
+
+def _run_state(trainings: list[dict]) -> str:
+    states = [t["state"] for t in trainings]
+    if not states:
+        return "no training"
+    if all(s == "finished" for s in states):
+        return "finished"
+    return "unfinished" if any(s.startswith("unfinished") for s in states) else "partly made"
+
+
+def _weights(d: Path) -> dict:
+    """A model (or mirror-map) directory: its net, parameter count, steps and training time, from its files."""
+    cfg = json_table(d / io.CONFIG)
+    out: dict = {"format": cfg.get("format", "condiff checkpoint" if "optim" in cfg else None)}
+    net = cfg.get("net") if isinstance(cfg.get("net"), dict) else None
+    if net:
+        out["net"] = _name(net)
+    elif isinstance(cfg.get("mirror"), dict):
+        m = cfg["mirror"]
+        out["net"] = f"mirror map: psi {_name(m.get('psi') or {})}, inverse {_name(m.get('inverse') or {})}"
+    for key in ("steps", "train_seconds"):
+        if key in cfg:
+            out[key] = cfg[key]
+    if "step" in cfg:
+        out["steps"] = cfg["step"]
+    if isinstance(cfg.get("shape"), list):
+        out["shape"] = cfg["shape"]
+    files = sorted(d.glob("*.safetensors"))
+    model_file = d / "model.safetensors"
+    if model_file.is_file():
+        out["parameters"] = _count(model_file)
+    out["bytes"] = sum(f.stat().st_size for f in files)
+    return out
+
+
+def _count(f: Path) -> int | None:
+    """The number of values in a safetensors file, from its header (None when the header does not read)."""
+    try:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > 100_000_000:
+                return None
+            header = json.loads(fh.read(n))
+        return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+
+
+def _last_log(f: Path) -> dict | None:
+    """The last whole line of a ``log.jsonl`` (a line cut short by an interruption is skipped)."""
+    try:
+        lines = f.read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            return row
+    return None
+
+
+def _results(p: Path) -> dict:
+    """The ``metrics.json`` files of a run (its own and its results' folders, three levels down), each as its
+    numbers, flattened to dotted keys."""
+    out = {}
+    for f in sorted(_metric_files(p)):
+        flat = _numbers(json_table(f))
+        if flat:
+            out[str(f.relative_to(p))] = dict(sorted(flat.items(), key=lambda kv: _rank(kv[0])))
+    return out
+
+
+def _rank(key: str) -> int:
+    """0 for a figure (a score word in its name), 1 for another number, 2 for a setting the command recorded."""
+    last = key.rsplit(".", 1)[-1]
+    if last in _SETTING_KEYS or key.startswith("hyperparameters."):
+        return 2
+    return 0 if any(w in key.lower() for w in _SCORE_WORDS) else 1
+
+
+def _metric_files(p: Path, depth: int = 3) -> list[Path]:
+    found = [p / "metrics.json"] if (p / "metrics.json").is_file() else []
+    if depth:
+        for q in _subdirs(p):
+            if q.name not in _INTERNAL:
+                found += _metric_files(q, depth - 1)
+    return found
+
+
+def _numbers(table: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out.update(_numbers(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[prefix + k] = v
+    return out
+
+
+def _own_code(*configs: dict) -> list[dict]:
+    """The files of one's own that the settings name (a net's ``FILE.py:NAME``, a constraint's ``path``), with
+    whether each is there, as it was used (its recorded SHA-256), and trusted here."""
+    named: dict[str, set[str]] = {}  # path -> the SHA-256 each config records for it
+
+    def note(path: str, sha: object) -> None:
+        named.setdefault(path, set()).update([sha] if isinstance(sha, str) else [])
+
+    def walk(x: object) -> None:
+        if isinstance(x, dict):
+            name = x.get("name")
+            if isinstance(name, str) and ".py:" in name:
+                note(name.rsplit(":", 1)[0], x.get("file_sha256"))
+            elif name == "python" and isinstance(x.get("path"), str):
+                note(x["path"], x.get("file_sha256"))
+            con, data = x.get("constraint"), x.get("data")
+            if isinstance(con, dict) and isinstance(data, dict) and isinstance(data.get("constraint"), dict):
+                path = data["constraint"].get("path")  # a NAMM stage's settings: the constraint file's SHA-256
+                if isinstance(path, str) and con.get("file_sha256"):
+                    note(path, con["file_sha256"])
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    for c in configs:
+        walk(c)
+    trusted = trusted_files() if named else {}
+    out = []
+    for path, recorded in sorted(named.items()):
+        f = Path(path)
+        entry: dict = {"path": path}
+        if not f.is_file():
+            entry["state"] = "missing"
+        else:
+            sha = hashlib.sha256(f.read_bytes()).hexdigest()
+            entry["state"] = ("as used" if not recorded or sha in recorded else "edited since it was used") + (
+                "; trusted here" if sha in trusted.get(str(f), []) else f"; not trusted here: condiff trust {f}")
+        out.append(entry)
+    return out
+
+
+# --- writing ------------------------------------------------------------------------------------------------
+
+
+def render(d: dict) -> list[str]:
+    """The text of one :func:`describe` table."""
+    if d["kind"] == "folder":
+        lines = [f"{d['path']}: {len(d['runs'])} run{'s' if len(d['runs']) != 1 else ''}"]
+        width = max(len(_short(r["path"], d["path"])) for r in d["runs"])
+        for r in d["runs"]:
+            what = ", ".join(f"{k} {v}" for k, v in r["settings"].items() if k in ("data", "constraint", "model"))
+            state = r["state"] if r["trainings"] else ""
+            lines.append(f"  {_short(r['path'], d['path']):<{width}}  {r['kind']:<20} {state:<12} {what}".rstrip())
+        return lines
+    if d["kind"] in ("model", "checkpoint"):
+        lines = [f"{d['path']}: a {d['kind']} directory", f"  {_weights_line(d)}"]
+        if d.get("state"):
+            lines.append(f"  {d['state']}")
+        return lines + _own_code_lines(d.get("own_code", []))
+    lines = [f"{d['path']}: {d['kind']} run" + (f", {d['state']}" if d["trainings"] else "")]
+    if d["settings"]:
+        lines.append("  settings: " + "; ".join(f"{k} {v}" for k, v in d["settings"].items()))
+    for name, t in d["trainings"].items():
+        label = "training" if name == "." else name
+        parts = [t["state"]]
+        for w in _WEIGHTS:
+            if w in t:
+                parts.append(f"{w}/: {_weights_line(t[w])}")
+        if "checkpoint" in t:
+            parts.append(f"newest checkpoint {t['checkpoint']['name']}")
+        if "last_log" in t:
+            row = t["last_log"]
+            losses = ", ".join(f"{k} {_fmt(v)}" for k, v in row.items() if "loss" in k and isinstance(v, (int, float)))
+            if losses:
+                parts.append(f"last logged (step {row.get('step', '?')}): {losses}")
+        lines.append(f"  {label}: " + "; ".join(parts))
+        go_on = _GO_ON.get(d["kind"])
+        if t["state"].startswith("unfinished") and go_on:
+            lines.append("    to go on: " + go_on.format(run=d["path"]))
+    for f, nums in d.get("results", {}).items():
+        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in list(nums.items())[:_METRICS_SHOWN])
+        more = len(nums) - _METRICS_SHOWN
+        lines.append(f"  {f}: {shown}" + (f" (+{more} more there)" if more > 0 else ""))
+    lines += _own_code_lines(d.get("own_code", []))
+    lines += [f"  note: {n}" for n in d.get("notes", [])]
+    return lines
+
+
+def _weights_line(w: dict) -> str:
+    parts = [w.get("net") or w.get("format") or "weights"]
+    if w.get("parameters") is not None:
+        parts.append(f"{_count_text(w['parameters'])} parameters")
+    if "steps" in w:
+        parts.append(f"{w['steps']} steps" + (f" in {_fmt(w['train_seconds'])} s" if "train_seconds" in w else ""))
+    return ", ".join(parts)
+
+
+def _own_code_lines(entries: list[dict]) -> list[str]:
+    return [f"  code of one's own: {e['path']} ({e['state']})" for e in entries]
+
+
+def _short(path: str, root: str) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return path
+
+
+def _count_text(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k" if n >= 1e3 else str(n)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

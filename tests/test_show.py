@@ -1,0 +1,152 @@
+"""`condiff show`: what a run, model or checkpoint directory holds, read without changing anything."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from condiff.cli.main import main
+
+TINY = ["--data", "toy2d", "--set", "model.hidden=32", "--set", "model.depth=1", "--set", "data.n=256",
+        "--set", "train.steps=4", "--set", "train.ckpt_every=2", "--set", "train.keep=5", "--set",
+        "train.batch_size=16", "--set", "train.progress=false", "--set", "schedule.T=20"]
+EXAMPLE_NET = Path(__file__).resolve().parent.parent / "examples" / "own_net" / "net.py"
+
+
+@pytest.fixture(scope="module")
+def _run_once(tmp_path_factory):
+    run = tmp_path_factory.mktemp("show") / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    return run
+
+
+@pytest.fixture
+def run(_run_once, tmp_path):
+    return Path(shutil.copytree(_run_once, tmp_path / "run"))
+
+
+def _show(capsys, *args):
+    capsys.readouterr()
+    rc = main(["show", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+def test_show_a_finished_run_counts_its_parameters_from_the_weights_and_changes_nothing(run, capsys):
+    before = _tree(run)
+    rc, out, _ = _show(capsys, run, "--json")
+    assert rc == 0
+    d = json.loads(out)
+    assert d["kind"] == "condiff train" and d["state"] == "finished"
+    t = d["trainings"]["."]
+    weights = load_file(run / "model" / "model.safetensors")
+    assert t["model"]["parameters"] == sum(v.numel() for v in weights.values())  # the header, read by hand
+    assert t["model"]["steps"] == 4 and t["checkpoint"] == {"name": "step_00000004", "step": 4, "of": 4}
+    assert t["last_log"]["step"] == 4 and d["settings"]["data"] == "toy2d" and d["settings"]["training steps"] == 4
+    rc, out, _ = _show(capsys, run)
+    assert rc == 0 and out.splitlines()[0] == f"{run}: condiff train run, finished"
+    assert "training: finished; model/: mlp," in out and "4 steps" in out
+    assert _tree(run) == before  # nothing written, moved or swept
+
+
+def test_show_an_interrupted_run_says_where_it_stopped_and_the_command_that_goes_on(run, capsys):
+    shutil.rmtree(run / "model")  # as a Ctrl-C after the checkpoint of step 2 leaves it
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    rc, out, _ = _show(capsys, run)
+    assert rc == 0 and out.splitlines()[0] == f"{run}: condiff train run, unfinished"
+    assert "training: unfinished at step 2 of 4; newest checkpoint step_00000002" in out
+    go_on = f"condiff train --out {run} --resume"
+    assert f"to go on: {go_on}" in out
+    assert main(go_on.split()[1:]) == 0  # the command it names does go on, to the end
+    rc, out, _ = _show(capsys, run)
+    assert out.splitlines()[0] == f"{run}: condiff train run, finished" and "to go on" not in out
+
+
+def test_show_a_checkpoint_a_model_and_a_folder_of_runs(run, tmp_path, capsys):
+    rc, out, _ = _show(capsys, run / "checkpoints" / "step_00000002")
+    assert rc == 0 and "a checkpoint directory" in out and "step 2 of 4" in out
+    rc, out, _ = _show(capsys, run / "model", "--json")
+    d = json.loads(out)
+    assert d["kind"] == "model" and d["format"] == "condiff-model" and d["steps"] == 4 and d["parameters"] > 0
+    shutil.copytree(run, tmp_path / "more" / "deeper" / "other")
+    (tmp_path / "empty").mkdir()
+    rc, out, _ = _show(capsys, tmp_path)
+    lines = out.splitlines()
+    assert rc == 0 and lines[0] == f"{tmp_path}: 2 runs"
+    assert [ln.split()[0] for ln in lines[1:]] == ["more/deeper/other", "run"]
+    assert all("condiff train" in ln and "finished" in ln for ln in lines[1:])
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p: None, "does not exist"),
+    (lambda p: p.write_text("x"), "is a file; condiff show takes a run, model or checkpoint directory"),
+    (lambda p: p.mkdir(), "is not a condiff run, model or checkpoint directory, and holds no run"),
+])
+def test_show_refuses_what_holds_no_run_in_one_line(tmp_path, capsys, make, message):
+    make(tmp_path / "x")
+    rc, out, err = _show(capsys, tmp_path / "x")
+    assert rc == 2 and out == "" and err.startswith(f"condiff show: error: {tmp_path / 'x'} {message}")
+    assert err.count("\n") == 1
+
+
+def test_show_names_the_results_figures_first_and_a_run_being_written(run, capsys):
+    assert main(["eval", "--ckpt", str(run), "--n", "32", "--steps", "4"]) == 0
+    rc, out, _ = _show(capsys, run)
+    line = next(ln for ln in out.splitlines() if ln.startswith("  metrics.json: "))
+    assert line.split(": ", 1)[1].startswith("mmd ") and "more there" in line  # a figure, not batch_size, first
+    holder = subprocess.Popen(  # another process writing the run (it holds the run's lock)
+        [sys.executable, "-c", "import sys, time\nfrom condiff import io\nio.lock_run(sys.argv[1])\n"
+         "print('locked', flush=True)\ntime.sleep(60)", str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        rc, out, _ = _show(capsys, run)
+        assert rc == 0 and f"note: being written now by process {holder.pid}" in out
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_show_says_whether_a_net_file_of_ones_own_is_as_used_and_trusted(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "cache"))
+    shutil.copy(EXAMPLE_NET, tmp_path / "net.py")
+    assert main(["train", "--data", "digits", "--set", "model.name=net.py:SmallConvNet", "--set", "train.steps=2",
+                 "--set", "train.batch_size=8", "--set", "train.progress=false", "--out", "own"]) == 0
+    rc, out, _ = _show(capsys, "own")
+    assert f"code of one's own: {tmp_path / 'net.py'} (as used; trusted here)" in out
+    assert f"model/: {tmp_path / 'net.py'}:SmallConvNet," in out
+    (tmp_path / "net.py").write_text((tmp_path / "net.py").read_text() + "\n# edited\n")
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "elsewhere"))
+    rc, out, _ = _show(capsys, "own")
+    assert (f"code of one's own: {tmp_path / 'net.py'} (edited since it was used; not trusted here: "
+            f"condiff trust {tmp_path / 'net.py'})") in out
+    assert not (tmp_path / "elsewhere" / "trusted_code.json").exists()  # showing trusts nothing
+    os.remove(tmp_path / "net.py")
+    rc, out, _ = _show(capsys, "own")
+    assert rc == 0 and f"code of one's own: {tmp_path / 'net.py'} (missing)" in out
+
+
+def test_show_a_namm_run_lists_its_stages_in_the_order_they_are_made(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    x = np.random.default_rng(0).uniform(-1, 1, (48, 1, 8, 8)).astype("float32")
+    np.savez(tmp_path / "data.npz", x=x[:32], x_test=x[32:])
+    assert main(["namm", "fit", "--data", "data.npz", "--constraint", "box", "--out", "run", "--profile", "quick",
+                 "--set", "mirror_train.steps=2", "--set", "train.steps=2", "--set", "train.warmup=0", "--set",
+                 "model.mults=[1, 2]", "--set", "mirror.inverse.downsamples=1", "--quiet"]) == 0
+    rc, out, _ = _show(capsys, "run")
+    lines = out.splitlines()
+    assert rc == 0 and lines[0] == "run: condiff namm fit run, finished"
+    assert [ln.split(":")[0].strip() for ln in lines[2:5]] == ["namm", "mdm", "vanilla"]
+    assert "mirror/: mirror map: psi icnn, inverse resnet," in lines[2] and "constraint box" in lines[1]
