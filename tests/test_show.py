@@ -150,3 +150,12 @@ def test_show_a_namm_run_lists_its_stages_in_the_order_they_are_made(tmp_path, c
     assert rc == 0 and lines[0] == "run: condiff namm fit run, finished"
     assert [ln.split(":")[0].strip() for ln in lines[2:5]] == ["namm", "mdm", "vanilla"]
     assert "mirror/: mirror map: psi icnn, inverse resnet," in lines[2] and "constraint box" in lines[1]
+
+
+def test_show_notes_a_kept_run_and_a_checkpoint_that_does_not_read(run, capsys):
+    shutil.rmtree(run / "model")
+    (run / "checkpoints" / "step_00000004" / "config.json").write_text("{broken")
+    (run / ".replaced" / "model").mkdir(parents=True)
+    rc, out, _ = _show(capsys, run)
+    assert rc == 0 and "training: unfinished (its newest checkpoint, step_00000004, does not read)" in out
+    assert f"note: {run / '.replaced'} keeps the run an unfinished --fresh / --retrain replaced (model)" in out

@@ -216,7 +216,8 @@ def _unit(u: Path, weights: tuple[str, ...] | list[str] = _WEIGHTS) -> dict:
     else:
         state = "empty"
     if state == "unfinished" and ck:
-        state += f" at step {ck.get('step')} of {ck.get('of', '?')}"
+        state += (f" at step {ck['step']} of {ck.get('of') or '?'}" if isinstance(ck.get("step"), int)
+                  else f" (its newest checkpoint, {ck['name']}, does not read)")
     out["state"] = state
     out["configs"] = configs
     return out
