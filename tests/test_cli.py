@@ -1284,3 +1284,15 @@ def test_a_model_of_fewer_steps_than_its_runs_settings_is_not_complete(trained, 
     longer = {**cfg, "train": {**cfg["train"], "steps": 40}}
     (run / "config.json").write_text(json.dumps(longer))
     assert not model_is_complete(run, longer)
+
+
+@pytest.mark.parametrize("command", [["train"], ["dual", "train"]])
+def test_resume_of_a_run_that_is_not_there_is_refused_not_started_on_the_default_preset(tmp_path, capsys, command):
+    """A mistyped --out with --resume and no settings named no run: it started the default preset (6000 steps)."""
+    (tmp_path / "empty").mkdir()
+    for out, why in (("typo", "no config.json; the directory does not exist"), ("empty", "no config.json")):
+        capsys.readouterr()
+        assert main([*command, "--out", str(tmp_path / out), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert f"--resume: {tmp_path / out} holds no run to go on with ({why}): check --out, or pass " in err
+    assert not (tmp_path / "typo").exists() and list((tmp_path / "empty").iterdir()) == []

@@ -309,13 +309,19 @@ def note_replaced(run_dir: Path) -> None:
               file=sys.stderr)
 
 
-def recorded_settings(out: str | None, resume: bool, given: bool, remedy: str) -> dict | None:
+def recorded_settings(out: str | None, resume: bool, given: bool, remedy: str,
+                      start: str = "pass --data / --config") -> dict | None:
     """With ``--resume`` into an earlier run (``out``) and no settings ``given`` on the command line (no
     --data / --config), the settings its ``config.json`` records (without the versions), announced; else
-    None. A damaged file is an error ending with ``remedy`` (which flags to pass instead)."""
+    None. A damaged file is an error ending with ``remedy`` (which flags to pass instead); a missing one (a
+    mistyped --out) names ``start``, the flags that start a run."""
     recorded = Path(out) / "config.json" if out else None
-    if not (resume and not given and recorded is not None and recorded.is_file()):
+    if not (resume and not given and recorded is not None):
         return None
+    if not recorded.is_file():  # a mistyped --out: not a fresh run of the default preset, minutes long
+        gone = "" if Path(out).is_dir() else "; the directory does not exist"
+        raise FileNotFoundError(f"--resume: {out} holds no run to go on with (no config.json{gone}): check --out, "
+                                f"or {start} to start a run there")
     try:
         old = io.read_json_table(recorded)
     except ValueError as e:

@@ -485,7 +485,7 @@ class DualJob:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    old = recorded_settings(args.out, args.resume, args.config is not None, "pass --config")
+    old = recorded_settings(args.out, args.resume, args.config is not None, "pass --config", "pass --config")
     if old is not None:  # --resume without --config: the run's own settings
         cfg = resolve(Path(args.out) / "config.json", args.overrides, old)
     elif args.config is not None:
