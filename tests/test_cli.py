@@ -195,6 +195,19 @@ def test_the_check_of_a_new_net_leaves_training_as_it_was_and_probes_both_calls_
         check_denoising_net(Half(), x, y, device="cuda")  # a wrong shape is wrong anywhere
     check_denoising_net(Half().double(), x, y)  # weights of another dtype: the trainer says what to do
 
+    class NoNullLabel(NeedsLabels):  # an embedding of the K classes alone: label drop's -1 fails mid-run
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(3, 1)
+
+        def forward(self, x, t, y=None):
+            return x * self.w if y is None else x * self.emb(y)[:, :, None, None]
+
+    with pytest.raises(ValueError, match=r"model NoNullLabel fails on two training samples with a label -1 \(no "
+                       r"label, as label drop and classifier-free guidance give it\) \(x \(2, 1, 8, 8\), t \(2,\), "
+                       r"y \(2,\)\): IndexError: index out of range"):
+        check_denoising_net(NoNullLabel(), x, y)
+
 
 def test_a_saved_model_runs_a_net_file_at_load_only_if_it_is_trusted(tmp_path, monkeypatch, capsys):
     """Loading must not run code a saved file merely names: a model naming a net file that condiff has not run as it

@@ -139,7 +139,8 @@ def check_denoising_net(net: torch.nn.Module, x: torch.Tensor, labels: torch.Ten
     NAME``, fails only in training otherwise, its run begun): it runs on two training samples, in eval mode,
     without gradients and on a random stream of its own (so that training goes as it would without the
     check), and must return a tensor of their shape, its prediction of their noise; with ``labels``, both
-    with them and without (``net(x, t)``, as unconditional sampling calls it). It runs on the CPU: for
+    with them, without (``net(x, t)``, as unconditional sampling calls it) and with a label ``-1`` ("no label",
+    as label drop and classifier-free guidance pass it). It runs on the CPU: for
     training on another ``device`` only a wrong shape is refused (a net may need that device to run at all).
     Weights of another dtype than the data's are left to the trainer, which names the fix."""
     config = getattr(net, "config", None)
@@ -148,8 +149,11 @@ def check_denoising_net(net: torch.nn.Module, x: torch.Tensor, labels: torch.Ten
         return
     xb = x[:2]
     t = torch.zeros(len(xb), dtype=torch.long)
-    calls = [("", (xb, t))] if labels is None else [("", (xb, t, labels[:2].long())),
-                                                    (" without labels, as net(x, t)", (xb, t))]
+    y = None if labels is None else labels[:2].long()
+    calls = [("", (xb, t))] if y is None else [
+        ("", (xb, t, y)), (" without labels, as net(x, t)", (xb, t)),
+        (" with a label -1 (no label, as label drop and classifier-free guidance give it)",
+         (xb, t, torch.cat([torch.full_like(y[:1], -1), y[1:]])))]
     was = net.training
     try:
         for how, args in calls:
