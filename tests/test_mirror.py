@@ -1610,3 +1610,22 @@ def test_namm_samples_figure_says_whether_it_holds_violation_maps(tmp_path, monk
     (title, none), = titles
     assert title == f"{tmp_path / 'data.npz'}: {says}" and all(none) == (constraint != "box")
     assert (tmp_path / "run" / "samples" / "violations.png").is_file()
+
+
+def test_namm_fit_checks_a_net_of_ones_own_before_the_mirror_map_is_trained(tmp_path, capsys, monkeypatch):
+    """A diffusion net that returns another shape than its input's is refused before any stage trains (it failed
+    only in the mirror DM's training, after the mirror map's, which takes minutes on a real profile)."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.py").write_text("import torch\n\n\nclass Shrink(torch.nn.Module):\n"
+                                     "    def __init__(self, in_channels=1):\n        super().__init__()\n"
+                                     "        self.conv = torch.nn.Conv2d(in_channels, in_channels, 3)\n\n"
+                                     "    def forward(self, x, t, y=None):\n        return self.conv(x)\n")
+    fit = _tiny_box_fit(tmp_path)
+    fit[fit.index("model.mults=[1, 2]")] = "model.name=bad.py:Shrink"
+    capsys.readouterr()
+    assert main(fit) == 2
+    assert (f"model {tmp_path / 'bad.py'}:Shrink maps x of shape (2, 1, 8, 8) to (2, 1, 6, 6): a denoising net "
+            "returns its prediction of the noise") in capsys.readouterr().err
+    assert not (tmp_path / "run" / "namm").exists()

@@ -69,7 +69,7 @@ from ..sample import generate
 from ..schedule import Schedule
 from ..train import TrainConfig
 from ..userfile import UntrustedCode
-from .common import add_device_arg, check_out_dir, json_table, pick_device, train_config
+from .common import add_device_arg, check_denoising_net, check_out_dir, json_table, pick_device, train_config
 from .config import (
     ConfigError,
     apply_settings,
@@ -360,10 +360,9 @@ class NAMMRun:
                     mirror = build_mirror(self.shape, m["psi"], m["inverse"], m["a"], saved_by=self.saved_by).to(
                         self.device)
                     mirror.inverse_map(x)
-                elif name in ("mdm", "vanilla"):
-                    net = build_net({**self.cfg["model"], "in_channels": self.shape[0]}, self.saved_by).to(
-                        self.device)
-                    net(x, torch.zeros(1, dtype=torch.long, device=self.device))
+                elif name in ("mdm", "vanilla"):  # run as `train` checks a new net: on the CPU, output shape too
+                    net = build_net({**self.cfg["model"], "in_channels": self.shape[0]}, self.saved_by)
+                    check_denoising_net(net, self.data().x[:2], device=self.device)
 
     # -- settings and stage bookkeeping
     def spec(self, stage: str) -> dict:
