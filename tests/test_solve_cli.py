@@ -442,3 +442,25 @@ def test_solve_draws_its_true_images_by_seed_and_keeps_each_budget_apart(tiny_ru
         assert main(["solve", "--ckpt", str(model), "--operator", "blur", "--method", "dps", "--n", "2",
                      "--steps", steps, "--device", "cpu"]) == 0
     assert {p.name for p in (tmp_path / "m_solve").iterdir()} == {"blur-dps-2", "blur-dps-3"}
+
+
+def test_a_png_mask_of_zeros_and_ones_is_read_as_it_is_and_a_grey_picture_is_no_mask(tmp_path):
+    from PIL import Image
+
+    from condiff.cli.solve import load_mask
+
+    mask = (np.arange(64).reshape(8, 8) % 3 != 0).astype(np.uint8)
+    for name, arr in (("white.png", mask * 255), ("ones.png", mask), ("ones16.png", mask.astype(np.uint16))):
+        Image.fromarray(arr).save(tmp_path / name)
+        got = load_mask(tmp_path / name, (1, 8, 8), 2)
+        np.testing.assert_array_equal(got[0, 0].numpy(), mask)  # 0/1 saved as a picture: 0 missing, 1 observed
+    soft = (mask * 255).astype(np.uint8)
+    soft[0, :3] = 100  # a few anti-aliased edge pixels are thresholded at mid-grey
+    Image.fromarray(soft).save(tmp_path / "soft.png")
+    expect = mask.copy()
+    expect[0, :3] = 0
+    np.testing.assert_array_equal(load_mask(tmp_path / "soft.png", (1, 8, 8), 2)[0, 0].numpy(), expect)
+    Image.fromarray(np.full((8, 8), 128, np.uint8)).save(tmp_path / "grey.png")
+    with pytest.raises(ValueError, match=r"grey.png: 100% of its pixels are grey; a mask PNG is black \(missing\) "
+                                         r"and white \(observed\), or holds the values 0 and 1"):
+        load_mask(tmp_path / "grey.png", (1, 8, 8), 2)

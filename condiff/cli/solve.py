@@ -78,15 +78,28 @@ def _need_mask(params: dict) -> torch.Tensor:
     return params["mask"]
 
 
+def _png_mask(path: Path) -> np.ndarray:
+    """A PNG mask as 0/1: white (grey >= 128 of 255) is observed, black missing; a PNG of the values 0 and 1
+    (an array of 0s and 1s saved as 8 or 16 bits) is taken as it is. A mostly grey picture is no mask."""
+    g = ((load_png_folder(path, channels=1).x[0, 0].double() + 1) / 2).numpy()  # grey in [0, 1]
+    if 0 < g.max() <= 1.5 / 255:  # the values 0 and 1 of 255 (or of 65535): a 0/1 array saved as a picture
+        return (g > 0).astype(np.float32)
+    grey = float(((g > 0.02) & (g < 0.98)).mean())
+    if grey > 0.25:
+        raise ValueError(f"--mask {path}: {grey:.0%} of its pixels are grey; a mask PNG is black (missing) and "
+                         "white (observed), or holds the values 0 and 1")
+    return (g >= 0.5).astype(np.float32)
+
+
 def load_mask(path: str | Path, shape: tuple[int, ...], n: int) -> torch.Tensor:
     """A 0/1 observation mask ``(1 or n, 1 or C, H, W)`` for images of per-sample ``shape``, from a .npy /
-    .npz array of 0s and 1s (or booleans), or a PNG (white, >= 128, = observed). An (H, W) or (C, H, W)
+    .npz array of 0s and 1s (or booleans), or a PNG (:func:`_png_mask`: white = observed). An (H, W) or (C, H, W)
     mask is shared by every image; one per image is (n, 1 or C, H, W)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--mask {path}: no such file")
-    if path.suffix.lower() == ".png":  # the project's PNG reader, grey in [-1, 1]: white half observed
-        m = (load_png_folder(path, channels=1).x[0, 0] >= 0).numpy().astype(np.float32)
+    if path.suffix.lower() == ".png":
+        m = _png_mask(path)
     elif path.suffix.lower() in (".npy", ".npz"):
         if path.suffix.lower() == ".npy":
             check_npy_header(path, "--mask ")
