@@ -371,7 +371,7 @@ def test_config_resolution_order(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["train", "--data", "/no/such/file.npy", "--out", "{tmp}/x"], "unknown data set"),
+    (["train", "--data", "/no/such/file.npy", "--out", "{tmp}/x"], "data file /no/such/file.npy does not exist"),
     (["train", "--data", "toy2d", "--set", "train.steps=0", "--out", "{tmp}/x"], "train.steps must be an integer >= 1"),
     (["train", "--data", "toy2d", "--set", "train.stpes=3", "--out", "{tmp}/x"], "unknown training option"),
     (["train", "--data", "toy2d", "--set", "model.name=resnet9", "--out", "{tmp}/x"], "unknown net"),
@@ -409,7 +409,7 @@ def test_a_failing_train_leaves_the_run_as_it_was(trained, tmp_path, capsys):
     assert main(["train", *TINY, "--set", "data.kind=rings", "--set", "train.steps=40", "--out", str(run),
                  "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "unknown data set" in err[0] and "train.grad_clip must be a number > 0" in err[1]
+    assert f"data file {tmp_path / 'typo.npy'} does not exist" in err[0] and "train.grad_clip must be a" in err[1]
     assert "does not match the model" in err[2] and "of other shape" in err[2]
     assert "was trained on other data (kind: " in err[3] and "-> 'rings'" in err[3]
     assert _snapshot(run) == before

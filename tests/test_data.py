@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -160,7 +161,10 @@ def test_load_dataset_by_name_and_unknown_name(tmp_path):
     assert {"digits", "toy2d", "patches"} <= set(DATASETS)
     assert load_dataset("toy2d", "test", kind="rings", n=10).x.shape == (10, 2)
     with pytest.raises(DataError, match=r"not a registered name \(.*digits.*patches.*toy2d.*\).*no file"):
-        load_dataset(str(tmp_path / "missing.npy"))
+        load_dataset("digitz")
+    for gone in (tmp_path / "missing.npy", "sub/data", "x.NPZ"):  # a path, not a misspelt name
+        with pytest.raises(DataError, match=rf"^data file {re.escape(str(gone))} does not exist \(moved or deleted"):
+            load_dataset(str(gone))
 
 
 # --- user files ----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -255,6 +256,8 @@ def load_dataset(name_or_path: str | Path, split: str = "train", **kwargs: Any) 
         return DATASETS[key](split=split, **kwargs)
     if Path(key).expanduser().exists():
         return load_path(Path(key).expanduser(), split=split, **kwargs)
+    if "/" in key or os.sep in key or Path(key).suffix.lower() in (".npy", ".npz", ".png"):  # a path, gone
+        raise DataError(f"data file {key} does not exist (moved or deleted?)")
     raise DataError(
         f"unknown data set {key!r}: not a registered name ({', '.join(sorted(DATASETS))}) "
         f"and no file or folder exists at that path"
