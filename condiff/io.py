@@ -424,6 +424,8 @@ def release_runs() -> None:
 
 REPLACED = ".replaced"  # in a run directory: what --fresh / --retrain replace, kept until the new run finishes
 MOVING = ".moving"  # in REPLACED while entries move in or out: the names, so that a move cut short is finished
+SET_ASIDE = ".set-aside"  # in REPLACED: the names set aside there, so a restore knows what the old run did not have
+_RECORDS = (MOVING, SET_ASIDE)  # the bookkeeping files of REPLACED, never entries of a kept run
 DROPPING = REPLACED + ".drop-"  # in a run directory: what drop_replaced is deleting (never a kept run)
 
 
@@ -447,7 +449,26 @@ def _kept_entries(keep: Path, names: tuple[str, ...] | list[str] | None) -> list
     """The entries of ``keep`` (only ``names`` when given), without the move marker."""
     if names is not None:
         return [keep / n for n in names]
-    return [p for p in keep.iterdir() if p.name != MOVING] if keep.is_dir() else []
+    return [p for p in keep.iterdir() if p.name not in _RECORDS] if keep.is_dir() else []
+
+
+def _set_aside_names(keep: Path) -> list[str] | None:
+    """The names :func:`set_aside` recorded in ``keep`` (None for a record it cannot read, or none)."""
+    try:
+        names = json.loads((keep / SET_ASIDE).read_text())
+    except (OSError, ValueError):
+        return None
+    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
+def _forget_set_aside(keep: Path, names: list[str] | None) -> None:
+    """Take ``names`` (all when None) off the record of what is set aside in ``keep``; the record goes with its
+    last name, so that an empty ``keep`` can be removed."""
+    left = [n for n in (_set_aside_names(keep) or []) if names is not None and n not in names]
+    if left:
+        write_json_atomic(keep / SET_ASIDE, left)
+    else:
+        (keep / SET_ASIDE).unlink(missing_ok=True)
 
 
 def _begin_moving(keep: Path, names: list[str]) -> None:
@@ -521,6 +542,7 @@ def set_aside(run_dir: str | Path, names: tuple[str, ...] | list[str]) -> list[s
     for n in present:
         (keep / n).parent.mkdir(parents=True, exist_ok=True)
         os.replace(run_dir / n, keep / n)
+    write_json_atomic(keep / SET_ASIDE, sorted({*(_set_aside_names(keep) or []), *present}))
     (keep / MOVING).unlink()
     return present
 
@@ -545,29 +567,39 @@ def drop_replaced(run_dir: str | Path, names: tuple[str, ...] | list[str] | None
             trash = run_dir / f"{DROPPING}{os.getpid()}-{i}"
             os.replace(p, trash)
             remove(trash)
+    _forget_set_aside(keep, list(names))
     with contextlib.suppress(OSError):
         keep.rmdir()  # only once empty
 
 
-def restore_replaced(run_dir: str | Path, names: tuple[str, ...] | list[str] | None = None) -> None:
+def restore_replaced(run_dir: str | Path, names: tuple[str, ...] | list[str] | None = None,
+                     attempt: tuple[str, ...] | list[str] = ()) -> None:
     """Move what :func:`set_aside` kept in ``run_dir/.replaced`` (only ``names`` when given) back in place of
     the entries of the replacement that failed; ``config.json`` last, so that a restore cut short leaves no
     settings claiming a whole run (and the moves are recorded, as :func:`set_aside` records them, so that
-    the next call puts such a restore's entries back into ``.replaced``). Rank 0 of a torchrun job does it
-    alone."""
+    the next call puts such a restore's entries back into ``.replaced``). ``attempt``: what the failed
+    replacement may have written (its run's entries); those the kept run did not have (by the record of what
+    was set aside, :data:`SET_ASIDE`) are deleted, so that none is left beside the restored run. An entry the
+    kept run had is never deleted, even where it is no longer in ``.replaced`` (moved back by hand). Rank 0 of a
+    torchrun job does it alone."""
     run_dir = Path(run_dir)
     if not is_rank0():
         return
-    _finish_moving(run_dir)
+    _finish_moving(run_dir)  # first: what a cut-short set-aside left in run_dir is the kept run's, not the attempt's
     keep = run_dir / REPLACED
     if not keep.is_dir():
         return
+    had = _set_aside_names(keep)
+    for n in attempt if had is not None else ():  # without the record, nothing tells the attempt's entries apart
+        if n not in had and not _present(keep / n):
+            remove(run_dir / n)
     entries = sorted((p for p in _kept_entries(keep, names) if _present(p)), key=lambda p: p.name == CONFIG)
     if entries:
         _begin_moving(keep, [p.name for p in entries])
     for p in entries:
         remove(run_dir / p.name)
         os.replace(p, run_dir / p.name)
+    _forget_set_aside(keep, None if names is None else list(names))
     (keep / MOVING).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         keep.rmdir()  # only once empty

@@ -1099,7 +1099,7 @@ def test_fresh_that_fails_keeps_the_run_it_was_to_replace(trained, tmp_path, cap
     # a plain run (no --fresh, no --resume) would have finished and deleted the kept run: refused
     assert main(["train", *TINY, "--out", str(run)]) == 2
     assert f"{kept} keeps the run an unfinished --fresh replaced: pass --fresh to replace it again, --resume " \
-           "to go on with the replacement, or move its files back" in capsys.readouterr().err
+           "to go on with the replacement, or --restore to put it back" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (kept / "model").iterdir()} == model
     # going on with the replacement says that it will delete the kept run, and does once it finishes
     assert main(["train", "--out", str(run), "--resume", "--set", "train.lr=1e-3"]) == 0
@@ -1309,3 +1309,32 @@ def test_resume_of_a_run_that_is_not_there_is_refused_not_started_on_the_default
         err = capsys.readouterr().err
         assert f"--resume: {tmp_path / out} holds no run to go on with ({why}): check --out, or pass " in err
     assert not (tmp_path / "typo").exists() and list((tmp_path / "empty").iterdir()) == []
+
+
+def test_restore_puts_back_the_run_an_unfinished_fresh_set_aside(trained, tmp_path, capsys):
+    """Moving .replaced's files back by hand failed (`mv`: the attempt's checkpoints/ is not empty); --restore
+    does it, deleting the failed attempt's files, and is refused where there is nothing to restore."""
+    run = tmp_path / "run"
+    trained(run)
+    (run / "metrics.json").write_text('{"mmd": 1}')  # a result of the old model, set aside by --fresh
+    before = _snapshot(run)
+    from condiff.cli.train import FRESH_CLEARS
+    from condiff.io import set_aside
+
+    set_aside(run, ["checkpoints", "model", "log.jsonl", "config.json", *FRESH_CLEARS])  # as --fresh does
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)  # the attempt, then a Ctrl-C
+    (run / "config.json").write_text("{}")
+    (run / "samples_step_00000010").mkdir()
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--set", "train.steps=5", "--restore"]) == 2
+    assert "--restore puts a run back as it was: it takes no --data / --config / --set" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--restore"]) == 0
+    assert f"restored the run in {run} that --fresh had set aside" in capsys.readouterr().out
+    after = _snapshot(run)
+    assert {k: v for k, v in after.items() if k.name != "loss.png"} == {
+        k: v for k, v in before.items() if k.name != "loss.png"}  # the old run whole, nothing of the attempt's
+    assert Path("loss.png") in after and not (run / ".replaced").exists()
+    assert main(["train", "--out", str(run), "--restore"]) == 2
+    assert f"--restore: {run} keeps no run that --fresh set aside (no .replaced there)" in capsys.readouterr().err
+    assert main(["dual", "train", "--restore"]) == 2
+    assert "--restore needs --out, the run to put back" in capsys.readouterr().err

@@ -350,10 +350,11 @@ def test_a_restore_cut_short_goes_back_into_replaced_and_a_drop_cut_short_leaves
         _cut_after(m, "replace", 3)  # the marker written, one entry put back, the next not yet
         with pytest.raises(KeyboardInterrupt):
             io.restore_replaced(run)
-    assert len(list((run / io.REPLACED).iterdir())) < 4  # the marker and what is still kept
+    assert len([p for p in (run / io.REPLACED).iterdir() if p.name != io.SET_ASIDE]) < 4  # the marker, what is kept
     io.set_aside(run, ["checkpoints", "model", "config.json"])  # --fresh again: the kept run is whole
     kept = run / io.REPLACED
-    assert sorted(p.name for p in kept.iterdir()) == ["checkpoints", "config.json", "model"]
+    assert sorted(p.name for p in kept.iterdir()) == [io.SET_ASIDE, "checkpoints", "config.json", "model"]
+    assert json.loads((kept / io.SET_ASIDE).read_text()) == ["checkpoints", "config.json", "model"]
     assert (kept / "model" / "w").read_text() == "old" and not (run / "model").exists()
     (run / "model").mkdir()
     (run / "model" / "w").write_text("the finished new model")
@@ -470,3 +471,25 @@ def test_the_lock_time_sweep_does_not_follow_links_out_of_the_run(tmp_path):
     finally:
         io.release_runs()
     assert (outside / ".data.npz.abc123.tmp").is_file()
+
+
+def test_a_restore_deletes_what_only_the_failed_attempt_had_and_keeps_what_was_moved_back_by_hand(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model").mkdir()
+    (run / "model" / "w").write_text("old")
+    (run / "config.json").write_text("old settings")
+    assert io.set_aside(run, ["checkpoints", "model", "config.json"]) == ["model", "config.json"]  # no checkpoints
+    (run / "checkpoints" / "step_1").mkdir(parents=True)  # the failed attempt's
+    (run / "config.json").write_text("new settings")
+    os.replace(run / io.REPLACED / "model", run / "model")  # a user began to put the old run back by hand
+    io.restore_replaced(run, attempt=("checkpoints", "model", "config.json", "log.jsonl"))
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "model"]
+    assert (run / "model" / "w").read_text() == "old" and (run / "config.json").read_text() == "old settings"
+    # without the record of what was set aside (an older .replaced), nothing but the kept entries is touched
+    assert io.set_aside(run, ["model"]) == ["model"]
+    (run / io.REPLACED / io.SET_ASIDE).unlink()
+    (run / "checkpoints").mkdir()
+    io.restore_replaced(run, attempt=("checkpoints", "model"))
+    assert (run / "checkpoints").is_dir() and (run / "model" / "w").read_text() == "old"
+    assert not (run / io.REPLACED).exists()

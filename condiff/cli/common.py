@@ -257,8 +257,7 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
         if not (resume or fresh) and any((kept / n).exists() for n in ("model", "checkpoints")):
             # a --fresh that failed kept the run it replaced: a plain run here would finish and delete it
             raise FileExistsError(f"{kept} keeps the run an unfinished --fresh replaced: pass --fresh to replace it "
-                                  f"again, --resume to go on with the replacement, or move its files back into "
-                                  f"{run_dir} (and delete {kept}) to restore it")
+                                  f"again, --resume to go on with the replacement, or --restore to put it back")
         job = build()
         if fresh:
             replace_run(run_dir, (*_RUN_FILES, *with_step_results(run_dir, clear)), "--fresh")
@@ -301,15 +300,42 @@ def replace_run(run_dir: Path, names: tuple[str, ...], flag: str = "") -> None:
               file=sys.stderr)
 
 
-def note_replaced(run_dir: Path) -> None:
+def restore_only(args: argparse.Namespace, kind: str, clears: tuple[str, ...], settings_flags: str) -> None:
+    """``train`` / ``dual train --restore``: :func:`restore_run` of ``--out``, which is needed; settings
+    (``settings_flags``) are refused, since the run comes back as it was. ``clears``: what ``--fresh`` sets aside
+    besides the run's own files."""
+    if getattr(args, "data", None) is not None or getattr(args, "config", None) is not None or args.overrides:
+        raise ValueError(f"--restore puts a run back as it was: it takes no {settings_flags}")
+    if args.out is None:
+        raise ValueError("--restore needs --out, the run to put back")
+    restore_run(check_out_dir(args.out, kind=kind), (*_RUN_FILES, *clears))
+
+
+def restore_run(run_dir: Path, names: tuple[str, ...], flag: str = "--fresh") -> None:
+    """``--restore``: put back the run an unfinished ``flag`` set aside in ``run_dir/.replaced``, in place of the
+    failed attempt's files (``names``: what a run of this command writes, each deleted where the kept run has
+    none of that name), and redraw its loss curve from its log."""
+    run_dir = Path(run_dir)
+    with io.claimed_run(run_dir):
+        if not (run_dir / io.REPLACED).is_dir():
+            raise FileNotFoundError(f"--restore: {run_dir} keeps no run that {flag} set aside (no {io.REPLACED} there)")
+        steps = [p.name for p in run_dir.glob("*_step_*")]  # results of the attempt's checkpoints
+        io.restore_replaced(run_dir, attempt=(*names, "loss.png", *steps))
+        if (run_dir / "log.jsonl").is_file():
+            plot_loss_curve(run_dir / "log.jsonl", run_dir / "loss.png")
+    print(f"restored the run in {run_dir} that {flag} had set aside; the failed attempt's files are deleted")
+
+
+def note_replaced(run_dir: Path, keep_hint: str = "stop now (Ctrl-C) and pass --restore in place of --resume") -> None:
     """For a command that goes on with the run as it lies (no replacement of its own): forget a set-aside
     cut short (:func:`condiff.io.discard_moving`), and say in one line when ``run_dir`` still keeps a run
-    that an unfinished replacement set aside, which this command will delete when it finishes."""
+    that an unfinished replacement set aside, which this command will delete when it finishes (``keep_hint``:
+    how to keep it instead)."""
     io.discard_moving(run_dir)
     keep = Path(run_dir) / io.REPLACED
     if keep.is_dir() and io.is_rank0():
         print(f"note: {keep} keeps the run an unfinished --fresh / --retrain replaced; it is deleted when this "
-              f"run finishes (to keep it instead, move its files back into {run_dir} and delete {keep} first)",
+              f"run finishes (to keep it instead, {keep_hint})",
               file=sys.stderr)
 
 
@@ -580,7 +606,7 @@ def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = 
     if retrain or ((run_dir / "config.json").is_file() and not same_settings(run_dir, cfg)):  # nothing held
         replace_run(run_dir, _RUN_FILES, "--retrain" if retrain else "")
     else:
-        note_replaced(run_dir)
+        note_replaced(run_dir, f"stop now (Ctrl-C), delete {run_dir / 'checkpoints'} and run the command again")
     t0 = time.perf_counter()
     job.resume()
     save_resolved_config(run_dir, cfg)

@@ -55,6 +55,7 @@ from .common import (
     net_config,
     pick_device,
     recorded_settings,
+    restore_only,
     save_resolved_config,
     start_run,
     train_config,
@@ -114,6 +115,9 @@ def add_parser(sub, name: str) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--fresh", action="store_true",
                    help="start over, replacing the run in --out (kept in --out/.replaced until the new one finishes)")
+    g.add_argument("--restore", action="store_true",
+                   help="put back the run in --out that an unfinished --fresh set aside in --out/.replaced, "
+                        "deleting the failed attempt's files")
     t.set_defaults(func=run_train, interrupted=INTERRUPTED)
     for exp, (cls, fn, out) in EXPERIMENTS.items():
         e = cmds.add_parser(exp, help=plain(fn.__doc__).split(". ")[0], description=plain(cls.__doc__),
@@ -485,6 +489,9 @@ class DualJob:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if args.restore:
+        restore_only(args, "condiff dual train", ("constraint_data", *OTHERS_RESULTS), "--config / --set")
+        return 0
     old = recorded_settings(args.out, args.resume, args.config is not None, "pass --config", "pass --config")
     if old is not None:  # --resume without --config: the run's own settings
         cfg = resolve(Path(args.out) / "config.json", args.overrides, old)

@@ -102,7 +102,7 @@ def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
     if holder is not None:
         notes.append(f"being written now by process {holder}")
     if (p / io.REPLACED).is_dir():
-        kept = sorted(q.name for q in (p / io.REPLACED).iterdir() if q.name != io.MOVING)
+        kept = sorted(q.name for q in (p / io.REPLACED).iterdir() if q.name not in (io.MOVING, io.SET_ASIDE))
         notes.append(f"{p / io.REPLACED} keeps the run an unfinished --fresh / --retrain replaced ({', '.join(kept)}); "
                      "it is deleted when the replacement finishes (README, 'Run directories')")
     out["notes"] = notes

@@ -14,6 +14,7 @@ from .common import (
     check_out_dir,
     pick_device,
     recorded_settings,
+    restore_only,
     save_resolved_config,
     start_run,
 )
@@ -28,7 +29,7 @@ def interrupted(args: argparse.Namespace) -> str:
     """The Ctrl-C hint: --resume where the run has a checkpoint, else a plain rerun (nothing was saved)."""
     run_dir = getattr(args, "run_dir", None)
     kept = Path(run_dir) / io.REPLACED if run_dir is not None else None
-    restore = (f"; the run --fresh replaced is kept in {kept} (move its files back and delete it to restore it)"
+    restore = (f"; the run --fresh replaced is kept in {kept} (--restore in place of --fresh puts it back)"
                if kept is not None and kept.is_dir() else "")
     if run_dir is not None and list_checkpoints(Path(run_dir) / "checkpoints"):
         how = INTERRUPTED.replace("add --resume to", "pass --resume (instead of --fresh) to") if getattr(
@@ -48,6 +49,9 @@ def add_parser(sub, name: str) -> None:
     g.add_argument("--fresh", action="store_true",
                    help="replace the run in --out (checkpoints, model, log, the old model's samples and metrics; "
                         "kept in --out/.replaced until the new run finishes) and start over")
+    g.add_argument("--restore", action="store_true",
+                   help="put back the run in --out that an unfinished --fresh set aside in --out/.replaced, "
+                        "deleting the failed attempt's files")
     p.set_defaults(func=run, interrupted=interrupted)
 
 
@@ -72,6 +76,9 @@ def settings(args: argparse.Namespace) -> tuple[dict, bool]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.restore:
+        restore_only(args, "condiff train", FRESH_CLEARS, "--data / --config / --set")
+        return 0
     cfg, recorded = settings(args)
     cfg["_device"] = pick_device(args.device)
     run_dir = check_out_dir(args.out or Path("runs") / Path(str(cfg["data"]["name"])).stem, kind="condiff train")
