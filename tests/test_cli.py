@@ -411,6 +411,7 @@ def test_a_failing_train_leaves_the_run_as_it_was(trained, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert f"data file {tmp_path / 'typo.npy'} does not exist" in err[0] and "train.grad_clip must be a" in err[1]
     assert "does not match the model" in err[2] and "of other shape" in err[2]
+    assert "; the run was trained with other model settings (hidden: 32 -> 16): resume with the run's" in err[2]
     assert "was trained on other data (kind: " in err[3] and "-> 'rings'" in err[3]
     assert _snapshot(run) == before
     assert main(["train", *TINY, "--set", "train.steps=40", "--out", str(run), "--resume"]) == 0

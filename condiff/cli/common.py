@@ -230,7 +230,8 @@ _RUN_FILES = ("checkpoints", "model", "log.jsonl", "config.json")  # what a trai
 
 
 def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str, ...] = (),
-              data: dict | None = None, schedule: dict | None = None, resume_hint: str = ""):
+              data: dict | None = None, schedule: dict | None = None, resume_hint: str = "",
+              model: dict | None = None):
     """The run-directory protocol of ``train`` and ``dual train``: refuse a run with checkpoints unless
     ``resume`` or ``fresh``; ``build()`` the job (which checks everything) before anything changes; then
     set the old run aside for ``fresh`` (checkpoints, model, log, settings and ``clear``, kept in
@@ -238,7 +239,8 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
     :func:`replace_run`) or load its checkpoint for ``resume``. ``data``, ``schedule``: the run's
     settings, which a resumed run must share with the checkpoint's (same shapes, so the checkpoint would
     load and training go on, silently, on other data or under another noise schedule); ``resume_hint``
-    ends the refusal of other ones.
+    ends the refusal of other ones. ``model``: the run's model settings, named beside the recorded ones when
+    the checkpoint does not load into the model they build.
     Returns the job, the run directory made and locked; ``config.json`` is the caller's to write next."""
     with io.claimed_run(run_dir):  # locked before anything is read, let alone cleared
         existing = list_checkpoints(run_dir / "checkpoints")
@@ -263,9 +265,26 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
             replace_run(run_dir, (*_RUN_FILES, *with_step_results(run_dir, clear)), "--fresh")
         else:
             note_replaced(run_dir)
-        if resume and not job.resume():
+        try:
+            resumed = resume and job.resume()
+        except io.CheckpointError as e:  # say which settings built another model, not only its tensors
+            raise type(e)(f"{str(e).splitlines()[0]}{_other_model(run_dir, model, resume_hint)}") from None
+        if resume and not resumed:
             print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
         return job
+
+
+def _other_model(run_dir: Path, model: dict | None, hint: str) -> str:
+    """Where a resumed run's checkpoint does not load: the model settings that differ from those the run
+    recorded, as the end of the error ("" when they do not, or none were recorded)."""
+    before = json_table(run_dir / "config.json").get("model")
+    now = json.loads(json.dumps(model, default=str)) if model is not None else None
+    if not isinstance(before, dict) or not isinstance(now, dict) or before == now:
+        return ""
+    diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+                     if before.get(k) != now.get(k))
+    return (f"; the run was trained with other model settings ({diff}): resume with the run's model settings "
+            f"(recorded in {run_dir / 'config.json'}){hint}")
 
 
 def with_step_results(run_dir: Path, names: tuple[str, ...]) -> tuple[str, ...]:

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     given = args.data is not None or args.config is not None  # else the hint below would name nothing to drop
     saved_by = f"the run's settings in {run_dir / 'config.json'}" if recorded else None
     job = start_run(run_dir, args.resume, args.fresh, lambda: TrainingJob(cfg, run_dir, saved_by), data=cfg["data"],
-                    schedule=cfg.get("schedule"), clear=FRESH_CLEARS,
+                    schedule=cfg.get("schedule"), clear=FRESH_CLEARS, model=cfg.get("model"),
                     resume_hint=" (--resume without --data and --config takes them from there)" if given else "")
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
     model_dir = job.fit(stale=FRESH_CLEARS)
