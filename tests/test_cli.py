@@ -1339,3 +1339,25 @@ def test_restore_puts_back_the_run_an_unfinished_fresh_set_aside(trained, tmp_pa
     assert f"--restore: {run} keeps no run that --fresh set aside (no .replaced there)" in capsys.readouterr().err
     assert main(["dual", "train", "--restore"]) == 2
     assert "--restore needs --out, the run to put back" in capsys.readouterr().err
+
+
+def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(capsys):
+    """It was printed after the bar's text, on the bar's line ("... 12.3it/s]condiff train: warning: ...")."""
+    import argparse
+    import sys
+    import warnings
+
+    from tqdm import tqdm
+
+    from condiff.cli import main as cli_main
+
+    def job(args):
+        for i in tqdm(range(3), file=sys.stderr, mininterval=0):
+            if i == 1:
+                warnings.warn("the data look odd", stacklevel=1)
+        return 0
+
+    assert cli_main._run_command(argparse.Namespace(func=job), "condiff x") == 0
+    err = capsys.readouterr().err
+    line = next(s for s in re.split(r"[\r\n]", err) if "warning" in s)
+    assert line == "condiff x: warning: the data look odd"

@@ -70,6 +70,18 @@ def _plain_text(parser: argparse.ArgumentParser) -> None:
             _plain_text(child)
 
 
+def _say(line: str) -> None:
+    """A line on stderr; with a progress bar on screen, above it (not glued to the end of the bar's line)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        tqdm = None
+    if tqdm is not None and getattr(tqdm, "_instances", None):
+        tqdm.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
+
+
 def _close_progress_bars() -> None:
     try:
         from tqdm import tqdm
@@ -101,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_command(args: argparse.Namespace, prog: str, own_process: bool = False) -> int:
     if not os.environ.get("CONDIFF_DEBUG"):  # a warning is one line too
-        warnings.showwarning = lambda message, category, *rest, **kw: print(
-            f"{prog}: warning: {message}", file=sys.stderr)
+        warnings.showwarning = lambda message, category, *rest, **kw: _say(f"{prog}: warning: {message}")
     from . import common
 
     common.forget_claims()
