@@ -353,6 +353,9 @@ def test_a_net_of_ones_own_that_cannot_be_built_says_why_in_one_line(tmp_path):
         build_net({"name": f"{file}:Gone"})
     with pytest.raises(ValueError, match=r"bad arguments for net '.*net.py:Net': .*'depth'.*; it accepts: in_channels"):
         build_net({"name": f"{file}:Net", "depth": 2})
+    with pytest.raises(ValueError, match=r"it accepts: in_channels, width; labelled data \(data.labels = true\) give a "
+                       r"net num_classes, the number of classes, which a class-conditional net takes"):
+        build_net({"name": f"{file}:Net", "num_classes": 3})
     with pytest.raises(ValueError, match=r"setting .*net.py:Net.width expects a number \(default 4\), got .wide."):
         build_net({"name": f"{file}:Net", "width": "wide"})
     with pytest.raises(ValueError, match=r"net .*net.py:OwnConfig has a .config of its own, where condiff keeps what "

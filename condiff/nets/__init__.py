@@ -73,7 +73,10 @@ def build_net(config: dict, saved_by: str | None = None) -> nn.Module:
         sig.bind(**kwargs)
     except TypeError as err:
         accepted = ", ".join(sig.parameters)
-        raise ValueError(f"bad arguments for net {name!r}: {err}; it accepts: {accepted}") from None
+        why = ("; labelled data (data.labels = true) give a net num_classes, the number of classes, which a "
+               "class-conditional net takes" if "num_classes" in kwargs and "num_classes" not in sig.parameters
+               else "")
+        raise ValueError(f"bad arguments for net {name!r}: {err}; it accepts: {accepted}{why}") from None
     # each argument of the kind of its default, as config settings are ("maybe" for a switch was taken
     # as true, 3 for a list failed deep inside)
     kwargs = {k: check_setting(f"{name}.{k}", sig.parameters[k].default, v) if k in sig.parameters else v
