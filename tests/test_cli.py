@@ -1361,3 +1361,26 @@ def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(capsys):
     err = capsys.readouterr().err
     line = next(s for s in re.split(r"[\r\n]", err) if "warning" in s)
     assert line == "condiff x: warning: the data look odd"
+
+
+def test_an_error_a_net_of_ones_own_raises_in_training_names_the_net_and_the_step(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "boom.py").write_text(
+        "import torch\n\n\nclass Net(torch.nn.Module):\n    def __init__(self, in_channels=1):\n"
+        "        super().__init__()\n        self.conv = torch.nn.Conv2d(in_channels, in_channels, 3, padding=1)\n\n"
+        "    def forward(self, x, t, y=None):\n        if x.shape[0] > 2:  # passes the check on two samples\n"
+        "            raise RuntimeError('boom in my net')\n        return self.conv(x)\n")
+    capsys.readouterr()
+    assert main(["train", "--data", "digits", "--set", "model.name=boom.py:Net", "--set", "train.steps=2",
+                 "--set", "train.batch_size=4", "--out", "run"]) == 2
+    err = capsys.readouterr().err
+    assert (f"condiff train: error: the network {tmp_path / 'boom.py'}:Net failed in training, after step 0: "
+            "RuntimeError: boom in my net\n") in err
+    # an error raised elsewhere is left as it is (not put down to the net)
+    (tmp_path / "ok.py").write_text((tmp_path / "boom.py").read_text().replace("> 2", "> 10**9"))
+    from condiff.train import Trainer
+
+    monkeypatch.setattr(Trainer, "fit", lambda self: (_ for _ in ()).throw(RuntimeError("disk on fire")))
+    assert main(["train", "--data", "digits", "--set", "model.name=ok.py:Net", "--set", "train.steps=2",
+                 "--out", "run2"]) == 2
+    assert "condiff train: error: disk on fire\n" in capsys.readouterr().err

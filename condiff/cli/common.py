@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,22 @@ def check_denoising_net(net: torch.nn.Module, x: torch.Tensor, labels: torch.Ten
         net.train(was)
 
 
+def raise_from_own_net(err: Exception, net: torch.nn.Module, when: str) -> None:
+    """Where ``err`` was raised in the file of a net of one's own (``FILE.py:NAME``), raise it again as a one-line
+    error that says so (the bare message, "boom", named neither the net nor the step); else return."""
+    net = getattr(net, "module", net)  # under DistributedDataParallel
+    config = getattr(net, "config", None)
+    name = config.get("name") if isinstance(config, dict) else None
+    if not (isinstance(name, str) and ".py:" in name):
+        return
+    file = os.path.realpath(name.rsplit(":", 1)[0])
+    frames = traceback.extract_tb(err.__traceback__)
+    if not any(os.path.realpath(f.filename) == file for f in frames):
+        return
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    raise ValueError(f"the network {name} failed {when}: {type(err).__name__}: {text}") from err
+
+
 class TrainingJob:
     """Everything a training run needs, built and checked from the config before anything is written:
     bad data, model or training settings fail here, with the run directory untouched."""
@@ -213,7 +230,11 @@ class TrainingJob:
         the results of the model being replaced that a resumed run which trained on deletes first
         (:func:`drop_stale_results`), so that no interruption leaves them beside the new model."""
         t0, start = time.perf_counter(), self.trainer.step
-        ema = self.trainer.fit()
+        try:
+            ema = self.trainer.fit()
+        except Exception as err:  # re-raised, named where the net's own file raised it
+            raise_from_own_net(err, self.trainer.model, f"in training, after step {self.trainer.step}")
+            raise
         if not self.trainer.dist.main:
             return self.run_dir / "model"
         drop_stale_results(self.run_dir, stale, start, self.trainer.step)
