@@ -1384,3 +1384,16 @@ def test_an_error_a_net_of_ones_own_raises_in_training_names_the_net_and_the_ste
     assert main(["train", "--data", "digits", "--set", "model.name=ok.py:Net", "--set", "train.steps=2",
                  "--out", "run2"]) == 2
     assert "condiff train: error: disk on fire\n" in capsys.readouterr().err
+
+
+def test_train_refuses_a_test_split_of_another_shape_before_training(tmp_path, capsys):
+    """It trained, and `eval` was the first to say that the splits differ."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x_train=rng.uniform(-1, 1, (20, 1, 8, 8)).astype("float32"),
+             x_test=rng.uniform(-1, 1, (10, 1, 16, 16)).astype("float32"))
+    capsys.readouterr()
+    assert main(["train", "--data", str(tmp_path / "d.npz"), "--set", "train.steps=2", "--out",
+                 str(tmp_path / "run")]) == 2
+    assert ("the splits hold items of different shapes {'train': (1, 8, 8), 'test': (1, 16, 16)}"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()

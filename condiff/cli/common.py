@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from .. import checks, io
-from ..data import ArrayData, load_dataset, nominal_range, to_display, value_range
-from ..data.files import save_png_grid
+from ..data import DATASETS, ArrayData, NoSplitError, load_dataset, nominal_range, to_display, value_range
+from ..data.files import same_item_shape, save_png_grid
 from ..denoiser import Denoiser, DiffusersDenoiser
 from ..models import load_denoiser, resolve_model_dir, save_model
 from ..nets import NETS, build_net, net_class
@@ -66,6 +66,18 @@ def data_kwargs(cfg: dict) -> dict:
 
 def load_split(cfg: dict, split: str) -> ArrayData:
     return load_dataset(cfg["data"]["name"], split=split, **data_kwargs(cfg))
+
+
+def check_test_split(cfg: dict, train: ArrayData) -> None:
+    """Data of one's own (a path) with a test split: its items must have the training items' shape, found
+    before training rather than at `eval`, the first command that reads the test split."""
+    if str(cfg["data"]["name"]) in DATASETS:  # a registered data set: its splits are made alike
+        return
+    try:
+        test = load_split(cfg, "test")
+    except NoSplitError:
+        return
+    same_item_shape({"train": train, "test": test}, str(cfg["data"]["name"]))
 
 
 # models for user data, picked by the data's rank when the config names none
@@ -200,6 +212,7 @@ class TrainingJob:
         its file only if trusted (:func:`condiff.userfile.load_from_file`)."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.data = load_split(cfg, "train")
+        check_test_split(cfg, self.data)
         self.schedule = Schedule.from_config(cfg["schedule"])
         train = {k: v for k, v in cfg["train"].items() if k != "label_drop"}  # the objective's, below
         self.tcfg = train_config(train, device=cfg["_device"])
