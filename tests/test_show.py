@@ -159,3 +159,13 @@ def test_show_notes_a_kept_run_and_a_checkpoint_that_does_not_read(run, capsys):
     rc, out, _ = _show(capsys, run)
     assert rc == 0 and "training: unfinished (its newest checkpoint, step_00000004, does not read)" in out
     assert f"note: {run / '.replaced'} keeps the run an unfinished --fresh / --retrain replaced (model)" in out
+
+
+def test_show_a_hand_edited_run_shows_what_reads_and_refuses_nothing(run, capsys):
+    (run / "config.json").write_text(json.dumps({"data": "digits", "model": [1], "schedule": 3, "train": None}))
+    (run / ".condiff-run").unlink()
+    cfg = json.loads((run / "model" / "config.json").read_text())
+    (run / "model" / "config.json").write_text(json.dumps({**cfg, "steps": "four", "net": "mlp"}))
+    rc, out, _ = _show(capsys, run)
+    assert rc == 0 and out.splitlines()[0] == f"{run}: condiff train run, unfinished"  # kind guessed from config
+    assert "training: unfinished at step 4 of 4" in out  # the model records no step count that reads

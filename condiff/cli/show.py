@@ -74,7 +74,7 @@ def describe(path: str | Path) -> dict:
     if cfg.get("format") or {"step", "optim"} <= set(cfg):  # a model directory (any format) or a checkpoint
         out = {"path": str(p), "kind": "checkpoint" if "optim" in cfg else "model", **_weights(p)}
         if "optim" in cfg:
-            out["state"] = f"step {cfg.get('step')} of {(cfg.get('train') or {}).get('steps', '?')}"
+            out["state"] = f"step {cfg.get('step')} of {_table(cfg, 'train').get('steps', '?')}"
         out["own_code"] = _own_code(cfg)
         return out
     kind = run_kind(p)
@@ -87,7 +87,7 @@ def describe(path: str | Path) -> dict:
 
 
 def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
-    kind = kind or run_kind(p) or "a run"
+    kind = kind or run_kind(p) or "(unrecorded command)"
     cfg = json_table(p / io.CONFIG)
     out: dict = {"path": str(p), "kind": kind, "settings": _settings(cfg)}
     units = _units(p)
@@ -113,7 +113,7 @@ def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
 def _settings(cfg: dict) -> dict:
     """The few settings that say what a run is: its data, constraint, model and training budget."""
     out = {}
-    data = cfg.get("data") or {}
+    data = _table(cfg, "data")
     if data.get("name"):
         out["data"] = str(data["name"]) + (" (labelled)" if data.get("labels") else "")
     con = data.get("constraint")
@@ -121,16 +121,22 @@ def _settings(cfg: dict) -> dict:
         out["constraint"] = _name(con) if isinstance(con, dict) else str(con)
     if cfg.get("profile"):
         out["profile"] = str(cfg["profile"])
-    if isinstance(cfg.get("model"), dict) and cfg["model"].get("name"):
+    if _table(cfg, "model").get("name"):
         out["model"] = _name(cfg["model"])
-    sch = cfg.get("schedule") or {}
+    sch = _table(cfg, "schedule")
     if sch.get("kind"):
         out["schedule"] = f"{sch['kind']}, T {sch.get('T', 1000)}"
-    if isinstance(cfg.get("train"), dict) and "steps" in cfg["train"]:
+    if "steps" in _table(cfg, "train"):
         out["training steps"] = cfg["train"]["steps"]
     if isinstance(cfg.get("dual"), dict):
         out["dual"] = ", ".join(f"{k} {v}" for k, v in sorted(cfg["dual"].items()) if not isinstance(v, (dict, list)))
     return out
+
+
+def _table(cfg: dict, key: str) -> dict:
+    """``cfg[key]`` where it is a table, else {} (a hand-edited file is shown, not refused)."""
+    v = cfg.get(key)
+    return v if isinstance(v, dict) else {}
 
 
 def _name(table: dict) -> str:
@@ -197,19 +203,19 @@ def _unit(u: Path, weights: tuple[str, ...] | list[str] = _WEIGHTS) -> dict:
                    key=lambda c: c.name)
     if steps:
         c = json_table(steps[-1] / io.CONFIG)
-        out["checkpoint"] = {"name": steps[-1].name, "step": c.get("step"),
-                             "of": (c.get("train") or {}).get("steps")}
+        out["checkpoint"] = {"name": steps[-1].name, "step": c.get("step"), "of": _table(c, "train").get("steps")}
         configs.append(c)
     last = _last_log(u / "log.jsonl")
     if last:
         out["last_log"] = last
     stage = json_table(u / "stage.json")
     configs.append(stage)
-    done = [out[w].get("steps") for w in weights if w in out]
+    done = [s if isinstance(s := out[w].get("steps"), int) else 0 for w in weights if w in out]
     ck = out.get("checkpoint", {})
+    at = ck.get("step") if isinstance(ck.get("step"), int) else 0
     if stage:
         state = "finished" if stage.get("done") else "unfinished"
-    elif done and not (ck.get("step") or 0) > max(s or 0 for s in done):
+    elif done and not at > max(done):
         state = "finished"
     elif ck:
         state = "unfinished"
@@ -241,7 +247,7 @@ def _weights(d: Path) -> dict:
         out["net"] = _name(net)
     elif isinstance(cfg.get("mirror"), dict):
         m = cfg["mirror"]
-        out["net"] = f"mirror map: psi {_name(m.get('psi') or {})}, inverse {_name(m.get('inverse') or {})}"
+        out["net"] = f"mirror map: psi {_name(_table(m, 'psi'))}, inverse {_name(_table(m, 'inverse'))}"
     for key in ("steps", "train_seconds"):
         if key in cfg:
             out[key] = cfg[key]
