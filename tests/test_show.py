@@ -169,3 +169,13 @@ def test_show_a_hand_edited_run_shows_what_reads_and_refuses_nothing(run, capsys
     rc, out, _ = _show(capsys, run)
     assert rc == 0 and out.splitlines()[0] == f"{run}: condiff train run, unfinished"  # kind guessed from config
     assert "training: unfinished at step 4 of 4" in out  # the model records no step count that reads
+
+
+def test_show_a_diffusers_model_directory(tiny_diffusers_dir, capsys):
+    rc, out, _ = _show(capsys, tiny_diffusers_dir, "--json")
+    d = json.loads(out)
+    weights = load_file(tiny_diffusers_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert rc == 0 and d["kind"] == "diffusers model" and d["net"] == "UNet2DModel"
+    assert d["parameters"] == sum(v.numel() for v in weights.values())
+    rc, out, _ = _show(capsys, tiny_diffusers_dir)
+    assert out.splitlines()[0] == f"{tiny_diffusers_dir}: a diffusers model directory"

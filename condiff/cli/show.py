@@ -20,6 +20,7 @@ import struct
 from pathlib import Path
 
 from .. import io
+from ..models import is_diffusers_dir
 from ..userfile import trusted_files
 from .common import json_table, run_kind
 
@@ -70,6 +71,13 @@ def describe(path: str | Path) -> dict:
         raise FileNotFoundError(f"{p} does not exist")
     if not p.is_dir():
         raise ValueError(f"{p} is a file; condiff show takes a run, model or checkpoint directory, or a folder of runs")
+    if is_diffusers_dir(p):
+        unet = p / "unet" if (p / "unet").is_dir() else p
+        files = sorted(unet.glob("*.safetensors"))
+        sizes = [_count(f) for f in files]
+        return {"path": str(p), "kind": "diffusers model", "format": "diffusers",
+                "net": str(json_table(unet / "config.json").get("_class_name", "a diffusers model")),
+                "parameters": sum(sizes) if files and None not in sizes else None, "own_code": []}
     cfg = json_table(p / io.CONFIG)
     if cfg.get("format") or {"step", "optim"} <= set(cfg):  # a model directory (any format) or a checkpoint
         out = {"path": str(p), "kind": "checkpoint" if "optim" in cfg else "model", **_weights(p)}
@@ -386,7 +394,7 @@ def render(d: dict) -> list[str]:
             state = r["state"] if r["trainings"] else ""
             lines.append(f"  {_short(r['path'], d['path']):<{width}}  {r['kind']:<20} {state:<12} {what}".rstrip())
         return lines
-    if d["kind"] in ("model", "checkpoint"):
+    if d["kind"] in ("model", "checkpoint", "diffusers model"):
         lines = [f"{d['path']}: a {d['kind']} directory", f"  {_weights_line(d)}"]
         if d.get("state"):
             lines.append(f"  {d['state']}")
