@@ -452,6 +452,20 @@ def _kept_entries(keep: Path, names: tuple[str, ...] | list[str] | None) -> list
     return [p for p in keep.iterdir() if p.name not in _RECORDS] if keep.is_dir() else []
 
 
+def kept_names(run_dir: str | Path) -> list[str]:
+    """The entries of the run that ``run_dir/.replaced`` keeps, sorted ([] where it keeps none: no
+    ``.replaced``, or one holding only its records after everything was moved back by hand)."""
+    return sorted(p.name for p in _kept_entries(Path(run_dir) / REPLACED, None))
+
+
+def _tidy(keep: Path) -> None:
+    """Remove ``keep`` (``.replaced``) once it keeps no entry: its record of what was set aside goes with it."""
+    if keep.is_dir() and not _kept_entries(keep, None) and not (keep / MOVING).exists():
+        (keep / SET_ASIDE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            keep.rmdir()
+
+
 def _set_aside_names(keep: Path) -> list[str] | None:
     """The names :func:`set_aside` recorded in ``keep`` (None for a record it cannot read, or none)."""
     try:
@@ -523,7 +537,9 @@ def set_aside(run_dir: str | Path, names: tuple[str, ...] | list[str]) -> list[s
     replace; :func:`drop_replaced` removes them once the new run is finished. While it holds any of
     ``names`` already (a replacement that failed before), what it holds is the run to keep: the entries
     in ``run_dir`` are then that failed attempt's, and all of them are deleted, none moved, so the two
-    never mix. The moves are recorded first (:data:`MOVING`), so that a set-aside cut short between them
+    never mix; but an entry the record of what was set aside names (:data:`SET_ASIDE`) and ``.replaced`` no
+    longer holds was moved back by hand, and rejoins the kept run there. The moves are recorded first
+    (:data:`MOVING`), so that a set-aside cut short between them
     is finished by the next call rather than read as a whole kept run. The run being replaced takes its
     room on the disk until then. Returns the names moved. Rank 0 of a torchrun job does it alone."""
     run_dir = Path(run_dir)
@@ -533,8 +549,16 @@ def set_aside(run_dir: str | Path, names: tuple[str, ...] | list[str]) -> list[s
     keep = run_dir / REPLACED
     present = [n for n in names if _present(run_dir / n)]
     if any(_present(keep / n) for n in names):
+        had = _set_aside_names(keep) or []
+        back = [n for n in present if n in had and not _present(keep / n)]  # the kept run's, moved back by hand
         for n in present:
-            remove(run_dir / n)
+            if n not in back:
+                remove(run_dir / n)
+        if back:  # rejoin the kept run rather than go as the failed attempt's
+            _begin_moving(keep, back)
+            for n in back:
+                os.replace(run_dir / n, keep / n)
+            (keep / MOVING).unlink()
         return []
     if not present:
         return []
@@ -568,8 +592,7 @@ def drop_replaced(run_dir: str | Path, names: tuple[str, ...] | list[str] | None
             os.replace(p, trash)
             remove(trash)
     _forget_set_aside(keep, list(names))
-    with contextlib.suppress(OSError):
-        keep.rmdir()  # only once empty
+    _tidy(keep)
 
 
 def restore_replaced(run_dir: str | Path, names: tuple[str, ...] | list[str] | None = None,
@@ -601,8 +624,7 @@ def restore_replaced(run_dir: str | Path, names: tuple[str, ...] | list[str] | N
         os.replace(p, run_dir / p.name)
     _forget_set_aside(keep, None if names is None else list(names))
     (keep / MOVING).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        keep.rmdir()  # only once empty
+    _tidy(keep)
 
 
 def read_json_table(path: str | Path) -> dict:

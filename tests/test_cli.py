@@ -164,7 +164,7 @@ def test_the_check_of_a_new_net_changes_none_of_its_statistics_draws_nothing_and
     assert not net.training  # left as it was
 
 
-def test_the_check_of_a_new_net_leaves_training_as_it_was_and_probes_both_calls_of_a_labelled_net():
+def test_the_check_of_a_new_net_leaves_training_as_it_was_and_probes_each_call_of_a_labelled_net():
     from condiff.cli.common import check_denoising_net
     from condiff.nets import UNet
 
@@ -206,7 +206,8 @@ def test_the_check_of_a_new_net_leaves_training_as_it_was_and_probes_both_calls_
     with pytest.raises(ValueError, match=r"model NoNullLabel fails on two training samples with a label -1 \(no "
                        r"label, as label drop and classifier-free guidance give it\) \(x \(2, 1, 8, 8\), t \(2,\), "
                        r"y \(2,\)\): IndexError: index out of range"):
-        check_denoising_net(NoNullLabel(), x, y)
+        check_denoising_net(NoNullLabel(), x, y, null_label=True)  # a run with label drop
+    check_denoising_net(NoNullLabel(), x, y)  # without label drop it never gets a -1: fine
 
 
 def test_a_saved_model_runs_a_net_file_at_load_only_if_it_is_trusted(tmp_path, monkeypatch, capsys):
@@ -1308,25 +1309,29 @@ def test_resume_of_a_run_that_is_not_there_is_refused_not_started_on_the_default
         capsys.readouterr()
         assert main([*command, "--out", str(tmp_path / out), "--resume"]) == 2
         err = capsys.readouterr().err
-        assert f"--resume: {tmp_path / out} holds no run to go on with ({why}): check --out, or pass " in err
+        assert f"--resume: {tmp_path / out} records no run settings to go on with ({why}): check --out, or pass " in err
     assert not (tmp_path / "typo").exists() and list((tmp_path / "empty").iterdir()) == []
 
 
-def test_restore_puts_back_the_run_an_unfinished_fresh_set_aside(trained, tmp_path, capsys):
+def test_restore_puts_back_the_run_an_unfinished_fresh_set_aside(trained, tmp_path, capsys, monkeypatch):
     """Moving .replaced's files back by hand failed (`mv`: the attempt's checkpoints/ is not empty); --restore
-    does it, deleting the failed attempt's files, and is refused where there is nothing to restore."""
+    does it, deleting the failed attempt's files (and nothing else), and is refused where nothing is kept."""
     run = tmp_path / "run"
     trained(run)
     (run / "metrics.json").write_text('{"mmd": 1}')  # a result of the old model, set aside by --fresh
+    (run / "fid_step_00000030").mkdir()  # a folder of the user's, which --fresh leaves where it is
     before = _snapshot(run)
-    from condiff.cli.train import FRESH_CLEARS
-    from condiff.io import set_aside
+    from condiff.train import Trainer
 
-    set_aside(run, ["checkpoints", "model", "log.jsonl", "config.json", *FRESH_CLEARS])  # as --fresh does
-    (run / "checkpoints" / "step_00000010").mkdir(parents=True)  # the attempt, then a Ctrl-C
-    (run / "config.json").write_text("{}")
-    (run / "samples_step_00000010").mkdir()
-    capsys.readouterr()
+    def cut(self):  # the attempt: a checkpoint and its samples, then a Ctrl-C
+        (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+        (run / "samples_step_00000010").mkdir()
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "fit", cut)
+        assert main(["train", *TINY, "--set", "train.lr=1e-3", "--out", str(run), "--fresh"]) == 130
+    assert "(--restore in place of --fresh puts it back)" in capsys.readouterr().err
     assert main(["train", "--out", str(run), "--set", "train.steps=5", "--restore"]) == 2
     assert "--restore puts a run back as it was: it takes no --data / --config / --set" in capsys.readouterr().err
     assert main(["train", "--out", str(run), "--restore"]) == 0
@@ -1334,9 +1339,10 @@ def test_restore_puts_back_the_run_an_unfinished_fresh_set_aside(trained, tmp_pa
     after = _snapshot(run)
     assert {k: v for k, v in after.items() if k.name != "loss.png"} == {
         k: v for k, v in before.items() if k.name != "loss.png"}  # the old run whole, nothing of the attempt's
-    assert Path("loss.png") in after and not (run / ".replaced").exists()
+    assert Path("loss.png") in after and not (run / ".replaced").exists() and (run / "fid_step_00000030").is_dir()
     assert main(["train", "--out", str(run), "--restore"]) == 2
-    assert f"--restore: {run} keeps no run that --fresh set aside (no .replaced there)" in capsys.readouterr().err
+    assert f"--restore: {run} keeps no run that --fresh set aside (nothing in .replaced there)" in \
+        capsys.readouterr().err
     assert main(["dual", "train", "--restore"]) == 2
     assert "--restore needs --out, the run to put back" in capsys.readouterr().err
 

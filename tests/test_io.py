@@ -493,3 +493,24 @@ def test_a_restore_deletes_what_only_the_failed_attempt_had_and_keeps_what_was_m
     io.restore_replaced(run, attempt=("checkpoints", "model"))
     assert (run / "checkpoints").is_dir() and (run / "model" / "w").read_text() == "old"
     assert not (run / io.REPLACED).exists()
+
+
+def test_a_kept_run_moved_back_by_hand_is_not_deleted_by_the_next_set_aside_and_its_records_go_with_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for n in ("model", "checkpoints"):
+        (run / n).mkdir()
+        (run / n / "w").write_text("old")
+    io.set_aside(run, ["model", "checkpoints"])
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "w").write_text("attempt")
+    os.replace(run / io.REPLACED / "model", run / "model")  # moved back by hand (mv works: the attempt has none)
+    io.set_aside(run, ["model", "checkpoints"])  # --fresh again: the kept run stays whole, the attempt goes
+    assert io.kept_names(run) == ["checkpoints", "model"] and not (run / "model").exists()
+    assert {n: (run / io.REPLACED / n / "w").read_text() for n in ("model", "checkpoints")} == {
+        "model": "old", "checkpoints": "old"}
+    for n in ("model", "checkpoints"):  # everything moved back by hand: .replaced keeps nothing
+        os.replace(run / io.REPLACED / n, run / n)
+    assert io.kept_names(run) == [] and (run / io.REPLACED / io.SET_ASIDE).is_file()
+    io.drop_replaced(run, ["model"])  # a finished run's clean-up takes the record with it
+    assert not (run / io.REPLACED).exists() and (run / "model" / "w").read_text() == "old"

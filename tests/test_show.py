@@ -179,3 +179,13 @@ def test_show_a_diffusers_model_directory(tiny_diffusers_dir, capsys):
     assert d["parameters"] == sum(v.numel() for v in weights.values())
     rc, out, _ = _show(capsys, tiny_diffusers_dir)
     assert out.splitlines()[0] == f"{tiny_diffusers_dir}: a diffusers model directory"
+
+
+def test_show_reads_past_a_log_that_is_not_text_a_dangling_weights_link_and_a_replaced_of_records_only(run, capsys):
+    (run / "log.jsonl").write_bytes(b"\xff\xfe not utf-8")
+    (run / "model" / "extra.safetensors").symlink_to(run / "gone.safetensors")
+    (run / ".replaced").mkdir()
+    (run / ".replaced" / ".set-aside").write_text('["model"]')  # everything was moved back by hand
+    rc, out, _ = _show(capsys, run)
+    assert rc == 0 and "training: finished; model/: mlp," in out and "last logged" not in out
+    assert "note:" not in out  # nothing is kept there

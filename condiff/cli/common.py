@@ -147,13 +147,14 @@ def train_config(settings: dict, section: str = "train", **cli) -> TrainConfig:
 
 
 def check_denoising_net(net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None,
-                        device: str = "cpu") -> None:
+                        device: str = "cpu", null_label: bool = False) -> None:
     """Refuse a model that cannot denoise the data before anything is written (a net of one's own, ``FILE.py:
     NAME``, fails only in training otherwise, its run begun): it runs on two training samples, in eval mode,
     without gradients and on a random stream of its own (so that training goes as it would without the
     check), and must return a tensor of their shape, its prediction of their noise; with ``labels``, both
-    with them, without (``net(x, t)``, as unconditional sampling calls it) and with a label ``-1`` ("no label",
-    as label drop and classifier-free guidance pass it). It runs on the CPU: for
+    with them, without (``net(x, t)``, as unconditional sampling calls it), and with ``null_label`` (a run with
+    label drop) with a label ``-1`` ("no label", as label drop and classifier-free guidance pass it; a net
+    trained without label drop never gets one). It runs on the CPU: for
     training on another ``device`` only a wrong shape is refused (a net may need that device to run at all).
     Weights of another dtype than the data's are left to the trainer, which names the fix."""
     config = getattr(net, "config", None)
@@ -163,10 +164,10 @@ def check_denoising_net(net: torch.nn.Module, x: torch.Tensor, labels: torch.Ten
     xb = x[:2]
     t = torch.zeros(len(xb), dtype=torch.long)
     y = None if labels is None else labels[:2].long()
-    calls = [("", (xb, t))] if y is None else [
-        ("", (xb, t, y)), (" without labels, as net(x, t)", (xb, t)),
-        (" with a label -1 (no label, as label drop and classifier-free guidance give it)",
-         (xb, t, torch.cat([torch.full_like(y[:1], -1), y[1:]])))]
+    calls = [("", (xb, t))] if y is None else [("", (xb, t, y)), (" without labels, as net(x, t)", (xb, t))]
+    if y is not None and null_label:
+        calls.append((" with a label -1 (no label, as label drop and classifier-free guidance give it)",
+                      (xb, t, torch.cat([torch.full_like(y[:1], -1), y[1:]]))))
     was = net.training
     try:
         for how, args in calls:
@@ -190,6 +191,8 @@ def check_denoising_net(net: torch.nn.Module, x: torch.Tensor, labels: torch.Ten
 def raise_from_own_net(err: Exception, net: torch.nn.Module, when: str) -> None:
     """Where ``err`` was raised in the file of a net of one's own (``FILE.py:NAME``), raise it again as a one-line
     error that says so (the bare message, "boom", named neither the net nor the step); else return."""
+    if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)):  # a smaller batch, not the net's code, is the fix
+        return
     net = getattr(net, "module", net)  # under DistributedDataParallel
     config = getattr(net, "config", None)
     name = config.get("name") if isinstance(config, dict) else None
@@ -219,8 +222,8 @@ class TrainingJob:
         torch.manual_seed(int(cfg["train"].get("seed", 0)))  # the initial weights follow the run's seed
         labels = check_labels(cfg, self.data)
         net = build_net(net_config(cfg, self.data, saved_by), saved_by)
-        check_denoising_net(net, self.data.x, labels, cfg["_device"])
         drop = checks.number("train.label_drop", cfg["train"].get("label_drop", 0.0), "[0, 1)")
+        check_denoising_net(net, self.data.x, labels, cfg["_device"], null_label=drop > 0)
         if drop and labels is None:
             raise ValueError("train.label_drop drops class labels: it needs data.labels = true")
         self.label_drop = drop if labels is not None else None
@@ -348,34 +351,39 @@ def replace_run(run_dir: Path, names: tuple[str, ...], flag: str = "") -> None:
     ``run_dir/.replaced`` until the new run finishes (the caller then calls :func:`condiff.io.drop_replaced`),
     so a replacement that fails loses nothing; one line says so when ``flag`` asked for the replacement."""
     io.set_aside(run_dir, names)
-    if flag and (run_dir / io.REPLACED).is_dir() and io.is_rank0():
+    if flag and io.kept_names(run_dir) and io.is_rank0():
         print(f"{flag}: the run being replaced is kept in {run_dir / io.REPLACED} until this one finishes",
               file=sys.stderr)
 
 
-def restore_only(args: argparse.Namespace, kind: str, clears: tuple[str, ...], settings_flags: str) -> None:
+def restore_only(args: argparse.Namespace, kind: str, clears: tuple[str, ...], settings_flags: str,
+                 loss_keys: tuple[str, ...] = ("loss",)) -> None:
     """``train`` / ``dual train --restore``: :func:`restore_run` of ``--out``, which is needed; settings
     (``settings_flags``) are refused, since the run comes back as it was. ``clears``: what ``--fresh`` sets aside
-    besides the run's own files."""
+    besides the run's own files; ``loss_keys``: the log's curves the run's ``loss.png`` draws."""
+    if not io.is_rank0():  # under torchrun rank 0 alone restores (and redraws, and says so)
+        return
     if getattr(args, "data", None) is not None or getattr(args, "config", None) is not None or args.overrides:
         raise ValueError(f"--restore puts a run back as it was: it takes no {settings_flags}")
     if args.out is None:
         raise ValueError("--restore needs --out, the run to put back")
-    restore_run(check_out_dir(args.out, kind=kind), (*_RUN_FILES, *clears))
+    restore_run(check_out_dir(args.out, kind=kind), (*_RUN_FILES, *clears), loss_keys=loss_keys)
 
 
-def restore_run(run_dir: Path, names: tuple[str, ...], flag: str = "--fresh") -> None:
+def restore_run(run_dir: Path, names: tuple[str, ...], flag: str = "--fresh",
+                loss_keys: tuple[str, ...] = ("loss",)) -> None:
     """``--restore``: put back the run an unfinished ``flag`` set aside in ``run_dir/.replaced``, in place of the
     failed attempt's files (``names``: what a run of this command writes, each deleted where the kept run has
     none of that name), and redraw its loss curve from its log."""
     run_dir = Path(run_dir)
     with io.claimed_run(run_dir):
-        if not (run_dir / io.REPLACED).is_dir():
-            raise FileNotFoundError(f"--restore: {run_dir} keeps no run that {flag} set aside (no {io.REPLACED} there)")
-        steps = [p.name for p in run_dir.glob("*_step_*")]  # results of the attempt's checkpoints
-        io.restore_replaced(run_dir, attempt=(*names, "loss.png", *steps))
+        if not io.kept_names(run_dir):
+            raise FileNotFoundError(f"--restore: {run_dir} keeps no run that {flag} set aside (nothing in "
+                                    f"{io.REPLACED} there)")
+        # what the attempt may have written: the run's files and its checkpoints' results, as --fresh sets aside
+        io.restore_replaced(run_dir, attempt=(*with_step_results(run_dir, names), "loss.png"))
         if (run_dir / "log.jsonl").is_file():
-            plot_loss_curve(run_dir / "log.jsonl", run_dir / "loss.png")
+            plot_loss_curve(run_dir / "log.jsonl", run_dir / "loss.png", keys=loss_keys)
     print(f"restored the run in {run_dir} that {flag} had set aside; the failed attempt's files are deleted")
 
 
@@ -386,7 +394,7 @@ def note_replaced(run_dir: Path, keep_hint: str = "stop now (Ctrl-C) and pass --
     how to keep it instead)."""
     io.discard_moving(run_dir)
     keep = Path(run_dir) / io.REPLACED
-    if keep.is_dir() and io.is_rank0():
+    if io.kept_names(run_dir) and io.is_rank0():
         print(f"note: {keep} keeps the run an unfinished --fresh / --retrain replaced; it is deleted when this "
               f"run finishes (to keep it instead, {keep_hint})",
               file=sys.stderr)
@@ -403,8 +411,8 @@ def recorded_settings(out: str | None, resume: bool, given: bool, remedy: str,
         return None
     if not recorded.is_file():  # a mistyped --out: not a fresh run of the default preset, minutes long
         gone = "" if Path(out).is_dir() else "; the directory does not exist"
-        raise FileNotFoundError(f"--resume: {out} holds no run to go on with (no config.json{gone}): check --out, "
-                                f"or {start} to start a run there")
+        raise FileNotFoundError(f"--resume: {out} records no run settings to go on with (no config.json{gone}): "
+                                f"check --out, or {start} to start a run there")
     try:
         old = io.read_json_table(recorded)
     except ValueError as e:

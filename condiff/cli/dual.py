@@ -54,6 +54,7 @@ from .common import (
     load_model_for,
     net_config,
     pick_device,
+    raise_from_own_net,
     recorded_settings,
     restore_only,
     save_resolved_config,
@@ -464,7 +465,11 @@ class DualJob:
         run_dir, schedule, dcfg, objective = self.run_dir, self.schedule, self.dcfg, self.objective
         record = self.cfg["bounds"]
         t0, start = time.perf_counter(), self.trainer.step
-        ema = self.trainer.fit()
+        try:
+            ema = self.trainer.fit()
+        except Exception as err:  # re-raised, named where a net of one's own raised it
+            raise_from_own_net(err, self.trainer.model, f"in training, after step {self.trainer.step}")
+            raise
         if not self.trainer.dist.main:
             return None
         drop_stale_results(run_dir, stale, start, self.trainer.step)
@@ -490,7 +495,8 @@ class DualJob:
 
 def run_train(args: argparse.Namespace) -> int:
     if args.restore:
-        restore_only(args, "condiff dual train", ("constraint_data", *OTHERS_RESULTS), "--config / --set")
+        restore_only(args, "condiff dual train", ("constraint_data", *OTHERS_RESULTS), "--config / --set",
+                     loss_keys=("loss", "L0"))
         return 0
     old = recorded_settings(args.out, args.resume, args.config is not None, "pass --config", "pass --config")
     if old is not None:  # --resume without --config: the run's own settings

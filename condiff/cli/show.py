@@ -5,9 +5,10 @@
     condiff show runs/digits/model    # a model or a checkpoint directory alone
     condiff show runs/digits --json   # the same as one JSON object per path
 
-It only reads: it takes no lock, runs no file of one's own and loads no weights (parameters are counted
-from the safetensors headers), so it works on a run that another command is writing, and on one from
-elsewhere. A training that stopped before its last step is shown with the step it reached and how to go on.
+It only reads: it takes no lock (it probes, for an instant, whether another command holds one), runs
+no file of one's own and loads no weights (parameters are counted from the safetensors headers), so it
+works on a run that another command is writing, and on one from elsewhere. A training that stopped
+before its last step is shown with the step it reached and how to go on.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ _SCORE_WORDS = ("ratio", "mean", "median", "psnr", "ssim", "frechet", "mmd", "re
 # how to go on with an unfinished training, by the command that made the run
 _GO_ON = {"condiff train": "condiff train --out {run} --resume",
           "condiff dual train": "condiff dual train --out {run} --resume",
-          "condiff demo": "condiff demo goes on from it",
           "condiff namm fit": "the namm command that made it goes on from it when run again"}
 _STAGE_ORDER = ("namm", "mdm", "vanilla", "finetune")  # a NAMM run's trainings, in the order they are made
 _LIST_DEPTH = 3  # how deep `condiff show FOLDER` looks for runs
@@ -109,8 +109,7 @@ def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
     holder = io.run_holder(p)
     if holder is not None:
         notes.append(f"being written now by process {holder}")
-    if (p / io.REPLACED).is_dir():
-        kept = sorted(q.name for q in (p / io.REPLACED).iterdir() if q.name not in (io.MOVING, io.SET_ASIDE))
+    if kept := io.kept_names(p):
         notes.append(f"{p / io.REPLACED} keeps the run an unfinished --fresh / --retrain replaced ({', '.join(kept)}); "
                      "it is deleted when the replacement finishes (README, 'Run directories')")
     out["notes"] = notes
@@ -267,8 +266,15 @@ def _weights(d: Path) -> dict:
     model_file = d / "model.safetensors"
     if model_file.is_file():
         out["parameters"] = _count(model_file)
-    out["bytes"] = sum(f.stat().st_size for f in files)
+    out["bytes"] = sum(_size(f) for f in files)
     return out
+
+
+def _size(f: Path) -> int:
+    try:
+        return f.stat().st_size
+    except OSError:  # a dangling link
+        return 0
 
 
 def _count(f: Path) -> int | None:
@@ -288,7 +294,7 @@ def _last_log(f: Path) -> dict | None:
     """The last whole line of a ``log.jsonl`` (a line cut short by an interruption is skipped)."""
     try:
         lines = f.read_text().splitlines()
-    except OSError:
+    except (OSError, ValueError):  # unreadable, or not text
         return None
     for line in reversed(lines):
         try:

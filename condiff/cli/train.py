@@ -30,7 +30,7 @@ def interrupted(args: argparse.Namespace) -> str:
     run_dir = getattr(args, "run_dir", None)
     kept = Path(run_dir) / io.REPLACED if run_dir is not None else None
     restore = (f"; the run --fresh replaced is kept in {kept} (--restore in place of --fresh puts it back)"
-               if kept is not None and kept.is_dir() else "")
+               if kept is not None and io.kept_names(run_dir) else "")
     if run_dir is not None and list_checkpoints(Path(run_dir) / "checkpoints"):
         how = INTERRUPTED.replace("add --resume to", "pass --resume (instead of --fresh) to") if getattr(
             args, "fresh", False) else INTERRUPTED
