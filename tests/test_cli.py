@@ -1403,3 +1403,16 @@ def test_train_refuses_a_test_split_of_another_shape_before_training(tmp_path, c
     assert ("the splits hold items of different shapes {'train': (1, 8, 8), 'test': (1, 16, 16)}"
             in capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+def test_fresh_sets_aside_the_old_models_solve_results_too(trained, tmp_path, capsys, monkeypatch):
+    """solve/ of the replaced model stayed beside the new one (and `condiff show` listed it as the new model's)."""
+    run = tmp_path / "run"
+    trained(run)
+    (run / "solve" / "inpaint-box-dps-5").mkdir(parents=True)
+    (run / "solve" / "inpaint-box-dps-5" / "metrics.json").write_text('{"psnr": 5.9}')
+    from condiff.train import Trainer
+
+    monkeypatch.setattr(Trainer, "fit", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["train", *TINY, "--set", "train.lr=1e-3", "--out", str(run), "--fresh"]) == 130
+    assert not (run / "solve").exists() and (run / ".replaced" / "solve" / "inpaint-box-dps-5").is_dir()

@@ -1156,3 +1156,22 @@ def test_a_constraints_own_batch_size_sets_its_minibatch():
                         DualConfig(lambda_init=1.0))  # at lambda 0 a constraint's term is not drawn
     obj.loss(net, 0, torch.Generator().manual_seed(0))
     assert seen == [16 + 7 + 16]  # one pass: the objective's 16, c's own 7, d's default (the objective's)
+
+
+def test_cli_dual_train_fresh_sets_aside_its_metrics_and_an_interruption_names_restore(tmp_path, capsys, monkeypatch):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(RUN_FILE)
+    out = tmp_path / "run"
+    assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu"]) == 0
+    metrics = (out / "metrics.json").read_bytes()
+    from condiff.train import Trainer
+
+    monkeypatch.setattr(Trainer, "fit", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    capsys.readouterr()
+    assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu", "--fresh"]) == 130
+    assert f"the run --fresh replaced is kept in {out / '.replaced'} (--restore in place of --fresh puts it back)" \
+        in capsys.readouterr().err
+    assert not (out / "metrics.json").exists() and (out / ".replaced" / "metrics.json").read_bytes() == metrics
+    monkeypatch.undo()
+    assert main(["dual", "train", "--out", str(out), "--restore"]) == 0
+    assert (out / "metrics.json").read_bytes() == metrics and not (out / ".replaced").exists()

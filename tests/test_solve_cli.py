@@ -464,3 +464,25 @@ def test_a_png_mask_of_zeros_and_ones_is_read_as_it_is_and_a_grey_picture_is_no_
     with pytest.raises(ValueError, match=r"grey.png: 100% of its pixels are grey; a mask PNG is black \(missing\) "
                                          r"and white \(observed\), or holds the values 0 and 1"):
         load_mask(tmp_path / "grey.png", (1, 8, 8), 2)
+
+
+def test_solve_on_data_of_four_channels_draws_channel_0_and_keeps_its_results(tmp_path):
+    """It sampled, then failed on the ground-truth picture (save_png_grid takes 1 or 3 channels), leaving an empty
+    output folder."""
+    from PIL import Image
+
+    from condiff.models import save_model
+    from condiff.nets import build_net
+    from condiff.schedule import Schedule
+
+    x = np.random.default_rng(0).uniform(-1, 1, (6, 4, 8, 8)).astype("float32")
+    np.savez(tmp_path / "four.npz", x=x[:3], x_test=x[3:])
+    torch.manual_seed(0)
+    net = build_net({"name": "unet", "in_channels": 4, "base": 8, "mults": [1, 2], "groups": 4})
+    save_model(tmp_path / "model", net, Schedule.linear(100), data={"name": str(tmp_path / "four.npz")},
+               shape=[4, 8, 8])
+    assert _solve(tmp_path / "model", tmp_path / "out", "--operator", "sr", "--factor", "2") == 0
+    for name in ("ground_truth.png", "measurement.png", "reconstruction.png", "comparison.png"):
+        assert (tmp_path / "out" / name).is_file()
+    assert Image.open(tmp_path / "out" / "ground_truth.png").mode == "L"  # channel 0, grey
+    assert np.load(tmp_path / "out" / "reconstruction.npz")["x"].shape == (3, 4, 8, 8)

@@ -61,7 +61,7 @@ from .common import (
     start_run,
     train_config,
 )
-from .train import INTERRUPTED
+from .train import interrupted
 
 DUAL_TABLES = ("dual", "objective", "constraint")
 SOURCE_KEYS = {"data", "split", "classes", "keep", "n", "offset", "seed",  # a data set ...
@@ -119,7 +119,7 @@ def add_parser(sub, name: str) -> None:
     g.add_argument("--restore", action="store_true",
                    help="put back the run in --out that an unfinished --fresh set aside in --out/.replaced, "
                         "deleting the failed attempt's files")
-    t.set_defaults(func=run_train, interrupted=INTERRUPTED)
+    t.set_defaults(func=run_train, interrupted=interrupted)
     for exp, (cls, fn, out) in EXPERIMENTS.items():
         e = cmds.add_parser(exp, help=plain(fn.__doc__).split(". ")[0], description=plain(cls.__doc__),
                             epilog=settings_help(cls))
@@ -156,7 +156,9 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
 
 
 # what `condiff eval` and `condiff sample` write into a dual run (its own metrics.json it rewrites itself)
-OTHERS_RESULTS = ("eval", "samples")
+OTHERS_RESULTS = ("eval", "samples", "solve")
+# what a run's own training wrote of its model besides checkpoints, model, log and settings
+OWN_RESULTS = ("metrics.json",)
 
 
 def run_experiment(args: argparse.Namespace) -> int:
@@ -495,7 +497,7 @@ class DualJob:
 
 def run_train(args: argparse.Namespace) -> int:
     if args.restore:
-        restore_only(args, "condiff dual train", ("constraint_data", *OTHERS_RESULTS), "--config / --set",
+        restore_only(args, "condiff dual train", ("constraint_data", *OWN_RESULTS, *OTHERS_RESULTS), "--config / --set",
                      loss_keys=("loss", "L0"))
         return 0
     old = recorded_settings(args.out, args.resume, args.config is not None, "pass --config", "pass --config")
@@ -508,16 +510,18 @@ def run_train(args: argparse.Namespace) -> int:
                          "run's recorded settings)")
     device = pick_device(args.device)
     run_dir = check_out_dir(args.out or Path("runs") / f"dual-{Path(args.config).stem}", kind="condiff dual train")
+    args.run_dir = run_dir  # for the Ctrl-C hint
     if old is not None:
         announce_recorded(run_dir, args.overrides)
     saved_by = f"the run's settings in {run_dir / 'config.json'}" if old is not None else None
     job = start_run(run_dir, args.resume, args.fresh, lambda: DualJob(cfg, run_dir, device, args.fresh, saved_by),
-                    clear=("constraint_data", *OTHERS_RESULTS), data=cfg.get("data"), model=cfg.get("model"),
+                    clear=("constraint_data", *OWN_RESULTS, *OTHERS_RESULTS), data=cfg.get("data"),
+                    model=cfg.get("model"),
                     # fine-tuning takes the schedule of the model it starts from: nothing of the file's to compare
                     schedule=None if (cfg.get("dual") or {}).get("init") else cfg.get("schedule"))
     job.cache.save()
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
-    m = job.fit(stale=OTHERS_RESULTS)
+    m = job.fit(stale=(*OWN_RESULTS, *OTHERS_RESULTS))
     if m is None:
         return 0
     io.drop_replaced(run_dir)  # what --fresh set aside: the new run is finished

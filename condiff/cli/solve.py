@@ -502,25 +502,31 @@ def write_outputs(out: Path, x: torch.Tensor | None, op: Operator, y: torch.Tens
     seen, rec = op.to_image(y).cpu(), rec.cpu()
     arrays = {"x": rec.numpy(), "y": y.cpu().numpy()}
     columns = {}
+    channels = rec.shape[1] if rec.dim() == 4 else 1
+
+    def pic(v: torch.Tensor) -> torch.Tensor:  # pictures of data of 2 or 4+ channels show channel 0
+        return v if v.shape[1] in (1, 3) else v[:, :1]
+
     if x is not None:
         x = x.cpu()
         arrays["ground_truth"] = x.numpy()
         err = (rec - x).abs().mean(1, keepdim=True)  # channel mean in data units, black = 0, white = the largest shown
         top = float(err[:8].max()) or 1.0
-        save_png_grid(to_display(x, scale).clamp(-1, 1), out / "ground_truth.png")
-        columns["truth"] = to_display(x, scale).clamp(-1, 1).numpy()
+        save_png_grid(pic(to_display(x, scale).clamp(-1, 1)), out / "ground_truth.png")
+        columns["truth"] = pic(to_display(x, scale).clamp(-1, 1)).numpy()
     io.write_npz_atomic(out / "reconstruction.npz", **arrays)
     seen_d, rec_d = (to_display(v, scale).clamp(-1, 1) for v in (seen, rec))
-    if seen_d.dim() == 4 and seen_d.shape[1] in (1, 3):  # an operator of one's own may measure no picture
-        save_png_grid(seen_d, out / "measurement.png")
-        columns["measurement"] = seen_d.numpy()
-    save_png_grid(rec_d, out / "reconstruction.png")
-    columns["reconstruction"] = rec_d.numpy()
+    if seen_d.dim() == 4 and seen_d.shape[1] in (1, 3, channels):  # an operator of one's own may measure no picture
+        save_png_grid(pic(seen_d), out / "measurement.png")
+        columns["measurement"] = pic(seen_d).numpy()
+    save_png_grid(pic(rec_d), out / "reconstruction.png")
+    columns["reconstruction"] = pic(rec_d).numpy()
     if x is not None:
         columns[f"|error| (white {top:.2g})"] = (err / top * 2 - 1).numpy()
         labels, headline = [f"{v:.1f} dB" for v in m["psnr_per_image"]], f"PSNR {m['psnr']:.2f} dB"
     else:
         labels, headline = [f"res {v:.3g}" for v in m["residual_per_image"]], f"residual {m['residual']:.4f}"
+    shown = "" if channels in (1, 3) else f" (channel 0 of {channels} shown)"
     plot_image_columns(columns, out / "comparison.png", row_labels=labels,
-                       title=f"{m['method']}, {m['steps']} steps: {headline}")
+                       title=f"{m['method']}, {m['steps']} steps: {headline}{shown}")
     io.write_json_atomic(out / "metrics.json", m)
