@@ -103,7 +103,7 @@ def test_show_names_the_results_figures_first_and_a_run_being_written(run, capsy
     assert main(["eval", "--ckpt", str(run), "--n", "32", "--steps", "4"]) == 0
     rc, out, _ = _show(capsys, run)
     line = next(ln for ln in out.splitlines() if ln.startswith("  metrics.json: "))
-    assert line.split(": ", 1)[1].startswith("mmd ") and "more there" in line  # a figure, not batch_size, first
+    assert line.split(": ", 1)[1].startswith(f"[ckpt {run}] mmd ") and "more there" in line  # a figure first
     holder = subprocess.Popen(  # another process writing the run (it holds the run's lock)
         [sys.executable, "-c", "import sys, time\nfrom condiff import io\nio.lock_run(sys.argv[1])\n"
          "print('locked', flush=True)\ntime.sleep(60)", str(run)], stdout=subprocess.PIPE, text=True)
@@ -189,3 +189,17 @@ def test_show_reads_past_a_log_that_is_not_text_a_dangling_weights_link_and_a_re
     rc, out, _ = _show(capsys, run)
     assert rc == 0 and "training: finished; model/: mlp," in out and "last logged" not in out
     assert "note:" not in out  # nothing is kept there
+
+
+def test_show_each_path_that_reads_and_a_line_for_each_that_does_not(run, tmp_path, capsys):
+    """One stray path (`condiff show runs/*`) hid every run; and a run a command has just claimed (its .lock
+    alone) was 'not a condiff run'."""
+    (tmp_path / "starting").mkdir()
+    (tmp_path / "starting" / ".lock").write_text("123")
+    rc, out, err = _show(capsys, run, tmp_path / "nope", tmp_path / "starting")
+    assert rc == 2 and err == f"condiff show: error: {tmp_path / 'nope'} does not exist\n"
+    first, second = out.split("\n\n")
+    assert first.startswith(f"{run}: condiff train run, finished")
+    assert second.strip() == f"{tmp_path / 'starting'}: a run just begun (nothing written yet)"
+    rc, out, _ = _show(capsys, tmp_path)
+    assert rc == 0 and [ln.split()[0] for ln in out.splitlines()[1:]] == ["run", "starting"]

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import struct
+import sys
 from pathlib import Path
 
 from .. import io
@@ -29,6 +30,7 @@ from .common import json_table, run_kind
 _INTERNAL = {"checkpoints", "model", "mirror", io.REPLACED}
 _WEIGHTS = ("model", "mirror")  # a training's finished weights: model/ (a diffusion model), mirror/ (a NAMM map)
 _METRICS_SHOWN = 6
+_ABOUT = ("method", "task", "label", "ckpt")  # a metrics.json's words shown beside its figures
 # metrics.json keys that are settings of the command, not figures (shown last); and words of the figures shown first
 _SETTING_KEYS = {"batch_size", "eta", "seed", "steps", "n", "guidance_scale", "label", "grad_evals", "nfe", "mmd_n",
                  "tolerance", "slack_tolerance", "finish", "l_max", "interval", "rate", "zeta", "final"}
@@ -51,13 +53,20 @@ def add_parser(sub, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    found = [describe(p) for p in args.paths]  # every path checked before anything is printed
-    for i, d in enumerate(found):
+    failed, shown = 0, 0
+    for p in args.paths:  # each path that reads is shown; one that does not is an error line, and the exit is 2
+        try:
+            d = describe(p)
+        except (OSError, ValueError) as e:
+            print(f"condiff show: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
         if args.json:
             print(json.dumps(io.no_nan(d), sort_keys=True))
         else:
-            print(("\n" if i else "") + "\n".join(render(d)))
-    return 0
+            print(("\n" if shown else "") + "\n".join(render(d)))
+        shown += 1
+    return 2 if failed else 0
 
 
 # --- reading ------------------------------------------------------------------------------------------------
@@ -86,12 +95,20 @@ def describe(path: str | Path) -> dict:
         out["own_code"] = _own_code(cfg)
         return out
     kind = run_kind(p)
+    if kind is None and _just_begun(p):
+        kind = "(just begun)"
     if kind is None and not _holds_training(p):
         runs = [describe_run(q, short=True) for q in _runs_below(p)]
         if not runs:
             raise ValueError(f"{p} is not a condiff run, model or checkpoint directory, and holds no run")
         return {"path": str(p), "kind": "folder", "runs": runs}
     return describe_run(p, kind)
+
+
+def _just_begun(p: Path) -> bool:
+    """A run a command has claimed (its ``.lock``) and not yet written anything of (no mark, settings or
+    checkpoint yet), or a NAMM or dual experiment's first model (``key.json``, ``stage.json``)."""
+    return (p / ".lock").is_file() or (p / "key.json").is_file() or (p / "stage.json").is_file()
 
 
 def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
@@ -105,6 +122,7 @@ def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
     if short:
         return out
     out["results"] = _results(p)
+    out["about"] = _about(p)
     notes = []
     holder = io.run_holder(p)
     if holder is not None:
@@ -135,8 +153,9 @@ def _settings(cfg: dict) -> dict:
         out["schedule"] = f"{sch['kind']}, T {sch.get('T', 1000)}"
     if "steps" in _table(cfg, "train"):
         out["training steps"] = cfg["train"]["steps"]
-    if isinstance(cfg.get("dual"), dict):
-        out["dual"] = ", ".join(f"{k} {v}" for k, v in sorted(cfg["dual"].items()) if not isinstance(v, (dict, list)))
+    dual = ", ".join(f"{k} {v}" for k, v in sorted(_table(cfg, "dual").items()) if not isinstance(v, (dict, list)))
+    if dual:
+        out["dual"] = dual
     return out
 
 
@@ -186,7 +205,7 @@ def _runs_below(p: Path) -> list[Path]:
         nxt = []
         for d in level:
             for q in _subdirs(d):
-                if run_kind(q) is not None or _holds_training(q):
+                if run_kind(q) is not None or _holds_training(q) or _just_begun(q):
                     found.append(q)
                 else:
                     nxt.append(q)
@@ -317,6 +336,17 @@ def _results(p: Path) -> dict:
     return out
 
 
+def _about(p: Path) -> dict:
+    """What each ``metrics.json`` of :func:`_results` was made of: its top-level words (the method, the task,
+    the model it scored), which name a result where its numbers do not."""
+    out = {}
+    for f in sorted(_metric_files(p)):
+        words = {k: v for k, v in json_table(f).items() if k in _ABOUT and isinstance(v, str)}
+        if words:
+            out[str(f.relative_to(p))] = words
+    return out
+
+
 def _rank(key: str) -> int:
     """0 for a figure (a score word in its name), 1 for another number, 2 for a setting the command recorded."""
     last = key.rsplit(".", 1)[-1]
@@ -405,7 +435,9 @@ def render(d: dict) -> list[str]:
         if d.get("state"):
             lines.append(f"  {d['state']}")
         return lines + _own_code_lines(d.get("own_code", []))
-    lines = [f"{d['path']}: {d['kind']} run" + (f", {d['state']}" if d["trainings"] else "")]
+    kind = {"(just begun)": "a run just begun (nothing written yet)",
+            "(unrecorded command)": "a run (its command unrecorded)"}.get(d["kind"], f"{d['kind']} run")
+    lines = [f"{d['path']}: {kind}" + (f", {d['state']}" if d["trainings"] else "")]
     if d["settings"]:
         lines.append("  settings: " + "; ".join(f"{k} {v}" for k, v in d["settings"].items()))
     for name, t in d["trainings"].items():
@@ -428,7 +460,9 @@ def render(d: dict) -> list[str]:
     for f, nums in d.get("results", {}).items():
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in list(nums.items())[:_METRICS_SHOWN])
         more = len(nums) - _METRICS_SHOWN
-        lines.append(f"  {f}: {shown}" + (f" (+{more} more there)" if more > 0 else ""))
+        about = ", ".join(f"{k} {v}" for k, v in d.get("about", {}).get(f, {}).items())
+        lines.append(f"  {f}: " + (f"[{about}] " if about else "") + shown
+                     + (f" (+{more} more there)" if more > 0 else ""))
     lines += _own_code_lines(d.get("own_code", []))
     lines += [f"  note: {n}" for n in d.get("notes", [])]
     return lines
