@@ -1416,3 +1416,13 @@ def test_fresh_sets_aside_the_old_models_solve_results_too(trained, tmp_path, ca
     monkeypatch.setattr(Trainer, "fit", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(["train", *TINY, "--set", "train.lr=1e-3", "--out", str(run), "--fresh"]) == 130
     assert not (run / "solve").exists() and (run / ".replaced" / "solve" / "inpaint-box-dps-5").is_dir()
+
+
+def test_an_out_that_is_a_folder_of_runs_is_refused(trained, tmp_path, capsys):
+    """`solve --out runs` marked the whole folder as a solve run, which then hid its runs (`condiff show`)."""
+    trained(tmp_path / "runs" / "a")
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(tmp_path / "runs" / "a"), "--n", "2", "--steps", "2", "--out",
+                 str(tmp_path / "runs")]) == 2
+    assert f"--out {tmp_path / 'runs'} is a folder that holds runs (a), not a run" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / ".condiff-run").exists()

@@ -487,6 +487,11 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
         if other is not None and other != kind:
             raise FileExistsError(f"{flag} {p} holds the output of `{other}`, which `{kind}` would overwrite: "
                                   "give another directory")
+        if other is None and p.is_dir():  # a folder of runs (runs/): it would be marked as this command's run
+            inner = sorted(q.name for q in p.iterdir() if q.is_dir() and (q / RUN_MARK).is_file())
+            if inner:
+                raise FileExistsError(f"{flag} {p} is a folder that holds runs ({', '.join(inner[:3])}"
+                                      f"{', ...' if len(inner) > 3 else ''}), not a run: give a directory of its own")
         if kind.startswith(_TRAINING_KINDS):  # a run's subfolders are its own: stages, samples, caches
             for q in up.parents:
                 if (owner := run_kind(q)) is not None:
