@@ -275,6 +275,7 @@ class Trainer:
                                      weight_decay=cfg.weight_decay,
                                      fused=True if self.device.type in ("cpu", "cuda") else None)
         self.step = 0
+        self.seconds = 0.0  # training time over every session of the run (kept in checkpoints)
         # the loss sum and step count since the last log line, kept in checkpoints so that a resumed
         # run writes the same log as an uninterrupted one
         self._log_acc: tuple[float, int] = (0.0, 0)
@@ -318,7 +319,7 @@ class Trainer:
         if extra:
             groups["objective"] = extra
         config = {"step": self.step, "train": asdict(self.cfg), "optim": opt_meta,
-                  "log_acc": list(self._log_acc), **self.meta}
+                  "log_acc": list(self._log_acc), "train_seconds": round(self.seconds, 2), **self.meta}
         path = io.save_checkpoint(self.ckpt_root / f"step_{self.step:08d}", groups, config)
         for old in list_checkpoints(self.ckpt_root)[: -self.cfg.keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -337,12 +338,13 @@ class Trainer:
             step = checks.integer("step", cfg["step"], 0)
             acc = cfg.get("log_acc") or (0.0, 0)  # absent in checkpoints written before it was kept
             log_acc = (float(acc[0]), int(acc[1]))
+            seconds = float(cfg.get("train_seconds") or 0.0)  # absent before it was kept: counted from here
         # always called, with {} when the checkpoint holds no objective state, so that an objective
         # with state of its own can refuse a checkpoint written without it
         has = io.has_group(path, "objective")
         self.objective.load_state_dict(io.load_group(path, "objective", self.device) if has else {})
         torch.set_rng_state(io.load_group(path, "rng")["torch_cpu"])
-        self.step, self._log_acc = step, log_acc
+        self.step, self._log_acc, self.seconds = step, log_acc, seconds
         return cfg
 
     def _check_same_run(self, cfg: dict, path: Path) -> None:
@@ -419,6 +421,7 @@ class Trainer:
                            desc="train", initial=self.step, leave=True)
         self.model.train()
         t0, pending, first, timed = time.perf_counter(), [], self.step, 0
+        started, before = t0, self.seconds
         # the examples a step draws: the objective's own count where it has one (DualObjective: its data
         # and every constraint's), else its batch size (DenoisingObjective), which cfg.batch_size does not set
         per_step = getattr(self.objective, "examples_per_step", getattr(self.objective, "batch_size", None))
@@ -468,10 +471,12 @@ class Trainer:
                     t0, seen, timed, run_loss = time.perf_counter(), 0, 0, 0.0
                 if save:
                     self._log_acc = (run_loss, seen)
+                    self.seconds = before + time.perf_counter() - started
                     self.save()
                 if stop:
                     raise TrainingInterrupted
         finally:
+            self.seconds = before + time.perf_counter() - started
             for signum, handler in prev_handler.items():
                 signal.signal(signum, handler)
             if bar is not None:

@@ -1426,3 +1426,15 @@ def test_an_out_that_is_a_folder_of_runs_is_refused(trained, tmp_path, capsys):
                  str(tmp_path / "runs")]) == 2
     assert f"--out {tmp_path / 'runs'} is a folder that holds runs (a), not a run" in capsys.readouterr().err
     assert not (tmp_path / "runs" / ".condiff-run").exists()
+
+
+def test_a_resumed_models_training_time_counts_every_session(trained, tmp_path):
+    """train_seconds counted the last session only (a --resume of a finished run wrote 0 s)."""
+    run = tmp_path / "run"
+    trained(run)
+    ckpt = sorted((run / "checkpoints").glob("step_*"))[-1] / "config.json"
+    cfg = json.loads(ckpt.read_text())
+    assert cfg["train_seconds"] > 0
+    ckpt.write_text(json.dumps({**cfg, "train_seconds": 1000.0}))  # as if the earlier sessions took 1000 s
+    assert main(["train", "--out", str(run), "--resume", "--set", "train.steps=40"]) == 0
+    assert json.loads((run / "model" / "config.json").read_text())["train_seconds"] >= 1000.0

@@ -245,7 +245,7 @@ class TrainingJob:
         """Train to the end, save the EMA model and the loss curve; returns the model directory. ``stale``:
         the results of the model being replaced that a resumed run which trained on deletes first
         (:func:`drop_stale_results`), so that no interruption leaves them beside the new model."""
-        t0, start = time.perf_counter(), self.trainer.step
+        start = self.trainer.step
         try:
             ema = self.trainer.fit()
         except Exception as err:  # re-raised, named where the net's own file raised it
@@ -258,7 +258,7 @@ class TrainingJob:
                          shape=list(self.data.shape), value_range=value_range(self.data.x),
                          **({} if self.label_drop is None else {"label_drop": self.label_drop}),
                          steps=self.trainer.step,
-                         train_seconds=round(time.perf_counter() - t0, 2))
+                         train_seconds=round(self.trainer.seconds, 2))  # over every session of the run
         plot_loss_curve(self.run_dir / "log.jsonl", self.run_dir / "loss.png")
         return out
 

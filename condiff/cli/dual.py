@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -466,7 +465,7 @@ class DualJob:
         saved (:func:`~condiff.cli.common.drop_stale_results`)."""
         run_dir, schedule, dcfg, objective = self.run_dir, self.schedule, self.dcfg, self.objective
         record = self.cfg["bounds"]
-        t0, start = time.perf_counter(), self.trainer.step
+        start = self.trainer.step
         try:
             ema = self.trainer.fit()
         except Exception as err:  # re-raised, named where a net of one's own raised it
@@ -481,7 +480,7 @@ class DualJob:
             reference_losses(ema, schedule, [c.x for c in self.constraints], timesteps=dcfg.timesteps, n=4096,
                              seed=dcfg.seed + 1, t_range=dcfg.t_range)])
         lam = objective.lambdas
-        m = {"steps": self.trainer.step, "train_seconds": round(time.perf_counter() - t0, 2), "lambda": lam,
+        m = {"steps": self.trainer.step, "train_seconds": round(self.trainer.seconds, 2), "lambda": lam,
              "objective_loss": float(final[0]), "n_objective": len(self.data),
              "constraints": [{**r, "final_loss": v, "slack": v - r["bound"], "lambda": lam[r["name"]]}
                              for r, v in zip(record, final[1:].tolist())]}
