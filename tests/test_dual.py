@@ -2,6 +2,7 @@
 dual state with exact resume, DDP agreement of lambda, the CLI, and the theory check on a mixture."""
 
 import json
+import shutil
 import textwrap
 import warnings
 from pathlib import Path
@@ -1175,3 +1176,34 @@ def test_cli_dual_train_fresh_sets_aside_its_metrics_and_an_interruption_names_r
     monkeypatch.undo()
     assert main(["dual", "train", "--out", str(out), "--restore"]) == 0
     assert (out / "metrics.json").read_bytes() == metrics and not (out / ".replaced").exists()
+
+
+def test_cli_experiment_takes_back_the_model_an_unfinished_fresh_set_aside(tmp_path, capsys, monkeypatch):
+    """After a --fresh cut short, the command run again with the old settings was refused ('other settings'),
+    the old model waiting in .replaced unnamed; with nothing of the attempt's to lose it comes back, and with
+    the attempt's checkpoints the refusal names it."""
+    out = tmp_path / "toy"
+    tiny = ["--set", "n=400", "--set", "n_samples=200", "--set", "hidden=16", "--set", "T=20",
+            "--set", "dual.timesteps=4", "--set", "dual.start=10", "--set", "dual.every=5"]
+    assert main(["dual", "toy", "--out", str(out), *tiny, "--set", "steps=20"]) == 0
+    model = {q.name: q.read_bytes() for q in (out / "constrained" / "model").iterdir()}
+    from condiff.train import Trainer
+
+    def cut(self):  # the attempt: a checkpoint, then a Ctrl-C
+        (self.run_dir / "checkpoints" / "step_00000010").mkdir(parents=True)
+        (self.run_dir / "checkpoints" / "step_00000010" / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "fit", cut)
+        assert main(["dual", "toy", "--out", str(out), *tiny, "--set", "steps=30", "--fresh"]) == 130
+    capsys.readouterr()
+    assert main(["dual", "toy", "--out", str(out), *tiny, "--set", "steps=20"]) == 2
+    assert (f"{out / 'constrained'} holds an unfinished model of other settings, and "
+            f"{out / '.replaced' / 'constrained'} the model of these settings") in capsys.readouterr().err
+    shutil.rmtree(out / "constrained" / "checkpoints")  # nothing of the attempt's left: it comes back by itself
+    assert main(["dual", "toy", "--out", str(out), *tiny, "--set", "steps=20"]) == 0
+    err = capsys.readouterr().err
+    assert "restored the model of these settings" in err and "training constrained" not in err
+    assert {q.name: q.read_bytes() for q in (out / "constrained" / "model").iterdir()} == model
+    assert not (out / ".replaced").exists()

@@ -105,21 +105,39 @@ def _recorded_key(run_dir: Path) -> str | None:
     return None
 
 
+def _known(recorded: str | None, unknown: tuple[str, ...]) -> dict | None:
+    """A recorded settings key without its ``unknown`` entries ({} for none recorded, None for a damaged one)."""
+    try:
+        old = json.loads(recorded or "null") or {}
+        return {k: v for k, v in old.items() if k not in unknown}
+    except (ValueError, AttributeError):
+        return None
+
+
 def refuse_other_key(run_dir: Path, key: dict, unknown: tuple[str, ...] = ()) -> None:
     """Refuse a stage directory holding a model (or checkpoints) trained with another settings ``key``,
     naming what differs; ``unknown``: top-level entries not known yet (left out of the comparison). A run
-    that failed before training anything is no reason to refuse."""
+    that failed before training anything is no reason to refuse; where the model of these settings that an
+    unfinished ``--fresh`` set aside waits in ``.replaced`` and that run left nothing, it is put back."""
     model_dir = run_dir / "model"
-    if not (model_dir.exists() or list_checkpoints(run_dir / "checkpoints")):
-        return
-    try:
-        old = json.loads(_recorded_key(run_dir) or "null") or {}
-        old = {k: v for k, v in old.items() if k not in unknown}
-    except (ValueError, AttributeError):
-        old = None
     new = {k: v for k, v in json.loads(_key(key)).items() if k not in unknown}
+    kept = run_dir.parent / io.REPLACED / run_dir.name  # a model an unfinished --fresh set aside
+    kept_fits = (kept / "model").is_dir() and _known(_recorded_key(kept), unknown) == new
+    attempt = model_dir.exists() or list_checkpoints(run_dir / "checkpoints")
+    if kept_fits and not attempt:  # the failed attempt holds nothing to lose: the kept model comes back
+        io.restore_replaced(run_dir.parent, [run_dir.name])
+        print(f"restored the model of these settings that an unfinished --fresh had set aside in {kept}",
+              file=sys.stderr)
+        return
+    if not attempt:
+        return
+    old = _known(_recorded_key(run_dir), unknown)
     if old == new:
         return
+    if kept_fits:
+        raise FileExistsError(f"{run_dir} holds an unfinished model of other settings, and {kept} the model of these "
+                              f"settings that it was to replace: delete {run_dir} and move that back to use it, or "
+                              "pass --fresh to retrain")
     changed = changed_keys(old, new) if isinstance(old, dict) else []
     hint = f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} differ)" if changed else ""
     raise FileExistsError(f"{run_dir} holds a model trained with other settings{hint}; pass --fresh to "
@@ -138,6 +156,8 @@ def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: Trai
     ``tcfg.progress`` the stage is announced on stderr.
     """
     model_dir, key_file = run_dir / "model", run_dir / "key.json"
+    if not fresh:  # first: it may put back the model of these settings that an unfinished --fresh set aside
+        refuse_other_key(run_dir, key)
     recorded = io.load_config(model_dir) if (model_dir / io.CONFIG).is_file() else {}
     if recorded.get("key") == _key(key):
         say(tcfg.progress, f"reusing {model_dir} (trained with these settings)")
@@ -150,7 +170,6 @@ def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: Trai
     # the trainer is built (model, objective, device) before anything changes
     old_key = _recorded_key(run_dir)
     if not fresh:
-        refuse_other_key(run_dir, key)
         io.discard_moving(run_dir.parent)  # a set-aside cut short: the model goes on as it lies
     if old_key != _key(key) and run_dir.exists():  # all of it: files drawn from the old model are stale too
         if (model_dir / io.CONFIG).is_file() or any((run_dir / "checkpoints").glob("step_*")):
