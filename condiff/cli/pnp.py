@@ -180,7 +180,7 @@ def add_parser(sub, name: str) -> None:
                         "constraint (default 0.4 T with --label: 400 of 1000; off with --symmetry; 0 turns it off)")
     d.add_argument("--finish-zeta", type=float, default=None, help="DPS step size of the finish (default 0.25)")
     _batch_option(d)
-    d.set_defaults(func=run_digits, interrupted=PNP_INTERRUPTED)
+    d.set_defaults(func=run_digits, interrupted="run the same command again")
 
     m = s.add_parser("segment", help="infer masks of synthetic scenes with a (picture, mask) prior",
                      description=DESCRIPTIONS["segment"])
