@@ -52,6 +52,8 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: boo
     if (d / "unet").is_dir() and not (d / "config.json").is_file():
         raise io.CheckpointError(f"{d} holds a unet/ but no scheduler_config.json (in scheduler/ or beside it): a "
                                  "diffusers model directory needs its scheduler's config to be loaded")
+    if not (d / io.CONFIG).is_file() and not (d / "checkpoints").is_dir() and not (d / "log.jsonl").is_file():
+        _refuse_a_folder_of_models(d)
     net, cfg = load_net(d, device, ema)
     if cfg.get("stage") == "mdm" and not mirror_space:  # trained on g(x): not data until f maps them back
         stage = next((q for q in (Path(path), *Path(path).parents) if (q / "stage.json").is_file()), None)
@@ -65,6 +67,21 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: boo
     return NetDenoiser(net.eval(), Schedule.from_config(cfg["schedule"]),
                        label_drop=float(drop) if checks.is_number(drop) else None,
                        value_range=span if ok else None)
+
+
+def _refuse_a_folder_of_models(d: Path) -> None:
+    """A folder that holds models (a dual experiment's, a run's ``checkpoints/``) rather than being one: name them."""
+    try:
+        inner = sorted(q.name for q in d.iterdir() if q.is_dir() and (
+            (q / io.CONFIG).is_file() or (q / "model" / io.CONFIG).is_file()))
+    except OSError:
+        return
+    if inner:
+        names = ", ".join(inner[-3:]) if d.name == "checkpoints" else ", ".join(inner[:3])
+        more = ", ..." if len(inner) > 3 else ""
+        what = "checkpoints" if d.name == "checkpoints" else "models"
+        raise io.CheckpointError(f"{d} is a folder of {what} ({names}{more}), not one: pass one of them"
+                                 + (f", or the run {d.parent}" if d.name == "checkpoints" else ""))
 
 
 def _config_or_empty(path: Path) -> dict:

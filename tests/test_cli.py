@@ -1438,3 +1438,17 @@ def test_a_resumed_models_training_time_counts_every_session(trained, tmp_path):
     ckpt.write_text(json.dumps({**cfg, "train_seconds": 1000.0}))  # as if the earlier sessions took 1000 s
     assert main(["train", "--out", str(run), "--resume", "--set", "train.steps=40"]) == 0
     assert json.loads((run / "model" / "config.json").read_text())["train_seconds"] >= 1000.0
+
+
+def test_a_folder_of_models_given_as_a_model_names_them(trained, tmp_path, capsys):
+    """A dual experiment's folder or a run's checkpoints/ was 'not a condiff checkpoint: no config.json'."""
+    trained(tmp_path / "exp" / "constrained")
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(tmp_path / "exp"), "--n", "2", "--steps", "2"]) == 2
+    assert f"{tmp_path / 'exp'} is a folder of models (constrained), not one: pass one of them" in \
+        capsys.readouterr().err
+    ckpts = tmp_path / "exp" / "constrained" / "checkpoints"
+    newest = sorted(p.name for p in ckpts.iterdir())[-1]
+    assert main(["sample", "--ckpt", str(ckpts), "--n", "2", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{ckpts} is a folder of checkpoints (" in err and newest in err and "or the run" in err
