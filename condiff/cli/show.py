@@ -116,7 +116,7 @@ def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
     cfg = json_table(p / io.CONFIG)
     out: dict = {"path": str(p), "kind": kind, "settings": _settings(cfg)}
     units = _units(p)
-    trainings = [_unit(u) for u in units]
+    trainings = [_unit(u, log=not short) for u in units]  # a listing's line shows no log
     out["trainings"] = {_rel(u, p): {k: v for k, v in t.items() if k != "configs"} for u, t in zip(units, trainings)}
     out["state"] = _run_state(trainings)
     if short:
@@ -217,8 +217,8 @@ def _rel(u: Path, root: Path) -> str:
     return "." if u == root else str(u.relative_to(root))
 
 
-def _unit(u: Path, weights: tuple[str, ...] | list[str] = _WEIGHTS) -> dict:
-    """One training: its finished weights, its newest checkpoint, its last log line and its state."""
+def _unit(u: Path, weights: tuple[str, ...] | list[str] = _WEIGHTS, log: bool = True) -> dict:
+    """One training: its finished weights, its newest checkpoint, its last log line (with ``log``) and its state."""
     out: dict = {}
     configs = []  # what names files of one's own: the weights', the newest checkpoint's and the stage's settings
     for w in weights:
@@ -231,7 +231,7 @@ def _unit(u: Path, weights: tuple[str, ...] | list[str] = _WEIGHTS) -> dict:
         c = json_table(steps[-1] / io.CONFIG)
         out["checkpoint"] = {"name": steps[-1].name, "step": c.get("step"), "of": _table(c, "train").get("steps")}
         configs.append(c)
-    last = _last_log(u / "log.jsonl")
+    last = _last_log(u / "log.jsonl") if log else None
     if last:
         out["last_log"] = last
     stage = json_table(u / "stage.json")
