@@ -32,6 +32,24 @@ def tiny_run(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="session")
+def train_once(tmp_path_factory):
+    """``train_once(args)``: a run directory that ``condiff train ARGS`` trained, once per session for each
+    ``args`` (copy it before changing it)."""
+    from condiff.cli.main import main
+
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def make(args: list[str]) -> Path:
+        if tuple(args) not in runs:
+            run = tmp_path_factory.mktemp("trained") / "run"
+            assert main(["train", *args, "--out", str(run)]) == 0
+            runs[tuple(args)] = run
+        return runs[tuple(args)]
+
+    return make
+
+
 @pytest.fixture
 def tiny_diffusers_denoiser():
     """A randomly initialised 8x8 one-channel diffusers UNet2DModel (T = 100) as a condiff denoiser."""

@@ -22,18 +22,11 @@ TINY = ["--data", "toy2d", "--set", "model.hidden=32", "--set", "model.depth=1",
         "--set", "schedule.T=50", "--set", "sample.n=64", "--set", "sample.steps=10"]
 
 
-@pytest.fixture(scope="module")
-def _trained_once(tmp_path_factory):
-    run = tmp_path_factory.mktemp("trained") / "run"
-    assert main(["train", *TINY, "--out", str(run)]) == 0
-    return run
-
-
 @pytest.fixture
-def trained(_trained_once):
+def trained(train_once):
     """``trained(dest)``: a copy of one `condiff train` run of the TINY settings at ``dest`` (training
-    it once per module, rather than in every test that only needs a trained run)."""
-    return lambda dest: shutil.copytree(_trained_once, dest)
+    it once per session, rather than in every test that only needs a trained run)."""
+    return lambda dest: shutil.copytree(train_once(TINY), dest)
 
 
 def test_train_sample_eval_round_trip(tmp_path, capsys):

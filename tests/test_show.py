@@ -18,16 +18,9 @@ TINY = ["--data", "toy2d", "--set", "model.hidden=32", "--set", "model.depth=1",
 EXAMPLE_NET = Path(__file__).resolve().parent.parent / "examples" / "own_net" / "net.py"
 
 
-@pytest.fixture(scope="module")
-def _run_once(tmp_path_factory):
-    run = tmp_path_factory.mktemp("show") / "run"
-    assert main(["train", *TINY, "--out", str(run)]) == 0
-    return run
-
-
 @pytest.fixture
-def run(_run_once, tmp_path):
-    return Path(shutil.copytree(_run_once, tmp_path / "run"))
+def run(train_once, tmp_path):
+    return Path(shutil.copytree(train_once(TINY), tmp_path / "run"))
 
 
 def _show(capsys, *args):
