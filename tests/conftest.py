@@ -1,10 +1,15 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# the project's cache while modules are collected, before the per-test one below: a module that builds a constraint
+# of one's own at import records its file as trusted there, which went into the user's ~/.cache/condiff
+os.environ["CONDIFF_CACHE"] = os.environ.get("CONDIFF_TEST_CACHE") or tempfile.mkdtemp(prefix="condiff-test-cache-")
 
 # one intra-op thread: the suite's tensors are tiny, and on a loaded 2-core machine a second thread's
 # synchronisation cost a test 54 s instead of 2 s; unloaded, the whole suite takes the same time (2 min 30 s)
