@@ -354,6 +354,9 @@ def run_digits(args: argparse.Namespace) -> int:
         args.finish = 0 if args.symmetry else round(DIGITS_FINISH_AT * den.schedule.T)
     if not 0 <= args.finish < den.schedule.T:
         raise ValueError(f"--finish must be a timestep in [0, {den.schedule.T}) (0: off), got {args.finish}")
+    if args.finish_zeta is not None and args.finish == 0:  # a setting that would change nothing: said, not ignored
+        raise ValueError("--finish-zeta sets the finish's step size, but the finish is off"
+                         + (" (as it is with --symmetry)" if args.symmetry else "") + ": pass --finish T to turn it on")
     if args.finish_zeta is None:
         args.finish_zeta = DIGITS_FINISH_ZETA
     checks.number("--finish-zeta", args.finish_zeta, ">= 0")
