@@ -61,7 +61,7 @@ def load_from_file(path: str | Path, attr: str, what: str = "constraint",
     file = Path(path).expanduser().resolve()
     if not file.is_file():
         raise ValueError(f"{what} file {file} does not exist")
-    sha = hashlib.sha256(file.read_bytes()).hexdigest()
+    sha = file_sha256(file)
     if saved_by is None:
         _record_trusted(file, sha)
     else:
@@ -83,6 +83,16 @@ def load_from_file(path: str | Path, attr: str, what: str = "constraint",
                        and getattr(v, "__module__", None) == module.__name__)
         raise ValueError(f"{what} file {file} has no {attr!r}; its callables: {names or 'none'}")
     return getattr(module, attr), sha
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as runs record a file of one's own (``file_sha256``)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def is_trusted(path: str | Path, sha: str) -> bool:
+    """Whether this version (``sha``) of the file ``path`` is trusted here (:func:`trust_file`)."""
+    return sha in _trusted().get(str(Path(path).expanduser().resolve()), [])
 
 
 def _run(file: Path, module_name: str, what: str) -> object:
@@ -110,7 +120,7 @@ def trust_file(path: str | Path) -> str:
     file = Path(path).expanduser().resolve()
     if not file.is_file() or file.suffix != ".py":
         raise ValueError(f"{file} is no Python file (.py)" if file.exists() else f"{file} does not exist")
-    sha = hashlib.sha256(file.read_bytes()).hexdigest()
+    sha = file_sha256(file)
     _record_trusted(file, sha, strict=True)
     return sha
 

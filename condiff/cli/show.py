@@ -14,7 +14,6 @@ before its last step is shown with the step it reached and how to go on.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import struct
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from .. import io
 from ..models import is_diffusers_dir
-from ..userfile import trusted_files
+from ..userfile import file_sha256, is_trusted
 from .common import json_table, run_kind
 
 # directories of a run that hold one training's internals or a kept run, never a training of their own
@@ -402,7 +401,6 @@ def _own_code(*configs: dict) -> list[dict]:
 
     for c in configs:
         walk(c)
-    trusted = trusted_files() if named else {}
     out = []
     for path, recorded in sorted(named.items()):
         f = Path(path)
@@ -410,9 +408,9 @@ def _own_code(*configs: dict) -> list[dict]:
         if not f.is_file():
             entry["state"] = "missing"
         else:
-            sha = hashlib.sha256(f.read_bytes()).hexdigest()
+            sha = file_sha256(f)
             entry["state"] = ("as used" if not recorded or sha in recorded else "edited since it was used") + (
-                "; trusted here" if sha in trusted.get(str(f), []) else f"; not trusted here: condiff trust {f}")
+                "; trusted here" if is_trusted(f, sha) else f"; not trusted here: condiff trust {f}")
         out.append(entry)
     return out
 
