@@ -336,7 +336,7 @@ def lock_run(run_dir: str | Path, shared: bool = False) -> None:
         _sweep_run(run_dir)
 
 
-def _subdirs(d: Path) -> list[Path]:
+def subdirs(d: Path) -> list[Path]:
     """The folders in ``d``, not through links (a linked folder lies outside the run)."""
     with contextlib.suppress(OSError), os.scandir(d) as it:
         return [Path(e.path) for e in it if e.is_dir(follow_symlinks=False)]
@@ -349,8 +349,8 @@ def _sweep_run(run_dir: Path) -> None:
     model copies, on a large profile) in the run and two levels below (stages, their models), and a
     checkpoint's ``.NAME.old-PID`` of a dead writer where the checkpoint itself is in place (else it is put
     back). Linked folders are not entered."""
-    first = _subdirs(run_dir)
-    for d in (run_dir, *first, *(q for p in first for q in _subdirs(p))):
+    first = subdirs(run_dir)
+    for d in (run_dir, *first, *(q for p in first for q in subdirs(p))):
         for p in (*d.glob(".*.tmp"), *d.glob(".*.tmp-*")):
             remove(p)
         for old in d.glob(".*.old-*"):

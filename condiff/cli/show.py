@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import struct
 import sys
 from pathlib import Path
 
+from safetensors import safe_open
+
 from .. import io
 from ..models import is_diffusers_dir
+from ..train import list_checkpoints, read_log
 from ..userfile import file_sha256, is_trusted
 from .common import json_table, run_kind
 
@@ -120,8 +122,7 @@ def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
     out["state"] = _run_state(trainings)
     if short:
         return out
-    out["results"] = _results(p)
-    out["about"] = _about(p)
+    out["results"], out["about"] = _results(p)
     notes = []
     holder = io.run_holder(p)
     if holder is not None:
@@ -191,10 +192,8 @@ def _units(root: Path) -> list[Path]:
 
 
 def _subdirs(d: Path) -> list[Path]:
-    try:
-        return sorted(q for q in d.iterdir() if q.is_dir() and not q.is_symlink() and not q.name.startswith("."))
-    except OSError:
-        return []
+    """The folders in ``d`` (:func:`condiff.io.subdirs`: not through links), sorted, hidden ones left out."""
+    return sorted(q for q in io.subdirs(d) if not q.name.startswith("."))
 
 
 def _runs_below(p: Path) -> list[Path]:
@@ -222,10 +221,9 @@ def _unit(u: Path, weights: tuple[str, ...] | list[str] = _WEIGHTS, log: bool = 
     configs = []  # what names files of one's own: the weights', the newest checkpoint's and the stage's settings
     for w in weights:
         if (u / w / io.CONFIG).is_file():
-            out[w] = _weights(u / w)
             configs.append(json_table(u / w / io.CONFIG))
-    steps = sorted((c for c in (u / "checkpoints").glob("step_*") if (c / io.CONFIG).is_file()),
-                   key=lambda c: c.name)
+            out[w] = _weights(u / w, configs[-1])
+    steps = list_checkpoints(u / "checkpoints")
     if steps:
         c = json_table(steps[-1] / io.CONFIG)
         out["checkpoint"] = {"name": steps[-1].name, "step": c.get("step"), "of": _table(c, "train").get("steps")}
@@ -263,9 +261,10 @@ def _run_state(trainings: list[dict]) -> str:
     return "unfinished" if any(s.startswith("unfinished") for s in states) else "partly made"
 
 
-def _weights(d: Path) -> dict:
-    """A model (or mirror-map) directory: its net, parameter count, steps and training time, from its files."""
-    cfg = json_table(d / io.CONFIG)
+def _weights(d: Path, cfg: dict | None = None) -> dict:
+    """A model (or mirror-map) directory: its net, parameter count, steps and training time, from its files
+    (``cfg``: its config.json, where the caller has read it)."""
+    cfg = json_table(d / io.CONFIG) if cfg is None else cfg
     out: dict = {"format": cfg.get("format", "condiff checkpoint" if "optim" in cfg else None)}
     net = cfg.get("net") if isinstance(cfg.get("net"), dict) else None
     if net:
@@ -296,54 +295,35 @@ def _size(f: Path) -> int:
 
 
 def _count(f: Path) -> int | None:
-    """The number of values in a safetensors file, from its header (None when the header does not read)."""
+    """The number of values in a safetensors file, from its header, no tensor read (None where it does not open)."""
     try:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > 100_000_000:
-                return None
-            header = json.loads(fh.read(n))
-        return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        with safe_open(f, framework="pt") as s:
+            return sum(math.prod(s.get_slice(k).get_shape()) for k in s.keys())
+    except Exception:  # a torn or foreign file (SafetensorError, OSError): no count, not a failure
         return None
 
 
 def _last_log(f: Path) -> dict | None:
-    """The last whole line of a ``log.jsonl`` (a line cut short by an interruption is skipped)."""
+    """The last record of a ``log.jsonl`` (:func:`condiff.train.read_log`: torn and garbled lines skipped)."""
     try:
-        lines = f.read_text().splitlines()
-    except (OSError, ValueError):  # unreadable, or not text
+        rows = [r for r in read_log(f) if isinstance(r, dict)]
+    except OSError:
         return None
-    for line in reversed(lines):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            return row
-    return None
+    return rows[-1] if rows else None
 
 
-def _results(p: Path) -> dict:
-    """The ``metrics.json`` files of a run (its own and its results' folders, three levels down), each as its
-    numbers, flattened to dotted keys."""
-    out = {}
-    for f in sorted(_metric_files(p)):
-        flat = _numbers(json_table(f))
-        if flat:
-            out[str(f.relative_to(p))] = dict(sorted(flat.items(), key=lambda kv: _rank(kv[0])))
-    return out
-
-
-def _about(p: Path) -> dict:
-    """What each ``metrics.json`` of :func:`_results` was made of: its top-level words (the method, the task,
+def _results(p: Path) -> tuple[dict, dict]:
+    """The ``metrics.json`` files of a run (its own and its results' folders, three levels down), each read
+    once: its numbers, flattened to dotted keys, figures first; and its top-level words (the method, the task,
     the model it scored), which name a result where its numbers do not."""
-    out = {}
+    figures, about = {}, {}
     for f in sorted(_metric_files(p)):
-        words = {k: v for k, v in json_table(f).items() if k in _ABOUT and isinstance(v, str)}
-        if words:
-            out[str(f.relative_to(p))] = words
-    return out
+        table, name = json_table(f), str(f.relative_to(p))
+        if flat := _numbers(table):
+            figures[name] = dict(sorted(flat.items(), key=lambda kv: _rank(kv[0])))
+        if words := {k: v for k, v in table.items() if k in _ABOUT and isinstance(v, str)}:
+            about[name] = words
+    return figures, about
 
 
 def _rank(key: str) -> int:
