@@ -1,3 +1,5 @@
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -46,9 +48,11 @@ def train_once(tmp_path_factory):
     runs: dict[tuple[str, ...], Path] = {}
 
     def make(args: list[str]) -> Path:
-        if tuple(args) not in runs:
+        if tuple(args) not in runs:  # its output kept out of the calling test's captured output
             run = tmp_path_factory.mktemp("trained") / "run"
-            assert main(["train", *args, "--out", str(run)]) == 0
+            said = io.StringIO()
+            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+                assert main(["train", *args, "--out", str(run)]) == 0, said.getvalue()
             runs[tuple(args)] = run
         return runs[tuple(args)]
 

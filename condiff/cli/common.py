@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -10,6 +11,7 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -188,22 +190,27 @@ def check_denoising_net(net: torch.nn.Module, x: torch.Tensor, labels: torch.Ten
         net.train(was)
 
 
-def raise_from_own_net(err: Exception, net: torch.nn.Module, when: str) -> None:
-    """Where ``err`` was raised in the file of a net of one's own (``FILE.py:NAME``), raise it again as a one-line
-    error that says so (the bare message, "boom", named neither the net nor the step); else return."""
-    if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)):  # a smaller batch, not the net's code, is the fix
-        return
-    net = getattr(net, "module", net)  # under DistributedDataParallel
-    config = getattr(net, "config", None)
-    name = config.get("name") if isinstance(config, dict) else None
-    if not (isinstance(name, str) and ".py:" in name):
-        return
-    file = os.path.realpath(name.rsplit(":", 1)[0])
-    frames = traceback.extract_tb(err.__traceback__)
-    if not any(os.path.realpath(f.filename) == file for f in frames):
-        return
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    raise ValueError(f"the network {name} failed {when}: {type(err).__name__}: {text}") from err
+@contextlib.contextmanager
+def own_net_named(trainer) -> Iterator[None]:
+    """Around ``trainer.fit()``: an error raised in the file of a net of one's own (``FILE.py:NAME``) comes out as
+    a one-line error naming the net and the step reached (the bare message, "boom", named neither); other errors,
+    and memory errors (a smaller batch, not the net's code, is the fix), as they were."""
+    try:
+        yield
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as err:
+        net = getattr(trainer.model, "module", trainer.model)  # under DistributedDataParallel
+        config = getattr(net, "config", None)
+        name = config.get("name") if isinstance(config, dict) else None
+        if not (isinstance(name, str) and ".py:" in name):
+            raise
+        file = os.path.realpath(name.rsplit(":", 1)[0])
+        if not any(os.path.realpath(f.filename) == file for f in traceback.extract_tb(err.__traceback__)):
+            raise
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"the network {name} failed in training, after step {trainer.step}: "
+                         f"{type(err).__name__}: {text}") from err
 
 
 class TrainingJob:
@@ -246,11 +253,8 @@ class TrainingJob:
         the results of the model being replaced that a resumed run which trained on deletes first
         (:func:`drop_stale_results`), so that no interruption leaves them beside the new model."""
         start = self.trainer.step
-        try:
+        with own_net_named(self.trainer):
             ema = self.trainer.fit()
-        except Exception as err:  # re-raised, named where the net's own file raised it
-            raise_from_own_net(err, self.trainer.model, f"in training, after step {self.trainer.step}")
-            raise
         if not self.trainer.dist.main:
             return self.run_dir / "model"
         drop_stale_results(self.run_dir, stale, start, self.trainer.step)
@@ -318,10 +322,14 @@ def _other_model(run_dir: Path, model: dict | None, hint: str) -> str:
     now = json.loads(json.dumps(model, default=str)) if model is not None else None
     if not isinstance(before, dict) or not isinstance(now, dict) or before == now:
         return ""
-    diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+    return (f"; the run was trained with other model settings ({_changes(before, now)}): resume with the run's model "
+            f"settings (recorded in {run_dir / 'config.json'}){hint}")
+
+
+def _changes(before: dict, now: dict) -> str:
+    """The entries of two settings tables that differ, as ``key: old -> new``."""
+    return ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
                      if before.get(k) != now.get(k))
-    return (f"; the run was trained with other model settings ({diff}): resume with the run's model settings "
-            f"(recorded in {run_dir / 'config.json'}){hint}")
 
 
 def with_step_results(run_dir: Path, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -446,8 +454,7 @@ def _check_same(run_dir: Path, sections: dict[str, dict | None], hint: str = "")
             continue
         if section == "schedule" and same_schedule(before, now):
             continue
-        diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
-                         if before.get(k) != now.get(k))
+        diff = _changes(before, now)
         what = "on other data" if section == "data" else "with another noise schedule"
         raise ValueError(f"--resume: {run_dir} was trained {what} ({diff}); resume with the run's {section} "
                          f"settings (recorded in {run_dir / 'config.json'}), or pass --fresh to start over{hint}")

@@ -52,8 +52,8 @@ from .common import (
     drop_stale_results,
     load_model_for,
     net_config,
+    own_net_named,
     pick_device,
-    raise_from_own_net,
     recorded_settings,
     restore_only,
     save_resolved_config,
@@ -466,11 +466,8 @@ class DualJob:
         run_dir, schedule, dcfg, objective = self.run_dir, self.schedule, self.dcfg, self.objective
         record = self.cfg["bounds"]
         start = self.trainer.step
-        try:
+        with own_net_named(self.trainer):
             ema = self.trainer.fit()
-        except Exception as err:  # re-raised, named where a net of one's own raised it
-            raise_from_own_net(err, self.trainer.model, f"in training, after step {self.trainer.step}")
-            raise
         if not self.trainer.dist.main:
             return None
         drop_stale_results(run_dir, stale, start, self.trainer.step)
