@@ -1629,3 +1629,19 @@ def test_namm_fit_checks_a_net_of_ones_own_before_the_mirror_map_is_trained(tmp_
     assert (f"model {tmp_path / 'bad.py'}:Shrink maps x of shape (2, 1, 8, 8) to (2, 1, 6, 6): a denoising net "
             "returns its prediction of the noise") in capsys.readouterr().err
     assert not (tmp_path / "run" / "namm").exists()
+
+
+def test_namm_fit_gives_a_net_of_ones_own_in_channels_only_where_its_constructor_takes_it(tmp_path, monkeypatch):
+    """namm forced in_channels onto every diffusion net; `train` fills it in only where the constructor takes it."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fixed.py").write_text("import torch\n\n\nclass OneChannel(torch.nn.Module):\n"
+                                       "    def __init__(self, width=4):\n        super().__init__()\n"
+                                       "        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)\n\n"
+                                       "    def forward(self, x, t, y=None):\n        return self.conv(x)\n")
+    fit = _tiny_box_fit(tmp_path)
+    fit[fit.index("model.mults=[1, 2]")] = "model.name=fixed.py:OneChannel"
+    assert main(fit) == 0
+    net = json.loads((tmp_path / "run" / "mdm" / "model" / "config.json").read_text())["net"]
+    assert net["name"] == f"{tmp_path / 'fixed.py'}:OneChannel" and "in_channels" not in net

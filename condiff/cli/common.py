@@ -109,27 +109,35 @@ def check_labels(cfg: dict, data: ArrayData) -> torch.Tensor | None:
     return y
 
 
-def net_config(cfg: dict, data: ArrayData, saved_by: str | None = None) -> dict:
-    """The model table, completed from the data (channels / dimension, number of classes). ``saved_by``: what
-    ``cfg`` was read from, where a net of one's own runs its file only if trusted (:func:`condiff.nets.build_net`)."""
-    auto = AUTO_MODELS["unet"] if len(data.shape) == 3 else AUTO_MODELS["mlp"]
-    m = dict(cfg["model"]) if cfg["model"].get("name") else {**auto, **cfg["model"]}
+def model_for_shape(model: dict, shape: tuple[int, ...], saved_by: str | None = None) -> dict:
+    """A model table with its input size filled in from a sample's ``shape``: ``in_channels`` of a UNet (images),
+    ``dim`` of an MLP (vectors), and either where a net of one's own takes it (its constructor's parameters)."""
+    m = dict(model)
     for name, key, rank, what in (("unet", "in_channels", 3, "image data (C, H, W)"),
                                   ("mlp", "dim", 1, "vector data (D,)")):
         if m.get("name") != name:
             continue
-        if len(data.shape) != rank:
-            raise ValueError(f"model '{name}' needs {what}, got per-sample shape {data.shape}")
-        if m.get(key, data.shape[0]) != data.shape[0]:  # config.json would record one value, the model hold another
-            raise ValueError(f"model.{key} = {m[key]!r} but the data have {data.shape[0]}: leave it out (it is taken "
+        if len(shape) != rank:
+            raise ValueError(f"model '{name}' needs {what}, got per-sample shape {shape}")
+        if m.get(key, shape[0]) != shape[0]:  # config.json would record one value, the model hold another
+            raise ValueError(f"model.{key} = {m[key]!r} but the data have {shape[0]}: leave it out (it is taken "
                              "from the data)")
-        m[key] = data.shape[0]
+        m[key] = shape[0]
     name = m.get("name")
     if isinstance(name, str) and name not in NETS:  # a net of one's own: what its constructor takes, from the data
         params = inspect.signature(net_class(name, saved_by)[0]).parameters
         for key, rank in (("in_channels", 3), ("dim", 1)):
-            if key in params and key not in m and len(data.shape) == rank:
-                m[key] = data.shape[0]
+            if key in params and key not in m and len(shape) == rank:
+                m[key] = shape[0]
+    return m
+
+
+def net_config(cfg: dict, data: ArrayData, saved_by: str | None = None) -> dict:
+    """The model table, completed from the data (channels / dimension, number of classes). ``saved_by``: what
+    ``cfg`` was read from, where a net of one's own runs its file only if trusted (:func:`condiff.nets.build_net`)."""
+    auto = AUTO_MODELS["unet"] if len(data.shape) == 3 else AUTO_MODELS["mlp"]
+    m = model_for_shape(dict(cfg["model"]) if cfg["model"].get("name") else {**auto, **cfg["model"]},
+                        tuple(data.shape), saved_by)
     if cfg["data"].get("labels") and data.y is not None:
         m["num_classes"] = int(data.y.max()) + 1
     return m

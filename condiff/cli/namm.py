@@ -69,7 +69,15 @@ from ..sample import generate
 from ..schedule import Schedule
 from ..train import TrainConfig
 from ..userfile import UntrustedCode
-from .common import add_device_arg, check_denoising_net, check_out_dir, json_table, pick_device, train_config
+from .common import (
+    add_device_arg,
+    check_denoising_net,
+    check_out_dir,
+    json_table,
+    model_for_shape,
+    pick_device,
+    train_config,
+)
 from .config import (
     ConfigError,
     apply_settings,
@@ -361,7 +369,8 @@ class NAMMRun:
                         self.device)
                     mirror.inverse_map(x)
                 elif name in ("mdm", "vanilla"):  # run as `train` checks a new net: on the CPU, output shape too
-                    net = build_net({**self.cfg["model"], "in_channels": self.shape[0]}, self.saved_by)
+                    net = build_net(model_for_shape(self.cfg["model"], tuple(self.shape), self.saved_by),
+                                    self.saved_by)
                     check_denoising_net(net, self.data().x[:2], device=self.device)
 
     # -- settings and stage bookkeeping
@@ -601,7 +610,7 @@ class NAMMRun:
         if done is not None:
             return done
         x = x_fn()
-        net = {**self.cfg["model"], "in_channels": x.shape[1]}
+        net = model_for_shape(self.cfg["model"], tuple(x.shape[1:]), self.saved_by)
         t0 = time.perf_counter()
         tcfg = self._tcfg(self.cfg["train"])
         # the vanilla model records its data set (as `condiff train` models do), so that `condiff eval` and
