@@ -115,11 +115,17 @@ def _run(file: Path, module_name: str, what: str) -> object:
 _LOADED: dict[tuple[str, str], object] = {}  # (file, SHA-256) -> the module its code made (once=True)
 
 
-def trust_file(path: str | Path) -> str:
-    """Let saved models that name the Python file ``path`` run it when they are loaded; returns its SHA-256."""
+def python_file(path: str | Path) -> Path:
+    """``path`` resolved, where it is a Python file (``.py``); else a ValueError saying what it is."""
     file = Path(path).expanduser().resolve()
     if not file.is_file() or file.suffix != ".py":
         raise ValueError(f"{file} is no Python file (.py)" if file.exists() else f"{file} does not exist")
+    return file
+
+
+def trust_file(path: str | Path) -> str:
+    """Let saved models that name the Python file ``path`` run it when they are loaded; returns its SHA-256."""
+    file = python_file(path)
     sha = file_sha256(file)
     _record_trusted(file, sha, strict=True)
     return sha
@@ -170,11 +176,13 @@ def _update_record(change: Callable[[dict[str, list[str]]], bool]) -> bool:
 def _record_trusted(file: Path, sha: str, strict: bool = False) -> None:
     """Add the file's version to the record. Where the record cannot be written (a read-only cache), a file
     the user names still runs, with a word (``strict``: an error, for `condiff trust`, which does nothing else)."""
-    if sha in _trusted().get(str(file), []):
+    if is_trusted(file, sha):  # the common case, without the lock
         return
     record = io.cache_dir() / TRUSTED
 
     def add(table: dict[str, list[str]]) -> bool:
+        if sha in table.get(str(file), []):  # recorded meanwhile by another process
+            return False
         table[str(file)] = [*table.get(str(file), []), sha][-8:]  # the file's last few versions
         return True
 

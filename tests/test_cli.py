@@ -1445,3 +1445,20 @@ def test_a_folder_of_models_given_as_a_model_names_them(trained, tmp_path, capsy
     assert main(["sample", "--ckpt", str(ckpts), "--n", "2", "--steps", "2"]) == 2
     err = capsys.readouterr().err
     assert f"{ckpts} is a folder of checkpoints (" in err and newest in err and "or the run" in err
+
+
+def test_a_file_recorded_meanwhile_by_another_process_is_not_recorded_twice(tmp_path, monkeypatch):
+    """The check that a version is trusted ran before the record's lock only: two processes naming one file at
+    once both appended it (a duplicate eats into the eight versions kept)."""
+    from condiff import userfile
+
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "net.py"
+    f.write_text("x = 1\n")
+    sha = userfile.trust_file(f)
+    real, reads = userfile._trusted, []
+    # the first read (before the lock) misses the version, as if the other process wrote it just after
+    monkeypatch.setattr(userfile, "_trusted", lambda: real() if reads.append(1) or len(reads) > 1 else {})
+    userfile._record_trusted(f.resolve(), sha)
+    monkeypatch.setattr(userfile, "_trusted", real)
+    assert userfile.trusted_files()[str(f.resolve())] == [sha]

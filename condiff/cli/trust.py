@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..userfile import forget_file, trust_file, trusted_files
+from ..userfile import forget_file, python_file, trust_file, trusted_files
 
 
 def add_parser(sub, name: str) -> None:
@@ -44,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"forgot {f}" if forget_file(f) else f"{f} was not trusted")
         return 0
     for f in files:  # all checked before any is recorded
-        if not f.is_file() or f.suffix != ".py":
-            raise ValueError(f"{f} is no Python file (.py)" if f.exists() else f"{f} does not exist")
+        python_file(f)
     for f in files:
         print(f"trusted {f} (SHA-256 {trust_file(f)[:16]}...)")
     return 0
