@@ -27,6 +27,7 @@ from ..plots import plot_loss_curve, plot_scatter
 from ..sample import generate
 from ..schedule import Schedule
 from ..train import DenoisingObjective, TrainConfig, Trainer, list_checkpoints
+from ..userfile import split_file_spec
 
 
 def add_config_args(p: argparse.ArgumentParser, data_default: str | None = None) -> None:
@@ -211,9 +212,10 @@ def own_net_named(trainer) -> Iterator[None]:
         net = getattr(trainer.model, "module", trainer.model)  # under DistributedDataParallel
         config = getattr(net, "config", None)
         name = config.get("name") if isinstance(config, dict) else None
-        if not (isinstance(name, str) and ".py:" in name):
+        spec = split_file_spec(name, "model.name", "a network class") if isinstance(name, str) else None
+        if spec is None:
             raise
-        file = os.path.realpath(name.rsplit(":", 1)[0])
+        file = os.path.realpath(spec[0])
         if not any(os.path.realpath(f.filename) == file for f in traceback.extract_tb(err.__traceback__)):
             raise
         text = str(err).strip().splitlines()[0] if str(err).strip() else ""

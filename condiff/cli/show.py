@@ -24,7 +24,7 @@ from safetensors import safe_open
 from .. import io
 from ..models import is_diffusers_dir
 from ..train import list_checkpoints, read_log
-from ..userfile import file_sha256, is_trusted
+from ..userfile import file_sha256, is_trusted, split_file_spec
 from .common import json_table, run_kind
 
 # directories of a run that hold one training's internals or a kept run, never a training of their own
@@ -353,6 +353,15 @@ def _numbers(table: dict, prefix: str = "") -> dict:
     return out
 
 
+def _file_spec(name: object) -> tuple[str, str] | None:
+    """``(FILE, NAME)`` of a ``FILE.py:NAME`` name (:func:`condiff.userfile.split_file_spec`), else None (also for
+    a hand-edited one that does not read, which is shown, not refused)."""
+    try:
+        return split_file_spec(name) if isinstance(name, str) else None
+    except ValueError:
+        return None
+
+
 def _own_code(*configs: dict) -> list[dict]:
     """The files of one's own that the settings name (a net's ``FILE.py:NAME``, a constraint's ``path``), with
     whether each is there, as it was used (its recorded SHA-256), and trusted here."""
@@ -364,8 +373,8 @@ def _own_code(*configs: dict) -> list[dict]:
     def walk(x: object) -> None:
         if isinstance(x, dict):
             name = x.get("name")
-            if isinstance(name, str) and ".py:" in name:
-                note(name.rsplit(":", 1)[0], x.get("file_sha256"))
+            if spec := _file_spec(name):
+                note(spec[0], x.get("file_sha256"))
             elif name == "python" and isinstance(x.get("path"), str):
                 note(x["path"], x.get("file_sha256"))
             con, data = x.get("constraint"), x.get("data")

@@ -109,6 +109,7 @@ def train_counter(
     from condiff.data.sources import NOISE, density_target, render_sources  # data imports constraints
     from condiff.sample import progress_bar
 
+    every = checks.integer("every", every)  # before the pool is rendered and the net built
     g = torch.Generator().manual_seed(seed)
     counts = torch.randint(0, 2 * k + 1, (pool,), generator=g)
     x, centres = render_sources(counts, size, g, noise=noise or NOISE, faint=faint)
@@ -122,7 +123,6 @@ def train_counter(
     spec = {"k": k, "size": size, "steps": steps, "seed": seed, "width": width, "batch_size": batch_size,
             "lr": lr, "pool": pool, "faint": faint, "noise": list(noise) if noise else None, "adv_eps": adv_eps,
             "adv_steps": adv_steps, "device": torch.device(device).type}
-    every = checks.integer("every", every)
     state = _CounterState(Path(checkpoint), spec, net, opt, sched, g) if checkpoint is not None else None
     start = state.restore() if state is not None else 0
     show = sys.stderr.isatty() if progress is None else progress
