@@ -555,20 +555,22 @@ def set_aside(run_dir: str | Path, names: tuple[str, ...] | list[str]) -> list[s
             if n not in back:
                 remove(run_dir / n)
         if back:  # rejoin the kept run rather than go as the failed attempt's
-            _begin_moving(keep, back)
-            for n in back:
-                os.replace(run_dir / n, keep / n)
-            (keep / MOVING).unlink()
+            _move_into(run_dir, keep, back)
         return []
     if not present:
         return []
-    _begin_moving(keep, present)
-    for n in present:
+    _move_into(run_dir, keep, present)
+    write_json_atomic(keep / SET_ASIDE, sorted({*(_set_aside_names(keep) or []), *present}))
+    return present
+
+
+def _move_into(run_dir: Path, keep: Path, names: list[str]) -> None:
+    """Move the entries ``names`` of ``run_dir`` into ``keep``, the moves recorded first (:data:`MOVING`)."""
+    _begin_moving(keep, names)
+    for n in names:
         (keep / n).parent.mkdir(parents=True, exist_ok=True)
         os.replace(run_dir / n, keep / n)
-    write_json_atomic(keep / SET_ASIDE, sorted({*(_set_aside_names(keep) or []), *present}))
     (keep / MOVING).unlink()
-    return present
 
 
 def drop_replaced(run_dir: str | Path, names: tuple[str, ...] | list[str] | None = None) -> None:
