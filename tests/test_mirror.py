@@ -1612,21 +1612,28 @@ def test_namm_samples_figure_says_whether_it_holds_violation_maps(tmp_path, monk
     assert (tmp_path / "run" / "samples" / "violations.png").is_file()
 
 
+def _fit_with_own_net(tmp_path, cls: str, init: str, conv: str) -> list[str]:
+    """The argv of :func:`_tiny_box_fit` with a one-convolution net of one's own, ``net.py:cls``, as its diffusion
+    nets: ``__init__(self, init)`` and ``Conv2d(conv)``."""
+    (tmp_path / "net.py").write_text(f"import torch\n\n\nclass {cls}(torch.nn.Module):\n"
+                                     f"    def __init__(self, {init}):\n        super().__init__()\n"
+                                     f"        self.conv = torch.nn.Conv2d({conv})\n\n"
+                                     "    def forward(self, x, t, y=None):\n        return self.conv(x)\n")
+    fit = _tiny_box_fit(tmp_path)
+    fit[fit.index("model.mults=[1, 2]")] = f"model.name=net.py:{cls}"
+    return fit
+
+
 def test_namm_fit_checks_a_net_of_ones_own_before_the_mirror_map_is_trained(tmp_path, capsys, monkeypatch):
     """A diffusion net that returns another shape than its input's is refused before any stage trains (it failed
     only in the mirror DM's training, after the mirror map's, which takes minutes on a real profile)."""
     from condiff.cli.main import main
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "bad.py").write_text("import torch\n\n\nclass Shrink(torch.nn.Module):\n"
-                                     "    def __init__(self, in_channels=1):\n        super().__init__()\n"
-                                     "        self.conv = torch.nn.Conv2d(in_channels, in_channels, 3)\n\n"
-                                     "    def forward(self, x, t, y=None):\n        return self.conv(x)\n")
-    fit = _tiny_box_fit(tmp_path)
-    fit[fit.index("model.mults=[1, 2]")] = "model.name=bad.py:Shrink"
+    fit = _fit_with_own_net(tmp_path, "Shrink", "in_channels=1", "in_channels, in_channels, 3")
     capsys.readouterr()
     assert main(fit) == 2
-    assert (f"model {tmp_path / 'bad.py'}:Shrink maps x of shape (2, 1, 8, 8) to (2, 1, 6, 6): a denoising net "
+    assert (f"model {tmp_path / 'net.py'}:Shrink maps x of shape (2, 1, 8, 8) to (2, 1, 6, 6): a denoising net "
             "returns its prediction of the noise") in capsys.readouterr().err
     assert not (tmp_path / "run" / "namm").exists()
 
@@ -1636,12 +1643,6 @@ def test_namm_fit_gives_a_net_of_ones_own_in_channels_only_where_its_constructor
     from condiff.cli.main import main
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "fixed.py").write_text("import torch\n\n\nclass OneChannel(torch.nn.Module):\n"
-                                       "    def __init__(self, width=4):\n        super().__init__()\n"
-                                       "        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)\n\n"
-                                       "    def forward(self, x, t, y=None):\n        return self.conv(x)\n")
-    fit = _tiny_box_fit(tmp_path)
-    fit[fit.index("model.mults=[1, 2]")] = "model.name=fixed.py:OneChannel"
-    assert main(fit) == 0
+    assert main(_fit_with_own_net(tmp_path, "OneChannel", "width=4", "1, 1, 3, padding=1")) == 0
     net = json.loads((tmp_path / "run" / "mdm" / "model" / "config.json").read_text())["net"]
-    assert net["name"] == f"{tmp_path / 'fixed.py'}:OneChannel" and "in_channels" not in net
+    assert net["name"] == f"{tmp_path / 'net.py'}:OneChannel" and "in_channels" not in net
