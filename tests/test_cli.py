@@ -1433,6 +1433,19 @@ def test_a_resumed_models_training_time_counts_every_session(trained, tmp_path):
     assert json.loads((run / "model" / "config.json").read_text())["train_seconds"] >= 1000.0
 
 
+def test_train_or_reuse_reports_the_training_time_of_every_session(trained, tmp_path):
+    """A benchmark resuming its model reported the seconds of its own session as the training time."""
+    from condiff.cli.common import train_or_reuse
+
+    run = tmp_path / "run"
+    trained(run)
+    ckpt = sorted((run / "checkpoints").glob("step_*"))[-1] / "config.json"
+    ckpt.write_text(json.dumps({**json.loads(ckpt.read_text()), "train_seconds": 1000.0}))
+    shutil.rmtree(run / "model")  # the run stopped after its last checkpoint: resumed, not reused
+    seconds, reused = train_or_reuse(resolve("toy2d", None, TINY[3::2]) | {"_device": "cpu"}, run)
+    assert not reused and 1000.0 <= seconds < 1100.0
+
+
 def test_a_folder_of_models_given_as_a_model_names_them(trained, tmp_path, capsys):
     """A dual experiment's folder or a run's checkpoints/ was 'not a condiff checkpoint: no config.json'."""
     trained(tmp_path / "exp" / "constrained")

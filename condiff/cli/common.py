@@ -9,7 +9,6 @@ import json
 import os
 import re
 import sys
-import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -674,7 +673,8 @@ def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = 
     ``remedy``) unless ``retrain`` or ``own`` (a benchmark's own directory), which replace them (kept in
     ``.replaced`` until the new model is trained).
     ``announce``: a line printed once everything is checked, just before training.
-    Returns ``(training seconds, reused)``."""
+    Returns ``(training seconds, reused)``: the seconds over every session of the run (a resumed run counts
+    the sessions before this one too), 0.0 when reused."""
     run_dir = Path(run_dir)
     if not retrain and model_is_complete(run_dir, cfg):
         return 0.0, True
@@ -690,12 +690,11 @@ def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = 
         replace_run(run_dir, _RUN_FILES, "--retrain" if retrain else "")
     else:
         note_replaced(run_dir, f"stop now (Ctrl-C), delete {run_dir / 'checkpoints'} and run the command again")
-    t0 = time.perf_counter()
     job.resume()
     save_resolved_config(run_dir, cfg)
     job.fit()
     io.drop_replaced(run_dir)
-    return time.perf_counter() - t0, False
+    return job.trainer.seconds, False
 
 
 def save_resolved_config(run_dir: Path, cfg: dict) -> None:
