@@ -40,6 +40,23 @@ def is_device(v: Any) -> bool:
         return False
 
 
+def device(what: str, v: Any) -> Any:
+    """``v``, a device condiff runs on and this machine has (``"cpu"``, ``"cuda:1"``, ``"mps"`` or a
+    ``torch.device``); else a one-line error naming ``what`` (the argument or flag)."""
+    if not is_device(v):
+        raise ValueError(f"{what} {v} is not supported here (cpu, cuda, cuda:N, mps)")
+    d = torch.device(v)
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{what} {v} was asked for but no MPS device is available")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what} {v} was asked for but no CUDA device is available")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"{what} {v} was asked for but this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return v
+
+
 def is_number(v: Any) -> bool:
     """A finite real number (an int, a float, a NumPy scalar, a one-element tensor or array; not a bool)."""
     v = scalar(v)

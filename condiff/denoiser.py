@@ -25,6 +25,9 @@ class Denoiser(nn.Module):
 
     def __init__(self, schedule: Schedule) -> None:
         super().__init__()
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"a denoiser needs the noise schedule its network was trained with (a condiff.schedule."
+                            f"Schedule, e.g. Schedule.linear(1000)), got {type(schedule).__name__}")
         self.schedule = schedule
         self.nfe = 0
 
@@ -86,6 +89,9 @@ class NetDenoiser(Denoiser):
     def __init__(self, net: nn.Module, schedule: Schedule, y: Tensor | int | None = None,
                  guidance_scale: float = 0.0, label_drop: float | None = None,
                  value_range: Sequence[float] | None = None) -> None:
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"NetDenoiser wraps a network, a torch.nn.Module net(x, t[, y]) -> noise, got "
+                            f"{type(net).__name__}")
         super().__init__(schedule)
         self.label_drop = label_drop  # as trained, where known (load_denoiser reads it from the model)
         # the training data's [min, max], where known (load_denoiser reads it from the model): the guided

@@ -218,14 +218,48 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` on the CPU, contiguous, each with memory of its own: safetensors refuses tensors that share
+    memory (a network's tied weights), which are written as copies and load back as equal tensors."""
+    flat, seen = {}, set()
+    for k, v in tensors.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"a checkpoint holds tensors: {k!r} is a {type(v).__name__}")
+        t = v.detach().contiguous().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel() > 0:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        flat[k] = t
+    return flat
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to save a checkpoint at ``path`` where that would delete something that is not one."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise FileExistsError(f"cannot save a checkpoint at {path}: it is a file, and a checkpoint is a directory "
+                              "(give the directory to write it to)")
+    other = sorted(q.name + ("/" if q.is_dir() else "") for q in path.iterdir()
+                   if not (q.is_file() and not q.is_symlink() and (q.suffix == ".safetensors" or q.name == CONFIG)))
+    if other:
+        raise FileExistsError(f"cannot save a checkpoint at {path}: it holds {', '.join(other[:3])}"
+                              f"{', ...' if len(other) > 3 else ''}, which are not a checkpoint's files and which "
+                              "saving there would delete (give a directory of its own; a run's model is RUN/model)")
+
+
 def save_checkpoint(path: str | Path, groups: dict[str, dict[str, torch.Tensor]], config: dict) -> Path:
     """Write a checkpoint directory atomically and return its path.
 
     ``groups`` maps a file stem to a flat ``{name: tensor}`` dict; ``config`` is JSON-serialisable and
     is written with the condiff and torch versions (:func:`versions`) under ``versions``.
-    An existing directory at ``path`` is replaced only once the new one is complete.
+    An existing directory at ``path`` is replaced only once the new one is complete; it must be a
+    checkpoint (nothing in it but ``.safetensors`` files and ``config.json``) or empty: anything else there
+    (a run's checkpoints and log, a file) is refused, as saving would delete it.
     """
     path, config = Path(path), {**config, "versions": versions()}
+    _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -233,8 +267,7 @@ def save_checkpoint(path: str | Path, groups: dict[str, dict[str, torch.Tensor]]
     try:
         _as_created(tmp, directory=True)
         for stem, tensors in groups.items():
-            flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-            save_file(flat, str(tmp / f"{stem}.safetensors"))
+            save_file(_unshared(tensors), str(tmp / f"{stem}.safetensors"))
         with open(tmp / CONFIG, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True, default=_json_default)
             f.write("\n")

@@ -26,6 +26,15 @@ def save_model(path: str | Path, net: nn.Module, schedule: Schedule, **meta) -> 
     if not isinstance(getattr(net, "config", None), dict):
         raise TypeError(f"save_model needs a condiff network (one with a .config to rebuild it from, e.g. from "
                         f"condiff.nets.build_net), got a {type(net).__name__}")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"save_model needs the model's noise schedule (a condiff.schedule.Schedule), got "
+                        f"{type(schedule).__name__}")
+    span = meta.get("value_range")
+    if span is not None and not (isinstance(span, list | tuple) and len(span) == 2
+                                 and all(checks.is_number(v) for v in span)
+                                 and float(span[0]) < float(span[1])):
+        raise ValueError(f"save_model: value_range must be the data's [min, max], two finite numbers with min < max, "
+                         f"got {span!r}")
     config = {"format": "condiff-model", "net": net.config, "schedule": schedule.config(), **io.dtype_entry(net),
               **meta}
     return io.save_module(path, net, config)
@@ -46,6 +55,7 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: boo
     """Load a condiff model / run / checkpoint, or a diffusers model directory, as a Denoiser. A mirror
     diffusion model made by ``condiff namm`` (trained on ``g(x)``: its samples are not data until the inverse
     map takes them back, :func:`condiff.mirror.mirror_generate`) is refused unless ``mirror_space``."""
+    checks.device("device", device)
     d = resolve_model_dir(path)
     if is_diffusers_dir(d):
         return DiffusersDenoiser.from_pretrained(d).to(device)

@@ -36,8 +36,13 @@ def randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None
     """Standard normal noise drawn from ``generator`` (on the generator's device), moved to the target.
     It is drawn in float32 whatever ``dtype`` is, then cast, so that a seed gives the same noise to a
     float64 or half-precision model as to a float32 one (torch draws other numbers in float64)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), got "
+                        f"{type(generator).__name__} {generator!r}")
     if like is not None:
         device, dtype = like.device, like.dtype
+    elif device is not None:
+        checks.device("device", device)
     gdev = generator.device if generator is not None else device
     return torch.randn(tuple(shape), generator=generator, device=gdev, dtype=torch.float32).to(device=device,
                                                                                              dtype=dtype)
@@ -148,11 +153,13 @@ def clip_bounds(clip_x0: float | Sequence[float] | None) -> tuple[float, float] 
         return None
     if isinstance(clip_x0, (list, tuple)):
         ok = len(clip_x0) == 2 and all(checks.is_number(v) for v in clip_x0) and clip_x0[0] < clip_x0[1]
-        if not ok:
-            raise ValueError(f"clip_x0 must be a number > 0 or a pair (lo, hi) with lo < hi, got {clip_x0!r}")
-        return float(clip_x0[0]), float(clip_x0[1])
-    c = checks.number("clip_x0", clip_x0, "> 0")
-    return -c, c
+        lo, hi = (float(checks.scalar(v)) for v in clip_x0) if ok else (0.0, 0.0)
+    else:
+        ok = checks.is_number(clip_x0) and float(checks.scalar(clip_x0)) > 0
+        lo, hi = (-float(checks.scalar(clip_x0)), float(checks.scalar(clip_x0))) if ok else (0.0, 0.0)
+    if not ok:
+        raise ValueError(f"clip_x0 must be a number > 0, a pair (lo, hi) with lo < hi, 'auto' or None, got {clip_x0!r}")
+    return lo, hi
 
 
 def step_abars(abar: Tensor | Sequence[float], t: int, t_prev: int) -> tuple[float, float]:
@@ -224,7 +231,7 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
         callback: called with each :class:`Step` (trajectories, plots, logging).
         grad: keep the autograd graph through the whole chain (for differentiating samples).
         clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]``, or to ``[lo, hi]`` for a pair (with a
-            consistent ``eps_hat``).
+            consistent ``eps_hat``); ``"auto"``: the guided samplers' default (:func:`default_clip`).
     """
     check_denoiser(denoiser)
     ts = torch.as_tensor(timesteps).cpu()
@@ -237,7 +244,14 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
     if not (checks.is_number(eta) and 0 <= eta <= 1):  # above 1 the DDIM variance exceeds 1 - abar_prev
         raise ValueError(f"eta must be in [0, 1] (0 deterministic DDIM, 1 DDPM-like), got {eta!r}")
     eta = float(checks.scalar(eta))
+    if guidance is not None and not callable(guidance):
+        raise TypeError(f"guidance must be a rule step -> x_{{t_prev}} (DPS(loss, zeta), DSG(DPS(...)), "
+                        f"condiff.guidance.make_guidance(name, loss), or a callable of your own), got "
+                        f"{type(guidance).__name__} {guidance!r}")
+    clip_x0 = default_clip(denoiser, clip_x0)
     clip_bounds(clip_x0)  # checked once before the loop; None: no clipping
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be the starting noise as a torch tensor (B, ...), got {type(x).__name__}")
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")
     checks.floating("x", x)
@@ -272,6 +286,8 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
                 step = make_step(denoiser, x_t, i, t, t_prev, eta, generator, clip_x0, noise=zeros,
                                  abars=step_abars(abar, ti, tp), times=(ti, tp))
                 x = guidance(step) if guidance is not None else step.sample()
+            if guidance is not None:
+                _check_rule_output(guidance, x, step, every == 1)
             if not grad:
                 x = x.detach()
             if callback is not None:
@@ -285,13 +301,33 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
     except Exception as err:  # an unread bad guidance step before the failure is its likely cause: reported first
         if kept is not None:
             kept.read_before(err)
+        if guidance is not None and not need_grad and type(err) is RuntimeError and "does not require grad" in str(err):
+            raise RuntimeError(f"{err} (a guidance rule that differentiates through x_t needs needs_grad = True, "
+                            "an attribute of the rule, so that the sampler keeps the graph)") from err
         raise
     finally:
         if token is not None:  # an interrupted run's unread checks go with it
             _KEPT.reset(token)
         if bar is not None:
             bar.close()
+    if guidance is not None and every > 1:  # the per-step check of a rule's values, once at the end on a GPU
+        _check_rule_output(guidance, x, step, True, at_end=True)
     return x if need_grad else x.clone()
+
+
+def _check_rule_output(rule: object, x: object, step: Step, values: bool, at_end: bool = False) -> None:
+    """A guidance rule's ``x_{t_prev}``: a tensor of ``x_t``'s shape and, where ``values`` (each step on the
+    CPU, once at the end elsewhere), finite."""
+    name = getattr(rule, "__name__", None) or type(rule).__name__
+    if not isinstance(x, Tensor):
+        raise TypeError(f"the guidance rule {name} returned {type(x).__name__} at step {step.i}, not x_{{t_prev}} "
+                        f"(a tensor of x_t's shape {tuple(step.x_t.shape)})")
+    if x.shape != step.x_t.shape:
+        raise ValueError(f"the guidance rule {name} returned shape {tuple(x.shape)} at step {step.i}; x_{{t_prev}} "
+                         f"must have x_t's shape {tuple(step.x_t.shape)}")
+    if values and not bool(torch.isfinite(x).all()):
+        where = "by the end of sampling" if at_end else f"at step {step.i} (t = {step.t_host})"
+        raise FloatingPointError(f"the guidance rule {name} returned non-finite values (NaN or inf) {where}")
 
 
 def ddpm(denoiser: Denoiser, x: Tensor, generator: torch.Generator | None = None, **kw) -> Tensor:

@@ -144,6 +144,9 @@ class DenoisingObjective:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"training data must be a non-empty (N, ...) tensor, got {shape}")
         checks.finite_rows("training data", x)
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"DenoisingObjective needs the noise schedule to train with (a condiff.schedule.Schedule, "
+                            f"e.g. Schedule.linear(1000)), got {type(schedule).__name__}")
         if y is not None and (not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.is_floating_point()):
             raise ValueError(f"labels y must be a ({x.shape[0]},) integer tensor, one per training sample, got "
                              + (f"shape {tuple(y.shape)}, dtype {y.dtype}" if isinstance(y, Tensor) else repr(y)))
@@ -238,6 +241,15 @@ class Trainer:
 
     def __init__(self, model: nn.Module, objective: Objective, cfg: TrainConfig,
                  run_dir: str | Path | None = None, meta: dict | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Trainer trains a network, a torch.nn.Module, got {type(model).__name__}")
+        if not callable(getattr(objective, "loss", None)):
+            raise TypeError("Trainer needs an objective with a loss(model, step, generator) method (e.g. "
+                            f"condiff.train.DenoisingObjective), got {type(objective).__name__}")
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"Trainer needs its settings as a TrainConfig (TrainConfig(steps=...), or "
+                            f"TrainConfig.from_dict(d) for a dict), got {type(cfg).__name__}")
+        checks.device("TrainConfig.device", cfg.device)
         data = getattr(objective, "x", None)
         if meta is None:
             meta = {}

@@ -375,6 +375,9 @@ def test_config_resolution_order(tmp_path):
     (["sample", "--ckpt", "{tmp}/nothing"], "does not exist"),
     (["sample", "--ckpt", "{tmp}", "--n", "2"], "not a condiff checkpoint"),
     (["bench", "no-such-bench"], "unknown benchmark"),
+    (["namm", "fit", "--data", "burgers", "--out", ""], "--out is empty: give a path"),
+    (["namm", "fit"], "--data is required (brightness, burgers, kolmogorov, periodic, count, or a file); --resume"),  # was: the default --out
+    (["sample", "--ckpt", " "], "--ckpt is empty: give a path"),
     (["bench", "--list", "namm"], "--list takes no benchmark name"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
@@ -719,6 +722,8 @@ def test_bench_list_names_every_benchmark_with_its_summary(capsys):
 def test_bench_help_after_a_name_shows_what_that_benchmark_runs(capsys):
     from condiff.cli.bench import docstring
 
+    assert main(["bench", "sampler_overhead", "--help"]) == 0  # the module's file name names it too
+    assert "benchmarks/sampler_overhead.py:" in capsys.readouterr().out
     for argv, extra in ((["bench", "dual", "--help"], True), (["bench", "-h", "dual"], True),
                         (["bench", "--profile", "full", "dual", "-h"], True), (["bench", "--help"], False)):
         assert main(argv) == 0
@@ -877,7 +882,7 @@ def test_version(capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["sample", "--ckpt", "r", "--n", "4.5"], "condiff sample: error: argument --n: invalid int value: '4.5'"),
-    (["namm", "fit"], "condiff namm fit: error: the following arguments are required: --data"),
+    (["namm", "sample"], "condiff namm sample: error: the following arguments are required: --run"),
 ])
 def test_a_bad_flag_is_one_line(capsys, argv, needle):
     with pytest.raises(SystemExit) as e:

@@ -39,6 +39,43 @@ def test_a_checkpoint_saved_again_replaces_the_old_one_and_leaves_nothing_beside
     assert io.load_config(path)["step"] == 2.0 and torch.equal(io.load_group(path, "model")["w"], torch.full((2,), 2.0))
 
 
+def _tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_a_checkpoint_is_not_saved_over_what_is_not_one(tmp_path):
+    """save_model(run, ...) deleted the run's checkpoints and log; a path naming a file became a directory
+    with the real weights hidden beside it."""
+    run = tmp_path / "run"
+    io.save_checkpoint(run / "checkpoints" / "step_1", {"model": {"w": torch.ones(2)}}, {})
+    (run / "notes.txt").write_text("mine")
+    before = _tree(tmp_path)
+    with pytest.raises(FileExistsError, match=rf"cannot save a checkpoint at {run}: it holds checkpoints/, "
+                                              r"notes.txt, which are not a checkpoint's files"):
+        io.save_checkpoint(run, {"model": {"w": torch.zeros(2)}}, {})
+    weights = run / "checkpoints" / "step_1" / "model.safetensors"
+    with pytest.raises(FileExistsError, match=r"it is a file, and a checkpoint is a directory"):
+        io.save_checkpoint(weights, {"model": {"w": torch.zeros(2)}}, {})
+    assert _tree(tmp_path) == before
+    (tmp_path / "empty").mkdir()  # an empty directory, or a checkpoint, is replaced
+    for path in (tmp_path / "empty", run / "checkpoints" / "step_1"):
+        io.save_checkpoint(path, {"model": {"w": torch.zeros(2)}}, {})
+        assert torch.equal(io.load_group(path, "model")["w"], torch.zeros(2))
+
+
+def test_save_model_names_a_wrong_schedule_and_value_range():
+    from condiff.models import save_model
+    from condiff.nets import build_net
+    from condiff.schedule import Schedule
+
+    net = build_net({"name": "mlp", "dim": 2, "hidden": 8, "depth": 1})
+    with pytest.raises(TypeError, match="save_model needs the model's noise schedule .*, got NoneType"):
+        save_model("unused", net, None)
+    with pytest.raises(ValueError, match=r"value_range must be the data's \[min, max\].*got \[nan, 1.0\]"):
+        save_model("unused", net, Schedule.linear(10), value_range=[math.nan, 1.0])
+    assert not Path("unused").exists()
+
+
 @pytest.mark.parametrize("fail_on", [1, 2])
 def test_a_checkpoint_replace_that_fails_keeps_the_old_one_at_its_name(tmp_path, monkeypatch, fail_on):
     """Replacing takes two renames (old aside, new in); whichever fails, the previous checkpoint is
@@ -514,3 +551,21 @@ def test_a_kept_run_moved_back_by_hand_is_not_deleted_by_the_next_set_aside_and_
     assert io.kept_names(run) == [] and (run / io.REPLACED / io.SET_ASIDE).is_file()
     io.drop_replaced(run, ["model"])  # a finished run's clean-up takes the record with it
     assert not (run / io.REPLACED).exists() and (run / "model" / "w").read_text() == "old"
+
+
+def test_tied_weights_are_saved_as_copies_and_load_back_equal(tmp_path):
+    """safetensors refused a module whose weights share memory, with a hint to a function of its own."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+            self.b.weight = self.a.weight
+
+    net = Tied()
+    io.save_module(tmp_path / "m", net, {})
+    back = Tied()
+    back.load_state_dict(io.load_group(tmp_path / "m", "model"))
+    assert torch.equal(back.a.weight, net.a.weight) and torch.equal(back.b.weight, net.a.weight)
+    with pytest.raises(TypeError, match="a checkpoint holds tensors: 'w' is a list"):
+        io.save_checkpoint(tmp_path / "m", {"model": {"w": [1, 2]}}, {})

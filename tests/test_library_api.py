@@ -399,3 +399,94 @@ def test_guided_samplers_clip_to_the_loaded_models_data_range(tmp_path):
     assert torch.allclose(kept, torch.full_like(kept, 2.5), atol=0.3)
     g.manual_seed(0)
     assert torch.allclose(finish(oracle, kept, 30, generator=g), torch.full_like(kept, 2.5), atol=0.3)
+
+
+def test_library_entry_points_name_a_device_this_machine_lacks_or_a_misspelt_one(tmp_path):
+    """device="gpu" gave torch's list of device types; "cuda" on a CPU build, "Torch not compiled with CUDA"."""
+    den = GaussianDenoiser(Schedule.linear(50), mean=0.0, std=1.0)
+    net = TimeMLP(2, hidden=8, depth=1)
+    obj = DenoisingObjective(torch.randn(16, 2), den.schedule, batch_size=4)
+    calls = {"sample": lambda d: sample(den, (2, 2), steps=3, device=d),
+             "guided_sample": lambda d: guided_sample(den, DPS(lambda x: x.sum(1)), (2, 2), 3, device=d),
+             "guided_sample with x_T": lambda d: guided_sample(den, DPS(lambda x: x.sum(1)), (2, 2), 3, device=d,
+                                                               x_T=torch.zeros(2, 2)),
+             "load_denoiser": lambda d: load_denoiser(tmp_path / "nowhere", device=d),
+             "Trainer": lambda d: Trainer(net, obj, TrainConfig(steps=2, device=d, progress=False))}
+    for call in calls.values():
+        with pytest.raises(ValueError, match=r"device (gpu is not supported here \(cpu, cuda, cuda:N, mps\)|must be "
+                                             "'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu')"):
+            call("gpu")
+        if not torch.cuda.is_available():
+            with pytest.raises(ValueError, match="device cuda:0 was asked for but no CUDA device is available"):
+                call("cuda:0")
+
+
+def test_objects_of_the_wrong_kind_are_named_where_they_are_given():
+    s = Schedule.linear(50)
+    net = TimeMLP(2, hidden=8, depth=1)
+    obj = DenoisingObjective(torch.randn(16, 2), s, batch_size=4)
+    cfg = TrainConfig(steps=2, progress=False)
+    cases = [(lambda: Trainer(lambda x, t: x, obj, cfg), "Trainer trains a network, a torch.nn.Module, got function"),
+             (lambda: Trainer(net, lambda m, i, g: 0, cfg), "Trainer needs an objective with a loss"),
+             (lambda: Trainer(net, obj, {"steps": 2}), "Trainer needs its settings as a TrainConfig .*, got dict"),
+             (lambda: NetDenoiser(lambda x, t: x, s), "NetDenoiser wraps a network, a torch.nn.Module .*got function"),
+             (lambda: NetDenoiser(net, "linear"), "a denoiser needs the noise schedule .*, got str"),
+             (lambda: DenoisingObjective(torch.randn(16, 2), None, 4), "DenoisingObjective needs the noise schedule"),
+             (lambda: sample(NetDenoiser(net, s), (2, 2), steps=3, generator=0),
+              "generator must be a torch.Generator .*, got int 0"),
+             (lambda: guided_sample(NetDenoiser(net, s), "dps", (2, 2), 3), "guidance must be a rule step -> x_"),
+             (lambda: infer(NetDenoiser(net, s), torch.zeros(2, 2), constraint=3.0, steps=2),
+              "constraint must be a callable .*got float 3.0")]
+    for call, msg in cases:
+        with pytest.raises(TypeError, match=msg):
+            call()
+
+
+def test_a_guidance_rule_of_ones_own_is_checked_at_the_step_it_goes_wrong():
+    """NaN from a rule came out as NaN samples; None, as "'NoneType' object has no attribute"; a wrong batch
+    blamed the timesteps; a rule differentiating x_t without needs_grad got torch's bare message."""
+    den = GaussianDenoiser(Schedule.linear(50), mean=0.0, std=1.0)
+
+    def run(rule):
+        return guided_sample(den, rule, (2, 3), 5, generator=torch.Generator().manual_seed(0))
+
+    def blows_up(step):
+        return step.sample() * (float("nan") if step.i == 2 else 1.0)
+
+    with pytest.raises(FloatingPointError, match=r"the guidance rule blows_up returned non-finite values .* at step "
+                                                 r"2 \(t = "):
+        run(blows_up)
+    with pytest.raises(TypeError, match=r"the guidance rule <lambda> returned NoneType at step 0, not x_\{t_prev\}"):
+        run(lambda step: None)
+    with pytest.raises(ValueError, match=r"returned shape \(1, 3\) at step 0; x_\{t_prev\} must have x_t's shape"):
+        run(lambda step: step.sample()[:1])
+
+    def pulls(step):
+        (g,) = torch.autograd.grad(step.x0_hat.sum(), step.x_t)
+        return step.sample() - 0.1 * g
+
+    with pytest.raises(RuntimeError, match="needs needs_grad = True"):
+        run(pulls)
+    pulls.needs_grad = True
+    assert torch.isfinite(run(pulls).x).all()
+
+
+def test_pnp_refuses_a_constraint_network_in_training_mode_and_a_meta_latent():
+    den = GaussianDenoiser(Schedule.linear(50), mean=0.0, std=1.0)
+    moody = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(2, 1), torch.nn.Flatten(0))
+    with pytest.raises(ValueError, match=r"a constraint that is a network in training mode \(Dropout\)"):
+        infer(den, torch.zeros(2, 2), constraint=moody, steps=2)
+    assert infer(den, torch.zeros(2, 2), constraint=moody.eval(), steps=2).x.shape == (2, 2)
+    with pytest.raises(ValueError, match="the starting latent is on the meta device"):
+        infer(den, torch.zeros(2, 2, device="meta"), steps=2)
+
+
+def test_clip_x0_takes_auto_in_every_sampler_and_names_every_form_it_takes():
+    den = GaussianDenoiser(Schedule.linear(50), mean=0.0, std=1.0)
+    g = torch.Generator
+    assert torch.equal(sample(den, (2, 2), steps=3, clip_x0="auto", generator=g().manual_seed(0)),
+                       sample(den, (2, 2), steps=3, clip_x0=1.0, generator=g().manual_seed(0)))
+    for bad in (-1, "high", (1, -1)):
+        with pytest.raises(ValueError, match=r"clip_x0 must be a number > 0, a pair \(lo, hi\) with lo < hi, 'auto' "
+                                             "or None"):
+            sample(den, (2, 2), steps=3, clip_x0=bad)

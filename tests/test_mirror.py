@@ -915,6 +915,10 @@ def test_assimilation_settings_and_operators_refuse_meaningless_values():
     assert _default_frames((16, 8, 8)) == [0, 3] and _default_frames((6, 8, 8)) == [0, 1]
     with pytest.raises(ValueError, match="at least 3 snapshots"):  # two: the default would observe both
         _default_frames((4, 8, 8))
+    from condiff.cli.namm import OBSERVATIONS  # named frames of two snapshots: no default is made (it was, and failed)
+
+    mask = OBSERVATIONS["frames"]((4, 8, 8), {"frames": [0]}, 0.1).mask
+    assert mask[:, :2].all() and not mask[:, 2:].any()
     with pytest.raises(ValueError, match="downsamples = 5 needs H and W divisible by 32"):
         build_mirror((1, 16, 16), {"name": "icnn"}, {"name": "resnet", "downsamples": 5})
     with pytest.raises(ValueError, match="one sample's \\(C, H, W\\)"):

@@ -129,20 +129,67 @@ def test_show_says_whether_a_net_file_of_ones_own_is_as_used_and_trusted(tmp_pat
     assert rc == 0 and f"code of one's own: {tmp_path / 'net.py'} (missing)" in out
 
 
-def test_show_a_namm_run_lists_its_stages_in_the_order_they_are_made(tmp_path, capsys, monkeypatch):
+_NAMM_FIT = ["namm", "fit", "--data", "data.npz", "--constraint", "box", "--out", "run", "--profile", "quick",
+             "--set", "mirror_train.steps=2", "--set", "train.steps=2", "--set", "train.warmup=0", "--set",
+             "model.mults=[1, 2]", "--set", "mirror.inverse.downsamples=1", "--quiet"]
+
+
+@pytest.fixture
+def namm_run(tmp_path, monkeypatch):
+    """A tiny NAMM run fitted in ``tmp_path/run`` (the working directory is ``tmp_path``)."""
     import numpy as np
 
     monkeypatch.chdir(tmp_path)
     x = np.random.default_rng(0).uniform(-1, 1, (48, 1, 8, 8)).astype("float32")
     np.savez(tmp_path / "data.npz", x=x[:32], x_test=x[32:])
-    assert main(["namm", "fit", "--data", "data.npz", "--constraint", "box", "--out", "run", "--profile", "quick",
-                 "--set", "mirror_train.steps=2", "--set", "train.steps=2", "--set", "train.warmup=0", "--set",
-                 "model.mults=[1, 2]", "--set", "mirror.inverse.downsamples=1", "--quiet"]) == 0
+    assert main(_NAMM_FIT) == 0
+    return tmp_path / "run"
+
+
+def test_show_a_namm_run_lists_its_stages_in_the_order_they_are_made(namm_run, capsys):
     rc, out, _ = _show(capsys, "run")
     lines = out.splitlines()
     assert rc == 0 and lines[0] == "run: condiff namm fit run, finished"
     assert [ln.split(":")[0].strip() for ln in lines[2:5]] == ["namm", "mdm", "vanilla"]
     assert "mirror/: mirror map: psi icnn, inverse resnet," in lines[2] and "constraint box" in lines[1]
+    rc, out, _ = _show(capsys, "run/namm")  # a stage: not "a run just begun (nothing written yet), finished"
+    assert rc == 0 and out.splitlines()[0] == "run/namm: a stage of the NAMM run run, finished"
+
+
+def test_a_namm_fit_stopped_before_its_baseline_is_shown_unfinished_and_goes_on(namm_run, capsys):
+    """A fit stopped before the vanilla DM: show said "finished", sample dropped the baseline without a word,
+    and going on meant typing the whole fit command again, each --set included."""
+    shutil.rmtree(namm_run / "vanilla")  # as a fit interrupted in its mdm stage leaves the run
+    rc, out, _ = _show(capsys, "run")
+    assert rc == 0 and out.splitlines()[0] == "run: condiff namm fit run, unfinished"
+    assert "  not made yet: vanilla; to go on: condiff namm fit --out run --resume" in out.splitlines()
+    assert main(["namm", "fit", "--out", "run", "--resume", "--data", "burgers"]) == 2
+    assert "--resume goes on with the settings the run records; --data would change them" in capsys.readouterr().err
+    assert main(["namm", "fit", "--out", "run", "--resume", "--quiet"]) == 0
+    assert json.loads((namm_run / "vanilla" / "stage.json").read_text())["done"]
+    shutil.rmtree(namm_run / "vanilla")
+    capsys.readouterr()
+    assert main(["namm", "sample", "--run", "run", "--n", "4", "--no-finetuned", "--set", "sample.steps=2",
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "making run/vanilla: the vanilla diffusion model, 2 steps; the fit stopped before it" in err
+    assert "vanilla" in json.loads((namm_run / "samples" / "metrics.json").read_text())
+    # a rerun that leaves out --profile quick is told so, not only which settings differ
+    assert main([a for a in _NAMM_FIT if a not in ("--profile", "quick")]) == 2
+    assert "(this run was fitted with --profile quick; this command asks for default)" in capsys.readouterr().err
+
+
+def test_show_notes_namm_stages_and_results_older_than_a_stage_made_again_since(namm_run, capsys):
+    assert main(["namm", "sample", "--run", "run", "--n", "4", "--no-finetuned", "--set", "sample.steps=2",
+                 "--quiet"]) == 0
+    rc, out, _ = _show(capsys, "run")
+    assert rc == 0 and "older than" not in out
+    later = (namm_run / "samples" / "metrics.json").stat().st_mtime + 5
+    os.utime(namm_run / "namm" / "stage.json", (later, later))  # as a --fresh of the mirror map leaves the run
+    rc, out, _ = _show(capsys, "run")
+    assert ("note: mdm is older than namm/, made again since: it describes what they replaced (condiff namm fit "
+            "--out run --resume makes it again)") in out
+    assert "note: samples/metrics.json is older than namm/, made again since" in out
 
 
 def test_show_notes_a_kept_run_and_a_checkpoint_that_does_not_read(run, capsys):

@@ -151,6 +151,8 @@ def _table_text(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.name and args.name not in available() and args.name.replace("_", "-") in available():
+        args.name = args.name.replace("_", "-")  # the module's file name (sampler_overhead.py) names it too
     if args.name and args.name not in available():
         raise ValueError(f"unknown benchmark {args.name!r}; available: {', '.join(available())}")
     if args.help:

@@ -52,13 +52,7 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 
 def pick_device(name: str | None) -> str:
     if name:
-        if not checks.is_device(name):
-            raise ValueError(f"--device {name} is not supported here (cpu, cuda, cuda:N, mps)")
-        if name.startswith("mps") and not torch.backends.mps.is_available():
-            raise ValueError("--device mps was asked for but no MPS device is available")
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA device is available")
-        return name
+        return checks.device("--device", name)
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         print(f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see {prog} --help)", file=sys.stderr)
         return 2
+    empty = [f"--{k}" for k in ("out", "ckpt", "run", "data") if isinstance(getattr(args, k, None), str)
+             and not getattr(args, k).strip()]  # '' read as "not given" picked the default directory
+    if empty:
+        print(f"{prog}: error: {empty[0]} is empty: give a path", file=sys.stderr)
+        return 2
     # each command's warnings afresh (a warning given by one command in this process is not swallowed as a
     # repeat in the next, as Python's once-per-line rule would), printed as one line, and the process's
     # warning settings restored afterwards

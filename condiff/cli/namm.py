@@ -425,8 +425,11 @@ class NAMMRun:
                             if f"sample.{k}" in changed)  # e.g. left in config.json by an earlier --set
             hint += (f" (the fine-tuning pool is drawn with sample.steps and sample.eta; {skip}"
                      + (f"; {back} samples with the fine-tuned map again" if back else "") + ")")
+        profile = json_table(self.root / "config.json").get("profile")
+        if isinstance(profile, str) and profile != self.cfg.get("profile"):  # a rerun that left out --profile quick
+            hint += f" (this run was fitted with --profile {profile}; this command asks for {self.cfg.get('profile')})"
         was = (old.get("mirror") or {}).get("psi", {}).get("layers") if "mirror.psi.layers" in changed else None
-        if isinstance(was, int):  # the default and full profiles' ICNN grew to the paper's depth
+        if isinstance(was, int) and profile == self.cfg.get("profile"):  # the profiles' ICNN grew to the paper's depth
             hint += (f" (the default and full profiles build the paper's ICNN depth since 2026-12-05; "
                      f"--set mirror.psi.layers={was} keeps this run's)")
         kept = self.root / io.REPLACED / name
@@ -434,8 +437,11 @@ class NAMMRun:
             return (f"{self.root / name} holds an unfinished stage of other settings{hint}, with checkpoints; "
                     f"{kept} keeps the finished stage of these settings that it was to replace: move that back "
                     f"over {self.root / name} to use it, or pass --fresh to redo the stage")
+        go_on = ""
+        if isinstance(old, dict) and not (self._old_spec(name) or {}).get("done") and name != "finetune":
+            go_on = f"; `condiff namm fit --out {self.root} --resume` goes on with the settings it was begun with"
         return (f"{self.root / name} was made with other settings{hint}; pass --fresh to redo it, "
-                "or use another --out / --run")
+                f"or use another --out / --run{go_on}")
 
     def _holds_nothing(self, name: str, old: dict) -> bool:
         """Whether a stage is unfinished and holds no checkpoint (it failed before its first): nothing to lose."""
@@ -828,7 +834,7 @@ OBSERVATIONS = {
     "points": lambda shape, a, sigma: sparse_points(
         shape, float(a["fraction"]), sigma, int(a.get("seed", 0))
     ),
-    "frames": lambda shape, a, sigma: frames(shape, a.get("frames", _default_frames(shape)), sigma),
+    "frames": lambda shape, a, sigma: frames(shape, a["frames"] if "frames" in a else _default_frames(shape), sigma),
 }
 
 
@@ -973,7 +979,8 @@ def add_parser(sub, name: str) -> None:
                                  "diffusion model on g(x) and, as the baseline, a vanilla one on x; each stage is "
                                  "kept in --out and reused or resumed when the command runs again.")
     f.add_argument(
-        "--data", required=True, help="brightness, burgers, kolmogorov, periodic, count, or a file"
+        "--data", default=None,
+        help="brightness, burgers, kolmogorov, periodic, count, or a file (required unless --resume)"
     )
     f.add_argument(
         "--constraint", default=None,
@@ -986,6 +993,8 @@ def add_parser(sub, name: str) -> None:
     f.add_argument("--config", metavar="TOML", help="TOML file with tables of the sections --set takes")
     f.add_argument("--out", default=None, help="run directory (default: runs/namm-<data>)")
     f.add_argument("--no-baseline", action="store_true", help="skip the vanilla diffusion model")
+    f.add_argument("--resume", action="store_true",
+                   help="go on with the settings --out records (an interrupted fit; --set may still change some)")
     _settings_args(f)
     _common(f)
     f.set_defaults(func=run_fit, interrupted=STAGES_KEPT)
@@ -1027,19 +1036,25 @@ def _open_run(args: argparse.Namespace) -> NAMMRun:
             f"{root} is not a NAMM run directory (no config.json): run `condiff namm fit` first"
         )
     io.lock_run(root)
+    cfg = _recorded_settings(root, args.overrides, "run `condiff namm fit` first")
+    return NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet,
+                   saved_by=f"the NAMM run {root}")
+
+
+def _recorded_settings(root: Path, overrides: list[str], remedy: str) -> dict:
+    """The settings a NAMM run's config.json records, completed with sections added since, and ``overrides``
+    (``--set``) applied."""
+    f = root / "config.json"
     cfg = io.read_json_table(f)
     if not all(k in cfg for k in ("mirror", "loss", "mirror_train")):
-        raise FileNotFoundError(
-            f"{root} is not a NAMM run directory (its config.json has no mirror settings): "
-            "run `condiff namm fit` first"
-        )
+        raise FileNotFoundError(f"{root} is not a NAMM run directory (its config.json has no mirror settings): "
+                                f"{remedy}")
     for section, default in _BASE.items():  # runs made before a section existed (e.g. guide)
         cfg.setdefault(section, copy.deepcopy(default))
         if isinstance(default, dict) and not isinstance(cfg[section], dict):  # a hand-edited config.json
             raise ValueError(f"{f}: {section} must be a table of settings, got {cfg[section]!r}")
-    cfg = apply_settings(cfg, {}, [parse_override(o, SECTIONS, nested=True) for o in args.overrides], str(f))
-    return NAMMRun(root, json.loads(json.dumps(cfg)), pick_device(args.device), args.fresh, not args.quiet,
-                   saved_by=f"the NAMM run {root}")
+    cfg = apply_settings(cfg, {}, [parse_override(o, SECTIONS, nested=True) for o in overrides], str(f))
+    return json.loads(json.dumps(cfg))
 
 
 def _keep_settings(run: NAMMRun) -> None:
@@ -1073,12 +1088,42 @@ def keep_later_settings(cfg: dict, root: Path, named: set[tuple[str, ...]]) -> d
     return out
 
 
+def _recorded_fit(args: argparse.Namespace) -> tuple[dict, Path]:
+    """``namm fit --resume``: the settings the run in ``--out`` records, with this call's ``--set``."""
+    given = [flag for flag, v in (("--data", args.data), ("--constraint", args.constraint),
+                                  ("--config", args.config), ("--fresh", args.fresh)) if v]
+    if args.profile != "default":
+        given.append("--profile")
+    if given:
+        raise ValueError(f"--resume goes on with the settings the run records; {', '.join(given)} would change "
+                         "them (use --set for a setting, or leave out --resume)")
+    if not args.out:
+        raise ValueError("--resume needs --out, the run directory to go on with")
+    root = check_out_dir(args.out, kind="condiff namm fit")
+    f = root / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"--resume: {root} holds no NAMM run (no config.json): start it with "
+                                "`condiff namm fit --data ... --out ...`")
+    cfg = _recorded_settings(root, args.overrides, "start one with `condiff namm fit --data ... --out ...`")
+    args.data = str(cfg["data"].get("name"))
+    if cfg.get("baseline") is False:
+        args.no_baseline = True
+    return cfg, root
+
+
 def run_fit(args: argparse.Namespace) -> int:
-    cfg = resolve(args.data, args.profile, args.config, args.overrides, args.constraint)
-    root = check_out_dir(args.out or Path("runs") / f"namm-{Path(args.data).stem}", kind="condiff namm fit")
-    named = {tuple(parse_override(o, SECTIONS, nested=True)[0]) for o in args.overrides or []}
-    cfg = keep_later_settings(cfg, root, named | (set(_leaf_paths(read_toml(args.config, SECTIONS)))
-                                                  if args.config else set()))
+    if args.resume:
+        cfg, root = _recorded_fit(args)
+    else:
+        if not args.data:
+            raise ValueError("--data is required (brightness, burgers, kolmogorov, periodic, count, or a file); "
+                             "--resume --out RUN goes on with the settings a run records")
+        cfg = resolve(args.data, args.profile, args.config, args.overrides, args.constraint)
+        root = check_out_dir(args.out or Path("runs") / f"namm-{Path(args.data).stem}", kind="condiff namm fit")
+        named = {tuple(parse_override(o, SECTIONS, nested=True)[0]) for o in args.overrides or []}
+        cfg = keep_later_settings(cfg, root, named | (set(_leaf_paths(read_toml(args.config, SECTIONS)))
+                                                      if args.config else set()))
+    cfg["baseline"] = not args.no_baseline  # what the fit makes: sample and assimilate make a missing baseline
     run = NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet)  # checks the settings
     run.preflight(["namm", "mdm"] + ([] if args.no_baseline else ["vanilla"]))  # before config.json changes
     print(
@@ -1112,6 +1157,23 @@ def run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_baseline(run: NAMMRun) -> bool:
+    """Whether the run has its vanilla DM, or should: a fit that was to make it (config.json records
+    ``baseline``) and stopped before it leaves it to the next command, which makes it, saying so."""
+    if (run.root / "vanilla" / "stage.json").is_file():
+        return True
+    if run.cfg.get("baseline") is True:
+        run.skip_hints["vanilla"] = "the fit stopped before it (`namm fit --no-baseline` makes a run without one)"
+        return True
+    return False
+
+
+def _no_baseline_why(run: NAMMRun) -> str:
+    if run.cfg.get("baseline") is False:
+        return "it was fitted with --no-baseline (fit it again without, to make one)"
+    return "fit it again without --no-baseline to make one"
+
+
 def run_finetune(args: argparse.Namespace) -> int:
     run = _open_run(args)
     run.preflight(["namm", "mdm", "finetune"])
@@ -1126,13 +1188,14 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     run = _open_run(args)
     which = ["mdm"]
-    if (run.root / "vanilla" / "stage.json").is_file():
+    if _with_baseline(run):
         which.insert(0, "vanilla")
     if not args.no_finetuned:
         which.append("mdm_ft")
     if args.guided:
         if "vanilla" not in which:
-            raise FileNotFoundError(f"{run.root}: --guided needs the vanilla DM (fit without --no-baseline)")
+            raise FileNotFoundError(f"{run.root}: --guided needs the vanilla DM, which this run has not: "
+                                    f"{_no_baseline_why(run)}")
         which.append("guided")
     upstream = {"vanilla": ["vanilla"], "mdm": ["namm", "mdm"], "mdm_ft": ["finetune"], "guided": []}
     run.skip_hints["finetune"] = "--no-finetuned leaves it out"
@@ -1190,9 +1253,9 @@ def write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
 def run_assim(args: argparse.Namespace) -> int:
     run = _open_run(args)
     methods = ("mirror DPS",) if args.no_baselines else ("mirror DPS", "DPS", "constraint-guided DPS")
-    if not args.no_baselines and not (run.root / "vanilla" / "stage.json").is_file():
-        raise FileNotFoundError(f"{run.root}: the baselines need the vanilla DM, which this run does not have "
-                                "(fitted with --no-baseline?): pass --no-baselines, or fit without --no-baseline")
+    if not args.no_baselines and not _with_baseline(run):
+        raise FileNotFoundError(f"{run.root}: the baselines need the vanilla DM, which this run has not: "
+                                f"{_no_baseline_why(run)}; or pass --no-baselines")
     stages = ["namm", "mdm"] + (["finetune"] if run.cfg["assimilate"].get("finetuned", True) else [])
     run.skip_hints["finetune"] = "--set assimilate.finetuned=false uses the fitted map instead"
     run.preflight(stages + ([] if args.no_baselines else ["vanilla"]))

@@ -40,7 +40,7 @@ _SCORE_WORDS = ("ratio", "mean", "median", "psnr", "ssim", "frechet", "mmd", "re
 # how to go on with an unfinished training, by the command that made the run
 _GO_ON = {"condiff train": "condiff train --out {run} --resume",
           "condiff dual train": "condiff dual train --out {run} --resume",
-          "condiff namm fit": "the namm command that made it goes on from it when run again"}
+          "condiff namm fit": "condiff namm fit --out {run} --resume"}
 _STAGE_ORDER = ("namm", "mdm", "vanilla", "finetune")  # a NAMM run's trainings, in the order they are made
 _LIST_DEPTH = 3  # how deep `condiff show FOLDER` looks for runs
 
@@ -96,7 +96,9 @@ def describe(path: str | Path) -> dict:
         out["own_code"] = _own_code(cfg)
         return out
     kind = run_kind(p)
-    if kind is None and _just_begun(p):
+    if kind is None and (p / "stage.json").is_file() and run_kind(p.parent) == "condiff namm fit":
+        kind = "(namm stage)"
+    elif kind is None and _just_begun(p):
         kind = "(just begun)"
     if kind is None and not _holds_training(p):
         runs = [describe_run(q, short=True) for q in _runs_below(p)]
@@ -120,6 +122,11 @@ def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
     trainings = [_unit(u, log=not short) for u in units]  # a listing's line shows no log
     out["trainings"] = {_rel(u, p): {k: v for k, v in t.items() if k != "configs"} for u, t in zip(units, trainings)}
     out["state"] = _run_state(trainings)
+    if kind == "condiff namm fit":  # the stages its fit makes: one not begun yet leaves the run unfinished
+        made = {u.name for u in units}
+        out["not_made"] = [s for s in ("namm", "mdm") + (("vanilla",) if cfg.get("baseline") else ()) if s not in made]
+        if out["not_made"]:
+            out["state"] = "unfinished"
     if short:
         return out
     out["results"], out["about"] = _results(p)
@@ -130,9 +137,40 @@ def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
     if kept := io.kept_names(p):
         notes.append(f"{p / io.REPLACED} keeps the run an unfinished --fresh / --retrain replaced ({', '.join(kept)}); "
                      "it is deleted when the replacement finishes (README, 'Run directories')")
+    if kind == "condiff namm fit":
+        notes += _namm_stale(p)
     out["notes"] = notes
     out["own_code"] = _own_code(cfg, *(c for t in trainings for c in t["configs"]))
     return out
+
+
+# what a NAMM run's stages and results are made from: each is out of date once one of these was made again after it
+_NAMM_FROM = {"mdm": ("namm",), "finetune": ("namm", "mdm"),
+              "samples/metrics.json": ("namm", "mdm", "vanilla", "finetune"),
+              "assimilate/metrics.json": ("namm", "mdm", "vanilla", "finetune")}
+_NAMM_REDO = {"mdm": "condiff namm fit --out {run} --resume", "finetune": "condiff namm finetune --run {run}",
+              "samples/metrics.json": "condiff namm sample --run {run}",
+              "assimilate/metrics.json": "condiff namm assimilate --run {run}"}
+
+
+def _namm_stale(p: Path) -> list[str]:
+    """Notes on the stages and results of NAMM run ``p`` made before a stage they are made from was made again
+    (a --fresh, a fit with other settings): they describe the stage that was replaced."""
+    def made(name: str) -> float | None:
+        f = p / name if name.endswith(".json") else p / name / "stage.json"
+        try:
+            return f.stat().st_mtime
+        except OSError:
+            return None
+
+    notes = []
+    for what, sources in _NAMM_FROM.items():
+        when = made(what)
+        newer = [s for s in sources if when is not None and (t := made(s)) is not None and t > when]
+        if newer:
+            notes.append(f"{what} is older than {', '.join(f'{s}/' for s in newer)}, made again since: it describes "
+                         f"what they replaced ({_NAMM_REDO[what].format(run=p)} makes it again)")
+    return notes
 
 
 def _settings(cfg: dict) -> dict:
@@ -423,6 +461,7 @@ def render(d: dict) -> list[str]:
             lines.append(f"  {d['state']}")
         return lines + _own_code_lines(d.get("own_code", []))
     kind = {"(just begun)": "a run just begun (nothing written yet)",
+            "(namm stage)": f"a stage of the NAMM run {Path(d['path']).parent}",
             "(unrecorded command)": "a run (its command unrecorded)"}.get(d["kind"], f"{d['kind']} run")
     lines = [f"{d['path']}: {kind}" + (f", {d['state']}" if d["trainings"] else "")]
     if d["settings"]:
@@ -442,8 +481,13 @@ def render(d: dict) -> list[str]:
                 parts.append(f"last logged (step {row.get('step', '?')}): {losses}")
         lines.append(f"  {label}: " + "; ".join(parts))
         go_on = _GO_ON.get(d["kind"])
+        if d["kind"] == "condiff namm fit" and name == "finetune":  # made by `namm finetune`, not by the fit
+            go_on = "condiff namm finetune --run {run}"
         if t["state"].startswith("unfinished") and go_on:
             lines.append("    to go on: " + go_on.format(run=d["path"]))
+    if d.get("not_made"):
+        lines.append(f"  not made yet: {', '.join(d['not_made'])}; to go on: "
+                     + _GO_ON["condiff namm fit"].format(run=d["path"]))
     for f, nums in d.get("results", {}).items():
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in list(nums.items())[:_METRICS_SHOWN])
         more = len(nums) - _METRICS_SHOWN

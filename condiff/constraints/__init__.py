@@ -119,20 +119,26 @@ def not_differentiable(what: str, wrt: str = "x") -> str:
             "detached, or through numpy?)")
 
 
+def check_eval_mode(fn: object, what: str) -> None:
+    """Refuse a network in training mode as ``what`` (a distance, a loss): batch statistics and dropout make
+    its values depend on the batch and on chance, and it updates its running statistics each call."""
+    if isinstance(fn, nn.Module):
+        moody = sorted({type(m).__name__ for m in fn.modules() if m.training and (
+            (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+            or (isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats))})
+        if moody:
+            raise ValueError(f"{what} that is a network in training mode ({', '.join(moody)}) gives "
+                             "values that depend on the batch and on chance, and updates its running statistics "
+                             "each call: call .eval() on it first")
+
+
 def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
     """Evaluate a user distance on ``x`` (B, ...) and check it returns finite floating-point ``(B,)``
     values >= 0 through which a gradient reaches ``x``; returns them (detached). ``on`` says what ``x``
     is, for the message when the values are not finite (``" on the prior's own samples ..."``)."""
     if not callable(fn):
         raise TypeError(f"a constraint distance must be callable x -> (B,), got {type(fn).__name__}")
-    if isinstance(fn, nn.Module):  # batch statistics and dropout make l(x) depend on the batch and the draw
-        moody = sorted({type(m).__name__ for m in fn.modules() if m.training and (
-            (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
-            or (isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats))})
-        if moody:
-            raise ValueError(f"a constraint distance that is a network in training mode ({', '.join(moody)}) gives "
-                             "values that depend on the batch and on chance, and updates its running statistics "
-                             "each call: call .eval() on it first")
+    check_eval_mode(fn, "a constraint distance")
     xg = x.detach().clone().requires_grad_(x.is_floating_point())
     with torch.enable_grad(), warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")

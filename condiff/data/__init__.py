@@ -71,7 +71,8 @@ def validate(x: Tensor | np.ndarray, source: str = "data") -> Tensor:
         raise DataError(f"{source}: empty data, shape {tuple(x.shape)}")
     if x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] > 4 and x.shape[2] > 4:
         raise DataError(f"{source}: shape {tuple(x.shape)} looks channels-last (N, H, W, C); condiff expects "
-                        f"(N, C, H, W): transpose it, e.g. x.transpose(0, 3, 1, 2)")
+                        f"(N, C, H, W): transpose it, e.g. x.transpose(0, 3, 1, 2) for a NumPy array, "
+                        "x.permute(0, 3, 1, 2) for a tensor")
     kind = str(x.dtype).removeprefix("torch.")
     if kind in IMAGE_BYTES:  # image bytes (arrays, files and PNGs alike): to [-1, 1]
         x = x.to(torch.float32)  # (torch has no max of a uint16 tensor)
@@ -108,7 +109,7 @@ def warn_range(x: Tensor, source: str, unscaled: bool = True) -> Tensor:
 
 def value_range(x: Tensor) -> list[float]:
     """``[min, max]`` of a data set: what a model records of the values it was trained on."""
-    return [float(x.min()), float(x.max())]
+    return [float(x.detach().min()), float(x.detach().max())]
 
 
 def nominal_range(recorded: Sequence[float] | None) -> tuple[float, float]:

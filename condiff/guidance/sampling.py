@@ -52,7 +52,8 @@ def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...]
     if x_T is not None and x_T.device.type == "meta":  # .to() below would fail inside torch
         raise ValueError("x_T is on the meta device, which holds no values: give it on 'cpu' or 'cuda'")
     check_denoiser(denoiser)
-    x = randn(shape, generator, device=device, dtype=checks.param_dtype(denoiser)) if x_T is None else x_T.to(device)
+    x = randn(shape, generator, device=device, dtype=checks.param_dtype(denoiser)) if x_T is None else x_T.to(
+        checks.device("device", device))
     ts = denoiser.schedule.timesteps(steps, spacing)
     nfe0, g0 = denoiser.nfe, getattr(guidance, "grad_evals", 0)
     t0 = time.perf_counter()

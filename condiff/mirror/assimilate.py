@@ -67,7 +67,8 @@ def frames(shape: Sequence[int], observed: Sequence[int], sigma_y: float) -> Inp
     """Observe whole velocity snapshots ``observed`` of ``(2F, H, W)`` flow samples."""
     C, H, W = _shape3("frames", shape)
     if C % 2:
-        raise ValueError(f"frames: flow samples have 2 velocity channels per snapshot, got {C} channels")
+        raise ValueError(f"frames: flow samples have 2 velocity channels per snapshot, got {C} channels (frames "
+                         "observes flow data: observe rows or points of other data)")
     if not isinstance(observed, (list, tuple)) or not len(observed):
         raise ValueError(f"frames: a non-empty list of snapshot indices, got {observed!r}")
     observed = [checks.integer("frames: snapshot", f, 0) for f in observed]

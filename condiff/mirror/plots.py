@@ -50,8 +50,9 @@ def plot_violation_grid(
                 a.set_xticks([])
                 a.set_yticks([])
         col += 2 if vmap is not None else 1
-    total = max(len(v[0]) for v in columns.values())
-    shown = f"first {rows} of {total} shown" if total > rows else ""
+    sizes = sorted({len(v[0]) for v in columns.values()})
+    each = " / ".join(str(k) for k in sizes)  # the samples' count, and the held-out data's where it differs
+    shown = f"first {rows} of each set ({each}) shown" if sizes[-1] > rows else ""
     head = f"{title} ({shown})" if title and shown else title or shown
     scale = f"violation maps share one colour scale, 0 (black) to {shared:.2g}" if maps else ""
     if head or scale:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import checks
-from ..constraints import not_differentiable
+from ..constraints import check_eval_mode, not_differentiable
 from ..denoiser import Denoiser
 from ..readback import DeviceRows, read_every
 from ..sample import Guidance, check_denoiser, ddim, default_clip, progress_bar, randn
@@ -177,7 +177,16 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
     steps = checks.integer("steps", steps, 1)
     lr = checks.number("lr", lr, "> 0")
     schedule, weight = _time_schedule(schedule), _weight(weight)
+    for what, fn in (("constraint", constraint), ("render", render), ("project", project)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{what} must be a callable (or None), got {type(fn).__name__} {fn!r}")
+    if constraint is not None:
+        check_eval_mode(constraint, "a constraint")
+    if not isinstance(latent, Tensor):
+        raise TypeError(f"the starting latent must be a torch tensor (B, ...), got {type(latent).__name__}")
     checks.floating("the starting latent", latent)
+    if latent.device.type == "meta":
+        raise ValueError("the starting latent is on the meta device, which holds no values: give it on 'cpu' or 'cuda'")
     if latent.dim() < 2 or latent.shape[0] == 0:
         raise ValueError(f"the starting latent must be a batch (B, ...) with B >= 1, got shape {tuple(latent.shape)}")
     if not bool(torch.isfinite(latent).all()):
