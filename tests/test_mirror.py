@@ -612,7 +612,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     core_run = json.dumps({"data": {"name": "digits"}, "model": {}, "train": {}})  # a `condiff train` run
     (fake / "config.json").write_text(core_run)
     assert main(["namm", "sample", "--run", str(fake), "--n", "2"]) == 2
-    assert "no mirror settings" in capsys.readouterr().err
+    assert f"{fake} is the run of `condiff train`, not a NAMM run" in capsys.readouterr().err
     assert (fake / "config.json").read_text() == core_run  # left as it was
     (fake / "config.json").write_text(json.dumps({"data": {}, "mirror": {}, "loss": {}, "mirror_train": {}}))
     assert main(["namm", "assimilate", "--run", str(fake), "--set", "nosuch.key=1"]) == 2
@@ -1650,3 +1650,18 @@ def test_namm_fit_gives_a_net_of_ones_own_in_channels_only_where_its_constructor
     assert main(_fit_with_own_net(tmp_path, "OneChannel", "width=4", "1, 1, 3, padding=1")) == 0
     net = json.loads((tmp_path / "run" / "mdm" / "model" / "config.json").read_text())["net"]
     assert net["name"] == f"{tmp_path / 'net.py'}:OneChannel" and "in_channels" not in net
+
+
+def test_namm_fit_names_vector_data_as_what_its_maps_cannot_take(tmp_path, capsys, monkeypatch):
+    """Vectors were refused as "build_mirror: shape is one sample's (C, H, W), got (5,)"."""
+    import numpy as np
+
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    x = np.random.default_rng(0).uniform(-1, 1, (48, 5)).astype("float32")
+    np.savez("v.npz", x=x[:32], x_test=x[32:])
+    assert main(["namm", "fit", "--data", "v.npz", "--constraint", "box", "--out", "r", "--profile", "quick"]) == 2
+    assert ("NAMM's mirror maps are convolutional and take images (C, H, W); these samples have shape (5,)"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "r" / "config.json").exists()

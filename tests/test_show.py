@@ -154,6 +154,9 @@ def test_show_a_namm_run_lists_its_stages_in_the_order_they_are_made(namm_run, c
     assert "mirror/: mirror map: psi icnn, inverse resnet," in lines[2] and "constraint box" in lines[1]
     rc, out, _ = _show(capsys, "run/namm")  # a stage: not "a run just begun (nothing written yet), finished"
     assert rc == 0 and out.splitlines()[0] == "run/namm: a stage of the NAMM run run, finished"
+    for stage in ("run/namm", "run/namm/mirror"):  # given as --run: "its config.json has no mirror settings"
+        assert main(["namm", "sample", "--run", stage]) == 2
+        assert f"{stage} is a stage of the NAMM run run, not the run: pass --run run" in capsys.readouterr().err
 
 
 def test_a_namm_fit_stopped_before_its_baseline_is_shown_unfinished_and_goes_on(namm_run, capsys):

@@ -76,6 +76,7 @@ from .common import (
     json_table,
     model_for_shape,
     pick_device,
+    run_kind,
     train_config,
 )
 from .config import (
@@ -347,6 +348,9 @@ class NAMMRun:
         """Before a command trains or changes anything: the data load, the constraint builds, and each
         of ``stages`` is either finished with these settings or can run: not made with other
         settings (unless ``fresh``), and its nets accept the data (one forward pass on one sample)."""
+        if len(self.shape) != 3:
+            raise ValueError(f"data {self.cfg['data']['name']}: NAMM's mirror maps are convolutional and take images "
+                             f"(C, H, W); these samples have shape {self.shape}")
         x = self.data().x[:1].to(self.device)
         # the constraint's distance and violation map on training samples: a broken one fails here, not
         # after a stage has been discarded (--fresh) or trained and sampled
@@ -1031,6 +1035,12 @@ def add_parser(sub, name: str) -> None:
 def _open_run(args: argparse.Namespace) -> NAMMRun:
     root = Path(args.run)
     f = root / "config.json"
+    if (root / "stage.json").is_file() or (root.parent / "stage.json").is_file():  # RUN/namm or RUN/namm/mirror
+        run = root.parent if (root / "stage.json").is_file() else root.parent.parent
+        if run_kind(run) == "condiff namm fit":
+            raise FileNotFoundError(f"{root} is a stage of the NAMM run {run}, not the run: pass --run {run}")
+    if (kind := run_kind(root)) not in (None, "condiff namm fit"):
+        raise FileNotFoundError(f"{root} is the run of `{kind}`, not a NAMM run: run `condiff namm fit` first")
     if not f.is_file():
         raise FileNotFoundError(
             f"{root} is not a NAMM run directory (no config.json): run `condiff namm fit` first"
