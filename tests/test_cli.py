@@ -375,8 +375,8 @@ def test_config_resolution_order(tmp_path):
     (["sample", "--ckpt", "{tmp}/nothing"], "does not exist"),
     (["sample", "--ckpt", "{tmp}", "--n", "2"], "not a condiff checkpoint"),
     (["bench", "no-such-bench"], "unknown benchmark"),
-    (["namm", "fit", "--data", "burgers", "--out", ""], "--out is empty: give a path"),
-    (["namm", "fit"], "--data is required (brightness, burgers, kolmogorov, periodic, count, or a file)"),  # was: the default --out
+    (["namm", "fit", "--data", "burgers", "--out", ""], "--out is empty: give a path"),  # was: the default --out
+    (["namm", "fit"], "--data is required (brightness, burgers, kolmogorov, periodic, count, or a file)"),
     (["sample", "--ckpt", " "], "--ckpt is empty: give a path"),
     (["bench", "--list", "namm"], "--list takes no benchmark name"),
 ])
