@@ -191,8 +191,26 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 def json_text(obj: Any) -> str:
     """The text :func:`write_json_atomic` writes for ``obj``."""
-    plain = json.loads(json.dumps(obj, default=_json_default))  # tensors, paths, NumPy scalars -> JSON types
+    try:
+        plain = json.loads(json.dumps(obj, default=_json_default))  # tensors, paths, NumPy scalars -> JSON types
+    except TypeError as e:
+        where = _unwritable_key(obj)
+        raise TypeError(f"{e}{f' (the value of {where})' if where else ''}") from None
     return json.dumps(no_nan(plain), indent=2, sort_keys=True) + "\n"
+
+
+def _unwritable_key(obj: Any, at: str = "") -> str | None:
+    """The dotted key of the first value in ``obj`` that JSON cannot hold."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list | tuple) else None
+    if items is None:
+        return None
+    for k, v in items:
+        key = f"{at}.{k}" if at else str(k)
+        try:
+            json.dumps(v, default=_json_default)
+        except TypeError:
+            return _unwritable_key(v, key) or key
+    return None
 
 
 def no_nan(obj: Any) -> Any:
@@ -269,8 +287,7 @@ def save_checkpoint(path: str | Path, groups: dict[str, dict[str, torch.Tensor]]
         for stem, tensors in groups.items():
             save_file(_unshared(tensors), str(tmp / f"{stem}.safetensors"))
         with open(tmp / CONFIG, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True, default=_json_default)
-            f.write("\n")
+            f.write(json_text(config))
         for p in tmp.iterdir():
             _as_created(p)  # safetensors writes its files 0600
             with open(p, "rb") as f:

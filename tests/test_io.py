@@ -31,6 +31,16 @@ def test_json_holds_no_nan_anywhere_and_takes_sets(tmp_path):
     assert json.loads(text) == {"a": [1.0, None, {"b": None}], "s": [2], "t": [3, 4]}
 
 
+def test_a_value_json_cannot_hold_is_named_by_its_key_and_a_checkpoint_holds_no_bare_nan(tmp_path):
+    """save_model(..., note=object()) said "cannot write object to JSON" without naming note."""
+    with pytest.raises(TypeError, match=r"cannot write object to JSON \(the value of note.parts.1\)"):
+        io.save_checkpoint(tmp_path / "m", {"model": {"w": torch.ones(1)}}, {"note": {"parts": [1, object()]}})
+    assert not (tmp_path / "m").exists()
+    io.save_checkpoint(tmp_path / "m", {"model": {"w": torch.ones(1)}}, {"span": [math.nan, 1.0]})
+    assert "NaN" not in (tmp_path / "m" / "config.json").read_text() and io.load_config(tmp_path / "m")["span"] == [
+        None, 1.0]
+
+
 def test_a_checkpoint_saved_again_replaces_the_old_one_and_leaves_nothing_beside_it(tmp_path):
     path = tmp_path / "ckpt" / "step_1"
     for value in (1.0, 2.0):
