@@ -256,11 +256,15 @@ def _check_replaceable(path: Path) -> None:
     """Refuse to save a checkpoint at ``path`` where that would delete something that is not one."""
     if not (path.exists() or path.is_symlink()):
         return
-    if not path.is_dir() or path.is_symlink():
+    if path.is_symlink():  # replacing it would replace the link, and leave the directory it names as it was
+        raise FileExistsError(f"cannot save a checkpoint at {path}: it is a link (to {os.readlink(path)}); give the "
+                              "directory itself")
+    if not path.is_dir():
         raise FileExistsError(f"cannot save a checkpoint at {path}: it is a file, and a checkpoint is a directory "
                               "(give the directory to write it to)")
     other = sorted(q.name + ("/" if q.is_dir() else "") for q in path.iterdir()
-                   if not (q.is_file() and not q.is_symlink() and (q.suffix == ".safetensors" or q.name == CONFIG)))
+                   if not (q.is_file() and not q.is_symlink() and (q.suffix == ".safetensors" or q.name == CONFIG))
+                   and q.name != ".DS_Store")  # a file browser's own note on the folder
     if other:
         raise FileExistsError(f"cannot save a checkpoint at {path}: it holds {', '.join(other[:3])}"
                               f"{', ...' if len(other) > 3 else ''}, which are not a checkpoint's files and which "
@@ -782,6 +786,16 @@ def dtype_entry(module: torch.nn.Module) -> dict:
     (:func:`condiff.models.load_net` restores it)."""
     dtype = checks.param_dtype(module)
     return {} if dtype == torch.float32 else {"dtype": str(dtype).removeprefix("torch.")}
+
+
+def to_recorded_dtype(module: torch.nn.Module, cfg: dict, where: Path | str) -> torch.nn.Module:
+    """``module`` in the dtype its config records (:func:`dtype_entry`; float32 where it records none)."""
+    if cfg.get("dtype") is None:
+        return module
+    dtype = getattr(torch, str(cfg["dtype"]), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"{where}/config.json: dtype {cfg['dtype']!r} is no floating-point torch dtype")
+    return module.to(dtype)
 
 
 def save_module(path: str | Path, module: torch.nn.Module, config: dict) -> Path:

@@ -29,12 +29,12 @@ def save_model(path: str | Path, net: nn.Module, schedule: Schedule, **meta) -> 
     if not isinstance(schedule, Schedule):
         raise TypeError(f"save_model needs the model's noise schedule (a condiff.schedule.Schedule), got "
                         f"{type(schedule).__name__}")
-    span = meta.get("value_range")
-    if span is not None and not (isinstance(span, list | tuple) and len(span) == 2
-                                 and all(checks.is_number(v) for v in span)
-                                 and float(span[0]) < float(span[1])):
-        raise ValueError(f"save_model: value_range must be the data's [min, max], two finite numbers with min < max, "
-                         f"got {span!r}")
+    if meta.get("value_range") is not None:  # constant data have min == max
+        span = checks.pair(meta["value_range"])
+        if span is None or span[0] > span[1]:
+            raise ValueError(f"save_model: value_range must be the data's [min, max], two finite numbers with "
+                             f"min <= max, got {meta['value_range']!r}")
+        meta["value_range"] = list(span)
     config = {"format": "condiff-model", "net": net.config, "schedule": schedule.config(), **io.dtype_entry(net),
               **meta}
     return io.save_module(path, net, config)
@@ -135,12 +135,7 @@ def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
             raise io.CheckpointError(f"{d} is a NAMM run directory, not a model: use `condiff namm sample --run "
                                      f"{d}`{vanilla}")
         raise io.CheckpointError(f"{d}/config.json has no 'net' or 'schedule' entry: not a condiff model")
-    net = build_net(cfg["net"], saved_by=f"the model at {d}").to(device)
-    if cfg.get("dtype") is not None:  # weights saved in another dtype than float32 (save_model records it)
-        dtype = getattr(torch, str(cfg["dtype"]), None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise io.CheckpointError(f"{d}/config.json: dtype {cfg['dtype']!r} is no floating-point torch dtype")
-        net = net.to(dtype)
+    net = io.to_recorded_dtype(build_net(cfg["net"], saved_by=f"the model at {d}").to(device), cfg, d)
     stem = "ema" if ema and io.has_group(d, "ema") else "model"
     io.load_state_into(net, d, stem)
     return net, cfg

@@ -326,8 +326,15 @@ def _check_rule_output(rule: object, x: object, step: Step, values: bool, at_end
         raise ValueError(f"the guidance rule {name} returned shape {tuple(x.shape)} at step {step.i}; x_{{t_prev}} "
                          f"must have x_t's shape {tuple(step.x_t.shape)}")
     if values and not bool(torch.isfinite(x).all()):
-        where = "by the end of sampling" if at_end else f"at step {step.i} (t = {step.t_host})"
-        raise FloatingPointError(f"the guidance rule {name} returned non-finite values (NaN or inf) {where}")
+        if at_end:
+            raise FloatingPointError(f"the guidance rule {name} returned non-finite values (NaN or inf) by the end of "
+                                     "sampling: the denoiser's predictions, or the rule's steps (lower its step size)")
+        where = f"at step {step.i} (t = {step.t_host})"
+        if not bool(torch.isfinite(step.eps_hat).all()):  # the model's own prediction: not the rule's doing
+            raise FloatingPointError(f"the denoiser's prediction is not finite (NaN or inf) {where}, so the guidance "
+                                     f"rule {name} could not be: check the model")
+        raise FloatingPointError(f"the guidance rule {name} returned non-finite values (NaN or inf) {where}, from a "
+                                 "finite prediction: lower its step size (zeta, rate), or check its loss there")
 
 
 def ddpm(denoiser: Denoiser, x: Tensor, generator: torch.Generator | None = None, **kw) -> Tensor:

@@ -425,6 +425,11 @@ class Trainer:
             warnings.warn(f"the learning-rate warm-up ({cfg.warmup} steps) is longer than the run ({cfg.steps} "
                           f"steps), so the learning rate never reaches {cfg.lr:g}: set a shorter warm-up "
                           "(the training settings' warmup, e.g. --set train.warmup=0)", stacklevel=2)
+        if self.step == 0 and self.ckpt_root is not None and (old := list_checkpoints(self.ckpt_root)):
+            # a run from step 0 would prune its own checkpoints under the older, higher ones and overwrite the log
+            raise FileExistsError(f"{self.run_dir} holds the checkpoints of another run (the newest {old[-1].name}): "
+                                  "call resume() first to go on from them (resume=True where a function takes it), "
+                                  "or give an empty directory")
         if self.run_dir is not None and self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # from step 0 the log starts afresh (a run killed before its first checkpoint left lines)

@@ -81,9 +81,24 @@ def test_save_model_names_a_wrong_schedule_and_value_range():
     net = build_net({"name": "mlp", "dim": 2, "hidden": 8, "depth": 1})
     with pytest.raises(TypeError, match="save_model needs the model's noise schedule .*, got NoneType"):
         save_model("unused", net, None)
-    with pytest.raises(ValueError, match=r"value_range must be the data's \[min, max\].*got \[nan, 1.0\]"):
-        save_model("unused", net, Schedule.linear(10), value_range=[math.nan, 1.0])
+    for bad in ([math.nan, 1.0], [1.0, 0.0], [0, 1, 2]):
+        with pytest.raises(ValueError, match=r"value_range must be the data's \[min, max\].*min <= max, got"):
+            save_model("unused", net, Schedule.linear(10), value_range=bad)
     assert not Path("unused").exists()
+
+
+def test_save_model_takes_the_value_range_of_constant_data_and_as_an_array(tmp_path):
+    """min < max was asked for: a model trained on constant data could never be saved."""
+    import numpy as np
+
+    from condiff.models import save_model
+    from condiff.nets import build_net
+    from condiff.schedule import Schedule
+
+    net = build_net({"name": "mlp", "dim": 2, "hidden": 8, "depth": 1})
+    for span in ([0.5, 0.5], np.array([-1.0, 2.0])):
+        save_model(tmp_path / "m", net, Schedule.linear(10), value_range=span)
+        assert io.load_config(tmp_path / "m")["value_range"] == [float(v) for v in span]
 
 
 @pytest.mark.parametrize("fail_on", [1, 2])

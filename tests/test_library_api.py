@@ -471,6 +471,33 @@ def test_a_guidance_rule_of_ones_own_is_checked_at_the_step_it_goes_wrong():
     assert torch.isfinite(run(pulls).x).all()
 
 
+def test_a_non_finite_guided_step_is_put_down_to_the_model_or_the_rule_and_read_once_where_reads_wait(monkeypatch):
+    import condiff.sample as sampling
+    from condiff.denoiser import Denoiser
+
+    class Broken(Denoiser):  # NaN below t = 25
+        def predict_eps(self, x_t, t):
+            return torch.where((t < 25).view(-1, 1), torch.full_like(x_t, float("nan")), torch.zeros_like(x_t))
+
+    def passes(step):
+        return step.sample()
+
+    g = torch.Generator
+    with pytest.raises(FloatingPointError, match=r"the denoiser's prediction is not finite \(NaN or inf\) at step 2 "
+                                                 r"\(t = 24\), so the guidance rule passes could not be"):
+        guided_sample(Broken(Schedule.linear(50)), passes, (2, 3), 5, generator=g().manual_seed(0))
+    den = GaussianDenoiser(Schedule.linear(50), mean=0.0, std=1.0)
+
+    def blows_up(step):
+        return step.sample() * (float("inf") if step.i == 1 else 1.0)
+
+    with pytest.raises(FloatingPointError, match="from a finite prediction: lower its step size"):
+        guided_sample(den, blows_up, (2, 3), 5, generator=g().manual_seed(0))
+    monkeypatch.setattr(sampling, "read_every", lambda device: 4)  # as on a GPU: values read once, at the end
+    with pytest.raises(FloatingPointError, match="returned non-finite values .* by the end of sampling"):
+        guided_sample(den, blows_up, (2, 3), 5, generator=g().manual_seed(0))
+
+
 def test_pnp_refuses_a_constraint_network_in_training_mode_and_a_meta_latent():
     den = GaussianDenoiser(Schedule.linear(50), mean=0.0, std=1.0)
     moody = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(2, 1), torch.nn.Flatten(0))

@@ -696,7 +696,8 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
         check=True,
     )
     metrics = json.loads((run / "samples" / "metrics.json").read_text())
-    assert set(metrics) == {"data (held-out)", "vanilla", "mdm", "mdm_ft", "guided"}
+    assert set(metrics) == {"data (held-out)", "vanilla", "mdm", "mdm_ft", "guided", "made_from"}
+    assert set(metrics["made_from"]) == {"namm", "mdm", "finetune", "vanilla"}  # for `condiff show`
     assim = json.loads((run / "assimilate" / "metrics.json").read_text())  # what was run, and how well
     assert assim["settings"]["n"] == 2 and assim["settings"]["steps"] == 5 and assim["settings"]["obs"] == "points"
     assert all(0 < m["rmse_unobserved"] < 10 for m in assim["methods"].values())
@@ -1110,6 +1111,10 @@ def test_a_namm_run_from_elsewhere_runs_its_constraint_file_only_once_trusted(tm
     assert main(sample) == 2
     err = capsys.readouterr().err
     assert f"the NAMM run run names the constraint file {tmp_path / 'con.py'}, and condiff has not run it" in err
+    # `namm fit --resume` takes its settings from config.json too: it ran the file and trusted it
+    assert main(["namm", "fit", "--out", "run", "--resume", "--quiet"]) == 2
+    assert "names the constraint file" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere" / "trusted_code.json").exists()
     assert main(["trust", "con.py"]) == 0 and main(sample) == 2
     err = capsys.readouterr().err
     assert f"the model at run/mdm/model names the net file {tmp_path / 'net.py'}, and condiff has not run it" in err
@@ -1665,3 +1670,76 @@ def test_namm_fit_names_vector_data_as_what_its_maps_cannot_take(tmp_path, capsy
     assert ("NAMM's mirror maps are convolutional and take images (C, H, W); these samples have shape (5,)"
             in capsys.readouterr().err)
     assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_a_second_fit_into_a_run_dir_of_checkpoints_is_refused_unless_it_resumes(tmp_path):
+    """A fresh fit into the same run_dir pruned its own checkpoints under the old run's higher ones, overwrote
+    the log, and a later resume=True went on with the old run."""
+    x, con = _brightness_data(32)
+    cfg = TrainConfig(steps=4, batch_size=4, warmup=0, ckpt_every=2, progress=False)
+    fit_mirror_map(x, con, _tiny_mirror(), cfg, run_dir=tmp_path)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    with pytest.raises(FileExistsError, match=r"holds the checkpoints of another run \(the newest step_00000004\): "
+                                              r"call resume\(\) first"):
+        fit_mirror_map(x, con, _tiny_mirror(), cfg, run_dir=tmp_path)
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    fit_mirror_map(x, con, _tiny_mirror(), cfg, run_dir=tmp_path, resume=True)  # a finished run: reused as it is
+
+
+def test_the_mirror_api_names_what_it_was_given_wrong():
+    from condiff.mirror import data_violation
+
+    x, con = _brightness_data(16)
+    cfg = TrainConfig(steps=2, batch_size=4, warmup=0, progress=False)
+    m = _tiny_mirror()
+    nan = x.clone()
+    nan[0, 0, 0, 0] = float("nan")  # in the first two samples: the constraint's probe was blamed
+    icnn, res = {"name": "icnn", "filters": 8, "layers": 2}, {"name": "resnet", "base": 8, "blocks": 1}
+    cases = [
+        (lambda: fit_mirror_map(nan, con, m, cfg), ValueError, r"the data x hold 1 non-finite values \(the first in "
+                                                                r"sample 0\)"),
+        (lambda: fit_mirror_map((x * 10).long(), con, m, cfg), TypeError, "the data x must be a floating"),
+        (lambda: fit_mirror_map(x, con, m.psi, cfg), TypeError, "fit_mirror_map needs a mirror map .*got ICNN"),
+        (lambda: fit_mirror_map(x, con, m, {"steps": 2}), TypeError, "needs its training settings as a TrainConfig"),
+        (lambda: fit_mirror_map(x, con, m, cfg, weights={"l_con": 1}), TypeError, "weights are a NAMMLoss"),
+        (lambda: finetune_inverse(m.inverse, x, x, con, cfg), TypeError, "finetune_inverse needs a mirror map"),
+        (lambda: MirrorMap(build_net({"name": "unet", "base": 8, "in_channels": 1}), m.inverse), TypeError,
+         "psi must be an input-convex network"),
+        (lambda: MirrorMap(m.psi, m.inverse, None), ValueError, "a must lie in"),
+        (lambda: build_mirror((1, 8.5, 8), icnn, res), ValueError, "whole numbers >= 1"),
+        (lambda: build_mirror((1, 8, 8), icnn, res, seed=-1), ValueError, "build_mirror: seed must be"),
+        (lambda: build_mirror((1, 8, 8), icnn, {**res, "downsamples": -1}), ValueError,
+         "mirror.inverse.downsamples must be an integer >= 0"),
+        (lambda: build_mirror((1, 8, 8), m.psi, res), TypeError, "psi is a net's settings, a dict"),
+        (lambda: mirror_dps(m.psi, lambda v: v.sum(1), 0.1), TypeError, "mirror_dps needs a mirror map"),
+        (lambda: save_mirror("unused", m, format="mine"), ValueError, "format are the map's own entries"),
+        (lambda: data_violation(con, x, n=0), ValueError, "data_violation: n must be an integer >= 1"),
+        (lambda: sparse_points((1, 8, 8), "0.2", 0.1), ValueError, "fraction must be a number in"),
+    ]
+    for call, kind, msg in cases:
+        with pytest.raises(kind, match=msg):
+            call()
+    assert not os.path.exists("unused")
+
+
+def test_a_mirror_map_keeps_its_dtype_and_loads_from_the_run_dir_it_was_fitted_into(tmp_path):
+    m = _tiny_mirror().double()
+    save_mirror(tmp_path / "run" / "mirror", m)
+    back, _ = load_mirror(tmp_path / "run")  # the run_dir fit_mirror_map wrote it into
+    assert next(back.parameters()).dtype == torch.float64
+    (tmp_path / "namm-run" / "namm" / "mirror").mkdir(parents=True)
+    with pytest.raises(Exception, match=r"is a NAMM run; its maps are .*namm/mirror \(fitted\)"):
+        load_mirror(tmp_path / "namm-run")
+
+
+def test_constraint_guided_dps_checks_the_constraint_it_is_given():
+    from condiff.mirror.dps import with_constraint
+
+    den = GaussianDenoiser(Schedule.linear(50), mean=0.0, std=1.0)
+    loss = lambda v: v.flatten(1).pow(2).sum(1)  # noqa: E731
+    with pytest.raises(TypeError, match="the guiding constraint must be a distance x -> \\(B,\\), a callable"):
+        with_constraint(loss, "zm", 1.0)
+    for bad, msg in ((lambda v: -v.flatten(1).abs().mean(1), r"the guiding constraint reaches -.* < 0"),
+                     (lambda v: v.flatten(1).abs().mean(1, keepdim=True), r"one distance per sample, shape \(2,\)")):
+        with pytest.raises(ValueError, match=msg):
+            sample(den, (2, 1, 4, 4), steps=3, eta=1.0, guidance=DPS(with_constraint(loss, bad, 1.0), 0.1))

@@ -168,7 +168,9 @@ def test_a_namm_fit_stopped_before_its_baseline_is_shown_unfinished_and_goes_on(
     assert "  not made yet: vanilla; to go on: condiff namm fit --out run --resume" in out.splitlines()
     assert main(["namm", "fit", "--out", "run", "--resume", "--data", "burgers"]) == 2
     assert "--resume goes on with the settings the run records; --data would change them" in capsys.readouterr().err
-    assert main(["namm", "fit", "--out", "run", "--resume", "--quiet"]) == 0
+    assert main(["namm", "fit", "--out", "run", "--resume", "--profile", "default"]) == 2
+    assert "it was fitted with --profile quick, not default" in capsys.readouterr().err
+    assert main(["namm", "fit", "--out", "run", "--resume", "--profile", "quick", "--quiet"]) == 0
     assert json.loads((namm_run / "vanilla" / "stage.json").read_text())["done"]
     shutil.rmtree(namm_run / "vanilla")
     capsys.readouterr()
@@ -182,17 +184,26 @@ def test_a_namm_fit_stopped_before_its_baseline_is_shown_unfinished_and_goes_on(
     assert "(this run was fitted with --profile quick; this command asks for default)" in capsys.readouterr().err
 
 
-def test_show_notes_namm_stages_and_results_older_than_a_stage_made_again_since(namm_run, capsys):
-    assert main(["namm", "sample", "--run", "run", "--n", "4", "--no-finetuned", "--set", "sample.steps=2",
-                 "--quiet"]) == 0
+def test_show_notes_namm_stages_and_results_made_from_a_stage_since_replaced(namm_run, capsys):
+    tiny = ["--set", "sample.steps=2", "--set", "finetune.steps=2", "--set", "finetune.n=4", "--quiet"]
+    assert main(["namm", "sample", "--run", "run", "--n", "4", "--no-finetuned", *tiny]) == 0
+    assert main(["namm", "finetune", "--run", "run", *tiny]) == 0  # made after results that did not use it
     rc, out, _ = _show(capsys, "run")
-    assert rc == 0 and "older than" not in out
-    later = (namm_run / "samples" / "metrics.json").stat().st_mtime + 5
-    os.utime(namm_run / "namm" / "stage.json", (later, later))  # as a --fresh of the mirror map leaves the run
+    assert rc == 0 and "made from another" not in out
+    # the mirror map made again with other settings: the fit remakes the mdm; the fine-tuning and the
+    # samples are left describing the map it replaced
+    assert main([*_NAMM_FIT, "--set", "mirror_train.steps=3", "--fresh"]) == 0
     rc, out, _ = _show(capsys, "run")
-    assert ("note: mdm is older than namm/, made again since: it describes what they replaced (condiff namm fit "
-            "--out run --resume makes it again)") in out
-    assert "note: samples/metrics.json is older than namm/, made again since" in out
+    notes = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("note:")]
+    assert notes == [
+        "note: finetune/ was made from another mdm/ than the one there now: it describes what that replaced "
+        "(condiff namm finetune --run run --fresh makes it again)",
+        "note: samples/metrics.json was made from another namm/, mdm/ than the one there now (condiff namm sample "
+        "--run run makes it again once the stages above are made again)"]
+    assert main(["namm", "finetune", "--run", "run", "--fresh", *tiny]) == 0
+    assert main(["namm", "sample", "--run", "run", "--n", "4", *tiny]) == 0
+    rc, out, _ = _show(capsys, "run")
+    assert "note:" not in out
 
 
 def test_show_notes_a_kept_run_and_a_checkpoint_that_does_not_read(run, capsys):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import shutil
 import sys
@@ -286,6 +287,18 @@ def comparable(spec: Any) -> Any:
     return {**spec, "data": {k: v for k, v in spec["data"].items() if k != "constraint"}}
 
 
+def spec_digest(spec: Any) -> str:
+    """A short fingerprint of a stage's settings as they are compared (:func:`comparable`): what a result
+    records of each stage it was made from, so that ``condiff show`` can tell one made from a stage since
+    replaced."""
+    return hashlib.sha256(json.dumps(comparable(spec), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# the stages each sample set is made from
+SET_STAGES = {"vanilla": ("vanilla",), "mdm": ("namm", "mdm"), "mdm_ft": ("namm", "mdm", "finetune"),
+              "guided": ("vanilla",)}
+
+
 def same_spec(old: Any, new: Any) -> bool:
     """Whether a stage recorded with settings ``old`` serves settings ``new`` (:func:`comparable`)."""
     return old is not None and comparable(old) == comparable(new)
@@ -310,6 +323,7 @@ class NAMMRun:
         self.timings: dict[str, float] = {}
         # stage -> how the command at hand can do without it ("--no-finetuned leaves it out")
         self.skip_hints: dict[str, str] = {}
+        self.resuming = False  # `namm fit --resume`: its settings are the recorded ones
         self.check()
 
     def check(self) -> None:
@@ -400,6 +414,10 @@ class NAMMRun:
         }
         return specs[stage]
 
+    def made_from(self, stages: list[str]) -> dict[str, str]:
+        """What a result records of the stages it was made from (:func:`spec_digest` of each one's settings)."""
+        return {name: spec_digest(self.spec(name)) for name in stages}
+
     def _old_spec(self, name: str) -> dict | None:
         """The stage's ``stage.json`` (None when the stage was never started); a corrupted one is
         reported, or, with ``fresh``, read as a stage made with other settings."""
@@ -442,7 +460,8 @@ class NAMMRun:
                     f"{kept} keeps the finished stage of these settings that it was to replace: move that back "
                     f"over {self.root / name} to use it, or pass --fresh to redo the stage")
         go_on = ""
-        if isinstance(old, dict) and not (self._old_spec(name) or {}).get("done") and name != "finetune":
+        if (isinstance(old, dict) and not (self._old_spec(name) or {}).get("done") and name != "finetune"
+                and not self.resuming):
             go_on = f"; `condiff namm fit --out {self.root} --resume` goes on with the settings it was begun with"
         return (f"{self.root / name} was made with other settings{hint}; pass --fresh to redo it, "
                 f"or use another --out / --run{go_on}")
@@ -895,21 +914,27 @@ def run_assimilation(
             den = run.vanilla()
             if name == "constraint-guided DPS":
                 kw.update(constraint=con, constraint_weight=float(a["constraint_weight"]))
+        lower = (f"lower assimilate.zeta (now {float(a['zeta']):g})"
+                 + (f" or assimilate.constraint_weight (now {float(a['constraint_weight']):g})"
+                    if name == "constraint-guided DPS" else ""))
         t0 = time.perf_counter()
-        x = assimilate(
-            den,
-            op,
-            y,
-            run.shape,
-            float(a["zeta"]),
-            steps=int(a["steps"]),
-            eta=float(a["eta"]),
-            generator=torch.Generator(device=run.device).manual_seed(int(a["seed"])),
-            device=run.device,
-            clip_x0=clip,
-            progress=run.progress,
-            **kw,
-        ).cpu()
+        try:
+            x = assimilate(
+                den,
+                op,
+                y,
+                run.shape,
+                float(a["zeta"]),
+                steps=int(a["steps"]),
+                eta=float(a["eta"]),
+                generator=torch.Generator(device=run.device).manual_seed(int(a["seed"])),
+                device=run.device,
+                clip_x0=clip,
+                progress=run.progress,
+                **kw,
+            ).cpu()
+        except FloatingPointError as e:  # the sampler's check of the DPS step, in the settings' words
+            raise FloatingPointError(f"{name} diverged ({e}): {lower}") from None
         res = (op.residual(x, y) / sigma_y).float()
         dist = batched_distance(con, x, device=run.device)
         bad = int((~torch.isfinite(x.flatten(1)).all(1) | ~torch.isfinite(res) | ~torch.isfinite(dist)).sum())
@@ -917,10 +942,7 @@ def run_assimilation(
             big = float(x.abs().nan_to_num(nan=0.0, posinf=float("inf")).max())
             raise FloatingPointError(
                 f"{name} diverged: its samples or their constraint distance are not finite for {bad} of {n} "
-                f"truths (largest |x| {big:.3g}, the data's {float(test.abs().max()):.3g}): lower "
-                f"assimilate.zeta (now {float(a['zeta']):g})"
-                + (f" or assimilate.constraint_weight (now {float(a['constraint_weight']):g})"
-                   if name == "constraint-guided DPS" else ""))
+                f"truths (largest |x| {big:.3g}, the data's {float(test.abs().max()):.3g}): {lower}")
         results["methods"][name] = {
             "residual_mean": float(res.mean()),
             "residual_median": float(res.median()),
@@ -991,7 +1013,7 @@ def add_parser(sub, name: str) -> None:
         help="the constraint, for user data: a registered name (box, ball, simplex, ...) or FILE.py:NAME, "
              "a callable x -> (B,) distances in your own Python file",
     )
-    f.add_argument("--profile", default="default", choices=sorted(PROFILES),
+    f.add_argument("--profile", default=None, choices=sorted(PROFILES),
                    help="quick: 16x16, tiny nets, the CPU benchmark; default: 32x32; full: 64x64, the paper's "
                         "networks, for a GPU (default: default)")
     f.add_argument("--config", metavar="TOML", help="TOML file with tables of the sections --set takes")
@@ -1101,9 +1123,7 @@ def keep_later_settings(cfg: dict, root: Path, named: set[tuple[str, ...]]) -> d
 def _recorded_fit(args: argparse.Namespace) -> tuple[dict, Path]:
     """``namm fit --resume``: the settings the run in ``--out`` records, with this call's ``--set``."""
     given = [flag for flag, v in (("--data", args.data), ("--constraint", args.constraint),
-                                  ("--config", args.config), ("--fresh", args.fresh)) if v]
-    if args.profile != "default":
-        given.append("--profile")
+                                  ("--config", args.config)) if v]
     if given:
         raise ValueError(f"--resume goes on with the settings the run records; {', '.join(given)} would change "
                          "them (use --set for a setting, or leave out --resume)")
@@ -1115,26 +1135,33 @@ def _recorded_fit(args: argparse.Namespace) -> tuple[dict, Path]:
         raise FileNotFoundError(f"--resume: {root} holds no NAMM run (no config.json): start it with "
                                 "`condiff namm fit --data ... --out ...`")
     cfg = _recorded_settings(root, args.overrides, "start one with `condiff namm fit --data ... --out ...`")
+    if args.profile is not None and args.profile != cfg.get("profile"):
+        raise ValueError(f"--resume goes on with the settings the run records; it was fitted with --profile "
+                         f"{cfg.get('profile')}, not {args.profile}")
     args.data = str(cfg["data"].get("name"))
-    if cfg.get("baseline") is False:
+    made = cfg.get("baseline", (root / "vanilla").is_dir())  # runs fitted before it was recorded: as they lie
+    if made is False:
         args.no_baseline = True
     return cfg, root
 
 
 def run_fit(args: argparse.Namespace) -> int:
+    saved_by = None  # code of one's own (FILE.py:NAME) that this command names is the user's to run
     if args.resume:
         cfg, root = _recorded_fit(args)
+        saved_by = f"the NAMM run {root}"  # named by the run's config.json, not by the user: run only if trusted
     else:
         if not args.data:
             raise ValueError("--data is required (brightness, burgers, kolmogorov, periodic, count, or a file); "
                              "--resume --out RUN goes on with the settings a run records")
-        cfg = resolve(args.data, args.profile, args.config, args.overrides, args.constraint)
+        cfg = resolve(args.data, args.profile or "default", args.config, args.overrides, args.constraint)
         root = check_out_dir(args.out or Path("runs") / f"namm-{Path(args.data).stem}", kind="condiff namm fit")
         named = {tuple(parse_override(o, SECTIONS, nested=True)[0]) for o in args.overrides or []}
         cfg = keep_later_settings(cfg, root, named | (set(_leaf_paths(read_toml(args.config, SECTIONS)))
                                                       if args.config else set()))
     cfg["baseline"] = not args.no_baseline  # what the fit makes: sample and assimilate make a missing baseline
-    run = NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet)  # checks the settings
+    run = NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet, saved_by)  # checks the settings
+    run.resuming = args.resume
     run.preflight(["namm", "mdm"] + ([] if args.no_baseline else ["vanilla"]))  # before config.json changes
     print(
         f"data {args.data}: {len(run.data())} training samples of shape {run.shape}; "
@@ -1242,7 +1269,8 @@ def write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
         xlabel="constraint distance l(x)",
         title=f"{run.cfg['data']['name']}: l(x) per sample",
     )
-    io.write_json_atomic(out / "metrics.json", public(res))
+    used = sorted({st for k in res if k in SET_STAGES for st in SET_STAGES[k]})
+    io.write_json_atomic(out / "metrics.json", {**public(res), "made_from": run.made_from(used)})
     base = res.get("vanilla", {}).get("l_mean")
     print(f"{'set':<18}{'n':>6}{'mean l':>12}{'median l':>12}{'reduction':>11}{'MMD':>12}{'MMD ratio':>11}")
     for k, v in res.items():
@@ -1293,7 +1321,8 @@ def run_assim(args: argparse.Namespace) -> int:
     )
     io.write_npz_atomic(out / "samples.npz", truth=res["_truth"].numpy(), y=res["_y"].cpu().numpy(),
                         **{k.replace(" ", "_").replace("-", "_"): v["_x"].numpy() for k, v in res["methods"].items()})
-    io.write_json_atomic(out / "metrics.json", public(res))
+    used = stages + ([] if args.no_baselines else ["vanilla"])
+    io.write_json_atomic(out / "metrics.json", {**public(res), "made_from": run.made_from(used)})
     print(
         f"observation {seen}, noise sigma_y {res['sigma_y']:.3g}, {res['n']} truths "
         f"(truth: residual / sigma_y {res['truth']['residual_mean']:.3g}, l {res['truth']['l_mean']:.3g})"

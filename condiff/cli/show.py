@@ -144,32 +144,37 @@ def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
     return out
 
 
-# what a NAMM run's stages and results are made from: each is out of date once one of these was made again after it
-_NAMM_FROM = {"mdm": ("namm",), "finetune": ("namm", "mdm"),
-              "samples/metrics.json": ("namm", "mdm", "vanilla", "finetune"),
-              "assimilate/metrics.json": ("namm", "mdm", "vanilla", "finetune")}
-_NAMM_REDO = {"mdm": "condiff namm fit --out {run} --resume", "finetune": "condiff namm finetune --run {run}",
-              "samples/metrics.json": "condiff namm sample --run {run}",
-              "assimilate/metrics.json": "condiff namm assimilate --run {run}"}
+# a NAMM run's stages made from another one (whose settings are part of theirs), and how each is made again
+_NAMM_UPSTREAM = {"mdm": "namm", "finetune": "mdm"}
+_NAMM_REDO = {"mdm": "condiff namm fit --out {run} --resume --fresh",
+              "finetune": "condiff namm finetune --run {run} --fresh", "samples": "condiff namm sample --run {run}",
+              "assimilate": "condiff namm assimilate --run {run}"}
 
 
 def _namm_stale(p: Path) -> list[str]:
-    """Notes on the stages and results of NAMM run ``p`` made before a stage they are made from was made again
-    (a --fresh, a fit with other settings): they describe the stage that was replaced."""
-    def made(name: str) -> float | None:
-        f = p / name if name.endswith(".json") else p / name / "stage.json"
-        try:
-            return f.stat().st_mtime
-        except OSError:
-            return None
+    """Notes on the stages and results of NAMM run ``p`` made from a stage that has since been made again with
+    other settings (a --fresh, a fit with other settings): they describe the stage it replaced. A stage's settings
+    hold those of the stage it is made from; a result records the stages it used (``made_from``)."""
+    from .namm import comparable, spec_digest
 
-    notes = []
-    for what, sources in _NAMM_FROM.items():
-        when = made(what)
-        newer = [s for s in sources if when is not None and (t := made(s)) is not None and t > when]
-        if newer:
-            notes.append(f"{what} is older than {', '.join(f'{s}/' for s in newer)}, made again since: it describes "
-                         f"what they replaced ({_NAMM_REDO[what].format(run=p)} makes it again)")
+    specs = {s: json_table(p / s / "stage.json").get("spec") for s in ("namm", "mdm", "vanilla", "finetune")}
+    notes, stale = [], []
+    for down, up in _NAMM_UPSTREAM.items():
+        d, u = specs[down], specs[up]
+        if isinstance(d, dict) and isinstance(u, dict) and comparable({k: d.get(k) for k in u}) != comparable(u):
+            stale.append(down)
+            notes.append(f"{down}/ was made from another {up}/ than the one there now: it describes what that "
+                         f"replaced ({_NAMM_REDO[down].format(run=p)} makes it again)")
+    for res in ("samples", "assimilate"):
+        made = json_table(p / res / "metrics.json").get("made_from")
+        if not isinstance(made, dict):
+            continue  # none recorded (a result written before it was)
+        gone = [s for s in _STAGE_ORDER if s in made and (not isinstance(specs.get(s), dict)
+                                                          or spec_digest(specs[s]) != made[s])]
+        if gone:
+            first = " once the stages above are made again" if stale else ""
+            notes.append(f"{res}/metrics.json was made from another {', '.join(f'{s}/' for s in gone)} than the "
+                         f"one there now ({_NAMM_REDO[res].format(run=p)} makes it again{first})")
     return notes
 
 

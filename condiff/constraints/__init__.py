@@ -87,7 +87,8 @@ class Constraint(nn.Module):
             raise ValueError(f"{self.family} constraint expects images {want}, got shape {tuple(x.shape)}")
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.config.items() if k != "name")
+        config = getattr(self, "config", None)  # a subclass of one's own may keep none
+        return ", ".join(f"{k}={v}" for k, v in config.items() if k != "name") if isinstance(config, dict) else ""
 
 
 def build_constraint(config: dict, how: str | None = None, saved_by: str | None = None) -> Constraint:

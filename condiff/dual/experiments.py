@@ -182,12 +182,11 @@ def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: Trai
     io.write_text_atomic(key_file, _key(key))
     since = f", from step {trainer.step}" if trainer.resume() else ""
     say(tcfg.progress, f"training {run_dir.name} ({tcfg.steps} steps{since}) in {run_dir}")
-    t0 = time.perf_counter()
     ema = trainer.fit()
     extra = {"lambda": objective.lambdas} if isinstance(objective, DualObjective) else {}
     save_model(model_dir, ema, schedule, key=_key(key), data=data, shape=list(x.shape[1:]),
                value_range=value_range(x), steps=trainer.step,
-               train_seconds=round(time.perf_counter() - t0, 1), **extra, **meta)
+               train_seconds=round(trainer.seconds, 1), **extra, **meta)  # over every session
     io.drop_replaced(run_dir.parent, [run_dir.name])
     return ema.eval(), io.load_config(model_dir)
 

@@ -50,8 +50,8 @@ def first_rows(shape: Sequence[int], rows: int, sigma_y: float) -> Inpainting:
 
 def sparse_points(shape: Sequence[int], fraction: float, sigma_y: float, seed: int = 0) -> Inpainting:
     """Observe ``fraction`` of the grid points of ``(C, H, W)`` images (all channels), drawn with ``seed``."""
-    if not 0 < float(fraction) <= 1:
-        raise ValueError(f"sparse_points: fraction must lie in (0, 1], got {fraction}")
+    fraction = checks.number("sparse_points: fraction", fraction, "(0, 1]")
+    seed = checks.seed("sparse_points: seed", seed)
     C, H, W = _shape3("sparse_points", shape)
     k = max(1, round(fraction * H * W))
     if k == H * W:

@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from condiff.constraints import Distance
+from condiff.constraints import Distance, check_eval_mode, check_sign
 from condiff.guidance import DPS
 from condiff.guidance.base import check_scalar
-from condiff.mirror.map import MirrorMap
+from condiff.mirror.map import MirrorMap, check_mirror
 from condiff.operators import Operator
 
 Loss = Callable[[Tensor], Tensor]
@@ -34,9 +34,25 @@ def normalised_measurement_loss(operator: Operator, y: Tensor) -> Loss:
 def with_constraint(loss: Loss, constraint: Distance, weight: float = 200.0) -> Loss:
     """Constraint-guided loss ``loss(x) + weight * l(x)`` (the NAMM paper's baseline uses 200)."""
     weight = check_scalar("constraint weight", weight)  # a number, or a (B,) tensor of per-sample weights
-    return lambda x: loss(x) + weight * constraint(x)
+    if not callable(constraint):
+        raise TypeError(f"the guiding constraint must be a distance x -> (B,), a callable, got "
+                        f"{type(constraint).__name__}")
+    check_eval_mode(constraint, "a guiding constraint")
+
+    def guided(x: Tensor) -> Tensor:
+        dist = constraint(x)
+        if not isinstance(dist, Tensor) or dist.shape != (x.shape[0],):
+            got = tuple(dist.shape) if isinstance(dist, Tensor) else type(dist).__name__
+            raise ValueError(f"the guiding constraint must return one distance per sample, shape ({x.shape[0]},), "
+                             f"got {got}")
+        if dist.device.type == "cpu":  # read at once on the CPU only (a GPU would wait at every step)
+            check_sign(dist.detach(), "the guiding constraint")
+        return loss(x) + weight * dist
+
+    return guided
 
 
 def mirror_dps(mirror: MirrorMap, loss: Loss, zeta: float) -> DPS:
     """DPS in mirror space: the data-space ``loss`` is applied to ``f(y0_hat)``."""
+    check_mirror("mirror_dps", mirror)
     return DPS(lambda y0: loss(mirror.inverse_map(y0)), zeta)

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from condiff import io
+from condiff import checks, io
 from condiff.constraints import Distance, check_distance
 from condiff.data import value_range
 from condiff.denoiser import NetDenoiser
-from condiff.mirror.map import MirrorMap, save_mirror
+from condiff.mirror.map import MirrorMap, check_mirror, save_mirror
 from condiff.mirror.objective import FinetuneObjective, NAMMLoss, NAMMObjective
 from condiff.models import save_model
 from condiff.nets import build_net
@@ -34,6 +34,22 @@ MIRROR_TRAIN = {
     "ema_decay": 0.999,
     "ckpt_every": 500,
 }
+
+
+def _check_inputs(where: str, x: object, tcfg: object, mirror: object = True, weights: object = None) -> None:
+    """The data (a finite floating-point tensor), the settings and, where given, the map and the loss weights
+    of a fitting function, checked before the constraint is tried on the data (which blamed it for NaN data)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: the data x must be a torch tensor (N, C, H, W), got {type(x).__name__}")
+    checks.finite_rows(f"{where}: the data x", x)
+    if not isinstance(tcfg, TrainConfig):
+        raise TypeError(f"{where} needs its training settings as a TrainConfig (TrainConfig(steps=...), or "
+                        f"TrainConfig.from_dict(d) for a dict), got {type(tcfg).__name__}")
+    if mirror is not True:
+        check_mirror(where, mirror)
+    if weights is not None and not isinstance(weights, NAMMLoss):
+        raise TypeError(f"{where}: weights are a NAMMLoss (NAMMLoss(l_con=1.0), or NAMMLoss.from_dict(d)), got "
+                        f"{type(weights).__name__}")
 
 
 def _probe(constraint: Distance, x: Tensor) -> None:
@@ -70,11 +86,19 @@ def build_mirror(
     """A fresh mirror map for per-sample ``shape = (C, H, W)``; ``psi`` / ``inverse`` are net configs
     whose channel entries are filled in from ``shape``. ``saved_by``: what they were read from, where a net of
     one's own runs its file only if trusted (:func:`condiff.nets.build_net`)."""
-    if len(shape) != 3:
-        raise ValueError(f"build_mirror: shape is one sample's (C, H, W), got {tuple(shape)}")
-    down = int(inverse.get("downsamples", 2)) if inverse.get("name", "resnet") == "resnet" else 0
-    if down < 0 or any(int(n) % 2**down for n in shape[1:]):  # before a deep net is built
-        raise ValueError(f"mirror.inverse.downsamples = {down} needs H and W divisible by {2**max(down, 0)}, "
+    if not isinstance(shape, tuple | list | torch.Size) or len(shape) != 3 or not all(
+            checks.is_integer(n, 1) for n in shape):
+        raise ValueError(f"build_mirror: shape is one sample's (C, H, W), whole numbers >= 1, got {shape!r}")
+    shape = tuple(int(n) for n in shape)
+    for what, cfg in (("psi", psi), ("inverse", inverse)):
+        if not isinstance(cfg, dict):
+            raise TypeError(f"build_mirror: {what} is a net's settings, a dict such as {{'name': "
+                            f"'{'icnn' if what == 'psi' else 'resnet'}'}}, got {type(cfg).__name__}")
+    seed = checks.seed("build_mirror: seed", seed)
+    down = inverse.get("downsamples", 2) if inverse.get("name", "resnet") == "resnet" else 0
+    down = checks.integer("mirror.inverse.downsamples", down, 0)
+    if any(n % 2**down for n in shape[1:]):  # before a deep net is built
+        raise ValueError(f"mirror.inverse.downsamples = {down} needs H and W divisible by {2**down}, "
                          f"got {shape[1]}x{shape[2]}")
     c = shape[0]
     with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's random stream left as it was
@@ -102,6 +126,7 @@ def fit_mirror_map(
 
     With ``run_dir`` the map is also saved to ``run_dir/mirror``.
     """
+    _check_inputs("fit_mirror_map", x, tcfg, mirror=mirror, weights=weights)
     _probe(constraint, x)
     weights = weights or NAMMLoss()
     meta = {"mirror": mirror.config, "loss": vars(weights), "constraint": constraint_entry(constraint), **(meta or {})}
@@ -141,6 +166,14 @@ def train_diffusion(
     With ``run_dir`` the EMA model is saved to ``run_dir/model`` (loadable with
     :func:`condiff.models.load_denoiser`).
     """
+    _check_inputs("train_diffusion", x, tcfg)
+    if not isinstance(net_cfg, dict):
+        raise TypeError(f"train_diffusion: net_cfg is the net's settings, a dict such as {{'name': 'unet'}}, got "
+                        f"{type(net_cfg).__name__}")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"train_diffusion needs a noise schedule (a condiff.schedule.Schedule, e.g. "
+                        f"Schedule.linear(1000)), got {type(schedule).__name__}")
+    seed = checks.seed("train_diffusion: seed", seed)
     with torch.random.fork_rng(devices=[]):  # seeded weights (and dropout); the caller's stream left as it was
         torch.manual_seed(seed)
         net = build_net(net_cfg, saved_by)
@@ -175,6 +208,8 @@ def finetune_inverse(
     """Fine-tune ``f`` on mirror-model samples ``y_mdm`` (forward map frozen); returns a new
     :class:`MirrorMap`: a copy of ``Psi``, unchanged, with the fine-tuned EMA inverse (saved to
     ``run_dir/mirror``). ``mirror`` itself is left as it was."""
+    _check_inputs("finetune_inverse", x, tcfg, mirror=mirror, weights=weights)
+    checks.finite_rows("the mirror-model samples y_mdm", y_mdm)
     _probe(constraint, x)
     weights = weights or NAMMLoss()
     f = copy.deepcopy(mirror.inverse).train().requires_grad_(True)

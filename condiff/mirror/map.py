@@ -38,9 +38,15 @@ class MirrorMap(nn.Module):
 
     def __init__(self, psi: nn.Module, inverse: nn.Module, a: float = 0.9) -> None:
         super().__init__()
-        if not 0.0 < float(a) < 1.0:
+        if not (isinstance(psi, nn.Module) and callable(getattr(psi, "clamp_weights", None))):
+            raise TypeError("mirror map: psi must be an input-convex network, whose clamp_weights() keeps it convex "
+                            f"(condiff.nets.ICNN, net name 'icnn'), got {type(psi).__name__}")
+        if not isinstance(inverse, nn.Module):
+            raise TypeError(f"mirror map: the inverse must be a network (a torch.nn.Module), got "
+                            f"{type(inverse).__name__}")
+        if not (checks.is_number(a) and 0.0 < float(a) < 1.0):
             raise ValueError(
-                f"mirror map: a must lie in (0, 1) (strong convexity, and Psi must matter), got {a}"
+                f"mirror map: a must lie in (0, 1) (strong convexity, and Psi must matter), got {a!r}"
             )
         self.psi, self.inverse, self.a = psi, inverse, float(a)
 
@@ -111,16 +117,36 @@ class MirrorMap(nn.Module):
 
 
 def save_mirror(path: str | Path, mirror: MirrorMap, **meta) -> Path:
-    """Write a mirror map as a directory: ``config.json`` + ``model.safetensors``."""
-    return io.save_module(path, mirror, {"format": FORMAT, "mirror": mirror.config, **meta})
+    """Write a mirror map as a directory: ``config.json`` + ``model.safetensors`` (``meta`` recorded beside;
+    a dtype other than float32 is recorded and restored by :func:`load_mirror`)."""
+    check_mirror("save_mirror", mirror)
+    if taken := sorted({"format", "mirror", "dtype", "versions"} & set(meta)):
+        raise ValueError(f"save_mirror: {', '.join(taken)} are the map's own entries; name your own otherwise")
+    return io.save_module(path, mirror, {"format": FORMAT, "mirror": mirror.config, **io.dtype_entry(mirror), **meta})
+
+
+def check_mirror(where: str, mirror: object) -> None:
+    """Refuse anything but a :class:`MirrorMap` where one is expected, in one line."""
+    if not isinstance(mirror, MirrorMap):
+        raise TypeError(f"{where} needs a mirror map (a condiff.mirror.MirrorMap, e.g. from build_mirror or "
+                        f"load_mirror), got {type(mirror).__name__}")
 
 
 def load_mirror(path: str | Path, device: str | torch.device = "cpu") -> tuple[MirrorMap, dict]:
-    """Rebuild a saved mirror map; returns ``(mirror, config)``. No code is unpickled."""
+    """Rebuild a saved mirror map; returns ``(mirror, config)``. ``path``: the map's directory, or the
+    ``run_dir`` :func:`~condiff.mirror.fit_mirror_map` wrote it into (its ``mirror/``). No code is unpickled."""
+    checks.device("device", device)
+    path = Path(path)
+    if not (path / io.CONFIG).is_file() and (path / "mirror" / io.CONFIG).is_file():  # a fit's run_dir
+        path = path / "mirror"
+    if (path / "namm" / "mirror").is_dir():  # a `condiff namm fit` run: which map is the user's to say
+        raise io.CheckpointError(f"{path} is a NAMM run; its maps are {path / 'namm' / 'mirror'} (fitted) and "
+                                 f"{path / 'finetune' / 'mirror'} (fine-tuned, once made)")
     cfg = io.load_config(path)
     if cfg.get("format") != FORMAT:
         raise io.CheckpointError(f"{path} is not a NAMM mirror map (format {cfg.get('format')!r})")
     with io.reading_config(path):
         mirror = MirrorMap.from_config(cfg["mirror"], f"the mirror map at {path}").to(device)
+    mirror = io.to_recorded_dtype(mirror, cfg, path)
     io.load_state_into(mirror, path)
     return mirror.eval(), cfg

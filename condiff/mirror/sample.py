@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from condiff import checks
 from condiff.constraints import check_sign
 from condiff.denoiser import Denoiser
-from condiff.mirror.map import MirrorMap
+from condiff.mirror.map import MirrorMap, check_mirror
 from condiff.sample import generate
 
 
@@ -20,6 +21,7 @@ def mirror_generate(
     the CPU, ``(n, *shape)``. Keyword arguments go to :func:`condiff.sample.generate` (``steps``,
     ``eta``, ``generator``, ``device``, ``guidance``, ...).
     """
+    check_mirror("mirror_generate", mirror)  # before the samples are drawn, not after
     y = generate(denoiser, n, shape, batch_size=batch_size, **kw)
     return mirror.to_data(y, batch_size), y
 
@@ -49,7 +51,10 @@ def data_violation(constraint, x: Tensor, n: int = 512, seed: int = 0, device: s
     "nothing like the set"). ``satisfied`` is False when the data's median is not well below (a quarter
     of) the noise's: such data leave the mirror map a constraint they do not meet themselves.
     """
-    g = torch.Generator().manual_seed(seed)
+    n = checks.integer("data_violation: n", n, 1)
+    if len(x) == 0:
+        raise ValueError("data_violation: no data to measure (x is empty)")
+    g = torch.Generator().manual_seed(checks.seed("data_violation: seed", seed))
     pick = x[torch.randperm(len(x), generator=g)[:n]]
     clean = batched_distance(constraint, pick, device=device).double()
     noise = float(x.mean()) + float(x.std()) * torch.randn(pick.shape, generator=g)
