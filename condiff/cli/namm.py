@@ -240,6 +240,8 @@ PROFILE_FAMILIES = {
     "default": {"brightness": {"loss": {"l_con": 0.01 * (64 / 32) ** 2}}},
 }
 STAGES_KEPT = "finished stages are kept and an unfinished one resumes from its newest checkpoint: rerun the command"
+SETS_KEPT = ("finished stages and sample sets are kept (a stage cut short resumes from its newest checkpoint, a "
+             "sample set is drawn again): rerun the command")
 GENERIC_ASSIMILATION = {"obs": "points", "fraction": 0.1, "noise": 0.05}
 
 
@@ -1037,7 +1039,7 @@ def add_parser(sub, name: str) -> None:
         _settings_args(q, {"sample": "sample.steps=50", "finetune": "finetune.steps=2000",
                            "assimilate": "assimilate.zeta=0.5"}[cmd])
         _common(q)
-        q.set_defaults(func=fn, interrupted=STAGES_KEPT)
+        q.set_defaults(func=fn, interrupted=STAGES_KEPT if cmd == "finetune" else SETS_KEPT)
         if cmd == "sample":
             q.add_argument(
                 "--n", type=int, default=None, help="samples per model (default: the run's sample.n)"
