@@ -330,9 +330,12 @@ def _check_rule_output(rule: object, x: object, step: Step, values: bool, at_end
             raise FloatingPointError(f"the guidance rule {name} returned non-finite values (NaN or inf) by the end of "
                                      "sampling: the denoiser's predictions, or the rule's steps (lower its step size)")
         where = f"at step {step.i} (t = {step.t_host})"
-        if not bool(torch.isfinite(step.eps_hat).all()):  # the model's own prediction: not the rule's doing
-            raise FloatingPointError(f"the denoiser's prediction is not finite (NaN or inf) {where}, so the guidance "
-                                     f"rule {name} could not be: check the model")
+        if not bool(torch.isfinite(step.eps_hat).all()):  # the model's own prediction
+            big = float(step.x_t.detach().abs().nan_to_num(nan=float("inf")).max())
+            why = ("the rule's earlier steps took x_t that far out: lower its step size (zeta, rate)" if big > 100
+                   else "check the model")  # x_t is about N(0, 1) at every step of a sane chain
+            raise FloatingPointError(f"the denoiser's prediction is not finite (NaN or inf) {where}, at x_t of "
+                                     f"largest |x| {big:.3g}, so the guidance rule {name} could not be: {why}")
         raise FloatingPointError(f"the guidance rule {name} returned non-finite values (NaN or inf) {where}, from a "
                                  "finite prediction: lower its step size (zeta, rate), or check its loss there")
 

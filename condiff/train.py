@@ -425,9 +425,10 @@ class Trainer:
             warnings.warn(f"the learning-rate warm-up ({cfg.warmup} steps) is longer than the run ({cfg.steps} "
                           f"steps), so the learning rate never reaches {cfg.lr:g}: set a shorter warm-up "
                           "(the training settings' warmup, e.g. --set train.warmup=0)", stacklevel=2)
-        if self.step == 0 and self.ckpt_root is not None and (old := list_checkpoints(self.ckpt_root)):
-            # a run from step 0 would prune its own checkpoints under the older, higher ones and overwrite the log
-            raise FileExistsError(f"{self.run_dir} holds the checkpoints of another run (the newest {old[-1].name}): "
+        ahead = [c for c in list_checkpoints(self.ckpt_root) if _step_of(c) > self.step] if (
+            self.step == 0 and self.ckpt_root is not None and self.dist.main) else []  # (rank 0 clears a --fresh)
+        if ahead:  # a run from step 0 would prune its own checkpoints under these higher ones and overwrite the log
+            raise FileExistsError(f"{self.run_dir} holds the checkpoints of another run (the newest {ahead[-1].name}): "
                                   "call resume() first to go on from them (resume=True where a function takes it), "
                                   "or give an empty directory")
         if self.run_dir is not None and self.dist.main:
@@ -550,6 +551,12 @@ def _finite_sum(rows: list[tuple[Tensor, Tensor]], first: int) -> float:
         raise FloatingPointError(f"the gradient norm became {gnorm} at step {step} (the loss is {value:.4g}); "
                                  "try a lower learning rate")
     return float(vals[:, 0].sum())
+
+
+def _step_of(checkpoint: Path) -> int:
+    """The step of a checkpoint directory ``step_XXXXXXXX`` (-1 for a name that holds none)."""
+    tail = checkpoint.name.removeprefix("step_")
+    return int(tail) if tail.isdigit() else -1
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

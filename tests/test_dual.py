@@ -1207,3 +1207,36 @@ def test_cli_experiment_takes_back_the_model_an_unfinished_fresh_set_aside(tmp_p
     assert "restored the model of these settings" in err and "training constrained" not in err
     assert {q.name: q.read_bytes() for q in (out / "constrained" / "model").iterdir()} == model
     assert not (out / ".replaced").exists()
+
+
+def test_resuming_dual_training_under_other_constraints_is_refused(tmp_path):
+    """Only the number of constraints was checked: the lambdas of "a" went on as those of "b", and new bounds
+    were taken without a word."""
+    s, x = Schedule.linear(50), torch.randn(64, 2)
+    qa, qb = torch.randn(32, 2) + 2, torch.randn(32, 2) - 2
+
+    def trainer(cs, steps):
+        obj = DualObjective(x, cs, s, 16, DualConfig(every=5, batch_size=32))
+        return Trainer(TimeMLP(2, hidden=8, depth=1), obj,
+                       TrainConfig(steps=steps, warmup=0, ckpt_every=10, progress=False), tmp_path)
+
+    trainer([Constraint("a", qa, 0.3), Constraint("b", qb, 0.3)], 10).fit()
+    renamed = [Constraint("b", qb, 0.3), Constraint("zzz", x, 0.3)]
+    rebound = [Constraint("a", qa, 0.3), Constraint("b", qb, 0.9)]
+    for cs, msg in ((renamed, r"names \['a', 'b'\] \(now \['b', 'zzz'\]\)"),
+                    (rebound, r"bounds \[0.3, 0.3\] \(now \[0.3, 0.9\]\)")):
+        with pytest.raises(ValueError, match=rf"dual variables were written for other constraints \({msg}\)"):
+            trainer(cs, 20).resume()
+    assert trainer([Constraint("a", qa * 1.1, 0.3), Constraint("b", qb, 0.3)], 20).resume()  # more or other data: on
+
+
+def test_dual_objective_names_arguments_of_the_wrong_kind():
+    s, x = Schedule.linear(50), torch.randn(16, 2)
+    c = Constraint("a", torch.randn(8, 2), 0.1)
+    for args, kind, msg in (((x, [c], s, 8, {"every": 5}), TypeError, "settings are a DualConfig .*got dict"),
+                            ((ArrayData(x), [c], s, 8), TypeError, r"a torch tensor \(N, \.\.\.\) \(its \.x\)"),
+                            ((x, c, s, 8), TypeError, "constraints must be a list of condiff.dual.Constraint"),
+                            ((x, [("a", x, 0.1)], s, 8), TypeError, "got tuple"),
+                            ((x, [c], None, 8), TypeError, "needs the noise schedule")):
+        with pytest.raises(kind, match=msg):
+            DualObjective(*args)

@@ -484,8 +484,20 @@ def test_a_non_finite_guided_step_is_put_down_to_the_model_or_the_rule_and_read_
 
     g = torch.Generator
     with pytest.raises(FloatingPointError, match=r"the denoiser's prediction is not finite \(NaN or inf\) at step 2 "
-                                                 r"\(t = 24\), so the guidance rule passes could not be"):
+                                                 r"\(t = 24\), at x_t of largest \|x\| .*, so the guidance rule passes "
+                                                 "could not be: check the model"):
         guided_sample(Broken(Schedule.linear(50)), passes, (2, 3), 5, generator=g().manual_seed(0))
+
+    class FarOut(Denoiser):  # finite wherever a chain goes, NaN far beyond
+        def predict_eps(self, x_t, t):
+            return torch.where(x_t.abs() > 1e6, float("nan"), 0.0)
+
+    def throws(step):  # a step far too large, still finite
+        return step.sample() * (1e20 if step.i == 1 else 1.0)
+
+    with pytest.raises(FloatingPointError, match=r"at x_t of largest \|x\| .*e\+.*: the rule's earlier steps took x_t "
+                                                 "that far out: lower its step size"):
+        guided_sample(FarOut(Schedule.linear(50)), throws, (2, 3), 5, generator=g().manual_seed(0), clip_x0=None)
     den = GaussianDenoiser(Schedule.linear(50), mean=0.0, std=1.0)
 
     def blows_up(step):

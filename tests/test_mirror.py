@@ -810,6 +810,17 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert err.count("\n") == 1, err
     assert {p: p.read_bytes() for p in (run / "assimilate").iterdir()} == before
 
+    def step_too_large(*a, **k):  # the sampler's own check of a DPS step, named in the settings' words
+        raise FloatingPointError("the guidance rule DPS returned non-finite values (NaN or inf) at step 3")
+
+    monkeypatch.setattr(namm_cli, "assimilate", step_too_large)
+    assert main(["namm", "assimilate", "--run", str(run), "--set", "assimilate.n=2", "--set", "assimilate.steps=5",
+                 "--set", "assimilate.zeta=3", "--no-baselines", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert ("mirror DPS diverged (the guidance rule DPS returned non-finite values (NaN or inf) at step 3): lower "
+            "assimilate.zeta (now 3)") in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in (run / "assimilate").iterdir()} == before
+
 
 def test_violation_grid_gives_a_map_column_only_to_methods_with_maps(tmp_path):
     from PIL import Image
@@ -1684,6 +1695,13 @@ def test_a_second_fit_into_a_run_dir_of_checkpoints_is_refused_unless_it_resumes
         fit_mirror_map(x, con, _tiny_mirror(), cfg, run_dir=tmp_path)
     assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
     fit_mirror_map(x, con, _tiny_mirror(), cfg, run_dir=tmp_path, resume=True)  # a finished run: reused as it is
+    from condiff.train import DenoisingObjective
+
+    tr = Trainer(build_net({"name": "mlp", "dim": 2, "hidden": 8, "depth": 1}),
+                 DenoisingObjective(torch.randn(16, 2), Schedule.linear(10), 4), cfg, tmp_path / "own")
+    tr.save()  # its own initial weights, at step 0: not another run's
+    tr.fit()
+    assert [c.name for c in list_checkpoints(tmp_path / "own")][-1] == "step_00000004"
 
 
 def test_the_mirror_api_names_what_it_was_given_wrong():
@@ -1728,7 +1746,9 @@ def test_a_mirror_map_keeps_its_dtype_and_loads_from_the_run_dir_it_was_fitted_i
     back, _ = load_mirror(tmp_path / "run")  # the run_dir fit_mirror_map wrote it into
     assert next(back.parameters()).dtype == torch.float64
     (tmp_path / "namm-run" / "namm" / "mirror").mkdir(parents=True)
-    with pytest.raises(Exception, match=r"is a NAMM run; its maps are .*namm/mirror \(fitted\)"):
+    from condiff.io import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"is a NAMM run; its maps are .*namm/mirror \(fitted\)"):
         load_mirror(tmp_path / "namm-run")
 
 

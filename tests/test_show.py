@@ -188,6 +188,10 @@ def test_show_notes_namm_stages_and_results_made_from_a_stage_since_replaced(nam
     tiny = ["--set", "sample.steps=2", "--set", "finetune.steps=2", "--set", "finetune.n=4", "--quiet"]
     assert main(["namm", "sample", "--run", "run", "--n", "4", "--no-finetuned", *tiny]) == 0
     assert main(["namm", "finetune", "--run", "run", *tiny]) == 0  # made after results that did not use it
+    assert main(["namm", "assimilate", "--run", "run", "--no-baselines", "--set", "assimilate.steps=2", "--set",
+                 "assimilate.n=2", "--quiet"]) == 0
+    made = json.loads((namm_run / "assimilate" / "metrics.json").read_text())["made_from"]
+    assert set(made) == {"namm", "mdm", "finetune"}  # what mirror DPS used (no baselines: no vanilla)
     rc, out, _ = _show(capsys, "run")
     assert rc == 0 and "made from another" not in out
     # the mirror map made again with other settings: the fit remakes the mdm; the fine-tuning and the
@@ -196,12 +200,16 @@ def test_show_notes_namm_stages_and_results_made_from_a_stage_since_replaced(nam
     rc, out, _ = _show(capsys, "run")
     notes = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("note:")]
     assert notes == [
-        "note: finetune/ was made from another mdm/ than the one there now: it describes what that replaced "
+        "note: finetune/ was made from another namm/, mdm/ than the one there now: it describes what that replaced "
         "(condiff namm finetune --run run --fresh makes it again)",
         "note: samples/metrics.json was made from another namm/, mdm/ than the one there now (condiff namm sample "
-        "--run run makes it again once the stages above are made again)"]
+        "--run run --n 4 --no-finetuned makes it again once the stages above are made again)",
+        "note: assimilate/metrics.json was made from another namm/, mdm/ than the one there now (condiff "
+        "namm assimilate --run run --obs points --no-baselines makes it again once the stages above are made again)"]
     assert main(["namm", "finetune", "--run", "run", "--fresh", *tiny]) == 0
     assert main(["namm", "sample", "--run", "run", "--n", "4", *tiny]) == 0
+    assert main(["namm", "assimilate", "--run", "run", "--no-baselines", "--set", "assimilate.steps=2", "--set",
+                 "assimilate.n=2", "--quiet"]) == 0
     rc, out, _ = _show(capsys, "run")
     assert "note:" not in out
 

@@ -1017,7 +1017,7 @@ def add_parser(sub, name: str) -> None:
     )
     f.add_argument("--profile", default=None, choices=sorted(PROFILES),
                    help="quick: 16x16, tiny nets, the CPU benchmark; default: 32x32; full: 64x64, the paper's "
-                        "networks, for a GPU (default: default)")
+                        "networks, for a GPU (default: default; with --resume, the run's)")
     f.add_argument("--config", metavar="TOML", help="TOML file with tables of the sections --set takes")
     f.add_argument("--out", default=None, help="run directory (default: runs/namm-<data>)")
     f.add_argument("--no-baseline", action="store_true", help="skip the vanilla diffusion model")
@@ -1141,9 +1141,9 @@ def _recorded_fit(args: argparse.Namespace) -> tuple[dict, Path]:
         raise ValueError(f"--resume goes on with the settings the run records; it was fitted with --profile "
                          f"{cfg.get('profile')}, not {args.profile}")
     args.data = str(cfg["data"].get("name"))
-    made = cfg.get("baseline", (root / "vanilla").is_dir())  # runs fitted before it was recorded: as they lie
-    if made is False:
+    if cfg.get("baseline", (root / "vanilla").is_dir()) is False:  # runs fitted before it was recorded: as they lie
         args.no_baseline = True
+    args.baseline_guessed = "baseline" not in cfg  # not recorded then: a guess is not written down as a fact
     return cfg, root
 
 
@@ -1161,7 +1161,8 @@ def run_fit(args: argparse.Namespace) -> int:
         named = {tuple(parse_override(o, SECTIONS, nested=True)[0]) for o in args.overrides or []}
         cfg = keep_later_settings(cfg, root, named | (set(_leaf_paths(read_toml(args.config, SECTIONS)))
                                                       if args.config else set()))
-    cfg["baseline"] = not args.no_baseline  # what the fit makes: sample and assimilate make a missing baseline
+    if not getattr(args, "baseline_guessed", False):  # what the fit makes: sample and assimilate make a missing one
+        cfg["baseline"] = not args.no_baseline
     run = NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet, saved_by)  # checks the settings
     run.resuming = args.resume
     run.preflight(["namm", "mdm"] + ([] if args.no_baseline else ["vanilla"]))  # before config.json changes

@@ -144,29 +144,31 @@ def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
     return out
 
 
-# a NAMM run's stages made from another one (whose settings are part of theirs), and how each is made again
-_NAMM_UPSTREAM = {"mdm": "namm", "finetune": "mdm"}
+# a NAMM run's stages made from others (whose settings are part of theirs), and how each is made again
+_NAMM_UPSTREAM = {"mdm": ("namm",), "finetune": ("namm", "mdm")}
 _NAMM_REDO = {"mdm": "condiff namm fit --out {run} --resume --fresh",
-              "finetune": "condiff namm finetune --run {run} --fresh", "samples": "condiff namm sample --run {run}",
-              "assimilate": "condiff namm assimilate --run {run}"}
+              "finetune": "condiff namm finetune --run {run} --fresh"}
 
 
 def _namm_stale(p: Path) -> list[str]:
     """Notes on the stages and results of NAMM run ``p`` made from a stage that has since been made again with
     other settings (a --fresh, a fit with other settings): they describe the stage it replaced. A stage's settings
-    hold those of the stage it is made from; a result records the stages it used (``made_from``)."""
+    hold those of the stages it is made from; a result records the stages it used (``made_from``)."""
     from .namm import comparable, spec_digest
 
     specs = {s: json_table(p / s / "stage.json").get("spec") for s in ("namm", "mdm", "vanilla", "finetune")}
     notes, stale = [], []
-    for down, up in _NAMM_UPSTREAM.items():
-        d, u = specs[down], specs[up]
-        if isinstance(d, dict) and isinstance(u, dict) and comparable({k: d.get(k) for k in u}) != comparable(u):
+    for down, ups in _NAMM_UPSTREAM.items():
+        d = specs[down]
+        gone = [u for u in ups if isinstance(d, dict) and isinstance(specs[u], dict)
+                and comparable({k: d.get(k) for k in specs[u]}) != comparable(specs[u])]
+        if gone:
             stale.append(down)
-            notes.append(f"{down}/ was made from another {up}/ than the one there now: it describes what that "
-                         f"replaced ({_NAMM_REDO[down].format(run=p)} makes it again)")
+            notes.append(f"{down}/ was made from another {', '.join(f'{u}/' for u in gone)} than the one there now: "
+                         f"it describes what that replaced ({_NAMM_REDO[down].format(run=p)} makes it again)")
     for res in ("samples", "assimilate"):
-        made = json_table(p / res / "metrics.json").get("made_from")
+        table = json_table(p / res / "metrics.json")
+        made = table.get("made_from")
         if not isinstance(made, dict):
             continue  # none recorded (a result written before it was)
         gone = [s for s in _STAGE_ORDER if s in made and (not isinstance(specs.get(s), dict)
@@ -174,8 +176,24 @@ def _namm_stale(p: Path) -> list[str]:
         if gone:
             first = " once the stages above are made again" if stale else ""
             notes.append(f"{res}/metrics.json was made from another {', '.join(f'{s}/' for s in gone)} than the "
-                         f"one there now ({_NAMM_REDO[res].format(run=p)} makes it again{first})")
+                         f"one there now ({_namm_redo_result(p, res, table)} makes it again{first})")
     return notes
+
+
+def _namm_redo_result(p: Path, res: str, table: dict) -> str:
+    """The command that makes a NAMM run's samples/ or assimilate/ results again as they were asked for (the
+    sets, their size, the observation and methods its metrics.json records)."""
+    if res == "samples":
+        sets = [k for k in table if isinstance(table[k], dict) and k not in ("data (held-out)", "made_from")]
+        n = next((table[k].get("n") for k in sets if isinstance(table[k].get("n"), int)), None)
+        flags = ([f"--n {n}"] if n else []) + ([] if "mdm_ft" in sets else ["--no-finetuned"]) + (
+            ["--guided"] if "guided" in sets else [])
+        return " ".join([f"condiff namm sample --run {p}", *flags])
+    methods = table.get("methods") if isinstance(table.get("methods"), dict) else {}
+    obs = (table.get("settings") or {}).get("obs") if isinstance(table.get("settings"), dict) else None
+    flags = ([f"--obs {obs}"] if isinstance(obs, str) else []) + (["--no-baselines"] if list(methods) == ["mirror DPS"]
+                                                                   else [])
+    return " ".join([f"condiff namm assimilate --run {p}", *flags])
 
 
 def _settings(cfg: dict) -> dict:

@@ -15,6 +15,7 @@ process holds the same ``lambda``.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -183,9 +184,23 @@ class DualObjective:
 
     def __init__(self, x: Tensor, constraints: Sequence[Constraint], schedule: Schedule, batch_size: int,
                  cfg: DualConfig | None = None) -> None:
+        if cfg is not None and not isinstance(cfg, DualConfig):
+            raise TypeError(f"DualObjective's settings are a DualConfig (DualConfig(every=...), or "
+                            f"DualConfig.from_dict(d) for a dict), got {type(cfg).__name__}")
         self.cfg = cfg or DualConfig()
+        if not isinstance(x, Tensor):
+            hint = " (its .x)" if isinstance(getattr(x, "x", None), Tensor) else ""
+            raise TypeError(f"objective data must be a torch tensor (N, ...){hint}, got {type(x).__name__}")
         if x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(f"objective data must be a non-empty (N, ...) tensor, got {tuple(x.shape)}")
+        if isinstance(constraints, Constraint) or not isinstance(constraints, list | tuple) or not all(
+                isinstance(c, Constraint) for c in constraints):
+            got = type(constraints).__name__ if not isinstance(constraints, list | tuple) else \
+                ", ".join(sorted({type(c).__name__ for c in constraints}))
+            raise TypeError(f"constraints must be a list of condiff.dual.Constraint(name, x, bound), got {got}")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"DualObjective needs the noise schedule (a condiff.schedule.Schedule), got "
+                            f"{type(schedule).__name__}")
         checks.finite_rows("objective data", x)
         batch_size = checks.integer("batch_size", batch_size, 1)
         names = [c.name for c in constraints]
@@ -202,6 +217,10 @@ class DualObjective:
         self.constraints = list(constraints)
         self.names = names
         self.bounds = torch.tensor([float(c.bound) for c in constraints], dtype=torch.float64)
+        # what a checkpoint records of the constraints (with their bounds), so that a resume under others is refused:
+        # their lambdas would be carried over to constraints they were never for. A constraint's data may change
+        # (`dual train --resume` after its table drew more samples)
+        self._setup = {"names": names}
         zero = [c.name for c in constraints if c.bound == 0]
         if zero and self.cfg.lr > 0:  # allowed for a fixed lambda (dual.lr = 0), where no update reads it
             warnings.warn(f"constraint(s) {zero}: a bound of 0 can never hold (a denoising loss is positive), so "
@@ -260,9 +279,10 @@ class DualObjective:
         return self.logs()
 
     def state_dict(self) -> dict[str, Tensor]:
+        setup = torch.frombuffer(bytearray(json.dumps(self._setup).encode()), dtype=torch.uint8)
         return {"lambda": self.lam.clone(), "estimate": self.estimate.clone(),
                 "objective_estimate": self.objective_estimate.clone().reshape(1),
-                "bounds": self.bounds.clone()}
+                "bounds": self.bounds.clone(), "setup": setup}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if "lambda" not in state:
@@ -271,9 +291,26 @@ class DualObjective:
         if lam.shape != self.lam.shape:
             raise ValueError(f"checkpoint holds {lam.numel()} dual variables but this run has "
                              f"{self.lam.numel()} constraints ({self.names})")
+        self._check_same_constraints(state)
         self.lam = lam.clone()
         self.estimate = state["estimate"].detach().cpu().double().clone()
         self.objective_estimate = state["objective_estimate"].detach().cpu().double().reshape(())
+
+    def _check_same_constraints(self, state: dict[str, Tensor]) -> None:
+        """Refuse dual variables written for other constraints (other names or bounds; checkpoints written before
+        the names were kept are checked by their bounds)."""
+        differ = []
+        if "setup" in state:
+            saved = json.loads(bytes(state["setup"].cpu().to(torch.uint8).tolist()).decode())
+            if saved.get("names") != self._setup["names"]:
+                differ.append(f"names {saved.get('names')} (now {self._setup['names']})")
+        if "bounds" in state and not torch.equal(state["bounds"].detach().cpu().double(), self.bounds):
+            differ.append(f"bounds {[round(float(b), 6) for b in state['bounds']]} (now "
+                          f"{[round(float(b), 6) for b in self.bounds]})")
+        if differ:
+            raise ValueError(f"this checkpoint's dual variables were written for other constraints "
+                             f"({'; '.join(differ)}): resume with the constraints it was trained under, or start a new "
+                             "run directory")
 
     # --- dual step -------------------------------------------------------------------------------
     def dual_update(self, model: nn.Module, step: int) -> Tensor:

@@ -15,7 +15,7 @@ from condiff import checks, io
 from condiff.constraints import Distance, check_distance
 from condiff.data import value_range
 from condiff.denoiser import NetDenoiser
-from condiff.mirror.map import MirrorMap, check_mirror, save_mirror
+from condiff.mirror.map import MirrorMap, check_mirror, check_own_entries, save_mirror
 from condiff.mirror.objective import FinetuneObjective, NAMMLoss, NAMMObjective
 from condiff.models import save_model
 from condiff.nets import build_net
@@ -36,7 +36,8 @@ MIRROR_TRAIN = {
 }
 
 
-def _check_inputs(where: str, x: object, tcfg: object, mirror: object = True, weights: object = None) -> None:
+def _check_inputs(where: str, x: object, tcfg: object, mirror: object = True, weights: object = None,
+                  meta: dict | None = None) -> None:
     """The data (a finite floating-point tensor), the settings and, where given, the map and the loss weights
     of a fitting function, checked before the constraint is tried on the data (which blamed it for NaN data)."""
     if not isinstance(x, Tensor):
@@ -47,6 +48,7 @@ def _check_inputs(where: str, x: object, tcfg: object, mirror: object = True, we
                         f"TrainConfig.from_dict(d) for a dict), got {type(tcfg).__name__}")
     if mirror is not True:
         check_mirror(where, mirror)
+    check_own_entries(where, meta)  # before training, not when the map is saved after it
     if weights is not None and not isinstance(weights, NAMMLoss):
         raise TypeError(f"{where}: weights are a NAMMLoss (NAMMLoss(l_con=1.0), or NAMMLoss.from_dict(d)), got "
                         f"{type(weights).__name__}")
@@ -126,7 +128,7 @@ def fit_mirror_map(
 
     With ``run_dir`` the map is also saved to ``run_dir/mirror``.
     """
-    _check_inputs("fit_mirror_map", x, tcfg, mirror=mirror, weights=weights)
+    _check_inputs("fit_mirror_map", x, tcfg, mirror=mirror, weights=weights, meta=meta)
     _probe(constraint, x)
     weights = weights or NAMMLoss()
     meta = {"mirror": mirror.config, "loss": vars(weights), "constraint": constraint_entry(constraint), **(meta or {})}
@@ -208,7 +210,7 @@ def finetune_inverse(
     """Fine-tune ``f`` on mirror-model samples ``y_mdm`` (forward map frozen); returns a new
     :class:`MirrorMap`: a copy of ``Psi``, unchanged, with the fine-tuned EMA inverse (saved to
     ``run_dir/mirror``). ``mirror`` itself is left as it was."""
-    _check_inputs("finetune_inverse", x, tcfg, mirror=mirror, weights=weights)
+    _check_inputs("finetune_inverse", x, tcfg, mirror=mirror, weights=weights, meta=meta)
     checks.finite_rows("the mirror-model samples y_mdm", y_mdm)
     _probe(constraint, x)
     weights = weights or NAMMLoss()

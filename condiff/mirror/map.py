@@ -40,7 +40,8 @@ class MirrorMap(nn.Module):
         super().__init__()
         if not (isinstance(psi, nn.Module) and callable(getattr(psi, "clamp_weights", None))):
             raise TypeError("mirror map: psi must be an input-convex network, whose clamp_weights() keeps it convex "
-                            f"(condiff.nets.ICNN, net name 'icnn'), got {type(psi).__name__}")
+                            f"(condiff.nets.ICNN, net name 'icnn'; a net of one's own convex by construction may "
+                            f"define it as a no-op), got {type(psi).__name__}")
         if not isinstance(inverse, nn.Module):
             raise TypeError(f"mirror map: the inverse must be a network (a torch.nn.Module), got "
                             f"{type(inverse).__name__}")
@@ -120,9 +121,14 @@ def save_mirror(path: str | Path, mirror: MirrorMap, **meta) -> Path:
     """Write a mirror map as a directory: ``config.json`` + ``model.safetensors`` (``meta`` recorded beside;
     a dtype other than float32 is recorded and restored by :func:`load_mirror`)."""
     check_mirror("save_mirror", mirror)
-    if taken := sorted({"format", "mirror", "dtype", "versions"} & set(meta)):
-        raise ValueError(f"save_mirror: {', '.join(taken)} are the map's own entries; name your own otherwise")
+    check_own_entries("save_mirror", meta)
     return io.save_module(path, mirror, {"format": FORMAT, "mirror": mirror.config, **io.dtype_entry(mirror), **meta})
+
+
+def check_own_entries(where: str, meta: dict | None) -> None:
+    """Refuse ``meta`` entries a saved map writes itself (they would be replaced, or replace them)."""
+    if taken := sorted({"format", "mirror", "dtype", "versions"} & set(meta or {})):
+        raise ValueError(f"{where}: {', '.join(taken)} are the map's own entries; name your own otherwise")
 
 
 def check_mirror(where: str, mirror: object) -> None:
