@@ -108,7 +108,9 @@ def floating(name: str, x: Any) -> Any:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype} (convert it with .float())")
+        how = ("scale image bytes to condiff's [-1, 1] as its loaders do: x.float() / 127.5 - 1, or "
+               "condiff.data.ArrayData(x).x") if x.dtype == torch.uint8 else "convert it with .float()"
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype} ({how})")
     return x
 
 

@@ -1240,3 +1240,20 @@ def test_dual_objective_names_arguments_of_the_wrong_kind():
                             ((x, [c], None, 8), TypeError, "needs the noise schedule")):
         with pytest.raises(kind, match=msg):
             DualObjective(*args)
+
+
+def test_select_and_keep_fraction_refuse_labels_and_arguments_that_are_not_whole_classes():
+    """select(classes=[4.5]) and keep_fraction({4.7: 0.1}) were read as class 4, without a word."""
+    data = load_digits("train")
+    for call, msg in ((lambda: select(data, classes=[4.5]), "a class label is a whole number >= 0, got 4.5"),
+                      (lambda: keep_fraction(data, {4.7: 0.1}), "a class label is a whole number >= 0, got 4.7"),
+                      (lambda: select(data, classes=4), "classes must be a non-empty list of class labels, got 4"),
+                      (lambda: select(data, classes=["4"]), "a class label is a whole number >= 0, got '4'"),
+                      (lambda: select(data, n=2.5), r"need whole numbers offset >= 0 and n >= 1, got offset=0, n=2.5"),
+                      (lambda: keep_fraction(data, [(4, 0.1)]), "keep maps each class to the fraction of it kept"),
+                      (lambda: keep_fraction(data, {4: "a"}), "the kept fraction of class 4 must lie in")):
+        with pytest.raises(DataError, match=msg):
+            call()
+    with pytest.raises(TypeError, match="select takes a labelled data set, a condiff.data.ArrayData"):
+        select(data.x, classes=[4])
+    assert len(select(data, classes=torch.tensor([4]))) == len(select(data, classes=[4.0]))  # as a tensor, or 4.0

@@ -432,6 +432,8 @@ def test_objects_of_the_wrong_kind_are_named_where_they_are_given():
              (lambda: NetDenoiser(lambda x, t: x, s), "NetDenoiser wraps a network, a torch.nn.Module .*got function"),
              (lambda: NetDenoiser(net, "linear"), "a denoiser needs the noise schedule .*, got str"),
              (lambda: DenoisingObjective(torch.randn(16, 2), None, 4), "DenoisingObjective needs the noise schedule"),
+             (lambda: DenoisingObjective(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), s, 4),
+              r"scale image bytes to condiff's \[-1, 1\] as its loaders do: x.float\(\) / 127.5 - 1"),
              (lambda: sample(NetDenoiser(net, s), (2, 2), steps=3, generator=0),
               "generator must be a torch.Generator .*, got int 0"),
              (lambda: guided_sample(NetDenoiser(net, s), "dps", (2, 2), 3), "guidance must be a rule step -> x_"),

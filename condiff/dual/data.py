@@ -34,14 +34,21 @@ def select(data: ArrayData, classes: Sequence[int] | None = None, n: int | None 
     Two calls with the same ``classes`` and ``seed`` and non-overlapping ranges give disjoint sets
     (e.g. a 30-image fine-tuning set and the pretraining set it was taken from).
     """
-    if offset < 0 or (n is not None and n < 1):
-        raise DataError(f"{data.name}: need offset >= 0 and n >= 1, got offset={offset}, n={n}")
+    _need_data(data, "select")
+    if not (checks.is_integer(offset, 0) and (n is None or checks.is_integer(n, 1))):
+        raise DataError(f"{data.name}: need whole numbers offset >= 0 and n >= 1, got offset={offset!r}, n={n!r}")
+    offset, n = int(offset), None if n is None else int(n)
+    seed = checks.seed("select: seed", seed)
     idx = torch.arange(len(data))
     tags: list[int] = []  # the classes, as plain ints in the order given, seed the shuffle
     if classes is not None:
         y = _need_labels(data, "selecting classes")
-        wanted = torch.as_tensor(list(classes), dtype=torch.long)  # a tensor or array of classes too
-        tags = wanted.tolist()
+        if hasattr(classes, "tolist") and getattr(classes, "ndim", None) == 1:  # a tensor or array of classes too
+            classes = classes.tolist()
+        if not isinstance(classes, list | tuple) or not classes:
+            raise DataError(f"{data.name}: classes must be a non-empty list of class labels, got {classes!r}")
+        tags = [_label(data, c) for c in classes]
+        wanted = torch.tensor(tags, dtype=torch.long)
         idx = idx[torch.isin(y, wanted)]
         if len(idx) == 0:
             raise DataError(f"{data.name}: no examples of classes {tags}")
@@ -55,18 +62,37 @@ def select(data: ArrayData, classes: Sequence[int] | None = None, n: int | None 
 def keep_fraction(data: ArrayData, keep: Mapping[int, float], seed: int = 0) -> ArrayData:
     """An imbalanced copy: ``round(f * n_c)`` (at least 1) examples of each class ``c`` in ``keep``
     (``f = keep[c]`` in (0, 1]), all examples of the other classes."""
+    _need_data(data, "keep_fraction")
     y = _need_labels(data, "keep_fraction")
+    if not isinstance(keep, Mapping):
+        raise DataError(f"{data.name}: keep maps each class to the fraction of it kept, e.g. {{4: 0.1}}, got "
+                        f"{type(keep).__name__}")
+    seed = checks.seed("keep_fraction: seed", seed)
     mask = torch.ones(len(data), dtype=torch.bool)
     for c, f in keep.items():
-        if not 0.0 < float(f) <= 1.0:
-            raise DataError(f"{data.name}: the kept fraction of class {c} must lie in (0, 1], got {f}")
-        members = (y == int(c)).nonzero().flatten()
+        c = _label(data, c)
+        if not (checks.is_number(f) and 0.0 < float(f) <= 1.0):
+            raise DataError(f"{data.name}: the kept fraction of class {c} must lie in (0, 1], got {f!r}")
+        members = (y == c).nonzero().flatten()
         if len(members) == 0:
             raise DataError(f"{data.name}: class {c} has no examples")
         k = max(1, round(float(f) * len(members)))
         drop = members[_perm(len(members), seed, "keep", int(c))[k:]]
         mask[drop] = False
     return data.subset(mask)
+
+
+def _need_data(data: object, what: str) -> None:
+    if not isinstance(data, ArrayData):
+        raise TypeError(f"{what} takes a labelled data set, a condiff.data.ArrayData (load_digits(...), or "
+                        f"ArrayData(x, y=labels)), got {type(data).__name__}")
+
+
+def _label(data: ArrayData, c: object) -> int:
+    """A class label: a whole number (4.5 was read as class 4)."""
+    if not checks.is_integer(c, 0):
+        raise DataError(f"{data.name}: a class label is a whole number >= 0, got {c!r}")
+    return int(checks.scalar(c))
 
 
 def class_frequencies(y: Tensor, num_classes: int) -> Tensor:

@@ -138,7 +138,8 @@ def fixed_timesteps(T: int, k: int, t_range: tuple[float, float] = (0.0, 1.0)) -
     tensor, the midpoint quadrature of the uniform timestep average in the denoising loss."""
     lo, hi = t_bounds(T, t_range)
     if not 1 <= k <= hi - lo:
-        raise ValueError(f"the dual timestep grid needs 1 <= k <= {hi - lo} points in [{lo}, {hi}), got {k}")
+        raise ValueError(f"the dual timestep grid needs 1 <= k <= {hi - lo} points in [{lo}, {hi}), got {k} (the "
+                         "dual settings' timesteps, within t_range of the schedule's T)")
     return lo + ((torch.arange(k, dtype=torch.float64) + 0.5) * (hi - lo) / k).floor().long()
 
 
