@@ -108,8 +108,9 @@ def floating(name: str, x: Any) -> Any:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        how = ("scale image bytes to condiff's [-1, 1] as its loaders do: x.float() / 127.5 - 1, or "
-               "condiff.data.ArrayData(x).x") if x.dtype == torch.uint8 else "convert it with .float()"
+        top = {torch.uint8: "127.5", torch.uint16: "32767.5"}.get(x.dtype)
+        how = (f"scale image bytes to condiff's [-1, 1] as its loaders do: x.float() / {top} - 1, or "
+               "condiff.data.ArrayData(x).x for a batch (N, C, H, W)") if top else "convert it with .float()"
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype} ({how})")
     return x
 

@@ -331,9 +331,15 @@ def _check_rule_output(rule: object, x: object, step: Step, values: bool, at_end
                                      "sampling: the denoiser's predictions, or the rule's steps (lower its step size)")
         where = f"at step {step.i} (t = {step.t_host})"
         if not bool(torch.isfinite(step.eps_hat).all()):  # the model's own prediction
-            big = float(step.x_t.detach().abs().nan_to_num(nan=float("inf")).max())
-            why = ("the rule's earlier steps took x_t that far out: lower its step size (zeta, rate)" if big > 100
-                   else "check the model")  # x_t is about N(0, 1) at every step of a sane chain
+            from .data import nominal_range  # the data package is heavy and imports the samplers' users
+
+            xt = step.x_t.detach()
+            big = float(xt.abs().nan_to_num(nan=0.0).max())
+            # x_t stays within a few times the data's scale along a sane chain; far beyond it, the rule took it there
+            scale = max(1.0, *(abs(v) for v in nominal_range(getattr(step.denoiser, "value_range", None))))
+            far = bool(torch.isfinite(xt).all()) and big > 100 * scale
+            why = "the rule's earlier steps took x_t that far out: lower its step size (zeta, rate)" if far else \
+                "check the model"
             raise FloatingPointError(f"the denoiser's prediction is not finite (NaN or inf) {where}, at x_t of "
                                      f"largest |x| {big:.3g}, so the guidance rule {name} could not be: {why}")
         raise FloatingPointError(f"the guidance rule {name} returned non-finite values (NaN or inf) {where}, from a "

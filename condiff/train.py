@@ -425,10 +425,16 @@ class Trainer:
             warnings.warn(f"the learning-rate warm-up ({cfg.warmup} steps) is longer than the run ({cfg.steps} "
                           f"steps), so the learning rate never reaches {cfg.lr:g}: set a shorter warm-up "
                           "(the training settings' warmup, e.g. --set train.warmup=0)", stacklevel=2)
-        ahead = [c for c in list_checkpoints(self.ckpt_root) if _step_of(c) > self.step] if (
-            self.step == 0 and self.ckpt_root is not None and self.dist.main) else []  # (rank 0 clears a --fresh)
-        if ahead:  # a run from step 0 would prune its own checkpoints under these higher ones and overwrite the log
-            raise FileExistsError(f"{self.run_dir} holds the checkpoints of another run (the newest {ahead[-1].name}): "
+        # a run from step 0 would prune its own checkpoints under higher ones of another run and overwrite the log.
+        # Rank 0 looks (under torchrun it alone sets a --fresh aside) and tells the others, so that all stop together
+        ahead = [c.name for c in list_checkpoints(self.ckpt_root) if _step_of(c) > self.step] if (
+            self.step == 0 and self.ckpt_root is not None and self.dist.main) else []
+        if self.dist.world > 1 and self.step == 0 and self.ckpt_root is not None:
+            said = [ahead[-1] if ahead else None]
+            dist.broadcast_object_list(said, src=0)
+            ahead = [said[0]] if said[0] else []
+        if ahead:
+            raise FileExistsError(f"{self.run_dir} holds the checkpoints of another run (the newest {ahead[-1]}): "
                                   "call resume() first to go on from them (resume=True where a function takes it), "
                                   "or give an empty directory")
         if self.run_dir is not None and self.dist.main:

@@ -579,6 +579,7 @@ def test_ranges_display_and_subsets_at_their_edges():
 
     assert nominal_range(None) == (-1.0, 1.0) and nominal_range([-1.0005, 1.0]) == (-1.0, 1.0)  # round-off
     assert nominal_range([-1.01, 1.0]) == (-1.01, 1.0) and nominal_range([0.0, 255.0]) == (0.0, 255.0)
+    assert nominal_range([5.0, 5.0]) == (-1.0, 5.0)  # constant data beyond [-1, 1]: a scale of some width
     shown = to_display(torch.tensor([0.0, 5.0, 10.0]), (0.0, 10.0))
     torch.testing.assert_close(shown, torch.tensor([-1.0, 0.0, 1.0]))
     d = ArrayData(torch.arange(6.0).view(3, 2), name="t")

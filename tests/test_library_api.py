@@ -490,6 +490,13 @@ def test_a_non_finite_guided_step_is_put_down_to_the_model_or_the_rule_and_read_
                                                  "could not be: check the model"):
         guided_sample(Broken(Schedule.linear(50)), passes, (2, 3), 5, generator=g().manual_seed(0))
 
+    class Beyond(Broken):  # data on [250, 350]: an x_t of 300 is no sign of a rule gone wrong
+        value_range = [250.0, 350.0]
+
+    with pytest.raises(FloatingPointError, match=r"at x_t of largest \|x\| 3.*could not be: check the model"):
+        guided_sample(Beyond(Schedule.linear(50)), passes, (2, 3), 5, x_T=torch.full((2, 3), 300.0), clip_x0=None,
+                      generator=g().manual_seed(0))
+
     class FarOut(Denoiser):  # finite wherever a chain goes, NaN far beyond
         def predict_eps(self, x_t, t):
             return torch.where(x_t.abs() > 1e6, float("nan"), 0.0)

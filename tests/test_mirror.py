@@ -1731,6 +1731,8 @@ def test_the_mirror_api_names_what_it_was_given_wrong():
         (lambda: build_mirror((1, 8, 8), m.psi, res), TypeError, "psi is a net's settings, a dict"),
         (lambda: mirror_dps(m.psi, lambda v: v.sum(1), 0.1), TypeError, "mirror_dps needs a mirror map"),
         (lambda: save_mirror("unused", m, format="mine"), ValueError, "format are the map's own entries"),
+        (lambda: fit_mirror_map(x, con, m, cfg, meta={"dtype": "x"}), ValueError,  # before training, not after it
+         "fit_mirror_map: dtype are the map's own entries"),
         (lambda: data_violation(con, x, n=0), ValueError, "data_violation: n must be an integer >= 1"),
         (lambda: sparse_points((1, 8, 8), "0.2", 0.1), ValueError, "fraction must be a number in"),
     ]

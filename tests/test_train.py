@@ -503,6 +503,19 @@ def test_ddp_ranks_draw_different_batches_and_keep_one_model(tmp_path, run_on_tw
     assert r0["params"] == r1["params"]
 
 
+def test_every_rank_refuses_a_run_dir_of_another_runs_checkpoints_together(tmp_path, run_on_two_ranks):
+    """Rank 0 alone refused, and the other ranks went on into the first all-reduce (a hang outside torchrun)."""
+    run_on_two_ranks(DDP_SCRIPT)  # a finished run of 10 steps, its checkpoint at step 10
+    run_on_two_ranks(DDP_SCRIPT.replace("tr.fit()", """try:
+    tr.fit()
+except FileExistsError as e:
+    open(os.path.join(sys.argv[1], f"refused{dist.get_rank()}.txt"), "w").write(str(e))
+    sys.exit(0)""").replace("steps=10", "steps=20"))
+    for k in (0, 1):
+        assert "holds the checkpoints of another run (the newest step_00000010)" in (
+            tmp_path / f"refused{k}.txt").read_text()
+
+
 def test_a_train_config_made_directly_is_checked_too():
     # from_dict checked its ranges, the constructor did not: steps=-1 trained nothing, silently
     with pytest.raises(ValueError, match=r"TrainConfig.steps must be an integer >= 1, got -1"):

@@ -120,7 +120,7 @@ def nominal_range(recorded: Sequence[float] | None) -> tuple[float, float]:
     lo, hi = (float(v) for v in recorded)
     if lo >= -1.0 - 1e-3 and hi <= 1.0 + 1e-3:
         return -1.0, 1.0
-    if hi <= lo:  # constant data beyond [-1, 1]: a scale that holds them and condiff's own
+    if hi == lo:  # constant data beyond [-1, 1]: a scale that holds them and condiff's own
         return min(lo, -1.0), max(hi, 1.0)
     return lo, hi
 

@@ -6,7 +6,7 @@ Every selection is a seeded permutation, so the same arguments pick the same exa
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -38,14 +38,16 @@ def select(data: ArrayData, classes: Sequence[int] | None = None, n: int | None 
     if not (checks.is_integer(offset, 0) and (n is None or checks.is_integer(n, 1))):
         raise DataError(f"{data.name}: need whole numbers offset >= 0 and n >= 1, got offset={offset!r}, n={n!r}")
     offset, n = int(offset), None if n is None else int(n)
-    seed = checks.seed("select: seed", seed)
+    if not checks.is_integer(seed):
+        raise DataError(f"{data.name}: select's seed is a whole number, got {seed!r}")
     idx = torch.arange(len(data))
     tags: list[int] = []  # the classes, as plain ints in the order given, seed the shuffle
     if classes is not None:
         y = _need_labels(data, "selecting classes")
         if hasattr(classes, "tolist") and getattr(classes, "ndim", None) == 1:  # a tensor or array of classes too
             classes = classes.tolist()
-        if not isinstance(classes, list | tuple) or not classes:
+        if isinstance(classes, str | bytes | Mapping) or not isinstance(classes, Iterable) or not (
+                classes := list(classes)):  # a range, a set, a dict's keys too
             raise DataError(f"{data.name}: classes must be a non-empty list of class labels, got {classes!r}")
         tags = [_label(data, c) for c in classes]
         wanted = torch.tensor(tags, dtype=torch.long)
@@ -67,7 +69,8 @@ def keep_fraction(data: ArrayData, keep: Mapping[int, float], seed: int = 0) -> 
     if not isinstance(keep, Mapping):
         raise DataError(f"{data.name}: keep maps each class to the fraction of it kept, e.g. {{4: 0.1}}, got "
                         f"{type(keep).__name__}")
-    seed = checks.seed("keep_fraction: seed", seed)
+    if not checks.is_integer(seed):
+        raise DataError(f"{data.name}: keep_fraction's seed is a whole number, got {seed!r}")
     mask = torch.ones(len(data), dtype=torch.bool)
     for c, f in keep.items():
         c = _label(data, c)
@@ -89,7 +92,9 @@ def _need_data(data: object, what: str) -> None:
 
 
 def _label(data: ArrayData, c: object) -> int:
-    """A class label: a whole number (4.5 was read as class 4)."""
+    """A class label: a whole number (4.5 was read as class 4), or its decimal digits (a JSON or TOML key)."""
+    if isinstance(c, str) and c.isdigit():
+        return int(c)
     if not checks.is_integer(c, 0):
         raise DataError(f"{data.name}: a class label is a whole number >= 0, got {c!r}")
     return int(checks.scalar(c))

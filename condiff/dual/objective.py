@@ -218,9 +218,10 @@ class DualObjective:
         self.constraints = list(constraints)
         self.names = names
         self.bounds = torch.tensor([float(c.bound) for c in constraints], dtype=torch.float64)
-        # what a checkpoint records of the constraints (with their bounds), so that a resume under others is refused:
-        # their lambdas would be carried over to constraints they were never for. A constraint's data may change
-        # (`dual train --resume` after its table drew more samples)
+        # what a checkpoint records of the constraints (beside the bounds, kept as a tensor of their own), so that a
+        # resume under constraints of other names is refused: their lambdas would be carried over to constraints
+        # they were never for. A constraint's data and bound may change (`dual train --resume` after its table drew
+        # more samples; a relative bound computed again)
         self._setup = {"names": names}
         zero = [c.name for c in constraints if c.bound == 0]
         if zero and self.cfg.lr > 0:  # allowed for a fixed lambda (dual.lr = 0), where no update reads it
@@ -298,20 +299,19 @@ class DualObjective:
         self.objective_estimate = state["objective_estimate"].detach().cpu().double().reshape(())
 
     def _check_same_constraints(self, state: dict[str, Tensor]) -> None:
-        """Refuse dual variables written for other constraints (other names or bounds; checkpoints written before
-        the names were kept are checked by their bounds)."""
-        differ = []
+        """Refuse dual variables written for constraints of other names (their lambdas would go to constraints
+        they were never for); say where the bounds moved (a bound relative to a reference loss is computed
+        again at each start, and may move with the device or the constraint's data)."""
         if "setup" in state:
             saved = json.loads(bytes(state["setup"].cpu().to(torch.uint8).tolist()).decode())
             if saved.get("names") != self._setup["names"]:
-                differ.append(f"names {saved.get('names')} (now {self._setup['names']})")
-        if "bounds" in state and not torch.equal(state["bounds"].detach().cpu().double(), self.bounds):
-            differ.append(f"bounds {[round(float(b), 6) for b in state['bounds']]} (now "
-                          f"{[round(float(b), 6) for b in self.bounds]})")
-        if differ:
-            raise ValueError(f"this checkpoint's dual variables were written for other constraints "
-                             f"({'; '.join(differ)}): resume with the constraints it was trained under, or start a new "
-                             "run directory")
+                raise ValueError(f"this checkpoint's dual variables were written for constraints named "
+                                 f"{saved.get('names')}, not {self._setup['names']}: resume with the constraints it "
+                                 "was trained under, or start a new run directory")
+        if "bounds" in state and not torch.equal(was := state["bounds"].detach().cpu().double(), self.bounds):
+            moved = [f"{n} {float(a)!r} -> {float(b)!r}" for n, a, b in zip(self.names, was, self.bounds) if a != b]
+            warnings.warn(f"the constraints' bounds differ from those this checkpoint was trained under ("
+                          f"{'; '.join(moved)}); the dual variables go on from where they were", stacklevel=3)
 
     # --- dual step -------------------------------------------------------------------------------
     def dual_update(self, model: nn.Module, step: int) -> Tensor:
