@@ -143,6 +143,15 @@ def begin_outputs(out: str | Path, record: str, *files: str) -> Path:
 
 
 @contextlib.contextmanager
+def writing_outputs(out: str | Path) -> Iterator[None]:
+    """Around a command's writing of a set of files and its record into ``out`` (:func:`begin_outputs` first,
+    the record last): one writer at a time, so that two commands sampling into one folder at once (which the
+    run's shared lock allows) cannot leave one's record beside the other's data; a second one waits."""
+    with waiting_lock(Path(out) / ".writing.lock", f"waiting for another condiff command writing {out}"):
+        yield
+
+
+@contextlib.contextmanager
 def record_kept_on_failure(out: str | Path, record: str = "metrics.json") -> Iterator[Path]:
     """Around a command that calls :func:`begin_outputs` (which removes ``out/record`` first) and may then
     fail on a check before it changes anything: a failure that left every other file under ``out`` as it

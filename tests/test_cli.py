@@ -1480,3 +1480,42 @@ def test_a_file_recorded_meanwhile_by_another_process_is_not_recorded_twice(tmp_
     userfile._record_trusted(f.resolve(), sha)
     monkeypatch.setattr(userfile, "_trusted", real)
     assert userfile.trusted_files()[str(f.resolve())] == [sha]
+
+
+def test_a_full_disk_is_named_with_what_to_do(monkeypatch, capsys):
+    """safetensors' "I/O error: No space left on device (os error 28)" named neither the disk nor the way on."""
+    import errno
+
+    import condiff.cli.train as train_cli
+
+    def full(args):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(train_cli, "run", full)
+    assert main(["train", "--data", "toy2d"]) == 2
+    assert "(the disk is full: free space and run the command again, with --resume" in capsys.readouterr().err
+
+    def full_os(args):
+        raise OSError(errno.ENOSPC, "writing x: No space left on device; the previous file is unchanged")
+
+    monkeypatch.setattr(train_cli, "run", full_os)
+    assert main(["train", "--data", "toy2d"]) == 2
+    assert capsys.readouterr().err.count("the disk is full") == 1
+
+
+def test_two_commands_sampling_into_one_folder_write_one_at_a_time(trained, tmp_path, capsys):
+    """A second `sample` could write its whole set between the first's samples.npz and its record, which then
+    described the other command's samples."""
+    run = tmp_path / "run"
+    trained(run)
+    out = run / "samples"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(2)",
+                               str(out / ".writing.lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"  # another writer, between its data and its record
+    assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2"]) == 0
+    holder.wait()
+    assert f"waiting for another condiff command writing {out}" in capsys.readouterr().err
+    record = json.loads((out / "sample_config.json").read_text())
+    assert record["n"] == 4 and len(np.load(out / "samples.npz")["x"]) == 4

@@ -265,3 +265,15 @@ def test_show_each_path_that_reads_and_a_line_for_each_that_does_not(run, tmp_pa
     assert second.strip() == f"{tmp_path / 'starting'}: a run just begun (nothing written yet)"
     rc, out, _ = _show(capsys, tmp_path)
     assert rc == 0 and [ln.split()[0] for ln in out.splitlines()[1:]] == ["run", "starting"]
+
+
+def test_a_dual_experiment_cut_short_is_named_with_the_way_on(run, tmp_path, capsys):
+    """`condiff dual toy` interrupted read as "a run just begun (nothing written yet)", its checkpoints there."""
+    exp = tmp_path / "exp"
+    shutil.copytree(run / "checkpoints", exp / "constrained" / "checkpoints")
+    (exp / "constrained" / "key.json").write_text('"a key"')
+    rc, out, _ = _show(capsys, exp)
+    lines = out.splitlines()
+    assert rc == 0 and lines[0] == f"{exp}: a dual experiment's run, cut short (its command is recorded when it " \
+                                   "finishes), unfinished"
+    assert f"    to go on: the `condiff dual` experiment that made it, run again with --out {exp}" in lines

@@ -353,6 +353,10 @@ def test_ctrl_c_before_training_does_not_claim_a_checkpoint(tmp_path, capsys, mo
     assert "pass --resume (instead of --fresh) to the same command" in err
     assert (f"the run --fresh replaced is kept in {tmp_path / 'r' / io.REPLACED} (--restore in place of --fresh "
             "puts it back)") in err
+    # a command that resumed already is told to run again, not to add the flag it has
+    assert main(["train", *TINY, "--out", str(tmp_path / "r"), "--resume"]) == 130
+    err = capsys.readouterr().err
+    assert "run the same command to continue from the newest checkpoint" in err and "add --resume" not in err
 
 
 def test_corrupted_checkpoint_is_a_clear_error_and_previous_survives(tmp_path, monkeypatch):

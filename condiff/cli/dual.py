@@ -130,7 +130,9 @@ def add_parser(sub, name: str) -> None:
         add_device_arg(e)
         e.add_argument("--fresh", action="store_true",
                        help="retrain models in --out that were trained with other settings (else refused)")
-        e.set_defaults(func=run_experiment, experiment=exp)
+        e.set_defaults(func=run_experiment, experiment=exp,
+                       interrupted="run the same command again: the models trained are kept, and one cut short "
+                                   "goes on from its newest checkpoint")
 
 
 # --- experiments ---------------------------------------------------------------------------------

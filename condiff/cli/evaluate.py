@@ -63,13 +63,14 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
     dt = time.perf_counter() - t0
     check_samples(x, out)
     m = evaluate_samples(x, data_cfg, reference)  # scored before anything is written: old and new never mix
-    write_samples(x, out, value_range=run_cfg.get("value_range"), record="metrics.json")
     m.update({"sample_seconds": round(dt, 3), "sample_steps": int(scfg["steps"]), "eta": float(scfg["eta"]),
               "nfe_per_sample": den.nfe // max(1, -(-int(scfg["n"]) // int(scfg.get("batch_size", 500)))),
               "seed": int(scfg["seed"]), "batch_size": int(scfg.get("batch_size", 500)), "ckpt": str(ckpt),
               "versions": io.versions(),
               **({} if label is None else {"label": label, "guidance_scale": scale})})
-    io.write_json_atomic(out / "metrics.json", m)
+    with io.writing_outputs(out):  # the record and the samples of one command, whoever else samples here
+        write_samples(x, out, value_range=run_cfg.get("value_range"), record="metrics.json")
+        io.write_json_atomic(out / "metrics.json", m)
     return m
 
 

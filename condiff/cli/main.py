@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import os
 import signal
@@ -144,6 +145,9 @@ def _run_command(args: argparse.Namespace, prog: str, own_process: bool = False)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and without a second error at exit
             return 141
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "No space left on device" in msg or getattr(e, "errno", None) == errno.ENOSPC:  # safetensors' words too
+            msg += (" (the disk is full: free space and run the command again, with --resume for a training, whose "
+                    "checkpoints are whole)")
         _close_progress_bars()  # the message gets a line of its own, not the end of a bar's
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2

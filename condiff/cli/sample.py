@@ -100,11 +100,12 @@ def run(args: argparse.Namespace) -> int:
     scfg = sample_settings(args, run_cfg, den.schedule.T)
     check_targets(out, ("sample_config.json",))
     x = draw_samples(den, shape, scfg, device)
-    files = write_samples(x, out, value_range=run_cfg.get("value_range"), label=args.label,
-                          record="sample_config.json")
     record = {**scfg, "ckpt": str(args.ckpt), "nfe": den.nfe, "label": args.label,
               "guidance_scale": args.guidance_scale, "versions": io.versions()}
-    io.write_json_atomic(out / "sample_config.json", record)
+    with io.writing_outputs(out):  # the record and the samples of one command, whoever else samples here
+        files = write_samples(x, out, value_range=run_cfg.get("value_range"), label=args.label,
+                              record="sample_config.json")
+        io.write_json_atomic(out / "sample_config.json", record)
     print(f"{len(x)} samples, shape {tuple(x.shape[1:])}, range [{float(x.min()):.2f}, {float(x.max()):.2f}], "
           f"mean {float(np.mean(x.numpy())):.3f}")
     for f in files:

@@ -40,7 +40,8 @@ _SCORE_WORDS = ("ratio", "mean", "median", "psnr", "ssim", "frechet", "mmd", "re
 # how to go on with an unfinished training, by the command that made the run
 _GO_ON = {"condiff train": "condiff train --out {run} --resume",
           "condiff dual train": "condiff dual train --out {run} --resume",
-          "condiff namm fit": "condiff namm fit --out {run} --resume"}
+          "condiff namm fit": "condiff namm fit --out {run} --resume",
+          "(dual experiment)": "the `condiff dual` experiment that made it, run again with --out {run}"}
 _STAGE_ORDER = ("namm", "mdm", "vanilla", "finetune")  # a NAMM run's trainings, in the order they are made
 _LIST_DEPTH = 3  # how deep `condiff show FOLDER` looks for runs
 
@@ -98,6 +99,8 @@ def describe(path: str | Path) -> dict:
     kind = run_kind(p)
     if kind is None and (p / "stage.json").is_file() and run_kind(p.parent) == "condiff namm fit":
         kind = "(namm stage)"
+    elif kind is None and any((q / "key.json").is_file() for q in _subdirs(p)):  # marked once it finishes
+        kind = "(dual experiment)"
     elif kind is None and _just_begun(p):
         kind = "(just begun)"
     if kind is None and not _holds_training(p):
@@ -485,6 +488,7 @@ def render(d: dict) -> list[str]:
         return lines + _own_code_lines(d.get("own_code", []))
     kind = {"(just begun)": "a run just begun (nothing written yet)",
             "(namm stage)": f"a stage of the NAMM run {Path(d['path']).parent}",
+            "(dual experiment)": "a dual experiment's run, cut short (its command is recorded when it finishes)",
             "(unrecorded command)": "a run (its command unrecorded)"}.get(d["kind"], f"{d['kind']} run")
     lines = [f"{d['path']}: {kind}" + (f", {d['state']}" if d["trainings"] else "")]
     if d["settings"]:

@@ -33,7 +33,8 @@ def interrupted(args: argparse.Namespace) -> str:
                if kept is not None and io.kept_names(run_dir) else "")
     if run_dir is not None and list_checkpoints(Path(run_dir) / "checkpoints"):
         how = INTERRUPTED.replace("add --resume to", "pass --resume (instead of --fresh) to") if getattr(
-            args, "fresh", False) else INTERRUPTED
+            args, "fresh", False) else INTERRUPTED.replace("add --resume to", "run") if getattr(
+            args, "resume", False) else INTERRUPTED
         return how + restore
     return "no checkpoint was saved yet: run the same command again to start over" + restore
 
