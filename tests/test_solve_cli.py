@@ -25,8 +25,8 @@ def test_solve_writes_images_and_metrics(tiny_run, tmp_path):
     for f in ("ground_truth.png", "measurement.png", "reconstruction.png", "comparison.png", "reconstruction.npz",
               "metrics.json"):
         assert (out / f).is_file(), f
-    # no temporary files left; the mark says which command wrote the directory
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".condiff-run"]
+    # no temporary files left; the mark says which command wrote the directory, and the writers' lock stays
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".condiff-run", ".writing.lock"]
     assert (out / ".condiff-run").read_text() == "condiff solve\n"
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == 3 and m["steps"] == 3 and m["nfe"] == 3 and m["batch_size"] == 64 and m["seed"] == 0

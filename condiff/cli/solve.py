@@ -484,7 +484,8 @@ def run(args: argparse.Namespace) -> int:
         "images": args.input or (f"{data_name}:{args.split}" if x is not None else None),
         "measurement": args.measurement,
     })
-    write_outputs(out, x, op, y, rec, m, scale)
+    with io.writing_outputs(out):  # the record and the pictures of one command, whoever else solves into out
+        write_outputs(out, x, op, y, rec, m, scale)
     quality = (f"PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, " if x is not None else "")
     truth = f" (truth {m['residual_truth']:.4f})" if x is not None else f" (sigma_y {args.noise})"
     print(f"{args.method} on {task}: {quality}residual {m['residual']:.4f}{truth}, {m['seconds']:.1f} s, "
