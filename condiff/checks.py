@@ -104,7 +104,8 @@ def number(name: str, v: Any, within: str = "") -> float:
 
 
 def floating(name: str, x: Any) -> Any:
-    """A floating-point tensor: integer data would be truncated silently by noise, filters and schedules."""
+    """A floating-point tensor with values (not on the meta device): integer data would be truncated silently by
+    noise, filters and schedules."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -112,6 +113,8 @@ def floating(name: str, x: Any) -> Any:
         how = (f"scale image bytes to condiff's [-1, 1] as its loaders do: x.float() / {top} - 1, or "
                "condiff.data.ArrayData(x).x for a batch (N, C, H, W)") if top else "convert it with .float()"
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype} ({how})")
+    if x.device.type == "meta":  # .to() and every read of it fail inside torch
+        raise ValueError(f"{name} is on the meta device, which holds no values: give it on 'cpu' or 'cuda'")
     return x
 
 

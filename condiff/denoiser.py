@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import checks, io
 from .nets.embed import check_labels_fit
-from .schedule import Schedule
+from .schedule import Schedule, check_schedule
 
 
 class Denoiser(nn.Module):
@@ -25,9 +25,7 @@ class Denoiser(nn.Module):
 
     def __init__(self, schedule: Schedule) -> None:
         super().__init__()
-        if not isinstance(schedule, Schedule):
-            raise TypeError(f"a denoiser needs the noise schedule its network was trained with (a condiff.schedule."
-                            f"Schedule, e.g. Schedule.linear(1000)), got {type(schedule).__name__}")
+        check_schedule("a denoiser", schedule)
         self.schedule = schedule
         self.nfe = 0
 

@@ -15,7 +15,7 @@ from torch import nn
 from . import checks, io
 from .denoiser import Denoiser, DiffusersDenoiser, NetDenoiser
 from .nets import build_net
-from .schedule import Schedule
+from .schedule import Schedule, check_schedule
 
 
 def save_model(path: str | Path, net: nn.Module, schedule: Schedule, **meta) -> Path:
@@ -26,9 +26,7 @@ def save_model(path: str | Path, net: nn.Module, schedule: Schedule, **meta) -> 
     if not isinstance(getattr(net, "config", None), dict):
         raise TypeError(f"save_model needs a condiff network (one with a .config to rebuild it from, e.g. from "
                         f"condiff.nets.build_net), got a {type(net).__name__}")
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"save_model needs the model's noise schedule (a condiff.schedule.Schedule), got "
-                        f"{type(schedule).__name__}")
+    check_schedule("save_model", schedule)
     if meta.get("value_range") is not None:  # constant data have min == max
         span = checks.pair(meta["value_range"])
         if span is None or span[0] > span[1]:

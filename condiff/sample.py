@@ -152,14 +152,11 @@ def clip_bounds(clip_x0: float | Sequence[float] | None) -> tuple[float, float] 
     if clip_x0 is None:
         return None
     if isinstance(clip_x0, (list, tuple)):
-        ok = len(clip_x0) == 2 and all(checks.is_number(v) for v in clip_x0) and clip_x0[0] < clip_x0[1]
-        lo, hi = (float(checks.scalar(v)) for v in clip_x0) if ok else (0.0, 0.0)
-    else:
-        ok = checks.is_number(clip_x0) and float(checks.scalar(clip_x0)) > 0
-        lo, hi = (-float(checks.scalar(clip_x0)), float(checks.scalar(clip_x0))) if ok else (0.0, 0.0)
-    if not ok:
-        raise ValueError(f"clip_x0 must be a number > 0, a pair (lo, hi) with lo < hi, 'auto' or None, got {clip_x0!r}")
-    return lo, hi
+        if len(clip_x0) == 2 and all(checks.is_number(v) for v in clip_x0) and clip_x0[0] < clip_x0[1]:
+            return float(checks.scalar(clip_x0[0])), float(checks.scalar(clip_x0[1]))
+    elif checks.is_number(clip_x0) and float(checks.scalar(clip_x0)) > 0:
+        return -float(checks.scalar(clip_x0)), float(checks.scalar(clip_x0))
+    raise ValueError(f"clip_x0 must be a number > 0, a pair (lo, hi) with lo < hi, 'auto' or None, got {clip_x0!r}")
 
 
 def step_abars(abar: Tensor | Sequence[float], t: int, t_prev: int) -> tuple[float, float]:
@@ -250,13 +247,9 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
                         f"{type(guidance).__name__} {guidance!r}")
     clip_x0 = default_clip(denoiser, clip_x0)
     clip_bounds(clip_x0)  # checked once before the loop; None: no clipping
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be the starting noise as a torch tensor (B, ...), got {type(x).__name__}")
+    checks.floating("x", x)
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")
-    checks.floating("x", x)
-    if x.device.type == "meta":
-        raise ValueError("x is on the meta device, which holds no values: sample on 'cpu' or 'cuda'")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"x holds {int((~torch.isfinite(x)).sum())} non-finite values")
     need_grad = grad or bool(getattr(guidance, "needs_grad", False))

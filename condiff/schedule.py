@@ -24,6 +24,13 @@ T_NAME = "schedule.T (the number of diffusion steps)"  # how the builders' check
 ABAR_MIN = 1e-60
 
 
+def check_schedule(where: str, schedule: object) -> None:
+    """Refuse anything but a :class:`Schedule` where one is expected (``where`` names the taker), in one line."""
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"{where} needs the noise schedule (a condiff.schedule.Schedule, e.g. Schedule.linear(1000)), "
+                        f"got {type(schedule).__name__}")
+
+
 @dataclass(frozen=True, eq=False)
 class Schedule:
     """A DDPM schedule given by its betas (a ``(T,)`` float64 tensor).

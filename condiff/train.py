@@ -35,7 +35,7 @@ from .data import value_range
 from .denoiser import check_prediction
 from .nets.embed import check_labels_fit
 from .sample import progress_bar
-from .schedule import Schedule
+from .schedule import Schedule, check_schedule
 
 
 @dataclass
@@ -131,6 +131,13 @@ def denoising_loss(net: Callable, schedule: Schedule, x0: Tensor, y: Tensor | No
     return (pred - eps).pow(2).flatten(1).mean(1)
 
 
+def check_train_config(where: str, cfg: object) -> None:
+    """Refuse training settings that are not a :class:`TrainConfig` (a dict, say), in one line."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"{where} needs its training settings as a TrainConfig (TrainConfig(steps=...), or "
+                        f"TrainConfig.from_dict(d) for a dict), got {type(cfg).__name__}")
+
+
 class DenoisingObjective:
     """The DDPM objective on an in-memory dataset ``x`` (N, ...) with optional labels ``y``.
 
@@ -144,9 +151,7 @@ class DenoisingObjective:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"training data must be a non-empty (N, ...) tensor, got {shape}")
         checks.finite_rows("training data", x)
-        if not isinstance(schedule, Schedule):
-            raise TypeError(f"DenoisingObjective needs the noise schedule to train with (a condiff.schedule.Schedule, "
-                            f"e.g. Schedule.linear(1000)), got {type(schedule).__name__}")
+        check_schedule("DenoisingObjective", schedule)
         if y is not None and (not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.is_floating_point()):
             raise ValueError(f"labels y must be a ({x.shape[0]},) integer tensor, one per training sample, got "
                              + (f"shape {tuple(y.shape)}, dtype {y.dtype}" if isinstance(y, Tensor) else repr(y)))
@@ -246,9 +251,7 @@ class Trainer:
         if not callable(getattr(objective, "loss", None)):
             raise TypeError("Trainer needs an objective with a loss(model, step, generator) method (e.g. "
                             f"condiff.train.DenoisingObjective), got {type(objective).__name__}")
-        if not isinstance(cfg, TrainConfig):
-            raise TypeError(f"Trainer needs its settings as a TrainConfig (TrainConfig(steps=...), or "
-                            f"TrainConfig.from_dict(d) for a dict), got {type(cfg).__name__}")
+        check_train_config("Trainer", cfg)
         checks.device("TrainConfig.device", cfg.device)
         data = getattr(objective, "x", None)
         if meta is None:

@@ -79,7 +79,7 @@ def test_save_model_names_a_wrong_schedule_and_value_range():
     from condiff.schedule import Schedule
 
     net = build_net({"name": "mlp", "dim": 2, "hidden": 8, "depth": 1})
-    with pytest.raises(TypeError, match="save_model needs the model's noise schedule .*, got NoneType"):
+    with pytest.raises(TypeError, match="save_model needs the noise schedule .*, got NoneType"):
         save_model("unused", net, None)
     for bad in ([math.nan, 1.0], [1.0, 0.0], [0, 1, 2]):
         with pytest.raises(ValueError, match=r"value_range must be the data's \[min, max\].*min <= max, got"):

@@ -296,9 +296,14 @@ def spec_digest(spec: Any) -> str:
     return hashlib.sha256(json.dumps(comparable(spec), sort_keys=True).encode()).hexdigest()[:16]
 
 
-# the stages each sample set is made from
+# the stages each sample set is made from (the last is the one it is drawn with)
 SET_STAGES = {"vanilla": ("vanilla",), "mdm": ("namm", "mdm"), "mdm_ft": ("namm", "mdm", "finetune"),
               "guided": ("vanilla",)}
+
+
+def stages_of(sets: Any) -> list[str]:
+    """The stages the sample sets ``sets`` are made from, each once, in the order they are made."""
+    return list(dict.fromkeys(s for w in sets if w in SET_STAGES for s in SET_STAGES[w]))
 
 
 def same_spec(old: Any, new: Any) -> bool:
@@ -733,10 +738,9 @@ class NAMMRun:
         (the vanilla DM with the constraint as a guidance loss, :meth:`_generate_guided`)."""
         n = int(n or self.cfg["sample"]["n"])
         seed = int(self.cfg["sample"]["seed"])
-        upstream = {"vanilla": "vanilla", "mdm": "mdm", "mdm_ft": "finetune", "guided": "vanilla"}
-        if which not in upstream:
-            raise ValueError(f"unknown sample set {which!r}; expected one of {list(upstream)}")
-        spec = {"up": self.spec(upstream[which]), "sample": self.cfg["sample"], "n": n}
+        if which not in SET_STAGES:
+            raise ValueError(f"unknown sample set {which!r}; expected one of {list(SET_STAGES)}")
+        spec = {"up": self.spec(SET_STAGES[which][-1]), "sample": self.cfg["sample"], "n": n}
         if which == "guided":
             spec["guide"] = self.cfg["guide"]
         # the models first, also for a cached set (whose numbers must belong to models that still
@@ -1143,7 +1147,6 @@ def _recorded_fit(args: argparse.Namespace) -> tuple[dict, Path]:
     args.data = str(cfg["data"].get("name"))
     if cfg.get("baseline", (root / "vanilla").is_dir()) is False:  # runs fitted before it was recorded: as they lie
         args.no_baseline = True
-    args.baseline_guessed = "baseline" not in cfg  # not recorded then: a guess is not written down as a fact
     return cfg, root
 
 
@@ -1161,7 +1164,7 @@ def run_fit(args: argparse.Namespace) -> int:
         named = {tuple(parse_override(o, SECTIONS, nested=True)[0]) for o in args.overrides or []}
         cfg = keep_later_settings(cfg, root, named | (set(_leaf_paths(read_toml(args.config, SECTIONS)))
                                                       if args.config else set()))
-    if not getattr(args, "baseline_guessed", False):  # what the fit makes: sample and assimilate make a missing one
+    if not args.resume or "baseline" in cfg:  # what the fit makes (a run fitted before it was recorded: unsaid)
         cfg["baseline"] = not args.no_baseline
     run = NAMMRun(root, cfg, pick_device(args.device), args.fresh, not args.quiet, saved_by)  # checks the settings
     run.resuming = args.resume
@@ -1237,9 +1240,8 @@ def run_sample(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{run.root}: --guided needs the vanilla DM, which this run has not: "
                                     f"{_no_baseline_why(run)}")
         which.append("guided")
-    upstream = {"vanilla": ["vanilla"], "mdm": ["namm", "mdm"], "mdm_ft": ["finetune"], "guided": []}
     run.skip_hints["finetune"] = "--no-finetuned leaves it out"
-    run.preflight([s for w in which for s in upstream[w]])  # before any sample set is redrawn
+    run.preflight(stages_of(which))  # before any sample set is redrawn
     # the record goes before any set is redrawn (an interruption then leaves no record of sets that changed);
     # a failure that changed nothing puts it back
     with io.record_kept_on_failure(run.root / "samples"):
@@ -1272,8 +1274,7 @@ def write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
         xlabel="constraint distance l(x)",
         title=f"{run.cfg['data']['name']}: l(x) per sample",
     )
-    used = sorted({st for k in res if k in SET_STAGES for st in SET_STAGES[k]})
-    io.write_json_atomic(out / "metrics.json", {**public(res), "made_from": run.made_from(used)})
+    io.write_json_atomic(out / "metrics.json", {**public(res), "made_from": run.made_from(stages_of(res))})
     base = res.get("vanilla", {}).get("l_mean")
     print(f"{'set':<18}{'n':>6}{'mean l':>12}{'median l':>12}{'reduction':>11}{'MMD':>12}{'MMD ratio':>11}")
     for k, v in res.items():
@@ -1297,9 +1298,10 @@ def run_assim(args: argparse.Namespace) -> int:
     if not args.no_baselines and not _with_baseline(run):
         raise FileNotFoundError(f"{run.root}: the baselines need the vanilla DM, which this run has not: "
                                 f"{_no_baseline_why(run)}; or pass --no-baselines")
-    stages = ["namm", "mdm"] + (["finetune"] if run.cfg["assimilate"].get("finetuned", True) else [])
+    stages = ["namm", "mdm"] + (["finetune"] if run.cfg["assimilate"].get("finetuned", True) else []) + (
+        [] if args.no_baselines else ["vanilla"])
     run.skip_hints["finetune"] = "--set assimilate.finetuned=false uses the fitted map instead"
-    run.preflight(stages + ([] if args.no_baselines else ["vanilla"]))
+    run.preflight(stages)
     out = check_out_dir(run.root / "assimilate", flag="the output")
     for f in (out / "assimilation.png", out / "samples.npz", out / "metrics.json"):  # refused now, not after sampling
         if f.is_dir():
@@ -1324,8 +1326,7 @@ def run_assim(args: argparse.Namespace) -> int:
     )
     io.write_npz_atomic(out / "samples.npz", truth=res["_truth"].numpy(), y=res["_y"].cpu().numpy(),
                         **{k.replace(" ", "_").replace("-", "_"): v["_x"].numpy() for k, v in res["methods"].items()})
-    used = stages + ([] if args.no_baselines else ["vanilla"])
-    io.write_json_atomic(out / "metrics.json", {**public(res), "made_from": run.made_from(used)})
+    io.write_json_atomic(out / "metrics.json", {**public(res), "made_from": run.made_from(stages)})
     print(
         f"observation {seen}, noise sigma_y {res['sigma_y']:.3g}, {res['n']} truths "
         f"(truth: residual / sigma_y {res['truth']['residual_mean']:.3g}, l {res['truth']['l_mean']:.3g})"

@@ -160,15 +160,15 @@ def _namm_stale(p: Path) -> list[str]:
     from .namm import comparable, spec_digest
 
     specs = {s: json_table(p / s / "stage.json").get("spec") for s in ("namm", "mdm", "vanilla", "finetune")}
-    notes, stale = [], []
+    notes = []
     for down, ups in _NAMM_UPSTREAM.items():
         d = specs[down]
         gone = [u for u in ups if isinstance(d, dict) and isinstance(specs[u], dict)
                 and comparable({k: d.get(k) for k in specs[u]}) != comparable(specs[u])]
         if gone:
-            stale.append(down)
             notes.append(f"{down}/ was made from another {', '.join(f'{u}/' for u in gone)} than the one there now: "
                          f"it describes what that replaced ({_NAMM_REDO[down].format(run=p)} makes it again)")
+    stale = bool(notes)  # stages to make again before the results made from them
     for res in ("samples", "assimilate"):
         table = json_table(p / res / "metrics.json")
         made = table.get("made_from")

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import checks
-from ..schedule import Schedule
+from ..schedule import Schedule, check_schedule
 from ..train import all_reduce_mean, denoising_loss, step_seed
 
 # Mixed into the run seed so the dual estimator's draws never coincide with the primal step's.
@@ -199,9 +199,7 @@ class DualObjective:
             got = type(constraints).__name__ if not isinstance(constraints, list | tuple) else \
                 ", ".join(sorted({type(c).__name__ for c in constraints}))
             raise TypeError(f"constraints must be a list of condiff.dual.Constraint(name, x, bound), got {got}")
-        if not isinstance(schedule, Schedule):
-            raise TypeError(f"DualObjective needs the noise schedule (a condiff.schedule.Schedule), got "
-                            f"{type(schedule).__name__}")
+        check_schedule("DualObjective", schedule)
         checks.finite_rows("objective data", x)
         batch_size = checks.integer("batch_size", batch_size, 1)
         names = [c.name for c in constraints]

@@ -47,10 +47,10 @@ def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...]
     if getattr(guidance, "needs_noise", False) and eta == 0:
         raise ValueError("DSG needs a stochastic sampler (eta > 0): with eta = 0 its sphere has radius 0; "
                          "use eta = 1 as in the DSG paper")
-    if x_T is not None and tuple(x_T.shape) != tuple(shape):
-        raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape asks for {tuple(shape)}")
-    if x_T is not None and x_T.device.type == "meta":  # .to() below would fail inside torch
-        raise ValueError("x_T is on the meta device, which holds no values: give it on 'cpu' or 'cuda'")
+    if x_T is not None:  # a meta tensor's .to() below would fail inside torch
+        checks.floating("x_T", x_T)
+        if tuple(x_T.shape) != tuple(shape):
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape asks for {tuple(shape)}")
     check_denoiser(denoiser)
     x = randn(shape, generator, device=device, dtype=checks.param_dtype(denoiser)) if x_T is None else x_T.to(
         checks.device("device", device))

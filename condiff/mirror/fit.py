@@ -19,8 +19,8 @@ from condiff.mirror.map import MirrorMap, check_mirror, check_own_entries, save_
 from condiff.mirror.objective import FinetuneObjective, NAMMLoss, NAMMObjective
 from condiff.models import save_model
 from condiff.nets import build_net
-from condiff.schedule import Schedule
-from condiff.train import DenoisingObjective, TrainConfig, Trainer
+from condiff.schedule import Schedule, check_schedule
+from condiff.train import DenoisingObjective, TrainConfig, Trainer, check_train_config
 
 # Adam with beta1 = 0.5 at a constant 2e-4, batch 16, EMA 0.999 (as in the NAMM paper)
 MIRROR_TRAIN = {
@@ -40,12 +40,8 @@ def _check_inputs(where: str, x: object, tcfg: object, mirror: object = True, we
                   meta: dict | None = None) -> None:
     """The data (a finite floating-point tensor), the settings and, where given, the map and the loss weights
     of a fitting function, checked before the constraint is tried on the data (which blamed it for NaN data)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{where}: the data x must be a torch tensor (N, C, H, W), got {type(x).__name__}")
     checks.finite_rows(f"{where}: the data x", x)
-    if not isinstance(tcfg, TrainConfig):
-        raise TypeError(f"{where} needs its training settings as a TrainConfig (TrainConfig(steps=...), or "
-                        f"TrainConfig.from_dict(d) for a dict), got {type(tcfg).__name__}")
+    check_train_config(where, tcfg)
     if mirror is not True:
         check_mirror(where, mirror)
     check_own_entries(where, meta)  # before training, not when the map is saved after it
@@ -172,9 +168,7 @@ def train_diffusion(
     if not isinstance(net_cfg, dict):
         raise TypeError(f"train_diffusion: net_cfg is the net's settings, a dict such as {{'name': 'unet'}}, got "
                         f"{type(net_cfg).__name__}")
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"train_diffusion needs a noise schedule (a condiff.schedule.Schedule, e.g. "
-                        f"Schedule.linear(1000)), got {type(schedule).__name__}")
+    check_schedule("train_diffusion", schedule)
     seed = checks.seed("train_diffusion: seed", seed)
     with torch.random.fork_rng(devices=[]):  # seeded weights (and dropout); the caller's stream left as it was
         torch.manual_seed(seed)

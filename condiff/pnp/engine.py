@@ -182,11 +182,7 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
             raise TypeError(f"{what} must be a callable (or None), got {type(fn).__name__} {fn!r}")
     if constraint is not None:
         check_eval_mode(constraint, "a constraint")
-    if not isinstance(latent, Tensor):
-        raise TypeError(f"the starting latent must be a torch tensor (B, ...), got {type(latent).__name__}")
     checks.floating("the starting latent", latent)
-    if latent.device.type == "meta":
-        raise ValueError("the starting latent is on the meta device, which holds no values: give it on 'cpu' or 'cuda'")
     if latent.dim() < 2 or latent.shape[0] == 0:
         raise ValueError(f"the starting latent must be a batch (B, ...) with B >= 1, got shape {tuple(latent.shape)}")
     if not bool(torch.isfinite(latent).all()):
