@@ -60,8 +60,6 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: boo
     if (d / "unet").is_dir() and not (d / "config.json").is_file():
         raise io.CheckpointError(f"{d} holds a unet/ but no scheduler_config.json (in scheduler/ or beside it): a "
                                  "diffusers model directory needs its scheduler's config to be loaded")
-    if not (d / io.CONFIG).is_file() and not (d / "checkpoints").is_dir() and not (d / "log.jsonl").is_file():
-        _refuse_a_folder_of_models(d)
     net, cfg = load_net(d, device, ema)
     if cfg.get("stage") == "mdm" and not mirror_space:  # trained on g(x): not data until f maps them back
         stage = next((q for q in (Path(path), *Path(path).parents) if (q / "stage.json").is_file()), None)
@@ -107,6 +105,8 @@ def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
     """Rebuild the network stored at ``path`` and load its weights; returns ``(net, config)``."""
     d = resolve_model_dir(path)
     run_dir = (d / "checkpoints").is_dir() or (d / "log.jsonl").is_file()  # a run directory without model/
+    if not run_dir and not (d / io.CONFIG).is_file():  # a folder that holds models rather than being one: named
+        _refuse_a_folder_of_models(d)
     cfg = io.load_config(d) if (d / io.CONFIG).is_file() or not run_dir else {}  # a Trainer's run has none
     if "net" not in cfg or "schedule" not in cfg:
         if run_dir:

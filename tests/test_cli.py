@@ -1463,6 +1463,11 @@ def test_a_folder_of_models_given_as_a_model_names_them(trained, tmp_path, capsy
     assert main(["sample", "--ckpt", str(ckpts), "--n", "2", "--steps", "2"]) == 2
     err = capsys.readouterr().err
     assert f"{ckpts} is a folder of checkpoints (" in err and newest in err and "or the run" in err
+    from condiff.io import CheckpointError
+    from condiff.models import load_net  # `dual train --init` and others load the net alone: named there too
+
+    with pytest.raises(CheckpointError, match=r"is a folder of models \(constrained\), not one"):
+        load_net(tmp_path / "exp")
 
 
 def test_a_file_recorded_meanwhile_by_another_process_is_not_recorded_twice(tmp_path, monkeypatch):

@@ -265,6 +265,7 @@ def test_show_each_path_that_reads_and_a_line_for_each_that_does_not(run, tmp_pa
     assert second.strip() == f"{tmp_path / 'starting'}: a run just begun (nothing written yet)"
     rc, out, _ = _show(capsys, tmp_path)
     assert rc == 0 and [ln.split()[0] for ln in out.splitlines()[1:]] == ["run", "starting"]
+    assert out.splitlines()[2].split()[1] == "(just" and "unrecorded" not in out  # the listing names it alike
 
 
 def test_a_dual_experiment_cut_short_is_named_with_the_way_on(run, tmp_path, capsys):

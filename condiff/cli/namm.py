@@ -377,6 +377,7 @@ class NAMMRun:
         # after a stage has been discarded (--fresh) or trained and sampled
         check_distance(self.constraint(), self.data().x[:2].to(self.device), on=" on two training samples")
         violation_maps(self.constraint(), x)
+        net_checked = False
         for name in stages:
             old = self._old_spec(name)
             spec = self.spec(name)
@@ -393,10 +394,11 @@ class NAMMRun:
                     mirror = build_mirror(self.shape, m["psi"], m["inverse"], m["a"], saved_by=self.saved_by).to(
                         self.device)
                     mirror.inverse_map(x)
-                elif name in ("mdm", "vanilla"):  # run as `train` checks a new net: on the CPU, output shape too
+                elif name in ("mdm", "vanilla") and not net_checked:  # one net for both: checked once, as `train`
                     net = build_net(model_for_shape(self.cfg["model"], tuple(self.shape), self.saved_by),
                                     self.saved_by)
                     check_denoising_net(net, self.data().x[:2], device=self.device)
+                    net_checked = True
 
     # -- settings and stage bookkeeping
     def spec(self, stage: str) -> dict:

@@ -91,24 +91,31 @@ def describe(path: str | Path) -> dict:
                 "parameters": sum(sizes) if files and None not in sizes else None, "own_code": []}
     cfg = json_table(p / io.CONFIG)
     if cfg.get("format") or {"step", "optim"} <= set(cfg):  # a model directory (any format) or a checkpoint
-        out = {"path": str(p), "kind": "checkpoint" if "optim" in cfg else "model", **_weights(p)}
+        out = {"path": str(p), "kind": "checkpoint" if "optim" in cfg else "model", **_weights(p, cfg)}
         if "optim" in cfg:
             out["state"] = f"step {cfg.get('step')} of {_table(cfg, 'train').get('steps', '?')}"
         out["own_code"] = _own_code(cfg)
         return out
-    kind = run_kind(p)
-    if kind is None and (p / "stage.json").is_file() and run_kind(p.parent) == "condiff namm fit":
-        kind = "(namm stage)"
-    elif kind is None and any((q / "key.json").is_file() for q in _subdirs(p)):  # marked once it finishes
-        kind = "(dual experiment)"
-    elif kind is None and _just_begun(p):
-        kind = "(just begun)"
+    kind = _kind(p)
     if kind is None and not _holds_training(p):
         runs = [describe_run(q, short=True) for q in _runs_below(p)]
         if not runs:
             raise ValueError(f"{p} is not a condiff run, model or checkpoint directory, and holds no run")
         return {"path": str(p), "kind": "folder", "runs": runs}
     return describe_run(p, kind)
+
+
+def _kind(p: Path) -> str | None:
+    """What made run ``p``: its recorded command, else what its files say (a NAMM stage, a dual experiment cut
+    short, a run just begun); None for a folder that shows no run of its own."""
+    kind = run_kind(p)
+    if kind is None and (p / "stage.json").is_file() and run_kind(p.parent) == "condiff namm fit":
+        return "(namm stage)"
+    if kind is None and any((q / "key.json").is_file() for q in _subdirs(p)):  # marked once it finishes
+        return "(dual experiment)"
+    if kind is None and _just_begun(p):
+        return "(just begun)"
+    return kind
 
 
 def _just_begun(p: Path) -> bool:
@@ -118,7 +125,7 @@ def _just_begun(p: Path) -> bool:
 
 
 def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
-    kind = kind or run_kind(p) or "(unrecorded command)"
+    kind = kind or _kind(p) or "(unrecorded command)"
     cfg = json_table(p / io.CONFIG)
     out: dict = {"path": str(p), "kind": kind, "settings": _settings(cfg)}
     units = _units(p)
@@ -279,11 +286,11 @@ def _rel(u: Path, root: Path) -> str:
     return "." if u == root else str(u.relative_to(root))
 
 
-def _unit(u: Path, weights: tuple[str, ...] | list[str] = _WEIGHTS, log: bool = True) -> dict:
+def _unit(u: Path, log: bool = True) -> dict:
     """One training: its finished weights, its newest checkpoint, its last log line (with ``log``) and its state."""
     out: dict = {}
     configs = []  # what names files of one's own: the weights', the newest checkpoint's and the stage's settings
-    for w in weights:
+    for w in _WEIGHTS:
         if (u / w / io.CONFIG).is_file():
             configs.append(json_table(u / w / io.CONFIG))
             out[w] = _weights(u / w, configs[-1])
@@ -297,7 +304,7 @@ def _unit(u: Path, weights: tuple[str, ...] | list[str] = _WEIGHTS, log: bool = 
         out["last_log"] = last
     stage = json_table(u / "stage.json")
     configs.append(stage)
-    done = [s if isinstance(s := out[w].get("steps"), int) else 0 for w in weights if w in out]
+    done = [s if isinstance(s := out[w].get("steps"), int) else 0 for w in _WEIGHTS if w in out]
     ck = out.get("checkpoint", {})
     at = ck.get("step") if isinstance(ck.get("step"), int) else 0
     if stage:

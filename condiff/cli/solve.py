@@ -513,8 +513,9 @@ def write_outputs(out: Path, x: torch.Tensor | None, op: Operator, y: torch.Tens
         arrays["ground_truth"] = x.numpy()
         err = (rec - x).abs().mean(1, keepdim=True)  # channel mean in data units, black = 0, white = the largest shown
         top = float(err[:8].max()) or 1.0
-        save_png_grid(pic(to_display(x, scale).clamp(-1, 1)), out / "ground_truth.png")
-        columns["truth"] = pic(to_display(x, scale).clamp(-1, 1)).numpy()
+        truth = pic(to_display(x, scale).clamp(-1, 1))
+        save_png_grid(truth, out / "ground_truth.png")
+        columns["truth"] = truth.numpy()
     io.write_npz_atomic(out / "reconstruction.npz", **arrays)
     seen_d, rec_d = (to_display(v, scale).clamp(-1, 1) for v in (seen, rec))
     if seen_d.dim() == 4 and seen_d.shape[1] in (1, 3, channels):  # an operator of one's own may measure no picture
