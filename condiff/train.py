@@ -217,6 +217,16 @@ class DistInfo:
         return self.rank == 0
 
 
+def leave_process_group() -> None:
+    """End a ``torchrun`` job's process group the way torch asks: every rank waits for the others, then
+    leaves. Call it on every rank once all are done (the condiff commands do, when they succeed); a no-op
+    outside a process group. A rank that exits without leaving, or while another is busy, can abort in the
+    interpreter's teardown (SIGABRT) after its work is done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def init_distributed(device: str) -> DistInfo:
     """Join the process group when launched by ``torchrun`` (gloo on CPU, NCCL on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

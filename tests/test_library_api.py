@@ -428,7 +428,8 @@ def test_objects_of_the_wrong_kind_are_named_where_they_are_given():
     cfg = TrainConfig(steps=2, progress=False)
     cases = [(lambda: Trainer(lambda x, t: x, obj, cfg), "Trainer trains a network, a torch.nn.Module, got function"),
              (lambda: Trainer(net, lambda m, i, g: 0, cfg), "Trainer needs an objective with a loss"),
-             (lambda: Trainer(net, obj, {"steps": 2}), "Trainer needs its training settings as a TrainConfig .*, got dict"),
+             (lambda: Trainer(net, obj, {"steps": 2}),
+              "Trainer needs its training settings as a TrainConfig .*, got dict"),
              (lambda: NetDenoiser(lambda x, t: x, s), "NetDenoiser wraps a network, a torch.nn.Module .*got function"),
              (lambda: NetDenoiser(net, "linear"), "a denoiser needs the noise schedule .*, got str"),
              (lambda: DenoisingObjective(torch.randn(16, 2), None, 4), "DenoisingObjective needs the noise schedule"),
