@@ -142,13 +142,43 @@ def begin_outputs(out: str | Path, record: str, *files: str) -> Path:
     return out
 
 
+STAGED = ".staged-"  # the prefix of the hidden folder in which writing_outputs gathers a set
+
+
 @contextlib.contextmanager
-def writing_outputs(out: str | Path) -> Iterator[None]:
-    """Around a command's writing of a set of files and its record into ``out`` (:func:`begin_outputs` first,
-    the record last): one writer at a time, so that two commands sampling into one folder at once (which the
+def writing_outputs(out: str | Path, record: str, *old: str) -> Iterator[Path]:
+    """Around a command's writing of a set of files and their ``record`` (``metrics.json``, ...) into ``out``.
+    The block writes them into the hidden folder it is given, inside ``out``; once the block ends they are
+    moved into ``out`` (renames, which need no space), the record last, and the previous set's ``old`` files
+    that the new set lacks are removed. A failure half-way (a full disk, Ctrl-C) thus leaves the previous
+    set and its record as they were. One writer at a time: two commands writing one folder at once (which a
     run's shared lock allows) cannot leave one's record beside the other's data; a second one waits."""
-    with waiting_lock(Path(out) / ".writing.lock", f"waiting for another condiff command writing {out}"):
-        yield
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with waiting_lock(out / ".writing.lock", f"waiting for another condiff command writing {out}"):
+        for left in out.glob(STAGED + "*"):  # a killed writer's (no other writes now: this one holds the lock)
+            shutil.rmtree(left, ignore_errors=True)
+        staged = Path(tempfile.mkdtemp(prefix=STAGED, dir=out))
+        try:
+            yield staged
+        except OSError as e:  # a message names the file by where it goes, not by the hidden folder
+            if e.strerror and str(staged) in e.strerror:
+                raise OSError(e.errno, e.strerror.replace(str(staged), str(out))) from None
+            raise
+        else:
+            names = sorted(str(p.relative_to(staged)) for p in staged.rglob("*")
+                           if p.is_file() and not p.name.startswith("."))
+            if record not in names:
+                raise RuntimeError(f"the set written for {out} lacks its record {record}")
+            (out / record).unlink(missing_ok=True)  # from here to its return, the set is visibly incomplete
+            for name in old:
+                if name not in names:
+                    (out / name).unlink(missing_ok=True)
+            for name in [*(n for n in names if n != record), record]:
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged / name, out / name)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
 
 
 @contextlib.contextmanager

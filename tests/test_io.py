@@ -282,6 +282,50 @@ def test_a_write_sweeps_the_temporaries_a_killed_writer_left_and_no_fresh_ones(t
     assert sorted(os.listdir(tmp_path)) == [".m.json.def456.tmp", "ckpt", "m.json"]
 
 
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+            and not p.name.startswith(".")}
+
+
+def test_writing_outputs_moves_a_whole_set_in_and_leaves_the_old_one_on_failure(tmp_path):
+    out = tmp_path / "out"
+    with io.writing_outputs(out, "metrics.json", "a.png", "b.npz") as staged:
+        assert staged.parent == out and staged.name.startswith(".")  # aside, on the same disk
+        (staged / "a.png").write_bytes(b"a1")
+        (staged / "sub").mkdir()
+        (staged / "sub" / "c.txt").write_text("c1")
+        (staged / "metrics.json").write_text("m1")
+    assert _files(out) == {"a.png": b"a1", "sub/c.txt": b"c1", "metrics.json": b"m1"}
+    assert [p.name for p in out.iterdir() if p.is_dir()] == ["sub"]
+    (out / "b.npz").write_bytes(b"old")
+    (out / "mine.txt").write_text("kept")  # not one of the set's files
+    before = _files(out)
+    for fail in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+        with pytest.raises(type(fail)), io.writing_outputs(out, "metrics.json", "a.png", "b.npz") as staged:
+            (staged / "a.png").write_bytes(b"a2")
+            raise fail
+        assert _files(out) == before and not list(out.glob(".staged-*"))
+    with pytest.raises(OSError, match=f"^.Errno 28. writing {out / 'a.png'}: No space left on device$"), \
+            io.writing_outputs(out, "metrics.json") as staged:
+        raise OSError(28, f"writing {staged / 'a.png'}: No space left on device")
+    with pytest.raises(RuntimeError, match="lacks its record metrics.json"), \
+            io.writing_outputs(out, "metrics.json", "a.png") as staged:
+        (staged / "a.png").write_bytes(b"a2")
+    assert _files(out) == before
+    with io.writing_outputs(out, "metrics.json", "a.png", "b.npz") as staged:  # a set without a.png and b.npz
+        (staged / "metrics.json").write_text("m2")
+    assert _files(out) == {"sub/c.txt": b"c1", "metrics.json": b"m2", "mine.txt": b"kept"}
+
+
+def test_writing_outputs_clears_what_a_killed_writer_gathered(tmp_path):
+    out = tmp_path / "out"
+    (out / ".staged-x1y2").mkdir(parents=True)  # SIGKILL mid-write: nothing removes it then
+    (out / ".staged-x1y2" / "samples.npz").write_bytes(b"big")
+    with io.writing_outputs(out, "metrics.json") as staged:
+        (staged / "metrics.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == [".writing.lock", "metrics.json"]
+
+
 def test_begin_outputs_removes_the_record_and_the_named_files_only(tmp_path):
     out = tmp_path / "o"
     assert io.begin_outputs(out, "metrics.json") == out and out.is_dir()

@@ -352,9 +352,10 @@ def test_eval_scores_a_diffusers_model_against_the_data_named_by_data(tmp_path, 
     assert "f is a file, not a directory" in capsys.readouterr().err
 
 
-def test_a_sample_run_that_fails_half_way_leaves_no_record_beside_new_data(tiny_run, tmp_path, monkeypatch, capsys):
-    """The record (sample_config.json) goes first and comes back last: a failure between samples.npz and
-    the picture left the new samples beside the old picture and the old run's record."""
+def test_a_sample_run_that_fails_half_way_leaves_the_previous_set_as_it_was(tiny_run, tmp_path, monkeypatch, capsys):
+    """A failure between samples.npz and the picture left the new samples beside the old picture and the
+    old run's record; then (the record removed first) the old samples without their record. The new set is
+    gathered aside and moved in whole."""
     import condiff.cli.common as common
 
     out = tmp_path / "s"
@@ -365,10 +366,12 @@ def test_a_sample_run_that_fails_half_way_leaves_no_record_beside_new_data(tiny_
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     monkeypatch.setattr(common, "save_png_grid", disk_full)
     assert main([*args, "--seed", "1"]) == 2
     assert "No space left on device" in capsys.readouterr().err
-    assert not (out / "sample_config.json").exists() and not (out / "samples.png").exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p for p in out.iterdir() if p.is_dir()]  # nothing gathered is left behind
     monkeypatch.undo()
     assert main([*args, "--seed", "1"]) == 0
     record = json.loads((out / "sample_config.json").read_text())

@@ -764,17 +764,18 @@ def check_targets(out: Path, also: tuple[str, ...] = ()) -> None:
             raise IsADirectoryError(f"{out / name} is a directory: move it away; nothing was written")
 
 
+SAMPLE_FILES = ("samples.npz", "samples.png")  # what write_samples writes (no picture for some shapes)
+
+
 def write_samples(x: torch.Tensor, out: Path, grid: int = 100, value_range: list[float] | None = None,
-                  label: int | None = None, record: str | None = None) -> list[Path]:
+                  label: int | None = None) -> list[Path]:
     """``samples.npz`` with all samples, plus a picture: an image grid (shown on the
     :func:`~condiff.data.nominal_range` of the model's recorded ``value_range``), or a scatter for 2-D points.
     The samples are checked first (:func:`check_samples`); the caller checks the files (:func:`check_targets`)
-    before it samples. ``record``: the file that describes them, removed first and written by the caller
-    last (:func:`condiff.io.begin_outputs`)."""
+    before it samples; the caller writes into the folder of :func:`condiff.io.writing_outputs`, whose ``old``
+    files are :data:`SAMPLE_FILES`."""
     check_samples(x, out)
     arr = x.detach().cpu().numpy()
-    if record:
-        io.begin_outputs(out, record, "samples.png")
     out.mkdir(parents=True, exist_ok=True)
     extra = {} if label is None else {"y": np.full(len(arr), label, dtype=np.int64)}  # the class asked for
     io.write_npz_atomic(out / "samples.npz", x=arr, **extra)

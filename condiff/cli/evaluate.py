@@ -13,6 +13,7 @@ from pathlib import Path
 from .. import io
 from ..evaluate import evaluate_samples, load_reference
 from .common import (
+    SAMPLE_FILES,
     check_out_dir,
     check_samples,
     check_targets,
@@ -68,9 +69,9 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
               "seed": int(scfg["seed"]), "batch_size": int(scfg.get("batch_size", 500)), "ckpt": str(ckpt),
               "versions": io.versions(),
               **({} if label is None else {"label": label, "guidance_scale": scale})})
-    with io.writing_outputs(out):  # the record and the samples of one command, whoever else samples here
-        write_samples(x, out, value_range=run_cfg.get("value_range"), record="metrics.json")
-        io.write_json_atomic(out / "metrics.json", m)
+    with io.writing_outputs(out, "metrics.json", *SAMPLE_FILES) as staged:
+        write_samples(x, staged, value_range=run_cfg.get("value_range"))
+        io.write_json_atomic(staged / "metrics.json", m)
     return m
 
 

@@ -314,16 +314,21 @@ def _prior(args: argparse.Namespace, kind: str | None = None) -> tuple:
     return den, run_cfg, shape, device
 
 
-def _finish(out: Path, metrics: dict, files: list[Path], args: argparse.Namespace) -> int:
-    """Write ``metrics.json`` with the command's settings (every option's value: seed, lr, schedules,
-    batch size, prior), so that the figures can be reproduced from the file alone."""
+def _finish(args: argparse.Namespace, write: Callable[[Path], tuple[dict, list[Path]]]) -> int:
+    """``write(folder)`` writes the command's files into ``folder`` and returns its metrics and the files;
+    they are written together with ``metrics.json`` (:func:`condiff.io.writing_outputs`: a failure half-way
+    leaves the previous results as they were), which records the command's settings (every option's value:
+    seed, lr, schedules, batch size, prior), so that the figures can be reproduced from the file alone."""
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())
                 if isinstance(v, bool | int | float | str | Path | type(None)) and k != "interrupted"}  # (a hint)
-    metrics = {**metrics, "settings": settings, "versions": io.versions()}
-    io.write_json_atomic(out / "metrics.json", metrics)
+    out = Path(args.out)
+    with io.writing_outputs(out, "metrics.json") as staged:
+        metrics, files = write(staged)
+        metrics = {**metrics, "settings": settings, "versions": io.versions()}
+        io.write_json_atomic(staged / "metrics.json", metrics)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list | dict)}, indent=2))
-    for f in [*files, out / "metrics.json"]:
-        print(f"wrote {f}")
+    for f in [*files, staged / "metrics.json"]:
+        print(f"wrote {out / f.relative_to(staged)}")
     return 0
 
 
@@ -370,7 +375,6 @@ def run_digits(args: argparse.Namespace) -> int:
         constraint = ClassConstraint(steer.log_prob, args.label)
     g = torch.Generator(device=device).manual_seed(args.seed)
     x, seconds, finish_seconds = _run_pnp(args, den, shape, constraint, lambda z: z.clamp(-1, 1), g, device)
-    out = io.begin_outputs(args.out, "metrics.json")  # written last, by _finish
     ev = judge.evaluate(x)
     metrics = {"task": "symmetry" if args.symmetry else f"label {args.label}", "n": args.n, "steps": args.steps,
                "finish": args.finish, "finish_zeta": args.finish_zeta if args.finish else None,
@@ -381,8 +385,12 @@ def run_digits(args: argparse.Namespace) -> int:
                "mean_top_prob": ev["mean_top_prob"]}  # a Fréchet distance to all ten classes would mislead here
     if args.label is not None:
         metrics["success_rate"] = float((judge.probs(x).argmax(1) == args.label).float().mean())
-    io.write_npz_atomic(out / "samples.npz", x=x.cpu().numpy())
-    return _finish(out, metrics, [save_png_grid(x.cpu(), out / "samples.png"), out / "samples.npz"], args)
+
+    def write(out: Path) -> tuple[dict, list[Path]]:
+        io.write_npz_atomic(out / "samples.npz", x=x.cpu().numpy())
+        return metrics, [save_png_grid(x.cpu(), out / "samples.png"), out / "samples.npz"]
+
+    return _finish(args, write)
 
 
 # --- segmentation -------------------------------------------------------------------------------------------
@@ -412,24 +420,27 @@ def run_segment(args: argparse.Namespace) -> int:
                   schedule=TIME_SCHEDULES[args.schedule](), through_net=not args.stop_grad, generator=g,
                   progress=True, batch_size=args.batch_size)
     km, ot = kmeans_segment(img.cpu()), otsu_segment(img.cpu())
-    out = io.begin_outputs(args.out, "metrics.json")  # written last, by _finish
     m = lambda b: (b.float() * 2 - 1).cpu().numpy()
     per_image = iou(res.mask.cpu(), truth.cpu())
-    pic = plot_image_columns(
-        {"scene": img.cpu().numpy(), "true mask": m(truth), "PnP mask": m(res.mask), "2-means": m(km),
-         "Otsu": m(ot)},
-        out / "segment.png", row_labels=[f"PnP IoU {float(v):.2f}" for v in per_image],
-        title=f"PnP segmentation: mean IoU {float(per_image.mean()):.3f} over {args.n} scenes"
-              + (" (first 8 shown)" if args.n > 8 else ""),
-    )
     metrics = {"n": args.n, "chains": args.chains, "votes": votes, "steps": args.steps,
                "through_net": not args.stop_grad,
                "seconds": round(res.seconds, 2), "iou_pnp": float(per_image.mean()),
                "iou_kmeans": float(iou(km, truth.cpu()).mean()), "iou_otsu": float(iou(ot, truth.cpu()).mean()),
                "picture_columns": ["scene", "true mask", "pnp mask", "2-means mask", "otsu mask"]}
-    io.write_npz_atomic(out / "masks.npz", scene=img.cpu().numpy(), mask=res.mask.cpu().numpy(),
-                        truth=truth.cpu().numpy(), kmeans=km.numpy(), otsu=ot.numpy(), iou=per_image.numpy())
-    return _finish(out, metrics, [pic, out / "masks.npz"], args)
+
+    def write(out: Path) -> tuple[dict, list[Path]]:
+        pic = plot_image_columns(
+            {"scene": img.cpu().numpy(), "true mask": m(truth), "PnP mask": m(res.mask), "2-means": m(km),
+             "Otsu": m(ot)},
+            out / "segment.png", row_labels=[f"PnP IoU {float(v):.2f}" for v in per_image],
+            title=f"PnP segmentation: mean IoU {float(per_image.mean()):.3f} over {args.n} scenes"
+                  + (" (first 8 shown)" if args.n > 8 else ""),
+        )
+        io.write_npz_atomic(out / "masks.npz", scene=img.cpu().numpy(), mask=res.mask.cpu().numpy(),
+                            truth=truth.cpu().numpy(), kmeans=km.numpy(), otsu=ot.numpy(), iou=per_image.numpy())
+        return metrics, [pic, out / "masks.npz"]
+
+    return _finish(args, write)
 
 
 # --- TSP ----------------------------------------------------------------------------------------------------
@@ -501,14 +512,7 @@ def run_tsp(args: argparse.Namespace) -> int:
                                generator=torch.Generator(device=device).manual_seed(args.seed), progress=True)
     greedy = np.array([tsp.tour_length(c, tsp.decode(c, None)) for c in coords])
     gaps = tsp.optimality_gap(res.lengths, opt_len)
-    out = io.begin_outputs(args.out, "metrics.json")  # written last, by _finish
     titles = [f"gap {round(100 * gp, 2) + 0.0:.2f}%" for gp in gaps]  # + 0.0: no "-0.00%" from LKH rounding
-    files = [plot_tours(coords.numpy(), res.tours, opt, out / "tours.png", titles),
-             save_png_grid(torch.cat([res.pictures, tsp.render_tours(coords, res.tours, style)]),
-                           out / "pictures.png", nrow=args.n)]
-    io.write_npz_atomic(out / "tours.npz", coords=coords.numpy(), tours=np.asarray(res.tours),
-                        optimal=np.asarray(opt), lengths=np.asarray(res.lengths), optimal_lengths=opt_len)
-    files.append(out / "tours.npz")
     metrics = {"cities": args.cities, "n": args.n, "chains": args.chains, "steps": args.steps,
                "through_net": not args.stop_grad, "reference_solver": solver.name,
                "gap_mean": float(gaps.mean()), "gap_total": float(res.lengths.sum() / opt_len.sum() - 1),
@@ -516,7 +520,16 @@ def run_tsp(args: argparse.Namespace) -> int:
                "seconds_per_instance": (res.infer_seconds + res.decode_seconds) / args.n,
                "reference_seconds_per_instance": t_ref / args.n, "gaps": gaps.tolist(),
                "picture_rows": ["inferred adjacency (rendered)", "decoded tour (rendered)"]}
-    return _finish(out, metrics, files, args)
+
+    def write(out: Path) -> tuple[dict, list[Path]]:
+        files = [plot_tours(coords.numpy(), res.tours, opt, out / "tours.png", titles),
+                 save_png_grid(torch.cat([res.pictures, tsp.render_tours(coords, res.tours, style)]),
+                               out / "pictures.png", nrow=args.n)]
+        io.write_npz_atomic(out / "tours.npz", coords=coords.numpy(), tours=np.asarray(res.tours),
+                            optimal=np.asarray(opt), lengths=np.asarray(res.lengths), optimal_lengths=opt_len)
+        return metrics, [*files, out / "tours.npz"]
+
+    return _finish(args, write)
 
 
 # --- any constraint -----------------------------------------------------------------------------------------
@@ -565,7 +578,6 @@ def run_constraint(args: argparse.Namespace) -> int:
     bound = args.clamp if args.clamp is not None else (run_cfg.get("sample") or {}).get("clip_x0")
     project = (lambda z: z.clamp(-bound, bound)) if bound else None
     x, seconds, _ = _run_pnp(args, den, shape, constraint, project, g, device)
-    out = io.begin_outputs(args.out, "metrics.json")  # written last, by _finish
     sets = {"prior samples": prior_x.detach().cpu(), "pnp": x.detach().cpu()}
     dist = {k: batched_distance(constraint, v, device=device) for k, v in sets.items()}
     parts = constraint.learned_parts() if callable(getattr(constraint, "learned_parts", None)) else None
@@ -579,7 +591,11 @@ def run_constraint(args: argparse.Namespace) -> int:
     # prior / PnP mean distance; None when PnP meets the constraint exactly (no finite ratio)
     metrics["reduction"] = (metrics["prior_samples_l_mean"] / metrics["pnp_l_mean"]
                             if metrics["pnp_l_mean"] > 0 else None)
-    io.write_npz_atomic(out / "samples.npz", x=sets["pnp"].numpy(), prior=sets["prior samples"].numpy())
     cols = {k: (v, violation_maps(constraint, v), dist[k]) for k, v in sets.items()}
-    grid = plot_violation_grid(cols, out / "samples.png", title=f"constraint {args.constraint}: prior vs PnP")
-    return _finish(out, metrics, [grid, out / "samples.npz"], args)
+
+    def write(out: Path) -> tuple[dict, list[Path]]:
+        io.write_npz_atomic(out / "samples.npz", x=sets["pnp"].numpy(), prior=sets["prior samples"].numpy())
+        grid = plot_violation_grid(cols, out / "samples.png", title=f"constraint {args.constraint}: prior vs PnP")
+        return metrics, [grid, out / "samples.npz"]
+
+    return _finish(args, write)

@@ -10,6 +10,7 @@ from .. import checks, io
 from ..denoiser import Denoiser, NetDenoiser
 from .common import (
     DEFAULT_SAMPLE,
+    SAMPLE_FILES,
     add_device_arg,
     check_out_dir,
     check_targets,
@@ -102,10 +103,10 @@ def run(args: argparse.Namespace) -> int:
     x = draw_samples(den, shape, scfg, device)
     record = {**scfg, "ckpt": str(args.ckpt), "nfe": den.nfe, "label": args.label,
               "guidance_scale": args.guidance_scale, "versions": io.versions()}
-    with io.writing_outputs(out):  # the record and the samples of one command, whoever else samples here
-        files = write_samples(x, out, value_range=run_cfg.get("value_range"), label=args.label,
-                              record="sample_config.json")
-        io.write_json_atomic(out / "sample_config.json", record)
+    with io.writing_outputs(out, "sample_config.json", *SAMPLE_FILES) as staged:
+        files = write_samples(x, staged, value_range=run_cfg.get("value_range"), label=args.label)
+        io.write_json_atomic(staged / "sample_config.json", record)
+    files = [out / f.relative_to(staged) for f in files]
     print(f"{len(x)} samples, shape {tuple(x.shape[1:])}, range [{float(x.min()):.2f}, {float(x.max()):.2f}], "
           f"mean {float(np.mean(x.numpy())):.3f}")
     for f in files:

@@ -484,8 +484,8 @@ def run(args: argparse.Namespace) -> int:
         "images": args.input or (f"{data_name}:{args.split}" if x is not None else None),
         "measurement": args.measurement,
     })
-    with io.writing_outputs(out):  # the record and the pictures of one command, whoever else solves into out
-        write_outputs(out, x, op, y, rec, m, scale)
+    with io.writing_outputs(out, "metrics.json", *SOLVE_FILES) as staged:
+        write_outputs(staged, x, op, y, rec, m, scale)
     quality = (f"PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, " if x is not None else "")
     truth = f" (truth {m['residual_truth']:.4f})" if x is not None else f" (sigma_y {args.noise})"
     print(f"{args.method} on {task}: {quality}residual {m['residual']:.4f}{truth}, {m['seconds']:.1f} s, "
@@ -494,12 +494,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+SOLVE_FILES = ("ground_truth.png", "measurement.png", "reconstruction.png", "comparison.png", "reconstruction.npz")
+
+
 def write_outputs(out: Path, x: torch.Tensor | None, op: Operator, y: torch.Tensor, rec: torch.Tensor,
                   m: dict, scale: tuple[float, float] = (-1.0, 1.0)) -> None:
     """The pictures (on ``scale``, mapped to the writers' [-1, 1]), reconstruction.npz and metrics.json;
     without true images ``x`` (given measurements) only the measurement and the reconstruction."""
-    io.begin_outputs(out, "metrics.json", "ground_truth.png", "measurement.png", "reconstruction.png",
-                  "comparison.png")
     seen, rec = op.to_image(y).cpu(), rec.cpu()
     arrays = {"x": rec.numpy(), "y": y.cpu().numpy()}
     columns = {}
