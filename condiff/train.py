@@ -478,7 +478,7 @@ class Trainer:
                 gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                 # the step's loss and gradient norm, read with the others at the next check: a finite loss
                 # can have a non-finite gradient, whose update would leave NaN weights for the next save
-                pending.append((loss.detach(), gnorm.detach()))
+                pending.append((loss.detach(), gnorm.detach(), logs))  # the logs: to name a term gone bad
                 if self.check_each_step:  # before the update
                     checks()  # first: a sign error in a term is the cause of a non-finite loss it leads to
                     run_loss += _finite_sum(pending, first)
@@ -550,23 +550,28 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training, raised once the step in progress is finished and checkpointed."""
 
 
-def _finite_sum(rows: list[tuple[Tensor, Tensor]], first: int) -> float:
-    """The sum of the losses of steps ``first, first + 1, ...`` from their ``(loss, gradient norm)`` pairs
+def _finite_sum(rows: list[tuple[Tensor, Tensor, dict]], first: int) -> float:
+    """The sum of the losses of steps ``first, first + 1, ...`` from their ``(loss, gradient norm, logs)``
     (stacked here, not per step, and read from the device once); a non-finite loss, or a non-finite
-    gradient under a finite loss, stops training with the step it came from."""
-    losses, gnorms = zip(*rows)
+    gradient under a finite loss, stops training with the step it came from and the logged terms that
+    were not finite there."""
+    losses, gnorms, logs = zip(*rows)
     vals = torch.stack([torch.stack(losses).double(), torch.stack(gnorms).double()], 1).cpu()
     bad = (~torch.isfinite(vals)).any(1).nonzero()
     if len(bad):
         k = int(bad[0])
         step, (value, gnorm) = first + k, vals[k].tolist()
+        terms = [name for name, v in logs[k].items() if (isinstance(v, int | float) or isinstance(v, Tensor)
+                                                          and v.numel() == 1) and not math.isfinite(float(v))]
+        said = f" ({', '.join(terms)} not finite there)" if terms else ""
         if step == 0:  # no update yet, so the learning rate is not the cause
             what = f"training loss is {value}" if not math.isfinite(value) else \
                 f"the gradient norm is {gnorm} (the loss is {value:.4g})"
-            raise FloatingPointError(f"{what} at step 0, before any update: the training data or the objective "
-                                     "give non-finite values")
+            raise FloatingPointError(f"{what} at step 0{said}, before any update: the training data or the "
+                                     "objective give non-finite values")
         if not math.isfinite(value):
-            raise FloatingPointError(f"training loss became {value} at step {step}; try a lower learning rate")
+            raise FloatingPointError(f"training loss became {value} at step {step}{said}; try a lower learning "
+                                     "rate")
         raise FloatingPointError(f"the gradient norm became {gnorm} at step {step} (the loss is {value:.4g}); "
                                  "try a lower learning rate")
     return float(vals[:, 0].sum())

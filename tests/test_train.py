@@ -133,6 +133,29 @@ def test_losses_read_once_per_interval_give_the_same_log_and_name_the_first_bad_
 
 
 @pytest.mark.parametrize("each", [True, False])
+def test_a_non_finite_loss_names_the_logged_terms_that_were_not_finite_at_its_step(each):
+    """A constraint term turning NaN mid-training was reported as the loss alone, the learning rate blamed."""
+    s = Schedule.linear(100)
+    base = DenoisingObjective(torch.randn(64, 2), s, 16)
+
+    class TermGoesBad:
+        def loss(self, model, step, gen):
+            loss, logs = base.loss(model, step, gen)
+            term = loss.detach() * 0 + (float("nan") if step >= 3 else 1.0)
+            return loss + term, {**logs, "constraint": term, "weight": 0.5, "note": "text"}
+
+        def after_step(self, model, step):
+            return {}
+
+    tr = Trainer(TimeMLP(2, hidden=8, depth=1), TermGoesBad(),
+                 TrainConfig(steps=8, log_every=4, warmup=0, progress=False))
+    tr.check_each_step = each
+    with pytest.raises(FloatingPointError, match=r"^training loss became nan at step 3 \(constraint not finite "
+                                                 r"there\); try a lower learning rate$"):
+        tr.fit()
+
+
+@pytest.mark.parametrize("each", [True, False])
 def test_a_finite_loss_with_a_non_finite_gradient_stops_before_its_update_is_saved(tmp_path, each):
     """sqrt(|0 * w|) has a finite value and a NaN gradient: the loss checks alone let that update
     through and the next checkpoint held NaN weights. The step is named, and the checkpoints kept
