@@ -86,6 +86,15 @@ def test_log_mass_bounds_recover_the_slope():
     assert torch.allclose(b, A[[3, 4]] - 0.02 * torch.log(torch.tensor(0.2, dtype=torch.float64)))
     with pytest.raises(ValueError, match="one weight"):
         log_mass_bounds(L, torch.full((5,), 0.2), [3], 0.5)
+    for i, v in ((1, float("nan")), (0, float("inf"))):
+        bad = L.clone()
+        bad[i] = v
+        with pytest.raises(ValueError, match="losses and class weights must be finite"):  # gave NaN bounds
+            log_mass_bounds(bad, f, [3, 4], 0.2)
+    bad = f.clone()
+    bad[2] = float("nan")
+    with pytest.raises(ValueError, match="must be finite"):  # a NaN weight passed the sum and sign checks
+        log_mass_bounds(L, bad, [3, 4], 0.2)
 
 
 def test_refined_bounds_follow_each_class_log_line():
@@ -97,6 +106,22 @@ def test_refined_bounds_follow_each_class_log_line():
     assert torch.allclose(slope, s) and torch.allclose(b, line(torch.full((2,), 0.1, dtype=torch.float64)))
     with pytest.raises(ValueError, match="differ between the two models"):
         refine_log_mass_bounds(line(fb), fb, line(fb), fb, 0.1)
+    nan = torch.tensor([float("nan"), 0.5], dtype=torch.float64)
+    for args in ((nan, fb, line(fp), fp), (line(fb), fb, line(fp), nan)):
+        with pytest.raises(ValueError, match="losses and class weights must be finite"):
+            refine_log_mass_bounds(*args, 0.1)
+
+
+def test_a_dual_step_size_too_large_for_the_losses_is_named():
+    """dual.lr = 1e300 sent lambda past float32's range: the weighted loss turned NaN and the message
+    blamed the (primal) learning rate."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 2)
+    obj = DualObjective(x, [Constraint("far", x + 3, 0.01)], Schedule.linear(50), 16,
+                        DualConfig(lr=1e300, every=1, batch_size=8, timesteps=4))
+    with pytest.raises(FloatingPointError, match=r"the dual variable of constraint 'far' reached .* at step 0, .*"
+                                                 r"dual.lr 1e\+300 is too large .*; lower it$"):
+        Trainer(TimeMLP(2, hidden=8, depth=1), obj, TrainConfig(steps=5, warmup=0, progress=False)).fit()
 
 
 def test_mixture_weights_closed_form():

@@ -107,6 +107,9 @@ def log_mass_bounds(losses: Tensor, freqs: Tensor, constrained: list[int],
     if L.shape != f.shape or L.dim() != 1 or bool((f <= 0).any()) or not 0 < target < 1:
         raise ValueError(f"log_mass_bounds: expected (K,) losses, positive (K,) freqs and 0 < target < 1; "
                          f"got {tuple(L.shape)}, {tuple(f.shape)}, target {target}")
+    if not bool(torch.isfinite(L).all() & torch.isfinite(f).all()):
+        raise ValueError(f"log_mass_bounds: the reference's losses and class weights must be finite, got "
+                         f"{L.tolist()} and {f.tolist()}")
     if abs(float(f.sum()) - 1) > 1e-3:  # counts, or weights scaled, shift every bound by log of their sum
         raise ValueError(f"log_mass_bounds: freqs are the reference's class weights and must sum to 1, got sum "
                          f"{float(f.sum()):.6g} (divide counts by their total)")
@@ -133,6 +136,9 @@ def refine_log_mass_bounds(base_losses: Tensor, base_freqs: Tensor, pilot_losses
                                                                          pilot_freqs))
     if not (Lb.shape == fb.shape == Lp.shape == fp.shape) or Lb.dim() != 1:
         raise ValueError("refine_log_mass_bounds: all inputs must have one shape (m,)")
+    if not all(bool(torch.isfinite(v).all()) for v in (Lb, fb, Lp, fp)):
+        raise ValueError(f"refine_log_mass_bounds: the losses and class weights must be finite, got losses "
+                         f"{Lb.tolist()} and {Lp.tolist()}, weights {fb.tolist()} and {fp.tolist()}")
     if bool((fb <= 0).any() | (fp <= 0).any() | (fb > 1).any() | (fp > 1).any()
             | ((fp / fb).log().abs() < 1e-9).any()) or not 0 < target < 1:
         raise ValueError("refine_log_mass_bounds: weights must lie in (0, 1] and differ between the two models, "
