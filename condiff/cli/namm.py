@@ -1309,7 +1309,6 @@ def run_assim(args: argparse.Namespace) -> int:
         if f.is_dir():
             raise IsADirectoryError(f"{f} is a directory: move it away, it is where this command writes")
     res = run_assimilation(run, methods, obs=args.obs)  # --obs is for this call only
-    io.begin_outputs(out, "metrics.json")  # written last
     con = run.constraint()
     cols = {
         "observed (y)": (res["_y"], None, None),  # what the methods were given: zero where unobserved
@@ -1322,13 +1321,15 @@ def run_assim(args: argparse.Namespace) -> int:
     cols.update({k: (v["_x"], violation_maps(con, v["_x"]), v["_l"]) for k, v in res["methods"].items()})
     op = res["operator"]
     seen = f"{op.get('mask', op.get('operator'))}, {op['observed']:.0%} observed" if "observed" in op else str(op)
-    plot_violation_grid(
-        cols, out / "assimilation.png", rows=4,
-        title=f"{run.cfg['data']['name']}: {seen}, noise sigma_y {res['sigma_y']:.3g}"
-    )
-    io.write_npz_atomic(out / "samples.npz", truth=res["_truth"].numpy(), y=res["_y"].cpu().numpy(),
-                        **{k.replace(" ", "_").replace("-", "_"): v["_x"].numpy() for k, v in res["methods"].items()})
-    io.write_json_atomic(out / "metrics.json", {**public(res), "made_from": run.made_from(stages)})
+    with io.writing_outputs(out, "metrics.json") as staged:  # the old results stay until the new are whole
+        plot_violation_grid(
+            cols, staged / "assimilation.png", rows=4,
+            title=f"{run.cfg['data']['name']}: {seen}, noise sigma_y {res['sigma_y']:.3g}"
+        )
+        io.write_npz_atomic(staged / "samples.npz", truth=res["_truth"].numpy(), y=res["_y"].cpu().numpy(),
+                            **{k.replace(" ", "_").replace("-", "_"): v["_x"].numpy()
+                               for k, v in res["methods"].items()})
+        io.write_json_atomic(staged / "metrics.json", {**public(res), "made_from": run.made_from(stages)})
     print(
         f"observation {seen}, noise sigma_y {res['sigma_y']:.3g}, {res['n']} truths "
         f"(truth: residual / sigma_y {res['truth']['residual_mean']:.3g}, l {res['truth']['l_mean']:.3g})"
