@@ -112,6 +112,19 @@ def test_refined_bounds_follow_each_class_log_line():
             refine_log_mass_bounds(*args, 0.1)
 
 
+def test_a_constraint_changed_after_it_was_made_is_checked_again_by_the_objective():
+    x = torch.randn(32, 2)
+    c = Constraint("c", x + 1, 0.5)
+    for field, value, message in (("bound", float("nan"), "bound must be a finite number >= 0, got nan"),
+                                  ("batch_size", 0, "batch_size must be an integer >= 1, got 0"),
+                                  ("name", "a b", "constraint name")):
+        bad = Constraint("c", x + 1, 0.5)
+        setattr(bad, field, value)
+        with pytest.raises(ValueError, match=message):
+            DualObjective(x, [bad], Schedule.linear(50), 8)
+    assert DualObjective(x, [c], Schedule.linear(50), 8).bounds.tolist() == [0.5]
+
+
 def test_a_dual_step_size_too_large_for_the_losses_is_named():
     """dual.lr = 1e300 sent lambda past float32's range: the weighted loss turned NaN and the message
     blamed the (primal) learning rate."""

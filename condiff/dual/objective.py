@@ -46,6 +46,11 @@ class Constraint:
     batch_size: int | None = None
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse a bad name, data, bound or batch size (when made, and again by :class:`DualObjective`: the
+        fields can be changed after)."""
         checks.constraint_name(self.name)
         if not isinstance(self.x, Tensor) or self.x.dim() < 2 or self.x.shape[0] == 0:
             shape = tuple(self.x.shape) if isinstance(self.x, Tensor) else type(self.x).__name__
@@ -199,6 +204,8 @@ class DualObjective:
             got = type(constraints).__name__ if not isinstance(constraints, list | tuple) else \
                 ", ".join(sorted({type(c).__name__ for c in constraints}))
             raise TypeError(f"constraints must be a list of condiff.dual.Constraint(name, x, bound), got {got}")
+        for c in constraints:
+            c.check()  # a bound set to NaN after the constraint was made reached the dual step unchecked
         check_schedule("DualObjective", schedule)
         checks.finite_rows("objective data", x)
         batch_size = checks.integer("batch_size", batch_size, 1)
