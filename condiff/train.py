@@ -391,7 +391,7 @@ class Trainer:
         if differ:
             raise ValueError(f"the newest checkpoint, {path}, was written with other settings ({', '.join(differ)} "
                              "differ): resume with the settings it was made with, or start over (without resume, "
-                             "or --fresh)")
+                             "or --fresh on the command line)")
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint in ``run_dir``; False if there is none."""
@@ -414,7 +414,7 @@ class Trainer:
         if self.step > self.cfg.steps:  # it would stop at once and save a model of more steps than asked
             raise ValueError(f"the newest checkpoint, {ckpts[-1].name}, is at step {self.step}, beyond the "
                              f"{self.cfg.steps} steps asked for: ask for at least {self.step} (train.steps), or "
-                             "start over (--fresh)")
+                             "start over (--fresh on the command line; in Python, a new run_dir)")
         if self.dist.main and self.run_dir is not None:  # drop log records the killed run wrote past it
             keep = [r for r in read_log(self.run_dir / "log.jsonl") if r.get("step", 0) <= self.step]
             io.write_text_atomic(self.run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
@@ -437,7 +437,7 @@ class Trainer:
         if cfg.warmup > cfg.steps > max(1, self.step) and self.dist.main:  # said when training starts, not before
             warnings.warn(f"the learning-rate warm-up ({cfg.warmup} steps) is longer than the run ({cfg.steps} "
                           f"steps), so the learning rate never reaches {cfg.lr:g}: set a shorter warm-up "
-                          "(the training settings' warmup, e.g. --set train.warmup=0)", stacklevel=2)
+                          "(TrainConfig.warmup; --set train.warmup=0 on the command line)", stacklevel=2)
         # a run from step 0 would prune its own checkpoints under higher ones of another run and overwrite the log.
         # Rank 0 looks (under torchrun it alone sets a --fresh aside) and tells the others, so that all stop together
         ahead = [c.name for c in list_checkpoints(self.ckpt_root) if _step_of(c) > self.step] if (
