@@ -78,6 +78,13 @@ def test_show_a_checkpoint_a_model_and_a_folder_of_runs(run, tmp_path, capsys):
     assert rc == 0 and lines[0] == f"{tmp_path}: 2 runs"
     assert [ln.split()[0] for ln in lines[1:]] == ["more/deeper/other", "run"]
     assert all("condiff train" in ln and "finished" in ln for ln in lines[1:])
+    # a run kept elsewhere and linked in is listed (links were not looked at); a link to a folder is not entered
+    (tmp_path / "more" / "linked").symlink_to(run)
+    (tmp_path / "loop").symlink_to(tmp_path)
+    rc, out, _ = _show(capsys, tmp_path)
+    lines = out.splitlines()
+    assert rc == 0 and lines[0] == f"{tmp_path}: 3 runs"
+    assert [ln.split()[0] for ln in lines[1:]] == ["more/deeper/other", "more/linked", "run"]
 
 
 @pytest.mark.parametrize(("make", "message"), [

@@ -14,8 +14,10 @@ before its last step is shown with the step it reached and how to go on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -268,18 +270,25 @@ def _subdirs(d: Path) -> list[Path]:
 
 
 def _runs_below(p: Path) -> list[Path]:
-    """The runs in folder ``p``, down to :data:`_LIST_DEPTH` levels; a run's own folders are not entered."""
+    """The runs in folder ``p``, down to :data:`_LIST_DEPTH` levels; a run's own folders are not entered. A
+    link to a run is listed (a run kept elsewhere, linked in); other links are not followed."""
     found, level = [], [p]
+    is_run = lambda q: run_kind(q) is not None or _holds_training(q) or _just_begun(q)  # noqa: E731
     for _ in range(_LIST_DEPTH):
         nxt = []
         for d in level:
             for q in _subdirs(d):
-                if run_kind(q) is not None or _holds_training(q) or _just_begun(q):
-                    found.append(q)
-                else:
-                    nxt.append(q)
+                (found if is_run(q) else nxt).append(q)
+            found += [q for q in _linked_dirs(d) if is_run(q)]
         level = nxt
     return sorted(found)
+
+
+def _linked_dirs(d: Path) -> list[Path]:
+    """The links to folders in ``d``, hidden ones left out."""
+    with contextlib.suppress(OSError), os.scandir(d) as it:
+        return [Path(e.path) for e in it if e.is_symlink() and e.is_dir() and not e.name.startswith(".")]
+    return []
 
 
 def _rel(u: Path, root: Path) -> str:
