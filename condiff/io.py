@@ -161,15 +161,18 @@ def writing_outputs(out: str | Path, record: str, *old: str) -> Iterator[Path]:
         staged = Path(tempfile.mkdtemp(prefix=STAGED, dir=out))
         try:
             yield staged
-        except OSError as e:  # a message names the file by where it goes, not by the hidden folder
-            if e.strerror and str(staged) in e.strerror:
-                raise OSError(e.errno, e.strerror.replace(str(staged), str(out))) from None
-            raise
-        else:
             names = sorted(str(p.relative_to(staged)) for p in staged.rglob("*")
                            if p.is_file() and not p.name.startswith("."))
             if record not in names:
                 raise RuntimeError(f"the set written for {out} lacks its record {record}")
+            for name in names:  # each place free for its file, before anything changes
+                if (out / name).is_dir():
+                    raise IsADirectoryError(f"{out / name} is a directory, where this command writes a file: move "
+                                            "it away (nothing was changed)")
+                for folder in (out / p for p in Path(name).parents if p != Path(".")):
+                    if folder.exists() and not folder.is_dir():
+                        raise NotADirectoryError(f"{folder} is a file, where this command writes {out / name}: "
+                                                 "move it away (nothing was changed)")
             (out / record).unlink(missing_ok=True)  # from here to its return, the set is visibly incomplete
             for name in old:
                 if name not in names:
@@ -177,6 +180,11 @@ def writing_outputs(out: str | Path, record: str, *old: str) -> Iterator[Path]:
             for name in [*(n for n in names if n != record), record]:
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staged / name, out / name)
+        except OSError as e:  # a message names a file by where it goes, not by the hidden folder
+            here = lambda v: v.replace(str(staged), str(out)) if isinstance(v, str) else v  # noqa: E731
+            if str(staged) in f"{e.strerror} {e.filename} {e.filename2}":
+                raise type(e)(e.errno, here(e.strerror), here(e.filename), None, here(e.filename2)) from None
+            raise
         finally:
             shutil.rmtree(staged, ignore_errors=True)
 
@@ -444,7 +452,7 @@ def _sweep_run(run_dir: Path) -> None:
     back). Linked folders are not entered."""
     first = subdirs(run_dir)
     for d in (run_dir, *first, *(q for p in first for q in subdirs(p))):
-        for p in (*d.glob(".*.tmp"), *d.glob(".*.tmp-*")):
+        for p in (*d.glob(".*.tmp"), *d.glob(".*.tmp-*"), *d.glob(STAGED + "*")):  # (and writing_outputs' sets)
             remove(p)
         for old in d.glob(".*.old-*"):
             pid = old.name.rsplit("-", 1)[-1]

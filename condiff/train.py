@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import os
 import shutil
 import signal
@@ -217,14 +218,19 @@ class DistInfo:
         return self.rank == 0
 
 
-def leave_process_group() -> None:
-    """End a ``torchrun`` job's process group the way torch asks: every rank waits for the others, then
-    leaves. Call it on every rank once all are done (the condiff commands do, when they succeed); a no-op
+_JOINED: list[bool] = []  # whether init_distributed made the process group (the commands leave only that one)
+
+
+def leave_process_group(only_joined: bool = False) -> None:
+    """End a ``torchrun`` job's process group the way torch asks: every rank waits for the others (rank 0's
+    saving and plotting after training, say), then leaves. Call it on every rank once all are done; a no-op
     outside a process group. A rank that exits without leaving, or while another is busy, can abort in the
-    interpreter's teardown (SIGABRT) after its work is done."""
-    if dist.is_available() and dist.is_initialized():
+    interpreter's teardown (SIGABRT) after its work is done. ``only_joined``: only a group that
+    :func:`init_distributed` made (the condiff commands, when they succeed), not a caller's own."""
+    if dist.is_available() and dist.is_initialized() and (_JOINED or not only_joined):
         dist.barrier()
         dist.destroy_process_group()
+        _JOINED.clear()
 
 
 def init_distributed(device: str) -> DistInfo:
@@ -239,6 +245,7 @@ def init_distributed(device: str) -> DistInfo:
                          "--nproc_per_node), or train on the CPU (--device cpu)")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        _JOINED.append(True)
     info = DistInfo(dist.get_rank(), dist.get_world_size(), local)
     if device.startswith("cuda"):
         torch.cuda.set_device(info.local_rank)
@@ -478,7 +485,9 @@ class Trainer:
                 gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                 # the step's loss and gradient norm, read with the others at the next check: a finite loss
                 # can have a non-finite gradient, whose update would leave NaN weights for the next save
-                pending.append((loss.detach(), gnorm.detach(), logs))  # the logs: to name a term gone bad
+                # and the step's logged values, detached, to name a term gone bad (not the dict after_step adds to)
+                pending.append((loss.detach(), gnorm.detach(),
+                                {k: v.detach() if isinstance(v, Tensor) else v for k, v in logs.items()}))
                 if self.check_each_step:  # before the update
                     checks()  # first: a sign error in a term is the cause of a non-finite loss it leads to
                     run_loss += _finite_sum(pending, first)
@@ -499,7 +508,7 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     rec = {"step": self.step, "loss": run_loss / seen, "lr": lr, "grad_norm": float(gnorm),
                            "samples_per_s": timed * per_step * self.dist.world / max(dt, 1e-9),
-                           **{k: float(v) if isinstance(v, Tensor) else v for k, v in logs.items()}}
+                           **{k: float(v.detach()) if isinstance(v, Tensor) else v for k, v in logs.items()}}
                     if bar is not None:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.0f}")
                     if log is not None:
@@ -550,6 +559,16 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training, raised once the step in progress is finished and checkpointed."""
 
 
+def _finite_number(v: object) -> bool:
+    """False for a logged number (a float, or a one-element tensor) that is not finite; True for the rest."""
+    if isinstance(v, Tensor):
+        if v.numel() != 1 or not v.is_floating_point():
+            return True
+    elif not isinstance(v, numbers.Real) or isinstance(v, int):  # (an int is finite, and may not fit a float)
+        return True
+    return math.isfinite(float(v))
+
+
 def _finite_sum(rows: list[tuple[Tensor, Tensor, dict]], first: int) -> float:
     """The sum of the losses of steps ``first, first + 1, ...`` from their ``(loss, gradient norm, logs)``
     (stacked here, not per step, and read from the device once); a non-finite loss, or a non-finite
@@ -561,8 +580,7 @@ def _finite_sum(rows: list[tuple[Tensor, Tensor, dict]], first: int) -> float:
     if len(bad):
         k = int(bad[0])
         step, (value, gnorm) = first + k, vals[k].tolist()
-        terms = [name for name, v in logs[k].items() if (isinstance(v, int | float) or isinstance(v, Tensor)
-                                                          and v.numel() == 1) and not math.isfinite(float(v))]
+        terms = [str(name) for name, v in logs[k].items() if not _finite_number(v)]
         said = f" ({', '.join(terms)} not finite there)" if terms else ""
         if step == 0:  # no update yet, so the learning rate is not the cause
             what = f"training loss is {value}" if not math.isfinite(value) else \

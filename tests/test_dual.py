@@ -2,6 +2,7 @@
 dual state with exact resume, DDP agreement of lambda, the CLI, and the theory check on a mixture."""
 
 import json
+import math
 import shutil
 import textwrap
 import warnings
@@ -135,6 +136,18 @@ def test_a_dual_step_size_too_large_for_the_losses_is_named():
     with pytest.raises(FloatingPointError, match=r"the dual variable of constraint 'far' reached .* at step 0, .*"
                                                  r"dual.lr 1e\+300 is too large .*; lower it$"):
         Trainer(TimeMLP(2, hidden=8, depth=1), obj, TrainConfig(steps=5, warmup=0, progress=False)).fit()
+    # float64 losses hold a lambda past float32's range: trained as before
+    x64 = x.double()
+    obj = DualObjective(x64, [Constraint("far", x64 + 3, 0.01)], Schedule.linear(50), 16,
+                        DualConfig(lr=1e39, every=1, batch_size=8, timesteps=4))
+    Trainer(TimeMLP(2, hidden=8, depth=1).double(), obj, TrainConfig(steps=3, warmup=0, progress=False)).fit()
+    assert 1e38 < float(obj.lam[0]) < math.inf
+    # a model whose weights blew up (the primal learning rate): said by the trainer, not blamed on dual.lr
+    obj = DualObjective(x, [Constraint("far", x + 3, 0.01)], Schedule.linear(50), 16,
+                        DualConfig(lr=0.1, every=1, batch_size=8, timesteps=4))
+    with pytest.raises(FloatingPointError, match="training loss became nan at step 1.*try a lower learning rate"):
+        Trainer(TimeMLP(2, hidden=8, depth=1), obj, TrainConfig(steps=5, lr=1e30, warmup=0, grad_clip=1e30,
+                                                                progress=False)).fit()
 
 
 def test_mixture_weights_closed_form():

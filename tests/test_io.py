@@ -312,6 +312,19 @@ def test_writing_outputs_moves_a_whole_set_in_and_leaves_the_old_one_on_failure(
             io.writing_outputs(out, "metrics.json", "a.png") as staged:
         (staged / "a.png").write_bytes(b"a2")
     assert _files(out) == before
+    (out / "d.png").mkdir()  # where the new set puts a file: refused before anything changes
+    (out / "sub2").write_text("a file")
+    for name, error, message in (("d.png", IsADirectoryError, "d.png is a directory, where this command writes a "
+                                  "file: move it away"), ("sub2/e.txt", NotADirectoryError, "sub2 is a file, where "
+                                  "this command writes .*sub2/e.txt: move it away")):
+        with pytest.raises(error, match=message + r" \(nothing was changed\)$"), \
+                io.writing_outputs(out, "metrics.json", "a.png") as staged:
+            (staged / name).parent.mkdir(exist_ok=True)
+            (staged / name).write_bytes(b"new")
+            (staged / "metrics.json").write_text("m2")
+        assert _files(out) == {**before, "sub2": b"a file"}
+    (out / "d.png").rmdir()
+    (out / "sub2").unlink()
     with io.writing_outputs(out, "metrics.json", "a.png", "b.npz") as staged:  # a set without a.png and b.npz
         (staged / "metrics.json").write_text("m2")
     assert _files(out) == {"sub/c.txt": b"c1", "metrics.json": b"m2", "mine.txt": b"kept"}
@@ -481,6 +494,8 @@ def test_taking_a_runs_lock_sweeps_what_killed_writers_left(tmp_path):
     (run / ".model.tmp-abc12345").mkdir()
     (run / ".model.tmp-abc12345" / "model.safetensors").write_bytes(b"x" * 100)
     (run / "mdm" / ".stage.json.q1w2e3.tmp").write_text("{")
+    (run / "samples" / ".staged-k3j4").mkdir(parents=True)  # a sample set gathered by a killed `condiff sample`
+    (run / "samples" / ".staged-k3j4" / "samples.npz").write_bytes(b"x")
     (run / "config.json").write_text("{}")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -490,8 +505,9 @@ def test_taking_a_runs_lock_sweeps_what_killed_writers_left(tmp_path):
     (ckpts / f".step_00000003.old-{os.getpid()}").mkdir()  # a live writer's: left alone
     try:
         io.lock_run(run)
-        assert sorted(p.name for p in run.iterdir()) == [".lock", "config.json", "mdm"]
+        assert sorted(p.name for p in run.iterdir()) == [".lock", "config.json", "mdm", "samples"]
         assert sorted(p.name for p in (run / "mdm").iterdir()) == ["checkpoints"]
+        assert not list((run / "samples").iterdir())
         assert sorted(p.name for p in ckpts.iterdir()) == [f".step_00000003.old-{os.getpid()}", "step_00000001",
                                                            "step_00000002"]
     finally:

@@ -10,6 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -142,17 +143,45 @@ def test_a_non_finite_loss_names_the_logged_terms_that_were_not_finite_at_its_st
         def loss(self, model, step, gen):
             loss, logs = base.loss(model, step, gen)
             term = loss.detach() * 0 + (float("nan") if step >= 3 else 1.0)
-            return loss + term, {**logs, "constraint": term, "weight": 0.5, "note": "text"}
+            odd = {3: term, "n": 10**400, "f32": np.float32(1.0), "parts": torch.full((2,), math.nan),
+                   "tag": None, "flag": True, "names": ["a"]}  # not numbers, or not one: passed over, not a crash
+            return loss + term, {**logs, "constraint": term, "weight": 0.5, "note": "text", **odd}
 
-        def after_step(self, model, step):
-            return {}
+        def after_step(self, model, step):  # added to the step's logs after the update: not the step's loss
+            return {"after": float("nan")}
 
     tr = Trainer(TimeMLP(2, hidden=8, depth=1), TermGoesBad(),
                  TrainConfig(steps=8, log_every=4, warmup=0, progress=False))
     tr.check_each_step = each
-    with pytest.raises(FloatingPointError, match=r"^training loss became nan at step 3 \(constraint not finite "
+    with pytest.raises(FloatingPointError, match=r"^training loss became nan at step 3 \(constraint, 3 not finite "
                                                  r"there\); try a lower learning rate$"):
         tr.fit()
+
+
+def test_the_losses_kept_for_the_next_read_hold_no_graph(monkeypatch):
+    """The logs kept until the next read of the losses held their autograd graphs: memory grew with
+    log_every on the interval (GPU) path."""
+    import condiff.train as train_mod
+
+    kept = []
+    real = train_mod._finite_sum
+    monkeypatch.setattr(train_mod, "_finite_sum", lambda rows, first: kept.extend(rows) or real(rows, first))
+    base = DenoisingObjective(torch.randn(64, 2), Schedule.linear(100), 16)
+
+    class LogsAGraph:
+        def loss(self, model, step, gen):
+            loss, logs = base.loss(model, step, gen)
+            return loss, {**logs, "extra": loss * 2}
+
+        def after_step(self, model, step):
+            return {}
+
+    tr = Trainer(TimeMLP(2, hidden=8, depth=1), LogsAGraph(), TrainConfig(steps=6, log_every=3, warmup=0,
+                                                                            progress=False))
+    tr.check_each_step = False
+    tr.fit()
+    assert len(kept) == 6 and all(v.grad_fn is None for _, _, logs in kept for v in logs.values()
+                                  if isinstance(v, torch.Tensor))
 
 
 @pytest.mark.parametrize("each", [True, False])
@@ -482,6 +511,27 @@ def test_more_processes_than_gpus_is_refused_before_joining_the_group(monkeypatc
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="process 1 of this machine needs its own GPU, but 1 are visible"):
         init_distributed("cuda")
+
+
+def test_a_callers_own_process_group_outlives_condiff_commands_and_leave_process_group(tmp_path, tiny_run):
+    """A successful command left whatever process group there was, a script's own included: a torchrun script
+    calling main([...]) lost its group (or, called on rank 0 alone, hung in the barrier)."""
+    import torch.distributed as dist
+
+    from condiff.cli.main import main
+    from condiff.train import leave_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["sample", "--ckpt", str(tiny_run), "--out", str(tmp_path / "s"), "--n", "2", "--steps",
+                     "2"]) == 0
+        leave_process_group(only_joined=True)  # the commands' call: a group condiff did not make stays
+        assert dist.is_initialized()
+        leave_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_ddp_two_cpu_processes(tmp_path):

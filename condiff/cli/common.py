@@ -771,10 +771,9 @@ def write_samples(x: torch.Tensor, out: Path, grid: int = 100, value_range: list
                   label: int | None = None) -> list[Path]:
     """``samples.npz`` with all samples, plus a picture: an image grid (shown on the
     :func:`~condiff.data.nominal_range` of the model's recorded ``value_range``), or a scatter for 2-D points.
-    The samples are checked first (:func:`check_samples`); the caller checks the files (:func:`check_targets`)
-    before it samples; the caller writes into the folder of :func:`condiff.io.writing_outputs`, whose ``old``
-    files are :data:`SAMPLE_FILES`."""
-    check_samples(x, out)
+    The caller checks the files (:func:`check_targets`) before it samples, and the samples
+    (:func:`check_samples`) before it writes, into the folder of :func:`condiff.io.writing_outputs`,
+    whose ``old`` files are :data:`SAMPLE_FILES`."""
     arr = x.detach().cpu().numpy()
     out.mkdir(parents=True, exist_ok=True)
     extra = {} if label is None else {"y": np.full(len(arr), label, dtype=np.int64)}  # the class asked for

@@ -127,10 +127,10 @@ def _run_command(args: argparse.Namespace, prog: str, own_process: bool = False)
         rc = int(args.func(args) or 0)
         if rc == 0:
             common.mark_runs()
-            if "torch.distributed" in sys.modules:  # a torchrun job: its ranks leave together
+            if own_process and "condiff.train" in sys.modules:  # under torchrun, the ranks leave together
                 from ..train import leave_process_group
 
-                leave_process_group()
+                leave_process_group(only_joined=True)
         return rc
     except KeyboardInterrupt:
         if own_process:  # the condiff process itself (not a caller's main([...])): a second Ctrl-C while it

@@ -13,6 +13,7 @@ from .common import (
     SAMPLE_FILES,
     add_device_arg,
     check_out_dir,
+    check_samples,
     check_targets,
     draw_samples,
     load_model_for,
@@ -101,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     scfg = sample_settings(args, run_cfg, den.schedule.T)
     check_targets(out, ("sample_config.json",))
     x = draw_samples(den, shape, scfg, device)
+    check_samples(x, out)
     record = {**scfg, "ckpt": str(args.ckpt), "nfe": den.nfe, "label": args.label,
               "guidance_scale": args.guidance_scale, "versions": io.versions()}
     with io.writing_outputs(out, "sample_config.json", *SAMPLE_FILES) as staged:

@@ -332,8 +332,9 @@ class DualObjective:
         est = all_reduce_mean(est.to(device)).cpu()
         self.objective_estimate, self.estimate = est[0], est[1:]
         self.lam = (self.lam + self.cfg.lr * (self.estimate - self.bounds)).clamp_min(0.0)
-        if not bool(torch.isfinite(self.lam.float()).all()):  # the weighted loss (float32) would overflow
-            i = int((~torch.isfinite(self.lam.float())).nonzero()[0])
+        held = torch.isfinite(self.lam.to(self.x.dtype))  # in the loss's precision
+        if bool(torch.isfinite(self.estimate).all()) and not bool(held.all()):  # (a diverged model: the trainer's)
+            i = int((~held).nonzero()[0])
             raise FloatingPointError(f"the dual variable of constraint {self.names[i]!r} reached "
                                      f"{float(self.lam[i]):.3g} at step {step}, beyond what the weighted loss can "
                                      f"hold: dual.lr {self.cfg.lr:g} is too large for losses of this scale (the "
