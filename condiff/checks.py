@@ -44,7 +44,8 @@ def device(what: str, v: Any) -> Any:
     """``v``, a device condiff runs on and this machine has (``"cpu"``, ``"cuda:1"``, ``"mps"`` or a
     ``torch.device``); else a one-line error naming ``what`` (the argument or flag)."""
     if not is_device(v):
-        raise ValueError(f"{what} {v} is not supported here (cpu, cuda, cuda:N, mps)")
+        raise ValueError(f"{what} {v if isinstance(v, str) and v.strip() else repr(v)} is not supported here (cpu, "
+                         "cuda, cuda:N, mps)")
     d = torch.device(v)
     if d.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{what} {v} was asked for but no MPS device is available")

@@ -53,7 +53,7 @@ def plot_loss_curve(log_path: str | Path, out: str | Path, keys: Sequence[str] =
         pts = [(r["step"], r[k]) for r in recs if k in r]
         if pts:
             s, v = zip(*pts)
-            ax.plot(s, v, label=k)
+            ax.plot(s, v, label=k, marker="o" if len(s) < 20 else None)  # (one point draws no line)
     ax.set_xlabel("step")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -693,6 +694,22 @@ def test_demo_trains_once_then_reuses(tmp_path, capsys):
     # bookkeeping options (progress bars, checkpoint cadence) do not call for a new model
     assert main([*args, "--set", "train.steps=31", "--set", "model.hidden=48", "--set", "train.ckpt_every=7"]) == 0
     assert "reusing the trained model" in capsys.readouterr().out
+    # interrupted while sampling with new settings: the run's settings stay those of the results beside them
+    # (config.json took the new ones), and the hint says the model is reused (it said training resumes)
+    import condiff.cli.demo as demo
+
+    before = _snapshot(tmp_path / "demo")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    real, demo.evaluate_run = demo.evaluate_run, interrupted
+    try:
+        assert main([*args, "--set", "train.steps=31", "--set", "model.hidden=48", "--set", "sample.steps=5"]) == 130
+    finally:
+        demo.evaluate_run = real
+    assert "condiff: interrupted; run the same command again: it reuses the trained model" in capsys.readouterr().err
+    assert _snapshot(tmp_path / "demo") == before
 
 
 def test_demo_interrupted_during_training_resumes_where_it_stopped(tmp_path, capsys):
@@ -770,7 +787,10 @@ def test_bench_no_record_leaves_recorded_results_alone(tmp_path, monkeypatch, ca
     table = (tmp_path / "BENCHMARKS.md").read_text()
     assert "<!-- bench:tiny -->" in table and "| 1.5 |" in table
     # another profile (the GPU's "full") gets its own section beside the quick one
+    capsys.readouterr()
     assert main(["bench", "tiny", "--profile", "full"]) == 0
+    assert ("warning: the full profile is sized for a GPU, and runs far longer on cpu; its recorded section (GPU "
+            "figures) would be replaced by these: --no-record keeps it") in capsys.readouterr().err
     both = (tmp_path / "BENCHMARKS.md").read_text()
     assert both.startswith(table.rstrip()) and "<!-- bench:tiny/full -->" in both and "--profile full`" in both
     # recorded again, a section is replaced whole: one start and one end marker (a doubled end marker left
@@ -802,6 +822,17 @@ def test_bench_no_record_leaves_recorded_results_alone(tmp_path, monkeypatch, ca
     assert (tmp_path / "BENCHMARKS.md").read_text() == table
 
 
+def test_a_bench_table_escapes_a_bar_in_its_cells():
+    """A column named "max |diff|" split the header into one cell more than the delimiter row: no table."""
+    from condiff.cli.bench import to_markdown
+
+    md = to_markdown({"title": "T", "name": "t", "profile": "quick", "machine": "m", "date": "d", "seconds": 1.0,
+                      "columns": ["a", "max |diff|"], "rows": [{"a": "x|y", "max |diff|": 0.5}]})
+    rows = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert rows[0] == "| a | max \\|diff\\| |" and rows[2] == "| x\\|y | 0.5 |"
+    assert {len(re.findall(r"(?<!\\)\|", ln)) for ln in rows} == {3}  # each row: two cells
+
+
 def test_bench_refuses_a_damaged_table_before_it_runs(tmp_path, monkeypatch, capsys):
     import condiff.cli.bench as bench
 
@@ -829,6 +860,26 @@ def test_bench_refuses_a_damaged_table_before_it_runs(tmp_path, monkeypatch, cap
     assert main(["bench", "tiny", "--no-record"]) == 2 and not ran.exists()
     assert "bench: results to runs/bench-results: runs is not writable" in capsys.readouterr().err
     monkeypatch.setattr(os, "access", real_access)
+    # so are a file where the folder goes, and a place whose permission bits say yes but where nothing can be
+    # made (/proc, a read-only mount): both were found after the run
+    (tmp_path / "runs").rmdir()
+    (tmp_path / "runs").write_text("a file")
+    assert main(["bench", "tiny", "--no-record"]) == 2 and not ran.exists()
+    assert "bench: results to runs/bench-results: runs is a file, not a directory" in capsys.readouterr().err
+    (tmp_path / "runs").unlink()
+    (tmp_path / "runs").mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only(*a, dir=None, **k):
+        if Path(dir).name == "runs":
+            raise OSError(30, "Read-only file system")
+        return real_mkstemp(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert main(["bench", "tiny", "--no-record"]) == 2 and not ran.exists()
+    assert ("bench: results to runs/bench-results: runs is not writable (Read-only file system)"
+            in capsys.readouterr().err)
+    monkeypatch.setattr(tempfile, "mkstemp", real_mkstemp)
     # a trial run does not touch the table, so it runs
     assert main(["bench", "tiny", "--no-record"]) == 0 and ran.exists()
     # another section's markers are no concern of this one's

@@ -17,6 +17,7 @@ import platform
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -99,12 +100,17 @@ def to_markdown(res: dict) -> str:
     cols = res["columns"]
     lines = [f"## {res['title']}", "", f"`condiff bench {res['name']} --profile {res['profile']}` on "
              f"{res['machine']}, {res['date']}, {res['seconds']:.0f} s.", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+             "| " + " | ".join(_cell(c) for c in cols) + " |", "|" + "---|" * len(cols)]
     for row in res["rows"]:
-        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |")
+        lines.append("| " + " | ".join(_cell(_fmt(row.get(c, ""))) for c in cols) + " |")
     for note in res.get("notes", []):
         lines.append(f"\n{note}")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """A table cell's text, its ``|`` escaped (``max |diff|`` split its row into one cell too many)."""
+    return str(text).replace("|", "\\|")
 
 
 def _fmt(v) -> str:
@@ -174,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(profiles, dict) and args.profile not in profiles:
         raise ValueError(f"benchmark {args.name} has no profile {args.profile!r}; its profiles: {', '.join(profiles)}")
     device = pick_device(args.device)
+    if args.profile == "full" and not device.startswith("cuda"):
+        warnings.warn(f"the full profile is sized for a GPU, and runs far longer on {device}"
+                      + ("" if args.no_record else "; its recorded section (GPU figures) would be replaced by these: "
+                         "--no-record keeps it"), stacklevel=2)
     if not args.no_record:  # a damaged table is refused before the benchmark runs, not after
         check_section(_table_text(benchmarks_md()), section_key(args.name, args.profile))
     # where the results go, checked before minutes or hours of work (a partial run writes the trial folder)

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,7 +52,7 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def pick_device(name: str | None) -> str:
-    if name:
+    if name is not None:  # (an empty --device "" was taken as "choose")
         return checks.device("--device", name)
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -474,6 +475,15 @@ def check_writable(path: str | Path, flag: str) -> Path:
     q = next((q for q in (p, *p.parents) if q.exists()), Path("."))
     if not os.access(q, os.W_OK):
         raise PermissionError(f"{flag} {p}{'' if q == p else f': {q}'} is not writable")
+    if q != p and not q.is_dir():  # the place would be made inside a file
+        raise NotADirectoryError(f"{flag} {p}: {q} is a file, not a directory")
+    if q.is_dir():  # permission bits can say yes where nothing can be made (/proc, a read-only mount, as root)
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".condiff-probe-", dir=q)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise PermissionError(f"{flag} {p}{'' if q == p else f': {q}'} is not writable ({e.strerror})") from None
     return q
 
 

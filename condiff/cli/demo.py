@@ -12,6 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
+from .. import io
 from .common import add_device_arg, check_out_dir, pick_device, save_resolved_config, train_or_reuse
 from .config import resolve
 from .evaluate import evaluate_run
@@ -30,7 +31,8 @@ def add_parser(sub, name: str) -> None:
                    help="train again, replacing the model in --out (needed too when it was trained with other "
                         "settings)")
     add_device_arg(p)
-    p.set_defaults(func=run, interrupted="run the same command again: training resumes where it stopped")
+    p.set_defaults(func=run, interrupted=lambda args: "run the same command again: " + (
+        "it reuses the trained model" if getattr(args, "trained", False) else "training resumes where it stopped"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,12 +45,18 @@ def run(args: argparse.Namespace) -> int:
     what = f"training on {cfg['data']['name']} for {cfg['train']['steps']} steps ({device})"
     _, reused = train_or_reuse(cfg, run_dir, retrain=args.retrain, announce=what,
                                remedy="pass --retrain to replace it, or give another --out")
+    args.trained = True  # (for the Ctrl-C hint)
+    before = (run_dir / "config.json").read_bytes()
     if reused:
         print(f"reusing the trained model in {run_dir / 'model'} (pass --retrain to train again)")
-        save_resolved_config(run_dir, cfg)  # sampling / eval settings may have changed
+        save_resolved_config(run_dir, cfg)  # sampling / eval settings may have changed: they are read from there
     t_train = time.perf_counter() - t0
     sample_args = argparse.Namespace(n=None, steps=None, eta=None, seed=None, batch_size=None)
-    m = evaluate_run(run_dir, sample_args, run_dir, device)
+    try:
+        m = evaluate_run(run_dir, sample_args, run_dir, device)
+    except BaseException:  # the settings go back to those of the results beside them
+        io.write_file_atomic(run_dir / "config.json", lambda f: f.write(before), binary=True)
+        raise
     print(summary(m, run_dir, t_train))
     return 0
 
