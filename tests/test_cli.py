@@ -880,6 +880,12 @@ def test_bench_refuses_a_damaged_table_before_it_runs(tmp_path, monkeypatch, cap
     assert ("bench: results to runs/bench-results: runs is not writable (Read-only file system)"
             in capsys.readouterr().err)
     monkeypatch.setattr(tempfile, "mkstemp", real_mkstemp)
+    # a run given bench's trial folder as its --out is not written into
+    (tmp_path / "runs" / "bench-results").mkdir()
+    (tmp_path / "runs" / "bench-results" / ".condiff-run").write_text("condiff train")
+    assert main(["bench", "tiny", "--no-record"]) == 2 and not ran.exists()
+    assert "runs/bench-results holds a run of `condiff train`, where bench writes" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "runs" / "bench-results")
     # a trial run does not touch the table, so it runs
     assert main(["bench", "tiny", "--no-record"]) == 0 and ran.exists()
     # another section's markers are no concern of this one's

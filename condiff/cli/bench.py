@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import io
-from .common import add_device_arg, check_writable, pick_device, plain_text
+from .common import add_device_arg, check_writable, pick_device, plain_text, run_kind
 
 
 def bench_dir() -> Path:
@@ -190,6 +190,9 @@ def run(args: argparse.Namespace) -> int:
     targets = [Path("runs") / "bench-results"] + ([] if args.no_record else [bench_dir() / "results", benchmarks_md()])
     for target in targets:
         check_writable(target, "bench: results to")
+    if (kind := run_kind(targets[0])) is not None:  # a run given that folder as its --out: not bench's to write
+        raise FileExistsError(f"{targets[0]} holds a run of `{kind}`, where bench writes its trial results: move "
+                              "that run away")
     t0 = time.perf_counter()
     res = mod.run(profile=args.profile, device=device)
     res.update({"name": args.name, "profile": args.profile, "device": device, "machine": machine(),
