@@ -165,7 +165,7 @@ def writing_outputs(out: str | Path, record: str, *old: str) -> Iterator[Path]:
                            if p.is_file() and not p.name.startswith("."))
             if record not in names:
                 raise RuntimeError(f"the set written for {out} lacks its record {record}")
-            for name in names:  # each place free for its file, before anything changes
+            for name in [*names, *old]:  # each place free for its file, or to remove, before anything changes
                 if (out / name).is_dir():
                     raise IsADirectoryError(f"{out / name} is a directory, where this command writes a file: move "
                                             "it away (nothing was changed)")
@@ -452,8 +452,8 @@ def _sweep_run(run_dir: Path) -> None:
     back). Linked folders are not entered."""
     first = subdirs(run_dir)
     for d in (run_dir, *first, *(q for p in first for q in subdirs(p))):
-        for p in (*d.glob(".*.tmp"), *d.glob(".*.tmp-*"), *d.glob(STAGED + "*")):  # (and writing_outputs' sets)
-            remove(p)
+        for p in (*d.glob(".*.tmp"), *d.glob(".*.tmp-*"), *d.glob(STAGED + "*"), *d.glob(".condiff-probe-*")):
+            remove(p)  # (and writing_outputs' sets, and the CLI's write probes)
         for old in d.glob(".*.old-*"):
             pid = old.name.rsplit("-", 1)[-1]
             if pid.isdigit() and not _alive(int(pid)):

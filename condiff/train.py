@@ -508,7 +508,7 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     rec = {"step": self.step, "loss": run_loss / seen, "lr": lr, "grad_norm": float(gnorm),
                            "samples_per_s": timed * per_step * self.dist.world / max(dt, 1e-9),
-                           **{k: float(v.detach()) if isinstance(v, Tensor) else v for k, v in logs.items()}}
+                           **{str(k): _loggable(v) for k, v in logs.items()}}
                     if bar is not None:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.0f}")
                     if log is not None:
@@ -560,13 +560,28 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def _finite_number(v: object) -> bool:
-    """False for a logged number (a float, or a one-element tensor) that is not finite; True for the rest."""
-    if isinstance(v, Tensor):
-        if v.numel() != 1 or not v.is_floating_point():
+    """False for a logged number (a float, or a one-element float tensor or array) that is not finite; True
+    for the rest, which are not numbers, or hold more than one."""
+    if isinstance(v, Tensor | np.ndarray | np.generic):
+        if v.size == 1 if isinstance(v, np.ndarray | np.generic) else v.numel() == 1:
+            v = v.item()
+        else:
             return True
-    elif not isinstance(v, numbers.Real) or isinstance(v, int):  # (an int is finite, and may not fit a float)
+    if not isinstance(v, numbers.Real) or isinstance(v, numbers.Integral):  # (an integer may not fit a float)
         return True
-    return math.isfinite(float(v))
+    try:
+        return math.isfinite(float(v))
+    except (OverflowError, TypeError, ValueError):  # too large for a float, so not NaN
+        return True
+
+
+def _loggable(v: object) -> object:
+    """A logged value as log.jsonl holds it: a tensor or numpy value as a number (one element) or a list."""
+    if isinstance(v, Tensor):
+        v = v.detach().cpu()
+    if isinstance(v, Tensor | np.ndarray | np.generic):
+        return v.item() if (v.numel() if isinstance(v, Tensor) else v.size) == 1 else v.tolist()
+    return v
 
 
 def _finite_sum(rows: list[tuple[Tensor, Tensor, dict]], first: int) -> float:

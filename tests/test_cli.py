@@ -877,9 +877,18 @@ def test_bench_refuses_a_damaged_table_before_it_runs(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     assert main(["bench", "tiny", "--no-record"]) == 2 and not ran.exists()
-    assert ("bench: results to runs/bench-results: runs is not writable (Read-only file system)"
+    assert ("bench: results to runs/bench-results: runs cannot be written (Read-only file system)"
             in capsys.readouterr().err)
     monkeypatch.setattr(tempfile, "mkstemp", real_mkstemp)
+    # a file where the trial folder goes (not only above it), and a dangling link on the way
+    (tmp_path / "runs" / "bench-results").write_text("a file")
+    assert main(["bench", "tiny", "--no-record"]) == 2 and not ran.exists()
+    assert "bench: results to runs/bench-results is a file, not a directory" in capsys.readouterr().err
+    (tmp_path / "runs" / "bench-results").unlink()
+    (tmp_path / "runs" / "bench-results").symlink_to(tmp_path / "nowhere")
+    assert main(["bench", "tiny", "--no-record"]) == 2 and not ran.exists()
+    assert "bench: results to runs/bench-results is a link to nothing" in capsys.readouterr().err
+    (tmp_path / "runs" / "bench-results").unlink()
     # a run given bench's trial folder as its --out is not written into
     (tmp_path / "runs" / "bench-results").mkdir()
     (tmp_path / "runs" / "bench-results" / ".condiff-run").write_text("condiff train")

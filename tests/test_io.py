@@ -323,6 +323,14 @@ def test_writing_outputs_moves_a_whole_set_in_and_leaves_the_old_one_on_failure(
             (staged / name).write_bytes(b"new")
             (staged / "metrics.json").write_text("m2")
         assert _files(out) == {**before, "sub2": b"a file"}
+    (out / "b.npz").unlink()
+    (out / "b.npz").mkdir()  # an old file to remove that is a folder: refused before the record goes
+    with pytest.raises(IsADirectoryError, match=r"b.npz is a directory.*\(nothing was changed\)$"), \
+            io.writing_outputs(out, "metrics.json", "b.npz") as staged:
+        (staged / "metrics.json").write_text("m2")
+    assert (out / "metrics.json").read_bytes() == b"m1"
+    (out / "b.npz").rmdir()
+    (out / "b.npz").write_bytes(b"old")
     (out / "d.png").rmdir()
     (out / "sub2").unlink()
     with io.writing_outputs(out, "metrics.json", "a.png", "b.npz") as staged:  # a set without a.png and b.npz
@@ -496,6 +504,7 @@ def test_taking_a_runs_lock_sweeps_what_killed_writers_left(tmp_path):
     (run / "mdm" / ".stage.json.q1w2e3.tmp").write_text("{")
     (run / "samples" / ".staged-k3j4").mkdir(parents=True)  # a sample set gathered by a killed `condiff sample`
     (run / "samples" / ".staged-k3j4" / "samples.npz").write_bytes(b"x")
+    (run / "samples" / ".condiff-probe-x8y9").write_bytes(b"")  # a write probe of a killed command
     (run / "config.json").write_text("{}")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

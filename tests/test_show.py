@@ -81,6 +81,8 @@ def test_show_a_checkpoint_a_model_and_a_folder_of_runs(run, tmp_path, capsys):
     # a run kept elsewhere and linked in is listed (links were not looked at); a link to a folder is not entered
     (tmp_path / "more" / "linked").symlink_to(run)
     (tmp_path / "loop").symlink_to(tmp_path)
+    (tmp_path / "more" / "cycle1").symlink_to(tmp_path / "more" / "cycle2")  # a loop hid every linked run beside it
+    (tmp_path / "more" / "cycle2").symlink_to(tmp_path / "more" / "cycle1")
     rc, out, _ = _show(capsys, tmp_path)
     lines = out.splitlines()
     assert rc == 0 and lines[0] == f"{tmp_path}: 3 runs"

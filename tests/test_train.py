@@ -134,8 +134,9 @@ def test_losses_read_once_per_interval_give_the_same_log_and_name_the_first_bad_
 
 
 @pytest.mark.parametrize("each", [True, False])
-def test_a_non_finite_loss_names_the_logged_terms_that_were_not_finite_at_its_step(each):
-    """A constraint term turning NaN mid-training was reported as the loss alone, the learning rate blamed."""
+def test_a_non_finite_loss_names_the_logged_terms_that_were_not_finite_at_its_step(each, tmp_path):
+    """A constraint term turning NaN mid-training was reported as the loss alone, the learning rate blamed.
+    The log lines before it hold each value as a number or a list (a numpy float failed the log's writing)."""
     s = Schedule.linear(100)
     base = DenoisingObjective(torch.randn(64, 2), s, 16)
 
@@ -151,11 +152,14 @@ def test_a_non_finite_loss_names_the_logged_terms_that_were_not_finite_at_its_st
             return {"after": float("nan")}
 
     tr = Trainer(TimeMLP(2, hidden=8, depth=1), TermGoesBad(),
-                 TrainConfig(steps=8, log_every=4, warmup=0, progress=False))
+                 TrainConfig(steps=8, log_every=2, warmup=0, progress=False), run_dir=tmp_path)
     tr.check_each_step = each
     with pytest.raises(FloatingPointError, match=r"^training loss became nan at step 3 \(constraint, 3 not finite "
                                                  r"there\); try a lower learning rate$"):
         tr.fit()
+    rec = read_log(tmp_path / "log.jsonl")[0]
+    assert rec["step"] == 2 and rec["3"] == 1.0 and rec["f32"] == 1.0 and rec["parts"] == [None, None]
+    assert rec["n"] == 10**400 and rec["names"] == ["a"] and rec["flag"] is True
 
 
 def test_the_losses_kept_for_the_next_read_hold_no_graph(monkeypatch):

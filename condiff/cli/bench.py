@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     # where the results go, checked before minutes or hours of work (a partial run writes the trial folder)
     targets = [Path("runs") / "bench-results"] + ([] if args.no_record else [bench_dir() / "results", benchmarks_md()])
     for target in targets:
-        check_writable(target, "bench: results to")
+        check_writable(target, "bench: results to", folder=target != benchmarks_md())
     if (kind := run_kind(targets[0])) is not None:  # a run given that folder as its --out: not bench's to write
         raise FileExistsError(f"{targets[0]} holds a run of `{kind}`, where bench writes its trial results: move "
                               "that run away")

@@ -468,22 +468,33 @@ RUN_MARK = ".condiff-run"  # in a run directory: the command that wrote it
 _claimed: dict[Path, str] = {}
 
 
-def check_writable(path: str | Path, flag: str) -> Path:
+PROBE = ".condiff-probe-"  # the prefix of check_writable's test file (swept from a run if a kill left one)
+
+
+def check_writable(path: str | Path, flag: str, folder: bool | None = None) -> Path:
     """Refuse, before any work, a place the results could not be written to after it: ``path`` itself where
-    it exists, else its nearest existing ancestor (returned)."""
+    it exists, else its nearest existing ancestor (returned). ``folder``: ``path`` is to be a folder (True)
+    or a file (False), so that an existing one of the other kind is refused too."""
     p = Path(path)
+    if dangling := next((q for q in (p, *p.parents) if os.path.lexists(q) and not q.exists()), None):
+        raise FileNotFoundError(f"{flag} {p}{'' if dangling == p else f': {dangling}'} is a link to nothing")
     q = next((q for q in (p, *p.parents) if q.exists()), Path("."))
     if not os.access(q, os.W_OK):
         raise PermissionError(f"{flag} {p}{'' if q == p else f': {q}'} is not writable")
-    if q != p and not q.is_dir():  # the place would be made inside a file
-        raise NotADirectoryError(f"{flag} {p}: {q} is a file, not a directory")
+    if (q != p or folder) and not q.is_dir():  # the place would be made inside a file
+        raise NotADirectoryError(f"{flag} {p}{'' if q == p else f': {q}'} is a file, not a directory")
+    if q == p and folder is False and q.is_dir():
+        raise IsADirectoryError(f"{flag} {p} is a directory, not a file")
     if q.is_dir():  # permission bits can say yes where nothing can be made (/proc, a read-only mount, as root)
+        probe = None
         try:
-            fd, probe = tempfile.mkstemp(prefix=".condiff-probe-", dir=q)
+            fd, probe = tempfile.mkstemp(prefix=PROBE, dir=q)
             os.close(fd)
-            os.unlink(probe)
         except OSError as e:
-            raise PermissionError(f"{flag} {p}{'' if q == p else f': {q}'} is not writable ({e.strerror})") from None
+            raise PermissionError(f"{flag} {p}{'' if q == p else f': {q}'} cannot be written ({e.strerror})") from None
+        finally:
+            if probe is not None:
+                os.unlink(probe)
     return q
 
 

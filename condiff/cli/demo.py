@@ -31,8 +31,10 @@ def add_parser(sub, name: str) -> None:
                    help="train again, replacing the model in --out (needed too when it was trained with other "
                         "settings)")
     add_device_arg(p)
-    p.set_defaults(func=run, interrupted=lambda args: "run the same command again: " + (
-        "it reuses the trained model" if getattr(args, "trained", False) else "training resumes where it stopped"))
+    p.set_defaults(func=run, interrupted=lambda args: (
+        "run it again without --retrain: it reuses the model just trained" if getattr(args, "trained", False)
+        and args.retrain else "run the same command again: " + (
+            "it reuses the trained model" if getattr(args, "trained", False) else "training resumes where it stopped")))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -285,9 +285,15 @@ def _runs_below(p: Path) -> list[Path]:
 
 
 def _linked_dirs(d: Path) -> list[Path]:
-    """The links to folders in ``d``, hidden ones left out."""
+    """The links to folders in ``d``, hidden ones left out (and links in a loop)."""
+    def to_folder(e: os.DirEntry) -> bool:
+        try:
+            return e.is_symlink() and e.is_dir() and not e.name.startswith(".")
+        except OSError:  # a loop of links
+            return False
+
     with contextlib.suppress(OSError), os.scandir(d) as it:
-        return [Path(e.path) for e in it if e.is_symlink() and e.is_dir() and not e.name.startswith(".")]
+        return [Path(e.path) for e in it if to_folder(e)]
     return []
 
 
