@@ -113,7 +113,10 @@ def write_file_atomic(path: str | Path, fill: Callable[[IO], None], binary: bool
     place, so readers never see half a file and a failure leaves the old file as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # named by the file it was for, not by its temporary's name
+        raise OSError(e.errno, f"writing {path}: {e.strerror}; the previous file is unchanged") from None
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             fill(f)

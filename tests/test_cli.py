@@ -1564,7 +1564,8 @@ def test_a_full_disk_is_named_with_what_to_do(monkeypatch, capsys):
 
     monkeypatch.setattr(train_cli, "run", full)
     assert main(["train", "--data", "toy2d"]) == 2
-    assert "(the disk is full: free space and run the command again, with --resume" in capsys.readouterr().err
+    assert ("(the disk is full: free space and run the command again with --resume: the checkpoints written are "
+            "whole)") in capsys.readouterr().err
 
     def full_os(args):
         raise OSError(errno.ENOSPC, "writing x: No space left on device; the previous file is unchanged")
@@ -1572,6 +1573,11 @@ def test_a_full_disk_is_named_with_what_to_do(monkeypatch, capsys):
     monkeypatch.setattr(train_cli, "run", full_os)
     assert main(["train", "--data", "toy2d"]) == 2
     assert capsys.readouterr().err.count("the disk is full") == 1
+    import condiff.cli.sample as sample_cli  # a command that resumes nothing is not told to
+
+    monkeypatch.setattr(sample_cli, "run", full_os)
+    assert main(["sample", "--ckpt", "x"]) == 2
+    assert capsys.readouterr().err.endswith("(the disk is full: free space and run the command again)\n")
 
 
 def test_two_commands_sampling_into_one_folder_write_one_at_a_time(trained, tmp_path, capsys):

@@ -338,6 +338,19 @@ def test_writing_outputs_moves_a_whole_set_in_and_leaves_the_old_one_on_failure(
     assert _files(out) == {"sub/c.txt": b"c1", "metrics.json": b"m2", "mine.txt": b"kept"}
 
 
+def test_a_write_that_cannot_make_its_temporary_names_the_file_it_was_for(tmp_path, monkeypatch):
+    """ENOSPC (or a quota) from making the temporary named the hidden temporary, a file that never existed."""
+    import tempfile
+
+    def full(*a, dir=None, **k):
+        raise OSError(28, "No space left on device", str(Path(dir) / ".a.json.x1y2.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    with pytest.raises(OSError, match=rf"^\[Errno 28\] writing {tmp_path / 'a.json'}: No space left on device; the "
+                                      "previous file is unchanged$"):
+        io.write_text_atomic(tmp_path / "a.json", "{}")
+
+
 def test_writing_outputs_clears_what_a_killed_writer_gathered(tmp_path):
     out = tmp_path / "out"
     (out / ".staged-x1y2").mkdir(parents=True)  # SIGKILL mid-write: nothing removes it then

@@ -150,8 +150,8 @@ def _run_command(args: argparse.Namespace, prog: str, own_process: bool = False)
             return 141
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "No space left on device" in msg or getattr(e, "errno", None) == errno.ENOSPC:  # safetensors' words too
-            msg += (" (the disk is full: free space and run the command again, with --resume for a training, whose "
-                    "checkpoints are whole)")
+            msg += " (the disk is full: free space and run the command again" + (
+                " with --resume: the checkpoints written are whole)" if hasattr(args, "resume") else ")")
         _close_progress_bars()  # the message gets a line of its own, not the end of a bar's
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
