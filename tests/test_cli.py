@@ -808,6 +808,8 @@ def test_bench_no_record_leaves_recorded_results_alone(tmp_path, monkeypatch, ca
     assert main(["bench", "tiny", "--no-record"]) == 0
     assert "BENCHMARKS.md unchanged" in capsys.readouterr().out
     assert json.loads((tmp_path / "runs" / "bench-results" / "tiny-quick.json").read_text())["rows"] == [{"a": 1.5}]
+    assert "`condiff bench tiny --profile quick --no-record` on" in (tmp_path / "runs" / "bench-results" /
+                                                                     "tiny-quick.md").read_text()
     assert (tmp_path / "benchmarks" / "results" / "tiny-quick.json").read_text() == recorded
     assert (tmp_path / "BENCHMARKS.md").read_text() == table
     # so does a run that covered only part of its table (it marks itself partial)
@@ -818,6 +820,13 @@ def test_bench_no_record_leaves_recorded_results_alone(tmp_path, monkeypatch, ca
     assert main(["bench", "tiny"]) == 0
     assert "partial run (a only), not recorded" in capsys.readouterr().out
     assert json.loads((tmp_path / "runs" / "bench-results" / "tiny-quick.json").read_text())["rows"] == [{"a": 2.5}]
+    assert (tmp_path / "benchmarks" / "results" / "tiny-quick.json").read_text() == recorded
+    assert (tmp_path / "BENCHMARKS.md").read_text() == table
+    # Ctrl-C while it runs: said to have recorded nothing, which holds
+    (tmp_path / "benchmarks" / "tiny.py").write_text("def run(profile, device):\n    raise KeyboardInterrupt\n")
+    assert main(["bench", "tiny"]) == 130
+    assert capsys.readouterr().err.strip() == ("condiff: interrupted; nothing was recorded (BENCHMARKS.md and "
+                                               "benchmarks/results are as they were)")
     assert (tmp_path / "benchmarks" / "results" / "tiny-quick.json").read_text() == recorded
     assert (tmp_path / "BENCHMARKS.md").read_text() == table
 

@@ -83,7 +83,8 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--no-record", action="store_true",
                    help="a trial run: leave BENCHMARKS.md and benchmarks/results as they are "
                         "(results go to runs/bench-results/ under the current directory)")
-    p.set_defaults(func=run, parser=p)
+    p.set_defaults(func=run, parser=p, interrupted="nothing was recorded (BENCHMARKS.md and benchmarks/results are as "
+                                                   "they were)")
 
 
 def machine() -> str:
@@ -96,9 +97,10 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def to_markdown(res: dict) -> str:
+def to_markdown(res: dict, flags: str = "") -> str:
+    """The result as a Markdown section; ``flags``: more of the command than its name and profile."""
     cols = res["columns"]
-    lines = [f"## {res['title']}", "", f"`condiff bench {res['name']} --profile {res['profile']}` on "
+    lines = [f"## {res['title']}", "", f"`condiff bench {res['name']} --profile {res['profile']}{flags}` on "
              f"{res['machine']}, {res['date']}, {res['seconds']:.0f} s.", "",
              "| " + " | ".join(_cell(c) for c in cols) + " |", "|" + "---|" * len(cols)]
     for row in res["rows"]:
@@ -201,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     # a result would replace the whole recorded table with a part of it, so it is never recorded
     trial = args.no_record or bool(res.get("partial"))
     out = Path("runs") / "bench-results" if trial else bench_dir() / "results"
-    md, text = to_markdown(res), io.json_text(res)
+    md, text = to_markdown(res, " --no-record" if args.no_record else ""), io.json_text(res)
     # all three are made before any is written, and the json (the record) is written last
     table = None if trial else with_section(_table_text(benchmarks_md()), res)
     io.write_text_atomic(out / f"{args.name}-{args.profile}.md", md)
