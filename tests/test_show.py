@@ -106,6 +106,17 @@ def test_show_names_the_results_figures_first_and_a_run_being_written(run, capsy
     rc, out, _ = _show(capsys, run)
     line = next(ln for ln in out.splitlines() if ln.startswith("  metrics.json: "))
     assert line.split(": ", 1)[1].startswith(f"[ckpt {run}] mmd ") and "more there" in line  # a figure first
+    assert "no record beside it" not in out
+    # a stop between the final moves of a set (condiff.io.writing_outputs) leaves its data without its record
+    (run / "metrics.json").unlink()
+    assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2"]) == 0
+    (run / "samples" / "sample_config.json").unlink()
+    rc, out, _ = _show(capsys, run)
+    notes = [ln for ln in out.splitlines() if "no record beside it" in ln]
+    assert notes == ["  note: samples.npz has no record beside it (a command stopped while moving its results in): "
+                     "run that command again",
+                     "  note: samples/samples.npz has no record beside it (a command stopped while moving its results "
+                     "in): run that command again"]
     holder = subprocess.Popen(  # another process writing the run (it holds the run's lock)
         [sys.executable, "-c", "import sys, time\nfrom condiff import io\nio.lock_run(sys.argv[1])\n"
          "print('locked', flush=True)\ntime.sleep(60)", str(run)], stdout=subprocess.PIPE, text=True)

@@ -151,6 +151,8 @@ def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
                      "it is deleted when the replacement finishes (README, 'Run directories')")
     if kind == "condiff namm fit":
         notes += _namm_stale(p)
+    notes += [f"{(q / data).relative_to(p)} has no record beside it (a command stopped while moving its results "
+              "in): run that command again" for q, data in _unrecorded(p)]
     out["notes"] = notes
     out["own_code"] = _own_code(cfg, *(c for t in trainings for c in t["configs"]))
     return out
@@ -418,6 +420,23 @@ def _rank(key: str) -> int:
     if last in _SETTING_KEYS or key.startswith("hyperparameters."):
         return 2
     return 0 if any(w in key.lower() for w in _SCORE_WORDS) else 1
+
+
+_RESULT_DATA = ("samples.npz", "reconstruction.npz", "masks.npz", "tours.npz")  # what a command's record describes
+
+
+def _unrecorded(p: Path, depth: int = 3) -> list[tuple[Path, str]]:
+    """The folders (``p`` and three levels down) that hold a command's results without their record
+    (``metrics.json``, ``sample_config.json``): what a stop during the final moves of
+    :func:`condiff.io.writing_outputs` leaves."""
+    found = []
+    if not any((p / r).is_file() for r in ("metrics.json", "sample_config.json", "stage.json")):  # (namm's sets)
+        found += [(p, d) for d in _RESULT_DATA if (p / d).is_file()][:1]
+    if depth:
+        for q in _subdirs(p):
+            if q.name not in _INTERNAL:
+                found += _unrecorded(q, depth - 1)
+    return found
 
 
 def _metric_files(p: Path, depth: int = 3) -> list[Path]:
