@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -280,7 +281,7 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
                                  abars=step_abars(abar, ti, tp), times=(ti, tp))
                 x = guidance(step) if guidance is not None else step.sample()
             if guidance is not None:
-                _check_rule_output(guidance, x, step, every == 1)
+                _check_rule_output(guidance, x, step, kept)
             if not grad:
                 x = x.detach()
             if callback is not None:
@@ -303,14 +304,12 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
             _KEPT.reset(token)
         if bar is not None:
             bar.close()
-    if guidance is not None and every > 1:  # the per-step check of a rule's values, once at the end on a GPU
-        _check_rule_output(guidance, x, step, True, at_end=True)
     return x if need_grad else x.clone()
 
 
-def _check_rule_output(rule: object, x: object, step: Step, values: bool, at_end: bool = False) -> None:
-    """A guidance rule's ``x_{t_prev}``: a tensor of ``x_t``'s shape and, where ``values`` (each step on the
-    CPU, once at the end elsewhere), finite."""
+def _check_rule_output(rule: object, x: object, step: Step, kept: DeviceRows | None) -> None:
+    """A guidance rule's ``x_{t_prev}``: a tensor of ``x_t``'s shape, and finite: checked at once on the CPU
+    (``kept`` None), else kept with the figures its message needs and read in blocks (:mod:`condiff.readback`)."""
     name = getattr(rule, "__name__", None) or type(rule).__name__
     if not isinstance(x, Tensor):
         raise TypeError(f"the guidance rule {name} returned {type(x).__name__} at step {step.i}, not x_{{t_prev}} "
@@ -318,25 +317,37 @@ def _check_rule_output(rule: object, x: object, step: Step, values: bool, at_end
     if x.shape != step.x_t.shape:
         raise ValueError(f"the guidance rule {name} returned shape {tuple(x.shape)} at step {step.i}; x_{{t_prev}} "
                          f"must have x_t's shape {tuple(step.x_t.shape)}")
-    if values and not bool(torch.isfinite(x).all()):
-        if at_end:
-            raise FloatingPointError(f"the guidance rule {name} returned non-finite values (NaN or inf) by the end of "
-                                     "sampling: the denoiser's predictions, or the rule's steps (lower its step size)")
-        where = f"at step {step.i} (t = {step.t_host})"
-        if not bool(torch.isfinite(step.eps_hat).all()):  # the model's own prediction
-            from .data import nominal_range  # the data package is heavy and imports the samplers' users
+    ok = torch.isfinite(x).all()
+    if kept is None and bool(ok):
+        return
+    xt = step.x_t.detach()
+    figures = torch.stack([ok, torch.isfinite(step.eps_hat).all(), torch.isfinite(xt).all(),
+                           xt.abs().nan_to_num(nan=0.0).max().to(torch.float64)]).to(torch.float64)
+    reader = partial(_bad_rule_output, name, step.i, step.t_host, step.denoiser)
+    if kept is None:
+        reader(figures.tolist())
+    else:
+        kept.keep(figures, reader)
 
-            xt = step.x_t.detach()
-            big = float(xt.abs().nan_to_num(nan=0.0).max())
-            # x_t stays within a few times the data's scale along a sane chain; far beyond it, the rule took it there
-            scale = max(1.0, *(abs(v) for v in nominal_range(getattr(step.denoiser, "value_range", None))))
-            far = bool(torch.isfinite(xt).all()) and big > 100 * scale
-            why = "the rule's earlier steps took x_t that far out: lower its step size (zeta, rate)" if far else \
-                "check the model"
-            raise FloatingPointError(f"the denoiser's prediction is not finite (NaN or inf) {where}, at x_t of "
-                                     f"largest |x| {big:.3g}, so the guidance rule {name} could not be: {why}")
-        raise FloatingPointError(f"the guidance rule {name} returned non-finite values (NaN or inf) {where}, from a "
-                                 "finite prediction: lower its step size (zeta, rate), or check its loss there")
+
+def _bad_rule_output(name: str, i: int, t: int, denoiser: Denoiser, row: list[float]) -> None:
+    """Raise for a rule's non-finite ``x_{t_prev}`` (``row``: whether it, the prediction and ``x_t`` were
+    finite, and ``x_t``'s largest ``|x|``), put down to the denoiser or to the rule."""
+    ok, eps_ok, xt_ok, big = row
+    if ok:
+        return
+    where = f"at step {i} (t = {t})"
+    if not eps_ok:  # the model's own prediction
+        from .data import nominal_range  # the data package is heavy and imports the samplers' users
+
+        # x_t stays within a few times the data's scale along a sane chain; far beyond it, the rule took it there
+        scale = max(1.0, *(abs(v) for v in nominal_range(getattr(denoiser, "value_range", None))))
+        why = "the rule's earlier steps took x_t that far out: lower its step size (zeta, rate)" if (
+            xt_ok and big > 100 * scale) else "check the model"
+        raise FloatingPointError(f"the denoiser's prediction is not finite (NaN or inf) {where}, at x_t of "
+                                 f"largest |x| {big:.3g}, so the guidance rule {name} could not be: {why}")
+    raise FloatingPointError(f"the guidance rule {name} returned non-finite values (NaN or inf) {where}, from a "
+                             "finite prediction: lower its step size (zeta, rate), or check its loss there")
 
 
 def ddpm(denoiser: Denoiser, x: Tensor, generator: torch.Generator | None = None, **kw) -> Tensor:

@@ -529,9 +529,10 @@ def test_kept_checks_are_read_in_steps_not_gradients(monkeypatch):
     real = readback.DeviceRows.read
     monkeypatch.setattr(readback.DeviceRows, "read", lambda self: reads.append(len(self.unread)) or real(self))
     monkeypatch.setitem(readback.READ_EVERY, "cpu", 5)
-    # FreeDoM here takes 2 gradients a step: 12 steps are read after steps 5 and 10 and at the end
+    # FreeDoM here takes 2 gradients a step, and the sampler checks its output: 3 rows a step, the 12 steps read
+    # after steps 5 and 10 and at the end
     guided_sample(_oracle(200), FreeDoM(_square, zeta=0.1, travel=(0.0, 1.0)), (2, 1, 4, 4), 12, generator=_gen())
-    assert reads == [10, 10, 4]
+    assert reads == [15, 15, 6]
 
 
 def test_a_cpu_run_inside_a_run_that_keeps_its_checks_checks_its_own_steps(monkeypatch):
