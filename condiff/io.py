@@ -146,6 +146,7 @@ def begin_outputs(out: str | Path, record: str, *files: str) -> Path:
 
 
 STAGED = ".staged-"  # the prefix of the hidden folder in which writing_outputs gathers a set
+PROBE = ".condiff-probe-"  # the prefix of the CLI's write probe (condiff.cli.common.check_writable)
 
 
 @contextlib.contextmanager
@@ -455,7 +456,7 @@ def _sweep_run(run_dir: Path) -> None:
     back). Linked folders are not entered."""
     first = subdirs(run_dir)
     for d in (run_dir, *first, *(q for p in first for q in subdirs(p))):
-        for p in (*d.glob(".*.tmp"), *d.glob(".*.tmp-*"), *d.glob(STAGED + "*"), *d.glob(".condiff-probe-*")):
+        for p in (*d.glob(".*.tmp"), *d.glob(".*.tmp-*"), *d.glob(STAGED + "*"), *d.glob(PROBE + "*")):
             remove(p)  # (and writing_outputs' sets, and the CLI's write probes)
         for old in d.glob(".*.old-*"):
             pid = old.name.rsplit("-", 1)[-1]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import numbers
 import os
 import shutil
 import signal
@@ -218,7 +217,7 @@ class DistInfo:
         return self.rank == 0
 
 
-_JOINED: list[bool] = []  # whether init_distributed made the process group (the commands leave only that one)
+_joined = False  # whether init_distributed made the process group (the commands leave only that one)
 
 
 def leave_process_group(only_joined: bool = False) -> None:
@@ -227,10 +226,11 @@ def leave_process_group(only_joined: bool = False) -> None:
     outside a process group. A rank that exits without leaving, or while another is busy, can abort in the
     interpreter's teardown (SIGABRT) after its work is done. ``only_joined``: only a group that
     :func:`init_distributed` made (the condiff commands, when they succeed), not a caller's own."""
-    if dist.is_available() and dist.is_initialized() and (_JOINED or not only_joined):
+    global _joined
+    if dist.is_available() and dist.is_initialized() and (_joined or not only_joined):
         dist.barrier()
         dist.destroy_process_group()
-        _JOINED.clear()
+        _joined = False
 
 
 def init_distributed(device: str) -> DistInfo:
@@ -243,9 +243,10 @@ def init_distributed(device: str) -> DistInfo:
         raise ValueError(f"process {local} of this machine needs its own GPU, but {torch.cuda.device_count()} "
                          "are visible: start at most that many processes per machine (torchrun "
                          "--nproc_per_node), or train on the CPU (--device cpu)")
+    global _joined
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        _JOINED.append(True)
+        _joined = True
     info = DistInfo(dist.get_rank(), dist.get_world_size(), local)
     if device.startswith("cuda"):
         torch.cuda.set_device(info.local_rank)
@@ -560,19 +561,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def _finite_number(v: object) -> bool:
-    """False for a logged number (a float, or a one-element float tensor or array) that is not finite; True
-    for the rest, which are not numbers, or hold more than one."""
-    if isinstance(v, Tensor | np.ndarray | np.generic):
-        if v.size == 1 if isinstance(v, np.ndarray | np.generic) else v.numel() == 1:
-            v = v.item()
-        else:
-            return True
-    if not isinstance(v, numbers.Real) or isinstance(v, numbers.Integral):  # (an integer may not fit a float)
-        return True
-    try:
-        return math.isfinite(float(v))
-    except (OverflowError, TypeError, ValueError):  # too large for a float, so not NaN
-        return True
+    """False for a logged value that is a float (as the log holds it, :func:`_loggable`) and not finite."""
+    v = _loggable(v)
+    return not isinstance(v, float) or math.isfinite(v)
 
 
 def _loggable(v: object) -> object:

@@ -468,9 +468,6 @@ RUN_MARK = ".condiff-run"  # in a run directory: the command that wrote it
 _claimed: dict[Path, str] = {}
 
 
-PROBE = ".condiff-probe-"  # the prefix of check_writable's test file (swept from a run if a kill left one)
-
-
 def check_writable(path: str | Path, flag: str, folder: bool | None = None) -> Path:
     """Refuse, before any work, a place the results could not be written to after it: ``path`` itself where
     it exists, else its nearest existing ancestor (returned). ``folder``: ``path`` is to be a folder (True)
@@ -488,7 +485,7 @@ def check_writable(path: str | Path, flag: str, folder: bool | None = None) -> P
     if q.is_dir():  # permission bits can say yes where nothing can be made (/proc, a read-only mount, as root)
         probe = None
         try:
-            fd, probe = tempfile.mkstemp(prefix=PROBE, dir=q)
+            fd, probe = tempfile.mkstemp(prefix=io.PROBE, dir=q)
             os.close(fd)
         except OSError as e:
             raise PermissionError(f"{flag} {p}{'' if q == p else f': {q}'} cannot be written ({e.strerror})") from None

@@ -31,10 +31,16 @@ def add_parser(sub, name: str) -> None:
                    help="train again, replacing the model in --out (needed too when it was trained with other "
                         "settings)")
     add_device_arg(p)
-    p.set_defaults(func=run, interrupted=lambda args: (
-        "run it again without --retrain: it reuses the model just trained" if getattr(args, "trained", False)
-        and args.retrain else "run the same command again: " + (
-            "it reuses the trained model" if getattr(args, "trained", False) else "training resumes where it stopped")))
+    p.set_defaults(func=run, interrupted=_interrupted)
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """The Ctrl-C hint: training goes on where it stopped, or a model trained is reused."""
+    if not getattr(args, "trained", False):
+        return "run the same command again: training resumes where it stopped"
+    if args.retrain:
+        return "run it again without --retrain: it reuses the model just trained"
+    return "run the same command again: it reuses the trained model"
 
 
 def run(args: argparse.Namespace) -> int:
