@@ -1762,6 +1762,15 @@ def test_constraint_guided_dps_checks_the_constraint_it_is_given():
     with pytest.raises(TypeError, match="the guiding constraint must be a distance x -> \\(B,\\), a callable"):
         with_constraint(loss, "zm", 1.0)
     for bad, msg in ((lambda v: -v.flatten(1).abs().mean(1), r"the guiding constraint reaches -.* < 0"),
-                     (lambda v: v.flatten(1).abs().mean(1, keepdim=True), r"one distance per sample, shape \(2,\)")):
+                     (lambda v: v.flatten(1).abs().mean(1, keepdim=True),
+                      r"one value per sample, a tensor of shape \(2,\)")):
         with pytest.raises(ValueError, match=msg):
             sample(den, (2, 1, 4, 4), steps=3, eta=1.0, guidance=DPS(with_constraint(loss, bad, 1.0), 0.1))
+    # where a sampler reads its checks in blocks (a GPU), the sign is kept and read with them (it went unchecked)
+    from condiff import readback
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(readback.READ_EVERY, "cpu", 4)
+        with pytest.raises(ValueError, match=r"the guiding constraint reaches -.* < 0"):
+            sample(den, (2, 1, 4, 4), steps=3, eta=1.0,
+                   guidance=DPS(with_constraint(loss, lambda v: -v.flatten(1).abs().mean(1), 1.0), 0.1))

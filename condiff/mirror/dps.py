@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
+from condiff import checks
 from condiff.constraints import Distance, check_eval_mode, check_sign
 from condiff.guidance import DPS
 from condiff.guidance.base import check_scalar
 from condiff.mirror.map import MirrorMap, check_mirror
 from condiff.operators import Operator
+from condiff.sample import kept_checks
 
 Loss = Callable[[Tensor], Tensor]
 
@@ -40,13 +43,12 @@ def with_constraint(loss: Loss, constraint: Distance, weight: float = 200.0) -> 
     check_eval_mode(constraint, "a guiding constraint")
 
     def guided(x: Tensor) -> Tensor:
-        dist = constraint(x)
-        if not isinstance(dist, Tensor) or dist.shape != (x.shape[0],):
-            got = tuple(dist.shape) if isinstance(dist, Tensor) else type(dist).__name__
-            raise ValueError(f"the guiding constraint must return one distance per sample, shape ({x.shape[0]},), "
-                             f"got {got}")
-        if dist.device.type == "cpu":  # read at once on the CPU only (a GPU would wait at every step)
+        dist = checks.per_sample("the guiding constraint", constraint(x), x.shape[0])
+        kept = kept_checks()  # a sampler on a GPU reads its steps' checks in blocks
+        if kept is None:
             check_sign(dist.detach(), "the guiding constraint")
+        else:
+            kept.keep(dist.detach().min()[None], lambda row: check_sign(torch.tensor(row), "the guiding constraint"))
         return loss(x) + weight * dist
 
     return guided
