@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import checks
 from ..denoiser import Denoiser
-from ..sample import Guidance, Step, check_denoiser, ddim, default_clip, randn
+from ..sample import Guidance, Step, check_denoiser, ddim, randn
 
 
 @dataclass
@@ -58,7 +58,7 @@ def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...]
     nfe0, g0 = denoiser.nfe, getattr(guidance, "grad_evals", 0)
     t0 = time.perf_counter()
     out = ddim(denoiser, x, ts, eta=eta, generator=generator, guidance=guidance,
-               clip_x0=default_clip(denoiser, clip_x0),
+               clip_x0=clip_x0,  # "auto" resolved by ddim
                progress=progress, callback=callback)
     if out.device.type == "cuda":
         torch.cuda.synchronize(out.device)

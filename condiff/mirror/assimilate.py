@@ -26,7 +26,7 @@ from condiff.guidance import DPS
 from condiff.mirror.dps import mirror_dps, normalised_measurement_loss, with_constraint
 from condiff.mirror.map import MirrorMap
 from condiff.operators import Inpainting, Operator
-from condiff.sample import default_clip, sample
+from condiff.sample import sample
 
 
 def _shape3(who: str, shape: Sequence[int]) -> tuple[int, int, int]:
@@ -137,7 +137,7 @@ def assimilate(
         generator=generator,
         device=device,
         guidance=guide,
-        clip_x0=default_clip(denoiser, clip_x0),
+        clip_x0=clip_x0,  # "auto" resolved by ddim
         progress=progress,
     )
     if mirror is not None:

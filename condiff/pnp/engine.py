@@ -33,7 +33,7 @@ from .. import checks
 from ..constraints import check_eval_mode, not_differentiable
 from ..denoiser import Denoiser
 from ..readback import DeviceRows, read_every
-from ..sample import Guidance, check_denoiser, ddim, default_clip, progress_bar, randn
+from ..sample import Guidance, check_denoiser, ddim, progress_bar, randn
 from ..schedule import Schedule
 from .schedules import PAPER_MNIST, ConstantTime, ConstantWeight, TimeSchedule, WeightSchedule
 
@@ -279,5 +279,5 @@ def finish(denoiser: Denoiser, x: Tensor, start: int, *, steps: int | None = Non
     t = torch.full((x.shape[0],), int(start), dtype=torch.long, device=x.device)
     x_t = denoiser.schedule.add_noise(x.detach(), randn(x.shape, generator, like=x), t)
     return ddim(denoiser, x_t, ts, eta=eta, generator=generator, guidance=guidance,
-                clip_x0=default_clip(denoiser, clip_x0), progress=progress)
+                clip_x0=clip_x0, progress=progress)  # ("auto" resolved by ddim)
 
