@@ -444,7 +444,8 @@ class NAMMRun:
         return old
 
     def _mismatch_message(self, name: str) -> str:
-        old = (self._old_spec(name) or {}).get("spec")
+        record = self._old_spec(name) or {}
+        old = record.get("spec")
         changed = changed_keys(comparable(old), comparable(self.spec(name))) if isinstance(old, dict) else []
         # the stage records the pool's sampler as "sampler"; the user sets it as sample.steps / sample.eta
         changed = [f"sample.{k[len('sampler.'):]}" if k.startswith("sampler.") else k for k in changed]
@@ -469,7 +470,7 @@ class NAMMRun:
                     f"{kept} keeps the finished stage of these settings that it was to replace: move that back "
                     f"over {self.root / name} to use it, or pass --fresh to redo the stage")
         go_on = ""
-        if (isinstance(old, dict) and not (self._old_spec(name) or {}).get("done") and name != "finetune"
+        if (isinstance(old, dict) and not record.get("done") and name != "finetune"
                 and not self.resuming):
             go_on = f"; `condiff namm fit --out {self.root} --resume` goes on with the settings it was begun with"
         return (f"{self.root / name} was made with other settings{hint}; pass --fresh to redo it, "
