@@ -425,26 +425,29 @@ def _rank(key: str) -> int:
 _RESULT_DATA = ("samples.npz", "reconstruction.npz", "masks.npz", "tours.npz")  # what a command's record describes
 
 
-def _unrecorded(p: Path, depth: int = 3) -> list[tuple[Path, str]]:
-    """The folders (``p`` and three levels down) that hold a command's results without their record
+def _unrecorded(p: Path) -> list[tuple[Path, str]]:
+    """The folders of a run (:func:`_result_folders`) that hold a command's results without their record
     (``metrics.json``, ``sample_config.json``): what a stop during the final moves of
     :func:`condiff.io.writing_outputs` leaves."""
     found = []
-    if not any((p / r).is_file() for r in ("metrics.json", "sample_config.json", "stage.json")):  # (namm's sets)
-        found += [(p, d) for d in _RESULT_DATA if (p / d).is_file()][:1]
-    if depth:
-        for q in _subdirs(p):
-            if q.name not in _INTERNAL:
-                found += _unrecorded(q, depth - 1)
+    for q in _result_folders(p):
+        data = next((d for d in _RESULT_DATA if (q / d).is_file()), None)
+        if data and not any((q / r).is_file() for r in ("metrics.json", "sample_config.json", "stage.json")):
+            found.append((q, data))  # (stage.json: namm's sample sets)
     return found
 
 
-def _metric_files(p: Path, depth: int = 3) -> list[Path]:
-    found = [p / "metrics.json"] if (p / "metrics.json").is_file() else []
+def _metric_files(p: Path) -> list[Path]:
+    return [q / "metrics.json" for q in _result_folders(p) if (q / "metrics.json").is_file()]
+
+
+def _result_folders(p: Path, depth: int = 3) -> list[Path]:
+    """``p`` and its folders down to ``depth`` levels, a training's internals and hidden folders left out."""
+    found = [p]
     if depth:
         for q in _subdirs(p):
             if q.name not in _INTERNAL:
-                found += _metric_files(q, depth - 1)
+                found += _result_folders(q, depth - 1)
     return found
 
 
