@@ -36,14 +36,11 @@ MIRROR_TRAIN = {
 }
 
 
-def _check_inputs(where: str, x: object, tcfg: object, mirror: object = True, weights: object = None,
-                  meta: dict | None = None) -> None:
-    """The data (a finite floating-point tensor), the settings and, where given, the map and the loss weights
-    of a fitting function, checked before the constraint is tried on the data (which blamed it for NaN data)."""
+def _check_inputs(where: str, x: object, tcfg: object, weights: object = None, meta: dict | None = None) -> None:
+    """The data (a finite floating-point tensor), the settings and, where given, the loss weights of a
+    fitting function, checked before the constraint is tried on the data (which blamed it for NaN data)."""
     checks.finite_rows(f"{where}: the data x", x)
     check_train_config(where, tcfg)
-    if mirror is not True:
-        check_mirror(where, mirror)
     check_own_entries(where, meta)  # before training, not when the map is saved after it
     if weights is not None and not isinstance(weights, NAMMLoss):
         raise TypeError(f"{where}: weights are a NAMMLoss (NAMMLoss(l_con=1.0), or NAMMLoss.from_dict(d)), got "
@@ -124,7 +121,8 @@ def fit_mirror_map(
 
     With ``run_dir`` the map is also saved to ``run_dir/mirror``.
     """
-    _check_inputs("fit_mirror_map", x, tcfg, mirror=mirror, weights=weights, meta=meta)
+    _check_inputs("fit_mirror_map", x, tcfg, weights=weights, meta=meta)
+    check_mirror("fit_mirror_map", mirror)
     _probe(constraint, x)
     weights = weights or NAMMLoss()
     meta = {"mirror": mirror.config, "loss": vars(weights), "constraint": constraint_entry(constraint), **(meta or {})}
@@ -204,7 +202,8 @@ def finetune_inverse(
     """Fine-tune ``f`` on mirror-model samples ``y_mdm`` (forward map frozen); returns a new
     :class:`MirrorMap`: a copy of ``Psi``, unchanged, with the fine-tuned EMA inverse (saved to
     ``run_dir/mirror``). ``mirror`` itself is left as it was."""
-    _check_inputs("finetune_inverse", x, tcfg, mirror=mirror, weights=weights, meta=meta)
+    _check_inputs("finetune_inverse", x, tcfg, weights=weights, meta=meta)
+    check_mirror("finetune_inverse", mirror)
     checks.finite_rows("the mirror-model samples y_mdm", y_mdm)
     _probe(constraint, x)
     weights = weights or NAMMLoss()
