@@ -313,6 +313,7 @@ def test_a_run_of_another_command_is_never_overwritten(tmp_path, capsys, monkeyp
         (["solve", "--ckpt", str(run), "--operator", "inpaint-random"], "samples", "condiff sample"),
         (["train", *TINY], "samples", "condiff sample"),
         (["eval", "--ckpt", str(run), "--n", "4", "--steps", "2"], "samples", "condiff sample"),
+        (["demo"], "samples", "condiff sample"),  # demo writes a `condiff train` run, and names itself
     ]
     # a training run inside another run: the two would overwrite each other's files
     for cmd in (["train", *TINY], ["namm", "fit", "--data", "brightness", "--quiet"],
@@ -753,12 +754,19 @@ def test_options_are_not_abbreviated_and_unknown_ones_name_the_subcommand(capsys
     # `--n` would have been read as `--no-baselines` and run without the baselines
     assert main(["namm", "assimilate", "--run", "nowhere", "--n"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["condiff namm assimilate: error: unrecognized arguments: --n (see condiff namm assimilate --help)"]
+    assert err == ["condiff namm assimilate: error: unrecognized option: --n (see condiff namm assimilate --help)"]
     assert main(["sample", "--ckpt", "nowhere", "--bogus", "1"]) == 2
-    assert "condiff sample: error: unrecognized arguments: --bogus 1" in capsys.readouterr().err
-    assert main(["train", "--bogus"]) == 2
-    assert capsys.readouterr().err.strip() == ("condiff train: error: unrecognized arguments: --bogus "
+    assert "condiff sample: error: unrecognized option: --bogus (see" in capsys.readouterr().err
+    assert main(["train", "--bogus", "--other"]) == 2
+    assert capsys.readouterr().err.strip() == ("condiff train: error: unrecognized options: --bogus --other "
                                                "(see condiff train --help)")
+    # an unknown option's value was taken for the benchmark's name, and the real name called unrecognised
+    assert main(["bench", "--out", "X", "sampler-overhead"]) == 2
+    assert capsys.readouterr().err.strip() == ("condiff bench: error: unrecognized option: --out "
+                                               "(see condiff bench --help)")
+    assert main(["bench", "dual", "extra", "-1.5"]) == 2  # no options among them: the arguments are named
+    assert capsys.readouterr().err.strip() == ("condiff bench: error: unrecognized arguments: extra -1.5 "
+                                               "(see condiff bench --help)")
 
 
 def test_output_into_a_closed_pipe_ends_quietly():

@@ -495,11 +495,12 @@ def check_writable(path: str | Path, flag: str, folder: bool | None = None) -> P
     return q
 
 
-def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None) -> Path:
+def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None, by: str | None = None) -> Path:
     """An output directory argument, checked before any work: refused if it names an existing file, or,
     for a command that writes a run of its own ``kind`` (``"condiff dual train"``), if it holds another
     command's run, which this one would overwrite. Once the command succeeds, :func:`mark_runs` records
-    ``kind`` in the directory."""
+    ``kind`` in the directory. ``by``: the command named in a refusal where it is not ``kind`` itself
+    (``condiff demo`` writes a ``condiff train`` run)."""
     p = Path(path)
     q = check_writable(p, flag)
     if not q.is_dir():  # the nearest existing ancestor must be a directory too
@@ -513,7 +514,7 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
     if kind is not None:
         other = run_kind(p)
         if other is not None and other != kind:
-            raise FileExistsError(f"{flag} {p} holds the output of `{other}`, which `{kind}` would overwrite: "
+            raise FileExistsError(f"{flag} {p} holds the output of `{other}`, which `{by or kind}` would overwrite: "
                                   "give another directory")
         if other is None and p.is_dir():  # a folder of runs (runs/): it would be marked as this command's run
             inner = sorted(q.name for q in p.iterdir() if q.is_dir() and (q / RUN_MARK).is_file())

@@ -46,7 +46,7 @@ def _interrupted(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg = resolve(args.data, args.config, args.overrides)
     cfg["_device"] = device = pick_device(args.device)
-    run_dir = check_out_dir(args.out, kind="condiff train")  # a training run, evaluated
+    run_dir = check_out_dir(args.out, kind="condiff train", by="condiff demo")  # a training run, evaluated
     if cfg["sample"]["n"] < 2:  # checked now, not after the training
         raise ValueError(f"condiff demo evaluates a distribution: sample.n must be >= 2, got {cfg['sample']['n']}")
     t0 = time.perf_counter()

@@ -92,6 +92,14 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()  # imports torch: a Ctrl-C lands here as often as anywhere
@@ -103,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     prog = " ".join(["condiff", args.command, *(v for k, v in sorted(vars(args).items())
                                                  if k.endswith("_command") and isinstance(v, str))])
     if extra:
-        print(f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see {prog} --help)", file=sys.stderr)
+        # an unknown option's value cannot be told from a positional argument (`bench --out X NAME` read X as the
+        # benchmark's name and called NAME unrecognised), so the options alone are named when there are any
+        options = [e for e in extra if e.startswith("-") and not _is_number(e)]
+        named = (f"option{'s' * (len(options) > 1)}: {' '.join(options)}" if options
+                 else f"argument{'s' * (len(extra) > 1)}: {' '.join(extra)}")
+        print(f"{prog}: error: unrecognized {named} (see {prog} --help)", file=sys.stderr)
         return 2
     empty = [f"--{k}" for k in ("out", "ckpt", "run", "data") if isinstance(getattr(args, k, None), str)
              and not getattr(args, k).strip()]  # '' read as "not given" picked the default directory
