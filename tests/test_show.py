@@ -87,6 +87,10 @@ def test_show_a_checkpoint_a_model_and_a_folder_of_runs(run, tmp_path, capsys):
     lines = out.splitlines()
     assert rc == 0 and lines[0] == f"{tmp_path}: 3 runs"
     assert [ln.split()[0] for ln in lines[1:]] == ["more/deeper/other", "more/linked", "run"]
+    # the link is marked as one (beside its target it read as a second run)
+    assert [ln.endswith(f"(a link to {run.resolve()})") for ln in lines[1:]] == [False, True, False]
+    rc, out, _ = _show(capsys, tmp_path, "--json")
+    assert [r.get("link_to") for r in json.loads(out)["runs"]] == [None, str(run.resolve()), None]
 
 
 @pytest.mark.parametrize(("make", "message"), [

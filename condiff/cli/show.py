@@ -100,7 +100,8 @@ def describe(path: str | Path) -> dict:
         return out
     kind = _kind(p)
     if kind is None and not _holds_training(p):
-        runs = [describe_run(q, short=True) for q in _runs_below(p)]
+        runs = [{**describe_run(q, short=True), **({"link_to": str(q.resolve())} if q.is_symlink() else {})}
+                for q in _runs_below(p)]  # a run linked in beside its target would read as two runs
         if not runs:
             raise ValueError(f"{p} is not a condiff run, model or checkpoint directory, and holds no run")
         return {"path": str(p), "kind": "folder", "runs": runs}
@@ -523,7 +524,9 @@ def render(d: dict) -> list[str]:
         for r in d["runs"]:
             what = ", ".join(f"{k} {v}" for k, v in r["settings"].items() if k in ("data", "constraint", "model"))
             state = r["state"] if r["trainings"] else ""
-            lines.append(f"  {_short(r['path'], d['path']):<{width}}  {r['kind']:<20} {state:<12} {what}".rstrip())
+            link = f" (a link to {r['link_to']})" if "link_to" in r else ""
+            lines.append(f"  {_short(r['path'], d['path']):<{width}}  {r['kind']:<20} {state:<12} {what}".rstrip()
+                         + link)
         return lines
     if d["kind"] in ("model", "checkpoint", "diffusers model"):
         lines = [f"{d['path']}: a {d['kind']} directory", f"  {_weights_line(d)}"]
