@@ -146,6 +146,16 @@ def begin_outputs(out: str | Path, record: str, *files: str) -> Path:
 
 
 STAGED = ".staged-"  # the prefix of the hidden folder in which writing_outputs gathers a set
+_written: list[Path] = []  # the folders whose sets writing_outputs has moved in whole (see written_sets)
+
+
+def written_sets(forget: bool = False) -> list[Path]:
+    """The folders into which :func:`writing_outputs` has moved a whole set since the last ``forget``: a
+    Ctrl-C after that says the set is whole rather than leaving it in doubt."""
+    found = list(_written)
+    if forget:
+        _written.clear()
+    return found
 PROBE = ".condiff-probe-"  # the prefix of the CLI's write probe (condiff.cli.common.check_writable)
 
 
@@ -184,6 +194,7 @@ def writing_outputs(out: str | Path, record: str, *old: str) -> Iterator[Path]:
             for name in [*(n for n in names if n != record), record]:
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staged / name, out / name)
+            _written.append(out)
         except OSError as e:  # a message names a file by where it goes, not by the hidden folder
             here = lambda v: v.replace(str(staged), str(out)) if isinstance(v, str) else v  # noqa: E731
             if str(staged) in f"{e.strerror} {e.filename} {e.filename2}":

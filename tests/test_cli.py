@@ -1613,3 +1613,23 @@ def test_two_commands_sampling_into_one_folder_write_one_at_a_time(trained, tmp_
     assert f"waiting for another condiff command writing {out}" in capsys.readouterr().err
     record = json.loads((out / "sample_config.json").read_text())
     assert record["n"] == 4 and len(np.load(out / "samples.npz")["x"]) == 4
+
+
+def test_a_ctrl_c_after_the_last_rename_says_the_set_is_whole(trained, tmp_path, capsys, monkeypatch):
+    """The new set was in place, with its record, yet the command said only "interrupted"."""
+    run = tmp_path / "run"
+    trained(run)
+    out = tmp_path / "s"
+    import condiff.cli.sample as sample_cli
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample_cli, "print", ctrl_c, raising=False)  # the line that follows the renames
+    assert main(["sample", "--ckpt", str(run), "--n", "2", "--steps", "2", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"condiff: interrupted; the results in {out} were written whole before it")
+    assert json.loads((out / "sample_config.json").read_text())["n"] == 2 and (out / "samples.npz").is_file()
+    monkeypatch.setattr(sample_cli, "write_samples", ctrl_c)  # before the set is whole: nothing is claimed
+    assert main(["sample", "--ckpt", str(run), "--n", "2", "--steps", "2", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "condiff: interrupted"

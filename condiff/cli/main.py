@@ -133,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run_command(args: argparse.Namespace, prog: str, own_process: bool = False) -> int:
     if not os.environ.get("CONDIFF_DEBUG"):  # a warning is one line too
         warnings.showwarning = lambda message, category, *rest, **kw: _say(f"{prog}: warning: {message}")
+    from .. import io
     from . import common
 
     common.forget_claims()
+    io.written_sets(forget=True)
     try:
         rc = int(args.func(args) or 0)
         if rc == 0:
@@ -152,6 +154,9 @@ def _run_command(args: argparse.Namespace, prog: str, own_process: bool = False)
         hint = getattr(args, "interrupted", None)
         if callable(hint):  # a hint that depends on what the command got to write
             hint = hint(args)
+        if done := io.written_sets():  # a Ctrl-C after the set's last rename (its files are all in place)
+            hint = "; ".join([f"the results in {', '.join(map(str, done))} were written whole before it",
+                              *([hint] if hint else [])])
         _close_progress_bars()
         print("condiff: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
@@ -169,8 +174,6 @@ def _run_command(args: argparse.Namespace, prog: str, own_process: bool = False)
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
     finally:
-        from .. import io
-
         io.release_runs()
 
 
