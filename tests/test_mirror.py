@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -572,6 +573,12 @@ def test_cli_settings_resolution_and_stage_guard(tmp_path, monkeypatch, capsys):
     (d / "checkpoints" / "step_00000010").mkdir(parents=True)  # with one, it is refused as before
     with pytest.raises(StageMismatch, match="--fresh"):
         run._stage("mdm", run.spec("mdm"))
+    # a stage resumed after a stop counts the training time of its earlier sessions (its newest checkpoint's)
+    (d / "checkpoints" / "step_00000010" / "config.json").write_text('{"step": 10, "train_seconds": 1000.5}')
+    t0 = run._clock("mdm")
+    assert 1000.5 <= time.perf_counter() - t0 < 1010
+    t0 = run._clock("vanilla")  # a stage not begun: this session's time alone
+    assert 0 <= time.perf_counter() - t0 < 10
     # a constraint with learned parts (the count CNN) puts their recipe in the spec: a new recipe
     # refits the map and everything downstream instead of reusing fits made against the old one
     assert "constraint" not in run.spec("namm")  # brightness has none

@@ -68,7 +68,7 @@ from ..nets import build_net
 from ..plots import plot_histograms
 from ..sample import generate
 from ..schedule import Schedule
-from ..train import TrainConfig
+from ..train import TrainConfig, list_checkpoints
 from ..userfile import UntrustedCode
 from .common import (
     add_device_arg,
@@ -529,6 +529,13 @@ class NAMMRun:
         io.write_json_atomic(f, {"spec": spec, "done": False})
         return d, False
 
+    def _clock(self, name: str) -> float:
+        """``time.perf_counter()`` set back by the training time of stage ``name``'s earlier sessions (its
+        newest checkpoint's), so that the ``seconds`` of a stage resumed after a stop cover every session."""
+        steps = list_checkpoints(self.root / name / "checkpoints")
+        earlier = json_table(steps[-1] / io.CONFIG).get("train_seconds", 0) if steps else 0
+        return time.perf_counter() - (float(earlier) if checks.is_number(earlier) else 0.0)
+
     def _finish(self, name: str, spec: dict, seconds: float, **extra) -> None:
         io.write_json_atomic(
             self.root / name / "stage.json",
@@ -629,7 +636,7 @@ class NAMMRun:
         tcfg = self._tcfg(self.cfg["mirror_train"], section="mirror_train")
         mirror = build_mirror(self.shape, m["psi"], m["inverse"], m["a"], seed=tcfg.seed,  # 0 unless set
                               saved_by=self.saved_by)
-        t0 = time.perf_counter()
+        t0 = self._clock("namm")
         out = fit_mirror_map(
             self.data().x,
             self.constraint(),
@@ -650,7 +657,7 @@ class NAMMRun:
             return done
         x = x_fn()
         net = model_for_shape(self.cfg["model"], tuple(x.shape[1:]), self.saved_by)
-        t0 = time.perf_counter()
+        t0 = self._clock(name)
         tcfg = self._tcfg(self.cfg["train"])
         # the vanilla model records its data set (as `condiff train` models do), so that `condiff eval` and
         # `condiff sample` score it on its own; the mirror model's samples are not data
@@ -691,7 +698,7 @@ class NAMMRun:
             return done
         ft = self.cfg["finetune"]
         mirror, den = self.mirror(), self.mdm()
-        t0 = time.perf_counter()
+        t0 = self._clock("finetune")
         _, pool = self._generate(den, int(ft["n"]), int(ft["seed"]), mirror)
         out = finetune_inverse(
             mirror,
