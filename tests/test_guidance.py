@@ -391,6 +391,10 @@ def test_every_method_runs_on_real_unets(backend, request):
     (lambda loss: make_guidance("dps", loss, rate=0.2), "applies to DSG only; use method .dsg\\+dps."),
     (lambda loss: make_guidance("dsg+dps", loss, bogus=1),
      "bad hyperparameters for 'dsg\\+dps': .*; it takes zeta, rate, interval, final, between"),
+    # the base's step length under DSG's own step: accepted, recorded, and without effect
+    (lambda loss: make_guidance("dsg+dps", loss, zeta=100.0), "zeta does not apply to 'dsg\\+dps': DSG's step "),
+    (lambda loss: make_guidance("dsg+freedom", loss, zeta=2.0, between="base"), "zeta does not apply"),
+    (lambda loss: make_guidance("dsg+ugd", loss, forward=5.0, interval=3), "forward does not apply to 'dsg\\+ugd'"),
     (lambda loss: DSG(DPS(loss), rate=1.5), r"DSG rate must lie in \[0, 1\]"),
     (lambda loss: DSG(DPS(loss), interval=0), "interval must be an integer >= 1"),
     (lambda loss: DSG(DPS(loss), between="dps"), "DSG between must be one of"),
@@ -620,6 +624,21 @@ def test_make_guidance_wants_a_method_name():
 
     with pytest.raises(ValueError, match="guidance method must be a name"):
         make_guidance(None, lambda x: x.sum())
+
+
+def test_dsg_takes_the_base_step_length_only_where_the_base_steps():
+    """zeta sizes DPS's step between DSG's (between = "base", interval >= 2), and nowhere else."""
+    from condiff.guidance import make_guidance
+
+    def run(zeta):
+        g = make_guidance("dsg+dps", _square, zeta=zeta, interval=2, between="base")
+        return guided_sample(_oracle(200), g, (2, 1, 4, 4), 6, generator=_gen()).x
+
+    assert not torch.equal(run(0.0), run(0.5))
+    # the DSG steps alone (interval 1) ignore the base's length: the same samples for any zeta
+    same = [guided_sample(_oracle(200), DSG(DPS(_square, zeta=z)), (2, 1, 4, 4), 6, generator=_gen()).x
+            for z in (0.0, 100.0)]
+    torch.testing.assert_close(same[0], same[1], rtol=0, atol=0)
 
 
 def test_a_detached_loss_or_a_hyperparameter_of_another_batch_is_a_clear_error():

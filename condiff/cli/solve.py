@@ -226,14 +226,15 @@ def add_parser(sub, name: str) -> None:
     m.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     m.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1; DSG needs > 0)")
     m.add_argument("--task", default=None, help="key of the swept defaults (default: <data>/<operator>)")
-    m.add_argument("--zeta", type=float, help="DPS / FreeDoM step size")
+    m.add_argument("--zeta", type=float, help="DPS / FreeDoM step size (under dsg+: only with --between base and "
+                   "--interval >= 2, on the steps between DSG's)")
     m.add_argument("--rate", type=float, help="DSG guidance rate w in [0, 1]")
     m.add_argument("--interval", type=int, help="DSG: guide every k steps")
     m.add_argument("--final", type=float, help="DSG: Euclidean gradient step size at the last step (0: none)")
     m.add_argument("--between", choices=BETWEEN,
                    help="DSG: steps off the interval draw unconditionally (sample) or take the base method's step")
     m.add_argument("--repeats", type=int, help="FreeDoM time-travel repeats")
-    m.add_argument("--forward", type=float, help="UGD forward-guidance strength")
+    m.add_argument("--forward", type=float, help="UGD forward-guidance strength (under dsg+ugd: as --zeta)")
     m.add_argument("--backward-steps", type=int, help="UGD backward-guidance steps m")
     m.add_argument("--backward-lr", type=float, help="UGD backward-guidance step size")
     m.add_argument("--recurrence", type=int, help="UGD self-recurrence k")

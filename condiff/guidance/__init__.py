@@ -14,6 +14,7 @@ benchmarks; :func:`default_hyperparameters` gives the swept defaults per task an
 
 from __future__ import annotations
 
+from .. import checks
 from .base import EUCLIDEAN, GradientGuidance, GradientStep, Loss, Update
 from .defaults import GENERIC, TUNED, default_hyperparameters
 from .dps import DPS
@@ -48,6 +49,12 @@ def make_guidance(name: str, loss: Loss, **hyperparameters) -> GradientGuidance 
     if dsg_kw and not dsg:
         raise ValueError(f"{', '.join(dsg_kw)} appl{'ies' if len(dsg_kw) == 1 else 'y'} to DSG only; "
                          f"use method 'dsg+{name}'")
+    if dsg and cls.scale_key in hyperparameters and not (dsg_kw.get("between") == "base"
+                                                         and checks.is_integer(dsg_kw.get("interval"), 2)):
+        # DSG's spherical step sets its own length: the base's was accepted, recorded and had no effect
+        raise ValueError(f"{cls.scale_key} does not apply to {name!r}: DSG's step sets its own length on the steps "
+                         f"it guides; {cls.scale_key} sizes the base method's step on the others, with between="
+                         "'base' and an interval of 2 or more")
     try:
         base = cls(loss, **hyperparameters)
     except TypeError as e:

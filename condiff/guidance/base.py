@@ -113,6 +113,7 @@ class GradientGuidance:
 
     needs_grad = True
     step_size = "zeta"  # the hyperparameter(s) an error message suggests lowering
+    scale_key: str | None = "zeta"  # the argument that sets ``scale``, the step length DSG's own step replaces
 
     def __init__(self, loss: Loss) -> None:
         if not callable(loss):

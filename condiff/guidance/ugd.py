@@ -48,6 +48,7 @@ class UGD(GradientGuidance):
     """
 
     step_size = "forward or backward_lr"
+    scale_key = "forward"
 
     def __init__(self, loss: Loss, forward: Scalar = 1.0, backward_steps: int = 3,
                  backward_lr: Scalar = 0.1, recurrence: int = 2) -> None:
