@@ -280,6 +280,18 @@ def test_solve_warns_when_images_exceed_an_unrecorded_range(tiny_run, tmp_path, 
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["scale"] == [-1.0, 1.0]
 
 
+def test_solve_warns_when_the_guidance_diverged(tiny_run, tmp_path, capsys):
+    """A step far too large wrote PSNR -40 dB results and exit 0 without a word."""
+    for zeta, warned in ((1e5, True), (0.1, False)):
+        assert _solve(tiny_run, tmp_path / "o", "--operator", "inpaint-random", "--method", "dps",
+                      "--zeta", str(zeta)) == 0
+        err = capsys.readouterr().err
+        assert ("far outside the model's scale [-1, 1]: the guidance diverged (lower --zeta)" in err) == warned, err
+    assert _solve(tiny_run, tmp_path / "o", "--operator", "inpaint-random", "--method", "ugd",
+                  "--forward", "1e6", "--backward-lr", "1e4") == 0
+    assert "the guidance diverged (lower --forward or --backward-lr)" in capsys.readouterr().err
+
+
 def test_solve_warns_when_inputs_do_not_match_the_recorded_range(tmp_path, capsys):
     torch.manual_seed(0)
     net = build_net({"name": "unet", "in_channels": 1, "base": 8, "mults": [1, 2], "groups": 4})

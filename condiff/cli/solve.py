@@ -466,6 +466,7 @@ def run(args: argparse.Namespace) -> int:
         parts.append(res.x.detach())
         nfe, grads, seconds = nfe + res.nfe, grads + res.grad_evals, seconds + res.seconds
     rec = torch.cat(parts)
+    warn_if_diverged(rec, scale, args.method)
     residual = op.residual(rec, y)
     m: dict = {"residual": float(residual.mean()), "residual_per_image": residual.tolist()}
     if x is not None:
@@ -493,6 +494,19 @@ def run(args: argparse.Namespace) -> int:
           f"{nfe} NFE + {grads} backward")
     print(f"wrote {out}")
     return 0
+
+
+def warn_if_diverged(rec: torch.Tensor, scale: tuple[float, float], method: str) -> None:
+    """A warning where the reconstructions lie far outside the model's scale (more than its width beyond
+    either end): a guidance step too large for the loss drove them there, and their scores mean little."""
+    lo, hi = scale
+    rlo, rhi = float(rec.min()), float(rec.max())
+    if rlo < lo - (hi - lo) or rhi > hi + (hi - lo):
+        cls, dsg = split_method(method)
+        size = "--rate or --final" if dsg else " or ".join(f"--{k.strip().replace('_', '-')}"
+                                                         for k in cls.step_size.split(" or "))
+        warnings.warn(f"the reconstructions reach [{rlo:.3g}, {rhi:.3g}], far outside the model's scale "
+                      f"[{lo:.3g}, {hi:.3g}]: the guidance diverged (lower {size})", stacklevel=2)
 
 
 SOLVE_FILES = ("ground_truth.png", "measurement.png", "reconstruction.png", "comparison.png", "reconstruction.npz")
