@@ -501,3 +501,24 @@ def test_solve_on_data_of_four_channels_draws_channel_0_and_keeps_its_results(tm
         assert (tmp_path / "out" / name).is_file()
     assert Image.open(tmp_path / "out" / "ground_truth.png").mode == "L"  # channel 0, grey
     assert np.load(tmp_path / "out" / "reconstruction.npz")["x"].shape == (3, 4, 8, 8)
+
+
+def test_out_is_refused_inside_the_folder_of_images_given(tiny_run, tmp_path, capsys):
+    """solve wrote its pictures and metrics.json among the user's own images, then refused that folder."""
+    from PIL import Image
+
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(pngs / "a.png")
+    for out, where in ((pngs, "is"), (pngs / "sub", "lies inside")):
+        assert _solve(tiny_run, out, "--operator", "blur", "--input", str(pngs), "--n", "1") == 2
+        assert capsys.readouterr().err.strip() == (
+            f"condiff solve: error: --out {out} {where} the folder given as --input ({pngs}): its results would be "
+            "written among those files: give another directory")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.png", "pngs"]
+    assert main(["train", "--data", str(pngs), "--out", str(pngs / "run")]) == 2
+    assert "lies inside the folder given as --data" in capsys.readouterr().err
+    # the method's name in any case is recorded (and names the default folder) in lower case
+    assert _solve(tiny_run, tmp_path / "o", "--operator", "blur", "--input", str(pngs), "--method", "DSG+DPS",
+                  "--n", "1") == 0
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["method"] == "dsg+dps"

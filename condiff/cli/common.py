@@ -495,17 +495,24 @@ def check_writable(path: str | Path, flag: str, folder: bool | None = None) -> P
     return q
 
 
-def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None, by: str | None = None) -> Path:
+def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None, by: str | None = None,
+                  inputs: dict[str, object] | None = None) -> Path:
     """An output directory argument, checked before any work: refused if it names an existing file, or,
     for a command that writes a run of its own ``kind`` (``"condiff dual train"``), if it holds another
     command's run, which this one would overwrite. Once the command succeeds, :func:`mark_runs` records
     ``kind`` in the directory. ``by``: the command named in a refusal where it is not ``kind`` itself
-    (``condiff demo`` writes a ``condiff train`` run)."""
+    (``condiff demo`` writes a ``condiff train`` run). ``inputs``: the command's input paths by flag
+    (``{"--input": "pngs"}``); a folder among them is refused as the output or a folder above it."""
     p = Path(path)
     q = check_writable(p, flag)
     if not q.is_dir():  # the nearest existing ancestor must be a directory too
         raise NotADirectoryError(f"{flag} {p}{'' if q == p else f': {q}'} is a file, not a directory")
     up = Path(os.path.abspath(p))  # a relative --out from inside a run or a model names their folders too
+    for given_flag, given in (inputs or {}).items():  # results written among the user's own files
+        g = Path(os.path.abspath(given)) if isinstance(given, (str, Path)) and str(given) else None
+        if g is not None and g.is_dir() and (g == up or g in up.parents):
+            raise ValueError(f"{flag} {p} {'is' if g == up else 'lies inside'} the folder given as {given_flag} "
+                             f"({given}): its results would be written among those files: give another directory")
     for q in (up, *up.parents):  # a checkpoint is replaced whole when it is saved again (or pruned)
         if (q / "model.safetensors").is_file():
             where = "is" if q == up else f"lies inside {q},"

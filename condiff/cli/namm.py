@@ -1170,7 +1170,8 @@ def run_fit(args: argparse.Namespace) -> int:
             raise ValueError("--data is required (brightness, burgers, kolmogorov, periodic, count, or a file); "
                              "--resume --out RUN goes on with the settings a run records")
         cfg = resolve(args.data, args.profile or "default", args.config, args.overrides, args.constraint)
-        root = check_out_dir(args.out or Path("runs") / f"namm-{Path(args.data).stem}", kind="condiff namm fit")
+        root = check_out_dir(args.out or Path("runs") / f"namm-{Path(args.data).stem}", kind="condiff namm fit",
+                             inputs={"--data": args.data})
         named = {tuple(parse_override(o, SECTIONS, nested=True)[0]) for o in args.overrides or []}
         cfg = keep_later_settings(cfg, root, named | (set(_leaf_paths(read_toml(args.config, SECTIONS)))
                                                       if args.config else set()))

@@ -329,6 +329,7 @@ def check_flags(args: argparse.Namespace) -> None:
         checks.integer("--box", args.box)
     checks.seed("--seed", args.seed)
     cls, dsg = split_method(args.method)  # a flag of another method is named as a flag, not a keyword
+    args.method = args.method.strip().lower()  # DSG+DPS: recorded, and named in the default --out, as dsg+dps
     takes = [k for k in inspect.signature(cls).parameters if k != "loss"] + (list(DSG_KEYS) if dsg else [])
     # (DSG's own flags without dsg+ get make_guidance's hint: "use method 'dsg+dps'")
     if stray := [k for k in HYPER_FLAGS if getattr(args, k) is not None and k not in takes and k not in DSG_KEYS]:
@@ -412,7 +413,8 @@ def run(args: argparse.Namespace) -> int:
     own = load_user_operator(args.operator)  # its file runs once, now: a broken one is named before any model loads
     label = operator_label(args.operator)
     out = check_out_dir(args.out or results_dir(args.ckpt, "solve") / f"{label}-{args.method}-{args.steps}",
-                        kind="condiff solve")
+                        kind="condiff solve", inputs={"--input": args.input, "--measurement": args.measurement,
+                                                      "--mask": args.mask})
     device = pick_device(args.device)
     den, run_cfg, shape = load_model_for(args.ckpt, device)
     if len(shape) != 3:
