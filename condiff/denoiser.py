@@ -86,7 +86,7 @@ class NetDenoiser(Denoiser):
 
     def __init__(self, net: nn.Module, schedule: Schedule, y: Tensor | int | None = None,
                  guidance_scale: float = 0.0, label_drop: float | None = None,
-                 value_range: Sequence[float] | None = None) -> None:
+                 value_range: Sequence[float] | None = None, sample_shape: Sequence[int] | None = None) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"NetDenoiser wraps a network, a torch.nn.Module net(x, t[, y]) -> noise, got "
                             f"{type(net).__name__}")
@@ -95,6 +95,9 @@ class NetDenoiser(Denoiser):
         # the training data's [min, max], where known (load_denoiser reads it from the model): the guided
         # samplers' default clip of x0_hat (condiff.sample.default_clip)
         self.value_range = None if value_range is None else [float(v) for v in value_range]
+        # the shape of one sample it was trained on, where known (load_denoiser reads it from the model): the
+        # plug-and-play engine refuses to render pictures of another size for it
+        self.sample_shape = None if sample_shape is None else tuple(int(v) for v in sample_shape)
         if isinstance(y, Tensor) and y.dim() == 0 and not y.is_floating_point() and y.dtype != torch.bool:
             y = int(y)  # one label for the whole batch, as an int is
         if y is not None and not isinstance(y, Tensor) and (isinstance(y, bool) or not isinstance(y, numbers.Integral)):
@@ -144,7 +147,8 @@ class NetDenoiser(Denoiser):
     def conditioned(self, y: Tensor | int | None, guidance_scale: float = 0.0) -> NetDenoiser:
         """The same network with class labels ``y`` fixed (shares weights), optionally with
         classifier-free guidance of strength ``guidance_scale``."""
-        return NetDenoiser(self.net, self.schedule, y, guidance_scale, self.label_drop, self.value_range)
+        return NetDenoiser(self.net, self.schedule, y, guidance_scale, self.label_drop, self.value_range,
+                           self.sample_shape)
 
 
 class GaussianDenoiser(Denoiser):

@@ -70,9 +70,12 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: boo
     drop = cfg.get("label_drop")  # recorded by `condiff train` for class-conditional models
     span = cfg.get("value_range")  # recorded since 2026-12-04
     ok = isinstance(span, list) and len(span) == 2 and all(checks.is_number(v) for v in span)
+    shape = cfg.get("shape")
     return NetDenoiser(net.eval(), Schedule.from_config(cfg["schedule"]),
                        label_drop=float(drop) if checks.is_number(drop) else None,
-                       value_range=span if ok else None)
+                       value_range=span if ok else None,
+                       sample_shape=shape if isinstance(shape, list) and all(checks.is_integer(v, 1) for v in shape)
+                       else None)
 
 
 def _refuse_a_folder_of_models(d: Path) -> None:

@@ -381,9 +381,10 @@ def test_guided_samplers_clip_to_the_loaded_models_data_range(tmp_path):
     """guided_sample and finish clipped x0_hat to [-1, 1] whatever range the model was trained on: a model of
     data on [0, 3] had every guided sample squashed into [0, 1], silently."""
     s = Schedule.linear(50)
-    save_model(tmp_path / "wide", TimeMLP(2, hidden=8, depth=1), s, value_range=[0.0, 3.0])
+    save_model(tmp_path / "wide", TimeMLP(2, hidden=8, depth=1), s, value_range=[0.0, 3.0], shape=[2])
     save_model(tmp_path / "unit", TimeMLP(2, hidden=8, depth=1), s, value_range=[-0.9, 0.8])
     wide, unit = load_denoiser(tmp_path / "wide"), load_denoiser(tmp_path / "unit")
+    assert wide.sample_shape == (2,) and unit.sample_shape is None  # the shape recorded, where it is
     assert wide.value_range == [0.0, 3.0] and wide.conditioned(None).value_range == [0.0, 3.0]
     assert default_clip(wide, "auto") == (0.0, 3.0) and default_clip(unit, "auto") == (-1.0, 1.0)
     assert default_clip(wide, None) is None and default_clip(wide, 2.0) == 2.0

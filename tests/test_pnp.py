@@ -294,6 +294,10 @@ def test_baselines_segment_a_clean_two_tone_scene():
     assert float(iou(kmeans_segment(img), truth)) == 1.0
     # a dark shape on a bright background: still the inner region is foreground
     assert float(iou(kmeans_segment(-img), truth)) == 1.0
+    img[0, 1, 2, 2] = float("nan")  # k-means gave an empty mask; segment blamed the learning rate
+    for run in (kmeans_segment, otsu_segment, lambda x: segment(oracle(200), x, chains=1, steps=2)):
+        with pytest.raises(ValueError, match="the images hold NaN or inf values"):
+            run(img)
 
 
 def test_scenes_are_deterministic_and_consistent():

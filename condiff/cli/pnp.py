@@ -55,7 +55,7 @@ DESCRIPTIONS = {
     "digits": ("Conditional digits from an unconditional digits prior: the log-probability of a class under the "
                "project's classifier (--label), or a mirror-symmetry distance (--symmetry), is the PnP constraint."),
     "segment": ("Segmentation by PnP: a prior over (picture, mask) pairs infers the mask of a given picture, "
-                "scored by IoU against the true mask, beside an Otsu-threshold baseline."),
+                "scored by IoU against the true mask, beside 2-means (colour) and Otsu-threshold baselines."),
     "tsp": ("The continuous TSP relaxation: an adjacency latent, rendered as a picture, is inferred under a prior "
             "over pictures of good tours, decoded to a tour and refined by 2-opt; scored by the gap to the optimum."),
     "constraint": ("Any prior under any differentiable constraint: a registered family by name, or a function of "
@@ -352,7 +352,8 @@ def run_digits(args: argparse.Namespace) -> int:
         raise ValueError(f"--label must be a digit 0-9, got {args.label}")
     den, _, shape, device = _prior(args)
     if tuple(shape) != (1, 8, 8):
-        raise ValueError(f"{args.ckpt} is a prior over {tuple(shape)} pictures, not (1, 8, 8) digits")
+        what = "pictures" if len(shape) == 3 else "vectors"  # a toy2d prior is no prior over pictures
+        raise ValueError(f"{args.ckpt} is a prior over {tuple(shape)} {what}, not (1, 8, 8) digits")
     if args.weight is None:  # 0.1 beat 0.2 for labels in success and fidelity alike (docs/pnp.md)
         args.weight = 0.2 if args.symmetry else 0.1
     if args.finish is None:  # the finish brings the Fréchet distance to the samples' level (docs/pnp.md)

@@ -185,7 +185,7 @@ def train_diffusion(
             train_seconds=round(tr.seconds, 2),  # every session's
             **{k: v for k, v in (meta or {}).items() if k not in ("net", "schedule", "shape")},
         )
-    return NetDenoiser(ema, schedule, value_range=value_range(x))
+    return NetDenoiser(ema, schedule, value_range=value_range(x), sample_shape=x.shape[1:])
 
 
 def finetune_inverse(

@@ -206,6 +206,10 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
             x = render(z)
             if x.shape[0] != B:
                 raise ValueError(f"render changed the batch size from {B} to {x.shape[0]}")
+            trained = getattr(denoiser, "sample_shape", None)  # a prior run on pictures of another size ran
+            if i == 0 and trained is not None and tuple(x.shape[1:]) != tuple(trained):
+                raise ValueError(f"the prior was trained on samples of shape {tuple(trained)}, but the rendered "
+                                 f"samples have shape {tuple(x.shape[1:])}")
             t = torch.full((B,), t_i, dtype=torch.long, device=x.device)
             eps = randn(x.shape, generator, like=x)
             d = denoising_term(denoiser, x, t, eps, through_net)

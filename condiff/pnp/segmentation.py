@@ -64,6 +64,8 @@ def _pictures(who: str, images: Tensor) -> Tensor:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"{who}: expected images (B, C, H, W) of at least 2 pixels, got shape {shape}")
     images = images.detach()
+    if images.is_floating_point() and not bool(torch.isfinite(images).all()):  # k-means gave an empty mask
+        raise ValueError(f"{who}: the images hold NaN or inf values")
     return images if images.is_floating_point() else images.float()
 
 
@@ -146,6 +148,8 @@ def segment(denoiser: Denoiser, images: Tensor, *, chains: int = 4, steps: int =
     if images.dim() != 4:
         raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
     checks.floating("segment: images", images)  # else the latent, cast to them, was blamed
+    if not bool(torch.isfinite(images).all()):  # else named as "lower the learning rate" at the first step
+        raise ValueError("segment: the images hold NaN or inf values")
     if chains < 1:
         raise ValueError(f"chains must be >= 1, got {chains}")
     _check_votes(votes, chains)  # before the search, not after it

@@ -45,6 +45,9 @@ def _coords(coords: np.ndarray | Tensor) -> np.ndarray:
     c = c.astype(np.float64)
     if c.ndim != 2 or c.shape[1] != 2 or c.shape[0] < 3:
         raise ValueError(f"expected city coordinates of shape (N >= 3, 2), got {c.shape}")
+    if not np.isfinite(c).all():  # Held-Karp returned a "tour" of 4 entries for 8 cities with a NaN among them
+        raise ValueError(f"city coordinates must be finite, got NaN or inf at city "
+                         f"{int(np.flatnonzero(~np.isfinite(c).all(1))[0])}")
     return c
 
 
@@ -133,7 +136,7 @@ class HeldKarp:
         while j >= 0:
             path.append(j + 1)
             mask, j = mask ^ (1 << j), int(parent[mask, j])
-        return np.array([0, *path[::-1]], dtype=np.int64)
+        return check_tour([0, *path[::-1]], n)
 
 
 def lkh_available() -> bool:
@@ -336,8 +339,10 @@ class TourStyle:
     margin: float | None = None
 
     def __post_init__(self) -> None:
-        if self.size < 8 or self.line_width <= 0 or self.city_radius <= 0:
-            raise ValueError(f"TourStyle needs size >= 8 and positive widths, got {self}")
+        widths = (self.line_width, self.city_radius)  # (a NaN width passed a `<= 0` test)
+        if not (checks.is_integer(self.size, 8) and all(checks.is_number(w) and w > 0 for w in widths)
+                and checks.is_number(self.edge_value) and (self.margin is None or checks.is_number(self.margin))):
+            raise ValueError(f"TourStyle needs an integer size >= 8, positive widths and finite values, got {self}")
 
     @classmethod
     def for_size(cls, size: int) -> TourStyle:
@@ -373,13 +378,17 @@ def _segment_coverage(p: Tensor, a: Tensor, b: Tensor, width: float) -> Tensor:
     return (width / 2 + 0.5 - d).clamp(0, 1)
 
 
-def _coords_tensor(coords: Tensor | np.ndarray) -> Tensor:
+def _coords_tensor(coords: Tensor | np.ndarray, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Instances ``(B, N, 2)`` in the unit square, checked, as ``dtype`` (float64 where tours are measured:
+    lengths of float32-rounded cities put a prior's tour up to 1e-8 below the optimal one's)."""
     c = torch.as_tensor(np.asarray(coords) if not isinstance(coords, Tensor) else coords)
     if c.dim() != 3 or c.shape[-1] != 2 or c.shape[1] < 3:
         raise ValueError(f"expected city coordinates of shape (B, N >= 3, 2), got {tuple(c.shape)}")
+    if not bool(torch.isfinite(c).all()):  # NaN passed the unit-square test, and failed later as a step size's
+        raise ValueError("city coordinates must be finite, got NaN or inf")
     if bool(((c < 0) | (c > 1)).any()):
         raise ValueError("city coordinates must lie in the unit square [0, 1]^2")
-    return c.float()
+    return c.to(dtype)
 
 
 def city_coverage(coords: Tensor, style: TourStyle) -> Tensor:
@@ -543,7 +552,7 @@ def solve_with_prior(denoiser, coords: Tensor | np.ndarray, style: TourStyle, *,
     from .engine import infer
     from .schedules import PAPER_TSP
 
-    c = _coords_tensor(coords).double()
+    c = _coords_tensor(coords, torch.float64)
     B, n = c.shape[:2]
     if chains < 1:
         raise ValueError(f"chains must be >= 1, got {chains}")
