@@ -568,6 +568,10 @@ def test_cli_dual_train_writes_model_plots_metrics_and_resumes(tmp_path, capsys)
     assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu", "--resume",
                  "--set", "train.steps=40", "--set", "schedule.kind=cosine"]) == 2  # went on silently
     assert "was trained with another noise schedule" in capsys.readouterr().err
+    # the examples the model trains on, chosen by [objective]: resumed on other ones without a word
+    assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu", "--resume",
+                 "--set", "train.steps=40", "--set", "objective.keep={1=0.5}"]) == 2
+    assert "was trained on other objective data (keep" in capsys.readouterr().err
     assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu", "--resume",
                  "--set", "train.steps=40", "--set", "dual.lr=0.5"]) == 0
     assert "resumed from step 30" in capsys.readouterr().out

@@ -276,14 +276,15 @@ _RUN_FILES = ("checkpoints", "model", "log.jsonl", "config.json")  # what a trai
 
 def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str, ...] = (),
               data: dict | None = None, schedule: dict | None = None, resume_hint: str = "",
-              model: dict | None = None):
+              model: dict | None = None, objective: dict | None = None):
     """The run-directory protocol of ``train`` and ``dual train``: refuse a run with checkpoints unless
     ``resume`` or ``fresh``; ``build()`` the job (which checks everything) before anything changes; then
     set the old run aside for ``fresh`` (checkpoints, model, log, settings and ``clear``, kept in
     ``.replaced`` until the caller's :func:`condiff.io.drop_replaced` once the new run is finished:
     :func:`replace_run`) or load its checkpoint for ``resume``. ``data``, ``schedule``: the run's
     settings, which a resumed run must share with the checkpoint's (same shapes, so the checkpoint would
-    load and training go on, silently, on other data or under another noise schedule); ``resume_hint``
+    load and training go on, silently, on other data or under another noise schedule), as must
+    ``objective``, dual training's selection of the examples it trains on; ``resume_hint``
     ends the refusal of other ones. ``model``: the run's model settings, named beside the recorded ones when
     the checkpoint does not load into the model they build.
     Returns the job, the run directory made and locked; ``config.json`` is the caller's to write next."""
@@ -296,7 +297,7 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
             raise FileExistsError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}): "
                                   "pass --resume to continue or --fresh to start over")
         if existing and resume:
-            _check_same(run_dir, {"data": data, "schedule": schedule}, resume_hint)
+            _check_same(run_dir, {"data": data, "schedule": schedule, "objective": objective}, resume_hint)
         if not existing and not fresh and (run_dir / "model").exists():  # e.g. checkpoints deleted to save space
             raise FileExistsError(f"{run_dir} already holds a trained model and no checkpoints to resume from: "
                                   "pass --fresh to train it again, or use another --out")
@@ -449,7 +450,8 @@ def same_schedule(a: object, b: object) -> bool:
 
 
 def _check_same(run_dir: Path, sections: dict[str, dict | None], hint: str = "") -> None:
-    """Refuse to resume a run with other ``data`` or ``schedule`` settings than it was trained with."""
+    """Refuse to resume a run with other ``data``, ``schedule`` or (dual training) ``objective`` settings than
+    it was trained with."""
     old = json_table(run_dir / "config.json")
     for section, settings in sections.items():
         before = old.get(section)
@@ -459,7 +461,8 @@ def _check_same(run_dir: Path, sections: dict[str, dict | None], hint: str = "")
         if section == "schedule" and same_schedule(before, now):
             continue
         diff = _changes(before, now)
-        what = "on other data" if section == "data" else "with another noise schedule"
+        what = {"data": "on other data", "schedule": "with another noise schedule",
+                "objective": "on other objective data"}[section]
         raise ValueError(f"--resume: {run_dir} was trained {what} ({diff}); resume with the run's {section} "
                          f"settings (recorded in {run_dir / 'config.json'}), or pass --fresh to start over{hint}")
 

@@ -514,7 +514,7 @@ def run_train(args: argparse.Namespace) -> int:
     saved_by = f"the run's settings in {run_dir / 'config.json'}" if old is not None else None
     job = start_run(run_dir, args.resume, args.fresh, lambda: DualJob(cfg, run_dir, device, args.fresh, saved_by),
                     clear=("constraint_data", *OWN_RESULTS, *OTHERS_RESULTS), data=cfg.get("data"),
-                    model=cfg.get("model"),
+                    model=cfg.get("model"), objective=cfg.get("objective"),  # the examples the model trains on
                     # fine-tuning takes the schedule of the model it starts from: nothing of the file's to compare
                     schedule=None if (cfg.get("dual") or {}).get("init") else cfg.get("schedule"))
     job.cache.save()
