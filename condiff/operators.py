@@ -53,7 +53,8 @@ class Operator(nn.Module):
         self.sigma_y = checks.number("sigma_y", sigma_y, ">= 0")
 
     def A(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} defines no forward model A(x): an Operator subclass "
+                                  "implements A")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.A(x)

@@ -167,6 +167,10 @@ def test_given_measurements_reproduce_the_simulated_run(tiny_run, tmp_path):
     (np.zeros((8, 8)), ["--operator", "inpaint-mask", "--mask", "{m}"], "observes no pixel"),
     ("text", ["--operator", "inpaint-mask", "--mask", "{m}"], r"--mask .*m\.npy: not a \.npy file \(no NumPy header\)"),
     (np.ones((5, 8)), ["--operator", "inpaint-mask", "--mask", "{m}"], r"shape \(5, 8\) does not fit"),
+    (None, ["--operator", "inpaint-mask", "--mask", "{t}"], r"--mask .* is a folder: give one \.npy, \.npz or"),
+    # with measurements given, --n cannot exceed them: the hint said "pass --n 5", which was then refused
+    (np.ones((5, 1, 8, 8)), ["--operator", "inpaint-mask", "--mask", "{m}", "--measurement", "{y}"],
+     "one mask per image, but 5 masks for 3 measurements$"),
 ])
 def test_bad_masks_and_measurements_are_refused(tiny_run, tmp_path, capsys, make, extra, message):
     if isinstance(make, str):  # a text file named .npy, which numpy would read as a pickle
@@ -174,7 +178,7 @@ def test_bad_masks_and_measurements_are_refused(tiny_run, tmp_path, capsys, make
     else:
         np.save(tmp_path / "m.npy", np.ones((8, 8)) if make is None else make)
     np.save(tmp_path / "y.npy", np.zeros((3, 1, 8, 8), np.float32))
-    extra = [e.format(y=tmp_path / "y.npy", m=tmp_path / "m.npy") for e in extra]
+    extra = [e.format(y=tmp_path / "y.npy", m=tmp_path / "m.npy", t=tmp_path) for e in extra]
     assert _solve(tiny_run, tmp_path / "o", "--method", "dps", *extra) == 2
     err = capsys.readouterr().err.strip()
     assert re.search(message, err) and "\n" not in err, err
@@ -321,6 +325,9 @@ def test_solve_warns_when_inputs_do_not_match_the_recorded_range(tmp_path, capsy
      "--zeta does not apply to --method dsg\\+ugd; it takes --forward, --backward-steps, --backward-lr, "
      "--recurrence, --rate, --interval, --final, --between"),
     (["--operator", "inpaint-random", "--method", "dsg+dps", "--rate", "2"], r"rate must lie in \[0, 1\]"),
+    (["--operator", "inpaint-random", "--method", "dsg+dps", "--zeta", "2"],  # accepted, recorded, without effect
+     "zeta does not apply to 'dsg\\+dps': DSG's step sets its own length"),
+    (["--operator", "blur", "--noise", "nan"], "--noise must be a number >= 0, got nan"),  # was "sigma_y must be"
     (["--operator", "nosuch"], r"unknown operator 'nosuch'; expected one of \[.*\], or FILE.py:NAME for your own"),
     (["--operator", "no/such.py:Op"], "operator file .*no/such.py does not exist"),
     (["--operator", "sr", "--factor", "3"], "not divisible by the factor 3"),
@@ -522,3 +529,30 @@ def test_out_is_refused_inside_the_folder_of_images_given(tiny_run, tmp_path, ca
     assert _solve(tiny_run, tmp_path / "o", "--operator", "blur", "--input", str(pngs), "--method", "DSG+DPS",
                   "--n", "1") == 0
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["method"] == "dsg+dps"
+
+
+def test_solve_names_what_it_was_given_in_its_own_terms(tiny_run, tmp_path, capsys):
+    """A solve result given as --input, a model's data without a test split, an .npz of two masks, a step
+    count that guides nothing: each was a puzzle (labels must be integers; no way out named; the prefix
+    twice; a silent unguided run)."""
+    assert _solve(tiny_run, tmp_path / "a", "--operator", "blur") == 0
+    assert _solve(tiny_run, tmp_path / "b", "--operator", "blur", "--input", str(tmp_path / "a" / "reconstruction.npz"),
+                  "--n", "1") == 2
+    err = capsys.readouterr().err
+    assert "(a condiff solve result's reconstruction.npz keeps its measurements in y" in err
+    np.savez(tmp_path / "two.npz", a=np.ones((8, 8)), b=np.ones((8, 8)))
+    assert _solve(tiny_run, tmp_path / "c", "--operator", "inpaint-mask", "--mask", str(tmp_path / "two.npz")) == 2
+    assert capsys.readouterr().err.strip() == (f"condiff solve: error: --mask {tmp_path / 'two.npz'}: expected one "
+                                               "array or one named 'mask', found ['a', 'b']")
+    assert _solve(tiny_run, tmp_path / "d", "--operator", "inpaint-random", "--steps", "1", "--final", "0") == 0
+    assert ("warning: dsg+dps guided no step (of 1), so the reconstructions ignore the measurements (with one step, "
+            "DSG guides only through --final)") in capsys.readouterr().err
+    assert _solve(tiny_run, tmp_path / "d", "--operator", "inpaint-random", "--steps", "1", "--final", "0.5") == 0
+    assert "guided no step" not in capsys.readouterr().err
+    np.save(tmp_path / "own.npy", np.zeros((4, 1, 8, 8), np.float32))
+    assert main(["train", "--data", str(tmp_path / "own.npy"), "--out", str(tmp_path / "own"), "--set",
+                 "train.steps=2", "--set", "model.base=8", "--set", "model.mults=[1]", "--set", "train.warmup=0"]) == 0
+    capsys.readouterr()
+    assert _solve(tmp_path / "own", tmp_path / "e", "--operator", "blur") == 2
+    assert capsys.readouterr().err.strip().endswith("(or draw from the training images: --split train; or give them: "
+                                                    "--input FILE)")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .. import checks, io, metrics
-from ..data import ArrayData, derive_seed, load_dataset, nominal_range, to_display
+from ..data import ArrayData, NoSplitError, derive_seed, load_dataset, nominal_range, to_display
 from ..data.files import check_npy_header, load_png_folder, save_png_grid
 from ..guidance import (
     BETWEEN,
@@ -91,11 +91,14 @@ def _png_mask(path: Path) -> np.ndarray:
     return (g >= 0.5).astype(np.float32)
 
 
-def load_mask(path: str | Path, shape: tuple[int, ...], n: int) -> torch.Tensor:
+def load_mask(path: str | Path, shape: tuple[int, ...], n: int, given: int | None = None) -> torch.Tensor:
     """A 0/1 observation mask ``(1 or n, 1 or C, H, W)`` for images of per-sample ``shape``, from a .npy /
     .npz array of 0s and 1s (or booleans), or a PNG (:func:`_png_mask`: white = observed). An (H, W) or (C, H, W)
-    mask is shared by every image; one per image is (n, 1 or C, H, W)."""
+    mask is shared by every image; one per image is (n, 1 or C, H, W). ``given``: how many measurements
+    were given (their number, not --n, bounds the images then)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--mask {path} is a folder: give one .npy, .npz or .png file")
     if not path.is_file():
         raise ValueError(f"--mask {path}: no such file")
     if path.suffix.lower() == ".png":
@@ -103,15 +106,17 @@ def load_mask(path: str | Path, shape: tuple[int, ...], n: int) -> torch.Tensor:
     elif path.suffix.lower() in (".npy", ".npz"):
         if path.suffix.lower() == ".npy":
             check_npy_header(path, "--mask ")
+        keys = None
         try:
             arr = np.load(path, allow_pickle=False)
             if path.suffix.lower() == ".npz":
                 keys = list(arr.files)
-                if len(keys) != 1 and "mask" not in keys:
-                    raise ValueError(f"--mask {path}: expected one array or one named 'mask', found {keys}")
-                arr = arr["mask" if "mask" in keys else keys[0]]
+                if len(keys) == 1 or "mask" in keys:
+                    arr = arr["mask" if "mask" in keys else keys[0]]
         except (OSError, ValueError, EOFError) as e:
             raise ValueError(f"--mask {path}: cannot read it ({str(e).splitlines()[0]})") from None
+        if keys is not None and len(keys) != 1 and "mask" not in keys:  # (said once, not inside "cannot read it")
+            raise ValueError(f"--mask {path}: expected one array or one named 'mask', found {keys}")
         m = np.asarray(arr)
         if m.dtype.kind not in "biuf" or not np.isin(m, (0, 1)).all():
             found = f"dtype {m.dtype}" if m.dtype.kind not in "biuf" else \
@@ -127,7 +132,9 @@ def load_mask(path: str | Path, shape: tuple[int, ...], n: int) -> torch.Tensor:
     m = m[None] if m.dim() == 3 else m
     if m.dim() != 4 or m.shape[0] not in (1, n) or m.shape[1] not in (1, c) or tuple(m.shape[2:]) != (h, w):
         per_image = m.dim() == 4 and m.shape[0] not in (1, n) and m.shape[1:] in ((1, h, w), (c, h, w))
-        hint = f"; one mask per image: pass --n {m.shape[0]}" if per_image else ""
+        hint = "" if not per_image else (f"; one mask per image: pass --n {m.shape[0]}" if given is None or
+                                         m.shape[0] <= given else f"; one mask per image, but {m.shape[0]} masks "
+                                         f"for {given} measurements")
         raise ValueError(f"--mask {path}: shape {stored} does not fit {n} images of shape {tuple(shape)} "
                          f"(expected (H, W) = ({h}, {w}), (1 or C, H, W) or (1 or {n}, 1 or C, H, W)){hint}")
     if not bool(m.any()):
@@ -220,7 +227,8 @@ def add_parser(sub, name: str) -> None:
                    help="inpaint-mask: the observation mask, .npy / .npz of 0 and 1 or a PNG (1 or white = observed)")
     g.add_argument("--measurement", default=None,
                    help="reconstruct from measurements made elsewhere (.npy / .npz / PNG, shaped like A(x)) "
-                        "instead of simulating them from true images; operators inpaint-mask, sr and blur")
+                        "instead of simulating them from true images; operators inpaint-mask, sr, blur and "
+                        "FILE.py:NAME")
     m = p.add_argument_group("method")
     m.add_argument("--method", default="dsg+dps", help=f"one of {', '.join(METHODS)} (default dsg+dps)")
     m.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
@@ -275,7 +283,11 @@ def load_images(args: argparse.Namespace, run_cfg: dict, shape: tuple[int, ...])
             raise ValueError("the model does not record its data set: pass --data NAME or --input FILE")
         kw = data_kwargs({"data": run_cfg["data"]}) if run_cfg.get("data", {}).get("name") == name else {}
         args.split = args.split or "test"
-        data = load_dataset(name, split=args.split, **kw)
+        try:
+            data = load_dataset(name, split=args.split, **kw)
+        except NoSplitError as e:
+            raise NoSplitError(f"{e} (or draw from the training images: --split train; or give them: --input FILE)"
+                               ) from None
     if tuple(data.shape) != tuple(shape):
         raise ValueError(f"images have shape {tuple(data.shape)} but the model expects {tuple(shape)}")
     n = args.n if args.n is not None else (len(data) if args.input else min(16, len(data)))
@@ -323,6 +335,7 @@ def check_flags(args: argparse.Namespace) -> None:
                          "for the defaults of this data set and operator, or GENERIC's where none were swept)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    checks.number("--noise", args.noise, ">= 0")  # named by the flag, not by the operator's sigma_y
     if args.clip_x0 is not None:
         checks.number("--clip-x0", args.clip_x0, ">= 0")  # 0: no clipping
     if args.box is not None:
@@ -376,8 +389,9 @@ def probe_operator(name: str, op: Operator, x: torch.Tensor, batch_size: int, de
         with torch.no_grad():
             y = op.select(slice(0, k)).A(x[:k].to(device))
     except Exception as err:
-        hint = (" (an operator holding per-image tensors needs select(idx) for sub-batches, and register_buffer "
-                "so that .to(device) moves them)")
+        hint = "" if isinstance(err, NotImplementedError) else (
+            " (an operator holding per-image tensors needs select(idx) for sub-batches, and register_buffer so "
+            "that .to(device) moves them)")
         raise ValueError(f"--operator {name}: A raised {type(err).__name__}: {err}{hint}") from None
     if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != k:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -413,8 +427,7 @@ def run(args: argparse.Namespace) -> int:
     own = load_user_operator(args.operator)  # its file runs once, now: a broken one is named before any model loads
     label = operator_label(args.operator)
     out = check_out_dir(args.out or results_dir(args.ckpt, "solve") / f"{label}-{args.method}-{args.steps}",
-                        kind="condiff solve", inputs={"--input": args.input, "--measurement": args.measurement,
-                                                      "--mask": args.mask})
+                        kind="condiff solve", inputs={"--input": args.input, "--measurement": args.measurement})
     device = pick_device(args.device)
     den, run_cfg, shape = load_model_for(args.ckpt, device)
     if len(shape) != 3:
@@ -442,7 +455,7 @@ def run(args: argparse.Namespace) -> int:
                                 ("kernel", args.kernel), ("size", args.blur_size), ("sigma", args.blur_sigma))
               if v is not None}  # the rest: OPERATOR_DEFAULTS
     if args.mask:
-        params["mask"] = load_mask(args.mask, shape, n)
+        params["mask"] = load_mask(args.mask, shape, n, None if x is not None else len(given))
     gop = torch.Generator().manual_seed(derive_seed(args.seed, "op"))
     op = build_operator(args.operator, (n, *shape), gop, args.noise, params,
                         factory=own and own["factory"]).to(device)
@@ -469,6 +482,10 @@ def run(args: argparse.Namespace) -> int:
         nfe, grads, seconds = nfe + res.nfe, grads + res.grad_evals, seconds + res.seconds
     rec = torch.cat(parts)
     warn_if_diverged(rec, scale, args.method)
+    if grads == 0:  # DSG with one step and final 0, say: the measurements never reached the samples
+        warnings.warn(f"{args.method} guided no step (of {args.steps}), so the reconstructions ignore the "
+                      "measurements" + (" (with one step, DSG guides only through --final)" if args.steps == 1
+                                        and split_method(args.method)[1] else ""), stacklevel=2)
     residual = op.residual(rec, y)
     m: dict = {"residual": float(residual.mean()), "residual_per_image": residual.tolist()}
     if x is not None:

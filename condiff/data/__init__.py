@@ -140,6 +140,11 @@ def _labels(y: Any, n: int, source: str) -> Tensor | None:
             raise DataError(f"{source}: labels must be integers, got dtype {y.dtype}")
         y = native(y)
     y = torch.as_tensor(y)
+    if y.dim() > 1 and y.shape[0] == n:  # per-item arrays, such as a solve result's measurements
+        raise DataError(f"{source}: the array of labels beside the data (y) must hold one class label per item, "
+                        f"shape ({n},), got shape {tuple(y.shape)} (a condiff solve result's reconstruction.npz "
+                        "keeps its measurements in y: give its images as an array of their own, or the file as "
+                        "--measurement)")
     if y.is_floating_point():
         if not bool((torch.isfinite(y) & (y == y.round())).all()):
             raise DataError(f"{source}: labels must be integers, got non-integer {y.dtype} values")
