@@ -1633,3 +1633,15 @@ def test_a_ctrl_c_after_the_last_rename_says_the_set_is_whole(trained, tmp_path,
     monkeypatch.setattr(sample_cli, "write_samples", ctrl_c)  # before the set is whole: nothing is claimed
     assert main(["sample", "--ckpt", str(run), "--n", "2", "--steps", "2", "--out", str(out)]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "condiff: interrupted"
+
+
+def test_an_empty_config_file_is_refused_rather_than_run_on_the_defaults(tmp_path, capsys):
+    """`dual train --config EMPTY` started a full unconstrained digits training without a word."""
+    empty = tmp_path / "empty.toml"
+    empty.write_text("# nothing yet\n")
+    for cmd in (["train", "--data", "toy2d"], ["dual", "train"], ["namm", "fit", "--data", "brightness"]):
+        assert main([*cmd, "--config", str(empty), "--out", str(tmp_path / "o")]) == 2
+        assert capsys.readouterr().err.strip().endswith(
+            f"config file {empty} holds no settings (it is empty, or comments only): leave out --config for the "
+            "defaults")
+    assert not (tmp_path / "o").exists()

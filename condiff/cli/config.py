@@ -169,9 +169,13 @@ def load_toml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        return tomllib.loads(p.read_text())
+        cfg = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p} is not valid TOML: {e}") from None
+    if not cfg:  # an empty file (a wrong path, a file not yet written) started a full run on the defaults
+        raise ConfigError(f"config file {p} holds no settings (it is empty, or comments only): leave out --config "
+                          "for the defaults")
+    return cfg
 
 
 def read_toml(path: str | Path, sections: tuple[str, ...] = SECTIONS) -> dict:
