@@ -193,7 +193,9 @@ class Inpainting(LinearOperator):
             generator: torch.Generator | None = None, sigma_y: float = 0.0, margin: int = 0,
             center: bool = False) -> Inpainting:
         """A ``size`` box of missing pixels per image, at a random position at least ``margin`` pixels
-        from the border (or centred with ``center=True``)."""
+        from the border (or centred with ``center=True``). The batch's rows are drawn first, then its
+        columns, so an image's box depends on the batch size ``B`` as well as on ``generator`` (kept so
+        that the recorded guidance benchmarks, drawn this way, can be rebuilt)."""
         B, _, H, W = _shape4(shape, "Inpainting.box")
         hw = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         if len(hw) != 2 or not all(checks.is_integer(s, 1) for s in hw):
