@@ -1639,9 +1639,36 @@ def test_an_empty_config_file_is_refused_rather_than_run_on_the_defaults(tmp_pat
     """`dual train --config EMPTY` started a full unconstrained digits training without a word."""
     empty = tmp_path / "empty.toml"
     empty.write_text("# nothing yet\n")
-    for cmd in (["train", "--data", "toy2d"], ["dual", "train"], ["namm", "fit", "--data", "brightness"]):
+    for cmd, hint in ((["train", "--data", "toy2d"], "leave out --config for the defaults"),
+                      (["dual", "train"], "a dual run file names its [data], [model], [train] and [[constraint]] "
+                                          "tables (examples/dual/ has some)"),
+                      (["namm", "fit", "--data", "brightness"], "leave out --config for the profile's settings")):
         assert main([*cmd, "--config", str(empty), "--out", str(tmp_path / "o")]) == 2
         assert capsys.readouterr().err.strip().endswith(
-            f"config file {empty} holds no settings (it is empty, or comments only): leave out --config for the "
-            "defaults")
+            f"config file {empty} holds no settings (it is empty, or comments only): {hint}")
     assert not (tmp_path / "o").exists()
+    # with settings given by --set, an empty file is no mistake
+    assert main(["train", "--data", "toy2d", "--config", str(empty), "--set", "train.steps=0",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "train.steps must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_a_data_set_name_is_no_folder_and_a_default_out_is_named_as_such(tmp_path, capsys, monkeypatch):
+    """`--data toy2d` beside a folder named toy2d was taken for that folder; a refused default --out was named as
+    if the user had typed it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "toy2d").mkdir()
+    assert main(["train", *TINY, "--set", "train.steps=2", "--out", "toy2d"]) == 0
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(pngs / "a.png")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    (tmp_path / "work" / "runs").symlink_to(tmp_path)  # the default runs/pngs is then the folder itself
+    assert main(["train", "--data", str(pngs), "--set", "train.steps=2", "--set", "model.base=8",
+                 "--set", "model.mults=[1]", "--set", "train.warmup=0"]) == 2  # (a failing test trains briefly)
+    assert capsys.readouterr().err.strip().endswith(
+        "error: the default --out runs/pngs is the folder given as --data (" + str(pngs) + "): its results would be "
+        "read as data with those files: give another directory")

@@ -326,7 +326,7 @@ def test_solve_warns_when_inputs_do_not_match_the_recorded_range(tmp_path, capsy
      "--recurrence, --rate, --interval, --final, --between"),
     (["--operator", "inpaint-random", "--method", "dsg+dps", "--rate", "2"], r"rate must lie in \[0, 1\]"),
     (["--operator", "inpaint-random", "--method", "dsg+dps", "--zeta", "2"],  # accepted, recorded, without effect
-     "zeta does not apply to 'dsg\\+dps': DSG's step sets its own length"),
+     "--zeta does not apply to --method dsg\\+dps unless --between base and --interval >= 2: DSG's step sets"),
     (["--operator", "blur", "--noise", "nan"], "--noise must be a number >= 0, got nan"),  # was "sigma_y must be"
     (["--operator", "nosuch"], r"unknown operator 'nosuch'; expected one of \[.*\], or FILE.py:NAME for your own"),
     (["--operator", "no/such.py:Op"], "operator file .*no/such.py does not exist"),
@@ -510,21 +510,25 @@ def test_solve_on_data_of_four_channels_draws_channel_0_and_keeps_its_results(tm
     assert np.load(tmp_path / "out" / "reconstruction.npz")["x"].shape == (3, 4, 8, 8)
 
 
-def test_out_is_refused_inside_the_folder_of_images_given(tiny_run, tmp_path, capsys):
+def test_out_is_refused_as_the_folder_of_images_given(tiny_run, tmp_path, capsys):
     """solve wrote its pictures and metrics.json among the user's own images, then refused that folder."""
     from PIL import Image
 
     pngs = tmp_path / "pngs"
     pngs.mkdir()
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(pngs / "a.png")
-    for out, where in ((pngs, "is"), (pngs / "sub", "lies inside")):
-        assert _solve(tiny_run, out, "--operator", "blur", "--input", str(pngs), "--n", "1") == 2
+    (tmp_path / "link").symlink_to(pngs)
+    for out, given, where in ((pngs, pngs, "the folder"), (pngs / "train", pngs, "the train/ split of the folder"),
+                              (tmp_path / "link", pngs, "the folder"), (pngs, tmp_path / "link", "the folder")):
+        assert _solve(tiny_run, out, "--operator", "blur", "--input", str(given), "--n", "1") == 2
         assert capsys.readouterr().err.strip() == (
-            f"condiff solve: error: --out {out} {where} the folder given as --input ({pngs}): its results would be "
-            "written among those files: give another directory")
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.png", "pngs"]
-    assert main(["train", "--data", str(pngs), "--out", str(pngs / "run")]) == 2
-    assert "lies inside the folder given as --data" in capsys.readouterr().err
+            f"condiff solve: error: --out {out} is {where} given as --input ({given}): its results would be read "
+            "as data with those files: give another directory")
+    assert sorted(p.name for p in pngs.rglob("*")) == ["a.png"]
+    assert main(["train", "--data", str(pngs), "--out", str(pngs / "test")]) == 2
+    assert "is the test/ split of the folder given as --data" in capsys.readouterr().err
+    # a subfolder of another name is not read as data: results may go there
+    assert _solve(tiny_run, pngs / "results", "--operator", "blur", "--input", str(pngs), "--n", "1") == 0
     # the method's name in any case is recorded (and names the default folder) in lower case
     assert _solve(tiny_run, tmp_path / "o", "--operator", "blur", "--input", str(pngs), "--method", "DSG+DPS",
                   "--n", "1") == 0
@@ -556,3 +560,20 @@ def test_solve_names_what_it_was_given_in_its_own_terms(tiny_run, tmp_path, caps
     assert _solve(tmp_path / "own", tmp_path / "e", "--operator", "blur") == 2
     assert capsys.readouterr().err.strip().endswith("(or draw from the training images: --split train; or give them: "
                                                     "--input FILE)")
+
+
+def test_a_tuned_base_step_is_dropped_where_dsg_takes_no_base_steps(tiny_run, tmp_path, capsys):
+    """The 1000-step digits defaults take DPS steps of zeta 0.1 between DSG's (between base, interval 20):
+    --between sample or --interval 1 turned those off and the default zeta was then refused as if given."""
+    from condiff.cli.main import build_parser
+    from condiff.cli.solve import hyperparameters
+
+    def hp(*extra):
+        args = build_parser().parse_args(["solve", "--ckpt", "x", "--operator", "blur", "--steps", "1000", *extra])
+        return hyperparameters(args, "digits/inpaint-random")
+
+    assert hp() == {"interval": 20, "rate": 0.4, "final": 0.25, "zeta": 0.1, "between": "base"}
+    assert "zeta" not in hp("--between", "sample") and "zeta" not in hp("--interval", "1")
+    assert hp("--zeta", "0.3")["zeta"] == 0.3
+    with pytest.raises(ValueError, match="--zeta does not apply to --method dsg\\+dps unless --between base"):
+        hp("--zeta", "0.3", "--between", "sample")

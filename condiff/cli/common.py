@@ -505,17 +505,21 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
     command's run, which this one would overwrite. Once the command succeeds, :func:`mark_runs` records
     ``kind`` in the directory. ``by``: the command named in a refusal where it is not ``kind`` itself
     (``condiff demo`` writes a ``condiff train`` run). ``inputs``: the command's input paths by flag
-    (``{"--input": "pngs"}``); a folder among them is refused as the output or a folder above it."""
+    (``{"--input": "pngs"}``); a folder of data among them, or its ``train/`` or ``test/`` split, is refused
+    as the output."""
     p = Path(path)
     q = check_writable(p, flag)
     if not q.is_dir():  # the nearest existing ancestor must be a directory too
         raise NotADirectoryError(f"{flag} {p}{'' if q == p else f': {q}'} is a file, not a directory")
     up = Path(os.path.abspath(p))  # a relative --out from inside a run or a model names their folders too
-    for given_flag, given in (inputs or {}).items():  # results written among the user's own files
-        g = Path(os.path.abspath(given)) if isinstance(given, (str, Path)) and str(given) else None
-        if g is not None and g.is_dir() and (g == up or g in up.parents):
-            raise ValueError(f"{flag} {p} {'is' if g == up else 'lies inside'} the folder given as {given_flag} "
-                             f"({given}): its results would be written among those files: give another directory")
+    for given_flag, given in (inputs or {}).items():  # results written among the files of a folder of data
+        if not isinstance(given, (str, Path)) or not str(given) or str(given) in DATASETS:  # (not a folder named so)
+            continue
+        g, real = Path(os.path.realpath(given)), Path(os.path.realpath(p))  # through links on either side
+        if g.is_dir() and real in (g, g / "train", g / "test"):  # the folders a folder of data is read from
+            where = "the folder" if real == g else f"the {real.name}/ split of the folder"
+            raise ValueError(f"{flag} {p} is {where} given as {given_flag} ({given}): its results would be read "
+                             "as data with those files: give another directory")
     for q in (up, *up.parents):  # a checkpoint is replaced whole when it is saved again (or pruned)
         if (q / "model.safetensors").is_file():
             where = "is" if q == up else f"lies inside {q},"

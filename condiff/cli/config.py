@@ -161,8 +161,9 @@ def preset(name: str) -> dict:
     return merge(_COMMON, base)
 
 
-def load_toml(path: str | Path) -> dict:
-    """A TOML file as a dict; a missing or malformed file is a one-line :class:`ConfigError`."""
+def load_toml(path: str | Path, empty_hint: str | None = None) -> dict:
+    """A TOML file as a dict; a missing or malformed file is a one-line :class:`ConfigError`, and so is an
+    empty one where ``empty_hint`` says what to do instead (a command given no other settings)."""
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"config file {p} is a directory, not a TOML file")
@@ -172,15 +173,14 @@ def load_toml(path: str | Path) -> dict:
         cfg = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p} is not valid TOML: {e}") from None
-    if not cfg:  # an empty file (a wrong path, a file not yet written) started a full run on the defaults
-        raise ConfigError(f"config file {p} holds no settings (it is empty, or comments only): leave out --config "
-                          "for the defaults")
+    if not cfg and empty_hint is not None:  # an empty file (not yet written, say) started a full run on defaults
+        raise ConfigError(f"config file {p} holds no settings (it is empty, or comments only): {empty_hint}")
     return cfg
 
 
-def read_toml(path: str | Path, sections: tuple[str, ...] = SECTIONS) -> dict:
-    """A config file whose top level holds only ``sections``, each a table."""
-    cfg = load_toml(path)
+def read_toml(path: str | Path, sections: tuple[str, ...] = SECTIONS, empty_hint: str | None = None) -> dict:
+    """A config file whose top level holds only ``sections``, each a table (``empty_hint``: :func:`load_toml`)."""
+    cfg = load_toml(path, empty_hint)
     check_sections(cfg, str(path), sections)
     return cfg
 
@@ -278,8 +278,9 @@ def resolve(data: str | None = None, file: str | Path | None = None,
 
     The data set is ``data.name`` from the overrides, else ``data``, else the file's, else digits.
     """
-    return assemble(read_toml(file) if file else {}, [parse_override(o) for o in overrides or []], data,
-                    str(file))
+    hint = None if overrides else "leave out --config for the defaults"
+    return assemble(read_toml(file, empty_hint=hint) if file else {}, [parse_override(o) for o in overrides or []],
+                    data, str(file))
 
 
 def assemble(from_file: dict, parsed: list[tuple[list[str], Any]], data: str | None = None,

@@ -181,10 +181,11 @@ def run_experiment(args: argparse.Namespace) -> int:
 # --- dual train: config -> objects ---------------------------------------------------------------
 
 
-def read_run_file(path: str | Path) -> tuple[dict, dict]:
-    """Split a run file into the standard tables and the dual tables."""
+def read_run_file(path: str | Path, empty_hint: str | None = None) -> tuple[dict, dict]:
+    """Split a run file into the standard tables and the dual tables (``empty_hint``:
+    :func:`condiff.cli.config.load_toml`)."""
     p = Path(path)
-    raw = config_mod.load_toml(p)
+    raw = config_mod.load_toml(p, empty_hint)
     dual = {k: raw.pop(k) for k in DUAL_TABLES if k in raw}
     config_mod.check_sections(raw, str(p), config_mod.SECTIONS + DUAL_TABLES)  # names every known section
     cons = dual.get("constraint", [])
@@ -201,7 +202,8 @@ def resolve(file: str | Path, overrides: list[str], recorded: dict | None = None
     """Preset of the data set < run file < overrides; ``dual.*`` and ``objective.*`` overrides too. With
     ``recorded`` (a run's config.json, read from ``file``) in place of the run file."""
     if recorded is None:
-        std, dual = read_run_file(file)
+        std, dual = read_run_file(file, None if overrides else "a dual run file names its [data], [model], [train] "
+                                  "and [[constraint]] tables (examples/dual/ has some)")
     else:
         std = {k: v for k, v in recorded.items() if k in config_mod.SECTIONS}
         dual = {k: json.loads(json.dumps(recorded.get(k, [] if k == "constraint" else {}))) for k in DUAL_TABLES}

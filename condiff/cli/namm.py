@@ -264,7 +264,8 @@ def resolve(
     takes = dataset_settings(data) if data in DATASETS else []  # None: it takes any setting
     cfg["data"] = {k: v for k, v in cfg["data"].items()
                    if k not in ("size", "n_train", "n_test") or takes is None or k in takes}
-    cfg = apply_settings(cfg, read_toml(file, SECTIONS) if file else {},
+    hint = None if overrides else "leave out --config for the profile's settings"
+    cfg = apply_settings(cfg, read_toml(file, SECTIONS, hint) if file else {},
                          [parse_override(o, SECTIONS, nested=True) for o in overrides or []], str(file))
     cfg["data"]["name"] = data_ref(data)
     if constraint:
@@ -1170,7 +1171,8 @@ def run_fit(args: argparse.Namespace) -> int:
             raise ValueError("--data is required (brightness, burgers, kolmogorov, periodic, count, or a file); "
                              "--resume --out RUN goes on with the settings a run records")
         cfg = resolve(args.data, args.profile or "default", args.config, args.overrides, args.constraint)
-        root = check_out_dir(args.out or Path("runs") / f"namm-{Path(args.data).stem}", kind="condiff namm fit",
+        root = check_out_dir(args.out or Path("runs") / f"namm-{Path(args.data).stem}",
+                             "--out" if args.out else "the default --out", kind="condiff namm fit",
                              inputs={"--data": args.data})
         named = {tuple(parse_override(o, SECTIONS, nested=True)[0]) for o in args.overrides or []}
         cfg = keep_later_settings(cfg, root, named | (set(_leaf_paths(read_toml(args.config, SECTIONS)))

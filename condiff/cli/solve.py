@@ -40,6 +40,7 @@ from ..guidance import (
     DSG_KEYS,
     METHODS,
     TUNED,
+    base_steps_between,
     default_hyperparameters,
     guided_sample,
     make_guidance,
@@ -320,8 +321,17 @@ def data_scale(run_cfg: dict, values: torch.Tensor, what: str = "images",
 
 
 def hyperparameters(args: argparse.Namespace, task: str) -> dict:
+    """The tuned defaults for ``task`` with the flags given over them. The base method's step length under
+    DSG (``--zeta``; UGD's ``--forward``) is kept only where DSG takes the base's steps between its own."""
     hp = default_hyperparameters(args.method, task, args.steps)
-    hp.update({k: getattr(args, k) for k in HYPER_FLAGS if getattr(args, k) is not None})
+    given = {k: getattr(args, k) for k in HYPER_FLAGS if getattr(args, k) is not None}
+    hp.update(given)
+    cls, dsg = split_method(args.method)
+    if dsg and cls.scale_key in hp and not base_steps_between(hp):
+        if cls.scale_key in given:  # accepted, recorded and without effect, it was
+            raise ValueError(f"--{cls.scale_key} does not apply to --method {args.method} unless --between base and "
+                             "--interval >= 2: DSG's step sets its own length on the steps it guides")
+        del hp[cls.scale_key]  # a tuned default's, for the base steps that --between sample / --interval 1 turned off
     return hp
 
 

@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cfg, recorded = settings(args)
     cfg["_device"] = pick_device(args.device)
-    run_dir = check_out_dir(args.out or Path("runs") / Path(str(cfg["data"]["name"])).stem, kind="condiff train",
+    default = Path("runs") / Path(str(cfg["data"]["name"])).stem
+    run_dir = check_out_dir(args.out or default, "--out" if args.out else "the default --out", kind="condiff train",
                             inputs={"--data": str(cfg["data"]["name"])})
     if recorded:
         announce_recorded(run_dir, args.overrides)

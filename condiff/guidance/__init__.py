@@ -41,6 +41,12 @@ def split_method(name: str) -> tuple[type[GradientGuidance], bool]:
     return BASES[base], dsg
 
 
+def base_steps_between(hyperparameters: dict) -> bool:
+    """Whether DSG with these settings takes the base method's own steps between its own (``between =
+    "base"`` and an ``interval`` of 2 or more), the only steps where the base's step length counts."""
+    return hyperparameters.get("between") == "base" and checks.is_integer(hyperparameters.get("interval"), 2)
+
+
 def make_guidance(name: str, loss: Loss, **hyperparameters) -> GradientGuidance | DSG:
     """A guidance object from its name and keyword hyperparameters (``rate``, ``interval``, ``final``
     and ``between``, the keys of ``DSG_KEYS``, go to DSG, the rest to the base method's constructor)."""
@@ -49,8 +55,7 @@ def make_guidance(name: str, loss: Loss, **hyperparameters) -> GradientGuidance 
     if dsg_kw and not dsg:
         raise ValueError(f"{', '.join(dsg_kw)} appl{'ies' if len(dsg_kw) == 1 else 'y'} to DSG only; "
                          f"use method 'dsg+{name}'")
-    if dsg and cls.scale_key in hyperparameters and not (dsg_kw.get("between") == "base"
-                                                         and checks.is_integer(dsg_kw.get("interval"), 2)):
+    if dsg and cls.scale_key in hyperparameters and not base_steps_between(dsg_kw):
         # DSG's spherical step sets its own length: the base's was accepted, recorded and had no effect
         raise ValueError(f"{cls.scale_key} does not apply to {name!r}: DSG's step sets its own length on the steps "
                          f"it guides; {cls.scale_key} sizes the base method's step on the others, with between="
@@ -66,5 +71,5 @@ def make_guidance(name: str, loss: Loss, **hyperparameters) -> GradientGuidance 
 
 
 __all__ = ["BASES", "BETWEEN", "DPS", "DSG", "DSG_KEYS", "EUCLIDEAN", "FreeDoM", "GENERIC", "GradientGuidance",
-           "GradientStep", "GuidedResult", "METHODS", "SphericalStep", "TUNED", "UGD", "Update",
+           "GradientStep", "GuidedResult", "METHODS", "base_steps_between", "SphericalStep", "TUNED", "UGD", "Update",
            "default_hyperparameters", "guided_sample", "make_guidance", "split_method"]
