@@ -769,8 +769,8 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert (run / "samples" / "violations.png").is_file() and (
         run / "assimilate" / "assimilation.png"
     ).is_file()
-    # the record of the sample sets goes before any set is redrawn: a Ctrl-C after the sets changed left
-    # metrics.json and the pictures of the old sets; a failure before anything changed keeps it
+    # the report of the sample sets (metrics.json and its pictures) stays whole until the new one replaces it:
+    # a Ctrl-C while the sets were redrawn removed metrics.json and left the old pictures
     import condiff.cli.namm as cli_namm
 
     def fail(exc):
@@ -778,16 +778,16 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
             raise exc
         return raise_
 
-    record = (run / "samples" / "metrics.json").read_bytes()
+    report = {f: (run / "samples" / f).read_bytes() for f in ("metrics.json", "violations.png", "distance_hist.png")}
     with monkeypatch.context() as m:
         m.setattr(cli_namm.NAMMRun, "evaluate", fail(ValueError("a check")))
         assert main(["namm", "sample", "--run", str(run), "--n", "8", "--quiet"]) == 2
-    assert (run / "samples" / "metrics.json").read_bytes() == record
+    assert {f: (run / "samples" / f).read_bytes() for f in report} == report
     with monkeypatch.context() as m:
-        m.setattr(cli_namm, "write_sample_report", fail(KeyboardInterrupt()))
+        m.setattr(cli_namm, "plot_histograms", fail(KeyboardInterrupt()))  # half-way through the new report
         assert main(["namm", "sample", "--run", str(run), "--n", "6", "--quiet"]) == 130
-    assert not (run / "samples" / "metrics.json").exists()
-    assert np.load(run / "samples" / "vanilla" / "samples.npz")["x"].shape[0] == 6
+    assert {f: (run / "samples" / f).read_bytes() for f in report} == report
+    assert np.load(run / "samples" / "vanilla" / "samples.npz")["x"].shape[0] == 6  # the sets: a cache, redrawn
     assert main(["namm", "sample", "--run", str(run), "--n", "8", "--quiet"]) == 0
     # fit again with one later setting: the others that `namm finetune --set` recorded stay (the whole section
     # went back to the profile's, sample.steps = 50, and the fine-tuned stage then read as of other settings)

@@ -1255,12 +1255,10 @@ def run_sample(args: argparse.Namespace) -> int:
         which.append("guided")
     run.skip_hints["finetune"] = "--no-finetuned leaves it out"
     run.preflight(stages_of(which))  # before any sample set is redrawn
-    # the record goes before any set is redrawn (an interruption then leaves no record of sets that changed);
-    # a failure that changed nothing puts it back
-    with io.record_kept_on_failure(run.root / "samples"):
-        io.begin_outputs(run.root / "samples", "metrics.json")
-        res = run.evaluate(which, args.n)
-        write_sample_report(run, res, run.root / "samples")
+    # the previous report (its figures and pictures) stays until the new one is whole; the sets below it are
+    # the stages' cache, redrawn where their settings changed
+    res = run.evaluate(which, args.n)
+    write_sample_report(run, res, run.root / "samples")
     _keep_settings(run)
     return 0
 
@@ -1269,8 +1267,18 @@ def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
+SAMPLE_REPORT = ("violations.png", "distance_hist.png")  # beside its record, metrics.json
+
+
 def write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
-    io.begin_outputs(out, "metrics.json")  # written last
+    """The sample sets' pictures and figures, moved into ``out`` whole (:func:`condiff.io.writing_outputs`):
+    an interruption or a failure leaves the previous report as it was."""
+    with io.writing_outputs(out, "metrics.json", *SAMPLE_REPORT) as staged:
+        _write_sample_report(run, res, staged)
+    print(f"wrote {out / 'violations.png'}, {out / 'distance_hist.png'}, {out / 'metrics.json'}")
+
+
+def _write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
     con = run.constraint()
     for k, v in res.items():  # said, not hidden: the table and metrics.json show nan (null) for them
         if bad := int((~torch.isfinite(v["_l"])).sum()):
@@ -1302,7 +1310,6 @@ def write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
                 else ""
             )
         )
-    print(f"wrote {out / 'violations.png'}, {out / 'distance_hist.png'}, {out / 'metrics.json'}")
 
 
 def run_assim(args: argparse.Namespace) -> int:
