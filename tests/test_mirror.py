@@ -599,6 +599,25 @@ def test_cli_settings_resolution_and_stage_guard(tmp_path, monkeypatch, capsys):
         NAMMRun(tmp_path, resolve("brightness", "quick", overrides=["finetune.loss.adv=1.0"])).finetune_loss()
 
 
+def test_an_unfinished_finetune_of_other_settings_names_the_command_that_goes_on(tmp_path):
+    """After a Ctrl-C in `namm finetune --set ...`, the plain command was refused with --fresh as the only way
+    on, which threw the steps done away; the settings it was begun with go on with it."""
+    from condiff.cli.namm import NAMMRun, StageMismatch, resolve
+
+    begun = NAMMRun(tmp_path, resolve("brightness", "quick", overrides=["finetune.steps=3000",
+                                                                       "finetune.ckpt_every=50", "sample.steps=7"]))
+    d, _ = begun._stage("finetune", begun.spec("finetune"))
+    (d / "checkpoints" / "step_00000050").mkdir(parents=True)
+    run = NAMMRun(tmp_path, resolve("brightness", "quick"))
+    with pytest.raises(StageMismatch) as err:
+        run._stage("finetune", run.spec("finetune"))
+    go_on = re.search(r"`condiff namm finetune --run \S+ (.*)` goes on with the settings it was begun with$",
+                      str(err.value))
+    assert go_on is not None, str(err.value)
+    assert sorted(go_on.group(1).split(" --set ")) == sorted(
+        ["--set finetune.ckpt_every=50", "finetune.steps=3000", "sample.steps=7"])
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from condiff.cli.main import main
 

@@ -302,3 +302,19 @@ def test_a_dual_experiment_cut_short_is_named_with_the_way_on(run, tmp_path, cap
     assert rc == 0 and lines[0] == f"{exp}: a dual experiment's run, cut short (its command is recorded when it " \
                                    "finishes), unfinished"
     assert f"    to go on: the `condiff dual` experiment that made it, run again with --out {exp}" in lines
+
+
+def test_an_unfinished_fine_tuning_shows_the_settings_it_goes_on_with(tmp_path, capsys):
+    """show said `condiff namm finetune --run RUN` for a fine-tuning begun with --set, and that command was refused."""
+    run = tmp_path / "run"
+    (run / "finetune" / "checkpoints" / "step_00000050").mkdir(parents=True)
+    (run / ".condiff-run").write_text("condiff namm fit\n")
+    (run / "config.json").write_text(json.dumps({"mirror": {}, "finetune": {"steps": 3, "ckpt_every": 50},
+                                                 "sample": {"steps": 5, "eta": 1.0}}))
+    (run / "finetune" / "stage.json").write_text(json.dumps({"done": False, "spec": {
+        "finetune": {"steps": 3000, "ckpt_every": 50, "loss": {"l_con": 1.0}}, "sampler": {"steps": 7, "eta": 1.0}}}))
+    (run / "finetune" / "checkpoints" / "step_00000050" / "config.json").write_text(
+        json.dumps({"step": 50, "optim": {}, "train": {"steps": 3000}}))
+    rc, out, _ = _show(capsys, run)
+    assert rc == 0 and (f"to go on: condiff namm finetune --run {run} --set finetune.steps=3000 --set sample.steps=7"
+                        in out), out

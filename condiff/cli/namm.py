@@ -302,6 +302,13 @@ SET_STAGES = {"vanilla": ("vanilla",), "mdm": ("namm", "mdm"), "mdm_ft": ("namm"
               "guided": ("vanilla",)}
 
 
+def _dotted(table: dict, key: str) -> Any:
+    """``table["a"]["b"]`` for ``key`` ``"a.b"``; None where the path is missing."""
+    for part in key.split("."):
+        table = table.get(part) if isinstance(table, dict) else None
+    return table
+
+
 def stages_of(sets: Any) -> list[str]:
     """The stages the sample sets ``sets`` are made from, each once, in the order they are made."""
     return list(dict.fromkeys(s for w in sets if w in SET_STAGES for s in SET_STAGES[w]))
@@ -466,11 +473,18 @@ class NAMMRun:
             hint += (f" (the default and full profiles build the paper's ICNN depth since 2026-12-05; "
                      f"--set mirror.psi.layers={was} keeps this run's)")
         kept = self.root / io.REPLACED / name
+        go_on = ""
+        if isinstance(old, dict) and not record.get("done") and name == "finetune":  # no --resume of its own
+            sets = [f"--set {k}={json.dumps(v)}" for k in changed
+                    if isinstance(v := _dotted(old, "sampler." + k[7:] if k.startswith("sample.") else k),
+                                  (int, float, bool))]
+            if sets and len(sets) == len(changed):
+                go_on = (f"; `condiff namm finetune --run {self.root} {' '.join(sets)}` goes on with the settings it "
+                         "was begun with")
         if same_spec(self._kept_spec(name), self.spec(name)):  # an unfinished --fresh of other settings
             return (f"{self.root / name} holds an unfinished stage of other settings{hint}, with checkpoints; "
                     f"{kept} keeps the finished stage of these settings that it was to replace: move that back "
-                    f"over {self.root / name} to use it, or pass --fresh to redo the stage")
-        go_on = ""
+                    f"over {self.root / name} to use it, or pass --fresh to redo the stage{go_on}")
         if (isinstance(old, dict) and not record.get("done") and name != "finetune"
                 and not self.resuming):
             go_on = f"; `condiff namm fit --out {self.root} --resume` goes on with the settings it was begun with"

@@ -108,6 +108,19 @@ def describe(path: str | Path) -> dict:
     return describe_run(p, kind)
 
 
+def _finetune_settings(p: Path, cfg: dict) -> list[str]:
+    """The ``--set`` flags of the settings NAMM run ``p``'s fine-tuning stage was begun with where its
+    ``config.json`` (``cfg``, recorded when a stage finishes) says otherwise: ``namm finetune`` has no
+    --resume, and goes on with a stage only under the settings it was begun with."""
+    spec = json_table(p / "finetune" / "stage.json").get("spec")
+    if not isinstance(spec, dict):
+        return []
+    begun = {("finetune", k): v for k, v in _table(spec, "finetune").items()}
+    begun.update({("sample", k): v for k, v in _table(spec, "sampler").items()})
+    return [f"--set {a}.{k}={json.dumps(v)}" for (a, k), v in sorted(begun.items())
+            if isinstance(v, (int, float, bool)) and _table(cfg, a).get(k) != v]
+
+
 def _kind(p: Path) -> str | None:
     """What made run ``p``: its recorded command, else what its files say (a NAMM stage, a dual experiment cut
     short, a run just begun); None for a folder that shows no run of its own."""
@@ -140,6 +153,8 @@ def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
         out["not_made"] = [s for s in ("namm", "mdm") + (("vanilla",) if cfg.get("baseline") else ()) if s not in made]
         if out["not_made"]:
             out["state"] = "unfinished"
+        if "finetune" in out["trainings"]:  # begun by `namm finetune --set ...`: going on needs those settings
+            out["trainings"]["finetune"]["begun_with"] = _finetune_settings(p, cfg)
     if short:
         return out
     out["results"], out["about"] = _results(p)
@@ -556,7 +571,7 @@ def render(d: dict) -> list[str]:
         lines.append(f"  {label}: " + "; ".join(parts))
         go_on = _GO_ON.get(d["kind"])
         if d["kind"] == "condiff namm fit" and name == "finetune":  # made by `namm finetune`, not by the fit
-            go_on = "condiff namm finetune --run {run}"
+            go_on = " ".join(["condiff namm finetune --run {run}", *t.get("begun_with", [])])
         if t["state"].startswith("unfinished") and go_on:
             lines.append("    to go on: " + go_on.format(run=d["path"]))
     if d.get("not_made"):
