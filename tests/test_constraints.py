@@ -533,9 +533,19 @@ def test_user_callables_that_break_later_are_named_at_the_check():
         return (v + 1).clamp_min(0).pow(2).flatten(1).sum(1).sqrt()
 
     with pytest.raises(ValueError,
-                       match="gradient of a constraint distance is not finite .* use condiff.constraints.safe_norm"):
+                       match="gradient of a constraint distance is not finite .*use condiff.constraints.safe_norm"):
         check_distance(euclid, on_set)
     assert check_distance(lambda v: safe_norm((v + 1).clamp_min(0)), on_set).tolist() == [0.0] * 4
+    # NaN in the branch a torch.where leaves unused still reaches the gradient: named as a cause too (the
+    # message blamed a square root alone); a batch of values is shown by its first few, not whole
+    def far(v):
+        d = v.flatten(1).sum(1).abs()
+        return torch.where(v.flatten(1).abs().amax(1) < 50, d, d * float("nan"))
+
+    with pytest.raises(ValueError, match=r"not finite \(NaN or inf\) for 4 of 4 samples\. .*a torch\.where"):
+        check_distance(far, on_set)
+    with pytest.raises(ValueError, match=r"^a constraint distance \(\[-1, -1, -1, -1 \.\.\. 60 more\]\) reaches -1"):
+        check_distance(lambda v: -torch.ones(len(v)), torch.zeros(64, 1, 4, 4))
 
     class Net(nn.Module):
         def __init__(self):

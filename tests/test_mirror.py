@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -846,6 +847,24 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert ("mirror DPS diverged (the guidance rule DPS returned non-finite values (NaN or inf) at step 3): lower "
             "assimilate.zeta (now 3)") in err and err.count("\n") == 1
     assert {p: p.read_bytes() for p in (run / "assimilate").iterdir()} == before
+
+
+def test_violation_maps_that_are_not_finite_are_said_and_left_out():
+    """A map of NaN drew a blank panel titled "0 (black) to nan", without a word."""
+    from condiff.mirror.plots import violation_maps
+
+    class Con:
+        def violation_map(self, x):
+            return x[:, 0].abs() * (float("nan") if x.shape[0] > 1 else 1.0)  # finite on the probe of one
+
+    x = torch.rand(3, 1, 8, 8)
+    with pytest.warns(UserWarning, match="violation_map is not finite on 3 of 3 finite samples: the pictures show"):
+        assert violation_maps(Con(), x) is None
+    x[0] = float("nan")  # samples not finite themselves: theirs is the distances' warning, not this one
+    Con.violation_map = lambda self, x: x[:, 0].abs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert violation_maps(Con(), x).shape == (3, 8, 8)
 
 
 def test_violation_grid_gives_a_map_column_only_to_methods_with_maps(tmp_path):

@@ -158,17 +158,26 @@ def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
         raise ValueError(f"a constraint distance must return floating-point values, got {out.dtype} "
                          "(a count or a comparison has no gradient)")
     if not bool(torch.isfinite(out).all()):
-        raise ValueError(f"a constraint distance must return finite values, got {out.detach().tolist()}{on}")
-    check_sign(out.detach(), f"a constraint distance ({out.detach().tolist()})")
+        raise ValueError(f"a constraint distance must return finite values, got {_few(out)}{on}")
+    check_sign(out.detach(), f"a constraint distance ({_few(out)})")
     if xg.requires_grad and not out.requires_grad:
         raise ValueError(not_differentiable("a constraint distance"))
     if xg.requires_grad:
         (grad,) = torch.autograd.grad(out.sum(), xg, allow_unused=True)
         if grad is not None and not bool(torch.isfinite(grad).all()):
-            raise ValueError(f"the gradient of a constraint distance is not finite (NaN or inf){on}: a norm's square "
-                             "root has no gradient at 0, where a distance is 0 on its set (and distances are taken on "
-                             "the set: data, projected samples); use condiff.constraints.safe_norm for the norm")
+            bad = int((~torch.isfinite(grad).flatten(1).all(1)).sum())
+            raise ValueError(f"the gradient of a constraint distance is not finite (NaN or inf) for {bad} of "
+                             f"{len(grad)} samples{on}. Common causes: a norm's square root, which has no gradient "
+                             "at 0, where a distance is 0 on its set (use condiff.constraints.safe_norm); a "
+                             "torch.where whose unused branch is not finite (NaN there still reaches the gradient)")
     return out.detach()
+
+
+def _few(values: Tensor, k: int = 4) -> str:
+    """The first ``k`` of ``values`` as a list's text, with how many more (a batch of 64 was printed whole)."""
+    v = values.detach().flatten()
+    more = f" ... {v.numel() - k} more" if v.numel() > k else ""
+    return "[" + ", ".join(f"{float(a):.4g}" for a in v[:k]) + more + "]"
 
 
 def check_sign(values: Tensor, what: str = "the constraint distance") -> Tensor:

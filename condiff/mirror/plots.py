@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,4 +75,10 @@ def violation_maps(constraint, x: Tensor, batch_size: int = 256) -> Tensor | Non
     if x.dim() != 4 or tuple(first.shape) != (1, *x.shape[-2:]):
         raise ValueError(f"violation_map must return (B, H, W) = (1, {x.shape[-2]}, {x.shape[-1]}) for a batch of "
                          f"one {tuple(x.shape[1:])} picture, got {tuple(first.shape)}")
-    return torch.cat([fn(x[i : i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
+    maps = torch.cat([fn(x[i : i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
+    bad = int((~torch.isfinite(maps).flatten(1).all(1) & torch.isfinite(x).flatten(1).all(1).cpu()).sum())
+    if bad:  # (on samples that are not finite themselves, the distances' own warning says it)
+        warnings.warn(f"violation_map is not finite on {bad} of {len(x)} finite samples: the pictures show the "
+                      "distances l(x) instead of the maps", stacklevel=2)
+        return None
+    return maps
