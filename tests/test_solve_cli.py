@@ -168,17 +168,22 @@ def test_given_measurements_reproduce_the_simulated_run(tiny_run, tmp_path):
     ("text", ["--operator", "inpaint-mask", "--mask", "{m}"], r"--mask .*m\.npy: not a \.npy file \(no NumPy header\)"),
     (np.ones((5, 8)), ["--operator", "inpaint-mask", "--mask", "{m}"], r"shape \(5, 8\) does not fit"),
     (None, ["--operator", "inpaint-mask", "--mask", "{t}"], r"--mask .* is a folder: give one \.npy, \.npz or"),
+    # a data set's file as measurements: its splits were joined and read as measurements, without a word
+    ("splits", ["--operator", "blur", "--measurement", "{s}"],
+     r"--measurement .*s\.npz holds data split into train and test: measurements are one set"),
     # with measurements given, --n cannot exceed them: the hint said "pass --n 5", which was then refused
     (np.ones((5, 1, 8, 8)), ["--operator", "inpaint-mask", "--mask", "{m}", "--measurement", "{y}"],
      "one mask per image, but 5 masks for 3 measurements$"),
 ])
 def test_bad_masks_and_measurements_are_refused(tiny_run, tmp_path, capsys, make, extra, message):
-    if isinstance(make, str):  # a text file named .npy, which numpy would read as a pickle
+    if isinstance(make, str) and make == "splits":
+        np.savez(tmp_path / "s.npz", x_train=np.zeros((3, 1, 8, 8), np.float32), x_test=np.zeros((2, 1, 8, 8)))
+    elif isinstance(make, str):  # a text file named .npy, which numpy would read as a pickle
         (tmp_path / "m.npy").write_text("0 1 1 0\n")
     else:
         np.save(tmp_path / "m.npy", np.ones((8, 8)) if make is None else make)
     np.save(tmp_path / "y.npy", np.zeros((3, 1, 8, 8), np.float32))
-    extra = [e.format(y=tmp_path / "y.npy", m=tmp_path / "m.npy", t=tmp_path) for e in extra]
+    extra = [e.format(y=tmp_path / "y.npy", m=tmp_path / "m.npy", t=tmp_path, s=tmp_path / "s.npz") for e in extra]
     assert _solve(tiny_run, tmp_path / "o", "--method", "dps", *extra) == 2
     err = capsys.readouterr().err.strip()
     assert re.search(message, err) and "\n" not in err, err

@@ -34,7 +34,7 @@ import torch
 
 from .. import checks, io, metrics
 from ..data import ArrayData, NoSplitError, derive_seed, load_dataset, nominal_range, to_display
-from ..data.files import check_npy_header, load_png_folder, save_png_grid
+from ..data.files import check_npy_header, load_png_folder, named_splits, save_png_grid
 from ..guidance import (
     BETWEEN,
     DSG_KEYS,
@@ -387,6 +387,9 @@ def read_measurements(path: str | Path) -> torch.Tensor:
                     return ArrayData(y, name=f"{path} (y)").x  # checked as data are: finite, non-empty
         except (OSError, ValueError, EOFError) as e:
             raise ValueError(f"--measurement {path}: cannot read it ({str(e).splitlines()[0]})") from None
+    if splits := named_splits(path):  # a data set's file: its splits were joined and read as 3300 measurements
+        raise ValueError(f"--measurement {path} holds data split into {' and '.join(splits)}: measurements are one "
+                         "set (an array, or a folder of PNGs); for true images to measure, use --input")
     return load_dataset(path, split="all").x
 
 

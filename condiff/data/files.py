@@ -219,6 +219,11 @@ def _splits(path: Path, kwargs: dict) -> dict[str, str]:
     return {}
 
 
+def named_splits(path: str | Path) -> list[str]:
+    """The splits a folder or an ``.npz`` keeps (``["train", "test"]``, ...); none for one set of data."""
+    return list(_splits(Path(path), {}))
+
+
 def load_path(path: str | Path, split: str = "train", **kwargs: Any) -> ArrayData:
     """Load a user file or folder for ``split``; ``kwargs`` go to the loader (``key``, ``channels``).
 
