@@ -536,6 +536,10 @@ def test_cli_settings_resolution_and_stage_guard(tmp_path, monkeypatch, capsys):
         resolve("burgers", "quick", overrides=["optim.lr=1"])
     with pytest.raises(ConfigError, match="unknown profile"):
         resolve("burgers", "huge")
+    for name in ("mine.npz", "digits"):  # a generator's size for data that have their own: recorded and ignored
+        with pytest.raises(ConfigError, match=f"data.size sets a built-in generator's output; {name} does not"):
+            resolve(name, "quick", overrides=["data.size=12"])
+    assert "size" not in resolve("mine.npz", "quick")["data"]  # the profile's own is left out, as before
     for override, message in (("mirror.A=0.5", r"unknown mirror setting\(s\) \['A'\]"),
                               ("mirror.a=1", r"mirror.a .* must be in \(0, 1\), got 1")):
         with pytest.raises(ValueError, match=message):  # a typo was recorded and ignored; a = 1 failed later

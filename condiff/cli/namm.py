@@ -267,6 +267,10 @@ def resolve(
     hint = None if overrides else "leave out --config for the profile's settings"
     cfg = apply_settings(cfg, read_toml(file, SECTIONS, hint) if file else {},
                          [parse_override(o, SECTIONS, nested=True) for o in overrides or []], str(file))
+    if takes is not None and (unused := [k for k in ("size", "n_train", "n_test") if k in cfg["data"]
+                                         and k not in takes]):  # (recorded, and ignored, they were)
+        raise ConfigError(f"data.{unused[0]} sets a built-in generator's output; {data} does not take it (its "
+                          "items keep their own shape and number)")
     cfg["data"]["name"] = data_ref(data)
     if constraint:
         cfg["data"]["constraint"] = parse_python_spec(constraint) or constraint
