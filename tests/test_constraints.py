@@ -546,6 +546,9 @@ def test_user_callables_that_break_later_are_named_at_the_check():
         check_distance(far, on_set)
     with pytest.raises(ValueError, match=r"^a constraint distance \(\[-1, -1, -1, -1 \.\.\. 60 more\]\) reaches -1"):
         check_distance(lambda v: -torch.ones(len(v)), torch.zeros(64, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"finite values, got 1 not finite of 64 \(sample 40: nan\)$"):
+        check_distance(lambda v: torch.where(torch.arange(len(v)) == 40, float("nan"), 1.0) + 0 * v.sum(),
+                       torch.zeros(64, 1, 4, 4))
 
     class Net(nn.Module):
         def __init__(self):

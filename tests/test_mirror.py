@@ -540,6 +540,18 @@ def test_cli_settings_resolution_and_stage_guard(tmp_path, monkeypatch, capsys):
         with pytest.raises(ConfigError, match=f"data.size sets a built-in generator's output; {name} does not"):
             resolve(name, "quick", overrides=["data.size=12"])
     assert "size" not in resolve("mine.npz", "quick")["data"]  # the profile's own is left out, as before
+    # nor through --resume; and a run that recorded one before it was refused still matches its stages
+    from condiff.cli.namm import _recorded_settings, comparable
+
+    (tmp_path / "old").mkdir()
+    recorded = {**resolve("digits", "quick"), "data": {"name": str(tmp_path / "mine.npz"), "size": 8}}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(recorded))
+    with pytest.raises(ConfigError, match="data.n_train sets a built-in generator's output"):
+        _recorded_settings(tmp_path / "old", ["data.n_train=5"], "")
+    assert _recorded_settings(tmp_path / "old", [], "")["data"]["size"] == 8
+    spec = {"data": recorded["data"], "mirror": {}}
+    assert comparable(spec) == comparable({"data": {"name": str(tmp_path / "mine.npz")}, "mirror": {}})
+    assert comparable({"data": {"name": "periodic", "size": 8}, "mirror": {}})["data"]["size"] == 8
     for override, message in (("mirror.A=0.5", r"unknown mirror setting\(s\) \['A'\]"),
                               ("mirror.a=1", r"mirror.a .* must be in \(0, 1\), got 1")):
         with pytest.raises(ValueError, match=message):  # a typo was recorded and ignored; a = 1 failed later
@@ -621,6 +633,11 @@ def test_an_unfinished_finetune_of_other_settings_names_the_command_that_goes_on
     assert go_on is not None, str(err.value)
     assert sorted(go_on.group(1).split(" --set ")) == sorted(
         ["--set finetune.ckpt_every=50", "finetune.steps=3000", "sample.steps=7"])
+    # where a stage it is made from has changed since, no flags go on with it: only --fresh is offered
+    changed = NAMMRun(tmp_path, resolve("brightness", "quick", overrides=["train.steps=5"]))
+    with pytest.raises(StageMismatch) as err:
+        changed._stage("finetune", changed.spec("finetune"))
+    assert "goes on with the settings" not in str(err.value) and "pass --fresh to redo it" in str(err.value)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -728,7 +745,8 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     )
     metrics = json.loads((run / "samples" / "metrics.json").read_text())
     assert set(metrics) == {"data (held-out)", "vanilla", "mdm", "mdm_ft", "guided", "made_from"}
-    assert set(metrics["made_from"]) == {"namm", "mdm", "finetune", "vanilla"}  # for `condiff show`
+    assert set(metrics["made_from"]) == {"namm", "mdm", "finetune", "vanilla", "samples/vanilla", "samples/mdm",
+                                         "samples/mdm_ft", "samples/guided"}  # for `condiff show`
     assim = json.loads((run / "assimilate" / "metrics.json").read_text())  # what was run, and how well
     assert assim["settings"]["n"] == 2 and assim["settings"]["steps"] == 5 and assim["settings"]["obs"] == "points"
     assert all(0 < m["rmse_unobserved"] < 10 for m in assim["methods"].values())
@@ -868,7 +886,12 @@ def test_violation_maps_that_are_not_finite_are_said_and_left_out():
     Con.violation_map = lambda self, x: x[:, 0].abs()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert violation_maps(Con(), x).shape == (3, 8, 8)
+        maps = violation_maps(Con(), x)
+    assert maps.shape == (3, 8, 8)
+    from condiff.mirror.plots import shared_scale
+
+    assert shared_scale([maps, torch.full((2, 8, 8), 0.5)]) == float(maps[1:].max())  # NaN made the scale NaN
+    assert shared_scale([torch.full((1, 8, 8), float("nan"))]) == 1.0
 
 
 def test_violation_grid_gives_a_map_column_only_to_methods_with_maps(tmp_path):

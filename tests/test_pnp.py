@@ -511,7 +511,7 @@ def test_cli_constraint_clamps_to_the_priors_clip_x0_unless_told_otherwise(tmp_p
     (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "{tmp}/no.py:f"], "no.py does not exist"),
     (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "periodic", "--n", "1"], "--n must be"),
     (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "{tmp}/nan.py:f", "--n", "2"],
-     "must return finite values, got [nan, nan] on the prior's own samples"),
+     "must return finite values, got 2 not finite of 2 (sample 0: nan) on the prior's own samples"),
     (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "brightness"],
      "pnp constraint builds a constraint without arguments"),
     (["pnp", "constraint", "--ckpt", "{tmp}/digits", "--constraint", "{tmp}/nan.py:NeedsArgs"],

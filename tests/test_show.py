@@ -236,6 +236,13 @@ def test_show_notes_namm_stages_and_results_made_from_a_stage_since_replaced(nam
                  "assimilate.n=2", "--quiet"]) == 0
     rc, out, _ = _show(capsys, "run")
     assert "note:" not in out
+    # a sample set redrawn under a report that a Ctrl-C kept (the sets are a cache; the report stays whole)
+    f = namm_run / "samples" / "vanilla" / "stage.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "done": False}))
+    rc, out, _ = _show(capsys, "run")
+    assert [ln.strip() for ln in out.splitlines() if ln.strip().startswith("note:")] == [
+        "note: samples/metrics.json was made from another samples/vanilla/ than the one there now (condiff namm "
+        "sample --run run --n 4 makes it again)"]
 
 
 def test_show_notes_a_kept_run_and_a_checkpoint_that_does_not_read(run, capsys):
@@ -309,12 +316,18 @@ def test_an_unfinished_fine_tuning_shows_the_settings_it_goes_on_with(tmp_path, 
     run = tmp_path / "run"
     (run / "finetune" / "checkpoints" / "step_00000050").mkdir(parents=True)
     (run / ".condiff-run").write_text("condiff namm fit\n")
-    (run / "config.json").write_text(json.dumps({"mirror": {}, "finetune": {"steps": 3, "ckpt_every": 50},
-                                                 "sample": {"steps": 5, "eta": 1.0}}))
+    cfg = {"mirror": {}, "train": {"steps": 4}, "finetune": {"steps": 3, "ckpt_every": 50, "loss": {"l_con": 2.0}},
+           "sample": {"steps": 5, "eta": 1.0}}
+    (run / "config.json").write_text(json.dumps(cfg))
     (run / "finetune" / "stage.json").write_text(json.dumps({"done": False, "spec": {
-        "finetune": {"steps": 3000, "ckpt_every": 50, "loss": {"l_con": 1.0}}, "sampler": {"steps": 7, "eta": 1.0}}}))
+        "mirror": {}, "train": {"steps": 4}, "finetune": {"steps": 3000, "ckpt_every": 50, "loss": {"l_con": 1.0}},
+        "sampler": {"steps": 7, "eta": 1.0}}}))
     (run / "finetune" / "checkpoints" / "step_00000050" / "config.json").write_text(
         json.dumps({"step": 50, "optim": {}, "train": {"steps": 3000}}))
     rc, out, _ = _show(capsys, run)
-    assert rc == 0 and (f"to go on: condiff namm finetune --run {run} --set finetune.steps=3000 --set sample.steps=7"
-                        in out), out
+    assert rc == 0 and (f"to go on: condiff namm finetune --run {run} --set finetune.loss.l_con=1.0 --set "
+                        "finetune.steps=3000 --set sample.steps=7\n" in out), out
+    # a stage it is made from was made again since: no flags go on with it, only --fresh
+    (run / "config.json").write_text(json.dumps({**cfg, "train": {"steps": 5}}))
+    rc, out, _ = _show(capsys, run)
+    assert f"to go on: condiff namm finetune --run {run} --fresh\n" in out, out

@@ -523,13 +523,17 @@ def test_out_is_refused_as_the_folder_of_images_given(tiny_run, tmp_path, capsys
     pngs.mkdir()
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(pngs / "a.png")
     (tmp_path / "link").symlink_to(pngs)
+    (tmp_path / "real_test").mkdir()
+    (pngs / "test").symlink_to(tmp_path / "real_test")  # a split that is a link
     for out, given, where in ((pngs, pngs, "the folder"), (pngs / "train", pngs, "the train/ split of the folder"),
+                              (tmp_path / "real_test", pngs, "the real_test/ split of the folder"),
                               (tmp_path / "link", pngs, "the folder"), (pngs, tmp_path / "link", "the folder")):
         assert _solve(tiny_run, out, "--operator", "blur", "--input", str(given), "--n", "1") == 2
         assert capsys.readouterr().err.strip() == (
             f"condiff solve: error: --out {out} is {where} given as --input ({given}): its results would be read "
             "as data with those files: give another directory")
-    assert sorted(p.name for p in pngs.rglob("*")) == ["a.png"]
+    assert sorted(p.name for p in pngs.rglob("*")) == ["a.png", "test"]
+    (pngs / "test").unlink()
     assert main(["train", "--data", str(pngs), "--out", str(pngs / "test")]) == 2
     assert "is the test/ split of the folder given as --data" in capsys.readouterr().err
     # a subfolder of another name is not read as data: results may go there

@@ -516,7 +516,8 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
         if not isinstance(given, (str, Path)) or not str(given) or str(given) in DATASETS:  # (not a folder named so)
             continue
         g, real = Path(os.path.realpath(given)), Path(os.path.realpath(p))  # through links on either side
-        if g.is_dir() and real in (g, g / "train", g / "test"):  # the folders a folder of data is read from
+        read = (g, *(Path(os.path.realpath(g / split)) for split in ("train", "test")))  # (a split may be a link)
+        if g.is_dir() and real in read:  # the folders a folder of data is read from
             where = "the folder" if real == g else f"the {real.name}/ split of the folder"
             raise ValueError(f"{flag} {p} is {where} given as {given_flag} ({given}): its results would be read "
                              "as data with those files: give another directory")

@@ -62,7 +62,7 @@ from ..mirror import (
 )
 from ..mirror.fit import MIRROR_TRAIN
 from ..mirror.objective import check_fitting_loss
-from ..mirror.plots import plot_violation_grid, violation_maps
+from ..mirror.plots import draws_maps, plot_violation_grid, violation_maps
 from ..models import load_denoiser
 from ..nets import build_net
 from ..plots import plot_histograms
@@ -261,16 +261,11 @@ def resolve(
     cfg = merge(cfg, PROFILE_FAMILIES.get(profile, {}).get(data, {}))
     # the generators' size and counts mean nothing to a user's file, nor to a registered set (digits)
     # whose loader does not take them
-    takes = dataset_settings(data) if data in DATASETS else []  # None: it takes any setting
-    cfg["data"] = {k: v for k, v in cfg["data"].items()
-                   if k not in ("size", "n_train", "n_test") or takes is None or k in takes}
+    cfg["data"] = {k: v for k, v in cfg["data"].items() if k not in unused_generator_keys(data)}
     hint = None if overrides else "leave out --config for the profile's settings"
     cfg = apply_settings(cfg, read_toml(file, SECTIONS, hint) if file else {},
                          [parse_override(o, SECTIONS, nested=True) for o in overrides or []], str(file))
-    if takes is not None and (unused := [k for k in ("size", "n_train", "n_test") if k in cfg["data"]
-                                         and k not in takes]):  # (recorded, and ignored, they were)
-        raise ConfigError(f"data.{unused[0]} sets a built-in generator's output; {data} does not take it (its "
-                          "items keep their own shape and number)")
+    refuse_unused_generator_keys(data, cfg["data"])
     cfg["data"]["name"] = data_ref(data)
     if constraint:
         cfg["data"]["constraint"] = parse_python_spec(constraint) or constraint
@@ -287,11 +282,32 @@ class StageMismatch(RuntimeError):
 
 def comparable(spec: Any) -> Any:
     """A stage's settings as they are compared: without the constraint for a stage that never uses it (the
-    vanilla DM, whose data load without it). A constraint file of one's own keeps its path: the file's
-    sha256 does not cover what it may read beside it."""
-    if not isinstance(spec, dict) or not isinstance(spec.get("data"), dict) or "mirror" in spec:
+    vanilla DM, whose data load without it), and without generator settings its data do not take (which
+    runs made before they were refused may record). A constraint file of one's own keeps its path: the
+    file's sha256 does not cover what it may read beside it."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("data"), dict):
         return spec
-    return {**spec, "data": {k: v for k, v in spec["data"].items() if k != "constraint"}}
+    unused = unused_generator_keys(spec["data"].get("name"))
+    drop = unused if "mirror" in spec else (*unused, "constraint")
+    if not any(k in spec["data"] for k in drop):
+        return spec
+    return {**spec, "data": {k: v for k, v in spec["data"].items() if k not in drop}}
+
+
+GENERATOR_KEYS = ("size", "n_train", "n_test")  # settings of the built-in generators' output
+
+
+def unused_generator_keys(data: Any) -> tuple[str, ...]:
+    """The generator settings that data set ``data`` does not take (all of them for a file of one's own)."""
+    takes = dataset_settings(data) if isinstance(data, str) and data in DATASETS else []  # None: any setting
+    return () if takes is None else tuple(k for k in GENERATOR_KEYS if k not in takes)
+
+
+def refuse_unused_generator_keys(data: Any, given: dict) -> None:
+    """Refuse generator settings in ``given`` that ``data`` does not take (recorded, and ignored, they were)."""
+    if unused := [k for k in unused_generator_keys(data) if k in given]:
+        raise ConfigError(f"data.{unused[0]} sets a built-in generator's output; {data} does not take it (its "
+                          "items keep their own shape and number)")
 
 
 def spec_digest(spec: Any) -> str:
@@ -306,9 +322,32 @@ SET_STAGES = {"vanilla": ("vanilla",), "mdm": ("namm", "mdm"), "mdm_ft": ("namm"
               "guided": ("vanilla",)}
 
 
-def _dotted(table: dict, key: str) -> Any:
-    """``table["a"]["b"]`` for ``key`` ``"a.b"``; None where the path is missing."""
-    for part in key.split("."):
+def finetune_flags(begun: dict, now: dict) -> list[str] | None:
+    """The ``--set`` flags with which ``namm finetune`` goes on with a fine-tuning begun with settings
+    ``begun`` (its stage.json spec) where they are now ``now`` (a spec of the same form): none where the
+    two agree, None where no flags can: a stage it is made from has changed since (only --fresh goes on),
+    or a setting to give back is not a number or was not there before."""
+    own = ("finetune", "sampler")
+    if any(json.dumps(begun.get(k), sort_keys=True) != json.dumps(now.get(k), sort_keys=True)
+           for k in set(begun) | set(now) if k not in own):
+        return None
+    flags = []
+    for table in own:
+        was, is_ = begun.get(table) or {}, now.get(table) or {}
+        paths = set(_leaf_paths(was)) | set(_leaf_paths(is_))
+        for path in sorted(paths):
+            v, w = _at(was, path), _at(is_, path)
+            if v == w:
+                continue
+            if not isinstance(v, (int, float, bool)):  # (a missing key cannot be given back with --set)
+                return None
+            flags.append(f"--set {'sample' if table == 'sampler' else table}.{'.'.join(path)}={json.dumps(v)}")
+    return flags
+
+
+def _at(table: Any, path: tuple[str, ...]) -> Any:
+    """``table[path[0]][path[1]]...``; None where the path is missing."""
+    for part in path:
         table = table.get(part) if isinstance(table, dict) else None
     return table
 
@@ -479,10 +518,7 @@ class NAMMRun:
         kept = self.root / io.REPLACED / name
         go_on = ""
         if isinstance(old, dict) and not record.get("done") and name == "finetune":  # no --resume of its own
-            sets = [f"--set {k}={json.dumps(v)}" for k in changed
-                    if isinstance(v := _dotted(old, "sampler." + k[7:] if k.startswith("sample.") else k),
-                                  (int, float, bool))]
-            if sets and len(sets) == len(changed):
+            if sets := finetune_flags(old, self.spec(name)):
                 go_on = (f"; `condiff namm finetune --run {self.root} {' '.join(sets)}` goes on with the settings it "
                          "was begun with")
         if same_spec(self._kept_spec(name), self.spec(name)):  # an unfinished --fresh of other settings
@@ -1120,7 +1156,10 @@ def _recorded_settings(root: Path, overrides: list[str], remedy: str) -> dict:
         cfg.setdefault(section, copy.deepcopy(default))
         if isinstance(default, dict) and not isinstance(cfg[section], dict):  # a hand-edited config.json
             raise ValueError(f"{f}: {section} must be a table of settings, got {cfg[section]!r}")
-    cfg = apply_settings(cfg, {}, [parse_override(o, SECTIONS, nested=True) for o in overrides], str(f))
+    parsed = [parse_override(o, SECTIONS, nested=True) for o in overrides]
+    given = {path[1]: v for path, v in parsed if path[0] == "data" and len(path) == 2}
+    refuse_unused_generator_keys((cfg.get("data") or {}).get("name"), given)  # older runs may record them
+    cfg = apply_settings(cfg, {}, parsed, str(f))
     return json.loads(json.dumps(cfg))
 
 
@@ -1303,8 +1342,10 @@ def _write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
             warnings.warn(f"{k}: the constraint distance is not finite for {bad} of {v['n']} samples (values in "
                           f"[{float(v['_x'].min()):.3g}, {float(v['_x'].max()):.3g}]: an undertrained model?); "
                           "the figures that use it read nan", stacklevel=2)
+    has_maps = draws_maps(con, next(iter(res.values()))["_x"])
     cols = {k: (v["_x"], violation_maps(con, v["_x"]), v["_l"]) for k, v in res.items()}
     shown = ("constraint violations" if any(c[1] is not None for c in cols.values())
+             else "distances l(x) (its violation maps are not finite)" if has_maps
              else "distances l(x) (the constraint draws no violation map)")
     plot_violation_grid(cols, out / "violations.png", title=f"{run.cfg['data']['name']}: samples and their {shown}")
     plot_histograms(
@@ -1313,7 +1354,10 @@ def _write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
         xlabel="constraint distance l(x)",
         title=f"{run.cfg['data']['name']}: l(x) per sample",
     )
-    io.write_json_atomic(out / "metrics.json", {**public(res), "made_from": run.made_from(stages_of(res))})
+    made = run.made_from(stages_of(res))
+    for w in (w for w in res if w in SET_STAGES):  # the sets too: a Ctrl-C while they are redrawn keeps this report
+        made[f"samples/{w}"] = spec_digest(json_table(run.root / "samples" / w / "stage.json").get("spec"))
+    io.write_json_atomic(out / "metrics.json", {**public(res), "made_from": made})
     base = res.get("vanilla", {}).get("l_mean")
     print(f"{'set':<18}{'n':>6}{'mean l':>12}{'median l':>12}{'reduction':>11}{'MMD':>12}{'MMD ratio':>11}")
     for k, v in res.items():

@@ -108,17 +108,22 @@ def describe(path: str | Path) -> dict:
     return describe_run(p, kind)
 
 
-def _finetune_settings(p: Path, cfg: dict) -> list[str]:
+def _finetune_settings(p: Path, cfg: dict) -> list[str] | None:
     """The ``--set`` flags of the settings NAMM run ``p``'s fine-tuning stage was begun with where its
     ``config.json`` (``cfg``, recorded when a stage finishes) says otherwise: ``namm finetune`` has no
-    --resume, and goes on with a stage only under the settings it was begun with."""
+    --resume, and goes on with a stage only under the settings it was begun with. None where no flags
+    can (a stage it is made from has changed since: :func:`condiff.cli.namm.finetune_flags`)."""
+    from .namm import finetune_flags
+
     spec = json_table(p / "finetune" / "stage.json").get("spec")
     if not isinstance(spec, dict):
         return []
-    begun = {("finetune", k): v for k, v in _table(spec, "finetune").items()}
-    begun.update({("sample", k): v for k, v in _table(spec, "sampler").items()})
-    return [f"--set {a}.{k}={json.dumps(v)}" for (a, k), v in sorted(begun.items())
-            if isinstance(v, (int, float, bool)) and _table(cfg, a).get(k) != v]
+    now = {k: cfg.get(k) for k in spec if k not in ("sampler", "constraint")}
+    now.update(sampler={k: _table(cfg, "sample").get(k) for k in _table(spec, "sampler")},
+               constraint=spec.get("constraint"))  # the counter's recipe: not in config.json
+    if "constraint" not in spec:
+        del now["constraint"]
+    return finetune_flags(spec, now)
 
 
 def _kind(p: Path) -> str | None:
@@ -203,6 +208,10 @@ def _namm_stale(p: Path) -> list[str]:
             continue  # none recorded (a result written before it was)
         gone = [s for s in _STAGE_ORDER if s in made and (not isinstance(specs.get(s), dict)
                                                           or spec_digest(specs[s]) != made[s])]
+        for s in (s for s in made if s.startswith("samples/")):  # the sample sets a report was drawn from
+            rec = json_table(p / s / "stage.json")
+            if not rec.get("done") or spec_digest(rec.get("spec")) != made[s]:
+                gone.append(s)
         if gone:
             first = " once the stages above are made again" if stale else ""
             notes.append(f"{res}/metrics.json was made from another {', '.join(f'{s}/' for s in gone)} than the "
@@ -571,7 +580,8 @@ def render(d: dict) -> list[str]:
         lines.append(f"  {label}: " + "; ".join(parts))
         go_on = _GO_ON.get(d["kind"])
         if d["kind"] == "condiff namm fit" and name == "finetune":  # made by `namm finetune`, not by the fit
-            go_on = " ".join(["condiff namm finetune --run {run}", *t.get("begun_with", [])])
+            flags = t.get("begun_with", [])  # None: a stage it is made from has changed since
+            go_on = " ".join(["condiff namm finetune --run {run}", *(["--fresh"] if flags is None else flags)])
         if t["state"].startswith("unfinished") and go_on:
             lines.append("    to go on: " + go_on.format(run=d["path"]))
     if d.get("not_made"):

@@ -389,7 +389,8 @@ def read_measurements(path: str | Path) -> torch.Tensor:
             raise ValueError(f"--measurement {path}: cannot read it ({str(e).splitlines()[0]})") from None
     if splits := named_splits(path):  # a data set's file: its splits were joined and read as 3300 measurements
         raise ValueError(f"--measurement {path} holds data split into {' and '.join(splits)}: measurements are one "
-                         "set (an array, or a folder of PNGs); for true images to measure, use --input")
+                         "set (an array, or a folder of PNGs without train/ and test/ subfolders); for true images "
+                         "to measure, use --input")
     return load_dataset(path, split="all").x
 
 

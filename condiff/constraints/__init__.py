@@ -158,7 +158,9 @@ def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
         raise ValueError(f"a constraint distance must return floating-point values, got {out.dtype} "
                          "(a count or a comparison has no gradient)")
     if not bool(torch.isfinite(out).all()):
-        raise ValueError(f"a constraint distance must return finite values, got {_few(out)}{on}")
+        bad = (~torch.isfinite(out.detach())).flatten().nonzero().flatten()
+        raise ValueError(f"a constraint distance must return finite values, got {len(bad)} not finite of "
+                         f"{out.numel()} (sample {int(bad[0])}: {float(out.flatten()[bad[0]])}){on}")
     check_sign(out.detach(), f"a constraint distance ({_few(out)})")
     if xg.requires_grad and not out.requires_grad:
         raise ValueError(not_differentiable("a constraint distance"))

@@ -29,7 +29,7 @@ def plot_violation_grid(
     rows = min(rows, min(len(v[0]) for v in columns.values()))
     # one colour scale for every violation column, so their brightness compares across methods
     maps = [v[1][:rows] for v in columns.values() if v[1] is not None]
-    shared = max((float(m.max()) for m in maps), default=1.0)
+    shared = shared_scale(maps)
     width = len(names) + len(maps)
     fig, axes = pyplot().subplots(
         rows, width, figsize=(2.0 * width, 2.0 * rows + 0.4), squeeze=False, layout="constrained"
@@ -62,14 +62,30 @@ def plot_violation_grid(
 
 
 @torch.no_grad()
-def violation_maps(constraint, x: Tensor, batch_size: int = 256) -> Tensor | None:
-    """``constraint.violation_map`` over a large set, or ``None`` when it has none."""
+def shared_scale(maps: list[Tensor]) -> float:
+    """The top of the violation maps' one colour scale: their largest finite value (one sample that is not
+    finite, an undertrained model's, made it NaN and blanked every panel); 1 where there is none."""
+    return max((float(m[torch.isfinite(m)].max()) for m in maps if bool(torch.isfinite(m).any())), default=1.0)
+
+
+def _map_of_one(constraint, x: Tensor) -> tuple[Tensor | None, torch.device]:
+    """``constraint``'s violation map of ``x[:1]`` (None where it draws none) and the device it runs on."""
     fn = getattr(constraint, "violation_map", None)
     params = getattr(constraint, "parameters", None)
     dev = next(iter(params()), torch.empty(0)).device if params is not None else torch.device("cpu")
-    if fn is None:
-        return None
-    first = fn(x[:1].to(dev))
+    return (None if fn is None else fn(x[:1].to(dev))), dev
+
+
+def draws_maps(constraint, x: Tensor) -> bool:
+    """Whether ``constraint`` draws a violation map (tried on ``x[:1]``)."""
+    return _map_of_one(constraint, x)[0] is not None
+
+
+def violation_maps(constraint, x: Tensor, batch_size: int = 256) -> Tensor | None:
+    """``constraint.violation_map`` over a large set, or ``None`` when it has none (or they are not finite,
+    which is warned)."""
+    first, dev = _map_of_one(constraint, x)
+    fn = getattr(constraint, "violation_map", None)
     if first is None:
         return None
     if x.dim() != 4 or tuple(first.shape) != (1, *x.shape[-2:]):
