@@ -52,6 +52,13 @@ def test_train_sample_eval_round_trip(tmp_path, capsys):
     m = json.loads((run / "metrics.json").read_text())
     assert m["mmd_n"] == 64 and m["mmd"] > 0 and m["mmd_ref"] > 0
     assert m["targets"] == {} and "stated at n = 2000" in m["targets_not_judged"]  # a ratio near 1 for any model
+    # the run's model and its checkpoints sample with the run's [sample] settings (they took the defaults: other
+    # batches, so other samples for one seed)
+    ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
+    for path in (run / "model", ckpt):
+        assert main(["sample", "--ckpt", str(path), "--out", str(tmp_path / path.name)]) == 0
+        said = json.loads((tmp_path / path.name / "sample_config.json").read_text())
+        assert (said["n"], said["steps"]) == (64, 10), said  # TINY's sample.n and sample.steps
     assert (run / "samples.png").is_file()
 
 

@@ -763,6 +763,11 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
         return den, {"sample": {**DEFAULT_SAMPLE, "clip_x0": den.clip_x0}}, (int(c.in_channels), *map(int, size))
     model_cfg = io.load_config(resolve_model_dir(path))
     run_cfg = run_config(path) if (path / "config.json").is_file() and (path / "model").is_dir() else {}
+    if not run_cfg:  # RUN/model or RUN/checkpoints/step_N of a training run: the run's [sample] settings too
+        up = path.parent if path.name == "model" else path.parent.parent if path.parent.name == "checkpoints" else None
+        if up is not None and (up / "config.json").is_file() and run_kind(up) in ("condiff train",
+                                                                                 "condiff dual train"):
+            run_cfg = run_config(up)
     run_cfg = {"data": model_cfg.get("data"), **run_cfg} if model_cfg.get("data") else run_cfg
     for key in ("value_range", "label_drop"):  # [min, max] of the training data (models since 2026-12-04);
         if model_cfg.get(key) is not None:      # the label drop of a class-conditional model
