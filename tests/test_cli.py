@@ -334,6 +334,9 @@ def test_a_run_of_another_command_is_never_overwritten(tmp_path, capsys, monkeyp
     monkeypatch.chdir(run / "checkpoints")  # the same, named from inside the run
     assert main(["train", *TINY, "--out", "sub"]) == 2
     assert f"lies inside {run}, the run of `condiff train`" in capsys.readouterr().err
+    monkeypatch.chdir(here)
+    assert main(["sample", "--ckpt", str(run), "--n", "2", "--out", str(run / "checkpoints")]) == 2  # was written
+    assert f"--out {run / 'checkpoints'} is a run's folder of checkpoints" in capsys.readouterr().err
     monkeypatch.chdir(run / "model")  # inside a model directory, which is replaced whole when saved again
     assert main(["sample", "--ckpt", str(run), "--n", "2", "--out", "sub"]) == 2
     assert f"lies inside {run / 'model'}, a model checkpoint directory" in capsys.readouterr().err

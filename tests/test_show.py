@@ -111,6 +111,10 @@ def test_show_names_the_results_figures_first_and_a_run_being_written(run, capsy
     line = next(ln for ln in out.splitlines() if ln.startswith("  metrics.json: "))
     assert line.split(": ", 1)[1].startswith(f"[ckpt {run}] mmd ") and "more there" in line  # a figure first
     assert "no record beside it" not in out
+    m = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**m, "label": 3}))  # a class-conditional eval: its class is said
+    rc, out, _ = _show(capsys, run)
+    assert "label 3" in next(ln for ln in out.splitlines() if ln.startswith("  metrics.json: "))
     # a stop between the final moves of a set (condiff.io.writing_outputs) leaves its data without its record
     (run / "metrics.json").unlink()
     assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2"]) == 0

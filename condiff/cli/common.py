@@ -542,6 +542,11 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
                     raise FileExistsError(f"{flag} {p} lies inside {q}, the run of `{owner}`, whose files the two "
                                           "runs would overwrite: give a directory outside it")
         _claimed[p] = kind
+    for q in (up, *up.parents):
+        if q.name == "checkpoints" and any(q.glob("step_*")):  # a run's checkpoints, kept and pruned by its trainer
+            where = "is" if q == up else f"lies inside {q},"
+            raise FileExistsError(f"{flag} {p} {where} a run's folder of checkpoints, which its training keeps and "
+                                  "prunes: give another directory")
     if kind is None or not kind.startswith(_TRAINING_KINDS):
         lock_enclosing_run(p)
     return p

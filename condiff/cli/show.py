@@ -434,7 +434,8 @@ def _results(p: Path) -> tuple[dict, dict]:
         table, name = json_table(f), str(f.relative_to(p))
         if flat := _numbers(table):
             figures[name] = dict(sorted(flat.items(), key=lambda kv: _rank(kv[0])))
-        if words := {k: v for k, v in table.items() if k in _ABOUT and isinstance(v, str)}:
+        if words := {k: str(v) for k, v in table.items() if k in _ABOUT and (isinstance(v, str) or (
+                isinstance(v, int) and not isinstance(v, bool)))}:  # a class label is an int
             about[name] = words
     return figures, about
 
