@@ -335,3 +335,19 @@ def test_an_unfinished_fine_tuning_shows_the_settings_it_goes_on_with(tmp_path, 
     (run / "config.json").write_text(json.dumps({**cfg, "train": {"steps": 5}}))
     rc, out, _ = _show(capsys, run)
     assert f"to go on: condiff namm finetune --run {run} --fresh\n" in out, out
+
+
+def test_a_run_whose_weights_record_no_step_count_is_finished_when_its_training_was(tmp_path, capsys):
+    """A run trained from Python (Trainer, then save_model without steps) read "unfinished at step 50 of 50"."""
+    from condiff.models import save_model
+    from condiff.nets import TimeMLP
+    from condiff.schedule import Schedule
+
+    run = tmp_path / "run"
+    save_model(run / "model", TimeMLP(2, hidden=8, depth=1), Schedule.linear(10), shape=[2])
+    ck = run / "checkpoints" / "step_00000050"
+    ck.mkdir(parents=True)
+    for of, state in ((50, "finished"), (100, "unfinished at step 50 of 100")):
+        (ck / "config.json").write_text(json.dumps({"step": 50, "optim": {}, "train": {"steps": of}}))
+        rc, out, _ = _show(capsys, run)
+        assert rc == 0 and f"training: {state}" in out, out

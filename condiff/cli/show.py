@@ -351,8 +351,8 @@ def _unit(u: Path, log: bool = True) -> dict:
     at = ck.get("step") if isinstance(ck.get("step"), int) else 0
     if stage:
         state = "finished" if stage.get("done") else "unfinished"
-    elif done and not at > max(done):
-        state = "finished"
+    elif done and (not at > max(done) or (max(done) == 0 and isinstance(ck.get("of"), int) and at >= ck["of"])):
+        state = "finished"  # (weights saved from Python without their step count: finished if training was)
     elif ck:
         state = "unfinished"
     else:
