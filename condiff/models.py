@@ -78,7 +78,7 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: boo
                        else None)
 
 
-def _refuse_a_folder_of_models(d: Path) -> None:
+def refuse_a_folder_of_models(d: Path) -> None:
     """A folder that holds models (a dual experiment's, a run's ``checkpoints/``) rather than being one: name them."""
     try:
         inner = sorted(q.name for q in d.iterdir() if q.is_dir() and (
@@ -109,7 +109,7 @@ def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
     d = resolve_model_dir(path)
     run_dir = (d / "checkpoints").is_dir() or (d / "log.jsonl").is_file()  # a run directory without model/
     if not run_dir and not (d / io.CONFIG).is_file():  # a folder that holds models rather than being one: named
-        _refuse_a_folder_of_models(d)
+        refuse_a_folder_of_models(d)
     cfg = io.load_config(d) if (d / io.CONFIG).is_file() or not run_dir else {}  # a Trainer's run has none
     if "net" not in cfg or "schedule" not in cfg:
         if run_dir:

@@ -1088,11 +1088,14 @@ def test_a_hand_edited_run_is_reported_by_what_is_wrong_in_it(trained, tmp_path,
 
 
 def test_a_bare_model_of_a_short_schedule_samples_with_at_most_its_steps(trained, tmp_path, capsys):
-    """--ckpt RUN/model (no run settings) took the default 100 sampler steps, beyond a 50-step schedule."""
+    """A bare model (no run settings) took the default 100 sampler steps, beyond a 50-step schedule."""
     run = tmp_path / "run"
     trained(run)
-    assert main(["sample", "--ckpt", str(run / "model"), "--n", "4", "--out", str(tmp_path / "s")]) == 0
+    shutil.copytree(run / "model", tmp_path / "bare")
+    assert main(["sample", "--ckpt", str(tmp_path / "bare"), "--n", "4", "--out", str(tmp_path / "s")]) == 0
     assert json.loads((tmp_path / "s" / "sample_config.json").read_text())["steps"] == 50
+    assert main(["sample", "--ckpt", str(run / "model"), "--n", "4", "--out", str(tmp_path / "s")]) == 0
+    assert json.loads((tmp_path / "s" / "sample_config.json").read_text())["steps"] == 10  # the run's sample.steps
 
 
 def test_eval_that_fails_to_score_leaves_the_earlier_samples_and_metrics_together(tmp_path, capsys):

@@ -21,7 +21,7 @@ from .. import checks, io
 from ..data import DATASETS, ArrayData, NoSplitError, load_dataset, nominal_range, to_display, value_range
 from ..data.files import same_item_shape, save_png_grid
 from ..denoiser import Denoiser, DiffusersDenoiser
-from ..models import load_denoiser, resolve_model_dir, save_model
+from ..models import load_denoiser, refuse_a_folder_of_models, resolve_model_dir, save_model
 from ..nets import NETS, build_net, net_class
 from ..plots import plot_loss_curve, plot_scatter
 from ..sample import generate
@@ -571,6 +571,8 @@ def results_dir(ckpt: str | Path, name: str) -> Path:
     p = Path(os.path.abspath(ckpt))  # `--ckpt .` inside RUN/model; abspath, not resolve: a linked model/ keeps RUN
     if p.is_file():  # named as --ckpt's mistake, not as an --out the user never gave
         raise io.CheckpointError(f"{p} is a file; a checkpoint is a directory (with {io.CONFIG})")
+    if not (p / io.CONFIG).is_file():  # a run's checkpoints/, a folder of models: --ckpt's mistake too
+        refuse_a_folder_of_models(p)
     if not (p / "model.safetensors").is_file():  # a run (its model in p/model), a diffusers model, a NAMM stage
         return p / name
     if p.parent.name == "checkpoints":
