@@ -264,8 +264,10 @@ def test_show_a_hand_edited_run_shows_what_reads_and_refuses_nothing(run, capsys
     cfg = json.loads((run / "model" / "config.json").read_text())
     (run / "model" / "config.json").write_text(json.dumps({**cfg, "steps": "four", "net": "mlp"}))
     rc, out, _ = _show(capsys, run)
-    assert rc == 0 and out.splitlines()[0] == f"{run}: condiff train run, unfinished"  # kind guessed from config
-    assert "training: unfinished at step 4 of 4" in out  # the model records no step count that reads
+    assert rc == 0 and out.splitlines()[0] == f"{run}: condiff train run, finished"  # kind guessed from config
+    # the model records no step count that reads, and its training reached its last step: finished (it read
+    # "unfinished at step 4 of 4")
+    assert "training: finished;" in out
 
 
 def test_show_a_diffusers_model_directory(tiny_diffusers_dir, capsys):

@@ -571,7 +571,7 @@ def results_dir(ckpt: str | Path, name: str) -> Path:
     p = Path(os.path.abspath(ckpt))  # `--ckpt .` inside RUN/model; abspath, not resolve: a linked model/ keeps RUN
     if p.is_file():  # named as --ckpt's mistake, not as an --out the user never gave
         raise io.CheckpointError(f"{p} is a file; a checkpoint is a directory (with {io.CONFIG})")
-    if not (p / io.CONFIG).is_file():  # a run's checkpoints/, a folder of models: --ckpt's mistake too
+    if p.name == "checkpoints" and not (p / io.CONFIG).is_file():  # a run's checkpoints/: --ckpt's mistake too
         refuse_a_folder_of_models(p)
     if not (p / "model.safetensors").is_file():  # a run (its model in p/model), a diffusers model, a NAMM stage
         return p / name
