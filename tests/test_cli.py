@@ -552,6 +552,9 @@ def test_a_resumed_run_keeps_its_schedule_and_budget_and_demo_checks_before_trai
     capsys.readouterr()
     assert main(["train", *TINY, "--set", "schedule.kind=cosine", "--out", str(run), "--resume"]) == 2
     assert "was trained with another noise schedule (kind: 'linear' -> 'cosine')" in capsys.readouterr().err
+    # a shorter schedule on the recorded settings: named as such, not as the recorded sampler's 10 steps > T
+    assert main(["train", "--out", str(run), "--resume", "--set", "schedule.T=5", "--set", "train.steps=40"]) == 2
+    assert "was trained with another noise schedule (T: 50 -> 5)" in capsys.readouterr().err
     assert main(["train", *TINY, "--set", "train.steps=10", "--out", str(run), "--resume"]) == 2
     assert "is at step 30, beyond the 10 steps asked for" in capsys.readouterr().err
     assert _snapshot(run) == before

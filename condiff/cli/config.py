@@ -284,8 +284,10 @@ def resolve(data: str | None = None, file: str | Path | None = None,
 
 
 def assemble(from_file: dict, parsed: list[tuple[list[str], Any]], data: str | None = None,
-             where: str = "the config file") -> dict:
-    """The data set's preset < ``from_file`` (checked tables) < ``parsed`` overrides (type-checked)."""
+             where: str = "the config file", recorded: bool = False) -> dict:
+    """The data set's preset < ``from_file`` (checked tables) < ``parsed`` overrides (type-checked).
+    ``recorded``: ``from_file`` is a run's recorded settings, whose sampler budget was not chosen now (a
+    resume with a shorter schedule then meets the schedule's own refusal, not the sampler's)."""
     named = [str(v) for p, v in parsed if p == ["data", "name"]]
     name = (named or [None])[-1] or data or from_file.get("data", {}).get("name") or "digits"
     cfg = apply_settings(preset(name), from_file, parsed, where)
@@ -297,7 +299,8 @@ def assemble(from_file: dict, parsed: list[tuple[list[str], Any]], data: str | N
         check_sample(cfg["sample"])
         T = cfg.get("schedule", {}).get("T") if isinstance(cfg.get("schedule"), dict) else None
         steps = cfg["sample"].get("steps")
-        chosen = any(p == ["sample", "steps"] for p, _ in parsed) or "steps" in (from_file.get("sample") or {})
+        chosen = any(p == ["sample", "steps"] for p, _ in parsed) or (
+            not recorded and "steps" in (from_file.get("sample") or {}))
         if checks.is_integer(T, 2) and checks.is_integer(steps) and steps > T:
             if chosen:  # else found by every later `condiff sample` of the model
                 raise ConfigError(f"sample.steps must be <= schedule.T = {T} (one model call per step of the "

@@ -73,7 +73,7 @@ def settings(args: argparse.Namespace) -> tuple[dict, bool]:
         raise ValueError(f"--resume: {Path(args.out) / 'config.json'} records no data set: not a `condiff train` "
                          "run (pass --data / --config as it was trained with)")
     where = str(Path(args.out) / "config.json")
-    return assemble(old, [parse_override(o) for o in args.overrides], None, where), True
+    return assemble(old, [parse_override(o) for o in args.overrides], None, where, recorded=True), True
 
 
 def run(args: argparse.Namespace) -> int:
