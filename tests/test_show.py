@@ -256,6 +256,7 @@ def test_show_notes_a_kept_run_and_a_checkpoint_that_does_not_read(run, capsys):
     rc, out, _ = _show(capsys, run)
     assert rc == 0 and "training: unfinished (its newest checkpoint, step_00000004, does not read)" in out
     assert f"note: {run / '.replaced'} keeps the run an unfinished --fresh / --retrain replaced (model)" in out
+    assert f"(README, 'Run directories'); `condiff train --out {run} --restore` puts it back" in out
 
 
 def test_show_a_hand_edited_run_shows_what_reads_and_refuses_nothing(run, capsys):

@@ -168,8 +168,10 @@ def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
     if holder is not None:
         notes.append(f"being written now by process {holder}")
     if kept := io.kept_names(p):
+        back = (f"; `{kind} --out {p} --restore` puts it back" if kind in ("condiff train", "condiff dual train")
+                else "")  # (a --fresh stopped before its first checkpoint shows no training to go on with)
         notes.append(f"{p / io.REPLACED} keeps the run an unfinished --fresh / --retrain replaced ({', '.join(kept)}); "
-                     "it is deleted when the replacement finishes (README, 'Run directories')")
+                     f"it is deleted when the replacement finishes (README, 'Run directories'){back}")
     if kind == "condiff namm fit":
         notes += _namm_stale(p)
     notes += [f"{(q / data).relative_to(p)} has no record beside it (a command stopped while moving its results "
