@@ -146,6 +146,7 @@ def begin_outputs(out: str | Path, record: str, *files: str) -> Path:
 
 
 STAGED = ".staged-"  # the prefix of the hidden folder in which writing_outputs gathers a set
+PROBE = ".condiff-probe-"  # the prefix of the CLI's write probe (condiff.cli.common.check_writable)
 _written: list[Path] = []  # the folders whose sets writing_outputs has moved in whole (see written_sets)
 
 
@@ -156,7 +157,6 @@ def written_sets(forget: bool = False) -> list[Path]:
     if forget:
         _written.clear()
     return found
-PROBE = ".condiff-probe-"  # the prefix of the CLI's write probe (condiff.cli.common.check_writable)
 
 
 @contextlib.contextmanager

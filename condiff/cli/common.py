@@ -521,11 +521,6 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
             where = "the folder" if real == g else f"the {real.name}/ split of the folder"
             raise ValueError(f"{flag} {p} is {where} given as {given_flag} ({given}): its results would be read "
                              "as data with those files: give another directory")
-    for q in (up, *up.parents):  # a checkpoint is replaced whole when it is saved again (or pruned)
-        if (q / "model.safetensors").is_file():
-            where = "is" if q == up else f"lies inside {q},"
-            raise FileExistsError(f"{flag} {p} {where} a model checkpoint directory; files written into it would "
-                                  "be lost when the model is saved again: give another directory")
     if kind is not None:
         other = run_kind(p)
         if other is not None and other != kind:
@@ -542,11 +537,13 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
                     raise FileExistsError(f"{flag} {p} lies inside {q}, the run of `{owner}`, whose files the two "
                                           "runs would overwrite: give a directory outside it")
         _claimed[p] = kind
-    for q in (up, *up.parents):
-        if q.name == "checkpoints" and any(q.glob("step_*")):  # a run's checkpoints, kept and pruned by its trainer
-            where = "is" if q == up else f"lies inside {q},"
-            raise FileExistsError(f"{flag} {p} {where} a run's folder of checkpoints, which its training keeps and "
-                                  "prunes: give another directory")
+    for q in (up, *up.parents):  # a checkpoint is replaced whole when it is saved again, and pruned
+        what = ("a model checkpoint directory; files written into it would be lost when the model is saved again"
+                if (q / "model.safetensors").is_file() else "a run's folder of checkpoints, which its training "
+                "keeps and prunes" if q.name == "checkpoints" and any(q.glob("step_*")) else None)
+        if what:
+            raise FileExistsError(f"{flag} {p} {'is' if q == up else f'lies inside {q},'} {what}: give another "
+                                  "directory")
     if kind is None or not kind.startswith(_TRAINING_KINDS):
         lock_enclosing_run(p)
     return p

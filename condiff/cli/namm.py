@@ -1342,10 +1342,9 @@ def _write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
             warnings.warn(f"{k}: the constraint distance is not finite for {bad} of {v['n']} samples (values in "
                           f"[{float(v['_x'].min()):.3g}, {float(v['_x'].max()):.3g}]: an undertrained model?); "
                           "the figures that use it read nan", stacklevel=2)
-    has_maps = draws_maps(con, next(iter(res.values()))["_x"])
     cols = {k: (v["_x"], violation_maps(con, v["_x"]), v["_l"]) for k, v in res.items()}
     shown = ("constraint violations" if any(c[1] is not None for c in cols.values())
-             else "distances l(x) (its violation maps are not finite)" if has_maps
+             else "distances l(x) (its violation maps are not finite)" if draws_maps(con, cols[next(iter(cols))][0])
              else "distances l(x) (the constraint draws no violation map)")
     plot_violation_grid(cols, out / "violations.png", title=f"{run.cfg['data']['name']}: samples and their {shown}")
     plot_histograms(

@@ -118,11 +118,8 @@ def _finetune_settings(p: Path, cfg: dict) -> list[str] | None:
     spec = json_table(p / "finetune" / "stage.json").get("spec")
     if not isinstance(spec, dict):
         return []
-    now = {k: cfg.get(k) for k in spec if k not in ("sampler", "constraint")}
-    now.update(sampler={k: _table(cfg, "sample").get(k) for k in _table(spec, "sampler")},
-               constraint=spec.get("constraint"))  # the counter's recipe: not in config.json
-    if "constraint" not in spec:
-        del now["constraint"]
+    now = {k: spec[k] if k == "constraint" else cfg.get(k) for k in spec}  # (the counter's recipe: not in cfg)
+    now["sampler"] = {k: _table(cfg, "sample").get(k) for k in _table(spec, "sampler")}
     return finetune_flags(spec, now)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -68,24 +69,26 @@ def shared_scale(maps: list[Tensor]) -> float:
     return max((float(m[torch.isfinite(m)].max()) for m in maps if bool(torch.isfinite(m).any())), default=1.0)
 
 
-def _map_of_one(constraint, x: Tensor) -> tuple[Tensor | None, torch.device]:
-    """``constraint``'s violation map of ``x[:1]`` (None where it draws none) and the device it runs on."""
-    fn = getattr(constraint, "violation_map", None)
+def _map_fn(constraint) -> tuple[Callable | None, torch.device]:
+    """``constraint.violation_map`` (None where it has none) and the device the constraint runs on."""
     params = getattr(constraint, "parameters", None)
     dev = next(iter(params()), torch.empty(0)).device if params is not None else torch.device("cpu")
-    return (None if fn is None else fn(x[:1].to(dev))), dev
+    return getattr(constraint, "violation_map", None), dev
 
 
 def draws_maps(constraint, x: Tensor) -> bool:
     """Whether ``constraint`` draws a violation map (tried on ``x[:1]``)."""
-    return _map_of_one(constraint, x)[0] is not None
+    fn, dev = _map_fn(constraint)
+    return fn is not None and fn(x[:1].to(dev)) is not None
 
 
 def violation_maps(constraint, x: Tensor, batch_size: int = 256) -> Tensor | None:
     """``constraint.violation_map`` over a large set, or ``None`` when it has none (or they are not finite,
     which is warned)."""
-    first, dev = _map_of_one(constraint, x)
-    fn = getattr(constraint, "violation_map", None)
+    fn, dev = _map_fn(constraint)
+    if fn is None:
+        return None
+    first = fn(x[:1].to(dev))
     if first is None:
         return None
     if x.dim() != 4 or tuple(first.shape) != (1, *x.shape[-2:]):
