@@ -108,7 +108,8 @@ def floating(name: str, x: Any) -> Any:
     """A floating-point tensor with values (not on the meta device): integer data would be truncated silently by
     noise, filters and schedules."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
+        hint = ": convert it with torch.as_tensor(a, dtype=torch.float32)" if hasattr(x, "__array__") else ""
+        raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}{hint}")
     if not x.is_floating_point():
         top = {torch.uint8: "127.5", torch.uint16: "32767.5"}.get(x.dtype)
         how = (f"scale image bytes to condiff's [-1, 1] as its loaders do: x.float() / {top} - 1, or "
@@ -253,3 +254,17 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{k}")
     return out
+
+
+def eval_mode(fn: object, what: str, network: str | None = None) -> None:
+    """Refuse a network in training mode as ``what`` (a distance, a loss): batch statistics and dropout make
+    its values depend on the batch and on chance, and it updates its running statistics each call.
+    ``network``: how the message names the network instead of "``what`` that is a network"."""
+    if isinstance(fn, torch.nn.Module):
+        moody = sorted({type(m).__name__ for m in fn.modules() if m.training and (
+            (isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0)
+            or (isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats))})
+        if moody:
+            raise ValueError(f"{network or what + ' that is a network'} in training mode ({', '.join(moody)}) gives "
+                             "values that depend on the batch and on chance, and updates its running statistics "
+                             "each call: call .eval() on it first")

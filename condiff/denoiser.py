@@ -7,6 +7,7 @@ interface, so a condiff network, a diffusers ``UNet2DModel`` or an analytic orac
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import warnings
 from collections.abc import Sequence
@@ -54,6 +55,28 @@ class Denoiser(nn.Module):
         return self.eps(x_t, t)
 
 
+def trained_on(net: object) -> dict:
+    """What a :class:`~condiff.train.Trainer` recorded on the network it trained (and its EMA copy): the
+    per-sample ``shape`` and the data's ``value_range``, where known; empty for any other network."""
+    seen = getattr(net, "trained_on", None)
+    return dict(seen) if isinstance(seen, dict) else {}
+
+
+def check_call(net: nn.Module, labelled: bool = False) -> None:
+    """Refuse a network whose ``forward`` cannot be called as condiff calls it, ``net(x, t)`` (``net(x, t, y)``
+    when ``labelled``), before the first call fails inside torch."""
+    try:
+        sig = inspect.signature(net.forward)
+    except (TypeError, ValueError):  # a builtin or C extension: nothing to read
+        return
+    try:
+        sig.bind(*[None] * (3 if labelled else 2))
+    except TypeError:
+        call = "net(x, t, y) (noisy x, timesteps t, labels y)" if labelled else "net(x, t) (noisy x, timesteps t)"
+        raise TypeError(f"condiff calls a denoising network as {call}, which returns the predicted noise; "
+                        f"{type(net).__name__}.forward{sig} cannot take that") from None
+
+
 def check_prediction(pred: Tensor, x_t: Tensor) -> Tensor:
     """``pred`` (a network's noise prediction), refused unless it has ``x_t``'s shape and dtype: a
     mismatch would broadcast silently (one output channel for three) or fail a step later, blaming the input."""
@@ -94,6 +117,9 @@ class NetDenoiser(Denoiser):
         self.label_drop = label_drop  # as trained, where known (load_denoiser reads it from the model)
         # the training data's [min, max], where known (load_denoiser reads it from the model): the guided
         # samplers' default clip of x0_hat (condiff.sample.default_clip)
+        seen = trained_on(net)  # a Trainer's record, where the caller gives none
+        value_range = seen.get("value_range") if value_range is None else value_range
+        sample_shape = seen.get("shape") if sample_shape is None else sample_shape
         self.value_range = None if value_range is None else [float(v) for v in value_range]
         # the shape of one sample it was trained on, where known (load_denoiser reads it from the model): the
         # plug-and-play engine refuses to render pictures of another size for it
@@ -102,6 +128,7 @@ class NetDenoiser(Denoiser):
             y = int(y)  # one label for the whole batch, as an int is
         if y is not None and not isinstance(y, Tensor) and (isinstance(y, bool) or not isinstance(y, numbers.Integral)):
             raise ValueError(f"a class label must be an integer (or a (B,) long tensor), got {y!r}")
+        check_call(net, labelled=y is not None)
         self.net = net
         self.y = y
         self.guidance_scale = checks.number("guidance_scale", guidance_scale, ">= 0")

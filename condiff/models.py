@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import checks, io
-from .denoiser import Denoiser, DiffusersDenoiser, NetDenoiser
+from .denoiser import Denoiser, DiffusersDenoiser, NetDenoiser, trained_on
 from .nets import build_net
 from .schedule import Schedule, check_schedule
 
@@ -22,11 +22,15 @@ def save_model(path: str | Path, net: nn.Module, schedule: Schedule, **meta) -> 
     """Write ``net`` (with its ``config``) and ``schedule`` as a model directory. ``meta`` is recorded
     beside them; the command line reads ``shape`` (the per-sample shape, needed by ``condiff sample``,
     ``eval`` and ``solve``), ``data`` (the data set's settings) and ``value_range`` (the data's
-    ``[min, max]``, :func:`condiff.data.value_range`)."""
+    ``[min, max]``, :func:`condiff.data.value_range`); the last two default to what a
+    :class:`~condiff.train.Trainer` recorded on ``net`` (``net.trained_on``)."""
     if not isinstance(getattr(net, "config", None), dict):
         raise TypeError(f"save_model needs a condiff network (one with a .config to rebuild it from, e.g. from "
                         f"condiff.nets.build_net), got a {type(net).__name__}")
     check_schedule("save_model", schedule)
+    for key, value in trained_on(net).items():  # what a Trainer saw, where the caller gives nothing else
+        if meta.get(key) is None:
+            meta[key] = value
     if meta.get("value_range") is not None:  # constant data have min == max
         span = checks.pair(meta["value_range"])
         if span is None or span[0] > span[1]:
@@ -63,10 +67,11 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: boo
     net, cfg = load_net(d, device, ema)
     if cfg.get("stage") == "mdm" and not mirror_space:  # trained on g(x): not data until f maps them back
         stage = next((q for q in (Path(path), *Path(path).parents) if (q / "stage.json").is_file()), None)
-        run = stage.parent if stage is not None else d.parent.parent
+        py = "condiff.mirror.mirror_generate, or load_denoiser(..., mirror_space=True)"
+        how = f"use `condiff namm sample --run {stage.parent}` (in Python, {py})" if stage is not None else \
+            f"in Python, use {py}"
         raise io.CheckpointError(f"{path} is a NAMM mirror diffusion model, whose samples lie in mirror space, not "
-                                 f"data space: use `condiff namm sample --run {run}` (in Python, condiff.mirror."
-                                 "mirror_generate, or load_denoiser(..., mirror_space=True))")
+                                 f"data space: {how}")
     drop = cfg.get("label_drop")  # recorded by `condiff train` for class-conditional models
     span = cfg.get("value_range")  # recorded since 2026-12-04
     ok = isinstance(span, list) and len(span) == 2 and all(checks.is_number(v) for v in span)
@@ -119,6 +124,9 @@ def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
             if (d / "stage.json").is_file() and (d / "mirror").is_dir():  # namm/ or finetune/ of a NAMM run
                 raise io.CheckpointError(f"{d} is a stage of a NAMM run that holds a mirror map, not a diffusion "
                                          f"model: use `condiff namm sample --run {d.parent}`")
+            if (d / "mirror" / io.CONFIG).is_file():  # the run_dir of fit_mirror_map or finetune_inverse
+                raise io.CheckpointError(f"{d} is the run of a mirror map (fit_mirror_map, finetune_inverse), not of "
+                                         "a diffusion model: load its map with condiff.mirror.load_mirror")
             what = "a model/ without its config.json" if (d / "model").is_dir() else "no model/"
             newest = max((p for p in (d / "checkpoints").glob("step_*")), default=None, key=lambda p: p.name)
             loads = newest is not None and {"net", "schedule"} <= set(_config_or_empty(newest))

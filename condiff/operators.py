@@ -139,7 +139,7 @@ class MeasurementLoss:
     y: Tensor
 
     def __post_init__(self) -> None:
-        self.y = self.op.observed(self.y)
+        self.y = self.op.observed(checks.floating("loss: the measurement y", self.y))
         if self.y.is_floating_point() and not bool(torch.isfinite(self.y).all()):
             bad = int((~torch.isfinite(self.y)).sum())
             raise ValueError(f"loss: y holds {bad} non-finite measured value(s) (NaN or inf where the operator "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
@@ -126,6 +127,28 @@ def check_denoiser(denoiser: object) -> None:
         hint = (": wrap a network as NetDenoiser(net, schedule) (condiff.denoiser), or load a trained model "
                 "with condiff.models.load_denoiser") if isinstance(denoiser, torch.nn.Module) else ""
         raise TypeError(f"the model must be a condiff Denoiser, got a {type(denoiser).__name__}{hint}")
+    checks.eval_mode(getattr(denoiser, "net", None), "", "the denoiser's network")  # dropout: draws that do not repeat
+
+
+def check_shape(denoiser: object, shape: Sequence[int], batch: bool) -> None:
+    """A sampler's ``shape`` (``batch``: the batch's ``(B, ...)``, else one sample's) against the per-sample
+    shape the model was trained on, where it records one: the other convention's shape is refused, naming
+    it, and (for a batch) another sample shape is warned of (a convolutional net runs at any size, rarely
+    well)."""
+    known = getattr(denoiser, "sample_shape", None)
+    if known is None or not isinstance(shape, (tuple, list)):
+        return
+    shape, known = tuple(shape), tuple(known)
+    example = f"(16, {', '.join(map(str, known))})" if batch else str(known)
+    if batch and shape == known:
+        raise ValueError(f"shape is the batch's, (B, *sample shape), e.g. {example}; got {shape}, the shape of one "
+                         "of the model's samples")
+    if not batch and shape[1:] == known:
+        raise ValueError(f"shape is one sample's, e.g. {example} for this model; got {shape}, a batch's (the "
+                         "number of samples is n)")
+    if batch and shape[1:] != known:
+        warnings.warn(f"the model was trained on samples of shape {known}; drawing {shape[1:]} instead",
+                      stacklevel=3)
 
 
 def ddim_sigma(abar_t: float, abar_prev: float, eta: float) -> float:
@@ -292,6 +315,10 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
                 kept.read()
         if kept is not None:
             kept.read()
+        if guidance is None and not bool(torch.isfinite(x).all()):  # once, at the end: one wait for the device
+            bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+            raise FloatingPointError(f"{bad} of {B} samples are not finite (NaN or inf): the denoiser's predictions "
+                                     "were not (check the model: its weights, or what it was given)")
     except Exception as err:  # an unread bad guidance step before the failure is its likely cause: reported first
         if kept is not None:
             kept.read_before(err)
@@ -362,6 +389,7 @@ def sample(denoiser: Denoiser, shape: tuple[int, ...], steps: int = 100, eta: fl
     """Draw ``shape[0]`` samples: fresh noise ``x_T`` (in the dtype of the denoiser's weights), then
     :func:`ddim` over ``steps`` timesteps."""
     check_denoiser(denoiser)
+    check_shape(denoiser, shape, batch=True)
     x = randn(shape, generator, device=device, dtype=checks.param_dtype(denoiser))
     return ddim(denoiser, x, denoiser.schedule.timesteps(steps, spacing), eta=eta, generator=generator, **kw)
 
@@ -381,6 +409,7 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
     n = checks.integer("n (the number of samples)", n)
     if not isinstance(shape, (tuple, list)):
         raise ValueError(f"shape must be the per-sample shape as a tuple, e.g. (1, 8, 8), got {shape!r}")
+    check_shape(denoiser, shape, batch=False)
     if "steps" in kw:  # a bad step count fails before the progress bar is drawn
         denoiser.schedule.timesteps(kw["steps"], kw.get("spacing", "linspace"))
     bar = progress_bar(n, progress, unit="sample")

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from . import checks, io
 from .checks import check_setting
 from .data import value_range
-from .denoiser import check_prediction
+from .denoiser import check_call, check_prediction
 from .nets.embed import check_labels_fit
 from .sample import progress_bar
 from .schedule import Schedule, check_schedule
@@ -253,13 +253,18 @@ def init_distributed(device: str) -> DistInfo:
     return info
 
 
+TRAINED_ON = ("shape", "value_range")  # the entries of a Trainer's meta that its nets carry as .trained_on
+
+
 class Trainer:
     """Optimise ``model`` for ``objective`` with checkpoints in ``run_dir/checkpoints``.
 
     ``meta`` is stored in every checkpoint's ``config.json`` (net config, schedule, data) so a
     checkpoint alone is enough to rebuild the model (:func:`condiff.models.load_denoiser` loads
     ``run_dir/checkpoints/step_*``). Left out, it is the model's ``config``, the objective's
-    ``schedule`` and its data's per-sample ``shape`` and ``value_range``, where they have them.
+    ``schedule`` and its data's per-sample ``shape`` and ``value_range``, where they have them. Those two
+    are also kept on the network (and its EMA copy) as ``.trained_on``, which :func:`condiff.models.save_model`
+    and :class:`~condiff.denoiser.NetDenoiser` read where they are not given.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, cfg: TrainConfig,
@@ -270,6 +275,8 @@ class Trainer:
             raise TypeError("Trainer needs an objective with a loss(model, step, generator) method (e.g. "
                             f"condiff.train.DenoisingObjective), got {type(objective).__name__}")
         check_train_config("Trainer", cfg)
+        if isinstance(objective, DenoisingObjective):  # (other objectives call their model in their own way)
+            check_call(model, labelled=objective.y is not None)
         checks.device("TrainConfig.device", cfg.device)
         data = getattr(objective, "x", None)
         if meta is None:
@@ -297,6 +304,9 @@ class Trainer:
         self.device = torch.device(
             f"cuda:{self.dist.local_rank}" if cfg.device == "cuda" and self.dist.world > 1 else cfg.device)
         self.model = model.to(self.device)
+        # what the net was trained on, read by save_model and NetDenoiser where not given to them (the guided
+        # samplers' default clip of x0_hat, the plug-and-play engine's picture size); the EMA copy inherits it
+        self.model.trained_on = {k: meta[k] for k in TRAINED_ON if meta.get(k) is not None}
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         # the tensors the EMA update pairs up, listed once: walking the modules at every step costs
         # 0.7 ms for the digits UNet (a twentieth of its step on an H200)
@@ -591,8 +601,8 @@ def _finite_sum(rows: list[tuple[Tensor, Tensor, dict]], first: int) -> float:
         if step == 0:  # no update yet, so the learning rate is not the cause
             what = f"training loss is {value}" if not math.isfinite(value) else \
                 f"the gradient norm is {gnorm} (the loss is {value:.4g})"
-            raise FloatingPointError(f"{what} at step 0{said}, before any update: the training data or the "
-                                     "objective give non-finite values")
+            raise FloatingPointError(f"{what} at step 0{said}, before any update: the network's output (its "
+                                     "weights), the training data or the objective are not finite")
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss became {value} at step {step}{said}; try a lower learning "
                                      "rate")

@@ -1030,8 +1030,10 @@ def test_a_mirror_model_is_not_sampled_as_data_and_metrics_are_valid_json(traine
     capsys.readouterr()
     assert main(["sample", "--ckpt", str(run), "--n", "3", "--steps", "2", "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
-    assert "is a NAMM mirror diffusion model" in err and f"condiff namm sample --run {tmp_path / 'namm'}" in err
-    (run / "stage.json").write_text("{}")  # a real stage directory; a checkpoint of it names the same run
+    assert "is a NAMM mirror diffusion model" in err and "in Python, use condiff.mirror.mirror_generate" in err
+    (run / "stage.json").write_text("{}")  # a stage of `condiff namm`; it, and a checkpoint of it, name the run
+    assert main(["sample", "--ckpt", str(run), "--n", "3", "--steps", "2", "--out", str(tmp_path / "s")]) == 2
+    assert f"condiff namm sample --run {tmp_path / 'namm'}`" in capsys.readouterr().err
     ckpt = sorted((run / "checkpoints").iterdir())[-1]
     cfg = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**cfg, "stage": "mdm"}))

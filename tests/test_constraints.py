@@ -140,6 +140,11 @@ def test_brightness_closed_form():
     assert torch.equal(con(img), torch.zeros(3))
     shifted = img + 0.1  # every pixel +0.05 in intensity: 64 * 0.05 = 3.2
     assert torch.allclose(con(shifted), torch.full((3,), 3.2), atol=1e-5)
+    # data on another range: intensity (x - lo) / (hi - lo), so 4 pixels at 0.5 of [0, 1] hold 2, at 255 of
+    # [0, 255] hold 4 (the default range hid a hard-coded (x + 1) / 2)
+    assert float(TotalBrightness(flux=2.0, lo=0.0, hi=1.0)(torch.full((1, 1, 2, 2), 0.5))) == 0.0
+    assert float(TotalBrightness(flux=4.0, lo=0.0, hi=255.0)(torch.full((1, 1, 2, 2), 255.0))) == 0.0
+    assert float(TotalBrightness(flux=0.0, lo=-3.0, hi=5.0)(torch.full((1, 1, 2, 2), 1.0))) == 2.0
 
 
 def test_burgers_constant_state_is_a_fixed_point_and_perturbations_are_caught():

@@ -236,8 +236,10 @@ def test_generate_gives_each_batch_its_own_labels():
     den = NetDenoiser(net, Schedule.linear(20))
     y = torch.arange(6) % 3
     batched = generate(den.conditioned(y), 6, (2,), batch_size=4, steps=3, generator=torch.Generator().manual_seed(0))
-    first = sample(den.conditioned(y[:4]), (4, 2), steps=3, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(batched[:4], first)
+    g = torch.Generator().manual_seed(0)  # one generator, one batch after the other
+    first = sample(den.conditioned(y[:4]), (4, 2), steps=3, generator=g)
+    last = sample(den.conditioned(y[4:]), (2, 2), steps=3, generator=g)
+    torch.testing.assert_close(batched, torch.cat([first, last]))  # the last batch its own labels too
     other = generate(den.conditioned(torch.zeros(6, dtype=torch.long)), 6, (2,), batch_size=4, steps=3,
                      generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(batched, other)
@@ -541,3 +543,134 @@ def test_clip_x0_takes_auto_in_every_sampler_and_names_every_form_it_takes():
         with pytest.raises(ValueError, match=r"clip_x0 must be a number > 0, a pair \(lo, hi\) with lo < hi, 'auto' "
                                              "or None"):
             sample(den, (2, 2), steps=3, clip_x0=bad)
+
+
+def _tiny_unet(**kw) -> torch.nn.Module:
+    from condiff.nets import build_net
+
+    torch.manual_seed(0)
+    return build_net({"name": "unet", "in_channels": 1, "base": 8, "mults": [1], "num_res": 1, **kw})
+
+
+def test_a_trainers_net_carries_its_data_range_to_save_model_and_netdenoiser(tmp_path):
+    """save_model(dir, ema, schedule) recorded no value_range, so guided sampling of data on [0, 10] clipped
+    x0_hat to [-1, 1] without a word (the Trainer's own checkpoints recorded it)."""
+    s = Schedule.linear(50)
+    x = torch.rand(32, 1, 8, 8) * 10
+    ema = Trainer(_tiny_unet(), DenoisingObjective(x, s, 8), TrainConfig(steps=2, warmup=0, progress=False)).fit()
+    lo, hi = float(x.min()), float(x.max())
+    assert ema.trained_on == {"shape": [1, 8, 8], "value_range": [lo, hi]}
+    save_model(tmp_path / "m", ema, s)
+    for den in (load_denoiser(tmp_path / "m"), NetDenoiser(ema, s)):
+        assert den.value_range == [lo, hi] and den.sample_shape == (1, 8, 8)
+        assert default_clip(den, "auto") == (lo, hi)  # was [-1, 1]: every sample clipped to 1
+    assert NetDenoiser(ema, s, value_range=(0, 1)).value_range == [0.0, 1.0]  # what the caller gives comes first
+    save_model(tmp_path / "given", ema, s, value_range=[0, 2])
+    assert load_denoiser(tmp_path / "given").value_range == [0.0, 2.0]
+    assert NetDenoiser(_tiny_unet(), s).value_range is None  # a net no Trainer trained knows no range
+
+
+def test_samplers_refuse_a_denoiser_whose_network_is_in_training_mode():
+    """Dropout in training mode made a seeded draw unrepeatable, without a word."""
+    s = Schedule.linear(50)
+    net = _tiny_unet(dropout=0.3)
+    with pytest.raises(ValueError, match=r"the denoiser's network in training mode \(Dropout\) .* call .eval\(\)"):
+        sample(NetDenoiser(net, s), (2, 1, 8, 8), steps=2)
+    with pytest.raises(ValueError, match=r"the denoiser's network in training mode"):
+        infer(NetDenoiser(net, s), torch.zeros(2, 1, 8, 8), steps=2)
+    assert sample(NetDenoiser(net.eval(), s), (2, 1, 8, 8), steps=2).shape == (2, 1, 8, 8)
+    assert sample(NetDenoiser(_tiny_unet().train(), s), (1, 1, 8, 8), steps=2).shape == (1, 1, 8, 8)  # no dropout
+
+
+def test_a_guidance_loss_network_in_training_mode_is_refused_as_pnp_refuses_one():
+    bn = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(4), torch.nn.Flatten(0))
+    with pytest.raises(ValueError, match=r"a guidance loss that is a network in training mode \(BatchNorm1d\)"):
+        DPS(bn)
+    DPS(bn.eval())
+
+
+def test_a_network_that_predicts_nan_is_named_by_every_sampler():
+    """Unguided sampling returned NaN samples silently; guided sampling blamed the loss and PnP the learning rate."""
+    s = Schedule.linear(50)
+    net = _tiny_unet().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(float("nan"))
+    den = NetDenoiser(net, s)
+    with pytest.raises(FloatingPointError, match=r"2 of 2 samples are not finite .* the denoiser's predictions"):
+        sample(den, (2, 1, 8, 8), steps=3)
+    with pytest.raises(FloatingPointError, match=r"the denoiser's prediction x0_hat is not finite .* check the model"):
+        guided_sample(den, DPS(lambda z: z.flatten(1).pow(2).sum(1)), (2, 1, 8, 8), 3)
+    with pytest.raises(FloatingPointError, match=r"step 0 .* not finite on the first, finite samples: check the prior"):
+        infer(den, torch.zeros(2, 1, 8, 8), steps=2)
+
+
+def test_guidance_under_inference_mode_names_inference_mode_not_the_loss():
+    den = GaussianDenoiser(Schedule.linear(50), mean=0.0, std=1.0)
+    said = r"under torch.inference_mode\(\).* \(torch.no_grad\(\) is fine\)"
+    with torch.inference_mode(), pytest.raises(ValueError, match=said):
+        guided_sample(den, DPS(lambda z: z.pow(2).sum(1)), (2, 3), 3)
+    with torch.no_grad():  # turned back on by the sampler
+        assert guided_sample(den, DPS(lambda z: z.pow(2).sum(1)), (2, 3), 3).x.shape == (2, 3)
+
+
+def test_a_numpy_measurement_is_named_with_its_conversion():
+    import numpy as np
+
+    from condiff.operators import Inpainting
+
+    op = Inpainting.box((2, 1, 8, 8), 4)
+    with pytest.raises(TypeError, match=r"the measurement y must be a torch tensor, got ndarray: convert it with "
+                                        r"torch.as_tensor"):
+        op.loss(np.zeros((2, 1, 8, 8), dtype=np.float32))
+
+
+def test_sample_shapes_of_the_other_convention_are_named_and_another_size_warned_of():
+    from condiff.sample import generate
+
+    s = Schedule.linear(50)
+    den = NetDenoiser(_tiny_unet().eval(), s, sample_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match=r"shape is the batch's, \(B, \*sample shape\), e.g. \(16, 1, 8, 8\); got "
+                                         r"\(1, 8, 8\)"):
+        sample(den, (1, 8, 8), steps=2)
+    with pytest.raises(ValueError, match=r"shape is one sample's, e.g. \(1, 8, 8\) for this model; got \(3, 1, 8, 8\)"):
+        generate(den, 3, (3, 1, 8, 8), steps=2)
+    with pytest.warns(UserWarning, match=r"trained on samples of shape \(1, 8, 8\); drawing \(1, 12, 12\)"):
+        assert generate(den, 2, (1, 12, 12), steps=2).shape == (2, 1, 12, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert generate(den, 2, (1, 8, 8), steps=2).shape == (2, 1, 8, 8)
+
+
+def test_a_network_that_cannot_take_x_and_t_is_named_before_its_first_call():
+    class NoTime(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    s = Schedule.linear(50)
+    with pytest.raises(TypeError, match=r"as net\(x, t\) .* NoTime.forward\(x\) cannot take that"):
+        NetDenoiser(NoTime(), s)
+    with pytest.raises(TypeError, match=r"as net\(x, t, y\) .* cannot take that"):
+        Trainer(NoTime(), DenoisingObjective(torch.zeros(4, 1, 4, 4), s, 2, y=torch.zeros(4, dtype=torch.long)),
+                TrainConfig(steps=1, progress=False))
+
+
+def test_a_loss_or_distance_without_slope_is_warned_of():
+    """A rounded loss guided nothing and a rounded distance fitted nothing, without a word."""
+    from condiff.constraints import check_distance
+
+    den = GaussianDenoiser(Schedule.linear(50), mean=0.0, std=1.0)
+    with pytest.warns(UserWarning, match=r"the guidance loss is > 0 on 2 of 2 samples but its gradient is zero on "
+                                         r"every one.*torch.round.* \(at t = 49\)"):
+        guided_sample(den, DPS(lambda z: torch.round(z.abs().sum(1) + 1)), (2, 3), 3)
+    with pytest.warns(UserWarning, match=r"a constraint distance is > 0 on 3 of 3 samples but its gradient is zero"):
+        check_distance(lambda z: torch.round(z.abs().sum(1) + 1), torch.randn(3, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guided_sample(den, DPS(lambda z: z.pow(2).sum(1)), (2, 3), 3)
+        check_distance(lambda z: z.pow(2).sum(1), torch.randn(3, 2))
+        check_distance(lambda z: torch.relu(z.abs().sum(1) - 100), torch.randn(3, 2))  # 0 on the set: no slope needed

@@ -1846,3 +1846,27 @@ def test_constraint_guided_dps_checks_the_constraint_it_is_given():
         with pytest.raises(ValueError, match=r"the guiding constraint reaches -.* < 0"):
             sample(den, (2, 1, 4, 4), steps=3, eta=1.0,
                    guidance=DPS(with_constraint(loss, lambda v: -v.flatten(1).abs().mean(1), 1.0), 0.1))
+
+
+def test_a_mirror_dm_made_in_python_is_kept_from_data_space_and_a_maps_run_is_named(tmp_path):
+    """A mirror DM from train_diffusion loaded as an ordinary model (only the CLI recorded what it is), and a
+    fit_mirror_map run directory given to load_denoiser was told to run `condiff train ... --resume`."""
+    from condiff.io import CheckpointError
+    from condiff.mirror import train_diffusion
+    from condiff.models import load_denoiser
+
+    x, con = _brightness_data(8)
+    cfg = TrainConfig(steps=2, batch_size=4, warmup=0, progress=False)
+    net = {"name": "unet", "in_channels": 1, "base": 8, "mults": [1], "num_res": 1}
+    train_diffusion(x, net, Schedule.linear(20), cfg, run_dir=tmp_path / "mdm", mirror_space=True)
+    with pytest.raises(CheckpointError, match=r"mdm is a NAMM mirror diffusion model, .* in Python, use "
+                                                 r"condiff.mirror.mirror_generate, or load_denoiser\(\.\.\., "
+                                                 r"mirror_space=True\)$"):
+        load_denoiser(tmp_path / "mdm")
+    assert load_denoiser(tmp_path / "mdm", mirror_space=True).sample_shape == (1, 8, 8)
+    train_diffusion(x, net, Schedule.linear(20), cfg, run_dir=tmp_path / "vanilla")
+    load_denoiser(tmp_path / "vanilla")  # data space by default
+    fit_mirror_map(x, con, _tiny_mirror(), cfg, run_dir=tmp_path / "map")
+    with pytest.raises(CheckpointError, match=r"map is the run of a mirror map .* load its map with "
+                                                 "condiff.mirror.load_mirror"):
+        load_denoiser(tmp_path / "map")

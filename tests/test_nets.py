@@ -324,6 +324,9 @@ def test_a_net_of_ones_own_is_built_from_its_file_and_rebuilt_from_its_config_an
     net = build_net({"name": "own/net.py:Net", "width": 3})
     assert net.config["name"] == f"{tmp_path / 'own' / 'net.py'}:Net"  # absolute: found from anywhere
     assert net.config["width"] == 3 and len(net.config["file_sha256"]) == 64
+    from pathlib import Path
+
+    assert build_net({"name": Path("own/net.py:Net"), "width": 3}).config == net.config  # a path names it alike
     monkeypatch.chdir(tmp_path / "own")
     twin = build_net(json.loads(json.dumps(net.config)))
     twin.load_state_dict(net.state_dict())
@@ -419,3 +422,12 @@ def test_resnet_refuses_images_its_layers_cannot_take_before_torch_does(cfg, siz
         build_mirror((1, size, size), {"name": "icnn", "filters": 4, "layers": 2}, {"name": "resnet", **cfg})
     bigger = size * 2
     assert net(torch.zeros(2, 1, bigger, bigger)).shape == (2, 1, bigger, bigger)
+
+
+def test_a_channels_last_batch_is_named_as_one():
+    net = UNet(in_channels=3, base=8, mults=(1,), num_res=1)
+    with pytest.raises(ValueError, match=r"built for 3 input channels, got 8: x of shape \(2, 8, 8, 3\) looks "
+                                         r"channels-last; permute it to \(B, C, H, W\)"):
+        net(torch.zeros(2, 8, 8, 3), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"built for 3 input channels, got 1$"):
+        net(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))

@@ -81,7 +81,8 @@ def test_a_non_finite_loss_names_the_data_at_step_0_and_the_learning_rate_later(
         DenoisingObjective(bad, s, 8)
     objective = DenoisingObjective(torch.randn(64, 2), s, 64)
     objective.x[3, 0] = float("nan")  # data that turn bad after the check (an objective of one's own, say)
-    with pytest.raises(FloatingPointError, match="at step 0, before any update: the training data"):
+    with pytest.raises(FloatingPointError, match=r"at step 0, before any update: the network's output \(its weights\), "
+                                                 "the training data"):
         Trainer(TimeMLP(2, hidden=8, depth=1), objective, cfg).fit()
     # a learning rate that blows the weights up: the loss turns non-finite after some updates
     net = TimeMLP(2, hidden=8, depth=1)

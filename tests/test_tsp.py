@@ -203,6 +203,11 @@ def test_adjacency_latent_is_row_stochastic_and_differentiable():
     assert L.grad is not None and float(L.grad.abs().sum()) > 0
     with pytest.raises(ValueError, match="latent must have shape"):
         r.adjacency(torch.zeros(2, 5, 5))
+    # a low latent favours an edge (A = softmax(-tau L)): L = -1000 on a tour's edges picks that tour
+    tours = np.stack([np.random.default_rng(k).permutation(6) for k in range(2)])
+    one_hot = tsp.tours_to_adjacency(tours, 6)
+    sharp = tsp.AdjacencyRenderer(c, tsp.TourStyle(16), tau=50)
+    torch.testing.assert_close(sharp.adjacency(1 - one_hot), one_hot, atol=1e-6, rtol=0)
 
 
 def test_tour_style_for_size_follows_the_paper():

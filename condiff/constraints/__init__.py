@@ -28,6 +28,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from condiff.checks import eval_mode as check_eval_mode  # noqa: F401 (re-exported: PnP, mirror DPS)
+
 Distance = Callable[[Tensor], Tensor]
 
 CONSTRAINTS: dict[str, type] = {}
@@ -116,21 +118,11 @@ def build_constraint(config: dict, how: str | None = None, saved_by: str | None 
 
 def not_differentiable(what: str, wrt: str = "x") -> str:
     """The message for a value ``what`` through which no gradient reaches ``wrt``."""
+    if torch.is_inference_mode_enabled():  # no function of the user's is at fault: no gradient exists there
+        return (f"{what} cannot be differentiated in {wrt} under torch.inference_mode(), which turns gradients off "
+                "even where condiff turns them on: call condiff outside it (torch.no_grad() is fine)")
     return (f"{what} must be differentiable in {wrt}: no gradient reaches {wrt} (is it computed under no_grad, "
             "detached, or through numpy?)")
-
-
-def check_eval_mode(fn: object, what: str) -> None:
-    """Refuse a network in training mode as ``what`` (a distance, a loss): batch statistics and dropout make
-    its values depend on the batch and on chance, and it updates its running statistics each call."""
-    if isinstance(fn, nn.Module):
-        moody = sorted({type(m).__name__ for m in fn.modules() if m.training and (
-            (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
-            or (isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats))})
-        if moody:
-            raise ValueError(f"{what} that is a network in training mode ({', '.join(moody)}) gives "
-                             "values that depend on the batch and on chance, and updates its running statistics "
-                             "each call: call .eval() on it first")
 
 
 def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
@@ -160,7 +152,7 @@ def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
     if not bool(torch.isfinite(out).all()):
         bad = (~torch.isfinite(out.detach())).flatten().nonzero().flatten()
         raise ValueError(f"a constraint distance must return finite values, got {len(bad)} not finite of "
-                         f"{out.numel()} (sample {int(bad[0])}: {float(out.flatten()[bad[0]])}){on}")
+                         f"{out.numel()} (sample {int(bad[0])}: {float(out.detach().flatten()[bad[0]])}){on}")
     check_sign(out.detach(), f"a constraint distance ({_few(out)})")
     if xg.requires_grad and not out.requires_grad:
         raise ValueError(not_differentiable("a constraint distance"))
@@ -172,7 +164,16 @@ def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
                              f"{len(grad)} samples{on}. Common causes: a norm's square root, which has no gradient "
                              "at 0, where a distance is 0 on its set (use condiff.constraints.safe_norm); a "
                              "torch.where whose unused branch is not finite (NaN there still reaches the gradient)")
+        if bool((out > 0).any()) and (grad is None or not bool(grad.any())):
+            warnings.warn(zero_gradient("a constraint distance", int((out > 0).sum()), len(out)), stacklevel=3)
     return out.detach()
+
+
+def zero_gradient(what: str, positive: int, n: int) -> str:
+    """The warning for ``what``, positive on ``positive`` of ``n`` samples, whose gradient is zero on all."""
+    return (f"{what} is > 0 on {positive} of {n} samples but its gradient is zero on every one, so it moves "
+            "nothing: a rounded, thresholded or counted value (torch.round, a comparison) has no slope; use a "
+            "smooth one")
 
 
 def _few(values: Tensor, k: int = 4) -> str:

@@ -11,6 +11,7 @@ Euclidean step of the papers, ``x_{t_prev} = mean + sigma z - scale * g``; DSG
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Protocol
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import checks
-from ..constraints import not_differentiable
+from ..constraints import not_differentiable, zero_gradient
 from ..sample import Step, clip_bounds, kept_checks
 
 Loss = Callable[[Tensor], Tensor]
@@ -81,6 +82,11 @@ def _figures(value: Tensor, g: Tensor, x0_hat: Tensor) -> Tensor:
 
 def _not_finite(what: str, step_size: str, t: int, clip_x0, n: int, bad: float, lo: float,
                 hi: float) -> FloatingPointError:
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # x_t was finite (the sampler checks each step's)
+        return FloatingPointError(
+            f"the denoiser's prediction x0_hat is not finite (NaN or inf) at t = {t}, so neither is the guidance "
+            f"loss{what}: check the model (its weights, or an x_t far beyond its training data, where earlier "
+            f"guided steps took it: then lower the guidance step size, {step_size})")
     if clip_x0 is None:
         fix = "bound x0_hat with clip_x0, or make the loss finite there"
     else:  # the samples moved by earlier guided steps, or a loss that overflows inside the clip
@@ -118,6 +124,7 @@ class GradientGuidance:
     def __init__(self, loss: Loss) -> None:
         if not callable(loss):
             raise ValueError(f"loss must be a callable x -> (B,) tensor, got {type(loss).__name__}")
+        checks.eval_mode(loss, "a guidance loss")
         self.loss = loss
         self.grad_evals = 0
 
@@ -137,7 +144,13 @@ class GradientGuidance:
         value = checks.per_sample("the guidance loss", self.loss(step.x0_hat), step.x_t.shape[0])
         if not value.requires_grad:
             raise ValueError(not_differentiable("the guidance loss", "x0_hat"))
-        (g,) = torch.autograd.grad(value.sum(), step.x_t)
+        if self.grad_evals == 0:  # the first: also the slope in x0_hat itself (a clip of x0_hat may flatten g)
+            g0, g = torch.autograd.grad(value.sum(), [step.x0_hat, step.x_t])
+            if bool((value > 0).any()) and not bool(g0.any()):  # once: a wait for the device
+                warnings.warn(zero_gradient("the guidance loss", int((value > 0).sum()), len(value)) +
+                              f" (at t = {step.t_host})", stacklevel=2)
+        else:
+            (g,) = torch.autograd.grad(value.sum(), step.x_t)
         self.grad_evals += 1
         self._note(step, value.detach(), g)
         return value.detach(), g

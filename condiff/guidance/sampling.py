@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import checks
 from ..denoiser import Denoiser
-from ..sample import Guidance, Step, check_denoiser, ddim, randn
+from ..sample import Guidance, Step, check_denoiser, check_shape, ddim, randn
 
 
 @dataclass
@@ -52,6 +52,7 @@ def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...]
         if tuple(x_T.shape) != tuple(shape):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape asks for {tuple(shape)}")
     check_denoiser(denoiser)
+    check_shape(denoiser, shape, batch=True)
     x = randn(shape, generator, device=device, dtype=checks.param_dtype(denoiser)) if x_T is None else x_T.to(
         checks.device("device", device))
     ts = denoiser.schedule.timesteps(steps, spacing)

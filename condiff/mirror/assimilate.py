@@ -123,7 +123,7 @@ def assimilate(
         warnings.warn("assimilate: a constraint was given with constraint_weight = 0, so it is not used; give a "
                       "weight > 0 for constraint-guided DPS (the paper's 200)", stacklevel=2)
     operator = operator.to(device)
-    loss = normalised_measurement_loss(operator, y.to(device))
+    loss = normalised_measurement_loss(operator, checks.floating("assimilate: the measurement y", y).to(device))
     if constraint_weight > 0:
         if constraint is None:
             raise ValueError("constraint-guided DPS needs a constraint")

@@ -154,14 +154,19 @@ def train_diffusion(
     resume: bool = False,
     seed: int = 0,
     saved_by: str | None = None,
+    mirror_space: bool = False,
 ) -> NetDenoiser:
     """The core denoising objective on in-memory data ``x`` (the vanilla DM on data, the MDM on ``g(x)``).
     ``saved_by``: what ``net_cfg`` was read from, where a net of one's own runs its file only if trusted
     (:func:`condiff.nets.build_net`).
 
     With ``run_dir`` the EMA model is saved to ``run_dir/model`` (loadable with
-    :func:`condiff.models.load_denoiser`).
+    :func:`condiff.models.load_denoiser`). ``mirror_space``: ``x`` are mirror data ``g(x)``, and the saved
+    model is recorded as a mirror DM, which ``load_denoiser`` then loads only with ``mirror_space=True``
+    (its samples are data only once the inverse map takes them back).
     """
+    if mirror_space:
+        meta = {"stage": "mdm", **(meta or {})}
     _check_inputs("train_diffusion", x, tcfg)
     if not isinstance(net_cfg, dict):
         raise TypeError(f"train_diffusion: net_cfg is the net's settings, a dict such as {{'name': 'unet'}}, got "

@@ -8,6 +8,7 @@ Every registered net stores its constructor arguments, plus ``"name"``, as a JSO
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from collections.abc import Callable
 
@@ -40,6 +41,8 @@ def net_class(name: str, saved_by: str | None = None) -> tuple[type, str, str | 
     ``NAME``, recorded under the file's absolute path so that a model rebuilds from any working directory.
     ``saved_by``: what names it, where a saved model does: the file then runs only if it is trusted
     (:func:`condiff.userfile.load_from_file`)."""
+    if isinstance(name, os.PathLike):  # FILE.py:NAME given as a path
+        name = os.fspath(name)
     if name in NETS:
         return NETS[name], name, None
     full = absolute_spec(name, "model.name", "an nn.Module class") if isinstance(name, str) else None

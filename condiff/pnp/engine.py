@@ -131,18 +131,20 @@ class _Trace:
     def _record(self, i: int, t_i: int, row: list[float]) -> None:
         g_ok, x_ok, d_ok, d_mean, c_mean = row
         if not g_ok:
-            raise FloatingPointError(f"non-finite gradient at step {i} (t={t_i}): {_culprit(x_ok, d_ok, c_mean)}")
+            raise FloatingPointError(f"non-finite gradient at step {i} (t={t_i}): {_culprit(i, x_ok, d_ok, c_mean)}")
         self.out.denoise.append(d_mean)
         if self.constrained:
             self.out.constraint.append(c_mean)
 
 
-def _culprit(x_ok: bool, d_ok: bool, c_mean: float) -> str:
-    """What made a step's gradient non-finite, as far as the step's values tell."""
+def _culprit(i: int, x_ok: bool, d_ok: bool, c_mean: float) -> str:
+    """What made step ``i``'s gradient non-finite, as far as the step's values tell."""
     if not x_ok:
         return "the rendered samples are not finite; lower the learning rate"
+    if not d_ok and i == 0:  # the latent has not moved yet: the denoiser's prediction on finite samples
+        return "the denoising term is not finite on the first, finite samples: check the prior (its weights)"
     if not d_ok:
-        return "the denoising term is not finite; lower the learning rate"
+        return "the denoising term is not finite; lower the learning rate, or check the prior"
     if not math.isfinite(c_mean):
         return f"the constraint returned non-finite values (mean {c_mean}) on finite samples"
     return "the gradient is not finite though the step's values are: check the constraint's gradient, or lower " \
