@@ -256,15 +256,26 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def eval_mode(fn: object, what: str, network: str | None = None) -> None:
-    """Refuse a network in training mode as ``what`` (a distance, a loss): batch statistics and dropout make
-    its values depend on the batch and on chance, and it updates its running statistics each call.
-    ``network``: how the message names the network instead of "``what`` that is a network"."""
-    if isinstance(fn, torch.nn.Module):
-        moody = sorted({type(m).__name__ for m in fn.modules() if m.training and (
-            (isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0)
-            or (isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats))})
-        if moody:
-            raise ValueError(f"{network or what + ' that is a network'} in training mode ({', '.join(moody)}) gives "
-                             "values that depend on the batch and on chance, and updates its running statistics "
-                             "each call: call .eval() on it first")
+def eval_mode(fn: object, network: str) -> None:
+    """Refuse ``fn`` when it is a network in training mode with dropout (random values) or batch statistics
+    (values that depend on the batch, and running statistics updated at each call). ``network`` names it in
+    the message: "a constraint that is a network", "the denoiser's network"."""
+    if not isinstance(fn, torch.nn.Module):
+        return
+    live = [m for m in fn.modules() if m.training]
+    drop = sorted({type(m).__name__ for m in live if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0})
+    norm = sorted({type(m).__name__ for m in live
+                   if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats})
+    if drop or norm:
+        why = [w for w, on in (("draws random values (dropout)", drop), ("gives values that depend on the batch and "
+                                                                       "updates its running statistics", norm)) if on]
+        raise ValueError(f"{network} in training mode ({', '.join(sorted(drop + norm))}) {' and '.join(why)} at each "
+                         "call: call .eval() on it first")
+
+
+def gradients_on(who: str) -> None:
+    """Refuse to run ``who``, which takes gradients, under ``torch.inference_mode()``: there no gradient exists,
+    even where condiff turns them on, and torch's own error would name none of the caller's code."""
+    if torch.is_inference_mode_enabled():
+        raise ValueError(f"{who} takes gradients, which torch.inference_mode() turns off even where condiff turns "
+                         "them on: call it outside inference_mode (torch.no_grad() is fine)")

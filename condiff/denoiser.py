@@ -62,19 +62,24 @@ def trained_on(net: object) -> dict:
     return dict(seen) if isinstance(seen, dict) else {}
 
 
-def check_call(net: nn.Module, labelled: bool = False) -> None:
+def check_call(net: nn.Module, labelled: bool | None = False) -> None:
     """Refuse a network whose ``forward`` cannot be called as condiff calls it, ``net(x, t)`` (``net(x, t, y)``
-    when ``labelled``), before the first call fails inside torch."""
+    when ``labelled``; either when ``labelled`` is None, as for a net labels may condition later), before the
+    first call fails inside torch."""
     try:
         sig = inspect.signature(net.forward)
     except (TypeError, ValueError):  # a builtin or C extension: nothing to read
         return
-    try:
-        sig.bind(*[None] * (3 if labelled else 2))
-    except TypeError:
-        call = "net(x, t, y) (noisy x, timesteps t, labels y)" if labelled else "net(x, t) (noisy x, timesteps t)"
-        raise TypeError(f"condiff calls a denoising network as {call}, which returns the predicted noise; "
-                        f"{type(net).__name__}.forward{sig} cannot take that") from None
+    counts = (2, 3) if labelled is None else (3,) if labelled else (2,)
+    for k in counts:
+        try:
+            sig.bind(*[None] * k)
+            return
+        except TypeError:
+            pass
+    call = "net(x, t, y) (noisy x, timesteps t, labels y)" if labelled else "net(x, t) (noisy x, timesteps t)"
+    raise TypeError(f"condiff calls a denoising network as {call}, which returns the predicted noise; "
+                    f"{type(net).__name__}.forward{sig} cannot take that") from None
 
 
 def check_prediction(pred: Tensor, x_t: Tensor) -> Tensor:
@@ -128,7 +133,7 @@ class NetDenoiser(Denoiser):
             y = int(y)  # one label for the whole batch, as an int is
         if y is not None and not isinstance(y, Tensor) and (isinstance(y, bool) or not isinstance(y, numbers.Integral)):
             raise ValueError(f"a class label must be an integer (or a (B,) long tensor), got {y!r}")
-        check_call(net, labelled=y is not None)
+        check_call(net, labelled=True if y is not None else None)
         self.net = net
         self.y = y
         self.guidance_scale = checks.number("guidance_scale", guidance_scale, ">= 0")

@@ -127,28 +127,29 @@ def check_denoiser(denoiser: object) -> None:
         hint = (": wrap a network as NetDenoiser(net, schedule) (condiff.denoiser), or load a trained model "
                 "with condiff.models.load_denoiser") if isinstance(denoiser, torch.nn.Module) else ""
         raise TypeError(f"the model must be a condiff Denoiser, got a {type(denoiser).__name__}{hint}")
-    checks.eval_mode(getattr(denoiser, "net", None), "", "the denoiser's network")  # dropout: draws that do not repeat
+    checks.eval_mode(denoiser, "the denoiser's network")  # its .net, a diffusers .unet, ...
 
 
-def check_shape(denoiser: object, shape: Sequence[int], batch: bool) -> None:
+SHAPE_WARNING = "the model was trained on samples of shape"
+
+
+def check_shape(denoiser: object, shape: Sequence[int], batch: bool, stacklevel: int = 3) -> None:
     """A sampler's ``shape`` (``batch``: the batch's ``(B, ...)``, else one sample's) against the per-sample
     shape the model was trained on, where it records one: the other convention's shape is refused, naming
-    it, and (for a batch) another sample shape is warned of (a convolutional net runs at any size, rarely
-    well)."""
+    it, and another sample shape is warned of (a convolutional net runs at any size, rarely well)."""
     known = getattr(denoiser, "sample_shape", None)
     if known is None or not isinstance(shape, (tuple, list)):
         return
     shape, known = tuple(shape), tuple(known)
-    example = f"(16, {', '.join(map(str, known))})" if batch else str(known)
     if batch and shape == known:
-        raise ValueError(f"shape is the batch's, (B, *sample shape), e.g. {example}; got {shape}, the shape of one "
-                         "of the model's samples")
+        raise ValueError(f"shape is the batch's, (B, *sample shape), e.g. {(16, *known)}; got {shape}, the shape of "
+                         "one of the model's samples")
     if not batch and shape[1:] == known:
-        raise ValueError(f"shape is one sample's, e.g. {example} for this model; got {shape}, a batch's (the "
-                         "number of samples is n)")
-    if batch and shape[1:] != known:
-        warnings.warn(f"the model was trained on samples of shape {known}; drawing {shape[1:]} instead",
-                      stacklevel=3)
+        raise ValueError(f"shape is one sample's, e.g. {known} for this model; got {shape}, a batch's (the number "
+                         "of samples is n)")
+    one = shape[1:] if batch else shape
+    if one != known:
+        warnings.warn(f"{SHAPE_WARNING} {known}; drawing {one} instead", stacklevel=stacklevel)
 
 
 def ddim_sigma(abar_t: float, abar_prev: float, eta: float) -> float:
@@ -318,7 +319,8 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
         if guidance is None and not bool(torch.isfinite(x).all()):  # once, at the end: one wait for the device
             bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
             raise FloatingPointError(f"{bad} of {B} samples are not finite (NaN or inf): the denoiser's predictions "
-                                     "were not (check the model: its weights, or what it was given)")
+                                     "were not, or took them there (check the model's weights; clip_x0 bounds "
+                                     "x0_hat)")
     except Exception as err:  # an unread bad guidance step before the failure is its likely cause: reported first
         if kept is not None:
             kept.read_before(err)
@@ -409,7 +411,7 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
     n = checks.integer("n (the number of samples)", n)
     if not isinstance(shape, (tuple, list)):
         raise ValueError(f"shape must be the per-sample shape as a tuple, e.g. (1, 8, 8), got {shape!r}")
-    check_shape(denoiser, shape, batch=False)
+    check_shape(denoiser, shape, batch=False)  # said once, to the caller
     if "steps" in kw:  # a bad step count fails before the progress bar is drawn
         denoiser.schedule.timesteps(kw["steps"], kw.get("spacing", "linspace"))
     bar = progress_bar(n, progress, unit="sample")
@@ -419,7 +421,9 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             den = denoiser.conditioned(labels[start:start + b], denoiser.guidance_scale) if per_sample else denoiser
-            out.append(sample(den, (b, *shape), **kw).cpu())
+            with warnings.catch_warnings():  # the shape's warning was given above, once
+                warnings.filterwarnings("ignore", message=SHAPE_WARNING)
+                out.append(sample(den, (b, *shape), **kw).cpu())
             if den is not denoiser:
                 denoiser.nfe += den.nfe
             if bar is not None:

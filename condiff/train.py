@@ -450,6 +450,7 @@ class Trainer:
 
     def fit(self) -> nn.Module:
         """Train until ``cfg.steps``; returns the EMA model."""
+        checks.gradients_on("Trainer.fit")
         cfg = self.cfg
         log = None
         if cfg.warmup > cfg.steps > max(1, self.step) and self.dist.main:  # said when training starts, not before
@@ -481,7 +482,7 @@ class Trainer:
         # and every constraint's), else its batch size (DenoisingObjective), which cfg.batch_size does not set
         per_step = getattr(self.objective, "examples_per_step", getattr(self.objective, "batch_size", None))
         per_step = per_step if isinstance(per_step, int) else cfg.batch_size
-        checks = getattr(self.objective, "check", None) or (lambda: None)
+        own_checks = getattr(self.objective, "check", None) or (lambda: None)
         run_loss, seen = self._log_acc
         stop, prev_handler = self._defer_interrupt()
         try:
@@ -500,7 +501,7 @@ class Trainer:
                 pending.append((loss.detach(), gnorm.detach(),
                                 {k: v.detach() if isinstance(v, Tensor) else v for k, v in logs.items()}))
                 if self.check_each_step:  # before the update
-                    checks()  # first: a sign error in a term is the cause of a non-finite loss it leads to
+                    own_checks()  # first: a sign error in a term is the cause of a non-finite loss it leads to
                     run_loss += _finite_sum(pending, first)
                     pending, first = [], self.step + 1
                 self.opt.step()
@@ -512,7 +513,7 @@ class Trainer:
                     bar.update(1)
                 save = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop
                 if pending and (save or self.step % cfg.log_every == 0):
-                    checks()
+                    own_checks()
                     run_loss += _finite_sum(pending, first)
                     pending, first = [], self.step
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:

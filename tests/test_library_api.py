@@ -674,3 +674,72 @@ def test_a_loss_or_distance_without_slope_is_warned_of():
         guided_sample(den, DPS(lambda z: z.pow(2).sum(1)), (2, 3), 3)
         check_distance(lambda z: z.pow(2).sum(1), torch.randn(3, 2))
         check_distance(lambda z: torch.relu(z.abs().sum(1) - 100), torch.randn(3, 2))  # 0 on the set: no slope needed
+
+
+def test_a_class_conditional_net_that_requires_its_labels_trains_and_loads():
+    """The (x, t) check at wrapping refused a net whose forward(x, t, y) needs y, after it had trained."""
+    from condiff.nets import build_net
+
+    class NeedsY(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = build_net({"name": "mlp", "dim": 2, "hidden": 8, "depth": 1, "num_classes": 3})
+
+        def forward(self, x, t, y):
+            return self.inner(x, t, y)
+
+    s = Schedule.linear(20)
+    x, y = torch.randn(8, 2), torch.arange(8) % 3
+    ema = Trainer(NeedsY(), DenoisingObjective(x, s, 4, y=y), TrainConfig(steps=2, warmup=0, progress=False)).fit()
+    assert sample(NetDenoiser(ema, s).conditioned(1), (2, 2), steps=2).shape == (2, 2)
+    with pytest.raises(TypeError, match=r"as net\(x, t\) .* NeedsY.forward\(x, t, y\) cannot take that"):
+        Trainer(NeedsY(), DenoisingObjective(x, s, 4), TrainConfig(steps=1, progress=False))
+
+
+def test_a_diffusers_denoiser_in_training_mode_is_refused_too():
+    pytest.importorskip("diffusers")
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from condiff.denoiser import DiffusersDenoiser
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8), layers_per_block=1,
+                       norm_num_groups=4, dropout=0.3, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    den = DiffusersDenoiser(unet.train(), DDPMScheduler(num_train_timesteps=20))
+    with pytest.raises(ValueError, match=r"the denoiser's network in training mode \(Dropout\) draws random values"):
+        sample(den, (1, 1, 8, 8), steps=2)
+    unet.eval()
+    assert sample(den, (1, 1, 8, 8), steps=2).shape == (1, 1, 8, 8)
+
+
+def test_a_guided_blow_up_is_not_put_down_to_the_model():
+    """Inside UGD's backward steps and recurrence a non-finite x0 + delta or x_t was named as the model's."""
+    from condiff.guidance import UGD
+
+    den = GaussianDenoiser(Schedule.linear(50), mean=0.0, std=1.0)
+    rule = UGD(lambda z: z.pow(2).sum(1), forward=0.0, backward_lr=1e30, backward_steps=3, recurrence=1)
+    with pytest.raises(FloatingPointError) as err:
+        guided_sample(den, rule, (2, 3), 3, clip_x0=None, generator=torch.Generator().manual_seed(0))
+    assert "check the model" not in str(err.value) and "not finite" in str(err.value)
+
+
+def test_pnp_and_training_under_inference_mode_are_named():
+    den = GaussianDenoiser(Schedule.linear(50), mean=0.0, std=1.0)
+    said = r"takes gradients, which torch.inference_mode\(\) turns off .* \(torch.no_grad\(\) is fine\)"
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="infer " + said):
+            infer(den, torch.zeros(2, 3), steps=2)
+        with pytest.raises(ValueError, match="Trainer.fit " + said):
+            Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(torch.randn(8, 2), Schedule.linear(20), 4),
+                    TrainConfig(steps=1, progress=False)).fit()
+
+
+def test_the_other_size_warning_is_given_once_and_names_the_callers_line():
+    from condiff.sample import generate
+
+    den = NetDenoiser(_tiny_unet().eval(), Schedule.linear(50), sample_shape=(1, 8, 8))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        generate(den, 5, (1, 16, 16), batch_size=2, steps=2)
+    shape = [w for w in said if "trained on samples of shape" in str(w.message)]
+    assert len(shape) == 1 and shape[0].filename == __file__

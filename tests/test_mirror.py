@@ -1864,6 +1864,10 @@ def test_a_mirror_dm_made_in_python_is_kept_from_data_space_and_a_maps_run_is_na
                                                  r"mirror_space=True\)$"):
         load_denoiser(tmp_path / "mdm")
     assert load_denoiser(tmp_path / "mdm", mirror_space=True).sample_shape == (1, 8, 8)
+    train_diffusion(x, net, Schedule.linear(20), cfg, run_dir=tmp_path / "mdm2", mirror_space=True,
+                    meta={"stage": "vanilla"})  # the flag, not a stage of the caller's meta, says what it is
+    with pytest.raises(CheckpointError, match="is a NAMM mirror diffusion model"):
+        load_denoiser(tmp_path / "mdm2")
     train_diffusion(x, net, Schedule.linear(20), cfg, run_dir=tmp_path / "vanilla")
     load_denoiser(tmp_path / "vanilla")  # data space by default
     fit_mirror_map(x, con, _tiny_mirror(), cfg, run_dir=tmp_path / "map")

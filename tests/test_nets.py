@@ -431,3 +431,6 @@ def test_a_channels_last_batch_is_named_as_one():
         net(torch.zeros(2, 8, 8, 3), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"built for 3 input channels, got 1$"):
         net(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
+    wide = UNet(in_channels=8, base=8, mults=(1,), num_res=1)  # a width equal to the channels is no sign
+    with pytest.raises(ValueError, match=r"built for 8 input channels, got 3$"):
+        wide(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))

@@ -160,15 +160,16 @@ def test_tour_style_refuses_widths_and_values_that_are_not_finite(kw):
         tsp.TourStyle(**{"size": 16, **kw})
 
 
-def test_a_prior_of_another_picture_size_is_refused_by_the_engine():
-    """A 16 px prior ran on 32 px tour pictures without a word (the command line checked; the library not)."""
+def test_a_prior_of_another_picture_size_is_warned_of_by_the_engine():
+    """A 16 px prior ran on 32 px tour pictures without a word (the command line checked; the library not). A
+    warning, not a refusal: a net a Trainer trained records its size, and a prior may be run at another on purpose."""
     from condiff.denoiser import NetDenoiser
     from condiff.nets import build_net
 
     net = build_net({"name": "unet", "in_channels": 1, "base": 8, "mults": [1], "num_res": 1, "groups": 4})
     den = NetDenoiser(net, Schedule.linear(100), sample_shape=(1, 16, 16))
     c = instances(1, 5)
-    with pytest.raises(ValueError, match=r"the prior was trained on samples of shape \(1, 16, 16\), but the "
+    with pytest.warns(UserWarning, match=r"the prior was trained on samples of shape \(1, 16, 16\), but the "
                                          r"rendered samples have shape \(1, 32, 32\)"):
         tsp.solve_with_prior(den, c, tsp.TourStyle(32), steps=2)
     assert tsp.solve_with_prior(den, c, tsp.TourStyle(16), steps=2).tours.shape == (1, 5)
@@ -203,7 +204,7 @@ def test_adjacency_latent_is_row_stochastic_and_differentiable():
     assert L.grad is not None and float(L.grad.abs().sum()) > 0
     with pytest.raises(ValueError, match="latent must have shape"):
         r.adjacency(torch.zeros(2, 5, 5))
-    # a low latent favours an edge (A = softmax(-tau L)): L = -1000 on a tour's edges picks that tour
+    # a low latent favours an edge (A = softmax(-tau L)): L = 0 on a tour's edges and 1 elsewhere, tau = 50, picks it
     tours = np.stack([np.random.default_rng(k).permutation(6) for k in range(2)])
     one_hot = tsp.tours_to_adjacency(tours, 6)
     sharp = tsp.AdjacencyRenderer(c, tsp.TourStyle(16), tau=50)

@@ -567,10 +567,11 @@ def run_constraint(args: argparse.Namespace) -> int:
     constraint = constraint if constraint is not None else build()
     constraint = constraint.to(device)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    prior_x = generate(den, args.n, tuple(shape), batch_size=args.batch_size, steps=100, eta=1.0, generator=g,
-                       device=device).to(device)
-    if not bool(torch.isfinite(prior_x).all()):
-        raise FloatingPointError(f"the prior's own samples are not finite: is the model at {args.ckpt} trained?")
+    try:
+        prior_x = generate(den, args.n, tuple(shape), batch_size=args.batch_size, steps=100, eta=1.0, generator=g,
+                           device=device).to(device)
+    except FloatingPointError as e:  # named by the model it came from
+        raise FloatingPointError(f"the prior's own samples: {e}; is the model at {args.ckpt} trained?") from None
     # the callable's shape and sign, named before the long run
     check_distance(constraint, prior_x[:2], on=f" on the prior's own samples (values in [{float(prior_x.min()):.3g}, "
                    f"{float(prior_x.max()):.3g}]): is the model at {args.ckpt} trained on data this constraint is for?")

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from condiff.checks import eval_mode as check_eval_mode  # noqa: F401 (re-exported: PnP, mirror DPS)
+from condiff import checks
 
 Distance = Callable[[Tensor], Tensor]
 
@@ -131,7 +131,7 @@ def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
     is, for the message when the values are not finite (``" on the prior's own samples ..."``)."""
     if not callable(fn):
         raise TypeError(f"a constraint distance must be callable x -> (B,), got {type(fn).__name__}")
-    check_eval_mode(fn, "a constraint distance")
+    checks.eval_mode(fn, "a constraint distance that is a network")
     xg = x.detach().clone().requires_grad_(x.is_floating_point())
     with torch.enable_grad(), warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")

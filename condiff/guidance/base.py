@@ -72,17 +72,18 @@ def per_sample(value: Scalar, like: Tensor) -> Scalar:
     return value
 
 
-def _figures(value: Tensor, g: Tensor, x0_hat: Tensor) -> Tensor:
-    """``(3,)`` float64 on ``g``'s device: how many samples have a non-finite loss or gradient, and
-    ``x0_hat``'s min and max (what the error message reports)."""
+def _figures(value: Tensor, g: Tensor, x0_hat: Tensor, x_t: Tensor) -> Tensor:
+    """``(4,)`` float64 on ``g``'s device: how many samples have a non-finite loss or gradient, ``x0_hat``'s
+    min and max (what the error message reports), and whether ``x_t`` was finite."""
     bad = (~torch.isfinite(value).to(g.device) | ~torch.isfinite(g).flatten(1).all(1)).sum()
     lo, hi = torch.aminmax(x0_hat.detach())
-    return torch.stack([bad, lo, hi]).to(torch.float64)
+    return torch.stack([bad, lo, hi, torch.isfinite(x_t.detach()).all()]).to(torch.float64)
 
 
-def _not_finite(what: str, step_size: str, t: int, clip_x0, n: int, bad: float, lo: float,
-                hi: float) -> FloatingPointError:
-    if not (math.isfinite(lo) and math.isfinite(hi)):  # x_t was finite (the sampler checks each step's)
+def _not_finite(what: str, step_size: str, t: int, clip_x0, n: int, plain: bool, bad: float, lo: float,
+                hi: float, xt_ok: float) -> FloatingPointError:
+    """``plain``: the loss was taken at the model's ``x0_hat`` (not at a guided step's own point)."""
+    if plain and xt_ok and not (math.isfinite(lo) and math.isfinite(hi)):  # the model's, from a finite x_t
         return FloatingPointError(
             f"the denoiser's prediction x0_hat is not finite (NaN or inf) at t = {t}, so neither is the guidance "
             f"loss{what}: check the model (its weights, or an x_t far beyond its training data, where earlier "
@@ -124,7 +125,7 @@ class GradientGuidance:
     def __init__(self, loss: Loss) -> None:
         if not callable(loss):
             raise ValueError(f"loss must be a callable x -> (B,) tensor, got {type(loss).__name__}")
-        checks.eval_mode(loss, "a guidance loss")
+        checks.eval_mode(loss, "a guidance loss that is a network")
         self.loss = loss
         self.grad_evals = 0
 
@@ -166,8 +167,8 @@ class GradientGuidance:
         kept = kept_checks()
         if kept is None and bool(ok):
             return
-        error = partial(_not_finite, what, self.step_size, step.t_host, step.clip_x0, len(value))
-        figures = _figures(value, g, step.x0_hat if at is None else at())
+        error = partial(_not_finite, what, self.step_size, step.t_host, step.clip_x0, len(value), at is None)
+        figures = _figures(value, g, step.x0_hat if at is None else at(), step.x_t)
         if kept is None:
             raise error(*figures.tolist())
         kept.keep(torch.cat([ok[None].to(figures), figures]), partial(_raise_if_not_ok, error))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from condiff import checks
-from condiff.constraints import Distance, check_eval_mode, check_sign
+from condiff.constraints import Distance, check_sign
 from condiff.guidance import DPS
 from condiff.guidance.base import check_scalar
 from condiff.mirror.map import MirrorMap, check_mirror
@@ -40,7 +40,7 @@ def with_constraint(loss: Loss, constraint: Distance, weight: float = 200.0) -> 
     if not callable(constraint):
         raise TypeError(f"the guiding constraint must be a distance x -> (B,), a callable, got "
                         f"{type(constraint).__name__}")
-    check_eval_mode(constraint, "a guiding constraint")
+    checks.eval_mode(constraint, "a guiding constraint that is a network")
 
     def guided(x: Tensor) -> Tensor:
         dist = checks.per_sample("the guiding constraint", constraint(x), x.shape[0])

@@ -166,7 +166,7 @@ def train_diffusion(
     (its samples are data only once the inverse map takes them back).
     """
     if mirror_space:
-        meta = {"stage": "mdm", **(meta or {})}
+        meta = {**(meta or {}), "stage": "mdm"}
     _check_inputs("train_diffusion", x, tcfg)
     if not isinstance(net_cfg, dict):
         raise TypeError(f"train_diffusion: net_cfg is the net's settings, a dict such as {{'name': 'unet'}}, got "

@@ -200,7 +200,8 @@ class UNet(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"UNet expects x of shape (B, C, H, W), got {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
-            last = x.shape[3] == self.in_channels  # (B, H, W, C), as image arrays often come
+            # (B, H, W, C), as image arrays often come: the last axis the channels, the two before it larger
+            last = x.shape[3] == self.in_channels and min(x.shape[1], x.shape[2]) > self.in_channels
             hint = f": x of shape {tuple(x.shape)} looks channels-last; permute it to (B, C, H, W)" if last else ""
             raise ValueError(f"UNet was built for {self.in_channels} input channels, got {x.shape[1]}{hint}")
         for axis, size in (("height", x.shape[2]), ("width", x.shape[3])):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import checks
-from ..constraints import check_eval_mode, not_differentiable
+from ..constraints import not_differentiable
 from ..denoiser import Denoiser
 from ..readback import DeviceRows, read_every
 from ..sample import Guidance, check_denoiser, ddim, progress_bar, randn
@@ -107,6 +108,7 @@ def infer(
         generator: source of the noise ``eps`` (one draw per step), for reproducible runs.
         callback: ``callback(i, latent, x)`` after each step (``x`` detached).
     """
+    checks.gradients_on("infer")
     with torch.enable_grad():  # also when called under torch.no_grad(): the latent needs its gradient
         return _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, betas,
                     through_net, project, generator, callback, progress)
@@ -183,7 +185,7 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
         if fn is not None and not callable(fn):
             raise TypeError(f"{what} must be a callable (or None), got {type(fn).__name__} {fn!r}")
     if constraint is not None:
-        check_eval_mode(constraint, "a constraint")
+        checks.eval_mode(constraint, "a constraint that is a network")
     checks.floating("the starting latent", latent)
     if latent.dim() < 2 or latent.shape[0] == 0:
         raise ValueError(f"the starting latent must be a batch (B, ...) with B >= 1, got shape {tuple(latent.shape)}")
@@ -209,9 +211,10 @@ def _run(denoiser, latent, render, constraint, schedule, weight, steps, lr, beta
             if x.shape[0] != B:
                 raise ValueError(f"render changed the batch size from {B} to {x.shape[0]}")
             trained = getattr(denoiser, "sample_shape", None)  # a prior run on pictures of another size ran
-            if i == 0 and trained is not None and tuple(x.shape[1:]) != tuple(trained):
-                raise ValueError(f"the prior was trained on samples of shape {tuple(trained)}, but the rendered "
-                                 f"samples have shape {tuple(x.shape[1:])}")
+            if i == 0 and trained is not None and tuple(x.shape[1:]) != tuple(trained):  # without a word
+                warnings.warn(f"the prior was trained on samples of shape {tuple(trained)}, but the rendered samples "
+                              f"have shape {tuple(x.shape[1:])}: a convolutional prior runs at any size, rarely "
+                              "well", stacklevel=3)
             t = torch.full((B,), t_i, dtype=torch.long, device=x.device)
             eps = randn(x.shape, generator, like=x)
             d = denoising_term(denoiser, x, t, eps, through_net)
