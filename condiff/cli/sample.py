@@ -59,7 +59,7 @@ def add_parser(sub, name: str) -> None:
     add_label_args(p)
     p.add_argument("--out", default=None,
                    help="output directory (default: RUN/samples for a run or its model, RUN/samples_step_N for a "
-                        "checkpoint, DIR_samples beside a bare model directory DIR)")
+                        "checkpoint RUN/checkpoints/step_N, DIR_samples beside a bare model directory DIR)")
     p.set_defaults(func=run)
 
 

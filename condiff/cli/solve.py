@@ -264,8 +264,9 @@ def add_parser(sub, name: str) -> None:
                    help="images solved at once (default 64); the noise is drawn batch by batch, so the results of "
                         "a seed depend on it (recorded in metrics.json)")
     p.add_argument("--out", default=None, help="output directory (default: RUN/solve/<operator>-<method>-<steps> for a "
-                                                    "run or its model; RUN/solve_step_N/... for a checkpoint, "
-                                                    "DIR_solve/... beside a bare model directory DIR)")
+                                                    "run or its model; RUN/solve_step_N/... for a checkpoint "
+                                                    "RUN/checkpoints/step_N, DIR_solve/... beside a bare model "
+                                                    "directory DIR)")
     add_device_arg(p)
     p.set_defaults(func=run)
 
