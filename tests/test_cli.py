@@ -370,6 +370,9 @@ def test_config_resolution_order(tmp_path):
     assert parse_override("model.mults=[1, 2]") == (["model", "mults"], [1, 2])
     with pytest.raises(ConfigError, match="section.key"):
         parse_override("steps=3")
+    with pytest.raises(ConfigError, match="must be section.key"):  # a key too deep for the flat sections
+        parse_override("train.lr.x=1")
+    assert parse_override("mirror.psi.filters=8", ("mirror",), nested=True) == (["mirror", "psi", "filters"], 8)
     for given in (resolve("digits", None, ["data.name=toy2d"]),  # --set beats --data
                   resolve(None, None, ["data.name=digits", "data.name=toy2d"])):  # the last --set wins
         assert given["model"]["name"] == "mlp" and given["data"]["kind"] == "moons"  # the toy2d preset, whole
@@ -1693,3 +1696,18 @@ def test_a_data_set_name_is_no_folder_and_a_default_out_is_named_as_such(tmp_pat
     assert capsys.readouterr().err.strip().endswith(
         "error: the default --out runs/pngs is the folder given as --data (" + str(pngs) + "): its results would be "
         "read as data with those files: give another directory")
+
+
+def test_checkpoints_of_other_settings_are_not_discarded_without_a_word(tmp_path):
+    """A run interrupted before its model/ holds checkpoints only; those of other settings were discarded."""
+    from condiff.cli.common import refuse_other_settings
+
+    cfg = resolve("toy2d", None, ["train.steps=20"])
+    (tmp_path / "checkpoints" / "step_00000005").mkdir(parents=True)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    refuse_other_settings(tmp_path, cfg, "pass --retrain")  # the same settings: going on is fine
+    with pytest.raises(FileExistsError, match=r"holds a model trained with other settings \(changed: train.lr\); "
+                                              "pass --retrain"):
+        refuse_other_settings(tmp_path, resolve("toy2d", None, ["train.steps=20", "train.lr=0.5"]), "pass --retrain")
+    shutil.rmtree(tmp_path / "checkpoints")
+    refuse_other_settings(tmp_path, resolve("toy2d", None, ["train.lr=0.5"]), "pass --retrain")  # nothing held

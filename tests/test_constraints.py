@@ -759,3 +759,12 @@ def test_integer_pictures_are_measured_as_their_values_and_an_empty_flow_batch_h
     assert empty.shape == (0,) and DivergenceFree().divergence(torch.zeros(0, 4, 8, 8)).shape == (0, 2, 8, 8)
     with pytest.raises(ValueError, match="even number of channels"):
         DivergenceFree()(torch.zeros(0, 3, 8, 8))
+
+
+def test_the_counters_cache_key_holds_every_setting():
+    from condiff.constraints.count import counter_key
+
+    base = counter_key(8, 16, 100, 0, 16)
+    others = [counter_key(4, 16, 100, 0, 16), counter_key(8, 32, 100, 0, 16), counter_key(8, 16, 200, 0, 16),
+              counter_key(8, 16, 100, 1, 16), counter_key(8, 16, 100, 0, 32)]
+    assert base == counter_key(8, 16, 100, 0, 16) and base not in others and len(set(others)) == len(others)

@@ -1320,3 +1320,25 @@ def test_select_and_keep_fraction_refuse_labels_and_arguments_that_are_not_whole
     for classes in (torch.tensor([4]), [4.0], range(4, 5), {4}, ["4"]):  # a tensor, 4.0, a range, a set, a JSON key
         assert len(select(data, classes=classes)) == fours
     assert len(keep_fraction(data, {"4": 0.5})) == len(data) - fours + round(0.5 * fours)
+
+
+def test_select_and_keep_fraction_edge_cases():
+    """A selection one past the end was taken short; each class is shuffled by its own seed; a tiny fraction
+    keeps one example; the fine-tuning source holds every training image but the targets."""
+    from types import SimpleNamespace
+
+    from condiff.dual.data import keep_fraction, select
+    from condiff.dual.experiments import finetune_data
+
+    d = ArrayData(torch.arange(40.0)[:, None], y=torch.arange(40) % 2)
+    with pytest.raises(DataError, match=r"asked for examples \[1, 41\) of 40"):
+        select(d, n=40, offset=1)
+    assert len(select(d, n=39, offset=1)) == 39
+    kept = keep_fraction(d, {0: 0.5, 1: 0.5})
+    ranks = [sorted(int(i) // 2 for i in kept.x[:, 0] if int(i) % 2 == c) for c in (0, 1)]  # x holds the index
+    assert len(ranks[0]) == len(ranks[1]) == 10 and ranks[0] != ranks[1]  # not one shuffle for both classes
+    assert (keep_fraction(d, {1: 1e-6}).y == 1).sum() == 1
+    source, target, _ = finetune_data(SimpleNamespace(target_classes=None, n_target=30, seed=0))
+    train = load_digits("train")
+    assert not set(source.meta["indices"]) & set(target.meta["indices"])
+    assert len(source) + len(target) == len(train)

@@ -676,3 +676,29 @@ def test_tied_weights_are_saved_as_copies_and_load_back_equal(tmp_path):
     assert torch.equal(back.a.weight, net.a.weight) and torch.equal(back.b.weight, net.a.weight)
     with pytest.raises(TypeError, match="a checkpoint holds tensors: 'w' is a list"):
         io.save_checkpoint(tmp_path / "m", {"model": {"w": [1, 2]}}, {})
+
+
+def test_writing_outputs_moves_the_record_last(tmp_path, monkeypatch):
+    """The record goes in after the set it describes, so that a kill between renames never leaves a record beside
+    the previous set's data."""
+    moved, real = [], os.replace
+    monkeypatch.setattr(io.os, "replace", lambda a, b: (moved.append(os.path.basename(b)), real(a, b))[1])
+    with io.writing_outputs(tmp_path, "metrics.json") as staged:
+        (staged / "metrics.json").write_text("{}")
+        (staged / "samples.npz").write_bytes(b"x")
+        (staged / "z.png").write_bytes(b"y")
+    assert moved[-1] == "metrics.json" and sorted(moved) == ["metrics.json", "samples.npz", "z.png"]
+
+
+def test_a_shared_run_lock_is_upgraded_when_the_same_process_asks_for_it_whole(tmp_path):
+    import fcntl
+
+    io.lock_run(tmp_path, shared=True)
+    io.lock_run(tmp_path)  # the same process, now writing: others may not even read
+    fd = os.open(tmp_path / ".lock", os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+        io.release_runs()

@@ -386,6 +386,9 @@ def test_toy2d_eval_splits_samples_into_sets_and_scores_fresh_data_near_one(monk
     m = E.evaluate_samples(fresh[:-1], cfg)  # 899 points: two whole sets of 300, the rest unused
     assert (m["mmd_n"], m["mmd_sample_sets"]) == (300, 2)
     assert 0.5 < m["mmd_ratio"] < 2.0
+    assert m["targets"] == {"mmd_ratio<=2": True} and "targets_not_judged" not in m  # judged at its stated n
+    with pytest.warns(UserWarning, match="cannot judge a model"):
+        assert E.evaluate_samples(fresh[:299], cfg)["targets"] == {}
     # a model that drops half the modes is far off
     angle = torch.atan2(fresh[:, 1], fresh[:, 0])
     assert E.evaluate_samples(fresh[(angle > -0.3) & (angle < 2.8)], cfg)["mmd_ratio"] > 10
@@ -468,3 +471,37 @@ def test_evaluate_samples_names_a_batch_too_small_to_score():
 
     with pytest.raises(ValueError, match=r"needs a batch of at least 2 samples \(N, ...\) to score, got \(1, 2\)"):
         evaluate_samples(torch.zeros(1, 2), {"name": "toy2d"})
+
+
+@pytest.mark.parametrize("figures, met", [
+    ({"mean_top_prob": 0.95, "tv_to_uniform": 0.05, "frechet_to_test": 3.0}, [True, True, True]),
+    ({"mean_top_prob": 0.85, "tv_to_uniform": 0.2, "frechet_to_test": 9.0}, [False, False, False]),
+])
+def test_the_digits_targets_are_their_stated_comparisons(monkeypatch, figures, met):
+    import condiff.classifier as clf
+    import condiff.evaluate as E
+
+    class Judge:  # the classifier's figures, fixed; Frechet of the training against the test split: 2
+        frechet_train_vs_test = 2.0
+
+        def evaluate(self, samples):
+            return dict(figures)
+
+    monkeypatch.setattr(clf, "DigitsJudge", Judge)
+    monkeypatch.setattr(E, "mmd_with_reference", lambda *a: {})
+    out = E.digits_eval(torch.zeros(4, 1, 8, 8), {"name": "digits"})
+    assert out["frechet_ratio"] == figures["frechet_to_test"] / 2
+    assert list(out["targets"].values()) == met and list(out["targets"]) == [
+        "mean_top_prob>=0.9", "tv_to_uniform<=0.1", "frechet_ratio<=2"]
+
+
+def test_generic_scoring_holds_out_the_test_split_and_refers_to_the_training_split(tmp_path):
+    from condiff.evaluate import generic_reference
+
+    rng = np.random.default_rng(0)
+    train, test = ((0.3 * rng.normal(size=(n, 3))).astype(np.float32) for n in (12, 5))
+    np.savez(tmp_path / "d.npz", x_train=train, x_test=test)
+    held, reference, what = generic_reference({"name": str(tmp_path / "d.npz")})
+    assert what == "test split"
+    for got, want in ((held, test), (reference, train)):  # shuffled, whole
+        assert torch.equal(got.sum(1).sort().values, torch.from_numpy(want).sum(1).sort().values)

@@ -1874,3 +1874,13 @@ def test_a_mirror_dm_made_in_python_is_kept_from_data_space_and_a_maps_run_is_na
     with pytest.raises(CheckpointError, match=r"map is the run of a mirror map .* load its map with "
                                                  "condiff.mirror.load_mirror"):
         load_denoiser(tmp_path / "map")
+
+
+def test_the_fine_tuning_stage_is_made_from_its_samplers_steps_and_eta():
+    """The pool's sampler settings decide the fine-tuning's data: another eta must call for another stage."""
+    from condiff.cli.namm import NAMMRun, resolve
+
+    spec = NAMMRun("unused", resolve("brightness", "quick", overrides=["sample.eta=0.5", "sample.steps=7"]))
+    assert spec.spec("finetune")["sampler"] == {"steps": 7, "eta": 0.5}
+    other = NAMMRun("unused", resolve("brightness", "quick", overrides=["sample.eta=1.0", "sample.steps=7"]))
+    assert other.spec("finetune") != spec.spec("finetune") and other.spec("mdm") == spec.spec("mdm")

@@ -291,3 +291,46 @@ def test_half_precision_data_is_measured_in_float32(dtype):
         got = con(half)
         assert got.dtype == torch.float32, name
         torch.testing.assert_close(got, con(half.float()), rtol=0, atol=0)  # the rounded data, measured in float32
+
+
+def test_train_and_test_splits_of_one_size_differ(tmp_path, monkeypatch):
+    """The test split's seed is derived from its own name: splits of equal size were compared only as prefixes."""
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path))
+    kw = {"size": 16, "n_train": 4, "n_test": 4}
+    assert not torch.equal(load_dataset("periodic", "train", **kw).x, load_dataset("periodic", "test", **kw).x)
+
+
+@pytest.mark.parametrize("name", [*sorted(TINY), "count"])
+def test_every_generator_setting_is_in_the_cache_key(name):
+    """A setting left out of the key (the data's meta["generator"]) reads data made with another value from the
+    cache: a flow of another drag, brightness of another flux."""
+    import inspect
+
+    kw = TINY.get(name, {"size": 16, "n_train": 2, "n_test": 1, "k": 2})
+    meta = load_dataset(name, "train", **kw).meta["generator"]
+    settings = set(inspect.signature(DATASETS[name]).parameters) - {"split", "n_train", "n_test", "seed"}
+    assert settings <= set(meta), settings - set(meta)
+
+
+def test_a_shear_mode_decays_by_viscosity_and_drag_alone():
+    """``w = cos 2y`` carries no advection, so without forcing ``w_t = -(k^2 / Re + drag) w`` with k = 2."""
+    from condiff.data.physics import _Spectral
+
+    sp = _Spectral(32)
+    y = torch.arange(32) * 2 * math.pi / 32
+    w_hat = torch.fft.rfft2(torch.cos(2 * y)[:, None].expand(32, 32))
+    torch.testing.assert_close(sp.rhs(w_hat, 100.0, 0.1, torch.zeros_like(w_hat)), -(4 / 100 + 0.1) * w_hat,
+                               atol=1e-3, rtol=0)
+
+
+def test_sources_keep_their_margin_and_the_noise_level_spans_its_range():
+    from condiff.data.sources import MARGIN
+
+    g = torch.Generator().manual_seed(0)
+    _, centres = render_sources(torch.full((100,), 8), 16, g)
+    c = torch.cat(centres)
+    assert float(c.min()) >= MARGIN and float(c.max()) <= 16 - MARGIN
+    x, _ = render_sources(torch.zeros(300, dtype=torch.long), 32, g, noise=(0.03, 0.1))  # noise alone
+    sd = ((x + 1) / 2).flatten(1).std(1)
+    assert float(sd.min()) > 0.03 * 0.9 and float(sd.max()) < 0.1 * 1.1
+    assert float(sd.min()) < 0.04 and float(sd.max()) > 0.09  # drawn across the range, not at one end

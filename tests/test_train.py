@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -858,3 +859,27 @@ def test_resuming_from_a_damaged_newest_checkpoint_names_the_one_before(tmp_path
         f.write_bytes(f.read_bytes()[:40])
     with pytest.raises(io.CheckpointError, match=f"; delete {newest} to resume from step_00000002$"):
         trainer().resume()
+
+
+def test_the_log_after_a_kill_and_a_fresh_start_is_that_of_one_uninterrupted_run(tmp_path):
+    """Resuming from a checkpoint keeps its own step's log line (it dropped it), and a run from step 0 starts
+    its log afresh (it appended to a killed run's lines)."""
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    s = Schedule.linear(50)
+    cfg = TrainConfig(steps=15, warmup=0, progress=False, log_every=5, ckpt_every=10, batch_size=8)
+
+    def trainer(d):
+        torch.manual_seed(0)
+        return Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, s, 8), cfg, d)
+
+    trainer(tmp_path / "ref").fit()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").write_text('{"step": 3, "loss": 9.0}\n')  # a killed run's, before any checkpoint
+    trainer(tmp_path / "run").fit()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000015")  # killed after step 15's log line
+    again = trainer(tmp_path / "run")
+    assert again.resume() and again.step == 10
+    again.fit()
+    keys = ("step", "loss", "lr")
+    logs = [[{k: r[k] for k in keys} for r in read_log(d / "log.jsonl")] for d in (tmp_path / "ref", tmp_path / "run")]
+    assert [r["step"] for r in logs[1]] == [5, 10, 15] and logs[0] == logs[1]
