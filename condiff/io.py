@@ -403,6 +403,10 @@ class RunInUseError(RuntimeError):
     """Another process holds the run directory."""
 
 
+class ModelInTraining(CheckpointError, RunInUseError):
+    """A model asked for that another process is still training: no model yet, and none to wait long for."""
+
+
 _LOCKS: dict[Path, tuple[int, bool]] = {}  # run directory -> (the .lock's descriptor, held shared)
 
 
@@ -896,12 +900,24 @@ def load_state_into(module: torch.nn.Module, path: str | Path, stem: str = "mode
                                 "the file is corrupted")
 
 
-def cache_dir() -> Path:
-    """Where project-made artefacts (the digits classifier, generated data sets) are cached.
+def cache_dir(make: bool = True) -> Path:
+    """Where project-made artefacts (the digits classifier, generated data sets) are cached, made unless
+    ``make`` is False.
 
-    ``$CONDIFF_CACHE`` if set, else ``~/.cache/condiff``.
+    ``$CONDIFF_CACHE`` if set, else ``~/.cache/condiff``; where no home folder is known (a container's user
+    without one), ``condiff-cache-UID`` in the temporary folder, not a ``~`` folder below each working directory.
     """
-    root = os.environ.get("CONDIFF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "condiff")
-    p = Path(root)
-    p.mkdir(parents=True, exist_ok=True)
+    home = os.path.expanduser("~")
+    if os.environ.get("CONDIFF_CACHE"):
+        p = Path(os.environ["CONDIFF_CACHE"]).expanduser().absolute()
+    elif os.path.isabs(home):
+        p = Path(home, ".cache", "condiff")
+    else:
+        p = Path(tempfile.gettempdir(), f"condiff-cache-{os.getuid()}")
+    if make:
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot make the cache folder {p} ({e.strerror}): set CONDIFF_CACHE to a "
+                                   "writable folder") from None
     return p

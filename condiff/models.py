@@ -119,7 +119,7 @@ def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
     if "net" not in cfg or "schedule" not in cfg:
         if run_dir:
             if (pid := io.run_holder(d)) is not None:
-                raise io.CheckpointError(f"{d} has no model yet: another condiff process (pid {pid}) is still "
+                raise io.ModelInTraining(f"{d} has no model yet: another condiff process (pid {pid}) is still "
                                          "training it; wait for it to finish")
             if (d / "stage.json").is_file() and (d / "mirror").is_dir():  # namm/ or finetune/ of a NAMM run
                 raise io.CheckpointError(f"{d} is a stage of a NAMM run that holds a mirror map, not a diffusion "

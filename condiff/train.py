@@ -532,7 +532,7 @@ class Trainer:
                     self.seconds = before + time.perf_counter() - started
                     self.save()
                 if stop:
-                    raise TrainingInterrupted
+                    raise TrainingInterrupted(stop[0])
         finally:
             self.seconds = before + time.perf_counter() - started
             for signum, handler in prev_handler.items():
@@ -568,7 +568,12 @@ class Trainer:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training, raised once the step in progress is finished and checkpointed."""
+    """Ctrl-C (or SIGTERM) during training, raised once the step in progress is finished and checkpointed;
+    ``signum``: the signal that stopped it."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__()
+        self.signum = int(signum)
 
 
 def _finite_number(v: object) -> bool:

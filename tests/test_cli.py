@@ -1,5 +1,6 @@
 """The condiff command end to end on tiny settings, and its error messages."""
 
+import errno
 import json
 import math
 import os
@@ -743,7 +744,7 @@ def test_demo_interrupted_during_training_resumes_where_it_stopped(tmp_path, cap
     shutil.rmtree(newest)
     capsys.readouterr()
     assert main(args) == 0  # "run the same command again: training resumes where it stopped"
-    assert "resumed from step 20 of 30" in capsys.readouterr().out
+    assert "resumed from step 20 of 30" in capsys.readouterr().err  # a note: stdout keeps the results
     assert json.loads((run / "model" / "config.json").read_text())["steps"] == 30
 
 
@@ -1164,7 +1165,7 @@ def test_resume_without_data_or_config_takes_the_runs_recorded_settings(trained,
     run = tmp_path / "run"
     trained(run)
     assert main(["train", "--out", str(run), "--resume", "--set", "train.steps=40"]) == 0
-    assert f"--resume: the settings recorded in {run / 'config.json'}, with --set" in capsys.readouterr().out
+    assert f"--resume: the settings recorded in {run / 'config.json'}, with --set" in capsys.readouterr().err
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["train"]["steps"] == 40 and cfg["data"]["kind"] == "moons" and cfg["model"]["hidden"] == 32
     assert [r["step"] for r in read_log(run / "log.jsonl")] == [30, 40]
@@ -1256,14 +1257,14 @@ def test_results_written_into_a_run_wait_for_no_training_of_it(trained, tmp_path
         assert holder.stdout.readline().strip() == "held"  # a `condiff train` of this run, say
         for cmd in (["eval", "--ckpt", str(run)], ["sample", "--ckpt", str(run)],
                     ["sample", "--ckpt", str(run / "model"), "--out", str(run / "mine")]):
-            assert main([*cmd, "--n", "4", "--steps", "2"]) == 2
+            assert main([*cmd, "--n", "4", "--steps", "2"]) == 75  # EX_TEMPFAIL: a script may try again later
             err = capsys.readouterr().err
             assert f"{run} is in use by another condiff process (pid {holder.pid})" in err and "\n" not in err.strip()
         assert not any((run / n).exists() for n in ("metrics.json", "mine"))
         cwd = os.getcwd()
         os.chdir(run / "figs")  # a relative --out from inside the run
         try:
-            assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2", "--out", "s1"]) == 2
+            assert main(["sample", "--ckpt", str(run), "--n", "4", "--steps", "2", "--out", "s1"]) == 75
         finally:
             os.chdir(cwd)
         assert f"{run} is in use" in capsys.readouterr().err and not (run / "figs" / "s1").exists()
@@ -1302,7 +1303,7 @@ def test_resume_with_a_config_file_takes_the_files_settings(trained, tmp_path, c
     args = ["train", "--config", str(f), "--out", str(run), "--resume"] + [x for o in overrides for x in ("--set", o)]
     capsys.readouterr()
     assert main(args) == 0
-    assert "resumed from step 30 of 40" in capsys.readouterr().out
+    assert "resumed from step 30 of 40" in capsys.readouterr().err
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 40 != recorded["train"]["steps"]
 
 
@@ -1604,7 +1605,7 @@ def test_a_full_disk_is_named_with_what_to_do(monkeypatch, capsys):
         raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(train_cli, "run", full)
-    assert main(["train", "--data", "toy2d"]) == 2
+    assert main(["train", "--data", "toy2d"]) == 74  # EX_IOERR: not the input's fault
     assert ("(the disk is full: free space and run the command again with --resume: the checkpoints written are "
             "whole)") in capsys.readouterr().err
 
@@ -1612,12 +1613,12 @@ def test_a_full_disk_is_named_with_what_to_do(monkeypatch, capsys):
         raise OSError(errno.ENOSPC, "writing x: No space left on device; the previous file is unchanged")
 
     monkeypatch.setattr(train_cli, "run", full_os)
-    assert main(["train", "--data", "toy2d"]) == 2
+    assert main(["train", "--data", "toy2d"]) == 74
     assert capsys.readouterr().err.count("the disk is full") == 1
     import condiff.cli.sample as sample_cli  # a command that resumes nothing is not told to
 
     monkeypatch.setattr(sample_cli, "run", full_os)
-    assert main(["sample", "--ckpt", "x"]) == 2
+    assert main(["sample", "--ckpt", "x"]) == 74
     assert capsys.readouterr().err.endswith("(the disk is full: free space and run the command again)\n")
 
 
@@ -1711,3 +1712,52 @@ def test_checkpoints_of_other_settings_are_not_discarded_without_a_word(tmp_path
         refuse_other_settings(tmp_path, resolve("toy2d", None, ["train.steps=20", "train.lr=0.5"]), "pass --retrain")
     shutil.rmtree(tmp_path / "checkpoints")
     refuse_other_settings(tmp_path, resolve("toy2d", None, ["train.lr=0.5"]), "pass --retrain")  # nothing held
+
+
+def test_exit_statuses_tell_a_script_what_to_do(monkeypatch, capsys):
+    """Every failure exited 2: a busy run (try later), a full disk and a SIGTERM (130, as Ctrl-C) read alike."""
+    import signal as sig
+
+    import condiff.cli.train as train_cli
+    from condiff import io
+    from condiff.train import TrainingInterrupted
+
+    for error, status in ((ValueError("bad"), 2), (io.RunInUseError("busy"), 75), (io.ModelInTraining("busy"), 75),
+                          (OSError(errno.EROFS, "Read-only file system"), 74), (TrainingInterrupted(), 130),
+                          (TrainingInterrupted(sig.SIGTERM), 143), (KeyboardInterrupt(), 130)):
+        def fail(args, error=error):
+            raise error
+
+        monkeypatch.setattr(train_cli, "run", fail)
+        assert main(["train", "--data", "toy2d"]) == status, error
+    capsys.readouterr()
+
+
+def test_paths_are_recorded_absolute_and_a_quoted_tilde_is_the_home_folder(trained, tmp_path, monkeypatch, capsys):
+    """Results recorded --ckpt as typed (relative), and `--out '~/x'` made a folder named "~"."""
+    trained(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert main(["sample", "--ckpt", "run", "--n", "3", "--steps", "2", "--out", "~/s"]) == 0
+    record = json.loads((tmp_path / "home" / "s" / "sample_config.json").read_text())
+    assert record["ckpt"] == str(tmp_path / "run") and not (tmp_path / "~").exists()
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", "run", "--n", "64", "--steps", "2"]) == 0
+    said = capsys.readouterr()
+    assert json.loads(said.out)["ckpt"] == str(tmp_path / "run")  # stdout: the results alone
+    assert "wrote run/metrics.json" in said.err
+
+
+def test_the_cache_folder_without_a_home_and_one_that_cannot_be_made(tmp_path, monkeypatch):
+    from condiff import io
+
+    monkeypatch.setenv("CONDIFF_CACHE", "rel/cache")
+    monkeypatch.chdir(tmp_path)
+    assert io.cache_dir() == tmp_path / "rel" / "cache"  # absolute: the same folder from any later directory
+    monkeypatch.delenv("CONDIFF_CACHE")
+    monkeypatch.setattr(io.os.path, "expanduser", lambda p: p)  # no home folder known ("~" stays "~")
+    assert io.cache_dir(make=False).is_absolute() and io.cache_dir(make=False).name.startswith("condiff-cache-")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.raises(OSError, match=r"cannot make the cache folder .*: set CONDIFF_CACHE to a writable folder"):
+        io.cache_dir()

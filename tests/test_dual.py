@@ -574,11 +574,13 @@ def test_cli_dual_train_writes_model_plots_metrics_and_resumes(tmp_path, capsys)
     assert "was trained on other objective data (keep" in capsys.readouterr().err
     assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu", "--resume",
                  "--set", "train.steps=40", "--set", "dual.lr=0.5"]) == 0
-    assert "resumed from step 30" in capsys.readouterr().out
+    assert "resumed from step 30" in capsys.readouterr().err
     assert json.loads((out / "metrics.json").read_text())["steps"] == 40
     # --resume without --config takes the run's recorded settings (it was "--config is required")
     assert main(["dual", "train", "--out", str(out), "--device", "cpu", "--resume", "--set", "train.steps=50"]) == 0
-    said = capsys.readouterr().out
+    said = capsys.readouterr()
+    json.loads(said.out)  # the results alone on stdout, notes on stderr
+    said = said.err
     assert f"--resume: the settings recorded in {out / 'config.json'}, with --set" in said
     assert "resumed from step 40" in said
     recorded = json.loads((out / "config.json").read_text())
@@ -782,7 +784,7 @@ def test_cli_dual_train_fine_tunes_with_the_init_models_network_and_schedule_and
     assert json.loads((out / "model" / "config.json").read_text())["schedule"] == Schedule.linear(40).config()
     capsys.readouterr()
     assert main([*args, "--resume", "--set", "train.steps=20"]) == 0
-    assert "resumed from step 10" in capsys.readouterr().out
+    assert "resumed from step 10" in capsys.readouterr().err
     assert json.loads((out / "metrics.json").read_text())["steps"] == 20
 
 
@@ -932,7 +934,9 @@ def test_cli_experiment_refuses_a_changed_model_unless_fresh_and_its_models_serv
     assert main(["dual", "toy", "--out", str(out), *tiny, "--set", "steps=20"]) == 0
     printed = capsys.readouterr()
     assert f"training constrained (20 steps) in {out / 'constrained'}" in printed.err
-    assert f"plots: {out}/ lambda.png, mode_weights.png, samples.png, slack.png" in printed.out
+    assert f"plots: {out}/ lambda.png, mode_weights.png, samples.png, slack.png" in printed.err
+    assert isinstance(json.loads(printed.out), dict)  # stdout: the JSON alone
+    assert json.loads((out / "metrics.json").read_text())["versions"]["condiff"]
     before = {q: q.read_bytes() for q in (out / "constrained").rglob("*") if q.is_file()}
     record = (out / "metrics.json").read_bytes()
     assert main(["dual", "toy", "--out", str(out), *tiny, "--set", "steps=30"]) == 2
@@ -1342,3 +1346,26 @@ def test_select_and_keep_fraction_edge_cases():
     train = load_digits("train")
     assert not set(source.meta["indices"]) & set(target.meta["indices"])
     assert len(source) + len(target) == len(train)
+
+
+def test_cli_dual_train_records_absolute_paths_and_resumes_from_another_directory(tmp_path, capsys, monkeypatch):
+    """A run whose config named files relative to the working directory resumed only from that directory."""
+    import numpy as np
+
+    from condiff.data import load_toy2d
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    pts = load_toy2d("train", kind="gmm", components=2, weights=[0.5, 0.5], n=200)
+    np.savez(tmp_path / "a" / "mode.npz", x=pts.x[pts.y == 1].numpy())
+    text = RUN_FILE.replace('data = "objective"\nclasses = [1]', 'data = "mode.npz"')
+    (tmp_path / "a" / "run.toml").write_text(text)
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["dual", "train", "--config", "run.toml", "--out", "../run", "--device", "cpu"]) == 0
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["constraint"][0]["data"] == str(tmp_path / "a" / "mode.npz")
+    monkeypatch.chdir(tmp_path / "b")
+    capsys.readouterr()
+    assert main(["dual", "train", "--out", str(tmp_path / "run"), "--device", "cpu", "--resume",
+                 "--set", "train.steps=40"]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 40

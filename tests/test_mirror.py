@@ -744,7 +744,7 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
         check=True,
     )
     metrics = json.loads((run / "samples" / "metrics.json").read_text())
-    assert set(metrics) == {"data (held-out)", "vanilla", "mdm", "mdm_ft", "guided", "made_from"}
+    assert set(metrics) == {"data (held-out)", "vanilla", "mdm", "mdm_ft", "guided", "made_from", "versions"}
     assert set(metrics["made_from"]) == {"namm", "mdm", "finetune", "vanilla", "samples/vanilla", "samples/mdm",
                                          "samples/mdm_ft", "samples/guided"}  # for `condiff show`
     assim = json.loads((run / "assimilate" / "metrics.json").read_text())  # what was run, and how well

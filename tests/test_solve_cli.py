@@ -392,7 +392,7 @@ def test_a_sample_run_that_fails_half_way_leaves_the_previous_set_as_it_was(tiny
 
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     monkeypatch.setattr(common, "save_png_grid", disk_full)
-    assert main([*args, "--seed", "1"]) == 2
+    assert main([*args, "--seed", "1"]) == 74  # EX_IOERR
     assert "No space left on device" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert not [p for p in out.iterdir() if p.is_dir()]  # nothing gathered is left behind

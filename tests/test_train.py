@@ -240,7 +240,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     r = subprocess.run(_cli("train", *TINY, *steps, "--out", str(run), "--resume"), env=_env(),
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert f"resumed from step {killed_at}" in r.stdout
+    assert f"resumed from step {killed_at}" in r.stderr
     for group in ("model", "ema"):
         a = load_file(str(list_checkpoints(ref / "checkpoints")[-1] / f"{group}.safetensors"))
         b = load_file(str(list_checkpoints(run / "checkpoints")[-1] / f"{group}.safetensors"))
@@ -357,13 +357,13 @@ def test_a_run_directory_held_by_another_process_is_refused(tmp_path, capsys):
     os.write(held, b"4242\n")
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
-        assert main(["train", *TINY, "--set", "train.steps=3", "--out", str(tmp_path), "--device", "cpu"]) == 2
+        assert main(["train", *TINY, "--set", "train.steps=3", "--out", str(tmp_path), "--device", "cpu"]) == 75
         assert "in use by another condiff process (pid 4242)" in capsys.readouterr().err
         assert not (tmp_path / "model").exists()
         # sampling a run still in training says so, rather than advise a --resume the lock would refuse
         (tmp_path / "log.jsonl").write_text("")
         (tmp_path / "config.json").write_text('{"data": {"name": "toy2d"}}')  # written as training starts
-        assert main(["sample", "--ckpt", str(tmp_path), "--n", "2"]) == 2
+        assert main(["sample", "--ckpt", str(tmp_path), "--n", "2"]) == 75  # busy: a script may wait and retry
         assert "another condiff process (pid 4242) is still training it" in capsys.readouterr().err
     finally:
         os.close(held)

@@ -30,6 +30,11 @@ from ..train import DenoisingObjective, TrainConfig, Trainer, list_checkpoints
 from ..userfile import split_file_spec
 
 
+def recorded_path(path: object) -> str | None:
+    """A path as a result records it: absolute, so that the record holds from any working directory."""
+    return None if path is None else os.path.abspath(os.fspath(path))
+
+
 def add_config_args(p: argparse.ArgumentParser, data_default: str | None = None) -> None:
     p.add_argument("--data", default=data_default,
                    help="data set name (digits, toy2d, patches) or a .npy/.npz file, a .png or a PNG folder "
@@ -249,7 +254,7 @@ class TrainingJob:
         """Load the newest checkpoint in the run directory (False if there is none)."""
         if not self.trainer.resume():
             return False
-        print(f"resumed from step {self.trainer.step} of {self.tcfg.steps}")
+        print(f"resumed from step {self.trainer.step} of {self.tcfg.steps}", file=sys.stderr)
         return True
 
     def fit(self, stale: tuple[str, ...] = ()) -> Path:
@@ -316,7 +321,7 @@ def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str,
         except io.CheckpointError as e:  # say which settings built another model, not only its tensors
             raise type(e)(f"{str(e).splitlines()[0]}{_other_model(run_dir, model, resume_hint)}") from None
         if resume and not resumed:
-            print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
+            print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0", file=sys.stderr)
         return job
 
 
@@ -435,7 +440,8 @@ def recorded_settings(out: str | None, resume: bool, given: bool, remedy: str,
 
 def announce_recorded(run_dir: Path, overrides: list[str]) -> None:
     """Say that a resumed run takes the settings it recorded (:func:`recorded_settings`)."""
-    print(f"--resume: the settings recorded in {Path(run_dir) / 'config.json'}" + (", with --set" if overrides else ""))
+    print(f"--resume: the settings recorded in {Path(run_dir) / 'config.json'}" + (", with --set" if overrides else ""),
+          file=sys.stderr)
 
 
 def same_schedule(a: object, b: object) -> bool:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 
 from .. import checks, io
-from ..data import ArrayData, load_dataset, value_range
+from ..data import DATASETS, ArrayData, load_dataset, value_range
 from ..dual import (
     Constraint,
     DualConfig,
@@ -54,6 +56,7 @@ from .common import (
     net_config,
     own_net_named,
     pick_device,
+    recorded_path,
     recorded_settings,
     restore_only,
     save_resolved_config,
@@ -172,9 +175,9 @@ def run_experiment(args: argparse.Namespace) -> int:
     # changes anything (a model of other settings, say) leaves the last run's metrics.json in place
     with io.claimed_run(out), io.record_kept_on_failure(out):
         m = fn(cfg, out, device, fresh=args.fresh, progress=True)
-    print(json.dumps({k: v for k, v in m.items() if k != "config"}, indent=1, default=str))
-    print(f"wrote {out / 'metrics.json'}")
-    print(f"plots: {out}/ " + ", ".join(p.name for p in sorted(out.glob("*.png"))))
+    print(io.json_text({k: v for k, v in m.items() if k != "config"}), end="")  # NaN as null, as in the file
+    print(f"wrote {out / 'metrics.json'}", file=sys.stderr)  # stdout: the JSON alone, for a script to read
+    print(f"plots: {out}/ " + ", ".join(p.name for p in sorted(out.glob("*.png"))), file=sys.stderr)
     return 0
 
 
@@ -220,6 +223,30 @@ def resolve(file: str | Path, overrides: list[str], recorded: dict | None = None
     log_every = cfg["train"].get("log_every", TrainConfig.log_every)
     if not chosen and checks.is_integer(every, 1) and checks.is_integer(log_every, 1) and every < log_every:
         cfg["train"]["log_every"] = every
+    return cfg
+
+
+def absolute_paths(cfg: dict) -> dict:
+    """``cfg`` with the models and data files it names (``[data] name``, and ``model``, ``reference``, ``data``
+    of its sources, ``[dual] init``) made absolute, as read from the working directory: recorded so, a run
+    resumes from anywhere."""
+    def fix(table: object) -> None:
+        if not isinstance(table, dict):
+            return
+        for k in ("model", "reference", "data"):
+            v = table.get(k)
+            if isinstance(v, str) and v.strip() and not (k == "data" and (v in DATASETS or v == "objective")):
+                table[k] = recorded_path(os.path.expanduser(v))
+
+    fix(cfg.get("objective"))
+    data = cfg.get("data")
+    if isinstance(data, dict) and isinstance(data.get("name"), str) and data["name"].strip() and \
+            data["name"] not in DATASETS:  # the data file the objective defaults to
+        data["name"] = recorded_path(os.path.expanduser(data["name"]))
+    for spec in cfg.get("constraint") or []:
+        fix(spec)
+    if isinstance(cfg.get("dual"), dict) and isinstance(cfg["dual"].get("init"), str) and cfg["dual"]["init"].strip():
+        cfg["dual"]["init"] = recorded_path(os.path.expanduser(cfg["dual"]["init"]))
     return cfg
 
 
@@ -460,7 +487,8 @@ class DualJob:
         """Load the newest checkpoint in the run directory, ``lambda`` included (False if there is none)."""
         if not self.trainer.resume():
             return False
-        print(f"resumed from step {self.trainer.step} of {self.tcfg.steps} (lambda {self.objective.lambdas})")
+        print(f"resumed from step {self.trainer.step} of {self.tcfg.steps} (lambda {self.objective.lambdas})",
+              file=sys.stderr)
         return True
 
     def fit(self, stale: tuple[str, ...] = ()) -> dict | None:
@@ -491,7 +519,7 @@ class DualJob:
                    **{"lambda": lam, "bounds": record})
         plot_loss_curve(run_dir / "log.jsonl", run_dir / "loss.png", keys=("loss", "L0"))
         self.plots = [run_dir / "loss.png"] + (ex.plot_dual(run_dir / "log.jsonl", run_dir) if self.constraints else [])
-        io.write_json_atomic(run_dir / "metrics.json", m)
+        io.write_json_atomic(run_dir / "metrics.json", {**m, "versions": io.versions()})
         return m
 
 
@@ -508,6 +536,7 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         raise ValueError("--config is needed (without it, --resume with the --out of an earlier run takes that "
                          "run's recorded settings)")
+    cfg = absolute_paths(cfg)
     device = pick_device(args.device)
     run_dir = check_out_dir(args.out or Path("runs") / f"dual-{Path(args.config).stem}", kind="condiff dual train")
     args.run_dir = run_dir  # for the Ctrl-C hint
@@ -525,7 +554,8 @@ def run_train(args: argparse.Namespace) -> int:
     if m is None:
         return 0
     io.drop_replaced(run_dir)  # what --fresh set aside: the new run is finished
-    print(json.dumps(m, indent=1))
+    print(io.json_text(m), end="")
     plots = ", ".join(p.name for p in job.plots)  # no slack.png before the first dual update
-    print(f"model:   {run_dir / 'model'}\nmetrics: {run_dir / 'metrics.json'}\nplots:   {run_dir}/ {plots}")
+    print(f"model:   {run_dir / 'model'}\nmetrics: {run_dir / 'metrics.json'}\nplots:   {run_dir}/ {plots}",
+          file=sys.stderr)  # stdout: the JSON alone
     return 0

@@ -6,7 +6,7 @@ samples of that class (MMD, against the class's training samples as the referenc
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from .common import (
     load_model_for,
     load_split,
     pick_device,
+    recorded_path,
     results_dir,
     run_kind,
     write_samples,
@@ -68,7 +69,7 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
     m = evaluate_samples(x, data_cfg, reference)  # scored before anything is written: old and new never mix
     m.update({"sample_seconds": round(dt, 3), "sample_steps": int(scfg["steps"]), "eta": float(scfg["eta"]),
               "nfe_per_sample": den.nfe // max(1, -(-int(scfg["n"]) // int(scfg.get("batch_size", 500)))),
-              "seed": int(scfg["seed"]), "batch_size": int(scfg.get("batch_size", 500)), "ckpt": str(ckpt),
+              "seed": int(scfg["seed"]), "batch_size": int(scfg.get("batch_size", 500)), "ckpt": recorded_path(ckpt),
               "versions": io.versions(),
               **({} if label is None else {"label": label, "guidance_scale": scale})})
     with io.writing_outputs(out, "metrics.json", *SAMPLE_FILES) as staged:
@@ -91,6 +92,6 @@ def run(args: argparse.Namespace) -> int:
     else:  # a directory of its own, which must not hold another command's output
         out = check_out_dir(args.out, kind="condiff eval")
     m = evaluate_run(args.ckpt, args, out, device)
-    print(json.dumps({k: v for k, v in m.items() if not isinstance(v, list)}, indent=2))
-    print(f"wrote {out / 'metrics.json'}")
+    print(io.json_text({k: v for k, v in m.items() if not isinstance(v, list)}), end="")  # NaN as null
+    print(f"wrote {out / 'metrics.json'}", file=sys.stderr)  # stdout: the JSON alone, for a script to read
     return 0

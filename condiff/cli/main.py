@@ -1,7 +1,10 @@
 """The ``condiff`` command. Each subcommand lives in its own module whose ``add_parser`` sets ``func``.
 
 Errors a user can cause (bad flags, bad data, bad checkpoints) end in one line on stderr and exit
-status 2; set ``CONDIFF_DEBUG=1`` to see the traceback instead.
+status 2; set ``CONDIFF_DEBUG=1`` to see the traceback instead. Other exit statuses tell a script what to do:
+75 (sysexits' EX_TEMPFAIL) when another condiff process holds the run (try again later), 74 (EX_IOERR) when the
+disk is full or the file system refuses writes, 128 + the signal's number when stopped (130 for Ctrl-C, 143
+for SIGTERM).
 """
 
 from __future__ import annotations
@@ -100,6 +103,24 @@ def _is_number(text: str) -> bool:
     return True
 
 
+BUSY, IO_ERROR = 75, 74  # sysexits.h: EX_TEMPFAIL (try again later), EX_IOERR
+PATH_ARGS = ("out", "ckpt", "run", "data", "input", "mask", "measurement", "config")  # "~" expanded, as a shell does
+
+
+def exit_status(e: BaseException) -> int:
+    """The exit status of a command that failed with ``e`` (see the module's docstring)."""
+    from ..io import RunInUseError
+
+    if isinstance(e, KeyboardInterrupt):
+        return 128 + int(getattr(e, "signum", signal.SIGINT))
+    if isinstance(e, RunInUseError):
+        return BUSY
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO) or \
+            "No space left on device" in str(e):  # safetensors' words
+        return IO_ERROR
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()  # imports torch: a Ctrl-C lands here as often as anywhere
@@ -123,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     if empty:
         print(f"{prog}: error: {empty[0]} is empty: give a path", file=sys.stderr)
         return 2
+    for k in PATH_ARGS:  # a quoted "~/runs/x" made a folder named "~"
+        if isinstance(v := getattr(args, k, None), str) and v.startswith("~"):
+            setattr(args, k, os.path.expanduser(v))
     # each command's warnings afresh (a warning given by one command in this process is not swallowed as a
     # repeat in the next, as Python's once-per-line rule would), printed as one line, and the process's
     # warning settings restored afterwards
@@ -147,7 +171,7 @@ def _run_command(args: argparse.Namespace, prog: str, own_process: bool = False)
 
                 leave_process_group(only_joined=True)
         return rc
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if own_process:  # the condiff process itself (not a caller's main([...])): a second Ctrl-C while it
             with contextlib.suppress(ValueError):  # shuts down (about a second) printed a traceback from atexit
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -159,7 +183,7 @@ def _run_command(args: argparse.Namespace, prog: str, own_process: bool = False)
                               *([hint] if hint else [])])
         _close_progress_bars()
         print("condiff: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
-        return 130
+        return exit_status(e)
     except Exception as e:  # one line for the user; the traceback on request
         if os.environ.get("CONDIFF_DEBUG"):
             raise
@@ -170,9 +194,13 @@ def _run_command(args: argparse.Namespace, prog: str, own_process: bool = False)
         if "No space left on device" in msg or getattr(e, "errno", None) == errno.ENOSPC:  # safetensors' words too
             msg += " (the disk is full: free space and run the command again" + (
                 " with --resume: the checkpoints written are whole)" if hasattr(args, "resume") else ")")
+        cache = str(io.cache_dir(make=False))
+        if getattr(e, "errno", None) in (errno.EROFS, errno.EACCES) and cache in f"{msg} {getattr(e, 'filename', '')}" \
+                and "CONDIFF_CACHE" not in msg:
+            msg += f" (the cache, {cache}: set CONDIFF_CACHE to a writable folder)"
         _close_progress_bars()  # the message gets a line of its own, not the end of a bar's
         print(f"{prog}: error: {msg}", file=sys.stderr)
-        return 2
+        return exit_status(e)
     finally:
         io.release_runs()
 

@@ -1356,7 +1356,7 @@ def _write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
     made = run.made_from(stages_of(res))
     for w in (w for w in res if w in SET_STAGES):  # the sets too: a Ctrl-C while they are redrawn keeps this report
         made[f"samples/{w}"] = spec_digest(json_table(run.root / "samples" / w / "stage.json").get("spec"))
-    io.write_json_atomic(out / "metrics.json", {**public(res), "made_from": made})
+    io.write_json_atomic(out / "metrics.json", {**public(res), "made_from": made, "versions": io.versions()})
     base = res.get("vanilla", {}).get("l_mean")
     print(f"{'set':<18}{'n':>6}{'mean l':>12}{'median l':>12}{'reduction':>11}{'MMD':>12}{'MMD ratio':>11}")
     for k, v in res.items():
@@ -1408,7 +1408,8 @@ def run_assim(args: argparse.Namespace) -> int:
         io.write_npz_atomic(staged / "samples.npz", truth=res["_truth"].numpy(), y=res["_y"].cpu().numpy(),
                             **{k.replace(" ", "_").replace("-", "_"): v["_x"].numpy()
                                for k, v in res["methods"].items()})
-        io.write_json_atomic(staged / "metrics.json", {**public(res), "made_from": run.made_from(stages)})
+        io.write_json_atomic(staged / "metrics.json", {**public(res), "made_from": run.made_from(stages),
+                                                       "versions": io.versions()})
     print(
         f"observation {seen}, noise sigma_y {res['sigma_y']:.3g}, {res['n']} truths "
         f"(truth: residual / sigma_y {res['truth']['residual_mean']:.3g}, l {res['truth']['l_mean']:.3g})"

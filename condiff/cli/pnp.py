@@ -14,7 +14,6 @@ models (``condiff train --data scenes|tours ...``); ``--train`` trains the defau
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -36,6 +35,7 @@ from .common import (
     load_model_for,
     model_is_complete,
     pick_device,
+    recorded_path,
     same_settings,
     train_or_reuse,
 )
@@ -319,16 +319,17 @@ def _finish(args: argparse.Namespace, write: Callable[[Path], tuple[dict, list[P
     they are written together with ``metrics.json`` (:func:`condiff.io.writing_outputs`: a failure half-way
     leaves the previous results as they were), which records the command's settings (every option's value:
     seed, lr, schedules, batch size, prior), so that the figures can be reproduced from the file alone."""
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())
+    settings = {k: recorded_path(v) if k in ("ckpt", "out") else str(v) if isinstance(v, Path) else v
+                for k, v in sorted(vars(args).items())
                 if isinstance(v, bool | int | float | str | Path | type(None)) and k != "interrupted"}  # (a hint)
     out = Path(args.out)
     with io.writing_outputs(out, "metrics.json") as staged:
         metrics, files = write(staged)
         metrics = {**metrics, "settings": settings, "versions": io.versions()}
         io.write_json_atomic(staged / "metrics.json", metrics)
-    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list | dict)}, indent=2))
+    print(io.json_text({k: v for k, v in metrics.items() if not isinstance(v, list | dict)}), end="")
     for f in [*files, staged / "metrics.json"]:
-        print(f"wrote {out / f.relative_to(staged)}")
+        print(f"wrote {out / f.relative_to(staged)}", file=sys.stderr)  # stdout: the JSON alone
     return 0
 
 

@@ -18,6 +18,7 @@ from .common import (
     draw_samples,
     load_model_for,
     pick_device,
+    recorded_path,
     results_dir,
     write_samples,
 )
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     check_targets(out, ("sample_config.json",))
     x = draw_samples(den, shape, scfg, device)
     check_samples(x, out)
-    record = {**scfg, "ckpt": str(args.ckpt), "nfe": den.nfe, "label": args.label,
+    record = {**scfg, "ckpt": recorded_path(args.ckpt), "nfe": den.nfe, "label": args.label,
               "guidance_scale": args.guidance_scale, "versions": io.versions()}
     with io.writing_outputs(out, "sample_config.json", *SAMPLE_FILES) as staged:
         files = write_samples(x, staged, value_range=run_cfg.get("value_range"), label=args.label)

@@ -222,7 +222,8 @@ def _namm_redo_result(p: Path, res: str, table: dict) -> str:
     """The command that makes a NAMM run's samples/ or assimilate/ results again as they were asked for (the
     sets, their size, the observation and methods its metrics.json records)."""
     if res == "samples":
-        sets = [k for k in table if isinstance(table[k], dict) and k not in ("data (held-out)", "made_from")]
+        sets = [k for k in table if isinstance(table[k], dict)
+                and k not in ("data (held-out)", "made_from", "versions")]
         n = next((table[k].get("n") for k in sets if isinstance(table[k].get("n"), int)), None)
         flags = ([f"--n {n}"] if n else []) + ([] if "mdm_ft" in sets else ["--no-finetuned"]) + (
             ["--guided"] if "guided" in sets else [])

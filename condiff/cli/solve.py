@@ -49,7 +49,7 @@ from ..guidance import (
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
 from ..userfile import load_from_file, split_file_spec
-from .common import add_device_arg, check_out_dir, data_kwargs, load_model_for, pick_device, results_dir
+from .common import add_device_arg, check_out_dir, data_kwargs, load_model_for, pick_device, recorded_path, results_dir
 from .sample import add_label_args, condition
 
 # operator name -> builder(shape (B, C, H, W), generator, sigma_y, params) -> Operator
@@ -515,9 +515,9 @@ def run(args: argparse.Namespace) -> int:
         "scale": list(scale),
         "operator": {"name": args.operator, **op.describe(), **({"mask": args.mask} if args.mask else {}),
                      **({k: v for k, v in own.items() if k != "factory"} if own else {})},
-        "seed": args.seed, "batch_size": args.batch_size, "ckpt": str(args.ckpt), "device": device,
+        "seed": args.seed, "batch_size": args.batch_size, "ckpt": recorded_path(args.ckpt), "device": device,
         "label": args.label, "guidance_scale": args.guidance_scale, "versions": io.versions(),
-        "images": args.input or (f"{data_name}:{args.split}" if x is not None else None),
+        "images": recorded_path(args.input) or (f"{data_name}:{args.split}" if x is not None else None),
         "measurement": args.measurement,
     })
     with io.writing_outputs(out, "metrics.json", *SOLVE_FILES) as staged:
