@@ -907,17 +907,28 @@ def cache_dir(make: bool = True) -> Path:
     ``$CONDIFF_CACHE`` if set, else ``~/.cache/condiff``; where no home folder is known (a container's user
     without one), ``condiff-cache-UID`` in the temporary folder, not a ``~`` folder below each working directory.
     """
-    home = os.path.expanduser("~")
+    home = os.path.expanduser("~")  # (os.path's leaves a "~user" it cannot find as it is; pathlib's raises)
+    shared = False
     if os.environ.get("CONDIFF_CACHE"):
-        p = Path(os.environ["CONDIFF_CACHE"]).expanduser().absolute()
+        p = Path(os.path.abspath(os.path.expanduser(os.environ["CONDIFF_CACHE"])))
     elif os.path.isabs(home):
         p = Path(home, ".cache", "condiff")
-    else:
-        p = Path(tempfile.gettempdir(), f"condiff-cache-{os.getuid()}")
+    else:  # in a folder every user writes to: this user's own, which no one else may write (it holds trust records)
+        p, shared = Path(tempfile.gettempdir(), f"condiff-cache-{os.getuid()}"), True
     if make:
         try:
-            p.mkdir(parents=True, exist_ok=True)
+            p.mkdir(mode=0o700 if shared else 0o777, parents=True, exist_ok=True)
         except OSError as e:
-            raise OSError(e.errno, f"cannot make the cache folder {p} ({e.strerror}): set CONDIFF_CACHE to a "
-                                   "writable folder") from None
+            raise _errno_kept(OSError(f"cannot make the cache folder {p} ({e.strerror}): set CONDIFF_CACHE to a "
+                                      "writable folder"), e.errno) from None
+        if shared and ((st := p.stat()).st_uid != os.getuid() or st.st_mode & 0o022):
+            raise PermissionError(f"the cache folder {p} belongs to another user or others may write to it: set "
+                                  "CONDIFF_CACHE to a folder of your own")
     return p
+
+
+def _errno_kept(e: OSError, number: int | None) -> OSError:
+    """``e`` with ``number`` as its errno, its message left without the "[Errno N]" that the two-argument form
+    puts before it (what a one-line error shows)."""
+    e.errno = number
+    return e

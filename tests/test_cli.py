@@ -688,13 +688,13 @@ def test_eval_refuses_too_little_held_out_data_before_sampling(tmp_path, capsys,
 def test_demo_trains_once_then_reuses(tmp_path, capsys):
     args = ["demo", "--data", "toy2d", "--out", str(tmp_path / "demo"), *TINY[2:]]
     assert main(args) == 0
-    first = capsys.readouterr().out
-    assert "training on toy2d" in first and "MMD ratio" in first
+    first = capsys.readouterr()
+    assert "training on toy2d" in first.err and "MMD ratio" in first.out  # a note, and the results
     for f in ("samples.png", "loss.png", "metrics.json", "model/model.safetensors", "config.json"):
         assert (tmp_path / "demo" / f).is_file(), f
     mtime = (tmp_path / "demo" / "model" / "model.safetensors").stat().st_mtime_ns
     assert main(args) == 0
-    assert "reusing the trained model" in capsys.readouterr().out
+    assert "reusing the trained model" in capsys.readouterr().err
     assert (tmp_path / "demo" / "model" / "model.safetensors").stat().st_mtime_ns == mtime
     assert main([*args, "--set", "sample.steps=4"]) == 0  # a sampling setting applies to the reused model
     assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["sample_steps"] == 4
@@ -707,14 +707,14 @@ def test_demo_trains_once_then_reuses(tmp_path, capsys):
         capsys.readouterr().err
     assert _snapshot(tmp_path / "demo") == before
     assert main([*args, "--set", "train.steps=31", "--retrain"]) == 0
-    assert "training on toy2d" in capsys.readouterr().out
+    assert "training on toy2d" in capsys.readouterr().err
     # --retrain replaces a model of another architecture (its checkpoints would not load)
     assert main([*args, "--set", "train.steps=31", "--set", "model.hidden=48", "--retrain"]) == 0
-    assert "training on toy2d" in capsys.readouterr().out
+    assert "training on toy2d" in capsys.readouterr().err
     assert json.loads((tmp_path / "demo" / "model" / "config.json").read_text())["net"]["hidden"] == 48
     # bookkeeping options (progress bars, checkpoint cadence) do not call for a new model
     assert main([*args, "--set", "train.steps=31", "--set", "model.hidden=48", "--set", "train.ckpt_every=7"]) == 0
-    assert "reusing the trained model" in capsys.readouterr().out
+    assert "reusing the trained model" in capsys.readouterr().err
     # interrupted while sampling with new settings: the run's settings stay those of the results beside them
     # (config.json took the new ones), and the hint says the model is reused (it said training resumes)
     import condiff.cli.demo as demo
@@ -1441,7 +1441,7 @@ def test_restore_puts_back_the_run_an_unfinished_fresh_set_aside(trained, tmp_pa
     assert main(["train", "--out", str(run), "--set", "train.steps=5", "--restore"]) == 2
     assert "--restore puts a run back as it was: it takes no --data / --config / --set" in capsys.readouterr().err
     assert main(["train", "--out", str(run), "--restore"]) == 0
-    assert f"restored the run in {run} that --fresh had set aside" in capsys.readouterr().out
+    assert f"restored the run in {run} that --fresh had set aside" in capsys.readouterr().err
     after = _snapshot(run)
     assert {k: v for k, v in after.items() if k.name != "loss.png"} == {
         k: v for k, v in before.items() if k.name != "loss.png"}  # the old run whole, nothing of the attempt's
@@ -1757,7 +1757,28 @@ def test_the_cache_folder_without_a_home_and_one_that_cannot_be_made(tmp_path, m
     monkeypatch.delenv("CONDIFF_CACHE")
     monkeypatch.setattr(io.os.path, "expanduser", lambda p: p)  # no home folder known ("~" stays "~")
     assert io.cache_dir(make=False).is_absolute() and io.cache_dir(make=False).name.startswith("condiff-cache-")
+    monkeypatch.setattr(io.tempfile, "gettempdir", lambda: str(tmp_path))  # a folder every user may write to
+    own = io.cache_dir()
+    assert own == tmp_path / f"condiff-cache-{os.getuid()}" and (own.stat().st_mode & 0o777) == 0o700
+    own.chmod(0o777)  # made by someone else, or open to them: it holds the trust records
+    with pytest.raises(PermissionError, match="belongs to another user or others may write to it"):
+        io.cache_dir()
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "file" / "cache"))
     with pytest.raises(OSError, match=r"cannot make the cache folder .*: set CONDIFF_CACHE to a writable folder"):
         io.cache_dir()
+
+
+def test_a_busy_constraint_model_exits_75_and_a_cache_setting_that_fails_still_gives_one_line(tmp_path, capsys,
+                                                                                             monkeypatch):
+    from condiff import io
+    from condiff.cli.dual import _named_model
+
+    (tmp_path / "busy" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "busy" / "log.jsonl").write_text("")
+    monkeypatch.setattr(io, "run_holder", lambda d: 4242)
+    with pytest.raises(io.ModelInTraining, match=r"constraint 'c': .* is still training it; wait for it to finish$"):
+        _named_model(str(tmp_path / "busy"), "cpu", "constraint 'c'")
+    monkeypatch.setenv("CONDIFF_CACHE", "~nosuchuser_condiff/c")
+    assert main(["sample", "--ckpt", str(tmp_path / "none")]) == 2  # the error handler looks at the cache too
+    assert capsys.readouterr().err.count("\n") == 1

@@ -941,7 +941,7 @@ def test_cli_experiment_refuses_a_changed_model_unless_fresh_and_its_models_serv
     record = (out / "metrics.json").read_bytes()
     assert main(["dual", "toy", "--out", str(out), *tiny, "--set", "steps=30"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "trained with other settings (toy.steps differ); pass --fresh" in err[0], err
+    assert len(err) == 1 and "trained with other settings (toy.steps, warmup differ); pass --fresh" in err[0], err
     assert {q: q.read_bytes() for q in (out / "constrained").rglob("*") if q.is_file()} == before
     assert (out / "metrics.json").read_bytes() == record  # the refused rerun deleted the last run's results
     assert main(["dual", "toy", "--out", str(out), *tiny, "--set", "steps=30", "--fresh"]) == 0
@@ -1369,3 +1369,39 @@ def test_cli_dual_train_records_absolute_paths_and_resumes_from_another_director
     assert main(["dual", "train", "--out", str(tmp_path / "run"), "--device", "cpu", "--resume",
                  "--set", "train.steps=40"]) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 40
+
+
+def test_a_dual_run_recorded_with_relative_paths_still_resumes_and_names_keep_their_words(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """Runs recorded before paths were made absolute hold them as typed: resumed from their directory, they were
+    refused as "trained on other objective data"; and a mistyped data set's name read as a missing file."""
+    import numpy as np
+
+    from condiff.cli.dual import absolute_paths
+    from condiff.data import load_toy2d
+
+    monkeypatch.chdir(tmp_path)
+    pts = load_toy2d("train", kind="gmm", components=2, weights=[0.9, 0.1], n=300)
+    np.savez(tmp_path / "all.npz", x=pts.x.numpy(), y=pts.y.numpy())
+    text = RUN_FILE + '\n[objective]\ndata = "all.npz"\n'
+    (tmp_path / "run.toml").write_text(text)
+    assert main(["dual", "train", "--config", "run.toml", "--out", "run", "--device", "cpu"]) == 0
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["objective"]["data"] == str(tmp_path / "all.npz")
+    recorded["objective"]["data"] = "all.npz"  # as a run recorded before 2026-12-06 holds it
+    (tmp_path / "run" / "config.json").write_text(json.dumps(recorded))
+    capsys.readouterr()
+    assert main(["dual", "train", "--config", "run.toml", "--out", "run", "--device", "cpu", "--resume",
+                 "--set", "train.steps=40"]) == 0, capsys.readouterr().err
+    cfg = absolute_paths({"objective": {"data": "toy2"}, "constraint": [{"data": "objective", "model": "nosuch"}],
+                          "dual": {"init": "run"}})
+    assert cfg == {"objective": {"data": "toy2"}, "constraint": [{"data": "objective", "model": "nosuch"}],
+                   "dual": {"init": str(tmp_path / "run")}}  # only what exists is a path
+
+
+def test_toy_warm_up_shortens_with_a_short_run():
+    """A 40-step toy run warned that its 100-step warm-up never ended, naming a --set that toy does not take."""
+    from condiff.dual.experiments import ToyConfig
+
+    assert ToyConfig(steps=40).train_config("cpu").warmup == 4
+    assert ToyConfig(steps=3000).train_config("cpu").warmup == 100

@@ -407,7 +407,7 @@ def test_cli_tsp_and_segment_write_pictures_and_metrics(tmp_path, capsys):
     capsys.readouterr()
     assert main(["pnp", "tsp", "--ckpt", str(tmp_path / "tours"), "--n", "1", "--cities", "6", "--steps", "3",
                  "--train", "--out", str(tmp_path / "tsp-own")]) == 0
-    assert "holds a prior of other settings than the default tsp prior; using it as it is" in capsys.readouterr().out
+    assert "holds a prior of other settings than the default tsp prior; using it as it is" in capsys.readouterr().err
     tiny_prior(tmp_path / "scenes", 4, 16, {"name": "scenes", "size": 16})
     assert main(["pnp", "segment", "--ckpt", str(tmp_path / "scenes"), "--n", "3", "--chains", "2",
                  "--steps", "3", "--out", str(tmp_path / "seg")]) == 0

@@ -28,6 +28,7 @@ from ..sample import generate
 from ..schedule import Schedule
 from ..train import DenoisingObjective, TrainConfig, Trainer, list_checkpoints
 from ..userfile import split_file_spec
+from .config import data_ref
 
 
 def recorded_path(path: object) -> str | None:
@@ -402,7 +403,8 @@ def restore_run(run_dir: Path, names: tuple[str, ...], flag: str = "--fresh",
         io.restore_replaced(run_dir, attempt=(*with_step_results(run_dir, names), "loss.png"))
         if (run_dir / "log.jsonl").is_file():
             plot_loss_curve(run_dir / "log.jsonl", run_dir / "loss.png", keys=loss_keys)
-    print(f"restored the run in {run_dir} that {flag} had set aside; the failed attempt's files are deleted")
+    print(f"restored the run in {run_dir} that {flag} had set aside; the failed attempt's files are deleted",
+          file=sys.stderr)
 
 
 def note_replaced(run_dir: Path, keep_hint: str = "stop now (Ctrl-C) and pass --restore in place of --resume") -> None:
@@ -460,8 +462,9 @@ def _check_same(run_dir: Path, sections: dict[str, dict | None], hint: str = "")
     it was trained with."""
     old = json_table(run_dir / "config.json")
     for section, settings in sections.items():
-        before = old.get(section)
-        now = json.loads(json.dumps(settings, default=str))
+        # a path recorded as typed (before runs recorded them absolute) is the same file as its absolute form
+        before = paths_resolved(old.get(section))
+        now = paths_resolved(json.loads(json.dumps(settings, default=str)))
         if settings is None or not isinstance(before, dict) or before == now:
             continue
         if section == "schedule" and same_schedule(before, now):
@@ -471,6 +474,16 @@ def _check_same(run_dir: Path, sections: dict[str, dict | None], hint: str = "")
                 "objective": "on other objective data"}[section]
         raise ValueError(f"--resume: {run_dir} was trained {what} ({diff}); resume with the run's {section} "
                          f"settings (recorded in {run_dir / 'config.json'}), or pass --fresh to start over{hint}")
+
+
+def paths_resolved(v: object) -> object:
+    """``v`` with every string that names an existing file or folder made absolute
+    (:func:`~condiff.cli.config.data_ref`), in tables and lists too."""
+    if isinstance(v, dict):
+        return {k: paths_resolved(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [paths_resolved(x) for x in v]
+    return data_ref(v) if isinstance(v, str) and v else v
 
 
 RUN_MARK = ".condiff-run"  # in a run directory: the command that wrote it
@@ -723,7 +736,7 @@ def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = 
         if not (retrain or own):
             refuse_other_settings(run_dir, cfg, remedy)
     if announce:
-        print(announce)
+        print(announce, file=sys.stderr)
     if retrain or ((run_dir / "config.json").is_file() and not same_settings(run_dir, cfg)):  # nothing held
         replace_run(run_dir, _RUN_FILES, "--retrain" if retrain else "")
     else:

@@ -9,6 +9,7 @@ checkpoint.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     args.trained = True  # (for the Ctrl-C hint)
     before = (run_dir / "config.json").read_bytes()
     if reused:
-        print(f"reusing the trained model in {run_dir / 'model'} (pass --retrain to train again)")
+        print(f"reusing the trained model in {run_dir / 'model'} (pass --retrain to train again)", file=sys.stderr)
         save_resolved_config(run_dir, cfg)  # sampling / eval settings may have changed: they are read from there
     t_train = time.perf_counter() - t0
     sample_args = argparse.Namespace(n=None, steps=None, eta=None, seed=None, batch_size=None)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from dataclasses import asdict
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from .. import checks, io
-from ..data import DATASETS, ArrayData, load_dataset, value_range
+from ..data import ArrayData, load_dataset, value_range
 from ..dual import (
     Constraint,
     DualConfig,
@@ -55,8 +54,8 @@ from .common import (
     load_model_for,
     net_config,
     own_net_named,
+    paths_resolved,
     pick_device,
-    recorded_path,
     recorded_settings,
     restore_only,
     save_resolved_config,
@@ -227,26 +226,19 @@ def resolve(file: str | Path, overrides: list[str], recorded: dict | None = None
 
 
 def absolute_paths(cfg: dict) -> dict:
-    """``cfg`` with the models and data files it names (``[data] name``, and ``model``, ``reference``, ``data``
-    of its sources, ``[dual] init``) made absolute, as read from the working directory: recorded so, a run
-    resumes from anywhere."""
-    def fix(table: object) -> None:
-        if not isinstance(table, dict):
-            return
-        for k in ("model", "reference", "data"):
-            v = table.get(k)
-            if isinstance(v, str) and v.strip() and not (k == "data" and (v in DATASETS or v == "objective")):
-                table[k] = recorded_path(os.path.expanduser(v))
+    """``cfg`` with the models and data files it names (``model``, ``reference``, ``data`` of its sources,
+    ``[dual] init``) recorded absolute where they exist (:func:`~condiff.cli.config.data_ref`, as ``[data]
+    name`` is): a run then resumes from any directory, and a data set's name stays a name."""
+    def fix(table: object, keys: tuple[str, ...]) -> None:
+        if isinstance(table, dict):
+            for k in keys:
+                if isinstance(table.get(k), str) and table[k] != "objective":
+                    table[k] = config_mod.data_ref(table[k])
 
-    fix(cfg.get("objective"))
-    data = cfg.get("data")
-    if isinstance(data, dict) and isinstance(data.get("name"), str) and data["name"].strip() and \
-            data["name"] not in DATASETS:  # the data file the objective defaults to
-        data["name"] = recorded_path(os.path.expanduser(data["name"]))
+    fix(cfg.get("objective"), ("model", "data"))
     for spec in cfg.get("constraint") or []:
-        fix(spec)
-    if isinstance(cfg.get("dual"), dict) and isinstance(cfg["dual"].get("init"), str) and cfg["dual"]["init"].strip():
-        cfg["dual"]["init"] = recorded_path(os.path.expanduser(cfg["dual"]["init"]))
+        fix(spec, ("model", "reference", "data"))
+    fix(cfg.get("dual"), ("init",))
     return cfg
 
 
@@ -333,7 +325,7 @@ class SampleCache:
         self.new: dict[str, tuple[dict, torch.Tensor]] = {}
 
     def get(self, where: str, spec: dict) -> torch.Tensor | None:
-        if self.old.get(where) == spec and io.has_group(self.root, where):
+        if paths_resolved(self.old.get(where)) == paths_resolved(spec) and io.has_group(self.root, where):
             return io.load_group(self.root, where)["x"]
         return None
 
@@ -355,6 +347,8 @@ def _named_model(path: str, device: str, who: str) -> tuple:
         return load_model_for(path, device)
     except UntrustedCode as e:  # trained: its net's file is not trusted here
         raise UntrustedCode(f"{who}: {e}") from None
+    except io.ModelInTraining as e:  # busy: a script may wait and try again (exit status 75)
+        raise io.ModelInTraining(f"{who}: {e}") from None
     except io.CheckpointError as e:
         raise io.CheckpointError(f"{who}: {e} (train that model first)") from None
 

@@ -104,7 +104,7 @@ def _is_number(text: str) -> bool:
 
 
 BUSY, IO_ERROR = 75, 74  # sysexits.h: EX_TEMPFAIL (try again later), EX_IOERR
-PATH_ARGS = ("out", "ckpt", "run", "data", "input", "mask", "measurement", "config")  # "~" expanded, as a shell does
+PATH_ARGS = ("out", "ckpt", "run", "data", "input", "mask", "measurement", "config", "paths", "files")  # "~" expanded
 
 
 def exit_status(e: BaseException) -> int:
@@ -144,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     if empty:
         print(f"{prog}: error: {empty[0]} is empty: give a path", file=sys.stderr)
         return 2
-    for k in PATH_ARGS:  # a quoted "~/runs/x" made a folder named "~"
-        if isinstance(v := getattr(args, k, None), str) and v.startswith("~"):
+    for k in PATH_ARGS:  # as a shell does: a quoted "~/runs/x" made a folder named "~"
+        v = getattr(args, k, None)
+        if isinstance(v, str):
             setattr(args, k, os.path.expanduser(v))
+        elif isinstance(v, list):  # show's paths, trust's files
+            setattr(args, k, [os.path.expanduser(p) if isinstance(p, str) else p for p in v])
     # each command's warnings afresh (a warning given by one command in this process is not swallowed as a
     # repeat in the next, as Python's once-per-line rule would), printed as one line, and the process's
     # warning settings restored afterwards
@@ -194,10 +197,10 @@ def _run_command(args: argparse.Namespace, prog: str, own_process: bool = False)
         if "No space left on device" in msg or getattr(e, "errno", None) == errno.ENOSPC:  # safetensors' words too
             msg += " (the disk is full: free space and run the command again" + (
                 " with --resume: the checkpoints written are whole)" if hasattr(args, "resume") else ")")
-        cache = str(io.cache_dir(make=False))
-        if getattr(e, "errno", None) in (errno.EROFS, errno.EACCES) and cache in f"{msg} {getattr(e, 'filename', '')}" \
-                and "CONDIFF_CACHE" not in msg:
-            msg += f" (the cache, {cache}: set CONDIFF_CACHE to a writable folder)"
+        if getattr(e, "errno", None) in (errno.EROFS, errno.EACCES) and "CONDIFF_CACHE" not in msg:
+            with contextlib.suppress(Exception):  # the message must come whatever the cache's setting
+                if (cache := str(io.cache_dir(make=False))) in f"{msg} {getattr(e, 'filename', '')}":
+                    msg += f" (the cache, {cache}: set CONDIFF_CACHE to a writable folder)"
         _close_progress_bars()  # the message gets a line of its own, not the end of a bar's
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return exit_status(e)

@@ -139,7 +139,7 @@ def ensure_prior(kind: str, profile: str, run_dir: str | Path, device: str) -> P
         # use a finished prior of the user's own as it is (its data are checked when it loads)
         if "net" in json_table(resolve_model_dir(run_dir) / "config.json"):  # a run's model/ or a model dir
             print(f"--train: {run_dir} holds a prior of other settings than the default {kind} prior; using it "
-                  "as it is (without --train, nothing is said)")
+                  "as it is (without --train, nothing is said)", file=sys.stderr)
             return run_dir
         raise FileExistsError(f"{run_dir} holds an unfinished run with other settings than the default {kind} "
                               "prior: finish it (`condiff train ... --resume`) or pick another directory")

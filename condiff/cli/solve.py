@@ -50,6 +50,7 @@ from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
 from ..userfile import load_from_file, split_file_spec
 from .common import add_device_arg, check_out_dir, data_kwargs, load_model_for, pick_device, recorded_path, results_dir
+from .config import data_ref
 from .sample import add_label_args, condition
 
 # operator name -> builder(shape (B, C, H, W), generator, sigma_y, params) -> Operator
@@ -513,12 +514,12 @@ def run(args: argparse.Namespace) -> int:
         "steps": args.steps, "nfe": nfe, "grad_evals": grads, "n": n,
         "method": args.method, "hyperparameters": hp, "task": task, "eta": args.eta, "clip_x0": clip,
         "scale": list(scale),
-        "operator": {"name": args.operator, **op.describe(), **({"mask": args.mask} if args.mask else {}),
+        "operator": {"name": args.operator, **op.describe(), **({"mask": data_ref(args.mask)} if args.mask else {}),
                      **({k: v for k, v in own.items() if k != "factory"} if own else {})},
         "seed": args.seed, "batch_size": args.batch_size, "ckpt": recorded_path(args.ckpt), "device": device,
         "label": args.label, "guidance_scale": args.guidance_scale, "versions": io.versions(),
-        "images": recorded_path(args.input) or (f"{data_name}:{args.split}" if x is not None else None),
-        "measurement": args.measurement,
+        "images": recorded_path(args.input) or (f"{data_ref(data_name)}:{args.split}" if x is not None else None),
+        "measurement": data_ref(args.measurement) if args.measurement else None,  # a file's, absolute
     })
     with io.writing_outputs(out, "metrics.json", *SOLVE_FILES) as staged:
         write_outputs(staged, x, op, y, rec, m, scale)

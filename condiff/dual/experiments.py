@@ -319,7 +319,9 @@ def run_toy(cfg: ToyConfig, out: str | Path, device: str = "cpu", fresh: bool = 
     t0 = time.perf_counter()
     toy_data = {"name": "toy2d", "kind": "gmm", "n": cfg.n, "weights": w0.tolist(), "components": K, "seed": cfg.seed}
     ema, model_cfg = train_cached(out / "constrained", net, objective, tcfg, schedule,
-                                  {"toy": asdict(cfg), "bounds": bounds}, toy_data, data.x, fresh)
+                                  # a short run's warm-up (before 2026-12-06 always 100 steps) is part of its key
+                                  {"toy": asdict(cfg), "bounds": bounds,
+                                   **({"warmup": tcfg.warmup} if tcfg.warmup != 100 else {})}, toy_data, data.x, fresh)
     seconds = time.perf_counter() - t0
 
     hist = lambda_history(out / "constrained" / "log.jsonl")

@@ -6,6 +6,7 @@ from its newest checkpoint when asked.
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import torch
@@ -71,7 +72,7 @@ def _trainer(
 ) -> Trainer:
     tr = Trainer(model, objective, tcfg, run_dir, meta)
     if resume and tr.resume():
-        print(f"resumed from step {tr.step} of {tcfg.steps}")
+        print(f"resumed from step {tr.step} of {tcfg.steps}", file=sys.stderr)
     return tr
 
 
