@@ -1,0 +1,334 @@
+"""What commands and benchmarks record agrees with the arrays they write beside it, and the defaults and
+conversions their figures rest on. Each test here was written for a realistic bug that no other test caught
+(mutation testing, 2026-12-06): a wrong default, an argument swapped, an axis, a ratio inverted."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from condiff.cli.main import main
+
+
+def _solve(ckpt, out, *extra):
+    return main(["solve", "--ckpt", str(ckpt), "--out", str(out), "--device", "cpu", "--n", "3",
+                 "--steps", "3", *extra])
+
+
+# O6: SuperResolution.to_image upsamples by its own factor
+def test_sr_to_image_upsamples_by_its_own_factor():
+    from condiff.operators import SuperResolution
+    for f in (2, 3, 4):
+        op = SuperResolution(f, "box")
+        x = torch.randn(2, 1, 12, 12)
+        y = op.A(x)
+        img = op.to_image(y)
+        assert img.shape == x.shape
+        assert torch.equal(img[:, :, ::f, ::f], y)
+
+
+# S2/S4/S7: metrics.json agrees with the arrays it sits beside; the default operator parameters
+def test_solve_metrics_match_the_saved_arrays_and_defaults(tiny_run, tmp_path):
+    from condiff.operators import SuperResolution
+    assert main(["solve", "--ckpt", str(tiny_run), "--out", str(tmp_path / "sr"), "--device", "cpu",
+                 "--steps", "2", "--operator", "sr", "--method", "dps"]) == 0
+    m = json.loads((tmp_path / "sr" / "metrics.json").read_text())
+    z = np.load(tmp_path / "sr" / "reconstruction.npz")
+    assert m["n"] == 16 == len(z["x"])                       # default --n: 16 test images
+    op = SuperResolution(2, "bicubic")
+    y = torch.from_numpy(z["y"])
+    truth = op.residual(torch.from_numpy(z["ground_truth"]), y)
+    rec = op.residual(torch.from_numpy(z["x"]), y)
+    assert m["residual_truth"] == pytest.approx(float(truth.mean()), rel=1e-5)
+    assert m["residual"] == pytest.approx(float(rec.mean()), rel=1e-5)
+    assert _solve(tiny_run, tmp_path / "ir", "--operator", "inpaint-random", "--method", "dps") == 0
+    m = json.loads((tmp_path / "ir" / "metrics.json").read_text())
+    z = np.load(tmp_path / "ir" / "reconstruction.npz")
+    # default p_drop 0.7: the recorded observed share is that of the saved measurement's non-zero pixels
+    assert m["operator"]["observed"] == pytest.approx((z["y"] != 0).mean())
+    assert 0.15 < m["operator"]["observed"] < 0.45
+
+
+# S5: inpaint-box's default margin is size // 8 (2 px at 16 px), reached by the random boxes
+def test_inpaint_box_default_margin_is_an_eighth():
+    from condiff.cli.solve import OPERATOR_DEFAULTS, OPERATORS
+    op = OPERATORS["inpaint-box"]((400, 1, 16, 16), torch.Generator().manual_seed(0), 0.0, dict(OPERATOR_DEFAULTS))
+    missing = op.mask[:, 0] == 0
+    rows = missing.any(2).float().argmax(1)   # first missing row per image
+    cols = missing.any(1).float().argmax(1)
+    assert int(rows.min()) == 2 and int(cols.min()) == 2 and int(rows.max()) == 16 - 2 - 8
+
+
+# S8: given measurements are zeroed where the mask does not observe (as A does), also in what is saved
+def test_given_measurements_are_saved_zeroed_outside_the_mask(tiny_run, tmp_path):
+    mask = np.ones((8, 8), np.float32)
+    mask[2:6, 1:7] = 0
+    np.save(tmp_path / "mask.npy", mask)
+    y = np.random.default_rng(0).uniform(-1, 1, (3, 1, 8, 8)).astype(np.float32)
+    y[:, :, 2:6, 1:7] = 7.0
+    np.save(tmp_path / "y.npy", y)
+    assert _solve(tiny_run, tmp_path / "g", "--operator", "inpaint-mask", "--mask", str(tmp_path / "mask.npy"),
+                  "--method", "dps", "--measurement", str(tmp_path / "y.npy")) == 0
+    saved = np.load(tmp_path / "g" / "reconstruction.npz")["y"]
+    assert np.all(saved[:, :, 2:6, 1:7] == 0) and np.array_equal(saved * mask, y * mask)
+
+
+# D1: the nearest swept budget is nearest in log steps
+def test_defaults_take_the_nearest_budget_in_log_steps():
+    from condiff.guidance.defaults import TUNED, default_hyperparameters
+    for task in TUNED:
+        assert default_hyperparameters("dps", task, 500)["zeta"] == TUNED[task][1000]["dps"]["zeta"]
+        assert default_hyperparameters("dps", task, 35)["zeta"] == TUNED[task][50]["dps"]["zeta"]
+
+
+# D2: every non-DPS tuned default is what the quick sweep chose (as crn-best is checked for DPS)
+def test_the_other_defaults_are_the_quick_sweeps_choices():
+    from pathlib import Path
+
+    import condiff
+    from condiff.guidance.defaults import TUNED
+    res = Path(condiff.__file__).resolve().parents[1] / "benchmarks" / "results" / "guidance-sweep-quick.json"
+    chosen = json.loads(res.read_text())["tuned"]
+    n = 0
+    for task, by_steps in chosen.items():
+        for steps, methods in by_steps.items():
+            for method, hp in methods.items():
+                if method not in ("dps", "dsg+dps"):
+                    assert TUNED[task][int(steps)][method] == hp, (task, steps, method)
+                    n += 1
+    assert n == 4 * 3 * 4
+
+
+# D3: the generic fallbacks are the papers' values
+def test_generic_defaults_are_the_papers():
+    from condiff.guidance.defaults import default_hyperparameters
+    assert default_hyperparameters("dsg+dps") == {"rate": 0.2, "interval": 1}
+    assert default_hyperparameters("dsg+dps", "no/such-task", 50) == {"rate": 0.2, "interval": 1}
+    assert default_hyperparameters("dps", None, 50) == {"zeta": 1.0}
+
+
+# DT1b: one_thread restores the caller's thread count
+def test_one_thread_restores_the_thread_count():
+    from condiff.determinism import one_thread
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+# U1: a path with a colon in it
+def test_file_spec_splits_at_the_last_colon():
+    from condiff.userfile import split_file_spec
+    assert split_file_spec("/tmp/a:b/c.py:NAME") == ("/tmp/a:b/c.py", "NAME")
+
+
+# F1: 16-bit PNGs scale by 65535
+def test_sixteen_bit_png_scales_by_65535(tmp_path):
+    from PIL import Image
+
+    from condiff.data.files import load_png_folder
+    a = np.array([[0, 16384, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(a).save(tmp_path / "a.png")
+    x = load_png_folder(tmp_path / "a.png").x
+    np.testing.assert_allclose(x[0, 0, 0].numpy(), a[0] / 65535 * 2 - 1, atol=1e-6)
+
+
+# SC2: the scenes test split's default size
+def test_scenes_default_sizes():
+    from condiff.data.scenes import load_scenes
+    assert len(load_scenes("test", size=8)) == 512
+
+
+# C1: mean_top_prob is the mean over samples of each sample's top class probability
+def test_judge_mean_top_prob_and_histogram_are_per_sample(cached_classifier_or_train):
+    from condiff.classifier import DigitsJudge, _digits
+    judge = DigitsJudge(cached_classifier_or_train)
+    x = _digits("test")[0][:40]
+    x = torch.cat([x, torch.rand(40, 1, 8, 8) * 2 - 1])  # half digits, half noise
+    r = judge.evaluate(x)
+    p = judge.probs(x).detach().double()
+    assert r["mean_top_prob"] == pytest.approx(float(p.max(1).values.mean()), rel=1e-5)
+    hist = np.bincount(p.argmax(1).numpy(), minlength=10) / len(x)
+    np.testing.assert_allclose(r["class_hist"], hist)
+
+
+@pytest.fixture(scope="session")
+def cached_classifier_or_train():
+    from condiff.classifier import train_digits_classifier
+    return train_digits_classifier(steps=30)
+
+
+# M1/M2: observation masks
+def test_first_rows_observes_rows_and_sparse_points_rounds():
+    from condiff.mirror.assimilate import first_rows, sparse_points
+    m = first_rows((1, 4, 6), 1, 0.1).mask
+    assert m[0, 0, 0].all() and m[0, 0, 1:].sum() == 0
+    assert int(sparse_points((1, 8, 8), 0.2, 0.1).mask.sum()) == 13  # round(12.8)
+
+
+# M5: satisfied means the data's median is at most a quarter of the noise's
+def test_data_violation_threshold_is_a_quarter():
+    from condiff.mirror import data_violation
+    g = torch.Generator().manual_seed(0)
+    a = torch.where(torch.rand(512, 1, 1, 1, generator=g) < 0.5, -1.0, 1.0)
+    board = (torch.arange(16).view(4, 4) + torch.arange(4).view(4, 1)) % 2 * 2 - 1.0
+    x = a + 0.3 * board  # each sample: a constant plus a +-0.3 checkerboard
+    dist = lambda v: (v - v.mean((1, 2, 3), keepdim=True)).abs().flatten(1).mean(1)
+    v = data_violation(dist, x)
+    ratio = v["median"] / v["noise_median"]
+    assert 0.3 < ratio < 0.45 and v["satisfied"] is False
+
+
+# TS2: the scores and picture returned are those of each instance's winning chain
+def test_solve_with_prior_returns_the_winning_chains_scores(monkeypatch):
+    from condiff.denoiser import GaussianDenoiser
+    from condiff.pnp import tsp
+    from condiff.schedule import Schedule
+    square = np.array([[0, 0], [1, 1], [1, 0], [0, 1.0]])
+    crossed, ring = np.array([0, 1, 2, 3]), np.array([0, 2, 1, 3])
+    per_chain = iter([crossed, ring, ring, crossed])  # winners: chain 1 of instance 0, chain 0 of instance 1
+    seen = []
+    monkeypatch.setattr(tsp, "decode", lambda coords, scores: (seen.append(scores.clone()), next(per_chain))[1])
+    den = GaussianDenoiser(Schedule.linear(100), mean=-0.8, std=0.3)
+    res = tsp.solve_with_prior(den, np.stack([square, square]), tsp.TourStyle(16), chains=2, steps=1,
+                               generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(seen[1], seen[2])
+    assert torch.equal(res.scores[0], seen[1]) and torch.equal(res.scores[1], seen[2])
+
+
+# CP1/CP2/CP3: condiff pnp's metrics agree with the arrays it writes
+def _tiny_prior(path, channels, size, data):
+    from condiff.models import save_model
+    from condiff.nets import UNet
+    from condiff.schedule import Schedule
+    torch.manual_seed(0)
+    return save_model(path, UNet(in_channels=channels, base=8, mults=(1, 2)), Schedule.linear(100), data=data,
+                      shape=[channels, size, size])
+
+
+def test_pnp_cli_metrics_match_their_arrays(tmp_path):
+    from condiff.pnp import tsp
+    from condiff.pnp.segmentation import iou
+    _tiny_prior(tmp_path / "tours", 1, 16, {"name": "tours", "size": 16, "cities": [6]})
+    assert main(["pnp", "tsp", "--ckpt", str(tmp_path / "tours"), "--n", "4", "--cities", "9", "--steps", "2",
+                 "--out", str(tmp_path / "tsp")]) == 0
+    m = json.loads((tmp_path / "tsp" / "metrics.json").read_text())
+    with np.load(tmp_path / "tsp" / "tours.npz") as z:
+        lengths, best, cities = z["lengths"], z["optimal_lengths"], z["coords"]
+    assert m["gap_total"] == pytest.approx(lengths.sum() / best.sum() - 1)
+    greedy = np.array([tsp.tour_length(c, tsp.two_opt(c, tsp.greedy_edges(c))) for c in cities])
+    raw = np.array([tsp.tour_length(c, tsp.greedy_edges(c)) for c in cities])
+    assert (raw > greedy + 1e-9).any()  # 2-opt matters on these instances
+    assert m["gap_greedy_2opt"] == pytest.approx(float((greedy / best - 1).mean()))
+    _tiny_prior(tmp_path / "scenes", 4, 16, {"name": "scenes", "size": 16})
+    assert main(["pnp", "segment", "--ckpt", str(tmp_path / "scenes"), "--n", "6", "--chains", "1",
+                 "--steps", "2", "--out", str(tmp_path / "seg")]) == 0
+    m = json.loads((tmp_path / "seg" / "metrics.json").read_text())
+    with np.load(tmp_path / "seg" / "masks.npz") as z:
+        truth = torch.from_numpy(z["truth"])
+        km, ot = (float(iou(torch.from_numpy(z[k]), truth).mean()) for k in ("kmeans", "otsu"))
+    assert km != ot
+    assert m["iou_kmeans"] == pytest.approx(km) and m["iou_otsu"] == pytest.approx(ot)
+
+
+# M4: batched distances cover every row
+def test_batched_distance_covers_a_last_batch_of_one():
+    from condiff.mirror.sample import batched_distance
+    x = torch.randn(5, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    d = batched_distance(lambda v: v.flatten(1).abs().sum(1), x, batch_size=2)
+    torch.testing.assert_close(d, x.flatten(1).abs().sum(1))
+
+
+# M6: fine-tuning returns the EMA inverse (as checkpointed), not the raw trained network
+def test_finetune_returns_the_ema_inverse(tmp_path):
+    import copy
+
+    from condiff import io
+    from condiff.constraints import TotalBrightness
+    from condiff.data import load_dataset
+    from condiff.mirror import NAMMLoss, build_mirror, finetune_inverse
+    from condiff.train import TrainConfig
+    d = load_dataset("brightness", "train", size=8, n_train=32, n_test=2)
+    x, con = d.x, TotalBrightness(d.meta["constraint"]["flux"])
+    m = build_mirror((1, 8, 8), {"name": "icnn", "filters": 8, "layers": 2},
+                     {"name": "resnet", "base": 8, "blocks": 1, "downsamples": 1}, 0.9, seed=0)
+    y = m.to_mirror(x).detach() + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(steps=5, batch_size=8, lr=2e-3, betas=(0.5, 0.999), warmup=0, lr_decay="constant",
+                      ema_decay=0.9, ckpt_every=5, progress=False)
+    out = finetune_inverse(m, x, y, con, cfg, NAMMLoss(l_con=1.0), tmp_path / "ft")
+    ckpt = tmp_path / "ft" / "checkpoints" / "step_00000005"
+    ema, raw = copy.deepcopy(m.inverse), copy.deepcopy(m.inverse)
+    io.load_state_into(ema, ckpt, "ema")
+    io.load_state_into(raw, ckpt, "model")
+    got = out.inverse.state_dict()
+    assert all(torch.equal(v.cpu(), got[k].cpu()) for k, v in ema.state_dict().items())
+    assert not all(torch.equal(v.cpu(), got[k].cpu()) for k, v in raw.state_dict().items())
+
+
+# B1/B4: the benchmarks' ratios
+def _bench(monkeypatch, name):
+    import importlib
+    from pathlib import Path
+
+    import condiff
+    monkeypatch.syspath_prepend(str(Path(condiff.__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module(name)
+
+
+def test_namm_reduction_is_baseline_over_method(monkeypatch):
+    namm = _bench(monkeypatch, "namm")
+
+    class Run:
+        def evaluate(self, keys):
+            rec = lambda dist, mmd: {"n": 4, "l_mean": dist, "l_median": dist, "mmd": mmd}
+            return {"vanilla": rec(10.0, 0.02), "mdm_ft": rec(1.0, 0.025)}
+    rows, summary = namm.generation_rows(Run(), "t")
+    assert summary["reduction"] == pytest.approx(10.0) and summary["mmd_vs_vanilla"] == pytest.approx(1.25)
+    assert summary["met"] is True and rows[0]["reduction vs baseline"] == pytest.approx(1.0)
+
+
+def test_median_ratio_is_a_over_b(monkeypatch):
+    timing = _bench(monkeypatch, "_timing")
+    assert timing.median_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == pytest.approx(3.0)
+
+
+# B5: a point two runs scored equally is credited to the first run (ties do not move the choice)
+def test_combine_keeps_the_first_run_on_a_tie(monkeypatch, tmp_path):
+    sweep = _bench(monkeypatch, "guidance_sweep")
+    row = lambda scores: {"task": "t", "steps": 20, "method": "dps", "fixed": {}, "scores": scores}
+    (tmp_path / "a").write_text(json.dumps({"rows": [row([{"zeta": 0.1, "train PSNR": 17.5}])]}))
+    (tmp_path / "b").write_text(json.dumps({"rows": [row([{"zeta": 0.2, "train PSNR": 17.5},
+                                                          {"zeta": 0.1, "train PSNR": 17.5}])]}))
+    monkeypatch.setattr(sweep, "_result", lambda name: tmp_path / name)
+    for n in "ab":
+        monkeypatch.setitem(sweep.PROFILES, n, {"k": 128, "models": "quick"})
+    res = sweep.combine(["a", "b"])
+    assert res["tuned"] == {"t": {20: {"dps": {"zeta": 0.1}}}} and res["rows"][0]["from"] == "a"
+
+
+# B8: floats in recorded tables keep four significant digits
+def test_bench_table_cells_keep_four_significant_digits():
+    from condiff.cli.bench import to_markdown
+    res = {"title": "T", "name": "n", "profile": "quick", "machine": "m", "date": "d", "seconds": 1.0,
+           "columns": ["a"], "rows": [{"a": 1.23456}]}
+    assert "| 1.235 |" in to_markdown(res)
+
+
+# S6b: a PNG mask more than a quarter grey is refused
+def test_a_mostly_grey_png_is_no_mask(tmp_path):
+    from PIL import Image
+
+    from condiff.cli.solve import load_mask
+    a = np.full((8, 8), 255, np.uint8)
+    a.flat[:26] = 128  # 26 of 64 = 41% grey
+    Image.fromarray(a).save(tmp_path / "m.png")
+    with pytest.raises(ValueError, match="grey"):
+        load_mask(tmp_path / "m.png", (1, 8, 8), 1)
+    a.flat[:26] = 255
+    a.flat[:10] = 128  # 16% grey: a mask, grey read as observed (>= 0.5)
+    Image.fromarray(a).save(tmp_path / "m.png")
+    assert load_mask(tmp_path / "m.png", (1, 8, 8), 1).all()
