@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -921,9 +922,13 @@ def cache_dir(make: bool = True) -> Path:
         except OSError as e:
             raise _errno_kept(OSError(f"cannot make the cache folder {p} ({e.strerror}): set CONDIFF_CACHE to a "
                                       "writable folder"), e.errno) from None
-        if shared and ((st := p.stat()).st_uid != os.getuid() or st.st_mode & 0o022):
-            raise PermissionError(f"the cache folder {p} belongs to another user or others may write to it: set "
-                                  "CONDIFF_CACHE to a folder of your own")
+        if shared:  # a link, or another user's folder, could be planted there: neither is taken
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid():
+                raise PermissionError(f"the cache folder {p} is a link or belongs to another user: set "
+                                      "CONDIFF_CACHE to a folder of your own")
+            if st.st_mode & 0o077:  # made under a looser umask (before it was made 0700): this user's own, closed
+                p.chmod(0o700)
     return p
 
 

@@ -1760,8 +1760,12 @@ def test_the_cache_folder_without_a_home_and_one_that_cannot_be_made(tmp_path, m
     monkeypatch.setattr(io.tempfile, "gettempdir", lambda: str(tmp_path))  # a folder every user may write to
     own = io.cache_dir()
     assert own == tmp_path / f"condiff-cache-{os.getuid()}" and (own.stat().st_mode & 0o777) == 0o700
-    own.chmod(0o777)  # made by someone else, or open to them: it holds the trust records
-    with pytest.raises(PermissionError, match="belongs to another user or others may write to it"):
+    own.chmod(0o777)  # as a looser umask made it
+    assert io.cache_dir() == own and (own.stat().st_mode & 0o777) == 0o700  # made under a looser umask: closed
+    own.rmdir()
+    (tmp_path / "elsewhere").mkdir()
+    own.symlink_to(tmp_path / "elsewhere")  # planted by someone else
+    with pytest.raises(PermissionError, match="is a link or belongs to another user"):
         io.cache_dir()
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "file" / "cache"))
@@ -1779,6 +1783,28 @@ def test_a_busy_constraint_model_exits_75_and_a_cache_setting_that_fails_still_g
     monkeypatch.setattr(io, "run_holder", lambda d: 4242)
     with pytest.raises(io.ModelInTraining, match=r"constraint 'c': .* is still training it; wait for it to finish$"):
         _named_model(str(tmp_path / "busy"), "cpu", "constraint 'c'")
-    monkeypatch.setenv("CONDIFF_CACHE", "~nosuchuser_condiff/c")
-    assert main(["sample", "--ckpt", str(tmp_path / "none")]) == 2  # the error handler looks at the cache too
-    assert capsys.readouterr().err.count("\n") == 1
+    import condiff.cli.sample as sample_cli
+
+    def refused(args):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    def no_cache(make=True):
+        raise RuntimeError("no cache folder can be named")
+
+    monkeypatch.setattr(sample_cli, "run", refused)
+    monkeypatch.setattr(io, "cache_dir", no_cache)  # the error handler looks at the cache for a refused write
+    assert main(["sample", "--ckpt", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err == "condiff sample: error: [Errno 13] Permission denied\n"
+
+
+def test_resolving_paths_leaves_words_alone(tmp_path, monkeypatch):
+    """A folder named like a schedule's kind made the recorded "cosine" a path, and the schedules unequal."""
+    from condiff.cli.common import paths_resolved
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cosine").mkdir()
+    (tmp_path / "all.npz").write_bytes(b"")
+    got = paths_resolved({"schedule": {"kind": "cosine"}, "objective": {"data": "all.npz", "split": "cosine"},
+                          "constraint": [{"model": "cosine", "data": "objective"}], "data": {"name": "digits"}})
+    assert got == {"schedule": {"kind": "cosine"}, "objective": {"data": str(tmp_path / "all.npz"), "split": "cosine"},
+                   "constraint": [{"model": str(tmp_path / "cosine"), "data": "objective"}], "data": {"name": "digits"}}

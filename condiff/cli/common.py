@@ -463,9 +463,8 @@ def _check_same(run_dir: Path, sections: dict[str, dict | None], hint: str = "")
     old = json_table(run_dir / "config.json")
     for section, settings in sections.items():
         # a path recorded as typed (before runs recorded them absolute) is the same file as its absolute form
-        before = paths_resolved(old.get(section))
-        now = paths_resolved(json.loads(json.dumps(settings, default=str)))
-        if settings is None or not isinstance(before, dict) or before == now:
+        before, now = old.get(section), json.loads(json.dumps(settings, default=str))
+        if settings is None or not isinstance(before, dict) or paths_resolved(before) == paths_resolved(now):
             continue
         if section == "schedule" and same_schedule(before, now):
             continue
@@ -476,14 +475,18 @@ def _check_same(run_dir: Path, sections: dict[str, dict | None], hint: str = "")
                          f"settings (recorded in {run_dir / 'config.json'}), or pass --fresh to start over{hint}")
 
 
-def paths_resolved(v: object) -> object:
-    """``v`` with every string that names an existing file or folder made absolute
-    (:func:`~condiff.cli.config.data_ref`), in tables and lists too."""
+PATH_KEYS = ("name", "model", "data", "reference", "init")  # the keys of a run's tables that may hold a path
+
+
+def paths_resolved(v: object, key: str | None = None) -> object:
+    """``v`` with the values of :data:`PATH_KEYS` that name an existing file or folder made absolute
+    (:func:`~condiff.cli.config.data_ref`), in tables and lists too; other strings (a schedule's kind, a
+    split) stay words, whatever folders the working directory holds."""
     if isinstance(v, dict):
-        return {k: paths_resolved(x) for k, x in v.items()}
+        return {k: paths_resolved(x, k) for k, x in v.items()}
     if isinstance(v, list):
-        return [paths_resolved(x) for x in v]
-    return data_ref(v) if isinstance(v, str) and v else v
+        return [paths_resolved(x, key) for x in v]
+    return data_ref(v) if isinstance(v, str) and v and key in PATH_KEYS else v
 
 
 RUN_MARK = ".condiff-run"  # in a run directory: the command that wrote it

@@ -8,6 +8,7 @@ Resolution order: preset of the data set < TOML file < overrides.
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -147,9 +148,13 @@ def data_ref(name: str) -> str:
     absolute path (so later commands find it from any working directory)."""
     from ..data import DATASETS
 
-    if name in DATASETS or not Path(name).expanduser().exists():
+    try:  # (os.path's expanduser leaves a "~user" it cannot find as it is; a name too long for a path is a name)
+        path = os.path.expanduser(name)
+        if name in DATASETS or not os.path.exists(path):
+            return name
+        return os.path.abspath(path)  # links kept, as every path a result records
+    except (OSError, ValueError):
         return name
-    return str(Path(name).expanduser().resolve())
 
 
 def preset(name: str) -> dict:

@@ -54,7 +54,6 @@ from .common import (
     load_model_for,
     net_config,
     own_net_named,
-    paths_resolved,
     pick_device,
     recorded_settings,
     restore_only,
@@ -325,7 +324,7 @@ class SampleCache:
         self.new: dict[str, tuple[dict, torch.Tensor]] = {}
 
     def get(self, where: str, spec: dict) -> torch.Tensor | None:
-        if paths_resolved(self.old.get(where)) == paths_resolved(spec) and io.has_group(self.root, where):
+        if self.old.get(where) == spec and io.has_group(self.root, where):
             return io.load_group(self.root, where)["x"]
         return None
 
