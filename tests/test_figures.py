@@ -332,3 +332,29 @@ def test_a_mostly_grey_png_is_no_mask(tmp_path):
     a.flat[:10] = 128  # 16% grey: a mask, grey read as observed (>= 0.5)
     Image.fromarray(a).save(tmp_path / "m.png")
     assert load_mask(tmp_path / "m.png", (1, 8, 8), 1).all()
+
+
+# B6: the PnP benchmark's TSP gap is the mean of the per-instance gaps (the paper's "mean gap")
+def test_pnp_benchmark_gap_is_the_mean_of_per_instance_gaps(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from condiff.denoiser import GaussianDenoiser
+    from condiff.schedule import Schedule
+
+    bench = _bench(monkeypatch, "pnp")
+    run = tmp_path / "prior"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": {"size": 16, "n": 4, "cities": [4]}, "model": {},
+                                                 "train": {"steps": 1}}))
+    unit = np.array([[0, 0], [0.25, 0], [0.25, 0.25], [0, 0.25]])  # a square of perimeter 1; twice as large: 2
+    coords, ref = np.stack([unit, 2 * unit]), np.tile(np.arange(4), (2, 1))
+    monkeypatch.setattr(bench, "ensure_prior", lambda *a: run)
+    monkeypatch.setattr(bench, "load_denoiser", lambda *a, **k: GaussianDenoiser(Schedule.linear(50), 0.0, 1.0))
+    monkeypatch.setattr(bench, "solved_instances", lambda *a, **k: (coords, ref, "held-karp"))
+    monkeypatch.setattr(bench.tsp, "solve_with_prior", lambda *a, **k: SimpleNamespace(
+        lengths=np.array([2.0, 3.0]), infer_seconds=0.0, decode_seconds=0.0))
+    p = {"sizes": [4], "instances": 2, "stop_grad_sizes": [], "untrained_sizes": [], "chains": 1, "steps": 1,
+         "batch": 2}
+    rows, _ = bench.tsp_rows(p, "quick", "cpu")
+    prior = next(r for r in rows if r["method"] == "diffusion prior")
+    assert prior["metric"] == "mean gap (%)" and prior["value"] == pytest.approx(75.0)  # mean(100%, 50%), not 66.7
