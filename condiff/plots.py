@@ -41,7 +41,8 @@ def save_figure(fig, path: str | Path) -> Path:
         pyplot().close(fig)
 
 
-def plot_loss_curve(log_path: str | Path, out: str | Path, keys: Sequence[str] = ("loss",)) -> Path | None:
+def plot_loss_curve(log_path: str | Path, out: str | Path, keys: Sequence[str] = ("loss",),
+                    ylabel: str = "denoising loss (mean over the log interval)") -> Path | None:
     """Training curves from a ``log.jsonl``; None when the log is empty."""
     from .train import read_log
 
@@ -55,31 +56,40 @@ def plot_loss_curve(log_path: str | Path, out: str | Path, keys: Sequence[str] =
             s, v = zip(*pts)
             ax.plot(s, v, label=k, marker="o" if len(s) < 20 else None)  # (one point draws no line)
     ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")  # under a decade a log axis labels one major tick: the minor lines guide
     ax.legend()
     ax.set_title("training loss")
     return save_figure(fig, out)
 
 
 def plot_scatter(sets: dict[str, np.ndarray], out: str | Path, title: str = "") -> Path:
-    """Side-by-side 2-D scatters, one panel per named point set (N, 2)."""
+    """Side-by-side 2-D scatters, one panel per named point set (N, 2), on one square frame around all the
+    points (at least [-1.3, 1.3], the house range: data elsewhere, on [0, 10] say, were cut off)."""
     fig, axes = pyplot().subplots(1, len(sets), figsize=(3.2 * len(sets), 3.2), squeeze=False)
+    every = np.concatenate([np.asarray(p, dtype=float).reshape(-1, 2) for p in sets.values()])
+    every = every[np.isfinite(every).all(1)]
+    lo = min(-1.3, float(every.min()) if len(every) else -1.3)
+    hi = max(1.3, float(every.max()) if len(every) else 1.3)
+    pad = 0.05 * (hi - lo) if (lo, hi) != (-1.3, 1.3) else 0.0
     for ax, (name, pts) in zip(axes[0], sets.items()):
         pts = np.asarray(pts)
         ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.5)
         ax.set_title(name)
         ax.set_aspect("equal")
-        ax.set_xlim(-1.3, 1.3)
-        ax.set_ylim(-1.3, 1.3)
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(lo - pad, hi + pad)
     if title:
         fig.suptitle(title)
     return save_figure(fig, out)
 
 
 def plot_bars(groups: dict[str, Sequence[float]], out: str | Path, labels: Sequence[str] | None = None,
-              title: str = "", ylabel: str = "", ref: float | None = None) -> Path:
-    """Grouped bars: one colour per named series (e.g. class frequencies of data / baseline / ours)."""
+              title: str = "", ylabel: str = "", ref: float | None = None, ref_label: str = "",
+              xlabel: str = "") -> Path:
+    """Grouped bars: one colour per named series (e.g. class frequencies of data / baseline / ours); ``ref``:
+    a dashed line, named ``ref_label`` in the legend."""
     names = list(groups)
     k = len(next(iter(groups.values())))
     x = np.arange(k)
@@ -88,9 +98,10 @@ def plot_bars(groups: dict[str, Sequence[float]], out: str | Path, labels: Seque
     for i, n in enumerate(names):
         ax.bar(x + (i - (len(names) - 1) / 2) * w, groups[n], w, label=n)
     if ref is not None:
-        ax.axhline(ref, color="k", ls="--", lw=1)
+        ax.axhline(ref, color="k", ls="--", lw=1, label=ref_label or None)
     ax.set_xticks(x, labels if labels is not None else [str(i) for i in range(k)])
     ax.set_ylabel(ylabel)
+    ax.set_xlabel(xlabel)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # outside: bars reach any height
     ax.set_title(title)
     return save_figure(fig, out)
@@ -107,18 +118,23 @@ def plot_histograms(sets: dict[str, np.ndarray], out: str | Path, xlabel: str = 
         ax.set_xscale("log")
     else:
         bins = np.linspace(lo, hi + 1e-12, 40)
-    for name, v in sets.items():
-        ax.hist(np.asarray(v).ravel(), bins=bins, alpha=0.5, label=name)
+    for name, v in sets.items():  # outlines: filled bars blended into colours the legend does not show
+        ax.hist(np.asarray(v).ravel(), bins=bins, histtype="step", lw=1.6, label=name)
     ax.set_xlabel(xlabel)
+    ax.set_ylabel("samples")
     ax.legend()
     ax.set_title(title)
     return save_figure(fig, out)
 
 
 def plot_lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], out: str | Path,
-               xlabel: str = "", ylabel: str = "", title: str = "", logy: bool = False) -> Path:
-    """Named (x, y) curves on one axis (lambda trajectories, PSNR vs steps, ...)."""
+               xlabel: str = "", ylabel: str = "", title: str = "", logy: bool = False,
+               zero_line: bool = False) -> Path:
+    """Named (x, y) curves on one axis (lambda trajectories, PSNR vs steps, ...); ``zero_line``: a line at 0
+    (a slack's sign says whether its constraint is met)."""
     fig, ax = pyplot().subplots(figsize=(5.5, 3.5))
+    if zero_line:
+        ax.axhline(0, color="k", lw=0.8)
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, label=name, marker="o" if len(xs) < 12 else None)
     ax.set_xlabel(xlabel)

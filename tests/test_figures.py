@@ -358,3 +358,44 @@ def test_pnp_benchmark_gap_is_the_mean_of_per_instance_gaps(monkeypatch, tmp_pat
     rows, _ = bench.tsp_rows(p, "quick", "cpu")
     prior = next(r for r in rows if r["method"] == "diffusion prior")
     assert prior["metric"] == "mean gap (%)" and prior["value"] == pytest.approx(75.0)  # mean(100%, 50%), not 66.7
+
+
+# the pictures: what a panel shows must compare across panels
+def test_scatter_frames_every_point_and_sample_panels_share_one_grey_scale(monkeypatch, tmp_path):
+    import condiff.mirror.plots as mplots
+    import condiff.plots as plots
+
+    figs = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(mplots, "save_figure", lambda fig, path: figs.append(fig))
+    plots.plot_scatter({"a": np.array([[0.0, 0.0], [10.0, 9.0]]), "b": np.zeros((3, 2))}, tmp_path / "s.png")
+    for ax in figs[-1].axes:  # data on [0, 10] were drawn on [-1.3, 1.3]: an empty frame
+        lo, hi = ax.get_xlim()
+        assert lo < 0 and hi > 10 and ax.get_ylim() == (lo, hi)
+    g = torch.Generator().manual_seed(0)
+    bright, dark = torch.rand(3, 1, 4, 4, generator=g), torch.rand(3, 1, 4, 4, generator=g) - 1
+    big, small = torch.rand(3, 4, 4, generator=g) * 40 + 1, torch.rand(3, 4, 4, generator=g) * 0.01 + 1e-4
+    mplots.plot_violation_grid({"v": (bright, big, big.mean((1, 2))), "m": (dark, small, small.mean((1, 2)))},
+                               tmp_path / "g.png", rows=3)
+    images = [im for ax in figs[-1].axes for im in ax.get_images()]
+    greys = {im.get_clim() for im in images if im.get_cmap().name == "gray"}
+    maps = [im for im in images if im.get_cmap().name == "magma"]
+    assert len(greys) == 1 and next(iter(greys))[0] < -0.9 and next(iter(greys))[1] > 0.9  # one scale for all
+    assert len({id(im.norm) for im in maps}) == 1 and type(maps[0].norm).__name__ == "LogNorm"  # 4 decades
+    assert any(ax.get_label() == "<colorbar>" for ax in figs[-1].axes)
+
+
+def test_reference_lines_and_tours_are_named_in_their_legends(monkeypatch, tmp_path):
+    import condiff.plots as plots
+    from condiff.cli.pnp import plot_tours
+
+    figs = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figs.append(fig))
+    plots.plot_bars({"data": [0.5, 0.5], "model": [0.4, 0.6]}, tmp_path / "b.png", ref=0.5, ref_label="uniform 1/2",
+                    xlabel="component")
+    ax = figs[-1].axes[0]
+    assert "uniform 1/2" in [t.get_text() for t in ax.get_legend().get_texts()] and ax.get_xlabel() == "component"
+    square = np.array([[[0, 0], [1, 0], [1, 1], [0, 1.0]]])
+    plot_tours(square, np.array([[0, 1, 2, 3]]), np.array([[0, 1, 2, 3]]), tmp_path / "t.png", ["gap to optimal 0%"])
+    said = [t.get_text() for legend in figs[-1].legends for t in legend.get_texts()]
+    assert said == ["decoded (PnP)", "optimal"]

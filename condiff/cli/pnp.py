@@ -459,7 +459,8 @@ def tour_style(run_cfg: dict, shape: tuple[int, ...]):
 
 
 def plot_tours(coords: np.ndarray, tours: np.ndarray, optimal: np.ndarray, path: Path, titles: list[str]) -> Path:
-    """Decoded tours (solid) over the optimal ones (dashed), one panel per instance."""
+    """Decoded tours (solid) under the optimal ones (dashed, on top, so that a tour that is optimal still shows
+    both), one panel per instance, with a legend."""
     plt = pyplot()
 
     from ..plots import save_figure
@@ -471,10 +472,10 @@ def plot_tours(coords: np.ndarray, tours: np.ndarray, optimal: np.ndarray, path:
     for ax in axes.flat[k:]:
         ax.axis("off")
     for ax, c, t, o, title in zip(axes.flat, coords, tours, optimal, titles):
-        oo = np.append(o, o[0])
-        ax.plot(c[oo, 0], c[oo, 1], "--", color="0.7", lw=1.5)
         tt = np.append(t, t[0])
-        ax.plot(c[tt, 0], c[tt, 1], "-", color="C0", lw=1.2)
+        ax.plot(c[tt, 0], c[tt, 1], "-", color="C0", lw=2.2, label="decoded (PnP)")
+        oo = np.append(o, o[0])
+        ax.plot(c[oo, 0], c[oo, 1], "--", color="C3", lw=1.0, label="optimal")
         ax.scatter(c[:, 0], c[:, 1], s=12, color="k", zorder=3)
         ax.set_title(title, fontsize=9)
         ax.set_xlim(-0.02, 1.02)
@@ -482,6 +483,9 @@ def plot_tours(coords: np.ndarray, tours: np.ndarray, optimal: np.ndarray, path:
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))  # room for the legend under the panels
     return save_figure(fig, path)
 
 
@@ -514,7 +518,7 @@ def run_tsp(args: argparse.Namespace) -> int:
                                generator=torch.Generator(device=device).manual_seed(args.seed), progress=True)
     greedy = np.array([tsp.tour_length(c, tsp.decode(c, None)) for c in coords])
     gaps = tsp.optimality_gap(res.lengths, opt_len)
-    titles = [f"gap {round(100 * gp, 2) + 0.0:.2f}%" for gp in gaps]  # + 0.0: no "-0.00%" from LKH rounding
+    titles = [f"gap to optimal {round(100 * gp, 2) + 0.0:.2f}%" for gp in gaps]  # + 0.0: no "-0.00%" from LKH rounding
     metrics = {"cities": args.cities, "n": args.n, "chains": args.chains, "steps": args.steps,
                "through_net": not args.stop_grad, "reference_solver": solver.name,
                "gap_mean": float(gaps.mean()), "gap_total": float(res.lengths.sum() / opt_len.sum() - 1),

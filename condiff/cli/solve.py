@@ -562,8 +562,10 @@ def write_outputs(out: Path, x: torch.Tensor | None, op: Operator, y: torch.Tens
     if x is not None:
         x = x.cpu()
         arrays["ground_truth"] = x.numpy()
-        err = (rec - x).abs().mean(1, keepdim=True)  # channel mean in data units, black = 0, white = the largest shown
-        top = float(err[:8].max()) or 1.0
+        # channel mean in data units; black = 0, white = half the data range, the same in every run (scaled to
+        # each run's largest error, two runs could not be compared by eye)
+        err = (rec - x).abs().mean(1, keepdim=True)
+        top = (float(scale[1]) - float(scale[0])) / 2 or 1.0
         truth = pic(to_display(x, scale).clamp(-1, 1))
         save_png_grid(truth, out / "ground_truth.png")
         columns["truth"] = truth.numpy()
@@ -575,11 +577,12 @@ def write_outputs(out: Path, x: torch.Tensor | None, op: Operator, y: torch.Tens
     save_png_grid(pic(rec_d), out / "reconstruction.png")
     columns["reconstruction"] = pic(rec_d).numpy()
     if x is not None:
-        columns[f"|error| (white {top:.2g})"] = (err / top * 2 - 1).numpy()
-        labels, headline = [f"{v:.1f} dB" for v in m["psnr_per_image"]], f"PSNR {m['psnr']:.2f} dB"
+        columns[f"|error| (white: {top:.2g},\nhalf the range)"] = (err / top * 2 - 1).numpy()
+        labels, headline = [f"PSNR {v:.1f} dB" for v in m["psnr_per_image"]], f"PSNR {m['psnr']:.2f} dB"
     else:
         labels, headline = [f"res {v:.3g}" for v in m["residual_per_image"]], f"residual {m['residual']:.4f}"
     shown = "" if channels in (1, 3) else f" (channel 0 of {channels} shown)"
     plot_image_columns(columns, out / "comparison.png", row_labels=labels,
-                       title=f"{m['method']}, {m['steps']} steps: {headline}{shown}")
+                       title=f"{m['operator']['name']} on {m['task']}, {m['method']}, {m['steps']} steps: "
+                             f"{headline}{shown}")
     io.write_json_atomic(out / "metrics.json", m)

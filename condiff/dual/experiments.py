@@ -215,8 +215,8 @@ def plot_dual(log_path: Path, out: Path) -> list[Path]:
                 s.append(int(rec["step"]))
                 val.append(float(v))
     if slacks:
-        files.append(plot_lines(slacks, out / "slack.png", xlabel="step", ylabel="L_i - b_i",
-                                title="constraint slacks (dual estimates)"))
+        files.append(plot_lines(slacks, out / "slack.png", xlabel="step", ylabel="slack L_i - b_i (<= 0: met)",
+                                title="constraint slacks (dual estimates)", zero_line=True))
     else:  # no dual update ran: no slack to show, and an earlier run's plot would pass for this one's
         (out / "slack.png").unlink(missing_ok=True)
     return files
@@ -358,8 +358,9 @@ def run_toy(cfg: ToyConfig, out: str | Path, device: str = "cpu", fresh: bool = 
                         bool((slack <= cfg.slack_tolerance).all())},
     }
     names = [str(i) for i in range(K)]
-    plot_bars({"data q_0": w0.tolist(), "mixture(lambda)": predicted.tolist(), "model": got.tolist()},
-              out / "mode_weights.png", labels=names, title="mode weights", ylabel="weight", ref=1.0 / K)
+    plot_bars({"data q_0": w0.tolist(), "closed form at the learned lambda": predicted.tolist(),
+               "model": got.tolist()}, out / "mode_weights.png", labels=names, title="mode weights", ylabel="weight",
+              ref=1.0 / K, ref_label=f"uniform 1/{K}", xlabel=f"mixture component (minority: {minority})")
     plot_scatter({"data q_0": data.x[:4000].numpy(), "constrained model": x[:4000].numpy()},
                  out / "samples.png")
     plot_dual(out / "constrained" / "log.jsonl", out)
@@ -534,7 +535,8 @@ def run_fair(cfg: FairConfig, out: str | Path, device: str = "cpu", fresh: bool 
                      "tv_to_uniform<=0.05": c["tv_to_uniform"] <= 0.05,
                      "frechet<=1.2x_baseline": fd_ratio <= 1.2}}
     plot_bars(hist, out / "class_freq.png", labels=[str(i) for i in range(10)], ylabel="frequency",
-              title=f"class frequencies (minority {list(cfg.minority)} kept at {cfg.keep:g})", ref=0.1)
+              title=f"class frequencies (minority {list(cfg.minority)}: {cfg.keep:g} of its examples kept)", ref=0.1,
+              ref_label="uniform 1/10", xlabel="digit class (by the classifier)")
     plot_dual(out / "constrained" / "log.jsonl", out)
     io.write_json_atomic(out / "metrics.json", {**m, "versions": io.versions()})
     return m

@@ -25,12 +25,24 @@ def plot_violation_grid(
 ) -> Path:
     """Per method a column of samples ``x (N, C, H, W)``, each titled with its distance ``l (N,)`` (none
     for ``None``: a measurement, say), and beside it a column of their violation maps ``(N, H, W)`` when
-    the method has them (not ``None``). All violation maps share one colour scale. Writes a PNG atomically."""
+    the method has them (not ``None``). All samples share one grey scale (a per-panel stretch hid the
+    brightness a constraint measures), and all violation maps one colour scale, logarithmic where they span
+    more than two decades, with a colour bar. Writes a PNG atomically."""
+    from matplotlib.colors import LogNorm, Normalize
+
     names = list(columns)
     rows = min(rows, min(len(v[0]) for v in columns.values()))
     # one colour scale for every violation column, so their brightness compares across methods
     maps = [v[1][:rows] for v in columns.values() if v[1] is not None]
     shared = shared_scale(maps)
+    positive = [m[torch.isfinite(m) & (m > 0)] for m in maps]
+    low = min((float(p.min()) for p in positive if p.numel()), default=shared)
+    norm = LogNorm(vmin=max(low, shared * 1e-6), vmax=shared) if shared > 100 * low > 0 else \
+        Normalize(vmin=0, vmax=max(shared, 1e-12))
+    grey = torch.cat([torch.as_tensor(_show(v[0][i])).flatten() for v in columns.values() for i in range(rows)])
+    grey = grey[torch.isfinite(grey)]
+    g_lo, g_hi = (float(grey.min()), float(grey.max())) if grey.numel() else (0.0, 1.0)
+    picture = None
     width = len(names) + len(maps)
     fig, axes = pyplot().subplots(
         rows, width, figsize=(2.0 * width, 2.0 * rows + 0.4), squeeze=False, layout="constrained"
@@ -40,12 +52,12 @@ def plot_violation_grid(
         x, vmap, dist = columns[name]
         for i in range(rows):
             ax = axes[i, col]
-            ax.imshow(_show(x[i]), cmap="gray")
+            ax.imshow(_show(x[i]), cmap="gray", vmin=g_lo, vmax=max(g_hi, g_lo + 1e-12))
             label = "" if dist is None else f"l={float(dist[i]):.3g}"
             ax.set_title(f"{name}\n{label}" if i == 0 else label, fontsize=7)
             if vmap is not None:
                 axv = axes[i, col + 1]
-                axv.imshow(vmap[i].detach().float().cpu().numpy(), cmap="magma", vmin=0, vmax=max(shared, 1e-12))
+                picture = axv.imshow(vmap[i].detach().float().cpu().numpy(), cmap="magma", norm=norm)
                 if i == 0:
                     axv.set_title(f"violation\n(max {float(vmap[:rows].max()):.2g})", fontsize=7)
             for a in axes[i, col : col + (2 if vmap is not None else 1)]:
@@ -56,9 +68,14 @@ def plot_violation_grid(
     each = " / ".join(str(k) for k in sizes)  # the samples' count, and the held-out data's where it differs
     shown = f"first {rows} of each set ({each}) shown" if sizes[-1] > rows else ""
     head = f"{title} ({shown})" if title and shown else title or shown
-    scale = f"violation maps share one colour scale, 0 (black) to {shared:.2g}" if maps else ""
-    if head or scale:
-        fig.suptitle("\n".join(t for t in (head, scale) if t), fontsize=9)
+    channels = next(iter(columns.values()))[0].shape[1]
+    grey_note = f"samples share one grey scale, {g_lo:.3g} (black) to {g_hi:.3g} (white)" + (
+        f"; channel 1 of {channels} shown" if channels > 1 else "")
+    scale = ("violation maps share one " + ("log " if isinstance(norm, LogNorm) else "") + "colour scale (bar)"
+             if maps else "")
+    fig.suptitle("\n".join(t for t in (head, grey_note, scale) if t), fontsize=9)
+    if picture is not None:
+        fig.colorbar(picture, ax=axes, shrink=0.5, label="violation")
     return save_figure(fig, out)
 
 
