@@ -278,4 +278,4 @@ def gradients_on(who: str) -> None:
     even where condiff turns them on, and torch's own error would name none of the caller's code."""
     if torch.is_inference_mode_enabled():
         raise ValueError(f"{who} takes gradients, which torch.inference_mode() turns off even where condiff turns "
-                         "them on: call it outside inference_mode (torch.no_grad() is fine)")
+                         "them on: call it outside torch.inference_mode() (torch.no_grad() is fine)")

@@ -120,11 +120,11 @@ class NetDenoiser(Denoiser):
                             f"{type(net).__name__}")
         super().__init__(schedule)
         self.label_drop = label_drop  # as trained, where known (load_denoiser reads it from the model)
-        # the training data's [min, max], where known (load_denoiser reads it from the model): the guided
-        # samplers' default clip of x0_hat (condiff.sample.default_clip)
         seen = trained_on(net)  # a Trainer's record, where the caller gives none
         value_range = seen.get("value_range") if value_range is None else value_range
         sample_shape = seen.get("shape") if sample_shape is None else sample_shape
+        # the training data's [min, max], where known (load_denoiser reads it from the model): the guided
+        # samplers' default clip of x0_hat (condiff.sample.default_clip)
         self.value_range = None if value_range is None else [float(v) for v in value_range]
         # the shape of one sample it was trained on, where known (load_denoiser reads it from the model): the
         # plug-and-play engine refuses to render pictures of another size for it

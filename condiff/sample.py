@@ -130,9 +130,6 @@ def check_denoiser(denoiser: object) -> None:
     checks.eval_mode(denoiser, "the denoiser's network")  # its .net, a diffusers .unet, ...
 
 
-SHAPE_WARNING = "the model was trained on samples of shape"
-
-
 def check_shape(denoiser: object, shape: Sequence[int], batch: bool, stacklevel: int = 3) -> None:
     """A sampler's ``shape`` (``batch``: the batch's ``(B, ...)``, else one sample's) against the per-sample
     shape the model was trained on, where it records one: the other convention's shape is refused, naming
@@ -149,7 +146,8 @@ def check_shape(denoiser: object, shape: Sequence[int], batch: bool, stacklevel:
                          "of samples is n)")
     one = shape[1:] if batch else shape
     if one != known:
-        warnings.warn(f"{SHAPE_WARNING} {known}; drawing {one} instead", stacklevel=stacklevel)
+        warnings.warn(f"the model was trained on samples of shape {known}; drawing {one} instead",
+                      stacklevel=stacklevel)
 
 
 def ddim_sigma(abar_t: float, abar_prev: float, eta: float) -> float:
@@ -278,6 +276,8 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"x holds {int((~torch.isfinite(x)).sum())} non-finite values")
     need_grad = grad or bool(getattr(guidance, "needs_grad", False))
+    if need_grad:
+        checks.gradients_on("guided sampling")
     grad_at = getattr(guidance, "needs_grad_at", None)
     B = x.shape[0]
     steps = ts.tolist()  # host integers: nothing in the loop waits for the device
@@ -392,6 +392,13 @@ def sample(denoiser: Denoiser, shape: tuple[int, ...], steps: int = 100, eta: fl
     :func:`ddim` over ``steps`` timesteps."""
     check_denoiser(denoiser)
     check_shape(denoiser, shape, batch=True)
+    return _draw(denoiser, shape, steps, eta, generator, device, spacing, **kw)
+
+
+def _draw(denoiser: Denoiser, shape: tuple[int, ...], steps: int = 100, eta: float = 0.0,
+          generator: torch.Generator | None = None, device: str | torch.device = "cpu", spacing: str = "linspace",
+          **kw) -> Tensor:
+    """:func:`sample` without its checks (:func:`generate` makes them once for all its batches)."""
     x = randn(shape, generator, device=device, dtype=checks.param_dtype(denoiser))
     return ddim(denoiser, x, denoiser.schedule.timesteps(steps, spacing), eta=eta, generator=generator, **kw)
 
@@ -421,9 +428,7 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             den = denoiser.conditioned(labels[start:start + b], denoiser.guidance_scale) if per_sample else denoiser
-            with warnings.catch_warnings():  # the shape's warning was given above, once
-                warnings.filterwarnings("ignore", message=SHAPE_WARNING)
-                out.append(sample(den, (b, *shape), **kw).cpu())
+            out.append(_draw(den, (b, *shape), **kw).cpu())  # (checked once, above)
             if den is not denoiser:
                 denoiser.nfe += den.nfe
             if bar is not None:

@@ -118,9 +118,6 @@ def build_constraint(config: dict, how: str | None = None, saved_by: str | None 
 
 def not_differentiable(what: str, wrt: str = "x") -> str:
     """The message for a value ``what`` through which no gradient reaches ``wrt``."""
-    if torch.is_inference_mode_enabled():  # no function of the user's is at fault: no gradient exists there
-        return (f"{what} cannot be differentiated in {wrt} under torch.inference_mode(), which turns gradients off "
-                "even where condiff turns them on: call condiff outside it (torch.no_grad() is fine)")
     return (f"{what} must be differentiable in {wrt}: no gradient reaches {wrt} (is it computed under no_grad, "
             "detached, or through numpy?)")
 
@@ -132,6 +129,7 @@ def check_distance(fn: Distance, x: Tensor, on: str = "") -> Tensor:
     if not callable(fn):
         raise TypeError(f"a constraint distance must be callable x -> (B,), got {type(fn).__name__}")
     checks.eval_mode(fn, "a constraint distance that is a network")
+    checks.gradients_on("checking a constraint distance")
     xg = x.detach().clone().requires_grad_(x.is_floating_point())
     with torch.enable_grad(), warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
