@@ -42,8 +42,9 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def plot_loss_curve(log_path: str | Path, out: str | Path, keys: Sequence[str] = ("loss",),
-                    ylabel: str = "denoising loss (mean over the log interval)") -> Path | None:
-    """Training curves from a ``log.jsonl``; None when the log is empty."""
+                    ylabel: str = "denoising loss (mean over the log interval)",
+                    title: str = "training loss", labels: dict[str, str] | None = None) -> Path | None:
+    """Training curves from a ``log.jsonl``; None when the log is empty. ``labels``: legend text by key."""
     from .train import read_log
 
     recs = read_log(log_path)
@@ -54,13 +55,14 @@ def plot_loss_curve(log_path: str | Path, out: str | Path, keys: Sequence[str] =
         pts = [(r["step"], r[k]) for r in recs if k in r]
         if pts:
             s, v = zip(*pts)
-            ax.plot(s, v, label=k, marker="o" if len(s) < 20 else None)  # (one point draws no line)
+            marker = "o" if len(s) < 20 else None  # (one point draws no line)
+            ax.plot(s, v, label=(labels or {}).get(k, k), marker=marker)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")  # under a decade a log axis labels one major tick: the minor lines guide
     ax.legend()
-    ax.set_title("training loss")
+    ax.set_title(title)
     return save_figure(fig, out)
 
 

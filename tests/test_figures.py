@@ -399,3 +399,24 @@ def test_reference_lines_and_tours_are_named_in_their_legends(monkeypatch, tmp_p
     plot_tours(square, np.array([[0, 1, 2, 3]]), np.array([[0, 1, 2, 3]]), tmp_path / "t.png", ["gap to optimal 0%"])
     said = [t.get_text() for legend in figs[-1].legends for t in legend.get_texts()]
     assert said == ["decoded (PnP)", "optimal"]
+
+
+def test_a_loss_curve_draws_each_logged_key_under_its_label(tmp_path, monkeypatch):
+    """The NAMM stages draw their loss terms by name (a stage's loss.png showed only the weighted sum)."""
+    import condiff.plots as plots
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "cyc": 0.5 / s}) + "\n" for s in (10, 20, 30)))
+    seen = {}
+
+    def keep(fig, path):
+        ax = fig.axes[0]
+        seen.update(title=ax.get_title(), legend=[t.get_text() for t in ax.get_legend().get_texts()],
+                    lines=[list(line.get_ydata()) for line in ax.get_lines()])
+        return path
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    plots.plot_loss_curve(log, tmp_path / "loss.png", keys=("loss", "cyc", "con"), title="namm: terms",
+                          labels={"cyc": "cycle terms"})
+    assert seen["title"] == "namm: terms" and seen["legend"] == ["loss", "cycle terms"]  # no curve for "con"
+    assert seen["lines"] == [pytest.approx([0.1, 0.05, 1 / 30]), pytest.approx([0.05, 0.025, 0.5 / 30])]

@@ -729,6 +729,8 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
         check=True,
     )
     subprocess.run([*cli, "sample", "--run", str(run), "--n", "16", "--guided", "--quiet"], check=True)
+    for stage in ("namm", "mdm", "vanilla", "finetune"):  # each trained stage draws its curves beside its log
+        assert (run / stage / "loss.png").is_file(), stage
     subprocess.run(
         [
             *cli,

@@ -13,7 +13,8 @@ then a TOML file (``--config``), then ``--set section.key=value`` (nested keys a
 train, sample, finetune, guide, assimilate.
 
 Every stage is a sub-directory of the run (``namm/``, ``mdm/``, ``vanilla/``, ``finetune/``,
-``samples/``) holding the settings it was made with (``stage.json``); a finished stage with the same
+``samples/``) holding the settings it was made with (``stage.json``; a trained stage also keeps its
+``log.jsonl`` and draws it as ``loss.png``); a finished stage with the same
 settings is reused, an unfinished one resumes from its newest checkpoint, and one made with other
 settings is an error unless ``--fresh`` is passed.
 """
@@ -65,7 +66,7 @@ from ..mirror.objective import check_fitting_loss
 from ..mirror.plots import draws_maps, plot_violation_grid, violation_maps
 from ..models import load_denoiser
 from ..nets import build_net
-from ..plots import plot_histograms
+from ..plots import plot_histograms, plot_loss_curve
 from ..sample import generate
 from ..schedule import Schedule
 from ..train import TrainConfig, list_checkpoints
@@ -239,6 +240,16 @@ PROFILE_FAMILIES = {
     },
     "default": {"brightness": {"loss": {"l_con": 0.01 * (64 / 32) ** 2}}},
 }
+# each trained stage's loss.png: its title, the log's curves it draws (key: legend text) and their axis label
+_MIRROR_TERMS = {"loss": "loss (the weighted sum)", "cyc": "cycle terms", "con": "constraint l(f(y))",
+                 "reg": "|grad Psi| (regulariser)", "adv": "realism (critic)"}
+STAGE_CURVES = {
+    "namm": ("the mirror map's loss and its unweighted terms", _MIRROR_TERMS, "value"),
+    "finetune": ("the fine-tuned inverse map's loss and its unweighted terms", _MIRROR_TERMS, "value"),
+    "mdm": ("the mirror diffusion model", {"loss": "loss"}, "denoising loss on g(x)"),
+    "vanilla": ("the vanilla diffusion model", {"loss": "loss"}, "denoising loss"),
+}
+
 STAGES_KEPT = "finished stages are kept and an unfinished one resumes from its newest checkpoint: rerun the command"
 SETS_KEPT = ("finished stages and sample sets are kept (a stage cut short resumes from its newest checkpoint, a "
              "sample set is drawn again): rerun the command")
@@ -592,6 +603,10 @@ class NAMMRun:
         return time.perf_counter() - (float(earlier) if checks.is_number(earlier) else 0.0)
 
     def _finish(self, name: str, spec: dict, seconds: float, **extra) -> None:
+        if name in STAGE_CURVES:  # a trained stage draws its curves beside its log (before it counts as finished)
+            what, labels, ylabel = STAGE_CURVES[name]
+            plot_loss_curve(self.root / name / "log.jsonl", self.root / name / "loss.png", keys=tuple(labels),
+                            ylabel=f"{ylabel} (mean over the log interval)", title=f"{name}: {what}", labels=labels)
         io.write_json_atomic(
             self.root / name / "stage.json",
             {"spec": spec, "done": True, "seconds": round(seconds, 2), **extra},
