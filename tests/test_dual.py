@@ -922,7 +922,7 @@ def test_toy_theory_check(tmp_path):
     assert all(m["targets"].values()), m
     assert m["lambda_avg"][0] > 0.1
     assert m["model_weights"][0] > 0.15 > 0.05 == m["data_weights"][0]  # far from q_0's weight of the mode
-    for f in ("metrics.json", "mode_weights.png", "lambda.png", "slack.png"):
+    for f in ("metrics.json", "mode_weights.png", "lambda.png", "slack.png", "constrained/loss.png"):
         assert (tmp_path / f).is_file(), f
 
 
@@ -1233,8 +1233,15 @@ def test_cli_dual_train_fresh_sets_aside_its_metrics_and_an_interruption_names_r
         in capsys.readouterr().err
     assert not (out / "metrics.json").exists() and (out / ".replaced" / "metrics.json").read_bytes() == metrics
     monkeypatch.undo()
+    import condiff.cli.common as common
+
+    drawn = []
+    monkeypatch.setattr(common, "plot_loss_curve", lambda log, png, **kw: drawn.append(kw))
     assert main(["dual", "train", "--out", str(out), "--restore"]) == 0
     assert (out / "metrics.json").read_bytes() == metrics and not (out / ".replaced").exists()
+    # the restored run's curves are redrawn as training drew them: the Lagrangian and L_0, each by name
+    assert drawn == [{"keys": ("loss", "L0"), "ylabel": "loss (mean over the log interval)",
+                      "labels": {"loss": "Lagrangian (the loss stepped on)", "L0": "L_0: the objective's denoising loss"}}]
 
 
 def test_cli_experiment_takes_back_the_model_an_unfinished_fresh_set_aside(tmp_path, capsys, monkeypatch):

@@ -376,21 +376,22 @@ def replace_run(run_dir: Path, names: tuple[str, ...], flag: str = "") -> None:
 
 
 def restore_only(args: argparse.Namespace, kind: str, clears: tuple[str, ...], settings_flags: str,
-                 loss_keys: tuple[str, ...] = ("loss",)) -> None:
+                 curves: dict | None = None) -> None:
     """``train`` / ``dual train --restore``: :func:`restore_run` of ``--out``, which is needed; settings
     (``settings_flags``) are refused, since the run comes back as it was. ``clears``: what ``--fresh`` sets aside
-    besides the run's own files; ``loss_keys``: the log's curves the run's ``loss.png`` draws."""
+    besides the run's own files; ``curves``: what the run's ``loss.png`` draws (:func:`plot_loss_curve`'s
+    arguments; the denoising loss unless given)."""
     if not io.is_rank0():  # under torchrun rank 0 alone restores (and redraws, and says so)
         return
     if getattr(args, "data", None) is not None or getattr(args, "config", None) is not None or args.overrides:
         raise ValueError(f"--restore puts a run back as it was: it takes no {settings_flags}")
     if args.out is None:
         raise ValueError("--restore needs --out, the run to put back")
-    restore_run(check_out_dir(args.out, kind=kind), (*_RUN_FILES, *clears), loss_keys=loss_keys)
+    restore_run(check_out_dir(args.out, kind=kind), (*_RUN_FILES, *clears), curves=curves)
 
 
 def restore_run(run_dir: Path, names: tuple[str, ...], flag: str = "--fresh",
-                loss_keys: tuple[str, ...] = ("loss",)) -> None:
+                curves: dict | None = None) -> None:
     """``--restore``: put back the run an unfinished ``flag`` set aside in ``run_dir/.replaced``, in place of the
     failed attempt's files (``names``: what a run of this command writes, each deleted where the kept run has
     none of that name), and redraw its loss curve from its log."""
@@ -402,7 +403,7 @@ def restore_run(run_dir: Path, names: tuple[str, ...], flag: str = "--fresh",
         # what the attempt may have written: the run's files and its checkpoints' results, as --fresh sets aside
         io.restore_replaced(run_dir, attempt=(*with_step_results(run_dir, names), "loss.png"))
         if (run_dir / "log.jsonl").is_file():
-            plot_loss_curve(run_dir / "log.jsonl", run_dir / "loss.png", keys=loss_keys)
+            plot_loss_curve(run_dir / "log.jsonl", run_dir / "loss.png", **(curves or {}))
     print(f"restored the run in {run_dir} that {flag} had set aside; the failed attempt's files are deleted",
           file=sys.stderr)
 

@@ -510,7 +510,7 @@ class DualJob:
         save_model(run_dir / "model", ema, schedule, data=self.cfg["data"], shape=list(self.data.shape),
                    value_range=value_range(self.data.x), steps=self.trainer.step, train_seconds=m["train_seconds"],
                    **{"lambda": lam, "bounds": record})
-        plot_loss_curve(run_dir / "log.jsonl", run_dir / "loss.png", keys=("loss", "L0"))
+        plot_loss_curve(run_dir / "log.jsonl", run_dir / "loss.png", **ex.loss_curves(self.trainer.objective))
         self.plots = [run_dir / "loss.png"] + (ex.plot_dual(run_dir / "log.jsonl", run_dir) if self.constraints else [])
         io.write_json_atomic(run_dir / "metrics.json", {**m, "versions": io.versions()})
         return m
@@ -519,7 +519,7 @@ class DualJob:
 def run_train(args: argparse.Namespace) -> int:
     if args.restore:
         restore_only(args, "condiff dual train", ("constraint_data", *OWN_RESULTS, *OTHERS_RESULTS), "--config / --set",
-                     loss_keys=("loss", "L0"))
+                     curves=ex.DUAL_CURVES)
         return 0
     old = recorded_settings(args.out, args.resume, args.config is not None, "pass --config", "pass --config")
     if old is not None:  # --resume without --config: the run's own settings

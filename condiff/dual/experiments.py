@@ -31,7 +31,7 @@ from ..data.files import save_png_grid
 from ..denoiser import NetDenoiser
 from ..models import load_net, save_model
 from ..nets import build_net
-from ..plots import plot_bars, plot_lines, plot_scatter
+from ..plots import plot_bars, plot_lines, plot_loss_curve, plot_scatter
 from ..schedule import Schedule
 from ..train import DenoisingObjective, Objective, TrainConfig, Trainer, list_checkpoints, read_log
 from .data import class_frequencies, keep_fraction, model_samples, select
@@ -187,8 +187,19 @@ def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: Trai
     save_model(model_dir, ema, schedule, key=_key(key), data=data, shape=list(x.shape[1:]),
                value_range=value_range(x), steps=trainer.step,
                train_seconds=round(trainer.seconds, 1), **extra, **meta)  # over every session
+    plot_loss_curve(run_dir / "log.jsonl", run_dir / "loss.png", **loss_curves(objective))
     io.drop_replaced(run_dir.parent, [run_dir.name])
     return ema.eval(), io.load_config(model_dir)
+
+
+_DUAL_LABELS = {"loss": "Lagrangian (the loss stepped on)", "L0": "L_0: the objective's denoising loss"}
+# what a dual run's loss.png draws (plot_loss_curve's arguments): its Lagrangian and its objective's own loss
+DUAL_CURVES = {"keys": tuple(_DUAL_LABELS), "labels": _DUAL_LABELS, "ylabel": "loss (mean over the log interval)"}
+
+
+def loss_curves(objective: Objective) -> dict[str, Any]:
+    """What a run's ``loss.png`` draws: :data:`DUAL_CURVES` for a dual run, else the denoising loss alone."""
+    return DUAL_CURVES if isinstance(objective, DualObjective) else {}
 
 
 def lambda_history(log_path: Path) -> dict[str, tuple[list[int], list[float]]]:
