@@ -420,3 +420,24 @@ def test_a_loss_curve_draws_each_logged_key_under_its_label(tmp_path, monkeypatc
                           labels={"cyc": "cycle terms"})
     assert seen["title"] == "namm: terms" and seen["legend"] == ["loss", "cycle terms"]  # no curve for "con"
     assert seen["lines"] == [pytest.approx([0.1, 0.05, 1 / 30]), pytest.approx([0.05, 0.025, 0.5 / 30])]
+
+
+def test_eval_draws_the_judged_classes_it_records(tiny_run, tmp_path, monkeypatch):
+    """condiff eval of a digits model recorded class_hist in metrics.json with no picture of it."""
+    import condiff.plots as plots
+
+    seen = {}
+    real = plots.save_figure
+
+    def keep(fig, path):
+        ax = fig.axes[0]
+        seen["bars"] = [p.get_height() for p in ax.patches]
+        seen["ref"] = [line.get_ydata()[0] for line in ax.get_lines()]
+        return real(fig, path)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    out = tmp_path / "ev"
+    assert main(["eval", "--ckpt", str(tiny_run), "--n", "12", "--steps", "2", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (out / "class_hist.png").is_file() and seen["bars"] == pytest.approx(m["class_hist"])
+    assert len(seen["bars"]) == 10 and seen["ref"] == [pytest.approx(0.1)]  # uniform over the 10 classes

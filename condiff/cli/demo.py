@@ -81,5 +81,6 @@ def summary(m: dict, run_dir: Path, t_train: float) -> str:
     for name, ok in m.get("targets", {}).items():
         lines.append(f"  target {name:<24} {'met' if ok else 'MISSED'}")
     lines += [f"  samples  {run_dir / 'samples.png'}", f"  loss     {run_dir / 'loss.png'}",
+              *([f"  classes  {run_dir / 'class_hist.png'}"] if "class_hist" in m else []),
               f"  metrics  {run_dir / 'metrics.json'}", f"  model    {run_dir / 'model'}"]
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import io
 from ..evaluate import evaluate_samples, load_reference
+from ..plots import plot_bars
 from .common import (
     SAMPLE_FILES,
     check_out_dir,
@@ -72,10 +73,24 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
               "seed": int(scfg["seed"]), "batch_size": int(scfg.get("batch_size", 500)), "ckpt": recorded_path(ckpt),
               "versions": io.versions(),
               **({} if label is None else {"label": label, "guidance_scale": scale})})
-    with io.writing_outputs(out, "metrics.json", *SAMPLE_FILES) as staged:
+    with io.writing_outputs(out, "metrics.json", *SAMPLE_FILES, CLASS_PICTURE) as staged:
         write_samples(x, staged, value_range=run_cfg.get("value_range"))
+        if isinstance(m.get("class_hist"), list):  # a data set whose classifier judges the samples (digits)
+            plot_class_hist(m, staged / CLASS_PICTURE)
         io.write_json_atomic(staged / "metrics.json", m)
     return m
+
+
+CLASS_PICTURE = "class_hist.png"  # beside metrics.json where the samples' classes are judged
+
+
+def plot_class_hist(m: dict, path: Path) -> Path:
+    """The classifier's predicted classes of the samples (``m["class_hist"]``) against a uniform share."""
+    hist = m["class_hist"]
+    return plot_bars({f"{m.get('n', '?')} samples": hist}, path, labels=[str(i) for i in range(len(hist))],
+                     title=f"predicted classes (TV to uniform {m.get('tv_to_uniform', float('nan')):.3f})",
+                     ylabel="share of samples", xlabel="class (the classifier's prediction)", ref=1 / len(hist),
+                     ref_label="uniform")
 
 
 def run(args: argparse.Namespace) -> int:

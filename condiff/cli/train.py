@@ -58,7 +58,7 @@ def add_parser(sub, name: str) -> None:
 
 #: What ``--fresh`` replaces besides checkpoints, model and log: results of the old model (``condiff eval``
 #: and ``condiff sample`` write them beside it by default), which would otherwise sit beside the new one.
-FRESH_CLEARS = ("metrics.json", "samples.npz", "samples.png", "samples", "eval", "solve")
+FRESH_CLEARS = ("metrics.json", "samples.npz", "samples.png", "class_hist.png", "samples", "eval", "solve")
 
 
 def settings(args: argparse.Namespace) -> tuple[dict, bool]:
