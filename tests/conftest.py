@@ -19,6 +19,15 @@ os.environ["CONDIFF_CACHE"] = os.environ.get("CONDIFF_TEST_CACHE") or tempfile.m
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def bench_module(monkeypatch):
+    """``bench_module(name)``: the module ``benchmarks/NAME.py`` (the benchmarks are scripts, not a package)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    return importlib.import_module
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Project caches (classifier, generated data) go to a per-session temp dir, never ~/.cache."""

@@ -1,18 +1,15 @@
 """The guidance benchmark's row cache reuses a row only under the code that made it (benchmarks/guidance.py)."""
 
-import importlib
-from pathlib import Path
 
 
-def _bench(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    bench = importlib.import_module("guidance")
+def _bench(monkeypatch, tmp_path, bench_module):
+    bench = bench_module("guidance")
     monkeypatch.setattr(bench, "runs_dir", lambda: tmp_path)
     return bench
 
 
-def test_row_cache_round_trips_and_misses_under_other_code(monkeypatch, tmp_path):
-    bench = _bench(monkeypatch, tmp_path)
+def test_row_cache_round_trips_and_misses_under_other_code(bench_module, monkeypatch, tmp_path):
+    bench = _bench(monkeypatch, tmp_path, bench_module)
     monkeypatch.setenv("CONDIFF_BENCH_REUSE", "1")
     cache = bench.RowCache("p")
     key = cache.key("digits/inpaint-random", "dps", 20, {"zeta": 2.0})
@@ -25,8 +22,8 @@ def test_row_cache_round_trips_and_misses_under_other_code(monkeypatch, tmp_path
     assert bench.RowCache("p").get(key) is None  # off unless asked for
 
 
-def test_source_hash_follows_the_code_but_not_the_defaults_table(monkeypatch, tmp_path):
-    bench = _bench(monkeypatch, tmp_path)
+def test_source_hash_follows_the_code_but_not_the_defaults_table(bench_module, monkeypatch, tmp_path):
+    bench = _bench(monkeypatch, tmp_path, bench_module)
     (tmp_path / "guidance").mkdir()
     (tmp_path / "sample.py").write_text("x = 1\n")
     (tmp_path / "guidance" / "defaults.py").write_text("TUNED = {}\n")
@@ -39,9 +36,8 @@ def test_source_hash_follows_the_code_but_not_the_defaults_table(monkeypatch, tm
     assert bench.source_hash(tmp_path) == first and len(first) == 16
 
 
-def test_target_notes_name_a_gap_within_one_standard_error_as_a_tie(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import guidance as bench
+def test_target_notes_name_a_gap_within_one_standard_error_as_a_tie(bench_module, monkeypatch):
+    bench = bench_module("guidance")
 
     task = next(iter(bench.TASKS))
     base = [0.0, 2.0, 4.0, 6.0]

@@ -2,17 +2,11 @@
 measurements: each benchmark's expensive part (training, sampling, timing, attacking) is replaced by a small
 deterministic stand-in, and its rows, ratios, medians, verdicts and column order are checked against values
 worked out by hand from the stand-ins' numbers (the thresholds hit exactly, so a ``<=`` turned ``<`` shows)."""
-import importlib
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-
-def _bench(monkeypatch, name):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    return importlib.import_module(name)
 
 
 def _rows_match(rows, expected):
@@ -33,8 +27,8 @@ class _Clock:
 
 # --- sampler_overhead -------------------------------------------------------------------------------------------
 
-def test_alternate_interleaves_its_runs_after_a_warmup(monkeypatch):
-    timing = _bench(monkeypatch, "_timing")
+def test_alternate_interleaves_its_runs_after_a_warmup(bench_module, monkeypatch):
+    timing = bench_module("_timing")
     calls, stamps = [], iter(range(100))
     monkeypatch.setattr(timing, "timed", lambda fn, device: (fn(), float(next(stamps)))[1])
     got = timing.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, "cpu", warmup=2)
@@ -42,8 +36,8 @@ def test_alternate_interleaves_its_runs_after_a_warmup(monkeypatch):
     assert got == {"a": [0.0, 2.0, 4.0], "b": [1.0, 3.0, 5.0]}
 
 
-def test_sampler_overhead_ratio_is_the_median_of_sample_over_forward(monkeypatch):
-    bench = _bench(monkeypatch, "sampler_overhead")
+def test_sampler_overhead_ratio_is_the_median_of_sample_over_forward(bench_module, monkeypatch):
+    bench = bench_module("sampler_overhead")
     # per eta: (forward times, sampling times) of five interleaved repeats
     times = [([1.0, 2.0, 4.0, 1.0, 1.0], [1.1, 2.4, 4.0, 1.2, 1.0]),   # ratios 1.1 1.2 1 1.2 1: median 1.1
              ([2.0, 2.0, 2.0, 2.0, 2.0], [2.1, 2.0, 2.2, 2.1, 2.4])]   # ratios 1.05 1 1.1 1.05 1.2: median 1.05
@@ -71,8 +65,8 @@ def test_sampler_overhead_ratio_is_the_median_of_sample_over_forward(monkeypatch
 
 # --- core_quality -----------------------------------------------------------------------------------------------
 
-def test_core_quality_rows_and_verdicts(monkeypatch):
-    bench = _bench(monkeypatch, "core_quality")
+def test_core_quality_rows_and_verdicts(bench_module, monkeypatch):
+    bench = bench_module("core_quality")
     monkeypatch.setitem(bench.PROFILES, "quick", {"toy": ["moons", "rings"], "n": 6})
     clock = _Clock()
     monkeypatch.setattr(bench, "time", clock)
@@ -137,11 +131,11 @@ def test_core_quality_rows_and_verdicts(monkeypatch):
     assert "score a Fréchet ratio of 1.23 (median of 9; range 1.10-1.50); at 1000 draws it is 2.35" in res["notes"][1]
 
 
-def test_digits_frechet_floor_takes_the_median_over_the_train_vs_test_distance(monkeypatch):
+def test_digits_frechet_floor_takes_the_median_over_the_train_vs_test_distance(bench_module, monkeypatch):
     import condiff.classifier
     import condiff.metrics
 
-    bench = _bench(monkeypatch, "core_quality")
+    bench = bench_module("core_quality")
 
     class Judge:
         test_stats = ("mu_test", "cov_test")
@@ -166,8 +160,8 @@ def test_digits_frechet_floor_takes_the_median_over_the_train_vs_test_distance(m
 
 # --- count_attack -----------------------------------------------------------------------------------------------
 
-def test_count_attack_rows(monkeypatch):
-    bench = _bench(monkeypatch, "count_attack")
+def test_count_attack_rows(bench_module, monkeypatch):
+    bench = bench_module("count_attack")
     k, n = 3, 4
     monkeypatch.setitem(bench.PROFILES, "quick", {"size": 4, "k": k, "n": n, "steps": 7, "lr": 0.5})
     # the stand-ins: pixel (0, 0) of an image holds its "count"; l = |that - k|; the peak finder rounds it
@@ -259,8 +253,8 @@ def _dual_metrics():
     return toy, fair, tune, new
 
 
-def test_dual_table_rows_and_verdicts(monkeypatch):
-    bench = _bench(monkeypatch, "dual")
+def test_dual_table_rows_and_verdicts(bench_module, monkeypatch):
+    bench = bench_module("dual")
     toy, fair, tune, new = _dual_metrics()
     res = bench.table(toy, fair, tune, {"toy": 7.4, "fair": 56.2}, new)
     assert res["columns"] == ["experiment", "metric", "reference", "constrained", "target", "status"]
@@ -297,8 +291,8 @@ def test_dual_table_rows_and_verdicts(monkeypatch):
          "constrained": 0.9, "target": "", "status": ""}])
 
 
-def test_dual_notes_read_lambda_through_the_mixture(monkeypatch):
-    bench = _bench(monkeypatch, "dual")
+def test_dual_notes_read_lambda_through_the_mixture(bench_module, monkeypatch):
+    bench = bench_module("dual")
     toy, fair, tune, new = _dual_metrics()
     notes = bench.table(toy, fair, tune, {"toy": 7.4, "fair": 56.2}, new)["notes"]
     # (w_k + lambda_k) / (1 + sum lambda): (0.02 + 0.3) / 1.5 and (0.03 + 0.2) / 1.5
@@ -313,8 +307,8 @@ def test_dual_notes_read_lambda_through_the_mixture(monkeypatch):
     assert notes[4].startswith("Wall time per experiment (s): toy 7, fair 56 (")
 
 
-def test_dual_run_tabulates_the_new_class_experiment_second(monkeypatch, tmp_path):
-    bench = _bench(monkeypatch, "dual")
+def test_dual_run_tabulates_the_new_class_experiment_second(bench_module, monkeypatch, tmp_path):
+    bench = bench_module("dual")
     toy, fair, tune, new = _dual_metrics()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(bench.torch, "set_num_threads", lambda n: None)
@@ -351,8 +345,8 @@ def test_dual_run_tabulates_the_new_class_experiment_second(monkeypatch, tmp_pat
 
 # --- conditional ------------------------------------------------------------------------------------------------
 
-def test_conditional_rows(monkeypatch):
-    bench = _bench(monkeypatch, "conditional")
+def test_conditional_rows(bench_module, monkeypatch):
+    bench = bench_module("conditional")
     per = 2
     monkeypatch.setitem(bench.PROFILES, "quick", {"per_class": per, "scales": [0.0, 2.0], "dps_zeta": [0.5]})
     n = 10 * per

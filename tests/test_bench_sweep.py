@@ -1,7 +1,5 @@
 """The guidance sweep compares grid points on common random numbers (benchmarks/guidance_sweep.py)."""
 
-import importlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,16 +9,15 @@ from condiff.operators import Inpainting
 from condiff.schedule import Schedule
 
 
-def _sweep(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    return importlib.import_module("guidance_sweep")
+@pytest.fixture
+def sweep(bench_module):
+    return bench_module("guidance_sweep")
 
 
-def test_equal_grid_points_score_equally_and_others_differ(monkeypatch):
+def test_equal_grid_points_score_equally_and_others_differ(sweep, monkeypatch):
     """Two copies of one setting see the same images and the same sampling noise, so they score the
     same to the last bit; a different setting differs (in one batch, with its own noise per point,
     the copies differed too)."""
-    sweep = _sweep(monkeypatch)
     den = GaussianDenoiser(Schedule.linear(200), mean=0.0, std=0.5)
     mask = torch.zeros(1, 1, 4, 4)
     mask[..., :2, :] = 1
@@ -33,10 +30,9 @@ def test_equal_grid_points_score_equally_and_others_differ(monkeypatch):
         assert scores[2] != scores[0]
 
 
-def test_a_method_named_grid_reaches_only_that_method(monkeypatch):
+def test_a_method_named_grid_reaches_only_that_method(sweep, monkeypatch):
     """``grids["dsg+dps"]`` adds DPS+DSG's own grid values (DPS's zeta inside it, ``between``) to its
     grid at every interval; the top-level zeta grid stays DPS's, and the rows record both."""
-    sweep = _sweep(monkeypatch)
     seen = []
 
     def fake(den, method, fixed, grid, *rest, **kw):
@@ -60,13 +56,12 @@ def _row(task, steps, method, fixed, scores):
     return {"task": task, "steps": steps, "method": method, "fixed": fixed, "scores": scores}
 
 
-def test_combine_takes_the_best_point_over_runs_and_refuses_disagreeing_ones(monkeypatch, tmp_path):
+def test_combine_takes_the_best_point_over_runs_and_refuses_disagreeing_ones(sweep, monkeypatch, tmp_path):
     """The best of several CRN sweeps: the highest score per task, budget and method, with the
     settings a row held fixed (DSG's interval, UGD+DSG's backward_lr) joined to its grid point; one
     point scored differently by two runs means they did not share images and seeds, and is refused."""
     import json
 
-    sweep = _sweep(monkeypatch)
     runs = {
         "a": [_row("t", 1000, "dps", {}, [{"zeta": 0.1, "train PSNR": 17.0}, {"zeta": 0.2, "train PSNR": 17.5}]),
               _row("t", 1000, "dsg+dps", {"interval": 5}, [{"rate": 0.2, "train PSNR": 17.4}]),
@@ -96,14 +91,13 @@ def test_combine_takes_the_best_point_over_runs_and_refuses_disagreeing_ones(mon
         sweep.combine(["a", "b"])
 
 
-def test_the_dps_and_dsg_defaults_are_the_crn_best_choices(monkeypatch):
+def test_the_dps_and_dsg_defaults_are_the_crn_best_choices(sweep, monkeypatch):
     """condiff/guidance/defaults.py holds what ``--profile crn-best`` chose (its recorded result): a
     default edited by hand, or a sweep result not carried into the table, fails here."""
     import json
 
     from condiff.guidance.defaults import TUNED
 
-    sweep = _sweep(monkeypatch)
     chosen = json.loads(sweep._result("crn-best").read_text())["tuned"]
     assert chosen, "crn-best chose nothing"
     for task, by_steps in chosen.items():
@@ -112,9 +106,8 @@ def test_the_dps_and_dsg_defaults_are_the_crn_best_choices(monkeypatch):
                 assert TUNED[task][int(steps)][method] == hp, (task, steps, method)
 
 
-def test_a_mistyped_task_is_refused_before_anything_runs(monkeypatch):
+def test_a_mistyped_task_is_refused_before_anything_runs(sweep, monkeypatch):
     """SWEEP_TASKS=nosuch ran no task and recorded the empty sweep over the last one in BENCHMARKS.md."""
-    sweep = _sweep(monkeypatch)
     monkeypatch.setenv("SWEEP_TASKS", "digits/inpaint-random,nosuch")
     monkeypatch.setattr(sweep, "ensure_model", lambda *a, **k: pytest.fail("a model was loaded before the check"))
     with pytest.raises(ValueError, match=r"SWEEP_TASKS: unknown task\(s\) \['nosuch'\]; expected some of"):

@@ -1240,8 +1240,8 @@ def test_cli_dual_train_fresh_sets_aside_its_metrics_and_an_interruption_names_r
     assert main(["dual", "train", "--out", str(out), "--restore"]) == 0
     assert (out / "metrics.json").read_bytes() == metrics and not (out / ".replaced").exists()
     # the restored run's curves are redrawn as training drew them: the Lagrangian and L_0, each by name
-    assert drawn == [{"keys": ("loss", "L0"), "ylabel": "loss (mean over the log interval)",
-                      "labels": {"loss": "Lagrangian (the loss stepped on)", "L0": "L_0: the objective's denoising loss"}}]
+    labels = {"loss": "Lagrangian (the loss stepped on)", "L0": "L_0: the objective's denoising loss"}
+    assert drawn == [{"keys": ("loss", "L0"), "ylabel": "loss (mean over the log interval)", "labels": labels}]
 
 
 def test_cli_experiment_takes_back_the_model_an_unfinished_fresh_set_aside(tmp_path, capsys, monkeypatch):

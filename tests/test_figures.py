@@ -270,17 +270,8 @@ def test_finetune_returns_the_ema_inverse(tmp_path):
 
 
 # B1/B4: the benchmarks' ratios
-def _bench(monkeypatch, name):
-    import importlib
-    from pathlib import Path
-
-    import condiff
-    monkeypatch.syspath_prepend(str(Path(condiff.__file__).resolve().parents[1] / "benchmarks"))
-    return importlib.import_module(name)
-
-
-def test_namm_reduction_is_baseline_over_method(monkeypatch):
-    namm = _bench(monkeypatch, "namm")
+def test_namm_reduction_is_baseline_over_method(bench_module, monkeypatch):
+    namm = bench_module("namm")
 
     class Run:
         def evaluate(self, keys):
@@ -291,14 +282,14 @@ def test_namm_reduction_is_baseline_over_method(monkeypatch):
     assert summary["met"] is True and rows[0]["reduction vs baseline"] == pytest.approx(1.0)
 
 
-def test_median_ratio_is_a_over_b(monkeypatch):
-    timing = _bench(monkeypatch, "_timing")
+def test_median_ratio_is_a_over_b(bench_module, monkeypatch):
+    timing = bench_module("_timing")
     assert timing.median_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == pytest.approx(3.0)
 
 
 # B5: a point two runs scored equally is credited to the first run (ties do not move the choice)
-def test_combine_keeps_the_first_run_on_a_tie(monkeypatch, tmp_path):
-    sweep = _bench(monkeypatch, "guidance_sweep")
+def test_combine_keeps_the_first_run_on_a_tie(bench_module, monkeypatch, tmp_path):
+    sweep = bench_module("guidance_sweep")
     row = lambda scores: {"task": "t", "steps": 20, "method": "dps", "fixed": {}, "scores": scores}
     (tmp_path / "a").write_text(json.dumps({"rows": [row([{"zeta": 0.1, "train PSNR": 17.5}])]}))
     (tmp_path / "b").write_text(json.dumps({"rows": [row([{"zeta": 0.2, "train PSNR": 17.5},
@@ -335,13 +326,13 @@ def test_a_mostly_grey_png_is_no_mask(tmp_path):
 
 
 # B6: the PnP benchmark's TSP gap is the mean of the per-instance gaps (the paper's "mean gap")
-def test_pnp_benchmark_gap_is_the_mean_of_per_instance_gaps(monkeypatch, tmp_path):
+def test_pnp_benchmark_gap_is_the_mean_of_per_instance_gaps(bench_module, monkeypatch, tmp_path):
     from types import SimpleNamespace
 
     from condiff.denoiser import GaussianDenoiser
     from condiff.schedule import Schedule
 
-    bench = _bench(monkeypatch, "pnp")
+    bench = bench_module("pnp")
     run = tmp_path / "prior"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"data": {"size": 16, "n": 4, "cities": [4]}, "model": {},
