@@ -15,6 +15,12 @@ import numpy as np
 
 from condiff import io
 
+# unobserved (missing) pixels of a measurement: a colour that no grey picture and no magma violation map holds
+# (zero-filled and drawn mid-grey, they read as measured greys)
+UNOBSERVED_RGB = (70, 130, 180)
+UNOBSERVED_NAME = "steel blue"
+UNOBSERVED_NOTE = f"unobserved: {UNOBSERVED_NAME}"
+
 
 def pyplot() -> ModuleType:
     """``matplotlib.pyplot``, headless (Agg), imported on the first figure: a command that draws nothing
@@ -109,6 +115,26 @@ def plot_bars(groups: dict[str, Sequence[float]], out: str | Path, labels: Seque
     return save_figure(fig, out)
 
 
+def plot_bar_panels(panels: dict[str, Sequence[float]], out: str | Path, labels: Sequence[str],
+                    title: str = "") -> Path:
+    """One bar panel per named measure over the same ``labels``, each on its own y-axis named after it, the
+    values written on the bars: measures of different scales (a rate in [0, 1] beside a ratio near 2) on one
+    axis flattened the smaller one."""
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2), squeeze=False,
+                                  layout="constrained")
+    x = np.arange(len(labels))
+    for k, (ax, (name, values)) in enumerate(zip(axes[0], panels.items())):
+        ax.bar_label(ax.bar(x, values, 0.6, color=f"C{k}"), fmt="%.3g", fontsize=8)
+        ax.set_xticks(x, labels)
+        ax.set_ylabel(name)
+        ax.margins(y=0.15)  # room for the numbers over the bars
+        if min(values, default=0) >= 0:
+            ax.set_ylim(bottom=0)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, out)
+
+
 def plot_histograms(sets: dict[str, np.ndarray], out: str | Path, xlabel: str = "", title: str = "",
                     log: bool = True) -> Path:
     """Overlaid histograms (e.g. constraint distances of vanilla vs mirror samples)."""
@@ -149,27 +175,59 @@ def plot_lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], out: 
     return save_figure(fig, out)
 
 
+def _draw_image(ax, a: np.ndarray, hidden: np.ndarray | None = None) -> None:
+    """One image ``(C, H, W)`` in [-1, 1] (C 1 or 3) on ``ax``, without ticks; ``hidden`` ``(1 or C, H, W)``:
+    its unobserved pixels (any channel), drawn in the unobserved colour."""
+    img = (np.clip(a, -1, 1) + 1) / 2
+    if hidden is not None:
+        img = np.repeat(img, 3, 0) if img.shape[0] == 1 else img.copy()
+        img[:, np.asarray(hidden, dtype=bool).any(0)] = np.array(UNOBSERVED_RGB)[:, None] / 255
+    ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1,
+              interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def plot_image_columns(columns: dict[str, np.ndarray], out: str | Path, row_labels: Sequence[str] | None = None,
-                       rows: int = 8, title: str = "") -> Path:
+                       rows: int = 8, title: str = "", hidden: dict[str, np.ndarray] | None = None) -> Path:
     """Images side by side: one column per named batch ``(B, C, H, W)`` in [-1, 1] (C 1 or 3; the
-    batches may differ in size, e.g. a low-resolution measurement), one row per image, up to ``rows``."""
+    batches may differ in size, e.g. a low-resolution measurement), one row per image, up to ``rows``.
+    ``hidden``: per column name, the unobserved pixels ``(B, 1 or C, H, W)`` of a measurement, drawn in
+    the unobserved colour (:data:`UNOBSERVED_NAME`), which the column's title names."""
     names = list(columns)
     arrays = [np.asarray(columns[n], dtype=np.float32) for n in names]
+    hidden = hidden or {}
     rows = min(rows, min(len(a) for a in arrays))
     fig, axes = pyplot().subplots(rows, len(names), figsize=(1.6 * len(names), 1.6 * rows + 0.3),
                              squeeze=False, layout="constrained")
     for j, (name, a) in enumerate(zip(names, arrays)):
         for i in range(rows):
             ax = axes[i, j]
-            img = (np.clip(a[i], -1, 1) + 1) / 2
-            ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1,
-                      interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _draw_image(ax, a[i], hidden[name][i] if name in hidden else None)
             if i == 0:
-                ax.set_title(name, fontsize=8)
+                ax.set_title(f"{name}\n({UNOBSERVED_NOTE})" if name in hidden else name, fontsize=8)
             if j == 0 and row_labels is not None:
                 ax.set_ylabel(row_labels[i], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return save_figure(fig, out)
+
+
+def plot_image_rows(rows: dict[str, np.ndarray], out: str | Path, col_labels: Sequence[str] | None = None,
+                    cols: int = 16, title: str = "") -> Path:
+    """Images in rows: one row per named batch ``(B, C, H, W)`` in [-1, 1] (C 1 or 3), labelled with its
+    name, one column per image, up to ``cols``, titled by ``col_labels``."""
+    names = list(rows)
+    arrays = [np.asarray(rows[n], dtype=np.float32) for n in names]
+    cols = min(cols, min(len(a) for a in arrays))
+    fig, axes = pyplot().subplots(len(names), cols, figsize=(1.1 * cols + 0.4, 1.2 * len(names) + 0.3),
+                                  squeeze=False, layout="constrained")
+    for i, (name, a) in enumerate(zip(names, arrays)):
+        for j in range(cols):
+            _draw_image(axes[i, j], a[j])
+            if i == 0 and col_labels is not None:
+                axes[i, j].set_title(col_labels[j], fontsize=7)
+        axes[i, 0].set_ylabel(name, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     return save_figure(fig, out)

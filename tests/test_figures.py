@@ -432,3 +432,122 @@ def test_eval_draws_the_judged_classes_it_records(tiny_run, tmp_path, monkeypatc
     m = json.loads((out / "metrics.json").read_text())
     assert (out / "class_hist.png").is_file() and seen["bars"] == pytest.approx(m["class_hist"])
     assert len(seen["bars"]) == 10 and seen["ref"] == [pytest.approx(0.1)]  # uniform over the 10 classes
+
+
+def _record_figures(monkeypatch) -> list:
+    """The figures the plots module saves (still written, so the commands find their files)."""
+    import condiff.plots as plots
+
+    figs, save = [], plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: (figs.append(fig), save(fig, path))[1])
+    return figs
+
+
+# unobserved pixels were zero-filled and drawn mid-grey, like a measured grey
+def test_unobserved_pixels_are_drawn_in_their_own_colour_and_named(tiny_run, tmp_path, monkeypatch):
+    from PIL import Image
+
+    import condiff.mirror.plots as mplots
+    from condiff.data.files import save_png_grid
+    from condiff.plots import UNOBSERVED_NOTE, UNOBSERVED_RGB, plot_image_columns
+
+    figs = _record_figures(monkeypatch)
+    monkeypatch.setattr(mplots, "save_figure", lambda fig, path: figs.append(fig))
+    x, missing = torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    missing[1, 0, 2, 3] = True
+    img = np.asarray(Image.open(save_png_grid(x, tmp_path / "m.png", nrow=2, scale=1, missing=missing)))
+    blue = (img == UNOBSERVED_RGB).all(-1)
+    assert blue.sum() == 1 and blue[1 + 2, 1 + 4 + 1 + 3]  # row 2, column 3 of the second tile
+    plot_image_columns({"truth": x.numpy(), "measurement": x.numpy()}, tmp_path / "c.png",
+                       hidden={"measurement": missing.numpy()})
+    truth_ax, seen_ax = figs[-1].axes[0], figs[-1].axes[1]
+    assert UNOBSERVED_NOTE in seen_ax.get_title() and UNOBSERVED_NOTE not in truth_ax.get_title()
+    assert np.allclose(figs[-1].axes[3].get_images()[0].get_array()[2, 3], np.array(UNOBSERVED_RGB) / 255)
+    y = torch.full((2, 1, 4, 4), 0.5)
+    y[missing] = 0.0  # below every observed value: it widened the shared grey scale
+    mplots.plot_violation_grid({"observed (y)": (y, None, None), "truth": (y + 0.5, None, None)}, tmp_path / "v.png",
+                               hidden={"observed (y)": missing})
+    first = figs[-1].axes[2].get_images()[0]  # row 1, column 0: the observed picture of the second sample
+    assert first.get_array().mask[2, 3] and first.get_array().mask.sum() == 1 and first.get_clim()[0] == 0.5
+    assert np.allclose(first.get_cmap().get_bad()[:3], np.array(UNOBSERVED_RGB) / 255)
+    assert f"observed (y): {UNOBSERVED_NOTE}" in figs[-1]._suptitle.get_text()
+    # end to end: condiff solve draws a box it does not observe in the unobserved colour
+    assert _solve(tiny_run, tmp_path / "box", "--operator", "inpaint-box") == 0
+    y = np.load(tmp_path / "box" / "reconstruction.npz")["y"]  # zero where unobserved (noise elsewhere)
+    img = np.asarray(Image.open(tmp_path / "box" / "measurement.png"))
+    assert (img == UNOBSERVED_RGB).all(-1).sum() == (y == 0).sum() * 4 * 4 > 0  # 8 px tiles drawn at 32 px
+    assert UNOBSERVED_NOTE in next(ax.get_title() for ax in figs[-1].axes if ax.get_title().startswith("measurement"))
+
+
+# pnp tsp drew its two rows of pictures without saying which is which
+def test_tsp_pictures_name_their_rows_and_instances(tmp_path, monkeypatch):
+    figs = _record_figures(monkeypatch)
+    _tiny_prior(tmp_path / "tours", 1, 16, {"name": "tours", "size": 16, "cities": [6]})
+    assert main(["pnp", "tsp", "--ckpt", str(tmp_path / "tours"), "--n", "2", "--cities", "6", "--steps", "2",
+                 "--out", str(tmp_path / "tsp")]) == 0
+    m = json.loads((tmp_path / "tsp" / "metrics.json").read_text())
+    fig = next(f for f in figs if any(ax.get_ylabel() for ax in f.axes))
+    rows = [ax.get_ylabel().replace("\n", " ") for ax in fig.axes if ax.get_ylabel()]
+    assert rows == m["picture_rows"] and len(fig.axes) == 2 * 2
+    assert [ax.get_title() for ax in fig.axes[:2]] == [f"instance {i}\ngap {round(100 * g, 2) + 0.0:.2f}%"
+                                                      for i, g in enumerate(m["gaps"])]
+
+
+# pnp segment titled its picture with the PnP IoU only, not the baselines it is compared with
+def test_segment_picture_names_the_baselines_ious(tmp_path, monkeypatch):
+    figs = _record_figures(monkeypatch)
+    _tiny_prior(tmp_path / "scenes", 4, 16, {"name": "scenes", "size": 16})
+    assert main(["pnp", "segment", "--ckpt", str(tmp_path / "scenes"), "--n", "2", "--chains", "1", "--steps", "2",
+                 "--out", str(tmp_path / "seg")]) == 0
+    m = json.loads((tmp_path / "seg" / "metrics.json").read_text())
+    title = figs[-1]._suptitle.get_text()
+    assert f"2-means {m['iou_kmeans']:.3f}" in title and f"Otsu {m['iou_otsu']:.3f}" in title
+    with np.load(tmp_path / "seg" / "masks.npz") as z:
+        from condiff.pnp.segmentation import iou
+        truth = torch.from_numpy(z["truth"])
+        km = iou(torch.from_numpy(z["kmeans"]), truth)
+    labels = [ax.get_ylabel() for ax in figs[-1].axes if ax.get_ylabel()]
+    assert len(labels) == 2 and all(f"2-means {float(k):.2f}" in s for s, k in zip(labels, km))
+
+
+# dual finetune drew a rate in [0, 1] and a ratio near 1 or 2 as bars on one unlabelled axis
+def test_finetune_figure_gives_each_measure_its_own_labelled_axis(tmp_path, monkeypatch):
+    import condiff.classifier
+    import condiff.dual.experiments as ex
+
+    class FakeJudge:
+        def __init__(self, device="cpu"):
+            self.net = torch.nn.Module()
+            self.net.head = torch.nn.Linear(4, 10)
+
+        def features(self, x):
+            return x.flatten(1)[:, :4].float()
+
+    figs = _record_figures(monkeypatch)
+    monkeypatch.setattr(condiff.classifier, "DigitsJudge", FakeJudge)
+    monkeypatch.setattr(ex, "train_cached", lambda run_dir, net, *a, **k: (net.eval(), {}))
+    monkeypatch.setattr(ex, "load_net", lambda d, dev: (ex._digits_net(cfg.model, cfg.seed), {}))
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(ex, "_samples", lambda net, sch, n, *a: torch.rand(n, 1, 8, 8, generator=g) * 2 - 1)
+    monkeypatch.setattr(ex, "plot_dual", lambda *a: [])
+    cfg = ex.FinetuneConfig(model={**ex.DIGITS_MODEL, "base": 8, "mults": [1, 2]}, T=20, sample_steps=2, n_constraint=8,
+                            n_samples=8, dual={"batch_size": 8, "timesteps": 2})
+    with pytest.warns(UserWarning, match="memorised none"):  # random samples copy no target image
+        m = ex.run_finetune(cfg, tmp_path / "ft")
+    fig = figs[-1]
+    assert [ax.get_ylabel().split("\n")[0] for ax in fig.axes] == ["memorisation rate", "intra-cluster diversity"]
+    heights = [[p.get_height() for p in ax.patches] for ax in fig.axes]
+    assert heights == [[m[n][k] for n in ("pretrained", "plain", "constrained")]
+                       for k in ("memorisation", "diversity")]
+
+
+# digit grids were separated by black, the digits' own background: the tiles ran together
+def test_grid_padding_is_a_light_grey_no_digit_pixel_is(tmp_path):
+    from PIL import Image
+
+    from condiff.data.files import save_png_grid
+
+    x = torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1).expand(2, 1, 4, 4)  # background and stroke
+    img = np.asarray(Image.open(save_png_grid(x, tmp_path / "g.png", scale=1)))
+    assert img.shape == (6, 11) and img[0, 0] == img[:, 5].min() == img[:, 5].max() == 191
+    assert set(np.unique(img[1:5, 1:5])) == {0} and set(np.unique(img[1:5, 6:10])) == {255}

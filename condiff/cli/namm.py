@@ -1044,7 +1044,7 @@ def run_assimilation(
         "residual_mean": float(truth_res.mean()),
         "l_mean": float(batched_distance(con, truth, device=run.device).mean()),
     }
-    results["_truth"], results["_y"] = truth, y
+    results["_truth"], results["_y"], results["_hidden"] = truth, y, hidden
     return results
 
 
@@ -1405,7 +1405,7 @@ def run_assim(args: argparse.Namespace) -> int:
     res = run_assimilation(run, methods, obs=args.obs)  # --obs is for this call only
     con = run.constraint()
     cols = {
-        "observed (y)": (res["_y"], None, None),  # what the methods were given: zero where unobserved
+        "observed (y)": (res["_y"], None, None),  # what the methods were given: zero where unobserved (drawn in colour)
         "truth": (
             res["_truth"],
             violation_maps(con, res["_truth"]),
@@ -1417,7 +1417,7 @@ def run_assim(args: argparse.Namespace) -> int:
     seen = f"{op.get('mask', op.get('operator'))}, {op['observed']:.0%} observed" if "observed" in op else str(op)
     with io.writing_outputs(out, "metrics.json") as staged:  # the old results stay until the new are whole
         plot_violation_grid(
-            cols, staged / "assimilation.png", rows=4,
+            cols, staged / "assimilation.png", rows=4, hidden={"observed (y)": res["_hidden"]},
             title=f"{run.cfg['data']['name']}: {seen}, noise sigma_y {res['sigma_y']:.3g}"
         )
         io.write_npz_atomic(staged / "samples.npz", truth=res["_truth"].numpy(), y=res["_y"].cpu().numpy(),

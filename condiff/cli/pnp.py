@@ -26,7 +26,7 @@ import torch
 from .. import checks, io
 from ..data.files import save_png_grid
 from ..models import resolve_model_dir
-from ..plots import plot_image_columns, pyplot
+from ..plots import plot_image_columns, plot_image_rows, pyplot
 from ..pnp import schedules as sch
 from .common import (
     add_device_arg,
@@ -424,18 +424,22 @@ def run_segment(args: argparse.Namespace) -> int:
     km, ot = kmeans_segment(img.cpu()), otsu_segment(img.cpu())
     m = lambda b: (b.float() * 2 - 1).cpu().numpy()
     per_image = iou(res.mask.cpu(), truth.cpu())
+    km_iou, ot_iou = iou(km, truth.cpu()), iou(ot, truth.cpu())
     metrics = {"n": args.n, "chains": args.chains, "votes": votes, "steps": args.steps,
                "through_net": not args.stop_grad,
                "seconds": round(res.seconds, 2), "iou_pnp": float(per_image.mean()),
-               "iou_kmeans": float(iou(km, truth.cpu()).mean()), "iou_otsu": float(iou(ot, truth.cpu()).mean()),
+               "iou_kmeans": float(km_iou.mean()), "iou_otsu": float(ot_iou.mean()),
                "picture_columns": ["scene", "true mask", "pnp mask", "2-means mask", "otsu mask"]}
 
     def write(out: Path) -> tuple[dict, list[Path]]:
         pic = plot_image_columns(
             {"scene": img.cpu().numpy(), "true mask": m(truth), "PnP mask": m(res.mask), "2-means": m(km),
              "Otsu": m(ot)},
-            out / "segment.png", row_labels=[f"PnP IoU {float(v):.2f}" for v in per_image],
-            title=f"PnP segmentation: mean IoU {float(per_image.mean()):.3f} over {args.n} scenes"
+            out / "segment.png",
+            row_labels=[f"IoU: PnP {float(p):.2f}\n2-means {float(k):.2f}\nOtsu {float(o):.2f}"
+                        for p, k, o in zip(per_image, km_iou, ot_iou)],
+            title=f"PnP segmentation: mean IoU {metrics['iou_pnp']:.3f} (baselines: 2-means "
+                  f"{metrics['iou_kmeans']:.3f}, Otsu {metrics['iou_otsu']:.3f}) over {args.n} scenes"
                   + (" (first 8 shown)" if args.n > 8 else ""),
         )
         io.write_npz_atomic(out / "masks.npz", scene=img.cpu().numpy(), mask=res.mask.cpu().numpy(),
@@ -518,7 +522,8 @@ def run_tsp(args: argparse.Namespace) -> int:
                                generator=torch.Generator(device=device).manual_seed(args.seed), progress=True)
     greedy = np.array([tsp.tour_length(c, tsp.decode(c, None)) for c in coords])
     gaps = tsp.optimality_gap(res.lengths, opt_len)
-    titles = [f"gap to optimal {round(100 * gp, 2) + 0.0:.2f}%" for gp in gaps]  # + 0.0: no "-0.00%" from LKH rounding
+    pct = [f"{round(100 * gp, 2) + 0.0:.2f}%" for gp in gaps]  # + 0.0: no "-0.00%" from LKH rounding
+    titles = [f"gap to optimal {p}" for p in pct]
     metrics = {"cities": args.cities, "n": args.n, "chains": args.chains, "steps": args.steps,
                "through_net": not args.stop_grad, "reference_solver": solver.name,
                "gap_mean": float(gaps.mean()), "gap_total": float(res.lengths.sum() / opt_len.sum() - 1),
@@ -528,9 +533,14 @@ def run_tsp(args: argparse.Namespace) -> int:
                "picture_rows": ["inferred adjacency (rendered)", "decoded tour (rendered)"]}
 
     def write(out: Path) -> tuple[dict, list[Path]]:
+        rows = dict(zip((k.replace(" (", "\n(") for k in metrics["picture_rows"]),
+                        (res.pictures, tsp.render_tours(coords, res.tours, style))))
+        shown = min(args.n, 16)
         files = [plot_tours(coords.numpy(), res.tours, opt, out / "tours.png", titles),
-                 save_png_grid(torch.cat([res.pictures, tsp.render_tours(coords, res.tours, style)]),
-                               out / "pictures.png", nrow=args.n)]
+                 plot_image_rows({k: v.cpu().numpy() for k, v in rows.items()}, out / "pictures.png",
+                                 col_labels=[f"instance {i}\ngap {p}" for i, p in enumerate(pct)], cols=shown,
+                                 title=f"PnP tours: {args.n} instances of {args.cities} cities"
+                                       + (f" (first {shown} shown)" if args.n > shown else ""))]
         io.write_npz_atomic(out / "tours.npz", coords=coords.numpy(), tours=np.asarray(res.tours),
                             optimal=np.asarray(opt), lengths=np.asarray(res.lengths), optimal_lengths=opt_len)
         return metrics, [*files, out / "tours.npz"]

@@ -571,9 +571,14 @@ def write_outputs(out: Path, x: torch.Tensor | None, op: Operator, y: torch.Tens
         columns["truth"] = truth.numpy()
     io.write_npz_atomic(out / "reconstruction.npz", **arrays)
     seen_d, rec_d = (to_display(v, scale).clamp(-1, 1) for v in (seen, rec))
+    hidden = {}
     if seen_d.dim() == 4 and seen_d.shape[1] in (1, 3, channels):  # an operator of one's own may measure no picture
-        save_png_grid(pic(seen_d), out / "measurement.png")
+        unseen = op.observed(torch.ones_like(y)).cpu() == 0  # a masking operator's missing pixels (zero in y)
+        missing = pic(unseen) if unseen.shape == seen.shape and bool(unseen.any()) else None
+        save_png_grid(pic(seen_d), out / "measurement.png", missing=missing)
         columns["measurement"] = pic(seen_d).numpy()
+        if missing is not None:
+            hidden["measurement"] = missing.numpy()
     save_png_grid(pic(rec_d), out / "reconstruction.png")
     columns["reconstruction"] = pic(rec_d).numpy()
     if x is not None:
@@ -582,7 +587,7 @@ def write_outputs(out: Path, x: torch.Tensor | None, op: Operator, y: torch.Tens
     else:
         labels, headline = [f"res {v:.3g}" for v in m["residual_per_image"]], f"residual {m['residual']:.4f}"
     shown = "" if channels in (1, 3) else f" (channel 0 of {channels} shown)"
-    plot_image_columns(columns, out / "comparison.png", row_labels=labels,
+    plot_image_columns(columns, out / "comparison.png", row_labels=labels, hidden=hidden,
                        title=f"{m['operator']['name']} on {m['task']}, {m['method']}, {m['steps']} steps: "
                              f"{headline}{shown}")
     io.write_json_atomic(out / "metrics.json", m)

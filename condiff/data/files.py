@@ -271,15 +271,21 @@ def save_png_grid(
     nrow: int | None = None,
     pad: int = 1,
     scale: int | None = None,
-    pad_value: float = -1.0,
+    pad_value: float = 0.5,
+    missing: Tensor | np.ndarray | None = None,
 ) -> Path:
     """Write a batch ``(B, C, H, W)`` in [-1, 1] (``C`` 1 or 3) as one PNG grid; returns the path.
 
     ``nrow`` images per row (default ``ceil(sqrt(B))``); each image is upscaled ``scale`` times by
     pixel repetition (default: the smallest factor making tiles at least 32 px) and separated by
-    ``pad`` pixels of ``pad_value``, border included. The PNG is
+    ``pad`` pixels of ``pad_value``, border included: by default a light grey, which neither the black
+    background nor the white strokes of a picture like a digit's run into. The PNG is
     ``(rows * H * scale + (rows + 1) * pad)`` high and ``(nrow * W * scale + (nrow + 1) * pad)`` wide.
+    ``missing``: the unobserved pixels ``(1 or B, 1 or C, H, W)`` of a measurement (true where any channel
+    is unobserved), drawn in :data:`condiff.plots.UNOBSERVED_RGB`; the PNG is then RGB.
     """
+    from condiff.plots import UNOBSERVED_RGB
+
     x = torch.as_tensor(x).detach().cpu()
     if x.dim() != 4 or x.shape[1] not in (1, 3):
         raise DataError(f"save_png_grid: expected (B, C, H, W) with C 1 or 3, got shape {tuple(x.shape)}")
@@ -291,6 +297,14 @@ def save_png_grid(
     if s < 1 or pad < 0:
         raise DataError(f"save_png_grid: scale must be >= 1 and pad >= 0, got {s} and {pad}")
     tiles = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    if missing is not None:
+        m = torch.as_tensor(missing).detach().cpu().bool()
+        if m.dim() != 4 or m.shape[0] not in (1, b) or m.shape[1] not in (1, c) or m.shape[2:] != (h, w):
+            raise DataError(f"save_png_grid: missing must be (1 or {b}, 1 or {c}, {h}, {w}) for images of shape "
+                            f"{tuple(x.shape)}, got {tuple(m.shape)}")
+        tiles = tiles.repeat(3 // c, axis=3)
+        tiles[m.expand(b, -1, h, w).any(1).numpy()] = UNOBSERVED_RGB
+        c = 3
     tiles = tiles.repeat(s, axis=1).repeat(s, axis=2)
     th, tw = h * s, w * s
     fill = round((min(max(pad_value, -1.0), 1.0) + 1) * 127.5)

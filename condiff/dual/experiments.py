@@ -31,7 +31,7 @@ from ..data.files import save_png_grid
 from ..denoiser import NetDenoiser
 from ..models import load_net, save_model
 from ..nets import build_net
-from ..plots import plot_bars, plot_lines, plot_loss_curve, plot_scatter
+from ..plots import plot_bar_panels, plot_bars, plot_lines, plot_loss_curve, plot_scatter
 from ..schedule import Schedule
 from ..train import DenoisingObjective, Objective, TrainConfig, Trainer, list_checkpoints, read_log
 from .data import class_frequencies, keep_fraction, model_samples, select
@@ -770,9 +770,9 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, device: str = "cpu", fres
          "targets": {"memorisation_reduction>=0.5": reduction is not None and bool(reduction >= 0.5),
                      f"comparable_fidelity(FD<={cfg.comparable}x_plain)": bool(fd_ratio <= cfg.comparable)}}
     names = ["pretrained", "plain", "constrained"]
-    plot_bars({"memorisation": [res[n]["memorisation"] for n in names],
-               "intra-cluster diversity (vs held-out)": [res[n]["diversity"] for n in names]},
-              out / "finetune.png", labels=names, title=f"fine-tuning on {cfg.n_target} images")
+    plot_bar_panels({"memorisation rate\n(share of samples)": [res[n]["memorisation"] for n in names],
+                     "intra-cluster diversity\n(ratio to held-out data)": [res[n]["diversity"] for n in names]},
+                    out / "finetune.png", labels=names, title=f"fine-tuning on {cfg.n_target} images")
     plot_dual(out / "constrained" / "log.jsonl", out)
     io.write_json_atomic(out / "metrics.json", {**m, "versions": io.versions()})
     return m

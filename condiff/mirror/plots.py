@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..plots import pyplot, save_figure
+from ..plots import UNOBSERVED_NOTE, UNOBSERVED_RGB, pyplot, save_figure
 
 
 def _show(x: Tensor) -> np.ndarray:
@@ -21,13 +21,15 @@ def _show(x: Tensor) -> np.ndarray:
 
 def plot_violation_grid(
     columns: dict[str, tuple[Tensor, Tensor | None, Tensor | None]], out: str | Path, rows: int = 6,
-    title: str = ""
+    title: str = "", hidden: dict[str, Tensor] | None = None
 ) -> Path:
     """Per method a column of samples ``x (N, C, H, W)``, each titled with its distance ``l (N,)`` (none
     for ``None``: a measurement, say), and beside it a column of their violation maps ``(N, H, W)`` when
     the method has them (not ``None``). All samples share one grey scale (a per-panel stretch hid the
     brightness a constraint measures), and all violation maps one colour scale, logarithmic where they span
-    more than two decades, with a colour bar. Writes a PNG atomically."""
+    more than two decades, with a colour bar. ``hidden``: per column name, the unobserved entries
+    ``(N, 1 or C, H, W)`` of a measurement, drawn in the unobserved colour (named in the title) and left out
+    of the grey scale. Writes a PNG atomically."""
     from matplotlib.colors import LogNorm, Normalize
 
     names = list(columns)
@@ -39,11 +41,16 @@ def plot_violation_grid(
     low = min((float(p.min()) for p in positive if p.numel()), default=shared)
     norm = LogNorm(vmin=max(low, shared * 1e-6), vmax=shared) if shared > 100 * low > 0 else \
         Normalize(vmin=0, vmax=max(shared, 1e-12))
-    grey = torch.cat([torch.as_tensor(_show(v[0][i])).flatten() for v in columns.values() for i in range(rows)])
+    hidden = {k: v.bool() for k, v in (hidden or {}).items()}
+    drawn = {k: [np.ma.masked_array(_show(v[0][i]), _show(hidden[k][i]) > 0 if k in hidden else False)
+                 for i in range(rows)] for k, v in columns.items()}
+    grey = torch.cat([torch.as_tensor(d.compressed()) for images in drawn.values() for d in images])
     grey = grey[torch.isfinite(grey)]
     g_lo, g_hi = (float(grey.min()), float(grey.max())) if grey.numel() else (0.0, 1.0)
     picture = None
     width = len(names) + len(maps)
+    # (only where entries are hidden: elsewhere a sample that is not finite stays blank, not "unobserved")
+    unobserved = pyplot().get_cmap("gray").with_extremes(bad=np.array(UNOBSERVED_RGB) / 255)
     fig, axes = pyplot().subplots(
         rows, width, figsize=(2.0 * width, 2.0 * rows + 0.4), squeeze=False, layout="constrained"
     )
@@ -52,7 +59,8 @@ def plot_violation_grid(
         x, vmap, dist = columns[name]
         for i in range(rows):
             ax = axes[i, col]
-            ax.imshow(_show(x[i]), cmap="gray", vmin=g_lo, vmax=max(g_hi, g_lo + 1e-12))
+            ax.imshow(drawn[name][i], cmap=unobserved if name in hidden else "gray", vmin=g_lo,
+                      vmax=max(g_hi, g_lo + 1e-12))
             label = "" if dist is None else f"l={float(dist[i]):.3g}"
             ax.set_title(f"{name}\n{label}" if i == 0 else label, fontsize=7)
             if vmap is not None:
@@ -73,7 +81,8 @@ def plot_violation_grid(
         f"; channel 1 of {channels} shown" if channels > 1 else "")
     scale = ("violation maps share one " + ("log " if isinstance(norm, LogNorm) else "") + "colour scale (bar)"
              if maps else "")
-    fig.suptitle("\n".join(t for t in (head, grey_note, scale) if t), fontsize=9)
+    unseen = f"{', '.join(hidden)}: {UNOBSERVED_NOTE}" if hidden else ""
+    fig.suptitle("\n".join(t for t in (head, grey_note, unseen, scale) if t), fontsize=9)
     if picture is not None:
         fig.colorbar(picture, ax=axes, shrink=0.5, label="violation")
     return save_figure(fig, out)
