@@ -394,44 +394,29 @@ def test_reference_lines_and_tours_are_named_in_their_legends(monkeypatch, tmp_p
 
 def test_a_loss_curve_draws_each_logged_key_under_its_label(tmp_path, monkeypatch):
     """The NAMM stages draw their loss terms by name (a stage's loss.png showed only the weighted sum)."""
-    import condiff.plots as plots
+    from condiff.plots import plot_loss_curve
 
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "cyc": 0.5 / s}) + "\n" for s in (10, 20, 30)))
-    seen = {}
-
-    def keep(fig, path):
-        ax = fig.axes[0]
-        seen.update(title=ax.get_title(), legend=[t.get_text() for t in ax.get_legend().get_texts()],
-                    lines=[list(line.get_ydata()) for line in ax.get_lines()])
-        return path
-
-    monkeypatch.setattr(plots, "save_figure", keep)
-    plots.plot_loss_curve(log, tmp_path / "loss.png", keys=("loss", "cyc", "con"), title="namm: terms",
-                          labels={"cyc": "cycle terms"})
-    assert seen["title"] == "namm: terms" and seen["legend"] == ["loss", "cycle terms"]  # no curve for "con"
-    assert seen["lines"] == [pytest.approx([0.1, 0.05, 1 / 30]), pytest.approx([0.05, 0.025, 0.5 / 30])]
+    figs = _record_figures(monkeypatch)
+    plot_loss_curve(log, tmp_path / "loss.png", keys=("loss", "cyc", "con"), title="namm: terms",
+                    labels={"cyc": "cycle terms"})
+    ax = figs[0].axes[0]
+    assert ax.get_title() == "namm: terms"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["loss", "cycle terms"]  # no curve for "con"
+    assert [list(line.get_ydata()) for line in ax.get_lines()] == [pytest.approx([0.1, 0.05, 1 / 30]),
+                                                                   pytest.approx([0.05, 0.025, 0.5 / 30])]
 
 
 def test_eval_draws_the_judged_classes_it_records(tiny_run, tmp_path, monkeypatch):
     """condiff eval of a digits model recorded class_hist in metrics.json with no picture of it."""
-    import condiff.plots as plots
-
-    seen = {}
-    real = plots.save_figure
-
-    def keep(fig, path):
-        ax = fig.axes[0]
-        seen["bars"] = [p.get_height() for p in ax.patches]
-        seen["ref"] = [line.get_ydata()[0] for line in ax.get_lines()]
-        return real(fig, path)
-
-    monkeypatch.setattr(plots, "save_figure", keep)
+    figs = _record_figures(monkeypatch)
     out = tmp_path / "ev"
     assert main(["eval", "--ckpt", str(tiny_run), "--n", "12", "--steps", "2", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert (out / "class_hist.png").is_file() and seen["bars"] == pytest.approx(m["class_hist"])
-    assert len(seen["bars"]) == 10 and seen["ref"] == [pytest.approx(0.1)]  # uniform over the 10 classes
+    ax = figs[-1].axes[0]
+    assert (out / "class_hist.png").is_file() and [p.get_height() for p in ax.patches] == pytest.approx(m["class_hist"])
+    assert len(ax.patches) == 10 and [line.get_ydata()[0] for line in ax.get_lines()] == [pytest.approx(0.1)]
 
 
 def _record_figures(monkeypatch) -> list:
