@@ -642,24 +642,45 @@ def test_segment_keeps_the_mask_latent_in_the_unit_box():
     assert float((res.latents == 1.0).float().mean()) > 0.9
 
 
-def test_pnp_digits_writes_each_task_to_its_own_default_directory(tiny_run, tmp_path, monkeypatch):
-    """--label 3 and --symmetry both wrote runs/pnp/digits, the second replacing the first."""
+def test_pnp_digits_writes_each_prior_and_task_to_its_own_default_directory(tiny_run, tmp_path, monkeypatch):
+    """--label 3 and --symmetry both wrote runs/pnp/digits, the second replacing the first; then each task wrote
+    runs/pnp/digits-<task> whatever the --ckpt, so that a second prior's results replaced the first's."""
+    import json
+    import shutil
+
     from condiff.cli.main import main
 
+    bare, run = tmp_path / "bare", tmp_path / "run"  # a bare model directory, and a run with its model/
+    shutil.copytree(tiny_run, bare)
+    shutil.copytree(tiny_run, run / "model")
+    (run / "config.json").write_text(json.dumps({"data": {"name": "digits"}}))
     monkeypatch.chdir(tmp_path)
-    for task in (["--label", "3"], ["--symmetry"]):
-        assert main(["pnp", "digits", "--ckpt", str(tiny_run), *task, "--n", "2", "--steps", "2",
+    for ckpt, task in ((bare, ["--label", "3"]), (bare, ["--symmetry"]), (run, ["--label", "3"])):
+        assert main(["pnp", "digits", "--ckpt", str(ckpt), *task, "--n", "2", "--steps", "2",
                      "--device", "cpu"]) == 0
-    for d in ("digits-3", "digits-symmetry"):
-        assert (tmp_path / "runs" / "pnp" / d / "metrics.json").is_file(), d
-    import json
+    outs = {"3": tmp_path / "bare_pnp" / "digits-3", "symmetry": tmp_path / "bare_pnp" / "digits-symmetry",
+            "run": run / "pnp" / "digits-3"}  # beside a bare model, under a run (as sample and solve write)
+    m = {k: json.loads((d / "metrics.json").read_text()) for k, d in outs.items()}
+    assert (m["3"]["settings"]["ckpt"], m["run"]["settings"]["ckpt"]) == (str(bare), str(run))
+    assert not (tmp_path / "runs").exists()
+    assert m["3"]["success_rate"] == pytest.approx(m["3"]["class_hist"][3])  # the asked label's share
+    assert (m["3"]["settings"]["weight"], m["3"]["finish"]) == (0.1, 40)  # the defaults --help states
+    assert (m["symmetry"]["settings"]["weight"], m["symmetry"]["finish"]) == (0.2, 0)
+    assert "interrupted" not in m["3"]["settings"]  # the Ctrl-C hint is no setting
 
-    m = json.loads((tmp_path / "runs" / "pnp" / "digits-3" / "metrics.json").read_text())
-    assert m["success_rate"] == pytest.approx(m["class_hist"][3])  # the asked label's share
-    sym = json.loads((tmp_path / "runs" / "pnp" / "digits-symmetry" / "metrics.json").read_text())
-    assert (m["settings"]["weight"], m["finish"]) == (0.1, 40)  # the defaults --help states
-    assert (sym["settings"]["weight"], sym["finish"]) == (0.2, 0)
-    assert "interrupted" not in m["settings"]  # the Ctrl-C hint is no setting
+
+def test_pnp_default_out_names_the_task_and_its_setting(tmp_path):
+    """tsp's default --out names the city count, constraint's the constraint (a file's by FILE-NAME)."""
+    import argparse
+
+    from condiff.cli.pnp import default_out
+
+    ns = lambda cmd, **kw: argparse.Namespace(pnp_command=cmd, ckpt=str(tmp_path / "r"), **kw)  # noqa: E731
+    assert default_out(ns("tsp", cities=50)) == tmp_path / "r" / "pnp" / "tsp-50"
+    assert default_out(ns("segment")) == tmp_path / "r" / "pnp" / "segment"
+    assert default_out(ns("constraint", constraint="periodic")) == tmp_path / "r" / "pnp" / "constraint-periodic"
+    own = default_out(ns("constraint", constraint=f"{tmp_path / 'con.py'}:grey"))
+    assert own == tmp_path / "r" / "pnp" / "constraint-con-grey"
 
 
 def test_infer_passes_its_betas_to_adam():

@@ -6,7 +6,8 @@
   condiff pnp constraint  any prior under any constraint: a registered name, or FILE.py:NAME for your own
                           callable x -> (B,) distances (beside the prior's own samples)
 
-Each writes pictures and ``metrics.json`` to ``--out``. The segment and tsp priors are ordinary condiff
+Each writes pictures and ``metrics.json`` to ``--out`` (default: beside the prior, ``RUN/pnp/<task>``, as
+``condiff solve`` writes ``RUN/solve/...``). The segment and tsp priors are ordinary condiff
 models (``condiff train --data scenes|tours ...``); ``--train`` trains the default prior into
 ``--ckpt`` first when it holds none (docs/pnp.md).
 """
@@ -36,6 +37,7 @@ from .common import (
     model_is_complete,
     pick_device,
     recorded_path,
+    results_dir,
     same_settings,
     train_or_reuse,
 )
@@ -165,8 +167,7 @@ def add_parser(sub, name: str) -> None:
 
     d = s.add_parser("digits", help="conditional digits from an unconditional digits model",
                      description=DESCRIPTIONS["digits"])
-    _common(d, "runs/demo", None, steps=600, lr=0.05, schedule="paper-mnist",
-            out_default="runs/pnp/digits-<label>, or runs/pnp/digits-symmetry")
+    _common(d, "runs/demo", "digits-<label>, or digits-symmetry", steps=600, lr=0.05, schedule="paper-mnist")
     g = d.add_mutually_exclusive_group(required=True)
     g.add_argument("--label", type=int, help="generate this digit (classifier constraint)")
     g.add_argument("--symmetry", action="store_true", help="left-right mirror symmetry constraint")
@@ -184,7 +185,7 @@ def add_parser(sub, name: str) -> None:
 
     m = s.add_parser("segment", help="infer masks of synthetic scenes with a (picture, mask) prior",
                      description=DESCRIPTIONS["segment"])
-    _common(m, "runs/pnp/segment-quick", "runs/pnp/segment", steps=1200, lr=0.05, schedule="linear")
+    _common(m, "runs/pnp/segment-quick", "segment", steps=1200, lr=0.05, schedule="linear")
     m.add_argument("--n", type=int, default=16, help="number of test scenes (default 16)")
     m.add_argument("--chains", type=int, default=4, help="chains per scene (default 4)")
     m.add_argument("--batch-size", type=int, default=256,
@@ -197,7 +198,7 @@ def add_parser(sub, name: str) -> None:
 
     t = s.add_parser("tsp", help="solve random TSP instances with a prior over pictures of tours",
                      description=DESCRIPTIONS["tsp"])
-    _common(t, "runs/pnp/tsp-quick", "runs/pnp/tsp", steps=256, lr=1.0, schedule="paper-tsp")
+    _common(t, "runs/pnp/tsp-quick", "tsp-<cities>", steps=256, lr=1.0, schedule="paper-tsp")
     t.add_argument("--cities", type=int, default=20, help="cities per instance (default 20)")
     t.add_argument("--n", type=int, default=16, help="number of instances (default 16)")
     t.add_argument("--chains", type=int, default=1,
@@ -208,7 +209,7 @@ def add_parser(sub, name: str) -> None:
 
     c = s.add_parser("constraint", help="any prior under any differentiable constraint (yours: FILE.py:NAME)",
                      description=DESCRIPTIONS["constraint"])
-    _common(c, "runs/demo", "runs/pnp/constraint", steps=600, lr=0.05, schedule="paper-mnist")
+    _common(c, "runs/demo", "constraint-<name>", steps=600, lr=0.05, schedule="paper-mnist")
     c.add_argument("--constraint", required=True,
                    help="a registered constraint name (periodic, box, ...) or FILE.py:NAME, a callable x -> (B,) "
                         "distances, zero on the set, in your own Python file")
@@ -228,11 +229,13 @@ def add_parser(sub, name: str) -> None:
     c.set_defaults(func=run_constraint)  # it trains no prior (it takes a trained one)
 
 
-def _common(p: argparse.ArgumentParser, ckpt: str, out: str | None, steps: int, lr: float, schedule: str,
-            out_default: str | None = None) -> None:
-    """``out``: the default --out (None: the command sets it; ``out_default`` says how)."""
+def _common(p: argparse.ArgumentParser, ckpt: str, task: str, steps: int, lr: float, schedule: str) -> None:
+    """``task``: the name of the default --out's last folder, as --help says it (:func:`default_out`)."""
     p.add_argument("--ckpt", default=ckpt, help=f"prior: run, model or diffusers directory (default {ckpt})")
-    p.add_argument("--out", default=out, help=f"output directory (default {out or out_default})")
+    p.add_argument("--out", default=None,
+                   help=f"output directory (default: RUN/pnp/{task} for a prior RUN or its model, so that the "
+                        f"results of two priors never replace each other; RUN/pnp_step_N/... for a checkpoint "
+                        f"RUN/checkpoints/step_N, DIR_pnp/... beside a bare model directory DIR)")
     p.add_argument("--steps", type=int, default=steps, help=f"optimisation steps (default {steps})")
     p.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (default {lr})")
     p.add_argument("--schedule", choices=sorted(TIME_SCHEDULES), default=schedule,
@@ -276,11 +279,30 @@ def _run_pnp(args: argparse.Namespace, den, shape: tuple[int, ...], constraint, 
     return torch.cat(xs), seconds, finish_seconds
 
 
+def default_out(args: argparse.Namespace) -> Path:
+    """The default --out: beside the prior (:func:`~condiff.cli.common.results_dir`, as ``solve`` and ``sample``
+    place theirs), one folder per task and its main setting, so that neither another prior nor another task
+    (a label, a city count, a constraint) replaces the results of the one before."""
+    task = {"digits": lambda: f"digits-{'symmetry' if args.symmetry else args.label}",
+            "segment": lambda: "segment", "tsp": lambda: f"tsp-{args.cities}",
+            "constraint": lambda: f"constraint-{constraint_label(args.constraint)}"}[args.pnp_command]()
+    return results_dir(args.ckpt, "pnp") / task
+
+
+def constraint_label(spec: str) -> str:
+    """A folder name for ``--constraint``: the registered name, or ``FILE-NAME`` for ``FILE.py:NAME``."""
+    from ..constraints import parse_python_spec
+
+    own = parse_python_spec(spec)
+    return spec if own is None else f"{Path(own['path']).stem}-{own['attr']}"
+
+
 def _check_common(args: argparse.Namespace) -> None:
     """The options every task shares, checked before a prior is trained or loaded."""
-    if args.out is None:  # pnp digits: one directory per task, so that a second task does not replace the first
-        args.out = f"runs/pnp/digits-{'symmetry' if args.symmetry else args.label}"
-    check_out_dir(args.out, kind=f"condiff pnp {args.pnp_command}")
+    given = args.out is not None
+    if not given:
+        args.out = default_out(args)
+    check_out_dir(args.out, "--out" if given else f"--out (default {args.out})", kind=f"condiff pnp {args.pnp_command}")
     checks.seed("--seed", args.seed)
     checks.integer("--steps", args.steps)
     checks.number("--lr", args.lr, "> 0")
