@@ -98,15 +98,17 @@ def _as_created(path: str | Path, directory: bool = False) -> None:
 STALE_SECONDS = 3600  # a temporary sibling this old was left by a killed writer, not one at work
 
 
-def _sweep_stale(parent: Path, pattern: str) -> None:
-    """Remove temporaries matching ``pattern`` in ``parent`` that a killed writer left (older than
-    :data:`STALE_SECONDS`; a write in progress takes seconds at most)."""
-    for p in parent.glob(pattern):
-        try:
-            if time.time() - p.lstat().st_mtime > STALE_SECONDS:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        except OSError:
-            pass
+def _sweep_stale(parent: Path, *patterns: str, older_than: float | None = STALE_SECONDS) -> None:
+    """Remove temporaries matching ``patterns`` in ``parent`` that a killed writer left: those older than
+    ``older_than`` seconds (a write in progress takes seconds at most), or all of them with ``None`` (where
+    no other process writes ``parent``). A link is removed, never followed."""
+    for pattern in patterns:
+        for p in parent.glob(pattern):
+            try:
+                if older_than is None or time.time() - p.lstat().st_mtime > older_than:
+                    remove(p)
+            except OSError:
+                pass
 
 
 def write_file_atomic(path: str | Path, fill: Callable[[IO], None], binary: bool = False) -> Path:
@@ -149,6 +151,20 @@ def begin_outputs(out: str | Path, record: str, *files: str) -> Path:
 STAGED = ".staged-"  # the prefix of the hidden folder in which writing_outputs gathers a set
 PROBE = ".condiff-probe-"  # the prefix of the CLI's write probe (condiff.cli.common.check_writable)
 _written: list[Path] = []  # the folders whose sets writing_outputs has moved in whole (see written_sets)
+# what killed writers leave: write_file_atomic's and save_checkpoint's temporaries, writing_outputs' sets (with
+# the former inside), the CLI's write probes
+TEMPORARIES = (".*.tmp", ".*.tmp-*", STAGED + "*", PROBE + "*")
+
+
+def sweep_outputs(out: str | Path) -> None:
+    """At the start of a command that writes results into ``out`` (sample, eval, solve, pnp): remove what a
+    killed writer of such results left there, once stale (:func:`_sweep_stale`: never a live writer's): a
+    gathered set of :func:`writing_outputs` (its half-written files inside), a write probe. Only ``out``
+    itself, and only these names of condiff's own: ``out`` may be a folder of the user's, whose other hidden
+    files are not condiff's to delete (a run's lock sweeps more, :func:`_sweep_run`)."""
+    out = Path(out)
+    if out.is_dir():
+        _sweep_stale(out, STAGED + "*", PROBE + "*")
 
 
 def written_sets(forget: bool = False) -> list[Path]:
@@ -472,8 +488,7 @@ def _sweep_run(run_dir: Path) -> None:
     back). Linked folders are not entered."""
     first = subdirs(run_dir)
     for d in (run_dir, *first, *(q for p in first for q in subdirs(p))):
-        for p in (*d.glob(".*.tmp"), *d.glob(".*.tmp-*"), *d.glob(STAGED + "*"), *d.glob(PROBE + "*")):
-            remove(p)  # (and writing_outputs' sets, and the CLI's write probes)
+        _sweep_stale(d, *TEMPORARIES, older_than=None)
         for old in d.glob(".*.old-*"):
             pid = old.name.rsplit("-", 1)[-1]
             if pid.isdigit() and not _alive(int(pid)):

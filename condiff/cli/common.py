@@ -567,8 +567,9 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
         if what:
             raise FileExistsError(f"{flag} {p} {'is' if q == up else f'lies inside {q},'} {what}: give another "
                                   "directory")
-    if kind is None or not kind.startswith(_TRAINING_KINDS):
+    if kind is None or not kind.startswith(_TRAINING_KINDS):  # (a training run's lock sweeps it: io._sweep_run)
         lock_enclosing_run(p)
+        io.sweep_outputs(p)  # what a killed writer of results left there an hour ago or more
     return p
 
 
