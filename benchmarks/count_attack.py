@@ -17,6 +17,7 @@ import torch
 
 from condiff.constraints import CountConstraint
 from condiff.data.sources import count_sources, render_sources
+from condiff.sample import progress_bar
 
 PROFILES = {
     "quick": {"size": 16, "k": 4, "n": 128, "steps": 300, "lr": 0.01},
@@ -24,7 +25,7 @@ PROFILES = {
 }
 
 
-def _attack(con: CountConstraint, x: torch.Tensor, lam: float, steps: int, lr: float) -> torch.Tensor:
+def _attack(con: CountConstraint, x: torch.Tensor, lam: float, steps: int, lr: float, bar=None) -> torch.Tensor:
     z = x.clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     for _ in range(steps):
@@ -32,6 +33,8 @@ def _attack(con: CountConstraint, x: torch.Tensor, lam: float, steps: int, lr: f
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if bar is not None:
+            bar.update(1)
     return z.detach()
 
 
@@ -40,18 +43,21 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
         raise ValueError(f"unknown profile {profile!r}; expected one of {list(PROFILES)}")
     p = PROFILES[profile]
     k, n = p["k"], p["n"]
-    con = CountConstraint(k=k, size=p["size"]).to(device)
+    con = CountConstraint(k=k, size=p["size"]).to(device)  # its counter's first use shows its own progress
     g = torch.Generator().manual_seed(12345)
     rows = []
     x, _ = render_sources(torch.full((n,), k), p["size"], g)
     rows.append({"start": f"{k} sources", "lam": "", "l before": float(con(x.to(device)).mean()),
                  "l after": "", "exactly k (peak finder)": float((count_sources(x) == k).float().mean())})
-    for start in (k - 1, k + 1):
+    starts, lams = (k - 1, k + 1), (0.0, 1.0)
+    # as the Trainer's: on a terminal, or refreshed every 10 s in a log (condiff.sample.progress_bar)
+    bar = progress_bar(len(starts) * len(lams) * p["steps"], True, unit="step", desc="pixel attacks")
+    for start in starts:
         x, _ = render_sources(torch.full((n,), start), p["size"], g)
         x = x.to(device)
         before = float(con(x).mean())
-        for lam in (0.0, 1.0):
-            z = _attack(con, x, lam, p["steps"], p["lr"])
+        for lam in lams:
+            z = _attack(con, x, lam, p["steps"], p["lr"], bar)
             c = count_sources(z.cpu())
             rows.append({
                 "start": f"{start} sources",
@@ -62,6 +68,7 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
                 "peaks after (min-max)": f"{int(c.min())}-{int(c.max())}",
                 "max |change|": float((z - x).abs().amax((1, 2, 3)).mean()),
             })
+    bar.close()
     return {
         "title": f"Count distance under a pixel attack ({profile})",
         "columns": ["start", "lam", "l before", "l after", "exactly k (peak finder)",

@@ -270,6 +270,21 @@ def test_finetune_returns_the_ema_inverse(tmp_path):
 
 
 # B1/B4: the benchmarks' ratios
+def test_count_attack_shows_its_progress_where_stderr_is_no_terminal(bench_module, monkeypatch, tmp_path, capsys):
+    """Off a terminal its counter's first use said one line and then nothing for minutes, and its attacks
+    nothing at all; now both show the progress bar the Trainer shows (refreshed every 10 s in a log)."""
+    from condiff.constraints import CountConstraint
+
+    bench = bench_module("count_attack")
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path))  # a counter trained here, on first use
+    monkeypatch.setitem(bench.PROFILES, "tiny", {"size": 12, "k": 2, "n": 4, "steps": 2, "lr": 0.01})
+    monkeypatch.setattr(bench, "CountConstraint", lambda k, size: CountConstraint(k, size, counter_steps=3, width=4))
+    assert len(bench.run("tiny")["rows"]) == 5
+    err = capsys.readouterr().err
+    assert "training the counting CNN" in err and "counting CNN (first use)" in err and "/3 [" in err
+    assert "pixel attacks" in err and "/8 [" in err
+
+
 def test_namm_reduction_is_baseline_over_method(bench_module, monkeypatch):
     namm = bench_module("namm")
 

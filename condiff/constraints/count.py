@@ -86,7 +86,7 @@ def train_counter(
     noise: Sequence[float] | None = None,
     adv_eps: float = 0.0,
     adv_steps: int = 3,
-    progress: bool | None = None,
+    progress: bool = True,
     device: str | torch.device = "cpu",
     checkpoint: str | Path | None = None,
     every: int = 250,
@@ -97,7 +97,8 @@ def train_counter(
     (:func:`~condiff.data.sources.render_sources`). ``adv_eps > 0``: adversarial training, each batch
     replaced by a PGD perturbation (``adv_steps`` steps, max-norm ``adv_eps`` in the ``[-1, 1]``
     image scale) that maximises the count error, so that a small change cannot move the count.
-    ``progress``: a progress bar (default: when standard error is a terminal). On the CPU it trains on
+    ``progress``: a progress bar on stderr (:func:`~condiff.sample.progress_bar`, as the ``Trainer`` shows:
+    written to a file or pipe rather than a terminal it refreshes every 10 s). On the CPU it trains on
     one thread whatever the caller's setting, so the same settings give the same counter on any core
     count; ``device`` (e.g. ``"cuda"``) trains it there instead (the pool is drawn on the CPU either
     way), with deterministic cuDNN kernels. ``checkpoint``: a folder where the training state is saved
@@ -125,8 +126,7 @@ def train_counter(
             "adv_steps": adv_steps, "device": torch.device(device).type}
     state = _CounterState(Path(checkpoint), spec, net, opt, sched, g) if checkpoint is not None else None
     start = state.restore() if state is not None else 0
-    show = sys.stderr.isatty() if progress is None else progress
-    bar = progress_bar(steps, show, unit="it", desc="counting CNN (first use)", initial=start)
+    bar = progress_bar(steps, progress, unit="it", desc="counting CNN (first use)", initial=start)
     cudnn = torch.backends.cudnn
     before = cudnn.deterministic, cudnn.benchmark
     cudnn.deterministic, cudnn.benchmark = True, False
@@ -232,10 +232,11 @@ def load_counter(
     width: int = 16,
     path: str | Path | None = None,
     device: str | None = None,
-    progress: bool | None = None,
+    progress: bool = True,
 ) -> CountingCNN:
     """The cached counter for these settings (on the CPU), trained if missing: a line on stderr says so
-    first, then a progress bar follows where ``progress`` (default: when stderr is a terminal).
+    first, then a progress bar follows unless ``progress`` is false (on a terminal or, refreshed every 10 s,
+    in a log: minutes of training are never silent).
 
     ``device``: where a missing counter trains; default ``"cuda"`` when a GPU is available, else
     ``"cpu"``. On one CPU core the 3000 steps take about 3 minutes at 16x16, half an hour at 32x32
@@ -279,7 +280,7 @@ def _cached_counter(path: Path) -> CountingCNN:
 
 
 def _train_and_keep(path: Path, k: int, size: int, steps: int, seed: int, width: int, device: str,
-                    progress: bool | None) -> CountingCNN:
+                    progress: bool) -> CountingCNN:
     partial = path.with_name(f".{path.name}.training")
     print(f"training the counting CNN (k = {k}, {size}x{size}, {steps} steps on {device}) on first use; it is "
           f"cached in {path}", file=sys.stderr, flush=True)
