@@ -297,6 +297,22 @@ def test_namm_training_reduces_cycle_and_constraint_losses(tmp_path):
     assert (tmp_path / "mirror" / "config.json").is_file()
 
 
+def test_fit_mirror_map_warns_where_the_data_do_not_meet_the_constraint():
+    """Only `condiff namm fit` said so; the Python function fitted a map to a set its data are not on, silently."""
+    import warnings
+
+    x, con = _brightness_data(32)
+    cfg = TrainConfig(steps=1, batch_size=4, warmup=0, progress=False)
+    off = TotalBrightness(con.config["flux"] + 40.0)  # every training image 40 away from it
+    with pytest.warns(UserWarning, match=r"the training data do not meet the constraint \{'name': 'brightness', "
+                      r"'flux': [0-9.]+, [^}]*\}: their median l \(40\) is not well below that of structureless noise"):
+        fit_mirror_map(x, off, _tiny_mirror(), cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_mirror_map(x, con, _tiny_mirror(), cfg)  # data on the set: nothing said
+        fit_mirror_map(x, off, _tiny_mirror(), cfg, check_data=False)  # measured by the caller already
+
+
 def test_resuming_a_mirror_map_under_another_constraint_is_refused(tmp_path):
     """fit_mirror_map(..., resume=True) went on from a checkpoint fitted for another constraint, silently."""
     x, con = _brightness_data(32)
@@ -1067,6 +1083,23 @@ def test_cli_takes_a_constraint_from_the_users_python_file(tmp_path, capsys, mon
         assert needle in capsys.readouterr().err, spec
         after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"}
         assert after == before, spec
+
+
+def test_cli_warns_once_where_the_data_do_not_meet_the_constraint(tmp_path, capsys, monkeypatch):
+    """namm fit measures the data first and warns; the mirror map's fitting, which warns too (for the Python
+    API), does not say it again."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "con.py").write_text("def zero_sum(x):\n    return x.flatten(1).sum(1).abs()\n")
+    x = np.random.default_rng(0).uniform(-1, 1, (48, 1, 8, 8)).astype("float32")  # sums far from 0
+    np.savez(tmp_path / "data.npz", x=x[:32], x_test=x[32:])
+    assert main(["namm", "fit", "--data", "data.npz", "--constraint", "con.py:zero_sum", "--out", "run",
+                 "--no-baseline", "--profile", "quick", "--set", "mirror_train.steps=2", "--set", "train.steps=2",
+                 "--set", "model.mults=[1, 2]", "--set", "mirror.inverse.downsamples=1", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("the training data do not meet the constraint {'name': 'python'") == 1, err
+    assert (tmp_path / "run" / "namm" / "mirror" / "config.json").is_file()  # the map was fitted in this run
 
 
 def test_a_stage_made_by_a_command_that_fails_later_is_recorded_in_the_runs_settings(tmp_path, capsys, monkeypatch):

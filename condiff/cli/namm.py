@@ -61,7 +61,7 @@ from ..mirror import (
     sparse_points,
     train_diffusion,
 )
-from ..mirror.fit import MIRROR_TRAIN
+from ..mirror.fit import MIRROR_TRAIN, off_set_warning
 from ..mirror.objective import check_fitting_loss
 from ..mirror.plots import draws_maps, plot_violation_grid, violation_maps
 from ..models import load_denoiser
@@ -393,6 +393,7 @@ class NAMMRun:
         # stage -> how the command at hand can do without it ("--no-finetuned leaves it out")
         self.skip_hints: dict[str, str] = {}
         self.resuming = False  # `namm fit --resume`: its settings are the recorded ones
+        self.data_checked = False  # `namm fit`: the data measured against the constraint (data_violation) already
         self.check()
 
     def check(self) -> None:
@@ -716,6 +717,7 @@ class NAMMRun:
             d,
             {"constraint": self.constraint().config},
             resume=True,
+            check_data=not self.data_checked,
         )
         self._finish("namm", spec, time.perf_counter() - t0)
         return out
@@ -1268,9 +1270,8 @@ def run_fit(args: argparse.Namespace) -> int:
     print(f"constraint on {v['n']} training samples: mean l {v['mean']:.3g}, median {v['median']:.3g} "
           f"(Gaussian noise with the data's mean and std: median {v['noise_median']:.3g})")
     if not v["satisfied"]:
-        warnings.warn(f"the training data do not meet the constraint: their median l ({v['median']:.3g}) is not "
-                      f"well below that of structureless noise ({v['noise_median']:.3g}); a mirror map learns a set "
-                      "its data lie on, so check the constraint against the data", stacklevel=2)
+        warnings.warn(off_set_warning(v, run.constraint()), stacklevel=2)
+    run.data_checked = True  # said once: the mirror map's fitting does not measure them again
     # the settings are recorded only once every check (the data's against the constraint too) has passed
     root.mkdir(parents=True, exist_ok=True)
     io.lock_run(root)

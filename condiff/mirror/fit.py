@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from condiff.data import value_range
 from condiff.denoiser import NetDenoiser
 from condiff.mirror.map import MirrorMap, check_mirror, check_own_entries, save_mirror
 from condiff.mirror.objective import FinetuneObjective, NAMMLoss, NAMMObjective
+from condiff.mirror.sample import data_violation
 from condiff.models import save_model
 from condiff.nets import build_net
 from condiff.schedule import Schedule, check_schedule
@@ -48,13 +50,25 @@ def _check_inputs(where: str, x: object, tcfg: object, weights: object = None, m
                         f"{type(weights).__name__}")
 
 
-def _probe(constraint: Distance, x: Tensor) -> None:
-    """Check a constraint on two samples, on the device its weights live on (a counting CNN on a GPU)."""
-    dev = torch.device("cpu")
+def _device_of(constraint: Distance) -> torch.device:
+    """The device a constraint's weights live on (a counting CNN on a GPU); the CPU for one without."""
     if isinstance(constraint, nn.Module):
         t = next(iter([*constraint.parameters(), *constraint.buffers()]), None)
-        dev = t.device if t is not None else dev
-    check_distance(constraint, x[:2].to(dev))
+        if t is not None:
+            return t.device
+    return torch.device("cpu")
+
+
+def _probe(constraint: Distance, x: Tensor) -> None:
+    """Check a constraint on two samples, on the device its weights live on."""
+    check_distance(constraint, x[:2].to(_device_of(constraint)))
+
+
+def off_set_warning(v: dict, constraint: Distance) -> str:
+    """What is said where training data do not meet ``constraint`` (``v``: :func:`data_violation`'s measure)."""
+    return (f"the training data do not meet the constraint {constraint_entry(constraint)}: their median l "
+            f"({v['median']:.3g}) is not well below that of structureless noise ({v['noise_median']:.3g}); a mirror "
+            "map learns a set its data lie on, so check the constraint against the data")
 
 
 def constraint_entry(constraint: Distance) -> dict:
@@ -117,14 +131,21 @@ def fit_mirror_map(
     run_dir: str | Path | None = None,
     meta: dict | None = None,
     resume: bool = False,
+    check_data: bool = True,
 ) -> MirrorMap:
     """Train ``mirror`` (``Psi`` and ``f`` jointly) on data ``x`` (N, C, H, W); returns the EMA map.
 
-    With ``run_dir`` the map is also saved to ``run_dir/mirror``.
+    With ``run_dir`` the map is also saved to ``run_dir/mirror``. First a warning says where the data do not
+    meet the constraint themselves (:func:`~condiff.mirror.data_violation`: the map learns a set its data lie
+    on); ``check_data=False`` leaves that out where the caller has measured it already (``condiff namm fit``).
     """
     _check_inputs("fit_mirror_map", x, tcfg, weights=weights, meta=meta)
     check_mirror("fit_mirror_map", mirror)
     _probe(constraint, x)
+    if check_data:
+        v = data_violation(constraint, x, device=_device_of(constraint))
+        if not v["satisfied"]:
+            warnings.warn(off_set_warning(v, constraint), stacklevel=2)
     weights = weights or NAMMLoss()
     meta = {"mirror": mirror.config, "loss": vars(weights), "constraint": constraint_entry(constraint), **(meta or {})}
     tr = _trainer(mirror, NAMMObjective(x, constraint, tcfg.batch_size, weights), tcfg, run_dir, meta, resume)
