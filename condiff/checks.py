@@ -59,9 +59,25 @@ def device(what: str, v: Any) -> Any:
 
 
 def is_number(v: Any) -> bool:
-    """A finite real number (an int, a float, a NumPy scalar, a one-element tensor or array; not a bool)."""
+    """A finite real number (an int, a float, a NumPy scalar, a one-element tensor or array; not a bool) that
+    a float64 holds."""
     v = scalar(v)
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    try:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an int beyond float64 (10**400)
+        return False
+
+
+def beyond_float64(v: Any) -> bool:
+    """A finite number that float64 cannot hold (``np.longdouble("1e400")``, ``10**400``): out of range, not
+    "not finite", as reading it as a float would make it."""
+    v = scalar(v)
+    if not isinstance(v, numbers.Real) or isinstance(v, bool) or v != v:  # (NaN)
+        return False
+    try:
+        return not math.isfinite(v) and abs(v) != math.inf
+    except OverflowError:
+        return True
 
 
 def is_integer(v: Any, lo: int | None = None, hi: int | None = None) -> bool:
@@ -100,6 +116,8 @@ def number(name: str, v: Any, within: str = "") -> float:
     if not ok:
         want = f"a number {within}" if within.startswith(">") else f"a number in {within}" if within \
             else "a finite number"
+        if beyond_float64(v):
+            want = f"{want.replace('a finite number', 'a number')} within float64's range (about 1.8e308)"
         raise ValueError(f"{name} must be {want}, got {v!r}")
     return float(v)
 

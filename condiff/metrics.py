@@ -35,7 +35,7 @@ def _check_finite(x: torch.Tensor, name: str) -> None:
 def _tensor(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     """Samples as a tensor: a NumPy array is taken as it is (its values unscaled, in native byte order)."""
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(native(x)))
+        x = torch.from_numpy(np.ascontiguousarray(native(x, name)))
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor or NumPy array of samples (N, ...), got {type(x).__name__}")
     return x

@@ -38,6 +38,22 @@ def test_a_setting_refuses_a_float_too_large_to_be_a_count():
         checks.check_setting("train.steps", 100, 1e30)
 
 
+@pytest.mark.skipif(np.finfo(np.longdouble).max <= np.finfo(np.float64).max, reason="longdouble is float64 here")
+def test_a_number_beyond_float64_is_named_out_of_range_not_infinite():
+    """np.longdouble("1e400") was refused as "must be a finite number"; 10**400 raised an OverflowError."""
+    for v in (np.longdouble("1e400"), np.array(np.longdouble("-1e400")), 10**400):
+        assert checks.beyond_float64(v) and not checks.is_number(v)
+    with pytest.raises(ValueError, match=r"^--lr must be a number > 0 within float64's range \(about 1.8e308\), "
+                                         r"got np.longdouble\('1e\+400'\)$"):
+        checks.number("--lr", np.longdouble("1e400"), "> 0")
+    with pytest.raises(ValueError, match=r"^x must be a number within float64's range"):
+        checks.number("x", 10**400)
+    for v in (math.inf, np.longdouble("inf"), math.nan, 1e300):
+        assert not checks.beyond_float64(v)
+    with pytest.raises(ValueError, match=r"^x must be a finite number, got np.longdouble\('inf'\)$"):
+        checks.number("x", np.longdouble("inf"))
+
+
 def test_labels_given_as_tensors_are_checked_as_numbers():
     assert checks.labels("m", torch.tensor([1, 2]), 10) == (1, 2)
     for dup in ([torch.tensor(1), torch.tensor(1)], [np.array(1), np.array(1)]):  # tensors hash by identity

@@ -323,6 +323,23 @@ def test_big_endian_and_extended_precision_arrays_load_as_their_native_twins(tmp
     assert torch.equal(validate(f.astype(">f8")), torch.from_numpy(f))
 
 
+@pytest.mark.skipif(np.finfo(np.longdouble).max <= np.finfo(np.float64).max, reason="longdouble is float64 here")
+def test_extended_precision_data_beyond_float64_are_named_out_of_range(tmp_path):
+    """Finite values beyond float64 became inf on the way to float64, and were reported as "non-finite"."""
+    big = np.full((2, 3), np.longdouble("1e400"))
+    np.save(tmp_path / "ld.npy", big)
+    np.savez(tmp_path / "ld.npz", x=big)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor NumPy's overflow warning on the way
+        for what, load in (("data", lambda: validate(big)), (f"{tmp_path / 'ld.npy'} (the array)",
+                                                             lambda: load_array(tmp_path / "ld.npy")),
+                           (f"{tmp_path / 'ld.npz'} (array 'x')", lambda: load_array(tmp_path / "ld.npz"))):
+            with pytest.raises(DataError, match=re.escape(f"{what}: values reach 1e+400, beyond float64's range")):
+                load()
+    with pytest.raises(DataError, match="contains non-finite values"):  # what is not finite still says so
+        validate(np.array([[np.longdouble("inf"), 1.0]], dtype=np.longdouble))
+
+
 def test_data_far_outside_the_unit_range_are_loaded_with_a_warning(tmp_path):
     np.save(tmp_path / "big.npy", np.full((2, 3), 1000.0, dtype=np.float32))
     with pytest.warns(UserWarning, match="values reach 1e\\+03"):

@@ -33,10 +33,16 @@ class NoSplitError(DataError):
     """User data asked for a split they do not have (e.g. a test split); not a defect of the data."""
 
 
-def native(a: np.ndarray) -> np.ndarray:
+def native(a: np.ndarray, source: str = "data") -> np.ndarray:
     """``a`` in the machine's byte order (a big-endian file, e.g. converted from FITS, loads as is
-    elsewhere but torch refuses it), with extended precision floats as float64 (torch has none)."""
+    elsewhere but torch refuses it), with extended precision floats as float64 (torch has none); those
+    beyond float64's range are refused (:class:`DataError` naming ``source``), not turned into inf."""
     if a.dtype.kind == "f" and a.dtype.itemsize > 8:
+        finite = np.abs(a[np.isfinite(a)])
+        if finite.size and finite.max() > np.finfo(np.float64).max:
+            top = np.format_float_scientific(finite.max(), precision=2, trim="-")
+            raise DataError(f"{source}: values reach {top}, beyond float64's range (1.8e308), let alone float32's "
+                            "(3.4e38) that condiff computes in; rescale the data")
         return a.astype(np.float64)
     return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
@@ -57,7 +63,7 @@ def validate(x: Tensor | np.ndarray, source: str = "data") -> Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "biuf":
             raise DataError(f"{source}: expected a numeric array, got dtype {x.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(native(x)))
+        x = torch.from_numpy(np.ascontiguousarray(native(x, source)))
     if not isinstance(x, Tensor):
         raise DataError(f"{source}: expected a tensor or numpy array, got {type(x).__name__}")
     if x.is_complex():
@@ -138,7 +144,7 @@ def _labels(y: Any, n: int, source: str) -> Tensor | None:
         y = np.asarray(y)
         if y.dtype.kind not in "biuf":  # strings, objects: say so rather than fail inside torch
             raise DataError(f"{source}: labels must be integers, got dtype {y.dtype}")
-        y = native(y)
+        y = native(y, f"{source}: labels")
     y = torch.as_tensor(y)
     if y.dim() > 1 and y.shape[0] == n:  # per-item arrays, such as a solve result's measurements
         raise DataError(f"{source}: the array of labels beside the data (y) must hold one class label per item, "

@@ -29,7 +29,9 @@ _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 def _read(load: Any, path: Path, what: str) -> np.ndarray:
     try:
-        return native(np.asarray(load()))  # in native byte order, which torch needs
+        return native(np.asarray(load()), f"{path} ({what})")  # in native byte order, which torch needs
+    except DataError:
+        raise
     except ValueError as e:
         if "allow_pickle" in str(e):
             raise DataError(f"{path}: {what} holds pickled Python objects, which are never loaded") from None
