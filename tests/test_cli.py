@@ -1511,17 +1511,21 @@ def test_train_refuses_a_test_split_of_another_shape_before_training(tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
-def test_fresh_sets_aside_the_old_models_solve_results_too(trained, tmp_path, capsys, monkeypatch):
-    """solve/ of the replaced model stayed beside the new one (and `condiff show` listed it as the new model's)."""
+def test_fresh_sets_aside_the_old_models_solve_and_pnp_results_too(trained, tmp_path, capsys, monkeypatch):
+    """solve/ of the replaced model stayed beside the new one (and `condiff show` listed it as the new model's);
+    so did pnp/ and pnp_step_N/ once pnp wrote its results beside the prior by default."""
     run = tmp_path / "run"
     trained(run)
-    (run / "solve" / "inpaint-box-dps-5").mkdir(parents=True)
-    (run / "solve" / "inpaint-box-dps-5" / "metrics.json").write_text('{"psnr": 5.9}')
+    results = ("solve/inpaint-box-dps-5", "pnp/digits-3", "pnp_step_00000002/digits-3")
+    for r in results:
+        (run / r).mkdir(parents=True)
+        (run / r / "metrics.json").write_text('{"psnr": 5.9}')
     from condiff.train import Trainer
 
     monkeypatch.setattr(Trainer, "fit", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(["train", *TINY, "--set", "train.lr=1e-3", "--out", str(run), "--fresh"]) == 130
-    assert not (run / "solve").exists() and (run / ".replaced" / "solve" / "inpaint-box-dps-5").is_dir()
+    for r in results:
+        assert not (run / r).exists() and (run / ".replaced" / r).is_dir(), r
 
 
 def test_an_out_that_is_a_folder_of_runs_is_refused(trained, tmp_path, capsys):

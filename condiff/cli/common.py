@@ -345,10 +345,10 @@ def _changes(before: dict, now: dict) -> str:
 
 def with_step_results(run_dir: Path, names: tuple[str, ...]) -> tuple[str, ...]:
     """``names`` and the results of the run's checkpoints kept beside them (``samples_step_N``, ``eval_step_N``,
-    ``solve_step_N``: :func:`results_dir`), which a run that starts over would leave beside checkpoints of the
-    same names but other weights."""
+    ``solve_step_N``, ``pnp_step_N``: :func:`results_dir`), which a run that starts over would leave beside
+    checkpoints of the same names but other weights."""
     steps = sorted(p.name for p in Path(run_dir).glob("*_step_*")
-                   if p.name.split("_step_")[0] in ("samples", "eval", "solve"))
+                   if p.name.split("_step_")[0] in ("samples", "eval", "solve", "pnp"))
     return (*names, *steps)
 
 

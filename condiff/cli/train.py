@@ -56,9 +56,9 @@ def add_parser(sub, name: str) -> None:
     p.set_defaults(func=run, interrupted=interrupted)
 
 
-#: What ``--fresh`` replaces besides checkpoints, model and log: results of the old model (``condiff eval``
-#: and ``condiff sample`` write them beside it by default), which would otherwise sit beside the new one.
-FRESH_CLEARS = ("metrics.json", "samples.npz", "samples.png", "class_hist.png", "samples", "eval", "solve")
+#: What ``--fresh`` replaces besides checkpoints, model and log: results of the old model (``condiff eval``,
+#: ``sample``, ``solve`` and ``pnp`` write them beside it by default), which would otherwise sit beside the new one.
+FRESH_CLEARS = ("metrics.json", "samples.npz", "samples.png", "class_hist.png", "samples", "eval", "solve", "pnp")
 
 
 def settings(args: argparse.Namespace) -> tuple[dict, bool]:
