@@ -186,7 +186,7 @@ def test_count_attack_rows(bench_module, monkeypatch):
 
     attacks = []
 
-    def attack(con, x, lam, steps, lr):
+    def attack(con, x, lam, steps, lr, bar=None):
         # lam 0 moves each count 90% of the way to k, lam 1 25%; both also move pixel (1, 1) by 0.3
         attacks.append((round(float(x[0, 0, 0, 0])), lam, steps, lr))
         z = x.clone()
