@@ -94,7 +94,11 @@ def integer(name: str, v: Any, lo: int = 1, hi: int | None = None) -> int:
     """An integer in ``[lo, hi)`` (an integral float such as ``2.5e1`` becomes an int)."""
     if not is_integer(v, lo, hi):
         want = f">= {lo}" if hi is None else f"in [{lo}, {'2**63' if hi == SEED_LIMIT else hi})"
-        raise ValueError(f"{name} must be an integer {want}, got {v!r}")
+        w, shown = scalar(v), repr(v)
+        if hi is None and isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= INT_LIMIT:
+            want += " within int64's range (below 2**63)"  # an integer too large for a tensor, not a non-integer
+            shown = shown if len(shown) <= 40 else f"{shown[:12]}... ({len(str(w))} digits)"
+        raise ValueError(f"{name} must be an integer {want}, got {shown}")
     return int(scalar(v))
 
 

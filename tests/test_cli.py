@@ -1324,8 +1324,11 @@ def test_demo_retrain_keeps_the_old_model_until_the_new_one_is_trained(tmp_path,
     assert main(["demo", *TINY, "--out", str(run)]) == 0
     assert "restored the model of these settings that an unfinished --retrain had set aside" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (run / "model").iterdir()} == model and not (run / ".replaced").exists()
+    # the old model's results go with it (pnp's results beside the demo model, its default prior, stayed)
+    (run / "pnp" / "digits-3").mkdir(parents=True)
+    (run / "pnp" / "digits-3" / "metrics.json").write_text("{}")
     assert main(["demo", *TINY, "--out", str(run), "--retrain"]) == 0
-    assert (run / "model").is_dir() and not (run / ".replaced").exists()
+    assert (run / "model").is_dir() and not (run / ".replaced").exists() and not (run / "pnp").exists()
 
 
 def test_a_model_saved_from_python_without_its_shape_is_named_with_the_remedy(tmp_path, capsys):

@@ -768,3 +768,19 @@ def test_the_counters_cache_key_holds_every_setting():
     others = [counter_key(4, 16, 100, 0, 16), counter_key(8, 32, 100, 0, 16), counter_key(8, 16, 200, 0, 16),
               counter_key(8, 16, 100, 1, 16), counter_key(8, 16, 100, 0, 32)]
     assert base == counter_key(8, 16, 100, 0, 16) and base not in others and len(set(others)) == len(others)
+
+
+def test_a_count_constraint_trains_its_counter_with_a_bar_unless_told_not_to(tmp_path, monkeypatch, capsys):
+    """namm fit --quiet showed the counter's bar anyway: build_constraint passes progress to a family that trains
+    a part on first use, and leaves it out for the others (which take no such argument)."""
+    from condiff.constraints import build_constraint
+
+    spec = {"name": "count", "k": 2, "size": 12, "counter_steps": 3, "width": 4}
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "a"))
+    build_constraint(spec, progress=False)
+    err = capsys.readouterr().err
+    assert "training the counting CNN" in err and "counting CNN (first use)" not in err
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "b"))
+    c = build_constraint(spec)
+    assert "counting CNN (first use)" in capsys.readouterr().err and "progress" not in c.config
+    assert build_constraint({"name": "box"}, progress=False).config["name"] == "box"

@@ -1224,6 +1224,7 @@ def test_cli_dual_train_fresh_sets_aside_its_metrics_and_an_interruption_names_r
     out = tmp_path / "run"
     assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu"]) == 0
     metrics = (out / "metrics.json").read_bytes()
+    (out / "pnp" / "digits-3").mkdir(parents=True)  # what `condiff pnp` writes of the model beside it by default
     from condiff.train import Trainer
 
     monkeypatch.setattr(Trainer, "fit", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -1232,6 +1233,7 @@ def test_cli_dual_train_fresh_sets_aside_its_metrics_and_an_interruption_names_r
     assert f"the run --fresh replaced is kept in {out / '.replaced'} (--restore in place of --fresh puts it back)" \
         in capsys.readouterr().err
     assert not (out / "metrics.json").exists() and (out / ".replaced" / "metrics.json").read_bytes() == metrics
+    assert not (out / "pnp").exists() and (out / ".replaced" / "pnp" / "digits-3").is_dir()
     monkeypatch.undo()
     import condiff.cli.common as common
 

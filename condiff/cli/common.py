@@ -278,6 +278,12 @@ class TrainingJob:
 
 
 _RUN_FILES = ("checkpoints", "model", "log.jsonl", "config.json")  # what a training run writes
+#: the folders other commands write of a model beside it by default (:func:`results_dir`), and at a checkpoint
+#: as NAME_step_N
+RESULT_DIRS = ("samples", "eval", "solve", "pnp")
+#: what a model's results are beside a ``condiff train`` model (``condiff eval`` scores it in place): what a
+#: replacement of the model sets aside with it, since they would otherwise sit beside the new one
+MODEL_RESULTS = ("metrics.json", "samples.npz", "samples.png", "class_hist.png", *RESULT_DIRS)
 
 
 def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str, ...] = (),
@@ -348,7 +354,7 @@ def with_step_results(run_dir: Path, names: tuple[str, ...]) -> tuple[str, ...]:
     ``solve_step_N``, ``pnp_step_N``: :func:`results_dir`), which a run that starts over would leave beside
     checkpoints of the same names but other weights."""
     steps = sorted(p.name for p in Path(run_dir).glob("*_step_*")
-                   if p.name.split("_step_")[0] in ("samples", "eval", "solve", "pnp"))
+                   if p.name.split("_step_")[0] in RESULT_DIRS)
     return (*names, *steps)
 
 
@@ -743,7 +749,8 @@ def train_or_reuse(cfg: dict, run_dir: Path, retrain: bool = False, own: bool = 
     if announce:
         print(announce, file=sys.stderr)
     if retrain or ((run_dir / "config.json").is_file() and not same_settings(run_dir, cfg)):  # nothing held
-        replace_run(run_dir, _RUN_FILES, "--retrain" if retrain else "")
+        # the old model's results too (the demo's, pnp's beside its default prior), which would pass for the new one's
+        replace_run(run_dir, with_step_results(run_dir, (*_RUN_FILES, *MODEL_RESULTS)), "--retrain" if retrain else "")
     else:
         note_replaced(run_dir, f"stop now (Ctrl-C), delete {run_dir / 'checkpoints'} and run the command again")
     job.resume()

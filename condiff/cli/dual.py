@@ -46,6 +46,7 @@ from ..train import TrainConfig, Trainer
 from ..userfile import UntrustedCode
 from . import config as config_mod
 from .common import (
+    RESULT_DIRS,
     add_device_arg,
     announce_recorded,
     check_denoising_net,
@@ -157,8 +158,8 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     return type(cfg).from_dict(d)
 
 
-# what `condiff eval` and `condiff sample` write into a dual run (its own metrics.json it rewrites itself)
-OTHERS_RESULTS = ("eval", "samples", "solve")
+# what other commands (eval, sample, solve, pnp) write into a dual run (its own metrics.json it rewrites itself)
+OTHERS_RESULTS = RESULT_DIRS
 # what a run's own training wrote of its model besides checkpoints, model, log and settings
 OWN_RESULTS = ("metrics.json",)
 

@@ -167,7 +167,7 @@ def add_parser(sub, name: str) -> None:
 
     d = s.add_parser("digits", help="conditional digits from an unconditional digits model",
                      description=DESCRIPTIONS["digits"])
-    _common(d, "runs/demo", "digits-<label>, or digits-symmetry", steps=600, lr=0.05, schedule="paper-mnist")
+    _common(d, "runs/demo", "digits-<label> (or digits-symmetry)", steps=600, lr=0.05, schedule="paper-mnist")
     g = d.add_mutually_exclusive_group(required=True)
     g.add_argument("--label", type=int, help="generate this digit (classifier constraint)")
     g.add_argument("--symmetry", action="store_true", help="left-right mirror symmetry constraint")

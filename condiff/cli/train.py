@@ -8,6 +8,7 @@ from pathlib import Path
 from .. import io
 from ..train import list_checkpoints
 from .common import (
+    MODEL_RESULTS,
     TrainingJob,
     add_config_args,
     announce_recorded,
@@ -58,7 +59,7 @@ def add_parser(sub, name: str) -> None:
 
 #: What ``--fresh`` replaces besides checkpoints, model and log: results of the old model (``condiff eval``,
 #: ``sample``, ``solve`` and ``pnp`` write them beside it by default), which would otherwise sit beside the new one.
-FRESH_CLEARS = ("metrics.json", "samples.npz", "samples.png", "class_hist.png", "samples", "eval", "solve", "pnp")
+FRESH_CLEARS = MODEL_RESULTS
 
 
 def settings(args: argparse.Namespace) -> tuple[dict, bool]:

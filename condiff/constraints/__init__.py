@@ -22,6 +22,7 @@ python             a user's callable in a Python file (``FILE:NAME``)  python.py
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 
@@ -93,12 +94,14 @@ class Constraint(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in config.items() if k != "name") if isinstance(config, dict) else ""
 
 
-def build_constraint(config: dict, how: str | None = None, saved_by: str | None = None) -> Constraint:
+def build_constraint(config: dict, how: str | None = None, saved_by: str | None = None,
+                     progress: bool | None = None) -> Constraint:
     """Build a registered constraint from ``{"name": NAME, **kwargs}``. ``how``: how a user of the
     calling command gives a constraint its arguments, for the error when they are wrong (default: the
     ``namm`` commands' ``--set data.constraint=...``). ``saved_by``: what ``config`` was read from, where a
     constraint of one's own (``python``) runs its file only if the file is trusted (loading must not run code
-    a saved file names: :func:`condiff.userfile.load_from_file`)."""
+    a saved file names: :func:`condiff.userfile.load_from_file`). ``progress``: for a family that trains a
+    part on first use (count's counter), whether it shows a progress bar (default: the family's, on)."""
     if not isinstance(config, dict) or "name" not in config:
         raise ValueError(f"a constraint config must be a dict with a 'name' key, got {config!r}")
     kwargs = dict(config)
@@ -108,6 +111,8 @@ def build_constraint(config: dict, how: str | None = None, saved_by: str | None 
         raise ValueError(f"unknown constraint {name!r}; known: {known}, or FILE.py:NAME for your own")
     if saved_by is not None and name == "python":
         kwargs["saved_by"] = saved_by
+    if progress is not None and "progress" in inspect.signature(CONSTRAINTS[name]).parameters:
+        kwargs["progress"] = progress
     try:
         return CONSTRAINTS[name](**kwargs)
     except TypeError as err:

@@ -321,6 +321,7 @@ class CountConstraint(Constraint):
     project's cached counter for ``(k, size, counter_steps, seed)``. A counter of one's own is named in
     the config by a fingerprint of its class and weights (``"counter": "custom ..."``), and such a
     config is not rebuilt by :func:`~condiff.constraints.build_constraint`: pass the counter again.
+    ``progress``: a progress bar while a missing counter trains (not part of the config).
     """
 
     def __init__(
@@ -331,6 +332,7 @@ class CountConstraint(Constraint):
         seed: int = 0,
         width: int = 16,
         counter: nn.Module | None = None,
+        progress: bool = True,
     ) -> None:
         super().__init__()
         for name, v, lo in (("k", k, 0), ("size", size, 1), ("counter_steps", counter_steps, 1), ("width", width, 1)):
@@ -351,7 +353,8 @@ class CountConstraint(Constraint):
                              "again, not from its config")
         self._own_counter = counter is None
         self.counter = (
-            counter if counter is not None else load_counter(self.k, size, counter_steps, seed, width)
+            counter if counter is not None else load_counter(self.k, size, counter_steps, seed, width,
+                                                             progress=progress)
         )
         self.counter.eval().requires_grad_(False)
         if counter is not None:  # the config names it, not the project's counter it would otherwise rebuild
