@@ -251,7 +251,8 @@ def _kind(v: Any) -> str | None:
 def check_setting(name: str, default: Any, value: Any, what: str = "default") -> Any:
     """Refuse a setting whose value is of another kind than its default (``lr = "abc"``, ``progress = 1``),
     a non-finite number, or a fraction where the default is an integer (``steps = 2.5``).
-    Returns the value, an integral float (``2.5e1``) as an int where the default is one. ``what`` names
+    Returns the value, an integral float (``2.5e1``) as an int where the default is one, an int as a float where
+    the default is a float (``--set lr=1`` on ``lr = 0.001``). ``what`` names
     ``default`` in the message: ``"now"`` where it is the value being replaced (an earlier ``--set``)."""
     want = _kind(default)
     if want is not None and _kind(value) != want:
@@ -263,6 +264,8 @@ def check_setting(name: str, default: Any, value: Any, what: str = "default") ->
             beyond = " (beyond 2**53 a float holds no exact integer)" if value.is_integer() else ""
             raise ValueError(f"setting {name} expects an integer ({what} {default!r}), got {value!r}{beyond}")
         return int(value)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # a float setting stays one: stored as 2, a later `--set ...=0.2` read it as an integer's
     return value
 
 

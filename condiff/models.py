@@ -76,11 +76,14 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: boo
     span = cfg.get("value_range")  # recorded since 2026-12-04
     ok = isinstance(span, list) and len(span) == 2 and all(checks.is_number(v) for v in span)
     shape = cfg.get("shape")
-    return NetDenoiser(net.eval(), Schedule.from_config(cfg["schedule"]),
-                       label_drop=float(drop) if checks.is_number(drop) else None,
-                       value_range=span if ok else None,
-                       sample_shape=shape if isinstance(shape, list) and all(checks.is_integer(v, 1) for v in shape)
-                       else None)
+    den = NetDenoiser(net.eval(), Schedule.from_config(cfg["schedule"]),
+                      label_drop=float(drop) if checks.is_number(drop) else None,
+                      value_range=span if ok else None,
+                      sample_shape=shape if isinstance(shape, list) and all(checks.is_integer(v, 1) for v in shape)
+                      else None)
+    if "stage" in cfg:  # a NAMM run's diffusion model says which space it samples (condiff.mirror.sample.check_space)
+        den.mirror_space = cfg["stage"] == "mdm"
+    return den
 
 
 def refuse_a_folder_of_models(d: Path) -> None:

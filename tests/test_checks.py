@@ -33,6 +33,20 @@ def test_what_counts_as_a_number(v, number, integer):
     assert checks.is_number(v) is number and checks.is_integer(v) is integer
 
 
+def test_a_float_setting_given_a_whole_number_stays_a_float():
+    """namm assimilate --set assimilate.constraint_weight=2 stored 2, and a later --set ...=0.2 was refused as
+    no integer ("expects an integer (now 2)"); only config.json edited by hand went on."""
+    from condiff.cli.config import set_path
+
+    got = checks.check_setting("assimilate.constraint_weight", 200.0, 2)
+    assert got == 2.0 and isinstance(got, float)
+    assert checks.check_setting("train.steps", 100, 7) == 7 and checks.check_setting("x", True, False) is False
+    cfg = {"assimilate": {"constraint_weight": 200.0}}
+    set_path(cfg, ["assimilate", "constraint_weight"], 2)
+    set_path(cfg, ["assimilate", "constraint_weight"], 0.2)  # the earlier --set, now recorded, in its place
+    assert cfg == {"assimilate": {"constraint_weight": 0.2}}
+
+
 def test_a_setting_refuses_a_float_too_large_to_be_a_count():
     assert checks.check_setting("train.steps", 100, 2.5e1) == 25
     with pytest.raises(ValueError, match=r"train.steps expects an integer \(default 100\), got 1e\+30"):

@@ -1148,6 +1148,15 @@ def test_another_constraint_or_a_moved_file_keeps_the_vanilla_stage(tmp_path, ca
             "--set", "model.mults=[1, 2]", "--set", "mirror.inverse.downsamples=1", "--quiet"]
     assert main(["namm", "fit", "--data", "data.npz", "--constraint", "con.py:zero_sum", "--out", "run", *tiny]) == 0
     stamps = {s: (tmp_path / "run" / s / "stage.json").read_text() for s in ("namm", "mdm", "vanilla")}
+    # an edited file is named as one, and how to use the stage as made (only "constraint.file_sha256 differ")
+    source = (tmp_path / "con.py").read_text()
+    (tmp_path / "con.py").write_text(source + "# a comment\n")
+    capsys.readouterr()
+    assert main(["namm", "fit", "--data", "data.npz", "--constraint", "con.py:zero_sum", "--out", "run", *tiny]) == 2
+    assert (f"run/namm was made with other settings (constraint.file_sha256 differ) (the constraint file "
+            f"{tmp_path / 'con.py'} was edited since the stage was made: put back the version it was made with to "
+            "use it); pass --fresh") in capsys.readouterr().err
+    (tmp_path / "con.py").write_text(source)
     (tmp_path / "moved").mkdir()
     (tmp_path / "con.py").rename(tmp_path / "moved" / "con.py")
     capsys.readouterr()
@@ -1659,7 +1668,8 @@ def test_a_run_fitted_at_the_old_icnn_depth_is_told_how_to_keep_it(tmp_path, cap
     capsys.readouterr()
     assert main(["namm", "fit", *tiny]) == 2
     err = capsys.readouterr().err
-    assert "(mirror.psi.layers differ)" in err and "--set mirror.psi.layers=3 keeps this run's" in err
+    assert "(mirror.psi.layers differ) (made with mirror.psi.layers=3, now 4; --set mirror.psi.layers=3 takes the " \
+        "stage as made) (the default and full profiles build the paper's ICNN depth since 2026-12-05)" in err, err
     assert main(["namm", "fit", *tiny, "--set", "mirror.psi.layers=3"]) == 0
     # a run without the baseline is still named as a NAMM run by the core commands
     capsys.readouterr()
@@ -1909,6 +1919,34 @@ def test_a_mirror_dm_made_in_python_is_kept_from_data_space_and_a_maps_run_is_na
     with pytest.raises(CheckpointError, match=r"map is the run of a mirror map .* load its map with "
                                                  "condiff.mirror.load_mirror"):
         load_denoiser(tmp_path / "map")
+
+
+def test_a_mirror_dm_without_its_map_and_a_data_model_with_one_are_refused(tmp_path):
+    """assimilate given a mirror DM and no mirror= returned its mirror-space samples as the posterior's, with
+    a constraint distance 3x the mirror DPS one, without a word."""
+    from condiff.mirror import assimilate, mirror_generate, train_diffusion
+    from condiff.models import load_denoiser
+    from condiff.operators import Inpainting
+
+    x, _ = _brightness_data(8)
+    cfg = TrainConfig(steps=2, batch_size=4, warmup=0, progress=False)
+    net = {"name": "unet", "in_channels": 1, "base": 8, "mults": [1], "num_res": 1}
+    mdm = train_diffusion(x, net, Schedule.linear(20), cfg, run_dir=tmp_path / "mdm", mirror_space=True)
+    op = Inpainting(torch.ones(1, 1, 8, 8), sigma_y=0.1)
+    for den in (mdm, load_denoiser(tmp_path / "mdm", mirror_space=True)):
+        with pytest.raises(ValueError, match="^assimilate: the denoiser is a mirror diffusion model .* pass mirror="):
+            assimilate(den, op, x[:2], (1, 8, 8), zeta=0.1, steps=2)
+    mirror = _tiny_mirror()
+    assert assimilate(mdm, op, x[:2], (1, 8, 8), zeta=0.1, steps=2, mirror=mirror).shape == (2, 1, 8, 8)
+    # a NAMM run's vanilla stage is a data-space model: refused as a mirror DM
+    train_diffusion(x, net, Schedule.linear(20), cfg, run_dir=tmp_path / "vanilla", meta={"stage": "vanilla"})
+    vanilla = load_denoiser(tmp_path / "vanilla")
+    with pytest.raises(ValueError, match="^mirror_generate: the denoiser is a data-space model"):
+        mirror_generate(vanilla, mirror, 2, (1, 8, 8), steps=2)
+    assert assimilate(vanilla, op, x[:2], (1, 8, 8), zeta=0.1, steps=2).shape == (2, 1, 8, 8)
+    # a model that does not say (trained on g(x) without mirror_space=True, say) is taken either way
+    plain = train_diffusion(x, net, Schedule.linear(20), cfg)
+    assert mirror_generate(plain, mirror, 2, (1, 8, 8), steps=2)[0].shape == (2, 1, 8, 8)
 
 
 def test_the_fine_tuning_stage_is_made_from_its_samplers_steps_and_eta():

@@ -356,6 +356,28 @@ def finetune_flags(begun: dict, now: dict) -> list[str] | None:
     return flags
 
 
+def _made_with(old: dict, now: dict, changed: list[str]) -> str:
+    """What a stage's settings were where they differ from the command's (``changed``: dotted keys, the pool's
+    sampler as ``sample.*``): the old values of plain settings, with the ``--set`` that takes them, and for an
+    edited constraint file, which file."""
+    said, back = [], []
+    for key in changed[:4]:
+        path = tuple(key.split("."))
+        stored = ("sampler", *path[1:]) if path[0] == "sample" else path
+        was, is_ = _at(comparable(old), stored), _at(comparable(now), stored)
+        if key == "constraint.file_sha256":
+            file = _at(old, ("data", "constraint", "path"))
+            said.append(f"the constraint file{f' {file}' if file else ''} was edited since the stage was made: put "
+                        "back the version it was made with to use it")
+        elif not isinstance(was, (dict, list)) and not isinstance(is_, (dict, list)) and was is not None:
+            said.append(f"made with {key}={json.dumps(was)}, now {json.dumps(is_)}")
+            if path[0] in SECTIONS and path[0] != "data":
+                back.append(f"--set {key}={json.dumps(was)}")
+    if back:
+        said.append(f"{' '.join(back)} takes the stage as made")
+    return f" ({'; '.join(said)})" if said else ""
+
+
 def _at(table: Any, path: tuple[str, ...]) -> Any:
     """``table[path[0]][path[1]]...``; None where the path is missing."""
     for part in path:
@@ -513,6 +535,8 @@ class NAMMRun:
         # the stage records the pool's sampler as "sampler"; the user sets it as sample.steps / sample.eta
         changed = [f"sample.{k[len('sampler.'):]}" if k.startswith("sampler.") else k for k in changed]
         hint = f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} differ)" if changed else ""
+        if isinstance(old, dict) and record.get("done"):  # (an unfinished one: the hints below say how to go on)
+            hint += _made_with(old, self.spec(name), changed)
         if name == "finetune" and any(k.startswith("sample.") for k in changed):
             skip = self.skip_hints.get("finetune", "--no-finetuned leaves it out")
             was_sampler = old.get("sampler") if isinstance(old.get("sampler"), dict) else {}
@@ -525,8 +549,7 @@ class NAMMRun:
             hint += f" (this run was fitted with --profile {profile}; this command asks for {self.cfg.get('profile')})"
         was = (old.get("mirror") or {}).get("psi", {}).get("layers") if "mirror.psi.layers" in changed else None
         if isinstance(was, int) and profile == self.cfg.get("profile"):  # the profiles' ICNN grew to the paper's depth
-            hint += (f" (the default and full profiles build the paper's ICNN depth since 2026-12-05; "
-                     f"--set mirror.psi.layers={was} keeps this run's)")
+            hint += " (the default and full profiles build the paper's ICNN depth since 2026-12-05)"
         kept = self.root / io.REPLACED / name
         go_on = ""
         if isinstance(old, dict) and not record.get("done") and name == "finetune":  # no --resume of its own

@@ -25,6 +25,7 @@ from condiff.denoiser import Denoiser
 from condiff.guidance import DPS
 from condiff.mirror.dps import mirror_dps, normalised_measurement_loss, with_constraint
 from condiff.mirror.map import MirrorMap
+from condiff.mirror.sample import check_space
 from condiff.operators import Inpainting, Operator
 from condiff.sample import sample
 
@@ -116,6 +117,7 @@ def assimilate(
     mirror DM, the mirror data's range, where the clamp acts); ``None``: no clamp.
     """
     checks.number("constraint_weight", constraint_weight, ">= 0")
+    check_space("assimilate", denoiser, mirror)
     if not isinstance(operator, Operator):
         raise TypeError(f"assimilate: the operator must be a condiff.operators.Operator (Inpainting, or a subclass of "
                         f"Operator of your own with A(x) and sigma_y), got {type(operator).__name__}")

@@ -212,7 +212,10 @@ def train_diffusion(
             train_seconds=round(tr.seconds, 2),  # every session's
             **{k: v for k, v in (meta or {}).items() if k not in ("net", "schedule", "shape")},
         )
-    return NetDenoiser(ema, schedule, value_range=value_range(x), sample_shape=x.shape[1:])
+    den = NetDenoiser(ema, schedule, value_range=value_range(x), sample_shape=x.shape[1:])
+    if mirror_space:  # (otherwise unknown: an MDM may be trained on g(x) without saying so)
+        den.mirror_space = True  # condiff.mirror.sample.check_space reads it
+    return den
 
 
 def finetune_inverse(

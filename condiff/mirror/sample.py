@@ -12,6 +12,19 @@ from condiff.mirror.map import MirrorMap, check_mirror
 from condiff.sample import generate
 
 
+def check_space(who: str, denoiser: Denoiser, mirror: MirrorMap | None) -> None:
+    """Refuse a mirror diffusion model without its map (its samples would be returned in mirror space, as if they
+    were data), or a data-space model with one. A denoiser says what it is in ``mirror_space`` where that is known
+    (loaded from a NAMM run's stage, or made by ``train_diffusion(..., mirror_space=True)``)."""
+    space = getattr(denoiser, "mirror_space", None)
+    if space is True and mirror is None:
+        raise ValueError(f"{who}: the denoiser is a mirror diffusion model (trained on g(x)), whose samples lie in "
+                         "mirror space: pass mirror=, the map it was trained with, so that f takes them back to data")
+    if space is False and mirror is not None:
+        raise ValueError(f"{who}: the denoiser is a data-space model (a NAMM run's vanilla stage), not a mirror "
+                         "diffusion model: leave out mirror=, or pass the run's mirror DM")
+
+
 def mirror_generate(
     denoiser: Denoiser, mirror: MirrorMap, n: int, shape: tuple[int, ...], batch_size: int = 256, **kw
 ) -> tuple[Tensor, Tensor]:
@@ -22,6 +35,7 @@ def mirror_generate(
     ``eta``, ``generator``, ``device``, ``guidance``, ...).
     """
     check_mirror("mirror_generate", mirror)  # before the samples are drawn, not after
+    check_space("mirror_generate", denoiser, mirror)
     y = generate(denoiser, n, shape, batch_size=batch_size, **kw)
     return mirror.to_data(y, batch_size), y
 
