@@ -1957,3 +1957,24 @@ def test_the_fine_tuning_stage_is_made_from_its_samplers_steps_and_eta():
     assert spec.spec("finetune")["sampler"] == {"steps": 7, "eta": 0.5}
     other = NAMMRun("unused", resolve("brightness", "quick", overrides=["sample.eta=1.0", "sample.steps=7"]))
     assert other.spec("finetune") != spec.spec("finetune") and other.spec("mdm") == spec.spec("mdm")
+
+
+def test_stages_made_on_the_way_are_announced_in_the_order_they_are_made(tmp_path, capsys, monkeypatch):
+    """A mirror DM made where its mirror map was missing too said "making RUN/mdm" before "making RUN/namm",
+    though the map is made first (the mirror DM is trained on its g(x))."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    x = np.random.default_rng(0).uniform(0, 1, (48, 1, 8, 8)).astype("float32")
+    np.savez(tmp_path / "data.npz", x=x[:32], x_test=x[32:])
+    tiny = ["--set", "mirror_train.steps=2", "--set", "train.steps=2", "--set", "model.mults=[1, 2]",
+            "--set", "mirror.psi.filters=4", "--set", "mirror.inverse.base=4", "--set", "mirror.inverse.blocks=1"]
+    assert main(["namm", "fit", "--data", "data.npz", "--constraint", "box", "--out", "run", "--no-baseline",
+                 "--quiet", *tiny]) == 0
+    for stage in ("namm", "mdm"):
+        shutil.rmtree(tmp_path / "run" / stage)
+    capsys.readouterr()
+    assert main(["namm", "finetune", "--run", "run", "--set", "finetune.steps=2", "--set", "finetune.n=4",
+                 "--set", "sample.steps=2", "--quiet"]) == 0
+    made = [line.split(":")[0] for line in capsys.readouterr().err.splitlines() if line.startswith("making ")]
+    assert made == [f"making {os.path.join('run', s)}" for s in ("namm", "mdm", "finetune")], made

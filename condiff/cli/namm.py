@@ -651,8 +651,7 @@ class NAMMRun:
         """The stage directory and ``load(dir)`` of a finished stage, or None when it must run. A
         finished stage whose files no longer load is redone under ``fresh``, else named with that hint."""
         d, done = self._stage(name, spec)
-        if not done:
-            self._announce(name, d)
+        if not done:  # (the caller announces it once the stages it is made from are made: in their order)
             return d, None
         try:
             return d, load(d)
@@ -665,7 +664,6 @@ class NAMMRun:
                                          "redo it") from None
             shutil.rmtree(d)
             d = self._stage(name, spec)[0]
-            self._announce(name, d)
             return d, None
 
     def _announce(self, name: str, d: Path) -> None:
@@ -726,6 +724,7 @@ class NAMMRun:
         d, done = self._reuse("namm", spec, lambda d: load_mirror(d / "mirror", self.device)[0])
         if done is not None:
             return done
+        self._announce("namm", d)
         m = self.cfg["mirror"]
         tcfg = self._tcfg(self.cfg["mirror_train"], section="mirror_train")
         mirror = build_mirror(self.shape, m["psi"], m["inverse"], m["a"], seed=tcfg.seed,  # 0 unless set
@@ -750,7 +749,8 @@ class NAMMRun:
         d, done = self._reuse(name, spec, lambda d: load_denoiser(d / "model", self.device, mirror_space=True))
         if done is not None:
             return done
-        x = x_fn()
+        x = x_fn()  # (for the mirror DM, the mirror map: made first where it is missing)
+        self._announce(name, d)
         net = model_for_shape(self.cfg["model"], tuple(x.shape[1:]), self.saved_by)
         t0 = self._clock(name)
         tcfg = self._tcfg(self.cfg["train"])
@@ -793,6 +793,7 @@ class NAMMRun:
             return done
         ft = self.cfg["finetune"]
         mirror, den = self.mirror(), self.mdm()
+        self._announce("finetune", d)
         t0 = self._clock("finetune")
         _, pool = self._generate(den, int(ft["n"]), int(ft["seed"]), mirror)
         out = finetune_inverse(
