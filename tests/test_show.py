@@ -354,3 +354,17 @@ def test_a_run_whose_weights_record_no_step_count_is_finished_when_its_training_
         (ck / "config.json").write_text(json.dumps({"step": 50, "optim": {}, "train": {"steps": of}}))
         rc, out, _ = _show(capsys, run)
         assert rc == 0 and f"training: {state}" in out, out
+
+
+def test_a_saved_mirror_map_is_shown_as_a_model_not_as_a_namm_run(tmp_path, capsys):
+    """`condiff show runs` listed a save_mirror folder as a `condiff namm fit` run (its config.json names a
+    mirror), with the fit's stages missing."""
+    from condiff.mirror import build_mirror, save_mirror
+
+    save_mirror(tmp_path / "runs" / "map", build_mirror((1, 8, 8), {"name": "icnn", "filters": 4, "layers": 2},
+                                                        {"name": "resnet", "base": 4, "blocks": 1}, a=0.9))
+    rc, out, _ = _show(capsys, tmp_path / "runs" / "map")
+    assert rc == 0 and out.splitlines()[0] == f"{tmp_path / 'runs' / 'map'}: a model directory"
+    assert "mirror map: psi icnn, inverse resnet" in out
+    rc, out, _ = _show(capsys, tmp_path / "runs")
+    assert "condiff namm fit" not in out

@@ -631,7 +631,7 @@ def run_kind(path: str | Path) -> str | None:
     except OSError:
         pass
     cfg = json_table(p / "config.json")
-    if "mirror" in cfg:
+    if "mirror" in cfg and not (p / "model.safetensors").is_file():  # (a saved mirror map is no run: save_mirror)
         return "condiff namm fit"
     if "dual" in cfg:
         return "condiff dual train"
