@@ -1417,6 +1417,9 @@ def test_data_violation_tells_data_on_the_set_from_data_off_it():
     # finite on the data but NaN off them (a square root of x + 1): a map trained on noisy images would fail
     with pytest.raises(ValueError, match=r"not finite \(NaN or inf\) on \d+ of 512 images of Gaussian noise"):
         data_violation(lambda v: (v + 1).sqrt().flatten(1).mean(1), raw)
+    # a distance with no slope off the set (rounded) teaches the map nothing: said before the fit, not after
+    with pytest.warns(UserWarning, match="a constraint distance is > 0 on 4 of 4 samples but its gradient is zero"):
+        data_violation(lambda v: torch.round(10 * v.sum(-1).abs()).flatten(1).mean(1), symmetric)
 
 
 def test_map_inputs_of_another_dtype_or_no_samples():

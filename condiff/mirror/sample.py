@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from condiff import checks
-from condiff.constraints import check_sign
+from condiff.constraints import check_distance, check_sign
 from condiff.denoiser import Denoiser
 from condiff.mirror.map import MirrorMap, check_mirror
 from condiff.sample import generate
@@ -78,6 +78,9 @@ def data_violation(constraint, x: Tensor, n: int = 512, seed: int = 0, device: s
         if bad:  # a mirror map trains on noisy images f(g(x) + sigma z): the distance must be finite off the set
             raise ValueError(f"the constraint distance is not finite (NaN or inf) on {bad} of {len(v)} {what}; a "
                              "mirror map evaluates it on noisy images, so it must be finite everywhere")
+    # off the set, where the map's training moves f(y): a distance with no slope there (rounded, thresholded)
+    # teaches the map nothing, said here rather than after the fit (check_distance warns)
+    check_distance(constraint, noise[:4].to(device), on=" on images of Gaussian noise with the data's mean and std")
     median, noise_median = float(clean.median()), float(on_noise.median())
     return {"n": len(pick), "mean": float(clean.mean()), "median": median, "noise_median": noise_median,
             "satisfied": median <= 0.25 * noise_median}
