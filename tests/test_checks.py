@@ -145,3 +145,5 @@ def test_an_integer_beyond_int64_is_named_out_of_range_not_as_no_integer():
     assert checks.integer("n", 2**63 - 1) == 2**63 - 1
     with pytest.raises(ValueError, match=r"^n must be an integer >= 1, got 0$"):  # the range still says it
         checks.integer("n", 0)
+    with pytest.raises(ValueError, match=r"^t must be an integer in \[0, 1000\), got 1180591620717411303424$"):
+        checks.integer("t", 2**70, 0, 1000)  # a bound of its own: the range says it, not int64's

@@ -692,6 +692,8 @@ def test_demo_trains_once_then_reuses(tmp_path, capsys):
     assert "training on toy2d" in first.err and "MMD ratio" in first.out  # a note, and the results
     for f in ("samples.png", "loss.png", "metrics.json", "model/model.safetensors", "config.json"):
         assert (tmp_path / "demo" / f).is_file(), f
+    listed = [Path(line.split()[-1]) for line in first.out.splitlines() if str(tmp_path / "demo") + os.sep in line]
+    assert len(listed) == 4 and all(p.exists() for p in listed), listed  # (no class picture: toy2d has no classes)
     mtime = (tmp_path / "demo" / "model" / "model.safetensors").stat().st_mtime_ns
     assert main(args) == 0
     assert "reusing the trained model" in capsys.readouterr().err
@@ -1135,6 +1137,18 @@ def test_fresh_removes_the_old_models_results_with_it(trained, tmp_path):
     assert {"model", "notes.txt", "config.json"} <= left
 
 
+def test_eval_into_a_folder_of_an_earlier_digits_eval_leaves_no_stale_class_picture(trained, tmp_path):
+    """The class picture of an earlier eval stayed beside the results of one whose data have no classes."""
+    run, out = tmp_path / "run", tmp_path / "ev"
+    trained(run)
+    out.mkdir()
+    (out / "metrics.json").write_text('{"class_hist": [0.1]}')  # a digits model's eval, written here before
+    (out / "class_hist.png").write_bytes(b"png")
+    assert main(["eval", "--ckpt", str(run), "--n", "8", "--steps", "2", "--out", str(out)]) == 0
+    assert "class_hist" not in json.loads((out / "metrics.json").read_text())
+    assert not (out / "class_hist.png").exists()
+
+
 def test_a_model_size_that_contradicts_the_data_is_refused_not_replaced(tmp_path, capsys):
     """--set model.dim=3 on 2-D data was replaced by 2 while the run's config.json kept 3."""
     run = tmp_path / "run"
@@ -1325,10 +1339,12 @@ def test_demo_retrain_keeps_the_old_model_until_the_new_one_is_trained(tmp_path,
     assert "restored the model of these settings that an unfinished --retrain had set aside" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (run / "model").iterdir()} == model and not (run / ".replaced").exists()
     # the old model's results go with it (pnp's results beside the demo model, its default prior, stayed)
-    (run / "pnp" / "digits-3").mkdir(parents=True)
-    (run / "pnp" / "digits-3" / "metrics.json").write_text("{}")
+    for d in ("pnp/digits-3", "pnp_step_00000030/digits-3"):  # beside the model, and beside its checkpoint
+        (run / d).mkdir(parents=True)
+        (run / d / "metrics.json").write_text("{}")
     assert main(["demo", *TINY, "--out", str(run), "--retrain"]) == 0
     assert (run / "model").is_dir() and not (run / ".replaced").exists() and not (run / "pnp").exists()
+    assert not (run / "pnp_step_00000030").exists()
 
 
 def test_a_model_saved_from_python_without_its_shape_is_named_with_the_remedy(tmp_path, capsys):
@@ -1523,12 +1539,14 @@ def test_fresh_sets_aside_the_old_models_solve_and_pnp_results_too(trained, tmp_
     for r in results:
         (run / r).mkdir(parents=True)
         (run / r / "metrics.json").write_text('{"psnr": 5.9}')
+    (run / "class_hist.png").write_bytes(b"png")  # what `condiff eval` draws in place of a digits model
     from condiff.train import Trainer
 
     monkeypatch.setattr(Trainer, "fit", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(["train", *TINY, "--set", "train.lr=1e-3", "--out", str(run), "--fresh"]) == 130
     for r in results:
         assert not (run / r).exists() and (run / ".replaced" / r).is_dir(), r
+    assert not (run / "class_hist.png").exists() and (run / ".replaced" / "class_hist.png").is_file()
 
 
 def test_an_out_that_is_a_folder_of_runs_is_refused(trained, tmp_path, capsys):

@@ -784,3 +784,8 @@ def test_a_count_constraint_trains_its_counter_with_a_bar_unless_told_not_to(tmp
     c = build_constraint(spec)
     assert "counting CNN (first use)" in capsys.readouterr().err and "progress" not in c.config
     assert build_constraint({"name": "box"}, progress=False).config["name"] == "box"
+    from condiff.constraints.count import load_counter
+
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "c"))
+    load_counter(2, 12, 3, 0, 4)  # called from Python, it shows its bar too (minutes of training are never silent)
+    assert "counting CNN (first use)" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from condiff.data import (
     load_patches,
     load_png_folder,
     load_toy2d,
+    native,
     save_png,
     save_png_grid,
     validate,
@@ -338,10 +339,14 @@ def test_extended_precision_data_beyond_float64_are_named_out_of_range(tmp_path)
         for what, load in (("data", lambda: validate(big)), (f"{tmp_path / 'ld.npy'} (the array)",
                                                              lambda: load_array(tmp_path / "ld.npy")),
                            (f"{tmp_path / 'ld.npz'} (array 'x')", lambda: load_array(tmp_path / "ld.npz"))):
-            with pytest.raises(DataError, match=re.escape(f"{what}: values reach 1e+400, beyond float64's range")):
-                load()
+            with pytest.raises(DataError, match="^" + re.escape(f"{what}: values reach 1e+400, beyond float64's")):
+                load()  # (said once: a file's loader wrapped it as "cannot read the array: ...")
+        with pytest.raises(DataError, match=r"^data: labels: values reach 1e\+400, beyond float64's range"):
+            ArrayData(np.zeros((2, 1, 2, 2), dtype=np.float32), np.full(2, np.longdouble("1e400")))
     with pytest.raises(DataError, match="contains non-finite values"):  # what is not finite still says so
         validate(np.array([[np.longdouble("inf"), 1.0]], dtype=np.longdouble))
+    top = np.finfo(np.float64).max  # the largest float64 is within its range
+    assert np.array_equal(native(np.array([top, -top], dtype=np.longdouble)), np.array([top, -top]))
 
 
 def test_data_far_outside_the_unit_range_are_loaded_with_a_warning(tmp_path):

@@ -441,6 +441,8 @@ def test_eval_draws_the_judged_classes_it_records(tiny_run, tmp_path, monkeypatc
     ax = figs[-1].axes[0]
     assert (out / "class_hist.png").is_file() and [p.get_height() for p in ax.patches] == pytest.approx(m["class_hist"])
     assert len(ax.patches) == 10 and [line.get_ydata()[0] for line in ax.get_lines()] == [pytest.approx(0.1)]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(c) for c in range(10)]  # the digits, from 0
+    assert f"TV to uniform {m['tv_to_uniform']:.3f}" in ax.get_title()
 
 
 def _record_figures(monkeypatch) -> list:
@@ -498,6 +500,8 @@ def test_tsp_pictures_name_their_rows_and_instances(tmp_path, monkeypatch):
     fig = next(f for f in figs if any(ax.get_ylabel() for ax in f.axes))
     rows = [ax.get_ylabel().replace("\n", " ") for ax in fig.axes if ax.get_ylabel()]
     assert rows == m["picture_rows"] and len(fig.axes) == 2 * 2
+    assert [fig.axes[i].get_ylabel().replace("\n", " ") for i in (0, 2)] == rows  # each at the start of its row
+    assert fig._suptitle.get_text() == "PnP tours: 2 instances of 6 cities"  # all shown: no "first N shown"
     assert [ax.get_title() for ax in fig.axes[:2]] == [f"instance {i}\ngap {round(100 * g, 2) + 0.0:.2f}%"
                                                       for i, g in enumerate(m["gaps"])]
 
@@ -548,6 +552,7 @@ def test_finetune_figure_gives_each_measure_its_own_labelled_axis(tmp_path, monk
     heights = [[p.get_height() for p in ax.patches] for ax in fig.axes]
     assert heights == [[m[n][k] for n in ("pretrained", "plain", "constrained")]
                        for k in ("memorisation", "diversity")]
+    assert [ax.get_ylim()[0] for ax in fig.axes] == [0, 0]  # non-negative measures from zero, a rate of 0 too
 
 
 # digit grids were separated by black, the digits' own background: the tiles ran together
@@ -560,3 +565,41 @@ def test_grid_padding_is_a_light_grey_no_digit_pixel_is(tmp_path):
     img = np.asarray(Image.open(save_png_grid(x, tmp_path / "g.png", scale=1)))
     assert img.shape == (6, 11) and img[0, 0] == img[:, 5].min() == img[:, 5].max() == 191
     assert set(np.unique(img[1:5, 1:5])) == {0} and set(np.unique(img[1:5, 6:10])) == {255}
+
+
+# the unobserved colour marks a pixel missing in any channel, and a mask of one image marks every image
+def test_unobserved_pixels_of_any_channel_and_a_batch_wide_mask_are_drawn(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from condiff.data.files import save_png_grid
+    from condiff.plots import UNOBSERVED_RGB, plot_image_columns
+
+    x = torch.zeros(2, 3, 4, 4)  # colour pictures, mid-grey
+    missing = torch.zeros(2, 3, 4, 4, dtype=torch.bool)
+    missing[1, 2, 1, 1] = True  # the blue channel of one pixel of the second picture
+    img = np.asarray(Image.open(save_png_grid(x, tmp_path / "rgb.png", nrow=2, scale=1, missing=missing)))
+    blue = (img == UNOBSERVED_RGB).all(-1)
+    assert img.shape == (6, 11, 3) and blue.sum() == 1 and blue[1 + 1, 1 + 4 + 1 + 1]
+    assert (img[1:5, 1:5] == 128).all()  # the observed picture keeps its grey
+    one = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    one[0, 0, 3, 0] = True  # one mask for the whole batch
+    img = np.asarray(Image.open(save_png_grid(x, tmp_path / "one.png", nrow=2, scale=1, missing=one)))
+    blue = (img == UNOBSERVED_RGB).all(-1)
+    assert blue.sum() == 2 and blue[1 + 3, 1] and blue[1 + 3, 1 + 4 + 1]
+    figs = _record_figures(monkeypatch)
+    plot_image_columns({"measurement": x.numpy()}, tmp_path / "c.png", hidden={"measurement": missing.numpy()})
+    drawn = figs[-1].axes[1].get_images()[0].get_array()  # the second picture
+    assert np.allclose(drawn[1, 1], np.array(UNOBSERVED_RGB) / 255) and np.allclose(drawn[0, 0], 0.5)
+
+
+# a measurement of every pixel (a blur) has no unobserved pixels to draw or name
+def test_a_measurement_of_every_pixel_is_drawn_grey_and_names_no_unobserved_colour(tiny_run, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from condiff.plots import UNOBSERVED_NOTE
+
+    figs = _record_figures(monkeypatch)
+    assert _solve(tiny_run, tmp_path / "blur", "--operator", "blur") == 0
+    assert Image.open(tmp_path / "blur" / "measurement.png").mode == "L"
+    titles = [ax.get_title() for ax in figs[-1].axes if ax.get_title()]
+    assert "measurement" in titles and not any(UNOBSERVED_NOTE in t for t in titles)

@@ -505,3 +505,14 @@ def test_generic_scoring_holds_out_the_test_split_and_refers_to_the_training_spl
     assert what == "test split"
     for got, want in ((held, test), (reference, train)):  # shuffled, whole
         assert torch.equal(got.sum(1).sort().values, torch.from_numpy(want).sum(1).sort().values)
+
+
+with np.errstate(over="ignore"):  # (where long double is float64 the literal overflows to inf)
+    _WIDE_LONGDOUBLE = bool(np.isfinite(np.longdouble("1e400")))
+
+
+@pytest.mark.skipif(not _WIDE_LONGDOUBLE, reason="np.longdouble holds no finite 1e400 here")
+def test_samples_beyond_float64_are_named_by_the_argument_that_holds_them():
+    big, ok = np.full((2, 4), np.longdouble("1e400")), np.zeros((2, 4))
+    with pytest.raises(ValueError, match=r"^psnr y: values reach 1e\+400, beyond float64's range"):
+        M.psnr(ok, big)

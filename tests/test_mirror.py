@@ -1981,3 +1981,64 @@ def test_stages_made_on_the_way_are_announced_in_the_order_they_are_made(tmp_pat
                  "--set", "sample.steps=2", "--quiet"]) == 0
     made = [line.split(":")[0] for line in capsys.readouterr().err.splitlines() if line.startswith("making ")]
     assert made == [f"making {os.path.join('run', s)}" for s in ("namm", "mdm", "finetune")], made
+
+
+def _figures(monkeypatch, *modules) -> list:
+    """The figures ``modules`` (condiff.plots by default) save, still written."""
+    import condiff.plots
+
+    figs = []
+    for m in modules or (condiff.plots,):
+        save = m.save_figure
+        monkeypatch.setattr(m, "save_figure", lambda fig, path, save=save: (figs.append(fig), save(fig, path))[1])
+    return figs
+
+
+def test_each_trained_stage_draws_its_logged_terms_by_name(tmp_path, monkeypatch):
+    """A stage's loss.png showed the weighted sum alone, under the title of a denoising run."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    figs = _figures(monkeypatch)
+    assert main(_tiny_box_fit(tmp_path)) == 0
+    axes = {ax.get_title().split(":")[0]: ax for f in figs for ax in f.axes}
+    assert set(axes) == {"namm", "mdm"} and all((tmp_path / "run" / s / "loss.png").is_file() for s in axes)
+    logged = json.loads((tmp_path / "run" / "namm" / "log.jsonl").read_text().splitlines()[-1])
+    terms = [t.get_text() for t in axes["namm"].get_legend().get_texts()]
+    assert terms[0] == "loss (the weighted sum)" and "cycle terms" in terms and "constraint l(f(y))" in terms
+    assert len(terms) == len({"loss", "cyc", "con", "reg", "adv"} & set(logged))
+
+
+def test_namm_fit_quiet_trains_a_count_constraints_counter_without_a_bar(tmp_path, capsys, monkeypatch):
+    """--quiet silenced the stages' bars but not the counting CNN's, trained on the constraint's first use."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "cache"))  # a counter trained here
+    fit = _tiny_box_fit(tmp_path, n_test=4)
+    x = np.random.default_rng(0).uniform(-1, 1, (36, 1, 12, 12)).astype("float32")  # room for 2 sources
+    np.savez(tmp_path / "data.npz", x=x[:32], x_test=x[32:])
+    fit[fit.index("--constraint"):fit.index("--constraint") + 2] = [
+        "--set", 'data.constraint={name="count", k=2, size=12, counter_steps=3, width=4}']
+    assert main(fit) == 0
+    err = capsys.readouterr().err
+    assert "training the counting CNN" in err and "counting CNN (first use)" not in err
+
+
+def test_assimilation_picture_draws_the_unobserved_entries_in_their_colour(tmp_path, capsys, monkeypatch):
+    """The observed column drew unobserved entries as zeros, a measured grey."""
+    import condiff.mirror.plots as mplots
+    from condiff.cli.main import main
+    from condiff.plots import UNOBSERVED_NOTE
+
+    monkeypatch.chdir(tmp_path)
+    assert main(_tiny_box_fit(tmp_path, n_test=4)) == 0
+    figs = _figures(monkeypatch, mplots)
+    assert main(["namm", "assimilate", "--run", "run", "--no-baselines", "--set", "assimilate.steps=2", "--set",
+                 "assimilate.finetuned=false", "--set", "assimilate.fraction=0.5", "--quiet"]) == 0
+    with np.load(tmp_path / "run" / "assimilate" / "samples.npz") as z:
+        y = z["y"]
+    fig = figs[-1]
+    assert f"observed (y): {UNOBSERVED_NOTE}" in fig._suptitle.get_text()
+    drawn = fig.axes[0].get_images()[0].get_array()  # the first sample's observed entries
+    assert 0 < drawn.mask.sum() == (y[0, 0] == 0).sum() < drawn.size  # masked where y is zero-filled

@@ -669,6 +669,18 @@ def test_pnp_digits_writes_each_prior_and_task_to_its_own_default_directory(tiny
     assert "interrupted" not in m["3"]["settings"]  # the Ctrl-C hint is no setting
 
 
+def test_a_refused_default_out_is_named_as_the_default(tiny_run, tmp_path, capsys):
+    """A default --out that cannot be written was refused as "--out PATH", a flag the user never gave."""
+    import shutil
+
+    from condiff.cli.main import main
+
+    shutil.copytree(tiny_run, tmp_path / "bare")
+    (tmp_path / "bare_pnp").write_text("not a folder")  # where the bare model's results would go
+    assert main(["pnp", "digits", "--ckpt", str(tmp_path / "bare"), "--label", "3", "--device", "cpu"]) == 2
+    assert f"--out (default {tmp_path / 'bare_pnp' / 'digits-3'})" in capsys.readouterr().err
+
+
 def test_pnp_default_out_names_the_task_and_its_setting(tmp_path):
     """tsp's default --out names the city count, constraint's the constraint (a file's by FILE-NAME)."""
     import argparse
