@@ -95,9 +95,11 @@ def integer(name: str, v: Any, lo: int = 1, hi: int | None = None) -> int:
     if not is_integer(v, lo, hi):
         want = f">= {lo}" if hi is None else f"in [{lo}, {'2**63' if hi == SEED_LIMIT else hi})"
         w, shown = scalar(v), repr(v)
-        if hi is None and isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= INT_LIMIT:
+        whole = isinstance(w, numbers.Integral) and not isinstance(w, bool)
+        if hi is None and whole and w >= INT_LIMIT:
             want += " within int64's range (below 2**63)"  # an integer too large for a tensor, not a non-integer
-            shown = shown if len(shown) <= 40 else f"{shown[:12]}... ({len(str(w))} digits)"
+        if whole and len(shown) > 40:  # (10**400: its 401 digits say less than their count)
+            shown = f"{shown[:12]}... ({len(str(abs(w)))} digits)"
         raise ValueError(f"{name} must be an integer {want}, got {shown}")
     return int(scalar(v))
 

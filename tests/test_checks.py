@@ -143,6 +143,9 @@ def test_an_integer_beyond_int64_is_named_out_of_range_not_as_no_integer():
     with pytest.raises(ValueError, match=r"within int64's range \(below 2\*\*63\), got 9223372036854775808$"):
         checks.integer("n", 2**63)
     assert checks.integer("n", 2**63 - 1) == 2**63 - 1
+    with pytest.raises(ValueError, match=r"^--seed must be an integer in \[0, 2\*\*63\), got 100000000000\.\.\. "
+                                         r"\(401 digits\)$"):  # a bounded one is not printed whole either
+        checks.seed("--seed", 10**400)
     with pytest.raises(ValueError, match=r"^n must be an integer >= 1, got 0$"):  # the range still says it
         checks.integer("n", 0)
     with pytest.raises(ValueError, match=r"^t must be an integer in \[0, 1000\), got 1180591620717411303424$"):
