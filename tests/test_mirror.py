@@ -863,6 +863,17 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["sample", "--ckpt", str(run), "--n", "2", "--steps", "2"]) == 2
     assert f"is a NAMM run directory, not a model: use `condiff namm sample --run {run}`" in capsys.readouterr().err
+    before = {p: p.read_bytes() for p in (run / "assimilate").iterdir()}
+    # --out keeps another observation's assimilation beside the run's own (which stays as it was); a folder of
+    # another command's results is refused
+    assert main(["namm", "assimilate", "--run", str(run), "--set", "assimilate.n=2", "--set", "assimilate.steps=5",
+                 "--no-baselines", "--obs", "rows", "--out", str(run / "assimilate-rows"), "--quiet"]) == 0
+    rows = json.loads((run / "assimilate-rows" / "metrics.json").read_text())
+    assert rows["operator"]["mask"].startswith("first_rows") and (run / "assimilate-rows" / "assimilation.png").exists()
+    assert {p: p.read_bytes() for p in (run / "assimilate").iterdir()} == before
+    capsys.readouterr()
+    assert main(["namm", "assimilate", "--run", str(run), "--no-baselines", "--out", str(tmp_path / "ev")]) == 2
+    assert "holds the output of `condiff eval`" in capsys.readouterr().err
     # a method that diverges (here one made to) is named, and the earlier assimilation is left as it was
     import condiff.cli.namm as namm_cli
 

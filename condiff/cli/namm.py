@@ -933,8 +933,8 @@ Settings (--set assimilate.KEY=VALUE; kept in the run's config.json once the cal
   clip_x0            x0_hat bound (default 1.5 x the data's largest |x|)
   finetuned          mirror DPS with the fine-tuned inverse map (true) or the fitted one (false)
 A stage the run lacks (the fine-tuning, say) is made first, with a line saying so.
-Writes RUN/assimilate/assimilation.png, samples.npz (truth, y and each method's samples) and
-metrics.json (residuals, l(x), RMSE on the unobserved entries, the settings used)."""
+Writes RUN/assimilate/assimilation.png (or into --out), samples.npz (truth, y and each method's samples)
+and metrics.json (residuals, l(x), RMSE on the unobserved entries, the settings used)."""
 
 
 ASSIMILATE_KEYS = ("obs", "fraction", "noise", "n", "steps", "zeta", "eta", "seed", "constraint_weight",
@@ -1164,6 +1164,9 @@ def add_parser(sub, name: str) -> None:
             q.add_argument("--obs", default=None, choices=sorted(OBSERVATIONS),
                            help="observation type (default: the data set's assimilate.obs, e.g. points)")
             q.add_argument("--no-baselines", action="store_true", help="mirror DPS only")
+            q.add_argument("--out", default=None,
+                           help="output directory (default RUN/assimilate); another one keeps an earlier "
+                                "assimilation, of another --obs say, beside this one (e.g. RUN/assimilate-rows)")
 
 
 def _open_run(args: argparse.Namespace) -> NAMMRun:
@@ -1423,7 +1426,8 @@ def run_assim(args: argparse.Namespace) -> int:
         [] if args.no_baselines else ["vanilla"])
     run.skip_hints["finetune"] = "--set assimilate.finetuned=false uses the fitted map instead"
     run.preflight(stages)
-    out = check_out_dir(run.root / "assimilate", flag="the output")
+    out = check_out_dir(run.root / "assimilate", flag="the output") if args.out is None else \
+        check_out_dir(args.out, kind="condiff namm assimilate")
     for f in (out / "assimilation.png", out / "samples.npz", out / "metrics.json"):  # refused now, not after sampling
         if f.is_dir():
             raise IsADirectoryError(f"{f} is a directory: move it away, it is where this command writes")
