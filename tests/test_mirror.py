@@ -2053,3 +2053,26 @@ def test_assimilation_picture_draws_the_unobserved_entries_in_their_colour(tmp_p
     assert f"observed (y): {UNOBSERVED_NOTE}" in fig._suptitle.get_text()
     drawn = fig.axes[0].get_images()[0].get_array()  # the first sample's observed entries
     assert 0 < drawn.mask.sum() == (y[0, 0] == 0).sum() < drawn.size  # masked where y is zero-filled
+
+
+def test_a_run_fitted_without_its_baseline_is_given_one_by_resume_baseline(tmp_path, capsys, monkeypatch):
+    """`namm fit --no-baseline` was undone only by fitting again with every --set retyped (--resume kept it)."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    x = np.random.default_rng(0).uniform(0, 1, (48, 1, 8, 8)).astype("float32")
+    np.savez(tmp_path / "data.npz", x=x[:32], x_test=x[32:])
+    assert main(["namm", "fit", "--data", "data.npz", "--constraint", "box", "--out", "run", "--no-baseline", "--quiet",
+                 "--set", "mirror_train.steps=2", "--set", "train.steps=2", "--set", "model.mults=[1, 2]",
+                 "--set", "mirror.psi.filters=4", "--set", "mirror.inverse.base=4"]) == 0
+    capsys.readouterr()
+    assert main(["namm", "assimilate", "--run", "run", "--set", "assimilate.n=2", "--set", "assimilate.steps=2"]) == 2
+    assert ("it was fitted with --no-baseline (`condiff namm fit --out run --resume --baseline` makes it); or pass "
+            "--no-baselines") in capsys.readouterr().err
+    assert main(["namm", "fit", "--data", "data.npz", "--out", "run2", "--baseline"]) == 2
+    assert "--baseline goes with --resume" in capsys.readouterr().err
+    namm = (tmp_path / "run" / "namm" / "stage.json").read_bytes()
+    assert main(["namm", "fit", "--out", "run", "--resume", "--baseline", "--quiet"]) == 0
+    assert json.loads((tmp_path / "run" / "vanilla" / "stage.json").read_text())["done"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["baseline"] is True
+    assert (tmp_path / "run" / "namm" / "stage.json").read_bytes() == namm  # the rest as it was: reused

@@ -1131,6 +1131,8 @@ def add_parser(sub, name: str) -> None:
     f.add_argument("--config", metavar="TOML", help="TOML file with tables of the sections --set takes")
     f.add_argument("--out", default=None, help="run directory (default: runs/namm-<data>)")
     f.add_argument("--no-baseline", action="store_true", help="skip the vanilla diffusion model")
+    f.add_argument("--baseline", action="store_true",
+                   help="with --resume: make the vanilla diffusion model that a run fitted with --no-baseline lacks")
     f.add_argument("--resume", action="store_true",
                    help="go on with the settings --out records (an interrupted fit; --set may still change some)")
     _settings_args(f)
@@ -1257,8 +1259,10 @@ def _recorded_fit(args: argparse.Namespace) -> tuple[dict, Path]:
         raise ValueError(f"--resume goes on with the settings the run records; it was fitted with --profile "
                          f"{cfg.get('profile')}, not {args.profile}")
     args.data = str(cfg["data"].get("name"))
-    if cfg.get("baseline", (root / "vanilla").is_dir()) is False:  # runs fitted before it was recorded: as they lie
-        args.no_baseline = True
+    if args.baseline and args.no_baseline:
+        raise ValueError("--baseline and --no-baseline contradict each other")
+    if cfg.get("baseline", (root / "vanilla").is_dir()) is False and not args.baseline:  # (a run fitted before it
+        args.no_baseline = True  # was recorded: as it lies)
     return cfg, root
 
 
@@ -1268,6 +1272,9 @@ def run_fit(args: argparse.Namespace) -> int:
         cfg, root = _recorded_fit(args)
         saved_by = f"the NAMM run {root}"  # named by the run's config.json, not by the user: run only if trusted
     else:
+        if args.baseline:
+            raise ValueError("--baseline goes with --resume: a fit makes the vanilla diffusion model unless "
+                             "--no-baseline")
         if not args.data:
             raise ValueError("--data is required (brightness, burgers, kolmogorov, periodic, count, or a file); "
                              "--resume --out RUN goes on with the settings a run records")
@@ -1325,9 +1332,10 @@ def _with_baseline(run: NAMMRun) -> bool:
 
 
 def _no_baseline_why(run: NAMMRun) -> str:
+    make = f"`condiff namm fit --out {run.root} --resume --baseline` makes it"
     if run.cfg.get("baseline") is False:
-        return "it was fitted with --no-baseline (fit it again without, to make one)"
-    return "fit it again without --no-baseline to make one"
+        return f"it was fitted with --no-baseline ({make})"
+    return make
 
 
 def run_finetune(args: argparse.Namespace) -> int:
