@@ -2076,3 +2076,35 @@ def test_a_run_fitted_without_its_baseline_is_given_one_by_resume_baseline(tmp_p
     assert json.loads((tmp_path / "run" / "vanilla" / "stage.json").read_text())["done"]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["baseline"] is True
     assert (tmp_path / "run" / "namm" / "stage.json").read_bytes() == namm  # the rest as it was: reused
+
+
+def test_a_finished_stage_given_more_steps_trains_on_from_its_last_checkpoint(tmp_path, capsys, monkeypatch):
+    """`--set mirror_train.steps=N` with more steps than a finished stage's needed --fresh, which trained the
+    stage anew from step 0 (longer stages are the first thing docs/own-data.md suggests)."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    x = np.random.default_rng(0).uniform(0, 1, (48, 1, 8, 8)).astype("float32")
+    np.savez(tmp_path / "data.npz", x=x[:32], x_test=x[32:])
+    assert main(["namm", "fit", "--data", "data.npz", "--constraint", "box", "--out", "run", "--quiet",
+                 "--set", "mirror_train.steps=2", "--set", "train.steps=2", "--set", "model.mults=[1, 2]",
+                 "--set", "mirror.psi.filters=4", "--set", "mirror.inverse.base=4"]) == 0
+    namm = (tmp_path / "run" / "namm" / "stage.json").read_bytes()
+    capsys.readouterr()
+    assert main(["namm", "fit", "--out", "run", "--resume", "--set", "train.steps=3", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    for stage in ("mdm", "vanilla"):  # both diffusion models go on from step 2; the map is not touched
+        assert f"extending {os.path.join('run', stage)}: from step 2 (its last checkpoint) to 3" in err, err
+        assert json.loads((tmp_path / "run" / stage / "stage.json").read_text())["spec"]["train"]["steps"] == 3
+        log = [json.loads(line)["step"] for line in (tmp_path / "run" / stage / "log.jsonl").read_text().splitlines()]
+        assert log == sorted(log) and (tmp_path / "run" / stage / "checkpoints" / "step_00000003").is_dir()
+    assert (tmp_path / "run" / "namm" / "stage.json").read_bytes() == namm
+    # fewer steps are no extension, and a stage made from an extended one is redone only with --fresh
+    assert main(["namm", "fit", "--out", "run", "--resume", "--set", "train.steps=2", "--quiet"]) == 2
+    assert "made with train.steps=3, now 2; --set train.steps=3 takes the stage as made" in capsys.readouterr().err
+    assert main(["namm", "fit", "--out", "run", "--resume", "--set", "mirror_train.steps=3", "--quiet"]) == 2
+    assert "run/mdm was made with other settings (mirror_train.steps differ)" in capsys.readouterr().err
+    assert main(["namm", "fit", "--out", "run", "--resume", "--set", "mirror_train.steps=3", "--fresh",
+                 "--quiet"]) == 0
+    assert "extending run/namm: from step 2 (its last checkpoint) to 3" in capsys.readouterr().err
+    assert (tmp_path / "run" / "namm" / "checkpoints" / "step_00000003").is_dir()

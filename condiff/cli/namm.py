@@ -240,6 +240,11 @@ PROFILE_FAMILIES = {
     },
     "default": {"brightness": {"loss": {"l_con": 0.01 * (64 / 32) ** 2}}},
 }
+# the setting a finished stage can grow (more training from its last checkpoint, not a new stage): `--set
+# mirror_train.steps=6000` goes on with the map where --fresh trained it anew
+EXTENDABLE = {"namm": "mirror_train.steps", "mdm": "train.steps", "vanilla": "train.steps",
+              "finetune": "finetune.steps"}
+
 # each trained stage's loss.png: its title, the log's curves it draws (key: legend text) and their axis label
 _MIRROR_TERMS = {"loss": "loss (the weighted sum)", "cyc": "cycle terms", "con": "constraint l(f(y))",
                  "reg": "|grad Psi| (regulariser)", "adv": "realism (critic)"}
@@ -471,7 +476,7 @@ class NAMMRun:
             # as _stage decides: a stage of other settings is redone only with --fresh, or where it holds
             # nothing to lose (a finished stage of these settings set aside by a --fresh is then put back)
             if (old is not None and not same_spec(old.get("spec"), spec) and not self.fresh
-                    and not self._holds_nothing(name, old)):
+                    and not self._holds_nothing(name, old) and self._extension(name, old) is None):
                 raise StageMismatch(self._mismatch_message(name))
             with torch.no_grad():
                 if name == "namm":
@@ -566,6 +571,21 @@ class NAMMRun:
         return (f"{self.root / name} was made with other settings{hint}; pass --fresh to redo it, "
                 f"or use another --out / --run{go_on}")
 
+    def _extension(self, name: str, old: dict | None) -> tuple[int, int] | None:
+        """``(from, to)`` where the finished stage ``name`` differs from these settings only by more training
+        steps (:data:`EXTENDABLE`) and holds the checkpoint it finished at: it trains on from there."""
+        prev = (old or {}).get("spec")
+        if name not in EXTENDABLE or not (old or {}).get("done") or not isinstance(prev, dict):
+            return None
+        key = EXTENDABLE[name]
+        if changed_keys(comparable(prev), comparable(self.spec(name))) != [key]:
+            return None
+        a, b = _at(prev, tuple(key.split("."))), _at(self.spec(name), tuple(key.split(".")))
+        if not (checks.is_integer(a, 1) and checks.is_integer(b, 1) and b > a):
+            return None
+        ckpts = list_checkpoints(self.root / name / "checkpoints")
+        return (int(a), int(b)) if ckpts and ckpts[-1].name == f"step_{int(a):08d}" else None
+
     def _holds_nothing(self, name: str, old: dict) -> bool:
         """Whether a stage is unfinished and holds no checkpoint (it failed before its first): nothing to lose."""
         return not old.get("done") and not any((self.root / name).rglob("step_*"))
@@ -599,6 +619,10 @@ class NAMMRun:
             io.discard_moving(self.root)  # a set-aside cut short: the stages go on as they lie
             self._restore_kept(name, spec)
         old = self._old_spec(name)
+        if (grow := self._extension(name, old)) is not None:  # before --fresh: nothing of it is to be redone
+            io.write_json_atomic(f, {"spec": spec, "done": False})
+            print(f"extending {d}: from step {grow[0]} (its last checkpoint) to {grow[1]}", file=sys.stderr)
+            return d, False
         if old is not None:
             if same_spec(old.get("spec"), spec):
                 if not old.get("done") and (self.root / io.REPLACED / name).is_dir():
