@@ -461,6 +461,10 @@ def test_train_cached_reuses_refuses_or_retrains_and_saves_a_model_other_command
     _, again = fit({"a": 1, "b": {"c": 2}}, steps=99)  # the steps are part of the key in the experiments
     assert again["steps"] == 3  # reused, not retrained
     assert {q: q.read_bytes() for q in run.rglob("*") if q.is_file()} == before
+    # a float setting recorded as a whole number (as before such numbers were kept as floats) is the same key:
+    # the key's text differs ("1" against "1.0"), which retrained the model
+    _, again = fit({"a": 1.0, "b": {"c": 2.0}}, steps=99)
+    assert again["steps"] == 3 and {q: q.read_bytes() for q in run.rglob("*") if q.is_file()} == before
     old = {k: v for k, v in cfg.items() if k not in ("data", "shape", "value_range")}
     io.write_json_atomic(run / "model" / "config.json", old)  # a model saved before they were recorded
     with pytest.raises(io.CheckpointError, match="older `condiff dual` experiment.*run that experiment again"):
