@@ -1494,6 +1494,10 @@ def run_assim(args: argparse.Namespace) -> int:
         res_l = (f"residual / sigma_y {v['residual_mean']:8.3g}   l(x) mean {v['l_mean']:10.4g}   "
                  f"RMSE unobserved {v['rmse_unobserved']:8.3g}")
         print(f"  {k:<24} {res_l}   {v['seconds']:.0f} s")
+    if "constraint-guided DPS" in res["methods"]:  # a weight tuned on Burgers: said, as it may not suit another
+        w = float(res["settings"]["constraint_weight"])
+        print(f"  (constraint-guided DPS weights l(x0_hat) by assimilate.constraint_weight = {w:g}; the defaults were "
+              "chosen for the paper's data, so another constraint may want another)")
     _keep_settings(run)
     print(f"wrote {out / 'assimilation.png'}, {out / 'samples.npz'}, {out / 'metrics.json'}")
     return 0
