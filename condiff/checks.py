@@ -267,7 +267,11 @@ def check_setting(name: str, default: Any, value: Any, what: str = "default") ->
             raise ValueError(f"setting {name} expects an integer ({what} {default!r}), got {value!r}{beyond}")
         return int(value)
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)  # a float setting stays one: stored as 2, a later `--set ...=0.2` read it as an integer's
+        try:
+            return float(value)  # a float setting stays one (stored as 2, a later --set 0.2 was no integer)
+        except OverflowError:  # (which names no setting)
+            raise ValueError(f"setting {name} must be a finite number, got an integer of {len(str(abs(value)))} "
+                             "digits") from None
     return value
 
 

@@ -41,6 +41,8 @@ def test_a_float_setting_given_a_whole_number_stays_a_float():
     got = checks.check_setting("assimilate.constraint_weight", 200.0, 2)
     assert got == 2.0 and isinstance(got, float)
     assert checks.check_setting("train.steps", 100, 7) == 7 and checks.check_setting("x", True, False) is False
+    with pytest.raises(ValueError, match=r"^setting loss.l_con must be a finite number, got an integer of 401 digits$"):
+        checks.check_setting("loss.l_con", 1.0, 10**400)  # (float() raised an OverflowError naming no setting)
     cfg = {"assimilate": {"constraint_weight": 200.0}}
     set_path(cfg, ["assimilate", "constraint_weight"], 2)
     set_path(cfg, ["assimilate", "constraint_weight"], 0.2)  # the earlier --set, now recorded, in its place

@@ -391,13 +391,14 @@ def test_scatter_frames_every_point_and_sample_panels_share_one_grey_scale(monke
     assert any(ax.get_label() == "<colorbar>" for ax in figs[-1].axes)
     # a pixel that meets the constraint exactly (0, no number on a log scale) is drawn as the scale's lowest
     # colour: it was left blank, white, which read as a violation in held-out data
-    small[0, 0, 0] = 0.0
+    small[0, 0, 0], small[1, 0, 0] = 0.0, float("nan")
     mplots.plot_violation_grid({"v": (bright, big, big.mean((1, 2))), "m": (dark, small, small.mean((1, 2)))},
                                tmp_path / "g.png", rows=3)
-    zero = next(im for ax in figs[-1].axes for im in ax.get_images() if im.get_cmap().name == "magma"
-                and float(im.get_array().min()) == 0.0)
-    assert type(zero.norm).__name__ == "LogNorm" and np.ma.is_masked(zero.norm(np.array([0.0])))
-    assert zero.to_rgba(np.array([[0.0]]))[0, 0] == pytest.approx(zero.get_cmap()(0.0))
+    maps = [im for ax in figs[-1].axes for im in ax.get_images() if im.get_cmap().name == "magma"]
+    assert type(maps[0].norm).__name__ == "LogNorm"
+    zero, nan = (im.to_rgba(im.get_array())[0, 0] for im in (maps[1], maps[3]))  # rows 1, 2 of the "m" column
+    assert zero == pytest.approx(maps[1].get_cmap()(0.0)) and zero[3] == 1  # met exactly: the lowest colour
+    assert nan[3] == 0  # not finite: left blank, not drawn as met
 
 
 def test_reference_lines_and_tours_are_named_in_their_legends(monkeypatch, tmp_path):

@@ -874,6 +874,11 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["namm", "assimilate", "--run", str(run), "--no-baselines", "--out", str(tmp_path / "ev")]) == 2
     assert "holds the output of `condiff eval`" in capsys.readouterr().err
+    samples = {q: q.read_bytes() for q in (run / "samples").rglob("*") if q.is_file()}
+    for inside in (run / "samples", run / "samples" / "mdm", run / "namm"):  # a stage's or the samples' folder
+        assert main(["namm", "assimilate", "--run", str(run), "--no-baselines", "--out", str(inside)]) == 2
+        assert "lies inside the run" in capsys.readouterr().err
+    assert {q: q.read_bytes() for q in (run / "samples").rglob("*") if q.is_file()} == samples
     # a method that diverges (here one made to) is named, and the earlier assimilation is left as it was
     import condiff.cli.namm as namm_cli
 
@@ -2104,7 +2109,64 @@ def test_a_finished_stage_given_more_steps_trains_on_from_its_last_checkpoint(tm
     assert "made with train.steps=3, now 2; --set train.steps=3 takes the stage as made" in capsys.readouterr().err
     assert main(["namm", "fit", "--out", "run", "--resume", "--set", "mirror_train.steps=3", "--quiet"]) == 2
     assert "run/mdm was made with other settings (mirror_train.steps differ)" in capsys.readouterr().err
-    assert main(["namm", "fit", "--out", "run", "--resume", "--set", "mirror_train.steps=3", "--fresh",
+    assert json.loads((tmp_path / "run" / "vanilla" / "stage.json").read_text())["extended_from"] == 2
+    # an extension cut short: the stage as it was comes back when asked for, and one asked to go elsewhere is
+    # told of the extension begun
+    from condiff.train import Trainer
+
+    real_fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["namm", "fit", "--out", "run", "--resume", "--set", "train.steps=5", "--quiet"]) == 130
+    monkeypatch.setattr(Trainer, "fit", real_fit)
+    assert json.loads((tmp_path / "run" / "mdm" / "stage.json").read_text())["extends"]["from"] == 3
+    capsys.readouterr()
+    assert main(["namm", "fit", "--out", "run", "--resume", "--set", "train.steps=6", "--quiet"]) == 2
+    assert ("(an extension from step 3 to 5 was begun: --set train.steps=5 goes on with it)"
+            in capsys.readouterr().err)
+    assert main(["namm", "fit", "--out", "run", "--resume", "--set", "train.steps=3", "--quiet"]) == 0
+    assert "is the stage as it was before its extension, which stopped unfinished" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "mdm" / "stage.json").read_text())["done"]
+    # --fresh trains anew what it redoes: a stage with more steps too (a profile's longer run is no extension)
+    assert main(["namm", "fit", "--out", "run", "--resume", "--set", "train.steps=4", "--fresh", "--quiet"]) == 0
+    assert "extending" not in capsys.readouterr().err
+    assert not (tmp_path / "run" / "vanilla" / "checkpoints" / "step_00000003").exists()
+    assert (tmp_path / "run" / "vanilla" / "checkpoints" / "step_00000004").is_dir()
+
+
+def test_a_run_recorded_with_whole_numbers_for_float_settings_takes_fractions_and_stays_the_same(tmp_path, capsys,
+                                                                                                monkeypatch):
+    """Runs made before float settings were kept as floats record `--set loss.l_con=2` as 2: a later
+    `--set sample.eta=0.5` was refused as no integer, and results made since read as made from other stages
+    (their fingerprints hashed 2.0 where stage.json holds 2)."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    x = np.random.default_rng(0).uniform(0, 1, (48, 1, 8, 8)).astype("float32")
+    np.savez(tmp_path / "data.npz", x=x[:32], x_test=x[32:])
+    assert main(["namm", "fit", "--data", "data.npz", "--constraint", "box", "--out", "run", "--no-baseline", "--quiet",
+                 "--set", "mirror_train.steps=2", "--set", "train.steps=2", "--set", "model.mults=[1, 2]",
+                 "--set", "mirror.psi.filters=4", "--set", "mirror.inverse.base=4", "--set", "loss.l_con=2",
+                 "--set", "sample.eta=1", "--set", "sample.steps=2"]) == 0
+    for f in ("config.json", "namm/stage.json", "mdm/stage.json"):  # as the older code wrote them
+        (tmp_path / "run" / f).write_text((tmp_path / "run" / f).read_text().replace('"l_con": 2.0', '"l_con": 2')
+                                          .replace('"eta": 1.0', '"eta": 1'))
+    assert '"l_con": 2,' in (tmp_path / "run" / "namm" / "stage.json").read_text()
+    capsys.readouterr()
+    assert main(["namm", "sample", "--run", "run", "--n", "2", "--no-finetuned", "--set", "sample.eta=0.5",
                  "--quiet"]) == 0
-    assert "extending run/namm: from step 2 (its last checkpoint) to 3" in capsys.readouterr().err
-    assert (tmp_path / "run" / "namm" / "checkpoints" / "step_00000003").is_dir()
+    assert "making" not in capsys.readouterr().err  # the stages as they were, reused
+    assert main(["show", "run"]) == 0
+    assert "made from another" not in capsys.readouterr().out
+
+
+def test_a_stage_made_with_other_settings_offers_back_only_its_own():
+    """A fine-tuning made from a shorter mirror DM was told `--set train.steps=2 takes the stage as made`, which
+    the mirror DM then refused the other way: a setting of a stage it is made from is named, not offered back."""
+    from condiff.cli.namm import _made_with
+
+    old = {"train": {"steps": 2}, "finetune": {"steps": 5}}
+    now = {"train": {"steps": 4}, "finetune": {"steps": 6}}
+    said = _made_with(old, now, ["finetune.steps", "train.steps"], "finetune")
+    assert "made with finetune.steps=5, now 6; made with train.steps=2, now 4" in said
+    assert "--set finetune.steps=5 takes the stage as made" in said and "--set train.steps" not in said
+    assert "--set train.steps=2 takes" in _made_with(old, now, ["train.steps"], "mdm")

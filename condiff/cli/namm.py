@@ -25,6 +25,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -344,8 +345,7 @@ def finetune_flags(begun: dict, now: dict) -> list[str] | None:
     two agree, None where no flags can: a stage it is made from has changed since (only --fresh goes on),
     or a setting to give back is not a number or was not there before."""
     own = ("finetune", "sampler")
-    if any(json.dumps(begun.get(k), sort_keys=True) != json.dumps(now.get(k), sort_keys=True)
-           for k in set(begun) | set(now) if k not in own):
+    if any(begun.get(k) != now.get(k) for k in set(begun) | set(now) if k not in own):  # (as values: 2 is 2.0)
         return None
     flags = []
     for table in own:
@@ -361,9 +361,15 @@ def finetune_flags(begun: dict, now: dict) -> list[str] | None:
     return flags
 
 
-def _made_with(old: dict, now: dict, changed: list[str]) -> str:
+# the sections of the settings each stage is made with itself (the rest come from the stages it is made from)
+OWN_SECTIONS = {"namm": ("mirror", "loss", "mirror_train"), "mdm": ("model", "schedule", "train"),
+                "vanilla": ("model", "schedule", "train"), "finetune": ("finetune",)}
+
+
+def _made_with(old: dict, now: dict, changed: list[str], stage: str = "") -> str:
     """What a stage's settings were where they differ from the command's (``changed``: dotted keys, the pool's
-    sampler as ``sample.*``): the old values of plain settings, with the ``--set`` that takes them, and for an
+    sampler as ``sample.*``): the old values of plain settings, with the ``--set`` that takes them where the
+    setting is the stage's own (one of a stage it is made from would only move the mismatch there), and for an
     edited constraint file, which file."""
     said, back = [], []
     for key in changed[:4]:
@@ -376,7 +382,7 @@ def _made_with(old: dict, now: dict, changed: list[str]) -> str:
                         "back the version it was made with to use it")
         elif not isinstance(was, (dict, list)) and not isinstance(is_, (dict, list)) and was is not None:
             said.append(f"made with {key}={json.dumps(was)}, now {json.dumps(is_)}")
-            if path[0] in SECTIONS and path[0] != "data":
+            if path[0] in OWN_SECTIONS.get(stage, SECTIONS):  # (sample.*: the fine-tuning's own hint says it)
                 back.append(f"--set {key}={json.dumps(was)}")
     if back:
         said.append(f"{' '.join(back)} takes the stage as made")
@@ -476,7 +482,8 @@ class NAMMRun:
             # as _stage decides: a stage of other settings is redone only with --fresh, or where it holds
             # nothing to lose (a finished stage of these settings set aside by a --fresh is then put back)
             if (old is not None and not same_spec(old.get("spec"), spec) and not self.fresh
-                    and not self._holds_nothing(name, old) and self._extension(name, old) is None):
+                    and not self._holds_nothing(name, old) and self._extension(name, old) is None
+                    and self._before_extension(name, old, spec) is None):
                 raise StageMismatch(self._mismatch_message(name))
             with torch.no_grad():
                 if name == "namm":
@@ -514,8 +521,14 @@ class NAMMRun:
         return specs[stage]
 
     def made_from(self, stages: list[str]) -> dict[str, str]:
-        """What a result records of the stages it was made from (:func:`spec_digest` of each one's settings)."""
-        return {name: spec_digest(self.spec(name)) for name in stages}
+        """What a result records of the stages it was made from (:func:`spec_digest` of each one's settings as its
+        stage.json records them, which ``condiff show`` compares: a setting recorded as 2 and now read as 2.0 is
+        the same stage, but not the same text)."""
+        out = {}
+        for name in stages:
+            old = (self._old_spec(name) or {}).get("spec")
+            out[name] = spec_digest(old if same_spec(old, self.spec(name)) else self.spec(name))
+        return out
 
     def _old_spec(self, name: str) -> dict | None:
         """The stage's ``stage.json`` (None when the stage was never started); a corrupted one is
@@ -541,7 +554,7 @@ class NAMMRun:
         changed = [f"sample.{k[len('sampler.'):]}" if k.startswith("sampler.") else k for k in changed]
         hint = f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} differ)" if changed else ""
         if isinstance(old, dict) and record.get("done"):  # (an unfinished one: the hints below say how to go on)
-            hint += _made_with(old, self.spec(name), changed)
+            hint += _made_with(old, self.spec(name), changed, name)
         if name == "finetune" and any(k.startswith("sample.") for k in changed):
             skip = self.skip_hints.get("finetune", "--no-finetuned leaves it out")
             was_sampler = old.get("sampler") if isinstance(old.get("sampler"), dict) else {}
@@ -555,6 +568,11 @@ class NAMMRun:
         was = (old.get("mirror") or {}).get("psi", {}).get("layers") if "mirror.psi.layers" in changed else None
         if isinstance(was, int) and profile == self.cfg.get("profile"):  # the profiles' ICNN grew to the paper's depth
             hint += " (the default and full profiles build the paper's ICNN depth since 2026-12-05)"
+        ext = record.get("extends")
+        if isinstance(ext, dict) and not record.get("done") and name in EXTENDABLE and isinstance(old, dict):
+            key = EXTENDABLE[name]
+            hint += (f" (an extension from step {ext.get('from')} to {_at(old, tuple(key.split('.')))} was begun: "
+                     f"--set {key}={_at(old, tuple(key.split('.')))} goes on with it)")
         kept = self.root / io.REPLACED / name
         go_on = ""
         if isinstance(old, dict) and not record.get("done") and name == "finetune":  # no --resume of its own
@@ -583,8 +601,18 @@ class NAMMRun:
         a, b = _at(prev, tuple(key.split("."))), _at(self.spec(name), tuple(key.split(".")))
         if not (checks.is_integer(a, 1) and checks.is_integer(b, 1) and b > a):
             return None
-        ckpts = list_checkpoints(self.root / name / "checkpoints")
-        return (int(a), int(b)) if ckpts and ckpts[-1].name == f"step_{int(a):08d}" else None
+        ckpts = list_checkpoints(self.root / name / "checkpoints")  # the newest: where it finished, or where an
+        newest = int(ckpts[-1].name.split("_")[-1]) if ckpts else -1  # extension cut short had got to
+        return (int(a), int(b)) if a <= newest < b else None
+
+    def _before_extension(self, name: str, old: dict | None, spec: dict) -> dict | None:
+        """The finished record of stage ``name`` as it was before an extension that stopped unfinished, where these
+        settings ``spec`` are that stage's and its model was never replaced; else None."""
+        was = (old or {}).get("extends")
+        if not (isinstance(was, dict) and not old.get("done") and same_spec(was.get("spec"), spec)):
+            return None
+        saved = any((self.root / name / m / io.CONFIG).is_file() for m in ("model", "mirror"))
+        return {k: v for k, v in was.items() if k != "from"} if saved else None
 
     def _holds_nothing(self, name: str, old: dict) -> bool:
         """Whether a stage is unfinished and holds no checkpoint (it failed before its first): nothing to lose."""
@@ -619,10 +647,16 @@ class NAMMRun:
             io.discard_moving(self.root)  # a set-aside cut short: the stages go on as they lie
             self._restore_kept(name, spec)
         old = self._old_spec(name)
-        if (grow := self._extension(name, old)) is not None:  # before --fresh: nothing of it is to be redone
-            io.write_json_atomic(f, {"spec": spec, "done": False})
+        if not self.fresh and (grow := self._extension(name, old)) is not None:  # (--fresh trains anew)
+            # the finished record is kept: an extension cut short gives the stage back as it was when asked for
+            io.write_json_atomic(f, {"spec": spec, "done": False, "extends": {**old, "from": grow[0]}})
             print(f"extending {d}: from step {grow[0]} (its last checkpoint) to {grow[1]}", file=sys.stderr)
             return d, False
+        if (was := self._before_extension(name, old, spec)) is not None:
+            io.write_json_atomic(f, was)  # its model was never replaced
+            print(f"note: {d} is the stage as it was before its extension, which stopped unfinished (its later "
+                  "checkpoints stay: extending it again goes on from the newest)", file=sys.stderr)
+            return d, True
         if old is not None:
             if same_spec(old.get("spec"), spec):
                 if not old.get("done") and (self.root / io.REPLACED / name).is_dir():
@@ -655,6 +689,9 @@ class NAMMRun:
             what, labels, ylabel = STAGE_CURVES[name]
             plot_loss_curve(self.root / name / "log.jsonl", self.root / name / "loss.png", keys=tuple(labels),
                             ylabel=f"{ylabel} (mean over the log interval)", title=f"{name}: {what}", labels=labels)
+        was = json_table(self.root / name / "stage.json").get("extends")
+        if isinstance(was, dict) and "from" in was:  # trained on from a finished stage: said (show, benchmarks)
+            extra = {"extended_from": was["from"], **extra}
         io.write_json_atomic(
             self.root / name / "stage.json",
             {"spec": spec, "done": True, "seconds": round(seconds, 2), **extra},
@@ -1226,6 +1263,7 @@ def _recorded_settings(root: Path, overrides: list[str], remedy: str) -> dict:
         cfg.setdefault(section, copy.deepcopy(default))
         if isinstance(default, dict) and not isinstance(cfg[section], dict):  # a hand-edited config.json
             raise ValueError(f"{f}: {section} must be a table of settings, got {cfg[section]!r}")
+    floats_as_defaults(cfg, _BASE)
     parsed = [parse_override(o, SECTIONS, nested=True) for o in overrides]
     given = {path[1]: v for path, v in parsed if path[0] == "data" and len(path) == 2}
     refuse_unused_generator_keys((cfg.get("data") or {}).get("name"), given)  # older runs may record them
@@ -1248,6 +1286,19 @@ def _leaf_paths(table: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ..
             for p in (_leaf_paths(v, (*prefix, k)) if isinstance(v, dict) and v else [(*prefix, k)])]
 
 
+def floats_as_defaults(cfg: dict, defaults: dict) -> dict:
+    """``cfg`` (changed in place, and returned) with each whole number whose default is a float made a float: a
+    run recorded before such settings were kept as floats holds ``2`` where ``--set ...=0.5`` must then be taken
+    (it was refused as no integer). Equal values either way, so the stages are the same."""
+    for k, d in defaults.items():
+        v = cfg.get(k)
+        if isinstance(d, dict) and isinstance(v, dict):
+            floats_as_defaults(v, d)
+        elif isinstance(d, float) and isinstance(v, int) and not isinstance(v, bool):
+            cfg[k] = float(v)
+    return cfg
+
+
 def keep_later_settings(cfg: dict, root: Path, named: set[tuple[str, ...]]) -> dict:
     """``cfg`` with the later commands' sections taken from the run's config.json, where the run has
     the same data and profile, except the keys this call gives (``named``: the paths its --set and
@@ -1258,7 +1309,7 @@ def keep_later_settings(cfg: dict, root: Path, named: set[tuple[str, ...]]) -> d
     if before.get("profile") != cfg.get("profile") or before.get("data") != cfg.get("data"):
         return cfg
     kept = [k for k in LATER_SECTIONS if isinstance(before.get(k), dict)]
-    out = {**cfg, **{k: copy.deepcopy(before[k]) for k in kept}}
+    out = {**cfg, **{k: floats_as_defaults(copy.deepcopy(before[k]), _BASE.get(k, {})) for k in kept}}
     for path in sorted((p for p in named if p[0] in kept), key=len):  # a whole table first, then its keys
         set_path(out, list(path), copy.deepcopy(value_at(cfg, path)))
     return out
@@ -1458,6 +1509,12 @@ def run_assim(args: argparse.Namespace) -> int:
         [] if args.no_baselines else ["vanilla"])
     run.skip_hints["finetune"] = "--set assimilate.finetuned=false uses the fitted map instead"
     run.preflight(stages)
+    if args.out is not None:  # inside the run, only a folder of its own beside assimilate/ (not a stage, samples/)
+        p, root = Path(os.path.abspath(args.out)), Path(os.path.abspath(run.root))
+        if (p == root or root in p.parents) and not (p.parent == root and p.name.startswith("assimilate")):
+            raise ValueError(f"--out {args.out} lies inside the run {run.root}, among its stages and results: give "
+                             f"a folder of its own there named assimilate-... ({run.root / 'assimilate-rows'}, say), "
+                             "or one outside the run")
     out = check_out_dir(run.root / "assimilate", flag="the output") if args.out is None else \
         check_out_dir(args.out, kind="condiff namm assimilate")
     for f in (out / "assimilation.png", out / "samples.npz", out / "metrics.json"):  # refused now, not after sampling

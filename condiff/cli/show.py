@@ -200,7 +200,8 @@ def _namm_stale(p: Path) -> list[str]:
             notes.append(f"{down}/ was made from another {', '.join(f'{u}/' for u in gone)} than the one there now: "
                          f"it describes what that replaced ({_NAMM_REDO[down].format(run=p)} makes it again)")
     stale = bool(notes)  # stages to make again before the results made from them
-    for res in ("samples", "assimilate"):
+    extra = sorted(q.name for q in p.glob("assimilate?*") if q.is_dir())  # `namm assimilate --out RUN/assimilate-x`
+    for res in ("samples", "assimilate", *extra):
         table = json_table(p / res / "metrics.json")
         made = table.get("made_from")
         if not isinstance(made, dict):
@@ -232,7 +233,8 @@ def _namm_redo_result(p: Path, res: str, table: dict) -> str:
     obs = (table.get("settings") or {}).get("obs") if isinstance(table.get("settings"), dict) else None
     flags = ([f"--obs {obs}"] if isinstance(obs, str) else []) + (["--no-baselines"] if list(methods) == ["mirror DPS"]
                                                                    else [])
-    return " ".join([f"condiff namm assimilate --run {p}", *flags])
+    out = [] if res == "assimilate" else [f"--out {p / res}"]
+    return " ".join([f"condiff namm assimilate --run {p}", *flags, *out])
 
 
 def _settings(cfg: dict) -> dict:

@@ -21,8 +21,9 @@ def check_space(who: str, denoiser: Denoiser, mirror: MirrorMap | None) -> None:
         raise ValueError(f"{who}: the denoiser is a mirror diffusion model (trained on g(x)), whose samples lie in "
                          "mirror space: pass mirror=, the map it was trained with, so that f takes them back to data")
     if space is False and mirror is not None:
+        instead = "sample it with condiff.sample.generate" if who == "mirror_generate" else "leave out mirror="
         raise ValueError(f"{who}: the denoiser is a data-space model (a NAMM run's vanilla stage), not a mirror "
-                         "diffusion model: leave out mirror=, or pass the run's mirror DM")
+                         f"diffusion model: {instead}, or pass the run's mirror DM")
 
 
 def mirror_generate(
@@ -80,7 +81,8 @@ def data_violation(constraint, x: Tensor, n: int = 512, seed: int = 0, device: s
                              "mirror map evaluates it on noisy images, so it must be finite everywhere")
     # off the set, where the map's training moves f(y): a distance with no slope there (rounded, thresholded)
     # teaches the map nothing, said here rather than after the fit (check_distance warns)
-    check_distance(constraint, noise[:4].to(device), on=" on images of Gaussian noise with the data's mean and std")
+    if not torch.is_inference_mode_enabled():  # (a measurement may be taken in inference mode: no slope to check)
+        check_distance(constraint, noise[:4].to(device), on=" on images of Gaussian noise with the data's mean and std")
     median, noise_median = float(clean.median()), float(on_noise.median())
     return {"n": len(pick), "mean": float(clean.mean()), "median": median, "noise_median": noise_median,
             "satisfied": median <= 0.25 * noise_median}
