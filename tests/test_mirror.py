@@ -1436,6 +1436,8 @@ def test_data_violation_tells_data_on_the_set_from_data_off_it():
     # a distance with no slope off the set (rounded) teaches the map nothing: said before the fit, not after
     with pytest.warns(UserWarning, match="a constraint distance is > 0 on 4 of 4 samples but its gradient is zero"):
         data_violation(lambda v: torch.round(10 * v.sum(-1).abs()).flatten(1).mean(1), symmetric)
+    with torch.inference_mode():  # a measurement: taken in inference mode too (the slope probe is left out)
+        assert data_violation(MirrorSymmetry(-1), symmetric)["satisfied"]
 
 
 def test_map_inputs_of_another_dtype_or_no_samples():
