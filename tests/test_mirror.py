@@ -875,7 +875,8 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert main(["namm", "assimilate", "--run", str(run), "--no-baselines", "--out", str(tmp_path / "ev")]) == 2
     assert "holds the output of `condiff eval`" in capsys.readouterr().err
     samples = {q: q.read_bytes() for q in (run / "samples").rglob("*") if q.is_file()}
-    for inside in (run / "samples", run / "samples" / "mdm", run / "namm"):  # a stage's or the samples' folder
+    (tmp_path / "link").symlink_to(run)  # the run reached through a link is the run
+    for inside in (run / "samples", run / "samples" / "mdm", run / "namm", tmp_path / "link" / "samples"):
         assert main(["namm", "assimilate", "--run", str(run), "--no-baselines", "--out", str(inside)]) == 2
         assert "lies inside the run" in capsys.readouterr().err
     assert {q: q.read_bytes() for q in (run / "samples").rglob("*") if q.is_file()} == samples
@@ -2133,6 +2134,26 @@ def test_a_finished_stage_given_more_steps_trains_on_from_its_last_checkpoint(tm
     assert "extending" not in capsys.readouterr().err
     assert not (tmp_path / "run" / "vanilla" / "checkpoints" / "step_00000003").exists()
     assert (tmp_path / "run" / "vanilla" / "checkpoints" / "step_00000004").is_dir()
+    # an extension stopped after its model was saved, before its record: that model is not the stage as it was
+    import condiff.cli.namm as namm_cli
+
+    real_plot = namm_cli.plot_loss_curve
+
+    def stop_at_mdm(log, png, **kw):
+        if "mdm" in str(png):
+            raise KeyboardInterrupt
+        return real_plot(log, png, **kw)
+
+    monkeypatch.setattr(namm_cli, "plot_loss_curve", stop_at_mdm)
+    assert main(["namm", "fit", "--out", "run", "--resume", "--set", "train.steps=5", "--quiet"]) == 130
+    monkeypatch.setattr(namm_cli, "plot_loss_curve", real_plot)
+    assert json.loads((tmp_path / "run" / "mdm" / "model" / "config.json").read_text())["steps"] == 5
+    capsys.readouterr()
+    assert main(["namm", "fit", "--out", "run", "--resume", "--set", "train.steps=4", "--quiet"]) == 2
+    assert "(an extension from step 4 to 5 was begun: --set train.steps=5 goes on with it)" in capsys.readouterr().err
+    assert main(["namm", "fit", "--out", "run", "--resume", "--set", "train.steps=5", "--quiet"]) == 0
+    record = json.loads((tmp_path / "run" / "mdm" / "stage.json").read_text())
+    assert record["done"] and record["spec"]["train"]["steps"] == 5 and record["extended_from"] == 4
 
 
 def test_a_run_recorded_with_whole_numbers_for_float_settings_takes_fractions_and_stays_the_same(tmp_path, capsys,
@@ -2151,11 +2172,12 @@ def test_a_run_recorded_with_whole_numbers_for_float_settings_takes_fractions_an
                  "--set", "sample.eta=1", "--set", "sample.steps=2"]) == 0
     for f in ("config.json", "namm/stage.json", "mdm/stage.json"):  # as the older code wrote them
         (tmp_path / "run" / f).write_text((tmp_path / "run" / f).read_text().replace('"l_con": 2.0', '"l_con": 2')
-                                          .replace('"eta": 1.0', '"eta": 1'))
+                                          .replace('"eta": 1.0', '"eta": 1').replace('"noise": 0.05', '"noise": 1'))
+    assert '"noise": 1,' in (tmp_path / "run" / "config.json").read_text()  # a float of the family's defaults
     assert '"l_con": 2,' in (tmp_path / "run" / "namm" / "stage.json").read_text()
     capsys.readouterr()
     assert main(["namm", "sample", "--run", "run", "--n", "2", "--no-finetuned", "--set", "sample.eta=0.5",
-                 "--quiet"]) == 0
+                 "--set", "assimilate.noise=0.5", "--quiet"]) == 0
     assert "making" not in capsys.readouterr().err  # the stages as they were, reused
     assert main(["show", "run"]) == 0
     assert "made from another" not in capsys.readouterr().out

@@ -25,7 +25,6 @@ import argparse
 import copy
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -242,7 +241,7 @@ PROFILE_FAMILIES = {
     "default": {"brightness": {"loss": {"l_con": 0.01 * (64 / 32) ** 2}}},
 }
 # the setting a finished stage can grow (more training from its last checkpoint, not a new stage): `--set
-# mirror_train.steps=6000` goes on with the map where --fresh trained it anew
+# train.steps=3000` trains both diffusion models on (--fresh trains anew whatever it redoes)
 EXTENDABLE = {"namm": "mirror_train.steps", "mdm": "train.steps", "vanilla": "train.steps",
               "finetune": "finetune.steps"}
 
@@ -591,7 +590,8 @@ class NAMMRun:
 
     def _extension(self, name: str, old: dict | None) -> tuple[int, int] | None:
         """``(from, to)`` where the finished stage ``name`` differs from these settings only by more training
-        steps (:data:`EXTENDABLE`) and holds the checkpoint it finished at: it trains on from there."""
+        steps (:data:`EXTENDABLE`) and holds the checkpoint it finished at, or a later one of an extension cut short:
+        it trains on from the newest."""
         prev = (old or {}).get("spec")
         if name not in EXTENDABLE or not (old or {}).get("done") or not isinstance(prev, dict):
             return None
@@ -603,7 +603,7 @@ class NAMMRun:
             return None
         ckpts = list_checkpoints(self.root / name / "checkpoints")  # the newest: where it finished, or where an
         newest = int(ckpts[-1].name.split("_")[-1]) if ckpts else -1  # extension cut short had got to
-        return (int(a), int(b)) if a <= newest < b else None
+        return (newest, int(b)) if a <= newest < b else None  # (it trains on from the newest)
 
     def _before_extension(self, name: str, old: dict | None, spec: dict) -> dict | None:
         """The finished record of stage ``name`` as it was before an extension that stopped unfinished, where these
@@ -611,8 +611,11 @@ class NAMMRun:
         was = (old or {}).get("extends")
         if not (isinstance(was, dict) and not old.get("done") and same_spec(was.get("spec"), spec)):
             return None
-        saved = any((self.root / name / m / io.CONFIG).is_file() for m in ("model", "mirror"))
-        return {k: v for k, v in was.items() if k != "from"} if saved else None
+        steps = _at(was["spec"], tuple(EXTENDABLE[name].split("."))) if name in EXTENDABLE else None
+        saved = [json_table(self.root / name / m / io.CONFIG) for m in ("model", "mirror")
+                 if (self.root / name / m / io.CONFIG).is_file()]  # and still the model it finished with, not the
+        ok = bool(saved) and all(c.get("steps") == steps for c in saved)  # extension's (saved, stage.json not yet)
+        return {k: v for k, v in was.items() if k != "from"} if ok else None
 
     def _holds_nothing(self, name: str, old: dict) -> bool:
         """Whether a stage is unfinished and holds no checkpoint (it failed before its first): nothing to lose."""
@@ -1263,7 +1266,7 @@ def _recorded_settings(root: Path, overrides: list[str], remedy: str) -> dict:
         cfg.setdefault(section, copy.deepcopy(default))
         if isinstance(default, dict) and not isinstance(cfg[section], dict):  # a hand-edited config.json
             raise ValueError(f"{f}: {section} must be a table of settings, got {cfg[section]!r}")
-    floats_as_defaults(cfg, _BASE)
+    floats_as_defaults(cfg, _defaults(cfg))
     parsed = [parse_override(o, SECTIONS, nested=True) for o in overrides]
     given = {path[1]: v for path, v in parsed if path[0] == "data" and len(path) == 2}
     refuse_unused_generator_keys((cfg.get("data") or {}).get("name"), given)  # older runs may record them
@@ -1284,6 +1287,14 @@ def _leaf_paths(table: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ..
     """The dotted keys of a settings table, as paths to its values."""
     return [p for k, v in table.items()
             for p in (_leaf_paths(v, (*prefix, k)) if isinstance(v, dict) and v else [(*prefix, k)])]
+
+
+def _defaults(cfg: dict) -> dict:
+    """The defaults a run's settings were resolved from: base < profile < data family (as :func:`resolve`)."""
+    profile, data = cfg.get("profile"), (cfg.get("data") or {}).get("name")
+    out = merge(_BASE, PROFILES.get(profile, {}) if isinstance(profile, str) else {})
+    out = merge(out, FAMILIES.get(data, {"assimilate": GENERIC_ASSIMILATION}) if isinstance(data, str) else {})
+    return merge(out, PROFILE_FAMILIES.get(profile, {}).get(data, {}) if isinstance(profile, str) else {})
 
 
 def floats_as_defaults(cfg: dict, defaults: dict) -> dict:
@@ -1309,7 +1320,7 @@ def keep_later_settings(cfg: dict, root: Path, named: set[tuple[str, ...]]) -> d
     if before.get("profile") != cfg.get("profile") or before.get("data") != cfg.get("data"):
         return cfg
     kept = [k for k in LATER_SECTIONS if isinstance(before.get(k), dict)]
-    out = {**cfg, **{k: floats_as_defaults(copy.deepcopy(before[k]), _BASE.get(k, {})) for k in kept}}
+    out = {**cfg, **{k: floats_as_defaults(copy.deepcopy(before[k]), _defaults(before).get(k, {})) for k in kept}}
     for path in sorted((p for p in named if p[0] in kept), key=len):  # a whole table first, then its keys
         set_path(out, list(path), copy.deepcopy(value_at(cfg, path)))
     return out
@@ -1510,7 +1521,7 @@ def run_assim(args: argparse.Namespace) -> int:
     run.skip_hints["finetune"] = "--set assimilate.finetuned=false uses the fitted map instead"
     run.preflight(stages)
     if args.out is not None:  # inside the run, only a folder of its own beside assimilate/ (not a stage, samples/)
-        p, root = Path(os.path.abspath(args.out)), Path(os.path.abspath(run.root))
+        p, root = Path(args.out).resolve(), Path(run.root).resolve()  # (through links, to where it writes)
         if (p == root or root in p.parents) and not (p.parent == root and p.name.startswith("assimilate")):
             raise ValueError(f"--out {args.out} lies inside the run {run.root}, among its stages and results: give "
                              f"a folder of its own there named assimilate-... ({run.root / 'assimilate-rows'}, say), "
