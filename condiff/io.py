@@ -436,7 +436,7 @@ def is_rank0() -> bool:
 def lock_run(run_dir: str | Path, shared: bool = False) -> None:
     """Hold ``run_dir/.lock`` for the rest of this process, so that two commands never write one run
     at once; refused in one line when another process holds it. ``shared``: a command that writes results
-    of the run's model into it (sample, eval, solve), which may run beside others of its kind but not
+    of the run's model into it (sample, eval, solve, pnp), which may run beside others of its kind but not
     beside one that trains, clears or resumes the run (which holds it alone, and then sweeps what killed
     writers left: :func:`_sweep_run`). Does nothing while ``run_dir`` does not exist (call it again once
     it is made) or when this process holds it already (a shared hold is made exclusive when asked)."""

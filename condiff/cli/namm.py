@@ -15,8 +15,9 @@ train, sample, finetune, guide, assimilate.
 Every stage is a sub-directory of the run (``namm/``, ``mdm/``, ``vanilla/``, ``finetune/``,
 ``samples/``) holding the settings it was made with (``stage.json``; a trained stage also keeps its
 ``log.jsonl`` and draws it as ``loss.png``); a finished stage with the same
-settings is reused, an unfinished one resumes from its newest checkpoint, and one made with other
-settings is an error unless ``--fresh`` is passed.
+settings is reused, an unfinished one resumes from its newest checkpoint, and more training steps alone
+(``mirror_train.steps``, ``train.steps``, ``finetune.steps``) train a finished stage on from its last
+checkpoint; other changed settings are an error unless ``--fresh`` is passed, which trains anew.
 """
 
 from __future__ import annotations
@@ -1232,7 +1233,8 @@ def add_parser(sub, name: str) -> None:
             q.add_argument("--no-baselines", action="store_true", help="mirror DPS only")
             q.add_argument("--out", default=None,
                            help="output directory (default RUN/assimilate); another one keeps an earlier "
-                                "assimilation, of another --obs say, beside this one (e.g. RUN/assimilate-rows)")
+                                "assimilation, of another --obs say, beside this one (inside the run, a folder "
+                                "named assimilate-..., e.g. RUN/assimilate-rows)")
 
 
 def _open_run(args: argparse.Namespace) -> NAMMRun:

@@ -209,7 +209,8 @@ def add_parser(sub, name: str) -> None:
 
     c = s.add_parser("constraint", help="any prior under any differentiable constraint (yours: FILE.py:NAME)",
                      description=DESCRIPTIONS["constraint"])
-    _common(c, "runs/demo", "constraint-<name>", steps=600, lr=0.05, schedule="paper-mnist")
+    _common(c, "runs/demo", "constraint-<name> (FILE-NAME for FILE.py:NAME)", steps=600, lr=0.05,
+            schedule="paper-mnist")
     c.add_argument("--constraint", required=True,
                    help="a registered constraint name (periodic, box, ...) or FILE.py:NAME, a callable x -> (B,) "
                         "distances, zero on the set, in your own Python file")
