@@ -60,8 +60,8 @@ def load_from_file(path: str | Path, attr: str, what: str = "constraint",
     operator, whose instances may hold state)."""
     file = Path(path).expanduser().resolve()
     if not file.is_file():
-        moved = (f" ({saved_by} names it: was it moved or deleted? Put it back, or make the run again with the file "
-                 "where it is now)") if saved_by else ""
+        moved = (f" (named by {saved_by}: if it was moved or deleted, put it back or link it there; or mend the "
+                 "path, or make the run again)") if saved_by else ""
         raise ValueError(f"{what} file {file} does not exist{moved}")
     sha = file_sha256(file)
     if saved_by is None:

@@ -1178,8 +1178,9 @@ def test_another_constraint_or_a_moved_file_keeps_the_vanilla_stage(tmp_path, ca
     (tmp_path / "con.py").rename(tmp_path / "moved" / "con.py")
     capsys.readouterr()
     assert main(["namm", "sample", "--run", "run", "--n", "2", "--quiet"]) == 2  # the run names the old place
-    assert (f"constraint file {tmp_path / 'con.py'} does not exist (the NAMM run run names it: was it moved or "
-            "deleted? Put it back, or make the run again with the file where it is now)") in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (f"constraint file {tmp_path / 'con.py'} does not exist (named by the NAMM run run: if it was moved or "
+            "deleted, put it back or link it there; or mend the path, or make the run again)") in err
     moved = ["namm", "fit", "--data", "data.npz", "--constraint", "moved/con.py:zero_sum", "--out", "run", *tiny]
     assert main(moved) == 2
     assert "run/namm was made with other settings (data.constraint.path" in capsys.readouterr().err

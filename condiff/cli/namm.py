@@ -16,8 +16,9 @@ Every stage is a sub-directory of the run (``namm/``, ``mdm/``, ``vanilla/``, ``
 ``samples/``) holding the settings it was made with (``stage.json``; a trained stage also keeps its
 ``log.jsonl`` and draws it as ``loss.png``); a finished stage with the same
 settings is reused, an unfinished one resumes from its newest checkpoint, and more training steps alone
-(``mirror_train.steps``, ``train.steps``, ``finetune.steps``) train a finished stage on from its last
-checkpoint; other changed settings are an error unless ``--fresh`` is passed, which trains anew.
+(``train.steps``, ``finetune.steps``) train a finished stage on from its last checkpoint; other changed
+settings are an error unless ``--fresh`` is passed, which trains anew (a longer mirror map, which every
+later stage is made from, is a new fit).
 """
 
 from __future__ import annotations
