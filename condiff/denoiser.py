@@ -24,6 +24,10 @@ from .schedule import Schedule, check_schedule
 class Denoiser(nn.Module):
     """Base class: subclasses implement :meth:`predict_eps`; ``nfe`` counts network calls."""
 
+    #: which space the samples lie in, where known: True for a NAMM mirror diffusion model (trained on g(x)),
+    #: False for a NAMM run's vanilla model, None where nothing says (condiff.mirror.sample.check_space reads it)
+    mirror_space: bool | None = None
+
     def __init__(self, schedule: Schedule) -> None:
         super().__init__()
         check_schedule("a denoiser", schedule)

@@ -81,7 +81,7 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: boo
                       value_range=span if ok else None,
                       sample_shape=shape if isinstance(shape, list) and all(checks.is_integer(v, 1) for v in shape)
                       else None)
-    if "stage" in cfg:  # a NAMM run's diffusion model says which space it samples (condiff.mirror.sample.check_space)
+    if "stage" in cfg:  # a NAMM run's diffusion model says which space it samples (Denoiser.mirror_space)
         den.mirror_space = cfg["stage"] == "mdm"
     return den
 

@@ -273,10 +273,7 @@ def resolve(
     """Settings for a NAMM run: base < profile < data family < TOML ``file`` < ``overrides``."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; expected one of {list(PROFILES)}")
-    # the family settings follow registered names only: a user's file called count.npz is not count data
-    cfg = merge(_BASE, PROFILES[profile])
-    cfg = merge(cfg, FAMILIES.get(data, {"assimilate": GENERIC_ASSIMILATION}))
-    cfg = merge(cfg, PROFILE_FAMILIES.get(profile, {}).get(data, {}))
+    cfg = preset(data, profile)
     # the generators' size and counts mean nothing to a user's file, nor to a registered set (digits)
     # whose loader does not take them
     cfg["data"] = {k: v for k, v in cfg["data"].items() if k not in unused_generator_keys(data)}
@@ -572,8 +569,8 @@ class NAMMRun:
         ext = record.get("extends")
         if isinstance(ext, dict) and not record.get("done") and name in EXTENDABLE and isinstance(old, dict):
             key = EXTENDABLE[name]
-            hint += (f" (an extension from step {ext.get('from')} to {_at(old, tuple(key.split('.')))} was begun: "
-                     f"--set {key}={_at(old, tuple(key.split('.')))} goes on with it)")
+            to = _at(old, tuple(key.split(".")))
+            hint += f" (an extension from step {ext.get('from')} to {to} was begun: --set {key}={to} goes on with it)"
         kept = self.root / io.REPLACED / name
         go_on = ""
         if isinstance(old, dict) and not record.get("done") and name == "finetune":  # no --resume of its own
@@ -1292,12 +1289,20 @@ def _leaf_paths(table: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ..
             for p in (_leaf_paths(v, (*prefix, k)) if isinstance(v, dict) and v else [(*prefix, k)])]
 
 
+def preset(data: Any, profile: Any) -> dict:
+    """The settings before a file and ``--set``: base < profile < data family < the profile's for that family
+    (an unknown profile or data name adds nothing; the family settings follow registered names only: a user's
+    file called count.npz is not count data)."""
+    profile = profile if isinstance(profile, str) else None
+    data = data if isinstance(data, str) else None
+    cfg = merge(_BASE, PROFILES.get(profile, {}))
+    cfg = merge(cfg, FAMILIES.get(data, {"assimilate": GENERIC_ASSIMILATION}))
+    return merge(cfg, PROFILE_FAMILIES.get(profile, {}).get(data, {}))
+
+
 def _defaults(cfg: dict) -> dict:
-    """The defaults a run's settings were resolved from: base < profile < data family (as :func:`resolve`)."""
-    profile, data = cfg.get("profile"), (cfg.get("data") or {}).get("name")
-    out = merge(_BASE, PROFILES.get(profile, {}) if isinstance(profile, str) else {})
-    out = merge(out, FAMILIES.get(data, {"assimilate": GENERIC_ASSIMILATION}) if isinstance(data, str) else {})
-    return merge(out, PROFILE_FAMILIES.get(profile, {}).get(data, {}) if isinstance(profile, str) else {})
+    """The defaults a run's recorded settings were resolved from (:func:`preset` of its data and profile)."""
+    return preset((cfg.get("data") or {}).get("name"), cfg.get("profile"))
 
 
 def floats_as_defaults(cfg: dict, defaults: dict) -> dict:

@@ -214,7 +214,7 @@ def train_diffusion(
         )
     den = NetDenoiser(ema, schedule, value_range=value_range(x), sample_shape=x.shape[1:])
     if mirror_space:  # (otherwise unknown: an MDM may be trained on g(x) without saying so)
-        den.mirror_space = True  # condiff.mirror.sample.check_space reads it
+        den.mirror_space = True  # (Denoiser.mirror_space)
     return den
 
 

@@ -16,7 +16,7 @@ def check_space(who: str, denoiser: Denoiser, mirror: MirrorMap | None) -> None:
     """Refuse a mirror diffusion model without its map (its samples would be returned in mirror space, as if they
     were data), or a data-space model with one. A denoiser says what it is in ``mirror_space`` where that is known
     (loaded from a NAMM run's stage, or made by ``train_diffusion(..., mirror_space=True)``)."""
-    space = getattr(denoiser, "mirror_space", None)
+    space = getattr(denoiser, "mirror_space", None)  # (Denoiser.mirror_space; a stand-in of one's own may lack it)
     if space is True and mirror is None:
         raise ValueError(f"{who}: the denoiser is a mirror diffusion model (trained on g(x)), whose samples lie in "
                          "mirror space: pass mirror=, the map it was trained with, so that f takes them back to data")
