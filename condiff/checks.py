@@ -90,17 +90,23 @@ def is_integer(v: Any, lo: int | None = None, hi: int | None = None) -> bool:
     return -bound <= v < bound and (lo is None or lo <= v) and (hi is None or v < hi)
 
 
+def shown(v: Any) -> str:
+    """``v`` as an error message gives it: its repr, an integer of many digits as its first ones and their count
+    (10**400's 401 digits say less than their count)."""
+    text, w = repr(v), scalar(v)
+    if isinstance(w, numbers.Integral) and not isinstance(w, bool) and len(text) > 40:
+        return f"{text[:12]}... ({len(str(abs(w)))} digits)"
+    return text
+
+
 def integer(name: str, v: Any, lo: int = 1, hi: int | None = None) -> int:
     """An integer in ``[lo, hi)`` (an integral float such as ``2.5e1`` becomes an int)."""
     if not is_integer(v, lo, hi):
         want = f">= {lo}" if hi is None else f"in [{lo}, {'2**63' if hi == SEED_LIMIT else hi})"
-        w, shown = scalar(v), repr(v)
-        whole = isinstance(w, numbers.Integral) and not isinstance(w, bool)
-        if hi is None and whole and w >= INT_LIMIT:
+        w = scalar(v)
+        if hi is None and isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= INT_LIMIT:
             want += " within int64's range (below 2**63)"  # an integer too large for a tensor, not a non-integer
-        if whole and len(shown) > 40:  # (10**400: its 401 digits say less than their count)
-            shown = f"{shown[:12]}... ({len(str(abs(w)))} digits)"
-        raise ValueError(f"{name} must be an integer {want}, got {shown}")
+        raise ValueError(f"{name} must be an integer {want}, got {shown(v)}")
     return int(scalar(v))
 
 
@@ -124,7 +130,7 @@ def number(name: str, v: Any, within: str = "") -> float:
             else "a finite number"
         if beyond_float64(v):
             want = f"{want.replace('a finite number', 'a number')} within float64's range (about 1.8e308)"
-        raise ValueError(f"{name} must be {want}, got {v!r}")
+        raise ValueError(f"{name} must be {want}, got {shown(v)}")
     return float(v)
 
 
@@ -270,8 +276,7 @@ def check_setting(name: str, default: Any, value: Any, what: str = "default") ->
         try:
             return float(value)  # a float setting stays one (stored as 2, a later --set 0.2 was no integer)
         except OverflowError:  # (which names no setting)
-            raise ValueError(f"setting {name} must be a finite number, got an integer of {len(str(abs(value)))} "
-                             "digits") from None
+            raise ValueError(f"setting {name} must be a finite number, got {shown(value)}") from None
     return value
 
 

@@ -156,17 +156,6 @@ _written: list[Path] = []  # the folders whose sets writing_outputs has moved in
 TEMPORARIES = (".*.tmp", ".*.tmp-*", STAGED + "*", PROBE + "*")
 
 
-def sweep_outputs(out: str | Path) -> None:
-    """At the start of a command that writes results into ``out`` (sample, eval, solve, pnp): remove what a
-    killed writer of such results left there, once stale (:func:`_sweep_stale`: never a live writer's): a
-    gathered set of :func:`writing_outputs` (its half-written files inside), a write probe. Only ``out``
-    itself, and only these names of condiff's own: ``out`` may be a folder of the user's, whose other hidden
-    files are not condiff's to delete (a run's lock sweeps more, :func:`_sweep_run`)."""
-    out = Path(out)
-    if out.is_dir():
-        _sweep_stale(out, STAGED + "*", PROBE + "*")
-
-
 def written_sets(forget: bool = False) -> list[Path]:
     """The folders into which :func:`writing_outputs` has moved a whole set since the last ``forget``: a
     Ctrl-C after that says the set is whole rather than leaving it in doubt."""

@@ -41,6 +41,12 @@ def split_file_spec(text: str, flag: str = "--constraint", what: str = "a callab
     return path, attr
 
 
+def spec_label(text: str, flag: str = "--constraint", what: str = "a callable") -> str:
+    """A name for files and folders: ``text`` itself (a registered name), or ``FILE-NAME`` for ``FILE.py:NAME``."""
+    spec = split_file_spec(text, flag, what)
+    return text if spec is None else f"{Path(spec[0]).stem}-{spec[1]}"
+
+
 def absolute_spec(text: str, flag: str, what: str) -> str | None:
     """``"FILE.py:NAME"`` with ``FILE`` made absolute, as runs record it (found from any working directory, and
     two spellings of one file the same); ``None`` for anything else (:func:`split_file_spec`)."""

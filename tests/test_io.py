@@ -5,7 +5,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -604,27 +603,17 @@ def test_result_writers_share_a_runs_lock_and_training_holds_it_alone(tmp_path):
     io.release_runs()
 
 
-def test_a_results_command_sweeps_what_a_killed_writer_of_its_out_left_when_it_starts(tmp_path):
-    """A `condiff sample`, `pnp`, ... killed while it wrote left its gathered set (with half-written files in
-    it) and write probes in --out until a later write there (or a training run's lock) swept them; now the
-    next such command sweeps them as it starts: only condiff's own names, only stale ones."""
-    from condiff.cli.common import check_out_dir, forget_claims
-
+def test_a_results_command_sweeps_what_a_killed_writer_of_its_out_left_when_it_writes(tmp_path):
+    """A `condiff sample`, `pnp`, ... killed while it wrote leaves its gathered set (with half-written files in
+    it) in --out; the next such command's write there removes it (under the folder's writing lock, where no other
+    writer gathers one), and only condiff's own names."""
     out = tmp_path / "out"
-    (out / ".staged-k3j4").mkdir(parents=True)  # a killed writer's set, an hour old and more
+    (out / ".staged-k3j4").mkdir(parents=True)  # a killed writer's set
     (out / ".staged-k3j4" / ".samples.npz.q1w2.tmp").write_bytes(b"half")
-    (out / ".condiff-probe-x8y9").write_bytes(b"")
-    (out / ".staged-live").mkdir()  # another command gathering its set now
     (out / ".notes.tmp").write_text("the user's")  # a hidden file of the user's own folder
-    old = time.time() - 2 * io.STALE_SECONDS
-    for p in (".staged-k3j4", ".condiff-probe-x8y9", ".notes.tmp"):
-        os.utime(out / p, (old, old))
-    try:
-        assert check_out_dir(out, kind="condiff sample") == out
-    finally:
-        forget_claims()
-        io.release_runs()
-    assert sorted(p.name for p in out.iterdir()) == [".notes.tmp", ".staged-live"]
+    with io.writing_outputs(out, "metrics.json") as staged:
+        (staged / "metrics.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == [".notes.tmp", ".writing.lock", "metrics.json"]
 
 
 def test_the_lock_time_sweep_does_not_follow_links_out_of_the_run(tmp_path):

@@ -283,7 +283,9 @@ _RUN_FILES = ("checkpoints", "model", "log.jsonl", "config.json")  # what a trai
 RESULT_DIRS = ("samples", "eval", "solve", "pnp")
 #: what a model's results are beside a ``condiff train`` model (``condiff eval`` scores it in place): what a
 #: replacement of the model sets aside with it, since they would otherwise sit beside the new one
-MODEL_RESULTS = ("metrics.json", "samples.npz", "samples.png", "class_hist.png", *RESULT_DIRS)
+SAMPLE_FILES = ("samples.npz", "samples.png")  # what write_samples writes (no picture for some shapes)
+CLASS_PICTURE = "class_hist.png"  # beside eval's metrics.json where the samples' classes are judged
+MODEL_RESULTS = ("metrics.json", *SAMPLE_FILES, CLASS_PICTURE, *RESULT_DIRS)
 
 
 def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str, ...] = (),
@@ -573,9 +575,8 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
         if what:
             raise FileExistsError(f"{flag} {p} {'is' if q == up else f'lies inside {q},'} {what}: give another "
                                   "directory")
-    if kind is None or not kind.startswith(_TRAINING_KINDS):  # (a training run's lock sweeps it: io._sweep_run)
+    if kind is None or not kind.startswith(_TRAINING_KINDS):
         lock_enclosing_run(p)
-        io.sweep_outputs(p)  # what a killed writer of results left there an hour ago or more
     return p
 
 
@@ -838,7 +839,6 @@ def check_targets(out: Path, also: tuple[str, ...] = ()) -> None:
             raise IsADirectoryError(f"{out / name} is a directory: move it away; nothing was written")
 
 
-SAMPLE_FILES = ("samples.npz", "samples.png")  # what write_samples writes (no picture for some shapes)
 
 
 def write_samples(x: torch.Tensor, out: Path, grid: int = 100, value_range: list[float] | None = None,

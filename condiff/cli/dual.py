@@ -158,8 +158,6 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     return type(cfg).from_dict(d)
 
 
-# what other commands (eval, sample, solve, pnp) write into a dual run (its own metrics.json it rewrites itself)
-OTHERS_RESULTS = RESULT_DIRS
 # what a run's own training wrote of its model besides checkpoints, model, log and settings
 OWN_RESULTS = ("metrics.json",)
 
@@ -519,7 +517,7 @@ class DualJob:
 
 def run_train(args: argparse.Namespace) -> int:
     if args.restore:
-        restore_only(args, "condiff dual train", ("constraint_data", *OWN_RESULTS, *OTHERS_RESULTS), "--config / --set",
+        restore_only(args, "condiff dual train", ("constraint_data", *OWN_RESULTS, *RESULT_DIRS), "--config / --set",
                      curves=ex.DUAL_CURVES)
         return 0
     old = recorded_settings(args.out, args.resume, args.config is not None, "pass --config", "pass --config")
@@ -538,13 +536,13 @@ def run_train(args: argparse.Namespace) -> int:
         announce_recorded(run_dir, args.overrides)
     saved_by = f"the run's settings in {run_dir / 'config.json'}" if old is not None else None
     job = start_run(run_dir, args.resume, args.fresh, lambda: DualJob(cfg, run_dir, device, args.fresh, saved_by),
-                    clear=("constraint_data", *OWN_RESULTS, *OTHERS_RESULTS), data=cfg.get("data"),
+                    clear=("constraint_data", *OWN_RESULTS, *RESULT_DIRS), data=cfg.get("data"),
                     model=cfg.get("model"), objective=cfg.get("objective"),  # the examples the model trains on
                     # fine-tuning takes the schedule of the model it starts from: nothing of the file's to compare
                     schedule=None if (cfg.get("dual") or {}).get("init") else cfg.get("schedule"))
     job.cache.save()
     save_resolved_config(run_dir, cfg)  # only once the checkpoint (if any) has loaded into this model
-    m = job.fit(stale=(*OWN_RESULTS, *OTHERS_RESULTS))
+    m = job.fit(stale=(*OWN_RESULTS, *RESULT_DIRS))
     if m is None:
         return 0
     io.drop_replaced(run_dir)  # what --fresh set aside: the new run is finished

@@ -14,6 +14,7 @@ from .. import io
 from ..evaluate import evaluate_samples, load_reference
 from ..plots import plot_bars
 from .common import (
+    CLASS_PICTURE,
     SAMPLE_FILES,
     check_out_dir,
     check_samples,
@@ -79,9 +80,6 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
             plot_class_hist(m, staged / CLASS_PICTURE)
         io.write_json_atomic(staged / "metrics.json", m)
     return m
-
-
-CLASS_PICTURE = "class_hist.png"  # beside metrics.json where the samples' classes are judged
 
 
 def plot_class_hist(m: dict, path: Path) -> Path:

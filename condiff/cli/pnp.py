@@ -29,6 +29,7 @@ from ..data.files import save_png_grid
 from ..models import resolve_model_dir
 from ..plots import plot_image_columns, plot_image_rows, pyplot
 from ..pnp import schedules as sch
+from ..userfile import spec_label
 from .common import (
     add_device_arg,
     check_out_dir,
@@ -286,16 +287,8 @@ def default_out(args: argparse.Namespace) -> Path:
     (a label, a city count, a constraint) replaces the results of the one before."""
     task = {"digits": lambda: f"digits-{'symmetry' if args.symmetry else args.label}",
             "segment": lambda: "segment", "tsp": lambda: f"tsp-{args.cities}",
-            "constraint": lambda: f"constraint-{constraint_label(args.constraint)}"}[args.pnp_command]()
+            "constraint": lambda: f"constraint-{spec_label(args.constraint)}"}[args.pnp_command]()
     return results_dir(args.ckpt, "pnp") / task
-
-
-def constraint_label(spec: str) -> str:
-    """A folder name for ``--constraint``: the registered name, or ``FILE-NAME`` for ``FILE.py:NAME``."""
-    from ..constraints import parse_python_spec
-
-    own = parse_python_spec(spec)
-    return spec if own is None else f"{Path(own['path']).stem}-{own['attr']}"
 
 
 def _check_common(args: argparse.Namespace) -> None:

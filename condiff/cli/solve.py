@@ -48,7 +48,7 @@ from ..guidance import (
 )
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
-from ..userfile import load_from_file, split_file_spec
+from ..userfile import load_from_file, spec_label, split_file_spec
 from .common import add_device_arg, check_out_dir, data_kwargs, load_model_for, pick_device, recorded_path, results_dir
 from .config import data_ref
 from .sample import add_label_args, condition
@@ -170,8 +170,7 @@ def load_user_operator(name: str) -> dict | None:
 
 def operator_label(name: str) -> str:
     """A name for files and tasks: the built-in name, or ``FILE-NAME`` for an operator of one's own."""
-    spec = user_operator_spec(name)
-    return name if spec is None else f"{Path(spec[0]).stem}-{spec[1]}"
+    return spec_label(name, "--operator", "an Operator class or factory")
 
 
 def build_operator(name: str, shape: tuple[int, ...], generator: torch.Generator, sigma_y: float,

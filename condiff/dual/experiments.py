@@ -87,15 +87,6 @@ def _key(d: dict) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
-def same_key(recorded: str | None, key: dict) -> bool:
-    """Whether a recorded settings key is ``key``, compared as values (a setting recorded as 1 where it is now
-    1.0, a float setting given a whole number before such numbers were kept as floats, is the same)."""
-    try:
-        return json.loads(recorded or "null") == json.loads(_key(key))
-    except ValueError:
-        return False
-
-
 def say(progress: bool, message: str) -> None:
     """A note on stderr about the stage a long experiment is in (with ``progress``)."""
     if progress:
@@ -168,7 +159,7 @@ def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: Trai
     if not fresh:  # first: it may put back the model of these settings that an unfinished --fresh set aside
         refuse_other_key(run_dir, key)
     recorded = io.load_config(model_dir) if (model_dir / io.CONFIG).is_file() else {}
-    if same_key(recorded.get("key"), key):
+    if _known(recorded.get("key"), ()) == json.loads(_key(key)):  # as values: a 1 recorded where it is now 1.0
         say(tcfg.progress, f"reusing {model_dir} (trained with these settings)")
         if "shape" not in recorded:  # saved before models recorded their data: completed in place
             io.write_json_atomic(model_dir / io.CONFIG, {**recorded, "data": data, "shape": list(x.shape[1:]),
@@ -180,7 +171,8 @@ def train_cached(run_dir: Path, net: nn.Module, objective: Objective, tcfg: Trai
     old_key = _recorded_key(run_dir)
     if not fresh:
         io.discard_moving(run_dir.parent)  # a set-aside cut short: the model goes on as it lies
-    if not same_key(old_key, key) and run_dir.exists():  # all of it: files drawn from the old model are stale too
+    # all of it: files drawn from the old model are stale too
+    if _known(old_key, ()) != json.loads(_key(key)) and run_dir.exists():
         if (model_dir / io.CONFIG).is_file() or any((run_dir / "checkpoints").glob("step_*")):
             io.set_aside(run_dir.parent, [run_dir.name])  # --fresh: kept until the new model is saved
             kept = run_dir.parent / io.REPLACED / run_dir.name

@@ -51,10 +51,6 @@ def plot_violation_grid(
     width = len(names) + len(maps)
     # (only where entries are hidden: elsewhere a sample that is not finite stays blank, not "unobserved")
     unobserved = pyplot().get_cmap("gray").with_extremes(bad=np.array(UNOBSERVED_RGB) / 255)
-    # on a log scale a pixel that meets the constraint exactly (0) is no number: drawn as the lowest colour (under
-    # the scale), not left blank (white, the top of the scale's look); a NaN stays blank
-    magma = pyplot().get_cmap("magma")
-    violation_cmap = magma.with_extremes(under=magma(0.0))
     fig, axes = pyplot().subplots(
         rows, width, figsize=(2.0 * width, 2.0 * rows + 0.4), squeeze=False, layout="constrained"
     )
@@ -70,9 +66,9 @@ def plot_violation_grid(
             if vmap is not None:
                 axv = axes[i, col + 1]
                 v = vmap[i].detach().float().cpu().numpy()
-                if isinstance(norm, LogNorm):  # exact zeros (no number on a log scale) below the scale: its lowest
-                    v = np.where(v <= 0, norm.vmin / 2, v)  # colour; NaN stays blank (not "met")
-                picture = axv.imshow(v, cmap=violation_cmap, norm=norm)
+                if isinstance(norm, LogNorm):  # exact zeros (no number on a log scale, left blank: white, the top
+                    v = np.where(v <= 0, norm.vmin / 2, v)  # of the scale's look) below it: the lowest colour; NaN
+                picture = axv.imshow(v, cmap="magma", norm=norm)  # stays blank (not "met")
                 if i == 0:
                     axv.set_title(f"violation\n(max {float(vmap[:rows].max()):.2g})", fontsize=7)
             for a in axes[i, col : col + (2 if vmap is not None else 1)]:
