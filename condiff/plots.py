@@ -189,45 +189,30 @@ def _draw_image(ax, a: np.ndarray, hidden: np.ndarray | None = None) -> None:
 
 
 def plot_image_columns(columns: dict[str, np.ndarray], out: str | Path, row_labels: Sequence[str] | None = None,
-                       rows: int = 8, title: str = "", hidden: dict[str, np.ndarray] | None = None) -> Path:
+                       rows: int = 8, title: str = "", hidden: dict[str, np.ndarray] | None = None,
+                       by_row: bool = False) -> Path:
     """Images side by side: one column per named batch ``(B, C, H, W)`` in [-1, 1] (C 1 or 3; the
-    batches may differ in size, e.g. a low-resolution measurement), one row per image, up to ``rows``.
-    ``hidden``: per column name, the unobserved pixels ``(B, 1 or C, H, W)`` of a measurement, drawn in
-    the unobserved colour (:data:`UNOBSERVED_NAME`), which the column's title names."""
+    batches may differ in size, e.g. a low-resolution measurement), one row per image, up to ``rows``, each
+    labelled by ``row_labels``. ``by_row``: the transpose, one row per batch (named at its left) and one column
+    per image (``row_labels`` then title the columns), for many small images. ``hidden``: per batch name, the
+    unobserved pixels ``(B, 1 or C, H, W)`` of a measurement, drawn in the unobserved colour
+    (:data:`UNOBSERVED_NAME`), which the batch's name then names."""
     names = list(columns)
     arrays = [np.asarray(columns[n], dtype=np.float32) for n in names]
     hidden = hidden or {}
-    rows = min(rows, min(len(a) for a in arrays))
-    fig, axes = pyplot().subplots(rows, len(names), figsize=(1.6 * len(names), 1.6 * rows + 0.3),
-                             squeeze=False, layout="constrained")
+    n = min(rows, min(len(a) for a in arrays))
+    shape, size = ((len(names), n), (1.1 * n + 0.4, 1.2 * len(names) + 0.3)) if by_row else \
+        ((n, len(names)), (1.6 * len(names), 1.6 * n + 0.3))
+    fig, axes = pyplot().subplots(*shape, figsize=size, squeeze=False, layout="constrained")
     for j, (name, a) in enumerate(zip(names, arrays)):
-        for i in range(rows):
-            ax = axes[i, j]
+        head = f"{name}\n({UNOBSERVED_NOTE})" if name in hidden else name
+        for i in range(n):
+            ax = axes[j, i] if by_row else axes[i, j]
             _draw_image(ax, a[i], hidden[name][i] if name in hidden else None)
-            if i == 0:
-                ax.set_title(f"{name}\n({UNOBSERVED_NOTE})" if name in hidden else name, fontsize=8)
-            if j == 0 and row_labels is not None:
-                ax.set_ylabel(row_labels[i], fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return save_figure(fig, out)
-
-
-def plot_image_rows(rows: dict[str, np.ndarray], out: str | Path, col_labels: Sequence[str] | None = None,
-                    cols: int = 16, title: str = "") -> Path:
-    """Images in rows: one row per named batch ``(B, C, H, W)`` in [-1, 1] (C 1 or 3), labelled with its
-    name, one column per image, up to ``cols``, titled by ``col_labels``."""
-    names = list(rows)
-    arrays = [np.asarray(rows[n], dtype=np.float32) for n in names]
-    cols = min(cols, min(len(a) for a in arrays))
-    fig, axes = pyplot().subplots(len(names), cols, figsize=(1.1 * cols + 0.4, 1.2 * len(names) + 0.3),
-                                  squeeze=False, layout="constrained")
-    for i, (name, a) in enumerate(zip(names, arrays)):
-        for j in range(cols):
-            _draw_image(axes[i, j], a[j])
-            if i == 0 and col_labels is not None:
-                axes[i, j].set_title(col_labels[j], fontsize=7)
-        axes[i, 0].set_ylabel(name, fontsize=7)
+            if i == 0:  # the batch's name: over its column, or left of its row
+                (ax.set_ylabel if by_row else ax.set_title)(head, fontsize=7 if by_row else 8)
+            if j == 0 and row_labels is not None:  # the image's label: left of its row, or over its column
+                (ax.set_title if by_row else ax.set_ylabel)(row_labels[i], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     return save_figure(fig, out)

@@ -27,7 +27,7 @@ import torch
 from .. import checks, io
 from ..data.files import save_png_grid
 from ..models import resolve_model_dir
-from ..plots import plot_image_columns, plot_image_rows, pyplot
+from ..plots import plot_image_columns, pyplot
 from ..pnp import schedules as sch
 from ..userfile import spec_label
 from .common import (
@@ -553,10 +553,10 @@ def run_tsp(args: argparse.Namespace) -> int:
                         (res.pictures, tsp.render_tours(coords, res.tours, style))))
         shown = min(args.n, 16)
         files = [plot_tours(coords.numpy(), res.tours, opt, out / "tours.png", titles),
-                 plot_image_rows({k: v.cpu().numpy() for k, v in rows.items()}, out / "pictures.png",
-                                 col_labels=[f"instance {i}\ngap {p}" for i, p in enumerate(pct)], cols=shown,
-                                 title=f"PnP tours: {args.n} instances of {args.cities} cities"
-                                       + (f" (first {shown} shown)" if args.n > shown else ""))]
+                 plot_image_columns({k: v.cpu().numpy() for k, v in rows.items()}, out / "pictures.png", by_row=True,
+                                    row_labels=[f"instance {i}\ngap {p}" for i, p in enumerate(pct)], rows=shown,
+                                    title=f"PnP tours: {args.n} instances of {args.cities} cities"
+                                          + (f" (first {shown} shown)" if args.n > shown else ""))]
         io.write_npz_atomic(out / "tours.npz", coords=coords.numpy(), tours=np.asarray(res.tours),
                             optimal=np.asarray(opt), lengths=np.asarray(res.lengths), optimal_lengths=opt_len)
         return metrics, [*files, out / "tours.npz"]
