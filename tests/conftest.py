@@ -28,6 +28,27 @@ def bench_module(monkeypatch):
     return importlib.import_module
 
 
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """``saved_figures(*modules)``: the list of figures the modules' ``save_figure`` saves from here on (condiff.plots
+    by default), each still written and marked with the path as ``fig.saved_to``."""
+    import condiff.plots
+
+    figs = []
+
+    def record(*modules):
+        for m in modules or (condiff.plots,):
+            def keep(fig, path, save=m.save_figure):
+                fig.saved_to = Path(path)
+                figs.append(fig)
+                return save(fig, path)
+
+            monkeypatch.setattr(m, "save_figure", keep)
+        return figs
+
+    return record
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Project caches (classifier, generated data) go to a per-session temp dir, never ~/.cache."""

@@ -912,30 +912,22 @@ def test_cli_finetune_rejects_a_class_that_is_no_digit_before_training(tmp_path,
 # --- theory check --------------------------------------------------------------------------------
 
 
-def _loss_legends(monkeypatch) -> dict:
-    """``{path: legend texts}`` of the figures condiff.plots saves from here on (still written)."""
-    import condiff.plots as plots
-
-    legends, save = {}, plots.save_figure
-
-    def record(fig, path):
-        legends[Path(path)] = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
-        return save(fig, path)
-
-    monkeypatch.setattr(plots, "save_figure", record)
-    return legends
+def _legends(figs: list) -> dict:
+    """``{path: legend texts}`` of the figures saved (the ``saved_figures`` fixture's list)."""
+    return {f.saved_to: [t.get_text() for ax in f.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+            for f in figs}
 
 
 DUAL_LEGEND = ["Lagrangian (the loss stepped on)", "L_0: the objective's denoising loss"]
 
 
-def test_toy_theory_check(tmp_path, monkeypatch):
+def test_toy_theory_check(saved_figures, tmp_path):
     """Dual training on a 4-mode mixture with mode 0 at weight 0.05 and one constraint on it: the
     trained model's mode weights match the mixture (q_0 + lambda q_1) / (1 + lambda) for the learned
     lambda, and the constraint holds. (`condiff bench dual` runs the 8-mode, 3-constraint version.)"""
     from condiff.dual.experiments import ToyConfig, run_toy
 
-    legends = _loss_legends(monkeypatch)
+    figs = saved_figures()
 
     cfg = ToyConfig(components=4, minority=(0,), minority_weight=0.05, n=4096, T=50, hidden=64, depth=2,
                     steps=500, lr=3e-3, dual={"every": 10, "lr": 0.5, "batch_size": 1024, "timesteps": 10,
@@ -947,7 +939,7 @@ def test_toy_theory_check(tmp_path, monkeypatch):
     assert m["model_weights"][0] > 0.15 > 0.05 == m["data_weights"][0]  # far from q_0's weight of the mode
     for f in ("metrics.json", "mode_weights.png", "lambda.png", "slack.png", "constrained/loss.png"):
         assert (tmp_path / f).is_file(), f
-    assert legends[tmp_path / "constrained" / "loss.png"] == DUAL_LEGEND  # the Lagrangian and L_0, each by name
+    assert _legends(figs)[tmp_path / "constrained" / "loss.png"] == DUAL_LEGEND  # the Lagrangian and L_0, each by name
 
 
 def test_cli_experiment_refuses_a_changed_model_unless_fresh_and_its_models_serve_other_commands(tmp_path, capsys):
@@ -1242,13 +1234,14 @@ def test_a_constraints_own_batch_size_sets_its_minibatch():
     assert seen == [16 + 7 + 16]  # one pass: the objective's 16, c's own 7, d's default (the objective's)
 
 
-def test_cli_dual_train_fresh_sets_aside_its_metrics_and_an_interruption_names_restore(tmp_path, capsys, monkeypatch):
+def test_cli_dual_train_fresh_sets_aside_its_metrics_and_an_interruption_names_restore(saved_figures, tmp_path, capsys,
+                                                                                        monkeypatch):
     cfg = tmp_path / "run.toml"
     cfg.write_text(RUN_FILE)
     out = tmp_path / "run"
-    legends = _loss_legends(monkeypatch)
+    figs = saved_figures()
     assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu"]) == 0
-    assert legends[out / "loss.png"] == DUAL_LEGEND
+    assert _legends(figs)[out / "loss.png"] == DUAL_LEGEND
     metrics = (out / "metrics.json").read_bytes()
     (out / "pnp" / "digits-3").mkdir(parents=True)  # what `condiff pnp` writes of the model beside it by default
     from condiff.train import Trainer

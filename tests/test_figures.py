@@ -297,7 +297,7 @@ def test_namm_reduction_is_baseline_over_method(bench_module, monkeypatch):
     assert summary["met"] is True and rows[0]["reduction vs baseline"] == pytest.approx(1.0)
 
 
-def test_median_ratio_is_a_over_b(bench_module, monkeypatch):
+def test_median_ratio_is_a_over_b(bench_module):
     timing = bench_module("_timing")
     assert timing.median_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == pytest.approx(3.0)
 
@@ -417,13 +417,13 @@ def test_reference_lines_and_tours_are_named_in_their_legends(monkeypatch, tmp_p
     assert said == ["decoded (PnP)", "optimal"]
 
 
-def test_a_loss_curve_draws_each_logged_key_under_its_label(tmp_path, monkeypatch):
+def test_a_loss_curve_draws_each_logged_key_under_its_label(saved_figures, tmp_path):
     """The NAMM stages draw their loss terms by name (a stage's loss.png showed only the weighted sum)."""
     from condiff.plots import plot_loss_curve
 
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "cyc": 0.5 / s}) + "\n" for s in (10, 20, 30)))
-    figs = _record_figures(monkeypatch)
+    figs = saved_figures()
     plot_loss_curve(log, tmp_path / "loss.png", keys=("loss", "cyc", "con"), title="namm: terms",
                     labels={"cyc": "cycle terms"})
     ax = figs[0].axes[0]
@@ -433,9 +433,9 @@ def test_a_loss_curve_draws_each_logged_key_under_its_label(tmp_path, monkeypatc
                                                                    pytest.approx([0.05, 0.025, 0.5 / 30])]
 
 
-def test_eval_draws_the_judged_classes_it_records(tiny_run, tmp_path, monkeypatch):
+def test_eval_draws_the_judged_classes_it_records(saved_figures, tiny_run, tmp_path):
     """condiff eval of a digits model recorded class_hist in metrics.json with no picture of it."""
-    figs = _record_figures(monkeypatch)
+    figs = saved_figures()
     out = tmp_path / "ev"
     assert main(["eval", "--ckpt", str(tiny_run), "--n", "12", "--steps", "2", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -446,25 +446,16 @@ def test_eval_draws_the_judged_classes_it_records(tiny_run, tmp_path, monkeypatc
     assert f"TV to uniform {m['tv_to_uniform']:.3f}" in ax.get_title()
 
 
-def _record_figures(monkeypatch) -> list:
-    """The figures the plots module saves (still written, so the commands find their files)."""
-    import condiff.plots as plots
-
-    figs, save = [], plots.save_figure
-    monkeypatch.setattr(plots, "save_figure", lambda fig, path: (figs.append(fig), save(fig, path))[1])
-    return figs
-
-
 # unobserved pixels were zero-filled and drawn mid-grey, like a measured grey
-def test_unobserved_pixels_are_drawn_in_their_own_colour_and_named(tiny_run, tmp_path, monkeypatch):
+def test_unobserved_pixels_are_drawn_in_their_own_colour_and_named(saved_figures, tiny_run, tmp_path):
     from PIL import Image
 
     import condiff.mirror.plots as mplots
+    import condiff.plots as plots
     from condiff.data.files import save_png_grid
     from condiff.plots import UNOBSERVED_NOTE, UNOBSERVED_RGB, plot_image_columns
 
-    figs = _record_figures(monkeypatch)
-    monkeypatch.setattr(mplots, "save_figure", lambda fig, path: figs.append(fig))
+    figs = saved_figures(plots, mplots)
     x, missing = torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4, dtype=torch.bool)
     missing[1, 0, 2, 3] = True
     img = np.asarray(Image.open(save_png_grid(x, tmp_path / "m.png", nrow=2, scale=1, missing=missing)))
@@ -492,8 +483,8 @@ def test_unobserved_pixels_are_drawn_in_their_own_colour_and_named(tiny_run, tmp
 
 
 # pnp tsp drew its two rows of pictures without saying which is which
-def test_tsp_pictures_name_their_rows_and_instances(tmp_path, monkeypatch):
-    figs = _record_figures(monkeypatch)
+def test_tsp_pictures_name_their_rows_and_instances(saved_figures, tmp_path):
+    figs = saved_figures()
     _tiny_prior(tmp_path / "tours", 1, 16, {"name": "tours", "size": 16, "cities": [6]})
     assert main(["pnp", "tsp", "--ckpt", str(tmp_path / "tours"), "--n", "2", "--cities", "6", "--steps", "2",
                  "--out", str(tmp_path / "tsp")]) == 0
@@ -508,8 +499,8 @@ def test_tsp_pictures_name_their_rows_and_instances(tmp_path, monkeypatch):
 
 
 # pnp segment titled its picture with the PnP IoU only, not the baselines it is compared with
-def test_segment_picture_names_the_baselines_ious(tmp_path, monkeypatch):
-    figs = _record_figures(monkeypatch)
+def test_segment_picture_names_the_baselines_ious(saved_figures, tmp_path):
+    figs = saved_figures()
     _tiny_prior(tmp_path / "scenes", 4, 16, {"name": "scenes", "size": 16})
     assert main(["pnp", "segment", "--ckpt", str(tmp_path / "scenes"), "--n", "2", "--chains", "1", "--steps", "2",
                  "--out", str(tmp_path / "seg")]) == 0
@@ -525,7 +516,7 @@ def test_segment_picture_names_the_baselines_ious(tmp_path, monkeypatch):
 
 
 # dual finetune drew a rate in [0, 1] and a ratio near 1 or 2 as bars on one unlabelled axis
-def test_finetune_figure_gives_each_measure_its_own_labelled_axis(tmp_path, monkeypatch):
+def test_finetune_figure_gives_each_measure_its_own_labelled_axis(saved_figures, tmp_path, monkeypatch):
     import condiff.classifier
     import condiff.dual.experiments as ex
 
@@ -537,7 +528,7 @@ def test_finetune_figure_gives_each_measure_its_own_labelled_axis(tmp_path, monk
         def features(self, x):
             return x.flatten(1)[:, :4].float()
 
-    figs = _record_figures(monkeypatch)
+    figs = saved_figures()
     monkeypatch.setattr(condiff.classifier, "DigitsJudge", FakeJudge)
     monkeypatch.setattr(ex, "train_cached", lambda run_dir, net, *a, **k: (net.eval(), {}))
     monkeypatch.setattr(ex, "load_net", lambda d, dev: (ex._digits_net(cfg.model, cfg.seed), {}))
@@ -569,7 +560,7 @@ def test_grid_padding_is_a_light_grey_no_digit_pixel_is(tmp_path):
 
 
 # the unobserved colour marks a pixel missing in any channel, and a mask of one image marks every image
-def test_unobserved_pixels_of_any_channel_and_a_batch_wide_mask_are_drawn(tmp_path, monkeypatch):
+def test_unobserved_pixels_of_any_channel_and_a_batch_wide_mask_are_drawn(saved_figures, tmp_path):
     from PIL import Image
 
     from condiff.data.files import save_png_grid
@@ -587,19 +578,19 @@ def test_unobserved_pixels_of_any_channel_and_a_batch_wide_mask_are_drawn(tmp_pa
     img = np.asarray(Image.open(save_png_grid(x, tmp_path / "one.png", nrow=2, scale=1, missing=one)))
     blue = (img == UNOBSERVED_RGB).all(-1)
     assert blue.sum() == 2 and blue[1 + 3, 1] and blue[1 + 3, 1 + 4 + 1]
-    figs = _record_figures(monkeypatch)
+    figs = saved_figures()
     plot_image_columns({"measurement": x.numpy()}, tmp_path / "c.png", hidden={"measurement": missing.numpy()})
     drawn = figs[-1].axes[1].get_images()[0].get_array()  # the second picture
     assert np.allclose(drawn[1, 1], np.array(UNOBSERVED_RGB) / 255) and np.allclose(drawn[0, 0], 0.5)
 
 
 # a measurement of every pixel (a blur) has no unobserved pixels to draw or name
-def test_a_measurement_of_every_pixel_is_drawn_grey_and_names_no_unobserved_colour(tiny_run, tmp_path, monkeypatch):
+def test_a_measurement_of_every_pixel_is_drawn_grey_and_names_no_unobserved_colour(saved_figures, tiny_run, tmp_path):
     from PIL import Image
 
     from condiff.plots import UNOBSERVED_NOTE
 
-    figs = _record_figures(monkeypatch)
+    figs = saved_figures()
     assert _solve(tiny_run, tmp_path / "blur", "--operator", "blur") == 0
     assert Image.open(tmp_path / "blur" / "measurement.png").mode == "L"
     titles = [ax.get_title() for ax in figs[-1].axes if ax.get_title()]

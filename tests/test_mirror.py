@@ -2006,23 +2006,12 @@ def test_stages_made_on_the_way_are_announced_in_the_order_they_are_made(tmp_pat
     assert made == [f"making {os.path.join('run', s)}" for s in ("namm", "mdm", "finetune")], made
 
 
-def _figures(monkeypatch, *modules) -> list:
-    """The figures ``modules`` (condiff.plots by default) save, still written."""
-    import condiff.plots
-
-    figs = []
-    for m in modules or (condiff.plots,):
-        save = m.save_figure
-        monkeypatch.setattr(m, "save_figure", lambda fig, path, save=save: (figs.append(fig), save(fig, path))[1])
-    return figs
-
-
-def test_each_trained_stage_draws_its_logged_terms_by_name(tmp_path, monkeypatch):
+def test_each_trained_stage_draws_its_logged_terms_by_name(saved_figures, tmp_path, monkeypatch):
     """A stage's loss.png showed the weighted sum alone, under the title of a denoising run."""
     from condiff.cli.main import main
 
     monkeypatch.chdir(tmp_path)
-    figs = _figures(monkeypatch)
+    figs = saved_figures()
     assert main(_tiny_box_fit(tmp_path)) == 0
     axes = {ax.get_title().split(":")[0]: ax for f in figs for ax in f.axes}
     assert set(axes) == {"namm", "mdm"} and all((tmp_path / "run" / s / "loss.png").is_file() for s in axes)
@@ -2048,7 +2037,8 @@ def test_namm_fit_quiet_trains_a_count_constraints_counter_without_a_bar(tmp_pat
     assert "training the counting CNN" in err and "counting CNN (first use)" not in err
 
 
-def test_assimilation_picture_draws_the_unobserved_entries_in_their_colour(tmp_path, capsys, monkeypatch):
+def test_assimilation_picture_draws_the_unobserved_entries_in_their_colour(saved_figures, tmp_path, capsys,
+                                                                            monkeypatch):
     """The observed column drew unobserved entries as zeros, a measured grey."""
     import condiff.mirror.plots as mplots
     from condiff.cli.main import main
@@ -2056,7 +2046,7 @@ def test_assimilation_picture_draws_the_unobserved_entries_in_their_colour(tmp_p
 
     monkeypatch.chdir(tmp_path)
     assert main(_tiny_box_fit(tmp_path, n_test=4)) == 0
-    figs = _figures(monkeypatch, mplots)
+    figs = saved_figures(mplots)
     assert main(["namm", "assimilate", "--run", "run", "--no-baselines", "--set", "assimilate.steps=2", "--set",
                  "assimilate.finetuned=false", "--set", "assimilate.fraction=0.5", "--quiet"]) == 0
     with np.load(tmp_path / "run" / "assimilate" / "samples.npz") as z:
