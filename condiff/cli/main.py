@@ -107,6 +107,11 @@ BUSY, IO_ERROR = 75, 74  # sysexits.h: EX_TEMPFAIL (try again later), EX_IOERR
 PATH_ARGS = ("out", "ckpt", "run", "data", "input", "mask", "measurement", "config", "paths", "files")  # "~" expanded
 
 
+def _disk_full(e: BaseException) -> bool:
+    """Whether ``e`` says the disk is full (an OSError's errno, or safetensors' words)."""
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+
+
 def exit_status(e: BaseException) -> int:
     """The exit status of a command that failed with ``e`` (see the module's docstring)."""
     from ..io import RunInUseError
@@ -115,8 +120,7 @@ def exit_status(e: BaseException) -> int:
         return 128 + int(getattr(e, "signum", signal.SIGINT))
     if isinstance(e, RunInUseError):
         return BUSY
-    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO) or \
-            "No space left on device" in str(e):  # safetensors' words
+    if _disk_full(e) or getattr(e, "errno", None) in (errno.EDQUOT, errno.EROFS, errno.EIO):
         return IO_ERROR
     return 2
 
@@ -194,7 +198,7 @@ def _run_command(args: argparse.Namespace, prog: str, own_process: bool = False)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and without a second error at exit
             return 141
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "No space left on device" in msg or getattr(e, "errno", None) == errno.ENOSPC:  # safetensors' words too
+        if _disk_full(e):
             msg += " (the disk is full: free space and run the command again" + (
                 " with --resume: the checkpoints written are whole)" if hasattr(args, "resume") else ")")
         if getattr(e, "errno", None) in (errno.EROFS, errno.EACCES) and "CONDIFF_CACHE" not in msg:
