@@ -695,6 +695,28 @@ def test_pnp_default_out_names_the_task_and_its_setting(tmp_path):
     assert own == tmp_path / "r" / "pnp" / "constraint-con-grey"
 
 
+def test_pnp_constraint_default_out_keeps_two_files_of_one_name_apart(tmp_path):
+    """a/con.py:grey and b/con.py:grey both defaulted to constraint-con-grey, so the second run replaced the
+    results of the first; the second now gets a folder of its own, named by its path, and keeps it."""
+    import argparse
+    import json
+
+    from condiff.cli.pnp import default_out
+
+    ns = lambda spec: argparse.Namespace(pnp_command="constraint", ckpt=str(tmp_path / "r"), constraint=spec)  # noqa: E731
+    first, second = f"{tmp_path / 'a' / 'con.py'}:grey", f"{tmp_path / 'b' / 'con.py'}:grey"
+    plain = tmp_path / "r" / "pnp" / "constraint-con-grey"
+    assert default_out(ns(first)) == default_out(ns(second)) == plain  # nothing there yet
+    plain.mkdir(parents=True)
+    recorded = {"name": "python", "path": str(tmp_path / "a" / "con.py"), "attr": "grey"}
+    (plain / "metrics.json").write_text(json.dumps({"constraint": recorded}))
+    assert default_out(ns(first)) == plain  # a rerun of the first replaces its own results
+    apart = default_out(ns(second))
+    assert apart.parent == plain.parent and apart.name.startswith("constraint-con-grey-") and apart != plain
+    assert default_out(ns(second)) == apart  # the same folder each time
+    assert default_out(ns("periodic")) == tmp_path / "r" / "pnp" / "constraint-periodic"
+
+
 def test_infer_passes_its_betas_to_adam():
     """The TSP setting betas = (0, 0.9) (the paper's) was not checked to reach the optimiser."""
     den = GaussianDenoiser(Schedule.linear(100), mean=0.3, std=0.1)

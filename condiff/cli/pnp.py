@@ -15,6 +15,8 @@ models (``condiff train --data scenes|tours ...``); ``--train`` trains the defau
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import time
 import warnings
@@ -29,7 +31,7 @@ from ..data.files import save_png_grid
 from ..models import resolve_model_dir
 from ..plots import plot_image_columns, pyplot
 from ..pnp import schedules as sch
-from ..userfile import spec_label
+from ..userfile import absolute_spec, spec_label
 from .common import (
     add_device_arg,
     check_out_dir,
@@ -288,7 +290,21 @@ def default_out(args: argparse.Namespace) -> Path:
     task = {"digits": lambda: f"digits-{'symmetry' if args.symmetry else args.label}",
             "segment": lambda: "segment", "tsp": lambda: f"tsp-{args.cities}",
             "constraint": lambda: f"constraint-{spec_label(args.constraint)}"}[args.pnp_command]()
-    return results_dir(args.ckpt, "pnp") / task
+    out = results_dir(args.ckpt, "pnp") / task
+    own = absolute_spec(args.constraint, "--constraint", "a callable") if args.pnp_command == "constraint" else None
+    if own is not None and _results_of_another_file(out, own.rpartition(":")[0]):
+        # a/con.py:f and b/con.py:f share FILE-NAME: the second keeps its own folder, named by its path
+        out = out.with_name(f"{task}-{hashlib.sha256(own.encode()).hexdigest()[:8]}")
+    return out
+
+
+def _results_of_another_file(out: Path, path: str) -> bool:
+    """Whether ``out`` holds ``pnp constraint`` results for a constraint file other than ``path``."""
+    try:
+        recorded = json.loads((out / "metrics.json").read_text()).get("constraint") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(recorded, dict) and recorded.get("path") not in (None, path)
 
 
 def _check_common(args: argparse.Namespace) -> None:
