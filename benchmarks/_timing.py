@@ -11,7 +11,7 @@ import torch
 
 def sync(device: str) -> None:
     if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # the benchmark's own GPU, not the current one
 
 
 def timed(fn: Callable[[], object], device: str) -> float:

@@ -48,7 +48,7 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
             torch.manual_seed(0)
             obj = DenoisingObjective(x, Schedule.linear(1000), batch)
             cfg = TrainConfig(steps=1, batch_size=batch, device=device, progress=False, log_every=p["steps"],
-                              ckpt_every=10**9)
+                              ckpt_every=10**9, warmup=0)
             trainers[name] = Trainer(build_net(model), obj if name == "fp32" else Autocast(obj, device), cfg)
 
         def steps(tr: Trainer) -> None:

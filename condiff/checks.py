@@ -29,26 +29,36 @@ def scalar(v: Any) -> Any:
     return v
 
 
-DEVICE_TYPES = ("cpu", "cuda", "mps")
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 def is_device(v: Any) -> bool:
-    """A device name (``"cpu"``, ``"cuda:1"``, ``"mps"``) or ``torch.device`` of a kind condiff runs on."""
+    """A device name (``"cpu"``, ``"cuda:1"``) or ``torch.device`` of a kind condiff runs on."""
     try:
         return isinstance(v, (str, torch.device)) and torch.device(v).type in DEVICE_TYPES
     except (RuntimeError, ValueError):
         return False
 
 
+def is_mps(v: Any) -> bool:
+    """Whether ``v`` names Apple's MPS device."""
+    try:
+        return isinstance(v, (str, torch.device)) and torch.device(v).type == "mps"
+    except (RuntimeError, ValueError):
+        return False
+
+
 def device(what: str, v: Any) -> Any:
-    """``v``, a device condiff runs on and this machine has (``"cpu"``, ``"cuda:1"``, ``"mps"`` or a
-    ``torch.device``); else a one-line error naming ``what`` (the argument or flag)."""
+    """``v``, a device condiff runs on and this machine has (``"cpu"``, ``"cuda:1"`` or a ``torch.device``);
+    else a one-line error naming ``what`` (the argument or flag). Apple's ``mps`` is refused: the noise schedules
+    and several sums are float64, which it lacks."""
     if not is_device(v):
-        raise ValueError(f"{what} {v if isinstance(v, str) and v.strip() else repr(v)} is not supported here (cpu, "
-                         "cuda, cuda:N, mps)")
+        shown = v if isinstance(v, str) and v.strip() else repr(v)
+        if is_mps(v):
+            raise ValueError(f"{what} {shown} is not supported: condiff's schedules are float64, which MPS lacks "
+                             "(use cpu)")
+        raise ValueError(f"{what} {shown} is not supported here (cpu, cuda, cuda:N)")
     d = torch.device(v)
-    if d.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{what} {v} was asked for but no MPS device is available")
     if d.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{what} {v} was asked for but no CUDA device is available")

@@ -88,8 +88,15 @@ def check_call(net: nn.Module, labelled: bool | None = False) -> None:
 
 def check_prediction(pred: Tensor, x_t: Tensor) -> Tensor:
     """``pred`` (a network's noise prediction), refused unless it has ``x_t``'s shape and dtype: a
-    mismatch would broadcast silently (one output channel for three) or fail a step later, blaming the input."""
-    if not isinstance(pred, Tensor) or pred.shape != x_t.shape or pred.dtype != x_t.dtype:
+    mismatch would broadcast silently (one output channel for three) or fail a step later, blaming the input.
+    Under autocast (``torch.autocast`` on ``x_t``'s device) a lower-precision prediction is expected, and is
+    returned in ``x_t``'s dtype."""
+    if isinstance(pred, Tensor) and pred.shape == x_t.shape and pred.dtype != x_t.dtype:
+        if pred.is_floating_point() and torch.is_autocast_enabled(x_t.device.type):
+            return pred.to(x_t.dtype)
+        raise ValueError(f"the network returns {pred.dtype} for input x_t of {x_t.dtype}: its weights or its "
+                         f"output are of another dtype than the data")
+    if not isinstance(pred, Tensor) or pred.shape != x_t.shape:
         got = f"{tuple(pred.shape)} {pred.dtype}" if isinstance(pred, Tensor) else f"a {type(pred).__name__}"
         raise ValueError(f"the network's prediction must match its input x_t, {tuple(x_t.shape)} {x_t.dtype}, "
                          f"got {got} (is the model's out_channels the data's channel count?)")

@@ -88,7 +88,7 @@ class TrainConfig:
         if cfg.lr_decay not in ("cosine", "constant"):
             raise ValueError(f"{section}.lr_decay must be 'cosine' or 'constant', got {cfg.lr_decay!r}")
         if not checks.is_device(cfg.device):
-            raise ValueError(f"{section}.device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {cfg.device!r}")
+            raise ValueError(f"{section}.device must be 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
         cfg.device = str(cfg.device)  # a torch.device too; the trainer reads it as a name
         if not isinstance(cfg.progress, (bool, np.bool_)):
             raise ValueError(f"{section}.progress must be true or false, got {cfg.progress!r}")

@@ -433,3 +433,15 @@ def test_conditional_rows(bench_module, monkeypatch):
         {"method": "test split", "n": 7, "success (judge)": "", "Fréchet ratio to unconditional": "",
          "s / sample": "", "within-class diversity": 3.5}])
     assert "samples to the test split: 2 (n = 20)" in res["notes"][0] and "1500 steps" in res["notes"][0]
+
+
+def test_train_speed_runs_both_precisions_for_real(bench_module, monkeypatch):
+    """bench train-speed died on its bf16 rows (a bf16 prediction under autocast was refused as a wrong
+    out_channels) and no test ran it: one real step of each precision on a small UNet."""
+    bench = bench_module("train_speed")
+    tiny = ("tiny UNet", {"name": "unet", "in_channels": 1, "base": 8, "mults": [1], "num_res": 1}, 8, 4)
+    monkeypatch.setitem(bench.PROFILES, "quick", {"models": [tiny], "steps": 1, "repeats": 1})
+    res = bench.run("quick", "cpu")
+    (row,) = res["rows"]
+    assert row["model"] == "tiny UNet" and row["steps per run"] == 1
+    assert row["fp32 (ms/step)"] > 0 and row["bf16 (ms/step)"] > 0 and row["bf16 / fp32"] > 0

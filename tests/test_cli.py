@@ -1054,7 +1054,14 @@ def test_a_mirror_model_is_not_sampled_as_data_and_metrics_are_valid_json(traine
 @pytest.mark.parametrize("device", ["meta", "xpu", "nosuch"])
 def test_devices_that_cannot_run_a_model_are_refused_by_name(tmp_path, capsys, device):
     assert main(["train", *TINY, "--device", device, "--out", str(tmp_path / "r")]) == 2
-    assert f"--device {device} is not supported here (cpu, cuda, cuda:N, mps)" in capsys.readouterr().err
+    assert f"--device {device} is not supported here (cpu, cuda, cuda:N)" in capsys.readouterr().err
+
+
+def test_mps_is_refused_with_the_reason(tmp_path, capsys):
+    """--device mps passed the check and failed at the first step: its schedules are float64, which MPS lacks."""
+    assert main(["train", *TINY, "--device", "mps", "--out", str(tmp_path / "r")]) == 2
+    assert "--device mps is not supported: condiff's schedules are float64, which MPS lacks" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_train_or_reuse_discards_other_settings_only_in_a_directory_of_its_own(trained, tmp_path, capsys):

@@ -673,7 +673,7 @@ def test_cli_dual_train_refuses_before_touching_an_existing_run(tmp_path, capsys
         (["--fresh", "--set", "dual.timesteps=60"], "dual.timesteps must be <= 50"),  # T = 50
         (["--fresh", "--set", "dual.t_range=[0.3, 0.4]"], "dual.timesteps must be <= 5"),
         (["--resume", "--set", "model.hidden=16"], "does not match the model"),
-        (["--fresh", "--device", "nosuch"], "--device nosuch is not supported here (cpu, cuda, cuda:N, mps)"),
+        (["--fresh", "--device", "nosuch"], "--device nosuch is not supported here (cpu, cuda, cuda:N)"),
     ]:
         capsys.readouterr()
         assert main(["dual", "train", "--config", str(cfg), "--out", str(out), "--device", "cpu", *extra]) == 2
@@ -871,7 +871,7 @@ def test_cli_experiment_checks_settings_before_training(tmp_path, capsys, experi
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--device", "nosuch"], "--device nosuch is not supported here (cpu, cuda, cuda:N, mps)"),
+    (["--device", "nosuch"], "--device nosuch is not supported here (cpu, cuda, cuda:N)"),
     (["--out", "FILE"], " is a file, not a directory"),
 ])
 def test_cli_experiment_checks_device_and_out_first(tmp_path, capsys, args, message):

@@ -614,7 +614,7 @@ def test_a_train_config_made_directly_is_checked_too():
                       ({"lr": "a"}, "lr must be a number > 0, got 'a'"),
                       ({"lr": math.inf}, "lr must be a number > 0, got inf"),
                       ({"betas": (1.5, 0.0)}, r"betas must be two numbers in \[0, 1\)"),
-                      ({"device": "bogus"}, "device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got 'bogus'"),
+                      ({"device": "bogus"}, "device must be 'cpu', 'cuda' or 'cuda:N', got 'bogus'"),
                       ({"progress": 1}, "progress must be true or false, got 1")]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(**kw)

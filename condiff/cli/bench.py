@@ -87,10 +87,12 @@ def add_parser(sub, name: str) -> None:
                                                    "they were)")
 
 
-def machine() -> str:
-
+def machine(device: str = "cpu") -> str:
+    """The machine a benchmark ran on, naming the GPU it used (``device``) where it ran on one."""
     cpu = platform.processor() or platform.machine()
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    used_gpu = torch.device(device) if str(device).startswith("cuda") else None
+    dev = ("no GPU" if not torch.cuda.is_available() else
+           torch.cuda.get_device_name(used_gpu if used_gpu is not None and used_gpu.index is not None else 0))
     threads = torch.get_num_threads()  # what the benchmark ran on (OMP_NUM_THREADS=1 on a 2-core machine: 1)
     used = f", {threads} thread{'s' * (threads > 1)} used" if threads != os.cpu_count() else ""
     return (f"{os.cpu_count()} CPU cores ({cpu}{used}), {dev}, torch {torch.__version__}, "
@@ -197,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
                               "that run away")
     t0 = time.perf_counter()
     res = mod.run(profile=args.profile, device=device)
-    res.update({"name": args.name, "profile": args.profile, "device": device, "machine": machine(),
+    res.update({"name": args.name, "profile": args.profile, "device": device, "machine": machine(device),
                 "seconds": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d")})
     # a benchmark that ran only part of its table (e.g. NAMM_BENCH_DATA) says so in "partial": such
     # a result would replace the whole recorded table with a part of it, so it is never recorded

@@ -54,7 +54,7 @@ def plain_text(text: str | None) -> str | None:
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
 def pick_device(name: str | None) -> str:
