@@ -43,7 +43,7 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
         raise ValueError(f"unknown profile {profile!r}; expected one of {list(PROFILES)}")
     p = PROFILES[profile]
     k, n = p["k"], p["n"]
-    con = CountConstraint(k=k, size=p["size"]).to(device)  # its counter's first use shows its own progress
+    con = CountConstraint(k=k, size=p["size"], device=device).to(device)  # first use: its own progress bar
     g = torch.Generator().manual_seed(12345)
     rows = []
     x, _ = render_sources(torch.full((n,), k), p["size"], g)

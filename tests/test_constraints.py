@@ -239,6 +239,22 @@ class _SumCounter(nn.Module):
         return ((x + 1) / 2).flatten(1).sum(1)
 
 
+def test_the_counter_trains_where_its_user_computes_and_a_gpu_counter_is_recorded(monkeypatch):
+    """The counting CNN trained on the GPU whenever one was present, `--device cpu` or not, and a run recorded
+    the same learned parts for either counter, so a run fitted on one machine was scored with the other's."""
+    import condiff.constraints.count as count
+
+    asked = []
+    monkeypatch.setattr(count, "load_counter", lambda *a, device=None, progress=True: asked.append(device)
+                        or _SumCounter())
+    cpu = build_constraint({"name": "count", "k": 3, "size": 8}, device="cpu")
+    gpu = CountConstraint(k=3, size=8, device=torch.device("cuda", 1))
+    assert asked == ["cpu", "cuda"]  # the device's type: the counter cache's key
+    assert cpu.learned_parts() == {"counter": count.COUNTER_RECIPE}  # as recorded by every run so far
+    assert gpu.learned_parts() == {"counter": count.COUNTER_RECIPE, "trained_on": "cuda"}
+    assert count.counter_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_count_distance_with_a_given_counter():
     con = CountConstraint(k=3, counter=_SumCounter())
     x = torch.full((2, 1, 4, 4), -1.0)

@@ -777,7 +777,8 @@ class NAMMRun:
                     f"data set {self.cfg['data']['name']!r} names no constraint: pass --constraint"
                 )
             self._constraint = build_constraint({"name": spec} if isinstance(spec, str) else spec,
-                                                saved_by=self.saved_by, progress=self.progress).to(self.device)
+                                                saved_by=self.saved_by, progress=self.progress,
+                                                device=self.device).to(self.device)
         return self._constraint
 
     # -- stages

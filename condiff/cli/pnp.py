@@ -598,9 +598,10 @@ def run_constraint(args: argparse.Namespace) -> int:
         checks.number("--clamp", args.clamp, "> 0")
     spec = parse_python_spec(args.constraint) or {"name": args.constraint}
 
-    def build():
+    def build(device=None):
         return build_constraint(spec, how="pnp constraint builds a constraint without arguments: for one that "
-                                          "needs them, name a function of your own FILE.py:NAME that calls it")
+                                          "needs them, name a function of your own FILE.py:NAME that calls it",
+                                device=device)
 
     # an unknown name or a bad file is reported before the prior loads; a registered family is built after it
     # (so its own errors come then: the count constraint trains its counter first, minutes of work that a
@@ -611,7 +612,7 @@ def run_constraint(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.ckpt} is a prior over {tuple(shape)} vectors; pnp constraint needs pictures (C, H, W)")
     if not 0 <= args.finish < den.schedule.T:
         raise ValueError(f"--finish must be a timestep in [0, {den.schedule.T}) (0: off), got {args.finish}")
-    constraint = constraint if constraint is not None else build()
+    constraint = constraint if constraint is not None else build(device)
     constraint = constraint.to(device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     try:

@@ -95,13 +95,14 @@ class Constraint(nn.Module):
 
 
 def build_constraint(config: dict, how: str | None = None, saved_by: str | None = None,
-                     progress: bool | None = None) -> Constraint:
+                     progress: bool | None = None, device: str | torch.device | None = None) -> Constraint:
     """Build a registered constraint from ``{"name": NAME, **kwargs}``. ``how``: how a user of the
     calling command gives a constraint its arguments, for the error when they are wrong (default: the
     ``namm`` commands' ``--set data.constraint=...``). ``saved_by``: what ``config`` was read from, where a
     constraint of one's own (``python``) runs its file only if the file is trusted (loading must not run code
     a saved file names: :func:`condiff.userfile.load_from_file`). ``progress``: for a family that trains a
-    part on first use (count's counter), whether it shows a progress bar (default: the family's, on)."""
+    part on first use (count's counter), whether it shows a progress bar (default: the family's, on), and
+    ``device``: where it trains that part (the device the caller computes on; default: the family's)."""
     if not isinstance(config, dict) or "name" not in config:
         raise ValueError(f"a constraint config must be a dict with a 'name' key, got {config!r}")
     kwargs = dict(config)
@@ -113,6 +114,8 @@ def build_constraint(config: dict, how: str | None = None, saved_by: str | None 
         kwargs["saved_by"] = saved_by
     if progress is not None and "progress" in inspect.signature(CONSTRAINTS[name]).parameters:
         kwargs["progress"] = progress
+    if device is not None and "device" in inspect.signature(CONSTRAINTS[name]).parameters:
+        kwargs["device"] = device
     try:
         return CONSTRAINTS[name](**kwargs)
     except TypeError as err:

@@ -245,9 +245,7 @@ def load_counter(
     ``path`` (``.<name>.training``), so a training cut short goes on from there at the next call; a
     second process that needs the same counter meanwhile waits for the first.
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device).type
+    device = counter_device(device)
     path = (
         Path(path)
         if path is not None
@@ -269,6 +267,14 @@ def load_counter(
         if (path / io.CONFIG).is_file():  # made by the process this one waited for
             return _cached_counter(path)
         return _train_and_keep(path, k, size, steps, seed, width, device, progress)
+
+
+def counter_device(device: str | torch.device | None) -> str:
+    """Where a missing counter trains (a device type, the cache key's part): ``device``'s, or ``"cuda"``
+    when a GPU is available and none is given."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device).type
 
 
 def _cached_counter(path: Path) -> CountingCNN:
@@ -333,7 +339,11 @@ class CountConstraint(Constraint):
         width: int = 16,
         counter: nn.Module | None = None,
         progress: bool = True,
+        device: str | torch.device | None = None,
     ) -> None:
+        """``device``: where the project's counter trains if it is not cached (:func:`load_counter`; default
+        ``"cuda"`` when a GPU is available). A counter trained on a GPU is another counter (cached apart), so
+        :meth:`learned_parts` records where it was trained, unless that was the CPU."""
         super().__init__()
         for name, v, lo in (("k", k, 0), ("size", size, 1), ("counter_steps", counter_steps, 1), ("width", width, 1)):
             checks.integer(f"count: {name}", v, lo)
@@ -352,9 +362,10 @@ class CountConstraint(Constraint):
                              f"got {counter!r}: a constraint with a counter of one's own is rebuilt by passing it "
                              "again, not from its config")
         self._own_counter = counter is None
+        self._trained_on = counter_device(device)
         self.counter = (
             counter if counter is not None else load_counter(self.k, size, counter_steps, seed, width,
-                                                             progress=progress)
+                                                             device=self._trained_on, progress=progress)
         )
         self.counter.eval().requires_grad_(False)
         if counter is not None:  # the config names it, not the project's counter it would otherwise rebuild
@@ -368,7 +379,9 @@ class CountConstraint(Constraint):
     def learned_parts(self) -> dict | None:
         # a counter of one's own is not recorded as a learned part (stage settings would then change with
         # weights a file may draw anew in every process); its config names it by its fingerprint
-        return {"counter": COUNTER_RECIPE} if self._own_counter else None
+        if not self._own_counter:
+            return None
+        return {"counter": COUNTER_RECIPE, **({"trained_on": self._trained_on} if self._trained_on != "cpu" else {})}
 
     def _in_counter_dtype(self, x: Tensor) -> Tensor:
         """``x`` in the dtype of the counter's weights (the project's counter is float32), so that a float64
