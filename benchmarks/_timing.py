@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+from condiff.sample import progress_bar
+
 
 def sync(device: str) -> None:
     if str(device).startswith("cuda"):
@@ -23,16 +25,25 @@ def timed(fn: Callable[[], object], device: str) -> float:
 
 
 def alternate(fns: dict[str, Callable[[], object]], repeats: int, device: str,
-              warmup: int = 1) -> dict[str, list[float]]:
+              warmup: int = 1, desc: str = "timing") -> dict[str, list[float]]:
     """Run each function ``repeats`` times, interleaved (a, b, a, b, ...), so drifts in machine load
-    hit all of them alike. Returns the list of wall times per name."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    out: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            out[k].append(timed(fn, device))
+    hit all of them alike. Returns the list of wall times per name. A progress bar (``desc``) counts the runs,
+    the warm-up's included."""
+    bar = progress_bar((warmup + repeats) * len(fns), True, unit="run", desc=desc)
+    try:
+        for _ in range(warmup):
+            for k, fn in fns.items():
+                bar.set_postfix_str(f"{k} (warm-up)", refresh=False)
+                fn()
+                bar.update()
+        out: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                bar.set_postfix_str(k, refresh=False)
+                out[k].append(timed(fn, device))
+                bar.update()
+    finally:
+        bar.close()
     return out
 
 

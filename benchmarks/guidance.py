@@ -349,7 +349,7 @@ def timing(models: dict, profile: str, device: str) -> list[str]:
         for m in METHODS:  # equal work per step: DSG guides every step here
             hp[m].update({"interval": 1} if m.startswith("dsg+") else {})
         fns = _timed_runs(den, hp, op, y, shape, S, device)
-        times = alternate(fns, p["repeats"], device)
+        times = alternate(fns, p["repeats"], device, desc=f"{task}: cost of DSG")
         for base in ("dps", "freedom", "ugd"):
             r = median_ratio(times[f"dsg+{base}"], times[base])
             lines.append(f"{task}: wall time DSG+{base.upper()} / {base.upper()} = {r:.3f} "

@@ -41,7 +41,7 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
             g.manual_seed(0)
             ddim(den, x, ts, eta=eta, generator=g)
 
-        times = alternate({"forward": forwards, "sample": sampling}, p["repeats"], device)
+        times = alternate({"forward": forwards, "sample": sampling}, p["repeats"], device, desc=f"DDIM eta={eta:g}")
         ratio = median_ratio(times["sample"], times["forward"])
         rows.append({"sampler": f"DDIM eta={eta:g}", "batch": B, "steps": S,
                      "steps x forward (s)": median(times["forward"]), "sampling (s)": median(times["sample"]),

@@ -55,7 +55,8 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
             tr.cfg.steps = tr.step + p["steps"]
             tr.fit()
 
-        times = alternate({k: (lambda tr=tr: steps(tr)) for k, tr in trainers.items()}, p["repeats"], device)
+        times = alternate({k: (lambda tr=tr: steps(tr)) for k, tr in trainers.items()}, p["repeats"], device,
+                          desc=label)
         fp32, bf16 = (median(times[k]) / p["steps"] * 1e3 for k in ("fp32", "bf16"))
         rows.append({"model": label, "steps per run": p["steps"], "fp32 (ms/step)": fp32, "bf16 (ms/step)": bf16,
                      "bf16 / fp32": median_ratio(times["bf16"], times["fp32"])})

@@ -43,7 +43,7 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
             x = sched.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
         out["theirs"] = x
 
-    times = alternate({"condiff": ours, "diffusers": theirs}, p["repeats"], device)
+    times = alternate({"condiff": ours, "diffusers": theirs}, p["repeats"], device, desc="condiff vs diffusers")
     ratio = median_ratio(times["condiff"], times["diffusers"])
     diff = float((out["ours"] - out["theirs"]).abs().max())
     row = {"UNet2DModel": f"{p['size']}px, channels {list(p['channels'])}", "batch": p["batch"],

@@ -188,6 +188,23 @@ def param_dtype(module: Any) -> torch.dtype:
     return next((p.dtype for p in params if p.is_floating_point()), torch.float32)
 
 
+def param_device(module: Any) -> torch.device:
+    """The device of a module's weights (the CPU for one without any, or for no module): where a sampler's noise
+    goes when no device is given."""
+    params = module.parameters() if isinstance(module, torch.nn.Module) else ()
+    return next((p.device for p in params), torch.device("cpu"))
+
+
+def weights_device(name: str, x: Any, module: Any) -> Any:
+    """``x``, refused in one line where it lies on another device than ``module``'s weights (torch's own error
+    comes from deep inside the network, naming neither)."""
+    w = next(module.parameters(), None)
+    if w is not None and isinstance(x, torch.Tensor) and x.device != w.device:
+        raise ValueError(f"{name} is on {x.device} but the network's weights are on {w.device}: pass "
+                         f"device={str(w.device)!r} to the sampler, or move the model with .to(...)")
+    return x
+
+
 def weights_dtype(name: str, x: Any, module: Any) -> Any:
     """``x`` in the dtype of ``module``'s weights (a float64 input to a float32 network fails deep inside torch)."""
     floating(name, x)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from . import io, metrics
 from .data.digits import load_digits
-from .determinism import one_thread
+from .determinism import one_thread, seeded
 from .nets import build_net
 from .nets.classifier import DigitsCNN
 
@@ -79,8 +79,7 @@ def train_digits_classifier(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     x, y = (t.to(device) for t in _digits("train"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         net = DigitsCNN(NUM_CLASSES, width, feature_dim).to(device)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)

@@ -20,3 +20,25 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+@contextmanager
+def kept_streams() -> Iterator[None]:
+    """Run the block, then give torch's global random streams back as they were: the CPU's and every CUDA
+    device's (``torch.random.fork_rng(devices=[])`` keeps the CPU's only, so a block that draws on a GPU, or
+    seeds, moved the caller's GPU stream)."""
+    with torch.random.fork_rng(devices=_cuda_devices()):
+        yield
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with torch's global random streams seeded with ``seed`` (``torch.manual_seed``: the CPU's
+    and every CUDA device's), then give the caller's streams back as they were (:func:`kept_streams`)."""
+    with kept_streams():
+        torch.manual_seed(seed)
+        yield

@@ -386,19 +386,20 @@ def ddpm(denoiser: Denoiser, x: Tensor, generator: torch.Generator | None = None
 
 
 def sample(denoiser: Denoiser, shape: tuple[int, ...], steps: int = 100, eta: float = 0.0,
-           generator: torch.Generator | None = None, device: str | torch.device = "cpu",
+           generator: torch.Generator | None = None, device: str | torch.device | None = None,
            spacing: str = "linspace", **kw) -> Tensor:
-    """Draw ``shape[0]`` samples: fresh noise ``x_T`` (in the dtype of the denoiser's weights), then
-    :func:`ddim` over ``steps`` timesteps."""
+    """Draw ``shape[0]`` samples: fresh noise ``x_T`` (in the dtype of the denoiser's weights, on ``device``,
+    by default where its weights are), then :func:`ddim` over ``steps`` timesteps."""
     check_denoiser(denoiser)
     check_shape(denoiser, shape, batch=True)
     return _draw(denoiser, shape, steps, eta, generator, device, spacing, **kw)
 
 
 def _draw(denoiser: Denoiser, shape: tuple[int, ...], steps: int = 100, eta: float = 0.0,
-          generator: torch.Generator | None = None, device: str | torch.device = "cpu", spacing: str = "linspace",
-          **kw) -> Tensor:
+          generator: torch.Generator | None = None, device: str | torch.device | None = None,
+          spacing: str = "linspace", **kw) -> Tensor:
     """:func:`sample` without its checks (:func:`generate` makes them once for all its batches)."""
+    device = checks.param_device(denoiser) if device is None else device
     x = randn(shape, generator, device=device, dtype=checks.param_dtype(denoiser))
     return ddim(denoiser, x, denoiser.schedule.timesteps(steps, spacing), eta=eta, generator=generator, **kw)
 

@@ -239,6 +239,9 @@ def init_distributed(device: str) -> DistInfo:
     if world <= 1:
         return DistInfo()
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda:"):  # every process would take that one GPU (NCCL: "Duplicate GPU detected")
+        raise ValueError(f"device {device} under torchrun: each of the {world} processes takes the GPU of its "
+                         "local rank, so give the device as cuda (CUDA_VISIBLE_DEVICES picks the GPUs)")
     if device.startswith("cuda") and local >= torch.cuda.device_count():
         raise ValueError(f"process {local} of this machine needs its own GPU, but {torch.cuda.device_count()} "
                          "are visible: start at most that many processes per machine (torchrun "
@@ -357,7 +360,7 @@ class Trainer:
             return None
         opt_tensors, opt_meta = io.flatten_optimizer(self.opt.state_dict())
         groups = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optim": opt_tensors,
-                  "rng": {"torch_cpu": torch.get_rng_state()}}
+                  "rng": self._rng_states()}
         extra = self.objective.state_dict()
         if extra:
             groups["objective"] = extra
@@ -367,6 +370,13 @@ class Trainer:
         for old in list_checkpoints(self.ckpt_root)[: -self.cfg.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return path
+
+    def _rng_states(self) -> dict[str, Tensor]:
+        """The global random streams a step draws from (a net's dropout): the CPU's, and the GPU's it trains on."""
+        states = {"torch_cpu": torch.get_rng_state()}
+        if torch.device(self.device).type == "cuda":
+            states["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
 
     def load(self, path: str | Path) -> dict:
         """Load the checkpoint at ``path`` into the model, EMA, optimiser, objective and RNG; returns its
@@ -386,7 +396,10 @@ class Trainer:
         # with state of its own can refuse a checkpoint written without it
         has = io.has_group(path, "objective")
         self.objective.load_state_dict(io.load_group(path, "objective", self.device) if has else {})
-        torch.set_rng_state(io.load_group(path, "rng")["torch_cpu"])
+        rng = io.load_group(path, "rng")
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and torch.device(self.device).type == "cuda":  # the GPU's dropout resumes exactly too
+            torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
         self.step, self._log_acc, self.seconds = step, log_acc, seconds
         return cfg
 

@@ -43,7 +43,7 @@ def test_sampler_overhead_ratio_is_the_median_of_sample_over_forward(bench_modul
              ([2.0, 2.0, 2.0, 2.0, 2.0], [2.1, 2.0, 2.2, 2.1, 2.4])]   # ratios 1.05 1 1.1 1.05 1.2: median 1.05
     etas, seen = [], []
 
-    def alternate(fns, repeats, device):
+    def alternate(fns, repeats, device, desc):
         seen.append((list(fns), repeats, device))
         fns["sample"]()  # the stand-in ddim below records the eta the timed sampling uses
         forward, sample = times[len(seen) - 1]
@@ -168,8 +168,8 @@ def test_count_attack_rows(bench_module, monkeypatch):
     offsets = {3: [0.0, 0.2, -0.6, 0.4], 2: [0.0, 0.2, -0.6, 0.4], 4: [0.0, -0.2, 0.4, 0.2]}
 
     class Counter:
-        def __init__(self, k, size):
-            assert (k, size) == (3, 4)
+        def __init__(self, k, size, device):
+            assert (k, size, device) == (3, 4, "cpu")  # the counter trains where the benchmark runs
 
         def to(self, device):
             return self

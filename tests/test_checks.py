@@ -154,3 +154,17 @@ def test_an_integer_beyond_int64_is_named_out_of_range_not_as_no_integer():
         checks.integer("n", 0)
     with pytest.raises(ValueError, match=r"^t must be an integer in \[0, 1000\), got 1180591620717411303424$"):
         checks.integer("t", 2**70, 0, 1000)  # a bound of its own: the range says it, not int64's
+
+
+def test_shown_abbreviates_every_integer_longer_than_forty_characters():  # m02 checks.py:97
+    assert checks.shown(10**39) == repr(10**39)  # 40 digits: printed whole
+    assert checks.shown(10**40) == "100000000000... (41 digits)"
+    assert checks.shown(-(10**60)) == "-10000000000... (61 digits)"  # the sign is no digit
+    assert checks.shown(1e300) == repr(1e300)  # floats are never cut
+
+
+def test_finite_rows_names_the_first_bad_sample_not_the_last():  # m09 checks.py:170
+    x = torch.zeros(6, 2, 3)
+    x[2, 1, 0], x[4, 0, 2] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match=r"^x hold 2 non-finite values \(the first in sample 2\)$"):
+        checks.finite_rows("x", x)

@@ -1840,3 +1840,26 @@ def test_resolving_paths_leaves_words_alone(tmp_path, monkeypatch):
                           "constraint": [{"model": "cosine", "data": "objective"}], "data": {"name": "digits"}})
     assert got == {"schedule": {"kind": "cosine"}, "objective": {"data": str(tmp_path / "all.npz"), "split": "cosine"},
                    "constraint": [{"model": str(tmp_path / "cosine"), "data": "objective"}], "data": {"name": "digits"}}
+
+
+def test_an_output_folder_the_command_chose_is_named_as_such_with_the_way_out(tiny_run, tmp_path, capsys):
+    """A read-only run: `sample` refused "--out RUN/samples" and `eval` "--ckpt RUN", flags the user never gave
+    (or that need no writing), and neither said that --out writes elsewhere."""
+    import shutil
+
+    from condiff.cli.common import check_writable
+
+    shutil.copytree(tiny_run, tmp_path / "bare")
+    (tmp_path / "bare_samples").write_text("a file where the samples would go")
+    assert main(["sample", "--ckpt", str(tmp_path / "bare"), "--n", "2", "--steps", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert (f"the default --out {tmp_path / 'bare_samples'} is a file, not a directory: give --out DIR to write "
+            "elsewhere") in err
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")
+    for flag, hint in (("the default --out", True), ("the run's folder, where eval writes beside its model,", True),
+                       ("--out", False), ("bench: results to", False)):  # only a place the user did not name
+        with pytest.raises(NotADirectoryError) as e:
+            check_writable(blocked / "x", flag)
+        assert str(e.value).startswith(f"{flag} {blocked / 'x'}: {blocked} is a file")
+        assert str(e.value).endswith(": give --out DIR to write elsewhere") == hint

@@ -21,9 +21,11 @@ from condiff.data import (
     load_png_folder,
     load_toy2d,
     native,
+    nominal_range,
     save_png,
     save_png_grid,
     validate,
+    warn_range,
 )
 from condiff.data.patches import TEST_IMAGES, TRAIN_IMAGES, source_image
 from condiff.data.toy2d import KINDS
@@ -689,3 +691,55 @@ def test_the_kolmogorov_flows_and_the_digits_judge_are_made_on_one_thread(monkey
         assert set(seen) == {("flow", 1), ("judge", 1)} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_warn_range_draws_the_line_at_ten():  # m12 data/__init__.py:107
+    with pytest.warns(UserWarning, match=r"values reach 50; condiff's models"):
+        warn_range(torch.full((2, 3), 50.0), "d")
+    with pytest.warns(UserWarning, match=r"values reach 10\.5"):
+        warn_range(torch.tensor([[0.0, -10.5]]), "d")  # by magnitude: a negative value counts too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_range(torch.full((2, 3), 10.0), "d")  # 10 itself is accepted
+
+
+def test_unit_interval_images_reaching_exactly_one_warn(tmp_path):  # m13 data/__init__.py:110
+    img = (np.arange(32).reshape(2, 1, 4, 4) % 2).astype(np.float32)  # 0/1 images: max exactly 1
+    np.save(tmp_path / "binary.npy", img)
+    with pytest.warns(UserWarning, match=r"images lie within \[0, 1\]"):
+        load_array(tmp_path / "binary.npy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_range(torch.full((1, 1, 2, 2), 0.5), "d")  # at most 0.5: not taken for [0, 1] pixels
+
+
+def test_nominal_range_allows_round_off_above_one_only():  # m14 data/__init__.py:127
+    assert nominal_range([-1.0, 1.0005]) == (-1.0, 1.0)
+    assert nominal_range([-1.0, 1.01]) == (-1.0, 1.01)
+    assert nominal_range([0.0, 1.05]) == (0.0, 1.05)
+
+
+def test_png_grid_has_no_empty_columns_when_nrow_exceeds_the_batch(tmp_path):  # m21 data/files.py:296
+    img = np.asarray(Image.open(save_png_grid(torch.zeros(2, 1, 8, 8), tmp_path / "g.png", nrow=5, pad=1, scale=1)))
+    assert img.shape == (8 + 2, 2 * 8 + 3)  # two columns, not five
+
+
+def test_random_patch_crops_are_mirrored_about_half_the_time():  # m55 data/patches.py:133
+    from condiff.data.patches import load_patches
+
+    plain = load_patches("test", size=8, n=200, seed=3, downscale=4)
+    flipped = load_patches("test", size=8, n=200, seed=3, downscale=4, flip=True)
+    assert plain.meta["positions"] == flipped.meta["positions"]  # the same crops, drawn before the mirror
+    mirrored = torch.tensor([torch.equal(b, a.flip(-1)) and not torch.equal(a, b) for a, b in zip(plain.x, flipped.x)])
+    kept = torch.tensor([torch.equal(a, b) for a, b in zip(plain.x, flipped.x)])
+    assert bool((mirrored | kept).all()) and 60 < int(mirrored.sum()) < 140
+
+
+def test_downscaled_source_images_are_rounded_block_means():  # m57 data/patches.py:65
+    from condiff.data.patches import source_image
+
+    full = source_image("coffee").astype(np.float64)
+    small = source_image("coffee", downscale=3)
+    h, w = full.shape[0] // 3 * 3, full.shape[1] // 3 * 3  # the ragged edge is cut
+    want = full[:h, :w].reshape(h // 3, 3, w // 3, 3, 3).mean((1, 3)).round()
+    assert small.dtype == np.uint8 and np.array_equal(small, want.astype(np.uint8))

@@ -279,6 +279,19 @@ def test_a_bf16_prediction_under_autocast_is_taken_in_the_input_dtype():
         denoising_loss(type("Half", (Net,), {"forward": lambda self, x, t: self.lin(x).bfloat16()})(), s, x, None, None)
 
 
+def test_input_on_another_device_than_the_weights_is_named_in_one_line():
+    """The samplers drew their noise on the CPU by default whatever the model's device, and torch's error came
+    from inside the network; they now default to the weights' device, and a mismatch is named."""
+    from condiff import checks
+
+    net = TimeMLP(2, hidden=8, depth=1)
+    assert checks.param_device(net) == torch.device("cpu") and checks.param_device(None) == torch.device("cpu")
+    den = NetDenoiser(net.to("meta"), Schedule.linear(10))
+    assert checks.param_device(den.net) == torch.device("meta")
+    with pytest.raises(ValueError, match="x_t is on cpu but the network's weights are on meta: pass device='meta'"):
+        den.predict_eps(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))
+
+
 def test_a_saved_model_records_the_versions_it_was_made_with(tmp_path):
     save_model(tmp_path / "m", TimeMLP(2, hidden=8, depth=1), Schedule.linear(10))
     v = json.loads((tmp_path / "m" / "config.json").read_text())["versions"]
@@ -305,3 +318,14 @@ def test_a_diffusers_denoiser_names_inputs_its_unet_cannot_take(tiny_diffusers_d
     with pytest.raises(ValueError, match=message):
         tiny_diffusers_denoiser.eps(x, torch.full((len(x),), 5))
     assert tiny_diffusers_denoiser.eps(torch.zeros(2, 1, 12, 8), torch.full((2,), 5)).shape == (2, 1, 12, 8)
+
+
+def test_a_diffusers_unet_of_another_class_is_refused_by_name(tmp_path):  # m62 denoiser.py:325
+    pytest.importorskip("diffusers")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler",
+                                                                "num_train_timesteps": 100}))
+    with pytest.raises(ValueError, match=r"unet holds a UNet2DConditionModel; only diffusers UNet2DModel models "
+                                         r"are supported"):
+        DiffusersDenoiser.from_pretrained(tmp_path)

@@ -278,7 +278,8 @@ def test_count_attack_shows_its_progress_where_stderr_is_no_terminal(bench_modul
     bench = bench_module("count_attack")
     monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path))  # a counter trained here, on first use
     monkeypatch.setitem(bench.PROFILES, "tiny", {"size": 12, "k": 2, "n": 4, "steps": 2, "lr": 0.01})
-    monkeypatch.setattr(bench, "CountConstraint", lambda k, size: CountConstraint(k, size, counter_steps=3, width=4))
+    small = lambda k, size, device: CountConstraint(k, size, counter_steps=3, width=4, device=device)  # noqa: E731
+    monkeypatch.setattr(bench, "CountConstraint", small)
     assert len(bench.run("tiny")["rows"]) == 5
     err = capsys.readouterr().err
     assert "training the counting CNN" in err and "counting CNN (first use)" in err and "/3 [" in err

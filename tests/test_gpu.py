@@ -165,3 +165,26 @@ def test_guided_sampling_reads_back_in_blocks_not_per_step():
         run(2)  # warm-up
         counts = [_syncs(lambda n=n: run(n)) for n in (5, 40)]
         _assert_not_growing(counts)
+
+
+def test_dropout_on_the_gpu_resumes_exactly(tmp_path):
+    """Checkpoints kept the CPU's random stream only: a net with dropout on a GPU went on from another stream."""
+    from condiff.nets import build_net
+
+    x, s = torch.randn(64, 1, 8, 8), Schedule.linear(50)
+    net_cfg = {"name": "unet", "in_channels": 1, "base": 8, "mults": [1], "num_res": 1, "dropout": 0.3}
+
+    def trainer(steps, run_dir):
+        torch.manual_seed(0)
+        cfg = TrainConfig(steps=steps, batch_size=8, warmup=0, ckpt_every=2, progress=False, device="cuda")
+        return Trainer(build_net(net_cfg), DenoisingObjective(x, s, 8), cfg, run_dir)
+
+    whole = trainer(4, tmp_path / "whole")
+    whole.fit()
+    trainer(2, tmp_path / "cut").fit()
+    torch.cuda.manual_seed_all(123)  # another stream in between, as a new process has
+    resumed = trainer(4, tmp_path / "cut")
+    assert resumed.resume() and resumed.step == 2
+    resumed.fit()
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k

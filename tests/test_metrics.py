@@ -516,3 +516,29 @@ def test_samples_beyond_float64_are_named_by_the_argument_that_holds_them():
     big, ok = np.full((2, 4), np.longdouble("1e400")), np.zeros((2, 4))
     with pytest.raises(ValueError, match=r"^psnr y: values reach 1e\+400, beyond float64's range"):
         M.psnr(ok, big)
+
+
+def test_median_heuristic_of_many_points_uses_the_first_thousand_or_a_seeded_draw():  # m53, m54 metrics.py:73-75
+    from condiff import metrics as M
+
+    g = torch.Generator().manual_seed(0)
+    near, far = torch.randn(1000, 2, generator=g), 100 * torch.randn(500, 2, generator=g)
+    x = torch.cat([near, far])
+    assert M.median_heuristic(x) == M.median_heuristic(near)  # deterministic: the first 1000
+    assert M.median_heuristic(x) < 5  # the far points, a third of the set, are left out
+    a = M.median_heuristic(x, generator=torch.Generator().manual_seed(1))
+    assert a == M.median_heuristic(x, generator=torch.Generator().manual_seed(1)) and a > 5  # a draw of all 1500
+
+
+def test_classifier_augmentation_shifts_by_one_pixel_with_background_fill():  # m63, m64 classifier.py:50-51
+    from condiff.classifier import _augment
+
+    x = torch.rand(400, 1, 8, 8) * 2 - 1
+    out = _augment(x, torch.Generator().manual_seed(0), noise_std=0.0)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), value=-1.0)
+    seen = set()
+    for a, b in zip(padded, out):
+        shifts = [(dy, dx) for dy in range(3) for dx in range(3) if torch.equal(a[:, dy:dy + 8, dx:dx + 8], b)]
+        assert shifts, "each image is the padded one cut at a shift of -1, 0 or +1 per axis"
+        seen.add(shifts[0])
+    assert seen == {(dy, dx) for dy in range(3) for dx in range(3)}  # all nine shifts are drawn

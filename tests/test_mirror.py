@@ -670,7 +670,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("condiff namm sample: error: ") and "mirror must be a table of settings, got 'x'" in err
     (fake / "config.json").unlink()
     assert main(["namm", "sample", "--run", str(fake), "--n", "-5"]) == 2
-    assert "--n must be >= 1, got -5" in capsys.readouterr().err
+    assert "--n must be >= 2 (the MMD to held-out data needs two samples), got -5" in capsys.readouterr().err
+    # one sample: refused before any set is drawn (it was drawn, replaced the cached sets, then failed in the MMD)
+    assert main(["namm", "sample", "--run", str(fake), "--n", "1"]) == 2
+    assert "--n must be >= 2" in capsys.readouterr().err
     assert main(["namm", "fit", "--data", "no-such-data", "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert "unknown data set 'no-such-data'" in capsys.readouterr().err
     core_run = json.dumps({"data": {"name": "digits"}, "model": {}, "train": {}})  # a `condiff train` run
@@ -694,6 +697,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "finetune.n (the pool of MDM samples) must be an integer >= 1" in capsys.readouterr().err
     # settings only `namm sample` uses, refused by the fit that records them rather than by every sample
     for extra, needle in ((["--set", "sample.steps=2000"], "sample.steps must be <= schedule.T = 1000, got 2000"),
+                          (["--set", "sample.n=1"], "sample.n must be >= 2 (the MMD to held-out data needs two"),
                           (["--set", "guide.method=foo"], "[guide] settings: unknown guidance method 'foo'")):
         assert main([*fit, *extra]) == 2
         assert needle in capsys.readouterr().err
@@ -2092,9 +2096,18 @@ def test_a_finished_stage_given_more_steps_trains_on_from_its_last_checkpoint(tm
                  "--set", "mirror_train.steps=2", "--set", "train.steps=2", "--set", "model.mults=[1, 2]",
                  "--set", "mirror.psi.filters=4", "--set", "mirror.inverse.base=4"]) == 0
     namm = (tmp_path / "run" / "namm" / "stage.json").read_bytes()
+    # `condiff eval` of a stage's model writes beside it, in RUN/vanilla/eval (it wrote metrics.json into the stage
+    # directory, as for a run of its own), and an extension removes what was written of the old model
+    assert main(["eval", "--ckpt", "run/vanilla", "--n", "2", "--steps", "2", "--device", "cpu"]) == 0
+    assert (tmp_path / "run" / "vanilla" / "eval" / "metrics.json").is_file()
+    assert not (tmp_path / "run" / "vanilla" / "metrics.json").exists()
+    (tmp_path / "run" / "mdm" / "samples_step_00000002").mkdir()  # of a checkpoint of the old model
     capsys.readouterr()
     assert main(["namm", "fit", "--out", "run", "--resume", "--set", "train.steps=3", "--quiet"]) == 0
     err = capsys.readouterr().err
+    assert "note: removed the results of the model this run replaced (eval)" in err
+    assert "note: removed the results of the model this run replaced (samples_step_00000002)" in err
+    assert not (tmp_path / "run" / "vanilla" / "eval").exists() and (tmp_path / "run" / "vanilla" / "model").is_dir()
     for stage in ("mdm", "vanilla"):  # both diffusion models go on from step 2; the map is not touched
         assert f"extending {os.path.join('run', stage)}: from step 2 (its last checkpoint) to 3" in err, err
         assert json.loads((tmp_path / "run" / stage / "stage.json").read_text())["spec"]["train"]["steps"] == 3

@@ -334,3 +334,26 @@ def test_sources_keep_their_margin_and_the_noise_level_spans_its_range():
     sd = ((x + 1) / 2).flatten(1).std(1)
     assert float(sd.min()) > 0.03 * 0.9 and float(sd.max()) < 0.1 * 1.1
     assert float(sd.min()) < 0.04 and float(sd.max()) > 0.09  # drawn across the range, not at one end
+
+
+def test_brightness_flux_of_every_pixel_at_one_is_refused():  # m40 data/procedural.py:69
+    from condiff.data.procedural import load_brightness
+
+    with pytest.raises(DataError, match=r"flux must lie in \(0, size\^2 = 64\)"):
+        load_brightness(size=8, flux=64, n_train=2, n_test=2)
+
+
+def test_a_flux_that_pushes_pixels_far_out_of_range_is_said(tmp_path, monkeypatch):
+    """flux = 120 at 32x32 (the paper's value at 64x64) made pixels up to 6 without a word, while the docs said
+    the images lie in [-1, 1]; the default flux keeps them near it (about 1.16) and says nothing."""
+    import warnings
+
+    from condiff.data.procedural import load_brightness
+
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path))
+    with pytest.warns(UserWarning, match=r"brightness: at flux 30 on 8x8 the brightest pixels reach [0-9.]+, far"):
+        load_brightness("train", size=8, flux=30, n_train=8, n_test=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = load_brightness("train", size=8, n_train=8, n_test=2).x
+    assert float(x.max()) < 1.3

@@ -678,7 +678,7 @@ def test_a_refused_default_out_is_named_as_the_default(tiny_run, tmp_path, capsy
     shutil.copytree(tiny_run, tmp_path / "bare")
     (tmp_path / "bare_pnp").write_text("not a folder")  # where the bare model's results would go
     assert main(["pnp", "digits", "--ckpt", str(tmp_path / "bare"), "--label", "3", "--device", "cpu"]) == 2
-    assert f"--out (default {tmp_path / 'bare_pnp' / 'digits-3'})" in capsys.readouterr().err
+    assert f"the default --out {tmp_path / 'bare_pnp' / 'digits-3'}: " in capsys.readouterr().err
 
 
 def test_pnp_default_out_names_the_task_and_its_setting(tmp_path):

@@ -368,3 +368,20 @@ def test_a_saved_mirror_map_is_shown_as_a_model_not_as_a_namm_run(tmp_path, caps
     assert "mirror map: psi icnn, inverse resnet" in out
     rc, out, _ = _show(capsys, tmp_path / "runs")
     assert "condiff namm fit" not in out
+
+
+@pytest.mark.parametrize(("damage", "note"), [
+    (lambda r: os.truncate(r / "model" / "model.safetensors", 100),
+     "model/model.safetensors does not open (torn, or not a safetensors file): the weights are damaged"),
+    (lambda r: (r / "config.json").write_text("{"), "config.json does not read (not valid JSON)"),
+    (lambda r: (r / "model" / "config.json").write_text("[]"), "model/config.json does not read (not a table of"),
+    (lambda r: (r / "metrics.json").write_text("oops"), "metrics.json does not read (not valid JSON)"),
+])
+def test_show_names_a_damaged_file_rather_than_leaving_its_line_out(run, capsys, damage, note):
+    """A torn weights file, a broken config.json or metrics.json: show said `finished` and left their lines out."""
+    (run / "metrics.json").write_text(json.dumps({"mmd": 0.5}))
+    damage(run)
+    rc, out, _ = _show(capsys, run)
+    assert rc == 0 and f"note: {note}" in out
+    rc, out, _ = _show(capsys, run, "--json")
+    assert any(note in n for n in json.loads(out)["notes"])

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -519,6 +520,38 @@ def test_more_processes_than_gpus_is_refused_before_joining_the_group(monkeypatc
         init_distributed("cuda")
 
 
+def test_an_indexed_gpu_under_torchrun_is_refused_before_joining_the_group(monkeypatch):
+    """--device cuda:0 under torchrun put every process on GPU 0 (NCCL: duplicate GPU, or a hang)."""
+    from condiff.train import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="device cuda:0 under torchrun: each of the 2 processes takes the GPU of"):
+        init_distributed("cuda:0")
+
+
+def test_seeded_and_kept_streams_give_back_every_stream_they_touch(monkeypatch):
+    """fork_rng(devices=[]) kept only the CPU stream, while torch.manual_seed inside it reseeds every GPU's
+    too: the caller's GPU stream was reset by each seeded build of weights."""
+    from condiff import determinism
+
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    with determinism.seeded(11):
+        inside = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's CPU stream as it was
+    torch.manual_seed(11)
+    assert torch.equal(inside, torch.rand(3))  # the block drew from seed 11
+    forked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.random, "fork_rng", lambda devices: forked.append(list(devices)) or nullcontext())
+    with determinism.kept_streams():
+        pass
+    assert forked == [[0, 1]]  # every GPU's stream is kept, as manual_seed seeds every GPU
+
+
 def test_a_callers_own_process_group_outlives_condiff_commands_and_leave_process_group(tmp_path, tiny_run):
     """A successful command left whatever process group there was, a script's own included: a torchrun script
     calling main([...]) lost its group (or, called on rank 0 alone, hung in the barrier)."""
@@ -883,3 +916,32 @@ def test_the_log_after_a_kill_and_a_fresh_start_is_that_of_one_uninterrupted_run
     keys = ("step", "loss", "lr")
     logs = [[{k: r[k] for k in keys} for r in read_log(d / "log.jsonl")] for d in (tmp_path / "ref", tmp_path / "run")]
     assert [r["step"] for r in logs[1]] == [5, 10, 15] and logs[0] == logs[1]
+
+
+def _trainer4(tmp_path, x):
+    cfg = TrainConfig(steps=4, progress=False, log_every=2, ckpt_every=2, batch_size=16, warmup=0)
+    return Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, Schedule.linear(50), 16), cfg, tmp_path)
+
+
+def test_resume_sweeps_a_half_written_checkpoint_and_takes_the_newest_whole_one(tmp_path):  # m58 train.py:420
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    _trainer4(tmp_path, x).fit()
+    half = tmp_path / "checkpoints" / ".step_00000006"  # a write killed half-way
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"torn")
+    tr = _trainer4(tmp_path, x)
+    assert tr.resume() and tr.step == 4
+    assert not half.exists() and [p.name for p in list_checkpoints(tmp_path / "checkpoints")][-1] == "step_00000004"
+
+
+def test_a_damaged_only_checkpoint_is_named_with_no_other_to_resume_from(tmp_path):  # m59 train.py:428
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(steps=2, progress=False, ckpt_every=2, batch_size=16, warmup=0)
+    Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, Schedule.linear(50), 16), cfg, tmp_path).fit()
+    (only,) = list_checkpoints(tmp_path / "checkpoints")
+    for f in only.glob("*.safetensors"):
+        f.write_bytes(f.read_bytes()[:40])
+    tr = Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, Schedule.linear(50), 16), cfg, tmp_path)
+    with pytest.raises(io.CheckpointDamaged, match=r"corrupted or truncated checkpoint file .*step_00000002") as err:
+        tr.resume()
+    assert "delete" not in str(err.value)  # no checkpoint before it to point to

@@ -21,6 +21,7 @@ from .. import checks, io
 from ..data import DATASETS, ArrayData, NoSplitError, load_dataset, nominal_range, to_display, value_range
 from ..data.files import same_item_shape, save_png_grid
 from ..denoiser import Denoiser, DiffusersDenoiser
+from ..determinism import kept_streams
 from ..models import load_denoiser, refuse_a_folder_of_models, resolve_model_dir, save_model
 from ..nets import NETS, build_net, net_class
 from ..plots import plot_loss_curve, plot_scatter
@@ -183,7 +184,7 @@ def check_denoising_net(net: torch.nn.Module, x: torch.Tensor, labels: torch.Ten
     try:
         for how, args in calls:
             try:
-                with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                with torch.no_grad(), kept_streams():
                     out = net.eval()(*args)
             except Exception as err:  # the model's own code (a net of one's own): say where it failed
                 if torch.device(device).type != "cpu":
@@ -367,7 +368,13 @@ def drop_stale_results(run_dir: Path, names: tuple[str, ...], resumed_from: int,
     aside), with one line saying so."""
     if not (0 < resumed_from < now) or not io.is_rank0():
         return
-    gone = [name for name in names if io.remove(Path(run_dir) / name)]
+    remove_results(run_dir, names)
+
+
+def remove_results(model_dir: Path, names: tuple[str, ...]) -> None:
+    """Delete the results ``names`` other commands wrote beside a model that has just been replaced, with one
+    line saying which."""
+    gone = [name for name in names if io.remove(Path(model_dir) / name)]
     if gone:
         print(f"note: removed the results of the model this run replaced ({', '.join(gone)}); evaluate the new "
               "model again", file=sys.stderr)
@@ -502,6 +509,13 @@ RUN_MARK = ".condiff-run"  # in a run directory: the command that wrote it
 _claimed: dict[Path, str] = {}
 
 
+#: how a refusal names an output folder the command chose (:func:`results_dir`), not one the user gave
+DEFAULT_OUT = "the default --out"
+#: how ``condiff eval`` names the run it scores beside its model, where no --out is given
+EVAL_BESIDE = "the run's folder, where eval writes beside its model,"
+CHOSEN_OUT = (DEFAULT_OUT, EVAL_BESIDE)  # output folders a refusal says how to move (--out)
+
+
 def check_writable(path: str | Path, flag: str, folder: bool | None = None) -> Path:
     """Refuse, before any work, a place the results could not be written to after it: ``path`` itself where
     it exists, else its nearest existing ancestor (returned). ``folder``: ``path`` is to be a folder (True)
@@ -510,10 +524,11 @@ def check_writable(path: str | Path, flag: str, folder: bool | None = None) -> P
     if dangling := next((q for q in (p, *p.parents) if os.path.lexists(q) and not q.exists()), None):
         raise FileNotFoundError(f"{flag} {p}{'' if dangling == p else f': {dangling}'} is a link to nothing")
     q = next((q for q in (p, *p.parents) if q.exists()), Path("."))
+    elsewhere = ": give --out DIR to write elsewhere" if flag in CHOSEN_OUT else ""  # a place the user did not name
     if not os.access(q, os.W_OK):
-        raise PermissionError(f"{flag} {p}{'' if q == p else f': {q}'} is not writable")
+        raise PermissionError(f"{flag} {p}{'' if q == p else f': {q}'} is not writable{elsewhere}")
     if (q != p or folder) and not q.is_dir():  # the place would be made inside a file
-        raise NotADirectoryError(f"{flag} {p}{'' if q == p else f': {q}'} is a file, not a directory")
+        raise NotADirectoryError(f"{flag} {p}{'' if q == p else f': {q}'} is a file, not a directory{elsewhere}")
     if q == p and folder is False and q.is_dir():
         raise IsADirectoryError(f"{flag} {p} is a directory, not a file")
     if q.is_dir():  # permission bits can say yes where nothing can be made (/proc, a read-only mount, as root)
@@ -522,7 +537,8 @@ def check_writable(path: str | Path, flag: str, folder: bool | None = None) -> P
             fd, probe = tempfile.mkstemp(prefix=io.PROBE, dir=q)
             os.close(fd)
         except OSError as e:
-            raise PermissionError(f"{flag} {p}{'' if q == p else f': {q}'} cannot be written ({e.strerror})") from None
+            raise PermissionError(f"{flag} {p}{'' if q == p else f': {q}'} cannot be written ({e.strerror})"
+                                  f"{elsewhere}") from None
         finally:
             if probe is not None:
                 os.unlink(probe)
@@ -541,7 +557,8 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
     p = Path(path)
     q = check_writable(p, flag)
     if not q.is_dir():  # the nearest existing ancestor must be a directory too
-        raise NotADirectoryError(f"{flag} {p}{'' if q == p else f': {q}'} is a file, not a directory")
+        elsewhere = ": give --out DIR to write elsewhere" if flag in CHOSEN_OUT else ""
+        raise NotADirectoryError(f"{flag} {p}{'' if q == p else f': {q}'} is a file, not a directory{elsewhere}")
     up = Path(os.path.abspath(p))  # a relative --out from inside a run or a model names their folders too
     for given_flag, given in (inputs or {}).items():  # results written among the files of a folder of data
         if not isinstance(given, (str, Path)) or not str(given) or str(given) in DATASETS:  # (not a folder named so)

@@ -28,6 +28,7 @@ import torch
 
 from .. import checks, io
 from ..data import ArrayData, load_dataset, value_range
+from ..determinism import kept_streams
 from ..dual import (
     Constraint,
     DualConfig,
@@ -432,9 +433,8 @@ def check_init_shape(net: torch.nn.Module, init_cfg: dict, init: str | Path, sha
         raise config_mod.ConfigError(f"[dual] init: the model at {init} takes samples of shape "
                                      f"{tuple(recorded)}, the objective data have {shape}")
     was_training = net.training
-    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-    try:  # eval mode and a forked random stream: the probe must not change what training does
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+    try:  # eval mode and kept random streams: the probe must not change what training does
+        with torch.no_grad(), kept_streams():
             net.eval()(torch.zeros(1, *shape, device=device), torch.zeros(1, dtype=torch.long, device=device))
     except (RuntimeError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__

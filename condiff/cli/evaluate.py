@@ -15,6 +15,8 @@ from ..evaluate import evaluate_samples, load_reference
 from ..plots import plot_bars
 from .common import (
     CLASS_PICTURE,
+    DEFAULT_OUT,
+    EVAL_BESIDE,
     SAMPLE_FILES,
     check_out_dir,
     check_samples,
@@ -95,13 +97,14 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     ckpt = Path(args.ckpt)
     run = ckpt.parent if ckpt.name == "model" and run_kind(ckpt) is None else ckpt  # --ckpt RUN/model: RUN's
-    own = run_kind(run) in (None, "condiff train")  # another command's run has a metrics.json of its own
+    # another command's run has a metrics.json of its own; a `namm fit` stage (its stage.json) is a part of one
+    own = run_kind(run) in (None, "condiff train") and not (run / "stage.json").is_file()
     if own and (args.out is None or Path(args.out).resolve() == ckpt.resolve()) \
             and not (run / "model.safetensors").is_file():
-        out = check_out_dir(run, "--ckpt")  # the run scores itself, beside its model
+        out = check_out_dir(run, EVAL_BESIDE)  # the run scores itself, beside its model
     elif args.out is None:  # another command's run, a checkpoint or a bare model (replaced whole when saved again)
         default = results_dir(ckpt, "eval")
-        out = check_out_dir(default, f"--out (default {default})", kind="condiff eval")
+        out = check_out_dir(default, DEFAULT_OUT, kind="condiff eval")
     else:  # a directory of its own, which must not hold another command's output
         out = check_out_dir(args.out, kind="condiff eval")
     m = evaluate_run(args.ckpt, args, out, device)

@@ -74,14 +74,17 @@ from ..schedule import Schedule
 from ..train import TrainConfig, list_checkpoints
 from ..userfile import UntrustedCode
 from .common import (
+    RESULT_DIRS,
     add_device_arg,
     check_denoising_net,
     check_out_dir,
     json_table,
     model_for_shape,
     pick_device,
+    remove_results,
     run_kind,
     train_config,
+    with_step_results,
 )
 from .config import (
     ConfigError,
@@ -444,6 +447,9 @@ class NAMMRun:
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < 1:
             raise ValueError(f"mirror.a (g's strong-convexity weight) must be in (0, 1), got {a!r}")
         check_sample(self.cfg["sample"])
+        if self.cfg["sample"].get("n", 2) < 2:
+            raise ValueError(f"sample.n must be >= 2 (the MMD to held-out data needs two samples), got "
+                             f"{self.cfg['sample']['n']}")
         check_assimilate(self.cfg["assimilate"])
         T = Schedule.from_config(self.cfg["schedule"]).T
         for key in ("sample", "assimilate"):  # each samples with the run's T-step schedule, later
@@ -821,9 +827,12 @@ class NAMMRun:
         # the vanilla model records its data set (as `condiff train` models do), so that `condiff eval` and
         # `condiff sample` score it on its own; the mirror model's samples are not data
         meta = {"stage": name, **({"data": self.data_settings()} if name == "vanilla" else {})}
+        replaced = (d / "model").is_dir()  # a finished model trained on (extended): its results are stale
         den = train_diffusion(x, net, Schedule.from_config(self.cfg["schedule"]), tcfg, d, meta,
                               resume=True, seed=tcfg.seed,  # train.seed seeds the initial weights too
                               saved_by=self.saved_by)
+        if replaced:  # what `condiff eval / sample / solve / pnp` wrote of the old model (in RESULT_DIRS)
+            remove_results(d, with_step_results(d, RESULT_DIRS))
         self._finish(name, spec, time.perf_counter() - t0)
         return den
 
@@ -1443,8 +1452,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    if args.n is not None and args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.n is not None and args.n < 2:  # before any set is drawn: the MMD's bandwidth needs two samples
+        raise ValueError(f"--n must be >= 2 (the MMD to held-out data needs two samples), got {args.n}")
     run = _open_run(args)
     which = ["mdm"]
     if _with_baseline(run):

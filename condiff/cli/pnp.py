@@ -33,6 +33,7 @@ from ..plots import plot_image_columns, pyplot
 from ..pnp import schedules as sch
 from ..userfile import absolute_spec, spec_label
 from .common import (
+    DEFAULT_OUT,
     add_device_arg,
     check_out_dir,
     json_table,
@@ -312,7 +313,7 @@ def _check_common(args: argparse.Namespace) -> None:
     given = args.out is not None
     if not given:
         args.out = default_out(args)
-    check_out_dir(args.out, "--out" if given else f"--out (default {args.out})", kind=f"condiff pnp {args.pnp_command}")
+    check_out_dir(args.out, "--out" if given else DEFAULT_OUT, kind=f"condiff pnp {args.pnp_command}")
     checks.seed("--seed", args.seed)
     checks.integer("--steps", args.steps)
     checks.number("--lr", args.lr, "> 0")

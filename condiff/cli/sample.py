@@ -9,6 +9,7 @@ import numpy as np
 from .. import checks, io
 from ..denoiser import Denoiser, NetDenoiser
 from .common import (
+    DEFAULT_OUT,
     DEFAULT_SAMPLE,
     SAMPLE_FILES,
     add_device_arg,
@@ -97,7 +98,8 @@ def condition(den: Denoiser, run_cfg: dict, label: int | None, scale: float) -> 
 
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    out = check_out_dir(args.out or results_dir(args.ckpt, "samples"), kind="condiff sample")
+    out = check_out_dir(args.out or results_dir(args.ckpt, "samples"), "--out" if args.out else DEFAULT_OUT,
+                        kind="condiff sample")
     den, run_cfg, shape = load_model_for(args.ckpt, device)
     den = condition(den, run_cfg, args.label, args.guidance_scale)
     scfg = sample_settings(args, run_cfg, den.schedule.T)

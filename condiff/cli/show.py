@@ -173,6 +173,7 @@ def describe_run(p: Path, kind: str | None = None, short: bool = False) -> dict:
         notes += _namm_stale(p)
     notes += [f"{(q / data).relative_to(p)} has no record beside it (a command stopped while moving its results "
               "in): run that command again" for q, data in _unrecorded(p)]
+    notes += _damaged(p, units)
     out["notes"] = notes
     out["own_code"] = _own_code(cfg, *(c for t in trainings for c in t["configs"]))
     return out
@@ -463,6 +464,28 @@ def _unrecorded(p: Path) -> list[tuple[Path, str]]:
         if data and not any((q / r).is_file() for r in ("metrics.json", "sample_config.json", "stage.json")):
             found.append((q, data))  # (stage.json: namm's sample sets)
     return found
+
+
+def _damaged(p: Path, units: list[Path]) -> list[str]:
+    """Notes on the files show reads that do not read (torn, edited, or of another program): the run's settings,
+    its results' records, and its finished weights (their settings and tensor files). Without them the lines those
+    files feed would just be missing, and a damaged run would read as finished."""
+    tables = [p / io.CONFIG, *_metric_files(p), *(u / w / io.CONFIG for u in units for w in _WEIGHTS)]
+    notes = []
+    for f in tables:
+        if f.is_file():
+            try:
+                io.read_json_table(f)
+            except (OSError, ValueError) as e:
+                why = "not a table of settings" if "does not hold a table" in str(e) else "not valid JSON"
+                notes.append(f"{f.relative_to(p)} does not read ({why}): what it records is not shown")
+    for u in units:
+        for w in _WEIGHTS:
+            for f in sorted((u / w).glob("*.safetensors")) if (u / w / io.CONFIG).is_file() else ():
+                if f.is_file() and _count(f) is None:  # (a dangling link: no weights of the model's own)
+                    notes.append(f"{f.relative_to(p)} does not open (torn, or not a safetensors file): the weights "
+                                 "are damaged")
+    return notes
 
 
 def _metric_files(p: Path) -> list[Path]:

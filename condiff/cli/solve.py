@@ -35,6 +35,7 @@ import torch
 from .. import checks, io, metrics
 from ..data import ArrayData, NoSplitError, derive_seed, load_dataset, nominal_range, to_display
 from ..data.files import check_npy_header, load_png_folder, named_splits, save_png_grid
+from ..determinism import seeded
 from ..guidance import (
     BETWEEN,
     DSG_KEYS,
@@ -49,7 +50,16 @@ from ..guidance import (
 from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
 from ..userfile import load_from_file, spec_label, split_file_spec
-from .common import add_device_arg, check_out_dir, data_kwargs, load_model_for, pick_device, recorded_path, results_dir
+from .common import (
+    DEFAULT_OUT,
+    add_device_arg,
+    check_out_dir,
+    data_kwargs,
+    load_model_for,
+    pick_device,
+    recorded_path,
+    results_dir,
+)
 from .config import data_ref
 from .sample import add_label_args, condition
 
@@ -192,8 +202,7 @@ def build_operator(name: str, shape: tuple[int, ...], generator: torch.Generator
         kw = {"sigma_y": sigma_y, **({"shape": tuple(shape)} if "shape" in takes else {}),
               **({"generator": generator} if "generator" in takes else {})}
         try:
-            with torch.random.fork_rng(devices=[]):  # an operator drawing from torch's global stream: --seed fixes it
-                torch.manual_seed(int(generator.initial_seed()))
+            with seeded(int(generator.initial_seed())):  # an operator drawing from torch's global stream: --seed
                 op = make(**kw)
         except Exception as err:  # the user's code: say whose error it is
             raise ValueError(f"--operator {name}: {spec[1]}(sigma_y={sigma_y}) raised {type(err).__name__}: {err} "
@@ -442,7 +451,8 @@ def run(args: argparse.Namespace) -> int:
     own = load_user_operator(args.operator)  # its file runs once, now: a broken one is named before any model loads
     label = operator_label(args.operator)
     out = check_out_dir(args.out or results_dir(args.ckpt, "solve") / f"{label}-{args.method}-{args.steps}",
-                        kind="condiff solve", inputs={"--input": args.input, "--measurement": args.measurement})
+                        "--out" if args.out else DEFAULT_OUT, kind="condiff solve",
+                        inputs={"--input": args.input, "--measurement": args.measurement})
     device = pick_device(args.device)
     den, run_cfg, shape = load_model_for(args.ckpt, device)
     if len(shape) != 3:

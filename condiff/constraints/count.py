@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from condiff import checks, io
 from condiff.constraints import Constraint, register_constraint
-from condiff.determinism import one_thread
+from condiff.determinism import one_thread, seeded
 
 COUNTER_FORMAT = "condiff-counter"
 
@@ -116,8 +116,7 @@ def train_counter(
     x, centres = render_sources(counts, size, g, noise=noise or NOISE, faint=faint)
     dens = density_target(centres, size)
     x, dens, counts = x.to(device), dens.to(device), counts.to(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         net = CountingCNN(width).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)

@@ -3,7 +3,9 @@
 ``brightness``: ring, crescent and elliptical-blob images (one kind per sample, uniformly), shaped
 like the NAMM paper's black-hole images, rescaled so every image carries the same total flux
 ``sum((x + 1) / 2) = flux`` (default ``120 * (size / 64)^2``, the paper's 120 at 64x64). The sum is
-exact to float32 round-off (tolerance ``1e-3``). ``(N, 1, size, size)`` in ``[-1, 1]``.
+exact to float32 round-off (tolerance ``1e-3``). ``(N, 1, size, size)``, background ``-1``; the sum fixes the
+shapes' brightness, so their brightest pixels are not capped: at the default flux they reach about 1.16, and a
+flux ``k`` times the default raises them about ``k``-fold (a warning says so above 2).
 
 ``periodic``: a ``size/2`` tile drawn from a Gaussian process with a periodic kernel
 ``k(d) = exp(-2 sin^2(pi d / p) / length^2)`` per axis (period ``p`` = the tile), min-max normalised,
@@ -16,6 +18,7 @@ Both are seeded (train and test from different seeds) and cached in ``io.cache_d
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -66,14 +69,19 @@ def load_brightness(
     """Ring / crescent / blob images of fixed total flux; see the module docstring."""
     size = _even_size(size, "brightness")
     flux = 120.0 * (size / 64) ** 2 if flux is None else float(flux)
-    if not 0 < flux < size * size:  # a total above size^2 cannot fit in pixels of intensity at most 1
-        raise DataError(f"brightness: flux must lie in (0, size^2 = {size * size}) for images in [-1, 1], "
-                        f"got {flux:g}")
+    default = 120.0 * (size / 64) ** 2
+    if not 0 < flux < size * size:  # (at size^2 the mean pixel would be at the top of the range, 1)
+        raise DataError(f"brightness: flux must lie in (0, size^2 = {size * size}) (the default at {size}x{size} "
+                        f"is {default:g}), got {flux:g}")
     con = TotalBrightness(flux)
     params = {"size": size, "flux": flux, "v": DATA_VERSION}
     x = _cached_splits(
         "brightness", params, split, n_train, n_test, seed, lambda n, s: {"x": brightness_images(n, size, flux, s)}
     )["x"]
+    if (peak := float(x.max())) > 2:
+        warnings.warn(f"brightness: at flux {flux:g} on {size}x{size} the brightest pixels reach {peak:.3g}, far "
+                      f"beyond the house range [-1, 1] (the default flux, {default:g}, reaches about 1.16): models "
+                      "and pictures follow the data's range, but a lower flux keeps the data in it", stacklevel=2)
     return ArrayData(
         x,
         name="brightness",

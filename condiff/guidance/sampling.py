@@ -27,7 +27,7 @@ class GuidedResult:
 
 def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...], steps: int,
                   eta: float = 1.0, generator: torch.Generator | None = None,
-                  device: str | torch.device = "cpu", clip_x0: float | tuple[float, float] | str | None = "auto",
+                  device: str | torch.device | None = None, clip_x0: float | tuple[float, float] | str | None = "auto",
                   spacing: str = "linspace", x_T: Tensor | None = None,
                   progress: bool = False, callback: Callable[[Step], None] | None = None) -> GuidedResult:
     """Draw ``shape[0]`` guided samples with ``steps`` DDIM steps of stochasticity ``eta``.
@@ -43,6 +43,7 @@ def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...]
             records data beyond it (:func:`~condiff.sample.default_clip`).
         callback: called with each step (:class:`~condiff.sample.Step`), as in :func:`~condiff.sample.ddim`.
         x_T: starting noise (default: drawn from ``generator``).
+        device: where the samples are made (default: where the denoiser's weights are).
     """
     if getattr(guidance, "needs_noise", False) and eta == 0:
         raise ValueError("DSG needs a stochastic sampler (eta > 0): with eta = 0 its sphere has radius 0; "
@@ -53,6 +54,7 @@ def guided_sample(denoiser: Denoiser, guidance: Guidance, shape: tuple[int, ...]
             raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape asks for {tuple(shape)}")
     check_denoiser(denoiser)
     check_shape(denoiser, shape, batch=True)
+    device = checks.param_device(denoiser) if device is None else device
     x = randn(shape, generator, device=device, dtype=checks.param_dtype(denoiser)) if x_T is None else x_T.to(
         checks.device("device", device))
     ts = denoiser.schedule.timesteps(steps, spacing)

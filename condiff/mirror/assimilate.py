@@ -98,7 +98,7 @@ def assimilate(
     constraint: Distance | None = None,
     constraint_weight: float = 0.0,
     generator: torch.Generator | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     clip_x0: float | tuple[float, float] | str | None = "auto",
     progress: bool = False,
 ) -> Tensor:
@@ -124,6 +124,7 @@ def assimilate(
     if constraint is not None and constraint_weight == 0:
         warnings.warn("assimilate: a constraint was given with constraint_weight = 0, so it is not used; give a "
                       "weight > 0 for constraint-guided DPS (the paper's 200)", stacklevel=2)
+    device = checks.param_device(denoiser) if device is None else device  # default: where the model is
     operator = operator.to(device)
     loss = normalised_measurement_loss(operator, checks.floating("assimilate: the measurement y", y).to(device))
     if constraint_weight > 0:

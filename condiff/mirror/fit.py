@@ -17,6 +17,7 @@ from condiff import checks, io
 from condiff.constraints import Distance, check_distance
 from condiff.data import value_range
 from condiff.denoiser import NetDenoiser
+from condiff.determinism import seeded
 from condiff.mirror.map import MirrorMap, check_mirror, check_own_entries, save_mirror
 from condiff.mirror.objective import FinetuneObjective, NAMMLoss, NAMMObjective
 from condiff.mirror.sample import data_violation
@@ -111,8 +112,7 @@ def build_mirror(
         raise ValueError(f"mirror.inverse.downsamples = {down} needs H and W divisible by {2**down}, "
                          f"got {shape[1]}x{shape[2]}")
     c = shape[0]
-    with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's random stream left as it was
-        torch.manual_seed(seed)
+    with seeded(seed):  # seeded weights; the caller's random streams left as they were
         mirror = MirrorMap(
             build_net({**psi, "in_channels": c}, saved_by),
             build_net({**inverse, "in_channels": c, "out_channels": c}, saved_by), a,
@@ -195,8 +195,7 @@ def train_diffusion(
                         f"{type(net_cfg).__name__}")
     check_schedule("train_diffusion", schedule)
     seed = checks.seed("train_diffusion: seed", seed)
-    with torch.random.fork_rng(devices=[]):  # seeded weights (and dropout); the caller's stream left as it was
-        torch.manual_seed(seed)
+    with seeded(seed):  # seeded weights (and dropout); the caller's streams left as they were
         net = build_net(net_cfg, saved_by)
         meta = {"net": net.config, "schedule": schedule.config(), "shape": list(x.shape[1:]), **(meta or {})}
         tr = _trainer(net, DenoisingObjective(x, schedule, tcfg.batch_size), tcfg, run_dir, meta, resume)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from condiff import checks, io
 from condiff.constraints import Distance, check_sign
+from condiff.determinism import seeded
 from condiff.mirror.map import MirrorMap
 from condiff.readback import DeviceRows
 from condiff.train import all_reduce_mean
@@ -215,8 +216,7 @@ class FinetuneObjective(_SignCheck):
         self._signs = DeviceRows(self._signs_every)
         self.critic: Critic | None = None
         if self.w.l_adv > 0:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(CRITIC["seed"])
+            with seeded(CRITIC["seed"]):
                 self.critic = Critic(x.shape[1], CRITIC["width"])
             self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=CRITIC["lr"], betas=CRITIC["betas"])
         self._fake: Tensor | None = None
