@@ -1,4 +1,4 @@
-"""Dual training (issue #5): theory check, fair generation on digits, fine-tuning without overfitting.
+"""Dual training: theory check, fair generation on digits, fine-tuning without overfitting.
 
 Runs the three experiments of ``condiff.dual.experiments`` with one profile into
 ``runs/bench-dual/<profile>/{toy,fair,finetune}`` (trained models there are reused when their settings

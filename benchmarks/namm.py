@@ -7,7 +7,7 @@ budget), fine-tuning of ``f`` on MDM samples, then the same number of samples fr
 Finished stages with identical settings are reused, so an interrupted benchmark continues where it
 stopped; the notes list every stage's training time, wherever it was spent.
 
-Targets (issue #4): NAMM-MDM with fine-tuning cuts the mean constraint distance >= 5x vs the vanilla
+Targets: NAMM-MDM with fine-tuning cuts the mean constraint distance >= 5x vs the vanilla
 DM with MMD <= 1.5x the vanilla DM's; mirror DPS cuts l(x) >= 5x vs DPS at a comparable measurement
 residual (here: within 1.5x of DPS's, or below 1.5 noise units).
 

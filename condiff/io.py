@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from . import checks
 
 CONFIG = "config.json"
+RUN_MARK = ".condiff-run"  # in a run directory: the command that wrote it
 
 
 def json_safe(obj: object) -> bool:

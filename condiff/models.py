@@ -101,6 +101,16 @@ def refuse_a_folder_of_models(d: Path) -> None:
                                  + (f", or the run {d.parent}" if d.name == "checkpoints" else ""))
 
 
+def _results_of(d: Path) -> str | None:
+    """The command whose results folder ``d`` is (its run mark: ``condiff solve``, ``condiff sample``, ...), or None."""
+    try:
+        kind = (d / io.RUN_MARK).read_text().strip()
+    except OSError:
+        return None
+    trains = kind.startswith(("condiff train", "condiff namm fit", "condiff dual"))  # runs that hold models
+    return kind if kind and not trains else None
+
+
 def _config_or_empty(path: Path) -> dict:
     try:
         return io.load_config(path)
@@ -118,6 +128,8 @@ def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
     run_dir = (d / "checkpoints").is_dir() or (d / "log.jsonl").is_file()  # a run directory without model/
     if not run_dir and not (d / io.CONFIG).is_file():  # a folder that holds models rather than being one: named
         refuse_a_folder_of_models(d)
+    if not (d / io.CONFIG).is_file() and (kind := _results_of(d)):  # a command's results, given as a model
+        raise io.CheckpointError(f"{d} holds the results of `{kind}`, not a model: pass the model they were made of")
     cfg = io.load_config(d) if (d / io.CONFIG).is_file() or not run_dir else {}  # a Trainer's run has none
     if "net" not in cfg or "schedule" not in cfg:
         if run_dir:
@@ -146,6 +158,10 @@ def load_net(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
             vanilla = f", or its vanilla diffusion model, {d / 'vanilla'}" if (d / "vanilla").is_dir() else ""
             raise io.CheckpointError(f"{d} is a NAMM run directory, not a model: use `condiff namm sample --run "
                                      f"{d}`{vanilla}")
+        if isinstance(cfg.get("mirror"), dict):  # save_mirror's folder: RUN/namm/mirror, RUN/finetune/mirror
+            raise io.CheckpointError(f"{d} is a saved mirror map (NAMM), not a diffusion model: load it with "
+                                     "condiff.mirror.load_mirror; a NAMM run samples with `condiff namm sample "
+                                     "--run RUN`")
         raise io.CheckpointError(f"{d}/config.json has no 'net' or 'schedule' entry: not a condiff model")
     net = io.to_recorded_dtype(build_net(cfg["net"], saved_by=f"the model at {d}").to(device), cfg, d)
     stem = "ema" if ema and io.has_group(d, "ema") else "model"

@@ -420,9 +420,13 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
     if not isinstance(shape, (tuple, list)):
         raise ValueError(f"shape must be the per-sample shape as a tuple, e.g. (1, 8, 8), got {shape!r}")
     check_shape(denoiser, shape, batch=False)  # said once, to the caller
-    if "steps" in kw:  # a bad step count fails before the progress bar is drawn
-        denoiser.schedule.timesteps(kw["steps"], kw.get("spacing", "linspace"))
-    bar = progress_bar(n, progress, unit="sample")
+    # (a bad step count fails before the progress bar is drawn)
+    per_batch = len(denoiser.schedule.timesteps(kw.get("steps", 100), kw.get("spacing", "linspace")))
+    # the bar counts sampler steps over all batches, so that one batch of many samples moves it too
+    bar = progress_bar(-(-n // batch_size) * per_batch, progress, unit="step", desc=f"sampling {n}")
+    if bar is not None:
+        own = kw.get("callback")
+        kw = {**kw, "callback": lambda step: (bar.update(), own is not None and own(step))}
     try:
         labels = getattr(denoiser, "y", None)  # one label per sample (den.conditioned(y) with y of length n)
         per_sample = isinstance(labels, Tensor) and labels.shape == (n,) and n > batch_size
@@ -432,8 +436,6 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
             out.append(_draw(den, (b, *shape), **kw).cpu())  # (checked once, above)
             if den is not denoiser:
                 denoiser.nfe += den.nfe
-            if bar is not None:
-                bar.update(b)
     finally:
         if bar is not None:
             bar.close()

@@ -523,6 +523,19 @@ def test_the_trust_record_keeps_a_files_last_eight_versions_and_trusts_only_pyth
         trust_file(tmp_path / "gone.py")
 
 
+def test_trust_takes_a_file_as_other_commands_spell_it_and_forget_asks_for_files(tmp_path, monkeypatch, capsys):
+    """`condiff trust net.py:SmallConvNet` (the spelling --set model.name uses) said the file does not exist, and a
+    bare --forget was told to name files "to trust"."""
+    monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "net.py").write_text("class SmallConvNet:\n    pass\n")
+    assert main(["trust", f"{tmp_path / 'net.py'}:SmallConvNet"]) == 0
+    assert capsys.readouterr().out.startswith(f"trusted {tmp_path / 'net.py'} (SHA-256 ")
+    assert main(["trust", "--forget"]) == 2
+    assert "--forget needs the files to stop trusting" in capsys.readouterr().err
+    assert main(["trust", "--forget", f"{tmp_path / 'net.py'}:SmallConvNet"]) == 0
+    assert capsys.readouterr().out == f"forgot {tmp_path / 'net.py'}\n"
+
+
 def test_a_cache_where_trust_cannot_be_recorded_still_runs_the_files_one_names(tmp_path, monkeypatch, capsys):
     from condiff import io
 
@@ -748,6 +761,10 @@ def test_demo_interrupted_during_training_resumes_where_it_stopped(tmp_path, cap
     assert main(args) == 0  # "run the same command again: training resumes where it stopped"
     assert "resumed from step 20 of 30" in capsys.readouterr().err  # a note: stdout keeps the results
     assert json.loads((run / "model" / "config.json").read_text())["steps"] == 30
+    # a finished run resumed says it is finished, not "resumed from step 30 of 30"
+    assert main(["train", *TINY, "--set", "train.ckpt_every=10", "--out", str(run), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "the run is already trained (30 of 30 steps): its model is saved again" in err and "resumed" not in err
 
 
 def test_bench_list_names_every_benchmark_with_its_summary(capsys):

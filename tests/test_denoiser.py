@@ -329,3 +329,17 @@ def test_a_diffusers_unet_of_another_class_is_refused_by_name(tmp_path):  # m62 
     with pytest.raises(ValueError, match=r"unet holds a UNet2DConditionModel; only diffusers UNet2DModel models "
                                          r"are supported"):
         DiffusersDenoiser.from_pretrained(tmp_path)
+
+
+def test_a_results_folder_or_a_mirror_map_given_as_a_model_is_named(tmp_path):
+    """`--ckpt RUN/solve/...` was "not a condiff checkpoint: no config.json", and a saved mirror map "has no 'net'
+    or 'schedule' entry": each now says what the folder is."""
+    solved = tmp_path / "solve" / "inpaint"
+    solved.mkdir(parents=True)
+    (solved / ".condiff-run").write_text("condiff solve\n")
+    with pytest.raises(CheckpointError, match="holds the results of `condiff solve`, not a model: pass the model"):
+        load_denoiser(solved)
+    (tmp_path / "mirror").mkdir()
+    (tmp_path / "mirror" / "config.json").write_text(json.dumps({"format": "condiff mirror map", "mirror": {"a": 0.9}}))
+    with pytest.raises(CheckpointError, match="is a saved mirror map \\(NAMM\\), not a diffusion model: load it with"):
+        load_denoiser(tmp_path / "mirror")

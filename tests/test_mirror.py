@@ -659,6 +659,8 @@ def test_an_unfinished_finetune_of_other_settings_names_the_command_that_goes_on
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from condiff.cli.main import main
 
+    assert main(["namm", "sample", "--run", str(tmp_path / "nope")]) == 2
+    assert f"{tmp_path / 'nope'} does not exist: make the run with `condiff namm fit" in capsys.readouterr().err
     fake = tmp_path / "fake"  # a directory posing as runs of several commands, beside the real ones
     fake.mkdir()
     assert main(["namm", "sample", "--run", str(fake)]) == 2
@@ -2098,7 +2100,9 @@ def test_a_finished_stage_given_more_steps_trains_on_from_its_last_checkpoint(tm
     namm = (tmp_path / "run" / "namm" / "stage.json").read_bytes()
     # `condiff eval` of a stage's model writes beside it, in RUN/vanilla/eval (it wrote metrics.json into the stage
     # directory, as for a run of its own), and an extension removes what was written of the old model
+    capsys.readouterr()
     assert main(["eval", "--ckpt", "run/vanilla", "--n", "2", "--steps", "2", "--device", "cpu"]) == 0
+    assert "--n 2: with so few samples the distances to the data are mostly noise" in capsys.readouterr().err
     assert (tmp_path / "run" / "vanilla" / "eval" / "metrics.json").is_file()
     assert not (tmp_path / "run" / "vanilla" / "metrics.json").exists()
     (tmp_path / "run" / "mdm" / "samples_step_00000002").mkdir()  # of a checkpoint of the old model

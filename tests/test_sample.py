@@ -164,6 +164,30 @@ def test_generate_refuses_a_bad_step_count_before_drawing_its_progress_bar(capsy
     assert x.shape == (5, 2) and torch.isfinite(x).all()
 
 
+def test_generates_progress_counts_sampler_steps_over_all_batches_and_keeps_the_callers_callback(monkeypatch):
+    """The bar counted samples a batch at a time, so one batch of 500 sat at 0% until the end."""
+    import condiff.sample as sample_mod
+
+    bars, seen = [], []
+
+    class Bar:
+        def __init__(self, total, *a, **kw):
+            self.total, self.n, self.desc = total, 0, kw.get("desc")
+            bars.append(self)
+
+        def update(self, k=1):
+            self.n += k
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(sample_mod, "progress_bar", lambda total, enabled, **kw: Bar(total, **kw) if enabled else None)
+    generate(oracle(), 5, (2,), batch_size=2, steps=10, progress=True, callback=lambda step: seen.append(step.t))
+    (bar,) = bars
+    assert bar.total == bar.n == 3 * 10 and bar.desc == "sampling 5"  # three batches of ten steps, each counted
+    assert len(seen) == 30  # the caller's own callback still sees every step
+
+
 @pytest.mark.parametrize("eta", [-1.0, float("nan"), float("inf"), 1.5])
 def test_ddim_refuses_a_meaningless_eta(eta):
     with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):

@@ -385,3 +385,15 @@ def test_show_names_a_damaged_file_rather_than_leaving_its_line_out(run, capsys,
     assert rc == 0 and f"note: {note}" in out
     rc, out, _ = _show(capsys, run, "--json")
     assert any(note in n for n in json.loads(out)["notes"])
+
+
+def test_show_gives_a_sample_folders_record_and_refuses_an_empty_path(run, capsys):
+    """`show RUN/samples` said only "condiff sample run", `show RUN` never listed the samples, and `show ''` showed
+    the current folder as '.'."""
+    assert main(["sample", "--ckpt", str(run), "--n", "3", "--steps", "2", "--seed", "5"]) == 0
+    for shown, name in ((run / "samples", "sample_config.json"), (run, "samples/sample_config.json")):
+        rc, out, _ = _show(capsys, shown)
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(f"{name}:"))
+        assert rc == 0 and f"[ckpt {run}] n 3, steps 2, eta " in line and ", seed 5," in line
+    rc, out, err = _show(capsys, "")
+    assert rc == 2 and out == "" and err == "condiff show: error: an empty path was given\n"

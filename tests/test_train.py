@@ -510,25 +510,20 @@ def test_optimizer_state_with_numbers_round_trips_through_json():
     assert back["state"][1] == {"func_evals": 7}
 
 
-def test_more_processes_than_gpus_is_refused_before_joining_the_group(monkeypatch):
+@pytest.mark.parametrize(("device", "rank", "gpus", "message"), [
+    ("cuda", "1", 1, "process 1 of this machine needs its own GPU, but 1 are visible"),
+    # --device cuda:0 under torchrun put every process on GPU 0 (NCCL: duplicate GPU, or a hang)
+    ("cuda:0", "0", 2, "device cuda:0 under torchrun: each of the 2 processes takes the GPU of its local rank"),
+])
+def test_a_gpu_layout_torchrun_cannot_use_is_refused_before_joining_the_group(monkeypatch, device, rank, gpus,
+                                                                              message):
     from condiff.train import init_distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(ValueError, match="process 1 of this machine needs its own GPU, but 1 are visible"):
-        init_distributed("cuda")
-
-
-def test_an_indexed_gpu_under_torchrun_is_refused_before_joining_the_group(monkeypatch):
-    """--device cuda:0 under torchrun put every process on GPU 0 (NCCL: duplicate GPU, or a hang)."""
-    from condiff.train import init_distributed
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(ValueError, match="device cuda:0 under torchrun: each of the 2 processes takes the GPU of"):
-        init_distributed("cuda:0")
+    monkeypatch.setenv("LOCAL_RANK", rank)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(ValueError, match=message):
+        init_distributed(device)
 
 
 def test_seeded_and_kept_streams_give_back_every_stream_they_touch(monkeypatch):

@@ -256,7 +256,7 @@ class TrainingJob:
         """Load the newest checkpoint in the run directory (False if there is none)."""
         if not self.trainer.resume():
             return False
-        print(f"resumed from step {self.trainer.step} of {self.tcfg.steps}", file=sys.stderr)
+        print(resumed_line(self.trainer.step, self.tcfg.steps), file=sys.stderr)
         return True
 
     def fit(self, stale: tuple[str, ...] = ()) -> Path:
@@ -287,6 +287,14 @@ RESULT_DIRS = ("samples", "eval", "solve", "pnp")
 SAMPLE_FILES = ("samples.npz", "samples.png")  # what write_samples writes (no picture for some shapes)
 CLASS_PICTURE = "class_hist.png"  # beside eval's metrics.json where the samples' classes are judged
 MODEL_RESULTS = ("metrics.json", *SAMPLE_FILES, CLASS_PICTURE, *RESULT_DIRS)
+
+
+def resumed_line(step: int, steps: int, extra: str = "") -> str:
+    """What a resumed run says of where it goes on from (a finished one: that there is nothing left to train)."""
+    if step >= steps:
+        return (f"the run is already trained ({step} of {steps} steps{extra}): its model is saved again from the "
+                "last checkpoint")
+    return f"resumed from step {step} of {steps}{extra}"
 
 
 def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str, ...] = (),
@@ -505,7 +513,7 @@ def paths_resolved(v: object, key: str | None = None) -> object:
     return data_ref(v) if isinstance(v, str) and v and key in PATH_KEYS else v
 
 
-RUN_MARK = ".condiff-run"  # in a run directory: the command that wrote it
+RUN_MARK = io.RUN_MARK
 _claimed: dict[Path, str] = {}
 
 

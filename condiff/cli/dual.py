@@ -59,6 +59,7 @@ from .common import (
     pick_device,
     recorded_settings,
     restore_only,
+    resumed_line,
     save_resolved_config,
     start_run,
     train_config,
@@ -479,8 +480,8 @@ class DualJob:
         """Load the newest checkpoint in the run directory, ``lambda`` included (False if there is none)."""
         if not self.trainer.resume():
             return False
-        print(f"resumed from step {self.trainer.step} of {self.tcfg.steps} (lambda {self.objective.lambdas})",
-              file=sys.stderr)
+        lam = ", ".join(f"{k} {v:.4g}" for k, v in self.objective.lambdas.items())
+        print(resumed_line(self.trainer.step, self.tcfg.steps, f"; lambda: {lam}"), file=sys.stderr)
         return True
 
     def fit(self, stale: tuple[str, ...] = ()) -> dict | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .. import io
@@ -47,6 +48,9 @@ def add_parser(sub, name: str) -> None:
     p.set_defaults(func=run)
 
 
+FEW_SAMPLES = 200  # under this many samples eval warns that its figures are noise (metrics.json records n)
+
+
 def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, device: str) -> dict:
     den, run_cfg, shape = load_model_for(ckpt, device)
     name = getattr(scfg_args, "data", None)
@@ -61,6 +65,11 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
     scfg = sample_settings(scfg_args, run_cfg, den.schedule.T)
     if scfg["n"] < 2:
         raise ValueError(f"condiff eval compares distributions: --n must be >= 2, got {scfg['n']}")
+    if scfg["n"] < FEW_SAMPLES and run_cfg["data"].get("name") != "toy2d":  # (toy2d's scoring says its own)
+        # scored all the same (a smoke test), but not as a figure to compare
+        warnings.warn(f"--n {scfg['n']}: with so few samples the distances to the data are mostly noise (the Fréchet "
+                      f"ratio most of all); give --n {FEW_SAMPLES} or more for figures to compare (the demo's: 1000)",
+                      stacklevel=2)
     label, scale = getattr(scfg_args, "label", None), getattr(scfg_args, "guidance_scale", 0.0)
     den = condition(den, run_cfg, label, scale)  # unlabelled: warns where unconditional predictions were never trained
     data_cfg = run_cfg["data"] if label is None else {**run_cfg["data"], "label": label}

@@ -1254,6 +1254,8 @@ def _open_run(args: argparse.Namespace) -> NAMMRun:
             raise FileNotFoundError(f"{root} is a stage of the NAMM run {run}, not the run: pass --run {run}")
     if (kind := run_kind(root)) not in (None, "condiff namm fit"):
         raise FileNotFoundError(f"{root} is the run of `{kind}`, not a NAMM run: run `condiff namm fit` first")
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist: make the run with `condiff namm fit --out {root}`")
     if not f.is_file():
         raise FileNotFoundError(
             f"{root} is not a NAMM run directory (no config.json): run `condiff namm fit` first"

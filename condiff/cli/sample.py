@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         files = write_samples(x, staged, value_range=run_cfg.get("value_range"), label=args.label)
         io.write_json_atomic(staged / "sample_config.json", record)
     files = [out / f.relative_to(staged) for f in files]
-    print(f"{len(x)} samples, shape {tuple(x.shape[1:])}, range [{float(x.min()):.2f}, {float(x.max()):.2f}], "
+    print(f"{len(x)} sample{'s' * (len(x) != 1)}, shape {tuple(x.shape[1:])}, "
+          f"range [{float(x.min()):.2f}, {float(x.max()):.2f}], "
           f"mean {float(np.mean(x.numpy())):.3f}")
     for f in files:
         print(f"wrote {f}")

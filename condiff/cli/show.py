@@ -33,6 +33,7 @@ from .common import json_table, run_kind
 _INTERNAL = {"checkpoints", "model", "mirror", io.REPLACED}
 _WEIGHTS = ("model", "mirror")  # a training's finished weights: model/ (a diffusion model), mirror/ (a NAMM map)
 _METRICS_SHOWN = 6
+_SAMPLE_ORDER = ("n", "steps", "eta", "seed", "label", "guidance_scale", "batch_size")
 _ABOUT = ("method", "task", "label", "ckpt")  # a metrics.json's words shown beside its figures
 # metrics.json keys that are settings of the command, not figures (shown last); and words of the figures shown first
 _SETTING_KEYS = {"batch_size", "eta", "seed", "steps", "n", "guidance_scale", "label", "grad_evals", "nfe", "mmd_n",
@@ -60,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     failed, shown = 0, 0
     for p in args.paths:  # each path that reads is shown; one that does not is an error line, and the exit is 2
         try:
+            if not str(p).strip():  # Path("") is the current folder, which the user did not name
+                raise ValueError("an empty path was given")
             d = describe(p)
         except (OSError, ValueError) as e:
             print(f"condiff show: error: {e}", file=sys.stderr)
@@ -429,14 +432,18 @@ def _last_log(f: Path) -> dict | None:
 
 
 def _results(p: Path) -> tuple[dict, dict]:
-    """The ``metrics.json`` files of a run (its own and its results' folders, three levels down), each read
-    once: its numbers, flattened to dotted keys, figures first; and its top-level words (the method, the task,
-    the model it scored), which name a result where its numbers do not."""
+    """The ``metrics.json`` files of a run (its own and its results' folders, three levels down), and the
+    ``sample_config.json`` of ``condiff sample``'s folders, each read once: its numbers, flattened to dotted keys,
+    figures first; and its top-level words (the method, the task, the model it scored), which name a result where
+    its numbers do not."""
     figures, about = {}, {}
-    for f in sorted(_metric_files(p)):
+    samples = [q / "sample_config.json" for q in _result_folders(p) if (q / "sample_config.json").is_file()]
+    for f in sorted([*_metric_files(p), *samples]):
         table, name = json_table(f), str(f.relative_to(p))
         if flat := _numbers(table):
-            figures[name] = dict(sorted(flat.items(), key=lambda kv: _rank(kv[0])))
+            order = ((lambda k: _SAMPLE_ORDER.index(k) if k in _SAMPLE_ORDER else len(_SAMPLE_ORDER))
+                     if f.name == "sample_config.json" else _rank)  # a sample's settings: how many, how drawn
+            figures[name] = dict(sorted(flat.items(), key=lambda kv: order(kv[0])))
         if words := {k: str(v) for k, v in table.items() if k in _ABOUT and (isinstance(v, str) or (
                 isinstance(v, int) and not isinstance(v, bool)))}:  # a class label is an int
             about[name] = words

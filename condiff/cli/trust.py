@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..userfile import forget_file, python_file, trust_file, trusted_files
+from ..userfile import forget_file, python_file, split_file_spec, trust_file, trusted_files
 
 
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="let saved models that name these Python files (a network of your own) run "
                        "them at load", description=__doc__)
-    p.add_argument("files", nargs="*", metavar="FILE.py", help="the files to trust, as they are now")
+    p.add_argument("files", nargs="*", metavar="FILE.py",
+                   help="the files to trust, as they are now (FILE.py:NAME names FILE.py)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--list", action="store_true", help="list the trusted files (and how many versions of each)")
     what.add_argument("--forget", action="store_true", help="stop trusting the files given (every version)")
@@ -37,8 +38,11 @@ def run(args: argparse.Namespace) -> int:
             print("no file is trusted")
         return 0
     if not args.files:
-        raise ValueError("name the files to trust (or --forget), or pass --list")
-    files = [Path(f).expanduser().resolve() for f in args.files]
+        raise ValueError("--forget needs the files to stop trusting" if args.forget else
+                         "name the files to trust (or, with --forget, to stop trusting), or pass --list")
+    # FILE.py:NAME, as --set model.name and --constraint spell a file of one's own, names the file
+    files = [Path(split[0] if (split := split_file_spec(f, "FILE", "a name")) else f).expanduser().resolve()
+             for f in args.files]
     if args.forget:
         for f in files:
             print(f"forgot {f}" if forget_file(f) else f"{f} was not trusted")

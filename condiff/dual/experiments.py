@@ -249,8 +249,9 @@ def _sampler(net: nn.Module, schedule: Schedule) -> NetDenoiser:
 
 @dataclass
 class ToyConfig(_Config):
-    """Gaussian mixture with ``components`` modes on a circle; modes ``minority`` have weight
-    ``minority_weight`` each in ``q_0``; one constraint per minority mode on samples of that mode.
+    """A Gaussian mixture whose modes (the setting ``components``: how many) lie on a circle; the modes listed in
+    ``minority`` have weight ``minority_weight`` each in ``q_0``; one constraint per minority mode, on samples of
+    that mode.
 
     Bound ``b_i = relative * L_i(reference)``, the reference being the exact denoiser of the
     balanced mixture: "fit mode i nearly as well as a model that gives it weight 1/K".
@@ -407,7 +408,7 @@ def _samples(net: nn.Module, schedule: Schedule, n: int, steps: int, seed: int, 
 
 @dataclass
 class FairConfig(_Config):
-    """Digits with classes ``minority`` kept at ``keep`` of their examples. Baseline: the plain
+    """Digits, the classes listed in ``minority`` kept at the share ``keep`` of their examples. Baseline: the plain
     denoising objective on that set. Constrained: one constraint per minority class, its data the
     kept examples of that class. Bounds: ``bound`` for all if given; else with ``target_freq``,
     :func:`log_mass_bounds` from the baseline's per-class losses (ask each minority class for that
