@@ -64,4 +64,16 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
             "columns": ["model", "steps per run", "fp32 (ms/step)", "bf16 (ms/step)", "bf16 / fp32"],
             "rows": rows,
             "notes": ["Median over interleaved runs of the same Trainer loop; bf16 / fp32 is the median of "
-                      "the per-pair ratios (below 1: bf16 faster)."]}
+                      "the per-pair ratios (below 1: bf16 faster)."] + ([cpu_bf16()] if device == "cpu" else [])}
+
+
+def cpu_bf16() -> str:
+    """What the CPU offers bf16 (its /proc/cpuinfo flags), on which the CPU's ratio turns: the quick profile gave
+    bf16 20x slower on one 2-core machine (2026-12-04, flags not recorded) and 0.82x on one with AMX (2026-12-06)."""
+    try:
+        flags = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "The CPU's bf16 instructions are unknown here (no /proc/cpuinfo)."
+    have = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return (f"The CPU has bf16 instructions ({', '.join(have)}), on which the bf16 column depends." if have else
+            "The CPU has no bf16 instructions (neither amx_bf16 nor avx512_bf16): bf16 is emulated, and slow.")
