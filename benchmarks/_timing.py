@@ -54,3 +54,16 @@ def median(xs: list[float]) -> float:
 def median_ratio(a: list[float], b: list[float]) -> float:
     """Median of the pairwise ratios a_i / b_i of interleaved runs."""
     return statistics.median(x / y for x, y in zip(a, b))
+
+
+def noise_note(a: list[float], b: list[float], what: str, spread: float = 0.1) -> list[str]:
+    """A note for the table where the interleaved runs were noisy (a busy machine): the pairwise ratios
+    ``a_i / b_i`` range more than ``spread`` around their median, or the medians' own ratio lies on the other side
+    of 1 from it (a table whose time columns then disagree with its ratio column). ``[]`` for quiet runs."""
+    ratios = [x / y for x, y in zip(a, b)]
+    mid, lo, hi = statistics.median(ratios), min(ratios), max(ratios)
+    of_medians = median(a) / median(b)
+    if hi - lo <= spread * mid and (of_medians - 1) * (mid - 1) >= 0:
+        return []
+    return [f"{what}: the pairwise ratios ranged {lo:.3g} to {hi:.3g} around their median {mid:.3g} (the medians' "
+            f"own ratio: {of_medians:.3g}): the machine was busy while it ran; rerun it on a quiet one to judge."]

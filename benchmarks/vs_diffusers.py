@@ -8,7 +8,7 @@ the largest difference between the two outputs.
 from __future__ import annotations
 
 import torch
-from _timing import alternate, median, median_ratio
+from _timing import alternate, median, median_ratio, noise_note
 
 from condiff.denoiser import DiffusersDenoiser
 from condiff.sample import ddim
@@ -52,4 +52,5 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
     return {"title": "condiff DDIM loop vs diffusers DDIMScheduler loop",
             "columns": list(row), "rows": [row],
             "notes": ["Median of per-pair ratios condiff/diffusers over interleaved repeats; "
-                      "max |diff| checks that both loops compute the same samples."]}
+                      "max |diff| checks that both loops compute the same samples.",
+                      *noise_note(times["condiff"], times["diffusers"], "condiff / diffusers")]}
