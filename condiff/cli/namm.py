@@ -1217,8 +1217,8 @@ def add_parser(sub, name: str) -> None:
         ("finetune", run_finetune, "fine-tune the inverse map on mirror-model samples"),
         ("assimilate", run_assim, "data assimilation: mirror DPS vs DPS vs guided DPS"),
     ):
-        q = s.add_parser(cmd, help=helptext,
-                         description=ASSIMILATE_HELP if cmd == "assimilate" else helptext[0].upper() + helptext[1:],
+        said = ASSIMILATE_HELP if cmd == "assimilate" else f"{helptext[0].upper()}{helptext[1:]}."
+        q = s.add_parser(cmd, help=helptext, description=said,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
         q.add_argument("--run", required=True, help="a run directory made by `condiff namm fit`")
         _settings_args(q, {"sample": "sample.steps=50", "finetune": "finetune.steps=2000",

@@ -175,7 +175,7 @@ def add_parser(sub, name: str) -> None:
     g = d.add_mutually_exclusive_group(required=True)
     g.add_argument("--label", type=int, help="generate this digit (classifier constraint)")
     g.add_argument("--symmetry", action="store_true", help="left-right mirror symmetry constraint")
-    d.add_argument("--n", type=int, default=64, help="number of samples (independent chains; default 64)")
+    d.add_argument("--n", type=int, default=64, help="number of samples (independent chains; at least 2; default 64)")
     d.add_argument("--weight", type=float, default=None,
                    help="constraint weight (default 0.1 with --label, 0.2 with --symmetry)")
     d.add_argument("--weight-schedule", choices=sorted(WEIGHT_SCHEDULES), default="constant",
@@ -197,7 +197,7 @@ def add_parser(sub, name: str) -> None:
     m.add_argument("--votes", type=int, default=None,
                    help="foreground where at least this many chains say so (default 1: the union)")
     m.add_argument("--train", action="store_true", help="train the default prior into --ckpt if it holds none")
-    m.add_argument("--profile", default="quick", help="default prior for --train: quick or full")
+    m.add_argument("--profile", default="quick", help="default prior for --train: quick or full (default quick)")
     m.set_defaults(func=run_segment, interrupted=PNP_INTERRUPTED)
 
     t = s.add_parser("tsp", help="solve random TSP instances with a prior over pictures of tours",
@@ -208,7 +208,7 @@ def add_parser(sub, name: str) -> None:
     t.add_argument("--chains", type=int, default=1,
                    help="chains per instance; the shortest decoded tour wins (default 1)")
     t.add_argument("--train", action="store_true", help="train the default prior into --ckpt if it holds none")
-    t.add_argument("--profile", default="quick", help="default prior for --train: quick or full")
+    t.add_argument("--profile", default="quick", help="default prior for --train: quick or full (default quick)")
     t.set_defaults(func=run_tsp, interrupted=PNP_INTERRUPTED)
 
     c = s.add_parser("constraint", help="any prior under any differentiable constraint (yours: FILE.py:NAME)",
