@@ -1880,3 +1880,10 @@ def test_an_output_folder_the_command_chose_is_named_as_such_with_the_way_out(ti
             check_writable(blocked / "x", flag)
         assert str(e.value).startswith(f"{flag} {blocked / 'x'}: {blocked} is a file")
         assert str(e.value).endswith(": give --out DIR to write elsewhere") == hint
+
+
+def test_a_step_count_beyond_the_schedule_is_named_by_its_flag(tiny_run, capsys):
+    """`sample --steps 5000` said "steps must be between 1 and T=1000", naming no flag, after loading the model."""
+    for cmd in ("sample", "eval"):
+        assert main([cmd, "--ckpt", str(tiny_run), "--steps", "500", "--n", "2", "--device", "cpu"]) == 2
+        assert "--steps must be at most the model's schedule length T = 100, got 500" in capsys.readouterr().err

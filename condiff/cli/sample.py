@@ -52,7 +52,11 @@ def sample_settings(args: argparse.Namespace, run_cfg: dict, T: int | None = Non
                                 ("batch_size", args.batch_size)) if v is not None}
     # the run's own values named as settings (sample.n), the flags as flags (--n): each error names its source
     check_sample({k: v for k, v in scfg.items() if k not in flags})
-    return check_sample({**scfg, **flags}, flags=True)
+    out = check_sample({**scfg, **flags}, flags=True)
+    if T is not None and out["steps"] > T:  # (the sampler would say it later, without naming the flag)
+        where = "--steps" if "steps" in flags else "sample.steps (the run's)"
+        raise ValueError(f"{where} must be at most the model's schedule length T = {T}, got {out['steps']}")
+    return out
 
 
 def add_parser(sub, name: str) -> None:
