@@ -7,6 +7,7 @@ that every setting is checked the same way before anything is trained or written
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from typing import Any
@@ -189,10 +190,11 @@ def param_dtype(module: Any) -> torch.dtype:
 
 
 def param_device(module: Any) -> torch.device:
-    """The device of a module's weights (the CPU for one without any, or for no module): where a sampler's noise
-    goes when no device is given."""
-    params = module.parameters() if isinstance(module, torch.nn.Module) else ()
-    return next((p.device for p in params), torch.device("cpu"))
+    """The device of a module's weights, or of its buffers where it has none (an analytic denoiser's tables); the
+    CPU for one without either, or for no module: where a sampler's noise goes when no device is given."""
+    if not isinstance(module, torch.nn.Module):
+        return torch.device("cpu")
+    return next((t.device for t in itertools.chain(module.parameters(), module.buffers())), torch.device("cpu"))
 
 
 def weights_device(name: str, x: Any, module: Any) -> Any:

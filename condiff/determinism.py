@@ -23,14 +23,16 @@ def one_thread() -> Iterator[None]:
 
 
 def _cuda_devices() -> list[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    """The GPUs whose streams a block may move: every one, once CUDA is initialised in this process; none
+    before (reading a GPU's stream would start CUDA on it, a context on each GPU for a run on the CPU)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
 
 @contextmanager
 def kept_streams() -> Iterator[None]:
-    """Run the block, then give torch's global random streams back as they were: the CPU's and every CUDA
-    device's (``torch.random.fork_rng(devices=[])`` keeps the CPU's only, so a block that draws on a GPU, or
-    seeds, moved the caller's GPU stream)."""
+    """Run the block, then give torch's global random streams back as they were: the CPU's and, where CUDA has
+    started, every GPU's (``torch.random.fork_rng(devices=[])`` keeps the CPU's only, so a block that draws on
+    a GPU, or seeds, moved the caller's GPU stream). Before CUDA starts there is no GPU stream to keep."""
     with torch.random.fork_rng(devices=_cuda_devices()):
         yield
 

@@ -131,6 +131,14 @@ def denoising_loss(net: Callable, schedule: Schedule, x0: Tensor, y: Tensor | No
     return (pred - eps).pow(2).flatten(1).mean(1)
 
 
+def resumed_line(step: int, steps: int, extra: str = "") -> str:
+    """What a resumed run says of where it goes on from (a finished one: that there is nothing left to train)."""
+    if step >= steps:
+        return (f"the run is already trained ({step} of {steps} steps{extra}): its model is saved again from the "
+                "last checkpoint")
+    return f"resumed from step {step} of {steps}{extra}"
+
+
 def check_train_config(where: str, cfg: object) -> None:
     """Refuse training settings that are not a :class:`TrainConfig` (a dict, say), in one line."""
     if not isinstance(cfg, TrainConfig):

@@ -460,3 +460,15 @@ def test_a_noisy_timing_is_said_in_the_table(bench_module):
     # though they lie within 10% of each other
     (flip,) = timing.noise_note([0.95, 2.05, 2.9], [1.0, 2.0, 3.0], "a / b")
     assert "ranged 0.95 to 1.02 around their median 0.967 (the medians' own ratio: 1.02)" in flip
+
+
+def test_a_benchmark_names_the_gpu_it_ran_on_and_not_one_it_left_alone(monkeypatch):
+    """machine() named GPU 0 whatever the device: a --device cpu run on a GPU machine read as a GPU figure."""
+    from condiff.cli.bench import machine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: f"GPU{getattr(d, 'index', d) or 0}")
+    assert "GPU not used (GPU0 present)" in machine("cpu")
+    assert ", GPU1, " in machine("cuda:1") and ", GPU0, " in machine("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ", no GPU, " in machine("cpu")

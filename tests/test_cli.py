@@ -1745,7 +1745,7 @@ def test_a_data_set_name_is_no_folder_and_a_default_out_is_named_as_such(tmp_pat
                  "--set", "model.mults=[1]", "--set", "train.warmup=0"]) == 2  # (a failing test trains briefly)
     assert capsys.readouterr().err.strip().endswith(
         "error: the default --out runs/pngs is the folder given as --data (" + str(pngs) + "): its results would be "
-        "read as data with those files: give another directory")
+        "read as data with those files: give --out DIR to write elsewhere")
 
 
 def test_checkpoints_of_other_settings_are_not_discarded_without_a_word(tmp_path):
@@ -1872,6 +1872,12 @@ def test_an_output_folder_the_command_chose_is_named_as_such_with_the_way_out(ti
     err = capsys.readouterr().err
     assert (f"the default --out {tmp_path / 'bare_samples'} is a file, not a directory: give --out DIR to write "
             "elsewhere") in err
+    # refusals of check_out_dir's own say the same (a checkpoint folder as the default place, say)
+    from condiff.cli.common import check_out_dir
+
+    with pytest.raises(FileExistsError, match="a model checkpoint directory; files written into it would be lost "
+                                              "when the model is saved again: give --out DIR to write elsewhere"):
+        check_out_dir(tmp_path / "bare" / "samples", "the default --out", kind="condiff sample")
     blocked = tmp_path / "blocked"
     blocked.write_text("")
     for flag, hint in (("the default --out", True), ("the run's folder, where eval writes beside its model,", True),

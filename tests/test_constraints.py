@@ -244,12 +244,14 @@ def test_the_counter_trains_where_its_user_computes_and_a_gpu_counter_is_recorde
     the same learned parts for either counter, so a run fitted on one machine was scored with the other's."""
     import condiff.constraints.count as count
 
+    with pytest.raises(ValueError, match="load_counter: device mps is not supported"):  # checked before any work
+        count.load_counter(3, 8, device="mps")
     asked = []
     monkeypatch.setattr(count, "load_counter", lambda *a, device=None, progress=True: asked.append(device)
                         or _SumCounter())
     cpu = build_constraint({"name": "count", "k": 3, "size": 8}, device="cpu")
     gpu = CountConstraint(k=3, size=8, device=torch.device("cuda", 1))
-    assert asked == ["cpu", "cuda"]  # the device's type: the counter cache's key
+    assert asked == ["cpu", torch.device("cuda", 1)]  # trained where asked; recorded (and cached) by its type
     assert cpu.learned_parts() == {"counter": count.COUNTER_RECIPE}  # as recorded by every run so far
     assert gpu.learned_parts() == {"counter": count.COUNTER_RECIPE, "trained_on": "cuda"}
     assert count.counter_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")

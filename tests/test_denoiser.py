@@ -290,6 +290,37 @@ def test_input_on_another_device_than_the_weights_is_named_in_one_line():
     assert checks.param_device(den.net) == torch.device("meta")
     with pytest.raises(ValueError, match="x_t is on cpu but the network's weights are on meta: pass device='meta'"):
         den.predict_eps(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))
+    # an analytic denoiser has buffers and no weights: its buffers say where it is
+    assert checks.param_device(GaussianDenoiser(Schedule.linear(10), mean=0.0, std=1.0).to("meta")).type == "meta"
+
+
+def test_the_samplers_draw_their_noise_where_the_weights_are_by_default(monkeypatch):
+    """sample and guided_sample drew x_T on the CPU unless given a device, whatever the model's."""
+    import condiff.guidance.sampling as guided
+    import condiff.sample as sampling
+    from condiff import checks
+    from condiff.guidance import DPS
+
+    class Drawn(Exception):
+        pass
+
+    where = []
+
+    def randn(shape, generator, like=None, device=None, dtype=None):
+        where.append(device)
+        raise Drawn
+
+    monkeypatch.setattr(checks, "param_device", lambda module: "the weights' device")
+    monkeypatch.setattr(sampling, "randn", randn)
+    monkeypatch.setattr(guided, "randn", randn)
+    den = GaussianDenoiser(Schedule.linear(10), mean=0.0, std=1.0)
+    with pytest.raises(Drawn):
+        sampling.sample(den, (2, 2), steps=2)
+    with pytest.raises(Drawn):
+        guided.guided_sample(den, DPS(lambda x: x.pow(2).sum(1), 0.1), (2, 2), steps=2)
+    with pytest.raises(Drawn):
+        sampling.sample(den, (2, 2), steps=2, device="cpu")  # a device given is kept
+    assert where == ["the weights' device", "the weights' device", "cpu"]
 
 
 def test_a_saved_model_records_the_versions_it_was_made_with(tmp_path):

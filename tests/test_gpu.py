@@ -182,8 +182,8 @@ def test_dropout_on_the_gpu_resumes_exactly(tmp_path):
     whole = trainer(4, tmp_path / "whole")
     whole.fit()
     trainer(2, tmp_path / "cut").fit()
-    torch.cuda.manual_seed_all(123)  # another stream in between, as a new process has
     resumed = trainer(4, tmp_path / "cut")
+    torch.cuda.manual_seed_all(123)  # another GPU stream at the resume, as a new process has
     assert resumed.resume() and resumed.step == 2
     resumed.fit()
     for k, v in whole.model.state_dict().items():

@@ -2105,12 +2105,15 @@ def test_a_finished_stage_given_more_steps_trains_on_from_its_last_checkpoint(tm
     assert "--n 2: with so few samples the distances to the data are mostly noise" in capsys.readouterr().err
     assert (tmp_path / "run" / "vanilla" / "eval" / "metrics.json").is_file()
     assert not (tmp_path / "run" / "vanilla" / "metrics.json").exists()
-    (tmp_path / "run" / "mdm" / "samples_step_00000002").mkdir()  # of a checkpoint of the old model
+    (tmp_path / "run" / "mdm" / "samples_step_00000002").mkdir()  # of a checkpoint the extension keeps as it is
+    (tmp_path / "run" / "mdm" / "samples_step_00000001").mkdir()  # of a checkpoint no longer there
     capsys.readouterr()
     assert main(["namm", "fit", "--out", "run", "--resume", "--set", "train.steps=3", "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "note: removed the results of the model this run replaced (eval)" in err
-    assert "note: removed the results of the model this run replaced (samples_step_00000002)" in err
+    assert "note: removed the results of the model this run replaced (samples_step_00000001)" in err
+    assert (tmp_path / "run" / "mdm" / "samples_step_00000002").is_dir()
+    assert (tmp_path / "run" / "mdm" / "checkpoints" / "step_00000002").is_dir()
     assert not (tmp_path / "run" / "vanilla" / "eval").exists() and (tmp_path / "run" / "vanilla" / "model").is_dir()
     for stage in ("mdm", "vanilla"):  # both diffusion models go on from step 2; the map is not touched
         assert f"extending {os.path.join('run', stage)}: from step 2 (its last checkpoint) to 3" in err, err

@@ -376,6 +376,8 @@ def test_a_saved_mirror_map_is_shown_as_a_model_not_as_a_namm_run(tmp_path, caps
     (lambda r: (r / "config.json").write_text("{"), "config.json does not read (not valid JSON)"),
     (lambda r: (r / "model" / "config.json").write_text("[]"), "model/config.json does not read (not a table of"),
     (lambda r: (r / "metrics.json").write_text("oops"), "metrics.json does not read (not valid JSON)"),
+    (lambda r: ((r / "samples").mkdir(), (r / "samples" / "sample_config.json").write_text('{"n": 2, "steps":')),
+     "samples/sample_config.json does not read (not valid JSON)"),
 ])
 def test_show_names_a_damaged_file_rather_than_leaving_its_line_out(run, capsys, damage, note):
     """A torn weights file, a broken config.json or metrics.json: show said `finished` and left their lines out."""

@@ -538,13 +538,18 @@ def test_seeded_and_kept_streams_give_back_every_stream_they_touch(monkeypatch):
     assert torch.equal(torch.get_rng_state(), before)  # the caller's CPU stream as it was
     torch.manual_seed(11)
     assert torch.equal(inside, torch.rand(3))  # the block drew from seed 11
-    forked = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    forked, started = [], [False]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: started[0])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.random, "fork_rng", lambda devices: forked.append(list(devices)) or nullcontext())
     with determinism.kept_streams():
         pass
-    assert forked == [[0, 1]]  # every GPU's stream is kept, as manual_seed seeds every GPU
+    started[0] = True
+    with determinism.kept_streams():
+        pass
+    # no GPU stream is read before CUDA starts (reading one starts CUDA on that GPU, for a run on the CPU too);
+    # once it has, every GPU's stream is kept, as manual_seed seeds every GPU
+    assert forked == [[], [0, 1]]
 
 
 def test_a_callers_own_process_group_outlives_condiff_commands_and_leave_process_group(tmp_path, tiny_run):

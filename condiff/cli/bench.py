@@ -91,8 +91,12 @@ def machine(device: str = "cpu") -> str:
     """The machine a benchmark ran on, naming the GPU it used (``device``) where it ran on one."""
     cpu = platform.processor() or platform.machine()
     used_gpu = torch.device(device) if str(device).startswith("cuda") else None
-    dev = ("no GPU" if not torch.cuda.is_available() else
-           torch.cuda.get_device_name(used_gpu if used_gpu is not None and used_gpu.index is not None else 0))
+    if not torch.cuda.is_available():
+        dev = "no GPU"
+    elif used_gpu is None:  # a benchmark run on the CPU of a GPU machine
+        dev = f"GPU not used ({torch.cuda.get_device_name(0)} present)"
+    else:
+        dev = torch.cuda.get_device_name(used_gpu if used_gpu.index is not None else 0)
     threads = torch.get_num_threads()  # what the benchmark ran on (OMP_NUM_THREADS=1 on a 2-core machine: 1)
     used = f", {threads} thread{'s' * (threads > 1)} used" if threads != os.cpu_count() else ""
     return (f"{os.cpu_count()} CPU cores ({cpu}{used}), {dev}, torch {torch.__version__}, "

@@ -27,7 +27,7 @@ from ..nets import NETS, build_net, net_class
 from ..plots import plot_loss_curve, plot_scatter
 from ..sample import generate
 from ..schedule import Schedule
-from ..train import DenoisingObjective, TrainConfig, Trainer, list_checkpoints
+from ..train import DenoisingObjective, TrainConfig, Trainer, list_checkpoints, resumed_line
 from ..userfile import split_file_spec
 from .config import data_ref
 
@@ -289,14 +289,6 @@ CLASS_PICTURE = "class_hist.png"  # beside eval's metrics.json where the samples
 MODEL_RESULTS = ("metrics.json", *SAMPLE_FILES, CLASS_PICTURE, *RESULT_DIRS)
 
 
-def resumed_line(step: int, steps: int, extra: str = "") -> str:
-    """What a resumed run says of where it goes on from (a finished one: that there is nothing left to train)."""
-    if step >= steps:
-        return (f"the run is already trained ({step} of {steps} steps{extra}): its model is saved again from the "
-                "last checkpoint")
-    return f"resumed from step {step} of {steps}{extra}"
-
-
 def start_run(run_dir: Path, resume: bool, fresh: bool, build, clear: tuple[str, ...] = (),
               data: dict | None = None, schedule: dict | None = None, resume_hint: str = "",
               model: dict | None = None, objective: dict | None = None):
@@ -524,6 +516,11 @@ EVAL_BESIDE = "the run's folder, where eval writes beside its model,"
 CHOSEN_OUT = (DEFAULT_OUT, EVAL_BESIDE)  # output folders a refusal says how to move (--out)
 
 
+def _way_out(flag: str) -> str:
+    """How a refusal of an output folder the command chose (:data:`CHOSEN_OUT`) ends: where to write instead."""
+    return ": give --out DIR to write elsewhere" if flag in CHOSEN_OUT else ""
+
+
 def check_writable(path: str | Path, flag: str, folder: bool | None = None) -> Path:
     """Refuse, before any work, a place the results could not be written to after it: ``path`` itself where
     it exists, else its nearest existing ancestor (returned). ``folder``: ``path`` is to be a folder (True)
@@ -532,7 +529,7 @@ def check_writable(path: str | Path, flag: str, folder: bool | None = None) -> P
     if dangling := next((q for q in (p, *p.parents) if os.path.lexists(q) and not q.exists()), None):
         raise FileNotFoundError(f"{flag} {p}{'' if dangling == p else f': {dangling}'} is a link to nothing")
     q = next((q for q in (p, *p.parents) if q.exists()), Path("."))
-    elsewhere = ": give --out DIR to write elsewhere" if flag in CHOSEN_OUT else ""  # a place the user did not name
+    elsewhere = _way_out(flag)
     if not os.access(q, os.W_OK):
         raise PermissionError(f"{flag} {p}{'' if q == p else f': {q}'} is not writable{elsewhere}")
     if (q != p or folder) and not q.is_dir():  # the place would be made inside a file
@@ -563,9 +560,10 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
     (``{"--input": "pngs"}``); a folder of data among them, or its ``train/`` or ``test/`` split, is refused
     as the output."""
     p = Path(path)
+    elsewhere = _way_out(flag)
+    another = elsewhere[2:] or "give another directory"
     q = check_writable(p, flag)
     if not q.is_dir():  # the nearest existing ancestor must be a directory too
-        elsewhere = ": give --out DIR to write elsewhere" if flag in CHOSEN_OUT else ""
         raise NotADirectoryError(f"{flag} {p}{'' if q == p else f': {q}'} is a file, not a directory{elsewhere}")
     up = Path(os.path.abspath(p))  # a relative --out from inside a run or a model names their folders too
     for given_flag, given in (inputs or {}).items():  # results written among the files of a folder of data
@@ -576,12 +574,12 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
         if g.is_dir() and real in read:  # the folders a folder of data is read from
             where = "the folder" if real == g else f"the {real.name}/ split of the folder"
             raise ValueError(f"{flag} {p} is {where} given as {given_flag} ({given}): its results would be read "
-                             "as data with those files: give another directory")
+                             f"as data with those files: {another}")
     if kind is not None:
         other = run_kind(p)
         if other is not None and other != kind:
             raise FileExistsError(f"{flag} {p} holds the output of `{other}`, which `{by or kind}` would overwrite: "
-                                  "give another directory")
+                                  f"{another}")
         if other is None and p.is_dir():  # a folder of runs (runs/): it would be marked as this command's run
             inner = sorted(q.name for q in p.iterdir() if q.is_dir() and (q / RUN_MARK).is_file())
             if inner:
@@ -598,8 +596,7 @@ def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None
                 if (q / "model.safetensors").is_file() else "a run's folder of checkpoints, which its training "
                 "keeps and prunes" if q.name == "checkpoints" and any(q.glob("step_*")) else None)
         if what:
-            raise FileExistsError(f"{flag} {p} {'is' if q == up else f'lies inside {q},'} {what}: give another "
-                                  "directory")
+            raise FileExistsError(f"{flag} {p} {'is' if q == up else f'lies inside {q},'} {what}: {another}")
     if kind is None or not kind.startswith(_TRAINING_KINDS):
         lock_enclosing_run(p)
     return p

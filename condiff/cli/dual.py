@@ -43,10 +43,11 @@ from ..models import load_net, save_model
 from ..nets import build_net
 from ..plots import plot_loss_curve
 from ..schedule import Schedule
-from ..train import TrainConfig, Trainer
+from ..train import TrainConfig, Trainer, resumed_line
 from ..userfile import UntrustedCode
 from . import config as config_mod
 from .common import (
+    DEFAULT_OUT,
     RESULT_DIRS,
     add_device_arg,
     announce_recorded,
@@ -59,7 +60,6 @@ from .common import (
     pick_device,
     recorded_settings,
     restore_only,
-    resumed_line,
     save_resolved_config,
     start_run,
     train_config,
@@ -531,7 +531,8 @@ def run_train(args: argparse.Namespace) -> int:
                          "run's recorded settings)")
     cfg = absolute_paths(cfg)
     device = pick_device(args.device)
-    run_dir = check_out_dir(args.out or Path("runs") / f"dual-{Path(args.config).stem}", kind="condiff dual train")
+    run_dir = check_out_dir(args.out or Path("runs") / f"dual-{Path(args.config).stem}",
+                            "--out" if args.out else DEFAULT_OUT, kind="condiff dual train")
     args.run_dir = run_dir  # for the Ctrl-C hint
     if old is not None:
         announce_recorded(run_dir, args.overrides)

@@ -39,7 +39,8 @@ def add_parser(sub, name: str) -> None:
     add_sample_args(p)
     add_label_args(p)
     p.add_argument("--out", default=None, help="output directory (default: the run directory; for a run of "
-                   "another command, such as `dual train`, RUN/eval, beside the run's own metrics.json; for a "
+                   "another command, such as `dual train`, or a stage of a NAMM run, RUN/eval, beside the run's "
+                   "own records; for a "
                    "checkpoint RUN/checkpoints/step_N, RUN/eval_step_N; for a bare model directory DIR, DIR_eval "
                    "beside it)")
     p.add_argument("--data", default=None,

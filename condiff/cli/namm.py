@@ -74,6 +74,7 @@ from ..schedule import Schedule
 from ..train import TrainConfig, list_checkpoints
 from ..userfile import UntrustedCode
 from .common import (
+    DEFAULT_OUT,
     RESULT_DIRS,
     add_device_arg,
     check_denoising_net,
@@ -449,7 +450,7 @@ class NAMMRun:
         check_sample(self.cfg["sample"])
         if self.cfg["sample"].get("n", 2) < 2:
             raise ValueError(f"sample.n must be >= 2 (the MMD to held-out data needs two samples), got "
-                             f"{self.cfg['sample']['n']}")
+                             f"{self.cfg['sample']['n']}: --set sample.n=N sets another")
         check_assimilate(self.cfg["assimilate"])
         T = Schedule.from_config(self.cfg["schedule"]).T
         for key in ("sample", "assimilate"):  # each samples with the run's T-step schedule, later
@@ -831,8 +832,10 @@ class NAMMRun:
         den = train_diffusion(x, net, Schedule.from_config(self.cfg["schedule"]), tcfg, d, meta,
                               resume=True, seed=tcfg.seed,  # train.seed seeds the initial weights too
                               saved_by=self.saved_by)
-        if replaced:  # what `condiff eval / sample / solve / pnp` wrote of the old model (in RESULT_DIRS)
-            remove_results(d, with_step_results(d, RESULT_DIRS))
+        if replaced:  # what `condiff eval / sample / solve / pnp` wrote of the old model (RESULT_DIRS), and of
+            # checkpoints the training has since pruned (those still there are as they were: their results stay)
+            gone = tuple(r for r in with_step_results(d, ()) if not (d / "checkpoints" / r.split("_", 1)[1]).is_dir())
+            remove_results(d, (*RESULT_DIRS, *gone))
         self._finish(name, spec, time.perf_counter() - t0)
         return den
 
@@ -1386,7 +1389,7 @@ def run_fit(args: argparse.Namespace) -> int:
                              "--resume --out RUN goes on with the settings a run records")
         cfg = resolve(args.data, args.profile or "default", args.config, args.overrides, args.constraint)
         root = check_out_dir(args.out or Path("runs") / f"namm-{Path(args.data).stem}",
-                             "--out" if args.out else "the default --out", kind="condiff namm fit",
+                             "--out" if args.out else DEFAULT_OUT, kind="condiff namm fit",
                              inputs={"--data": args.data})
         named = {tuple(parse_override(o, SECTIONS, nested=True)[0]) for o in args.overrides or []}
         cfg = keep_later_settings(cfg, root, named | (set(_leaf_paths(read_toml(args.config, SECTIONS)))
@@ -1546,7 +1549,7 @@ def run_assim(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {args.out} lies inside the run {run.root}, among its stages and results: give "
                              f"a folder of its own there named assimilate-... ({run.root / 'assimilate-rows'}, say), "
                              "or one outside the run")
-    out = check_out_dir(run.root / "assimilate", flag="the output") if args.out is None else \
+    out = check_out_dir(run.root / "assimilate", flag=DEFAULT_OUT) if args.out is None else \
         check_out_dir(args.out, kind="condiff namm assimilate")
     for f in (out / "assimilation.png", out / "samples.npz", out / "metrics.json"):  # refused now, not after sampling
         if f.is_dir():

@@ -477,7 +477,8 @@ def _damaged(p: Path, units: list[Path]) -> list[str]:
     """Notes on the files show reads that do not read (torn, edited, or of another program): the run's settings,
     its results' records, and its finished weights (their settings and tensor files). Without them the lines those
     files feed would just be missing, and a damaged run would read as finished."""
-    tables = [p / io.CONFIG, *_metric_files(p), *(u / w / io.CONFIG for u in units for w in _WEIGHTS)]
+    tables = [p / io.CONFIG, *_metric_files(p), *(q / "sample_config.json" for q in _result_folders(p)),
+              *(u / w / io.CONFIG for u in units for w in _WEIGHTS)]
     notes = []
     for f in tables:
         if f.is_file():

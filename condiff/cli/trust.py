@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--forget needs the files to stop trusting" if args.forget else
                          "name the files to trust (or, with --forget, to stop trusting), or pass --list")
     # FILE.py:NAME, as --set model.name and --constraint spell a file of one's own, names the file
-    files = [Path(split[0] if (split := split_file_spec(f, "FILE", "a name")) else f).expanduser().resolve()
-             for f in args.files]
+    named = [split_file_spec(f, "trust", "a class or function") for f in args.files]
+    files = [Path(s[0] if s else f).expanduser().resolve() for s, f in zip(named, args.files)]
     if args.forget:
         for f in files:
             print(f"forgot {f}" if forget_file(f) else f"{f} was not trusted")

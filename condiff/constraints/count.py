@@ -244,11 +244,12 @@ def load_counter(
     ``path`` (``.<name>.training``), so a training cut short goes on from there at the next call; a
     second process that needs the same counter meanwhile waits for the first.
     """
-    device = counter_device(device)
+    # trained on the device given (cuda:1 stays cuda:1), cached by its type (a GPU's counter serves any GPU)
+    device = checks.device("load_counter: device", device) if device is not None else counter_device(None)
     path = (
         Path(path)
         if path is not None
-        else io.cache_dir() / "counters" / counter_key(k, size, steps, seed, width, device)
+        else io.cache_dir() / "counters" / counter_key(k, size, steps, seed, width, counter_device(device))
     )
     if (path / io.CONFIG).is_file():
         io.remove(path.with_name(f".{path.name}.training"))  # left by a process killed as it kept the counter
@@ -269,8 +270,8 @@ def load_counter(
 
 
 def counter_device(device: str | torch.device | None) -> str:
-    """Where a missing counter trains (a device type, the cache key's part): ``device``'s, or ``"cuda"``
-    when a GPU is available and none is given."""
+    """The kind of device a missing counter trains on (the cache key's part, and what a run records):
+    ``device``'s type, or ``"cuda"`` when a GPU is available and none is given."""
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device).type
@@ -364,7 +365,7 @@ class CountConstraint(Constraint):
         self._trained_on = counter_device(device)
         self.counter = (
             counter if counter is not None else load_counter(self.k, size, counter_steps, seed, width,
-                                                             device=self._trained_on, progress=progress)
+                                                             device=device, progress=progress)
         )
         self.counter.eval().requires_grad_(False)
         if counter is not None:  # the config names it, not the project's counter it would otherwise rebuild

@@ -24,7 +24,7 @@ from condiff.mirror.sample import data_violation
 from condiff.models import save_model
 from condiff.nets import build_net
 from condiff.schedule import Schedule, check_schedule
-from condiff.train import DenoisingObjective, TrainConfig, Trainer, check_train_config
+from condiff.train import DenoisingObjective, TrainConfig, Trainer, check_train_config, resumed_line
 
 # Adam with beta1 = 0.5 at a constant 2e-4, batch 16, EMA 0.999 (as in the NAMM paper)
 MIRROR_TRAIN = {
@@ -87,7 +87,7 @@ def _trainer(
 ) -> Trainer:
     tr = Trainer(model, objective, tcfg, run_dir, meta)
     if resume and tr.resume():
-        print(f"resumed from step {tr.step} of {tcfg.steps}", file=sys.stderr)
+        print(resumed_line(tr.step, tcfg.steps), file=sys.stderr)
     return tr
 
 
