@@ -1893,3 +1893,34 @@ def test_a_step_count_beyond_the_schedule_is_named_by_its_flag(tiny_run, capsys)
     for cmd in ("sample", "eval"):
         assert main([cmd, "--ckpt", str(tiny_run), "--steps", "500", "--n", "2", "--device", "cpu"]) == 2
         assert "--steps must be at most the model's schedule length T = 100, got 500" in capsys.readouterr().err
+
+
+def test_samples_far_beyond_the_training_data_are_said(tiny_run, tmp_path, capsys):
+    """An untrained model's samples (range [-340, 515] for data in [-1, 1]) were written without a word, where
+    `namm sample` asks whether the model is trained."""
+    import shutil
+
+    from condiff.models import save_model
+    from condiff.nets import build_net
+    from condiff.schedule import Schedule
+
+    shutil.copytree(tiny_run, tmp_path / "bare")
+    assert main(["sample", "--ckpt", str(tmp_path / "bare"), "--n", "2", "--steps", "2", "--device", "cpu"]) == 0
+    assert "is the model trained" not in capsys.readouterr().err  # no range recorded: nothing to compare with
+    torch.manual_seed(0)
+    net = build_net({"name": "unet", "in_channels": 1, "base": 8, "mults": [1, 2], "groups": 4})
+    save_model(tmp_path / "narrow", net, Schedule.linear(100), data={"name": "digits"}, shape=[1, 8, 8],
+               value_range=[-0.01, 0.01])  # an untrained net's samples lie far beyond data this narrow
+    assert main(["sample", "--ckpt", str(tmp_path / "narrow"), "--n", "2", "--steps", "2", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the samples reach |x| = " in err
+    assert "while the training data stay within 0.01: is the model trained" in err
+    assert (tmp_path / "narrow_samples" / "samples.npz").is_file()  # written all the same
+
+
+def test_constant_training_data_are_said_before_training(tmp_path, capsys):
+    """Data whose every value is 0.5 trained without a word; eval then failed on them at the end."""
+    np.save(tmp_path / "const.npy", np.full((32, 2), 0.5, np.float32))
+    assert main(["train", "--data", str(tmp_path / "const.npy"), "--set", "train.steps=2", "--set", "train.warmup=0",
+                 "--set", "model.name=mlp", "--out", str(tmp_path / "r"), "--device", "cpu"]) == 0
+    assert "every value of the training data is 0.5; a model of constant data" in capsys.readouterr().err

@@ -2208,3 +2208,18 @@ def test_a_stage_made_with_other_settings_offers_back_only_its_own():
     assert "made with finetune.steps=5, now 6; made with train.steps=2, now 4" in said
     assert "--set finetune.steps=5 takes the stage as made" in said and "--set train.steps" not in said
     assert "--set train.steps=2 takes" in _made_with(old, now, ["train.steps"], "mdm")
+
+
+def test_a_split_of_one_sample_is_refused_before_any_stage_trains(tmp_path, capsys, monkeypatch):
+    """One training (or held-out) sample: `namm fit` took it, and `namm sample` failed at the end, after the
+    fine-tuning and every sample set, with "median_heuristic needs at least 2 points"."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    x = np.random.default_rng(0).uniform(0, 1, (3, 1, 8, 8)).astype("float32")
+    for name, train, test, split in (("one.npz", x[:1], x[1:], "train"), ("two.npz", x[:2], x[2:], "test")):
+        np.savez(tmp_path / name, x=train, x_test=test)
+        assert main(["namm", "fit", "--data", name, "--constraint", "box", "--out", f"run-{name}", "--quiet"]) == 2
+        assert (f"its {split} split holds 1 sample; a NAMM run needs at least 2 in each split"
+                in capsys.readouterr().err)
+        assert not list((tmp_path / f"run-{name}").glob("*/stage.json"))  # nothing trained

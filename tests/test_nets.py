@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -56,6 +57,20 @@ def test_unet_output_shape(cin, cout, h, w, mults):
     out = net(torch.randn(2, cin, h, w), _t(2))
     assert out.shape == (2, cout or cin, h, w)
     assert torch.equal(out, torch.zeros_like(out))  # output conv starts at zero
+
+
+def test_a_unet_refusing_an_image_side_names_the_levels_that_fit():
+    """`train` on 10x10 data said only "UNet with 3 levels needs sizes divisible by 4"; --set model.mults=[1, 2]
+    was the fix, which the message now gives (the levels both sides allow)."""
+    net = UNet(1, base=8, mults=[1, 2, 2], groups=4)
+    t = torch.zeros(2, dtype=torch.long)
+    for (h, w), fits in (((10, 10), "[1, 2]"), ((12, 9), "[1]"), ((16, 20), None)):
+        if fits is None:
+            assert net(torch.zeros(2, 1, h, w), t).shape == (2, 1, h, w)
+            continue
+        with pytest.raises(ValueError, match=re.escape(f"--set 'model.mults={fits}') or pad the images to a "
+                                                       "multiple of 4")):
+            net(torch.zeros(2, 1, h, w), t)
 
 
 def test_unet_attention_num_res_and_dropout():

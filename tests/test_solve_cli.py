@@ -586,3 +586,28 @@ def test_a_tuned_base_step_is_dropped_where_dsg_takes_no_base_steps(tiny_run, tm
     assert hp("--zeta", "0.3")["zeta"] == 0.3
     with pytest.raises(ValueError, match="--zeta does not apply to --method dsg\\+dps unless --between base"):
         hp("--zeta", "0.3", "--between", "sample")
+
+
+def test_the_default_box_fits_a_wide_image_and_a_box_too_large_names_its_limit():
+    """The default box (half the width, an eighth of it kept from the border) did not fit 12x20 images, and a
+    --box that did not fit named a margin no flag sets."""
+    from condiff.cli.solve import build_operator
+
+    g = torch.Generator().manual_seed(0)
+    op = build_operator("inpaint-box", (3, 1, 12, 20), g, 0.05)
+    assert op.kind == "box(6x6)" and int((op.mask == 0).sum()) == 3 * 36  # half the shorter side
+    square = build_operator("inpaint-box", (3, 1, 8, 8), g, 0.05)  # square images as before: 4x4, 1 from the border
+    assert square.kind == "box(4x4)" and not bool((square.mask[..., 0, :] == 0).any())
+    with pytest.raises(ValueError, match=r"--box 11 does not fit 12x20 images, whose box stays 1 pixels from each "
+                                         r"border: at most 10"):
+        build_operator("inpaint-box", (3, 1, 12, 20), g, 0.05, {"box": 11})
+
+
+def test_a_kernel_too_large_for_the_images_is_said_in_the_flags_terms(tiny_run, tmp_path, capsys):
+    """sr --factor 8 on 8x8 images stopped mid-run on "a kernel of 32 taps with padding (12, 12)", naming no flag."""
+    assert main(["solve", "--ckpt", str(tiny_run), "--operator", "sr", "--factor", "8", "--method", "dps",
+                 "--steps", "2", "--n", "2", "--device", "cpu", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "--operator sr: SuperResolution: a kernel of 32 taps" in err
+    assert err.rstrip().endswith("(a smaller --factor, or --kernel box, keeps the kernel within the image)")
+    assert not (tmp_path / "s").exists()

@@ -11,6 +11,7 @@ import re
 import sys
 import tempfile
 import traceback
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,6 +71,15 @@ def data_kwargs(cfg: dict) -> dict:
 
 def load_split(cfg: dict, split: str) -> ArrayData:
     return load_dataset(cfg["data"]["name"], split=split, **data_kwargs(cfg))
+
+
+def warn_constant(x: torch.Tensor, name: str) -> None:
+    """Warn of training data whose every value is the same: a model of them learns nothing a distance to the data
+    can score (the MMD's bandwidth comes from the spread of the data)."""
+    if x.numel() and bool((x == x.reshape(-1)[0]).all()):
+        warnings.warn(f"{name}: every value of the training data is {float(x.reshape(-1)[0]):.4g}; a model of "
+                      "constant data has nothing to learn, and eval cannot score its samples against them",
+                      stacklevel=2)
 
 
 def check_test_split(cfg: dict, train: ArrayData) -> None:
@@ -233,6 +243,7 @@ class TrainingJob:
         its file only if trusted (:func:`condiff.userfile.load_from_file`)."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.data = load_split(cfg, "train")
+        warn_constant(self.data.x, str(cfg["data"]["name"]))
         check_test_split(cfg, self.data)
         self.schedule = Schedule.from_config(cfg["schedule"])
         train = {k: v for k, v in cfg["train"].items() if k != "label_drop"}  # the objective's, below
@@ -844,13 +855,22 @@ def load_model_for(path: str | Path, device: str) -> tuple[Denoiser, dict, tuple
     return den, run_cfg, tuple(int(s) for s in shape)
 
 
-def check_samples(x: torch.Tensor, out: Path) -> None:
+FAR = 5.0  # samples beyond this many times the training data's reach are said to be far from them
+
+
+def check_samples(x: torch.Tensor, out: Path, value_range: list | None = None) -> None:
     """Refuse samples with non-finite values before anything is written to ``out`` (a NaN samples.npz
-    would pass for a result)."""
+    would pass for a result); warn of samples far beyond the training data's ``value_range`` (what an untrained
+    or diverging model draws), which are written all the same."""
     bad = int((~torch.isfinite(x)).sum())
     if bad:
         raise FloatingPointError(f"sampling produced {bad} non-finite values of {x.numel()}; nothing was "
                                  f"written to {out} (a diverging sampler: try eta <= 1 or clip_x0)")
+    if isinstance(value_range, list) and len(value_range) == 2 and all(checks.is_number(v) for v in value_range):
+        data = max(abs(float(v)) for v in value_range)
+        if x.numel() and (reach := float(x.abs().max())) > FAR * max(data, 1e-3):
+            warnings.warn(f"the samples reach |x| = {reach:.3g} while the training data stay within {data:.3g}: is "
+                          "the model trained (and sampled with its own settings)?", stacklevel=2)
 
 
 def check_targets(out: Path, also: tuple[str, ...] = ()) -> None:

@@ -79,7 +79,7 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
     t0 = time.perf_counter()
     x = draw_samples(den, shape, scfg, device)
     dt = time.perf_counter() - t0
-    check_samples(x, out)
+    check_samples(x, out, run_cfg.get("value_range"))
     m = evaluate_samples(x, data_cfg, reference)  # scored before anything is written: old and new never mix
     m.update({"sample_seconds": round(dt, 3), "sample_steps": int(scfg["steps"]), "eta": float(scfg["eta"]),
               "nfe_per_sample": den.nfe // max(1, -(-int(scfg["n"]) // int(scfg.get("batch_size", 500)))),

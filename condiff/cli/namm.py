@@ -24,6 +24,7 @@ later stage is made from, is a new fit).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -42,7 +43,7 @@ from torch import Tensor
 from .. import checks, io
 from ..checks import changed_keys
 from ..constraints import Constraint, CountConstraint, build_constraint, check_distance, parse_python_spec
-from ..data import DATASETS, ArrayData, NoSplitError, dataset_settings, load_dataset, same_item_shape
+from ..data import DATASETS, ArrayData, DataError, NoSplitError, dataset_settings, load_dataset, same_item_shape
 from ..data.sources import count_split
 from ..denoiser import Denoiser
 from ..evaluate import mmd_with_reference
@@ -85,6 +86,7 @@ from .common import (
     remove_results,
     run_kind,
     train_config,
+    warn_constant,
     with_step_results,
 )
 from .config import (
@@ -474,6 +476,8 @@ class NAMMRun:
             raise ValueError(f"data {self.cfg['data']['name']}: NAMM's mirror maps are convolutional and take images "
                              f"(C, H, W); these samples have shape {self.shape}")
         x = self.data().x[:1].to(self.device)
+        with contextlib.suppress(NoSplitError):  # the held-out split's size and shape, before any stage trains
+            self.data("test")
         # the constraint's distance and violation map on training samples: a broken one fails here, not
         # after a stage has been discarded (--fresh) or trained and sampled
         check_distance(self.constraint(), self.data().x[:2].to(self.device), on=" on two training samples")
@@ -768,6 +772,11 @@ class NAMMRun:
             kw = self.data_settings()
             name = kw.pop("name")
             self._data[split] = load_dataset(name, split=split, **kw)
+            if split == "train":
+                warn_constant(self._data[split].x, name)
+            if len(self._data[split]) < 2:  # found before any stage trains, not by namm sample's MMD at the end
+                raise DataError(f"{name}: its {split} split holds {len(self._data[split])} sample; a NAMM run needs at "
+                                "least 2 in each split (namm sample scores its models by the MMD to held-out data)")
             if split != "train":  # the models are built for the training split's shape
                 same_item_shape({"train": self.data("train"), split: self._data[split]}, name)
         return self._data[split]

@@ -610,7 +610,9 @@ def run_constraint(args: argparse.Namespace) -> int:
     constraint = build() if spec["name"] == "python" or spec["name"] not in CONSTRAINTS else None
     den, run_cfg, shape, device = _prior(args)
     if len(shape) != 3:
-        raise ValueError(f"{args.ckpt} is a prior over {tuple(shape)} vectors; pnp constraint needs pictures (C, H, W)")
+        raise ValueError(f"{args.ckpt} is a prior over {tuple(shape)} vectors; pnp constraint needs pictures (C, H, "
+                         "W): for vectors, guide its sampling by the distance in Python (condiff.guidance."
+                         "guided_sample with DPS(loss), docs/guidance.md)")
     if not 0 <= args.finish < den.schedule.T:
         raise ValueError(f"--finish must be a timestep in [0, {den.schedule.T}) (0: off), got {args.finish}")
     constraint = constraint if constraint is not None else build(device)

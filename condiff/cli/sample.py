@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     scfg = sample_settings(args, run_cfg, den.schedule.T)
     check_targets(out, ("sample_config.json",))
     x = draw_samples(den, shape, scfg, device)
-    check_samples(x, out)
+    check_samples(x, out, run_cfg.get("value_range"))
     record = {**scfg, "ckpt": recorded_path(args.ckpt), "nfe": den.nfe, "label": args.label,
               "guidance_scale": args.guidance_scale, "versions": io.versions()}
     with io.writing_outputs(out, "sample_config.json", *SAMPLE_FILES) as staged:

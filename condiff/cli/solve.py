@@ -66,15 +66,32 @@ from .sample import add_label_args, condition
 # operator name -> builder(shape (B, C, H, W), generator, sigma_y, params) -> Operator
 OPERATORS: dict[str, Callable[[tuple[int, ...], torch.Generator, float, dict], Operator]] = {
     "inpaint-random": lambda s, g, n, p: Inpainting.random(s, p["p_drop"], g, sigma_y=n),
-    "inpaint-box": lambda s, g, n, p: Inpainting.box(s, p.get("box") or s[-1] // 2, g, sigma_y=n,
-                                                     margin=p.get("margin", s[-1] // 8)),
+    "inpaint-box": lambda s, g, n, p: _box(s, g, n, p),
     "sr": lambda s, g, n, p: SuperResolution(p["factor"], p["kernel"], sigma_y=n),
     "blur": lambda s, g, n, p: GaussianBlur(p["size"], p["sigma"], sigma_y=n),
     "inpaint-mask": lambda s, g, n, p: Inpainting(_need_mask(p), sigma_y=n, kind="mask"),
 }
+
+
+def _box(s: tuple[int, ...], g: torch.Generator, sigma_y: float, p: dict) -> Inpainting:
+    """``inpaint-box``: a square box, by default half the shorter side, kept an eighth of it from each border (for
+    square images, as the recorded benchmarks drew them); a ``--box`` that does not fit says how large one may be."""
+    side = min(s[-2:])
+    margin = p.get("margin", side // 8)
+    largest = side - 2 * margin
+    box = p.get("box") or side // 2
+    if box > largest:
+        raise ValueError(f"--box {box} does not fit {s[-2]}x{s[-1]} images, whose box stays {margin} pixels from "
+                         f"each border: at most {largest}")
+    return Inpainting.box(s, box, g, sigma_y=sigma_y, margin=margin)
+
+
 # each operator's own flags (given with another operator, they are refused rather than ignored)
 OPERATOR_FLAGS = {"--p-drop": "inpaint-random", "--box": "inpaint-box", "--mask": "inpaint-mask", "--factor": "sr",
                   "--kernel": "sr", "--blur-size": "blur", "--blur-sigma": "blur"}
+# what sets a built-in kernel's size, said where the images are too small for it
+SIZE_FLAGS = {"sr": "a smaller --factor, or --kernel box, keeps the kernel within the image",
+              "blur": "a smaller --blur-size keeps the kernel within the image"}
 # operators that hold no randomness, so they can describe a measurement made outside condiff
 DETERMINISTIC = ("inpaint-mask", "sr", "blur")
 OPERATOR_DEFAULTS = {"p_drop": 0.7, "box": None, "factor": 2, "kernel": "bicubic", "size": 7, "sigma": 1.0}
@@ -228,7 +245,8 @@ def add_parser(sub, name: str) -> None:
     g.add_argument("--noise", type=float, default=0.05,
                    help="measurement noise sigma_y, in the data's units (default 0.05: 2.5%% of [-1, 1])")
     g.add_argument("--p-drop", type=float, default=None, help="inpaint-random: probability a pixel is missing (0.7)")
-    g.add_argument("--box", type=int, default=None, help="inpaint-box: box side (default: half the image)")
+    g.add_argument("--box", type=int, default=None,
+                   help="inpaint-box: box side (default: half the image's shorter side)")
     g.add_argument("--factor", type=int, default=None, help="sr: downsampling factor (2)")
     g.add_argument("--kernel", default=None, help="sr: bicubic (default) or box (average pooling)")
     g.add_argument("--blur-size", type=int, default=None, help="blur: kernel size, odd (7)")
@@ -456,7 +474,9 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     den, run_cfg, shape = load_model_for(args.ckpt, device)
     if len(shape) != 3:
-        raise ValueError(f"{args.ckpt} is a model of {tuple(shape)} vectors; condiff solve restores images (C, H, W)")
+        raise ValueError(f"{args.ckpt} is a model of {tuple(shape)} vectors; condiff solve restores images (C, H, W): "
+                         "for vectors, use condiff.guidance.guided_sample in Python with a loss of your "
+                         "measurement (docs/guidance.md)")
     den = condition(den, run_cfg, args.label, args.guidance_scale)  # a class-conditional model's class
     if args.steps > den.schedule.T:
         raise ValueError(f"--steps must be <= T = {den.schedule.T}, got {args.steps}")
@@ -486,6 +506,11 @@ def run(args: argparse.Namespace) -> int:
                         factory=own and own["factory"]).to(device)
     if own is not None:
         probe_operator(args.operator, op, x if x is not None else torch.zeros(n, *shape), args.batch_size, device)
+    elif args.operator in SIZE_FLAGS:  # a kernel the images are too small for: said in the flags' terms
+        try:
+            op.A(torch.zeros(1, *shape, device=device))
+        except ValueError as e:
+            raise ValueError(f"--operator {args.operator}: {e} ({SIZE_FLAGS[args.operator]})") from None
     if x is not None:
         x = x.to(device)
         y = op.measure(x, torch.Generator(device=device).manual_seed(derive_seed(args.seed, "noise")))

@@ -206,9 +206,14 @@ class UNet(nn.Module):
             raise ValueError(f"UNet was built for {self.in_channels} input channels, got {x.shape[1]}{hint}")
         for axis, size in (("height", x.shape[2]), ("width", x.shape[3])):
             if size % self.divisor:
+                # the levels both sides allow: one more than the times both can be halved
+                halvings = min((s & -s).bit_length() - 1 for s in x.shape[2:])
+                fits = self.config["mults"][:halvings + 1]
                 raise ValueError(
-                    f"UNet with {len(self.down)} levels needs sizes divisible by {self.divisor}; "
-                    f"got {axis} {size}"
+                    f"UNet with {len(self.down)} levels halves the image {len(self.down) - 1} times, so its sides "
+                    f"must be divisible by {self.divisor}; got {axis} {size}: give it {len(fits)} level"
+                    f"{'s' * (len(fits) > 1)} (mults={fits}; on the command line --set 'model.mults={fits}') or "
+                    f"pad the images to a multiple of {self.divisor}"
                 )
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
