@@ -145,7 +145,10 @@ def check_shape(denoiser: object, shape: Sequence[int], batch: bool, stacklevel:
         raise ValueError(f"shape is one sample's, e.g. {known} for this model; got {shape}, a batch's (the number "
                          "of samples is n)")
     one = shape[1:] if batch else shape
-    if one != known:
+    if len(one) != len(known) or one[:1] != known[:1]:  # channels (a vector's size): no net runs on others
+        what = "channels" if len(known) == 3 else "entries"
+        raise ValueError(f"the model makes samples of shape {known} ({known[0]} {what}); shape asks for {one}")
+    if one != known:  # another picture size: a convolutional net runs, rarely well
         warnings.warn(f"the model was trained on samples of shape {known}; drawing {one} instead",
                       stacklevel=stacklevel)
 

@@ -1,6 +1,7 @@
 """The Python API as a researcher meets it: what it accepts, what it refuses early and in one line, and what it
 writes for the next call to read (found by walking through the five methods as a library user)."""
 
+import re
 import warnings
 
 import pytest
@@ -637,6 +638,11 @@ def test_sample_shapes_of_the_other_convention_are_named_and_another_size_warned
         generate(den, 3, (3, 1, 8, 8), steps=2)
     with pytest.warns(UserWarning, match=r"trained on samples of shape \(1, 8, 8\); drawing \(1, 12, 12\)"):
         assert generate(den, 2, (1, 12, 12), steps=2).shape == (2, 1, 12, 12)
+    # other channels (or another rank) no net runs on: refused, where it was warned of and then failed in the net
+    for bad in ((3, 8, 8), (8, 8), (1, 8, 8, 8)):
+        with pytest.raises(ValueError, match=r"the model makes samples of shape \(1, 8, 8\) \(1 channels\); shape "
+                                             r"asks for " + re.escape(str(bad))):
+            generate(den, 2, bad, steps=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert generate(den, 2, (1, 8, 8), steps=2).shape == (2, 1, 8, 8)
