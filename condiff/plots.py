@@ -201,8 +201,10 @@ def plot_image_columns(columns: dict[str, np.ndarray], out: str | Path, row_labe
     arrays = [np.asarray(columns[n], dtype=np.float32) for n in names]
     hidden = hidden or {}
     n = min(rows, min(len(a) for a in arrays))
-    shape, size = ((len(names), n), (1.1 * n + 0.4, 1.2 * len(names) + 0.3)) if by_row else \
-        ((n, len(names)), (1.6 * len(names), 1.6 * n + 0.3))
+    # panels shaped as the images are (height / width of the first batch), so wide pictures leave no empty bands
+    aspect = min(max(arrays[0].shape[-2] / arrays[0].shape[-1], 0.25), 4.0) if arrays[0].ndim >= 3 else 1.0
+    shape, size = ((len(names), n), (1.1 * n + 0.4, 1.2 * aspect * len(names) + 0.3)) if by_row else \
+        ((n, len(names)), (1.6 * len(names), 1.6 * aspect * n + 0.3))
     fig, axes = pyplot().subplots(*shape, figsize=size, squeeze=False, layout="constrained")
     for j, (name, a) in enumerate(zip(names, arrays)):
         head = f"{name}\n({UNOBSERVED_NOTE})" if name in hidden else name

@@ -596,3 +596,16 @@ def test_a_measurement_of_every_pixel_is_drawn_grey_and_names_no_unobserved_colo
     assert Image.open(tmp_path / "blur" / "measurement.png").mode == "L"
     titles = [ax.get_title() for ax in figs[-1].axes if ax.get_title()]
     assert "measurement" in titles and not any(UNOBSERVED_NOTE in t for t in titles)
+
+
+def test_image_panels_take_the_images_aspect(tmp_path, saved_figures):
+    """12x20 pictures were drawn in square panels' rows, leaving empty bands between them."""
+    from condiff.plots import plot_image_columns
+
+    figs = saved_figures()
+    for h, w in ((8, 8), (12, 20)):
+        x = np.zeros((4, 1, h, w), np.float32)
+        plot_image_columns({"truth": x, "reconstruction": x}, tmp_path / f"c{h}x{w}.png")
+    square, wide = (f.get_size_inches() for f in figs)
+    assert square[0] == wide[0] and wide[1] < square[1]  # as wide, and shorter by the images' aspect
+    assert wide[1] - 0.3 == pytest.approx((square[1] - 0.3) * 12 / 20)
