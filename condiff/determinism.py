@@ -39,8 +39,11 @@ def kept_streams() -> Iterator[None]:
 
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Run the block with torch's global random streams seeded with ``seed`` (``torch.manual_seed``: the CPU's
-    and every CUDA device's), then give the caller's streams back as they were (:func:`kept_streams`)."""
+    """Run the block with torch's global random streams seeded with ``seed`` (the CPU's, and every GPU's once CUDA
+    has started), then give the caller's streams back as they were (:func:`kept_streams`)."""
     with kept_streams():
-        torch.manual_seed(seed)
+        if torch.cuda.is_initialized():
+            torch.manual_seed(seed)
+        else:  # torch.manual_seed would queue a GPU seed that lands when CUDA starts, after the block
+            torch.default_generator.manual_seed(seed)
         yield

@@ -146,7 +146,8 @@ def check_shape(denoiser: object, shape: Sequence[int], batch: bool, stacklevel:
                          "of samples is n)")
     one = shape[1:] if batch else shape
     if len(one) != len(known) or one[:1] != known[:1]:  # channels (a vector's size): no net runs on others
-        what = "channels" if len(known) == 3 else "entries"
+        one_what, many = {3: ("channel", "channels"), 1: ("entry", "entries")}.get(len(known), ("row", "rows"))
+        what = one_what if known[0] == 1 else many
         raise ValueError(f"the model makes samples of shape {known} ({known[0]} {what}); shape asks for {one}")
     if one != known:  # another picture size: a convolutional net runs, rarely well
         warnings.warn(f"the model was trained on samples of shape {known}; drawing {one} instead",

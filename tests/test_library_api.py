@@ -640,7 +640,7 @@ def test_sample_shapes_of_the_other_convention_are_named_and_another_size_warned
         assert generate(den, 2, (1, 12, 12), steps=2).shape == (2, 1, 12, 12)
     # other channels (or another rank) no net runs on: refused, where it was warned of and then failed in the net
     for bad in ((3, 8, 8), (8, 8), (1, 8, 8, 8)):
-        with pytest.raises(ValueError, match=r"the model makes samples of shape \(1, 8, 8\) \(1 channels\); shape "
+        with pytest.raises(ValueError, match=r"the model makes samples of shape \(1, 8, 8\) \(1 channel\); shape "
                                              r"asks for " + re.escape(str(bad))):
             generate(den, 2, bad, steps=2)
     with warnings.catch_warnings():

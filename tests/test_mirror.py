@@ -2223,3 +2223,11 @@ def test_a_split_of_one_sample_is_refused_before_any_stage_trains(tmp_path, caps
         assert (f"its {split} split holds 1 sample; a NAMM run needs at least 2 in each split"
                 in capsys.readouterr().err)
         assert not list((tmp_path / f"run-{name}").glob("*/stage.json"))  # nothing trained
+    # a refused split stays refused (it was cached before its check, so a second call returned it)
+    from condiff.cli.namm import NAMMRun, resolve
+    from condiff.data import DataError
+
+    run = NAMMRun(tmp_path / "api", resolve("two.npz", "quick", constraint="box"))
+    for _ in range(2):
+        with pytest.raises(DataError, match="its test split holds 1 sample; a NAMM run needs"):
+            run.data("test")

@@ -68,9 +68,16 @@ def test_a_unet_refusing_an_image_side_names_the_levels_that_fit():
         if fits is None:
             assert net(torch.zeros(2, 1, h, w), t).shape == (2, 1, h, w)
             continue
-        with pytest.raises(ValueError, match=re.escape(f"--set 'model.mults={fits}') or pad the images to a "
-                                                       "multiple of 4")):
+        with pytest.raises(ValueError, match=re.escape(f"--set 'model.mults={fits}'), or the images are padded to "
+                                                       "a multiple of 4")):
             net(torch.zeros(2, 1, h, w), t)
+    # attention at a level the advice drops is dropped with it; an empty side is named as such
+    attn = UNet(1, base=8, mults=[1, 2, 2], groups=4, attn_res=(4,))
+    with pytest.raises(ValueError, match=re.escape("(mults=[1, 2], attn_res=[]; training on the command line, --set "
+                                                   "'model.mults=[1, 2]' --set 'model.attn_res=[]')")):
+        attn(torch.zeros(2, 1, 6, 6), t)
+    with pytest.raises(ValueError, match="x has height 0; images need at least one pixel a side"):
+        net(torch.zeros(2, 1, 0, 4), t)
 
 
 def test_unet_attention_num_res_and_dropout():

@@ -598,9 +598,13 @@ def test_the_default_box_fits_a_wide_image_and_a_box_too_large_names_its_limit()
     assert op.kind == "box(6x6)" and int((op.mask == 0).sum()) == 3 * 36  # half the shorter side
     square = build_operator("inpaint-box", (3, 1, 8, 8), g, 0.05)  # square images as before: 4x4, 1 from the border
     assert square.kind == "box(4x4)" and not bool((square.mask[..., 0, :] == 0).any())
-    with pytest.raises(ValueError, match=r"--box 11 does not fit 12x20 images, whose box stays 1 pixels from each "
-                                         r"border: at most 10"):
+    with pytest.raises(ValueError, match=r"--box 11 does not fit 12x20 images, whose box stays 1 pixel from each "
+                                         r"border: at most 10x18"):
         build_operator("inpaint-box", (3, 1, 12, 20), g, 0.05, {"box": 11})
+    # a pair of sides, as the library's Inpainting.box takes it, is checked side by side
+    assert build_operator("inpaint-box", (2, 1, 16, 16), g, 0.05, {"box": (4, 6)}).kind == "box(4x6)"
+    with pytest.raises(ValueError, match=r"--box \(4, 15\) does not fit 16x16 images"):
+        build_operator("inpaint-box", (2, 1, 16, 16), g, 0.05, {"box": (4, 15)})
 
 
 def test_a_kernel_too_large_for_the_images_is_said_in_the_flags_terms(tiny_run, tmp_path, capsys):
@@ -611,3 +615,9 @@ def test_a_kernel_too_large_for_the_images_is_said_in_the_flags_terms(tiny_run, 
     assert "--operator sr: SuperResolution: a kernel of 32 taps" in err
     assert err.rstrip().endswith("(a smaller --factor, or --kernel box, keeps the kernel within the image)")
     assert not (tmp_path / "s").exists()
+    # a factor that does not divide the sides is another fault, with its own hint
+    assert main(["solve", "--ckpt", str(tiny_run), "--operator", "sr", "--factor", "3", "--method", "dps",
+                 "--steps", "2", "--n", "2", "--device", "cpu", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "is not divisible by the factor 3 (--factor must divide the images' sides, 8 and 8)" in err
+    assert "kernel within" not in err

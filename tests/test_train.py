@@ -11,6 +11,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -550,6 +551,19 @@ def test_seeded_and_kept_streams_give_back_every_stream_they_touch(monkeypatch):
     # no GPU stream is read before CUDA starts (reading one starts CUDA on that GPU, for a run on the CPU too);
     # once it has, every GPU's stream is kept, as manual_seed seeds every GPU
     assert forked == [[], [0, 1]]
+    # before CUDA starts, seeded() seeds the CPU's stream alone: torch.manual_seed would queue a GPU seed that
+    # lands when CUDA starts, after the block, in the caller's stream
+    seeds = []
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: seeds.append(("all", seed)))
+    cpu_only = SimpleNamespace(manual_seed=lambda seed: seeds.append(("cpu", seed)))
+    monkeypatch.setattr(torch, "default_generator", cpu_only)
+    started[0] = False
+    with determinism.seeded(3):
+        pass
+    started[0] = True
+    with determinism.seeded(4):
+        pass
+    assert seeds == [("cpu", 3), ("all", 4)]
 
 
 def test_a_callers_own_process_group_outlives_condiff_commands_and_leave_process_group(tmp_path, tiny_run):

@@ -771,14 +771,16 @@ class NAMMRun:
         if split not in self._data:
             kw = self.data_settings()
             name = kw.pop("name")
-            self._data[split] = load_dataset(name, split=split, **kw)
+            data = load_dataset(name, split=split, **kw)  # kept only once checked (a refused split stays refused)
             if split == "train":
-                warn_constant(self._data[split].x, name)
-            if len(self._data[split]) < 2:  # found before any stage trains, not by namm sample's MMD at the end
-                raise DataError(f"{name}: its {split} split holds {len(self._data[split])} sample; a NAMM run needs at "
-                                "least 2 in each split (namm sample scores its models by the MMD to held-out data)")
+                warn_constant(data.x, name)
+            if len(data) < 2:  # found before any stage trains, not by namm sample's MMD at the end
+                raise DataError(f"{name}: its {split} split holds {len(data)} sample{'s' * (len(data) != 1)}; a NAMM "
+                                "run needs at least 2 in each split (namm sample scores its models by the MMD to "
+                                "held-out data)")
             if split != "train":  # the models are built for the training split's shape
-                same_item_shape({"train": self.data("train"), split: self._data[split]}, name)
+                same_item_shape({"train": self.data("train"), split: data}, name)
+            self._data[split] = data
         return self._data[split]
 
     @property

@@ -78,11 +78,11 @@ def _box(s: tuple[int, ...], g: torch.Generator, sigma_y: float, p: dict) -> Inp
     square images, as the recorded benchmarks drew them); a ``--box`` that does not fit says how large one may be."""
     side = min(s[-2:])
     margin = p.get("margin", side // 8)
-    largest = side - 2 * margin
     box = p.get("box") or side // 2
-    if box > largest:
-        raise ValueError(f"--box {box} does not fit {s[-2]}x{s[-1]} images, whose box stays {margin} pixels from "
-                         f"each border: at most {largest}")
+    h, w = box if isinstance(box, (tuple, list)) else (box, box)  # (the library's Inpainting.box takes a pair)
+    if isinstance(h, int) and isinstance(w, int) and (h > s[-2] - 2 * margin or w > s[-1] - 2 * margin):
+        raise ValueError(f"--box {box} does not fit {s[-2]}x{s[-1]} images, whose box stays {margin} pixel"
+                         f"{'s' * (margin != 1)} from each border: at most {s[-2] - 2 * margin}x{s[-1] - 2 * margin}")
     return Inpainting.box(s, box, g, sigma_y=sigma_y, margin=margin)
 
 
@@ -510,7 +510,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             op.A(torch.zeros(1, *shape, device=device))
         except ValueError as e:
-            raise ValueError(f"--operator {args.operator}: {e} ({SIZE_FLAGS[args.operator]})") from None
+            hint = SIZE_FLAGS[args.operator] if "taps" in str(e) else (  # the kernel, or the factor's divisibility
+                f"--factor must divide the images' sides, {shape[-2]} and {shape[-1]}" if args.operator == "sr" else "")
+            raise ValueError(f"--operator {args.operator}: {e}" + (f" ({hint})" if hint else "")) from None
     if x is not None:
         x = x.to(device)
         y = op.measure(x, torch.Generator(device=device).manual_seed(derive_seed(args.seed, "noise")))

@@ -205,15 +205,22 @@ class UNet(nn.Module):
             hint = f": x of shape {tuple(x.shape)} looks channels-last; permute it to (B, C, H, W)" if last else ""
             raise ValueError(f"UNet was built for {self.in_channels} input channels, got {x.shape[1]}{hint}")
         for axis, size in (("height", x.shape[2]), ("width", x.shape[3])):
+            if size < 1:
+                raise ValueError(f"UNet: x has {axis} {size}; images need at least one pixel a side")
             if size % self.divisor:
                 # the levels both sides allow: one more than the times both can be halved
                 halvings = min((s & -s).bit_length() - 1 for s in x.shape[2:])
                 fits = self.config["mults"][:halvings + 1]
+                attn = [r for r in self.config["attn_res"] if r < 2 ** len(fits)]
+                keep, flag = ("", "") if attn == self.config["attn_res"] else \
+                    (f", attn_res={attn}", f" --set 'model.attn_res={attn}'")
+                times = {1: "once", 2: "twice"}.get(len(self.down) - 1, f"{len(self.down) - 1} times")
                 raise ValueError(
-                    f"UNet with {len(self.down)} levels halves the image {len(self.down) - 1} times, so its sides "
-                    f"must be divisible by {self.divisor}; got {axis} {size}: give it {len(fits)} level"
-                    f"{'s' * (len(fits) > 1)} (mults={fits}; on the command line --set 'model.mults={fits}') or "
-                    f"pad the images to a multiple of {self.divisor}"
+                    f"UNet with {len(self.down)} levels halves the image {times}, so its sides must be divisible "
+                    f"by {self.divisor}; got {axis} {size}: a UNet for these images has {len(fits)} level"
+                    f"{'s' * (len(fits) > 1)} (mults={fits}{keep}; training on the command line, --set "
+                    f"'model.mults={fits}'{flag}), or the images are padded to a multiple of {self.divisor} (a trained "
+                    "model: draw the size it was trained on)"
                 )
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
