@@ -51,14 +51,23 @@ def _kwargs(data_cfg: dict) -> dict:
     return {k: v for k, v in data_cfg.items() if k not in ("name", "split", "labels", "label")}
 
 
-def mmd_with_reference(samples: Tensor, held_a: Tensor, held_b: Tensor) -> dict:
+def mmd_with_reference(samples: Tensor, held_a: Tensor, held_b: Tensor, constant_ok: bool = False) -> dict:
     """Biased MMD^2 of samples vs held-out set A, and of held-out set B vs A (same sizes).
 
     The biased (V-statistic) estimate is positive with a finite-sample floor of order 1/n, which
     the reference shares, so ``mmd_ratio <= 1`` means "as close as another real sample".
+    ``constant_ok``: held-out data that are all identical set no kernel bandwidth; the MMD entries are then
+    None (``mmd_unavailable`` says why, and a warning), not an error that loses the command's other figures.
     """
     n = min(len(samples), len(held_a), len(held_b))
     s, a, b = samples[:n], held_a[:n], held_b[:n]
+    g = torch.Generator().manual_seed(0)
+    if constant_ok and metrics.median_heuristic(a) == 0.0:
+        why = "the held-out data are all identical, so they set no kernel bandwidth (a constant data set?)"
+        warnings.warn(f"no MMD: {why}; the other figures stand", stacklevel=2)
+        return {"mmd": None, "mmd_ref": None, "mmd_ratio": None, "mmd_n": n, "mmd_unavailable": why,
+                "sliced_w2": metrics.sliced_wasserstein(s, a, generator=g),
+                "sliced_w2_ref": metrics.sliced_wasserstein(b, a, generator=torch.Generator().manual_seed(0))}
     bw = metrics.default_bandwidths(a)
     m_s = metrics.mmd(s, a, bandwidths=bw, biased=True)
     m_r = metrics.mmd(b, a, bandwidths=bw, biased=True)
@@ -170,4 +179,4 @@ def generic_eval(samples: Tensor, data_cfg: dict, reference: tuple | None = None
     :func:`generic_reference` of ``data_cfg`` if already loaded.
     """
     test, train, reference = reference or generic_reference(data_cfg)
-    return {**mmd_with_reference(samples, test, train), "reference": reference}
+    return {**mmd_with_reference(samples, test, train, constant_ok=True), "reference": reference}

@@ -1133,17 +1133,37 @@ def test_a_bare_model_of_a_short_schedule_samples_with_at_most_its_steps(trained
     assert json.loads((tmp_path / "s" / "sample_config.json").read_text())["steps"] == 10  # the run's sample.steps
 
 
-def test_eval_that_fails_to_score_leaves_the_earlier_samples_and_metrics_together(tmp_path, capsys):
+def test_eval_that_fails_to_score_leaves_the_earlier_samples_and_metrics_together(tmp_path, capsys, monkeypatch):
     """Samples were written before scoring: a scoring error left new samples beside old metrics."""
+    import condiff.cli.evaluate as ev
+
     run = tmp_path / "run"
     assert main(["train", *TINY, "--out", str(run)]) == 0
     assert main(["eval", "--ckpt", str(run), "--n", "20", "--steps", "3"]) == 0
-    np.save(tmp_path / "const.npy", np.zeros((64, 2), np.float32))  # a reference MMD cannot score against
     before = _snapshot(run)
     capsys.readouterr()
-    assert main(["eval", "--ckpt", str(run), "--n", "30", "--steps", "3", "--data", str(tmp_path / "const.npy")]) == 2
-    assert "the reference samples are all identical" in capsys.readouterr().err  # found after sampling
+
+    def fails(*args, **kwargs):
+        raise ValueError("scoring failed")
+
+    monkeypatch.setattr(ev, "evaluate_samples", fails)  # found after sampling
+    assert main(["eval", "--ckpt", str(run), "--n", "30", "--steps", "3"]) == 2
+    assert "scoring failed" in capsys.readouterr().err
     assert _snapshot(run) == before
+
+
+def test_eval_of_constant_data_reports_the_mmd_as_unavailable(tmp_path, capsys):
+    """Held-out data all identical set no MMD bandwidth: eval failed after sampling, losing every other figure."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    np.save(tmp_path / "const.npy", np.zeros((64, 2), np.float32))
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(run), "--n", "30", "--steps", "3", "--data", str(tmp_path / "const.npy"),
+                 "--out", str(tmp_path / "ev")]) == 0
+    assert "no MMD: the held-out data are all identical" in capsys.readouterr().err
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["mmd"] is None and m["mmd_ratio"] is None and "all identical" in m["mmd_unavailable"]
+    assert m["sliced_w2"] > 0
 
 
 def test_fresh_removes_the_old_models_results_with_it(trained, tmp_path):

@@ -991,7 +991,7 @@ class NAMMRun:
             if isinstance(con, CountConstraint):  # a check that does not rely on the counting CNN
                 rec.update(count_split(x, dist, con.k))
             if name != "data (held-out)":
-                mm = mmd_with_reference(x, test, ref)
+                mm = mmd_with_reference(x, test, ref, constant_ok=True)
                 rec.update({"mmd": mm["mmd"], "mmd_ref": mm["mmd_ref"], "mmd_ratio": mm["mmd_ratio"]})
             out[name] = {**rec, "_l": dist, "_x": x}
         return out
@@ -1534,7 +1534,7 @@ def _write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
         cut = f"{base / v['l_mean']:>10.3g}x" if base and v["l_mean"] > 0 and k != "data (held-out)" else f"{'-':>11}"
         print(
             f"{k:<18}{v['n']:>6}{v['l_mean']:>12.4g}{v['l_median']:>12.4g}{cut}"
-            + (f"{v['mmd']:>12.4g}{v['mmd_ratio']:>11.3g}" if "mmd" in v else f"{'-':>12}{'-':>11}")
+            + (f"{v['mmd']:>12.4g}{v['mmd_ratio']:>11.3g}" if v.get("mmd") is not None else f"{'-':>12}{'-':>11}")
             + (
                 f"   exactly k sources (peak finder) {v['exact_k']:.3f}; mean l on those "
                 f"{_num(v['l_exact_k'])}, on the others {_num(v['l_other_k'])}"
