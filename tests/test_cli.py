@@ -1944,3 +1944,16 @@ def test_constant_training_data_are_said_before_training(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "const.npy"), "--set", "train.steps=2", "--set", "train.warmup=0",
                  "--set", "model.name=mlp", "--out", str(tmp_path / "r"), "--device", "cpu"]) == 0
     assert "every value of the training data is 0.5; a model of constant data" in capsys.readouterr().err
+
+
+def test_dual_experiments_and_the_demo_name_their_default_out_as_such(tmp_path, capsys, monkeypatch):
+    """`dual toy` and `demo` without --out refused "--out runs/..." (a flag the user never gave) and said only
+    "give another directory"."""
+    monkeypatch.chdir(tmp_path)
+    for cmd, folder in ((["dual", "toy"], "runs/dual-toy"), (["demo"], "runs/demo")):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / ".condiff-run").write_text("condiff sample\n")
+        assert main([*cmd, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert f"the default --out {folder} holds the output of `condiff sample`" in err
+        assert err.rstrip().endswith("give --out DIR to write elsewhere")

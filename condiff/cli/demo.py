@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 
 from .. import io
-from .common import add_device_arg, check_out_dir, pick_device, save_resolved_config, train_or_reuse
+from .common import DEFAULT_OUT, add_device_arg, check_out_dir, pick_device, save_resolved_config, train_or_reuse
 from .config import resolve
 from .evaluate import evaluate_run
 
 
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="train, sample and evaluate the default digits model", description=__doc__)
-    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--out", default=None, help="run directory (default runs/demo)")
     p.add_argument("--data", default="digits",
                    help="data set: digits (the default), toy2d, patches, or any data set or .npy/.npz file "
                         "`condiff train --data` takes")
@@ -47,7 +47,9 @@ def _interrupted(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg = resolve(args.data, args.config, args.overrides)
     cfg["_device"] = device = pick_device(args.device)
-    run_dir = check_out_dir(args.out, kind="condiff train", by="condiff demo")  # a training run, evaluated
+    given, args.out = args.out is not None, args.out if args.out is not None else "runs/demo"
+    run_dir = check_out_dir(args.out, "--out" if given else DEFAULT_OUT, kind="condiff train",
+                            by="condiff demo")  # a training run, evaluated
     if cfg["sample"]["n"] < 2:  # checked now, not after the training
         raise ValueError(f"condiff demo evaluates a distribution: sample.n must be >= 2, got {cfg['sample']['n']}")
     t0 = time.perf_counter()

@@ -126,7 +126,7 @@ def add_parser(sub, name: str) -> None:
     for exp, (cls, fn, out) in EXPERIMENTS.items():
         e = cmds.add_parser(exp, help=plain(fn.__doc__).split(". ")[0], description=plain(cls.__doc__),
                             epilog=settings_help(cls))
-        e.add_argument("--out", default=out,
+        e.add_argument("--out", default=None,
                        help=f"output directory (default {out}); trained models are reused")
         e.add_argument("--profile", default="quick", help="quick (CPU, minutes; the default) or full (GPU)")
         e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -165,8 +165,9 @@ OWN_RESULTS = ("metrics.json",)
 
 
 def run_experiment(args: argparse.Namespace) -> int:
-    cls, fn, _ = EXPERIMENTS[args.experiment]
-    out = check_out_dir(args.out, kind=f"condiff dual {args.experiment}")
+    cls, fn, default = EXPERIMENTS[args.experiment]
+    given, args.out = args.out is not None, args.out if args.out is not None else default
+    out = check_out_dir(args.out, "--out" if given else DEFAULT_OUT, kind=f"condiff dual {args.experiment}")
     device = pick_device(args.device)
     cfg = apply_overrides(ex.profile_config(cls, args.profile), args.overrides)  # all settings checked
     torch.set_num_threads(max(1, torch.get_num_threads()))
