@@ -109,7 +109,7 @@ def test_show_names_the_results_figures_first_and_a_run_being_written(run, capsy
     assert main(["eval", "--ckpt", str(run), "--n", "32", "--steps", "4"]) == 0
     rc, out, _ = _show(capsys, run)
     line = next(ln for ln in out.splitlines() if ln.startswith("  metrics.json: "))
-    assert line.split(": ", 1)[1].startswith(f"[ckpt {run}] mmd ") and "more there" in line  # a figure first
+    assert line.split(": ", 1)[1].startswith(f"[ckpt {run}, n 32] mmd ") and "more there" in line  # a figure first
     assert "no record beside it" not in out
     m = json.loads((run / "metrics.json").read_text())
     (run / "metrics.json").write_text(json.dumps({**m, "label": 3}))  # a class-conditional eval: its class is said
@@ -396,6 +396,10 @@ def test_show_gives_a_sample_folders_record_and_refuses_an_empty_path(run, capsy
     for shown, name in ((run / "samples", "sample_config.json"), (run, "samples/sample_config.json")):
         rc, out, _ = _show(capsys, shown)
         line = next(ln for ln in out.splitlines() if ln.strip().startswith(f"{name}:"))
-        assert rc == 0 and f"[ckpt {run}] n 3, steps 2, eta " in line and ", seed 5," in line
+        assert rc == 0 and f"[ckpt {run}, n 3] steps 2, eta " in line and ", seed 5," in line
+    # an eval's record names its n with its model, beside figures that few samples make noise of
+    assert main(["eval", "--ckpt", str(run), "--n", "6", "--steps", "2", "--out", str(run / "ev6")]) == 0
+    rc, out, _ = _show(capsys, run)
+    assert f"ev6/metrics.json: [ckpt {run}, n 6] " in out
     rc, out, err = _show(capsys, "")
     assert rc == 2 and out == "" and err == "condiff show: error: an empty path was given\n"

@@ -81,7 +81,8 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
     dt = time.perf_counter() - t0
     check_samples(x, out, run_cfg.get("value_range"))
     m = evaluate_samples(x, data_cfg, reference)  # scored before anything is written: old and new never mix
-    m.update({"sample_seconds": round(dt, 3), "sample_steps": int(scfg["steps"]), "eta": float(scfg["eta"]),
+    m.update({"n": int(scfg["n"]), "sample_seconds": round(dt, 3), "sample_steps": int(scfg["steps"]),
+              "eta": float(scfg["eta"]),
               "nfe_per_sample": den.nfe // max(1, -(-int(scfg["n"]) // int(scfg.get("batch_size", 500)))),
               "seed": int(scfg["seed"]), "batch_size": int(scfg.get("batch_size", 500)), "ckpt": recorded_path(ckpt),
               "versions": io.versions(),

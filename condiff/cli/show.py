@@ -34,7 +34,8 @@ _INTERNAL = {"checkpoints", "model", "mirror", io.REPLACED}
 _WEIGHTS = ("model", "mirror")  # a training's finished weights: model/ (a diffusion model), mirror/ (a NAMM map)
 _METRICS_SHOWN = 6
 _SAMPLE_ORDER = ("n", "steps", "eta", "seed", "label", "guidance_scale", "batch_size")
-_ABOUT = ("method", "task", "label", "ckpt")  # a metrics.json's words shown beside its figures
+# a metrics.json's words shown beside its figures, n among them (figures of a few samples are noise)
+_ABOUT = ("method", "task", "label", "ckpt", "n")
 # metrics.json keys that are settings of the command, not figures (shown last); and words of the figures shown first
 _SETTING_KEYS = {"batch_size", "eta", "seed", "steps", "n", "guidance_scale", "label", "grad_evals", "nfe", "mmd_n",
                  "tolerance", "slack_tolerance", "finish", "l_max", "interval", "rate", "zeta", "final"}
@@ -440,12 +441,13 @@ def _results(p: Path) -> tuple[dict, dict]:
     samples = [q / "sample_config.json" for q in _result_folders(p) if (q / "sample_config.json").is_file()]
     for f in sorted([*_metric_files(p), *samples]):
         table, name = json_table(f), str(f.relative_to(p))
-        if flat := _numbers(table):
+        words = {k: str(v) for k, v in table.items() if k in _ABOUT and (isinstance(v, str) or (
+            isinstance(v, int) and not isinstance(v, bool)))}  # a class label is an int, as is n
+        if flat := {k: v for k, v in _numbers(table).items() if k not in words}:  # (n: said with the words)
             order = ((lambda k: _SAMPLE_ORDER.index(k) if k in _SAMPLE_ORDER else len(_SAMPLE_ORDER))
                      if f.name == "sample_config.json" else _rank)  # a sample's settings: how many, how drawn
             figures[name] = dict(sorted(flat.items(), key=lambda kv: order(kv[0])))
-        if words := {k: str(v) for k, v in table.items() if k in _ABOUT and (isinstance(v, str) or (
-                isinstance(v, int) and not isinstance(v, bool)))}:  # a class label is an int
+        if words:
             about[name] = words
     return figures, about
 
