@@ -197,23 +197,18 @@ def param_device(module: Any) -> torch.device:
     return next((t.device for t in itertools.chain(module.parameters(), module.buffers())), torch.device("cpu"))
 
 
-def weights_device(name: str, x: Any, module: Any) -> Any:
-    """``x``, refused in one line where it lies on another device than ``module``'s weights (torch's own error
-    comes from deep inside the network, naming neither)."""
-    w = next(module.parameters(), None)
-    if w is not None and isinstance(x, torch.Tensor) and x.device != w.device:
-        raise ValueError(f"{name} is on {x.device} but the network's weights are on {w.device}: pass "
-                         f"device={str(w.device)!r} to the sampler, or move the model with .to(...)")
-    return x
-
-
-def weights_dtype(name: str, x: Any, module: Any) -> Any:
-    """``x`` in the dtype of ``module``'s weights (a float64 input to a float32 network fails deep inside torch)."""
+def weights_dtype(name: str, x: Any, module: Any, device: bool = False) -> Any:
+    """``x`` in the dtype of ``module``'s weights (a float64 input to a float32 network fails deep inside torch)
+    and, with ``device``, on their device (torch's own error comes from inside the network, naming neither): one
+    look at the first weight, as a denoiser makes it at every step."""
     floating(name, x)
     w = next(module.parameters(), None)
     if w is not None and x.dtype != w.dtype:
         raise ValueError(f"{name} is {x.dtype} but the network's weights are {w.dtype}; convert the input "
                          f"with x.to({w.dtype})")
+    if device and w is not None and x.device != w.device:
+        raise ValueError(f"{name} is on {x.device} but the network's weights are on {w.device}: pass "
+                         f"device={str(w.device)!r} to the sampler, or move the model with .to(...)")
     return x
 
 

@@ -172,8 +172,7 @@ class NetDenoiser(Denoiser):
         return torch.full((x_t.shape[0],), int(self.y), dtype=torch.long, device=x_t.device)
 
     def predict_eps(self, x_t: Tensor, t: Tensor) -> Tensor:
-        checks.weights_dtype("x_t", x_t, self.net)
-        checks.weights_device("x_t", x_t, self.net)
+        checks.weights_dtype("x_t", x_t, self.net, device=True)
         if self.y is None:
             if self._untrained_null:
                 self._untrained_null = False
@@ -288,8 +287,7 @@ class DiffusersDenoiser(Denoiser):
         its downsampling stages cannot halve."""
         if x_t.dim() != 4:
             raise ValueError(f"x_t: a diffusers UNet takes images (B, C, H, W), got shape {tuple(x_t.shape)}")
-        checks.weights_dtype("x_t", x_t, self.unet)
-        checks.weights_device("x_t", x_t, self.unet)
+        checks.weights_dtype("x_t", x_t, self.unet, device=True)
         if self._in_channels is not None and x_t.shape[1] != self._in_channels:
             raise ValueError(f"x_t has {x_t.shape[1]} channels but the UNet takes {self._in_channels}")
         f = 2 ** self._halvings
