@@ -243,7 +243,7 @@ class Guidance(Protocol):
 def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
          generator: torch.Generator | None = None, guidance: Guidance | None = None,
          callback: Callable[[Step], None] | None = None, grad: bool = False,
-         clip_x0: float | Sequence[float] | None = None, progress: bool = False) -> Tensor:
+         clip_x0: float | Sequence[float] | None = None, progress: bool | object = False) -> Tensor:
     """Run the reverse process from ``x = x_{timesteps[0]}`` through ``timesteps`` (decreasing) to ``x_0``.
 
     Args:
@@ -256,6 +256,8 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
         grad: keep the autograd graph through the whole chain (for differentiating samples).
         clip_x0: clamp ``x0_hat`` to ``[-clip_x0, clip_x0]``, or to ``[lo, hi]`` for a pair (with a
             consistent ``eps_hat``); ``"auto"``: the guided samplers' default (:func:`default_clip`).
+        progress: a bar of the steps; or a caller's bar (:func:`progress_bar`), advanced a step at a time and
+            left open (:func:`generate`'s, over all its batches).
     """
     check_denoiser(denoiser)
     ts = torch.as_tensor(timesteps).cpu()
@@ -293,7 +295,8 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
     # another error is passed on); on the CPU it checks each step itself, also inside a GPU run
     every = read_every(x.device)
     kept = DeviceRows() if guidance is not None and every > 1 else None
-    bar = progress_bar(len(steps), progress)
+    own_bar = not hasattr(progress, "update")  # else a caller's bar, which the caller closes
+    bar = progress_bar(len(steps), bool(progress)) if own_bar else progress
     token = _KEPT.set(kept) if guidance is not None else None
     try:
         for i, (ti, tp) in enumerate(zip(steps, steps[1:] + [-1])):
@@ -335,7 +338,7 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, eta: float = 0.0,
     finally:
         if token is not None:  # an interrupted run's unread checks go with it
             _KEPT.reset(token)
-        if bar is not None:
+        if bar is not None and own_bar:
             bar.close()
     return x if need_grad else x.clone()
 
@@ -429,8 +432,7 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
     # the bar counts sampler steps over all batches, so that one batch of many samples moves it too
     bar = progress_bar(-(-n // batch_size) * per_batch, progress, unit="step", desc=f"sampling {n}")
     if bar is not None:
-        own = kw.get("callback")
-        kw = {**kw, "callback": lambda step: (bar.update(), own is not None and own(step))}
+        kw = {**kw, "progress": bar}  # each batch's ddim advances it
     try:
         labels = getattr(denoiser, "y", None)  # one label per sample (den.conditioned(y) with y of length n)
         per_sample = isinstance(labels, Tensor) and labels.shape == (n,) and n > batch_size

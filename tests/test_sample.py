@@ -172,19 +172,20 @@ def test_generates_progress_counts_sampler_steps_over_all_batches_and_keeps_the_
 
     class Bar:
         def __init__(self, total, *a, **kw):
-            self.total, self.n, self.desc = total, 0, kw.get("desc")
+            self.total, self.n, self.desc, self.closed = total, 0, kw.get("desc"), 0
             bars.append(self)
 
         def update(self, k=1):
             self.n += k
 
         def close(self):
-            pass
+            self.closed += 1
 
     monkeypatch.setattr(sample_mod, "progress_bar", lambda total, enabled, **kw: Bar(total, **kw) if enabled else None)
     generate(oracle(), 5, (2,), batch_size=2, steps=10, progress=True, callback=lambda step: seen.append(step.t))
     (bar,) = bars
     assert bar.total == bar.n == 3 * 10 and bar.desc == "sampling 5"  # three batches of ten steps, each counted
+    assert bar.closed == 1  # by generate, once: each batch's sampler leaves the caller's bar open
     assert len(seen) == 30  # the caller's own callback still sees every step
 
 
