@@ -561,15 +561,18 @@ def check_writable(path: str | Path, flag: str, folder: bool | None = None) -> P
     return q
 
 
-def check_out_dir(path: str | Path, flag: str = "--out", kind: str | None = None, by: str | None = None,
-                  inputs: dict[str, object] | None = None) -> Path:
+def check_out_dir(path: str | Path | None, flag: str = "--out", kind: str | None = None, by: str | None = None,
+                  inputs: dict[str, object] | None = None, default: str | Path | None = None) -> Path:
     """An output directory argument, checked before any work: refused if it names an existing file, or,
     for a command that writes a run of its own ``kind`` (``"condiff dual train"``), if it holds another
     command's run, which this one would overwrite. Once the command succeeds, :func:`mark_runs` records
     ``kind`` in the directory. ``by``: the command named in a refusal where it is not ``kind`` itself
     (``condiff demo`` writes a ``condiff train`` run). ``inputs``: the command's input paths by flag
     (``{"--input": "pngs"}``); a folder of data among them, or its ``train/`` or ``test/`` split, is refused
-    as the output."""
+    as the output. ``default``: the folder the command chose where ``path`` (the flag's value) is None, named in
+    a refusal as :data:`DEFAULT_OUT`, with how to write elsewhere. Returns the folder."""
+    if path is None:
+        path, flag = default, DEFAULT_OUT
     p = Path(path)
     elsewhere = _way_out(flag)
     another = elsewhere[2:] or "give another directory"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .. import io
-from .common import DEFAULT_OUT, add_device_arg, check_out_dir, pick_device, save_resolved_config, train_or_reuse
+from .common import add_device_arg, check_out_dir, pick_device, save_resolved_config, train_or_reuse
 from .config import resolve
 from .evaluate import evaluate_run
 
@@ -47,9 +47,7 @@ def _interrupted(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg = resolve(args.data, args.config, args.overrides)
     cfg["_device"] = device = pick_device(args.device)
-    given, args.out = args.out is not None, args.out if args.out is not None else "runs/demo"
-    run_dir = check_out_dir(args.out, "--out" if given else DEFAULT_OUT, kind="condiff train",
-                            by="condiff demo")  # a training run, evaluated
+    run_dir = check_out_dir(args.out, kind="condiff train", by="condiff demo", default="runs/demo")  # evaluated too
     if cfg["sample"]["n"] < 2:  # checked now, not after the training
         raise ValueError(f"condiff demo evaluates a distribution: sample.n must be >= 2, got {cfg['sample']['n']}")
     t0 = time.perf_counter()

@@ -47,7 +47,6 @@ from ..train import TrainConfig, Trainer, resumed_line
 from ..userfile import UntrustedCode
 from . import config as config_mod
 from .common import (
-    DEFAULT_OUT,
     RESULT_DIRS,
     add_device_arg,
     announce_recorded,
@@ -166,8 +165,7 @@ OWN_RESULTS = ("metrics.json",)
 
 def run_experiment(args: argparse.Namespace) -> int:
     cls, fn, default = EXPERIMENTS[args.experiment]
-    given, args.out = args.out is not None, args.out if args.out is not None else default
-    out = check_out_dir(args.out, "--out" if given else DEFAULT_OUT, kind=f"condiff dual {args.experiment}")
+    out = check_out_dir(args.out, kind=f"condiff dual {args.experiment}", default=default)
     device = pick_device(args.device)
     cfg = apply_overrides(ex.profile_config(cls, args.profile), args.overrides)  # all settings checked
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -532,8 +530,8 @@ def run_train(args: argparse.Namespace) -> int:
                          "run's recorded settings)")
     cfg = absolute_paths(cfg)
     device = pick_device(args.device)
-    run_dir = check_out_dir(args.out or Path("runs") / f"dual-{Path(args.config).stem}",
-                            "--out" if args.out else DEFAULT_OUT, kind="condiff dual train")
+    run_dir = check_out_dir(args.out, kind="condiff dual train",  # (--resume takes --out and may have no --config)
+                            default=Path("runs") / f"dual-{Path(args.config).stem}" if args.out is None else None)
     args.run_dir = run_dir  # for the Ctrl-C hint
     if old is not None:
         announce_recorded(run_dir, args.overrides)

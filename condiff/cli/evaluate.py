@@ -16,7 +16,6 @@ from ..evaluate import evaluate_samples, load_reference
 from ..plots import plot_bars
 from .common import (
     CLASS_PICTURE,
-    DEFAULT_OUT,
     EVAL_BESIDE,
     SAMPLE_FILES,
     check_out_dir,
@@ -114,8 +113,7 @@ def run(args: argparse.Namespace) -> int:
             and not (run / "model.safetensors").is_file():
         out = check_out_dir(run, EVAL_BESIDE)  # the run scores itself, beside its model
     elif args.out is None:  # another command's run, a checkpoint or a bare model (replaced whole when saved again)
-        default = results_dir(ckpt, "eval")
-        out = check_out_dir(default, DEFAULT_OUT, kind="condiff eval")
+        out = check_out_dir(None, kind="condiff eval", default=results_dir(ckpt, "eval"))
     else:  # a directory of its own, which must not hold another command's output
         out = check_out_dir(args.out, kind="condiff eval")
     m = evaluate_run(args.ckpt, args, out, device)

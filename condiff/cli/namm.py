@@ -75,7 +75,6 @@ from ..schedule import Schedule
 from ..train import TrainConfig, list_checkpoints
 from ..userfile import UntrustedCode
 from .common import (
-    DEFAULT_OUT,
     RESULT_DIRS,
     add_device_arg,
     check_denoising_net,
@@ -1399,9 +1398,8 @@ def run_fit(args: argparse.Namespace) -> int:
             raise ValueError("--data is required (brightness, burgers, kolmogorov, periodic, count, or a file); "
                              "--resume --out RUN goes on with the settings a run records")
         cfg = resolve(args.data, args.profile or "default", args.config, args.overrides, args.constraint)
-        root = check_out_dir(args.out or Path("runs") / f"namm-{Path(args.data).stem}",
-                             "--out" if args.out else DEFAULT_OUT, kind="condiff namm fit",
-                             inputs={"--data": args.data})
+        root = check_out_dir(args.out, kind="condiff namm fit", inputs={"--data": args.data},
+                             default=Path("runs") / f"namm-{Path(args.data).stem}")
         named = {tuple(parse_override(o, SECTIONS, nested=True)[0]) for o in args.overrides or []}
         cfg = keep_later_settings(cfg, root, named | (set(_leaf_paths(read_toml(args.config, SECTIONS)))
                                                       if args.config else set()))
@@ -1560,8 +1558,8 @@ def run_assim(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {args.out} lies inside the run {run.root}, among its stages and results: give "
                              f"a folder of its own there named assimilate-... ({run.root / 'assimilate-rows'}, say), "
                              "or one outside the run")
-    out = check_out_dir(run.root / "assimilate", flag=DEFAULT_OUT) if args.out is None else \
-        check_out_dir(args.out, kind="condiff namm assimilate")
+    # (the run's own folder takes no run mark of its own: a kind only for a folder given)
+    out = check_out_dir(args.out, kind=args.out and "condiff namm assimilate", default=run.root / "assimilate")
     for f in (out / "assimilation.png", out / "samples.npz", out / "metrics.json"):  # refused now, not after sampling
         if f.is_dir():
             raise IsADirectoryError(f"{f} is a directory: move it away, it is where this command writes")

@@ -33,7 +33,6 @@ from ..plots import plot_image_columns, pyplot
 from ..pnp import schedules as sch
 from ..userfile import absolute_spec, spec_label
 from .common import (
-    DEFAULT_OUT,
     add_device_arg,
     check_out_dir,
     json_table,
@@ -310,10 +309,8 @@ def _results_of_another_file(out: Path, path: str) -> bool:
 
 def _check_common(args: argparse.Namespace) -> None:
     """The options every task shares, checked before a prior is trained or loaded."""
-    given = args.out is not None
-    if not given:
-        args.out = default_out(args)
-    check_out_dir(args.out, "--out" if given else DEFAULT_OUT, kind=f"condiff pnp {args.pnp_command}")
+    args.out = check_out_dir(args.out, kind=f"condiff pnp {args.pnp_command}",
+                             default=default_out(args) if args.out is None else None)
     checks.seed("--seed", args.seed)
     checks.integer("--steps", args.steps)
     checks.number("--lr", args.lr, "> 0")

@@ -9,7 +9,6 @@ import numpy as np
 from .. import checks, io
 from ..denoiser import Denoiser, NetDenoiser
 from .common import (
-    DEFAULT_OUT,
     DEFAULT_SAMPLE,
     SAMPLE_FILES,
     add_device_arg,
@@ -102,8 +101,8 @@ def condition(den: Denoiser, run_cfg: dict, label: int | None, scale: float) -> 
 
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    out = check_out_dir(args.out or results_dir(args.ckpt, "samples"), "--out" if args.out else DEFAULT_OUT,
-                        kind="condiff sample")
+    out = check_out_dir(args.out, kind="condiff sample",
+                        default=results_dir(args.ckpt, "samples") if args.out is None else None)
     den, run_cfg, shape = load_model_for(args.ckpt, device)
     den = condition(den, run_cfg, args.label, args.guidance_scale)
     scfg = sample_settings(args, run_cfg, den.schedule.T)

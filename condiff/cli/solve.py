@@ -51,7 +51,6 @@ from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
 from ..userfile import load_from_file, spec_label, split_file_spec
 from .common import (
-    DEFAULT_OUT,
     add_device_arg,
     check_out_dir,
     data_kwargs,
@@ -468,8 +467,8 @@ def run(args: argparse.Namespace) -> int:
     check_flags(args)
     own = load_user_operator(args.operator)  # its file runs once, now: a broken one is named before any model loads
     label = operator_label(args.operator)
-    out = check_out_dir(args.out or results_dir(args.ckpt, "solve") / f"{label}-{args.method}-{args.steps}",
-                        "--out" if args.out else DEFAULT_OUT, kind="condiff solve",
+    default = results_dir(args.ckpt, "solve") / f"{label}-{args.method}-{args.steps}" if args.out is None else None
+    out = check_out_dir(args.out, kind="condiff solve", default=default,
                         inputs={"--input": args.input, "--measurement": args.measurement})
     device = pick_device(args.device)
     den, run_cfg, shape = load_model_for(args.ckpt, device)

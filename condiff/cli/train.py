@@ -8,7 +8,6 @@ from pathlib import Path
 from .. import io
 from ..train import list_checkpoints
 from .common import (
-    DEFAULT_OUT,
     MODEL_RESULTS,
     TrainingJob,
     add_config_args,
@@ -85,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, recorded = settings(args)
     cfg["_device"] = pick_device(args.device)
     default = Path("runs") / Path(str(cfg["data"]["name"])).stem
-    run_dir = check_out_dir(args.out or default, "--out" if args.out else DEFAULT_OUT, kind="condiff train",
+    run_dir = check_out_dir(args.out, default=default, kind="condiff train",
                             inputs={"--data": str(cfg["data"]["name"])})
     if recorded:
         announce_recorded(run_dir, args.overrides)
