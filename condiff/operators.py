@@ -282,6 +282,15 @@ def _reflect_pad_adjoint(y: Tensor, lo: int, hi: int, dim: int) -> Tensor:
     return y.new_zeros(shape).index_add_(dim, idx, y)
 
 
+class ImageSizeError(ValueError):
+    """Images a filter cannot take: too small for its kernel (``cause`` ``"kernel"``), or of sides its factor does
+    not divide (``"factor"``), so that a caller can name the setting to change."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
 class SeparableFilter(LinearOperator):
     """Depthwise separable filtering with stride: reflect-pad, correlate rows and columns with the
     1-D ``kernel``, keep every ``stride``-th output. Blur (stride 1) and downsampling share it.
@@ -321,12 +330,12 @@ class SeparableFilter(LinearOperator):
         """Images ``H x W`` (``via``: how they were inferred) must be larger than the padding and the kernel."""
         lo, hi = self.pad
         if max(lo, hi) >= min(H, W) or min(H, W) + lo + hi < len(self.kernel):
-            raise ValueError(f"{type(self).__name__}: a kernel of {len(self.kernel)} taps with padding {self.pad} "
-                             f"needs images larger than {max(lo, hi, len(self.kernel) - lo - hi - 1)} pixels, "
-                             f"got {H}x{W}{via}")
+            raise ImageSizeError(f"{type(self).__name__}: a kernel of {len(self.kernel)} taps with padding "
+                                 f"{self.pad} needs images larger than {max(lo, hi, len(self.kernel) - lo - hi - 1)} "
+                                 f"pixels, got {H}x{W}{via}", "kernel")
         if (H + lo + hi - len(self.kernel)) % self.stride or (W + lo + hi - len(self.kernel)) % self.stride:
-            raise ValueError(f"{type(self).__name__}: image size {H}x{W} is not divisible by the factor "
-                             f"{self.stride}")
+            raise ImageSizeError(f"{type(self).__name__}: image size {H}x{W} is not divisible by the factor "
+                                 f"{self.stride}", "factor")
 
     def _k(self, x: Tensor, axis: int) -> Tensor:
         k = self.kernel.to(device=x.device, dtype=x.dtype)

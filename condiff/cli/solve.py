@@ -47,7 +47,7 @@ from ..guidance import (
     make_guidance,
     split_method,
 )
-from ..operators import GaussianBlur, Inpainting, Operator, SuperResolution
+from ..operators import GaussianBlur, ImageSizeError, Inpainting, Operator, SuperResolution
 from ..plots import plot_image_columns
 from ..userfile import load_from_file, spec_label, split_file_spec
 from .common import (
@@ -88,9 +88,10 @@ def _box(s: tuple[int, ...], g: torch.Generator, sigma_y: float, p: dict) -> Inp
 # each operator's own flags (given with another operator, they are refused rather than ignored)
 OPERATOR_FLAGS = {"--p-drop": "inpaint-random", "--box": "inpaint-box", "--mask": "inpaint-mask", "--factor": "sr",
                   "--kernel": "sr", "--blur-size": "blur", "--blur-sigma": "blur"}
-# what sets a built-in kernel's size, said where the images are too small for it
-SIZE_FLAGS = {"sr": "a smaller --factor, or --kernel box, keeps the kernel within the image",
-              "blur": "a smaller --blur-size keeps the kernel within the image"}
+# the flags to change where a built-in filter cannot take the images (operators.ImageSizeError's cause)
+SIZE_HINTS = {("sr", "kernel"): "a smaller --factor, or --kernel box, keeps the kernel within the image",
+              ("sr", "factor"): "--factor must divide the images' sides, {h} and {w}",
+              ("blur", "kernel"): "a smaller --blur-size keeps the kernel within the image"}
 # operators that hold no randomness, so they can describe a measurement made outside condiff
 DETERMINISTIC = ("inpaint-mask", "sr", "blur")
 OPERATOR_DEFAULTS = {"p_drop": 0.7, "box": None, "factor": 2, "kernel": "bicubic", "size": 7, "sigma": 1.0}
@@ -505,13 +506,12 @@ def run(args: argparse.Namespace) -> int:
                         factory=own and own["factory"]).to(device)
     if own is not None:
         probe_operator(args.operator, op, x if x is not None else torch.zeros(n, *shape), args.batch_size, device)
-    elif args.operator in SIZE_FLAGS:  # a kernel the images are too small for: said in the flags' terms
+    elif args.operator in ("sr", "blur"):  # images the filter cannot take: said in the flags' terms
         try:
             op.A(torch.zeros(1, *shape, device=device))
-        except ValueError as e:
-            hint = SIZE_FLAGS[args.operator] if "taps" in str(e) else (  # the kernel, or the factor's divisibility
-                f"--factor must divide the images' sides, {shape[-2]} and {shape[-1]}" if args.operator == "sr" else "")
-            raise ValueError(f"--operator {args.operator}: {e}" + (f" ({hint})" if hint else "")) from None
+        except ImageSizeError as e:
+            hint = SIZE_HINTS[args.operator, e.cause].format(h=shape[-2], w=shape[-1])
+            raise ValueError(f"--operator {args.operator}: {e} ({hint})") from None
     if x is not None:
         x = x.to(device)
         y = op.measure(x, torch.Generator(device=device).manual_seed(derive_seed(args.seed, "noise")))
