@@ -29,6 +29,9 @@ from . import checks
 
 CONFIG = "config.json"
 RUN_MARK = ".condiff-run"  # in a run directory: the command that wrote it
+# the commands (mark prefixes) whose run holds models it trained: never placed inside another run; the others
+# (sample, eval, solve, pnp) write results of a model, beside it if the user likes
+TRAINING_KINDS = ("condiff train", "condiff namm fit", "condiff dual")
 
 
 def json_safe(obj: object) -> bool:

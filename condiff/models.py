@@ -107,8 +107,7 @@ def _results_of(d: Path) -> str | None:
         kind = (d / io.RUN_MARK).read_text().strip()
     except OSError:
         return None
-    trains = kind.startswith(("condiff train", "condiff namm fit", "condiff dual"))  # runs that hold models
-    return kind if kind and not trains else None
+    return kind if kind and not kind.startswith(io.TRAINING_KINDS) else None  # (a training's run holds models)
 
 
 def _config_or_empty(path: Path) -> dict:

@@ -599,7 +599,7 @@ def check_out_dir(path: str | Path | None, flag: str = "--out", kind: str | None
             if inner:
                 raise FileExistsError(f"{flag} {p} is a folder that holds runs ({', '.join(inner[:3])}"
                                       f"{', ...' if len(inner) > 3 else ''}), not a run: give a directory of its own")
-        if kind.startswith(_TRAINING_KINDS):  # a run's subfolders are its own: stages, samples, caches
+        if kind.startswith(io.TRAINING_KINDS):  # a run's subfolders are its own: stages, samples, caches
             for q in up.parents:
                 if (owner := run_kind(q)) is not None:
                     raise FileExistsError(f"{flag} {p} lies inside {q}, the run of `{owner}`, whose files the two "
@@ -611,7 +611,7 @@ def check_out_dir(path: str | Path | None, flag: str = "--out", kind: str | None
                 "keeps and prunes" if q.name == "checkpoints" and any(q.glob("step_*")) else None)
         if what:
             raise FileExistsError(f"{flag} {p} {'is' if q == up else f'lies inside {q},'} {what}: {another}")
-    if kind is None or not kind.startswith(_TRAINING_KINDS):
+    if kind is None or not kind.startswith(io.TRAINING_KINDS):
         lock_enclosing_run(p)
     return p
 
@@ -623,7 +623,7 @@ def lock_enclosing_run(out: Path) -> None:
     that run now is refused in one line (:class:`condiff.io.RunInUseError`); other result writers are not."""
     out = Path(os.path.abspath(out))  # a relative --out from inside the run names its parents too
     for q in (out, *out.parents):  # past folders of results (marked by sample, eval, ...) to the run
-        if q.is_dir() and (kind := run_kind(q)) is not None and kind.startswith(_TRAINING_KINDS):
+        if q.is_dir() and (kind := run_kind(q)) is not None and kind.startswith(io.TRAINING_KINDS):
             io.lock_run(q, shared=True)
             return
 
@@ -646,9 +646,6 @@ def results_dir(ckpt: str | Path, name: str) -> Path:
     return p.parent / f"{p.name}_{name}"
 
 
-# commands whose --out is a training run: never placed inside another run (sample, eval, solve and pnp
-# write results of a model, beside it if the user likes)
-_TRAINING_KINDS = ("condiff train", "condiff namm fit", "condiff dual")
 
 
 def json_table(path: Path) -> dict:
