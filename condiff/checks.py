@@ -33,20 +33,17 @@ def scalar(v: Any) -> Any:
 DEVICE_TYPES = ("cpu", "cuda")
 
 
+def _device_type(v: Any) -> str | None:
+    """The kind of device ``v`` names (``"cuda"`` for ``"cuda:1"``), or None for what names none."""
+    try:
+        return torch.device(v).type if isinstance(v, (str, torch.device)) else None
+    except (RuntimeError, ValueError):
+        return None
+
+
 def is_device(v: Any) -> bool:
     """A device name (``"cpu"``, ``"cuda:1"``) or ``torch.device`` of a kind condiff runs on."""
-    try:
-        return isinstance(v, (str, torch.device)) and torch.device(v).type in DEVICE_TYPES
-    except (RuntimeError, ValueError):
-        return False
-
-
-def is_mps(v: Any) -> bool:
-    """Whether ``v`` names Apple's MPS device."""
-    try:
-        return isinstance(v, (str, torch.device)) and torch.device(v).type == "mps"
-    except (RuntimeError, ValueError):
-        return False
+    return _device_type(v) in DEVICE_TYPES
 
 
 def device(what: str, v: Any) -> Any:
@@ -55,7 +52,7 @@ def device(what: str, v: Any) -> Any:
     and several sums are float64, which it lacks."""
     if not is_device(v):
         shown = v if isinstance(v, str) and v.strip() else repr(v)
-        if is_mps(v):
+        if _device_type(v) == "mps":
             raise ValueError(f"{what} {shown} is not supported: condiff's schedules are float64, which MPS lacks "
                              "(use cpu)")
         raise ValueError(f"{what} {shown} is not supported here (cpu, cuda, cuda:N)")

@@ -95,9 +95,10 @@ def _kernel_sum(a: torch.Tensor, b: torch.Tensor, gammas: torch.Tensor) -> float
     return total
 
 
-def default_bandwidths(y: torch.Tensor) -> list[float]:
-    """RBF length scales ``m * DEFAULT_BANDWIDTH_SCALES`` with ``m`` the median distance within ``y``."""
-    med = median_heuristic(y)
+def default_bandwidths(y: torch.Tensor, median: float | None = None) -> list[float]:
+    """RBF length scales ``m * DEFAULT_BANDWIDTH_SCALES`` with ``m`` the median distance within ``y`` (``median``,
+    where the caller has it: :func:`median_heuristic` of ``y``)."""
+    med = median_heuristic(y) if median is None else median
     if med == 0.0:
         raise ValueError("mmd: the reference samples are all identical, so they set no kernel bandwidth "
                          "(a constant data set?); the library's mmd() takes bandwidths= explicitly")
