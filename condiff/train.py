@@ -382,7 +382,7 @@ class Trainer:
     def _rng_states(self) -> dict[str, Tensor]:
         """The global random streams a step draws from (a net's dropout): the CPU's, and the GPU's it trains on."""
         states = {"torch_cpu": torch.get_rng_state()}
-        if torch.device(self.device).type == "cuda":
+        if self.device.type == "cuda":
             states["torch_cuda"] = torch.cuda.get_rng_state(self.device)
         return states
 
@@ -406,7 +406,7 @@ class Trainer:
         self.objective.load_state_dict(io.load_group(path, "objective", self.device) if has else {})
         rng = io.load_group(path, "rng")
         torch.set_rng_state(rng["torch_cpu"])
-        if "torch_cuda" in rng and torch.device(self.device).type == "cuda":  # the GPU's dropout resumes exactly too
+        if "torch_cuda" in rng and self.device.type == "cuda":  # the GPU's dropout resumes exactly too
             torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
         self.step, self._log_acc, self.seconds = step, log_acc, seconds
         return cfg
