@@ -16,6 +16,7 @@ DDIM step from ``t`` to ``s < t`` with stochasticity ``eta`` (Song et al. 2021, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import warnings
@@ -448,11 +449,26 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
     return torch.cat(out) if out else torch.empty(0, *shape)
 
 
+_QUIET = False  # set by the command line's --quiet (quiet_progress): no bar anywhere in the process
+
+
+@contextlib.contextmanager
+def quiet_progress(quiet: bool = True):
+    """Within the block, :func:`progress_bar` makes no bar whatever its callers ask (``condiff ... --quiet``)."""
+    global _QUIET
+    before, _QUIET = _QUIET, bool(quiet) or _QUIET
+    try:
+        yield
+    finally:
+        _QUIET = before
+
+
 def progress_bar(total: int, enabled: bool, unit: str = "step", desc: str | None = None, initial: int = 0,
                  leave: bool = False):
-    """A tqdm bar of ``total`` units (transient unless ``leave``), or ``None`` when not ``enabled``
-    (callers skip updates). Written to a file or pipe rather than a terminal it refreshes every 10 s."""
-    if not enabled:
+    """A tqdm bar of ``total`` units (transient unless ``leave``), or ``None`` when not ``enabled`` or inside
+    :func:`quiet_progress` (callers skip updates). Written to a file or pipe rather than a terminal it
+    refreshes every 10 s."""
+    if not enabled or _QUIET:
         return None
     from tqdm.auto import tqdm
 

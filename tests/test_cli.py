@@ -1957,3 +1957,42 @@ def test_dual_experiments_and_the_demo_name_their_default_out_as_such(tmp_path, 
         err = capsys.readouterr().err
         assert f"the default --out {folder} holds the output of `condiff sample`" in err
         assert err.rstrip().endswith("give --out DIR to write elsewhere")
+
+
+def test_quiet_turns_off_every_progress_bar_of_any_command(tmp_path, capsys):
+    """Only `namm` took --quiet; a script running `condiff train` or `sample` got a bar refreshed every 10 s."""
+    import argparse
+
+    from condiff.cli import main as cli_main
+    from condiff.sample import progress_bar
+
+    seen = []
+
+    def job(args):
+        seen.append(progress_bar(3, True))
+        return 0
+
+    for quiet in (True, False):
+        assert cli_main._run_command(argparse.Namespace(func=job, quiet=quiet), "condiff x") == 0
+    assert seen[0] is None and seen[1] is not None  # and the switch is gone after the command
+    seen[1].close()
+    assert progress_bar(3, True) is not None
+    def leaves(parser, name):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield name, parser
+        for action in subs:
+            for child_name, child in action.choices.items():
+                yield from leaves(child, f"{name} {child_name}")
+
+    commands = dict(leaves(cli_main.build_parser(), "condiff"))
+    assert {"condiff train", "condiff sample", "condiff solve", "condiff pnp digits", "condiff dual toy",
+            "condiff namm sample", "condiff bench", "condiff demo"} <= set(commands)
+    assert [name for name, p in commands.items() if "--quiet" not in p._option_string_actions] == []
+    off = "train.progress=false"
+    tiny = [a for i, a in enumerate(TINY) if a != off and TINY[i + 1:i + 2] != [off]]
+    capsys.readouterr()
+    assert main(["train", *tiny, "--out", str(tmp_path / "loud")]) == 0
+    assert "it/s" in capsys.readouterr().err
+    assert main(["train", *tiny, "--out", str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert "it/s" not in capsys.readouterr().err

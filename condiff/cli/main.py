@@ -56,8 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, mod in COMMANDS.items():
         importlib.import_module(f"condiff.cli.{mod}").add_parser(sub, name)
+    _add_quiet(p)
     _plain_text(p)
     return p
+
+
+def _add_quiet(parser: argparse.ArgumentParser, seen: set[int] | None = None) -> None:
+    """``--quiet`` (no progress bars) on every command that runs something (each parser without subcommands)."""
+    seen = set() if seen is None else seen
+    if id(parser) in seen:
+        return
+    seen.add(id(parser))
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in subs:
+        for child in action.choices.values():
+            _add_quiet(child, seen)
+    if not subs and "--quiet" not in parser._option_string_actions:
+        parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _plain_text(parser: argparse.ArgumentParser) -> None:
@@ -165,12 +180,14 @@ def _run_command(args: argparse.Namespace, prog: str, own_process: bool = False)
     if not os.environ.get("CONDIFF_DEBUG"):  # a warning is one line too
         warnings.showwarning = lambda message, category, *rest, **kw: _say(f"{prog}: warning: {message}")
     from .. import io
+    from ..sample import quiet_progress
     from . import common
 
     common.forget_claims()
     io.written_sets(forget=True)
     try:
-        rc = int(args.func(args) or 0)
+        with quiet_progress(getattr(args, "quiet", False)):
+            rc = int(args.func(args) or 0)
         if rc == 0:
             common.mark_runs()
             if own_process and "condiff.train" in sys.modules:  # under torchrun, the ranks leave together
