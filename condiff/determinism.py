@@ -38,9 +38,13 @@ def kept_streams() -> Iterator[None]:
 
 
 @contextmanager
-def seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int, device: str | torch.device | None = None) -> Iterator[None]:
     """Run the block with torch's global random streams seeded with ``seed`` (the CPU's, and every GPU's once CUDA
-    has started), then give the caller's streams back as they were (:func:`kept_streams`)."""
+    has started), then give the caller's streams back as they were (:func:`kept_streams`). A block that draws on
+    a GPU names it as ``device``: CUDA is then started first, so that the GPU's stream is seeded and given back
+    too (started inside the block, it would draw unseeded and keep what it drew)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.init()
     with kept_streams():
         if torch.cuda.is_initialized():
             torch.manual_seed(seed)

@@ -188,3 +188,26 @@ def test_dropout_on_the_gpu_resumes_exactly(tmp_path):
     resumed.fit()
     for k, v in whole.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_train_diffusion_seeds_dropout_on_the_gpu_in_a_fresh_process(tmp_path):
+    """seeded() seeded the CPU's stream alone before CUDA started, and the trainer started CUDA inside the block:
+    in a fresh process a GPU dropout drew from an unseeded stream, so two runs of one seed differed."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from condiff.determinism import seeded\n"
+        "with seeded(int(sys.argv[1]), 'cuda'):\n"
+        "    print(torch.rand(4, device='cuda').tolist())\n"
+        "print(torch.rand(4, device='cuda').tolist())\n"  # the caller's stream, as the block found it
+    )
+
+    def run(seed):
+        return subprocess.run([sys.executable, "-c", script, str(seed)], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+
+    a, b, c = run(0), run(0), run(1)
+    assert a[0] == b[0] and a[0] != c[0]  # the block draws from its seed
+    assert a[1] == c[1]  # and leaves the caller's stream where it was

@@ -564,6 +564,16 @@ def test_seeded_and_kept_streams_give_back_every_stream_they_touch(monkeypatch):
     with determinism.seeded(4):
         pass
     assert seeds == [("cpu", 3), ("all", 4)]
+    # a block that draws on a GPU (train_diffusion's dropout) starts CUDA first, so its stream is seeded and kept:
+    # started inside the block, it drew unseeded and kept what it drew
+    started[0], seeds[:], forked[:] = False, [], []
+    monkeypatch.setattr(torch.cuda, "init", lambda: started.__setitem__(0, True))
+    with determinism.seeded(5, "cpu"):
+        pass
+    assert not started[0]
+    with determinism.seeded(6, torch.device("cuda", 1)):
+        pass
+    assert started[0] and seeds == [("cpu", 5), ("all", 6)] and forked == [[], [0, 1]]
 
 
 def test_a_callers_own_process_group_outlives_condiff_commands_and_leave_process_group(tmp_path, tiny_run):

@@ -195,7 +195,7 @@ def train_diffusion(
                         f"{type(net_cfg).__name__}")
     check_schedule("train_diffusion", schedule)
     seed = checks.seed("train_diffusion: seed", seed)
-    with seeded(seed):  # seeded weights (and dropout); the caller's streams left as they were
+    with seeded(seed, tcfg.device):  # seeded weights (and dropout, on a GPU too); the caller's streams kept
         net = build_net(net_cfg, saved_by)
         meta = {"net": net.config, "schedule": schedule.config(), "shape": list(x.shape[1:]), **(meta or {})}
         tr = _trainer(net, DenoisingObjective(x, schedule, tcfg.batch_size), tcfg, run_dir, meta, resume)
