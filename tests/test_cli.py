@@ -1938,6 +1938,21 @@ def test_samples_far_beyond_the_training_data_are_said(tiny_run, tmp_path, capsy
     assert (tmp_path / "narrow_samples" / "samples.npz").is_file()  # written all the same
 
 
+def test_the_demo_on_constant_data_prints_its_summary_without_an_mmd(tmp_path, capsys):
+    """eval gives the MMD of constant data as null; the demo's summary then failed formatting it (exit 2 after
+    every result was written), and its few-samples warning named --n, which demo does not take."""
+    np.save(tmp_path / "const.npy", np.zeros((64, 2), np.float32))
+    assert main(["demo", "--data", str(tmp_path / "const.npy"), "--set", "model.name=mlp", "--set", "model.hidden=32",
+                 "--set", "model.depth=1", "--set", "train.steps=5", "--set", "train.batch_size=32",
+                 "--set", "train.progress=false", "--set", "schedule.T=50", "--set", "sample.n=64",
+                 "--set", "sample.steps=5", "--device", "cpu", "--out", str(tmp_path / "d")]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"MMD ratio to real +n/a", out)
+    assert ("sample.n (the run's) = 64: with so few samples" in err and "give --set sample.n=200 or more" in err
+            and "--n" not in err)
+    assert "eval gives no MMD to them" in err
+
+
 def test_constant_training_data_are_said_before_training(tmp_path, capsys):
     """Data whose every value is 0.5 trained without a word; eval then failed on them at the end."""
     np.save(tmp_path / "const.npy", np.full((32, 2), 0.5, np.float32))

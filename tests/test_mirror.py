@@ -2102,7 +2102,7 @@ def test_a_finished_stage_given_more_steps_trains_on_from_its_last_checkpoint(tm
     # directory, as for a run of its own), and an extension removes what was written of the old model
     capsys.readouterr()
     assert main(["eval", "--ckpt", "run/vanilla", "--n", "2", "--steps", "2", "--device", "cpu"]) == 0
-    assert "--n 2: with so few samples the distances to the data are mostly noise" in capsys.readouterr().err
+    assert "--n = 2: with so few samples the distances to the data are mostly noise" in capsys.readouterr().err
     assert (tmp_path / "run" / "vanilla" / "eval" / "metrics.json").is_file()
     assert not (tmp_path / "run" / "vanilla" / "metrics.json").exists()
     (tmp_path / "run" / "mdm" / "samples_step_00000002").mkdir()  # of a checkpoint the extension keeps as it is
@@ -2231,3 +2231,19 @@ def test_a_split_of_one_sample_is_refused_before_any_stage_trains(tmp_path, caps
     for _ in range(2):
         with pytest.raises(DataError, match="its test split holds 1 sample; a NAMM run needs"):
             run.data("test")
+
+
+def test_namm_sample_of_constant_data_records_why_it_gives_no_mmd(tmp_path, monkeypatch):
+    """namm sample gave the MMD of constant held-out data as null, but recorded no reason (eval does)."""
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    x = np.full((48, 1, 8, 8), 0.5, np.float32)
+    np.savez(tmp_path / "data.npz", x=x[:32], x_test=x[32:])
+    assert main(["namm", "fit", "--data", "data.npz", "--constraint", "box", "--out", "run", "--quiet",
+                 "--no-baseline", "--set", "mirror_train.steps=2", "--set", "train.steps=2",
+                 "--set", "model.mults=[1, 2]", "--set", "mirror.psi.filters=4", "--set", "mirror.inverse.base=4"]) == 0
+    assert main(["namm", "sample", "--run", "run", "--n", "4", "--no-finetuned", "--quiet",
+                 "--set", "sample.steps=2"]) == 0
+    m = json.loads((tmp_path / "run" / "samples" / "metrics.json").read_text())["mdm"]
+    assert m["mmd"] is None and "all identical" in m["mmd_unavailable"]

@@ -78,7 +78,8 @@ def warn_constant(x: torch.Tensor, name: str) -> None:
     can score (the MMD's bandwidth comes from the spread of the data)."""
     if x.numel() and bool((x == x.reshape(-1)[0]).all()):
         warnings.warn(f"{name}: every value of the training data is {float(x.reshape(-1)[0]):.4g}; a model of "
-                      "constant data has nothing to learn, and eval cannot score its samples against them",
+                      "constant data has nothing to learn, and eval gives no MMD to them (its bandwidth is their "
+                      "spread)",
                       stacklevel=2)
 
 

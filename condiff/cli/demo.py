@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"reusing the trained model in {run_dir / 'model'} (pass --retrain to train again)", file=sys.stderr)
         save_resolved_config(run_dir, cfg)  # sampling / eval settings may have changed: they are read from there
     t_train = time.perf_counter() - t0
-    sample_args = argparse.Namespace(n=None, steps=None, eta=None, seed=None, batch_size=None)
+    sample_args = argparse.Namespace(n=None, steps=None, eta=None, seed=None, batch_size=None,
+                                     n_flag="--set sample.n={}")
     try:
         m = evaluate_run(run_dir, sample_args, run_dir, device)
     except BaseException:  # the settings go back to those of the results beside them
@@ -76,8 +77,10 @@ def summary(m: dict, run_dir: Path, t_train: float) -> str:
     for key, label in (("mean_top_prob", "mean top-class prob"), ("tv_to_uniform", "TV to uniform"),
                        ("frechet_to_test", "Fréchet to test"), ("frechet_train_vs_test", "  (train vs test)"),
                        ("mmd_ratio", "MMD ratio to real")):
-        if key in m:
+        if m.get(key) is not None:
             lines.append(f"  {label:<20}{m[key]:8.3f}")
+        elif key in m:  # the MMD of constant data (eval says why in metrics.json)
+            lines.append(f"  {label:<20}{'n/a':>8}")
     for name, ok in m.get("targets", {}).items():
         lines.append(f"  target {name:<24} {'met' if ok else 'MISSED'}")
     lines += [f"  samples  {run_dir / 'samples.png'}", f"  loss     {run_dir / 'loss.png'}",

@@ -63,13 +63,16 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
         raise ValueError(f"the model makes samples of shape {tuple(shape)} but {run_cfg['data']['name']} "
                          f"holds {tuple(held.shape)}")
     scfg = sample_settings(scfg_args, run_cfg, den.schedule.T)
+    # where the count came from, and how this command sets another (demo has no --n)
+    where = "--n" if getattr(scfg_args, "n", None) is not None else "sample.n (the run's)"
+    n_flag = getattr(scfg_args, "n_flag", "--n {}")
     if scfg["n"] < 2:
-        raise ValueError(f"condiff eval compares distributions: --n must be >= 2, got {scfg['n']}")
+        raise ValueError(f"condiff eval compares distributions: {where} must be >= 2, got {scfg['n']}")
     if scfg["n"] < FEW_SAMPLES and run_cfg["data"].get("name") != "toy2d":  # (toy2d's scoring says its own)
         # scored all the same (a smoke test), but not as a figure to compare
-        warnings.warn(f"--n {scfg['n']}: with so few samples the distances to the data are mostly noise (the Fréchet "
-                      f"ratio most of all); give --n {FEW_SAMPLES} or more for figures to compare (the demo's: 1000)",
-                      stacklevel=2)
+        warnings.warn(f"{where} = {scfg['n']}: with so few samples the distances to the data are mostly noise (the "
+                      f"Fréchet ratio most of all); give {n_flag.format(FEW_SAMPLES)} or more for figures to compare "
+                      "(the demo's: 1000)", stacklevel=2)
     label, scale = getattr(scfg_args, "label", None), getattr(scfg_args, "guidance_scale", 0.0)
     den = condition(den, run_cfg, label, scale)  # unlabelled: warns where unconditional predictions were never trained
     data_cfg = run_cfg["data"] if label is None else {**run_cfg["data"], "label": label}

@@ -991,7 +991,7 @@ class NAMMRun:
                 rec.update(count_split(x, dist, con.k))
             if name != "data (held-out)":
                 mm = mmd_with_reference(x, test, ref, constant_ok=True)
-                rec.update({"mmd": mm["mmd"], "mmd_ref": mm["mmd_ref"], "mmd_ratio": mm["mmd_ratio"]})
+                rec.update({k: mm[k] for k in ("mmd", "mmd_ref", "mmd_ratio", "mmd_unavailable") if k in mm})
             out[name] = {**rec, "_l": dist, "_x": x}
         return out
 
