@@ -1898,6 +1898,8 @@ def test_an_output_folder_the_command_chose_is_named_as_such_with_the_way_out(ti
     with pytest.raises(FileExistsError, match="a model checkpoint directory; files written into it would be lost "
                                               "when the model is saved again: give --out DIR to write elsewhere"):
         check_out_dir(tmp_path / "bare" / "samples", "the default --out", kind="condiff sample")
+    with pytest.raises(ValueError, match="^--out is needed: give an output directory$"):  # no flag, no default
+        check_out_dir(None)
     blocked = tmp_path / "blocked"
     blocked.write_text("")
     for flag, hint in (("the default --out", True), ("the run's folder, where eval writes beside its model,", True),

@@ -621,3 +621,7 @@ def test_a_kernel_too_large_for_the_images_is_said_in_the_flags_terms(tiny_run, 
     err = capsys.readouterr().err
     assert "is not divisible by the factor 3 (--factor must divide the images' sides, 8 and 8)" in err
     assert "kernel within" not in err
+    # with the box kernel already chosen, only the factor is left to change
+    assert main(["solve", "--ckpt", str(tiny_run), "--operator", "sr", "--factor", "16", "--kernel", "box",
+                 "--method", "dps", "--steps", "2", "--n", "2", "--device", "cpu", "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("(a smaller --factor keeps the kernel within the image)")

@@ -573,6 +573,8 @@ def check_out_dir(path: str | Path | None, flag: str = "--out", kind: str | None
     as the output. ``default``: the folder the command chose where ``path`` (the flag's value) is None, named in
     a refusal as :data:`DEFAULT_OUT`, with how to write elsewhere. Returns the folder."""
     if path is None:
+        if default is None:
+            raise ValueError(f"{flag} is needed: give an output directory")
         path, flag = default, DEFAULT_OUT
     p = Path(path)
     elsewhere = _way_out(flag)
@@ -645,8 +647,6 @@ def results_dir(ckpt: str | Path, name: str) -> Path:
     if p.name == "model":
         return p.parent / name
     return p.parent / f"{p.name}_{name}"
-
-
 
 
 def json_table(path: Path) -> dict:

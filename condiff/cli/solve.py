@@ -511,6 +511,8 @@ def run(args: argparse.Namespace) -> int:
             op.A(torch.zeros(1, *shape, device=device))
         except ImageSizeError as e:
             hint = SIZE_HINTS[args.operator, e.cause].format(h=shape[-2], w=shape[-1])
+            if getattr(args, "kernel", None) == "box":  # the smaller kernel is the one in use
+                hint = hint.replace(", or --kernel box,", "")
             raise ValueError(f"--operator {args.operator}: {e} ({hint})") from None
     if x is not None:
         x = x.to(device)
