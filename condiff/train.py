@@ -543,7 +543,8 @@ class Trainer:
                            "samples_per_s": timed * per_step * self.dist.world / max(dt, 1e-9),
                            **{str(k): _loggable(v) for k, v in logs.items()}}
                     if bar is not None:
-                        bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.0f}")
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.0f}",
+                                        refresh=False)  # shown at the bar's own refresh (every 10 s in a log)
                     if log is not None:
                         log.write(json.dumps(io.no_nan(rec)) + "\n")  # a NaN grad norm: null
                         log.flush()

@@ -969,3 +969,13 @@ def test_a_damaged_only_checkpoint_is_named_with_no_other_to_resume_from(tmp_pat
     with pytest.raises(io.CheckpointDamaged, match=r"corrupted or truncated checkpoint file .*step_00000002") as err:
         tr.resume()
     assert "delete" not in str(err.value)  # no checkpoint before it to point to
+
+
+def test_the_training_bar_in_a_log_is_not_redrawn_at_every_log_line(capsys):
+    """Off a terminal a bar refreshes every 10 s; the trainer's loss figures redrew it at each log line
+    (set_postfix refreshes), a line in a CI log every 50 steps."""
+    s = Schedule.linear(50)
+    cfg = TrainConfig(steps=40, batch_size=8, warmup=0, log_every=1, progress=True)
+    Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(torch.randn(32, 2), s, 8), cfg).fit()
+    drawn = capsys.readouterr().err.count("\r")
+    assert 1 <= drawn <= 4, drawn  # its first draw, the last, and its clearing; 40 steps of a log line each drew 42
