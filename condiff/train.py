@@ -11,6 +11,7 @@ checkpoint draws exactly the batches, timesteps and noise an uninterrupted run w
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 import os
@@ -226,6 +227,12 @@ class DistInfo:
 
 
 _joined = False  # whether init_distributed made the process group (the commands leave only that one)
+GROUP_TIMEOUT: datetime.timedelta | None = None  # the group's collectives (None: torch's, 30 min gloo, 10 min NCCL)
+# The wait at the end for rank 0's work after training (saving, sampling, scoring, plots) has a group of its own:
+# with the training group's timeout, a rank 0 that sampled for longer failed the other ranks' exit barrier. A rank
+# that fails ends the job anyway (torchrun stops the others), so this only bounds a hang.
+EXIT_TIMEOUT = datetime.timedelta(hours=24)
+_exit_group = None
 
 
 def leave_process_group(only_joined: bool = False) -> None:
@@ -234,11 +241,11 @@ def leave_process_group(only_joined: bool = False) -> None:
     outside a process group. A rank that exits without leaving, or while another is busy, can abort in the
     interpreter's teardown (SIGABRT) after its work is done. ``only_joined``: only a group that
     :func:`init_distributed` made (the condiff commands, when they succeed), not a caller's own."""
-    global _joined
+    global _joined, _exit_group
     if dist.is_available() and dist.is_initialized() and (_joined or not only_joined):
-        dist.barrier()
+        dist.barrier(group=_exit_group)  # (None, for a caller's own group: its default group)
         dist.destroy_process_group()
-        _joined = False
+        _joined, _exit_group = False, None
 
 
 def init_distributed(device: str) -> DistInfo:
@@ -254,10 +261,12 @@ def init_distributed(device: str) -> DistInfo:
         raise ValueError(f"process {local} of this machine needs its own GPU, but {torch.cuda.device_count()} "
                          "are visible: start at most that many processes per machine (torchrun "
                          "--nproc_per_node), or train on the CPU (--device cpu)")
-    global _joined
+    global _joined, _exit_group
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                                **({"timeout": GROUP_TIMEOUT} if GROUP_TIMEOUT is not None else {}))
         _joined = True
+        _exit_group = dist.new_group(backend="gloo", timeout=EXIT_TIMEOUT)  # every rank makes it, here
     info = DistInfo(dist.get_rank(), dist.get_world_size(), local)
     if device.startswith("cuda"):
         torch.cuda.set_device(info.local_rank)

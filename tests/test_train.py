@@ -979,3 +979,24 @@ def test_the_training_bar_in_a_log_is_not_redrawn_at_every_log_line(capsys):
     Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(torch.randn(32, 2), s, 8), cfg).fit()
     drawn = capsys.readouterr().err.count("\r")
     assert 1 <= drawn <= 4, drawn  # its first draw, the last, and its clearing; 40 steps of a log line each drew 42
+
+
+def test_the_ranks_wait_at_the_end_for_a_rank_0_busier_than_the_groups_timeout(tmp_path, run_on_two_ranks):
+    """The exit barrier ran in the training group, whose timeout (30 min gloo, 10 min NCCL) a rank 0 sampling and
+    scoring after training could outlast: the other ranks failed after the work was done."""
+    run_on_two_ranks("""
+import datetime, sys, time, torch
+torch.set_num_threads(1)
+import torch.distributed as dist
+import condiff.train as train
+from condiff.nets import TimeMLP
+from condiff.schedule import Schedule
+from condiff.train import DenoisingObjective, Trainer, TrainConfig
+train.GROUP_TIMEOUT = datetime.timedelta(seconds=2)  # the training group's, shortened for the test
+cfg = TrainConfig(steps=2, batch_size=8, warmup=0, progress=False, device="cpu")
+Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(torch.randn(32, 2), Schedule.linear(20), 8), cfg,
+        sys.argv[1] + "/run").fit()
+if dist.get_rank() == 0:
+    time.sleep(5)  # rank 0's work after training, longer than the group's timeout
+""")
+    assert (tmp_path / "ended0").exists() and (tmp_path / "ended1").exists()
