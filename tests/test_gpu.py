@@ -190,7 +190,7 @@ def test_dropout_on_the_gpu_resumes_exactly(tmp_path):
         assert torch.equal(v, resumed.model.state_dict()[k]), k
 
 
-def test_train_diffusion_seeds_dropout_on_the_gpu_in_a_fresh_process(tmp_path):
+def test_seeded_on_a_gpu_seeds_its_stream_in_a_fresh_process(tmp_path):
     """seeded() seeded the CPU's stream alone before CUDA started, and the trainer started CUDA inside the block:
     in a fresh process a GPU dropout drew from an unseeded stream, so two runs of one seed differed."""
     import subprocess
