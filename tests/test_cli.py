@@ -1952,7 +1952,7 @@ def test_the_demo_on_constant_data_prints_its_summary_without_an_mmd(tmp_path, c
     assert re.search(r"MMD ratio to real +n/a", out)
     assert ("sample.n (the run's) = 64: with so few samples" in err and "give --set sample.n=200 or more" in err
             and "--n" not in err)
-    assert "eval gives no MMD to them" in err
+    assert "eval gives no MMD to them" in err and "(the demo's: 5000)" in err  # its preset's n, not 1000
 
 
 def test_constant_training_data_are_said_before_training(tmp_path, capsys):
