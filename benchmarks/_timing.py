@@ -29,21 +29,26 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int, device: str,
     """Run each function ``repeats`` times, interleaved (a, b, a, b, ...), so drifts in machine load
     hit all of them alike. Returns the list of wall times per name. A progress bar (``desc``) counts the runs,
     the warm-up's included."""
-    bar = progress_bar((warmup + repeats) * len(fns), True, unit="run", desc=desc)
+    bar = progress_bar((warmup + repeats) * len(fns), True, unit="run", desc=desc)  # None under --quiet
+
+    def advance(label: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(label, refresh=False)
+            bar.update()
+
     try:
         for _ in range(warmup):
             for k, fn in fns.items():
-                bar.set_postfix_str(f"{k} (warm-up)", refresh=False)
                 fn()
-                bar.update()
+                advance(f"{k} (warm-up)")
         out: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(repeats):
             for k, fn in fns.items():
-                bar.set_postfix_str(k, refresh=False)
                 out[k].append(timed(fn, device))
-                bar.update()
+                advance(k)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return out
 
 

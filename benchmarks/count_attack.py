@@ -68,7 +68,8 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
                 "peaks after (min-max)": f"{int(c.min())}-{int(c.max())}",
                 "max |change|": float((z - x).abs().amax((1, 2, 3)).mean()),
             })
-    bar.close()
+    if bar is not None:  # (None under --quiet)
+        bar.close()
     return {
         "title": f"Count distance under a pixel attack ({profile})",
         "columns": ["start", "lam", "l before", "l after", "exactly k (peak finder)",

@@ -198,7 +198,10 @@ def test_count_attack_rows(bench_module, monkeypatch):
     monkeypatch.setattr(bench, "render_sources", render_sources)
     monkeypatch.setattr(bench, "count_sources", lambda x: x[:, 0, 0, 0].round().long())
     monkeypatch.setattr(bench, "_attack", attack)
-    res = bench.run("quick", "cpu")
+    from condiff.sample import quiet_progress
+
+    with quiet_progress():  # `condiff bench --quiet`: no bar to close (it failed on None)
+        res = bench.run("quick", "cpu")
 
     assert attacks == [(2, 0.0, 7, 0.5), (2, 1.0, 7, 0.5), (4, 0.0, 7, 0.5), (4, 1.0, 7, 0.5)]
     assert res["columns"] == ["start", "lam", "l before", "l after", "exactly k (peak finder)",
@@ -445,6 +448,16 @@ def test_train_speed_runs_both_precisions_for_real(bench_module, monkeypatch):
     (row,) = res["rows"]
     assert row["model"] == "tiny UNet" and row["steps per run"] == 1
     assert row["fp32 (ms/step)"] > 0 and row["bf16 (ms/step)"] > 0 and row["bf16 / fp32"] > 0
+
+
+def test_interleaved_timing_runs_under_quiet(bench_module):
+    """`condiff bench --quiet` failed at once: the timing loop's bar is None there."""
+    from condiff.sample import quiet_progress
+
+    timing, calls = bench_module("_timing"), []
+    with quiet_progress():
+        out = timing.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2, "cpu")
+    assert calls == ["a", "b"] * 3 and [len(v) for v in out.values()] == [2, 2]  # one warm-up round, two timed
 
 
 def test_a_noisy_timing_is_said_in_the_table(bench_module):

@@ -168,3 +168,23 @@ def test_finite_rows_names_the_first_bad_sample_not_the_last():  # m09 checks.py
     x[2, 1, 0], x[4, 0, 2] = float("nan"), float("inf")
     with pytest.raises(ValueError, match=r"^x hold 2 non-finite values \(the first in sample 2\)$"):
         checks.finite_rows("x", x)
+
+
+def test_mps_is_refused_with_its_reason_however_it_is_named():
+    """The reason (float64) was given for the word "mps" alone; an indexed name or a torch.device got the
+    generic refusal."""
+    for v in ("mps", "mps:0", torch.device("mps")):
+        with pytest.raises(ValueError, match="float64, which MPS lacks"):
+            checks.device("--device", v)
+
+
+def test_weights_dtype_checks_the_device_only_when_asked():
+    """weights_dtype is every sampler step's check: the device is compared only with device=True (one look at the
+    first weight for both)."""
+    from condiff.nets import TimeMLP
+
+    net = TimeMLP(2, hidden=8, depth=1).to("meta")
+    x = torch.zeros(2, 2)
+    assert checks.weights_dtype("x", x, net) is x
+    with pytest.raises(ValueError, match="x is on cpu but the network's weights are on meta"):
+        checks.weights_dtype("x", x, net, device=True)

@@ -542,3 +542,15 @@ def test_classifier_augmentation_shifts_by_one_pixel_with_background_fill():  # 
         assert shifts, "each image is the padded one cut at a shift of -1, 0 or +1 per axis"
         seen.add(shifts[0])
     assert seen == {(dy, dx) for dy in range(3) for dx in range(3)}  # all nine shifts are drawn
+
+
+def test_mmd_with_reference_refuses_constant_data_unless_told_and_scores_the_reference_on_held_out_data():
+    from condiff.evaluate import mmd_with_reference
+
+    g = torch.Generator().manual_seed(1)
+    s, a, b = torch.randn(50, 2, generator=g) + 3, torch.randn(50, 2, generator=g), torch.randn(50, 2, generator=g)
+    with pytest.raises(ValueError, match="all identical"):  # without constant_ok, as before
+        mmd_with_reference(s, torch.zeros(50, 2), b)
+    out = mmd_with_reference(s, a, b)
+    assert out["sliced_w2_ref"] == M.sliced_wasserstein(b, a, generator=torch.Generator().manual_seed(0))
+    assert out["sliced_w2"] > 5 * out["sliced_w2_ref"]

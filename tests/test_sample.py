@@ -187,6 +187,9 @@ def test_generates_progress_counts_sampler_steps_over_all_batches_and_keeps_the_
     assert bar.total == bar.n == 3 * 10 and bar.desc == "sampling 5"  # three batches of ten steps, each counted
     assert bar.closed == 1  # by generate, once: each batch's sampler leaves the caller's bar open
     assert len(seen) == 30  # the caller's own callback still sees every step
+    bars.clear()
+    ddim(oracle(), torch.randn(2, 2), torch.tensor([40, 20, 1]))  # progress=False: no bar at all
+    assert bars == []
 
 
 @pytest.mark.parametrize("eta", [-1.0, float("nan"), float("inf"), 1.5])
