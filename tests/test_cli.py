@@ -1334,6 +1334,32 @@ def test_results_written_into_a_run_wait_for_no_training_of_it(trained, tmp_path
     assert main(["eval", "--ckpt", str(run), "--n", "4", "--steps", "2"]) == 0
 
 
+def test_results_written_into_any_training_run_wait_for_it(tmp_path):
+    """Every command whose run holds trained models is waited for, dual's experiments (marked `condiff dual toy`,
+    ...) and NAMM's included, not `condiff train` alone."""
+    from condiff import io
+    from condiff.cli.common import check_out_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from condiff import io; "
+                               "io.lock_run(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(run)],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for kind in ("condiff dual train", "condiff dual toy", "condiff namm fit", "condiff train"):
+            (run / io.RUN_MARK).write_text(kind)
+            with pytest.raises(io.RunInUseError):
+                check_out_dir(run / "samples", kind="condiff sample")
+            io.release_runs()
+        (run / io.RUN_MARK).write_text("condiff solve")  # results of a model: no training to wait for
+        assert check_out_dir(run / "samples", kind="condiff sample") == run / "samples"
+    finally:
+        io.release_runs()
+        holder.kill()
+        holder.wait()
+
+
 def test_sample_follows_its_seed_and_the_runs_clip(trained, tmp_path):
     """Found by the CLI mutation round: a fixed seed, or no clip, went unnoticed by every test."""
     run = tmp_path / "run"
@@ -1766,6 +1792,14 @@ def test_a_data_set_name_is_no_folder_and_a_default_out_is_named_as_such(tmp_pat
     assert capsys.readouterr().err.strip().endswith(
         "error: the default --out runs/pngs is the folder given as --data (" + str(pngs) + "): its results would be "
         "read as data with those files: give --out DIR to write elsewhere")
+    # namm fit: its data folder as --out, and its default folder (named for the data file) holding another output
+    assert main(["namm", "fit", "--data", str(pngs), "--out", str(pngs), "--quiet"]) == 2
+    assert "is the folder given as --data" in capsys.readouterr().err
+    np.save(tmp_path / "field.npy", np.zeros((8, 1, 8, 8), np.float32))
+    (tmp_path / "namm-field").mkdir()  # runs/namm-field through the link
+    (tmp_path / "namm-field" / ".condiff-run").write_text("condiff sample")
+    assert main(["namm", "fit", "--data", str(tmp_path / "field.npy"), "--constraint", "box", "--quiet"]) == 2
+    assert "the default --out runs/namm-field holds the output of `condiff sample`" in capsys.readouterr().err
 
 
 def test_checkpoints_of_other_settings_are_not_discarded_without_a_word(tmp_path):
@@ -1892,6 +1926,17 @@ def test_an_output_folder_the_command_chose_is_named_as_such_with_the_way_out(ti
     err = capsys.readouterr().err
     assert (f"the default --out {tmp_path / 'bare_samples'} is a file, not a directory: give --out DIR to write "
             "elsewhere") in err
+    # eval's own default folder likewise, and another command's output there is refused by its command
+    (tmp_path / "bare_eval").write_text("a file where the scores would go")
+    assert main(["eval", "--ckpt", str(tmp_path / "bare"), "--n", "2", "--steps", "2", "--device", "cpu"]) == 2
+    assert (f"the default --out {tmp_path / 'bare_eval'} is a file, not a directory: give --out DIR"
+            in capsys.readouterr().err)
+    (tmp_path / "bare_eval").unlink()
+    (tmp_path / "bare_eval").mkdir()
+    (tmp_path / "bare_eval" / ".condiff-run").write_text("condiff sample")
+    assert main(["eval", "--ckpt", str(tmp_path / "bare"), "--n", "2", "--steps", "2", "--device", "cpu"]) == 2
+    assert (f"the default --out {tmp_path / 'bare_eval'} holds the output of `condiff sample`"
+            in capsys.readouterr().err)
     # refusals of check_out_dir's own say the same (a checkpoint folder as the default place, say)
     from condiff.cli.common import check_out_dir
 

@@ -374,3 +374,10 @@ def test_a_results_folder_or_a_mirror_map_given_as_a_model_is_named(tmp_path):
     (tmp_path / "mirror" / "config.json").write_text(json.dumps({"format": "condiff mirror map", "mirror": {"a": 0.9}}))
     with pytest.raises(CheckpointError, match="is a saved mirror map \\(NAMM\\), not a diffusion model: load it with"):
         load_denoiser(tmp_path / "mirror")
+
+
+def test_a_diffusers_denoiser_names_an_input_on_another_device(tiny_diffusers_denoiser):
+    """As NetDenoiser does; torch's own error came from inside the UNet."""
+    tiny_diffusers_denoiser.unet.to("meta")
+    with pytest.raises(ValueError, match="x_t is on cpu but the network's weights are on meta"):
+        tiny_diffusers_denoiser.eps(torch.zeros(2, 1, 8, 8), torch.full((2,), 5))

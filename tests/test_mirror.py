@@ -772,6 +772,7 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert set(metrics["made_from"]) == {"namm", "mdm", "finetune", "vanilla", "samples/vanilla", "samples/mdm",
                                          "samples/mdm_ft", "samples/guided"}  # for `condiff show`
     assim = json.loads((run / "assimilate" / "metrics.json").read_text())  # what was run, and how well
+    assert not (run / "assimilate" / ".condiff-run").exists()  # the run's own folder: no mark of a run of its own
     assert assim["settings"]["n"] == 2 and assim["settings"]["steps"] == 5 and assim["settings"]["obs"] == "points"
     assert all(0 < m["rmse_unobserved"] < 10 for m in assim["methods"].values())
     with np.load(run / "assimilate" / "samples.npz") as z:  # the arrays behind the figure and the figures

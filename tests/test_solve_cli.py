@@ -625,3 +625,25 @@ def test_a_kernel_too_large_for_the_images_is_said_in_the_flags_terms(tiny_run, 
     assert main(["solve", "--ckpt", str(tiny_run), "--operator", "sr", "--factor", "16", "--kernel", "box",
                  "--method", "dps", "--steps", "2", "--n", "2", "--device", "cpu", "--out", str(tmp_path / "s")]) == 2
     assert capsys.readouterr().err.rstrip().endswith("(a smaller --factor keeps the kernel within the image)")
+    # blur's kernel, in blur's flag
+    assert main(["solve", "--ckpt", str(tiny_run), "--operator", "blur", "--blur-size", "17", "--method", "dps",
+                 "--steps", "2", "--n", "2", "--device", "cpu", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "--operator blur: GaussianBlur: a kernel of 17 taps" in err
+    assert err.rstrip().endswith("(a smaller --blur-size keeps the kernel within the image)")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_factor_that_does_not_divide_the_sides_names_each_side(tmp_path, capsys):
+    """The sides of a picture that is not square, height then width (an 8x8 test could not tell them apart)."""
+    from condiff.models import save_model
+    from condiff.nets import build_net
+    from condiff.schedule import Schedule
+
+    np.save(tmp_path / "wide.npy", np.zeros((8, 1, 16, 20), np.float32))
+    net = build_net({"name": "unet", "in_channels": 1, "base": 8, "mults": [1, 2], "groups": 4})
+    save_model(tmp_path / "m", net, Schedule.linear(100), data={"name": str(tmp_path / "wide.npy")}, shape=[1, 16, 20])
+    assert main(["solve", "--ckpt", str(tmp_path / "m"), "--operator", "sr", "--factor", "3", "--kernel", "box",
+                 "--split", "train", "--method", "dps", "--steps", "2", "--n", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "(--factor must divide the images' sides, 16 and 20)" in capsys.readouterr().err
