@@ -43,8 +43,8 @@ def seeded(seed: int, device: str | torch.device | None = None) -> Iterator[None
     has started), then give the caller's streams back as they were (:func:`kept_streams`). A block that draws on
     a GPU names it as ``device``: CUDA is then started first, so that the GPU's stream is seeded and given back
     too (started inside the block, it would draw unseeded and keep what it drew)."""
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.init()
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.init()  # (without CUDA, the block's own check names the device)
     with kept_streams():
         if torch.cuda.is_initialized():
             torch.manual_seed(seed)

@@ -20,7 +20,7 @@ import contextlib
 import math
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -453,7 +453,7 @@ _QUIET = False  # set by the command line's --quiet (quiet_progress): no bar any
 
 
 @contextlib.contextmanager
-def quiet_progress(quiet: bool = True):
+def quiet_progress(quiet: bool = True) -> Iterator[None]:
     """Within the block, :func:`progress_bar` makes no bar whatever its callers ask (``condiff ... --quiet``)."""
     global _QUIET
     before, _QUIET = _QUIET, bool(quiet) or _QUIET

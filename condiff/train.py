@@ -266,7 +266,12 @@ def init_distributed(device: str) -> DistInfo:
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
                                 **({"timeout": GROUP_TIMEOUT} if GROUP_TIMEOUT is not None else {}))
         _joined = True
-        _exit_group = dist.new_group(backend="gloo", timeout=EXIT_TIMEOUT)  # every rank makes it, here
+        try:  # every rank makes it, here
+            _exit_group = dist.new_group(backend="gloo", timeout=EXIT_TIMEOUT)
+        except Exception as e:  # gloo's sockets on a host NCCL alone can run (the wrong network interface)
+            warnings.warn(f"no gloo group for the wait at the end ({type(e).__name__}: {e}); the ranks wait for "
+                          "rank 0 within the training group's timeout (set GLOO_SOCKET_IFNAME to the network "
+                          "interface between the machines for a group of its own)", stacklevel=2)
     info = DistInfo(dist.get_rank(), dist.get_world_size(), local)
     if device.startswith("cuda"):
         torch.cuda.set_device(info.local_rank)

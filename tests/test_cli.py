@@ -1344,7 +1344,8 @@ def test_results_written_into_any_training_run_wait_for_it(tmp_path):
     run.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from condiff import io; "
                                "io.lock_run(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(run)],
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(io.__file__).parents[1])})
     try:
         assert holder.stdout.readline().strip() == "held"
         for kind in ("condiff dual train", "condiff dual toy", "condiff namm fit", "condiff train"):
@@ -1997,7 +1998,7 @@ def test_the_demo_on_constant_data_prints_its_summary_without_an_mmd(tmp_path, c
     assert re.search(r"MMD ratio to real +n/a", out)
     assert ("sample.n (the run's) = 64: with so few samples" in err and "give --set sample.n=200 or more" in err
             and "--n" not in err)
-    assert "eval gives no MMD to them" in err and "(the demo's: 5000)" in err  # its preset's n, not 1000
+    assert "eval gives no MMD to them" in err and "(the digits demo's: 5000)" in err  # its preset's n
 
 
 def test_constant_training_data_are_said_before_training(tmp_path, capsys):

@@ -1000,3 +1000,41 @@ if dist.get_rank() == 0:
     time.sleep(5)  # rank 0's work after training, longer than the group's timeout
 """)
     assert (tmp_path / "ended0").exists() and (tmp_path / "ended1").exists()
+
+
+def test_without_a_gloo_group_the_ranks_wait_in_the_training_group_with_a_warning(monkeypatch):
+    """Every CUDA torchrun job now makes a gloo group for its wait at the end; a host where gloo cannot connect
+    (the wrong network interface) failed a job that NCCL alone could run."""
+    import torch.distributed as dist
+
+    import condiff.train as train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: None)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "new_group", lambda **kw: (_ for _ in ()).throw(RuntimeError("no interface")))
+    monkeypatch.setattr(train, "_joined", False)
+    monkeypatch.setattr(train, "_exit_group", None)
+    with pytest.warns(UserWarning, match=r"no gloo group for the wait at the end \(RuntimeError: no interface\).*"
+                                         "GLOO_SOCKET_IFNAME"):
+        info = train.init_distributed("cpu")
+    assert info.world == 2 and train._joined and train._exit_group is None
+
+
+def test_seeded_for_a_gpu_on_a_machine_without_one_leaves_the_device_to_the_caller(monkeypatch):
+    """seeded(seed, "cuda") started CUDA before anything had checked the device: train_diffusion on a machine
+    without CUDA failed with torch's "not compiled with CUDA" rather than condiff's one line."""
+    from condiff import determinism
+    from condiff.mirror.fit import train_diffusion
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "init", lambda: pytest.fail("CUDA started without a GPU"))
+    with determinism.seeded(0, "cuda:1"):
+        pass
+    cfg = TrainConfig(steps=1, batch_size=4, warmup=0, progress=False, device="cuda")
+    with pytest.raises(ValueError, match="cuda was asked for but no CUDA device is available"):
+        train_diffusion(torch.randn(8, 2), {"name": "mlp", "dim": 2, "hidden": 8, "depth": 1}, Schedule.linear(20),
+                        cfg)

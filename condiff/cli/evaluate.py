@@ -73,7 +73,7 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
         # scored all the same (a smoke test), but not as a figure to compare
         warnings.warn(f"{where} = {scfg['n']}: with so few samples the distances to the data are mostly noise (the "
                       f"Fréchet ratio most of all); give {n_flag.format(FEW_SAMPLES)} or more for figures to compare "
-                      f"(the demo's: {PRESETS['digits']['sample']['n']})", stacklevel=2)
+                      f"(the digits demo's: {PRESETS['digits']['sample']['n']})", stacklevel=2)
     label, scale = getattr(scfg_args, "label", None), getattr(scfg_args, "guidance_scale", 0.0)
     den = condition(den, run_cfg, label, scale)  # unlabelled: warns where unconditional predictions were never trained
     data_cfg = run_cfg["data"] if label is None else {**run_cfg["data"], "label": label}
