@@ -568,6 +568,7 @@ def test_seeded_and_kept_streams_give_back_every_stream_they_touch(monkeypatch):
     # started inside the block, it drew unseeded and kept what it drew
     started[0], seeds[:], forked[:] = False, [], []
     monkeypatch.setattr(torch.cuda, "init", lambda: started.__setitem__(0, True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with determinism.seeded(5, "cpu"):
         pass
     assert not started[0]
