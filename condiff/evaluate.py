@@ -61,14 +61,14 @@ def mmd_with_reference(samples: Tensor, held_a: Tensor, held_b: Tensor, constant
     """
     n = min(len(samples), len(held_a), len(held_b))
     s, a, b = samples[:n], held_a[:n], held_b[:n]
+    med = metrics.median_heuristic(a)  # (empty sets are refused here, and constant ones next, before other work)
+    bw = None if constant_ok and med == 0.0 else metrics.default_bandwidths(a, median=med)
     out = {"mmd_n": n, "sliced_w2": metrics.sliced_wasserstein(s, a, generator=torch.Generator().manual_seed(0)),
            "sliced_w2_ref": metrics.sliced_wasserstein(b, a, generator=torch.Generator().manual_seed(0))}
-    med = metrics.median_heuristic(a)
-    if constant_ok and med == 0.0:  # (default_bandwidths refuses them)
+    if bw is None:
         why = "the held-out data are all identical, so they set no kernel bandwidth (a constant data set?)"
         warnings.warn(f"no MMD: {why}; the other figures stand", stacklevel=2)
         return {"mmd": None, "mmd_ref": None, "mmd_ratio": None, "mmd_unavailable": why, **out}
-    bw = metrics.default_bandwidths(a, median=med)
     m_s = metrics.mmd(s, a, bandwidths=bw, biased=True)
     m_r = metrics.mmd(b, a, bandwidths=bw, biased=True)
     return {"mmd": m_s, "mmd_ref": m_r, "mmd_ratio": m_s / max(m_r, 1e-12), **out}

@@ -551,6 +551,8 @@ def test_mmd_with_reference_refuses_constant_data_unless_told_and_scores_the_ref
     s, a, b = torch.randn(50, 2, generator=g) + 3, torch.randn(50, 2, generator=g), torch.randn(50, 2, generator=g)
     with pytest.raises(ValueError, match="all identical"):  # without constant_ok, as before
         mmd_with_reference(s, torch.zeros(50, 2), b)
+    with pytest.raises(ValueError, match="^median_heuristic: expected a non-empty"):  # named by the first look
+        mmd_with_reference(s[:0], a, b)
     out = mmd_with_reference(s, a, b)
     assert out["sliced_w2_ref"] == M.sliced_wasserstein(b, a, generator=torch.Generator().manual_seed(0))
     assert out["sliced_w2"] > 5 * out["sliced_w2_ref"]
