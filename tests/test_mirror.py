@@ -2248,3 +2248,21 @@ def test_namm_sample_of_constant_data_records_why_it_gives_no_mmd(tmp_path, monk
                  "--set", "sample.steps=2"]) == 0
     m = json.loads((tmp_path / "run" / "samples" / "metrics.json").read_text())["mdm"]
     assert m["mmd"] is None and "all identical" in m["mmd_unavailable"]
+
+
+def test_mirror_stages_record_seeded_random_streams_and_leave_the_callers(tmp_path):
+    """fit_mirror_map and finetune_inverse trained outside seeded(): their checkpoints recorded the process's own
+    global stream (randomly seeded at import), so two runs of one seed wrote different rng.safetensors, and any
+    draw from that stream would have differed between runs."""
+    x, con = _brightness_data(16)
+    y = _tiny_mirror().to_mirror(x) + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    for name, caller_seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(caller_seed)
+        before = torch.get_rng_state()
+        fit_mirror_map(x, con, _tiny_mirror(), _ft_cfg(2), run_dir=tmp_path / name / "fit")
+        finetune_inverse(_tiny_mirror(), x, y, con, _ft_cfg(2), run_dir=tmp_path / name / "ft")
+        assert torch.equal(torch.get_rng_state(), before)  # the caller's stream as it was
+    for stage in ("fit", "ft"):
+        (a,), (b,) = ([c / "rng.safetensors" for c in list_checkpoints(tmp_path / r / stage / "checkpoints")]
+                      for r in ("a", "b"))
+        assert a.read_bytes() == b.read_bytes(), stage

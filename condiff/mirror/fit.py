@@ -148,8 +148,9 @@ def fit_mirror_map(
             warnings.warn(off_set_warning(v, constraint), stacklevel=2)
     weights = weights or NAMMLoss()
     meta = {"mirror": mirror.config, "loss": vars(weights), "constraint": constraint_entry(constraint), **(meta or {})}
-    tr = _trainer(mirror, NAMMObjective(x, constraint, tcfg.batch_size, weights), tcfg, run_dir, meta, resume)
-    ema = tr.fit().eval()
+    with seeded(tcfg.seed, tcfg.device):  # the global streams too (its checkpoints record them); the caller's kept
+        tr = _trainer(mirror, NAMMObjective(x, constraint, tcfg.batch_size, weights), tcfg, run_dir, meta, resume)
+        ema = tr.fit().eval()
     if run_dir is not None and tr.dist.main:
         save_mirror(
             Path(run_dir) / "mirror",
@@ -240,8 +241,9 @@ def finetune_inverse(
     obj = FinetuneObjective(mirror, x, y_mdm, constraint, tcfg.batch_size, weights)  # freezes a copy of psi
     meta = {"mirror": mirror.config, "loss": vars(weights), "finetune": True,
             "constraint": constraint_entry(constraint), **(meta or {})}
-    tr = _trainer(f, obj, tcfg, run_dir, meta, resume)
-    f_ema = tr.fit().eval()
+    with seeded(tcfg.seed, tcfg.device):  # as fit_mirror_map
+        tr = _trainer(f, obj, tcfg, run_dir, meta, resume)
+        f_ema = tr.fit().eval()
     out = MirrorMap(obj.psi_map.psi, f_ema, mirror.a).eval()  # the objective's frozen psi, on f's device
     if run_dir is not None and tr.dist.main:
         save_mirror(
