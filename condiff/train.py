@@ -468,6 +468,13 @@ class Trainer:
             raise ValueError(f"the newest checkpoint, {ckpts[-1].name}, is at step {self.step}, beyond the "
                              f"{self.cfg.steps} steps asked for: ask for at least {self.step} (train.steps), or "
                              "start over (--fresh on the command line; in Python, a new run_dir)")
+        was = (loaded.get("train") or {}).get("steps")
+        if (isinstance(was, int) and was != self.cfg.steps and self.step < self.cfg.steps
+                and self.cfg.lr_decay != "constant" and self.dist.main):
+            warnings.warn(f"the run was set for {was} steps and now goes on to {self.cfg.steps}: its learning rate "
+                          f"now decays over {self.cfg.steps} steps, so the model will differ from one trained for "
+                          f"{self.cfg.steps} steps from the start (exact resume holds for the same step count)",
+                          stacklevel=2)
         if self.dist.main and self.run_dir is not None:  # drop log records the killed run wrote past it
             keep = [r for r in read_log(self.run_dir / "log.jsonl") if r.get("step", 0) <= self.step]
             io.write_text_atomic(self.run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in keep))

@@ -818,6 +818,14 @@ def test_checkpoints_kept_resume_of_a_finished_run_and_the_rng(tmp_path):
     assert again.resume() and again.step == 8  # a finished run resumes at its end, without an error
     saved = load_file(str(tmp_path / "checkpoints" / "step_00000008" / "rng.safetensors"))["torch_cpu"]
     assert torch.equal(torch.get_rng_state(), saved)  # the global RNG is restored (dropout resumes exactly)
+    # going on to more steps is no exact resume: the cosine decay spans the new count (said, not left to be found)
+    longer = TrainConfig(steps=12, ckpt_every=2, keep=2, warmup=0, progress=False)
+    with pytest.warns(UserWarning, match="set for 8 steps and now goes on to 12: its learning rate now decays"):
+        assert Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, s, 4), longer, tmp_path).resume()
+    flat = TrainConfig(steps=12, ckpt_every=2, keep=2, warmup=0, progress=False, lr_decay="constant")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a constant rate does not depend on the step count
+        Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, s, 4), flat, tmp_path).resume()
 
 
 @pytest.mark.parametrize(("damage", "message"), [
