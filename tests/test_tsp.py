@@ -353,6 +353,9 @@ def test_tours_to_adjacency_points_from_each_city_to_the_next():
 
 def test_optimality_gap_is_relative_to_the_optimum():
     assert np.allclose(tsp.optimality_gap([1.1, 1.5, 2.0], [1.0, 1.0, 1.6]), [0.1, 0.5, 0.25], atol=1e-12)
+    # the optimum found, its length summed in another order (pnp tsp reported gaps of -2.2e-16)
+    lengths = [0.1 + 0.2 + 0.3, 0.3 + 0.2 + 0.1]
+    assert lengths[0] != lengths[1] and tsp.optimality_gap(lengths, lengths[::-1]).tolist() == [0.0, 0.0]
 
 
 def test_solve_with_prior_keeps_the_shortest_chain(monkeypatch):
