@@ -1304,8 +1304,8 @@ def test_resuming_dual_training_under_constraints_of_other_names_is_refused_and_
 
     def trainer(cs, steps):
         obj = DualObjective(x, cs, s, 16, DualConfig(every=5, batch_size=32))
-        return Trainer(TimeMLP(2, hidden=8, depth=1), obj,
-                       TrainConfig(steps=steps, warmup=0, ckpt_every=10, progress=False), tmp_path)
+        return Trainer(TimeMLP(2, hidden=8, depth=1), obj,  # (a constant rate: going on to 20 steps is no warning)
+                       TrainConfig(steps=steps, warmup=0, ckpt_every=10, progress=False, lr_decay="constant"), tmp_path)
 
     first = trainer([Constraint("a", qa, 0.3), Constraint("b", qb, 0.3)], 10)
     first.fit()
