@@ -61,16 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_quiet(parser: argparse.ArgumentParser, seen: set[int] | None = None) -> None:
-    """``--quiet`` (no progress bars) on every command that runs something (each parser without subcommands)."""
-    seen = set() if seen is None else seen
-    if id(parser) in seen:
-        return
-    seen.add(id(parser))
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    """``--quiet`` (no progress bars) on every command that runs something (each parser without subcommands;
+    ``namm``'s have their own)."""
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     for action in subs:
         for child in action.choices.values():
-            _add_quiet(child, seen)
+            _add_quiet(child)
     if not subs and "--quiet" not in parser._option_string_actions:
         parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
