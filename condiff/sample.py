@@ -449,18 +449,17 @@ def generate(denoiser: Denoiser, n: int, shape: tuple[int, ...], batch_size: int
     return torch.cat(out) if out else torch.empty(0, *shape)
 
 
-_QUIET = False  # set by the command line's --quiet (quiet_progress): no bar anywhere in the process
+_QUIET: ContextVar[bool] = ContextVar("condiff_quiet", default=False)  # the command line's --quiet
 
 
 @contextlib.contextmanager
 def quiet_progress(quiet: bool = True) -> Iterator[None]:
     """Within the block, :func:`progress_bar` makes no bar whatever its callers ask (``condiff ... --quiet``)."""
-    global _QUIET
-    before, _QUIET = _QUIET, bool(quiet) or _QUIET
+    token = _QUIET.set(bool(quiet) or _QUIET.get())
     try:
         yield
     finally:
-        _QUIET = before
+        _QUIET.reset(token)
 
 
 def progress_bar(total: int, enabled: bool, unit: str = "step", desc: str | None = None, initial: int = 0,
@@ -468,7 +467,7 @@ def progress_bar(total: int, enabled: bool, unit: str = "step", desc: str | None
     """A tqdm bar of ``total`` units (transient unless ``leave``), or ``None`` when not ``enabled`` or inside
     :func:`quiet_progress` (callers skip updates). Written to a file or pipe rather than a terminal it
     refreshes every 10 s."""
-    if not enabled or _QUIET:
+    if not enabled or _QUIET.get():
         return None
     from tqdm.auto import tqdm
 
