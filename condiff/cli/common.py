@@ -12,7 +12,7 @@ import sys
 import tempfile
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -563,7 +563,8 @@ def check_writable(path: str | Path, flag: str, folder: bool | None = None) -> P
 
 
 def check_out_dir(path: str | Path | None, flag: str = "--out", kind: str | None = None, by: str | None = None,
-                  inputs: dict[str, object] | None = None, default: str | Path | None = None) -> Path:
+                  inputs: dict[str, object] | None = None,
+                  default: str | Path | Callable[[], str | Path] | None = None) -> Path:
     """An output directory argument, checked before any work: refused if it names an existing file, or,
     for a command that writes a run of its own ``kind`` (``"condiff dual train"``), if it holds another
     command's run, which this one would overwrite. Once the command succeeds, :func:`mark_runs` records
@@ -571,11 +572,12 @@ def check_out_dir(path: str | Path | None, flag: str = "--out", kind: str | None
     (``condiff demo`` writes a ``condiff train`` run). ``inputs``: the command's input paths by flag
     (``{"--input": "pngs"}``); a folder of data among them, or its ``train/`` or ``test/`` split, is refused
     as the output. ``default``: the folder the command chose where ``path`` (the flag's value) is None, named in
-    a refusal as :data:`DEFAULT_OUT`, with how to write elsewhere. Returns the folder."""
+    a refusal as :data:`DEFAULT_OUT`, with how to write elsewhere; or a function that makes it, called only then
+    (a default made of a model or a config the command has yet to check). Returns the folder."""
     if path is None:
         if default is None:
             raise ValueError(f"{flag} is needed: give an output directory")
-        path, flag = default, DEFAULT_OUT
+        path, flag = default() if callable(default) else default, DEFAULT_OUT
     p = Path(path)
     elsewhere = _way_out(flag)
     another = elsewhere[2:] or "give another directory"

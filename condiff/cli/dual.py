@@ -531,7 +531,7 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = absolute_paths(cfg)
     device = pick_device(args.device)
     run_dir = check_out_dir(args.out, kind="condiff dual train",  # (--resume takes --out and may have no --config)
-                            default=Path("runs") / f"dual-{Path(args.config).stem}" if args.out is None else None)
+                            default=lambda: Path("runs") / f"dual-{Path(args.config).stem}")
     args.run_dir = run_dir  # for the Ctrl-C hint
     if old is not None:
         announce_recorded(run_dir, args.overrides)

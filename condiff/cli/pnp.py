@@ -310,7 +310,7 @@ def _results_of_another_file(out: Path, path: str) -> bool:
 def _check_common(args: argparse.Namespace) -> None:
     """The options every task shares, checked before a prior is trained or loaded."""
     args.out = check_out_dir(args.out, kind=f"condiff pnp {args.pnp_command}",
-                             default=default_out(args) if args.out is None else None)
+                             default=lambda: default_out(args))
     checks.seed("--seed", args.seed)
     checks.integer("--steps", args.steps)
     checks.number("--lr", args.lr, "> 0")

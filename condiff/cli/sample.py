@@ -102,7 +102,7 @@ def condition(den: Denoiser, run_cfg: dict, label: int | None, scale: float) -> 
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     out = check_out_dir(args.out, kind="condiff sample",
-                        default=results_dir(args.ckpt, "samples") if args.out is None else None)
+                        default=lambda: results_dir(args.ckpt, "samples"))
     den, run_cfg, shape = load_model_for(args.ckpt, device)
     den = condition(den, run_cfg, args.label, args.guidance_scale)
     scfg = sample_settings(args, run_cfg, den.schedule.T)

@@ -468,8 +468,8 @@ def run(args: argparse.Namespace) -> int:
     check_flags(args)
     own = load_user_operator(args.operator)  # its file runs once, now: a broken one is named before any model loads
     label = operator_label(args.operator)
-    default = results_dir(args.ckpt, "solve") / f"{label}-{args.method}-{args.steps}" if args.out is None else None
-    out = check_out_dir(args.out, kind="condiff solve", default=default,
+    out = check_out_dir(args.out, kind="condiff solve",
+                        default=lambda: results_dir(args.ckpt, "solve") / f"{label}-{args.method}-{args.steps}",
                         inputs={"--input": args.input, "--measurement": args.measurement})
     device = pick_device(args.device)
     den, run_cfg, shape = load_model_for(args.ckpt, device)
