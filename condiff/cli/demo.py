@@ -60,10 +60,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"reusing the trained model in {run_dir / 'model'} (pass --retrain to train again)", file=sys.stderr)
         save_resolved_config(run_dir, cfg)  # sampling / eval settings may have changed: they are read from there
     t_train = time.perf_counter() - t0
-    sample_args = argparse.Namespace(n=None, steps=None, eta=None, seed=None, batch_size=None,
-                                     n_flag="--set sample.n={}")
+    sample_args = argparse.Namespace(n=None, steps=None, eta=None, seed=None, batch_size=None)
     try:
-        m = evaluate_run(run_dir, sample_args, run_dir, device)
+        m = evaluate_run(run_dir, sample_args, run_dir, device, n_flag="--set sample.n={}")  # (demo has no --n)
     except BaseException:  # the settings go back to those of the results beside them
         io.write_file_atomic(run_dir / "config.json", lambda f: f.write(before), binary=True)
         raise

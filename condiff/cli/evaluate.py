@@ -52,7 +52,10 @@ def add_parser(sub, name: str) -> None:
 FEW_SAMPLES = 200  # under this many samples eval warns that its figures are noise (metrics.json records n)
 
 
-def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, device: str) -> dict:
+def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, device: str,
+                 n_flag: str = "--n {}") -> dict:
+    """Sample the model at ``ckpt`` with the run's settings under ``scfg_args``' flags, and score the samples;
+    ``n_flag``: how the calling command sets the sample count, for its warnings (demo: ``--set sample.n={}``)."""
     den, run_cfg, shape = load_model_for(ckpt, device)
     name = getattr(scfg_args, "data", None)
     if name and (run_cfg.get("data") or {}).get("name") != name:
@@ -64,9 +67,7 @@ def evaluate_run(ckpt: str | Path, scfg_args: argparse.Namespace, out: Path, dev
         raise ValueError(f"the model makes samples of shape {tuple(shape)} but {run_cfg['data']['name']} "
                          f"holds {tuple(held.shape)}")
     scfg = sample_settings(scfg_args, run_cfg, den.schedule.T)
-    # where the count came from, and how this command sets another (demo has no --n)
-    where = "--n" if getattr(scfg_args, "n", None) is not None else "sample.n (the run's)"
-    n_flag = getattr(scfg_args, "n_flag", "--n {}")
+    where = "--n" if getattr(scfg_args, "n", None) is not None else "sample.n (the run's)"  # the count's source
     if scfg["n"] < 2:
         raise ValueError(f"condiff eval compares distributions: {where} must be >= 2, got {scfg['n']}")
     if scfg["n"] < FEW_SAMPLES and run_cfg["data"].get("name") != "toy2d":  # (toy2d's scoring says its own)
