@@ -88,8 +88,10 @@ def _box(s: tuple[int, ...], g: torch.Generator, sigma_y: float, p: dict) -> Inp
 # each operator's own flags (given with another operator, they are refused rather than ignored)
 OPERATOR_FLAGS = {"--p-drop": "inpaint-random", "--box": "inpaint-box", "--mask": "inpaint-mask", "--factor": "sr",
                   "--kernel": "sr", "--blur-size": "blur", "--blur-sigma": "blur"}
-# the flags to change where a built-in filter cannot take the images (operators.ImageSizeError's cause)
+# the flags to change where a built-in filter cannot take the images (operators.ImageSizeError's cause; for sr's
+# kernel, by the kernel in use: the box kernel is the smaller one already)
 SIZE_HINTS = {("sr", "kernel"): "a smaller --factor, or --kernel box, keeps the kernel within the image",
+              ("sr", "kernel", "box"): "a smaller --factor keeps the kernel within the image",
               ("sr", "factor"): "--factor must divide the images' sides, {h} and {w}",
               ("blur", "kernel"): "a smaller --blur-size keeps the kernel within the image"}
 # operators that hold no randomness, so they can describe a measurement made outside condiff
@@ -510,9 +512,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             op.A(torch.zeros(1, *shape, device=device))
         except ImageSizeError as e:
-            hint = SIZE_HINTS[args.operator, e.cause].format(h=shape[-2], w=shape[-1])
-            if getattr(args, "kernel", None) == "box":  # the smaller kernel is the one in use
-                hint = hint.replace(", or --kernel box,", "")
+            hint = SIZE_HINTS.get((args.operator, e.cause, args.kernel), SIZE_HINTS[args.operator, e.cause])
+            hint = hint.format(h=shape[-2], w=shape[-1])
             raise ValueError(f"--operator {args.operator}: {e} ({hint})") from None
     if x is not None:
         x = x.to(device)
