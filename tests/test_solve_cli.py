@@ -609,29 +609,25 @@ def test_the_default_box_fits_a_wide_image_and_a_box_too_large_names_its_limit()
 
 def test_a_kernel_too_large_for_the_images_is_said_in_the_flags_terms(tiny_run, tmp_path, capsys):
     """sr --factor 8 on 8x8 images stopped mid-run on "a kernel of 32 taps with padding (12, 12)", naming no flag."""
-    assert main(["solve", "--ckpt", str(tiny_run), "--operator", "sr", "--factor", "8", "--method", "dps",
-                 "--steps", "2", "--n", "2", "--device", "cpu", "--out", str(tmp_path / "s")]) == 2
-    err = capsys.readouterr().err
-    assert "--operator sr: SuperResolution: a kernel of 32 taps" in err
-    assert err.rstrip().endswith("(a smaller --factor, or --kernel box, keeps the kernel within the image)")
-    assert not (tmp_path / "s").exists()
-    # a factor that does not divide the sides is another fault, with its own hint
-    assert main(["solve", "--ckpt", str(tiny_run), "--operator", "sr", "--factor", "3", "--method", "dps",
-                 "--steps", "2", "--n", "2", "--device", "cpu", "--out", str(tmp_path / "s")]) == 2
-    err = capsys.readouterr().err
-    assert "is not divisible by the factor 3 (--factor must divide the images' sides, 8 and 8)" in err
-    assert "kernel within" not in err
-    # with the box kernel already chosen, only the factor is left to change
-    assert main(["solve", "--ckpt", str(tiny_run), "--operator", "sr", "--factor", "16", "--kernel", "box",
-                 "--method", "dps", "--steps", "2", "--n", "2", "--device", "cpu", "--out", str(tmp_path / "s")]) == 2
-    assert capsys.readouterr().err.rstrip().endswith("(a smaller --factor keeps the kernel within the image)")
-    # blur's kernel, in blur's flag
-    assert main(["solve", "--ckpt", str(tiny_run), "--operator", "blur", "--blur-size", "17", "--method", "dps",
-                 "--steps", "2", "--n", "2", "--device", "cpu", "--out", str(tmp_path / "s")]) == 2
-    err = capsys.readouterr().err
-    assert "--operator blur: GaussianBlur: a kernel of 17 taps" in err
-    assert err.rstrip().endswith("(a smaller --blur-size keeps the kernel within the image)")
-    assert not (tmp_path / "s").exists()
+    cases = [  # (flags, a part of the error, its hint)
+        (["sr", "--factor", "8"], "--operator sr: SuperResolution: a kernel of 32 taps",
+         "(a smaller --factor, or --kernel box, keeps the kernel within the image)"),
+        # a factor that does not divide the sides is another fault, with its own hint
+        (["sr", "--factor", "3"], "is not divisible by the factor 3",
+         "(--factor must divide the images' sides, 8 and 8)"),
+        # with the box kernel already chosen, only the factor is left to change
+        (["sr", "--factor", "16", "--kernel", "box"], "a kernel of",
+         "(a smaller --factor keeps the kernel within the image)"),
+        # blur's kernel, in blur's flag
+        (["blur", "--blur-size", "17"], "--operator blur: GaussianBlur: a kernel of 17 taps",
+         "(a smaller --blur-size keeps the kernel within the image)"),
+    ]
+    for flags, error, hint in cases:
+        assert _solve(tiny_run, tmp_path / "s", "--method", "dps", "--operator", *flags) == 2
+        err = capsys.readouterr().err
+        assert error in err and err.rstrip().endswith(hint), flags
+        assert ("kernel within" in err) == ("kernel within" in hint)  # one hint, the fault's own
+        assert not (tmp_path / "s").exists()
 
 
 def test_a_factor_that_does_not_divide_the_sides_names_each_side(tmp_path, capsys):
