@@ -517,7 +517,6 @@ def paths_resolved(v: object, key: str | None = None) -> object:
     return data_ref(v) if isinstance(v, str) and v and key in PATH_KEYS else v
 
 
-RUN_MARK = io.RUN_MARK
 _claimed: dict[Path, str] = {}
 
 
@@ -600,7 +599,7 @@ def check_out_dir(path: str | Path | None, flag: str = "--out", kind: str | None
             raise FileExistsError(f"{flag} {p} holds the output of `{other}`, which `{by or kind}` would overwrite: "
                                   f"{another}")
         if other is None and p.is_dir():  # a folder of runs (runs/): it would be marked as this command's run
-            inner = sorted(q.name for q in p.iterdir() if q.is_dir() and (q / RUN_MARK).is_file())
+            inner = sorted(q.name for q in p.iterdir() if q.is_dir() and (q / io.RUN_MARK).is_file())
             if inner:
                 raise FileExistsError(f"{flag} {p} is a folder that holds runs ({', '.join(inner[:3])}"
                                       f"{', ...' if len(inner) > 3 else ''}), not a run: give a directory of its own")
@@ -664,7 +663,7 @@ def run_kind(path: str | Path) -> str | None:
     from its config.json or metrics.json; None for a directory that shows no run."""
     p = Path(path)
     try:
-        return (p / RUN_MARK).read_text().strip() or None
+        return (p / io.RUN_MARK).read_text().strip() or None
     except OSError:
         pass
     cfg = json_table(p / "config.json")
@@ -690,9 +689,9 @@ def forget_claims() -> None:
 def mark_runs() -> None:
     """Record in each directory a successful command claimed (:func:`check_out_dir`) which command it was."""
     for p, kind in _claimed.items():
-        if p.is_dir() and not (p / RUN_MARK).is_file():
+        if p.is_dir() and not (p / io.RUN_MARK).is_file():
             try:
-                io.write_text_atomic(p / RUN_MARK, kind + "\n")
+                io.write_text_atomic(p / io.RUN_MARK, kind + "\n")
             except OSError:  # a read-only place: the command's work is done, the mark only guards it
                 pass
     forget_claims()
