@@ -2266,3 +2266,21 @@ def test_mirror_stages_record_seeded_random_streams_and_leave_the_callers(tmp_pa
         (a,), (b,) = ([c / "rng.safetensors" for c in list_checkpoints(tmp_path / r / stage / "checkpoints")]
                       for r in ("a", "b"))
         assert a.read_bytes() == b.read_bytes(), stage
+
+
+def test_namm_cli_fine_tunes_an_informed_map_and_samples_with_it(tmp_path, capsys, monkeypatch):
+    from condiff.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(_tiny_box_fit(tmp_path)) == 0
+    bad = ["namm", "finetune", "--run", "run", "--set", "finetune.informed=2", "--quiet"]
+    assert main(bad) == 2
+    assert "finetune.informed must be true or false, got 2" in capsys.readouterr().err
+    ft = ["--set", "finetune.informed=true", "--set", "finetune.steps=3", "--set", "finetune.n=8", "--quiet"]
+    assert main(["namm", "finetune", "--run", "run", *ft]) == 0
+    capsys.readouterr()
+    assert main(["namm", "sample", "--run", "run", "--set", "sample.n=4", *ft]) == 0
+    _, cfg = load_mirror(tmp_path / "run" / "finetune" / "mirror")
+    assert cfg["mirror"]["inverse"]["name"] == "informed"
+    x = np.load(tmp_path / "run" / "samples" / "mdm_ft" / "samples.npz")["x"]
+    assert x.shape == (4, 1, 8, 8) and np.isfinite(x).all()

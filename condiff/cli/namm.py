@@ -49,6 +49,7 @@ from ..denoiser import Denoiser
 from ..evaluate import mmd_with_reference
 from ..guidance import make_guidance
 from ..mirror import (
+    InformedInverse,
     MirrorMap,
     NAMMLoss,
     assimilate,
@@ -440,6 +441,9 @@ class NAMMRun:
         self._tcfg(self._finetune_train(), section="finetune")
         check_fitting_loss(NAMMLoss.from_dict(self.cfg["loss"]))  # the fitting checks it too, once it starts
         self.finetune_loss()
+        if self.informed() and (name := self.cfg["mirror"]["inverse"].get("name", "resnet")) != "resnet":
+            raise ValueError(f"finetune.informed needs the 'resnet' inverse network (mirror.inverse.name), got "
+                             f"{name!r}")
         n = self.cfg["finetune"].get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"finetune.n (the pool of MDM samples) must be an integer >= 1, got {n!r}")
@@ -867,14 +871,24 @@ class NAMMRun:
 
     def _finetune_train(self) -> dict:
         """The fine-tuning's training settings: ``mirror_train`` with ``finetune``'s own over it
-        (finetune's other keys: ``n`` and ``seed`` for the pool, ``loss`` for :meth:`finetune_loss`)."""
+        (finetune's other keys: ``n`` and ``seed`` for the pool, ``loss`` for :meth:`finetune_loss`,
+        ``informed`` for :meth:`informed`)."""
         ft = self.cfg["finetune"]
-        return {**self.cfg["mirror_train"], **{k: v for k, v in ft.items() if k not in ("n", "seed", "loss")}}
+        return {**self.cfg["mirror_train"],
+                **{k: v for k, v in ft.items() if k not in ("n", "seed", "loss", "informed")}}
+
+    def informed(self) -> bool:
+        """``finetune.informed``: the fine-tuned inverse map is also given the constraint's distance and
+        gradient at its input (:mod:`condiff.mirror.informed`)."""
+        v = self.cfg["finetune"].get("informed", False)
+        if not isinstance(v, bool):
+            raise ValueError(f"finetune.informed must be true or false, got {v!r}")
+        return v
 
     def finetuned(self) -> MirrorMap:
         """Stage ``finetune``: ``f`` fine-tuned on a pool of MDM samples (its own seed)."""
         spec = self.spec("finetune")
-        d, done = self._reuse("finetune", spec, lambda d: load_mirror(d / "mirror", self.device)[0])
+        d, done = self._reuse("finetune", spec, lambda d: self._attached(load_mirror(d / "mirror", self.device)[0]))
         if done is not None:
             return done
         ft = self.cfg["finetune"]
@@ -892,9 +906,16 @@ class NAMMRun:
             d,
             {"constraint": self.constraint().config},
             resume=True,
+            informed=self.informed(),
         )
         self._finish("finetune", spec, time.perf_counter() - t0, pool=int(ft["n"]))
         return out
+
+    def _attached(self, mirror: MirrorMap) -> MirrorMap:
+        """A loaded map whose inverse reads the constraint (an informed one) given the run's."""
+        if isinstance(mirror.inverse, InformedInverse):
+            mirror.inverse.attach(self.constraint())
+        return mirror
 
     # -- sampling
     def _generate(

@@ -8,6 +8,7 @@ space and return ``f(y)``. Pieces:
 - :mod:`.map`: :class:`MirrorMap`, :func:`save_mirror`, :func:`load_mirror`;
 - :mod:`.objective`: the NAMM loss and the fine-tuning loss as core-trainer objectives;
 - :mod:`.fit`: :func:`fit_mirror_map`, :func:`train_diffusion`, :func:`finetune_inverse`;
+- :mod:`.informed`: :class:`InformedInverse`, an inverse map told its constraint's distance (not in the paper);
 - :mod:`.sample`: :func:`mirror_generate`;
 - :mod:`.dps` / :mod:`.assimilate`: mirror DPS and constraint-guided DPS (on :class:`condiff.guidance.DPS`),
   data assimilation.
@@ -16,12 +17,14 @@ space and return ``f(y)``. Pieces:
 from condiff.mirror.assimilate import assimilate, first_rows, frames, sparse_points
 from condiff.mirror.dps import mirror_dps, normalised_measurement_loss, with_constraint
 from condiff.mirror.fit import build_mirror, finetune_inverse, fit_mirror_map, train_diffusion
+from condiff.mirror.informed import InformedInverse
 from condiff.mirror.map import MirrorMap, MirrorTerms, load_mirror, save_mirror
 from condiff.mirror.objective import FinetuneObjective, NAMMLoss, NAMMObjective, evaluate_terms
 from condiff.mirror.sample import batched_distance, data_violation, mirror_generate
 
 __all__ = [
     "FinetuneObjective",
+    "InformedInverse",
     "MirrorMap",
     "MirrorTerms",
     "NAMMLoss",

@@ -18,6 +18,7 @@ from condiff.constraints import Distance, check_distance
 from condiff.data import value_range
 from condiff.denoiser import NetDenoiser
 from condiff.determinism import seeded
+from condiff.mirror.informed import InformedInverse
 from condiff.mirror.map import MirrorMap, check_mirror, check_own_entries, save_mirror
 from condiff.mirror.objective import FinetuneObjective, NAMMLoss, NAMMObjective
 from condiff.mirror.sample import data_violation
@@ -228,16 +229,26 @@ def finetune_inverse(
     run_dir: str | Path | None = None,
     meta: dict | None = None,
     resume: bool = False,
+    informed: bool = False,
 ) -> MirrorMap:
     """Fine-tune ``f`` on mirror-model samples ``y_mdm`` (forward map frozen); returns a new
     :class:`MirrorMap`: a copy of ``Psi``, unchanged, with the fine-tuned EMA inverse (saved to
-    ``run_dir/mirror``). ``mirror`` itself is left as it was."""
+    ``run_dir/mirror``). ``mirror`` itself is left as it was. ``informed``: fine-tune an inverse that is
+    also given the constraint's distance and gradient at its input (:mod:`condiff.mirror.informed`),
+    started from ``mirror``'s; an inverse that is informed already stays so, given ``constraint``."""
     _check_inputs("finetune_inverse", x, tcfg, weights=weights, meta=meta)
     check_mirror("finetune_inverse", mirror)
     checks.finite_rows("the mirror-model samples y_mdm", y_mdm)
     _probe(constraint, x)
     weights = weights or NAMMLoss()
-    f = copy.deepcopy(mirror.inverse).train().requires_grad_(True)
+    if informed and not isinstance(mirror.inverse, InformedInverse):
+        with torch.no_grad():
+            f = InformedInverse.from_inverse(mirror.inverse, constraint, y_mdm)
+    else:
+        f = copy.deepcopy(mirror.inverse)
+        if isinstance(f, InformedInverse):
+            f.attach(constraint)
+    f = f.train().requires_grad_(True)
     obj = FinetuneObjective(mirror, x, y_mdm, constraint, tcfg.batch_size, weights)  # freezes a copy of psi
     meta = {"mirror": mirror.config, "loss": vars(weights), "finetune": True,
             "constraint": constraint_entry(constraint), **(meta or {})}
