@@ -182,8 +182,10 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
         notes.append(
             f"{name}: data {cfg['data']}, loss {cfg['loss']}, ICNN {cfg['mirror']['psi']}, inverse "
             f"{cfg['mirror']['inverse']}, {cfg['mirror_train']['steps']} mirror steps, fine-tuning "
-            f"{cfg['finetune']['steps']} steps on {cfg['finetune']['n']} MDM samples; "
-            "stage seconds "
+            f"{cfg['finetune']['steps']} steps on {cfg['finetune']['n']} MDM samples"
+            + (f" with loss {cfg['finetune']['loss']}" if cfg["finetune"].get("loss") else "")
+            + (", informed inverse (finetune.informed)" if cfg["finetune"].get("informed") else "")
+            + "; stage seconds "
             + ", ".join(f"{k} {v:.0f}" for k, v in secs.items())
             + f" (total {sum(secs.values()) / 60:.1f} min)"
         )

@@ -220,11 +220,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
 PROFILE_FAMILIES = {
     "quick": {
         # l_con 1 (not the paper's 0.01, where the constraint term is 4x below the cycle term and f
-        # stays the identity) and a long fine-tuning: f only sees wrong counts in MDM samples. A larger
-        # weight (10, 100) alone buys CNN distance with a diffuse glow, not with sources; with the
-        # realism term against the glow (finetune.loss = {l_con = 10, l_adv = 1}) the CNN distance
-        # halves but no more samples hold 4 sources by the peak finder (docs/namm-count.md)
-        "count": {"data": {"k": 4}, "loss": {"l_con": 1.0}, "finetune": {"n": 2048, "steps": 6000},
+        # stays the identity) for the fitting, and a long fine-tuning: f only sees wrong counts in MDM
+        # samples. A plain f did not learn to repair them (a stronger weight bought CNN distance with a
+        # glow, the realism term with partial sources); an informed f, given l and grad(l^2 / 2), adds
+        # whole sources (l_con 10 with the realism term; 30 buys more CNN distance with streaks), the
+        # ninth look of docs/namm-count.md
+        "count": {"data": {"k": 4}, "loss": {"l_con": 1.0},
+                  "finetune": {"n": 2048, "steps": 8000, "lr": 2e-4, "batch_size": 32, "informed": True,
+                               "loss": {"l_con": 10.0, "l_adv": 1.0}},
                   "mirror": {"psi": {"layers": 2}}},
         "kolmogorov": {"mirror": {"psi": {"layers": 2}}},  # one shallower than the paper, as above
         # the global branch learns a precise total only with a longer, decaying schedule: at 1200
