@@ -2284,3 +2284,8 @@ def test_namm_cli_fine_tunes_an_informed_map_and_samples_with_it(tmp_path, capsy
     assert cfg["mirror"]["inverse"]["name"] == "informed"
     x = np.load(tmp_path / "run" / "samples" / "mdm_ft" / "samples.npz")["x"]
     assert x.shape == (4, 1, 8, 8) and np.isfinite(x).all()
+    # mirror DPS differentiates through the informed map (the fine-tuned map is its default)
+    assert main(["namm", "assimilate", "--run", "run", "--no-baselines", "--set", "assimilate.n=2", "--set",
+                 "assimilate.steps=3", *ft]) == 0
+    with np.load(tmp_path / "run" / "assimilate" / "samples.npz") as z:
+        assert z["mirror_DPS"].shape == (2, 1, 8, 8) and np.isfinite(z["mirror_DPS"]).all()
