@@ -143,3 +143,63 @@ def test_informed_inverses_refuse_what_they_cannot_use():
         f(torch.randn(2, 2, 8, 8))
     with pytest.raises(TypeError, match="distance x -> "):
         f.attach("box")
+
+
+def test_an_informed_inverse_refuses_inference_mode_where_its_gradient_would_be_zero():
+    y = torch.randn(4, 1, 8, 8)
+    f = InformedInverse.from_inverse(_mirror().inverse, TotalBrightness(1.0), y)
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"outside torch.inference_mode\(\)"):
+        f(y)
+    with torch.no_grad():  # no_grad is fine: the features turn gradients on for themselves
+        assert float(f.features(y)[:, 1:2].abs().max()) > 0
+
+
+class _Uncopyable:
+    """A distance holding a lock, which cannot be copied (a file handle, a connection...)."""
+
+    def __init__(self):
+        import threading
+
+        self.lock = threading.Lock()
+
+    def __call__(self, x):
+        return (x.flatten(1).sum(1) - 1).abs()
+
+
+def test_copies_of_an_informed_inverse_share_its_constraint_which_need_not_be_copyable():
+    import copy
+
+    con = _NetDistance()
+    f = InformedInverse.from_inverse(_mirror().inverse, con, torch.randn(4, 1, 8, 8))
+    g = copy.deepcopy(f)
+    assert g.constraint is con and g.net is not f.net
+    assert all(not torch.equal(a, b) or a.data_ptr() != b.data_ptr()
+               for a, b in zip(f.parameters(), g.parameters()))  # the weights are copied
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    m = _mirror()
+    out = finetune_inverse(m, x, m.to_mirror(x), _Uncopyable(), _ft_cfg(2), informed=True)
+    assert isinstance(out.inverse.constraint, _Uncopyable)
+
+
+def test_resuming_an_informed_fine_tuning_with_another_gradient_scale_is_refused(tmp_path):
+    m = _mirror()
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    y = m.to_mirror(x)
+    con = TotalBrightness(10.0)
+    finetune_inverse(m, x, y, con, _ft_cfg(2), run_dir=tmp_path, informed=True)
+    again = finetune_inverse(m, x, y, con, TrainConfig(**{**vars(_ft_cfg(2)), "steps": 3}), run_dir=tmp_path,
+                             resume=True, informed=True)  # the same pool: goes on
+    assert isinstance(again.inverse, InformedInverse)
+    with pytest.raises(ValueError, match=r"\(inverse differ\)"):  # another pool, another scale s
+        finetune_inverse(m, x, 3 * y, con, TrainConfig(**{**vars(_ft_cfg(2)), "steps": 4}), run_dir=tmp_path,
+                         resume=True, informed=True)
+    from condiff.io import CheckpointError
+
+    with pytest.raises(CheckpointError, match="does not match the model"):  # a plain fine-tuning of the same run
+        finetune_inverse(m, x, y, con, TrainConfig(**{**vars(_ft_cfg(2)), "steps": 4}), run_dir=tmp_path,
+                         resume=True)
+
+
+def test_an_informed_inverse_is_not_fitted():
+    with pytest.raises(ValueError, match=r"by fine-tuning \(finetune.informed = true"):
+        build_mirror((1, 8, 8), {"name": "icnn"}, {"name": "informed", "net": {}})

@@ -2261,6 +2261,7 @@ def test_mirror_stages_record_seeded_random_streams_and_leave_the_callers(tmp_pa
         before = torch.get_rng_state()
         fit_mirror_map(x, con, _tiny_mirror(), _ft_cfg(2), run_dir=tmp_path / name / "fit")
         finetune_inverse(_tiny_mirror(), x, y, con, _ft_cfg(2), run_dir=tmp_path / name / "ft")
+        finetune_inverse(_tiny_mirror(), x, y, con, _ft_cfg(2), informed=True)  # its new layers drawn seeded
         assert torch.equal(torch.get_rng_state(), before)  # the caller's stream as it was
     for stage in ("fit", "ft"):
         (a,), (b,) = ([c / "rng.safetensors" for c in list_checkpoints(tmp_path / r / stage / "checkpoints")]

@@ -33,6 +33,15 @@ from condiff import checks
 
 Distance = Callable[[Tensor], Tensor]
 
+
+def device_of(constraint: Distance, default: torch.device | str = "cpu") -> torch.device:
+    """The device a constraint's weights live on (a counting CNN on a GPU); ``default`` for one without."""
+    if isinstance(constraint, nn.Module):
+        t = next(iter([*constraint.parameters(), *constraint.buffers()]), None)
+        if t is not None:
+            return t.device
+    return torch.device(default)
+
 CONSTRAINTS: dict[str, type] = {}
 
 

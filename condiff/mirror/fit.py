@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from condiff import checks, io
-from condiff.constraints import Distance, check_distance
+from condiff.constraints import Distance, check_distance, device_of
 from condiff.data import value_range
 from condiff.denoiser import NetDenoiser
 from condiff.determinism import seeded
@@ -52,18 +52,9 @@ def _check_inputs(where: str, x: object, tcfg: object, weights: object = None, m
                         f"{type(weights).__name__}")
 
 
-def _device_of(constraint: Distance) -> torch.device:
-    """The device a constraint's weights live on (a counting CNN on a GPU); the CPU for one without."""
-    if isinstance(constraint, nn.Module):
-        t = next(iter([*constraint.parameters(), *constraint.buffers()]), None)
-        if t is not None:
-            return t.device
-    return torch.device("cpu")
-
-
 def _probe(constraint: Distance, x: Tensor) -> None:
     """Check a constraint on two samples, on the device its weights live on."""
-    check_distance(constraint, x[:2].to(_device_of(constraint)))
+    check_distance(constraint, x[:2].to(device_of(constraint)))
 
 
 def off_set_warning(v: dict, constraint: Distance) -> str:
@@ -107,6 +98,9 @@ def build_mirror(
             raise TypeError(f"build_mirror: {what} is a net's settings, a dict such as {{'name': "
                             f"'{'icnn' if what == 'psi' else 'resnet'}'}}, got {type(cfg).__name__}")
     seed = checks.seed("build_mirror: seed", seed)
+    if inverse.get("name") == "informed":
+        raise ValueError("an informed inverse map is made from a fitted one by fine-tuning (finetune.informed = "
+                         "true; finetune_inverse(..., informed=True)), not fitted: fit a 'resnet' inverse")
     down = inverse.get("downsamples", 2) if inverse.get("name", "resnet") == "resnet" else 0
     down = checks.integer("mirror.inverse.downsamples", down, 0)
     if any(n % 2**down for n in shape[1:]):  # before a deep net is built
@@ -144,7 +138,7 @@ def fit_mirror_map(
     check_mirror("fit_mirror_map", mirror)
     _probe(constraint, x)
     if check_data:
-        v = data_violation(constraint, x, device=_device_of(constraint))
+        v = data_violation(constraint, x, device=device_of(constraint))
         if not v["satisfied"]:
             warnings.warn(off_set_warning(v, constraint), stacklevel=2)
     weights = weights or NAMMLoss()
@@ -165,7 +159,7 @@ def fit_mirror_map(
 
 
 def meta_extra(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if k not in ("mirror", "loss", "finetune")}
+    return {k: v for k, v in meta.items() if k not in ("mirror", "inverse", "loss", "finetune")}
 
 
 def train_diffusion(
@@ -241,18 +235,19 @@ def finetune_inverse(
     checks.finite_rows("the mirror-model samples y_mdm", y_mdm)
     _probe(constraint, x)
     weights = weights or NAMMLoss()
-    if informed and not isinstance(mirror.inverse, InformedInverse):
-        with torch.no_grad():
-            f = InformedInverse.from_inverse(mirror.inverse, constraint, y_mdm)
-    else:
-        f = copy.deepcopy(mirror.inverse)
-        if isinstance(f, InformedInverse):
-            f.attach(constraint)
-    f = f.train().requires_grad_(True)
     obj = FinetuneObjective(mirror, x, y_mdm, constraint, tcfg.batch_size, weights)  # freezes a copy of psi
-    meta = {"mirror": mirror.config, "loss": vars(weights), "finetune": True,
-            "constraint": constraint_entry(constraint), **(meta or {})}
-    with seeded(tcfg.seed, tcfg.device):  # as fit_mirror_map
+    with seeded(tcfg.seed, tcfg.device):  # as fit_mirror_map (an informed map's new layers drawn in it too)
+        if informed and not isinstance(mirror.inverse, InformedInverse):
+            f = InformedInverse.from_inverse(mirror.inverse, constraint, y_mdm)
+        else:
+            f = copy.deepcopy(mirror.inverse)
+            if isinstance(f, InformedInverse):
+                f.attach(constraint)
+        f = f.train().requires_grad_(True)
+        # the inverse's settings too: a resume of an informed map with another gradient scale (another pool)
+        # or of a plain one as informed is refused, naming them
+        meta = {"mirror": mirror.config, "inverse": f.config, "loss": vars(weights), "finetune": True,
+                "constraint": constraint_entry(constraint), **(meta or {})}
         tr = _trainer(f, obj, tcfg, run_dir, meta, resume)
         f_ema = tr.fit().eval()
     out = MirrorMap(obj.psi_map.psi, f_ema, mirror.a).eval()  # the objective's frozen psi, on f's device

@@ -2,8 +2,8 @@
 
 ``f(y) = y + net([y, grad(l(y)^2 / 2) / s, l(y)])``: the inverse network gets, as extra input channels,
 the constraint distance at its input (broadcast over the pixels) and the gradient of half its square
-(scaled by a fixed ``s``, the gradient's standard deviation on the mirror samples it was first fitted
-to). It is still a map of mirror space alone (the distance is a fixed function), but it need not learn
+(scaled by a fixed ``s``, the gradient's standard deviation on up to 512 of the mirror samples it was
+first fine-tuned on). It is still a map of mirror space alone (the distance is a fixed function), but it need not learn
 from scratch which inputs are off the set and in which direction: the count data's fine-tuning,
 where a plain inverse map could not learn to tell samples with a missing source from the rest,
 went from 1.1x to about 4.7x (docs/namm-count.md, ninth look). The gradient is of ``l^2 / 2``, not of
@@ -14,19 +14,23 @@ same size on and off it).
 :class:`~condiff.nets.ResNetGenerator`) with the new channels' weights at zero, so the new map
 computes exactly what the fitted one did until it is trained. The constraint is not one of the
 map's weights: it is saved with neither the map nor its checkpoints, and a loaded map is given it
-again with :meth:`InformedInverse.attach` (:class:`condiff.cli.namm.NAMMRun` does so). Where ``y``
+again with :meth:`InformedInverse.attach` (:class:`condiff.cli.namm.NAMMRun` does so). Copies of the
+map share it, and moving the map (``.to``, ``.double()``) moves an attached network itself. Where ``y``
 carries a gradient (mirror DPS differentiates through ``f``), the features are differentiated too
 (second derivatives of ``l``).
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from condiff import checks
+from condiff.constraints import device_of
 from condiff.nets import register_net
 from condiff.nets.resnet import ResNetGenerator
 
@@ -80,11 +84,15 @@ class InformedInverse(nn.Module):
         residual = cfg.pop("residual")
         cfg.update(in_channels=2 * c + 1, residual=False)
         p = next(inverse.parameters())
-        grad = _gradient(constraint, y[:512].to(p.device, p.dtype), create_graph=False)[0]
+        # where the constraint's weights are (a weightless one: where y is), as fit.py's _probe does
+        grad = _gradient(constraint, y[:512].to(device_of(constraint, y.device)), create_graph=False)[0]
         scale = float(grad.std())
-        if not (scale > 0 and scale < float("inf")):
-            raise ValueError(f"the constraint's gradient on the mirror samples is {'zero' if scale == 0 else scale} "
-                             "everywhere, so it cannot inform the inverse map (finetune.informed)")
+        if scale == 0:
+            raise ValueError("the constraint's gradient on the mirror samples is zero everywhere, so it cannot "
+                             "inform the inverse map (finetune.informed)")
+        if not math.isfinite(scale):
+            raise ValueError(f"the constraint's gradient on the mirror samples is not finite (its spread: {scale}), "
+                             "so it cannot inform the inverse map (finetune.informed)")
         new = cls(cfg, scale, residual).to(p.device, p.dtype)
         new.net.load_state_dict(_widened(inverse.state_dict(), new.net.state_dict()))
         return new.attach(constraint)
@@ -101,11 +109,22 @@ class InformedInverse(nn.Module):
     def constraint(self) -> Any:
         return self._constraint
 
-    def _apply(self, fn, recurse=True):  # .to(device or dtype): the constraint goes along
+    def _apply(self, fn, recurse=True):  # .to(device or dtype): an attached network goes along (itself, shared)
         super()._apply(fn, recurse)
         if isinstance(self._constraint, nn.Module):
             self._constraint._apply(fn, recurse)
         return self
+
+    def __deepcopy__(self, memo: dict) -> InformedInverse:
+        """A copy of the map that shares its constraint (the trainer's EMA copy, a saved map's copy): the
+        constraint is read, never trained, and need not be copyable."""
+        if self._constraint is not None:
+            memo[id(self._constraint)] = self._constraint
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
 
     def features(self, y: Tensor) -> Tensor:
         """``[y, grad(l(y)^2 / 2) / s, l(y)]`` along the channels: ``(B, 2 C + 1, H, W)``."""
@@ -128,6 +147,8 @@ class InformedInverse(nn.Module):
 
 def _gradient(constraint: Any, y: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
     """``(grad(l(y)^2 / 2), l(y))``; with ``create_graph`` both stay differentiable in ``y``."""
+    # (under inference mode the gradient would silently be zero: a different map)
+    checks.gradients_on("the informed inverse map (its input features are the constraint's gradient)")
     with torch.enable_grad():
         yr = y if create_graph else y.detach().requires_grad_(True)
         dist = constraint(yr)
