@@ -223,12 +223,13 @@ PROFILE_FAMILIES = {
         # stays the identity) for the fitting, and a long fine-tuning: f only sees wrong counts in MDM
         # samples. A plain f did not learn to repair them (a stronger weight bought CNN distance with a
         # glow, the realism term with partial sources); an informed f, given l and grad(l^2 / 2), adds
-        # whole sources (l_con 10 with the realism term; 30 buys more CNN distance with streaks), the
-        # ninth look of docs/namm-count.md
+        # whole sources. Zero padding, as the sources keep off the border (with circular padding f put
+        # new ones across the edge); l_con 30 with a stronger critic (l_adv 3) against the streaks a
+        # larger weight alone draws: the ninth look of docs/namm-count.md
         "count": {"data": {"k": 4}, "loss": {"l_con": 1.0},
                   "finetune": {"n": 2048, "steps": 8000, "lr": 2e-4, "batch_size": 32, "informed": True,
-                               "loss": {"l_con": 10.0, "l_adv": 1.0}},
-                  "mirror": {"psi": {"layers": 2}}},
+                               "loss": {"l_con": 30.0, "l_adv": 3.0}},
+                  "mirror": {"psi": {"layers": 2}, "inverse": {"padding": "zeros"}}},
         "kolmogorov": {"mirror": {"psi": {"layers": 2}}},  # one shallower than the paper, as above
         # the global branch learns a precise total only with a longer, decaying schedule: at 1200
         # constant-lr steps f's pixel errors (cycle MSE 1.8e-4) doubled the MDM's MMD (docs/namm.md)
