@@ -30,8 +30,8 @@ quick overrides (condiff.cli.namm.PROFILE_FAMILIES, reasons in docs/namm.md): Bu
 sigma_max = 0.03, an inverse net of 32 filters and 4 blocks, 4000 mirror steps with a cosine decay,
 fine-tuning 12000 steps on 2048 samples (periodic: 3000);
 brightness 3000 mirror steps with a cosine decay; count
-l_con = 1, then an informed inverse map fine-tuned 8000 steps (batch 32, lr 2e-4, l_con = 10 with the
-realism term) on 2048 samples; constraint weight 20 (not 200) for
+l_con = 1 with a zero-padded inverse net, then an informed inverse map fine-tuned 8000 steps (batch 32,
+lr 2e-4, l_con = 30, realism term l_adv = 3) on 2048 samples; constraint weight 20 (not 200) for
 constraint-guided DPS. A data set takes 4-20 minutes of a core when run alone (the 2026-12-03 evening
 rebuild; up to 40 on slower runs), up to an hour on a loaded one.
 """
