@@ -445,6 +445,9 @@ class NAMMRun:
         self._tcfg(self._finetune_train(), section="finetune")
         check_fitting_loss(NAMMLoss.from_dict(self.cfg["loss"]))  # the fitting checks it too, once it starts
         self.finetune_loss()
+        if self.cfg["mirror"]["inverse"].get("name") == "informed":
+            raise ValueError("mirror.inverse.name = 'informed': an informed inverse map is made from a fitted one by "
+                             "fine-tuning (finetune.informed = true), not fitted; fit a 'resnet' inverse")
         if self.informed() and (name := self.cfg["mirror"]["inverse"].get("name", "resnet")) != "resnet":
             raise ValueError(f"finetune.informed needs the 'resnet' inverse network (mirror.inverse.name), got "
                              f"{name!r}")
