@@ -110,11 +110,14 @@ def test_informed_fine_tuning_saves_a_map_that_loads_and_needs_its_constraint_ba
     assert set(out.inverse.state_dict()) == {f"net.{k}" for k in out.inverse.net.state_dict()}  # nor saved
     back, cfg = load_mirror(tmp_path / "mirror")
     assert cfg["mirror"]["inverse"]["name"] == "informed"
-    with pytest.raises(RuntimeError, match=r"attach\(constraint\)"):
+    with pytest.raises(RuntimeError, match=r"load_mirror\(path, constraint=...\), or call mirror.inverse.attach"):
         back.to_data(y)
     back.inverse.attach(con)
+    given, _ = load_mirror(tmp_path / "mirror", constraint=con)  # the same, in the loading
     with torch.no_grad():
         torch.testing.assert_close(back.to_data(y), got)
+        torch.testing.assert_close(given.to_data(y), got)
+    assert given.inverse.constraint is con
     # fine-tuning an informed map again keeps it informed, with the constraint given
     again = finetune_inverse(back, x, y, con, _ft_cfg(2), NAMMLoss(l_con=1.0), informed=False)
     assert isinstance(again.inverse, InformedInverse) and again.inverse.constraint is not None

@@ -49,7 +49,6 @@ from ..denoiser import Denoiser
 from ..evaluate import mmd_with_reference
 from ..guidance import make_guidance
 from ..mirror import (
-    InformedInverse,
     MirrorMap,
     NAMMLoss,
     assimilate,
@@ -895,7 +894,7 @@ class NAMMRun:
     def finetuned(self) -> MirrorMap:
         """Stage ``finetune``: ``f`` fine-tuned on a pool of MDM samples (its own seed)."""
         spec = self.spec("finetune")
-        d, done = self._reuse("finetune", spec, lambda d: self._attached(load_mirror(d / "mirror", self.device)[0]))
+        d, done = self._reuse("finetune", spec, lambda d: load_mirror(d / "mirror", self.device, self.constraint())[0])
         if done is not None:
             return done
         ft = self.cfg["finetune"]
@@ -917,12 +916,6 @@ class NAMMRun:
         )
         self._finish("finetune", spec, time.perf_counter() - t0, pool=int(ft["n"]))
         return out
-
-    def _attached(self, mirror: MirrorMap) -> MirrorMap:
-        """A loaded map whose inverse reads the constraint (an informed one) given the run's."""
-        if isinstance(mirror.inverse, InformedInverse):
-            mirror.inverse.attach(self.constraint())
-        return mirror
 
     # -- sampling
     def _generate(

@@ -14,7 +14,7 @@ same size on and off it).
 :class:`~condiff.nets.ResNetGenerator`) with the new channels' weights at zero, so the new map
 computes exactly what the fitted one did until it is trained. The constraint is not one of the
 map's weights: it is saved with neither the map nor its checkpoints, and a loaded map is given it
-again with :meth:`InformedInverse.attach` (:class:`condiff.cli.namm.NAMMRun` does so). Copies of the
+again (``load_mirror(path, constraint=...)``, or :meth:`InformedInverse.attach`). Copies of the
 map share it, and moving the map (``.to``, ``.double()``) moves an attached network itself. Where ``y``
 carries a gradient (mirror DPS differentiates through ``f``), the features are differentiated too
 (second derivatives of ``l``).
@@ -130,7 +130,8 @@ class InformedInverse(nn.Module):
         """``[y, grad(l(y)^2 / 2) / s, l(y)]`` along the channels: ``(B, 2 C + 1, H, W)``."""
         if self._constraint is None:
             raise RuntimeError("this inverse map reads its constraint's distance (an informed inverse, "
-                               "finetune.informed) but was not given it: call mirror.inverse.attach(constraint)")
+                               "finetune.informed) but was not given it: load it with load_mirror(path, "
+                               "constraint=...), or call mirror.inverse.attach(constraint)")
         if y.dim() != 4 or y.shape[1] != self.channels:
             raise ValueError(f"the informed inverse map expects (B, {self.channels}, H, W), got shape "
                              f"{tuple(y.shape)}")

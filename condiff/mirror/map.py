@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from condiff import checks, io
+from condiff.constraints import Distance
+from condiff.mirror.informed import InformedInverse
 from condiff.nets import build_net
 
 FORMAT = "condiff-namm-mirror"
@@ -138,9 +140,12 @@ def check_mirror(where: str, mirror: object) -> None:
                         f"load_mirror), got {type(mirror).__name__}")
 
 
-def load_mirror(path: str | Path, device: str | torch.device = "cpu") -> tuple[MirrorMap, dict]:
+def load_mirror(path: str | Path, device: str | torch.device = "cpu",
+                constraint: Distance | None = None) -> tuple[MirrorMap, dict]:
     """Rebuild a saved mirror map; returns ``(mirror, config)``. ``path``: the map's directory, or the
-    ``run_dir`` :func:`~condiff.mirror.fit_mirror_map` wrote it into (its ``mirror/``). No code is unpickled."""
+    ``run_dir`` :func:`~condiff.mirror.fit_mirror_map` wrote it into (its ``mirror/``). No code is unpickled.
+    ``constraint``: given to an informed inverse (:class:`~condiff.mirror.informed.InformedInverse`), which
+    reads it and does not save it; ignored by any other map."""
     checks.device("device", device)
     path = Path(path)
     if not (path / io.CONFIG).is_file() and (path / "mirror" / io.CONFIG).is_file():  # a fit's run_dir
@@ -155,4 +160,6 @@ def load_mirror(path: str | Path, device: str | torch.device = "cpu") -> tuple[M
         mirror = MirrorMap.from_config(cfg["mirror"], f"the mirror map at {path}").to(device)
     mirror = io.to_recorded_dtype(mirror, cfg, path)
     io.load_state_into(mirror, path)
+    if constraint is not None and isinstance(mirror.inverse, InformedInverse):
+        mirror.inverse.attach(constraint)
     return mirror.eval(), cfg
