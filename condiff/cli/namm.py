@@ -64,7 +64,7 @@ from ..mirror import (
     sparse_points,
     train_diffusion,
 )
-from ..mirror.fit import MIRROR_TRAIN, off_set_warning
+from ..mirror.fit import MIRROR_TRAIN, check_fittable_inverse, off_set_warning
 from ..mirror.objective import check_fitting_loss
 from ..mirror.plots import draws_maps, plot_violation_grid, violation_maps
 from ..models import load_denoiser
@@ -444,9 +444,7 @@ class NAMMRun:
         self._tcfg(self._finetune_train(), section="finetune")
         check_fitting_loss(NAMMLoss.from_dict(self.cfg["loss"]))  # the fitting checks it too, once it starts
         self.finetune_loss()
-        if self.cfg["mirror"]["inverse"].get("name") == "informed":
-            raise ValueError("mirror.inverse.name = 'informed': an informed inverse map is made from a fitted one by "
-                             "fine-tuning (finetune.informed = true), not fitted; fit a 'resnet' inverse")
+        check_fittable_inverse(self.cfg["mirror"]["inverse"])  # before the check below, which would blame informed
         if self.informed() and (name := self.cfg["mirror"]["inverse"].get("name", "resnet")) != "resnet":
             raise ValueError(f"finetune.informed needs the 'resnet' inverse network (mirror.inverse.name), got "
                              f"{name!r}")

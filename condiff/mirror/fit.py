@@ -83,6 +83,14 @@ def _trainer(
     return tr
 
 
+def check_fittable_inverse(inverse: dict) -> None:
+    """Refuse an informed inverse's settings where a map is to be fitted: one is made from a fitted map."""
+    if inverse.get("name") == "informed":
+        raise ValueError("mirror.inverse.name = 'informed': an informed inverse map is made from a fitted one by "
+                         "fine-tuning (finetune.informed = true; finetune_inverse(..., informed=True)), not fitted; "
+                         "fit a 'resnet' inverse")
+
+
 def build_mirror(
     shape: tuple[int, ...], psi: dict, inverse: dict, a: float = 0.9, seed: int = 0, saved_by: str | None = None
 ) -> MirrorMap:
@@ -98,9 +106,7 @@ def build_mirror(
             raise TypeError(f"build_mirror: {what} is a net's settings, a dict such as {{'name': "
                             f"'{'icnn' if what == 'psi' else 'resnet'}'}}, got {type(cfg).__name__}")
     seed = checks.seed("build_mirror: seed", seed)
-    if inverse.get("name") == "informed":
-        raise ValueError("an informed inverse map is made from a fitted one by fine-tuning (finetune.informed = "
-                         "true; finetune_inverse(..., informed=True)), not fitted: fit a 'resnet' inverse")
+    check_fittable_inverse(inverse)
     down = inverse.get("downsamples", 2) if inverse.get("name", "resnet") == "resnet" else 0
     down = checks.integer("mirror.inverse.downsamples", down, 0)
     if any(n % 2**down for n in shape[1:]):  # before a deep net is built

@@ -138,9 +138,6 @@ class InformedInverse(nn.Module):
         grad, dist = _gradient(self._constraint, y, create_graph=y.requires_grad and torch.is_grad_enabled())
         return torch.cat([y, grad / self.scale, dist.view(-1, 1, 1, 1).expand(-1, 1, *y.shape[2:])], 1)
 
-    def check_size(self, h: int, w: int) -> None:
-        self.net.check_size(h, w)
-
     def forward(self, y: Tensor) -> Tensor:
         out = self.net(self.features(y))
         return y + out if self.residual else out
