@@ -9,7 +9,7 @@ import torch
 from condiff.constraints import BurgersResidual, DivergenceFree, build_constraint
 from condiff.data import DATASETS, DataError, load_dataset
 from condiff.data.physics import kolmogorov_trajectories, periodic_gp_1d
-from condiff.data.sources import PEAK_THRESHOLD, count_sources, count_split, render_sources
+from condiff.data.sources import PEAK_THRESHOLD, count_sources, count_split, render_sources, stray_brightness
 
 TINY = {
     "burgers": {"size": 16, "n_train": 8, "n_test": 4},
@@ -169,7 +169,28 @@ def test_count_split_separates_whole_source_errors_from_fractional_readings():
     assert float(dist.mean()) == pytest.approx(0.6 * s["l_exact_k"] + 0.4 * s["l_other_k"])
     # an empty group has no mean (None, which JSON writes as null), not NaN
     assert count_split(x[[0, 2]], dist[[0, 2]], 4)["l_other_k"] is None
-    assert count_split(x[[1]], dist[[1]], 4) == {"exact_k": 0.0, "l_exact_k": None, "l_other_k": 1.0}
+    assert count_split(x[[1]], dist[[1]], 4) == {"exact_k": 0.0, "l_exact_k": None, "l_other_k": 1.0, "stray": 0.0}
+
+
+def test_stray_brightness_is_the_share_of_brightness_away_from_every_peak():
+    # renders of the data (noise-free) keep nearly all their brightness within 2 px of a peak (the widest
+    # sources' tails reach a little past it: up to 4% here), under the 10% that count_split counts
+    x, _ = render_sources(torch.arange(9), 16, torch.Generator().manual_seed(3), noise=0.0)
+    assert float(stray_brightness(x).max()) < 0.05
+    # a peak of intensity 1 and, 8 px away, a pixel of 0.3 (under the peak cut, over the 0.2 floor)
+    i = torch.zeros(3, 1, 16, 16)
+    i[:, 0, 2, 2] = 1.0
+    i[:, 0, 10, 10] = 0.3
+    i[1, 0, 4, 4] = 0.3  # within 2 px of the peak (2.83 > 2: not) ...
+    i[2, 0, 3, 4] = 0.3  # ... and this one (2.24 > 2: not either); (2, 4) would be
+    s = stray_brightness(2 * i - 1)
+    assert s.tolist() == pytest.approx([0.1 / 0.9, 0.2 / 1.0, 0.2 / 1.0])
+    i[0, 0, 2, 4] = 0.3  # 2 px from the peak: near it
+    assert float(stray_brightness(2 * i[:1] - 1)) == pytest.approx(0.1 / 1.0)
+    assert float(stray_brightness(torch.full((1, 1, 8, 8), -0.4))) == 1.0  # bright (0.3) and no peak: all stray
+    assert count_split(2 * i - 1, torch.zeros(3), 1)["stray"] == pytest.approx(1.0)  # all three over 10%
+    with pytest.raises(ValueError, match="stray_brightness expects images"):
+        stray_brightness(torch.zeros(2, 16, 16))
 
 
 @pytest.mark.parametrize("name", ["burgers", "kolmogorov", "brightness", "periodic", "count"])

@@ -1554,7 +1554,8 @@ def _write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
             + (f"{v['mmd']:>12.4g}{v['mmd_ratio']:>11.3g}" if v.get("mmd") is not None else f"{'-':>12}{'-':>11}")
             + (
                 f"   exactly k sources (peak finder) {v['exact_k']:.3f}; mean l on those "
-                f"{_num(v['l_exact_k'])}, on the others {_num(v['l_other_k'])}"
+                f"{_num(v['l_exact_k'])}, on the others {_num(v['l_other_k'])}; over 10% stray brightness "
+                f"{v['stray']:.3f}"
                 if "exact_k" in v
                 else ""
             )

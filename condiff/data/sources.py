@@ -25,6 +25,7 @@ MIN_SEP = 4.0
 NOISE = 0.05
 MARGIN = 2.0
 FAINT_MAX = 0.35  # faint blobs peak below this; sources peak at 0.6 to 1
+STRAY_LIMIT = 0.1  # count_split's "stray": samples with over this share of their brightness away from peaks
 PEAK_THRESHOLD = 0.38  # the peak finder's cut: an off-centre source of peak 0.6 tops a pixel at 0.41
 
 
@@ -90,11 +91,29 @@ def count_sources(x: Tensor, threshold: float = PEAK_THRESHOLD) -> Tensor:
     """``(B, 1, H, W) -> (B,)`` sources found by a peak finder: pixels whose intensity ``(x + 1) / 2``
     is above ``threshold`` and the largest in their 3x3 neighbourhood. It does not rely on the counting
     CNN, so it checks whether samples that satisfy the CNN really hold ``k`` sources."""
+    return _peaks(x, threshold, "count_sources")[1].flatten(1).sum(1)
+
+
+def _peaks(x: Tensor, threshold: float, who: str) -> tuple[Tensor, Tensor]:
+    """``(intensity, peak mask)``, both ``(B, 1, H, W)``: the peak finder of :func:`count_sources`."""
     if x.dim() != 4 or x.shape[1] != 1:
-        raise ValueError(f"count_sources expects images (B, 1, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"{who} expects images (B, 1, H, W), got shape {tuple(x.shape)}")
     i = (x.detach() + 1) / 2
-    peak = (i == torch.nn.functional.max_pool2d(i, 3, 1, 1)) & (i > threshold)
-    return peak.flatten(1).sum(1)
+    return i, (i == torch.nn.functional.max_pool2d(i, 3, 1, 1)) & (i > threshold)
+
+
+def stray_brightness(x: Tensor, threshold: float = PEAK_THRESHOLD, floor: float = 0.2,
+                     radius: int = 2) -> Tensor:
+    """``(B, 1, H, W) -> (B,)``: the share of each image's intensity above ``floor`` (on the [0, 1] scale)
+    that lies farther than ``radius`` pixels from every peak :func:`count_sources` finds (1 where it finds
+    none). A source of the data's width keeps its brightness within 2 pixels of its peak, so streaks,
+    bridges and glows between sources show here where a count does not (docs/namm-count.md)."""
+    i, peak = _peaks(x, threshold, "stray_brightness")
+    r = torch.arange(-radius, radius + 1, dtype=i.dtype, device=i.device)
+    disk = ((r[:, None] ** 2 + r[None, :] ** 2) <= radius**2).to(i.dtype)[None, None]
+    near = torch.nn.functional.conv2d(peak.to(i.dtype), disk, padding=radius) > 0
+    w = (i - floor).clamp_min(0)
+    return ((w * ~near).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-12)).clamp_max(1.0)
 
 
 def count_split(x: Tensor, dist: Tensor, k: int) -> dict[str, float | None]:
@@ -102,14 +121,16 @@ def count_split(x: Tensor, dist: Tensor, k: int) -> dict[str, float | None]:
     not use the counting CNN: ``exact_k`` is the share of samples with exactly ``k`` sources,
     ``l_exact_k`` the mean distance over those (the CNN's fractional reading, which a map near the
     identity can lower) and ``l_other_k`` over the rest (whole missing or extra sources); None for
-    an empty group."""
+    an empty group. ``stray``: the share of samples with over 10% of their brightness away from every
+    peak (:func:`stray_brightness`; no held-out sample of the count data has that much)."""
     ok = count_sources(x) == k
     dist = dist.flatten().double()
 
     def mean(m: Tensor) -> float | None:
         return float(dist[m].mean()) if bool(m.any()) else None
 
-    return {"exact_k": float(ok.double().mean()), "l_exact_k": mean(ok), "l_other_k": mean(~ok)}
+    return {"exact_k": float(ok.double().mean()), "l_exact_k": mean(ok), "l_other_k": mean(~ok),
+            "stray": float((stray_brightness(x) > STRAY_LIMIT).double().mean())}
 
 
 def density_target(centres: list[Tensor], size: int, width: float = 1.0) -> Tensor:
