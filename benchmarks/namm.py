@@ -46,6 +46,7 @@ import torch
 
 from condiff import io
 from condiff.cli.namm import NAMMRun, public, resolve, run_assimilation
+from condiff.metrics import ratio_interval
 
 DATASETS = ("brightness", "burgers", "kolmogorov", "periodic", "count")
 ASSIMILATION = ("burgers", "kolmogorov")
@@ -63,6 +64,7 @@ COLUMNS = [
     "mean l(x)",
     "median l(x)",
     "reduction vs baseline",
+    "90% interval",
     "MMD^2",
     "MMD^2 / vanilla",
     "exactly k sources (peak finder)",
@@ -75,6 +77,12 @@ COLUMNS = [
 
 def _root(profile: str) -> Path:
     return Path(os.environ.get("NAMM_BENCH_ROOT", "runs/bench-namm")) / profile
+
+
+def interval_text(baseline, values) -> str:
+    """The bootstrap 90% interval of a reduction factor (condiff.metrics.ratio_interval) as a cell."""
+    lo, hi = ratio_interval(baseline, values)
+    return f"{lo:.3g} to {hi:.3g}"
 
 
 def generation_rows(run: NAMMRun, name: str) -> tuple[list[dict], dict]:
@@ -96,6 +104,8 @@ def generation_rows(run: NAMMRun, name: str) -> tuple[list[dict], dict]:
             row["stray brightness > 10%"] = rec["stray"]
         if key != "data (held-out)":
             row["reduction vs baseline"] = van["l_mean"] / max(rec["l_mean"], 1e-30)
+            if key != "vanilla":
+                row["90% interval"] = interval_text(van["_l"], rec["_l"])
             row["MMD^2"] = rec["mmd"]
             row["MMD^2 / vanilla"] = rec["mmd"] / max(van["mmd"], 1e-30)
         if key == "mdm_ft":
@@ -134,6 +144,8 @@ def assimilation_rows(run: NAMMRun, name: str) -> tuple[list[dict], dict]:
             "residual / sigma_y": rec["residual_mean"],
             "reduction vs baseline": dps["l_mean"] / max(rec["l_mean"], 1e-30),
         }
+        if key != "DPS":
+            row["90% interval"] = interval_text(dps["_l"], rec["_l"])
         if key == "mirror DPS":
             comparable = rec["residual_mean"] <= max(1.5 * dps["residual_mean"], 1.5)
             ok = row["reduction vs baseline"] >= 5 and comparable

@@ -454,3 +454,37 @@ def constraint_stats(values: torch.Tensor, tol: float = 1e-3) -> dict[str, float
         "frac_below_tol": float(ok.double().mean()),
         "tol": float(tol),
     }
+
+
+def ratio_interval(
+    baseline: torch.Tensor, values: torch.Tensor, level: float = 0.9, draws: int = 4000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of ``mean(baseline) / mean(values)`` (a reduction factor).
+
+    The two sets are resampled independently (they are separate draws, e.g. vanilla and mirror-model
+    samples); ``level`` is the interval's coverage. Seeded, so the same inputs give the same interval.
+    A resampled ``values`` with mean 0 gives an infinite ratio, which sits at the upper end.
+    """
+    level = checks.number("level", level, "(0, 1)")
+    if not isinstance(draws, numbers.Integral) or isinstance(draws, bool) or draws < 100:
+        raise ValueError(f"draws must be an integer >= 100, got {draws!r}")
+    a = _values_1d(baseline, "baseline")
+    b = _values_1d(values, "values")
+    if bool((a < 0).any()) or bool((b < 0).any()):
+        raise ValueError("ratio_interval: expected non-negative values (constraint distances)")
+    g = torch.Generator().manual_seed(int(seed))
+    ma = a[torch.randint(len(a), (draws, len(a)), generator=g)].mean(1)
+    mb = b[torch.randint(len(b), (draws, len(b)), generator=g)].mean(1)
+    r = torch.where(mb > 0, ma / mb.clamp_min(1e-300), torch.full_like(ma, math.inf)).sort().values
+    lo = r[int(math.floor((1 - level) / 2 * (draws - 1)))]
+    hi = r[int(math.ceil((1 + level) / 2 * (draws - 1)))]
+    return float(lo), float(hi)
+
+
+def _values_1d(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Per-sample values as a finite, non-empty float64 vector on the CPU."""
+    x = _tensor(x, name).detach().reshape(-1).to("cpu", torch.float64)
+    if x.numel() == 0:
+        raise ValueError(f"{name}: no values")
+    _check_finite(x, name)
+    return x

@@ -291,11 +291,14 @@ def test_namm_reduction_is_baseline_over_method(bench_module, monkeypatch):
 
     class Run:
         def evaluate(self, keys):
-            rec = lambda dist, mmd: {"n": 4, "l_mean": dist, "l_median": dist, "mmd": mmd}
+            rec = lambda dist, mmd: {"n": 4, "l_mean": dist, "l_median": dist, "mmd": mmd,  # noqa: E731
+                                     "_l": torch.full((4,), dist)}
             return {"vanilla": rec(10.0, 0.02), "mdm_ft": rec(1.0, 0.025)}
     rows, summary = namm.generation_rows(Run(), "t")
     assert summary["reduction"] == pytest.approx(10.0) and summary["mmd_vs_vanilla"] == pytest.approx(1.25)
     assert summary["met"] is True and rows[0]["reduction vs baseline"] == pytest.approx(1.0)
+    # the reduction's bootstrap interval: a point for constant distances; none for the baseline itself
+    assert rows[1]["90% interval"] == "10 to 10" and "90% interval" not in rows[0]
 
 
 def test_median_ratio_is_a_over_b(bench_module):

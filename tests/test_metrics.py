@@ -556,3 +556,38 @@ def test_mmd_with_reference_refuses_constant_data_unless_told_and_scores_the_ref
     out = mmd_with_reference(s, a, b)
     assert out["sliced_w2_ref"] == M.sliced_wasserstein(b, a, generator=torch.Generator().manual_seed(0))
     assert out["sliced_w2"] > 5 * out["sliced_w2_ref"]
+
+
+def test_ratio_interval_covers_the_true_reduction_and_narrows_as_one_over_root_n():
+    # exponential distances with means 0.4 and 0.1: the true reduction is 4
+    g = torch.Generator().manual_seed(3)
+
+    def draw(n, mean):
+        return -mean * torch.rand(n, generator=g, dtype=torch.float64).log()
+
+    hits, widths = 0, []
+    for i in range(100):
+        lo, hi = M.ratio_interval(draw(256, 0.4), draw(256, 0.1), draws=1000, seed=i)
+        hits += lo <= 4.0 <= hi
+        widths.append(hi - lo)
+    assert 80 <= hits <= 97  # a 90% interval, to within the spread of 100 trials
+    lo, hi = M.ratio_interval(draw(4096, 0.4), draw(4096, 0.1), draws=1000)
+    assert 3.0 < float(np.median(widths)) / (hi - lo) < 5.3  # 16x the samples: about a quarter the width
+
+
+def test_ratio_interval_is_exact_for_constants_seeded_and_refuses_bad_input():
+    assert M.ratio_interval(torch.full((7,), 2.0), torch.full((5,), 0.5)) == (4.0, 4.0)
+    a, b = torch.rand(50, generator=torch.Generator().manual_seed(0)), torch.rand(40) + 0.1
+    assert M.ratio_interval(a, b, seed=5) == M.ratio_interval(a.numpy(), b, seed=5)
+    assert M.ratio_interval(a, b, seed=5) != M.ratio_interval(a, b, seed=6)
+    lo, hi = M.ratio_interval(a, torch.tensor([0.0, 0.0, 1.0]))  # some resamples hold only zeros
+    assert math.isfinite(lo) and hi == math.inf
+    for kw, msg in [({"level": 1.0}, "level"), ({"draws": 10}, "draws"), ({"draws": 1000.0}, "draws")]:
+        with pytest.raises(ValueError, match=msg):
+            M.ratio_interval(a, b, **kw)
+    with pytest.raises(ValueError, match="non-negative"):
+        M.ratio_interval(a, -b)
+    with pytest.raises(ValueError, match="values: no values"):
+        M.ratio_interval(a, torch.zeros(0))
+    with pytest.raises(ValueError, match="baseline: samples contain 1 non-finite"):
+        M.ratio_interval(torch.tensor([1.0, math.nan]), b)

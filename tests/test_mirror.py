@@ -769,6 +769,10 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     )
     metrics = json.loads((run / "samples" / "metrics.json").read_text())
     assert set(metrics) == {"data (held-out)", "vanilla", "mdm", "mdm_ft", "guided", "made_from", "versions"}
+    for k in ("mdm", "mdm_ft", "guided"):  # the reduction's bootstrap interval holds the reduction itself
+        lo, hi = metrics[k]["reduction_interval_90"]
+        assert lo <= metrics["vanilla"]["l_mean"] / metrics[k]["l_mean"] <= hi, k
+    assert "reduction_interval_90" not in metrics["vanilla"]
     assert set(metrics["made_from"]) == {"namm", "mdm", "finetune", "vanilla", "samples/vanilla", "samples/mdm",
                                          "samples/mdm_ft", "samples/guided"}  # for `condiff show`
     assim = json.loads((run / "assimilate" / "metrics.json").read_text())  # what was run, and how well

@@ -48,6 +48,7 @@ from ..data.sources import count_split
 from ..denoiser import Denoiser
 from ..evaluate import mmd_with_reference
 from ..guidance import make_guidance
+from ..metrics import ratio_interval
 from ..mirror import (
     MirrorMap,
     NAMMLoss,
@@ -1544,13 +1545,20 @@ def _write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
     made = run.made_from(stages_of(res))
     for w in (w for w in res if w in SET_STAGES):  # the sets too: a Ctrl-C while they are redrawn keeps this report
         made[f"samples/{w}"] = spec_digest(json_table(run.root / "samples" / w / "stage.json").get("spec"))
+    van = res.get("vanilla")
+    for k, v in res.items():  # the reduction's bootstrap interval, where both sets' distances are finite
+        if van is not None and k not in ("data (held-out)", "vanilla") and all(
+                bool(torch.isfinite(d).all()) and float(d.mean()) > 0 for d in (van["_l"], v["_l"])):
+            v["reduction_interval_90"] = list(ratio_interval(van["_l"], v["_l"]))
     io.write_json_atomic(out / "metrics.json", {**public(res), "made_from": made, "versions": io.versions()})
     base = res.get("vanilla", {}).get("l_mean")
-    print(f"{'set':<18}{'n':>6}{'mean l':>12}{'median l':>12}{'reduction':>11}{'MMD':>12}{'MMD ratio':>11}")
+    print(f"{'set':<18}{'n':>6}{'mean l':>12}{'median l':>12}{'reduction':>11}{'90% interval':>16}{'MMD':>12}"
+          f"{'MMD ratio':>11}")
     for k, v in res.items():
         cut = f"{base / v['l_mean']:>10.3g}x" if base and v["l_mean"] > 0 and k != "data (held-out)" else f"{'-':>11}"
+        span = "{:.3g} to {:.3g}".format(*v["reduction_interval_90"]) if "reduction_interval_90" in v else "-"
         print(
-            f"{k:<18}{v['n']:>6}{v['l_mean']:>12.4g}{v['l_median']:>12.4g}{cut}"
+            f"{k:<18}{v['n']:>6}{v['l_mean']:>12.4g}{v['l_median']:>12.4g}{cut}{span:>16}"
             + (f"{v['mmd']:>12.4g}{v['mmd_ratio']:>11.3g}" if v.get("mmd") is not None else f"{'-':>12}{'-':>11}")
             + (
                 f"   exactly k sources (peak finder) {v['exact_k']:.3f}; mean l on those "
