@@ -30,9 +30,12 @@ quick overrides (condiff.cli.namm.PROFILE_FAMILIES, reasons in docs/namm.md): Bu
 sigma_max = 0.03, an inverse net of 32 filters and 4 blocks, 4000 mirror steps with a cosine decay,
 fine-tuning 12000 steps on 2048 samples (periodic: 3000);
 brightness 3000 mirror steps with a cosine decay; count
-l_con = 1 with a zero-padded inverse net, then an informed inverse map fine-tuned 8000 steps (batch 32,
-lr 2e-4, l_con = 30, realism term l_adv = 3) on 2048 samples; constraint weight 20 (not 200) for
-constraint-guided DPS. A data set takes 4-20 minutes of a core when run alone (the 2026-12-03 evening
+l_con = 1 with a zero-padded inverse net of 32 filters, 4 blocks and one downsampling, then an informed
+inverse map fine-tuned 8000 steps (batch 32, lr 2e-4, l_con = 30, realism term l_adv = 3) on 12,800
+samples (the paper's pool), 1024 samples per set (its misses are rare whole sources: the reduction's
+90% interval on 256 was 3.0x to 5.3x), constraint weight 20 (not 200) for constraint-guided DPS.
+The "90% interval" column is a bootstrap interval of the reduction over the samples
+(condiff.metrics.ratio_interval). A data set takes 4-20 minutes of a core when run alone (the 2026-12-03 evening
 rebuild; up to 40 on slower runs), up to an hour on a loaded one.
 """
 
@@ -214,8 +217,10 @@ def run(profile: str = "quick", device: str = "cpu") -> dict:
         f"zeta {c['assimilate']['zeta']} on the sigma_y-normalised residual norm, constraint weight "
         f"{c['assimilate']['constraint_weight']} for constraint-guided DPS.",
         "l(x): the constraint distance of each data set (see condiff/constraints). Reduction = mean l of "
-        "the baseline (vanilla DM; DPS for assimilation) / mean l of the row. MMD^2: biased RBF MMD^2 to "
-        "held-out data (bandwidths from the held-out set); 'data (held-out)' shows l of real data. "
+        "the baseline (vanilla DM; DPS for assimilation) / mean l of the row; '90% interval': its bootstrap "
+        "interval over the samples (condiff.metrics.ratio_interval). MMD^2: biased RBF MMD^2 to "
+        "held-out data (bandwidths from the held-out set; on the first samples, as many as it holds); "
+        "'data (held-out)' shows l of real data. "
         "Residual: RMS of A(x) - y in units of sigma_y (about 1 for the truth).",
         f"'vanilla DM + constraint guidance': the vanilla DM sampled with l(x0_hat) as the guidance loss "
         f"({c['guide']}, x0_hat clipped to 1.5 max |x| of the data); a comparison outside the paper, "
