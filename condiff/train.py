@@ -425,19 +425,18 @@ class Trainer:
         self.step, self._log_acc, self.seconds = step, log_acc, seconds
         return cfg
 
+    def _differing(self, cfg: dict) -> list[str]:
+        """The ``meta`` entries a checkpoint's config.json ``cfg`` records otherwise (those it lacks not compared)."""
+        return [k for k, v in self.meta.items()
+                if k in cfg and io.json_safe(v) and _code_apart(cfg[k])[0] != _code_apart(json.loads(json.dumps(v)))[0]]
+
     def _check_same_run(self, cfg: dict, path: Path) -> None:
         """Refuse a checkpoint (at ``path``, with config.json ``cfg``) written with other ``meta`` (another
         constraint, data range, network...): the weights may load, and training would go on, silently,
         towards another objective. Entries the checkpoint lacks (written before they were recorded) are not
         compared."""
-        def code_apart(entry: object) -> tuple[object, object]:  # a net of one's own: (settings, file SHA-256)
-            if isinstance(entry, dict) and "file_sha256" in entry:
-                return {k: v for k, v in entry.items() if k != "file_sha256"}, entry["file_sha256"]
-            return entry, None
-
-        differ = [k for k, v in self.meta.items()
-                  if k in cfg and io.json_safe(v) and code_apart(cfg[k])[0] != code_apart(json.loads(json.dumps(v)))[0]]
-        (_, was), (net, now) = code_apart(cfg.get("net")), code_apart(self.meta.get("net"))
+        differ = self._differing(cfg)
+        (_, was), (net, now) = _code_apart(cfg.get("net")), _code_apart(self.meta.get("net"))
         if was is not None and now is not None and was != now and "net" not in differ:
             warnings.warn(f"net file {str(net.get('name')).rpartition(':')[0]} was edited since the newest checkpoint, "
                           f"{path.name}: training goes on with the edited code", stacklevel=3)
@@ -463,6 +462,11 @@ class Trainer:
             if len(ckpts) < 2:
                 raise
             raise io.CheckpointError(f"{e}; delete {ckpts[-1]} to resume from {ckpts[-2].name}") from None
+        except io.CheckpointError as e:  # weights of another shape: say which recorded settings differ, if any
+            if differ := self._differing(io.load_config(ckpts[-1])):
+                raise io.CheckpointError(f"{e}; it was written with other settings ({', '.join(differ)} differ)") \
+                    from None
+            raise
         self._check_same_run(loaded, ckpts[-1])
         if self.step > self.cfg.steps:  # it would stop at once and save a model of more steps than asked
             raise ValueError(f"the newest checkpoint, {ckpts[-1].name}, is at step {self.step}, beyond the "
@@ -664,6 +668,13 @@ def _step_of(checkpoint: Path) -> int:
     """The step of a checkpoint directory ``step_XXXXXXXX`` (-1 for a name that holds none)."""
     tail = checkpoint.name.removeprefix("step_")
     return int(tail) if tail.isdigit() else -1
+
+
+def _code_apart(entry: object) -> tuple[object, object]:
+    """A recorded ``net`` entry as ``(settings, file SHA-256)``: a net of one's own carries its file's hash."""
+    if isinstance(entry, dict) and "file_sha256" in entry:
+        return {k: v for k, v in entry.items() if k != "file_sha256"}, entry["file_sha256"]
+    return entry, None
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

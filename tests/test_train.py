@@ -740,6 +740,15 @@ def test_resume_on_other_data_or_another_network_is_refused(tmp_path):
     assert trainer(x, 4, {"note": "not in the checkpoint: not compared"}).resume()
     tr = trainer(x, 4)
     assert tr.resume() and tr.step == 2
+    # weights that do not fit the model: the refusal lists them and names the recorded settings that differ
+    other = tmp_path / "other"
+    Trainer(TimeMLP(2, hidden=8, depth=1), DenoisingObjective(x, s, 4),
+            TrainConfig(steps=2, warmup=0, ckpt_every=2, progress=False), other, {"net": {"hidden": 8}}).fit()
+    wider = Trainer(TimeMLP(2, hidden=16, depth=1), DenoisingObjective(x, s, 4),
+                    TrainConfig(steps=4, warmup=0, ckpt_every=2, progress=False), other, {"net": {"hidden": 16}})
+    with pytest.raises(io.CheckpointError, match=r"does not match the model .*; it was written with other "
+                                                 r"settings \(net differ\)$"):
+        wider.resume()
 
 
 def test_a_run_shorter_than_its_warm_up_is_warned_of_when_it_trains():

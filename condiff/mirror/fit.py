@@ -25,14 +25,7 @@ from condiff.mirror.sample import data_violation
 from condiff.models import save_model
 from condiff.nets import build_net
 from condiff.schedule import Schedule, check_schedule
-from condiff.train import (
-    DenoisingObjective,
-    TrainConfig,
-    Trainer,
-    check_train_config,
-    list_checkpoints,
-    resumed_line,
-)
+from condiff.train import DenoisingObjective, TrainConfig, Trainer, check_train_config, resumed_line
 
 # Adam with beta1 = 0.5 at a constant 2e-4, batch 16, EMA 0.999 (as in the NAMM paper)
 MIRROR_TRAIN = {
@@ -88,26 +81,6 @@ def _trainer(
     if resume and tr.resume():
         print(resumed_line(tr.step, tcfg.steps), file=sys.stderr)
     return tr
-
-
-def _check_same_inverse_kind(run_dir: str | Path, f: nn.Module) -> None:
-    """A fine-tuning resumed with ``informed`` other than its checkpoints' is refused naming the flag (the
-    weights' shapes differ too, but that refusal lists tensor names). A checkpoint whose settings do not
-    read is left to the trainer's resume, which names the damage."""
-    ckpts = list_checkpoints(run_dir)
-    if not ckpts:
-        return
-    try:
-        was = io.read_json_table(ckpts[-1] / io.CONFIG).get("inverse")
-    except (OSError, ValueError):
-        return
-    now = f.config.get("name")
-    if isinstance(was, dict) and "name" in was and (was["name"] == "informed") != (now == "informed"):
-        raise ValueError(
-            f"{ckpts[-1]} is a fine-tuning of {'an informed' if was['name'] == 'informed' else 'a plain'} inverse "
-            f"map and this one is {'informed' if now == 'informed' else 'plain'}: resume it with informed="
-            f"{was['name'] == 'informed'} (finetune.informed = {str(was['name'] == 'informed').lower()}), "
-            "or fine-tune afresh")
 
 
 def check_fittable_inverse(inverse: dict) -> None:
@@ -277,12 +250,10 @@ def finetune_inverse(
             if isinstance(f, InformedInverse):
                 f.attach(constraint)
         f = f.train().requires_grad_(True)
-        # the inverse's settings too: a resume of an informed map with another gradient scale (another pool)
-        # or of a plain one as informed is refused, naming them
+        # the inverse's settings too: a resume of an informed map with another gradient scale (another pool),
+        # or of a plain one as informed, is refused naming them (Trainer.resume)
         meta = {"mirror": mirror.config, "inverse": f.config, "loss": vars(weights), "finetune": True,
                 "constraint": constraint_entry(constraint), **(meta or {})}
-        if resume and run_dir is not None:
-            _check_same_inverse_kind(run_dir, f)
         tr = _trainer(f, obj, tcfg, run_dir, meta, resume)
         f_ema = tr.fit().eval()
     out = MirrorMap(obj.psi_map.psi, f_ema, mirror.a).eval()  # the objective's frozen psi, on f's device
