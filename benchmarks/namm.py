@@ -48,8 +48,7 @@ from pathlib import Path
 import torch
 
 from condiff import io
-from condiff.cli.namm import NAMMRun, public, resolve, run_assimilation
-from condiff.metrics import ratio_interval
+from condiff.cli.namm import NAMMRun, interval_text, public, reduction_interval, resolve, run_assimilation
 
 DATASETS = ("brightness", "burgers", "kolmogorov", "periodic", "count")
 ASSIMILATION = ("burgers", "kolmogorov")
@@ -82,10 +81,10 @@ def _root(profile: str) -> Path:
     return Path(os.environ.get("NAMM_BENCH_ROOT", "runs/bench-namm")) / profile
 
 
-def interval_text(baseline, values) -> str:
-    """The bootstrap 90% interval of a reduction factor (condiff.metrics.ratio_interval) as a cell."""
-    lo, hi = ratio_interval(baseline, values)
-    return f"{lo:.3g} to {hi:.3g}"
+def add_interval(row: dict, baseline, values) -> None:
+    """The reduction's bootstrap 90% interval (condiff.cli.namm.reduction_interval), where there is one."""
+    if (iv := reduction_interval(baseline, values)) is not None:
+        row["90% interval"] = interval_text(iv)
 
 
 def generation_rows(run: NAMMRun, name: str) -> tuple[list[dict], dict]:
@@ -108,7 +107,7 @@ def generation_rows(run: NAMMRun, name: str) -> tuple[list[dict], dict]:
         if key != "data (held-out)":
             row["reduction vs baseline"] = van["l_mean"] / max(rec["l_mean"], 1e-30)
             if key != "vanilla":
-                row["90% interval"] = interval_text(van["_l"], rec["_l"])
+                add_interval(row, van["_l"], rec["_l"])
             row["MMD^2"] = rec["mmd"]
             row["MMD^2 / vanilla"] = rec["mmd"] / max(van["mmd"], 1e-30)
         if key == "mdm_ft":
@@ -148,7 +147,7 @@ def assimilation_rows(run: NAMMRun, name: str) -> tuple[list[dict], dict]:
             "reduction vs baseline": dps["l_mean"] / max(rec["l_mean"], 1e-30),
         }
         if key != "DPS":
-            row["90% interval"] = interval_text(dps["_l"], rec["_l"])
+            add_interval(row, dps["_l"], rec["_l"])
         if key == "mirror DPS":
             comparable = rec["residual_mean"] <= max(1.5 * dps["residual_mean"], 1.5)
             ok = row["reduction vs baseline"] >= 5 and comparable

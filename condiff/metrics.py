@@ -466,13 +466,13 @@ def ratio_interval(
     A resampled ``values`` with mean 0 gives an infinite ratio, which sits at the upper end.
     """
     level = checks.number("level", level, "(0, 1)")
-    if not isinstance(draws, numbers.Integral) or isinstance(draws, bool) or draws < 100:
-        raise ValueError(f"draws must be an integer >= 100, got {draws!r}")
+    draws = checks.integer("draws", draws, 100)
+    seed = checks.seed("seed", seed)
     a = _values_1d(baseline, "baseline")
     b = _values_1d(values, "values")
     if bool((a < 0).any()) or bool((b < 0).any()):
         raise ValueError("ratio_interval: expected non-negative values (constraint distances)")
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(seed)
     ma = a[torch.randint(len(a), (draws, len(a)), generator=g)].mean(1)
     mb = b[torch.randint(len(b), (draws, len(b)), generator=g)].mean(1)
     r = torch.where(mb > 0, ma / mb.clamp_min(1e-300), torch.full_like(ma, math.inf)).sort().values

@@ -299,6 +299,15 @@ def test_namm_reduction_is_baseline_over_method(bench_module, monkeypatch):
     assert summary["met"] is True and rows[0]["reduction vs baseline"] == pytest.approx(1.0)
     # the reduction's bootstrap interval: a point for constant distances; none for the baseline itself
     assert rows[1]["90% interval"] == "10 to 10" and "90% interval" not in rows[0]
+    # none where a set's distances are not finite or average zero (no reduction is shown then either), where
+    # ratio_interval itself would refuse them: the table and `namm sample`'s report go on without it
+    from condiff.cli.namm import interval_text, reduction_interval
+
+    row = {}
+    for bad in (torch.tensor([1.0, float("nan")]), torch.zeros(2)):
+        assert reduction_interval(torch.ones(3), bad) is None and reduction_interval(bad, torch.ones(3)) is None
+        namm.add_interval(row, torch.ones(3), bad)
+    assert row == {} and interval_text(None) == "-"
 
 
 def test_median_ratio_is_a_over_b(bench_module):

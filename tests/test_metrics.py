@@ -582,7 +582,8 @@ def test_ratio_interval_is_exact_for_constants_seeded_and_refuses_bad_input():
     assert M.ratio_interval(a, b, seed=5) != M.ratio_interval(a, b, seed=6)
     lo, hi = M.ratio_interval(a, torch.tensor([0.0, 0.0, 1.0]))  # some resamples hold only zeros
     assert math.isfinite(lo) and hi == math.inf
-    for kw, msg in [({"level": 1.0}, "level"), ({"draws": 10}, "draws"), ({"draws": 1000.0}, "draws")]:
+    for kw, msg in [({"level": 1.0}, "level"), ({"draws": 10}, "draws"), ({"draws": 1000.5}, "draws"),
+                    ({"seed": -1}, "seed")]:
         with pytest.raises(ValueError, match=msg):
             M.ratio_interval(a, b, **kw)
     with pytest.raises(ValueError, match="non-negative"):

@@ -1523,6 +1523,20 @@ def _num(v: float | None) -> str:
 SAMPLE_REPORT = ("violations.png", "distance_hist.png")  # beside its record, metrics.json
 
 
+def reduction_interval(baseline: Tensor, values: Tensor) -> list[float] | None:
+    """The 90% bootstrap interval of the reduction ``mean(baseline) / mean(values)``
+    (:func:`condiff.metrics.ratio_interval`); None where either set's distances are not finite or average
+    zero, where no reduction is shown either."""
+    if all(bool(torch.isfinite(d).all()) and float(d.mean()) > 0 for d in (baseline, values)):
+        return list(ratio_interval(baseline, values))
+    return None
+
+
+def interval_text(interval: list[float] | None) -> str:
+    """A :func:`reduction_interval` as a table cell."""
+    return "-" if interval is None else f"{interval[0]:.3g} to {interval[1]:.3g}"
+
+
 def write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
     """The sample sets' pictures and figures, moved into ``out`` whole (:func:`condiff.io.writing_outputs`):
     an interruption or a failure leaves the previous report as it was."""
@@ -1553,17 +1567,17 @@ def _write_sample_report(run: NAMMRun, res: dict, out: Path) -> None:
     for w in (w for w in res if w in SET_STAGES):  # the sets too: a Ctrl-C while they are redrawn keeps this report
         made[f"samples/{w}"] = spec_digest(json_table(run.root / "samples" / w / "stage.json").get("spec"))
     van = res.get("vanilla")
-    for k, v in res.items():  # the reduction's bootstrap interval, where both sets' distances are finite
-        if van is not None and k not in ("data (held-out)", "vanilla") and all(
-                bool(torch.isfinite(d).all()) and float(d.mean()) > 0 for d in (van["_l"], v["_l"])):
-            v["reduction_interval_90"] = list(ratio_interval(van["_l"], v["_l"]))
+    for k, v in res.items():
+        if van is not None and k not in ("data (held-out)", "vanilla") and (
+                iv := reduction_interval(van["_l"], v["_l"])) is not None:
+            v["reduction_interval_90"] = iv
     io.write_json_atomic(out / "metrics.json", {**public(res), "made_from": made, "versions": io.versions()})
     base = res.get("vanilla", {}).get("l_mean")
     print(f"{'set':<18}{'n':>6}{'mean l':>12}{'median l':>12}{'reduction':>11}{'90% interval':>16}{'MMD':>12}"
           f"{'MMD ratio':>11}")
     for k, v in res.items():
         cut = f"{base / v['l_mean']:>10.3g}x" if base and v["l_mean"] > 0 and k != "data (held-out)" else f"{'-':>11}"
-        span = "{:.3g} to {:.3g}".format(*v["reduction_interval_90"]) if "reduction_interval_90" in v else "-"
+        span = interval_text(v.get("reduction_interval_90"))
         print(
             f"{k:<18}{v['n']:>6}{v['l_mean']:>12.4g}{v['l_median']:>12.4g}{cut}{span:>16}"
             + (f"{v['mmd']:>12.4g}{v['mmd_ratio']:>11.3g}" if v.get("mmd") is not None else f"{'-':>12}{'-':>11}")
