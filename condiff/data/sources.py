@@ -108,7 +108,11 @@ def stray_brightness(x: Tensor, threshold: float = PEAK_THRESHOLD, floor: float 
     that lies farther than ``radius`` pixels from every peak :func:`count_sources` finds (1 where it finds
     none). A source of the data's width keeps its brightness within 2 pixels of its peak, so streaks,
     bridges and glows between sources show here where a count does not (docs/namm-count.md)."""
-    i, peak = _peaks(x, threshold, "stray_brightness")
+    return _stray_share(*_peaks(x, threshold, "stray_brightness"), floor, radius)
+
+
+def _stray_share(i: Tensor, peak: Tensor, floor: float = 0.2, radius: int = 2) -> Tensor:
+    """:func:`stray_brightness` of intensities ``i`` with their peak mask (:func:`_peaks`)."""
     r = torch.arange(-radius, radius + 1, dtype=i.dtype, device=i.device)
     disk = ((r[:, None] ** 2 + r[None, :] ** 2) <= radius**2).to(i.dtype)[None, None]
     near = torch.nn.functional.conv2d(peak.to(i.dtype), disk, padding=radius) > 0
@@ -123,14 +127,15 @@ def count_split(x: Tensor, dist: Tensor, k: int) -> dict[str, float | None]:
     identity can lower) and ``l_other_k`` over the rest (whole missing or extra sources); None for
     an empty group. ``stray``: the share of samples with over 10% of their brightness away from every
     peak (:func:`stray_brightness`; no held-out sample of the count data has that much)."""
-    ok = count_sources(x) == k
+    i, peak = _peaks(x, PEAK_THRESHOLD, "count_split")  # found once, for the count and the stray brightness
+    ok = peak.flatten(1).sum(1) == k
     dist = dist.flatten().double()
 
     def mean(m: Tensor) -> float | None:
         return float(dist[m].mean()) if bool(m.any()) else None
 
     return {"exact_k": float(ok.double().mean()), "l_exact_k": mean(ok), "l_other_k": mean(~ok),
-            "stray": float((stray_brightness(x) > STRAY_LIMIT).double().mean())}
+            "stray": float((_stray_share(i, peak) > STRAY_LIMIT).double().mean())}
 
 
 def density_target(centres: list[Tensor], size: int, width: float = 1.0) -> Tensor:
